@@ -1,0 +1,142 @@
+// The page-selection interface shared by every selector (mdci, exact,
+// exact-mdci, quest, streaming) for one (layer group, KV head).
+//
+// A selector owns a page LAYOUT (which token sits in which page and slot) and
+// a SELECTION policy over it. It does not own the KV bytes: whoever owns the
+// frames (a session's pool frames, or OwnedPageKeys in tests and benchmarks)
+// writes each token's K and V where the returned Placement says, and gives the
+// selector read access to the keys of each page through PageKeys.
+//
+// Thread safety: Select() is const and safe to call concurrently with other
+// Select() calls. Build() and Insert() need exclusive access (the caller
+// holds a writer lock), as in FAISS.
+#ifndef ICECACHE_SERVER_INDEX_SELECTOR_H_
+#define ICECACHE_SERVER_INDEX_SELECTOR_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/dtype.h"
+
+namespace icecache {
+
+// Where one token landed: page id (dense, 0..num_pages()-1, never reused
+// within a selector) and slot within that page (0..page_tokens-1).
+struct Placement {
+  uint32_t page = 0;
+  uint32_t slot = 0;
+};
+
+// Read access to the keys of a page: page_tokens x head_dim values of the
+// configured dtype, row-major, slot-ordered; only the first fill(page) rows
+// are meaningful. Implemented by the owner of the frames.
+class PageKeys {
+ public:
+  virtual ~PageKeys() = default;
+  virtual const void* page_keys(uint32_t page) const = 0;
+};
+
+enum class SelectorKind {
+  kMdci,       // DCI-tree semantic layout, tree-guided selection
+  kExactMdci,  // mdci layout, exact scores of every page (best on that layout)
+  kExact,      // positional pages, exact scores of every page
+  kQuest,      // positional pages, per-page min/max bound
+  kStreaming,  // positional pages, sinks + recent only
+};
+std::string_view SelectorKindName(SelectorKind kind);
+absl::StatusOr<SelectorKind> ParseSelectorKind(std::string_view name);
+
+// Parameters of the multi-level DCI index (DESIGN.md 4.2-4.4).
+struct MdciParams {
+  int num_composite = 2;       // m
+  int num_simple = 7;          // L
+  int field_of_view = 8;       // nodes kept per level while descending
+  // Candidate pages scored exactly per query, as a multiple of budget pages.
+  float candidate_factor = 4.0f;
+  float norm_headroom = 1.5f;  // M = headroom x max prefill key norm
+  // Fraction of keys above the norm bound that triggers a rebuild.
+  float rebuild_fraction = 0.02f;
+  uint64_t seed = 1234;
+};
+
+struct SelectorConfig {
+  SelectorKind kind = SelectorKind::kMdci;
+  int head_dim = 128;
+  DType dtype = DType::kF16;  // dtype of the keys behind PageKeys
+  int page_tokens = 16;       // >= 1, <= 256
+  int num_query_heads = 4;    // G query heads per KV head (GQA)
+  MdciParams mdci;
+};
+
+// Per-call selection parameters.
+struct SelectParams {
+  int budget_tokens = 256;    // > 0; pages are taken until this many tokens
+  int sink_tokens = 4;        // pages holding positions [0, sink) always included
+  int recent_tokens = 0;      // pages holding the last `recent` positions always included
+  bool want_positions = false;
+};
+
+// Result of one selection, in descending score order (sink/recent pages
+// included; their score is +inf when they were forced in).
+struct Selection {
+  std::vector<uint32_t> pages;
+  std::vector<uint32_t> fills;
+  std::vector<float> scores;
+  // When requested: fills[i] positions per page, concatenated in page order.
+  std::vector<int32_t> positions;
+  // Cost: exact dot products plus projections/representatives visited.
+  uint64_t keys_touched = 0;
+  int64_t tokens() const;
+  void Clear();
+};
+
+class Selector {
+ public:
+  virtual ~Selector() = default;
+
+  // Returns InvalidArgument for a bad config (head_dim < 1 or > 1024,
+  // page_tokens < 1 or > 256, num_query_heads < 1, unknown dtype).
+  static absl::StatusOr<std::unique_ptr<Selector>> Create(const SelectorConfig& config,
+                                                          const PageKeys* keys);
+
+  virtual SelectorKind kind() const = 0;
+  const SelectorConfig& config() const { return config_; }
+
+  // Lays out `n` new keys (fp32, n x head_dim, row-major) with positions
+  // [num_tokens(), num_tokens()+n). Build() is the bulk path for a prefill
+  // batch (only valid while num_tokens() == 0); Insert() the incremental
+  // path for decode chunks. On success `placements` holds n entries.
+  // InvalidArgument on NaN/Inf or n <= 0; FailedPrecondition for Build() on
+  // a non-empty index. On error nothing changes.
+  virtual absl::Status Build(const float* keys, int64_t n, std::vector<Placement>* placements) = 0;
+  virtual absl::Status Insert(const float* keys, int64_t n,
+                              std::vector<Placement>* placements) = 0;
+
+  // Selects pages for `num_queries` queries (fp32, num_queries x head_dim),
+  // normally the G query heads of this KV head; a page's score is the max
+  // over queries. InvalidArgument on NaN/Inf queries, num_queries < 1,
+  // budget <= 0 or budget > num_tokens(); FailedPrecondition on an empty index.
+  virtual absl::Status Select(const float* queries, int num_queries, const SelectParams& params,
+                              Selection* out) const = 0;
+
+  virtual int64_t num_tokens() const = 0;
+  virtual uint32_t num_pages() const = 0;
+  virtual uint32_t fill(uint32_t page) const = 0;
+  // Positions of the first fill(page) slots of `page`.
+  virtual const int32_t* positions(uint32_t page) const = 0;
+  // Bytes held by the index structures (excluding the KV bytes behind PageKeys).
+  virtual size_t index_bytes() const = 0;
+
+ protected:
+  explicit Selector(const SelectorConfig& config) : config_(config) {}
+  SelectorConfig config_;
+};
+
+}  // namespace icecache
+
+#endif  // ICECACHE_SERVER_INDEX_SELECTOR_H_
