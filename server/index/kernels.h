@@ -1,0 +1,32 @@
+// SIMD kernels of the hot paths: dot products of one fp32 query against rows
+// of keys stored as fp16, bf16 or fp32. Built for x86-64-v3 (AVX2, FMA, F16C);
+// an AVX-512 path is chosen at run time when the CPU has it.
+// Thread-safe, allocation-free.
+#ifndef ICECACHE_SERVER_INDEX_KERNELS_H_
+#define ICECACHE_SERVER_INDEX_KERNELS_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "common/dtype.h"
+
+namespace icecache {
+
+float DotF32(const float* a, const float* b, int dim);
+float DotF16(const float* q, const uint16_t* k, int dim);
+float DotBf16(const float* q, const uint16_t* k, int dim);
+
+// out[i] = q . rows[i] for `n` rows of `dim` elements of `dtype`, row-major.
+void DotRows(DType dtype, const void* rows, int64_t n, int dim, const float* q, float* out);
+
+// out[j * n + i] = queries[j] . rows[i] for `nq` queries (GQA group): reads
+// every row once for all queries.
+void DotRowsMulti(DType dtype, const void* rows, int64_t n, int dim, const float* queries, int nq,
+                  float* out);
+
+// Name of the dispatched path ("avx512", "avx2"), for benchmark reports.
+const char* KernelIsa();
+
+}  // namespace icecache
+
+#endif  // ICECACHE_SERVER_INDEX_KERNELS_H_
