@@ -1,0 +1,223 @@
+// PagePool: the CPU memory that holds every session's KV pages (DESIGN.md 5).
+//
+// One arena of `capacity_bytes` is mapped once at Create() (MAP_NORESERVE;
+// MAP_HUGETLB when asked and the kernel has huge pages, else
+// madvise(MADV_HUGEPAGE)). The arena is cut into 2 MiB slabs; a slab belongs
+// to one size class while it holds frames of that class and goes back to the
+// arena (and its memory back to the kernel with MADV_DONTNEED) when its last
+// frame is freed. A size class is created on first use of a frame size and
+// has an intrusive doubly linked free list threaded through its free frames,
+// so Allocate/Free are O(1) per frame and allocate no heap memory besides the
+// FrameSet's pointer vector.
+//
+// A frame of a KV page holds K then V, page_tokens x head_dim each, in the
+// session dtype: frame_bytes = 2 x page_tokens x head_dim x DTypeSize(dtype)
+// (at most 2 MiB). Frames are carved at a stride of frame_bytes rounded up to
+// 64 bytes, so every frame is 64-byte aligned. Token positions are not kept
+// in frames (the selector holds them).
+//
+// Accounting: "used" bytes count frame strides handed out; "reserved" bytes
+// count slabs carved from the arena. Capacity limits used bytes (and slabs);
+// a tenant quota limits the tenant's used bytes. Allocation is all-or-nothing.
+//
+// Thread safety: every method is thread-safe (one absl::Mutex). FrameSet is a
+// move-only RAII owner of frames; one FrameSet must not be used from two
+// threads at once, but different FrameSets may be used and destroyed
+// concurrently. The pool must outlive every FrameSet it handed out.
+#ifndef ICECACHE_SERVER_POOL_PAGE_POOL_H_
+#define ICECACHE_SERVER_POOL_PAGE_POOL_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+
+namespace icecache {
+
+class PagePool;
+
+// Quota value meaning "no per-tenant limit" (the global capacity still holds).
+inline constexpr uint64_t kUnlimitedQuota = ~uint64_t{0};
+
+struct PagePoolOptions {
+  // Bytes of the arena; rounded up to a multiple of kSlabBytes. > 0 and at
+  // most 1 TiB.
+  uint64_t capacity_bytes = uint64_t{1} << 30;
+  // Try MAP_HUGETLB first (falls back silently to normal pages + THP advice).
+  bool use_huge_pages = true;
+  // Maximum number of distinct frame sizes (1..64).
+  int max_size_classes = 16;
+  // Quota of a tenant that has none set with SetQuota().
+  uint64_t default_tenant_quota_bytes = kUnlimitedQuota;
+};
+
+// Index of a size class inside one pool.
+using SizeClassId = uint32_t;
+
+struct SizeClassStats {
+  SizeClassId id = 0;
+  uint64_t frame_bytes = 0;   // requested frame size
+  uint64_t stride_bytes = 0;  // frame_bytes rounded up to 64
+  uint64_t slabs = 0;         // slabs held by the class
+  uint64_t frames_used = 0;
+  uint64_t frames_free = 0;   // free frames inside the class's slabs
+};
+
+struct TenantPoolStats {
+  std::string tenant;
+  uint64_t used_bytes = 0;
+  uint64_t quota_bytes = kUnlimitedQuota;
+  uint64_t frames = 0;
+};
+
+// A consistent snapshot of the pool's counters.
+struct PoolStats {
+  uint64_t capacity_bytes = 0;  // arena size
+  uint64_t reserved_bytes = 0;  // slabs carved into frames
+  uint64_t used_bytes = 0;      // strides of frames handed out
+  uint64_t frames_used = 0;
+  uint64_t frames_free = 0;     // free frames in carved slabs (all classes)
+  uint64_t allocations = 0;     // successful Allocate() calls
+  uint64_t rejected = 0;        // Allocate() calls refused (quota/capacity)
+  bool huge_pages = false;      // arena mapped with MAP_HUGETLB
+  std::vector<SizeClassStats> classes;
+  std::vector<TenantPoolStats> tenants;  // sorted by tenant name
+};
+
+// Move-only owner of frames of one size class, charged to one tenant.
+// Destruction (or Reset) returns every frame to the pool.
+class FrameSet {
+ public:
+  FrameSet() = default;
+  ~FrameSet() { Reset(); }
+  FrameSet(FrameSet&& other) noexcept;
+  FrameSet& operator=(FrameSet&& other) noexcept;
+  FrameSet(const FrameSet&) = delete;
+  FrameSet& operator=(const FrameSet&) = delete;
+
+  size_t size() const { return frames_.size(); }
+  bool empty() const { return frames_.empty(); }
+  // Start of frame i (64-byte aligned, frame_bytes() writable bytes).
+  // Contents are unspecified (not zeroed) when allocated.
+  uint8_t* frame(size_t i) const { return frames_[i]; }
+  uint64_t frame_bytes() const { return frame_bytes_; }
+  SizeClassId size_class() const { return class_id_; }
+  const std::string& tenant() const;
+
+  // Moves the last `n` frames (n <= size()) into a new FrameSet of the same
+  // pool, tenant and class. Allocates only the new set's pointer vector.
+  FrameSet TakeBack(size_t n);
+  // Moves every frame of `other` (same pool, tenant and class, or empty) into
+  // this set. Returns FailedPrecondition (and leaves both unchanged) when the
+  // pool, tenant or class differ.
+  absl::Status Absorb(FrameSet&& other);
+  // Returns all frames to the pool.
+  void Reset();
+
+ private:
+  friend class PagePool;
+  PagePool* pool_ = nullptr;
+  void* tenant_ = nullptr;  // PagePool::Tenant*, stable for the pool's life
+  SizeClassId class_id_ = 0;
+  uint64_t frame_bytes_ = 0;
+  std::vector<uint8_t*> frames_;
+};
+
+class PagePool {
+ public:
+  // Largest frame (one slab).
+  static constexpr uint64_t kSlabBytes = uint64_t{2} << 20;
+
+  // InvalidArgument for capacity 0 or > 1 TiB or max_size_classes outside
+  // 1..64; ResourceExhausted when the arena cannot be mapped.
+  static absl::StatusOr<std::unique_ptr<PagePool>> Create(const PagePoolOptions& options);
+  ~PagePool();  // Unmaps the arena; every FrameSet must be gone.
+  PagePool(const PagePool&) = delete;
+  PagePool& operator=(const PagePool&) = delete;
+
+  // Class for frames of `frame_bytes`, created on first use.
+  // InvalidArgument when frame_bytes is 0 or > kSlabBytes, or when a new class
+  // would exceed max_size_classes.
+  absl::StatusOr<SizeClassId> GetOrCreateClass(uint64_t frame_bytes) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Allocates `count` frames of class `id` charged to `tenant`, all or
+  // nothing (on error nothing changes). count == 0 returns an empty set.
+  // InvalidArgument: unknown class id or invalid tenant name.
+  // ResourceExhausted: the tenant's quota ("quota") or the pool capacity
+  // ("capacity") would be exceeded; the message gives the numbers.
+  absl::StatusOr<FrameSet> Allocate(std::string_view tenant, SizeClassId id, uint64_t count)
+      ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Would Allocate(tenant, id, count) succeed now? Same codes as Allocate,
+  // nothing changes. (A concurrent caller may take the room afterwards.)
+  absl::Status CheckAdmission(std::string_view tenant, SizeClassId id, uint64_t count) const
+      ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Sets the quota of `tenant` (kUnlimitedQuota for none). A quota below the
+  // current usage is allowed: it only refuses new allocations.
+  // InvalidArgument for a bad tenant name.
+  absl::Status SetQuota(std::string_view tenant, uint64_t quota_bytes) ABSL_LOCKS_EXCLUDED(mu_);
+  uint64_t Quota(std::string_view tenant) const ABSL_LOCKS_EXCLUDED(mu_);
+  uint64_t TenantUsedBytes(std::string_view tenant) const ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Bytes one frame of `frame_bytes` costs against quota and capacity.
+  static uint64_t StrideFor(uint64_t frame_bytes) { return (frame_bytes + 63) / 64 * 64; }
+
+  uint64_t capacity_bytes() const { return capacity_bytes_; }
+  uint64_t used_bytes() const ABSL_LOCKS_EXCLUDED(mu_);
+  PoolStats Stats() const ABSL_LOCKS_EXCLUDED(mu_);
+
+ private:
+  friend class FrameSet;
+  struct Tenant;
+  struct SizeClass;
+  struct Slab;
+  struct FreeNode;
+
+  PagePool(const PagePoolOptions& options, uint8_t* base, uint64_t capacity, bool huge);
+  void Free(FrameSet* set) ABSL_LOCKS_EXCLUDED(mu_);
+  Tenant* GetTenantLocked(std::string_view tenant) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status CheckLocked(const Tenant* t, uint64_t quota, const SizeClass& c,
+                           uint64_t count, std::string_view tenant) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  uint64_t SlabsNeededLocked(const SizeClass& c, uint64_t count) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  void CarveSlabLocked(SizeClass* c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ReleaseSlabLocked(SizeClass* c, uint64_t slab) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const PagePoolOptions options_;
+  uint8_t* const base_;
+  const uint64_t capacity_bytes_;
+  const uint64_t num_slabs_;
+  const bool huge_pages_;
+
+  // All hot counters in one cache-aligned block.
+  struct alignas(64) Counters {
+    uint64_t reserved_bytes = 0;
+    uint64_t used_bytes = 0;
+    uint64_t frames_used = 0;
+    uint64_t frames_free = 0;
+    uint64_t allocations = 0;
+    uint64_t rejected = 0;
+  };
+
+  mutable absl::Mutex mu_;
+  Counters counters_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::unique_ptr<SizeClass>> classes_ ABSL_GUARDED_BY(mu_);
+  std::vector<Slab> slabs_ ABSL_GUARDED_BY(mu_);
+  std::vector<uint64_t> free_slabs_ ABSL_GUARDED_BY(mu_);  // stack of slab indices
+  uint64_t next_unused_slab_ ABSL_GUARDED_BY(mu_) = 0;
+  std::map<std::string, std::unique_ptr<Tenant>, std::less<>> tenants_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace icecache
+
+#endif  // ICECACHE_SERVER_POOL_PAGE_POOL_H_

@@ -1,0 +1,31 @@
+// Who is asking: the identity every core call takes (DESIGN.md 3, 8).
+// The rpc layer derives it from SO_PEERCRED (uid -> tenant through config) or
+// a bearer token, and the core trusts it. A Caller is a plain value type.
+#ifndef ICECACHE_SERVER_POOL_TENANT_H_
+#define ICECACHE_SERVER_POOL_TENANT_H_
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "absl/status/status.h"
+
+namespace icecache {
+
+struct Caller {
+  // Owner of sessions, buffers and pool bytes. Non-empty, at most 128 bytes,
+  // characters [A-Za-z0-9._@:-] (see ValidateTenantName).
+  std::string tenant;
+  // Unix uid of the peer process; shm files must be owned by it.
+  uint32_t uid = 0;
+  // Admin role: may call admin verbs and see every tenant's sessions.
+  bool admin = false;
+};
+
+// InvalidArgument ("tenant name ...") when `tenant` is empty, longer than 128
+// bytes or has a character outside [A-Za-z0-9._@:-].
+absl::Status ValidateTenantName(std::string_view tenant);
+
+}  // namespace icecache
+
+#endif  // ICECACHE_SERVER_POOL_TENANT_H_

@@ -1,0 +1,216 @@
+// SessionManager: sessions, tenants, leases, quotas and eviction, and the KV
+// operations on a session (DESIGN.md 3, 5, 6). gRPC-free: server/rpc
+// converts requests into these calls.
+//
+// Storage of a session. One Selector per (layer group, KV head) owns the page
+// layout; the group's first layer's keys build it. Every layer of the group
+// stores its K/V in pool frames following the same placements, so page p of
+// (group, head) has one frame per layer of the group. A frame holds K then V
+// (page_tokens x head_dim each, session dtype); rows not yet filled are zero.
+// The selector reads keys straight from the first layer's frames (the
+// session implements PageKeys): no second copy of keys exists.
+//
+// AppendKv byte layout (n tokens, one chunk):
+//   keys:   [layers][kv_heads][n][head_dim]  then
+//   values: [layers][kv_heads][n][head_dim]
+// in the session dtype, little-endian, exactly AppendBytes(config, n) bytes.
+// The first append builds every index (bulk, parallel over (group, head));
+// later appends insert. Admission: the frames an append can need are
+// reserved from the pool BEFORE any index changes (first append: the
+// selectors are built aside, so the exact count is known; later appends: the
+// worst case, one new page per token per (group, head) for mdci layouts,
+// exact for positional layouts), the unused rest is returned afterwards.
+// RESOURCE_EXHAUSTED (quota or capacity) and INVALID_ARGUMENT (size, NaN/Inf)
+// leave the session exactly as it was.
+//
+// Tenancy: every session belongs to the creating caller's tenant. Session ids
+// of other tenants answer NOT_FOUND ("session <id> not found"), exactly like
+// unknown ids, so ids never leak. Admin callers may Get/List/Drop any
+// session; KV operations (append/select/fetch/decode) need the owning tenant.
+// Admin verbs answer PERMISSION_DENIED for non-admin callers.
+//
+// Leases: each session has a TTL; any request on it (or KeepAlive) renews
+// it. ExpireLeases(now) drops sessions whose lease ran out and that have no
+// request in flight; a reaper thread calls it every reaper_interval when
+// that is positive. Eviction: when an append would take pool usage above
+// high_watermark x capacity, idle sessions (not pinned, nothing in flight,
+// not the one appending) are evicted by least recent use, only as many as
+// needed and only if that makes the append fit the capacity; otherwise the
+// append fails with RESOURCE_EXHAUSTED and nothing is evicted. Quotas never
+// evict other sessions.
+//
+// Draining: after Drain(true), CreateSession answers UNAVAILABLE; existing
+// sessions keep working.
+//
+// Codes (besides the above): INVALID_ARGUMENT for malformed input (bad
+// config field, wrong byte count, NaN/Inf, layer out of range, page id out of
+// range, query count/shape wrong); FAILED_PRECONDITION for state mismatches
+// (select on an empty session, reuse without a group selection, a layer range
+// crossing groups, a buffer file that shrank, a session whose index broke);
+// OUT_OF_RANGE for a fetch that does not fit the buffer; NOT_FOUND for
+// unknown sessions/buffers.
+//
+// Thread safety: every method is thread-safe. Appends to one session are
+// serialised; selects and fetches of one session run concurrently with each
+// other (reader lock) and wait for appends.
+#ifndef ICECACHE_SERVER_SESSION_SESSION_MANAGER_H_
+#define ICECACHE_SERVER_SESSION_SESSION_MANAGER_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "server/pool/page_pool.h"
+#include "server/pool/tenant.h"
+#include "server/session/clock.h"
+#include "server/session/session_types.h"
+#include "server/transfer/buffer_registry.h"
+
+namespace icecache {
+
+class Session;  // internal (server/session/session.h)
+
+struct SessionManagerOptions {
+  // Not owned; must outlive the manager. pool and buffers are required.
+  PagePool* pool = nullptr;
+  BufferRegistry* buffers = nullptr;
+  Clock* clock = nullptr;  // null = Clock::Real()
+  absl::Duration default_ttl = absl::Seconds(60);
+  absl::Duration max_ttl = absl::Hours(24);
+  // Fraction of pool capacity above which idle sessions are evicted (0, 1].
+  double high_watermark = 0.9;
+  int max_sessions = 4096;            // all tenants
+  int max_sessions_per_tenant = 256;
+  int64_t max_tokens_per_session = int64_t{1} << 24;
+  int64_t max_append_tokens = 1 << 20;  // per AppendKv call
+  // Reaper thread period; zero or negative = no thread (call ExpireLeases).
+  absl::Duration reaper_interval = absl::Seconds(1);
+  // Threads for building indices of the first append (1 = serial).
+  int build_threads = 1;
+};
+
+class SessionManager {
+ public:
+  // InvalidArgument when pool or buffers is null, high_watermark not in
+  // (0, 1], a limit non-positive, or default_ttl > max_ttl. Starts the reaper.
+  static absl::StatusOr<std::unique_ptr<SessionManager>> Create(
+      const SessionManagerOptions& options);
+  // Stops the reaper, then drops every session.
+  ~SessionManager();
+  SessionManager(const SessionManager&) = delete;
+  SessionManager& operator=(const SessionManager&) = delete;
+
+  // --- sessions ---
+  // InvalidArgument (config, tenant name), UNAVAILABLE while draining,
+  // RESOURCE_EXHAUSTED beyond max_sessions / max_sessions_per_tenant.
+  absl::StatusOr<SessionInfo> CreateSession(const Caller& caller, const SessionConfig& config);
+  absl::StatusOr<SessionInfo> GetSession(const Caller& caller, std::string_view id);
+  // The caller's tenant's sessions (admin: every tenant's), sorted by id.
+  std::vector<SessionInfo> ListSessions(const Caller& caller);
+  // Removes the session; its frames return to the pool once requests in
+  // flight on it have finished.
+  absl::Status DropSession(const Caller& caller, std::string_view id);
+  // Renews the lease (and the tenant's buffers' idle timers).
+  absl::StatusOr<SessionInfo> KeepAlive(const Caller& caller, std::string_view id);
+
+  // --- KV operations ---
+  // Appends n tokens from `bytes` (layout above). InvalidArgument for n < 1,
+  // n > max_append_tokens, bytes.size() != AppendBytes(config, n), NaN/Inf in
+  // keys; RESOURCE_EXHAUSTED for quota/capacity/max_tokens_per_session.
+  absl::StatusOr<AppendResult> AppendKv(const Caller& caller, std::string_view id, int64_t n,
+                                        absl::Span<const uint8_t> bytes);
+  // Same, reading the bytes from [offset, offset + AppendBytes(config, n)) of
+  // a registered HOST_SHM buffer (copied out under the SIGBUS guard first).
+  // Adds NotFound (buffer), OutOfRange (region past the buffer),
+  // FailedPrecondition (buffer file shrank; CUDA_IPC buffer).
+  absl::StatusOr<AppendResult> AppendKvFromBuffer(const Caller& caller, std::string_view id,
+                                                  int64_t n, std::string_view buffer_id,
+                                                  uint64_t offset);
+  // Selects pages of `request.layer` for every KV head (queries: q_heads x
+  // head_dim fp32). InvalidArgument for a bad layer, query size or NaN/Inf,
+  // bad params (budget < 0, budget > tokens); FailedPrecondition when the
+  // session holds no tokens, or reuse was asked and no group selection exists
+  // at the current token count.
+  absl::StatusOr<SelectResult> SelectPages(const Caller& caller, std::string_view id,
+                                           const SelectRequest& request);
+  // Gathers the given pages into a registered buffer (layout in gather.h).
+  // InvalidArgument: pages.size() != kv_heads, page id >= pages of that head,
+  // layer range invalid or crossing a layer group boundary; OutOfRange: the
+  // region does not fit; FailedPrecondition: buffer file shrank (checked by
+  // fstat before the copy, and any truncation racing the copy is caught).
+  absl::StatusOr<FetchLayout> FetchPages(const Caller& caller, std::string_view id,
+                                         const FetchRequest& request);
+  // SelectPages of `select.layer`, then FetchPages of the selected pages for
+  // layers [select.layer, select.layer + num_layers) into the buffer, in one
+  // call (positions included when select.params.want_positions).
+  absl::StatusOr<DecodeStepResult> DecodeStep(const Caller& caller, std::string_view id,
+                                              const SelectRequest& select,
+                                              std::string_view buffer_id, uint64_t offset,
+                                              int num_layers = 1);
+
+  // --- leases ---
+  // Drops sessions whose lease expired at `now` (none with requests in
+  // flight) and idle buffers; returns the number of sessions dropped.
+  int ExpireLeases(absl::Time now);
+
+  // --- admin verbs (PERMISSION_DENIED unless caller.admin) ---
+  absl::StatusOr<ManagerStats> Stats(const Caller& caller);
+  absl::StatusOr<std::vector<TenantInfo>> ListTenants(const Caller& caller);
+  // InvalidArgument for a bad tenant name.
+  absl::Status SetQuota(const Caller& caller, std::string_view tenant, uint64_t quota_bytes);
+  // NotFound for unknown ids. Evicts even a pinned session (explicit admin act).
+  absl::Status EvictSession(const Caller& caller, std::string_view id);
+  absl::StatusOr<SessionInfo> PinSession(const Caller& caller, std::string_view id, bool pinned);
+  // Starts (or with false, ends) draining; returns requests in flight now.
+  absl::StatusOr<int> Drain(const Caller& caller, bool draining = true);
+
+  uint64_t epoch() const { return epoch_; }
+  bool draining() const;
+  int InFlight() const;
+
+ private:
+  explicit SessionManager(const SessionManagerOptions& options);
+  struct Counters;
+  class InFlightGuard;
+
+  // Looks up a session of the caller's tenant (admin_ok: any tenant for
+  // admins); NotFound otherwise.
+  absl::StatusOr<std::shared_ptr<Session>> Find(const Caller& caller, std::string_view id,
+                                                bool admin_ok);
+  absl::StatusOr<AppendResult> AppendLocked(const Caller& caller, std::shared_ptr<Session> s,
+                                            int64_t n, absl::Span<const uint8_t> bytes);
+  // Makes room for `bytes` more pool bytes under the watermark policy.
+  absl::Status MakeRoom(const Session* appending, uint64_t bytes);
+  void RemoveSession(const std::string& id, const char* reason);
+  void ReaperLoop();
+  SessionInfo Info(const Session& s) const;
+
+  const SessionManagerOptions options_;
+  Clock* const clock_;
+  const uint64_t epoch_;
+
+  mutable absl::Mutex mu_;
+  std::map<std::string, std::shared_ptr<Session>, std::less<>> sessions_ ABSL_GUARDED_BY(mu_);
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  std::unique_ptr<Counters> counters_;  // atomics inside
+  // Serialises eviction decisions with the pool allocations they make room for.
+  absl::Mutex admission_mu_;
+
+  absl::Mutex reaper_mu_;
+  bool stop_ ABSL_GUARDED_BY(reaper_mu_) = false;
+  std::thread reaper_;
+};
+
+}  // namespace icecache
+
+#endif  // ICECACHE_SERVER_SESSION_SESSION_MANAGER_H_

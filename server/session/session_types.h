@@ -1,0 +1,135 @@
+// Value types of the session API (DESIGN.md 3): configuration fixed at
+// creation, the public view of a session, selection/fetch requests and
+// results, admin views. Plain structs; thread safety is that of values.
+#ifndef ICECACHE_SERVER_SESSION_SESSION_TYPES_H_
+#define ICECACHE_SERVER_SESSION_SESSION_TYPES_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "common/dtype.h"
+#include "server/index/selector.h"
+#include "server/pool/page_pool.h"
+#include "server/transfer/gather.h"
+
+namespace icecache {
+
+// Fixed at CreateSession. Limits are checked by ValidateSessionConfig.
+struct SessionConfig {
+  int layers = 0;         // 1..512
+  int kv_heads = 0;       // 1..256
+  int q_heads = 0;        // >= kv_heads, multiple of kv_heads (GQA), <= 4096
+  int head_dim = 0;       // 1..1024
+  DType dtype = DType::kF16;  // kF16, kBF16 or kF32
+  int page_tokens = 16;   // 1..256
+  int layer_reuse = 1;    // layers per layer group, 1..layers
+  // Lease: the session expires when not used or kept alive for this long.
+  // Zero means the manager's default_ttl; else 1 s .. max_ttl.
+  absl::Duration ttl = absl::ZeroDuration();
+  SelectorKind selector = SelectorKind::kMdci;
+  MdciParams mdci;
+  // Defaults for SelectPages when the request leaves them 0 / unset.
+  SelectParams default_select;
+  bool pinned = false;    // never evicted at the watermark (still expires)
+};
+
+// InvalidArgument naming the field, e.g. "session config: kv_heads must be in
+// 1..256, got 0". `max_ttl` bounds ttl.
+absl::Status ValidateSessionConfig(const SessionConfig& config, absl::Duration max_ttl);
+
+// Derived sizes.
+inline int NumLayerGroups(const SessionConfig& c) {
+  return (c.layers + c.layer_reuse - 1) / c.layer_reuse;
+}
+// Bytes of one append of `n` tokens: K then V, each layers x kv_heads x n x
+// head_dim elements of the session dtype.
+uint64_t AppendBytes(const SessionConfig& c, int64_t n);
+
+struct SessionInfo {
+  std::string id;          // opaque, 32 hex characters, random
+  std::string tenant;
+  uint64_t epoch = 0;      // daemon start id; changes when the daemon restarts
+  SessionConfig config;    // with ttl resolved
+  absl::Time created;
+  absl::Time last_use;
+  absl::Time expires;      // last_use + ttl
+  int64_t tokens = 0;
+  uint64_t pages = 0;      // pages over all (layer group, head) indices
+  uint64_t frame_bytes = 0;  // pool bytes (charged to the tenant's quota)
+  uint64_t index_bytes = 0;  // selector structures (not charged)
+  bool pinned = false;
+  int in_flight = 0;       // requests running on the session now
+};
+
+// SelectPages request. Zero budget/sink/recent take the session defaults
+// (sink/recent: use -1 to force 0).
+struct SelectRequest {
+  int layer = 0;
+  // q_heads x head_dim fp32, row-major; query head q belongs to KV head
+  // q / (q_heads / kv_heads).
+  std::vector<float> queries;
+  SelectParams params;
+  // For a layer that is not the first of its group: reuse the selection
+  // made for the group's first layer at the current token count instead of
+  // selecting (queries may then be empty). FailedPrecondition if there is none.
+  bool reuse_group_selection = false;
+};
+
+struct SelectResult {
+  int layer = 0;
+  int group = 0;
+  bool reused = false;
+  std::vector<Selection> heads;  // one per KV head, in head order
+};
+
+// FetchPages request: pages[h] for every KV head h (ids of the layer group's
+// index; duplicates allowed, each takes a slot), written for layers
+// [layer, layer + num_layers) which must lie in one layer group.
+struct FetchRequest {
+  int layer = 0;
+  int num_layers = 1;
+  std::vector<std::vector<uint32_t>> pages;
+  std::string buffer_id;
+  uint64_t offset = 0;
+  bool want_positions = false;
+};
+
+struct DecodeStepResult {
+  SelectResult selection;
+  FetchLayout layout;
+};
+
+struct AppendResult {
+  int64_t tokens = 0;      // session tokens after the append
+  uint64_t new_pages = 0;  // pages opened by this append (all layers)
+  uint64_t frame_bytes = 0;  // session pool bytes after the append
+};
+
+struct TenantInfo {
+  std::string tenant;
+  uint64_t used_bytes = 0;
+  uint64_t quota_bytes = kUnlimitedQuota;
+  int sessions = 0;
+  int buffers = 0;
+};
+
+struct ManagerStats {
+  PoolStats pool;
+  uint64_t epoch = 0;
+  int sessions = 0;
+  int in_flight = 0;
+  bool draining = false;
+  uint64_t sessions_created = 0;
+  uint64_t sessions_evicted = 0;
+  uint64_t sessions_expired = 0;
+  uint64_t sessions_dropped = 0;
+  uint64_t admissions_rejected = 0;  // RESOURCE_EXHAUSTED answers
+  int buffers = 0;
+};
+
+}  // namespace icecache
+
+#endif  // ICECACHE_SERVER_SESSION_SESSION_TYPES_H_

@@ -1,0 +1,168 @@
+// BufferRegistry: client-registered destinations (and sources) of KV bytes
+// (DESIGN.md 3 "Buffer", 6, 8).
+//
+// HOST_SHM: a file under /dev/shm created and owned by the client; checked and
+// mapped MAP_SHARED by common/shm_file.h (ShmFile::OpenChecked). CUDA_IPC: a
+// 64-byte cudaIpcMemHandle + size + device UUID, opened through CudaRuntime;
+// without a CUDA device registration answers FailedPrecondition
+// "no CUDA device".
+//
+// Tenancy: a buffer belongs to the registering caller's tenant. Every call
+// that names a buffer id answers NotFound ("buffer <id> not found") for ids
+// of other tenants exactly as for unknown ids, so ids never leak across
+// tenants (the same rule as sessions). Admin callers get no exception here:
+// a buffer is only ever used by its own tenant.
+//
+// Lifetime: Unregister removes the id at once; the mapping stays alive until
+// the last BufferLease (an in-flight append/fetch) is released (refcount).
+// A buffer not used (Acquire) or kept alive (Touch/TouchTenant) for
+// `idle_ttl` is dropped by ExpireIdle(), so a killed client's buffers go.
+//
+// Thread safety: all methods are thread-safe. A BufferLease may be used by one
+// thread at a time; different leases (also of one buffer) concurrently.
+#ifndef ICECACHE_SERVER_TRANSFER_BUFFER_REGISTRY_H_
+#define ICECACHE_SERVER_TRANSFER_BUFFER_REGISTRY_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "common/shm_file.h"
+#include "server/pool/tenant.h"
+#include "server/transfer/cuda_runtime.h"
+
+namespace icecache {
+
+enum class BufferKind { kHostShm = 1, kCudaIpc = 2 };
+std::string_view BufferKindName(BufferKind kind);  // "HOST_SHM", "CUDA_IPC"
+
+struct BufferRegistryOptions {
+  ShmOpenOptions shm;                 // root (/dev/shm) and max mapping bytes
+  uint64_t max_cuda_bytes = uint64_t{64} << 30;
+  int max_buffers_per_tenant = 64;    // ResourceExhausted beyond
+  // Buffers idle longer than this are dropped by ExpireIdle();
+  // absl::InfiniteDuration() = never.
+  absl::Duration idle_ttl = absl::Minutes(5);
+  // Not owned; may be null (then CUDA_IPC answers "no CUDA device").
+  CudaRuntime* cuda = nullptr;
+};
+
+struct BufferInfo {
+  std::string id;       // opaque, 32 hex characters
+  std::string tenant;
+  BufferKind kind = BufferKind::kHostShm;
+  uint64_t size = 0;    // registered bytes
+  std::string path;     // HOST_SHM only
+  std::string device_uuid;  // CUDA_IPC only, "GPU-..." form
+  absl::Time created;
+  absl::Time last_use;
+  int64_t leases = 0;   // in-flight users
+};
+
+class BufferRegistry;
+
+// A use of one registered buffer; keeps its mapping alive while it exists.
+// Move-only RAII.
+class BufferLease {
+ public:
+  BufferLease();
+  ~BufferLease();
+  BufferLease(BufferLease&&) noexcept;
+  BufferLease& operator=(BufferLease&&) noexcept;
+  BufferLease(const BufferLease&) = delete;
+  BufferLease& operator=(const BufferLease&) = delete;
+
+  const std::string& id() const;
+  BufferKind kind() const;
+  uint64_t size() const;  // registered size
+
+  // Checks [offset, offset + length) against the registered size (overflow
+  // safe; OutOfRange "... exceeds buffer size ..." before any byte moves) and,
+  // for HOST_SHM, that the file still covers it (fstat; FailedPrecondition
+  // "buffer file shrank ..."). Then calls fill(dst) with `length` writable
+  // bytes: the mapping itself for HOST_SHM (zero-copy), a staging area for
+  // CUDA_IPC that is copied to the device after fill returns. fill runs under
+  // RunSigbusGuarded, so a file truncated concurrently yields
+  // FailedPrecondition instead of a crash; fill must obey its rules (no
+  // resources, no locks). length == 0 is OK and calls nothing.
+  absl::Status Write(uint64_t offset, uint64_t length, absl::FunctionRef<void(uint8_t*)> fill);
+
+  // Copies [offset, offset + length) of a HOST_SHM buffer into `dst` with the
+  // same checks and guard. FailedPrecondition for CUDA_IPC buffers
+  // ("reading KV from a CUDA_IPC buffer is not supported").
+  absl::Status Read(uint64_t offset, uint64_t length, void* dst);
+
+ private:
+  friend class BufferRegistry;
+  struct Entry;
+  std::shared_ptr<Entry> entry_;
+};
+
+class BufferRegistry {
+ public:
+  // InvalidArgument for a non-positive max_buffers_per_tenant.
+  static absl::StatusOr<std::unique_ptr<BufferRegistry>> Create(
+      const BufferRegistryOptions& options);
+  ~BufferRegistry();
+
+  // Registers a HOST_SHM buffer: ShmFile::OpenChecked(path, size, caller.uid)
+  // (InvalidArgument: path outside the root, '..', symlink, not a regular
+  // file, size 0 / too large / larger than the file; PermissionDenied: file
+  // not owned by caller.uid; NotFound: no such file), ResourceExhausted when
+  // the tenant has max_buffers_per_tenant buffers, InvalidArgument for a bad
+  // tenant name.
+  absl::StatusOr<BufferInfo> RegisterShm(const Caller& caller, std::string_view path,
+                                         uint64_t size, absl::Time now);
+  // Registers a CUDA_IPC buffer: handle must be 64 bytes and uuid valid
+  // (InvalidArgument), 0 < size <= max_cuda_bytes (InvalidArgument); then
+  // FailedPrecondition "no CUDA device ..." without a device, NotFound for an
+  // unknown device UUID, Internal when cudaIpcOpenMemHandle fails.
+  absl::StatusOr<BufferInfo> RegisterCudaIpc(const Caller& caller, std::string_view handle_bytes,
+                                             uint64_t size, std::string_view device_uuid,
+                                             absl::Time now);
+  // NotFound for unknown ids and other tenants' ids.
+  absl::Status Unregister(const Caller& caller, std::string_view id);
+  absl::StatusOr<BufferInfo> Get(const Caller& caller, std::string_view id) const;
+  // The caller's tenant's buffers (admin: all), sorted by id.
+  std::vector<BufferInfo> List(const Caller& caller) const;
+
+  // Takes a lease (refcount) on the caller's buffer and marks it used at
+  // `now`. NotFound for unknown ids and other tenants' ids.
+  absl::StatusOr<BufferLease> Acquire(const Caller& caller, std::string_view id, absl::Time now);
+
+  // Keep-alive: marks one buffer / every buffer of `tenant` used at `now`.
+  absl::Status Touch(const Caller& caller, std::string_view id, absl::Time now);
+  void TouchTenant(std::string_view tenant, absl::Time now);
+
+  // Drops buffers idle since before now - idle_ttl (leased buffers stay
+  // mapped until released). Returns how many were dropped.
+  int ExpireIdle(absl::Time now);
+  // Drops every buffer of `tenant`; returns how many.
+  int DropTenant(std::string_view tenant);
+  size_t size() const;
+
+ private:
+  explicit BufferRegistry(const BufferRegistryOptions& options);
+  absl::StatusOr<BufferInfo> Insert(const Caller& caller, std::shared_ptr<BufferLease::Entry> e,
+                                    absl::Time now);
+  std::shared_ptr<BufferLease::Entry> FindLocked(const Caller& caller, std::string_view id) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+
+  const BufferRegistryOptions options_;
+  mutable absl::Mutex mu_;
+  std::map<std::string, std::shared_ptr<BufferLease::Entry>, std::less<>> buffers_
+      ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace icecache
+
+#endif  // ICECACHE_SERVER_TRANSFER_BUFFER_REGISTRY_H_

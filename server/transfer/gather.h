@@ -1,0 +1,93 @@
+// The fetch layout (DESIGN.md 6) and the gather that fills it.
+//
+// A fetch copies the selected pages of every KV head of `num_layers`
+// consecutive layers (one layer, or several layers of one layer group, which
+// share their page ids) into one contiguous region of a registered buffer
+// starting at `buffer_offset`. Every page occupies one SLOT of exactly
+// frame_bytes = 2 x page_tokens x head_dim x dtype_size bytes:
+//
+//   region = for layer j in [0, num_layers):          (layer_stride_bytes each)
+//              for kv head h in 0..kv_heads-1:         (in head order)
+//                for each requested page of head h:    (in request/selection order)
+//                  K block: page_tokens x head_dim elements, row = slot in page
+//                  V block: page_tokens x head_dim elements
+//
+// in the session dtype, row-major. Rows [fill, page_tokens) of both blocks
+// are zero. Slot s (0-based, counted across heads within one layer) of layer
+// j starts at
+//   buffer_offset + j * layer_stride_bytes + s * frame_bytes
+// with layer_stride_bytes = total_slots_per_layer * frame_bytes, and its V
+// block at + page_tokens * head_dim * dtype_size. Token positions, when asked
+// for, are listed per head: fills[i] positions for the i-th page, in slot
+// order, concatenated.
+//
+// Thread safety: free functions, reentrant; FetchLayout is a value type.
+#ifndef ICECACHE_SERVER_TRANSFER_GATHER_H_
+#define ICECACHE_SERVER_TRANSFER_GATHER_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/dtype.h"
+
+namespace icecache {
+
+// One page placed in the region (first layer of the fetch; add j *
+// layer_stride_bytes for the j-th layer).
+struct FetchSlot {
+  uint32_t page = 0;         // page id within the (layer group, head) index
+  uint32_t slot = 0;         // slot index within one layer's region
+  uint32_t fill = 0;         // meaningful rows of the page
+  uint64_t byte_offset = 0;  // absolute offset in the buffer of the K block
+};
+
+struct FetchHeadLayout {
+  int kv_head = 0;
+  std::vector<FetchSlot> slots;
+  std::vector<int32_t> positions;  // when requested: sum(fills) entries
+};
+
+struct FetchLayout {
+  int first_layer = 0;
+  int num_layers = 1;
+  int page_tokens = 0;
+  int head_dim = 0;
+  DType dtype = DType::kF16;
+  uint64_t frame_bytes = 0;         // one slot
+  uint64_t buffer_offset = 0;
+  uint64_t layer_stride_bytes = 0;  // slots per layer x frame_bytes
+  uint64_t total_bytes = 0;         // num_layers x layer_stride_bytes
+  std::vector<FetchHeadLayout> heads;
+  uint32_t total_slots() const;     // per layer
+};
+
+// Geometry of one session's pages.
+struct PageGeometry {
+  int page_tokens = 0;
+  int head_dim = 0;
+  DType dtype = DType::kF16;
+  uint64_t frame_bytes() const;  // 2 x page_tokens x head_dim x DTypeSize(dtype)
+};
+
+// Computes the layout for `pages[h]` / `fills[h]` (one vector per KV head, in
+// order) over `num_layers` layers starting at `first_layer`, and checks that
+// [buffer_offset, buffer_offset + total_bytes) fits in `buffer_size` with
+// overflow-safe arithmetic. InvalidArgument for num_layers < 1, a bad
+// geometry or pages/fills of different lengths, or a fill > page_tokens;
+// OutOfRange ("fetch of N bytes at offset O exceeds buffer size S") when the
+// region does not fit. Positions are left empty (the caller adds them).
+absl::StatusOr<FetchLayout> PlanFetchLayout(const PageGeometry& geometry, int first_layer,
+                                            int num_layers,
+                                            const std::vector<std::vector<uint32_t>>& pages,
+                                            const std::vector<std::vector<uint32_t>>& fills,
+                                            uint64_t buffer_offset, uint64_t buffer_size);
+
+// Copies `count` frames of `frame_bytes` each, frames[i] -> dst + i *
+// frame_bytes. Plain memcpy: safe inside RunSigbusGuarded / BufferLease::Write.
+void GatherFrames(const uint8_t* const* frames, size_t count, uint64_t frame_bytes, uint8_t* dst);
+
+}  // namespace icecache
+
+#endif  // ICECACHE_SERVER_TRANSFER_GATHER_H_
