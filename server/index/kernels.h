@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string_view>
 
 #include "common/dtype.h"
 
@@ -26,6 +27,12 @@ void DotRowsMulti(DType dtype, const void* rows, int64_t n, int dim, const float
 
 // Name of the dispatched path ("avx512", "avx2"), for benchmark reports.
 const char* KernelIsa();
+
+// Forces the dispatched path for tests and benchmarks: "avx2", "avx512" or
+// "auto" (the run-time choice). Returns false, changing nothing, for an
+// unknown name or "avx512" on a CPU without it. Not meant to be called while
+// other threads run kernels (they may see either path, both correct).
+bool ForceKernelIsa(std::string_view isa);
 
 }  // namespace icecache
 

@@ -9,6 +9,8 @@
 #include <utility>
 #include <vector>
 
+#include "absl/status/status.h"
+
 #include "server/index/selector.h"
 
 namespace icecache {
@@ -29,10 +31,28 @@ std::vector<uint32_t> ForcedPages(int64_t num_tokens, const SelectParams& params
 // in descending score order, skipping forced pages, until the selected
 // fills sum to >= budget_tokens or no page is left (the last page may cross
 // the budget by fewer than page_tokens tokens). Positions are appended when
-// params.want_positions.
+// params.want_positions. `forced` must be sorted ascending (as ForcedPages
+// returns it); `scored` is reordered (its head gets sorted). out->pages,
+// fills, scores and positions are replaced; out->keys_touched is left as is
+// (it is the caller's cost count). Ties in score go to the lower page id.
 void TakePages(const Selector& selector, const std::vector<uint32_t>& forced,
                std::vector<std::pair<float, uint32_t>>* scored, const SelectParams& params,
                Selection* out);
+
+// Argument checks shared by every selector, so they all answer bad input with
+// the same codes (selector.h):
+// InvalidArgument for null keys/placements, n <= 0, a non-finite value (the
+// message names the row and column), or more than 2^31-1 tokens in total.
+absl::Status ValidateKeysToAdd(const float* keys, int64_t n, int head_dim, int64_t num_tokens,
+                               const std::vector<Placement>* placements);
+// InvalidArgument for null queries/out, num_queries < 1, budget <= 0,
+// negative sink/recent, budget > num_tokens, non-finite queries (names the
+// row); FailedPrecondition when the index is empty.
+absl::Status ValidateSelect(const Selector& selector, const float* queries, int num_queries,
+                            const SelectParams& params, const Selection* out);
+// InvalidArgument naming `what`, the row and the column of the first NaN/Inf
+// among `rows` x `dim` values.
+absl::Status CheckFinite(const float* data, int64_t rows, int dim, const char* what);
 
 // --- implementation of the template ---
 template <typename PageOf>

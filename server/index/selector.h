@@ -71,6 +71,10 @@ struct SelectorConfig {
   int page_tokens = 16;       // >= 1, <= 256
   int num_query_heads = 4;    // G query heads per KV head (GQA)
   MdciParams mdci;
+  // kQuest only: 0 = plain Quest (pages ranked by their min/max bound). F > 0:
+  // the top F x budget tokens' worth of pages by bound are rescored exactly
+  // (PageMassScore) and the selection is taken from them. >= 0, finite.
+  float quest_rescore_factor = 0.0f;
 };
 
 // Per-call selection parameters.

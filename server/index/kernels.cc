@@ -1,0 +1,411 @@
+// SIMD dot-product kernels. The AVX2 path (8 lanes) is the baseline the whole
+// build targets (x86-64-v3); the AVX-512 path (16 lanes, masked tails) is
+// compiled with per-function target attributes and chosen once at run time
+// with __builtin_cpu_supports, so the binary still runs on AVX2-only CPUs.
+#include "server/index/kernels.h"
+
+// GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_*
+// placeholders (GCC bug 105593); the warning is about the header, not us.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include <atomic>
+#include <cstring>
+
+namespace icecache {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Scalar helpers for tails (no dependency on common/dtype.cc so the kernels
+// stay self-contained and inlinable).
+inline float HalfScalar(uint16_t h) { return _cvtsh_ss(h); }
+inline float Bf16Scalar(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Element loaders: 8 consecutive elements of a row as fp32 lanes.
+struct F32Avx2 {
+  using T = float;
+  static __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
+  static float Scalar(const float* p) { return *p; }
+};
+struct F16Avx2 {
+  using T = uint16_t;
+  static __m256 Load8(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static float Scalar(const uint16_t* p) { return HalfScalar(*p); }
+};
+struct Bf16Avx2 {
+  using T = uint16_t;
+  static __m256 Load8(const uint16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static float Scalar(const uint16_t* p) { return Bf16Scalar(*p); }
+};
+
+inline float HSum256(__m256 v) {
+  const __m128 lo = _mm256_castps256_ps128(v);
+  const __m128 hi = _mm256_extractf128_ps(v, 1);
+  __m128 s = _mm_add_ps(lo, hi);
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
+  return _mm_cvtss_f32(s);
+}
+
+// One query against one row: 4 independent accumulators of 8 lanes hide the
+// FMA latency; then 8-wide steps; then a scalar tail.
+template <typename L>
+inline float DotAvx2(const float* q, const typename L::T* k, int dim) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 32 <= dim; i += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), L::Load8(k + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), L::Load8(k + i + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 16), L::Load8(k + i + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 24), L::Load8(k + i + 24), a3);
+  }
+  for (; i + 8 <= dim; i += 8) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), L::Load8(k + i), a0);
+  }
+  float s = HSum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; i < dim; ++i) s += q[i] * L::Scalar(k + i);
+  return s;
+}
+
+// NQ queries against one row: the row is loaded (and converted) once per
+// 8-lane chunk and fed to NQ accumulators. With few queries the chunk loop is
+// unrolled twice so there are still enough independent FMA chains.
+template <typename L, int NQ>
+inline void DotMultiRowAvx2(const float* queries, int dim, const typename L::T* k, float* out,
+                            int64_t out_stride) {
+  constexpr int kUnroll = NQ <= 4 ? 2 : 1;
+  __m256 acc[kUnroll][NQ];
+  for (int u = 0; u < kUnroll; ++u)
+    for (int j = 0; j < NQ; ++j) acc[u][j] = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 * kUnroll <= dim; i += 8 * kUnroll) {
+    for (int u = 0; u < kUnroll; ++u) {
+      const __m256 kv = L::Load8(k + i + 8 * u);
+      for (int j = 0; j < NQ; ++j) {
+        acc[u][j] = _mm256_fmadd_ps(_mm256_loadu_ps(queries + j * dim + i + 8 * u), kv, acc[u][j]);
+      }
+    }
+  }
+  for (; i + 8 <= dim; i += 8) {
+    const __m256 kv = L::Load8(k + i);
+    for (int j = 0; j < NQ; ++j) {
+      acc[0][j] = _mm256_fmadd_ps(_mm256_loadu_ps(queries + j * dim + i), kv, acc[0][j]);
+    }
+  }
+  float tail[NQ];
+  for (int j = 0; j < NQ; ++j) tail[j] = 0.0f;
+  for (; i < dim; ++i) {
+    const float kv = L::Scalar(k + i);
+    for (int j = 0; j < NQ; ++j) tail[j] += queries[j * dim + i] * kv;
+  }
+  for (int j = 0; j < NQ; ++j) {
+    __m256 s = acc[0][j];
+    if (kUnroll == 2) s = _mm256_add_ps(s, acc[kUnroll - 1][j]);
+    out[j * out_stride] = HSum256(s) + tail[j];
+  }
+}
+
+template <typename L>
+void DotRowsAvx2(const void* rows, int64_t n, int dim, const float* q, float* out) {
+  const auto* k = static_cast<const typename L::T*>(rows);
+  for (int64_t r = 0; r < n; ++r) out[r] = DotAvx2<L>(q, k + r * dim, dim);
+}
+
+template <typename L, int NQ>
+void DotRowsMultiAvx2Fixed(const typename L::T* k, int64_t n, int dim, const float* queries,
+                           float* out, int64_t out_stride) {
+  for (int64_t r = 0; r < n; ++r) {
+    DotMultiRowAvx2<L, NQ>(queries, dim, k + r * dim, out + r, out_stride);
+  }
+}
+
+// Queries are taken in blocks of at most 8 (8 x 8-lane accumulators fill half
+// the register file); each block reads every row once.
+template <typename L>
+void DotRowsMultiAvx2(const void* rows, int64_t n, int dim, const float* queries, int nq,
+                      float* out) {
+  const auto* k = static_cast<const typename L::T*>(rows);
+  for (int j0 = 0; j0 < nq; j0 += 8) {
+    const int b = nq - j0 < 8 ? nq - j0 : 8;
+    const float* qb = queries + static_cast<int64_t>(j0) * dim;
+    float* ob = out + static_cast<int64_t>(j0) * n;
+    switch (b) {
+      case 1: DotRowsMultiAvx2Fixed<L, 1>(k, n, dim, qb, ob, n); break;
+      case 2: DotRowsMultiAvx2Fixed<L, 2>(k, n, dim, qb, ob, n); break;
+      case 3: DotRowsMultiAvx2Fixed<L, 3>(k, n, dim, qb, ob, n); break;
+      case 4: DotRowsMultiAvx2Fixed<L, 4>(k, n, dim, qb, ob, n); break;
+      case 5: DotRowsMultiAvx2Fixed<L, 5>(k, n, dim, qb, ob, n); break;
+      case 6: DotRowsMultiAvx2Fixed<L, 6>(k, n, dim, qb, ob, n); break;
+      case 7: DotRowsMultiAvx2Fixed<L, 7>(k, n, dim, qb, ob, n); break;
+      default: DotRowsMultiAvx2Fixed<L, 8>(k, n, dim, qb, ob, n); break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// AVX-512 path. Every function here carries the target attribute; nothing
+// from it is called unless the CPU reports avx512f and avx512bw.
+#define ICECACHE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+struct F32Avx512 {
+  using T = float;
+  ICECACHE_AVX512 static __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
+  ICECACHE_AVX512 static __m512 LoadMasked(const float* p, __mmask16 m) {
+    return _mm512_maskz_loadu_ps(m, p);
+  }
+};
+struct F16Avx512 {
+  using T = uint16_t;
+  ICECACHE_AVX512 static __m512 Load16(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  ICECACHE_AVX512 static __m512 LoadMasked(const uint16_t* p, __mmask16 m) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  }
+};
+struct Bf16Avx512 {
+  using T = uint16_t;
+  ICECACHE_AVX512 static __m512 Load16(const uint16_t* p) {
+    const __m512i w =
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  ICECACHE_AVX512 static __m512 LoadMasked(const uint16_t* p, __mmask16 m) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+};
+
+ICECACHE_AVX512 inline __mmask16 TailMask(int remaining) {
+  return static_cast<__mmask16>((1u << remaining) - 1u);
+}
+
+template <typename L>
+ICECACHE_AVX512 inline float DotAvx512(const float* q, const typename L::T* k, int dim) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  int i = 0;
+  for (; i + 64 <= dim; i += 64) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), L::Load16(k + i), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + 16), L::Load16(k + i + 16), a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + 32), L::Load16(k + i + 32), a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + 48), L::Load16(k + i + 48), a3);
+  }
+  for (; i + 16 <= dim; i += 16) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), L::Load16(k + i), a0);
+  }
+  if (i < dim) {
+    const __mmask16 m = TailMask(dim - i);
+    a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i), L::LoadMasked(k + i, m), a1);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+template <typename L, int NQ>
+ICECACHE_AVX512 inline void DotMultiRowAvx512(const float* queries, int dim,
+                                              const typename L::T* k, float* out,
+                                              int64_t out_stride) {
+  constexpr int kUnroll = NQ <= 4 ? 2 : 1;
+  __m512 acc[kUnroll][NQ];
+  for (int u = 0; u < kUnroll; ++u)
+    for (int j = 0; j < NQ; ++j) acc[u][j] = _mm512_setzero_ps();
+  int i = 0;
+  for (; i + 16 * kUnroll <= dim; i += 16 * kUnroll) {
+    for (int u = 0; u < kUnroll; ++u) {
+      const __m512 kv = L::Load16(k + i + 16 * u);
+      for (int j = 0; j < NQ; ++j) {
+        acc[u][j] =
+            _mm512_fmadd_ps(_mm512_loadu_ps(queries + j * dim + i + 16 * u), kv, acc[u][j]);
+      }
+    }
+  }
+  for (; i + 16 <= dim; i += 16) {
+    const __m512 kv = L::Load16(k + i);
+    for (int j = 0; j < NQ; ++j) {
+      acc[0][j] = _mm512_fmadd_ps(_mm512_loadu_ps(queries + j * dim + i), kv, acc[0][j]);
+    }
+  }
+  if (i < dim) {
+    const __mmask16 m = TailMask(dim - i);
+    const __m512 kv = L::LoadMasked(k + i, m);
+    for (int j = 0; j < NQ; ++j) {
+      acc[0][j] =
+          _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, queries + j * dim + i), kv, acc[0][j]);
+    }
+  }
+  for (int j = 0; j < NQ; ++j) {
+    __m512 s = acc[0][j];
+    if (kUnroll == 2) s = _mm512_add_ps(s, acc[kUnroll - 1][j]);
+    out[j * out_stride] = _mm512_reduce_add_ps(s);
+  }
+}
+
+template <typename L>
+ICECACHE_AVX512 void DotRowsAvx512(const void* rows, int64_t n, int dim, const float* q,
+                                   float* out) {
+  const auto* k = static_cast<const typename L::T*>(rows);
+  for (int64_t r = 0; r < n; ++r) out[r] = DotAvx512<L>(q, k + r * dim, dim);
+}
+
+template <typename L, int NQ>
+ICECACHE_AVX512 void DotRowsMultiAvx512Fixed(const typename L::T* k, int64_t n, int dim,
+                                             const float* queries, float* out,
+                                             int64_t out_stride) {
+  for (int64_t r = 0; r < n; ++r) {
+    DotMultiRowAvx512<L, NQ>(queries, dim, k + r * dim, out + r, out_stride);
+  }
+}
+
+template <typename L>
+ICECACHE_AVX512 void DotRowsMultiAvx512(const void* rows, int64_t n, int dim,
+                                        const float* queries, int nq, float* out) {
+  const auto* k = static_cast<const typename L::T*>(rows);
+  for (int j0 = 0; j0 < nq; j0 += 8) {
+    const int b = nq - j0 < 8 ? nq - j0 : 8;
+    const float* qb = queries + static_cast<int64_t>(j0) * dim;
+    float* ob = out + static_cast<int64_t>(j0) * n;
+    switch (b) {
+      case 1: DotRowsMultiAvx512Fixed<L, 1>(k, n, dim, qb, ob, n); break;
+      case 2: DotRowsMultiAvx512Fixed<L, 2>(k, n, dim, qb, ob, n); break;
+      case 3: DotRowsMultiAvx512Fixed<L, 3>(k, n, dim, qb, ob, n); break;
+      case 4: DotRowsMultiAvx512Fixed<L, 4>(k, n, dim, qb, ob, n); break;
+      case 5: DotRowsMultiAvx512Fixed<L, 5>(k, n, dim, qb, ob, n); break;
+      case 6: DotRowsMultiAvx512Fixed<L, 6>(k, n, dim, qb, ob, n); break;
+      case 7: DotRowsMultiAvx512Fixed<L, 7>(k, n, dim, qb, ob, n); break;
+      default: DotRowsMultiAvx512Fixed<L, 8>(k, n, dim, qb, ob, n); break;
+    }
+  }
+}
+
+ICECACHE_AVX512 float DotF32Avx512(const float* a, const float* b, int dim) {
+  return DotAvx512<F32Avx512>(a, b, dim);
+}
+ICECACHE_AVX512 float DotF16Avx512(const float* q, const uint16_t* k, int dim) {
+  return DotAvx512<F16Avx512>(q, k, dim);
+}
+ICECACHE_AVX512 float DotBf16Avx512(const float* q, const uint16_t* k, int dim) {
+  return DotAvx512<Bf16Avx512>(q, k, dim);
+}
+
+float DotF32Avx2(const float* a, const float* b, int dim) { return DotAvx2<F32Avx2>(a, b, dim); }
+float DotF16Avx2(const float* q, const uint16_t* k, int dim) {
+  return DotAvx2<F16Avx2>(q, k, dim);
+}
+float DotBf16Avx2(const float* q, const uint16_t* k, int dim) {
+  return DotAvx2<Bf16Avx2>(q, k, dim);
+}
+
+// ---------------------------------------------------------------------------
+// Dispatch table, chosen once (or forced by tests/benchmarks).
+using DotF32Fn = float (*)(const float*, const float*, int);
+using DotU16Fn = float (*)(const float*, const uint16_t*, int);
+using RowsFn = void (*)(const void*, int64_t, int, const float*, float*);
+using MultiFn = void (*)(const void*, int64_t, int, const float*, int, float*);
+
+struct KernelTable {
+  const char* name;
+  DotF32Fn dot_f32;
+  DotU16Fn dot_f16;
+  DotU16Fn dot_bf16;
+  RowsFn rows[3];   // indexed by DTypeIndex
+  MultiFn multi[3];
+};
+
+const KernelTable kAvx2Table = {
+    "avx2",
+    DotF32Avx2,
+    DotF16Avx2,
+    DotBf16Avx2,
+    {DotRowsAvx2<F16Avx2>, DotRowsAvx2<Bf16Avx2>, DotRowsAvx2<F32Avx2>},
+    {DotRowsMultiAvx2<F16Avx2>, DotRowsMultiAvx2<Bf16Avx2>, DotRowsMultiAvx2<F32Avx2>},
+};
+
+const KernelTable kAvx512Table = {
+    "avx512",
+    DotF32Avx512,
+    DotF16Avx512,
+    DotBf16Avx512,
+    {DotRowsAvx512<F16Avx512>, DotRowsAvx512<Bf16Avx512>, DotRowsAvx512<F32Avx512>},
+    {DotRowsMultiAvx512<F16Avx512>, DotRowsMultiAvx512<Bf16Avx512>,
+     DotRowsMultiAvx512<F32Avx512>},
+};
+
+bool CpuHasAvx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+std::atomic<const KernelTable*>& ActiveTable() {
+  static std::atomic<const KernelTable*> table{CpuHasAvx512() ? &kAvx512Table : &kAvx2Table};
+  return table;
+}
+
+inline const KernelTable& Table() { return *ActiveTable().load(std::memory_order_relaxed); }
+
+// kF16 = 1, kBF16 = 2, kF32 = 3. An out-of-range value (never produced by a
+// validated config) is treated as fp32 rather than indexing out of bounds.
+inline int DTypeIndex(DType dtype) {
+  switch (dtype) {
+    case DType::kF16: return 0;
+    case DType::kBF16: return 1;
+    default: return 2;
+  }
+}
+
+}  // namespace
+
+float DotF32(const float* a, const float* b, int dim) { return Table().dot_f32(a, b, dim); }
+float DotF16(const float* q, const uint16_t* k, int dim) { return Table().dot_f16(q, k, dim); }
+float DotBf16(const float* q, const uint16_t* k, int dim) { return Table().dot_bf16(q, k, dim); }
+
+void DotRows(DType dtype, const void* rows, int64_t n, int dim, const float* q, float* out) {
+  if (n <= 0 || dim <= 0) {
+    for (int64_t i = 0; i < n; ++i) out[i] = 0.0f;
+    return;
+  }
+  Table().rows[DTypeIndex(dtype)](rows, n, dim, q, out);
+}
+
+void DotRowsMulti(DType dtype, const void* rows, int64_t n, int dim, const float* queries, int nq,
+                  float* out) {
+  if (n <= 0 || nq <= 0) return;
+  if (dim <= 0) {
+    for (int64_t i = 0; i < n * nq; ++i) out[i] = 0.0f;
+    return;
+  }
+  Table().multi[DTypeIndex(dtype)](rows, n, dim, queries, nq, out);
+}
+
+const char* KernelIsa() { return Table().name; }
+
+bool ForceKernelIsa(std::string_view isa) {
+  if (isa == "avx2") {
+    ActiveTable().store(&kAvx2Table, std::memory_order_relaxed);
+    return true;
+  }
+  if (isa == "avx512") {
+    if (!CpuHasAvx512()) return false;
+    ActiveTable().store(&kAvx512Table, std::memory_order_relaxed);
+    return true;
+  }
+  if (isa == "auto") {
+    ActiveTable().store(CpuHasAvx512() ? &kAvx512Table : &kAvx2Table, std::memory_order_relaxed);
+    return true;
+  }
+  return false;
+}
+
+}  // namespace icecache

@@ -1,0 +1,133 @@
+#include "server/index/page_select.h"
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+
+namespace icecache {
+
+float PageMassScore(const float* logits, int num_queries, int fill, int stride, float scale) {
+  float best = -std::numeric_limits<float>::infinity();
+  if (fill <= 0) return best;
+  for (int j = 0; j < num_queries; ++j) {
+    const float* row = logits + static_cast<int64_t>(j) * stride;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int i = 0; i < fill; ++i) m = std::max(m, row[i] * scale);
+    // log-sum-exp around the max: every term is <= 1, the sum is >= 1.
+    float s = 0.0f;
+    for (int i = 0; i < fill; ++i) s += std::exp(row[i] * scale - m);
+    const float score = m + std::log(s);
+    if (score > best) best = score;
+  }
+  return best;
+}
+
+void TakePages(const Selector& selector, const std::vector<uint32_t>& forced,
+               std::vector<std::pair<float, uint32_t>>* scored, const SelectParams& params,
+               Selection* out) {
+  out->pages.clear();
+  out->fills.clear();
+  out->scores.clear();
+  out->positions.clear();
+  int64_t tokens = 0;
+  auto add = [&](uint32_t page, float score) {
+    const uint32_t fill = selector.fill(page);
+    out->pages.push_back(page);
+    out->fills.push_back(fill);
+    out->scores.push_back(score);
+    tokens += fill;
+    if (params.want_positions) {
+      const int32_t* pos = selector.positions(page);
+      out->positions.insert(out->positions.end(), pos, pos + fill);
+    }
+  };
+  for (uint32_t page : forced) add(page, std::numeric_limits<float>::infinity());
+
+  // A NaN score would break the strict weak ordering of the sort; rank it last.
+  for (auto& e : *scored) {
+    if (std::isnan(e.first)) e.first = -std::numeric_limits<float>::infinity();
+  }
+  // Descending score, ties by ascending page id so selections are deterministic.
+  auto better = [](const std::pair<float, uint32_t>& a, const std::pair<float, uint32_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  // Only the head of the ranking is ever needed: sort it in chunks (sized for
+  // the budget in full pages, doubling) instead of sorting every page.
+  const int64_t page_tokens = std::max(1, selector.config().page_tokens);
+  size_t chunk = static_cast<size_t>(
+      std::max<int64_t>(16, params.budget_tokens / page_tokens + 1 + forced.size()));
+  auto& v = *scored;
+  size_t begin = 0;
+  while (tokens < params.budget_tokens && begin < v.size()) {
+    const size_t end = std::min(v.size(), begin + chunk);
+    std::partial_sort(v.begin() + begin, v.begin() + end, v.end(), better);
+    for (size_t i = begin; i < end && tokens < params.budget_tokens; ++i) {
+      if (std::binary_search(forced.begin(), forced.end(), v[i].second)) continue;
+      add(v[i].second, v[i].first);
+    }
+    begin = end;
+    chunk *= 2;
+  }
+}
+
+absl::Status CheckFinite(const float* data, int64_t rows, int dim, const char* what) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = data + r * dim;
+    // Summing is branch-free and vectorises; only a non-finite sum needs the
+    // element search (a finite sum can hide nothing: Inf/NaN propagate).
+    float acc = 0.0f;
+    for (int c = 0; c < dim; ++c) acc += row[c] * 0.0f;
+    if (acc == 0.0f) continue;
+    for (int c = 0; c < dim; ++c) {
+      if (!std::isfinite(row[c])) {
+        return absl::InvalidArgumentError(absl::StrCat(what, " row ", r, " column ", c,
+                                                       " is not finite (", row[c], ")"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateKeysToAdd(const float* keys, int64_t n, int head_dim, int64_t num_tokens,
+                               const std::vector<Placement>* placements) {
+  if (placements == nullptr) return absl::InvalidArgumentError("placements must not be null");
+  if (n <= 0) return absl::InvalidArgumentError(absl::StrCat("key count must be > 0, got ", n));
+  if (keys == nullptr) return absl::InvalidArgumentError("keys must not be null");
+  constexpr int64_t kMaxTokens = std::numeric_limits<int32_t>::max();
+  if (n > kMaxTokens - num_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("adding ", n, " keys to ", num_tokens,
+                                                   " would exceed ", kMaxTokens, " tokens"));
+  }
+  return CheckFinite(keys, n, head_dim, "key");
+}
+
+absl::Status ValidateSelect(const Selector& selector, const float* queries, int num_queries,
+                            const SelectParams& params, const Selection* out) {
+  if (out == nullptr) return absl::InvalidArgumentError("output selection must not be null");
+  if (queries == nullptr) return absl::InvalidArgumentError("queries must not be null");
+  if (num_queries < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("num_queries must be >= 1, got ", num_queries));
+  }
+  if (params.budget_tokens <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("budget_tokens must be > 0, got ", params.budget_tokens));
+  }
+  if (params.sink_tokens < 0 || params.recent_tokens < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("sink_tokens (", params.sink_tokens,
+                                                   ") and recent_tokens (", params.recent_tokens,
+                                                   ") must be >= 0"));
+  }
+  if (selector.num_tokens() == 0) {
+    return absl::FailedPreconditionError("select on an empty index: Build() it first");
+  }
+  if (params.budget_tokens > selector.num_tokens()) {
+    return absl::InvalidArgumentError(absl::StrCat("budget_tokens ", params.budget_tokens,
+                                                   " exceeds the ", selector.num_tokens(),
+                                                   " tokens in the index"));
+  }
+  return CheckFinite(queries, num_queries, selector.config().head_dim, "query");
+}
+
+}  // namespace icecache

@@ -1,0 +1,273 @@
+#include "server/index/positional_selector.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "server/index/kernels.h"
+#include "server/index/page_select.h"
+
+namespace icecache {
+namespace {
+
+// Quest bound of one page for `nq` queries: max over queries of
+// sum_i max(q_i * min_i, q_i * max_i). The min/max rows are loaded once per
+// 8-lane chunk for all queries.
+float QuestBound(const float* mn, const float* mx, const float* queries, int nq, int dim) {
+  float best = -std::numeric_limits<float>::infinity();
+  for (int j = 0; j < nq; ++j) {
+    const float* q = queries + static_cast<int64_t>(j) * dim;
+    __m256 a0 = _mm256_setzero_ps();
+    __m256 a1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= dim; i += 16) {
+      const __m256 q0 = _mm256_loadu_ps(q + i);
+      const __m256 q1 = _mm256_loadu_ps(q + i + 8);
+      a0 = _mm256_add_ps(a0, _mm256_max_ps(_mm256_mul_ps(q0, _mm256_loadu_ps(mn + i)),
+                                           _mm256_mul_ps(q0, _mm256_loadu_ps(mx + i))));
+      a1 = _mm256_add_ps(a1, _mm256_max_ps(_mm256_mul_ps(q1, _mm256_loadu_ps(mn + i + 8)),
+                                           _mm256_mul_ps(q1, _mm256_loadu_ps(mx + i + 8))));
+    }
+    for (; i + 8 <= dim; i += 8) {
+      const __m256 q0 = _mm256_loadu_ps(q + i);
+      a0 = _mm256_add_ps(a0, _mm256_max_ps(_mm256_mul_ps(q0, _mm256_loadu_ps(mn + i)),
+                                           _mm256_mul_ps(q0, _mm256_loadu_ps(mx + i))));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, _mm256_add_ps(a0, a1));
+    float s = 0.0f;
+    for (float l : lanes) s += l;
+    for (; i < dim; ++i) s += std::max(q[i] * mn[i], q[i] * mx[i]);
+    best = std::max(best, s);
+  }
+  return best;
+}
+
+class PositionalSelector final : public Selector {
+ public:
+  PositionalSelector(const SelectorConfig& config, const PageKeys* keys)
+      : Selector(config),
+        keys_(keys),
+        page_tokens_(config.page_tokens),
+        dim_(config.head_dim),
+        scale_(1.0f / std::sqrt(static_cast<float>(config.head_dim))) {}
+
+  SelectorKind kind() const override { return config_.kind; }
+
+  absl::Status Build(const float* keys, int64_t n, std::vector<Placement>* placements) override {
+    if (num_tokens_ != 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("Build() on an index that already holds ", num_tokens_,
+                       " tokens; use Insert() for more keys"));
+    }
+    return Append(keys, n, placements);
+  }
+
+  absl::Status Insert(const float* keys, int64_t n, std::vector<Placement>* placements) override {
+    return Append(keys, n, placements);
+  }
+
+  absl::Status Select(const float* queries, int num_queries, const SelectParams& params,
+                      Selection* out) const override;
+
+  int64_t num_tokens() const override { return num_tokens_; }
+  uint32_t num_pages() const override {
+    return static_cast<uint32_t>((num_tokens_ + page_tokens_ - 1) / page_tokens_);
+  }
+  uint32_t fill(uint32_t page) const override {
+    const int64_t begin = static_cast<int64_t>(page) * page_tokens_;
+    if (begin >= num_tokens_) return 0;
+    return static_cast<uint32_t>(std::min<int64_t>(page_tokens_, num_tokens_ - begin));
+  }
+  const int32_t* positions(uint32_t page) const override {
+    const int64_t begin = static_cast<int64_t>(page) * page_tokens_;
+    if (begin >= num_tokens_) return nullptr;
+    return positions_.data() + begin;
+  }
+  size_t index_bytes() const override {
+    return positions_.capacity() * sizeof(int32_t) + minmax_.capacity() * sizeof(float);
+  }
+
+ private:
+  absl::Status Append(const float* keys, int64_t n, std::vector<Placement>* placements);
+  // Exact mass score of `page` into logits scratch (G x page_tokens).
+  absl::StatusOr<float> ExactPageScore(uint32_t page, const float* queries, int nq,
+                                       float* logits) const;
+  absl::Status SelectExact(const float* queries, int nq, const SelectParams& params,
+                           const std::vector<uint32_t>& forced, Selection* out) const;
+  absl::Status SelectQuest(const float* queries, int nq, const SelectParams& params,
+                           const std::vector<uint32_t>& forced, Selection* out) const;
+  void SelectStreaming(const SelectParams& params, const std::vector<uint32_t>& forced,
+                       Selection* out) const;
+
+  const PageKeys* keys_;  // not owned
+  const int page_tokens_;
+  const int dim_;
+  const float scale_;
+  int64_t num_tokens_ = 0;
+  // positions_[p] = p: page `page` reads its slots' positions from
+  // positions_.data() + page * page_tokens_.
+  std::vector<int32_t> positions_;
+  // kQuest: per page, min row then max row (2 x dim_ floats).
+  std::vector<float> minmax_;
+};
+
+absl::Status PositionalSelector::Append(const float* keys, int64_t n,
+                                        std::vector<Placement>* placements) {
+  RETURN_IF_ERROR(ValidateKeysToAdd(keys, n, dim_, num_tokens_, placements));
+  // Everything is validated; from here on nothing can fail.
+  placements->resize(n);
+  positions_.reserve(num_tokens_ + n);
+  const bool quest = config_.kind == SelectorKind::kQuest;
+  if (quest) {
+    const int64_t pages_after = (num_tokens_ + n + page_tokens_ - 1) / page_tokens_;
+    minmax_.reserve(pages_after * 2 * dim_);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t pos = num_tokens_ + i;
+    const uint32_t page = static_cast<uint32_t>(pos / page_tokens_);
+    const uint32_t slot = static_cast<uint32_t>(pos % page_tokens_);
+    (*placements)[i] = Placement{page, slot};
+    positions_.push_back(static_cast<int32_t>(pos));
+    if (!quest) continue;
+    const float* k = keys + i * dim_;
+    if (slot == 0) {
+      minmax_.insert(minmax_.end(), k, k + dim_);  // min
+      minmax_.insert(minmax_.end(), k, k + dim_);  // max
+      continue;
+    }
+    float* mn = minmax_.data() + static_cast<size_t>(page) * 2 * dim_;
+    float* mx = mn + dim_;
+    for (int d = 0; d < dim_; ++d) {
+      mn[d] = std::min(mn[d], k[d]);
+      mx[d] = std::max(mx[d], k[d]);
+    }
+  }
+  num_tokens_ += n;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<float> PositionalSelector::ExactPageScore(uint32_t page, const float* queries,
+                                                         int nq, float* logits) const {
+  const uint32_t f = fill(page);
+  const void* rows = keys_->page_keys(page);
+  if (rows == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("PageKeys has no keys for page ", page, " of ", num_pages(),
+                     "; were the placements of every Build()/Insert() applied to the frames?"));
+  }
+  DotRowsMulti(config_.dtype, rows, f, dim_, queries, nq, logits);
+  return PageMassScore(logits, nq, static_cast<int>(f), static_cast<int>(f), scale_);
+}
+
+absl::Status PositionalSelector::Select(const float* queries, int num_queries,
+                                        const SelectParams& params, Selection* out) const {
+  RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, params, out));
+  const int64_t t = page_tokens_;
+  const std::vector<uint32_t> forced =
+      ForcedPages(num_tokens_, params, [t](int64_t pos) { return static_cast<uint32_t>(pos / t); });
+  switch (config_.kind) {
+    case SelectorKind::kExact:
+      return SelectExact(queries, num_queries, params, forced, out);
+    case SelectorKind::kQuest:
+      return SelectQuest(queries, num_queries, params, forced, out);
+    default:
+      SelectStreaming(params, forced, out);
+      return absl::OkStatus();
+  }
+}
+
+absl::Status PositionalSelector::SelectExact(const float* queries, int nq,
+                                             const SelectParams& params,
+                                             const std::vector<uint32_t>& forced,
+                                             Selection* out) const {
+  const uint32_t pages = num_pages();
+  std::vector<float> logits(static_cast<size_t>(nq) * page_tokens_);
+  std::vector<std::pair<float, uint32_t>> scored;
+  scored.reserve(pages);
+  for (uint32_t p = 0; p < pages; ++p) {
+    ASSIGN_OR_RETURN(const float score, ExactPageScore(p, queries, nq, logits.data()));
+    scored.emplace_back(score, p);
+  }
+  TakePages(*this, forced, &scored, params, out);
+  out->keys_touched = static_cast<uint64_t>(num_tokens_);
+  return absl::OkStatus();
+}
+
+absl::Status PositionalSelector::SelectQuest(const float* queries, int nq,
+                                             const SelectParams& params,
+                                             const std::vector<uint32_t>& forced,
+                                             Selection* out) const {
+  const uint32_t pages = num_pages();
+  std::vector<std::pair<float, uint32_t>> scored;
+  scored.reserve(pages);
+  for (uint32_t p = 0; p < pages; ++p) {
+    const float* mn = minmax_.data() + static_cast<size_t>(p) * 2 * dim_;
+    scored.emplace_back(QuestBound(mn, mn + dim_, queries, nq, dim_) * scale_, p);
+  }
+  uint64_t touched = 2ull * pages;
+  const float factor = config_.quest_rescore_factor;
+  if (factor > 0.0f) {
+    // Rank non-forced pages by bound; rescore the best `candidates` exactly.
+    const double want = std::ceil(static_cast<double>(factor) * params.budget_tokens / page_tokens_);
+    const size_t candidates = static_cast<size_t>(std::max(1.0, std::min<double>(want, pages)));
+    std::vector<std::pair<float, uint32_t>> ranked;
+    ranked.reserve(pages);
+    for (const auto& e : scored) {
+      if (!std::binary_search(forced.begin(), forced.end(), e.second)) ranked.push_back(e);
+    }
+    const size_t take = std::min(candidates, ranked.size());
+    auto better = [](const std::pair<float, uint32_t>& a, const std::pair<float, uint32_t>& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    std::partial_sort(ranked.begin(), ranked.begin() + take, ranked.end(), better);
+    ranked.resize(take);
+    std::vector<float> logits(static_cast<size_t>(nq) * page_tokens_);
+    for (auto& e : ranked) {
+      ASSIGN_OR_RETURN(e.first, ExactPageScore(e.second, queries, nq, logits.data()));
+      touched += fill(e.second);
+    }
+    scored.swap(ranked);
+  }
+  TakePages(*this, forced, &scored, params, out);
+  out->keys_touched = touched;
+  return absl::OkStatus();
+}
+
+void PositionalSelector::SelectStreaming(const SelectParams& params,
+                                         const std::vector<uint32_t>& forced,
+                                         Selection* out) const {
+  const uint32_t pages = num_pages();
+  std::vector<std::pair<float, uint32_t>> scored;
+  // Only the most recent pages can be taken: budget pages plus the forced ones.
+  const uint32_t window = static_cast<uint32_t>(
+      std::min<int64_t>(pages, params.budget_tokens / page_tokens_ + 2 + forced.size()));
+  scored.reserve(window);
+  for (uint32_t p = pages - window; p < pages; ++p) {
+    // Recency rank: 0 for the newest page, -1 for the one before, ...
+    scored.emplace_back(-static_cast<float>(pages - 1 - p), p);
+  }
+  TakePages(*this, forced, &scored, params, out);
+  out->keys_touched = 0;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Selector>> NewPositionalSelector(const SelectorConfig& config,
+                                                                const PageKeys* keys) {
+  if (config.kind != SelectorKind::kExact && config.kind != SelectorKind::kQuest &&
+      config.kind != SelectorKind::kStreaming) {
+    return absl::InvalidArgumentError(absl::StrCat("selector kind '",
+                                                   std::string(SelectorKindName(config.kind)),
+                                                   "' does not use the positional layout"));
+  }
+  return std::unique_ptr<Selector>(new PositionalSelector(config, keys));
+}
+
+}  // namespace icecache

@@ -1,0 +1,153 @@
+#include "server/index/selector.h"
+
+#include <cmath>
+#include <string>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "server/index/positional_selector.h"
+
+namespace icecache {
+
+// Defined by the mdci selector (server/index/mdci_selector.cc). Weak until
+// that file is in the tree, so the library links without it; Create() then
+// reports Unimplemented for the mdci kinds instead of failing to link.
+__attribute__((weak)) std::unique_ptr<Selector> NewMdciSelector(const SelectorConfig& config,
+                                                                 const PageKeys* keys);
+
+namespace {
+
+struct KindName {
+  SelectorKind kind;
+  const char* name;
+};
+constexpr KindName kKindNames[] = {
+    {SelectorKind::kMdci, "mdci"},   {SelectorKind::kExactMdci, "exact-mdci"},
+    {SelectorKind::kExact, "exact"}, {SelectorKind::kQuest, "quest"},
+    {SelectorKind::kStreaming, "streaming"},
+};
+
+absl::Status ValidateMdciParams(const MdciParams& p) {
+  if (p.num_composite < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("SelectorConfig.mdci.num_composite must be >= 1, got ", p.num_composite));
+  }
+  if (p.num_simple < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("SelectorConfig.mdci.num_simple must be >= 1, got ", p.num_simple));
+  }
+  if (p.field_of_view < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("SelectorConfig.mdci.field_of_view must be >= 1, got ", p.field_of_view));
+  }
+  if (!(p.candidate_factor > 0.0f) || !std::isfinite(p.candidate_factor)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "SelectorConfig.mdci.candidate_factor must be finite and > 0, got ", p.candidate_factor));
+  }
+  if (!(p.norm_headroom >= 1.0f) || !std::isfinite(p.norm_headroom)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "SelectorConfig.mdci.norm_headroom must be finite and >= 1, got ", p.norm_headroom));
+  }
+  if (!(p.rebuild_fraction >= 0.0f && p.rebuild_fraction <= 1.0f)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "SelectorConfig.mdci.rebuild_fraction must be in [0, 1], got ", p.rebuild_fraction));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateConfig(const SelectorConfig& c) {
+  if (c.head_dim < 1 || c.head_dim > 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("SelectorConfig.head_dim must be in [1, 1024], got ", c.head_dim));
+  }
+  if (c.page_tokens < 1 || c.page_tokens > 256) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("SelectorConfig.page_tokens must be in [1, 256], got ", c.page_tokens));
+  }
+  if (c.num_query_heads < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "SelectorConfig.num_query_heads must be >= 1, got ", c.num_query_heads));
+  }
+  if (c.dtype != DType::kF16 && c.dtype != DType::kBF16 && c.dtype != DType::kF32) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "SelectorConfig.dtype is not a known dtype (value ", static_cast<int>(c.dtype), ")"));
+  }
+  if (!(c.quest_rescore_factor >= 0.0f) || !std::isfinite(c.quest_rescore_factor)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "SelectorConfig.quest_rescore_factor must be finite and >= 0, got ",
+        c.quest_rescore_factor));
+  }
+  if (c.kind == SelectorKind::kMdci || c.kind == SelectorKind::kExactMdci) {
+    return ValidateMdciParams(c.mdci);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::string_view SelectorKindName(SelectorKind kind) {
+  for (const KindName& k : kKindNames) {
+    if (k.kind == kind) return k.name;
+  }
+  return "unknown";
+}
+
+absl::StatusOr<SelectorKind> ParseSelectorKind(std::string_view name) {
+  std::string n = absl::AsciiStrToLower(std::string(name));
+  for (char& ch : n) {
+    if (ch == '_') ch = '-';
+  }
+  for (const KindName& k : kKindNames) {
+    if (n == k.name) return k.kind;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown selector kind '", std::string(name),
+                   "'; expected one of mdci, exact-mdci, exact, quest, streaming"));
+}
+
+int64_t Selection::tokens() const {
+  int64_t t = 0;
+  for (uint32_t f : fills) t += f;
+  return t;
+}
+
+void Selection::Clear() {
+  pages.clear();
+  fills.clear();
+  scores.clear();
+  positions.clear();
+  keys_touched = 0;
+}
+
+absl::StatusOr<std::unique_ptr<Selector>> Selector::Create(const SelectorConfig& config,
+                                                           const PageKeys* keys) {
+  if (keys == nullptr) {
+    return absl::InvalidArgumentError(
+        "PageKeys must not be null: the selector reads page keys through it");
+  }
+  RETURN_IF_ERROR(ValidateConfig(config));
+  switch (config.kind) {
+    case SelectorKind::kMdci:
+    case SelectorKind::kExactMdci: {
+      if (&NewMdciSelector == nullptr) {
+        return absl::UnimplementedError(
+            absl::StrCat("selector kind '", std::string(SelectorKindName(config.kind)),
+                         "' is not linked into this build (mdci_selector.cc missing)"));
+      }
+      std::unique_ptr<Selector> sel = NewMdciSelector(config, keys);
+      if (sel == nullptr) {
+        return absl::InternalError("NewMdciSelector returned null for a validated config");
+      }
+      return sel;
+    }
+    case SelectorKind::kExact:
+    case SelectorKind::kQuest:
+    case SelectorKind::kStreaming:
+      return NewPositionalSelector(config, keys);
+  }
+  return absl::InvalidArgumentError(absl::StrCat("SelectorConfig.kind is not a known kind (value ",
+                                                 static_cast<int>(config.kind), ")"));
+}
+
+}  // namespace icecache

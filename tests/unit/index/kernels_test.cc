@@ -1,0 +1,221 @@
+#include "server/index/kernels.h"
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace icecache {
+namespace {
+
+// Independent scalar conversions (bit-level), so the test does not trust the
+// code under test for the reference.
+float RefHalfToFloat(uint16_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1f;
+  const uint32_t man = h & 0x3ff;
+  float f;
+  if (exp == 0) {
+    f = std::ldexp(static_cast<float>(man), -24);
+  } else if (exp == 31) {
+    f = man ? NAN : INFINITY;
+  } else {
+    f = std::ldexp(static_cast<float>(man | 0x400), static_cast<int>(exp) - 25);
+  }
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u |= sign;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+// Truncating fp32 -> fp16 for normal-range values (good enough for data we
+// generate in [-4, 4]); the reference only needs to decode exactly what is stored.
+uint16_t RefFloatToHalf(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const int exp = static_cast<int>((u >> 23) & 0xff) - 127 + 15;
+  if (exp <= 0) return static_cast<uint16_t>(sign);  // flush tiny values to zero
+  return static_cast<uint16_t>(sign | (exp << 10) | ((u >> 13) & 0x3ff));
+}
+float RefBf16ToFloat(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+uint16_t RefFloatToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+struct Data {
+  std::vector<float> q;      // nq x dim
+  std::vector<float> f32;    // n x dim
+  std::vector<uint16_t> f16;
+  std::vector<uint16_t> bf16;
+};
+
+Data MakeData(int64_t n, int dim, int nq, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+  Data d;
+  d.q.resize(static_cast<size_t>(nq) * dim);
+  for (auto& x : d.q) x = u(rng);
+  d.f32.resize(static_cast<size_t>(n) * dim);
+  d.f16.resize(d.f32.size());
+  d.bf16.resize(d.f32.size());
+  for (size_t i = 0; i < d.f32.size(); ++i) {
+    d.f32[i] = u(rng);
+    d.f16[i] = RefFloatToHalf(d.f32[i]);
+    d.bf16[i] = RefFloatToBf16(d.f32[i]);
+  }
+  return d;
+}
+
+double RefDot(const float* q, const float* k, int dim) {
+  double s = 0;
+  for (int i = 0; i < dim; ++i) s += static_cast<double>(q[i]) * k[i];
+  return s;
+}
+double RefDotF16(const float* q, const uint16_t* k, int dim) {
+  double s = 0;
+  for (int i = 0; i < dim; ++i) s += static_cast<double>(q[i]) * RefHalfToFloat(k[i]);
+  return s;
+}
+double RefDotBf16(const float* q, const uint16_t* k, int dim) {
+  double s = 0;
+  for (int i = 0; i < dim; ++i) s += static_cast<double>(q[i]) * RefBf16ToFloat(k[i]);
+  return s;
+}
+
+// fp32 accumulation over `dim` products of magnitude <= 4.
+double Tol(int dim) { return 1e-5 * 4.0 * dim + 1e-6; }
+
+const std::vector<int>& Dims() {
+  static const std::vector<int> dims = [] {
+    std::vector<int> d;
+    for (int i = 1; i <= 40; ++i) d.push_back(i);
+    for (int i : {47, 63, 64, 65, 96, 127, 128, 129, 130, 191, 255, 256, 257}) d.push_back(i);
+    return d;
+  }();
+  return dims;
+}
+
+class KernelsTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    if (!ForceKernelIsa(GetParam())) GTEST_SKIP() << "CPU lacks " << GetParam();
+    ASSERT_EQ(std::string(KernelIsa()), GetParam());
+  }
+  void TearDown() override { ForceKernelIsa("auto"); }
+};
+
+TEST_P(KernelsTest, SingleDotsMatchScalarReference) {
+  for (int dim : Dims()) {
+    const Data d = MakeData(1, dim, 1, 100 + dim);
+    EXPECT_NEAR(DotF32(d.q.data(), d.f32.data(), dim), RefDot(d.q.data(), d.f32.data(), dim),
+                Tol(dim))
+        << "dim " << dim;
+    EXPECT_NEAR(DotF16(d.q.data(), d.f16.data(), dim), RefDotF16(d.q.data(), d.f16.data(), dim),
+                Tol(dim))
+        << "dim " << dim;
+    EXPECT_NEAR(DotBf16(d.q.data(), d.bf16.data(), dim),
+                RefDotBf16(d.q.data(), d.bf16.data(), dim), Tol(dim))
+        << "dim " << dim;
+  }
+}
+
+TEST_P(KernelsTest, DotRowsMatchesScalarReferenceForEveryDtype) {
+  const int64_t n = 9;
+  for (int dim : Dims()) {
+    const Data d = MakeData(n, dim, 1, 200 + dim);
+    std::vector<float> out(n, -1.0f);
+    DotRows(DType::kF32, d.f32.data(), n, dim, d.q.data(), out.data());
+    for (int64_t r = 0; r < n; ++r) {
+      EXPECT_NEAR(out[r], RefDot(d.q.data(), &d.f32[r * dim], dim), Tol(dim)) << dim << " " << r;
+    }
+    DotRows(DType::kF16, d.f16.data(), n, dim, d.q.data(), out.data());
+    for (int64_t r = 0; r < n; ++r) {
+      EXPECT_NEAR(out[r], RefDotF16(d.q.data(), &d.f16[r * dim], dim), Tol(dim)) << dim << " " << r;
+    }
+    DotRows(DType::kBF16, d.bf16.data(), n, dim, d.q.data(), out.data());
+    for (int64_t r = 0; r < n; ++r) {
+      EXPECT_NEAR(out[r], RefDotBf16(d.q.data(), &d.bf16[r * dim], dim), Tol(dim))
+          << dim << " " << r;
+    }
+  }
+}
+
+TEST_P(KernelsTest, DotRowsMultiMatchesScalarReferenceForAllQueryCounts) {
+  const int64_t n = 7;
+  for (int dim : Dims()) {
+    for (int nq : {1, 2, 3, 4, 5, 6, 7, 8, 9, 13}) {
+      const Data d = MakeData(n, dim, nq, 1000 * nq + dim);
+      std::vector<float> out(static_cast<size_t>(n) * nq);
+      struct Case {
+        DType dtype;
+        const void* rows;
+      };
+      for (const Case& c : {Case{DType::kF32, d.f32.data()}, Case{DType::kF16, d.f16.data()},
+                            Case{DType::kBF16, d.bf16.data()}}) {
+        std::fill(out.begin(), out.end(), NAN);
+        DotRowsMulti(c.dtype, c.rows, n, dim, d.q.data(), nq, out.data());
+        for (int j = 0; j < nq; ++j) {
+          const float* q = &d.q[static_cast<size_t>(j) * dim];
+          for (int64_t r = 0; r < n; ++r) {
+            double ref = 0;
+            if (c.dtype == DType::kF32) ref = RefDot(q, &d.f32[r * dim], dim);
+            if (c.dtype == DType::kF16) ref = RefDotF16(q, &d.f16[r * dim], dim);
+            if (c.dtype == DType::kBF16) ref = RefDotBf16(q, &d.bf16[r * dim], dim);
+            ASSERT_NEAR(out[j * n + r], ref, Tol(dim))
+                << "dtype " << static_cast<int>(c.dtype) << " dim " << dim << " nq " << nq
+                << " query " << j << " row " << r;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_P(KernelsTest, EmptyInputsWriteNothingOrZeros) {
+  float out[4] = {7, 7, 7, 7};
+  const float q[1] = {1.0f};
+  DotRows(DType::kF32, nullptr, 0, 16, q, out);
+  DotRowsMulti(DType::kF16, nullptr, 0, 16, q, 1, out);
+  EXPECT_EQ(out[0], 7.0f);
+  EXPECT_EQ(DotF32(q, q, 0), 0.0f);
+}
+
+TEST_P(KernelsTest, UnalignedPointersAreFine) {
+  const int dim = 37;
+  const int64_t n = 5;
+  const Data d = MakeData(n + 1, dim + 1, 3, 77);
+  // Shift by one element so nothing is 16- or 32-byte aligned.
+  std::vector<float> out(n * 3);
+  DotRowsMulti(DType::kF16, d.f16.data() + 1, n, dim, d.q.data() + 1, 3, out.data());
+  for (int j = 0; j < 3; ++j) {
+    for (int64_t r = 0; r < n; ++r) {
+      EXPECT_NEAR(out[j * n + r], RefDotF16(d.q.data() + 1 + j * dim, d.f16.data() + 1 + r * dim, dim),
+                  Tol(dim));
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Isa, KernelsTest, ::testing::Values("avx2", "avx512"),
+                         [](const ::testing::TestParamInfo<std::string>& info) {
+                           return info.param;
+                         });
+
+TEST(KernelIsaTest, UnknownNameIsRejectedAndChangesNothing) {
+  const std::string before = KernelIsa();
+  EXPECT_FALSE(ForceKernelIsa("sse2"));
+  EXPECT_EQ(std::string(KernelIsa()), before);
+}
+
+}  // namespace
+}  // namespace icecache
