@@ -1,0 +1,389 @@
+#include "server/pool/page_pool.h"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "server/pool/tenant.h"
+
+namespace icecache {
+
+struct PagePool::Tenant {
+  std::string name;
+  uint64_t used_bytes = 0;
+  uint64_t frames = 0;
+  uint64_t quota = kUnlimitedQuota;
+};
+
+// Lives inside a free frame (every stride is >= 64 bytes).
+struct PagePool::FreeNode {
+  FreeNode* prev;
+  FreeNode* next;
+};
+
+struct PagePool::SizeClass {
+  SizeClassId id = 0;
+  uint64_t frame_bytes = 0;
+  uint64_t stride = 0;
+  uint64_t frames_per_slab = 0;
+  FreeNode head;  // sentinel of the circular free list
+  uint64_t slabs = 0;
+  uint64_t frames_used = 0;
+  uint64_t frames_free = 0;
+
+  void PushFront(FreeNode* n) {
+    n->prev = &head;
+    n->next = head.next;
+    head.next->prev = n;
+    head.next = n;
+  }
+  static void Unlink(FreeNode* n) {
+    n->prev->next = n->next;
+    n->next->prev = n->prev;
+  }
+  FreeNode* PopFront() {
+    FreeNode* n = head.next;
+    Unlink(n);
+    return n;
+  }
+};
+
+struct PagePool::Slab {
+  int32_t class_id = -1;
+  uint32_t used = 0;
+};
+
+// ---------------------------------------------------------------- FrameSet
+
+FrameSet::FrameSet(FrameSet&& other) noexcept
+    : pool_(std::exchange(other.pool_, nullptr)),
+      tenant_(std::exchange(other.tenant_, nullptr)),
+      class_id_(other.class_id_),
+      frame_bytes_(other.frame_bytes_),
+      frames_(std::move(other.frames_)) {
+  other.frames_.clear();
+}
+
+FrameSet& FrameSet::operator=(FrameSet&& other) noexcept {
+  if (this != &other) {
+    Reset();
+    pool_ = std::exchange(other.pool_, nullptr);
+    tenant_ = std::exchange(other.tenant_, nullptr);
+    class_id_ = other.class_id_;
+    frame_bytes_ = other.frame_bytes_;
+    frames_ = std::move(other.frames_);
+    other.frames_.clear();
+  }
+  return *this;
+}
+
+const std::string& FrameSet::tenant() const {
+  static const std::string* const kNone = new std::string();
+  if (tenant_ == nullptr) return *kNone;
+  return static_cast<const PagePool::Tenant*>(tenant_)->name;
+}
+
+FrameSet FrameSet::TakeBack(size_t n) {
+  n = std::min(n, frames_.size());
+  FrameSet out;
+  out.pool_ = pool_;
+  out.tenant_ = tenant_;
+  out.class_id_ = class_id_;
+  out.frame_bytes_ = frame_bytes_;
+  out.frames_.assign(frames_.end() - static_cast<std::ptrdiff_t>(n), frames_.end());
+  frames_.resize(frames_.size() - n);
+  return out;
+}
+
+absl::Status FrameSet::Absorb(FrameSet&& other) {
+  if (other.frames_.empty()) {
+    other.Reset();
+    return absl::OkStatus();
+  }
+  if (pool_ == nullptr && frames_.empty()) {
+    *this = std::move(other);
+    return absl::OkStatus();
+  }
+  if (other.pool_ != pool_ || other.tenant_ != tenant_ || other.class_id_ != class_id_) {
+    return absl::FailedPreconditionError(
+        "FrameSet::Absorb: frame sets differ in pool, tenant or size class");
+  }
+  frames_.insert(frames_.end(), other.frames_.begin(), other.frames_.end());
+  other.frames_.clear();
+  return absl::OkStatus();
+}
+
+void FrameSet::Reset() {
+  if (pool_ != nullptr && !frames_.empty()) pool_->Free(this);
+  frames_.clear();
+}
+
+// ---------------------------------------------------------------- PagePool
+
+absl::StatusOr<std::unique_ptr<PagePool>> PagePool::Create(const PagePoolOptions& options) {
+  constexpr uint64_t kMaxCapacity = uint64_t{1} << 40;
+  if (options.capacity_bytes == 0 || options.capacity_bytes > kMaxCapacity) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "page pool: capacity_bytes must be in 1..", kMaxCapacity, ", got ", options.capacity_bytes));
+  }
+  if (options.max_size_classes < 1 || options.max_size_classes > 64) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "page pool: max_size_classes must be in 1..64, got ", options.max_size_classes));
+  }
+  const uint64_t capacity = (options.capacity_bytes + kSlabBytes - 1) / kSlabBytes * kSlabBytes;
+  void* base = MAP_FAILED;
+  bool huge = false;
+  if (options.use_huge_pages) {
+    base = mmap(nullptr, capacity, PROT_READ | PROT_WRITE,
+                MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_HUGETLB, -1, 0);
+    huge = base != MAP_FAILED;
+  }
+  if (base == MAP_FAILED) {
+    base = mmap(nullptr, capacity, PROT_READ | PROT_WRITE,
+                MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (base == MAP_FAILED) {
+      return absl::ResourceExhaustedError(absl::StrCat("page pool: mmap of ", capacity,
+                                                       " bytes failed: ", std::strerror(errno)));
+    }
+    if (options.use_huge_pages) madvise(base, capacity, MADV_HUGEPAGE);  // advice only
+  }
+  return std::unique_ptr<PagePool>(
+      new PagePool(options, static_cast<uint8_t*>(base), capacity, huge));
+}
+
+PagePool::PagePool(const PagePoolOptions& options, uint8_t* base, uint64_t capacity, bool huge)
+    : options_(options),
+      base_(base),
+      capacity_bytes_(capacity),
+      num_slabs_(capacity / kSlabBytes),
+      huge_pages_(huge) {
+  absl::MutexLock l(&mu_);
+  slabs_.resize(num_slabs_);
+}
+
+PagePool::~PagePool() { munmap(base_, capacity_bytes_); }
+
+absl::StatusOr<SizeClassId> PagePool::GetOrCreateClass(uint64_t frame_bytes) {
+  if (frame_bytes == 0 || frame_bytes > kSlabBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("page pool: frame size must be in 1..",
+                                                   kSlabBytes, " bytes, got ", frame_bytes));
+  }
+  absl::MutexLock l(&mu_);
+  for (const auto& c : classes_) {
+    if (c->frame_bytes == frame_bytes) return c->id;
+  }
+  if (classes_.size() >= static_cast<size_t>(options_.max_size_classes)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("page pool: a new size class for ", frame_bytes,
+                     "-byte frames would exceed max_size_classes=", options_.max_size_classes));
+  }
+  auto c = std::make_unique<SizeClass>();
+  c->id = static_cast<SizeClassId>(classes_.size());
+  c->frame_bytes = frame_bytes;
+  c->stride = StrideFor(frame_bytes);
+  c->frames_per_slab = kSlabBytes / c->stride;
+  c->head.prev = c->head.next = &c->head;
+  classes_.push_back(std::move(c));
+  return classes_.back()->id;
+}
+
+PagePool::Tenant* PagePool::GetTenantLocked(std::string_view tenant) {
+  auto it = tenants_.find(tenant);
+  if (it != tenants_.end()) return it->second.get();
+  auto t = std::make_unique<Tenant>();
+  t->name = std::string(tenant);
+  t->quota = options_.default_tenant_quota_bytes;
+  Tenant* raw = t.get();
+  tenants_.emplace(raw->name, std::move(t));
+  return raw;
+}
+
+uint64_t PagePool::SlabsNeededLocked(const SizeClass& c, uint64_t count) const {
+  if (count <= c.frames_free) return 0;
+  return (count - c.frames_free + c.frames_per_slab - 1) / c.frames_per_slab;
+}
+
+absl::Status PagePool::CheckLocked(const Tenant* t, uint64_t quota, const SizeClass& c,
+                                   uint64_t count, std::string_view tenant) const {
+  const uint64_t used = t == nullptr ? 0 : t->used_bytes;
+  // count <= capacity / stride is checked first so the products cannot overflow.
+  if (count > capacity_bytes_ / c.stride) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "page pool capacity: ", count, " frames of ", c.stride, " bytes exceed the capacity of ",
+        capacity_bytes_, " bytes"));
+  }
+  const uint64_t bytes = count * c.stride;
+  if (quota != kUnlimitedQuota && (bytes > quota || used > quota - bytes)) {
+    return absl::ResourceExhaustedError(absl::StrCat("quota of tenant '", std::string(tenant), "': using ", used,
+                                                     " of ", quota, " bytes, ", bytes,
+                                                     " more requested"));
+  }
+  const uint64_t slabs_available = free_slabs_.size() + (num_slabs_ - next_unused_slab_);
+  const uint64_t slabs_needed = SlabsNeededLocked(c, count);
+  if (slabs_needed > slabs_available) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "page pool capacity: ", bytes, " more bytes requested, ", counters_.used_bytes, " of ",
+        capacity_bytes_, " bytes in use (", slabs_available, " free slabs, ", slabs_needed,
+        " needed)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PagePool::CheckAdmission(std::string_view tenant, SizeClassId id,
+                                      uint64_t count) const {
+  if (absl::Status s = ValidateTenantName(tenant); !s.ok()) return s;
+  absl::ReaderMutexLock l(&mu_);
+  if (id >= classes_.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("page pool: unknown size class ", id));
+  }
+  auto it = tenants_.find(tenant);
+  const Tenant* t = it == tenants_.end() ? nullptr : it->second.get();
+  const uint64_t quota = t == nullptr ? options_.default_tenant_quota_bytes : t->quota;
+  return CheckLocked(t, quota, *classes_[id], count, tenant);
+}
+
+void PagePool::CarveSlabLocked(SizeClass* c) {
+  uint64_t slab;
+  if (!free_slabs_.empty()) {
+    slab = free_slabs_.back();
+    free_slabs_.pop_back();
+  } else {
+    slab = next_unused_slab_++;
+  }
+  slabs_[slab].class_id = static_cast<int32_t>(c->id);
+  slabs_[slab].used = 0;
+  uint8_t* start = base_ + slab * kSlabBytes;
+  // Push in reverse so frames come out in address order.
+  for (uint64_t i = c->frames_per_slab; i-- > 0;) {
+    c->PushFront(reinterpret_cast<FreeNode*>(start + i * c->stride));
+  }
+  c->slabs++;
+  c->frames_free += c->frames_per_slab;
+  counters_.frames_free += c->frames_per_slab;
+  counters_.reserved_bytes += kSlabBytes;
+}
+
+void PagePool::ReleaseSlabLocked(SizeClass* c, uint64_t slab) {
+  uint8_t* start = base_ + slab * kSlabBytes;
+  for (uint64_t i = 0; i < c->frames_per_slab; ++i) {
+    SizeClass::Unlink(reinterpret_cast<FreeNode*>(start + i * c->stride));
+  }
+  c->slabs--;
+  c->frames_free -= c->frames_per_slab;
+  counters_.frames_free -= c->frames_per_slab;
+  counters_.reserved_bytes -= kSlabBytes;
+  slabs_[slab].class_id = -1;
+  free_slabs_.push_back(slab);
+  // Give the memory back to the kernel; the next user faults in zero pages.
+  madvise(start, kSlabBytes, MADV_DONTNEED);
+}
+
+absl::StatusOr<FrameSet> PagePool::Allocate(std::string_view tenant, SizeClassId id,
+                                            uint64_t count) {
+  if (absl::Status s = ValidateTenantName(tenant); !s.ok()) return s;
+  FrameSet out;
+  std::vector<uint8_t*> frames;
+  absl::MutexLock l(&mu_);
+  if (id >= classes_.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("page pool: unknown size class ", id));
+  }
+  SizeClass* c = classes_[id].get();
+  Tenant* t = GetTenantLocked(tenant);
+  if (absl::Status s = CheckLocked(t, t->quota, *c, count, tenant); !s.ok()) {
+    counters_.rejected++;
+    return s;
+  }
+  frames.reserve(count);  // bounded by capacity / stride after the check
+  for (uint64_t n = SlabsNeededLocked(*c, count); n > 0; --n) CarveSlabLocked(c);
+  for (uint64_t i = 0; i < count; ++i) {
+    uint8_t* f = reinterpret_cast<uint8_t*>(c->PopFront());
+    slabs_[static_cast<uint64_t>(f - base_) / kSlabBytes].used++;
+    frames.push_back(f);
+  }
+  const uint64_t bytes = count * c->stride;
+  c->frames_used += count;
+  c->frames_free -= count;
+  counters_.frames_free -= count;
+  counters_.frames_used += count;
+  counters_.used_bytes += bytes;
+  counters_.allocations++;
+  t->used_bytes += bytes;
+  t->frames += count;
+  out.pool_ = this;
+  out.tenant_ = t;
+  out.class_id_ = id;
+  out.frame_bytes_ = c->frame_bytes;
+  out.frames_ = std::move(frames);
+  return out;
+}
+
+void PagePool::Free(FrameSet* set) {
+  absl::MutexLock l(&mu_);
+  SizeClass* c = classes_[set->class_id_].get();
+  Tenant* t = static_cast<Tenant*>(set->tenant_);
+  const uint64_t count = set->frames_.size();
+  for (uint8_t* f : set->frames_) {
+    c->PushFront(reinterpret_cast<FreeNode*>(f));
+    const uint64_t slab = static_cast<uint64_t>(f - base_) / kSlabBytes;
+    c->frames_free++;
+    counters_.frames_free++;
+    if (--slabs_[slab].used == 0) ReleaseSlabLocked(c, slab);
+  }
+  const uint64_t bytes = count * c->stride;
+  c->frames_used -= count;
+  counters_.frames_used -= count;
+  counters_.used_bytes -= bytes;
+  t->used_bytes -= bytes;
+  t->frames -= count;
+}
+
+absl::Status PagePool::SetQuota(std::string_view tenant, uint64_t quota_bytes) {
+  if (absl::Status s = ValidateTenantName(tenant); !s.ok()) return s;
+  absl::MutexLock l(&mu_);
+  GetTenantLocked(tenant)->quota = quota_bytes;
+  return absl::OkStatus();
+}
+
+uint64_t PagePool::Quota(std::string_view tenant) const {
+  absl::ReaderMutexLock l(&mu_);
+  auto it = tenants_.find(tenant);
+  return it == tenants_.end() ? options_.default_tenant_quota_bytes : it->second->quota;
+}
+
+uint64_t PagePool::TenantUsedBytes(std::string_view tenant) const {
+  absl::ReaderMutexLock l(&mu_);
+  auto it = tenants_.find(tenant);
+  return it == tenants_.end() ? 0 : it->second->used_bytes;
+}
+
+uint64_t PagePool::used_bytes() const {
+  absl::ReaderMutexLock l(&mu_);
+  return counters_.used_bytes;
+}
+
+PoolStats PagePool::Stats() const {
+  PoolStats s;
+  absl::ReaderMutexLock l(&mu_);
+  s.capacity_bytes = capacity_bytes_;
+  s.reserved_bytes = counters_.reserved_bytes;
+  s.used_bytes = counters_.used_bytes;
+  s.frames_used = counters_.frames_used;
+  s.frames_free = counters_.frames_free;
+  s.allocations = counters_.allocations;
+  s.rejected = counters_.rejected;
+  s.huge_pages = huge_pages_;
+  for (const auto& c : classes_) {
+    s.classes.push_back(SizeClassStats{c->id, c->frame_bytes, c->stride, c->slabs,
+                                       c->frames_used, c->frames_free});
+  }
+  for (const auto& [name, t] : tenants_) {
+    s.tenants.push_back(TenantPoolStats{name, t->used_bytes, t->quota, t->frames});
+  }
+  return s;
+}
+
+}  // namespace icecache

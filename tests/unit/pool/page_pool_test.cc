@@ -1,0 +1,280 @@
+#include "server/pool/page_pool.h"
+
+#include <cstring>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "server/pool/tenant.h"
+#include "tests/support/status_matchers.h"
+
+namespace icecache {
+namespace {
+
+using ::icecache::testing::IsOk;
+using ::icecache::testing::StatusIs;
+using ::testing::HasSubstr;
+
+constexpr uint64_t kMiB = uint64_t{1} << 20;
+
+std::unique_ptr<PagePool> MakePool(uint64_t capacity, int max_classes = 4) {
+  PagePoolOptions o;
+  o.capacity_bytes = capacity;
+  o.use_huge_pages = false;
+  o.max_size_classes = max_classes;
+  auto pool = PagePool::Create(o);
+  EXPECT_THAT(pool, IsOk());
+  return std::move(pool).value();
+}
+
+TEST(PagePoolTest, CreateValidatesOptions) {
+  PagePoolOptions o;
+  o.capacity_bytes = 0;
+  EXPECT_THAT(PagePool::Create(o), StatusIs(absl::StatusCode::kInvalidArgument,
+                                            HasSubstr("capacity_bytes")));
+  o.capacity_bytes = 4 * kMiB;
+  o.max_size_classes = 0;
+  EXPECT_THAT(PagePool::Create(o), StatusIs(absl::StatusCode::kInvalidArgument,
+                                            HasSubstr("max_size_classes")));
+}
+
+TEST(PagePoolTest, CapacityRoundsUpToSlabs) {
+  auto pool = MakePool(3 * kMiB);
+  EXPECT_EQ(pool->capacity_bytes(), 4 * kMiB);
+}
+
+TEST(PagePoolTest, ClassesAreCreatedOnFirstUseAndBounded) {
+  auto pool = MakePool(8 * kMiB, 2);
+  auto a = pool->GetOrCreateClass(8192);
+  ASSERT_THAT(a, IsOk());
+  auto a2 = pool->GetOrCreateClass(8192);
+  ASSERT_THAT(a2, IsOk());
+  EXPECT_EQ(*a, *a2);
+  auto b = pool->GetOrCreateClass(4096);
+  ASSERT_THAT(b, IsOk());
+  EXPECT_NE(*a, *b);
+  EXPECT_THAT(pool->GetOrCreateClass(1024),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_size_classes")));
+  EXPECT_THAT(pool->GetOrCreateClass(0), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(pool->GetOrCreateClass(PagePool::kSlabBytes + 1),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(pool->Allocate("t", 7, 1), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST(PagePoolTest, FramesAreAlignedDistinctAndWritable) {
+  auto pool = MakePool(8 * kMiB);
+  auto id = pool->GetOrCreateClass(1000);  // stride 1024
+  ASSERT_THAT(id, IsOk());
+  auto set = pool->Allocate("alice", *id, 100);
+  ASSERT_THAT(set, IsOk());
+  ASSERT_EQ(set->size(), 100u);
+  EXPECT_EQ(set->frame_bytes(), 1000u);
+  std::set<uint8_t*> seen;
+  for (size_t i = 0; i < set->size(); ++i) {
+    uint8_t* f = set->frame(i);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(f) % 64, 0u);
+    EXPECT_TRUE(seen.insert(f).second);
+    std::memset(f, static_cast<int>(i), 1000);
+  }
+  for (size_t i = 0; i < set->size(); ++i) {
+    EXPECT_EQ(set->frame(i)[0], static_cast<uint8_t>(i));
+    EXPECT_EQ(set->frame(i)[999], static_cast<uint8_t>(i));
+  }
+  // Frames do not overlap: distinct pointers at least a stride apart.
+  std::vector<uint8_t*> sorted(seen.begin(), seen.end());
+  for (size_t i = 1; i < sorted.size(); ++i) EXPECT_GE(sorted[i] - sorted[i - 1], 1024);
+}
+
+TEST(PagePoolTest, FreeReturnsFrameToItsClass) {
+  auto pool = MakePool(8 * kMiB);
+  auto id = pool->GetOrCreateClass(4096);
+  ASSERT_THAT(id, IsOk());
+  auto keep = pool->Allocate("alice", *id, 3);  // keeps the slab alive
+  ASSERT_THAT(keep, IsOk());
+  uint8_t* freed;
+  {
+    auto one = pool->Allocate("alice", *id, 1);
+    ASSERT_THAT(one, IsOk());
+    freed = one->frame(0);
+    EXPECT_EQ(pool->Stats().frames_used, 4u);
+  }
+  PoolStats s = pool->Stats();
+  EXPECT_EQ(s.frames_used, 3u);
+  EXPECT_EQ(s.used_bytes, 3u * 4096);
+  auto again = pool->Allocate("alice", *id, 1);
+  ASSERT_THAT(again, IsOk());
+  EXPECT_EQ(again->frame(0), freed);  // LIFO free list
+}
+
+TEST(PagePoolTest, StatsTrackClassesTenantsAndSlabs) {
+  auto pool = MakePool(8 * kMiB);
+  auto id = pool->GetOrCreateClass(PagePool::kSlabBytes / 4);  // 4 frames per slab
+  ASSERT_THAT(id, IsOk());
+  auto a = pool->Allocate("alice", *id, 5);  // 2 slabs
+  ASSERT_THAT(a, IsOk());
+  auto b = pool->Allocate("bob", *id, 1);  // fits in the second slab
+  ASSERT_THAT(b, IsOk());
+  PoolStats s = pool->Stats();
+  EXPECT_EQ(s.reserved_bytes, 2 * PagePool::kSlabBytes);
+  EXPECT_EQ(s.used_bytes, 6 * PagePool::kSlabBytes / 4);
+  EXPECT_EQ(s.frames_used, 6u);
+  EXPECT_EQ(s.frames_free, 2u);
+  ASSERT_EQ(s.classes.size(), 1u);
+  EXPECT_EQ(s.classes[0].slabs, 2u);
+  EXPECT_EQ(s.classes[0].frames_used, 6u);
+  ASSERT_EQ(s.tenants.size(), 2u);
+  EXPECT_EQ(s.tenants[0].tenant, "alice");
+  EXPECT_EQ(s.tenants[0].frames, 5u);
+  EXPECT_EQ(s.tenants[1].tenant, "bob");
+  EXPECT_EQ(s.tenants[1].used_bytes, PagePool::kSlabBytes / 4);
+  a->Reset();
+  b->Reset();
+  s = pool->Stats();
+  EXPECT_EQ(s.used_bytes, 0u);
+  EXPECT_EQ(s.reserved_bytes, 0u);  // empty slabs go back to the arena
+  EXPECT_EQ(s.frames_free, 0u);
+}
+
+TEST(PagePoolTest, EmptySlabsMoveBetweenClasses) {
+  auto pool = MakePool(2 * kMiB);  // one slab
+  auto small = pool->GetOrCreateClass(64);
+  auto big = pool->GetOrCreateClass(PagePool::kSlabBytes);
+  ASSERT_THAT(small, IsOk());
+  ASSERT_THAT(big, IsOk());
+  {
+    auto s = pool->Allocate("t", *small, 10);
+    ASSERT_THAT(s, IsOk());
+    EXPECT_THAT(pool->Allocate("t", *big, 1), StatusIs(absl::StatusCode::kResourceExhausted,
+                                                       HasSubstr("capacity")));
+  }
+  auto b = pool->Allocate("t", *big, 1);
+  EXPECT_THAT(b, IsOk());
+}
+
+TEST(PagePoolTest, CapacityRejectionChangesNothing) {
+  auto pool = MakePool(4 * kMiB);
+  auto id = pool->GetOrCreateClass(PagePool::kSlabBytes / 2);
+  ASSERT_THAT(id, IsOk());
+  auto a = pool->Allocate("t", *id, 3);
+  ASSERT_THAT(a, IsOk());
+  PoolStats before = pool->Stats();
+  EXPECT_THAT(pool->Allocate("t", *id, 2),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("capacity")));
+  EXPECT_THAT(pool->Allocate("t", *id, ~uint64_t{0}),
+              StatusIs(absl::StatusCode::kResourceExhausted));
+  PoolStats after = pool->Stats();
+  EXPECT_EQ(after.used_bytes, before.used_bytes);
+  EXPECT_EQ(after.reserved_bytes, before.reserved_bytes);
+  EXPECT_EQ(after.frames_free, before.frames_free);
+  EXPECT_EQ(after.rejected, before.rejected + 2);
+  EXPECT_THAT(pool->Allocate("t", *id, 1), IsOk());  // exactly the last frame
+}
+
+TEST(PagePoolTest, QuotaAdmissionChangesNothing) {
+  auto pool = MakePool(16 * kMiB);
+  auto id = pool->GetOrCreateClass(4096);
+  ASSERT_THAT(id, IsOk());
+  ASSERT_THAT(pool->SetQuota("alice", 10 * 4096), IsOk());
+  EXPECT_EQ(pool->Quota("alice"), 10u * 4096);
+  EXPECT_EQ(pool->Quota("nobody"), kUnlimitedQuota);
+  auto a = pool->Allocate("alice", *id, 8);
+  ASSERT_THAT(a, IsOk());
+  EXPECT_THAT(pool->CheckAdmission("alice", *id, 3),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("quota")));
+  EXPECT_THAT(pool->Allocate("alice", *id, 3),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("quota of tenant 'alice'")));
+  EXPECT_EQ(pool->TenantUsedBytes("alice"), 8u * 4096);
+  EXPECT_THAT(pool->CheckAdmission("alice", *id, 2), IsOk());
+  EXPECT_THAT(pool->Allocate("alice", *id, 2), IsOk());
+  // Other tenants are not limited by alice's quota.
+  EXPECT_THAT(pool->Allocate("bob", *id, 100), IsOk());
+  // Lowering the quota below usage is allowed; it refuses new frames only.
+  ASSERT_THAT(pool->SetQuota("alice", 4096), IsOk());
+  EXPECT_EQ(pool->TenantUsedBytes("alice"), 8u * 4096);
+  EXPECT_THAT(pool->Allocate("alice", *id, 1), StatusIs(absl::StatusCode::kResourceExhausted));
+}
+
+TEST(PagePoolTest, DefaultQuotaAppliesToNewTenants) {
+  PagePoolOptions o;
+  o.capacity_bytes = 8 * kMiB;
+  o.use_huge_pages = false;
+  o.default_tenant_quota_bytes = 2 * 4096;
+  auto pool = PagePool::Create(o);
+  ASSERT_THAT(pool, IsOk());
+  auto id = (*pool)->GetOrCreateClass(4096);
+  ASSERT_THAT(id, IsOk());
+  EXPECT_THAT((*pool)->Allocate("x", *id, 3), StatusIs(absl::StatusCode::kResourceExhausted));
+  EXPECT_THAT((*pool)->Allocate("x", *id, 2), IsOk());
+}
+
+TEST(PagePoolTest, BadTenantNamesAreRefused) {
+  auto pool = MakePool(4 * kMiB);
+  auto id = pool->GetOrCreateClass(4096);
+  ASSERT_THAT(id, IsOk());
+  EXPECT_THAT(pool->Allocate("", *id, 1), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(pool->Allocate("a b", *id, 1), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(pool->SetQuota(std::string(200, 'a'), 1),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("128")));
+  EXPECT_THAT(ValidateTenantName("uid-1000@host:x_y.z"), IsOk());
+}
+
+TEST(PagePoolTest, FrameSetTakeBackAndAbsorb) {
+  auto pool = MakePool(4 * kMiB);
+  auto id = pool->GetOrCreateClass(4096);
+  auto id2 = pool->GetOrCreateClass(8192);
+  ASSERT_THAT(id, IsOk());
+  ASSERT_THAT(id2, IsOk());
+  auto a = pool->Allocate("t", *id, 10);
+  ASSERT_THAT(a, IsOk());
+  uint8_t* last = a->frame(9);
+  FrameSet tail = a->TakeBack(4);
+  EXPECT_EQ(a->size(), 6u);
+  ASSERT_EQ(tail.size(), 4u);
+  EXPECT_EQ(tail.frame(3), last);
+  EXPECT_EQ(tail.tenant(), "t");
+  tail.Reset();
+  EXPECT_EQ(pool->Stats().frames_used, 6u);
+  auto b = pool->Allocate("t", *id, 2);
+  ASSERT_THAT(b, IsOk());
+  ASSERT_THAT(a->Absorb(std::move(*b)), IsOk());
+  EXPECT_EQ(a->size(), 8u);
+  auto other_tenant = pool->Allocate("u", *id, 1);
+  ASSERT_THAT(other_tenant, IsOk());
+  EXPECT_THAT(a->Absorb(std::move(*other_tenant)),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+  auto other_class = pool->Allocate("t", *id2, 1);
+  ASSERT_THAT(other_class, IsOk());
+  EXPECT_THAT(a->Absorb(std::move(*other_class)), StatusIs(absl::StatusCode::kFailedPrecondition));
+  FrameSet moved = std::move(*a);
+  EXPECT_EQ(moved.size(), 8u);
+  EXPECT_TRUE(a->empty());
+  moved = FrameSet();
+  EXPECT_EQ(pool->TenantUsedBytes("t"), 8192u);  // only other_class is left
+}
+
+TEST(PagePoolTest, ConcurrentAllocateAndFreeKeepCountersExact) {
+  auto pool = MakePool(64 * kMiB);
+  auto id = pool->GetOrCreateClass(2048);
+  ASSERT_THAT(id, IsOk());
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      const std::string tenant = "t" + std::to_string(t);
+      for (int i = 0; i < 200; ++i) {
+        auto s = pool->Allocate(tenant, *id, 1 + (i % 7));
+        ASSERT_TRUE(s.ok());
+        for (size_t k = 0; k < s->size(); ++k) std::memset(s->frame(k), t, 2048);
+        for (size_t k = 0; k < s->size(); ++k) ASSERT_EQ(s->frame(k)[2047], t);
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  PoolStats s = pool->Stats();
+  EXPECT_EQ(s.used_bytes, 0u);
+  EXPECT_EQ(s.frames_used, 0u);
+  EXPECT_EQ(s.allocations, 800u);
+}
+
+}  // namespace
+}  // namespace icecache
