@@ -1,0 +1,252 @@
+// Google Benchmark micro-benchmarks of the selection hot paths:
+//  - fp16 / bf16 / fp32 dot products (DotF16, DotRows, DotRowsMulti);
+//  - projection of a query on the m x L DCI directions (a dense fp32
+//    DotRows over the augmented dimension, as the tree does per level);
+//  - page scoring (PageMassScore of one page's logits for G queries);
+//  - tree walk: Prioritized DCI queries, and whole selections per head
+//    (BM_Select_<Kind>/<tokens>) on the realistic synthetic generator.
+// Figures are printed, never asserted. Run:
+//   build-bench/tests/bench/icecache-microbench --benchmark_filter=Select
+#include <benchmark/benchmark.h>
+
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "common/dtype.h"
+#include "common/synthetic.h"
+#include "server/index/dci_prioritized.h"
+#include "server/index/kernels.h"
+#include "server/index/owned_page_keys.h"
+#include "server/index/page_select.h"
+#include "server/index/selector.h"
+
+namespace icecache {
+namespace {
+
+std::vector<float> RandomFloats(size_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+constexpr int kDim = 128;
+
+// One fp16 row dot product (the innermost kernel).
+void BM_DotF16(benchmark::State& state) {
+  const int dim = static_cast<int>(state.range(0));
+  const auto q = RandomFloats(dim, 1);
+  const auto kf = RandomFloats(dim, 2);
+  std::vector<uint16_t> k(dim);
+  FloatToHalf(kf.data(), k.data(), dim);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(DotF16(q.data(), k.data(), dim));
+  }
+  state.SetItemsProcessed(state.iterations());
+  state.SetLabel(KernelIsa());
+}
+BENCHMARK(BM_DotF16)->Arg(64)->Arg(128)->Arg(256);
+
+// A dense scan of n keys for one query: the exact scan's inner loop.
+void BM_DotRows(benchmark::State& state, DType dtype) {
+  const int64_t n = state.range(0);
+  const auto q = RandomFloats(kDim, 3);
+  const auto kf = RandomFloats(static_cast<size_t>(n) * kDim, 4);
+  std::vector<uint8_t> rows(static_cast<size_t>(n) * kDim * DTypeSize(dtype));
+  FromFloat(dtype, kf.data(), rows.data(), kf.size());
+  std::vector<float> out(n);
+  for (auto _ : state) {
+    DotRows(dtype, rows.data(), n, kDim, q.data(), out.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(state.iterations() * n);
+  state.SetBytesProcessed(state.iterations() * static_cast<int64_t>(rows.size()));
+  state.SetLabel(KernelIsa());
+}
+BENCHMARK_CAPTURE(BM_DotRows, f16, DType::kF16)->Arg(16)->Arg(4096)->Arg(131072);
+BENCHMARK_CAPTURE(BM_DotRows, bf16, DType::kBF16)->Arg(4096)->Arg(131072);
+BENCHMARK_CAPTURE(BM_DotRows, f32, DType::kF32)->Arg(4096)->Arg(131072);
+
+// G queries per row read (GQA): the exact selector's page scoring scan.
+void BM_DotRowsMultiF16(benchmark::State& state) {
+  const int64_t n = state.range(0);
+  const int nq = static_cast<int>(state.range(1));
+  const auto q = RandomFloats(static_cast<size_t>(nq) * kDim, 5);
+  const auto kf = RandomFloats(static_cast<size_t>(n) * kDim, 6);
+  std::vector<uint16_t> rows(kf.size());
+  FloatToHalf(kf.data(), rows.data(), kf.size());
+  std::vector<float> out(static_cast<size_t>(n) * nq);
+  for (auto _ : state) {
+    DotRowsMulti(DType::kF16, rows.data(), n, kDim, q.data(), nq, out.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(state.iterations() * n);
+  state.SetBytesProcessed(state.iterations() * n * kDim * 2);
+  state.SetLabel(KernelIsa());
+}
+BENCHMARK(BM_DotRowsMultiF16)->Args({16, 4})->Args({4096, 4})->Args({131072, 4})->Args({131072, 1});
+
+// Projection of an augmented query (dim + 1) on m x L random directions.
+void BM_Projection(benchmark::State& state) {
+  const int directions = static_cast<int>(state.range(0));
+  const int dim = kDim + 1;
+  const auto dirs = RandomFloats(static_cast<size_t>(directions) * dim, 7);
+  const auto q = RandomFloats(dim, 8);
+  std::vector<float> out(directions);
+  for (auto _ : state) {
+    DotRows(DType::kF32, dirs.data(), directions, dim, q.data(), out.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(state.iterations() * directions);
+}
+BENCHMARK(BM_Projection)->Arg(14)->Arg(28)->Arg(64);
+
+// Page score of one page's exact logits for G queries.
+void BM_PageMassScore(benchmark::State& state) {
+  const int fill = static_cast<int>(state.range(0));
+  const int nq = 4;
+  const auto logits = RandomFloats(static_cast<size_t>(fill) * nq, 9);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(kDim));
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(PageMassScore(logits.data(), nq, fill, fill, scale));
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_PageMassScore)->Arg(8)->Arg(16)->Arg(32);
+
+// Tree walk primitive: a Prioritized DCI query over n augmented points.
+void BM_PrioritizedDciQuery(benchmark::State& state) {
+  const int64_t n = state.range(0);
+  const int dim = kDim + 1;
+  const auto pts = RandomFloats(static_cast<size_t>(n) * dim, 10);
+  auto dci = PrioritizedDci::Create(pts.data(), n, dim, DciParams{});
+  if (!dci.ok()) {
+    state.SkipWithError(dci.status().ToString().c_str());
+    return;
+  }
+  const auto q = RandomFloats(dim, 11);
+  DciQueryParams qp;
+  qp.k = 8;
+  qp.max_candidates = 64;
+  std::vector<std::pair<float, uint32_t>> out;
+  int64_t visited = 0, total_visited = 0;
+  for (auto _ : state) {
+    visited = 0;
+    const absl::Status s = (*dci)->Query(q.data(), qp, &out, &visited);
+    if (!s.ok()) {
+      state.SkipWithError(s.ToString().c_str());
+      return;
+    }
+    total_visited += visited;
+  }
+  state.counters["visited"] =
+      benchmark::Counter(static_cast<double>(total_visited), benchmark::Counter::kAvgIterations);
+}
+BENCHMARK(BM_PrioritizedDciQuery)->Arg(1024)->Arg(16384);
+
+// Whole per-head selections on the llama3-8b-like generator: one KV head,
+// its G = 4 query heads, budget 256, 16-token pages.
+struct SelectFixture {
+  KvDump dump;
+  std::unique_ptr<OwnedPageKeys> keys;
+  std::unique_ptr<Selector> selector;
+};
+
+absl::StatusOr<KvDump> MakeDump(int64_t n) {
+  auto cfg = SyntheticPreset("llama3-8b-like");
+  if (!cfg.ok()) return cfg.status();
+  cfg->layers = 1;
+  cfg->kv_heads = 1;
+  cfg->q_heads = 4;
+  cfg->tokens = n;
+  cfg->steps = 8;
+  return GenerateSynthetic(*cfg);
+}
+
+// Builds the selector of `kind` over the dump's single head.
+absl::Status BuildIndex(SelectorKind kind, SelectFixture* f) {
+  SelectorConfig sc;
+  sc.kind = kind;
+  sc.head_dim = f->dump.head_dim;
+  sc.page_tokens = 16;
+  sc.num_query_heads = f->dump.group_size();
+  auto keys = OwnedPageKeys::ForSelector(sc);
+  if (!keys.ok()) return keys.status();
+  f->keys = *std::move(keys);
+  auto sel = Selector::Create(sc, f->keys.get());
+  if (!sel.ok()) return sel.status();
+  f->selector = *std::move(sel);
+  std::vector<Placement> placements;
+  absl::Status s = f->selector->Build(f->dump.key(0, 0), f->dump.tokens, &placements);
+  if (!s.ok()) return s;
+  return f->keys->Apply(placements, f->dump.key(0, 0));
+}
+
+absl::StatusOr<std::unique_ptr<SelectFixture>> MakeSelectFixture(SelectorKind kind, int64_t n) {
+  auto f = std::make_unique<SelectFixture>();
+  auto dump = MakeDump(n);
+  if (!dump.ok()) return dump.status();
+  f->dump = *std::move(dump);
+  absl::Status s = BuildIndex(kind, f.get());
+  if (!s.ok()) return s;
+  return f;
+}
+
+void BM_Select(benchmark::State& state, SelectorKind kind) {
+  const int64_t n = state.range(0);
+  auto f = MakeSelectFixture(kind, n);
+  if (!f.ok()) {
+    state.SkipWithError(f.status().ToString().c_str());
+    return;
+  }
+  SelectParams params;
+  params.budget_tokens = 256;
+  Selection sel;
+  int step = 0;
+  double touched = 0;
+  for (auto _ : state) {
+    const KvDump& d = (*f)->dump;
+    const absl::Status s =
+        (*f)->selector->Select(d.query(step, 0, 0), d.group_size(), params, &sel);
+    if (!s.ok()) {
+      state.SkipWithError(s.ToString().c_str());
+      return;
+    }
+    touched += static_cast<double>(sel.keys_touched);
+    step = (step + 1) % d.steps;
+  }
+  state.counters["keys_touched"] = benchmark::Counter(touched, benchmark::Counter::kAvgIterations);
+  state.SetLabel(KernelIsa());
+}
+BENCHMARK_CAPTURE(BM_Select, Mdci, SelectorKind::kMdci)->Arg(16384)->Arg(131072)->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_Select, Exact, SelectorKind::kExact)->Arg(16384)->Arg(131072)->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_Select, Quest, SelectorKind::kQuest)->Arg(16384)->Arg(131072)->Unit(benchmark::kMicrosecond);
+
+// Bulk build of one head's tree / layout (data generated once, outside).
+void BM_Build(benchmark::State& state, SelectorKind kind) {
+  const int64_t n = state.range(0);
+  SelectFixture f;
+  auto dump = MakeDump(n);
+  if (!dump.ok()) {
+    state.SkipWithError(dump.status().ToString().c_str());
+    return;
+  }
+  f.dump = *std::move(dump);
+  for (auto _ : state) {
+    const absl::Status s = BuildIndex(kind, &f);
+    if (!s.ok()) {
+      state.SkipWithError(s.ToString().c_str());
+      return;
+    }
+  }
+  state.SetItemsProcessed(state.iterations() * n);
+}
+BENCHMARK_CAPTURE(BM_Build, Mdci, SelectorKind::kMdci)->Arg(16384)->Arg(131072)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_Build, Exact, SelectorKind::kExact)->Arg(131072)->Unit(benchmark::kMillisecond);
+
+}  // namespace
+}  // namespace icecache

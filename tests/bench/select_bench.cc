@@ -1,0 +1,1204 @@
+#include "tests/bench/select_bench.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "common/kv_dump.h"
+#include "common/status_macros.h"
+#include "common/synthetic.h"
+#include "server/index/kernels.h"
+#include "server/index/owned_page_keys.h"
+#include "server/index/quality.h"
+#include "server/index/selector.h"
+#include "tests/bench/json.h"
+#include "tests/bench/peers.h"
+
+#ifndef ICECACHE_SOURCE_DIR
+#define ICECACHE_SOURCE_DIR ""
+#endif
+#ifndef ICECACHE_GIT_COMMIT
+#define ICECACHE_GIT_COMMIT ""
+#endif
+
+namespace icecache::bench {
+
+const std::vector<std::string>& AllMethodNames() {
+  static const auto* names = new std::vector<std::string>{
+      "mdci",      "exact",      "exact-mdci", "exact-token", "quest",      "streaming",
+      "faiss-flat", "faiss-hnsw", "faiss-ivf",  "faiss-ivfpq", "hnswlib"};
+  return *names;
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+constexpr int kInsertChunk = 16;
+constexpr int kSessionSteps = 1000;
+
+// ---------------------------------------------------------------------------
+// Arguments.
+
+absl::StatusOr<std::vector<int>> ParseIntList(const std::string& flag, const std::string& v) {
+  std::vector<int> out;
+  for (absl::string_view part : absl::StrSplit(v, ',', absl::SkipEmpty())) {
+    int x = 0;
+    if (!absl::SimpleAtoi(part, &x)) {
+      return absl::InvalidArgumentError(absl::StrFormat("%s: '%s' is not an integer", flag, part));
+    }
+    out.push_back(x);
+  }
+  if (out.empty()) return absl::InvalidArgumentError(absl::StrFormat("%s: empty list", flag));
+  return out;
+}
+
+template <typename T>
+absl::Status ParseNumber(const std::string& flag, const std::string& v, T* out) {
+  bool ok = false;
+  if constexpr (std::is_floating_point_v<T>) {
+    double d = 0;
+    ok = absl::SimpleAtod(v, &d);
+    *out = static_cast<T>(d);
+  } else {
+    int64_t i = 0;
+    ok = absl::SimpleAtoi(v, &i);
+    *out = static_cast<T>(i);
+  }
+  if (!ok) return absl::InvalidArgumentError(absl::StrFormat("%s: '%s' is not a number", flag, v));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::string SelectUsage() {
+  return R"(usage: icecache-bench select (--synthetic PRESET | --dump DIR) [options]
+  --tokens N            prefill tokens (synthetic; default 16384) / context cap (dump)
+  --budget B            token budget per KV head and step (default 256)
+  --page-tokens P[,P..] page sizes to run (default 16)
+  --heads H             KV heads generated and measured (synthetic; default 8)
+  --steps S             decode steps: queries and 1-token inserts (synthetic; default 64)
+  --threads T           build threads, parallel over trees (default 1)
+  --selectors LIST      comma-separated subset of: mdci,exact,exact-mdci,exact-token,quest,
+                        streaming,faiss-flat,faiss-hnsw,faiss-ivf,faiss-ivfpq,hnswlib (default all)
+  --json FILE           write the JSON report
+  --layer-reuse G       one tree per head for G consecutive layers (default 1)
+  --queries-per-step Q  query heads per KV head scored together (default: the data's group)
+  --sink-tokens N       sink tokens every method gets (default 4)
+  --chunk-tokens N      tokens inserted in 16-token chunks after the steps (default 256)
+  --seed N              generator seed (synthetic; default: the preset's)
+  --kv-dtype D          dtype of the stored keys: f16, bf16, f32 (default f16)
+  --hnsw-m M, --hnsw-efc E, --ivf-nlist N, --pq-m M   peer build settings
+  --mdci-fov F, --mdci-candidate-factor C, --mdci-m M, --mdci-l L   mdci settings
+  --quest-rescore F     quest rescore factor (default 0: plain Quest)
+  --verbose             print every sweep point of the peers
+  --check               re-read the JSON and validate it (exit 1 when bad)
+)";
+}
+
+absl::StatusOr<SelectBenchOptions> ParseSelectArgs(const std::vector<std::string>& args) {
+  SelectBenchOptions o;
+  for (size_t i = 0; i < args.size(); ++i) {
+    std::string flag = args[i];
+    std::string value;
+    bool has_value = false;
+    if (const size_t eq = flag.find('='); eq != std::string::npos) {
+      value = flag.substr(eq + 1);
+      flag = flag.substr(0, eq);
+      has_value = true;
+    }
+    if (flag == "--verbose") { o.verbose = true; continue; }
+    if (flag == "--check") { o.check = true; continue; }
+    if (!has_value) {
+      if (i + 1 >= args.size()) {
+        return absl::InvalidArgumentError(absl::StrFormat("%s needs a value", flag));
+      }
+      value = args[++i];
+    }
+    if (flag == "--synthetic") {
+      o.synthetic = value;
+    } else if (flag == "--dump") {
+      o.dump_dir = value;
+    } else if (flag == "--tokens") {
+      RETURN_IF_ERROR(ParseNumber(flag, value, &o.tokens));
+    } else if (flag == "--budget") {
+      RETURN_IF_ERROR(ParseNumber(flag, value, &o.budget));
+    } else if (flag == "--page-tokens") {
+      ASSIGN_OR_RETURN(o.page_tokens, ParseIntList(flag, value));
+    } else if (flag == "--heads") {
+      RETURN_IF_ERROR(ParseNumber(flag, value, &o.heads));
+    } else if (flag == "--steps") {
+      RETURN_IF_ERROR(ParseNumber(flag, value, &o.steps));
+    } else if (flag == "--threads") {
+      RETURN_IF_ERROR(ParseNumber(flag, value, &o.threads));
+    } else if (flag == "--selectors") {
+      o.selectors = absl::StrSplit(value, ',', absl::SkipEmpty());
+    } else if (flag == "--json") {
+      o.json_path = value;
+    } else if (flag == "--layer-reuse") {
+      RETURN_IF_ERROR(ParseNumber(flag, value, &o.layer_reuse));
+    } else if (flag == "--queries-per-step") {
+      RETURN_IF_ERROR(ParseNumber(flag, value, &o.queries_per_step));
+    } else if (flag == "--sink-tokens") {
+      RETURN_IF_ERROR(ParseNumber(flag, value, &o.sink_tokens));
+    } else if (flag == "--chunk-tokens") {
+      RETURN_IF_ERROR(ParseNumber(flag, value, &o.chunk_tokens));
+    } else if (flag == "--seed") {
+      RETURN_IF_ERROR(ParseNumber(flag, value, &o.seed));
+    } else if (flag == "--kv-dtype") {
+      ASSIGN_OR_RETURN(o.kv_dtype, ParseDType(value));
+    } else if (flag == "--hnsw-m") {
+      RETURN_IF_ERROR(ParseNumber(flag, value, &o.peer.hnsw_m));
+    } else if (flag == "--hnsw-efc") {
+      RETURN_IF_ERROR(ParseNumber(flag, value, &o.peer.hnsw_ef_construction));
+    } else if (flag == "--ivf-nlist") {
+      RETURN_IF_ERROR(ParseNumber(flag, value, &o.peer.ivf_nlist));
+    } else if (flag == "--pq-m") {
+      RETURN_IF_ERROR(ParseNumber(flag, value, &o.peer.pq_m));
+    } else if (flag == "--mdci-fov") {
+      RETURN_IF_ERROR(ParseNumber(flag, value, &o.mdci.field_of_view));
+    } else if (flag == "--mdci-candidate-factor") {
+      RETURN_IF_ERROR(ParseNumber(flag, value, &o.mdci.candidate_factor));
+    } else if (flag == "--mdci-m") {
+      RETURN_IF_ERROR(ParseNumber(flag, value, &o.mdci.num_composite));
+    } else if (flag == "--mdci-l") {
+      RETURN_IF_ERROR(ParseNumber(flag, value, &o.mdci.num_simple));
+    } else if (flag == "--quest-rescore") {
+      RETURN_IF_ERROR(ParseNumber(flag, value, &o.quest_rescore_factor));
+    } else {
+      return absl::InvalidArgumentError(absl::StrFormat("unknown flag '%s'", flag));
+    }
+  }
+  if (o.synthetic.empty() == o.dump_dir.empty()) {
+    return absl::InvalidArgumentError("give exactly one of --synthetic PRESET or --dump DIR");
+  }
+  if (o.tokens < 1) return absl::InvalidArgumentError("--tokens must be >= 1");
+  if (o.budget < 1) return absl::InvalidArgumentError("--budget must be >= 1");
+  for (int p : o.page_tokens) {
+    if (p < 1 || p > 256) {
+      return absl::InvalidArgumentError(absl::StrFormat("--page-tokens %d outside [1, 256]", p));
+    }
+  }
+  if (o.heads < 1 || o.heads > 1024) return absl::InvalidArgumentError("--heads must be in [1, 1024]");
+  if (o.steps < 1 || o.steps > 100000) return absl::InvalidArgumentError("--steps must be in [1, 100000]");
+  if (o.threads < 1 || o.threads > 256) return absl::InvalidArgumentError("--threads must be in [1, 256]");
+  if (o.layer_reuse < 1 || o.layer_reuse > 128) {
+    return absl::InvalidArgumentError("--layer-reuse must be in [1, 128]");
+  }
+  if (o.queries_per_step < 0 || o.queries_per_step > 64) {
+    return absl::InvalidArgumentError("--queries-per-step must be in [1, 64] (0: the data's group)");
+  }
+  if (o.sink_tokens < 0) return absl::InvalidArgumentError("--sink-tokens must be >= 0");
+  if (o.chunk_tokens < 0) return absl::InvalidArgumentError("--chunk-tokens must be >= 0");
+  if (!(o.quest_rescore_factor >= 0) || !std::isfinite(o.quest_rescore_factor)) {
+    return absl::InvalidArgumentError("--quest-rescore must be finite and >= 0");
+  }
+  for (const std::string& s : o.selectors) {
+    const auto& all = AllMethodNames();
+    if (std::find(all.begin(), all.end(), s) == all.end()) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "--selectors: unknown '%s' (known: %s)", s, absl::StrJoin(all, ",")));
+    }
+  }
+  if (o.selectors.empty()) o.selectors = AllMethodNames();
+  std::sort(o.page_tokens.begin(), o.page_tokens.end());
+  o.page_tokens.erase(std::unique(o.page_tokens.begin(), o.page_tokens.end()), o.page_tokens.end());
+  return o;
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// The workload: KV data split into prefill, 1-token decode inserts and chunk
+// inserts; trees are (layer group, KV head).
+
+struct Tree {
+  int group = 0;
+  int head = 0;
+};
+
+struct Workload {
+  KvDump dump;
+  int64_t prefill = 0;
+  int64_t decode_tokens = 0;
+  int64_t chunk_tokens = 0;
+  int64_t context = 0;  // prefill + decode + chunk
+  int groups = 0;
+  int layer_reuse = 1;
+  int queries = 1;  // G used per KV head
+  int steps = 0;
+  std::vector<Tree> trees;
+  std::string source;
+
+  int first_layer(int group) const { return group * layer_reuse; }
+};
+
+absl::StatusOr<Workload> LoadWorkload(const SelectBenchOptions& o) {
+  Workload w;
+  w.layer_reuse = o.layer_reuse;
+  if (!o.synthetic.empty()) {
+    ASSIGN_OR_RETURN(SyntheticConfig cfg, SyntheticPreset(o.synthetic));
+    const int group = cfg.kv_heads > 0 ? std::max(1, cfg.q_heads / cfg.kv_heads) : 1;
+    const int q = o.queries_per_step > 0 ? o.queries_per_step : group;
+    cfg.layers = o.layer_reuse;
+    cfg.kv_heads = o.heads;
+    cfg.q_heads = o.heads * q;
+    cfg.steps = o.steps;
+    cfg.tokens = o.tokens + o.steps + o.chunk_tokens;
+    if (o.seed != 0) cfg.seed = o.seed;
+    ASSIGN_OR_RETURN(w.dump, GenerateSynthetic(cfg));
+    w.prefill = o.tokens;
+    w.decode_tokens = o.steps;
+    w.chunk_tokens = o.chunk_tokens;
+    w.source = absl::StrCat("synthetic:", o.synthetic);
+  } else {
+    ASSIGN_OR_RETURN(w.dump, ReadKvDump(o.dump_dir, o.tokens));
+    const int64_t n = w.dump.tokens;
+    // Keep at least 3/4 of the context as prefill.
+    w.decode_tokens = std::min<int64_t>(w.dump.steps, n / 8);
+    w.chunk_tokens = std::min<int64_t>(o.chunk_tokens, n / 8) / kInsertChunk * kInsertChunk;
+    w.prefill = n - w.decode_tokens - w.chunk_tokens;
+    w.source = absl::StrCat("dump:", o.dump_dir);
+    if (o.queries_per_step > w.dump.group_size()) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "--queries-per-step %d exceeds the dump's group size %d", o.queries_per_step,
+          w.dump.group_size()));
+    }
+  }
+  const KvDump& d = w.dump;
+  if (d.group_size() < 1) return absl::InvalidArgumentError("data has no query heads per KV head");
+  w.queries = o.queries_per_step > 0 ? std::min(o.queries_per_step, d.group_size()) : d.group_size();
+  if (d.layers % o.layer_reuse != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--layer-reuse %d does not divide the %d layers of the data", o.layer_reuse, d.layers));
+  }
+  w.groups = d.layers / o.layer_reuse;
+  w.steps = d.steps;
+  w.context = w.prefill + w.decode_tokens + w.chunk_tokens;
+  if (w.context != d.tokens) return absl::InternalError("workload split does not cover the data");
+  if (w.steps < 1) return absl::InvalidArgumentError("data has no query steps");
+  if (o.budget > w.prefill) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--budget %d exceeds the %d prefill tokens", o.budget, w.prefill));
+  }
+  for (int g = 0; g < w.groups; ++g) {
+    for (int h = 0; h < d.kv_heads; ++h) w.trees.push_back({g, h});
+  }
+  return w;
+}
+
+// ---------------------------------------------------------------------------
+// Exact references: for each (step, layer, head) the exact attention of the
+// G queries over the full context, computed once and shared by every method.
+
+class ExactRefs {
+ public:
+  ExactRefs(const Workload& w, int budget) : w_(w), budget_(budget) {}
+
+  // Quality of `positions` for tree t at step s: averaged over the G queries
+  // (inside quality.h) and over the layers of the group.
+  absl::StatusOr<QualityReport> Evaluate(int step, const Tree& t,
+                                         const std::vector<int32_t>& positions) {
+    QualityReport sum{};
+    for (int l = 0; l < w_.layer_reuse; ++l) {
+      const int layer = w_.first_layer(t.group) + l;
+      ASSIGN_OR_RETURN(const ExactAttention* ref, Get(step, layer, t.head));
+      ASSIGN_OR_RETURN(QualityReport r,
+                       EvaluatePositions(*ref, w_.dump.value(layer, t.head), positions, budget_));
+      sum.topk_recall += r.topk_recall;
+      sum.mass_recall += r.mass_recall;
+      sum.output_rel_error += r.output_rel_error;
+    }
+    sum.topk_recall /= w_.layer_reuse;
+    sum.mass_recall /= w_.layer_reuse;
+    sum.output_rel_error /= w_.layer_reuse;
+    return sum;
+  }
+
+ private:
+  absl::StatusOr<const ExactAttention*> Get(int step, int layer, int head) {
+    const int64_t key = (static_cast<int64_t>(step) * w_.dump.layers + layer) * w_.dump.kv_heads + head;
+    auto it = cache_.find(key);
+    if (it != cache_.end()) return it->second.get();
+    const KvDump& d = w_.dump;
+    ASSIGN_OR_RETURN(ExactAttention ref,
+                     ComputeExactAttention(d.key(layer, head), d.value(layer, head), w_.context,
+                                           d.head_dim, d.query(step, layer, head), w_.queries));
+    auto [pos, inserted] = cache_.emplace(key, std::make_unique<ExactAttention>(std::move(ref)));
+    return pos->second.get();
+  }
+
+  const Workload& w_;
+  int budget_;
+  std::map<int64_t, std::unique_ptr<ExactAttention>> cache_;
+};
+
+// ---------------------------------------------------------------------------
+// Methods: one instance indexes one tree.
+
+struct SweepPoint {
+  int k = 0;     // hits retrieved per query (peers)
+  int knob = 0;  // efSearch / nprobe (peers)
+};
+
+class TreeMethod {
+ public:
+  virtual ~TreeMethod() = default;
+  virtual absl::Status Build(const float* keys, int64_t n) = 0;
+  virtual absl::Status Insert(const float* keys, int64_t n) = 0;
+  // The timed selection for G queries; fills `sel` (pages and fills, or
+  // positions for token-level results) and sel->keys_touched.
+  virtual absl::Status Select(const float* queries, int nq, const SweepPoint& sp,
+                              Selection* sel) = 0;
+  // Untimed: the token positions `sel` stands for.
+  virtual void Positions(const Selection& sel, std::vector<int32_t>* out) const = 0;
+  virtual size_t index_bytes() const = 0;
+  // Mean fill of the layout's pages (NaN for token-level results).
+  virtual double layout_fill() const = 0;
+};
+
+// A library selector over frames held by OwnedPageKeys.
+class SelectorMethod : public TreeMethod {
+ public:
+  static absl::StatusOr<std::unique_ptr<TreeMethod>> Create(const SelectorConfig& config,
+                                                            const SelectParams& params) {
+    auto m = std::unique_ptr<SelectorMethod>(new SelectorMethod(params));
+    ASSIGN_OR_RETURN(m->keys_, OwnedPageKeys::ForSelector(config));
+    ASSIGN_OR_RETURN(m->selector_, Selector::Create(config, m->keys_.get()));
+    return std::unique_ptr<TreeMethod>(std::move(m));
+  }
+  absl::Status Build(const float* keys, int64_t n) override {
+    RETURN_IF_ERROR(selector_->Build(keys, n, &placements_));
+    return keys_->Apply(placements_, keys);
+  }
+  absl::Status Insert(const float* keys, int64_t n) override {
+    RETURN_IF_ERROR(selector_->Insert(keys, n, &placements_));
+    return keys_->Apply(placements_, keys);
+  }
+  absl::Status Select(const float* queries, int nq, const SweepPoint&, Selection* sel) override {
+    return selector_->Select(queries, nq, params_, sel);
+  }
+  void Positions(const Selection& sel, std::vector<int32_t>* out) const override {
+    out->clear();
+    for (uint32_t page : sel.pages) {
+      const int32_t* p = selector_->positions(page);
+      out->insert(out->end(), p, p + selector_->fill(page));
+    }
+  }
+  size_t index_bytes() const override { return selector_->index_bytes(); }
+  double layout_fill() const override {
+    const uint32_t pages = selector_->num_pages();
+    return pages == 0 ? 0.0
+                      : static_cast<double>(selector_->num_tokens()) /
+                            (static_cast<double>(pages) * selector_->config().page_tokens);
+  }
+
+ private:
+  explicit SelectorMethod(const SelectParams& params) : params_(params) {}
+  SelectParams params_;
+  std::unique_ptr<OwnedPageKeys> keys_;
+  std::unique_ptr<Selector> selector_;
+  std::vector<Placement> placements_;
+};
+
+// The exact-token oracle (quality.h's OracleTokens), token-level: its query
+// time is the reference computation (fp32 logits, double softmax over all
+// keys), not an optimised scan.
+class ExactTokenMethod : public TreeMethod {
+ public:
+  ExactTokenMethod(int dim, const SelectParams& params) : dim_(dim), params_(params) {}
+  // The keys stay in the workload (fp32, positional); the method only counts.
+  absl::Status Build(const float* keys, int64_t n) override {
+    keys_ = keys;
+    n_ = n;
+    return absl::OkStatus();
+  }
+  absl::Status Insert(const float* keys, int64_t n) override {
+    if (keys != keys_ + n_ * dim_) {
+      return absl::InternalError("exact-token: inserts must continue the built keys");
+    }
+    n_ += n;
+    return absl::OkStatus();
+  }
+  absl::Status Select(const float* queries, int nq, const SweepPoint&, Selection* sel) override {
+    sel->Clear();
+    ASSIGN_OR_RETURN(ExactAttention ex, ComputeExactAttention(keys_, nullptr, n_, dim_, queries, nq));
+    ASSIGN_OR_RETURN(sel->positions, OracleTokens(ex, params_.budget_tokens, params_.sink_tokens));
+    sel->keys_touched = static_cast<uint64_t>(n_);
+    return absl::OkStatus();
+  }
+  void Positions(const Selection& sel, std::vector<int32_t>* out) const override {
+    *out = sel.positions;
+  }
+  size_t index_bytes() const override { return 0; }
+  double layout_fill() const override { return std::numeric_limits<double>::quiet_NaN(); }
+
+ private:
+  int dim_;
+  SelectParams params_;
+  const float* keys_ = nullptr;
+  int64_t n_ = 0;
+};
+
+// A token-level peer whose hits are rounded up to positional pages.
+class PeerMethod : public TreeMethod {
+ public:
+  PeerMethod(std::unique_ptr<TokenIndex> index, const SelectParams& params)
+      : index_(std::move(index)), params_(params) {}
+  void set_page_tokens(int p) { page_tokens_ = p; }
+  const TokenIndex& index() const { return *index_; }
+
+  absl::Status Build(const float* keys, int64_t n) override { return index_->Build(keys, n); }
+  absl::Status Insert(const float* keys, int64_t n) override { return index_->Add(keys, n); }
+
+  absl::Status Select(const float* queries, int nq, const SweepPoint& sp, Selection* sel) override {
+    sel->Clear();
+    const int64_t n = index_->size();
+    hits_.resize(nq);
+    uint64_t touched = 0;
+    size_t longest = 0;
+    for (int j = 0; j < nq; ++j) {
+      RETURN_IF_ERROR(index_->Search(queries + static_cast<size_t>(j) * dim_, sp.k, sp.knob,
+                                     &hits_[j], &touched));
+      longest = std::max(longest, hits_[j].size());
+    }
+    const int64_t num_pages = (n + page_tokens_ - 1) / page_tokens_;
+    if (static_cast<int64_t>(seen_.size()) < num_pages) seen_.resize(num_pages, 0);
+    int64_t taken = 0;
+    auto take = [&](int64_t page) {
+      if (seen_[page]) return;
+      seen_[page] = 1;
+      const int64_t fill = std::min<int64_t>(page_tokens_, n - page * page_tokens_);
+      sel->pages.push_back(static_cast<uint32_t>(page));
+      sel->fills.push_back(static_cast<uint32_t>(fill));
+      taken += fill;
+    };
+    // Sinks first, always.
+    for (int64_t p = 0; p < std::min<int64_t>(params_.sink_tokens, n); ++p) take(p / page_tokens_);
+    // Then pages in the order of their best hit (rank-major over the G
+    // queries), until the budget is filled.
+    for (size_t r = 0; r < longest && taken < params_.budget_tokens; ++r) {
+      for (int j = 0; j < nq && taken < params_.budget_tokens; ++j) {
+        if (r < hits_[j].size()) take(hits_[j][r] / page_tokens_);
+      }
+    }
+    for (uint32_t p : sel->pages) seen_[p] = 0;
+    sel->keys_touched = touched;
+    return absl::OkStatus();
+  }
+  void Positions(const Selection& sel, std::vector<int32_t>* out) const override {
+    out->clear();
+    for (size_t i = 0; i < sel.pages.size(); ++i) {
+      const int32_t base = static_cast<int32_t>(sel.pages[i]) * page_tokens_;
+      for (uint32_t s = 0; s < sel.fills[i]; ++s) out->push_back(base + static_cast<int32_t>(s));
+    }
+  }
+  size_t index_bytes() const override { return index_->index_bytes(); }
+  double layout_fill() const override {
+    const int64_t n = index_->size();
+    const int64_t pages = (n + page_tokens_ - 1) / page_tokens_;
+    return pages == 0 ? 0.0 : static_cast<double>(n) / (static_cast<double>(pages) * page_tokens_);
+  }
+  void set_dim(int d) { dim_ = d; }
+
+ private:
+  std::unique_ptr<TokenIndex> index_;
+  SelectParams params_;
+  int page_tokens_ = 16;
+  int dim_ = 0;
+  std::vector<std::vector<int64_t>> hits_;
+  std::vector<uint8_t> seen_;
+};
+
+bool IsPeer(const std::string& name) { return name.rfind("faiss-", 0) == 0 || name == "hnswlib"; }
+bool IsTokenLevel(const std::string& name) { return IsPeer(name) || name == "exact-token"; }
+
+absl::StatusOr<PeerKind> PeerKindOf(const std::string& name) {
+  for (PeerKind k : {PeerKind::kFaissFlat, PeerKind::kFaissHnsw, PeerKind::kFaissIvf,
+                     PeerKind::kFaissIvfPq, PeerKind::kHnswlib}) {
+    if (PeerName(k) == name) return k;
+  }
+  return absl::InvalidArgumentError(absl::StrFormat("'%s' is not a peer", name));
+}
+
+absl::StatusOr<std::unique_ptr<TreeMethod>> MakeMethod(const std::string& name, int page_tokens,
+                                                       const Workload& w,
+                                                       const SelectBenchOptions& o) {
+  SelectParams params;
+  params.budget_tokens = o.budget;
+  params.sink_tokens = o.sink_tokens;
+  const int dim = w.dump.head_dim;
+  if (name == "exact-token") {
+    return std::unique_ptr<TreeMethod>(new ExactTokenMethod(dim, params));
+  }
+  if (IsPeer(name)) {
+    ASSIGN_OR_RETURN(PeerKind kind, PeerKindOf(name));
+    ASSIGN_OR_RETURN(auto index, TokenIndex::Create(kind, dim, w.context, o.peer));
+    auto m = std::make_unique<PeerMethod>(std::move(index), params);
+    m->set_page_tokens(page_tokens);
+    m->set_dim(dim);
+    return std::unique_ptr<TreeMethod>(std::move(m));
+  }
+  SelectorConfig config;
+  ASSIGN_OR_RETURN(config.kind, ParseSelectorKind(name));
+  config.head_dim = dim;
+  config.dtype = o.kv_dtype;
+  config.page_tokens = page_tokens;
+  config.num_query_heads = w.queries;
+  config.mdci = o.mdci;
+  config.quest_rescore_factor = o.quest_rescore_factor;
+  return SelectorMethod::Create(config, params);
+}
+
+// ---------------------------------------------------------------------------
+// Measurement.
+
+struct PointStats {
+  SweepPoint point;
+  std::vector<double> query_us;
+  double topk = 0, mass = 0, err = 0, touched = 0, selected_fill = 0;
+  int64_t count = 0;
+
+  double p(double q) const {
+    if (query_us.empty()) return std::numeric_limits<double>::quiet_NaN();
+    std::vector<double> v = query_us;
+    const size_t idx = std::min(v.size() - 1, static_cast<size_t>(q * (v.size() - 1) + 0.5));
+    std::nth_element(v.begin(), v.begin() + idx, v.end());
+    return v[idx];
+  }
+  double mean_us() const {
+    double s = 0;
+    for (double x : query_us) s += x;
+    return query_us.empty() ? 0 : s / query_us.size();
+  }
+};
+
+struct MethodResult {
+  std::string name;
+  int page_tokens = 0;
+  double build_s = 0;        // mean per tree
+  double build_wall_s = 0;   // all trees, with --threads
+  double insert1_tps = 0;    // 1-token inserts
+  double insert16_tps = 0;   // 16-token chunks
+  double index_bytes_per_token = 0;
+  double page_fill = 0;
+  std::vector<PointStats> sweep;
+  size_t chosen = 0;
+  std::string knob_name;
+
+  const PointStats& best() const { return sweep[chosen]; }
+  double SessionCost(const PointStats& pt) const {
+    const double insert_s = insert1_tps > 0 ? 1.0 / insert1_tps : 0;
+    return build_s + kSessionSteps * (insert_s + pt.mean_us() * 1e-6);
+  }
+};
+
+// Runs `fn(i)` for i in [0, n) on `threads` threads; returns the first error.
+absl::Status ParallelFor(int64_t n, int threads, const std::function<absl::Status(int64_t)>& fn) {
+  std::atomic<int64_t> next{0};
+  std::vector<absl::Status> errors(std::max(1, threads));
+  auto worker = [&](int id) {
+    for (int64_t i = next++; i < n; i = next++) {
+      absl::Status s = fn(i);
+      if (!s.ok()) {
+        errors[id] = s;
+        next = n;
+        return;
+      }
+    }
+  };
+  if (threads <= 1) {
+    worker(0);
+  } else {
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t) pool.emplace_back(worker, t);
+    for (auto& th : pool) th.join();
+  }
+  for (auto& s : errors) RETURN_IF_ERROR(s);
+  return absl::OkStatus();
+}
+
+std::vector<SweepPoint> SweepPoints(const std::string& name, const TreeMethod& m, int budget,
+                                    int page_tokens) {
+  if (!IsPeer(name)) return {SweepPoint{}};
+  const auto& peer = static_cast<const PeerMethod&>(m).index();
+  std::vector<int> ks = {budget};
+  // Fewer hits than the budget can already fill it once rounded to pages.
+  if (page_tokens > 1 && peer.kind() != PeerKind::kFaissFlat) ks.insert(ks.begin(), std::max(1, budget / 4));
+  std::vector<SweepPoint> points;
+  for (int knob : peer.KnobValues()) {
+    for (int k : ks) {
+      if (peer.knob_name() == "efSearch" && knob < k) continue;
+      points.push_back({k, knob});
+    }
+  }
+  if (points.empty()) points.push_back({budget, budget});
+  return points;
+}
+
+absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, const Workload& w,
+                                                    const SelectBenchOptions& o, ExactRefs* refs) {
+  std::vector<MethodResult> results;
+  const KvDump& d = w.dump;
+  const int dim = d.head_dim;
+  // Token-level methods are built once and evaluated for every page size.
+  const std::vector<int> build_sizes =
+      IsTokenLevel(name) ? std::vector<int>{o.page_tokens.front()} : o.page_tokens;
+  for (int build_p : build_sizes) {
+    const size_t ntrees = w.trees.size();
+    std::vector<std::unique_ptr<TreeMethod>> trees(ntrees);
+    std::vector<double> build_s(ntrees, 0), ins1_s(ntrees, 0), ins16_s(ntrees, 0);
+    for (size_t t = 0; t < ntrees; ++t) {
+      ASSIGN_OR_RETURN(trees[t], MakeMethod(name, build_p, w, o));
+    }
+    const auto wall0 = Clock::now();
+    RETURN_IF_ERROR(ParallelFor(static_cast<int64_t>(ntrees), o.threads, [&](int64_t t) -> absl::Status {
+      const Tree& tr = w.trees[t];
+      const float* keys = d.key(w.first_layer(tr.group), tr.head);
+      const auto t0 = Clock::now();
+      absl::Status s = trees[t]->Build(keys, w.prefill);
+      build_s[t] = Seconds(t0, Clock::now());
+      if (!s.ok()) {
+        return absl::Status(s.code(), absl::StrFormat("%s build (group %d, head %d): %s", name,
+                                                      tr.group, tr.head, s.message()));
+      }
+      return absl::OkStatus();
+    }));
+    const double build_wall = Seconds(wall0, Clock::now());
+    // Inserts: decode tokens one at a time, then 16-token chunks. Timed on
+    // one thread per tree in turn.
+    for (size_t t = 0; t < ntrees; ++t) {
+      const Tree& tr = w.trees[t];
+      const float* keys = d.key(w.first_layer(tr.group), tr.head);
+      int64_t pos = w.prefill;
+      const auto t0 = Clock::now();
+      for (int64_t i = 0; i < w.decode_tokens; ++i, ++pos) {
+        RETURN_IF_ERROR(trees[t]->Insert(keys + pos * dim, 1));
+      }
+      const auto t1 = Clock::now();
+      for (int64_t i = 0; i < w.chunk_tokens; i += kInsertChunk) {
+        const int64_t c = std::min<int64_t>(kInsertChunk, w.chunk_tokens - i);
+        RETURN_IF_ERROR(trees[t]->Insert(keys + pos * dim, c));
+        pos += c;
+      }
+      ins1_s[t] = Seconds(t0, t1);
+      ins16_s[t] = Seconds(t1, Clock::now());
+    }
+    double sum_build = 0, sum1 = 0, sum16 = 0, bytes = 0;
+    for (size_t t = 0; t < ntrees; ++t) {
+      sum_build += build_s[t];
+      sum1 += ins1_s[t];
+      sum16 += ins16_s[t];
+      bytes += static_cast<double>(trees[t]->index_bytes());
+    }
+    const std::vector<int> eval_sizes = IsTokenLevel(name) ? o.page_tokens : std::vector<int>{build_p};
+    for (int p : eval_sizes) {
+      MethodResult r;
+      r.name = name;
+      r.page_tokens = p;
+      r.build_s = sum_build / ntrees;
+      r.build_wall_s = build_wall;
+      r.insert1_tps = sum1 > 0 ? static_cast<double>(w.decode_tokens * ntrees) / sum1 : 0;
+      r.insert16_tps = sum16 > 0 ? static_cast<double>(w.chunk_tokens * ntrees) / sum16 : 0;
+      r.index_bytes_per_token = bytes / (static_cast<double>(ntrees) * w.context);
+      double fill = 0;
+      for (size_t t = 0; t < ntrees; ++t) {
+        if (IsPeer(name)) static_cast<PeerMethod*>(trees[t].get())->set_page_tokens(p);
+        fill += trees[t]->layout_fill();
+      }
+      r.page_fill = fill / ntrees;
+      if (IsPeer(name)) {
+        r.knob_name = std::string(static_cast<PeerMethod*>(trees[0].get())->index().knob_name());
+      }
+      Selection sel;
+      std::vector<int32_t> positions;
+      for (const SweepPoint& sp : SweepPoints(name, *trees[0], o.budget, p)) {
+        PointStats st;
+        st.point = sp;
+        st.query_us.reserve(static_cast<size_t>(w.steps) * ntrees);
+        for (int s = 0; s < w.steps; ++s) {
+          for (size_t t = 0; t < ntrees; ++t) {
+            const Tree& tr = w.trees[t];
+            const float* q = d.query(s, w.first_layer(tr.group), tr.head);
+            const auto t0 = Clock::now();
+            absl::Status status = trees[t]->Select(q, w.queries, sp, &sel);
+            const auto t1 = Clock::now();
+            if (!status.ok()) {
+              return absl::Status(status.code(),
+                                  absl::StrFormat("%s select (page %d, step %d, group %d, head %d): %s",
+                                                  name, p, s, tr.group, tr.head, status.message()));
+            }
+            st.query_us.push_back(Seconds(t0, t1) * 1e6);
+            trees[t]->Positions(sel, &positions);
+            ASSIGN_OR_RETURN(QualityReport q_r, refs->Evaluate(s, tr, positions));
+            st.topk += q_r.topk_recall;
+            st.mass += q_r.mass_recall;
+            st.err += q_r.output_rel_error;
+            st.touched += static_cast<double>(sel.keys_touched);
+            if (!sel.pages.empty()) {
+              st.selected_fill += static_cast<double>(positions.size()) /
+                                  (static_cast<double>(sel.pages.size()) * p);
+            } else {
+              st.selected_fill += std::numeric_limits<double>::quiet_NaN();
+            }
+            ++st.count;
+          }
+        }
+        st.topk /= st.count;
+        st.mass /= st.count;
+        st.err /= st.count;
+        st.touched /= st.count;
+        st.selected_fill /= st.count;
+        r.sweep.push_back(std::move(st));
+      }
+      // The cheapest point within 0.01 of the best mass recall.
+      double best_mass = -1;
+      for (const auto& st : r.sweep) best_mass = std::max(best_mass, st.mass);
+      double best_time = std::numeric_limits<double>::infinity();
+      for (size_t i = 0; i < r.sweep.size(); ++i) {
+        if (r.sweep[i].mass >= best_mass - 0.01 && r.sweep[i].p(0.5) < best_time) {
+          best_time = r.sweep[i].p(0.5);
+          r.chosen = i;
+        }
+      }
+      if (o.verbose && r.sweep.size() > 1) {
+        std::printf("  %s page %d sweep (%s, k'):\n", name.c_str(), p, r.knob_name.c_str());
+        for (size_t i = 0; i < r.sweep.size(); ++i) {
+          const auto& st = r.sweep[i];
+          std::printf("    %s=%-5d k'=%-5d p50 %9.1f us  p99 %9.1f us  topk %.3f  mass %.4f  err %.4f  touched %.0f%s\n",
+                      r.knob_name.c_str(), st.point.knob, st.point.k, st.p(0.5), st.p(0.99),
+                      st.topk, st.mass, st.err, st.touched, i == r.chosen ? "  <- chosen" : "");
+        }
+      }
+      std::fprintf(stderr, "  %-11s page %3d: build %.3f s/tree, p50 %.1f us, mass %.4f\n",
+                   name.c_str(), p, r.build_s, r.best().p(0.5), r.best().mass);
+      results.push_back(std::move(r));
+    }
+  }
+  return results;
+}
+
+// ---------------------------------------------------------------------------
+// Machine info.
+
+std::string ReadFirstLine(const std::string& path) {
+  std::ifstream in(path);
+  std::string line;
+  if (in) std::getline(in, line);
+  return line;
+}
+
+std::string CpuModel() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      const size_t colon = line.find(':');
+      if (colon != std::string::npos) return line.substr(colon + 2);
+    }
+  }
+  return "unknown";
+}
+
+std::string L3Size() {
+  for (int i = 0; i < 8; ++i) {
+    const std::string base = absl::StrCat("/sys/devices/system/cpu/cpu0/cache/index", i, "/");
+    if (ReadFirstLine(base + "level") == "3") return ReadFirstLine(base + "size");
+  }
+  return "unknown";
+}
+
+std::string GitCommit() {
+  std::string commit = ICECACHE_GIT_COMMIT;
+  const std::string dir = ICECACHE_SOURCE_DIR;
+  if (!dir.empty()) {
+    const std::string cmd = absl::StrCat("git -C '", dir, "' rev-parse HEAD 2>/dev/null");
+    if (FILE* f = popen(cmd.c_str(), "r")) {
+      char buf[128] = {0};
+      if (std::fgets(buf, sizeof(buf), f) != nullptr) {
+        std::string s(buf);
+        while (!s.empty() && (s.back() == '\n' || s.back() == '\r')) s.pop_back();
+        if (s.size() == 40) commit = s;
+      }
+      pclose(f);
+    }
+  }
+  return commit.empty() ? "unknown" : commit;
+}
+
+// ---------------------------------------------------------------------------
+// Report.
+
+const MethodResult* FindResult(const std::vector<MethodResult>& rs, const std::string& name, int p) {
+  for (const auto& r : rs) {
+    if (r.name == name && r.page_tokens == p) return &r;
+  }
+  return nullptr;
+}
+
+Json PointJson(const MethodResult& r, const PointStats& st) {
+  Json j = Json::Object();
+  j.Set("k", st.point.k);
+  if (!r.knob_name.empty()) j.Set(r.knob_name, st.point.knob);
+  j.Set("query_us_p50", st.p(0.5));
+  j.Set("query_us_p99", st.p(0.99));
+  j.Set("topk_recall", st.topk);
+  j.Set("mass_recall", st.mass);
+  j.Set("output_rel_error", st.err);
+  j.Set("keys_touched", st.touched);
+  j.Set("session_cost_s", r.SessionCost(st));
+  return j;
+}
+
+Json ResultJson(const MethodResult& r) {
+  const PointStats& st = r.best();
+  Json j = Json::Object();
+  j.Set("selector", r.name);
+  j.Set("page_tokens", r.page_tokens);
+  j.Set("build_s", r.build_s);
+  j.Set("build_wall_s", r.build_wall_s);
+  j.Set("insert_tokens_per_s", r.insert1_tps);
+  j.Set("insert_chunk16_tokens_per_s", r.insert16_tps);
+  j.Set("query_us_p50", st.p(0.5));
+  j.Set("query_us_p99", st.p(0.99));
+  j.Set("query_us_mean", st.mean_us());
+  j.Set("topk_recall", st.topk);
+  j.Set("mass_recall", st.mass);
+  j.Set("output_rel_error", st.err);
+  j.Set("keys_touched", st.touched);
+  j.Set("index_bytes_per_token", r.index_bytes_per_token);
+  j.Set("page_fill", r.page_fill);
+  j.Set("selected_page_fill", st.selected_fill);
+  j.Set("session_cost_s", r.SessionCost(st));
+  if (r.sweep.size() > 1 || !r.knob_name.empty()) {
+    j.Set("param", PointJson(r, st));
+    Json sweep = Json::Array();
+    for (const auto& pt : r.sweep) sweep.Push(PointJson(r, pt));
+    j.Set("sweep", std::move(sweep));
+  }
+  return j;
+}
+
+// The targets of the issue, evaluated for one page size.
+Json TargetsJson(const std::vector<MethodResult>& rs, int p, double kv_bytes_per_token,
+                 std::vector<std::string>* lines) {
+  Json t = Json::Object();
+  const MethodResult* mdci = FindResult(rs, "mdci", p);
+  const MethodResult* exact = FindResult(rs, "exact", p);
+  const MethodResult* emdci = FindResult(rs, "exact-mdci", p);
+  const MethodResult* etok = FindResult(rs, "exact-token", p);
+  const MethodResult* quest = FindResult(rs, "quest", p);
+  auto add = [&](const std::string& key, bool reached, const std::string& detail) {
+    Json e = Json::Object();
+    e.Set("reached", reached);
+    e.Set("detail", detail);
+    t.Set(key, std::move(e));
+    lines->push_back(absl::StrFormat("  [%s] %s: %s", reached ? "yes" : " no", key, detail));
+  };
+  if (mdci && exact && emdci && etok) {
+    const double tr = exact->best().p(0.5) / mdci->best().p(0.5);
+    const double m1 = mdci->best().mass / emdci->best().mass;
+    const double m2 = mdci->best().mass / etok->best().mass;
+    add("mdci_10x_faster_than_exact_at_quality", tr >= 10 && m1 >= 0.95 && m2 >= 0.90,
+        absl::StrFormat("exact/mdci time %.2fx (>= 10), mass vs exact-mdci %.3f (>= 0.95), vs "
+                        "exact-token %.3f (>= 0.90)",
+                        tr, m1, m2));
+  }
+  if (exact && emdci) {
+    add("exact_mdci_mass_above_exact_with_fill", emdci->best().mass > exact->best().mass && emdci->page_fill >= 0.8,
+        absl::StrFormat("exact-mdci mass %.4f vs exact %.4f, mdci layout fill %.3f (>= 0.8)",
+                        emdci->best().mass, exact->best().mass, emdci->page_fill));
+  }
+  if (mdci && quest) {
+    add("mdci_faster_than_quest_at_higher_mass",
+        mdci->best().p(0.5) < quest->best().p(0.5) && mdci->best().mass > quest->best().mass,
+        absl::StrFormat("p50 %.1f vs %.1f us, mass %.4f vs %.4f", mdci->best().p(0.5),
+                        quest->best().p(0.5), mdci->best().mass, quest->best().mass));
+  }
+  if (mdci) {
+    const double target_mass = mdci->best().mass;
+    if (const MethodResult* h = FindResult(rs, "hnswlib", p)) {
+      const PointStats* cheapest = nullptr;
+      for (const auto& pt : h->sweep) {
+        if (pt.mass >= target_mass && (!cheapest || pt.p(0.5) < cheapest->p(0.5))) cheapest = &pt;
+      }
+      if (cheapest) {
+        add("mdci_faster_than_hnswlib_at_same_mass", mdci->best().p(0.5) < cheapest->p(0.5),
+            absl::StrFormat("mdci p50 %.1f us vs hnswlib %.1f us (efSearch %d, k' %d) at mass >= %.4f",
+                            mdci->best().p(0.5), cheapest->p(0.5), cheapest->point.knob,
+                            cheapest->point.k, target_mass));
+      } else {
+        add("mdci_faster_than_hnswlib_at_same_mass", true,
+            absl::StrFormat("no hnswlib point reaches mass %.4f (its best %.4f)", target_mass,
+                            h->best().mass));
+      }
+    }
+    // Session cost vs every peer configuration reaching mdci's mass.
+    const double mdci_cost = mdci->SessionCost(mdci->best());
+    bool any_peer = false, cheaper_than_all = true;
+    std::string worst;
+    for (const auto& r : rs) {
+      if (r.page_tokens != p || !IsPeer(r.name)) continue;
+      any_peer = true;
+      for (const auto& pt : r.sweep) {
+        if (pt.mass < target_mass) continue;
+        const double c = r.SessionCost(pt);
+        if (c <= mdci_cost) {
+          cheaper_than_all = false;
+          worst = absl::StrFormat("%s %s=%d k'=%d costs %.3f s", r.name, r.knob_name, pt.point.knob,
+                                  pt.point.k, c);
+        }
+      }
+    }
+    if (any_peer) {
+      add("mdci_session_cost_below_peers_at_mass", cheaper_than_all,
+          absl::StrFormat("mdci %.3f s per head (build + %d x (insert + select), extrapolated)%s",
+                          mdci_cost, kSessionSteps, cheaper_than_all ? "" : "; beaten by " + worst));
+    }
+    const double frac = mdci->index_bytes_per_token / kv_bytes_per_token;
+    add("mdci_index_memory_at_most_30pct_of_kv", frac <= 0.30,
+        absl::StrFormat("%.1f B/token = %.1f%% of %.0f KV B/token", mdci->index_bytes_per_token,
+                        100 * frac, kv_bytes_per_token));
+  }
+  return t;
+}
+
+std::string Fmt(double v, const char* f) {
+  return std::isfinite(v) ? absl::StrFormat(f, v) : std::string("-");
+}
+
+void PrintTable(const std::vector<MethodResult>& rs, int p) {
+  const MethodResult* exact = FindResult(rs, "exact", p);
+  const MethodResult* emdci = FindResult(rs, "exact-mdci", p);
+  const MethodResult* etok = FindResult(rs, "exact-token", p);
+  std::printf("\npage_tokens %d\n", p);
+  std::printf("%-11s %-13s %9s %10s %10s %9s %9s %8s %6s %7s %7s %7s %7s %9s %7s %6s %9s\n",
+              "selector", "param", "build_s", "ins1_tok/s", "ins16_tok/s", "p50_us", "p99_us",
+              "exact/x", "topk", "mass", "/ex-md", "/ex-tok", "err", "touched", "B/tok", "fill",
+              "session_s");
+  for (const auto& r : rs) {
+    if (r.page_tokens != p) continue;
+    const PointStats& st = r.best();
+    std::string param = "-";
+    if (!r.knob_name.empty()) {
+      param = absl::StrFormat("%s=%d,k=%d", r.knob_name == "efSearch" ? "ef" : "np", st.point.knob,
+                              st.point.k);
+    } else if (IsPeer(r.name)) {
+      param = absl::StrFormat("k=%d", st.point.k);
+    }
+    const double ratio = exact ? exact->best().p(0.5) / st.p(0.5) : NAN;
+    const double vs_em = emdci ? st.mass / emdci->best().mass : NAN;
+    const double vs_et = etok ? st.mass / etok->best().mass : NAN;
+    std::printf("%-11s %-13s %9s %10s %10s %9s %9s %8s %6s %7s %7s %7s %7s %9s %7s %6s %9s\n",
+                r.name.c_str(), param.c_str(), Fmt(r.build_s, "%.3f").c_str(),
+                Fmt(r.insert1_tps, "%.0f").c_str(), Fmt(r.insert16_tps, "%.0f").c_str(),
+                Fmt(st.p(0.5), "%.1f").c_str(), Fmt(st.p(0.99), "%.1f").c_str(),
+                Fmt(ratio, "%.2f").c_str(), Fmt(st.topk, "%.3f").c_str(),
+                Fmt(st.mass, "%.4f").c_str(), Fmt(vs_em, "%.3f").c_str(),
+                Fmt(vs_et, "%.3f").c_str(), Fmt(st.err, "%.4f").c_str(),
+                Fmt(st.touched, "%.0f").c_str(), Fmt(r.index_bytes_per_token, "%.1f").c_str(),
+                Fmt(r.page_fill, "%.3f").c_str(), Fmt(r.SessionCost(st), "%.3f").c_str());
+  }
+}
+
+}  // namespace
+
+absl::Status CheckReport(const std::string& json_text, const std::vector<std::string>& selectors,
+                         const std::vector<int>& page_tokens) {
+  ASSIGN_OR_RETURN(Json root, Json::Parse(json_text));
+  if (!root.is_object()) return absl::InvalidArgumentError("report is not a JSON object");
+  for (const char* key : {"machine", "config"}) {
+    const Json* v = root.Find(key);
+    if (v == nullptr || !v->is_object()) {
+      return absl::InvalidArgumentError(absl::StrFormat("report has no '%s' object", key));
+    }
+  }
+  const Json* results = root.Find("results");
+  if (results == nullptr || !results->is_array()) {
+    return absl::InvalidArgumentError("report has no 'results' array");
+  }
+  static const char* kMetrics[] = {"build_s", "insert_tokens_per_s", "query_us_p50", "query_us_p99",
+                                   "topk_recall", "mass_recall", "output_rel_error", "keys_touched",
+                                   "index_bytes_per_token", "page_fill", "session_cost_s"};
+  for (int p : page_tokens) {
+    for (const std::string& name : selectors) {
+      const Json* found = nullptr;
+      for (const Json& r : results->items()) {
+        const Json* s = r.Find("selector");
+        const Json* pt = r.Find("page_tokens");
+        if (s && s->is_string() && s->str() == name && pt && pt->is_number() && pt->number() == p) {
+          found = &r;
+        }
+      }
+      if (found == nullptr) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("no result for selector '%s' at page_tokens %d", name, p));
+      }
+      for (const char* m : kMetrics) {
+        const Json* v = found->Find(m);
+        if (v == nullptr) {
+          return absl::InvalidArgumentError(absl::StrFormat("%s (page %d) lacks '%s'", name, p, m));
+        }
+        // page_fill is null for the token-level oracle; everything else is a number.
+        const bool may_be_null = std::string(m) == "page_fill" && name == "exact-token";
+        if (!v->is_number() && !(may_be_null && v->is_null())) {
+          return absl::InvalidArgumentError(
+              absl::StrFormat("%s (page %d): '%s' is not a number", name, p, m));
+        }
+      }
+      for (const char* m : {"topk_recall", "mass_recall"}) {
+        const double v = found->Find(m)->number();
+        if (!(v >= 0 && v <= 1 + 1e-6)) {
+          return absl::InvalidArgumentError(
+              absl::StrFormat("%s (page %d): %s = %g outside [0, 1]", name, p, m, v));
+        }
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RunSelectBench(const SelectBenchOptions& o) {
+  // Peers' own OpenMP threads would distort single-threaded query times and
+  // oversubscribe the parallel builds.
+  omp_set_num_threads(1);
+  const auto t_load = Clock::now();
+  ASSIGN_OR_RETURN(Workload w, LoadWorkload(o));
+  const KvDump& d = w.dump;
+  std::fprintf(stderr,
+               "icecache-bench select: %s, %d trees (%d groups x %d heads), prefill %lld + %lld "
+               "decode + %lld chunk tokens, %d steps, G=%d, dim %d (data ready in %.1f s)\n",
+               w.source.c_str(), static_cast<int>(w.trees.size()), w.groups, d.kv_heads,
+               static_cast<long long>(w.prefill), static_cast<long long>(w.decode_tokens),
+               static_cast<long long>(w.chunk_tokens), w.steps, w.queries, d.head_dim,
+               Seconds(t_load, Clock::now()));
+  ExactRefs refs(w, o.budget);
+  std::vector<MethodResult> results;
+  for (const std::string& name : AllMethodNames()) {
+    if (std::find(o.selectors.begin(), o.selectors.end(), name) == o.selectors.end()) continue;
+    ASSIGN_OR_RETURN(std::vector<MethodResult> rs, RunMethod(name, w, o, &refs));
+    for (auto& r : rs) results.push_back(std::move(r));
+  }
+  // Report order: page size, then method order.
+  std::stable_sort(results.begin(), results.end(),
+                   [](const MethodResult& a, const MethodResult& b) { return a.page_tokens < b.page_tokens; });
+
+  const double kv_bytes_per_token = 2.0 * d.head_dim * DTypeSize(o.kv_dtype);
+  Json root = Json::Object();
+  Json machine = Json::Object();
+  machine.Set("cpu_model", CpuModel());
+  machine.Set("cores", static_cast<int>(std::thread::hardware_concurrency()));
+  machine.Set("kernel_isa", KernelIsa());
+  machine.Set("l3_size", L3Size());
+  machine.Set("git_commit", GitCommit());
+  root.Set("machine", std::move(machine));
+  Json config = Json::Object();
+  config.Set("source", w.source);
+  config.Set("prefill_tokens", w.prefill);
+  config.Set("decode_tokens", w.decode_tokens);
+  config.Set("chunk_tokens", w.chunk_tokens);
+  config.Set("context_tokens", w.context);
+  config.Set("budget", o.budget);
+  Json pts = Json::Array();
+  for (int p : o.page_tokens) pts.Push(p);
+  config.Set("page_tokens", std::move(pts));
+  config.Set("layers", d.layers);
+  config.Set("kv_heads", d.kv_heads);
+  config.Set("trees", static_cast<int64_t>(w.trees.size()));
+  config.Set("head_dim", d.head_dim);
+  config.Set("queries_per_step", w.queries);
+  config.Set("steps", w.steps);
+  config.Set("layer_reuse", o.layer_reuse);
+  config.Set("sink_tokens", o.sink_tokens);
+  config.Set("threads", o.threads);
+  config.Set("kv_dtype", std::string(DTypeName(o.kv_dtype)));
+  config.Set("kv_bytes_per_token_per_head", kv_bytes_per_token);
+  Json sel = Json::Array();
+  for (const auto& s : o.selectors) sel.Push(s);
+  config.Set("selectors", std::move(sel));
+  Json peer = Json::Object();
+  peer.Set("hnsw_m", o.peer.hnsw_m);
+  peer.Set("hnsw_ef_construction", o.peer.hnsw_ef_construction);
+  peer.Set("ivf_nlist", o.peer.ivf_nlist > 0 ? o.peer.ivf_nlist
+                                             : static_cast<int>(std::lround(std::sqrt(double(w.prefill)))));
+  peer.Set("pq_m", o.peer.pq_m);
+  peer.Set("pq_nbits", o.peer.pq_nbits);
+  config.Set("peers", std::move(peer));
+  Json mdci = Json::Object();
+  mdci.Set("num_composite", o.mdci.num_composite);
+  mdci.Set("num_simple", o.mdci.num_simple);
+  mdci.Set("field_of_view", o.mdci.field_of_view);
+  mdci.Set("candidate_factor", static_cast<double>(o.mdci.candidate_factor));
+  config.Set("mdci", std::move(mdci));
+  config.Set("quest_rescore_factor", static_cast<double>(o.quest_rescore_factor));
+  config.Set("notes",
+             "query times: one KV head's G queries at one step, single-threaded, step-major over "
+             "trees; build_s: mean seconds per tree (builds parallel over trees with --threads); "
+             "session_cost_s: per tree, build_s + 1000 x (1-token insert + mean select), "
+             "extrapolated from the measured steps; peers: hits rounded up to positional pages, "
+             "cheapest sweep point within 0.01 of their best mass recall; every method gets the "
+             "sink tokens; keys_touched per select call (G queries)");
+  root.Set("config", std::move(config));
+  Json res = Json::Array();
+  for (const auto& r : results) res.Push(ResultJson(r));
+  root.Set("results", std::move(res));
+  Json targets = Json::Object();
+  std::vector<std::string> target_lines;
+  for (int p : o.page_tokens) {
+    target_lines.push_back(absl::StrFormat("targets at page_tokens %d:", p));
+    targets.Set(absl::StrCat(p), TargetsJson(results, p, kv_bytes_per_token, &target_lines));
+  }
+  root.Set("targets", std::move(targets));
+
+  for (int p : o.page_tokens) PrintTable(results, p);
+  std::printf("\n");
+  for (const auto& line : target_lines) std::printf("%s\n", line.c_str());
+  std::fflush(stdout);
+
+  if (!o.json_path.empty()) {
+    std::ofstream out(o.json_path);
+    out << root.Dump(2) << "\n";
+    out.close();
+    if (!out) {
+      return absl::PermissionDeniedError(absl::StrFormat("cannot write --json %s", o.json_path));
+    }
+    if (o.check) {
+      std::ifstream in(o.json_path);
+      std::stringstream ss;
+      ss << in.rdbuf();
+      absl::Status s = CheckReport(ss.str(), o.selectors, o.page_tokens);
+      if (!s.ok()) {
+        return absl::FailedPreconditionError(absl::StrCat("--check failed: ", s.message()));
+      }
+      std::printf("check: %s is valid (%zu results)\n", o.json_path.c_str(), results.size());
+    }
+  } else if (o.check) {
+    absl::Status s = CheckReport(root.Dump(0), o.selectors, o.page_tokens);
+    if (!s.ok()) return absl::FailedPreconditionError(absl::StrCat("--check failed: ", s.message()));
+    std::printf("check: report is valid (%zu results)\n", results.size());
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace icecache::bench

@@ -1,0 +1,88 @@
+// `icecache-bench select`: the page-selection benchmark. Runs every selector
+// (mdci, exact, exact-mdci, quest, streaming), the exact-token oracle and the
+// token-level ANN peers (FAISS flat/HNSW/IVF/IVFPQ, hnswlib) on the same KV
+// data in one run and reports build time, insert throughput, per-head query
+// time, quality (top-k recall, attention-mass recall, output error), cost
+// (keys touched), index memory, page fill and session cost, as a table and
+// as JSON.
+//
+// Protocol (the same for every method):
+//  - the context of each tree (layer group, KV head) is split into a prefill
+//    (bulk Build), `decode_tokens` tokens inserted one per decode step, and
+//    `chunk_tokens` tokens inserted in chunks of 16; both insert rates are
+//    timed;
+//  - then every decode-step query batch (the G query heads of one KV head at
+//    one step) is run against the full context, single-threaded, step-major
+//    over trees (so the keys of one head are not still cached from the last
+//    query), and timed;
+//  - quality is measured against exact attention over the full context, for
+//    every layer of the group (layer reuse), averaged over the G queries;
+//  - every method gets the sink tokens; token-level methods (peers) have
+//    their hits rounded up to positional pages in the order of each page's
+//    best hit and truncated to the token budget, so all methods are compared
+//    at the same budget in tokens; the exact-token oracle stays token-level.
+//  - peers sweep their search knob (efSearch, nprobe) and the hits retrieved
+//    per query (k'); the reported point is the cheapest whose mass recall is
+//    within 0.01 of the peer's best.
+#ifndef ICECACHE_TESTS_BENCH_SELECT_BENCH_H_
+#define ICECACHE_TESTS_BENCH_SELECT_BENCH_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/dtype.h"
+#include "server/index/selector.h"
+#include "tests/bench/peers.h"
+
+namespace icecache::bench {
+
+struct SelectBenchOptions {
+  std::string synthetic;  // preset name, or
+  std::string dump_dir;   // a KV dump directory
+  int64_t tokens = 16384;  // synthetic: prefill tokens; dump: truncates the context
+  int budget = 256;
+  std::vector<int> page_tokens = {16};
+  int heads = 8;           // synthetic only: KV heads generated and measured
+  int steps = 64;          // synthetic only: decode steps (queries, 1-token inserts)
+  int threads = 1;         // builds only; queries are always single-threaded
+  std::vector<std::string> selectors;  // empty: all
+  std::string json_path;
+  int layer_reuse = 1;
+  int queries_per_step = 0;  // G; 0: the data's group size
+  int sink_tokens = 4;
+  int64_t chunk_tokens = 256;  // tokens inserted in 16-token chunks after the steps
+  uint64_t seed = 0;           // 0: the preset's seed
+  DType kv_dtype = DType::kF16;
+  bool verbose = false;
+  bool check = false;  // re-read the JSON and validate it; non-zero exit if bad
+  PeerParams peer;
+  MdciParams mdci;
+  float quest_rescore_factor = 0.0f;
+};
+
+// Every method name in report order.
+const std::vector<std::string>& AllMethodNames();
+
+// Parses the arguments after "select". InvalidArgument naming the flag for
+// unknown flags, missing or malformed values and out-of-range settings.
+absl::StatusOr<SelectBenchOptions> ParseSelectArgs(const std::vector<std::string>& args);
+std::string SelectUsage();
+
+// Runs the benchmark, prints the table to stdout and writes the JSON. Errors
+// of the data source or of any method are returned (the message names the
+// method and tree); with `check`, FailedPrecondition when the written JSON
+// fails validation.
+absl::Status RunSelectBench(const SelectBenchOptions& options);
+
+// Validates a report: machine, config and results present; for each page
+// size every expected selector appears with every metric. InvalidArgument
+// naming what is missing.
+absl::Status CheckReport(const std::string& json_text, const std::vector<std::string>& selectors,
+                         const std::vector<int>& page_tokens);
+
+}  // namespace icecache::bench
+
+#endif  // ICECACHE_TESTS_BENCH_SELECT_BENCH_H_
