@@ -1,0 +1,339 @@
+// icecache::Client: the C++ client of icecached (DESIGN.md 2, 7).
+//
+// One Client holds one gRPC channel to the daemon: a Unix socket (default)
+// or a TCP address with TLS and a bearer token. Every call is a blocking RPC
+// with the client's deadline; errors come back as absl::Status carrying the
+// daemon's canonical code and message unchanged (see types.proto for which
+// code means what). No gRPC or protobuf type appears in this header.
+//
+// Thread safety: a Client is thread-safe; all methods may be called
+// concurrently. DecodeStep() serialises calls per session (one stream per
+// session); calls for different sessions run in parallel.
+// Ownership: ShmBuffer objects created by a Client refer to it and must be
+// destroyed before it.
+#ifndef ICECACHE_CLIENT_CLIENT_H_
+#define ICECACHE_CLIENT_CLIENT_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "common/dtype.h"
+
+namespace icecache {
+
+struct ClientOptions {
+  // Unix socket of the daemon. Empty: $ICECACHE_SOCKET, else the daemon's
+  // default search order (/run/icecache/icecached.sock,
+  // $XDG_RUNTIME_DIR/icecached.sock, /tmp/icecached-<uid>.sock; the first
+  // that exists). Ignored when `address` is set.
+  std::string socket_path;
+  // TCP "host:port" of a remote daemon; always TLS. Empty: $ICECACHE_ADDRESS.
+  std::string address;
+  // PEM file with the CA that signed the daemon's certificate (TCP only).
+  // Empty: the system roots.
+  std::string ca_file;
+  // Bearer token sent as "authorization: Bearer <token>" (TCP only).
+  // Empty: $ICECACHE_TOKEN.
+  std::string token;
+  // Deadline of every unary call; DecodeStep streams have no deadline.
+  absl::Duration timeout = absl::Seconds(30);
+  // Largest message the client accepts / sends.
+  int max_message_bytes = 64 << 20;
+};
+
+enum class SelectorType : uint8_t {
+  kDefault = 0,  // the daemon's default (mdci)
+  kMdci = 1,
+  kExactMdci = 2,
+  kExact = 3,
+  kQuest = 4,
+  kStreaming = 5,
+};
+std::string_view SelectorTypeName(SelectorType type);
+// Accepts "mdci", "exact-mdci", "exact", "quest", "streaming", "default".
+absl::StatusOr<SelectorType> ParseSelectorType(std::string_view name);
+
+// Per-call selection parameters; unset = the session's defaults.
+struct SelectOptions {
+  std::optional<uint32_t> budget_tokens;
+  std::optional<uint32_t> sink_tokens;
+  std::optional<uint32_t> recent_tokens;
+  bool want_positions = false;
+  // SelectPages / DecodeStep on a layer that is not the first of its layer
+  // group: reuse the group's selection (queries may then be empty).
+  bool reuse_group_selection = false;
+};
+
+// Everything fixed at session creation (types.proto SessionConfig).
+// 0 means "the daemon's default" for page_tokens, layer_reuse and ttl.
+struct SessionSpec {
+  int layers = 0;
+  int kv_heads = 0;
+  int q_heads = 0;
+  int head_dim = 0;
+  DType dtype = DType::kF16;
+  int page_tokens = 0;
+  SelectorType selector = SelectorType::kDefault;
+  int layer_reuse = 0;
+  SelectOptions defaults;
+  // 0 = daemon default; else >= 1 s and <= the daemon's max TTL.
+  absl::Duration ttl = absl::ZeroDuration();
+  bool pinned = false;  // never evicted at the watermark (still expires)
+
+  // Bytes of one AppendKv chunk of `tokens` tokens:
+  // 2 x layers x kv_heads x tokens x head_dim x dtype size.
+  size_t ChunkBytes(int64_t tokens) const;
+};
+
+struct SessionInfo {
+  std::string id;
+  uint64_t epoch = 0;
+  std::string tenant;
+  SessionSpec spec;  // with the daemon's defaults filled in
+  uint64_t tokens = 0;
+  absl::Time created;
+  absl::Time last_use;
+  absl::Time expires;
+  bool pinned = false;
+  uint64_t bytes = 0;        // pool bytes held, charged to the quota
+  uint64_t pages = 0;        // pages over all indices
+  uint64_t index_bytes = 0;  // index structures (not charged)
+  uint32_t in_flight = 0;    // requests running on the session now
+};
+
+// Selection of one KV head, pages in descending score order.
+struct HeadSelection {
+  uint32_t kv_head = 0;
+  std::vector<uint32_t> pages;
+  std::vector<uint32_t> fills;
+  std::vector<float> scores;
+  std::vector<int32_t> positions;  // when want_positions
+  uint64_t keys_touched = 0;
+};
+
+// Where fetched pages landed (types.proto FetchLayout): per head, per page, a
+// block of page_bytes = K (page_tokens x head_dim) then V, rows past the
+// page's fill zeroed.
+struct HeadLayout {
+  uint32_t kv_head = 0;
+  std::vector<uint32_t> pages;
+  std::vector<uint32_t> slots;
+  std::vector<uint32_t> fills;
+  std::vector<uint64_t> byte_offsets;  // absolute offset of each K block (first layer)
+  std::vector<int32_t> positions;      // when requested
+};
+// With num_layers > 1 layer j of the fetch starts at
+// offset + j x layer_stride_bytes, with the same slots.
+struct FetchLayout {
+  std::string buffer_id;
+  uint64_t offset = 0;
+  uint64_t total_bytes = 0;
+  uint64_t page_bytes = 0;
+  uint32_t first_layer = 0;
+  uint32_t num_layers = 1;
+  uint64_t layer_stride_bytes = 0;
+  uint32_t page_tokens = 0;
+  uint32_t head_dim = 0;
+  DType dtype = DType::kF16;
+  std::vector<HeadLayout> heads;
+};
+
+struct StepResult {
+  uint32_t layer = 0;
+  std::vector<HeadSelection> heads;
+  FetchLayout layout;
+  bool reused = false;
+};
+
+// Admin views (admin.proto).
+struct TenantInfo {
+  std::string tenant;
+  uint64_t bytes_used = 0;
+  uint64_t quota_bytes = 0;  // 0 = none
+  uint32_t sessions = 0;
+  uint32_t buffers = 0;
+};
+struct SizeClassInfo {
+  uint64_t frame_bytes = 0;
+  uint64_t frames_used = 0;
+  uint64_t frames_free = 0;
+  uint64_t bytes_reserved = 0;
+};
+struct DaemonStats {
+  uint64_t epoch = 0;
+  absl::Time start;
+  uint64_t capacity_bytes = 0;
+  uint64_t bytes_reserved = 0;
+  uint64_t bytes_used = 0;
+  uint32_t sessions = 0;
+  uint32_t buffers = 0;
+  uint64_t evictions = 0;
+  uint64_t expirations = 0;
+  uint32_t in_flight = 0;
+  bool draining = false;
+  uint64_t sessions_created = 0;
+  uint64_t sessions_dropped = 0;
+  uint64_t admissions_rejected = 0;
+  uint64_t frames_used = 0;
+  uint64_t frames_free = 0;
+  bool huge_pages = false;
+  std::vector<SizeClassInfo> size_classes;
+  std::vector<TenantInfo> tenants;
+};
+struct DrainInfo {
+  uint32_t in_flight = 0;
+  uint32_t sessions = 0;
+};
+
+class Client;
+
+// A region of shared memory under /dev/shm, created and owned by the caller
+// and registered with the daemon, which writes fetched pages into it (and
+// may read appended KV from it). On destruction: unregister (best effort),
+// unmap, close, unlink. Move-only. Not thread-safe to move/destroy while
+// another thread uses it; reading/writing data() concurrently is the
+// caller's business.
+class ShmBuffer {
+ public:
+  ShmBuffer() = default;
+  ~ShmBuffer();
+  ShmBuffer(ShmBuffer&& other) noexcept;
+  ShmBuffer& operator=(ShmBuffer&& other) noexcept;
+  ShmBuffer(const ShmBuffer&) = delete;
+  ShmBuffer& operator=(const ShmBuffer&) = delete;
+
+  uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+  const std::string& path() const { return path_; }
+  const std::string& buffer_id() const { return buffer_id_; }
+  bool valid() const { return data_ != nullptr; }
+
+  // Unregisters now and reports the daemon's answer (the destructor does the
+  // same silently). The mapping and file stay until destruction.
+  absl::Status Unregister();
+
+ private:
+  friend class Client;
+  void Release();
+
+  Client* client_ = nullptr;
+  std::string path_;
+  std::string buffer_id_;
+  int fd_ = -1;
+  uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+class Client {
+ public:
+  // Connects lazily: Create() fails only for bad options (InvalidArgument,
+  // NotFound for a missing CA file / no socket found). The first RPC
+  // reports UNAVAILABLE when no daemon listens.
+  static absl::StatusOr<std::unique_ptr<Client>> Create(const ClientOptions& options);
+  // Connects to "unix:<path>" or "<host:port>" with default options.
+  static absl::StatusOr<std::unique_ptr<Client>> Create(std::string_view target);
+  ~Client();
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  // "unix:/path" or "host:port".
+  const std::string& target() const;
+
+  // --- sessions ---
+  absl::StatusOr<SessionInfo> CreateSession(const SessionSpec& spec);
+  absl::StatusOr<SessionInfo> GetSession(std::string_view session_id);
+  // The caller's sessions; all_tenants needs the admin role.
+  absl::StatusOr<std::vector<SessionInfo>> ListSessions(bool all_tenants = false);
+  // Renews the leases; returns each new lease end.
+  absl::StatusOr<std::vector<absl::Time>> KeepAlive(const std::vector<std::string>& session_ids);
+  // Also closes this client's decode stream of the session.
+  absl::Status DropSession(std::string_view session_id);
+
+  // --- buffers ---
+  // Creates /dev/shm/icecache-<pid>-<random> (mode 0600), sizes and maps
+  // it, registers it. InvalidArgument for size 0; Internal for OS errors
+  // (with errno text); the daemon's status when registration fails (the
+  // file is removed again).
+  absl::StatusOr<ShmBuffer> CreateShmBuffer(size_t size);
+  // Registers an existing file (for tests and callers that manage their own
+  // files); returns the buffer id.
+  absl::StatusOr<std::string> RegisterShm(std::string_view path, uint64_t size);
+  absl::Status UnregisterBuffer(std::string_view buffer_id);
+
+  // --- KV ---
+  // Appends `num_tokens` tokens from buffer bytes [offset, offset+length).
+  // Returns the session's token count after the append.
+  absl::StatusOr<uint64_t> AppendKv(std::string_view session_id, const ShmBuffer& buffer,
+                                    uint64_t offset, uint64_t length, uint32_t num_tokens);
+  absl::StatusOr<uint64_t> AppendKv(std::string_view session_id, std::string_view buffer_id,
+                                    uint64_t offset, uint64_t length, uint32_t num_tokens);
+  // Inline bytes (remote or small clients; bounded by the daemon).
+  absl::StatusOr<uint64_t> AppendKvInline(std::string_view session_id,
+                                          absl::Span<const uint8_t> kv, uint32_t num_tokens);
+
+  // Queries: q_heads x head_dim fp32 of one layer. One HeadSelection per KV
+  // head. `reused` (optional) reports whether the layer group's selection
+  // was reused.
+  absl::StatusOr<std::vector<HeadSelection>> SelectPages(std::string_view session_id,
+                                                         uint32_t layer,
+                                                         absl::Span<const float> queries,
+                                                         const SelectOptions& options = {});
+  // Fetches `pages[h]` of every KV head h of `layer` into `buffer_id` at
+  // `offset`.
+  absl::StatusOr<FetchLayout> FetchPages(std::string_view session_id, uint32_t layer,
+                                         const std::vector<std::vector<uint32_t>>& pages,
+                                         std::string_view buffer_id, uint64_t offset,
+                                         bool want_positions = false, uint32_t num_layers = 1);
+  // Convenience: fetch exactly the pages of `selection`.
+  absl::StatusOr<FetchLayout> FetchPages(std::string_view session_id, uint32_t layer,
+                                         const std::vector<HeadSelection>& selection,
+                                         std::string_view buffer_id, uint64_t offset,
+                                         bool want_positions = false);
+
+  // One layer of a decode step over this client's bidirectional stream of
+  // the session (opened on first use, reopened after an error). Pages land
+  // in `buffer_id` at `offset` before this returns.
+  absl::StatusOr<StepResult> DecodeStep(std::string_view session_id, uint32_t layer,
+                                        absl::Span<const float> queries,
+                                        std::string_view buffer_id, uint64_t offset,
+                                        const SelectOptions& options = {},
+                                        uint32_t num_layers = 1);
+  // Closes the session's decode stream (if open); returns its final status.
+  absl::Status CloseDecodeStream(std::string_view session_id);
+
+  // --- admin (PERMISSION_DENIED without the admin role) ---
+  absl::StatusOr<DaemonStats> GetStats();
+  absl::StatusOr<std::vector<TenantInfo>> ListTenants();
+  absl::StatusOr<TenantInfo> SetQuota(std::string_view tenant, uint64_t quota_bytes);
+  absl::Status EvictSession(std::string_view session_id);
+  absl::StatusOr<SessionInfo> PinSession(std::string_view session_id, bool pinned);
+  absl::StatusOr<DrainInfo> Drain(bool shutdown);
+  // The effective daemon config as text format (json = false) or JSON.
+  absl::StatusOr<std::string> GetConfig(bool json);
+
+  // grpc.health.v1 Check for `service` ("" = the whole daemon): true when
+  // SERVING, false when NOT_SERVING; error statuses as the RPC reports them.
+  absl::StatusOr<bool> Health(std::string_view service = "");
+
+  // The generated-stub layer, for tests that must send requests the typed
+  // API refuses to build. Opaque here; see client/client_internal.h.
+  struct Impl;
+  Impl* impl() const { return impl_.get(); }
+
+ private:
+  explicit Client(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace icecache
+
+#endif  // ICECACHE_CLIENT_CLIENT_H_
