@@ -101,9 +101,10 @@ class BufferLease {
   // ("reading KV from a CUDA_IPC buffer is not supported").
   absl::Status Read(uint64_t offset, uint64_t length, void* dst);
 
+  struct Entry;  // internal to buffer_registry.cc
+
  private:
   friend class BufferRegistry;
-  struct Entry;
   std::shared_ptr<Entry> entry_;
 };
 

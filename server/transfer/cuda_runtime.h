@@ -64,7 +64,7 @@ class CudaRuntime {
   virtual absl::StatusOr<void*> OpenIpcHandle(int device, const CudaIpcHandle& handle) = 0;
   virtual absl::Status CloseIpcHandle(int device, void* device_ptr) = 0;
   // Synchronous host -> device copy of `n` bytes on a stream owned by the
-  // runtime for `device` (cudaMemcpyAsync + event wait).
+  // runtime for `device` (cudaMemcpyAsync + cudaStreamSynchronize).
   virtual absl::Status CopyToDevice(int device, void* device_dst, const void* host_src,
                                     size_t n) = 0;
   // Pins / unpins host memory (cudaHostRegister / Unregister).

@@ -1,0 +1,319 @@
+#include "server/transfer/buffer_registry.h"
+
+#include <atomic>
+#include <cstring>
+#include <mutex>
+#include <random>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace icecache {
+
+std::string_view BufferKindName(BufferKind kind) {
+  switch (kind) {
+    case BufferKind::kHostShm:
+      return "HOST_SHM";
+    case BufferKind::kCudaIpc:
+      return "CUDA_IPC";
+  }
+  return "UNKNOWN";
+}
+
+struct BufferLease::Entry {
+  std::string id;
+  std::string tenant;
+  BufferKind kind = BufferKind::kHostShm;
+  uint64_t size = 0;
+  std::string path;
+  std::string device_uuid;
+  absl::Time created;
+  absl::Time last_use;  // guarded by the registry's mu_
+  std::atomic<int64_t> leases{0};
+  // HOST_SHM
+  ShmFile shm;
+  // CUDA_IPC
+  CudaRuntime* cuda = nullptr;
+  int device = -1;
+  void* device_ptr = nullptr;
+  std::mutex staging_mu;
+  std::vector<uint8_t> staging;  // guarded by staging_mu
+
+  ~Entry() {
+    if (device_ptr != nullptr && cuda != nullptr) cuda->CloseIpcHandle(device, device_ptr).IgnoreError();
+  }
+
+  absl::Status CheckRange(uint64_t offset, uint64_t length) const {
+    if (offset > size || length > size - offset) {
+      return absl::OutOfRangeError(absl::StrCat("region of ", length, " bytes at offset ", offset,
+                                                " exceeds buffer size ", size, " of buffer ", id));
+    }
+    return absl::OkStatus();
+  }
+};
+
+// ---------------------------------------------------------------- BufferLease
+
+BufferLease::BufferLease() = default;
+BufferLease::~BufferLease() {
+  if (entry_ != nullptr) entry_->leases.fetch_sub(1);
+}
+BufferLease::BufferLease(BufferLease&& o) noexcept : entry_(std::move(o.entry_)) {
+  o.entry_.reset();
+}
+BufferLease& BufferLease::operator=(BufferLease&& o) noexcept {
+  if (this != &o) {
+    if (entry_ != nullptr) entry_->leases.fetch_sub(1);
+    entry_ = std::move(o.entry_);
+    o.entry_.reset();
+  }
+  return *this;
+}
+
+const std::string& BufferLease::id() const { return entry_->id; }
+BufferKind BufferLease::kind() const { return entry_->kind; }
+uint64_t BufferLease::size() const { return entry_->size; }
+
+absl::Status BufferLease::Write(uint64_t offset, uint64_t length,
+                                absl::FunctionRef<void(uint8_t*)> fill) {
+  if (entry_ == nullptr) return absl::FailedPreconditionError("empty buffer lease");
+  if (absl::Status s = entry_->CheckRange(offset, length); !s.ok()) return s;
+  if (length == 0) return absl::OkStatus();
+  if (entry_->kind == BufferKind::kHostShm) {
+    if (absl::Status s = entry_->shm.CheckFileCovers(offset + length); !s.ok()) return s;
+    uint8_t* dst = entry_->shm.data() + offset;
+    return RunSigbusGuarded([&] { fill(dst); });
+  }
+  std::lock_guard<std::mutex> l(entry_->staging_mu);
+  if (entry_->staging.size() < length) entry_->staging.resize(length);
+  fill(entry_->staging.data());
+  return entry_->cuda->CopyToDevice(entry_->device,
+                                    static_cast<uint8_t*>(entry_->device_ptr) + offset,
+                                    entry_->staging.data(), length);
+}
+
+absl::Status BufferLease::Read(uint64_t offset, uint64_t length, void* dst) {
+  if (entry_ == nullptr) return absl::FailedPreconditionError("empty buffer lease");
+  if (entry_->kind != BufferKind::kHostShm) {
+    return absl::FailedPreconditionError(
+        "reading KV from a CUDA_IPC buffer is not supported; use a HOST_SHM buffer or inline bytes");
+  }
+  if (absl::Status s = entry_->CheckRange(offset, length); !s.ok()) return s;
+  if (length == 0) return absl::OkStatus();
+  if (absl::Status s = entry_->shm.CheckFileCovers(offset + length); !s.ok()) return s;
+  const uint8_t* src = entry_->shm.data() + offset;
+  return RunSigbusGuarded([&] { std::memcpy(dst, src, length); });
+}
+
+// ------------------------------------------------------------- BufferRegistry
+
+namespace {
+
+std::string RandomId() {
+  static std::mutex mu;
+  static std::mt19937_64 rng{std::random_device{}()};
+  std::lock_guard<std::mutex> l(mu);
+  return absl::StrFormat("%016x%016x", rng(), rng());
+}
+
+BufferInfo InfoOf(const BufferLease::Entry& e);
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<BufferRegistry>> BufferRegistry::Create(
+    const BufferRegistryOptions& options) {
+  if (options.max_buffers_per_tenant < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "buffer registry: max_buffers_per_tenant must be >= 1, got ", options.max_buffers_per_tenant));
+  }
+  if (options.idle_ttl <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("buffer registry: idle_ttl must be positive");
+  }
+  return std::unique_ptr<BufferRegistry>(new BufferRegistry(options));
+}
+
+BufferRegistry::BufferRegistry(const BufferRegistryOptions& options) : options_(options) {}
+BufferRegistry::~BufferRegistry() = default;
+
+absl::StatusOr<BufferInfo> BufferRegistry::Insert(const Caller& caller,
+                                                  std::shared_ptr<BufferLease::Entry> e,
+                                                  absl::Time now) {
+  absl::MutexLock l(&mu_);
+  int count = 0;
+  for (const auto& [id, other] : buffers_) count += other->tenant == caller.tenant ? 1 : 0;
+  if (count >= options_.max_buffers_per_tenant) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("tenant '", caller.tenant, "' already has ", count,
+                     " buffers (max_buffers_per_tenant); unregister some first"));
+  }
+  do {
+    e->id = RandomId();
+  } while (buffers_.count(e->id) != 0);
+  e->tenant = caller.tenant;
+  e->created = now;
+  e->last_use = now;
+  BufferInfo info = InfoOf(*e);
+  buffers_.emplace(e->id, std::move(e));
+  return info;
+}
+
+absl::StatusOr<BufferInfo> BufferRegistry::RegisterShm(const Caller& caller, std::string_view path,
+                                                       uint64_t size, absl::Time now) {
+  if (absl::Status s = ValidateTenantName(caller.tenant); !s.ok()) return s;
+  auto shm = ShmFile::OpenChecked(path, size, caller.uid, options_.shm);
+  if (!shm.ok()) return shm.status();
+  auto e = std::make_shared<BufferLease::Entry>();
+  e->kind = BufferKind::kHostShm;
+  e->size = size;
+  e->path = std::string(path);
+  e->shm = std::move(shm).value();
+  return Insert(caller, std::move(e), now);
+}
+
+absl::StatusOr<BufferInfo> BufferRegistry::RegisterCudaIpc(const Caller& caller,
+                                                           std::string_view handle_bytes,
+                                                           uint64_t size,
+                                                           std::string_view device_uuid,
+                                                           absl::Time now) {
+  if (absl::Status s = ValidateTenantName(caller.tenant); !s.ok()) return s;
+  auto handle = ParseCudaIpcHandle(handle_bytes);
+  if (!handle.ok()) return handle.status();
+  auto uuid = ParseCudaDeviceUuid(device_uuid);
+  if (!uuid.ok()) return uuid.status();
+  if (size == 0 || size > options_.max_cuda_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("CUDA_IPC buffer size must be in 1..",
+                                                   options_.max_cuda_bytes, ", got ", size));
+  }
+  if (options_.cuda == nullptr || !options_.cuda->available()) {
+    return absl::FailedPreconditionError(
+        options_.cuda == nullptr ? std::string("no CUDA device (no CUDA runtime configured)")
+                                 : options_.cuda->unavailable_reason());
+  }
+  auto device = options_.cuda->FindDevice(*uuid);
+  if (!device.ok()) return device.status();
+  auto ptr = options_.cuda->OpenIpcHandle(*device, *handle);
+  if (!ptr.ok()) return ptr.status();
+  auto e = std::make_shared<BufferLease::Entry>();
+  e->kind = BufferKind::kCudaIpc;
+  e->size = size;
+  e->device_uuid = uuid->ToString();
+  e->cuda = options_.cuda;
+  e->device = *device;
+  e->device_ptr = *ptr;
+  return Insert(caller, std::move(e), now);
+}
+
+std::shared_ptr<BufferLease::Entry> BufferRegistry::FindLocked(const Caller& caller,
+                                                               std::string_view id) const {
+  auto it = buffers_.find(id);
+  if (it == buffers_.end() || it->second->tenant != caller.tenant) return nullptr;
+  return it->second;
+}
+
+namespace {
+absl::Status BufferNotFound(std::string_view id) {
+  return absl::NotFoundError(absl::StrCat("buffer ", std::string(id), " not found"));
+}
+
+BufferInfo InfoOf(const BufferLease::Entry& e) {
+  BufferInfo info;
+  info.id = e.id;
+  info.tenant = e.tenant;
+  info.kind = e.kind;
+  info.size = e.size;
+  info.path = e.path;
+  info.device_uuid = e.device_uuid;
+  info.created = e.created;
+  info.last_use = e.last_use;
+  info.leases = e.leases.load();
+  return info;
+}
+}  // namespace
+
+absl::Status BufferRegistry::Unregister(const Caller& caller, std::string_view id) {
+  std::shared_ptr<BufferLease::Entry> dead;  // unmapped outside the lock
+  absl::MutexLock l(&mu_);
+  dead = FindLocked(caller, id);
+  if (dead == nullptr) return BufferNotFound(id);
+  buffers_.erase(buffers_.find(id));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<BufferInfo> BufferRegistry::Get(const Caller& caller, std::string_view id) const {
+  absl::ReaderMutexLock l(&mu_);
+  auto e = FindLocked(caller, id);
+  if (e == nullptr) return BufferNotFound(id);
+  return InfoOf(*e);
+}
+
+std::vector<BufferInfo> BufferRegistry::List(const Caller& caller) const {
+  std::vector<BufferInfo> out;
+  absl::ReaderMutexLock l(&mu_);
+  for (const auto& [id, e] : buffers_) {
+    if (caller.admin || e->tenant == caller.tenant) out.push_back(InfoOf(*e));
+  }
+  return out;
+}
+
+absl::StatusOr<BufferLease> BufferRegistry::Acquire(const Caller& caller, std::string_view id,
+                                                    absl::Time now) {
+  absl::MutexLock l(&mu_);
+  auto e = FindLocked(caller, id);
+  if (e == nullptr) return BufferNotFound(id);
+  e->last_use = std::max(e->last_use, now);
+  e->leases.fetch_add(1);
+  BufferLease lease;
+  lease.entry_ = std::move(e);
+  return lease;
+}
+
+absl::Status BufferRegistry::Touch(const Caller& caller, std::string_view id, absl::Time now) {
+  absl::MutexLock l(&mu_);
+  auto e = FindLocked(caller, id);
+  if (e == nullptr) return BufferNotFound(id);
+  e->last_use = std::max(e->last_use, now);
+  return absl::OkStatus();
+}
+
+void BufferRegistry::TouchTenant(std::string_view tenant, absl::Time now) {
+  absl::MutexLock l(&mu_);
+  for (auto& [id, e] : buffers_) {
+    if (e->tenant == tenant) e->last_use = std::max(e->last_use, now);
+  }
+}
+
+int BufferRegistry::ExpireIdle(absl::Time now) {
+  std::vector<std::shared_ptr<BufferLease::Entry>> dead;
+  absl::MutexLock l(&mu_);
+  for (auto it = buffers_.begin(); it != buffers_.end();) {
+    if (it->second->leases.load() == 0 && now - it->second->last_use > options_.idle_ttl) {
+      dead.push_back(std::move(it->second));
+      it = buffers_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  return static_cast<int>(dead.size());
+}
+
+int BufferRegistry::DropTenant(std::string_view tenant) {
+  std::vector<std::shared_ptr<BufferLease::Entry>> dead;
+  absl::MutexLock l(&mu_);
+  for (auto it = buffers_.begin(); it != buffers_.end();) {
+    if (it->second->tenant == tenant) {
+      dead.push_back(std::move(it->second));
+      it = buffers_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  return static_cast<int>(dead.size());
+}
+
+size_t BufferRegistry::size() const {
+  absl::ReaderMutexLock l(&mu_);
+  return buffers_.size();
+}
+
+}  // namespace icecache

@@ -1,0 +1,143 @@
+// CudaRuntime over the CUDA runtime API (library icecache_cuda, built only
+// with ICECACHE_ENABLE_CUDA). The only file of the daemon that includes a
+// CUDA header.
+#include <cuda_runtime_api.h>
+
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "server/transfer/cuda_runtime.h"
+
+namespace icecache {
+namespace {
+
+absl::Status CudaError(const char* call, cudaError_t err) {
+  return absl::InternalError(absl::StrCat(call, ": ", cudaGetErrorString(err)));
+}
+
+class CudaRuntimeImpl final : public CudaRuntime {
+ public:
+  CudaRuntimeImpl() {
+    int n = 0;
+    cudaError_t err = cudaGetDeviceCount(&n);
+    if (err != cudaSuccess) {
+      reason_ = absl::StrCat("no CUDA device (cudaGetDeviceCount: ", cudaGetErrorString(err), ")");
+      cudaGetLastError();  // clear the sticky-free error state
+      return;
+    }
+    if (n <= 0) {
+      reason_ = "no CUDA device (cudaGetDeviceCount returned 0)";
+      return;
+    }
+    count_ = n;
+  }
+  ~CudaRuntimeImpl() override {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [dev, s] : streams_) {
+      cudaSetDevice(dev);
+      cudaStreamDestroy(s);
+    }
+  }
+
+  bool available() const override { return count_ > 0; }
+  std::string unavailable_reason() const override { return reason_; }
+  int device_count() const override { return count_; }
+
+  absl::StatusOr<int> FindDevice(const CudaDeviceUuid& uuid) const override {
+    if (absl::Status s = Check(); !s.ok()) return s;
+    for (int d = 0; d < count_; ++d) {
+      cudaDeviceProp prop;
+      cudaError_t err = cudaGetDeviceProperties(&prop, d);
+      if (err != cudaSuccess) return CudaError("cudaGetDeviceProperties", err);
+      if (std::memcmp(prop.uuid.bytes, uuid.bytes.data(), 16) == 0) return d;
+    }
+    return absl::NotFoundError(absl::StrCat("no CUDA device with UUID ", uuid.ToString()));
+  }
+
+  absl::StatusOr<void*> OpenIpcHandle(int device, const CudaIpcHandle& handle) override {
+    if (absl::Status s = CheckDevice(device); !s.ok()) return s;
+    cudaIpcMemHandle_t h;
+    static_assert(sizeof(h) == kCudaIpcHandleBytes, "cudaIpcMemHandle_t size");
+    std::memcpy(&h, handle.bytes.data(), sizeof(h));
+    cudaError_t err = cudaSetDevice(device);
+    if (err != cudaSuccess) return CudaError("cudaSetDevice", err);
+    void* p = nullptr;
+    err = cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess);
+    if (err != cudaSuccess) return CudaError("cudaIpcOpenMemHandle", err);
+    return p;
+  }
+
+  absl::Status CloseIpcHandle(int device, void* p) override {
+    if (absl::Status s = CheckDevice(device); !s.ok()) return s;
+    cudaError_t err = cudaSetDevice(device);
+    if (err != cudaSuccess) return CudaError("cudaSetDevice", err);
+    err = cudaIpcCloseMemHandle(p);
+    if (err != cudaSuccess) return CudaError("cudaIpcCloseMemHandle", err);
+    return absl::OkStatus();
+  }
+
+  absl::Status CopyToDevice(int device, void* dst, const void* src, size_t n) override {
+    if (absl::Status s = CheckDevice(device); !s.ok()) return s;
+    if (n == 0) return absl::OkStatus();
+    cudaError_t err = cudaSetDevice(device);
+    if (err != cudaSuccess) return CudaError("cudaSetDevice", err);
+    cudaStream_t stream;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = streams_.find(device);
+      if (it == streams_.end()) {
+        err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+        if (err != cudaSuccess) return CudaError("cudaStreamCreateWithFlags", err);
+        streams_[device] = stream;
+      } else {
+        stream = it->second;
+      }
+    }
+    err = cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, stream);
+    if (err != cudaSuccess) return CudaError("cudaMemcpyAsync", err);
+    err = cudaStreamSynchronize(stream);
+    if (err != cudaSuccess) return CudaError("cudaStreamSynchronize", err);
+    return absl::OkStatus();
+  }
+
+  absl::Status HostRegister(void* p, size_t n) override {
+    if (absl::Status s = Check(); !s.ok()) return s;
+    cudaError_t err = cudaHostRegister(p, n, cudaHostRegisterDefault);
+    if (err != cudaSuccess) return CudaError("cudaHostRegister", err);
+    return absl::OkStatus();
+  }
+  absl::Status HostUnregister(void* p) override {
+    if (absl::Status s = Check(); !s.ok()) return s;
+    cudaError_t err = cudaHostUnregister(p);
+    if (err != cudaSuccess) return CudaError("cudaHostUnregister", err);
+    return absl::OkStatus();
+  }
+
+ private:
+  absl::Status Check() const {
+    if (count_ <= 0) return absl::FailedPreconditionError(reason_);
+    return absl::OkStatus();
+  }
+  absl::Status CheckDevice(int device) const {
+    if (absl::Status s = Check(); !s.ok()) return s;
+    if (device < 0 || device >= count_) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("CUDA device ", device, " out of range 0..", count_ - 1));
+    }
+    return absl::OkStatus();
+  }
+
+  int count_ = 0;
+  std::string reason_;
+  std::mutex mu_;
+  std::map<int, cudaStream_t> streams_;  // guarded by mu_
+};
+
+}  // namespace
+
+std::unique_ptr<CudaRuntime> CudaRuntime::Create() { return std::make_unique<CudaRuntimeImpl>(); }
+
+}  // namespace icecache

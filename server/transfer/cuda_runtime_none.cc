@@ -1,0 +1,29 @@
+// CudaRuntime of builds without CUDA: always "no CUDA device".
+#include "server/transfer/cuda_runtime.h"
+
+namespace icecache {
+namespace {
+
+constexpr char kNoDevice[] = "no CUDA device (icecached was built without CUDA)";
+
+class NoCudaRuntime final : public CudaRuntime {
+ public:
+  bool available() const override { return false; }
+  std::string unavailable_reason() const override { return kNoDevice; }
+  int device_count() const override { return 0; }
+  absl::StatusOr<int> FindDevice(const CudaDeviceUuid&) const override { return Unavailable(); }
+  absl::StatusOr<void*> OpenIpcHandle(int, const CudaIpcHandle&) override { return Unavailable(); }
+  absl::Status CloseIpcHandle(int, void*) override { return Unavailable(); }
+  absl::Status CopyToDevice(int, void*, const void*, size_t) override { return Unavailable(); }
+  absl::Status HostRegister(void*, size_t) override { return Unavailable(); }
+  absl::Status HostUnregister(void*) override { return Unavailable(); }
+
+ private:
+  static absl::Status Unavailable() { return absl::FailedPreconditionError(kNoDevice); }
+};
+
+}  // namespace
+
+std::unique_ptr<CudaRuntime> CudaRuntime::Create() { return std::make_unique<NoCudaRuntime>(); }
+
+}  // namespace icecache
