@@ -38,7 +38,36 @@ struct SyntheticConfig {
   float step_locality = 0.9f;    // correlation of a head's query across steps
   float layer_similarity = 0.7f; // correlation of adjacent layers' keys
   uint64_t seed = 42;
+  // Worker threads; 0 = min(hardware concurrency, 8). The output does not
+  // depend on it (every random stream is keyed by what it generates).
+  int threads = 0;
 };
+
+// A needle: the key at `token` of (layer, kv_head) was built to align with
+// the query of `q_head` (global query-head index) at decode `step`.
+struct SyntheticNeedle {
+  int layer = 0;
+  int kv_head = 0;
+  int q_head = 0;
+  int step = 0;
+  int64_t token = 0;
+};
+
+// Ground truth of a generated dump, for tests, benchmarks and diagnostics.
+struct SyntheticTruth {
+  // Set to true before the call to also get the keys before RoPE (same
+  // layout and size as KvDump::keys; doubles the memory).
+  bool want_pre_rope_keys = false;
+  std::vector<float> pre_rope_keys;
+  std::vector<int32_t> token_topic;     // [tokens]; -1 for sink tokens
+  std::vector<int64_t> segment_starts;  // first token of each topic segment
+  std::vector<int32_t> segment_topics;  // topic of each segment
+  std::vector<uint8_t> peaked;          // [layers * q_heads]; 1 = peaked head
+  std::vector<int> outlier_dims;        // the fixed outlier channels
+  std::vector<int> sink_dims;           // the low-frequency dims sinks live in
+  std::vector<SyntheticNeedle> needles;
+};
+
 
 // Presets: "llama3-8b-like" (128-dim, GQA 4:1, theta 5e5), "mistral-7b-like"
 // (128-dim, GQA 4:1, theta 1e6), "small" (64-dim, GQA 2:1; for fast tests).
@@ -48,6 +77,22 @@ std::vector<std::string> SyntheticPresetNames();
 
 // InvalidArgument for a config out of range (names the field).
 absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config);
+// Same, and fills `*truth` (not owned; may be null). ResourceExhausted when
+// the arrays cannot be allocated.
+absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, SyntheticTruth* truth);
+
+// Exact attention of one query head over all keys of its KV head (softmax of
+// q.k / sqrt(head_dim)), summarised. For checking that a dump looks like real
+// attention. InvalidArgument for indices out of range or top_k < 1.
+struct AttentionProfile {
+  double sink_mass = 0;     // softmax mass of tokens [0, sink_tokens)
+  double topk_mass = 0;     // mass of the top_k tokens
+  double entropy = 0;       // nats
+  double max_logit = 0;
+  double logit_std = 0;
+};
+absl::StatusOr<AttentionProfile> ProfileAttention(const KvDump& dump, int step, int layer,
+                                                  int q_head, int sink_tokens, int top_k);
 
 }  // namespace icecache
 
