@@ -146,6 +146,37 @@ class FaissFlatPeer : public FaissPeer {
   }
 };
 
+// FAISS 1.7.3's HNSW search path leaves hnsw_stats.ndis at 0, so distance
+// computations are counted by the storage's distance computer instead.
+class CountingDistanceComputer : public faiss::DistanceComputer {
+ public:
+  CountingDistanceComputer(faiss::DistanceComputer* inner, uint64_t* count)
+      : inner_(inner), count_(count) {}
+  void set_query(const float* x) override { inner_->set_query(x); }
+  float operator()(idx_t i) override {
+    ++*count_;
+    return (*inner_)(i);
+  }
+  float symmetric_dis(idx_t i, idx_t j) override {
+    ++*count_;
+    return inner_->symmetric_dis(i, j);
+  }
+
+ private:
+  std::unique_ptr<faiss::DistanceComputer> inner_;
+  uint64_t* count_;
+};
+
+// Flat inner-product storage whose distance computers count their calls.
+// Searches and adds run on one thread (omp_set_num_threads(1) in the driver).
+struct CountingFlatIP : faiss::IndexFlatIP {
+  explicit CountingFlatIP(int d) : faiss::IndexFlatIP(d) {}
+  faiss::DistanceComputer* get_distance_computer() const override {
+    return new CountingDistanceComputer(faiss::IndexFlatIP::get_distance_computer(), &count);
+  }
+  mutable uint64_t count = 0;
+};
+
 class FaissHnswPeer : public FaissPeer {
  public:
   using FaissPeer::FaissPeer;
@@ -164,7 +195,9 @@ class FaissHnswPeer : public FaissPeer {
 
  protected:
   absl::Status MakeIndex(int64_t) override {
-    auto idx = std::make_unique<faiss::IndexHNSWFlat>(dim_, params_.hnsw_m, faiss::METRIC_INNER_PRODUCT);
+    storage_ = new CountingFlatIP(dim_);
+    auto idx = std::make_unique<faiss::IndexHNSW>(storage_, params_.hnsw_m);
+    idx->own_fields = true;  // deletes storage_
     idx->hnsw.efConstruction = params_.hnsw_ef_construction;
     index_ = std::move(idx);
     return absl::OkStatus();
@@ -172,10 +205,13 @@ class FaissHnswPeer : public FaissPeer {
   uint64_t SearchOne(const float* query, int k, int knob) const override {
     faiss::SearchParametersHNSW sp;
     sp.efSearch = std::max(knob, k);
-    faiss::hnsw_stats.reset();
+    storage_->count = 0;
     index_->search(1, query, k, dist_.data(), labels_.data(), &sp);
-    return faiss::hnsw_stats.ndis;
+    return storage_->count;
   }
+
+ private:
+  CountingFlatIP* storage_ = nullptr;  // owned by index_
 };
 
 class FaissIvfPeer : public FaissPeer {
