@@ -1,0 +1,95 @@
+#include "server/index/parallel_build.h"
+
+#include <algorithm>
+#include <atomic>
+#include <exception>
+#include <limits>
+#include <new>
+#include <unordered_set>
+
+#include "absl/strings/str_cat.h"
+#include "tbb/blocked_range.h"
+#include "tbb/parallel_for.h"
+#include "tbb/task_arena.h"
+
+namespace icecache {
+namespace {
+
+absl::Status Prefixed(int64_t i, const absl::Status& s) {
+  return absl::Status(s.code(), absl::StrCat("task ", i, ": ", s.message()));
+}
+
+}  // namespace
+
+absl::Status ParallelFor(int64_t count, int threads,
+                         const std::function<absl::Status(int64_t)>& fn) {
+  if (count < 0) return absl::InvalidArgumentError(absl::StrCat("count must be >= 0, got ", count));
+  if (threads < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("threads must be >= 0, got ", threads));
+  }
+  if (!fn) return absl::InvalidArgumentError("fn must not be empty");
+  if (count == 0) return absl::OkStatus();
+
+  if (threads == 1) {
+    for (int64_t i = 0; i < count; ++i) {
+      absl::Status s = fn(i);
+      if (!s.ok()) return Prefixed(i, s);
+    }
+    return absl::OkStatus();
+  }
+
+  // Every index below the lowest failure runs, so the lowest failing index
+  // found is the lowest of all: the answer does not depend on scheduling.
+  std::vector<absl::Status> results(static_cast<size_t>(count));
+  std::atomic<int64_t> first_failed{std::numeric_limits<int64_t>::max()};
+  auto body = [&](const tbb::blocked_range<int64_t>& range) {
+    for (int64_t i = range.begin(); i != range.end(); ++i) {
+      if (i > first_failed.load(std::memory_order_relaxed)) continue;
+      absl::Status s = fn(i);
+      if (s.ok()) continue;
+      results[i] = std::move(s);
+      int64_t seen = first_failed.load(std::memory_order_relaxed);
+      while (i < seen && !first_failed.compare_exchange_weak(seen, i)) {
+      }
+    }
+  };
+  try {
+    if (threads == 0) {
+      tbb::parallel_for(tbb::blocked_range<int64_t>(0, count, 1), body);
+    } else {
+      tbb::task_arena arena(threads);
+      arena.execute(
+          [&] { tbb::parallel_for(tbb::blocked_range<int64_t>(0, count, 1), body); });
+    }
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("out of memory while running parallel tasks");
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("parallel task runtime failed: ", e.what()));
+  }
+  const int64_t failed = first_failed.load();
+  if (failed == std::numeric_limits<int64_t>::max()) return absl::OkStatus();
+  return Prefixed(failed, results[failed]);
+}
+
+absl::Status ParallelBuild(absl::Span<const BuildJob> jobs, int threads) {
+  std::unordered_set<const Selector*> seen;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const BuildJob& j = jobs[i];
+    if (j.selector == nullptr || j.keys == nullptr || j.placements == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("build job ", i, " has a null selector, keys or placements"));
+    }
+    if (!seen.insert(j.selector).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("build job ", i, " uses a selector already used by another job"));
+    }
+  }
+  return ParallelFor(static_cast<int64_t>(jobs.size()), threads, [&jobs](int64_t i) {
+    const BuildJob& j = jobs[i];
+    absl::Status s = j.selector->Build(j.keys, j.n, j.placements);
+    if (s.ok() && j.on_built) s = j.on_built(*j.placements);
+    return s;
+  });
+}
+
+}  // namespace icecache

@@ -1,0 +1,53 @@
+// Parallel bulk build of many selectors (every (layer group, KV head) of a
+// session, or of a benchmark) on oneTBB with a configurable thread count.
+// TBB stays inside parallel_build.cc; this header includes none of it.
+//
+// Thread safety: each call is independent. The jobs of one call must not
+// share a selector (each Build() needs exclusive access to its selector);
+// anything else they touch (frames via on_built) must be distinct per job or
+// synchronised by the caller.
+#ifndef ICECACHE_SERVER_INDEX_PARALLEL_BUILD_H_
+#define ICECACHE_SERVER_INDEX_PARALLEL_BUILD_H_
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+#include "server/index/selector.h"
+
+namespace icecache {
+
+// Runs fn(i) for every i in [0, count). threads == 1 runs serially, in order,
+// on the calling thread; threads > 1 uses a task arena of that many threads;
+// threads == 0 lets oneTBB choose (all cores). Returns OK, or the error of the
+// LOWEST index that failed (deterministic whatever the scheduling), with
+// "task <i>: " prefixed to its message; once a task fails, tasks with a higher
+// index that have not started are skipped. InvalidArgument for count < 0,
+// threads < 0 or an empty fn; Internal (or ResourceExhausted for bad_alloc) if
+// the runtime throws.
+absl::Status ParallelFor(int64_t count, int threads,
+                         const std::function<absl::Status(int64_t)>& fn);
+
+// One Build() to run.
+struct BuildJob {
+  Selector* selector = nullptr;                   // not owned; distinct per job
+  const float* keys = nullptr;                    // n x head_dim fp32, not owned
+  int64_t n = 0;
+  std::vector<Placement>* placements = nullptr;   // out; not owned
+  // Optional: runs on the same thread right after a successful Build(), with
+  // its placements (e.g. to write the keys and values into the frames).
+  std::function<absl::Status(const std::vector<Placement>&)> on_built;
+};
+
+// Builds every job with ParallelFor semantics (error of the lowest failing
+// job, prefixed "task <i>: "). Checks all jobs before building any:
+// InvalidArgument for a null selector/keys/placements or a selector used by
+// two jobs. Jobs that failed or were skipped leave their selector as Build()
+// leaves it on error (unchanged); jobs that succeeded stay built.
+absl::Status ParallelBuild(absl::Span<const BuildJob> jobs, int threads);
+
+}  // namespace icecache
+
+#endif  // ICECACHE_SERVER_INDEX_PARALLEL_BUILD_H_
