@@ -18,6 +18,7 @@
 #include "absl/time/clock.h"
 #include "client/client.h"
 #include "client/daemon_process.h"
+#include "client/kv_check.h"
 #include "client/output.h"
 #include "common/dtype.h"
 #include "common/status_macros.h"
@@ -119,86 +120,6 @@ double Percentile(std::vector<double> v, double p) {
   return v[i];
 }
 
-// The model's KV in fp16, as the client would hold it: [layers][kv][tokens][d].
-struct Kv16 {
-  int layers, kv_heads, head_dim;
-  int64_t tokens;
-  std::vector<uint16_t> k, v;
-  const uint16_t* krow(int l, int h, int64_t t) const {
-    return k.data() + ((static_cast<size_t>(l) * kv_heads + h) * tokens + t) * head_dim;
-  }
-  const uint16_t* vrow(int l, int h, int64_t t) const {
-    return v.data() + ((static_cast<size_t>(l) * kv_heads + h) * tokens + t) * head_dim;
-  }
-};
-
-// Writes the AppendKv chunk of tokens [begin, end) into `out`.
-void FillChunk(const Kv16& kv, int64_t begin, int64_t end, uint8_t* out) {
-  const size_t row = static_cast<size_t>(kv.head_dim) * sizeof(uint16_t);
-  const size_t n = static_cast<size_t>(end - begin);
-  uint8_t* p = out;
-  for (int pass = 0; pass < 2; ++pass) {
-    for (int l = 0; l < kv.layers; ++l) {
-      for (int h = 0; h < kv.kv_heads; ++h) {
-        const uint16_t* src = pass == 0 ? kv.krow(l, h, begin) : kv.vrow(l, h, begin);
-        std::memcpy(p, src, n * row);
-        p += n * row;
-      }
-    }
-  }
-}
-
-// Checks every fetched block of one layer against the appended bytes; returns
-// the number of pages checked, or an error naming the first mismatch.
-absl::StatusOr<int64_t> VerifyLayer(const Kv16& kv, int layer, int64_t tokens,
-                                    const StepResult& step, const ShmBuffer& buffer) {
-  const FetchLayout& lay = step.layout;
-  const size_t row = static_cast<size_t>(kv.head_dim) * sizeof(uint16_t);
-  const size_t block = static_cast<size_t>(lay.page_tokens) * row;
-  if (lay.page_bytes != 2 * block) {
-    return absl::InternalError(absl::StrCat("layout page_bytes ", lay.page_bytes, " != 2 x ", block));
-  }
-  int64_t pages = 0;
-  for (size_t hi = 0; hi < lay.heads.size(); ++hi) {
-    const HeadLayout& h = lay.heads[hi];
-    const std::vector<int32_t>& pos =
-        !h.positions.empty() ? h.positions : step.heads.at(hi).positions;
-    size_t cursor = 0;
-    for (size_t i = 0; i < h.pages.size(); ++i) {
-      const uint8_t* kblk = buffer.data() + h.byte_offsets[i];
-      const uint8_t* vblk = kblk + block;
-      if (h.byte_offsets[i] + 2 * block > buffer.size()) {
-        return absl::InternalError("layout points past the buffer");
-      }
-      for (uint32_t s = 0; s < lay.page_tokens; ++s) {
-        if (s < h.fills[i]) {
-          if (cursor >= pos.size()) return absl::InternalError("fewer positions than fills");
-          const int32_t p = pos[cursor++];
-          if (p < 0 || p >= tokens) {
-            return absl::InternalError(absl::StrCat("position ", p, " outside [0, ", tokens, ")"));
-          }
-          if (std::memcmp(kblk + s * row, kv.krow(layer, h.kv_head, p), row) != 0 ||
-              std::memcmp(vblk + s * row, kv.vrow(layer, h.kv_head, p), row) != 0) {
-            return absl::DataLossError(absl::StrCat("layer ", layer, " head ", h.kv_head, " page ",
-                                                    h.pages[i], " slot ", s, " (position ", p,
-                                                    "): fetched bytes differ from appended"));
-          }
-        } else {
-          for (size_t b = 0; b < row; ++b) {
-            if (kblk[s * row + b] != 0 || vblk[s * row + b] != 0) {
-              return absl::DataLossError(absl::StrCat("layer ", layer, " head ", h.kv_head,
-                                                      " page ", h.pages[i], " slot ", s,
-                                                      " past fill is not zero"));
-            }
-          }
-        }
-      }
-      ++pages;
-    }
-  }
-  return pages;
-}
-
 absl::Status RunDemo(const DemoFlags& f) {
   std::unique_ptr<DaemonProcess> daemon;
   ClientOptions options;
@@ -221,14 +142,8 @@ absl::Status RunDemo(const DemoFlags& f) {
   sc.seed = f.seed;
   const absl::Time gen_start = absl::Now();
   ASSIGN_OR_RETURN(KvDump dump, GenerateSynthetic(sc));
-  Kv16 kv{dump.layers, dump.kv_heads, dump.head_dim, dump.tokens, {}, {}};
-  kv.k.resize(dump.keys.size());
-  kv.v.resize(dump.values.size());
-  FloatToHalf(dump.keys.data(), kv.k.data(), kv.k.size());
-  FloatToHalf(dump.values.data(), kv.v.data(), kv.v.size());
-  // What the daemon holds is fp16: judge recall against the same numbers.
-  HalfToFloat(kv.k.data(), dump.keys.data(), kv.k.size());
-  HalfToFloat(kv.v.data(), dump.values.data(), kv.v.size());
+  // What the daemon holds is fp16: recall is judged against the same numbers.
+  const HostKv kv = HostKv::FromDump(&dump);
   std::cout << absl::StrFormat(
       "model %s: layers=%d kv_heads=%d q_heads=%d head_dim=%d dtype=float16 tokens=%d "
       "(generated in %.0f ms)\n",
@@ -260,7 +175,7 @@ absl::Status RunDemo(const DemoFlags& f) {
   ASSIGN_OR_RETURN(ShmBuffer out_buf, client->CreateShmBuffer(fetch_bytes));
 
   absl::Time t0 = absl::Now();
-  FillChunk(kv, 0, prefill, kv_buf.data());
+  kv.FillChunk(0, prefill, kv_buf.data());
   ASSIGN_OR_RETURN(uint64_t have,
                    client->AppendKv(session.id, kv_buf, 0, spec.ChunkBytes(prefill),
                                     static_cast<uint32_t>(prefill)));
@@ -279,7 +194,7 @@ absl::Status RunDemo(const DemoFlags& f) {
   int64_t tokens = static_cast<int64_t>(have);
   for (int step = 0; step < f.steps; ++step) {
     t0 = absl::Now();
-    FillChunk(kv, tokens, tokens + f.append, kv_buf.data());
+    kv.FillChunk(tokens, tokens + f.append, kv_buf.data());
     ASSIGN_OR_RETURN(have, client->AppendKv(session.id, kv_buf, 0, spec.ChunkBytes(f.append),
                                             static_cast<uint32_t>(f.append)));
     const double append_ms = absl::ToDoubleMilliseconds(absl::Now() - t0);
@@ -293,7 +208,8 @@ absl::Status RunDemo(const DemoFlags& f) {
       ASSIGN_OR_RETURN(StepResult r, client->DecodeStep(session.id, layer, absl::MakeConstSpan(q, qn),
                                                         out_buf.buffer_id(), 0, sel));
       lat.push_back(absl::ToDoubleMilliseconds(absl::Now() - t0));
-      ASSIGN_OR_RETURN(int64_t checked, VerifyLayer(kv, layer, tokens, r, out_buf));
+      ASSIGN_OR_RETURN(int64_t checked, VerifyFetch(kv, tokens, r.layout, r.heads, out_buf.data(),
+                                                    out_buf.size()));
       pages += checked;
       const int g = dump.group_size();
       for (const HeadSelection& h : r.heads) {
