@@ -1,0 +1,340 @@
+#include "server/rpc/config.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "google/protobuf/io/tokenizer.h"
+#include "google/protobuf/text_format.h"
+#include "server/rpc/log.h"
+
+namespace icecache::rpc {
+namespace {
+
+using ::icecache::v1::LogLevel;
+
+class CollectFirstError : public google::protobuf::io::ErrorCollector {
+ public:
+  void AddError(int line, int column, const std::string& message) override {
+    if (error_.empty()) error_ = absl::StrCat("line ", line + 1, " column ", column + 1, ": ", message);
+  }
+  void AddWarning(int, int, const std::string&) override {}
+  const std::string& error() const { return error_; }
+
+ private:
+  std::string error_;
+};
+
+template <typename T>
+absl::Status Bad(absl::string_view field, const T& value, absl::string_view why) {
+  return absl::InvalidArgumentError(absl::StrCat("config: ", field, " = ", value, ": ", why));
+}
+
+std::string Quote(absl::string_view s) { return absl::StrCat("\"", s, "\""); }
+
+bool WritableDir(const std::string& dir) {
+  struct stat st;
+  if (dir.empty() || ::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) return false;
+  return ::access(dir.c_str(), W_OK | X_OK) == 0;
+}
+
+constexpr size_t kMaxUnixPath = 107;  // sizeof(sockaddr_un::sun_path) - 1
+constexpr uint64_t kMiB = uint64_t{1} << 20;
+constexpr uint64_t kMaxCapacity = uint64_t{1} << 40;
+constexpr uint32_t kMaxSelectTokens = 1u << 20;
+
+absl::Status CheckHostPort(absl::string_view field, const std::string& addr) {
+  const size_t colon = addr.rfind(':');
+  if (colon == std::string::npos || colon == 0) {
+    return Bad(field, Quote(addr), "want host:port, e.g. \"0.0.0.0:50051\" or \"[::]:50051\"");
+  }
+  uint32_t port = 0;
+  if (!absl::SimpleAtoi(addr.substr(colon + 1), &port) || port == 0 || port > 65535) {
+    return Bad(field, Quote(addr), "port must be 1..65535");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckReadableFile(absl::string_view field, const std::string& path) {
+  if (path.empty()) {
+    return Bad(field, "\"\"", "required when listen.tcp_address is set (TCP needs TLS)");
+  }
+  if (::access(path.c_str(), R_OK) != 0) {
+    return Bad(field, Quote(path), absl::StrCat("cannot read: ", std::strerror(errno)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+bool IsValidTenantName(absl::string_view t) {
+  if (t.empty() || t.size() > 128) return false;
+  for (char c : t) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '.' || c == '_' || c == '@' || c == ':' || c == '-';
+    if (!ok) return false;
+  }
+  return true;
+}
+
+absl::StatusOr<IcecachedConfig> ParseConfigText(absl::string_view text) {
+  IcecachedConfig config;
+  google::protobuf::TextFormat::Parser parser;
+  CollectFirstError errors;
+  parser.RecordErrorsTo(&errors);
+  if (!parser.ParseFromString(std::string(text), &config)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config: ", errors.error().empty() ? "cannot parse textproto" : errors.error()));
+  }
+  return config;
+}
+
+absl::StatusOr<IcecachedConfig> LoadConfigFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) {
+    const int err = errno;
+    const std::string msg = absl::StrCat("config file ", path, ": ", std::strerror(err));
+    if (err == ENOENT) return absl::NotFoundError(msg);
+    if (err == EACCES) return absl::PermissionDeniedError(msg);
+    return absl::InvalidArgumentError(msg);
+  }
+  std::stringstream ss;
+  ss << in.rdbuf();
+  absl::StatusOr<IcecachedConfig> config = ParseConfigText(ss.str());
+  if (!config.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", config.status().message()));
+  }
+  return config;
+}
+
+absl::Status ApplyOverrides(const ConfigOverrides& o, IcecachedConfig* c) {
+  if (o.socket) c->mutable_listen()->set_unix_socket(*o.socket);
+  if (o.tcp_address) c->mutable_listen()->set_tcp_address(*o.tcp_address);
+  if (o.metrics_port) c->mutable_metrics()->set_port(*o.metrics_port);
+  if (o.capacity_bytes) c->mutable_pool()->set_capacity_bytes(*o.capacity_bytes);
+  if (o.reaper_interval_ms) c->mutable_sessions()->set_reaper_interval_ms(*o.reaper_interval_ms);
+  if (o.default_ttl_ms) c->mutable_sessions()->set_default_ttl_ms(*o.default_ttl_ms);
+  if (o.drain_timeout_ms) c->set_drain_timeout_ms(*o.drain_timeout_ms);
+  if (o.worker_threads) c->set_worker_threads(*o.worker_threads);
+  if (o.log_level) {
+    absl::StatusOr<rpc::LogLevel> level = ParseLogLevel(*o.log_level);
+    if (!level.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--log_level: ", level.status().message()));
+    }
+    switch (*level) {
+      case rpc::LogLevel::kDebug: c->set_log_level(v1::LOG_LEVEL_DEBUG); break;
+      case rpc::LogLevel::kInfo: c->set_log_level(v1::LOG_LEVEL_INFO); break;
+      case rpc::LogLevel::kWarn: c->set_log_level(v1::LOG_LEVEL_WARN); break;
+      case rpc::LogLevel::kError: c->set_log_level(v1::LOG_LEVEL_ERROR); break;
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::string DefaultSocketPath() {
+  if (WritableDir("/run/icecache")) return "/run/icecache/icecached.sock";
+  const char* xdg = std::getenv("XDG_RUNTIME_DIR");
+  if (xdg != nullptr && xdg[0] == '/' && WritableDir(xdg)) {
+    std::string p = absl::StrCat(xdg, "/icecached.sock");
+    if (p.size() <= kMaxUnixPath) return p;
+  }
+  return absl::StrCat("/tmp/icecached-", ::getuid(), ".sock");
+}
+
+void ApplyDefaults(IcecachedConfig* c) {
+  auto* listen = c->mutable_listen();
+  if (listen->unix_socket().empty()) listen->set_unix_socket(DefaultSocketPath());
+  if (listen->unix_socket_mode() == 0) listen->set_unix_socket_mode(kDefaultSocketMode);
+  auto* auth = c->mutable_auth();
+  if (auth->unmapped_uid() == v1::UNMAPPED_UID_POLICY_UNSPECIFIED) {
+    auth->set_unmapped_uid(v1::UNMAPPED_UID_POLICY_TENANT_PER_UID);
+  }
+  auto* pool = c->mutable_pool();
+  if (pool->capacity_bytes() == 0) pool->set_capacity_bytes(kDefaultCapacityBytes);
+  if (pool->high_watermark() == 0) pool->set_high_watermark(kDefaultHighWatermark);
+  auto* s = c->mutable_sessions();
+  if (s->default_ttl_ms() == 0) s->set_default_ttl_ms(kDefaultTtlMs);
+  if (s->max_ttl_ms() == 0) s->set_max_ttl_ms(std::max(kDefaultMaxTtlMs, s->default_ttl_ms()));
+  if (s->reaper_interval_ms() == 0) s->set_reaper_interval_ms(kDefaultReaperIntervalMs);
+  if (s->default_budget_tokens() == 0) s->set_default_budget_tokens(kDefaultBudgetTokens);
+  if (s->max_sessions() == 0) s->set_max_sessions(kDefaultMaxSessions);
+  if (s->max_sessions_per_tenant() == 0) {
+    s->set_max_sessions_per_tenant(std::min(kDefaultMaxSessionsPerTenant, s->max_sessions()));
+  }
+  if (s->buffer_idle_ttl_ms() == 0) s->set_buffer_idle_ttl_ms(kDefaultBufferIdleTtlMs);
+  if (s->max_tokens_per_session() == 0) s->set_max_tokens_per_session(kDefaultMaxTokensPerSession);
+  if (!s->has_default_sink_tokens()) s->set_default_sink_tokens(kDefaultSinkTokens);
+  if (!s->has_default_recent_tokens()) s->set_default_recent_tokens(kDefaultRecentTokens);
+  auto* l = c->mutable_limits();
+  if (l->max_receive_message_bytes() == 0) l->set_max_receive_message_bytes(kDefaultMaxReceiveBytes);
+  if (l->max_inline_bytes() == 0) {
+    l->set_max_inline_bytes(std::min(kDefaultMaxInlineBytes, l->max_receive_message_bytes()));
+  }
+  if (l->max_buffers_per_tenant() == 0) l->set_max_buffers_per_tenant(kDefaultMaxBuffersPerTenant);
+  if (l->max_concurrent_calls() == 0) l->set_max_concurrent_calls(kDefaultMaxConcurrentCalls);
+  auto* m = c->mutable_metrics();
+  if (!m->has_port()) m->set_port(kDefaultMetricsPort);
+  if (m->address().empty()) m->set_address("127.0.0.1");
+  if (c->log_level() == v1::LOG_LEVEL_UNSPECIFIED) c->set_log_level(v1::LOG_LEVEL_INFO);
+  if (c->drain_timeout_ms() == 0) c->set_drain_timeout_ms(kDefaultDrainTimeoutMs);
+  if (c->worker_threads() == 0) {
+    const long n = ::sysconf(_SC_NPROCESSORS_ONLN);
+    c->set_worker_threads(n > 0 ? static_cast<uint32_t>(n) : 1);
+  }
+}
+
+absl::Status ValidateConfig(const IcecachedConfig& c) {
+  // listen
+  const auto& listen = c.listen();
+  const std::string& sock = listen.unix_socket();
+  if (sock.empty() || sock[0] != '/') {
+    return Bad("listen.unix_socket", Quote(sock), "must be an absolute path");
+  }
+  if (sock.size() > kMaxUnixPath) {
+    return Bad("listen.unix_socket", Quote(sock),
+               absl::StrCat("longer than ", kMaxUnixPath, " bytes (sun_path limit)"));
+  }
+  const uint32_t mode = listen.unix_socket_mode();
+  if ((mode & ~0777u) != 0 || (mode & 0600u) != 0600u) {
+    return Bad("listen.unix_socket_mode", absl::StrFormat("0%o", mode),
+               "must be octal 0600..0777 with owner read+write (e.g. 0660 = 432)");
+  }
+  if (!listen.tcp_address().empty()) {
+    absl::Status st = CheckHostPort("listen.tcp_address", listen.tcp_address());
+    if (!st.ok()) return st;
+    st = CheckReadableFile("listen.tls_cert_file", listen.tls_cert_file());
+    if (!st.ok()) return st;
+    st = CheckReadableFile("listen.tls_key_file", listen.tls_key_file());
+    if (!st.ok()) return st;
+  }
+  // auth
+  const auto& auth = c.auth();
+  std::set<uint32_t> uids;
+  for (int i = 0; i < auth.uid_tenants_size(); ++i) {
+    const auto& m = auth.uid_tenants(i);
+    const std::string f = absl::StrCat("auth.uid_tenants[", i, "]");
+    if (!IsValidTenantName(m.tenant())) {
+      return Bad(f + ".tenant", Quote(m.tenant()), "must be 1..128 bytes of [A-Za-z0-9._@:-]");
+    }
+    if (!uids.insert(m.uid()).second) return Bad(f + ".uid", m.uid(), "uid listed twice");
+  }
+  if (!v1::UnmappedUidPolicy_IsValid(auth.unmapped_uid())) {
+    return Bad("auth.unmapped_uid", auth.unmapped_uid(), "unknown policy");
+  }
+  std::set<std::string> tokens;
+  for (int i = 0; i < auth.tokens_size(); ++i) {
+    const auto& t = auth.tokens(i);
+    const std::string f = absl::StrCat("auth.tokens[", i, "]");
+    if (t.token().size() < 16) return Bad(f + ".token", "<redacted>", "must be at least 16 bytes");
+    for (char ch : t.token()) {
+      if (ch <= ' ' || ch == 0x7f) {
+        return Bad(f + ".token", "<redacted>", "must not contain spaces or control characters");
+      }
+    }
+    if (!tokens.insert(t.token()).second) return Bad(f + ".token", "<redacted>", "token listed twice");
+    if (!IsValidTenantName(t.tenant())) {
+      return Bad(f + ".tenant", Quote(t.tenant()), "must be 1..128 bytes of [A-Za-z0-9._@:-]");
+    }
+  }
+  // pool
+  const auto& pool = c.pool();
+  if (pool.capacity_bytes() < 2 * kMiB || pool.capacity_bytes() > kMaxCapacity) {
+    return Bad("pool.capacity_bytes", pool.capacity_bytes(), "must be 2 MiB .. 1 TiB");
+  }
+  if (!(pool.high_watermark() > 0 && pool.high_watermark() <= 1)) {
+    return Bad("pool.high_watermark", pool.high_watermark(), "must be in (0, 1]");
+  }
+  std::set<std::string> quota_tenants;
+  for (int i = 0; i < pool.quotas_size(); ++i) {
+    const auto& q = pool.quotas(i);
+    const std::string f = absl::StrCat("pool.quotas[", i, "].tenant");
+    if (!IsValidTenantName(q.tenant())) {
+      return Bad(f, Quote(q.tenant()), "must be 1..128 bytes of [A-Za-z0-9._@:-]");
+    }
+    if (!quota_tenants.insert(q.tenant()).second) return Bad(f, Quote(q.tenant()), "listed twice");
+  }
+  // sessions
+  const auto& s = c.sessions();
+  if (s.max_ttl_ms() < 1000 || s.max_ttl_ms() > uint64_t{365} * 86'400'000) {
+    return Bad("sessions.max_ttl_ms", s.max_ttl_ms(), "must be 1000 .. 31536000000 (one year)");
+  }
+  if (s.default_ttl_ms() < 1000 || s.default_ttl_ms() > s.max_ttl_ms()) {
+    return Bad("sessions.default_ttl_ms", s.default_ttl_ms(),
+               absl::StrCat("must be 1000 .. sessions.max_ttl_ms (", s.max_ttl_ms(), ")"));
+  }
+  if (s.reaper_interval_ms() < 1 || s.reaper_interval_ms() > 3'600'000) {
+    return Bad("sessions.reaper_interval_ms", s.reaper_interval_ms(), "must be 1 .. 3600000");
+  }
+  if (s.default_budget_tokens() < 1 || s.default_budget_tokens() > kMaxSelectTokens) {
+    return Bad("sessions.default_budget_tokens", s.default_budget_tokens(), "must be 1 .. 1048576");
+  }
+  if (s.default_sink_tokens() > kMaxSelectTokens) {
+    return Bad("sessions.default_sink_tokens", s.default_sink_tokens(), "must be <= 1048576");
+  }
+  if (s.default_recent_tokens() > kMaxSelectTokens) {
+    return Bad("sessions.default_recent_tokens", s.default_recent_tokens(), "must be <= 1048576");
+  }
+  if (s.max_sessions() < 1 || s.max_sessions() > (1u << 20)) {
+    return Bad("sessions.max_sessions", s.max_sessions(), "must be 1 .. 1048576");
+  }
+  if (s.max_sessions_per_tenant() < 1 || s.max_sessions_per_tenant() > s.max_sessions()) {
+    return Bad("sessions.max_sessions_per_tenant", s.max_sessions_per_tenant(),
+               "must be 1 .. sessions.max_sessions");
+  }
+  if (s.buffer_idle_ttl_ms() < 1000 || s.buffer_idle_ttl_ms() > 86'400'000) {
+    return Bad("sessions.buffer_idle_ttl_ms", s.buffer_idle_ttl_ms(), "must be 1000 .. 86400000");
+  }
+  if (s.max_tokens_per_session() < 1 || s.max_tokens_per_session() > (uint64_t{1} << 31)) {
+    return Bad("sessions.max_tokens_per_session", s.max_tokens_per_session(),
+               "must be 1 .. 2147483648");
+  }
+  // limits
+  const auto& l = c.limits();
+  if (l.max_receive_message_bytes() < 4096 || l.max_receive_message_bytes() > (uint64_t{1} << 30)) {
+    return Bad("limits.max_receive_message_bytes", l.max_receive_message_bytes(),
+               "must be 4096 .. 1073741824");
+  }
+  if (l.max_inline_bytes() < 1 || l.max_inline_bytes() > l.max_receive_message_bytes()) {
+    return Bad("limits.max_inline_bytes", l.max_inline_bytes(),
+               "must be 1 .. limits.max_receive_message_bytes");
+  }
+  if (l.max_buffers_per_tenant() < 1 || l.max_buffers_per_tenant() > 65536) {
+    return Bad("limits.max_buffers_per_tenant", l.max_buffers_per_tenant(), "must be 1 .. 65536");
+  }
+  if (l.max_concurrent_calls() < 2 || l.max_concurrent_calls() > 4096) {
+    return Bad("limits.max_concurrent_calls", l.max_concurrent_calls(), "must be 2 .. 4096");
+  }
+  // metrics
+  const auto& m = c.metrics();
+  if (m.port() > 65535) return Bad("metrics.port", m.port(), "must be 0 (off) .. 65535");
+  if (m.address().empty()) return Bad("metrics.address", "\"\"", "must not be empty");
+  // top level
+  if (!v1::LogLevel_IsValid(c.log_level()) || c.log_level() == v1::LOG_LEVEL_UNSPECIFIED) {
+    return Bad("log_level", c.log_level(), "must be DEBUG, INFO, WARN or ERROR");
+  }
+  if (c.drain_timeout_ms() < 1 || c.drain_timeout_ms() > 600'000) {
+    return Bad("drain_timeout_ms", c.drain_timeout_ms(), "must be 1 .. 600000");
+  }
+  if (c.worker_threads() < 1 || c.worker_threads() > 1024) {
+    return Bad("worker_threads", c.worker_threads(), "must be 1 .. 1024 (0 = number of CPUs)");
+  }
+  return absl::OkStatus();
+}
+
+IcecachedConfig RedactSecrets(const IcecachedConfig& config) {
+  IcecachedConfig out = config;
+  for (auto& t : *out.mutable_auth()->mutable_tokens()) t.set_token("<redacted>");
+  return out;
+}
+
+}  // namespace icecache::rpc

@@ -1,0 +1,376 @@
+#include "server/rpc/convert.h"
+
+#include <climits>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+
+namespace icecache::rpc {
+namespace {
+
+constexpr uint32_t kMaxSelectParam = 1u << 30;
+
+absl::Status BadField(absl::string_view field, absl::string_view why) {
+  return absl::InvalidArgumentError(absl::StrCat("session config: ", field, " ", why));
+}
+
+absl::StatusOr<int> ToInt(uint32_t v, absl::string_view field) {
+  if (v > static_cast<uint32_t>(INT_MAX)) return BadField(field, absl::StrCat("is too large: ", v));
+  return static_cast<int>(v);
+}
+
+int64_t ToUnixMs(absl::Time t) {
+  if (t == absl::InfinitePast() || t == absl::UnixEpoch()) return 0;
+  return absl::ToUnixMillis(t);
+}
+
+}  // namespace
+
+absl::StatusOr<DType> DTypeFromProto(v1::DType dtype, absl::string_view field) {
+  switch (dtype) {
+    case v1::DTYPE_FLOAT16: return DType::kF16;
+    case v1::DTYPE_BFLOAT16: return DType::kBF16;
+    case v1::DTYPE_FLOAT32: return DType::kF32;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, " must be DTYPE_FLOAT16, DTYPE_BFLOAT16 or DTYPE_FLOAT32, got ",
+          static_cast<int>(dtype)));
+  }
+}
+
+v1::DType DTypeToProto(DType dtype) {
+  switch (dtype) {
+    case DType::kF16: return v1::DTYPE_FLOAT16;
+    case DType::kBF16: return v1::DTYPE_BFLOAT16;
+    case DType::kF32: return v1::DTYPE_FLOAT32;
+  }
+  return v1::DTYPE_UNSPECIFIED;
+}
+
+absl::StatusOr<SelectorKind> SelectorKindFromProto(v1::SelectorKind kind) {
+  switch (kind) {
+    case v1::SELECTOR_KIND_UNSPECIFIED:
+    case v1::SELECTOR_KIND_MDCI: return SelectorKind::kMdci;
+    case v1::SELECTOR_KIND_EXACT_MDCI: return SelectorKind::kExactMdci;
+    case v1::SELECTOR_KIND_EXACT: return SelectorKind::kExact;
+    case v1::SELECTOR_KIND_QUEST: return SelectorKind::kQuest;
+    case v1::SELECTOR_KIND_STREAMING: return SelectorKind::kStreaming;
+    default:
+      return BadField("selector.kind", absl::StrCat("is unknown: ", static_cast<int>(kind)));
+  }
+}
+
+v1::SelectorKind SelectorKindToProto(SelectorKind kind) {
+  switch (kind) {
+    case SelectorKind::kMdci: return v1::SELECTOR_KIND_MDCI;
+    case SelectorKind::kExactMdci: return v1::SELECTOR_KIND_EXACT_MDCI;
+    case SelectorKind::kExact: return v1::SELECTOR_KIND_EXACT;
+    case SelectorKind::kQuest: return v1::SELECTOR_KIND_QUEST;
+    case SelectorKind::kStreaming: return v1::SELECTOR_KIND_STREAMING;
+  }
+  return v1::SELECTOR_KIND_UNSPECIFIED;
+}
+
+SelectDefaults SelectDefaultsFromConfig(const v1::IcecachedConfig& config) {
+  SelectDefaults d;
+  const auto& s = config.sessions();
+  if (s.default_budget_tokens() > 0) d.budget_tokens = static_cast<int>(s.default_budget_tokens());
+  if (s.has_default_sink_tokens()) d.sink_tokens = static_cast<int>(s.default_sink_tokens());
+  if (s.has_default_recent_tokens()) d.recent_tokens = static_cast<int>(s.default_recent_tokens());
+  return d;
+}
+
+absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& p,
+                                                     const SelectDefaults& defaults) {
+  if (!p.has_model()) return BadField("model", "is required (layers, kv_heads, q_heads, head_dim, dtype)");
+  SessionConfig c;
+  const v1::ModelShape& m = p.model();
+  {
+    auto v = ToInt(m.layers(), "model.layers");
+    if (!v.ok()) return v.status();
+    c.layers = *v;
+  }
+  {
+    auto v = ToInt(m.kv_heads(), "model.kv_heads");
+    if (!v.ok()) return v.status();
+    c.kv_heads = *v;
+  }
+  {
+    auto v = ToInt(m.q_heads(), "model.q_heads");
+    if (!v.ok()) return v.status();
+    c.q_heads = *v;
+  }
+  {
+    auto v = ToInt(m.head_dim(), "model.head_dim");
+    if (!v.ok()) return v.status();
+    c.head_dim = *v;
+  }
+  {
+    auto v = DTypeFromProto(m.dtype(), "session config: model.dtype");
+    if (!v.ok()) return v.status();
+    c.dtype = *v;
+  }
+  if (p.page_tokens() != 0) {
+    auto v = ToInt(p.page_tokens(), "page_tokens");
+    if (!v.ok()) return v.status();
+    c.page_tokens = *v;
+  }
+  c.layer_reuse = 1;
+  if (p.layer_reuse() != 0) {
+    auto v = ToInt(p.layer_reuse(), "layer_reuse");
+    if (!v.ok()) return v.status();
+    c.layer_reuse = *v;
+  }
+  if (p.ttl_ms() > uint64_t{100} * 365 * 86'400'000) {
+    return BadField("ttl_ms", absl::StrCat("is too large: ", p.ttl_ms()));
+  }
+  c.ttl = absl::Milliseconds(static_cast<int64_t>(p.ttl_ms()));
+  {
+    auto v = SelectorKindFromProto(p.selector().kind());
+    if (!v.ok()) return v.status();
+    c.selector = *v;
+  }
+  const v1::MdciParams& mp = p.selector().mdci();
+  MdciParams& md = c.mdci;
+  // Zero = default; upper bounds keep the core's int fields meaningful.
+  auto bounded = [](uint32_t v, uint32_t hi, absl::string_view field, int* out) -> absl::Status {
+    if (v == 0) return absl::OkStatus();
+    if (v > hi) return BadField(field, absl::StrCat("must be 1..", hi, ", got ", v));
+    *out = static_cast<int>(v);
+    return absl::OkStatus();
+  };
+  if (auto st = bounded(mp.num_composite(), 16, "selector.mdci.num_composite", &md.num_composite); !st.ok()) return st;
+  if (auto st = bounded(mp.num_simple(), 32, "selector.mdci.num_simple", &md.num_simple); !st.ok()) return st;
+  if (auto st = bounded(mp.field_of_view(), 4096, "selector.mdci.field_of_view", &md.field_of_view); !st.ok()) return st;
+  auto bounded_f = [](float v, float lo, float hi, absl::string_view field, float* out) -> absl::Status {
+    if (v == 0) return absl::OkStatus();
+    if (!(v >= lo && v <= hi)) return BadField(field, absl::StrCat("must be ", lo, "..", hi, ", got ", v));
+    *out = v;
+    return absl::OkStatus();
+  };
+  if (auto st = bounded_f(mp.candidate_factor(), 1, 64, "selector.mdci.candidate_factor", &md.candidate_factor); !st.ok()) return st;
+  if (auto st = bounded_f(mp.norm_headroom(), 1, 16, "selector.mdci.norm_headroom", &md.norm_headroom); !st.ok()) return st;
+  if (auto st = bounded_f(mp.rebuild_fraction(), 0, 1, "selector.mdci.rebuild_fraction", &md.rebuild_fraction); !st.ok()) return st;
+  if (mp.seed() != 0) md.seed = mp.seed();
+
+  const v1::SelectParams& d = p.defaults();
+  c.default_select.budget_tokens = defaults.budget_tokens;
+  c.default_select.sink_tokens = defaults.sink_tokens;
+  c.default_select.recent_tokens = defaults.recent_tokens;
+  if (d.has_budget_tokens()) {
+    if (d.budget_tokens() == 0 || d.budget_tokens() > kMaxSelectParam) {
+      return BadField("defaults.budget_tokens", absl::StrCat("must be 1..", kMaxSelectParam, ", got ", d.budget_tokens()));
+    }
+    c.default_select.budget_tokens = static_cast<int>(d.budget_tokens());
+  }
+  if (d.has_sink_tokens()) {
+    if (d.sink_tokens() > kMaxSelectParam) return BadField("defaults.sink_tokens", "is too large");
+    c.default_select.sink_tokens = static_cast<int>(d.sink_tokens());
+  }
+  if (d.has_recent_tokens()) {
+    if (d.recent_tokens() > kMaxSelectParam) return BadField("defaults.recent_tokens", "is too large");
+    c.default_select.recent_tokens = static_cast<int>(d.recent_tokens());
+  }
+  c.default_select.want_positions = d.want_positions();
+  c.pinned = p.pinned();
+  return c;
+}
+
+v1::SessionConfig SessionConfigToProto(const SessionConfig& c) {
+  v1::SessionConfig p;
+  v1::ModelShape* m = p.mutable_model();
+  m->set_layers(c.layers);
+  m->set_kv_heads(c.kv_heads);
+  m->set_q_heads(c.q_heads);
+  m->set_head_dim(c.head_dim);
+  m->set_dtype(DTypeToProto(c.dtype));
+  p.set_page_tokens(c.page_tokens);
+  p.set_layer_reuse(c.layer_reuse);
+  p.mutable_selector()->set_kind(SelectorKindToProto(c.selector));
+  v1::MdciParams* mp = p.mutable_selector()->mutable_mdci();
+  mp->set_num_composite(c.mdci.num_composite);
+  mp->set_num_simple(c.mdci.num_simple);
+  mp->set_field_of_view(c.mdci.field_of_view);
+  mp->set_candidate_factor(c.mdci.candidate_factor);
+  mp->set_norm_headroom(c.mdci.norm_headroom);
+  mp->set_rebuild_fraction(c.mdci.rebuild_fraction);
+  mp->set_seed(c.mdci.seed);
+  v1::SelectParams* d = p.mutable_defaults();
+  d->set_budget_tokens(std::max(0, c.default_select.budget_tokens));
+  d->set_sink_tokens(std::max(0, c.default_select.sink_tokens));
+  d->set_recent_tokens(std::max(0, c.default_select.recent_tokens));
+  d->set_want_positions(c.default_select.want_positions);
+  p.set_ttl_ms(static_cast<uint64_t>(absl::ToInt64Milliseconds(c.ttl)));
+  p.set_pinned(c.pinned);
+  return p;
+}
+
+void SessionInfoToProto(const SessionInfo& info, v1::SessionInfo* out) {
+  out->set_session_id(info.id);
+  out->set_epoch(info.epoch);
+  out->set_tenant(info.tenant);
+  *out->mutable_config() = SessionConfigToProto(info.config);
+  out->mutable_config()->set_pinned(info.pinned);
+  out->set_tokens(static_cast<uint64_t>(std::max<int64_t>(0, info.tokens)));
+  out->set_created_unix_ms(ToUnixMs(info.created));
+  out->set_last_use_unix_ms(ToUnixMs(info.last_use));
+  out->set_expires_unix_ms(ToUnixMs(info.expires));
+  out->set_pinned(info.pinned);
+  out->set_bytes(info.frame_bytes);
+  out->set_pages(info.pages);
+  out->set_index_bytes(info.index_bytes);
+  out->set_in_flight(static_cast<uint32_t>(std::max(0, info.in_flight)));
+}
+
+absl::StatusOr<SelectParams> SelectParamsFromProto(const v1::SelectParams& p) {
+  SelectParams s;
+  s.budget_tokens = 0;
+  s.sink_tokens = 0;
+  s.recent_tokens = 0;
+  if (p.has_budget_tokens()) {
+    if (p.budget_tokens() == 0 || p.budget_tokens() > kMaxSelectParam) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "params.budget_tokens must be 1..", kMaxSelectParam, " when set, got ", p.budget_tokens()));
+    }
+    s.budget_tokens = static_cast<int>(p.budget_tokens());
+  }
+  if (p.has_sink_tokens()) {
+    if (p.sink_tokens() > kMaxSelectParam) {
+      return absl::InvalidArgumentError(absl::StrCat("params.sink_tokens is too large: ", p.sink_tokens()));
+    }
+    s.sink_tokens = p.sink_tokens() == 0 ? -1 : static_cast<int>(p.sink_tokens());
+  }
+  if (p.has_recent_tokens()) {
+    if (p.recent_tokens() > kMaxSelectParam) {
+      return absl::InvalidArgumentError(absl::StrCat("params.recent_tokens is too large: ", p.recent_tokens()));
+    }
+    s.recent_tokens = p.recent_tokens() == 0 ? -1 : static_cast<int>(p.recent_tokens());
+  }
+  s.want_positions = p.want_positions();
+  return s;
+}
+
+absl::StatusOr<std::vector<float>> QueriesFromProto(const std::string& bytes, v1::DType dtype,
+                                                    bool allow_empty) {
+  DType dt = DType::kF32;
+  if (dtype != v1::DTYPE_UNSPECIFIED) {
+    auto v = DTypeFromProto(dtype, "query_dtype");
+    if (!v.ok()) return v.status();
+    dt = *v;
+  }
+  const size_t elem = DTypeSize(dt);
+  if (bytes.empty()) {
+    if (allow_empty) return std::vector<float>();
+    return absl::InvalidArgumentError("queries is empty: want q_heads x head_dim elements");
+  }
+  if (bytes.size() % elem != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("queries has ", bytes.size(),
+                                                   " bytes, not a multiple of the ", std::string(DTypeName(dt)),
+                                                   " element size ", elem));
+  }
+  std::vector<float> out(bytes.size() / elem);
+  if (dt == DType::kF32) {
+    std::memcpy(out.data(), bytes.data(), bytes.size());
+  } else {
+    ToFloat(dt, bytes.data(), out.data(), out.size());
+  }
+  return out;
+}
+
+void SelectionToProto(const Selection& s, int kv_head, v1::HeadSelection* out) {
+  out->set_kv_head(kv_head);
+  out->mutable_pages()->Add(s.pages.begin(), s.pages.end());
+  out->mutable_fills()->Add(s.fills.begin(), s.fills.end());
+  out->mutable_scores()->Add(s.scores.begin(), s.scores.end());
+  out->mutable_positions()->Add(s.positions.begin(), s.positions.end());
+  out->set_keys_touched(s.keys_touched);
+}
+
+void FetchLayoutToProto(const FetchLayout& l, absl::string_view buffer_id, v1::FetchLayout* out) {
+  out->set_buffer_id(std::string(buffer_id));
+  out->set_offset(l.buffer_offset);
+  out->set_total_bytes(l.total_bytes);
+  out->set_page_bytes(l.frame_bytes);
+  out->set_first_layer(l.first_layer);
+  out->set_num_layers(l.num_layers);
+  out->set_layer_stride_bytes(l.layer_stride_bytes);
+  out->set_page_tokens(l.page_tokens);
+  out->set_head_dim(l.head_dim);
+  out->set_dtype(DTypeToProto(l.dtype));
+  for (const FetchHeadLayout& h : l.heads) {
+    v1::HeadLayout* ph = out->add_heads();
+    ph->set_kv_head(h.kv_head);
+    for (const FetchSlot& s : h.slots) {
+      ph->add_pages(s.page);
+      ph->add_slots(s.slot);
+      ph->add_fills(s.fill);
+      ph->add_byte_offsets(s.byte_offset);
+    }
+    ph->mutable_positions()->Add(h.positions.begin(), h.positions.end());
+  }
+}
+
+absl::StatusOr<std::vector<std::vector<uint32_t>>> FetchPagesFromProto(
+    const google::protobuf::RepeatedPtrField<v1::HeadPages>& heads) {
+  std::vector<std::vector<uint32_t>> pages;
+  pages.reserve(heads.size());
+  for (int i = 0; i < heads.size(); ++i) {
+    if (heads[i].kv_head() != static_cast<uint32_t>(i)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "heads[", i, "].kv_head = ", heads[i].kv_head(),
+          ": heads must list every KV head once, in order 0..kv_heads-1"));
+    }
+    pages.emplace_back(heads[i].pages().begin(), heads[i].pages().end());
+  }
+  return pages;
+}
+
+uint64_t QuotaFromProto(uint64_t q) { return q == 0 ? kUnlimitedQuota : q; }
+uint64_t QuotaToProto(uint64_t q) { return q == kUnlimitedQuota ? 0 : q; }
+
+void TenantInfoToProto(const TenantInfo& t, v1::TenantInfo* out) {
+  out->set_tenant(t.tenant);
+  out->set_bytes_used(t.used_bytes);
+  out->set_quota_bytes(QuotaToProto(t.quota_bytes));
+  out->set_sessions(static_cast<uint32_t>(std::max(0, t.sessions)));
+  out->set_buffers(static_cast<uint32_t>(std::max(0, t.buffers)));
+}
+
+void StatsToProto(const ManagerStats& s, const std::vector<TenantInfo>& tenants,
+                  int64_t start_unix_ms, v1::GetStatsResponse* out) {
+  out->set_epoch(s.epoch);
+  out->set_start_unix_ms(start_unix_ms);
+  out->set_capacity_bytes(s.pool.capacity_bytes);
+  out->set_bytes_reserved(s.pool.reserved_bytes);
+  out->set_bytes_used(s.pool.used_bytes);
+  out->set_sessions(static_cast<uint32_t>(std::max(0, s.sessions)));
+  out->set_buffers(static_cast<uint32_t>(std::max(0, s.buffers)));
+  out->set_evictions(s.sessions_evicted);
+  out->set_expirations(s.sessions_expired);
+  out->set_in_flight(static_cast<uint32_t>(std::max(0, s.in_flight)));
+  out->set_draining(s.draining);
+  out->set_sessions_created(s.sessions_created);
+  out->set_sessions_dropped(s.sessions_dropped);
+  out->set_admissions_rejected(s.admissions_rejected);
+  out->set_frames_used(s.pool.frames_used);
+  out->set_frames_free(s.pool.frames_free);
+  out->set_huge_pages(s.pool.huge_pages);
+  for (const SizeClassStats& c : s.pool.classes) {
+    v1::SizeClassStats* pc = out->add_size_classes();
+    pc->set_frame_bytes(c.frame_bytes);
+    pc->set_frames_used(c.frames_used);
+    pc->set_frames_free(c.frames_free);
+    pc->set_bytes_reserved(c.slabs * 2 * 1024 * 1024);
+  }
+  for (const TenantInfo& t : tenants) TenantInfoToProto(t, out->add_tenants());
+}
+
+void BufferInfoToProto(const BufferInfo& info, v1::RegisterBufferResponse* out) {
+  out->set_buffer_id(info.id);
+  out->set_kind(info.kind == BufferKind::kCudaIpc ? v1::BUFFER_KIND_CUDA_IPC
+                                                  : v1::BUFFER_KIND_HOST_SHM);
+  out->set_size(info.size);
+}
+
+}  // namespace icecache::rpc

@@ -1,0 +1,81 @@
+// proto <-> core conversions for the icecache.v1 services. Pure functions,
+// thread-safe. Conversions from proto validate what the proto type allows
+// but the core type cannot hold (enum values, integer ranges, byte lengths)
+// and answer InvalidArgument naming the field; range checks of meaning
+// (layers 1..512, ...) are the core's (ValidateSessionConfig).
+#ifndef ICECACHE_SERVER_RPC_CONVERT_H_
+#define ICECACHE_SERVER_RPC_CONVERT_H_
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/dtype.h"
+#include "icecache/v1/admin.pb.h"
+#include "icecache/v1/buffer.pb.h"
+#include "icecache/v1/config.pb.h"
+#include "icecache/v1/kv.pb.h"
+#include "icecache/v1/types.pb.h"
+#include "server/index/selector.h"
+#include "server/session/session_types.h"
+#include "server/transfer/buffer_registry.h"
+
+namespace icecache::rpc {
+
+// DType: UNSPECIFIED and unknown values are InvalidArgument naming `field`.
+absl::StatusOr<DType> DTypeFromProto(v1::DType dtype, absl::string_view field);
+v1::DType DTypeToProto(DType dtype);
+
+// UNSPECIFIED -> kMdci.
+absl::StatusOr<SelectorKind> SelectorKindFromProto(v1::SelectorKind kind);
+v1::SelectorKind SelectorKindToProto(SelectorKind kind);
+
+// Daemon-wide selection defaults (IcecachedConfig.sessions).
+struct SelectDefaults {
+  int budget_tokens = 256;
+  int sink_tokens = 4;
+  int recent_tokens = 0;
+};
+SelectDefaults SelectDefaultsFromConfig(const v1::IcecachedConfig& config);
+
+// Session config. `defaults` fill SessionConfig.defaults fields left unset so
+// the session carries concrete defaults. InvalidArgument ("session config:
+// <field> ...") for a missing model, bad enum, values beyond int range, a
+// ttl_ms beyond 100 years, an explicit default budget of 0.
+absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& proto,
+                                                     const SelectDefaults& defaults);
+v1::SessionConfig SessionConfigToProto(const SessionConfig& config);
+void SessionInfoToProto(const SessionInfo& info, v1::SessionInfo* out);
+
+// Per-call params: unset -> 0 (the core then takes the session default);
+// explicit sink/recent 0 -> -1 (the core's "force 0"). InvalidArgument for an
+// explicit budget of 0 or values above 2^30.
+absl::StatusOr<SelectParams> SelectParamsFromProto(const v1::SelectParams& proto);
+
+// Query bytes of `dtype` (UNSPECIFIED = FLOAT32) to fp32. InvalidArgument
+// when the length is not a multiple of the element size or is empty (and
+// `allow_empty` is false). Shape (q_heads x head_dim) is checked by the core.
+absl::StatusOr<std::vector<float>> QueriesFromProto(const std::string& bytes, v1::DType dtype,
+                                                    bool allow_empty);
+
+void SelectionToProto(const Selection& selection, int kv_head, v1::HeadSelection* out);
+void FetchLayoutToProto(const FetchLayout& layout, absl::string_view buffer_id,
+                        v1::FetchLayout* out);
+
+// FetchPagesRequest.heads -> pages per KV head. InvalidArgument unless the
+// heads are listed once each, kv_head 0..n-1 in order.
+absl::StatusOr<std::vector<std::vector<uint32_t>>> FetchPagesFromProto(
+    const google::protobuf::RepeatedPtrField<v1::HeadPages>& heads);
+
+void TenantInfoToProto(const TenantInfo& info, v1::TenantInfo* out);
+void StatsToProto(const ManagerStats& stats, const std::vector<TenantInfo>& tenants,
+                  int64_t start_unix_ms, v1::GetStatsResponse* out);
+void BufferInfoToProto(const BufferInfo& info, v1::RegisterBufferResponse* out);
+
+// Quota in the API (0 = none) <-> the core (kUnlimitedQuota = none).
+uint64_t QuotaFromProto(uint64_t quota_bytes);
+uint64_t QuotaToProto(uint64_t quota_bytes);
+
+}  // namespace icecache::rpc
+
+#endif  // ICECACHE_SERVER_RPC_CONVERT_H_

@@ -1,0 +1,289 @@
+#include "server/rpc/daemon.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <sstream>
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_posix.h>
+
+#include <httplib.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/status_macros.h"
+#include "server/rpc/convert.h"
+#include "server/rpc/log.h"
+
+namespace icecache::rpc {
+namespace {
+
+absl::StatusOr<std::string> ReadFile(const std::string& path, absl::string_view field) {
+  std::ifstream in(path);
+  if (!in) return absl::InvalidArgumentError(absl::StrCat(field, " ", path, ": cannot read"));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+Daemon::Daemon(const v1::IcecachedConfig& config) : config_(config) {}
+
+absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const v1::IcecachedConfig& config) {
+  std::unique_ptr<Daemon> d(new Daemon(config));
+  RETURN_IF_ERROR(d->Init());
+  return d;
+}
+
+absl::Status Daemon::Init() {
+  const auto& c = config_;
+  rpc_metrics_ = std::make_unique<RpcMetrics>(&registry_);
+  cuda_ = CudaRuntime::Create();
+
+  PagePoolOptions pool_opts;
+  pool_opts.capacity_bytes = c.pool().capacity_bytes();
+  pool_opts.use_huge_pages = c.pool().huge_pages();
+  pool_opts.default_tenant_quota_bytes = QuotaFromProto(c.pool().default_quota_bytes());
+  ASSIGN_OR_RETURN(pool_, PagePool::Create(pool_opts));
+  for (const auto& q : c.pool().quotas()) {
+    RETURN_IF_ERROR(pool_->SetQuota(q.tenant(), QuotaFromProto(q.quota_bytes())));
+  }
+
+  BufferRegistryOptions buf_opts;
+  buf_opts.max_buffers_per_tenant = static_cast<int>(c.limits().max_buffers_per_tenant());
+  buf_opts.idle_ttl = absl::Milliseconds(static_cast<int64_t>(c.sessions().buffer_idle_ttl_ms()));
+  buf_opts.cuda = cuda_.get();
+  ASSIGN_OR_RETURN(buffers_, BufferRegistry::Create(buf_opts));
+
+  SessionManagerOptions mgr_opts;
+  mgr_opts.pool = pool_.get();
+  mgr_opts.buffers = buffers_.get();
+  mgr_opts.default_ttl = absl::Milliseconds(static_cast<int64_t>(c.sessions().default_ttl_ms()));
+  mgr_opts.max_ttl = absl::Milliseconds(static_cast<int64_t>(c.sessions().max_ttl_ms()));
+  mgr_opts.high_watermark = c.pool().high_watermark();
+  mgr_opts.max_sessions = static_cast<int>(c.sessions().max_sessions());
+  mgr_opts.max_sessions_per_tenant = static_cast<int>(c.sessions().max_sessions_per_tenant());
+  mgr_opts.max_tokens_per_session = static_cast<int64_t>(c.sessions().max_tokens_per_session());
+  mgr_opts.reaper_interval =
+      absl::Milliseconds(static_cast<int64_t>(c.sessions().reaper_interval_ms()));
+  mgr_opts.build_threads = static_cast<int>(c.worker_threads());
+  ASSIGN_OR_RETURN(manager_, SessionManager::Create(mgr_opts));
+
+  ASSIGN_OR_RETURN(auth_, Authenticator::Create(c.auth()));
+  internal_admin_.tenant = "icecached";
+  internal_admin_.uid = ::getuid();
+  internal_admin_.admin = true;
+
+  deps_.manager = manager_.get();
+  deps_.buffers = buffers_.get();
+  deps_.auth = auth_.get();
+  deps_.peers = &peers_;
+  deps_.metrics = rpc_metrics_.get();
+  deps_.config = &config_;
+  deps_.start_unix_ms = absl::ToUnixMillis(absl::Now());
+  deps_.on_drain = [this](bool shutdown) {
+    BeginDrain();
+    if (shutdown) RequestShutdown();
+  };
+  session_service_ = std::make_unique<SessionServiceImpl>(deps_);
+  buffer_service_ = std::make_unique<BufferServiceImpl>(deps_);
+  kv_service_ = std::make_unique<KvServiceImpl>(deps_);
+  admin_service_ = std::make_unique<AdminServiceImpl>(deps_);
+
+  // Bind the socket before starting gRPC so a busy path fails fast.
+  ASSIGN_OR_RETURN(listener_, UnixListener::Create(c.listen().unix_socket(),
+                                                   static_cast<mode_t>(c.listen().unix_socket_mode())));
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.RegisterService(session_service_.get());
+  builder.RegisterService(buffer_service_.get());
+  builder.RegisterService(kv_service_.get());
+  builder.RegisterService(admin_service_.get());
+  builder.SetMaxReceiveMessageSize(static_cast<int>(c.limits().max_receive_message_bytes()));
+  grpc::ResourceQuota quota("icecached");
+  quota.SetMaxThreads(static_cast<int>(c.limits().max_concurrent_calls()));
+  builder.SetResourceQuota(quota);
+  int tcp_port = 0;
+  if (!c.listen().tcp_address().empty()) {
+    ASSIGN_OR_RETURN(std::string cert, ReadFile(c.listen().tls_cert_file(), "listen.tls_cert_file"));
+    ASSIGN_OR_RETURN(std::string key, ReadFile(c.listen().tls_key_file(), "listen.tls_key_file"));
+    grpc::SslServerCredentialsOptions ssl;
+    ssl.pem_key_cert_pairs.push_back({key, cert});
+    builder.AddListeningPort(c.listen().tcp_address(), grpc::SslServerCredentials(ssl), &tcp_port);
+  }
+  server_ = builder.BuildAndStart();
+  if (server_ == nullptr) {
+    return absl::InternalError(absl::StrCat("gRPC server failed to start",
+                                            c.listen().tcp_address().empty()
+                                                ? ""
+                                                : absl::StrCat(" (TCP ", c.listen().tcp_address(),
+                                                               ": port busy or bad TLS files?)")));
+  }
+  if (!c.listen().tcp_address().empty() && tcp_port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", c.listen().tcp_address()));
+  }
+  server_->GetHealthCheckService()->SetServingStatus(true);
+
+  listener_->Start([this](int fd, const PeerCred& cred) {
+    // Record the peer before gRPC can see a call on this fd (auth.h).
+    peers_.Set(fd, cred);
+    Log(LogLevel::kDebug, "connection", {{"fd", fd}, {"uid", cred.uid}, {"pid", cred.pid}});
+    grpc::AddInsecureChannelFromFd(server_.get(), fd);
+  });
+
+  // Scrape-time metrics from the core.
+  pool_bytes_ = registry_.AddSnapshot("icecache_pool_bytes", "Pool bytes by state",
+                                      MetricType::kGauge, {"state"});
+  tenant_bytes_ = registry_.AddSnapshot("icecache_tenant_used_bytes", "Pool bytes used per tenant",
+                                        MetricType::kGauge, {"tenant"});
+  tenant_quota_ = registry_.AddSnapshot("icecache_tenant_quota_bytes",
+                                        "Tenant quota (absent = none)", MetricType::kGauge,
+                                        {"tenant"});
+  tenant_sessions_ = registry_.AddSnapshot("icecache_tenant_sessions", "Sessions per tenant",
+                                           MetricType::kGauge, {"tenant"});
+  class_frames_ = registry_.AddSnapshot("icecache_pool_class_frames",
+                                        "Frames per size class and state", MetricType::kGauge,
+                                        {"frame_bytes", "state"});
+  sessions_ = registry_.AddSnapshot("icecache_sessions", "Live sessions", MetricType::kGauge, {});
+  buffers_gauge_ = registry_.AddSnapshot("icecache_buffers", "Registered buffers",
+                                         MetricType::kGauge, {});
+  session_events_ = registry_.AddSnapshot("icecache_session_events_total",
+                                          "Session lifecycle events since start",
+                                          MetricType::kCounter, {"event"});
+  draining_gauge_ = registry_.AddSnapshot("icecache_draining", "1 while draining",
+                                          MetricType::kGauge, {});
+  connections_ = registry_.AddSnapshot("icecache_unix_connections_total",
+                                       "Unix-socket connections accepted", MetricType::kCounter, {});
+  registry_.AddCollector([this] { CollectMetrics(); });
+
+  if (c.metrics().port() != 0) RETURN_IF_ERROR(StartMetricsHttp());
+  Log(LogLevel::kInfo, "started",
+      {{"socket", listener_->path()}, {"epoch", manager_->epoch()},
+       {"capacity_bytes", c.pool().capacity_bytes()}, {"metrics_port", metrics_port_},
+       {"tcp", c.listen().tcp_address().empty() ? "off" : c.listen().tcp_address()},
+       {"cuda", cuda_->available() ? "yes" : "no"}});
+  return absl::OkStatus();
+}
+
+void Daemon::CollectMetrics() {
+  absl::StatusOr<ManagerStats> stats = manager_->Stats(internal_admin_);
+  absl::StatusOr<std::vector<TenantInfo>> tenants = manager_->ListTenants(internal_admin_);
+  if (!stats.ok() || !tenants.ok()) return;
+  const PoolStats& p = stats->pool;
+  pool_bytes_->Replace({{{"capacity"}, double(p.capacity_bytes)},
+                        {{"reserved"}, double(p.reserved_bytes)},
+                        {{"used"}, double(p.used_bytes)},
+                        {{"free"}, double(p.capacity_bytes - std::min(p.capacity_bytes, p.used_bytes))}});
+  std::vector<SnapshotFamily::Sample> used, quota, sess;
+  for (const TenantInfo& t : *tenants) {
+    used.push_back({{t.tenant}, double(t.used_bytes)});
+    if (t.quota_bytes != kUnlimitedQuota) quota.push_back({{t.tenant}, double(t.quota_bytes)});
+    sess.push_back({{t.tenant}, double(t.sessions)});
+  }
+  tenant_bytes_->Replace(std::move(used));
+  tenant_quota_->Replace(std::move(quota));
+  tenant_sessions_->Replace(std::move(sess));
+  std::vector<SnapshotFamily::Sample> frames;
+  for (const SizeClassStats& cl : p.classes) {
+    const std::string fb = absl::StrCat(cl.frame_bytes);
+    frames.push_back({{fb, "used"}, double(cl.frames_used)});
+    frames.push_back({{fb, "free"}, double(cl.frames_free)});
+  }
+  class_frames_->Replace(std::move(frames));
+  sessions_->Replace({{{}, double(stats->sessions)}});
+  buffers_gauge_->Replace({{{}, double(stats->buffers)}});
+  session_events_->Replace({{{"created"}, double(stats->sessions_created)},
+                            {{"dropped"}, double(stats->sessions_dropped)},
+                            {{"evicted"}, double(stats->sessions_evicted)},
+                            {{"expired"}, double(stats->sessions_expired)},
+                            {{"admission_rejected"}, double(stats->admissions_rejected)}});
+  draining_gauge_->Replace({{{}, stats->draining ? 1.0 : 0.0}});
+  connections_->Replace({{{}, double(listener_ ? listener_->accepted() : 0)}});
+}
+
+absl::Status Daemon::StartMetricsHttp() {
+  http_ = std::make_unique<httplib::Server>();
+  http_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(registry_.Render(), "text/plain; version=0.0.4; charset=utf-8");
+  });
+  http_->Get("/healthz", [this](const httplib::Request&, httplib::Response& res) {
+    if (draining_.load()) {
+      res.status = 503;
+      res.set_content("draining\n", "text/plain");
+    } else {
+      res.set_content("ok\n", "text/plain");
+    }
+  });
+  const int port = static_cast<int>(config_.metrics().port());
+  if (!http_->bind_to_port(config_.metrics().address().c_str(), port)) {
+    http_.reset();
+    return absl::UnavailableError(absl::StrCat(
+        "metrics endpoint: cannot bind ", config_.metrics().address(), ":", port,
+        " (in use?); choose another --metrics_port or 0 to turn it off"));
+  }
+  metrics_port_ = port;
+  http_thread_ = std::thread([this] { http_->listen_after_bind(); });
+  return absl::OkStatus();
+}
+
+void Daemon::BeginDrain() {
+  if (draining_.exchange(true)) return;
+  absl::StatusOr<int> in_flight = manager_->Drain(internal_admin_, true);
+  if (server_) server_->GetHealthCheckService()->SetServingStatus(false);
+  Log(LogLevel::kWarn, "draining", {{"in_flight", in_flight.ok() ? *in_flight : -1}});
+}
+
+void Daemon::RequestShutdown() {
+  absl::MutexLock lock(&mu_);
+  shutdown_requested_ = true;
+}
+
+void Daemon::WaitForShutdownRequest() {
+  absl::MutexLock lock(&mu_);
+  mu_.Await(absl::Condition(&shutdown_requested_));
+}
+
+void Daemon::Shutdown() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (shut_down_) return;
+    shut_down_ = true;
+    shutdown_requested_ = true;
+  }
+  if (manager_) BeginDrain();
+  const auto t0 = std::chrono::steady_clock::now();
+  // No new connections; existing ones keep their in-flight calls.
+  if (listener_) listener_->Stop();
+  if (server_) {
+    const auto deadline = std::chrono::system_clock::now() +
+                          std::chrono::milliseconds(config_.drain_timeout_ms());
+    server_->Shutdown(deadline);
+    server_->Wait();
+  }
+  if (http_) {
+    http_->stop();
+    if (http_thread_.joinable()) http_thread_.join();
+  }
+  Log(LogLevel::kInfo, "stopped",
+      {{"drain_ms", static_cast<int64_t>(std::chrono::duration<double, std::milli>(
+                                             std::chrono::steady_clock::now() - t0)
+                                             .count())}});
+}
+
+Daemon::~Daemon() {
+  bool started;
+  {
+    absl::MutexLock lock(&mu_);
+    started = !shut_down_;
+  }
+  if (started) Shutdown();
+}
+
+}  // namespace icecache::rpc

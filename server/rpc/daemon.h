@@ -1,0 +1,118 @@
+// Daemon: everything icecached runs, wired together (DESIGN.md 2, 7, 8).
+//
+// Create() builds the core (PagePool, BufferRegistry, SessionManager with its
+// lease reaper), the authenticator, the metrics registry and the gRPC server
+// (the four icecache.v1 services, grpc.health.v1, server reflection; no
+// listening port of its own besides the optional TLS TCP port), then the
+// Unix-socket listener (unix_listener.h) and, when metrics.port != 0, the
+// loopback HTTP endpoint (/metrics in Prometheus text format, /healthz).
+//
+// Shutdown sequence (SIGTERM/SIGINT, or AdminService.Drain(shutdown)):
+// BeginDrain() makes CreateSession answer UNAVAILABLE and health report
+// NOT_SERVING; Shutdown() then stops accepting connections, lets in-flight
+// calls finish for up to drain_timeout_ms (then cancels them) and stops
+// everything. Both are idempotent.
+//
+// Thread safety: BeginDrain, RequestShutdown and WaitForShutdownRequest are
+// thread-safe; Start/Shutdown are called by the owning (main) thread.
+#ifndef ICECACHE_SERVER_RPC_DAEMON_H_
+#define ICECACHE_SERVER_RPC_DAEMON_H_
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "icecache/v1/config.pb.h"
+#include "server/pool/page_pool.h"
+#include "server/rpc/auth.h"
+#include "server/rpc/metrics.h"
+#include "server/rpc/services.h"
+#include "server/rpc/unix_listener.h"
+#include "server/session/session_manager.h"
+#include "server/transfer/buffer_registry.h"
+#include "server/transfer/cuda_runtime.h"
+
+namespace httplib {
+class Server;
+}
+
+namespace icecache::rpc {
+
+class Daemon {
+ public:
+  // `config` must be defaulted and valid (ApplyDefaults + ValidateConfig).
+  // Errors: those of PagePool/BufferRegistry/SessionManager creation, of the
+  // Unix listener (socket path busy, not a socket, no permission), TLS files
+  // unreadable (InvalidArgument), gRPC failing to start (Internal), the
+  // metrics port unavailable (Unavailable).
+  static absl::StatusOr<std::unique_ptr<Daemon>> Create(const v1::IcecachedConfig& config);
+  ~Daemon();  // Shutdown() if not done.
+  Daemon(const Daemon&) = delete;
+  Daemon& operator=(const Daemon&) = delete;
+
+  const std::string& socket_path() const { return listener_->path(); }
+  int metrics_port() const { return metrics_port_; }  // 0 when off
+  uint64_t epoch() const { return manager_->epoch(); }
+
+  void BeginDrain();
+  // Wakes WaitForShutdownRequest (signal-thread safe; not async-signal-safe).
+  void RequestShutdown();
+  void WaitForShutdownRequest();
+  // Drains, waits for in-flight calls (bounded by drain_timeout_ms), stops.
+  void Shutdown();
+
+  Registry* metrics() { return &registry_; }
+
+ private:
+  explicit Daemon(const v1::IcecachedConfig& config);
+  absl::Status Init();
+  absl::Status StartMetricsHttp();
+  void CollectMetrics();
+
+  const v1::IcecachedConfig config_;
+  Registry registry_;
+  std::unique_ptr<RpcMetrics> rpc_metrics_;
+  std::unique_ptr<CudaRuntime> cuda_;
+  std::unique_ptr<PagePool> pool_;
+  std::unique_ptr<BufferRegistry> buffers_;
+  std::unique_ptr<SessionManager> manager_;
+  std::unique_ptr<Authenticator> auth_;
+  PeerTable peers_;
+  ServiceDeps deps_;
+  std::unique_ptr<SessionServiceImpl> session_service_;
+  std::unique_ptr<BufferServiceImpl> buffer_service_;
+  std::unique_ptr<KvServiceImpl> kv_service_;
+  std::unique_ptr<AdminServiceImpl> admin_service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<UnixListener> listener_;
+  std::unique_ptr<httplib::Server> http_;
+  std::thread http_thread_;
+  int metrics_port_ = 0;
+  Caller internal_admin_;  // for stats collection
+
+  SnapshotFamily* pool_bytes_ = nullptr;
+  SnapshotFamily* tenant_bytes_ = nullptr;
+  SnapshotFamily* tenant_quota_ = nullptr;
+  SnapshotFamily* tenant_sessions_ = nullptr;
+  SnapshotFamily* class_frames_ = nullptr;
+  SnapshotFamily* sessions_ = nullptr;
+  SnapshotFamily* buffers_gauge_ = nullptr;
+  SnapshotFamily* session_events_ = nullptr;
+  SnapshotFamily* draining_gauge_ = nullptr;
+  SnapshotFamily* connections_ = nullptr;
+
+  std::atomic<bool> draining_{false};
+  absl::Mutex mu_;
+  bool shutdown_requested_ ABSL_GUARDED_BY(mu_) = false;
+  bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace icecache::rpc
+
+#endif  // ICECACHE_SERVER_RPC_DAEMON_H_

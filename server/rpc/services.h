@@ -1,0 +1,158 @@
+// The icecache.v1 gRPC services: thin handlers over SessionManager and
+// BufferRegistry (DESIGN.md 7). Each handler resolves the caller (auth.h),
+// converts the request (convert.h), calls the core, converts back and maps
+// the status (status.h); metrics and a debug log line are recorded for
+// every call.
+//
+// API choice: synchronous gRPC services. Every handler's work is bounded
+// (selection of one layer, a copy of at most one layer group's pages, an
+// append bounded by the receive limit), the sync server's threads are capped
+// by limits.max_concurrent_calls (grpc::ResourceQuota), and the bidi
+// DecodeStep loop reads naturally as a loop. With the callback API this
+// work would have to move to a second pool to keep reactions off the
+// callback threads, for no gain at this scale.
+//
+// Ownership: ServiceDeps pointers are not owned and must outlive the
+// services. Thread safety: handlers run concurrently; all state they touch
+// is thread-safe.
+#ifndef ICECACHE_SERVER_RPC_SERVICES_H_
+#define ICECACHE_SERVER_RPC_SERVICES_H_
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <string>
+#include "absl/strings/string_view.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/statusor.h"
+#include "icecache/v1/admin.grpc.pb.h"
+#include "icecache/v1/buffer.grpc.pb.h"
+#include "icecache/v1/config.pb.h"
+#include "icecache/v1/kv.grpc.pb.h"
+#include "icecache/v1/session.grpc.pb.h"
+#include "server/pool/tenant.h"
+#include "server/rpc/auth.h"
+#include "server/rpc/convert.h"
+#include "server/rpc/metrics.h"
+#include "server/session/session_manager.h"
+#include "server/transfer/buffer_registry.h"
+
+namespace icecache::rpc {
+
+// Metric families the services record into (created on a Registry).
+struct RpcMetrics {
+  explicit RpcMetrics(Registry* registry);
+  Family<Histogram>* rpc_seconds;        // {method}
+  Family<Counter>* rpc_total;            // {method, code}
+  Family<Counter>* rejected_total;       // {code} (non-OK answers)
+  Family<Histogram>* select_seconds;     // {} SelectPages / the select part of DecodeStep
+  Family<Histogram>* fetch_seconds;      // {} FetchPages
+  Family<Histogram>* decode_step_seconds;  // {} one DecodeStep layer message
+  Family<Counter>* bytes_total;          // {direction = append_inline|append_buffer|fetch}
+  Gauge* in_flight;
+};
+
+struct ServiceDeps {
+  SessionManager* manager = nullptr;
+  BufferRegistry* buffers = nullptr;
+  const Authenticator* auth = nullptr;
+  const PeerTable* peers = nullptr;
+  RpcMetrics* metrics = nullptr;
+  const v1::IcecachedConfig* config = nullptr;  // defaulted and validated
+  int64_t start_unix_ms = 0;
+  // Called by AdminService.Drain: begins draining (health NOT_SERVING) and,
+  // when `shutdown`, asks the daemon to exit after in-flight calls.
+  std::function<void(bool shutdown)> on_drain;
+};
+
+// Shared by the four services: caller resolution and per-call bookkeeping.
+class CallContext {
+ public:
+  explicit CallContext(const ServiceDeps& deps) : deps_(deps) {}
+  // Resolves the caller of `ctx` (Unauthenticated / PermissionDenied).
+  absl::StatusOr<Caller> ResolveCaller(grpc::ServerContext* ctx) const;
+  // Runs `fn(caller)` with metrics and logging; `admin_only` checks the
+  // role first (PermissionDenied naming how to get it).
+  grpc::Status Run(grpc::ServerContext* ctx, const char* method, bool admin_only,
+                   const std::function<absl::Status(const Caller&)>& fn);
+  const ServiceDeps& deps() const { return deps_; }
+  void Record(const char* method, const absl::Status& status, double seconds);
+
+ private:
+  const ServiceDeps& deps_;
+};
+
+class SessionServiceImpl final : public v1::SessionService::Service {
+ public:
+  explicit SessionServiceImpl(const ServiceDeps& deps) : call_(deps) {}
+  grpc::Status CreateSession(grpc::ServerContext* ctx, const v1::CreateSessionRequest* req,
+                             v1::CreateSessionResponse* resp) override;
+  grpc::Status GetSession(grpc::ServerContext* ctx, const v1::GetSessionRequest* req,
+                          v1::GetSessionResponse* resp) override;
+  grpc::Status ListSessions(grpc::ServerContext* ctx, const v1::ListSessionsRequest* req,
+                            v1::ListSessionsResponse* resp) override;
+  grpc::Status DropSession(grpc::ServerContext* ctx, const v1::DropSessionRequest* req,
+                           v1::DropSessionResponse* resp) override;
+  grpc::Status KeepAlive(grpc::ServerContext* ctx, const v1::KeepAliveRequest* req,
+                         v1::KeepAliveResponse* resp) override;
+
+ private:
+  CallContext call_;
+};
+
+class BufferServiceImpl final : public v1::BufferService::Service {
+ public:
+  explicit BufferServiceImpl(const ServiceDeps& deps) : call_(deps) {}
+  grpc::Status RegisterBuffer(grpc::ServerContext* ctx, const v1::RegisterBufferRequest* req,
+                              v1::RegisterBufferResponse* resp) override;
+  grpc::Status UnregisterBuffer(grpc::ServerContext* ctx, const v1::UnregisterBufferRequest* req,
+                                v1::UnregisterBufferResponse* resp) override;
+
+ private:
+  CallContext call_;
+};
+
+class KvServiceImpl final : public v1::KvService::Service {
+ public:
+  explicit KvServiceImpl(const ServiceDeps& deps) : call_(deps) {}
+  grpc::Status AppendKv(grpc::ServerContext* ctx, const v1::AppendKvRequest* req,
+                        v1::AppendKvResponse* resp) override;
+  grpc::Status SelectPages(grpc::ServerContext* ctx, const v1::SelectPagesRequest* req,
+                           v1::SelectPagesResponse* resp) override;
+  grpc::Status FetchPages(grpc::ServerContext* ctx, const v1::FetchPagesRequest* req,
+                          v1::FetchPagesResponse* resp) override;
+  grpc::Status DecodeStep(
+      grpc::ServerContext* ctx,
+      grpc::ServerReaderWriter<v1::DecodeStepResponse, v1::DecodeStepRequest>* stream) override;
+
+ private:
+  CallContext call_;
+};
+
+class AdminServiceImpl final : public v1::AdminService::Service {
+ public:
+  explicit AdminServiceImpl(const ServiceDeps& deps) : call_(deps) {}
+  grpc::Status GetStats(grpc::ServerContext* ctx, const v1::GetStatsRequest* req,
+                        v1::GetStatsResponse* resp) override;
+  grpc::Status ListTenants(grpc::ServerContext* ctx, const v1::ListTenantsRequest* req,
+                           v1::ListTenantsResponse* resp) override;
+  grpc::Status SetQuota(grpc::ServerContext* ctx, const v1::SetQuotaRequest* req,
+                        v1::SetQuotaResponse* resp) override;
+  grpc::Status EvictSession(grpc::ServerContext* ctx, const v1::EvictSessionRequest* req,
+                            v1::EvictSessionResponse* resp) override;
+  grpc::Status PinSession(grpc::ServerContext* ctx, const v1::PinSessionRequest* req,
+                          v1::PinSessionResponse* resp) override;
+  grpc::Status Drain(grpc::ServerContext* ctx, const v1::DrainRequest* req,
+                     v1::DrainResponse* resp) override;
+  grpc::Status GetConfig(grpc::ServerContext* ctx, const v1::GetConfigRequest* req,
+                         v1::GetConfigResponse* resp) override;
+
+ private:
+  CallContext call_;
+};
+
+}  // namespace icecache::rpc
+
+#endif  // ICECACHE_SERVER_RPC_SERVICES_H_
