@@ -62,6 +62,16 @@ struct MdciParams {
   // Fraction of keys above the norm bound that triggers a rebuild.
   float rebuild_fraction = 0.02f;
   uint64_t seed = 1234;
+  // --- DCI-tree knobs added by mdci (see server/index/mdci_selector.h) ---
+  int promotion_ratio = 0;     // r; 0 = max(2, page_tokens) (one full page per logical node)
+  int route_fov = 3;           // nodes kept per level when routing a key (build, insert)
+  int build_candidates = 8;    // parents considered per key by the capacity-aware bulk build
+  int refine_iters = 1;        // bulk build: level-0 re-assignments against full centroids
+  // Upper levels keep nodes (beyond field_of_view) until they hold
+  // cover_factor x candidate tokens.
+  float cover_factor = 2.0f;
+  int entry_nodes = 1024;      // descent starts at the lowest level with <= this many nodes
+  float spread_weight = 0.0f;  // weight of a node's key spread in its estimated mass
 };
 
 struct SelectorConfig {

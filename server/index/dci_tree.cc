@@ -1,0 +1,699 @@
+#include "server/index/dci_tree.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "server/index/kernels.h"
+
+namespace icecache {
+
+
+namespace {
+
+float SquaredNorm(const float* x, int dim) { return DotF32(x, x, dim); }
+
+absl::Status CheckKeys(const float* keys, int64_t n, int dim,
+                       const std::vector<Placement>* placements) {
+  if (keys == nullptr || placements == nullptr) {
+    return absl::InvalidArgumentError("keys and placements must not be null");
+  }
+  if (n < 1) return absl::InvalidArgumentError(absl::StrCat("key count must be > 0, got ", n));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int c = 0; c < dim; ++c) {
+      if (!std::isfinite(keys[i * dim + c])) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("key row ", i, " column ", c, " is not finite"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+size_t DciTree::Level::bytes(int dim) const {
+  size_t b = (key.capacity() + parent.capacity() + count.capacity()) * sizeof(uint32_t) +
+             (centroid.capacity() + abar.capacity() + m2.capacity() + half_sq.capacity()) *
+                 sizeof(float) +
+             children.capacity() * sizeof(std::vector<uint32_t>);
+  for (const auto& c : children) b += c.capacity() * sizeof(uint32_t);
+  return b;
+}
+
+absl::StatusOr<std::unique_ptr<DciTree>> DciTree::Create(const DciTreeParams& params) {
+  if (params.dim < 1 || params.dim > 1024) {
+    return absl::InvalidArgumentError(absl::StrCat("DCI-tree dim must be in [1, 1024], got ",
+                                                   params.dim));
+  }
+  if (params.page_tokens < 1 || params.page_tokens > 256) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("DCI-tree page_tokens must be in [1, 256], got ", params.page_tokens));
+  }
+  if (params.ratio < 0 || params.ratio == 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("DCI-tree promotion ratio must be 0 (auto) or >= 2, got ", params.ratio));
+  }
+  if (params.route_fov < 1 || params.build_candidates < 1 || params.refine_iters < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "DCI-tree route_fov and build_candidates must be >= 1 and refine_iters >= 0, got ",
+        params.route_fov, ", ", params.build_candidates, ", ", params.refine_iters));
+  }
+  ASSIGN_OR_RETURN(MipsAugmentation mips,
+                   MipsAugmentation::FromMaxNorm(1.0f, params.dim, params.norm_headroom,
+                                                 params.rebuild_fraction));
+  const int ratio = params.ratio > 0 ? params.ratio : std::max(2, params.page_tokens);
+  return std::unique_ptr<DciTree>(new DciTree(params, ratio, mips));
+}
+
+DciTree::~DciTree() = default;
+
+uint32_t DciTree::level_size(int level) const {
+  if (level == 0) return static_cast<uint32_t>(key_top_.size());
+  if (level < 1 || level > top_level()) return 0;
+  return levels_[level].size();
+}
+
+int DciTree::PromotionLevel(std::vector<uint32_t>* counts) const {
+  auto& c = *counts;
+  ++c[0];
+  int l = 0;
+  for (;;) {
+    const uint64_t above = l + 1 < static_cast<int>(c.size()) ? c[l + 1] : 0;
+    const bool bootstrap = l == 0 && above == 0;  // the first key opens level 1
+    if (!bootstrap && c[l] < static_cast<uint64_t>(ratio_) * (above + 1)) break;
+    if (l + 1 == static_cast<int>(c.size())) c.push_back(0);
+    ++c[l + 1];
+    ++l;
+  }
+  return l;
+}
+
+float DciTree::RouteScore(int level, uint32_t node, const float* x, float a) const {
+  const Level& L = levels_[level];
+  return DotF32(x, &L.centroid[static_cast<size_t>(node) * params_.dim], params_.dim) +
+         a * L.abar[node] - L.half_sq[node];
+}
+
+void DciTree::Route(const float* x, float a, int target, int keep,
+                    const std::vector<std::vector<int32_t>>* free, RouteScratch* s,
+                    std::vector<std::pair<float, uint32_t>>* out) const {
+  out->clear();
+  const int top = top_level();
+  s->cand.resize(levels_[top].size());
+  std::iota(s->cand.begin(), s->cand.end(), 0u);
+  auto better = [](const std::pair<float, uint32_t>& p, const std::pair<float, uint32_t>& q) {
+    return p.first > q.first || (p.first == q.first && p.second < q.second);
+  };
+  for (int j = top;; --j) {
+    s->scored.clear();
+    for (uint32_t node : s->cand) {
+      if (free != nullptr && (*free)[j][node] <= 0) continue;
+      s->scored.push_back({RouteScore(j, node, x, a), node});
+    }
+    if (j == target) {
+      const size_t k = std::min<size_t>(keep, s->scored.size());
+      std::partial_sort(s->scored.begin(), s->scored.begin() + k, s->scored.end(), better);
+      out->assign(s->scored.begin(), s->scored.begin() + k);
+      return;
+    }
+    const size_t k = std::min<size_t>(params_.route_fov, s->scored.size());
+    std::partial_sort(s->scored.begin(), s->scored.begin() + k, s->scored.end(), better);
+    s->next.clear();
+    for (size_t i = 0; i < k; ++i) {
+      const auto& ch = levels_[j].children[s->scored[i].second];
+      s->next.insert(s->next.end(), ch.begin(), ch.end());
+    }
+    s->cand.swap(s->next);
+  }
+}
+
+void DciTree::InitNodeRep(int level, uint32_t node, const float* x, float a, float sq) {
+  Level& L = levels_[level];
+  const int d = params_.dim;
+  std::copy(x, x + d, &L.centroid[static_cast<size_t>(node) * d]);
+  L.abar[node] = a;
+  L.m2[node] = sq;
+  L.count[node] = 1;
+  L.half_sq[node] = 0.5f * (sq + a * a);
+}
+
+void DciTree::UpdateNodeRep(int level, uint32_t node, const float* x, float a, float sq) {
+  Level& L = levels_[level];
+  const int d = params_.dim;
+  float* c = &L.centroid[static_cast<size_t>(node) * d];
+  const uint32_t cnt = ++L.count[node];
+  const float w = 1.0f / static_cast<float>(cnt);
+  for (int k = 0; k < d; ++k) c[k] += (x[k] - c[k]) * w;
+  L.abar[node] += (a - L.abar[node]) * w;
+  L.m2[node] += (sq - L.m2[node]) * w;
+  L.half_sq[node] = 0.5f * (SquaredNorm(c, d) + L.abar[node] * L.abar[node]);
+}
+
+void DciTree::SetRepsFromKeys(int level, const float* keys, const float* aug,
+                              const std::vector<std::vector<uint32_t>>* members) {
+  Level& L = levels_[level];
+  const int d = params_.dim;
+  std::vector<double> acc(d);
+  for (uint32_t node = 0; node < L.size(); ++node) {
+    float* c = &L.centroid[static_cast<size_t>(node) * d];
+    if (members == nullptr) {
+      const float* x = keys + static_cast<size_t>(L.key[node]) * d;
+      InitNodeRep(level, node, x, aug[L.key[node]], SquaredNorm(x, d));
+      continue;
+    }
+    const auto& mem = (*members)[node];
+    std::fill(acc.begin(), acc.end(), 0.0);
+    double sa = 0.0, sm2 = 0.0;
+    for (uint32_t key : mem) {
+      const float* x = keys + static_cast<size_t>(key) * d;
+      for (int k = 0; k < d; ++k) acc[k] += x[k];
+      sa += aug[key];
+      sm2 += SquaredNorm(x, d);
+    }
+    const double inv = mem.empty() ? 0.0 : 1.0 / static_cast<double>(mem.size());
+    for (int k = 0; k < d; ++k) c[k] = static_cast<float>(acc[k] * inv);
+    L.abar[node] = static_cast<float>(sa * inv);
+    L.m2[node] = static_cast<float>(sm2 * inv);
+    L.count[node] = static_cast<uint32_t>(mem.size());
+    L.half_sq[node] = 0.5f * (SquaredNorm(c, d) + L.abar[node] * L.abar[node]);
+  }
+}
+
+void DciTree::AggregateUp(int from_level) {
+  const int d = params_.dim;
+  std::vector<double> acc(d);
+  for (int j = std::max(2, from_level); j <= top_level(); ++j) {
+    Level& L = levels_[j];
+    const Level& B = levels_[j - 1];
+    for (uint32_t node = 0; node < L.size(); ++node) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      double sa = 0.0, sm2 = 0.0, cnt = 0.0;
+      for (uint32_t ch : L.children[node]) {
+        const double w = B.count[ch];
+        const float* c = &B.centroid[static_cast<size_t>(ch) * d];
+        for (int k = 0; k < d; ++k) acc[k] += w * c[k];
+        sa += w * B.abar[ch];
+        sm2 += w * B.m2[ch];
+        cnt += w;
+      }
+      const double inv = cnt > 0 ? 1.0 / cnt : 0.0;
+      float* c = &L.centroid[static_cast<size_t>(node) * d];
+      for (int k = 0; k < d; ++k) c[k] = static_cast<float>(acc[k] * inv);
+      L.abar[node] = static_cast<float>(sa * inv);
+      L.m2[node] = static_cast<float>(sm2 * inv);
+      L.count[node] = static_cast<uint32_t>(cnt);
+      L.half_sq[node] = 0.5f * (SquaredNorm(c, d) + L.abar[node] * L.abar[node]);
+    }
+  }
+}
+
+void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items,
+                                 const float* keys, const float* aug, int capacity,
+                                 std::vector<uint32_t>* parent_of) {
+  const int d = params_.dim;
+  const int C = params_.build_candidates;
+  struct Pair {
+    float score;
+    uint32_t item;
+    uint32_t node;
+  };
+  std::vector<Pair> pairs;
+  pairs.reserve(items.size() * C);
+  RouteScratch rs;
+  std::vector<std::pair<float, uint32_t>> out;
+  std::vector<uint32_t> best(items.size(), kNone);
+  for (size_t i = 0; i < items.size(); ++i) {
+    const float* x = keys + static_cast<size_t>(items[i]) * d;
+    Route(x, aug[items[i]], level, C, nullptr, &rs, &out);
+    if (!out.empty()) best[i] = out[0].second;
+    for (const auto& o : out) pairs.push_back({o.first, static_cast<uint32_t>(i), o.second});
+  }
+  std::sort(pairs.begin(), pairs.end(), [](const Pair& a, const Pair& b) {
+    if (a.score != b.score) return a.score > b.score;
+    if (a.item != b.item) return a.item < b.item;
+    return a.node < b.node;
+  });
+  const uint32_t num_nodes = levels_[level].size();
+  std::vector<int32_t> load(num_nodes, 0);
+  parent_of->assign(items.size(), kNone);
+  std::vector<uint32_t> leftover_order;
+  std::vector<uint8_t> seen(items.size(), 0);
+  for (const Pair& p : pairs) {
+    if ((*parent_of)[p.item] != kNone) continue;
+    if (load[p.node] < capacity) {
+      (*parent_of)[p.item] = p.node;
+      ++load[p.node];
+    } else if (!seen[p.item]) {
+      // Best-first order of the keys that may end up without a candidate.
+      seen[p.item] = 1;
+      leftover_order.push_back(p.item);
+    }
+  }
+  // Keys whose candidates all filled up: descend again, only through nodes
+  // with room left, so pages stay full.
+  std::vector<std::vector<int32_t>> free(levels_.size());
+  free[level].resize(num_nodes);
+  for (uint32_t i = 0; i < num_nodes; ++i) free[level][i] = capacity - load[i];
+  for (int j = level + 1; j <= top_level(); ++j) {
+    free[j].assign(levels_[j].size(), 0);
+    for (uint32_t node = 0; node < levels_[j].size(); ++node) {
+      int64_t f = 0;
+      for (uint32_t ch : levels_[j].children[node]) f += std::max(0, free[j - 1][ch]);
+      free[j][node] = static_cast<int32_t>(std::min<int64_t>(f, INT32_MAX));
+    }
+  }
+  for (uint32_t i : leftover_order) {
+    if ((*parent_of)[i] != kNone) continue;
+    const float* x = keys + static_cast<size_t>(items[i]) * d;
+    Route(x, aug[items[i]], level, 1, &free, &rs, &out);
+    uint32_t node = out.empty() ? best[i] : out[0].second;
+    if (node == kNone) node = 0;
+    (*parent_of)[i] = node;
+    if (!out.empty()) {
+      uint32_t n = node;
+      for (int j = level; j <= top_level() && n != kNone; ++j) {
+        --free[j][n];
+        n = levels_[j].parent[n];
+      }
+    }
+  }
+  // Items never paired (cannot happen with a non-empty level; kept safe).
+  for (size_t i = 0; i < items.size(); ++i) {
+    if ((*parent_of)[i] == kNone) (*parent_of)[i] = best[i] != kNone ? best[i] : 0;
+  }
+}
+
+absl::Status DciTree::BulkBuild(const float* keys, int64_t n,
+                                std::vector<Placement>* placements) {
+  RETURN_IF_ERROR(CheckKeys(keys, n, params_.dim, placements));
+  if (num_tokens() != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("bulk build needs an empty tree; it holds ", num_tokens(), " tokens"));
+  }
+  if (n > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat("too many keys for one tree: ", n));
+  }
+  const int d = params_.dim;
+  ASSIGN_OR_RETURN(MipsAugmentation mips,
+                   MipsAugmentation::Create(keys, n, d, params_.norm_headroom,
+                                            params_.rebuild_fraction));
+  mips_ = mips;
+  mips_.Count(n, 0);
+  std::vector<float> aug(n);
+  for (int64_t i = 0; i < n; ++i) {
+    aug[i] = mips_.AugmentSquaredNorm(SquaredNorm(keys + i * d, d));
+  }
+
+  // Levels by the promotion rule, exactly as n Inserts would assign them.
+  std::vector<uint32_t> counts{0};
+  key_top_.resize(n);
+  key_node_.assign(n, kNone);
+  levels_.clear();
+  levels_.resize(1);
+  for (int64_t i = 0; i < n; ++i) {
+    const int t = PromotionLevel(&counts);
+    key_top_[i] = static_cast<uint8_t>(t);
+    if (static_cast<int>(levels_.size()) <= t) levels_.resize(t + 1);
+    uint32_t below = kNone;
+    for (int l = 1; l <= t; ++l) {
+      Level& L = levels_[l];
+      const uint32_t idx = L.size();
+      L.key.push_back(static_cast<uint32_t>(i));
+      L.parent.push_back(kNone);
+      if (l >= 2) {
+        L.children.emplace_back();
+        L.children.back().push_back(below);  // its own child
+        levels_[l - 1].parent[below] = idx;
+      }
+      below = idx;
+    }
+    if (t >= 1) key_node_[i] = below;
+  }
+  const int top = top_level();
+  for (int l = 1; l <= top; ++l) {
+    Level& L = levels_[l];
+    L.count.assign(L.size(), 0);
+    L.centroid.assign(static_cast<size_t>(L.size()) * d, 0.0f);
+    L.abar.assign(L.size(), 0.0f);
+    L.m2.assign(L.size(), 0.0f);
+    L.half_sq.assign(L.size(), 0.0f);
+    if (l == 1) L.children.clear();
+  }
+
+  // Parents level by level from the top, with a capacity of r children.
+  std::vector<uint32_t> parent_of;
+  std::vector<std::vector<uint32_t>> members(levels_[1].size());
+  for (int l = top - 1; l >= 0; --l) {
+    SetRepsFromKeys(l + 1, keys, aug.data(), nullptr);
+    AggregateUp(l + 2);
+    std::vector<uint32_t> items;
+    for (int64_t i = 0; i < n; ++i) {
+      if (key_top_[i] == l) items.push_back(static_cast<uint32_t>(i));
+    }
+    if (items.empty()) continue;
+    AssignWithCapacity(l + 1, items, keys, aug.data(), ratio_ - 1, &parent_of);
+    for (size_t i = 0; i < items.size(); ++i) {
+      const uint32_t p = parent_of[i];
+      if (l >= 1) {
+        const uint32_t idx = key_node_[items[i]];
+        levels_[l].parent[idx] = p;
+        levels_[l + 1].children[p].push_back(idx);
+      } else {
+        key_node_[items[i]] = p;
+        members[p].push_back(items[i]);
+      }
+    }
+  }
+  for (uint32_t node = 0; node < levels_[1].size(); ++node) {
+    members[node].push_back(levels_[1].key[node]);
+  }
+  SetRepsFromKeys(1, keys, aug.data(), &members);
+  AggregateUp(2);
+
+  // Refinement: re-assign level-0 keys against the full centroids.
+  std::vector<uint32_t> items;
+  for (int64_t i = 0; i < n; ++i) {
+    if (key_top_[i] == 0) items.push_back(static_cast<uint32_t>(i));
+  }
+  for (int it = 0; it < params_.refine_iters && !items.empty(); ++it) {
+    AssignWithCapacity(1, items, keys, aug.data(), ratio_ - 1, &parent_of);
+    for (auto& m : members) m.clear();
+    for (uint32_t node = 0; node < levels_[1].size(); ++node) {
+      members[node].push_back(levels_[1].key[node]);
+    }
+    for (size_t i = 0; i < items.size(); ++i) {
+      key_node_[items[i]] = parent_of[i];
+      members[parent_of[i]].push_back(items[i]);
+    }
+    SetRepsFromKeys(1, keys, aug.data(), &members);
+    AggregateUp(2);
+  }
+
+  // Pages: each logical node's keys in position order.
+  pages_ = DciPageTable(params_.page_tokens);
+  for (uint32_t node = 0; node < levels_[1].size(); ++node) {
+    auto& m = members[node];
+    std::sort(m.begin(), m.end());
+    pages_.AddNode();
+    std::vector<int32_t> pos(m.begin(), m.end());
+    pages_.AppendBulk(node, pos.data(), static_cast<int>(pos.size()));
+  }
+  if (!pages_.FinishBulk(n, placements)) {
+    return absl::InternalError("DCI-tree bulk build lost or duplicated a token");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement>* placements) {
+  RETURN_IF_ERROR(CheckKeys(keys, n, params_.dim, placements));
+  if (n > std::numeric_limits<int32_t>::max() - num_tokens()) {
+    return absl::InvalidArgumentError(absl::StrCat("too many keys for one tree: ", n));
+  }
+  const int d = params_.dim;
+  if (num_tokens() == 0) {
+    ASSIGN_OR_RETURN(MipsAugmentation mips,
+                     MipsAugmentation::Create(keys, n, d, params_.norm_headroom,
+                                              params_.rebuild_fraction));
+    mips_ = mips;
+    levels_.resize(1);
+  }
+  placements->clear();
+  placements->reserve(n);
+  std::vector<uint32_t> counts(levels_.size());
+  counts[0] = static_cast<uint32_t>(num_tokens());
+  for (size_t l = 1; l < levels_.size(); ++l) counts[l] = levels_[l].size();
+  RouteScratch rs;
+  std::vector<std::pair<float, uint32_t>> out;
+  for (int64_t i = 0; i < n; ++i) {
+    const float* x = keys + i * d;
+    const int32_t pos = static_cast<int32_t>(num_tokens());
+    const float sq = SquaredNorm(x, d);
+    const float a = mips_.Augment(x);
+    const int old_top = top_level();
+    const int t = PromotionLevel(&counts);
+    if (static_cast<int>(levels_.size()) <= t) levels_.resize(t + 1);
+    // New nodes of this key on levels 1..t, each its own child below.
+    uint32_t below = kNone;
+    for (int l = 1; l <= t; ++l) {
+      Level& L = levels_[l];
+      const uint32_t idx = L.size();
+      L.key.push_back(static_cast<uint32_t>(pos));
+      L.parent.push_back(kNone);
+      L.count.push_back(0);
+      L.centroid.resize(L.centroid.size() + d);
+      L.abar.push_back(0.0f);
+      L.m2.push_back(0.0f);
+      L.half_sq.push_back(0.0f);
+      if (l >= 2) {
+        L.children.emplace_back();
+        L.children.back().push_back(below);
+        levels_[l - 1].parent[below] = idx;
+      }
+      InitNodeRep(l, idx, x, a, sq);
+      below = idx;
+    }
+    uint32_t level1_node = kNone;
+    if (t >= 1) {
+      level1_node = pages_.AddNode();
+    }
+    if (t > old_top && old_top >= 1) {
+      // A new top level: the old top nodes become children of this key.
+      Level& T = levels_[t];
+      for (uint32_t node = 0; node < levels_[old_top].size(); ++node) {
+        if (node == levels_[old_top].size() - 1) continue;  // this key's own node
+        levels_[old_top].parent[node] = below;
+        T.children[below].push_back(node);
+      }
+      AggregateUp(t);
+    } else if (t < top_level()) {
+      Route(x, a, t + 1, 1, nullptr, &rs, &out);
+      const uint32_t p = out[0].second;
+      if (t >= 1) {
+        levels_[t].parent[below] = p;
+        levels_[t + 1].children[p].push_back(below);
+      } else {
+        level1_node = p;
+      }
+      uint32_t node = p;
+      for (int j = t + 1; j <= top_level() && node != kNone; ++j) {
+        UpdateNodeRep(j, node, x, a, sq);
+        node = levels_[j].parent[node];
+      }
+    }
+    if (t == 0 && t >= top_level()) level1_node = 0;  // unreachable: level 1 always exists
+    placements->push_back(pages_.Append(level1_node, pos));
+    key_top_.push_back(static_cast<uint8_t>(t));
+    key_node_.push_back(t >= 1 ? below : level1_node);
+  }
+  return absl::OkStatus();
+}
+
+void DciTree::CollectCandidates(const float* queries, int nq, float scale,
+                                const DciDescentParams& params, DciScratch* s,
+                                std::vector<uint32_t>* nodes, uint64_t* touched) const {
+  nodes->clear();
+  const int top = top_level();
+  if (top < 1) return;
+  const int d = params_.dim;
+  int entry = top;
+  for (int l = 1; l <= top; ++l) {
+    if (levels_[l].size() <= static_cast<uint32_t>(params.entry_nodes)) {
+      entry = l;
+      break;
+    }
+  }
+  s->qnorm2.resize(nq);
+  for (int j = 0; j < nq; ++j) s->qnorm2[j] = SquaredNorm(queries + static_cast<size_t>(j) * d, d);
+  s->cand.resize(levels_[entry].size());
+  std::iota(s->cand.begin(), s->cand.end(), 0u);
+  const float half_s2_over_d = params.spread_weight * 0.5f * scale * scale / d;
+  auto better = [](const std::pair<float, uint32_t>& p, const std::pair<float, uint32_t>& q) {
+    return p.first > q.first || (p.first == q.first && p.second < q.second);
+  };
+  for (int l = entry; l >= 1; --l) {
+    const Level& L = levels_[l];
+    const size_t nc = s->cand.size();
+    s->dots.resize(nc * nq);
+    // Score runs of consecutive node ids with one multi-query kernel call.
+    for (size_t b = 0; b < nc;) {
+      size_t e = b + 1;
+      while (e < nc && s->cand[e] == s->cand[e - 1] + 1) ++e;
+      const size_t run = e - b;
+      if (run == nc) {
+        DotRowsMulti(DType::kF32, &L.centroid[static_cast<size_t>(s->cand[b]) * d], run, d,
+                     queries, nq, s->dots.data());
+      } else {
+        for (size_t i = b; i < e; ++i) {
+          for (int j = 0; j < nq; ++j) {
+            s->dots[j * nc + i] = DotF32(queries + static_cast<size_t>(j) * d,
+                                         &L.centroid[static_cast<size_t>(s->cand[i]) * d], d);
+          }
+        }
+      }
+      b = e;
+    }
+    *touched += nc;
+    s->scored.resize(nc);
+    for (size_t i = 0; i < nc; ++i) {
+      const uint32_t node = s->cand[i];
+      const float* c = &L.centroid[static_cast<size_t>(node) * d];
+      float spread = 0.0f;
+      if (half_s2_over_d > 0.0f) spread = std::max(0.0f, L.m2[node] - SquaredNorm(c, d));
+      const float logc = std::log(static_cast<float>(std::max<uint32_t>(1, L.count[node])));
+      float best = -std::numeric_limits<float>::infinity();
+      for (int j = 0; j < nq; ++j) {
+        const float e = s->dots[j * nc + i] * scale + logc + half_s2_over_d * s->qnorm2[j] * spread;
+        best = std::max(best, e);
+      }
+      s->scored[i] = {best, node};
+    }
+    std::sort(s->scored.begin(), s->scored.end(), better);
+    if (l == 1) {
+      int64_t tokens = 0;
+      for (const auto& sc : s->scored) {
+        if (tokens >= params.min_tokens) break;
+        nodes->push_back(sc.second);
+        tokens += pages_.node_tokens(sc.second);
+      }
+      return;
+    }
+    const int64_t cover = static_cast<int64_t>(params.cover_factor * params.min_tokens);
+    int64_t tokens = 0;
+    s->next.clear();
+    for (size_t i = 0; i < s->scored.size(); ++i) {
+      if (static_cast<int>(i) >= params.field_of_view && tokens >= cover) break;
+      const uint32_t node = s->scored[i].second;
+      tokens += L.count[node];
+      const auto& ch = L.children[node];
+      s->next.insert(s->next.end(), ch.begin(), ch.end());
+    }
+    std::sort(s->next.begin(), s->next.end());
+    s->cand.swap(s->next);
+  }
+}
+
+absl::StatusOr<std::unique_ptr<DciTreeRebuild>> DciTree::PrepareRebuild(const PageKeys& keys,
+                                                                        DType dtype) const {
+  const int d = params_.dim;
+  const int P = params_.page_tokens;
+  const int64_t n = num_tokens();
+  if (n == 0) return absl::FailedPreconditionError("rebuild of an empty DCI-tree");
+  std::vector<float> rows(static_cast<size_t>(P) * d);
+  const size_t esize = DTypeSize(dtype);
+  float max_sq = 0.0f;
+  for (uint32_t page = 0; page < pages_.num_pages(); ++page) {
+    const void* src = keys.page_keys(page);
+    if (src == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat("no key bytes for page ", page));
+    }
+    const uint32_t fill = pages_.fill(page);
+    ToFloat(dtype, src, rows.data(), static_cast<size_t>(fill) * d);
+    for (uint32_t s = 0; s < fill; ++s) max_sq = std::max(max_sq, SquaredNorm(&rows[s * d], d));
+  }
+  (void)esize;
+  ASSIGN_OR_RETURN(MipsAugmentation mips,
+                   MipsAugmentation::FromMaxNorm(std::sqrt(max_sq), d, params_.norm_headroom,
+                                                 params_.rebuild_fraction));
+  auto rb = std::make_unique<DciTreeRebuild>(DciTreeRebuild{mips, n, {}, {}, {}, {}, {}});
+  const int top = top_level();
+  rb->count.resize(top + 1);
+  rb->centroid.resize(top + 1);
+  rb->abar.resize(top + 1);
+  rb->m2.resize(top + 1);
+  rb->half_sq.resize(top + 1);
+  const uint32_t n1 = levels_[1].size();
+  std::vector<double> sum(static_cast<size_t>(n1) * d, 0.0), sa(n1, 0.0), sm2(n1, 0.0);
+  std::vector<uint32_t> cnt(n1, 0);
+  for (uint32_t page = 0; page < pages_.num_pages(); ++page) {
+    const uint32_t fill = pages_.fill(page);
+    const uint32_t node = pages_.node_of_page(page);
+    ToFloat(dtype, keys.page_keys(page), rows.data(), static_cast<size_t>(fill) * d);
+    for (uint32_t s = 0; s < fill; ++s) {
+      const float* x = &rows[s * d];
+      const float sq = SquaredNorm(x, d);
+      for (int k = 0; k < d; ++k) sum[static_cast<size_t>(node) * d + k] += x[k];
+      sa[node] += mips.AugmentSquaredNorm(sq);
+      sm2[node] += sq;
+      ++cnt[node];
+    }
+  }
+  auto fill_level = [&](int l, auto&& get) {
+    const uint32_t sz = levels_[l].size();
+    rb->count[l].resize(sz);
+    rb->centroid[l].resize(static_cast<size_t>(sz) * d);
+    rb->abar[l].resize(sz);
+    rb->m2[l].resize(sz);
+    rb->half_sq[l].resize(sz);
+    for (uint32_t node = 0; node < sz; ++node) get(node);
+  };
+  fill_level(1, [&](uint32_t node) {
+    const double inv = cnt[node] ? 1.0 / cnt[node] : 0.0;
+    float* c = &rb->centroid[1][static_cast<size_t>(node) * d];
+    for (int k = 0; k < d; ++k) c[k] = static_cast<float>(sum[static_cast<size_t>(node) * d + k] * inv);
+    rb->count[1][node] = cnt[node];
+    rb->abar[1][node] = static_cast<float>(sa[node] * inv);
+    rb->m2[1][node] = static_cast<float>(sm2[node] * inv);
+    rb->half_sq[1][node] = 0.5f * (SquaredNorm(c, d) + rb->abar[1][node] * rb->abar[1][node]);
+  });
+  std::vector<double> acc(d);
+  for (int l = 2; l <= top; ++l) {
+    fill_level(l, [&](uint32_t node) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      double a = 0.0, m = 0.0, w = 0.0;
+      for (uint32_t ch : levels_[l].children[node]) {
+        const double cw = rb->count[l - 1][ch];
+        const float* c = &rb->centroid[l - 1][static_cast<size_t>(ch) * d];
+        for (int k = 0; k < d; ++k) acc[k] += cw * c[k];
+        a += cw * rb->abar[l - 1][ch];
+        m += cw * rb->m2[l - 1][ch];
+        w += cw;
+      }
+      const double inv = w > 0 ? 1.0 / w : 0.0;
+      float* c = &rb->centroid[l][static_cast<size_t>(node) * d];
+      for (int k = 0; k < d; ++k) c[k] = static_cast<float>(acc[k] * inv);
+      rb->count[l][node] = static_cast<uint32_t>(w);
+      rb->abar[l][node] = static_cast<float>(a * inv);
+      rb->m2[l][node] = static_cast<float>(m * inv);
+      rb->half_sq[l][node] = 0.5f * (SquaredNorm(c, d) + rb->abar[l][node] * rb->abar[l][node]);
+    });
+  }
+  return rb;
+}
+
+absl::Status DciTree::CommitRebuild(std::unique_ptr<DciTreeRebuild> rb) {
+  if (rb == nullptr) return absl::InvalidArgumentError("rebuild must not be null");
+  if (rb->num_tokens != num_tokens() ||
+      static_cast<int>(rb->count.size()) != top_level() + 1) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "rebuild was prepared for ", rb->num_tokens, " tokens but the tree now holds ",
+        num_tokens(), "; prepare it again"));
+  }
+  for (int l = 1; l <= top_level(); ++l) {
+    if (rb->count[l].size() != levels_[l].size()) {
+      return absl::FailedPreconditionError("tree changed since PrepareRebuild; prepare it again");
+    }
+  }
+  for (int l = 1; l <= top_level(); ++l) {
+    Level& L = levels_[l];
+    L.count.swap(rb->count[l]);
+    L.centroid.swap(rb->centroid[l]);
+    L.abar.swap(rb->abar[l]);
+    L.m2.swap(rb->m2[l]);
+    L.half_sq.swap(rb->half_sq[l]);
+  }
+  mips_ = rb->mips;
+  mips_.Count(num_tokens(), 0);
+  return absl::OkStatus();
+}
+
+size_t DciTree::bytes() const {
+  size_t b = key_top_.capacity() + key_node_.capacity() * sizeof(uint32_t) + pages_.bytes();
+  for (const Level& L : levels_) b += L.bytes(params_.dim);
+  return b;
+}
+
+}  // namespace icecache

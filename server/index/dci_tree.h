@@ -1,0 +1,195 @@
+// The multi-level DCI-tree of one KV head (DESIGN.md 4.3-4.6) and its page
+// layout. Levels: level 0 holds every key; a key on level l >= 1 is also a
+// node whose children live on level l-1 (a key on level l is its own child
+// on level l-1); every node below the top level has a parent on level l+1.
+// Promotion is deterministic: a new key goes up from level l whenever the
+// count on level l reaches r x (count on level l+1 + 1) (the very first key
+// always opens level 1), so the tree stays balanced while it grows.
+//
+// A level-1 node and its children form a logical node, stored in one or more
+// pages (DciPageTable). Every node keeps a representative: the centroid of
+// the keys below it (and their MIPS coordinate, mean squared norm, count).
+// Parents are nearest neighbours in the MIPS-augmented space (mips.h), found
+// by descending the tree with a small field of view.
+//
+// Bulk build (a prefill batch) assigns parents level by level from the top
+// with a capacity of r children per node, so logical nodes fill exactly one
+// page when r == page_tokens (balanced, full pages), then refines the level-0
+// assignment against the full centroids. Insert (decode chunks) routes each
+// key to its nearest node and appends it to that node's last page.
+//
+// Selection support: CollectCandidates() descends with the G queries from an
+// entry level, scoring node representatives by their estimated attention
+// mass, and returns the most promising logical nodes.
+//
+// Thread safety: const methods may run concurrently; BulkBuild(), Insert()
+// and CommitRebuild() need exclusive access (the selector's writer lock).
+#ifndef ICECACHE_SERVER_INDEX_DCI_TREE_H_
+#define ICECACHE_SERVER_INDEX_DCI_TREE_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/dtype.h"
+#include "server/index/dci_page_table.h"
+#include "server/index/mips.h"
+#include "server/index/selector.h"
+
+namespace icecache {
+
+struct DciTreeParams {
+  int dim = 128;
+  int page_tokens = 16;
+  int ratio = 0;              // promotion ratio r; 0 = max(2, page_tokens)
+  float norm_headroom = 1.5f;
+  float rebuild_fraction = 0.02f;
+  int route_fov = 3;          // nodes kept per level when routing a key (build, insert)
+  int build_candidates = 8;   // parents considered per key by the capacity-aware bulk assignment
+  int refine_iters = 1;       // bulk: level-0 re-assignments against full centroids
+};
+
+// Parameters of one candidate descent (see MdciParams for the meaning).
+struct DciDescentParams {
+  int field_of_view = 8;       // nodes kept per level above level 1 (at least)
+  int64_t min_tokens = 1024;   // level-1 nodes are taken until they hold this many tokens
+  float cover_factor = 2.0f;   // upper levels keep nodes until they hold cover x min_tokens
+  int entry_nodes = 1024;      // descent starts at the lowest level with <= this many nodes
+  float spread_weight = 0.0f;  // weight of the node's key spread in its mass estimate
+};
+
+// Reusable per-thread buffers of CollectCandidates (no allocation once warm).
+struct DciScratch {
+  std::vector<uint32_t> cand, next;
+  std::vector<float> dots;
+  std::vector<std::pair<float, uint32_t>> scored;
+  std::vector<float> qnorm2;
+};
+
+// The rebuilt search structure, prepared off the writer lock by
+// DciTree::PrepareRebuild and swapped in by CommitRebuild. Opaque to callers.
+struct DciTreeRebuild {
+  MipsAugmentation mips;
+  int64_t num_tokens = 0;
+  // Per level (index 0 unused): count, centroid, abar, m2, half_sq.
+  std::vector<std::vector<uint32_t>> count;
+  std::vector<std::vector<float>> centroid, abar, m2, half_sq;
+};
+
+class DciTree {
+ public:
+  static constexpr uint32_t kNone = UINT32_MAX;
+
+  // InvalidArgument for dim outside [1, 1024], page_tokens outside [1, 256],
+  // ratio < 0, route_fov/build_candidates < 1, refine_iters < 0, or bad MIPS
+  // parameters.
+  static absl::StatusOr<std::unique_ptr<DciTree>> Create(const DciTreeParams& params);
+  ~DciTree();
+
+  // Bulk build from `n` keys (fp32, n x dim) at positions 0..n-1.
+  // FailedPrecondition when the tree is not empty; InvalidArgument for n < 1,
+  // null pointers or a non-finite key. Nothing changes on error.
+  absl::Status BulkBuild(const float* keys, int64_t n, std::vector<Placement>* placements);
+  // Incremental path: keys get positions num_tokens().. in order. An empty
+  // tree fixes its MIPS bound from this chunk. InvalidArgument as BulkBuild.
+  absl::Status Insert(const float* keys, int64_t n, std::vector<Placement>* placements);
+
+  // Level-1 (logical) nodes for `nq` queries, most promising first, holding
+  // together at least min_tokens tokens (all nodes when the tree holds fewer).
+  // `touched` is increased by the representatives scored.
+  void CollectCandidates(const float* queries, int nq, float scale, const DciDescentParams& params,
+                         DciScratch* scratch, std::vector<uint32_t>* nodes,
+                         uint64_t* touched) const;
+
+  // Rebuild: recomputes the MIPS bound from every key (read through `keys`
+  // in `dtype`) and every representative, without moving any token.
+  // PrepareRebuild is const (run it under a reader lock / off the writer
+  // lock); CommitRebuild swaps the result in (writer lock) and returns
+  // FailedPrecondition, changing nothing, when tokens were added since.
+  bool NeedsRebuild() const { return mips_.NeedsRebuild(); }
+  absl::StatusOr<std::unique_ptr<DciTreeRebuild>> PrepareRebuild(const PageKeys& keys,
+                                                                 DType dtype) const;
+  absl::Status CommitRebuild(std::unique_ptr<DciTreeRebuild> rebuild);
+
+  // Introspection (tests, stats).
+  const DciTreeParams& params() const { return params_; }
+  int ratio() const { return ratio_; }
+  int64_t num_tokens() const { return static_cast<int64_t>(key_top_.size()); }
+  int top_level() const { return static_cast<int>(levels_.size()) - 1; }  // 0 when empty
+  uint32_t level_size(int level) const;  // level 0: num_tokens()
+  uint32_t node_key(int level, uint32_t node) const { return levels_[level].key[node]; }
+  // Parent node index on level+1, kNone on the top level.
+  uint32_t node_parent(int level, uint32_t node) const { return levels_[level].parent[node]; }
+  // Children node indices on level-1 (level >= 2 only; level-1 children are
+  // the keys in the node's pages).
+  const std::vector<uint32_t>& node_children(int level, uint32_t node) const {
+    return levels_[level].children[node];
+  }
+  uint32_t node_count(int level, uint32_t node) const { return levels_[level].count[node]; }
+  const float* node_centroid(int level, uint32_t node) const {
+    return &levels_[level].centroid[static_cast<size_t>(node) * params_.dim];
+  }
+  int key_top_level(int64_t key) const { return key_top_[key]; }
+  // Node index of `key` on its top level (top >= 1), or its level-1 parent
+  // node (top == 0).
+  uint32_t key_node(int64_t key) const { return key_node_[key]; }
+  const DciPageTable& page_table() const { return pages_; }
+  const MipsAugmentation& mips() const { return mips_; }
+  size_t bytes() const;
+
+ private:
+  struct Level {
+    std::vector<uint32_t> key, parent, count;
+    std::vector<float> centroid;  // size x dim
+    std::vector<float> abar, m2, half_sq;
+    std::vector<std::vector<uint32_t>> children;  // level >= 2
+    uint32_t size() const { return static_cast<uint32_t>(key.size()); }
+    size_t bytes(int dim) const;
+  };
+  struct RouteScratch {
+    std::vector<uint32_t> cand, next;
+    std::vector<std::pair<float, uint32_t>> scored;
+  };
+
+  DciTree(const DciTreeParams& params, int ratio, MipsAugmentation mips)
+      : params_(params), ratio_(ratio), mips_(mips), pages_(params.page_tokens) {}
+
+  // Routing score of node (level, i) for augmented key [x, a]: higher is
+  // nearer (minus half the squared augmented distance, up to a constant).
+  float RouteScore(int level, uint32_t node, const float* x, float a) const;
+  // Descends from the top to `target` keeping route_fov nodes per level and
+  // writes the best `keep` nodes of `target` (score, node), best first.
+  // With `free` set, skips nodes whose free[level][node] is 0.
+  void Route(const float* x, float a, int target, int keep,
+             const std::vector<std::vector<int32_t>>* free, RouteScratch* s,
+             std::vector<std::pair<float, uint32_t>>* out) const;
+  // Recomputes level `from`'s node representatives from `members` keys
+  // (level 1) or from their own key (from >= 2 with members == nullptr),
+  // then every level above from its children.
+  void SetRepsFromKeys(int level, const float* keys, const float* aug,
+                       const std::vector<std::vector<uint32_t>>* members);
+  void AggregateUp(int from_level);
+  void UpdateNodeRep(int level, uint32_t node, const float* x, float a, float sq);
+  void InitNodeRep(int level, uint32_t node, const float* x, float a, float sq);
+  // Capacity-aware assignment of `items` (keys with top == level-1, given as
+  // their key ids) to nodes on `level`; writes the parent node of each item.
+  void AssignWithCapacity(int level, const std::vector<uint32_t>& items, const float* keys,
+                          const float* aug, int capacity, std::vector<uint32_t>* parent_of);
+  int PromotionLevel(std::vector<uint32_t>* counts) const;
+
+  DciTreeParams params_;
+  int ratio_;
+  MipsAugmentation mips_;
+  std::vector<Level> levels_;  // levels_[0] unused (level 0 = the keys)
+  std::vector<uint8_t> key_top_;
+  std::vector<uint32_t> key_node_;
+  DciPageTable pages_;
+};
+
+}  // namespace icecache
+
+#endif  // ICECACHE_SERVER_INDEX_DCI_TREE_H_

@@ -1,0 +1,132 @@
+#include "server/index/mdci_selector.h"
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "server/index/kernels.h"
+#include "server/index/page_select.h"
+
+namespace icecache {
+namespace {
+
+// Per-thread buffers of Select (sized once, reused across calls).
+struct SelectScratch {
+  DciScratch descent;
+  std::vector<uint32_t> nodes;
+  std::vector<float> logits;
+  std::vector<std::pair<float, uint32_t>> scored;
+};
+
+SelectScratch& ThreadScratch() {
+  thread_local SelectScratch scratch;
+  return scratch;
+}
+
+}  // namespace
+
+std::unique_ptr<Selector> NewMdciSelector(const SelectorConfig& config, const PageKeys* keys) {
+  auto sel = MdciSelector::Create(config, keys);
+  if (!sel.ok()) return nullptr;
+  return std::move(sel).value();
+}
+
+absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::Create(const SelectorConfig& config,
+                                                                   const PageKeys* keys) {
+  if (config.kind != SelectorKind::kMdci && config.kind != SelectorKind::kExactMdci) {
+    return absl::InvalidArgumentError("MdciSelector serves only the mdci and exact-mdci kinds");
+  }
+  if (keys == nullptr) return absl::InvalidArgumentError("PageKeys must not be null");
+  const MdciParams& m = config.mdci;
+  if (!(m.cover_factor > 0.0f) || !std::isfinite(m.cover_factor) || m.entry_nodes < 1 ||
+      !(m.spread_weight >= 0.0f) || !std::isfinite(m.spread_weight)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "SelectorConfig.mdci needs cover_factor > 0, entry_nodes >= 1 and spread_weight >= 0; "
+        "got ",
+        m.cover_factor, ", ", m.entry_nodes, ", ", m.spread_weight));
+  }
+  DciTreeParams tp;
+  tp.dim = config.head_dim;
+  tp.page_tokens = config.page_tokens;
+  tp.ratio = m.promotion_ratio;
+  tp.norm_headroom = m.norm_headroom;
+  tp.rebuild_fraction = m.rebuild_fraction;
+  tp.route_fov = m.route_fov;
+  tp.build_candidates = m.build_candidates;
+  tp.refine_iters = m.refine_iters;
+  ASSIGN_OR_RETURN(std::unique_ptr<DciTree> tree, DciTree::Create(tp));
+  return std::unique_ptr<MdciSelector>(new MdciSelector(config, keys, std::move(tree)));
+}
+
+absl::Status MdciSelector::Build(const float* keys, int64_t n,
+                                 std::vector<Placement>* placements) {
+  RETURN_IF_ERROR(ValidateKeysToAdd(keys, n, config_.head_dim, num_tokens(), placements));
+  if (num_tokens() != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "Build() is for the prefill batch of an empty index; it holds ", num_tokens(),
+        " tokens, use Insert()"));
+  }
+  return tree_->BulkBuild(keys, n, placements);
+}
+
+absl::Status MdciSelector::Insert(const float* keys, int64_t n,
+                                  std::vector<Placement>* placements) {
+  RETURN_IF_ERROR(ValidateKeysToAdd(keys, n, config_.head_dim, num_tokens(), placements));
+  return tree_->Insert(keys, n, placements);
+}
+
+absl::Status MdciSelector::Select(const float* queries, int num_queries,
+                                  const SelectParams& params, Selection* out) const {
+  RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, params, out));
+  const int d = config_.head_dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const DciPageTable& pt = tree_->page_table();
+  SelectScratch& s = ThreadScratch();
+  s.scored.clear();
+  uint64_t touched = 0;
+  s.logits.resize(static_cast<size_t>(num_queries) * config_.page_tokens);
+  auto score_page = [&](uint32_t page) {
+    const uint32_t fill = pt.fill(page);
+    if (fill == 0) return;
+    DotRowsMulti(config_.dtype, keys_->page_keys(page), fill, d, queries, num_queries,
+                 s.logits.data());
+    touched += fill;
+    s.scored.push_back(
+        {PageMassScore(s.logits.data(), num_queries, static_cast<int>(fill), fill, scale), page});
+  };
+  if (config_.kind == SelectorKind::kExactMdci) {
+    for (uint32_t page = 0; page < pt.num_pages(); ++page) score_page(page);
+  } else {
+    DciDescentParams dp;
+    dp.field_of_view = config_.mdci.field_of_view;
+    dp.min_tokens = static_cast<int64_t>(
+        std::ceil(config_.mdci.candidate_factor * static_cast<double>(params.budget_tokens)));
+    dp.cover_factor = config_.mdci.cover_factor;
+    dp.entry_nodes = config_.mdci.entry_nodes;
+    dp.spread_weight = config_.mdci.spread_weight;
+    tree_->CollectCandidates(queries, num_queries, scale, dp, &s.descent, &s.nodes, &touched);
+    for (uint32_t node : s.nodes) {
+      for (uint32_t page = pt.first_page(node); page != DciPageTable::kNone;
+           page = pt.next_page(page)) {
+        score_page(page);
+      }
+    }
+  }
+  const std::vector<uint32_t> forced = ForcedPages(
+      num_tokens(), params, [&](int64_t pos) { return pt.page_of_position(pos); });
+  TakePages(*this, forced, &s.scored, params, out);
+  out->keys_touched = touched;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<DciTreeRebuild>> MdciSelector::PrepareRebuild() const {
+  return tree_->PrepareRebuild(*keys_, config_.dtype);
+}
+
+absl::Status MdciSelector::CommitRebuild(std::unique_ptr<DciTreeRebuild> rebuild) {
+  return tree_->CommitRebuild(std::move(rebuild));
+}
+
+}  // namespace icecache

@@ -1,0 +1,80 @@
+// The mdci and exact-mdci selectors (DESIGN.md 4.3-4.6): a DCI-tree semantic
+// page layout (dci_tree.h) for one (layer group, KV head), with
+//  - kMdci: tree-guided selection. The G queries descend the tree scoring
+//    node representatives (centroids, by estimated attention mass) and keep
+//    `field_of_view` nodes per level (more while they hold fewer than
+//    2 x candidate tokens); the best logical nodes holding
+//    candidate_factor x budget tokens are scored exactly (DotRowsMulti over
+//    each page's contiguous keys read through PageKeys, PageMassScore), then
+//    TakePages fills the budget with sink/recent pages forced in.
+//  - kExactMdci: the same layout, every page scored exactly (the best any
+//    selector can do on this layout).
+// Trade-off knobs (MdciParams): field_of_view and candidate_factor trade time
+// (keys touched) for attention mass; entry_nodes sets where the descent
+// starts.
+//
+// Ownership: does not own the key bytes; `keys` (the frame owner) must
+// outlive the selector and hold each token's key where the returned
+// Placement says before Select() reads it.
+// Thread safety: Select(), NeedsRebuild(), PrepareRebuild() are const and may
+// run concurrently; Build(), Insert(), CommitRebuild() need exclusive access.
+#ifndef ICECACHE_SERVER_INDEX_MDCI_SELECTOR_H_
+#define ICECACHE_SERVER_INDEX_MDCI_SELECTOR_H_
+
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "server/index/dci_tree.h"
+#include "server/index/selector.h"
+
+namespace icecache {
+
+// Called by Selector::Create for kMdci and kExactMdci with a validated
+// config. Returns null only for a config it cannot serve (never after
+// Selector::Create's validation).
+std::unique_ptr<Selector> NewMdciSelector(const SelectorConfig& config, const PageKeys* keys);
+
+class MdciSelector : public Selector {
+ public:
+  // InvalidArgument for a bad config (as Selector::Create) or null keys.
+  static absl::StatusOr<std::unique_ptr<MdciSelector>> Create(const SelectorConfig& config,
+                                                              const PageKeys* keys);
+
+  SelectorKind kind() const override { return config_.kind; }
+  absl::Status Build(const float* keys, int64_t n, std::vector<Placement>* placements) override;
+  absl::Status Insert(const float* keys, int64_t n, std::vector<Placement>* placements) override;
+  absl::Status Select(const float* queries, int num_queries, const SelectParams& params,
+                      Selection* out) const override;
+  int64_t num_tokens() const override { return tree_->num_tokens(); }
+  uint32_t num_pages() const override { return tree_->page_table().num_pages(); }
+  uint32_t fill(uint32_t page) const override { return tree_->page_table().fill(page); }
+  const int32_t* positions(uint32_t page) const override {
+    return tree_->page_table().positions(page);
+  }
+  size_t index_bytes() const override { return tree_->bytes(); }
+
+  // Background rebuild of the MIPS bound and representatives (tokens never
+  // move): NeedsRebuild() when more than rebuild_fraction of the keys exceed
+  // the bound; PrepareRebuild() under a reader lock (reads every key through
+  // PageKeys); CommitRebuild() under the writer lock, FailedPrecondition when
+  // tokens were added in between (prepare again).
+  bool NeedsRebuild() const { return tree_->NeedsRebuild(); }
+  absl::StatusOr<std::unique_ptr<DciTreeRebuild>> PrepareRebuild() const;
+  absl::Status CommitRebuild(std::unique_ptr<DciTreeRebuild> rebuild);
+
+  const DciTree& tree() const { return *tree_; }
+  double mean_page_fill() const { return tree_->page_table().MeanFill(); }
+
+ private:
+  MdciSelector(const SelectorConfig& config, const PageKeys* keys, std::unique_ptr<DciTree> tree)
+      : Selector(config), keys_(keys), tree_(std::move(tree)) {}
+
+  const PageKeys* keys_;
+  std::unique_ptr<DciTree> tree_;
+};
+
+}  // namespace icecache
+
+#endif  // ICECACHE_SERVER_INDEX_MDCI_SELECTOR_H_

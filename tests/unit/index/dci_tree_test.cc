@@ -1,0 +1,166 @@
+#include "server/index/dci_tree.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "tests/support/status_matchers.h"
+#include "tests/unit/index/mdci_test_util.h"
+
+namespace icecache {
+namespace {
+
+using ::icecache::testing::IsOk;
+using ::icecache::testing::StatusIs;
+
+std::unique_ptr<DciTree> MakeTree(int dim, int page_tokens) {
+  DciTreeParams p;
+  p.dim = dim;
+  p.page_tokens = page_tokens;
+  auto t = DciTree::Create(p);
+  EXPECT_THAT(t, IsOk());
+  return std::move(t).value();
+}
+
+// Structural invariants of the tree and its page table.
+void CheckInvariants(const DciTree& t) {
+  const int64_t n = t.num_tokens();
+  const int top = t.top_level();
+  ASSERT_GE(top, 1);
+  // Promotion counts follow the ratio: |level l+1| ~ |level l| / r.
+  for (int l = 0; l < top; ++l) {
+    const double expect = static_cast<double>(t.level_size(l)) / t.ratio();
+    EXPECT_LE(t.level_size(l + 1), expect + 1.0) << "level " << l + 1;
+    EXPECT_GE(t.level_size(l + 1), expect - 1.0) << "level " << l + 1;
+  }
+  EXPECT_LT(t.level_size(top), static_cast<uint32_t>(t.ratio()) + 1);
+  for (int l = 1; l <= top; ++l) {
+    for (uint32_t i = 0; i < t.level_size(l); ++i) {
+      const uint32_t key = t.node_key(l, i);
+      ASSERT_LT(key, n);
+      EXPECT_GE(t.key_top_level(key), l);
+      const uint32_t parent = t.node_parent(l, i);
+      if (l == top) {
+        EXPECT_EQ(parent, DciTree::kNone);
+      } else {
+        ASSERT_LT(parent, t.level_size(l + 1)) << "level " << l << " node " << i;
+        const auto& ch = t.node_children(l + 1, parent);
+        EXPECT_NE(std::find(ch.begin(), ch.end(), i), ch.end());
+      }
+      if (l >= 2) {
+        // Its own child: one child on level l-1 is the same key.
+        bool own = false;
+        for (uint32_t c : t.node_children(l, i)) own |= t.node_key(l - 1, c) == key;
+        EXPECT_TRUE(own) << "level " << l << " node " << i;
+        uint32_t sum = 0;
+        for (uint32_t c : t.node_children(l, i)) sum += t.node_count(l - 1, c);
+        EXPECT_EQ(sum, t.node_count(l, i));
+      }
+    }
+  }
+  // Page table: every token in exactly one page, fills within bounds, node
+  // -> pages consistent, each level-1 node holds its own key.
+  const DciPageTable& pt = t.page_table();
+  EXPECT_EQ(pt.num_nodes(), t.level_size(1));
+  std::vector<int> seen(n, 0);
+  uint32_t pages_via_nodes = 0;
+  for (uint32_t node = 0; node < pt.num_nodes(); ++node) {
+    uint32_t tokens = 0;
+    bool own = false;
+    for (uint32_t page = pt.first_page(node); page != DciPageTable::kNone;
+         page = pt.next_page(page)) {
+      ++pages_via_nodes;
+      EXPECT_EQ(pt.node_of_page(page), node);
+      EXPECT_GE(pt.fill(page), 1u);
+      EXPECT_LE(pt.fill(page), static_cast<uint32_t>(pt.page_tokens()));
+      for (uint32_t s = 0; s < pt.fill(page); ++s) {
+        const int32_t pos = pt.positions(page)[s];
+        ASSERT_GE(pos, 0);
+        ASSERT_LT(pos, n);
+        ++seen[pos];
+        EXPECT_EQ(pt.page_of_position(pos), page);
+        own |= static_cast<uint32_t>(pos) == t.node_key(1, node);
+        if (t.key_top_level(pos) == 0) EXPECT_EQ(t.key_node(pos), node);
+      }
+      tokens += pt.fill(page);
+    }
+    EXPECT_TRUE(own) << "node " << node;
+    EXPECT_EQ(tokens, pt.node_tokens(node));
+    EXPECT_EQ(tokens, t.node_count(1, node));
+  }
+  EXPECT_EQ(pages_via_nodes, pt.num_pages());
+  for (int64_t p = 0; p < n; ++p) EXPECT_EQ(seen[p], 1) << "position " << p;
+}
+
+TEST(DciTreeTest, BulkBuildInvariantsAndFullPages) {
+  const int d = 32, P = 16;
+  const int64_t n = 20000;
+  auto keys = mdci_test::ClusteredKeys(n, d, 64, 0.4f, 1);
+  auto t = MakeTree(d, P);
+  std::vector<Placement> pl;
+  ASSERT_THAT(t->BulkBuild(keys.data(), n, &pl), IsOk());
+  ASSERT_EQ(pl.size(), static_cast<size_t>(n));
+  CheckInvariants(*t);
+  EXPECT_GE(t->top_level(), 3);
+  EXPECT_GE(t->page_table().MeanFill(), 0.95);  // capacity-aware: balanced, full pages
+  for (int64_t i = 0; i < n; ++i) {
+    EXPECT_EQ(t->page_table().positions(pl[i].page)[pl[i].slot], i);
+  }
+  // A second bulk build is refused and changes nothing.
+  EXPECT_THAT(t->BulkBuild(keys.data(), n, &pl), StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_EQ(t->num_tokens(), n);
+}
+
+TEST(DciTreeTest, IncrementalInsertInvariants) {
+  const int d = 16, P = 8;
+  const int64_t n = 5000;
+  auto keys = mdci_test::ClusteredKeys(n, d, 30, 0.4f, 2);
+  auto t = MakeTree(d, P);
+  std::vector<Placement> pl;
+  for (int64_t b = 0; b < n; b += 333) {
+    const int64_t c = std::min<int64_t>(333, n - b);
+    ASSERT_THAT(t->Insert(&keys[b * d], c, &pl), IsOk());
+    ASSERT_EQ(pl.size(), static_cast<size_t>(c));
+    for (int64_t i = 0; i < c; ++i) {
+      EXPECT_EQ(t->page_table().positions(pl[i].page)[pl[i].slot], b + i);
+    }
+  }
+  CheckInvariants(*t);
+  // The promotion rule gives the same level sizes as a bulk build.
+  auto bulk = MakeTree(d, P);
+  ASSERT_THAT(bulk->BulkBuild(keys.data(), n, &pl), IsOk());
+  ASSERT_EQ(bulk->top_level(), t->top_level());
+  for (int l = 0; l <= t->top_level(); ++l) EXPECT_EQ(bulk->level_size(l), t->level_size(l));
+}
+
+TEST(DciTreeTest, InsertAfterBulkBuildAndSmallTrees) {
+  const int d = 8, P = 4;
+  auto keys = mdci_test::ClusteredKeys(3000, d, 10, 0.3f, 3);
+  for (int64_t n0 : {1, 3, 5, 100, 2000}) {
+    auto t = MakeTree(d, P);
+    std::vector<Placement> pl;
+    ASSERT_THAT(t->BulkBuild(keys.data(), n0, &pl), IsOk());
+    CheckInvariants(*t);
+    ASSERT_THAT(t->Insert(&keys[n0 * d], 1000, &pl), IsOk());
+    CheckInvariants(*t);
+  }
+}
+
+TEST(DciTreeTest, RejectsBadInputWithoutChanges) {
+  auto t = MakeTree(4, 4);
+  std::vector<float> k = {1, 2, 3, 4, 5, NAN, 7, 8};
+  std::vector<Placement> pl;
+  EXPECT_THAT(t->BulkBuild(k.data(), 2, &pl), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(t->Insert(k.data(), 2, &pl), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(t->Insert(k.data(), 0, &pl), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_EQ(t->num_tokens(), 0);
+  DciTreeParams bad;
+  bad.dim = 0;
+  EXPECT_THAT(DciTree::Create(bad), StatusIs(absl::StatusCode::kInvalidArgument));
+  bad.dim = 4;
+  bad.ratio = 1;
+  EXPECT_THAT(DciTree::Create(bad), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+}  // namespace
+}  // namespace icecache
