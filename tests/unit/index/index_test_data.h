@@ -1,9 +1,10 @@
-// Test data for the index suite: one KV head with G queries. Until the
-// synthetic generator (common/synthetic.h) is in the tree this is a small
-// local model of realistic keys: topic segments around cluster centres (so
-// semantic clusters exist but are not positional pages), low-norm sink
-// tokens aligned with the queries' mean, and queries from a shifted
-// distribution. Deterministic for a seed.
+// Test data for the index suite: one KV head with G queries.
+//  - MakeSyntheticHead: the realistic generator (common/synthetic.h, "small"
+//    preset: 64-dim, RoPE, low-rank keys with outliers, sinks, topic segments,
+//    needles, shifted queries), one layer and one KV head. Use this by default.
+//  - MakeClusteredHead: a tiny independent model (Gaussian topic clusters,
+//    low-norm sinks) for tests that must not depend on the generator.
+// Both are deterministic for a seed.
 #ifndef ICECACHE_TESTS_UNIT_INDEX_INDEX_TEST_DATA_H_
 #define ICECACHE_TESTS_UNIT_INDEX_INDEX_TEST_DATA_H_
 
@@ -11,6 +12,9 @@
 #include <cstdint>
 #include <random>
 #include <vector>
+
+#include "common/synthetic.h"
+#include "gtest/gtest.h"
 
 namespace icecache::testing {
 
@@ -65,6 +69,35 @@ inline HeadData MakeClusteredHead(int64_t n, int dim, int num_queries, int steps
       }
     }
   }
+  return h;
+}
+
+// n tokens of one KV head with G query heads and `steps` decode steps, from
+// the "small" preset. Fails the current test (and returns empty data) if the
+// generator rejects the shape.
+inline HeadData MakeSyntheticHead(int64_t n, int num_queries, int steps, uint64_t seed) {
+  HeadData h;
+  absl::StatusOr<SyntheticConfig> preset = SyntheticPreset("small");
+  EXPECT_TRUE(preset.ok()) << preset.status();
+  if (!preset.ok()) return h;
+  SyntheticConfig c = *preset;
+  c.layers = 1;
+  c.kv_heads = 1;
+  c.q_heads = num_queries;
+  c.tokens = n;
+  c.steps = steps;
+  c.seed = seed;
+  c.threads = 1;
+  absl::StatusOr<KvDump> dump = GenerateSynthetic(c);
+  EXPECT_TRUE(dump.ok()) << dump.status();
+  if (!dump.ok()) return h;
+  h.n = dump->tokens;
+  h.dim = dump->head_dim;
+  h.num_queries = num_queries;
+  h.steps = steps;
+  h.keys = std::move(dump->keys);
+  h.values = std::move(dump->values);
+  h.queries = std::move(dump->queries);
   return h;
 }
 

@@ -21,7 +21,7 @@ namespace {
 
 using ::icecache::testing::HeadData;
 using ::icecache::testing::IsOk;
-using ::icecache::testing::MakeClusteredHead;
+using ::icecache::testing::MakeSyntheticHead;
 using ::icecache::testing::StatusIs;
 using ::testing::ElementsAre;
 
@@ -100,7 +100,7 @@ std::vector<std::pair<uint32_t, double>> NaiveExact(const Built& b, const float*
 TEST(ExactSelectorTest, MatchesNaiveReferencePageByPage) {
   for (int g : {1, 2, 4}) {
     for (DType dtype : {DType::kF16, DType::kBF16, DType::kF32}) {
-      const HeadData data = MakeClusteredHead(1500, kDim, g, 3, 21 + g);
+      const HeadData data = MakeSyntheticHead(1500, g, 3, 21 + g);
       const Built b = BuildSelector(SelectorKind::kExact, data, g, dtype);
       for (int step = 0; step < data.steps; ++step) {
         for (int budget : {16, 100, 300}) {
@@ -130,7 +130,7 @@ TEST(ExactSelectorTest, MatchesNaiveReferencePageByPage) {
 
 TEST(QuestSelectorTest, BoundMatchesNaiveFormulaAndBoundsEveryLogit) {
   const int g = 2;
-  const HeadData data = MakeClusteredHead(1000, kDim, g, 3, 31);
+  const HeadData data = MakeSyntheticHead(1000, g, 3, 31);
   const Built b = BuildSelector(SelectorKind::kQuest, data, g, DType::kF16, /*chunk=*/37);
   const double scale = 1.0 / std::sqrt(static_cast<double>(kDim));
   for (int step = 0; step < data.steps; ++step) {
@@ -172,7 +172,7 @@ TEST(QuestSelectorTest, BoundMatchesNaiveFormulaAndBoundsEveryLogit) {
 
 TEST(QuestSelectorTest, RescoringEveryPageEqualsExact) {
   const int g = 2;
-  const HeadData data = MakeClusteredHead(800, kDim, g, 3, 41);
+  const HeadData data = MakeSyntheticHead(800, g, 3, 41);
   const Built exact = BuildSelector(SelectorKind::kExact, data, g, DType::kF16);
   const Built quest = BuildSelector(SelectorKind::kQuest, data, g, DType::kF16, 0, 1000.0f);
   for (int step = 0; step < data.steps; ++step) {
@@ -188,7 +188,7 @@ TEST(QuestSelectorTest, RescoringEveryPageEqualsExact) {
 
 TEST(QuestSelectorTest, RescoringTouchesBoundsPlusCandidatePagesOnly) {
   const int g = 2;
-  const HeadData data = MakeClusteredHead(1600, kDim, g, 1, 42);  // 100 full pages
+  const HeadData data = MakeSyntheticHead(1600, g, 1, 42);  // 100 full pages
   const Built quest = BuildSelector(SelectorKind::kQuest, data, g, DType::kF16, 0, 2.0f);
   SelectParams p;
   p.budget_tokens = 160;  // 10 pages; 2x -> 20 candidate pages besides the sink page
@@ -200,7 +200,7 @@ TEST(QuestSelectorTest, RescoringTouchesBoundsPlusCandidatePagesOnly) {
 }
 
 TEST(StreamingSelectorTest, TakesSinkPagesThenNewestPages) {
-  const HeadData data = MakeClusteredHead(1000, kDim, 1, 1, 51);  // 62 full pages + 8
+  const HeadData data = MakeSyntheticHead(1000, 1, 1, 51);  // 62 full pages + 8
   const Built b = BuildSelector(SelectorKind::kStreaming, data, 1, DType::kF16, 100);
   SelectParams p;
   p.budget_tokens = 64;
@@ -216,7 +216,7 @@ TEST(StreamingSelectorTest, TakesSinkPagesThenNewestPages) {
 }
 
 TEST(PositionalSelectorTest, BuildInOneBatchEqualsInsertInChunks) {
-  const HeadData data = MakeClusteredHead(777, kDim, 2, 2, 61);
+  const HeadData data = MakeSyntheticHead(777, 2, 2, 61);
   for (SelectorKind kind : {SelectorKind::kExact, SelectorKind::kQuest, SelectorKind::kStreaming}) {
     const Built whole = BuildSelector(kind, data, 2, DType::kF16);
     const Built chunks = BuildSelector(kind, data, 2, DType::kF16, 5);
@@ -241,7 +241,7 @@ TEST(PositionalSelectorTest, BuildInOneBatchEqualsInsertInChunks) {
 // With one query and full pages, exact takes the highest-mass pages, so no
 // other positional selector can capture more attention mass at the same budget.
 TEST(PositionalSelectorTest, ExactCapturesAtLeastTheMassOfQuestAndStreaming) {
-  const HeadData data = MakeClusteredHead(2048, kDim, 1, 6, 71);
+  const HeadData data = MakeSyntheticHead(2048, 1, 6, 71);
   const Built exact = BuildSelector(SelectorKind::kExact, data, 1, DType::kF32);
   const Built quest = BuildSelector(SelectorKind::kQuest, data, 1, DType::kF32);
   const Built rescored = BuildSelector(SelectorKind::kQuest, data, 1, DType::kF32, 0, 4.0f);
@@ -279,7 +279,7 @@ TEST(PositionalSelectorTest, MissingFramesAreFailedPrecondition) {
   ASSERT_THAT(frames, IsOk());
   auto sel = Selector::Create(c, frames->get());
   ASSERT_THAT(sel, IsOk());
-  const HeadData data = MakeClusteredHead(64, kDim, 1, 1, 81);
+  const HeadData data = MakeSyntheticHead(64, 1, 1, 81);
   std::vector<Placement> pl;
   ASSERT_THAT((*sel)->Build(data.keys.data(), 64, &pl), IsOk());
   // The placements were never applied to the frames.

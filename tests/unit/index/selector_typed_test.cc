@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <random>
 #include <set>
 #include <string>
 #include <thread>
@@ -23,7 +24,7 @@ namespace {
 
 using ::icecache::testing::HeadData;
 using ::icecache::testing::IsOk;
-using ::icecache::testing::MakeClusteredHead;
+using ::icecache::testing::MakeSyntheticHead;
 using ::icecache::testing::StatusIs;
 using ::testing::HasSubstr;
 
@@ -118,7 +119,7 @@ class SelectorContractTest : public ::testing::TestWithParam<SelectorKind> {
   }
 
 TEST_P(SelectorContractTest, EveryTokenIsInExactlyOnePageWithinCapacity) {
-  const HeadData data = MakeClusteredHead(1100, kDim, kGroup, 1, 11);
+  const HeadData data = MakeSyntheticHead(1100, kGroup, 1, 11);
   auto h = BuildHarness(data, 1000);
   MAYBE_SKIP(h);
   const Selector& sel = *h->sel;
@@ -143,7 +144,7 @@ TEST_P(SelectorContractTest, EveryTokenIsInExactlyOnePageWithinCapacity) {
 }
 
 TEST_P(SelectorContractTest, PlacementsAgreeWithPositionsAndKeysRoundTrip) {
-  const HeadData data = MakeClusteredHead(600, kDim, kGroup, 1, 12);
+  const HeadData data = MakeSyntheticHead(600, kGroup, 1, 12);
   for (DType dtype : {DType::kF16, DType::kBF16, DType::kF32}) {
     SCOPED_TRACE(std::string(DTypeName(dtype)));
     auto h = BuildHarness(data, 500, dtype);
@@ -213,7 +214,7 @@ void ExpectWellFormed(const Selector& sel, const SelectParams& params, const Sel
 }
 
 TEST_P(SelectorContractTest, SelectionRespectsBudgetAndAlwaysHasForcedPages) {
-  const HeadData data = MakeClusteredHead(1200, kDim, kGroup, 3, 13);
+  const HeadData data = MakeSyntheticHead(1200, kGroup, 3, 13);
   auto h = BuildHarness(data, 1100);
   MAYBE_SKIP(h);
   for (int budget : {1, 16, 17, 100, 256, 1200}) {
@@ -237,7 +238,7 @@ TEST_P(SelectorContractTest, SelectionRespectsBudgetAndAlwaysHasForcedPages) {
 }
 
 TEST_P(SelectorContractTest, DeterministicForTheSameDataAndSeed) {
-  const HeadData data = MakeClusteredHead(900, kDim, kGroup, 4, 14);
+  const HeadData data = MakeSyntheticHead(900, kGroup, 4, 14);
   auto a = BuildHarness(data, 800);
   MAYBE_SKIP(a);
   auto b = BuildHarness(data, 800);
@@ -266,16 +267,22 @@ TEST_P(SelectorContractTest, InsertedNeedleIsSelectedByScoringSelectors) {
   if (kind == SelectorKind::kStreaming) {
     GTEST_SKIP() << "streaming ignores queries by design";
   }
-  const HeadData data = MakeClusteredHead(1000, kDim, kGroup, 1, 15);
+  const HeadData data = MakeSyntheticHead(1000, kGroup, 1, 15);
   auto h = BuildHarness(data, 1000);
   MAYBE_SKIP(h);
   // Decode chunks with a needle in the middle of each: a key in a random
-  // direction with 3x the norm of typical keys.
+  // direction with 3x the largest key norm of the data.
+  double max_norm = 0.0;
+  for (int64_t i = 0; i < data.n; ++i) {
+    double n2 = 0.0;
+    for (int d = 0; d < kDim; ++d) n2 += data.key(i)[d] * data.key(i)[d];
+    max_norm = std::max(max_norm, std::sqrt(n2));
+  }
   std::mt19937 rng(99);
   std::normal_distribution<float> g(0.0f, 1.0f);
   for (int chunk = 0; chunk < 4; ++chunk) {
     std::vector<float> keys(9 * kDim);
-    for (auto& x : keys) x = g(rng);
+    for (auto& x : keys) x = g(rng) * static_cast<float>(max_norm / std::sqrt(kDim));
     float* needle = keys.data() + 4 * kDim;
     for (int d = 0; d < kDim; ++d) needle[d] *= 3.0f;
     const int64_t needle_pos = h->sel->num_tokens() + 4;
@@ -324,7 +331,7 @@ TEST_P(SelectorContractTest, BadConfigsAreInvalidArgumentNamingTheField) {
 }
 
 TEST_P(SelectorContractTest, BadInputsGetPreciseCodesAndChangeNothing) {
-  const HeadData data = MakeClusteredHead(700, kDim, kGroup, 2, 16);
+  const HeadData data = MakeSyntheticHead(700, kGroup, 2, 16);
   auto h = MakeHarness();
   MAYBE_SKIP(h);
   Selector& sel = *h->sel;
@@ -417,7 +424,7 @@ TEST_P(SelectorContractTest, BadInputsGetPreciseCodesAndChangeNothing) {
 }
 
 TEST_P(SelectorContractTest, ConcurrentSelectsMatchSerialResults) {
-  const HeadData data = MakeClusteredHead(1000, kDim, kGroup, 8, 17);
+  const HeadData data = MakeSyntheticHead(1000, kGroup, 8, 17);
   auto h = BuildHarness(data, 1000);
   MAYBE_SKIP(h);
   SelectParams p;
