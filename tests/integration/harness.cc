@@ -1,0 +1,222 @@
+#include "tests/integration/harness.h"
+
+#include <fcntl.h>
+#include <grp.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include <google/protobuf/struct.pb.h>
+#include <google/protobuf/util/json_util.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/synthetic.h"
+
+namespace icecache::testing {
+
+std::string IcecachedPath() { return ICECACHE_TEST_ICECACHED; }
+std::string IcecachectlPath() { return ICECACHE_TEST_ICECACHECTL; }
+std::string ProbePath() { return ICECACHE_TEST_PROBE; }
+
+std::string BaseConfig(const std::string& extra) {
+  return absl::StrCat(
+      "listen { unix_socket_mode: 438 }\n"  // 0666
+      "auth {\n"
+      "  uid_tenants { uid: 0 tenant: \"alpha\" }\n"
+      "  uid_tenants { uid: ", kOtherUid, " tenant: \"beta\" }\n"
+      "  admin_uids: 0\n"
+      "}\n"
+      "sessions { reaper_interval_ms: 100 buffer_idle_ttl_ms: 1000 }\n"
+      "pool { capacity_bytes: 268435456 }\n"
+      "worker_threads: 2\n",
+      extra);
+}
+
+absl::StatusOr<std::unique_ptr<DaemonProcess>> StartDaemon(const std::string& extra_config,
+                                                           const std::vector<std::string>& extra_args) {
+  DaemonOptions o;
+  o.binary = IcecachedPath();
+  o.config_textproto = BaseConfig(extra_config);
+  o.extra_args = extra_args;
+  o.extra_args.push_back("--drain_timeout=5s");
+  return DaemonProcess::Start(o);
+}
+
+absl::StatusOr<std::unique_ptr<Client>> Connect(const DaemonProcess& daemon) {
+  ClientOptions o;
+  o.socket_path = daemon.socket_path();
+  o.timeout = absl::Seconds(60);
+  return Client::Create(o);
+}
+
+namespace {
+
+// In the child after fork: only async-signal-safe calls.
+void BecomeUid(int uid) {
+  if (uid < 0) return;
+  gid_t gid = static_cast<gid_t>(uid);
+  if (::setgroups(0, nullptr) != 0 || ::setgid(gid) != 0 || ::setuid(static_cast<uid_t>(uid)) != 0) {
+    _exit(126);
+  }
+}
+
+std::vector<char*> Argv(std::vector<std::string>& args) {
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  return argv;
+}
+
+int ExitCode(int status) { return WIFEXITED(status) ? WEXITSTATUS(status) : -1; }
+
+}  // namespace
+
+absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv_in, int uid) {
+  std::vector<std::string> args = argv_in;
+  std::vector<char*> argv = Argv(args);
+  int out[2], err[2];
+  if (::pipe2(out, O_CLOEXEC) != 0 || ::pipe2(err, O_CLOEXEC) != 0) {
+    return absl::InternalError(absl::StrCat("pipe: ", std::strerror(errno)));
+  }
+  const pid_t pid = ::fork();
+  if (pid < 0) return absl::InternalError(absl::StrCat("fork: ", std::strerror(errno)));
+  if (pid == 0) {
+    ::dup2(out[1], STDOUT_FILENO);
+    ::dup2(err[1], STDERR_FILENO);
+    BecomeUid(uid);
+    ::execv(argv[0], argv.data());
+    _exit(127);
+  }
+  ::close(out[1]);
+  ::close(err[1]);
+  CommandResult r;
+  pollfd fds[2] = {{out[0], POLLIN, 0}, {err[0], POLLIN, 0}};
+  int open_fds = 2;
+  char buf[4096];
+  while (open_fds > 0) {
+    if (::poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    for (int i = 0; i < 2; ++i) {
+      if (fds[i].fd < 0 || !(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+      const ssize_t n = ::read(fds[i].fd, buf, sizeof(buf));
+      if (n <= 0) {
+        ::close(fds[i].fd);
+        fds[i].fd = -1;
+        --open_fds;
+      } else {
+        (i == 0 ? r.out : r.err).append(buf, static_cast<size_t>(n));
+      }
+    }
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  r.exit_code = ExitCode(status);
+  return r;
+}
+
+absl::StatusOr<std::unique_ptr<ChildProcess>> ChildProcess::Start(
+    const std::vector<std::string>& argv_in, int uid) {
+  std::vector<std::string> args = argv_in;
+  std::vector<char*> argv = Argv(args);
+  int out[2];
+  if (::pipe2(out, O_CLOEXEC) != 0) return absl::InternalError("pipe failed");
+  const pid_t pid = ::fork();
+  if (pid < 0) return absl::InternalError(absl::StrCat("fork: ", std::strerror(errno)));
+  if (pid == 0) {
+    ::dup2(out[1], STDOUT_FILENO);
+    BecomeUid(uid);
+    ::execv(argv[0], argv.data());
+    _exit(127);
+  }
+  ::close(out[1]);
+  auto c = std::unique_ptr<ChildProcess>(new ChildProcess());
+  c->pid_ = pid;
+  c->out_fd_ = out[0];
+  return c;
+}
+
+ChildProcess::~ChildProcess() {
+  if (!reaped_) {
+    Kill(SIGKILL);
+    Wait();
+  }
+  if (out_fd_ >= 0) ::close(out_fd_);
+}
+
+absl::StatusOr<std::string> ChildProcess::ReadLine(double timeout_s) {
+  const absl::Time deadline = absl::Now() + absl::Seconds(timeout_s);
+  while (true) {
+    const size_t nl = buffered_.find('\n');
+    if (nl != std::string::npos) {
+      std::string line = buffered_.substr(0, nl);
+      buffered_.erase(0, nl + 1);
+      return line;
+    }
+    const int64_t left_ms = absl::ToInt64Milliseconds(deadline - absl::Now());
+    if (left_ms <= 0) return absl::DeadlineExceededError("no line from child in time");
+    pollfd p{out_fd_, POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(left_ms)) <= 0) continue;
+    char buf[4096];
+    const ssize_t n = ::read(out_fd_, buf, sizeof(buf));
+    if (n <= 0) return absl::OutOfRangeError(absl::StrCat("child stdout closed; partial: ", buffered_));
+    buffered_.append(buf, static_cast<size_t>(n));
+  }
+}
+
+void ChildProcess::Kill(int signal) {
+  if (!reaped_ && pid_ > 0) ::kill(pid_, signal);
+}
+
+int ChildProcess::Wait() {
+  if (reaped_) return -1;
+  int status = 0;
+  ::waitpid(pid_, &status, 0);
+  reaped_ = true;
+  return ExitCode(status);
+}
+
+TestModel MakeModel(int layers, int kv_heads, int64_t tokens, int steps, SelectorType selector,
+                    uint64_t seed) {
+  SyntheticConfig c = SyntheticPreset("small").value();
+  c.layers = layers;
+  c.q_heads = c.q_heads / c.kv_heads * kv_heads;
+  c.kv_heads = kv_heads;
+  c.tokens = tokens;
+  c.steps = steps;
+  c.seed = seed;
+  c.mean_segment = 64;
+  TestModel m;
+  m.dump = GenerateSynthetic(c).value();
+  m.kv = HostKv::FromDump(&m.dump);
+  m.spec.layers = layers;
+  m.spec.kv_heads = kv_heads;
+  m.spec.q_heads = m.dump.q_heads;
+  m.spec.head_dim = m.dump.head_dim;
+  m.spec.dtype = DType::kF16;
+  m.spec.page_tokens = 16;
+  m.spec.selector = selector;
+  m.spec.layer_reuse = 1;
+  m.spec.ttl = absl::Seconds(120);
+  return m;
+}
+
+absl::Span<const float> Queries(const TestModel& m, int step, int layer) {
+  return absl::MakeConstSpan(m.dump.query(step, layer, 0),
+                             static_cast<size_t>(m.dump.q_heads) * m.dump.head_dim);
+}
+
+absl::Status ParseJson(const std::string& text) {
+  google::protobuf::Value v;
+  auto st = google::protobuf::util::JsonStringToMessage(text, &v);
+  if (!st.ok()) return absl::InvalidArgumentError(absl::StrCat("not JSON: ", st.ToString(), ": ", text));
+  return absl::OkStatus();
+}
+
+}  // namespace icecache::testing

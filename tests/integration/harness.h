@@ -1,0 +1,92 @@
+// Shared pieces of the integration suite: a real icecached process on a
+// private Unix socket (client/daemon_process.h), running helper binaries
+// (icecachectl, the tenant probe) optionally as another uid, small session
+// shapes and synthetic KV.
+#ifndef ICECACHE_TESTS_INTEGRATION_HARNESS_H_
+#define ICECACHE_TESTS_INTEGRATION_HARNESS_H_
+
+#include <sys/types.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "client/client.h"
+#include "client/daemon_process.h"
+#include "client/kv_check.h"
+#include "common/kv_dump.h"
+#include "common/status_macros.h"
+
+namespace icecache::testing {
+
+// Paths of the built binaries (compile definitions from CMake).
+std::string IcecachedPath();
+std::string IcecachectlPath();
+std::string ProbePath();
+
+// The uid the suite uses as a second tenant ("beta"); "nobody".
+constexpr uid_t kOtherUid = 65534;
+
+// Config text: uid 0 -> tenant "alpha" (admin), kOtherUid -> "beta" (not
+// admin), socket mode 0666 so the other uid can connect, a 100 ms reaper
+// and 1 s buffer idle TTL; `extra` is appended verbatim (textproto allows a
+// message to be given in parts, e.g. "pool { capacity_bytes: ... }").
+std::string BaseConfig(const std::string& extra = "");
+
+// Starts a daemon with BaseConfig(extra_config) and `extra_args`.
+absl::StatusOr<std::unique_ptr<DaemonProcess>> StartDaemon(
+    const std::string& extra_config = "", const std::vector<std::string>& extra_args = {});
+
+// A client of `daemon` with a short per-call deadline.
+absl::StatusOr<std::unique_ptr<Client>> Connect(const DaemonProcess& daemon);
+
+struct CommandResult {
+  int exit_code = -1;  // -1 when killed by a signal
+  std::string out;
+  std::string err;
+};
+// fork + exec of argv[0] with argv, as `uid` (and its gid) when uid >= 0;
+// waits for it and collects stdout/stderr. Internal on fork/pipe errors.
+absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv, int uid = -1);
+
+// A child process whose stdout can be read line by line while it runs
+// (the probe's "hold" mode). Killed with SIGKILL on destruction.
+class ChildProcess {
+ public:
+  static absl::StatusOr<std::unique_ptr<ChildProcess>> Start(const std::vector<std::string>& argv,
+                                                             int uid = -1);
+  ~ChildProcess();
+  // Reads one line of stdout (without '\n'); DeadlineExceeded after `timeout`
+  // seconds, OutOfRange at EOF.
+  absl::StatusOr<std::string> ReadLine(double timeout_s);
+  pid_t pid() const { return pid_; }
+  void Kill(int signal);
+  int Wait();
+
+ private:
+  pid_t pid_ = -1;
+  int out_fd_ = -1;
+  std::string buffered_;
+  bool reaped_ = false;
+};
+
+// A small model for tests: "small" synthetic preset (64-dim, GQA 2:1) with
+// the given shape.
+struct TestModel {
+  KvDump dump;
+  HostKv kv;
+  SessionSpec spec;
+};
+TestModel MakeModel(int layers, int kv_heads, int64_t tokens, int steps,
+                    SelectorType selector = SelectorType::kExact, uint64_t seed = 7);
+// q_heads x head_dim fp32 queries of (step, layer).
+absl::Span<const float> Queries(const TestModel& m, int step, int layer);
+
+// Parses JSON text (object or array) into a google.protobuf.Value and
+// returns it serialised back; InvalidArgument when it is not valid JSON.
+absl::Status ParseJson(const std::string& text);
+
+}  // namespace icecache::testing
+
+#endif  // ICECACHE_TESTS_INTEGRATION_HARNESS_H_

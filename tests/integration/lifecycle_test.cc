@@ -1,0 +1,284 @@
+// Session lifecycle through a real daemon: quota exhaustion, eviction at the
+// watermark, TTL expiry, reclaiming a SIGKILLed client's session and
+// buffers, and SIGTERM drain. Waiting for the daemon's reaper is done by
+// polling with a generous deadline (never by asserting on elapsed time).
+#include <signal.h>
+#include <sys/wait.h>
+
+#include <functional>
+#include <thread>
+
+#include "absl/strings/str_split.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/integration/harness.h"
+#include "tests/support/status_matchers.h"
+
+namespace icecache::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+// Polls `done` every 50 ms for up to `limit`; true once it held.
+bool Eventually(const std::function<bool()>& done, absl::Duration limit = absl::Seconds(20)) {
+  const absl::Time deadline = absl::Now() + limit;
+  while (absl::Now() < deadline) {
+    if (done()) return true;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  return done();
+}
+
+TEST(LifecycleTest, QuotaExhaustionIsResourceExhaustedAndChangesNothing) {
+  auto daemon = StartDaemon();
+  ASSERT_THAT(daemon, IsOk());
+  auto client = Connect(**daemon);
+  ASSERT_THAT(client, IsOk());
+  Client& c = **client;
+  TestModel m = MakeModel(2, 2, 1024, 1);
+  auto s = c.CreateSession(m.spec);
+  ASSERT_THAT(s, IsOk());
+  ASSERT_THAT(c.AppendKvInline(s->id, m.kv.Chunk(0, 256), 256), IsOk());
+  auto before = c.GetSession(s->id);
+  ASSERT_THAT(before, IsOk());
+  ASSERT_GT(before->bytes, 0u);
+  // Quota = what the session holds now: the next append cannot fit.
+  auto t = c.SetQuota("alpha", before->bytes);
+  ASSERT_THAT(t, IsOk());
+  EXPECT_EQ(t->quota_bytes, before->bytes);
+  auto stats_before = c.GetStats();
+  ASSERT_THAT(stats_before, IsOk());
+
+  EXPECT_THAT(c.AppendKvInline(s->id, m.kv.Chunk(256, 768), 512),
+              StatusIs(absl::StatusCode::kResourceExhausted));
+  auto after = c.GetSession(s->id);
+  ASSERT_THAT(after, IsOk());
+  EXPECT_EQ(after->tokens, before->tokens);
+  EXPECT_EQ(after->bytes, before->bytes);
+  EXPECT_EQ(after->pages, before->pages);
+  auto stats_after = c.GetStats();
+  ASSERT_THAT(stats_after, IsOk());
+  EXPECT_EQ(stats_after->bytes_used, stats_before->bytes_used);
+  EXPECT_GT(stats_after->admissions_rejected, stats_before->admissions_rejected);
+  // A second session's first append is refused too; the session stays empty.
+  auto s2 = c.CreateSession(m.spec);
+  if (s2.ok()) {
+    EXPECT_THAT(c.AppendKvInline(s2->id, m.kv.Chunk(0, 256), 256),
+                StatusIs(absl::StatusCode::kResourceExhausted));
+    auto e = c.GetSession(s2->id);
+    ASSERT_THAT(e, IsOk());
+    EXPECT_EQ(e->tokens, 0u);
+    EXPECT_EQ(e->bytes, 0u);
+  } else {
+    EXPECT_THAT(s2, StatusIs(absl::StatusCode::kResourceExhausted));
+  }
+  // The session still serves what it has.
+  SelectOptions opt;
+  opt.budget_tokens = 32;
+  EXPECT_THAT(c.SelectPages(s->id, 0, Queries(m, 0, 0), opt), IsOk());
+  // Raising the quota admits the same append.
+  ASSERT_THAT(c.SetQuota("alpha", 0), IsOk());
+  auto grown = c.AppendKvInline(s->id, m.kv.Chunk(256, 768), 512);
+  ASSERT_THAT(grown, IsOk());
+  EXPECT_EQ(*grown, 768u);
+}
+
+TEST(LifecycleTest, IdleSessionsAreEvictedAtTheWatermarkPinnedOnesAreNot) {
+  // 8 MiB pool, watermark at 50%. Each session below holds ~1 MiB.
+  auto daemon = StartDaemon("pool { capacity_bytes: 8388608 high_watermark: 0.5 }\n");
+  ASSERT_THAT(daemon, IsOk());
+  auto client = Connect(**daemon);
+  ASSERT_THAT(client, IsOk());
+  Client& c = **client;
+  TestModel m = MakeModel(2, 2, 1024, 1);
+  auto one_mib_session = [&](bool pinned) -> absl::StatusOr<SessionInfo> {
+    SessionSpec spec = m.spec;
+    spec.pinned = pinned;
+    ASSIGN_OR_RETURN(SessionInfo s, c.CreateSession(spec));
+    // 2 layers x 2 heads x 1024 tokens x 64 dims x 2 (K,V) x 2 bytes = 1 MiB.
+    RETURN_IF_ERROR(c.AppendKvInline(s.id, m.kv.Chunk(0, 1024), 1024).status());
+    return c.GetSession(s.id);
+  };
+  auto pinned = one_mib_session(true);
+  ASSERT_THAT(pinned, IsOk());
+  EXPECT_TRUE(pinned->pinned);
+  auto oldest = one_mib_session(false);
+  ASSERT_THAT(oldest, IsOk());
+  absl::SleepFor(absl::Milliseconds(20));  // distinct last-use times (LRU order)
+  auto middle = one_mib_session(false);
+  ASSERT_THAT(middle, IsOk());
+  // Use `oldest` again so that `middle` becomes the least recently used.
+  ASSERT_THAT(c.KeepAlive({oldest->id}), IsOk());
+  absl::SleepFor(absl::Milliseconds(20));
+  auto stats = c.GetStats();
+  ASSERT_THAT(stats, IsOk());
+  const uint64_t evictions_before = stats->evictions;
+  // Keep adding sessions until the pool passes the watermark and evicts.
+  std::vector<std::string> later;
+  for (int i = 0; i < 6; ++i) {
+    auto s = one_mib_session(false);
+    if (!s.ok()) {
+      EXPECT_THAT(s, StatusIs(absl::StatusCode::kResourceExhausted));
+      break;
+    }
+    later.push_back(s->id);
+    auto st = c.GetStats();
+    ASSERT_THAT(st, IsOk());
+    if (st->evictions > evictions_before) break;
+  }
+  ASSERT_TRUE(Eventually([&] {
+    auto st = c.GetStats();
+    return st.ok() && st->evictions > evictions_before;
+  })) << "no eviction; daemon stderr:\n" << (*daemon)->Stderr();
+  // The least recently used idle session went first; the pinned one stays.
+  EXPECT_THAT(c.GetSession(middle->id), StatusIs(absl::StatusCode::kNotFound));
+  auto p = c.GetSession(pinned->id);
+  ASSERT_THAT(p, IsOk());
+  EXPECT_EQ(p->tokens, 1024u);
+  auto st = c.GetStats();
+  ASSERT_THAT(st, IsOk());
+  EXPECT_LE(st->bytes_used, st->capacity_bytes);
+}
+
+TEST(LifecycleTest, SessionsExpireAfterTheirTtlUnlessKeptAlive) {
+  auto daemon = StartDaemon();
+  ASSERT_THAT(daemon, IsOk());
+  auto client = Connect(**daemon);
+  ASSERT_THAT(client, IsOk());
+  Client& c = **client;
+  TestModel m = MakeModel(1, 2, 256, 1);
+  SessionSpec spec = m.spec;
+  spec.ttl = absl::Seconds(1);
+  auto kept = c.CreateSession(spec);
+  auto lapsed = c.CreateSession(spec);
+  ASSERT_THAT(kept, IsOk());
+  ASSERT_THAT(lapsed, IsOk());
+  ASSERT_THAT(c.AppendKvInline(lapsed->id, m.kv.Chunk(0, 256), 256), IsOk());
+  EXPECT_GT(kept->expires, kept->created);
+  // Keep one alive for well over its TTL while the other lapses.
+  const absl::Time until = absl::Now() + absl::Milliseconds(2500);
+  while (absl::Now() < until) {
+    auto e = c.KeepAlive({kept->id});
+    ASSERT_THAT(e, IsOk());
+    ASSERT_EQ(e->size(), 1u);
+    absl::SleepFor(absl::Milliseconds(200));
+  }
+  EXPECT_THAT(c.GetSession(kept->id), IsOk());
+  EXPECT_TRUE(Eventually([&] { return c.GetSession(lapsed->id).status().code() == absl::StatusCode::kNotFound; }));
+  auto st = c.GetStats();
+  ASSERT_THAT(st, IsOk());
+  EXPECT_GE(st->expirations, 1u);
+  // Once no longer kept alive it expires too.
+  EXPECT_TRUE(Eventually([&] { return c.GetSession(kept->id).status().code() == absl::StatusCode::kNotFound; }));
+  EXPECT_THAT(c.KeepAlive({kept->id}), StatusIs(absl::StatusCode::kNotFound));
+}
+
+TEST(LifecycleTest, KilledClientsSessionAndBuffersAreReclaimedAfterTheLease) {
+  auto daemon = StartDaemon();
+  ASSERT_THAT(daemon, IsOk());
+  auto client = Connect(**daemon);
+  ASSERT_THAT(client, IsOk());
+  Client& admin = **client;
+  // The probe (a separate client process; another uid when root) creates a
+  // session with a 1 s lease and a registered buffer, then keeps them alive.
+  const int uid = ::geteuid() == 0 ? static_cast<int>(kOtherUid) : -1;
+  auto probe = ChildProcess::Start({ProbePath(), "hold", (*daemon)->socket_path()}, uid);
+  ASSERT_THAT(probe, IsOk());
+  std::string session, path;
+  while (true) {
+    auto line = (*probe)->ReadLine(60);
+    ASSERT_THAT(line, IsOk()) << (*daemon)->Stderr();
+    std::vector<std::string> f = absl::StrSplit(*line, ' ');
+    if (f[0] == "ready") break;
+    if (f[0] == "check") EXPECT_EQ(f[2], "OK") << *line;
+    if (f[0] == "session") session = f[1];
+    if (f[0] == "path") path = f[1];
+  }
+  auto all = admin.ListSessions(true);
+  ASSERT_THAT(all, IsOk());
+  ASSERT_EQ(all->size(), 1u);
+  EXPECT_EQ((*all)[0].id, session);
+  const std::string tenant = (*all)[0].tenant;
+  auto busy = admin.GetStats();
+  ASSERT_THAT(busy, IsOk());
+  EXPECT_EQ(busy->buffers, 1u);
+  EXPECT_GT(busy->bytes_used, 0u);
+  // Still alive after a few lease periods while the client lives.
+  absl::SleepFor(absl::Milliseconds(1500));
+  EXPECT_EQ(admin.ListSessions(true).value().size(), 1u);
+
+  (*probe)->Kill(SIGKILL);
+  (*probe)->Wait();
+  EXPECT_TRUE(Eventually([&] {
+    auto st = admin.GetStats();
+    return st.ok() && st->sessions == 0 && st->buffers == 0;
+  })) << "daemon stderr:\n" << (*daemon)->Stderr();
+  auto st = admin.GetStats();
+  ASSERT_THAT(st, IsOk());
+  EXPECT_EQ(st->bytes_used, 0u);
+  auto tenants = admin.ListTenants();
+  ASSERT_THAT(tenants, IsOk());
+  for (const auto& t : *tenants) {
+    if (t.tenant != tenant) continue;
+    EXPECT_EQ(t.sessions, 0u);
+    EXPECT_EQ(t.buffers, 0u);
+    EXPECT_EQ(t.bytes_used, 0u);
+  }
+  // The daemon keeps serving.
+  EXPECT_THAT(admin.Health(), IsOk());
+  if (!path.empty()) ::unlink(path.c_str());  // the killed client's file
+}
+
+TEST(LifecycleTest, SigtermDrainsInFlightFinishesNewRefusedExitZero) {
+  auto daemon = StartDaemon();
+  ASSERT_THAT(daemon, IsOk());
+  auto client = Connect(**daemon);
+  ASSERT_THAT(client, IsOk());
+  Client& c = **client;
+  // A big prefill (mdci bulk build) is the in-flight call; attempts grow
+  // until SIGTERM lands while it runs.
+  bool observed = false;
+  absl::Status inflight_result;
+  for (int64_t tokens : {16384, 32768, 65536}) {
+    TestModel m = MakeModel(2, 4, tokens, 1, SelectorType::kMdci);
+    auto s = c.CreateSession(m.spec);
+    ASSERT_THAT(s, IsOk());
+    const std::vector<uint8_t> chunk = m.kv.Chunk(0, tokens);
+    auto buf = c.CreateShmBuffer(chunk.size());
+    ASSERT_THAT(buf, IsOk());
+    std::memcpy(buf->data(), chunk.data(), chunk.size());
+    std::atomic<bool> done{false};
+    std::thread t([&] {
+      inflight_result = c.AppendKv(s->id, *buf, 0, chunk.size(), tokens).status();
+      done = true;
+    });
+    while (!done) {
+      auto info = c.GetSession(s->id);
+      if (info.ok() && info->in_flight > 0) {
+        EXPECT_THAT((*daemon)->Signal(SIGTERM), IsOk());
+        observed = true;
+        break;
+      }
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+    if (observed) {
+      // New work is refused while draining (or the socket is gone already).
+      TestModel small = MakeModel(1, 1, 64, 1);
+      EXPECT_THAT(c.CreateSession(small.spec), StatusIs(absl::StatusCode::kUnavailable));
+      t.join();
+      EXPECT_THAT(inflight_result, IsOk()) << "the in-flight append must finish";
+      break;
+    }
+    t.join();
+    ASSERT_THAT(inflight_result, IsOk());
+    ASSERT_THAT(c.DropSession(s->id), IsOk());
+  }
+  ASSERT_TRUE(observed) << "never caught the append in flight";
+  auto status = (*daemon)->Wait(absl::Seconds(30));
+  ASSERT_THAT(status, IsOk());
+  EXPECT_TRUE(WIFEXITED(*status)) << "wait status " << *status;
+  EXPECT_EQ(WEXITSTATUS(*status), 0) << (*daemon)->Stderr();
+}
+
+}  // namespace
+}  // namespace icecache::testing
