@@ -6,15 +6,10 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "server/index/mdci_selector.h"
 #include "server/index/positional_selector.h"
 
 namespace icecache {
-
-// Defined by the mdci selector (server/index/mdci_selector.cc). Weak until
-// that file is in the tree, so the library links without it; Create() then
-// reports Unimplemented for the mdci kinds instead of failing to link.
-__attribute__((weak)) std::unique_ptr<Selector> NewMdciSelector(const SelectorConfig& config,
-                                                                 const PageKeys* keys);
 
 namespace {
 
@@ -130,16 +125,10 @@ absl::StatusOr<std::unique_ptr<Selector>> Selector::Create(const SelectorConfig&
   switch (config.kind) {
     case SelectorKind::kMdci:
     case SelectorKind::kExactMdci: {
-      if (&NewMdciSelector == nullptr) {
-        return absl::UnimplementedError(
-            absl::StrCat("selector kind '", std::string(SelectorKindName(config.kind)),
-                         "' is not linked into this build (mdci_selector.cc missing)"));
-      }
-      std::unique_ptr<Selector> sel = NewMdciSelector(config, keys);
-      if (sel == nullptr) {
-        return absl::InternalError("NewMdciSelector returned null for a validated config");
-      }
-      return sel;
+      // MdciSelector::Create (what NewMdciSelector wraps) keeps the precise
+      // status for the mdci-specific knobs.
+      ASSIGN_OR_RETURN(std::unique_ptr<MdciSelector> sel, MdciSelector::Create(config, keys));
+      return std::unique_ptr<Selector>(std::move(sel));
     }
     case SelectorKind::kExact:
     case SelectorKind::kQuest:

@@ -1,6 +1,5 @@
 // The contract every selector passes (selector.h), whatever its layout and
-// policy. One value-parameterized suite over SelectorKind; an mdci kind whose
-// implementation is not linked into this build is skipped with a message.
+// policy. One value-parameterized suite over SelectorKind.
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -72,8 +71,7 @@ SelectorConfig MakeConfig(SelectorKind kind, DType dtype = DType::kF16) {
 
 class SelectorContractTest : public ::testing::TestWithParam<SelectorKind> {
  protected:
-  // Creates a selector of the test's kind, or skips the test when this build
-  // does not link that kind.
+  // Creates a selector of the test's kind (null after a test failure).
   std::unique_ptr<Harness> MakeHarness(DType dtype = DType::kF16) {
     auto h = std::make_unique<Harness>();
     h->config = MakeConfig(GetParam(), dtype);
@@ -82,10 +80,6 @@ class SelectorContractTest : public ::testing::TestWithParam<SelectorKind> {
     if (!frames.ok()) return nullptr;
     h->frames = std::move(*frames);
     auto sel = Selector::Create(h->config, h->frames.get());
-    if (sel.status().code() == absl::StatusCode::kUnimplemented) {
-      skipped_ = std::string(sel.status().message());
-      return nullptr;
-    }
     EXPECT_THAT(sel, IsOk());
     if (!sel.ok()) return nullptr;
     h->sel = std::move(*sel);
@@ -108,20 +102,15 @@ class SelectorContractTest : public ::testing::TestWithParam<SelectorKind> {
     }
     return h;
   }
-
-  std::string skipped_;
 };
 
-#define MAYBE_SKIP(h)                                       \
-  if ((h) == nullptr) {                                     \
-    if (!skipped_.empty()) GTEST_SKIP() << skipped_;        \
-    FAIL() << "could not create the selector";              \
-  }
+#define ASSERT_CREATED(h) \
+  if ((h) == nullptr) FAIL() << "could not create the selector"
 
 TEST_P(SelectorContractTest, EveryTokenIsInExactlyOnePageWithinCapacity) {
   const HeadData data = MakeSyntheticHead(1100, kGroup, 1, 11);
   auto h = BuildHarness(data, 1000);
-  MAYBE_SKIP(h);
+  ASSERT_CREATED(h);
   const Selector& sel = *h->sel;
   ASSERT_EQ(sel.num_tokens(), data.n);
   std::vector<int> seen(data.n, 0);
@@ -148,7 +137,7 @@ TEST_P(SelectorContractTest, PlacementsAgreeWithPositionsAndKeysRoundTrip) {
   for (DType dtype : {DType::kF16, DType::kBF16, DType::kF32}) {
     SCOPED_TRACE(std::string(DTypeName(dtype)));
     auto h = BuildHarness(data, 500, dtype);
-    MAYBE_SKIP(h);
+    ASSERT_CREATED(h);
     std::vector<float> stored(kDim), expected(kDim);
     std::vector<uint8_t> raw(kDim * 4);
     for (int64_t i = 0; i < data.n; ++i) {
@@ -216,7 +205,7 @@ void ExpectWellFormed(const Selector& sel, const SelectParams& params, const Sel
 TEST_P(SelectorContractTest, SelectionRespectsBudgetAndAlwaysHasForcedPages) {
   const HeadData data = MakeSyntheticHead(1200, kGroup, 3, 13);
   auto h = BuildHarness(data, 1100);
-  MAYBE_SKIP(h);
+  ASSERT_CREATED(h);
   for (int budget : {1, 16, 17, 100, 256, 1200}) {
     for (int sink : {0, 4, 40}) {
       for (int recent : {0, 20}) {
@@ -240,9 +229,9 @@ TEST_P(SelectorContractTest, SelectionRespectsBudgetAndAlwaysHasForcedPages) {
 TEST_P(SelectorContractTest, DeterministicForTheSameDataAndSeed) {
   const HeadData data = MakeSyntheticHead(900, kGroup, 4, 14);
   auto a = BuildHarness(data, 800);
-  MAYBE_SKIP(a);
+  ASSERT_CREATED(a);
   auto b = BuildHarness(data, 800);
-  MAYBE_SKIP(b);
+  ASSERT_CREATED(b);
   ASSERT_EQ(a->sel->num_pages(), b->sel->num_pages());
   for (int64_t i = 0; i < data.n; ++i) {
     ASSERT_EQ(a->placements[i].page, b->placements[i].page);
@@ -269,7 +258,7 @@ TEST_P(SelectorContractTest, InsertedNeedleIsSelectedByScoringSelectors) {
   }
   const HeadData data = MakeSyntheticHead(1000, kGroup, 1, 15);
   auto h = BuildHarness(data, 1000);
-  MAYBE_SKIP(h);
+  ASSERT_CREATED(h);
   // Decode chunks with a needle in the middle of each: a key in a random
   // direction with 3x the largest key norm of the data.
   double max_norm = 0.0;
@@ -333,7 +322,7 @@ TEST_P(SelectorContractTest, BadConfigsAreInvalidArgumentNamingTheField) {
 TEST_P(SelectorContractTest, BadInputsGetPreciseCodesAndChangeNothing) {
   const HeadData data = MakeSyntheticHead(700, kGroup, 2, 16);
   auto h = MakeHarness();
-  MAYBE_SKIP(h);
+  ASSERT_CREATED(h);
   Selector& sel = *h->sel;
   SelectParams good;
   good.budget_tokens = 64;
@@ -426,7 +415,7 @@ TEST_P(SelectorContractTest, BadInputsGetPreciseCodesAndChangeNothing) {
 TEST_P(SelectorContractTest, ConcurrentSelectsMatchSerialResults) {
   const HeadData data = MakeSyntheticHead(1000, kGroup, 8, 17);
   auto h = BuildHarness(data, 1000);
-  MAYBE_SKIP(h);
+  ASSERT_CREATED(h);
   SelectParams p;
   p.budget_tokens = 96;
   p.want_positions = true;
