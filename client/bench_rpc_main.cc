@@ -1,0 +1,515 @@
+// icecache-bench-rpc: the RPC cost of IceCache's decode path.
+//
+// Sweep mode (default): for each K in --sessions (default 1,4,8,32), K
+// sessions with the same synthetic prefill decode concurrently over the Unix
+// socket (one thread and one DecodeStep stream per session). Reports the
+// per-layer DecodeStep latency p50/p99, decode steps per second, the
+// in-process cost of the same selection + gather measured in this process
+// with the core library (same selector, same KV, same queries), the RPC
+// overhead (difference and ratio), and the pool bytes per session.
+// --soak SECONDS: decode for that long and count failed requests by code.
+// --churn N: N create/append/drop cycles, daemon RSS before and after.
+// Output: a table on stdout; --json FILE writes the figures as JSON.
+// `icecache-bench rpc ARGS` is meant to exec this binary with ARGS.
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "client/client.h"
+#include "client/daemon_process.h"
+#include "client/kv_check.h"
+#include "client/output.h"
+#include "common/dtype.h"
+#include "common/status_macros.h"
+#include "common/synthetic.h"
+#include "server/index/kernels.h"
+#include "server/index/owned_page_keys.h"
+#include "server/index/selector.h"
+
+namespace icecache {
+namespace {
+
+const char kUsage[] = R"(usage: icecache-bench-rpc [flags]
+  --spawn PATH        start icecached at PATH on a temporary socket (else --socket)
+  --socket PATH       a running daemon (default $ICECACHE_SOCKET / default socket)
+  --pid N             the running daemon's pid (for --churn RSS without --spawn)
+  --sessions LIST     concurrent sessions to sweep [1,4,8,32]
+  --tokens N          prefill tokens per session [4096]
+  --layers N          layers [2]
+  --steps N           decode steps per session [8]
+  --budget N          selected tokens per KV head [256]
+  --page_tokens N     [16]
+  --selector NAME     mdci | exact-mdci | exact | quest | streaming [mdci]
+  --soak SECONDS      soak mode: decode with the first K of --sessions for SECONDS
+  --churn N           churn mode: N create/append/drop cycles, RSS before/after
+  --json FILE         write results as JSON
+)";
+
+struct Flags {
+  std::string spawn, socket, json, selector = "mdci";
+  int pid = 0;
+  std::vector<int> sessions = {1, 4, 8, 32};
+  int64_t tokens = 4096;
+  int layers = 2, steps = 8, budget = 256, page_tokens = 16;
+  int soak_s = 0, churn = 0;
+};
+
+absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
+  Flags f;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i], v;
+    if (a == "-h" || a == "--help") {
+      std::cout << kUsage;
+      std::exit(0);
+    }
+    const size_t eq = a.find('=');
+    if (eq != std::string::npos) {
+      v = a.substr(eq + 1);
+      a = a.substr(0, eq);
+    } else {
+      if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat(a, " needs a value"));
+      v = argv[++i];
+    }
+    auto num = [&](auto* out) -> absl::Status {
+      if (!absl::SimpleAtoi(v, out) || *out <= 0) {
+        return absl::InvalidArgumentError(absl::StrCat(a, ": '", v, "' is not a positive integer"));
+      }
+      return absl::OkStatus();
+    };
+    if (a == "--spawn") f.spawn = v;
+    else if (a == "--socket") f.socket = v;
+    else if (a == "--json") f.json = v;
+    else if (a == "--selector") f.selector = v;
+    else if (a == "--pid") RETURN_IF_ERROR(num(&f.pid));
+    else if (a == "--tokens") RETURN_IF_ERROR(num(&f.tokens));
+    else if (a == "--layers") RETURN_IF_ERROR(num(&f.layers));
+    else if (a == "--steps") RETURN_IF_ERROR(num(&f.steps));
+    else if (a == "--budget") RETURN_IF_ERROR(num(&f.budget));
+    else if (a == "--page_tokens") RETURN_IF_ERROR(num(&f.page_tokens));
+    else if (a == "--soak") RETURN_IF_ERROR(num(&f.soak_s));
+    else if (a == "--churn") RETURN_IF_ERROR(num(&f.churn));
+    else if (a == "--sessions") {
+      f.sessions.clear();
+      for (absl::string_view part : absl::StrSplit(v, ',')) {
+        int k = 0;
+        if (!absl::SimpleAtoi(part, &k) || k <= 0 || k > 1024) {
+          return absl::InvalidArgumentError(absl::StrCat("--sessions: bad count '", part, "'"));
+        }
+        f.sessions.push_back(k);
+      }
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("unknown flag ", a));
+    }
+  }
+  if (f.budget > f.tokens) return absl::InvalidArgumentError("--budget exceeds --tokens");
+  return f;
+}
+
+double Pct(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5))];
+}
+
+struct Model {
+  KvDump dump;
+  HostKv kv;
+  SessionSpec spec;
+  std::vector<uint8_t> prefill;  // the AppendKv chunk of all tokens
+};
+
+absl::StatusOr<Model> MakeModel(const Flags& f) {
+  Model m;
+  ASSIGN_OR_RETURN(SyntheticConfig sc, SyntheticPreset("llama3-8b-like"));
+  sc.layers = f.layers;
+  sc.tokens = f.tokens;
+  sc.steps = f.steps;
+  ASSIGN_OR_RETURN(m.dump, GenerateSynthetic(sc));
+  m.kv = HostKv::FromDump(&m.dump);
+  m.spec.layers = m.dump.layers;
+  m.spec.kv_heads = m.dump.kv_heads;
+  m.spec.q_heads = m.dump.q_heads;
+  m.spec.head_dim = m.dump.head_dim;
+  m.spec.dtype = DType::kF16;
+  m.spec.page_tokens = f.page_tokens;
+  ASSIGN_OR_RETURN(m.spec.selector, ParseSelectorType(f.selector));
+  m.spec.layer_reuse = 1;
+  m.spec.ttl = absl::Seconds(600);
+  m.prefill = m.kv.Chunk(0, f.tokens);
+  return m;
+}
+
+absl::Span<const float> Queries(const Model& m, int step, int layer) {
+  return absl::MakeConstSpan(m.dump.query(step % m.dump.steps, layer, 0),
+                             static_cast<size_t>(m.dump.q_heads) * m.dump.head_dim);
+}
+
+size_t FetchBytes(const Model& m, const Flags& f) {
+  const size_t page_bytes = 2 * static_cast<size_t>(f.page_tokens) * m.spec.head_dim * 2;
+  return static_cast<size_t>(m.spec.kv_heads) * (f.budget + 4 + f.page_tokens) * page_bytes;
+}
+
+// --- in-process reference: the same selection + gather with the core ---
+
+struct InProcess {
+  std::vector<std::unique_ptr<OwnedPageKeys>> pages;  // [layer][head]
+  std::vector<std::unique_ptr<Selector>> selectors;
+  std::vector<uint8_t> out;
+};
+
+absl::StatusOr<InProcess> BuildInProcess(const Model& m, const Flags& f) {
+  InProcess ip;
+  ASSIGN_OR_RETURN(SelectorKind kind, ParseSelectorKind(f.selector));
+  const int64_t n = m.dump.tokens;
+  for (int l = 0; l < m.spec.layers; ++l) {
+    for (int h = 0; h < m.spec.kv_heads; ++h) {
+      SelectorConfig c;
+      c.kind = kind;
+      c.head_dim = m.spec.head_dim;
+      c.dtype = DType::kF16;
+      c.page_tokens = f.page_tokens;
+      c.num_query_heads = m.dump.group_size();
+      ASSIGN_OR_RETURN(auto keys, OwnedPageKeys::ForSelector(c, /*with_values=*/true));
+      ASSIGN_OR_RETURN(auto sel, Selector::Create(c, keys.get()));
+      std::vector<Placement> placements;
+      RETURN_IF_ERROR(sel->Build(m.dump.key(l, h), n, &placements));
+      RETURN_IF_ERROR(keys->Apply(placements, m.dump.key(l, h), m.dump.value(l, h)));
+      ip.pages.push_back(std::move(keys));
+      ip.selectors.push_back(std::move(sel));
+    }
+  }
+  ip.out.resize(FetchBytes(m, f));
+  return ip;
+}
+
+// One layer: select per KV head, gather K and V blocks into `out`.
+absl::Status InProcessLayer(const Model& m, const Flags& f, InProcess& ip, int step, int layer,
+                            Selection* sel) {
+  SelectParams p;
+  p.budget_tokens = f.budget;
+  p.sink_tokens = 4;
+  const size_t block = static_cast<size_t>(f.page_tokens) * m.spec.head_dim * 2;
+  size_t off = 0;
+  for (int h = 0; h < m.spec.kv_heads; ++h) {
+    const size_t idx = static_cast<size_t>(layer) * m.spec.kv_heads + h;
+    sel->Clear();
+    RETURN_IF_ERROR(ip.selectors[idx]->Select(m.dump.query(step % m.dump.steps, layer, h),
+                                              m.dump.group_size(), p, sel));
+    for (uint32_t page : sel->pages) {
+      if (off + 2 * block > ip.out.size()) return absl::InternalError("in-process buffer too small");
+      std::memcpy(ip.out.data() + off, ip.pages[idx]->page_keys(page), block);
+      std::memcpy(ip.out.data() + off + block, ip.pages[idx]->page_values(page), block);
+      off += 2 * block;
+    }
+  }
+  return absl::OkStatus();
+}
+
+// --- RPC sweep ---
+
+struct SweepPoint {
+  int sessions = 0;
+  std::vector<double> layer_ms;
+  double wall_s = 0;
+  int64_t steps = 0;  // decode steps (all layers of one token) over all sessions
+  int64_t failed = 0;
+  uint64_t bytes_per_session = 0;
+  double prefill_ms_p50 = 0;
+};
+
+absl::StatusOr<SweepPoint> RunSweepPoint(Client& client, const Model& m, const Flags& f, int k) {
+  SweepPoint pt;
+  pt.sessions = k;
+  std::vector<SessionInfo> sessions;
+  std::vector<ShmBuffer> outs;
+  ASSIGN_OR_RETURN(ShmBuffer kv_buf, client.CreateShmBuffer(m.prefill.size()));
+  std::memcpy(kv_buf.data(), m.prefill.data(), m.prefill.size());
+  std::vector<double> prefill_ms;
+  for (int i = 0; i < k; ++i) {
+    ASSIGN_OR_RETURN(SessionInfo s, client.CreateSession(m.spec));
+    const absl::Time t0 = absl::Now();
+    RETURN_IF_ERROR(client.AppendKv(s.id, kv_buf, 0, m.prefill.size(),
+                                    static_cast<uint32_t>(f.tokens)).status());
+    prefill_ms.push_back(absl::ToDoubleMilliseconds(absl::Now() - t0));
+    sessions.push_back(s);
+    ASSIGN_OR_RETURN(ShmBuffer out, client.CreateShmBuffer(FetchBytes(m, f)));
+    outs.push_back(std::move(out));
+  }
+  pt.prefill_ms_p50 = Pct(prefill_ms, 0.5);
+  ASSIGN_OR_RETURN(SessionInfo info, client.GetSession(sessions[0].id));
+  pt.bytes_per_session = info.bytes;
+  SelectOptions opt;
+  opt.budget_tokens = static_cast<uint32_t>(f.budget);
+  opt.sink_tokens = 4;
+  // Warm-up: open every stream with one step.
+  for (int i = 0; i < k; ++i) {
+    RETURN_IF_ERROR(client.DecodeStep(sessions[i].id, 0, Queries(m, 0, 0), outs[i].buffer_id(), 0, opt)
+                        .status());
+  }
+  std::vector<std::vector<double>> lat(k);
+  std::vector<int64_t> failed(k, 0);
+  std::vector<absl::Status> first_error(k);
+  const absl::Time t0 = absl::Now();
+  std::vector<std::thread> threads;
+  for (int i = 0; i < k; ++i) {
+    threads.emplace_back([&, i] {
+      for (int step = 0; step < f.steps; ++step) {
+        for (int layer = 0; layer < m.spec.layers; ++layer) {
+          const absl::Time s0 = absl::Now();
+          auto r = client.DecodeStep(sessions[i].id, layer, Queries(m, step, layer),
+                                     outs[i].buffer_id(), 0, opt);
+          lat[i].push_back(absl::ToDoubleMilliseconds(absl::Now() - s0));
+          if (!r.ok()) {
+            ++failed[i];
+            if (first_error[i].ok()) first_error[i] = r.status();
+          }
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  pt.wall_s = absl::ToDoubleSeconds(absl::Now() - t0);
+  for (int i = 0; i < k; ++i) {
+    pt.layer_ms.insert(pt.layer_ms.end(), lat[i].begin(), lat[i].end());
+    pt.failed += failed[i];
+    if (!first_error[i].ok()) std::cerr << "session " << i << ": " << first_error[i] << "\n";
+  }
+  pt.steps = static_cast<int64_t>(k) * f.steps;
+  outs.clear();
+  for (const auto& s : sessions) RETURN_IF_ERROR(client.DropSession(s.id));
+  return pt;
+}
+
+absl::Status RunSweep(Client& client, const Model& m, const Flags& f, JsonWriter& w) {
+  // In-process reference, single thread, same selector/KV/queries.
+  std::cout << "building the in-process reference index...\n";
+  ASSIGN_OR_RETURN(InProcess ip, BuildInProcess(m, f));
+  std::vector<double> inproc_ms;
+  Selection sel;
+  for (int step = 0; step < f.steps; ++step) {
+    for (int layer = 0; layer < m.spec.layers; ++layer) {
+      const absl::Time t0 = absl::Now();
+      RETURN_IF_ERROR(InProcessLayer(m, f, ip, step, layer, &sel));
+      inproc_ms.push_back(absl::ToDoubleMilliseconds(absl::Now() - t0));
+    }
+  }
+  const double in_p50 = Pct(inproc_ms, 0.5), in_p99 = Pct(inproc_ms, 0.99);
+  TextTable t({"SESSIONS", "LAYER_P50_MS", "LAYER_P99_MS", "STEPS_PER_S", "INPROC_P50_MS",
+               "OVERHEAD_P50_MS", "RPC/INPROC", "POOL_PER_SESSION", "FAILED"});
+  w.Key("inprocess").BeginObject();
+  w.Key("layer_ms_p50").Double(in_p50).Key("layer_ms_p99").Double(in_p99);
+  w.Key("threads").Int(1).EndObject();
+  w.Key("results").BeginArray();
+  for (int k : f.sessions) {
+    std::cout << "sweep: " << k << " concurrent sessions...\n";
+    ASSIGN_OR_RETURN(SweepPoint pt, RunSweepPoint(client, m, f, k));
+    const double p50 = Pct(pt.layer_ms, 0.5), p99 = Pct(pt.layer_ms, 0.99);
+    const double sps = pt.steps / pt.wall_s;
+    t.AddRow({absl::StrCat(k), absl::StrFormat("%.3f", p50), absl::StrFormat("%.3f", p99),
+              absl::StrFormat("%.1f", sps), absl::StrFormat("%.3f", in_p50),
+              absl::StrFormat("%.3f", p50 - in_p50),
+              absl::StrFormat("%.2f", in_p50 > 0 ? p50 / in_p50 : 0.0),
+              HumanBytes(static_cast<int64_t>(pt.bytes_per_session)), absl::StrCat(pt.failed)});
+    w.BeginObject();
+    w.Key("sessions").Int(k);
+    w.Key("layer_ms_p50").Double(p50).Key("layer_ms_p99").Double(p99);
+    w.Key("steps_per_s").Double(sps).Key("layer_steps_per_s").Double(sps * m.spec.layers);
+    w.Key("inprocess_layer_ms_p50").Double(in_p50);
+    w.Key("rpc_overhead_ms_p50").Double(p50 - in_p50);
+    w.Key("rpc_over_inprocess_p50").Double(in_p50 > 0 ? p50 / in_p50 : 0.0);
+    w.Key("pool_bytes_per_session").Uint(pt.bytes_per_session);
+    w.Key("prefill_ms_p50").Double(pt.prefill_ms_p50);
+    w.Key("wall_s").Double(pt.wall_s).Key("failed").Int(pt.failed);
+    w.EndObject();
+    if (pt.failed > 0) {
+      std::cout << t.Render();
+      return absl::InternalError(absl::StrCat(pt.failed, " failed DecodeStep calls"));
+    }
+  }
+  w.EndArray();
+  std::cout << "\n" << t.Render();
+  std::cout << absl::StrFormat(
+      "in-process reference (1 thread, same selector/KV/queries): select+gather per layer "
+      "p50 %.3f ms p99 %.3f ms; kernels %s\n",
+      in_p50, in_p99, KernelIsa());
+  return absl::OkStatus();
+}
+
+absl::Status RunSoak(Client& client, const Model& m, const Flags& f, JsonWriter& w) {
+  const int k = f.sessions.front();
+  std::vector<SessionInfo> sessions;
+  std::vector<ShmBuffer> outs;
+  for (int i = 0; i < k; ++i) {
+    ASSIGN_OR_RETURN(SessionInfo s, client.CreateSession(m.spec));
+    RETURN_IF_ERROR(client.AppendKvInline(s.id, m.prefill, static_cast<uint32_t>(f.tokens)).status());
+    sessions.push_back(s);
+    ASSIGN_OR_RETURN(ShmBuffer out, client.CreateShmBuffer(FetchBytes(m, f)));
+    outs.push_back(std::move(out));
+  }
+  SelectOptions opt;
+  opt.budget_tokens = static_cast<uint32_t>(f.budget);
+  std::mutex mu;
+  std::map<std::string, int64_t> failures;
+  std::atomic<int64_t> ok{0};
+  std::vector<double> lat_all;
+  const absl::Time end = absl::Now() + absl::Seconds(f.soak_s);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < k; ++i) {
+    threads.emplace_back([&, i] {
+      std::vector<double> lat;
+      for (int step = 0; absl::Now() < end; ++step) {
+        for (int layer = 0; layer < m.spec.layers; ++layer) {
+          const absl::Time s0 = absl::Now();
+          auto r = client.DecodeStep(sessions[i].id, layer, Queries(m, step, layer),
+                                     outs[i].buffer_id(), 0, opt);
+          lat.push_back(absl::ToDoubleMilliseconds(absl::Now() - s0));
+          if (r.ok()) {
+            ++ok;
+          } else {
+            std::lock_guard<std::mutex> l(mu);
+            ++failures[absl::StatusCodeToString(r.status().code())];
+          }
+        }
+        if (step % 16 == 0) {
+          auto ka = client.KeepAlive({sessions[i].id});
+          if (ka.ok()) {
+            ++ok;
+          } else {
+            std::lock_guard<std::mutex> l(mu);
+            ++failures[absl::StatusCodeToString(ka.status().code())];
+          }
+        }
+      }
+      std::lock_guard<std::mutex> l(mu);
+      lat_all.insert(lat_all.end(), lat.begin(), lat.end());
+    });
+  }
+  for (auto& t : threads) t.join();
+  int64_t failed = 0;
+  for (const auto& [code, n] : failures) failed += n;
+  std::cout << absl::StrFormat(
+      "soak: %d s, %d sessions: %d requests ok, %d failed; DecodeStep per layer p50 %.3f ms p99 "
+      "%.3f ms max %.3f ms\n",
+      f.soak_s, k, ok.load(), failed, Pct(lat_all, 0.5), Pct(lat_all, 0.99), Pct(lat_all, 1.0));
+  for (const auto& [code, n] : failures) std::cout << "  failed " << code << ": " << n << "\n";
+  w.Key("soak").BeginObject();
+  w.Key("seconds").Int(f.soak_s).Key("sessions").Int(k).Key("ok").Int(ok.load());
+  w.Key("failed").Int(failed).Key("layer_ms_p50").Double(Pct(lat_all, 0.5));
+  w.Key("layer_ms_p99").Double(Pct(lat_all, 0.99)).Key("failures_by_code").BeginObject();
+  for (const auto& [code, n] : failures) w.Key(code).Int(n);
+  w.EndObject().EndObject();
+  outs.clear();
+  for (const auto& s : sessions) (void)client.DropSession(s.id);
+  return failed == 0 ? absl::OkStatus()
+                     : absl::InternalError(absl::StrCat(failed, " failed requests in soak"));
+}
+
+absl::Status RunChurn(Client& client, const Model& m, const Flags& f, int pid, JsonWriter& w) {
+  if (pid <= 0) return absl::InvalidArgumentError("--churn needs --spawn or --pid to read the daemon's RSS");
+  ASSIGN_OR_RETURN(ShmBuffer kv_buf, client.CreateShmBuffer(m.prefill.size()));
+  std::memcpy(kv_buf.data(), m.prefill.data(), m.prefill.size());
+  auto cycle = [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(SessionInfo s, client.CreateSession(m.spec));
+    RETURN_IF_ERROR(client.AppendKv(s.id, kv_buf, 0, m.prefill.size(),
+                                    static_cast<uint32_t>(f.tokens)).status());
+    return client.DropSession(s.id);
+  };
+  // One warm-up cycle so first-use allocations (size classes, thread pools)
+  // are in the "before" figure.
+  RETURN_IF_ERROR(cycle());
+  ASSIGN_OR_RETURN(int64_t before, ProcessRssBytes(pid));
+  int64_t failed = 0;
+  const absl::Time t0 = absl::Now();
+  for (int i = 0; i < f.churn; ++i) {
+    if (!cycle().ok()) ++failed;
+  }
+  const double wall = absl::ToDoubleSeconds(absl::Now() - t0);
+  ASSIGN_OR_RETURN(int64_t after, ProcessRssBytes(pid));
+  std::cout << absl::StrFormat(
+      "churn: %d create/append(%d tokens)/drop cycles in %.2f s (%.1f/s), %d failed; daemon RSS "
+      "%s before, %s after (%+.1f MiB)\n",
+      f.churn, f.tokens, wall, f.churn / wall, failed, HumanBytes(before), HumanBytes(after),
+      (after - before) / 1048576.0);
+  w.Key("churn").BeginObject();
+  w.Key("cycles").Int(f.churn).Key("failed").Int(failed).Key("wall_s").Double(wall);
+  w.Key("rss_before_bytes").Int(before).Key("rss_after_bytes").Int(after).EndObject();
+  return failed == 0 ? absl::OkStatus()
+                     : absl::InternalError(absl::StrCat(failed, " failed churn cycles"));
+}
+
+absl::Status Run(const Flags& f) {
+  std::unique_ptr<DaemonProcess> daemon;
+  ClientOptions options;
+  options.socket_path = f.socket;
+  options.timeout = absl::Seconds(300);
+  int pid = f.pid;
+  if (!f.spawn.empty()) {
+    DaemonOptions d;
+    d.binary = f.spawn;
+    ASSIGN_OR_RETURN(daemon, DaemonProcess::Start(d));
+    options.socket_path = daemon->socket_path();
+    pid = daemon->pid();
+  }
+  ASSIGN_OR_RETURN(auto client, Client::Create(options));
+  std::cout << "generating synthetic llama3-8b-like KV...\n";
+  ASSIGN_OR_RETURN(Model m, MakeModel(f));
+  JsonWriter w;
+  w.BeginObject();
+  w.Key("benchmark").String("rpc");
+  w.Key("machine").BeginObject();
+  w.Key("cores").Int(std::thread::hardware_concurrency()).Key("kernel_isa").String(KernelIsa());
+  w.EndObject();
+  w.Key("config").BeginObject();
+  w.Key("target").String(client->target()).Key("tokens").Int(f.tokens).Key("layers").Int(f.layers);
+  w.Key("kv_heads").Int(m.spec.kv_heads).Key("q_heads").Int(m.spec.q_heads);
+  w.Key("head_dim").Int(m.spec.head_dim).Key("dtype").String("float16");
+  w.Key("page_tokens").Int(f.page_tokens).Key("budget_tokens").Int(f.budget);
+  w.Key("selector").String(f.selector).Key("steps").Int(f.steps).EndObject();
+  absl::Status st;
+  if (f.soak_s > 0) {
+    st = RunSoak(*client, m, f, w);
+  } else if (f.churn > 0) {
+    st = RunChurn(*client, m, f, pid, w);
+  } else {
+    st = RunSweep(*client, m, f, w);
+  }
+  w.EndObject();
+  if (!f.json.empty()) {
+    std::ofstream out(f.json);
+    out << w.str() << "\n";
+    if (!out) return absl::InternalError(absl::StrCat("cannot write ", f.json));
+  }
+  return st;
+}
+
+}  // namespace
+}  // namespace icecache
+
+int main(int argc, char** argv) {
+  auto flags = icecache::ParseFlags(argc, argv);
+  if (!flags.ok()) {
+    std::cerr << "icecache-bench-rpc: " << flags.status().message() << "\n" << icecache::kUsage;
+    return 2;
+  }
+  absl::Status s = icecache::Run(*flags);
+  if (!s.ok()) {
+    std::cerr << "icecache-bench-rpc: FAILED: " << s << "\n";
+    return 1;
+  }
+  return 0;
+}
