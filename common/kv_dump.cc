@@ -58,7 +58,7 @@ absl::Status MakeDirs(const std::string& dir) {
     if (path.empty()) continue;
     if (::mkdir(path.c_str(), 0755) != 0 && errno != EEXIST) {
       const int err = errno;
-      return absl::ErrnoToStatus(err, absl::StrCat("cannot create directory ", path, ": ", std::strerror(err)));
+      return absl::ErrnoToStatus(err, absl::StrCat("cannot create directory ", path));
     }
   }
   struct stat st;
@@ -102,14 +102,14 @@ absl::Status WriteText(const std::string& path, const std::string& text) {
   std::FILE* f = std::fopen(tmp.c_str(), "wb");
   if (f == nullptr) {
     const int err = errno;
-    return absl::ErrnoToStatus(err, absl::StrCat("cannot create ", tmp, ": ", std::strerror(err)));
+    return absl::ErrnoToStatus(err, absl::StrCat("cannot create ", tmp));
   }
   const bool wrote = std::fwrite(text.data(), 1, text.size(), f) == text.size();
   const bool closed = std::fclose(f) == 0;
   if (!wrote || !closed || std::rename(tmp.c_str(), path.c_str()) != 0) {
     const int err = errno;
     std::remove(tmp.c_str());
-    return absl::ErrnoToStatus(err, absl::StrCat("cannot write ", path, ": ", std::strerror(err)));
+    return absl::ErrnoToStatus(err, absl::StrCat("cannot write ", path));
   }
   return absl::OkStatus();
 }
@@ -203,7 +203,7 @@ absl::StatusOr<KvDump> ReadKvDump(const std::string& dir, int64_t max_tokens) {
   if (::stat(dir.c_str(), &st) != 0) {
     const int err = errno;
     if (err == ENOENT) return absl::NotFoundError(absl::StrCat("KV dump directory ", dir, " does not exist"));
-    return absl::ErrnoToStatus(err, absl::StrCat("cannot stat KV dump directory ", dir, ": ", std::strerror(err)));
+    return absl::ErrnoToStatus(err, absl::StrCat("cannot stat KV dump directory ", dir));
   }
   if (!S_ISDIR(st.st_mode)) return absl::InvalidArgumentError(absl::StrCat(dir, " is not a directory"));
 

@@ -52,7 +52,7 @@ class Fd {
 };
 
 absl::Status ErrnoStatus(int err, const std::string& what) {
-  return absl::ErrnoToStatus(err, absl::StrCat(what, ": ", std::strerror(err)));
+  return absl::ErrnoToStatus(err, what);
 }
 
 // Reads up to `n` bytes at `offset`; returns how many were read (less only at
