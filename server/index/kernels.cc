@@ -79,42 +79,54 @@ inline float DotAvx2(const float* q, const typename L::T* k, int dim) {
   return s;
 }
 
-// NQ queries against one row: the row is loaded (and converted) once per
-// 8-lane chunk and fed to NQ accumulators. With few queries the chunk loop is
-// unrolled twice so there are still enough independent FMA chains.
-template <typename L, int NQ>
-inline void DotMultiRowAvx2(const float* queries, int dim, const typename L::T* k, float* out,
-                            int64_t out_stride) {
-  constexpr int kUnroll = NQ <= 4 ? 2 : 1;
-  __m256 acc[kUnroll][NQ];
-  for (int u = 0; u < kUnroll; ++u)
-    for (int j = 0; j < NQ; ++j) acc[u][j] = _mm256_setzero_ps();
+// NQ queries against R consecutive rows. Per 8-lane chunk each query chunk
+// is loaded once and reused for the R rows, and each row chunk is loaded
+// (and converted) once and reused for the NQ queries: NQ + R loads feed
+// NQ x R FMAs, so the kernel is bound by FMAs rather than loads. R x NQ
+// accumulators stay in registers (R chosen per NQ in RowsPerBlockAvx2).
+template <typename L, int NQ, int R>
+inline void DotBlockAvx2(const float* queries, int dim, const typename L::T* k, float* out,
+                         int64_t out_stride) {
+  __m256 acc[R][NQ];
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 16
+    for (int j = 0; j < NQ; ++j) acc[r][j] = _mm256_setzero_ps();
   int i = 0;
-  for (; i + 8 * kUnroll <= dim; i += 8 * kUnroll) {
-    for (int u = 0; u < kUnroll; ++u) {
-      const __m256 kv = L::Load8(k + i + 8 * u);
-      for (int j = 0; j < NQ; ++j) {
-        acc[u][j] = _mm256_fmadd_ps(_mm256_loadu_ps(queries + j * dim + i + 8 * u), kv, acc[u][j]);
-      }
-    }
-  }
   for (; i + 8 <= dim; i += 8) {
-    const __m256 kv = L::Load8(k + i);
-    for (int j = 0; j < NQ; ++j) {
-      acc[0][j] = _mm256_fmadd_ps(_mm256_loadu_ps(queries + j * dim + i), kv, acc[0][j]);
+    __m256 qv[NQ];
+    #pragma GCC unroll 16
+    for (int j = 0; j < NQ; ++j) qv[j] = _mm256_loadu_ps(queries + j * dim + i);
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m256 kv = L::Load8(k + r * dim + i);
+      #pragma GCC unroll 16
+      for (int j = 0; j < NQ; ++j) acc[r][j] = _mm256_fmadd_ps(qv[j], kv, acc[r][j]);
     }
   }
-  float tail[NQ];
-  for (int j = 0; j < NQ; ++j) tail[j] = 0.0f;
+  float tail[R][NQ];
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 16
+    for (int j = 0; j < NQ; ++j) tail[r][j] = 0.0f;
   for (; i < dim; ++i) {
-    const float kv = L::Scalar(k + i);
-    for (int j = 0; j < NQ; ++j) tail[j] += queries[j * dim + i] * kv;
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const float kv = L::Scalar(k + r * dim + i);
+      #pragma GCC unroll 16
+      for (int j = 0; j < NQ; ++j) tail[r][j] += queries[j * dim + i] * kv;
+    }
   }
-  for (int j = 0; j < NQ; ++j) {
-    __m256 s = acc[0][j];
-    if (kUnroll == 2) s = _mm256_add_ps(s, acc[kUnroll - 1][j]);
-    out[j * out_stride] = HSum256(s) + tail[j];
-  }
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 16
+    for (int j = 0; j < NQ; ++j) out[j * out_stride + r] = HSum256(acc[r][j]) + tail[r][j];
+}
+
+// Rows per block for AVX2 (16 ymm registers): R x NQ accumulators, NQ query
+// chunks and one row chunk must fit.
+constexpr int RowsPerBlockAvx2(int nq) {
+  return nq == 1 ? 8 : nq == 2 ? 4 : nq <= 4 ? 2 : 1;
 }
 
 template <typename L>
@@ -126,9 +138,12 @@ void DotRowsAvx2(const void* rows, int64_t n, int dim, const float* q, float* ou
 template <typename L, int NQ>
 void DotRowsMultiAvx2Fixed(const typename L::T* k, int64_t n, int dim, const float* queries,
                            float* out, int64_t out_stride) {
-  for (int64_t r = 0; r < n; ++r) {
-    DotMultiRowAvx2<L, NQ>(queries, dim, k + r * dim, out + r, out_stride);
+  constexpr int R = RowsPerBlockAvx2(NQ);
+  int64_t r = 0;
+  for (; r + R <= n; r += R) {
+    DotBlockAvx2<L, NQ, R>(queries, dim, k + r * dim, out + r, out_stride);
   }
+  for (; r < n; ++r) DotBlockAvx2<L, NQ, 1>(queries, dim, k + r * dim, out + r, out_stride);
 }
 
 // Queries are taken in blocks of at most 8 (8 x 8-lane accumulators fill half
@@ -213,43 +228,48 @@ ICECACHE_AVX512 inline float DotAvx512(const float* q, const typename L::T* k, i
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
-template <typename L, int NQ>
-ICECACHE_AVX512 inline void DotMultiRowAvx512(const float* queries, int dim,
-                                              const typename L::T* k, float* out,
-                                              int64_t out_stride) {
-  constexpr int kUnroll = NQ <= 4 ? 2 : 1;
-  __m512 acc[kUnroll][NQ];
-  for (int u = 0; u < kUnroll; ++u)
-    for (int j = 0; j < NQ; ++j) acc[u][j] = _mm512_setzero_ps();
+// As DotBlockAvx2 with 16 lanes and 32 registers; the dim tail is one
+// masked step instead of a scalar loop.
+template <typename L, int NQ, int R>
+ICECACHE_AVX512 inline void DotBlockAvx512(const float* queries, int dim, const typename L::T* k,
+                                           float* out, int64_t out_stride) {
+  __m512 acc[R][NQ];
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 16
+    for (int j = 0; j < NQ; ++j) acc[r][j] = _mm512_setzero_ps();
   int i = 0;
-  for (; i + 16 * kUnroll <= dim; i += 16 * kUnroll) {
-    for (int u = 0; u < kUnroll; ++u) {
-      const __m512 kv = L::Load16(k + i + 16 * u);
-      for (int j = 0; j < NQ; ++j) {
-        acc[u][j] =
-            _mm512_fmadd_ps(_mm512_loadu_ps(queries + j * dim + i + 16 * u), kv, acc[u][j]);
-      }
-    }
-  }
   for (; i + 16 <= dim; i += 16) {
-    const __m512 kv = L::Load16(k + i);
-    for (int j = 0; j < NQ; ++j) {
-      acc[0][j] = _mm512_fmadd_ps(_mm512_loadu_ps(queries + j * dim + i), kv, acc[0][j]);
+    __m512 qv[NQ];
+    #pragma GCC unroll 16
+    for (int j = 0; j < NQ; ++j) qv[j] = _mm512_loadu_ps(queries + j * dim + i);
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 kv = L::Load16(k + r * dim + i);
+      #pragma GCC unroll 16
+      for (int j = 0; j < NQ; ++j) acc[r][j] = _mm512_fmadd_ps(qv[j], kv, acc[r][j]);
     }
   }
   if (i < dim) {
     const __mmask16 m = TailMask(dim - i);
-    const __m512 kv = L::LoadMasked(k + i, m);
-    for (int j = 0; j < NQ; ++j) {
-      acc[0][j] =
-          _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, queries + j * dim + i), kv, acc[0][j]);
+    __m512 qv[NQ];
+    #pragma GCC unroll 16
+    for (int j = 0; j < NQ; ++j) qv[j] = _mm512_maskz_loadu_ps(m, queries + j * dim + i);
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 kv = L::LoadMasked(k + r * dim + i, m);
+      #pragma GCC unroll 16
+      for (int j = 0; j < NQ; ++j) acc[r][j] = _mm512_fmadd_ps(qv[j], kv, acc[r][j]);
     }
   }
-  for (int j = 0; j < NQ; ++j) {
-    __m512 s = acc[0][j];
-    if (kUnroll == 2) s = _mm512_add_ps(s, acc[kUnroll - 1][j]);
-    out[j * out_stride] = _mm512_reduce_add_ps(s);
-  }
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 16
+    for (int j = 0; j < NQ; ++j) out[j * out_stride + r] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
+constexpr int RowsPerBlockAvx512(int nq) {
+  return nq == 1 ? 8 : nq == 2 ? 8 : nq <= 4 ? 4 : nq <= 6 ? 3 : 2;
 }
 
 template <typename L>
@@ -263,9 +283,12 @@ template <typename L, int NQ>
 ICECACHE_AVX512 void DotRowsMultiAvx512Fixed(const typename L::T* k, int64_t n, int dim,
                                              const float* queries, float* out,
                                              int64_t out_stride) {
-  for (int64_t r = 0; r < n; ++r) {
-    DotMultiRowAvx512<L, NQ>(queries, dim, k + r * dim, out + r, out_stride);
+  constexpr int R = RowsPerBlockAvx512(NQ);
+  int64_t r = 0;
+  for (; r + R <= n; r += R) {
+    DotBlockAvx512<L, NQ, R>(queries, dim, k + r * dim, out + r, out_stride);
   }
+  for (; r < n; ++r) DotBlockAvx512<L, NQ, 1>(queries, dim, k + r * dim, out + r, out_stride);
 }
 
 template <typename L>

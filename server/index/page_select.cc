@@ -1,5 +1,7 @@
 #include "server/index/page_select.h"
 
+#include <immintrin.h>
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -8,16 +10,68 @@
 
 namespace icecache {
 
+namespace {
+
+// exp(x) for 8 lanes of x <= 0 (log-sum-exp arguments): Cephes-style range
+// reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial for exp(r),
+// 2^n through the exponent bits. Relative error ~2e-7; arguments below -87
+// are clamped (exp(-87) ~ 1.6e-38, negligible next to the max term, 1).
+inline __m256 Exp256(__m256 x) {
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f);
+  const __m256 ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, ln2_hi, x);
+  r = _mm256_fnmadd_ps(n, ln2_lo, r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 r2 = _mm256_mul_ps(r, r);
+  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline float HMax256(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 0x55));
+  return _mm_cvtss_f32(m);
+}
+
+inline float HSum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
+  return _mm_cvtss_f32(s);
+}
+
+}  // namespace
+
 float PageMassScore(const float* logits, int num_queries, int fill, int stride, float scale) {
   float best = -std::numeric_limits<float>::infinity();
   if (fill <= 0) return best;
+  const __m256 vscale = _mm256_set1_ps(scale);
   for (int j = 0; j < num_queries; ++j) {
     const float* row = logits + static_cast<int64_t>(j) * stride;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int i = 0; i < fill; ++i) m = std::max(m, row[i] * scale);
     // log-sum-exp around the max: every term is <= 1, the sum is >= 1.
-    float s = 0.0f;
-    for (int i = 0; i < fill; ++i) s += std::exp(row[i] * scale - m);
+    __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    int i = 0;
+    for (; i + 8 <= fill; i += 8) vm = _mm256_max_ps(vm, _mm256_mul_ps(_mm256_loadu_ps(row + i), vscale));
+    float m = HMax256(vm);
+    for (; i < fill; ++i) m = std::max(m, row[i] * scale);
+    const __m256 vmax = _mm256_set1_ps(m);
+    __m256 vs = _mm256_setzero_ps();
+    i = 0;
+    for (; i + 8 <= fill; i += 8) {
+      vs = _mm256_add_ps(vs, Exp256(_mm256_fmsub_ps(_mm256_loadu_ps(row + i), vscale, vmax)));
+    }
+    float s = HSum256(vs);
+    for (; i < fill; ++i) s += std::exp(row[i] * scale - m);
     const float score = m + std::log(s);
     if (score > best) best = score;
   }

@@ -49,6 +49,19 @@ float QuestBound(const float* mn, const float* mx, const float* queries, int nq,
   return best;
 }
 
+// Per-thread scratch reused across Select() calls, so a selection allocates
+// nothing once a thread has served one of the same size (Select() is const
+// and runs concurrently; each thread has its own buffers).
+struct Scratch {
+  std::vector<std::pair<float, uint32_t>> scored;
+  std::vector<std::pair<float, uint32_t>> ranked;
+  std::vector<float> logits;
+};
+Scratch& ThreadScratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
+
 class PositionalSelector final : public Selector {
  public:
   PositionalSelector(const SelectorConfig& config, const PageKeys* keys)
@@ -188,8 +201,11 @@ absl::Status PositionalSelector::SelectExact(const float* queries, int nq,
                                              const std::vector<uint32_t>& forced,
                                              Selection* out) const {
   const uint32_t pages = num_pages();
-  std::vector<float> logits(static_cast<size_t>(nq) * page_tokens_);
-  std::vector<std::pair<float, uint32_t>> scored;
+  Scratch& scratch = ThreadScratch();
+  std::vector<float>& logits = scratch.logits;
+  logits.resize(static_cast<size_t>(nq) * page_tokens_);
+  std::vector<std::pair<float, uint32_t>>& scored = scratch.scored;
+  scored.clear();
   scored.reserve(pages);
   for (uint32_t p = 0; p < pages; ++p) {
     ASSIGN_OR_RETURN(const float score, ExactPageScore(p, queries, nq, logits.data()));
@@ -205,7 +221,9 @@ absl::Status PositionalSelector::SelectQuest(const float* queries, int nq,
                                              const std::vector<uint32_t>& forced,
                                              Selection* out) const {
   const uint32_t pages = num_pages();
-  std::vector<std::pair<float, uint32_t>> scored;
+  Scratch& scratch = ThreadScratch();
+  std::vector<std::pair<float, uint32_t>>& scored = scratch.scored;
+  scored.clear();
   scored.reserve(pages);
   for (uint32_t p = 0; p < pages; ++p) {
     const float* mn = minmax_.data() + static_cast<size_t>(p) * 2 * dim_;
@@ -217,7 +235,8 @@ absl::Status PositionalSelector::SelectQuest(const float* queries, int nq,
     // Rank non-forced pages by bound; rescore the best `candidates` exactly.
     const double want = std::ceil(static_cast<double>(factor) * params.budget_tokens / page_tokens_);
     const size_t candidates = static_cast<size_t>(std::max(1.0, std::min<double>(want, pages)));
-    std::vector<std::pair<float, uint32_t>> ranked;
+    std::vector<std::pair<float, uint32_t>>& ranked = scratch.ranked;
+    ranked.clear();
     ranked.reserve(pages);
     for (const auto& e : scored) {
       if (!std::binary_search(forced.begin(), forced.end(), e.second)) ranked.push_back(e);
@@ -226,16 +245,21 @@ absl::Status PositionalSelector::SelectQuest(const float* queries, int nq,
     auto better = [](const std::pair<float, uint32_t>& a, const std::pair<float, uint32_t>& b) {
       return a.first > b.first || (a.first == b.first && a.second < b.second);
     };
-    std::partial_sort(ranked.begin(), ranked.begin() + take, ranked.end(), better);
+    // The candidate set only (its order is TakePages' job): linear time.
+    if (take < ranked.size()) {
+      std::nth_element(ranked.begin(), ranked.begin() + take, ranked.end(), better);
+    }
     ranked.resize(take);
-    std::vector<float> logits(static_cast<size_t>(nq) * page_tokens_);
+    std::vector<float>& logits = scratch.logits;
+    logits.resize(static_cast<size_t>(nq) * page_tokens_);
     for (auto& e : ranked) {
       ASSIGN_OR_RETURN(e.first, ExactPageScore(e.second, queries, nq, logits.data()));
       touched += fill(e.second);
     }
-    scored.swap(ranked);
+    TakePages(*this, forced, &ranked, params, out);
+  } else {
+    TakePages(*this, forced, &scored, params, out);
   }
-  TakePages(*this, forced, &scored, params, out);
   out->keys_touched = touched;
   return absl::OkStatus();
 }
@@ -244,7 +268,8 @@ void PositionalSelector::SelectStreaming(const SelectParams& params,
                                          const std::vector<uint32_t>& forced,
                                          Selection* out) const {
   const uint32_t pages = num_pages();
-  std::vector<std::pair<float, uint32_t>> scored;
+  std::vector<std::pair<float, uint32_t>>& scored = ThreadScratch().scored;
+  scored.clear();
   // Only the most recent pages can be taken: budget pages plus the forced ones.
   const uint32_t window = static_cast<uint32_t>(
       std::min<int64_t>(pages, params.budget_tokens / page_tokens_ + 2 + forced.size()));

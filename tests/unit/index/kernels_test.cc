@@ -152,7 +152,8 @@ TEST_P(KernelsTest, DotRowsMatchesScalarReferenceForEveryDtype) {
 }
 
 TEST_P(KernelsTest, DotRowsMultiMatchesScalarReferenceForAllQueryCounts) {
-  const int64_t n = 7;
+  // 37 rows: whole row blocks (up to 8 rows) plus a remainder for every nq.
+  const int64_t n = 37;
   for (int dim : Dims()) {
     for (int nq : {1, 2, 3, 4, 5, 6, 7, 8, 9, 13}) {
       const Data d = MakeData(n, dim, nq, 1000 * nq + dim);

@@ -1,5 +1,6 @@
 #include "server/index/page_select.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -44,6 +45,36 @@ TEST(PageMassScoreTest, MatchesLogSumExpMaxOverQueries) {
           << nq << " " << fill;
     }
   }
+}
+
+TEST(PageMassScoreTest, AccurateOverWideLogitRangesAndOddFills) {
+  // The vectorised exp must hold its accuracy across the whole range of
+  // exponents, not only near zero.
+  std::mt19937 rng(8);
+  std::uniform_real_distribution<float> u(-150.0f, 150.0f);
+  for (int fill = 1; fill <= 41; ++fill) {
+    std::vector<float> logits(2 * fill);
+    std::vector<std::vector<double>> ref(2);
+    for (int j = 0; j < 2; ++j) {
+      for (int i = 0; i < fill; ++i) {
+        logits[j * fill + i] = u(rng);
+        ref[j].push_back(logits[j * fill + i]);
+      }
+    }
+    // Reference in double with its own max subtraction.
+    double best = -INFINITY;
+    for (const auto& row : ref) {
+      const double m = *std::max_element(row.begin(), row.end());
+      double s = 0;
+      for (double l : row) s += std::exp(l - m);
+      best = std::max(best, m + std::log(s));
+    }
+    EXPECT_NEAR(PageMassScore(logits.data(), 2, fill, fill, 1.0f), best, 1e-5 * std::abs(best) + 1e-5)
+        << "fill " << fill;
+  }
+  // Many equal logits: the sum must be exactly countable.
+  std::vector<float> flat(37, 0.5f);
+  EXPECT_NEAR(PageMassScore(flat.data(), 1, 37, 37, 2.0f), 1.0 + std::log(37.0), 1e-5);
 }
 
 TEST(PageMassScoreTest, StableForHugeLogits) {
