@@ -129,12 +129,6 @@ constexpr int RowsPerBlockAvx2(int nq) {
   return nq == 1 ? 8 : nq == 2 ? 4 : nq <= 4 ? 2 : 1;
 }
 
-template <typename L>
-void DotRowsAvx2(const void* rows, int64_t n, int dim, const float* q, float* out) {
-  const auto* k = static_cast<const typename L::T*>(rows);
-  for (int64_t r = 0; r < n; ++r) out[r] = DotAvx2<L>(q, k + r * dim, dim);
-}
-
 template <typename L, int NQ>
 void DotRowsMultiAvx2Fixed(const typename L::T* k, int64_t n, int dim, const float* queries,
                            float* out, int64_t out_stride) {
@@ -272,13 +266,6 @@ constexpr int RowsPerBlockAvx512(int nq) {
   return nq == 1 ? 8 : nq == 2 ? 8 : nq <= 4 ? 4 : nq <= 6 ? 3 : 2;
 }
 
-template <typename L>
-ICECACHE_AVX512 void DotRowsAvx512(const void* rows, int64_t n, int dim, const float* q,
-                                   float* out) {
-  const auto* k = static_cast<const typename L::T*>(rows);
-  for (int64_t r = 0; r < n; ++r) out[r] = DotAvx512<L>(q, k + r * dim, dim);
-}
-
 template <typename L, int NQ>
 ICECACHE_AVX512 void DotRowsMultiAvx512Fixed(const typename L::T* k, int64_t n, int dim,
                                              const float* queries, float* out,
@@ -334,7 +321,6 @@ float DotBf16Avx2(const float* q, const uint16_t* k, int dim) {
 // Dispatch table, chosen once (or forced by tests/benchmarks).
 using DotF32Fn = float (*)(const float*, const float*, int);
 using DotU16Fn = float (*)(const float*, const uint16_t*, int);
-using RowsFn = void (*)(const void*, int64_t, int, const float*, float*);
 using MultiFn = void (*)(const void*, int64_t, int, const float*, int, float*);
 
 struct KernelTable {
@@ -342,8 +328,7 @@ struct KernelTable {
   DotF32Fn dot_f32;
   DotU16Fn dot_f16;
   DotU16Fn dot_bf16;
-  RowsFn rows[3];   // indexed by DTypeIndex
-  MultiFn multi[3];
+  MultiFn multi[3];  // indexed by DTypeIndex; DotRows is the nq == 1 case
 };
 
 const KernelTable kAvx2Table = {
@@ -351,7 +336,6 @@ const KernelTable kAvx2Table = {
     DotF32Avx2,
     DotF16Avx2,
     DotBf16Avx2,
-    {DotRowsAvx2<F16Avx2>, DotRowsAvx2<Bf16Avx2>, DotRowsAvx2<F32Avx2>},
     {DotRowsMultiAvx2<F16Avx2>, DotRowsMultiAvx2<Bf16Avx2>, DotRowsMultiAvx2<F32Avx2>},
 };
 
@@ -360,7 +344,6 @@ const KernelTable kAvx512Table = {
     DotF32Avx512,
     DotF16Avx512,
     DotBf16Avx512,
-    {DotRowsAvx512<F16Avx512>, DotRowsAvx512<Bf16Avx512>, DotRowsAvx512<F32Avx512>},
     {DotRowsMultiAvx512<F16Avx512>, DotRowsMultiAvx512<Bf16Avx512>,
      DotRowsMultiAvx512<F32Avx512>},
 };
@@ -399,7 +382,9 @@ void DotRows(DType dtype, const void* rows, int64_t n, int dim, const float* q, 
     for (int64_t i = 0; i < n; ++i) out[i] = 0.0f;
     return;
   }
-  Table().rows[DTypeIndex(dtype)](rows, n, dim, q, out);
+  // One query is the nq == 1 block kernel: 8 rows per block keep 8
+  // independent FMA chains busy.
+  Table().multi[DTypeIndex(dtype)](rows, n, dim, q, 1, out);
 }
 
 void DotRowsMulti(DType dtype, const void* rows, int64_t n, int dim, const float* queries, int nq,

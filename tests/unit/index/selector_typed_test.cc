@@ -317,6 +317,26 @@ TEST_P(SelectorContractTest, BadConfigsAreInvalidArgumentNamingTheField) {
   }
   EXPECT_THAT(Selector::Create(MakeConfig(GetParam()), nullptr),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("PageKeys")));
+  // The DCI parameters are checked for the kinds that use them.
+  const bool mdci = GetParam() == SelectorKind::kMdci || GetParam() == SelectorKind::kExactMdci;
+  const Case mdci_cases[] = {
+      {"mdci.num_composite", [](SelectorConfig* c) { c->mdci.num_composite = 0; }},
+      {"mdci.num_simple", [](SelectorConfig* c) { c->mdci.num_simple = -1; }},
+      {"mdci.field_of_view", [](SelectorConfig* c) { c->mdci.field_of_view = 0; }},
+      {"mdci.candidate_factor", [](SelectorConfig* c) { c->mdci.candidate_factor = NAN; }},
+      {"mdci.norm_headroom", [](SelectorConfig* c) { c->mdci.norm_headroom = 0.5f; }},
+      {"mdci.rebuild_fraction", [](SelectorConfig* c) { c->mdci.rebuild_fraction = 2.0f; }},
+  };
+  for (const Case& c : mdci_cases) {
+    SelectorConfig config = MakeConfig(GetParam());
+    c.mutate(&config);
+    auto sel = Selector::Create(config, frames->get());
+    if (mdci) {
+      EXPECT_THAT(sel, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(c.field)));
+    } else {
+      EXPECT_THAT(sel, IsOk()) << "positional kinds ignore " << c.field;
+    }
+  }
 }
 
 TEST_P(SelectorContractTest, BadInputsGetPreciseCodesAndChangeNothing) {
@@ -441,6 +461,33 @@ TEST_P(SelectorContractTest, ConcurrentSelectsMatchSerialResults) {
       EXPECT_EQ(parallel[t][s].positions, serial[s].positions);
     }
   }
+}
+
+TEST(SelectorKindTest, NamesRoundTripAndUnknownNamesAreRejected) {
+  for (SelectorKind kind : kAllKinds) {
+    auto parsed = ParseSelectorKind(SelectorKindName(kind));
+    ASSERT_THAT(parsed, IsOk());
+    EXPECT_EQ(*parsed, kind);
+  }
+  EXPECT_EQ(SelectorKindName(SelectorKind::kExactMdci), "exact-mdci");
+  EXPECT_EQ(*ParseSelectorKind("Exact_MDCI"), SelectorKind::kExactMdci);
+  EXPECT_THAT(ParseSelectorKind("hnsw"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("streaming")));
+  EXPECT_THAT(ParseSelectorKind(""), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST(SelectionTest, TokensSumsFillsAndClearResetsEverything) {
+  Selection s;
+  s.pages = {3, 1};
+  s.fills = {16, 5};
+  s.scores = {1.0f, 0.5f};
+  s.positions = {1};
+  s.keys_touched = 9;
+  EXPECT_EQ(s.tokens(), 21);
+  s.Clear();
+  EXPECT_TRUE(s.pages.empty() && s.fills.empty() && s.scores.empty() && s.positions.empty());
+  EXPECT_EQ(s.keys_touched, 0u);
+  EXPECT_EQ(s.tokens(), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(AllSelectors, SelectorContractTest, ::testing::ValuesIn(kAllKinds),
