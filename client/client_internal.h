@@ -5,6 +5,7 @@
 #ifndef ICECACHE_CLIENT_CLIENT_INTERNAL_H_
 #define ICECACHE_CLIENT_CLIENT_INTERNAL_H_
 
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
 #include <map>
