@@ -43,10 +43,11 @@
 // sessions keep working.
 //
 // Codes (besides the above): INVALID_ARGUMENT for malformed input (bad
-// config field, wrong byte count, NaN/Inf, layer out of range, page id out of
-// range, query count/shape wrong); FAILED_PRECONDITION for state mismatches
-// (select on an empty session, reuse without a group selection, a layer range
-// crossing groups, a buffer file that shrank, a session whose index broke);
+// config field, wrong byte count, NaN/Inf, layer out of range, layer range
+// crossing a layer group, page id out of range, query count/shape wrong);
+// FAILED_PRECONDITION for state mismatches (select on an empty session, reuse
+// without a group selection, a buffer file that shrank, a session whose index
+// broke: INTERNAL is answered once, FAILED_PRECONDITION afterwards);
 // OUT_OF_RANGE for a fetch that does not fit the buffer; NOT_FOUND for
 // unknown sessions/buffers.
 //
@@ -137,10 +138,12 @@ class SessionManager {
                                                   int64_t n, std::string_view buffer_id,
                                                   uint64_t offset);
   // Selects pages of `request.layer` for every KV head (queries: q_heads x
-  // head_dim fp32). InvalidArgument for a bad layer, query size or NaN/Inf,
-  // bad params (budget < 0, budget > tokens); FailedPrecondition when the
-  // session holds no tokens, or reuse was asked and no group selection exists
-  // at the current token count.
+  // head_dim fp32). A budget larger than the session's tokens selects every
+  // page. Selections made for the first layer of a group are remembered (per
+  // token count) for reuse_group_selection. InvalidArgument for a bad layer,
+  // query size or NaN/Inf, budget < 0 or sink/recent < -1;
+  // FailedPrecondition when the session holds no tokens, or reuse was asked
+  // and no group selection exists at the current token count.
   absl::StatusOr<SelectResult> SelectPages(const Caller& caller, std::string_view id,
                                            const SelectRequest& request);
   // Gathers the given pages into a registered buffer (layout in gather.h).

@@ -1,0 +1,111 @@
+// Internal to icecache_session: the state of one session. Only
+// session_manager.cc uses it; the public API is session_manager.h.
+//
+// Locking: `mu` is a reader/writer lock over the index and frame tables
+// (appends write, selects and fetches read). `cache_mu` guards the group
+// selection cache. The atomics are readable without any lock (listings,
+// eviction decisions). Immutable fields are set before the session is
+// published.
+#ifndef ICECACHE_SERVER_SESSION_SESSION_H_
+#define ICECACHE_SERVER_SESSION_SESSION_H_
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "server/index/selector.h"
+#include "server/pool/page_pool.h"
+#include "server/session/session_types.h"
+#include "server/transfer/gather.h"
+
+namespace icecache {
+
+// PageKeys over the frames of one layer (the first of its group) of one KV
+// head: the K block sits at the start of each frame.
+class FramePageKeys final : public PageKeys {
+ public:
+  explicit FramePageKeys(const std::vector<uint8_t*>* frames) : frames_(frames) {}
+  const void* page_keys(uint32_t page) const override {
+    return page < frames_->size() ? (*frames_)[page] : nullptr;
+  }
+
+ private:
+  const std::vector<uint8_t*>* frames_;  // owned by the Session
+};
+
+class Session {
+ public:
+  Session(std::string id, std::string tenant, uint64_t epoch, const SessionConfig& config,
+          SizeClassId size_class, absl::Time now);
+
+  // Immutable after construction.
+  const std::string id;
+  const std::string tenant;
+  const uint64_t epoch;
+  const SessionConfig config;  // ttl resolved
+  const SizeClassId size_class;
+  const PageGeometry geometry;
+  const uint64_t frame_bytes;  // 2 x page_tokens x head_dim x dtype size
+  const int groups;
+  const int q_per_kv;
+  const absl::Time created;
+
+  int GroupOf(int layer) const { return layer / config.layer_reuse; }
+  int FirstLayerOf(int group) const { return group * config.layer_reuse; }
+  int LayersIn(int group) const {
+    const int end = std::min(config.layers, (group + 1) * config.layer_reuse);
+    return end - FirstLayerOf(group);
+  }
+  size_t SelectorIndex(int group, int head) const {
+    return static_cast<size_t>(group) * config.kv_heads + head;
+  }
+  size_t FrameTableIndex(int layer, int head) const {
+    return static_cast<size_t>(layer) * config.kv_heads + head;
+  }
+
+  // Lock-free view for listings, leases and eviction.
+  std::atomic<int64_t> last_use_ns{0};  // absl::ToUnixNanos
+  std::atomic<bool> pinned{false};
+  std::atomic<int> in_flight{0};
+  std::atomic<int64_t> tokens_view{0};
+  std::atomic<uint64_t> pages_view{0};
+  std::atomic<uint64_t> frame_bytes_view{0};  // pool bytes charged (strides)
+  std::atomic<uint64_t> index_bytes_view{0};
+
+  absl::Time last_use() const { return absl::FromUnixNanos(last_use_ns.load()); }
+  void Touch(absl::Time now) {
+    const int64_t ns = absl::ToUnixNanos(now);
+    int64_t cur = last_use_ns.load();
+    while (cur < ns && !last_use_ns.compare_exchange_weak(cur, ns)) {
+    }
+  }
+
+  mutable absl::Mutex mu;
+  // [group * kv_heads + head]; empty until the first append.
+  std::vector<std::unique_ptr<Selector>> selectors ABSL_GUARDED_BY(mu);
+  // [layer * kv_heads + head][page] -> frame. Vectors are created at
+  // construction and never move (FramePageKeys points at them).
+  std::vector<std::vector<uint8_t*>> page_frames ABSL_GUARDED_BY(mu);
+  std::vector<std::unique_ptr<FramePageKeys>> page_keys;  // [group * kv_heads + head]
+  FrameSet frames ABSL_GUARDED_BY(mu);  // owns every frame in page_frames
+  int64_t tokens ABSL_GUARDED_BY(mu) = 0;
+  // Set when an index failed midway through an append; the session then
+  // answers FailedPrecondition until dropped.
+  bool broken ABSL_GUARDED_BY(mu) = false;
+
+  struct GroupSelection {
+    int64_t tokens = -1;  // session tokens when it was made
+    std::vector<Selection> heads;
+  };
+  absl::Mutex cache_mu;
+  std::vector<GroupSelection> group_cache ABSL_GUARDED_BY(cache_mu);  // [group]
+};
+
+}  // namespace icecache
+
+#endif  // ICECACHE_SERVER_SESSION_SESSION_H_

@@ -1,0 +1,415 @@
+// AppendKv / SelectPages / FetchPages / DecodeStep on real pool frames and a
+// real /dev/shm buffer.
+#include <unistd.h>
+
+#include <cstring>
+#include <map>
+#include <set>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "tests/unit/session/session_test_util.h"
+
+namespace icecache {
+namespace {
+
+using ::icecache::testing::Env;
+using ::icecache::testing::IsOk;
+using ::icecache::testing::MakeEnv;
+using ::icecache::testing::MakeKv;
+using ::icecache::testing::MakeQueries;
+using ::icecache::testing::SmallConfig;
+using ::icecache::testing::StatusIs;
+using ::icecache::testing::UniqueName;
+using ::testing::HasSubstr;
+
+Caller Alice() { return Caller{"alice", static_cast<uint32_t>(getuid()), false}; }
+
+// Reference copy of everything appended: row bytes of (kv, layer, head, pos).
+class KvMirror {
+ public:
+  explicit KvMirror(const SessionConfig& c) : c_(c), row_(c.head_dim * DTypeSize(c.dtype)) {}
+  void Add(const std::vector<uint8_t>& bytes, int64_t first, int64_t n) {
+    size_t off = 0;
+    for (int kv = 0; kv < 2; ++kv)
+      for (int l = 0; l < c_.layers; ++l)
+        for (int h = 0; h < c_.kv_heads; ++h)
+          for (int64_t t = 0; t < n; ++t) {
+            rows_[{kv, l, h, first + t}].assign(bytes.begin() + off, bytes.begin() + off + row_);
+            off += row_;
+          }
+  }
+  const std::vector<uint8_t>& Row(int kv, int l, int h, int64_t pos) const {
+    return rows_.at({kv, l, h, pos});
+  }
+  size_t row_bytes() const { return row_; }
+
+ private:
+  SessionConfig c_;
+  size_t row_;
+  std::map<std::tuple<int, int, int, int64_t>, std::vector<uint8_t>> rows_;
+};
+
+// Checks every slot of a fetched region against the mirror: K and V rows of
+// the listed positions byte-identical, rows past the fill zero. Returns the
+// positions seen per head.
+std::vector<std::set<int32_t>> CheckRegion(const SessionConfig& c, const FetchLayout& layout,
+                                           const uint8_t* buffer, const KvMirror& mirror) {
+  std::vector<std::set<int32_t>> seen(c.kv_heads);
+  const size_t row = mirror.row_bytes();
+  const std::vector<uint8_t> zero(row, 0);
+  for (int j = 0; j < layout.num_layers; ++j) {
+    const int layer = layout.first_layer + j;
+    for (const FetchHeadLayout& head : layout.heads) {
+      size_t pos_index = 0;
+      for (const FetchSlot& slot : head.slots) {
+        const uint8_t* k = buffer + slot.byte_offset + j * layout.layer_stride_bytes;
+        const uint8_t* v = k + static_cast<size_t>(c.page_tokens) * row;
+        for (uint32_t r = 0; r < static_cast<uint32_t>(c.page_tokens); ++r) {
+          if (r < slot.fill) {
+            const int32_t pos = head.positions[pos_index + r];
+            if (j == 0) seen[head.kv_head].insert(pos);
+            EXPECT_EQ(0, std::memcmp(k + r * row, mirror.Row(0, layer, head.kv_head, pos).data(),
+                                     row))
+                << "K layer " << layer << " head " << head.kv_head << " pos " << pos;
+            EXPECT_EQ(0, std::memcmp(v + r * row, mirror.Row(1, layer, head.kv_head, pos).data(),
+                                     row))
+                << "V layer " << layer << " head " << head.kv_head << " pos " << pos;
+          } else {
+            EXPECT_EQ(0, std::memcmp(k + r * row, zero.data(), row)) << "K row past fill";
+            EXPECT_EQ(0, std::memcmp(v + r * row, zero.data(), row)) << "V row past fill";
+          }
+        }
+        pos_index += slot.fill;
+      }
+      EXPECT_EQ(pos_index, head.positions.size());
+    }
+  }
+  return seen;
+}
+
+class SessionKvTest : public ::testing::TestWithParam<SelectorKind> {
+ protected:
+  void SetUp() override {
+    env_ = MakeEnv(&clock_);
+    auto shm = ShmFile::Create(UniqueName("kv"), 1 << 20);
+    ASSERT_THAT(shm, IsOk());
+    shm_ = std::move(shm).value();
+    auto b = env_.buffers->RegisterShm(Alice(), shm_.path(), shm_.size(), clock_.Now());
+    ASSERT_THAT(b, IsOk());
+    buffer_id_ = b->id;
+  }
+
+  FakeClock clock_;
+  Env env_;
+  ShmFile shm_;
+  std::string buffer_id_;
+};
+
+TEST_P(SessionKvTest, AppendSelectFetchRoundTripIsByteIdentical) {
+  const SessionConfig c = SmallConfig(GetParam());
+  auto info = env_.manager->CreateSession(Alice(), c);
+  ASSERT_THAT(info, IsOk());
+  KvMirror mirror(c);
+  int64_t tokens = 0;
+  for (int64_t n : {37, 1, 3, 1, 6}) {  // prefill (build), then decode chunks (insert)
+    auto kv = MakeKv(c, tokens, n);
+    mirror.Add(kv, tokens, n);
+    auto r = env_.manager->AppendKv(Alice(), info->id, n, kv);
+    ASSERT_THAT(r, IsOk());
+    tokens += n;
+    EXPECT_EQ(r->tokens, tokens);
+  }
+  auto got = env_.manager->GetSession(Alice(), info->id);
+  ASSERT_THAT(got, IsOk());
+  EXPECT_EQ(got->tokens, tokens);
+  EXPECT_GT(got->frame_bytes, 0u);
+  EXPECT_EQ(env_.pool->TenantUsedBytes("alice"), got->frame_bytes);
+
+  for (int layer = 0; layer < c.layers; layer += c.layer_reuse) {
+    SelectRequest sel;
+    sel.layer = layer;
+    sel.queries = MakeQueries(c, 11 + layer);
+    sel.params.budget_tokens = static_cast<int>(tokens);  // everything
+    sel.params.want_positions = true;
+    auto s = env_.manager->SelectPages(Alice(), info->id, sel);
+    ASSERT_THAT(s, IsOk());
+    ASSERT_EQ(s->heads.size(), static_cast<size_t>(c.kv_heads));
+    FetchRequest f;
+    f.layer = layer;
+    f.num_layers = c.layer_reuse;  // the whole group in one region
+    f.buffer_id = buffer_id_;
+    f.offset = 4096;
+    f.want_positions = true;
+    for (const Selection& h : s->heads) f.pages.push_back(h.pages);
+    std::memset(shm_.data(), 0xAB, shm_.size());
+    auto layout = env_.manager->FetchPages(Alice(), info->id, f);
+    ASSERT_THAT(layout, IsOk());
+    EXPECT_EQ(layout->buffer_offset, 4096u);
+    EXPECT_EQ(layout->frame_bytes, 2u * c.page_tokens * c.head_dim * 2);
+    // Bytes outside the region are untouched.
+    EXPECT_EQ(shm_.data()[4095], 0xAB);
+    EXPECT_EQ(shm_.data()[4096 + layout->total_bytes], 0xAB);
+    // Selection positions agree with the layout's.
+    for (int h = 0; h < c.kv_heads; ++h) {
+      EXPECT_EQ(s->heads[h].positions, layout->heads[h].positions);
+    }
+    auto seen = CheckRegion(c, *layout, shm_.data(), mirror);
+    for (int h = 0; h < c.kv_heads; ++h) {
+      EXPECT_EQ(seen[h].size(), static_cast<size_t>(tokens)) << "head " << h;
+    }
+  }
+}
+
+TEST_P(SessionKvTest, DecodeStepSelectsAndFetchesInOneCall) {
+  const SessionConfig c = SmallConfig(GetParam());
+  auto info = env_.manager->CreateSession(Alice(), c);
+  ASSERT_THAT(info, IsOk());
+  KvMirror mirror(c);
+  auto kv = MakeKv(c, 0, 64);
+  mirror.Add(kv, 0, 64);
+  ASSERT_THAT(env_.manager->AppendKv(Alice(), info->id, 64, kv), IsOk());
+  SelectRequest sel;
+  sel.layer = 2;
+  sel.queries = MakeQueries(c, 5);
+  sel.params.budget_tokens = 16;
+  sel.params.sink_tokens = 4;
+  sel.params.want_positions = true;
+  auto step = env_.manager->DecodeStep(Alice(), info->id, sel, buffer_id_, 0, 2);
+  ASSERT_THAT(step, IsOk());
+  EXPECT_EQ(step->layout.first_layer, 2);
+  EXPECT_EQ(step->layout.num_layers, 2);
+  for (int h = 0; h < c.kv_heads; ++h) {
+    const Selection& s = step->selection.heads[h];
+    EXPECT_GE(s.tokens(), 16);
+    ASSERT_EQ(step->layout.heads[h].slots.size(), s.pages.size());
+    for (size_t i = 0; i < s.pages.size(); ++i) {
+      EXPECT_EQ(step->layout.heads[h].slots[i].page, s.pages[i]);
+      EXPECT_EQ(step->layout.heads[h].slots[i].fill, s.fills[i]);
+    }
+  }
+  auto seen = CheckRegion(c, step->layout, shm_.data(), mirror);
+  for (int h = 0; h < c.kv_heads; ++h) EXPECT_TRUE(seen[h].count(0)) << "sink token missing";
+}
+
+INSTANTIATE_TEST_SUITE_P(Selectors, SessionKvTest,
+                         ::testing::Values(SelectorKind::kExact, SelectorKind::kQuest,
+                                           SelectorKind::kMdci, SelectorKind::kExactMdci),
+                         [](const ::testing::TestParamInfo<SelectorKind>& p) {
+                           std::string n(SelectorKindName(p.param));
+                           for (char& ch : n) ch = ch == '-' ? '_' : ch;
+                           return n;
+                         });
+
+class SessionKvBasicTest : public SessionKvTest {};
+
+TEST_F(SessionKvBasicTest, GroupSelectionIsReusedWithinTheGroup) {
+  const SessionConfig c = SmallConfig();
+  auto info = env_.manager->CreateSession(Alice(), c);
+  ASSERT_THAT(info, IsOk());
+  ASSERT_THAT(env_.manager->AppendKv(Alice(), info->id, 40, MakeKv(c, 0, 40)), IsOk());
+  SelectRequest reuse;
+  reuse.layer = 1;
+  reuse.reuse_group_selection = true;
+  EXPECT_THAT(env_.manager->SelectPages(Alice(), info->id, reuse),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("select layer 0 first")));
+  SelectRequest first;
+  first.layer = 0;
+  first.queries = MakeQueries(c, 3);
+  first.params.budget_tokens = 8;
+  auto a = env_.manager->SelectPages(Alice(), info->id, first);
+  ASSERT_THAT(a, IsOk());
+  auto b = env_.manager->SelectPages(Alice(), info->id, reuse);
+  ASSERT_THAT(b, IsOk());
+  EXPECT_TRUE(b->reused);
+  EXPECT_EQ(b->group, 0);
+  for (int h = 0; h < c.kv_heads; ++h) EXPECT_EQ(a->heads[h].pages, b->heads[h].pages);
+  // Layer 2 is in another group: nothing to reuse there.
+  reuse.layer = 3;
+  EXPECT_THAT(env_.manager->SelectPages(Alice(), info->id, reuse),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+  // A new append starts a new step: the old selection is stale.
+  ASSERT_THAT(env_.manager->AppendKv(Alice(), info->id, 1, MakeKv(c, 40, 1)), IsOk());
+  reuse.layer = 1;
+  EXPECT_THAT(env_.manager->SelectPages(Alice(), info->id, reuse),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+TEST_F(SessionKvBasicTest, BadAppendsChangeNothing) {
+  const SessionConfig c = SmallConfig();
+  auto info = env_.manager->CreateSession(Alice(), c);
+  ASSERT_THAT(info, IsOk());
+  auto kv = MakeKv(c, 0, 10);
+  EXPECT_THAT(env_.manager->AppendKv(Alice(), info->id, 10, absl::MakeConstSpan(kv).subspan(1)),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("need exactly")));
+  EXPECT_THAT(env_.manager->AppendKv(Alice(), info->id, 0, {}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(env_.manager->AppendKv(Alice(), info->id, -5, kv),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  // A NaN key in the last layer (not the group's first layer) is refused too.
+  auto bad = kv;
+  const size_t row = c.head_dim * 2;
+  const size_t at = ((3 * c.kv_heads + 1) * 10 + 7) * row + 6;  // layer 3, head 1, token 7
+  bad[at] = 0x00;
+  bad[at + 1] = 0x7e;  // fp16 NaN
+  EXPECT_THAT(env_.manager->AppendKv(Alice(), info->id, 10, bad),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("layer 3, kv head 1, token 7 is NaN or Inf")));
+  auto got = env_.manager->GetSession(Alice(), info->id);
+  ASSERT_THAT(got, IsOk());
+  EXPECT_EQ(got->tokens, 0);
+  EXPECT_EQ(env_.pool->used_bytes(), 0u);
+  SelectRequest sel;
+  sel.queries = MakeQueries(c, 1);
+  EXPECT_THAT(env_.manager->SelectPages(Alice(), info->id, sel),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("no tokens")));
+  ASSERT_THAT(env_.manager->AppendKv(Alice(), info->id, 10, kv), IsOk());
+  // NaN after the index exists: still refused, still unchanged.
+  const uint64_t used = env_.pool->used_bytes();
+  auto kv2 = MakeKv(c, 10, 10);
+  kv2[5 * row + 1] = 0x7c;
+  kv2[5 * row] = 0x00;  // +Inf in layer 0
+  EXPECT_THAT(env_.manager->AppendKv(Alice(), info->id, 10, kv2),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_EQ(env_.manager->GetSession(Alice(), info->id)->tokens, 10);
+  EXPECT_EQ(env_.pool->used_bytes(), used);
+}
+
+TEST_F(SessionKvBasicTest, BadSelectsAreInvalidArgument) {
+  const SessionConfig c = SmallConfig();
+  auto info = env_.manager->CreateSession(Alice(), c);
+  ASSERT_THAT(info, IsOk());
+  ASSERT_THAT(env_.manager->AppendKv(Alice(), info->id, 20, MakeKv(c, 0, 20)), IsOk());
+  SelectRequest sel;
+  sel.queries = MakeQueries(c, 1);
+  sel.layer = 4;
+  EXPECT_THAT(env_.manager->SelectPages(Alice(), info->id, sel),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("layer must be in 0..3")));
+  sel.layer = 0;
+  sel.queries.pop_back();
+  EXPECT_THAT(env_.manager->SelectPages(Alice(), info->id, sel),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("q_heads x head_dim")));
+  sel.queries = MakeQueries(c, 1);
+  sel.queries[17] = std::nanf("");
+  EXPECT_THAT(env_.manager->SelectPages(Alice(), info->id, sel),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("NaN or Inf")));
+  sel.queries[17] = 1.0f;
+  sel.params.budget_tokens = -1;
+  EXPECT_THAT(env_.manager->SelectPages(Alice(), info->id, sel),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("budget_tokens")));
+  sel.params.budget_tokens = 1000;  // larger than the session: everything
+  auto all = env_.manager->SelectPages(Alice(), info->id, sel);
+  ASSERT_THAT(all, IsOk());
+  EXPECT_EQ(all->heads[0].tokens(), 20);
+}
+
+TEST_F(SessionKvBasicTest, BadFetchesWriteNothing) {
+  const SessionConfig c = SmallConfig();
+  auto info = env_.manager->CreateSession(Alice(), c);
+  ASSERT_THAT(info, IsOk());
+  ASSERT_THAT(env_.manager->AppendKv(Alice(), info->id, 20, MakeKv(c, 0, 20)), IsOk());
+  std::memset(shm_.data(), 0xCD, shm_.size());
+  FetchRequest f;
+  f.buffer_id = buffer_id_;
+  f.pages = {{0, 1}, {2}};
+  const uint64_t frame = 2 * c.page_tokens * c.head_dim * 2;
+  f.offset = shm_.size() - 3 * frame + 1;  // one byte too far
+  EXPECT_THAT(env_.manager->FetchPages(Alice(), info->id, f),
+              StatusIs(absl::StatusCode::kOutOfRange, HasSubstr("exceeds buffer size")));
+  f.offset = ~uint64_t{0} - 2;
+  EXPECT_THAT(env_.manager->FetchPages(Alice(), info->id, f),
+              StatusIs(absl::StatusCode::kOutOfRange));
+  f.offset = 0;
+  f.pages = {{0, 99}, {2}};
+  EXPECT_THAT(env_.manager->FetchPages(Alice(), info->id, f),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("page 99 of kv head 0")));
+  f.pages = {{0}};
+  EXPECT_THAT(env_.manager->FetchPages(Alice(), info->id, f),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("2 kv heads")));
+  f.pages = {{0}, {0}};
+  f.layer = 1;
+  f.num_layers = 2;  // layers 1..2 cross the group boundary at 2
+  EXPECT_THAT(env_.manager->FetchPages(Alice(), info->id, f),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("layer group boundary")));
+  f.layer = 3;
+  f.num_layers = 2;
+  EXPECT_THAT(env_.manager->FetchPages(Alice(), info->id, f),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("num_layers")));
+  f.layer = 0;
+  f.num_layers = 1;
+  f.buffer_id = "0123456789abcdef0123456789abcdef";
+  EXPECT_THAT(env_.manager->FetchPages(Alice(), info->id, f),
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("buffer")));
+  for (size_t i = 0; i < shm_.size(); ++i) ASSERT_EQ(shm_.data()[i], 0xCD) << "byte " << i;
+}
+
+TEST_F(SessionKvBasicTest, TruncatedBufferIsAStatusNotACrash) {
+  const SessionConfig c = SmallConfig();
+  auto info = env_.manager->CreateSession(Alice(), c);
+  ASSERT_THAT(info, IsOk());
+  ASSERT_THAT(env_.manager->AppendKv(Alice(), info->id, 20, MakeKv(c, 0, 20)), IsOk());
+  ASSERT_EQ(ftruncate(shm_.fd(), 100), 0);
+  FetchRequest f;
+  f.buffer_id = buffer_id_;
+  f.pages = {{0, 1}, {2}};
+  EXPECT_THAT(env_.manager->FetchPages(Alice(), info->id, f),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("shrank")));
+  EXPECT_THAT(env_.manager->AppendKvFromBuffer(Alice(), info->id, 1, buffer_id_, 0),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("shrank")));
+  EXPECT_EQ(env_.manager->GetSession(Alice(), info->id)->tokens, 20);
+}
+
+TEST_F(SessionKvBasicTest, AppendFromRegisteredBuffer) {
+  const SessionConfig c = SmallConfig();
+  auto info = env_.manager->CreateSession(Alice(), c);
+  ASSERT_THAT(info, IsOk());
+  KvMirror mirror(c);
+  auto kv = MakeKv(c, 0, 24);
+  mirror.Add(kv, 0, 24);
+  std::memcpy(shm_.data() + 512, kv.data(), kv.size());
+  ASSERT_THAT(env_.manager->AppendKvFromBuffer(Alice(), info->id, 24, buffer_id_, 512), IsOk());
+  EXPECT_THAT(env_.manager->AppendKvFromBuffer(Alice(), info->id, 24, buffer_id_,
+                                               shm_.size() - kv.size() + 1),
+              StatusIs(absl::StatusCode::kOutOfRange));
+  SelectRequest sel;
+  sel.queries = MakeQueries(c, 2);
+  sel.params.budget_tokens = 24;
+  sel.params.want_positions = true;
+  auto step = env_.manager->DecodeStep(Alice(), info->id, sel, buffer_id_, 0, 1);
+  ASSERT_THAT(step, IsOk());
+  auto seen = CheckRegion(c, step->layout, shm_.data(), mirror);
+  EXPECT_EQ(seen[0].size(), 24u);
+}
+
+TEST_F(SessionKvBasicTest, ConcurrentSelectsAndAppends) {
+  const SessionConfig c = SmallConfig();
+  auto info = env_.manager->CreateSession(Alice(), c);
+  ASSERT_THAT(info, IsOk());
+  ASSERT_THAT(env_.manager->AppendKv(Alice(), info->id, 32, MakeKv(c, 0, 32)), IsOk());
+  std::atomic<bool> stop{false};
+  std::atomic<int> selects{0};
+  std::thread reader([&] {
+    SelectRequest sel;
+    sel.queries = MakeQueries(c, 9);
+    sel.params.budget_tokens = 8;
+    while (!stop.load()) {
+      auto s = env_.manager->SelectPages(Alice(), info->id, sel);
+      ASSERT_TRUE(s.ok()) << s.status();
+      selects++;
+    }
+  });
+  // Start appending once the reader runs (bounded wait: a liveness check).
+  for (int i = 0; i < 10000 && selects.load() == 0; ++i) absl::SleepFor(absl::Milliseconds(1));
+  for (int i = 0; i < 30; ++i) {
+    ASSERT_THAT(env_.manager->AppendKv(Alice(), info->id, 2, MakeKv(c, 32 + 2 * i, 2)), IsOk());
+  }
+  stop = true;
+  reader.join();
+  EXPECT_EQ(env_.manager->GetSession(Alice(), info->id)->tokens, 92);
+  EXPECT_GT(selects.load(), 0);
+}
+
+}  // namespace
+}  // namespace icecache
