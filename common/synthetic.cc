@@ -12,8 +12,11 @@
 // constant magnitude. The first `sink_tokens` keys have a small norm and live
 // in the lowest-frequency pairs ("sink dims"), aligned with a large mean
 // component every query of the head has there, so they take a large share of
-// attention whatever the context. Keys are then rotated by RoPE (rotate-half
-// pairing, as in Llama) at their position.
+// attention whatever the context. The size of that mean component is solved
+// per query and step, exactly over all keys, so that the sinks take a target
+// share: a base share per head in [0.15, 0.45] that wanders from step to step
+// (AR(1) in logit space), like heads going more or less dormant. Keys are
+// rotated by RoPE (rotate-half pairing, as in Llama) at their position.
 //
 // Queries: q = A u_sink + m_shift + beta unit(B l_s) + Bq eta_s + noise, rotated
 // at position tokens + step. A peaked head's latent l_s sits on one of its two
@@ -37,6 +40,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <new>
 #include <numeric>
 #include <thread>
@@ -136,11 +140,12 @@ constexpr double kTokVar = 0.30;     // between tokens of a segment
 constexpr float kIsoNoise = 0.12f;   // isotropic key noise per dim
 constexpr float kKeyMean = 0.5f;     // per-dim scale of the key mean
 constexpr float kSinkNormFrac = 0.35f;  // sink key norm / typical key norm
-constexpr double kSinkShareLo = 0.15, kSinkShareHi = 0.45;  // target sink share per head
+constexpr double kSinkShareLo = 0.15, kSinkShareHi = 0.45;  // base sink share per head
+constexpr double kShareJitter = 0.8;  // std of the per-step sink share in logit space
 constexpr float kPeakedBeta = 34.0f;  // semantic query magnitude, peaked heads
 constexpr float kFlatBeta = 7.0f;     // semantic query magnitude, flat heads
-constexpr double kFocusDrift = 0.45;  // std of a peaked head's latent around its focus
-constexpr double kFocusSwitch = 0.08; // chance per step that a peaked head changes focus
+constexpr double kFocusDrift = 0.35;  // std of a peaked head's latent around its focus
+constexpr double kFocusSwitch = 0.03; // chance per step that a peaked head changes focus
 constexpr int kQueryNoiseRank = 8;
 constexpr float kQueryNoise = 0.5f;   // per-dim RMS of the query's own low-rank part
 constexpr float kQueryIso = 0.2f;
@@ -376,12 +381,12 @@ struct QueryHeadState {
 
 inline double Logit(double p) { return std::log(p / (1.0 - p)); }
 
-double LogSumExp(const std::vector<float>& a, const std::vector<float>& b, int64_t from, int64_t to,
-                 double amp) {
-  double mx = -1e300;
-  for (int64_t t = from; t < to; ++t) mx = std::max(mx, a[t] + amp * b[t]);
+double LogSumExp(const float* a, const float* b, int64_t from, int64_t to, double amp) {
+  const float famp = static_cast<float>(amp);
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t t = from; t < to; ++t) mx = std::max(mx, a[t] + famp * b[t]);
   double s = 0;
-  for (int64_t t = from; t < to; ++t) s += std::exp(a[t] + amp * b[t] - mx);
+  for (int64_t t = from; t < to; ++t) s += std::exp(a[t] + famp * b[t] - mx);  // float exp: fast enough, exact enough
   return mx + std::log(s);
 }
 
@@ -390,12 +395,11 @@ double LogSumExp(const std::vector<float>& a, const std::vector<float>& b, int64
 // query, and of its unit mean part). Sink b's are large and positive, so the
 // sinks' log-mass grows with A; bisection on it, re-centred on the ordinary
 // tokens' log-mass a few times.
-float CalibrateSinkAmplitude(const std::vector<float>& a, const std::vector<float>& b, int sinks,
-                             double share) {
-  const int64_t n = static_cast<int64_t>(a.size());
+float CalibrateSinkAmplitude(const float* a, const float* b, int64_t n, int sinks, double share, double start,
+                             int rounds) {
   if (sinks <= 0 || sinks >= n) return 0.0f;
-  double amp = 0;
-  for (int round = 0; round < 4; ++round) {
+  double amp = start;
+  for (int round = 0; round < rounds; ++round) {
     const double target = LogSumExp(a, b, sinks, n, amp) + Logit(share);
     double lo = 0, hi = 1;
     while (LogSumExp(a, b, 0, sinks, hi) < target && hi < 1e6) hi *= 2;
@@ -561,8 +565,9 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
 
   // ---- Keys and values -----------------------------------------------------
   const int64_t blocks = (T + kBlockTokens - 1) / kBlockTokens;
-  int threads = c.threads > 0 ? c.threads : static_cast<int>(std::min(8u, std::max(1u, std::thread::hardware_concurrency())));
-  threads = static_cast<int>(std::min<int64_t>(threads, blocks));
+  const int max_threads =
+      c.threads > 0 ? c.threads : static_cast<int>(std::min(8u, std::max(1u, std::thread::hardware_concurrency())));
+  const int threads = static_cast<int>(std::min<int64_t>(max_threads, blocks));
   std::atomic<int64_t> next_block{0};
   const float seg_sd = static_cast<float>(std::sqrt(kSegVar)), tok_sd = static_cast<float>(std::sqrt(kTokVar));
   auto worker = [&]() {
@@ -663,43 +668,69 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
   const float inv_sqrt_d = 1.0f / std::sqrt(static_cast<float>(d));
   // spec_q: the head-specific part of each query (semantic + own noise), after RoPE.
   std::vector<float> spec_q(dump.queries.size());
-  std::vector<float> logit_a(T), logit_b(T);
-  for (int l = 0; l < c.layers; ++l) {
-    for (int qh = 0; qh < c.q_heads; ++qh) {
-      const int h = qh / group;
-      const HeadModel& m = model(l, h);
-      Rng rng(c.seed, kQueries, l, qh);
-      const bool is_peaked = peaked[static_cast<size_t>(l) * c.q_heads + qh] != 0;
+  // One job per (layer, KV head): its G query heads advance step by step
+  // together so each step reads the head's keys once for all of them. Every
+  // query head keeps its own random stream.
+  struct QueryState {
+    Rng rng;
+    bool is_peaked = false;
+    double base_share = 0;
+    double share_noise = 0;
+    float sink_amp = 0;
+    int focus[2] = {0, 0};
+    int cur = 0;
+    std::vector<float> mean_dir, shift, own, drift, eta;
+    explicit QueryState(Rng r) : rng(r) {}
+  };
+  auto query_job = [&](int l, int h, std::vector<float>& logit_a, std::vector<float>& logit_b) {
+    const HeadModel& m = model(l, h);
+    std::vector<QueryState> qs;
+    for (int j = 0; j < group; ++j) {
+      const int qh = h * group + j;
+      qs.emplace_back(Rng(c.seed, kQueries, l, qh));
+      QueryState& q = qs.back();
+      Rng& rng = q.rng;
+      q.is_peaked = peaked[static_cast<size_t>(l) * c.q_heads + qh] != 0;
       // Mean part: the head's sink direction, slightly perturbed per query head.
-      std::vector<float> mean_dir(d, 0.0f);
-      for (int dim : g.sink_dims) mean_dir[dim] = m.sink_dir[dim] * (1.0f + 0.25f * static_cast<float>(rng.Gauss()));
-      const float mn = Norm(mean_dir.data(), d);
-      for (auto& x : mean_dir) x /= mn;
-      const double share = kSinkShareLo + (kSinkShareHi - kSinkShareLo) * rng.Uniform();
-      std::vector<float> shift(d);
-      {
-        std::vector<float> sdir = GaussVector(rng, d, 1.0);
-        for (int dim : g.sink_dims) sdir[dim] = 0.0f;
-        const float n = Norm(sdir.data(), d);
-        for (int i = 0; i < d; ++i) shift[i] = sdir[i] / n * kShiftNorm * c.query_shift;
-      }
-      std::vector<float> own = RandomBasis(rng, kQueryNoiseRank, d, &g.query_profile);
-      for (auto& x : own) x *= kQueryNoise;
-      const int focus[2] = {static_cast<int>(rng.Below(c.topics)), static_cast<int>(rng.Below(c.topics))};
-      int cur = 0;
-      std::vector<float> lat(r), drift(r), eta(kQueryNoiseRank), sem(d), rest(d), rest_rot(d), md_rot(d);
-      for (int k = 0; k < r; ++k) drift[k] = static_cast<float>(rng.Gauss());
-      for (int k = 0; k < kQueryNoiseRank; ++k) eta[k] = static_cast<float>(rng.Gauss());
-      float sink_amp = 0;
-      for (int s = 0; s < c.steps; ++s) {
+      q.mean_dir.assign(d, 0.0f);
+      for (int dim : g.sink_dims) q.mean_dir[dim] = m.sink_dir[dim] * (1.0f + 0.25f * static_cast<float>(rng.Gauss()));
+      const float mn = Norm(q.mean_dir.data(), d);
+      for (auto& x : q.mean_dir) x /= mn;
+      q.base_share = kSinkShareLo + (kSinkShareHi - kSinkShareLo) * rng.Uniform();
+      std::vector<float> sdir = GaussVector(rng, d, 1.0);
+      for (int dim : g.sink_dims) sdir[dim] = 0.0f;
+      const float sn = Norm(sdir.data(), d);
+      q.shift.resize(d);
+      for (int i = 0; i < d; ++i) q.shift[i] = sdir[i] / sn * kShiftNorm * c.query_shift;
+      q.own = RandomBasis(rng, kQueryNoiseRank, d, &g.query_profile);
+      for (auto& x : q.own) x *= kQueryNoise;
+      q.focus[0] = static_cast<int>(rng.Below(c.topics));
+      q.focus[1] = static_cast<int>(rng.Below(c.topics));
+      q.drift.resize(r);
+      q.eta.resize(kQueryNoiseRank);
+      for (int k = 0; k < r; ++k) q.drift[k] = static_cast<float>(rng.Gauss());
+      for (int k = 0; k < kQueryNoiseRank; ++k) q.eta[k] = static_cast<float>(rng.Gauss());
+      q.share_noise = rng.Gauss();
+    }
+    std::vector<float> lat(r), sem(d), rest(d), spec(d);
+    std::vector<float> rest_rot(static_cast<size_t>(group) * d), md_rot(static_cast<size_t>(group) * d);
+    std::vector<float> specs(static_cast<size_t>(group) * d);
+    const float* keys = &dump.keys[(static_cast<size_t>(l) * c.kv_heads + h) * T * d];
+    for (int s = 0; s < c.steps; ++s) {
+      const double pos = static_cast<double>(T + s);
+      for (int j = 0; j < group; ++j) {
+        QueryState& q = qs[j];
+        Rng& rng = q.rng;
         if (s > 0) {
-          for (int k = 0; k < r; ++k) drift[k] = rho_s * drift[k] + rho_s_c * static_cast<float>(rng.Gauss());
-          for (int k = 0; k < kQueryNoiseRank; ++k) eta[k] = rho_s * eta[k] + rho_s_c * static_cast<float>(rng.Gauss());
-          if (rng.Uniform() < kFocusSwitch) cur ^= 1;
+          for (int k = 0; k < r; ++k) q.drift[k] = rho_s * q.drift[k] + rho_s_c * static_cast<float>(rng.Gauss());
+          for (int k = 0; k < kQueryNoiseRank; ++k) q.eta[k] = rho_s * q.eta[k] + rho_s_c * static_cast<float>(rng.Gauss());
+          q.share_noise = rho_s * q.share_noise + rho_s_c * rng.Gauss();
+          if (rng.Uniform() < kFocusSwitch) q.cur ^= 1;
         }
         for (int k = 0; k < r; ++k) {
-          lat[k] = is_peaked ? m.topics[static_cast<size_t>(focus[cur]) * r + k] + static_cast<float>(kFocusDrift) * drift[k]
-                             : drift[k];
+          lat[k] = q.is_peaked ? m.topics[static_cast<size_t>(q.focus[q.cur]) * r + k] +
+                                     static_cast<float>(kFocusDrift) * q.drift[k]
+                               : q.drift[k];
         }
         std::fill(sem.begin(), sem.end(), 0.0f);
         for (int k = 0; k < r; ++k) {
@@ -707,32 +738,64 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
           for (int i = 0; i < d; ++i) sem[i] += lat[k] * col[i];
         }
         const float sem_n = Norm(sem.data(), d);
-        const float beta = is_peaked ? kPeakedBeta : kFlatBeta;
-        std::vector<float> spec(d);
-        for (int i = 0; i < d; ++i) spec[i] = (sem_n > 0 ? beta * sem[i] / sem_n : 0.0f) + kQueryIso * static_cast<float>(rng.Gauss());
+        const float beta = q.is_peaked ? kPeakedBeta : kFlatBeta;
+        for (int i = 0; i < d; ++i) {
+          spec[i] = (sem_n > 0 ? beta * sem[i] / sem_n : 0.0f) + kQueryIso * static_cast<float>(rng.Gauss());
+        }
         for (int k = 0; k < kQueryNoiseRank; ++k) {
-          const float* col = &own[static_cast<size_t>(k) * d];
-          for (int i = 0; i < d; ++i) spec[i] += eta[k] * col[i];
+          const float* col = &q.own[static_cast<size_t>(k) * d];
+          for (int i = 0; i < d; ++i) spec[i] += q.eta[k] * col[i];
         }
-        for (int i = 0; i < d; ++i) rest[i] = shift[i] + spec[i];
-        const double pos = static_cast<double>(T + s);
-        RotateAt(g, pos, rest.data(), rest_rot.data());
-        RotateAt(g, pos, mean_dir.data(), md_rot.data());
-        if (s == 0) {
-          // Size the mean part so the sinks take `share` of this head's
-          // attention at step 0 (exact over all keys; a few fixed-point rounds
-          // because the mean part also moves the ordinary logits a little).
-          const float* keys = &dump.keys[(static_cast<size_t>(l) * c.kv_heads + h) * T * d];
-          for (int64_t t = 0; t < T; ++t) {
-            logit_a[t] = Dot(rest_rot.data(), keys + t * d, d) * inv_sqrt_d;
-            logit_b[t] = Dot(md_rot.data(), keys + t * d, d) * inv_sqrt_d;
-          }
-          sink_amp = CalibrateSinkAmplitude(logit_a, logit_b, c.sink_tokens, share);
-        }
-        const size_t off = ((static_cast<size_t>(s) * c.layers + l) * c.q_heads + qh) * d;
-        for (int i = 0; i < d; ++i) dump.queries[off + i] = rest_rot[i] + sink_amp * md_rot[i];
-        RotateAt(g, pos, spec.data(), &spec_q[off]);
+        for (int i = 0; i < d; ++i) rest[i] = q.shift[i] + spec[i];
+        RotateAt(g, pos, rest.data(), &rest_rot[static_cast<size_t>(j) * d]);
+        RotateAt(g, pos, q.mean_dir.data(), &md_rot[static_cast<size_t>(j) * d]);
+        RotateAt(g, pos, spec.data(), &specs[static_cast<size_t>(j) * d]);
       }
+      // Size each query's mean part so that the sinks take this step's share
+      // of its attention, computed exactly over all keys. The share wanders
+      // (AR(1) in logit space) around the head's base share, as real heads go
+      // more or less "dormant" from token to token.
+      for (int64_t t = 0; t < T; ++t) {
+        const float* k = keys + t * d;
+        for (int j = 0; j < group; ++j) {
+          logit_a[static_cast<size_t>(j) * T + t] = Dot(&rest_rot[static_cast<size_t>(j) * d], k, d) * inv_sqrt_d;
+          float bt = 0;
+          for (int dim : g.sink_dims) bt += md_rot[static_cast<size_t>(j) * d + dim] * k[dim];
+          logit_b[static_cast<size_t>(j) * T + t] = bt * inv_sqrt_d;
+        }
+      }
+      for (int j = 0; j < group; ++j) {
+        QueryState& q = qs[j];
+        const double share = 1.0 / (1.0 + std::exp(-(Logit(q.base_share) + kShareJitter * q.share_noise)));
+        q.sink_amp = CalibrateSinkAmplitude(&logit_a[static_cast<size_t>(j) * T], &logit_b[static_cast<size_t>(j) * T],
+                                            T, c.sink_tokens, share, q.sink_amp, s == 0 ? 3 : 2);
+        const int qh = h * group + j;
+        const size_t off = ((static_cast<size_t>(s) * c.layers + l) * c.q_heads + qh) * d;
+        for (int i = 0; i < d; ++i) {
+          dump.queries[off + i] = rest_rot[static_cast<size_t>(j) * d + i] + q.sink_amp * md_rot[static_cast<size_t>(j) * d + i];
+        }
+        std::memcpy(&spec_q[off], &specs[static_cast<size_t>(j) * d], d * sizeof(float));
+      }
+    }
+  };
+  {
+    const int64_t jobs = static_cast<int64_t>(c.layers) * c.kv_heads;
+    std::atomic<int64_t> next_job{0};
+    auto qworker = [&]() {
+      std::vector<float> logit_a(static_cast<size_t>(group) * T), logit_b(static_cast<size_t>(group) * T);
+      for (;;) {
+        const int64_t j = next_job.fetch_add(1);
+        if (j >= jobs) break;
+        query_job(static_cast<int>(j / c.kv_heads), static_cast<int>(j % c.kv_heads), logit_a, logit_b);
+      }
+    };
+    const int qthreads = static_cast<int>(std::min<int64_t>(max_threads, jobs));
+    if (qthreads <= 1) {
+      qworker();
+    } else {
+      std::vector<std::thread> pool;
+      for (int i = 0; i < qthreads; ++i) pool.emplace_back(qworker);
+      for (auto& th : pool) th.join();
     }
   }
 
