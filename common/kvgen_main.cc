@@ -30,6 +30,9 @@ ABSL_FLAG(std::string, dtype, "float16", "float16 or float32");
 ABSL_FLAG(int32_t, kv_heads, -1,
           "KV heads (-1: the preset's); query heads scale with it to keep the preset's GQA ratio");
 ABSL_FLAG(int32_t, threads, 0, "worker threads (0: automatic); the output does not depend on it");
+ABSL_FLAG(bool, profile, false,
+          "also print exact attention statistics of layer 0 (first and last step): sink mass, top-256 mass "
+          "and entropy of peaked and flat heads");
 
 namespace {
 
@@ -49,7 +52,7 @@ std::string PrecheckFlags(int argc, char** argv, std::vector<std::string>* norma
   };
   static const Known kKnown[] = {{"preset", 's'}, {"tokens", 'i'}, {"layers", 'i'},  {"steps", 'i'},
                                  {"out", 's'},    {"seed", 'u'},   {"dtype", 's'},   {"kv_heads", 'i'},
-                                 {"threads", 'i'}, {"help", 'b'},  {"helpfull", 'b'}, {"helpshort", 'b'},
+                                 {"threads", 'i'}, {"profile", 'b'}, {"help", 'b'},  {"helpfull", 'b'}, {"helpshort", 'b'},
                                  {"version", 'b'}};
   normalised->assign(argv, argv + argc);
   for (int i = 1; i < argc; ++i) {
@@ -84,6 +87,30 @@ std::string PrecheckFlags(int argc, char** argv, std::vector<std::string>* norma
     }
   }
   return "";
+}
+
+void PrintProfile(const icecache::KvDump& dump, const icecache::SyntheticTruth& truth,
+                  const icecache::SyntheticConfig& c) {
+  for (int step : {0, dump.steps - 1}) {
+    double sink[2] = {0, 0}, top[2] = {0, 0}, ent[2] = {0, 0}, max_logit[2] = {0, 0};
+    int n[2] = {0, 0};
+    for (int qh = 0; qh < dump.q_heads; ++qh) {
+      auto p = icecache::ProfileAttention(dump, step, 0, qh, c.sink_tokens, 256);
+      if (!p.ok()) continue;
+      const int kind = truth.peaked[qh] ? 1 : 0;
+      sink[kind] += p->sink_mass;
+      top[kind] += p->topk_mass;
+      ent[kind] += p->entropy;
+      max_logit[kind] += p->max_logit;
+      ++n[kind];
+    }
+    for (int kind : {1, 0}) {
+      if (n[kind] == 0) continue;
+      std::printf("  layer 0 step %d %s heads (%d): sink mass %.3f, top-256 mass %.3f, entropy %.2f nats, max logit %.1f\n",
+                  step, kind ? "peaked" : "flat", n[kind], sink[kind] / n[kind], top[kind] / n[kind], ent[kind] / n[kind],
+                  max_logit[kind] / n[kind]);
+    }
+  }
 }
 
 }  // namespace
@@ -136,7 +163,8 @@ int main(int argc, char** argv) {
   if (c.needles > c.tokens - c.sink_tokens) c.needles = static_cast<int>(c.tokens - c.sink_tokens);
 
   const auto t0 = std::chrono::steady_clock::now();
-  auto dump = icecache::GenerateSynthetic(c);
+  icecache::SyntheticTruth truth;
+  auto dump = icecache::GenerateSynthetic(c, &truth);
   if (!dump.ok()) {
     // A config out of range is a flag problem; anything else (memory) is not.
     if (dump.status().code() == absl::StatusCode::kInvalidArgument) {
@@ -162,5 +190,6 @@ int main(int argc, char** argv) {
       dump->head_dim, dump->steps, dump->layers, dump->q_heads, dump->head_dim,
       std::string(icecache::DTypeName(*dtype)).c_str(), bytes / (1024.0 * 1024.0),
       std::chrono::duration<double>(t1 - t0).count(), std::chrono::duration<double>(t2 - t1).count(), out.c_str());
+  if (absl::GetFlag(FLAGS_profile)) PrintProfile(*dump, truth, c);
   return 0;
 }

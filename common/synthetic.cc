@@ -450,8 +450,8 @@ absl::Status Validate(const SyntheticConfig& c) {
   }
   if (c.mean_segment < 1) return bad("mean_segment", absl::StrCat("must be >= 1, got ", c.mean_segment));
   if (c.topics < 1 || c.topics > 1000000) return bad("topics", absl::StrCat("must be in [1, 1000000], got ", c.topics));
-  if (c.needles < 0 || c.needles > c.tokens - c.sink_tokens) {
-    return bad("needles", absl::StrCat("must be in [0, tokens - sink_tokens], got ", c.needles));
+  if (c.needles < 0 || c.needles > c.tokens - c.sink_tokens || c.needles > 1024) {
+    return bad("needles", absl::StrCat("must be in [0, min(1024, tokens - sink_tokens)], got ", c.needles));
   }
   if (!(c.query_shift >= 0.0f) || !std::isfinite(c.query_shift) || c.query_shift > 1000.0f) {
     return bad("query_shift", "must be finite and in [0, 1000]");

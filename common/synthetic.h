@@ -32,7 +32,7 @@ struct SyntheticConfig {
   int sink_tokens = 4;           // low-norm keys aligned with typical queries
   int64_t mean_segment = 512;    // mean topic segment length (tokens)
   int topics = 64;               // distinct topic centres per head
-  int needles = 8;               // keys aligned with particular queries
+  int needles = 8;               // per (layer, KV head), <= 1024: keys aligned with one query at one step
   float query_shift = 1.0f;      // magnitude of the query mean shift
   float peaked_fraction = 0.5f;  // fraction of heads that are peaked
   float step_locality = 0.9f;    // correlation of a head's query across steps

@@ -140,6 +140,7 @@ TEST(SyntheticTest, PresetsAndValidation) {
       {"outlier_channels", [](SyntheticConfig& c) { c.outlier_channels = 1000; }},
       {"sink_tokens", [](SyntheticConfig& c) { c.sink_tokens = -1; }},
       {"needles", [](SyntheticConfig& c) { c.needles = 1 << 30; }},
+      {"needles", [](SyntheticConfig& c) { c.needles = 2000; }},
       {"step_locality", [](SyntheticConfig& c) { c.step_locality = 1.5f; }},
       {"peaked_fraction", [](SyntheticConfig& c) { c.peaked_fraction = std::nanf(""); }},
       {"mean_segment", [](SyntheticConfig& c) { c.mean_segment = 0; }},
@@ -178,6 +179,7 @@ TEST(SyntheticTest, ShapesAndLongContextsAreAllowed) {
 
 TEST(SyntheticTest, DeterministicForSeedAndThreadCount) {
   SyntheticConfig c = SmallConfig();
+  c.tokens = 5000;  // three blocks of keys, so key generation is split too
   auto a = GenerateSynthetic(c);
   c.threads = 3;
   auto b = GenerateSynthetic(c);
