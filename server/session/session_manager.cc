@@ -13,9 +13,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/status_macros.h"
+#include "server/index/parallel_build.h"
 #include "server/session/session.h"
-#include "tbb/parallel_for.h"
-#include "tbb/task_arena.h"
 
 namespace icecache {
 
@@ -98,26 +97,6 @@ int64_t FirstNonFinite(DType dtype, const uint8_t* p, int64_t n) {
     }
   }
   return 0;
-}
-
-// Runs fn(i) for i in [0, n) on `threads` threads (1 = serially, in order).
-template <typename Fn>
-void ParallelFor(int threads, int64_t n, const Fn& fn) {
-  if (threads <= 1 || n <= 1) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
-  tbb::task_arena arena(threads);
-  arena.execute([&] {
-    tbb::parallel_for(int64_t{0}, n, [&](int64_t i) { fn(i); });
-  });
-}
-
-absl::Status FirstError(const std::vector<absl::Status>& statuses) {
-  for (const absl::Status& s : statuses) {
-    if (!s.ok()) return s;
-  }
-  return absl::OkStatus();
 }
 
 }  // namespace
@@ -541,21 +520,14 @@ absl::StatusOr<AppendResult> SessionManager::AppendLocked(const Caller& caller,
   };
   if (first) {
     built.resize(num_indices);
-    std::vector<absl::Status> st(num_indices);
-    ParallelFor(options_.build_threads, num_indices, [&](int64_t i) {
+    RETURN_IF_ERROR(ParallelFor(num_indices, options_.build_threads, [&](int64_t i) {
       const int g = static_cast<int>(i / c.kv_heads);
       const int h = static_cast<int>(i % c.kv_heads);
-      auto sel = Selector::Create(sc, s.page_keys[i].get());
-      if (!sel.ok()) {
-        st[i] = sel.status();
-        return;
-      }
+      ASSIGN_OR_RETURN(built[i], Selector::Create(sc, s.page_keys[i].get()));
       std::vector<float> keys;
       to_float(g, h, &keys);
-      st[i] = (*sel)->Build(keys.data(), n, &placements[i]);
-      built[i] = std::move(sel).value();
-    });
-    RETURN_IF_ERROR(FirstError(st));
+      return built[i]->Build(keys.data(), n, &placements[i]);
+    }));
     for (int i = 0; i < num_indices; ++i) {
       RETURN_IF_ERROR(check_placements(i, *built[i]));  // nothing stored yet
       reserve += uint64_t{built[i]->num_pages()} * s.LayersIn(i / c.kv_heads);
@@ -606,16 +578,15 @@ absl::StatusOr<AppendResult> SessionManager::AppendLocked(const Caller& caller,
 
   // 3. Later appends: insert now that the frames are secured.
   if (!first) {
-    std::vector<absl::Status> st(num_indices);
-    ParallelFor(options_.build_threads, num_indices, [&](int64_t i) {
+    absl::Status inserted = ParallelFor(num_indices, options_.build_threads, [&](int64_t i) {
       const int g = static_cast<int>(i / c.kv_heads);
       const int h = static_cast<int>(i % c.kv_heads);
       std::vector<float> keys;
       to_float(g, h, &keys);
-      st[i] = s.selectors[i]->Insert(keys.data(), n, &placements[i]);
-      if (st[i].ok()) st[i] = check_placements(static_cast<int>(i), *s.selectors[i]);
+      RETURN_IF_ERROR(s.selectors[i]->Insert(keys.data(), n, &placements[i]));
+      return check_placements(static_cast<int>(i), *s.selectors[i]);
     });
-    if (absl::Status e = FirstError(st); !e.ok()) {
+    if (absl::Status e = inserted; !e.ok()) {
       // Keys were checked for NaN/Inf above, so this is an index bug; some
       // indices may have changed while others did not.
       s.broken = true;
@@ -648,7 +619,7 @@ absl::StatusOr<AppendResult> SessionManager::AppendLocked(const Caller& caller,
   reserved.TakeBack(reserved.size() - taken).Reset();
   s.frames.Absorb(std::move(reserved)).IgnoreError();  // same pool, tenant, class
   const uint64_t kv_block = static_cast<uint64_t>(c.page_tokens) * row_bytes;
-  ParallelFor(options_.build_threads, num_indices, [&](int64_t i) {
+  RETURN_IF_ERROR(ParallelFor(num_indices, options_.build_threads, [&](int64_t i) {
     const int g = static_cast<int>(i / c.kv_heads);
     const int h = static_cast<int>(i % c.kv_heads);
     for (int l = s.FirstLayerOf(g); l < s.FirstLayerOf(g) + s.LayersIn(g); ++l) {
@@ -660,7 +631,8 @@ absl::StatusOr<AppendResult> SessionManager::AppendLocked(const Caller& caller,
         std::memcpy(frame + kv_block + pl.slot * row_bytes, value_row(l, h, t), row_bytes);
       }
     }
-  });
+    return absl::OkStatus();
+  }));
   s.tokens += n;
   uint64_t pages = 0;
   uint64_t index_bytes = 0;
