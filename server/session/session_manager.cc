@@ -578,13 +578,15 @@ absl::StatusOr<AppendResult> SessionManager::AppendLocked(const Caller& caller,
 
   // 3. Later appends: insert now that the frames are secured.
   if (!first) {
+    // The lambdas run under s.mu held by this thread (ParallelFor waits).
+    std::vector<std::unique_ptr<Selector>>* selectors = &s.selectors;
     absl::Status inserted = ParallelFor(num_indices, options_.build_threads, [&](int64_t i) {
       const int g = static_cast<int>(i / c.kv_heads);
       const int h = static_cast<int>(i % c.kv_heads);
       std::vector<float> keys;
       to_float(g, h, &keys);
-      RETURN_IF_ERROR(s.selectors[i]->Insert(keys.data(), n, &placements[i]));
-      return check_placements(static_cast<int>(i), *s.selectors[i]);
+      RETURN_IF_ERROR((*selectors)[i]->Insert(keys.data(), n, &placements[i]));
+      return check_placements(static_cast<int>(i), *(*selectors)[i]);
     });
     if (absl::Status e = inserted; !e.ok()) {
       // Keys were checked for NaN/Inf above, so this is an index bug; some
@@ -619,11 +621,13 @@ absl::StatusOr<AppendResult> SessionManager::AppendLocked(const Caller& caller,
   reserved.TakeBack(reserved.size() - taken).Reset();
   s.frames.Absorb(std::move(reserved)).IgnoreError();  // same pool, tenant, class
   const uint64_t kv_block = static_cast<uint64_t>(c.page_tokens) * row_bytes;
+  // Read by the lambdas under s.mu held by this thread (ParallelFor waits).
+  const std::vector<std::vector<uint8_t*>>* page_frames = &s.page_frames;
   RETURN_IF_ERROR(ParallelFor(num_indices, options_.build_threads, [&](int64_t i) {
     const int g = static_cast<int>(i / c.kv_heads);
     const int h = static_cast<int>(i % c.kv_heads);
     for (int l = s.FirstLayerOf(g); l < s.FirstLayerOf(g) + s.LayersIn(g); ++l) {
-      const std::vector<uint8_t*>& table = s.page_frames[s.FrameTableIndex(l, h)];
+      const std::vector<uint8_t*>& table = (*page_frames)[s.FrameTableIndex(l, h)];
       for (int64_t t = 0; t < n; ++t) {
         const Placement& pl = placements[i][t];
         uint8_t* frame = table[pl.page];
