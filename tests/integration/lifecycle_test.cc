@@ -108,7 +108,9 @@ TEST(LifecycleTest, IdleSessionsAreEvictedAtTheWatermarkPinnedOnesAreNot) {
   auto middle = one_mib_session(false);
   ASSERT_THAT(middle, IsOk());
   // Use `oldest` again so that `middle` becomes the least recently used.
-  ASSERT_THAT(c.KeepAlive({oldest->id}), IsOk());
+  SelectOptions opt;
+  opt.budget_tokens = 32;
+  ASSERT_THAT(c.SelectPages(oldest->id, 0, Queries(m, 0, 0), opt), IsOk());
   absl::SleepFor(absl::Milliseconds(20));
   auto stats = c.GetStats();
   ASSERT_THAT(stats, IsOk());
