@@ -1,0 +1,513 @@
+// The daemon in-process: real Unix socket, real gRPC calls through the
+// generated stubs, real core (pool, sessions, shm buffer). Checks handler
+// wiring, status codes, admin role, drain, health and metrics; the client's
+// integration suite runs the icecached binary end to end.
+#include "server/rpc/daemon.h"
+
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "common/shm_file.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "server/rpc/config.h"
+#include "tests/support/status_matchers.h"
+
+namespace icecache::rpc {
+namespace {
+
+using ::icecache::testing::IsOk;
+using ::testing::HasSubstr;
+
+constexpr int kLayers = 2, kKvHeads = 2, kQHeads = 4, kHeadDim = 16, kPageTokens = 4;
+
+class DaemonTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/icecache_dt_XXXXXX";
+    dir_ = mkdtemp(tmpl);
+    socket_ = dir_ + "/d.sock";
+  }
+  void TearDown() override {
+    daemon_.reset();
+    std::system(("rm -rf " + dir_).c_str());
+  }
+
+  void Start(bool admin, std::string extra_config = "") {
+    auto parsed = ParseConfigText(extra_config);
+    ASSERT_THAT(parsed, IsOk());
+    IcecachedConfig c = *parsed;
+    c.mutable_listen()->set_unix_socket(socket_);
+    c.mutable_pool()->set_capacity_bytes(64 << 20);
+    c.mutable_metrics()->set_port(0);
+    c.set_worker_threads(1);
+    if (admin) c.mutable_auth()->add_admin_uids(getuid());
+    ApplyDefaults(&c);
+    ASSERT_THAT(ValidateConfig(c), IsOk());
+    auto d = Daemon::Create(c);
+    ASSERT_THAT(d, IsOk());
+    daemon_ = *std::move(d);
+    channel_ = grpc::CreateChannel("unix:" + socket_, grpc::InsecureChannelCredentials());
+    sessions_ = v1::SessionService::NewStub(channel_);
+    buffers_ = v1::BufferService::NewStub(channel_);
+    kv_ = v1::KvService::NewStub(channel_);
+    admin_ = v1::AdminService::NewStub(channel_);
+  }
+
+  static v1::SessionConfig Config() {
+    v1::SessionConfig c;
+    auto* m = c.mutable_model();
+    m->set_layers(kLayers);
+    m->set_kv_heads(kKvHeads);
+    m->set_q_heads(kQHeads);
+    m->set_head_dim(kHeadDim);
+    m->set_dtype(v1::DTYPE_FLOAT32);
+    c.set_page_tokens(kPageTokens);
+    c.mutable_selector()->set_kind(v1::SELECTOR_KIND_EXACT);
+    return c;
+  }
+
+  std::string CreateSession() {
+    grpc::ClientContext ctx;
+    v1::CreateSessionRequest req;
+    *req.mutable_config() = Config();
+    v1::CreateSessionResponse resp;
+    const grpc::Status st = sessions_->CreateSession(&ctx, req, &resp);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    return resp.session().session_id();
+  }
+
+  // keys then values, [layers][kv_heads][n][head_dim] fp32.
+  static std::vector<float> MakeKv(int n, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> dist;
+    std::vector<float> kv(2ull * kLayers * kKvHeads * n * kHeadDim);
+    for (float& x : kv) x = dist(rng);
+    return kv;
+  }
+
+  static float Key(const std::vector<float>& kv, int n, int layer, int head, int pos, int d) {
+    return kv[((static_cast<size_t>(layer) * kKvHeads + head) * n + pos) * kHeadDim + d];
+  }
+
+  // Health over the generic stub: HealthCheckRequest{service=""} is empty;
+  // the response's field 1 is the status (1 SERVING, 2 NOT_SERVING).
+  int HealthStatus() {
+    grpc::GenericStub generic(channel_);
+    grpc::ClientContext ctx;
+    grpc::ByteBuffer request, response;
+    grpc::Slice empty("");
+    request = grpc::ByteBuffer(&empty, 1);
+    absl::Notification done;
+    grpc::Status status;
+    generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
+                      &response, [&](grpc::Status s) {
+                        status = std::move(s);
+                        done.Notify();
+                      });
+    done.WaitForNotification();
+    if (!status.ok()) return -status.error_code();
+    std::vector<grpc::Slice> slices;
+    if (!response.Dump(&slices).ok()) return -100;
+    std::string bytes;
+    for (const auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+    if (bytes.size() == 2 && bytes[0] == 0x08) return bytes[1];
+    return bytes.empty() ? 0 : -101;
+  }
+
+  std::string dir_, socket_;
+  std::unique_ptr<Daemon> daemon_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::SessionService::Stub> sessions_;
+  std::unique_ptr<v1::BufferService::Stub> buffers_;
+  std::unique_ptr<v1::KvService::Stub> kv_;
+  std::unique_ptr<v1::AdminService::Stub> admin_;
+};
+
+TEST_F(DaemonTest, SessionLifecycleAndTenantFromPeerUid) {
+  Start(false);
+  const std::string id = CreateSession();
+  ASSERT_FALSE(id.empty());
+  {
+    grpc::ClientContext ctx;
+    v1::GetSessionRequest req;
+    req.set_session_id(id);
+    v1::GetSessionResponse resp;
+    ASSERT_TRUE(sessions_->GetSession(&ctx, req, &resp).ok());
+    EXPECT_EQ(resp.session().tenant(), absl::StrCat("uid-", getuid()));
+    EXPECT_EQ(resp.session().epoch(), daemon_->epoch());
+    EXPECT_EQ(resp.session().config().model().head_dim(), uint32_t{kHeadDim});
+    EXPECT_EQ(resp.session().config().defaults().budget_tokens(), kDefaultBudgetTokens);
+    EXPECT_GT(resp.session().expires_unix_ms(), resp.session().created_unix_ms());
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::KeepAliveRequest req;
+    req.add_session_ids(id);
+    v1::KeepAliveResponse resp;
+    ASSERT_TRUE(sessions_->KeepAlive(&ctx, req, &resp).ok());
+    ASSERT_EQ(resp.expires_unix_ms_size(), 1);
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::ListSessionsResponse resp;
+    ASSERT_TRUE(sessions_->ListSessions(&ctx, v1::ListSessionsRequest(), &resp).ok());
+    ASSERT_EQ(resp.sessions_size(), 1);
+    EXPECT_EQ(resp.sessions(0).session_id(), id);
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::DropSessionRequest req;
+    req.set_session_id(id);
+    v1::DropSessionResponse resp;
+    ASSERT_TRUE(sessions_->DropSession(&ctx, req, &resp).ok());
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::GetSessionRequest req;
+    req.set_session_id(id);
+    v1::GetSessionResponse resp;
+    EXPECT_EQ(sessions_->GetSession(&ctx, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+}
+
+TEST_F(DaemonTest, AppendSelectFetchAndDecodeStepMoveTheRightBytes) {
+  Start(false);
+  const std::string id = CreateSession();
+  constexpr int kTokens = 64;
+  const std::vector<float> kv = MakeKv(kTokens, 7);
+  {
+    grpc::ClientContext ctx;
+    v1::AppendKvRequest req;
+    req.set_session_id(id);
+    req.set_num_tokens(kTokens);
+    req.set_inline_kv(std::string(reinterpret_cast<const char*>(kv.data()), kv.size() * 4));
+    v1::AppendKvResponse resp;
+    const grpc::Status st = kv_->AppendKv(&ctx, req, &resp);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    EXPECT_EQ(resp.tokens(), uint64_t{kTokens});
+    EXPECT_GT(resp.bytes(), 0u);
+  }
+  // A buffer the test process owns under /dev/shm.
+  const uint64_t buf_size = 1 << 20;
+  auto shm = ShmFile::Create(absl::StrCat("icecache_dt_", getpid(), "_", rand()), buf_size);
+  ASSERT_THAT(shm, IsOk());
+  std::string buffer_id;
+  {
+    grpc::ClientContext ctx;
+    v1::RegisterBufferRequest req;
+    req.mutable_host_shm()->set_path(shm->path());
+    req.mutable_host_shm()->set_size(buf_size);
+    v1::RegisterBufferResponse resp;
+    const grpc::Status st = buffers_->RegisterBuffer(&ctx, req, &resp);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    EXPECT_EQ(resp.kind(), v1::BUFFER_KIND_HOST_SHM);
+    buffer_id = resp.buffer_id();
+  }
+  std::vector<float> q(kQHeads * kHeadDim, 0.5f);
+  v1::SelectPagesResponse sel;
+  {
+    grpc::ClientContext ctx;
+    v1::SelectPagesRequest req;
+    req.set_session_id(id);
+    req.set_layer(1);
+    req.set_queries(std::string(reinterpret_cast<const char*>(q.data()), q.size() * 4));
+    req.mutable_params()->set_budget_tokens(16);
+    req.mutable_params()->set_want_positions(true);
+    const grpc::Status st = kv_->SelectPages(&ctx, req, &sel);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    ASSERT_EQ(sel.heads_size(), kKvHeads);
+    EXPECT_GE(sel.heads(0).pages_size(), 16 / kPageTokens);
+  }
+  v1::FetchPagesResponse fetched;
+  {
+    grpc::ClientContext ctx;
+    v1::FetchPagesRequest req;
+    req.set_session_id(id);
+    req.set_layer(1);
+    req.set_buffer_id(buffer_id);
+    req.set_offset(4096);
+    req.set_want_positions(true);
+    for (const auto& h : sel.heads()) {
+      auto* hp = req.add_heads();
+      hp->set_kv_head(h.kv_head());
+      *hp->mutable_pages() = h.pages();
+    }
+    const grpc::Status st = kv_->FetchPages(&ctx, req, &fetched);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+  }
+  // Every fetched K row is the appended key of its position.
+  const v1::FetchLayout& layout = fetched.layout();
+  EXPECT_EQ(layout.offset(), 4096u);
+  EXPECT_EQ(layout.page_bytes(), 2u * kPageTokens * kHeadDim * 4);
+  const uint8_t* base = shm->data();
+  int rows_checked = 0;
+  for (const v1::HeadLayout& h : layout.heads()) {
+    int pos_index = 0;
+    for (int i = 0; i < h.pages_size(); ++i) {
+      const float* k = reinterpret_cast<const float*>(base + h.byte_offsets(i));
+      for (uint32_t slot = 0; slot < h.fills(i); ++slot, ++pos_index) {
+        const int pos = h.positions(pos_index);
+        for (int d = 0; d < kHeadDim; ++d) {
+          ASSERT_EQ(k[slot * kHeadDim + d], Key(kv, kTokens, 1, h.kv_head(), pos, d))
+              << "head " << h.kv_head() << " page " << h.pages(i) << " slot " << slot;
+        }
+        ++rows_checked;
+      }
+    }
+  }
+  EXPECT_GE(rows_checked, 2 * 16);
+
+  // DecodeStep: two layers on one stream, ids only in the first message.
+  grpc::ClientContext ctx;
+  auto stream = kv_->DecodeStep(&ctx);
+  for (uint32_t layer = 0; layer < kLayers; ++layer) {
+    v1::DecodeStepRequest req;
+    if (layer == 0) {
+      req.set_session_id(id);
+      req.set_buffer_id(buffer_id);
+    }
+    req.set_layer(layer);
+    req.set_offset(layer * 65536);
+    req.set_queries(std::string(reinterpret_cast<const char*>(q.data()), q.size() * 4));
+    req.mutable_params()->set_budget_tokens(8);
+    ASSERT_TRUE(stream->Write(req));
+    v1::DecodeStepResponse resp;
+    ASSERT_TRUE(stream->Read(&resp));
+    EXPECT_EQ(resp.layer(), layer);
+    EXPECT_EQ(resp.heads_size(), kKvHeads);
+    EXPECT_EQ(resp.layout().offset(), layer * 65536u);
+    EXPECT_GT(resp.layout().total_bytes(), 0u);
+  }
+  // A bad message ends the stream with its code.
+  v1::DecodeStepRequest bad;
+  bad.set_layer(kLayers);  // out of range
+  bad.set_queries(std::string(reinterpret_cast<const char*>(q.data()), q.size() * 4));
+  ASSERT_TRUE(stream->Write(bad));
+  stream->WritesDone();
+  v1::DecodeStepResponse ignored;
+  EXPECT_FALSE(stream->Read(&ignored));
+  const grpc::Status st = stream->Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+
+  const std::string metrics = daemon_->metrics()->Render();
+  EXPECT_THAT(metrics, HasSubstr("icecache_rpc_requests_total{method=\"AppendKv\",code=\"OK\"} 1"));
+  EXPECT_THAT(metrics, HasSubstr("icecache_rpc_requests_total{method=\"DecodeStep\",code=\"INVALID_ARGUMENT\"} 1"));
+  EXPECT_THAT(metrics, HasSubstr("icecache_decode_step_duration_seconds_count 2"));
+  EXPECT_THAT(metrics, HasSubstr("icecache_select_duration_seconds_count 1"));
+  EXPECT_THAT(metrics, HasSubstr(absl::StrCat("icecache_bytes_moved_total{direction=\"append_inline\"} ",
+                                              kv.size() * 4)));
+  EXPECT_THAT(metrics, HasSubstr("icecache_tenant_sessions{tenant=\"uid-"));
+}
+
+TEST_F(DaemonTest, BadRequestsGetPreciseCodes) {
+  Start(false, "limits { max_inline_bytes: 1024 }");
+  const std::string id = CreateSession();
+  struct Probe {
+    const char* what;
+    grpc::StatusCode want;
+    std::function<grpc::Status()> call;
+  };
+  auto ctx = [] { return std::make_unique<grpc::ClientContext>(); };
+  const std::vector<Probe> probes = {
+      {"unknown session", grpc::StatusCode::NOT_FOUND,
+       [&] {
+         auto c = ctx();
+         v1::GetSessionRequest r;
+         r.set_session_id("nope");
+         v1::GetSessionResponse out;
+         return sessions_->GetSession(c.get(), r, &out);
+       }},
+      {"empty id", grpc::StatusCode::INVALID_ARGUMENT,
+       [&] {
+         auto c = ctx();
+         v1::DropSessionResponse out;
+         return sessions_->DropSession(c.get(), v1::DropSessionRequest(), &out);
+       }},
+      {"missing model", grpc::StatusCode::INVALID_ARGUMENT,
+       [&] {
+         auto c = ctx();
+         v1::CreateSessionResponse out;
+         return sessions_->CreateSession(c.get(), v1::CreateSessionRequest(), &out);
+       }},
+      {"bad layers", grpc::StatusCode::INVALID_ARGUMENT,
+       [&] {
+         auto c = ctx();
+         v1::CreateSessionRequest r;
+         *r.mutable_config() = Config();
+         r.mutable_config()->mutable_model()->set_layers(100000);
+         v1::CreateSessionResponse out;
+         return sessions_->CreateSession(c.get(), r, &out);
+       }},
+      {"inline over limit", grpc::StatusCode::INVALID_ARGUMENT,
+       [&] {
+         auto c = ctx();
+         v1::AppendKvRequest r;
+         r.set_session_id(id);
+         r.set_num_tokens(1);
+         r.set_inline_kv(std::string(2048, '\0'));
+         v1::AppendKvResponse out;
+         return kv_->AppendKv(c.get(), r, &out);
+       }},
+      {"inline wrong size", grpc::StatusCode::INVALID_ARGUMENT,
+       [&] {
+         auto c = ctx();
+         v1::AppendKvRequest r;
+         r.set_session_id(id);
+         r.set_num_tokens(1);
+         r.set_inline_kv(std::string(100, '\0'));
+         v1::AppendKvResponse out;
+         return kv_->AppendKv(c.get(), r, &out);
+       }},
+      {"no source", grpc::StatusCode::INVALID_ARGUMENT,
+       [&] {
+         auto c = ctx();
+         v1::AppendKvRequest r;
+         r.set_session_id(id);
+         r.set_num_tokens(1);
+         v1::AppendKvResponse out;
+         return kv_->AppendKv(c.get(), r, &out);
+       }},
+      {"select on empty session", grpc::StatusCode::FAILED_PRECONDITION,
+       [&] {
+         auto c = ctx();
+         v1::SelectPagesRequest r;
+         r.set_session_id(id);
+         std::vector<float> q(kQHeads * kHeadDim, 1.0f);
+         r.set_queries(std::string(reinterpret_cast<const char*>(q.data()), q.size() * 4));
+         v1::SelectPagesResponse out;
+         return kv_->SelectPages(c.get(), r, &out);
+       }},
+      {"shm outside /dev/shm", grpc::StatusCode::INVALID_ARGUMENT,
+       [&] {
+         auto c = ctx();
+         v1::RegisterBufferRequest r;
+         r.mutable_host_shm()->set_path("/etc/passwd");
+         r.mutable_host_shm()->set_size(16);
+         v1::RegisterBufferResponse out;
+         return buffers_->RegisterBuffer(c.get(), r, &out);
+       }},
+      {"no buffer kind", grpc::StatusCode::INVALID_ARGUMENT,
+       [&] {
+         auto c = ctx();
+         v1::RegisterBufferResponse out;
+         return buffers_->RegisterBuffer(c.get(), v1::RegisterBufferRequest(), &out);
+       }},
+      {"cuda without device", grpc::StatusCode::FAILED_PRECONDITION,
+       [&] {
+         auto c = ctx();
+         v1::RegisterBufferRequest r;
+         r.mutable_cuda_ipc()->set_handle(std::string(64, '\x01'));
+         r.mutable_cuda_ipc()->set_size(4096);
+         r.mutable_cuda_ipc()->set_device_uuid(std::string(16, '\x02'));
+         v1::RegisterBufferResponse out;
+         return buffers_->RegisterBuffer(c.get(), r, &out);
+       }},
+      {"admin without role", grpc::StatusCode::PERMISSION_DENIED,
+       [&] {
+         auto c = ctx();
+         v1::GetStatsResponse out;
+         return admin_->GetStats(c.get(), v1::GetStatsRequest(), &out);
+       }},
+      {"all tenants without role", grpc::StatusCode::PERMISSION_DENIED,
+       [&] {
+         auto c = ctx();
+         v1::ListSessionsRequest r;
+         r.set_all_tenants(true);
+         v1::ListSessionsResponse out;
+         return sessions_->ListSessions(c.get(), r, &out);
+       }},
+  };
+  for (const Probe& p : probes) {
+    const grpc::Status st = p.call();
+    EXPECT_EQ(st.error_code(), p.want) << p.what << ": " << st.error_message();
+    EXPECT_FALSE(st.error_message().empty()) << p.what;
+  }
+  // The daemon still serves.
+  EXPECT_FALSE(CreateSession().empty());
+}
+
+TEST_F(DaemonTest, AdminVerbsDrainAndHealth) {
+  Start(true, "auth { tokens { token: \"secret-token-0123456789\" tenant: \"r\" } }");
+  const std::string id = CreateSession();
+  EXPECT_EQ(HealthStatus(), 1);
+  {
+    grpc::ClientContext ctx;
+    v1::GetStatsResponse resp;
+    ASSERT_TRUE(admin_->GetStats(&ctx, v1::GetStatsRequest(), &resp).ok());
+    EXPECT_EQ(resp.sessions(), 1u);
+    EXPECT_EQ(resp.capacity_bytes(), uint64_t{64} << 20);
+    EXPECT_FALSE(resp.draining());
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::SetQuotaRequest req;
+    req.set_tenant("someone");
+    req.set_quota_bytes(1 << 20);
+    v1::SetQuotaResponse resp;
+    ASSERT_TRUE(admin_->SetQuota(&ctx, req, &resp).ok());
+    EXPECT_EQ(resp.tenant().quota_bytes(), 1u << 20);
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::PinSessionRequest req;
+    req.set_session_id(id);
+    req.set_pinned(true);
+    v1::PinSessionResponse resp;
+    ASSERT_TRUE(admin_->PinSession(&ctx, req, &resp).ok());
+    EXPECT_TRUE(resp.session().pinned());
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::GetConfigResponse resp;
+    ASSERT_TRUE(admin_->GetConfig(&ctx, v1::GetConfigRequest(), &resp).ok());
+    EXPECT_EQ(resp.config().listen().unix_socket(), socket_);
+    ASSERT_EQ(resp.config().auth().tokens_size(), 1);
+    EXPECT_EQ(resp.config().auth().tokens(0).token(), "<redacted>");
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::DrainResponse resp;
+    ASSERT_TRUE(admin_->Drain(&ctx, v1::DrainRequest(), &resp).ok());
+    EXPECT_EQ(resp.sessions(), 1u);
+  }
+  EXPECT_EQ(HealthStatus(), 2);  // NOT_SERVING
+  {
+    grpc::ClientContext ctx;
+    v1::CreateSessionRequest req;
+    *req.mutable_config() = Config();
+    v1::CreateSessionResponse resp;
+    EXPECT_EQ(sessions_->CreateSession(&ctx, req, &resp).error_code(),
+              grpc::StatusCode::UNAVAILABLE);
+  }
+  {
+    grpc::ClientContext ctx;  // existing sessions keep working
+    v1::GetSessionRequest req;
+    req.set_session_id(id);
+    v1::GetSessionResponse resp;
+    EXPECT_TRUE(sessions_->GetSession(&ctx, req, &resp).ok());
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::EvictSessionRequest req;
+    req.set_session_id(id);
+    v1::EvictSessionResponse resp;
+    EXPECT_TRUE(admin_->EvictSession(&ctx, req, &resp).ok());
+  }
+  daemon_->Shutdown();
+  EXPECT_NE(access(socket_.c_str(), F_OK), 0) << "socket file removed at shutdown";
+}
+
+}  // namespace
+}  // namespace icecache::rpc
