@@ -88,46 +88,44 @@ template <typename L, int NQ, int R>
 inline void DotBlockAvx2(const float* queries, int dim, const typename L::T* k, float* out,
                          int64_t out_stride) {
   __m256 acc[R][NQ];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < NQ; ++j) acc[r][j] = _mm256_setzero_ps();
   int i = 0;
   for (; i + 8 <= dim; i += 8) {
     __m256 qv[NQ];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < NQ; ++j) qv[j] = _mm256_loadu_ps(queries + j * dim + i);
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m256 kv = L::Load8(k + r * dim + i);
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int j = 0; j < NQ; ++j) acc[r][j] = _mm256_fmadd_ps(qv[j], kv, acc[r][j]);
     }
   }
   float tail[R][NQ];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < NQ; ++j) tail[r][j] = 0.0f;
   for (; i < dim; ++i) {
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const float kv = L::Scalar(k + r * dim + i);
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int j = 0; j < NQ; ++j) tail[r][j] += queries[j * dim + i] * kv;
     }
   }
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < NQ; ++j) out[j * out_stride + r] = HSum256(acc[r][j]) + tail[r][j];
 }
 
 // Rows per block for AVX2 (16 ymm registers): R x NQ accumulators, NQ query
 // chunks and one row chunk must fit.
-constexpr int RowsPerBlockAvx2(int nq) {
-  return nq == 1 ? 8 : nq == 2 ? 4 : nq <= 4 ? 2 : 1;
-}
+constexpr int RowsPerBlockAvx2(int nq) { return nq == 1 ? 8 : nq == 2 ? 4 : nq <= 4 ? 2 : 1; }
 
 template <typename L, int NQ>
 void DotRowsMultiAvx2Fixed(const typename L::T* k, int64_t n, int dim, const float* queries,
@@ -151,14 +149,30 @@ void DotRowsMultiAvx2(const void* rows, int64_t n, int dim, const float* queries
     const float* qb = queries + static_cast<int64_t>(j0) * dim;
     float* ob = out + static_cast<int64_t>(j0) * n;
     switch (b) {
-      case 1: DotRowsMultiAvx2Fixed<L, 1>(k, n, dim, qb, ob, n); break;
-      case 2: DotRowsMultiAvx2Fixed<L, 2>(k, n, dim, qb, ob, n); break;
-      case 3: DotRowsMultiAvx2Fixed<L, 3>(k, n, dim, qb, ob, n); break;
-      case 4: DotRowsMultiAvx2Fixed<L, 4>(k, n, dim, qb, ob, n); break;
-      case 5: DotRowsMultiAvx2Fixed<L, 5>(k, n, dim, qb, ob, n); break;
-      case 6: DotRowsMultiAvx2Fixed<L, 6>(k, n, dim, qb, ob, n); break;
-      case 7: DotRowsMultiAvx2Fixed<L, 7>(k, n, dim, qb, ob, n); break;
-      default: DotRowsMultiAvx2Fixed<L, 8>(k, n, dim, qb, ob, n); break;
+      case 1:
+        DotRowsMultiAvx2Fixed<L, 1>(k, n, dim, qb, ob, n);
+        break;
+      case 2:
+        DotRowsMultiAvx2Fixed<L, 2>(k, n, dim, qb, ob, n);
+        break;
+      case 3:
+        DotRowsMultiAvx2Fixed<L, 3>(k, n, dim, qb, ob, n);
+        break;
+      case 4:
+        DotRowsMultiAvx2Fixed<L, 4>(k, n, dim, qb, ob, n);
+        break;
+      case 5:
+        DotRowsMultiAvx2Fixed<L, 5>(k, n, dim, qb, ob, n);
+        break;
+      case 6:
+        DotRowsMultiAvx2Fixed<L, 6>(k, n, dim, qb, ob, n);
+        break;
+      case 7:
+        DotRowsMultiAvx2Fixed<L, 7>(k, n, dim, qb, ob, n);
+        break;
+      default:
+        DotRowsMultiAvx2Fixed<L, 8>(k, n, dim, qb, ob, n);
+        break;
     }
   }
 }
@@ -228,37 +242,37 @@ template <typename L, int NQ, int R>
 ICECACHE_AVX512 inline void DotBlockAvx512(const float* queries, int dim, const typename L::T* k,
                                            float* out, int64_t out_stride) {
   __m512 acc[R][NQ];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < NQ; ++j) acc[r][j] = _mm512_setzero_ps();
   int i = 0;
   for (; i + 16 <= dim; i += 16) {
     __m512 qv[NQ];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < NQ; ++j) qv[j] = _mm512_loadu_ps(queries + j * dim + i);
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m512 kv = L::Load16(k + r * dim + i);
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int j = 0; j < NQ; ++j) acc[r][j] = _mm512_fmadd_ps(qv[j], kv, acc[r][j]);
     }
   }
   if (i < dim) {
     const __mmask16 m = TailMask(dim - i);
     __m512 qv[NQ];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < NQ; ++j) qv[j] = _mm512_maskz_loadu_ps(m, queries + j * dim + i);
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m512 kv = L::LoadMasked(k + r * dim + i, m);
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int j = 0; j < NQ; ++j) acc[r][j] = _mm512_fmadd_ps(qv[j], kv, acc[r][j]);
     }
   }
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < NQ; ++j) out[j * out_stride + r] = _mm512_reduce_add_ps(acc[r][j]);
 }
 
@@ -268,8 +282,7 @@ constexpr int RowsPerBlockAvx512(int nq) {
 
 template <typename L, int NQ>
 ICECACHE_AVX512 void DotRowsMultiAvx512Fixed(const typename L::T* k, int64_t n, int dim,
-                                             const float* queries, float* out,
-                                             int64_t out_stride) {
+                                             const float* queries, float* out, int64_t out_stride) {
   constexpr int R = RowsPerBlockAvx512(NQ);
   int64_t r = 0;
   for (; r + R <= n; r += R) {
@@ -279,22 +292,38 @@ ICECACHE_AVX512 void DotRowsMultiAvx512Fixed(const typename L::T* k, int64_t n, 
 }
 
 template <typename L>
-ICECACHE_AVX512 void DotRowsMultiAvx512(const void* rows, int64_t n, int dim,
-                                        const float* queries, int nq, float* out) {
+ICECACHE_AVX512 void DotRowsMultiAvx512(const void* rows, int64_t n, int dim, const float* queries,
+                                        int nq, float* out) {
   const auto* k = static_cast<const typename L::T*>(rows);
   for (int j0 = 0; j0 < nq; j0 += 8) {
     const int b = nq - j0 < 8 ? nq - j0 : 8;
     const float* qb = queries + static_cast<int64_t>(j0) * dim;
     float* ob = out + static_cast<int64_t>(j0) * n;
     switch (b) {
-      case 1: DotRowsMultiAvx512Fixed<L, 1>(k, n, dim, qb, ob, n); break;
-      case 2: DotRowsMultiAvx512Fixed<L, 2>(k, n, dim, qb, ob, n); break;
-      case 3: DotRowsMultiAvx512Fixed<L, 3>(k, n, dim, qb, ob, n); break;
-      case 4: DotRowsMultiAvx512Fixed<L, 4>(k, n, dim, qb, ob, n); break;
-      case 5: DotRowsMultiAvx512Fixed<L, 5>(k, n, dim, qb, ob, n); break;
-      case 6: DotRowsMultiAvx512Fixed<L, 6>(k, n, dim, qb, ob, n); break;
-      case 7: DotRowsMultiAvx512Fixed<L, 7>(k, n, dim, qb, ob, n); break;
-      default: DotRowsMultiAvx512Fixed<L, 8>(k, n, dim, qb, ob, n); break;
+      case 1:
+        DotRowsMultiAvx512Fixed<L, 1>(k, n, dim, qb, ob, n);
+        break;
+      case 2:
+        DotRowsMultiAvx512Fixed<L, 2>(k, n, dim, qb, ob, n);
+        break;
+      case 3:
+        DotRowsMultiAvx512Fixed<L, 3>(k, n, dim, qb, ob, n);
+        break;
+      case 4:
+        DotRowsMultiAvx512Fixed<L, 4>(k, n, dim, qb, ob, n);
+        break;
+      case 5:
+        DotRowsMultiAvx512Fixed<L, 5>(k, n, dim, qb, ob, n);
+        break;
+      case 6:
+        DotRowsMultiAvx512Fixed<L, 6>(k, n, dim, qb, ob, n);
+        break;
+      case 7:
+        DotRowsMultiAvx512Fixed<L, 7>(k, n, dim, qb, ob, n);
+        break;
+      default:
+        DotRowsMultiAvx512Fixed<L, 8>(k, n, dim, qb, ob, n);
+        break;
     }
   }
 }
@@ -310,9 +339,7 @@ ICECACHE_AVX512 float DotBf16Avx512(const float* q, const uint16_t* k, int dim) 
 }
 
 float DotF32Avx2(const float* a, const float* b, int dim) { return DotAvx2<F32Avx2>(a, b, dim); }
-float DotF16Avx2(const float* q, const uint16_t* k, int dim) {
-  return DotAvx2<F16Avx2>(q, k, dim);
-}
+float DotF16Avx2(const float* q, const uint16_t* k, int dim) { return DotAvx2<F16Avx2>(q, k, dim); }
 float DotBf16Avx2(const float* q, const uint16_t* k, int dim) {
   return DotAvx2<Bf16Avx2>(q, k, dim);
 }
@@ -344,8 +371,7 @@ const KernelTable kAvx512Table = {
     DotF32Avx512,
     DotF16Avx512,
     DotBf16Avx512,
-    {DotRowsMultiAvx512<F16Avx512>, DotRowsMultiAvx512<Bf16Avx512>,
-     DotRowsMultiAvx512<F32Avx512>},
+    {DotRowsMultiAvx512<F16Avx512>, DotRowsMultiAvx512<Bf16Avx512>, DotRowsMultiAvx512<F32Avx512>},
 };
 
 bool CpuHasAvx512() {
@@ -365,9 +391,12 @@ inline const KernelTable& Table() { return *ActiveTable().load(std::memory_order
 // validated config) is treated as fp32 rather than indexing out of bounds.
 inline int DTypeIndex(DType dtype) {
   switch (dtype) {
-    case DType::kF16: return 0;
-    case DType::kBF16: return 1;
-    default: return 2;
+    case DType::kF16:
+      return 0;
+    case DType::kBF16:
+      return 1;
+    default:
+      return 2;
   }
 }
 

@@ -21,7 +21,8 @@ inline __m256 Exp256(__m256 x) {
   const __m256 ln2_hi = _mm256_set1_ps(0.693359375f);
   const __m256 ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 n =
+      _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, ln2_hi, x);
   r = _mm256_fnmadd_ps(n, ln2_lo, r);
   __m256 p = _mm256_set1_ps(1.9875691500e-4f);
@@ -32,7 +33,8 @@ inline __m256 Exp256(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
   const __m256 r2 = _mm256_mul_ps(r, r);
   p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
@@ -61,7 +63,8 @@ float PageMassScore(const float* logits, int num_queries, int fill, int stride, 
     // log-sum-exp around the max: every term is <= 1, the sum is >= 1.
     __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     int i = 0;
-    for (; i + 8 <= fill; i += 8) vm = _mm256_max_ps(vm, _mm256_mul_ps(_mm256_loadu_ps(row + i), vscale));
+    for (; i + 8 <= fill; i += 8)
+      vm = _mm256_max_ps(vm, _mm256_mul_ps(_mm256_loadu_ps(row + i), vscale));
     float m = HMax256(vm);
     for (; i < fill; ++i) m = std::max(m, row[i] * scale);
     const __m256 vmax = _mm256_set1_ps(m);
@@ -136,8 +139,8 @@ absl::Status CheckFinite(const float* data, int64_t rows, int dim, const char* w
     if (acc == 0.0f) continue;
     for (int c = 0; c < dim; ++c) {
       if (!std::isfinite(row[c])) {
-        return absl::InvalidArgumentError(absl::StrCat(what, " row ", r, " column ", c,
-                                                       " is not finite (", row[c], ")"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(what, " row ", r, " column ", c, " is not finite (", row[c], ")"));
       }
     }
   }

@@ -58,8 +58,7 @@ absl::Status ParallelFor(int64_t count, int threads,
       tbb::parallel_for(tbb::blocked_range<int64_t>(0, count, 1), body);
     } else {
       tbb::task_arena arena(threads);
-      arena.execute(
-          [&] { tbb::parallel_for(tbb::blocked_range<int64_t>(0, count, 1), body); });
+      arena.execute([&] { tbb::parallel_for(tbb::blocked_range<int64_t>(0, count, 1), body); });
     }
   } catch (const std::bad_alloc&) {
     return absl::ResourceExhaustedError("out of memory while running parallel tasks");

@@ -32,10 +32,10 @@ absl::Status ParallelFor(int64_t count, int threads,
 
 // One Build() to run.
 struct BuildJob {
-  Selector* selector = nullptr;                   // not owned; distinct per job
-  const float* keys = nullptr;                    // n x head_dim fp32, not owned
+  Selector* selector = nullptr;  // not owned; distinct per job
+  const float* keys = nullptr;   // n x head_dim fp32, not owned
   int64_t n = 0;
-  std::vector<Placement>* placements = nullptr;   // out; not owned
+  std::vector<Placement>* placements = nullptr;  // out; not owned
   // Optional: runs on the same thread right after a successful Build(), with
   // its placements (e.g. to write the keys and values into the frames).
   std::function<absl::Status(const std::vector<Placement>&)> on_built;

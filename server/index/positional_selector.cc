@@ -75,9 +75,9 @@ class PositionalSelector final : public Selector {
 
   absl::Status Build(const float* keys, int64_t n, std::vector<Placement>* placements) override {
     if (num_tokens_ != 0) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("Build() on an index that already holds ", num_tokens_,
-                       " tokens; use Insert() for more keys"));
+      return absl::FailedPreconditionError(absl::StrCat("Build() on an index that already holds ",
+                                                        num_tokens_,
+                                                        " tokens; use Insert() for more keys"));
     }
     return Append(keys, n, placements);
   }
@@ -233,7 +233,8 @@ absl::Status PositionalSelector::SelectQuest(const float* queries, int nq,
   const float factor = config_.quest_rescore_factor;
   if (factor > 0.0f) {
     // Rank non-forced pages by bound; rescore the best `candidates` exactly.
-    const double want = std::ceil(static_cast<double>(factor) * params.budget_tokens / page_tokens_);
+    const double want =
+        std::ceil(static_cast<double>(factor) * params.budget_tokens / page_tokens_);
     const size_t candidates = static_cast<size_t>(std::max(1.0, std::min<double>(want, pages)));
     std::vector<std::pair<float, uint32_t>>& ranked = scratch.ranked;
     ranked.clear();

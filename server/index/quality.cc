@@ -20,8 +20,8 @@ absl::StatusOr<std::vector<char>> Mark(const ExactAttention& exact,
   for (size_t i = 0; i < selected.size(); ++i) {
     const int32_t p = selected[i];
     if (p < 0 || p >= exact.n) {
-      return absl::InvalidArgumentError(absl::StrCat("selected position ", p, " (entry ", i,
-                                                     ") is outside [0, ", exact.n, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("selected position ", p, " (entry ", i, ") is outside [0, ", exact.n, ")"));
     }
     in[p] = 1;
   }
@@ -40,8 +40,8 @@ absl::Status CheckExact(const ExactAttention& exact) {
 }  // namespace
 
 absl::StatusOr<ExactAttention> ComputeExactAttention(const float* keys, const float* values,
-                                                     int64_t n, int head_dim,
-                                                     const float* queries, int num_queries) {
+                                                     int64_t n, int head_dim, const float* queries,
+                                                     int num_queries) {
   if (keys == nullptr || queries == nullptr) {
     return absl::InvalidArgumentError("keys and queries must not be null");
   }
@@ -109,8 +109,7 @@ absl::StatusOr<double> TopKRecall(const ExactAttention& exact, absl::Span<const 
   return total / exact.num_queries;
 }
 
-absl::StatusOr<double> MassRecall(const ExactAttention& exact,
-                                  absl::Span<const int32_t> selected) {
+absl::StatusOr<double> MassRecall(const ExactAttention& exact, absl::Span<const int32_t> selected) {
   RETURN_IF_ERROR(CheckExact(exact));
   ASSIGN_OR_RETURN(const std::vector<char> in, Mark(exact, selected));
   double total = 0.0;
@@ -211,9 +210,8 @@ absl::StatusOr<QualityReport> EvaluatePositions(const ExactAttention& exact, con
 absl::StatusOr<std::vector<int32_t>> SelectionPositions(const Selector& selector,
                                                         const Selection& selection) {
   if (selection.fills.size() != selection.pages.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("selection has ", selection.pages.size(),
-                                                   " pages but ", selection.fills.size(),
-                                                   " fills"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "selection has ", selection.pages.size(), " pages but ", selection.fills.size(), " fills"));
   }
   if (!selection.positions.empty()) {
     if (static_cast<int64_t>(selection.positions.size()) != selection.tokens()) {

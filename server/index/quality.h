@@ -49,8 +49,8 @@ struct QualityReport {
 // InvalidArgument for null keys/queries, n < 1, head_dim < 1, G < 1, or a
 // non-finite key, value or query (the message names the row).
 absl::StatusOr<ExactAttention> ComputeExactAttention(const float* keys, const float* values,
-                                                     int64_t n, int head_dim,
-                                                     const float* queries, int num_queries);
+                                                     int64_t n, int head_dim, const float* queries,
+                                                     int num_queries);
 
 // InvalidArgument for a position outside [0, n) or k < 1.
 absl::StatusOr<double> TopKRecall(const ExactAttention& exact, absl::Span<const int32_t> selected,

@@ -18,8 +18,8 @@ struct KindName {
   const char* name;
 };
 constexpr KindName kKindNames[] = {
-    {SelectorKind::kMdci, "mdci"},   {SelectorKind::kExactMdci, "exact-mdci"},
-    {SelectorKind::kExact, "exact"}, {SelectorKind::kQuest, "quest"},
+    {SelectorKind::kMdci, "mdci"},           {SelectorKind::kExactMdci, "exact-mdci"},
+    {SelectorKind::kExact, "exact"},         {SelectorKind::kQuest, "quest"},
     {SelectorKind::kStreaming, "streaming"},
 };
 
@@ -61,17 +61,17 @@ absl::Status ValidateConfig(const SelectorConfig& c) {
         absl::StrCat("SelectorConfig.page_tokens must be in [1, 256], got ", c.page_tokens));
   }
   if (c.num_query_heads < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "SelectorConfig.num_query_heads must be >= 1, got ", c.num_query_heads));
+    return absl::InvalidArgumentError(
+        absl::StrCat("SelectorConfig.num_query_heads must be >= 1, got ", c.num_query_heads));
   }
   if (c.dtype != DType::kF16 && c.dtype != DType::kBF16 && c.dtype != DType::kF32) {
     return absl::InvalidArgumentError(absl::StrCat(
         "SelectorConfig.dtype is not a known dtype (value ", static_cast<int>(c.dtype), ")"));
   }
   if (!(c.quest_rescore_factor >= 0.0f) || !std::isfinite(c.quest_rescore_factor)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "SelectorConfig.quest_rescore_factor must be finite and >= 0, got ",
-        c.quest_rescore_factor));
+    return absl::InvalidArgumentError(
+        absl::StrCat("SelectorConfig.quest_rescore_factor must be finite and >= 0, got ",
+                     c.quest_rescore_factor));
   }
   if (c.kind == SelectorKind::kMdci || c.kind == SelectorKind::kExactMdci) {
     return ValidateMdciParams(c.mdci);

@@ -21,12 +21,14 @@ namespace icecache::testing {
 struct HeadData {
   int64_t n = 0;
   int dim = 0;
-  int num_queries = 0;        // G
+  int num_queries = 0;         // G
   std::vector<float> keys;     // n x dim
   std::vector<float> values;   // n x dim
   std::vector<float> queries;  // steps x G x dim
   int steps = 0;
-  const float* query(int step) const { return queries.data() + static_cast<size_t>(step) * num_queries * dim; }
+  const float* query(int step) const {
+    return queries.data() + static_cast<size_t>(step) * num_queries * dim;
+  }
   const float* key(int64_t i) const { return keys.data() + i * dim; }
 };
 

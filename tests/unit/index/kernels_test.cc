@@ -54,8 +54,8 @@ uint16_t RefFloatToBf16(float f) {
 }
 
 struct Data {
-  std::vector<float> q;      // nq x dim
-  std::vector<float> f32;    // n x dim
+  std::vector<float> q;    // nq x dim
+  std::vector<float> f32;  // n x dim
   std::vector<uint16_t> f16;
   std::vector<uint16_t> bf16;
 };
@@ -124,8 +124,8 @@ TEST_P(KernelsTest, SingleDotsMatchScalarReference) {
     EXPECT_NEAR(DotF16(d.q.data(), d.f16.data(), dim), RefDotF16(d.q.data(), d.f16.data(), dim),
                 Tol(dim))
         << "dim " << dim;
-    EXPECT_NEAR(DotBf16(d.q.data(), d.bf16.data(), dim),
-                RefDotBf16(d.q.data(), d.bf16.data(), dim), Tol(dim))
+    EXPECT_NEAR(DotBf16(d.q.data(), d.bf16.data(), dim), RefDotBf16(d.q.data(), d.bf16.data(), dim),
+                Tol(dim))
         << "dim " << dim;
   }
 }
@@ -201,8 +201,8 @@ TEST_P(KernelsTest, UnalignedPointersAreFine) {
   DotRowsMulti(DType::kF16, d.f16.data() + 1, n, dim, d.q.data() + 1, 3, out.data());
   for (int j = 0; j < 3; ++j) {
     for (int64_t r = 0; r < n; ++r) {
-      EXPECT_NEAR(out[j * n + r], RefDotF16(d.q.data() + 1 + j * dim, d.f16.data() + 1 + r * dim, dim),
-                  Tol(dim));
+      EXPECT_NEAR(out[j * n + r],
+                  RefDotF16(d.q.data() + 1 + j * dim, d.f16.data() + 1 + r * dim, dim), Tol(dim));
     }
   }
 }

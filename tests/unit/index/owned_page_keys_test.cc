@@ -54,7 +54,8 @@ TEST(OwnedPageKeysTest, PagePointersStayValidAsPagesAreAdded) {
 }
 
 TEST(OwnedPageKeysTest, BadInputsChangeNothing) {
-  EXPECT_THAT(OwnedPageKeys::Create(0, DType::kF16, 16), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(OwnedPageKeys::Create(0, DType::kF16, 16),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(OwnedPageKeys::Create(8, DType::kF16, 257),
               StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(OwnedPageKeys::Create(8, static_cast<DType>(0), 16),

@@ -69,7 +69,8 @@ TEST(PageMassScoreTest, AccurateOverWideLogitRangesAndOddFills) {
       for (double l : row) s += std::exp(l - m);
       best = std::max(best, m + std::log(s));
     }
-    EXPECT_NEAR(PageMassScore(logits.data(), 2, fill, fill, 1.0f), best, 1e-5 * std::abs(best) + 1e-5)
+    EXPECT_NEAR(PageMassScore(logits.data(), 2, fill, fill, 1.0f), best,
+                1e-5 * std::abs(best) + 1e-5)
         << "fill " << fill;
   }
   // Many equal logits: the sum must be exactly countable.
@@ -133,8 +134,8 @@ class FakeSelector : public Selector {
 
 TEST(TakePagesTest, ForcedFirstThenDescendingScoreUntilBudget) {
   FakeSelector sel(4, {4, 4, 4, 4, 4, 2});
-  std::vector<std::pair<float, uint32_t>> scored = {
-      {1.0f, 0}, {5.0f, 1}, {3.0f, 2}, {4.0f, 3}, {2.0f, 4}, {9.0f, 5}};
+  std::vector<std::pair<float, uint32_t>> scored = {{1.0f, 0}, {5.0f, 1}, {3.0f, 2},
+                                                    {4.0f, 3}, {2.0f, 4}, {9.0f, 5}};
   SelectParams p;
   p.budget_tokens = 9;
   p.want_positions = true;
@@ -166,8 +167,7 @@ TEST(TakePagesTest, ForcedPagesAreNotTakenTwiceAndPositionsOff) {
 
 TEST(TakePagesTest, TiesGoToLowerPageAndNanRanksLast) {
   FakeSelector sel(1, {1, 1, 1, 1});
-  std::vector<std::pair<float, uint32_t>> scored = {
-      {NAN, 0}, {1.0f, 3}, {1.0f, 1}, {1.0f, 2}};
+  std::vector<std::pair<float, uint32_t>> scored = {{NAN, 0}, {1.0f, 3}, {1.0f, 1}, {1.0f, 2}};
   SelectParams p;
   p.budget_tokens = 4;
   Selection out;

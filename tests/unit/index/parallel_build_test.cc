@@ -101,7 +101,9 @@ Heads MakeHeads(SelectorKind kind, int count) {
     j.placements = &h.placements[i];
     OwnedPageKeys* frames = h.frames[i].get();
     const float* keys = j.keys;
-    j.on_built = [frames, keys](const std::vector<Placement>& pl) { return frames->Apply(pl, keys); };
+    j.on_built = [frames, keys](const std::vector<Placement>& pl) {
+      return frames->Apply(pl, keys);
+    };
     h.jobs.push_back(std::move(j));
   }
   return h;

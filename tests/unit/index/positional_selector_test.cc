@@ -118,7 +118,8 @@ TEST(ExactSelectorTest, MatchesNaiveReferencePageByPage) {
             if (std::isinf(ref[i].second)) {
               EXPECT_TRUE(std::isinf(s.scores[i]));
             } else {
-              EXPECT_NEAR(s.scores[i], ref[i].second, 1e-3 * std::max(1.0, std::abs(ref[i].second)));
+              EXPECT_NEAR(s.scores[i], ref[i].second,
+                          1e-3 * std::max(1.0, std::abs(ref[i].second)));
             }
           }
           EXPECT_EQ(s.keys_touched, static_cast<uint64_t>(data.n));

@@ -21,8 +21,8 @@ using ::testing::ElementsAre;
 // log(4) and the softmax is exactly 0.1, 0.2, 0.3, 0.4.
 // The second query [-sqrt 2, 0] gives 1, 1/2, 1/3, 1/4 normalised by 25/12:
 // 0.48, 0.24, 0.16, 0.12.
-const float kKeys[] = {0.0f, 5.0f, std::log(2.0f), -3.0f, std::log(3.0f), 0.0f,
-                       std::log(4.0f), 1.0f};
+const float kKeys[] = {0.0f,           5.0f, std::log(2.0f), -3.0f,
+                       std::log(3.0f), 0.0f, std::log(4.0f), 1.0f};
 const float kValues[] = {1.0f, 0.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0.0f, 0.0f};
 const float kQueries[] = {std::sqrt(2.0f), 0.0f, -std::sqrt(2.0f), 0.0f};
 
@@ -72,8 +72,8 @@ TEST(QualityTest, TopKRecallAgainstExactTopK) {
 TEST(QualityTest, OutputRelErrorRenormalisesOverTheSelection) {
   const ExactAttention one = Tiny(1);
   // S = {0, 1}: mass 0.3, o_S = [0.1, 0.2] / 0.3; o = [0.1, 0.2].
-  const double expected = std::sqrt(std::pow(1.0 / 3 - 0.1, 2) + std::pow(2.0 / 3 - 0.2, 2)) /
-                          std::sqrt(0.01 + 0.04);
+  const double expected =
+      std::sqrt(std::pow(1.0 / 3 - 0.1, 2) + std::pow(2.0 / 3 - 0.2, 2)) / std::sqrt(0.01 + 0.04);
   EXPECT_NEAR(*OutputRelError(one, kValues, std::vector<int32_t>{0, 1}), expected, 1e-6);
   // S = {2, 3}: both values are zero, o_S = 0, error exactly 1.
   EXPECT_NEAR(*OutputRelError(one, kValues, std::vector<int32_t>{2, 3}), 1.0, 1e-9);

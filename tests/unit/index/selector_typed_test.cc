@@ -41,7 +41,7 @@ struct Harness {
   SelectorConfig config;
   std::unique_ptr<OwnedPageKeys> frames;
   std::unique_ptr<Selector> sel;
-  std::vector<float> keys;  // all keys added so far, by position
+  std::vector<float> keys;            // all keys added so far, by position
   std::vector<Placement> placements;  // of all keys, by position
 
   absl::Status Add(const float* k, int64_t n, bool bulk) {
@@ -210,8 +210,8 @@ TEST_P(SelectorContractTest, SelectionRespectsBudgetAndAlwaysHasForcedPages) {
     for (int sink : {0, 4, 40}) {
       for (int recent : {0, 20}) {
         for (int step = 0; step < data.steps; ++step) {
-          SCOPED_TRACE(::testing::Message() << "budget " << budget << " sink " << sink
-                                            << " recent " << recent << " step " << step);
+          SCOPED_TRACE(::testing::Message() << "budget " << budget << " sink " << sink << " recent "
+                                            << recent << " step " << step);
           SelectParams p;
           p.budget_tokens = budget;
           p.sink_tokens = sink;
@@ -384,8 +384,7 @@ TEST_P(SelectorContractTest, BadInputsGetPreciseCodesAndChangeNothing) {
     EXPECT_EQ(again.positions, baseline.positions);
   };
 
-  EXPECT_THAT(sel.Build(data.key(600), 10, &pl),
-              StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_THAT(sel.Build(data.key(600), 10, &pl), StatusIs(absl::StatusCode::kFailedPrecondition));
   expect_unchanged("Build twice");
   std::vector<float> chunk(data.key(600), data.key(610));
   chunk[5 * kDim + 1] = std::numeric_limits<float>::infinity();
