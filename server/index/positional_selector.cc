@@ -16,35 +16,57 @@
 namespace icecache {
 namespace {
 
-// Quest bound of one page for `nq` queries: max over queries of
-// sum_i max(q_i * min_i, q_i * max_i). The min/max rows are loaded once per
-// 8-lane chunk for all queries.
-float QuestBound(const float* mn, const float* mx, const float* queries, int nq, int dim) {
+// Quest bound of one page for NQ queries: max over queries of
+// sum_i max(q_i * min_i, q_i * max_i). Each 8-lane chunk of the min and max
+// rows is loaded once for the NQ queries (one accumulator per query).
+template <int NQ>
+float QuestBoundBlock(const float* mn, const float* mx, const float* queries, int dim) {
+  __m256 acc[NQ];
+#pragma GCC unroll 8
+  for (int j = 0; j < NQ; ++j) acc[j] = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= dim; i += 8) {
+    const __m256 lo = _mm256_loadu_ps(mn + i);
+    const __m256 hi = _mm256_loadu_ps(mx + i);
+#pragma GCC unroll 8
+    for (int j = 0; j < NQ; ++j) {
+      const __m256 q = _mm256_loadu_ps(queries + j * dim + i);
+      acc[j] = _mm256_add_ps(acc[j], _mm256_max_ps(_mm256_mul_ps(q, lo), _mm256_mul_ps(q, hi)));
+    }
+  }
   float best = -std::numeric_limits<float>::infinity();
-  for (int j = 0; j < nq; ++j) {
-    const float* q = queries + static_cast<int64_t>(j) * dim;
-    __m256 a0 = _mm256_setzero_ps();
-    __m256 a1 = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= dim; i += 16) {
-      const __m256 q0 = _mm256_loadu_ps(q + i);
-      const __m256 q1 = _mm256_loadu_ps(q + i + 8);
-      a0 = _mm256_add_ps(a0, _mm256_max_ps(_mm256_mul_ps(q0, _mm256_loadu_ps(mn + i)),
-                                           _mm256_mul_ps(q0, _mm256_loadu_ps(mx + i))));
-      a1 = _mm256_add_ps(a1, _mm256_max_ps(_mm256_mul_ps(q1, _mm256_loadu_ps(mn + i + 8)),
-                                           _mm256_mul_ps(q1, _mm256_loadu_ps(mx + i + 8))));
-    }
-    for (; i + 8 <= dim; i += 8) {
-      const __m256 q0 = _mm256_loadu_ps(q + i);
-      a0 = _mm256_add_ps(a0, _mm256_max_ps(_mm256_mul_ps(q0, _mm256_loadu_ps(mn + i)),
-                                           _mm256_mul_ps(q0, _mm256_loadu_ps(mx + i))));
-    }
+  for (int j = 0; j < NQ; ++j) {
     alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, _mm256_add_ps(a0, a1));
+    _mm256_store_ps(lanes, acc[j]);
     float s = 0.0f;
     for (float l : lanes) s += l;
-    for (; i < dim; ++i) s += std::max(q[i] * mn[i], q[i] * mx[i]);
+    const float* q = queries + j * dim;
+    for (int t = i; t < dim; ++t) s += std::max(q[t] * mn[t], q[t] * mx[t]);
     best = std::max(best, s);
+  }
+  return best;
+}
+
+float QuestBound(const float* mn, const float* mx, const float* queries, int nq, int dim) {
+  float best = -std::numeric_limits<float>::infinity();
+  for (int j0 = 0; j0 < nq; j0 += 4) {
+    const float* qb = queries + static_cast<int64_t>(j0) * dim;
+    float b;
+    switch (std::min(4, nq - j0)) {
+      case 1:
+        b = QuestBoundBlock<1>(mn, mx, qb, dim);
+        break;
+      case 2:
+        b = QuestBoundBlock<2>(mn, mx, qb, dim);
+        break;
+      case 3:
+        b = QuestBoundBlock<3>(mn, mx, qb, dim);
+        break;
+      default:
+        b = QuestBoundBlock<4>(mn, mx, qb, dim);
+        break;
+    }
+    best = std::max(best, b);
   }
   return best;
 }
