@@ -138,8 +138,11 @@ absl::StatusOr<std::unique_ptr<PagePool>> PagePool::Create(const PagePoolOptions
   void* base = MAP_FAILED;
   bool huge = false;
   if (options.use_huge_pages) {
+    // No MAP_NORESERVE here: huge pages are then reserved at mmap time, so a
+    // short huge-page pool makes mmap fail (and we fall back) instead of
+    // raising SIGBUS at first touch much later.
     base = mmap(nullptr, capacity, PROT_READ | PROT_WRITE,
-                MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_HUGETLB, -1, 0);
+                MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
     huge = base != MAP_FAILED;
   }
   if (base == MAP_FAILED) {

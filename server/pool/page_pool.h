@@ -1,8 +1,9 @@
 // PagePool: the CPU memory that holds every session's KV pages (DESIGN.md 5).
 //
-// One arena of `capacity_bytes` is mapped once at Create() (MAP_NORESERVE;
-// MAP_HUGETLB when asked and the kernel has huge pages, else
-// madvise(MADV_HUGEPAGE)). The arena is cut into 2 MiB slabs; a slab belongs
+// One arena of `capacity_bytes` is mapped once at Create(): MAP_HUGETLB when
+// asked and the kernel has enough reserved 2 MiB pages for the whole arena
+// (reserved at mmap time, so a short huge-page pool cannot SIGBUS later),
+// else normal pages with MAP_NORESERVE and madvise(MADV_HUGEPAGE). The arena is cut into 2 MiB slabs; a slab belongs
 // to one size class while it holds frames of that class and goes back to the
 // arena (and its memory back to the kernel with MADV_DONTNEED) when its last
 // frame is freed. A size class is created on first use of a frame size and
@@ -172,6 +173,9 @@ class PagePool {
   static uint64_t StrideFor(uint64_t frame_bytes) { return (frame_bytes + 63) / 64 * 64; }
 
   uint64_t capacity_bytes() const { return capacity_bytes_; }
+  // The arena (e.g. to pin it with cudaHostRegister). Valid for the pool's life.
+  uint8_t* arena_base() const { return base_; }
+  bool huge_pages() const { return huge_pages_; }
   uint64_t used_bytes() const ABSL_LOCKS_EXCLUDED(mu_);
   PoolStats Stats() const ABSL_LOCKS_EXCLUDED(mu_);
 

@@ -221,6 +221,11 @@ SessionInfo SessionManager::Info(const Session& s) const {
   info.expires = info.last_use + s.config.ttl;
   info.tokens = s.tokens_view.load();
   info.pages = s.pages_view.load();
+  if (info.pages > 0) {
+    const double slots = static_cast<double>(info.pages) * s.config.page_tokens;
+    const double held = static_cast<double>(info.tokens) * s.groups * s.config.kv_heads;
+    info.page_fill = held / slots;
+  }
   info.frame_bytes = s.frame_bytes_view.load();
   info.index_bytes = s.index_bytes_view.load();
   info.pinned = s.pinned.load();
@@ -885,11 +890,19 @@ absl::StatusOr<ManagerStats> SessionManager::Stats(const Caller& caller) {
   ManagerStats st;
   st.pool = options_.pool->Stats();
   st.epoch = epoch_;
+  double held = 0, slots = 0;
   {
     absl::ReaderMutexLock l(&mu_);
     st.sessions = static_cast<int>(sessions_.size());
     st.draining = draining_;
+    for (const auto& [id, s] : sessions_) {
+      const uint64_t pages = s->pages_view.load();
+      st.pages += pages;
+      slots += static_cast<double>(pages) * s->config.page_tokens;
+      held += static_cast<double>(s->tokens_view.load()) * s->groups * s->config.kv_heads;
+    }
   }
+  st.page_fill = slots > 0 ? held / slots : 0.0;
   st.in_flight = counters_->in_flight.load();
   st.sessions_created = counters_->created.load();
   st.sessions_evicted = counters_->evicted.load();

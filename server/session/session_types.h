@@ -58,6 +58,9 @@ struct SessionInfo {
   absl::Time expires;      // last_use + ttl
   int64_t tokens = 0;
   uint64_t pages = 0;      // pages over all (layer group, head) indices
+  // Mean page fill: tokens held / (pages x page_tokens) over all indices,
+  // in [0, 1]; 0 for an empty session. Half-empty pages waste transfer budget.
+  double page_fill = 0.0;
   uint64_t frame_bytes = 0;  // pool bytes (charged to the tenant's quota)
   uint64_t index_bytes = 0;  // selector structures (not charged)
   bool pinned = false;
@@ -128,6 +131,8 @@ struct ManagerStats {
   uint64_t sessions_dropped = 0;
   uint64_t admissions_rejected = 0;  // RESOURCE_EXHAUSTED answers
   int buffers = 0;
+  uint64_t pages = 0;        // over every session's indices
+  double page_fill = 0.0;    // token-weighted mean fill of those pages, [0, 1]
 };
 
 }  // namespace icecache

@@ -127,6 +127,10 @@ TEST_P(SessionKvTest, AppendSelectFetchRoundTripIsByteIdentical) {
   EXPECT_EQ(got->tokens, tokens);
   EXPECT_GT(got->frame_bytes, 0u);
   EXPECT_EQ(env_.pool->TenantUsedBytes("alice"), got->frame_bytes);
+  EXPECT_GT(got->page_fill, 0.0);
+  EXPECT_LE(got->page_fill, 1.0);
+  // Frames: one per page per layer of its group.
+  EXPECT_EQ(got->frame_bytes, got->pages * c.layer_reuse * PagePool::StrideFor(2 * 4 * 16 * 2));
 
   for (int layer = 0; layer < c.layers; layer += c.layer_reuse) {
     SelectRequest sel;

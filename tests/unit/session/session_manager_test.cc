@@ -106,7 +106,9 @@ TEST(SessionManagerTest, CreateGetListDrop) {
   EXPECT_EQ(got->tokens, 8);
   EXPECT_EQ(got->last_use, clock.Now());
   EXPECT_EQ(got->expires, clock.Now() + absl::Seconds(60));
-  EXPECT_GT(got->pages, 0u);
+  // Positional layout: 8 tokens in pages of 4 -> 2 full pages per index.
+  EXPECT_EQ(got->pages, 2u * 2 * 2);
+  EXPECT_DOUBLE_EQ(got->page_fill, 1.0);
   EXPECT_EQ(env.manager->ListSessions(kAlice).size(), 2u);
   ASSERT_THAT(env.manager->DropSession(kAlice, a->id), IsOk());
   EXPECT_THAT(env.manager->GetSession(kAlice, a->id), StatusIs(absl::StatusCode::kNotFound));
@@ -409,6 +411,8 @@ TEST(SessionManagerTest, AdminVerbsNeedTheAdminRole) {
   EXPECT_TRUE(stats->draining);
   EXPECT_EQ(stats->sessions, 1);
   EXPECT_EQ(stats->sessions_created, 2u);
+  EXPECT_EQ(stats->pages, 0u);
+  EXPECT_EQ(stats->page_fill, 0.0);
   ASSERT_THAT(env.manager->Drain(kAdmin, false), IsOk());
   EXPECT_THAT(env.manager->CreateSession(kAlice, SmallConfig()), IsOk());
 }
