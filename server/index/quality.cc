@@ -192,6 +192,42 @@ absl::StatusOr<std::vector<int32_t>> OracleTokens(const ExactAttention& exact, i
   return out;
 }
 
+absl::StatusOr<Selection> OraclePages(const ExactAttention& exact, const Selector& selector,
+                                      const SelectParams& params) {
+  RETURN_IF_ERROR(CheckExact(exact));
+  if (selector.num_tokens() != exact.n) {
+    return absl::InvalidArgumentError(absl::StrCat("the selector holds ", selector.num_tokens(),
+                                                   " tokens but the exact attention covers ",
+                                                   exact.n));
+  }
+  if (params.budget_tokens <= 0 || params.budget_tokens > exact.n || params.sink_tokens < 0 ||
+      params.recent_tokens < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "budget_tokens must be in [1, ", exact.n, "] and sink/recent >= 0; got budget ",
+        params.budget_tokens, ", sink ", params.sink_tokens, ", recent ", params.recent_tokens));
+  }
+  const uint32_t pages = selector.num_pages();
+  std::vector<uint32_t> page_of(static_cast<size_t>(exact.n));
+  std::vector<std::pair<float, uint32_t>> scored;
+  scored.reserve(pages);
+  for (uint32_t p = 0; p < pages; ++p) {
+    const int32_t* pos = selector.positions(p);
+    double mass = 0.0;
+    for (uint32_t s = 0; s < selector.fill(p); ++s) {
+      page_of[pos[s]] = p;
+      for (int j = 0; j < exact.num_queries; ++j) {
+        mass += exact.probs[static_cast<size_t>(j) * exact.n + pos[s]];
+      }
+    }
+    scored.emplace_back(static_cast<float>(mass / exact.num_queries), p);
+  }
+  const std::vector<uint32_t> forced =
+      ForcedPages(exact.n, params, [&page_of](int64_t pos) { return page_of[pos]; });
+  Selection out;
+  TakePages(selector, forced, &scored, params, &out);
+  return out;
+}
+
 absl::StatusOr<QualityReport> EvaluatePositions(const ExactAttention& exact, const float* values,
                                                 absl::Span<const int32_t> selected, int64_t k) {
   QualityReport r;

@@ -71,6 +71,17 @@ absl::StatusOr<double> OutputRelError(const ExactAttention& exact, const float* 
 absl::StatusOr<std::vector<int32_t>> OracleTokens(const ExactAttention& exact, int64_t budget,
                                                   int sink_tokens);
 
+// The page oracle on `selector`'s layout: the best whole pages by their true
+// attention mass (sum over the page's tokens of p_ij, averaged over the
+// queries), forced sink/recent pages first, then pages until
+// params.budget_tokens is filled (TakePages). The upper bound of what any
+// selector can reach on that layout at that budget (DESIGN.md 4.5a). Scores
+// are the page masses; keys_touched is 0. `exact` must cover every token of
+// the selector. InvalidArgument for bad params (as Selector::Select) or a
+// token count mismatch.
+absl::StatusOr<Selection> OraclePages(const ExactAttention& exact, const Selector& selector,
+                                      const SelectParams& params);
+
 // All three measures of a position set; k is the top-k recall's k (normally
 // the budget). output_rel_error is NaN when `values` is null.
 absl::StatusOr<QualityReport> EvaluatePositions(const ExactAttention& exact, const float* values,

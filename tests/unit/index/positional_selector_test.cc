@@ -265,6 +265,13 @@ TEST(PositionalSelectorTest, ExactCapturesAtLeastTheMassOfQuestAndStreaming) {
     EXPECT_GE(m_exact + 1e-9, mass(quest)) << "step " << step;
     EXPECT_GE(m_exact + 1e-9, mass(rescored)) << "step " << step;
     EXPECT_GE(m_exact + 1e-9, mass(streaming)) << "step " << step;
+    // With one query, exact ranks pages by their true mass: it is the page
+    // oracle on this layout.
+    auto page_oracle = OraclePages(*ex, *exact.sel, p);
+    ASSERT_THAT(page_oracle, IsOk());
+    auto oracle_report = EvaluateSelection(*ex, nullptr, *exact.sel, *page_oracle, 128);
+    ASSERT_THAT(oracle_report, IsOk());
+    EXPECT_NEAR(oracle_report->mass_recall, m_exact, 1e-4) << "step " << step;
     // The token oracle at the same budget bounds every page selection.
     auto oracle = OracleTokens(*ex, p.budget_tokens, p.sink_tokens);
     ASSERT_THAT(oracle, IsOk());

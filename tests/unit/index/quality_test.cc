@@ -136,6 +136,40 @@ TEST(QualityTest, EvaluateSelectionReadsPagesThroughTheSelector) {
               StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
+TEST(QualityTest, OraclePagesRanksPagesByMeanMassOverQueries) {
+  SelectorConfig c;
+  c.kind = SelectorKind::kStreaming;  // any layout: the oracle reads only positions
+  c.head_dim = 2;
+  c.page_tokens = 2;
+  c.num_query_heads = 2;
+  auto frames = OwnedPageKeys::ForSelector(c);
+  ASSERT_THAT(frames, IsOk());
+  auto sel = Selector::Create(c, frames->get());
+  ASSERT_THAT(sel, IsOk());
+  std::vector<Placement> pl;
+  ASSERT_THAT((*sel)->Build(kKeys, 4, &pl), IsOk());
+  SelectParams p;
+  p.budget_tokens = 2;
+  p.sink_tokens = 0;
+  // One query: page 1 holds 0.3 + 0.4 of the mass, page 0 0.1 + 0.2.
+  auto one = OraclePages(Tiny(1), **sel, p);
+  ASSERT_THAT(one, IsOk());
+  EXPECT_THAT(one->pages, ElementsAre(1u));
+  EXPECT_NEAR(one->scores[0], 0.7, 1e-6);
+  // Two queries: page 0 has (0.3 + 0.72) / 2 = 0.51, page 1 (0.7 + 0.28) / 2.
+  auto two = OraclePages(Tiny(2), **sel, p);
+  ASSERT_THAT(two, IsOk());
+  EXPECT_THAT(two->pages, ElementsAre(0u));
+  EXPECT_NEAR(two->scores[0], 0.51, 1e-6);
+  // Forced pages come first; a budget beyond n is rejected.
+  p.recent_tokens = 1;
+  auto forced = OraclePages(Tiny(2), **sel, p);
+  ASSERT_THAT(forced, IsOk());
+  EXPECT_THAT(forced->pages, ElementsAre(1u));
+  p.budget_tokens = 5;
+  EXPECT_THAT(OraclePages(Tiny(2), **sel, p), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
 TEST(QualityTest, BadInputsAreRejected) {
   EXPECT_THAT(ComputeExactAttention(nullptr, nullptr, 4, 2, kQueries, 1),
               StatusIs(absl::StatusCode::kInvalidArgument));
