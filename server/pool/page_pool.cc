@@ -212,6 +212,7 @@ uint64_t PagePool::SlabsNeededLocked(const SizeClass& c, uint64_t count) const {
 
 absl::Status PagePool::CheckLocked(const Tenant* t, uint64_t quota, const SizeClass& c,
                                    uint64_t count, std::string_view tenant) const {
+  if (count == 0) return absl::OkStatus();  // allocates nothing: never refused
   const uint64_t used = t == nullptr ? 0 : t->used_bytes;
   // count <= capacity / stride is checked first so the products cannot overflow.
   if (count > capacity_bytes_ / c.stride) {

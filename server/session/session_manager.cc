@@ -562,14 +562,14 @@ absl::StatusOr<AppendResult> SessionManager::AppendLocked(const Caller& caller,
     const uint64_t stride = PagePool::StrideFor(s.frame_bytes);
     const uint64_t quota = options_.pool->Quota(s.tenant);
     const uint64_t used = options_.pool->TenantUsedBytes(s.tenant);
-    if (quota != kUnlimitedQuota &&
+    if (reserve > 0 && quota != kUnlimitedQuota &&
         (reserve > quota / stride || used > quota - reserve * stride)) {
       counters_->rejected.fetch_add(1);
       return absl::ResourceExhaustedError(absl::StrCat(
           "quota of tenant '", s.tenant, "': append needs up to ", reserve * stride,
           " bytes, tenant uses ", used, " of ", quota, "; nothing was stored"));
     }
-    if (reserve <= options_.pool->capacity_bytes() / stride) {
+    if (reserve > 0 && reserve <= options_.pool->capacity_bytes() / stride) {
       RETURN_IF_ERROR(MakeRoom(&s, reserve * stride));
     }
     auto frames = options_.pool->Allocate(s.tenant, s.size_class, reserve);
@@ -797,6 +797,7 @@ static absl::StatusOr<FetchLayout> FetchHeld(Session& s, BufferLease& lease,
                                                        req.pages, fills, req.offset, lease.size()));
   if (req.want_positions) {
     for (int h = 0; h < c.kv_heads; ++h) {
+      if (req.pages[h].empty()) continue;  // (selectors may not exist yet)
       const Selector* sel = s.selectors[s.SelectorIndex(group, h)].get();
       for (uint32_t p : req.pages[h]) {
         const int32_t* pos = sel->positions(p);

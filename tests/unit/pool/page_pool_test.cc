@@ -193,6 +193,10 @@ TEST(PagePoolTest, QuotaAdmissionChangesNothing) {
   ASSERT_THAT(pool->SetQuota("alice", 4096), IsOk());
   EXPECT_EQ(pool->TenantUsedBytes("alice"), 8u * 4096);
   EXPECT_THAT(pool->Allocate("alice", *id, 1), StatusIs(absl::StatusCode::kResourceExhausted));
+  // Allocating nothing is never refused.
+  auto none = pool->Allocate("alice", *id, 0);
+  ASSERT_THAT(none, IsOk());
+  EXPECT_TRUE(none->empty());
 }
 
 TEST(PagePoolTest, DefaultQuotaAppliesToNewTenants) {

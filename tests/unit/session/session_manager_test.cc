@@ -259,12 +259,22 @@ TEST(SessionManagerTest, QuotaAdmissionChangesNothing) {
   auto got = env.manager->GetSession(kAlice, a->id);
   EXPECT_EQ(got->tokens, 20);
   EXPECT_EQ(env.pool->TenantUsedBytes("alice"), 40 * stride);
+  // Lowering the quota below usage refuses new frames, not appends that fit
+  // in open pages: 21 tokens open page 6; 22..24 fill it without new frames.
+  ASSERT_THAT(env.manager->SetQuota(kAdmin, "alice", 48 * stride), IsOk());
+  ASSERT_THAT(env.manager->AppendKv(kAlice, a->id, 1, MakeKv(c, 20, 1)), IsOk());
+  ASSERT_THAT(env.manager->SetQuota(kAdmin, "alice", stride), IsOk());
+  EXPECT_THAT(env.manager->AppendKv(kAlice, a->id, 3, MakeKv(c, 21, 3)), IsOk());
+  EXPECT_THAT(env.manager->AppendKv(kAlice, a->id, 1, MakeKv(c, 24, 1)),
+              StatusIs(absl::StatusCode::kResourceExhausted));
+  EXPECT_EQ(env.manager->GetSession(kAlice, a->id)->tokens, 24);
+  ASSERT_THAT(env.manager->SetQuota(kAdmin, "alice", 48 * stride), IsOk());
   SelectRequest sel;
   sel.queries = MakeQueries(c, 4);
   sel.params.budget_tokens = 100;
   auto s = env.manager->SelectPages(kAlice, a->id, sel);
   ASSERT_THAT(s, IsOk());
-  EXPECT_EQ(s->heads[0].tokens(), 20);
+  EXPECT_EQ(s->heads[0].tokens(), 24);
   // Another tenant is unaffected; quotas never evict.
   auto b = env.manager->CreateSession(kBob, c);
   ASSERT_THAT(b, IsOk());
@@ -272,7 +282,7 @@ TEST(SessionManagerTest, QuotaAdmissionChangesNothing) {
   EXPECT_THAT(env.manager->GetSession(kAlice, a->id), IsOk());
   auto stats = env.manager->Stats(kAdmin);
   ASSERT_THAT(stats, IsOk());
-  EXPECT_EQ(stats->admissions_rejected, 2u);
+  EXPECT_EQ(stats->admissions_rejected, 3u);
 }
 
 TEST(SessionManagerTest, WatermarkEvictsIdleSessionsLruSkippingPinnedAndInFlight) {
