@@ -96,6 +96,18 @@ double RefDotBf16(const float* q, const uint16_t* k, int dim) {
 // fp32 accumulation over `dim` products of magnitude <= 4.
 double Tol(int dim) { return 1e-5 * 4.0 * dim + 1e-6; }
 
+// Every dim 1..257 for the single-query kernels (all tail lengths of both
+// ISAs, several times over); a subset covering every tail for the
+// multi-query sweep, which also iterates over query counts.
+const std::vector<int>& AllDims() {
+  static const std::vector<int> dims = [] {
+    std::vector<int> d;
+    for (int i = 1; i <= 257; ++i) d.push_back(i);
+    return d;
+  }();
+  return dims;
+}
+
 const std::vector<int>& Dims() {
   static const std::vector<int> dims = [] {
     std::vector<int> d;
@@ -116,7 +128,7 @@ class KernelsTest : public ::testing::TestWithParam<std::string> {
 };
 
 TEST_P(KernelsTest, SingleDotsMatchScalarReference) {
-  for (int dim : Dims()) {
+  for (int dim : AllDims()) {
     const Data d = MakeData(1, dim, 1, 100 + dim);
     EXPECT_NEAR(DotF32(d.q.data(), d.f32.data(), dim), RefDot(d.q.data(), d.f32.data(), dim),
                 Tol(dim))
@@ -132,7 +144,7 @@ TEST_P(KernelsTest, SingleDotsMatchScalarReference) {
 
 TEST_P(KernelsTest, DotRowsMatchesScalarReferenceForEveryDtype) {
   const int64_t n = 9;
-  for (int dim : Dims()) {
+  for (int dim : AllDims()) {
     const Data d = MakeData(n, dim, 1, 200 + dim);
     std::vector<float> out(n, -1.0f);
     DotRows(DType::kF32, d.f32.data(), n, dim, d.q.data(), out.data());
