@@ -153,8 +153,10 @@ int main(int argc, char** argv) {
   std::thread signal_thread([d, signals] {
     int sig = 0;
     if (sigwait(&signals, &sig) != 0) return;
-    Log(LogLevel::kWarn, "signal", {{"signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"}});
+    // Drain first, log after: CreateSession checks the drain flag (and a
+    // still-pending signal), so the window between the two is a few stores.
     d->BeginDrain();
+    Log(LogLevel::kWarn, "signal", {{"signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"}});
     d->RequestShutdown();
     // Repeated SIGTERMs (e.g. sent to both the process and its group) change
     // nothing: the drain is already bounded by drain_timeout_ms. A SIGINT

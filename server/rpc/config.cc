@@ -92,7 +92,9 @@ absl::StatusOr<IcecachedConfig> ParseConfigText(absl::string_view text) {
   google::protobuf::TextFormat::Parser parser;
   CollectFirstError errors;
   parser.RecordErrorsTo(&errors);
-  if (!parser.ParseFromString(std::string(text), &config)) {
+  // Merge semantics: a singular field given twice takes the last value and a
+  // message given twice is merged, so "base + overrides" files work.
+  if (!parser.MergeFromString(std::string(text), &config)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "config: ", errors.error().empty() ? "cannot parse textproto" : errors.error()));
   }

@@ -38,12 +38,13 @@ inline constexpr uint32_t kDefaultRecentTokens = 0;
 inline constexpr uint64_t kDefaultMaxReceiveBytes = uint64_t{64} << 20;
 inline constexpr uint64_t kDefaultMaxInlineBytes = uint64_t{16} << 20;
 inline constexpr uint32_t kDefaultMaxBuffersPerTenant = 64;
-inline constexpr uint32_t kDefaultMaxConcurrentCalls = 64;
+inline constexpr uint32_t kDefaultMaxConcurrentCalls = 256;
 inline constexpr uint32_t kDefaultMetricsPort = 9464;
 inline constexpr uint64_t kDefaultDrainTimeoutMs = 10'000;
 
 // Parses textproto. InvalidArgument naming the line and column of the first
-// error (unknown fields are errors).
+// error (unknown fields are errors). A field given twice: the last value wins;
+// a message given twice (e.g. two "pool { ... }" blocks) is merged.
 absl::StatusOr<IcecachedConfig> ParseConfigText(absl::string_view text);
 // Reads and parses a file. NotFound when it does not exist, PermissionDenied
 // when it cannot be read, InvalidArgument on a syntax error (the message

@@ -1,5 +1,6 @@
 #include "server/rpc/daemon.h"
 
+#include <signal.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -28,6 +29,14 @@ absl::StatusOr<std::string> ReadFile(const std::string& path, absl::string_view 
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();
+}
+
+// A SIGTERM/SIGINT sent to the process but not yet taken by icecached's
+// signal thread (main.cc blocks both in every thread and sigwait()s them).
+bool ShutdownSignalPending() {
+  sigset_t pending;
+  if (sigpending(&pending) != 0) return false;
+  return sigismember(&pending, SIGTERM) == 1 || sigismember(&pending, SIGINT) == 1;
 }
 
 }  // namespace
@@ -86,6 +95,7 @@ absl::Status Daemon::Init() {
   deps_.metrics = rpc_metrics_.get();
   deps_.config = &config_;
   deps_.start_unix_ms = absl::ToUnixMillis(absl::Now());
+  deps_.draining = [this] { return draining_.load() || ShutdownSignalPending(); };
   deps_.on_drain = [this](bool shutdown) {
     BeginDrain();
     if (shutdown) RequestShutdown();

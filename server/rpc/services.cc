@@ -82,7 +82,7 @@ void CallContext::Record(const char* method, const absl::Status& status, double 
   if (!status.ok()) m->rejected_total->WithLabels({code})->Add();
 }
 
-grpc::Status CallContext::Run(grpc::ServerContext* ctx, const char* method, bool admin_only,
+grpc::Status CallContext::Run(grpc::ServerContext* ctx, const char* method, Role role,
                               const std::function<absl::Status(const Caller&)>& fn) {
   const auto t0 = std::chrono::steady_clock::now();
   if (deps_.metrics) deps_.metrics->in_flight->Add(1);
@@ -93,11 +93,12 @@ grpc::Status CallContext::Run(grpc::ServerContext* ctx, const char* method, bool
     status = caller.status();
   } else {
     tenant = caller->tenant;
-    if (admin_only && !caller->admin) {
+    if (role == Role::kAdminOnly && !caller->admin) {
       status = absl::PermissionDeniedError(absl::StrCat(
           method, " needs the admin role (auth.admin_uids for uid ", caller->uid,
           ", or an admin bearer token)"));
     } else {
+      if (role == Role::kTenant) caller->admin = false;
       status = fn(*caller);
     }
   }
@@ -120,8 +121,11 @@ grpc::Status CallContext::Run(grpc::ServerContext* ctx, const char* method, bool
 grpc::Status SessionServiceImpl::CreateSession(grpc::ServerContext* ctx,
                                                const v1::CreateSessionRequest* req,
                                                v1::CreateSessionResponse* resp) {
-  return call_.Run(ctx, "CreateSession", false, [&](const Caller& caller) -> absl::Status {
+  return call_.Run(ctx, "CreateSession", Role::kTenant, [&](const Caller& caller) -> absl::Status {
     const auto& deps = call_.deps();
+    if (deps.draining && deps.draining()) {
+      return absl::UnavailableError("icecached is draining; no new sessions are accepted");
+    }
     ASSIGN_OR_RETURN(SessionConfig config,
                      SessionConfigFromProto(req->config(), SelectDefaultsFromConfig(*deps.config)));
     ASSIGN_OR_RETURN(SessionInfo info, deps.manager->CreateSession(caller, config));
@@ -134,7 +138,7 @@ grpc::Status SessionServiceImpl::CreateSession(grpc::ServerContext* ctx,
 grpc::Status SessionServiceImpl::GetSession(grpc::ServerContext* ctx,
                                             const v1::GetSessionRequest* req,
                                             v1::GetSessionResponse* resp) {
-  return call_.Run(ctx, "GetSession", false, [&](const Caller& caller) -> absl::Status {
+  return call_.Run(ctx, "GetSession", Role::kTenant, [&](const Caller& caller) -> absl::Status {
     RETURN_IF_ERROR(RequireId(req->session_id(), "session_id"));
     ASSIGN_OR_RETURN(SessionInfo info, call_.deps().manager->GetSession(caller, req->session_id()));
     SessionInfoToProto(info, resp->mutable_session());
@@ -145,7 +149,7 @@ grpc::Status SessionServiceImpl::GetSession(grpc::ServerContext* ctx,
 grpc::Status SessionServiceImpl::ListSessions(grpc::ServerContext* ctx,
                                               const v1::ListSessionsRequest* req,
                                               v1::ListSessionsResponse* resp) {
-  return call_.Run(ctx, "ListSessions", false, [&](const Caller& caller) -> absl::Status {
+  return call_.Run(ctx, "ListSessions", Role::kKeepAdmin, [&](const Caller& caller) -> absl::Status {
     if (req->all_tenants() && !caller.admin) {
       return absl::PermissionDeniedError(
           "ListSessions with all_tenants needs the admin role (auth.admin_uids)");
@@ -162,7 +166,7 @@ grpc::Status SessionServiceImpl::ListSessions(grpc::ServerContext* ctx,
 grpc::Status SessionServiceImpl::DropSession(grpc::ServerContext* ctx,
                                              const v1::DropSessionRequest* req,
                                              v1::DropSessionResponse* resp) {
-  return call_.Run(ctx, "DropSession", false, [&](const Caller& caller) -> absl::Status {
+  return call_.Run(ctx, "DropSession", Role::kTenant, [&](const Caller& caller) -> absl::Status {
     RETURN_IF_ERROR(RequireId(req->session_id(), "session_id"));
     RETURN_IF_ERROR(call_.deps().manager->DropSession(caller, req->session_id()));
     Log(LogLevel::kInfo, "session_dropped", {{"tenant", caller.tenant}, {"id", req->session_id()}});
@@ -173,7 +177,7 @@ grpc::Status SessionServiceImpl::DropSession(grpc::ServerContext* ctx,
 grpc::Status SessionServiceImpl::KeepAlive(grpc::ServerContext* ctx,
                                            const v1::KeepAliveRequest* req,
                                            v1::KeepAliveResponse* resp) {
-  return call_.Run(ctx, "KeepAlive", false, [&](const Caller& caller) -> absl::Status {
+  return call_.Run(ctx, "KeepAlive", Role::kTenant, [&](const Caller& caller) -> absl::Status {
     if (req->session_ids().empty() || req->session_ids_size() > kMaxKeepAliveIds) {
       return absl::InvalidArgumentError(absl::StrCat("session_ids must list 1..", kMaxKeepAliveIds,
                                                      " ids, got ", req->session_ids_size()));
@@ -192,7 +196,7 @@ grpc::Status SessionServiceImpl::KeepAlive(grpc::ServerContext* ctx,
 grpc::Status BufferServiceImpl::RegisterBuffer(grpc::ServerContext* ctx,
                                                const v1::RegisterBufferRequest* req,
                                                v1::RegisterBufferResponse* resp) {
-  return call_.Run(ctx, "RegisterBuffer", false, [&](const Caller& caller) -> absl::Status {
+  return call_.Run(ctx, "RegisterBuffer", Role::kTenant, [&](const Caller& caller) -> absl::Status {
     BufferRegistry* reg = call_.deps().buffers;
     BufferInfo info;
     switch (req->buffer_case()) {
@@ -224,7 +228,7 @@ grpc::Status BufferServiceImpl::RegisterBuffer(grpc::ServerContext* ctx,
 grpc::Status BufferServiceImpl::UnregisterBuffer(grpc::ServerContext* ctx,
                                                  const v1::UnregisterBufferRequest* req,
                                                  v1::UnregisterBufferResponse* resp) {
-  return call_.Run(ctx, "UnregisterBuffer", false, [&](const Caller& caller) -> absl::Status {
+  return call_.Run(ctx, "UnregisterBuffer", Role::kTenant, [&](const Caller& caller) -> absl::Status {
     RETURN_IF_ERROR(RequireId(req->buffer_id(), "buffer_id"));
     return call_.deps().buffers->Unregister(caller, req->buffer_id());
   });
@@ -234,7 +238,7 @@ grpc::Status BufferServiceImpl::UnregisterBuffer(grpc::ServerContext* ctx,
 
 grpc::Status KvServiceImpl::AppendKv(grpc::ServerContext* ctx, const v1::AppendKvRequest* req,
                                      v1::AppendKvResponse* resp) {
-  return call_.Run(ctx, "AppendKv", false, [&](const Caller& caller) -> absl::Status {
+  return call_.Run(ctx, "AppendKv", Role::kTenant, [&](const Caller& caller) -> absl::Status {
     const auto& deps = call_.deps();
     RETURN_IF_ERROR(RequireId(req->session_id(), "session_id"));
     if (req->num_tokens() == 0) return absl::InvalidArgumentError("num_tokens must be > 0");
@@ -283,7 +287,7 @@ grpc::Status KvServiceImpl::AppendKv(grpc::ServerContext* ctx, const v1::AppendK
 grpc::Status KvServiceImpl::SelectPages(grpc::ServerContext* ctx,
                                         const v1::SelectPagesRequest* req,
                                         v1::SelectPagesResponse* resp) {
-  return call_.Run(ctx, "SelectPages", false, [&](const Caller& caller) -> absl::Status {
+  return call_.Run(ctx, "SelectPages", Role::kTenant, [&](const Caller& caller) -> absl::Status {
     const auto& deps = call_.deps();
     RETURN_IF_ERROR(RequireId(req->session_id(), "session_id"));
     SelectRequest sr;
@@ -305,7 +309,7 @@ grpc::Status KvServiceImpl::SelectPages(grpc::ServerContext* ctx,
 
 grpc::Status KvServiceImpl::FetchPages(grpc::ServerContext* ctx, const v1::FetchPagesRequest* req,
                                        v1::FetchPagesResponse* resp) {
-  return call_.Run(ctx, "FetchPages", false, [&](const Caller& caller) -> absl::Status {
+  return call_.Run(ctx, "FetchPages", Role::kTenant, [&](const Caller& caller) -> absl::Status {
     const auto& deps = call_.deps();
     RETURN_IF_ERROR(RequireId(req->session_id(), "session_id"));
     RETURN_IF_ERROR(RequireId(req->buffer_id(), "buffer_id"));
@@ -328,7 +332,7 @@ grpc::Status KvServiceImpl::FetchPages(grpc::ServerContext* ctx, const v1::Fetch
 grpc::Status KvServiceImpl::DecodeStep(
     grpc::ServerContext* ctx,
     grpc::ServerReaderWriter<v1::DecodeStepResponse, v1::DecodeStepRequest>* stream) {
-  return call_.Run(ctx, "DecodeStep", false, [&](const Caller& caller) -> absl::Status {
+  return call_.Run(ctx, "DecodeStep", Role::kTenant, [&](const Caller& caller) -> absl::Status {
     const auto& deps = call_.deps();
     std::string session_id;
     std::string buffer_id;
@@ -378,7 +382,7 @@ grpc::Status KvServiceImpl::DecodeStep(
 
 grpc::Status AdminServiceImpl::GetStats(grpc::ServerContext* ctx, const v1::GetStatsRequest* req,
                                         v1::GetStatsResponse* resp) {
-  return call_.Run(ctx, "GetStats", true, [&](const Caller& caller) -> absl::Status {
+  return call_.Run(ctx, "GetStats", Role::kAdminOnly, [&](const Caller& caller) -> absl::Status {
     const auto& deps = call_.deps();
     ASSIGN_OR_RETURN(ManagerStats stats, deps.manager->Stats(caller));
     ASSIGN_OR_RETURN(std::vector<TenantInfo> tenants, deps.manager->ListTenants(caller));
@@ -390,7 +394,7 @@ grpc::Status AdminServiceImpl::GetStats(grpc::ServerContext* ctx, const v1::GetS
 grpc::Status AdminServiceImpl::ListTenants(grpc::ServerContext* ctx,
                                            const v1::ListTenantsRequest* req,
                                            v1::ListTenantsResponse* resp) {
-  return call_.Run(ctx, "ListTenants", true, [&](const Caller& caller) -> absl::Status {
+  return call_.Run(ctx, "ListTenants", Role::kAdminOnly, [&](const Caller& caller) -> absl::Status {
     ASSIGN_OR_RETURN(std::vector<TenantInfo> tenants, call_.deps().manager->ListTenants(caller));
     for (const TenantInfo& t : tenants) TenantInfoToProto(t, resp->add_tenants());
     return absl::OkStatus();
@@ -399,7 +403,7 @@ grpc::Status AdminServiceImpl::ListTenants(grpc::ServerContext* ctx,
 
 grpc::Status AdminServiceImpl::SetQuota(grpc::ServerContext* ctx, const v1::SetQuotaRequest* req,
                                         v1::SetQuotaResponse* resp) {
-  return call_.Run(ctx, "SetQuota", true, [&](const Caller& caller) -> absl::Status {
+  return call_.Run(ctx, "SetQuota", Role::kAdminOnly, [&](const Caller& caller) -> absl::Status {
     if (!IsValidTenantName(req->tenant())) {
       return absl::InvalidArgumentError(absl::StrCat(
           "tenant \"", req->tenant(), "\" must be 1..128 bytes of [A-Za-z0-9._@:-]"));
@@ -421,7 +425,7 @@ grpc::Status AdminServiceImpl::SetQuota(grpc::ServerContext* ctx, const v1::SetQ
 grpc::Status AdminServiceImpl::EvictSession(grpc::ServerContext* ctx,
                                             const v1::EvictSessionRequest* req,
                                             v1::EvictSessionResponse* resp) {
-  return call_.Run(ctx, "EvictSession", true, [&](const Caller& caller) -> absl::Status {
+  return call_.Run(ctx, "EvictSession", Role::kAdminOnly, [&](const Caller& caller) -> absl::Status {
     RETURN_IF_ERROR(RequireId(req->session_id(), "session_id"));
     RETURN_IF_ERROR(call_.deps().manager->EvictSession(caller, req->session_id()));
     Log(LogLevel::kInfo, "session_evicted_by_admin", {{"id", req->session_id()}});
@@ -432,7 +436,7 @@ grpc::Status AdminServiceImpl::EvictSession(grpc::ServerContext* ctx,
 grpc::Status AdminServiceImpl::PinSession(grpc::ServerContext* ctx,
                                           const v1::PinSessionRequest* req,
                                           v1::PinSessionResponse* resp) {
-  return call_.Run(ctx, "PinSession", true, [&](const Caller& caller) -> absl::Status {
+  return call_.Run(ctx, "PinSession", Role::kAdminOnly, [&](const Caller& caller) -> absl::Status {
     RETURN_IF_ERROR(RequireId(req->session_id(), "session_id"));
     ASSIGN_OR_RETURN(SessionInfo info,
                      call_.deps().manager->PinSession(caller, req->session_id(), req->pinned()));
@@ -443,7 +447,7 @@ grpc::Status AdminServiceImpl::PinSession(grpc::ServerContext* ctx,
 
 grpc::Status AdminServiceImpl::Drain(grpc::ServerContext* ctx, const v1::DrainRequest* req,
                                      v1::DrainResponse* resp) {
-  return call_.Run(ctx, "Drain", true, [&](const Caller& caller) -> absl::Status {
+  return call_.Run(ctx, "Drain", Role::kAdminOnly, [&](const Caller& caller) -> absl::Status {
     const auto& deps = call_.deps();
     ASSIGN_OR_RETURN(int in_flight, deps.manager->Drain(caller, true));
     ASSIGN_OR_RETURN(ManagerStats stats, deps.manager->Stats(caller));
@@ -460,7 +464,7 @@ grpc::Status AdminServiceImpl::Drain(grpc::ServerContext* ctx, const v1::DrainRe
 grpc::Status AdminServiceImpl::GetConfig(grpc::ServerContext* ctx,
                                          const v1::GetConfigRequest* req,
                                          v1::GetConfigResponse* resp) {
-  return call_.Run(ctx, "GetConfig", true, [&](const Caller&) -> absl::Status {
+  return call_.Run(ctx, "GetConfig", Role::kAdminOnly, [&](const Caller&) -> absl::Status {
     *resp->mutable_config() = RedactSecrets(*call_.deps().config);
     return absl::OkStatus();
   });

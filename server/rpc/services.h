@@ -65,6 +65,22 @@ struct ServiceDeps {
   // Called by AdminService.Drain: begins draining (health NOT_SERVING) and,
   // when `shutdown`, asks the daemon to exit after in-flight calls.
   std::function<void(bool shutdown)> on_drain;
+  // True once the daemon drains, including while a SIGTERM/SIGINT is pending
+  // but not yet handled, so a CreateSession that reaches the daemon after
+  // the signal was sent is refused even if the signal thread has not run yet.
+  std::function<bool()> draining;
+};
+
+// What a handler may do with the caller's admin role.
+enum class Role {
+  // Tenant-scoped verbs (sessions, buffers, KV): the admin role is dropped,
+  // so an admin's SessionService calls see only its own tenant's objects;
+  // acting on other tenants goes through AdminService.
+  kTenant,
+  // The handler decides (ListSessions with all_tenants).
+  kKeepAdmin,
+  // AdminService: PermissionDenied without the admin role.
+  kAdminOnly,
 };
 
 // Shared by the four services: caller resolution and per-call bookkeeping.
@@ -73,9 +89,8 @@ class CallContext {
   explicit CallContext(const ServiceDeps& deps) : deps_(deps) {}
   // Resolves the caller of `ctx` (Unauthenticated / PermissionDenied).
   absl::StatusOr<Caller> ResolveCaller(grpc::ServerContext* ctx) const;
-  // Runs `fn(caller)` with metrics and logging; `admin_only` checks the
-  // role first (PermissionDenied naming how to get it).
-  grpc::Status Run(grpc::ServerContext* ctx, const char* method, bool admin_only,
+  // Runs `fn(caller)` with metrics and logging, applying `role`.
+  grpc::Status Run(grpc::ServerContext* ctx, const char* method, Role role,
                    const std::function<absl::Status(const Caller&)>& fn);
   const ServiceDeps& deps() const { return deps_; }
   void Record(const char* method, const absl::Status& status, double seconds);

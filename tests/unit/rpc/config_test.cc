@@ -59,6 +59,17 @@ TEST(ConfigTest, ParsesTextprotoAndReportsErrorsWithLine) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("line 1")));
 }
 
+TEST(ConfigTest, RepeatedBlocksMergeAndLastValueWins) {
+  auto c = ParseConfigText(
+      "pool { capacity_bytes: 8388608 }\n"
+      "pool { high_watermark: 0.5 }\n"
+      "log_level: LOG_LEVEL_DEBUG\nlog_level: LOG_LEVEL_WARN\n");
+  ASSERT_THAT(c, IsOk());
+  EXPECT_EQ(c->pool().capacity_bytes(), 8388608u);
+  EXPECT_EQ(c->pool().high_watermark(), 0.5);
+  EXPECT_EQ(c->log_level(), v1::LOG_LEVEL_WARN);
+}
+
 TEST(ConfigTest, OctalSocketModeParses) {
   auto c = ParseConfigText("listen { unix_socket_mode: 0640 }");
   ASSERT_THAT(c, IsOk());

@@ -9,8 +9,11 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <grpcpp/generic/generic_stub.h>
@@ -507,6 +510,120 @@ TEST_F(DaemonTest, AdminVerbsDrainAndHealth) {
   }
   daemon_->Shutdown();
   EXPECT_NE(access(socket_.c_str(), F_OK), 0) << "socket file removed at shutdown";
+}
+
+int FreeTcpPort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) return -1;
+  socklen_t len = sizeof(addr);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+TEST_F(DaemonTest, TcpNeedsTlsAndABearerTokenMappedToATenant) {
+  const std::string cert = dir_ + "/cert.pem", key = dir_ + "/key.pem";
+  const std::string cmd = absl::StrCat(
+      "openssl req -x509 -newkey rsa:2048 -nodes -keyout ", key, " -out ", cert,
+      " -days 1 -subj /CN=localhost -addext subjectAltName=DNS:localhost >/dev/null 2>&1");
+  if (std::system(cmd.c_str()) != 0) GTEST_SKIP() << "openssl cannot make a test certificate";
+  const int port = FreeTcpPort();
+  ASSERT_GT(port, 0);
+  Start(true, absl::StrCat(
+                   "listen { tcp_address: \"127.0.0.1:", port, "\" tls_cert_file: \"", cert,
+                   "\" tls_key_file: \"", key, "\" }\n",
+                   "auth { tokens { token: \"tenant-r-token-0123456789\" tenant: \"r\" }\n",
+                   "       tokens { token: \"admin-token-0123456789ab\" tenant: \"ops\" admin: true } }"));
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs = ReadAll(cert);
+  grpc::ChannelArguments args;
+  args.SetSslTargetNameOverride("localhost");
+  auto tcp = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port), grpc::SslCredentials(ssl),
+                                       args);
+  auto stub = v1::SessionService::NewStub(tcp);
+  auto admin = v1::AdminService::NewStub(tcp);
+  auto create = [&](const char* token) {
+    grpc::ClientContext ctx;
+    if (token != nullptr) ctx.AddMetadata("authorization", absl::StrCat("Bearer ", token));
+    v1::CreateSessionRequest req;
+    *req.mutable_config() = Config();
+    v1::CreateSessionResponse resp;
+    grpc::Status st = stub->CreateSession(&ctx, req, &resp);
+    return std::make_pair(st, resp.session().tenant());
+  };
+  grpc::Status ok;
+  std::string tenant;
+  std::tie(ok, tenant) = create("tenant-r-token-0123456789");
+  ASSERT_TRUE(ok.ok()) << ok.error_message();
+  EXPECT_EQ(tenant, "r");
+  EXPECT_EQ(create(nullptr).first.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(create("wrong-token-0123456789").first.error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", "Bearer tenant-r-token-0123456789");
+    v1::GetStatsResponse resp;
+    EXPECT_EQ(admin->GetStats(&ctx, v1::GetStatsRequest(), &resp).error_code(),
+              grpc::StatusCode::PERMISSION_DENIED);
+  }
+  {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", "Bearer admin-token-0123456789ab");
+    v1::GetStatsResponse resp;
+    const grpc::Status st = admin->GetStats(&ctx, v1::GetStatsRequest(), &resp);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    EXPECT_EQ(resp.sessions(), 1u);
+  }
+  // The Unix-socket caller (an admin, but another tenant) cannot see r's
+  // session through SessionService; only the explicit admin listing shows it.
+  {
+    grpc::ClientContext ctx;
+    v1::ListSessionsResponse mine;
+    ASSERT_TRUE(sessions_->ListSessions(&ctx, v1::ListSessionsRequest(), &mine).ok());
+    EXPECT_EQ(mine.sessions_size(), 0);
+  }
+  std::string r_session;
+  {
+    grpc::ClientContext ctx;
+    v1::ListSessionsRequest req;
+    req.set_all_tenants(true);
+    v1::ListSessionsResponse all;
+    ASSERT_TRUE(sessions_->ListSessions(&ctx, req, &all).ok());
+    ASSERT_EQ(all.sessions_size(), 1);
+    EXPECT_EQ(all.sessions(0).tenant(), "r");
+    r_session = all.sessions(0).session_id();
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::GetSessionRequest req;
+    req.set_session_id(r_session);
+    v1::GetSessionResponse resp;
+    EXPECT_EQ(sessions_->GetSession(&ctx, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::DropSessionRequest req;
+    req.set_session_id(r_session);
+    v1::DropSessionResponse resp;
+    EXPECT_EQ(sessions_->DropSession(&ctx, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::EvictSessionRequest req;
+    req.set_session_id(r_session);
+    v1::EvictSessionResponse resp;
+    EXPECT_TRUE(admin_->EvictSession(&ctx, req, &resp).ok());
+  }
 }
 
 }  // namespace
