@@ -34,6 +34,11 @@ struct PagePool::SizeClass {
   uint64_t slabs = 0;
   uint64_t frames_used = 0;
   uint64_t frames_free = 0;
+  // Slabs of this class with no frame in use: kept carved (no page faults
+  // when the class grows again) until another class needs a slab or Trim().
+  uint64_t empty_slabs = 0;
+  // Indices of slabs that became empty; may hold stale entries (checked on use).
+  std::vector<uint64_t> empty_candidates;
 
   void PushFront(FreeNode* n) {
     n->prev = &head;
@@ -226,7 +231,8 @@ absl::Status PagePool::CheckLocked(const Tenant* t, uint64_t quota, const SizeCl
                                                      " of ", quota, " bytes, ", bytes,
                                                      " more requested"));
   }
-  const uint64_t slabs_available = free_slabs_.size() + (num_slabs_ - next_unused_slab_);
+  const uint64_t slabs_available = free_slabs_.size() + (num_slabs_ - next_unused_slab_) +
+                                   (empty_slabs_total_ - c.empty_slabs);
   const uint64_t slabs_needed = SlabsNeededLocked(c, count);
   if (slabs_needed > slabs_available) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -251,6 +257,7 @@ absl::Status PagePool::CheckAdmission(std::string_view tenant, SizeClassId id,
 }
 
 void PagePool::CarveSlabLocked(SizeClass* c) {
+  if (free_slabs_.empty() && next_unused_slab_ == num_slabs_) StealEmptySlabLocked(c);
   uint64_t slab;
   if (!free_slabs_.empty()) {
     slab = free_slabs_.back();
@@ -267,8 +274,34 @@ void PagePool::CarveSlabLocked(SizeClass* c) {
   }
   c->slabs++;
   c->frames_free += c->frames_per_slab;
+  c->empty_slabs++;
+  c->empty_candidates.push_back(slab);
+  empty_slabs_total_++;
   counters_.frames_free += c->frames_per_slab;
   counters_.reserved_bytes += kSlabBytes;
+}
+
+bool PagePool::PopEmptySlabLocked(SizeClass* c, uint64_t* slab) {
+  while (c->empty_slabs > 0 && !c->empty_candidates.empty()) {
+    const uint64_t s = c->empty_candidates.back();
+    c->empty_candidates.pop_back();
+    if (slabs_[s].class_id == static_cast<int32_t>(c->id) && slabs_[s].used == 0) {
+      *slab = s;
+      return true;
+    }
+  }
+  return false;
+}
+
+void PagePool::StealEmptySlabLocked(SizeClass* taker) {
+  for (auto& other : classes_) {
+    if (other.get() == taker || other->empty_slabs == 0) continue;
+    uint64_t slab;
+    if (PopEmptySlabLocked(other.get(), &slab)) {
+      ReleaseSlabLocked(other.get(), slab);
+      return;
+    }
+  }
 }
 
 void PagePool::ReleaseSlabLocked(SizeClass* c, uint64_t slab) {
@@ -278,12 +311,28 @@ void PagePool::ReleaseSlabLocked(SizeClass* c, uint64_t slab) {
   }
   c->slabs--;
   c->frames_free -= c->frames_per_slab;
+  c->empty_slabs--;
+  empty_slabs_total_--;
   counters_.frames_free -= c->frames_per_slab;
   counters_.reserved_bytes -= kSlabBytes;
   slabs_[slab].class_id = -1;
   free_slabs_.push_back(slab);
   // Give the memory back to the kernel; the next user faults in zero pages.
   madvise(start, kSlabBytes, MADV_DONTNEED);
+}
+
+uint64_t PagePool::Trim() {
+  absl::MutexLock l(&mu_);
+  uint64_t released = 0;
+  for (auto& c : classes_) {
+    uint64_t slab;
+    while (PopEmptySlabLocked(c.get(), &slab)) {
+      ReleaseSlabLocked(c.get(), slab);
+      released += kSlabBytes;
+    }
+    c->empty_candidates.clear();
+  }
+  return released;
 }
 
 absl::StatusOr<FrameSet> PagePool::Allocate(std::string_view tenant, SizeClassId id,
@@ -305,7 +354,10 @@ absl::StatusOr<FrameSet> PagePool::Allocate(std::string_view tenant, SizeClassId
   for (uint64_t n = SlabsNeededLocked(*c, count); n > 0; --n) CarveSlabLocked(c);
   for (uint64_t i = 0; i < count; ++i) {
     uint8_t* f = reinterpret_cast<uint8_t*>(c->PopFront());
-    slabs_[static_cast<uint64_t>(f - base_) / kSlabBytes].used++;
+    if (slabs_[static_cast<uint64_t>(f - base_) / kSlabBytes].used++ == 0) {
+      c->empty_slabs--;
+      empty_slabs_total_--;
+    }
     frames.push_back(f);
   }
   const uint64_t bytes = count * c->stride;
@@ -335,7 +387,20 @@ void PagePool::Free(FrameSet* set) {
     const uint64_t slab = static_cast<uint64_t>(f - base_) / kSlabBytes;
     c->frames_free++;
     counters_.frames_free++;
-    if (--slabs_[slab].used == 0) ReleaseSlabLocked(c, slab);
+    if (--slabs_[slab].used == 0) {
+      c->empty_slabs++;
+      empty_slabs_total_++;
+      c->empty_candidates.push_back(slab);
+    }
+  }
+  // Keep the stale-entry list bounded under churn.
+  if (c->empty_candidates.size() > 2 * c->slabs + 16) {
+    c->empty_candidates.clear();
+    for (uint64_t s = 0; s < next_unused_slab_; ++s) {
+      if (slabs_[s].class_id == static_cast<int32_t>(c->id) && slabs_[s].used == 0) {
+        c->empty_candidates.push_back(s);
+      }
+    }
   }
   const uint64_t bytes = count * c->stride;
   c->frames_used -= count;

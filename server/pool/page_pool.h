@@ -4,9 +4,11 @@
 // asked and the kernel has enough reserved 2 MiB pages for the whole arena
 // (reserved at mmap time, so a short huge-page pool cannot SIGBUS later),
 // else normal pages with MAP_NORESERVE and madvise(MADV_HUGEPAGE). The arena is cut into 2 MiB slabs; a slab belongs
-// to one size class while it holds frames of that class and goes back to the
-// arena (and its memory back to the kernel with MADV_DONTNEED) when its last
-// frame is freed. A size class is created on first use of a frame size and
+// to one size class while it holds frames of that class. A slab whose last
+// frame is freed stays carved in its class (re-allocation costs no page
+// faults) until another class needs a slab and the arena has none left (it
+// is then taken over) or Trim() is called; a slab that leaves its class goes
+// back to the kernel with MADV_DONTNEED. A size class is created on first use of a frame size and
 // has an intrusive doubly linked free list threaded through its free frames,
 // so Allocate/Free are O(1) per frame and allocate no heap memory besides the
 // FrameSet's pointer vector.
@@ -82,7 +84,7 @@ struct TenantPoolStats {
 // A consistent snapshot of the pool's counters.
 struct PoolStats {
   uint64_t capacity_bytes = 0;  // arena size
-  uint64_t reserved_bytes = 0;  // slabs carved into frames
+  uint64_t reserved_bytes = 0;  // slabs carved into frames (empty ones included)
   uint64_t used_bytes = 0;      // strides of frames handed out
   uint64_t frames_used = 0;
   uint64_t frames_free = 0;     // free frames in carved slabs (all classes)
@@ -172,6 +174,10 @@ class PagePool {
   // Bytes one frame of `frame_bytes` costs against quota and capacity.
   static uint64_t StrideFor(uint64_t frame_bytes) { return (frame_bytes + 63) / 64 * 64; }
 
+  // Returns every empty slab of every class to the arena and its memory to
+  // the kernel (MADV_DONTNEED); returns the bytes released.
+  uint64_t Trim() ABSL_LOCKS_EXCLUDED(mu_);
+
   uint64_t capacity_bytes() const { return capacity_bytes_; }
   // The arena (e.g. to pin it with cudaHostRegister). Valid for the pool's life.
   uint8_t* arena_base() const { return base_; }
@@ -196,6 +202,8 @@ class PagePool {
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void CarveSlabLocked(SizeClass* c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ReleaseSlabLocked(SizeClass* c, uint64_t slab) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void StealEmptySlabLocked(SizeClass* taker) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool PopEmptySlabLocked(SizeClass* c, uint64_t* slab) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const PagePoolOptions options_;
   uint8_t* const base_;
@@ -219,6 +227,7 @@ class PagePool {
   std::vector<Slab> slabs_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> free_slabs_ ABSL_GUARDED_BY(mu_);  // stack of slab indices
   uint64_t next_unused_slab_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t empty_slabs_total_ ABSL_GUARDED_BY(mu_) = 0;  // carved slabs with no frame used
   std::map<std::string, std::unique_ptr<Tenant>, std::less<>> tenants_ ABSL_GUARDED_BY(mu_);
 };
 

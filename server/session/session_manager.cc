@@ -486,6 +486,9 @@ absl::StatusOr<AppendResult> SessionManager::AppendLocked(const Caller& caller,
   }
   const int num_indices = s.groups * c.kv_heads;
   const bool first = s.tokens == 0;
+  // Small decode chunks are cheaper serially than through a task arena.
+  const int threads =
+      static_cast<int64_t>(n) * num_indices >= 8192 ? options_.build_threads : 1;
   SelectorConfig sc;
   sc.kind = c.selector;
   sc.head_dim = c.head_dim;
@@ -525,7 +528,7 @@ absl::StatusOr<AppendResult> SessionManager::AppendLocked(const Caller& caller,
   };
   if (first) {
     built.resize(num_indices);
-    RETURN_IF_ERROR(ParallelFor(num_indices, options_.build_threads, [&](int64_t i) {
+    RETURN_IF_ERROR(ParallelFor(num_indices, threads, [&](int64_t i) {
       const int g = static_cast<int>(i / c.kv_heads);
       const int h = static_cast<int>(i % c.kv_heads);
       ASSIGN_OR_RETURN(built[i], Selector::Create(sc, s.page_keys[i].get()));
@@ -585,7 +588,7 @@ absl::StatusOr<AppendResult> SessionManager::AppendLocked(const Caller& caller,
   if (!first) {
     // The lambdas run under s.mu held by this thread (ParallelFor waits).
     std::vector<std::unique_ptr<Selector>>* selectors = &s.selectors;
-    absl::Status inserted = ParallelFor(num_indices, options_.build_threads, [&](int64_t i) {
+    absl::Status inserted = ParallelFor(num_indices, threads, [&](int64_t i) {
       const int g = static_cast<int>(i / c.kv_heads);
       const int h = static_cast<int>(i % c.kv_heads);
       std::vector<float> keys;
@@ -628,7 +631,7 @@ absl::StatusOr<AppendResult> SessionManager::AppendLocked(const Caller& caller,
   const uint64_t kv_block = static_cast<uint64_t>(c.page_tokens) * row_bytes;
   // Read by the lambdas under s.mu held by this thread (ParallelFor waits).
   const std::vector<std::vector<uint8_t*>>* page_frames = &s.page_frames;
-  RETURN_IF_ERROR(ParallelFor(num_indices, options_.build_threads, [&](int64_t i) {
+  RETURN_IF_ERROR(ParallelFor(num_indices, threads, [&](int64_t i) {
     const int g = static_cast<int>(i / c.kv_heads);
     const int h = static_cast<int>(i % c.kv_heads);
     for (int l = s.FirstLayerOf(g); l < s.FirstLayerOf(g) + s.LayersIn(g); ++l) {

@@ -132,8 +132,41 @@ TEST(PagePoolTest, StatsTrackClassesTenantsAndSlabs) {
   b->Reset();
   s = pool->Stats();
   EXPECT_EQ(s.used_bytes, 0u);
-  EXPECT_EQ(s.reserved_bytes, 0u);  // empty slabs go back to the arena
+  EXPECT_EQ(s.reserved_bytes, 2 * PagePool::kSlabBytes);  // empty slabs stay carved
+  EXPECT_EQ(s.frames_free, 8u);
+  EXPECT_EQ(pool->Trim(), 2 * PagePool::kSlabBytes);
+  s = pool->Stats();
+  EXPECT_EQ(s.reserved_bytes, 0u);  // back to the arena
   EXPECT_EQ(s.frames_free, 0u);
+  EXPECT_EQ(s.classes[0].slabs, 0u);
+  EXPECT_EQ(pool->Trim(), 0u);
+  auto again = pool->Allocate("alice", *id, 4);
+  ASSERT_THAT(again, IsOk());
+  EXPECT_EQ(pool->Stats().reserved_bytes, PagePool::kSlabBytes);
+}
+
+TEST(PagePoolTest, ChurnDoesNotGrowOrLeak) {
+  auto pool = MakePool(4 * kMiB);
+  auto small = pool->GetOrCreateClass(4096);
+  auto big = pool->GetOrCreateClass(PagePool::kSlabBytes / 2);
+  ASSERT_THAT(small, IsOk());
+  ASSERT_THAT(big, IsOk());
+  for (int round = 0; round < 50; ++round) {
+    // Fill the whole arena with one class, free it, then with the other: the
+    // empty slabs of the first class are taken over by the second.
+    auto a = pool->Allocate("t", *small, 2 * 512);
+    ASSERT_THAT(a, IsOk()) << "round " << round;
+    a->Reset();
+    auto b = pool->Allocate("t", *big, 4);
+    ASSERT_THAT(b, IsOk()) << "round " << round;
+    for (size_t i = 0; i < b->size(); ++i) b->frame(i)[PagePool::kSlabBytes / 2 - 1] = 1;
+    b->Reset();
+  }
+  PoolStats s = pool->Stats();
+  EXPECT_EQ(s.used_bytes, 0u);
+  EXPECT_LE(s.reserved_bytes, 4 * kMiB);
+  EXPECT_EQ(s.classes[0].frames_used + s.classes[1].frames_used, 0u);
+  EXPECT_EQ(s.frames_free, s.classes[0].frames_free + s.classes[1].frames_free);
 }
 
 TEST(PagePoolTest, EmptySlabsMoveBetweenClasses) {
