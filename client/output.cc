@@ -29,13 +29,22 @@ std::string TextTable::Render() const {
   size_t cols = header_.size();
   for (const auto& r : rows_) cols = std::max(cols, r.size());
   std::vector<size_t> width(cols, 0);
+  // A column is right-aligned when every non-empty body cell is numeric.
+  std::vector<bool> numeric(cols, false);
   auto cell = [&](const std::vector<std::string>& r, size_t i) -> const std::string& {
     static const std::string kEmpty;
     return i < r.size() ? r[i] : kEmpty;
   };
   for (size_t i = 0; i < cols; ++i) {
     width[i] = cell(header_, i).size();
-    for (const auto& r : rows_) width[i] = std::max(width[i], cell(r, i).size());
+    bool any = false, all = true;
+    for (const auto& r : rows_) {
+      width[i] = std::max(width[i], cell(r, i).size());
+      if (cell(r, i).empty()) continue;
+      any = true;
+      all = all && LooksNumeric(cell(r, i));
+    }
+    numeric[i] = any && all;
   }
   std::string out;
   auto emit = [&](const std::vector<std::string>& r, bool header) {
@@ -44,7 +53,7 @@ std::string TextTable::Render() const {
       const std::string& c = cell(r, i);
       const size_t pad = width[i] - c.size();
       if (i > 0) line += "  ";
-      if (!header && LooksNumeric(c)) {
+      if (numeric[i]) {
         line.append(pad, ' ');
         line += c;
       } else {

@@ -12,7 +12,8 @@
 namespace icecache {
 
 // A table with a header row; every column is as wide as its widest cell,
-// columns separated by two spaces. Cells that look numeric are right-aligned.
+// columns separated by two spaces. Columns whose cells are all numeric are
+// right-aligned (header included).
 class TextTable {
  public:
   explicit TextTable(std::vector<std::string> header) : header_(std::move(header)) {}

@@ -264,7 +264,12 @@ TEST(LifecycleTest, SigtermDrainsInFlightFinishesNewRefusedExitZero) {
       absl::SleepFor(absl::Milliseconds(1));
     }
     if (observed) {
-      // New work is refused while draining (or the socket is gone already).
+      // Once draining is visible (health NOT_SERVING, or the listener
+      // gone), new sessions are refused with UNAVAILABLE.
+      EXPECT_TRUE(Eventually([&] {
+        auto h = c.Health();
+        return !h.ok() || !*h;
+      }));
       TestModel small = MakeModel(1, 1, 64, 1);
       EXPECT_THAT(c.CreateSession(small.spec), StatusIs(absl::StatusCode::kUnavailable));
       t.join();
