@@ -47,13 +47,13 @@ class DaemonTest : public ::testing::Test {
     std::system(("rm -rf " + dir_).c_str());
   }
 
-  void Start(bool admin, std::string extra_config = "") {
+  void Start(bool admin, std::string extra_config = "", int metrics_port = 0) {
     auto parsed = ParseConfigText(extra_config);
     ASSERT_THAT(parsed, IsOk());
     IcecachedConfig c = *parsed;
     c.mutable_listen()->set_unix_socket(socket_);
     c.mutable_pool()->set_capacity_bytes(64 << 20);
-    c.mutable_metrics()->set_port(0);
+    c.mutable_metrics()->set_port(metrics_port);
     c.set_worker_threads(1);
     if (admin) c.mutable_auth()->add_admin_uids(getuid());
     ApplyDefaults(&c);
@@ -529,6 +529,46 @@ std::string ReadAll(const std::string& path) {
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();
+}
+
+// Minimal HTTP/1.0 GET against the loopback metrics endpoint.
+std::string HttpGet(int port, const std::string& path) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return "connect failed";
+  }
+  const std::string req = "GET " + path + " HTTP/1.0\r\nHost: localhost\r\n\r\n";
+  if (write(fd, req.data(), req.size()) != static_cast<ssize_t>(req.size())) return "write failed";
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(fd, buf, sizeof(buf))) > 0) out.append(buf, n);
+  close(fd);
+  return out;
+}
+
+TEST_F(DaemonTest, MetricsEndpointServesPrometheusTextAndHealthz) {
+  const int port = FreeTcpPort();
+  ASSERT_GT(port, 0);
+  Start(true, "", port);
+  ASSERT_EQ(daemon_->metrics_port(), port);
+  CreateSession();
+  const std::string metrics = HttpGet(port, "/metrics");
+  EXPECT_THAT(metrics, HasSubstr("200 OK"));
+  EXPECT_THAT(metrics, HasSubstr("text/plain; version=0.0.4"));
+  EXPECT_THAT(metrics, HasSubstr("icecache_pool_bytes{state=\"capacity\"} 67108864\n"));
+  EXPECT_THAT(metrics, HasSubstr("icecache_sessions 1\n"));
+  EXPECT_THAT(metrics, HasSubstr("icecache_session_events_total{event=\"created\"} 1\n"));
+  EXPECT_THAT(metrics, HasSubstr("icecache_rpc_duration_seconds_bucket{method=\"CreateSession\",le=\"+Inf\"} 1\n"));
+  EXPECT_THAT(HttpGet(port, "/healthz"), HasSubstr("200 OK"));
+  daemon_->BeginDrain();
+  EXPECT_THAT(HttpGet(port, "/healthz"), HasSubstr("503"));
+  EXPECT_THAT(HttpGet(port, "/metrics"), HasSubstr("icecache_draining 1\n"));
 }
 
 TEST_F(DaemonTest, TcpNeedsTlsAndABearerTokenMappedToATenant) {
