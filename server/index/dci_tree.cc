@@ -16,6 +16,21 @@ namespace {
 
 float SquaredNorm(const float* x, int dim) { return DotF32(x, x, dim); }
 
+// Variance along each basis vector and the per-dimension residual variance
+// of a node from its centroid c, mean squared norm m2 and mean squared
+// projections pm2.
+void DeriveSpreadOf(const float* basis, int rank, int dim, const float* c, float m2,
+                    const float* pm2, float* lam, float* res) {
+  float captured = 0.0f;
+  for (int k = 0; k < rank; ++k) {
+    const float cu = DotF32(c, basis + static_cast<size_t>(k) * dim, dim);
+    lam[k] = std::max(0.0f, pm2[k] - cu * cu);
+    captured += lam[k];
+  }
+  const float total = std::max(0.0f, m2 - SquaredNorm(c, dim));
+  *res = std::max(0.0f, total - captured) / static_cast<float>(std::max(1, dim - rank));
+}
+
 absl::Status CheckKeys(const float* keys, int64_t n, int dim,
                        const std::vector<Placement>* placements) {
   if (keys == nullptr || placements == nullptr) {
@@ -37,7 +52,9 @@ absl::Status CheckKeys(const float* keys, int64_t n, int dim,
 
 size_t DciTree::Level::bytes(int dim) const {
   size_t b = (key.capacity() + parent.capacity() + count.capacity()) * sizeof(uint32_t) +
-             (centroid.capacity() + abar.capacity() + m2.capacity() + half_sq.capacity()) *
+             (centroid.capacity() + abar.capacity() + m2.capacity() + half_sq.capacity() +
+              pm2.capacity() + lam.capacity() + res.capacity() + outlier.capacity() +
+              out_dev.capacity()) *
                  sizeof(float) +
              children.capacity() * sizeof(std::vector<uint32_t>);
   for (const auto& c : children) b += c.capacity() * sizeof(uint32_t);
@@ -57,6 +74,14 @@ absl::StatusOr<std::unique_ptr<DciTree>> DciTree::Create(const DciTreeParams& pa
     return absl::InvalidArgumentError(
         absl::StrCat("DCI-tree promotion ratio must be 0 (auto) or >= 2, got ", params.ratio));
   }
+  if (params.locality_window < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("DCI-tree locality_window must be >= 0, got ", params.locality_window));
+  }
+  if (params.spread_rank < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("DCI-tree spread_rank must be >= 0, got ", params.spread_rank));
+  }
   if (params.route_fov < 1 || params.build_candidates < 1 || params.refine_iters < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "DCI-tree route_fov and build_candidates must be >= 1 and refine_iters >= 0, got ",
@@ -66,7 +91,98 @@ absl::StatusOr<std::unique_ptr<DciTree>> DciTree::Create(const DciTreeParams& pa
                    MipsAugmentation::FromMaxNorm(1.0f, params.dim, params.norm_headroom,
                                                  params.rebuild_fraction));
   const int ratio = params.ratio > 0 ? params.ratio : std::max(2, params.page_tokens);
-  return std::unique_ptr<DciTree>(new DciTree(params, ratio, mips));
+  std::unique_ptr<DciTree> tree(new DciTree(params, ratio, mips));
+  tree->rank_ = std::min(params.spread_rank, params.dim);
+  return tree;
+}
+
+void DciTree::FitBasis(const float* keys, int64_t n) {
+  const int d = params_.dim;
+  const int r = rank_;
+  basis_.assign(static_cast<size_t>(r) * d, 0.0f);
+  if (r == 0) return;
+  // Covariance of an evenly strided sample of at most 4096 keys.
+  const int64_t stride = std::max<int64_t>(1, n / 4096);
+  std::vector<double> mean(d, 0.0);
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; i += stride, ++m) {
+    for (int k = 0; k < d; ++k) mean[k] += keys[i * d + k];
+  }
+  for (int k = 0; k < d; ++k) mean[k] /= static_cast<double>(m);
+  std::vector<float> cov(static_cast<size_t>(d) * d, 0.0f);
+  std::vector<float> row(d);
+  for (int64_t i = 0; i < n; i += stride) {
+    for (int k = 0; k < d; ++k) row[k] = static_cast<float>(keys[i * d + k] - mean[k]);
+    for (int a = 0; a < d; ++a) {
+      const float ra = row[a];
+      float* ca = &cov[static_cast<size_t>(a) * d];
+      for (int b = 0; b < d; ++b) ca[b] += ra * row[b];
+    }
+  }
+  // Subspace iteration from a deterministic start, Gram-Schmidt each round.
+  std::vector<float> q(static_cast<size_t>(r) * d), z(static_cast<size_t>(r) * d);
+  uint64_t state = params_.seed * 6364136223846793005ULL + 1442695040888963407ULL;
+  for (auto& v : q) {
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    v = static_cast<float>(static_cast<int64_t>(state >> 33) % 2001 - 1000) / 1000.0f;
+  }
+  auto orthonormalize = [&](std::vector<float>& v) {
+    for (int k = 0; k < r; ++k) {
+      float* vk = &v[static_cast<size_t>(k) * d];
+      for (int j = 0; j < k; ++j) {
+        const float* vj = &v[static_cast<size_t>(j) * d];
+        const float p = DotF32(vk, vj, d);
+        for (int c = 0; c < d; ++c) vk[c] -= p * vj[c];
+      }
+      float nrm = std::sqrt(SquaredNorm(vk, d));
+      if (!(nrm > 1e-12f)) {  // degenerate: fall back to a unit axis
+        std::fill(vk, vk + d, 0.0f);
+        vk[k % d] = 1.0f;
+        nrm = 1.0f;
+      }
+      for (int c = 0; c < d; ++c) vk[c] /= nrm;
+    }
+  };
+  orthonormalize(q);
+  for (int it = 0; it < 12; ++it) {
+    for (int k = 0; k < r; ++k) {
+      DotRows(DType::kF32, cov.data(), d, d, &q[static_cast<size_t>(k) * d],
+              &z[static_cast<size_t>(k) * d]);
+    }
+    orthonormalize(z);
+    q.swap(z);
+  }
+  basis_ = std::move(q);
+}
+
+void DciTree::Project(const float* x, float* out) const {
+  for (int k = 0; k < rank_; ++k) {
+    out[k] = DotF32(x, &basis_[static_cast<size_t>(k) * params_.dim], params_.dim);
+  }
+}
+
+void DciTree::DeriveSpread(int level, uint32_t node) {
+  Level& L = levels_[level];
+  const int d = params_.dim;
+  DeriveSpreadOf(basis_.data(), rank_, d, &L.centroid[static_cast<size_t>(node) * d], L.m2[node],
+                 &L.pm2[static_cast<size_t>(node) * rank_], &L.lam[static_cast<size_t>(node) * rank_],
+                 &L.res[node]);
+}
+
+void DciTree::ResizeLevel(int level, uint32_t size) {
+  Level& L = levels_[level];
+  L.count.resize(size, 0);
+  L.centroid.resize(static_cast<size_t>(size) * params_.dim, 0.0f);
+  L.abar.resize(size, 0.0f);
+  L.m2.resize(size, 0.0f);
+  L.half_sq.resize(size, 0.0f);
+  L.pm2.resize(static_cast<size_t>(size) * rank_, 0.0f);
+  L.lam.resize(static_cast<size_t>(size) * rank_, 0.0f);
+  L.res.resize(size, 0.0f);
+  if (params_.outlier_reps) {
+    L.outlier.resize(static_cast<size_t>(size) * params_.dim, 0.0f);
+    L.out_dev.resize(size, 0.0f);
+  }
 }
 
 DciTree::~DciTree() = default;
@@ -94,6 +210,10 @@ int DciTree::PromotionLevel(std::vector<uint32_t>* counts) const {
 
 float DciTree::RouteScore(int level, uint32_t node, const float* x, float a) const {
   const Level& L = levels_[level];
+  if (!params_.augmented_routing) {
+    const float* c = &L.centroid[static_cast<size_t>(node) * params_.dim];
+    return DotF32(x, c, params_.dim) - 0.5f * SquaredNorm(c, params_.dim);
+  }
   return DotF32(x, &L.centroid[static_cast<size_t>(node) * params_.dim], params_.dim) +
          a * L.abar[node] - L.half_sq[node];
 }
@@ -139,6 +259,16 @@ void DciTree::InitNodeRep(int level, uint32_t node, const float* x, float a, flo
   L.m2[node] = sq;
   L.count[node] = 1;
   L.half_sq[node] = 0.5f * (sq + a * a);
+  float* pm2 = &L.pm2[static_cast<size_t>(node) * rank_];
+  Project(x, pm2);
+  for (int k = 0; k < rank_; ++k) pm2[k] *= pm2[k];
+  std::fill(&L.lam[static_cast<size_t>(node) * rank_],
+            &L.lam[static_cast<size_t>(node) * rank_] + rank_, 0.0f);
+  L.res[node] = 0.0f;
+  if (params_.outlier_reps) {
+    std::copy(x, x + d, &L.outlier[static_cast<size_t>(node) * d]);
+    L.out_dev[node] = 0.0f;
+  }
 }
 
 void DciTree::UpdateNodeRep(int level, uint32_t node, const float* x, float a, float sq) {
@@ -151,13 +281,31 @@ void DciTree::UpdateNodeRep(int level, uint32_t node, const float* x, float a, f
   L.abar[node] += (a - L.abar[node]) * w;
   L.m2[node] += (sq - L.m2[node]) * w;
   L.half_sq[node] = 0.5f * (SquaredNorm(c, d) + L.abar[node] * L.abar[node]);
+  float proj[1024];
+  Project(x, proj);
+  float* pm2 = &L.pm2[static_cast<size_t>(node) * rank_];
+  for (int k = 0; k < rank_; ++k) pm2[k] += (proj[k] * proj[k] - pm2[k]) * w;
+  DeriveSpread(level, node);
+  if (!params_.outlier_reps) return;
+  float* o = &L.outlier[static_cast<size_t>(node) * d];
+  float dx = 0.0f, dof = 0.0f;
+  for (int k = 0; k < d; ++k) {
+    dx += (x[k] - c[k]) * (x[k] - c[k]);
+    dof += (o[k] - c[k]) * (o[k] - c[k]);
+  }
+  if (dx > dof) {
+    std::copy(x, x + d, o);
+    dof = dx;
+  }
+  L.out_dev[node] = dof;
 }
 
 void DciTree::SetRepsFromKeys(int level, const float* keys, const float* aug,
                               const std::vector<std::vector<uint32_t>>* members) {
   Level& L = levels_[level];
   const int d = params_.dim;
-  std::vector<double> acc(d);
+  std::vector<double> acc(d), pacc(rank_);
+  std::vector<float> proj(rank_);
   for (uint32_t node = 0; node < L.size(); ++node) {
     float* c = &L.centroid[static_cast<size_t>(node) * d];
     if (members == nullptr) {
@@ -167,12 +315,15 @@ void DciTree::SetRepsFromKeys(int level, const float* keys, const float* aug,
     }
     const auto& mem = (*members)[node];
     std::fill(acc.begin(), acc.end(), 0.0);
+    std::fill(pacc.begin(), pacc.end(), 0.0);
     double sa = 0.0, sm2 = 0.0;
     for (uint32_t key : mem) {
       const float* x = keys + static_cast<size_t>(key) * d;
       for (int k = 0; k < d; ++k) acc[k] += x[k];
       sa += aug[key];
       sm2 += SquaredNorm(x, d);
+      Project(x, proj.data());
+      for (int k = 0; k < rank_; ++k) pacc[k] += static_cast<double>(proj[k]) * proj[k];
     }
     const double inv = mem.empty() ? 0.0 : 1.0 / static_cast<double>(mem.size());
     for (int k = 0; k < d; ++k) c[k] = static_cast<float>(acc[k] * inv);
@@ -180,22 +331,40 @@ void DciTree::SetRepsFromKeys(int level, const float* keys, const float* aug,
     L.m2[node] = static_cast<float>(sm2 * inv);
     L.count[node] = static_cast<uint32_t>(mem.size());
     L.half_sq[node] = 0.5f * (SquaredNorm(c, d) + L.abar[node] * L.abar[node]);
+    for (int k = 0; k < rank_; ++k) {
+      L.pm2[static_cast<size_t>(node) * rank_ + k] = static_cast<float>(pacc[k] * inv);
+    }
+    DeriveSpread(level, node);
+    if (!params_.outlier_reps) continue;
+    float best = -1.0f;
+    for (uint32_t key : mem) {
+      const float* x = keys + static_cast<size_t>(key) * d;
+      float dx = 0.0f;
+      for (int k = 0; k < d; ++k) dx += (x[k] - c[k]) * (x[k] - c[k]);
+      if (dx > best) {
+        best = dx;
+        std::copy(x, x + d, &L.outlier[static_cast<size_t>(node) * d]);
+      }
+    }
+    L.out_dev[node] = std::max(0.0f, best);
   }
 }
 
 void DciTree::AggregateUp(int from_level) {
   const int d = params_.dim;
-  std::vector<double> acc(d);
+  std::vector<double> acc(d), pacc(rank_);
   for (int j = std::max(2, from_level); j <= top_level(); ++j) {
     Level& L = levels_[j];
     const Level& B = levels_[j - 1];
     for (uint32_t node = 0; node < L.size(); ++node) {
       std::fill(acc.begin(), acc.end(), 0.0);
+      std::fill(pacc.begin(), pacc.end(), 0.0);
       double sa = 0.0, sm2 = 0.0, cnt = 0.0;
       for (uint32_t ch : L.children[node]) {
         const double w = B.count[ch];
         const float* c = &B.centroid[static_cast<size_t>(ch) * d];
         for (int k = 0; k < d; ++k) acc[k] += w * c[k];
+        for (int k = 0; k < rank_; ++k) pacc[k] += w * B.pm2[static_cast<size_t>(ch) * rank_ + k];
         sa += w * B.abar[ch];
         sm2 += w * B.m2[ch];
         cnt += w;
@@ -207,6 +376,22 @@ void DciTree::AggregateUp(int from_level) {
       L.m2[node] = static_cast<float>(sm2 * inv);
       L.count[node] = static_cast<uint32_t>(cnt);
       L.half_sq[node] = 0.5f * (SquaredNorm(c, d) + L.abar[node] * L.abar[node]);
+      for (int k = 0; k < rank_; ++k) {
+        L.pm2[static_cast<size_t>(node) * rank_ + k] = static_cast<float>(pacc[k] * inv);
+      }
+      DeriveSpread(j, node);
+      if (!params_.outlier_reps) continue;
+      float best = -1.0f;
+      for (uint32_t ch : L.children[node]) {
+        const float* o = &B.outlier[static_cast<size_t>(ch) * d];
+        float dx = 0.0f;
+        for (int k = 0; k < d; ++k) dx += (o[k] - c[k]) * (o[k] - c[k]);
+        if (dx > best) {
+          best = dx;
+          std::copy(o, o + d, &L.outlier[static_cast<size_t>(node) * d]);
+        }
+      }
+      L.out_dev[node] = std::max(0.0f, best);
     }
   }
 }
@@ -226,9 +411,32 @@ void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items,
   RouteScratch rs;
   std::vector<std::pair<float, uint32_t>> out;
   std::vector<uint32_t> best(items.size(), kNone);
+  const int64_t window = params_.locality_window;
+  const std::vector<uint32_t>& level_keys = levels_[level].key;  // ascending positions
   for (size_t i = 0; i < items.size(); ++i) {
     const float* x = keys + static_cast<size_t>(items[i]) * d;
-    Route(x, aug[items[i]], level, C, nullptr, &rs, &out);
+    if (level == 1 && window > 0) {
+      // Candidates: the level-1 nodes of the item's position window.
+      const int64_t w0 = items[i] / window * window;
+      const auto lo = std::lower_bound(level_keys.begin(), level_keys.end(),
+                                       static_cast<uint32_t>(w0));
+      const auto hi = std::lower_bound(level_keys.begin(), level_keys.end(),
+                                       static_cast<uint32_t>(std::min<int64_t>(w0 + window, UINT32_MAX)));
+      rs.scored.clear();
+      for (auto it = lo; it != hi; ++it) {
+        const uint32_t node = static_cast<uint32_t>(it - level_keys.begin());
+        rs.scored.push_back({RouteScore(level, node, x, aug[items[i]]), node});
+      }
+      const size_t k = std::min<size_t>(C, rs.scored.size());
+      std::partial_sort(rs.scored.begin(), rs.scored.begin() + k, rs.scored.end(),
+                        [](const auto& a, const auto& b) {
+                          return a.first > b.first || (a.first == b.first && a.second < b.second);
+                        });
+      out.assign(rs.scored.begin(), rs.scored.begin() + k);
+      if (out.empty()) Route(x, aug[items[i]], level, C, nullptr, &rs, &out);
+    } else {
+      Route(x, aug[items[i]], level, C, nullptr, &rs, &out);
+    }
     if (!out.empty()) best[i] = out[0].second;
     for (const auto& o : out) pairs.push_back({o.first, static_cast<uint32_t>(i), o.second});
   }
@@ -303,6 +511,7 @@ absl::Status DciTree::BulkBuild(const float* keys, int64_t n,
                                             params_.rebuild_fraction));
   mips_ = mips;
   mips_.Count(n, 0);
+  FitBasis(keys, n);
   std::vector<float> aug(n);
   for (int64_t i = 0; i < n; ++i) {
     aug[i] = mips_.AugmentSquaredNorm(SquaredNorm(keys + i * d, d));
@@ -335,13 +544,8 @@ absl::Status DciTree::BulkBuild(const float* keys, int64_t n,
   }
   const int top = top_level();
   for (int l = 1; l <= top; ++l) {
-    Level& L = levels_[l];
-    L.count.assign(L.size(), 0);
-    L.centroid.assign(static_cast<size_t>(L.size()) * d, 0.0f);
-    L.abar.assign(L.size(), 0.0f);
-    L.m2.assign(L.size(), 0.0f);
-    L.half_sq.assign(L.size(), 0.0f);
-    if (l == 1) L.children.clear();
+    ResizeLevel(l, levels_[l].size());
+    if (l == 1) levels_[l].children.clear();
   }
 
   // Parents level by level from the top, with a capacity of r children.
@@ -420,6 +624,7 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
                                               params_.rebuild_fraction));
     mips_ = mips;
     levels_.resize(1);
+    FitBasis(keys, n);
   }
   placements->clear();
   placements->reserve(n);
@@ -443,11 +648,7 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
       const uint32_t idx = L.size();
       L.key.push_back(static_cast<uint32_t>(pos));
       L.parent.push_back(kNone);
-      L.count.push_back(0);
-      L.centroid.resize(L.centroid.size() + d);
-      L.abar.push_back(0.0f);
-      L.m2.push_back(0.0f);
-      L.half_sq.push_back(0.0f);
+      ResizeLevel(l, idx + 1);
       if (l >= 2) {
         L.children.emplace_back();
         L.children.back().push_back(below);
@@ -507,10 +708,25 @@ void DciTree::CollectCandidates(const float* queries, int nq, float scale,
     }
   }
   s->qnorm2.resize(nq);
-  for (int j = 0; j < nq; ++j) s->qnorm2[j] = SquaredNorm(queries + static_cast<size_t>(j) * d, d);
+  s->qproj.resize(static_cast<size_t>(nq) * std::max(1, rank_));
+  s->qres.resize(nq);
+  for (int j = 0; j < nq; ++j) {
+    const float* q = queries + static_cast<size_t>(j) * d;
+    s->qnorm2[j] = SquaredNorm(q, d);
+    float* qp = &s->qproj[static_cast<size_t>(j) * rank_];
+    Project(q, qp);
+    float captured = 0.0f;
+    for (int k = 0; k < rank_; ++k) {
+      qp[k] *= qp[k];
+      captured += qp[k];
+    }
+    s->qres[j] = std::max(0.0f, s->qnorm2[j] - captured);
+  }
+  *touched += rank_ > 0 ? (static_cast<uint64_t>(rank_) * nq + d - 1) / d : 0;
   s->cand.resize(levels_[entry].size());
   std::iota(s->cand.begin(), s->cand.end(), 0u);
-  const float half_s2_over_d = params.spread_weight * 0.5f * scale * scale / d;
+  const float half_s2 = params.spread_weight * 0.5f * scale * scale;
+  const bool outliers = params_.outlier_reps;
   auto better = [](const std::pair<float, uint32_t>& p, const std::pair<float, uint32_t>& q) {
     return p.first > q.first || (p.first == q.first && p.second < q.second);
   };
@@ -518,6 +734,7 @@ void DciTree::CollectCandidates(const float* queries, int nq, float scale,
     const Level& L = levels_[l];
     const size_t nc = s->cand.size();
     s->dots.resize(nc * nq);
+    s->odots.resize(nc * nq);
     // Score runs of consecutive node ids with one multi-query kernel call.
     for (size_t b = 0; b < nc;) {
       size_t e = b + 1;
@@ -526,27 +743,65 @@ void DciTree::CollectCandidates(const float* queries, int nq, float scale,
       if (run == nc) {
         DotRowsMulti(DType::kF32, &L.centroid[static_cast<size_t>(s->cand[b]) * d], run, d,
                      queries, nq, s->dots.data());
+        if (outliers) {
+          DotRowsMulti(DType::kF32, &L.outlier[static_cast<size_t>(s->cand[b]) * d], run, d,
+                       queries, nq, s->odots.data());
+        }
       } else {
         for (size_t i = b; i < e; ++i) {
           for (int j = 0; j < nq; ++j) {
             s->dots[j * nc + i] = DotF32(queries + static_cast<size_t>(j) * d,
                                          &L.centroid[static_cast<size_t>(s->cand[i]) * d], d);
+            if (outliers) {
+              s->odots[j * nc + i] = DotF32(queries + static_cast<size_t>(j) * d,
+                                            &L.outlier[static_cast<size_t>(s->cand[i]) * d], d);
+            }
           }
         }
       }
       b = e;
     }
-    *touched += nc;
+    *touched += outliers ? 2 * nc : nc;
     s->scored.resize(nc);
     for (size_t i = 0; i < nc; ++i) {
       const uint32_t node = s->cand[i];
-      const float* c = &L.centroid[static_cast<size_t>(node) * d];
-      float spread = 0.0f;
-      if (half_s2_over_d > 0.0f) spread = std::max(0.0f, L.m2[node] - SquaredNorm(c, d));
-      const float logc = std::log(static_cast<float>(std::max<uint32_t>(1, L.count[node])));
+      // Mass = exp(s q.o) for the outlier key + (count-1) keys around the
+      // centroid of the rest, (count c - o) / (count-1), with the node's spread.
+      const uint32_t cnt = std::max<uint32_t>(1, L.count[node]);
+      const float rest = static_cast<float>(cnt - 1);
+      const float log_rest = cnt > 1 ? std::log(rest) : 0.0f;
+      const float* lam = &L.lam[static_cast<size_t>(node) * rank_];
       float best = -std::numeric_limits<float>::infinity();
       for (int j = 0; j < nq; ++j) {
-        const float e = s->dots[j * nc + i] * scale + logc + half_s2_over_d * s->qnorm2[j] * spread;
+        if (!outliers) {
+          const float logc = std::log(static_cast<float>(cnt));
+          float e = s->dots[j * nc + i] * scale + logc;
+          if (half_s2 > 0.0f) {
+            // Gaussian mass: + s^2 v / 2 for logit variance v = q'Sq; capped
+            // by the expected max of `cnt` Gaussians, z s sqrt(v) with
+            // z = sqrt(2 ln cnt), so large queries are not ranked by spread alone.
+            const float* qp = &s->qproj[static_cast<size_t>(j) * rank_];
+            float var = s->qres[j] * L.res[node];
+            for (int k = 0; k < rank_; ++k) var += qp[k] * lam[k];
+            const float z = std::sqrt(2.0f * std::max(logc, 0.5f));
+            e += std::min(half_s2 * var, params.spread_weight * z * scale * std::sqrt(var));
+          }
+          best = std::max(best, e);
+          continue;
+        }
+        const float eo = s->odots[j * nc + i] * scale;
+        float e = eo;
+        if (cnt > 1) {
+          float er = (cnt * s->dots[j * nc + i] - s->odots[j * nc + i]) / rest * scale + log_rest;
+          if (half_s2 > 0.0f) {
+            const float* qp = &s->qproj[static_cast<size_t>(j) * rank_];
+            float var = s->qres[j] * L.res[node];
+            for (int k = 0; k < rank_; ++k) var += qp[k] * lam[k];
+            er += half_s2 * var;
+          }
+          const float hi = std::max(eo, er);
+          e = hi + std::log1p(std::exp(std::min(eo, er) - hi));
+        }
         best = std::max(best, e);
       }
       s->scored[i] = {best, node};
@@ -580,10 +835,10 @@ absl::StatusOr<std::unique_ptr<DciTreeRebuild>> DciTree::PrepareRebuild(const Pa
                                                                         DType dtype) const {
   const int d = params_.dim;
   const int P = params_.page_tokens;
+  const int r = rank_;
   const int64_t n = num_tokens();
   if (n == 0) return absl::FailedPreconditionError("rebuild of an empty DCI-tree");
   std::vector<float> rows(static_cast<size_t>(P) * d);
-  const size_t esize = DTypeSize(dtype);
   float max_sq = 0.0f;
   for (uint32_t page = 0; page < pages_.num_pages(); ++page) {
     const void* src = keys.page_keys(page);
@@ -594,20 +849,41 @@ absl::StatusOr<std::unique_ptr<DciTreeRebuild>> DciTree::PrepareRebuild(const Pa
     ToFloat(dtype, src, rows.data(), static_cast<size_t>(fill) * d);
     for (uint32_t s = 0; s < fill; ++s) max_sq = std::max(max_sq, SquaredNorm(&rows[s * d], d));
   }
-  (void)esize;
   ASSIGN_OR_RETURN(MipsAugmentation mips,
                    MipsAugmentation::FromMaxNorm(std::sqrt(max_sq), d, params_.norm_headroom,
                                                  params_.rebuild_fraction));
-  auto rb = std::make_unique<DciTreeRebuild>(DciTreeRebuild{mips, n, {}, {}, {}, {}, {}});
+  auto rb = std::make_unique<DciTreeRebuild>(DciTreeRebuild{mips, n, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}});
   const int top = top_level();
   rb->count.resize(top + 1);
   rb->centroid.resize(top + 1);
   rb->abar.resize(top + 1);
   rb->m2.resize(top + 1);
   rb->half_sq.resize(top + 1);
+  rb->pm2.resize(top + 1);
+  rb->lam.resize(top + 1);
+  rb->res.resize(top + 1);
+  rb->outlier.resize(top + 1);
+  rb->out_dev.resize(top + 1);
+  for (int l = 1; l <= top; ++l) {
+    const uint32_t sz = levels_[l].size();
+    rb->count[l].assign(sz, 0);
+    rb->centroid[l].assign(static_cast<size_t>(sz) * d, 0.0f);
+    rb->abar[l].assign(sz, 0.0f);
+    rb->m2[l].assign(sz, 0.0f);
+    rb->half_sq[l].assign(sz, 0.0f);
+    rb->pm2[l].assign(static_cast<size_t>(sz) * r, 0.0f);
+    rb->lam[l].assign(static_cast<size_t>(sz) * r, 0.0f);
+    rb->res[l].assign(sz, 0.0f);
+    if (params_.outlier_reps) {
+      rb->outlier[l].assign(static_cast<size_t>(sz) * d, 0.0f);
+      rb->out_dev[l].assign(sz, -1.0f);
+    }
+  }
+  // Level 1 from the keys (sums first), then every level above from its children.
   const uint32_t n1 = levels_[1].size();
-  std::vector<double> sum(static_cast<size_t>(n1) * d, 0.0), sa(n1, 0.0), sm2(n1, 0.0);
-  std::vector<uint32_t> cnt(n1, 0);
+  std::vector<double> sum(static_cast<size_t>(n1) * d, 0.0), psum(static_cast<size_t>(n1) * r, 0.0);
+  std::vector<double> sa(n1, 0.0), sm2(n1, 0.0);
+  std::vector<float> proj(r);
   for (uint32_t page = 0; page < pages_.num_pages(); ++page) {
     const uint32_t fill = pages_.fill(page);
     const uint32_t node = pages_.node_of_page(page);
@@ -616,50 +892,87 @@ absl::StatusOr<std::unique_ptr<DciTreeRebuild>> DciTree::PrepareRebuild(const Pa
       const float* x = &rows[s * d];
       const float sq = SquaredNorm(x, d);
       for (int k = 0; k < d; ++k) sum[static_cast<size_t>(node) * d + k] += x[k];
+      Project(x, proj.data());
+      for (int k = 0; k < r; ++k) psum[static_cast<size_t>(node) * r + k] += proj[k] * proj[k];
       sa[node] += mips.AugmentSquaredNorm(sq);
       sm2[node] += sq;
-      ++cnt[node];
+      ++rb->count[1][node];
     }
   }
-  auto fill_level = [&](int l, auto&& get) {
-    const uint32_t sz = levels_[l].size();
-    rb->count[l].resize(sz);
-    rb->centroid[l].resize(static_cast<size_t>(sz) * d);
-    rb->abar[l].resize(sz);
-    rb->m2[l].resize(sz);
-    rb->half_sq[l].resize(sz);
-    for (uint32_t node = 0; node < sz; ++node) get(node);
+  auto finish = [&](int l, uint32_t node) {
+    float* c = &rb->centroid[l][static_cast<size_t>(node) * d];
+    rb->half_sq[l][node] = 0.5f * (SquaredNorm(c, d) + rb->abar[l][node] * rb->abar[l][node]);
+    DeriveSpreadOf(basis_.data(), r, d, c, rb->m2[l][node], &rb->pm2[l][static_cast<size_t>(node) * r],
+                   &rb->lam[l][static_cast<size_t>(node) * r], &rb->res[l][node]);
   };
-  fill_level(1, [&](uint32_t node) {
-    const double inv = cnt[node] ? 1.0 / cnt[node] : 0.0;
-    float* c = &rb->centroid[1][static_cast<size_t>(node) * d];
-    for (int k = 0; k < d; ++k) c[k] = static_cast<float>(sum[static_cast<size_t>(node) * d + k] * inv);
-    rb->count[1][node] = cnt[node];
+  for (uint32_t node = 0; node < n1; ++node) {
+    const double inv = rb->count[1][node] ? 1.0 / rb->count[1][node] : 0.0;
+    for (int k = 0; k < d; ++k) {
+      rb->centroid[1][static_cast<size_t>(node) * d + k] =
+          static_cast<float>(sum[static_cast<size_t>(node) * d + k] * inv);
+    }
+    for (int k = 0; k < r; ++k) {
+      rb->pm2[1][static_cast<size_t>(node) * r + k] =
+          static_cast<float>(psum[static_cast<size_t>(node) * r + k] * inv);
+    }
     rb->abar[1][node] = static_cast<float>(sa[node] * inv);
     rb->m2[1][node] = static_cast<float>(sm2[node] * inv);
-    rb->half_sq[1][node] = 0.5f * (SquaredNorm(c, d) + rb->abar[1][node] * rb->abar[1][node]);
-  });
-  std::vector<double> acc(d);
+    finish(1, node);
+  }
+  // Outliers need the centroids: a second pass over the keys.
+  for (uint32_t page = 0; page < pages_.num_pages() && params_.outlier_reps; ++page) {
+    const uint32_t fill = pages_.fill(page);
+    const uint32_t node = pages_.node_of_page(page);
+    const float* c = &rb->centroid[1][static_cast<size_t>(node) * d];
+    ToFloat(dtype, keys.page_keys(page), rows.data(), static_cast<size_t>(fill) * d);
+    for (uint32_t s = 0; s < fill; ++s) {
+      const float* x = &rows[s * d];
+      float dx = 0.0f;
+      for (int k = 0; k < d; ++k) dx += (x[k] - c[k]) * (x[k] - c[k]);
+      if (dx > rb->out_dev[1][node]) {
+        rb->out_dev[1][node] = dx;
+        std::copy(x, x + d, &rb->outlier[1][static_cast<size_t>(node) * d]);
+      }
+    }
+  }
+  std::vector<double> acc(d), pacc(r);
   for (int l = 2; l <= top; ++l) {
-    fill_level(l, [&](uint32_t node) {
+    for (uint32_t node = 0; node < levels_[l].size(); ++node) {
       std::fill(acc.begin(), acc.end(), 0.0);
+      std::fill(pacc.begin(), pacc.end(), 0.0);
       double a = 0.0, m = 0.0, w = 0.0;
       for (uint32_t ch : levels_[l].children[node]) {
         const double cw = rb->count[l - 1][ch];
         const float* c = &rb->centroid[l - 1][static_cast<size_t>(ch) * d];
         for (int k = 0; k < d; ++k) acc[k] += cw * c[k];
+        for (int k = 0; k < r; ++k) pacc[k] += cw * rb->pm2[l - 1][static_cast<size_t>(ch) * r + k];
         a += cw * rb->abar[l - 1][ch];
         m += cw * rb->m2[l - 1][ch];
         w += cw;
       }
       const double inv = w > 0 ? 1.0 / w : 0.0;
-      float* c = &rb->centroid[l][static_cast<size_t>(node) * d];
-      for (int k = 0; k < d; ++k) c[k] = static_cast<float>(acc[k] * inv);
+      for (int k = 0; k < d; ++k) {
+        rb->centroid[l][static_cast<size_t>(node) * d + k] = static_cast<float>(acc[k] * inv);
+      }
+      for (int k = 0; k < r; ++k) {
+        rb->pm2[l][static_cast<size_t>(node) * r + k] = static_cast<float>(pacc[k] * inv);
+      }
       rb->count[l][node] = static_cast<uint32_t>(w);
       rb->abar[l][node] = static_cast<float>(a * inv);
       rb->m2[l][node] = static_cast<float>(m * inv);
-      rb->half_sq[l][node] = 0.5f * (SquaredNorm(c, d) + rb->abar[l][node] * rb->abar[l][node]);
-    });
+      finish(l, node);
+      const float* c = &rb->centroid[l][static_cast<size_t>(node) * d];
+      for (uint32_t ch : levels_[l].children[node]) {
+        if (!params_.outlier_reps) break;
+        const float* o = &rb->outlier[l - 1][static_cast<size_t>(ch) * d];
+        float dx = 0.0f;
+        for (int k = 0; k < d; ++k) dx += (o[k] - c[k]) * (o[k] - c[k]);
+        if (dx > rb->out_dev[l][node]) {
+          rb->out_dev[l][node] = dx;
+          std::copy(o, o + d, &rb->outlier[l][static_cast<size_t>(node) * d]);
+        }
+      }
+    }
   }
   return rb;
 }
@@ -684,6 +997,11 @@ absl::Status DciTree::CommitRebuild(std::unique_ptr<DciTreeRebuild> rb) {
     L.abar.swap(rb->abar[l]);
     L.m2.swap(rb->m2[l]);
     L.half_sq.swap(rb->half_sq[l]);
+    L.pm2.swap(rb->pm2[l]);
+    L.lam.swap(rb->lam[l]);
+    L.res.swap(rb->res[l]);
+    L.outlier.swap(rb->outlier[l]);
+    L.out_dev.swap(rb->out_dev[l]);
   }
   mips_ = rb->mips;
   mips_.Count(num_tokens(), 0);

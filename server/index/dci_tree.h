@@ -51,6 +51,20 @@ struct DciTreeParams {
   int route_fov = 3;          // nodes kept per level when routing a key (build, insert)
   int build_candidates = 8;   // parents considered per key by the capacity-aware bulk assignment
   int refine_iters = 1;       // bulk: level-0 re-assignments against full centroids
+  // Rank of the global key subspace (PCA of the first batch) in which every
+  // node keeps the variance of its keys, for its attention-mass estimate.
+  int spread_rank = 16;
+  // > 0: a key's logical node is chosen among the level-1 nodes whose key
+  // lies in the same window of this many positions (semantic pages that stay
+  // local in position); 0: among all (global semantic clustering).
+  int locality_window = 0;
+  // true: parents are nearest in the MIPS-augmented space [k, a(k)];
+  // false: nearest in plain Euclidean key space (measured to give pages with
+  // more attention mass on the synthetic llama3-8b-like data).
+  bool augmented_routing = false;
+  // Score a node's outlier key as well as its centroid (one more row per node).
+  bool outlier_reps = false;
+  uint64_t seed = 1234;
 };
 
 // Parameters of one candidate descent (see MdciParams for the meaning).
@@ -59,15 +73,21 @@ struct DciDescentParams {
   int64_t min_tokens = 1024;   // level-1 nodes are taken until they hold this many tokens
   float cover_factor = 2.0f;   // upper levels keep nodes until they hold cover x min_tokens
   int entry_nodes = 1024;      // descent starts at the lowest level with <= this many nodes
-  float spread_weight = 0.0f;  // weight of the node's key spread in its mass estimate
+  // Weight of the node's key spread in its mass estimate: a node's keys are
+  // modelled as Gaussian around the centroid, so its mass is estimated as
+  // count x exp(s q.c + w s^2 q'Sq / 2), with S its covariance (kept in the
+  // spread_rank-dim key subspace plus an isotropic residual).
+  float spread_weight = 1.0f;
 };
 
 // Reusable per-thread buffers of CollectCandidates (no allocation once warm).
 struct DciScratch {
   std::vector<uint32_t> cand, next;
-  std::vector<float> dots;
+  std::vector<float> dots, odots;
   std::vector<std::pair<float, uint32_t>> scored;
   std::vector<float> qnorm2;
+  std::vector<float> qproj;  // nq x spread_rank, squared projections of the queries
+  std::vector<float> qres;   // nq: squared residual norm per residual dimension
 };
 
 // The rebuilt search structure, prepared off the writer lock by
@@ -75,9 +95,9 @@ struct DciScratch {
 struct DciTreeRebuild {
   MipsAugmentation mips;
   int64_t num_tokens = 0;
-  // Per level (index 0 unused): count, centroid, abar, m2, half_sq.
+  // Per level (index 0 unused): the node representatives.
   std::vector<std::vector<uint32_t>> count;
-  std::vector<std::vector<float>> centroid, abar, m2, half_sq;
+  std::vector<std::vector<float>> centroid, abar, m2, half_sq, pm2, lam, res, outlier, out_dev;
 };
 
 class DciTree {
@@ -146,6 +166,15 @@ class DciTree {
     std::vector<uint32_t> key, parent, count;
     std::vector<float> centroid;  // size x dim
     std::vector<float> abar, m2, half_sq;
+    // Spread in the key subspace: mean squared projection on each basis
+    // vector (size x rank), the variance along it (size x rank), and the
+    // residual variance outside the subspace (size).
+    std::vector<float> pm2, lam, res;
+    // The key of the subtree farthest from the centroid (size x dim) and its
+    // squared distance to it: the node's mass is estimated as that key's
+    // exp(s q.o) plus the rest modelled around the centroid, so one
+    // strongly aligned key (a needle) is not averaged away.
+    std::vector<float> outlier, out_dev;
     std::vector<std::vector<uint32_t>> children;  // level >= 2
     uint32_t size() const { return static_cast<uint32_t>(key.size()); }
     size_t bytes(int dim) const;
@@ -180,10 +209,18 @@ class DciTree {
   void AssignWithCapacity(int level, const std::vector<uint32_t>& items, const float* keys,
                           const float* aug, int capacity, std::vector<uint32_t>* parent_of);
   int PromotionLevel(std::vector<uint32_t>* counts) const;
+  // Fixes basis_ from a sample of `n` keys (PCA by subspace iteration).
+  void FitBasis(const float* keys, int64_t n);
+  void Project(const float* x, float* out) const;  // rank values
+  // lam and res of a node from its centroid, m2 and pm2.
+  void DeriveSpread(int level, uint32_t node);
+  void ResizeLevel(int level, uint32_t size);
 
   DciTreeParams params_;
   int ratio_;
   MipsAugmentation mips_;
+  int rank_ = 0;               // spread_rank, clamped to dim
+  std::vector<float> basis_;   // rank x dim, orthonormal rows
   std::vector<Level> levels_;  // levels_[0] unused (level 0 = the keys)
   std::vector<uint8_t> key_top_;
   std::vector<uint32_t> key_node_;

@@ -41,11 +41,12 @@ absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::Create(const Selecto
   if (keys == nullptr) return absl::InvalidArgumentError("PageKeys must not be null");
   const MdciParams& m = config.mdci;
   if (!(m.cover_factor > 0.0f) || !std::isfinite(m.cover_factor) || m.entry_nodes < 1 ||
+      m.min_candidate_pages < 0 ||
       !(m.spread_weight >= 0.0f) || !std::isfinite(m.spread_weight)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "SelectorConfig.mdci needs cover_factor > 0, entry_nodes >= 1 and spread_weight >= 0; "
-        "got ",
-        m.cover_factor, ", ", m.entry_nodes, ", ", m.spread_weight));
+        "SelectorConfig.mdci needs cover_factor > 0, entry_nodes >= 1, min_candidate_pages >= 0 "
+        "and spread_weight >= 0; got ",
+        m.cover_factor, ", ", m.entry_nodes, ", ", m.min_candidate_pages, ", ", m.spread_weight));
   }
   DciTreeParams tp;
   tp.dim = config.head_dim;
@@ -56,6 +57,11 @@ absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::Create(const Selecto
   tp.route_fov = m.route_fov;
   tp.build_candidates = m.build_candidates;
   tp.refine_iters = m.refine_iters;
+  tp.spread_rank = m.spread_rank;
+  tp.locality_window = m.locality_window;
+  tp.augmented_routing = m.augmented_routing;
+  tp.outlier_reps = m.outlier_reps;
+  tp.seed = m.seed;
   ASSIGN_OR_RETURN(std::unique_ptr<DciTree> tree, DciTree::Create(tp));
   return std::unique_ptr<MdciSelector>(new MdciSelector(config, keys, std::move(tree)));
 }
@@ -101,8 +107,11 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries,
   } else {
     DciDescentParams dp;
     dp.field_of_view = config_.mdci.field_of_view;
-    dp.min_tokens = static_cast<int64_t>(
-        std::ceil(config_.mdci.candidate_factor * static_cast<double>(params.budget_tokens)));
+    // At least min_candidate_pages pages, so small budgets still look around.
+    dp.min_tokens = std::max<int64_t>(
+        static_cast<int64_t>(config_.mdci.min_candidate_pages) * config_.page_tokens,
+        static_cast<int64_t>(
+            std::ceil(config_.mdci.candidate_factor * static_cast<double>(params.budget_tokens))));
     dp.cover_factor = config_.mdci.cover_factor;
     dp.entry_nodes = config_.mdci.entry_nodes;
     dp.spread_weight = config_.mdci.spread_weight;

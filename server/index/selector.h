@@ -55,9 +55,14 @@ absl::StatusOr<SelectorKind> ParseSelectorKind(std::string_view name);
 struct MdciParams {
   int num_composite = 2;       // m
   int num_simple = 7;          // L
-  int field_of_view = 8;       // nodes kept per level while descending
-  // Candidate pages scored exactly per query, as a multiple of budget pages.
-  float candidate_factor = 4.0f;
+  // Nodes kept per level above level 1 while descending (at least; more while
+  // they hold fewer than cover_factor x candidate tokens). Wider = more
+  // representatives scored, more mass. Tuned on llama3-8b-like, 131072 tokens.
+  int field_of_view = 96;
+  // Candidate tokens scored exactly per query, as a multiple of the budget
+  // (whole logical nodes, best estimated first). The main time/mass knob:
+  // 16 x 256 = 4096 keys = 3% of 131072 (see mdci_selector.h for figures).
+  float candidate_factor = 16.0f;
   float norm_headroom = 1.5f;  // M = headroom x max prefill key norm
   // Fraction of keys above the norm bound that triggers a rebuild.
   float rebuild_fraction = 0.02f;
@@ -71,7 +76,13 @@ struct MdciParams {
   // cover_factor x candidate tokens.
   float cover_factor = 2.0f;
   int entry_nodes = 1024;      // descent starts at the lowest level with <= this many nodes
-  float spread_weight = 0.0f;  // weight of a node's key spread in its estimated mass
+  float spread_weight = 1.0f;  // weight of a node's key spread in its estimated mass
+  int spread_rank = 16;        // key subspace in which nodes keep their spread (>= 0)
+  // > 0: pages group similar keys only within windows of this many positions.
+  int locality_window = 4096;
+  bool augmented_routing = false;  // parents by MIPS-augmented (true) or plain L2 distance
+  bool outlier_reps = false;       // also score each node's farthest key (+1 row per node)
+  int min_candidate_pages = 32;    // exact-scored pages per query at least (small budgets)
 };
 
 struct SelectorConfig {

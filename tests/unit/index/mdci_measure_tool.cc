@@ -1,0 +1,183 @@
+// Local tuning tool of the mdci selector (not a test, not the benchmark
+// driver; tests/bench/ owns icecache-bench). For one layer of the synthetic
+// generator it builds mdci, exact-mdci and positional exact per KV head, and
+// prints build time (thread CPU time), select time, keys touched, attention-mass recall (mean
+// over the G queries and steps) and index bytes per token.
+//   mdci_measure_tool [tokens=131072] [kv_heads=2] [steps=8] [budget=256]
+//                     [fov=8] [candidate_factor=4] [spread=0] [entry=1024]
+//                     [cover=2] [preset=llama3-8b-like] [refine=1]
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "common/synthetic.h"
+#include "server/index/kernels.h"
+#include "server/index/mdci_selector.h"
+#include "server/index/selector.h"
+#include "tests/unit/index/mdci_test_util.h"
+
+using namespace icecache;
+#include <time.h>
+// Thread CPU time: the machine is shared, wall time would count other jobs.
+struct Clock {
+  using time_point = double;
+  static double now() {
+    timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+  }
+};
+static double Secs(double a, double b) { return b - a; }
+
+int main(int argc, char** argv) {
+  std::map<std::string, std::string> kv;
+  for (int i = 1; i < argc; ++i) {
+    const char* eq = std::strchr(argv[i], '=');
+    if (eq) kv[std::string(argv[i], static_cast<size_t>(eq - argv[i]))] = eq + 1;
+  }
+  auto geti = [&](const char* k, double def) { return kv.count(k) ? std::atof(kv[k].c_str()) : def; };
+  const int64_t tokens = static_cast<int64_t>(geti("tokens", 131072));
+  const int heads = static_cast<int>(geti("kv_heads", 2));
+  const int steps = static_cast<int>(geti("steps", 8));
+  const int budget = static_cast<int>(geti("budget", 256));
+  const int P = static_cast<int>(geti("page", 16));
+  auto cfg = SyntheticPreset(kv.count("preset") ? kv["preset"] : "llama3-8b-like");
+  if (!cfg.ok()) { std::fprintf(stderr, "%s\n", cfg.status().ToString().c_str()); return 1; }
+  cfg->tokens = tokens;
+  cfg->layers = 1;
+  cfg->q_heads = cfg->q_heads / cfg->kv_heads * heads;
+  cfg->kv_heads = heads;
+  cfg->steps = steps;
+  auto t0 = Clock::now();
+  auto dump = GenerateSynthetic(*cfg);
+  if (!dump.ok()) { std::fprintf(stderr, "%s\n", dump.status().ToString().c_str()); return 1; }
+  const int d = dump->head_dim, G = dump->group_size();
+  std::printf("generated %lld tokens x %d heads (d=%d, G=%d) in %.1f s; kernels %s\n",
+              (long long)tokens, heads, d, G, Secs(t0, Clock::now()), KernelIsa());
+  MdciParams mp;
+  mp.field_of_view = static_cast<int>(geti("fov", mp.field_of_view));
+  mp.candidate_factor = static_cast<float>(geti("candidate_factor", mp.candidate_factor));
+  mp.spread_weight = static_cast<float>(geti("spread", mp.spread_weight));
+  mp.entry_nodes = static_cast<int>(geti("entry", mp.entry_nodes));
+  mp.cover_factor = static_cast<float>(geti("cover", mp.cover_factor));
+  mp.refine_iters = static_cast<int>(geti("refine", mp.refine_iters));
+  mp.build_candidates = static_cast<int>(geti("build_candidates", mp.build_candidates));
+  mp.route_fov = static_cast<int>(geti("route_fov", mp.route_fov));
+  mp.spread_rank = static_cast<int>(geti("rank", mp.spread_rank));
+  mp.locality_window = static_cast<int>(geti("window", mp.locality_window));
+  mp.augmented_routing = geti("augmented", mp.augmented_routing) != 0;
+  mp.outlier_reps = geti("outliers", mp.outlier_reps) != 0;
+  const bool incremental = geti("incremental", 0) != 0;
+  double sum_build = 0, sum_us_m = 0, sum_us_e = 0, sum_us_scan = 0;
+  double mass_m = 0, mass_e = 0, mass_p = 0, touched = 0, bytes = 0, fill = 0;
+  int n_sel = 0;
+  for (int h = 0; h < heads; ++h) {
+    const float* keys = dump->key(0, h);
+    std::map<SelectorKind, std::pair<std::unique_ptr<mdci_test::TestPageKeys>,
+                                     std::unique_ptr<Selector>>> sels;
+    for (SelectorKind kind : {SelectorKind::kMdci, SelectorKind::kExactMdci, SelectorKind::kExact}) {
+      SelectorConfig sc;
+      sc.kind = kind;
+      sc.head_dim = d;
+      sc.page_tokens = P;
+      sc.num_query_heads = G;
+      sc.dtype = DType::kF16;
+      sc.mdci = mp;
+      auto pk = std::make_unique<mdci_test::TestPageKeys>(d, P, DType::kF16);
+      auto s = Selector::Create(sc, pk.get());
+      if (!s.ok()) { std::fprintf(stderr, "%s\n", s.status().ToString().c_str()); return 1; }
+      std::vector<Placement> pl;
+      auto b0 = Clock::now();
+      absl::Status st;
+      if (incremental && kind != SelectorKind::kExact) {
+        std::vector<Placement> chunk;
+        for (int64_t i = 0; i < tokens && st.ok(); i += 64) {
+          const int64_t c = std::min<int64_t>(64, tokens - i);
+          st = (*s)->Insert(keys + i * d, c, &chunk);
+          pl.insert(pl.end(), chunk.begin(), chunk.end());
+        }
+      } else {
+        st = (*s)->Build(keys, tokens, &pl);
+      }
+      const double bs = Secs(b0, Clock::now());
+      if (!st.ok()) { std::fprintf(stderr, "%s\n", st.ToString().c_str()); return 1; }
+      pk->Apply(keys, pl);
+      if (kind == SelectorKind::kMdci) {
+        sum_build += bs;
+        bytes += static_cast<double>((*s)->index_bytes()) / tokens;
+        fill += static_cast<MdciSelector*>(s->get())->mean_page_fill();
+      }
+      sels[kind] = {std::move(pk), std::move(s).value()};
+    }
+    // Plain SIMD scan of all keys (fp16, contiguous) for reference.
+    std::vector<uint16_t> k16(static_cast<size_t>(tokens) * d);
+    FloatToHalf(keys, k16.data(), k16.size());
+    std::vector<float> logits(static_cast<size_t>(tokens) * G);
+    for (int step = 0; step < steps; ++step) {
+      const float* q = dump->query(step, 0, h);
+      SelectParams sp;
+      sp.budget_tokens = budget;
+      Selection sm, se, sx;
+      const int reps = 5;
+      auto a = Clock::now();
+      for (int r = 0; r < reps; ++r) (void)sels[SelectorKind::kMdci].second->Select(q, G, sp, &sm);
+      auto b = Clock::now();
+      for (int r = 0; r < 2; ++r) (void)sels[SelectorKind::kExactMdci].second->Select(q, G, sp, &se);
+      auto c = Clock::now();
+      for (int r = 0; r < 2; ++r) DotRowsMulti(DType::kF16, k16.data(), tokens, d, q, G, logits.data());
+      auto e = Clock::now();
+      (void)sels[SelectorKind::kExact].second->Select(q, G, sp, &sx);
+      sum_us_m += Secs(a, b) * 1e6 / reps;
+      sum_us_e += Secs(b, c) * 1e6 / 2;
+      sum_us_scan += Secs(c, e) * 1e6 / 2;
+      touched += static_cast<double>(sm.keys_touched) / tokens;
+      mass_m += mdci_test::MassOf(keys, tokens, d, q, G,
+                                  mdci_test::SelectedPositions(*sels[SelectorKind::kMdci].second, sm));
+      mass_e += mdci_test::MassOf(keys, tokens, d, q, G,
+                                  mdci_test::SelectedPositions(*sels[SelectorKind::kExactMdci].second, se));
+      mass_p += mdci_test::MassOf(keys, tokens, d, q, G,
+                                  mdci_test::SelectedPositions(*sels[SelectorKind::kExact].second, sx));
+      ++n_sel;
+      if (geti("verbose", 0) != 0) {
+        // Rank of exact-mdci's pages under the tree's level-1 estimate.
+        auto* m = static_cast<MdciSelector*>(sels[SelectorKind::kMdci].second.get());
+        DciDescentParams dp;
+        dp.min_tokens = tokens;
+        dp.entry_nodes = 1 << 30;
+        dp.spread_weight = mp.spread_weight;
+        DciScratch scratch;
+        std::vector<uint32_t> order;
+        uint64_t t = 0;
+        m->tree().CollectCandidates(q, G, 1.0f / std::sqrt(static_cast<float>(d)), dp, &scratch,
+                                    &order, &t);
+        std::vector<int> rank(order.size());
+        for (size_t i = 0; i < order.size(); ++i) rank[order[i]] = static_cast<int>(i);
+        std::printf("head %d step %d mass mdci %.4f exact-mdci %.4f | ranks:", h, step,
+                    mdci_test::MassOf(keys, tokens, d, q, G, mdci_test::SelectedPositions(*m, sm)),
+                    mdci_test::MassOf(keys, tokens, d, q, G,
+                                      mdci_test::SelectedPositions(*sels[SelectorKind::kExactMdci].second, se)));
+        for (size_t i = 0; i < se.pages.size(); ++i) {
+          std::printf(" %d%s", rank[m->tree().page_table().node_of_page(se.pages[i])],
+                      std::isinf(se.scores[i]) ? "*" : "");
+        }
+        std::printf("\n");
+      }
+    }
+  }
+  std::printf("fov=%d cf=%.2f spread=%.2f entry=%d cover=%.2f refine=%d%s\n", mp.field_of_view,
+              mp.candidate_factor, mp.spread_weight, mp.entry_nodes, mp.cover_factor,
+              mp.refine_iters, incremental ? " (incremental build)" : "");
+  std::printf("build %.3f s/head  index %.1f B/token (%.1f%% of 512 B KV)  mean fill %.3f\n",
+              sum_build / heads, bytes / heads, 100.0 * bytes / heads / 512.0, fill / heads);
+  std::printf("select us: mdci %.1f  exact-mdci %.1f  fp16 scan %.1f  (mdci/scan %.3f)  touched %.2f%%\n",
+              sum_us_m / n_sel, sum_us_e / n_sel, sum_us_scan / n_sel, sum_us_m / sum_us_scan,
+              100.0 * touched / n_sel);
+  std::printf("mass: mdci %.4f  exact-mdci %.4f  exact-positional %.4f  ratio mdci/exact-mdci %.4f\n",
+              mass_m / n_sel, mass_e / n_sel, mass_p / n_sel, mass_m / mass_e);
+  return 0;
+}
