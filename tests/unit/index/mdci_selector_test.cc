@@ -105,7 +105,10 @@ TEST(MdciSelectorTest, MassWithinReachOfExactMdciAndExactMdciScoresEverything) {
   const int d = 32, P = 16, G = 4;
   const int64_t n = 8192;
   auto k = ClusteredKeys(n, d, 100, 0.6f, 31);
-  Fixture m = Make(SelectorKind::kMdci, d, P, G);
+  MdciParams mp;  // scaled to the small index: 4 x budget candidates, 12.5% of the keys
+  mp.candidate_factor = 4.0f;
+  mp.field_of_view = 8;
+  Fixture m = Make(SelectorKind::kMdci, d, P, G, DType::kF32, mp);
   Fixture e = Make(SelectorKind::kExactMdci, d, P, G);
   BuildAll(m, k, n);
   BuildAll(e, k, n);
