@@ -174,6 +174,7 @@ absl::Status Daemon::Init() {
   registry_.AddCollector([this] { CollectMetrics(); });
 
   if (c.metrics().port() != 0) RETURN_IF_ERROR(StartMetricsHttp());
+  started_ = true;
   Log(LogLevel::kInfo, "started",
       {{"socket", listener_->path()}, {"epoch", manager_->epoch()},
        {"capacity_bytes", c.pool().capacity_bytes()}, {"metrics_port", metrics_port_},
@@ -288,12 +289,22 @@ void Daemon::Shutdown() {
 }
 
 Daemon::~Daemon() {
-  bool started;
+  bool shut_down;
   {
     absl::MutexLock lock(&mu_);
-    started = !shut_down_;
+    shut_down = shut_down_;
   }
-  if (started) Shutdown();
+  if (started_ && !shut_down) {
+    Shutdown();
+    return;
+  }
+  // Init failed part way: tear down what exists, quietly.
+  if (listener_) listener_->Stop();
+  if (server_) server_->Shutdown(std::chrono::system_clock::now());
+  if (http_) {
+    http_->stop();
+    if (http_thread_.joinable()) http_thread_.join();
+  }
 }
 
 }  // namespace icecache::rpc

@@ -107,6 +107,7 @@ class Daemon {
   SnapshotFamily* draining_gauge_ = nullptr;
   SnapshotFamily* connections_ = nullptr;
 
+  bool started_ = false;  // Init() completed
   std::atomic<bool> draining_{false};
   absl::Mutex mu_;
   bool shutdown_requested_ ABSL_GUARDED_BY(mu_) = false;
