@@ -199,7 +199,7 @@ absl::StatusOr<InProcess> BuildInProcess(const Model& m, const Flags& f) {
 
 // One layer: select per KV head, gather K and V blocks into `out`.
 absl::Status InProcessLayer(const Model& m, const Flags& f, InProcess& ip, int step, int layer,
-                            Selection* sel) {
+                            Selection* sel, uint64_t* keys_touched, int64_t* pages) {
   SelectParams p;
   p.budget_tokens = f.budget;
   p.sink_tokens = 4;
@@ -210,6 +210,8 @@ absl::Status InProcessLayer(const Model& m, const Flags& f, InProcess& ip, int s
     sel->Clear();
     RETURN_IF_ERROR(ip.selectors[idx]->Select(m.dump.query(step % m.dump.steps, layer, h),
                                               m.dump.group_size(), p, sel));
+    *keys_touched += sel->keys_touched;
+    *pages += static_cast<int64_t>(sel->pages.size());
     for (uint32_t page : sel->pages) {
       if (off + 2 * block > ip.out.size()) return absl::InternalError("in-process buffer too small");
       std::memcpy(ip.out.data() + off, ip.pages[idx]->page_keys(page), block);
@@ -230,6 +232,7 @@ struct SweepPoint {
   int64_t failed = 0;
   uint64_t bytes_per_session = 0;
   double prefill_ms_p50 = 0;
+  uint64_t keys_touched = 0, pages = 0, heads = 0;
 };
 
 absl::StatusOr<SweepPoint> RunSweepPoint(Client& client, const Model& m, const Flags& f, int k) {
@@ -262,6 +265,7 @@ absl::StatusOr<SweepPoint> RunSweepPoint(Client& client, const Model& m, const F
                         .status());
   }
   std::vector<std::vector<double>> lat(k);
+  std::vector<uint64_t> touched(k, 0), npages(k, 0), nheads(k, 0);
   std::vector<int64_t> failed(k, 0);
   std::vector<absl::Status> first_error(k);
   const absl::Time t0 = absl::Now();
@@ -277,6 +281,12 @@ absl::StatusOr<SweepPoint> RunSweepPoint(Client& client, const Model& m, const F
           if (!r.ok()) {
             ++failed[i];
             if (first_error[i].ok()) first_error[i] = r.status();
+            continue;
+          }
+          for (const HeadSelection& h : r->heads) {
+            touched[i] += h.keys_touched;
+            npages[i] += h.pages.size();
+            ++nheads[i];
           }
         }
       }
@@ -287,6 +297,9 @@ absl::StatusOr<SweepPoint> RunSweepPoint(Client& client, const Model& m, const F
   for (int i = 0; i < k; ++i) {
     pt.layer_ms.insert(pt.layer_ms.end(), lat[i].begin(), lat[i].end());
     pt.failed += failed[i];
+    pt.keys_touched += touched[i];
+    pt.pages += npages[i];
+    pt.heads += nheads[i];
     if (!first_error[i].ok()) std::cerr << "session " << i << ": " << first_error[i] << "\n";
   }
   pt.steps = static_cast<int64_t>(k) * f.steps;
@@ -301,10 +314,12 @@ absl::Status RunSweep(Client& client, const Model& m, const Flags& f, JsonWriter
   ASSIGN_OR_RETURN(InProcess ip, BuildInProcess(m, f));
   std::vector<double> inproc_ms;
   Selection sel;
+  uint64_t in_touched = 0;
+  int64_t in_pages = 0;
   for (int step = 0; step < f.steps; ++step) {
     for (int layer = 0; layer < m.spec.layers; ++layer) {
       const absl::Time t0 = absl::Now();
-      RETURN_IF_ERROR(InProcessLayer(m, f, ip, step, layer, &sel));
+      RETURN_IF_ERROR(InProcessLayer(m, f, ip, step, layer, &sel, &in_touched, &in_pages));
       inproc_ms.push_back(absl::ToDoubleMilliseconds(absl::Now() - t0));
     }
   }
@@ -313,7 +328,12 @@ absl::Status RunSweep(Client& client, const Model& m, const Flags& f, JsonWriter
                "OVERHEAD_P50_MS", "RPC/INPROC", "POOL_PER_SESSION", "FAILED"});
   w.Key("inprocess").BeginObject();
   w.Key("layer_ms_p50").Double(in_p50).Key("layer_ms_p99").Double(in_p99);
-  w.Key("threads").Int(1).EndObject();
+  w.Key("threads").Int(1);
+  const double in_heads = static_cast<double>(f.steps) * m.spec.layers * m.spec.kv_heads;
+  w.Key("keys_touched_per_head").Double(in_touched / in_heads);
+  w.Key("pages_per_head").Double(in_pages / in_heads).EndObject();
+  std::cout << absl::StrFormat("in-process: keys touched per head %.0f, pages per head %.1f\n",
+                               in_touched / in_heads, in_pages / in_heads);
   w.Key("results").BeginArray();
   for (int k : f.sessions) {
     std::cout << "sweep: " << k << " concurrent sessions...\n";
@@ -335,6 +355,11 @@ absl::Status RunSweep(Client& client, const Model& m, const Flags& f, JsonWriter
     w.Key("pool_bytes_per_session").Uint(pt.bytes_per_session);
     w.Key("prefill_ms_p50").Double(pt.prefill_ms_p50);
     w.Key("wall_s").Double(pt.wall_s).Key("failed").Int(pt.failed);
+    w.Key("keys_touched_per_head").Double(pt.heads ? double(pt.keys_touched) / pt.heads : 0);
+    w.Key("pages_per_head").Double(pt.heads ? double(pt.pages) / pt.heads : 0);
+    std::cout << absl::StrFormat("  rpc: keys touched per head %.0f, pages per head %.1f\n",
+                                 pt.heads ? double(pt.keys_touched) / pt.heads : 0,
+                                 pt.heads ? double(pt.pages) / pt.heads : 0);
     w.EndObject();
     if (pt.failed > 0) {
       std::cout << t.Render();
