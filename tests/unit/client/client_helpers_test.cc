@@ -1,0 +1,217 @@
+// Unit tests of the client library parts that need no daemon: output
+// helpers, the KV chunk builder and the byte-identity checker, option
+// validation, and the failure paths of ShmBuffer and DaemonProcess.
+#include <dirent.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <string>
+
+#include "client/client.h"
+#include "client/daemon_process.h"
+#include "client/kv_check.h"
+#include "client/output.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/support/status_matchers.h"
+
+namespace icecache {
+namespace {
+
+using ::icecache::testing::IsOk;
+using ::icecache::testing::StatusIs;
+using ::testing::HasSubstr;
+
+TEST(TextTableTest, AlignsColumnsAndRightAlignsNumericOnes) {
+  TextTable t({"NAME", "N", "NOTE"});
+  t.AddRow({"a", "1", "x"});
+  t.AddRow({"long-name", "1234", "2 MiB"});
+  EXPECT_EQ(t.Render(),
+            "NAME          N  NOTE\n"
+            "a             1  x\n"
+            "long-name  1234  2 MiB\n");
+}
+
+TEST(JsonWriterTest, WritesNestedValuesWithCommasAndEscapes) {
+  JsonWriter w;
+  w.BeginObject().Key("a").Int(-1).Key("b").BeginArray().Uint(2).String("q\"\n").Bool(true).Null();
+  w.EndArray().Key("c").Double(0.5).Key("d").Double(std::nan("")).Key("e").BeginObject().EndObject();
+  w.EndObject();
+  EXPECT_EQ(w.str(), R"({"a":-1,"b":[2,"q\"\n",true,null],"c":0.5,"d":null,"e":{}})");
+}
+
+TEST(OutputTest, HumanBytes) {
+  EXPECT_EQ(HumanBytes(0), "0 B");
+  EXPECT_EQ(HumanBytes(1023), "1023 B");
+  EXPECT_EQ(HumanBytes(1536), "1.5 KiB");
+  EXPECT_EQ(HumanBytes(32ll << 20), "32.0 MiB");
+}
+
+TEST(SelectorTypeTest, NamesRoundTrip) {
+  for (SelectorType t : {SelectorType::kDefault, SelectorType::kMdci, SelectorType::kExactMdci,
+                         SelectorType::kExact, SelectorType::kQuest, SelectorType::kStreaming}) {
+    auto parsed = ParseSelectorType(SelectorTypeName(t));
+    ASSERT_THAT(parsed, IsOk());
+    EXPECT_EQ(*parsed, t);
+  }
+  EXPECT_THAT(ParseSelectorType("faiss"), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("mdci")));
+}
+
+KvDump SmallDump() {
+  KvDump d;
+  d.layers = 2;
+  d.kv_heads = 2;
+  d.q_heads = 2;
+  d.tokens = 5;
+  d.head_dim = 4;
+  d.keys.resize(2 * 2 * 5 * 4);
+  d.values.resize(d.keys.size());
+  for (size_t i = 0; i < d.keys.size(); ++i) {
+    d.keys[i] = static_cast<float>(i) * 0.5f;
+    d.values[i] = -static_cast<float>(i);
+  }
+  return d;
+}
+
+TEST(HostKvTest, ChunkIsKeysThenValuesLayerHeadTokenMajor) {
+  KvDump d = SmallDump();
+  HostKv kv = HostKv::FromDump(&d);
+  EXPECT_EQ(kv.ChunkBytes(1, 3), 2u * 2 * 2 * 2 * 4 * 2);
+  std::vector<uint8_t> c = kv.Chunk(1, 3);
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(c.data());
+  // keys[l=1][h=0][t=2] is the 7th row of the key half (((1*2+0)*2+1)).
+  EXPECT_EQ(std::memcmp(h + 5 * 4, kv.key(1, 0, 2), 8), 0);
+  // values[l=0][h=1][t=1] is row 2 of the value half.
+  EXPECT_EQ(std::memcmp(h + (8 + 2) * 4, kv.value(0, 1, 1), 8), 0);
+  EXPECT_EQ(HalfToFloat(*kv.key(0, 0, 1)), 2.0f);  // 4 x 0.5
+}
+
+// A hand-made fetch of layer 1: head 0 gets pages with positions {3, 0}
+// (fill 2 of 2 slots) and {4} (fill 1), head 1 gets {2, 1}.
+struct FakeFetch {
+  std::vector<uint8_t> buf = std::vector<uint8_t>(4096, 0);
+  FetchLayout layout;
+  std::vector<HeadSelection> heads;
+};
+FakeFetch MakeFetch(const HostKv& kv) {
+  FakeFetch f;
+  f.layout.page_tokens = 2;
+  f.layout.head_dim = 4;
+  f.layout.page_bytes = 2 * 2 * 4 * 2;
+  f.layout.first_layer = 1;
+  f.layout.num_layers = 1;
+  f.layout.offset = 64;
+  const std::vector<std::vector<std::vector<int32_t>>> pages = {{{3, 0}, {4}}, {{2, 1}}};
+  uint64_t off = 64;
+  for (uint32_t h = 0; h < 2; ++h) {
+    HeadLayout hl;
+    hl.kv_head = h;
+    for (size_t p = 0; p < pages[h].size(); ++p) {
+      hl.pages.push_back(static_cast<uint32_t>(p));
+      hl.slots.push_back(static_cast<uint32_t>(hl.slots.size()));
+      hl.fills.push_back(static_cast<uint32_t>(pages[h][p].size()));
+      hl.byte_offsets.push_back(off);
+      for (size_t s = 0; s < pages[h][p].size(); ++s) {
+        const int32_t pos = pages[h][p][s];
+        hl.positions.push_back(pos);
+        std::memcpy(f.buf.data() + off + s * 8, kv.key(1, h, pos), 8);
+        std::memcpy(f.buf.data() + off + 16 + s * 8, kv.value(1, h, pos), 8);
+      }
+      off += f.layout.page_bytes;
+    }
+    f.layout.heads.push_back(hl);
+  }
+  return f;
+}
+
+TEST(VerifyFetchTest, AcceptsExactBytesAndCatchesEveryKindOfDifference) {
+  KvDump d = SmallDump();
+  HostKv kv = HostKv::FromDump(&d);
+  FakeFetch f = MakeFetch(kv);
+  auto n = VerifyFetch(kv, 5, f.layout, f.heads, f.buf.data(), f.buf.size());
+  ASSERT_THAT(n, IsOk());
+  EXPECT_EQ(*n, 3);
+  {
+    FakeFetch g = MakeFetch(kv);
+    g.buf[64 + 16 + 3] ^= 1;  // a V byte of head 0, page 0, slot 0
+    EXPECT_THAT(VerifyFetch(kv, 5, g.layout, g.heads, g.buf.data(), g.buf.size()),
+                StatusIs(absl::StatusCode::kDataLoss, HasSubstr("position 3")));
+  }
+  {
+    FakeFetch g = MakeFetch(kv);
+    g.buf[64 + 32 + 8] = 7;  // slot 1 of head 0 page 1 is past its fill
+    EXPECT_THAT(VerifyFetch(kv, 5, g.layout, g.heads, g.buf.data(), g.buf.size()),
+                StatusIs(absl::StatusCode::kDataLoss, HasSubstr("past the fill")));
+  }
+  {
+    FakeFetch g = MakeFetch(kv);
+    std::swap(g.layout.heads[0].positions[0], g.layout.heads[0].positions[1]);
+    EXPECT_THAT(VerifyFetch(kv, 5, g.layout, g.heads, g.buf.data(), g.buf.size()),
+                StatusIs(absl::StatusCode::kDataLoss));
+  }
+  // Positions beyond what was appended, blocks past the buffer.
+  EXPECT_THAT(VerifyFetch(kv, 4, f.layout, f.heads, f.buf.data(), f.buf.size()),
+              StatusIs(absl::StatusCode::kInternal));
+  EXPECT_THAT(VerifyFetch(kv, 5, f.layout, f.heads, f.buf.data(), 100),
+              StatusIs(absl::StatusCode::kInternal));
+}
+
+TEST(ClientOptionsTest, BadOptionsAreRefusedAtCreate) {
+  ClientOptions o;
+  o.socket_path = "relative.sock";
+  EXPECT_THAT(Client::Create(o), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("absolute")));
+  o.socket_path = "/tmp/x.sock";
+  o.timeout = absl::ZeroDuration();
+  EXPECT_THAT(Client::Create(o), StatusIs(absl::StatusCode::kInvalidArgument));
+  ClientOptions tls;
+  tls.address = "localhost:1";
+  tls.ca_file = "/nonexistent/ca.pem";
+  EXPECT_THAT(Client::Create(tls), StatusIs(absl::StatusCode::kNotFound));
+}
+
+int CountOwnShmFiles() {
+  const std::string prefix = "icecache-" + std::to_string(::getpid()) + "-";
+  int n = 0;
+  DIR* dir = ::opendir("/dev/shm");
+  if (dir == nullptr) return -1;
+  while (dirent* e = ::readdir(dir)) {
+    if (std::string(e->d_name).rfind(prefix, 0) == 0) ++n;
+  }
+  ::closedir(dir);
+  return n;
+}
+
+TEST(ClientTest, NoDaemonMeansUnavailableAndNoShmFileLeft) {
+  ClientOptions o;
+  o.socket_path = "/tmp/icecache-client-test-no-daemon.sock";
+  o.timeout = absl::Seconds(2);
+  auto c = Client::Create(o);
+  ASSERT_THAT(c, IsOk());
+  EXPECT_EQ((*c)->target(), "unix:/tmp/icecache-client-test-no-daemon.sock");
+  EXPECT_THAT((*c)->Health(), StatusIs(absl::StatusCode::kUnavailable));
+  EXPECT_THAT((*c)->CreateShmBuffer(0), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT((*c)->CreateShmBuffer(4096), StatusIs(absl::StatusCode::kUnavailable));
+  EXPECT_EQ(CountOwnShmFiles(), 0) << "a failed registration must remove its file";
+  ShmBuffer empty;
+  EXPECT_FALSE(empty.valid());
+  EXPECT_THAT(empty.Unregister(), StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+TEST(DaemonProcessTest, ReportsMissingAndFailingBinaries) {
+  DaemonOptions o;
+  EXPECT_THAT(DaemonProcess::Start(o), StatusIs(absl::StatusCode::kInvalidArgument));
+  o.binary = "/nonexistent/icecached";
+  EXPECT_THAT(DaemonProcess::Start(o), StatusIs(absl::StatusCode::kNotFound));
+  o.binary = "/bin/false";  // exits at once, never ready
+  EXPECT_THAT(DaemonProcess::Start(o), StatusIs(absl::StatusCode::kUnavailable, HasSubstr("exited")));
+}
+
+TEST(DaemonProcessTest, ProcessRss) {
+  auto rss = ProcessRssBytes(::getpid());
+  ASSERT_THAT(rss, IsOk());
+  EXPECT_GT(*rss, 0);
+  EXPECT_THAT(ProcessRssBytes(0x7ffffff0), StatusIs(absl::StatusCode::kNotFound));
+}
+
+}  // namespace
+}  // namespace icecache
