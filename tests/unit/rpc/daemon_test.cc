@@ -552,6 +552,49 @@ std::string HttpGet(int port, const std::string& path) {
   return out;
 }
 
+// Server reflection lists the icecache services. The request is encoded by
+// hand (ServerReflectionRequest{list_services = ""}: field 7, empty string);
+// no generated reflection stubs ship with Debian's gRPC.
+TEST_F(DaemonTest, ReflectionListsTheServices) {
+  Start(false);
+  grpc::GenericStub generic(channel_);
+  grpc::ClientContext ctx;
+  grpc::CompletionQueue cq;
+  auto call = generic.PrepareCall(
+      &ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
+  auto step = [&](int tag) {
+    void* got = nullptr;
+    bool ok = false;
+    if (!cq.Next(&got, &ok)) return false;
+    return ok && got == reinterpret_cast<void*>(static_cast<intptr_t>(tag));
+  };
+  call->StartCall(reinterpret_cast<void*>(1));
+  ASSERT_TRUE(step(1));
+  const char kListServices[] = {0x3a, 0x00};
+  grpc::Slice slice(kListServices, sizeof(kListServices));
+  grpc::ByteBuffer request(&slice, 1);
+  call->Write(request, reinterpret_cast<void*>(2));
+  ASSERT_TRUE(step(2));
+  grpc::ByteBuffer response;
+  call->Read(&response, reinterpret_cast<void*>(3));
+  ASSERT_TRUE(step(3));
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(response.Dump(&slices).ok());
+  std::string bytes;
+  for (const auto& sl : slices) bytes.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
+  for (const char* service : {"icecache.v1.SessionService", "icecache.v1.BufferService",
+                              "icecache.v1.KvService", "icecache.v1.AdminService",
+                              "grpc.health.v1.Health"}) {
+    EXPECT_THAT(bytes, HasSubstr(service));
+  }
+  call->WritesDone(reinterpret_cast<void*>(4));
+  ASSERT_TRUE(step(4));
+  grpc::Status status;
+  call->Finish(&status, reinterpret_cast<void*>(5));
+  ASSERT_TRUE(step(5));
+  EXPECT_TRUE(status.ok()) << status.error_message();
+}
+
 TEST_F(DaemonTest, MetricsEndpointServesPrometheusTextAndHealthz) {
   const int port = FreeTcpPort();
   ASSERT_GT(port, 0);
