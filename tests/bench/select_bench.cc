@@ -891,7 +891,7 @@ Json ResultJson(const MethodResult& r) {
   j.Set("page_fill", r.page_fill);
   j.Set("selected_page_fill", st.selected_fill);
   j.Set("session_cost_s", r.SessionCost(st));
-  if (r.sweep.size() > 1 || !r.knob_name.empty()) {
+  if (IsPeer(r.name)) {
     j.Set("param", PointJson(r, st));
     Json sweep = Json::Array();
     for (const auto& pt : r.sweep) sweep.Push(PointJson(r, pt));
@@ -1083,6 +1083,7 @@ absl::Status RunSelectBench(const SelectBenchOptions& o) {
   // Peers' own OpenMP threads would distort single-threaded query times and
   // oversubscribe the parallel builds.
   omp_set_num_threads(1);
+  const std::string load_start = ReadFirstLine("/proc/loadavg");
   const auto t_load = Clock::now();
   ASSIGN_OR_RETURN(Workload w, LoadWorkload(o));
   const KvDump& d = w.dump;
@@ -1112,6 +1113,9 @@ absl::Status RunSelectBench(const SelectBenchOptions& o) {
   machine.Set("kernel_isa", KernelIsa());
   machine.Set("l3_size", L3Size());
   machine.Set("git_commit", GitCommit());
+  // Other processes share the cores; the load tells how much timings suffered.
+  machine.Set("loadavg_start", load_start);
+  machine.Set("loadavg_end", ReadFirstLine("/proc/loadavg"));
   root.Set("machine", std::move(machine));
   Json config = Json::Object();
   config.Set("source", w.source);
