@@ -156,11 +156,17 @@ absl::Status Daemon::Init() {
   tenant_quota_ = registry_.AddSnapshot("icecache_tenant_quota_bytes",
                                         "Tenant quota (absent = none)", MetricType::kGauge,
                                         {"tenant"});
+  tenant_free_ = registry_.AddSnapshot("icecache_tenant_free_bytes",
+                                       "Quota left per tenant (tenants with a quota)",
+                                       MetricType::kGauge, {"tenant"});
   tenant_sessions_ = registry_.AddSnapshot("icecache_tenant_sessions", "Sessions per tenant",
                                            MetricType::kGauge, {"tenant"});
   class_frames_ = registry_.AddSnapshot("icecache_pool_class_frames",
                                         "Frames per size class and state", MetricType::kGauge,
                                         {"frame_bytes", "state"});
+  class_bytes_ = registry_.AddSnapshot("icecache_pool_class_bytes",
+                                       "Bytes of carved frames per size class and state",
+                                       MetricType::kGauge, {"frame_bytes", "state"});
   sessions_ = registry_.AddSnapshot("icecache_sessions", "Live sessions", MetricType::kGauge, {});
   buffers_gauge_ = registry_.AddSnapshot("icecache_buffers", "Registered buffers",
                                          MetricType::kGauge, {});
@@ -192,22 +198,29 @@ void Daemon::CollectMetrics() {
                         {{"reserved"}, double(p.reserved_bytes)},
                         {{"used"}, double(p.used_bytes)},
                         {{"free"}, double(p.capacity_bytes - std::min(p.capacity_bytes, p.used_bytes))}});
-  std::vector<SnapshotFamily::Sample> used, quota, sess;
+  std::vector<SnapshotFamily::Sample> used, quota, free, sess;
   for (const TenantInfo& t : *tenants) {
     used.push_back({{t.tenant}, double(t.used_bytes)});
-    if (t.quota_bytes != kUnlimitedQuota) quota.push_back({{t.tenant}, double(t.quota_bytes)});
+    if (t.quota_bytes != kUnlimitedQuota) {
+      quota.push_back({{t.tenant}, double(t.quota_bytes)});
+      free.push_back({{t.tenant}, double(t.quota_bytes - std::min(t.quota_bytes, t.used_bytes))});
+    }
     sess.push_back({{t.tenant}, double(t.sessions)});
   }
   tenant_bytes_->Replace(std::move(used));
   tenant_quota_->Replace(std::move(quota));
+  tenant_free_->Replace(std::move(free));
   tenant_sessions_->Replace(std::move(sess));
-  std::vector<SnapshotFamily::Sample> frames;
+  std::vector<SnapshotFamily::Sample> frames, class_bytes;
   for (const SizeClassStats& cl : p.classes) {
     const std::string fb = absl::StrCat(cl.frame_bytes);
     frames.push_back({{fb, "used"}, double(cl.frames_used)});
     frames.push_back({{fb, "free"}, double(cl.frames_free)});
+    class_bytes.push_back({{fb, "used"}, double(cl.frames_used * cl.stride_bytes)});
+    class_bytes.push_back({{fb, "free"}, double(cl.frames_free * cl.stride_bytes)});
   }
   class_frames_->Replace(std::move(frames));
+  class_bytes_->Replace(std::move(class_bytes));
   sessions_->Replace({{{}, double(stats->sessions)}});
   buffers_gauge_->Replace({{{}, double(stats->buffers)}});
   session_events_->Replace({{{"created"}, double(stats->sessions_created)},

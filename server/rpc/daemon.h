@@ -99,7 +99,9 @@ class Daemon {
   SnapshotFamily* pool_bytes_ = nullptr;
   SnapshotFamily* tenant_bytes_ = nullptr;
   SnapshotFamily* tenant_quota_ = nullptr;
+  SnapshotFamily* tenant_free_ = nullptr;
   SnapshotFamily* tenant_sessions_ = nullptr;
+  SnapshotFamily* class_bytes_ = nullptr;
   SnapshotFamily* class_frames_ = nullptr;
   SnapshotFamily* sessions_ = nullptr;
   SnapshotFamily* buffers_gauge_ = nullptr;

@@ -312,6 +312,9 @@ TEST_F(DaemonTest, AppendSelectFetchAndDecodeStepMoveTheRightBytes) {
   EXPECT_THAT(metrics, HasSubstr(absl::StrCat("icecache_bytes_moved_total{direction=\"append_inline\"} ",
                                               kv.size() * 4)));
   EXPECT_THAT(metrics, HasSubstr("icecache_tenant_sessions{tenant=\"uid-"));
+  // Pool bytes per size class: frame = 2 x 4 tokens x 16 dims x 4 bytes.
+  EXPECT_THAT(metrics, HasSubstr("icecache_pool_class_frames{frame_bytes=\"512\",state=\"used\"} "));
+  EXPECT_THAT(metrics, HasSubstr("icecache_pool_class_bytes{frame_bytes=\"512\",state=\"free\"} "));
 }
 
 TEST_F(DaemonTest, BadRequestsGetPreciseCodes) {
@@ -607,7 +610,19 @@ TEST_F(DaemonTest, MetricsEndpointServesPrometheusTextAndHealthz) {
   EXPECT_THAT(metrics, HasSubstr("icecache_pool_bytes{state=\"capacity\"} 67108864\n"));
   EXPECT_THAT(metrics, HasSubstr("icecache_sessions 1\n"));
   EXPECT_THAT(metrics, HasSubstr("icecache_session_events_total{event=\"created\"} 1\n"));
+  EXPECT_THAT(metrics, ::testing::Not(HasSubstr("icecache_tenant_free_bytes{")));  // no quota yet
   EXPECT_THAT(metrics, HasSubstr("icecache_rpc_duration_seconds_bucket{method=\"CreateSession\",le=\"+Inf\"} 1\n"));
+  {
+    grpc::ClientContext ctx;
+    v1::SetQuotaRequest req;
+    req.set_tenant(absl::StrCat("uid-", getuid()));
+    req.set_quota_bytes(1 << 20);
+    v1::SetQuotaResponse resp;
+    ASSERT_TRUE(admin_->SetQuota(&ctx, req, &resp).ok());
+  }
+  EXPECT_THAT(HttpGet(port, "/metrics"),
+              HasSubstr(absl::StrCat("icecache_tenant_free_bytes{tenant=\"uid-", getuid(),
+                                     "\"} 1048576\n")));
   EXPECT_THAT(HttpGet(port, "/healthz"), HasSubstr("200 OK"));
   daemon_->BeginDrain();
   EXPECT_THAT(HttpGet(port, "/healthz"), HasSubstr("503"));
