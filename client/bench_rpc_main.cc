@@ -379,9 +379,12 @@ absl::Status RunSoak(Client& client, const Model& m, const Flags& f, JsonWriter&
   const int k = f.sessions.front();
   std::vector<SessionInfo> sessions;
   std::vector<ShmBuffer> outs;
+  ASSIGN_OR_RETURN(ShmBuffer kv_buf, client.CreateShmBuffer(m.prefill.size()));
+  std::memcpy(kv_buf.data(), m.prefill.data(), m.prefill.size());
   for (int i = 0; i < k; ++i) {
     ASSIGN_OR_RETURN(SessionInfo s, client.CreateSession(m.spec));
-    RETURN_IF_ERROR(client.AppendKvInline(s.id, m.prefill, static_cast<uint32_t>(f.tokens)).status());
+    RETURN_IF_ERROR(client.AppendKv(s.id, kv_buf, 0, m.prefill.size(),
+                                    static_cast<uint32_t>(f.tokens)).status());
     sessions.push_back(s);
     ASSIGN_OR_RETURN(ShmBuffer out, client.CreateShmBuffer(FetchBytes(m, f)));
     outs.push_back(std::move(out));
@@ -460,8 +463,16 @@ absl::Status RunChurn(Client& client, const Model& m, const Flags& f, int pid, J
   ASSIGN_OR_RETURN(int64_t before, ProcessRssBytes(pid));
   int64_t failed = 0;
   const absl::Time t0 = absl::Now();
+  // RSS at every tenth of the run: a plateau is reuse, a ramp is a leak.
+  std::vector<std::pair<int, int64_t>> trace;
+  const int every = std::max(1, f.churn / 10);
   for (int i = 0; i < f.churn; ++i) {
     if (!cycle().ok()) ++failed;
+    if ((i + 1) % every == 0) {
+      ASSIGN_OR_RETURN(int64_t rss, ProcessRssBytes(pid));
+      trace.emplace_back(i + 1, rss);
+      std::cout << absl::StrFormat("  after %d cycles: daemon RSS %s\n", i + 1, HumanBytes(rss));
+    }
   }
   const double wall = absl::ToDoubleSeconds(absl::Now() - t0);
   ASSIGN_OR_RETURN(int64_t after, ProcessRssBytes(pid));
@@ -472,7 +483,10 @@ absl::Status RunChurn(Client& client, const Model& m, const Flags& f, int pid, J
       (after - before) / 1048576.0);
   w.Key("churn").BeginObject();
   w.Key("cycles").Int(f.churn).Key("failed").Int(failed).Key("wall_s").Double(wall);
-  w.Key("rss_before_bytes").Int(before).Key("rss_after_bytes").Int(after).EndObject();
+  w.Key("rss_before_bytes").Int(before).Key("rss_after_bytes").Int(after);
+  w.Key("rss_trace").BeginArray();
+  for (const auto& [n, rss] : trace) w.BeginArray().Int(n).Int(rss).EndArray();
+  w.EndArray().EndObject();
   return failed == 0 ? absl::OkStatus()
                      : absl::InternalError(absl::StrCat(failed, " failed churn cycles"));
 }
