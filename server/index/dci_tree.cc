@@ -413,32 +413,73 @@ void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items,
   std::vector<uint32_t> best(items.size(), kNone);
   const int64_t window = params_.locality_window;
   const std::vector<uint32_t>& level_keys = levels_[level].key;  // ascending positions
-  for (size_t i = 0; i < items.size(); ++i) {
-    const float* x = keys + static_cast<size_t>(items[i]) * d;
-    if (level == 1 && window > 0) {
-      // Candidates: the level-1 nodes of the item's position window.
-      const int64_t w0 = items[i] / window * window;
-      const auto lo = std::lower_bound(level_keys.begin(), level_keys.end(),
-                                       static_cast<uint32_t>(w0));
-      const auto hi = std::lower_bound(level_keys.begin(), level_keys.end(),
-                                       static_cast<uint32_t>(std::min<int64_t>(w0 + window, UINT32_MAX)));
-      rs.scored.clear();
-      for (auto it = lo; it != hi; ++it) {
-        const uint32_t node = static_cast<uint32_t>(it - level_keys.begin());
-        rs.scored.push_back({RouteScore(level, node, x, aug[items[i]]), node});
-      }
-      const size_t k = std::min<size_t>(C, rs.scored.size());
-      std::partial_sort(rs.scored.begin(), rs.scored.begin() + k, rs.scored.end(),
-                        [](const auto& a, const auto& b) {
-                          return a.first > b.first || (a.first == b.first && a.second < b.second);
-                        });
-      out.assign(rs.scored.begin(), rs.scored.begin() + k);
-      if (out.empty()) Route(x, aug[items[i]], level, C, nullptr, &rs, &out);
-    } else {
-      Route(x, aug[items[i]], level, C, nullptr, &rs, &out);
+  auto better = [](const std::pair<float, uint32_t>& a, const std::pair<float, uint32_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  if (level == 1 && window > 0 && std::is_sorted(level_keys.begin(), level_keys.end())) {
+    // Candidates of an item: the level-1 nodes of its position window (a
+    // contiguous id range here), scored 8 items at a time with one kernel call.
+    const Level& L = levels_[level];
+    std::vector<float> aux(L.size());
+    for (uint32_t node = 0; node < L.size(); ++node) {
+      aux[node] = params_.augmented_routing
+                      ? -L.half_sq[node]
+                      : -0.5f * SquaredNorm(&L.centroid[static_cast<size_t>(node) * d], d);
     }
-    if (!out.empty()) best[i] = out[0].second;
-    for (const auto& o : out) pairs.push_back({o.first, static_cast<uint32_t>(i), o.second});
+    std::vector<float> batch(static_cast<size_t>(8) * d), dots;
+    for (size_t b = 0; b < items.size();) {
+      const int64_t w0 = items[b] / window * window;
+      size_t e = b;
+      while (e < items.size() && e - b < 8 && items[e] / window * window == w0) ++e;
+      const uint32_t lo = static_cast<uint32_t>(
+          std::lower_bound(level_keys.begin(), level_keys.end(), static_cast<uint32_t>(w0)) -
+          level_keys.begin());
+      const uint32_t hi = static_cast<uint32_t>(
+          std::lower_bound(level_keys.begin(), level_keys.end(),
+                           static_cast<uint32_t>(std::min<int64_t>(w0 + window, UINT32_MAX))) -
+          level_keys.begin());
+      const int nb = static_cast<int>(e - b);
+      for (int t = 0; t < nb; ++t) {
+        std::copy(keys + static_cast<size_t>(items[b + t]) * d,
+                  keys + static_cast<size_t>(items[b + t] + 1) * d, &batch[static_cast<size_t>(t) * d]);
+      }
+      const uint32_t nn = hi - lo;
+      if (nn > 0) {
+        dots.resize(static_cast<size_t>(nn) * nb);
+        DotRowsMulti(DType::kF32, &L.centroid[static_cast<size_t>(lo) * d], nn, d, batch.data(), nb,
+                     dots.data());
+      }
+      for (int t = 0; t < nb; ++t) {
+        const size_t idx = b + t;
+        const float a = aug[items[idx]];
+        // Top C by insertion into a small sorted array (C is small).
+        out.clear();
+        const float* row = &dots[static_cast<size_t>(t) * nn];
+        for (uint32_t k = 0; k < nn; ++k) {
+          const uint32_t node = lo + k;
+          float sc = row[k] + aux[node];
+          if (params_.augmented_routing) sc += a * L.abar[node];
+          if (out.size() == static_cast<size_t>(C) && !(sc > out.back().first)) continue;
+          std::pair<float, uint32_t> v{sc, node};
+          auto pos = std::upper_bound(out.begin(), out.end(), v, better);
+          out.insert(pos, v);
+          if (out.size() > static_cast<size_t>(C)) out.pop_back();
+        }
+        if (out.empty()) {
+          Route(keys + static_cast<size_t>(items[idx]) * d, a, level, C, nullptr, &rs, &out);
+        }
+        if (!out.empty()) best[idx] = out[0].second;
+        for (const auto& o : out) pairs.push_back({o.first, static_cast<uint32_t>(idx), o.second});
+      }
+      b = e;
+    }
+  } else {
+    for (size_t i = 0; i < items.size(); ++i) {
+      const float* x = keys + static_cast<size_t>(items[i]) * d;
+      Route(x, aug[items[i]], level, C, nullptr, &rs, &out);
+      if (!out.empty()) best[i] = out[0].second;
+      for (const auto& o : out) pairs.push_back({o.first, static_cast<uint32_t>(i), o.second});
+    }
   }
   std::sort(pairs.begin(), pairs.end(), [](const Pair& a, const Pair& b) {
     if (a.score != b.score) return a.score > b.score;
@@ -492,6 +533,80 @@ void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items,
   // Items never paired (cannot happen with a non-empty level; kept safe).
   for (size_t i = 0; i < items.size(); ++i) {
     if ((*parent_of)[i] == kNone) (*parent_of)[i] = best[i] != kNone ? best[i] : 0;
+  }
+}
+
+uint32_t DciTree::Level1NodeOfUpperKey(int64_t key) const {
+  // Walk the own-child chain down from the key's top node.
+  uint32_t node = key_node_[key];
+  for (int l = key_top_[key]; l > 1; --l) {
+    uint32_t own = kNone;
+    for (uint32_t c : levels_[l].children[node]) {
+      if (levels_[l - 1].key[c] == static_cast<uint32_t>(key)) {
+        own = c;
+        break;
+      }
+    }
+    node = own;
+  }
+  return node;
+}
+
+void DciTree::RenumberDepthFirst() {
+  const int top = top_level();
+  const int d = params_.dim;
+  std::vector<uint32_t> new_above;  // new id of each old node one level up
+  for (int l = top; l >= 1; --l) {
+    Level& L = levels_[l];
+    const uint32_t sz = L.size();
+    std::vector<uint32_t> order(sz);
+    std::iota(order.begin(), order.end(), 0u);
+    if (l < top) {
+      std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
+        return new_above[L.parent[a]] < new_above[L.parent[b]];
+      });
+    }
+    std::vector<uint32_t> new_of_old(sz);
+    for (uint32_t i = 0; i < sz; ++i) new_of_old[order[i]] = i;
+    auto permute = [&](auto& v, size_t width) {
+      if (v.empty()) return;
+      auto old = v;
+      for (uint32_t i = 0; i < sz; ++i) {
+        std::copy(old.begin() + static_cast<size_t>(order[i]) * width,
+                  old.begin() + static_cast<size_t>(order[i] + 1) * width,
+                  v.begin() + static_cast<size_t>(i) * width);
+      }
+    };
+    permute(L.key, 1);
+    permute(L.parent, 1);
+    permute(L.count, 1);
+    permute(L.centroid, d);
+    permute(L.abar, 1);
+    permute(L.m2, 1);
+    permute(L.half_sq, 1);
+    permute(L.pm2, rank_);
+    permute(L.lam, rank_);
+    permute(L.res, 1);
+    permute(L.outlier, d);
+    permute(L.out_dev, 1);
+    if (!L.children.empty()) {
+      std::vector<std::vector<uint32_t>> old = std::move(L.children);
+      L.children.resize(sz);
+      for (uint32_t i = 0; i < sz; ++i) L.children[i] = std::move(old[order[i]]);
+    }
+    if (l < top) {
+      for (auto& p : L.parent) p = new_above[p];
+    }
+    if (l + 1 <= top) {
+      for (auto& ch : levels_[l + 1].children) {
+        for (auto& c : ch) c = new_of_old[c];
+        std::sort(ch.begin(), ch.end());
+      }
+    }
+    for (int64_t i = 0; i < num_tokens(); ++i) {
+      if (key_top_[i] == l || (l == 1 && key_top_[i] == 0)) key_node_[i] = new_of_old[key_node_[i]];
+    }
+    new_above = std::move(new_of_old);
   }
 }
 
@@ -595,6 +710,15 @@ absl::Status DciTree::BulkBuild(const float* keys, int64_t n,
     }
     SetRepsFromKeys(1, keys, aug.data(), &members);
     AggregateUp(2);
+  }
+
+  // Siblings get consecutive ids (their representatives are scored as one
+  // block); then the members again under the new ids.
+  RenumberDepthFirst();
+  for (auto& m : members) m.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t node = key_top_[i] == 0 ? key_node_[i] : Level1NodeOfUpperKey(i);
+    members[node].push_back(static_cast<uint32_t>(i));
   }
 
   // Pages: each logical node's keys in position order.
@@ -733,62 +857,62 @@ void DciTree::CollectCandidates(const float* queries, int nq, float scale,
   for (int l = entry; l >= 1; --l) {
     const Level& L = levels_[l];
     const size_t nc = s->cand.size();
-    s->dots.resize(nc * nq);
-    s->odots.resize(nc * nq);
-    // Score runs of consecutive node ids with one multi-query kernel call.
-    for (size_t b = 0; b < nc;) {
-      size_t e = b + 1;
-      while (e < nc && s->cand[e] == s->cand[e - 1] + 1) ++e;
-      const size_t run = e - b;
-      if (run == nc) {
-        DotRowsMulti(DType::kF32, &L.centroid[static_cast<size_t>(s->cand[b]) * d], run, d,
-                     queries, nq, s->dots.data());
-        if (outliers) {
-          DotRowsMulti(DType::kF32, &L.outlier[static_cast<size_t>(s->cand[b]) * d], run, d,
-                       queries, nq, s->odots.data());
-        }
-      } else {
-        for (size_t i = b; i < e; ++i) {
+    // Dots of the queries with rows [width] of `arr` for every candidate,
+    // out[j * nc + i]; runs of consecutive ids (siblings) go through one
+    // multi-query kernel call.
+    auto dots_of = [&](const std::vector<float>& arr, int width, const float* qs, int qdim,
+                       std::vector<float>* out) {
+      out->resize(nc * nq);
+      for (size_t b = 0; b < nc;) {
+        size_t e = b + 1;
+        while (e < nc && s->cand[e] == s->cand[e - 1] + 1) ++e;
+        const size_t run = e - b;
+        const float* rows = &arr[static_cast<size_t>(s->cand[b]) * width];
+        if (run == nc) {
+          DotRowsMulti(DType::kF32, rows, run, qdim, qs, nq, out->data());
+        } else {
+          s->run_dots.resize(run * nq);
+          DotRowsMulti(DType::kF32, rows, run, qdim, qs, nq, s->run_dots.data());
           for (int j = 0; j < nq; ++j) {
-            s->dots[j * nc + i] = DotF32(queries + static_cast<size_t>(j) * d,
-                                         &L.centroid[static_cast<size_t>(s->cand[i]) * d], d);
-            if (outliers) {
-              s->odots[j * nc + i] = DotF32(queries + static_cast<size_t>(j) * d,
-                                            &L.outlier[static_cast<size_t>(s->cand[i]) * d], d);
-            }
+            std::copy(&s->run_dots[j * run], &s->run_dots[j * run] + run, &(*out)[j * nc + b]);
           }
         }
+        b = e;
       }
-      b = e;
-    }
+    };
+    dots_of(L.centroid, d, queries, d, &s->dots);
+    if (outliers) dots_of(L.outlier, d, queries, d, &s->odots);
+    const bool spread = half_s2 > 0.0f && rank_ > 0;
+    if (spread) dots_of(L.lam, rank_, s->qproj.data(), rank_, &s->vars);
     *touched += outliers ? 2 * nc : nc;
     s->scored.resize(nc);
     for (size_t i = 0; i < nc; ++i) {
       const uint32_t node = s->cand[i];
-      // Mass = exp(s q.o) for the outlier key + (count-1) keys around the
-      // centroid of the rest, (count c - o) / (count-1), with the node's spread.
       const uint32_t cnt = std::max<uint32_t>(1, L.count[node]);
+      const float logc = std::log(static_cast<float>(cnt));
+      float best = -std::numeric_limits<float>::infinity();
+      if (!outliers) {
+        // Gaussian mass: + s^2 v / 2 for the logit variance v = q'Sq, capped
+        // by the expected max of `cnt` Gaussians, z s sqrt(v) with
+        // z = sqrt(2 ln cnt), so large queries are not ranked by spread alone.
+        const float z = std::sqrt(2.0f * std::max(logc, 0.5f));
+        const float vcap = 4.0f * z * z / (scale * scale);  // where the two meet
+        for (int j = 0; j < nq; ++j) {
+          float e = s->dots[j * nc + i] * scale + logc;
+          if (spread) {
+            const float var = s->vars[j * nc + i] + s->qres[j] * L.res[node];
+            e += var <= vcap ? half_s2 * var
+                             : params.spread_weight * z * scale * std::sqrt(var);
+          }
+          best = std::max(best, e);
+        }
+        s->scored[i] = {best, node};
+        continue;
+      }
       const float rest = static_cast<float>(cnt - 1);
       const float log_rest = cnt > 1 ? std::log(rest) : 0.0f;
       const float* lam = &L.lam[static_cast<size_t>(node) * rank_];
-      float best = -std::numeric_limits<float>::infinity();
       for (int j = 0; j < nq; ++j) {
-        if (!outliers) {
-          const float logc = std::log(static_cast<float>(cnt));
-          float e = s->dots[j * nc + i] * scale + logc;
-          if (half_s2 > 0.0f) {
-            // Gaussian mass: + s^2 v / 2 for logit variance v = q'Sq; capped
-            // by the expected max of `cnt` Gaussians, z s sqrt(v) with
-            // z = sqrt(2 ln cnt), so large queries are not ranked by spread alone.
-            const float* qp = &s->qproj[static_cast<size_t>(j) * rank_];
-            float var = s->qres[j] * L.res[node];
-            for (int k = 0; k < rank_; ++k) var += qp[k] * lam[k];
-            const float z = std::sqrt(2.0f * std::max(logc, 0.5f));
-            e += std::min(half_s2 * var, params.spread_weight * z * scale * std::sqrt(var));
-          }
-          best = std::max(best, e);
-          continue;
-        }
         const float eo = s->odots[j * nc + i] * scale;
         float e = eo;
         if (cnt > 1) {
@@ -806,26 +930,36 @@ void DciTree::CollectCandidates(const float* queries, int nq, float scale,
       }
       s->scored[i] = {best, node};
     }
-    std::sort(s->scored.begin(), s->scored.end(), better);
-    if (l == 1) {
-      int64_t tokens = 0;
-      for (const auto& sc : s->scored) {
-        if (tokens >= params.min_tokens) break;
-        nodes->push_back(sc.second);
-        tokens += pages_.node_tokens(sc.second);
-      }
-      return;
-    }
-    const int64_t cover = static_cast<int64_t>(params.cover_factor * params.min_tokens);
+    // Only the head of the ranking is needed: sort it in growing chunks.
+    const int64_t want_tokens =
+        l == 1 ? params.min_tokens : static_cast<int64_t>(params.cover_factor * params.min_tokens);
+    const size_t want_nodes = l == 1 ? 0 : static_cast<size_t>(params.field_of_view);
+    const double mean_count = static_cast<double>(num_tokens()) / std::max<uint32_t>(1, L.size());
+    size_t chunk = std::max<size_t>(
+        {want_nodes, static_cast<size_t>(1.25 * want_tokens / std::max(1.0, mean_count)) + 8});
+    size_t sorted = 0;
     int64_t tokens = 0;
+    size_t taken = 0;
     s->next.clear();
-    for (size_t i = 0; i < s->scored.size(); ++i) {
-      if (static_cast<int>(i) >= params.field_of_view && tokens >= cover) break;
-      const uint32_t node = s->scored[i].second;
-      tokens += L.count[node];
-      const auto& ch = L.children[node];
-      s->next.insert(s->next.end(), ch.begin(), ch.end());
+    while (taken < s->scored.size() && (taken < want_nodes || tokens < want_tokens)) {
+      if (taken == sorted) {
+        const size_t end = std::min(s->scored.size(), sorted + chunk);
+        std::partial_sort(s->scored.begin() + sorted, s->scored.begin() + end, s->scored.end(),
+                          better);
+        sorted = end;
+        chunk *= 2;
+      }
+      const uint32_t node = s->scored[taken++].second;
+      if (l == 1) {
+        nodes->push_back(node);
+        tokens += pages_.node_tokens(node);
+      } else {
+        tokens += L.count[node];
+        const auto& ch = L.children[node];
+        s->next.insert(s->next.end(), ch.begin(), ch.end());
+      }
     }
+    if (l == 1) return;
     std::sort(s->next.begin(), s->next.end());
     s->cand.swap(s->next);
   }

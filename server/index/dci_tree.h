@@ -50,14 +50,14 @@ struct DciTreeParams {
   float rebuild_fraction = 0.02f;
   int route_fov = 3;          // nodes kept per level when routing a key (build, insert)
   int build_candidates = 8;   // parents considered per key by the capacity-aware bulk assignment
-  int refine_iters = 1;       // bulk: level-0 re-assignments against full centroids
+  int refine_iters = 0;       // bulk: level-0 re-assignments against full centroids
   // Rank of the global key subspace (PCA of the first batch) in which every
   // node keeps the variance of its keys, for its attention-mass estimate.
   int spread_rank = 16;
   // > 0: a key's logical node is chosen among the level-1 nodes whose key
   // lies in the same window of this many positions (semantic pages that stay
   // local in position); 0: among all (global semantic clustering).
-  int locality_window = 0;
+  int locality_window = 4096;
   // true: parents are nearest in the MIPS-augmented space [k, a(k)];
   // false: nearest in plain Euclidean key space (measured to give pages with
   // more attention mass on the synthetic llama3-8b-like data).
@@ -83,7 +83,7 @@ struct DciDescentParams {
 // Reusable per-thread buffers of CollectCandidates (no allocation once warm).
 struct DciScratch {
   std::vector<uint32_t> cand, next;
-  std::vector<float> dots, odots;
+  std::vector<float> dots, odots, vars, run_dots;
   std::vector<std::pair<float, uint32_t>> scored;
   std::vector<float> qnorm2;
   std::vector<float> qproj;  // nq x spread_rank, squared projections of the queries
@@ -215,6 +215,9 @@ class DciTree {
   // lam and res of a node from its centroid, m2 and pm2.
   void DeriveSpread(int level, uint32_t node);
   void ResizeLevel(int level, uint32_t size);
+  // Renumbers every level depth-first (siblings get consecutive ids).
+  void RenumberDepthFirst();
+  uint32_t Level1NodeOfUpperKey(int64_t key) const;
 
   DciTreeParams params_;
   int ratio_;

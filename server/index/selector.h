@@ -58,7 +58,7 @@ struct MdciParams {
   // Nodes kept per level above level 1 while descending (at least; more while
   // they hold fewer than cover_factor x candidate tokens). Wider = more
   // representatives scored, more mass. Tuned on llama3-8b-like, 131072 tokens.
-  int field_of_view = 96;
+  int field_of_view = 48;
   // Candidate tokens scored exactly per query, as a multiple of the budget
   // (whole logical nodes, best estimated first). The main time/mass knob:
   // 16 x 256 = 4096 keys = 3% of 131072 (see mdci_selector.h for figures).
@@ -71,7 +71,7 @@ struct MdciParams {
   int promotion_ratio = 0;     // r; 0 = max(2, page_tokens) (one full page per logical node)
   int route_fov = 3;           // nodes kept per level when routing a key (build, insert)
   int build_candidates = 8;    // parents considered per key by the capacity-aware bulk build
-  int refine_iters = 1;        // bulk build: level-0 re-assignments against full centroids
+  int refine_iters = 0;        // bulk build: level-0 re-assignments against full centroids
   // Upper levels keep nodes (beyond field_of_view) until they hold
   // cover_factor x candidate tokens.
   float cover_factor = 2.0f;

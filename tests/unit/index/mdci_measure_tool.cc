@@ -73,6 +73,7 @@ int main(int argc, char** argv) {
   mp.augmented_routing = geti("augmented", mp.augmented_routing) != 0;
   mp.outlier_reps = geti("outliers", mp.outlier_reps) != 0;
   const bool incremental = geti("incremental", 0) != 0;
+  double sum_us_descent = 0;
   double sum_build = 0, sum_us_m = 0, sum_us_e = 0, sum_us_scan = 0;
   double mass_m = 0, mass_e = 0, mass_p = 0, touched = 0, bytes = 0, fill = 0;
   int n_sel = 0;
@@ -133,6 +134,26 @@ int main(int argc, char** argv) {
       auto e = Clock::now();
       (void)sels[SelectorKind::kExact].second->Select(q, G, sp, &sx);
       sum_us_m += Secs(a, b) * 1e6 / reps;
+      {
+        // Time of the descent alone (candidate collection), for the breakdown.
+        auto* m = static_cast<MdciSelector*>(sels[SelectorKind::kMdci].second.get());
+        DciDescentParams dp;
+        dp.field_of_view = mp.field_of_view;
+        dp.min_tokens = std::max<int64_t>(int64_t{mp.min_candidate_pages} * P,
+                                          static_cast<int64_t>(mp.candidate_factor * budget));
+        dp.cover_factor = mp.cover_factor;
+        dp.entry_nodes = mp.entry_nodes;
+        dp.spread_weight = mp.spread_weight;
+        DciScratch scratch;
+        std::vector<uint32_t> nodes;
+        uint64_t t = 0;
+        auto d0 = Clock::now();
+        for (int r = 0; r < reps; ++r) {
+          m->tree().CollectCandidates(q, G, 1.0f / std::sqrt(static_cast<float>(d)), dp, &scratch,
+                                      &nodes, &t);
+        }
+        sum_us_descent += Secs(d0, Clock::now()) * 1e6 / reps;
+      }
       sum_us_e += Secs(b, c) * 1e6 / 2;
       sum_us_scan += Secs(c, e) * 1e6 / 2;
       touched += static_cast<double>(sm.keys_touched) / tokens;
@@ -174,6 +195,7 @@ int main(int argc, char** argv) {
               mp.refine_iters, incremental ? " (incremental build)" : "");
   std::printf("build %.3f s/head  index %.1f B/token (%.1f%% of 512 B KV)  mean fill %.3f\n",
               sum_build / heads, bytes / heads, 100.0 * bytes / heads / 512.0, fill / heads);
+  std::printf("descent us %.1f (of mdci select)\n", sum_us_descent / n_sel);
   std::printf("select us: mdci %.1f  exact-mdci %.1f  fp16 scan %.1f  (mdci/scan %.3f)  touched %.2f%%\n",
               sum_us_m / n_sel, sum_us_e / n_sel, sum_us_scan / n_sel, sum_us_m / sum_us_scan,
               100.0 * touched / n_sel);
