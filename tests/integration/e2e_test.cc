@@ -143,6 +143,52 @@ TEST(EndToEndTest, InlineAppendAndSelectThenFetchMatch) {
   EXPECT_THAT((*client)->GetSession(s->id), StatusIs(absl::StatusCode::kNotFound));
 }
 
+TEST(EndToEndTest, LayerGroupFetchWritesEveryLayerOfTheGroup) {
+  auto daemon = StartDaemon();
+  ASSERT_THAT(daemon, IsOk());
+  auto client = Connect(**daemon);
+  ASSERT_THAT(client, IsOk());
+  Client& c = **client;
+  TestModel m = MakeModel(/*layers=*/4, /*kv_heads=*/2, /*tokens=*/512, /*steps=*/2);
+  m.spec.layer_reuse = 2;  // layers {0,1} and {2,3} share a layout
+  auto s = c.CreateSession(m.spec);
+  ASSERT_THAT(s, IsOk());
+  EXPECT_EQ(s->spec.layer_reuse, 2);
+  ASSERT_THAT(c.AppendKvInline(s->id, m.kv.Chunk(0, 512), 512), IsOk());
+  auto out = c.CreateShmBuffer(4 << 20);
+  ASSERT_THAT(out, IsOk());
+  SelectOptions opt;
+  opt.budget_tokens = 48;
+  opt.want_positions = true;
+  for (uint32_t first : {0u, 2u}) {
+    // One request fetches both layers of the group with the first layer's
+    // selection.
+    auto r = c.DecodeStep(s->id, first, Queries(m, 0, first), out->buffer_id(), 0, opt,
+                          /*num_layers=*/2);
+    ASSERT_THAT(r, IsOk());
+    EXPECT_EQ(r->layout.first_layer, first);
+    EXPECT_EQ(r->layout.num_layers, 2u);
+    EXPECT_GT(r->layout.layer_stride_bytes, 0u);
+    EXPECT_EQ(r->layout.total_bytes, 2 * r->layout.layer_stride_bytes);
+    auto n = VerifyFetch(m.kv, 512, r->layout, r->heads, out->data(), out->size());
+    ASSERT_THAT(n, IsOk());
+    // Both layers were checked: twice the pages of one layer.
+    int64_t pages = 0;
+    for (const auto& h : r->layout.heads) pages += static_cast<int64_t>(h.pages.size());
+    EXPECT_EQ(*n, 2 * pages);
+    // The group's second layer reuses that selection without new queries.
+    SelectOptions reuse = opt;
+    reuse.reuse_group_selection = true;
+    auto again = c.SelectPages(s->id, first + 1, {}, reuse);
+    ASSERT_THAT(again, IsOk());
+    ASSERT_EQ(again->size(), r->heads.size());
+    for (size_t h = 0; h < again->size(); ++h) EXPECT_EQ((*again)[h].pages, r->heads[h].pages);
+  }
+  // A range crossing the group boundary is refused.
+  EXPECT_THAT(c.DecodeStep(s->id, 1, Queries(m, 0, 1), out->buffer_id(), 0, opt, 2),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
 TEST(EndToEndTest, EightConcurrentClients) {
   auto daemon = StartDaemon();
   ASSERT_THAT(daemon, IsOk());
