@@ -27,9 +27,9 @@ std::string BaseConfig(const std::string& extra) {
   return absl::StrCat(
       "listen { unix_socket_mode: 438 }\n"  // 0666
       "auth {\n"
-      "  uid_tenants { uid: 0 tenant: \"alpha\" }\n"
-      "  uid_tenants { uid: ", kOtherUid, " tenant: \"beta\" }\n"
-      "  admin_uids: 0\n"
+      "  uid_tenants { uid: ", ::geteuid(), " tenant: \"alpha\" }\n",
+      ::geteuid() == kOtherUid ? "" : absl::StrCat("  uid_tenants { uid: ", kOtherUid, " tenant: \"beta\" }\n"),
+      "  admin_uids: ", ::geteuid(), "\n"
       "}\n"
       "sessions { reaper_interval_ms: 100 buffer_idle_ttl_ms: 1000 }\n"
       "pool { capacity_bytes: 268435456 }\n"

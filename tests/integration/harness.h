@@ -28,8 +28,8 @@ std::string ProbePath();
 // The uid the suite uses as a second tenant ("beta"); "nobody".
 constexpr uid_t kOtherUid = 65534;
 
-// Config text: uid 0 -> tenant "alpha" (admin), kOtherUid -> "beta" (not
-// admin), socket mode 0666 so the other uid can connect, a 100 ms reaper
+// Config text: the test's own uid (0 in CI) -> tenant "alpha" (admin),
+// kOtherUid -> "beta" (not admin), socket mode 0666 so the other uid can connect, a 100 ms reaper
 // and 1 s buffer idle TTL; `extra` is appended verbatim (textproto allows a
 // message to be given in parts, e.g. "pool { capacity_bytes: ... }").
 std::string BaseConfig(const std::string& extra = "");
