@@ -527,6 +527,8 @@ absl::StatusOr<AppendResult> SessionManager::AppendLocked(const Caller& caller,
         pages_before[i], " -> ", pages_now, " pages)"));
   };
   if (first) {
+    // The reservation is computed from the built indices: no page bound.
+    std::fill(max_new_pages.begin(), max_new_pages.end(), ~uint64_t{0});
     built.resize(num_indices);
     RETURN_IF_ERROR(ParallelFor(num_indices, threads, [&](int64_t i) {
       const int g = static_cast<int>(i / c.kv_heads);
