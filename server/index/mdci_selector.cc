@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -15,8 +16,16 @@ namespace {
 // Per-thread buffers of Select (sized once, reused across calls).
 struct SelectScratch {
   DciScratch descent;
-  std::vector<uint32_t> nodes;
-  std::vector<float> logits;
+  std::vector<uint32_t> nodes, candidates;
+  std::vector<float> logits;  // G x fill per scored page, concatenated
+  struct Scored {
+    uint32_t page;
+    uint32_t fill;
+    size_t offset;  // into logits
+    float lower;    // max logit x scale: PageMassScore >= lower
+  };
+  std::vector<Scored> pages;
+  std::vector<float> lowers;
   std::vector<std::pair<float, uint32_t>> scored;
 };
 
@@ -92,18 +101,35 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries,
   SelectScratch& s = ThreadScratch();
   s.scored.clear();
   uint64_t touched = 0;
-  s.logits.resize(static_cast<size_t>(num_queries) * config_.page_tokens);
+  s.logits.clear();
+  s.pages.clear();
+  // Exact logits of a page, kept with the lower bound of its score (the
+  // page's best logit); PageMassScore is only computed where it can matter.
+  const size_t row_bytes = static_cast<size_t>(d) * DTypeSize(config_.dtype);
+  auto prefetch_page = [&](uint32_t page) {
+    // Frames are separate 4 KiB-ish blocks: the hardware prefetcher stops at
+    // each boundary, so ask for the next candidate's keys ahead of time.
+    const char* p = static_cast<const char*>(keys_->page_keys(page));
+    const size_t bytes = static_cast<size_t>(pt.fill(page)) * row_bytes;
+    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+  };
   auto score_page = [&](uint32_t page) {
     const uint32_t fill = pt.fill(page);
     if (fill == 0) return;
+    const size_t off = s.logits.size();
+    s.logits.resize(off + static_cast<size_t>(num_queries) * fill);
     DotRowsMulti(config_.dtype, keys_->page_keys(page), fill, d, queries, num_queries,
-                 s.logits.data());
+                 &s.logits[off]);
     touched += fill;
-    s.scored.push_back(
-        {PageMassScore(s.logits.data(), num_queries, static_cast<int>(fill), fill, scale), page});
+    float m = -std::numeric_limits<float>::infinity();
+    for (size_t k = off; k < s.logits.size(); ++k) m = std::max(m, s.logits[k]);
+    s.pages.push_back({page, fill, off, m * scale});
   };
   if (config_.kind == SelectorKind::kExactMdci) {
-    for (uint32_t page = 0; page < pt.num_pages(); ++page) score_page(page);
+    for (uint32_t page = 0; page < pt.num_pages(); ++page) {
+      if (page + 1 < pt.num_pages()) prefetch_page(page + 1);
+      score_page(page);
+    }
   } else {
     DciDescentParams dp;
     dp.field_of_view = config_.mdci.field_of_view;
@@ -116,15 +142,50 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries,
     dp.entry_nodes = config_.mdci.entry_nodes;
     dp.spread_weight = config_.mdci.spread_weight;
     tree_->CollectCandidates(queries, num_queries, scale, dp, &s.descent, &s.nodes, &touched);
+    s.candidates.clear();
     for (uint32_t node : s.nodes) {
       for (uint32_t page = pt.first_page(node); page != DciPageTable::kNone;
            page = pt.next_page(page)) {
-        score_page(page);
+        s.candidates.push_back(page);
       }
+    }
+    for (size_t i = 0; i < s.candidates.size(); ++i) {
+      if (i + 1 < s.candidates.size()) prefetch_page(s.candidates[i + 1]);
+      score_page(s.candidates[i]);
     }
   }
   const std::vector<uint32_t> forced = ForcedPages(
       num_tokens(), params, [&](int64_t pos) { return pt.page_of_position(pos); });
+  // Pruning: a page's score lies in [lower, lower + log(fill)]. Non-forced
+  // pages whose lower bounds alone fill the budget set a threshold; a page
+  // whose upper bound is below it can never be taken, so its exact score is
+  // not needed (the selection is the same as scoring every page).
+  float threshold = -std::numeric_limits<float>::infinity();
+  {
+    s.scored.clear();
+    for (const auto& p : s.pages) {
+      if (!std::binary_search(forced.begin(), forced.end(), p.page)) {
+        s.scored.push_back({p.lower, p.fill});
+      }
+    }
+    std::sort(s.scored.begin(), s.scored.end(),
+              [](const auto& a, const auto& b) { return a.first > b.first; });
+    int64_t tokens = 0;
+    for (const auto& e : s.scored) {
+      tokens += e.second;
+      if (tokens >= params.budget_tokens) {
+        threshold = e.first;
+        break;
+      }
+    }
+  }
+  s.scored.clear();
+  for (const auto& p : s.pages) {
+    if (p.lower + std::log(static_cast<float>(p.fill)) < threshold) continue;
+    s.scored.push_back({PageMassScore(&s.logits[p.offset], num_queries, static_cast<int>(p.fill),
+                                      static_cast<int>(p.fill), scale),
+                        p.page});
+  }
   TakePages(*this, forced, &s.scored, params, out);
   out->keys_touched = touched;
   return absl::OkStatus();
