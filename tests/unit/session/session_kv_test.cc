@@ -94,7 +94,7 @@ class SessionKvTest : public ::testing::TestWithParam<SelectorKind> {
  protected:
   void SetUp() override {
     env_ = MakeEnv(&clock_);
-    auto shm = ShmFile::Create(UniqueName("kv"), 1 << 20);
+    auto shm = ShmFile::Create(UniqueName("kv"), 4 << 20);
     ASSERT_THAT(shm, IsOk());
     shm_ = std::move(shm).value();
     auto b = env_.buffers->RegisterShm(Alice(), shm_.path(), shm_.size(), clock_.Now());
@@ -114,7 +114,9 @@ TEST_P(SessionKvTest, AppendSelectFetchRoundTripIsByteIdentical) {
   ASSERT_THAT(info, IsOk());
   KvMirror mirror(c);
   int64_t tokens = 0;
-  for (int64_t n : {37, 1, 3, 1, 6}) {  // prefill (build), then decode chunks (insert)
+  // Prefill (bulk build, large enough to run on several threads), then
+  // decode chunks (insert).
+  for (int64_t n : {2100, 1, 3, 1, 6}) {
     auto kv = MakeKv(c, tokens, n);
     mirror.Add(kv, tokens, n);
     auto r = env_.manager->AppendKv(Alice(), info->id, n, kv);
