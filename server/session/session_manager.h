@@ -26,7 +26,8 @@
 // Tenancy: every session belongs to the creating caller's tenant. Session ids
 // of other tenants answer NOT_FOUND ("session <id> not found"), exactly like
 // unknown ids, so ids never leak. Admin callers may Get/List/Drop any
-// session; KV operations (append/select/fetch/decode) need the owning tenant.
+// session (and Evict/Pin it); KeepAlive and the KV operations
+// (append/select/fetch/decode) need the owning tenant.
 // Admin verbs answer PERMISSION_DENIED for non-admin callers.
 //
 // Leases: each session has a TTL; any request on it (or KeepAlive) renews
