@@ -570,6 +570,15 @@ TEST_F(BadInputTest, DecodeStepStreamRejectsBadFirstRequestsAndNan) {
   }
   // An empty stream closes cleanly.
   EXPECT_THAT(stream_status({}, &n), IsOk());
+  // The typed client's per-session stream: a good step, a NaN step (the
+  // daemon ends the stream), then the next step reopens it and works.
+  SelectOptions opt;
+  opt.budget_tokens = 32;
+  ASSERT_THAT(client_->DecodeStep(session_, 0, Queries(*model_, 0, 0), buffer_->buffer_id(), 0, opt),
+              IsOk());
+  std::vector<float> nan_q(QFloats(), std::nanf(""));
+  EXPECT_THAT(client_->DecodeStep(session_, 0, nan_q, buffer_->buffer_id(), 0, opt),
+              StatusIs(Code::kInvalidArgument));
   ExpectServesGoodRequest();
 }
 
