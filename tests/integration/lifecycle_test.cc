@@ -83,6 +83,32 @@ TEST(LifecycleTest, QuotaExhaustionIsResourceExhaustedAndChangesNothing) {
   EXPECT_EQ(*grown, 768u);
 }
 
+TEST(LifecycleTest, SessionAndBufferLimitsAreResourceExhausted) {
+  auto daemon = StartDaemon(
+      "sessions { max_sessions_per_tenant: 2 }\nlimits { max_buffers_per_tenant: 2 }\n");
+  ASSERT_THAT(daemon, IsOk());
+  auto client = Connect(**daemon);
+  ASSERT_THAT(client, IsOk());
+  Client& c = **client;
+  TestModel m = MakeModel(1, 1, 64, 1);
+  auto a = c.CreateSession(m.spec);
+  auto b = c.CreateSession(m.spec);
+  ASSERT_THAT(a, IsOk());
+  ASSERT_THAT(b, IsOk());
+  EXPECT_THAT(c.CreateSession(m.spec), StatusIs(absl::StatusCode::kResourceExhausted));
+  EXPECT_EQ(c.ListSessions().value().size(), 2u);
+  ASSERT_THAT(c.DropSession(a->id), IsOk());
+  EXPECT_THAT(c.CreateSession(m.spec), IsOk());
+
+  auto b1 = c.CreateShmBuffer(4096);
+  auto b2 = c.CreateShmBuffer(4096);
+  ASSERT_THAT(b1, IsOk());
+  ASSERT_THAT(b2, IsOk());
+  EXPECT_THAT(c.CreateShmBuffer(4096), StatusIs(absl::StatusCode::kResourceExhausted));
+  ASSERT_THAT(b1->Unregister(), IsOk());
+  EXPECT_THAT(c.CreateShmBuffer(4096), IsOk());
+}
+
 TEST(LifecycleTest, IdleSessionsAreEvictedAtTheWatermarkPinnedOnesAreNot) {
   // 8 MiB pool, watermark at 50%. Each session below holds ~1 MiB.
   auto daemon = StartDaemon("pool { capacity_bytes: 8388608 high_watermark: 0.5 }\n");
