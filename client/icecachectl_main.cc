@@ -228,7 +228,7 @@ int Run(int argc, char** argv) {
   if (args.positional.empty()) return UsageError("no command given");
   const std::string cmd = args.positional[0];
   const std::vector<std::string> rest(args.positional.begin() + 1, args.positional.end());
-  auto want = [&](size_t n, const char* what) -> bool { return rest.size() == n; };
+  auto want = [&](size_t n) -> bool { return rest.size() == n; };
 
   auto client_or = Client::Create(options);
   if (!client_or.ok()) {
@@ -241,7 +241,7 @@ int Run(int argc, char** argv) {
   JsonWriter w;
 
   if (cmd == "health") {
-    if (!want(0, "")) return UsageError("health takes no arguments");
+    if (!want(0)) return UsageError("health takes no arguments");
     auto h = client.Health();
     if (!h.ok()) return Fail(h.status());
     if (args.json) {
@@ -255,7 +255,7 @@ int Run(int argc, char** argv) {
   }
 
   if (cmd == "status") {
-    if (!want(0, "")) return UsageError("status takes no arguments");
+    if (!want(0)) return UsageError("status takes no arguments");
     auto h = client.Health();
     if (!h.ok()) return Fail(h.status());
     auto stats = client.GetStats();
@@ -300,7 +300,7 @@ int Run(int argc, char** argv) {
   }
 
   if (cmd == "stats") {
-    if (!want(0, "")) return UsageError("stats takes no arguments");
+    if (!want(0)) return UsageError("stats takes no arguments");
     auto s = client.GetStats();
     if (!s.ok()) return Fail(s.status());
     if (args.json) {
@@ -446,7 +446,7 @@ int Run(int argc, char** argv) {
   }
 
   if (cmd == "tenants") {
-    if (!want(0, "")) return UsageError("tenants takes no arguments");
+    if (!want(0)) return UsageError("tenants takes no arguments");
     auto list = client.ListTenants();
     if (!list.ok()) return Fail(list.status());
     if (args.json) {
@@ -478,7 +478,7 @@ int Run(int argc, char** argv) {
   }
 
   if (cmd == "evict") {
-    if (!want(1, "")) return UsageError("evict needs exactly one session id");
+    if (!want(1)) return UsageError("evict needs exactly one session id");
     absl::Status s = client.EvictSession(rest[0]);
     if (!s.ok()) return Fail(s);
     if (args.json) {
@@ -490,7 +490,7 @@ int Run(int argc, char** argv) {
   }
 
   if (cmd == "drain") {
-    if (!want(0, "")) return UsageError("drain takes no arguments (only --shutdown)");
+    if (!want(0)) return UsageError("drain takes no arguments (only --shutdown)");
     const bool shutdown = args.switches.count("--shutdown") > 0;
     auto d = client.Drain(shutdown);
     if (!d.ok()) return Fail(d.status());
@@ -506,7 +506,7 @@ int Run(int argc, char** argv) {
   }
 
   if (cmd == "config") {
-    if (!want(0, "")) return UsageError("config takes no arguments");
+    if (!want(0)) return UsageError("config takes no arguments");
     auto c = client.GetConfig(args.json);
     if (!c.ok()) return Fail(c.status());
     std::cout << *c;

@@ -218,7 +218,9 @@ TEST(LifecycleTest, KilledClientsSessionAndBuffersAreReclaimedAfterTheLease) {
     ASSERT_THAT(line, IsOk()) << (*daemon)->Stderr();
     std::vector<std::string> f = absl::StrSplit(*line, ' ');
     if (f[0] == "ready") break;
-    if (f[0] == "check") EXPECT_EQ(f[2], "OK") << *line;
+    if (f[0] == "check") {
+      EXPECT_EQ(f[2], "OK") << *line;
+    }
     if (f[0] == "session") session = f[1];
     if (f[0] == "path") path = f[1];
   }
