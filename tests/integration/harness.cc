@@ -3,12 +3,15 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <poll.h>
+#include <sys/stat.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
+#include <mutex>
 
 #include <google/protobuf/struct.pb.h>
 #include <google/protobuf/util/json_util.h>
@@ -74,10 +77,47 @@ std::vector<char*> Argv(std::vector<std::string>& args) {
 
 int ExitCode(int status) { return WIFEXITED(status) ? WEXITSTATUS(status) : -1; }
 
+// A binary run as another uid must be reachable by that uid, but the build
+// tree may sit under a 0700 home directory (CI clones into /root). Such
+// binaries are copied once into a 0755 directory under /tmp, removed at exit.
+struct StagingDir {
+  std::string path;
+  ~StagingDir() {
+    if (path.empty()) return;
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+};
+
+absl::StatusOr<std::string> StageForOtherUid(const std::string& binary) {
+  static StagingDir dir;  // removed when the test process exits
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  if (dir.path.empty()) {
+    char tmpl[] = "/tmp/icecache-bin-XXXXXX";
+    if (::mkdtemp(tmpl) == nullptr) {
+      return absl::InternalError(absl::StrCat("mkdtemp: ", std::strerror(errno)));
+    }
+    ::chmod(tmpl, 0755);
+    dir.path = tmpl;
+  }
+  const std::string staged = dir.path + "/" + std::filesystem::path(binary).filename().string();
+  std::error_code ec;
+  if (!std::filesystem::exists(staged, ec)) {
+    std::filesystem::copy_file(binary, staged, ec);
+    if (ec) return absl::InternalError(absl::StrCat("copy ", binary, ": ", ec.message()));
+    ::chmod(staged.c_str(), 0755);
+  }
+  return staged;
+}
+
 }  // namespace
 
 absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv_in, int uid) {
   std::vector<std::string> args = argv_in;
+  if (uid >= 0 && !args.empty()) {
+    ASSIGN_OR_RETURN(args[0], StageForOtherUid(args[0]));
+  }
   std::vector<char*> argv = Argv(args);
   int out[2], err[2];
   if (::pipe2(out, O_CLOEXEC) != 0 || ::pipe2(err, O_CLOEXEC) != 0) {
@@ -124,6 +164,9 @@ absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv_in
 absl::StatusOr<std::unique_ptr<ChildProcess>> ChildProcess::Start(
     const std::vector<std::string>& argv_in, int uid) {
   std::vector<std::string> args = argv_in;
+  if (uid >= 0 && !args.empty()) {
+    ASSIGN_OR_RETURN(args[0], StageForOtherUid(args[0]));
+  }
   std::vector<char*> argv = Argv(args);
   int out[2];
   if (::pipe2(out, O_CLOEXEC) != 0) return absl::InternalError("pipe failed");
