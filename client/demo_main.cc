@@ -2,6 +2,8 @@
 // spawns with --spawn PATH), verifying that every fetched page is
 // byte-identical to what was appended and printing per-step latency and
 // attention-mass recall. Exit status 0 only when every check passed.
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -30,7 +32,8 @@ namespace {
 
 const char kUsage[] = R"(usage: icecache-demo [flags]
 Runs a synthetic model's prefill and decode loop through icecached.
-  --spawn PATH        start the icecached binary at PATH on a temporary socket
+  --spawn [PATH]      start the icecached binary at PATH (default: the one
+                      built next to this binary) on a temporary socket
                       (stopped again at the end); otherwise connect to
   --socket PATH       a running daemon (default: $ICECACHE_SOCKET / the
                       daemon's default socket)
@@ -59,6 +62,22 @@ struct DemoFlags {
   uint64_t seed = 42;
 };
 
+// <dir of this binary>/../server/icecached (the build tree layout), else
+// "icecached" next to this binary (an install), else plain "icecached".
+std::string DefaultDaemonPath() {
+  char self[4096];
+  const ssize_t n = ::readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (n > 0) {
+    self[n] = '\0';
+    std::string dir(self);
+    dir = dir.substr(0, dir.rfind('/'));
+    for (const std::string& p : {dir + "/../server/icecached", dir + "/icecached"}) {
+      if (::access(p.c_str(), X_OK) == 0) return p;
+    }
+  }
+  return "icecached";
+}
+
 absl::StatusOr<DemoFlags> ParseFlags(int argc, char** argv) {
   DemoFlags f;
   for (int i = 1; i < argc; ++i) {
@@ -68,6 +87,8 @@ absl::StatusOr<DemoFlags> ParseFlags(int argc, char** argv) {
     if (eq != std::string::npos) {
       v = a.substr(eq + 1);
       a = a.substr(0, eq);
+    } else if (a == "--spawn" && (i + 1 >= argc || std::string(argv[i + 1]).rfind("--", 0) == 0)) {
+      v = DefaultDaemonPath();  // bare --spawn: the icecached built next to this binary
     } else if (a != "-h" && a != "--help") {
       if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat(a, " needs a value"));
       v = argv[++i];
