@@ -35,9 +35,7 @@
 #ifndef ICECACHE_SOURCE_DIR
 #define ICECACHE_SOURCE_DIR ""
 #endif
-#ifndef ICECACHE_GIT_COMMIT
-#define ICECACHE_GIT_COMMIT ""
-#endif
+#include "git_commit.h"  // generated at build time: ICECACHE_GIT_COMMIT
 
 namespace icecache::bench {
 
@@ -829,22 +827,25 @@ std::string L3Size() {
   return "unknown";
 }
 
-std::string GitCommit() {
-  std::string commit = ICECACHE_GIT_COMMIT;
+// The commit the binary was built from (empty when unknown).
+std::string BuildCommit() { return ICECACHE_GIT_COMMIT; }
+
+// The commit checked out when the report is written, which may have moved
+// since the build.
+std::string HeadCommitNow() {
   const std::string dir = ICECACHE_SOURCE_DIR;
-  if (!dir.empty()) {
-    const std::string cmd = absl::StrCat("git -C '", dir, "' rev-parse HEAD 2>/dev/null");
-    if (FILE* f = popen(cmd.c_str(), "r")) {
-      char buf[128] = {0};
-      if (std::fgets(buf, sizeof(buf), f) != nullptr) {
-        std::string s(buf);
-        while (!s.empty() && (s.back() == '\n' || s.back() == '\r')) s.pop_back();
-        if (s.size() == 40) commit = s;
-      }
-      pclose(f);
+  std::string commit;
+  if (dir.empty()) return commit;
+  const std::string cmd = absl::StrCat("git -C '", dir, "' rev-parse HEAD 2>/dev/null");
+  if (FILE* f = popen(cmd.c_str(), "r")) {
+    char buf[128] = {0};
+    if (std::fgets(buf, sizeof(buf), f) != nullptr) {
+      commit = buf;
+      while (!commit.empty() && (commit.back() == '\n' || commit.back() == '\r')) commit.pop_back();
     }
+    pclose(f);
   }
-  return commit.empty() ? "unknown" : commit;
+  return commit.size() == 40 ? commit : std::string();
 }
 
 // ---------------------------------------------------------------------------
@@ -1112,7 +1113,12 @@ absl::Status RunSelectBench(const SelectBenchOptions& o) {
   machine.Set("cores", static_cast<int>(std::thread::hardware_concurrency()));
   machine.Set("kernel_isa", KernelIsa());
   machine.Set("l3_size", L3Size());
-  machine.Set("git_commit", GitCommit());
+  const std::string build_commit = BuildCommit();
+  const std::string head_commit = HeadCommitNow();
+  machine.Set("git_commit", build_commit.empty() ? "unknown" : build_commit);
+  if (!head_commit.empty() && head_commit != build_commit) {
+    machine.Set("git_head_at_run", head_commit);
+  }
   // Other processes share the cores; the load tells how much timings suffered.
   machine.Set("loadavg_start", load_start);
   machine.Set("loadavg_end", ReadFirstLine("/proc/loadavg"));
