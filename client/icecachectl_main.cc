@@ -128,7 +128,7 @@ void SessionJson(JsonWriter& w, const SessionInfo& s) {
   w.BeginObject();
   w.Key("session_id").String(s.id);
   w.Key("tenant").String(s.tenant);
-  w.Key("epoch").Uint(s.epoch);
+  w.Key("epoch").String(absl::StrCat(s.epoch));  // > 2^53: a string, as proto JSON does
   w.Key("layers").Int(s.spec.layers);
   w.Key("kv_heads").Int(s.spec.kv_heads);
   w.Key("q_heads").Int(s.spec.q_heads);
@@ -268,7 +268,7 @@ int Run(int argc, char** argv) {
       w.Key("health").String(*h ? "SERVING" : "NOT_SERVING");
       w.Key("my_sessions").Uint(sessions->size());
       if (stats.ok()) {
-        w.Key("epoch").Uint(stats->epoch);
+        w.Key("epoch").String(absl::StrCat(stats->epoch));
         w.Key("capacity_bytes").Uint(stats->capacity_bytes);
         w.Key("bytes_used").Uint(stats->bytes_used);
         w.Key("sessions").Uint(stats->sessions);
@@ -305,7 +305,7 @@ int Run(int argc, char** argv) {
     if (!s.ok()) return Fail(s.status());
     if (args.json) {
       w.BeginObject();
-      w.Key("epoch").Uint(s->epoch);
+      w.Key("epoch").String(absl::StrCat(s->epoch));
       w.Key("start_unix_ms").Int(UnixMs(s->start));
       w.Key("capacity_bytes").Uint(s->capacity_bytes);
       w.Key("bytes_reserved").Uint(s->bytes_reserved);
