@@ -47,11 +47,15 @@ case "$cmd" in
     ;;
   demo)
     install_deps; build
-    if [ -x "$BUILD_DIR/client/icecache-demo" ]; then
-      exec "$BUILD_DIR/client/icecache-demo" "${@:2}"
-    fi
+    # 1. The service end to end: start icecached on a private socket, prefill a
+    #    synthetic llama3-8b-like sequence, run a decode loop over DecodeStep,
+    #    check every fetched page byte for byte, print latency and mass recall.
+    echo "==> icecache-demo (daemon + client, decode loop)"
+    "$BUILD_DIR/client/icecache-demo" --spawn "${@:2}"
+    # 2. The index on its own: selection quality and speed against exact attention.
+    echo "==> icecache-bench select (16k tokens, in-process selectors)"
     exec "$BUILD_DIR/tests/bench/icecache-bench" select --synthetic llama3-8b-like --tokens 16384 \
-      --heads 4 --steps 32 "${@:2}"
+      --heads 4 --steps 16 --selectors mdci,exact,exact-mdci,exact-token,quest,streaming
     ;;
   *)
     echo "usage: deploy/dev.sh demo|test|build" >&2
