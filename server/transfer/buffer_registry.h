@@ -10,8 +10,8 @@
 // Tenancy: a buffer belongs to the registering caller's tenant. Every call
 // that names a buffer id answers NotFound ("buffer <id> not found") for ids
 // of other tenants exactly as for unknown ids, so ids never leak across
-// tenants (the same rule as sessions). Admin callers get no exception here:
-// a buffer is only ever used by its own tenant.
+// tenants (the same rule as sessions). Admin callers may List every
+// tenant's buffers but, like everyone, use or unregister only their own.
 //
 // Lifetime: Unregister removes the id at once; the mapping stays alive until
 // the last BufferLease (an in-flight append/fetch) is released (refcount).
