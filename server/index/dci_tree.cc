@@ -398,7 +398,8 @@ void DciTree::AggregateUp(int from_level) {
 
 void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items,
                                  const float* keys, const float* aug, int capacity,
-                                 std::vector<uint32_t>* parent_of) {
+                                 std::vector<uint32_t>* parent_of, const float* item_vecs,
+                                 const float* item_augs) {
   const int d = params_.dim;
   const int C = params_.build_candidates;
   struct Pair {
@@ -416,7 +417,8 @@ void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items,
   auto better = [](const std::pair<float, uint32_t>& a, const std::pair<float, uint32_t>& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
   };
-  if (level == 1 && window > 0 && std::is_sorted(level_keys.begin(), level_keys.end())) {
+  if (level == 1 && window > 0 && item_vecs == nullptr &&
+      std::is_sorted(level_keys.begin(), level_keys.end())) {
     // Candidates of an item: the level-1 nodes of its position window (a
     // contiguous id range here), scored 8 items at a time with one kernel call.
     const Level& L = levels_[level];
@@ -475,8 +477,9 @@ void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items,
     }
   } else {
     for (size_t i = 0; i < items.size(); ++i) {
-      const float* x = keys + static_cast<size_t>(items[i]) * d;
-      Route(x, aug[items[i]], level, C, nullptr, &rs, &out);
+      const float* x = item_vecs != nullptr ? item_vecs + i * d : keys + static_cast<size_t>(items[i]) * d;
+      const float a = item_vecs != nullptr ? item_augs[i] : aug[items[i]];
+      Route(x, a, level, C, nullptr, &rs, &out);
       if (!out.empty()) best[i] = out[0].second;
       for (const auto& o : out) pairs.push_back({o.first, static_cast<uint32_t>(i), o.second});
     }
@@ -517,8 +520,9 @@ void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items,
   }
   for (uint32_t i : leftover_order) {
     if ((*parent_of)[i] != kNone) continue;
-    const float* x = keys + static_cast<size_t>(items[i]) * d;
-    Route(x, aug[items[i]], level, 1, &free, &rs, &out);
+    const float* x = item_vecs != nullptr ? item_vecs + static_cast<size_t>(i) * d
+                                          : keys + static_cast<size_t>(items[i]) * d;
+    Route(x, item_vecs != nullptr ? item_augs[i] : aug[items[i]], level, 1, &free, &rs, &out);
     uint32_t node = out.empty() ? best[i] : out[0].second;
     if (node == kNone) node = 0;
     (*parent_of)[i] = node;
@@ -550,6 +554,43 @@ uint32_t DciTree::Level1NodeOfUpperKey(int64_t key) const {
     node = own;
   }
   return node;
+}
+
+void DciTree::RegroupUpperLevels(const float* keys, const float* aug) {
+  const int d = params_.dim;
+  for (int l = 1; l < top_level(); ++l) {
+    Level& L = levels_[l];
+    Level& U = levels_[l + 1];
+    // Movable nodes: those that are not the own child of their parent.
+    std::vector<uint32_t> items, nodes;
+    std::vector<float> vecs, augs;
+    for (uint32_t node = 0; node < L.size(); ++node) {
+      if (key_top_[L.key[node]] != l) continue;
+      items.push_back(L.key[node]);
+      nodes.push_back(node);
+      vecs.insert(vecs.end(), &L.centroid[static_cast<size_t>(node) * d],
+                  &L.centroid[static_cast<size_t>(node) * d] + d);
+      augs.push_back(L.abar[node]);
+    }
+    if (items.empty()) continue;
+    for (auto& ch : U.children) ch.clear();
+    for (uint32_t node = 0; node < L.size(); ++node) {
+      if (key_top_[L.key[node]] != l) {
+        // Own child: stays with the node of the same key one level up.
+        const uint32_t up = L.parent[node];
+        U.children[up].push_back(node);
+      }
+    }
+    // Parents are scored by their own subtree centroids of the previous
+    // grouping (a k-means-like step with capacity r).
+    std::vector<uint32_t> parent_of;
+    AssignWithCapacity(l + 1, items, keys, aug, ratio_ - 1, &parent_of, vecs.data(), augs.data());
+    for (size_t i = 0; i < nodes.size(); ++i) {
+      L.parent[nodes[i]] = parent_of[i];
+      U.children[parent_of[i]].push_back(nodes[i]);
+    }
+    AggregateUp(l + 1);
+  }
 }
 
 void DciTree::RenumberDepthFirst() {
@@ -711,6 +752,11 @@ absl::Status DciTree::BulkBuild(const float* keys, int64_t n,
     SetRepsFromKeys(1, keys, aug.data(), &members);
     AggregateUp(2);
   }
+
+  // The upper levels were grouped from single keys (the nodes' own keys);
+  // regroup each level's nodes under the level above by their full
+  // centroids, bottom-up, so upper representatives describe coherent groups.
+  for (int it = 0; it < params_.regroup_iters; ++it) RegroupUpperLevels(keys, aug.data());
 
   // Siblings get consecutive ids (their representatives are scored as one
   // block); then the members again under the new ids.
@@ -886,17 +932,23 @@ void DciTree::CollectCandidates(const float* queries, int nq, float scale,
     if (spread) dots_of(L.lam, rank_, s->qproj.data(), rank_, &s->vars);
     *touched += outliers ? 2 * nc : nc;
     s->scored.resize(nc);
+    uint32_t last_cnt = 0;
+    float logc = 0.0f, z = 0.0f, vcap = std::numeric_limits<float>::infinity();
     for (size_t i = 0; i < nc; ++i) {
       const uint32_t node = s->cand[i];
       const uint32_t cnt = std::max<uint32_t>(1, L.count[node]);
-      const float logc = std::log(static_cast<float>(cnt));
+      if (cnt != last_cnt) {  // most nodes of a level hold the same count
+        last_cnt = cnt;
+        logc = std::log(static_cast<float>(cnt));
+        z = std::sqrt(2.0f * std::max(logc, 0.5f));
+        if (params.spread_cap) vcap = 4.0f * z * z / (scale * scale);  // where the two meet
+      }
       float best = -std::numeric_limits<float>::infinity();
       if (!outliers) {
-        // Gaussian mass: + s^2 v / 2 for the logit variance v = q'Sq, capped
-        // by the expected max of `cnt` Gaussians, z s sqrt(v) with
-        // z = sqrt(2 ln cnt), so large queries are not ranked by spread alone.
-        const float z = std::sqrt(2.0f * std::max(logc, 0.5f));
-        const float vcap = 4.0f * z * z / (scale * scale);  // where the two meet
+        // Gaussian mass: + s^2 v / 2 for the logit variance v = q'Sq;
+        // optionally capped by the expected max of `cnt` Gaussians,
+        // z s sqrt(v) with z = sqrt(2 ln cnt), so very large queries are not
+        // ranked by spread alone.
         for (int j = 0; j < nq; ++j) {
           float e = s->dots[j * nc + i] * scale + logc;
           if (spread) {

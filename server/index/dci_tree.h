@@ -51,6 +51,7 @@ struct DciTreeParams {
   int route_fov = 3;          // nodes kept per level when routing a key (build, insert)
   int build_candidates = 8;   // parents considered per key by the capacity-aware bulk assignment
   int refine_iters = 0;       // bulk: level-0 re-assignments against full centroids
+  int regroup_iters = 0;      // bulk: upper-level regroupings by full centroids
   // Rank of the global key subspace (PCA of the first batch) in which every
   // node keeps the variance of its keys, for its attention-mass estimate.
   int spread_rank = 16;
@@ -78,6 +79,9 @@ struct DciDescentParams {
   // count x exp(s q.c + w s^2 q'Sq / 2), with S its covariance (kept in the
   // spread_rank-dim key subspace plus an isotropic residual).
   float spread_weight = 1.0f;
+  // Cap the spread term at the expected max of `count` Gaussians (robust to
+  // very large queries; costs some mass on realistic data).
+  bool spread_cap = false;
 };
 
 // Reusable per-thread buffers of CollectCandidates (no allocation once warm).
@@ -206,8 +210,12 @@ class DciTree {
   void InitNodeRep(int level, uint32_t node, const float* x, float a, float sq);
   // Capacity-aware assignment of `items` (keys with top == level-1, given as
   // their key ids) to nodes on `level`; writes the parent node of each item.
+  // `item_vecs`/`item_augs` (optional): the vectors to place instead of the
+  // items' keys (node centroids when regrouping upper levels).
   void AssignWithCapacity(int level, const std::vector<uint32_t>& items, const float* keys,
-                          const float* aug, int capacity, std::vector<uint32_t>* parent_of);
+                          const float* aug, int capacity, std::vector<uint32_t>* parent_of,
+                          const float* item_vecs = nullptr, const float* item_augs = nullptr);
+  void RegroupUpperLevels(const float* keys, const float* aug);
   int PromotionLevel(std::vector<uint32_t>* counts) const;
   // Fixes basis_ from a sample of `n` keys (PCA by subspace iteration).
   void FitBasis(const float* keys, int64_t n);

@@ -50,12 +50,13 @@ absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::Create(const Selecto
   if (keys == nullptr) return absl::InvalidArgumentError("PageKeys must not be null");
   const MdciParams& m = config.mdci;
   if (!(m.cover_factor > 0.0f) || !std::isfinite(m.cover_factor) || m.entry_nodes < 1 ||
-      m.min_candidate_pages < 0 ||
+      m.min_candidate_pages < 0 || m.regroup_iters < 0 ||
       !(m.spread_weight >= 0.0f) || !std::isfinite(m.spread_weight)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "SelectorConfig.mdci needs cover_factor > 0, entry_nodes >= 1, min_candidate_pages >= 0 "
-        "and spread_weight >= 0; got ",
-        m.cover_factor, ", ", m.entry_nodes, ", ", m.min_candidate_pages, ", ", m.spread_weight));
+        "SelectorConfig.mdci needs cover_factor > 0, entry_nodes >= 1, min_candidate_pages >= 0, "
+        "regroup_iters >= 0 and spread_weight >= 0; got ",
+        m.cover_factor, ", ", m.entry_nodes, ", ", m.min_candidate_pages, ", ", m.regroup_iters,
+        ", ", m.spread_weight));
   }
   DciTreeParams tp;
   tp.dim = config.head_dim;
@@ -66,6 +67,7 @@ absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::Create(const Selecto
   tp.route_fov = m.route_fov;
   tp.build_candidates = m.build_candidates;
   tp.refine_iters = m.refine_iters;
+  tp.regroup_iters = m.regroup_iters;
   tp.spread_rank = m.spread_rank;
   tp.locality_window = m.locality_window;
   tp.augmented_routing = m.augmented_routing;
@@ -141,6 +143,7 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries,
     dp.cover_factor = config_.mdci.cover_factor;
     dp.entry_nodes = config_.mdci.entry_nodes;
     dp.spread_weight = config_.mdci.spread_weight;
+    dp.spread_cap = config_.mdci.spread_cap;
     tree_->CollectCandidates(queries, num_queries, scale, dp, &s.descent, &s.nodes, &touched);
     s.candidates.clear();
     for (uint32_t node : s.nodes) {

@@ -58,7 +58,7 @@ struct MdciParams {
   // Nodes kept per level above level 1 while descending (at least; more while
   // they hold fewer than cover_factor x candidate tokens). Wider = more
   // representatives scored, more mass. Tuned on llama3-8b-like, 131072 tokens.
-  int field_of_view = 48;
+  int field_of_view = 96;
   // Candidate tokens scored exactly per query, as a multiple of the budget
   // (whole logical nodes, best estimated first). The main time/mass knob:
   // 16 x 256 = 4096 keys = 3% of 131072 (see mdci_selector.h for figures).
@@ -72,12 +72,14 @@ struct MdciParams {
   int route_fov = 3;           // nodes kept per level when routing a key (build, insert)
   int build_candidates = 8;    // parents considered per key by the capacity-aware bulk build
   int refine_iters = 0;        // bulk build: level-0 re-assignments against full centroids
+  int regroup_iters = 0;       // bulk build: upper levels regrouped by full centroids
   // Upper levels keep nodes (beyond field_of_view) until they hold
   // cover_factor x candidate tokens.
   float cover_factor = 2.0f;
   int entry_nodes = 1024;      // descent starts at the lowest level with <= this many nodes
   float spread_weight = 1.0f;  // weight of a node's key spread in its estimated mass
   int spread_rank = 16;        // key subspace in which nodes keep their spread (>= 0)
+  bool spread_cap = false;     // cap the spread bonus (expected max of the node's keys)
   // > 0: pages group similar keys only within windows of this many positions.
   int locality_window = 4096;
   bool augmented_routing = false;  // parents by MIPS-augmented (true) or plain L2 distance

@@ -66,6 +66,8 @@ int main(int argc, char** argv) {
   mp.entry_nodes = static_cast<int>(geti("entry", mp.entry_nodes));
   mp.cover_factor = static_cast<float>(geti("cover", mp.cover_factor));
   mp.refine_iters = static_cast<int>(geti("refine", mp.refine_iters));
+  mp.regroup_iters = static_cast<int>(geti("regroup", mp.regroup_iters));
+  mp.spread_cap = geti("cap", mp.spread_cap) != 0;
   mp.build_candidates = static_cast<int>(geti("build_candidates", mp.build_candidates));
   mp.route_fov = static_cast<int>(geti("route_fov", mp.route_fov));
   mp.spread_rank = static_cast<int>(geti("rank", mp.spread_rank));
@@ -144,6 +146,7 @@ int main(int argc, char** argv) {
         dp.cover_factor = mp.cover_factor;
         dp.entry_nodes = mp.entry_nodes;
         dp.spread_weight = mp.spread_weight;
+        dp.spread_cap = mp.spread_cap;
         DciScratch scratch;
         std::vector<uint32_t> nodes;
         uint64_t t = 0;
