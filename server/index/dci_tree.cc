@@ -540,6 +540,36 @@ void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items,
   }
 }
 
+bool DciTree::NodeHasRoom(uint32_t node) const {
+  const uint32_t tokens = pages_.node_tokens(node);
+  return tokens == 0 || tokens % static_cast<uint32_t>(params_.page_tokens) != 0;
+}
+
+uint32_t DciTree::NearestRecentNodeWithRoom(const float* x, float a, int64_t pos,
+                                            float* score) const {
+  // Decode keys join the nearest logical node of the last locality_window
+  // positions that still has room in its last page, as the bulk build fills
+  // whole pages per window; every r-th key opens a new node, so room is
+  // replenished at the rate keys arrive.
+  const Level& L = levels_[1];
+  const int64_t from = pos - params_.locality_window;
+  auto it = std::lower_bound(nodes_by_key_.begin(), nodes_by_key_.end(), from,
+                             [&](uint32_t node, int64_t p) { return L.key[node] < p; });
+  uint32_t best = kNone;
+  float best_score = -std::numeric_limits<float>::infinity();
+  for (; it != nodes_by_key_.end(); ++it) {
+    const uint32_t node = *it;
+    if (!NodeHasRoom(node)) continue;
+    const float sc = RouteScore(1, node, x, a);
+    if (sc > best_score) {
+      best_score = sc;
+      best = node;
+    }
+  }
+  *score = best_score;
+  return best;
+}
+
 uint32_t DciTree::Level1NodeOfUpperKey(int64_t key) const {
   // Walk the own-child chain down from the key's top node.
   uint32_t node = key_node_[key];
@@ -767,6 +797,11 @@ absl::Status DciTree::BulkBuild(const float* keys, int64_t n,
     members[node].push_back(static_cast<uint32_t>(i));
   }
 
+  nodes_by_key_.resize(levels_[1].size());
+  std::iota(nodes_by_key_.begin(), nodes_by_key_.end(), 0u);
+  std::sort(nodes_by_key_.begin(), nodes_by_key_.end(),
+            [&](uint32_t a, uint32_t b) { return levels_[1].key[a] < levels_[1].key[b]; });
+
   // Pages: each logical node's keys in position order.
   pages_ = DciPageTable(params_.page_tokens);
   for (uint32_t node = 0; node < levels_[1].size(); ++node) {
@@ -830,6 +865,7 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
     uint32_t level1_node = kNone;
     if (t >= 1) {
       level1_node = pages_.AddNode();
+      nodes_by_key_.push_back(level1_node);  // keys arrive in position order
     }
     if (t > old_top && old_top >= 1) {
       // A new top level: the old top nodes become children of this key.
@@ -842,7 +878,18 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
       AggregateUp(t);
     } else if (t < top_level()) {
       Route(x, a, t + 1, 1, nullptr, &rs, &out);
-      const uint32_t p = out[0].second;
+      uint32_t p = out[0].second;
+      if (t == 0 && params_.locality_window > 0 && !NodeHasRoom(p)) {
+        // The nearest node's last page is full: a recent node with room
+        // takes the key instead when it is nearly as near (squared distance
+        // within decode_slack of the nearest), so decode pages stay full
+        // without mixing unrelated keys.
+        float score_w = 0.0f;
+        const uint32_t w = NearestRecentNodeWithRoom(x, a, pos, &score_w);
+        const float base = params_.augmented_routing ? 0.5f * (sq + a * a) : 0.5f * sq;
+        const float dist_g = base - out[0].first, dist_w = base - score_w;  // half squared distances
+        if (w != kNone && dist_w <= params_.decode_slack * dist_g) p = w;
+      }
       if (t >= 1) {
         levels_[t].parent[below] = p;
         levels_[t + 1].children[p].push_back(below);
@@ -1195,7 +1242,8 @@ absl::Status DciTree::CommitRebuild(std::unique_ptr<DciTreeRebuild> rb) {
 }
 
 size_t DciTree::bytes() const {
-  size_t b = key_top_.capacity() + key_node_.capacity() * sizeof(uint32_t) + pages_.bytes();
+  size_t b = key_top_.capacity() + (key_node_.capacity() + nodes_by_key_.capacity()) * sizeof(uint32_t) +
+             pages_.bytes();
   for (const Level& L : levels_) b += L.bytes(params_.dim);
   return b;
 }

@@ -63,6 +63,9 @@ struct DciTreeParams {
   // false: nearest in plain Euclidean key space (measured to give pages with
   // more attention mass on the synthetic llama3-8b-like data).
   bool augmented_routing = false;
+  // Insert with a locality window: a recent node with room takes a key when
+  // its squared distance is within this factor of the nearest node's.
+  float decode_slack = 1.5f;
   // Score a node's outlier key as well as its centroid (one more row per node).
   bool outlier_reps = false;
   uint64_t seed = 1234;
@@ -226,6 +229,9 @@ class DciTree {
   // Renumbers every level depth-first (siblings get consecutive ids).
   void RenumberDepthFirst();
   uint32_t Level1NodeOfUpperKey(int64_t key) const;
+  // Insert path with a locality window: kNone when no recent node has room.
+  uint32_t NearestRecentNodeWithRoom(const float* x, float a, int64_t pos, float* score) const;
+  bool NodeHasRoom(uint32_t node) const;  // its last page has a free slot
 
   DciTreeParams params_;
   int ratio_;
@@ -235,6 +241,7 @@ class DciTree {
   std::vector<Level> levels_;  // levels_[0] unused (level 0 = the keys)
   std::vector<uint8_t> key_top_;
   std::vector<uint32_t> key_node_;
+  std::vector<uint32_t> nodes_by_key_;  // level-1 node ids by ascending key position
   DciPageTable pages_;
 };
 

@@ -50,13 +50,14 @@ absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::Create(const Selecto
   if (keys == nullptr) return absl::InvalidArgumentError("PageKeys must not be null");
   const MdciParams& m = config.mdci;
   if (!(m.cover_factor > 0.0f) || !std::isfinite(m.cover_factor) || m.entry_nodes < 1 ||
-      m.min_candidate_pages < 0 || m.regroup_iters < 0 ||
+      m.min_candidate_pages < 0 || m.regroup_iters < 0 || !(m.decode_slack >= 1.0f) ||
+      !std::isfinite(m.decode_slack) ||
       !(m.spread_weight >= 0.0f) || !std::isfinite(m.spread_weight)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "SelectorConfig.mdci needs cover_factor > 0, entry_nodes >= 1, min_candidate_pages >= 0, "
-        "regroup_iters >= 0 and spread_weight >= 0; got ",
+        "regroup_iters >= 0, decode_slack >= 1 and spread_weight >= 0; got ",
         m.cover_factor, ", ", m.entry_nodes, ", ", m.min_candidate_pages, ", ", m.regroup_iters,
-        ", ", m.spread_weight));
+        ", ", m.decode_slack, ", ", m.spread_weight));
   }
   DciTreeParams tp;
   tp.dim = config.head_dim;
@@ -68,6 +69,7 @@ absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::Create(const Selecto
   tp.build_candidates = m.build_candidates;
   tp.refine_iters = m.refine_iters;
   tp.regroup_iters = m.regroup_iters;
+  tp.decode_slack = m.decode_slack;
   tp.spread_rank = m.spread_rank;
   tp.locality_window = m.locality_window;
   tp.augmented_routing = m.augmented_routing;

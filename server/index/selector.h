@@ -85,6 +85,10 @@ struct MdciParams {
   bool augmented_routing = false;  // parents by MIPS-augmented (true) or plain L2 distance
   bool outlier_reps = false;       // also score each node's farthest key (+1 row per node)
   int min_candidate_pages = 32;    // exact-scored pages per query at least (small budgets)
+  // Insert (with a locality window): a recent node with room in its last page
+  // takes a decode key when its squared distance is within this factor of the
+  // nearest node's (larger: fuller pages, looser nodes). >= 1.
+  float decode_slack = 1.5f;
 };
 
 struct SelectorConfig {

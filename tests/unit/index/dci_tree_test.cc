@@ -146,6 +146,33 @@ TEST(DciTreeTest, InsertAfterBulkBuildAndSmallTrees) {
   }
 }
 
+TEST(DciTreeTest, DecodeSlackTradesNodeTightnessForFullPages) {
+  const int d = 16, P = 16;
+  auto keys = mdci_test::ClusteredKeys(12288, d, 40, 0.4f, 4);
+  std::vector<double> fills;
+  for (float slack : {1.0f, 1e6f}) {
+    DciTreeParams p;
+    p.dim = d;
+    p.page_tokens = P;
+    p.locality_window = 1024;
+    p.decode_slack = slack;
+    auto t = DciTree::Create(p);
+    ASSERT_THAT(t, IsOk());
+    std::vector<Placement> pl;
+    ASSERT_THAT((*t)->BulkBuild(keys.data(), 8192, &pl), IsOk());
+    const uint32_t pages_before = (*t)->page_table().num_pages();
+    for (int64_t b = 8192; b < 12288; b += 64) {
+      ASSERT_THAT((*t)->Insert(&keys[b * d], 64, &pl), IsOk());
+    }
+    CheckInvariants(**t);
+    fills.push_back(4096.0 / (((*t)->page_table().num_pages() - pages_before) * P));
+  }
+  // Slack 1: nearest node only, most decode keys open a page in a full node.
+  // An unbounded slack lets recent nodes with room take them: full pages.
+  EXPECT_LT(fills[0], 0.8);
+  EXPECT_GE(fills[1], 0.8);
+}
+
 TEST(DciTreeTest, RejectsBadInputWithoutChanges) {
   auto t = MakeTree(4, 4);
   std::vector<float> k = {1, 2, 3, 4, 5, NAN, 7, 8};
