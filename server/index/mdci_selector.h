@@ -9,9 +9,24 @@
 //    TakePages fills the budget with sink/recent pages forced in.
 //  - kExactMdci: the same layout, every page scored exactly (the best any
 //    selector can do on this layout).
-// Trade-off knobs (MdciParams): field_of_view and candidate_factor trade time
-// (keys touched) for attention mass; entry_nodes sets where the descent
-// starts.
+// Node representatives: centroid, count and the keys' spread (variance in a
+// 16-dim PCA key subspace plus an isotropic residual); a node's attention
+// mass is estimated as log(count) + s q.c + s^2 q'Sq / 2 (Gaussian keys).
+//
+// Trade-off knobs (MdciParams):
+//  - field_of_view: level-2+ nodes kept per level (more = more
+//    representatives scored, more mass, more time);
+//  - candidate_factor: tokens scored exactly = factor x budget (the main
+//    time/mass knob); min_candidate_pages is its floor for small budgets;
+//  - locality_window: bulk pages group similar keys within windows of this
+//    many positions (0 = global); decode_slack: decode keys may join a
+//    recent node with room (page fill vs node tightness).
+// Measured (build-mdci/m/mdci_measure_tool tokens=131072 kv_heads=8 steps=4,
+// llama3-8b-like, budget 256, page 16, G=4, fp16 keys, thread CPU time on a
+// shared 2-core machine, defaults): build 0.62 s/head, index 59.6 B/token
+// (11.7% of the 512 B K+V), page fill 1.0; select 337 us against 2441 us for
+// a SIMD fp16 scan of all keys (0.14); attention mass 0.497 against 0.516 for
+// exact-mdci (0.964) and 0.503 for exact positional pages.
 //
 // Ownership: does not own the key bytes; `keys` (the frame owner) must
 // outlive the selector and hold each token's key where the returned
