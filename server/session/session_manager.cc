@@ -771,7 +771,9 @@ static absl::StatusOr<FetchLayout> FetchHeld(Session& s, BufferLease& lease,
   }
   const int group = s.GroupOf(req.layer);
   if (s.GroupOf(req.layer + req.num_layers - 1) != group) {
-    return absl::InvalidArgumentError(absl::StrCat(
+    // The request is well formed; it disagrees with this session's layer
+    // grouping (documented as FAILED_PRECONDITION in kv.proto).
+    return absl::FailedPreconditionError(absl::StrCat(
         "fetch: layers ", req.layer, "..", req.layer + req.num_layers - 1,
         " cross a layer group boundary (layer_reuse=", c.layer_reuse, ")"));
   }

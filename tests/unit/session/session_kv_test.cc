@@ -338,7 +338,7 @@ TEST_F(SessionKvBasicTest, BadFetchesWriteNothing) {
   f.layer = 1;
   f.num_layers = 2;  // layers 1..2 cross the group boundary at 2
   EXPECT_THAT(env_.manager->FetchPages(Alice(), info->id, f),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("layer group boundary")));
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("layer group boundary")));
   f.layer = 3;
   f.num_layers = 2;
   EXPECT_THAT(env_.manager->FetchPages(Alice(), info->id, f),
