@@ -3,6 +3,12 @@
 // generator it builds mdci, exact-mdci and positional exact per KV head, and
 // prints build time (thread CPU time), select time, keys touched, attention-mass recall (mean
 // over the G queries and steps) and index bytes per token.
+// Not built by CMake (the folder builds *_test.cc only). Build it with:
+//   g++ -std=c++17 -O2 -march=x86-64-v3 -I. tests/unit/index/mdci_measure_tool.cc \
+//     common/dtype.cc common/synthetic.cc server/index/{kernels,page_select,selector,\
+//     positional_selector,mips,dci_prioritized,dci_page_table,dci_tree,mdci_selector}.cc \
+//     $(pkg-config --libs absl_status absl_statusor absl_strings absl_str_format) -ltbb \
+//     -o mdci_measure_tool
 //   mdci_measure_tool [tokens=131072] [kv_heads=2] [steps=8] [budget=256]
 //                     [fov=8] [candidate_factor=4] [spread=0] [entry=1024]
 //                     [cover=2] [preset=llama3-8b-like] [refine=1]
