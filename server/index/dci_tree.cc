@@ -56,6 +56,7 @@ size_t DciTree::Level::bytes(int dim) const {
               pm2.capacity() + lam.capacity() + res.capacity() + outlier.capacity() +
               out_dev.capacity()) *
                  sizeof(float) +
+             centroid16.capacity() * sizeof(uint16_t) +
              children.capacity() * sizeof(std::vector<uint32_t>);
   for (const auto& c : children) b += c.capacity() * sizeof(uint32_t);
   return b;
@@ -623,6 +624,21 @@ void DciTree::RegroupUpperLevels(const float* keys, const float* aug) {
   }
 }
 
+void DciTree::SyncMirror(int level, uint32_t node) {
+  Level& L = levels_[level];
+  const size_t d = params_.dim;
+  if (L.centroid16.size() < L.centroid.size()) L.centroid16.resize(L.centroid.size());
+  FloatToHalf(&L.centroid[node * d], &L.centroid16[node * d], d);
+}
+
+void DciTree::SyncAllMirrors() {
+  for (int l = 1; l <= top_level(); ++l) {
+    Level& L = levels_[l];
+    L.centroid16.resize(L.centroid.size());
+    FloatToHalf(L.centroid.data(), L.centroid16.data(), L.centroid.size());
+  }
+}
+
 void DciTree::RenumberDepthFirst() {
   const int top = top_level();
   const int d = params_.dim;
@@ -797,6 +813,7 @@ absl::Status DciTree::BulkBuild(const float* keys, int64_t n,
     members[node].push_back(static_cast<uint32_t>(i));
   }
 
+  SyncAllMirrors();
   nodes_by_key_.resize(levels_[1].size());
   std::iota(nodes_by_key_.begin(), nodes_by_key_.end(), 0u);
   std::sort(nodes_by_key_.begin(), nodes_by_key_.end(),
@@ -838,6 +855,8 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
   for (size_t l = 1; l < levels_.size(); ++l) counts[l] = levels_[l].size();
   RouteScratch rs;
   std::vector<std::pair<float, uint32_t>> out;
+  std::vector<std::pair<int, uint32_t>> dirty;  // nodes whose centroid changed
+  bool all_dirty = false;
   for (int64_t i = 0; i < n; ++i) {
     const float* x = keys + i * d;
     const int32_t pos = static_cast<int32_t>(num_tokens());
@@ -860,6 +879,7 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
         levels_[l - 1].parent[below] = idx;
       }
       InitNodeRep(l, idx, x, a, sq);
+      dirty.push_back({l, idx});
       below = idx;
     }
     uint32_t level1_node = kNone;
@@ -876,6 +896,7 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
         T.children[below].push_back(node);
       }
       AggregateUp(t);
+      all_dirty = true;
     } else if (t < top_level()) {
       Route(x, a, t + 1, 1, nullptr, &rs, &out);
       uint32_t p = out[0].second;
@@ -899,6 +920,7 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
       uint32_t node = p;
       for (int j = t + 1; j <= top_level() && node != kNone; ++j) {
         UpdateNodeRep(j, node, x, a, sq);
+        dirty.push_back({j, node});
         node = levels_[j].parent[node];
       }
     }
@@ -906,6 +928,11 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
     placements->push_back(pages_.Append(level1_node, pos));
     key_top_.push_back(static_cast<uint8_t>(t));
     key_node_.push_back(t >= 1 ? below : level1_node);
+  }
+  if (all_dirty) {
+    SyncAllMirrors();
+  } else {
+    for (const auto& [level, node] : dirty) SyncMirror(level, node);
   }
   return absl::OkStatus();
 }
@@ -953,19 +980,20 @@ void DciTree::CollectCandidates(const float* queries, int nq, float scale,
     // Dots of the queries with rows [width] of `arr` for every candidate,
     // out[j * nc + i]; runs of consecutive ids (siblings) go through one
     // multi-query kernel call.
-    auto dots_of = [&](const std::vector<float>& arr, int width, const float* qs, int qdim,
+    auto dots_of = [&](const auto& arr, int width, const float* qs, int qdim,
                        std::vector<float>* out) {
+      const DType dt = sizeof(arr[0]) == 2 ? DType::kF16 : DType::kF32;
       out->resize(nc * nq);
       for (size_t b = 0; b < nc;) {
         size_t e = b + 1;
         while (e < nc && s->cand[e] == s->cand[e - 1] + 1) ++e;
         const size_t run = e - b;
-        const float* rows = &arr[static_cast<size_t>(s->cand[b]) * width];
+        const auto* rows = &arr[static_cast<size_t>(s->cand[b]) * width];
         if (run == nc) {
-          DotRowsMulti(DType::kF32, rows, run, qdim, qs, nq, out->data());
+          DotRowsMulti(dt, rows, run, qdim, qs, nq, out->data());
         } else {
           s->run_dots.resize(run * nq);
-          DotRowsMulti(DType::kF32, rows, run, qdim, qs, nq, s->run_dots.data());
+          DotRowsMulti(dt, rows, run, qdim, qs, nq, s->run_dots.data());
           for (int j = 0; j < nq; ++j) {
             std::copy(&s->run_dots[j * run], &s->run_dots[j * run] + run, &(*out)[j * nc + b]);
           }
@@ -973,7 +1001,7 @@ void DciTree::CollectCandidates(const float* queries, int nq, float scale,
         b = e;
       }
     };
-    dots_of(L.centroid, d, queries, d, &s->dots);
+    dots_of(L.centroid16, d, queries, d, &s->dots);
     if (outliers) dots_of(L.outlier, d, queries, d, &s->odots);
     const bool spread = half_s2 > 0.0f && rank_ > 0;
     if (spread) dots_of(L.lam, rank_, s->qproj.data(), rank_, &s->vars);
@@ -1238,6 +1266,7 @@ absl::Status DciTree::CommitRebuild(std::unique_ptr<DciTreeRebuild> rb) {
   }
   mips_ = rb->mips;
   mips_.Count(num_tokens(), 0);
+  SyncAllMirrors();
   return absl::OkStatus();
 }
 

@@ -182,6 +182,9 @@ class DciTree {
     // exp(s q.o) plus the rest modelled around the centroid, so one
     // strongly aligned key (a needle) is not averaged away.
     std::vector<float> outlier, out_dev;
+    // fp16 copy of the centroids, read by CollectCandidates (half the bytes
+    // of the fp32 rows that routing and updates use).
+    std::vector<uint16_t> centroid16;
     std::vector<std::vector<uint32_t>> children;  // level >= 2
     uint32_t size() const { return static_cast<uint32_t>(key.size()); }
     size_t bytes(int dim) const;
@@ -219,6 +222,9 @@ class DciTree {
                           const float* aug, int capacity, std::vector<uint32_t>* parent_of,
                           const float* item_vecs = nullptr, const float* item_augs = nullptr);
   void RegroupUpperLevels(const float* keys, const float* aug);
+  // Refreshes the fp16 centroid copy of one node / of every node.
+  void SyncMirror(int level, uint32_t node);
+  void SyncAllMirrors();
   int PromotionLevel(std::vector<uint32_t>* counts) const;
   // Fixes basis_ from a sample of `n` keys (PCA by subspace iteration).
   void FitBasis(const float* keys, int64_t n);
