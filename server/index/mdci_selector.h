@@ -23,10 +23,11 @@
 //    recent node with room (page fill vs node tightness).
 // Measured (build-mdci/m/mdci_measure_tool tokens=131072 kv_heads=8 steps=4,
 // llama3-8b-like, budget 256, page 16, G=4, fp16 keys, thread CPU time on a
-// shared 2-core machine, defaults): build 0.62 s/head, index 59.6 B/token
-// (11.7% of the 512 B K+V), page fill 1.0; select 337 us against 2441 us for
-// a SIMD fp16 scan of all keys (0.14); attention mass 0.497 against 0.516 for
-// exact-mdci (0.964) and 0.503 for exact positional pages.
+// shared 2-core machine, defaults): build 0.60 s/head, index 77.0 B/token
+// (15.0% of the 512 B K+V), page fill 1.0; select 308 us against 2102 us for
+// a SIMD fp16 scan of all keys (0.147; the target is 0.10); attention mass
+// 0.497 against 0.516 for exact-mdci (0.964) and 0.503 for exact positional
+// pages. candidate_factor 12: 0.957 of exact-mdci at ~0.125 of the scan.
 //
 // Ownership: does not own the key bytes; `keys` (the frame owner) must
 // outlive the selector and hold each token's key where the returned
