@@ -23,11 +23,13 @@
 //    recent node with room (page fill vs node tightness).
 // Measured (build-mdci/m/mdci_measure_tool tokens=131072 kv_heads=8 steps=4,
 // llama3-8b-like, budget 256, page 16, G=4, fp16 keys, thread CPU time on a
-// shared 2-core machine, defaults): build 0.60 s/head, index 77.0 B/token
-// (15.0% of the 512 B K+V), page fill 1.0; select 308 us against 2102 us for
-// a SIMD fp16 scan of all keys (0.147; the target is 0.10); attention mass
-// 0.497 against 0.516 for exact-mdci (0.964) and 0.503 for exact positional
-// pages. candidate_factor 12: 0.957 of exact-mdci at ~0.125 of the scan.
+// shared 2-core machine, defaults: field_of_view 96, candidate_factor 8):
+// build 0.60 s/head, index 77.0 B/token (15.0% of the 512 B K+V), page fill
+// 1.0; select 210 us against 2114 us for a SIMD fp16 scan of all keys
+// (0.099), 3.1% of the keys touched; attention mass 0.4915 against 0.5158 for
+// exact-mdci (0.953) and 0.5030 for exact positional pages. More mass for more
+// time: candidate_factor 10 -> 0.954 at 0.111, 16 -> 0.964 at 0.147.
+// The ratio varies by head (2 heads alone: 0.92), so re-measure on real data.
 //
 // Ownership: does not own the key bytes; `keys` (the frame owner) must
 // outlive the selector and hold each token's key where the returned

@@ -61,8 +61,8 @@ struct MdciParams {
   int field_of_view = 96;
   // Candidate tokens scored exactly per query, as a multiple of the budget
   // (whole logical nodes, best estimated first). The main time/mass knob:
-  // 16 x 256 = 4096 keys = 3% of 131072 (see mdci_selector.h for figures).
-  float candidate_factor = 16.0f;
+  // 8 x 256 = 2048 keys = 1.6% of 131072 (see mdci_selector.h for figures).
+  float candidate_factor = 8.0f;
   float norm_headroom = 1.5f;  // M = headroom x max prefill key norm
   // Fraction of keys above the norm bound that triggers a rebuild.
   float rebuild_fraction = 0.02f;
