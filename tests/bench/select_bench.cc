@@ -607,7 +607,7 @@ struct MethodResult {
 
   const PointStats& best() const { return sweep[chosen]; }
   double SessionCost(const PointStats& pt) const {
-    const double insert_s = insert1_tps > 0 ? 1.0 / insert1_tps : 0;
+    const double insert_s = std::isfinite(insert1_tps) && insert1_tps > 0 ? 1.0 / insert1_tps : 0;
     return build_s + kSessionSteps * (insert_s + pt.mean_us() * 1e-6);
   }
 };
@@ -717,8 +717,14 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
       r.page_tokens = p;
       r.build_s = sum_build / ntrees;
       r.build_wall_s = build_wall;
-      r.insert1_tps = sum1 > 0 ? static_cast<double>(w.decode_tokens * ntrees) / sum1 : 0;
-      r.insert16_tps = sum16 > 0 ? static_cast<double>(w.chunk_tokens * ntrees) / sum16 : 0;
+      // The oracle keeps no index: it has nothing to insert into.
+      const double none = std::numeric_limits<double>::quiet_NaN();
+      r.insert1_tps = name == "exact-token" ? none
+                      : sum1 > 0           ? static_cast<double>(w.decode_tokens * ntrees) / sum1
+                                           : 0;
+      r.insert16_tps = name == "exact-token" ? none
+                       : sum16 > 0           ? static_cast<double>(w.chunk_tokens * ntrees) / sum16
+                                             : 0;
       r.index_bytes_per_token = bytes / (static_cast<double>(ntrees) * w.context);
       double fill = 0;
       for (size_t t = 0; t < ntrees; ++t) {
@@ -1061,8 +1067,10 @@ absl::Status CheckReport(const std::string& json_text, const std::vector<std::st
         if (v == nullptr) {
           return absl::InvalidArgumentError(absl::StrFormat("%s (page %d) lacks '%s'", name, p, m));
         }
-        // page_fill is null for the token-level oracle; everything else is a number.
-        const bool may_be_null = std::string(m) == "page_fill" && name == "exact-token";
+        // page_fill and the insert rate are null for the token-level oracle
+        // (no pages, no index); everything else is a number.
+        const bool may_be_null = name == "exact-token" && (std::string(m) == "page_fill" ||
+                                                           std::string(m) == "insert_tokens_per_s");
         if (!v->is_number() && !(may_be_null && v->is_null())) {
           return absl::InvalidArgumentError(
               absl::StrFormat("%s (page %d): '%s' is not a number", name, p, m));
