@@ -14,7 +14,8 @@ JOBS=${JOBS:-$(nproc)}
 PACKAGES=(build-essential cmake ninja-build pkg-config git
   libabsl-dev libtbb-dev libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
-  libfaiss-dev libhnswlib-dev libcpp-httplib-dev libssl-dev)
+  libfaiss-dev libhnswlib-dev libcpp-httplib-dev libssl-dev
+  openssl)  # openssl: the TLS tests make their own throwaway certificates
 
 install_deps() {
   local missing=()
