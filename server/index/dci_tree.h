@@ -89,7 +89,7 @@ struct DciDescentParams {
 
 // Reusable per-thread buffers of CollectCandidates (no allocation once warm).
 struct DciScratch {
-  std::vector<uint32_t> cand, next;
+  std::vector<uint32_t> cand, next, kept;
   std::vector<float> dots, odots, vars, run_dots;
   std::vector<std::pair<float, uint32_t>> scored;
   std::vector<float> qnorm2;

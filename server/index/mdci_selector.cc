@@ -154,8 +154,24 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries,
         s.candidates.push_back(page);
       }
     }
-    for (size_t i = 0; i < s.candidates.size(); ++i) {
-      if (i + 1 < s.candidates.size()) prefetch_page(s.candidates[i + 1]);
+    // The candidate pages are scattered frames read cold: keep several of
+    // them in flight ahead of the one being scored (memory-level
+    // parallelism), the first ones before any is scored.
+    constexpr size_t kPagesAhead = 8;
+    const size_t nc = s.candidates.size();
+    {
+      // A software prefetch into a page whose translation is not cached may
+      // be dropped; one real load per frame starts every page walk at once.
+      unsigned sink = 0;
+      for (size_t i = 0; i < nc; ++i) {
+        const void* p = keys_->page_keys(s.candidates[i]);
+        if (p != nullptr) sink += *static_cast<const volatile unsigned char*>(p);
+      }
+      asm volatile("" : : "r"(sink));
+    }
+    for (size_t i = 0; i < std::min(nc, kPagesAhead); ++i) prefetch_page(s.candidates[i]);
+    for (size_t i = 0; i < nc; ++i) {
+      if (i + kPagesAhead < nc) prefetch_page(s.candidates[i + kPagesAhead]);
       score_page(s.candidates[i]);
     }
   }
