@@ -56,6 +56,7 @@ class DciPageTable {
   uint32_t node_pages(uint32_t node) const { return node_num_pages_[node]; }
   // Tokens in all pages of the node.
   uint32_t node_tokens(uint32_t node) const { return node_tokens_[node]; }
+  const uint32_t& node_tokens_ref(uint32_t node) const { return node_tokens_[node]; }
 
   // Mean fill of all pages as a fraction of page_tokens (0 when empty).
   double MeanFill() const;
