@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <numeric>
 
@@ -1089,6 +1090,38 @@ void DciTree::CollectCandidates(const float* queries, int nq, float scale,
       s->scored[i] = {best, node};
     }
     // Only the head of the ranking is needed: sort it in growing chunks.
+    // SortHead(from, end) puts the best `end - from` of scored[from..] in
+    // order at `from` and returns how many leading entries are now in their
+    // final order (>= end): the threshold score of the head is found on a
+    // plain float copy (cheap selection), the entries at or above it are
+    // moved to the front and only those are sorted. Same order as a
+    // partial_sort (the ranking is total: score, then node id).
+    auto SortHead = [&](size_t from, size_t end) -> size_t {
+      const size_t n = s->scored.size(), k = end - from;
+      auto first = s->scored.begin() + from;
+      if (k == 0 || n - from < 256 || k * 4 > n - from) {
+        std::partial_sort(first, s->scored.begin() + end, s->scored.end(), better);
+        return end;
+      }
+      s->head_keys.resize(n - from);
+      bool nan = false;
+      for (size_t i = from; i < n; ++i) {
+        const float v = s->scored[i].first;
+        s->head_keys[i - from] = v;
+        nan |= v != v;
+      }
+      if (nan) {
+        std::partial_sort(first, s->scored.begin() + end, s->scored.end(), better);
+        return end;
+      }
+      std::nth_element(s->head_keys.begin(), s->head_keys.begin() + (k - 1), s->head_keys.end(),
+                       std::greater<float>());
+      const float t = s->head_keys[k - 1];
+      auto mid = std::partition(first, s->scored.end(),
+                                [t](const std::pair<float, uint32_t>& p) { return p.first >= t; });
+      std::sort(first, mid, better);
+      return static_cast<size_t>(mid - s->scored.begin());
+    };
     const int64_t want_tokens =
         l == 1 ? params.min_tokens : static_cast<int64_t>(params.cover_factor * params.min_tokens);
     const size_t want_nodes = l == 1 ? 0 : static_cast<size_t>(params.field_of_view);
@@ -1102,12 +1135,13 @@ void DciTree::CollectCandidates(const float* queries, int nq, float scale,
     while (taken < s->scored.size() && (taken < want_nodes || tokens < want_tokens)) {
       if (taken == sorted) {
         const size_t end = std::min(s->scored.size(), sorted + chunk);
-        std::partial_sort(s->scored.begin() + sorted, s->scored.begin() + end, s->scored.end(),
-                          better);
+        const size_t next_sorted = SortHead(sorted, end);
         if (l == 1) {  // their token counts are read next, scattered
-          for (size_t i = sorted; i < end; ++i) __builtin_prefetch(&pages_.node_tokens_ref(s->scored[i].second));
+          for (size_t i = sorted; i < next_sorted; ++i) {
+            __builtin_prefetch(&pages_.node_tokens_ref(s->scored[i].second));
+          }
         }
-        sorted = end;
+        sorted = next_sorted;
         chunk *= 2;
       }
       const uint32_t node = s->scored[taken++].second;
