@@ -1041,7 +1041,46 @@ void DciTree::CollectCandidates(const float* queries, int nq, float scale,
     s->scored.resize(nc);
     uint32_t last_cnt = 0;
     float logc = 0.0f, z = 0.0f, vcap = std::numeric_limits<float>::infinity();
-    for (size_t i = 0; i < nc; ++i) {
+    if (!outliers && !params.spread_cap) {
+      // The common case, laid out query-major so the loops vectorize; the
+      // same arithmetic, in the same order, as the general loop below.
+      s->node_logc.resize(nc);
+      s->node_res.resize(nc);
+      s->best.assign(nc, -std::numeric_limits<float>::infinity());
+      for (size_t i = 0; i < nc; ++i) {
+        const uint32_t node = s->cand[i];
+        const uint32_t cnt = std::max<uint32_t>(1, L.count[node]);
+        if (cnt != last_cnt) {
+          last_cnt = cnt;
+          logc = std::log(static_cast<float>(cnt));
+        }
+        s->node_logc[i] = logc;
+        s->node_res[i] = spread ? L.res[node] : 0.0f;
+      }
+      const float* lc = s->node_logc.data();
+      const float* rs = s->node_res.data();
+      float* best = s->best.data();
+      for (int j = 0; j < nq; ++j) {
+        const float* dj = &s->dots[static_cast<size_t>(j) * nc];
+        if (spread) {
+          const float* vj = &s->vars[static_cast<size_t>(j) * nc];
+          const float qr = s->qres[j];
+          for (size_t i = 0; i < nc; ++i) {
+            float e = dj[i] * scale + lc[i];
+            const float var = vj[i] + qr * rs[i];
+            e += half_s2 * var;
+            best[i] = best[i] < e ? e : best[i];
+          }
+        } else {
+          for (size_t i = 0; i < nc; ++i) {
+            const float e = dj[i] * scale + lc[i];
+            best[i] = best[i] < e ? e : best[i];
+          }
+        }
+      }
+      for (size_t i = 0; i < nc; ++i) s->scored[i] = {best[i], s->cand[i]};
+    }
+    for (size_t i = 0; i < nc && (outliers || params.spread_cap); ++i) {
       const uint32_t node = s->cand[i];
       const uint32_t cnt = std::max<uint32_t>(1, L.count[node]);
       if (cnt != last_cnt) {  // most nodes of a level hold the same count

@@ -90,7 +90,7 @@ struct DciDescentParams {
 // Reusable per-thread buffers of CollectCandidates (no allocation once warm).
 struct DciScratch {
   std::vector<uint32_t> cand, next, kept;
-  std::vector<float> dots, odots, vars, run_dots, head_keys;
+  std::vector<float> dots, odots, vars, run_dots, head_keys, node_logc, node_res, best;
   std::vector<std::pair<float, uint32_t>> scored;
   std::vector<float> qnorm2;
   std::vector<float> qproj;  // nq x spread_rank, squared projections of the queries
