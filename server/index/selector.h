@@ -57,8 +57,11 @@ struct MdciParams {
   int num_simple = 7;          // L
   // Nodes kept per level above level 1 while descending (at least; more while
   // they hold fewer than cover_factor x candidate tokens). Wider = more
-  // representatives scored, more mass. Tuned on llama3-8b-like, 131072 tokens.
-  int field_of_view = 96;
+  // representatives scored, more mass. Tuned on llama3-8b-like, 131072 tokens,
+  // 4 heads, page 16, cold step-major queries (docs/bench/README.md): fov 32
+  // gives 12x the exact scan's speed at 0.962 of exact-mdci's mass; fov 48,
+  // 10.9x at 0.967; fov 96, 9.6x at 0.975.
+  int field_of_view = 32;
   // Candidate tokens scored exactly per query, as a multiple of the budget
   // (whole logical nodes, best estimated first). The main time/mass knob:
   // 8 x 256 = 2048 keys = 1.6% of 131072 (see mdci_selector.h for figures).
