@@ -7,15 +7,15 @@ WORKDIR /src
 COPY . .
 # dev.sh installs exactly the Debian packages the build needs.
 RUN BUILD_DIR=/src/build deploy/dev.sh build \
- && cmake --install /src/build --prefix /opt/icecache \
  && mkdir -p /opt/icecache/bin \
- && for b in server/icecached client/icecachectl client/icecache-demo common/icecache-kvgen tests/bench/icecache-bench; do \
-      [ -x "/src/build/$b" ] && cp "/src/build/$b" /opt/icecache/bin/ || true; done
+ && for b in server/icecached client/icecachectl client/icecache-demo common/icecache-kvgen; do \
+      cp "/src/build/$b" /opt/icecache/bin/; done
 
 FROM debian:bookworm-slim
 RUN apt-get update -qq \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      libgrpc++1.51 libprotobuf32 libtbb12 libabsl20220623 libssl3 ca-certificates \
+      libgrpc++1.51 libgrpc29 libprotobuf32 libtbb12 libabsl20220623 libcpp-httplib0.11 libssl3 \
+      ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 990 --home /nonexistent --shell /usr/sbin/nologin icecache \
  && mkdir -p /run/icecache /etc/icecache && chown icecache:icecache /run/icecache
