@@ -91,18 +91,30 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
       }
       return absl::OkStatus();
     };
-    if (a == "--spawn") f.spawn = v;
-    else if (a == "--socket") f.socket = v;
-    else if (a == "--json") f.json = v;
-    else if (a == "--selector") f.selector = v;
-    else if (a == "--pid") RETURN_IF_ERROR(num(&f.pid));
-    else if (a == "--tokens") RETURN_IF_ERROR(num(&f.tokens));
-    else if (a == "--layers") RETURN_IF_ERROR(num(&f.layers));
-    else if (a == "--steps") RETURN_IF_ERROR(num(&f.steps));
-    else if (a == "--budget") RETURN_IF_ERROR(num(&f.budget));
-    else if (a == "--page_tokens") RETURN_IF_ERROR(num(&f.page_tokens));
-    else if (a == "--soak") RETURN_IF_ERROR(num(&f.soak_s));
-    else if (a == "--churn") RETURN_IF_ERROR(num(&f.churn));
+    if (a == "--spawn")
+      f.spawn = v;
+    else if (a == "--socket")
+      f.socket = v;
+    else if (a == "--json")
+      f.json = v;
+    else if (a == "--selector")
+      f.selector = v;
+    else if (a == "--pid")
+      RETURN_IF_ERROR(num(&f.pid));
+    else if (a == "--tokens")
+      RETURN_IF_ERROR(num(&f.tokens));
+    else if (a == "--layers")
+      RETURN_IF_ERROR(num(&f.layers));
+    else if (a == "--steps")
+      RETURN_IF_ERROR(num(&f.steps));
+    else if (a == "--budget")
+      RETURN_IF_ERROR(num(&f.budget));
+    else if (a == "--page_tokens")
+      RETURN_IF_ERROR(num(&f.page_tokens));
+    else if (a == "--soak")
+      RETURN_IF_ERROR(num(&f.soak_s));
+    else if (a == "--churn")
+      RETURN_IF_ERROR(num(&f.churn));
     else if (a == "--sessions") {
       f.sessions.clear();
       for (absl::string_view part : absl::StrSplit(v, ',')) {
@@ -213,7 +225,8 @@ absl::Status InProcessLayer(const Model& m, const Flags& f, InProcess& ip, int s
     *keys_touched += sel->keys_touched;
     *pages += static_cast<int64_t>(sel->pages.size());
     for (uint32_t page : sel->pages) {
-      if (off + 2 * block > ip.out.size()) return absl::InternalError("in-process buffer too small");
+      if (off + 2 * block > ip.out.size())
+        return absl::InternalError("in-process buffer too small");
       std::memcpy(ip.out.data() + off, ip.pages[idx]->page_keys(page), block);
       std::memcpy(ip.out.data() + off + block, ip.pages[idx]->page_values(page), block);
       off += 2 * block;
@@ -246,8 +259,9 @@ absl::StatusOr<SweepPoint> RunSweepPoint(Client& client, const Model& m, const F
   for (int i = 0; i < k; ++i) {
     ASSIGN_OR_RETURN(SessionInfo s, client.CreateSession(m.spec));
     const absl::Time t0 = absl::Now();
-    RETURN_IF_ERROR(client.AppendKv(s.id, kv_buf, 0, m.prefill.size(),
-                                    static_cast<uint32_t>(f.tokens)).status());
+    RETURN_IF_ERROR(
+        client.AppendKv(s.id, kv_buf, 0, m.prefill.size(), static_cast<uint32_t>(f.tokens))
+            .status());
     prefill_ms.push_back(absl::ToDoubleMilliseconds(absl::Now() - t0));
     sessions.push_back(s);
     ASSIGN_OR_RETURN(ShmBuffer out, client.CreateShmBuffer(FetchBytes(m, f)));
@@ -261,8 +275,9 @@ absl::StatusOr<SweepPoint> RunSweepPoint(Client& client, const Model& m, const F
   opt.sink_tokens = 4;
   // Warm-up: open every stream with one step.
   for (int i = 0; i < k; ++i) {
-    RETURN_IF_ERROR(client.DecodeStep(sessions[i].id, 0, Queries(m, 0, 0), outs[i].buffer_id(), 0, opt)
-                        .status());
+    RETURN_IF_ERROR(
+        client.DecodeStep(sessions[i].id, 0, Queries(m, 0, 0), outs[i].buffer_id(), 0, opt)
+            .status());
   }
   std::vector<std::vector<double>> lat(k);
   std::vector<uint64_t> touched(k, 0), npages(k, 0), nheads(k, 0);
@@ -383,8 +398,9 @@ absl::Status RunSoak(Client& client, const Model& m, const Flags& f, JsonWriter&
   std::memcpy(kv_buf.data(), m.prefill.data(), m.prefill.size());
   for (int i = 0; i < k; ++i) {
     ASSIGN_OR_RETURN(SessionInfo s, client.CreateSession(m.spec));
-    RETURN_IF_ERROR(client.AppendKv(s.id, kv_buf, 0, m.prefill.size(),
-                                    static_cast<uint32_t>(f.tokens)).status());
+    RETURN_IF_ERROR(
+        client.AppendKv(s.id, kv_buf, 0, m.prefill.size(), static_cast<uint32_t>(f.tokens))
+            .status());
     sessions.push_back(s);
     ASSIGN_OR_RETURN(ShmBuffer out, client.CreateShmBuffer(FetchBytes(m, f)));
     outs.push_back(std::move(out));
@@ -448,13 +464,15 @@ absl::Status RunSoak(Client& client, const Model& m, const Flags& f, JsonWriter&
 }
 
 absl::Status RunChurn(Client& client, const Model& m, const Flags& f, int pid, JsonWriter& w) {
-  if (pid <= 0) return absl::InvalidArgumentError("--churn needs --spawn or --pid to read the daemon's RSS");
+  if (pid <= 0)
+    return absl::InvalidArgumentError("--churn needs --spawn or --pid to read the daemon's RSS");
   ASSIGN_OR_RETURN(ShmBuffer kv_buf, client.CreateShmBuffer(m.prefill.size()));
   std::memcpy(kv_buf.data(), m.prefill.data(), m.prefill.size());
   auto cycle = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(SessionInfo s, client.CreateSession(m.spec));
-    RETURN_IF_ERROR(client.AppendKv(s.id, kv_buf, 0, m.prefill.size(),
-                                    static_cast<uint32_t>(f.tokens)).status());
+    RETURN_IF_ERROR(
+        client.AppendKv(s.id, kv_buf, 0, m.prefill.size(), static_cast<uint32_t>(f.tokens))
+            .status());
     return client.DropSession(s.id);
   };
   // One warm-up cycle so first-use allocations (size classes, thread pools)

@@ -1,6 +1,9 @@
 #include "client/client.h"
 
 #include <fcntl.h>
+#include <google/protobuf/text_format.h>
+#include <google/protobuf/util/json_util.h>
+#include <grpcpp/generic/generic_stub.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -11,10 +14,6 @@
 #include <fstream>
 #include <random>
 #include <sstream>
-
-#include <google/protobuf/text_format.h>
-#include <google/protobuf/util/json_util.h>
-#include <grpcpp/generic/generic_stub.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -54,7 +53,9 @@ std::string DefaultSocketPath() {
   return candidates.front();
 }
 
-absl::Time FromUnixMs(int64_t ms) { return ms == 0 ? absl::InfinitePast() : absl::FromUnixMillis(ms); }
+absl::Time FromUnixMs(int64_t ms) {
+  return ms == 0 ? absl::InfinitePast() : absl::FromUnixMillis(ms);
+}
 
 absl::string_view Sv(std::string_view s) { return absl::string_view(s.data(), s.size()); }
 bool HasPrefix(std::string_view s, std::string_view p) { return s.substr(0, p.size()) == p; }
@@ -78,12 +79,18 @@ absl::Status FromGrpcStatus(const grpc::Status& status) {
 
 std::string_view SelectorTypeName(SelectorType type) {
   switch (type) {
-    case SelectorType::kDefault: return "default";
-    case SelectorType::kMdci: return "mdci";
-    case SelectorType::kExactMdci: return "exact-mdci";
-    case SelectorType::kExact: return "exact";
-    case SelectorType::kQuest: return "quest";
-    case SelectorType::kStreaming: return "streaming";
+    case SelectorType::kDefault:
+      return "default";
+    case SelectorType::kMdci:
+      return "mdci";
+    case SelectorType::kExactMdci:
+      return "exact-mdci";
+    case SelectorType::kExact:
+      return "exact";
+    case SelectorType::kQuest:
+      return "quest";
+    case SelectorType::kStreaming:
+      return "streaming";
   }
   return "unknown";
 }
@@ -93,8 +100,9 @@ absl::StatusOr<SelectorType> ParseSelectorType(std::string_view name) {
                          SelectorType::kExact, SelectorType::kQuest, SelectorType::kStreaming}) {
     if (name == SelectorTypeName(t)) return t;
   }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "unknown selector '", Sv(name), "'; known: default, mdci, exact-mdci, exact, quest, streaming"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown selector '", Sv(name),
+                   "'; known: default, mdci, exact-mdci, exact, quest, streaming"));
 }
 
 size_t SessionSpec::ChunkBytes(int64_t tokens) const {
@@ -106,19 +114,26 @@ size_t SessionSpec::ChunkBytes(int64_t tokens) const {
 
 v1::DType ToProtoDType(DType dtype) {
   switch (dtype) {
-    case DType::kF16: return v1::DTYPE_FLOAT16;
-    case DType::kBF16: return v1::DTYPE_BFLOAT16;
-    case DType::kF32: return v1::DTYPE_FLOAT32;
+    case DType::kF16:
+      return v1::DTYPE_FLOAT16;
+    case DType::kBF16:
+      return v1::DTYPE_BFLOAT16;
+    case DType::kF32:
+      return v1::DTYPE_FLOAT32;
   }
   return v1::DTYPE_UNSPECIFIED;
 }
 
 absl::StatusOr<DType> FromProtoDType(v1::DType dtype) {
   switch (dtype) {
-    case v1::DTYPE_FLOAT16: return DType::kF16;
-    case v1::DTYPE_BFLOAT16: return DType::kBF16;
-    case v1::DTYPE_FLOAT32: return DType::kF32;
-    default: break;
+    case v1::DTYPE_FLOAT16:
+      return DType::kF16;
+    case v1::DTYPE_BFLOAT16:
+      return DType::kBF16;
+    case v1::DTYPE_FLOAT32:
+      return DType::kF32;
+    default:
+      break;
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown dtype ", static_cast<int>(dtype)));
 }
@@ -129,7 +144,6 @@ void ToProto(const SelectOptions& options, v1::SelectParams* out) {
   if (options.recent_tokens) out->set_recent_tokens(*options.recent_tokens);
   out->set_want_positions(options.want_positions);
 }
-
 
 void ToProto(const SessionSpec& spec, v1::SessionConfig* out) {
   auto* m = out->mutable_model();
@@ -160,9 +174,11 @@ SessionInfo FromProto(const v1::SessionInfo& info) {
   s.spec.page_tokens = static_cast<int>(c.page_tokens());
   s.spec.selector = static_cast<SelectorType>(c.selector().kind());
   s.spec.layer_reuse = static_cast<int>(c.layer_reuse());
-  if (c.defaults().has_budget_tokens()) s.spec.defaults.budget_tokens = c.defaults().budget_tokens();
+  if (c.defaults().has_budget_tokens())
+    s.spec.defaults.budget_tokens = c.defaults().budget_tokens();
   if (c.defaults().has_sink_tokens()) s.spec.defaults.sink_tokens = c.defaults().sink_tokens();
-  if (c.defaults().has_recent_tokens()) s.spec.defaults.recent_tokens = c.defaults().recent_tokens();
+  if (c.defaults().has_recent_tokens())
+    s.spec.defaults.recent_tokens = c.defaults().recent_tokens();
   s.spec.ttl = absl::Milliseconds(static_cast<int64_t>(c.ttl_ms()));
   s.spec.pinned = c.pinned();
   s.tokens = info.tokens();
@@ -262,8 +278,8 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const ClientOptions& opti
     if (path.empty()) path = DefaultSocketPath();
     if (HasPrefix(path, "unix:")) path = path.substr(5);
     if (path.empty() || path[0] != '/') {
-      return absl::InvalidArgumentError(
-          absl::StrCat("socket path '", path, "' must be absolute (e.g. /run/icecache/icecached.sock)"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "socket path '", path, "' must be absolute (e.g. /run/icecache/icecached.sock)"));
     }
     impl->target = "unix:" + path;
     creds = grpc::InsecureChannelCredentials();
@@ -381,14 +397,17 @@ absl::StatusOr<ShmBuffer> Client::CreateShmBuffer(size_t size) {
   if (buf.fd_ < 0) {
     const int e = errno;
     buf.path_.clear();
-    return absl::InternalError(absl::StrCat("cannot create shm file under /dev/shm: ", std::strerror(e)));
+    return absl::InternalError(
+        absl::StrCat("cannot create shm file under /dev/shm: ", std::strerror(e)));
   }
   if (::ftruncate(buf.fd_, static_cast<off_t>(size)) != 0) {
-    return absl::InternalError(absl::StrCat("ftruncate(", buf.path_, ", ", size, "): ", std::strerror(errno)));
+    return absl::InternalError(
+        absl::StrCat("ftruncate(", buf.path_, ", ", size, "): ", std::strerror(errno)));
   }
   void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, buf.fd_, 0);
   if (p == MAP_FAILED) {
-    return absl::InternalError(absl::StrCat("mmap(", buf.path_, ", ", size, "): ", std::strerror(errno)));
+    return absl::InternalError(
+        absl::StrCat("mmap(", buf.path_, ", ", size, "): ", std::strerror(errno)));
   }
   buf.data_ = static_cast<uint8_t*>(p);
   buf.size_ = size;
@@ -707,8 +726,8 @@ absl::StatusOr<bool> Client::Health(std::string_view service) {
   absl::Mutex mu;
   bool done = false;
   grpc::Status status;
-  impl_->generic->UnaryCall(ctx.get(), kHealthCheckMethod, grpc::StubOptions(), &request,
-                            &response, [&](grpc::Status s) {
+  impl_->generic->UnaryCall(ctx.get(), kHealthCheckMethod, grpc::StubOptions(), &request, &response,
+                            [&](grpc::Status s) {
                               absl::MutexLock lock(&mu);
                               status = std::move(s);
                               done = true;

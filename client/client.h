@@ -277,8 +277,8 @@ class Client {
   absl::StatusOr<uint64_t> AppendKv(std::string_view session_id, std::string_view buffer_id,
                                     uint64_t offset, uint64_t length, uint32_t num_tokens);
   // Inline bytes (remote or small clients; bounded by the daemon).
-  absl::StatusOr<uint64_t> AppendKvInline(std::string_view session_id,
-                                          absl::Span<const uint8_t> kv, uint32_t num_tokens);
+  absl::StatusOr<uint64_t> AppendKvInline(std::string_view session_id, absl::Span<const uint8_t> kv,
+                                          uint32_t num_tokens);
 
   // Queries: q_heads x head_dim fp32 of one layer. One HeadSelection per KV
   // head. `reused` (optional) reports whether the layer group's selection
@@ -303,9 +303,8 @@ class Client {
   // the session (opened on first use, reopened after an error). Pages land
   // in `buffer_id` at `offset` before this returns.
   absl::StatusOr<StepResult> DecodeStep(std::string_view session_id, uint32_t layer,
-                                        absl::Span<const float> queries,
-                                        std::string_view buffer_id, uint64_t offset,
-                                        const SelectOptions& options = {},
+                                        absl::Span<const float> queries, std::string_view buffer_id,
+                                        uint64_t offset, const SelectOptions& options = {},
                                         uint32_t num_layers = 1);
   // Closes the session's decode stream (if open); returns its final status.
   absl::Status CloseDecodeStream(std::string_view session_id);

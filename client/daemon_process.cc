@@ -15,8 +15,8 @@
 #include <fstream>
 #include <sstream>
 
-#include "absl/strings/str_cat.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
@@ -57,16 +57,17 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const Daemon
     return absl::InvalidArgumentError("DaemonOptions.binary is empty: give the icecached path");
   }
   if (::access(options.binary.c_str(), X_OK) != 0) {
-    return absl::NotFoundError(absl::StrCat("icecached binary '", options.binary,
-                                            "' is missing or not executable: ",
-                                            std::strerror(errno)));
+    return absl::NotFoundError(
+        absl::StrCat("icecached binary '", options.binary,
+                     "' is missing or not executable: ", std::strerror(errno)));
   }
   std::unique_ptr<DaemonProcess> d(new DaemonProcess());
   d->options_ = options;
   // Short base path: sun_path holds at most 107 bytes.
   std::string tmpl = "/tmp/icecached-XXXXXX";
   if (::mkdtemp(tmpl.data()) == nullptr) {
-    return absl::InternalError(absl::StrCat("mkdtemp(/tmp/icecached-XXXXXX): ", std::strerror(errno)));
+    return absl::InternalError(
+        absl::StrCat("mkdtemp(/tmp/icecached-XXXXXX): ", std::strerror(errno)));
   }
   d->temp_dir_ = tmpl;
   // Let a non-root client (tests run a second tenant under another uid)
@@ -87,7 +88,8 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const Daemon
   }
   for (const auto& a : options.extra_args) args.push_back(a);
 
-  const int err_fd = ::open(d->stderr_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  const int err_fd =
+      ::open(d->stderr_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (err_fd < 0) {
     return absl::InternalError(absl::StrCat("open ", d->stderr_path_, ": ", std::strerror(errno)));
   }
@@ -137,9 +139,9 @@ absl::Status DaemonProcess::WaitReady(absl::Duration timeout) {
     }
     absl::SleepFor(absl::Milliseconds(20));
   }
-  return absl::DeadlineExceededError(
-      absl::StrCat("icecached not ready on ", socket_path_, " after ",
-                   absl::FormatDuration(timeout), "; stderr tail:\n", Tail(Stderr(), 4000)));
+  return absl::DeadlineExceededError(absl::StrCat("icecached not ready on ", socket_path_,
+                                                  " after ", absl::FormatDuration(timeout),
+                                                  "; stderr tail:\n", Tail(Stderr(), 4000)));
 }
 
 DaemonProcess::~DaemonProcess() {
@@ -176,8 +178,8 @@ absl::StatusOr<int> DaemonProcess::Wait(absl::Duration timeout) {
   const absl::Time deadline = absl::Now() + timeout;
   while (running()) {
     if (absl::Now() >= deadline) {
-      return absl::DeadlineExceededError(
-          absl::StrCat("icecached (pid ", pid_, ") still running after ", absl::FormatDuration(timeout)));
+      return absl::DeadlineExceededError(absl::StrCat(
+          "icecached (pid ", pid_, ") still running after ", absl::FormatDuration(timeout)));
     }
     absl::SleepFor(absl::Milliseconds(10));
   }

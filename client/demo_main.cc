@@ -150,7 +150,8 @@ absl::Status RunDemo(const DemoFlags& f) {
     d.binary = f.spawn;
     ASSIGN_OR_RETURN(daemon, DaemonProcess::Start(d));
     options.socket_path = daemon->socket_path();
-    std::cout << "spawned icecached pid " << daemon->pid() << " on " << daemon->socket_path() << "\n";
+    std::cout << "spawned icecached pid " << daemon->pid() << " on " << daemon->socket_path()
+              << "\n";
   }
   ASSIGN_OR_RETURN(auto client, Client::Create(options));
   ASSIGN_OR_RETURN(bool serving, client->Health());
@@ -197,9 +198,8 @@ absl::Status RunDemo(const DemoFlags& f) {
 
   absl::Time t0 = absl::Now();
   kv.FillChunk(0, prefill, kv_buf.data());
-  ASSIGN_OR_RETURN(uint64_t have,
-                   client->AppendKv(session.id, kv_buf, 0, spec.ChunkBytes(prefill),
-                                    static_cast<uint32_t>(prefill)));
+  ASSIGN_OR_RETURN(uint64_t have, client->AppendKv(session.id, kv_buf, 0, spec.ChunkBytes(prefill),
+                                                   static_cast<uint32_t>(prefill)));
   std::cout << absl::StrFormat("prefill: %d tokens, %s through shm in %.1f ms (index built)\n",
                                have, HumanBytes(static_cast<int64_t>(spec.ChunkBytes(prefill))),
                                absl::ToDoubleMilliseconds(absl::Now() - t0));
@@ -226,11 +226,12 @@ absl::Status RunDemo(const DemoFlags& f) {
       const float* q = dump.query(step, layer, 0);
       const size_t qn = static_cast<size_t>(dump.q_heads) * dump.head_dim;
       t0 = absl::Now();
-      ASSIGN_OR_RETURN(StepResult r, client->DecodeStep(session.id, layer, absl::MakeConstSpan(q, qn),
-                                                        out_buf.buffer_id(), 0, sel));
+      ASSIGN_OR_RETURN(StepResult r,
+                       client->DecodeStep(session.id, layer, absl::MakeConstSpan(q, qn),
+                                          out_buf.buffer_id(), 0, sel));
       lat.push_back(absl::ToDoubleMilliseconds(absl::Now() - t0));
-      ASSIGN_OR_RETURN(int64_t checked, VerifyFetch(kv, tokens, r.layout, r.heads, out_buf.data(),
-                                                    out_buf.size()));
+      ASSIGN_OR_RETURN(int64_t checked,
+                       VerifyFetch(kv, tokens, r.layout, r.heads, out_buf.data(), out_buf.size()));
       pages += checked;
       const int g = dump.group_size();
       for (const HeadSelection& h : r.heads) {

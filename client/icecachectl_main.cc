@@ -66,13 +66,18 @@ Exit codes:
 
 int ExitCodeFor(const absl::Status& s) {
   switch (s.code()) {
-    case absl::StatusCode::kOk: return kExitOk;
-    case absl::StatusCode::kNotFound: return kExitNotFound;
+    case absl::StatusCode::kOk:
+      return kExitOk;
+    case absl::StatusCode::kNotFound:
+      return kExitNotFound;
     case absl::StatusCode::kPermissionDenied:
-    case absl::StatusCode::kUnauthenticated: return kExitPermission;
+    case absl::StatusCode::kUnauthenticated:
+      return kExitPermission;
     case absl::StatusCode::kUnavailable:
-    case absl::StatusCode::kDeadlineExceeded: return kExitUnavailable;
-    default: return kExitServerError;
+    case absl::StatusCode::kDeadlineExceeded:
+      return kExitUnavailable;
+    default:
+      return kExitServerError;
   }
 }
 
@@ -408,9 +413,9 @@ int Run(int argc, char** argv) {
         }
         return kExitOk;
       }
-      absl::StatusOr<SessionInfo> info = sub == "show"
-                                             ? client.GetSession(id)
-                                             : client.PinSession(id, !args.switches.count("--unpin"));
+      absl::StatusOr<SessionInfo> info =
+          sub == "show" ? client.GetSession(id)
+                        : client.PinSession(id, !args.switches.count("--unpin"));
       if (!info.ok()) return Fail(info.status());
       if (args.json) {
         SessionJson(w, *info);
@@ -464,7 +469,8 @@ int Run(int argc, char** argv) {
     if (rest.size() != 3 || rest[0] != "set") return UsageError("usage: quota set TENANT BYTES");
     uint64_t bytes = 0;
     if (!ParseBytes(rest[2], &bytes)) {
-      return UsageError("quota set: '" + rest[2] + "' is not a byte count (e.g. 1073741824, 4G, 512MiB)");
+      return UsageError("quota set: '" + rest[2] +
+                        "' is not a byte count (e.g. 1073741824, 4G, 512MiB)");
     }
     auto t = client.SetQuota(rest[1], bytes);
     if (!t.ok()) return Fail(t.status());

@@ -23,10 +23,12 @@ HostKv HostKv::FromDump(KvDump* dump) {
 }
 
 const uint16_t* HostKv::key(int layer, int head, int64_t token) const {
-  return k_.data() + ((static_cast<size_t>(layer) * kv_heads_ + head) * tokens_ + token) * head_dim_;
+  return k_.data() +
+         ((static_cast<size_t>(layer) * kv_heads_ + head) * tokens_ + token) * head_dim_;
 }
 const uint16_t* HostKv::value(int layer, int head, int64_t token) const {
-  return v_.data() + ((static_cast<size_t>(layer) * kv_heads_ + head) * tokens_ + token) * head_dim_;
+  return v_.data() +
+         ((static_cast<size_t>(layer) * kv_heads_ + head) * tokens_ + token) * head_dim_;
 }
 
 size_t HostKv::ChunkBytes(int64_t begin, int64_t end) const {
@@ -92,7 +94,8 @@ absl::StatusOr<int64_t> VerifyFetch(const HostKv& kv, int64_t tokens, const Fetc
             }
             const int32_t p = (*pos)[cursor++];
             if (p < 0 || p >= tokens) {
-              return absl::InternalError(absl::StrCat("position ", p, " outside [0, ", tokens, ")"));
+              return absl::InternalError(
+                  absl::StrCat("position ", p, " outside [0, ", tokens, ")"));
             }
             if (std::memcmp(kblk + s * row, kv.key(layer, h.kv_head, p), row) != 0 ||
                 std::memcmp(vblk + s * row, kv.value(layer, h.kv_head, p), row) != 0) {

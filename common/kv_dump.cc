@@ -28,11 +28,14 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
 }
 
 absl::Status CheckDump(const KvDump& d) {
-  auto bad = [](const std::string& why) { return absl::InvalidArgumentError(absl::StrCat("KvDump: ", why)); };
-  if (d.layers < 1 || d.kv_heads < 1 || d.q_heads < 1 || d.head_dim < 1 || d.tokens < 0 || d.steps < 0) {
-    return bad(absl::StrCat("shape must be positive (layers ", d.layers, ", kv_heads ", d.kv_heads, ", q_heads ",
-                            d.q_heads, ", head_dim ", d.head_dim, ") and tokens ", d.tokens, ", steps ", d.steps,
-                            " non-negative"));
+  auto bad = [](const std::string& why) {
+    return absl::InvalidArgumentError(absl::StrCat("KvDump: ", why));
+  };
+  if (d.layers < 1 || d.kv_heads < 1 || d.q_heads < 1 || d.head_dim < 1 || d.tokens < 0 ||
+      d.steps < 0) {
+    return bad(absl::StrCat("shape must be positive (layers ", d.layers, ", kv_heads ", d.kv_heads,
+                            ", q_heads ", d.q_heads, ", head_dim ", d.head_dim, ") and tokens ",
+                            d.tokens, ", steps ", d.steps, " non-negative"));
   }
   if (d.q_heads % d.kv_heads != 0) {
     return bad(absl::StrCat("q_heads ", d.q_heads, " is not a multiple of kv_heads ", d.kv_heads));
@@ -40,7 +43,8 @@ absl::Status CheckDump(const KvDump& d) {
   const size_t kv = static_cast<size_t>(d.layers) * d.kv_heads * d.tokens * d.head_dim;
   const size_t q = static_cast<size_t>(d.steps) * d.layers * d.q_heads * d.head_dim;
   if (d.keys.size() != kv || d.values.size() != kv) {
-    return bad(absl::StrCat("keys/values hold ", d.keys.size(), "/", d.values.size(), " floats, the shape needs ", kv));
+    return bad(absl::StrCat("keys/values hold ", d.keys.size(), "/", d.values.size(),
+                            " floats, the shape needs ", kv));
   }
   if (d.queries.size() != q) {
     return bad(absl::StrCat("queries hold ", d.queries.size(), " floats, the shape needs ", q));
@@ -123,10 +127,14 @@ void ParseMeta(std::string_view text, KvDump* dump) {
     size_t p = text.find(quoted);
     if (p == std::string_view::npos) return std::string_view::npos;
     p += quoted.size();
-    while (p < text.size() && (text[p] == ' ' || text[p] == '\t' || text[p] == '\n' || text[p] == '\r')) ++p;
+    while (p < text.size() &&
+           (text[p] == ' ' || text[p] == '\t' || text[p] == '\n' || text[p] == '\r'))
+      ++p;
     if (p >= text.size() || text[p] != ':') return std::string_view::npos;
     ++p;
-    while (p < text.size() && (text[p] == ' ' || text[p] == '\t' || text[p] == '\n' || text[p] == '\r')) ++p;
+    while (p < text.size() &&
+           (text[p] == ' ' || text[p] == '\t' || text[p] == '\n' || text[p] == '\r'))
+      ++p;
     return p < text.size() ? p : std::string_view::npos;
   };
   size_t p = value_after("model");
@@ -155,19 +163,22 @@ void ParseMeta(std::string_view text, KvDump* dump) {
   }
 }
 
-absl::StatusOr<NpyArray> ReadPart(const std::string& dir, const char* name, int token_axis, int64_t max_tokens) {
+absl::StatusOr<NpyArray> ReadPart(const std::string& dir, const char* name, int token_axis,
+                                  int64_t max_tokens) {
   const std::string path = Join(dir, name);
   struct stat st;
   if (::stat(path.c_str(), &st) != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("KV dump ", dir, " has no ", name, " (", std::strerror(errno),
-                                                   "); a dump needs keys.npy, values.npy and queries.npy"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV dump ", dir, " has no ", name, " (", std::strerror(errno),
+                     "); a dump needs keys.npy, values.npy and queries.npy"));
   }
   if (token_axis >= 0 && max_tokens > 0) {
     // Peek at the header to learn the token count, then read only the prefix.
     ASSIGN_OR_RETURN(NpyArray head, ReadNpyPrefix(path, 0, 0));
     if (head.shape.size() != 4) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": expected 4 dimensions [layers, kv_heads, tokens, head_dim], got shape ",
-                                                     ShapeString(head.shape)));
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": expected 4 dimensions [layers, kv_heads, tokens, head_dim], got shape ",
+          ShapeString(head.shape)));
     }
     if (max_tokens < head.shape[token_axis]) return ReadNpyPrefix(path, token_axis, max_tokens);
   }
@@ -178,8 +189,8 @@ absl::StatusOr<NpyArray> ReadPart(const std::string& dir, const char* name, int 
 
 absl::Status WriteKvDump(const KvDump& dump, const std::string& dir, DType dtype) {
   if (dtype != DType::kF16 && dtype != DType::kF32) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("KV dumps are written as float16 or float32, not ", std::string(DTypeName(dtype))));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "KV dumps are written as float16 or float32, not ", std::string(DTypeName(dtype))));
   }
   RETURN_IF_ERROR(CheckDump(dump));
   RETURN_IF_ERROR(MakeDirs(dir));
@@ -190,11 +201,12 @@ absl::Status WriteKvDump(const KvDump& dump, const std::string& dir, DType dtype
   RETURN_IF_ERROR(WriteNpy(Join(dir, "queries.npy"), dump.queries.data(), q_shape, dtype));
   char theta[64];
   std::snprintf(theta, sizeof(theta), "%.17g", dump.rope_theta);
-  const std::string meta = absl::StrCat(
-      "{\n  \"model\": \"", JsonEscape(dump.model), "\",\n  \"rope_theta\": ", theta, ",\n  \"layers\": ", dump.layers,
-      ",\n  \"kv_heads\": ", dump.kv_heads, ",\n  \"q_heads\": ", dump.q_heads, ",\n  \"tokens\": ", dump.tokens,
-      ",\n  \"head_dim\": ", dump.head_dim, ",\n  \"steps\": ", dump.steps, ",\n  \"dtype\": \"",
-      std::string(DTypeName(dtype)), "\"\n}\n");
+  const std::string meta =
+      absl::StrCat("{\n  \"model\": \"", JsonEscape(dump.model), "\",\n  \"rope_theta\": ", theta,
+                   ",\n  \"layers\": ", dump.layers, ",\n  \"kv_heads\": ", dump.kv_heads,
+                   ",\n  \"q_heads\": ", dump.q_heads, ",\n  \"tokens\": ", dump.tokens,
+                   ",\n  \"head_dim\": ", dump.head_dim, ",\n  \"steps\": ", dump.steps,
+                   ",\n  \"dtype\": \"", std::string(DTypeName(dtype)), "\"\n}\n");
   return WriteText(Join(dir, "meta.json"), meta);
 }
 
@@ -202,44 +214,55 @@ absl::StatusOr<KvDump> ReadKvDump(const std::string& dir, int64_t max_tokens) {
   struct stat st;
   if (::stat(dir.c_str(), &st) != 0) {
     const int err = errno;
-    if (err == ENOENT) return absl::NotFoundError(absl::StrCat("KV dump directory ", dir, " does not exist"));
+    if (err == ENOENT)
+      return absl::NotFoundError(absl::StrCat("KV dump directory ", dir, " does not exist"));
     return absl::ErrnoToStatus(err, absl::StrCat("cannot stat KV dump directory ", dir));
   }
-  if (!S_ISDIR(st.st_mode)) return absl::InvalidArgumentError(absl::StrCat(dir, " is not a directory"));
+  if (!S_ISDIR(st.st_mode))
+    return absl::InvalidArgumentError(absl::StrCat(dir, " is not a directory"));
 
   ASSIGN_OR_RETURN(NpyArray keys, ReadPart(dir, "keys.npy", 2, max_tokens));
   ASSIGN_OR_RETURN(NpyArray values, ReadPart(dir, "values.npy", 2, max_tokens));
   ASSIGN_OR_RETURN(NpyArray queries, ReadPart(dir, "queries.npy", -1, -1));
-  const std::string kp = Join(dir, "keys.npy"), vp = Join(dir, "values.npy"), qp = Join(dir, "queries.npy");
+  const std::string kp = Join(dir, "keys.npy"), vp = Join(dir, "values.npy"),
+                    qp = Join(dir, "queries.npy");
   if (keys.shape.size() != 4) {
-    return absl::InvalidArgumentError(absl::StrCat(kp, ": expected [layers, kv_heads, tokens, head_dim], got shape ",
-                                                   ShapeString(keys.shape)));
+    return absl::InvalidArgumentError(
+        absl::StrCat(kp, ": expected [layers, kv_heads, tokens, head_dim], got shape ",
+                     ShapeString(keys.shape)));
   }
   if (values.shape != keys.shape) {
-    return absl::InvalidArgumentError(absl::StrCat(vp, " has shape ", ShapeString(values.shape), " but ", kp,
-                                                   " has ", ShapeString(keys.shape), "; they must match"));
+    return absl::InvalidArgumentError(absl::StrCat(vp, " has shape ", ShapeString(values.shape),
+                                                   " but ", kp, " has ", ShapeString(keys.shape),
+                                                   "; they must match"));
   }
   if (queries.shape.size() != 4) {
-    return absl::InvalidArgumentError(absl::StrCat(qp, ": expected [steps, layers, q_heads, head_dim], got shape ",
-                                                   ShapeString(queries.shape)));
+    return absl::InvalidArgumentError(
+        absl::StrCat(qp, ": expected [steps, layers, q_heads, head_dim], got shape ",
+                     ShapeString(queries.shape)));
   }
-  const int64_t layers = keys.shape[0], kv_heads = keys.shape[1], tokens = keys.shape[2], head_dim = keys.shape[3];
+  const int64_t layers = keys.shape[0], kv_heads = keys.shape[1], tokens = keys.shape[2],
+                head_dim = keys.shape[3];
   const int64_t steps = queries.shape[0], q_heads = queries.shape[2];
   if (layers < 1 || kv_heads < 1 || head_dim < 1 || layers > (1 << 20) || kv_heads > (1 << 20) ||
       head_dim > (1 << 20)) {
-    return absl::InvalidArgumentError(absl::StrCat(kp, ": layers, kv_heads and head_dim must be in [1, 2^20], got shape ",
-                                                   ShapeString(keys.shape)));
+    return absl::InvalidArgumentError(
+        absl::StrCat(kp, ": layers, kv_heads and head_dim must be in [1, 2^20], got shape ",
+                     ShapeString(keys.shape)));
   }
   if (queries.shape[1] != layers) {
     return absl::InvalidArgumentError(absl::StrCat(qp, " has ", queries.shape[1], " layers (shape ",
-                                                   ShapeString(queries.shape), ") but ", kp, " has ", layers));
+                                                   ShapeString(queries.shape), ") but ", kp,
+                                                   " has ", layers));
   }
   if (queries.shape[3] != head_dim) {
-    return absl::InvalidArgumentError(absl::StrCat(qp, " has head_dim ", queries.shape[3], " but ", kp, " has ",
-                                                   head_dim));
+    return absl::InvalidArgumentError(
+        absl::StrCat(qp, " has head_dim ", queries.shape[3], " but ", kp, " has ", head_dim));
   }
-  if (q_heads < kv_heads || q_heads % kv_heads != 0 || q_heads > (1 << 20) || steps > (int64_t{1} << 30)) {
-    return absl::InvalidArgumentError(absl::StrCat(qp, " has ", q_heads, " query heads, not a positive multiple of the ",
+  if (q_heads < kv_heads || q_heads % kv_heads != 0 || q_heads > (1 << 20) ||
+      steps > (int64_t{1} << 30)) {
+    return absl::InvalidArgumentError(absl::StrCat(qp, " has ", q_heads,
+                                                   " query heads, not a positive multiple of the ",
                                                    kv_heads, " KV heads of ", kp));
   }
 

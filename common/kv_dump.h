@@ -42,9 +42,9 @@ struct KvDump {
   }
   // The G queries (G x head_dim rows) of `kv_head` at decode `step`.
   const float* query(int step, int layer, int kv_head) const {
-    return queries.data() +
-           ((static_cast<size_t>(step) * layers + layer) * q_heads +
-            static_cast<size_t>(kv_head) * group_size()) * head_dim;
+    return queries.data() + ((static_cast<size_t>(step) * layers + layer) * q_heads +
+                             static_cast<size_t>(kv_head) * group_size()) *
+                                head_dim;
   }
 };
 

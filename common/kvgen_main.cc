@@ -31,7 +31,8 @@ ABSL_FLAG(int32_t, kv_heads, -1,
           "KV heads (-1: the preset's); query heads scale with it to keep the preset's GQA ratio");
 ABSL_FLAG(int32_t, threads, 0, "worker threads (0: automatic); the output does not depend on it");
 ABSL_FLAG(bool, profile, false,
-          "also print exact attention statistics of layer 0 (first and last step): sink mass, top-256 mass "
+          "also print exact attention statistics of layer 0 (first and last step): sink mass, "
+          "top-256 mass "
           "and entropy of peaked and flat heads");
 
 namespace {
@@ -50,10 +51,10 @@ std::string PrecheckFlags(int argc, char** argv, std::vector<std::string>* norma
     const char* name;
     char type;  // 's' string, 'i' signed, 'u' unsigned, 'b' bool-like (no value needed)
   };
-  static const Known kKnown[] = {{"preset", 's'}, {"tokens", 'i'}, {"layers", 'i'},  {"steps", 'i'},
-                                 {"out", 's'},    {"seed", 'u'},   {"dtype", 's'},   {"kv_heads", 'i'},
-                                 {"threads", 'i'}, {"profile", 'b'}, {"help", 'b'},  {"helpfull", 'b'}, {"helpshort", 'b'},
-                                 {"version", 'b'}};
+  static const Known kKnown[] = {
+      {"preset", 's'}, {"tokens", 'i'},   {"layers", 'i'},    {"steps", 'i'},   {"out", 's'},
+      {"seed", 'u'},   {"dtype", 's'},    {"kv_heads", 'i'},  {"threads", 'i'}, {"profile", 'b'},
+      {"help", 'b'},   {"helpfull", 'b'}, {"helpshort", 'b'}, {"version", 'b'}};
   normalised->assign(argv, argv + argc);
   for (int i = 1; i < argc; ++i) {
     std::string& arg = (*normalised)[i];
@@ -79,11 +80,14 @@ std::string PrecheckFlags(int argc, char** argv, std::vector<std::string>* norma
     }
     if (k->type == 'i') {
       int64_t v;
-      if (!absl::SimpleAtoi(value, &v)) return "--" + name + " must be an integer, got '" + value + "'";
-      if (name != "tokens" && (v < INT32_MIN || v > INT32_MAX)) return "--" + name + " is out of range";
+      if (!absl::SimpleAtoi(value, &v))
+        return "--" + name + " must be an integer, got '" + value + "'";
+      if (name != "tokens" && (v < INT32_MIN || v > INT32_MAX))
+        return "--" + name + " is out of range";
     } else if (k->type == 'u') {
       uint64_t v;
-      if (!absl::SimpleAtoi(value, &v)) return "--" + name + " must be a non-negative integer, got '" + value + "'";
+      if (!absl::SimpleAtoi(value, &v))
+        return "--" + name + " must be a non-negative integer, got '" + value + "'";
     }
   }
   return "";
@@ -106,9 +110,11 @@ void PrintProfile(const icecache::KvDump& dump, const icecache::SyntheticTruth& 
     }
     for (int kind : {1, 0}) {
       if (n[kind] == 0) continue;
-      std::printf("  layer 0 step %d %s heads (%d): sink mass %.3f, top-256 mass %.3f, entropy %.2f nats, max logit %.1f\n",
-                  step, kind ? "peaked" : "flat", n[kind], sink[kind] / n[kind], top[kind] / n[kind], ent[kind] / n[kind],
-                  max_logit[kind] / n[kind]);
+      std::printf(
+          "  layer 0 step %d %s heads (%d): sink mass %.3f, top-256 mass %.3f, entropy %.2f nats, "
+          "max logit %.1f\n",
+          step, kind ? "peaked" : "flat", n[kind], sink[kind] / n[kind], top[kind] / n[kind],
+          ent[kind] / n[kind], max_logit[kind] / n[kind]);
     }
   }
 }
@@ -117,7 +123,8 @@ void PrintProfile(const icecache::KvDump& dump, const icecache::SyntheticTruth& 
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "writes a synthetic KV dump: icecache-kvgen --preset P --tokens N --layers L --steps S --out DIR "
+      "writes a synthetic KV dump: icecache-kvgen --preset P --tokens N --layers L --steps S --out "
+      "DIR "
       "[--seed X] [--dtype float16|float32] [--kv-heads H]");
   std::vector<std::string> args;
   const std::string bad = PrecheckFlags(argc, argv, &args);
@@ -186,10 +193,11 @@ int main(int argc, char** argv) {
   std::printf(
       "icecache-kvgen: %s keys/values [%d, %d, %lld, %d] queries [%d, %d, %d, %d] %s, %.1f MiB, "
       "generated in %.2f s, written in %.2f s to %s\n",
-      absl::GetFlag(FLAGS_preset).c_str(), dump->layers, dump->kv_heads, static_cast<long long>(dump->tokens),
-      dump->head_dim, dump->steps, dump->layers, dump->q_heads, dump->head_dim,
-      std::string(icecache::DTypeName(*dtype)).c_str(), bytes / (1024.0 * 1024.0),
-      std::chrono::duration<double>(t1 - t0).count(), std::chrono::duration<double>(t2 - t1).count(), out.c_str());
+      absl::GetFlag(FLAGS_preset).c_str(), dump->layers, dump->kv_heads,
+      static_cast<long long>(dump->tokens), dump->head_dim, dump->steps, dump->layers,
+      dump->q_heads, dump->head_dim, std::string(icecache::DTypeName(*dtype)).c_str(),
+      bytes / (1024.0 * 1024.0), std::chrono::duration<double>(t1 - t0).count(),
+      std::chrono::duration<double>(t2 - t1).count(), out.c_str());
   if (absl::GetFlag(FLAGS_profile)) PrintProfile(*dump, truth, c);
   return 0;
 }

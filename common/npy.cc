@@ -4,8 +4,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <cerrno>
 #include <cctype>
+#include <cerrno>
 #include <cstring>
 #include <limits>
 #include <new>
@@ -26,7 +26,8 @@ constexpr int64_t kMaxElements = int64_t{1} << 40;
 constexpr size_t kChunkElements = size_t{1} << 20;
 
 absl::Status Bad(const std::string& name, std::string_view what) {
-  return absl::InvalidArgumentError(absl::StrCat(name, ": not a valid .npy file: ", std::string(what)));
+  return absl::InvalidArgumentError(
+      absl::StrCat(name, ": not a valid .npy file: ", std::string(what)));
 }
 
 // Owns a file descriptor.
@@ -57,10 +58,12 @@ absl::Status ErrnoStatus(int err, const std::string& what) {
 
 // Reads up to `n` bytes at `offset`; returns how many were read (less only at
 // end of file).
-absl::StatusOr<size_t> PreadFull(int fd, void* buf, size_t n, int64_t offset, const std::string& name) {
+absl::StatusOr<size_t> PreadFull(int fd, void* buf, size_t n, int64_t offset,
+                                 const std::string& name) {
   size_t done = 0;
   while (done < n) {
-    const ssize_t r = ::pread(fd, static_cast<char*>(buf) + done, n - done, static_cast<off_t>(offset + done));
+    const ssize_t r =
+        ::pread(fd, static_cast<char*>(buf) + done, n - done, static_cast<off_t>(offset + done));
     if (r < 0) {
       if (errno == EINTR) continue;
       return ErrnoStatus(errno, absl::StrCat("reading ", name));
@@ -111,8 +114,9 @@ class HeaderParser {
         } else if (descr == "<f2") {
           h.dtype = DType::kF16;
         } else {
-          return absl::InvalidArgumentError(absl::StrCat(
-              name_, ": unsupported dtype '", descr, "'; supported: '<f2' (float16), '<f4' (float32)"));
+          return absl::InvalidArgumentError(
+              absl::StrCat(name_, ": unsupported dtype '", descr,
+                           "'; supported: '<f2' (float16), '<f4' (float32)"));
         }
       } else if (key == "fortran_order") {
         if (have_order) return Error("duplicate key 'fortran_order'");
@@ -147,10 +151,13 @@ class HeaderParser {
 
  private:
   absl::Status Error(std::string_view what) {
-    return Bad(name_, absl::StrCat("unparsable header (", std::string(what), ") in \"", std::string(s_), "\""));
+    return Bad(name_, absl::StrCat("unparsable header (", std::string(what), ") in \"",
+                                   std::string(s_), "\""));
   }
   void SkipSpace() {
-    while (pos_ < s_.size() && (s_[pos_] == ' ' || s_[pos_] == '\t' || s_[pos_] == '\n' || s_[pos_] == '\r')) ++pos_;
+    while (pos_ < s_.size() &&
+           (s_[pos_] == ' ' || s_[pos_] == '\t' || s_[pos_] == '\n' || s_[pos_] == '\r'))
+      ++pos_;
   }
   bool Consume(char c) {
     if (pos_ < s_.size() && s_[pos_] == c) {
@@ -167,7 +174,8 @@ class HeaderParser {
     return false;
   }
   absl::StatusOr<std::string> String() {
-    if (pos_ >= s_.size() || (s_[pos_] != '\'' && s_[pos_] != '"')) return Error("expected a quoted string");
+    if (pos_ >= s_.size() || (s_[pos_] != '\'' && s_[pos_] != '"'))
+      return Error("expected a quoted string");
     const char q = s_[pos_++];
     const size_t end = s_.find(q, pos_);
     if (end == std::string_view::npos) return Error("unterminated string");
@@ -228,13 +236,15 @@ struct OpenedNpy {
 absl::StatusOr<OpenedNpy> OpenAndCheck(int fd, const std::string& name) {
   struct stat st;
   if (::fstat(fd, &st) != 0) return ErrnoStatus(errno, absl::StrCat("stat ", name));
-  if (!S_ISREG(st.st_mode)) return absl::InvalidArgumentError(absl::StrCat(name, ": not a regular file"));
+  if (!S_ISREG(st.st_mode))
+    return absl::InvalidArgumentError(absl::StrCat(name, ": not a regular file"));
   OpenedNpy o;
   o.file_size = st.st_size;
   // Magic, version and length first; then exactly the header.
   char pre[12];
   ASSIGN_OR_RETURN(size_t got, PreadFull(fd, pre, sizeof(pre), 0, name));
-  if (got < 10) return Bad(name, absl::StrCat("file is only ", got, " bytes, too short for an .npy header"));
+  if (got < 10)
+    return Bad(name, absl::StrCat("file is only ", got, " bytes, too short for an .npy header"));
   if (std::memcmp(pre, kMagic, kMagicLen) != 0) return Bad(name, "bad magic (expected \\x93NUMPY)");
   const int major = static_cast<unsigned char>(pre[6]);
   const size_t len_bytes = major == 1 ? 2 : 4;
@@ -243,11 +253,15 @@ absl::StatusOr<OpenedNpy> OpenAndCheck(int fd, const std::string& name) {
   std::string head(pre, got);
   uint64_t header_len = 0;
   if (major == 1 || major == 2) {
-    for (size_t i = 0; i < len_bytes; ++i) header_len |= static_cast<uint64_t>(static_cast<unsigned char>(pre[8 + i])) << (8 * i);
-    if (header_len > (uint64_t{1} << 24)) return Bad(name, absl::StrCat("header length ", header_len, " is implausibly large"));
+    for (size_t i = 0; i < len_bytes; ++i)
+      header_len |= static_cast<uint64_t>(static_cast<unsigned char>(pre[8 + i])) << (8 * i);
+    if (header_len > (uint64_t{1} << 24))
+      return Bad(name, absl::StrCat("header length ", header_len, " is implausibly large"));
     if (static_cast<int64_t>(fixed + header_len) > o.file_size) {
-      return Bad(name, absl::StrCat("truncated header: the header claims ", header_len, " bytes, the file has ",
-                                    o.file_size - static_cast<int64_t>(fixed), " after the length field"));
+      return Bad(
+          name,
+          absl::StrCat("truncated header: the header claims ", header_len, " bytes, the file has ",
+                       o.file_size - static_cast<int64_t>(fixed), " after the length field"));
     }
     head.resize(fixed + header_len);
     ASSIGN_OR_RETURN(size_t got2, PreadFull(fd, head.data(), head.size(), 0, name));
@@ -258,7 +272,8 @@ absl::StatusOr<OpenedNpy> OpenAndCheck(int fd, const std::string& name) {
 }
 
 // Reads `count` elements of `dtype` starting at byte `offset` into `out` as fp32.
-absl::Status ReadConvert(int fd, int64_t offset, DType dtype, size_t count, float* out, const std::string& name) {
+absl::Status ReadConvert(int fd, int64_t offset, DType dtype, size_t count, float* out,
+                         const std::string& name) {
   const size_t esize = DTypeSize(dtype);
   if (dtype == DType::kF32) {
     ASSIGN_OR_RETURN(size_t got, PreadFull(fd, out, count * esize, offset, name));
@@ -269,7 +284,8 @@ absl::Status ReadConvert(int fd, int64_t offset, DType dtype, size_t count, floa
   size_t done = 0;
   while (done < count) {
     const size_t n = std::min(count - done, buf.size());
-    ASSIGN_OR_RETURN(size_t got, PreadFull(fd, buf.data(), n * esize, offset + static_cast<int64_t>(done * esize), name));
+    ASSIGN_OR_RETURN(size_t got, PreadFull(fd, buf.data(), n * esize,
+                                           offset + static_cast<int64_t>(done * esize), name));
     if (got != n * esize) return Bad(name, "truncated data (file shrank while reading)");
     ToFloat(dtype, buf.data(), out + done, n);
     done += n;
@@ -287,13 +303,14 @@ absl::StatusOr<NpyArray> ReadImpl(const std::string& path, int axis, int64_t kee
   const int64_t esize = static_cast<int64_t>(DTypeSize(h.dtype));
   const int64_t data_bytes = o.file_size - h.data_offset;
   if (data_bytes < n * esize) {
-    return Bad(path, absl::StrCat("truncated data: shape ", ShapeString(h.shape), " of ", std::string(DTypeName(h.dtype)),
-                                  " needs ", n * esize, " bytes, the file holds ", data_bytes));
+    return Bad(path, absl::StrCat("truncated data: shape ", ShapeString(h.shape), " of ",
+                                  std::string(DTypeName(h.dtype)), " needs ", n * esize,
+                                  " bytes, the file holds ", data_bytes));
   }
   if (data_bytes > n * esize) {
-    return Bad(path, absl::StrCat("size mismatch: shape ", ShapeString(h.shape), " of ", std::string(DTypeName(h.dtype)),
-                                  " needs ", n * esize, " bytes, the file holds ", data_bytes,
-                                  " (trailing bytes)"));
+    return Bad(path, absl::StrCat("size mismatch: shape ", ShapeString(h.shape), " of ",
+                                  std::string(DTypeName(h.dtype)), " needs ", n * esize,
+                                  " bytes, the file holds ", data_bytes, " (trailing bytes)"));
   }
   NpyArray a;
   a.dtype = h.dtype;
@@ -301,12 +318,12 @@ absl::StatusOr<NpyArray> ReadImpl(const std::string& path, int axis, int64_t kee
   int64_t outer = 1, inner = 1, along = 1;
   if (axis >= 0) {
     if (axis >= static_cast<int>(h.shape.size())) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": axis ", axis, " out of range for shape ",
-                                                     ShapeString(h.shape)));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": axis ", axis, " out of range for shape ", ShapeString(h.shape)));
     }
     if (keep < 0 || keep > h.shape[axis]) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": cannot keep ", keep, " of ", h.shape[axis],
-                                                     " entries along axis ", axis));
+      return absl::InvalidArgumentError(absl::StrCat(path, ": cannot keep ", keep, " of ",
+                                                     h.shape[axis], " entries along axis ", axis));
     }
     for (int i = 0; i < axis; ++i) outer *= h.shape[i];
     for (size_t i = axis + 1; i < h.shape.size(); ++i) inner *= h.shape[i];
@@ -319,7 +336,8 @@ absl::StatusOr<NpyArray> ReadImpl(const std::string& path, int axis, int64_t kee
   try {
     a.data.resize(static_cast<size_t>(outer * keep * inner));
   } catch (const std::bad_alloc&) {
-    return absl::ResourceExhaustedError(absl::StrCat(path, ": cannot allocate ", outer * keep * inner, " floats"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat(path, ": cannot allocate ", outer * keep * inner, " floats"));
   }
   for (int64_t o_idx = 0; o_idx < outer; ++o_idx) {
     const int64_t src = h.data_offset + o_idx * along * inner * esize;
@@ -334,33 +352,39 @@ absl::StatusOr<NpyArray> ReadImpl(const std::string& path, int axis, int64_t kee
 int64_t NpyHeader::num_elements() const { return Product(shape); }
 
 absl::StatusOr<NpyHeader> ParseNpyHeader(std::string_view bytes, const std::string& name) {
-  if (bytes.size() < kMagicLen || bytes.substr(0, kMagicLen) != std::string_view(kMagic, kMagicLen)) {
+  if (bytes.size() < kMagicLen ||
+      bytes.substr(0, kMagicLen) != std::string_view(kMagic, kMagicLen)) {
     return Bad(name, "bad magic (expected \\x93NUMPY)");
   }
   if (bytes.size() < kMagicLen + 2) return Bad(name, "file ends inside the version");
   const int major = static_cast<unsigned char>(bytes[6]);
   const int minor = static_cast<unsigned char>(bytes[7]);
   if ((major != 1 && major != 2) || minor != 0) {
-    return Bad(name, absl::StrCat("unsupported format version ", major, ".", minor, " (supported: 1.0, 2.0)"));
+    return Bad(name, absl::StrCat("unsupported format version ", major, ".", minor,
+                                  " (supported: 1.0, 2.0)"));
   }
   const size_t len_bytes = major == 1 ? 2 : 4;
-  if (bytes.size() < kMagicLen + 2 + len_bytes) return Bad(name, "file ends inside the header length");
+  if (bytes.size() < kMagicLen + 2 + len_bytes)
+    return Bad(name, "file ends inside the header length");
   uint64_t header_len = 0;
   for (size_t i = 0; i < len_bytes; ++i) {
     header_len |= static_cast<uint64_t>(static_cast<unsigned char>(bytes[8 + i])) << (8 * i);
   }
   const uint64_t total = kMagicLen + 2 + len_bytes + header_len;
   if (total > bytes.size()) {
-    return Bad(name, absl::StrCat("truncated header: needs ", total, " bytes, have ", bytes.size()));
+    return Bad(name,
+               absl::StrCat("truncated header: needs ", total, " bytes, have ", bytes.size()));
   }
   if (total % 16 != 0) {
     return Bad(name, absl::StrCat("misaligned header: data would start at byte ", total,
                                   ", not a multiple of 16"));
   }
   std::string_view text = bytes.substr(kMagicLen + 2 + len_bytes, header_len);
-  if (text.empty() || text.back() != '\n') return Bad(name, "unparsable header (does not end with a newline)");
+  if (text.empty() || text.back() != '\n')
+    return Bad(name, "unparsable header (does not end with a newline)");
   for (char ch : text) {
-    if (static_cast<unsigned char>(ch) >= 0x80 || (ch < 0x20 && ch != '\n' && ch != '\t' && ch != '\r')) {
+    if (static_cast<unsigned char>(ch) >= 0x80 ||
+        (ch < 0x20 && ch != '\n' && ch != '\t' && ch != '\r')) {
       return Bad(name, "unparsable header (non-ASCII or control bytes)");
     }
   }
@@ -372,13 +396,17 @@ absl::StatusOr<NpyHeader> ParseNpyHeader(std::string_view bytes, const std::stri
 
 absl::StatusOr<std::string> EncodeNpyHeader(const std::vector<int64_t>& shape, DType dtype) {
   if (dtype != DType::kF16 && dtype != DType::kF32) {
-    return absl::InvalidArgumentError(absl::StrCat(".npy output supports float16 and float32, not ", std::string(DTypeName(dtype))));
+    return absl::InvalidArgumentError(absl::StrCat(".npy output supports float16 and float32, not ",
+                                                   std::string(DTypeName(dtype))));
   }
   for (int64_t d : shape) {
-    if (d < 0) return absl::InvalidArgumentError(absl::StrCat("negative dimension in shape ", ShapeString(shape)));
+    if (d < 0)
+      return absl::InvalidArgumentError(
+          absl::StrCat("negative dimension in shape ", ShapeString(shape)));
   }
-  std::string dict = absl::StrCat("{'descr': '", dtype == DType::kF16 ? "<f2" : "<f4",
-                                  "', 'fortran_order': False, 'shape': ", ShapeString(shape), ", }");
+  std::string dict =
+      absl::StrCat("{'descr': '", dtype == DType::kF16 ? "<f2" : "<f4",
+                   "', 'fortran_order': False, 'shape': ", ShapeString(shape), ", }");
   for (int major : {1, 2}) {
     const size_t len_bytes = major == 1 ? 2 : 4;
     const size_t fixed = kMagicLen + 2 + len_bytes;
@@ -389,7 +417,8 @@ absl::StatusOr<std::string> EncodeNpyHeader(const std::vector<int64_t>& shape, D
     std::string out(kMagic, kMagicLen);
     out.push_back(static_cast<char>(major));
     out.push_back(0);
-    for (size_t i = 0; i < len_bytes; ++i) out.push_back(static_cast<char>((header_len >> (8 * i)) & 0xff));
+    for (size_t i = 0; i < len_bytes; ++i)
+      out.push_back(static_cast<char>((header_len >> (8 * i)) & 0xff));
     out += dict;
     out.append(header_len - dict.size() - 1, ' ');
     out.push_back('\n');
@@ -405,14 +434,17 @@ absl::StatusOr<NpyArray> ReadNpyPrefix(const std::string& path, int axis, int64_
   return ReadImpl(path, axis, keep);
 }
 
-absl::Status WriteNpy(const std::string& path, const float* data, const std::vector<int64_t>& shape, DType dtype) {
+absl::Status WriteNpy(const std::string& path, const float* data, const std::vector<int64_t>& shape,
+                      DType dtype) {
   ASSIGN_OR_RETURN(std::string header, EncodeNpyHeader(shape, dtype));
   int64_t n = 1;
   for (int64_t d : shape) {
-    if (d > 0 && n > kMaxElements / d) return absl::InvalidArgumentError("shape has more than 2^40 elements");
+    if (d > 0 && n > kMaxElements / d)
+      return absl::InvalidArgumentError("shape has more than 2^40 elements");
     n *= d;
   }
-  if (n > 0 && data == nullptr) return absl::InvalidArgumentError("WriteNpy: null data for a non-empty shape");
+  if (n > 0 && data == nullptr)
+    return absl::InvalidArgumentError("WriteNpy: null data for a non-empty shape");
   const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
   const int raw = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (raw < 0) return ErrnoStatus(errno, absl::StrCat("cannot create ", tmp));
@@ -431,7 +463,8 @@ absl::Status WriteNpy(const std::string& path, const float* data, const std::vec
       done += m;
     }
   } else {
-    std::vector<uint16_t> buf(static_cast<size_t>(std::min<int64_t>(n, static_cast<int64_t>(kChunkElements))));
+    std::vector<uint16_t> buf(
+        static_cast<size_t>(std::min<int64_t>(n, static_cast<int64_t>(kChunkElements))));
     for (int64_t done = 0; done < n && s.ok();) {
       const int64_t m = std::min<int64_t>(n - done, static_cast<int64_t>(buf.size()));
       FloatToHalf(data + done, buf.data(), static_cast<size_t>(m));

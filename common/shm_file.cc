@@ -38,8 +38,7 @@ absl::StatusOr<std::string> RealPath(const std::string& p) {
 
 // Splits an absolute, clean path into components; InvalidArgument for empty,
 // ".", ".." components (doubled or trailing slashes included).
-absl::StatusOr<std::vector<std::string>> CleanComponents(std::string_view path,
-                                                         const char* what) {
+absl::StatusOr<std::vector<std::string>> CleanComponents(std::string_view path, const char* what) {
   if (path.empty() || path.front() != '/') {
     return absl::InvalidArgumentError(
         absl::StrCat(what, " must be an absolute path, got '", std::string(path), "'"));
@@ -55,9 +54,9 @@ absl::StatusOr<std::vector<std::string>> CleanComponents(std::string_view path,
   if (rest.empty()) return parts;
   for (absl::string_view c : absl::StrSplit(absl::string_view(rest.data(), rest.size()), '/')) {
     if (c.empty() || c == "." || c == "..") {
-      return absl::InvalidArgumentError(absl::StrCat(
-          what, " '", std::string(path),
-          "' must not contain '.', '..', empty components or a trailing slash"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " '", std::string(path),
+                       "' must not contain '.', '..', empty components or a trailing slash"));
     }
     parts.emplace_back(c);
   }
@@ -66,8 +65,8 @@ absl::StatusOr<std::vector<std::string>> CleanComponents(std::string_view path,
 
 absl::Status CheckSize(uint64_t size, const ShmOpenOptions& options) {
   if (size == 0 || size > options.max_bytes) {
-    return absl::InvalidArgumentError(absl::StrCat("shm size must be in 1..", options.max_bytes,
-                                                   " bytes, got ", size));
+    return absl::InvalidArgumentError(
+        absl::StrCat("shm size must be in 1..", options.max_bytes, " bytes, got ", size));
   }
   if (size > static_cast<uint64_t>(SIZE_MAX)) {
     return absl::InvalidArgumentError("shm size does not fit the address space");
@@ -105,8 +104,8 @@ ShmFile& ShmFile::operator=(ShmFile&& o) noexcept {
   return *this;
 }
 
-absl::StatusOr<ShmFile> ShmFile::Create(std::string_view name, uint64_t size,
-                                        bool unlink_on_close, const ShmOpenOptions& options) {
+absl::StatusOr<ShmFile> ShmFile::Create(std::string_view name, uint64_t size, bool unlink_on_close,
+                                        const ShmOpenOptions& options) {
   if (name.empty() || name.size() > NAME_MAX || name == "." || name == ".." ||
       name.find('/') != std::string_view::npos || name.find('\0') != std::string_view::npos) {
     return absl::InvalidArgumentError(
@@ -120,14 +119,15 @@ absl::StatusOr<ShmFile> ShmFile::Create(std::string_view name, uint64_t size,
     const int err = errno;
     f.path_.clear();
     if (err == EEXIST) {
-      return absl::AlreadyExistsError(absl::StrCat("shm file ", options.root, "/",
-                                                   std::string(name), " already exists"));
+      return absl::AlreadyExistsError(
+          absl::StrCat("shm file ", options.root, "/", std::string(name), " already exists"));
     }
     return absl::InternalError(absl::StrCat("shm create ", std::string(name), ": ", Errno(err)));
   }
   f.unlink_on_close_ = unlink_on_close;
   if (ftruncate(f.fd_, static_cast<off_t>(size)) != 0) {
-    return absl::ResourceExhaustedError(absl::StrCat("shm ftruncate to ", size, ": ", Errno(errno)));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("shm ftruncate to ", size, ": ", Errno(errno)));
   }
   void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, f.fd_, 0);
   if (p == MAP_FAILED) {
@@ -146,8 +146,8 @@ absl::StatusOr<ShmFile> ShmFile::OpenChecked(std::string_view path, uint64_t siz
   if (!parts.ok()) return parts.status();
   if (parts->size() <= root_parts->size() ||
       !std::equal(root_parts->begin(), root_parts->end(), parts->begin())) {
-    return absl::InvalidArgumentError(absl::StrCat("shm path '", std::string(path),
-                                                   "' is not under ", options.root));
+    return absl::InvalidArgumentError(
+        absl::StrCat("shm path '", std::string(path), "' is not under ", options.root));
   }
   if (absl::Status s = CheckSize(size, options); !s.ok()) return s;
 
@@ -162,9 +162,9 @@ absl::StatusOr<ShmFile> ShmFile::OpenChecked(std::string_view path, uint64_t siz
   auto real_parent = RealPath(lexical_parent);
   if (!real_parent.ok()) return real_parent.status();
   if (*real_parent != lexical_parent) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "shm path '", std::string(path), "' goes through a symlink (resolves to ", *real_parent,
-        ")"));
+    return absl::InvalidArgumentError(absl::StrCat("shm path '", std::string(path),
+                                                   "' goes through a symlink (resolves to ",
+                                                   *real_parent, ")"));
   }
   const int dir = open(real_parent->c_str(), O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC | O_RDONLY);
   if (dir < 0) {
@@ -202,8 +202,7 @@ absl::StatusOr<ShmFile> ShmFile::OpenChecked(std::string_view path, uint64_t siz
     return absl::InternalError(absl::StrCat("shm fstat ", f.path_, ": ", Errno(errno)));
   }
   if (!S_ISREG(st.st_mode)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("shm path ", f.path_, " is not a regular file"));
+    return absl::InvalidArgumentError(absl::StrCat("shm path ", f.path_, " is not a regular file"));
   }
   if (st.st_uid != expected_uid) {
     return absl::PermissionDeniedError(absl::StrCat("shm file ", f.path_, " is owned by uid ",
@@ -236,8 +235,8 @@ absl::Status ShmFile::CheckFileCovers(uint64_t end) const {
   auto size = CurrentFileSize();
   if (!size.ok()) return size.status();
   if (*size < end) {
-    return absl::FailedPreconditionError(absl::StrCat("buffer file shrank: ", path_, " holds ",
-                                                      *size, " bytes, ", end, " needed"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("buffer file shrank: ", path_, " holds ", *size, " bytes, ", end, " needed"));
   }
   return absl::OkStatus();
 }

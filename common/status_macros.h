@@ -13,9 +13,9 @@
 
 // Evaluates `expr` (an absl::Status); returns it from the enclosing function
 // when it is not OK.
-#define RETURN_IF_ERROR(expr)                       \
-  do {                                              \
-    ::absl::Status _icecache_status = (expr);       \
+#define RETURN_IF_ERROR(expr)                            \
+  do {                                                   \
+    ::absl::Status _icecache_status = (expr);            \
     if (!_icecache_status.ok()) return _icecache_status; \
   } while (0)
 

@@ -99,7 +99,9 @@ class Rng {
   }
   double Uniform() { return static_cast<double>(Next() >> 11) * 0x1.0p-53; }
   // Uniform integer in [0, n).
-  uint64_t Below(uint64_t n) { return static_cast<uint64_t>(Uniform() * static_cast<double>(n)) % n; }
+  uint64_t Below(uint64_t n) {
+    return static_cast<uint64_t>(Uniform() * static_cast<double>(n)) % n;
+  }
   // Exact standard normal (Box-Muller); for the few parameters of the model.
   double Gauss() {
     if (has_spare_) {
@@ -134,35 +136,35 @@ class Rng {
 
 // ---- Fixed shape of the model (not user knobs) -----------------------------
 
-constexpr double kTopicVar = 0.55;   // latent variance between topic centres
-constexpr double kSegVar = 0.15;     // between segments of a topic
-constexpr double kTokVar = 0.30;     // between tokens of a segment
-constexpr float kIsoNoise = 0.12f;   // isotropic key noise per dim
-constexpr float kKeyMean = 0.5f;     // per-dim scale of the key mean
-constexpr float kSinkNormFrac = 0.35f;  // sink key norm / typical key norm
+constexpr double kTopicVar = 0.55;                          // latent variance between topic centres
+constexpr double kSegVar = 0.15;                            // between segments of a topic
+constexpr double kTokVar = 0.30;                            // between tokens of a segment
+constexpr float kIsoNoise = 0.12f;                          // isotropic key noise per dim
+constexpr float kKeyMean = 0.5f;                            // per-dim scale of the key mean
+constexpr float kSinkNormFrac = 0.35f;                      // sink key norm / typical key norm
 constexpr double kSinkShareLo = 0.15, kSinkShareHi = 0.45;  // base sink share per head
-constexpr double kShareJitter = 0.8;  // std of the per-step sink share in logit space
-constexpr float kPeakedBeta = 34.0f;  // semantic query magnitude, peaked heads
-constexpr float kFlatBeta = 7.0f;     // semantic query magnitude, flat heads
-constexpr double kFocusDrift = 0.35;  // std of a peaked head's latent around its focus
-constexpr double kFocusSwitch = 0.03; // chance per step that a peaked head changes focus
+constexpr double kShareJitter = 0.8;   // std of the per-step sink share in logit space
+constexpr float kPeakedBeta = 34.0f;   // semantic query magnitude, peaked heads
+constexpr float kFlatBeta = 7.0f;      // semantic query magnitude, flat heads
+constexpr double kFocusDrift = 0.35;   // std of a peaked head's latent around its focus
+constexpr double kFocusSwitch = 0.03;  // chance per step that a peaked head changes focus
 constexpr int kQueryNoiseRank = 8;
-constexpr float kQueryNoise = 0.5f;   // per-dim RMS of the query's own low-rank part
+constexpr float kQueryNoise = 0.5f;  // per-dim RMS of the query's own low-rank part
 constexpr float kQueryIso = 0.2f;
-constexpr float kShiftNorm = 3.0f;    // |m_shift| per unit of query_shift
+constexpr float kShiftNorm = 3.0f;  // |m_shift| per unit of query_shift
 constexpr float kValueIso = 0.1f;
 constexpr double kNeedleMargin = 3.0;  // needle logit above the best sampled ordinary key
 constexpr int64_t kBlockTokens = 2048;
 
 struct Geometry {
-  int d = 0;     // head_dim
-  int pairs = 0; // d / 2
+  int d = 0;      // head_dim
+  int pairs = 0;  // d / 2
   int sink_pairs = 0;
-  std::vector<double> inv_freq;       // [pairs]
-  std::vector<int> sink_dims;         // dims of the lowest-frequency pairs
+  std::vector<double> inv_freq;  // [pairs]
+  std::vector<int> sink_dims;    // dims of the lowest-frequency pairs
   std::vector<int> outlier_dims;
-  std::vector<float> key_profile;     // per-dim weight of the semantic basis
-  std::vector<float> query_profile;   // per-dim weight of the query's own basis
+  std::vector<float> key_profile;    // per-dim weight of the semantic basis
+  std::vector<float> query_profile;  // per-dim weight of the query's own basis
 };
 
 Geometry MakeGeometry(const SyntheticConfig& c) {
@@ -238,13 +240,13 @@ float Dot(const float* a, const float* b, int n) {
 
 // The model of one (layer, KV head).
 struct HeadModel {
-  std::vector<float> basis;        // [rank][d] semantic key basis
-  std::vector<float> value_basis;  // [rank][d]
-  std::vector<float> key_mean;     // [d]
-  std::vector<float> outlier_mean; // [outlier_channels]
-  std::vector<float> topics;       // [topics][rank]
-  std::vector<float> value_topics; // [topics][rank]
-  std::vector<float> sink_dir;     // [d], unit, in the sink dims
+  std::vector<float> basis;         // [rank][d] semantic key basis
+  std::vector<float> value_basis;   // [rank][d]
+  std::vector<float> key_mean;      // [d]
+  std::vector<float> outlier_mean;  // [outlier_channels]
+  std::vector<float> topics;        // [topics][rank]
+  std::vector<float> value_topics;  // [topics][rank]
+  std::vector<float> sink_dir;      // [d], unit, in the sink dims
   float typical_key_norm = 0;
 };
 
@@ -270,7 +272,8 @@ std::vector<float> RandomBasis(Rng& rng, int rank, int d, const std::vector<floa
 
 void ArMix(std::vector<float>& prev_in_next_out, const std::vector<float>& fresh, double rho) {
   const float a = static_cast<float>(rho), s = static_cast<float>(std::sqrt(1.0 - rho * rho));
-  for (size_t i = 0; i < fresh.size(); ++i) prev_in_next_out[i] = a * prev_in_next_out[i] + s * fresh[i];
+  for (size_t i = 0; i < fresh.size(); ++i)
+    prev_in_next_out[i] = a * prev_in_next_out[i] + s * fresh[i];
 }
 
 std::vector<float> GaussVector(Rng& rng, size_t n, double scale) {
@@ -284,10 +287,12 @@ HeadModel FreshHeadModel(const SyntheticConfig& c, const Geometry& g, Rng& rng) 
   m.basis = RandomBasis(rng, c.rank, g.d, &g.key_profile);
   m.value_basis = RandomBasis(rng, c.rank, g.d, nullptr);
   m.key_mean.resize(g.d);
-  for (int i = 0; i < g.d; ++i) m.key_mean[i] = static_cast<float>(rng.Gauss()) * kKeyMean * g.key_profile[i];
+  for (int i = 0; i < g.d; ++i)
+    m.key_mean[i] = static_cast<float>(rng.Gauss()) * kKeyMean * g.key_profile[i];
   m.outlier_mean.resize(c.outlier_channels);
   for (auto& o : m.outlier_mean) {
-    o = static_cast<float>((rng.Uniform() < 0.5 ? -1.0 : 1.0) * c.outlier_scale * (0.7 + 0.6 * rng.Uniform()));
+    o = static_cast<float>((rng.Uniform() < 0.5 ? -1.0 : 1.0) * c.outlier_scale *
+                           (0.7 + 0.6 * rng.Uniform()));
   }
   m.topics = GaussVector(rng, static_cast<size_t>(c.topics) * c.rank, std::sqrt(kTopicVar));
   m.value_topics = GaussVector(rng, static_cast<size_t>(c.topics) * c.rank, std::sqrt(0.5));
@@ -305,7 +310,8 @@ std::vector<HeadModel> MakeHeadModels(const SyntheticConfig& c, const Geometry& 
     for (size_t k = 0; k < g.sink_dims.size(); ++k) {
       // Weighted to the lowest pair, which rotates least over the context.
       const int pair_rank = static_cast<int>(k / 2);
-      sink_dir[g.sink_dims[k]] = static_cast<float>(std::fabs(sink_rng.Gauss()) + 0.5) * (1.0f + pair_rank);
+      sink_dir[g.sink_dims[k]] =
+          static_cast<float>(std::fabs(sink_rng.Gauss()) + 0.5) * (1.0f + pair_rank);
     }
     const float sn = Norm(sink_dir.data(), g.d);
     for (auto& x : sink_dir) x /= sn;
@@ -386,7 +392,8 @@ double LogSumExp(const float* a, const float* b, int64_t from, int64_t to, doubl
   float mx = -std::numeric_limits<float>::infinity();
   for (int64_t t = from; t < to; ++t) mx = std::max(mx, a[t] + famp * b[t]);
   double s = 0;
-  for (int64_t t = from; t < to; ++t) s += std::exp(a[t] + famp * b[t] - mx);  // float exp: fast enough, exact enough
+  for (int64_t t = from; t < to; ++t)
+    s += std::exp(a[t] + famp * b[t] - mx);  // float exp: fast enough, exact enough
   return mx + std::log(s);
 }
 
@@ -395,8 +402,8 @@ double LogSumExp(const float* a, const float* b, int64_t from, int64_t to, doubl
 // query, and of its unit mean part). Sink b's are large and positive, so the
 // sinks' log-mass grows with A; bisection on it, re-centred on the ordinary
 // tokens' log-mass a few times.
-float CalibrateSinkAmplitude(const float* a, const float* b, int64_t n, int sinks, double share, double start,
-                             int rounds) {
+float CalibrateSinkAmplitude(const float* a, const float* b, int64_t n, int sinks, double share,
+                             double start, int rounds) {
   if (sinks <= 0 || sinks >= n) return 0.0f;
   double amp = start;
   for (int round = 0; round < rounds; ++round) {
@@ -414,10 +421,13 @@ float CalibrateSinkAmplitude(const float* a, const float* b, int64_t n, int sink
 
 absl::Status Validate(const SyntheticConfig& c) {
   auto bad = [](std::string_view field, const std::string& why) {
-    return absl::InvalidArgumentError(absl::StrCat("synthetic config: ", std::string(field), " ", why));
+    return absl::InvalidArgumentError(
+        absl::StrCat("synthetic config: ", std::string(field), " ", why));
   };
-  if (c.layers < 1 || c.layers > 1024) return bad("layers", absl::StrCat("must be in [1, 1024], got ", c.layers));
-  if (c.kv_heads < 1 || c.kv_heads > 1024) return bad("kv_heads", absl::StrCat("must be in [1, 1024], got ", c.kv_heads));
+  if (c.layers < 1 || c.layers > 1024)
+    return bad("layers", absl::StrCat("must be in [1, 1024], got ", c.layers));
+  if (c.kv_heads < 1 || c.kv_heads > 1024)
+    return bad("kv_heads", absl::StrCat("must be in [1, 1024], got ", c.kv_heads));
   if (c.q_heads < c.kv_heads || c.q_heads % c.kv_heads != 0 || c.q_heads > 8192) {
     return bad("q_heads", absl::StrCat("must be a positive multiple of kv_heads (", c.kv_heads,
                                        "), at most 8192; got ", c.q_heads));
@@ -428,7 +438,8 @@ absl::Status Validate(const SyntheticConfig& c) {
   if (c.head_dim < 16 || c.head_dim > 1024 || c.head_dim % 2 != 0) {
     return bad("head_dim", absl::StrCat("must be even and in [16, 1024], got ", c.head_dim));
   }
-  if (c.steps < 1 || c.steps > 1000000) return bad("steps", absl::StrCat("must be in [1, 1000000], got ", c.steps));
+  if (c.steps < 1 || c.steps > 1000000)
+    return bad("steps", absl::StrCat("must be in [1, 1000000], got ", c.steps));
   if (!(c.rope_theta > 1.0) || !std::isfinite(c.rope_theta)) {
     return bad("rope_theta", absl::StrCat("must be finite and > 1, got ", c.rope_theta));
   }
@@ -438,9 +449,8 @@ absl::Status Validate(const SyntheticConfig& c) {
   const int sink_pairs = std::max(1, std::min(4, c.head_dim / 16));
   const int max_outliers = c.head_dim / 2 - sink_pairs - 1;
   if (c.outlier_channels < 0 || c.outlier_channels > max_outliers) {
-    return bad("outlier_channels",
-               absl::StrCat("must be in [0, ", max_outliers, "] for head_dim ", c.head_dim, ", got ",
-                            c.outlier_channels));
+    return bad("outlier_channels", absl::StrCat("must be in [0, ", max_outliers, "] for head_dim ",
+                                                c.head_dim, ", got ", c.outlier_channels));
   }
   if (!(c.outlier_scale >= 0.0f) || !std::isfinite(c.outlier_scale) || c.outlier_scale > 1000.0f) {
     return bad("outlier_scale", "must be finite and in [0, 1000]");
@@ -448,10 +458,13 @@ absl::Status Validate(const SyntheticConfig& c) {
   if (c.sink_tokens < 0 || c.sink_tokens >= c.tokens) {
     return bad("sink_tokens", absl::StrCat("must be in [0, tokens), got ", c.sink_tokens));
   }
-  if (c.mean_segment < 1) return bad("mean_segment", absl::StrCat("must be >= 1, got ", c.mean_segment));
-  if (c.topics < 1 || c.topics > 1000000) return bad("topics", absl::StrCat("must be in [1, 1000000], got ", c.topics));
+  if (c.mean_segment < 1)
+    return bad("mean_segment", absl::StrCat("must be >= 1, got ", c.mean_segment));
+  if (c.topics < 1 || c.topics > 1000000)
+    return bad("topics", absl::StrCat("must be in [1, 1000000], got ", c.topics));
   if (c.needles < 0 || c.needles > c.tokens - c.sink_tokens || c.needles > 1024) {
-    return bad("needles", absl::StrCat("must be in [0, min(1024, tokens - sink_tokens)], got ", c.needles));
+    return bad("needles",
+               absl::StrCat("must be in [0, min(1024, tokens - sink_tokens)], got ", c.needles));
   }
   if (!(c.query_shift >= 0.0f) || !std::isfinite(c.query_shift) || c.query_shift > 1000.0f) {
     return bad("query_shift", "must be finite and in [0, 1000]");
@@ -472,10 +485,11 @@ absl::Status Validate(const SyntheticConfig& c) {
   return absl::OkStatus();
 }
 
-
 }  // namespace
 
-std::vector<std::string> SyntheticPresetNames() { return {"llama3-8b-like", "mistral-7b-like", "small"}; }
+std::vector<std::string> SyntheticPresetNames() {
+  return {"llama3-8b-like", "mistral-7b-like", "small"};
+}
 
 absl::StatusOr<SyntheticConfig> SyntheticPreset(std::string_view name) {
   SyntheticConfig c;
@@ -516,9 +530,9 @@ absl::StatusOr<SyntheticConfig> SyntheticPreset(std::string_view name) {
     c.needles = 4;
     return c;
   }
-  return absl::InvalidArgumentError(absl::StrCat("unknown synthetic preset '", std::string(name),
-                                                 "'; known presets: ",
-                                                 absl::StrJoin(SyntheticPresetNames(), ", ")));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown synthetic preset '", std::string(name),
+                   "'; known presets: ", absl::StrJoin(SyntheticPresetNames(), ", ")));
 }
 
 absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config) {
@@ -532,7 +546,8 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
   const int d = g.d, r = c.rank, group = c.q_heads / c.kv_heads;
   const int64_t T = c.tokens;
   const double rho_l = c.layer_similarity;
-  const float lam = static_cast<float>(rho_l), lam_s = static_cast<float>(std::sqrt(1.0 - rho_l * rho_l));
+  const float lam = static_cast<float>(rho_l),
+              lam_s = static_cast<float>(std::sqrt(1.0 - rho_l * rho_l));
 
   KvDump dump;
   dump.layers = c.layers;
@@ -561,15 +576,20 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
 
   const std::vector<HeadModel> models = MakeHeadModels(c, g);
   const Segments segs = MakeSegments(c);
-  auto model = [&](int l, int h) -> const HeadModel& { return models[static_cast<size_t>(l) * c.kv_heads + h]; };
+  auto model = [&](int l, int h) -> const HeadModel& {
+    return models[static_cast<size_t>(l) * c.kv_heads + h];
+  };
 
   // ---- Keys and values -----------------------------------------------------
   const int64_t blocks = (T + kBlockTokens - 1) / kBlockTokens;
   const int max_threads =
-      c.threads > 0 ? c.threads : static_cast<int>(std::min(8u, std::max(1u, std::thread::hardware_concurrency())));
+      c.threads > 0
+          ? c.threads
+          : static_cast<int>(std::min(8u, std::max(1u, std::thread::hardware_concurrency())));
   const int threads = static_cast<int>(std::min<int64_t>(max_threads, blocks));
   std::atomic<int64_t> next_block{0};
-  const float seg_sd = static_cast<float>(std::sqrt(kSegVar)), tok_sd = static_cast<float>(std::sqrt(kTokVar));
+  const float seg_sd = static_cast<float>(std::sqrt(kSegVar)),
+              tok_sd = static_cast<float>(std::sqrt(kTokVar));
   auto worker = [&]() {
     std::vector<float> cs(kBlockTokens * g.pairs), sn(kBlockTokens * g.pairs);
     std::vector<float> seg_off(static_cast<size_t>(c.layers) * r);
@@ -578,7 +598,8 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
       const int64_t b = next_block.fetch_add(1);
       if (b >= blocks) break;
       const int64_t t0 = b * kBlockTokens, t1 = std::min(T, t0 + kBlockTokens);
-      for (int64_t t = t0; t < t1; ++t) Angles(g, static_cast<double>(t), &cs[(t - t0) * g.pairs], &sn[(t - t0) * g.pairs]);
+      for (int64_t t = t0; t < t1; ++t)
+        Angles(g, static_cast<double>(t), &cs[(t - t0) * g.pairs], &sn[(t - t0) * g.pairs]);
       for (int h = 0; h < c.kv_heads; ++h) {
         Rng rng(c.seed, kTokens, h, b);
         int64_t seg = -1;
@@ -589,7 +610,8 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
             for (int l = 0; l < c.layers; ++l) {
               const HeadModel& m = model(l, h);
               const size_t off = ((static_cast<size_t>(l) * c.kv_heads + h) * T + t) * d;
-              const float norm = kSinkNormFrac * m.typical_key_norm * (1.0f - 0.1f * static_cast<float>(t % 4));
+              const float norm =
+                  kSinkNormFrac * m.typical_key_norm * (1.0f - 0.1f * static_cast<float>(t % 4));
               for (int i = 0; i < d; ++i) row[i] = norm * m.sink_dir[i] + 0.05f * rng.FastNormal();
               if (want_pre) std::memcpy(&truth->pre_rope_keys[off], row.data(), d * sizeof(float));
               RotateRow(row.data(), ct, st, g.pairs, &dump.keys[off]);
@@ -597,14 +619,16 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
             }
             continue;
           }
-          const int64_t s_idx = std::upper_bound(segs.starts.begin(), segs.starts.end(), t) - segs.starts.begin() - 1;
+          const int64_t s_idx =
+              std::upper_bound(segs.starts.begin(), segs.starts.end(), t) - segs.starts.begin() - 1;
           if (s_idx != seg) {
             seg = s_idx;
             Rng srng(c.seed, kSegment, h, static_cast<uint64_t>(seg));
             for (int l = 0; l < c.layers; ++l) {
               for (int k = 0; k < r; ++k) {
                 const float fresh = seg_sd * static_cast<float>(srng.Gauss());
-                seg_off[l * r + k] = l == 0 ? fresh : lam * seg_off[(l - 1) * r + k] + lam_s * fresh;
+                seg_off[l * r + k] =
+                    l == 0 ? fresh : lam * seg_off[(l - 1) * r + k] + lam_s * fresh;
               }
             }
           }
@@ -693,7 +717,8 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
       q.is_peaked = peaked[static_cast<size_t>(l) * c.q_heads + qh] != 0;
       // Mean part: the head's sink direction, slightly perturbed per query head.
       q.mean_dir.assign(d, 0.0f);
-      for (int dim : g.sink_dims) q.mean_dir[dim] = m.sink_dir[dim] * (1.0f + 0.25f * static_cast<float>(rng.Gauss()));
+      for (int dim : g.sink_dims)
+        q.mean_dir[dim] = m.sink_dir[dim] * (1.0f + 0.25f * static_cast<float>(rng.Gauss()));
       const float mn = Norm(q.mean_dir.data(), d);
       for (auto& x : q.mean_dir) x /= mn;
       q.base_share = kSinkShareLo + (kSinkShareHi - kSinkShareLo) * rng.Uniform();
@@ -713,7 +738,8 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
       q.share_noise = rng.Gauss();
     }
     std::vector<float> lat(r), sem(d), rest(d), spec(d);
-    std::vector<float> rest_rot(static_cast<size_t>(group) * d), md_rot(static_cast<size_t>(group) * d);
+    std::vector<float> rest_rot(static_cast<size_t>(group) * d),
+        md_rot(static_cast<size_t>(group) * d);
     std::vector<float> specs(static_cast<size_t>(group) * d);
     const float* keys = &dump.keys[(static_cast<size_t>(l) * c.kv_heads + h) * T * d];
     for (int s = 0; s < c.steps; ++s) {
@@ -722,8 +748,10 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
         QueryState& q = qs[j];
         Rng& rng = q.rng;
         if (s > 0) {
-          for (int k = 0; k < r; ++k) q.drift[k] = rho_s * q.drift[k] + rho_s_c * static_cast<float>(rng.Gauss());
-          for (int k = 0; k < kQueryNoiseRank; ++k) q.eta[k] = rho_s * q.eta[k] + rho_s_c * static_cast<float>(rng.Gauss());
+          for (int k = 0; k < r; ++k)
+            q.drift[k] = rho_s * q.drift[k] + rho_s_c * static_cast<float>(rng.Gauss());
+          for (int k = 0; k < kQueryNoiseRank; ++k)
+            q.eta[k] = rho_s * q.eta[k] + rho_s_c * static_cast<float>(rng.Gauss());
           q.share_noise = rho_s * q.share_noise + rho_s_c * rng.Gauss();
           if (rng.Uniform() < kFocusSwitch) q.cur ^= 1;
         }
@@ -740,7 +768,8 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
         const float sem_n = Norm(sem.data(), d);
         const float beta = q.is_peaked ? kPeakedBeta : kFlatBeta;
         for (int i = 0; i < d; ++i) {
-          spec[i] = (sem_n > 0 ? beta * sem[i] / sem_n : 0.0f) + kQueryIso * static_cast<float>(rng.Gauss());
+          spec[i] = (sem_n > 0 ? beta * sem[i] / sem_n : 0.0f) +
+                    kQueryIso * static_cast<float>(rng.Gauss());
         }
         for (int k = 0; k < kQueryNoiseRank; ++k) {
           const float* col = &q.own[static_cast<size_t>(k) * d];
@@ -758,7 +787,8 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
       for (int64_t t = 0; t < T; ++t) {
         const float* k = keys + t * d;
         for (int j = 0; j < group; ++j) {
-          logit_a[static_cast<size_t>(j) * T + t] = Dot(&rest_rot[static_cast<size_t>(j) * d], k, d) * inv_sqrt_d;
+          logit_a[static_cast<size_t>(j) * T + t] =
+              Dot(&rest_rot[static_cast<size_t>(j) * d], k, d) * inv_sqrt_d;
           float bt = 0;
           for (int dim : g.sink_dims) bt += md_rot[static_cast<size_t>(j) * d + dim] * k[dim];
           logit_b[static_cast<size_t>(j) * T + t] = bt * inv_sqrt_d;
@@ -766,13 +796,16 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
       }
       for (int j = 0; j < group; ++j) {
         QueryState& q = qs[j];
-        const double share = 1.0 / (1.0 + std::exp(-(Logit(q.base_share) + kShareJitter * q.share_noise)));
-        q.sink_amp = CalibrateSinkAmplitude(&logit_a[static_cast<size_t>(j) * T], &logit_b[static_cast<size_t>(j) * T],
-                                            T, c.sink_tokens, share, q.sink_amp, s == 0 ? 3 : 2);
+        const double share =
+            1.0 / (1.0 + std::exp(-(Logit(q.base_share) + kShareJitter * q.share_noise)));
+        q.sink_amp = CalibrateSinkAmplitude(&logit_a[static_cast<size_t>(j) * T],
+                                            &logit_b[static_cast<size_t>(j) * T], T, c.sink_tokens,
+                                            share, q.sink_amp, s == 0 ? 3 : 2);
         const int qh = h * group + j;
         const size_t off = ((static_cast<size_t>(s) * c.layers + l) * c.q_heads + qh) * d;
         for (int i = 0; i < d; ++i) {
-          dump.queries[off + i] = rest_rot[static_cast<size_t>(j) * d + i] + q.sink_amp * md_rot[static_cast<size_t>(j) * d + i];
+          dump.queries[off + i] = rest_rot[static_cast<size_t>(j) * d + i] +
+                                  q.sink_amp * md_rot[static_cast<size_t>(j) * d + i];
         }
         std::memcpy(&spec_q[off], &specs[static_cast<size_t>(j) * d], d * sizeof(float));
       }
@@ -782,11 +815,13 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
     const int64_t jobs = static_cast<int64_t>(c.layers) * c.kv_heads;
     std::atomic<int64_t> next_job{0};
     auto qworker = [&]() {
-      std::vector<float> logit_a(static_cast<size_t>(group) * T), logit_b(static_cast<size_t>(group) * T);
+      std::vector<float> logit_a(static_cast<size_t>(group) * T),
+          logit_b(static_cast<size_t>(group) * T);
       for (;;) {
         const int64_t j = next_job.fetch_add(1);
         if (j >= jobs) break;
-        query_job(static_cast<int>(j / c.kv_heads), static_cast<int>(j % c.kv_heads), logit_a, logit_b);
+        query_job(static_cast<int>(j / c.kv_heads), static_cast<int>(j % c.kv_heads), logit_a,
+                  logit_b);
       }
     };
     const int qthreads = static_cast<int>(std::min<int64_t>(max_threads, jobs));
@@ -810,7 +845,8 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
         for (int n = 0; n < c.needles; ++n) {
           int64_t tok;
           do {
-            tok = c.sink_tokens + static_cast<int64_t>(rng.Below(static_cast<uint64_t>(T - c.sink_tokens)));
+            tok = c.sink_tokens +
+                  static_cast<int64_t>(rng.Below(static_cast<uint64_t>(T - c.sink_tokens)));
           } while (std::find(used.begin(), used.end(), tok) != used.end());
           used.push_back(tok);
           SyntheticNeedle nd;
@@ -819,14 +855,17 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
           nd.q_head = h * group + static_cast<int>(rng.Below(group));
           nd.step = static_cast<int>(rng.Below(c.steps));
           nd.token = tok;
-          const size_t qoff = ((static_cast<size_t>(nd.step) * c.layers + l) * c.q_heads + nd.q_head) * d;
+          const size_t qoff =
+              ((static_cast<size_t>(nd.step) * c.layers + l) * c.q_heads + nd.q_head) * d;
           const float* q = &dump.queries[qoff];
           // The best ordinary logit of this query over a sample of keys.
           const float* keys = &dump.keys[((static_cast<size_t>(l) * c.kv_heads + h) * T) * d];
           const int64_t samples = std::min<int64_t>(T - c.sink_tokens, 2048);
           float best = -1e30f;
           for (int64_t i = 0; i < samples; ++i) {
-            const int64_t t = c.sink_tokens + static_cast<int64_t>(rng.Below(static_cast<uint64_t>(T - c.sink_tokens)));
+            const int64_t t =
+                c.sink_tokens +
+                static_cast<int64_t>(rng.Below(static_cast<uint64_t>(T - c.sink_tokens)));
             best = std::max(best, Dot(q, keys + t * d, d));
           }
           const double target = best * inv_sqrt_d + kNeedleMargin;
@@ -841,8 +880,9 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
           for (int i = 0; i < d; ++i) k[i] = row[i] + static_cast<float>(eta) * spec[i] / spec_n;
           if (want_pre) {
             // The stored pre-RoPE key must rotate into the new key at `tok`.
-            RotateAt(g, -static_cast<double>(tok), k,
-                     &truth->pre_rope_keys[((static_cast<size_t>(l) * c.kv_heads + h) * T + tok) * d]);
+            RotateAt(
+                g, -static_cast<double>(tok), k,
+                &truth->pre_rope_keys[((static_cast<size_t>(l) * c.kv_heads + h) * T + tok) * d]);
           }
           needles.push_back(nd);
         }
@@ -861,14 +901,14 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
   return dump;
 }
 
-absl::StatusOr<AttentionProfile> ProfileAttention(const KvDump& dump, int step, int layer, int q_head,
-                                                  int sink_tokens, int top_k) {
+absl::StatusOr<AttentionProfile> ProfileAttention(const KvDump& dump, int step, int layer,
+                                                  int q_head, int sink_tokens, int top_k) {
   if (step < 0 || step >= dump.steps || layer < 0 || layer >= dump.layers || q_head < 0 ||
       q_head >= dump.q_heads || dump.kv_heads <= 0 || dump.q_heads % dump.kv_heads != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("ProfileAttention: (step ", step, ", layer ", layer,
-                                                   ", q_head ", q_head, ") out of range for a dump of ",
-                                                   dump.steps, " steps, ", dump.layers, " layers, ",
-                                                   dump.q_heads, " query heads"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("ProfileAttention: (step ", step, ", layer ", layer, ", q_head ", q_head,
+                     ") out of range for a dump of ", dump.steps, " steps, ", dump.layers,
+                     " layers, ", dump.q_heads, " query heads"));
   }
   if (top_k < 1 || sink_tokens < 0) {
     return absl::InvalidArgumentError("ProfileAttention: top_k must be >= 1 and sink_tokens >= 0");
@@ -880,7 +920,8 @@ absl::StatusOr<AttentionProfile> ProfileAttention(const KvDump& dump, int step, 
     return absl::InvalidArgumentError("ProfileAttention: dump arrays do not match its shape");
   }
   const int kv_head = q_head / dump.group_size();
-  const float* q = dump.queries.data() + ((static_cast<size_t>(step) * dump.layers + layer) * dump.q_heads + q_head) * d;
+  const float* q = dump.queries.data() +
+                   ((static_cast<size_t>(step) * dump.layers + layer) * dump.q_heads + q_head) * d;
   const float* keys = dump.key(layer, kv_head);
   const int64_t n = dump.tokens;
   std::vector<double> logits(n);

@@ -26,17 +26,17 @@ struct SyntheticConfig {
   int steps = 16;
   // Content knobs (see synthetic.cc for the model).
   double rope_theta = 500000.0;
-  int rank = 32;                 // effective rank of pre-RoPE keys
-  int outlier_channels = 4;      // fixed channels with large magnitude
+  int rank = 32;             // effective rank of pre-RoPE keys
+  int outlier_channels = 4;  // fixed channels with large magnitude
   float outlier_scale = 6.0f;
-  int sink_tokens = 4;           // low-norm keys aligned with typical queries
-  int64_t mean_segment = 512;    // mean topic segment length (tokens)
-  int topics = 64;               // distinct topic centres per head
-  int needles = 8;               // per (layer, KV head), <= 1024: keys aligned with one query at one step
-  float query_shift = 1.0f;      // magnitude of the query mean shift
-  float peaked_fraction = 0.5f;  // fraction of heads that are peaked
-  float step_locality = 0.9f;    // correlation of a head's query across steps
-  float layer_similarity = 0.7f; // correlation of adjacent layers' keys
+  int sink_tokens = 4;         // low-norm keys aligned with typical queries
+  int64_t mean_segment = 512;  // mean topic segment length (tokens)
+  int topics = 64;             // distinct topic centres per head
+  int needles = 8;  // per (layer, KV head), <= 1024: keys aligned with one query at one step
+  float query_shift = 1.0f;       // magnitude of the query mean shift
+  float peaked_fraction = 0.5f;   // fraction of heads that are peaked
+  float step_locality = 0.9f;     // correlation of a head's query across steps
+  float layer_similarity = 0.7f;  // correlation of adjacent layers' keys
   uint64_t seed = 42;
   // Worker threads; 0 = min(hardware concurrency, 8). The output does not
   // depend on it (every random stream is keyed by what it generates).
@@ -68,7 +68,6 @@ struct SyntheticTruth {
   std::vector<SyntheticNeedle> needles;
 };
 
-
 // Presets: "llama3-8b-like" (128-dim, GQA 4:1, theta 5e5), "mistral-7b-like"
 // (128-dim, GQA 4:1, theta 1e6), "small" (64-dim, GQA 2:1; for fast tests).
 // InvalidArgument for an unknown name (the message lists the known ones).
@@ -85,9 +84,9 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
 // q.k / sqrt(head_dim)), summarised. For checking that a dump looks like real
 // attention. InvalidArgument for indices out of range or top_k < 1.
 struct AttentionProfile {
-  double sink_mass = 0;     // softmax mass of tokens [0, sink_tokens)
-  double topk_mass = 0;     // mass of the top_k tokens
-  double entropy = 0;       // nats
+  double sink_mass = 0;  // softmax mass of tokens [0, sink_tokens)
+  double topk_mass = 0;  // mass of the top_k tokens
+  double entropy = 0;    // nats
   double max_logit = 0;
   double logit_std = 0;
 };

@@ -33,12 +33,14 @@
 #include "server/rpc/daemon.h"
 #include "server/rpc/log.h"
 
-ABSL_FLAG(std::string, config, "", "Path of the textproto config file (IcecachedConfig); empty = defaults only");
+ABSL_FLAG(std::string, config, "",
+          "Path of the textproto config file (IcecachedConfig); empty = defaults only");
 ABSL_FLAG(std::string, socket, "", "Unix socket path (listen.unix_socket)");
 // Flags left at their "unset" default (empty, -1, 0) do not override the file.
 ABSL_FLAG(int64_t, metrics_port, -1,
           "Prometheus /metrics + /healthz port on loopback; 0 = off (metrics.port, default 9464)");
-ABSL_FLAG(uint64_t, capacity_bytes, 0, "Pool capacity in bytes (pool.capacity_bytes, default 4 GiB)");
+ABSL_FLAG(uint64_t, capacity_bytes, 0,
+          "Pool capacity in bytes (pool.capacity_bytes, default 4 GiB)");
 ABSL_FLAG(std::string, log_level, "", "debug, info, warn or error (log_level, default info)");
 ABSL_FLAG(std::string, ttl_reaper_interval, "",
           "How often session leases are checked (sessions.reaper_interval_ms, default 1s): a "
@@ -102,17 +104,20 @@ int main(int argc, char** argv) {
     if (port < 0 || port > 65535) return Fail(2, "--metrics_port must be 0 (off) .. 65535");
     o.metrics_port = static_cast<uint32_t>(port);
   }
-  if (absl::GetFlag(FLAGS_capacity_bytes) != 0) o.capacity_bytes = absl::GetFlag(FLAGS_capacity_bytes);
+  if (absl::GetFlag(FLAGS_capacity_bytes) != 0)
+    o.capacity_bytes = absl::GetFlag(FLAGS_capacity_bytes);
   if (!absl::GetFlag(FLAGS_log_level).empty()) o.log_level = absl::GetFlag(FLAGS_log_level);
   if (!absl::GetFlag(FLAGS_tcp_address).empty()) o.tcp_address = absl::GetFlag(FLAGS_tcp_address);
-  if (absl::GetFlag(FLAGS_worker_threads) != 0) o.worker_threads = absl::GetFlag(FLAGS_worker_threads);
+  if (absl::GetFlag(FLAGS_worker_threads) != 0)
+    o.worker_threads = absl::GetFlag(FLAGS_worker_threads);
   struct DurationFlag {
     const char* name;
     std::string value;
     std::optional<uint64_t>* out;
   };
   for (const DurationFlag& f :
-       {DurationFlag{"ttl_reaper_interval", absl::GetFlag(FLAGS_ttl_reaper_interval), &o.reaper_interval_ms},
+       {DurationFlag{"ttl_reaper_interval", absl::GetFlag(FLAGS_ttl_reaper_interval),
+                     &o.reaper_interval_ms},
         DurationFlag{"default_ttl", absl::GetFlag(FLAGS_default_ttl), &o.default_ttl_ms},
         DurationFlag{"drain_timeout", absl::GetFlag(FLAGS_drain_timeout), &o.drain_timeout_ms}}) {
     if (f.value.empty()) continue;
@@ -131,10 +136,18 @@ int main(int argc, char** argv) {
     return Fail(2, st.message());
   }
   switch (config.log_level()) {
-    case icecache::v1::LOG_LEVEL_DEBUG: icecache::rpc::SetLogLevel(LogLevel::kDebug); break;
-    case icecache::v1::LOG_LEVEL_WARN: icecache::rpc::SetLogLevel(LogLevel::kWarn); break;
-    case icecache::v1::LOG_LEVEL_ERROR: icecache::rpc::SetLogLevel(LogLevel::kError); break;
-    default: icecache::rpc::SetLogLevel(LogLevel::kInfo); break;
+    case icecache::v1::LOG_LEVEL_DEBUG:
+      icecache::rpc::SetLogLevel(LogLevel::kDebug);
+      break;
+    case icecache::v1::LOG_LEVEL_WARN:
+      icecache::rpc::SetLogLevel(LogLevel::kWarn);
+      break;
+    case icecache::v1::LOG_LEVEL_ERROR:
+      icecache::rpc::SetLogLevel(LogLevel::kError);
+      break;
+    default:
+      icecache::rpc::SetLogLevel(LogLevel::kInfo);
+      break;
   }
   if (absl::GetFlag(FLAGS_check_config)) {
     std::string text;
@@ -170,9 +183,9 @@ int main(int argc, char** argv) {
   });
   signal_thread.detach();
 
-  const std::string ready = absl::StrCat("icecached ready socket=", d->socket_path(),
-                                         " epoch=", d->epoch(), " metrics_port=", d->metrics_port(),
-                                         "\n");
+  const std::string ready =
+      absl::StrCat("icecached ready socket=", d->socket_path(), " epoch=", d->epoch(),
+                   " metrics_port=", d->metrics_port(), "\n");
   std::fputs(ready.c_str(), stderr);
   std::fflush(stderr);
 

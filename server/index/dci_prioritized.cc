@@ -12,8 +12,8 @@
 namespace icecache {
 
 absl::StatusOr<std::unique_ptr<PrioritizedDci>> PrioritizedDci::Create(const float* points,
-                                                                      int64_t n, int dim,
-                                                                      const DciParams& params) {
+                                                                       int64_t n, int dim,
+                                                                       const DciParams& params) {
   if (points == nullptr || n < 1) {
     return absl::InvalidArgumentError(absl::StrCat("DCI needs >= 1 point, got ", n));
   }
@@ -82,9 +82,9 @@ absl::Status PrioritizedDci::Query(const float* q, const DciQueryParams& params,
     return absl::InvalidArgumentError("DCI query and output must not be null");
   }
   if (params.k < 1 || params.max_candidates < params.k) {
-    return absl::InvalidArgumentError(absl::StrCat("DCI query needs 1 <= k <= max_candidates, got k=",
-                                                   params.k, " max_candidates=",
-                                                   params.max_candidates));
+    return absl::InvalidArgumentError(
+        absl::StrCat("DCI query needs 1 <= k <= max_candidates, got k=", params.k,
+                     " max_candidates=", params.max_candidates));
   }
   out->clear();
   const int m = params_.num_composite;
@@ -124,8 +124,7 @@ absl::Status PrioritizedDci::Query(const float* q, const DciQueryParams& params,
   bool any = true;
   while (any && num_candidates < params.max_candidates && visits < params.max_visits) {
     any = false;
-    for (int j = 0; j < m && num_candidates < params.max_candidates &&
-                    visits < params.max_visits;
+    for (int j = 0; j < m && num_candidates < params.max_candidates && visits < params.max_visits;
          ++j) {
       if (queues[j].empty()) continue;
       any = true;

@@ -37,9 +37,9 @@ struct DciParams {
 };
 
 struct DciQueryParams {
-  int k = 1;                      // nearest neighbours returned, >= 1
-  int max_candidates = 64;        // stop after this many candidates (>= k)
-  int64_t max_visits = 1 << 30;   // stop after this many projections visited
+  int k = 1;                     // nearest neighbours returned, >= 1
+  int max_candidates = 64;       // stop after this many candidates (>= k)
+  int64_t max_visits = 1 << 30;  // stop after this many projections visited
 };
 
 class PrioritizedDci {

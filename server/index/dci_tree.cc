@@ -12,7 +12,6 @@
 
 namespace icecache {
 
-
 namespace {
 
 float SquaredNorm(const float* x, int dim) { return DotF32(x, x, dim); }
@@ -65,21 +64,21 @@ absl::Status CheckKeys(const float* keys, int64_t n, int dim,
 }  // namespace
 
 size_t DciTree::Level::bytes(int dim) const {
-  size_t b = (key.capacity() + parent.capacity() + count.capacity()) * sizeof(uint32_t) +
-             (centroid.capacity() + abar.capacity() + m2.capacity() + half_sq.capacity() +
-              pm2.capacity() + lam.capacity() + res.capacity() + outlier.capacity() +
-              out_dev.capacity()) *
-                 sizeof(float) +
-             centroid16.capacity() * sizeof(uint16_t) +
-             children.capacity() * sizeof(std::vector<uint32_t>);
+  size_t b =
+      (key.capacity() + parent.capacity() + count.capacity()) * sizeof(uint32_t) +
+      (centroid.capacity() + abar.capacity() + m2.capacity() + half_sq.capacity() + pm2.capacity() +
+       lam.capacity() + res.capacity() + outlier.capacity() + out_dev.capacity()) *
+          sizeof(float) +
+      centroid16.capacity() * sizeof(uint16_t) +
+      children.capacity() * sizeof(std::vector<uint32_t>);
   for (const auto& c : children) b += c.capacity() * sizeof(uint32_t);
   return b;
 }
 
 absl::StatusOr<std::unique_ptr<DciTree>> DciTree::Create(const DciTreeParams& params) {
   if (params.dim < 1 || params.dim > 1024) {
-    return absl::InvalidArgumentError(absl::StrCat("DCI-tree dim must be in [1, 1024], got ",
-                                                   params.dim));
+    return absl::InvalidArgumentError(
+        absl::StrCat("DCI-tree dim must be in [1, 1024], got ", params.dim));
   }
   if (params.page_tokens < 1 || params.page_tokens > 256) {
     return absl::InvalidArgumentError(
@@ -180,8 +179,8 @@ void DciTree::DeriveSpread(int level, uint32_t node) {
   Level& L = levels_[level];
   const int d = params_.dim;
   DeriveSpreadOf(basis_.data(), rank_, d, &L.centroid[static_cast<size_t>(node) * d], L.m2[node],
-                 &L.pm2[static_cast<size_t>(node) * rank_], &L.lam[static_cast<size_t>(node) * rank_],
-                 &L.res[node]);
+                 &L.pm2[static_cast<size_t>(node) * rank_],
+                 &L.lam[static_cast<size_t>(node) * rank_], &L.res[node]);
 }
 
 void DciTree::ResizeLevel(int level, uint32_t size) {
@@ -411,10 +410,9 @@ void DciTree::AggregateUp(int from_level) {
   }
 }
 
-void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items,
-                                 const float* keys, const float* aug, int capacity,
-                                 std::vector<uint32_t>* parent_of, const float* item_vecs,
-                                 const float* item_augs) {
+void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items, const float* keys,
+                                 const float* aug, int capacity, std::vector<uint32_t>* parent_of,
+                                 const float* item_vecs, const float* item_augs) {
   const int d = params_.dim;
   const int C = params_.build_candidates;
   struct Pair {
@@ -458,7 +456,8 @@ void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items,
       const int nb = static_cast<int>(e - b);
       for (int t = 0; t < nb; ++t) {
         std::copy(keys + static_cast<size_t>(items[b + t]) * d,
-                  keys + static_cast<size_t>(items[b + t] + 1) * d, &batch[static_cast<size_t>(t) * d]);
+                  keys + static_cast<size_t>(items[b + t] + 1) * d,
+                  &batch[static_cast<size_t>(t) * d]);
       }
       const uint32_t nn = hi - lo;
       if (nn > 0) {
@@ -492,7 +491,8 @@ void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items,
     }
   } else {
     for (size_t i = 0; i < items.size(); ++i) {
-      const float* x = item_vecs != nullptr ? item_vecs + i * d : keys + static_cast<size_t>(items[i]) * d;
+      const float* x =
+          item_vecs != nullptr ? item_vecs + i * d : keys + static_cast<size_t>(items[i]) * d;
       const float a = item_vecs != nullptr ? item_augs[i] : aug[items[i]];
       Route(x, a, level, C, nullptr, &rs, &out);
       if (!out.empty()) best[i] = out[0].second;
@@ -711,8 +711,7 @@ void DciTree::RenumberDepthFirst() {
   }
 }
 
-absl::Status DciTree::BulkBuild(const float* keys, int64_t n,
-                                std::vector<Placement>* placements) {
+absl::Status DciTree::BulkBuild(const float* keys, int64_t n, std::vector<Placement>* placements) {
   RETURN_IF_ERROR(CheckKeys(keys, n, params_.dim, placements));
   if (num_tokens() != 0) {
     return absl::FailedPreconditionError(
@@ -722,9 +721,9 @@ absl::Status DciTree::BulkBuild(const float* keys, int64_t n,
     return absl::InvalidArgumentError(absl::StrCat("too many keys for one tree: ", n));
   }
   const int d = params_.dim;
-  ASSIGN_OR_RETURN(MipsAugmentation mips,
-                   MipsAugmentation::Create(keys, n, d, params_.norm_headroom,
-                                            params_.rebuild_fraction));
+  ASSIGN_OR_RETURN(
+      MipsAugmentation mips,
+      MipsAugmentation::Create(keys, n, d, params_.norm_headroom, params_.rebuild_fraction));
   mips_ = mips;
   mips_.Count(n, 0);
   FitBasis(keys, n);
@@ -855,9 +854,9 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
   }
   const int d = params_.dim;
   if (num_tokens() == 0) {
-    ASSIGN_OR_RETURN(MipsAugmentation mips,
-                     MipsAugmentation::Create(keys, n, d, params_.norm_headroom,
-                                              params_.rebuild_fraction));
+    ASSIGN_OR_RETURN(
+        MipsAugmentation mips,
+        MipsAugmentation::Create(keys, n, d, params_.norm_headroom, params_.rebuild_fraction));
     mips_ = mips;
     levels_.resize(1);
     FitBasis(keys, n);
@@ -922,7 +921,8 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
         float score_w = 0.0f;
         const uint32_t w = NearestRecentNodeWithRoom(x, a, pos, &score_w);
         const float base = params_.augmented_routing ? 0.5f * (sq + a * a) : 0.5f * sq;
-        const float dist_g = base - out[0].first, dist_w = base - score_w;  // half squared distances
+        const float dist_g = base - out[0].first,
+                    dist_w = base - score_w;  // half squared distances
         if (w != kNone && dist_w <= params_.decode_slack * dist_g) p = w;
       }
       if (t >= 1) {
@@ -1099,8 +1099,7 @@ void DciTree::CollectCandidates(const float* queries, int nq, float scale,
           float e = s->dots[j * nc + i] * scale + logc;
           if (spread) {
             const float var = s->vars[j * nc + i] + s->qres[j] * L.res[node];
-            e += var <= vcap ? half_s2 * var
-                             : params.spread_weight * z * scale * std::sqrt(var);
+            e += var <= vcap ? half_s2 * var : params.spread_weight * z * scale * std::sqrt(var);
           }
           best = std::max(best, e);
         }
@@ -1242,7 +1241,8 @@ absl::StatusOr<std::unique_ptr<DciTreeRebuild>> DciTree::PrepareRebuild(const Pa
   ASSIGN_OR_RETURN(MipsAugmentation mips,
                    MipsAugmentation::FromMaxNorm(std::sqrt(max_sq), d, params_.norm_headroom,
                                                  params_.rebuild_fraction));
-  auto rb = std::make_unique<DciTreeRebuild>(DciTreeRebuild{mips, n, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}});
+  auto rb = std::make_unique<DciTreeRebuild>(
+      DciTreeRebuild{mips, n, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}});
   const int top = top_level();
   rb->count.resize(top + 1);
   rb->centroid.resize(top + 1);
@@ -1292,7 +1292,8 @@ absl::StatusOr<std::unique_ptr<DciTreeRebuild>> DciTree::PrepareRebuild(const Pa
   auto finish = [&](int l, uint32_t node) {
     float* c = &rb->centroid[l][static_cast<size_t>(node) * d];
     rb->half_sq[l][node] = 0.5f * (SquaredNorm(c, d) + rb->abar[l][node] * rb->abar[l][node]);
-    DeriveSpreadOf(basis_.data(), r, d, c, rb->m2[l][node], &rb->pm2[l][static_cast<size_t>(node) * r],
+    DeriveSpreadOf(basis_.data(), r, d, c, rb->m2[l][node],
+                   &rb->pm2[l][static_cast<size_t>(node) * r],
                    &rb->lam[l][static_cast<size_t>(node) * r], &rb->res[l][node]);
   };
   for (uint32_t node = 0; node < n1; ++node) {
@@ -1369,11 +1370,10 @@ absl::StatusOr<std::unique_ptr<DciTreeRebuild>> DciTree::PrepareRebuild(const Pa
 
 absl::Status DciTree::CommitRebuild(std::unique_ptr<DciTreeRebuild> rb) {
   if (rb == nullptr) return absl::InvalidArgumentError("rebuild must not be null");
-  if (rb->num_tokens != num_tokens() ||
-      static_cast<int>(rb->count.size()) != top_level() + 1) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "rebuild was prepared for ", rb->num_tokens, " tokens but the tree now holds ",
-        num_tokens(), "; prepare it again"));
+  if (rb->num_tokens != num_tokens() || static_cast<int>(rb->count.size()) != top_level() + 1) {
+    return absl::FailedPreconditionError(absl::StrCat("rebuild was prepared for ", rb->num_tokens,
+                                                      " tokens but the tree now holds ",
+                                                      num_tokens(), "; prepare it again"));
   }
   for (int l = 1; l <= top_level(); ++l) {
     if (rb->count[l].size() != levels_[l].size()) {
@@ -1400,8 +1400,8 @@ absl::Status DciTree::CommitRebuild(std::unique_ptr<DciTreeRebuild> rb) {
 }
 
 size_t DciTree::bytes() const {
-  size_t b = key_top_.capacity() + (key_node_.capacity() + nodes_by_key_.capacity()) * sizeof(uint32_t) +
-             pages_.bytes();
+  size_t b = key_top_.capacity() +
+             (key_node_.capacity() + nodes_by_key_.capacity()) * sizeof(uint32_t) + pages_.bytes();
   for (const Level& L : levels_) b += L.bytes(params_.dim);
   return b;
 }

@@ -45,13 +45,13 @@ namespace icecache {
 struct DciTreeParams {
   int dim = 128;
   int page_tokens = 16;
-  int ratio = 0;              // promotion ratio r; 0 = max(2, page_tokens)
+  int ratio = 0;  // promotion ratio r; 0 = max(2, page_tokens)
   float norm_headroom = 1.5f;
   float rebuild_fraction = 0.02f;
-  int route_fov = 3;          // nodes kept per level when routing a key (build, insert)
-  int build_candidates = 8;   // parents considered per key by the capacity-aware bulk assignment
-  int refine_iters = 0;       // bulk: level-0 re-assignments against full centroids
-  int regroup_iters = 0;      // bulk: upper-level regroupings by full centroids
+  int route_fov = 3;         // nodes kept per level when routing a key (build, insert)
+  int build_candidates = 8;  // parents considered per key by the capacity-aware bulk assignment
+  int refine_iters = 0;      // bulk: level-0 re-assignments against full centroids
+  int regroup_iters = 0;     // bulk: upper-level regroupings by full centroids
   // Rank of the global key subspace (PCA of the first batch) in which every
   // node keeps the variance of its keys, for its attention-mass estimate.
   int spread_rank = 16;
@@ -73,10 +73,10 @@ struct DciTreeParams {
 
 // Parameters of one candidate descent (see MdciParams for the meaning).
 struct DciDescentParams {
-  int field_of_view = 8;       // nodes kept per level above level 1 (at least)
-  int64_t min_tokens = 1024;   // level-1 nodes are taken until they hold this many tokens
-  float cover_factor = 2.0f;   // upper levels keep nodes until they hold cover x min_tokens
-  int entry_nodes = 1024;      // descent starts at the lowest level with <= this many nodes
+  int field_of_view = 8;      // nodes kept per level above level 1 (at least)
+  int64_t min_tokens = 1024;  // level-1 nodes are taken until they hold this many tokens
+  float cover_factor = 2.0f;  // upper levels keep nodes until they hold cover x min_tokens
+  int entry_nodes = 1024;     // descent starts at the lowest level with <= this many nodes
   // Weight of the node's key spread in its mass estimate: a node's keys are
   // modelled as Gaussian around the centroid, so its mass is estimated as
   // count x exp(s q.c + w s^2 q'Sq / 2), with S its covariance (kept in the
@@ -147,7 +147,7 @@ class DciTree {
   int ratio() const { return ratio_; }
   int64_t num_tokens() const { return static_cast<int64_t>(key_top_.size()); }
   int top_level() const { return static_cast<int>(levels_.size()) - 1; }  // 0 when empty
-  uint32_t level_size(int level) const;  // level 0: num_tokens()
+  uint32_t level_size(int level) const;                                   // level 0: num_tokens()
   uint32_t node_key(int level, uint32_t node) const { return levels_[level].key[node]; }
   // Parent node index on level+1, kNone on the top level.
   uint32_t node_parent(int level, uint32_t node) const { return levels_[level].parent[node]; }

@@ -51,8 +51,8 @@ absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::Create(const Selecto
   const MdciParams& m = config.mdci;
   if (!(m.cover_factor > 0.0f) || !std::isfinite(m.cover_factor) || m.entry_nodes < 1 ||
       m.min_candidate_pages < 0 || m.regroup_iters < 0 || !(m.decode_slack >= 1.0f) ||
-      !std::isfinite(m.decode_slack) ||
-      !(m.spread_weight >= 0.0f) || !std::isfinite(m.spread_weight)) {
+      !std::isfinite(m.decode_slack) || !(m.spread_weight >= 0.0f) ||
+      !std::isfinite(m.spread_weight)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "SelectorConfig.mdci needs cover_factor > 0, entry_nodes >= 1, min_candidate_pages >= 0, "
         "regroup_iters >= 0, decode_slack >= 1 and spread_weight >= 0; got ",
@@ -79,13 +79,12 @@ absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::Create(const Selecto
   return std::unique_ptr<MdciSelector>(new MdciSelector(config, keys, std::move(tree)));
 }
 
-absl::Status MdciSelector::Build(const float* keys, int64_t n,
-                                 std::vector<Placement>* placements) {
+absl::Status MdciSelector::Build(const float* keys, int64_t n, std::vector<Placement>* placements) {
   RETURN_IF_ERROR(ValidateKeysToAdd(keys, n, config_.head_dim, num_tokens(), placements));
   if (num_tokens() != 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "Build() is for the prefill batch of an empty index; it holds ", num_tokens(),
-        " tokens, use Insert()"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("Build() is for the prefill batch of an empty index; it holds ", num_tokens(),
+                     " tokens, use Insert()"));
   }
   return tree_->BulkBuild(keys, n, placements);
 }
@@ -96,8 +95,8 @@ absl::Status MdciSelector::Insert(const float* keys, int64_t n,
   return tree_->Insert(keys, n, placements);
 }
 
-absl::Status MdciSelector::Select(const float* queries, int num_queries,
-                                  const SelectParams& params, Selection* out) const {
+absl::Status MdciSelector::Select(const float* queries, int num_queries, const SelectParams& params,
+                                  Selection* out) const {
   RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, params, out));
   const int d = config_.head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -175,8 +174,8 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries,
       score_page(s.candidates[i]);
     }
   }
-  const std::vector<uint32_t> forced = ForcedPages(
-      num_tokens(), params, [&](int64_t pos) { return pt.page_of_position(pos); });
+  const std::vector<uint32_t> forced =
+      ForcedPages(num_tokens(), params, [&](int64_t pos) { return pt.page_of_position(pos); });
   // Pruning: a page's score lies in [lower, lower + log(fill)]. Non-forced
   // pages whose lower bounds alone fill the budget set a threshold; a page
   // whose upper bound is below it can never be taken, so its exact score is

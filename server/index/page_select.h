@@ -10,7 +10,6 @@
 #include <vector>
 
 #include "absl/status/status.h"
-
 #include "server/index/selector.h"
 
 namespace icecache {

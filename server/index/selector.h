@@ -53,8 +53,8 @@ absl::StatusOr<SelectorKind> ParseSelectorKind(std::string_view name);
 
 // Parameters of the multi-level DCI index (DESIGN.md 4.2-4.4).
 struct MdciParams {
-  int num_composite = 2;       // m
-  int num_simple = 7;          // L
+  int num_composite = 2;  // m
+  int num_simple = 7;     // L
   // Nodes kept per level above level 1 while descending (at least; more while
   // they hold fewer than cover_factor x candidate tokens). Wider = more
   // representatives scored, more mass. Tuned on llama3-8b-like, 131072 tokens,
@@ -71,11 +71,11 @@ struct MdciParams {
   float rebuild_fraction = 0.02f;
   uint64_t seed = 1234;
   // --- DCI-tree knobs added by mdci (see server/index/mdci_selector.h) ---
-  int promotion_ratio = 0;     // r; 0 = max(2, page_tokens) (one full page per logical node)
-  int route_fov = 3;           // nodes kept per level when routing a key (build, insert)
-  int build_candidates = 8;    // parents considered per key by the capacity-aware bulk build
-  int refine_iters = 0;        // bulk build: level-0 re-assignments against full centroids
-  int regroup_iters = 0;       // bulk build: upper levels regrouped by full centroids
+  int promotion_ratio = 0;   // r; 0 = max(2, page_tokens) (one full page per logical node)
+  int route_fov = 3;         // nodes kept per level when routing a key (build, insert)
+  int build_candidates = 8;  // parents considered per key by the capacity-aware bulk build
+  int refine_iters = 0;      // bulk build: level-0 re-assignments against full centroids
+  int regroup_iters = 0;     // bulk build: upper levels regrouped by full centroids
   // Upper levels keep nodes (beyond field_of_view) until they hold
   // cover_factor x candidate tokens.
   float cover_factor = 2.0f;
@@ -109,9 +109,9 @@ struct SelectorConfig {
 
 // Per-call selection parameters.
 struct SelectParams {
-  int budget_tokens = 256;    // > 0; pages are taken until this many tokens
-  int sink_tokens = 4;        // pages holding positions [0, sink) always included
-  int recent_tokens = 0;      // pages holding the last `recent` positions always included
+  int budget_tokens = 256;  // > 0; pages are taken until this many tokens
+  int sink_tokens = 4;      // pages holding positions [0, sink) always included
+  int recent_tokens = 0;    // pages holding the last `recent` positions always included
   bool want_positions = false;
 };
 
@@ -148,8 +148,7 @@ class Selector {
   // InvalidArgument on NaN/Inf or n <= 0; FailedPrecondition for Build() on
   // a non-empty index. On error nothing changes.
   virtual absl::Status Build(const float* keys, int64_t n, std::vector<Placement>* placements) = 0;
-  virtual absl::Status Insert(const float* keys, int64_t n,
-                              std::vector<Placement>* placements) = 0;
+  virtual absl::Status Insert(const float* keys, int64_t n, std::vector<Placement>* placements) = 0;
 
   // Selects pages for `num_queries` queries (fp32, num_queries x head_dim),
   // normally the G query heads of this KV head; a page's score is the max

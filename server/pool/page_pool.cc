@@ -132,8 +132,8 @@ void FrameSet::Reset() {
 absl::StatusOr<std::unique_ptr<PagePool>> PagePool::Create(const PagePoolOptions& options) {
   constexpr uint64_t kMaxCapacity = uint64_t{1} << 40;
   if (options.capacity_bytes == 0 || options.capacity_bytes > kMaxCapacity) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "page pool: capacity_bytes must be in 1..", kMaxCapacity, ", got ", options.capacity_bytes));
+    return absl::InvalidArgumentError(absl::StrCat("page pool: capacity_bytes must be in 1..",
+                                                   kMaxCapacity, ", got ", options.capacity_bytes));
   }
   if (options.max_size_classes < 1 || options.max_size_classes > 64) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -154,8 +154,8 @@ absl::StatusOr<std::unique_ptr<PagePool>> PagePool::Create(const PagePoolOptions
     base = mmap(nullptr, capacity, PROT_READ | PROT_WRITE,
                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (base == MAP_FAILED) {
-      return absl::ResourceExhaustedError(absl::StrCat("page pool: mmap of ", capacity,
-                                                       " bytes failed: ", std::strerror(errno)));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("page pool: mmap of ", capacity, " bytes failed: ", std::strerror(errno)));
     }
     if (options.use_huge_pages) madvise(base, capacity, MADV_HUGEPAGE);  // advice only
   }
@@ -221,24 +221,24 @@ absl::Status PagePool::CheckLocked(const Tenant* t, uint64_t quota, const SizeCl
   const uint64_t used = t == nullptr ? 0 : t->used_bytes;
   // count <= capacity / stride is checked first so the products cannot overflow.
   if (count > capacity_bytes_ / c.stride) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "page pool capacity: ", count, " frames of ", c.stride, " bytes exceed the capacity of ",
-        capacity_bytes_, " bytes"));
+    return absl::ResourceExhaustedError(absl::StrCat("page pool capacity: ", count, " frames of ",
+                                                     c.stride, " bytes exceed the capacity of ",
+                                                     capacity_bytes_, " bytes"));
   }
   const uint64_t bytes = count * c.stride;
   if (quota != kUnlimitedQuota && (bytes > quota || used > quota - bytes)) {
-    return absl::ResourceExhaustedError(absl::StrCat("quota of tenant '", std::string(tenant), "': using ", used,
-                                                     " of ", quota, " bytes, ", bytes,
-                                                     " more requested"));
+    return absl::ResourceExhaustedError(absl::StrCat("quota of tenant '", std::string(tenant),
+                                                     "': using ", used, " of ", quota, " bytes, ",
+                                                     bytes, " more requested"));
   }
-  const uint64_t slabs_available = free_slabs_.size() + (num_slabs_ - next_unused_slab_) +
-                                   (empty_slabs_total_ - c.empty_slabs);
+  const uint64_t slabs_available =
+      free_slabs_.size() + (num_slabs_ - next_unused_slab_) + (empty_slabs_total_ - c.empty_slabs);
   const uint64_t slabs_needed = SlabsNeededLocked(c, count);
   if (slabs_needed > slabs_available) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "page pool capacity: ", bytes, " more bytes requested, ", counters_.used_bytes, " of ",
-        capacity_bytes_, " bytes in use (", slabs_available, " free slabs, ", slabs_needed,
-        " needed)"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("page pool capacity: ", bytes, " more bytes requested, ", counters_.used_bytes,
+                     " of ", capacity_bytes_, " bytes in use (", slabs_available, " free slabs, ",
+                     slabs_needed, " needed)"));
   }
   return absl::OkStatus();
 }
@@ -446,8 +446,8 @@ PoolStats PagePool::Stats() const {
   s.rejected = counters_.rejected;
   s.huge_pages = huge_pages_;
   for (const auto& c : classes_) {
-    s.classes.push_back(SizeClassStats{c->id, c->frame_bytes, c->stride, c->slabs,
-                                       c->frames_used, c->frames_free});
+    s.classes.push_back(
+        SizeClassStats{c->id, c->frame_bytes, c->stride, c->slabs, c->frames_used, c->frames_free});
   }
   for (const auto& [name, t] : tenants_) {
     s.tenants.push_back(TenantPoolStats{name, t->used_bytes, t->quota, t->frames});

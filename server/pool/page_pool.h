@@ -3,8 +3,8 @@
 // One arena of `capacity_bytes` is mapped once at Create(): MAP_HUGETLB when
 // asked and the kernel has enough reserved 2 MiB pages for the whole arena
 // (reserved at mmap time, so a short huge-page pool cannot SIGBUS later),
-// else normal pages with MAP_NORESERVE and madvise(MADV_HUGEPAGE). The arena is cut into 2 MiB slabs; a slab belongs
-// to one size class while it holds frames of that class. A slab whose last
+// else normal pages with MAP_NORESERVE and madvise(MADV_HUGEPAGE). The arena is cut into 2 MiB
+// slabs; a slab belongs to one size class while it holds frames of that class. A slab whose last
 // frame is freed stays carved in its class (re-allocation costs no page
 // faults) until another class needs a slab and the arena has none left (it
 // is then taken over) or Trim() is called; a slab that leaves its class goes
@@ -71,7 +71,7 @@ struct SizeClassStats {
   uint64_t stride_bytes = 0;  // frame_bytes rounded up to 64
   uint64_t slabs = 0;         // slabs held by the class
   uint64_t frames_used = 0;
-  uint64_t frames_free = 0;   // free frames inside the class's slabs
+  uint64_t frames_free = 0;  // free frames inside the class's slabs
 };
 
 struct TenantPoolStats {
@@ -87,10 +87,10 @@ struct PoolStats {
   uint64_t reserved_bytes = 0;  // slabs carved into frames (empty ones included)
   uint64_t used_bytes = 0;      // strides of frames handed out
   uint64_t frames_used = 0;
-  uint64_t frames_free = 0;     // free frames in carved slabs (all classes)
-  uint64_t allocations = 0;     // successful Allocate() calls
-  uint64_t rejected = 0;        // Allocate() calls refused (quota/capacity)
-  bool huge_pages = false;      // arena mapped with MAP_HUGETLB
+  uint64_t frames_free = 0;  // free frames in carved slabs (all classes)
+  uint64_t allocations = 0;  // successful Allocate() calls
+  uint64_t rejected = 0;     // Allocate() calls refused (quota/capacity)
+  bool huge_pages = false;   // arena mapped with MAP_HUGETLB
   std::vector<SizeClassStats> classes;
   std::vector<TenantPoolStats> tenants;  // sorted by tenant name
 };
@@ -195,9 +195,8 @@ class PagePool {
   PagePool(const PagePoolOptions& options, uint8_t* base, uint64_t capacity, bool huge);
   void Free(FrameSet* set) ABSL_LOCKS_EXCLUDED(mu_);
   Tenant* GetTenantLocked(std::string_view tenant) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status CheckLocked(const Tenant* t, uint64_t quota, const SizeClass& c,
-                           uint64_t count, std::string_view tenant) const
-      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  absl::Status CheckLocked(const Tenant* t, uint64_t quota, const SizeClass& c, uint64_t count,
+                           std::string_view tenant) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   uint64_t SlabsNeededLocked(const SizeClass& c, uint64_t count) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void CarveSlabLocked(SizeClass* c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

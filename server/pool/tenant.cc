@@ -12,12 +12,12 @@ absl::Status ValidateTenantName(std::string_view tenant) {
   }
   for (char ch : tenant) {
     const bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
-                    (ch >= '0' && ch <= '9') || ch == '.' || ch == '_' || ch == '@' ||
-                    ch == ':' || ch == '-';
+                    (ch >= '0' && ch <= '9') || ch == '.' || ch == '_' || ch == '@' || ch == ':' ||
+                    ch == '-';
     if (!ok) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "tenant name has character 0x", absl::Hex(static_cast<unsigned char>(ch)),
-          "; allowed: [A-Za-z0-9._@:-]"));
+      return absl::InvalidArgumentError(absl::StrCat("tenant name has character 0x",
+                                                     absl::Hex(static_cast<unsigned char>(ch)),
+                                                     "; allowed: [A-Za-z0-9._@:-]"));
     }
   }
   return absl::OkStatus();

@@ -48,8 +48,7 @@ absl::StatusOr<int> ParseFdPeer(absl::string_view peer) {
   return fd;
 }
 
-absl::StatusOr<std::unique_ptr<Authenticator>> Authenticator::Create(
-    const v1::AuthConfig& config) {
+absl::StatusOr<std::unique_ptr<Authenticator>> Authenticator::Create(const v1::AuthConfig& config) {
   std::unique_ptr<Authenticator> a(new Authenticator());
   for (const auto& m : config.uid_tenants()) {
     if (!IsValidTenantName(m.tenant())) {
@@ -83,9 +82,10 @@ absl::StatusOr<Caller> Authenticator::FromUid(uint32_t uid) const {
   if (it != uid_tenants_.end()) {
     caller.tenant = it->second;
   } else if (refuse_unmapped_) {
-    return absl::PermissionDeniedError(absl::StrCat(
-        "uid ", uid, " is not mapped to a tenant (auth.uid_tenants) and the daemon refuses "
-        "unmapped uids (auth.unmapped_uid = REFUSE)"));
+    return absl::PermissionDeniedError(
+        absl::StrCat("uid ", uid,
+                     " is not mapped to a tenant (auth.uid_tenants) and the daemon refuses "
+                     "unmapped uids (auth.unmapped_uid = REFUSE)"));
   } else {
     caller.tenant = absl::StrCat("uid-", uid);
   }

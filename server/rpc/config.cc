@@ -26,7 +26,8 @@ using ::icecache::v1::LogLevel;
 class CollectFirstError : public google::protobuf::io::ErrorCollector {
  public:
   void AddError(int line, int column, const std::string& message) override {
-    if (error_.empty()) error_ = absl::StrCat("line ", line + 1, " column ", column + 1, ": ", message);
+    if (error_.empty())
+      error_ = absl::StrCat("line ", line + 1, " column ", column + 1, ": ", message);
   }
   void AddWarning(int, int, const std::string&) override {}
   const std::string& error() const { return error_; }
@@ -134,10 +135,18 @@ absl::Status ApplyOverrides(const ConfigOverrides& o, IcecachedConfig* c) {
       return absl::InvalidArgumentError(absl::StrCat("--log_level: ", level.status().message()));
     }
     switch (*level) {
-      case rpc::LogLevel::kDebug: c->set_log_level(v1::LOG_LEVEL_DEBUG); break;
-      case rpc::LogLevel::kInfo: c->set_log_level(v1::LOG_LEVEL_INFO); break;
-      case rpc::LogLevel::kWarn: c->set_log_level(v1::LOG_LEVEL_WARN); break;
-      case rpc::LogLevel::kError: c->set_log_level(v1::LOG_LEVEL_ERROR); break;
+      case rpc::LogLevel::kDebug:
+        c->set_log_level(v1::LOG_LEVEL_DEBUG);
+        break;
+      case rpc::LogLevel::kInfo:
+        c->set_log_level(v1::LOG_LEVEL_INFO);
+        break;
+      case rpc::LogLevel::kWarn:
+        c->set_log_level(v1::LOG_LEVEL_WARN);
+        break;
+      case rpc::LogLevel::kError:
+        c->set_log_level(v1::LOG_LEVEL_ERROR);
+        break;
     }
   }
   return absl::OkStatus();
@@ -178,7 +187,8 @@ void ApplyDefaults(IcecachedConfig* c) {
   if (!s->has_default_sink_tokens()) s->set_default_sink_tokens(kDefaultSinkTokens);
   if (!s->has_default_recent_tokens()) s->set_default_recent_tokens(kDefaultRecentTokens);
   auto* l = c->mutable_limits();
-  if (l->max_receive_message_bytes() == 0) l->set_max_receive_message_bytes(kDefaultMaxReceiveBytes);
+  if (l->max_receive_message_bytes() == 0)
+    l->set_max_receive_message_bytes(kDefaultMaxReceiveBytes);
   if (l->max_inline_bytes() == 0) {
     l->set_max_inline_bytes(std::min(kDefaultMaxInlineBytes, l->max_receive_message_bytes()));
   }
@@ -243,7 +253,8 @@ absl::Status ValidateConfig(const IcecachedConfig& c) {
         return Bad(f + ".token", "<redacted>", "must not contain spaces or control characters");
       }
     }
-    if (!tokens.insert(t.token()).second) return Bad(f + ".token", "<redacted>", "token listed twice");
+    if (!tokens.insert(t.token()).second)
+      return Bad(f + ".token", "<redacted>", "token listed twice");
     if (!IsValidTenantName(t.tenant())) {
       return Bad(f + ".tenant", Quote(t.tenant()), "must be 1..128 bytes of [A-Za-z0-9._@:-]");
     }

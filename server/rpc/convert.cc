@@ -29,21 +29,27 @@ int64_t ToUnixMs(absl::Time t) {
 
 absl::StatusOr<DType> DTypeFromProto(v1::DType dtype, absl::string_view field) {
   switch (dtype) {
-    case v1::DTYPE_FLOAT16: return DType::kF16;
-    case v1::DTYPE_BFLOAT16: return DType::kBF16;
-    case v1::DTYPE_FLOAT32: return DType::kF32;
+    case v1::DTYPE_FLOAT16:
+      return DType::kF16;
+    case v1::DTYPE_BFLOAT16:
+      return DType::kBF16;
+    case v1::DTYPE_FLOAT32:
+      return DType::kF32;
     default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          field, " must be DTYPE_FLOAT16, DTYPE_BFLOAT16 or DTYPE_FLOAT32, got ",
-          static_cast<int>(dtype)));
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, " must be DTYPE_FLOAT16, DTYPE_BFLOAT16 or DTYPE_FLOAT32, got ",
+                       static_cast<int>(dtype)));
   }
 }
 
 v1::DType DTypeToProto(DType dtype) {
   switch (dtype) {
-    case DType::kF16: return v1::DTYPE_FLOAT16;
-    case DType::kBF16: return v1::DTYPE_BFLOAT16;
-    case DType::kF32: return v1::DTYPE_FLOAT32;
+    case DType::kF16:
+      return v1::DTYPE_FLOAT16;
+    case DType::kBF16:
+      return v1::DTYPE_BFLOAT16;
+    case DType::kF32:
+      return v1::DTYPE_FLOAT32;
   }
   return v1::DTYPE_UNSPECIFIED;
 }
@@ -51,11 +57,16 @@ v1::DType DTypeToProto(DType dtype) {
 absl::StatusOr<SelectorKind> SelectorKindFromProto(v1::SelectorKind kind) {
   switch (kind) {
     case v1::SELECTOR_KIND_UNSPECIFIED:
-    case v1::SELECTOR_KIND_MDCI: return SelectorKind::kMdci;
-    case v1::SELECTOR_KIND_EXACT_MDCI: return SelectorKind::kExactMdci;
-    case v1::SELECTOR_KIND_EXACT: return SelectorKind::kExact;
-    case v1::SELECTOR_KIND_QUEST: return SelectorKind::kQuest;
-    case v1::SELECTOR_KIND_STREAMING: return SelectorKind::kStreaming;
+    case v1::SELECTOR_KIND_MDCI:
+      return SelectorKind::kMdci;
+    case v1::SELECTOR_KIND_EXACT_MDCI:
+      return SelectorKind::kExactMdci;
+    case v1::SELECTOR_KIND_EXACT:
+      return SelectorKind::kExact;
+    case v1::SELECTOR_KIND_QUEST:
+      return SelectorKind::kQuest;
+    case v1::SELECTOR_KIND_STREAMING:
+      return SelectorKind::kStreaming;
     default:
       return BadField("selector.kind", absl::StrCat("is unknown: ", static_cast<int>(kind)));
   }
@@ -63,11 +74,16 @@ absl::StatusOr<SelectorKind> SelectorKindFromProto(v1::SelectorKind kind) {
 
 v1::SelectorKind SelectorKindToProto(SelectorKind kind) {
   switch (kind) {
-    case SelectorKind::kMdci: return v1::SELECTOR_KIND_MDCI;
-    case SelectorKind::kExactMdci: return v1::SELECTOR_KIND_EXACT_MDCI;
-    case SelectorKind::kExact: return v1::SELECTOR_KIND_EXACT;
-    case SelectorKind::kQuest: return v1::SELECTOR_KIND_QUEST;
-    case SelectorKind::kStreaming: return v1::SELECTOR_KIND_STREAMING;
+    case SelectorKind::kMdci:
+      return v1::SELECTOR_KIND_MDCI;
+    case SelectorKind::kExactMdci:
+      return v1::SELECTOR_KIND_EXACT_MDCI;
+    case SelectorKind::kExact:
+      return v1::SELECTOR_KIND_EXACT;
+    case SelectorKind::kQuest:
+      return v1::SELECTOR_KIND_QUEST;
+    case SelectorKind::kStreaming:
+      return v1::SELECTOR_KIND_STREAMING;
   }
   return v1::SELECTOR_KIND_UNSPECIFIED;
 }
@@ -83,7 +99,8 @@ SelectDefaults SelectDefaultsFromConfig(const v1::IcecachedConfig& config) {
 
 absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& p,
                                                      const SelectDefaults& defaults) {
-  if (!p.has_model()) return BadField("model", "is required (layers, kv_heads, q_heads, head_dim, dtype)");
+  if (!p.has_model())
+    return BadField("model", "is required (layers, kv_heads, q_heads, head_dim, dtype)");
   SessionConfig c;
   const v1::ModelShape& m = p.model();
   {
@@ -140,18 +157,34 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& p,
     *out = static_cast<int>(v);
     return absl::OkStatus();
   };
-  if (auto st = bounded(mp.num_composite(), 16, "selector.mdci.num_composite", &md.num_composite); !st.ok()) return st;
-  if (auto st = bounded(mp.num_simple(), 32, "selector.mdci.num_simple", &md.num_simple); !st.ok()) return st;
-  if (auto st = bounded(mp.field_of_view(), 4096, "selector.mdci.field_of_view", &md.field_of_view); !st.ok()) return st;
-  auto bounded_f = [](float v, float lo, float hi, absl::string_view field, float* out) -> absl::Status {
+  if (auto st = bounded(mp.num_composite(), 16, "selector.mdci.num_composite", &md.num_composite);
+      !st.ok())
+    return st;
+  if (auto st = bounded(mp.num_simple(), 32, "selector.mdci.num_simple", &md.num_simple); !st.ok())
+    return st;
+  if (auto st = bounded(mp.field_of_view(), 4096, "selector.mdci.field_of_view", &md.field_of_view);
+      !st.ok())
+    return st;
+  auto bounded_f = [](float v, float lo, float hi, absl::string_view field,
+                      float* out) -> absl::Status {
     if (v == 0) return absl::OkStatus();
-    if (!(v >= lo && v <= hi)) return BadField(field, absl::StrCat("must be ", lo, "..", hi, ", got ", v));
+    if (!(v >= lo && v <= hi))
+      return BadField(field, absl::StrCat("must be ", lo, "..", hi, ", got ", v));
     *out = v;
     return absl::OkStatus();
   };
-  if (auto st = bounded_f(mp.candidate_factor(), 1, 64, "selector.mdci.candidate_factor", &md.candidate_factor); !st.ok()) return st;
-  if (auto st = bounded_f(mp.norm_headroom(), 1, 16, "selector.mdci.norm_headroom", &md.norm_headroom); !st.ok()) return st;
-  if (auto st = bounded_f(mp.rebuild_fraction(), 0, 1, "selector.mdci.rebuild_fraction", &md.rebuild_fraction); !st.ok()) return st;
+  if (auto st = bounded_f(mp.candidate_factor(), 1, 64, "selector.mdci.candidate_factor",
+                          &md.candidate_factor);
+      !st.ok())
+    return st;
+  if (auto st =
+          bounded_f(mp.norm_headroom(), 1, 16, "selector.mdci.norm_headroom", &md.norm_headroom);
+      !st.ok())
+    return st;
+  if (auto st = bounded_f(mp.rebuild_fraction(), 0, 1, "selector.mdci.rebuild_fraction",
+                          &md.rebuild_fraction);
+      !st.ok())
+    return st;
   if (mp.seed() != 0) md.seed = mp.seed();
 
   const v1::SelectParams& d = p.defaults();
@@ -160,7 +193,8 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& p,
   c.default_select.recent_tokens = defaults.recent_tokens;
   if (d.has_budget_tokens()) {
     if (d.budget_tokens() == 0 || d.budget_tokens() > kMaxSelectParam) {
-      return BadField("defaults.budget_tokens", absl::StrCat("must be 1..", kMaxSelectParam, ", got ", d.budget_tokens()));
+      return BadField("defaults.budget_tokens",
+                      absl::StrCat("must be 1..", kMaxSelectParam, ", got ", d.budget_tokens()));
     }
     c.default_select.budget_tokens = static_cast<int>(d.budget_tokens());
   }
@@ -169,7 +203,8 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& p,
     c.default_select.sink_tokens = static_cast<int>(d.sink_tokens());
   }
   if (d.has_recent_tokens()) {
-    if (d.recent_tokens() > kMaxSelectParam) return BadField("defaults.recent_tokens", "is too large");
+    if (d.recent_tokens() > kMaxSelectParam)
+      return BadField("defaults.recent_tokens", "is too large");
     c.default_select.recent_tokens = static_cast<int>(d.recent_tokens());
   }
   c.default_select.want_positions = d.want_positions();
@@ -230,20 +265,23 @@ absl::StatusOr<SelectParams> SelectParamsFromProto(const v1::SelectParams& p) {
   s.recent_tokens = 0;
   if (p.has_budget_tokens()) {
     if (p.budget_tokens() == 0 || p.budget_tokens() > kMaxSelectParam) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "params.budget_tokens must be 1..", kMaxSelectParam, " when set, got ", p.budget_tokens()));
+      return absl::InvalidArgumentError(absl::StrCat("params.budget_tokens must be 1..",
+                                                     kMaxSelectParam, " when set, got ",
+                                                     p.budget_tokens()));
     }
     s.budget_tokens = static_cast<int>(p.budget_tokens());
   }
   if (p.has_sink_tokens()) {
     if (p.sink_tokens() > kMaxSelectParam) {
-      return absl::InvalidArgumentError(absl::StrCat("params.sink_tokens is too large: ", p.sink_tokens()));
+      return absl::InvalidArgumentError(
+          absl::StrCat("params.sink_tokens is too large: ", p.sink_tokens()));
     }
     s.sink_tokens = p.sink_tokens() == 0 ? -1 : static_cast<int>(p.sink_tokens());
   }
   if (p.has_recent_tokens()) {
     if (p.recent_tokens() > kMaxSelectParam) {
-      return absl::InvalidArgumentError(absl::StrCat("params.recent_tokens is too large: ", p.recent_tokens()));
+      return absl::InvalidArgumentError(
+          absl::StrCat("params.recent_tokens is too large: ", p.recent_tokens()));
     }
     s.recent_tokens = p.recent_tokens() == 0 ? -1 : static_cast<int>(p.recent_tokens());
   }
@@ -265,9 +303,9 @@ absl::StatusOr<std::vector<float>> QueriesFromProto(const std::string& bytes, v1
     return absl::InvalidArgumentError("queries is empty: want q_heads x head_dim elements");
   }
   if (bytes.size() % elem != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("queries has ", bytes.size(),
-                                                   " bytes, not a multiple of the ", std::string(DTypeName(dt)),
-                                                   " element size ", elem));
+    return absl::InvalidArgumentError(
+        absl::StrCat("queries has ", bytes.size(), " bytes, not a multiple of the ",
+                     std::string(DTypeName(dt)), " element size ", elem));
   }
   std::vector<float> out(bytes.size() / elem);
   if (dt == DType::kF32) {
@@ -317,9 +355,9 @@ absl::StatusOr<std::vector<std::vector<uint32_t>>> FetchPagesFromProto(
   pages.reserve(heads.size());
   for (int i = 0; i < heads.size(); ++i) {
     if (heads[i].kv_head() != static_cast<uint32_t>(i)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "heads[", i, "].kv_head = ", heads[i].kv_head(),
-          ": heads must list every KV head once, in order 0..kv_heads-1"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("heads[", i, "].kv_head = ", heads[i].kv_head(),
+                       ": heads must list every KV head once, in order 0..kv_heads-1"));
     }
     pages.emplace_back(heads[i].pages().begin(), heads[i].pages().end());
   }

@@ -1,18 +1,16 @@
 #include "server/rpc/daemon.h"
 
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_posix.h>
+#include <httplib.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <fstream>
 #include <sstream>
-
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
-#include <grpcpp/health_check_service_interface.h>
-#include <grpcpp/security/server_credentials.h>
-#include <grpcpp/server_posix.h>
-
-#include <httplib.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -106,8 +104,9 @@ absl::Status Daemon::Init() {
   admin_service_ = std::make_unique<AdminServiceImpl>(deps_);
 
   // Bind the socket before starting gRPC so a busy path fails fast.
-  ASSIGN_OR_RETURN(listener_, UnixListener::Create(c.listen().unix_socket(),
-                                                   static_cast<mode_t>(c.listen().unix_socket_mode())));
+  ASSIGN_OR_RETURN(listener_,
+                   UnixListener::Create(c.listen().unix_socket(),
+                                        static_cast<mode_t>(c.listen().unix_socket_mode())));
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -122,7 +121,8 @@ absl::Status Daemon::Init() {
   builder.SetResourceQuota(quota);
   int tcp_port = 0;
   if (!c.listen().tcp_address().empty()) {
-    ASSIGN_OR_RETURN(std::string cert, ReadFile(c.listen().tls_cert_file(), "listen.tls_cert_file"));
+    ASSIGN_OR_RETURN(std::string cert,
+                     ReadFile(c.listen().tls_cert_file(), "listen.tls_cert_file"));
     ASSIGN_OR_RETURN(std::string key, ReadFile(c.listen().tls_key_file(), "listen.tls_key_file"));
     grpc::SslServerCredentialsOptions ssl;
     ssl.pem_key_cert_pairs.push_back({key, cert});
@@ -130,11 +130,11 @@ absl::Status Daemon::Init() {
   }
   server_ = builder.BuildAndStart();
   if (server_ == nullptr) {
-    return absl::InternalError(absl::StrCat("gRPC server failed to start",
-                                            c.listen().tcp_address().empty()
-                                                ? ""
-                                                : absl::StrCat(" (TCP ", c.listen().tcp_address(),
-                                                               ": port busy or bad TLS files?)")));
+    return absl::InternalError(absl::StrCat(
+        "gRPC server failed to start",
+        c.listen().tcp_address().empty()
+            ? ""
+            : absl::StrCat(" (TCP ", c.listen().tcp_address(), ": port busy or bad TLS files?)")));
   }
   if (!c.listen().tcp_address().empty() && tcp_port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", c.listen().tcp_address()));
@@ -153,37 +153,40 @@ absl::Status Daemon::Init() {
                                       MetricType::kGauge, {"state"});
   tenant_bytes_ = registry_.AddSnapshot("icecache_tenant_used_bytes", "Pool bytes used per tenant",
                                         MetricType::kGauge, {"tenant"});
-  tenant_quota_ = registry_.AddSnapshot("icecache_tenant_quota_bytes",
-                                        "Tenant quota (absent = none)", MetricType::kGauge,
-                                        {"tenant"});
+  tenant_quota_ =
+      registry_.AddSnapshot("icecache_tenant_quota_bytes", "Tenant quota (absent = none)",
+                            MetricType::kGauge, {"tenant"});
   tenant_free_ = registry_.AddSnapshot("icecache_tenant_free_bytes",
                                        "Quota left per tenant (tenants with a quota)",
                                        MetricType::kGauge, {"tenant"});
   tenant_sessions_ = registry_.AddSnapshot("icecache_tenant_sessions", "Sessions per tenant",
                                            MetricType::kGauge, {"tenant"});
-  class_frames_ = registry_.AddSnapshot("icecache_pool_class_frames",
-                                        "Frames per size class and state", MetricType::kGauge,
-                                        {"frame_bytes", "state"});
+  class_frames_ =
+      registry_.AddSnapshot("icecache_pool_class_frames", "Frames per size class and state",
+                            MetricType::kGauge, {"frame_bytes", "state"});
   class_bytes_ = registry_.AddSnapshot("icecache_pool_class_bytes",
                                        "Bytes of carved frames per size class and state",
                                        MetricType::kGauge, {"frame_bytes", "state"});
   sessions_ = registry_.AddSnapshot("icecache_sessions", "Live sessions", MetricType::kGauge, {});
-  buffers_gauge_ = registry_.AddSnapshot("icecache_buffers", "Registered buffers",
-                                         MetricType::kGauge, {});
-  session_events_ = registry_.AddSnapshot("icecache_session_events_total",
-                                          "Session lifecycle events since start",
-                                          MetricType::kCounter, {"event"});
-  draining_gauge_ = registry_.AddSnapshot("icecache_draining", "1 while draining",
-                                          MetricType::kGauge, {});
-  connections_ = registry_.AddSnapshot("icecache_unix_connections_total",
-                                       "Unix-socket connections accepted", MetricType::kCounter, {});
+  buffers_gauge_ =
+      registry_.AddSnapshot("icecache_buffers", "Registered buffers", MetricType::kGauge, {});
+  session_events_ =
+      registry_.AddSnapshot("icecache_session_events_total", "Session lifecycle events since start",
+                            MetricType::kCounter, {"event"});
+  draining_gauge_ =
+      registry_.AddSnapshot("icecache_draining", "1 while draining", MetricType::kGauge, {});
+  connections_ =
+      registry_.AddSnapshot("icecache_unix_connections_total", "Unix-socket connections accepted",
+                            MetricType::kCounter, {});
   registry_.AddCollector([this] { CollectMetrics(); });
 
   if (c.metrics().port() != 0) RETURN_IF_ERROR(StartMetricsHttp());
   started_ = true;
   Log(LogLevel::kInfo, "started",
-      {{"socket", listener_->path()}, {"epoch", manager_->epoch()},
-       {"capacity_bytes", c.pool().capacity_bytes()}, {"metrics_port", metrics_port_},
+      {{"socket", listener_->path()},
+       {"epoch", manager_->epoch()},
+       {"capacity_bytes", c.pool().capacity_bytes()},
+       {"metrics_port", metrics_port_},
        {"tcp", c.listen().tcp_address().empty() ? "off" : c.listen().tcp_address()},
        {"cuda", cuda_->available() ? "yes" : "no"}});
   return absl::OkStatus();
@@ -194,10 +197,11 @@ void Daemon::CollectMetrics() {
   absl::StatusOr<std::vector<TenantInfo>> tenants = manager_->ListTenants(internal_admin_);
   if (!stats.ok() || !tenants.ok()) return;
   const PoolStats& p = stats->pool;
-  pool_bytes_->Replace({{{"capacity"}, double(p.capacity_bytes)},
-                        {{"reserved"}, double(p.reserved_bytes)},
-                        {{"used"}, double(p.used_bytes)},
-                        {{"free"}, double(p.capacity_bytes - std::min(p.capacity_bytes, p.used_bytes))}});
+  pool_bytes_->Replace(
+      {{{"capacity"}, double(p.capacity_bytes)},
+       {{"reserved"}, double(p.reserved_bytes)},
+       {{"used"}, double(p.used_bytes)},
+       {{"free"}, double(p.capacity_bytes - std::min(p.capacity_bytes, p.used_bytes))}});
   std::vector<SnapshotFamily::Sample> used, quota, free, sess;
   for (const TenantInfo& t : *tenants) {
     used.push_back({{t.tenant}, double(t.used_bytes)});
@@ -248,9 +252,9 @@ absl::Status Daemon::StartMetricsHttp() {
   const int port = static_cast<int>(config_.metrics().port());
   if (!http_->bind_to_port(config_.metrics().address().c_str(), port)) {
     http_.reset();
-    return absl::UnavailableError(absl::StrCat(
-        "metrics endpoint: cannot bind ", config_.metrics().address(), ":", port,
-        " (in use?); choose another --metrics_port or 0 to turn it off"));
+    return absl::UnavailableError(
+        absl::StrCat("metrics endpoint: cannot bind ", config_.metrics().address(), ":", port,
+                     " (in use?); choose another --metrics_port or 0 to turn it off"));
   }
   metrics_port_ = port;
   http_thread_ = std::thread([this] { http_->listen_after_bind(); });
@@ -286,8 +290,8 @@ void Daemon::Shutdown() {
   // No new connections; existing ones keep their in-flight calls.
   if (listener_) listener_->Stop();
   if (server_) {
-    const auto deadline = std::chrono::system_clock::now() +
-                          std::chrono::milliseconds(config_.drain_timeout_ms());
+    const auto deadline =
+        std::chrono::system_clock::now() + std::chrono::milliseconds(config_.drain_timeout_ms());
     server_->Shutdown(deadline);
     server_->Wait();
   }

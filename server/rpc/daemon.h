@@ -18,12 +18,12 @@
 #ifndef ICECACHE_SERVER_RPC_DAEMON_H_
 #define ICECACHE_SERVER_RPC_DAEMON_H_
 
+#include <grpcpp/grpcpp.h>
+
 #include <atomic>
 #include <memory>
 #include <string>
 #include <thread>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"

@@ -30,10 +30,18 @@ void AppendValue(std::string* out, absl::string_view v) {
   out->push_back('"');
   for (unsigned char c : v) {
     switch (c) {
-      case '"': out->append("\\\""); break;
-      case '\\': out->append("\\\\"); break;
-      case '\n': out->append("\\n"); break;
-      case '\t': out->append("\\t"); break;
+      case '"':
+        out->append("\\\"");
+        break;
+      case '\\':
+        out->append("\\\\");
+        break;
+      case '\n':
+        out->append("\\n");
+        break;
+      case '\t':
+        out->append("\\t");
+        break;
       default:
         if (c < ' ' || c == 0x7f) {
           static const char kHex[] = "0123456789abcdef";
@@ -62,10 +70,14 @@ absl::StatusOr<LogLevel> ParseLogLevel(absl::string_view name) {
 
 absl::string_view LogLevelName(LogLevel level) {
   switch (level) {
-    case LogLevel::kDebug: return "debug";
-    case LogLevel::kInfo: return "info";
-    case LogLevel::kWarn: return "warn";
-    case LogLevel::kError: return "error";
+    case LogLevel::kDebug:
+      return "debug";
+    case LogLevel::kInfo:
+      return "info";
+    case LogLevel::kWarn:
+      return "warn";
+    case LogLevel::kError:
+      return "error";
   }
   return "info";
 }
@@ -79,9 +91,9 @@ std::string FormatLogLine(LogLevel level, absl::string_view msg,
   std::string line;
   line.reserve(128);
   if (with_time) {
-    absl::StrAppend(&line, "ts=",
-                    absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(), absl::UTCTimeZone()),
-                    " ");
+    absl::StrAppend(
+        &line, "ts=", absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(), absl::UTCTimeZone()),
+        " ");
   }
   absl::StrAppend(&line, "level=", LogLevelName(level), " msg=");
   AppendValue(&line, msg);

@@ -49,9 +49,12 @@ void AppendHeader(std::string* out, const std::string& name, const std::string& 
                   absl::string_view type) {
   std::string h;
   for (char c : help) {
-    if (c == '\\') h += "\\\\";
-    else if (c == '\n') h += "\\n";
-    else h.push_back(c);
+    if (c == '\\')
+      h += "\\\\";
+    else if (c == '\n')
+      h += "\\n";
+    else
+      h.push_back(c);
   }
   absl::StrAppend(out, "# HELP ", name, " ", h, "\n# TYPE ", name, " ", type, "\n");
 }
@@ -97,9 +100,9 @@ std::vector<uint64_t> Histogram::CumulativeCounts() const {
 }
 
 const std::vector<double>& LatencyBucketsSeconds() {
-  static const std::vector<double>* const kBuckets = new std::vector<double>{
-      50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3,
-      25e-3, 50e-3,  100e-3, 250e-3, 500e-3, 1.0, 2.5, 10.0};
+  static const std::vector<double>* const kBuckets =
+      new std::vector<double>{50e-6, 100e-6, 250e-6, 500e-6, 1e-3,   2.5e-3, 5e-3, 10e-3,
+                              25e-3, 50e-3,  100e-3, 250e-3, 500e-3, 1.0,    2.5,  10.0};
   return *kBuckets;
 }
 
@@ -297,10 +300,14 @@ std::string EscapeLabelValue(absl::string_view v) {
   std::string out;
   out.reserve(v.size());
   for (char c : v) {
-    if (c == '\\') out += "\\\\";
-    else if (c == '"') out += "\\\"";
-    else if (c == '\n') out += "\\n";
-    else out.push_back(c);
+    if (c == '\\')
+      out += "\\\\";
+    else if (c == '"')
+      out += "\\\"";
+    else if (c == '\n')
+      out += "\\n";
+    else
+      out.push_back(c);
   }
   return out;
 }

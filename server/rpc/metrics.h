@@ -23,10 +23,10 @@
 #include <map>
 #include <memory>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 
 namespace icecache::rpc {
@@ -117,7 +117,9 @@ class SnapshotFamily {
   };
   SnapshotFamily(std::string name, std::string help, MetricType type,
                  std::vector<std::string> label_names)
-      : name_(std::move(name)), help_(std::move(help)), type_(type),
+      : name_(std::move(name)),
+        help_(std::move(help)),
+        type_(type),
         label_names_(std::move(label_names)) {}
   void Replace(std::vector<Sample> samples) ABSL_LOCKS_EXCLUDED(mu_);
   std::vector<Sample> samples() const ABSL_LOCKS_EXCLUDED(mu_);
@@ -149,8 +151,7 @@ class Registry {
   Family<Gauge>* AddGauge(std::string name, std::string help,
                           std::vector<std::string> label_names = {});
   Family<Histogram>* AddHistogram(std::string name, std::string help,
-                                  std::vector<std::string> label_names,
-                                  std::vector<double> bounds);
+                                  std::vector<std::string> label_names, std::vector<double> bounds);
   SnapshotFamily* AddSnapshot(std::string name, std::string help, MetricType type,
                               std::vector<std::string> label_names);
   // Collectors run (in registration order) at the start of each Render.

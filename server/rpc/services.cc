@@ -42,7 +42,8 @@ absl::StatusOr<int> LayerCount(uint32_t n) {
 }
 
 absl::StatusOr<int> LayerIndex(uint32_t layer) {
-  if (layer > 1u << 20) return absl::InvalidArgumentError(absl::StrCat("layer is too large: ", layer));
+  if (layer > 1u << 20)
+    return absl::InvalidArgumentError(absl::StrCat("layer is too large: ", layer));
   return static_cast<int>(layer);
 }
 
@@ -65,8 +66,8 @@ RpcMetrics::RpcMetrics(Registry* r)
       decode_step_seconds(r->AddHistogram("icecache_decode_step_duration_seconds",
                                           "DecodeStep latency per layer message (select + fetch)",
                                           {}, LatencyBucketsSeconds())),
-      bytes_total(r->AddCounter("icecache_bytes_moved_total",
-                                "KV bytes moved, by direction", {"direction"})),
+      bytes_total(r->AddCounter("icecache_bytes_moved_total", "KV bytes moved, by direction",
+                                {"direction"})),
       in_flight(r->AddGauge("icecache_rpc_in_flight", "RPCs being handled now")->WithLabels({})) {}
 
 absl::StatusOr<Caller> CallContext::ResolveCaller(grpc::ServerContext* ctx) const {
@@ -94,9 +95,9 @@ grpc::Status CallContext::Run(grpc::ServerContext* ctx, const char* method, Role
   } else {
     tenant = caller->tenant;
     if (role == Role::kAdminOnly && !caller->admin) {
-      status = absl::PermissionDeniedError(absl::StrCat(
-          method, " needs the admin role (auth.admin_uids for uid ", caller->uid,
-          ", or an admin bearer token)"));
+      status = absl::PermissionDeniedError(
+          absl::StrCat(method, " needs the admin role (auth.admin_uids for uid ", caller->uid,
+                       ", or an admin bearer token)"));
     } else {
       if (role == Role::kTenant) caller->admin = false;
       status = fn(*caller);
@@ -110,8 +111,11 @@ grpc::Status CallContext::Run(grpc::ServerContext* ctx, const char* method, Role
         {{"method", method}, {"tenant", tenant}, {"error", status.message()}});
   } else if (LogEnabled(LogLevel::kDebug)) {
     Log(LogLevel::kDebug, "rpc",
-        {{"method", method}, {"tenant", tenant}, {"code", absl::StatusCodeToString(status.code())},
-         {"us", static_cast<int64_t>(seconds * 1e6)}, {"error", status.message()}});
+        {{"method", method},
+         {"tenant", tenant},
+         {"code", absl::StatusCodeToString(status.code())},
+         {"us", static_cast<int64_t>(seconds * 1e6)},
+         {"error", status.message()}});
   }
   return ToGrpcStatus(status);
 }
@@ -149,18 +153,19 @@ grpc::Status SessionServiceImpl::GetSession(grpc::ServerContext* ctx,
 grpc::Status SessionServiceImpl::ListSessions(grpc::ServerContext* ctx,
                                               const v1::ListSessionsRequest* req,
                                               v1::ListSessionsResponse* resp) {
-  return call_.Run(ctx, "ListSessions", Role::kKeepAdmin, [&](const Caller& caller) -> absl::Status {
-    if (req->all_tenants() && !caller.admin) {
-      return absl::PermissionDeniedError(
-          "ListSessions with all_tenants needs the admin role (auth.admin_uids)");
-    }
-    for (const SessionInfo& info : call_.deps().manager->ListSessions(caller)) {
-      // The core shows admins everything; without all_tenants they see their own.
-      if (!req->all_tenants() && info.tenant != caller.tenant) continue;
-      SessionInfoToProto(info, resp->add_sessions());
-    }
-    return absl::OkStatus();
-  });
+  return call_.Run(ctx, "ListSessions", Role::kKeepAdmin,
+                   [&](const Caller& caller) -> absl::Status {
+                     if (req->all_tenants() && !caller.admin) {
+                       return absl::PermissionDeniedError(
+                           "ListSessions with all_tenants needs the admin role (auth.admin_uids)");
+                     }
+                     for (const SessionInfo& info : call_.deps().manager->ListSessions(caller)) {
+                       // The core shows admins everything; without all_tenants they see their own.
+                       if (!req->all_tenants() && info.tenant != caller.tenant) continue;
+                       SessionInfoToProto(info, resp->add_sessions());
+                     }
+                     return absl::OkStatus();
+                   });
 }
 
 grpc::Status SessionServiceImpl::DropSession(grpc::ServerContext* ctx,
@@ -219,7 +224,9 @@ grpc::Status BufferServiceImpl::RegisterBuffer(grpc::ServerContext* ctx,
     }
     BufferInfoToProto(info, resp);
     Log(LogLevel::kInfo, "buffer_registered",
-        {{"tenant", caller.tenant}, {"id", info.id}, {"kind", std::string(BufferKindName(info.kind))},
+        {{"tenant", caller.tenant},
+         {"id", info.id},
+         {"kind", std::string(BufferKindName(info.kind))},
          {"size", info.size}});
     return absl::OkStatus();
   });
@@ -228,10 +235,11 @@ grpc::Status BufferServiceImpl::RegisterBuffer(grpc::ServerContext* ctx,
 grpc::Status BufferServiceImpl::UnregisterBuffer(grpc::ServerContext* ctx,
                                                  const v1::UnregisterBufferRequest* req,
                                                  v1::UnregisterBufferResponse* resp) {
-  return call_.Run(ctx, "UnregisterBuffer", Role::kTenant, [&](const Caller& caller) -> absl::Status {
-    RETURN_IF_ERROR(RequireId(req->buffer_id(), "buffer_id"));
-    return call_.deps().buffers->Unregister(caller, req->buffer_id());
-  });
+  return call_.Run(ctx, "UnregisterBuffer", Role::kTenant,
+                   [&](const Caller& caller) -> absl::Status {
+                     RETURN_IF_ERROR(RequireId(req->buffer_id(), "buffer_id"));
+                     return call_.deps().buffers->Unregister(caller, req->buffer_id());
+                   });
 }
 
 // ---------------------------------------------------------------------- kv
@@ -252,10 +260,11 @@ grpc::Status KvServiceImpl::AppendKv(grpc::ServerContext* ctx, const v1::AppendK
               "inline_kv has ", bytes.size(), " bytes, above limits.max_inline_bytes = ",
               deps.config->limits().max_inline_bytes(), "; send it through a registered buffer"));
         }
-        ASSIGN_OR_RETURN(result, deps.manager->AppendKv(
-                                     caller, req->session_id(), n,
-                                     absl::MakeConstSpan(
-                                         reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size())));
+        ASSIGN_OR_RETURN(
+            result,
+            deps.manager->AppendKv(
+                caller, req->session_id(), n,
+                absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size())));
         deps.metrics->bytes_total->WithLabels({"append_inline"})->Add(bytes.size());
         break;
       }
@@ -269,9 +278,9 @@ grpc::Status KvServiceImpl::AppendKv(grpc::ServerContext* ctx, const v1::AppendK
               "region.length = ", region.length(), " but ", n, " tokens of this session take ",
               want, " bytes (2 x layers x kv_heads x n x head_dim x dtype size)"));
         }
-        ASSIGN_OR_RETURN(result, deps.manager->AppendKvFromBuffer(caller, req->session_id(), n,
-                                                                  region.buffer_id(),
-                                                                  region.offset()));
+        ASSIGN_OR_RETURN(result,
+                         deps.manager->AppendKvFromBuffer(caller, req->session_id(), n,
+                                                          region.buffer_id(), region.offset()));
         deps.metrics->bytes_total->WithLabels({"append_buffer"})->Add(want);
         break;
       }
@@ -284,8 +293,7 @@ grpc::Status KvServiceImpl::AppendKv(grpc::ServerContext* ctx, const v1::AppendK
   });
 }
 
-grpc::Status KvServiceImpl::SelectPages(grpc::ServerContext* ctx,
-                                        const v1::SelectPagesRequest* req,
+grpc::Status KvServiceImpl::SelectPages(grpc::ServerContext* ctx, const v1::SelectPagesRequest* req,
                                         v1::SelectPagesResponse* resp) {
   return call_.Run(ctx, "SelectPages", Role::kTenant, [&](const Caller& caller) -> absl::Status {
     const auto& deps = call_.deps();
@@ -344,9 +352,10 @@ grpc::Status KvServiceImpl::DecodeStep(
       if (!req.session_id().empty()) session_id = req.session_id();
       if (!req.buffer_id().empty()) buffer_id = req.buffer_id();
       if (session_id.empty() || buffer_id.empty()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "DecodeStep request ", index, ": session_id and buffer_id are required in the first "
-            "request"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("DecodeStep request ", index,
+                         ": session_id and buffer_id are required in the first "
+                         "request"));
       }
       RETURN_IF_ERROR(RequireId(session_id, "session_id"));
       RETURN_IF_ERROR(RequireId(buffer_id, "buffer_id"));
@@ -357,9 +366,9 @@ grpc::Status KvServiceImpl::DecodeStep(
       ASSIGN_OR_RETURN(sr.params, SelectParamsFromProto(req.params()));
       sr.reuse_group_selection = req.reuse_group_selection();
       ASSIGN_OR_RETURN(const int num_layers, LayerCount(req.num_layers()));
-      ASSIGN_OR_RETURN(DecodeStepResult r,
-                       deps.manager->DecodeStep(caller, session_id, sr, buffer_id, req.offset(),
-                                                num_layers));
+      ASSIGN_OR_RETURN(
+          DecodeStepResult r,
+          deps.manager->DecodeStep(caller, session_id, sr, buffer_id, req.offset(), num_layers));
       resp.Clear();
       resp.set_layer(req.layer());
       for (size_t h = 0; h < r.selection.heads.size(); ++h) {
@@ -405,8 +414,8 @@ grpc::Status AdminServiceImpl::SetQuota(grpc::ServerContext* ctx, const v1::SetQ
                                         v1::SetQuotaResponse* resp) {
   return call_.Run(ctx, "SetQuota", Role::kAdminOnly, [&](const Caller& caller) -> absl::Status {
     if (!IsValidTenantName(req->tenant())) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "tenant \"", req->tenant(), "\" must be 1..128 bytes of [A-Za-z0-9._@:-]"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("tenant \"", req->tenant(), "\" must be 1..128 bytes of [A-Za-z0-9._@:-]"));
     }
     SessionManager* m = call_.deps().manager;
     RETURN_IF_ERROR(m->SetQuota(caller, req->tenant(), QuotaFromProto(req->quota_bytes())));
@@ -425,12 +434,13 @@ grpc::Status AdminServiceImpl::SetQuota(grpc::ServerContext* ctx, const v1::SetQ
 grpc::Status AdminServiceImpl::EvictSession(grpc::ServerContext* ctx,
                                             const v1::EvictSessionRequest* req,
                                             v1::EvictSessionResponse* resp) {
-  return call_.Run(ctx, "EvictSession", Role::kAdminOnly, [&](const Caller& caller) -> absl::Status {
-    RETURN_IF_ERROR(RequireId(req->session_id(), "session_id"));
-    RETURN_IF_ERROR(call_.deps().manager->EvictSession(caller, req->session_id()));
-    Log(LogLevel::kInfo, "session_evicted_by_admin", {{"id", req->session_id()}});
-    return absl::OkStatus();
-  });
+  return call_.Run(ctx, "EvictSession", Role::kAdminOnly,
+                   [&](const Caller& caller) -> absl::Status {
+                     RETURN_IF_ERROR(RequireId(req->session_id(), "session_id"));
+                     RETURN_IF_ERROR(call_.deps().manager->EvictSession(caller, req->session_id()));
+                     Log(LogLevel::kInfo, "session_evicted_by_admin", {{"id", req->session_id()}});
+                     return absl::OkStatus();
+                   });
 }
 
 grpc::Status AdminServiceImpl::PinSession(grpc::ServerContext* ctx,
@@ -461,8 +471,7 @@ grpc::Status AdminServiceImpl::Drain(grpc::ServerContext* ctx, const v1::DrainRe
   });
 }
 
-grpc::Status AdminServiceImpl::GetConfig(grpc::ServerContext* ctx,
-                                         const v1::GetConfigRequest* req,
+grpc::Status AdminServiceImpl::GetConfig(grpc::ServerContext* ctx, const v1::GetConfigRequest* req,
                                          v1::GetConfigResponse* resp) {
   return call_.Run(ctx, "GetConfig", Role::kAdminOnly, [&](const Caller&) -> absl::Status {
     *resp->mutable_config() = RedactSecrets(*call_.deps().config);

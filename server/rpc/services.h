@@ -18,15 +18,15 @@
 #ifndef ICECACHE_SERVER_RPC_SERVICES_H_
 #define ICECACHE_SERVER_RPC_SERVICES_H_
 
+#include <grpcpp/grpcpp.h>
+
 #include <atomic>
 #include <functional>
 #include <memory>
 #include <string>
-#include "absl/strings/string_view.h"
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "icecache/v1/admin.grpc.pb.h"
 #include "icecache/v1/buffer.grpc.pb.h"
 #include "icecache/v1/config.pb.h"
@@ -44,13 +44,13 @@ namespace icecache::rpc {
 // Metric families the services record into (created on a Registry).
 struct RpcMetrics {
   explicit RpcMetrics(Registry* registry);
-  Family<Histogram>* rpc_seconds;        // {method}
-  Family<Counter>* rpc_total;            // {method, code}
-  Family<Counter>* rejected_total;       // {code} (non-OK answers)
-  Family<Histogram>* select_seconds;     // {} SelectPages / the select part of DecodeStep
-  Family<Histogram>* fetch_seconds;      // {} FetchPages
+  Family<Histogram>* rpc_seconds;          // {method}
+  Family<Counter>* rpc_total;              // {method, code}
+  Family<Counter>* rejected_total;         // {code} (non-OK answers)
+  Family<Histogram>* select_seconds;       // {} SelectPages / the select part of DecodeStep
+  Family<Histogram>* fetch_seconds;        // {} FetchPages
   Family<Histogram>* decode_step_seconds;  // {} one DecodeStep layer message
-  Family<Counter>* bytes_total;          // {direction = append_inline|append_buffer|fetch}
+  Family<Counter>* bytes_total;            // {direction = append_inline|append_buffer|fetch}
   Gauge* in_flight;
 };
 

@@ -53,8 +53,8 @@ absl::Status RemoveStaleSocket(const std::string& path, const sockaddr_un& addr)
   const int err = errno;
   ::close(probe);
   if (rc == 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("another daemon is listening on ", path, "; stop it or choose another --socket"));
+    return absl::FailedPreconditionError(absl::StrCat("another daemon is listening on ", path,
+                                                      "; stop it or choose another --socket"));
   }
   if (err != ECONNREFUSED) {
     return ErrnoStatus(err, absl::StrCat("probing existing socket ", path));

@@ -41,8 +41,7 @@ class UnixListener {
  public:
   using AcceptFn = std::function<void(int fd, const PeerCred& cred)>;
 
-  static absl::StatusOr<std::unique_ptr<UnixListener>> Create(const std::string& path,
-                                                              mode_t mode);
+  static absl::StatusOr<std::unique_ptr<UnixListener>> Create(const std::string& path, mode_t mode);
   ~UnixListener();
   UnixListener(const UnixListener&) = delete;
   UnixListener& operator=(const UnixListener&) = delete;

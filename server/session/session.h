@@ -92,7 +92,7 @@ class Session {
   // construction and never move (FramePageKeys points at them).
   std::vector<std::vector<uint8_t*>> page_frames ABSL_GUARDED_BY(mu);
   std::vector<std::unique_ptr<FramePageKeys>> page_keys;  // [group * kv_heads + head]
-  FrameSet frames ABSL_GUARDED_BY(mu);  // owns every frame in page_frames
+  FrameSet frames ABSL_GUARDED_BY(mu);                    // owns every frame in page_frames
   int64_t tokens ABSL_GUARDED_BY(mu) = 0;
   // Set when an index failed midway through an append; the session then
   // answers FailedPrecondition until dropped.

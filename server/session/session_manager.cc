@@ -156,9 +156,10 @@ absl::StatusOr<std::unique_ptr<SessionManager>> SessionManager::Create(
         "max_append_tokens and build_threads must be >= 1");
   }
   if (options.default_ttl < absl::Seconds(1) || options.default_ttl > options.max_ttl) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "session manager: default_ttl must be in 1s..max_ttl (", absl::FormatDuration(options.max_ttl),
-        "), got ", absl::FormatDuration(options.default_ttl)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("session manager: default_ttl must be in 1s..max_ttl (",
+                     absl::FormatDuration(options.max_ttl), "), got ",
+                     absl::FormatDuration(options.default_ttl)));
   }
   std::unique_ptr<SessionManager> m(new SessionManager(options));
   if (options.reaper_interval > absl::ZeroDuration()) {
@@ -198,8 +199,7 @@ void SessionManager::ReaperLoop() {
 // ------------------------------------------------------------ lookup, info
 
 absl::StatusOr<std::shared_ptr<Session>> SessionManager::Find(const Caller& caller,
-                                                              std::string_view id,
-                                                              bool admin_ok) {
+                                                              std::string_view id, bool admin_ok) {
   absl::ReaderMutexLock l(&mu_);
   auto it = sessions_.find(id);
   if (it == sessions_.end()) return SessionNotFound(id);
@@ -274,14 +274,14 @@ absl::StatusOr<SessionInfo> SessionManager::CreateSession(const Caller& caller,
           absl::StrCat("session config: selector: ", probe.status().message()));
     }
   }
-  const uint64_t frame_bytes = PageGeometry{config.page_tokens, config.head_dim, config.dtype}
-                                   .frame_bytes();
+  const uint64_t frame_bytes =
+      PageGeometry{config.page_tokens, config.head_dim, config.dtype}.frame_bytes();
   ASSIGN_OR_RETURN(SizeClassId size_class, options_.pool->GetOrCreateClass(frame_bytes));
   const absl::Time now = clock_->Now();
   // Built before taking mu_: the constructor takes the session's own locks,
   // which must never nest inside mu_ (appends take mu_ inside them).
-  auto s = std::make_shared<Session>(RandomHex128(), caller.tenant, epoch_, config, size_class,
-                                     now);
+  auto s =
+      std::make_shared<Session>(RandomHex128(), caller.tenant, epoch_, config, size_class, now);
   absl::MutexLock l(&mu_);
   if (draining_) {
     return absl::UnavailableError("icecached is draining; no new sessions are accepted");
@@ -406,9 +406,7 @@ absl::Status SessionManager::MakeRoom(const Session* appending, uint64_t bytes) 
 absl::StatusOr<AppendResult> SessionManager::AppendKv(const Caller& caller, std::string_view id,
                                                       int64_t n, absl::Span<const uint8_t> bytes) {
   std::shared_ptr<Session> s;
-  {
-    ASSIGN_OR_RETURN(s, Find(caller, id, /*admin_ok=*/false));
-  }
+  { ASSIGN_OR_RETURN(s, Find(caller, id, /*admin_ok=*/false)); }
   return AppendLocked(caller, std::move(s), n, bytes);
 }
 
@@ -418,8 +416,8 @@ absl::StatusOr<AppendResult> SessionManager::AppendKvFromBuffer(const Caller& ca
                                                                 uint64_t offset) {
   ASSIGN_OR_RETURN(std::shared_ptr<Session> s, Find(caller, id, /*admin_ok=*/false));
   if (n < 1 || n > options_.max_append_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat("append: n must be in 1..",
-                                                   options_.max_append_tokens, ", got ", n));
+    return absl::InvalidArgumentError(
+        absl::StrCat("append: n must be in 1..", options_.max_append_tokens, ", got ", n));
   }
   const uint64_t length = AppendBytes(s->config, n);
   ASSIGN_OR_RETURN(BufferLease lease, options_.buffers->Acquire(caller, buffer_id, clock_->Now()));
@@ -445,15 +443,15 @@ absl::StatusOr<AppendResult> SessionManager::AppendLocked(const Caller& caller,
   const SessionConfig& c = s.config;
   s.Touch(clock_->Now());
   if (n < 1 || n > options_.max_append_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat("append: n must be in 1..",
-                                                   options_.max_append_tokens, ", got ", n));
+    return absl::InvalidArgumentError(
+        absl::StrCat("append: n must be in 1..", options_.max_append_tokens, ", got ", n));
   }
   const uint64_t expected = AppendBytes(c, n);
   if (bytes.size() != expected) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "append: ", n, " tokens of ", c.layers, " layers x ", c.kv_heads, " kv heads x ",
-        c.head_dim, " dims x K,V in ", std::string(DTypeName(c.dtype)), " need exactly ", expected,
-        " bytes, got ", bytes.size()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("append: ", n, " tokens of ", c.layers, " layers x ", c.kv_heads,
+                     " kv heads x ", c.head_dim, " dims x K,V in ", std::string(DTypeName(c.dtype)),
+                     " need exactly ", expected, " bytes, got ", bytes.size()));
   }
   const size_t esize = DTypeSize(c.dtype);
   const uint64_t row_bytes = static_cast<uint64_t>(c.head_dim) * esize;
@@ -480,15 +478,14 @@ absl::StatusOr<AppendResult> SessionManager::AppendLocked(const Caller& caller,
   }
   if (s.tokens + n > options_.max_tokens_per_session) {
     counters_->rejected.fetch_add(1);
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "append: session would hold ", s.tokens + n, " tokens; max_tokens_per_session is ",
-        options_.max_tokens_per_session));
+    return absl::ResourceExhaustedError(absl::StrCat("append: session would hold ", s.tokens + n,
+                                                     " tokens; max_tokens_per_session is ",
+                                                     options_.max_tokens_per_session));
   }
   const int num_indices = s.groups * c.kv_heads;
   const bool first = s.tokens == 0;
   // Small decode chunks are cheaper serially than through a task arena.
-  const int threads =
-      static_cast<int64_t>(n) * num_indices >= 8192 ? options_.build_threads : 1;
+  const int threads = static_cast<int64_t>(n) * num_indices >= 8192 ? options_.build_threads : 1;
   SelectorConfig sc;
   sc.kind = c.selector;
   sc.head_dim = c.head_dim;
@@ -521,10 +518,10 @@ absl::StatusOr<AppendResult> SessionManager::AppendLocked(const Caller& caller,
            placements[i][t].slot < static_cast<uint32_t>(c.page_tokens);
     }
     if (ok) return absl::OkStatus();
-    return absl::InternalError(absl::StrCat(
-        "append: index of layer group ", i / c.kv_heads, " kv head ", i % c.kv_heads,
-        " returned invalid placements (", placements[i].size(), " for ", n, " tokens; ",
-        pages_before[i], " -> ", pages_now, " pages)"));
+    return absl::InternalError(
+        absl::StrCat("append: index of layer group ", i / c.kv_heads, " kv head ", i % c.kv_heads,
+                     " returned invalid placements (", placements[i].size(), " for ", n,
+                     " tokens; ", pages_before[i], " -> ", pages_now, " pages)"));
   };
   if (first) {
     // The reservation is computed from the built indices: no page bound.
@@ -570,9 +567,9 @@ absl::StatusOr<AppendResult> SessionManager::AppendLocked(const Caller& caller,
     if (reserve > 0 && quota != kUnlimitedQuota &&
         (reserve > quota / stride || used > quota - reserve * stride)) {
       counters_->rejected.fetch_add(1);
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "quota of tenant '", s.tenant, "': append needs up to ", reserve * stride,
-          " bytes, tenant uses ", used, " of ", quota, "; nothing was stored"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("quota of tenant '", s.tenant, "': append needs up to ", reserve * stride,
+                       " bytes, tenant uses ", used, " of ", quota, "; nothing was stored"));
     }
     if (reserve > 0 && reserve <= options_.pool->capacity_bytes() / stride) {
       RETURN_IF_ERROR(MakeRoom(&s, reserve * stride));
@@ -685,9 +682,8 @@ absl::StatusOr<SelectParams> ResolveParams(const SessionConfig& c, const SelectP
   SelectParams p = in;
   auto pick = [](int v, int def) { return v == 0 ? (def < 0 ? 0 : def) : (v < 0 ? 0 : v); };
   if (in.budget_tokens < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("select: budget_tokens must be >= 0 (0 = session default), got ",
-                     in.budget_tokens));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "select: budget_tokens must be >= 0 (0 = session default), got ", in.budget_tokens));
   }
   if (in.sink_tokens < -1 || in.recent_tokens < -1) {
     return absl::InvalidArgumentError("select: sink_tokens and recent_tokens must be >= -1");
@@ -723,9 +719,9 @@ static absl::StatusOr<SelectResult> SelectHeld(Session& s, const SelectRequest& 
     absl::MutexLock l(&s.cache_mu);
     const Session::GroupSelection& cached = s.group_cache[result.group];
     if (cached.tokens != s.tokens) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "select: no selection of layer group ", result.group, " at ", s.tokens,
-          " tokens to reuse; select layer ", s.FirstLayerOf(result.group), " first"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("select: no selection of layer group ", result.group, " at ", s.tokens,
+                       " tokens to reuse; select layer ", s.FirstLayerOf(result.group), " first"));
     }
     result.heads = cached.heads;
     result.reused = true;
@@ -733,15 +729,14 @@ static absl::StatusOr<SelectResult> SelectHeld(Session& s, const SelectRequest& 
   }
   const size_t expect = static_cast<size_t>(c.q_heads) * c.head_dim;
   if (req.queries.size() != expect) {
-    return absl::InvalidArgumentError(absl::StrCat("select: queries must hold q_heads x head_dim = ",
-                                                   c.q_heads, " x ", c.head_dim, " = ", expect,
-                                                   " floats, got ", req.queries.size()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("select: queries must hold q_heads x head_dim = ", c.q_heads, " x ",
+                     c.head_dim, " = ", expect, " floats, got ", req.queries.size()));
   }
   for (size_t i = 0; i < expect; ++i) {
     if (!std::isfinite(req.queries[i])) {
-      return absl::InvalidArgumentError(absl::StrCat("select: query head ", i / c.head_dim,
-                                                     " element ", i % c.head_dim,
-                                                     " is NaN or Inf"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "select: query head ", i / c.head_dim, " element ", i % c.head_dim, " is NaN or Inf"));
     }
   }
   ASSIGN_OR_RETURN(SelectParams params, ResolveParams(c, req.params, s.tokens));
@@ -766,24 +761,23 @@ static absl::StatusOr<FetchLayout> FetchHeld(Session& s, BufferLease& lease,
   RETURN_IF_ERROR(CheckLayer(s, req.layer));
   if (req.num_layers < 1 || req.layer + req.num_layers > c.layers) {
     return absl::InvalidArgumentError(absl::StrCat("fetch: num_layers must be in 1..",
-                                                   c.layers - req.layer, ", got ",
-                                                   req.num_layers));
+                                                   c.layers - req.layer, ", got ", req.num_layers));
   }
   const int group = s.GroupOf(req.layer);
   if (s.GroupOf(req.layer + req.num_layers - 1) != group) {
     // The request is well formed; it disagrees with this session's layer
     // grouping (documented as FAILED_PRECONDITION in kv.proto).
-    return absl::FailedPreconditionError(absl::StrCat(
-        "fetch: layers ", req.layer, "..", req.layer + req.num_layers - 1,
-        " cross a layer group boundary (layer_reuse=", c.layer_reuse, ")"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("fetch: layers ", req.layer, "..", req.layer + req.num_layers - 1,
+                     " cross a layer group boundary (layer_reuse=", c.layer_reuse, ")"));
   }
   if (s.broken) {
     return absl::FailedPreconditionError(
         absl::StrCat("session ", s.id, " is unusable after an internal index error; drop it"));
   }
   if (req.pages.size() != static_cast<size_t>(c.kv_heads)) {
-    return absl::InvalidArgumentError(absl::StrCat("fetch: pages must list ", c.kv_heads,
-                                                   " kv heads, got ", req.pages.size()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("fetch: pages must list ", c.kv_heads, " kv heads, got ", req.pages.size()));
   }
   std::vector<std::vector<uint32_t>> fills(c.kv_heads);
   for (int h = 0; h < c.kv_heads; ++h) {
@@ -794,8 +788,7 @@ static absl::StatusOr<FetchLayout> FetchHeld(Session& s, BufferLease& lease,
     for (uint32_t p : req.pages[h]) {
       if (p >= num_pages) {
         return absl::InvalidArgumentError(absl::StrCat("fetch: page ", p, " of kv head ", h,
-                                                       " does not exist (", num_pages,
-                                                       " pages)"));
+                                                       " does not exist (", num_pages, " pages)"));
       }
       fills[h].push_back(sel->fill(p));
     }
@@ -808,8 +801,7 @@ static absl::StatusOr<FetchLayout> FetchHeld(Session& s, BufferLease& lease,
       const Selector* sel = s.selectors[s.SelectorIndex(group, h)].get();
       for (uint32_t p : req.pages[h]) {
         const int32_t* pos = sel->positions(p);
-        layout.heads[h].positions.insert(layout.heads[h].positions.end(), pos,
-                                         pos + sel->fill(p));
+        layout.heads[h].positions.insert(layout.heads[h].positions.end(), pos, pos + sel->fill(p));
       }
     }
   }

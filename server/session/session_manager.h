@@ -91,7 +91,7 @@ struct SessionManagerOptions {
   absl::Duration max_ttl = absl::Hours(24);
   // Fraction of pool capacity above which idle sessions are evicted (0, 1].
   double high_watermark = 0.9;
-  int max_sessions = 4096;            // all tenants
+  int max_sessions = 4096;  // all tenants
   int max_sessions_per_tenant = 256;
   int64_t max_tokens_per_session = int64_t{1} << 24;
   int64_t max_append_tokens = 1 << 20;  // per AppendKv call

@@ -41,9 +41,9 @@ absl::Status ValidateSessionConfig(const SessionConfig& c, absl::Duration max_tt
         "session config: layer_reuse must be in 1..layers (", c.layers, "), got ", c.layer_reuse));
   }
   if (c.ttl != absl::ZeroDuration() && (c.ttl < absl::Seconds(1) || c.ttl > max_ttl)) {
-    return absl::InvalidArgumentError(absl::StrCat("session config: ttl must be 0 (default) or in 1s..",
-                                                   absl::FormatDuration(max_ttl), ", got ",
-                                                   absl::FormatDuration(c.ttl)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("session config: ttl must be 0 (default) or in 1s..",
+                     absl::FormatDuration(max_ttl), ", got ", absl::FormatDuration(c.ttl)));
   }
   switch (c.selector) {
     case SelectorKind::kMdci:

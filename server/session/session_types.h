@@ -19,13 +19,13 @@ namespace icecache {
 
 // Fixed at CreateSession. Limits are checked by ValidateSessionConfig.
 struct SessionConfig {
-  int layers = 0;         // 1..512
-  int kv_heads = 0;       // 1..256
-  int q_heads = 0;        // >= kv_heads, multiple of kv_heads (GQA), <= 4096
-  int head_dim = 0;       // 1..1024
+  int layers = 0;             // 1..512
+  int kv_heads = 0;           // 1..256
+  int q_heads = 0;            // >= kv_heads, multiple of kv_heads (GQA), <= 4096
+  int head_dim = 0;           // 1..1024
   DType dtype = DType::kF16;  // kF16, kBF16 or kF32
-  int page_tokens = 16;   // 1..256
-  int layer_reuse = 1;    // layers per layer group, 1..layers
+  int page_tokens = 16;       // 1..256
+  int layer_reuse = 1;        // layers per layer group, 1..layers
   // Lease: the session expires when not used or kept alive for this long.
   // Zero means the manager's default_ttl; else 1 s .. max_ttl.
   absl::Duration ttl = absl::ZeroDuration();
@@ -33,7 +33,7 @@ struct SessionConfig {
   MdciParams mdci;
   // Defaults for SelectPages when the request leaves them 0 / unset.
   SelectParams default_select;
-  bool pinned = false;    // never evicted at the watermark (still expires)
+  bool pinned = false;  // never evicted at the watermark (still expires)
 };
 
 // InvalidArgument naming the field, e.g. "session config: kv_heads must be in
@@ -49,22 +49,22 @@ inline int NumLayerGroups(const SessionConfig& c) {
 uint64_t AppendBytes(const SessionConfig& c, int64_t n);
 
 struct SessionInfo {
-  std::string id;          // opaque, 32 hex characters, random
+  std::string id;  // opaque, 32 hex characters, random
   std::string tenant;
-  uint64_t epoch = 0;      // daemon start id; changes when the daemon restarts
-  SessionConfig config;    // with ttl resolved
+  uint64_t epoch = 0;    // daemon start id; changes when the daemon restarts
+  SessionConfig config;  // with ttl resolved
   absl::Time created;
   absl::Time last_use;
-  absl::Time expires;      // last_use + ttl
+  absl::Time expires;  // last_use + ttl
   int64_t tokens = 0;
-  uint64_t pages = 0;      // pages over all (layer group, head) indices
+  uint64_t pages = 0;  // pages over all (layer group, head) indices
   // Mean page fill: tokens held / (pages x page_tokens) over all indices,
   // in [0, 1]; 0 for an empty session. Half-empty pages waste transfer budget.
   double page_fill = 0.0;
   uint64_t frame_bytes = 0;  // pool bytes (charged to the tenant's quota)
   uint64_t index_bytes = 0;  // selector structures (not charged)
   bool pinned = false;
-  int in_flight = 0;       // requests running on the session now
+  int in_flight = 0;  // requests running on the session now
 };
 
 // SelectPages request. Zero budget/sink/recent take the session defaults
@@ -106,8 +106,8 @@ struct DecodeStepResult {
 };
 
 struct AppendResult {
-  int64_t tokens = 0;      // session tokens after the append
-  uint64_t new_pages = 0;  // pages opened by this append (all layers)
+  int64_t tokens = 0;        // session tokens after the append
+  uint64_t new_pages = 0;    // pages opened by this append (all layers)
   uint64_t frame_bytes = 0;  // session pool bytes after the append
 };
 
@@ -131,8 +131,8 @@ struct ManagerStats {
   uint64_t sessions_dropped = 0;
   uint64_t admissions_rejected = 0;  // RESOURCE_EXHAUSTED answers
   int buffers = 0;
-  uint64_t pages = 0;        // over every session's indices
-  double page_fill = 0.0;    // token-weighted mean fill of those pages, [0, 1]
+  uint64_t pages = 0;      // over every session's indices
+  double page_fill = 0.0;  // token-weighted mean fill of those pages, [0, 1]
 };
 
 }  // namespace icecache

@@ -41,7 +41,8 @@ struct BufferLease::Entry {
   std::vector<uint8_t> staging;  // guarded by staging_mu
 
   ~Entry() {
-    if (device_ptr != nullptr && cuda != nullptr) cuda->CloseIpcHandle(device, device_ptr).IgnoreError();
+    if (device_ptr != nullptr && cuda != nullptr)
+      cuda->CloseIpcHandle(device, device_ptr).IgnoreError();
   }
 
   absl::Status CheckRange(uint64_t offset, uint64_t length) const {
@@ -97,7 +98,8 @@ absl::Status BufferLease::Read(uint64_t offset, uint64_t length, void* dst) {
   if (entry_ == nullptr) return absl::FailedPreconditionError("empty buffer lease");
   if (entry_->kind != BufferKind::kHostShm) {
     return absl::FailedPreconditionError(
-        "reading KV from a CUDA_IPC buffer is not supported; use a HOST_SHM buffer or inline bytes");
+        "reading KV from a CUDA_IPC buffer is not supported; use a HOST_SHM buffer or inline "
+        "bytes");
   }
   if (absl::Status s = entry_->CheckRange(offset, length); !s.ok()) return s;
   if (length == 0) return absl::OkStatus();
@@ -124,8 +126,9 @@ BufferInfo InfoOf(const BufferLease::Entry& e);
 absl::StatusOr<std::unique_ptr<BufferRegistry>> BufferRegistry::Create(
     const BufferRegistryOptions& options) {
   if (options.max_buffers_per_tenant < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "buffer registry: max_buffers_per_tenant must be >= 1, got ", options.max_buffers_per_tenant));
+    return absl::InvalidArgumentError(
+        absl::StrCat("buffer registry: max_buffers_per_tenant must be >= 1, got ",
+                     options.max_buffers_per_tenant));
   }
   if (options.idle_ttl <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("buffer registry: idle_ttl must be positive");

@@ -46,9 +46,9 @@ enum class BufferKind { kHostShm = 1, kCudaIpc = 2 };
 std::string_view BufferKindName(BufferKind kind);  // "HOST_SHM", "CUDA_IPC"
 
 struct BufferRegistryOptions {
-  ShmOpenOptions shm;                 // root (/dev/shm) and max mapping bytes
+  ShmOpenOptions shm;  // root (/dev/shm) and max mapping bytes
   uint64_t max_cuda_bytes = uint64_t{64} << 30;
-  int max_buffers_per_tenant = 64;    // ResourceExhausted beyond
+  int max_buffers_per_tenant = 64;  // ResourceExhausted beyond
   // Buffers idle longer than this are dropped by ExpireIdle();
   // absl::InfiniteDuration() = never.
   absl::Duration idle_ttl = absl::Minutes(5);
@@ -57,15 +57,15 @@ struct BufferRegistryOptions {
 };
 
 struct BufferInfo {
-  std::string id;       // opaque, 32 hex characters
+  std::string id;  // opaque, 32 hex characters
   std::string tenant;
   BufferKind kind = BufferKind::kHostShm;
-  uint64_t size = 0;    // registered bytes
-  std::string path;     // HOST_SHM only
+  uint64_t size = 0;        // registered bytes
+  std::string path;         // HOST_SHM only
   std::string device_uuid;  // CUDA_IPC only, "GPU-..." form
   absl::Time created;
   absl::Time last_use;
-  int64_t leases = 0;   // in-flight users
+  int64_t leases = 0;  // in-flight users
 };
 
 class BufferRegistry;
@@ -121,8 +121,8 @@ class BufferRegistry {
   // not owned by caller.uid; NotFound: no such file), ResourceExhausted when
   // the tenant has max_buffers_per_tenant buffers, InvalidArgument for a bad
   // tenant name.
-  absl::StatusOr<BufferInfo> RegisterShm(const Caller& caller, std::string_view path,
-                                         uint64_t size, absl::Time now);
+  absl::StatusOr<BufferInfo> RegisterShm(const Caller& caller, std::string_view path, uint64_t size,
+                                         absl::Time now);
   // Registers a CUDA_IPC buffer: handle must be 64 bytes and uuid valid
   // (InvalidArgument), 0 < size <= max_cuda_bytes (InvalidArgument); then
   // FailedPrecondition "no CUDA device ..." without a device, NotFound for an

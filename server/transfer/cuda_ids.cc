@@ -50,9 +50,9 @@ absl::StatusOr<CudaDeviceUuid> ParseCudaDeviceUuid(std::string_view s) {
     hex.push_back(c);
   }
   if (hex.size() != 32) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "device UUID must be 16 bytes or 'GPU-' followed by 32 hex digits, got ", s.size(),
-        " characters"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("device UUID must be 16 bytes or 'GPU-' followed by 32 hex digits, got ",
+                     s.size(), " characters"));
   }
   for (size_t i = 0; i < 16; ++i) {
     uuid.bytes[i] = static_cast<uint8_t>(std::stoi(hex.substr(2 * i, 2), nullptr, 16));

@@ -23,13 +23,13 @@ absl::StatusOr<FetchLayout> PlanFetchLayout(const PageGeometry& geometry, int fi
                                             uint64_t buffer_offset, uint64_t buffer_size) {
   if (geometry.page_tokens < 1 || geometry.page_tokens > 256 || geometry.head_dim < 1 ||
       geometry.head_dim > 1024) {
-    return absl::InvalidArgumentError(absl::StrCat("fetch: bad page geometry page_tokens=",
-                                                   geometry.page_tokens,
-                                                   " head_dim=", geometry.head_dim));
+    return absl::InvalidArgumentError(
+        absl::StrCat("fetch: bad page geometry page_tokens=", geometry.page_tokens,
+                     " head_dim=", geometry.head_dim));
   }
   if (num_layers < 1) {
-    return absl::InvalidArgumentError(absl::StrCat("fetch: num_layers must be >= 1, got ",
-                                                   num_layers));
+    return absl::InvalidArgumentError(
+        absl::StrCat("fetch: num_layers must be >= 1, got ", num_layers));
   }
   if (first_layer < 0) {
     return absl::InvalidArgumentError(absl::StrCat("fetch: layer must be >= 0, got ", first_layer));
@@ -48,9 +48,8 @@ absl::StatusOr<FetchLayout> PlanFetchLayout(const PageGeometry& geometry, int fi
   uint64_t slots = 0;
   for (size_t h = 0; h < pages.size(); ++h) {
     if (pages[h].size() != fills[h].size()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("fetch: head ", h, " has ", pages[h].size(), " pages but ",
-                       fills[h].size(), " fills"));
+      return absl::InvalidArgumentError(absl::StrCat("fetch: head ", h, " has ", pages[h].size(),
+                                                     " pages but ", fills[h].size(), " fills"));
     }
     slots += pages[h].size();
   }
@@ -68,9 +67,8 @@ absl::StatusOr<FetchLayout> PlanFetchLayout(const PageGeometry& geometry, int fi
   }
   layout.total_bytes = layout.layer_stride_bytes * static_cast<uint64_t>(num_layers);
   if (buffer_offset > buffer_size || layout.total_bytes > buffer_size - buffer_offset) {
-    return absl::OutOfRangeError(absl::StrCat("fetch of ", layout.total_bytes,
-                                              " bytes at offset ", buffer_offset,
-                                              " exceeds buffer size ", buffer_size));
+    return absl::OutOfRangeError(absl::StrCat("fetch of ", layout.total_bytes, " bytes at offset ",
+                                              buffer_offset, " exceeds buffer size ", buffer_size));
   }
   layout.heads.resize(pages.size());
   uint32_t slot = 0;
@@ -80,9 +78,8 @@ absl::StatusOr<FetchLayout> PlanFetchLayout(const PageGeometry& geometry, int fi
     head.slots.reserve(pages[h].size());
     for (size_t i = 0; i < pages[h].size(); ++i) {
       if (fills[h][i] > static_cast<uint32_t>(geometry.page_tokens)) {
-        return absl::InvalidArgumentError(absl::StrCat("fetch: fill ", fills[h][i],
-                                                       " exceeds page_tokens ",
-                                                       geometry.page_tokens));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "fetch: fill ", fills[h][i], " exceeds page_tokens ", geometry.page_tokens));
       }
       head.slots.push_back(FetchSlot{pages[h][i], slot, fills[h][i],
                                      buffer_offset + uint64_t{slot} * layout.frame_bytes});

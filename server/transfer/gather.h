@@ -55,12 +55,12 @@ struct FetchLayout {
   int page_tokens = 0;
   int head_dim = 0;
   DType dtype = DType::kF16;
-  uint64_t frame_bytes = 0;         // one slot
+  uint64_t frame_bytes = 0;  // one slot
   uint64_t buffer_offset = 0;
   uint64_t layer_stride_bytes = 0;  // slots per layer x frame_bytes
   uint64_t total_bytes = 0;         // num_layers x layer_stride_bytes
   std::vector<FetchHeadLayout> heads;
-  uint32_t total_slots() const;     // per layer
+  uint32_t total_slots() const;  // per layer
 };
 
 // Geometry of one session's pages.

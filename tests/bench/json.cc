@@ -40,11 +40,21 @@ void EscapeTo(const std::string& s, std::string* out) {
   out->push_back('"');
   for (unsigned char c : s) {
     switch (c) {
-      case '"': out->append("\\\""); break;
-      case '\\': out->append("\\\\"); break;
-      case '\n': out->append("\\n"); break;
-      case '\t': out->append("\\t"); break;
-      case '\r': out->append("\\r"); break;
+      case '"':
+        out->append("\\\"");
+        break;
+      case '\\':
+        out->append("\\\\");
+        break;
+      case '\n':
+        out->append("\\n");
+        break;
+      case '\t':
+        out->append("\\t");
+        break;
+      case '\r':
+        out->append("\\r");
+        break;
       default:
         if (c < 0x20) {
           out->append(absl::StrFormat("\\u%04x", c));
@@ -66,8 +76,12 @@ void Newline(std::string* out, int indent, int level) {
 
 void Json::DumpTo(std::string* out, int indent, int level) const {
   switch (type_) {
-    case Type::kNull: out->append("null"); break;
-    case Type::kBool: out->append(bool_ ? "true" : "false"); break;
+    case Type::kNull:
+      out->append("null");
+      break;
+    case Type::kBool:
+      out->append(bool_ ? "true" : "false");
+      break;
     case Type::kNumber: {
       if (!std::isfinite(number_)) {
         out->append("null");
@@ -78,7 +92,9 @@ void Json::DumpTo(std::string* out, int indent, int level) const {
       }
       break;
     }
-    case Type::kString: EscapeTo(string_, out); break;
+    case Type::kString:
+      EscapeTo(string_, out);
+      break;
     case Type::kArray: {
       out->push_back('[');
       for (size_t i = 0; i < items_.size(); ++i) {
@@ -128,11 +144,12 @@ class Parser {
 
  private:
   absl::Status Error(std::string_view what) const {
-    return absl::InvalidArgumentError(absl::StrFormat("JSON parse error at byte %d: %s", pos_, what));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("JSON parse error at byte %d: %s", pos_, what));
   }
   void SkipSpace() {
-    while (pos_ < text_.size() &&
-           (text_[pos_] == ' ' || text_[pos_] == '\n' || text_[pos_] == '\t' || text_[pos_] == '\r')) {
+    while (pos_ < text_.size() && (text_[pos_] == ' ' || text_[pos_] == '\n' ||
+                                   text_[pos_] == '\t' || text_[pos_] == '\r')) {
       ++pos_;
     }
   }
@@ -164,9 +181,9 @@ class Parser {
 
   absl::StatusOr<Json> ParseNumber() {
     const size_t start = pos_;
-    while (pos_ < text_.size() && (std::isdigit(static_cast<unsigned char>(text_[pos_])) ||
-                                   text_[pos_] == '-' || text_[pos_] == '+' || text_[pos_] == '.' ||
-                                   text_[pos_] == 'e' || text_[pos_] == 'E')) {
+    while (pos_ < text_.size() &&
+           (std::isdigit(static_cast<unsigned char>(text_[pos_])) || text_[pos_] == '-' ||
+            text_[pos_] == '+' || text_[pos_] == '.' || text_[pos_] == 'e' || text_[pos_] == 'E')) {
       ++pos_;
     }
     if (pos_ == start) return Error("expected a value");
@@ -193,14 +210,30 @@ class Parser {
       if (pos_ >= text_.size()) break;
       const char e = text_[pos_++];
       switch (e) {
-        case '"': out.push_back('"'); break;
-        case '\\': out.push_back('\\'); break;
-        case '/': out.push_back('/'); break;
-        case 'n': out.push_back('\n'); break;
-        case 't': out.push_back('\t'); break;
-        case 'r': out.push_back('\r'); break;
-        case 'b': out.push_back('\b'); break;
-        case 'f': out.push_back('\f'); break;
+        case '"':
+          out.push_back('"');
+          break;
+        case '\\':
+          out.push_back('\\');
+          break;
+        case '/':
+          out.push_back('/');
+          break;
+        case 'n':
+          out.push_back('\n');
+          break;
+        case 't':
+          out.push_back('\t');
+          break;
+        case 'r':
+          out.push_back('\r');
+          break;
+        case 'b':
+          out.push_back('\b');
+          break;
+        case 'f':
+          out.push_back('\f');
+          break;
         case 'u': {
           if (pos_ + 4 > text_.size()) return Error("truncated \\u escape");
           const unsigned cp = std::strtoul(std::string(text_.substr(pos_, 4)).c_str(), nullptr, 16);
@@ -217,7 +250,8 @@ class Parser {
           }
           break;
         }
-        default: return Error("bad escape in string");
+        default:
+          return Error("bad escape in string");
       }
     }
     return Error("unterminated string");

@@ -21,17 +21,25 @@ class Json {
  public:
   enum class Type { kNull, kBool, kNumber, kString, kArray, kObject };
 
-  Json() = default;  // null
-  Json(bool b) : type_(Type::kBool), bool_(b) {}                    // NOLINT
-  Json(double d) : type_(Type::kNumber), number_(d) {}              // NOLINT
-  Json(int v) : type_(Type::kNumber), number_(v) {}                 // NOLINT
-  Json(int64_t v) : type_(Type::kNumber), number_(static_cast<double>(v)) {}  // NOLINT
+  Json() = default;                                                            // null
+  Json(bool b) : type_(Type::kBool), bool_(b) {}                               // NOLINT
+  Json(double d) : type_(Type::kNumber), number_(d) {}                         // NOLINT
+  Json(int v) : type_(Type::kNumber), number_(v) {}                            // NOLINT
+  Json(int64_t v) : type_(Type::kNumber), number_(static_cast<double>(v)) {}   // NOLINT
   Json(uint64_t v) : type_(Type::kNumber), number_(static_cast<double>(v)) {}  // NOLINT
-  Json(std::string s) : type_(Type::kString), string_(std::move(s)) {}  // NOLINT
-  Json(const char* s) : type_(Type::kString), string_(s) {}         // NOLINT
+  Json(std::string s) : type_(Type::kString), string_(std::move(s)) {}         // NOLINT
+  Json(const char* s) : type_(Type::kString), string_(s) {}                    // NOLINT
 
-  static Json Array() { Json j; j.type_ = Type::kArray; return j; }
-  static Json Object() { Json j; j.type_ = Type::kObject; return j; }
+  static Json Array() {
+    Json j;
+    j.type_ = Type::kArray;
+    return j;
+  }
+  static Json Object() {
+    Json j;
+    j.type_ = Type::kObject;
+    return j;
+  }
 
   Type type() const { return type_; }
   bool is_null() const { return type_ == Type::kNull; }

@@ -1,9 +1,10 @@
+#include "tests/bench/json.h"
+
 #include <string>
 #include <vector>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "tests/bench/json.h"
 #include "tests/bench/select_bench.h"
 #include "tests/support/status_matchers.h"
 

@@ -222,9 +222,18 @@ void BM_Select(benchmark::State& state, SelectorKind kind) {
   state.counters["keys_touched"] = benchmark::Counter(touched, benchmark::Counter::kAvgIterations);
   state.SetLabel(KernelIsa());
 }
-BENCHMARK_CAPTURE(BM_Select, Mdci, SelectorKind::kMdci)->Arg(16384)->Arg(131072)->Unit(benchmark::kMicrosecond);
-BENCHMARK_CAPTURE(BM_Select, Exact, SelectorKind::kExact)->Arg(16384)->Arg(131072)->Unit(benchmark::kMicrosecond);
-BENCHMARK_CAPTURE(BM_Select, Quest, SelectorKind::kQuest)->Arg(16384)->Arg(131072)->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_Select, Mdci, SelectorKind::kMdci)
+    ->Arg(16384)
+    ->Arg(131072)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_Select, Exact, SelectorKind::kExact)
+    ->Arg(16384)
+    ->Arg(131072)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_Select, Quest, SelectorKind::kQuest)
+    ->Arg(16384)
+    ->Arg(131072)
+    ->Unit(benchmark::kMicrosecond);
 
 // Bulk build of one head's tree / layout (data generated once, outside).
 void BM_Build(benchmark::State& state, SelectorKind kind) {
@@ -245,8 +254,13 @@ void BM_Build(benchmark::State& state, SelectorKind kind) {
   }
   state.SetItemsProcessed(state.iterations() * n);
 }
-BENCHMARK_CAPTURE(BM_Build, Mdci, SelectorKind::kMdci)->Arg(16384)->Arg(131072)->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_Build, Exact, SelectorKind::kExact)->Arg(131072)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_Build, Mdci, SelectorKind::kMdci)
+    ->Arg(16384)
+    ->Arg(131072)
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_Build, Exact, SelectorKind::kExact)
+    ->Arg(131072)
+    ->Unit(benchmark::kMillisecond);
 
 }  // namespace
 }  // namespace icecache

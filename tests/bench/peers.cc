@@ -19,11 +19,16 @@ namespace icecache::bench {
 
 std::string_view PeerName(PeerKind kind) {
   switch (kind) {
-    case PeerKind::kFaissFlat: return "faiss-flat";
-    case PeerKind::kFaissHnsw: return "faiss-hnsw";
-    case PeerKind::kFaissIvf: return "faiss-ivf";
-    case PeerKind::kFaissIvfPq: return "faiss-ivfpq";
-    case PeerKind::kHnswlib: return "hnswlib";
+    case PeerKind::kFaissFlat:
+      return "faiss-flat";
+    case PeerKind::kFaissHnsw:
+      return "faiss-hnsw";
+    case PeerKind::kFaissIvf:
+      return "faiss-ivf";
+    case PeerKind::kFaissIvfPq:
+      return "faiss-ivfpq";
+    case PeerKind::kHnswlib:
+      return "hnswlib";
   }
   return "unknown";
 }
@@ -75,12 +80,13 @@ class FaissPeer : public TokenIndex {
 
   absl::Status Add(const float* keys, int64_t n) override {
     if (index_ == nullptr) {
-      return absl::FailedPreconditionError(absl::StrFormat("%s: Add before Build", PeerName(kind_)));
+      return absl::FailedPreconditionError(
+          absl::StrFormat("%s: Add before Build", PeerName(kind_)));
     }
     if (n < 1 || index_->ntotal + n > capacity_) {
-      return absl::ResourceExhaustedError(absl::StrFormat(
-          "%s: adding %d keys to %d exceeds capacity %d", PeerName(kind_), n, index_->ntotal,
-          capacity_));
+      return absl::ResourceExhaustedError(
+          absl::StrFormat("%s: adding %d keys to %d exceeds capacity %d", PeerName(kind_), n,
+                          index_->ntotal, capacity_));
     }
     try {
       index_->add(n, keys);
@@ -93,7 +99,8 @@ class FaissPeer : public TokenIndex {
   absl::Status Search(const float* query, int k, int knob, std::vector<int64_t>* ids,
                       uint64_t* touched) const override {
     if (index_ == nullptr || index_->ntotal == 0) {
-      return absl::FailedPreconditionError(absl::StrFormat("%s: search of an empty index", PeerName(kind_)));
+      return absl::FailedPreconditionError(
+          absl::StrFormat("%s: search of an empty index", PeerName(kind_)));
     }
     if (k < 1) return absl::InvalidArgumentError("search k must be >= 1");
     k = static_cast<int>(std::min<int64_t>(k, index_->ntotal));
@@ -232,8 +239,9 @@ class FaissIvfPeer : public FaissPeer {
 
  protected:
   absl::Status MakeIndex(int64_t n) override {
-    nlist_ = params_.ivf_nlist > 0 ? params_.ivf_nlist
-                                   : std::max(1, static_cast<int>(std::lround(std::sqrt(double(n)))));
+    nlist_ = params_.ivf_nlist > 0
+                 ? params_.ivf_nlist
+                 : std::max(1, static_cast<int>(std::lround(std::sqrt(double(n)))));
     // FAISS warns below 39 training points per centroid; it still trains.
     if (n < nlist_) {
       return absl::InvalidArgumentError(absl::StrFormat(
@@ -242,8 +250,8 @@ class FaissIvfPeer : public FaissPeer {
     auto quantizer = std::make_unique<faiss::IndexFlatIP>(dim_);
     if (kind_ == PeerKind::kFaissIvfPq) {
       if (params_.pq_m < 1 || dim_ % params_.pq_m != 0) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "faiss-ivfpq: --pq-m %d must divide head_dim %d", params_.pq_m, dim_));
+        return absl::InvalidArgumentError(
+            absl::StrFormat("faiss-ivfpq: --pq-m %d must divide head_dim %d", params_.pq_m, dim_));
       }
       if (n < (int64_t{1} << params_.pq_nbits)) {
         return absl::InvalidArgumentError(absl::StrFormat(
@@ -316,7 +324,8 @@ class HnswlibPeer : public TokenIndex {
   int64_t size() const override { return next_id_; }
 
   absl::Status Build(const float* keys, int64_t n) override {
-    if (hnsw_ != nullptr) return absl::FailedPreconditionError("hnswlib: Build on a non-empty index");
+    if (hnsw_ != nullptr)
+      return absl::FailedPreconditionError("hnswlib: Build on a non-empty index");
     if (n < 1 || n > capacity_) {
       return absl::InvalidArgumentError(
           absl::StrFormat("hnswlib: Build needs 1..%d keys, got %d", capacity_, n));
@@ -398,18 +407,21 @@ absl::StatusOr<std::unique_ptr<TokenIndex>> TokenIndex::Create(PeerKind kind, in
                                                                int64_t capacity,
                                                                const PeerParams& params) {
   if (dim < 1 || dim > 4096) {
-    return absl::InvalidArgumentError(absl::StrFormat("peer dim must be in [1, 4096], got %d", dim));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("peer dim must be in [1, 4096], got %d", dim));
   }
   if (capacity < 1) {
-    return absl::InvalidArgumentError(absl::StrFormat("peer capacity must be >= 1, got %d", capacity));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("peer capacity must be >= 1, got %d", capacity));
   }
   if (params.hnsw_m < 2 || params.hnsw_ef_construction < 1) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "hnsw M must be >= 2 and efConstruction >= 1 (got %d, %d)", params.hnsw_m,
-        params.hnsw_ef_construction));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("hnsw M must be >= 2 and efConstruction >= 1 (got %d, %d)", params.hnsw_m,
+                        params.hnsw_ef_construction));
   }
   if (params.pq_nbits < 1 || params.pq_nbits > 16) {
-    return absl::InvalidArgumentError(absl::StrFormat("--pq-nbits must be in [1, 16], got %d", params.pq_nbits));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("--pq-nbits must be in [1, 16], got %d", params.pq_nbits));
   }
   switch (kind) {
     case PeerKind::kFaissFlat:

@@ -29,11 +29,11 @@ enum class PeerKind { kFaissFlat, kFaissHnsw, kFaissIvf, kFaissIvfPq, kHnswlib }
 std::string_view PeerName(PeerKind kind);
 
 struct PeerParams {
-  int hnsw_m = 32;                // graph degree (FAISS HNSW and hnswlib)
+  int hnsw_m = 32;                 // graph degree (FAISS HNSW and hnswlib)
   int hnsw_ef_construction = 128;  // build-time beam
-  int ivf_nlist = 0;              // 0: round(sqrt(prefill tokens))
-  int pq_m = 16;                  // IVFPQ sub-quantizers (must divide head_dim)
-  int pq_nbits = 8;               // bits per sub-quantizer code
+  int ivf_nlist = 0;               // 0: round(sqrt(prefill tokens))
+  int pq_m = 16;                   // IVFPQ sub-quantizers (must divide head_dim)
+  int pq_nbits = 8;                // bits per sub-quantizer code
 };
 
 class TokenIndex {

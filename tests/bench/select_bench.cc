@@ -41,7 +41,7 @@ namespace icecache::bench {
 
 const std::vector<std::string>& AllMethodNames() {
   static const auto* names = new std::vector<std::string>{
-      "mdci",      "exact",      "exact-mdci", "exact-token", "quest",      "streaming",
+      "mdci",       "exact",      "exact-mdci", "exact-token", "quest",  "streaming",
       "faiss-flat", "faiss-hnsw", "faiss-ivf",  "faiss-ivfpq", "hnswlib"};
   return *names;
 }
@@ -126,8 +126,14 @@ absl::StatusOr<SelectBenchOptions> ParseSelectArgs(const std::vector<std::string
       flag = flag.substr(0, eq);
       has_value = true;
     }
-    if (flag == "--verbose") { o.verbose = true; continue; }
-    if (flag == "--check") { o.check = true; continue; }
+    if (flag == "--verbose") {
+      o.verbose = true;
+      continue;
+    }
+    if (flag == "--check") {
+      o.check = true;
+      continue;
+    }
     if (!has_value) {
       if (i + 1 >= args.size()) {
         return absl::InvalidArgumentError(absl::StrFormat("%s needs a value", flag));
@@ -198,14 +204,18 @@ absl::StatusOr<SelectBenchOptions> ParseSelectArgs(const std::vector<std::string
       return absl::InvalidArgumentError(absl::StrFormat("--page-tokens %d outside [1, 256]", p));
     }
   }
-  if (o.heads < 1 || o.heads > 1024) return absl::InvalidArgumentError("--heads must be in [1, 1024]");
-  if (o.steps < 1 || o.steps > 100000) return absl::InvalidArgumentError("--steps must be in [1, 100000]");
-  if (o.threads < 1 || o.threads > 256) return absl::InvalidArgumentError("--threads must be in [1, 256]");
+  if (o.heads < 1 || o.heads > 1024)
+    return absl::InvalidArgumentError("--heads must be in [1, 1024]");
+  if (o.steps < 1 || o.steps > 100000)
+    return absl::InvalidArgumentError("--steps must be in [1, 100000]");
+  if (o.threads < 1 || o.threads > 256)
+    return absl::InvalidArgumentError("--threads must be in [1, 256]");
   if (o.layer_reuse < 1 || o.layer_reuse > 128) {
     return absl::InvalidArgumentError("--layer-reuse must be in [1, 128]");
   }
   if (o.queries_per_step < 0 || o.queries_per_step > 64) {
-    return absl::InvalidArgumentError("--queries-per-step must be in [1, 64] (0: the data's group)");
+    return absl::InvalidArgumentError(
+        "--queries-per-step must be in [1, 64] (0: the data's group)");
   }
   if (o.sink_tokens < 0) return absl::InvalidArgumentError("--sink-tokens must be >= 0");
   if (o.chunk_tokens < 0) return absl::InvalidArgumentError("--chunk-tokens must be >= 0");
@@ -215,8 +225,8 @@ absl::StatusOr<SelectBenchOptions> ParseSelectArgs(const std::vector<std::string
   for (const std::string& s : o.selectors) {
     const auto& all = AllMethodNames();
     if (std::find(all.begin(), all.end(), s) == all.end()) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "--selectors: unknown '%s' (known: %s)", s, absl::StrJoin(all, ",")));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("--selectors: unknown '%s' (known: %s)", s, absl::StrJoin(all, ",")));
     }
   }
   if (o.selectors.empty()) o.selectors = AllMethodNames();
@@ -279,14 +289,15 @@ absl::StatusOr<Workload> LoadWorkload(const SelectBenchOptions& o) {
     w.prefill = n - w.decode_tokens - w.chunk_tokens;
     w.source = absl::StrCat("dump:", o.dump_dir);
     if (o.queries_per_step > w.dump.group_size()) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "--queries-per-step %d exceeds the dump's group size %d", o.queries_per_step,
-          w.dump.group_size()));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("--queries-per-step %d exceeds the dump's group size %d",
+                          o.queries_per_step, w.dump.group_size()));
     }
   }
   const KvDump& d = w.dump;
   if (d.group_size() < 1) return absl::InvalidArgumentError("data has no query heads per KV head");
-  w.queries = o.queries_per_step > 0 ? std::min(o.queries_per_step, d.group_size()) : d.group_size();
+  w.queries =
+      o.queries_per_step > 0 ? std::min(o.queries_per_step, d.group_size()) : d.group_size();
   if (d.layers % o.layer_reuse != 0) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "--layer-reuse %d does not divide the %d layers of the data", o.layer_reuse, d.layers));
@@ -297,8 +308,8 @@ absl::StatusOr<Workload> LoadWorkload(const SelectBenchOptions& o) {
   if (w.context != d.tokens) return absl::InternalError("workload split does not cover the data");
   if (w.steps < 1) return absl::InvalidArgumentError("data has no query steps");
   if (o.budget > w.prefill) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "--budget %d exceeds the %d prefill tokens", o.budget, w.prefill));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("--budget %d exceeds the %d prefill tokens", o.budget, w.prefill));
   }
   for (int g = 0; g < w.groups; ++g) {
     for (int h = 0; h < d.kv_heads; ++h) w.trees.push_back({g, h});
@@ -336,7 +347,8 @@ class ExactRefs {
 
  private:
   absl::StatusOr<const ExactAttention*> Get(int step, int layer, int head) {
-    const int64_t key = (static_cast<int64_t>(step) * w_.dump.layers + layer) * w_.dump.kv_heads + head;
+    const int64_t key =
+        (static_cast<int64_t>(step) * w_.dump.layers + layer) * w_.dump.kv_heads + head;
     auto it = cache_.find(key);
     if (it != cache_.end()) return it->second.get();
     const KvDump& d = w_.dump;
@@ -441,7 +453,8 @@ class ExactTokenMethod : public TreeMethod {
   }
   absl::Status Select(const float* queries, int nq, const SweepPoint&, Selection* sel) override {
     sel->Clear();
-    ASSIGN_OR_RETURN(ExactAttention ex, ComputeExactAttention(keys_, nullptr, n_, dim_, queries, nq));
+    ASSIGN_OR_RETURN(ExactAttention ex,
+                     ComputeExactAttention(keys_, nullptr, n_, dim_, queries, nq));
     ASSIGN_OR_RETURN(sel->positions, OracleTokens(ex, params_.budget_tokens, params_.sink_tokens));
     sel->keys_touched = static_cast<uint64_t>(n_);
     return absl::OkStatus();
@@ -595,10 +608,10 @@ struct PointStats {
 struct MethodResult {
   std::string name;
   int page_tokens = 0;
-  double build_s = 0;        // mean per tree
-  double build_wall_s = 0;   // all trees, with --threads
-  double insert1_tps = 0;    // 1-token inserts
-  double insert16_tps = 0;   // 16-token chunks
+  double build_s = 0;       // mean per tree
+  double build_wall_s = 0;  // all trees, with --threads
+  double insert1_tps = 0;   // 1-token inserts
+  double insert16_tps = 0;  // 16-token chunks
   double index_bytes_per_token = 0;
   double page_fill = 0;
   std::vector<PointStats> sweep;
@@ -643,7 +656,8 @@ std::vector<SweepPoint> SweepPoints(const std::string& name, const TreeMethod& m
   const auto& peer = static_cast<const PeerMethod&>(m).index();
   std::vector<int> ks = {budget};
   // Fewer hits than the budget can already fill it once rounded to pages.
-  if (page_tokens > 1 && peer.kind() != PeerKind::kFaissFlat) ks.insert(ks.begin(), std::max(1, budget / 4));
+  if (page_tokens > 1 && peer.kind() != PeerKind::kFaissFlat)
+    ks.insert(ks.begin(), std::max(1, budget / 4));
   std::vector<SweepPoint> points;
   for (int knob : peer.KnobValues()) {
     for (int k : ks) {
@@ -671,18 +685,19 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
       ASSIGN_OR_RETURN(trees[t], MakeMethod(name, build_p, w, o));
     }
     const auto wall0 = Clock::now();
-    RETURN_IF_ERROR(ParallelFor(static_cast<int64_t>(ntrees), o.threads, [&](int64_t t) -> absl::Status {
-      const Tree& tr = w.trees[t];
-      const float* keys = d.key(w.first_layer(tr.group), tr.head);
-      const auto t0 = Clock::now();
-      absl::Status s = trees[t]->Build(keys, w.prefill);
-      build_s[t] = Seconds(t0, Clock::now());
-      if (!s.ok()) {
-        return absl::Status(s.code(), absl::StrFormat("%s build (group %d, head %d): %s", name,
-                                                      tr.group, tr.head, s.message()));
-      }
-      return absl::OkStatus();
-    }));
+    RETURN_IF_ERROR(
+        ParallelFor(static_cast<int64_t>(ntrees), o.threads, [&](int64_t t) -> absl::Status {
+          const Tree& tr = w.trees[t];
+          const float* keys = d.key(w.first_layer(tr.group), tr.head);
+          const auto t0 = Clock::now();
+          absl::Status s = trees[t]->Build(keys, w.prefill);
+          build_s[t] = Seconds(t0, Clock::now());
+          if (!s.ok()) {
+            return absl::Status(s.code(), absl::StrFormat("%s build (group %d, head %d): %s", name,
+                                                          tr.group, tr.head, s.message()));
+          }
+          return absl::OkStatus();
+        }));
     const double build_wall = Seconds(wall0, Clock::now());
     // Inserts: decode tokens one at a time, then 16-token chunks. Timed on
     // one thread per tree in turn.
@@ -710,7 +725,8 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
       sum16 += ins16_s[t];
       bytes += static_cast<double>(trees[t]->index_bytes());
     }
-    const std::vector<int> eval_sizes = IsTokenLevel(name) ? o.page_tokens : std::vector<int>{build_p};
+    const std::vector<int> eval_sizes =
+        IsTokenLevel(name) ? o.page_tokens : std::vector<int>{build_p};
     for (int p : eval_sizes) {
       MethodResult r;
       r.name = name;
@@ -720,8 +736,8 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
       // The oracle keeps no index: it has nothing to insert into.
       const double none = std::numeric_limits<double>::quiet_NaN();
       r.insert1_tps = name == "exact-token" ? none
-                      : sum1 > 0           ? static_cast<double>(w.decode_tokens * ntrees) / sum1
-                                           : 0;
+                      : sum1 > 0            ? static_cast<double>(w.decode_tokens * ntrees) / sum1
+                                            : 0;
       r.insert16_tps = name == "exact-token" ? none
                        : sum16 > 0           ? static_cast<double>(w.chunk_tokens * ntrees) / sum16
                                              : 0;
@@ -749,9 +765,10 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
             absl::Status status = trees[t]->Select(q, w.queries, sp, &sel);
             const auto t1 = Clock::now();
             if (!status.ok()) {
-              return absl::Status(status.code(),
-                                  absl::StrFormat("%s select (page %d, step %d, group %d, head %d): %s",
-                                                  name, p, s, tr.group, tr.head, status.message()));
+              return absl::Status(
+                  status.code(),
+                  absl::StrFormat("%s select (page %d, step %d, group %d, head %d): %s", name, p, s,
+                                  tr.group, tr.head, status.message()));
             }
             st.query_us.push_back(Seconds(t0, t1) * 1e6);
             trees[t]->Positions(sel, &positions);
@@ -790,9 +807,11 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
         std::printf("  %s page %d sweep (%s, k'):\n", name.c_str(), p, r.knob_name.c_str());
         for (size_t i = 0; i < r.sweep.size(); ++i) {
           const auto& st = r.sweep[i];
-          std::printf("    %s=%-5d k'=%-5d p50 %9.1f us  p99 %9.1f us  topk %.3f  mass %.4f  err %.4f  touched %.0f%s\n",
-                      r.knob_name.c_str(), st.point.knob, st.point.k, st.p(0.5), st.p(0.99),
-                      st.topk, st.mass, st.err, st.touched, i == r.chosen ? "  <- chosen" : "");
+          std::printf(
+              "    %s=%-5d k'=%-5d p50 %9.1f us  p99 %9.1f us  topk %.3f  mass %.4f  err %.4f  "
+              "touched %.0f%s\n",
+              r.knob_name.c_str(), st.point.knob, st.point.k, st.p(0.5), st.p(0.99), st.topk,
+              st.mass, st.err, st.touched, i == r.chosen ? "  <- chosen" : "");
         }
       }
       std::fprintf(stderr, "  %-11s page %3d: build %.3f s/tree, p50 %.1f us, mass %.4f\n",
@@ -857,7 +876,8 @@ std::string HeadCommitNow() {
 // ---------------------------------------------------------------------------
 // Report.
 
-const MethodResult* FindResult(const std::vector<MethodResult>& rs, const std::string& name, int p) {
+const MethodResult* FindResult(const std::vector<MethodResult>& rs, const std::string& name,
+                               int p) {
   for (const auto& r : rs) {
     if (r.name == name && r.page_tokens == p) return &r;
   }
@@ -933,7 +953,8 @@ Json TargetsJson(const std::vector<MethodResult>& rs, int p, double kv_bytes_per
                         tr, m1, m2));
   }
   if (exact && emdci) {
-    add("exact_mdci_mass_above_exact_with_fill", emdci->best().mass > exact->best().mass && emdci->page_fill >= 0.8,
+    add("exact_mdci_mass_above_exact_with_fill",
+        emdci->best().mass > exact->best().mass && emdci->page_fill >= 0.8,
         absl::StrFormat("exact-mdci mass %.4f vs exact %.4f, mdci layout fill %.3f (>= 0.8)",
                         emdci->best().mass, exact->best().mass, emdci->page_fill));
   }
@@ -952,9 +973,10 @@ Json TargetsJson(const std::vector<MethodResult>& rs, int p, double kv_bytes_per
       }
       if (cheapest) {
         add("mdci_faster_than_hnswlib_at_same_mass", mdci->best().p(0.5) < cheapest->p(0.5),
-            absl::StrFormat("mdci p50 %.1f us vs hnswlib %.1f us (efSearch %d, k' %d) at mass >= %.4f",
-                            mdci->best().p(0.5), cheapest->p(0.5), cheapest->point.knob,
-                            cheapest->point.k, target_mass));
+            absl::StrFormat(
+                "mdci p50 %.1f us vs hnswlib %.1f us (efSearch %d, k' %d) at mass >= %.4f",
+                mdci->best().p(0.5), cheapest->p(0.5), cheapest->point.knob, cheapest->point.k,
+                target_mass));
       } else {
         add("mdci_faster_than_hnswlib_at_same_mass", true,
             absl::StrFormat("no hnswlib point reaches mass %.4f (its best %.4f)", target_mass,
@@ -981,7 +1003,8 @@ Json TargetsJson(const std::vector<MethodResult>& rs, int p, double kv_bytes_per
     if (any_peer) {
       add("mdci_session_cost_below_peers_at_mass", cheaper_than_all,
           absl::StrFormat("mdci %.3f s per head (build + %d x (insert + select), extrapolated)%s",
-                          mdci_cost, kSessionSteps, cheaper_than_all ? "" : "; beaten by " + worst));
+                          mdci_cost, kSessionSteps,
+                          cheaper_than_all ? "" : "; beaten by " + worst));
     }
     const double frac = mdci->index_bytes_per_token / kv_bytes_per_token;
     add("mdci_index_memory_at_most_30pct_of_kv", frac <= 0.30,
@@ -1045,9 +1068,11 @@ absl::Status CheckReport(const std::string& json_text, const std::vector<std::st
   if (results == nullptr || !results->is_array()) {
     return absl::InvalidArgumentError("report has no 'results' array");
   }
-  static const char* kMetrics[] = {"build_s", "insert_tokens_per_s", "query_us_p50", "query_us_p99",
-                                   "topk_recall", "mass_recall", "output_rel_error", "keys_touched",
-                                   "index_bytes_per_token", "page_fill", "session_cost_s"};
+  static const char* kMetrics[] = {
+      "build_s",          "insert_tokens_per_s", "query_us_p50",
+      "query_us_p99",     "topk_recall",         "mass_recall",
+      "output_rel_error", "keys_touched",        "index_bytes_per_token",
+      "page_fill",        "session_cost_s"};
   for (int p : page_tokens) {
     for (const std::string& name : selectors) {
       const Json* found = nullptr;
@@ -1111,8 +1136,9 @@ absl::Status RunSelectBench(const SelectBenchOptions& o) {
     for (auto& r : rs) results.push_back(std::move(r));
   }
   // Report order: page size, then method order.
-  std::stable_sort(results.begin(), results.end(),
-                   [](const MethodResult& a, const MethodResult& b) { return a.page_tokens < b.page_tokens; });
+  std::stable_sort(
+      results.begin(), results.end(),
+      [](const MethodResult& a, const MethodResult& b) { return a.page_tokens < b.page_tokens; });
 
   const double kv_bytes_per_token = 2.0 * d.head_dim * DTypeSize(o.kv_dtype);
   Json root = Json::Object();
@@ -1158,8 +1184,9 @@ absl::Status RunSelectBench(const SelectBenchOptions& o) {
   Json peer = Json::Object();
   peer.Set("hnsw_m", o.peer.hnsw_m);
   peer.Set("hnsw_ef_construction", o.peer.hnsw_ef_construction);
-  peer.Set("ivf_nlist", o.peer.ivf_nlist > 0 ? o.peer.ivf_nlist
-                                             : static_cast<int>(std::lround(std::sqrt(double(w.prefill)))));
+  peer.Set("ivf_nlist", o.peer.ivf_nlist > 0
+                            ? o.peer.ivf_nlist
+                            : static_cast<int>(std::lround(std::sqrt(double(w.prefill)))));
   peer.Set("pq_m", o.peer.pq_m);
   peer.Set("pq_nbits", o.peer.pq_nbits);
   config.Set("peers", std::move(peer));
@@ -1213,7 +1240,8 @@ absl::Status RunSelectBench(const SelectBenchOptions& o) {
     }
   } else if (o.check) {
     absl::Status s = CheckReport(root.Dump(0), o.selectors, o.page_tokens);
-    if (!s.ok()) return absl::FailedPreconditionError(absl::StrCat("--check failed: ", s.message()));
+    if (!s.ok())
+      return absl::FailedPreconditionError(absl::StrCat("--check failed: ", s.message()));
     std::printf("check: report is valid (%zu results)\n", results.size());
   }
   return absl::OkStatus();

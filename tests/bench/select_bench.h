@@ -40,14 +40,14 @@
 namespace icecache::bench {
 
 struct SelectBenchOptions {
-  std::string synthetic;  // preset name, or
-  std::string dump_dir;   // a KV dump directory
+  std::string synthetic;   // preset name, or
+  std::string dump_dir;    // a KV dump directory
   int64_t tokens = 16384;  // synthetic: prefill tokens; dump: truncates the context
   int budget = 256;
   std::vector<int> page_tokens = {16};
-  int heads = 8;           // synthetic only: KV heads generated and measured
-  int steps = 64;          // synthetic only: decode steps (queries, 1-token inserts)
-  int threads = 1;         // builds only; queries are always single-threaded
+  int heads = 8;                       // synthetic only: KV heads generated and measured
+  int steps = 64;                      // synthetic only: decode steps (queries, 1-token inserts)
+  int threads = 1;                     // builds only; queries are always single-threaded
   std::vector<std::string> selectors;  // empty: all
   std::string json_path;
   int layer_reuse = 1;

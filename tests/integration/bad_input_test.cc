@@ -20,16 +20,16 @@ namespace {
 
 using ::testing::AnyOf;
 using ::testing::HasSubstr;
-using ::testing::Not;
 using ::testing::IsEmpty;
+using ::testing::Not;
 namespace v1 = ::icecache::v1;
 using Code = absl::StatusCode;
 
 constexpr int kTokens = 256;
 
 // The status code is one of two (where the API allows either).
-MATCHER_P2(StatusIsEither, a, b, "has code " + absl::StatusCodeToString(a) + " or " +
-                                     absl::StatusCodeToString(b)) {
+MATCHER_P2(StatusIsEither, a, b,
+           "has code " + absl::StatusCodeToString(a) + " or " + absl::StatusCodeToString(b)) {
   const absl::Status& s = ::icecache::testing::GetStatus(arg);
   *result_listener << "status is " << s;
   return s.code() == a || s.code() == b;
@@ -38,8 +38,8 @@ MATCHER_P2(StatusIsEither, a, b, "has code " + absl::StatusCodeToString(a) + " o
 class BadInputTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto d = StartDaemon(
-        "limits { max_receive_message_bytes: 4194304 max_inline_bytes: 1048576 }\n");
+    auto d =
+        StartDaemon("limits { max_receive_message_bytes: 4194304 max_inline_bytes: 1048576 }\n");
     ASSERT_THAT(d, IsOk());
     daemon_ = *std::move(d);
     auto c = Connect(*daemon_);
@@ -72,7 +72,8 @@ class BadInputTest : public ::testing::Test {
     opt.want_positions = true;
     auto r = client_->DecodeStep(session_, 1, Queries(*model_, 0, 1), buffer_->buffer_id(), 0, opt);
     ASSERT_THAT(r, IsOk()) << "daemon stderr:\n" << daemon_->Stderr();
-    auto n = VerifyFetch(model_->kv, kTokens, r->layout, r->heads, buffer_->data(), buffer_->size());
+    auto n =
+        VerifyFetch(model_->kv, kTokens, r->layout, r->heads, buffer_->data(), buffer_->size());
     ASSERT_THAT(n, IsOk());
     EXPECT_GT(*n, 0);
     auto info = client_->GetSession(session_);
@@ -170,12 +171,16 @@ TEST_F(BadInputTest, CreateSessionRejectsEachBadFieldAndNamesIt) {
       {"head_dim", [](v1::SessionConfig* c) { c->mutable_model()->set_head_dim(0); }},
       {"head_dim", [](v1::SessionConfig* c) { c->mutable_model()->set_head_dim(4096); }},
       {"dtype", [](v1::SessionConfig* c) { c->mutable_model()->set_dtype(v1::DTYPE_UNSPECIFIED); }},
-      {"dtype", [](v1::SessionConfig* c) { c->mutable_model()->set_dtype(static_cast<v1::DType>(77)); }},
+      {"dtype",
+       [](v1::SessionConfig* c) { c->mutable_model()->set_dtype(static_cast<v1::DType>(77)); }},
       {"page_tokens", [](v1::SessionConfig* c) { c->set_page_tokens(300); }},
       {"layer_reuse", [](v1::SessionConfig* c) { c->set_layer_reuse(3); }},
       {"ttl", [](v1::SessionConfig* c) { c->set_ttl_ms(1); }},
       {"ttl", [](v1::SessionConfig* c) { c->set_ttl_ms(std::numeric_limits<uint64_t>::max()); }},
-      {"selector", [](v1::SessionConfig* c) { c->mutable_selector()->set_kind(static_cast<v1::SelectorKind>(42)); }},
+      {"selector",
+       [](v1::SessionConfig* c) {
+         c->mutable_selector()->set_kind(static_cast<v1::SelectorKind>(42));
+       }},
       {"budget", [](v1::SessionConfig* c) { c->mutable_defaults()->set_budget_tokens(0); }},
   };
   for (const Case& c : cases) {
@@ -191,7 +196,8 @@ TEST_F(BadInputTest, CreateSessionRejectsEachBadFieldAndNamesIt) {
 }
 
 TEST_F(BadInputTest, SessionVerbsOnUnknownAndEmptyIds) {
-  for (const std::string& id : std::vector<std::string>{"no-such-session", "../../etc/passwd", std::string(5000, 'x')}) {
+  for (const std::string& id :
+       std::vector<std::string>{"no-such-session", "../../etc/passwd", std::string(5000, 'x')}) {
     EXPECT_THAT(client_->GetSession(id), StatusIsEither(Code::kNotFound, Code::kInvalidArgument));
     EXPECT_THAT(client_->DropSession(id), StatusIsEither(Code::kNotFound, Code::kInvalidArgument));
     EXPECT_THAT(client_->KeepAlive({id}), StatusIsEither(Code::kNotFound, Code::kInvalidArgument));
@@ -209,7 +215,12 @@ TEST_F(BadInputTest, RegisterBufferRefusesHostilePaths) {
   const std::string good = MakeShmFile(8192, "good");
   // Outside /dev/shm, relative, dot-dot escapes.
   const std::string tmp = daemon_->temp_dir() + "/outside";
-  { int fd = ::open(tmp.c_str(), O_RDWR | O_CREAT, 0600); ASSERT_GE(fd, 0); ASSERT_EQ(::ftruncate(fd, 8192), 0); ::close(fd); }
+  {
+    int fd = ::open(tmp.c_str(), O_RDWR | O_CREAT, 0600);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::ftruncate(fd, 8192), 0);
+    ::close(fd);
+  }
   EXPECT_THAT(Register(tmp, 4096), StatusIs(Code::kInvalidArgument, HasSubstr("/dev/shm")));
   EXPECT_THAT(Register("icecache-relative", 4096), StatusIs(Code::kInvalidArgument));
   EXPECT_THAT(Register("", 4096), StatusIs(Code::kInvalidArgument));
@@ -234,7 +245,8 @@ TEST_F(BadInputTest, RegisterBufferRefusesHostilePaths) {
   ::rmdir(dir.c_str());
   EXPECT_THAT(Register(good, 0), StatusIs(Code::kInvalidArgument));
   EXPECT_THAT(Register(good, 8193), StatusIs(Code::kInvalidArgument, HasSubstr("size")));
-  EXPECT_THAT(Register(good, std::numeric_limits<uint64_t>::max()), StatusIs(Code::kInvalidArgument));
+  EXPECT_THAT(Register(good, std::numeric_limits<uint64_t>::max()),
+              StatusIs(Code::kInvalidArgument));
   // Owned by another uid.
   if (::geteuid() == 0) {
     const std::string other = MakeShmFile(8192, "other");
@@ -354,9 +366,11 @@ TEST_F(BadInputTest, AppendKvRejectsBadShapesNanAndRegionsChangingNothing) {
   EXPECT_THAT(Append(region("no-such-buffer", 0, chunk16, 16)), StatusIs(Code::kNotFound));
   EXPECT_THAT(Append(region(buffer_->buffer_id(), buffer_->size() - 100, chunk16, 16)),
               StatusIsEither(Code::kOutOfRange, Code::kInvalidArgument));
-  EXPECT_THAT(Append(region(buffer_->buffer_id(), std::numeric_limits<uint64_t>::max() - 10, chunk16, 16)),
-              StatusIsEither(Code::kOutOfRange, Code::kInvalidArgument));
-  EXPECT_THAT(Append(region(buffer_->buffer_id(), 0, chunk16 - 2, 16)), StatusIs(Code::kInvalidArgument));
+  EXPECT_THAT(
+      Append(region(buffer_->buffer_id(), std::numeric_limits<uint64_t>::max() - 10, chunk16, 16)),
+      StatusIsEither(Code::kOutOfRange, Code::kInvalidArgument));
+  EXPECT_THAT(Append(region(buffer_->buffer_id(), 0, chunk16 - 2, 16)),
+              StatusIs(Code::kInvalidArgument));
   // None of it changed the session.
   auto info = client_->GetSession(session_);
   ASSERT_THAT(info, IsOk());
@@ -393,7 +407,9 @@ TEST_F(BadInputTest, SelectPagesRejectsBadLayersShapesNanAndBudgets) {
   for (float bad : {std::nanf(""), std::numeric_limits<float>::infinity()}) {
     auto req = GoodSelect();
     req.set_queries(QueryBytes(QFloats(), bad));
-    EXPECT_THAT(Select(req), StatusIs(Code::kInvalidArgument, AnyOf(HasSubstr("NaN"), HasSubstr("finite"), HasSubstr("Inf"))));
+    EXPECT_THAT(Select(req),
+                StatusIs(Code::kInvalidArgument,
+                         AnyOf(HasSubstr("NaN"), HasSubstr("finite"), HasSubstr("Inf"))));
   }
   {
     auto req = GoodSelect();
@@ -570,8 +586,9 @@ TEST_F(BadInputTest, DecodeStepStreamRejectsBadFirstRequestsAndNan) {
   // daemon ends the stream), then the next step reopens it and works.
   SelectOptions opt;
   opt.budget_tokens = 32;
-  ASSERT_THAT(client_->DecodeStep(session_, 0, Queries(*model_, 0, 0), buffer_->buffer_id(), 0, opt),
-              IsOk());
+  ASSERT_THAT(
+      client_->DecodeStep(session_, 0, Queries(*model_, 0, 0), buffer_->buffer_id(), 0, opt),
+      IsOk());
   std::vector<float> nan_q(QFloats(), std::nanf(""));
   EXPECT_THAT(client_->DecodeStep(session_, 0, nan_q, buffer_->buffer_id(), 0, opt),
               StatusIs(Code::kInvalidArgument));

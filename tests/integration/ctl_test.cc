@@ -1,9 +1,8 @@
 // icecachectl against a live daemon: every command's table and --json
 // output, and the documented exit codes.
-#include <unistd.h>
-
 #include <google/protobuf/struct.pb.h>
 #include <google/protobuf/util/json_util.h>
+#include <unistd.h>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"

@@ -30,7 +30,8 @@ absl::StatusOr<int64_t> PrefillAndDecode(Client& client, const TestModel& m, int
     ASSIGN_OR_RETURN(tokens, client.AppendKvInline(s.id, m.kv.Chunk(0, prefill), prefill));
   } else {
     m.kv.FillChunk(0, prefill, kv_buf.data());
-    ASSIGN_OR_RETURN(tokens, client.AppendKv(s.id, kv_buf, 0, m.kv.ChunkBytes(0, prefill), prefill));
+    ASSIGN_OR_RETURN(tokens,
+                     client.AppendKv(s.id, kv_buf, 0, m.kv.ChunkBytes(0, prefill), prefill));
   }
   if (tokens != static_cast<uint64_t>(prefill)) return absl::InternalError("prefill token count");
   SelectOptions opt;
@@ -41,7 +42,8 @@ absl::StatusOr<int64_t> PrefillAndDecode(Client& client, const TestModel& m, int
   for (int step = 0; step < steps; ++step) {
     const int64_t t = static_cast<int64_t>(tokens);
     m.kv.FillChunk(t, t + append, kv_buf.data());
-    ASSIGN_OR_RETURN(tokens, client.AppendKv(s.id, kv_buf, 0, m.kv.ChunkBytes(t, t + append), append));
+    ASSIGN_OR_RETURN(tokens,
+                     client.AppendKv(s.id, kv_buf, 0, m.kv.ChunkBytes(t, t + append), append));
     for (int layer = 0; layer < m.spec.layers; ++layer) {
       ASSIGN_OR_RETURN(StepResult r, client.DecodeStep(s.id, layer, Queries(m, step, layer),
                                                        out.buffer_id(), 0, opt));
@@ -53,11 +55,11 @@ absl::StatusOr<int64_t> PrefillAndDecode(Client& client, const TestModel& m, int
       verified += n;
       if (mass != nullptr) {
         for (const HeadSelection& h : r.heads) {
-          ASSIGN_OR_RETURN(ExactAttention ex,
-                           ComputeExactAttention(m.dump.key(layer, h.kv_head), nullptr,
-                                                 static_cast<int64_t>(tokens), m.spec.head_dim,
-                                                 m.dump.query(step, layer, h.kv_head),
-                                                 m.dump.group_size()));
+          ASSIGN_OR_RETURN(
+              ExactAttention ex,
+              ComputeExactAttention(m.dump.key(layer, h.kv_head), nullptr,
+                                    static_cast<int64_t>(tokens), m.spec.head_dim,
+                                    m.dump.query(step, layer, h.kv_head), m.dump.group_size()));
           ASSIGN_OR_RETURN(double v, MassRecall(ex, h.positions));
           mass->push_back(v);
         }
@@ -194,7 +196,8 @@ TEST(EndToEndTest, EightConcurrentClients) {
   ASSERT_THAT(daemon, IsOk());
   constexpr int kClients = 8;
   std::vector<TestModel> models;
-  for (int i = 0; i < kClients; ++i) models.push_back(MakeModel(2, 2, 384, 3, SelectorType::kExact, 100 + i));
+  for (int i = 0; i < kClients; ++i)
+    models.push_back(MakeModel(2, 2, 384, 3, SelectorType::kExact, 100 + i));
   std::vector<absl::Status> results(kClients);
   std::vector<int64_t> verified(kClients, 0);
   std::vector<std::thread> threads;

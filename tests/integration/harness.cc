@@ -1,10 +1,12 @@
 #include "tests/integration/harness.h"
 
 #include <fcntl.h>
+#include <google/protobuf/struct.pb.h>
+#include <google/protobuf/util/json_util.h>
 #include <grp.h>
 #include <poll.h>
-#include <sys/stat.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -12,9 +14,6 @@
 #include <cstring>
 #include <filesystem>
 #include <mutex>
-
-#include <google/protobuf/struct.pb.h>
-#include <google/protobuf/util/json_util.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -30,9 +29,13 @@ std::string BaseConfig(const std::string& extra) {
   return absl::StrCat(
       "listen { unix_socket_mode: 438 }\n"  // 0666
       "auth {\n"
-      "  uid_tenants { uid: ", ::geteuid(), " tenant: \"alpha\" }\n",
-      ::geteuid() == kOtherUid ? "" : absl::StrCat("  uid_tenants { uid: ", kOtherUid, " tenant: \"beta\" }\n"),
-      "  admin_uids: ", ::geteuid(), "\n"
+      "  uid_tenants { uid: ",
+      ::geteuid(), " tenant: \"alpha\" }\n",
+      ::geteuid() == kOtherUid
+          ? ""
+          : absl::StrCat("  uid_tenants { uid: ", kOtherUid, " tenant: \"beta\" }\n"),
+      "  admin_uids: ", ::geteuid(),
+      "\n"
       "}\n"
       "sessions { reaper_interval_ms: 100 buffer_idle_ttl_ms: 1000 }\n"
       "pool { capacity_bytes: 268435456 }\n"
@@ -40,8 +43,8 @@ std::string BaseConfig(const std::string& extra) {
       extra);
 }
 
-absl::StatusOr<std::unique_ptr<DaemonProcess>> StartDaemon(const std::string& extra_config,
-                                                           const std::vector<std::string>& extra_args) {
+absl::StatusOr<std::unique_ptr<DaemonProcess>> StartDaemon(
+    const std::string& extra_config, const std::vector<std::string>& extra_args) {
   DaemonOptions o;
   o.binary = IcecachedPath();
   o.config_textproto = BaseConfig(extra_config);
@@ -63,7 +66,8 @@ namespace {
 void BecomeUid(int uid) {
   if (uid < 0) return;
   gid_t gid = static_cast<gid_t>(uid);
-  if (::setgroups(0, nullptr) != 0 || ::setgid(gid) != 0 || ::setuid(static_cast<uid_t>(uid)) != 0) {
+  if (::setgroups(0, nullptr) != 0 || ::setgid(gid) != 0 ||
+      ::setuid(static_cast<uid_t>(uid)) != 0) {
     _exit(126);
   }
 }
@@ -208,7 +212,8 @@ absl::StatusOr<std::string> ChildProcess::ReadLine(double timeout_s) {
     if (::poll(&p, 1, static_cast<int>(left_ms)) <= 0) continue;
     char buf[4096];
     const ssize_t n = ::read(out_fd_, buf, sizeof(buf));
-    if (n <= 0) return absl::OutOfRangeError(absl::StrCat("child stdout closed; partial: ", buffered_));
+    if (n <= 0)
+      return absl::OutOfRangeError(absl::StrCat("child stdout closed; partial: ", buffered_));
     buffered_.append(buf, static_cast<size_t>(n));
   }
 }
@@ -258,7 +263,8 @@ absl::Span<const float> Queries(const TestModel& m, int step, int layer) {
 absl::Status ParseJson(const std::string& text) {
   google::protobuf::Value v;
   auto st = google::protobuf::util::JsonStringToMessage(text, &v);
-  if (!st.ok()) return absl::InvalidArgumentError(absl::StrCat("not JSON: ", st.ToString(), ": ", text));
+  if (!st.ok())
+    return absl::InvalidArgumentError(absl::StrCat("not JSON: ", st.ToString(), ": ", text));
   return absl::OkStatus();
 }
 

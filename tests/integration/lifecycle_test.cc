@@ -160,7 +160,8 @@ TEST(LifecycleTest, IdleSessionsAreEvictedAtTheWatermarkPinnedOnesAreNot) {
   ASSERT_TRUE(Eventually([&] {
     auto st = c.GetStats();
     return st.ok() && st->evictions > evictions_before;
-  })) << "no eviction; daemon stderr:\n" << (*daemon)->Stderr();
+  })) << "no eviction; daemon stderr:\n"
+      << (*daemon)->Stderr();
   // The least recently used idle session went first; the pinned one stays.
   EXPECT_THAT(c.GetSession(middle->id), StatusIs(absl::StatusCode::kNotFound));
   auto p = c.GetSession(pinned->id);
@@ -195,12 +196,14 @@ TEST(LifecycleTest, SessionsExpireAfterTheirTtlUnlessKeptAlive) {
     absl::SleepFor(absl::Milliseconds(200));
   }
   EXPECT_THAT(c.GetSession(kept->id), IsOk());
-  EXPECT_TRUE(Eventually([&] { return c.GetSession(lapsed->id).status().code() == absl::StatusCode::kNotFound; }));
+  EXPECT_TRUE(Eventually(
+      [&] { return c.GetSession(lapsed->id).status().code() == absl::StatusCode::kNotFound; }));
   auto st = c.GetStats();
   ASSERT_THAT(st, IsOk());
   EXPECT_GE(st->expirations, 1u);
   // Once no longer kept alive it expires too.
-  EXPECT_TRUE(Eventually([&] { return c.GetSession(kept->id).status().code() == absl::StatusCode::kNotFound; }));
+  EXPECT_TRUE(Eventually(
+      [&] { return c.GetSession(kept->id).status().code() == absl::StatusCode::kNotFound; }));
   EXPECT_THAT(c.KeepAlive({kept->id}), StatusIs(absl::StatusCode::kNotFound));
 }
 
@@ -245,7 +248,8 @@ TEST(LifecycleTest, KilledClientsSessionAndBuffersAreReclaimedAfterTheLease) {
   EXPECT_TRUE(Eventually([&] {
     auto st = admin.GetStats();
     return st.ok() && st->sessions == 0 && st->buffers == 0;
-  })) << "daemon stderr:\n" << (*daemon)->Stderr();
+  })) << "daemon stderr:\n"
+      << (*daemon)->Stderr();
   auto st = admin.GetStats();
   ASSERT_THAT(st, IsOk());
   EXPECT_EQ(st->bytes_used, 0u);
@@ -278,13 +282,15 @@ TEST(LifecycleTest, SigtermDrainsInFlightFinishesNewRefusedExitZero) {
   SelectOptions opt;
   opt.budget_tokens = 32;
   opt.want_positions = true;
-  ASSERT_THAT(c.DecodeStep(streamed->id, 0, Queries(small, 0, 0), out->buffer_id(), 0, opt), IsOk());
+  ASSERT_THAT(c.DecodeStep(streamed->id, 0, Queries(small, 0, 0), out->buffer_id(), 0, opt),
+              IsOk());
 
   // In flight #2: a big prefill (mdci bulk build); attempts grow until
   // SIGTERM lands while it runs. Sizes that do not fit /dev/shm (64 MiB in
   // a default container) are skipped.
   struct statvfs shm;
-  const uint64_t shm_free = ::statvfs("/dev/shm", &shm) == 0 ? uint64_t{shm.f_bavail} * shm.f_frsize : 0;
+  const uint64_t shm_free =
+      ::statvfs("/dev/shm", &shm) == 0 ? uint64_t{shm.f_bavail} * shm.f_frsize : 0;
   bool observed = false;
   absl::Status inflight_result;
   std::thread inflight;
@@ -336,7 +342,8 @@ TEST(LifecycleTest, SigtermDrainsInFlightFinishesNewRefusedExitZero) {
   // The open stream still serves, and closes cleanly.
   auto step = c.DecodeStep(streamed->id, 0, Queries(small, 1, 0), out->buffer_id(), 0, opt);
   ASSERT_THAT(step, IsOk()) << (*daemon)->Stderr();
-  EXPECT_THAT(VerifyFetch(small.kv, 256, step->layout, step->heads, out->data(), out->size()), IsOk());
+  EXPECT_THAT(VerifyFetch(small.kv, 256, step->layout, step->heads, out->data(), out->size()),
+              IsOk());
   EXPECT_THAT(c.CloseDecodeStream(streamed->id), IsOk());
   if (inflight.joinable()) {
     inflight.join();

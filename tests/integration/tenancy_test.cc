@@ -78,15 +78,15 @@ TEST(TenancyTest, TwoTenantsCannotSeeDropOrReadEachOthersSessionsOrBuffers) {
     EXPECT_EQ(checks[name], "NOT_FOUND") << name;
   }
   // Admin verbs and the all-tenant listing need the admin role.
-  for (const char* name :
-       {"pin_session", "evict_session", "list_all_tenants", "get_stats", "list_tenants", "set_quota"}) {
+  for (const char* name : {"pin_session", "evict_session", "list_all_tenants", "get_stats",
+                           "list_tenants", "set_quota"}) {
     EXPECT_EQ(checks[name], "PERMISSION_DENIED") << name;
   }
   // Alpha's file in /dev/shm is owned by uid 0, not by beta.
   EXPECT_EQ(checks["register_other_file"], "PERMISSION_DENIED");
   EXPECT_EQ(visible, "0");
-  for (const char* name : {"list_own", "create_own_session", "append_own", "drop_own_session",
-                           "create_own_buffer"}) {
+  for (const char* name :
+       {"list_own", "create_own_session", "append_own", "drop_own_session", "create_own_buffer"}) {
     EXPECT_EQ(checks[name], "OK") << name;
   }
   ASSERT_FALSE(beta_session.empty());
@@ -106,8 +106,9 @@ TEST(TenancyTest, TwoTenantsCannotSeeDropOrReadEachOthersSessionsOrBuffers) {
   EXPECT_THAT(a.KeepAlive({beta_session}), StatusIs(absl::StatusCode::kNotFound));
   std::vector<float> q(4 * 64, 0.25f);
   EXPECT_THAT(a.SelectPages(beta_session, 0, q), StatusIs(absl::StatusCode::kNotFound));
-  EXPECT_THAT(a.FetchPages(session->id, 0, std::vector<std::vector<uint32_t>>{{0}, {0}}, beta_buffer, 0),
-              StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(
+      a.FetchPages(session->id, 0, std::vector<std::vector<uint32_t>>{{0}, {0}}, beta_buffer, 0),
+      StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(a.AppendKv(session->id, beta_buffer, 0, spec.ChunkBytes(16), 16),
               StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(a.UnregisterBuffer(beta_buffer), StatusIs(absl::StatusCode::kNotFound));

@@ -94,9 +94,9 @@ int Isolation(Client& client, const std::string& session, const std::string& buf
   Check("pin_session", client.PinSession(session, true).status());
   std::vector<float> q(4 * 64, 0.5f);
   Check("select_pages", client.SelectPages(session, 0, q).status());
-  Check("fetch_pages", client.FetchPages(session, 0, std::vector<std::vector<uint32_t>>{{0}, {0}},
-                                         buffer, 0)
-                           .status());
+  Check("fetch_pages",
+        client.FetchPages(session, 0, std::vector<std::vector<uint32_t>>{{0}, {0}}, buffer, 0)
+            .status());
   Check("decode_step", client.DecodeStep(session, 0, q, buffer, 0).status());
   Check("drop_session", client.DropSession(session));
   Check("evict_session", client.EvictSession(session));

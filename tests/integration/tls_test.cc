@@ -41,10 +41,10 @@ class TlsTest : public ::testing::Test {
     dir_ = tmpl;
     cert_ = dir_ + "/cert.pem";
     key_ = dir_ + "/key.pem";
-    auto r = RunCommand({"/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
-                         "-days", "1", "-subj", "/CN=localhost", "-addext",
-                         "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", key_, "-out",
-                         cert_});
+    auto r =
+        RunCommand({"/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
+                    "1", "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", key_, "-out", cert_});
     if (!r.ok() || r->exit_code != 0) {
       GTEST_SKIP() << "openssl could not make a test certificate: "
                    << (r.ok() ? r->err : r.status().ToString());
@@ -52,11 +52,11 @@ class TlsTest : public ::testing::Test {
     port_ = FreePort();
     ASSERT_GT(port_, 0);
     address_ = absl::StrCat("localhost:", port_);
-    auto d = StartDaemon(absl::StrCat(
-        "listen { tcp_address: \"127.0.0.1:", port_, "\" tls_cert_file: \"", cert_,
-        "\" tls_key_file: \"", key_, "\" }\n",
-        "auth { tokens { token: \"", kGammaToken, "\" tenant: \"gamma\" }\n",
-        "       tokens { token: \"", kAdminToken, "\" tenant: \"ops\" admin: true } }\n"));
+    auto d = StartDaemon(absl::StrCat("listen { tcp_address: \"127.0.0.1:", port_,
+                                      "\" tls_cert_file: \"", cert_, "\" tls_key_file: \"", key_,
+                                      "\" }\n", "auth { tokens { token: \"", kGammaToken,
+                                      "\" tenant: \"gamma\" }\n", "       tokens { token: \"",
+                                      kAdminToken, "\" tenant: \"ops\" admin: true } }\n"));
     ASSERT_THAT(d, IsOk());
     daemon_ = *std::move(d);
   }
@@ -126,8 +126,8 @@ TEST_F(TlsTest, BearerTokensMapToTenantsOverTls) {
   EXPECT_EQ(r->exit_code, 0) << r->err;
   EXPECT_THAT(r->out, HasSubstr(s->id));
   EXPECT_THAT(ParseJson(r->out), IsOk());
-  r = RunCommand({IcecachectlPath(), "--address", address_, "--ca", cert_, "--token", kGammaToken,
-                  "stats"});
+  r = RunCommand(
+      {IcecachectlPath(), "--address", address_, "--ca", cert_, "--token", kGammaToken, "stats"});
   ASSERT_THAT(r, IsOk());
   EXPECT_EQ(r->exit_code, 4) << r->err;
   // The same daemon over TCP without trusting its CA: TLS fails, unavailable.

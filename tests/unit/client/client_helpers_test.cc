@@ -35,7 +35,14 @@ TEST(TextTableTest, AlignsColumnsAndRightAlignsNumericOnes) {
 TEST(JsonWriterTest, WritesNestedValuesWithCommasAndEscapes) {
   JsonWriter w;
   w.BeginObject().Key("a").Int(-1).Key("b").BeginArray().Uint(2).String("q\"\n").Bool(true).Null();
-  w.EndArray().Key("c").Double(0.5).Key("d").Double(std::nan("")).Key("e").BeginObject().EndObject();
+  w.EndArray()
+      .Key("c")
+      .Double(0.5)
+      .Key("d")
+      .Double(std::nan(""))
+      .Key("e")
+      .BeginObject()
+      .EndObject();
   w.EndObject();
   EXPECT_EQ(w.str(), R"({"a":-1,"b":[2,"q\"\n",true,null],"c":0.5,"d":null,"e":{}})");
 }
@@ -54,7 +61,8 @@ TEST(SelectorTypeTest, NamesRoundTrip) {
     ASSERT_THAT(parsed, IsOk());
     EXPECT_EQ(*parsed, t);
   }
-  EXPECT_THAT(ParseSelectorType("faiss"), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("mdci")));
+  EXPECT_THAT(ParseSelectorType("faiss"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("mdci")));
 }
 
 KvDump SmallDump() {
@@ -159,7 +167,8 @@ TEST(VerifyFetchTest, AcceptsExactBytesAndCatchesEveryKindOfDifference) {
 TEST(ClientOptionsTest, BadOptionsAreRefusedAtCreate) {
   ClientOptions o;
   o.socket_path = "relative.sock";
-  EXPECT_THAT(Client::Create(o), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("absolute")));
+  EXPECT_THAT(Client::Create(o),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("absolute")));
   o.socket_path = "/tmp/x.sock";
   o.timeout = absl::ZeroDuration();
   EXPECT_THAT(Client::Create(o), StatusIs(absl::StatusCode::kInvalidArgument));
@@ -203,7 +212,8 @@ TEST(DaemonProcessTest, ReportsMissingAndFailingBinaries) {
   o.binary = "/nonexistent/icecached";
   EXPECT_THAT(DaemonProcess::Start(o), StatusIs(absl::StatusCode::kNotFound));
   o.binary = "/bin/false";  // exits at once, never ready
-  EXPECT_THAT(DaemonProcess::Start(o), StatusIs(absl::StatusCode::kUnavailable, HasSubstr("exited")));
+  EXPECT_THAT(DaemonProcess::Start(o),
+              StatusIs(absl::StatusCode::kUnavailable, HasSubstr("exited")));
 }
 
 TEST(DaemonProcessTest, ProcessRss) {

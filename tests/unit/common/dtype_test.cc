@@ -40,8 +40,8 @@ TEST(DTypeTest, SizesAndNames) {
   EXPECT_EQ(*ParseDType("fp16"), DType::kF16);
   EXPECT_EQ(*ParseDType("BF16"), DType::kBF16);
   EXPECT_EQ(*ParseDType("f32"), DType::kF32);
-  EXPECT_THAT(ParseDType("int8"), StatusIs(absl::StatusCode::kInvalidArgument,
-                                           ::testing::HasSubstr("int8")));
+  EXPECT_THAT(ParseDType("int8"),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("int8")));
   EXPECT_THAT(ParseDType(""), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
@@ -198,7 +198,8 @@ TEST(DTypeTest, GenericToAndFromFloat) {
     std::vector<float> out(in.size());
     ToFloat(d, buf.data(), out.data(), in.size());
     for (size_t i = 0; i < in.size(); ++i) {
-      const float tol = d == DType::kF32 ? 0.0f : std::fabs(in[i]) * (d == DType::kF16 ? 1e-3f : 8e-3f);
+      const float tol =
+          d == DType::kF32 ? 0.0f : std::fabs(in[i]) * (d == DType::kF16 ? 1e-3f : 8e-3f);
       EXPECT_NEAR(out[i], in[i], tol) << DTypeName(d) << " " << i;
     }
   }

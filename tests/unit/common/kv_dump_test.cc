@@ -66,10 +66,12 @@ TEST_F(KvDumpTest, Float32RoundTripIsExactWithMeta) {
   EXPECT_EQ(r->rope_theta, dump_.rope_theta);
   auto keys = ReadNpy(dir + "/keys.npy");
   ASSERT_THAT(keys, IsOk());
-  EXPECT_EQ(keys->shape, (std::vector<int64_t>{dump_.layers, dump_.kv_heads, dump_.tokens, dump_.head_dim}));
+  EXPECT_EQ(keys->shape,
+            (std::vector<int64_t>{dump_.layers, dump_.kv_heads, dump_.tokens, dump_.head_dim}));
   auto queries = ReadNpy(dir + "/queries.npy");
   ASSERT_THAT(queries, IsOk());
-  EXPECT_EQ(queries->shape, (std::vector<int64_t>{dump_.steps, dump_.layers, dump_.q_heads, dump_.head_dim}));
+  EXPECT_EQ(queries->shape,
+            (std::vector<int64_t>{dump_.steps, dump_.layers, dump_.q_heads, dump_.head_dim}));
 }
 
 TEST_F(KvDumpTest, Float16RoundTripIsCloseAndTruncates) {
@@ -85,7 +87,8 @@ TEST_F(KvDumpTest, Float16RoundTripIsCloseAndTruncates) {
   ASSERT_THAT(t, IsOk());
   EXPECT_EQ(t->tokens, 100);
   EXPECT_EQ(t->queries, r->queries);
-  ASSERT_EQ(t->keys.size(), static_cast<size_t>(dump_.layers) * dump_.kv_heads * 100 * dump_.head_dim);
+  ASSERT_EQ(t->keys.size(),
+            static_cast<size_t>(dump_.layers) * dump_.kv_heads * 100 * dump_.head_dim);
   for (int l = 0; l < dump_.layers; ++l) {
     for (int h = 0; h < dump_.kv_heads; ++h) {
       for (int i = 0; i < 100 * dump_.head_dim; ++i) {
@@ -108,7 +111,8 @@ TEST_F(KvDumpTest, MetaIsOptionalAndReadLeniently) {
   ASSERT_THAT(r, IsOk());
   EXPECT_EQ(r->rope_theta, 0.0);
   EXPECT_EQ(r->model, "");
-  WriteFile(dir + "/meta.json", "{\"rope_theta\":10000.0 ,\"extra\": [1,2,{\"x\":3}], \"model\" :\"llama-3.1-8b\"}");
+  WriteFile(dir + "/meta.json",
+            "{\"rope_theta\":10000.0 ,\"extra\": [1,2,{\"x\":3}], \"model\" :\"llama-3.1-8b\"}");
   r = ReadKvDump(dir);
   ASSERT_THAT(r, IsOk());
   EXPECT_EQ(r->rope_theta, 10000.0);
@@ -129,11 +133,13 @@ TEST_F(KvDumpTest, MissingDirectoryAndFiles) {
     const std::string other = Dir(std::string("without_") + name);
     ASSERT_THAT(WriteKvDump(dump_, other, DType::kF32), IsOk());
     ::unlink((other + "/" + name).c_str());
-    EXPECT_THAT(ReadKvDump(other), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(name))) << name;
+    EXPECT_THAT(ReadKvDump(other), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(name)))
+        << name;
   }
   WriteFile(dir + "/keys.npy", "garbage");
   EXPECT_THAT(ReadKvDump(dir), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("keys.npy")));
-  EXPECT_THAT(ReadKvDump(dir + "/values.npy"), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not a directory")));
+  EXPECT_THAT(ReadKvDump(dir + "/values.npy"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not a directory")));
 }
 
 TEST_F(KvDumpTest, ShapesMustAgreeBetweenFiles) {
@@ -150,8 +156,14 @@ TEST_F(KvDumpTest, ShapesMustAgreeBetweenFiles) {
       {"queries_dim", "queries.npy", {S, L, Q, D / 2}, {"queries.npy", "head_dim"}},
       {"queries_layers", "queries.npy", {S, L + 1, Q, D}, {"queries.npy", "layers"}},
       {"queries_heads", "queries.npy", {S, L, H + 1, D}, {"queries.npy", "multiple"}},
-      {"queries_rank", "queries.npy", {S * L, Q, D}, {"queries.npy", "[steps, layers, q_heads, head_dim]"}},
-      {"keys_rank", "keys.npy", {L * H, T, D}, {"keys.npy", "[layers, kv_heads, tokens, head_dim]"}},
+      {"queries_rank",
+       "queries.npy",
+       {S * L, Q, D},
+       {"queries.npy", "[steps, layers, q_heads, head_dim]"}},
+      {"keys_rank",
+       "keys.npy",
+       {L * H, T, D},
+       {"keys.npy", "[layers, kv_heads, tokens, head_dim]"}},
   };
   for (const Case& c : cases) {
     const std::string dir = Dir(c.name);
@@ -167,16 +179,20 @@ TEST_F(KvDumpTest, ShapesMustAgreeBetweenFiles) {
 }
 
 TEST_F(KvDumpTest, WriteRejectsInconsistentDumpsAndBadDtype) {
-  EXPECT_THAT(WriteKvDump(dump_, Dir("bf16"), DType::kBF16), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(WriteKvDump(dump_, Dir("bf16"), DType::kBF16),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   KvDump bad = dump_;
   bad.keys.pop_back();
-  EXPECT_THAT(WriteKvDump(bad, Dir("bad1"), DType::kF32), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("keys")));
+  EXPECT_THAT(WriteKvDump(bad, Dir("bad1"), DType::kF32),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("keys")));
   bad = dump_;
   bad.q_heads = 3;
-  EXPECT_THAT(WriteKvDump(bad, Dir("bad2"), DType::kF32), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("multiple")));
+  EXPECT_THAT(WriteKvDump(bad, Dir("bad2"), DType::kF32),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("multiple")));
   bad = dump_;
   bad.queries.push_back(1.0f);
-  EXPECT_THAT(WriteKvDump(bad, Dir("bad3"), DType::kF32), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("queries")));
+  EXPECT_THAT(WriteKvDump(bad, Dir("bad3"), DType::kF32),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("queries")));
   // A regular file where the directory should be.
   WriteFile(Dir("file"), "x");
   EXPECT_FALSE(WriteKvDump(dump_, Dir("file"), DType::kF32).ok());

@@ -26,8 +26,8 @@ class KvgenTest : public ::testing::Test {
   void TearDown() override { std::system(("rm -rf '" + dir_ + "'").c_str()); }
   // Exit status of the tool with `args`; its stderr goes to `err_`.
   int Run(const std::string& args) {
-    const std::string cmd =
-        std::string(ICECACHE_KVGEN_PATH) + " " + args + " >" + dir_ + "/stdout 2>" + dir_ + "/stderr";
+    const std::string cmd = std::string(ICECACHE_KVGEN_PATH) + " " + args + " >" + dir_ +
+                            "/stdout 2>" + dir_ + "/stderr";
     const int rc = std::system(cmd.c_str());
     return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
   }
@@ -45,7 +45,9 @@ class KvgenTest : public ::testing::Test {
 };
 
 TEST_F(KvgenTest, WritesADumpAndPrintsASummary) {
-  ASSERT_EQ(Run("--preset small --tokens 700 --layers 2 --steps 3 --kv-heads 3 --seed 9 --out " + dir_ + "/d"), 0)
+  ASSERT_EQ(Run("--preset small --tokens 700 --layers 2 --steps 3 --kv-heads 3 --seed 9 --out " +
+                dir_ + "/d"),
+            0)
       << Read("stderr");
   EXPECT_THAT(Read("stdout"), ::testing::HasSubstr("[2, 3, 700, 64]"));
   auto dump = ReadKvDump(dir_ + "/d");
@@ -58,7 +60,8 @@ TEST_F(KvgenTest, WritesADumpAndPrintsASummary) {
   EXPECT_EQ(dump->model, "synthetic:small");
   EXPECT_EQ(dump->rope_theta, 500000.0);
   // float32 output, same seed: the same values up to fp16 rounding.
-  ASSERT_EQ(Run("--preset=small --tokens=700 --layers=2 --steps=3 --kv_heads=3 --seed=9 --dtype=float32 --out=" +
+  ASSERT_EQ(Run("--preset=small --tokens=700 --layers=2 --steps=3 --kv_heads=3 --seed=9 "
+                "--dtype=float32 --out=" +
                 dir_ + "/e"),
             0)
       << Read("stderr");
@@ -72,7 +75,8 @@ TEST_F(KvgenTest, WritesADumpAndPrintsASummary) {
 
 TEST_F(KvgenTest, BadFlagsExitWithTwo) {
   EXPECT_EQ(Run("--preset nope --out " + dir_ + "/x"), 2);
-  EXPECT_THAT(Read("stderr"), ::testing::AllOf(::testing::HasSubstr("nope"), ::testing::HasSubstr("llama3-8b-like")));
+  EXPECT_THAT(Read("stderr"), ::testing::AllOf(::testing::HasSubstr("nope"),
+                                               ::testing::HasSubstr("llama3-8b-like")));
   EXPECT_EQ(Run("--preset small"), 2);  // no --out
   EXPECT_EQ(Run("--preset small --tokens abc --out " + dir_ + "/x"), 2);
   EXPECT_EQ(Run("--preset small --tokens 0 --out " + dir_ + "/x"), 2);

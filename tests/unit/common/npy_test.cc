@@ -111,13 +111,14 @@ TEST_F(NpyTest, ScalarsOneDimAndEmptyArrays) {
 
 TEST_F(NpyTest, ReadsNumpyStyleV1AndV2Headers) {
   const std::vector<float> v = {1.5f, -2.0f, 3.25f, 4.0f};
-  const std::string v1 = NumpyFile("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), }", FloatBytes(v));
+  const std::string v1 =
+      NumpyFile("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), }", FloatBytes(v));
   auto a = ReadNpy(Put("v1.npy", v1));
   ASSERT_THAT(a, IsOk());
   EXPECT_EQ(a->data, v);
   // v2.0, double quotes, no trailing comma, odd spacing, 16-byte alignment.
-  const std::string v2 =
-      NumpyFile("{\"shape\":(4,),\"fortran_order\" : False,  \"descr\":\"<f4\"}", FloatBytes(v), 2, 16);
+  const std::string v2 = NumpyFile("{\"shape\":(4,),\"fortran_order\" : False,  \"descr\":\"<f4\"}",
+                                   FloatBytes(v), 2, 16);
   auto b = ReadNpy(Put("v2.npy", v2));
   ASSERT_THAT(b, IsOk());
   EXPECT_EQ(b->shape, std::vector<int64_t>{4});
@@ -148,16 +149,29 @@ TEST_F(NpyTest, MalformedFilesAreInvalidArgumentNamingTheProblem) {
       {"magic.npy", bad_magic, "bad magic"},
       {"version.npy", v3, "unsupported format version 3.0"},
       {"minor.npy", v11, "unsupported format version 1.1"},
-      {"f8.npy", NumpyFile("{'descr': '<f8', 'fortran_order': False, 'shape': (2,), }", data), "unsupported dtype '<f8'"},
-      {"be.npy", NumpyFile("{'descr': '>f4', 'fortran_order': False, 'shape': (2, 2), }", data), "unsupported dtype '>f4'"},
-      {"fortran.npy", NumpyFile("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 2), }", data), "Fortran"},
-      {"trailing.npy", NumpyFile("{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }", data), "size mismatch"},
-      {"short.npy", NumpyFile("{'descr': '<f4', 'fortran_order': False, 'shape': (5,), }", data), "truncated data"},
-      {"garbage.npy", NumpyFile("{'descr' '<f4', 'fortran_order': False, 'shape': (2, 2), }", data), "unparsable header"},
+      {"f8.npy", NumpyFile("{'descr': '<f8', 'fortran_order': False, 'shape': (2,), }", data),
+       "unsupported dtype '<f8'"},
+      {"be.npy", NumpyFile("{'descr': '>f4', 'fortran_order': False, 'shape': (2, 2), }", data),
+       "unsupported dtype '>f4'"},
+      {"fortran.npy", NumpyFile("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 2), }", data),
+       "Fortran"},
+      {"trailing.npy", NumpyFile("{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }", data),
+       "size mismatch"},
+      {"short.npy", NumpyFile("{'descr': '<f4', 'fortran_order': False, 'shape': (5,), }", data),
+       "truncated data"},
+      {"garbage.npy", NumpyFile("{'descr' '<f4', 'fortran_order': False, 'shape': (2, 2), }", data),
+       "unparsable header"},
       {"nokey.npy", NumpyFile("{'descr': '<f4', 'shape': (2, 2), }", data), "unparsable header"},
-      {"extra.npy", NumpyFile("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), 'x': 1}", data), "unexpected key"},
-      {"negshape.npy", NumpyFile("{'descr': '<f4', 'fortran_order': False, 'shape': (-2, 2), }", data), "non-negative"},
-      {"huge.npy", NumpyFile("{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999, 99999999999), }", data), "2^40"},
+      {"extra.npy",
+       NumpyFile("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), 'x': 1}", data),
+       "unexpected key"},
+      {"negshape.npy",
+       NumpyFile("{'descr': '<f4', 'fortran_order': False, 'shape': (-2, 2), }", data),
+       "non-negative"},
+      {"huge.npy",
+       NumpyFile("{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999, 99999999999), }",
+                 data),
+       "2^40"},
       {"misaligned.npy", NumpyFile(ok_dict, "", 1, 1) + data, "misaligned"},
       {"tiny.npy", std::string("\x93NUM", 4), "too short"},
       {"empty.npy", "", "too short"},
@@ -173,8 +187,10 @@ TEST_F(NpyTest, MalformedFilesAreInvalidArgumentNamingTheProblem) {
                                      ::testing::AllOf(HasSubstr(c.name), HasSubstr(c.expect))))
         << c.name;
   }
-  EXPECT_THAT(ReadNpy(Path("missing.npy")), StatusIs(absl::StatusCode::kNotFound, HasSubstr("missing.npy")));
-  EXPECT_THAT(ReadNpy(dir_), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not a regular file")));
+  EXPECT_THAT(ReadNpy(Path("missing.npy")),
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("missing.npy")));
+  EXPECT_THAT(ReadNpy(dir_),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not a regular file")));
 }
 
 // Every strict prefix of a valid file, and the file with single bytes
@@ -229,17 +245,22 @@ TEST_F(NpyTest, PrefixReadKeepsTheFirstEntriesOfOneAxis) {
   auto all = ReadNpyPrefix(Path("p.npy"), 0, 2);
   ASSERT_THAT(all, IsOk());
   EXPECT_EQ(all->data, v);
-  EXPECT_THAT(ReadNpyPrefix(Path("p.npy"), 3, 1), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("axis")));
+  EXPECT_THAT(ReadNpyPrefix(Path("p.npy"), 3, 1),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("axis")));
   EXPECT_THAT(ReadNpyPrefix(Path("p.npy"), 1, 4), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(ReadNpyPrefix(Path("p.npy"), -1, 1), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 TEST_F(NpyTest, WriteErrors) {
   const float x = 1;
-  EXPECT_THAT(WriteNpy(Path("b.npy"), &x, {1}, DType::kBF16), StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(WriteNpy(Path("n.npy"), &x, {-1}, DType::kF32), StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(WriteNpy(Path("nodir/x.npy"), &x, {1}, DType::kF32), StatusIs(absl::StatusCode::kNotFound));
-  EXPECT_THAT(WriteNpy(Path("z.npy"), nullptr, {2}, DType::kF32), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(WriteNpy(Path("b.npy"), &x, {1}, DType::kBF16),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(WriteNpy(Path("n.npy"), &x, {-1}, DType::kF32),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(WriteNpy(Path("nodir/x.npy"), &x, {1}, DType::kF32),
+              StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(WriteNpy(Path("z.npy"), nullptr, {2}, DType::kF32),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   // A long shape needs a v2.0 header.
   std::vector<int64_t> shape(30000, 1);
   auto h = EncodeNpyHeader(shape, DType::kF32);

@@ -2,9 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <map>
 #include <numeric>
-#include <cstdio>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -49,7 +49,8 @@ std::vector<double> SymmetricEigen(std::vector<double> a, int n, std::vector<dou
         const double apq = a[p * n + q];
         if (std::fabs(apq) < 1e-300) continue;
         const double theta = (a[q * n + q] - a[p * n + p]) / (2 * apq);
-        const double t = (theta >= 0 ? 1.0 : -1.0) / (std::fabs(theta) + std::sqrt(theta * theta + 1));
+        const double t =
+            (theta >= 0 ? 1.0 : -1.0) / (std::fabs(theta) + std::sqrt(theta * theta + 1));
         const double c = 1 / std::sqrt(t * t + 1), s = t * c;
         for (int k = 0; k < n; ++k) {  // columns p, q
           const double akp = a[k * n + p], akq = a[k * n + q];
@@ -82,11 +83,14 @@ std::vector<double> SymmetricEigen(std::vector<double> a, int n, std::vector<dou
   return ev;
 }
 
-std::vector<double> SymmetricEigenvalues(std::vector<double> a, int n) { return SymmetricEigen(std::move(a), n, nullptr); }
+std::vector<double> SymmetricEigenvalues(std::vector<double> a, int n) {
+  return SymmetricEigen(std::move(a), n, nullptr);
+}
 
 // Share of the variance of `cov` (n x n) inside the span of the unit rows
 // `basis[0..k)`.
-double VarianceShareIn(const std::vector<double>& cov, int n, const std::vector<double>& basis, int k) {
+double VarianceShareIn(const std::vector<double>& cov, int n, const std::vector<double>& basis,
+                       int k) {
   double total = 0, inside = 0;
   for (int i = 0; i < n; ++i) total += cov[i * n + i];
   for (int j = 0; j < k; ++j) {
@@ -124,7 +128,8 @@ TEST(SyntheticTest, PresetsAndValidation) {
   EXPECT_EQ(llama.rope_theta, 500000.0);
   EXPECT_THAT(SyntheticPreset("gpt-9"),
               StatusIs(absl::StatusCode::kInvalidArgument,
-                       ::testing::AllOf(HasSubstr("gpt-9"), HasSubstr("llama3-8b-like"), HasSubstr("small"))));
+                       ::testing::AllOf(HasSubstr("gpt-9"), HasSubstr("llama3-8b-like"),
+                                        HasSubstr("small"))));
 
   struct Bad {
     const char* field;
@@ -149,7 +154,8 @@ TEST(SyntheticTest, PresetsAndValidation) {
   for (const Bad& b : bads) {
     SyntheticConfig c = SmallConfig();
     b.mutate(c);
-    EXPECT_THAT(GenerateSynthetic(c), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(b.field)))
+    EXPECT_THAT(GenerateSynthetic(c),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(b.field)))
         << b.field;
   }
 }
@@ -256,7 +262,9 @@ TEST(SyntheticTest, PreRopeKeysAreLowRankWithOutlierChannels) {
     double others = 0;
     int n_others = 0;
     for (int i = 0; i < d; ++i) {
-      if (std::find(truth.outlier_dims.begin(), truth.outlier_dims.end(), i) != truth.outlier_dims.end()) continue;
+      if (std::find(truth.outlier_dims.begin(), truth.outlier_dims.end(), i) !=
+          truth.outlier_dims.end())
+        continue;
       others += mag[i];
       ++n_others;
     }
@@ -298,7 +306,8 @@ TEST(SyntheticTest, QueriesComeFromAShiftedDistribution) {
       for (int s = 0; s < c.steps; ++s)
         for (int i = 0; i < d; ++i) m[i] += dump->query(s, 0, h)[j * d + i] / c.steps;
       for (int s = 0; s < c.steps; ++s)
-        for (int i = 0; i < d; ++i) qrows.push_back(static_cast<float>(dump->query(s, 0, h)[j * d + i] - m[i]));
+        for (int i = 0; i < d; ++i)
+          qrows.push_back(static_cast<float>(dump->query(s, 0, h)[j * d + i] - m[i]));
     }
     auto kcov = Covariance(dump->key(0, h) + c.sink_tokens * d, c.tokens - c.sink_tokens, d);
     auto qcov = Covariance(qrows.data(), static_cast<int64_t>(qrows.size() / d), d);
@@ -307,8 +316,8 @@ TEST(SyntheticTest, QueriesComeFromAShiftedDistribution) {
     const int k = c.rank + c.outlier_channels;
     const double k_share = VarianceShareIn(kcov, d, kvec, k);
     const double q_share = VarianceShareIn(qcov, d, kvec, k);
-    std::printf("head %d: key top-%d subspace holds %.3f of key variance, %.3f of query variance\n", h, k,
-                k_share, q_share);
+    std::printf("head %d: key top-%d subspace holds %.3f of key variance, %.3f of query variance\n",
+                h, k, k_share, q_share);
     EXPECT_LT(q_share, k_share - 0.1) << "head " << h;
   }
 }
@@ -345,7 +354,8 @@ double QueryLagSimilarity(const KvDump& dump, int layer, int q_head, int lag) {
   const int d = dump.head_dim;
   std::vector<double> mean(d, 0.0);
   auto q = [&](int s) {
-    return dump.queries.data() + ((static_cast<size_t>(s) * dump.layers + layer) * dump.q_heads + q_head) * d;
+    return dump.queries.data() +
+           ((static_cast<size_t>(s) * dump.layers + layer) * dump.q_heads + q_head) * d;
   };
   for (int s = 0; s < dump.steps; ++s)
     for (int i = 0; i < d; ++i) mean[i] += q(s)[i] / dump.steps;
@@ -431,7 +441,8 @@ TEST(SyntheticTest, AdjacentLayersHaveCorrelatedKeys) {
   c.layer_similarity = 0.0f;
   auto indep = GenerateSynthetic(c);
   ASSERT_THAT(indep, IsOk());
-  EXPECT_LT(LayerKeyCorrelation(*indep, 0, 0, 1, false), LayerKeyCorrelation(*dump, 0, 0, 1, false) - 0.2);
+  EXPECT_LT(LayerKeyCorrelation(*indep, 0, 0, 1, false),
+            LayerKeyCorrelation(*dump, 0, 0, 1, false) - 0.2);
 }
 
 TEST(SyntheticTest, TopicsRecurFarApartAndClusterAcrossPositions) {
@@ -553,12 +564,14 @@ TEST(SyntheticTest, RopeRotatesKeysAndPreservesNorms) {
   }
   far_post /= n;
   far_pre /= n;
-  std::printf("pair %d: lag-1 %.3f, lags 100-300 after RoPE %.3f, before %.3f\n", high, near, far_post, far_pre);
+  std::printf("pair %d: lag-1 %.3f, lags 100-300 after RoPE %.3f, before %.3f\n", high, near,
+              far_post, far_pre);
   EXPECT_GT(near, 0.4);
   EXPECT_LT(std::fabs(far_post), 0.05);
   EXPECT_GT(far_pre, 0.08);
   const int low = truth.outlier_dims.front();
-  EXPECT_GT(PairAutocorrelation(post, from, to, d, low, 200), 0.8 * PairAutocorrelation(pre, from, to, d, low, 200));
+  EXPECT_GT(PairAutocorrelation(post, from, to, d, low, 200),
+            0.8 * PairAutocorrelation(pre, from, to, d, low, 200));
 }
 
 TEST(SyntheticTest, NeedlesStandOutForTheirQuery) {
@@ -571,7 +584,9 @@ TEST(SyntheticTest, NeedlesStandOutForTheirQuery) {
   int top5 = 0;
   for (const SyntheticNeedle& nd : truth.needles) {
     ASSERT_EQ(nd.q_head / (c.q_heads / c.kv_heads), nd.kv_head);
-    const float* q = dump->queries.data() + ((static_cast<size_t>(nd.step) * c.layers + nd.layer) * c.q_heads + nd.q_head) * d;
+    const float* q =
+        dump->queries.data() +
+        ((static_cast<size_t>(nd.step) * c.layers + nd.layer) * c.q_heads + nd.q_head) * d;
     const double needle = Dot(q, dump->key(nd.layer, nd.kv_head) + nd.token * d, d);
     int above = 0;
     for (int64_t t = c.sink_tokens; t < c.tokens; ++t) {

@@ -1,9 +1,8 @@
-#include "server/index/mips.h"
-
 #include <cmath>
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "server/index/mips.h"
 #include "tests/support/status_matchers.h"
 #include "tests/unit/index/mdci_test_util.h"
 

@@ -46,14 +46,19 @@ int main(int argc, char** argv) {
     const char* eq = std::strchr(argv[i], '=');
     if (eq) kv[std::string(argv[i], static_cast<size_t>(eq - argv[i]))] = eq + 1;
   }
-  auto geti = [&](const char* k, double def) { return kv.count(k) ? std::atof(kv[k].c_str()) : def; };
+  auto geti = [&](const char* k, double def) {
+    return kv.count(k) ? std::atof(kv[k].c_str()) : def;
+  };
   const int64_t tokens = static_cast<int64_t>(geti("tokens", 131072));
   const int heads = static_cast<int>(geti("kv_heads", 2));
   const int steps = static_cast<int>(geti("steps", 8));
   const int budget = static_cast<int>(geti("budget", 256));
   const int P = static_cast<int>(geti("page", 16));
   auto cfg = SyntheticPreset(kv.count("preset") ? kv["preset"] : "llama3-8b-like");
-  if (!cfg.ok()) { std::fprintf(stderr, "%s\n", cfg.status().ToString().c_str()); return 1; }
+  if (!cfg.ok()) {
+    std::fprintf(stderr, "%s\n", cfg.status().ToString().c_str());
+    return 1;
+  }
   cfg->tokens = tokens;
   cfg->layers = 1;
   cfg->q_heads = cfg->q_heads / cfg->kv_heads * heads;
@@ -61,7 +66,10 @@ int main(int argc, char** argv) {
   cfg->steps = steps;
   auto t0 = Clock::now();
   auto dump = GenerateSynthetic(*cfg);
-  if (!dump.ok()) { std::fprintf(stderr, "%s\n", dump.status().ToString().c_str()); return 1; }
+  if (!dump.ok()) {
+    std::fprintf(stderr, "%s\n", dump.status().ToString().c_str());
+    return 1;
+  }
   const int d = dump->head_dim, G = dump->group_size();
   std::printf("generated %lld tokens x %d heads (d=%d, G=%d) in %.1f s; kernels %s\n",
               (long long)tokens, heads, d, G, Secs(t0, Clock::now()), KernelIsa());
@@ -87,9 +95,11 @@ int main(int argc, char** argv) {
   int n_sel = 0;
   for (int h = 0; h < heads; ++h) {
     const float* keys = dump->key(0, h);
-    std::map<SelectorKind, std::pair<std::unique_ptr<mdci_test::TestPageKeys>,
-                                     std::unique_ptr<Selector>>> sels;
-    for (SelectorKind kind : {SelectorKind::kMdci, SelectorKind::kExactMdci, SelectorKind::kExact}) {
+    std::map<SelectorKind,
+             std::pair<std::unique_ptr<mdci_test::TestPageKeys>, std::unique_ptr<Selector>>>
+        sels;
+    for (SelectorKind kind :
+         {SelectorKind::kMdci, SelectorKind::kExactMdci, SelectorKind::kExact}) {
       SelectorConfig sc;
       sc.kind = kind;
       sc.head_dim = d;
@@ -99,7 +109,10 @@ int main(int argc, char** argv) {
       sc.mdci = mp;
       auto pk = std::make_unique<mdci_test::TestPageKeys>(d, P, DType::kF16);
       auto s = Selector::Create(sc, pk.get());
-      if (!s.ok()) { std::fprintf(stderr, "%s\n", s.status().ToString().c_str()); return 1; }
+      if (!s.ok()) {
+        std::fprintf(stderr, "%s\n", s.status().ToString().c_str());
+        return 1;
+      }
       std::vector<Placement> pl;
       auto b0 = Clock::now();
       absl::Status st;
@@ -114,7 +127,10 @@ int main(int argc, char** argv) {
         st = (*s)->Build(keys, tokens, &pl);
       }
       const double bs = Secs(b0, Clock::now());
-      if (!st.ok()) { std::fprintf(stderr, "%s\n", st.ToString().c_str()); return 1; }
+      if (!st.ok()) {
+        std::fprintf(stderr, "%s\n", st.ToString().c_str());
+        return 1;
+      }
       pk->Apply(keys, pl);
       if (kind == SelectorKind::kMdci) {
         sum_build += bs;
@@ -136,9 +152,11 @@ int main(int argc, char** argv) {
       auto a = Clock::now();
       for (int r = 0; r < reps; ++r) (void)sels[SelectorKind::kMdci].second->Select(q, G, sp, &sm);
       auto b = Clock::now();
-      for (int r = 0; r < 2; ++r) (void)sels[SelectorKind::kExactMdci].second->Select(q, G, sp, &se);
+      for (int r = 0; r < 2; ++r)
+        (void)sels[SelectorKind::kExactMdci].second->Select(q, G, sp, &se);
       auto c = Clock::now();
-      for (int r = 0; r < 2; ++r) DotRowsMulti(DType::kF16, k16.data(), tokens, d, q, G, logits.data());
+      for (int r = 0; r < 2; ++r)
+        DotRowsMulti(DType::kF16, k16.data(), tokens, d, q, G, logits.data());
       auto e = Clock::now();
       (void)sels[SelectorKind::kExact].second->Select(q, G, sp, &sx);
       sum_us_m += Secs(a, b) * 1e6 / reps;
@@ -166,12 +184,15 @@ int main(int argc, char** argv) {
       sum_us_e += Secs(b, c) * 1e6 / 2;
       sum_us_scan += Secs(c, e) * 1e6 / 2;
       touched += static_cast<double>(sm.keys_touched) / tokens;
-      mass_m += mdci_test::MassOf(keys, tokens, d, q, G,
-                                  mdci_test::SelectedPositions(*sels[SelectorKind::kMdci].second, sm));
-      mass_e += mdci_test::MassOf(keys, tokens, d, q, G,
-                                  mdci_test::SelectedPositions(*sels[SelectorKind::kExactMdci].second, se));
-      mass_p += mdci_test::MassOf(keys, tokens, d, q, G,
-                                  mdci_test::SelectedPositions(*sels[SelectorKind::kExact].second, sx));
+      mass_m +=
+          mdci_test::MassOf(keys, tokens, d, q, G,
+                            mdci_test::SelectedPositions(*sels[SelectorKind::kMdci].second, sm));
+      mass_e += mdci_test::MassOf(
+          keys, tokens, d, q, G,
+          mdci_test::SelectedPositions(*sels[SelectorKind::kExactMdci].second, se));
+      mass_p +=
+          mdci_test::MassOf(keys, tokens, d, q, G,
+                            mdci_test::SelectedPositions(*sels[SelectorKind::kExact].second, sx));
       ++n_sel;
       if (geti("verbose", 0) != 0) {
         // Rank of exact-mdci's pages under the tree's level-1 estimate.
@@ -189,8 +210,9 @@ int main(int argc, char** argv) {
         for (size_t i = 0; i < order.size(); ++i) rank[order[i]] = static_cast<int>(i);
         std::printf("head %d step %d mass mdci %.4f exact-mdci %.4f | ranks:", h, step,
                     mdci_test::MassOf(keys, tokens, d, q, G, mdci_test::SelectedPositions(*m, sm)),
-                    mdci_test::MassOf(keys, tokens, d, q, G,
-                                      mdci_test::SelectedPositions(*sels[SelectorKind::kExactMdci].second, se)));
+                    mdci_test::MassOf(
+                        keys, tokens, d, q, G,
+                        mdci_test::SelectedPositions(*sels[SelectorKind::kExactMdci].second, se)));
         for (size_t i = 0; i < se.pages.size(); ++i) {
           std::printf(" %d%s", rank[m->tree().page_table().node_of_page(se.pages[i])],
                       std::isinf(se.scores[i]) ? "*" : "");
@@ -205,10 +227,12 @@ int main(int argc, char** argv) {
   std::printf("build %.3f s/head  index %.1f B/token (%.1f%% of 512 B KV)  mean fill %.3f\n",
               sum_build / heads, bytes / heads, 100.0 * bytes / heads / 512.0, fill / heads);
   std::printf("descent us %.1f (of mdci select)\n", sum_us_descent / n_sel);
-  std::printf("select us: mdci %.1f  exact-mdci %.1f  fp16 scan %.1f  (mdci/scan %.3f)  touched %.2f%%\n",
-              sum_us_m / n_sel, sum_us_e / n_sel, sum_us_scan / n_sel, sum_us_m / sum_us_scan,
-              100.0 * touched / n_sel);
-  std::printf("mass: mdci %.4f  exact-mdci %.4f  exact-positional %.4f  ratio mdci/exact-mdci %.4f\n",
-              mass_m / n_sel, mass_e / n_sel, mass_p / n_sel, mass_m / mass_e);
+  std::printf(
+      "select us: mdci %.1f  exact-mdci %.1f  fp16 scan %.1f  (mdci/scan %.3f)  touched %.2f%%\n",
+      sum_us_m / n_sel, sum_us_e / n_sel, sum_us_scan / n_sel, sum_us_m / sum_us_scan,
+      100.0 * touched / n_sel);
+  std::printf(
+      "mass: mdci %.4f  exact-mdci %.4f  exact-positional %.4f  ratio mdci/exact-mdci %.4f\n",
+      mass_m / n_sel, mass_e / n_sel, mass_p / n_sel, mass_m / mass_e);
   return 0;
 }

@@ -122,9 +122,10 @@ TEST_F(MdciQualityTest, MdciMassWithinReachOfExactMdciWhichBeatsPositional) {
   RecordProperty("mass_mdci", std::to_string(mdci));
   RecordProperty("mass_exact_mdci", std::to_string(exact_mdci));
   RecordProperty("mass_exact_positional", std::to_string(positional));
-  std::printf("mass: mdci %.4f exact-mdci %.4f exact positional %.4f (max keys touched %llu of %lld)\n",
-              mdci, exact_mdci, positional, static_cast<unsigned long long>(touched),
-              static_cast<long long>(dump_->tokens));
+  std::printf(
+      "mass: mdci %.4f exact-mdci %.4f exact positional %.4f (max keys touched %llu of %lld)\n",
+      mdci, exact_mdci, positional, static_cast<unsigned long long>(touched),
+      static_cast<long long>(dump_->tokens));
   EXPECT_GE(mdci, exact_mdci - 0.05);
   EXPECT_GT(exact_mdci, positional);
   EXPECT_LT(touched, static_cast<uint64_t>(dump_->tokens) * 4 / 10);

@@ -223,8 +223,8 @@ TEST(MdciSelectorTest, RebuildKeepsLayoutAndResultsSane) {
   EXPECT_EQ(mdci->tree().mips().over_bound(), 0);
   ASSERT_EQ(f.sel->num_pages(), pages);
   for (uint32_t p = 0; p < pages; ++p) {
-    EXPECT_EQ(layout[p], std::vector<int32_t>(f.sel->positions(p),
-                                              f.sel->positions(p) + f.sel->fill(p)));
+    EXPECT_EQ(layout[p],
+              std::vector<int32_t>(f.sel->positions(p), f.sel->positions(p) + f.sel->fill(p)));
   }
   ASSERT_THAT(f.sel->Insert(&k[0], 1, &pl), IsOk());
   EXPECT_THAT(mdci->CommitRebuild(std::move(rb_stale).value()),
@@ -266,9 +266,9 @@ TEST(MdciSelectorTest, ConcurrentSelectsGiveIdenticalResults) {
       Selection got;
       for (int rep = 0; rep < 20; ++rep) {
         const int i = (rep * 5 + t) % 16;
-        if (!f.sel->Select(queries[i].data(), G, sp, &got).ok() ||
-            got.pages != want[i].pages || got.scores != want[i].scores ||
-            got.positions != want[i].positions || got.keys_touched != want[i].keys_touched) {
+        if (!f.sel->Select(queries[i].data(), G, sp, &got).ok() || got.pages != want[i].pages ||
+            got.scores != want[i].scores || got.positions != want[i].positions ||
+            got.keys_touched != want[i].keys_touched) {
           ++mismatches[t];
         }
       }
@@ -289,8 +289,8 @@ TEST(MdciSelectorTest, DeterministicAcrossInstances) {
   ASSERT_EQ(a.sel->num_pages(), b.sel->num_pages());
   for (uint32_t p = 0; p < a.sel->num_pages(); ++p) {
     ASSERT_EQ(a.sel->fill(p), b.sel->fill(p));
-    EXPECT_TRUE(std::equal(a.sel->positions(p), a.sel->positions(p) + a.sel->fill(p),
-                           b.sel->positions(p)));
+    EXPECT_TRUE(
+        std::equal(a.sel->positions(p), a.sel->positions(p) + a.sel->fill(p), b.sel->positions(p)));
   }
   auto q = AimedQueries(k, n, d, G, 1.0f, 9);
   Selection sa, sb;

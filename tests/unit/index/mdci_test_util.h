@@ -76,7 +76,8 @@ inline double MassOf(const float* keys, int64_t n, int dim, const float* queries
     double m = -1e300;
     for (int64_t i = 0; i < n; ++i) {
       double s = 0.0;
-      for (int k = 0; k < dim; ++k) s += static_cast<double>(queries[j * dim + k]) * keys[i * dim + k];
+      for (int k = 0; k < dim; ++k)
+        s += static_cast<double>(queries[j * dim + k]) * keys[i * dim + k];
       logit[i] = s / std::sqrt(static_cast<double>(dim));
       m = std::max(m, logit[i]);
     }

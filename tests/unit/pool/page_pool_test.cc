@@ -31,12 +31,12 @@ std::unique_ptr<PagePool> MakePool(uint64_t capacity, int max_classes = 4) {
 TEST(PagePoolTest, CreateValidatesOptions) {
   PagePoolOptions o;
   o.capacity_bytes = 0;
-  EXPECT_THAT(PagePool::Create(o), StatusIs(absl::StatusCode::kInvalidArgument,
-                                            HasSubstr("capacity_bytes")));
+  EXPECT_THAT(PagePool::Create(o),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("capacity_bytes")));
   o.capacity_bytes = 4 * kMiB;
   o.max_size_classes = 0;
-  EXPECT_THAT(PagePool::Create(o), StatusIs(absl::StatusCode::kInvalidArgument,
-                                            HasSubstr("max_size_classes")));
+  EXPECT_THAT(PagePool::Create(o),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_size_classes")));
 }
 
 TEST(PagePoolTest, CapacityRoundsUpToSlabs) {
@@ -178,8 +178,8 @@ TEST(PagePoolTest, EmptySlabsMoveBetweenClasses) {
   {
     auto s = pool->Allocate("t", *small, 10);
     ASSERT_THAT(s, IsOk());
-    EXPECT_THAT(pool->Allocate("t", *big, 1), StatusIs(absl::StatusCode::kResourceExhausted,
-                                                       HasSubstr("capacity")));
+    EXPECT_THAT(pool->Allocate("t", *big, 1),
+                StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("capacity")));
   }
   auto b = pool->Allocate("t", *big, 1);
   EXPECT_THAT(b, IsOk());
@@ -278,8 +278,7 @@ TEST(PagePoolTest, FrameSetTakeBackAndAbsorb) {
   EXPECT_EQ(a->size(), 8u);
   auto other_tenant = pool->Allocate("u", *id, 1);
   ASSERT_THAT(other_tenant, IsOk());
-  EXPECT_THAT(a->Absorb(std::move(*other_tenant)),
-              StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_THAT(a->Absorb(std::move(*other_tenant)), StatusIs(absl::StatusCode::kFailedPrecondition));
   auto other_class = pool->Allocate("t", *id2, 1);
   ASSERT_THAT(other_class, IsOk());
   EXPECT_THAT(a->Absorb(std::move(*other_class)), StatusIs(absl::StatusCode::kFailedPrecondition));

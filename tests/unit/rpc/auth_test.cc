@@ -114,8 +114,8 @@ TEST(AuthTest, CreateRejectsBadConfig) {
   auto* m = dup.add_uid_tenants();
   m->set_uid(1001);
   m->set_tenant("other");
-  EXPECT_THAT(Authenticator::Create(dup), StatusIs(absl::StatusCode::kInvalidArgument,
-                                                   HasSubstr("1001")));
+  EXPECT_THAT(Authenticator::Create(dup),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("1001")));
   v1::AuthConfig bad_tenant;
   auto* t = bad_tenant.add_tokens();
   t->set_token("0123456789abcdef");

@@ -47,7 +47,8 @@ TEST(ConfigTest, ExplicitZerosForOptionalFieldsSurviveDefaults) {
 }
 
 TEST(ConfigTest, ParsesTextprotoAndReportsErrorsWithLine) {
-  auto c = ParseConfigText("listen { unix_socket: \"/tmp/a.sock\" }\npool { capacity_bytes: 8388608 }");
+  auto c =
+      ParseConfigText("listen { unix_socket: \"/tmp/a.sock\" }\npool { capacity_bytes: 8388608 }");
   ASSERT_THAT(c, IsOk());
   EXPECT_EQ(c->listen().unix_socket(), "/tmp/a.sock");
   EXPECT_EQ(c->pool().capacity_bytes(), 8388608u);
@@ -109,14 +110,18 @@ struct BadCase {
 
 TEST(ConfigTest, EveryBadFieldIsNamed) {
   const std::vector<BadCase> cases = {
-      {"listen.unix_socket", [](auto* c) { c->mutable_listen()->set_unix_socket("relative.sock"); }},
+      {"listen.unix_socket",
+       [](auto* c) { c->mutable_listen()->set_unix_socket("relative.sock"); }},
       {"listen.unix_socket",
        [](auto* c) { c->mutable_listen()->set_unix_socket("/" + std::string(200, 'a')); }},
-      {"listen.unix_socket_mode", [](auto* c) { c->mutable_listen()->set_unix_socket_mode(01777); }},
+      {"listen.unix_socket_mode",
+       [](auto* c) { c->mutable_listen()->set_unix_socket_mode(01777); }},
       {"listen.unix_socket_mode", [](auto* c) { c->mutable_listen()->set_unix_socket_mode(0060); }},
       {"listen.tcp_address", [](auto* c) { c->mutable_listen()->set_tcp_address("nohostport"); }},
-      {"listen.tcp_address", [](auto* c) { c->mutable_listen()->set_tcp_address("0.0.0.0:99999"); }},
-      {"listen.tls_cert_file", [](auto* c) { c->mutable_listen()->set_tcp_address("0.0.0.0:50051"); }},
+      {"listen.tcp_address",
+       [](auto* c) { c->mutable_listen()->set_tcp_address("0.0.0.0:99999"); }},
+      {"listen.tls_cert_file",
+       [](auto* c) { c->mutable_listen()->set_tcp_address("0.0.0.0:50051"); }},
       {"listen.tls_key_file",
        [](auto* c) {
          c->mutable_listen()->set_tcp_address("0.0.0.0:50051");
@@ -160,7 +165,8 @@ TEST(ConfigTest, EveryBadFieldIsNamed) {
          }
        }},
       {"pool.capacity_bytes", [](auto* c) { c->mutable_pool()->set_capacity_bytes(1024); }},
-      {"pool.capacity_bytes", [](auto* c) { c->mutable_pool()->set_capacity_bytes(uint64_t{1} << 41); }},
+      {"pool.capacity_bytes",
+       [](auto* c) { c->mutable_pool()->set_capacity_bytes(uint64_t{1} << 41); }},
       {"pool.high_watermark", [](auto* c) { c->mutable_pool()->set_high_watermark(1.5); }},
       {"pool.high_watermark", [](auto* c) { c->mutable_pool()->set_high_watermark(-0.1); }},
       {"pool.quotas[1].tenant",
@@ -187,7 +193,8 @@ TEST(ConfigTest, EveryBadFieldIsNamed) {
          c->mutable_sessions()->set_max_sessions(10);
          c->mutable_sessions()->set_max_sessions_per_tenant(11);
        }},
-      {"sessions.buffer_idle_ttl_ms", [](auto* c) { c->mutable_sessions()->set_buffer_idle_ttl_ms(10); }},
+      {"sessions.buffer_idle_ttl_ms",
+       [](auto* c) { c->mutable_sessions()->set_buffer_idle_ttl_ms(10); }},
       {"sessions.max_tokens_per_session",
        [](auto* c) { c->mutable_sessions()->set_max_tokens_per_session(uint64_t{1} << 40); }},
       {"limits.max_receive_message_bytes",
@@ -199,7 +206,8 @@ TEST(ConfigTest, EveryBadFieldIsNamed) {
        }},
       {"limits.max_buffers_per_tenant",
        [](auto* c) { c->mutable_limits()->set_max_buffers_per_tenant(100000); }},
-      {"limits.max_concurrent_calls", [](auto* c) { c->mutable_limits()->set_max_concurrent_calls(1); }},
+      {"limits.max_concurrent_calls",
+       [](auto* c) { c->mutable_limits()->set_max_concurrent_calls(1); }},
       {"metrics.port", [](auto* c) { c->mutable_metrics()->set_port(70000); }},
       {"log_level", [](auto* c) { c->set_log_level(static_cast<v1::LogLevel>(42)); }},
       {"drain_timeout_ms", [](auto* c) { c->set_drain_timeout_ms(700'000); }},
@@ -269,7 +277,10 @@ TEST(ConfigTest, DefaultSocketPathFallsBackToXdgRuntimeDir) {
   EXPECT_EQ(DefaultSocketPath(), std::string(dir) + "/icecached.sock");
   setenv("XDG_RUNTIME_DIR", "/nonexistent-dir", 1);
   EXPECT_EQ(DefaultSocketPath(), "/tmp/icecached-" + std::to_string(getuid()) + ".sock");
-  if (old) setenv("XDG_RUNTIME_DIR", saved.c_str(), 1); else unsetenv("XDG_RUNTIME_DIR");
+  if (old)
+    setenv("XDG_RUNTIME_DIR", saved.c_str(), 1);
+  else
+    unsetenv("XDG_RUNTIME_DIR");
   rmdir(dir);
 }
 

@@ -78,16 +78,30 @@ TEST(ConvertTest, SessionConfigErrorsNameTheField) {
   };
   const Case cases[] = {
       {"model", [](v1::SessionConfig* p) { p->clear_model(); }},
-      {"model.dtype", [](v1::SessionConfig* p) { p->mutable_model()->set_dtype(v1::DTYPE_UNSPECIFIED); }},
-      {"model.dtype", [](v1::SessionConfig* p) { p->mutable_model()->set_dtype(static_cast<v1::DType>(9)); }},
+      {"model.dtype",
+       [](v1::SessionConfig* p) { p->mutable_model()->set_dtype(v1::DTYPE_UNSPECIFIED); }},
+      {"model.dtype",
+       [](v1::SessionConfig* p) { p->mutable_model()->set_dtype(static_cast<v1::DType>(9)); }},
       {"model.layers", [](v1::SessionConfig* p) { p->mutable_model()->set_layers(0x80000000u); }},
-      {"model.head_dim", [](v1::SessionConfig* p) { p->mutable_model()->set_head_dim(0xffffffffu); }},
-      {"selector.kind", [](v1::SessionConfig* p) { p->mutable_selector()->set_kind(static_cast<v1::SelectorKind>(77)); }},
-      {"selector.mdci.num_simple", [](v1::SessionConfig* p) { p->mutable_selector()->mutable_mdci()->set_num_simple(1000); }},
-      {"selector.mdci.candidate_factor", [](v1::SessionConfig* p) { p->mutable_selector()->mutable_mdci()->set_candidate_factor(NAN); }},
-      {"selector.mdci.rebuild_fraction", [](v1::SessionConfig* p) { p->mutable_selector()->mutable_mdci()->set_rebuild_fraction(2); }},
+      {"model.head_dim",
+       [](v1::SessionConfig* p) { p->mutable_model()->set_head_dim(0xffffffffu); }},
+      {"selector.kind",
+       [](v1::SessionConfig* p) {
+         p->mutable_selector()->set_kind(static_cast<v1::SelectorKind>(77));
+       }},
+      {"selector.mdci.num_simple",
+       [](v1::SessionConfig* p) { p->mutable_selector()->mutable_mdci()->set_num_simple(1000); }},
+      {"selector.mdci.candidate_factor",
+       [](v1::SessionConfig* p) {
+         p->mutable_selector()->mutable_mdci()->set_candidate_factor(NAN);
+       }},
+      {"selector.mdci.rebuild_fraction",
+       [](v1::SessionConfig* p) {
+         p->mutable_selector()->mutable_mdci()->set_rebuild_fraction(2);
+       }},
       {"ttl_ms", [](v1::SessionConfig* p) { p->set_ttl_ms(~uint64_t{0}); }},
-      {"defaults.budget_tokens", [](v1::SessionConfig* p) { p->mutable_defaults()->set_budget_tokens(0); }},
+      {"defaults.budget_tokens",
+       [](v1::SessionConfig* p) { p->mutable_defaults()->set_budget_tokens(0); }},
   };
   for (const Case& c : cases) {
     v1::SessionConfig p = GoodProto();
@@ -112,7 +126,7 @@ TEST(ConvertTest, SelectParamsUnsetMeansSessionDefaultExplicitZeroMeansNone) {
   s = SelectParamsFromProto(p);
   ASSERT_THAT(s, IsOk());
   EXPECT_EQ(s->budget_tokens, 128);
-  EXPECT_EQ(s->sink_tokens, -1);   // the core's "force 0"
+  EXPECT_EQ(s->sink_tokens, -1);  // the core's "force 0"
   EXPECT_EQ(s->recent_tokens, -1);
   EXPECT_TRUE(s->want_positions);
   p.set_sink_tokens(4);

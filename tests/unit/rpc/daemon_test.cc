@@ -4,20 +4,19 @@
 // integration suite runs the icecached binary end to end.
 #include "server/rpc/daemon.h"
 
-#include <sys/socket.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
 #include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cstring>
 #include <fstream>
-#include <sstream>
 #include <random>
+#include <sstream>
 #include <string>
 #include <tuple>
 #include <vector>
-
-#include <grpcpp/generic/generic_stub.h>
-#include <grpcpp/grpcpp.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
@@ -306,14 +305,18 @@ TEST_F(DaemonTest, AppendSelectFetchAndDecodeStepMoveTheRightBytes) {
 
   const std::string metrics = daemon_->metrics()->Render();
   EXPECT_THAT(metrics, HasSubstr("icecache_rpc_requests_total{method=\"AppendKv\",code=\"OK\"} 1"));
-  EXPECT_THAT(metrics, HasSubstr("icecache_rpc_requests_total{method=\"DecodeStep\",code=\"INVALID_ARGUMENT\"} 1"));
+  EXPECT_THAT(
+      metrics,
+      HasSubstr("icecache_rpc_requests_total{method=\"DecodeStep\",code=\"INVALID_ARGUMENT\"} 1"));
   EXPECT_THAT(metrics, HasSubstr("icecache_decode_step_duration_seconds_count 2"));
   EXPECT_THAT(metrics, HasSubstr("icecache_select_duration_seconds_count 1"));
-  EXPECT_THAT(metrics, HasSubstr(absl::StrCat("icecache_bytes_moved_total{direction=\"append_inline\"} ",
-                                              kv.size() * 4)));
+  EXPECT_THAT(metrics,
+              HasSubstr(absl::StrCat("icecache_bytes_moved_total{direction=\"append_inline\"} ",
+                                     kv.size() * 4)));
   EXPECT_THAT(metrics, HasSubstr("icecache_tenant_sessions{tenant=\"uid-"));
   // Pool bytes per size class: frame = 2 x 4 tokens x 16 dims x 4 bytes.
-  EXPECT_THAT(metrics, HasSubstr("icecache_pool_class_frames{frame_bytes=\"512\",state=\"used\"} "));
+  EXPECT_THAT(metrics,
+              HasSubstr("icecache_pool_class_frames{frame_bytes=\"512\",state=\"used\"} "));
   EXPECT_THAT(metrics, HasSubstr("icecache_pool_class_bytes{frame_bytes=\"512\",state=\"free\"} "));
 }
 
@@ -585,9 +588,9 @@ TEST_F(DaemonTest, ReflectionListsTheServices) {
   ASSERT_TRUE(response.Dump(&slices).ok());
   std::string bytes;
   for (const auto& sl : slices) bytes.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
-  for (const char* service : {"icecache.v1.SessionService", "icecache.v1.BufferService",
-                              "icecache.v1.KvService", "icecache.v1.AdminService",
-                              "grpc.health.v1.Health"}) {
+  for (const char* service :
+       {"icecache.v1.SessionService", "icecache.v1.BufferService", "icecache.v1.KvService",
+        "icecache.v1.AdminService", "grpc.health.v1.Health"}) {
     EXPECT_THAT(bytes, HasSubstr(service));
   }
   call->WritesDone(reinterpret_cast<void*>(4));
@@ -611,7 +614,9 @@ TEST_F(DaemonTest, MetricsEndpointServesPrometheusTextAndHealthz) {
   EXPECT_THAT(metrics, HasSubstr("icecache_sessions 1\n"));
   EXPECT_THAT(metrics, HasSubstr("icecache_session_events_total{event=\"created\"} 1\n"));
   EXPECT_THAT(metrics, ::testing::Not(HasSubstr("icecache_tenant_free_bytes{")));  // no quota yet
-  EXPECT_THAT(metrics, HasSubstr("icecache_rpc_duration_seconds_bucket{method=\"CreateSession\",le=\"+Inf\"} 1\n"));
+  EXPECT_THAT(
+      metrics,
+      HasSubstr("icecache_rpc_duration_seconds_bucket{method=\"CreateSession\",le=\"+Inf\"} 1\n"));
   {
     grpc::ClientContext ctx;
     v1::SetQuotaRequest req;
@@ -637,17 +642,18 @@ TEST_F(DaemonTest, TcpNeedsTlsAndABearerTokenMappedToATenant) {
   if (std::system(cmd.c_str()) != 0) GTEST_SKIP() << "openssl cannot make a test certificate";
   const int port = FreeTcpPort();
   ASSERT_GT(port, 0);
-  Start(true, absl::StrCat(
-                   "listen { tcp_address: \"127.0.0.1:", port, "\" tls_cert_file: \"", cert,
-                   "\" tls_key_file: \"", key, "\" }\n",
-                   "auth { tokens { token: \"tenant-r-token-0123456789\" tenant: \"r\" }\n",
-                   "       tokens { token: \"admin-token-0123456789ab\" tenant: \"ops\" admin: true } }"));
+  Start(true,
+        absl::StrCat(
+            "listen { tcp_address: \"127.0.0.1:", port, "\" tls_cert_file: \"", cert,
+            "\" tls_key_file: \"", key, "\" }\n",
+            "auth { tokens { token: \"tenant-r-token-0123456789\" tenant: \"r\" }\n",
+            "       tokens { token: \"admin-token-0123456789ab\" tenant: \"ops\" admin: true } }"));
   grpc::SslCredentialsOptions ssl;
   ssl.pem_root_certs = ReadAll(cert);
   grpc::ChannelArguments args;
   args.SetSslTargetNameOverride("localhost");
-  auto tcp = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port), grpc::SslCredentials(ssl),
-                                       args);
+  auto tcp =
+      grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port), grpc::SslCredentials(ssl), args);
   auto stub = v1::SessionService::NewStub(tcp);
   auto admin = v1::AdminService::NewStub(tcp);
   auto create = [&](const char* token) {

@@ -29,8 +29,8 @@ TEST(LogTest, ParsesLevelsAndRejectsUnknown) {
   EXPECT_EQ(*ParseLogLevel("DEBUG"), LogLevel::kDebug);
   EXPECT_EQ(*ParseLogLevel("warning"), LogLevel::kWarn);
   EXPECT_EQ(*ParseLogLevel("error"), LogLevel::kError);
-  EXPECT_THAT(ParseLogLevel("loud"), StatusIs(absl::StatusCode::kInvalidArgument,
-                                              ::testing::HasSubstr("loud")));
+  EXPECT_THAT(ParseLogLevel("loud"),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("loud")));
 }
 
 TEST(LogTest, LevelFilter) {

@@ -4,6 +4,8 @@
 #include "server/rpc/unix_listener.h"
 
 #include <fcntl.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/server_posix.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -12,9 +14,6 @@
 
 #include <cstring>
 #include <string>
-
-#include <grpcpp/grpcpp.h>
-#include <grpcpp/server_posix.h>
 
 #include "absl/synchronization/mutex.h"
 #include "gmock/gmock.h"
@@ -125,7 +124,8 @@ TEST(UnixListenerTest, AcceptReportsThePeerUid) {
   ASSERT_GE(fd, 0);
   {
     absl::MutexLock lock(&mu);
-    mu.Await(absl::Condition(+[](std::vector<PeerCred>* v) { return !v->empty(); }, &seen));
+    mu.Await(absl::Condition(
+        +[](std::vector<PeerCred>* v) { return !v->empty(); }, &seen));
     EXPECT_EQ(seen[0].uid, getuid());
     EXPECT_EQ(seen[0].pid, getpid());
   }
@@ -150,7 +150,8 @@ TEST(UnixListenerTest, AcceptReportsThePeerUid) {
   }
   {
     absl::MutexLock lock(&mu);
-    mu.Await(absl::Condition(+[](std::vector<PeerCred>* v) { return v->size() >= 2; }, &seen));
+    mu.Await(absl::Condition(
+        +[](std::vector<PeerCred>* v) { return v->size() >= 2; }, &seen));
     EXPECT_EQ(seen[1].uid, 65534u);
     EXPECT_EQ(seen[1].pid, child);
   }

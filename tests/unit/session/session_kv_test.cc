@@ -71,11 +71,11 @@ std::vector<std::set<int32_t>> CheckRegion(const SessionConfig& c, const FetchLa
           if (r < slot.fill) {
             const int32_t pos = head.positions[pos_index + r];
             if (j == 0) seen[head.kv_head].insert(pos);
-            EXPECT_EQ(0, std::memcmp(k + r * row, mirror.Row(0, layer, head.kv_head, pos).data(),
-                                     row))
+            EXPECT_EQ(0,
+                      std::memcmp(k + r * row, mirror.Row(0, layer, head.kv_head, pos).data(), row))
                 << "K layer " << layer << " head " << head.kv_head << " pos " << pos;
-            EXPECT_EQ(0, std::memcmp(v + r * row, mirror.Row(1, layer, head.kv_head, pos).data(),
-                                     row))
+            EXPECT_EQ(0,
+                      std::memcmp(v + r * row, mirror.Row(1, layer, head.kv_head, pos).data(), row))
                 << "V layer " << layer << " head " << head.kv_head << " pos " << pos;
           } else {
             EXPECT_EQ(0, std::memcmp(k + r * row, zero.data(), row)) << "K row past fill";

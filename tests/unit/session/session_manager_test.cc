@@ -31,17 +31,17 @@ TEST(SessionManagerTest, CreateValidatesOptions) {
   FakeClock clock;
   Env env = MakeEnv(&clock);
   SessionManagerOptions o;
-  EXPECT_THAT(SessionManager::Create(o), StatusIs(absl::StatusCode::kInvalidArgument,
-                                                  HasSubstr("pool")));
+  EXPECT_THAT(SessionManager::Create(o),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("pool")));
   o.pool = env.pool.get();
   o.buffers = env.buffers.get();
   o.high_watermark = 1.5;
-  EXPECT_THAT(SessionManager::Create(o), StatusIs(absl::StatusCode::kInvalidArgument,
-                                                  HasSubstr("high_watermark")));
+  EXPECT_THAT(SessionManager::Create(o),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("high_watermark")));
   o.high_watermark = 0.9;
   o.default_ttl = absl::Hours(48);
-  EXPECT_THAT(SessionManager::Create(o), StatusIs(absl::StatusCode::kInvalidArgument,
-                                                  HasSubstr("default_ttl")));
+  EXPECT_THAT(SessionManager::Create(o),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("default_ttl")));
 }
 
 TEST(SessionManagerTest, ConfigValidationNamesTheField) {

@@ -23,8 +23,7 @@ const absl::Time kT0 = absl::FromUnixSeconds(1'000'000);
 Caller Alice() { return Caller{"alice", static_cast<uint32_t>(getuid()), false}; }
 Caller Bob() { return Caller{"bob", static_cast<uint32_t>(getuid()), false}; }
 
-std::unique_ptr<BufferRegistry> MakeRegistry(int max_per_tenant = 8,
-                                             CudaRuntime* cuda = nullptr) {
+std::unique_ptr<BufferRegistry> MakeRegistry(int max_per_tenant = 8, CudaRuntime* cuda = nullptr) {
   BufferRegistryOptions o;
   o.max_buffers_per_tenant = max_per_tenant;
   o.idle_ttl = absl::Seconds(30);
@@ -130,8 +129,9 @@ TEST(BufferRegistryTest, TenantsNeverSeeEachOthersBuffers) {
   auto info = reg->RegisterShm(Alice(), file->path(), 4096, kT0);
   ASSERT_THAT(info, IsOk());
   // Bob gets exactly the answer of an unknown id.
-  EXPECT_THAT(reg->Acquire(Bob(), info->id, kT0),
-              StatusIs(absl::StatusCode::kNotFound, HasSubstr("buffer " + info->id + " not found")));
+  EXPECT_THAT(
+      reg->Acquire(Bob(), info->id, kT0),
+      StatusIs(absl::StatusCode::kNotFound, HasSubstr("buffer " + info->id + " not found")));
   EXPECT_THAT(reg->Get(Bob(), info->id), StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(reg->Unregister(Bob(), info->id), StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(reg->Touch(Bob(), info->id, kT0), StatusIs(absl::StatusCode::kNotFound));

@@ -14,8 +14,8 @@ using ::testing::HasSubstr;
 
 TEST(CudaIdsTest, ParseHandle) {
   std::string bytes(64, '\0');
-  EXPECT_THAT(ParseCudaIpcHandle(bytes), StatusIs(absl::StatusCode::kInvalidArgument,
-                                                  HasSubstr("all zero")));
+  EXPECT_THAT(ParseCudaIpcHandle(bytes),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("all zero")));
   bytes[5] = 7;
   auto h = ParseCudaIpcHandle(bytes);
   ASSERT_THAT(h, IsOk());
@@ -50,11 +50,12 @@ TEST(CudaRuntimeTest, ReportsNoDeviceAsStatus) {
   EXPECT_THAT(rt->unavailable_reason(), HasSubstr("no CUDA device"));
   CudaIpcHandle h;
   h.bytes[0] = 1;
-  EXPECT_THAT(rt->OpenIpcHandle(0, h), StatusIs(absl::StatusCode::kFailedPrecondition,
-                                                HasSubstr("no CUDA device")));
+  EXPECT_THAT(rt->OpenIpcHandle(0, h),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("no CUDA device")));
   EXPECT_THAT(rt->FindDevice(CudaDeviceUuid{}), StatusIs(absl::StatusCode::kFailedPrecondition));
   char buf[4];
-  EXPECT_THAT(rt->CopyToDevice(0, nullptr, buf, 4), StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_THAT(rt->CopyToDevice(0, nullptr, buf, 4),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
   EXPECT_THAT(rt->HostRegister(buf, 4), StatusIs(absl::StatusCode::kFailedPrecondition));
 }
 

@@ -79,8 +79,8 @@ TEST(HostPinnerTest, NoDeviceIsFailedPrecondition) {
   if (rt->available()) GTEST_SKIP() << "a CUDA device is present";
   std::vector<uint8_t> region(4096);
   auto p = HostPinner::Start(rt.get(), region.data(), region.size());
-  EXPECT_THAT(p->Wait(), StatusIs(absl::StatusCode::kFailedPrecondition,
-                                  HasSubstr("no CUDA device")));
+  EXPECT_THAT(p->Wait(),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("no CUDA device")));
   EXPECT_EQ(p->pinned_bytes(), 0u);
   auto none = HostPinner::Start(nullptr, region.data(), region.size());
   EXPECT_THAT(none->Wait(), StatusIs(absl::StatusCode::kFailedPrecondition));

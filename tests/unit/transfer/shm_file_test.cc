@@ -155,7 +155,10 @@ TEST(ShmFileTest, SigbusGuardTurnsTruncationIntoStatus) {
   int x = 0;
   EXPECT_THAT(RunSigbusGuarded([&] { x = 42; }), IsOk());
   EXPECT_EQ(x, 42);
-  s = RunSigbusGuarded([&] { volatile uint8_t v = dst[page]; (void)v; });
+  s = RunSigbusGuarded([&] {
+    volatile uint8_t v = dst[page];
+    (void)v;
+  });
   EXPECT_THAT(s, StatusIs(absl::StatusCode::kFailedPrecondition));
   // Nested use is refused, not undefined.
   absl::Status inner;
