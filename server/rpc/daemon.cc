@@ -79,6 +79,7 @@ absl::Status Daemon::Init() {
   mgr_opts.reaper_interval =
       absl::Milliseconds(static_cast<int64_t>(c.sessions().reaper_interval_ms()));
   mgr_opts.build_threads = static_cast<int>(c.worker_threads());
+  mgr_opts.stop_pending = ShutdownSignalPending;
   ASSIGN_OR_RETURN(manager_, SessionManager::Create(mgr_opts));
 
   ASSIGN_OR_RETURN(auth_, Authenticator::Create(c.auth()));
@@ -93,7 +94,6 @@ absl::Status Daemon::Init() {
   deps_.metrics = rpc_metrics_.get();
   deps_.config = &config_;
   deps_.start_unix_ms = absl::ToUnixMillis(absl::Now());
-  deps_.draining = [this] { return draining_.load() || ShutdownSignalPending(); };
   deps_.on_drain = [this](bool shutdown) {
     BeginDrain();
     if (shutdown) RequestShutdown();
@@ -242,7 +242,7 @@ absl::Status Daemon::StartMetricsHttp() {
     res.set_content(registry_.Render(), "text/plain; version=0.0.4; charset=utf-8");
   });
   http_->Get("/healthz", [this](const httplib::Request&, httplib::Response& res) {
-    if (draining_.load()) {
+    if (manager_->draining()) {
       res.status = 503;
       res.set_content("draining\n", "text/plain");
     } else {
@@ -262,10 +262,10 @@ absl::Status Daemon::StartMetricsHttp() {
 }
 
 void Daemon::BeginDrain() {
-  if (draining_.exchange(true)) return;
-  absl::StatusOr<int> in_flight = manager_->Drain(internal_admin_, true);
+  // Idempotent: AdminService.Drain has already set the manager's flag.
+  const bool was_draining = manager_->SetDraining(true);
   if (server_) server_->GetHealthCheckService()->SetServingStatus(false);
-  Log(LogLevel::kWarn, "draining", {{"in_flight", in_flight.ok() ? *in_flight : -1}});
+  if (!was_draining) Log(LogLevel::kWarn, "draining", {{"in_flight", manager_->InFlight()}});
 }
 
 void Daemon::RequestShutdown() {

@@ -110,7 +110,6 @@ class Daemon {
   SnapshotFamily* connections_ = nullptr;
 
   bool started_ = false;  // Init() completed
-  std::atomic<bool> draining_{false};
   absl::Mutex mu_;
   bool shutdown_requested_ ABSL_GUARDED_BY(mu_) = false;
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;

@@ -127,9 +127,6 @@ grpc::Status SessionServiceImpl::CreateSession(grpc::ServerContext* ctx,
                                                v1::CreateSessionResponse* resp) {
   return call_.Run(ctx, "CreateSession", Role::kTenant, [&](const Caller& caller) -> absl::Status {
     const auto& deps = call_.deps();
-    if (deps.draining && deps.draining()) {
-      return absl::UnavailableError("icecached is draining; no new sessions are accepted");
-    }
     ASSIGN_OR_RETURN(SessionConfig config,
                      SessionConfigFromProto(req->config(), SelectDefaultsFromConfig(*deps.config)));
     ASSIGN_OR_RETURN(SessionInfo info, deps.manager->CreateSession(caller, config));

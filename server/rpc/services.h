@@ -64,11 +64,8 @@ struct ServiceDeps {
   int64_t start_unix_ms = 0;
   // Called by AdminService.Drain: begins draining (health NOT_SERVING) and,
   // when `shutdown`, asks the daemon to exit after in-flight calls.
+  // Whether the daemon drains is the SessionManager's to say (draining()).
   std::function<void(bool shutdown)> on_drain;
-  // True once the daemon drains, including while a SIGTERM/SIGINT is pending
-  // but not yet handled, so a CreateSession that reaches the daemon after
-  // the signal was sent is refused even if the signal thread has not run yet.
-  std::function<bool()> draining;
 };
 
 // What a handler may do with the caller's admin role.

@@ -1,11 +1,12 @@
-// Internal to icecache_session: the state of one session. Only
-// session_manager.cc uses it; the public API is session_manager.h.
+// Internal to icecache_session: the state of one session and the operations
+// that read it (Select, Fetch). Only the session library uses it; the public
+// API is session_manager.h. See docs/architecture.md (sessions).
 //
 // Locking: `mu` is a reader/writer lock over the index and frame tables
 // (appends write, selects and fetches read). `cache_mu` guards the group
-// selection cache. The atomics are readable without any lock (listings,
-// eviction decisions). Immutable fields are set before the session is
-// published.
+// selection cache and is taken inside `mu`, never around it. The atomics are
+// readable without any lock (listings, eviction decisions). Immutable fields
+// are set before the session is published.
 #ifndef ICECACHE_SERVER_SESSION_SESSION_H_
 #define ICECACHE_SERVER_SESSION_SESSION_H_
 
@@ -16,11 +17,13 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "server/index/selector.h"
 #include "server/pool/page_pool.h"
 #include "server/session/session_types.h"
+#include "server/transfer/buffer_registry.h"
 #include "server/transfer/gather.h"
 
 namespace icecache {
@@ -97,6 +100,20 @@ class Session {
   // Set when an index failed midway through an append; the session then
   // answers FailedPrecondition until dropped.
   bool broken ABSL_GUARDED_BY(mu) = false;
+
+  // Codes shared by every KV operation: FailedPrecondition once an index
+  // broke (the session must be dropped).
+  absl::Status CheckUsable() const ABSL_SHARED_LOCKS_REQUIRED(mu);
+
+  // Selects pages of `req.layer` for every KV head (SessionManager::SelectPages
+  // documents the codes). Remembers the selection of a group's first layer
+  // for reuse_group_selection.
+  absl::StatusOr<SelectResult> Select(const SelectRequest& req) ABSL_SHARED_LOCKS_REQUIRED(mu)
+      ABSL_LOCKS_EXCLUDED(cache_mu);
+  // Writes the pages of `req` into the leased buffer (SessionManager::FetchPages
+  // documents the codes). Every check runs before any byte is written.
+  absl::StatusOr<FetchLayout> Fetch(BufferLease& lease, const FetchRequest& req) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu);
 
   struct GroupSelection {
     int64_t tokens = -1;  // session tokens when it was made

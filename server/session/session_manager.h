@@ -40,8 +40,10 @@
 // append fails with RESOURCE_EXHAUSTED and nothing is evicted. Quotas never
 // evict other sessions.
 //
-// Draining: after Drain(true), CreateSession answers UNAVAILABLE; existing
-// sessions keep working.
+// Draining: after Drain(true), or while options.stop_pending() says a stop
+// is on its way, CreateSession answers UNAVAILABLE; existing sessions keep
+// working. The manager is the one source of truth for "draining": the daemon
+// asks draining() for its health answers.
 //
 // Codes (besides the above): INVALID_ARGUMENT for malformed input (bad
 // config field, wrong byte count, NaN/Inf, layer out of range, layer range
@@ -59,6 +61,7 @@
 #define ICECACHE_SERVER_SESSION_SESSION_MANAGER_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -99,6 +102,10 @@ struct SessionManagerOptions {
   absl::Duration reaper_interval = absl::Seconds(1);
   // Threads for building indices of the first append (1 = serial).
   int build_threads = 1;
+  // Optional: true while a stop of the process is requested but its owner
+  // has not acted on it yet (icecached: a SIGTERM/SIGINT sent and not yet
+  // taken by the signal thread). Counts as draining. Must be thread-safe.
+  std::function<bool()> stop_pending;
 };
 
 class SessionManager {
@@ -177,9 +184,12 @@ class SessionManager {
   absl::StatusOr<SessionInfo> PinSession(const Caller& caller, std::string_view id, bool pinned);
   // Starts (or with false, ends) draining; returns requests in flight now.
   absl::StatusOr<int> Drain(const Caller& caller, bool draining = true);
+  // Drain() for the daemon itself; returns the previous setting.
+  bool SetDraining(bool draining) ABSL_LOCKS_EXCLUDED(mu_);
 
   uint64_t epoch() const { return epoch_; }
-  bool draining() const;
+  // Drain(true) was called, or options.stop_pending() is true.
+  bool draining() const ABSL_LOCKS_EXCLUDED(mu_);
   int InFlight() const;
 
  private:
@@ -191,8 +201,16 @@ class SessionManager {
   // admins); NotFound otherwise.
   absl::StatusOr<std::shared_ptr<Session>> Find(const Caller& caller, std::string_view id,
                                                 bool admin_ok);
-  absl::StatusOr<AppendResult> AppendLocked(const Caller& caller, std::shared_ptr<Session> s,
-                                            int64_t n, absl::Span<const uint8_t> bytes);
+  // Looks up a session of the caller's tenant and marks it in flight for the
+  // guard's lifetime (never evicted or expired meanwhile); NotFound otherwise.
+  absl::StatusOr<InFlightGuard> Use(const Caller& caller, std::string_view id);
+  // The steps of an append (session_append.h), under the session's writer lock.
+  absl::StatusOr<AppendResult> Append(Session& s, int64_t n, absl::Span<const uint8_t> bytes)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // Reserves `reserve` frames for an append of `s`: quota, watermark
+  // eviction, pool capacity (RESOURCE_EXHAUSTED; nothing changes).
+  absl::StatusOr<FrameSet> AdmitFrames(const Session& s, uint64_t reserve)
+      ABSL_LOCKS_EXCLUDED(mu_, admission_mu_);
   // Makes room for `bytes` more pool bytes under the watermark policy.
   absl::Status MakeRoom(const Session* appending, uint64_t bytes);
   void RemoveSession(const std::string& id, const char* reason);

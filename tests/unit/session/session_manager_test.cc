@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <thread>
 #include <vector>
 
@@ -425,6 +426,35 @@ TEST(SessionManagerTest, AdminVerbsNeedTheAdminRole) {
   EXPECT_EQ(stats->page_fill, 0.0);
   ASSERT_THAT(env.manager->Drain(kAdmin, false), IsOk());
   EXPECT_THAT(env.manager->CreateSession(kAlice, SmallConfig()), IsOk());
+}
+
+TEST(SessionManagerTest, PendingStopCountsAsDraining) {
+  FakeClock clock;
+  Env env = MakeEnv(&clock);
+  std::atomic<bool> stop{false};
+  SessionManagerOptions o;
+  o.pool = env.pool.get();
+  o.buffers = env.buffers.get();
+  o.clock = &clock;
+  o.reaper_interval = absl::ZeroDuration();
+  o.stop_pending = [&stop] { return stop.load(); };
+  auto m = SessionManager::Create(o);
+  ASSERT_THAT(m, IsOk());
+  auto a = (*m)->CreateSession(kAlice, SmallConfig());
+  ASSERT_THAT(a, IsOk());
+  stop.store(true);
+  EXPECT_TRUE((*m)->draining());
+  EXPECT_THAT((*m)->CreateSession(kAlice, SmallConfig()),
+              StatusIs(absl::StatusCode::kUnavailable, HasSubstr("draining")));
+  auto stats = (*m)->Stats(kAdmin);
+  ASSERT_THAT(stats, IsOk());
+  EXPECT_TRUE(stats->draining);
+  EXPECT_THAT((*m)->GetSession(kAlice, a->id), IsOk());  // existing sessions keep working
+  // The daemon's own drain is remembered once: the second call reports it.
+  EXPECT_FALSE((*m)->SetDraining(true));
+  EXPECT_TRUE((*m)->SetDraining(true));
+  stop.store(false);
+  EXPECT_TRUE((*m)->draining());
 }
 
 TEST(SessionManagerTest, SessionCountLimits) {

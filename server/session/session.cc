@@ -1,0 +1,191 @@
+#include "server/session/session.h"
+
+#include <cmath>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace icecache {
+
+Session::Session(std::string id_in, std::string tenant_in, uint64_t epoch_in,
+                 const SessionConfig& config_in, SizeClassId size_class_in, absl::Time now)
+    : id(std::move(id_in)),
+      tenant(std::move(tenant_in)),
+      epoch(epoch_in),
+      config(config_in),
+      size_class(size_class_in),
+      geometry{config_in.page_tokens, config_in.head_dim, config_in.dtype},
+      frame_bytes(geometry.frame_bytes()),
+      groups(NumLayerGroups(config_in)),
+      q_per_kv(config_in.q_heads / config_in.kv_heads),
+      created(now) {
+  last_use_ns.store(absl::ToUnixNanos(now));
+  pinned.store(config_in.pinned);
+  absl::MutexLock l(&mu);
+  page_frames.resize(static_cast<size_t>(config.layers) * config.kv_heads);
+  for (int g = 0; g < groups; ++g) {
+    for (int h = 0; h < config.kv_heads; ++h) {
+      page_keys.push_back(
+          std::make_unique<FramePageKeys>(&page_frames[FrameTableIndex(FirstLayerOf(g), h)]));
+    }
+  }
+  absl::MutexLock c(&cache_mu);
+  group_cache.resize(groups);
+}
+
+namespace {
+
+absl::Status CheckLayer(const Session& s, int layer) {
+  if (layer < 0 || layer >= s.config.layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer must be in 0..", s.config.layers - 1, ", got ", layer));
+  }
+  return absl::OkStatus();
+}
+
+// Resolves request params against the session defaults (0 = default, -1 = 0
+// for sink/recent) and clamps the budget to the session's tokens.
+absl::StatusOr<SelectParams> ResolveParams(const SessionConfig& c, const SelectParams& in,
+                                           int64_t tokens) {
+  SelectParams p = in;
+  auto pick = [](int v, int def) { return v == 0 ? (def < 0 ? 0 : def) : (v < 0 ? 0 : v); };
+  if (in.budget_tokens < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "select: budget_tokens must be >= 0 (0 = session default), got ", in.budget_tokens));
+  }
+  if (in.sink_tokens < -1 || in.recent_tokens < -1) {
+    return absl::InvalidArgumentError("select: sink_tokens and recent_tokens must be >= -1");
+  }
+  p.budget_tokens = in.budget_tokens == 0 ? c.default_select.budget_tokens : in.budget_tokens;
+  if (p.budget_tokens <= 0) p.budget_tokens = SelectParams().budget_tokens;
+  p.sink_tokens = pick(in.sink_tokens, c.default_select.sink_tokens);
+  p.recent_tokens = pick(in.recent_tokens, c.default_select.recent_tokens);
+  if (p.budget_tokens > tokens) p.budget_tokens = static_cast<int>(tokens);
+  return p;
+}
+
+absl::Status CheckQueries(const SessionConfig& c, const std::vector<float>& queries) {
+  const size_t expect = static_cast<size_t>(c.q_heads) * c.head_dim;
+  if (queries.size() != expect) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("select: queries must hold q_heads x head_dim = ", c.q_heads, " x ",
+                     c.head_dim, " = ", expect, " floats, got ", queries.size()));
+  }
+  for (size_t i = 0; i < expect; ++i) {
+    if (!std::isfinite(queries[i])) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "select: query head ", i / c.head_dim, " element ", i % c.head_dim, " is NaN or Inf"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status Session::CheckUsable() const {
+  if (!broken) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("session ", id, " is unusable after an internal index error; drop it"));
+}
+
+absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req) {
+  RETURN_IF_ERROR(CheckLayer(*this, req.layer));
+  RETURN_IF_ERROR(CheckUsable());
+  if (tokens == 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("session ", id, " holds no tokens yet; AppendKv first"));
+  }
+  SelectResult result;
+  result.layer = req.layer;
+  result.group = GroupOf(req.layer);
+  const bool first_of_group = FirstLayerOf(result.group) == req.layer;
+  if (req.reuse_group_selection && !first_of_group) {
+    absl::MutexLock l(&cache_mu);
+    const GroupSelection& cached = group_cache[result.group];
+    if (cached.tokens != tokens) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("select: no selection of layer group ", result.group, " at ", tokens,
+                       " tokens to reuse; select layer ", FirstLayerOf(result.group), " first"));
+    }
+    result.heads = cached.heads;
+    result.reused = true;
+    return result;
+  }
+  RETURN_IF_ERROR(CheckQueries(config, req.queries));
+  ASSIGN_OR_RETURN(SelectParams params, ResolveParams(config, req.params, tokens));
+  result.heads.resize(config.kv_heads);
+  for (int h = 0; h < config.kv_heads; ++h) {
+    const float* q = req.queries.data() + static_cast<size_t>(h) * q_per_kv * config.head_dim;
+    RETURN_IF_ERROR(
+        selectors[SelectorIndex(result.group, h)]->Select(q, q_per_kv, params, &result.heads[h]));
+  }
+  if (first_of_group) {
+    absl::MutexLock l(&cache_mu);
+    group_cache[result.group].tokens = tokens;
+    group_cache[result.group].heads = result.heads;
+  }
+  return result;
+}
+
+absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchRequest& req) const {
+  const SessionConfig& c = config;
+  RETURN_IF_ERROR(CheckLayer(*this, req.layer));
+  if (req.num_layers < 1 || req.layer + req.num_layers > c.layers) {
+    return absl::InvalidArgumentError(absl::StrCat("fetch: num_layers must be in 1..",
+                                                   c.layers - req.layer, ", got ", req.num_layers));
+  }
+  const int group = GroupOf(req.layer);
+  if (GroupOf(req.layer + req.num_layers - 1) != group) {
+    // The request is well formed; it disagrees with this session's layer
+    // grouping (documented as FAILED_PRECONDITION in kv.proto).
+    return absl::FailedPreconditionError(
+        absl::StrCat("fetch: layers ", req.layer, "..", req.layer + req.num_layers - 1,
+                     " cross a layer group boundary (layer_reuse=", c.layer_reuse, ")"));
+  }
+  RETURN_IF_ERROR(CheckUsable());
+  if (req.pages.size() != static_cast<size_t>(c.kv_heads)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("fetch: pages must list ", c.kv_heads, " kv heads, got ", req.pages.size()));
+  }
+  std::vector<std::vector<uint32_t>> fills(c.kv_heads);
+  for (int h = 0; h < c.kv_heads; ++h) {
+    const Selector* sel = selectors.empty() ? nullptr : selectors[SelectorIndex(group, h)].get();
+    const uint32_t num_pages = sel == nullptr ? 0 : sel->num_pages();
+    fills[h].reserve(req.pages[h].size());
+    for (uint32_t p : req.pages[h]) {
+      if (p >= num_pages) {
+        return absl::InvalidArgumentError(absl::StrCat("fetch: page ", p, " of kv head ", h,
+                                                       " does not exist (", num_pages, " pages)"));
+      }
+      fills[h].push_back(sel->fill(p));
+    }
+  }
+  ASSIGN_OR_RETURN(FetchLayout layout, PlanFetchLayout(geometry, req.layer, req.num_layers,
+                                                       req.pages, fills, req.offset, lease.size()));
+  if (req.want_positions) {
+    for (int h = 0; h < c.kv_heads; ++h) {
+      if (req.pages[h].empty()) continue;  // (selectors may not exist yet)
+      const Selector* sel = selectors[SelectorIndex(group, h)].get();
+      for (uint32_t p : req.pages[h]) {
+        const int32_t* pos = sel->positions(p);
+        layout.heads[h].positions.insert(layout.heads[h].positions.end(), pos, pos + sel->fill(p));
+      }
+    }
+  }
+  std::vector<const uint8_t*> frames;
+  frames.reserve(static_cast<size_t>(layout.total_slots()) * req.num_layers);
+  for (int j = 0; j < req.num_layers; ++j) {
+    for (int h = 0; h < c.kv_heads; ++h) {
+      const std::vector<uint8_t*>& table = page_frames[FrameTableIndex(req.layer + j, h)];
+      for (uint32_t p : req.pages[h]) frames.push_back(table[p]);
+    }
+  }
+  const uint64_t bytes = frame_bytes;
+  RETURN_IF_ERROR(lease.Write(req.offset, layout.total_bytes, [&](uint8_t* dst) {
+    GatherFrames(frames.data(), frames.size(), bytes, dst);
+  }));
+  return layout;
+}
+
+}  // namespace icecache

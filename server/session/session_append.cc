@@ -1,0 +1,256 @@
+#include "server/session/session_append.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "server/index/parallel_build.h"
+
+namespace icecache {
+namespace {
+
+// Index of the first non-finite element of `n` elements of `dtype`, or -1.
+int64_t FirstNonFinite(DType dtype, const uint8_t* p, int64_t n) {
+  switch (dtype) {
+    case DType::kF16:
+    case DType::kBF16: {
+      const uint16_t mask = dtype == DType::kF16 ? 0x7c00 : 0x7f80;
+      for (int64_t i = 0; i < n; ++i) {
+        uint16_t v;
+        std::memcpy(&v, p + 2 * i, 2);
+        if ((v & mask) == mask) return i;
+      }
+      return -1;
+    }
+    case DType::kF32: {
+      for (int64_t i = 0; i < n; ++i) {
+        uint32_t v;
+        std::memcpy(&v, p + 4 * i, 4);
+        if ((v & 0x7f800000u) == 0x7f800000u) return i;
+      }
+      return -1;
+    }
+  }
+  return 0;
+}
+
+SelectorConfig SelectorConfigOf(const Session& s) {
+  SelectorConfig sc;
+  sc.kind = s.config.selector;
+  sc.head_dim = s.config.head_dim;
+  sc.dtype = s.config.dtype;
+  sc.page_tokens = s.config.page_tokens;
+  sc.num_query_heads = s.q_per_kv;
+  sc.mdci = s.config.mdci;
+  return sc;
+}
+
+// The keys of index i's group's first layer, as fp32.
+void KeysOf(const Session& s, const AppendInput& in, int64_t i, std::vector<float>* keys) {
+  const int g = static_cast<int>(i / s.config.kv_heads);
+  const int h = static_cast<int>(i % s.config.kv_heads);
+  const size_t count = static_cast<size_t>(in.n) * s.config.head_dim;
+  keys->resize(count);
+  ToFloat(s.config.dtype, in.key_row(s.FirstLayerOf(g), h, 0), keys->data(), count);
+}
+
+// Never trust an index with memory safety: every placement must name a page
+// that exists and a slot inside it, and no index may open more pages than
+// were reserved for it; else no byte is written.
+absl::Status CheckPlacements(const Session& s, const AppendPlan& plan, int64_t i,
+                             const Selector& sel) {
+  const std::vector<Placement>& placed = plan.placements[i];
+  const uint32_t pages_now = sel.num_pages();
+  bool ok = placed.size() == static_cast<size_t>(plan.n) && pages_now >= plan.pages_before[i] &&
+            pages_now - plan.pages_before[i] <= plan.max_new_pages[i];
+  for (size_t t = 0; ok && t < placed.size(); ++t) {
+    ok = placed[t].page < pages_now && placed[t].slot < static_cast<uint32_t>(s.config.page_tokens);
+  }
+  if (ok) return absl::OkStatus();
+  return absl::InternalError(
+      absl::StrCat("append: index of layer group ", i / s.config.kv_heads, " kv head ",
+                   i % s.config.kv_heads, " returned invalid placements (", placed.size(), " for ",
+                   plan.n, " tokens; ", plan.pages_before[i], " -> ", pages_now, " pages)"));
+}
+
+// One task of the first append's parallel build: index i, built aside.
+absl::Status BuildAside(const Session& s, const SelectorConfig& sc, const AppendInput& in,
+                        AppendPlan& plan, int64_t i) {
+  ASSIGN_OR_RETURN(plan.built[i], Selector::Create(sc, s.page_keys[i].get()));
+  std::vector<float> keys;
+  KeysOf(s, in, i, &keys);
+  return plan.built[i]->Build(keys.data(), in.n, &plan.placements[i]);
+}
+
+// One task of a later append: inserts into index i of the live session.
+absl::Status InsertInto(Session& s, const AppendInput& in, AppendPlan& plan, int64_t i)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+  std::vector<float> keys;
+  KeysOf(s, in, i, &keys);
+  RETURN_IF_ERROR(s.selectors[i]->Insert(keys.data(), in.n, &plan.placements[i]));
+  return CheckPlacements(s, plan, i, *s.selectors[i]);
+}
+
+// One task of WriteRows: the K and V rows of index i, every layer of its group.
+void WriteIndexRows(const Session& s, const AppendInput& in, const AppendPlan& plan, int64_t i)
+    ABSL_SHARED_LOCKS_REQUIRED(s.mu) {
+  const int g = static_cast<int>(i / s.config.kv_heads);
+  const int h = static_cast<int>(i % s.config.kv_heads);
+  const uint64_t kv_block = static_cast<uint64_t>(s.config.page_tokens) * in.row_bytes;
+  for (int l = s.FirstLayerOf(g); l < s.FirstLayerOf(g) + s.LayersIn(g); ++l) {
+    const std::vector<uint8_t*>& table = s.page_frames[s.FrameTableIndex(l, h)];
+    for (int64_t t = 0; t < in.n; ++t) {
+      const Placement& pl = plan.placements[i][t];
+      uint8_t* frame = table[pl.page];
+      std::memcpy(frame + pl.slot * in.row_bytes, in.key_row(l, h, t), in.row_bytes);
+      std::memcpy(frame + kv_block + pl.slot * in.row_bytes, in.value_row(l, h, t), in.row_bytes);
+    }
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<AppendInput> CheckAppendInput(const SessionConfig& c, int64_t max_append_tokens,
+                                             int64_t n, absl::Span<const uint8_t> bytes) {
+  if (n < 1 || n > max_append_tokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("append: n must be in 1..", max_append_tokens, ", got ", n));
+  }
+  const uint64_t expected = AppendBytes(c, n);
+  if (bytes.size() != expected) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("append: ", n, " tokens of ", c.layers, " layers x ", c.kv_heads,
+                     " kv heads x ", c.head_dim, " dims x K,V in ", std::string(DTypeName(c.dtype)),
+                     " need exactly ", expected, " bytes, got ", bytes.size()));
+  }
+  AppendInput in;
+  in.n = n;
+  in.bytes = bytes;
+  in.kv_heads = c.kv_heads;
+  const size_t esize = DTypeSize(c.dtype);
+  in.row_bytes = static_cast<uint64_t>(c.head_dim) * esize;
+  in.half = expected / 2;
+  const int64_t bad = FirstNonFinite(c.dtype, bytes.data(), static_cast<int64_t>(in.half / esize));
+  if (bad >= 0) {
+    const int64_t per_layer = static_cast<int64_t>(c.kv_heads) * n * c.head_dim;
+    return absl::InvalidArgumentError(
+        absl::StrCat("append: key of layer ", bad / per_layer, ", kv head ",
+                     (bad % per_layer) / (n * c.head_dim), ", token ",
+                     (bad % (n * c.head_dim)) / c.head_dim, " is NaN or Inf; nothing was stored"));
+  }
+  return in;
+}
+
+absl::StatusOr<AppendPlan> PlanAppend(Session& s, const AppendInput& in, int build_threads) {
+  const SessionConfig& c = s.config;
+  AppendPlan plan;
+  plan.n = in.n;
+  plan.num_indices = s.groups * c.kv_heads;
+  plan.first = s.tokens == 0;
+  // Small decode chunks are cheaper serially than through a task arena.
+  plan.threads = in.n * plan.num_indices >= 8192 ? build_threads : 1;
+  plan.placements.resize(plan.num_indices);
+  plan.pages_before.assign(plan.num_indices, 0);
+  plan.max_new_pages.assign(plan.num_indices, static_cast<uint64_t>(in.n));
+  if (plan.first) {
+    // The reservation is computed from the built indices: no page bound.
+    std::fill(plan.max_new_pages.begin(), plan.max_new_pages.end(), ~uint64_t{0});
+    plan.built.resize(plan.num_indices);
+    const SelectorConfig sc = SelectorConfigOf(s);
+    RETURN_IF_ERROR(ParallelFor(plan.num_indices, plan.threads,
+                                [&](int64_t i) { return BuildAside(s, sc, in, plan, i); }));
+    for (int i = 0; i < plan.num_indices; ++i) {
+      RETURN_IF_ERROR(CheckPlacements(s, plan, i, *plan.built[i]));  // nothing stored yet
+      plan.reserve += uint64_t{plan.built[i]->num_pages()} * s.LayersIn(i / c.kv_heads);
+    }
+    return plan;
+  }
+  const bool positional = c.selector == SelectorKind::kExact ||
+                          c.selector == SelectorKind::kQuest ||
+                          c.selector == SelectorKind::kStreaming;
+  for (int i = 0; i < plan.num_indices; ++i) {
+    plan.pages_before[i] = s.selectors[i]->num_pages();
+    uint64_t worst = static_cast<uint64_t>(in.n);
+    if (positional) {
+      const int64_t P = c.page_tokens;
+      const int64_t after = (s.tokens + in.n + P - 1) / P;
+      worst = static_cast<uint64_t>(std::max<int64_t>(0, after - plan.pages_before[i]));
+    }
+    plan.max_new_pages[i] = worst;
+    plan.reserve += worst * s.LayersIn(i / c.kv_heads);
+  }
+  return plan;
+}
+
+absl::Status ApplyToIndexes(Session& s, const AppendInput& in, AppendPlan& plan) {
+  if (plan.first) {
+    s.selectors = std::move(plan.built);
+    return absl::OkStatus();
+  }
+  // The tasks run while this thread holds s.mu and waits for them.
+  absl::Status inserted = ParallelFor(plan.num_indices, plan.threads, [&](int64_t i) {
+    s.mu.AssertHeld();
+    return InsertInto(s, in, plan, i);
+  });
+  if (inserted.ok()) return inserted;
+  // Keys were checked for NaN/Inf, so this is an index bug; some indices may
+  // have changed while others did not.
+  s.broken = true;
+  return absl::InternalError(absl::StrCat("append: index insert failed: ", inserted.message(),
+                                          "; session ", s.id, " is now unusable"));
+}
+
+absl::StatusOr<uint64_t> WriteRows(Session& s, const AppendInput& in, const AppendPlan& plan,
+                                   FrameSet reserved) {
+  const SessionConfig& c = s.config;
+  uint64_t taken = 0;
+  for (int i = 0; i < plan.num_indices; ++i) {
+    const int g = i / c.kv_heads;
+    const int h = i % c.kv_heads;
+    const uint32_t pages_now = s.selectors[i]->num_pages();
+    for (int l = s.FirstLayerOf(g); l < s.FirstLayerOf(g) + s.LayersIn(g); ++l) {
+      std::vector<uint8_t*>& table = s.page_frames[s.FrameTableIndex(l, h)];
+      for (uint32_t p = plan.pages_before[i]; p < pages_now; ++p) {
+        uint8_t* f = reserved.frame(taken++);
+        std::memset(f, 0, s.frame_bytes);
+        table.push_back(f);
+      }
+    }
+  }
+  // taken <= reserved.size(): CheckPlacements bounded every index's pages.
+  // Frames [0, taken) are in use; the worst-case surplus goes back now.
+  reserved.TakeBack(reserved.size() - taken).Reset();
+  s.frames.Absorb(std::move(reserved)).IgnoreError();  // same pool, tenant, class
+  // The tasks run while this thread holds s.mu and waits for them.
+  RETURN_IF_ERROR(ParallelFor(plan.num_indices, plan.threads, [&](int64_t i) {
+    s.mu.AssertReaderHeld();
+    WriteIndexRows(s, in, plan, i);
+    return absl::OkStatus();
+  }));
+  return taken;
+}
+
+AppendResult Publish(Session& s, int64_t n, uint64_t new_pages, absl::Time now) {
+  s.tokens += n;
+  uint64_t pages = 0;
+  uint64_t index_bytes = 0;
+  for (const auto& sel : s.selectors) {
+    pages += sel->num_pages();
+    index_bytes += sel->index_bytes();
+  }
+  s.tokens_view.store(s.tokens);
+  s.pages_view.store(pages);
+  s.frame_bytes_view.store(s.frames.size() * PagePool::StrideFor(s.frame_bytes));
+  s.index_bytes_view.store(index_bytes);
+  s.Touch(now);
+  AppendResult result;
+  result.tokens = s.tokens;
+  result.new_pages = new_pages;
+  result.frame_bytes = s.frame_bytes_view.load();
+  return result;
+}
+
+}  // namespace icecache

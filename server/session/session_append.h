@@ -1,0 +1,89 @@
+// Internal to icecache_session: the steps of one AppendKv, in order
+// (docs/architecture.md, sessions):
+//   CheckAppendInput  sizes and NaN/Inf, before any lock;
+//   PlanAppend        first append: build every index aside; later appends:
+//                     the worst-case page count per index;
+//   (admission)       SessionManager::AdmitFrames reserves the frames;
+//   ApplyToIndexes    later appends insert now that the frames are secured;
+//                     first appends install the indexes built aside;
+//   WriteRows         zeroed frames for the new pages, then K and V rows;
+//   Publish           token count and the lock-free views.
+// Nothing of the session changes before ApplyToIndexes, so every error of
+// the earlier steps leaves it exactly as it was. The session's writer lock
+// is held from PlanAppend to Publish.
+#ifndef ICECACHE_SERVER_SESSION_SESSION_APPEND_H_
+#define ICECACHE_SERVER_SESSION_SESSION_APPEND_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "server/index/selector.h"
+#include "server/pool/page_pool.h"
+#include "server/session/session.h"
+
+namespace icecache {
+
+// The caller's bytes of one append, checked (layout in session_manager.h).
+struct AppendInput {
+  int64_t n = 0;
+  absl::Span<const uint8_t> bytes;
+  int kv_heads = 0;
+  uint64_t row_bytes = 0;  // head_dim x dtype size
+  uint64_t half = 0;       // bytes of the keys (the values follow)
+
+  const uint8_t* key_row(int layer, int head, int64_t t) const {
+    return bytes.data() + ((static_cast<uint64_t>(layer) * kv_heads + head) * n + t) * row_bytes;
+  }
+  const uint8_t* value_row(int layer, int head, int64_t t) const {
+    return key_row(layer, head, t) + half;
+  }
+};
+
+// InvalidArgument for n outside 1..max_append_tokens, a byte count that is
+// not AppendBytes(c, n), or a NaN/Inf key (naming layer, kv head, token).
+absl::StatusOr<AppendInput> CheckAppendInput(const SessionConfig& c, int64_t max_append_tokens,
+                                             int64_t n, absl::Span<const uint8_t> bytes);
+
+// What an append will do to every (layer group, KV head) index i.
+struct AppendPlan {
+  int64_t n = 0;       // tokens appended
+  bool first = false;  // the session was empty: indexes are built, not inserted into
+  int num_indices = 0;
+  int threads = 1;                                 // for the parallel steps
+  std::vector<std::unique_ptr<Selector>> built;    // first append: the new indexes
+  std::vector<std::vector<Placement>> placements;  // [i][token]
+  std::vector<uint32_t> pages_before;              // [i]
+  std::vector<uint64_t> max_new_pages;             // [i]: more is an index bug
+  uint64_t reserve = 0;                            // frames to admit, all layers
+};
+
+// First append: builds every index aside (InvalidArgument/Internal from the
+// index; the session is untouched). Later appends: the worst case.
+absl::StatusOr<AppendPlan> PlanAppend(Session& s, const AppendInput& in, int build_threads)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
+
+// Later appends: inserts into every index. An index failure marks the session
+// broken (Internal; FailedPrecondition afterwards). First appends: installs
+// the indexes built aside.
+absl::Status ApplyToIndexes(Session& s, const AppendInput& in, AppendPlan& plan)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
+
+// Gives every new page a zeroed frame of `reserved` (one per layer of its
+// group), returns the surplus to the pool, then writes the K and V rows.
+// Returns the number of pages opened over all layers.
+absl::StatusOr<uint64_t> WriteRows(Session& s, const AppendInput& in, const AppendPlan& plan,
+                                   FrameSet reserved) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
+
+// Counts the tokens in and refreshes the lock-free views.
+AppendResult Publish(Session& s, int64_t n, uint64_t new_pages, absl::Time now)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
+
+}  // namespace icecache
+
+#endif  // ICECACHE_SERVER_SESSION_SESSION_APPEND_H_
