@@ -1,10 +1,12 @@
 #include "server/session/session.h"
 
 #include <cmath>
+#include <functional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "server/index/parallel_build.h"
 
 namespace icecache {
 
@@ -81,6 +83,21 @@ absl::Status CheckQueries(const SessionConfig& c, const std::vector<float>& quer
   return absl::OkStatus();
 }
 
+// Runs fn(h) for every KV head h on `threads` (ParallelFor semantics) and
+// returns the error of the lowest failing head, as the head's own error (no
+// task numbers in the caller's message).
+absl::Status ForEachHead(int heads, int threads, const std::function<absl::Status(int)>& fn) {
+  std::vector<absl::Status> status(heads);
+  RETURN_IF_ERROR(ParallelFor(heads, threads, [&](int64_t h) {
+    status[h] = fn(static_cast<int>(h));
+    return absl::OkStatus();
+  }));
+  for (absl::Status& s : status) {
+    if (!s.ok()) return std::move(s);
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status Session::CheckUsable() const {
@@ -89,7 +106,7 @@ absl::Status Session::CheckUsable() const {
       absl::StrCat("session ", id, " is unusable after an internal index error; drop it"));
 }
 
-absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req) {
+absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req, int threads) {
   RETURN_IF_ERROR(CheckLayer(*this, req.layer));
   RETURN_IF_ERROR(CheckUsable());
   if (tokens == 0) {
@@ -115,11 +132,12 @@ absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req) {
   RETURN_IF_ERROR(CheckQueries(config, req.queries));
   ASSIGN_OR_RETURN(SelectParams params, ResolveParams(config, req.params, tokens));
   result.heads.resize(config.kv_heads);
-  for (int h = 0; h < config.kv_heads; ++h) {
+  // The tasks run while this thread holds mu (shared) and waits for them.
+  RETURN_IF_ERROR(ForEachHead(config.kv_heads, threads, [&](int h) {
+    mu.AssertReaderHeld();
     const float* q = req.queries.data() + static_cast<size_t>(h) * q_per_kv * config.head_dim;
-    RETURN_IF_ERROR(
-        selectors[SelectorIndex(result.group, h)]->Select(q, q_per_kv, params, &result.heads[h]));
-  }
+    return selectors[SelectorIndex(result.group, h)]->Select(q, q_per_kv, params, &result.heads[h]);
+  }));
   if (first_of_group) {
     absl::MutexLock l(&cache_mu);
     group_cache[result.group].tokens = tokens;
@@ -128,7 +146,8 @@ absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req) {
   return result;
 }
 
-absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchRequest& req) const {
+absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchRequest& req,
+                                           int threads) const {
   const SessionConfig& c = config;
   RETURN_IF_ERROR(CheckLayer(*this, req.layer));
   if (req.num_layers < 1 || req.layer + req.num_layers > c.layers) {
@@ -173,17 +192,36 @@ absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchReques
       }
     }
   }
+  // Frames in buffer order: layer, then KV head, then the head's pages; the
+  // block of (layer j, head h) starts at block_start[j * kv_heads + h].
   std::vector<const uint8_t*> frames;
+  std::vector<size_t> block_start;
   frames.reserve(static_cast<size_t>(layout.total_slots()) * req.num_layers);
+  block_start.reserve(static_cast<size_t>(req.num_layers) * c.kv_heads + 1);
   for (int j = 0; j < req.num_layers; ++j) {
     for (int h = 0; h < c.kv_heads; ++h) {
+      block_start.push_back(frames.size());
       const std::vector<uint8_t*>& table = page_frames[FrameTableIndex(req.layer + j, h)];
       for (uint32_t p : req.pages[h]) frames.push_back(table[p]);
     }
   }
+  block_start.push_back(frames.size());
   const uint64_t bytes = frame_bytes;
-  RETURN_IF_ERROR(lease.Write(req.offset, layout.total_bytes, [&](uint8_t* dst) {
-    GatherFrames(frames.data(), frames.size(), bytes, dst);
+  if (threads == 1 || layout.total_bytes < kParallelGatherBytes) {
+    RETURN_IF_ERROR(lease.Write(req.offset, layout.total_bytes, [&](uint8_t* dst) {
+      GatherFrames(frames.data(), frames.size(), bytes, dst);
+    }));
+    return layout;
+  }
+  // Each block is its own guarded write: a truncated buffer fails the block
+  // that meets it (FailedPrecondition) wherever it runs.
+  const int blocks = static_cast<int>(block_start.size()) - 1;
+  RETURN_IF_ERROR(ForEachHead(blocks, threads, [&](int b) {
+    const size_t first = block_start[b];
+    const size_t count = block_start[b + 1] - first;
+    return lease.Write(req.offset + first * bytes, count * bytes, [&](uint8_t* dst) {
+      GatherFrames(frames.data() + first, count, bytes, dst);
+    });
   }));
   return layout;
 }

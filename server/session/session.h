@@ -106,14 +106,20 @@ class Session {
   absl::Status CheckUsable() const ABSL_SHARED_LOCKS_REQUIRED(mu);
 
   // Selects pages of `req.layer` for every KV head (SessionManager::SelectPages
-  // documents the codes). Remembers the selection of a group's first layer
-  // for reuse_group_selection.
-  absl::StatusOr<SelectResult> Select(const SelectRequest& req) ABSL_SHARED_LOCKS_REQUIRED(mu)
-      ABSL_LOCKS_EXCLUDED(cache_mu);
+  // documents the codes), the heads in parallel on `threads` oneTBB threads
+  // (0 = the process's shared pool, 1 = serially on this thread). Remembers
+  // the selection of a group's first layer for reuse_group_selection.
+  absl::StatusOr<SelectResult> Select(const SelectRequest& req, int threads)
+      ABSL_SHARED_LOCKS_REQUIRED(mu) ABSL_LOCKS_EXCLUDED(cache_mu);
   // Writes the pages of `req` into the leased buffer (SessionManager::FetchPages
-  // documents the codes). Every check runs before any byte is written.
-  absl::StatusOr<FetchLayout> Fetch(BufferLease& lease, const FetchRequest& req) const
+  // documents the codes), one (layer, KV head) block per task on `threads`.
+  // Every check runs before any byte is written.
+  absl::StatusOr<FetchLayout> Fetch(BufferLease& lease, const FetchRequest& req, int threads) const
       ABSL_SHARED_LOCKS_REQUIRED(mu);
+
+  // Gather blocks smaller than this are written by one task (a thread hop
+  // costs more than the copy).
+  static constexpr uint64_t kParallelGatherBytes = uint64_t{256} << 10;
 
   struct GroupSelection {
     int64_t tokens = -1;  // session tokens when it was made

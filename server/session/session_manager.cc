@@ -98,6 +98,11 @@ absl::StatusOr<std::unique_ptr<SessionManager>> SessionManager::Create(
         "session manager: max_sessions, max_sessions_per_tenant, max_tokens_per_session, "
         "max_append_tokens and build_threads must be >= 1");
   }
+  if (options.decode_threads < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("session manager: decode_threads must be >= 0 (0 = all cores), got ",
+                     options.decode_threads));
+  }
   if (options.default_ttl < absl::Seconds(1) || options.default_ttl > options.max_ttl) {
     return absl::InvalidArgumentError(
         absl::StrCat("session manager: default_ttl must be in 1s..max_ttl (",
@@ -444,7 +449,7 @@ absl::StatusOr<SelectResult> SessionManager::SelectPages(const Caller& caller, s
   Session& s = *guard.get();
   s.Touch(clock_->Now());
   absl::ReaderMutexLock read(&s.mu);
-  return s.Select(request);
+  return s.Select(request, options_.decode_threads);
 }
 
 absl::StatusOr<FetchLayout> SessionManager::FetchPages(const Caller& caller, std::string_view id,
@@ -455,7 +460,7 @@ absl::StatusOr<FetchLayout> SessionManager::FetchPages(const Caller& caller, std
   s.Touch(now);
   ASSIGN_OR_RETURN(BufferLease lease, options_.buffers->Acquire(caller, request.buffer_id, now));
   absl::ReaderMutexLock read(&s.mu);
-  return s.Fetch(lease, request);
+  return s.Fetch(lease, request, options_.decode_threads);
 }
 
 absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(const Caller& caller,
@@ -470,7 +475,7 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(const Caller& caller
   ASSIGN_OR_RETURN(BufferLease lease, options_.buffers->Acquire(caller, buffer_id, now));
   absl::ReaderMutexLock read(&s.mu);
   DecodeStepResult out;
-  ASSIGN_OR_RETURN(out.selection, s.Select(select));
+  ASSIGN_OR_RETURN(out.selection, s.Select(select, options_.decode_threads));
   FetchRequest fetch;
   fetch.layer = select.layer;
   fetch.num_layers = num_layers;
@@ -479,7 +484,7 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(const Caller& caller
   fetch.want_positions = select.params.want_positions;
   fetch.pages.reserve(out.selection.heads.size());
   for (const Selection& sel : out.selection.heads) fetch.pages.push_back(sel.pages);
-  ASSIGN_OR_RETURN(out.layout, s.Fetch(lease, fetch));
+  ASSIGN_OR_RETURN(out.layout, s.Fetch(lease, fetch, options_.decode_threads));
   return out;
 }
 

@@ -102,6 +102,10 @@ struct SessionManagerOptions {
   absl::Duration reaper_interval = absl::Seconds(1);
   // Threads for building indices of the first append (1 = serial).
   int build_threads = 1;
+  // Threads one select or fetch spreads its KV heads over: 0 = the process's
+  // shared oneTBB pool (every concurrent stream shares the same workers, so
+  // the cores are never oversubscribed), 1 = serially on the calling thread.
+  int decode_threads = 0;
   // Optional: true while a stop of the process is requested but its owner
   // has not acted on it yet (icecached: a SIGTERM/SIGINT sent and not yet
   // taken by the signal thread). Counts as draining. Must be thread-safe.
