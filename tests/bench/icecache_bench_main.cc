@@ -11,13 +11,15 @@
 #include <string>
 #include <vector>
 
+#include "common/cli.h"
 #include "tests/bench/select_bench.h"
+#include "tests/bench/select_flags.h"
 
 namespace {
 
 // Execs icecache-bench-rpc with the remaining arguments: first the binary next
 // to this one (installed layout), then the build tree's.
-int ExecRpcBench(int argc, char** argv) {
+int ExecRpcBench(const std::vector<std::string>& rpc_args) {
   std::vector<std::string> candidates;
   char self[PATH_MAX];
   const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
@@ -34,7 +36,7 @@ int ExecRpcBench(int argc, char** argv) {
     if (access(path.c_str(), X_OK) != 0) continue;
     std::vector<char*> args;
     args.push_back(const_cast<char*>(path.c_str()));
-    for (int i = 2; i < argc; ++i) args.push_back(argv[i]);
+    for (const std::string& a : rpc_args) args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);
     execv(path.c_str(), args.data());
     std::fprintf(stderr, "icecache-bench rpc: cannot run %s: %s\n", path.c_str(),
@@ -50,31 +52,27 @@ int ExecRpcBench(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
-    std::fprintf(stderr,
-                 "usage: icecache-bench select [options]   (icecache-bench select --help)\n"
-                 "       icecache-bench rpc [options]      (icecache-bench rpc --help)\n");
-    return argc < 2 ? 2 : 0;
-  }
-  const std::string cmd = argv[1];
-  if (cmd == "rpc") return ExecRpcBench(argc, argv);
-  if (cmd != "select") {
-    std::fprintf(stderr, "icecache-bench: unknown subcommand '%s' (known: select, rpc)\n",
-                 cmd.c_str());
-    return 2;
-  }
-  std::vector<std::string> args(argv + 2, argv + argc);
-  for (const auto& a : args) {
-    if (a == "--help" || a == "-h") {
-      std::printf("%s", icecache::bench::SelectUsage().c_str());
-      return 0;
-    }
-  }
-  auto options = icecache::bench::ParseSelectArgs(args);
+  CLI::App app("Workload drivers for IceCache.", "icecache-bench");
+  icecache::cli::Configure(app);
+  app.require_subcommand(1);
+  CLI::App* select = app.add_subcommand(
+      "select", "the page-selection benchmark: every selector and peer on the same KV data");
+  icecache::bench::SelectFlags select_flags(select);
+  // Everything after `rpc` (--help included) goes to icecache-bench-rpc.
+  CLI::App* rpc =
+      app.add_subcommand("rpc", "the daemon decode-loop benchmark (icecache-bench rpc --help)");
+  rpc->prefix_command();
+  rpc->fallthrough(false);
+  rpc->set_help_flag();
+  if (auto code = icecache::cli::Parse(app, argc, argv)) return *code;
+  if (rpc->parsed()) return ExecRpcBench(rpc->remaining());
+
+  auto options = select_flags.Options();
   if (!options.ok()) {
-    std::fprintf(stderr, "icecache-bench select: %s\n\n%s", options.status().ToString().c_str(),
-                 icecache::bench::SelectUsage().c_str());
-    return 2;
+    std::fprintf(stderr,
+                 "icecache-bench select: %s\n(run icecache-bench select --help for usage)\n",
+                 std::string(options.status().message()).c_str());
+    return icecache::cli::kExitUsage;
   }
   const absl::Status s = icecache::bench::RunSelectBench(*options);
   if (!s.ok()) {

@@ -22,6 +22,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/json.h"
 #include "common/kv_dump.h"
 #include "common/status_macros.h"
 #include "common/synthetic.h"
@@ -29,7 +30,6 @@
 #include "server/index/owned_page_keys.h"
 #include "server/index/quality.h"
 #include "server/index/selector.h"
-#include "tests/bench/json.h"
 #include "tests/bench/peers.h"
 
 #ifndef ICECACHE_SOURCE_DIR
@@ -55,187 +55,6 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
 
 constexpr int kInsertChunk = 16;
 constexpr int kSessionSteps = 1000;
-
-// ---------------------------------------------------------------------------
-// Arguments.
-
-absl::StatusOr<std::vector<int>> ParseIntList(const std::string& flag, const std::string& v) {
-  std::vector<int> out;
-  for (absl::string_view part : absl::StrSplit(v, ',', absl::SkipEmpty())) {
-    int x = 0;
-    if (!absl::SimpleAtoi(part, &x)) {
-      return absl::InvalidArgumentError(absl::StrFormat("%s: '%s' is not an integer", flag, part));
-    }
-    out.push_back(x);
-  }
-  if (out.empty()) return absl::InvalidArgumentError(absl::StrFormat("%s: empty list", flag));
-  return out;
-}
-
-template <typename T>
-absl::Status ParseNumber(const std::string& flag, const std::string& v, T* out) {
-  bool ok = false;
-  if constexpr (std::is_floating_point_v<T>) {
-    double d = 0;
-    ok = absl::SimpleAtod(v, &d);
-    *out = static_cast<T>(d);
-  } else {
-    int64_t i = 0;
-    ok = absl::SimpleAtoi(v, &i);
-    *out = static_cast<T>(i);
-  }
-  if (!ok) return absl::InvalidArgumentError(absl::StrFormat("%s: '%s' is not a number", flag, v));
-  return absl::OkStatus();
-}
-
-}  // namespace
-
-std::string SelectUsage() {
-  return R"(usage: icecache-bench select (--synthetic PRESET | --dump DIR) [options]
-  --tokens N            prefill tokens (synthetic; default 16384) / context cap (dump)
-  --budget B            token budget per KV head and step (default 256)
-  --page-tokens P[,P..] page sizes to run (default 16)
-  --heads H             KV heads generated and measured (synthetic; default 8)
-  --steps S             decode steps: queries and 1-token inserts (synthetic; default 64)
-  --threads T           build threads, parallel over trees (default 1)
-  --selectors LIST      comma-separated subset of: mdci,exact,exact-mdci,exact-token,quest,
-                        streaming,faiss-flat,faiss-hnsw,faiss-ivf,faiss-ivfpq,hnswlib (default all)
-  --json FILE           write the JSON report
-  --layer-reuse G       one tree per head for G consecutive layers (default 1)
-  --queries-per-step Q  query heads per KV head scored together (default: the data's group)
-  --sink-tokens N       sink tokens every method gets (default 4)
-  --chunk-tokens N      tokens inserted in 16-token chunks after the steps (default 256)
-  --seed N              generator seed (synthetic; default: the preset's)
-  --kv-dtype D          dtype of the stored keys: f16, bf16, f32 (default f16)
-  --hnsw-m M, --hnsw-efc E, --ivf-nlist N, --pq-m M   peer build settings
-  --mdci-fov F, --mdci-candidate-factor C, --mdci-m M, --mdci-l L   mdci settings
-  --quest-rescore F     quest rescore factor (default 0: plain Quest)
-  --verbose             print every sweep point of the peers
-  --check               re-read the JSON and validate it (exit 1 when bad)
-)";
-}
-
-absl::StatusOr<SelectBenchOptions> ParseSelectArgs(const std::vector<std::string>& args) {
-  SelectBenchOptions o;
-  for (size_t i = 0; i < args.size(); ++i) {
-    std::string flag = args[i];
-    std::string value;
-    bool has_value = false;
-    if (const size_t eq = flag.find('='); eq != std::string::npos) {
-      value = flag.substr(eq + 1);
-      flag = flag.substr(0, eq);
-      has_value = true;
-    }
-    if (flag == "--verbose") {
-      o.verbose = true;
-      continue;
-    }
-    if (flag == "--check") {
-      o.check = true;
-      continue;
-    }
-    if (!has_value) {
-      if (i + 1 >= args.size()) {
-        return absl::InvalidArgumentError(absl::StrFormat("%s needs a value", flag));
-      }
-      value = args[++i];
-    }
-    if (flag == "--synthetic") {
-      o.synthetic = value;
-    } else if (flag == "--dump") {
-      o.dump_dir = value;
-    } else if (flag == "--tokens") {
-      RETURN_IF_ERROR(ParseNumber(flag, value, &o.tokens));
-    } else if (flag == "--budget") {
-      RETURN_IF_ERROR(ParseNumber(flag, value, &o.budget));
-    } else if (flag == "--page-tokens") {
-      ASSIGN_OR_RETURN(o.page_tokens, ParseIntList(flag, value));
-    } else if (flag == "--heads") {
-      RETURN_IF_ERROR(ParseNumber(flag, value, &o.heads));
-    } else if (flag == "--steps") {
-      RETURN_IF_ERROR(ParseNumber(flag, value, &o.steps));
-    } else if (flag == "--threads") {
-      RETURN_IF_ERROR(ParseNumber(flag, value, &o.threads));
-    } else if (flag == "--selectors") {
-      o.selectors = absl::StrSplit(value, ',', absl::SkipEmpty());
-    } else if (flag == "--json") {
-      o.json_path = value;
-    } else if (flag == "--layer-reuse") {
-      RETURN_IF_ERROR(ParseNumber(flag, value, &o.layer_reuse));
-    } else if (flag == "--queries-per-step") {
-      RETURN_IF_ERROR(ParseNumber(flag, value, &o.queries_per_step));
-    } else if (flag == "--sink-tokens") {
-      RETURN_IF_ERROR(ParseNumber(flag, value, &o.sink_tokens));
-    } else if (flag == "--chunk-tokens") {
-      RETURN_IF_ERROR(ParseNumber(flag, value, &o.chunk_tokens));
-    } else if (flag == "--seed") {
-      RETURN_IF_ERROR(ParseNumber(flag, value, &o.seed));
-    } else if (flag == "--kv-dtype") {
-      ASSIGN_OR_RETURN(o.kv_dtype, ParseDType(value));
-    } else if (flag == "--hnsw-m") {
-      RETURN_IF_ERROR(ParseNumber(flag, value, &o.peer.hnsw_m));
-    } else if (flag == "--hnsw-efc") {
-      RETURN_IF_ERROR(ParseNumber(flag, value, &o.peer.hnsw_ef_construction));
-    } else if (flag == "--ivf-nlist") {
-      RETURN_IF_ERROR(ParseNumber(flag, value, &o.peer.ivf_nlist));
-    } else if (flag == "--pq-m") {
-      RETURN_IF_ERROR(ParseNumber(flag, value, &o.peer.pq_m));
-    } else if (flag == "--mdci-fov") {
-      RETURN_IF_ERROR(ParseNumber(flag, value, &o.mdci.field_of_view));
-    } else if (flag == "--mdci-candidate-factor") {
-      RETURN_IF_ERROR(ParseNumber(flag, value, &o.mdci.candidate_factor));
-    } else if (flag == "--mdci-m") {
-      RETURN_IF_ERROR(ParseNumber(flag, value, &o.mdci.num_composite));
-    } else if (flag == "--mdci-l") {
-      RETURN_IF_ERROR(ParseNumber(flag, value, &o.mdci.num_simple));
-    } else if (flag == "--quest-rescore") {
-      RETURN_IF_ERROR(ParseNumber(flag, value, &o.quest_rescore_factor));
-    } else {
-      return absl::InvalidArgumentError(absl::StrFormat("unknown flag '%s'", flag));
-    }
-  }
-  if (o.synthetic.empty() == o.dump_dir.empty()) {
-    return absl::InvalidArgumentError("give exactly one of --synthetic PRESET or --dump DIR");
-  }
-  if (o.tokens < 1) return absl::InvalidArgumentError("--tokens must be >= 1");
-  if (o.budget < 1) return absl::InvalidArgumentError("--budget must be >= 1");
-  for (int p : o.page_tokens) {
-    if (p < 1 || p > 256) {
-      return absl::InvalidArgumentError(absl::StrFormat("--page-tokens %d outside [1, 256]", p));
-    }
-  }
-  if (o.heads < 1 || o.heads > 1024)
-    return absl::InvalidArgumentError("--heads must be in [1, 1024]");
-  if (o.steps < 1 || o.steps > 100000)
-    return absl::InvalidArgumentError("--steps must be in [1, 100000]");
-  if (o.threads < 1 || o.threads > 256)
-    return absl::InvalidArgumentError("--threads must be in [1, 256]");
-  if (o.layer_reuse < 1 || o.layer_reuse > 128) {
-    return absl::InvalidArgumentError("--layer-reuse must be in [1, 128]");
-  }
-  if (o.queries_per_step < 0 || o.queries_per_step > 64) {
-    return absl::InvalidArgumentError(
-        "--queries-per-step must be in [1, 64] (0: the data's group)");
-  }
-  if (o.sink_tokens < 0) return absl::InvalidArgumentError("--sink-tokens must be >= 0");
-  if (o.chunk_tokens < 0) return absl::InvalidArgumentError("--chunk-tokens must be >= 0");
-  if (!(o.quest_rescore_factor >= 0) || !std::isfinite(o.quest_rescore_factor)) {
-    return absl::InvalidArgumentError("--quest-rescore must be finite and >= 0");
-  }
-  for (const std::string& s : o.selectors) {
-    const auto& all = AllMethodNames();
-    if (std::find(all.begin(), all.end(), s) == all.end()) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("--selectors: unknown '%s' (known: %s)", s, absl::StrJoin(all, ",")));
-    }
-  }
-  if (o.selectors.empty()) o.selectors = AllMethodNames();
-  std::sort(o.page_tokens.begin(), o.page_tokens.end());
-  o.page_tokens.erase(std::unique(o.page_tokens.begin(), o.page_tokens.end()), o.page_tokens.end());
-  return o;
-}
-
-namespace {
 
 // ---------------------------------------------------------------------------
 // The workload: KV data split into prefill, 1-token decode inserts and chunk
@@ -885,44 +704,44 @@ const MethodResult* FindResult(const std::vector<MethodResult>& rs, const std::s
 }
 
 Json PointJson(const MethodResult& r, const PointStats& st) {
-  Json j = Json::Object();
-  j.Set("k", st.point.k);
-  if (!r.knob_name.empty()) j.Set(r.knob_name, st.point.knob);
-  j.Set("query_us_p50", st.p(0.5));
-  j.Set("query_us_p99", st.p(0.99));
-  j.Set("topk_recall", st.topk);
-  j.Set("mass_recall", st.mass);
-  j.Set("output_rel_error", st.err);
-  j.Set("keys_touched", st.touched);
-  j.Set("session_cost_s", r.SessionCost(st));
+  Json j = Json::object();
+  j["k"] = st.point.k;
+  if (!r.knob_name.empty()) j[r.knob_name] = st.point.knob;
+  j["query_us_p50"] = st.p(0.5);
+  j["query_us_p99"] = st.p(0.99);
+  j["topk_recall"] = st.topk;
+  j["mass_recall"] = st.mass;
+  j["output_rel_error"] = st.err;
+  j["keys_touched"] = st.touched;
+  j["session_cost_s"] = r.SessionCost(st);
   return j;
 }
 
 Json ResultJson(const MethodResult& r) {
   const PointStats& st = r.best();
-  Json j = Json::Object();
-  j.Set("selector", r.name);
-  j.Set("page_tokens", r.page_tokens);
-  j.Set("build_s", r.build_s);
-  j.Set("build_wall_s", r.build_wall_s);
-  j.Set("insert_tokens_per_s", r.insert1_tps);
-  j.Set("insert_chunk16_tokens_per_s", r.insert16_tps);
-  j.Set("query_us_p50", st.p(0.5));
-  j.Set("query_us_p99", st.p(0.99));
-  j.Set("query_us_mean", st.mean_us());
-  j.Set("topk_recall", st.topk);
-  j.Set("mass_recall", st.mass);
-  j.Set("output_rel_error", st.err);
-  j.Set("keys_touched", st.touched);
-  j.Set("index_bytes_per_token", r.index_bytes_per_token);
-  j.Set("page_fill", r.page_fill);
-  j.Set("selected_page_fill", st.selected_fill);
-  j.Set("session_cost_s", r.SessionCost(st));
+  Json j = Json::object();
+  j["selector"] = r.name;
+  j["page_tokens"] = r.page_tokens;
+  j["build_s"] = r.build_s;
+  j["build_wall_s"] = r.build_wall_s;
+  j["insert_tokens_per_s"] = r.insert1_tps;
+  j["insert_chunk16_tokens_per_s"] = r.insert16_tps;
+  j["query_us_p50"] = st.p(0.5);
+  j["query_us_p99"] = st.p(0.99);
+  j["query_us_mean"] = st.mean_us();
+  j["topk_recall"] = st.topk;
+  j["mass_recall"] = st.mass;
+  j["output_rel_error"] = st.err;
+  j["keys_touched"] = st.touched;
+  j["index_bytes_per_token"] = r.index_bytes_per_token;
+  j["page_fill"] = r.page_fill;
+  j["selected_page_fill"] = st.selected_fill;
+  j["session_cost_s"] = r.SessionCost(st);
   if (IsPeer(r.name)) {
-    j.Set("param", PointJson(r, st));
-    Json sweep = Json::Array();
-    for (const auto& pt : r.sweep) sweep.Push(PointJson(r, pt));
-    j.Set("sweep", std::move(sweep));
+    j["param"] = PointJson(r, st);
+    Json sweep = Json::array();
+    for (const auto& pt : r.sweep) sweep.push_back(PointJson(r, pt));
+    j["sweep"] = std::move(sweep);
   }
   return j;
 }
@@ -930,17 +749,17 @@ Json ResultJson(const MethodResult& r) {
 // The targets of the issue, evaluated for one page size.
 Json TargetsJson(const std::vector<MethodResult>& rs, int p, double kv_bytes_per_token,
                  std::vector<std::string>* lines) {
-  Json t = Json::Object();
+  Json t = Json::object();
   const MethodResult* mdci = FindResult(rs, "mdci", p);
   const MethodResult* exact = FindResult(rs, "exact", p);
   const MethodResult* emdci = FindResult(rs, "exact-mdci", p);
   const MethodResult* etok = FindResult(rs, "exact-token", p);
   const MethodResult* quest = FindResult(rs, "quest", p);
   auto add = [&](const std::string& key, bool reached, const std::string& detail) {
-    Json e = Json::Object();
-    e.Set("reached", reached);
-    e.Set("detail", detail);
-    t.Set(key, std::move(e));
+    Json e = Json::object();
+    e["reached"] = reached;
+    e["detail"] = detail;
+    t[key] = std::move(e);
     lines->push_back(absl::StrFormat("  [%s] %s: %s", reached ? "yes" : " no", key, detail));
   };
   if (mdci && exact && emdci && etok) {
@@ -1056,18 +875,17 @@ void PrintTable(const std::vector<MethodResult>& rs, int p) {
 
 absl::Status CheckReport(const std::string& json_text, const std::vector<std::string>& selectors,
                          const std::vector<int>& page_tokens) {
-  ASSIGN_OR_RETURN(Json root, Json::Parse(json_text));
+  ASSIGN_OR_RETURN(Json root, ParseJson(json_text));
   if (!root.is_object()) return absl::InvalidArgumentError("report is not a JSON object");
   for (const char* key : {"machine", "config"}) {
-    const Json* v = root.Find(key);
-    if (v == nullptr || !v->is_object()) {
+    if (!root.contains(key) || !root[key].is_object()) {
       return absl::InvalidArgumentError(absl::StrFormat("report has no '%s' object", key));
     }
   }
-  const Json* results = root.Find("results");
-  if (results == nullptr || !results->is_array()) {
+  if (!root.contains("results") || !root["results"].is_array()) {
     return absl::InvalidArgumentError("report has no 'results' array");
   }
+  const Json& results = root["results"];
   static const char* kMetrics[] = {
       "build_s",          "insert_tokens_per_s", "query_us_p50",
       "query_us_p99",     "topk_recall",         "mass_recall",
@@ -1076,10 +894,12 @@ absl::Status CheckReport(const std::string& json_text, const std::vector<std::st
   for (int p : page_tokens) {
     for (const std::string& name : selectors) {
       const Json* found = nullptr;
-      for (const Json& r : results->items()) {
-        const Json* s = r.Find("selector");
-        const Json* pt = r.Find("page_tokens");
-        if (s && s->is_string() && s->str() == name && pt && pt->is_number() && pt->number() == p) {
+      for (const Json& r : results) {
+        if (!r.is_object()) continue;
+        const auto s = r.find("selector");
+        const auto pt = r.find("page_tokens");
+        if (s != r.end() && s->is_string() && *s == name && pt != r.end() && pt->is_number() &&
+            pt->get<double>() == p) {
           found = &r;
         }
       }
@@ -1088,8 +908,8 @@ absl::Status CheckReport(const std::string& json_text, const std::vector<std::st
             absl::StrFormat("no result for selector '%s' at page_tokens %d", name, p));
       }
       for (const char* m : kMetrics) {
-        const Json* v = found->Find(m);
-        if (v == nullptr) {
+        const auto v = found->find(m);
+        if (v == found->end()) {
           return absl::InvalidArgumentError(absl::StrFormat("%s (page %d) lacks '%s'", name, p, m));
         }
         // page_fill and the insert rate are null for the token-level oracle
@@ -1102,7 +922,7 @@ absl::Status CheckReport(const std::string& json_text, const std::vector<std::st
         }
       }
       for (const char* m : {"topk_recall", "mass_recall"}) {
-        const double v = found->Find(m)->number();
+        const double v = (*found)[m].get<double>();
         if (!(v >= 0 && v <= 1 + 1e-6)) {
           return absl::InvalidArgumentError(
               absl::StrFormat("%s (page %d): %s = %g outside [0, 1]", name, p, m, v));
@@ -1141,80 +961,80 @@ absl::Status RunSelectBench(const SelectBenchOptions& o) {
       [](const MethodResult& a, const MethodResult& b) { return a.page_tokens < b.page_tokens; });
 
   const double kv_bytes_per_token = 2.0 * d.head_dim * DTypeSize(o.kv_dtype);
-  Json root = Json::Object();
-  Json machine = Json::Object();
-  machine.Set("cpu_model", CpuModel());
-  machine.Set("cores", static_cast<int>(std::thread::hardware_concurrency()));
-  machine.Set("kernel_isa", KernelIsa());
-  machine.Set("l3_size", L3Size());
+  Json root = Json::object();
+  Json machine = Json::object();
+  machine["cpu_model"] = CpuModel();
+  machine["cores"] = static_cast<int>(std::thread::hardware_concurrency());
+  machine["kernel_isa"] = KernelIsa();
+  machine["l3_size"] = L3Size();
   const std::string build_commit = BuildCommit();
   const std::string head_commit = HeadCommitNow();
-  machine.Set("git_commit", build_commit.empty() ? "unknown" : build_commit);
+  machine["git_commit"] = build_commit.empty() ? "unknown" : build_commit;
   if (!head_commit.empty() && head_commit != build_commit) {
-    machine.Set("git_head_at_run", head_commit);
+    machine["git_head_at_run"] = head_commit;
   }
   // Other processes share the cores; the load tells how much timings suffered.
-  machine.Set("loadavg_start", load_start);
-  machine.Set("loadavg_end", ReadFirstLine("/proc/loadavg"));
-  root.Set("machine", std::move(machine));
-  Json config = Json::Object();
-  config.Set("source", w.source);
-  config.Set("prefill_tokens", w.prefill);
-  config.Set("decode_tokens", w.decode_tokens);
-  config.Set("chunk_tokens", w.chunk_tokens);
-  config.Set("context_tokens", w.context);
-  config.Set("budget", o.budget);
-  Json pts = Json::Array();
-  for (int p : o.page_tokens) pts.Push(p);
-  config.Set("page_tokens", std::move(pts));
-  config.Set("layers", d.layers);
-  config.Set("kv_heads", d.kv_heads);
-  config.Set("trees", static_cast<int64_t>(w.trees.size()));
-  config.Set("head_dim", d.head_dim);
-  config.Set("queries_per_step", w.queries);
-  config.Set("steps", w.steps);
-  config.Set("layer_reuse", o.layer_reuse);
-  config.Set("sink_tokens", o.sink_tokens);
-  config.Set("threads", o.threads);
-  config.Set("kv_dtype", std::string(DTypeName(o.kv_dtype)));
-  config.Set("kv_bytes_per_token_per_head", kv_bytes_per_token);
-  Json sel = Json::Array();
-  for (const auto& s : o.selectors) sel.Push(s);
-  config.Set("selectors", std::move(sel));
-  Json peer = Json::Object();
-  peer.Set("hnsw_m", o.peer.hnsw_m);
-  peer.Set("hnsw_ef_construction", o.peer.hnsw_ef_construction);
-  peer.Set("ivf_nlist", o.peer.ivf_nlist > 0
-                            ? o.peer.ivf_nlist
-                            : static_cast<int>(std::lround(std::sqrt(double(w.prefill)))));
-  peer.Set("pq_m", o.peer.pq_m);
-  peer.Set("pq_nbits", o.peer.pq_nbits);
-  config.Set("peers", std::move(peer));
-  Json mdci = Json::Object();
-  mdci.Set("num_composite", o.mdci.num_composite);
-  mdci.Set("num_simple", o.mdci.num_simple);
-  mdci.Set("field_of_view", o.mdci.field_of_view);
-  mdci.Set("candidate_factor", static_cast<double>(o.mdci.candidate_factor));
-  config.Set("mdci", std::move(mdci));
-  config.Set("quest_rescore_factor", static_cast<double>(o.quest_rescore_factor));
-  config.Set("notes",
-             "query times: one KV head's G queries at one step, single-threaded, step-major over "
-             "trees; build_s: mean seconds per tree (builds parallel over trees with --threads); "
-             "session_cost_s: per tree, build_s + 1000 x (1-token insert + mean select), "
-             "extrapolated from the measured steps; peers: hits rounded up to positional pages, "
-             "cheapest sweep point within 0.01 of their best mass recall; every method gets the "
-             "sink tokens; keys_touched per select call (G queries)");
-  root.Set("config", std::move(config));
-  Json res = Json::Array();
-  for (const auto& r : results) res.Push(ResultJson(r));
-  root.Set("results", std::move(res));
-  Json targets = Json::Object();
+  machine["loadavg_start"] = load_start;
+  machine["loadavg_end"] = ReadFirstLine("/proc/loadavg");
+  root["machine"] = std::move(machine);
+  Json config = Json::object();
+  config["source"] = w.source;
+  config["prefill_tokens"] = w.prefill;
+  config["decode_tokens"] = w.decode_tokens;
+  config["chunk_tokens"] = w.chunk_tokens;
+  config["context_tokens"] = w.context;
+  config["budget"] = o.budget;
+  Json pts = Json::array();
+  for (int p : o.page_tokens) pts.push_back(p);
+  config["page_tokens"] = std::move(pts);
+  config["layers"] = d.layers;
+  config["kv_heads"] = d.kv_heads;
+  config["trees"] = static_cast<int64_t>(w.trees.size());
+  config["head_dim"] = d.head_dim;
+  config["queries_per_step"] = w.queries;
+  config["steps"] = w.steps;
+  config["layer_reuse"] = o.layer_reuse;
+  config["sink_tokens"] = o.sink_tokens;
+  config["threads"] = o.threads;
+  config["kv_dtype"] = std::string(DTypeName(o.kv_dtype));
+  config["kv_bytes_per_token_per_head"] = kv_bytes_per_token;
+  Json sel = Json::array();
+  for (const auto& s : o.selectors) sel.push_back(s);
+  config["selectors"] = std::move(sel);
+  Json peer = Json::object();
+  peer["hnsw_m"] = o.peer.hnsw_m;
+  peer["hnsw_ef_construction"] = o.peer.hnsw_ef_construction;
+  peer["ivf_nlist"] = o.peer.ivf_nlist > 0
+                          ? o.peer.ivf_nlist
+                          : static_cast<int>(std::lround(std::sqrt(double(w.prefill))));
+  peer["pq_m"] = o.peer.pq_m;
+  peer["pq_nbits"] = o.peer.pq_nbits;
+  config["peers"] = std::move(peer);
+  Json mdci = Json::object();
+  mdci["num_composite"] = o.mdci.num_composite;
+  mdci["num_simple"] = o.mdci.num_simple;
+  mdci["field_of_view"] = o.mdci.field_of_view;
+  mdci["candidate_factor"] = static_cast<double>(o.mdci.candidate_factor);
+  config["mdci"] = std::move(mdci);
+  config["quest_rescore_factor"] = static_cast<double>(o.quest_rescore_factor);
+  config["notes"] =
+      "query times: one KV head's G queries at one step, single-threaded, step-major over "
+      "trees; build_s: mean seconds per tree (builds parallel over trees with --threads); "
+      "session_cost_s: per tree, build_s + 1000 x (1-token insert + mean select), "
+      "extrapolated from the measured steps; peers: hits rounded up to positional pages, "
+      "cheapest sweep point within 0.01 of their best mass recall; every method gets the "
+      "sink tokens; keys_touched per select call (G queries)";
+  root["config"] = std::move(config);
+  Json res = Json::array();
+  for (const auto& r : results) res.push_back(ResultJson(r));
+  root["results"] = std::move(res);
+  Json targets = Json::object();
   std::vector<std::string> target_lines;
   for (int p : o.page_tokens) {
     target_lines.push_back(absl::StrFormat("targets at page_tokens %d:", p));
-    targets.Set(absl::StrCat(p), TargetsJson(results, p, kv_bytes_per_token, &target_lines));
+    targets[absl::StrCat(p)] = TargetsJson(results, p, kv_bytes_per_token, &target_lines);
   }
-  root.Set("targets", std::move(targets));
+  root["targets"] = std::move(targets);
 
   for (int p : o.page_tokens) PrintTable(results, p);
   std::printf("\n");
@@ -1223,7 +1043,7 @@ absl::Status RunSelectBench(const SelectBenchOptions& o) {
 
   if (!o.json_path.empty()) {
     std::ofstream out(o.json_path);
-    out << root.Dump(2) << "\n";
+    out << DumpJson(root, 2) << "\n";
     out.close();
     if (!out) {
       return absl::PermissionDeniedError(absl::StrFormat("cannot write --json %s", o.json_path));
@@ -1239,7 +1059,7 @@ absl::Status RunSelectBench(const SelectBenchOptions& o) {
       std::printf("check: %s is valid (%zu results)\n", o.json_path.c_str(), results.size());
     }
   } else if (o.check) {
-    absl::Status s = CheckReport(root.Dump(0), o.selectors, o.page_tokens);
+    absl::Status s = CheckReport(DumpJson(root), o.selectors, o.page_tokens);
     if (!s.ok())
       return absl::FailedPreconditionError(absl::StrCat("--check failed: ", s.message()));
     std::printf("check: report is valid (%zu results)\n", results.size());

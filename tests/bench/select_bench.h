@@ -66,11 +66,6 @@ struct SelectBenchOptions {
 // Every method name in report order.
 const std::vector<std::string>& AllMethodNames();
 
-// Parses the arguments after "select". InvalidArgument naming the flag for
-// unknown flags, missing or malformed values and out-of-range settings.
-absl::StatusOr<SelectBenchOptions> ParseSelectArgs(const std::vector<std::string>& args);
-std::string SelectUsage();
-
 // Runs the benchmark, prints the table to stdout and writes the JSON. Errors
 // of the data source or of any method are returned (the message names the
 // method and tree); with `check`, FailedPrecondition when the written JSON

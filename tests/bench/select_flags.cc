@@ -1,0 +1,133 @@
+#include "tests/bench/select_flags.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "common/cli.h"
+#include "common/status_macros.h"
+
+namespace icecache::bench {
+namespace {
+
+absl::StatusOr<std::vector<int>> ParseIntList(const std::string& flag, const std::string& v) {
+  std::vector<int> out;
+  for (absl::string_view part : absl::StrSplit(v, ',', absl::SkipEmpty())) {
+    int x = 0;
+    if (!absl::SimpleAtoi(part, &x)) {
+      return absl::InvalidArgumentError(absl::StrFormat("%s: '%s' is not an integer", flag, part));
+    }
+    out.push_back(x);
+  }
+  if (out.empty()) return absl::InvalidArgumentError(absl::StrFormat("%s: empty list", flag));
+  return out;
+}
+
+absl::Status CheckRanges(const SelectBenchOptions& o) {
+  if (o.synthetic.empty() == o.dump_dir.empty()) {
+    return absl::InvalidArgumentError("give exactly one of --synthetic PRESET or --dump DIR");
+  }
+  if (o.tokens < 1) return absl::InvalidArgumentError("--tokens must be >= 1");
+  if (o.budget < 1) return absl::InvalidArgumentError("--budget must be >= 1");
+  for (int p : o.page_tokens) {
+    if (p < 1 || p > 256) {
+      return absl::InvalidArgumentError(absl::StrFormat("--page-tokens %d outside [1, 256]", p));
+    }
+  }
+  if (o.heads < 1 || o.heads > 1024)
+    return absl::InvalidArgumentError("--heads must be in [1, 1024]");
+  if (o.steps < 1 || o.steps > 100000)
+    return absl::InvalidArgumentError("--steps must be in [1, 100000]");
+  if (o.threads < 1 || o.threads > 256)
+    return absl::InvalidArgumentError("--threads must be in [1, 256]");
+  if (o.layer_reuse < 1 || o.layer_reuse > 128) {
+    return absl::InvalidArgumentError("--layer-reuse must be in [1, 128]");
+  }
+  if (o.queries_per_step < 0 || o.queries_per_step > 64) {
+    return absl::InvalidArgumentError(
+        "--queries-per-step must be in [1, 64] (0: the data's group)");
+  }
+  if (o.sink_tokens < 0) return absl::InvalidArgumentError("--sink-tokens must be >= 0");
+  if (o.chunk_tokens < 0) return absl::InvalidArgumentError("--chunk-tokens must be >= 0");
+  if (!(o.quest_rescore_factor >= 0) || !std::isfinite(o.quest_rescore_factor)) {
+    return absl::InvalidArgumentError("--quest-rescore must be finite and >= 0");
+  }
+  const auto& all = AllMethodNames();
+  for (const std::string& s : o.selectors) {
+    if (std::find(all.begin(), all.end(), s) == all.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("--selectors: unknown '%s' (known: %s)", s, absl::StrJoin(all, ",")));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+SelectFlags::SelectFlags(CLI::App* app) {
+  app->footer("Give exactly one of --synthetic or --dump.");
+  app->add_option("--synthetic", o_.synthetic, "synthetic KV preset (common/synthetic.h)");
+  app->add_option("--dump", o_.dump_dir, "a KV dump directory (common/kv_dump.h)");
+  app->add_option("--tokens", o_.tokens, "prefill tokens (synthetic) / context cap (dump)");
+  app->add_option("--budget", o_.budget, "token budget per KV head and step");
+  app->add_option("--page-tokens", page_tokens_, "page sizes to run")->type_name("P[,P..]");
+  app->add_option("--heads", o_.heads, "KV heads generated and measured (synthetic)");
+  app->add_option("--steps", o_.steps, "decode steps: queries and 1-token inserts (synthetic)");
+  app->add_option("--threads", o_.threads, "build threads, parallel over trees");
+  app->add_option(
+         "--selectors", selectors_,
+         "comma-separated subset of: " + absl::StrJoin(AllMethodNames(), ",") + " (default: all)")
+      ->type_name("LIST");
+  app->add_option("--json", o_.json_path, "write the JSON report to FILE")->type_name("FILE");
+  app->add_option("--layer-reuse", o_.layer_reuse, "one tree per head for G consecutive layers");
+  app->add_option("--queries-per-step", o_.queries_per_step,
+                  "query heads per KV head scored together (0: the data's group)");
+  app->add_option("--sink-tokens", o_.sink_tokens, "sink tokens every method gets");
+  app->add_option("--chunk-tokens", o_.chunk_tokens,
+                  "tokens inserted in 16-token chunks after the steps");
+  app->add_option("--seed", o_.seed, "generator seed (synthetic; 0: the preset's)");
+  app->add_option("--kv-dtype", kv_dtype_, "dtype of the stored keys: f16, bf16, f32");
+  app->add_option("--hnsw-m", o_.peer.hnsw_m, "peers: HNSW graph degree");
+  app->add_option("--hnsw-efc", o_.peer.hnsw_ef_construction, "peers: HNSW build beam");
+  app->add_option("--ivf-nlist", o_.peer.ivf_nlist, "peers: IVF lists (0: sqrt(prefill))");
+  app->add_option("--pq-m", o_.peer.pq_m, "peers: IVFPQ sub-quantizers");
+  app->add_option("--mdci-fov", o_.mdci.field_of_view, "mdci: field of view");
+  app->add_option("--mdci-candidate-factor", o_.mdci.candidate_factor,
+                  "mdci: candidates scored exactly, x budget");
+  app->add_option("--mdci-m", o_.mdci.num_composite, "mdci: composite indices (m)");
+  app->add_option("--mdci-l", o_.mdci.num_simple, "mdci: simple indices per composite (L)");
+  app->add_option("--quest-rescore", o_.quest_rescore_factor,
+                  "quest rescore factor (0: plain Quest)");
+  app->add_flag("--verbose", o_.verbose, "print every sweep point of the peers");
+  app->add_flag("--check", o_.check, "re-read the JSON and validate it (exit 1 when bad)");
+}
+
+absl::StatusOr<SelectBenchOptions> SelectFlags::Options() const {
+  SelectBenchOptions o = o_;
+  ASSIGN_OR_RETURN(o.page_tokens, ParseIntList("--page-tokens", page_tokens_));
+  o.selectors = absl::StrSplit(selectors_, ',', absl::SkipEmpty());
+  absl::StatusOr<DType> dtype = ParseDType(kv_dtype_);
+  if (!dtype.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--kv-dtype: ", dtype.status().message()));
+  }
+  o.kv_dtype = *dtype;
+  RETURN_IF_ERROR(CheckRanges(o));
+  if (o.selectors.empty()) o.selectors = AllMethodNames();
+  std::sort(o.page_tokens.begin(), o.page_tokens.end());
+  o.page_tokens.erase(std::unique(o.page_tokens.begin(), o.page_tokens.end()), o.page_tokens.end());
+  return o;
+}
+
+absl::StatusOr<SelectBenchOptions> ParseSelectArgs(const std::vector<std::string>& args) {
+  CLI::App app("The page-selection benchmark.", "icecache-bench select");
+  cli::Configure(app);
+  SelectFlags flags(&app);
+  RETURN_IF_ERROR(cli::ParseArgs(app, args));
+  return flags.Options();
+}
+
+}  // namespace icecache::bench
