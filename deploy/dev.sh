@@ -15,6 +15,7 @@ PACKAGES=(build-essential cmake ninja-build pkg-config git
   libabsl-dev libtbb-dev libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libfaiss-dev libhnswlib-dev libcpp-httplib-dev libssl-dev
+  libcli11-dev nlohmann-json3-dev  # every command line (CLI11), all JSON (nlohmann)
   openssl)  # openssl: the TLS tests make their own throwaway certificates
 
 install_deps() {
