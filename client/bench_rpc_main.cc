@@ -9,7 +9,7 @@
 // overhead (difference and ratio), and the pool bytes per session.
 // --soak SECONDS: decode for that long and count failed requests by code.
 // --churn N: N create/append/drop cycles, daemon RSS before and after.
-// Output: a table on stdout; --json FILE writes the figures as JSON.
+// Output: a table on stdout; --json FILE writes the figures as JSON (common/json.h).
 // `icecache-bench rpc ARGS` is meant to exec this binary with ARGS.
 #include <algorithm>
 #include <atomic>
@@ -34,6 +34,7 @@
 #include "client/daemon_process.h"
 #include "client/kv_check.h"
 #include "client/output.h"
+#include "common/cli.h"
 #include "common/dtype.h"
 #include "common/status_macros.h"
 #include "common/synthetic.h"
@@ -44,22 +45,6 @@
 namespace icecache {
 namespace {
 
-const char kUsage[] = R"(usage: icecache-bench-rpc [flags]
-  --spawn PATH        start icecached at PATH on a temporary socket (else --socket)
-  --socket PATH       a running daemon (default $ICECACHE_SOCKET / default socket)
-  --pid N             the running daemon's pid (for --churn RSS without --spawn)
-  --sessions LIST     concurrent sessions to sweep [1,4,8,32]
-  --tokens N          prefill tokens per session [4096]
-  --layers N          layers [2]
-  --steps N           decode steps per session [8]
-  --budget N          selected tokens per KV head [256]
-  --page_tokens N     [16]
-  --selector NAME     mdci | exact-mdci | exact | quest | streaming [mdci]
-  --soak SECONDS      soak mode: decode with the first K of --sessions for SECONDS
-  --churn N           churn mode: N create/append/drop cycles, RSS before/after
-  --json FILE         write results as JSON
-)";
-
 struct Flags {
   std::string spawn, socket, json, selector = "mdci";
   int pid = 0;
@@ -69,67 +54,43 @@ struct Flags {
   int soak_s = 0, churn = 0;
 };
 
-absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
-  Flags f;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i], v;
-    if (a == "-h" || a == "--help") {
-      std::cout << kUsage;
-      std::exit(0);
+// Registers the flags on `app`; `sessions` receives --sessions as given.
+void AddFlags(CLI::App& app, Flags* f, std::string* sessions) {
+  app.add_option("--spawn", f->spawn,
+                 "start icecached at PATH on a temporary socket (else --socket)")
+      ->type_name("PATH");
+  app.add_option("--socket", f->socket,
+                 "a running daemon (default $ICECACHE_SOCKET / default socket)")
+      ->type_name("PATH");
+  app.add_option("--pid", f->pid, "the running daemon's pid (for --churn RSS without --spawn)")
+      ->check(cli::Positive());
+  app.add_option("--sessions", *sessions, "concurrent sessions to sweep")->type_name("LIST");
+  app.add_option("--tokens", f->tokens, "prefill tokens per session")->check(cli::Positive());
+  app.add_option("--layers", f->layers, "layers")->check(cli::Positive());
+  app.add_option("--steps", f->steps, "decode steps per session")->check(cli::Positive());
+  app.add_option("--budget", f->budget, "selected tokens per KV head")->check(cli::Positive());
+  app.add_option("--page-tokens,--page_tokens", f->page_tokens, "tokens per page")
+      ->check(cli::Positive());
+  app.add_option("--selector", f->selector, "mdci | exact-mdci | exact | quest | streaming");
+  app.add_option("--soak", f->soak_s,
+                 "soak mode: decode with the first K of --sessions for SECONDS")
+      ->check(cli::Positive());
+  app.add_option("--churn", f->churn, "churn mode: N create/append/drop cycles, RSS before/after")
+      ->check(cli::Positive());
+  app.add_option("--json", f->json, "write results as JSON to FILE")->type_name("FILE");
+}
+
+absl::Status FinishFlags(const std::string& sessions, Flags* f) {
+  f->sessions.clear();
+  for (absl::string_view part : absl::StrSplit(sessions, ',')) {
+    int k = 0;
+    if (!absl::SimpleAtoi(part, &k) || k <= 0 || k > 1024) {
+      return absl::InvalidArgumentError(absl::StrCat("--sessions: bad count '", part, "'"));
     }
-    const size_t eq = a.find('=');
-    if (eq != std::string::npos) {
-      v = a.substr(eq + 1);
-      a = a.substr(0, eq);
-    } else {
-      if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat(a, " needs a value"));
-      v = argv[++i];
-    }
-    auto num = [&](auto* out) -> absl::Status {
-      if (!absl::SimpleAtoi(v, out) || *out <= 0) {
-        return absl::InvalidArgumentError(absl::StrCat(a, ": '", v, "' is not a positive integer"));
-      }
-      return absl::OkStatus();
-    };
-    if (a == "--spawn")
-      f.spawn = v;
-    else if (a == "--socket")
-      f.socket = v;
-    else if (a == "--json")
-      f.json = v;
-    else if (a == "--selector")
-      f.selector = v;
-    else if (a == "--pid")
-      RETURN_IF_ERROR(num(&f.pid));
-    else if (a == "--tokens")
-      RETURN_IF_ERROR(num(&f.tokens));
-    else if (a == "--layers")
-      RETURN_IF_ERROR(num(&f.layers));
-    else if (a == "--steps")
-      RETURN_IF_ERROR(num(&f.steps));
-    else if (a == "--budget")
-      RETURN_IF_ERROR(num(&f.budget));
-    else if (a == "--page_tokens")
-      RETURN_IF_ERROR(num(&f.page_tokens));
-    else if (a == "--soak")
-      RETURN_IF_ERROR(num(&f.soak_s));
-    else if (a == "--churn")
-      RETURN_IF_ERROR(num(&f.churn));
-    else if (a == "--sessions") {
-      f.sessions.clear();
-      for (absl::string_view part : absl::StrSplit(v, ',')) {
-        int k = 0;
-        if (!absl::SimpleAtoi(part, &k) || k <= 0 || k > 1024) {
-          return absl::InvalidArgumentError(absl::StrCat("--sessions: bad count '", part, "'"));
-        }
-        f.sessions.push_back(k);
-      }
-    } else {
-      return absl::InvalidArgumentError(absl::StrCat("unknown flag ", a));
-    }
+    f->sessions.push_back(k);
   }
-  if (f.budget > f.tokens) return absl::InvalidArgumentError("--budget exceeds --tokens");
-  return f;
+  if (f->budget > f->tokens) return absl::InvalidArgumentError("--budget exceeds --tokens");
+  return absl::OkStatus();
 }
 
 double Pct(std::vector<double> v, double p) {
@@ -323,7 +284,7 @@ absl::StatusOr<SweepPoint> RunSweepPoint(Client& client, const Model& m, const F
   return pt;
 }
 
-absl::Status RunSweep(Client& client, const Model& m, const Flags& f, JsonWriter& w) {
+absl::Status RunSweep(Client& client, const Model& m, const Flags& f, Json& report) {
   // In-process reference, single thread, same selector/KV/queries.
   std::cout << "building the in-process reference index...\n";
   ASSIGN_OR_RETURN(InProcess ip, BuildInProcess(m, f));
@@ -341,15 +302,15 @@ absl::Status RunSweep(Client& client, const Model& m, const Flags& f, JsonWriter
   const double in_p50 = Pct(inproc_ms, 0.5), in_p99 = Pct(inproc_ms, 0.99);
   TextTable t({"SESSIONS", "LAYER_P50_MS", "LAYER_P99_MS", "STEPS_PER_S", "INPROC_P50_MS",
                "OVERHEAD_P50_MS", "RPC/INPROC", "POOL_PER_SESSION", "FAILED"});
-  w.Key("inprocess").BeginObject();
-  w.Key("layer_ms_p50").Double(in_p50).Key("layer_ms_p99").Double(in_p99);
-  w.Key("threads").Int(1);
   const double in_heads = static_cast<double>(f.steps) * m.spec.layers * m.spec.kv_heads;
-  w.Key("keys_touched_per_head").Double(in_touched / in_heads);
-  w.Key("pages_per_head").Double(in_pages / in_heads).EndObject();
+  report["inprocess"] = {{"layer_ms_p50", in_p50},
+                         {"layer_ms_p99", in_p99},
+                         {"threads", 1},
+                         {"keys_touched_per_head", in_touched / in_heads},
+                         {"pages_per_head", in_pages / in_heads}};
   std::cout << absl::StrFormat("in-process: keys touched per head %.0f, pages per head %.1f\n",
                                in_touched / in_heads, in_pages / in_heads);
-  w.Key("results").BeginArray();
+  report["results"] = Json::array();
   for (int k : f.sessions) {
     std::cout << "sweep: " << k << " concurrent sessions...\n";
     ASSIGN_OR_RETURN(SweepPoint pt, RunSweepPoint(client, m, f, k));
@@ -360,28 +321,29 @@ absl::Status RunSweep(Client& client, const Model& m, const Flags& f, JsonWriter
               absl::StrFormat("%.3f", p50 - in_p50),
               absl::StrFormat("%.2f", in_p50 > 0 ? p50 / in_p50 : 0.0),
               HumanBytes(static_cast<int64_t>(pt.bytes_per_session)), absl::StrCat(pt.failed)});
-    w.BeginObject();
-    w.Key("sessions").Int(k);
-    w.Key("layer_ms_p50").Double(p50).Key("layer_ms_p99").Double(p99);
-    w.Key("steps_per_s").Double(sps).Key("layer_steps_per_s").Double(sps * m.spec.layers);
-    w.Key("inprocess_layer_ms_p50").Double(in_p50);
-    w.Key("rpc_overhead_ms_p50").Double(p50 - in_p50);
-    w.Key("rpc_over_inprocess_p50").Double(in_p50 > 0 ? p50 / in_p50 : 0.0);
-    w.Key("pool_bytes_per_session").Uint(pt.bytes_per_session);
-    w.Key("prefill_ms_p50").Double(pt.prefill_ms_p50);
-    w.Key("wall_s").Double(pt.wall_s).Key("failed").Int(pt.failed);
-    w.Key("keys_touched_per_head").Double(pt.heads ? double(pt.keys_touched) / pt.heads : 0);
-    w.Key("pages_per_head").Double(pt.heads ? double(pt.pages) / pt.heads : 0);
+    report["results"].push_back(
+        {{"sessions", k},
+         {"layer_ms_p50", p50},
+         {"layer_ms_p99", p99},
+         {"steps_per_s", sps},
+         {"layer_steps_per_s", sps * m.spec.layers},
+         {"inprocess_layer_ms_p50", in_p50},
+         {"rpc_overhead_ms_p50", p50 - in_p50},
+         {"rpc_over_inprocess_p50", in_p50 > 0 ? p50 / in_p50 : 0.0},
+         {"pool_bytes_per_session", pt.bytes_per_session},
+         {"prefill_ms_p50", pt.prefill_ms_p50},
+         {"wall_s", pt.wall_s},
+         {"failed", pt.failed},
+         {"keys_touched_per_head", pt.heads ? double(pt.keys_touched) / pt.heads : 0},
+         {"pages_per_head", pt.heads ? double(pt.pages) / pt.heads : 0}});
     std::cout << absl::StrFormat("  rpc: keys touched per head %.0f, pages per head %.1f\n",
                                  pt.heads ? double(pt.keys_touched) / pt.heads : 0,
                                  pt.heads ? double(pt.pages) / pt.heads : 0);
-    w.EndObject();
     if (pt.failed > 0) {
       std::cout << t.Render();
       return absl::InternalError(absl::StrCat(pt.failed, " failed DecodeStep calls"));
     }
   }
-  w.EndArray();
   std::cout << "\n" << t.Render();
   std::cout << absl::StrFormat(
       "in-process reference (1 thread, same selector/KV/queries): select+gather per layer "
@@ -390,7 +352,7 @@ absl::Status RunSweep(Client& client, const Model& m, const Flags& f, JsonWriter
   return absl::OkStatus();
 }
 
-absl::Status RunSoak(Client& client, const Model& m, const Flags& f, JsonWriter& w) {
+absl::Status RunSoak(Client& client, const Model& m, const Flags& f, Json& report) {
   const int k = f.sessions.front();
   std::vector<SessionInfo> sessions;
   std::vector<ShmBuffer> outs;
@@ -451,19 +413,22 @@ absl::Status RunSoak(Client& client, const Model& m, const Flags& f, JsonWriter&
       "%.3f ms max %.3f ms\n",
       f.soak_s, k, ok.load(), failed, Pct(lat_all, 0.5), Pct(lat_all, 0.99), Pct(lat_all, 1.0));
   for (const auto& [code, n] : failures) std::cout << "  failed " << code << ": " << n << "\n";
-  w.Key("soak").BeginObject();
-  w.Key("seconds").Int(f.soak_s).Key("sessions").Int(k).Key("ok").Int(ok.load());
-  w.Key("failed").Int(failed).Key("layer_ms_p50").Double(Pct(lat_all, 0.5));
-  w.Key("layer_ms_p99").Double(Pct(lat_all, 0.99)).Key("failures_by_code").BeginObject();
-  for (const auto& [code, n] : failures) w.Key(code).Int(n);
-  w.EndObject().EndObject();
+  Json by_code = Json::object();
+  for (const auto& [code, n] : failures) by_code[code] = n;
+  report["soak"] = {{"seconds", f.soak_s},
+                    {"sessions", k},
+                    {"ok", ok.load()},
+                    {"failed", failed},
+                    {"layer_ms_p50", Pct(lat_all, 0.5)},
+                    {"layer_ms_p99", Pct(lat_all, 0.99)},
+                    {"failures_by_code", std::move(by_code)}};
   outs.clear();
   for (const auto& s : sessions) (void)client.DropSession(s.id);
   return failed == 0 ? absl::OkStatus()
                      : absl::InternalError(absl::StrCat(failed, " failed requests in soak"));
 }
 
-absl::Status RunChurn(Client& client, const Model& m, const Flags& f, int pid, JsonWriter& w) {
+absl::Status RunChurn(Client& client, const Model& m, const Flags& f, int pid, Json& report) {
   if (pid <= 0)
     return absl::InvalidArgumentError("--churn needs --spawn or --pid to read the daemon's RSS");
   ASSIGN_OR_RETURN(ShmBuffer kv_buf, client.CreateShmBuffer(m.prefill.size()));
@@ -499,12 +464,11 @@ absl::Status RunChurn(Client& client, const Model& m, const Flags& f, int pid, J
       "%s before, %s after (%+.1f MiB)\n",
       f.churn, f.tokens, wall, f.churn / wall, failed, HumanBytes(before), HumanBytes(after),
       (after - before) / 1048576.0);
-  w.Key("churn").BeginObject();
-  w.Key("cycles").Int(f.churn).Key("failed").Int(failed).Key("wall_s").Double(wall);
-  w.Key("rss_before_bytes").Int(before).Key("rss_after_bytes").Int(after);
-  w.Key("rss_trace").BeginArray();
-  for (const auto& [n, rss] : trace) w.BeginArray().Int(n).Int(rss).EndArray();
-  w.EndArray().EndObject();
+  Json rss_trace = Json::array();
+  for (const auto& [n, rss] : trace) rss_trace.push_back({n, rss});
+  report["churn"] = {{"cycles", f.churn},        {"failed", failed},
+                     {"wall_s", wall},           {"rss_before_bytes", before},
+                     {"rss_after_bytes", after}, {"rss_trace", std::move(rss_trace)}};
   return failed == 0 ? absl::OkStatus()
                      : absl::InternalError(absl::StrCat(failed, " failed churn cycles"));
 }
@@ -525,30 +489,31 @@ absl::Status Run(const Flags& f) {
   ASSIGN_OR_RETURN(auto client, Client::Create(options));
   std::cout << "generating synthetic llama3-8b-like KV...\n";
   ASSIGN_OR_RETURN(Model m, MakeModel(f));
-  JsonWriter w;
-  w.BeginObject();
-  w.Key("benchmark").String("rpc");
-  w.Key("machine").BeginObject();
-  w.Key("cores").Int(std::thread::hardware_concurrency()).Key("kernel_isa").String(KernelIsa());
-  w.EndObject();
-  w.Key("config").BeginObject();
-  w.Key("target").String(client->target()).Key("tokens").Int(f.tokens).Key("layers").Int(f.layers);
-  w.Key("kv_heads").Int(m.spec.kv_heads).Key("q_heads").Int(m.spec.q_heads);
-  w.Key("head_dim").Int(m.spec.head_dim).Key("dtype").String("float16");
-  w.Key("page_tokens").Int(f.page_tokens).Key("budget_tokens").Int(f.budget);
-  w.Key("selector").String(f.selector).Key("steps").Int(f.steps).EndObject();
+  Json report = Json::object();
+  report["benchmark"] = "rpc";
+  report["machine"] = {{"cores", std::thread::hardware_concurrency()}, {"kernel_isa", KernelIsa()}};
+  report["config"] = {{"target", client->target()},
+                      {"tokens", f.tokens},
+                      {"layers", f.layers},
+                      {"kv_heads", m.spec.kv_heads},
+                      {"q_heads", m.spec.q_heads},
+                      {"head_dim", m.spec.head_dim},
+                      {"dtype", "float16"},
+                      {"page_tokens", f.page_tokens},
+                      {"budget_tokens", f.budget},
+                      {"selector", f.selector},
+                      {"steps", f.steps}};
   absl::Status st;
   if (f.soak_s > 0) {
-    st = RunSoak(*client, m, f, w);
+    st = RunSoak(*client, m, f, report);
   } else if (f.churn > 0) {
-    st = RunChurn(*client, m, f, pid, w);
+    st = RunChurn(*client, m, f, pid, report);
   } else {
-    st = RunSweep(*client, m, f, w);
+    st = RunSweep(*client, m, f, report);
   }
-  w.EndObject();
   if (!f.json.empty()) {
     std::ofstream out(f.json);
-    out << w.str() << "\n";
+    out << DumpJson(report) << "\n";
     if (!out) return absl::InternalError(absl::StrCat("cannot write ", f.json));
   }
   return st;
@@ -558,12 +523,19 @@ absl::Status Run(const Flags& f) {
 }  // namespace icecache
 
 int main(int argc, char** argv) {
-  auto flags = icecache::ParseFlags(argc, argv);
-  if (!flags.ok()) {
-    std::cerr << "icecache-bench-rpc: " << flags.status().message() << "\n" << icecache::kUsage;
-    return 2;
+  CLI::App app("The RPC cost of IceCache's decode path (sweep, --soak or --churn).",
+               "icecache-bench-rpc");
+  icecache::cli::Configure(app);
+  icecache::Flags flags;
+  std::string sessions = "1,4,8,32";
+  icecache::AddFlags(app, &flags, &sessions);
+  if (auto code = icecache::cli::Parse(app, argc, argv)) return *code;
+  if (absl::Status s = icecache::FinishFlags(sessions, &flags); !s.ok()) {
+    std::cerr << "icecache-bench-rpc: " << s.message()
+              << "\n(run icecache-bench-rpc --help for usage)\n";
+    return icecache::cli::kExitUsage;
   }
-  absl::Status s = icecache::Run(*flags);
+  absl::Status s = icecache::Run(flags);
   if (!s.ok()) {
     std::cerr << "icecache-bench-rpc: FAILED: " << s << "\n";
     return 1;

@@ -22,6 +22,7 @@
 #include "client/daemon_process.h"
 #include "client/kv_check.h"
 #include "client/output.h"
+#include "common/cli.h"
 #include "common/dtype.h"
 #include "common/status_macros.h"
 #include "common/synthetic.h"
@@ -29,24 +30,6 @@
 
 namespace icecache {
 namespace {
-
-const char kUsage[] = R"(usage: icecache-demo [flags]
-Runs a synthetic model's prefill and decode loop through icecached.
-  --spawn [PATH]      start the icecached binary at PATH (default: the one
-                      built next to this binary) on a temporary socket
-                      (stopped again at the end); otherwise connect to
-  --socket PATH       a running daemon (default: $ICECACHE_SOCKET / the
-                      daemon's default socket)
-  --preset NAME       synthetic model preset [llama3-8b-like]
-  --layers N          layers to simulate [4]
-  --tokens N          context tokens at the end of the run [4096]
-  --steps N           decode steps [8]; each appends --append tokens first
-  --append N          tokens appended per decode step [16]
-  --budget N          selected tokens per KV head [256]
-  --page_tokens N     tokens per page [16]
-  --selector NAME     mdci | exact-mdci | exact | quest | streaming [mdci]
-  --seed N            generator seed [42]
-)";
 
 struct DemoFlags {
   std::string spawn;
@@ -78,60 +61,37 @@ std::string DefaultDaemonPath() {
   return "icecached";
 }
 
-absl::StatusOr<DemoFlags> ParseFlags(int argc, char** argv) {
-  DemoFlags f;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    std::string v;
-    const size_t eq = a.find('=');
-    if (eq != std::string::npos) {
-      v = a.substr(eq + 1);
-      a = a.substr(0, eq);
-    } else if (a == "--spawn" && (i + 1 >= argc || std::string(argv[i + 1]).rfind("--", 0) == 0)) {
-      v = DefaultDaemonPath();  // bare --spawn: the icecached built next to this binary
-    } else if (a != "-h" && a != "--help") {
-      if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat(a, " needs a value"));
-      v = argv[++i];
-    }
-    auto num = [&](auto* out) -> absl::Status {
-      if (!absl::SimpleAtoi(v, out) || *out <= 0) {
-        return absl::InvalidArgumentError(absl::StrCat(a, ": '", v, "' is not a positive integer"));
-      }
-      return absl::OkStatus();
-    };
-    if (a == "-h" || a == "--help") {
-      std::cout << kUsage;
-      std::exit(0);
-    } else if (a == "--spawn") {
-      f.spawn = v;
-    } else if (a == "--socket") {
-      f.socket = v;
-    } else if (a == "--preset") {
-      f.preset = v;
-    } else if (a == "--selector") {
-      f.selector = v;
-    } else if (a == "--layers") {
-      RETURN_IF_ERROR(num(&f.layers));
-    } else if (a == "--tokens") {
-      RETURN_IF_ERROR(num(&f.tokens));
-    } else if (a == "--steps") {
-      RETURN_IF_ERROR(num(&f.steps));
-    } else if (a == "--append") {
-      RETURN_IF_ERROR(num(&f.append));
-    } else if (a == "--budget") {
-      RETURN_IF_ERROR(num(&f.budget));
-    } else if (a == "--page_tokens") {
-      RETURN_IF_ERROR(num(&f.page_tokens));
-    } else if (a == "--seed") {
-      RETURN_IF_ERROR(num(&f.seed));
-    } else {
-      return absl::InvalidArgumentError(absl::StrCat("unknown flag ", a));
-    }
-  }
-  if (f.tokens <= static_cast<int64_t>(f.steps) * f.append) {
+void AddFlags(CLI::App& app, DemoFlags* f) {
+  app.add_option("--spawn", f->spawn,
+                 "start the icecached binary at PATH (bare --spawn: the one built next to this "
+                 "binary) on a temporary socket, stopped again at the end; otherwise connect to "
+                 "--socket")
+      ->type_name("[PATH]")
+      ->expected(0, 1);
+  app.add_option("--socket", f->socket,
+                 "a running daemon (default: $ICECACHE_SOCKET / the daemon's default socket)")
+      ->type_name("PATH");
+  app.add_option("--preset", f->preset, "synthetic model preset");
+  app.add_option("--layers", f->layers, "layers to simulate")->check(cli::Positive());
+  app.add_option("--tokens", f->tokens, "context tokens at the end of the run")
+      ->check(cli::Positive());
+  app.add_option("--steps", f->steps, "decode steps; each appends --append tokens first")
+      ->check(cli::Positive());
+  app.add_option("--append", f->append, "tokens appended per decode step")->check(cli::Positive());
+  app.add_option("--budget", f->budget, "selected tokens per KV head")->check(cli::Positive());
+  app.add_option("--page-tokens,--page_tokens", f->page_tokens, "tokens per page")
+      ->check(cli::Positive());
+  app.add_option("--selector", f->selector, "mdci | exact-mdci | exact | quest | streaming");
+  app.add_option("--seed", f->seed, "generator seed")->check(cli::Positive());
+}
+
+// Checks what one flag alone cannot; fills in a bare --spawn.
+absl::Status FinishFlags(const CLI::App& app, DemoFlags* f) {
+  if (app.count("--spawn") > 0 && f->spawn.empty()) f->spawn = DefaultDaemonPath();
+  if (f->tokens <= static_cast<int64_t>(f->steps) * f->append) {
     return absl::InvalidArgumentError("--tokens must exceed --steps x --append (the prefill)");
   }
-  return f;
+  return absl::OkStatus();
 }
 
 double Percentile(std::vector<double> v, double p) {
@@ -276,12 +236,19 @@ absl::Status RunDemo(const DemoFlags& f) {
 }  // namespace icecache
 
 int main(int argc, char** argv) {
-  auto flags = icecache::ParseFlags(argc, argv);
-  if (!flags.ok()) {
-    std::cerr << "icecache-demo: " << flags.status().message() << "\n" << icecache::kUsage;
-    return 2;
+  CLI::App app(
+      "Runs a synthetic model's prefill and decode loop through icecached, checking every "
+      "fetched page byte for byte.",
+      "icecache-demo");
+  icecache::cli::Configure(app);
+  icecache::DemoFlags flags;
+  icecache::AddFlags(app, &flags);
+  if (auto code = icecache::cli::Parse(app, argc, argv)) return *code;
+  if (absl::Status s = icecache::FinishFlags(app, &flags); !s.ok()) {
+    std::cerr << "icecache-demo: " << s.message() << "\n(run icecache-demo --help for usage)\n";
+    return icecache::cli::kExitUsage;
   }
-  absl::Status s = icecache::RunDemo(*flags);
+  absl::Status s = icecache::RunDemo(flags);
   if (!s.ok()) {
     std::cerr << "icecache-demo: FAILED: " << s << "\n";
     return 1;

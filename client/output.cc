@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/time/time.h"
 
 namespace icecache {
 namespace {
@@ -70,114 +71,79 @@ std::string TextTable::Render() const {
   return out;
 }
 
-std::string JsonEscape(std::string_view s) {
-  std::string out;
-  out.reserve(s.size() + 2);
-  for (unsigned char c : s) {
-    switch (c) {
-      case '"':
-        out += "\\\"";
-        break;
-      case '\\':
-        out += "\\\\";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      case '\r':
-        out += "\\r";
-        break;
-      case '\t':
-        out += "\\t";
-        break;
-      default:
-        if (c < 0x20) {
-          out += absl::StrFormat("\\u%04x", c);
-        } else {
-          out += static_cast<char>(c);
-        }
-    }
-  }
-  return out;
+namespace {
+
+int64_t UnixMs(absl::Time t) { return t == absl::InfinitePast() ? 0 : absl::ToUnixMillis(t); }
+
+}  // namespace
+
+Json SessionJson(const SessionInfo& s) {
+  Json j = Json::object();
+  j["session_id"] = s.id;
+  j["tenant"] = s.tenant;
+  j["epoch"] = absl::StrCat(s.epoch);  // > 2^53: a string, as proto JSON does
+  j["layers"] = s.spec.layers;
+  j["kv_heads"] = s.spec.kv_heads;
+  j["q_heads"] = s.spec.q_heads;
+  j["head_dim"] = s.spec.head_dim;
+  j["dtype"] = std::string(DTypeName(s.spec.dtype));
+  j["page_tokens"] = s.spec.page_tokens;
+  j["selector"] = std::string(SelectorTypeName(s.spec.selector));
+  j["layer_reuse"] = s.spec.layer_reuse;
+  j["ttl_ms"] = absl::ToInt64Milliseconds(s.spec.ttl);
+  j["tokens"] = s.tokens;
+  j["bytes"] = s.bytes;
+  j["pages"] = s.pages;
+  j["index_bytes"] = s.index_bytes;
+  j["pinned"] = s.pinned;
+  j["in_flight"] = s.in_flight;
+  j["created_unix_ms"] = UnixMs(s.created);
+  j["last_use_unix_ms"] = UnixMs(s.last_use);
+  j["expires_unix_ms"] = UnixMs(s.expires);
+  return j;
 }
 
-void JsonWriter::BeforeValue() {
-  if (after_key_) {
-    after_key_ = false;
-    return;
-  }
-  if (!first_.empty()) {
-    if (!first_.back()) out_ += ',';
-    first_.back() = false;
-  }
+Json TenantJson(const TenantInfo& t) {
+  Json j = Json::object();
+  j["tenant"] = t.tenant;
+  j["bytes_used"] = t.bytes_used;
+  j["quota_bytes"] = t.quota_bytes;
+  j["sessions"] = t.sessions;
+  j["buffers"] = t.buffers;
+  return j;
 }
 
-JsonWriter& JsonWriter::BeginObject() {
-  BeforeValue();
-  out_ += '{';
-  first_.push_back(true);
-  return *this;
-}
-JsonWriter& JsonWriter::EndObject() {
-  out_ += '}';
-  if (!first_.empty()) first_.pop_back();
-  return *this;
-}
-JsonWriter& JsonWriter::BeginArray() {
-  BeforeValue();
-  out_ += '[';
-  first_.push_back(true);
-  return *this;
-}
-JsonWriter& JsonWriter::EndArray() {
-  out_ += ']';
-  if (!first_.empty()) first_.pop_back();
-  return *this;
-}
-JsonWriter& JsonWriter::Key(std::string_view key) {
-  BeforeValue();
-  absl::StrAppend(&out_, "\"", JsonEscape(key), "\":");
-  after_key_ = true;
-  return *this;
-}
-JsonWriter& JsonWriter::String(std::string_view value) {
-  BeforeValue();
-  absl::StrAppend(&out_, "\"", JsonEscape(value), "\"");
-  return *this;
-}
-JsonWriter& JsonWriter::Int(int64_t value) {
-  BeforeValue();
-  absl::StrAppend(&out_, value);
-  return *this;
-}
-JsonWriter& JsonWriter::Uint(uint64_t value) {
-  BeforeValue();
-  absl::StrAppend(&out_, value);
-  return *this;
-}
-JsonWriter& JsonWriter::Double(double value) {
-  BeforeValue();
-  if (std::isfinite(value)) {
-    absl::StrAppend(&out_, absl::StrFormat("%.9g", value));
-  } else {
-    out_ += "null";
+Json StatsJson(const DaemonStats& s) {
+  Json j = Json::object();
+  j["epoch"] = absl::StrCat(s.epoch);
+  j["start_unix_ms"] = UnixMs(s.start);
+  j["capacity_bytes"] = s.capacity_bytes;
+  j["bytes_reserved"] = s.bytes_reserved;
+  j["bytes_used"] = s.bytes_used;
+  j["frames_used"] = s.frames_used;
+  j["frames_free"] = s.frames_free;
+  j["sessions"] = s.sessions;
+  j["buffers"] = s.buffers;
+  j["in_flight"] = s.in_flight;
+  j["draining"] = s.draining;
+  j["huge_pages"] = s.huge_pages;
+  j["evictions"] = s.evictions;
+  j["expirations"] = s.expirations;
+  j["sessions_created"] = s.sessions_created;
+  j["sessions_dropped"] = s.sessions_dropped;
+  j["admissions_rejected"] = s.admissions_rejected;
+  Json classes = Json::array();
+  for (const auto& c : s.size_classes) {
+    classes.push_back({{"frame_bytes", c.frame_bytes},
+                       {"frames_used", c.frames_used},
+                       {"frames_free", c.frames_free},
+                       {"bytes_reserved", c.bytes_reserved}});
   }
-  return *this;
-}
-JsonWriter& JsonWriter::Bool(bool value) {
-  BeforeValue();
-  out_ += value ? "true" : "false";
-  return *this;
-}
-JsonWriter& JsonWriter::Null() {
-  BeforeValue();
-  out_ += "null";
-  return *this;
-}
-JsonWriter& JsonWriter::Raw(std::string_view json) {
-  BeforeValue();
-  out_ += json;
-  return *this;
+  j["size_classes"] = std::move(classes);
+  Json tenants = Json::array();
+  for (const auto& t : s.tenants) tenants.push_back(TenantJson(t));
+  j["tenants"] = std::move(tenants);
+  return j;
 }
 
 std::string HumanBytes(int64_t bytes) {

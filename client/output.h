@@ -1,13 +1,16 @@
 // Output helpers of the command-line tools (icecachectl, icecache-demo,
-// icecache-bench-rpc): an aligned text table and a small JSON writer.
-// Both build a string in memory; not thread-safe (one per thread).
+// icecache-bench-rpc): an aligned text table, JSON views of the admin
+// records (common/json.h) and byte counts for people. Not thread-safe (one
+// table per thread).
 #ifndef ICECACHE_CLIENT_OUTPUT_H_
 #define ICECACHE_CLIENT_OUTPUT_H_
 
 #include <cstdint>
 #include <string>
-#include <string_view>
 #include <vector>
+
+#include "client/client.h"
+#include "common/json.h"
 
 namespace icecache {
 
@@ -28,34 +31,13 @@ class TextTable {
   std::vector<std::vector<std::string>> rows_;
 };
 
-// Streaming JSON writer with commas handled for the caller:
-//   JsonWriter w; w.BeginObject(); w.Key("a"); w.Int(1); w.EndObject();
-// Strings are escaped per RFC 8259; non-finite doubles are written as null.
-class JsonWriter {
- public:
-  JsonWriter& BeginObject();
-  JsonWriter& EndObject();
-  JsonWriter& BeginArray();
-  JsonWriter& EndArray();
-  JsonWriter& Key(std::string_view key);
-  JsonWriter& String(std::string_view value);
-  JsonWriter& Int(int64_t value);
-  JsonWriter& Uint(uint64_t value);
-  JsonWriter& Double(double value);
-  JsonWriter& Bool(bool value);
-  JsonWriter& Null();
-  // Inserts already-serialised JSON as one value.
-  JsonWriter& Raw(std::string_view json);
-  const std::string& str() const { return out_; }
+// JSON views of the daemon's admin records, as `icecachectl --json` prints
+// them. Epochs are strings (they exceed 2^53, as proto JSON writes them);
+// times are Unix milliseconds, 0 for "never".
+Json SessionJson(const SessionInfo& s);
+Json TenantJson(const TenantInfo& t);
+Json StatsJson(const DaemonStats& s);
 
- private:
-  void BeforeValue();
-  std::string out_;
-  std::vector<bool> first_;  // per open container: no element written yet
-  bool after_key_ = false;
-};
-
-std::string JsonEscape(std::string_view s);
 // 1536 -> "1.5 KiB"; exact below 1 KiB.
 std::string HumanBytes(int64_t bytes);
 

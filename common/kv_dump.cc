@@ -9,10 +9,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <string_view>
+#include <system_error>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/json.h"
 #include "common/npy.h"
 #include "common/status_macros.h"
 
@@ -54,51 +57,15 @@ absl::Status CheckDump(const KvDump& d) {
 
 absl::Status MakeDirs(const std::string& dir) {
   if (dir.empty()) return absl::InvalidArgumentError("KV dump directory is empty");
-  std::string path;
-  size_t pos = 0;
-  while (pos != std::string::npos) {
-    pos = dir.find('/', pos + 1);
-    path = dir.substr(0, pos);
-    if (path.empty()) continue;
-    if (::mkdir(path.c_str(), 0755) != 0 && errno != EEXIST) {
-      const int err = errno;
-      return absl::ErrnoToStatus(err, absl::StrCat("cannot create directory ", path));
-    }
-  }
-  struct stat st;
-  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  std::error_code is_dir_ec;
+  if (std::filesystem::is_directory(dir, is_dir_ec)) return absl::OkStatus();
+  if (std::filesystem::exists(dir, is_dir_ec)) {
     return absl::FailedPreconditionError(absl::StrCat(dir, " exists and is not a directory"));
   }
-  return absl::OkStatus();
-}
-
-std::string JsonEscape(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    switch (c) {
-      case '"':
-        out += "\\\"";
-        break;
-      case '\\':
-        out += "\\\\";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      case '\t':
-        out += "\\t";
-        break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          char buf[8];
-          std::snprintf(buf, sizeof(buf), "\\u%04x", c);
-          out += buf;
-        } else {
-          out += c;
-        }
-    }
-  }
-  return out;
+  return absl::ErrnoToStatus(ec ? ec.value() : ENOTDIR,
+                             absl::StrCat("cannot create directory ", dir));
 }
 
 absl::Status WriteText(const std::string& path, const std::string& text) {
@@ -118,48 +85,18 @@ absl::Status WriteText(const std::string& path, const std::string& text) {
   return absl::OkStatus();
 }
 
-// Lenient reader of the flat meta.json object: finds "model" (a string) and
-// "rope_theta" (a number); anything else, including malformed JSON, is
-// ignored, because the metadata is optional.
+// Lenient reader of meta.json: takes "model" (a string) and "rope_theta" (a
+// finite number >= 0); anything else, including malformed JSON, is ignored,
+// because the metadata is optional.
 void ParseMeta(std::string_view text, KvDump* dump) {
-  auto value_after = [&](std::string_view key) -> size_t {
-    const std::string quoted = absl::StrCat("\"", std::string(key), "\"");
-    size_t p = text.find(quoted);
-    if (p == std::string_view::npos) return std::string_view::npos;
-    p += quoted.size();
-    while (p < text.size() &&
-           (text[p] == ' ' || text[p] == '\t' || text[p] == '\n' || text[p] == '\r'))
-      ++p;
-    if (p >= text.size() || text[p] != ':') return std::string_view::npos;
-    ++p;
-    while (p < text.size() &&
-           (text[p] == ' ' || text[p] == '\t' || text[p] == '\n' || text[p] == '\r'))
-      ++p;
-    return p < text.size() ? p : std::string_view::npos;
-  };
-  size_t p = value_after("model");
-  if (p != std::string_view::npos && text[p] == '"') {
-    std::string model;
-    for (size_t i = p + 1; i < text.size(); ++i) {
-      const char c = text[i];
-      if (c == '"') {
-        dump->model = model;
-        break;
-      }
-      if (c == '\\' && i + 1 < text.size()) {
-        const char e = text[++i];
-        model += e == 'n' ? '\n' : e == 't' ? '\t' : e;
-        continue;
-      }
-      model += c;
-    }
-  }
-  p = value_after("rope_theta");
-  if (p != std::string_view::npos) {
-    const std::string num(text.substr(p, std::min<size_t>(64, text.size() - p)));
-    char* end = nullptr;
-    const double v = std::strtod(num.c_str(), &end);
-    if (end != num.c_str() && std::isfinite(v) && v >= 0) dump->rope_theta = v;
+  absl::StatusOr<Json> meta = ParseJson(text);
+  if (!meta.ok() || !meta->is_object()) return;
+  const auto model = meta->find("model");
+  if (model != meta->end() && model->is_string()) dump->model = model->get<std::string>();
+  const auto theta = meta->find("rope_theta");
+  if (theta != meta->end() && theta->is_number()) {
+    const double v = theta->get<double>();
+    if (std::isfinite(v) && v >= 0) dump->rope_theta = v;
   }
 }
 
@@ -199,15 +136,16 @@ absl::Status WriteKvDump(const KvDump& dump, const std::string& dir, DType dtype
   RETURN_IF_ERROR(WriteNpy(Join(dir, "keys.npy"), dump.keys.data(), kv_shape, dtype));
   RETURN_IF_ERROR(WriteNpy(Join(dir, "values.npy"), dump.values.data(), kv_shape, dtype));
   RETURN_IF_ERROR(WriteNpy(Join(dir, "queries.npy"), dump.queries.data(), q_shape, dtype));
-  char theta[64];
-  std::snprintf(theta, sizeof(theta), "%.17g", dump.rope_theta);
-  const std::string meta =
-      absl::StrCat("{\n  \"model\": \"", JsonEscape(dump.model), "\",\n  \"rope_theta\": ", theta,
-                   ",\n  \"layers\": ", dump.layers, ",\n  \"kv_heads\": ", dump.kv_heads,
-                   ",\n  \"q_heads\": ", dump.q_heads, ",\n  \"tokens\": ", dump.tokens,
-                   ",\n  \"head_dim\": ", dump.head_dim, ",\n  \"steps\": ", dump.steps,
-                   ",\n  \"dtype\": \"", std::string(DTypeName(dtype)), "\"\n}\n");
-  return WriteText(Join(dir, "meta.json"), meta);
+  const Json meta = {{"model", dump.model},
+                     {"rope_theta", dump.rope_theta},
+                     {"layers", dump.layers},
+                     {"kv_heads", dump.kv_heads},
+                     {"q_heads", dump.q_heads},
+                     {"tokens", dump.tokens},
+                     {"head_dim", dump.head_dim},
+                     {"steps", dump.steps},
+                     {"dtype", std::string(DTypeName(dtype))}};
+  return WriteText(Join(dir, "meta.json"), DumpJson(meta, 2) + "\n");
 }
 
 absl::StatusOr<KvDump> ReadKvDump(const std::string& dir, int64_t max_tokens) {

@@ -32,19 +32,49 @@ TEST(TextTableTest, AlignsColumnsAndRightAlignsNumericOnes) {
             "long-name  1234  2 MiB\n");
 }
 
-TEST(JsonWriterTest, WritesNestedValuesWithCommasAndEscapes) {
-  JsonWriter w;
-  w.BeginObject().Key("a").Int(-1).Key("b").BeginArray().Uint(2).String("q\"\n").Bool(true).Null();
-  w.EndArray()
-      .Key("c")
-      .Double(0.5)
-      .Key("d")
-      .Double(std::nan(""))
-      .Key("e")
-      .BeginObject()
-      .EndObject();
-  w.EndObject();
-  EXPECT_EQ(w.str(), R"({"a":-1,"b":[2,"q\"\n",true,null],"c":0.5,"d":null,"e":{}})");
+TEST(OutputTest, SessionJsonHasEveryFieldWithEpochAsString) {
+  SessionInfo s;
+  s.id = "s-1";
+  s.tenant = "alpha \"q\"";
+  s.epoch = 18446744073709551615u;
+  s.spec.layers = 2;
+  s.spec.kv_heads = 8;
+  s.spec.q_heads = 32;
+  s.spec.head_dim = 128;
+  s.spec.dtype = DType::kF16;
+  s.spec.page_tokens = 16;
+  s.spec.selector = SelectorType::kMdci;
+  s.spec.layer_reuse = 1;
+  s.spec.ttl = absl::Seconds(2);
+  s.tokens = 5;
+  s.bytes = 4096;
+  s.pages = 3;
+  s.index_bytes = 7;
+  s.pinned = true;
+  s.in_flight = 1;
+  s.created = absl::FromUnixMillis(1000);
+  s.last_use = absl::InfinitePast();
+  s.expires = absl::FromUnixMillis(3000);
+  EXPECT_EQ(DumpJson(SessionJson(s)),
+            R"({"session_id":"s-1","tenant":"alpha \"q\"","epoch":"18446744073709551615",)"
+            R"("layers":2,"kv_heads":8,"q_heads":32,"head_dim":128,"dtype":"float16",)"
+            R"("page_tokens":16,"selector":"mdci","layer_reuse":1,"ttl_ms":2000,"tokens":5,)"
+            R"("bytes":4096,"pages":3,"index_bytes":7,"pinned":true,"in_flight":1,)"
+            R"("created_unix_ms":1000,"last_use_unix_ms":0,"expires_unix_ms":3000})");
+}
+
+TEST(OutputTest, StatsJsonNestsSizeClassesAndTenants) {
+  DaemonStats s;
+  s.epoch = 9;
+  s.size_classes.push_back({65536, 2, 3, 327680});
+  s.tenants.push_back({"beta", 10, 0, 1, 2});
+  const Json j = StatsJson(s);
+  EXPECT_EQ(j["epoch"], "9");
+  EXPECT_EQ(j["start_unix_ms"], 0);
+  EXPECT_EQ(DumpJson(j["size_classes"]),
+            R"([{"frame_bytes":65536,"frames_used":2,"frames_free":3,"bytes_reserved":327680}])");
+  EXPECT_EQ(DumpJson(j["tenants"]),
+            R"([{"tenant":"beta","bytes_used":10,"quota_bytes":0,"sessions":1,"buffers":2}])");
 }
 
 TEST(OutputTest, HumanBytes) {

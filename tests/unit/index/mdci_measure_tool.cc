@@ -3,15 +3,9 @@
 // generator it builds mdci, exact-mdci and positional exact per KV head, and
 // prints build time (thread CPU time), select time, keys touched, attention-mass recall (mean
 // over the G queries and steps) and index bytes per token.
-// Not built by CMake (the folder builds *_test.cc only). Build it with:
-//   g++ -std=c++17 -O2 -march=x86-64-v3 -I. tests/unit/index/mdci_measure_tool.cc \
-//     common/dtype.cc common/synthetic.cc server/index/{kernels,page_select,selector,\
-//     positional_selector,mips,dci_prioritized,dci_page_table,dci_tree,mdci_selector}.cc \
-//     $(pkg-config --libs absl_status absl_statusor absl_strings absl_str_format) -ltbb \
-//     -o mdci_measure_tool
-//   mdci_measure_tool [tokens=131072] [kv_heads=2] [steps=8] [budget=256]
-//                     [fov=8] [candidate_factor=4] [spread=0] [entry=1024]
-//                     [cover=2] [preset=llama3-8b-like] [refine=1]
+// Built by CMake with the tests (target icecache-mdci-measure, in
+// build/tests/unit/index/); run it with --help for the flags, e.g.
+//   icecache-mdci-measure --tokens 131072 --kv-heads 2 --steps 8 --fov 32
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -21,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "common/cli.h"
 #include "common/synthetic.h"
 #include "server/index/kernels.h"
 #include "server/index/mdci_selector.h"
@@ -40,21 +35,56 @@ struct Clock {
 };
 static double Secs(double a, double b) { return b - a; }
 
+struct MeasureFlags {
+  int64_t tokens = 131072;
+  int heads = 2;
+  int steps = 8;
+  int budget = 256;
+  int page = 16;
+  std::string preset = "llama3-8b-like";
+  bool incremental = false;
+  bool verbose = false;
+};
+
+void AddFlags(CLI::App& app, MeasureFlags* f, MdciParams* mp) {
+  app.add_option("--tokens", f->tokens, "context tokens of the one layer generated");
+  app.add_option("--kv-heads,--kv_heads", f->heads, "KV heads generated and measured");
+  app.add_option("--steps", f->steps, "decode steps (queries) per head");
+  app.add_option("--budget", f->budget, "token budget per KV head and step");
+  app.add_option("--page", f->page, "tokens per page");
+  app.add_option("--preset", f->preset, "synthetic preset");
+  app.add_option("--fov", mp->field_of_view, "mdci field of view");
+  app.add_option("--candidate-factor,--candidate_factor", mp->candidate_factor,
+                 "candidates scored exactly, x budget");
+  app.add_option("--spread", mp->spread_weight, "spread weight");
+  app.add_option("--entry", mp->entry_nodes, "entry nodes");
+  app.add_option("--cover", mp->cover_factor, "cover factor");
+  app.add_option("--refine", mp->refine_iters, "refine iterations");
+  app.add_option("--regroup", mp->regroup_iters, "upper-level regroup iterations");
+  app.add_option("--cap", mp->spread_cap, "spread cap (0/1)");
+  app.add_option("--build-candidates,--build_candidates", mp->build_candidates, "build candidates");
+  app.add_option("--route-fov,--route_fov", mp->route_fov, "routing field of view");
+  app.add_option("--rank", mp->spread_rank, "spread rank");
+  app.add_option("--window", mp->locality_window, "locality window");
+  app.add_option("--augmented", mp->augmented_routing, "augmented routing (0/1)");
+  app.add_option("--outliers", mp->outlier_reps, "outlier representatives (0/1)");
+  app.add_flag("--incremental", f->incremental, "build by 64-token inserts instead of Build");
+  app.add_flag("--verbose", f->verbose, "print exact-mdci's page ranks under the tree estimate");
+}
+
 int main(int argc, char** argv) {
-  std::map<std::string, std::string> kv;
-  for (int i = 1; i < argc; ++i) {
-    const char* eq = std::strchr(argv[i], '=');
-    if (eq) kv[std::string(argv[i], static_cast<size_t>(eq - argv[i]))] = eq + 1;
-  }
-  auto geti = [&](const char* k, double def) {
-    return kv.count(k) ? std::atof(kv[k].c_str()) : def;
-  };
-  const int64_t tokens = static_cast<int64_t>(geti("tokens", 131072));
-  const int heads = static_cast<int>(geti("kv_heads", 2));
-  const int steps = static_cast<int>(geti("steps", 8));
-  const int budget = static_cast<int>(geti("budget", 256));
-  const int P = static_cast<int>(geti("page", 16));
-  auto cfg = SyntheticPreset(kv.count("preset") ? kv["preset"] : "llama3-8b-like");
+  CLI::App app("Local tuning tool of the mdci selector.", "icecache-mdci-measure");
+  cli::Configure(app);
+  MeasureFlags f;
+  MdciParams mp;
+  AddFlags(app, &f, &mp);
+  if (auto code = cli::Parse(app, argc, argv)) return *code;
+  const int64_t tokens = f.tokens;
+  const int heads = f.heads;
+  const int steps = f.steps;
+  const int budget = f.budget;
+  const int P = f.page;
+  auto cfg = SyntheticPreset(f.preset);
   if (!cfg.ok()) {
     std::fprintf(stderr, "%s\n", cfg.status().ToString().c_str());
     return 1;
@@ -73,22 +103,7 @@ int main(int argc, char** argv) {
   const int d = dump->head_dim, G = dump->group_size();
   std::printf("generated %lld tokens x %d heads (d=%d, G=%d) in %.1f s; kernels %s\n",
               (long long)tokens, heads, d, G, Secs(t0, Clock::now()), KernelIsa());
-  MdciParams mp;
-  mp.field_of_view = static_cast<int>(geti("fov", mp.field_of_view));
-  mp.candidate_factor = static_cast<float>(geti("candidate_factor", mp.candidate_factor));
-  mp.spread_weight = static_cast<float>(geti("spread", mp.spread_weight));
-  mp.entry_nodes = static_cast<int>(geti("entry", mp.entry_nodes));
-  mp.cover_factor = static_cast<float>(geti("cover", mp.cover_factor));
-  mp.refine_iters = static_cast<int>(geti("refine", mp.refine_iters));
-  mp.regroup_iters = static_cast<int>(geti("regroup", mp.regroup_iters));
-  mp.spread_cap = geti("cap", mp.spread_cap) != 0;
-  mp.build_candidates = static_cast<int>(geti("build_candidates", mp.build_candidates));
-  mp.route_fov = static_cast<int>(geti("route_fov", mp.route_fov));
-  mp.spread_rank = static_cast<int>(geti("rank", mp.spread_rank));
-  mp.locality_window = static_cast<int>(geti("window", mp.locality_window));
-  mp.augmented_routing = geti("augmented", mp.augmented_routing) != 0;
-  mp.outlier_reps = geti("outliers", mp.outlier_reps) != 0;
-  const bool incremental = geti("incremental", 0) != 0;
+  const bool incremental = f.incremental;
   double sum_us_descent = 0;
   double sum_build = 0, sum_us_m = 0, sum_us_e = 0, sum_us_scan = 0;
   double mass_m = 0, mass_e = 0, mass_p = 0, touched = 0, bytes = 0, fill = 0;
@@ -194,7 +209,7 @@ int main(int argc, char** argv) {
           mdci_test::MassOf(keys, tokens, d, q, G,
                             mdci_test::SelectedPositions(*sels[SelectorKind::kExact].second, sx));
       ++n_sel;
-      if (geti("verbose", 0) != 0) {
+      if (f.verbose) {
         // Rank of exact-mdci's pages under the tree's level-1 estimate.
         auto* m = static_cast<MdciSelector*>(sels[SelectorKind::kMdci].second.get());
         DciDescentParams dp;
