@@ -256,6 +256,17 @@ void SessionInfoToProto(const SessionInfo& info, v1::SessionInfo* out) {
   out->set_pages(info.pages);
   out->set_index_bytes(info.index_bytes);
   out->set_in_flight(static_cast<uint32_t>(std::max(0, info.in_flight)));
+  out->set_trees_built(static_cast<uint32_t>(std::max(0, info.trees_built)));
+  out->set_trees_total(static_cast<uint32_t>(std::max(0, info.trees_total)));
+  out->set_next_layer(static_cast<uint32_t>(std::max(0, info.next_layer)));
+}
+
+absl::StatusOr<LayerRange> LayerRangeFromProto(uint32_t first_layer, uint32_t num_layers) {
+  if (first_layer > 4096 || num_layers > 4096) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "first_layer (", first_layer, ") and num_layers (", num_layers, ") must be at most 4096"));
+  }
+  return LayerRange{static_cast<int>(first_layer), static_cast<int>(num_layers)};
 }
 
 absl::StatusOr<SelectParams> SelectParamsFromProto(const v1::SelectParams& p) {

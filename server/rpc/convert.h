@@ -46,6 +46,9 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& pr
                                                      const SelectDefaults& defaults);
 v1::SessionConfig SessionConfigToProto(const SessionConfig& config);
 void SessionInfoToProto(const SessionInfo& info, v1::SessionInfo* out);
+// AppendKvRequest.first_layer/num_layers; InvalidArgument above 4096 (the
+// session checks the range against its model).
+absl::StatusOr<LayerRange> LayerRangeFromProto(uint32_t first_layer, uint32_t num_layers);
 
 // Per-call params: unset -> 0 (the core then takes the session default);
 // explicit sink/recent 0 -> -1 (the core's "force 0"). InvalidArgument for an

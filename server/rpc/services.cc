@@ -248,6 +248,7 @@ grpc::Status KvServiceImpl::AppendKv(grpc::ServerContext* ctx, const v1::AppendK
     RETURN_IF_ERROR(RequireId(req->session_id(), "session_id"));
     if (req->num_tokens() == 0) return absl::InvalidArgumentError("num_tokens must be > 0");
     const int64_t n = req->num_tokens();
+    ASSIGN_OR_RETURN(LayerRange range, LayerRangeFromProto(req->first_layer(), req->num_layers()));
     AppendResult result;
     switch (req->source_case()) {
       case v1::AppendKvRequest::kInlineKv: {
@@ -261,7 +262,8 @@ grpc::Status KvServiceImpl::AppendKv(grpc::ServerContext* ctx, const v1::AppendK
             result,
             deps.manager->AppendKv(
                 caller, req->session_id(), n,
-                absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size())));
+                absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()),
+                range));
         deps.metrics->bytes_total->WithLabels({"append_inline"})->Add(bytes.size());
         break;
       }
@@ -269,15 +271,15 @@ grpc::Status KvServiceImpl::AppendKv(grpc::ServerContext* ctx, const v1::AppendK
         const v1::BufferRegion& region = req->region();
         RETURN_IF_ERROR(RequireId(region.buffer_id(), "region.buffer_id"));
         ASSIGN_OR_RETURN(SessionInfo info, deps.manager->GetSession(caller, req->session_id()));
-        const uint64_t want = AppendBytes(info.config, n);
+        const uint64_t want = AppendBytes(info.config, n, range);
         if (region.length() != 0 && region.length() != want) {
           return absl::InvalidArgumentError(absl::StrCat(
-              "region.length = ", region.length(), " but ", n, " tokens of this session take ",
+              "region.length = ", region.length(), " but ", n, " tokens of these layers take ",
               want, " bytes (2 x layers x kv_heads x n x head_dim x dtype size)"));
         }
-        ASSIGN_OR_RETURN(result,
-                         deps.manager->AppendKvFromBuffer(caller, req->session_id(), n,
-                                                          region.buffer_id(), region.offset()));
+        ASSIGN_OR_RETURN(
+            result, deps.manager->AppendKvFromBuffer(caller, req->session_id(), n,
+                                                     region.buffer_id(), region.offset(), range));
         deps.metrics->bytes_total->WithLabels({"append_buffer"})->Add(want);
         break;
       }
@@ -286,6 +288,7 @@ grpc::Status KvServiceImpl::AppendKv(grpc::ServerContext* ctx, const v1::AppendK
     }
     resp->set_tokens(static_cast<uint64_t>(result.tokens));
     resp->set_bytes(result.frame_bytes);
+    resp->set_next_layer(static_cast<uint32_t>(result.next_layer));
     return absl::OkStatus();
   });
 }

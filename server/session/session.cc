@@ -26,6 +26,8 @@ Session::Session(std::string id_in, std::string tenant_in, uint64_t epoch_in,
   pinned.store(config_in.pinned);
   absl::MutexLock l(&mu);
   page_frames.resize(static_cast<size_t>(config.layers) * config.kv_heads);
+  selectors.resize(static_cast<size_t>(groups) * config.kv_heads);
+  group_tokens.assign(groups, 0);
   for (int g = 0; g < groups; ++g) {
     for (int h = 0; h < config.kv_heads; ++h) {
       page_keys.push_back(
@@ -109,13 +111,21 @@ absl::Status Session::CheckUsable() const {
 absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req, int threads) {
   RETURN_IF_ERROR(CheckLayer(*this, req.layer));
   RETURN_IF_ERROR(CheckUsable());
-  if (tokens == 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("session ", id, " holds no tokens yet; AppendKv first"));
-  }
   SelectResult result;
   result.layer = req.layer;
   result.group = GroupOf(req.layer);
+  // A layer group is selectable as soon as its own layers hold tokens, while
+  // later layers of a chunk are still arriving.
+  const int64_t tokens = group_tokens[result.group];
+  if (tokens == 0) {
+    if (next_layer == 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("session ", id, " holds no tokens yet; AppendKv first"));
+    }
+    return absl::FailedPreconditionError(
+        absl::StrCat("session ", id, ": layer ", req.layer, " holds no tokens yet (layers ",
+                     next_layer, ".. of the first chunk have not been appended)"));
+  }
   const bool first_of_group = FirstLayerOf(result.group) == req.layer;
   if (req.reuse_group_selection && !first_of_group) {
     absl::MutexLock l(&cache_mu);

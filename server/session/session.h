@@ -2,9 +2,12 @@
 // that read it (Select, Fetch). Only the session library uses it; the public
 // API is session_manager.h. See docs/architecture.md (sessions).
 //
-// Locking: `mu` is a reader/writer lock over the index and frame tables
-// (appends write, selects and fetches read). `cache_mu` guards the group
-// selection cache and is taken inside `mu`, never around it. The atomics are
+// Locking: `append_mu` serialises appends and is taken first. `mu` is a
+// reader/writer lock over the index and frame tables: an append holds it
+// shared while it builds new indexes aside (selects and fetches of ready
+// layer groups go on meanwhile) and exclusively while it changes the tables.
+// `cache_mu` guards the group selection cache and is taken inside `mu`,
+// never around it. The atomics are
 // readable without any lock (listings, eviction decisions). Immutable fields
 // are set before the session is published.
 #ifndef ICECACHE_SERVER_SESSION_SESSION_H_
@@ -79,6 +82,7 @@ class Session {
   std::atomic<uint64_t> pages_view{0};
   std::atomic<uint64_t> frame_bytes_view{0};  // pool bytes charged (strides)
   std::atomic<uint64_t> index_bytes_view{0};
+  std::atomic<int> next_layer_view{0};
 
   absl::Time last_use() const { return absl::FromUnixNanos(last_use_ns.load()); }
   void Touch(absl::Time now) {
@@ -88,15 +92,27 @@ class Session {
     }
   }
 
+  // Trees (group, KV head indexes) built so far, of groups x kv_heads; read
+  // without a lock for progress ("indexing 96/256 trees").
+  mutable std::atomic<int> trees_built{0};
+
+  absl::Mutex append_mu ABSL_ACQUIRED_BEFORE(mu);
   mutable absl::Mutex mu;
-  // [group * kv_heads + head]; empty until the first append.
+  // [group * kv_heads + head]; null until the group's first append.
   std::vector<std::unique_ptr<Selector>> selectors ABSL_GUARDED_BY(mu);
   // [layer * kv_heads + head][page] -> frame. Vectors are created at
   // construction and never move (FramePageKeys points at them).
   std::vector<std::vector<uint8_t*>> page_frames ABSL_GUARDED_BY(mu);
   std::vector<std::unique_ptr<FramePageKeys>> page_keys;  // [group * kv_heads + head]
   FrameSet frames ABSL_GUARDED_BY(mu);                    // owns every frame in page_frames
+  // Tokens every layer holds. A chunk may arrive in layer ranges (whole layer
+  // groups, in order): while one is incomplete, next_layer is the first layer
+  // still to come and pending_tokens its token count; group_tokens says what
+  // each layer group already holds (selects use their group's count).
   int64_t tokens ABSL_GUARDED_BY(mu) = 0;
+  std::vector<int64_t> group_tokens ABSL_GUARDED_BY(mu);  // [group]
+  int next_layer ABSL_GUARDED_BY(mu) = 0;                 // 0 = no chunk pending
+  int64_t pending_tokens ABSL_GUARDED_BY(mu) = 0;
   // Set when an index failed midway through an append; the session then
   // answers FailedPrecondition until dropped.
   bool broken ABSL_GUARDED_BY(mu) = false;

@@ -48,10 +48,10 @@ SelectorConfig SelectorConfigOf(const Session& s) {
   return sc;
 }
 
-// The keys of index i's group's first layer, as fp32.
-void KeysOf(const Session& s, const AppendInput& in, int64_t i, std::vector<float>* keys) {
-  const int g = static_cast<int>(i / s.config.kv_heads);
-  const int h = static_cast<int>(i % s.config.kv_heads);
+// The keys of session index gi's group's first layer, as fp32.
+void KeysOf(const Session& s, const AppendInput& in, int64_t gi, std::vector<float>* keys) {
+  const int g = static_cast<int>(gi / s.config.kv_heads);
+  const int h = static_cast<int>(gi % s.config.kv_heads);
   const size_t count = static_cast<size_t>(in.n) * s.config.head_dim;
   keys->resize(count);
   ToFloat(s.config.dtype, in.key_row(s.FirstLayerOf(g), h, 0), keys->data(), count);
@@ -70,35 +70,40 @@ absl::Status CheckPlacements(const Session& s, const AppendPlan& plan, int64_t i
     ok = placed[t].page < pages_now && placed[t].slot < static_cast<uint32_t>(s.config.page_tokens);
   }
   if (ok) return absl::OkStatus();
+  const int64_t gi = plan.base + i;
   return absl::InternalError(
-      absl::StrCat("append: index of layer group ", i / s.config.kv_heads, " kv head ",
-                   i % s.config.kv_heads, " returned invalid placements (", placed.size(), " for ",
+      absl::StrCat("append: index of layer group ", gi / s.config.kv_heads, " kv head ",
+                   gi % s.config.kv_heads, " returned invalid placements (", placed.size(), " for ",
                    plan.n, " tokens; ", plan.pages_before[i], " -> ", pages_now, " pages)"));
 }
 
-// One task of the first append's parallel build: index i, built aside.
+// One task of the first append's parallel build: plan index i, built aside.
 absl::Status BuildAside(const Session& s, const SelectorConfig& sc, const AppendInput& in,
                         AppendPlan& plan, int64_t i) {
-  ASSIGN_OR_RETURN(plan.built[i], Selector::Create(sc, s.page_keys[i].get()));
+  const int64_t gi = plan.base + i;
+  ASSIGN_OR_RETURN(plan.built[i], Selector::Create(sc, s.page_keys[gi].get()));
   std::vector<float> keys;
-  KeysOf(s, in, i, &keys);
-  return plan.built[i]->Build(keys.data(), in.n, &plan.placements[i]);
+  KeysOf(s, in, gi, &keys);
+  RETURN_IF_ERROR(plan.built[i]->Build(keys.data(), in.n, &plan.placements[i]));
+  s.trees_built.fetch_add(1, std::memory_order_relaxed);
+  return absl::OkStatus();
 }
 
 // One task of a later append: inserts into index i of the live session.
 absl::Status InsertInto(Session& s, const AppendInput& in, AppendPlan& plan, int64_t i)
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+  const int64_t gi = plan.base + i;
   std::vector<float> keys;
-  KeysOf(s, in, i, &keys);
-  RETURN_IF_ERROR(s.selectors[i]->Insert(keys.data(), in.n, &plan.placements[i]));
-  return CheckPlacements(s, plan, i, *s.selectors[i]);
+  KeysOf(s, in, gi, &keys);
+  RETURN_IF_ERROR(s.selectors[gi]->Insert(keys.data(), in.n, &plan.placements[i]));
+  return CheckPlacements(s, plan, i, *s.selectors[gi]);
 }
 
 // One task of WriteRows: the K and V rows of index i, every layer of its group.
 void WriteIndexRows(const Session& s, const AppendInput& in, const AppendPlan& plan, int64_t i)
     ABSL_SHARED_LOCKS_REQUIRED(s.mu) {
-  const int g = static_cast<int>(i / s.config.kv_heads);
-  const int h = static_cast<int>(i % s.config.kv_heads);
+  const int g = static_cast<int>((plan.base + i) / s.config.kv_heads);
+  const int h = static_cast<int>((plan.base + i) % s.config.kv_heads);
   const uint64_t kv_block = static_cast<uint64_t>(s.config.page_tokens) * in.row_bytes;
   for (int l = s.FirstLayerOf(g); l < s.FirstLayerOf(g) + s.LayersIn(g); ++l) {
     const std::vector<uint8_t*>& table = s.page_frames[s.FrameTableIndex(l, h)];
@@ -111,23 +116,43 @@ void WriteIndexRows(const Session& s, const AppendInput& in, const AppendPlan& p
   }
 }
 
+absl::Status CheckLayerRange(const SessionConfig& c, LayerRange range) {
+  const int end = range.first + (range.count > 0 ? range.count : c.layers - range.first);
+  if (range.first < 0 || range.first >= c.layers || range.count < 0 || end > c.layers) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "append: layers ", range.first, "..", end - 1, " are not within the model's ", c.layers,
+        " layers (first_layer ", range.first, ", num_layers ", range.count, ")"));
+  }
+  if (range.first % c.layer_reuse != 0 || (end % c.layer_reuse != 0 && end != c.layers)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "append: layers ", range.first, "..", end - 1, " must be whole layer groups (layer_reuse=",
+        c.layer_reuse, "): first_layer and first_layer + num_layers multiples of ", c.layer_reuse));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<AppendInput> CheckAppendInput(const SessionConfig& c, int64_t max_append_tokens,
-                                             int64_t n, absl::Span<const uint8_t> bytes) {
+                                             int64_t n, LayerRange range,
+                                             absl::Span<const uint8_t> bytes) {
   if (n < 1 || n > max_append_tokens) {
     return absl::InvalidArgumentError(
         absl::StrCat("append: n must be in 1..", max_append_tokens, ", got ", n));
   }
-  const uint64_t expected = AppendBytes(c, n);
+  RETURN_IF_ERROR(CheckLayerRange(c, range));
+  const int layers = range.count > 0 ? range.count : c.layers - range.first;
+  const uint64_t expected = AppendBytes(c, n, range);
   if (bytes.size() != expected) {
     return absl::InvalidArgumentError(
-        absl::StrCat("append: ", n, " tokens of ", c.layers, " layers x ", c.kv_heads,
-                     " kv heads x ", c.head_dim, " dims x K,V in ", std::string(DTypeName(c.dtype)),
+        absl::StrCat("append: ", n, " tokens of ", layers, " layers x ", c.kv_heads, " kv heads x ",
+                     c.head_dim, " dims x K,V in ", std::string(DTypeName(c.dtype)),
                      " need exactly ", expected, " bytes, got ", bytes.size()));
   }
   AppendInput in;
   in.n = n;
+  in.first_layer = range.first;
+  in.num_layers = layers;
   in.bytes = bytes;
   in.kv_heads = c.kv_heads;
   const size_t esize = DTypeSize(c.dtype);
@@ -137,19 +162,37 @@ absl::StatusOr<AppendInput> CheckAppendInput(const SessionConfig& c, int64_t max
   if (bad >= 0) {
     const int64_t per_layer = static_cast<int64_t>(c.kv_heads) * n * c.head_dim;
     return absl::InvalidArgumentError(
-        absl::StrCat("append: key of layer ", bad / per_layer, ", kv head ",
+        absl::StrCat("append: key of layer ", range.first + bad / per_layer, ", kv head ",
                      (bad % per_layer) / (n * c.head_dim), ", token ",
                      (bad % (n * c.head_dim)) / c.head_dim, " is NaN or Inf; nothing was stored"));
   }
   return in;
 }
 
-absl::StatusOr<AppendPlan> PlanAppend(Session& s, const AppendInput& in, int build_threads) {
+absl::Status CheckChunkOrder(const Session& s, const AppendInput& in) {
+  if (s.next_layer == 0 && in.first_layer != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("append: a new chunk of tokens starts at layer 0; got first_layer ",
+                     in.first_layer, " (session ", s.id, " holds ", s.tokens, " tokens)"));
+  }
+  if (s.next_layer != 0 && (in.first_layer != s.next_layer || in.n != s.pending_tokens)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("append: session ", s.id, " expects layers ", s.next_layer,
+                     ".. of the chunk of ", s.pending_tokens, " tokens next; got first_layer ",
+                     in.first_layer, " with ", in.n, " tokens"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<AppendPlan> PlanAppend(const Session& s, const AppendInput& in, int build_threads) {
   const SessionConfig& c = s.config;
+  const int first_group = s.GroupOf(in.first_layer);
+  const int end_group = s.GroupOf(in.end_layer() - 1) + 1;
   AppendPlan plan;
   plan.n = in.n;
-  plan.num_indices = s.groups * c.kv_heads;
-  plan.first = s.tokens == 0;
+  plan.base = first_group * c.kv_heads;
+  plan.num_indices = (end_group - first_group) * c.kv_heads;
+  plan.first = s.group_tokens[first_group] == 0;
   // Small decode chunks are cheaper serially than through a task arena.
   plan.threads = in.n * plan.num_indices >= 8192 ? build_threads : 1;
   plan.placements.resize(plan.num_indices);
@@ -160,11 +203,17 @@ absl::StatusOr<AppendPlan> PlanAppend(Session& s, const AppendInput& in, int bui
     std::fill(plan.max_new_pages.begin(), plan.max_new_pages.end(), ~uint64_t{0});
     plan.built.resize(plan.num_indices);
     const SelectorConfig sc = SelectorConfigOf(s);
-    RETURN_IF_ERROR(ParallelFor(plan.num_indices, plan.threads,
-                                [&](int64_t i) { return BuildAside(s, sc, in, plan, i); }));
+    const int trees_before = s.trees_built.load();  // appends are serialised
+    absl::Status built = ParallelFor(plan.num_indices, plan.threads,
+                                     [&](int64_t i) { return BuildAside(s, sc, in, plan, i); });
+    if (!built.ok()) {
+      s.trees_built.store(trees_before);
+      return built;
+    }
     for (int i = 0; i < plan.num_indices; ++i) {
       RETURN_IF_ERROR(CheckPlacements(s, plan, i, *plan.built[i]));  // nothing stored yet
-      plan.reserve += uint64_t{plan.built[i]->num_pages()} * s.LayersIn(i / c.kv_heads);
+      const int g = (plan.base + i) / c.kv_heads;
+      plan.reserve += uint64_t{plan.built[i]->num_pages()} * s.LayersIn(g);
     }
     return plan;
   }
@@ -172,22 +221,24 @@ absl::StatusOr<AppendPlan> PlanAppend(Session& s, const AppendInput& in, int bui
                           c.selector == SelectorKind::kQuest ||
                           c.selector == SelectorKind::kStreaming;
   for (int i = 0; i < plan.num_indices; ++i) {
-    plan.pages_before[i] = s.selectors[i]->num_pages();
+    const int g = (plan.base + i) / c.kv_heads;
+    plan.pages_before[i] = s.selectors[plan.base + i]->num_pages();
     uint64_t worst = static_cast<uint64_t>(in.n);
     if (positional) {
       const int64_t P = c.page_tokens;
-      const int64_t after = (s.tokens + in.n + P - 1) / P;
+      const int64_t after = (s.group_tokens[g] + in.n + P - 1) / P;
       worst = static_cast<uint64_t>(std::max<int64_t>(0, after - plan.pages_before[i]));
     }
     plan.max_new_pages[i] = worst;
-    plan.reserve += worst * s.LayersIn(i / c.kv_heads);
+    plan.reserve += worst * s.LayersIn(g);
   }
   return plan;
 }
 
 absl::Status ApplyToIndexes(Session& s, const AppendInput& in, AppendPlan& plan) {
   if (plan.first) {
-    s.selectors = std::move(plan.built);
+    for (int i = 0; i < plan.num_indices; ++i)
+      s.selectors[plan.base + i] = std::move(plan.built[i]);
     return absl::OkStatus();
   }
   // The tasks run while this thread holds s.mu and waits for them.
@@ -208,9 +259,9 @@ absl::StatusOr<uint64_t> WriteRows(Session& s, const AppendInput& in, const Appe
   const SessionConfig& c = s.config;
   uint64_t taken = 0;
   for (int i = 0; i < plan.num_indices; ++i) {
-    const int g = i / c.kv_heads;
-    const int h = i % c.kv_heads;
-    const uint32_t pages_now = s.selectors[i]->num_pages();
+    const int g = (plan.base + i) / c.kv_heads;
+    const int h = (plan.base + i) % c.kv_heads;
+    const uint32_t pages_now = s.selectors[plan.base + i]->num_pages();
     for (int l = s.FirstLayerOf(g); l < s.FirstLayerOf(g) + s.LayersIn(g); ++l) {
       std::vector<uint8_t*>& table = s.page_frames[s.FrameTableIndex(l, h)];
       for (uint32_t p = plan.pages_before[i]; p < pages_now; ++p) {
@@ -233,21 +284,34 @@ absl::StatusOr<uint64_t> WriteRows(Session& s, const AppendInput& in, const Appe
   return taken;
 }
 
-AppendResult Publish(Session& s, int64_t n, uint64_t new_pages, absl::Time now) {
-  s.tokens += n;
+AppendResult Publish(Session& s, const AppendInput& in, uint64_t new_pages, absl::Time now) {
+  for (int g = s.GroupOf(in.first_layer); g <= s.GroupOf(in.end_layer() - 1); ++g) {
+    s.group_tokens[g] += in.n;
+  }
+  if (in.end_layer() == s.config.layers) {
+    s.tokens += in.n;
+    s.next_layer = 0;
+    s.pending_tokens = 0;
+  } else {
+    s.next_layer = in.end_layer();
+    s.pending_tokens = in.n;
+  }
   uint64_t pages = 0;
   uint64_t index_bytes = 0;
   for (const auto& sel : s.selectors) {
+    if (sel == nullptr) continue;
     pages += sel->num_pages();
     index_bytes += sel->index_bytes();
   }
   s.tokens_view.store(s.tokens);
+  s.next_layer_view.store(s.next_layer);
   s.pages_view.store(pages);
   s.frame_bytes_view.store(s.frames.size() * PagePool::StrideFor(s.frame_bytes));
   s.index_bytes_view.store(index_bytes);
   s.Touch(now);
   AppendResult result;
   result.tokens = s.tokens;
+  result.next_layer = s.next_layer;
   result.new_pages = new_pages;
   result.frame_bytes = s.frame_bytes_view.load();
   return result;

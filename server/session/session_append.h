@@ -29,31 +29,47 @@
 
 namespace icecache {
 
-// The caller's bytes of one append, checked (layout in session_manager.h).
+// The caller's bytes of one append of layers [first_layer, first_layer +
+// num_layers), checked (layout in session_manager.h).
 struct AppendInput {
   int64_t n = 0;
+  int first_layer = 0;
+  int num_layers = 0;
   absl::Span<const uint8_t> bytes;
   int kv_heads = 0;
   uint64_t row_bytes = 0;  // head_dim x dtype size
   uint64_t half = 0;       // bytes of the keys (the values follow)
 
+  int end_layer() const { return first_layer + num_layers; }
+  // `layer` is the model's layer number, in [first_layer, end_layer()).
   const uint8_t* key_row(int layer, int head, int64_t t) const {
-    return bytes.data() + ((static_cast<uint64_t>(layer) * kv_heads + head) * n + t) * row_bytes;
+    const uint64_t l = static_cast<uint64_t>(layer - first_layer);
+    return bytes.data() + ((l * kv_heads + head) * n + t) * row_bytes;
   }
   const uint8_t* value_row(int layer, int head, int64_t t) const {
     return key_row(layer, head, t) + half;
   }
 };
 
-// InvalidArgument for n outside 1..max_append_tokens, a byte count that is
-// not AppendBytes(c, n), or a NaN/Inf key (naming layer, kv head, token).
+// InvalidArgument for n outside 1..max_append_tokens, a layer range that is
+// not whole layer groups of the model, a byte count that is not
+// AppendBytes(c, n, range), or a NaN/Inf key (naming layer, kv head, token).
 absl::StatusOr<AppendInput> CheckAppendInput(const SessionConfig& c, int64_t max_append_tokens,
-                                             int64_t n, absl::Span<const uint8_t> bytes);
+                                             int64_t n, LayerRange range,
+                                             absl::Span<const uint8_t> bytes);
 
-// What an append will do to every (layer group, KV head) index i.
+// FailedPrecondition unless `in` is the next piece of the session's chunk:
+// a new chunk starts at layer 0 and takes any n; a pending one continues at
+// next_layer with the same n.
+absl::Status CheckChunkOrder(const Session& s, const AppendInput& in)
+    ABSL_SHARED_LOCKS_REQUIRED(s.mu);
+
+// What an append will do to the (layer group, KV head) indexes of its layer
+// range: plan index i is the session's index base + i.
 struct AppendPlan {
   int64_t n = 0;       // tokens appended
-  bool first = false;  // the session was empty: indexes are built, not inserted into
+  bool first = false;  // the groups were empty: indexes are built, not inserted into
+  int base = 0;
   int num_indices = 0;
   int threads = 1;                                 // for the parallel steps
   std::vector<std::unique_ptr<Selector>> built;    // first append: the new indexes
@@ -63,10 +79,12 @@ struct AppendPlan {
   uint64_t reserve = 0;                            // frames to admit, all layers
 };
 
-// First append: builds every index aside (InvalidArgument/Internal from the
-// index; the session is untouched). Later appends: the worst case.
-absl::StatusOr<AppendPlan> PlanAppend(Session& s, const AppendInput& in, int build_threads)
-    ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
+// First append of the groups: builds their indexes aside (InvalidArgument or
+// Internal from the index; the session is untouched), counting trees_built.
+// Later appends: the worst case. Needs only the shared lock (appends are
+// serialised by append_mu), so selects of other groups go on meanwhile.
+absl::StatusOr<AppendPlan> PlanAppend(const Session& s, const AppendInput& in, int build_threads)
+    ABSL_SHARED_LOCKS_REQUIRED(s.mu);
 
 // Later appends: inserts into every index. An index failure marks the session
 // broken (Internal; FailedPrecondition afterwards). First appends: installs
@@ -80,8 +98,9 @@ absl::Status ApplyToIndexes(Session& s, const AppendInput& in, AppendPlan& plan)
 absl::StatusOr<uint64_t> WriteRows(Session& s, const AppendInput& in, const AppendPlan& plan,
                                    FrameSet reserved) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
 
-// Counts the tokens in and refreshes the lock-free views.
-AppendResult Publish(Session& s, int64_t n, uint64_t new_pages, absl::Time now)
+// Counts the tokens in (the groups of the range; the session once the last
+// layer of the chunk is in) and refreshes the lock-free views.
+AppendResult Publish(Session& s, const AppendInput& in, uint64_t new_pages, absl::Time now)
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
 
 }  // namespace icecache

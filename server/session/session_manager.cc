@@ -178,6 +178,9 @@ SessionInfo SessionManager::Info(const Session& s) const {
   info.index_bytes = s.index_bytes_view.load();
   info.pinned = s.pinned.load();
   info.in_flight = s.in_flight.load();
+  info.trees_built = s.trees_built.load();
+  info.trees_total = s.groups * s.config.kv_heads;
+  info.next_layer = s.next_layer_view.load();
   return info;
 }
 
@@ -372,16 +375,17 @@ absl::StatusOr<SessionManager::InFlightGuard> SessionManager::Use(const Caller& 
 }
 
 absl::StatusOr<AppendResult> SessionManager::AppendKv(const Caller& caller, std::string_view id,
-                                                      int64_t n, absl::Span<const uint8_t> bytes) {
+                                                      int64_t n, absl::Span<const uint8_t> bytes,
+                                                      LayerRange range) {
   ASSIGN_OR_RETURN(InFlightGuard guard, Use(caller, id));
   guard->Touch(clock_->Now());
-  return Append(*guard.get(), n, bytes);
+  return Append(*guard.get(), n, range, bytes);
 }
 
 absl::StatusOr<AppendResult> SessionManager::AppendKvFromBuffer(const Caller& caller,
                                                                 std::string_view id, int64_t n,
                                                                 std::string_view buffer_id,
-                                                                uint64_t offset) {
+                                                                uint64_t offset, LayerRange range) {
   ASSIGN_OR_RETURN(InFlightGuard guard, Use(caller, id));
   if (n < 1 || n > options_.max_append_tokens) {
     return absl::InvalidArgumentError(
@@ -389,32 +393,45 @@ absl::StatusOr<AppendResult> SessionManager::AppendKvFromBuffer(const Caller& ca
   }
   const absl::Time now = clock_->Now();
   guard->Touch(now);
-  const uint64_t length = AppendBytes(guard->config, n);
+  const uint64_t length = AppendBytes(guard->config, n, range);
   ASSIGN_OR_RETURN(BufferLease lease, options_.buffers->Acquire(caller, buffer_id, now));
   // One copy out of the client's mapping, under the SIGBUS guard; the index
   // and frames are then filled from private memory the client cannot change.
   std::vector<uint8_t> staging(length);
   RETURN_IF_ERROR(lease.Read(offset, length, staging.data()));
-  return Append(*guard.get(), n, absl::MakeConstSpan(staging));
+  return Append(*guard.get(), n, range, absl::MakeConstSpan(staging));
 }
 
-absl::StatusOr<AppendResult> SessionManager::Append(Session& s, int64_t n,
+absl::StatusOr<AppendResult> SessionManager::Append(Session& s, int64_t n, LayerRange range,
                                                     absl::Span<const uint8_t> bytes) {
   ASSIGN_OR_RETURN(AppendInput in,
-                   CheckAppendInput(s.config, options_.max_append_tokens, n, bytes));
-  absl::MutexLock write(&s.mu);
-  RETURN_IF_ERROR(s.CheckUsable());
-  if (s.tokens + n > options_.max_tokens_per_session) {
-    counters_->rejected.fetch_add(1);
-    return absl::ResourceExhaustedError(absl::StrCat("append: session would hold ", s.tokens + n,
-                                                     " tokens; max_tokens_per_session is ",
-                                                     options_.max_tokens_per_session));
+                   CheckAppendInput(s.config, options_.max_append_tokens, n, range, bytes));
+  absl::MutexLock serial(&s.append_mu);
+  // Only this append changes the session until it returns: what the shared
+  // phase saw still holds when the writer lock is taken.
+  const int trees_before = s.trees_built.load();
+  AppendPlan plan;
+  {
+    absl::ReaderMutexLock read(&s.mu);
+    RETURN_IF_ERROR(s.CheckUsable());
+    RETURN_IF_ERROR(CheckChunkOrder(s, in));
+    if (in.first_layer == 0 && s.tokens + n > options_.max_tokens_per_session) {
+      counters_->rejected.fetch_add(1);
+      return absl::ResourceExhaustedError(absl::StrCat("append: session would hold ", s.tokens + n,
+                                                       " tokens; max_tokens_per_session is ",
+                                                       options_.max_tokens_per_session));
+    }
+    ASSIGN_OR_RETURN(plan, PlanAppend(s, in, options_.build_threads));
   }
-  ASSIGN_OR_RETURN(AppendPlan plan, PlanAppend(s, in, options_.build_threads));
-  ASSIGN_OR_RETURN(FrameSet reserved, AdmitFrames(s, plan.reserve));
+  absl::StatusOr<FrameSet> reserved = AdmitFrames(s, plan.reserve);
+  if (!reserved.ok()) {
+    s.trees_built.store(trees_before);  // the indexes built aside are dropped
+    return reserved.status();
+  }
+  absl::MutexLock write(&s.mu);
   RETURN_IF_ERROR(ApplyToIndexes(s, in, plan));
-  ASSIGN_OR_RETURN(uint64_t new_pages, WriteRows(s, in, plan, std::move(reserved)));
-  return Publish(s, n, new_pages, clock_->Now());
+  ASSIGN_OR_RETURN(uint64_t new_pages, WriteRows(s, in, plan, std::move(reserved).value()));
+  return Publish(s, in, new_pages, clock_->Now());
 }
 
 absl::StatusOr<FrameSet> SessionManager::AdmitFrames(const Session& s, uint64_t reserve) {

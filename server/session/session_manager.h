@@ -14,8 +14,15 @@
 //   keys:   [layers][kv_heads][n][head_dim]  then
 //   values: [layers][kv_heads][n][head_dim]
 // in the session dtype, little-endian, exactly AppendBytes(config, n) bytes.
-// The first append builds every index (bulk, parallel over (group, head));
-// later appends insert. Admission: the frames an append can need are
+// A chunk may also arrive in layer ranges (whole layer groups, in order,
+// starting at layer 0, the same n each): each range then holds its layers
+// only, [range layers][kv_heads][n][head_dim] keys then values. A range's
+// layer groups are selectable as soon as it is in; the session's token count
+// moves when the last layer is in. A long prefill sent layer by layer never
+// depends on one call's deadline, and GetSession shows its progress.
+// The first append of a layer group builds its indexes (bulk, parallel over
+// (group, head), holding the session lock shared so that selects of ready
+// groups go on); later appends insert. Admission: the frames an append can need are
 // reserved from the pool BEFORE any index changes (first append: the
 // selectors are built aside, so the exact count is known; later appends: the
 // worst case, one new page per token per (group, head) for mdci layouts,
@@ -137,18 +144,22 @@ class SessionManager {
   absl::StatusOr<SessionInfo> KeepAlive(const Caller& caller, std::string_view id);
 
   // --- KV operations ---
-  // Appends n tokens from `bytes` (layout above). InvalidArgument for n < 1,
-  // n > max_append_tokens, bytes.size() != AppendBytes(config, n), NaN/Inf in
-  // keys; RESOURCE_EXHAUSTED for quota/capacity/max_tokens_per_session.
+  // Appends n tokens of the layers of `range` (default: all) from `bytes`
+  // (layout above). InvalidArgument for n < 1, n > max_append_tokens, a range
+  // that is not whole layer groups of the model, bytes.size() !=
+  // AppendBytes(config, n, range), NaN/Inf in keys; FailedPrecondition for a
+  // range out of order (a new chunk starts at layer 0; a pending one goes on
+  // at its next layer with the same n); RESOURCE_EXHAUSTED for
+  // quota/capacity/max_tokens_per_session.
   absl::StatusOr<AppendResult> AppendKv(const Caller& caller, std::string_view id, int64_t n,
-                                        absl::Span<const uint8_t> bytes);
+                                        absl::Span<const uint8_t> bytes, LayerRange range = {});
   // Same, reading the bytes from [offset, offset + AppendBytes(config, n)) of
   // a registered HOST_SHM buffer (copied out under the SIGBUS guard first).
   // Adds NotFound (buffer), OutOfRange (region past the buffer),
   // FailedPrecondition (buffer file shrank; CUDA_IPC buffer).
   absl::StatusOr<AppendResult> AppendKvFromBuffer(const Caller& caller, std::string_view id,
                                                   int64_t n, std::string_view buffer_id,
-                                                  uint64_t offset);
+                                                  uint64_t offset, LayerRange range = {});
   // Selects pages of `request.layer` for every KV head (queries: q_heads x
   // head_dim fp32). A budget larger than the session's tokens selects every
   // page. Selections made for the first layer of a group are remembered (per
@@ -209,8 +220,8 @@ class SessionManager {
   // guard's lifetime (never evicted or expired meanwhile); NotFound otherwise.
   absl::StatusOr<InFlightGuard> Use(const Caller& caller, std::string_view id);
   // The steps of an append (session_append.h), under the session's writer lock.
-  absl::StatusOr<AppendResult> Append(Session& s, int64_t n, absl::Span<const uint8_t> bytes)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<AppendResult> Append(Session& s, int64_t n, LayerRange range,
+                                      absl::Span<const uint8_t> bytes) ABSL_LOCKS_EXCLUDED(mu_);
   // Reserves `reserve` frames for an append of `s`: quota, watermark
   // eviction, pool capacity (RESOURCE_EXHAUSTED; nothing changes).
   absl::StatusOr<FrameSet> AdmitFrames(const Session& s, uint64_t reserve)

@@ -68,9 +68,11 @@ absl::Status ValidateSessionConfig(const SessionConfig& c, absl::Duration max_tt
   return absl::OkStatus();
 }
 
-uint64_t AppendBytes(const SessionConfig& c, int64_t n) {
+uint64_t AppendBytes(const SessionConfig& c, int64_t n, LayerRange range) {
   if (n <= 0) return 0;
-  return 2 * static_cast<uint64_t>(c.layers) * static_cast<uint64_t>(c.kv_heads) *
+  const int layers = range.count > 0 ? range.count : c.layers - range.first;
+  if (layers <= 0) return 0;
+  return 2 * static_cast<uint64_t>(layers) * static_cast<uint64_t>(c.kv_heads) *
          static_cast<uint64_t>(n) * static_cast<uint64_t>(c.head_dim) * DTypeSize(c.dtype);
 }
 

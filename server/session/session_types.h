@@ -44,9 +44,15 @@ absl::Status ValidateSessionConfig(const SessionConfig& config, absl::Duration m
 inline int NumLayerGroups(const SessionConfig& c) {
   return (c.layers + c.layer_reuse - 1) / c.layer_reuse;
 }
+// Layers [first, first + count) of the model; count 0 = to the last layer.
+struct LayerRange {
+  int first = 0;
+  int count = 0;
+};
+
 // Bytes of one append of `n` tokens: K then V, each layers x kv_heads x n x
-// head_dim elements of the session dtype.
-uint64_t AppendBytes(const SessionConfig& c, int64_t n);
+// head_dim elements of the session dtype (layers: those of `range`).
+uint64_t AppendBytes(const SessionConfig& c, int64_t n, LayerRange range = {});
 
 struct SessionInfo {
   std::string id;  // opaque, 32 hex characters, random
@@ -65,6 +71,10 @@ struct SessionInfo {
   uint64_t index_bytes = 0;  // selector structures (not charged)
   bool pinned = false;
   int in_flight = 0;  // requests running on the session now
+  // Index progress: trees (layer group x KV head indexes) built of the total.
+  int trees_built = 0;
+  int trees_total = 0;
+  int next_layer = 0;  // a chunk arriving by layer ranges: its next layer (0 = none)
 };
 
 // SelectPages request. Zero budget/sink/recent take the session defaults
@@ -106,7 +116,8 @@ struct DecodeStepResult {
 };
 
 struct AppendResult {
-  int64_t tokens = 0;        // session tokens after the append
+  int64_t tokens = 0;        // session tokens after the append (every layer)
+  int next_layer = 0;        // first layer of the chunk still to come; 0 = complete
   uint64_t new_pages = 0;    // pages opened by this append (all layers)
   uint64_t frame_bytes = 0;  // session pool bytes after the append
 };

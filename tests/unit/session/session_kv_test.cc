@@ -200,6 +200,55 @@ TEST_P(SessionKvTest, DecodeStepSelectsAndFetchesInOneCall) {
   for (int h = 0; h < c.kv_heads; ++h) EXPECT_TRUE(seen[h].count(0)) << "sink token missing";
 }
 
+// The layers [first, first + count) of an AppendKv chunk of n tokens.
+std::vector<uint8_t> SliceLayers(const SessionConfig& c, const std::vector<uint8_t>& kv, int64_t n,
+                                 int first, int count) {
+  const size_t layer_bytes = static_cast<size_t>(c.kv_heads) * n * c.head_dim * DTypeSize(c.dtype);
+  const size_t half = layer_bytes * c.layers;
+  std::vector<uint8_t> out;
+  for (size_t base : {size_t{0}, half}) {
+    const uint8_t* from = kv.data() + base + first * layer_bytes;
+    out.insert(out.end(), from, from + count * layer_bytes);
+  }
+  return out;
+}
+
+TEST_P(SessionKvTest, ChunksSentByLayerGroupsStoreTheSameBytes) {
+  const SessionConfig c = SmallConfig(GetParam());  // 4 layers, layer_reuse 2
+  auto info = env_.manager->CreateSession(Alice(), c);
+  ASSERT_THAT(info, IsOk());
+  KvMirror mirror(c);
+  int64_t tokens = 0;
+  for (int64_t n : {300, 1, 2}) {
+    auto kv = MakeKv(c, tokens, n);
+    mirror.Add(kv, tokens, n);
+    auto first = env_.manager->AppendKv(Alice(), info->id, n, SliceLayers(c, kv, n, 0, 2), {0, 2});
+    ASSERT_THAT(first, IsOk());
+    EXPECT_EQ(first->tokens, tokens);  // not every layer holds them yet
+    EXPECT_EQ(first->next_layer, 2);
+    auto rest = env_.manager->AppendKv(Alice(), info->id, n, SliceLayers(c, kv, n, 2, 2), {2, 0});
+    ASSERT_THAT(rest, IsOk());
+    tokens += n;
+    EXPECT_EQ(rest->tokens, tokens);
+    EXPECT_EQ(rest->next_layer, 0);
+  }
+  auto got = env_.manager->GetSession(Alice(), info->id);
+  ASSERT_THAT(got, IsOk());
+  EXPECT_EQ(got->trees_built, got->trees_total);
+  EXPECT_EQ(got->trees_total, 2 * c.kv_heads);
+  for (int layer = 0; layer < c.layers; layer += c.layer_reuse) {
+    SelectRequest sel;
+    sel.layer = layer;
+    sel.queries = MakeQueries(c, 3 + layer);
+    sel.params.budget_tokens = static_cast<int>(tokens);
+    sel.params.want_positions = true;
+    auto step = env_.manager->DecodeStep(Alice(), info->id, sel, buffer_id_, 0, c.layer_reuse);
+    ASSERT_THAT(step, IsOk());
+    auto seen = CheckRegion(c, step->layout, shm_.data(), mirror);
+    for (int h = 0; h < c.kv_heads; ++h) EXPECT_EQ(seen[h].size(), static_cast<size_t>(tokens));
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Selectors, SessionKvTest,
                          ::testing::Values(SelectorKind::kExact, SelectorKind::kQuest,
                                            SelectorKind::kMdci, SelectorKind::kExactMdci),
@@ -387,6 +436,55 @@ TEST_F(SessionKvBasicTest, AppendFromRegisteredBuffer) {
   ASSERT_THAT(step, IsOk());
   auto seen = CheckRegion(c, step->layout, shm_.data(), mirror);
   EXPECT_EQ(seen[0].size(), 24u);
+}
+
+TEST_F(SessionKvBasicTest, ReadyLayerGroupsServeWhileTheRestOfThePrefillArrives) {
+  const SessionConfig c = SmallConfig(SelectorKind::kMdci);  // 4 layers, layer_reuse 2
+  auto info = env_.manager->CreateSession(Alice(), c);
+  ASSERT_THAT(info, IsOk());
+  const int64_t n = 64;
+  auto kv = MakeKv(c, 0, n);
+  ASSERT_THAT(env_.manager->AppendKv(Alice(), info->id, n, SliceLayers(c, kv, n, 0, 2), {0, 2}),
+              IsOk());
+  auto got = env_.manager->GetSession(Alice(), info->id);
+  ASSERT_THAT(got, IsOk());
+  EXPECT_EQ(got->tokens, 0);
+  EXPECT_EQ(got->next_layer, 2);
+  EXPECT_EQ(got->trees_built, c.kv_heads);  // group 0 of 2
+  EXPECT_EQ(got->trees_total, 2 * c.kv_heads);
+  SelectRequest sel;
+  sel.layer = 1;
+  sel.queries = MakeQueries(c, 4);
+  sel.params.budget_tokens = 16;
+  EXPECT_THAT(env_.manager->SelectPages(Alice(), info->id, sel), IsOk());
+  sel.layer = 2;
+  EXPECT_THAT(env_.manager->SelectPages(Alice(), info->id, sel),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("layer 2")));
+
+  // Out of order, wrong size or not whole groups: refused, nothing stored.
+  EXPECT_THAT(env_.manager->AppendKv(Alice(), info->id, n, kv),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("expects layers 2..")));
+  EXPECT_THAT(env_.manager->AppendKv(Alice(), info->id, 8, SliceLayers(c, MakeKv(c, 0, 8), 8, 2, 2),
+                                     {2, 2}),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("chunk of 64 tokens")));
+  EXPECT_THAT(env_.manager->AppendKv(Alice(), info->id, n, SliceLayers(c, kv, n, 1, 2), {1, 2}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("whole layer groups")));
+  EXPECT_THAT(env_.manager->AppendKv(Alice(), info->id, n, SliceLayers(c, kv, n, 2, 2), {2, 3}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("within the model's 4")));
+  got = env_.manager->GetSession(Alice(), info->id);
+  EXPECT_EQ(got->next_layer, 2);
+  EXPECT_EQ(got->trees_built, c.kv_heads);
+
+  ASSERT_THAT(env_.manager->AppendKv(Alice(), info->id, n, SliceLayers(c, kv, n, 2, 2), {2, 2}),
+              IsOk());
+  got = env_.manager->GetSession(Alice(), info->id);
+  EXPECT_EQ(got->tokens, n);
+  EXPECT_EQ(got->next_layer, 0);
+  EXPECT_THAT(env_.manager->SelectPages(Alice(), info->id, sel), IsOk());
+  // A new chunk must start at layer 0.
+  EXPECT_THAT(env_.manager->AppendKv(Alice(), info->id, 1, SliceLayers(c, MakeKv(c, n, 1), 1, 2, 2),
+                                     {2, 2}),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("starts at layer 0")));
 }
 
 TEST_F(SessionKvBasicTest, ConcurrentSelectsAndAppends) {
