@@ -2,7 +2,6 @@
 
 #include <atomic>
 #include <cstring>
-#include <mutex>
 #include <random>
 #include <utility>
 
@@ -29,7 +28,6 @@ struct BufferLease::Entry {
   std::string path;
   std::string device_uuid;
   absl::Time created;
-  absl::Time last_use;  // guarded by the registry's mu_
   std::atomic<int64_t> leases{0};
   // HOST_SHM
   ShmFile shm;
@@ -37,8 +35,10 @@ struct BufferLease::Entry {
   CudaRuntime* cuda = nullptr;
   int device = -1;
   void* device_ptr = nullptr;
-  std::mutex staging_mu;
-  std::vector<uint8_t> staging;  // guarded by staging_mu
+  // Host bytes a CUDA_IPC Write fills before the copy to the device; one
+  // writer at a time per buffer.
+  absl::Mutex staging_mu;
+  std::vector<uint8_t> staging ABSL_GUARDED_BY(staging_mu);
 
   ~Entry() {
     if (device_ptr != nullptr && cuda != nullptr)
@@ -86,7 +86,7 @@ absl::Status BufferLease::Write(uint64_t offset, uint64_t length,
     uint8_t* dst = entry_->shm.data() + offset;
     return RunSigbusGuarded([&] { fill(dst); });
   }
-  std::lock_guard<std::mutex> l(entry_->staging_mu);
+  absl::MutexLock l(&entry_->staging_mu);
   if (entry_->staging.size() < length) entry_->staging.resize(length);
   fill(entry_->staging.data());
   return entry_->cuda->CopyToDevice(entry_->device,
@@ -113,13 +113,13 @@ absl::Status BufferLease::Read(uint64_t offset, uint64_t length, void* dst) {
 namespace {
 
 std::string RandomId() {
-  static std::mutex mu;
-  static std::mt19937_64 rng{std::random_device{}()};
-  std::lock_guard<std::mutex> l(mu);
+  static absl::Mutex mu(absl::kConstInit);
+  static std::mt19937_64 rng ABSL_GUARDED_BY(mu){std::random_device{}()};
+  absl::MutexLock l(&mu);
   return absl::StrFormat("%016x%016x", rng(), rng());
 }
 
-BufferInfo InfoOf(const BufferLease::Entry& e);
+BufferInfo InfoOf(const BufferLease::Entry& e, absl::Time last_use);
 
 }  // namespace
 
@@ -144,7 +144,7 @@ absl::StatusOr<BufferInfo> BufferRegistry::Insert(const Caller& caller,
                                                   absl::Time now) {
   absl::MutexLock l(&mu_);
   int count = 0;
-  for (const auto& [id, other] : buffers_) count += other->tenant == caller.tenant ? 1 : 0;
+  for (const auto& [id, slot] : buffers_) count += slot.entry->tenant == caller.tenant ? 1 : 0;
   if (count >= options_.max_buffers_per_tenant) {
     return absl::ResourceExhaustedError(
         absl::StrCat("tenant '", caller.tenant, "' already has ", count,
@@ -155,9 +155,9 @@ absl::StatusOr<BufferInfo> BufferRegistry::Insert(const Caller& caller,
   } while (buffers_.count(e->id) != 0);
   e->tenant = caller.tenant;
   e->created = now;
-  e->last_use = now;
-  BufferInfo info = InfoOf(*e);
-  buffers_.emplace(e->id, std::move(e));
+  BufferInfo info = InfoOf(*e, now);
+  std::string id = e->id;
+  buffers_.emplace(std::move(id), Slot{std::move(e), now});
   return info;
 }
 
@@ -207,11 +207,17 @@ absl::StatusOr<BufferInfo> BufferRegistry::RegisterCudaIpc(const Caller& caller,
   return Insert(caller, std::move(e), now);
 }
 
-std::shared_ptr<BufferLease::Entry> BufferRegistry::FindLocked(const Caller& caller,
-                                                               std::string_view id) const {
+BufferRegistry::Slot* BufferRegistry::FindLocked(const Caller& caller, std::string_view id) {
   auto it = buffers_.find(id);
-  if (it == buffers_.end() || it->second->tenant != caller.tenant) return nullptr;
-  return it->second;
+  if (it == buffers_.end() || it->second.entry->tenant != caller.tenant) return nullptr;
+  return &it->second;
+}
+
+const BufferRegistry::Slot* BufferRegistry::FindLocked(const Caller& caller,
+                                                       std::string_view id) const {
+  auto it = buffers_.find(id);
+  if (it == buffers_.end() || it->second.entry->tenant != caller.tenant) return nullptr;
+  return &it->second;
 }
 
 namespace {
@@ -219,7 +225,7 @@ absl::Status BufferNotFound(std::string_view id) {
   return absl::NotFoundError(absl::StrCat("buffer ", std::string(id), " not found"));
 }
 
-BufferInfo InfoOf(const BufferLease::Entry& e) {
+BufferInfo InfoOf(const BufferLease::Entry& e, absl::Time last_use) {
   BufferInfo info;
   info.id = e.id;
   info.tenant = e.tenant;
@@ -228,33 +234,36 @@ BufferInfo InfoOf(const BufferLease::Entry& e) {
   info.path = e.path;
   info.device_uuid = e.device_uuid;
   info.created = e.created;
-  info.last_use = e.last_use;
+  info.last_use = last_use;
   info.leases = e.leases.load();
   return info;
 }
 }  // namespace
 
 absl::Status BufferRegistry::Unregister(const Caller& caller, std::string_view id) {
-  std::shared_ptr<BufferLease::Entry> dead;  // unmapped outside the lock
+  std::shared_ptr<BufferLease::Entry> dead;  // unmapped after the lock is released
   absl::MutexLock l(&mu_);
-  dead = FindLocked(caller, id);
-  if (dead == nullptr) return BufferNotFound(id);
+  Slot* slot = FindLocked(caller, id);
+  if (slot == nullptr) return BufferNotFound(id);
+  dead = std::move(slot->entry);
   buffers_.erase(buffers_.find(id));
   return absl::OkStatus();
 }
 
 absl::StatusOr<BufferInfo> BufferRegistry::Get(const Caller& caller, std::string_view id) const {
   absl::ReaderMutexLock l(&mu_);
-  auto e = FindLocked(caller, id);
-  if (e == nullptr) return BufferNotFound(id);
-  return InfoOf(*e);
+  const Slot* slot = FindLocked(caller, id);
+  if (slot == nullptr) return BufferNotFound(id);
+  return InfoOf(*slot->entry, slot->last_use);
 }
 
 std::vector<BufferInfo> BufferRegistry::List(const Caller& caller) const {
   std::vector<BufferInfo> out;
   absl::ReaderMutexLock l(&mu_);
-  for (const auto& [id, e] : buffers_) {
-    if (caller.admin || e->tenant == caller.tenant) out.push_back(InfoOf(*e));
+  for (const auto& [id, slot] : buffers_) {
+    if (caller.admin || slot.entry->tenant == caller.tenant) {
+      out.push_back(InfoOf(*slot.entry, slot.last_use));
+    }
   }
   return out;
 }
@@ -262,36 +271,37 @@ std::vector<BufferInfo> BufferRegistry::List(const Caller& caller) const {
 absl::StatusOr<BufferLease> BufferRegistry::Acquire(const Caller& caller, std::string_view id,
                                                     absl::Time now) {
   absl::MutexLock l(&mu_);
-  auto e = FindLocked(caller, id);
-  if (e == nullptr) return BufferNotFound(id);
-  e->last_use = std::max(e->last_use, now);
-  e->leases.fetch_add(1);
+  Slot* slot = FindLocked(caller, id);
+  if (slot == nullptr) return BufferNotFound(id);
+  slot->last_use = std::max(slot->last_use, now);
+  slot->entry->leases.fetch_add(1);
   BufferLease lease;
-  lease.entry_ = std::move(e);
+  lease.entry_ = slot->entry;
   return lease;
 }
 
 absl::Status BufferRegistry::Touch(const Caller& caller, std::string_view id, absl::Time now) {
   absl::MutexLock l(&mu_);
-  auto e = FindLocked(caller, id);
-  if (e == nullptr) return BufferNotFound(id);
-  e->last_use = std::max(e->last_use, now);
+  Slot* slot = FindLocked(caller, id);
+  if (slot == nullptr) return BufferNotFound(id);
+  slot->last_use = std::max(slot->last_use, now);
   return absl::OkStatus();
 }
 
 void BufferRegistry::TouchTenant(std::string_view tenant, absl::Time now) {
   absl::MutexLock l(&mu_);
-  for (auto& [id, e] : buffers_) {
-    if (e->tenant == tenant) e->last_use = std::max(e->last_use, now);
+  for (auto& [id, slot] : buffers_) {
+    if (slot.entry->tenant == tenant) slot.last_use = std::max(slot.last_use, now);
   }
 }
 
 int BufferRegistry::ExpireIdle(absl::Time now) {
-  std::vector<std::shared_ptr<BufferLease::Entry>> dead;
+  std::vector<std::shared_ptr<BufferLease::Entry>> dead;  // unmapped after the lock
   absl::MutexLock l(&mu_);
   for (auto it = buffers_.begin(); it != buffers_.end();) {
-    if (it->second->leases.load() == 0 && now - it->second->last_use > options_.idle_ttl) {
-      dead.push_back(std::move(it->second));
+    const Slot& slot = it->second;
+    if (slot.entry->leases.load() == 0 && now - slot.last_use > options_.idle_ttl) {
+      dead.push_back(std::move(it->second.entry));
       it = buffers_.erase(it);
     } else {
       ++it;
@@ -301,11 +311,11 @@ int BufferRegistry::ExpireIdle(absl::Time now) {
 }
 
 int BufferRegistry::DropTenant(std::string_view tenant) {
-  std::vector<std::shared_ptr<BufferLease::Entry>> dead;
+  std::vector<std::shared_ptr<BufferLease::Entry>> dead;  // unmapped after the lock
   absl::MutexLock l(&mu_);
   for (auto it = buffers_.begin(); it != buffers_.end();) {
-    if (it->second->tenant == tenant) {
-      dead.push_back(std::move(it->second));
+    if (it->second.entry->tenant == tenant) {
+      dead.push_back(std::move(it->second.entry));
       it = buffers_.erase(it);
     } else {
       ++it;

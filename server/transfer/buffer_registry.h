@@ -1,5 +1,5 @@
 // BufferRegistry: client-registered destinations (and sources) of KV bytes
-// (DESIGN.md 3 "Buffer", 6, 8).
+// (docs/architecture.md, "Buffers").
 //
 // HOST_SHM: a file under /dev/shm created and owned by the client; checked and
 // mapped MAP_SHARED by common/shm_file.h (ShmFile::OpenChecked). CUDA_IPC: a
@@ -155,13 +155,20 @@ class BufferRegistry {
   explicit BufferRegistry(const BufferRegistryOptions& options);
   absl::StatusOr<BufferInfo> Insert(const Caller& caller, std::shared_ptr<BufferLease::Entry> e,
                                     absl::Time now);
-  std::shared_ptr<BufferLease::Entry> FindLocked(const Caller& caller, std::string_view id) const
+  // One registered buffer: its shared state (also held by leases) and the
+  // registry's own bookkeeping.
+  struct Slot {
+    std::shared_ptr<BufferLease::Entry> entry;
+    absl::Time last_use;  // last Acquire/Touch; drives ExpireIdle
+  };
+  // The caller's slot for `id`, or null (unknown id or another tenant's).
+  Slot* FindLocked(const Caller& caller, std::string_view id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  const Slot* FindLocked(const Caller& caller, std::string_view id) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
   const BufferRegistryOptions options_;
   mutable absl::Mutex mu_;
-  std::map<std::string, std::shared_ptr<BufferLease::Entry>, std::less<>> buffers_
-      ABSL_GUARDED_BY(mu_);
+  std::map<std::string, Slot, std::less<>> buffers_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace icecache
