@@ -60,8 +60,8 @@ absl::Status CheckHostPort(absl::string_view field, const std::string& addr) {
     return Bad(field, Quote(addr), "want host:port, e.g. \"0.0.0.0:50051\" or \"[::]:50051\"");
   }
   uint32_t port = 0;
-  if (!absl::SimpleAtoi(addr.substr(colon + 1), &port) || port == 0 || port > 65535) {
-    return Bad(field, Quote(addr), "port must be 1..65535");
+  if (!absl::SimpleAtoi(addr.substr(colon + 1), &port) || port > 65535) {
+    return Bad(field, Quote(addr), "port must be 0..65535 (0 = any free port, logged at start)");
   }
   return absl::OkStatus();
 }

@@ -39,10 +39,12 @@ bool ShutdownSignalPending() {
 
 }  // namespace
 
-Daemon::Daemon(const v1::IcecachedConfig& config) : config_(config) {}
+Daemon::Daemon(const v1::IcecachedConfig& config, const DaemonOptions& options)
+    : config_(config), options_(options) {}
 
-absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const v1::IcecachedConfig& config) {
-  std::unique_ptr<Daemon> d(new Daemon(config));
+absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const v1::IcecachedConfig& config,
+                                                       const DaemonOptions& options) {
+  std::unique_ptr<Daemon> d(new Daemon(config, options));
   RETURN_IF_ERROR(d->Init());
   return d;
 }
@@ -139,6 +141,7 @@ absl::Status Daemon::Init() {
   if (!c.listen().tcp_address().empty() && tcp_port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", c.listen().tcp_address()));
   }
+  tcp_port_ = tcp_port;
   server_->GetHealthCheckService()->SetServingStatus(true);
 
   listener_->Start([this](int fd, const PeerCred& cred) {
@@ -180,7 +183,7 @@ absl::Status Daemon::Init() {
                             MetricType::kCounter, {});
   registry_.AddCollector([this] { CollectMetrics(); });
 
-  if (c.metrics().port() != 0) RETURN_IF_ERROR(StartMetricsHttp());
+  if (c.metrics().port() != 0 || options_.metrics_any_port) RETURN_IF_ERROR(StartMetricsHttp());
   started_ = true;
   Log(LogLevel::kInfo, "started",
       {{"socket", listener_->path()},
@@ -188,6 +191,7 @@ absl::Status Daemon::Init() {
        {"capacity_bytes", c.pool().capacity_bytes()},
        {"metrics_port", metrics_port_},
        {"tcp", c.listen().tcp_address().empty() ? "off" : c.listen().tcp_address()},
+       {"tcp_port", tcp_port_},
        {"cuda", cuda_->available() ? "yes" : "no"}});
   return absl::OkStatus();
 }
@@ -249,11 +253,18 @@ absl::Status Daemon::StartMetricsHttp() {
       res.set_content("ok\n", "text/plain");
     }
   });
-  const int port = static_cast<int>(config_.metrics().port());
-  if (!http_->bind_to_port(config_.metrics().address().c_str(), port)) {
+  const int wanted = static_cast<int>(config_.metrics().port());
+  const char* host = config_.metrics().address().c_str();
+  int port = wanted;
+  if (options_.metrics_any_port) {
+    port = http_->bind_to_any_port(host);
+  } else if (!http_->bind_to_port(host, wanted)) {
+    port = -1;
+  }
+  if (port <= 0) {
     http_.reset();
     return absl::UnavailableError(
-        absl::StrCat("metrics endpoint: cannot bind ", config_.metrics().address(), ":", port,
+        absl::StrCat("metrics endpoint: cannot bind ", config_.metrics().address(), ":", wanted,
                      " (in use?); choose another --metrics_port or 0 to turn it off"));
   }
   metrics_port_ = port;

@@ -1,4 +1,4 @@
-// Daemon: everything icecached runs, wired together (DESIGN.md 2, 7, 8).
+// Daemon: everything icecached runs, wired together (docs/architecture.md).
 //
 // Create() builds the core (PagePool, BufferRegistry, SessionManager with its
 // lease reaper), the authenticator, the metrics registry and the gRPC server
@@ -44,6 +44,14 @@ class Server;
 
 namespace icecache::rpc {
 
+// Choices of the embedding program that are not part of the config file.
+struct DaemonOptions {
+  // Bind the metrics endpoint to any free loopback port (read it back with
+  // metrics_port()) instead of metrics.port; for tests and embedders that
+  // run several daemons on one host.
+  bool metrics_any_port = false;
+};
+
 class Daemon {
  public:
   // `config` must be defaulted and valid (ApplyDefaults + ValidateConfig).
@@ -51,13 +59,15 @@ class Daemon {
   // Unix listener (socket path busy, not a socket, no permission), TLS files
   // unreadable (InvalidArgument), gRPC failing to start (Internal), the
   // metrics port unavailable (Unavailable).
-  static absl::StatusOr<std::unique_ptr<Daemon>> Create(const v1::IcecachedConfig& config);
+  static absl::StatusOr<std::unique_ptr<Daemon>> Create(const v1::IcecachedConfig& config,
+                                                        const DaemonOptions& options = {});
   ~Daemon();  // Shutdown() if not done.
   Daemon(const Daemon&) = delete;
   Daemon& operator=(const Daemon&) = delete;
 
   const std::string& socket_path() const { return listener_->path(); }
   int metrics_port() const { return metrics_port_; }  // 0 when off
+  int tcp_port() const { return tcp_port_; }          // 0 when off
   uint64_t epoch() const { return manager_->epoch(); }
 
   void BeginDrain();
@@ -70,12 +80,13 @@ class Daemon {
   Registry* metrics() { return &registry_; }
 
  private:
-  explicit Daemon(const v1::IcecachedConfig& config);
+  Daemon(const v1::IcecachedConfig& config, const DaemonOptions& options);
   absl::Status Init();
   absl::Status StartMetricsHttp();
   void CollectMetrics();
 
   const v1::IcecachedConfig config_;
+  const DaemonOptions options_;
   Registry registry_;
   std::unique_ptr<RpcMetrics> rpc_metrics_;
   std::unique_ptr<CudaRuntime> cuda_;
@@ -94,6 +105,7 @@ class Daemon {
   std::unique_ptr<httplib::Server> http_;
   std::thread http_thread_;
   int metrics_port_ = 0;
+  int tcp_port_ = 0;
   Caller internal_admin_;  // for stats collection
 
   SnapshotFamily* pool_bytes_ = nullptr;

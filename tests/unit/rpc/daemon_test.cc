@@ -46,18 +46,20 @@ class DaemonTest : public ::testing::Test {
     std::system(("rm -rf " + dir_).c_str());
   }
 
-  void Start(bool admin, std::string extra_config = "", int metrics_port = 0) {
+  void Start(bool admin, std::string extra_config = "", bool metrics = false) {
     auto parsed = ParseConfigText(extra_config);
     ASSERT_THAT(parsed, IsOk());
     IcecachedConfig c = *parsed;
     c.mutable_listen()->set_unix_socket(socket_);
     c.mutable_pool()->set_capacity_bytes(64 << 20);
-    c.mutable_metrics()->set_port(metrics_port);
+    c.mutable_metrics()->set_port(0);
     c.set_worker_threads(1);
     if (admin) c.mutable_auth()->add_admin_uids(getuid());
     ApplyDefaults(&c);
     ASSERT_THAT(ValidateConfig(c), IsOk());
-    auto d = Daemon::Create(c);
+    DaemonOptions options;
+    options.metrics_any_port = metrics;
+    auto d = Daemon::Create(c, options);
     ASSERT_THAT(d, IsOk());
     daemon_ = *std::move(d);
     channel_ = grpc::CreateChannel("unix:" + socket_, grpc::InsecureChannelCredentials());
@@ -88,6 +90,61 @@ class DaemonTest : public ::testing::Test {
     const grpc::Status st = sessions_->CreateSession(&ctx, req, &resp);
     EXPECT_TRUE(st.ok()) << st.error_message();
     return resp.session().session_id();
+  }
+
+  grpc::Status AppendInline(const std::string& id, const std::vector<float>& kv, int n,
+                            v1::AppendKvResponse* resp) {
+    grpc::ClientContext ctx;
+    v1::AppendKvRequest req;
+    req.set_session_id(id);
+    req.set_num_tokens(n);
+    req.set_inline_kv(std::string(reinterpret_cast<const char*>(kv.data()), kv.size() * 4));
+    return kv_->AppendKv(&ctx, req, resp);
+  }
+
+  // Creates a 1 MiB file under /dev/shm owned by this process and registers
+  // it; the file lives as long as the fixture.
+  std::string RegisterShmBuffer() {
+    auto shm = ShmFile::Create(absl::StrCat("icecache_dt_", getpid(), "_", rand()), 1 << 20);
+    EXPECT_THAT(shm, IsOk());
+    if (!shm.ok()) return "";
+    shm_ = std::make_unique<ShmFile>(*std::move(shm));
+    grpc::ClientContext ctx;
+    v1::RegisterBufferRequest req;
+    req.mutable_host_shm()->set_path(shm_->path());
+    req.mutable_host_shm()->set_size(shm_->size());
+    v1::RegisterBufferResponse resp;
+    const grpc::Status st = buffers_->RegisterBuffer(&ctx, req, &resp);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    EXPECT_EQ(resp.kind(), v1::BUFFER_KIND_HOST_SHM);
+    return resp.buffer_id();
+  }
+
+  static std::string Queries() {
+    const std::vector<float> q(kQHeads * kHeadDim, 0.5f);
+    return std::string(reinterpret_cast<const char*>(q.data()), q.size() * 4);
+  }
+
+  grpc::Status Select(const std::string& id, uint32_t layer, uint32_t budget,
+                      v1::SelectPagesResponse* resp) {
+    grpc::ClientContext ctx;
+    v1::SelectPagesRequest req;
+    req.set_session_id(id);
+    req.set_layer(layer);
+    req.set_queries(Queries());
+    req.mutable_params()->set_budget_tokens(budget);
+    req.mutable_params()->set_want_positions(true);
+    return kv_->SelectPages(&ctx, req, resp);
+  }
+
+  // A session holding kTokens tokens of MakeKv(kTokens, 7).
+  static constexpr int kTokens = 64;
+  std::string SessionWithKv() {
+    const std::string id = CreateSession();
+    v1::AppendKvResponse resp;
+    const grpc::Status st = AppendInline(id, MakeKv(kTokens, 7), kTokens, &resp);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    return id;
   }
 
   // keys then values, [layers][kv_heads][n][head_dim] fp32.
@@ -129,6 +186,7 @@ class DaemonTest : public ::testing::Test {
   }
 
   std::string dir_, socket_;
+  std::unique_ptr<ShmFile> shm_;
   std::unique_ptr<Daemon> daemon_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::SessionService::Stub> sessions_;
@@ -184,54 +242,34 @@ TEST_F(DaemonTest, SessionLifecycleAndTenantFromPeerUid) {
   }
 }
 
-TEST_F(DaemonTest, AppendSelectFetchAndDecodeStepMoveTheRightBytes) {
+TEST_F(DaemonTest, AppendKvInlineReportsTokensAndBytes) {
   Start(false);
   const std::string id = CreateSession();
-  constexpr int kTokens = 64;
-  const std::vector<float> kv = MakeKv(kTokens, 7);
-  {
-    grpc::ClientContext ctx;
-    v1::AppendKvRequest req;
-    req.set_session_id(id);
-    req.set_num_tokens(kTokens);
-    req.set_inline_kv(std::string(reinterpret_cast<const char*>(kv.data()), kv.size() * 4));
-    v1::AppendKvResponse resp;
-    const grpc::Status st = kv_->AppendKv(&ctx, req, &resp);
-    ASSERT_TRUE(st.ok()) << st.error_message();
-    EXPECT_EQ(resp.tokens(), uint64_t{kTokens});
-    EXPECT_GT(resp.bytes(), 0u);
-  }
-  // A buffer the test process owns under /dev/shm.
-  const uint64_t buf_size = 1 << 20;
-  auto shm = ShmFile::Create(absl::StrCat("icecache_dt_", getpid(), "_", rand()), buf_size);
-  ASSERT_THAT(shm, IsOk());
-  std::string buffer_id;
-  {
-    grpc::ClientContext ctx;
-    v1::RegisterBufferRequest req;
-    req.mutable_host_shm()->set_path(shm->path());
-    req.mutable_host_shm()->set_size(buf_size);
-    v1::RegisterBufferResponse resp;
-    const grpc::Status st = buffers_->RegisterBuffer(&ctx, req, &resp);
-    ASSERT_TRUE(st.ok()) << st.error_message();
-    EXPECT_EQ(resp.kind(), v1::BUFFER_KIND_HOST_SHM);
-    buffer_id = resp.buffer_id();
-  }
-  std::vector<float> q(kQHeads * kHeadDim, 0.5f);
+  v1::AppendKvResponse resp;
+  const grpc::Status st = AppendInline(id, MakeKv(kTokens, 7), kTokens, &resp);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(resp.tokens(), uint64_t{kTokens});
+  EXPECT_GT(resp.bytes(), 0u);
+}
+
+TEST_F(DaemonTest, SelectPagesMeetsTheBudgetOnEveryHead) {
+  Start(false);
+  const std::string id = SessionWithKv();
   v1::SelectPagesResponse sel;
-  {
-    grpc::ClientContext ctx;
-    v1::SelectPagesRequest req;
-    req.set_session_id(id);
-    req.set_layer(1);
-    req.set_queries(std::string(reinterpret_cast<const char*>(q.data()), q.size() * 4));
-    req.mutable_params()->set_budget_tokens(16);
-    req.mutable_params()->set_want_positions(true);
-    const grpc::Status st = kv_->SelectPages(&ctx, req, &sel);
-    ASSERT_TRUE(st.ok()) << st.error_message();
-    ASSERT_EQ(sel.heads_size(), kKvHeads);
-    EXPECT_GE(sel.heads(0).pages_size(), 16 / kPageTokens);
-  }
+  const grpc::Status st = Select(id, 1, 16, &sel);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  ASSERT_EQ(sel.heads_size(), kKvHeads);
+  for (const auto& h : sel.heads()) EXPECT_GE(h.pages_size(), 16 / kPageTokens);
+}
+
+TEST_F(DaemonTest, FetchPagesWritesTheAppendedKeysIntoTheBuffer) {
+  Start(false);
+  const std::string id = SessionWithKv();
+  const std::vector<float> kv = MakeKv(kTokens, 7);
+  const std::string buffer_id = RegisterShmBuffer();
+  ASSERT_FALSE(buffer_id.empty());
+  v1::SelectPagesResponse sel;
+  ASSERT_TRUE(Select(id, 1, 16, &sel).ok());
   v1::FetchPagesResponse fetched;
   {
     grpc::ClientContext ctx;
@@ -253,7 +291,7 @@ TEST_F(DaemonTest, AppendSelectFetchAndDecodeStepMoveTheRightBytes) {
   const v1::FetchLayout& layout = fetched.layout();
   EXPECT_EQ(layout.offset(), 4096u);
   EXPECT_EQ(layout.page_bytes(), 2u * kPageTokens * kHeadDim * 4);
-  const uint8_t* base = shm->data();
+  const uint8_t* base = shm_->data();
   int rows_checked = 0;
   for (const v1::HeadLayout& h : layout.heads()) {
     int pos_index = 0;
@@ -270,8 +308,12 @@ TEST_F(DaemonTest, AppendSelectFetchAndDecodeStepMoveTheRightBytes) {
     }
   }
   EXPECT_GE(rows_checked, 2 * 16);
+}
 
-  // DecodeStep: two layers on one stream, ids only in the first message.
+TEST_F(DaemonTest, DecodeStepServesEveryLayerOnOneStreamWithIdsOnlyFirst) {
+  Start(false);
+  const std::string id = SessionWithKv();
+  const std::string buffer_id = RegisterShmBuffer();
   grpc::ClientContext ctx;
   auto stream = kv_->DecodeStep(&ctx);
   for (uint32_t layer = 0; layer < kLayers; ++layer) {
@@ -282,7 +324,7 @@ TEST_F(DaemonTest, AppendSelectFetchAndDecodeStepMoveTheRightBytes) {
     }
     req.set_layer(layer);
     req.set_offset(layer * 65536);
-    req.set_queries(std::string(reinterpret_cast<const char*>(q.data()), q.size() * 4));
+    req.set_queries(Queries());
     req.mutable_params()->set_budget_tokens(8);
     ASSERT_TRUE(stream->Write(req));
     v1::DecodeStepResponse resp;
@@ -292,32 +334,71 @@ TEST_F(DaemonTest, AppendSelectFetchAndDecodeStepMoveTheRightBytes) {
     EXPECT_EQ(resp.layout().offset(), layer * 65536u);
     EXPECT_GT(resp.layout().total_bytes(), 0u);
   }
-  // A bad message ends the stream with its code.
+  stream->WritesDone();
+  const grpc::Status st = stream->Finish();
+  EXPECT_TRUE(st.ok()) << st.error_message();
+}
+
+TEST_F(DaemonTest, DecodeStepBadMessageEndsTheStreamWithItsCode) {
+  Start(false);
+  const std::string id = SessionWithKv();
+  const std::string buffer_id = RegisterShmBuffer();
+  grpc::ClientContext ctx;
+  auto stream = kv_->DecodeStep(&ctx);
   v1::DecodeStepRequest bad;
+  bad.set_session_id(id);
+  bad.set_buffer_id(buffer_id);
   bad.set_layer(kLayers);  // out of range
-  bad.set_queries(std::string(reinterpret_cast<const char*>(q.data()), q.size() * 4));
+  bad.set_queries(Queries());
   ASSERT_TRUE(stream->Write(bad));
   stream->WritesDone();
   v1::DecodeStepResponse ignored;
   EXPECT_FALSE(stream->Read(&ignored));
   const grpc::Status st = stream->Finish();
   EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+  EXPECT_THAT(
+      daemon_->metrics()->Render(),
+      HasSubstr("icecache_rpc_requests_total{method=\"DecodeStep\",code=\"INVALID_ARGUMENT\"} 1"));
+}
 
+TEST_F(DaemonTest, MetricsCountCallsBytesAndPoolClasses) {
+  Start(false);
+  const std::string id = SessionWithKv();
+  v1::SelectPagesResponse sel;
+  ASSERT_TRUE(Select(id, 0, 8, &sel).ok());
   const std::string metrics = daemon_->metrics()->Render();
   EXPECT_THAT(metrics, HasSubstr("icecache_rpc_requests_total{method=\"AppendKv\",code=\"OK\"} 1"));
-  EXPECT_THAT(
-      metrics,
-      HasSubstr("icecache_rpc_requests_total{method=\"DecodeStep\",code=\"INVALID_ARGUMENT\"} 1"));
-  EXPECT_THAT(metrics, HasSubstr("icecache_decode_step_duration_seconds_count 2"));
   EXPECT_THAT(metrics, HasSubstr("icecache_select_duration_seconds_count 1"));
   EXPECT_THAT(metrics,
               HasSubstr(absl::StrCat("icecache_bytes_moved_total{direction=\"append_inline\"} ",
-                                     kv.size() * 4)));
+                                     MakeKv(kTokens, 7).size() * 4)));
   EXPECT_THAT(metrics, HasSubstr("icecache_tenant_sessions{tenant=\"uid-"));
   // Pool bytes per size class: frame = 2 x 4 tokens x 16 dims x 4 bytes.
   EXPECT_THAT(metrics,
               HasSubstr("icecache_pool_class_frames{frame_bytes=\"512\",state=\"used\"} "));
   EXPECT_THAT(metrics, HasSubstr("icecache_pool_class_bytes{frame_bytes=\"512\",state=\"free\"} "));
+}
+
+TEST_F(DaemonTest, DecodeStepDurationIsCountedPerLayer) {
+  Start(false);
+  const std::string id = SessionWithKv();
+  const std::string buffer_id = RegisterShmBuffer();
+  grpc::ClientContext ctx;
+  auto stream = kv_->DecodeStep(&ctx);
+  for (uint32_t layer = 0; layer < kLayers; ++layer) {
+    v1::DecodeStepRequest req;
+    req.set_session_id(id);
+    req.set_buffer_id(buffer_id);
+    req.set_layer(layer);
+    req.set_queries(Queries());
+    ASSERT_TRUE(stream->Write(req));
+    v1::DecodeStepResponse resp;
+    ASSERT_TRUE(stream->Read(&resp));
+  }
+  stream->WritesDone();
+  ASSERT_TRUE(stream->Finish().ok());
+  EXPECT_THAT(daemon_->metrics()->Render(),
+              HasSubstr(absl::StrCat("icecache_decode_step_duration_seconds_count ", kLayers)));
 }
 
 TEST_F(DaemonTest, BadRequestsGetPreciseCodes) {
@@ -447,10 +528,9 @@ TEST_F(DaemonTest, BadRequestsGetPreciseCodes) {
   EXPECT_FALSE(CreateSession().empty());
 }
 
-TEST_F(DaemonTest, AdminVerbsDrainAndHealth) {
-  Start(true, "auth { tokens { token: \"secret-token-0123456789\" tenant: \"r\" } }");
+TEST_F(DaemonTest, AdminGetStatsSetQuotaAndPin) {
+  Start(true);
   const std::string id = CreateSession();
-  EXPECT_EQ(HealthStatus(), 1);
   {
     grpc::ClientContext ctx;
     v1::GetStatsResponse resp;
@@ -477,14 +557,22 @@ TEST_F(DaemonTest, AdminVerbsDrainAndHealth) {
     ASSERT_TRUE(admin_->PinSession(&ctx, req, &resp).ok());
     EXPECT_TRUE(resp.session().pinned());
   }
-  {
-    grpc::ClientContext ctx;
-    v1::GetConfigResponse resp;
-    ASSERT_TRUE(admin_->GetConfig(&ctx, v1::GetConfigRequest(), &resp).ok());
-    EXPECT_EQ(resp.config().listen().unix_socket(), socket_);
-    ASSERT_EQ(resp.config().auth().tokens_size(), 1);
-    EXPECT_EQ(resp.config().auth().tokens(0).token(), "<redacted>");
-  }
+}
+
+TEST_F(DaemonTest, GetConfigRedactsTokens) {
+  Start(true, "auth { tokens { token: \"secret-token-0123456789\" tenant: \"r\" } }");
+  grpc::ClientContext ctx;
+  v1::GetConfigResponse resp;
+  ASSERT_TRUE(admin_->GetConfig(&ctx, v1::GetConfigRequest(), &resp).ok());
+  EXPECT_EQ(resp.config().listen().unix_socket(), socket_);
+  ASSERT_EQ(resp.config().auth().tokens_size(), 1);
+  EXPECT_EQ(resp.config().auth().tokens(0).token(), "<redacted>");
+}
+
+TEST_F(DaemonTest, DrainRefusesNewSessionsKeepsExistingOnesAndReportsNotServing) {
+  Start(true);
+  const std::string id = CreateSession();
+  EXPECT_EQ(HealthStatus(), 1);  // SERVING
   {
     grpc::ClientContext ctx;
     v1::DrainResponse resp;
@@ -507,27 +595,18 @@ TEST_F(DaemonTest, AdminVerbsDrainAndHealth) {
     v1::GetSessionResponse resp;
     EXPECT_TRUE(sessions_->GetSession(&ctx, req, &resp).ok());
   }
-  {
-    grpc::ClientContext ctx;
-    v1::EvictSessionRequest req;
-    req.set_session_id(id);
-    v1::EvictSessionResponse resp;
-    EXPECT_TRUE(admin_->EvictSession(&ctx, req, &resp).ok());
-  }
-  daemon_->Shutdown();
-  EXPECT_NE(access(socket_.c_str(), F_OK), 0) << "socket file removed at shutdown";
+  grpc::ClientContext ctx;
+  v1::EvictSessionRequest req;
+  req.set_session_id(id);
+  v1::EvictSessionResponse resp;
+  EXPECT_TRUE(admin_->EvictSession(&ctx, req, &resp).ok());
 }
 
-int FreeTcpPort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) return -1;
-  socklen_t len = sizeof(addr);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
+TEST_F(DaemonTest, ShutdownRemovesTheSocketFile) {
+  Start(true);
+  ASSERT_EQ(access(socket_.c_str(), F_OK), 0);
+  daemon_->Shutdown();
+  EXPECT_NE(access(socket_.c_str(), F_OK), 0) << "socket file removed at shutdown";
 }
 
 std::string ReadAll(const std::string& path) {
@@ -601,11 +680,10 @@ TEST_F(DaemonTest, ReflectionListsTheServices) {
   EXPECT_TRUE(status.ok()) << status.error_message();
 }
 
-TEST_F(DaemonTest, MetricsEndpointServesPrometheusTextAndHealthz) {
-  const int port = FreeTcpPort();
+TEST_F(DaemonTest, MetricsEndpointServesPrometheusText) {
+  Start(true, "", /*metrics=*/true);
+  const int port = daemon_->metrics_port();
   ASSERT_GT(port, 0);
-  Start(true, "", port);
-  ASSERT_EQ(daemon_->metrics_port(), port);
   CreateSession();
   const std::string metrics = HttpGet(port, "/metrics");
   EXPECT_THAT(metrics, HasSubstr("200 OK"));
@@ -613,83 +691,115 @@ TEST_F(DaemonTest, MetricsEndpointServesPrometheusTextAndHealthz) {
   EXPECT_THAT(metrics, HasSubstr("icecache_pool_bytes{state=\"capacity\"} 67108864\n"));
   EXPECT_THAT(metrics, HasSubstr("icecache_sessions 1\n"));
   EXPECT_THAT(metrics, HasSubstr("icecache_session_events_total{event=\"created\"} 1\n"));
-  EXPECT_THAT(metrics, ::testing::Not(HasSubstr("icecache_tenant_free_bytes{")));  // no quota yet
   EXPECT_THAT(
       metrics,
       HasSubstr("icecache_rpc_duration_seconds_bucket{method=\"CreateSession\",le=\"+Inf\"} 1\n"));
-  {
-    grpc::ClientContext ctx;
-    v1::SetQuotaRequest req;
-    req.set_tenant(absl::StrCat("uid-", getuid()));
-    req.set_quota_bytes(1 << 20);
-    v1::SetQuotaResponse resp;
-    ASSERT_TRUE(admin_->SetQuota(&ctx, req, &resp).ok());
-  }
+}
+
+TEST_F(DaemonTest, MetricsShowTheQuotaLeftOnceATenantHasOne) {
+  Start(true, "", /*metrics=*/true);
+  const int port = daemon_->metrics_port();
+  CreateSession();
+  EXPECT_THAT(HttpGet(port, "/metrics"), ::testing::Not(HasSubstr("icecache_tenant_free_bytes{")));
+  grpc::ClientContext ctx;
+  v1::SetQuotaRequest req;
+  req.set_tenant(absl::StrCat("uid-", getuid()));
+  req.set_quota_bytes(1 << 20);
+  v1::SetQuotaResponse resp;
+  ASSERT_TRUE(admin_->SetQuota(&ctx, req, &resp).ok());
   EXPECT_THAT(HttpGet(port, "/metrics"),
               HasSubstr(absl::StrCat("icecache_tenant_free_bytes{tenant=\"uid-", getuid(),
                                      "\"} 1048576\n")));
+}
+
+TEST_F(DaemonTest, HealthzTurns503WhileDraining) {
+  Start(true, "", /*metrics=*/true);
+  const int port = daemon_->metrics_port();
   EXPECT_THAT(HttpGet(port, "/healthz"), HasSubstr("200 OK"));
   daemon_->BeginDrain();
   EXPECT_THAT(HttpGet(port, "/healthz"), HasSubstr("503"));
   EXPECT_THAT(HttpGet(port, "/metrics"), HasSubstr("icecache_draining 1\n"));
 }
 
-TEST_F(DaemonTest, TcpNeedsTlsAndABearerTokenMappedToATenant) {
-  const std::string cert = dir_ + "/cert.pem", key = dir_ + "/key.pem";
-  const std::string cmd = absl::StrCat(
-      "openssl req -x509 -newkey rsa:2048 -nodes -keyout ", key, " -out ", cert,
-      " -days 1 -subj /CN=localhost -addext subjectAltName=DNS:localhost >/dev/null 2>&1");
-  if (std::system(cmd.c_str()) != 0) GTEST_SKIP() << "openssl cannot make a test certificate";
-  const int port = FreeTcpPort();
-  ASSERT_GT(port, 0);
-  Start(true,
-        absl::StrCat(
-            "listen { tcp_address: \"127.0.0.1:", port, "\" tls_cert_file: \"", cert,
-            "\" tls_key_file: \"", key, "\" }\n",
-            "auth { tokens { token: \"tenant-r-token-0123456789\" tenant: \"r\" }\n",
-            "       tokens { token: \"admin-token-0123456789ab\" tenant: \"ops\" admin: true } }"));
-  grpc::SslCredentialsOptions ssl;
-  ssl.pem_root_certs = ReadAll(cert);
-  grpc::ChannelArguments args;
-  args.SetSslTargetNameOverride("localhost");
-  auto tcp =
-      grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port), grpc::SslCredentials(ssl), args);
-  auto stub = v1::SessionService::NewStub(tcp);
-  auto admin = v1::AdminService::NewStub(tcp);
-  auto create = [&](const char* token) {
+// A daemon with a TLS TCP listener on a free port and two bearer tokens:
+// tenant "r" and admin tenant "ops". Skips where openssl cannot make a
+// throwaway certificate.
+class DaemonTcpTest : public DaemonTest {
+ protected:
+  void StartTcp() {
+    const std::string cert = dir_ + "/cert.pem", key = dir_ + "/key.pem";
+    const std::string cmd = absl::StrCat(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ", key, " -out ", cert,
+        " -days 1 -subj /CN=localhost -addext subjectAltName=DNS:localhost >/dev/null 2>&1");
+    if (std::system(cmd.c_str()) != 0) GTEST_SKIP() << "openssl cannot make a test certificate";
+    Start(true, absl::StrCat("listen { tcp_address: \"127.0.0.1:0\" tls_cert_file: \"", cert,
+                             "\" tls_key_file: \"", key, "\" }\n", "auth { tokens { token: \"",
+                             kTenantToken, "\" tenant: \"r\" }\n", "       tokens { token: \"",
+                             kAdminToken, "\" tenant: \"ops\" admin: true } }"));
+    ASSERT_GT(daemon_->tcp_port(), 0);
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = ReadAll(cert);
+    grpc::ChannelArguments args;
+    args.SetSslTargetNameOverride("localhost");
+    auto tcp = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", daemon_->tcp_port()),
+                                         grpc::SslCredentials(ssl), args);
+    tcp_sessions_ = v1::SessionService::NewStub(tcp);
+    tcp_admin_ = v1::AdminService::NewStub(tcp);
+  }
+
+  // CreateSession over TCP with `token` (none when null): status and tenant.
+  std::pair<grpc::Status, std::string> CreateOverTcp(const char* token) {
     grpc::ClientContext ctx;
     if (token != nullptr) ctx.AddMetadata("authorization", absl::StrCat("Bearer ", token));
     v1::CreateSessionRequest req;
     *req.mutable_config() = Config();
     v1::CreateSessionResponse resp;
-    grpc::Status st = stub->CreateSession(&ctx, req, &resp);
-    return std::make_pair(st, resp.session().tenant());
-  };
-  grpc::Status ok;
-  std::string tenant;
-  std::tie(ok, tenant) = create("tenant-r-token-0123456789");
-  ASSERT_TRUE(ok.ok()) << ok.error_message();
+    grpc::Status st = tcp_sessions_->CreateSession(&ctx, req, &resp);
+    return {st, resp.session().tenant()};
+  }
+
+  grpc::Status StatsOverTcp(const char* token, v1::GetStatsResponse* resp) {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", absl::StrCat("Bearer ", token));
+    return tcp_admin_->GetStats(&ctx, v1::GetStatsRequest(), resp);
+  }
+
+  static constexpr const char* kTenantToken = "tenant-r-token-0123456789";
+  static constexpr const char* kAdminToken = "admin-token-0123456789ab";
+  std::unique_ptr<v1::SessionService::Stub> tcp_sessions_;
+  std::unique_ptr<v1::AdminService::Stub> tcp_admin_;
+};
+
+TEST_F(DaemonTcpTest, ABearerTokenMapsToItsTenant) {
+  ASSERT_NO_FATAL_FAILURE(StartTcp());
+  const auto [st, tenant] = CreateOverTcp(kTenantToken);
+  ASSERT_TRUE(st.ok()) << st.error_message();
   EXPECT_EQ(tenant, "r");
-  EXPECT_EQ(create(nullptr).first.error_code(), grpc::StatusCode::UNAUTHENTICATED);
-  EXPECT_EQ(create("wrong-token-0123456789").first.error_code(),
+}
+
+TEST_F(DaemonTcpTest, MissingTokenIsUnauthenticatedAndWrongTokenPermissionDenied) {
+  ASSERT_NO_FATAL_FAILURE(StartTcp());
+  EXPECT_EQ(CreateOverTcp(nullptr).first.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(CreateOverTcp("wrong-token-0123456789").first.error_code(),
             grpc::StatusCode::PERMISSION_DENIED);
-  {
-    grpc::ClientContext ctx;
-    ctx.AddMetadata("authorization", "Bearer tenant-r-token-0123456789");
-    v1::GetStatsResponse resp;
-    EXPECT_EQ(admin->GetStats(&ctx, v1::GetStatsRequest(), &resp).error_code(),
-              grpc::StatusCode::PERMISSION_DENIED);
-  }
-  {
-    grpc::ClientContext ctx;
-    ctx.AddMetadata("authorization", "Bearer admin-token-0123456789ab");
-    v1::GetStatsResponse resp;
-    const grpc::Status st = admin->GetStats(&ctx, v1::GetStatsRequest(), &resp);
-    ASSERT_TRUE(st.ok()) << st.error_message();
-    EXPECT_EQ(resp.sessions(), 1u);
-  }
-  // The Unix-socket caller (an admin, but another tenant) cannot see r's
-  // session through SessionService; only the explicit admin listing shows it.
+}
+
+TEST_F(DaemonTcpTest, AdminVerbsNeedAnAdminToken) {
+  ASSERT_NO_FATAL_FAILURE(StartTcp());
+  ASSERT_TRUE(CreateOverTcp(kTenantToken).first.ok());
+  v1::GetStatsResponse resp;
+  EXPECT_EQ(StatsOverTcp(kTenantToken, &resp).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  const grpc::Status st = StatsOverTcp(kAdminToken, &resp);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(resp.sessions(), 1u);
+}
+
+// The Unix-socket caller (an admin, but another tenant) cannot see or drop
+// r's session through SessionService; only the explicit admin listing shows
+// it, and only the admin verb evicts it.
+TEST_F(DaemonTcpTest, AnotherTenantsSessionIsVisibleOnlyThroughAdminVerbs) {
+  ASSERT_NO_FATAL_FAILURE(StartTcp());
+  ASSERT_TRUE(CreateOverTcp(kTenantToken).first.ok());
   {
     grpc::ClientContext ctx;
     v1::ListSessionsResponse mine;
@@ -721,13 +831,11 @@ TEST_F(DaemonTest, TcpNeedsTlsAndABearerTokenMappedToATenant) {
     v1::DropSessionResponse resp;
     EXPECT_EQ(sessions_->DropSession(&ctx, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
   }
-  {
-    grpc::ClientContext ctx;
-    v1::EvictSessionRequest req;
-    req.set_session_id(r_session);
-    v1::EvictSessionResponse resp;
-    EXPECT_TRUE(admin_->EvictSession(&ctx, req, &resp).ok());
-  }
+  grpc::ClientContext ctx;
+  v1::EvictSessionRequest req;
+  req.set_session_id(r_session);
+  v1::EvictSessionResponse resp;
+  EXPECT_TRUE(admin_->EvictSession(&ctx, req, &resp).ok());
 }
 
 }  // namespace
