@@ -37,7 +37,7 @@ std::string BaseConfig(const std::string& extra) {
       "  admin_uids: ", ::geteuid(),
       "\n"
       "}\n"
-      "sessions { reaper_interval_ms: 100 buffer_idle_ttl_ms: 1000 }\n"
+      "sessions { reaper_interval_ms: 100 buffer_idle_ttl_ms: 3000 }\n"
       "pool { capacity_bytes: 268435456 }\n"
       "worker_threads: 2\n",
       extra);

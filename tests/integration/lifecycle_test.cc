@@ -23,6 +23,10 @@ namespace {
 using ::testing::HasSubstr;
 
 // Polls `done` every 50 ms for up to `limit`; true once it held.
+// The lease of the probe's "hold" session (tenant_probe_main.cc): it renews
+// every 200 ms, so only a stall of over 2.8 s could lapse it.
+constexpr absl::Duration kProbeLease = absl::Seconds(3);
+
 bool Eventually(const std::function<bool()>& done, absl::Duration limit = absl::Seconds(20)) {
   const absl::Time deadline = absl::Now() + limit;
   while (absl::Now() < deadline) {
@@ -180,24 +184,28 @@ TEST(LifecycleTest, SessionsExpireAfterTheirTtlUnlessKeptAlive) {
   Client& c = **client;
   TestModel m = MakeModel(1, 2, 256, 1);
   SessionSpec spec = m.spec;
-  spec.ttl = absl::Seconds(1);
+  // The kept session is renewed every 200 ms, so only a stall of over
+  // kTtl - 200 ms (under ctest -j, on a loaded machine) could lapse it.
+  constexpr absl::Duration kTtl = absl::Seconds(4);
+  spec.ttl = kTtl;
   auto kept = c.CreateSession(spec);
   auto lapsed = c.CreateSession(spec);
   ASSERT_THAT(kept, IsOk());
   ASSERT_THAT(lapsed, IsOk());
   ASSERT_THAT(c.AppendKvInline(lapsed->id, m.kv.Chunk(0, 256), 256), IsOk());
   EXPECT_GT(kept->expires, kept->created);
-  // Keep one alive for well over its TTL while the other lapses.
-  const absl::Time until = absl::Now() + absl::Milliseconds(2500);
-  while (absl::Now() < until) {
+  // Keep one alive until the other has lapsed (and at least one TTL).
+  const absl::Time start = absl::Now();
+  bool lapsed_gone = false;
+  while (!lapsed_gone || absl::Now() < start + kTtl) {
     auto e = c.KeepAlive({kept->id});
     ASSERT_THAT(e, IsOk());
     ASSERT_EQ(e->size(), 1u);
+    lapsed_gone = c.GetSession(lapsed->id).status().code() == absl::StatusCode::kNotFound;
+    ASSERT_LT(absl::Now(), start + absl::Seconds(60)) << "the unrenewed session never expired";
     absl::SleepFor(absl::Milliseconds(200));
   }
   EXPECT_THAT(c.GetSession(kept->id), IsOk());
-  EXPECT_TRUE(Eventually(
-      [&] { return c.GetSession(lapsed->id).status().code() == absl::StatusCode::kNotFound; }));
   auto st = c.GetStats();
   ASSERT_THAT(st, IsOk());
   EXPECT_GE(st->expirations, 1u);
@@ -214,7 +222,7 @@ TEST(LifecycleTest, KilledClientsSessionAndBuffersAreReclaimedAfterTheLease) {
   ASSERT_THAT(client, IsOk());
   Client& admin = **client;
   // The probe (a separate client process; another uid when root) creates a
-  // session with a 1 s lease and a registered buffer, then keeps them alive.
+  // session with a kProbeLease lease and a registered buffer, then keeps them alive.
   const int uid = ::geteuid() == 0 ? static_cast<int>(kOtherUid) : -1;
   auto probe = ChildProcess::Start({ProbePath(), "hold", (*daemon)->socket_path()}, uid);
   ASSERT_THAT(probe, IsOk());
@@ -239,8 +247,8 @@ TEST(LifecycleTest, KilledClientsSessionAndBuffersAreReclaimedAfterTheLease) {
   ASSERT_THAT(busy, IsOk());
   EXPECT_EQ(busy->buffers, 1u);
   EXPECT_GT(busy->bytes_used, 0u);
-  // Still alive after a few lease periods while the client lives.
-  absl::SleepFor(absl::Milliseconds(1500));
+  // Still alive after more than a lease period while the client lives.
+  absl::SleepFor(kProbeLease + absl::Milliseconds(500));
   EXPECT_EQ(admin.ListSessions(true).value().size(), 1u);
 
   (*probe)->Kill(SIGKILL);

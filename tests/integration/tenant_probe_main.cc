@@ -140,7 +140,8 @@ int Main(int argc, char** argv) {
     Check("connect", client.status());
     return 1;
   }
-  if (mode == "hold") return CreateAndHold(**client, absl::Seconds(1));
+  // A 3 s lease renewed every 200 ms (lifecycle_test.cc kProbeLease).
+  if (mode == "hold") return CreateAndHold(**client, absl::Seconds(3));
   if (mode == "isolation" && argc == 6) return Isolation(**client, argv[3], argv[4], argv[5]);
   std::fprintf(stderr, "bad arguments\n");
   return 2;

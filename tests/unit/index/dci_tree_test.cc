@@ -22,7 +22,8 @@ std::unique_ptr<DciTree> MakeTree(int dim, int page_tokens) {
   return std::move(t).value();
 }
 
-// Structural invariants of the tree and its page table.
+// Structural invariants of the tree and its page table. Has ASSERTs: call
+// through ASSERT_NO_FATAL_FAILURE.
 void CheckInvariants(const DciTree& t) {
   const int64_t n = t.num_tokens();
   const int top = t.top_level();
@@ -100,7 +101,7 @@ TEST(DciTreeTest, BulkBuildInvariantsAndFullPages) {
   std::vector<Placement> pl;
   ASSERT_THAT(t->BulkBuild(keys.data(), n, &pl), IsOk());
   ASSERT_EQ(pl.size(), static_cast<size_t>(n));
-  CheckInvariants(*t);
+  ASSERT_NO_FATAL_FAILURE(CheckInvariants(*t));
   EXPECT_GE(t->top_level(), 3);
   EXPECT_GE(t->page_table().MeanFill(), 0.95);  // capacity-aware: balanced, full pages
   for (int64_t i = 0; i < n; ++i) {
@@ -125,7 +126,7 @@ TEST(DciTreeTest, IncrementalInsertInvariants) {
       EXPECT_EQ(t->page_table().positions(pl[i].page)[pl[i].slot], b + i);
     }
   }
-  CheckInvariants(*t);
+  ASSERT_NO_FATAL_FAILURE(CheckInvariants(*t));
   // The promotion rule gives the same level sizes as a bulk build.
   auto bulk = MakeTree(d, P);
   ASSERT_THAT(bulk->BulkBuild(keys.data(), n, &pl), IsOk());
@@ -140,9 +141,9 @@ TEST(DciTreeTest, InsertAfterBulkBuildAndSmallTrees) {
     auto t = MakeTree(d, P);
     std::vector<Placement> pl;
     ASSERT_THAT(t->BulkBuild(keys.data(), n0, &pl), IsOk());
-    CheckInvariants(*t);
+    ASSERT_NO_FATAL_FAILURE(CheckInvariants(*t));
     ASSERT_THAT(t->Insert(&keys[n0 * d], 1000, &pl), IsOk());
-    CheckInvariants(*t);
+    ASSERT_NO_FATAL_FAILURE(CheckInvariants(*t));
   }
 }
 
@@ -164,7 +165,7 @@ TEST(DciTreeTest, DecodeSlackTradesNodeTightnessForFullPages) {
     for (int64_t b = 8192; b < 12288; b += 64) {
       ASSERT_THAT((*t)->Insert(&keys[b * d], 64, &pl), IsOk());
     }
-    CheckInvariants(**t);
+    ASSERT_NO_FATAL_FAILURE(CheckInvariants(**t));
     fills.push_back(4096.0 / (((*t)->page_table().num_pages() - pages_before) * P));
   }
   // Slack 1: nearest node only, most decode keys open a page in a full node.

@@ -79,8 +79,8 @@ TEST(MdciSelectorTest, WideFieldOfViewMatchesExactMdci) {
   wide.spread_weight = 1.0f;
   Fixture m = Make(SelectorKind::kMdci, d, P, G, DType::kF32, wide);
   Fixture e = Make(SelectorKind::kExactMdci, d, P, G, DType::kF32, wide);
-  BuildAll(m, k, n);
-  BuildAll(e, k, n);
+  ASSERT_NO_FATAL_FAILURE(BuildAll(m, k, n));
+  ASSERT_NO_FATAL_FAILURE(BuildAll(e, k, n));
   double hit = 0, total = 0;
   for (int step = 0; step < 10; ++step) {
     auto q = AimedQueries(k, n, d, G, 1.5f, 100 + step);
@@ -110,8 +110,8 @@ TEST(MdciSelectorTest, MassWithinReachOfExactMdciAndExactMdciScoresEverything) {
   mp.field_of_view = 8;
   Fixture m = Make(SelectorKind::kMdci, d, P, G, DType::kF32, mp);
   Fixture e = Make(SelectorKind::kExactMdci, d, P, G);
-  BuildAll(m, k, n);
-  BuildAll(e, k, n);
+  ASSERT_NO_FATAL_FAILURE(BuildAll(m, k, n));
+  ASSERT_NO_FATAL_FAILURE(BuildAll(e, k, n));
   ASSERT_EQ(m.sel->num_pages(), e.sel->num_pages());
   double mass_m = 0, mass_e = 0;
   for (int step = 0; step < 8; ++step) {
@@ -136,7 +136,7 @@ TEST(MdciSelectorTest, SinkPagesAreAlwaysIncluded) {
   const int64_t n = 2048;
   auto k = ClusteredKeys(n, d, 20, 0.5f, 41);
   Fixture f = Make(SelectorKind::kMdci, d, P, G);
-  BuildAll(f, k, n);
+  ASSERT_NO_FATAL_FAILURE(BuildAll(f, k, n));
   auto q = AimedQueries(k, n, d, G, 1.0f, 5);
   SelectParams sp;
   sp.budget_tokens = 32;
@@ -155,8 +155,8 @@ TEST(MdciSelectorTest, InsertedTokensAreSelectable) {
   auto k = ClusteredKeys(n + 64, d, 30, 0.5f, 51);
   Fixture f = Make(SelectorKind::kMdci, d, P, G, DType::kF16);
   Fixture e = Make(SelectorKind::kExactMdci, d, P, G, DType::kF16);
-  BuildAll(f, k, n);
-  BuildAll(e, k, n);
+  ASSERT_NO_FATAL_FAILURE(BuildAll(f, k, n));
+  ASSERT_NO_FATAL_FAILURE(BuildAll(e, k, n));
   std::vector<Placement> pl;
   for (int chunk = 0; chunk < 4; ++chunk) {
     for (Fixture* x : {&f, &e}) {
@@ -198,7 +198,7 @@ TEST(MdciSelectorTest, RebuildKeepsLayoutAndResultsSane) {
   mp.norm_headroom = 1.0f;
   mp.rebuild_fraction = 0.01f;
   Fixture f = Make(SelectorKind::kMdci, d, P, G, DType::kF32, mp);
-  BuildAll(f, k, n);
+  ASSERT_NO_FATAL_FAILURE(BuildAll(f, k, n));
   auto* mdci = static_cast<MdciSelector*>(f.sel.get());
   EXPECT_FALSE(mdci->NeedsRebuild());
   // Decode keys far above the prefill norm bound.
@@ -249,7 +249,7 @@ TEST(MdciSelectorTest, ConcurrentSelectsGiveIdenticalResults) {
   const int64_t n = 8192;
   auto k = ClusteredKeys(n, d, 60, 0.5f, 71);
   Fixture f = Make(SelectorKind::kMdci, d, P, G, DType::kF16);
-  BuildAll(f, k, n);
+  ASSERT_NO_FATAL_FAILURE(BuildAll(f, k, n));
   std::vector<std::vector<float>> queries;
   std::vector<Selection> want(16);
   SelectParams sp;
@@ -284,8 +284,8 @@ TEST(MdciSelectorTest, DeterministicAcrossInstances) {
   auto k = ClusteredKeys(n, d, 25, 0.5f, 81);
   Fixture a = Make(SelectorKind::kMdci, d, P, G);
   Fixture b = Make(SelectorKind::kMdci, d, P, G);
-  BuildAll(a, k, n);
-  BuildAll(b, k, n);
+  ASSERT_NO_FATAL_FAILURE(BuildAll(a, k, n));
+  ASSERT_NO_FATAL_FAILURE(BuildAll(b, k, n));
   ASSERT_EQ(a.sel->num_pages(), b.sel->num_pages());
   for (uint32_t p = 0; p < a.sel->num_pages(); ++p) {
     ASSERT_EQ(a.sel->fill(p), b.sel->fill(p));
@@ -316,7 +316,7 @@ TEST(MdciSelectorTest, BadInputGetsStatusesAndChangesNothing) {
   bad[50 * d + 3] = NAN;
   EXPECT_THAT(f.sel->Build(bad.data(), 100, &pl), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_EQ(f.sel->num_tokens(), 0);
-  BuildAll(f, k, 100);
+  ASSERT_NO_FATAL_FAILURE(BuildAll(f, k, 100));
   EXPECT_THAT(f.sel->Build(k.data(), 100, &pl), StatusIs(absl::StatusCode::kFailedPrecondition));
   EXPECT_THAT(f.sel->Insert(bad.data(), 100, &pl), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_EQ(f.sel->num_tokens(), 100);

@@ -219,7 +219,7 @@ TEST_P(SelectorContractTest, SelectionRespectsBudgetAndAlwaysHasForcedPages) {
           p.want_positions = (step % 2) == 0;
           Selection out;
           ASSERT_THAT(h->sel->Select(data.query(step), kGroup, p, &out), IsOk());
-          ExpectWellFormed(*h->sel, p, out);
+          ASSERT_NO_FATAL_FAILURE(ExpectWellFormed(*h->sel, p, out));
         }
       }
     }
