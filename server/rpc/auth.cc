@@ -1,5 +1,7 @@
 #include "server/rpc/auth.h"
 
+#include <algorithm>
+
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -48,7 +50,8 @@ absl::StatusOr<int> ParseFdPeer(absl::string_view peer) {
   return fd;
 }
 
-absl::StatusOr<std::unique_ptr<Authenticator>> Authenticator::Create(const v1::AuthConfig& config) {
+absl::StatusOr<std::unique_ptr<Authenticator>> Authenticator::Create(const v1::AuthConfig& config,
+                                                                     uint32_t daemon_uid) {
   std::unique_ptr<Authenticator> a(new Authenticator());
   for (const auto& m : config.uid_tenants()) {
     if (!IsValidTenantName(m.tenant())) {
@@ -59,7 +62,15 @@ absl::StatusOr<std::unique_ptr<Authenticator>> Authenticator::Create(const v1::A
       return absl::InvalidArgumentError(absl::StrCat("auth: uid ", m.uid(), " mapped twice"));
     }
   }
+  if (config.no_unix_admins() && config.admin_uids_size() > 0) {
+    return absl::InvalidArgumentError(
+        "auth: admin_uids and no_unix_admins together; keep one of them");
+  }
   for (uint32_t uid : config.admin_uids()) a->admin_uids_.insert(uid);
+  if (config.admin_uids_size() == 0 && !config.no_unix_admins()) {
+    a->admin_uids_.insert(daemon_uid);  // a first run works with no config
+    a->admin_uids_.insert(0);
+  }
   a->refuse_unmapped_ = config.unmapped_uid() == v1::UNMAPPED_UID_POLICY_REFUSE;
   for (const auto& t : config.tokens()) {
     if (!IsValidTenantName(t.tenant())) {
@@ -72,6 +83,12 @@ absl::StatusOr<std::unique_ptr<Authenticator>> Authenticator::Create(const v1::A
     a->tokens_.push_back(TokenEntry{t.token(), t.tenant(), t.admin()});
   }
   return a;
+}
+
+std::vector<uint32_t> Authenticator::admin_uids() const {
+  std::vector<uint32_t> out(admin_uids_.begin(), admin_uids_.end());
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 absl::StatusOr<Caller> Authenticator::FromUid(uint32_t uid) const {

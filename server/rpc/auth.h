@@ -1,4 +1,4 @@
-// Who is calling: turns a connection into an icecache::Caller (DESIGN.md 3, 8).
+// Who is calling: turns a connection into an icecache::Caller (docs/architecture.md).
 //
 // Unix socket: the daemon accepts connections itself (UnixListener), reads
 // the peer's SO_PEERCRED, records it in a PeerTable under the connection's
@@ -9,7 +9,9 @@
 // last stream is gone), and the table entry is written before the fd is
 // handed to gRPC, so a lookup at the start of a call sees the right uid.
 // The uid maps to a tenant through AuthConfig.uid_tenants; unmapped uids
-// become tenant "uid-<n>" or are refused (AuthConfig.unmapped_uid).
+// become tenant "uid-<n>" or are refused (AuthConfig.unmapped_uid). The
+// admin role goes to AuthConfig.admin_uids, by default the daemon's own uid
+// and root.
 //
 // TCP (TLS): the call must carry "authorization: Bearer <token>"; the token
 // maps to a tenant (and optionally the admin role) through AuthConfig.tokens.
@@ -62,9 +64,16 @@ absl::StatusOr<int> ParseFdPeer(absl::string_view peer);
 
 class Authenticator {
  public:
-  // InvalidArgument for a bad tenant name or duplicate uid/token (ValidateConfig
-  // catches these first; checked again so the class stands alone).
-  static absl::StatusOr<std::unique_ptr<Authenticator>> Create(const v1::AuthConfig& config);
+  // `daemon_uid` is the uid the daemon runs as: with an empty
+  // config.admin_uids (and no_unix_admins false) it and root are the admins.
+  // InvalidArgument for a bad tenant name, duplicate uid/token, or
+  // admin_uids together with no_unix_admins (ValidateConfig catches these
+  // first; checked again so the class stands alone).
+  static absl::StatusOr<std::unique_ptr<Authenticator>> Create(const v1::AuthConfig& config,
+                                                               uint32_t daemon_uid);
+
+  // The uids with the admin role on the Unix socket, ascending.
+  std::vector<uint32_t> admin_uids() const;
 
   // Caller for a Unix-socket peer uid. PermissionDenied when the uid is
   // unmapped and the policy is REFUSE.

@@ -240,6 +240,10 @@ absl::Status ValidateConfig(const IcecachedConfig& c) {
     }
     if (!uids.insert(m.uid()).second) return Bad(f + ".uid", m.uid(), "uid listed twice");
   }
+  if (auth.no_unix_admins() && auth.admin_uids_size() > 0) {
+    return Bad("auth.no_unix_admins", "true",
+               "cannot be set together with auth.admin_uids; keep one of them");
+  }
   if (!v1::UnmappedUidPolicy_IsValid(auth.unmapped_uid())) {
     return Bad("auth.unmapped_uid", auth.unmapped_uid(), "unknown policy");
   }

@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "common/status_macros.h"
 #include "server/rpc/convert.h"
@@ -84,7 +85,7 @@ absl::Status Daemon::Init() {
   mgr_opts.stop_pending = ShutdownSignalPending;
   ASSIGN_OR_RETURN(manager_, SessionManager::Create(mgr_opts));
 
-  ASSIGN_OR_RETURN(auth_, Authenticator::Create(c.auth()));
+  ASSIGN_OR_RETURN(auth_, Authenticator::Create(c.auth(), ::geteuid()));
   internal_admin_.tenant = "icecached";
   internal_admin_.uid = ::getuid();
   internal_admin_.admin = true;
@@ -193,6 +194,16 @@ absl::Status Daemon::Init() {
        {"tcp", c.listen().tcp_address().empty() ? "off" : c.listen().tcp_address()},
        {"tcp_port", tcp_port_},
        {"cuda", cuda_->available() ? "yes" : "no"}});
+  // Who can use the admin verbs, so an operator can tell at a glance.
+  Log(LogLevel::kInfo, "admins",
+      {{"uids", auth_->admin_uids().empty() ? std::string("none")
+                                            : absl::StrJoin(auth_->admin_uids(), ",")},
+       {"source", c.auth().admin_uids_size() > 0 ? "auth.admin_uids"
+                  : c.auth().no_unix_admins()    ? "auth.no_unix_admins"
+                                                 : "default (daemon uid and root)"},
+       {"admin_tokens",
+        static_cast<int64_t>(std::count_if(c.auth().tokens().begin(), c.auth().tokens().end(),
+                                           [](const v1::TokenTenant& t) { return t.admin(); }))}});
   return absl::OkStatus();
 }
 

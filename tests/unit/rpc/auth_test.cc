@@ -11,6 +11,8 @@ using ::icecache::testing::IsOk;
 using ::icecache::testing::StatusIs;
 using ::testing::HasSubstr;
 
+constexpr uint32_t kDaemonUid = 4242;
+
 v1::AuthConfig TestConfig() {
   v1::AuthConfig c;
   auto* m = c.add_uid_tenants();
@@ -29,7 +31,7 @@ v1::AuthConfig TestConfig() {
 }
 
 TEST(AuthTest, MappedUidGetsItsTenantAndRole) {
-  auto a = Authenticator::Create(TestConfig());
+  auto a = Authenticator::Create(TestConfig(), kDaemonUid);
   ASSERT_THAT(a, IsOk());
   auto c = (*a)->FromUid(1001);
   ASSERT_THAT(c, IsOk());
@@ -39,7 +41,7 @@ TEST(AuthTest, MappedUidGetsItsTenantAndRole) {
 }
 
 TEST(AuthTest, UnmappedUidBecomesUidTenantOrIsRefused) {
-  auto a = Authenticator::Create(TestConfig());
+  auto a = Authenticator::Create(TestConfig(), kDaemonUid);
   ASSERT_THAT(a, IsOk());
   auto c = (*a)->FromUid(2002);
   ASSERT_THAT(c, IsOk());
@@ -48,7 +50,7 @@ TEST(AuthTest, UnmappedUidBecomesUidTenantOrIsRefused) {
 
   v1::AuthConfig refuse = TestConfig();
   refuse.set_unmapped_uid(v1::UNMAPPED_UID_POLICY_REFUSE);
-  auto r = Authenticator::Create(refuse);
+  auto r = Authenticator::Create(refuse, kDaemonUid);
   ASSERT_THAT(r, IsOk());
   EXPECT_THAT((*r)->FromUid(2002),
               StatusIs(absl::StatusCode::kPermissionDenied, HasSubstr("uid 2002")));
@@ -56,7 +58,7 @@ TEST(AuthTest, UnmappedUidBecomesUidTenantOrIsRefused) {
 }
 
 TEST(AuthTest, BearerTokens) {
-  auto a = Authenticator::Create(TestConfig());
+  auto a = Authenticator::Create(TestConfig(), kDaemonUid);
   ASSERT_THAT(a, IsOk());
   auto c = (*a)->FromAuthorization("Bearer tok-remote-a-0123456789");
   ASSERT_THAT(c, IsOk());
@@ -77,7 +79,7 @@ TEST(AuthTest, BearerTokens) {
 }
 
 TEST(AuthTest, ResolveUsesPeerTableForFdPeersAndTokensOtherwise) {
-  auto a = Authenticator::Create(TestConfig());
+  auto a = Authenticator::Create(TestConfig(), kDaemonUid);
   ASSERT_THAT(a, IsOk());
   PeerTable peers;
   peers.Set(17, PeerCred{123, 1001, 1001});
@@ -114,13 +116,49 @@ TEST(AuthTest, CreateRejectsBadConfig) {
   auto* m = dup.add_uid_tenants();
   m->set_uid(1001);
   m->set_tenant("other");
-  EXPECT_THAT(Authenticator::Create(dup),
+  EXPECT_THAT(Authenticator::Create(dup, kDaemonUid),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("1001")));
   v1::AuthConfig bad_tenant;
   auto* t = bad_tenant.add_tokens();
   t->set_token("0123456789abcdef");
   t->set_tenant("no spaces allowed");
-  EXPECT_THAT(Authenticator::Create(bad_tenant), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(Authenticator::Create(bad_tenant, kDaemonUid),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST(AuthTest, WithNoAdminUidsTheDaemonsOwnUidAndRootAreAdmins) {
+  auto a = Authenticator::Create(v1::AuthConfig(), kDaemonUid);
+  ASSERT_THAT(a, IsOk());
+  EXPECT_EQ((*a)->admin_uids(), (std::vector<uint32_t>{0, kDaemonUid}));
+  EXPECT_TRUE((*a)->FromUid(kDaemonUid)->admin);
+  EXPECT_TRUE((*a)->FromUid(0)->admin);
+  EXPECT_FALSE((*a)->FromUid(1001)->admin);
+}
+
+TEST(AuthTest, AdminUidsNarrowTheDefault) {
+  v1::AuthConfig c;
+  c.add_admin_uids(1001);
+  auto a = Authenticator::Create(c, kDaemonUid);
+  ASSERT_THAT(a, IsOk());
+  EXPECT_EQ((*a)->admin_uids(), (std::vector<uint32_t>{1001}));
+  EXPECT_FALSE((*a)->FromUid(kDaemonUid)->admin);
+  EXPECT_FALSE((*a)->FromUid(0)->admin);
+  EXPECT_TRUE((*a)->FromUid(1001)->admin);
+}
+
+TEST(AuthTest, NoUnixAdminsLeavesOnlyAdminTokens) {
+  v1::AuthConfig c = TestConfig();
+  c.clear_admin_uids();
+  c.set_no_unix_admins(true);
+  auto a = Authenticator::Create(c, kDaemonUid);
+  ASSERT_THAT(a, IsOk());
+  EXPECT_TRUE((*a)->admin_uids().empty());
+  EXPECT_FALSE((*a)->FromUid(0)->admin);
+  EXPECT_FALSE((*a)->FromUid(kDaemonUid)->admin);
+  EXPECT_TRUE((*a)->FromAuthorization("Bearer tok-admin-0123456789ab")->admin);
+  c.add_admin_uids(7);
+  EXPECT_THAT(Authenticator::Create(c, kDaemonUid),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("no_unix_admins")));
 }
 
 }  // namespace

@@ -54,7 +54,8 @@ class DaemonTest : public ::testing::Test {
     c.mutable_pool()->set_capacity_bytes(64 << 20);
     c.mutable_metrics()->set_port(0);
     c.set_worker_threads(1);
-    if (admin) c.mutable_auth()->add_admin_uids(getuid());
+    // Not admin: narrow the default admins (our own uid, root) to another uid.
+    c.mutable_auth()->add_admin_uids(admin ? getuid() : getuid() + 1);
     ApplyDefaults(&c);
     ASSERT_THAT(ValidateConfig(c), IsOk());
     DaemonOptions options;
@@ -557,6 +558,27 @@ TEST_F(DaemonTest, AdminGetStatsSetQuotaAndPin) {
     ASSERT_TRUE(admin_->PinSession(&ctx, req, &resp).ok());
     EXPECT_TRUE(resp.session().pinned());
   }
+}
+
+// A first run with no auth config: the daemon's own uid (this process) has
+// the admin role, so `icecachectl stats` works out of the box.
+TEST_F(DaemonTest, WithNoAuthConfigTheDaemonsOwnUidIsAdmin) {
+  const std::string socket = socket_;
+  IcecachedConfig c;
+  c.mutable_listen()->set_unix_socket(socket);
+  c.mutable_pool()->set_capacity_bytes(64 << 20);
+  c.mutable_metrics()->set_port(0);
+  ApplyDefaults(&c);
+  ASSERT_THAT(ValidateConfig(c), IsOk());
+  auto d = Daemon::Create(c);
+  ASSERT_THAT(d, IsOk());
+  daemon_ = *std::move(d);
+  auto admin = v1::AdminService::NewStub(
+      grpc::CreateChannel("unix:" + socket, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  v1::GetStatsResponse resp;
+  const grpc::Status st = admin->GetStats(&ctx, v1::GetStatsRequest(), &resp);
+  EXPECT_TRUE(st.ok()) << st.error_message();
 }
 
 TEST_F(DaemonTest, GetConfigRedactsTokens) {

@@ -189,7 +189,7 @@ TEST(UnixListenerTest, GrpcCallSeesTheConnectionsUidThroughFdPeer) {
   m->set_uid(getuid());
   m->set_tenant("me");
   auth_config.add_admin_uids(getuid());
-  auto auth = Authenticator::Create(auth_config);
+  auto auth = Authenticator::Create(auth_config, getuid());
   ASSERT_THAT(auth, IsOk());
   PeerTable peers;
   WhoAmI service(auth->get(), &peers);
