@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
 # IceCache developer entry point.
-#   deploy/dev.sh demo   install what is missing, build, run the demo
-#   deploy/dev.sh test   install what is missing, build, run the whole test suite (ctest)
-#   deploy/dev.sh build  install what is missing and build only
-# Environment: BUILD_DIR (default build), BUILD_TYPE (default Release), JOBS.
+#   deploy/dev.sh demo      install what is missing, build, run the demo
+#   deploy/dev.sh test      install what is missing, build, check formatting, run the whole
+#                           test suite (ctest); the developer's default, a few minutes
+#   deploy/dev.sh build     install what is missing and build only
+#   deploy/dev.sh format    fail on any clang-format-14 difference (fix: clang-format-14 -i FILE)
+#   deploy/dev.sh sanitize asan|tsan
+#                           clang-14 build with -Wthread-safety -Werror=thread-safety and
+#                           ASan+UBSan (build-asan) or TSan (build-tsan); runs the unit and
+#                           integration tests there
+#   deploy/dev.sh fuzz      builds the libFuzzer targets (in build-asan) and runs each for
+#                           FUZZ_SECONDS (default 20) over its seed corpus in tests/fuzz/corpus
+#   deploy/dev.sh ci        what CI runs (.ci/run): test, sanitize asan, fuzz, sanitize tsan
+# Environment: BUILD_DIR (default build), BUILD_TYPE (default Release), JOBS, FUZZ_SECONDS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -16,7 +25,10 @@ PACKAGES=(build-essential cmake ninja-build pkg-config git
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libfaiss-dev libhnswlib-dev libcpp-httplib-dev libssl-dev
   libcli11-dev nlohmann-json3-dev  # every command line (CLI11), all JSON (nlohmann)
-  openssl)  # openssl: the TLS tests make their own throwaway certificates
+  openssl  # the TLS tests make their own throwaway certificates
+  clang-14 clang-format-14 libclang-rt-14-dev  # format check, lock annotations, sanitizers, fuzzing
+  # one line per addition, above this one, so merges stay clean
+)
 
 install_deps() {
   local missing=()
@@ -39,13 +51,74 @@ build() {
   cmake --build "$BUILD_DIR" -j "$JOBS"
 }
 
+check_format() {
+  echo "==> clang-format-14: every tracked .cc/.h must be formatted"
+  if ! git -C "$ROOT" ls-files -z '*.cc' '*.h' | (cd "$ROOT" && xargs -0 clang-format-14 --dry-run --Werror); then
+    echo "formatting differs (above); fix with: clang-format-14 -i FILE" >&2
+    return 1
+  fi
+}
+
+run_tests() {
+  echo "==> running the test suite"
+  (cd "$BUILD_DIR" && ctest --output-on-failure -j "$JOBS" --timeout 900)
+}
+
+# A clang-14 tree for one sanitizer set; every file is also checked with
+# -Wthread-safety -Werror=thread-safety (the lock annotations). $1: asan|tsan.
+sanitize() {
+  local kind=$1 san extra=()
+  case "$kind" in
+    asan) san="address,undefined"; extra=(-DICECACHE_BUILD_FUZZ=ON) ;;
+    tsan) san="thread" ;;
+    *) echo "usage: deploy/dev.sh sanitize asan|tsan" >&2; exit 2 ;;
+  esac
+  local dir="$ROOT/build-$kind"
+  echo "==> configuring clang-14 $kind ($san) in $dir"
+  CC=clang-14 CXX=clang++-14 cmake -S "$ROOT" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Sanitize \
+    -DCMAKE_CXX_FLAGS_SANITIZE="-O1 -g1" -DCMAKE_C_FLAGS_SANITIZE="-O1 -g1" \
+    -DICECACHE_BUILD_TESTS=ON -DICECACHE_BUILD_BENCH=OFF -DICECACHE_THREAD_SAFETY=ON \
+    -DICECACHE_SANITIZE="$san" "${extra[@]}" ${CMAKE_ARGS:-}
+  cmake --build "$dir" -j "$JOBS"
+  echo "==> unit and integration tests under $san"
+  (cd "$dir" && \
+    ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$ROOT/deploy/tsan.supp" \
+    ctest --output-on-failure -j "$JOBS" --timeout 900 -L 'unit|integration')
+}
+
+fuzz() {
+  local dir="$ROOT/build-asan"
+  if [ ! -d "$dir/tests/fuzz" ]; then sanitize asan; fi
+  cmake --build "$dir" -j "$JOBS" --target icecache_fuzzers
+  local seconds=${FUZZ_SECONDS:-20}
+  for bin in "$dir"/tests/fuzz/fuzz_*; do
+    [ -x "$bin" ] || continue
+    local name; name=$(basename "$bin")
+    local corpus="$ROOT/tests/fuzz/corpus/${name#fuzz_}"
+    local work; work=$(mktemp -d)
+    echo "==> $name for ${seconds}s (seeds: $corpus)"
+    # New inputs go to a scratch dir; a crash leaves crash-* there and fails the run.
+    (cd "$work" && ASAN_OPTIONS=detect_leaks=1 "$bin" -max_total_time="$seconds" \
+      -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 "$work" "$corpus" 2>&1 | tail -n 12)
+    rm -rf "$work"
+  done
+}
+
 cmd=${1:-}
 case "$cmd" in
   build) install_deps; build ;;
+  format) check_format ;;
   test)
-    install_deps; build
-    echo "==> running the test suite"
-    cd "$BUILD_DIR" && ctest --output-on-failure -j "$JOBS" --timeout 900
+    install_deps; build; check_format; run_tests
+    ;;
+  sanitize) install_deps; sanitize "${2:-}" ;;
+  fuzz) install_deps; fuzz ;;
+  ci)
+    install_deps; build; check_format; run_tests
+    sanitize asan
+    fuzz
+    sanitize tsan
     ;;
   demo)
     install_deps; build
@@ -60,7 +133,7 @@ case "$cmd" in
       --heads 4 --steps 16 --selectors mdci,exact,exact-mdci,exact-token,quest,streaming
     ;;
   *)
-    echo "usage: deploy/dev.sh demo|test|build" >&2
+    echo "usage: deploy/dev.sh demo|test|build|format|sanitize asan|tsan|fuzz|ci" >&2
     exit 2
     ;;
 esac
