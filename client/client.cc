@@ -18,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "client/client_internal.h"
+#include "common/socket_path.h"
 #include "common/status_macros.h"
 
 namespace icecache {
@@ -28,29 +29,12 @@ std::string Env(const char* name) {
   return v == nullptr ? std::string() : std::string(v);
 }
 
-bool Exists(const std::string& path) {
-  struct stat st;
-  return ::stat(path.c_str(), &st) == 0;
-}
-
 absl::StatusOr<std::string> ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat("cannot read '", path, "'"));
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();
-}
-
-// The daemon's default socket search order (config.proto ListenConfig).
-std::string DefaultSocketPath() {
-  std::vector<std::string> candidates = {"/run/icecache/icecached.sock"};
-  const std::string xdg = Env("XDG_RUNTIME_DIR");
-  if (!xdg.empty()) candidates.push_back(xdg + "/icecached.sock");
-  candidates.push_back(absl::StrCat("/tmp/icecached-", ::getuid(), ".sock"));
-  for (const auto& c : candidates) {
-    if (Exists(c)) return c;
-  }
-  return candidates.front();
 }
 
 absl::Time FromUnixMs(int64_t ms) {
@@ -275,7 +259,7 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const ClientOptions& opti
   } else {
     std::string path = options.socket_path;
     if (path.empty()) path = Env("ICECACHE_SOCKET");
-    if (path.empty()) path = DefaultSocketPath();
+    if (path.empty()) path = ClientDefaultSocketPath();  // common/socket_path.h
     if (HasPrefix(path, "unix:")) path = path.substr(5);
     if (path.empty() || path[0] != '/') {
       return absl::InvalidArgumentError(absl::StrCat(

@@ -8,7 +8,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "server/pool/tenant.h"
+#include "common/caller.h"
 
 namespace icecache {
 

@@ -36,8 +36,8 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "common/caller.h"
 #include "icecache/v1/config.pb.h"
-#include "server/pool/tenant.h"
 
 namespace icecache::rpc {
 

@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "common/socket_path.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
 #include "server/rpc/log.h"
@@ -43,13 +44,7 @@ absl::Status Bad(absl::string_view field, const T& value, absl::string_view why)
 
 std::string Quote(absl::string_view s) { return absl::StrCat("\"", s, "\""); }
 
-bool WritableDir(const std::string& dir) {
-  struct stat st;
-  if (dir.empty() || ::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) return false;
-  return ::access(dir.c_str(), W_OK | X_OK) == 0;
-}
-
-constexpr size_t kMaxUnixPath = 107;  // sizeof(sockaddr_un::sun_path) - 1
+constexpr size_t kMaxUnixPath = kMaxUnixSocketPath;
 constexpr uint64_t kMiB = uint64_t{1} << 20;
 constexpr uint64_t kMaxCapacity = uint64_t{1} << 40;
 constexpr uint32_t kMaxSelectTokens = 1u << 20;
@@ -152,19 +147,9 @@ absl::Status ApplyOverrides(const ConfigOverrides& o, IcecachedConfig* c) {
   return absl::OkStatus();
 }
 
-std::string DefaultSocketPath() {
-  if (WritableDir("/run/icecache")) return "/run/icecache/icecached.sock";
-  const char* xdg = std::getenv("XDG_RUNTIME_DIR");
-  if (xdg != nullptr && xdg[0] == '/' && WritableDir(xdg)) {
-    std::string p = absl::StrCat(xdg, "/icecached.sock");
-    if (p.size() <= kMaxUnixPath) return p;
-  }
-  return absl::StrCat("/tmp/icecached-", ::getuid(), ".sock");
-}
-
 void ApplyDefaults(IcecachedConfig* c) {
   auto* listen = c->mutable_listen();
-  if (listen->unix_socket().empty()) listen->set_unix_socket(DefaultSocketPath());
+  if (listen->unix_socket().empty()) listen->set_unix_socket(DaemonDefaultSocketPath());
   if (listen->unix_socket_mode() == 0) listen->set_unix_socket_mode(kDefaultSocketMode);
   auto* auth = c->mutable_auth();
   if (auth->unmapped_uid() == v1::UNMAPPED_UID_POLICY_UNSPECIFIED) {

@@ -66,13 +66,8 @@ struct ConfigOverrides {
 // InvalidArgument for an unknown log level (message names --log_level).
 absl::Status ApplyOverrides(const ConfigOverrides& overrides, IcecachedConfig* config);
 
-// The socket path used when none is configured: /run/icecache/icecached.sock
-// if /run/icecache is a writable directory, else $XDG_RUNTIME_DIR/
-// icecached.sock if that is set and writable, else /tmp/icecached-<uid>.sock.
-std::string DefaultSocketPath();
-
 // Replaces every zero/unset field that has a default with the default
-// (including the socket path, resolved with DefaultSocketPath()).
+// (including the socket path: DaemonDefaultSocketPath(), common/socket_path.h).
 void ApplyDefaults(IcecachedConfig* config);
 
 // Checks every field of a defaulted config. InvalidArgument whose message

@@ -27,12 +27,12 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "common/caller.h"
 #include "icecache/v1/admin.grpc.pb.h"
 #include "icecache/v1/buffer.grpc.pb.h"
 #include "icecache/v1/config.pb.h"
 #include "icecache/v1/kv.grpc.pb.h"
 #include "icecache/v1/session.grpc.pb.h"
-#include "server/pool/tenant.h"
 #include "server/rpc/auth.h"
 #include "server/rpc/convert.h"
 #include "server/rpc/metrics.h"

@@ -36,8 +36,8 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/caller.h"
 #include "common/shm_file.h"
-#include "server/pool/tenant.h"
 #include "server/transfer/cuda_runtime.h"
 
 namespace icecache {

@@ -5,8 +5,8 @@
 #include <thread>
 #include <vector>
 
+#include "common/caller.h"
 #include "gtest/gtest.h"
-#include "server/pool/tenant.h"
 #include "tests/support/status_matchers.h"
 
 namespace icecache {

@@ -7,6 +7,7 @@
 #include <functional>
 #include <string>
 
+#include "common/socket_path.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/support/status_matchers.h"
@@ -274,9 +275,9 @@ TEST(ConfigTest, DefaultSocketPathFallsBackToXdgRuntimeDir) {
   const char* old = getenv("XDG_RUNTIME_DIR");
   const std::string saved = old ? old : "";
   setenv("XDG_RUNTIME_DIR", dir, 1);
-  EXPECT_EQ(DefaultSocketPath(), std::string(dir) + "/icecached.sock");
+  EXPECT_EQ(DaemonDefaultSocketPath(), std::string(dir) + "/icecached.sock");
   setenv("XDG_RUNTIME_DIR", "/nonexistent-dir", 1);
-  EXPECT_EQ(DefaultSocketPath(), "/tmp/icecached-" + std::to_string(getuid()) + ".sock");
+  EXPECT_EQ(DaemonDefaultSocketPath(), "/tmp/icecached-" + std::to_string(getuid()) + ".sock");
   if (old)
     setenv("XDG_RUNTIME_DIR", saved.c_str(), 1);
   else

@@ -1,8 +1,10 @@
-// Who is asking: the identity every core call takes (DESIGN.md 3, 8).
+// Who is asking: the identity every core call takes (docs/architecture.md).
 // The rpc layer derives it from SO_PEERCRED (uid -> tenant through config) or
-// a bearer token, and the core trusts it. A Caller is a plain value type.
-#ifndef ICECACHE_SERVER_POOL_TENANT_H_
-#define ICECACHE_SERVER_POOL_TENANT_H_
+// a bearer token, and the core trusts it. A Caller is a plain value type; it
+// lives in common/ so every layer (pool, transfer, session, rpc) sees it
+// without depending on another.
+#ifndef ICECACHE_COMMON_CALLER_H_
+#define ICECACHE_COMMON_CALLER_H_
 
 #include <cstdint>
 #include <string>
@@ -28,4 +30,4 @@ absl::Status ValidateTenantName(std::string_view tenant);
 
 }  // namespace icecache
 
-#endif  // ICECACHE_SERVER_POOL_TENANT_H_
+#endif  // ICECACHE_COMMON_CALLER_H_

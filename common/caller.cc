@@ -1,4 +1,4 @@
-#include "server/pool/tenant.h"
+#include "common/caller.h"
 
 #include "absl/strings/str_cat.h"
 
