@@ -18,6 +18,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "client/client_internal.h"
+#include "common/file_util.h"
+#include "common/random_id.h"
 #include "common/socket_path.h"
 #include "common/status_macros.h"
 
@@ -27,14 +29,6 @@ namespace {
 std::string Env(const char* name) {
   const char* v = std::getenv(name);
   return v == nullptr ? std::string() : std::string(v);
-}
-
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read '", path, "'"));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
 }
 
 absl::Time FromUnixMs(int64_t ms) {
@@ -253,7 +247,7 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const ClientOptions& opti
     impl->token = options.token.empty() ? Env("ICECACHE_TOKEN") : options.token;
     grpc::SslCredentialsOptions ssl;
     if (!options.ca_file.empty()) {
-      ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadFile(options.ca_file));
+      ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadFileToString(options.ca_file));
     }
     creds = grpc::SslCredentials(ssl);
   } else {
@@ -374,9 +368,8 @@ absl::Status Client::UnregisterBuffer(std::string_view buffer_id) {
 
 absl::StatusOr<ShmBuffer> Client::CreateShmBuffer(size_t size) {
   if (size == 0) return absl::InvalidArgumentError("shm buffer size must be > 0");
-  std::random_device rd;
   ShmBuffer buf;
-  buf.path_ = absl::StrFormat("/dev/shm/icecache-%d-%08x%08x", ::getpid(), rd(), rd());
+  buf.path_ = absl::StrFormat("/dev/shm/icecache-%d-%s", ::getpid(), RandomHexId());
   buf.fd_ = ::open(buf.path_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (buf.fd_ < 0) {
     const int e = errno;

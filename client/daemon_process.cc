@@ -20,16 +20,10 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
+#include "common/file_util.h"
 
 namespace icecache {
 namespace {
-
-std::string ReadFileOrEmpty(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 std::string Tail(const std::string& s, size_t n) {
   return s.size() <= n ? s : s.substr(s.size() - n);
@@ -152,7 +146,7 @@ DaemonProcess::~DaemonProcess() {
   }
 }
 
-std::string DaemonProcess::Stderr() const { return ReadFileOrEmpty(stderr_path_); }
+std::string DaemonProcess::Stderr() const { return ReadFileToString(stderr_path_).value_or(""); }
 
 absl::Status DaemonProcess::Signal(int signal) {
   if (!running()) return absl::FailedPreconditionError("icecached has already exited");

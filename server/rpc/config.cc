@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "common/file_util.h"
 #include "common/socket_path.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
@@ -98,17 +99,15 @@ absl::StatusOr<IcecachedConfig> ParseConfigText(absl::string_view text) {
 }
 
 absl::StatusOr<IcecachedConfig> LoadConfigFile(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) {
-    const int err = errno;
-    const std::string msg = absl::StrCat("config file ", path, ": ", std::strerror(err));
-    if (err == ENOENT) return absl::NotFoundError(msg);
-    if (err == EACCES) return absl::PermissionDeniedError(msg);
+  absl::StatusOr<std::string> text = ReadFileToString(path);
+  if (!text.ok()) {
+    const std::string msg = absl::StrCat("config file ", text.status().message());
+    const absl::StatusCode code = text.status().code();
+    if (code == absl::StatusCode::kNotFound) return absl::NotFoundError(msg);
+    if (code == absl::StatusCode::kPermissionDenied) return absl::PermissionDeniedError(msg);
     return absl::InvalidArgumentError(msg);
   }
-  std::stringstream ss;
-  ss << in.rdbuf();
-  absl::StatusOr<IcecachedConfig> config = ParseConfigText(ss.str());
+  absl::StatusOr<IcecachedConfig> config = ParseConfigText(*text);
   if (!config.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": ", config.status().message()));
   }

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "common/file_util.h"
 #include "common/status_macros.h"
 #include "server/rpc/convert.h"
 #include "server/rpc/log.h"
@@ -22,12 +23,13 @@
 namespace icecache::rpc {
 namespace {
 
-absl::StatusOr<std::string> ReadFile(const std::string& path, absl::string_view field) {
-  std::ifstream in(path);
-  if (!in) return absl::InvalidArgumentError(absl::StrCat(field, " ", path, ": cannot read"));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+// A file the config names: InvalidArgument naming the config field.
+absl::StatusOr<std::string> ReadConfiguredFile(const std::string& path, absl::string_view field) {
+  absl::StatusOr<std::string> text = ReadFileToString(path);
+  if (!text.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " ", text.status().message()));
+  }
+  return text;
 }
 
 // A SIGTERM/SIGINT sent to the process but not yet taken by icecached's
@@ -125,8 +127,9 @@ absl::Status Daemon::Init() {
   int tcp_port = 0;
   if (!c.listen().tcp_address().empty()) {
     ASSIGN_OR_RETURN(std::string cert,
-                     ReadFile(c.listen().tls_cert_file(), "listen.tls_cert_file"));
-    ASSIGN_OR_RETURN(std::string key, ReadFile(c.listen().tls_key_file(), "listen.tls_key_file"));
+                     ReadConfiguredFile(c.listen().tls_cert_file(), "listen.tls_cert_file"));
+    ASSIGN_OR_RETURN(std::string key,
+                     ReadConfiguredFile(c.listen().tls_key_file(), "listen.tls_key_file"));
     grpc::SslServerCredentialsOptions ssl;
     ssl.pem_key_cert_pairs.push_back({key, cert});
     builder.AddListeningPort(c.listen().tcp_address(), grpc::SslServerCredentials(ssl), &tcp_port);

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/random_id.h"
 #include "common/status_macros.h"
 #include "server/session/session.h"
 #include "server/session/session_append.h"
@@ -17,20 +18,6 @@ namespace icecache {
 // ------------------------------------------------------------------ helpers
 
 namespace {
-
-std::string RandomHex128() {
-  static std::mutex mu;
-  static std::mt19937_64 rng{std::random_device{}()};
-  std::lock_guard<std::mutex> l(mu);
-  return absl::StrFormat("%016x%016x", rng(), rng());
-}
-
-uint64_t RandomEpoch() {
-  std::random_device rd;
-  uint64_t e = 0;
-  while (e == 0) e = (static_cast<uint64_t>(rd()) << 32) ^ rd();
-  return e;
-}
 
 absl::Status SessionNotFound(std::string_view id) {
   return absl::NotFoundError(absl::StrCat("session ", std::string(id), " not found"));
@@ -119,7 +106,7 @@ absl::StatusOr<std::unique_ptr<SessionManager>> SessionManager::Create(
 SessionManager::SessionManager(const SessionManagerOptions& options)
     : options_(options),
       clock_(options.clock != nullptr ? options.clock : Clock::Real()),
-      epoch_(RandomEpoch()),
+      epoch_(RandomNonZero64()),
       counters_(std::make_unique<Counters>()) {}
 
 SessionManager::~SessionManager() {
@@ -241,8 +228,7 @@ absl::StatusOr<SessionInfo> SessionManager::CreateSession(const Caller& caller,
   const absl::Time now = clock_->Now();
   // Built before taking mu_: the constructor takes the session's own locks,
   // which must never nest inside mu_ (appends take mu_ inside them).
-  auto s =
-      std::make_shared<Session>(RandomHex128(), caller.tenant, epoch_, config, size_class, now);
+  auto s = std::make_shared<Session>(RandomHexId(), caller.tenant, epoch_, config, size_class, now);
   // Probed before mu_: the probe is the owner's code.
   const bool stopping = options_.stop_pending && options_.stop_pending();
   absl::MutexLock l(&mu_);

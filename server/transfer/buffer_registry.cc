@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/random_id.h"
 
 namespace icecache {
 
@@ -112,13 +113,6 @@ absl::Status BufferLease::Read(uint64_t offset, uint64_t length, void* dst) {
 
 namespace {
 
-std::string RandomId() {
-  static absl::Mutex mu(absl::kConstInit);
-  static std::mt19937_64 rng ABSL_GUARDED_BY(mu){std::random_device{}()};
-  absl::MutexLock l(&mu);
-  return absl::StrFormat("%016x%016x", rng(), rng());
-}
-
 BufferInfo InfoOf(const BufferLease::Entry& e, absl::Time last_use);
 
 }  // namespace
@@ -151,7 +145,7 @@ absl::StatusOr<BufferInfo> BufferRegistry::Insert(const Caller& caller,
                      " buffers (max_buffers_per_tenant); unregister some first"));
   }
   do {
-    e->id = RandomId();
+    e->id = RandomHexId();
   } while (buffers_.count(e->id) != 0);
   e->tenant = caller.tenant;
   e->created = now;

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "common/file_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/support/status_matchers.h"
@@ -31,12 +32,7 @@ class NpyTest : public ::testing::Test {
   void TearDown() override { std::system(("rm -rf '" + dir_ + "'").c_str()); }
 
   std::string Path(const std::string& name) const { return dir_ + "/" + name; }
-  std::string Slurp(const std::string& path) const {
-    std::ifstream in(path, std::ios::binary);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-  }
+  std::string Slurp(const std::string& path) const { return ReadFileToString(path).value_or(""); }
   std::string Put(const std::string& name, const std::string& bytes) const {
     const std::string p = Path(name);
     // Unlink first: truncating an existing file makes ext4 flush it to disk

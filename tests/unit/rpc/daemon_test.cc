@@ -6,6 +6,7 @@
 
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
+#include <httplib.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -20,6 +21,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
+#include "common/file_util.h"
 #include "common/shm_file.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -631,32 +633,26 @@ TEST_F(DaemonTest, ShutdownRemovesTheSocketFile) {
   EXPECT_NE(access(socket_.c_str(), F_OK), 0) << "socket file removed at shutdown";
 }
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+std::string ReadAll(const std::string& path) { return ReadFileToString(path).value_or(""); }
 
-// Minimal HTTP/1.0 GET against the loopback metrics endpoint.
-std::string HttpGet(int port, const std::string& path) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(port);
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    close(fd);
-    return "connect failed";
+// A GET against the loopback metrics endpoint; status -1 when the request
+// failed (no connection, no reply).
+struct HttpReply {
+  int status = -1;
+  std::string content_type;
+  std::string body;
+};
+HttpReply HttpGet(int port, const std::string& path) {
+  httplib::Client http("127.0.0.1", port);
+  http.set_connection_timeout(5);
+  http.set_read_timeout(10);
+  HttpReply reply;
+  if (auto res = http.Get(path.c_str())) {
+    reply.status = res->status;
+    reply.content_type = res->get_header_value("Content-Type");
+    reply.body = res->body;
   }
-  const std::string req = "GET " + path + " HTTP/1.0\r\nHost: localhost\r\n\r\n";
-  if (write(fd, req.data(), req.size()) != static_cast<ssize_t>(req.size())) return "write failed";
-  std::string out;
-  char buf[4096];
-  ssize_t n;
-  while ((n = read(fd, buf, sizeof(buf))) > 0) out.append(buf, n);
-  close(fd);
-  return out;
+  return reply;
 }
 
 // Server reflection lists the icecache services. The request is encoded by
@@ -707,9 +703,10 @@ TEST_F(DaemonTest, MetricsEndpointServesPrometheusText) {
   const int port = daemon_->metrics_port();
   ASSERT_GT(port, 0);
   CreateSession();
-  const std::string metrics = HttpGet(port, "/metrics");
-  EXPECT_THAT(metrics, HasSubstr("200 OK"));
-  EXPECT_THAT(metrics, HasSubstr("text/plain; version=0.0.4"));
+  const HttpReply reply = HttpGet(port, "/metrics");
+  EXPECT_EQ(reply.status, 200);
+  EXPECT_THAT(reply.content_type, HasSubstr("text/plain; version=0.0.4"));
+  const std::string& metrics = reply.body;
   EXPECT_THAT(metrics, HasSubstr("icecache_pool_bytes{state=\"capacity\"} 67108864\n"));
   EXPECT_THAT(metrics, HasSubstr("icecache_sessions 1\n"));
   EXPECT_THAT(metrics, HasSubstr("icecache_session_events_total{event=\"created\"} 1\n"));
@@ -722,14 +719,15 @@ TEST_F(DaemonTest, MetricsShowTheQuotaLeftOnceATenantHasOne) {
   Start(true, "", /*metrics=*/true);
   const int port = daemon_->metrics_port();
   CreateSession();
-  EXPECT_THAT(HttpGet(port, "/metrics"), ::testing::Not(HasSubstr("icecache_tenant_free_bytes{")));
+  EXPECT_THAT(HttpGet(port, "/metrics").body,
+              ::testing::Not(HasSubstr("icecache_tenant_free_bytes{")));
   grpc::ClientContext ctx;
   v1::SetQuotaRequest req;
   req.set_tenant(absl::StrCat("uid-", getuid()));
   req.set_quota_bytes(1 << 20);
   v1::SetQuotaResponse resp;
   ASSERT_TRUE(admin_->SetQuota(&ctx, req, &resp).ok());
-  EXPECT_THAT(HttpGet(port, "/metrics"),
+  EXPECT_THAT(HttpGet(port, "/metrics").body,
               HasSubstr(absl::StrCat("icecache_tenant_free_bytes{tenant=\"uid-", getuid(),
                                      "\"} 1048576\n")));
 }
@@ -737,10 +735,10 @@ TEST_F(DaemonTest, MetricsShowTheQuotaLeftOnceATenantHasOne) {
 TEST_F(DaemonTest, HealthzTurns503WhileDraining) {
   Start(true, "", /*metrics=*/true);
   const int port = daemon_->metrics_port();
-  EXPECT_THAT(HttpGet(port, "/healthz"), HasSubstr("200 OK"));
+  EXPECT_EQ(HttpGet(port, "/healthz").status, 200);
   daemon_->BeginDrain();
-  EXPECT_THAT(HttpGet(port, "/healthz"), HasSubstr("503"));
-  EXPECT_THAT(HttpGet(port, "/metrics"), HasSubstr("icecache_draining 1\n"));
+  EXPECT_EQ(HttpGet(port, "/healthz").status, 503);
+  EXPECT_THAT(HttpGet(port, "/metrics").body, HasSubstr("icecache_draining 1\n"));
 }
 
 // A daemon with a TLS TCP listener on a free port and two bearer tokens:

@@ -1,0 +1,41 @@
+#include "common/file_util.h"
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <string>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/support/status_matchers.h"
+
+namespace icecache {
+namespace {
+
+using ::icecache::testing::IsOk;
+using ::icecache::testing::StatusIs;
+using ::testing::HasSubstr;
+
+TEST(FileUtilTest, ReadsEveryByte) {
+  char path[] = "/tmp/icecache_file_util_XXXXXX";
+  const int fd = ::mkstemp(path);
+  ASSERT_GE(fd, 0);
+  std::string data(200000, '\0');
+  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<char>(i * 7);
+  ASSERT_EQ(::write(fd, data.data(), data.size()), static_cast<ssize_t>(data.size()));
+  ::close(fd);
+  auto read = ReadFileToString(path);
+  ::unlink(path);
+  ASSERT_THAT(read, IsOk());
+  EXPECT_EQ(*read, data);
+}
+
+TEST(FileUtilTest, MissingFileIsNotFoundNamingThePath) {
+  EXPECT_THAT(ReadFileToString("/nonexistent/icecache/file"),
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("/nonexistent/icecache/file")));
+}
+
+TEST(FileUtilTest, DirectoryIsAnError) { EXPECT_FALSE(ReadFileToString("/tmp").ok()); }
+
+}  // namespace
+}  // namespace icecache
