@@ -34,10 +34,10 @@
 #include "client/daemon_process.h"
 #include "client/kv_check.h"
 #include "client/output.h"
+#include "client/tool_session.h"
 #include "common/cli.h"
 #include "common/dtype.h"
 #include "common/status_macros.h"
-#include "common/synthetic.h"
 #include "server/index/kernels.h"
 #include "server/index/owned_page_keys.h"
 #include "server/index/selector.h"
@@ -93,49 +93,31 @@ absl::Status FinishFlags(const std::string& sessions, Flags* f) {
   return absl::OkStatus();
 }
 
-double Pct(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5))];
-}
+double Pct(const std::vector<double>& v, double p) { return Percentile(v, p); }
 
-struct Model {
-  KvDump dump;
-  HostKv kv;
-  SessionSpec spec;
+// The llama3-8b-like model of every sweep point, soak and churn cycle.
+struct Model : SyntheticModel {
   std::vector<uint8_t> prefill;  // the AppendKv chunk of all tokens
 };
 
 absl::StatusOr<Model> MakeModel(const Flags& f) {
+  SyntheticModelOptions o;
+  o.layers = f.layers;
+  o.tokens = f.tokens;
+  o.steps = f.steps;
+  o.page_tokens = f.page_tokens;
+  o.selector = f.selector;
   Model m;
-  ASSIGN_OR_RETURN(SyntheticConfig sc, SyntheticPreset("llama3-8b-like"));
-  sc.layers = f.layers;
-  sc.tokens = f.tokens;
-  sc.steps = f.steps;
-  ASSIGN_OR_RETURN(m.dump, GenerateSynthetic(sc));
-  m.kv = HostKv::FromDump(&m.dump);
-  m.spec.layers = m.dump.layers;
-  m.spec.kv_heads = m.dump.kv_heads;
-  m.spec.q_heads = m.dump.q_heads;
-  m.spec.head_dim = m.dump.head_dim;
-  m.spec.dtype = DType::kF16;
-  m.spec.page_tokens = f.page_tokens;
-  ASSIGN_OR_RETURN(m.spec.selector, ParseSelectorType(f.selector));
-  m.spec.layer_reuse = 1;
-  m.spec.ttl = absl::Seconds(600);
+  ASSIGN_OR_RETURN(static_cast<SyntheticModel&>(m), MakeSyntheticModel(o));
   m.prefill = m.kv.Chunk(0, f.tokens);
   return m;
 }
 
 absl::Span<const float> Queries(const Model& m, int step, int layer) {
-  return absl::MakeConstSpan(m.dump.query(step % m.dump.steps, layer, 0),
-                             static_cast<size_t>(m.dump.q_heads) * m.dump.head_dim);
+  return m.Queries(step, layer);
 }
 
-size_t FetchBytes(const Model& m, const Flags& f) {
-  const size_t page_bytes = 2 * static_cast<size_t>(f.page_tokens) * m.spec.head_dim * 2;
-  return static_cast<size_t>(m.spec.kv_heads) * (f.budget + 4 + f.page_tokens) * page_bytes;
-}
+size_t FetchBytes(const Model& m, const Flags& f) { return m.FetchBytes(f.budget, 4); }
 
 // --- in-process reference: the same selection + gather with the core ---
 
@@ -474,19 +456,12 @@ absl::Status RunChurn(Client& client, const Model& m, const Flags& f, int pid, J
 }
 
 absl::Status Run(const Flags& f) {
-  std::unique_ptr<DaemonProcess> daemon;
   ClientOptions options;
   options.socket_path = f.socket;
   options.timeout = absl::Seconds(300);
-  int pid = f.pid;
-  if (!f.spawn.empty()) {
-    DaemonOptions d;
-    d.binary = f.spawn;
-    ASSIGN_OR_RETURN(daemon, DaemonProcess::Start(d));
-    options.socket_path = daemon->socket_path();
-    pid = daemon->pid();
-  }
-  ASSIGN_OR_RETURN(auto client, Client::Create(options));
+  ASSIGN_OR_RETURN(DaemonConnection conn, SpawnOrConnect(f.spawn, options));
+  const int pid = conn.daemon ? conn.daemon->pid() : f.pid;
+  Client* client = conn.client.get();
   std::cout << "generating synthetic llama3-8b-like KV...\n";
   ASSIGN_OR_RETURN(Model m, MakeModel(f));
   Json report = Json::object();

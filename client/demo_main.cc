@@ -22,10 +22,10 @@
 #include "client/daemon_process.h"
 #include "client/kv_check.h"
 #include "client/output.h"
+#include "client/tool_session.h"
 #include "common/cli.h"
 #include "common/dtype.h"
 #include "common/status_macros.h"
-#include "common/synthetic.h"
 #include "server/index/quality.h"
 
 namespace icecache {
@@ -94,54 +94,39 @@ absl::Status FinishFlags(const CLI::App& app, DemoFlags* f) {
   return absl::OkStatus();
 }
 
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t i = std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5));
-  return v[i];
-}
-
 absl::Status RunDemo(const DemoFlags& f) {
-  std::unique_ptr<DaemonProcess> daemon;
   ClientOptions options;
   options.socket_path = f.socket;
-  if (!f.spawn.empty()) {
-    DaemonOptions d;
-    d.binary = f.spawn;
-    ASSIGN_OR_RETURN(daemon, DaemonProcess::Start(d));
-    options.socket_path = daemon->socket_path();
-    std::cout << "spawned icecached pid " << daemon->pid() << " on " << daemon->socket_path()
-              << "\n";
+  ASSIGN_OR_RETURN(DaemonConnection conn, SpawnOrConnect(f.spawn, options));
+  if (conn.daemon) {
+    std::cout << "spawned icecached pid " << conn.daemon->pid() << " on "
+              << conn.daemon->socket_path() << "\n";
   }
-  ASSIGN_OR_RETURN(auto client, Client::Create(options));
+  Client* client = conn.client.get();
   ASSIGN_OR_RETURN(bool serving, client->Health());
   if (!serving) return absl::UnavailableError("daemon health is NOT_SERVING");
 
-  ASSIGN_OR_RETURN(SyntheticConfig sc, SyntheticPreset(f.preset));
-  sc.layers = f.layers;
-  sc.tokens = f.tokens;
-  sc.steps = f.steps;
-  sc.seed = f.seed;
+  SyntheticModelOptions mo;
+  mo.preset = f.preset;
+  mo.layers = f.layers;
+  mo.tokens = f.tokens;
+  mo.steps = f.steps;
+  mo.seed = f.seed;
+  mo.page_tokens = f.page_tokens;
+  mo.selector = f.selector;
+  mo.ttl = absl::Seconds(120);
   const absl::Time gen_start = absl::Now();
-  ASSIGN_OR_RETURN(KvDump dump, GenerateSynthetic(sc));
   // What the daemon holds is fp16: recall is judged against the same numbers.
-  const HostKv kv = HostKv::FromDump(&dump);
+  ASSIGN_OR_RETURN(const SyntheticModel model, MakeSyntheticModel(mo));
+  const KvDump& dump = model.dump;
+  const HostKv& kv = model.kv;
+  const SessionSpec& spec = model.spec;
   std::cout << absl::StrFormat(
       "model %s: layers=%d kv_heads=%d q_heads=%d head_dim=%d dtype=float16 tokens=%d "
       "(generated in %.0f ms)\n",
       f.preset, dump.layers, dump.kv_heads, dump.q_heads, dump.head_dim, dump.tokens,
       absl::ToDoubleMilliseconds(absl::Now() - gen_start));
 
-  SessionSpec spec;
-  spec.layers = dump.layers;
-  spec.kv_heads = dump.kv_heads;
-  spec.q_heads = dump.q_heads;
-  spec.head_dim = dump.head_dim;
-  spec.dtype = DType::kF16;
-  spec.page_tokens = f.page_tokens;
-  ASSIGN_OR_RETURN(spec.selector, ParseSelectorType(f.selector));
-  spec.layer_reuse = 1;
-  spec.ttl = absl::Seconds(120);
   ASSIGN_OR_RETURN(SessionInfo session, client->CreateSession(spec));
   std::cout << "session " << session.id << " (tenant " << session.tenant << ", selector "
             << SelectorTypeName(session.spec.selector) << ", page_tokens "
@@ -149,9 +134,7 @@ absl::Status RunDemo(const DemoFlags& f) {
 
   const int64_t prefill = f.tokens - static_cast<int64_t>(f.steps) * f.append;
   const uint32_t sink = 4;
-  const size_t page_bytes = 2 * static_cast<size_t>(f.page_tokens) * dump.head_dim * 2;
-  const size_t fetch_bytes =
-      static_cast<size_t>(dump.kv_heads) * (f.budget + sink + f.page_tokens) * page_bytes;
+  const size_t fetch_bytes = model.FetchBytes(f.budget, sink);
   const size_t kv_bytes = std::max(spec.ChunkBytes(prefill), spec.ChunkBytes(f.append));
   ASSIGN_OR_RETURN(ShmBuffer kv_buf, client->CreateShmBuffer(kv_bytes));
   ASSIGN_OR_RETURN(ShmBuffer out_buf, client->CreateShmBuffer(fetch_bytes));
@@ -183,11 +166,9 @@ absl::Status RunDemo(const DemoFlags& f) {
     std::vector<double> lat, mass;
     int64_t pages = 0;
     for (int layer = 0; layer < dump.layers; ++layer) {
-      const float* q = dump.query(step, layer, 0);
-      const size_t qn = static_cast<size_t>(dump.q_heads) * dump.head_dim;
       t0 = absl::Now();
       ASSIGN_OR_RETURN(StepResult r,
-                       client->DecodeStep(session.id, layer, absl::MakeConstSpan(q, qn),
+                       client->DecodeStep(session.id, layer, model.Queries(step, layer),
                                           out_buf.buffer_id(), 0, sel));
       lat.push_back(absl::ToDoubleMilliseconds(absl::Now() - t0));
       ASSIGN_OR_RETURN(int64_t checked,
