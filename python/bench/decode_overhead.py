@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Python DecodeStep per layer message against the C++ client, same daemon,
+same run, same KV, same queries, same selection parameters.
+
+Both sides decode the llama3-8b-like synthetic sequence that
+``icecache-bench-rpc`` uses (``icecache-kvgen`` writes the same KV and
+queries for this script: same preset, seed, tokens, layers, steps), one
+session each, one DecodeStep stream, budget and sink as icecache-bench-rpc.
+Rounds alternate C++ and Python so both see the same machine load; the
+figure is the median over rounds of each side's per-layer p50, and the
+difference is the Python client's overhead per layer message.
+
+    python3 python/bench/decode_overhead.py --build build
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import icecache  # noqa: E402
+from icecache.daemon import Daemon  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument("--build", default="build", help="CMake build dir with the binaries")
+    ap.add_argument("--socket", default="", help="use this running daemon instead of spawning one")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=64, help="decode steps per round and side")
+    ap.add_argument("--budget", type=int, default=256)
+    ap.add_argument("--page-tokens", type=int, default=16)
+    ap.add_argument("--selector", default="mdci")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", default="", help="write the figures here")
+    return ap.parse_args()
+
+
+def cpp_round(a: argparse.Namespace, bench: str, socket: str, out: str) -> float:
+    cmd = [
+        bench, "--socket", socket, "--sessions", "1", "--tokens", str(a.tokens),
+        "--layers", str(a.layers), "--steps", str(a.steps), "--budget", str(a.budget),
+        "--page_tokens", str(a.page_tokens), "--selector", a.selector, "--json", out,
+    ]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(out) as f:
+        return float(json.load(f)["results"][0]["layer_ms_p50"])
+
+
+def python_round(a: argparse.Namespace, client: icecache.Client, dump: dict) -> float:
+    keys, values, queries = dump["keys"], dump["values"], dump["queries"]
+    layers, kv_heads, tokens, head_dim = keys.shape
+    spec = icecache.SessionSpec(
+        layers=layers, kv_heads=kv_heads, q_heads=queries.shape[2], head_dim=head_dim,
+        dtype=icecache.DType.FLOAT16, page_tokens=a.page_tokens,
+        selector=icecache.Selector.parse(a.selector), layer_reuse=1, ttl_s=600,
+    )
+    session = client.create_session(spec)
+    page_bytes = 2 * a.page_tokens * head_dim * 2
+    out_bytes = kv_heads * (a.budget + 4 + a.page_tokens) * page_bytes
+    opt = icecache.SelectOptions(budget_tokens=a.budget, sink_tokens=4)
+    lat = []
+    with client.create_shm_buffer(spec.chunk_bytes(tokens)) as kv_buf, \
+            client.create_shm_buffer(out_bytes) as out:
+        client.append_kv(session.id, keys, values, buffer=kv_buf)
+        with client.decode_stream(session.id, out) as stream:
+            stream.step(0, queries[0, 0], options=opt)  # warm-up: open the stream
+            for step in range(a.steps):
+                for layer in range(layers):
+                    q = queries[step % queries.shape[0], layer]
+                    t0 = time.perf_counter()
+                    stream.step(layer, q, options=opt)
+                    lat.append((time.perf_counter() - t0) * 1e3)
+    client.drop_session(session.id)
+    return float(np.median(lat))
+
+
+def load_dump(a: argparse.Namespace, kvgen: str, tmp: str) -> dict:
+    out = os.path.join(tmp, "dump")
+    subprocess.run(
+        [kvgen, "--preset", "llama3-8b-like", "--tokens", str(a.tokens), "--layers",
+         str(a.layers), "--steps", str(a.steps), "--dtype", "float32", "--out", out],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    return {
+        "keys": np.load(os.path.join(out, "keys.npy")).astype(np.float16),
+        "values": np.load(os.path.join(out, "values.npy")).astype(np.float16),
+        "queries": np.ascontiguousarray(np.load(os.path.join(out, "queries.npy")), np.float32),
+    }
+
+
+def main() -> int:
+    a = parse_args()
+    build = Path(a.build)
+    bench = str(build / "client" / "icecache-bench-rpc")
+    kvgen = str(build / "common" / "icecache-kvgen")
+    with tempfile.TemporaryDirectory() as tmp:
+        dump = load_dump(a, kvgen, tmp)
+        daemon = None if a.socket else Daemon(str(build / "server" / "icecached"))
+        socket = a.socket or daemon.socket_path
+        try:
+            with icecache.Client(socket=socket) as client:
+                cpp, py = [], []
+                for r in range(a.rounds):
+                    cpp.append(cpp_round(a, bench, socket, os.path.join(tmp, "cpp.json")))
+                    py.append(python_round(a, client, dump))
+                    print(f"round {r + 1}: C++ p50 {cpp[-1]:.3f} ms  Python p50 {py[-1]:.3f} ms")
+        finally:
+            if daemon is not None:
+                daemon.stop()
+    c, p = statistics.median(cpp), statistics.median(py)
+    print(
+        f"\nDecodeStep per layer message ({a.tokens} tokens, {a.layers} layers, 8 KV heads, "
+        f"32 q heads, 128 dims, fp16, {a.selector}, budget {a.budget}, {a.steps} steps x "
+        f"{a.rounds} rounds)\n"
+        f"  C++ client p50    {c:.3f} ms\n  Python client p50 {p:.3f} ms\n"
+        f"  Python overhead   {(p - c) * 1e3:+.0f} us per layer message"
+    )
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"cpp_p50_ms": cpp, "python_p50_ms": py, "overhead_us": (p - c) * 1e3,
+                       "config": vars(a)}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

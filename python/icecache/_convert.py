@@ -1,0 +1,199 @@
+"""Conversions between the generated protobuf messages and icecache.types.
+
+The only module besides client.py and decode_stream.py that touches
+generated code.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Optional
+
+from .types import (
+    DaemonStats,
+    DType,
+    FetchLayout,
+    HeadLayout,
+    HeadSelection,
+    MdciParams,
+    SelectOptions,
+    Selector,
+    SessionInfo,
+    SessionSpec,
+    SizeClassInfo,
+    TenantInfo,
+)
+from .v1 import admin_pb2, types_pb2
+
+
+def from_unix_ms(ms: int) -> Optional[datetime]:
+    return None if ms == 0 else datetime.fromtimestamp(ms / 1000.0, tz=timezone.utc)
+
+
+def select_params(options: SelectOptions, out: types_pb2.SelectParams) -> None:
+    if options.budget_tokens is not None:
+        out.budget_tokens = options.budget_tokens
+    if options.sink_tokens is not None:
+        out.sink_tokens = options.sink_tokens
+    if options.recent_tokens is not None:
+        out.recent_tokens = options.recent_tokens
+    out.want_positions = options.want_positions
+
+
+def session_config(spec: SessionSpec, out: types_pb2.SessionConfig) -> None:
+    m = out.model
+    m.layers = spec.layers
+    m.kv_heads = spec.kv_heads
+    m.q_heads = spec.q_heads
+    m.head_dim = spec.head_dim
+    m.dtype = int(DType.of(spec.dtype))
+    out.page_tokens = spec.page_tokens
+    out.selector.kind = int(Selector.parse(spec.selector))
+    if spec.mdci is not None:
+        p = spec.mdci
+        out.selector.mdci.num_composite = p.num_composite
+        out.selector.mdci.num_simple = p.num_simple
+        out.selector.mdci.field_of_view = p.field_of_view
+        out.selector.mdci.candidate_factor = p.candidate_factor
+        out.selector.mdci.norm_headroom = p.norm_headroom
+        out.selector.mdci.rebuild_fraction = p.rebuild_fraction
+        out.selector.mdci.seed = p.seed
+    out.layer_reuse = spec.layer_reuse
+    select_params(spec.defaults, out.defaults)
+    out.ttl_ms = int(round(spec.ttl_s * 1000))
+    out.pinned = spec.pinned
+
+
+def _dtype(value: int) -> DType:
+    try:
+        return DType(value)
+    except ValueError:
+        return DType.FLOAT16
+
+
+def _selector(value: int) -> Selector:
+    try:
+        return Selector(value)
+    except ValueError:
+        return Selector.DEFAULT
+
+
+def session_info(info: types_pb2.SessionInfo) -> SessionInfo:
+    c = info.config
+    d = c.defaults
+    mdci = c.selector.mdci
+    spec = SessionSpec(
+        layers=c.model.layers,
+        kv_heads=c.model.kv_heads,
+        q_heads=c.model.q_heads,
+        head_dim=c.model.head_dim,
+        dtype=_dtype(c.model.dtype),
+        page_tokens=c.page_tokens,
+        selector=_selector(c.selector.kind),
+        layer_reuse=c.layer_reuse,
+        defaults=SelectOptions(
+            budget_tokens=d.budget_tokens if d.HasField("budget_tokens") else None,
+            sink_tokens=d.sink_tokens if d.HasField("sink_tokens") else None,
+            recent_tokens=d.recent_tokens if d.HasField("recent_tokens") else None,
+        ),
+        ttl_s=c.ttl_ms / 1000.0,
+        pinned=c.pinned,
+        mdci=MdciParams(
+            mdci.num_composite,
+            mdci.num_simple,
+            mdci.field_of_view,
+            mdci.candidate_factor,
+            mdci.norm_headroom,
+            mdci.rebuild_fraction,
+            mdci.seed,
+        )
+        if c.selector.HasField("mdci")
+        else None,
+    )
+    return SessionInfo(
+        id=info.session_id,
+        epoch=info.epoch,
+        tenant=info.tenant,
+        spec=spec,
+        tokens=info.tokens,
+        created=from_unix_ms(info.created_unix_ms),
+        last_use=from_unix_ms(info.last_use_unix_ms),
+        expires=from_unix_ms(info.expires_unix_ms),
+        pinned=info.pinned,
+        bytes=info.bytes,
+        pages=info.pages,
+        index_bytes=info.index_bytes,
+        in_flight=info.in_flight,
+    )
+
+
+# The repeated fields below are handed out as the response's own read-only
+# sequences (no copy): converting them to lists cost about 100 us per layer
+# message, the bulk of the Python client's overhead (python/README.md).
+def head_selection(h: types_pb2.HeadSelection) -> HeadSelection:
+    return HeadSelection(
+        kv_head=h.kv_head,
+        pages=h.pages,
+        fills=h.fills,
+        scores=h.scores,
+        positions=h.positions,
+        keys_touched=h.keys_touched,
+    )
+
+
+def fetch_layout(layout: types_pb2.FetchLayout) -> FetchLayout:
+    heads = [
+        HeadLayout(
+            kv_head=h.kv_head,
+            pages=h.pages,
+            slots=h.slots,
+            fills=h.fills,
+            byte_offsets=h.byte_offsets,
+            positions=h.positions,
+        )
+        for h in layout.heads
+    ]
+    return FetchLayout(
+        buffer_id=layout.buffer_id,
+        offset=layout.offset,
+        total_bytes=layout.total_bytes,
+        page_bytes=layout.page_bytes,
+        first_layer=layout.first_layer,
+        num_layers=layout.num_layers,
+        layer_stride_bytes=layout.layer_stride_bytes,
+        page_tokens=layout.page_tokens,
+        head_dim=layout.head_dim,
+        dtype=_dtype(layout.dtype),
+        heads=heads,
+    )
+
+
+def tenant_info(t: admin_pb2.TenantInfo) -> TenantInfo:
+    return TenantInfo(t.tenant, t.bytes_used, t.quota_bytes, t.sessions, t.buffers)
+
+
+def daemon_stats(r: admin_pb2.GetStatsResponse) -> DaemonStats:
+    return DaemonStats(
+        epoch=r.epoch,
+        start=from_unix_ms(r.start_unix_ms),
+        capacity_bytes=r.capacity_bytes,
+        bytes_reserved=r.bytes_reserved,
+        bytes_used=r.bytes_used,
+        sessions=r.sessions,
+        buffers=r.buffers,
+        evictions=r.evictions,
+        expirations=r.expirations,
+        in_flight=r.in_flight,
+        draining=r.draining,
+        sessions_created=r.sessions_created,
+        sessions_dropped=r.sessions_dropped,
+        admissions_rejected=r.admissions_rejected,
+        frames_used=r.frames_used,
+        frames_free=r.frames_free,
+        huge_pages=r.huge_pages,
+        size_classes=[
+            SizeClassInfo(c.frame_bytes, c.frames_used, c.frames_free, c.bytes_reserved)
+            for c in r.size_classes
+        ],
+        tenants=[tenant_info(t) for t in r.tenants],
+    )

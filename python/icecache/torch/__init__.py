@@ -1,0 +1,1 @@
+"""icecache.torch: decode attention with the KV in IceCache (see attention.py)."""
