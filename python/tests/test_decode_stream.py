@@ -1,0 +1,94 @@
+"""The DecodeStep stream: results equal SelectPages + FetchPages, errors end
+the stream with the daemon's status and the next step reopens it; both
+transports."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import small_spec
+from test_kv import check_fetched, kv_arrays
+
+import icecache
+
+
+@pytest.fixture(params=["segregated", "iterator"])
+def transport(request, monkeypatch):
+    monkeypatch.setenv("ICECACHE_DECODE_TRANSPORT", request.param)
+    return request.param
+
+
+@pytest.fixture
+def session(client):
+    spec = small_spec(selector=icecache.Selector.EXACT)
+    s = client.create_session(spec)
+    keys, values = kv_arrays(spec, 200, seed=11)
+    client.append_kv(s.id, keys, values)
+    yield s.id, keys, values
+    client.drop_session(s.id)
+
+
+def test_steps_match_select_and_fetch(client, session, transport):
+    sid, keys, values = session
+    opt = icecache.SelectOptions(budget_tokens=48, want_positions=True)
+    rng = np.random.default_rng(2)
+    with client.create_shm_buffer(1 << 20) as buf, client.decode_stream(sid, buf) as stream:
+        if transport == "iterator":
+            assert stream.transport == "iterator"
+        for step in range(3):
+            for layer in range(2):
+                q = rng.standard_normal((4, 32)).astype(np.float32)
+                r = stream.step(layer, q, offset=8192, options=opt)
+                assert r.layer == layer and r.layout.offset == 8192
+                check_fetched(buf, r.layout, keys, values)
+                sel = client.select_pages(sid, layer, q, opt)
+                assert [list(h.pages) for h in r.heads] == [list(h.pages) for h in sel]
+
+
+def test_fp16_and_bf16_queries(client, session):
+    torch = pytest.importorskip("torch")
+    sid, _, _ = session
+    q = torch.randn(4, 32)
+    with client.create_shm_buffer(1 << 20) as buf, client.decode_stream(sid, buf) as stream:
+        opt = icecache.SelectOptions(budget_tokens=32)
+        ref = [list(h.pages) for h in stream.step(0, q, options=opt).heads]
+        for dt in (torch.float16, torch.bfloat16):
+            got = [list(h.pages) for h in stream.step(0, q.to(dt), options=opt).heads]
+            assert len(got) == len(ref)
+
+
+def test_error_ends_the_stream_and_the_next_step_reopens(client, session, transport):
+    sid, keys, values = session
+    with client.create_shm_buffer(1 << 20) as buf, client.decode_stream(sid, buf) as stream:
+        q = np.ones((4, 32), np.float32)
+        stream.step(0, q)
+        with pytest.raises(icecache.InvalidArgumentError) as e:
+            stream.step(5, q)  # layer out of range
+        assert "5" in e.value.message
+        with pytest.raises(icecache.InvalidArgumentError):
+            stream.step(0, np.ones((2, 32), np.float32))
+        r = stream.step(1, q, options=icecache.SelectOptions(want_positions=True))  # a fresh stream
+        check_fetched(buf, r.layout, keys, values)
+
+
+def test_out_of_range_offset_and_unknown_session(client, session, transport):
+    sid, _, _ = session
+    with client.create_shm_buffer(4096) as buf:
+        with client.decode_stream(sid, buf) as stream:
+            with pytest.raises(icecache.OutOfRangeError):
+                stream.step(0, np.ones((4, 32), np.float32), offset=4000)
+        with client.decode_stream("no-such-session", buf) as stream:
+            with pytest.raises(icecache.NotFoundError):
+                stream.step(0, np.ones((4, 32), np.float32))
+
+
+def test_client_decode_step_keeps_one_stream_per_session(client, session):
+    sid, keys, values = session
+    with client.create_shm_buffer(1 << 20) as a, client.create_shm_buffer(1 << 20) as b:
+        q = np.ones((4, 32), np.float32)
+        opt = icecache.SelectOptions(want_positions=True)
+        r1 = client.decode_step(sid, 0, q, a, options=opt)
+        r2 = client.decode_step(sid, 1, q, b, options=opt)  # same stream, another buffer
+        assert r1.layout.buffer_id == a.buffer_id and r2.layout.buffer_id == b.buffer_id
+        check_fetched(b, r2.layout, keys, values)
+        client.close_decode_stream(sid)
