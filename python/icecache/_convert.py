@@ -124,6 +124,9 @@ def session_info(info: types_pb2.SessionInfo) -> SessionInfo:
         pages=info.pages,
         index_bytes=info.index_bytes,
         in_flight=info.in_flight,
+        trees_built=getattr(info, "trees_built", 0),
+        trees_total=getattr(info, "trees_total", 0),
+        next_layer=getattr(info, "next_layer", 0),
     )
 
 

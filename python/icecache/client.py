@@ -245,16 +245,45 @@ class Client:
             tokens = self.append_kv_region(session_id, buffer, offset, (stop - start) * per_token, stop - start)
         return tokens
 
-    def append_kv_region(self, session_id: str, buffer: Buffer, offset: int, length: int, num_tokens: int) -> int:
+    def append_kv_region(
+        self, session_id: str, buffer: Buffer, offset: int, length: int, num_tokens: int,
+        first_layer: int = 0, num_layers: int = 0,
+    ) -> int:
         """Appends ``num_tokens`` tokens the caller wrote into buffer bytes
-        [offset, offset + length) (layout: ``kv_chunk_views``). Returns the
-        session's token count. InvalidArgumentError (bad length, NaN/Inf
-        keys), OutOfRangeError (region past the buffer), NotFoundError,
+        [offset, offset + length) (layout: ``kv_chunk_views``). With
+        ``num_layers`` > 0 the bytes hold only layers [first_layer,
+        first_layer + num_layers) (whole layer groups, sent in order from
+        layer 0; see append_kv_layers). Returns the tokens every layer holds.
+        InvalidArgumentError (bad length, NaN/Inf keys, a range that is not
+        whole layer groups), OutOfRangeError (region past the buffer),
+        FailedPreconditionError (a range out of order), NotFoundError,
         ResourceExhaustedError (nothing stored)."""
         buffer_id, base = self._buffer_ref(buffer)
         region = types_pb2.BufferRegion(buffer_id=buffer_id, offset=base + offset, length=length)
         req = kv_pb2.AppendKvRequest(session_id=session_id, num_tokens=num_tokens, region=region)
+        if num_layers:
+            req.first_layer, req.num_layers = first_layer, num_layers
         return self._call(self._kv.AppendKv, req, "AppendKv").tokens
+
+    def append_kv_layers(self, session_id: str, first_layer: int, keys: Any, values: Any, buffer: ShmBuffer, offset: int = 0) -> int:
+        """Streaming prefill: appends one layer range of a chunk, ``keys`` and
+        ``values`` [num_layers, kv_heads, n, head_dim] for layers
+        [first_layer, first_layer + num_layers), as an engine produces them
+        layer by layer. Ranges must be whole layer groups, in order from
+        layer 0, all with the same n; the daemon indexes each range as it
+        arrives and serves its layers before the rest is in. Returns the
+        tokens every layer holds (unchanged until the last range lands)."""
+        spec = self.session_spec(session_id)
+        num_layers = int(getattr(keys, "shape", (0,))[0])
+        sub = SessionSpec(num_layers, spec.kv_heads, spec.q_heads, spec.head_dim, spec.dtype)
+        n = _check_kv(sub, session_id, keys, values)
+        if offset < 0 or offset + sub.chunk_bytes(n) > buffer.size:
+            raise InvalidArgumentError(
+                f"layers {first_layer}..{first_layer + num_layers - 1} of {n} tokens need "
+                f"{sub.chunk_bytes(n)} bytes at offset {offset}; shm buffer {buffer.buffer_id} has {buffer.size}"
+            )
+        write_kv_chunk(buffer, offset, sub, keys, values)
+        return self.append_kv_region(session_id, buffer, offset, sub.chunk_bytes(n), n, first_layer, num_layers)
 
     def append_kv_inline(self, session_id: str, data: bytes, num_tokens: int) -> int:
         """Appends KV bytes carried in the request (bounded by the daemon's

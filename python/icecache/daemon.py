@@ -52,7 +52,8 @@ class Daemon:
         binary: path of icecached (see find_icecached).
         config: extra IcecachedConfig textproto (e.g. 'pool { capacity_bytes:
             1073741824 }'); listen.unix_socket and metrics.port are set here.
-        admin: add this process's uid to auth.admin_uids.
+        admin: True: this process's uid has the admin role (added to
+            auth.admin_uids); False: no Unix-socket admin at all.
         log_level: daemon log level flag.
         ready_timeout: seconds to wait for readiness.
     """
@@ -78,6 +79,8 @@ class Daemon:
         cfg.metrics.port = 0
         if admin and os.getuid() not in cfg.auth.admin_uids:
             cfg.auth.admin_uids.append(os.getuid())
+        elif not admin and not cfg.auth.admin_uids and "no_unix_admins" in cfg.auth.DESCRIPTOR.fields_by_name:
+            cfg.auth.no_unix_admins = True  # else the daemon's own uid and root are admins
         with open(self.config_path, "w") as f:
             f.write(text_format.MessageToString(cfg))
         args = [self.binary, f"--config={self.config_path}", f"--log_level={log_level}"]

@@ -201,6 +201,11 @@ class SessionInfo:
     pages: int
     index_bytes: int
     in_flight: int
+    # Index progress: (layer group, KV head) trees built of the total, and
+    # the next layer of a chunk arriving in layer ranges (0 = none pending).
+    trees_built: int = 0
+    trees_total: int = 0
+    next_layer: int = 0
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from concurrent import futures
 
@@ -130,10 +131,16 @@ def test_unavailable_when_draining_and_when_nobody_listens(make_daemon, tmp_path
             c.health()
 
 
-def test_deadline_exceeded(daemon):
-    with icecache.Client(socket=daemon.socket_path, timeout=1e-6) as c:
-        with pytest.raises(icecache.DeadlineExceededError):
-            c.list_sessions()
+def test_deadline_exceeded(make_daemon):
+    d = make_daemon()
+    with icecache.Client(socket=d.socket_path, timeout=0.3) as c:
+        assert c.health()  # connected
+        d.signal(signal.SIGSTOP)  # a daemon that does not answer in time
+        try:
+            with pytest.raises(icecache.DeadlineExceededError):
+                c.list_sessions()
+        finally:
+            d.signal(signal.SIGCONT)
 
 
 def test_unimplemented_method(client):

@@ -201,3 +201,24 @@ def test_bad_fetches(client, filled):
             client.fetch_pages(sid, 0, [[0, 1, 2, 3], [0, 1, 2, 3]], small)  # 8 blocks > 4096 bytes
         with pytest.raises(icecache.NotFoundError):
             client.fetch_pages(sid, 0, [[0], [0]], "no-such-buffer")
+
+
+def test_streaming_prefill_by_layer_ranges(client):
+    spec = small_spec(layers=4, layer_reuse=2)
+    s = client.create_session(spec)
+    keys, values = kv_arrays(spec, 80, seed=13)
+    with client.create_shm_buffer(1 << 20) as buf, client.create_shm_buffer(1 << 20) as out:
+        assert client.append_kv_layers(s.id, 0, keys[0:2], values[0:2], buf) == 0
+        info = client.get_session(s.id)
+        assert info.next_layer == 2 and info.trees_built < info.trees_total
+        # the first layer group already answers
+        layout = client.fetch_pages(s.id, 0, [[0], [1]], out, want_positions=True)
+        check_fetched(out, layout, keys, values)
+        with pytest.raises(icecache.FailedPreconditionError):
+            client.append_kv_layers(s.id, 0, keys[0:2], values[0:2], buf)  # out of order
+        with pytest.raises(icecache.InvalidArgumentError):
+            client.append_kv_layers(s.id, 2, keys[2:3], values[2:3], buf)  # half a layer group
+        assert client.append_kv_layers(s.id, 2, keys[2:4], values[2:4], buf) == 80
+        layout = client.fetch_pages(s.id, 3, [[0, 4], [2]], out, want_positions=True)
+        check_fetched(out, layout, keys, values)
+    client.drop_session(s.id)

@@ -41,13 +41,16 @@ class KvServiceServicer(object):
 
     def AppendKv(self, request, context):
         """Appends n tokens (positions tokens..tokens+n-1) for all layers and KV
-        heads; the first append bulk-builds the index, later ones insert.
+        heads (or for the layers of one layer range); the first append of a layer
+        group bulk-builds its index, later ones insert.
         Codes: INVALID_ARGUMENT (num_tokens 0, byte length not exact, NaN/Inf
         keys, inline bytes over limits.max_inline_bytes, no source),
         OUT_OF_RANGE (region past the buffer), NOT_FOUND (session or buffer),
         RESOURCE_EXHAUSTED (quota/capacity; nothing stored), FAILED_PRECONDITION
-        (buffer file shrank, CUDA_IPC source). On any error the session is
-        unchanged.
+        (buffer file shrank, CUDA_IPC source, a layer range out of order: a new
+        chunk starts at layer 0, a pending one goes on at next_layer with the
+        same num_tokens). INVALID_ARGUMENT also for a layer range that is not
+        whole layer groups of the model. On any error the session is unchanged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
