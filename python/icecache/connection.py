@@ -6,10 +6,13 @@ Order (``client/client.h`` ClientOptions):
    always TLS, with ``ca`` (PEM file; default: the system roots) and a bearer
    token (``token`` argument, else ``$ICECACHE_TOKEN``).
 2. Otherwise a Unix socket: ``socket`` argument, else ``$ICECACHE_SOCKET``,
-   else the daemon's default search order, the first that exists:
-   ``/run/icecache/icecached.sock``, ``$XDG_RUNTIME_DIR/icecached.sock``,
-   ``/tmp/icecached-<uid>.sock`` (when none exists, the first). A leading
-   ``unix:`` is accepted; the path must be absolute.
+   else the daemon's default search order (``common/socket_path.h``, shared
+   by the C++ daemon and client): the first that exists of
+   ``/run/icecache/icecached.sock``, ``$XDG_RUNTIME_DIR/icecached.sock``
+   (only when that variable is absolute and the path fits a sockaddr_un),
+   ``/tmp/icecached-<uid>.sock``; when none exists, where a daemon of this
+   uid would listen (the first whose directory is writable, else the last).
+   A leading ``unix:`` is accepted; the path must be absolute.
 """
 
 from __future__ import annotations
@@ -37,23 +40,34 @@ class Target:
     ca_pem: Optional[bytes] = None
 
 
+MAX_UNIX_SOCKET_PATH = 107  # sizeof(sockaddr_un::sun_path) - 1
+
+
 def default_socket_candidates() -> List[str]:
     """The daemon's default socket paths, in search order."""
     candidates = ["/run/icecache/icecached.sock"]
     xdg = os.environ.get("XDG_RUNTIME_DIR", "")
-    if xdg:
-        candidates.append(os.path.join(xdg, "icecached.sock"))
+    if xdg.startswith("/"):
+        path = xdg.rstrip("/") + "/icecached.sock"
+        if len(path.encode()) <= MAX_UNIX_SOCKET_PATH:
+            candidates.append(path)
     candidates.append(f"/tmp/icecached-{os.getuid()}.sock")
     return candidates
 
 
+def _dir_writable(path: str) -> bool:
+    d = os.path.dirname(path)
+    return os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK)
+
+
 def default_socket_path() -> str:
-    """The first default socket path that exists, else the first one."""
+    """The first default socket path that exists, else where a daemon of
+    this uid would listen (first candidate with a writable directory)."""
     candidates = default_socket_candidates()
     for path in candidates:
         if os.path.exists(path):
             return path
-    return candidates[0]
+    return next((c for c in candidates if _dir_writable(c)), candidates[-1])
 
 
 def resolve_target(

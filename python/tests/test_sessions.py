@@ -64,8 +64,15 @@ def test_default_search_order(monkeypatch, tmp_path):
         f"/tmp/icecached-{os.getuid()}.sock",
     ]
     if not os.path.exists(cands[0]):
+        # none exists: where a daemon of this uid would listen (writable dir)
+        want = cands[0] if os.access("/run/icecache", os.W_OK) else str(tmp_path / "icecached.sock")
+        assert resolve_target().grpc_target == "unix:" + want
         (tmp_path / "icecached.sock").write_text("")
         assert resolve_target().grpc_target == "unix:" + str(tmp_path / "icecached.sock")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "relative/dir")
+    assert len(default_socket_candidates()) == 2
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/" + "x" * 100)
+    assert len(default_socket_candidates()) == 2  # would not fit a sockaddr_un
 
 
 def test_address_means_tls_with_token_from_environment(monkeypatch, tmp_path):
