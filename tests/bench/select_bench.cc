@@ -55,6 +55,7 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
 
 constexpr int kInsertChunk = 16;
 constexpr int kSessionSteps = 1000;
+constexpr int64_t kDefaultSyntheticTokens = 16384;
 
 // ---------------------------------------------------------------------------
 // The workload: KV data split into prefill, 1-token decode inserts and chunk
@@ -92,15 +93,17 @@ absl::StatusOr<Workload> LoadWorkload(const SelectBenchOptions& o) {
     cfg.kv_heads = o.heads;
     cfg.q_heads = o.heads * q;
     cfg.steps = o.steps;
-    cfg.tokens = o.tokens + o.steps + o.chunk_tokens;
+    const int64_t prefill = o.tokens > 0 ? o.tokens : kDefaultSyntheticTokens;
+    cfg.tokens = prefill + o.steps + o.chunk_tokens;
     if (o.seed != 0) cfg.seed = o.seed;
     ASSIGN_OR_RETURN(w.dump, GenerateSynthetic(cfg));
-    w.prefill = o.tokens;
+    w.prefill = prefill;
     w.decode_tokens = o.steps;
     w.chunk_tokens = o.chunk_tokens;
     w.source = absl::StrCat("synthetic:", o.synthetic);
   } else {
-    ASSIGN_OR_RETURN(w.dump, ReadKvDump(o.dump_dir, o.tokens));
+    // The whole dump unless --tokens caps it.
+    ASSIGN_OR_RETURN(w.dump, ReadKvDump(o.dump_dir, o.tokens > 0 ? o.tokens : -1));
     const int64_t n = w.dump.tokens;
     // Keep at least 3/4 of the context as prefill.
     w.decode_tokens = std::min<int64_t>(w.dump.steps, n / 8);

@@ -40,9 +40,11 @@
 namespace icecache::bench {
 
 struct SelectBenchOptions {
-  std::string synthetic;   // preset name, or
-  std::string dump_dir;    // a KV dump directory
-  int64_t tokens = 16384;  // synthetic: prefill tokens; dump: truncates the context
+  std::string synthetic;  // preset name, or
+  std::string dump_dir;   // a KV dump directory
+  // Synthetic: prefill tokens (0: 16384). Dump: caps the context (0: the
+  // whole dump).
+  int64_t tokens = 0;
   int budget = 256;
   std::vector<int> page_tokens = {16};
   int heads = 8;                       // synthetic only: KV heads generated and measured

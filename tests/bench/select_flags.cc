@@ -31,7 +31,10 @@ absl::Status CheckRanges(const SelectBenchOptions& o) {
   if (o.synthetic.empty() == o.dump_dir.empty()) {
     return absl::InvalidArgumentError("give exactly one of --synthetic PRESET or --dump DIR");
   }
-  if (o.tokens < 1) return absl::InvalidArgumentError("--tokens must be >= 1");
+  if (o.tokens < 0) {
+    return absl::InvalidArgumentError(
+        "--tokens must be >= 0 (0: 16384 synthetic tokens, or the whole dump)");
+  }
   if (o.budget < 1) return absl::InvalidArgumentError("--budget must be >= 1");
   for (int p : o.page_tokens) {
     if (p < 1 || p > 256) {
@@ -72,7 +75,8 @@ SelectFlags::SelectFlags(CLI::App* app) {
   app->footer("Give exactly one of --synthetic or --dump.");
   app->add_option("--synthetic", o_.synthetic, "synthetic KV preset (common/synthetic.h)");
   app->add_option("--dump", o_.dump_dir, "a KV dump directory (common/kv_dump.h)");
-  app->add_option("--tokens", o_.tokens, "prefill tokens (synthetic) / context cap (dump)");
+  app->add_option("--tokens", o_.tokens,
+                  "synthetic: prefill tokens (0: 16384); dump: caps the context (0: all of it)");
   app->add_option("--budget", o_.budget, "token budget per KV head and step");
   app->add_option("--page-tokens", page_tokens_, "page sizes to run")->type_name("P[,P..]");
   app->add_option("--heads", o_.heads, "KV heads generated and measured (synthetic)");

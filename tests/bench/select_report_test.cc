@@ -1,7 +1,12 @@
+#include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "common/json.h"
+#include "common/kv_dump.h"
+#include "common/synthetic.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/bench/select_bench.h"
@@ -78,6 +83,9 @@ TEST(ParseSelectArgsTest, DefaultsAndErrors) {
               StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(ParseSelectArgs({"--synthetic", "small", "--frobnicate", "1"}).status(),
               StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_EQ(o->tokens, 0);  // 16384 synthetic tokens, or the whole dump
+  EXPECT_THAT(ParseSelectArgs({"--synthetic", "small", "--tokens", "-1"}).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(ParseSelectArgs({"--synthetic", "small", "--kv-dtype", "f8"}).status(),
               StatusIs(absl::StatusCode::kInvalidArgument));
 }
@@ -92,6 +100,43 @@ TEST(ParseSelectArgsTest, ValuesAfterEqualsAndSpaces) {
   EXPECT_EQ(o->kv_dtype, DType::kBF16);
   EXPECT_TRUE(o->verbose);
   EXPECT_FALSE(o->check);
+}
+
+// A dump longer than the old silent cap (16384 tokens) is used whole unless
+// --tokens caps it.
+TEST(RunSelectBenchTest, DumpIsUsedWholeUnlessTokensCapsIt) {
+  SyntheticConfig c;
+  c.kv_heads = 1;
+  c.q_heads = 2;
+  c.head_dim = 16;
+  c.rank = 4;
+  c.outlier_channels = 0;
+  c.tokens = 17000;
+  c.steps = 2;
+  c.topics = 4;
+  c.needles = 0;
+  auto dump = GenerateSynthetic(c);
+  ASSERT_THAT(dump.status(), IsOk());
+  const std::string dir = ::testing::TempDir() + "/select_whole_dump";
+  ASSERT_THAT(WriteKvDump(*dump, dir, DType::kF32), IsOk());
+  auto context_of = [&](const std::vector<std::string>& extra) -> int64_t {
+    std::vector<std::string> args = {"--dump", dir,      "--selectors",
+                                     "exact",  "--json", dir + "/report.json"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    auto o = ParseSelectArgs(args);
+    EXPECT_THAT(o.status(), IsOk());
+    if (!o.ok()) return -1;
+    EXPECT_THAT(RunSelectBench(*o), IsOk());
+    std::ifstream in(dir + "/report.json");
+    std::stringstream ss;
+    ss << in.rdbuf();
+    auto root = ParseJson(ss.str());
+    EXPECT_THAT(root.status(), IsOk());
+    return root.ok() ? (*root)["config"]["context_tokens"].get<int64_t>() : -1;
+  };
+  EXPECT_EQ(context_of({}), 17000);
+  EXPECT_EQ(context_of({"--tokens", "4096"}), 4096);
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
