@@ -49,105 +49,44 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
+#include "common/synthetic_internal.h"
 
 namespace icecache {
 namespace {
 
-// ---- Random numbers --------------------------------------------------------
-
-inline uint64_t Mix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
-enum Purpose : uint64_t {
-  kHeadModel = 1,
-  kTokens = 2,
-  kSegment = 3,
-  kSegments = 4,
-  kQueries = 5,
-  kNeedles = 6,
-  kPeaked = 7,
-};
-
-// xoshiro256++ seeded through splitmix64 from (seed, purpose, a, b, c).
-class Rng {
- public:
-  Rng(uint64_t seed, uint64_t purpose, uint64_t a = 0, uint64_t b = 0, uint64_t c = 0) {
-    uint64_t x = Mix64(seed);
-    x = Mix64(x ^ (purpose * 0xd1342543de82ef95ull));
-    x = Mix64(x ^ (a * 0x9e3779b97f4a7c15ull + 1));
-    x = Mix64(x ^ (b * 0xc2b2ae3d27d4eb4full + 2));
-    x = Mix64(x ^ (c * 0x165667b19e3779f9ull + 3));
-    for (auto& w : s_) {
-      x += 0x9e3779b97f4a7c15ull;
-      w = Mix64(x);
-    }
-  }
-  uint64_t Next() {
-    const uint64_t result = Rotl(s_[0] + s_[3], 23) + s_[0];
-    const uint64_t t = s_[1] << 17;
-    s_[2] ^= s_[0];
-    s_[3] ^= s_[1];
-    s_[1] ^= s_[2];
-    s_[0] ^= s_[3];
-    s_[2] ^= t;
-    s_[3] = Rotl(s_[3], 45);
-    return result;
-  }
-  double Uniform() { return static_cast<double>(Next() >> 11) * 0x1.0p-53; }
-  // Uniform integer in [0, n).
-  uint64_t Below(uint64_t n) {
-    return static_cast<uint64_t>(Uniform() * static_cast<double>(n)) % n;
-  }
-  // Exact standard normal (Box-Muller); for the few parameters of the model.
-  double Gauss() {
-    if (has_spare_) {
-      has_spare_ = false;
-      return spare_;
-    }
-    double u1 = Uniform();
-    while (u1 <= 0.0) u1 = Uniform();
-    const double u2 = Uniform();
-    const double r = std::sqrt(-2.0 * std::log(u1));
-    spare_ = r * std::sin(2.0 * M_PI * u2);
-    has_spare_ = true;
-    return r * std::cos(2.0 * M_PI * u2);
-  }
-  // Fast approximate standard normal for the per-token noise: the sum of four
-  // 16-bit uniforms (Irwin-Hall, tails cut at 3.46 sigma). One draw per value;
-  // this is what keeps 131k tokens x 8 heads at a few seconds.
-  float FastNormal() {
-    const uint64_t r = Next();
-    const uint32_t s = static_cast<uint32_t>((r & 0xffff) + ((r >> 16) & 0xffff) +
-                                             ((r >> 32) & 0xffff) + (r >> 48));
-    return (static_cast<float>(s) - 131070.0f) * kFastScale;
-  }
-
- private:
-  static constexpr float kFastScale = 1.7320508f / 65536.0f;  // sqrt(3) / 2^16
-  static uint64_t Rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-  uint64_t s_[4];
-  double spare_ = 0;
-  bool has_spare_ = false;
-};
+using synthetic_internal::Angles;
+using synthetic_internal::CalibrateAmplitude;
+using synthetic_internal::Dot;
+using synthetic_internal::Geometry;
+using synthetic_internal::HeadRoles;
+using synthetic_internal::kFamily;
+using synthetic_internal::kHeadModel;
+using synthetic_internal::kNeedles;
+using synthetic_internal::kPeaked;
+using synthetic_internal::kQueries;
+using synthetic_internal::kSegment;
+using synthetic_internal::kSegments;
+using synthetic_internal::kTokens;
+using synthetic_internal::Logit;
+using synthetic_internal::MakeGeometry;
+using synthetic_internal::Norm;
+using synthetic_internal::RareTokens;
+using synthetic_internal::Rng;
+using synthetic_internal::RotateAt;
+using synthetic_internal::RotateRow;
 
 // ---- Fixed shape of the model (not user knobs) -----------------------------
 
-constexpr double kTopicVar = 0.55;                          // latent variance between topic centres
-constexpr double kSegVar = 0.15;                            // between segments of a topic
-constexpr double kTokVar = 0.30;                            // between tokens of a segment
-constexpr float kIsoNoise = 0.12f;                          // isotropic key noise per dim
-constexpr float kKeyMean = 0.5f;                            // per-dim scale of the key mean
-constexpr float kSinkNormFrac = 0.35f;                      // sink key norm / typical key norm
-constexpr double kSinkShareLo = 0.15, kSinkShareHi = 0.45;  // base sink share per head
-constexpr double kShareJitter = 0.8;   // std of the per-step sink share in logit space
-constexpr float kPeakedBeta = 34.0f;   // semantic query magnitude, peaked heads
-constexpr float kFlatBeta = 7.0f;      // semantic query magnitude, flat heads
-constexpr double kFocusDrift = 0.35;   // std of a peaked head's latent around its focus
-constexpr double kFocusSwitch = 0.03;  // chance per step that a peaked head changes focus
+constexpr double kTopicVar = 0.55;       // latent variance between topic centres
+constexpr double kSegVar = 0.15;         // between segments of a topic
+constexpr double kTokVar = 0.30;         // between tokens of a segment
+constexpr float kIsoNoise = 0.12f;       // isotropic key noise per dim
+constexpr float kKeyMean = 0.5f;         // per-dim scale of the key mean
+constexpr double kShareJitter = 0.8;     // std of the per-step sink share in logit space
+constexpr float kPeakedBeta = 34.0f;     // semantic query magnitude, peaked heads
+constexpr float kFlatBeta = 7.0f;        // semantic query magnitude, flat heads
+constexpr float kRetrievalBeta = 17.0f;  // rare-direction query magnitude, retrieval heads
+constexpr double kFocusDrift = 0.35;     // std of a peaked head's latent around its focus
 constexpr int kQueryNoiseRank = 8;
 constexpr float kQueryNoise = 0.5f;  // per-dim RMS of the query's own low-rank part
 constexpr float kQueryIso = 0.2f;
@@ -156,16 +95,9 @@ constexpr float kValueIso = 0.1f;
 constexpr double kNeedleMargin = 3.0;  // needle logit above the best sampled ordinary key
 constexpr int64_t kBlockTokens = 2048;
 
-struct Geometry {
-  int d = 0;      // head_dim
-  int pairs = 0;  // d / 2
-  int sink_pairs = 0;
-  std::vector<double> inv_freq;  // [pairs]
-  std::vector<int> sink_dims;    // dims of the lowest-frequency pairs
-  std::vector<int> outlier_dims;
-  std::vector<float> key_profile;    // per-dim weight of the semantic basis
-  std::vector<float> query_profile;  // per-dim weight of the query's own basis
-};
+}  // namespace
+
+namespace synthetic_internal {
 
 Geometry MakeGeometry(const SyntheticConfig& c) {
   Geometry g;
@@ -194,49 +126,13 @@ Geometry MakeGeometry(const SyntheticConfig& c) {
     g.key_profile[dim] = sink ? 0.03f : static_cast<float>(0.35 + 0.65 * lowness);
     g.query_profile[dim] = sink ? 0.03f : static_cast<float>(1.0 - 0.6 * lowness);
   }
+  g.local_pairs = synthetic_internal::LocalPairs(c, g);
   return g;
 }
 
-// Rotates one row in place by RoPE at the angles given by (cos, sin) per pair.
-inline void RotateRow(const float* in, const float* cs, const float* sn, int pairs, float* out) {
-  for (int i = 0; i < pairs; ++i) {
-    const float a = in[i], b = in[i + pairs];
-    out[i] = a * cs[i] - b * sn[i];
-    out[i + pairs] = a * sn[i] + b * cs[i];
-  }
-}
+}  // namespace synthetic_internal
 
-void Angles(const Geometry& g, double pos, float* cs, float* sn) {
-  for (int i = 0; i < g.pairs; ++i) {
-    const double a = pos * g.inv_freq[i];
-    cs[i] = static_cast<float>(std::cos(a));
-    sn[i] = static_cast<float>(std::sin(a));
-  }
-}
-
-void RotateAt(const Geometry& g, double pos, const float* in, float* out) {
-  std::vector<float> cs(g.pairs), sn(g.pairs);
-  Angles(g, pos, cs.data(), sn.data());
-  RotateRow(in, cs.data(), sn.data(), g.pairs, out);
-}
-
-float Norm(const float* v, int n) {
-  double s = 0;
-  for (int i = 0; i < n; ++i) s += static_cast<double>(v[i]) * v[i];
-  return static_cast<float>(std::sqrt(s));
-}
-
-// Eight partial sums so the compiler vectorises without -ffast-math.
-float Dot(const float* a, const float* b, int n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  }
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
+namespace {
 
 // The model of one (layer, KV head).
 struct HeadModel {
@@ -385,38 +281,43 @@ struct QueryHeadState {
   int focus[2] = {0, 0};
 };
 
-inline double Logit(double p) { return std::log(p / (1.0 - p)); }
-
-double LogSumExp(const float* a, const float* b, int64_t from, int64_t to, double amp) {
-  const float famp = static_cast<float>(amp);
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t t = from; t < to; ++t) mx = std::max(mx, a[t] + famp * b[t]);
-  double s = 0;
-  for (int64_t t = from; t < to; ++t)
-    s += std::exp(a[t] + famp * b[t] - mx);  // float exp: fast enough, exact enough
-  return mx + std::log(s);
-}
-
-// The amplitude A >= 0 of the query's mean part such that the first `sinks`
-// tokens take `share` of the softmax of a + A b (logits of the rest of the
-// query, and of its unit mean part). Sink b's are large and positive, so the
-// sinks' log-mass grows with A; bisection on it, re-centred on the ordinary
-// tokens' log-mass a few times.
-float CalibrateSinkAmplitude(const float* a, const float* b, int64_t n, int sinks, double share,
-                             double start, int rounds) {
-  if (sinks <= 0 || sinks >= n) return 0.0f;
-  double amp = start;
-  for (int round = 0; round < rounds; ++round) {
-    const double target = LogSumExp(a, b, sinks, n, amp) + Logit(share);
-    double lo = 0, hi = 1;
-    while (LogSumExp(a, b, 0, sinks, hi) < target && hi < 1e6) hi *= 2;
-    for (int it = 0; it < 60; ++it) {
-      const double mid = 0.5 * (lo + hi);
-      (LogSumExp(a, b, 0, sinks, mid) < target ? lo : hi) = mid;
-    }
-    amp = 0.5 * (lo + hi);
+absl::Status ValidateFamilyKnobs(const SyntheticConfig& c) {
+  auto bad = [](std::string_view field, const std::string& why) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("synthetic config: ", std::string(field), " ", why));
+  };
+  if (!(c.sink_share_lo > 0 && c.sink_share_lo <= c.sink_share_hi && c.sink_share_hi < 1)) {
+    return bad("sink_share_lo/sink_share_hi",
+               absl::StrCat("must satisfy 0 < lo <= hi < 1, got ", c.sink_share_lo, " and ",
+                            c.sink_share_hi));
   }
-  return static_cast<float>(amp);
+  if (!(c.sink_norm_frac > 0.0f && c.sink_norm_frac <= 10.0f))
+    return bad("sink_norm_frac", absl::StrCat("must be in (0, 10], got ", c.sink_norm_frac));
+  if (!(c.focus_switch >= 0.0f && c.focus_switch <= 1.0f))
+    return bad("focus_switch", absl::StrCat("must be in [0, 1], got ", c.focus_switch));
+  if (!(c.temperature_spread >= 1.0f && c.temperature_spread <= 100.0f)) {
+    return bad("temperature_spread",
+               absl::StrCat("must be in [1, 100], got ", c.temperature_spread));
+  }
+  if (!(c.retrieval_fraction >= 0.0f && c.retrieval_fraction <= 1.0f))
+    return bad("retrieval_fraction", absl::StrCat("must be in [0, 1], got ", c.retrieval_fraction));
+  if (!(c.local_fraction >= 0.0f && c.local_fraction <= 1.0f))
+    return bad("local_fraction", absl::StrCat("must be in [0, 1], got ", c.local_fraction));
+  if (c.rare_tokens < 1 || c.rare_tokens > 1024 || c.rare_tokens > c.tokens - c.sink_tokens) {
+    return bad("rare_tokens", absl::StrCat("must be in [1, min(1024, tokens - sink_tokens)], got ",
+                                           c.rare_tokens));
+  }
+  if (c.retrieval_dwell < 1)
+    return bad("retrieval_dwell", absl::StrCat("must be >= 1, got ", c.retrieval_dwell));
+  if (c.local_window < 1 || c.local_window >= c.tokens - c.sink_tokens) {
+    return bad("local_window",
+               absl::StrCat("must be in [1, tokens - sink_tokens), got ", c.local_window));
+  }
+  if (!(c.local_share > 0.0f && c.local_share < 1.0f))
+    return bad("local_share", absl::StrCat("must be in (0, 1), got ", c.local_share));
+  if (!(c.key_norm_sigma >= 0.0f && c.key_norm_sigma <= 3.0f))
+    return bad("key_norm_sigma", absl::StrCat("must be in [0, 3], got ", c.key_norm_sigma));
+  return absl::OkStatus();
 }
 
 absl::Status Validate(const SyntheticConfig& c) {
@@ -476,6 +377,7 @@ absl::Status Validate(const SyntheticConfig& c) {
   RETURN_IF_ERROR(unit("peaked_fraction", c.peaked_fraction));
   RETURN_IF_ERROR(unit("step_locality", c.step_locality));
   RETURN_IF_ERROR(unit("layer_similarity", c.layer_similarity));
+  RETURN_IF_ERROR(ValidateFamilyKnobs(c));
   if (c.threads < 0 || c.threads > 1024) return bad("threads", "must be in [0, 1024]");
   const double elems = static_cast<double>(c.layers) * c.kv_heads * c.tokens * c.head_dim;
   if (elems > static_cast<double>(int64_t{1} << 33)) {
@@ -486,54 +388,6 @@ absl::Status Validate(const SyntheticConfig& c) {
 }
 
 }  // namespace
-
-std::vector<std::string> SyntheticPresetNames() {
-  return {"llama3-8b-like", "mistral-7b-like", "small"};
-}
-
-absl::StatusOr<SyntheticConfig> SyntheticPreset(std::string_view name) {
-  SyntheticConfig c;
-  if (name == "llama3-8b-like") {
-    c.layers = 32;
-    c.kv_heads = 8;
-    c.q_heads = 32;
-    c.head_dim = 128;
-    c.rope_theta = 500000.0;
-    return c;
-  }
-  if (name == "mistral-7b-like") {
-    c.layers = 32;
-    c.kv_heads = 8;
-    c.q_heads = 32;
-    c.head_dim = 128;
-    c.rope_theta = 1000000.0;
-    c.rank = 40;
-    c.outlier_channels = 3;
-    c.outlier_scale = 5.0f;
-    c.topics = 96;
-    c.peaked_fraction = 0.4f;
-    return c;
-  }
-  if (name == "small") {
-    c.layers = 2;
-    c.kv_heads = 2;
-    c.q_heads = 4;
-    c.head_dim = 64;
-    c.tokens = 2048;
-    c.steps = 8;
-    c.rope_theta = 500000.0;
-    c.rank = 16;
-    c.outlier_channels = 2;
-    c.sink_tokens = 4;
-    c.mean_segment = 64;
-    c.topics = 16;
-    c.needles = 4;
-    return c;
-  }
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown synthetic preset '", std::string(name),
-                   "'; known presets: ", absl::StrJoin(SyntheticPresetNames(), ", ")));
-}
 
 absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config) {
   return GenerateSynthetic(config, nullptr);
@@ -568,6 +422,7 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
       truth->pre_rope_keys.clear();
       if (want_pre) truth->pre_rope_keys.resize(kv_elems);
       truth->token_topic.assign(T, -1);
+      truth->rare_tokens.clear();
     }
   } catch (const std::bad_alloc&) {
     return absl::ResourceExhaustedError(absl::StrCat("synthetic: cannot allocate ", kv_elems,
@@ -579,6 +434,9 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
   auto model = [&](int l, int h) -> const HeadModel& {
     return models[static_cast<size_t>(l) * c.kv_heads + h];
   };
+
+  std::vector<std::vector<float>> pos_code(c.kv_heads);
+  for (int h = 0; h < c.kv_heads; ++h) pos_code[h] = synthetic_internal::PositionalCode(c, g, h);
 
   // ---- Keys and values -----------------------------------------------------
   const int64_t blocks = (T + kBlockTokens - 1) / kBlockTokens;
@@ -611,7 +469,7 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
               const HeadModel& m = model(l, h);
               const size_t off = ((static_cast<size_t>(l) * c.kv_heads + h) * T + t) * d;
               const float norm =
-                  kSinkNormFrac * m.typical_key_norm * (1.0f - 0.1f * static_cast<float>(t % 4));
+                  c.sink_norm_frac * m.typical_key_norm * (1.0f - 0.1f * static_cast<float>(t % 4));
               for (int i = 0; i < d; ++i) row[i] = norm * m.sink_dir[i] + 0.05f * rng.FastNormal();
               if (want_pre) std::memcpy(&truth->pre_rope_keys[off], row.data(), d * sizeof(float));
               RotateRow(row.data(), ct, st, g.pairs, &dump.keys[off]);
@@ -634,6 +492,12 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
           }
           const int topic = segs.topics[seg];
           if (truth != nullptr && h == 0) truth->token_topic[t] = topic;
+          // Heavy-tailed norms: one scale per token, the same in every layer.
+          const float norm_scale =
+              c.key_norm_sigma > 0.0f
+                  ? std::exp(c.key_norm_sigma *
+                             static_cast<float>(Rng(c.seed, kFamily, h, t, 5).Gauss()))
+                  : 1.0f;
           for (int l = 0; l < c.layers; ++l) {
             const HeadModel& m = model(l, h);
             for (int k = 0; k < r; ++k) {
@@ -654,6 +518,11 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
             for (size_t o = 0; o < g.outlier_dims.size(); ++o) {
               row[g.outlier_dims[o]] += m.outlier_mean[o] * (1.0f + 0.25f * rng.FastNormal());
             }
+            if (norm_scale != 1.0f) {
+              for (int i = 0; i < d; ++i) row[i] *= norm_scale;
+            }
+            const std::vector<float>& code = pos_code[h];
+            for (size_t i = 0; i < code.size(); ++i) row[i] += code[i];
             if (want_pre) std::memcpy(&truth->pre_rope_keys[off], row.data(), d * sizeof(float));
             RotateRow(row.data(), ct, st, g.pairs, &dump.keys[off]);
             float* v = &dump.values[off];
@@ -674,6 +543,17 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
     std::vector<std::thread> pool;
     for (int i = 0; i < threads; ++i) pool.emplace_back(worker);
     for (auto& th : pool) th.join();
+  }
+
+  const RareTokens rare = synthetic_internal::MakeRareTokens(c, g);
+  {
+    std::vector<float> key_scale;
+    for (const HeadModel& m : models) key_scale.push_back(m.typical_key_norm);
+    synthetic_internal::PlantRareKeys(c, g, rare, key_scale, &dump, truth);
+  }
+  const HeadRoles roles = synthetic_internal::AssignRoles(c);
+  if (truth != nullptr && rare.per_head > 0) {
+    truth->retrieval_target.assign(static_cast<size_t>(c.steps) * c.layers * c.q_heads, -1);
   }
 
   // ---- Queries -------------------------------------------------------------
@@ -704,16 +584,28 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
     int focus[2] = {0, 0};
     int cur = 0;
     std::vector<float> mean_dir, shift, own, drift, eta;
-    explicit QueryState(Rng r) : rng(r) {}
+    // The families' parts (defaults: none).
+    Rng frng;
+    bool retrieval = false, local = false;
+    float tau = 1.0f;
+    int rare_cur = 0;
+    float local_amp = 0;
+    QueryState(Rng r, Rng f) : rng(r), frng(f) {}
   };
-  auto query_job = [&](int l, int h, std::vector<float>& logit_a, std::vector<float>& logit_b) {
+  auto query_job = [&](int l, int h, std::vector<float>& logit_a, std::vector<float>& logit_b,
+                       std::vector<float>& logit_c) {
     const HeadModel& m = model(l, h);
     std::vector<QueryState> qs;
     for (int j = 0; j < group; ++j) {
       const int qh = h * group + j;
-      qs.emplace_back(Rng(c.seed, kQueries, l, qh));
+      qs.emplace_back(Rng(c.seed, kQueries, l, qh), Rng(c.seed, kFamily, l, qh, 6));
       QueryState& q = qs.back();
       Rng& rng = q.rng;
+      const size_t role = static_cast<size_t>(l) * c.q_heads + qh;
+      q.retrieval = roles.retrieval[role] != 0 && rare.per_head > 0;
+      q.local = roles.local[role] != 0 && !pos_code[h].empty();
+      q.tau = roles.temperature[role];
+      if (q.retrieval) q.rare_cur = static_cast<int>(q.frng.Below(rare.per_head));
       q.is_peaked = peaked[static_cast<size_t>(l) * c.q_heads + qh] != 0;
       // Mean part: the head's sink direction, slightly perturbed per query head.
       q.mean_dir.assign(d, 0.0f);
@@ -721,7 +613,7 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
         q.mean_dir[dim] = m.sink_dir[dim] * (1.0f + 0.25f * static_cast<float>(rng.Gauss()));
       const float mn = Norm(q.mean_dir.data(), d);
       for (auto& x : q.mean_dir) x /= mn;
-      q.base_share = kSinkShareLo + (kSinkShareHi - kSinkShareLo) * rng.Uniform();
+      q.base_share = c.sink_share_lo + (c.sink_share_hi - c.sink_share_lo) * rng.Uniform();
       std::vector<float> sdir = GaussVector(rng, d, 1.0);
       for (int dim : g.sink_dims) sdir[dim] = 0.0f;
       const float sn = Norm(sdir.data(), d);
@@ -741,6 +633,13 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
     std::vector<float> rest_rot(static_cast<size_t>(group) * d),
         md_rot(static_cast<size_t>(group) * d);
     std::vector<float> specs(static_cast<size_t>(group) * d);
+    std::vector<float> local_dir(pos_code[h]), local_rot(static_cast<size_t>(group) * d);
+    if (!local_dir.empty()) {
+      const float ln = Norm(local_dir.data(), d);
+      for (auto& x : local_dir) x /= ln;
+    }
+    bool any_local = false;
+    for (const QueryState& q : qs) any_local |= q.local;
     const float* keys = &dump.keys[(static_cast<size_t>(l) * c.kv_heads + h) * T * d];
     for (int s = 0; s < c.steps; ++s) {
       const double pos = static_cast<double>(T + s);
@@ -753,7 +652,7 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
           for (int k = 0; k < kQueryNoiseRank; ++k)
             q.eta[k] = rho_s * q.eta[k] + rho_s_c * static_cast<float>(rng.Gauss());
           q.share_noise = rho_s * q.share_noise + rho_s_c * rng.Gauss();
-          if (rng.Uniform() < kFocusSwitch) q.cur ^= 1;
+          if (rng.Uniform() < c.focus_switch) q.cur ^= 1;
         }
         for (int k = 0; k < r; ++k) {
           lat[k] = q.is_peaked ? m.topics[static_cast<size_t>(q.focus[q.cur]) * r + k] +
@@ -765,8 +664,23 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
           const float* col = &m.basis[static_cast<size_t>(k) * d];
           for (int i = 0; i < d; ++i) sem[i] += lat[k] * col[i];
         }
-        const float sem_n = Norm(sem.data(), d);
-        const float beta = q.is_peaked ? kPeakedBeta : kFlatBeta;
+        float sem_n = Norm(sem.data(), d);
+        float beta = q.is_peaked ? kPeakedBeta : kFlatBeta;
+        if (q.retrieval) {
+          // A retrieval head looks for one rare token instead of a topic.
+          if (s > 0 && rare.per_head > 1 && q.frng.Uniform() < 1.0 / c.retrieval_dwell) {
+            q.rare_cur = static_cast<int>((q.rare_cur + 1 + q.frng.Below(rare.per_head - 1)) %
+                                          rare.per_head);
+          }
+          std::memcpy(sem.data(), rare.dir(h, q.rare_cur), d * sizeof(float));
+          sem_n = 1.0f;
+          beta = kRetrievalBeta;
+          if (truth != nullptr) {
+            truth->retrieval_target[(static_cast<size_t>(s) * c.layers + l) * c.q_heads +
+                                    h * group + j] =
+                rare.positions[static_cast<size_t>(h) * rare.per_head + q.rare_cur];
+          }
+        }
         for (int i = 0; i < d; ++i) {
           spec[i] = (sem_n > 0 ? beta * sem[i] / sem_n : 0.0f) +
                     kQueryIso * static_cast<float>(rng.Gauss());
@@ -775,8 +689,9 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
           const float* col = &q.own[static_cast<size_t>(k) * d];
           for (int i = 0; i < d; ++i) spec[i] += q.eta[k] * col[i];
         }
-        for (int i = 0; i < d; ++i) rest[i] = q.shift[i] + spec[i];
+        for (int i = 0; i < d; ++i) rest[i] = q.tau * (q.shift[i] + spec[i]);
         RotateAt(g, pos, rest.data(), &rest_rot[static_cast<size_t>(j) * d]);
+        if (q.local) RotateAt(g, pos, local_dir.data(), &local_rot[static_cast<size_t>(j) * d]);
         RotateAt(g, pos, q.mean_dir.data(), &md_rot[static_cast<size_t>(j) * d]);
         RotateAt(g, pos, spec.data(), &specs[static_cast<size_t>(j) * d]);
       }
@@ -792,15 +707,39 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
           float bt = 0;
           for (int dim : g.sink_dims) bt += md_rot[static_cast<size_t>(j) * d + dim] * k[dim];
           logit_b[static_cast<size_t>(j) * T + t] = bt * inv_sqrt_d;
+          if (qs[j].local) {
+            logit_c[static_cast<size_t>(j) * T + t] =
+                Dot(&local_rot[static_cast<size_t>(j) * d], k, d) * inv_sqrt_d;
+          }
+        }
+      }
+      // A local head reads the keys' positional code so that the last
+      // local_window positions take local_share of its attention (before
+      // the sinks take theirs).
+      for (int j = 0; any_local && j < group; ++j) {
+        QueryState& q = qs[j];
+        if (!q.local) continue;
+        float* a = &logit_a[static_cast<size_t>(j) * T];
+        const float* lc = &logit_c[static_cast<size_t>(j) * T];
+        // At most 30 logits of positional preference: where the share cannot
+        // be reached the head stays local instead of collapsing on a token.
+        const float peak = *std::max_element(lc, lc + T);
+        q.local_amp =
+            synthetic_internal::CalibrateShare(a, lc, T, T - c.local_window, T, c.local_share,
+                                               q.local_amp, peak > 0 ? 30.0 / peak : 0.0);
+        for (int64_t t = 0; t < T; ++t) a[t] += q.local_amp * lc[t];
+        for (int i = 0; i < d; ++i) {
+          rest_rot[static_cast<size_t>(j) * d + i] +=
+              q.local_amp * local_rot[static_cast<size_t>(j) * d + i];
         }
       }
       for (int j = 0; j < group; ++j) {
         QueryState& q = qs[j];
         const double share =
             1.0 / (1.0 + std::exp(-(Logit(q.base_share) + kShareJitter * q.share_noise)));
-        q.sink_amp = CalibrateSinkAmplitude(&logit_a[static_cast<size_t>(j) * T],
-                                            &logit_b[static_cast<size_t>(j) * T], T, c.sink_tokens,
-                                            share, q.sink_amp, s == 0 ? 3 : 2);
+        q.sink_amp = CalibrateAmplitude(&logit_a[static_cast<size_t>(j) * T],
+                                        &logit_b[static_cast<size_t>(j) * T], T, 0, c.sink_tokens,
+                                        share, q.sink_amp, s == 0 ? 3 : 2);
         const int qh = h * group + j;
         const size_t off = ((static_cast<size_t>(s) * c.layers + l) * c.q_heads + qh) * d;
         for (int i = 0; i < d; ++i) {
@@ -816,12 +755,13 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
     std::atomic<int64_t> next_job{0};
     auto qworker = [&]() {
       std::vector<float> logit_a(static_cast<size_t>(group) * T),
-          logit_b(static_cast<size_t>(group) * T);
+          logit_b(static_cast<size_t>(group) * T),
+          logit_c(c.local_fraction > 0.0f ? static_cast<size_t>(group) * T : 0);
       for (;;) {
         const int64_t j = next_job.fetch_add(1);
         if (j >= jobs) break;
         query_job(static_cast<int>(j / c.kv_heads), static_cast<int>(j % c.kv_heads), logit_a,
-                  logit_b);
+                  logit_b, logit_c);
       }
     };
     const int qthreads = static_cast<int>(std::min<int64_t>(max_threads, jobs));
@@ -853,6 +793,12 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
           nd.layer = l;
           nd.kv_head = h;
           nd.q_head = h * group + static_cast<int>(rng.Below(group));
+          // A local head's best logits are positional: a needle aligned with
+          // it would need a huge key. The next head of the group takes it.
+          for (int k = 0; k < group && roles.local[static_cast<size_t>(l) * c.q_heads + nd.q_head];
+               ++k) {
+            nd.q_head = h * group + (nd.q_head - h * group + 1) % group;
+          }
           nd.step = static_cast<int>(rng.Below(c.steps));
           nd.token = tok;
           const size_t qoff =
@@ -897,60 +843,11 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
     truth->outlier_dims = g.outlier_dims;
     truth->sink_dims = g.sink_dims;
     truth->needles = std::move(needles);
+    truth->retrieval = roles.retrieval;
+    truth->local = roles.local;
+    truth->temperature = roles.temperature;
   }
   return dump;
-}
-
-absl::StatusOr<AttentionProfile> ProfileAttention(const KvDump& dump, int step, int layer,
-                                                  int q_head, int sink_tokens, int top_k) {
-  if (step < 0 || step >= dump.steps || layer < 0 || layer >= dump.layers || q_head < 0 ||
-      q_head >= dump.q_heads || dump.kv_heads <= 0 || dump.q_heads % dump.kv_heads != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("ProfileAttention: (step ", step, ", layer ", layer, ", q_head ", q_head,
-                     ") out of range for a dump of ", dump.steps, " steps, ", dump.layers,
-                     " layers, ", dump.q_heads, " query heads"));
-  }
-  if (top_k < 1 || sink_tokens < 0) {
-    return absl::InvalidArgumentError("ProfileAttention: top_k must be >= 1 and sink_tokens >= 0");
-  }
-  const int d = dump.head_dim;
-  const size_t need_kv = static_cast<size_t>(dump.layers) * dump.kv_heads * dump.tokens * d;
-  const size_t need_q = static_cast<size_t>(dump.steps) * dump.layers * dump.q_heads * d;
-  if (dump.keys.size() != need_kv || dump.queries.size() != need_q) {
-    return absl::InvalidArgumentError("ProfileAttention: dump arrays do not match its shape");
-  }
-  const int kv_head = q_head / dump.group_size();
-  const float* q = dump.queries.data() +
-                   ((static_cast<size_t>(step) * dump.layers + layer) * dump.q_heads + q_head) * d;
-  const float* keys = dump.key(layer, kv_head);
-  const int64_t n = dump.tokens;
-  std::vector<double> logits(n);
-  const double inv = 1.0 / std::sqrt(static_cast<double>(d));
-  double mx = -1e300, sum = 0, sq = 0;
-  for (int64_t t = 0; t < n; ++t) {
-    logits[t] = Dot(q, keys + t * d, d) * inv;
-    mx = std::max(mx, logits[t]);
-    sum += logits[t];
-    sq += logits[t] * logits[t];
-  }
-  AttentionProfile p;
-  p.max_logit = mx;
-  const double mean = sum / n;
-  p.logit_std = std::sqrt(std::max(0.0, sq / n - mean * mean));
-  double z = 0;
-  for (int64_t t = 0; t < n; ++t) z += std::exp(logits[t] - mx);
-  std::vector<double> probs(n);
-  double ent = 0;
-  for (int64_t t = 0; t < n; ++t) {
-    probs[t] = std::exp(logits[t] - mx) / z;
-    if (probs[t] > 0) ent -= probs[t] * std::log(probs[t]);
-    if (t < sink_tokens) p.sink_mass += probs[t];
-  }
-  p.entropy = ent;
-  const int64_t k = std::min<int64_t>(top_k, n);
-  std::nth_element(probs.begin(), probs.begin() + (k - 1), probs.end(), std::greater<double>());
-  for (int64_t i = 0; i < k; ++i) p.topk_mass += probs[i];
-  return p;
 }
 
 }  // namespace icecache

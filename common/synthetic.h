@@ -37,6 +37,33 @@ struct SyntheticConfig {
   float peaked_fraction = 0.5f;   // fraction of heads that are peaked
   float step_locality = 0.9f;     // correlation of a head's query across steps
   float layer_similarity = 0.7f;  // correlation of adjacent layers' keys
+  // --- Properties the robustness families vary (SyntheticFamilyNames()).
+  // The defaults reproduce the base model exactly. ---
+  double sink_share_lo = 0.15;   // base sink share of a query head: uniform in
+  double sink_share_hi = 0.45;   // [lo, hi], wandering per step around it
+  float sink_norm_frac = 0.35f;  // sink key norm / typical key norm
+  double focus_switch = 0.03;    // chance per step that a peaked head changes focus topic
+  // Per query head, the non-sink part of the query is scaled by a factor
+  // log-uniform in [1/s, s] (s >= 1): a spread of softmax temperatures.
+  float temperature_spread = 1.0f;
+  // Fraction of each GQA group's query heads (at most G-1 of them, rounded)
+  // that retrieve rare tokens: each step such a head looks for one of
+  // `rare_tokens` scattered keys of its KV head (staying on it for
+  // `retrieval_dwell` steps on average) while the rest of its group follows
+  // topics.
+  float retrieval_fraction = 0.0f;
+  int rare_tokens = 16;
+  int retrieval_dwell = 8;
+  // Fraction of each group's other query heads that are local (positional):
+  // keys carry a RoPE-rotated positional code in mid-frequency pairs, and a
+  // local head reads it so that the last `local_window` positions take
+  // `local_share` of its non-sink attention.
+  float local_fraction = 0.0f;
+  int64_t local_window = 256;
+  float local_share = 0.5f;
+  // > 0: every ordinary token's key is scaled by exp(sigma N(0,1)) (the same
+  // token in every layer): heavy-tailed key norms.
+  float key_norm_sigma = 0.0f;
   uint64_t seed = 42;
   // Worker threads; 0 = min(hardware concurrency, 8). The output does not
   // depend on it (every random stream is keyed by what it generates).
@@ -66,13 +93,34 @@ struct SyntheticTruth {
   std::vector<int> outlier_dims;        // the fixed outlier channels
   std::vector<int> sink_dims;           // the low-frequency dims sinks live in
   std::vector<SyntheticNeedle> needles;
+  // [layers * q_heads]: 1 = retrieval head, 1 = local head; the temperature
+  // factor of each query head.
+  std::vector<uint8_t> retrieval;
+  std::vector<uint8_t> local;
+  std::vector<float> temperature;
+  // [layers * kv_heads * rare_tokens]: positions of the rare tokens (empty
+  // without retrieval heads).
+  std::vector<int64_t> rare_tokens;
+  // [steps * layers * q_heads]: the rare token a retrieval head looks for at
+  // that step; -1 for other heads.
+  std::vector<int64_t> retrieval_target;
 };
 
 // Presets: "llama3-8b-like" (128-dim, GQA 4:1, theta 5e5), "mistral-7b-like"
-// (128-dim, GQA 4:1, theta 1e6), "small" (64-dim, GQA 2:1; for fast tests).
+// (128-dim, GQA 4:1, theta 1e6), "small" (64-dim, GQA 2:1; for fast tests),
+// and every family below on the llama3-8b-like shape.
 // InvalidArgument for an unknown name (the message lists the known ones).
 absl::StatusOr<SyntheticConfig> SyntheticPreset(std::string_view name);
 std::vector<std::string> SyntheticPresetNames();
+
+// The robustness families: each varies one property of real attention that a
+// single generator under-represents (synthetic_presets.cc says which), and
+// "mixture" has all of them at once. They were set from what is reported of
+// real models, not tuned to any selector. "baseline" changes nothing.
+std::vector<std::string> SyntheticFamilyNames();
+// Applies family `name` to `config` (its shape, size and seed stay).
+// InvalidArgument for an unknown name (the message lists the known ones).
+absl::Status ApplySyntheticFamily(std::string_view name, SyntheticConfig* config);
 
 // InvalidArgument for a config out of range (names the field).
 absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config);
