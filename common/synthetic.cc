@@ -303,13 +303,17 @@ absl::Status ValidateFamilyKnobs(const SyntheticConfig& c) {
     return bad("retrieval_fraction", absl::StrCat("must be in [0, 1], got ", c.retrieval_fraction));
   if (!(c.local_fraction >= 0.0f && c.local_fraction <= 1.0f))
     return bad("local_fraction", absl::StrCat("must be in [0, 1], got ", c.local_fraction));
-  if (c.rare_tokens < 1 || c.rare_tokens > 1024 || c.rare_tokens > c.tokens - c.sink_tokens) {
+  // The sizes below only matter (and are only checked) when their family
+  // knob is on, so that any context length works with the defaults.
+  if (c.retrieval_fraction > 0.0f &&
+      (c.rare_tokens < 1 || c.rare_tokens > 1024 || c.rare_tokens > c.tokens - c.sink_tokens)) {
     return bad("rare_tokens", absl::StrCat("must be in [1, min(1024, tokens - sink_tokens)], got ",
                                            c.rare_tokens));
   }
   if (c.retrieval_dwell < 1)
     return bad("retrieval_dwell", absl::StrCat("must be >= 1, got ", c.retrieval_dwell));
-  if (c.local_window < 1 || c.local_window >= c.tokens - c.sink_tokens) {
+  if (c.local_fraction > 0.0f &&
+      (c.local_window < 1 || c.local_window >= c.tokens - c.sink_tokens)) {
     return bad("local_window",
                absl::StrCat("must be in [1, tokens - sink_tokens), got ", c.local_window));
   }
