@@ -327,6 +327,72 @@ absl::StatusOr<std::vector<float>> QueriesFromProto(const std::string& bytes, v1
   return out;
 }
 
+absl::Status CheckDecodeBatchRequest(const v1::DecodeStepRequest& req) {
+  if (req.batch_size() > kMaxDecodeBatch) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("batch lists ", req.batch_size(), " entries; at most ", kMaxDecodeBatch));
+  }
+  if (!req.session_id().empty() || !req.queries().empty() || req.offset() != 0 ||
+      req.reuse_group_selection()) {
+    return absl::InvalidArgumentError(
+        "a request with batch entries sets session_id, queries, offset and "
+        "reuse_group_selection in each entry, not in the request itself");
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+absl::Status EntryError(int index, absl::string_view session_id, const absl::Status& s) {
+  return absl::Status(
+      s.code(), absl::StrCat("batch entry ", index, " (session ", session_id, "): ", s.message()));
+}
+
+}  // namespace
+
+absl::StatusOr<DecodeBatchEntry> DecodeBatchEntryFromProto(const v1::DecodeStepRequest& req,
+                                                           int index,
+                                                           const DecodeBatchEntry& shared,
+                                                           absl::string_view stream_buffer_id) {
+  const v1::DecodeBatchEntry& in = req.batch(index);
+  DecodeBatchEntry e = shared;
+  e.session_id = in.session_id();
+  e.buffer_id = in.buffer_id().empty() ? std::string(stream_buffer_id) : in.buffer_id();
+  e.offset = in.offset();
+  e.select.reuse_group_selection = in.reuse_group_selection();
+  if (e.session_id.empty() || e.session_id.size() > 256) {
+    return EntryError(index, e.session_id,
+                      absl::InvalidArgumentError("session_id must be 1..256 bytes"));
+  }
+  if (e.buffer_id.empty() || e.buffer_id.size() > 256) {
+    return EntryError(index, e.session_id,
+                      absl::InvalidArgumentError(
+                          "buffer_id must be 1..256 bytes (in the entry, the request or an "
+                          "earlier request of the stream)"));
+  }
+  auto queries = QueriesFromProto(in.queries(), req.query_dtype(), in.reuse_group_selection());
+  if (!queries.ok()) return EntryError(index, e.session_id, queries.status());
+  e.select.queries = *std::move(queries);
+  return e;
+}
+
+void DecodeBatchResultToProto(int index, const DecodeBatchEntry& entry,
+                              const absl::StatusOr<DecodeStepResult>& result,
+                              v1::DecodeBatchResult* out) {
+  out->set_session_id(entry.session_id);
+  if (!result.ok()) {
+    const absl::Status s = EntryError(index, entry.session_id, result.status());
+    out->set_code(static_cast<int32_t>(s.code()));
+    out->set_message(std::string(s.message()));
+    return;
+  }
+  for (size_t h = 0; h < result->selection.heads.size(); ++h) {
+    SelectionToProto(result->selection.heads[h], static_cast<int>(h), out->add_heads());
+  }
+  out->set_reused(result->selection.reused);
+  FetchLayoutToProto(result->layout, entry.buffer_id, out->mutable_layout());
+}
+
 void SelectionToProto(const Selection& s, int kv_head, v1::HeadSelection* out) {
   out->set_kv_head(kv_head);
   out->mutable_pages()->Add(s.pages.begin(), s.pages.end());

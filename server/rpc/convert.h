@@ -62,6 +62,24 @@ absl::StatusOr<std::vector<float>> QueriesFromProto(const std::string& bytes, v1
                                                     bool allow_empty);
 
 void SelectionToProto(const Selection& selection, int kv_head, v1::HeadSelection* out);
+
+// Batched DecodeStep. InvalidArgument (ending the stream) when the request
+// sets its own session_id, queries, offset or reuse_group_selection beside
+// `batch`, or lists more than kMaxDecodeBatch entries.
+inline constexpr int kMaxDecodeBatch = 1024;
+absl::Status CheckDecodeBatchRequest(const v1::DecodeStepRequest& req);
+// One entry of a batch, converted alone (its error names the entry and its
+// session); `shared` holds the request's layer, params and num_layers, and
+// `stream_buffer_id` the buffer of the stream when the entry names none.
+absl::StatusOr<DecodeBatchEntry> DecodeBatchEntryFromProto(const v1::DecodeStepRequest& req,
+                                                           int index,
+                                                           const DecodeBatchEntry& shared,
+                                                           absl::string_view stream_buffer_id);
+// The answer to entry `index` (an error is prefixed with the entry and its
+// session, in the caller's words).
+void DecodeBatchResultToProto(int index, const DecodeBatchEntry& entry,
+                              const absl::StatusOr<DecodeStepResult>& result,
+                              v1::DecodeBatchResult* out);
 void FetchLayoutToProto(const FetchLayout& layout, absl::string_view buffer_id,
                         v1::FetchLayout* out);
 

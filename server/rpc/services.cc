@@ -47,6 +47,40 @@ absl::StatusOr<int> LayerIndex(uint32_t layer) {
   return static_cast<int>(layer);
 }
 
+// One batched DecodeStep request: entries that convert run together in the
+// core; each entry gets its own answer. Errors of the request itself end
+// the stream.
+absl::Status DecodeBatchStep(SessionManager& manager, const Caller& caller,
+                             const v1::DecodeStepRequest& req, const std::string& stream_buffer_id,
+                             v1::DecodeStepResponse* resp) {
+  RETURN_IF_ERROR(CheckDecodeBatchRequest(req));
+  DecodeBatchEntry shared;
+  ASSIGN_OR_RETURN(shared.select.layer, LayerIndex(req.layer()));
+  ASSIGN_OR_RETURN(shared.select.params, SelectParamsFromProto(req.params()));
+  ASSIGN_OR_RETURN(shared.num_layers, LayerCount(req.num_layers()));
+  std::vector<absl::StatusOr<DecodeBatchEntry>> converted;
+  std::vector<DecodeBatchEntry> runnable;
+  for (int i = 0; i < req.batch_size(); ++i) {
+    converted.push_back(DecodeBatchEntryFromProto(req, i, shared, stream_buffer_id));
+    if (converted.back().ok()) runnable.push_back(*converted.back());
+  }
+  std::vector<absl::StatusOr<DecodeStepResult>> results = manager.DecodeBatch(caller, runnable);
+  resp->set_layer(req.layer());
+  size_t next = 0;
+  for (int i = 0; i < req.batch_size(); ++i) {
+    v1::DecodeBatchResult* out = resp->add_batch();
+    if (!converted[i].ok()) {
+      out->set_session_id(req.batch(i).session_id());
+      out->set_code(static_cast<int32_t>(converted[i].status().code()));
+      out->set_message(std::string(converted[i].status().message()));
+      continue;
+    }
+    DecodeBatchResultToProto(i, runnable[next], results[next], out);
+    ++next;
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 RpcMetrics::RpcMetrics(Registry* r)
@@ -349,8 +383,16 @@ grpc::Status KvServiceImpl::DecodeStep(
     int64_t index = 0;
     while (stream->Read(&req)) {
       const auto t0 = std::chrono::steady_clock::now();
-      if (!req.session_id().empty()) session_id = req.session_id();
       if (!req.buffer_id().empty()) buffer_id = req.buffer_id();
+      if (req.batch_size() > 0) {
+        resp.Clear();
+        RETURN_IF_ERROR(DecodeBatchStep(*deps.manager, caller, req, buffer_id, &resp));
+        deps.metrics->decode_step_seconds->WithLabels({})->Observe(SecondsSince(t0));
+        if (!stream->Write(resp)) return absl::CancelledError("DecodeStep: the client went away");
+        ++index;
+        continue;
+      }
+      if (!req.session_id().empty()) session_id = req.session_id();
       if (session_id.empty() || buffer_id.empty()) {
         return absl::InvalidArgumentError(
             absl::StrCat("DecodeStep request ", index,

@@ -10,6 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "common/random_id.h"
 #include "common/status_macros.h"
+#include "server/index/parallel_build.h"
 #include "server/session/session.h"
 #include "server/session/session_append.h"
 
@@ -488,6 +489,25 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(const Caller& caller
   fetch.pages.reserve(out.selection.heads.size());
   for (const Selection& sel : out.selection.heads) fetch.pages.push_back(sel.pages);
   ASSIGN_OR_RETURN(out.layout, s.Fetch(lease, fetch, options_.decode_threads));
+  return out;
+}
+
+std::vector<absl::StatusOr<DecodeStepResult>> SessionManager::DecodeBatch(
+    const Caller& caller, absl::Span<const DecodeBatchEntry> entries) {
+  std::vector<absl::StatusOr<DecodeStepResult>> out(entries.size(), DecodeStepResult{});
+  std::vector<char> done(entries.size(), 0);
+  auto run = [&](int64_t i) {
+    const DecodeBatchEntry& e = entries[i];
+    out[i] = DecodeStep(caller, e.session_id, e.select, e.buffer_id, e.offset, e.num_layers);
+    done[i] = 1;
+    return absl::OkStatus();
+  };
+  // Only a failure of the task runtime itself (out of memory) comes back here.
+  const absl::Status ran =
+      ParallelFor(static_cast<int64_t>(entries.size()), options_.decode_threads, run);
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (!done[i]) out[i] = ran.ok() ? absl::InternalError("decode batch entry was not run") : ran;
+  }
   return out;
 }
 

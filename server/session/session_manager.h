@@ -184,6 +184,13 @@ class SessionManager {
                                               std::string_view buffer_id, uint64_t offset,
                                               int num_layers = 1);
 
+  // DecodeStep for every entry (sessions of the caller's tenant; the same
+  // session may appear twice), the entries in parallel on decode_threads.
+  // One answer per entry, in order, each with DecodeStep's codes: a bad entry
+  // fails alone and nothing is written for it.
+  std::vector<absl::StatusOr<DecodeStepResult>> DecodeBatch(
+      const Caller& caller, absl::Span<const DecodeBatchEntry> entries);
+
   // --- leases ---
   // Drops sessions whose lease expired at `now` (none with requests in
   // flight) and idle buffers; returns the number of sessions dropped.

@@ -115,6 +115,16 @@ struct DecodeStepResult {
   FetchLayout layout;
 };
 
+// One sequence of a batched decode step (SessionManager::DecodeBatch): the
+// layer's queries of one session, written to its own buffer region.
+struct DecodeBatchEntry {
+  std::string session_id;
+  SelectRequest select;
+  std::string buffer_id;
+  uint64_t offset = 0;
+  int num_layers = 1;
+};
+
 struct AppendResult {
   int64_t tokens = 0;        // session tokens after the append (every layer)
   int next_layer = 0;        // first layer of the chunk still to come; 0 = complete

@@ -487,6 +487,57 @@ TEST_F(SessionKvBasicTest, ReadyLayerGroupsServeWhileTheRestOfThePrefillArrives)
               StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("starts at layer 0")));
 }
 
+TEST_F(SessionKvBasicTest, DecodeBatchAnswersEachEntryAndWritesNothingForABadOne) {
+  const SessionConfig c = SmallConfig(SelectorKind::kMdci);
+  std::vector<std::string> ids;
+  std::vector<KvMirror> mirrors;
+  for (int i = 0; i < 3; ++i) {
+    auto info = env_.manager->CreateSession(Alice(), c);
+    ASSERT_THAT(info, IsOk());
+    auto kv = MakeKv(c, 0, 80, /*seed=*/i + 1);
+    mirrors.emplace_back(c);
+    mirrors.back().Add(kv, 0, 80);
+    ASSERT_THAT(env_.manager->AppendKv(Alice(), info->id, 80, kv), IsOk());
+    ids.push_back(info->id);
+  }
+  auto bob = env_.manager->CreateSession(Caller{"bob", 0, false}, c);
+  ASSERT_THAT(bob, IsOk());
+  const uint64_t region = 1 << 20;
+  std::vector<DecodeBatchEntry> batch(5);
+  for (int i = 0; i < 5; ++i) {
+    batch[i].session_id = ids[i % 3];
+    batch[i].select.layer = 2;
+    batch[i].select.queries = MakeQueries(c, 20 + i);
+    batch[i].select.params.budget_tokens = 16;
+    batch[i].select.params.want_positions = true;
+    batch[i].buffer_id = buffer_id_;
+    batch[i].offset = i * region / 2;
+    batch[i].num_layers = 2;
+  }
+  batch[1].select.queries.pop_back();  // malformed: one float short
+  batch[3].session_id = bob->id;       // another tenant's session: not found
+  std::memset(shm_.data(), 0xAB, shm_.size());
+  auto results = env_.manager->DecodeBatch(Alice(), batch);
+  ASSERT_EQ(results.size(), 5u);
+  EXPECT_THAT(results[1], StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("queries")));
+  EXPECT_THAT(results[3], StatusIs(absl::StatusCode::kNotFound, HasSubstr(bob->id)));
+  for (int i : {1, 3}) {  // nothing written in their regions
+    const uint8_t* p = shm_.data() + batch[i].offset;
+    for (uint64_t b = 0; b < region / 2; ++b) ASSERT_EQ(p[b], 0xAB) << "entry " << i;
+  }
+  for (int i : {0, 2, 4}) {
+    ASSERT_THAT(results[i], IsOk()) << "entry " << i;
+    // Same answer as the entry's own DecodeStep.
+    auto alone = env_.manager->SelectPages(Alice(), batch[i].session_id, batch[i].select);
+    ASSERT_THAT(alone, IsOk());
+    for (int h = 0; h < c.kv_heads; ++h) {
+      EXPECT_EQ(results[i]->selection.heads[h].pages, alone->heads[h].pages);
+    }
+    auto seen = CheckRegion(c, results[i]->layout, shm_.data(), mirrors[i % 3]);
+    for (int h = 0; h < c.kv_heads; ++h) EXPECT_TRUE(seen[h].count(0)) << "sink token missing";
+  }
+}
+
 TEST_F(SessionKvBasicTest, ConcurrentSelectsAndAppends) {
   const SessionConfig c = SmallConfig();
   auto info = env_.manager->CreateSession(Alice(), c);
