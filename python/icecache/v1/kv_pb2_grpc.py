@@ -89,6 +89,15 @@ class KvServiceServicer(object):
         session_id and buffer_id; later requests may leave them empty to reuse
         the previous ones. The first error ends the stream with its status
         (codes as SelectPages and FetchPages). Every request renews the lease.
+
+        Batched: a request with `batch` entries carries one layer's queries for
+        several sessions of the caller's tenant (an inference server's
+        continuous batch); its own session_id, queries, offset and
+        reuse_group_selection must then be unset, and layer, query_dtype,
+        params and num_layers apply to every entry. The response answers every
+        entry in order in `batch`, each with its own code: a bad entry (unknown
+        session, malformed queries, a region past its buffer, ...) fails alone,
+        nothing is written for it, and the stream goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
