@@ -1,4 +1,4 @@
-// icecache::Client: the C++ client of icecached (DESIGN.md 2, 7).
+// icecache::Client: the C++ client of icecached (docs/architecture.md).
 //
 // One Client holds one gRPC channel to the daemon: a Unix socket (default)
 // or a TCP address with TLS and a bearer token. Every call is a blocking RPC

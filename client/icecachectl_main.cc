@@ -354,6 +354,7 @@ struct CommandLine {
   CLI::App* evict = nullptr;
   CLI::App* drain = nullptr;
   CLI::App* config = nullptr;
+  CLI::App* help = nullptr;
 };
 
 void AddGlobalFlags(CLI::App& app, CommandLine* c) {
@@ -407,6 +408,7 @@ void AddCommands(CLI::App& app, CommandLine* c) {
       "(admin)");
   c->drain->add_flag("--shutdown", c->shutdown, "exit the daemon once in-flight calls finish");
   c->config = app.add_subcommand("config", "the daemon's effective configuration (admin)");
+  c->help = app.add_subcommand("help", "this text (as --help)");
 }
 
 int RunCommand(Client& client, const CommandLine& c) {
@@ -435,6 +437,10 @@ int Run(int argc, char** argv) {
   AddGlobalFlags(app, &c);
   AddCommands(app, &c);
   if (auto code = cli::Parse(app, argc, argv)) return *code;
+  if (c.help->parsed()) {
+    std::cout << app.help();
+    return kExitOk;
+  }
   if (!(c.timeout_s > 0)) return UsageError("--timeout needs a positive number of seconds");
   c.options.timeout = absl::Seconds(c.timeout_s);
   auto client = Client::Create(c.options);

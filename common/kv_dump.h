@@ -1,5 +1,5 @@
 // The KV dump: interchange format between real models and IceCache
-// (DESIGN.md section 10). A directory with
+// (docs/architecture.md). A directory with
 //   keys.npy     [layers, kv_heads, tokens, head_dim]
 //   values.npy   [layers, kv_heads, tokens, head_dim]
 //   queries.npy  [steps, layers, q_heads, head_dim]

@@ -1,6 +1,6 @@
 // Shared-memory files under /dev/shm: the client side creates one (ShmFile::
 // Create), the daemon side opens the client's file with every check of
-// DESIGN.md 8 (ShmFile::OpenChecked), and both map it MAP_SHARED.
+// docs/architecture.md (ShmFile::OpenChecked), and both map it MAP_SHARED.
 //
 // A client may truncate its file while the daemon has it mapped; touching a
 // MAP_SHARED page beyond EOF raises SIGBUS. RunSigbusGuarded() turns such a
@@ -52,7 +52,7 @@ class ShmFile {
                                         bool unlink_on_close = true,
                                         const ShmOpenOptions& options = {});
 
-  // Daemon side: opens a client's file with the checks of DESIGN.md 8 and maps
+  // Daemon side: opens a client's file with the checks of docs/architecture.md and maps
   // its first `size` bytes MAP_SHARED read-write:
   //  - `path` is absolute, has no "." / ".." components or doubled slashes,
   //    lies under options.root, and no component is a symlink
