@@ -53,8 +53,8 @@ class TinyConfig:
     topics: int = 64
     topic_rank: int = 16  # topic subspace dimensions (hidden and head)
     segment: int = 256  # mean topic segment length of the prompt
-    peaked_scale: float = 3.0  # topic coupling of peaked heads
-    flat_scale: float = 0.8  # ... and of flat heads
+    peaked_scale: float = 5.5  # topic coupling of peaked heads (logit gap of a same-topic key)
+    flat_scale: float = 2.0  # ... and of flat heads
     sink_strength: float = 5.0
     local_strength: float = 1.2
     seed: int = 1234
