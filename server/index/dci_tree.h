@@ -1,5 +1,5 @@
-// The multi-level DCI-tree of one KV head (DESIGN.md 4.3-4.6) and its page
-// layout. Levels: level 0 holds every key; a key on level l >= 1 is also a
+// The multi-level DCI-tree of one KV head (docs/architecture.md, the index)
+// and its page layout. Levels: level 0 holds every key; a key on level l >= 1 is also a
 // node whose children live on level l-1 (a key on level l is its own child
 // on level l-1); every node below the top level has a parent on level l+1.
 // Promotion is deterministic: a new key goes up from level l whenever the
@@ -22,6 +22,12 @@
 // entry level, scoring node representatives by their estimated attention
 // mass, and returns the most promising logical nodes.
 //
+// Files: dci_tree.cc (creation, routing, insert), dci_tree_build.cc (bulk
+// build: capacity-aware assignment, depth-first renumbering),
+// dci_tree_descent.cc (candidate collection), dci_tree_rebuild.cc (rebuild of
+// the MIPS bound and representatives); dci_node_reps.h (the representatives
+// of a level, shared with the rebuild), dci_key_subspace.h (PCA subspace).
+//
 // Thread safety: const methods may run concurrently; BulkBuild(), Insert()
 // and CommitRebuild() need exclusive access (the selector's writer lock).
 #ifndef ICECACHE_SERVER_INDEX_DCI_TREE_H_
@@ -36,6 +42,8 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "common/dtype.h"
+#include "server/index/dci_key_subspace.h"
+#include "server/index/dci_node_reps.h"
 #include "server/index/dci_page_table.h"
 #include "server/index/mips.h"
 #include "server/index/selector.h"
@@ -51,7 +59,6 @@ struct DciTreeParams {
   int route_fov = 3;         // nodes kept per level when routing a key (build, insert)
   int build_candidates = 8;  // parents considered per key by the capacity-aware bulk assignment
   int refine_iters = 0;      // bulk: level-0 re-assignments against full centroids
-  int regroup_iters = 0;     // bulk: upper-level regroupings by full centroids
   // Rank of the global key subspace (PCA of the first batch) in which every
   // node keeps the variance of its keys, for its attention-mass estimate.
   int spread_rank = 16;
@@ -66,8 +73,6 @@ struct DciTreeParams {
   // Insert with a locality window: a recent node with room takes a key when
   // its squared distance is within this factor of the nearest node's.
   float decode_slack = 1.5f;
-  // Score a node's outlier key as well as its centroid (one more row per node).
-  bool outlier_reps = false;
   uint64_t seed = 1234;
 };
 
@@ -82,19 +87,27 @@ struct DciDescentParams {
   // count x exp(s q.c + w s^2 q'Sq / 2), with S its covariance (kept in the
   // spread_rank-dim key subspace plus an isotropic residual).
   float spread_weight = 1.0f;
-  // Cap the spread term at the expected max of `count` Gaussians (robust to
-  // very large queries; costs some mass on realistic data).
-  bool spread_cap = false;
 };
 
 // Reusable per-thread buffers of CollectCandidates (no allocation once warm).
+// Per-candidate arrays are indexed by the candidate's place i in `cand`;
+// per-query ones by the query j; "nq x nc" arrays hold query j's values for
+// every candidate at [j * nc, (j + 1) * nc).
 struct DciScratch {
-  std::vector<uint32_t> cand, next, kept;
-  std::vector<float> dots, odots, vars, run_dots, head_keys, node_logc, node_res, best;
-  std::vector<std::pair<float, uint32_t>> scored;
-  std::vector<float> qnorm2;
-  std::vector<float> qproj;  // nq x spread_rank, squared projections of the queries
-  std::vector<float> qres;   // nq: squared residual norm per residual dimension
+  std::vector<uint32_t> cand;    // candidate node ids on the current level, ascending
+  std::vector<uint32_t> next;    // nodes kept on this level, then the next level's candidates
+  std::vector<uint32_t> kept;    // kept nodes ordered by their first child
+  std::vector<float> dots;       // nq x nc: query . node centroid
+  std::vector<float> vars;       // nq x nc: q'(lam)q, logit variance inside the key subspace
+  std::vector<float> run_dots;   // one run of sibling rows' dots before they are scattered
+  std::vector<float> head_keys;  // plain copy of the scores, for threshold selection
+  std::vector<float> node_logc;  // nc: log(node key count)
+  std::vector<float> node_res;   // nc: the node's residual variance per dimension
+  std::vector<float> best;       // nc: max over the queries of the estimated log-mass
+  std::vector<std::pair<float, uint32_t>> scored;  // (estimated log-mass, node), ranked head
+  std::vector<float> qnorm2;                       // nq: squared query norm
+  std::vector<float> qproj;                        // nq x rank: squared projections of the queries
+  std::vector<float> qres;  // nq: squared query norm outside the key subspace
 };
 
 // The rebuilt search structure, prepared off the writer lock by
@@ -102,9 +115,7 @@ struct DciScratch {
 struct DciTreeRebuild {
   MipsAugmentation mips;
   int64_t num_tokens = 0;
-  // Per level (index 0 unused): the node representatives.
-  std::vector<std::vector<uint32_t>> count;
-  std::vector<std::vector<float>> centroid, abar, m2, half_sq, pm2, lam, res, outlier, out_dev;
+  std::vector<DciNodeReps> levels;  // per level (index 0 unused): the node representatives
 };
 
 class DciTree {
@@ -156,9 +167,9 @@ class DciTree {
   const std::vector<uint32_t>& node_children(int level, uint32_t node) const {
     return levels_[level].children[node];
   }
-  uint32_t node_count(int level, uint32_t node) const { return levels_[level].count[node]; }
+  uint32_t node_count(int level, uint32_t node) const { return levels_[level].reps.count[node]; }
   const float* node_centroid(int level, uint32_t node) const {
-    return &levels_[level].centroid[static_cast<size_t>(node) * params_.dim];
+    return &levels_[level].reps.centroid[static_cast<size_t>(node) * params_.dim];
   }
   int key_top_level(int64_t key) const { return key_top_[key]; }
   // Node index of `key` on its top level (top >= 1), or its level-1 parent
@@ -170,33 +181,35 @@ class DciTree {
 
  private:
   struct Level {
-    std::vector<uint32_t> key, parent, count;
-    std::vector<float> centroid;  // size x dim
-    std::vector<float> abar, m2, half_sq;
-    // Spread in the key subspace: mean squared projection on each basis
-    // vector (size x rank), the variance along it (size x rank), and the
-    // residual variance outside the subspace (size).
-    std::vector<float> pm2, lam, res;
-    // The key of the subtree farthest from the centroid (size x dim) and its
-    // squared distance to it: the node's mass is estimated as that key's
-    // exp(s q.o) plus the rest modelled around the centroid, so one
-    // strongly aligned key (a needle) is not averaged away.
-    std::vector<float> outlier, out_dev;
-    // fp16 copy of the centroids, read by CollectCandidates (half the bytes
+    std::vector<uint32_t> key;     // per node: the key (position) that is the node
+    std::vector<uint32_t> parent;  // per node: parent node on level+1, kNone on the top level
+    std::vector<std::vector<uint32_t>> children;  // per node: child nodes on level-1 (level >= 2)
+    DciNodeReps reps;                             // per node: representative (dci_node_reps.h)
+    // fp16 copy of reps.centroid, read by CollectCandidates (half the bytes
     // of the fp32 rows that routing and updates use).
     std::vector<uint16_t> centroid16;
-    std::vector<std::vector<uint32_t>> children;  // level >= 2
     uint32_t size() const { return static_cast<uint32_t>(key.size()); }
-    size_t bytes(int dim) const;
+    size_t bytes() const;
   };
   struct RouteScratch {
     std::vector<uint32_t> cand, next;
     std::vector<std::pair<float, uint32_t>> scored;
   };
+  // One candidate parent of an item in the capacity-aware assignment.
+  struct AssignPair {
+    float score;
+    uint32_t item;
+    uint32_t node;
+  };
 
   DciTree(const DciTreeParams& params, int ratio, MipsAugmentation mips)
-      : params_(params), ratio_(ratio), mips_(mips), pages_(params.page_tokens) {}
+      : params_(params),
+        ratio_(ratio),
+        mips_(mips),
+        subspace_(params.dim, params.spread_rank, params.seed),
+        pages_(params.page_tokens) {}
 
+  // --- dci_tree.cc: routing and insert ---
   // Routing score of node (level, i) for augmented key [x, a]: higher is
   // nearer (minus half the squared augmented distance, up to a constant).
   float RouteScore(int level, uint32_t node, const float* x, float a) const;
@@ -206,47 +219,83 @@ class DciTree {
   void Route(const float* x, float a, int target, int keep,
              const std::vector<std::vector<int32_t>>* free, RouteScratch* s,
              std::vector<std::pair<float, uint32_t>>* out) const;
-  // Recomputes level `from`'s node representatives from `members` keys
-  // (level 1) or from their own key (from >= 2 with members == nullptr),
-  // then every level above from its children.
+  // Level 1's representatives from `members` keys (members == nullptr: every
+  // node of `level` from its own key alone); AggregateUp: every level from
+  // from_level up from its children.
   void SetRepsFromKeys(int level, const float* keys, const float* aug,
                        const std::vector<std::vector<uint32_t>>* members);
   void AggregateUp(int from_level);
-  void UpdateNodeRep(int level, uint32_t node, const float* x, float a, float sq);
-  void InitNodeRep(int level, uint32_t node, const float* x, float a, float sq);
-  // Capacity-aware assignment of `items` (keys with top == level-1, given as
-  // their key ids) to nodes on `level`; writes the parent node of each item.
-  // `item_vecs`/`item_augs` (optional): the vectors to place instead of the
-  // items' keys (node centroids when regrouping upper levels).
-  void AssignWithCapacity(int level, const std::vector<uint32_t>& items, const float* keys,
-                          const float* aug, int capacity, std::vector<uint32_t>* parent_of,
-                          const float* item_vecs = nullptr, const float* item_augs = nullptr);
-  void RegroupUpperLevels(const float* keys, const float* aug);
   // Refreshes the fp16 centroid copy of one node / of every node.
   void SyncMirror(int level, uint32_t node);
   void SyncAllMirrors();
   int PromotionLevel(std::vector<uint32_t>* counts) const;
-  // Fixes basis_ from a sample of `n` keys (PCA by subspace iteration).
-  void FitBasis(const float* keys, int64_t n);
-  void Project(const float* x, float* out) const;  // rank values
-  // lam and res of a node from its centroid, m2 and pm2.
-  void DeriveSpread(int level, uint32_t node);
   void ResizeLevel(int level, uint32_t size);
-  // Renumbers every level depth-first (siblings get consecutive ids).
-  void RenumberDepthFirst();
+  // Opens the nodes of a key promoted to level t (levels 1..t, each the own
+  // child of the next); returns its level-t node (kNone for t == 0).
+  uint32_t OpenKeyNodes(uint32_t pos, int t, bool with_reps, const float* x, float a, float sq,
+                        std::vector<std::pair<int, uint32_t>>* dirty);
+  // Insert path: the level-(t+1) parent of a key at level t, and its
+  // representatives updated up to the top.
+  uint32_t ChooseInsertParent(const float* x, float a, float sq, int32_t pos, int t,
+                              RouteScratch* rs, std::vector<std::pair<float, uint32_t>>* out);
   uint32_t Level1NodeOfUpperKey(int64_t key) const;
   // Insert path with a locality window: kNone when no recent node has room.
   uint32_t NearestRecentNodeWithRoom(const float* x, float a, int64_t pos, float* score) const;
   bool NodeHasRoom(uint32_t node) const;  // its last page has a free slot
 
+  // --- dci_tree_build.cc: bulk build ---
+  // Capacity-aware assignment of `items` (keys with top == level-1, given as
+  // their key ids) to nodes on `level`; writes the parent node of each item.
+  void AssignWithCapacity(int level, const std::vector<uint32_t>& items, const float* keys,
+                          const float* aug, int capacity, std::vector<uint32_t>* parent_of);
+  // Candidate parents of level-0 items among the level-1 nodes of their
+  // locality window (a contiguous id range), 8 items per kernel call.
+  void PairWindowCandidates(const std::vector<uint32_t>& items, const float* keys, const float* aug,
+                            std::vector<AssignPair>* pairs, std::vector<uint32_t>* best) const;
+  // Candidate parents of every item by routing from the top.
+  void PairRoutedCandidates(int level, const std::vector<uint32_t>& items, const float* keys,
+                            const float* aug, std::vector<AssignPair>* pairs,
+                            std::vector<uint32_t>* best) const;
+  // Items whose candidates all filled up: routed again only through nodes
+  // with room left (load is each node's count of assigned items).
+  void PlaceLeftovers(int level, const std::vector<uint32_t>& items, const float* keys,
+                      const float* aug, int capacity, const std::vector<int32_t>& load,
+                      const std::vector<uint32_t>& leftovers, const std::vector<uint32_t>& best,
+                      std::vector<uint32_t>* parent_of) const;
+  // Levels of every key by the promotion rule, nodes without parents.
+  void BuildSkeleton(int64_t n);
+  // Parents level by level from the top; members[node] = level-1 node's keys.
+  void AssignLevels(const float* keys, int64_t n, const float* aug,
+                    std::vector<std::vector<uint32_t>>* members);
+  void RefineLevel0(const float* keys, int64_t n, const float* aug,
+                    std::vector<std::vector<uint32_t>>* members);
+  // Renumbers every level depth-first (siblings get consecutive ids).
+  void RenumberDepthFirst();
+  // Pages: each logical node's keys in position order.
+  absl::Status LayOutPages(int64_t n, std::vector<std::vector<uint32_t>>* members,
+                           std::vector<Placement>* placements);
+
+  // --- dci_tree_descent.cc: candidate collection ---
+  int EntryLevel(int entry_nodes) const;
+  void PrepareQueries(const float* queries, int nq, DciScratch* s) const;
+  void PrefetchCandidates(int level, bool spread, const DciScratch& s) const;
+  // s->scored = (estimated log-mass, node) of every candidate on `level`.
+  void ScoreCandidates(int level, const float* queries, int nq, float scale, float half_s2,
+                       DciScratch* s) const;
+  // Takes the best candidates until they hold enough tokens (and at least
+  // field_of_view nodes above level 1): into `nodes` on level 1, s->next above.
+  void TakeBest(int level, const DciDescentParams& params, DciScratch* s,
+                std::vector<uint32_t>* nodes) const;
+  // s->cand = the children of the nodes in s->next, ascending.
+  void ExpandChildren(int level, DciScratch* s) const;
+
   DciTreeParams params_;
   int ratio_;
   MipsAugmentation mips_;
-  int rank_ = 0;               // spread_rank, clamped to dim
-  std::vector<float> basis_;   // rank x dim, orthonormal rows
-  std::vector<Level> levels_;  // levels_[0] unused (level 0 = the keys)
-  std::vector<uint8_t> key_top_;
-  std::vector<uint32_t> key_node_;
+  DciKeySubspace subspace_;             // rank = spread_rank clamped to dim
+  std::vector<Level> levels_;           // levels_[0] unused (level 0 = the keys)
+  std::vector<uint8_t> key_top_;        // per key: its top level
+  std::vector<uint32_t> key_node_;      // per key: key_node() below
   std::vector<uint32_t> nodes_by_key_;  // level-1 node ids by ascending key position
   DciPageTable pages_;
 };

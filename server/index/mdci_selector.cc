@@ -50,14 +50,13 @@ absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::Create(const Selecto
   if (keys == nullptr) return absl::InvalidArgumentError("PageKeys must not be null");
   const MdciParams& m = config.mdci;
   if (!(m.cover_factor > 0.0f) || !std::isfinite(m.cover_factor) || m.entry_nodes < 1 ||
-      m.min_candidate_pages < 0 || m.regroup_iters < 0 || !(m.decode_slack >= 1.0f) ||
-      !std::isfinite(m.decode_slack) || !(m.spread_weight >= 0.0f) ||
-      !std::isfinite(m.spread_weight)) {
+      m.min_candidate_pages < 0 || !(m.decode_slack >= 1.0f) || !std::isfinite(m.decode_slack) ||
+      !(m.spread_weight >= 0.0f) || !std::isfinite(m.spread_weight)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "SelectorConfig.mdci needs cover_factor > 0, entry_nodes >= 1, min_candidate_pages >= 0, "
-        "regroup_iters >= 0, decode_slack >= 1 and spread_weight >= 0; got ",
-        m.cover_factor, ", ", m.entry_nodes, ", ", m.min_candidate_pages, ", ", m.regroup_iters,
-        ", ", m.decode_slack, ", ", m.spread_weight));
+        "decode_slack >= 1 and spread_weight >= 0; got ",
+        m.cover_factor, ", ", m.entry_nodes, ", ", m.min_candidate_pages, ", ", m.decode_slack,
+        ", ", m.spread_weight));
   }
   DciTreeParams tp;
   tp.dim = config.head_dim;
@@ -68,12 +67,10 @@ absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::Create(const Selecto
   tp.route_fov = m.route_fov;
   tp.build_candidates = m.build_candidates;
   tp.refine_iters = m.refine_iters;
-  tp.regroup_iters = m.regroup_iters;
   tp.decode_slack = m.decode_slack;
   tp.spread_rank = m.spread_rank;
   tp.locality_window = m.locality_window;
   tp.augmented_routing = m.augmented_routing;
-  tp.outlier_reps = m.outlier_reps;
   tp.seed = m.seed;
   ASSIGN_OR_RETURN(std::unique_ptr<DciTree> tree, DciTree::Create(tp));
   return std::unique_ptr<MdciSelector>(new MdciSelector(config, keys, std::move(tree)));
@@ -144,7 +141,6 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
     dp.cover_factor = config_.mdci.cover_factor;
     dp.entry_nodes = config_.mdci.entry_nodes;
     dp.spread_weight = config_.mdci.spread_weight;
-    dp.spread_cap = config_.mdci.spread_cap;
     tree_->CollectCandidates(queries, num_queries, scale, dp, &s.descent, &s.nodes, &touched);
     s.candidates.clear();
     for (uint32_t node : s.nodes) {

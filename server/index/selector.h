@@ -75,18 +75,15 @@ struct MdciParams {
   int route_fov = 3;         // nodes kept per level when routing a key (build, insert)
   int build_candidates = 8;  // parents considered per key by the capacity-aware bulk build
   int refine_iters = 0;      // bulk build: level-0 re-assignments against full centroids
-  int regroup_iters = 0;     // bulk build: upper levels regrouped by full centroids
   // Upper levels keep nodes (beyond field_of_view) until they hold
   // cover_factor x candidate tokens.
   float cover_factor = 2.0f;
   int entry_nodes = 1024;      // descent starts at the lowest level with <= this many nodes
   float spread_weight = 1.0f;  // weight of a node's key spread in its estimated mass
   int spread_rank = 16;        // key subspace in which nodes keep their spread (>= 0)
-  bool spread_cap = false;     // cap the spread bonus (expected max of the node's keys)
   // > 0: pages group similar keys only within windows of this many positions.
   int locality_window = 4096;
   bool augmented_routing = false;  // parents by MIPS-augmented (true) or plain L2 distance
-  bool outlier_reps = false;       // also score each node's farthest key (+1 row per node)
   int min_candidate_pages = 32;    // exact-scored pages per query at least (small budgets)
   // Insert (with a locality window): a recent node with room in its last page
   // takes a decode key when its squared distance is within this factor of the

@@ -60,14 +60,11 @@ void AddFlags(CLI::App& app, MeasureFlags* f, MdciParams* mp) {
   app.add_option("--entry", mp->entry_nodes, "entry nodes");
   app.add_option("--cover", mp->cover_factor, "cover factor");
   app.add_option("--refine", mp->refine_iters, "refine iterations");
-  app.add_option("--regroup", mp->regroup_iters, "upper-level regroup iterations");
-  app.add_option("--cap", mp->spread_cap, "spread cap (0/1)");
   app.add_option("--build-candidates,--build_candidates", mp->build_candidates, "build candidates");
   app.add_option("--route-fov,--route_fov", mp->route_fov, "routing field of view");
   app.add_option("--rank", mp->spread_rank, "spread rank");
   app.add_option("--window", mp->locality_window, "locality window");
   app.add_option("--augmented", mp->augmented_routing, "augmented routing (0/1)");
-  app.add_option("--outliers", mp->outlier_reps, "outlier representatives (0/1)");
   app.add_flag("--incremental", f->incremental, "build by 64-token inserts instead of Build");
   app.add_flag("--verbose", f->verbose, "print exact-mdci's page ranks under the tree estimate");
 }
@@ -185,7 +182,6 @@ int main(int argc, char** argv) {
         dp.cover_factor = mp.cover_factor;
         dp.entry_nodes = mp.entry_nodes;
         dp.spread_weight = mp.spread_weight;
-        dp.spread_cap = mp.spread_cap;
         DciScratch scratch;
         std::vector<uint32_t> nodes;
         uint64_t t = 0;

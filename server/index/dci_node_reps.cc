@@ -1,0 +1,123 @@
+#include "server/index/dci_node_reps.h"
+
+#include <algorithm>
+
+#include "server/index/kernels.h"
+
+namespace icecache {
+namespace {
+
+// v[i * width .. (i + 1) * width) = old v[order[i] * width ..).
+template <typename T>
+void PermuteRows(std::vector<T>* v, const std::vector<uint32_t>& order, size_t width) {
+  if (v->empty() || width == 0) return;
+  const std::vector<T> old = *v;
+  for (size_t i = 0; i < order.size(); ++i) {
+    std::copy(old.begin() + order[i] * width, old.begin() + (order[i] + 1) * width,
+              v->begin() + i * width);
+  }
+}
+
+}  // namespace
+
+void DciRepSums::Reset(int dim, int rank) {
+  sum.assign(dim, 0.0);
+  psum.assign(rank, 0.0);
+  aug = sq = count = 0.0;
+}
+
+void DciRepSums::AddKey(const float* x, int dim, float a, float key_sq, const float* proj,
+                        int rank) {
+  for (int k = 0; k < dim; ++k) sum[k] += x[k];
+  for (int k = 0; k < rank; ++k) psum[k] += static_cast<double>(proj[k]) * proj[k];
+  aug += a;
+  sq += key_sq;
+  count += 1.0;
+}
+
+void DciRepSums::AddNode(const DciNodeReps& reps, uint32_t node, int dim, int rank) {
+  const double w = reps.count[node];
+  const float* c = &reps.centroid[static_cast<size_t>(node) * dim];
+  for (int k = 0; k < dim; ++k) sum[k] += w * c[k];
+  for (int k = 0; k < rank; ++k) psum[k] += w * reps.pm2[static_cast<size_t>(node) * rank + k];
+  aug += w * reps.abar[node];
+  sq += w * reps.m2[node];
+  count += w;
+}
+
+void DciNodeReps::Resize(uint32_t size, int dim, int rank) {
+  count.resize(size, 0);
+  centroid.resize(static_cast<size_t>(size) * dim, 0.0f);
+  abar.resize(size, 0.0f);
+  m2.resize(size, 0.0f);
+  half_sq.resize(size, 0.0f);
+  pm2.resize(static_cast<size_t>(size) * rank, 0.0f);
+  lam.resize(static_cast<size_t>(size) * rank, 0.0f);
+  res.resize(size, 0.0f);
+}
+
+void DciNodeReps::Init(uint32_t node, const float* x, float a, float sq,
+                       const DciKeySubspace& sub) {
+  const int d = sub.dim(), r = sub.rank();
+  std::copy(x, x + d, &centroid[static_cast<size_t>(node) * d]);
+  abar[node] = a;
+  m2[node] = sq;
+  count[node] = 1;
+  half_sq[node] = 0.5f * (sq + a * a);
+  float* p = &pm2[static_cast<size_t>(node) * r];
+  sub.Project(x, p);
+  for (int k = 0; k < r; ++k) p[k] *= p[k];
+  std::fill(&lam[static_cast<size_t>(node) * r], &lam[static_cast<size_t>(node) * r] + r, 0.0f);
+  res[node] = 0.0f;
+}
+
+void DciNodeReps::Update(uint32_t node, const float* x, float a, float sq,
+                         const DciKeySubspace& sub) {
+  const int d = sub.dim(), r = sub.rank();
+  float* c = &centroid[static_cast<size_t>(node) * d];
+  const uint32_t cnt = ++count[node];
+  const float w = 1.0f / static_cast<float>(cnt);
+  for (int k = 0; k < d; ++k) c[k] += (x[k] - c[k]) * w;
+  abar[node] += (a - abar[node]) * w;
+  m2[node] += (sq - m2[node]) * w;
+  half_sq[node] = 0.5f * (DotF32(c, c, d) + abar[node] * abar[node]);
+  float proj[1024];
+  sub.Project(x, proj);
+  float* p = &pm2[static_cast<size_t>(node) * r];
+  for (int k = 0; k < r; ++k) p[k] += (proj[k] * proj[k] - p[k]) * w;
+  sub.DeriveSpread(c, m2[node], p, &lam[static_cast<size_t>(node) * r], &res[node]);
+}
+
+void DciNodeReps::SetFromSums(uint32_t node, const DciRepSums& sums, const DciKeySubspace& sub) {
+  const int d = sub.dim(), r = sub.rank();
+  const double inv = sums.count > 0 ? 1.0 / sums.count : 0.0;
+  float* c = &centroid[static_cast<size_t>(node) * d];
+  for (int k = 0; k < d; ++k) c[k] = static_cast<float>(sums.sum[k] * inv);
+  abar[node] = static_cast<float>(sums.aug * inv);
+  m2[node] = static_cast<float>(sums.sq * inv);
+  count[node] = static_cast<uint32_t>(sums.count);
+  half_sq[node] = 0.5f * (DotF32(c, c, d) + abar[node] * abar[node]);
+  float* p = &pm2[static_cast<size_t>(node) * r];
+  for (int k = 0; k < r; ++k) p[k] = static_cast<float>(sums.psum[k] * inv);
+  sub.DeriveSpread(c, m2[node], p, &lam[static_cast<size_t>(node) * r], &res[node]);
+}
+
+void DciNodeReps::Permute(const std::vector<uint32_t>& order, int dim, int rank) {
+  PermuteRows(&count, order, 1);
+  PermuteRows(&centroid, order, dim);
+  PermuteRows(&abar, order, 1);
+  PermuteRows(&m2, order, 1);
+  PermuteRows(&half_sq, order, 1);
+  PermuteRows(&pm2, order, rank);
+  PermuteRows(&lam, order, rank);
+  PermuteRows(&res, order, 1);
+}
+
+size_t DciNodeReps::bytes() const {
+  return count.capacity() * sizeof(uint32_t) +
+         (centroid.capacity() + abar.capacity() + m2.capacity() + half_sq.capacity() +
+          pm2.capacity() + lam.capacity() + res.capacity()) *
+             sizeof(float);
+}
+
+}  // namespace icecache

@@ -1,0 +1,266 @@
+// DciTree::CollectCandidates: the selection descent. From the entry level
+// down to level 1, every candidate node's attention mass for the G queries
+// is estimated from its representative (dci_node_reps.h), the best are kept
+// (field_of_view at least, more until they cover enough tokens) and their
+// children become the next level's candidates.
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <numeric>
+
+#include "server/index/dci_tree.h"
+#include "server/index/dci_tree_internal.h"
+#include "server/index/kernels.h"
+
+namespace icecache {
+
+using dci_internal::PrefetchBytes;
+
+namespace {
+
+// Dots of the nq queries `qs` (nq x qdim) with the rows (`width` apart) of
+// `arr` for every candidate, out[j * nc + i]; runs of consecutive ids
+// (siblings) go through one multi-query kernel call.
+template <typename T>
+void DotsOfCandidates(const std::vector<T>& arr, int width, const float* qs, int nq, int qdim,
+                      DciScratch* s, std::vector<float>* out) {
+  const DType dt = sizeof(T) == 2 ? DType::kF16 : DType::kF32;
+  const size_t nc = s->cand.size();
+  out->resize(nc * nq);
+  for (size_t b = 0; b < nc;) {
+    size_t e = b + 1;
+    while (e < nc && s->cand[e] == s->cand[e - 1] + 1) ++e;
+    const size_t run = e - b;
+    const T* rows = &arr[static_cast<size_t>(s->cand[b]) * width];
+    if (run == nc) {
+      DotRowsMulti(dt, rows, run, qdim, qs, nq, out->data());
+    } else {
+      s->run_dots.resize(run * nq);
+      DotRowsMulti(dt, rows, run, qdim, qs, nq, s->run_dots.data());
+      for (int j = 0; j < nq; ++j) {
+        std::copy(&s->run_dots[j * run], &s->run_dots[j * run] + run, &(*out)[j * nc + b]);
+      }
+    }
+    b = e;
+  }
+}
+
+// Only the head of the ranking is needed: it is sorted in growing chunks.
+// Puts the best `end - from` of scored[from..] in order at `from` and returns
+// how many leading entries are now in their final order (>= end): the
+// threshold score of the head is found on a plain float copy (cheap
+// selection), the entries at or above it are moved to the front and only
+// those are sorted. Same order as a partial_sort (the ranking is total:
+// score, then node id).
+size_t SortHead(std::vector<std::pair<float, uint32_t>>* scored, std::vector<float>* head_keys,
+                size_t from, size_t end) {
+  const size_t n = scored->size(), k = end - from;
+  auto first = scored->begin() + from;
+  if (k == 0 || n - from < 256 || k * 4 > n - from) {
+    std::partial_sort(first, scored->begin() + end, scored->end(), dci_internal::Better);
+    return end;
+  }
+  head_keys->resize(n - from);
+  bool nan = false;
+  for (size_t i = from; i < n; ++i) {
+    const float v = (*scored)[i].first;
+    (*head_keys)[i - from] = v;
+    nan |= v != v;
+  }
+  if (nan) {
+    std::partial_sort(first, scored->begin() + end, scored->end(), dci_internal::Better);
+    return end;
+  }
+  std::nth_element(head_keys->begin(), head_keys->begin() + (k - 1), head_keys->end(),
+                   std::greater<float>());
+  const float t = (*head_keys)[k - 1];
+  auto mid = std::partition(first, scored->end(),
+                            [t](const std::pair<float, uint32_t>& p) { return p.first >= t; });
+  std::sort(first, mid, dci_internal::Better);
+  return static_cast<size_t>(mid - scored->begin());
+}
+
+}  // namespace
+
+int DciTree::EntryLevel(int entry_nodes) const {
+  for (int l = 1; l <= top_level(); ++l) {
+    if (levels_[l].size() <= static_cast<uint32_t>(entry_nodes)) return l;
+  }
+  return top_level();
+}
+
+void DciTree::PrepareQueries(const float* queries, int nq, DciScratch* s) const {
+  const int d = params_.dim, rank = subspace_.rank();
+  s->qnorm2.resize(nq);
+  s->qproj.resize(static_cast<size_t>(nq) * std::max(1, rank));
+  s->qres.resize(nq);
+  for (int j = 0; j < nq; ++j) {
+    const float* q = queries + static_cast<size_t>(j) * d;
+    s->qnorm2[j] = dci_internal::SquaredNorm(q, d);
+    float* qp = &s->qproj[static_cast<size_t>(j) * rank];
+    subspace_.Project(q, qp);
+    float captured = 0.0f;
+    for (int k = 0; k < rank; ++k) {
+      qp[k] *= qp[k];
+      captured += qp[k];
+    }
+    s->qres[j] = std::max(0.0f, s->qnorm2[j] - captured);
+  }
+}
+
+void DciTree::PrefetchCandidates(int level, bool spread, const DciScratch& s) const {
+  const Level& L = levels_[level];
+  const size_t d = params_.dim, rank = subspace_.rank();
+  const size_t nc = s.cand.size();
+  for (size_t b = 0; b < nc;) {
+    size_t e = b + 1;
+    while (e < nc && s.cand[e] == s.cand[e - 1] + 1) ++e;
+    const size_t first = s.cand[b], run = e - b;
+    PrefetchBytes(&L.centroid16[first * d], run * d * sizeof(uint16_t));
+    if (spread) PrefetchBytes(&L.reps.lam[first * rank], run * rank * sizeof(float));
+    PrefetchBytes(&L.reps.count[first], run * sizeof(uint32_t));
+    if (spread) PrefetchBytes(&L.reps.res[first], run * sizeof(float));
+    b = e;
+  }
+}
+
+void DciTree::ScoreCandidates(int level, const float* queries, int nq, float scale, float half_s2,
+                              DciScratch* s) const {
+  const Level& L = levels_[level];
+  const size_t nc = s->cand.size();
+  const int rank = subspace_.rank();
+  const bool spread = half_s2 > 0.0f && rank > 0;
+  DotsOfCandidates(L.centroid16, params_.dim, queries, nq, params_.dim, s, &s->dots);
+  if (spread) DotsOfCandidates(L.reps.lam, rank, s->qproj.data(), nq, rank, s, &s->vars);
+  // Laid out query-major so the loops vectorize.
+  s->node_logc.resize(nc);
+  s->node_res.resize(nc);
+  s->best.assign(nc, -std::numeric_limits<float>::infinity());
+  uint32_t last_cnt = 0;
+  float logc = 0.0f;
+  for (size_t i = 0; i < nc; ++i) {
+    const uint32_t node = s->cand[i];
+    const uint32_t cnt = std::max<uint32_t>(1, L.reps.count[node]);
+    if (cnt != last_cnt) {  // most nodes of a level hold the same count
+      last_cnt = cnt;
+      logc = std::log(static_cast<float>(cnt));
+    }
+    s->node_logc[i] = logc;
+    s->node_res[i] = spread ? L.reps.res[node] : 0.0f;
+  }
+  const float* lc = s->node_logc.data();
+  const float* rs = s->node_res.data();
+  float* best = s->best.data();
+  for (int j = 0; j < nq; ++j) {
+    // Gaussian mass: log(count) + s q.c + s^2 v / 2 for the logit variance v = q'Sq.
+    const float* dj = &s->dots[static_cast<size_t>(j) * nc];
+    if (spread) {
+      const float* vj = &s->vars[static_cast<size_t>(j) * nc];
+      const float qr = s->qres[j];
+      for (size_t i = 0; i < nc; ++i) {
+        float e = dj[i] * scale + lc[i];
+        const float var = vj[i] + qr * rs[i];
+        e += half_s2 * var;
+        best[i] = best[i] < e ? e : best[i];
+      }
+    } else {
+      for (size_t i = 0; i < nc; ++i) {
+        const float e = dj[i] * scale + lc[i];
+        best[i] = best[i] < e ? e : best[i];
+      }
+    }
+  }
+  s->scored.resize(nc);
+  for (size_t i = 0; i < nc; ++i) s->scored[i] = {best[i], s->cand[i]};
+}
+
+void DciTree::TakeBest(int level, const DciDescentParams& params, DciScratch* s,
+                       std::vector<uint32_t>* nodes) const {
+  const Level& L = levels_[level];
+  const bool leaf = level == 1;
+  const int64_t want_tokens =
+      leaf ? params.min_tokens : static_cast<int64_t>(params.cover_factor * params.min_tokens);
+  const size_t want_nodes = leaf ? 0 : static_cast<size_t>(params.field_of_view);
+  const double mean_count = static_cast<double>(num_tokens()) / std::max<uint32_t>(1, L.size());
+  size_t chunk = std::max<size_t>(
+      {want_nodes, static_cast<size_t>(1.25 * want_tokens / std::max(1.0, mean_count)) + 8});
+  size_t sorted = 0, taken = 0;
+  int64_t tokens = 0;
+  s->next.clear();
+  while (taken < s->scored.size() && (taken < want_nodes || tokens < want_tokens)) {
+    if (taken == sorted) {
+      const size_t end = std::min(s->scored.size(), sorted + chunk);
+      const size_t next_sorted = SortHead(&s->scored, &s->head_keys, sorted, end);
+      if (leaf) {  // their token counts are read next, scattered
+        for (size_t i = sorted; i < next_sorted; ++i) {
+          __builtin_prefetch(&pages_.node_tokens_ref(s->scored[i].second));
+        }
+      }
+      sorted = next_sorted;
+      chunk *= 2;
+    }
+    const uint32_t node = s->scored[taken++].second;
+    if (leaf) {
+      nodes->push_back(node);
+      tokens += pages_.node_tokens(node);
+    } else {
+      tokens += L.reps.count[node];
+      s->next.push_back(node);
+    }
+  }
+}
+
+void DciTree::ExpandChildren(int level, DciScratch* s) const {
+  const Level& L = levels_[level];
+  // The kept nodes' children lists are scattered heap blocks: fetch all
+  // their headers, then all their data, then gather.
+  for (uint32_t node : s->next) __builtin_prefetch(&L.children[node]);
+  for (uint32_t node : s->next) {
+    const auto& ch = L.children[node];
+    PrefetchBytes(ch.data(), ch.size() * sizeof(uint32_t));
+  }
+  // Siblings have consecutive ids (depth-first numbering): ordering the kept
+  // nodes by their first child usually makes the concatenation sorted
+  // already; sort the whole list only when it is not.
+  s->kept.swap(s->next);
+  std::sort(s->kept.begin(), s->kept.end(), [&L](uint32_t a, uint32_t b) {
+    const auto& ca = L.children[a];
+    const auto& cb = L.children[b];
+    const uint32_t fa = ca.empty() ? 0 : ca.front(), fb = cb.empty() ? 0 : cb.front();
+    return fa < fb || (fa == fb && a < b);
+  });
+  s->next.clear();
+  for (uint32_t node : s->kept) {
+    const auto& ch = L.children[node];
+    s->next.insert(s->next.end(), ch.begin(), ch.end());
+  }
+  if (!std::is_sorted(s->next.begin(), s->next.end())) std::sort(s->next.begin(), s->next.end());
+  s->cand.swap(s->next);
+}
+
+void DciTree::CollectCandidates(const float* queries, int nq, float scale,
+                                const DciDescentParams& params, DciScratch* s,
+                                std::vector<uint32_t>* nodes, uint64_t* touched) const {
+  nodes->clear();
+  if (top_level() < 1) return;
+  const int d = params_.dim, rank = subspace_.rank();
+  const int entry = EntryLevel(params.entry_nodes);
+  PrepareQueries(queries, nq, s);
+  *touched += rank > 0 ? (static_cast<uint64_t>(rank) * nq + d - 1) / d : 0;
+  s->cand.resize(levels_[entry].size());
+  std::iota(s->cand.begin(), s->cand.end(), 0u);
+  const float half_s2 = params.spread_weight * 0.5f * scale * scale;
+  const bool spread = half_s2 > 0.0f && rank > 0;
+  PrefetchCandidates(entry, spread, *s);
+  for (int l = entry; l >= 1; --l) {
+    ScoreCandidates(l, queries, nq, scale, half_s2, s);
+    *touched += s->cand.size();
+    TakeBest(l, params, s, nodes);
+    if (l == 1) return;
+    ExpandChildren(l, s);
+    PrefetchCandidates(l - 1, spread, *s);
+  }
+}
+
+}  // namespace icecache
