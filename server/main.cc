@@ -1,6 +1,9 @@
-// icecached: the IceCache KV-cache offload daemon (DESIGN.md 2, 7, 8).
+// icecached: the IceCache KV-cache offload daemon (docs/architecture.md §1, §8).
 //
-//   icecached [--config FILE] [--socket PATH] [--metrics_port N] ...
+//   icecached [--config FILE] [--socket PATH] [--metrics-port N] ...
+//
+// Flags follow every tool's convention (common/cli.h): kebab-case, the old
+// snake_case spellings (--metrics_port) kept as aliases.
 //
 // Configuration: the textproto file (schema icecache.v1.IcecachedConfig, see
 // deploy/icecached.textproto) is read first, flags given on the command line
@@ -9,7 +12,7 @@
 // the defaults apply.
 //
 // When serving, one line "icecached ready socket=<path> epoch=<n>
-// metrics_port=<n>" goes to stderr (whatever --log_level), so scripts and
+// metrics_port=<n>" goes to stderr (whatever --log-level), so scripts and
 // tests can wait for it. SIGTERM/SIGINT drain (new sessions UNAVAILABLE,
 // health NOT_SERVING), in-flight calls finish within drain_timeout_ms, exit 0.
 // A SIGINT while draining exits at once with status 1.
@@ -22,38 +25,14 @@
 #include <string>
 #include <thread>
 
-#include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "common/cli.h"
 #include "google/protobuf/text_format.h"
 #include "server/rpc/config.h"
 #include "server/rpc/daemon.h"
 #include "server/rpc/log.h"
-
-ABSL_FLAG(std::string, config, "",
-          "Path of the textproto config file (IcecachedConfig); empty = defaults only");
-ABSL_FLAG(std::string, socket, "", "Unix socket path (listen.unix_socket)");
-// Flags left at their "unset" default (empty, -1, 0) do not override the file.
-ABSL_FLAG(int64_t, metrics_port, -1,
-          "Prometheus /metrics + /healthz port on loopback; 0 = off (metrics.port, default 9464)");
-ABSL_FLAG(uint64_t, capacity_bytes, 0,
-          "Pool capacity in bytes (pool.capacity_bytes, default 4 GiB)");
-ABSL_FLAG(std::string, log_level, "", "debug, info, warn or error (log_level, default info)");
-ABSL_FLAG(std::string, ttl_reaper_interval, "",
-          "How often session leases are checked (sessions.reaper_interval_ms, default 1s): a "
-          "duration like 100ms or 2s, or plain milliseconds");
-ABSL_FLAG(std::string, default_ttl, "",
-          "Session lease when a session asks none (sessions.default_ttl_ms, default 60s): "
-          "duration or ms");
-ABSL_FLAG(std::string, drain_timeout, "",
-          "Longest wait for in-flight calls at shutdown (drain_timeout_ms, default 10s): "
-          "duration or ms");
-ABSL_FLAG(std::string, tcp_address, "", "TCP listener host:port (needs TLS files in the config)");
-ABSL_FLAG(uint32_t, worker_threads, 0, "Index build threads; 0 = CPUs (worker_threads)");
-ABSL_FLAG(bool, check_config, false, "Validate the configuration, print it and exit");
 
 namespace {
 
@@ -69,6 +48,50 @@ std::optional<uint64_t> ParseMillis(const std::string& text) {
   return static_cast<uint64_t>(absl::ToInt64Milliseconds(d));
 }
 
+// Command-line overrides. Flags left at their "unset" default (empty, -1, 0)
+// do not override the config file.
+struct Flags {
+  std::string config;
+  std::string socket;
+  int64_t metrics_port = -1;
+  uint64_t capacity_bytes = 0;
+  std::string log_level;
+  std::string ttl_reaper_interval;
+  std::string default_ttl;
+  std::string drain_timeout;
+  std::string tcp_address;
+  uint32_t worker_threads = 0;
+  bool check_config = false;
+};
+
+void AddFlags(CLI::App& app, Flags* f) {
+  app.add_option("--config", f->config,
+                 "Path of the textproto config file (IcecachedConfig); empty = defaults only");
+  app.add_option("--socket", f->socket, "Unix socket path (listen.unix_socket)");
+  app.add_option("--metrics-port,--metrics_port", f->metrics_port,
+                 "Prometheus /metrics + /healthz port on loopback; 0 = off, -1 = the config's "
+                 "(metrics.port, default 9464)");
+  app.add_option("--capacity-bytes,--capacity_bytes", f->capacity_bytes,
+                 "Pool capacity in bytes; 0 = the config's (pool.capacity_bytes, default 4 GiB)");
+  app.add_option("--log-level,--log_level", f->log_level,
+                 "debug, info, warn or error (log_level, default info)");
+  app.add_option("--ttl-reaper-interval,--ttl_reaper_interval", f->ttl_reaper_interval,
+                 "How often session leases are checked (sessions.reaper_interval_ms, default "
+                 "1s): a duration like 100ms or 2s, or plain milliseconds");
+  app.add_option("--default-ttl,--default_ttl", f->default_ttl,
+                 "Session lease when a session asks none (sessions.default_ttl_ms, default "
+                 "60s): duration or ms");
+  app.add_option("--drain-timeout,--drain_timeout", f->drain_timeout,
+                 "Longest wait for in-flight calls at shutdown (drain_timeout_ms, default 10s): "
+                 "duration or ms");
+  app.add_option("--tcp-address,--tcp_address", f->tcp_address,
+                 "TCP listener host:port (needs TLS files in the config)");
+  app.add_option("--worker-threads,--worker_threads", f->worker_threads,
+                 "Index build threads; 0 = CPUs (worker_threads)");
+  app.add_flag("--check-config,--check_config", f->check_config,
+               "Validate the configuration, print it and exit");
+}
+
 int Fail(int code, absl::string_view msg) {
   std::fprintf(stderr, "icecached: %.*s\n", static_cast<int>(msg.size()), msg.data());
   return code;
@@ -77,11 +100,14 @@ int Fail(int code, absl::string_view msg) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "icecached: IceCache KV-cache offload daemon.\n"
-      "  icecached [--config FILE] [--socket PATH] [--metrics_port N] [--log_level LEVEL]\n"
-      "Flags override the config file; see deploy/icecached.textproto for every field.");
-  absl::ParseCommandLine(argc, argv);
+  CLI::App app{
+      "icecached: IceCache KV-cache offload daemon. Flags override the config file; see "
+      "deploy/icecached.textproto for every field.",
+      "icecached"};
+  icecache::cli::Configure(app);
+  Flags flags;
+  AddFlags(app, &flags);
+  if (std::optional<int> code = icecache::cli::Parse(app, argc, argv)) return *code;
 
   // Block the shutdown signals in every thread (gRPC's included) before any
   // thread starts; one thread waits for them with sigwait.
@@ -93,33 +119,30 @@ int main(int argc, char** argv) {
   ::signal(SIGPIPE, SIG_IGN);
 
   icecache::v1::IcecachedConfig config;
-  if (const std::string path = absl::GetFlag(FLAGS_config); !path.empty()) {
+  if (const std::string path = flags.config; !path.empty()) {
     absl::StatusOr<icecache::v1::IcecachedConfig> loaded = icecache::rpc::LoadConfigFile(path);
     if (!loaded.ok()) return Fail(2, loaded.status().message());
     config = *std::move(loaded);
   }
   icecache::rpc::ConfigOverrides o;
-  if (!absl::GetFlag(FLAGS_socket).empty()) o.socket = absl::GetFlag(FLAGS_socket);
-  if (const int64_t port = absl::GetFlag(FLAGS_metrics_port); port != -1) {
-    if (port < 0 || port > 65535) return Fail(2, "--metrics_port must be 0 (off) .. 65535");
+  if (!flags.socket.empty()) o.socket = flags.socket;
+  if (const int64_t port = flags.metrics_port; port != -1) {
+    if (port < 0 || port > 65535) return Fail(2, "--metrics-port must be 0 (off) .. 65535");
     o.metrics_port = static_cast<uint32_t>(port);
   }
-  if (absl::GetFlag(FLAGS_capacity_bytes) != 0)
-    o.capacity_bytes = absl::GetFlag(FLAGS_capacity_bytes);
-  if (!absl::GetFlag(FLAGS_log_level).empty()) o.log_level = absl::GetFlag(FLAGS_log_level);
-  if (!absl::GetFlag(FLAGS_tcp_address).empty()) o.tcp_address = absl::GetFlag(FLAGS_tcp_address);
-  if (absl::GetFlag(FLAGS_worker_threads) != 0)
-    o.worker_threads = absl::GetFlag(FLAGS_worker_threads);
+  if (flags.capacity_bytes != 0) o.capacity_bytes = flags.capacity_bytes;
+  if (!flags.log_level.empty()) o.log_level = flags.log_level;
+  if (!flags.tcp_address.empty()) o.tcp_address = flags.tcp_address;
+  if (flags.worker_threads != 0) o.worker_threads = flags.worker_threads;
   struct DurationFlag {
     const char* name;
     std::string value;
     std::optional<uint64_t>* out;
   };
   for (const DurationFlag& f :
-       {DurationFlag{"ttl_reaper_interval", absl::GetFlag(FLAGS_ttl_reaper_interval),
-                     &o.reaper_interval_ms},
-        DurationFlag{"default_ttl", absl::GetFlag(FLAGS_default_ttl), &o.default_ttl_ms},
-        DurationFlag{"drain_timeout", absl::GetFlag(FLAGS_drain_timeout), &o.drain_timeout_ms}}) {
+       {DurationFlag{"ttl-reaper-interval", flags.ttl_reaper_interval, &o.reaper_interval_ms},
+        DurationFlag{"default-ttl", flags.default_ttl, &o.default_ttl_ms},
+        DurationFlag{"drain-timeout", flags.drain_timeout, &o.drain_timeout_ms}}) {
     if (f.value.empty()) continue;
     std::optional<uint64_t> ms = ParseMillis(f.value);
     if (!ms) {
@@ -149,7 +172,7 @@ int main(int argc, char** argv) {
       icecache::rpc::SetLogLevel(LogLevel::kInfo);
       break;
   }
-  if (absl::GetFlag(FLAGS_check_config)) {
+  if (flags.check_config) {
     std::string text;
     google::protobuf::TextFormat::PrintToString(icecache::rpc::RedactSecrets(config), &text);
     std::fputs(text.c_str(), stdout);
