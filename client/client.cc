@@ -168,6 +168,9 @@ SessionInfo FromProto(const v1::SessionInfo& info) {
   s.pages = info.pages();
   s.index_bytes = info.index_bytes();
   s.in_flight = info.in_flight();
+  s.trees_built = info.trees_built();
+  s.trees_total = info.trees_total();
+  s.next_layer = info.next_layer();
   return s;
 }
 
@@ -456,6 +459,24 @@ absl::StatusOr<uint64_t> Client::AppendKv(std::string_view session_id, std::stri
   auto ctx = impl_->NewContext();
   RETURN_IF_ERROR(FromGrpcStatus(impl_->kv->AppendKv(ctx.get(), req, &resp)));
   return resp.tokens();
+}
+
+absl::StatusOr<uint32_t> Client::AppendKvLayers(std::string_view session_id,
+                                                std::string_view buffer_id, uint64_t offset,
+                                                uint64_t length, uint32_t num_tokens,
+                                                uint32_t first_layer, uint32_t num_layers) {
+  v1::AppendKvRequest req;
+  req.set_session_id(std::string(session_id));
+  req.set_num_tokens(num_tokens);
+  req.mutable_region()->set_buffer_id(std::string(buffer_id));
+  req.mutable_region()->set_offset(offset);
+  req.mutable_region()->set_length(length);
+  req.set_first_layer(first_layer);
+  req.set_num_layers(num_layers);
+  v1::AppendKvResponse resp;
+  auto ctx = impl_->NewContext();
+  RETURN_IF_ERROR(FromGrpcStatus(impl_->kv->AppendKv(ctx.get(), req, &resp)));
+  return resp.next_layer();
 }
 
 absl::StatusOr<uint64_t> Client::AppendKvInline(std::string_view session_id,

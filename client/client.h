@@ -108,6 +108,11 @@ struct SessionInfo {
   uint64_t pages = 0;        // pages over all indices
   uint64_t index_bytes = 0;  // index structures (not charged)
   uint32_t in_flight = 0;    // requests running on the session now
+  // Index progress: (layer group, KV head) trees built of the total, and the
+  // next layer of a chunk sent by layer ranges (0 = none pending).
+  uint32_t trees_built = 0;
+  uint32_t trees_total = 0;
+  uint32_t next_layer = 0;
 };
 
 // Selection of one KV head, pages in descending score order.
@@ -276,6 +281,14 @@ class Client {
                                     uint64_t offset, uint64_t length, uint32_t num_tokens);
   absl::StatusOr<uint64_t> AppendKv(std::string_view session_id, std::string_view buffer_id,
                                     uint64_t offset, uint64_t length, uint32_t num_tokens);
+  // Appends the layers [first_layer, first_layer + num_layers) of a chunk of
+  // `num_tokens` tokens (whole layer groups, in order from layer 0; the
+  // region holds those layers' keys then values). Each call indexes only its
+  // layers, so a long prefill sent this way never meets one call's deadline.
+  // Returns the next layer of the chunk to send (0 once it is complete).
+  absl::StatusOr<uint32_t> AppendKvLayers(std::string_view session_id, std::string_view buffer_id,
+                                          uint64_t offset, uint64_t length, uint32_t num_tokens,
+                                          uint32_t first_layer, uint32_t num_layers);
   // Inline bytes (remote or small clients; bounded by the daemon).
   absl::StatusOr<uint64_t> AppendKvInline(std::string_view session_id, absl::Span<const uint8_t> kv,
                                           uint32_t num_tokens);

@@ -255,6 +255,10 @@ void PrintSessionTable(const SessionInfo& info) {
   t.AddRow({"index bytes", HumanBytes(static_cast<int64_t>(info.index_bytes))});
   t.AddRow({"pinned", info.pinned ? "yes" : "no"});
   t.AddRow({"in flight", absl::StrCat(info.in_flight)});
+  t.AddRow(
+      {"index", info.trees_built < info.trees_total
+                    ? absl::StrCat("indexing ", info.trees_built, "/", info.trees_total, " trees")
+                    : absl::StrCat("ready (", info.trees_total, " trees)")});
   t.AddRow({"created", TimeText(info.created)});
   t.AddRow({"last use", TimeText(info.last_use)});
   t.AddRow({"expires", TimeText(info.expires)});

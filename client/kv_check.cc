@@ -37,9 +37,14 @@ size_t HostKv::ChunkBytes(int64_t begin, int64_t end) const {
 }
 
 void HostKv::FillChunk(int64_t begin, int64_t end, uint8_t* out) const {
+  FillLayers(begin, end, 0, layers_, out);
+}
+
+void HostKv::FillLayers(int64_t begin, int64_t end, int first_layer, int num_layers,
+                        uint8_t* out) const {
   const size_t n = static_cast<size_t>(end - begin) * row_bytes();
   for (int pass = 0; pass < 2; ++pass) {
-    for (int l = 0; l < layers_; ++l) {
+    for (int l = first_layer; l < first_layer + num_layers; ++l) {
       for (int h = 0; h < kv_heads_; ++h) {
         std::memcpy(out, pass == 0 ? key(l, h, begin) : value(l, h, begin), n);
         out += n;

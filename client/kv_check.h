@@ -36,6 +36,9 @@ class HostKv {
   // Writes that chunk (keys [layers][kv_heads][n][d], then values) to `out`,
   // which must hold ChunkBytes(begin, end) bytes.
   void FillChunk(int64_t begin, int64_t end, uint8_t* out) const;
+  // The same for layers [first_layer, first_layer + num_layers) only (an
+  // AppendKvLayers region): ChunkBytes(begin, end) x num_layers / layers().
+  void FillLayers(int64_t begin, int64_t end, int first_layer, int num_layers, uint8_t* out) const;
   std::vector<uint8_t> Chunk(int64_t begin, int64_t end) const;
 
  private:

@@ -97,6 +97,8 @@ Json SessionJson(const SessionInfo& s) {
   j["index_bytes"] = s.index_bytes;
   j["pinned"] = s.pinned;
   j["in_flight"] = s.in_flight;
+  j["trees_built"] = s.trees_built;
+  j["trees_total"] = s.trees_total;
   j["created_unix_ms"] = UnixMs(s.created);
   j["last_use_unix_ms"] = UnixMs(s.last_use);
   j["expires_unix_ms"] = UnixMs(s.expires);
