@@ -52,6 +52,8 @@ TEST(OutputTest, SessionJsonHasEveryFieldWithEpochAsString) {
   s.index_bytes = 7;
   s.pinned = true;
   s.in_flight = 1;
+  s.trees_built = 96;
+  s.trees_total = 256;
   s.created = absl::FromUnixMillis(1000);
   s.last_use = absl::InfinitePast();
   s.expires = absl::FromUnixMillis(3000);
@@ -60,6 +62,7 @@ TEST(OutputTest, SessionJsonHasEveryFieldWithEpochAsString) {
             R"("layers":2,"kv_heads":8,"q_heads":32,"head_dim":128,"dtype":"float16",)"
             R"("page_tokens":16,"selector":"mdci","layer_reuse":1,"ttl_ms":2000,"tokens":5,)"
             R"("bytes":4096,"pages":3,"index_bytes":7,"pinned":true,"in_flight":1,)"
+            R"("trees_built":96,"trees_total":256,)"
             R"("created_unix_ms":1000,"last_use_unix_ms":0,"expires_unix_ms":3000})");
 }
 
