@@ -83,7 +83,7 @@ class Daemon:
             cfg.auth.no_unix_admins = True  # else the daemon's own uid and root are admins
         with open(self.config_path, "w") as f:
             f.write(text_format.MessageToString(cfg))
-        args = [self.binary, f"--config={self.config_path}", f"--log_level={log_level}"]
+        args = [self.binary, f"--config={self.config_path}", f"--log-level={log_level}"]
         args += extra_args or []
         self._stderr = open(self.stderr_path, "wb")
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr)
