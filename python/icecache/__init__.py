@@ -15,7 +15,7 @@
 from .buffers import CudaBuffer, ShmBuffer, reclaim_orphaned_shm
 from .client import Client, SelectResult, kv_chunk_views, write_kv_chunk
 from .connection import default_socket_candidates, default_socket_path
-from .decode_stream import DecodeStream
+from .decode_stream import BatchDecodeStream, BatchEntry, BatchResult, DecodeStream
 from .errors import *  # noqa: F401,F403  (one class per gRPC status code)
 from .errors import __all__ as _errors_all
 from .types import (
@@ -41,6 +41,9 @@ __all__ = [
     "Client",
     "SelectResult",
     "DecodeStream",
+    "BatchDecodeStream",
+    "BatchEntry",
+    "BatchResult",
     "ShmBuffer",
     "CudaBuffer",
     "reclaim_orphaned_shm",

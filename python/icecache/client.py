@@ -24,7 +24,7 @@ from google.protobuf import json_format, text_format
 from . import _convert
 from .buffers import CudaBuffer, ShmBuffer
 from .connection import Target, resolve_target
-from .decode_stream import DecodeStream
+from .decode_stream import BatchDecodeStream, DecodeStream
 from .errors import FailedPreconditionError, InvalidArgumentError, from_rpc_error
 from .queries import as_numpy, dtype_of, query_bytes
 from .types import (
@@ -334,6 +334,12 @@ class Client:
         """A new DecodeStream of the session into ``buffer`` (owned by the
         caller: close it, or use it as a context manager)."""
         return DecodeStream(self, session_id, buffer)
+
+    def batch_decode_stream(self, buffer: Optional[Buffer] = None) -> BatchDecodeStream:
+        """A stream for batched decode steps: each ``step(layer, entries)``
+        carries one layer's queries for several sessions (BatchEntry) and
+        answers each with its own result or error."""
+        return BatchDecodeStream(self, buffer)
 
     def decode_step(
         self,

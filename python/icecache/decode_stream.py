@@ -128,3 +128,108 @@ class DecodeStream:
                 self._stream.cancel()
         except Exception:
             pass
+
+
+class BatchEntry:
+    """One session of a batched decode step: its queries ([q_heads,
+    head_dim]; None with reuse_group_selection), the buffer its pages go to
+    (None = the stream's) and the offset there."""
+
+    __slots__ = ("session_id", "queries", "buffer", "offset", "reuse_group_selection")
+
+    def __init__(self, session_id: str, queries: Any, buffer: Any = None, offset: int = 0,
+                 reuse_group_selection: bool = False) -> None:
+        self.session_id = session_id
+        self.queries = queries
+        self.buffer = buffer
+        self.offset = offset
+        self.reuse_group_selection = reuse_group_selection
+
+
+class BatchResult:
+    """One entry's answer: ``result`` (a StepResult) when ``error`` is None,
+    else ``error``, the IceCacheError of the entry's own status code with the
+    daemon's message (a bad entry fails alone; nothing is written for it)."""
+
+    __slots__ = ("session_id", "error", "result")
+
+    def __init__(self, session_id: str, error: Optional[IceCacheError], result: Optional[StepResult]) -> None:
+        self.session_id = session_id
+        self.error = error
+        self.result = result
+
+
+class BatchDecodeStream:
+    """A DecodeStep stream whose requests carry one layer's queries for
+    several sessions of the caller's tenant (the daemon runs the entries in
+    parallel and answers each with its own status). Made by
+    ``Client.batch_decode_stream(buffer)``; ``buffer`` is the default for
+    entries that name none. All entries of a step share the query dtype of
+    the first entry."""
+
+    def __init__(self, client: "Client", buffer: "Union[ShmBuffer, CudaBuffer, str, None]" = None) -> None:
+        self._client = client
+        self._default = client._buffer_ref(buffer) if buffer is not None else ("", 0)
+        self._lock = threading.Lock()
+        self._stream: Optional[Union[SegregatedStream, IteratorStream]] = None
+        fast = segregated_available(client._channel)
+        self.transport = "segregated" if fast else "iterator"
+        self._factory = SegregatedStream if fast else IteratorStream
+
+    def step(self, layer: int, entries: "list[BatchEntry]", *, options: Optional[SelectOptions] = None,
+             num_layers: int = 1) -> "list[BatchResult]":
+        """One layer for every entry; results in entry order."""
+        from .errors import error_class, InvalidArgumentError
+        import grpc
+
+        if not entries:
+            raise InvalidArgumentError("a batched decode step needs at least one entry")
+        options = options or SelectOptions()
+        req = kv_pb2.DecodeStepRequest(layer=layer, num_layers=num_layers)
+        _convert.select_params(options, req.params)
+        dtype = None
+        for e in entries:
+            buffer_id, base = self._client._buffer_ref(e.buffer) if e.buffer is not None else self._default
+            entry = req.batch.add(session_id=e.session_id, buffer_id=buffer_id, offset=base + e.offset,
+                                  reuse_group_selection=e.reuse_group_selection)
+            if e.queries is not None:
+                entry.queries, qd = query_bytes(e.queries, f"queries of session {e.session_id}")
+                dtype = qd if dtype is None else dtype
+        if dtype is not None:
+            req.query_dtype = dtype
+        with self._lock:
+            if self._stream is None:
+                self._stream = self._factory(self._client._channel, self._client._metadata)
+            try:
+                raw = self._stream.exchange(req.SerializeToString())
+            except IceCacheError:
+                self._stream = None
+                raise
+        resp = kv_pb2.DecodeStepResponse.FromString(raw)
+        codes = {c.value[0]: c for c in grpc.StatusCode}
+        out = []
+        for r in resp.batch:
+            if r.code == 0:
+                out.append(BatchResult(r.session_id, None, StepResult(resp.layer, reused=r.reused, raw=r)))
+            else:
+                cls = error_class(codes.get(r.code, grpc.StatusCode.UNKNOWN))
+                out.append(BatchResult(r.session_id, cls(r.message), None))
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            stream, self._stream = self._stream, None
+        if stream is not None:
+            status = stream.close()
+            if status is not None:
+                raise status
+
+    def __enter__(self) -> "BatchDecodeStream":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        try:
+            self.close()
+        except IceCacheError:
+            if exc_type is None:
+                raise

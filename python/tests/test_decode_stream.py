@@ -92,3 +92,29 @@ def test_client_decode_step_keeps_one_stream_per_session(client, session):
         assert r1.layout.buffer_id == a.buffer_id and r2.layout.buffer_id == b.buffer_id
         check_fetched(b, r2.layout, keys, values)
         client.close_decode_stream(sid)
+
+
+def test_batched_step_answers_each_session_and_a_bad_entry_fails_alone(client, session, transport):
+    sid, keys, values = session
+    other = client.create_session(small_spec(selector=icecache.Selector.EXACT))
+    k2, v2 = kv_arrays(small_spec(), 100, seed=12)
+    client.append_kv(other.id, k2, v2)
+    opt = icecache.SelectOptions(budget_tokens=32, want_positions=True)
+    q = np.random.default_rng(4).standard_normal((4, 32)).astype(np.float32)
+    with client.create_shm_buffer(1 << 20) as buf, client.batch_decode_stream(buf) as stream:
+        entries = [
+            icecache.BatchEntry(sid, q, offset=0),
+            icecache.BatchEntry("no-such-session", q, offset=1 << 18),
+            icecache.BatchEntry(other.id, q, offset=1 << 19),
+        ]
+        res = stream.step(1, entries, options=opt)
+        assert [r.session_id for r in res] == [sid, "no-such-session", other.id]
+        assert res[0].error is None and res[2].error is None
+        assert isinstance(res[1].error, icecache.NotFoundError) and res[1].result is None
+        check_fetched(buf, res[0].result.layout, keys, values)
+        check_fetched(buf, res[2].result.layout, k2, v2)
+        single = client.select_pages(sid, 1, q, opt)
+        assert [list(h.pages) for h in res[0].result.heads] == [list(h.pages) for h in single]
+        res = stream.step(0, [icecache.BatchEntry(sid, q)], options=opt)  # the stream goes on
+        assert res[0].error is None
+    client.drop_session(other.id)
