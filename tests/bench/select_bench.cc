@@ -167,6 +167,23 @@ class ExactRefs {
     return sum;
   }
 
+  // Mass of the page oracle (quality.h's OraclePages: the best whole pages
+  // by their true mass for the group) on `selector`'s layout, averaged over
+  // the layers of the group.
+  absl::StatusOr<double> OracleMass(int step, const Tree& t, const Selector& selector,
+                                    const SelectParams& params) {
+    double sum = 0;
+    for (int l = 0; l < w_.layer_reuse; ++l) {
+      const int layer = w_.first_layer(t.group) + l;
+      ASSIGN_OR_RETURN(const ExactAttention* ref, Get(step, layer, t.head));
+      ASSIGN_OR_RETURN(Selection sel, OraclePages(*ref, selector, params));
+      ASSIGN_OR_RETURN(std::vector<int32_t> pos, SelectionPositions(selector, sel));
+      ASSIGN_OR_RETURN(double m, MassRecall(*ref, pos));
+      sum += m;
+    }
+    return sum / w_.layer_reuse;
+  }
+
  private:
   absl::StatusOr<const ExactAttention*> Get(int step, int layer, int head) {
     const int64_t key =
@@ -208,6 +225,8 @@ class TreeMethod {
   virtual size_t index_bytes() const = 0;
   // Mean fill of the layout's pages (NaN for token-level results).
   virtual double layout_fill() const = 0;
+  // The library selector behind the method (null for token-level methods).
+  virtual const Selector* selector() const { return nullptr; }
 };
 
 // A library selector over frames held by OwnedPageKeys.
@@ -239,6 +258,7 @@ class SelectorMethod : public TreeMethod {
     }
   }
   size_t index_bytes() const override { return selector_->index_bytes(); }
+  const Selector* selector() const override { return selector_.get(); }
   double layout_fill() const override {
     const uint32_t pages = selector_->num_pages();
     return pages == 0 ? 0.0
@@ -411,6 +431,7 @@ struct PointStats {
   SweepPoint point;
   std::vector<double> query_us;
   double topk = 0, mass = 0, err = 0, touched = 0, selected_fill = 0;
+  double oracle_mass = std::numeric_limits<double>::quiet_NaN();  // page oracle on the layout
   int64_t count = 0;
 
   double p(double q) const {
@@ -578,6 +599,7 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
       for (const SweepPoint& sp : SweepPoints(name, *trees[0], o.budget, p)) {
         PointStats st;
         st.point = sp;
+        double oracle_sum = 0;
         st.query_us.reserve(static_cast<size_t>(w.steps) * ntrees);
         for (int s = 0; s < w.steps; ++s) {
           for (size_t t = 0; t < ntrees; ++t) {
@@ -598,6 +620,13 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
             st.topk += q_r.topk_recall;
             st.mass += q_r.mass_recall;
             st.err += q_r.output_rel_error;
+            if (o.page_oracle && trees[t]->selector() != nullptr) {
+              SelectParams params;
+              params.budget_tokens = o.budget;
+              params.sink_tokens = o.sink_tokens;
+              ASSIGN_OR_RETURN(double om, refs->OracleMass(s, tr, *trees[t]->selector(), params));
+              oracle_sum += om;
+            }
             st.touched += static_cast<double>(sel.keys_touched);
             if (!sel.pages.empty()) {
               st.selected_fill += static_cast<double>(positions.size()) /
@@ -613,6 +642,8 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
         st.err /= st.count;
         st.touched /= st.count;
         st.selected_fill /= st.count;
+        if (o.page_oracle && trees[0]->selector() != nullptr)
+          st.oracle_mass = oracle_sum / st.count;
         r.sweep.push_back(std::move(st));
       }
       // The cheapest point within 0.01 of the best mass recall.
@@ -936,7 +967,38 @@ absl::Status CheckReport(const std::string& json_text, const std::vector<std::st
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::vector<MethodSummary>> MeasureRuns(const SelectBenchOptions& o,
+                                                       const std::vector<MethodRun>& runs) {
+  omp_set_num_threads(1);
+  ASSIGN_OR_RETURN(Workload w, LoadWorkload(o));
+  ExactRefs refs(w, o.budget);
+  std::vector<MethodSummary> out;
+  for (const MethodRun& run : runs) {
+    SelectBenchOptions ro = o;
+    ro.mdci = run.mdci;
+    ro.page_tokens = {o.page_tokens.front()};
+    ASSIGN_OR_RETURN(std::vector<MethodResult> rs, RunMethod(run.selector, w, ro, &refs));
+    const MethodResult& r = rs.front();
+    MethodSummary m;
+    m.label = run.label;
+    m.selector = run.selector;
+    m.mdci = run.mdci;
+    m.p50_us = r.best().p(0.5);
+    m.mean_us = r.best().mean_us();
+    m.mass = r.best().mass;
+    m.topk = r.best().topk;
+    m.output_rel_error = r.best().err;
+    m.keys_touched = r.best().touched;
+    m.page_fill = r.page_fill;
+    m.oracle_mass = r.best().oracle_mass;
+    m.build_s = r.build_s;
+    out.push_back(std::move(m));
+  }
+  return out;
+}
+
 absl::Status RunSelectBench(const SelectBenchOptions& o) {
+  if (o.matrix) return RunSelectMatrix(o);
   // Peers' own OpenMP threads would distort single-threaded query times and
   // oversubscribe the parallel builds.
   omp_set_num_threads(1);

@@ -63,7 +63,45 @@ struct SelectBenchOptions {
   PeerParams peer;
   MdciParams mdci;
   float quest_rescore_factor = 0.0f;
+  // Untimed: also measure the page oracle (quality.h's OraclePages) on each
+  // page selector's layout.
+  bool page_oracle = false;
+  // --matrix (select_matrix.h): every family in `families` (empty: all of
+  // SyntheticFamilyNames()), mdci at every width of `widths` (the frontier;
+  // empty: none), an SVG of the frontier to `plot_path` when set.
+  bool matrix = false;
+  std::vector<std::string> families;
+  std::vector<std::string> widths;
+  std::string plot_path;
 };
+
+// One measured configuration of a selector (for the matrix and the frontier).
+struct MethodRun {
+  std::string label;     // as reported
+  std::string selector;  // a name of AllMethodNames()
+  MdciParams mdci;       // mdci and exact-mdci only
+};
+
+// What MeasureRuns reports per run: means over steps and trees.
+struct MethodSummary {
+  std::string label;
+  std::string selector;
+  MdciParams mdci;
+  double p50_us = 0, mean_us = 0;
+  double mass = 0, topk = 0, output_rel_error = 0, keys_touched = 0;
+  double page_fill = 0;    // NaN for token-level methods
+  double oracle_mass = 0;  // page oracle on the run's layout (with page_oracle); else NaN
+  double build_s = 0;      // per tree
+};
+
+// Loads the data of `options` once (synthetic or dump), computes the exact
+// references once and measures every run in turn at the first page size, as
+// RunSelectBench does, without printing a table. Errors as RunSelectBench.
+absl::StatusOr<std::vector<MethodSummary>> MeasureRuns(const SelectBenchOptions& options,
+                                                       const std::vector<MethodRun>& runs);
+
+// --matrix: defined in select_matrix.cc.
+absl::Status RunSelectMatrix(const SelectBenchOptions& options);
 
 // Every method name in report order.
 const std::vector<std::string>& AllMethodNames();

@@ -10,6 +10,8 @@
 #include "absl/strings/str_split.h"
 #include "common/cli.h"
 #include "common/status_macros.h"
+#include "common/synthetic.h"
+#include "tests/bench/select_matrix.h"
 
 namespace icecache::bench {
 namespace {
@@ -28,8 +30,24 @@ absl::StatusOr<std::vector<int>> ParseIntList(const std::string& flag, const std
 }
 
 absl::Status CheckRanges(const SelectBenchOptions& o) {
-  if (o.synthetic.empty() == o.dump_dir.empty()) {
-    return absl::InvalidArgumentError("give exactly one of --synthetic PRESET or --dump DIR");
+  if (o.matrix) {
+    if (!o.synthetic.empty() || !o.dump_dir.empty()) {
+      return absl::InvalidArgumentError(
+          "--matrix runs the synthetic families (--families); drop --synthetic and --dump");
+    }
+    const auto known = SyntheticFamilyNames();
+    for (const std::string& f : o.families) {
+      if (std::find(known.begin(), known.end(), f) == known.end()) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("--families: unknown '%s' (known: %s)", f, absl::StrJoin(known, ",")));
+      }
+    }
+    for (const std::string& w : o.widths) RETURN_IF_ERROR(ParseWidth(w).status());
+  } else if (o.synthetic.empty() == o.dump_dir.empty()) {
+    return absl::InvalidArgumentError(
+        "give exactly one of --synthetic PRESET or --dump DIR (or --matrix)");
+  } else if (!o.families.empty() || !o.widths.empty() || !o.plot_path.empty()) {
+    return absl::InvalidArgumentError("--families, --widths and --plot need --matrix");
   }
   if (o.tokens < 0) {
     return absl::InvalidArgumentError(
@@ -72,7 +90,7 @@ absl::Status CheckRanges(const SelectBenchOptions& o) {
 }  // namespace
 
 SelectFlags::SelectFlags(CLI::App* app) {
-  app->footer("Give exactly one of --synthetic or --dump.");
+  app->footer("Give exactly one of --synthetic, --dump or --matrix.");
   app->add_option("--synthetic", o_.synthetic, "synthetic KV preset (common/synthetic.h)");
   app->add_option("--dump", o_.dump_dir, "a KV dump directory (common/kv_dump.h)");
   app->add_option("--tokens", o_.tokens,
@@ -106,6 +124,19 @@ SelectFlags::SelectFlags(CLI::App* app) {
   app->add_option("--mdci-l", o_.mdci.num_simple, "mdci: simple indices per composite (L)");
   app->add_option("--quest-rescore", o_.quest_rescore_factor,
                   "quest rescore factor (0: plain Quest)");
+  app->add_flag("--matrix", o_.matrix,
+                "robustness matrix: mdci, exact, exact-mdci, exact-token, quest and streaming on "
+                "every synthetic family (select_matrix.h)");
+  app->add_option("--families", families_,
+                  "--matrix: comma-separated subset of: " +
+                      absl::StrJoin(SyntheticFamilyNames(), ",") + " (default: all)")
+      ->type_name("LIST");
+  app->add_option("--widths", widths_,
+                  "--matrix: mdci widths of the frontier, FOVxCF (field of view x candidate "
+                  "factor) or 'exhaustive', e.g. 32x8,128x16,512x32,exhaustive (default: none)")
+      ->type_name("LIST");
+  app->add_option("--plot", o_.plot_path, "--matrix: write the frontier as an SVG to FILE")
+      ->type_name("FILE");
   app->add_flag("--verbose", o_.verbose, "print every sweep point of the peers");
   app->add_flag("--check", o_.check, "re-read the JSON and validate it (exit 1 when bad)");
 }
@@ -114,6 +145,8 @@ absl::StatusOr<SelectBenchOptions> SelectFlags::Options() const {
   SelectBenchOptions o = o_;
   ASSIGN_OR_RETURN(o.page_tokens, ParseIntList("--page-tokens", page_tokens_));
   o.selectors = absl::StrSplit(selectors_, ',', absl::SkipEmpty());
+  o.families = absl::StrSplit(families_, ',', absl::SkipEmpty());
+  o.widths = absl::StrSplit(widths_, ',', absl::SkipEmpty());
   absl::StatusOr<DType> dtype = ParseDType(kv_dtype_);
   if (!dtype.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("--kv-dtype: ", dtype.status().message()));

@@ -33,6 +33,8 @@ class SelectFlags {
   std::string page_tokens_ = "16";
   std::string selectors_;
   std::string kv_dtype_ = "f16";
+  std::string families_;
+  std::string widths_;
 };
 
 // Parses the arguments after "select" (for tests): InvalidArgument naming the

@@ -11,6 +11,7 @@
 #include "gtest/gtest.h"
 #include "tests/bench/select_bench.h"
 #include "tests/bench/select_flags.h"
+#include "tests/bench/select_matrix.h"
 #include "tests/support/status_matchers.h"
 
 namespace icecache::bench {
@@ -137,6 +138,68 @@ TEST(RunSelectBenchTest, DumpIsUsedWholeUnlessTokensCapsIt) {
   EXPECT_EQ(context_of({}), 17000);
   EXPECT_EQ(context_of({"--tokens", "4096"}), 4096);
   std::filesystem::remove_all(dir);
+}
+
+TEST(ParseSelectArgsTest, MatrixFlags) {
+  auto o = ParseSelectArgs({"--matrix", "--families", "baseline,local-heads", "--widths",
+                            "32x8,128x16,exhaustive", "--plot", "f.svg"});
+  ASSERT_THAT(o.status(), IsOk());
+  EXPECT_TRUE(o->matrix);
+  EXPECT_EQ(o->families, (std::vector<std::string>{"baseline", "local-heads"}));
+  EXPECT_EQ(o->widths.size(), 3u);
+  EXPECT_THAT(ParseSelectArgs({"--matrix", "--families", "bogus"}).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ParseSelectArgs({"--matrix", "--widths", "32"}).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ParseSelectArgs({"--matrix", "--synthetic", "small"}).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ParseSelectArgs({"--synthetic", "small", "--widths", "32x8"}).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  auto w = ParseWidth("128x16");
+  ASSERT_THAT(w.status(), IsOk());
+  EXPECT_EQ(w->field_of_view, 128);
+  EXPECT_EQ(w->candidate_factor, 16.0f);
+  EXPECT_TRUE(ParseWidth("exhaustive")->exhaustive);
+  EXPECT_THAT(ParseWidth("0x8").status(), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+// The matrix reports every family asked for with the figures of its row; the
+// exhaustive width scores as exact-mdci does, and nothing beats the page
+// oracle on its own layout.
+TEST(RunSelectMatrixTest, ReportsEachFamilyAndTheFrontier) {
+  const std::string dir = ::testing::TempDir();
+  auto o = ParseSelectArgs({"--matrix", "--families", "baseline,gqa-divergent", "--tokens", "2048",
+                            "--heads", "1", "--steps", "2", "--budget", "64", "--chunk-tokens",
+                            "32", "--widths", "8x4,exhaustive", "--json", dir + "/matrix.json",
+                            "--plot", dir + "/matrix.svg"});
+  ASSERT_THAT(o.status(), IsOk());
+  ASSERT_THAT(RunSelectBench(*o), IsOk());
+  std::ifstream in(dir + "/matrix.json");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  auto root = ParseJson(ss.str());
+  ASSERT_THAT(root.status(), IsOk());
+  const Json& fams = (*root)["families"];
+  ASSERT_EQ(fams.size(), 2u);
+  EXPECT_EQ(fams[1]["family"], "gqa-divergent");
+  for (const Json& f : fams) {
+    for (const char* k : {"mdci_vs_page_oracle", "mdci_vs_token_oracle", "mdci_speedup_vs_exact",
+                          "page_fill", "layout_gain", "oracle_layout_gain"}) {
+      EXPECT_TRUE(f[k].is_number()) << k;
+    }
+    EXPECT_TRUE(f["calibrated_width"].is_null());
+    EXPECT_LE(f["mdci_vs_page_oracle"].get<double>(), 1.0 + 1e-9);
+    const double exact_mdci = f["policies"]["exact-mdci"]["mass_recall"].get<double>();
+    EXPECT_LE(exact_mdci, f["page_oracle_mdci_layout"].get<double>() + 1e-9);
+    ASSERT_EQ(f["frontier"].size(), 2u);
+    // Exhaustive scores every page as exact-mdci does.
+    EXPECT_NEAR(f["frontier"][1]["mass_recall"].get<double>(), exact_mdci, 0.02);
+  }
+  std::ifstream svg(dir + "/matrix.svg");
+  std::stringstream sv;
+  sv << svg.rdbuf();
+  EXPECT_THAT(sv.str(), ::testing::HasSubstr("<polyline"));
+  EXPECT_THAT(sv.str(), ::testing::HasSubstr("gqa-divergent"));
 }
 
 }  // namespace
