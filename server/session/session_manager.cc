@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <mutex>
+#include <new>
 #include <random>
 #include <utility>
 
@@ -382,11 +383,24 @@ absl::StatusOr<AppendResult> SessionManager::AppendKvFromBuffer(const Caller& ca
   guard->Touch(now);
   const uint64_t length = AppendBytes(guard->config, n, range);
   ASSIGN_OR_RETURN(BufferLease lease, options_.buffers->Acquire(caller, buffer_id, now));
+  // Every bound before any allocation: the region must lie in the buffer, so
+  // the staging copy is never larger than what the client registered.
+  RETURN_IF_ERROR(lease.CheckRegion(offset, length));
+  if (length > options_.pool->capacity_bytes()) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "append of ", n, " tokens takes ", length, " bytes, more than the whole pool (",
+        options_.pool->capacity_bytes(), " bytes, pool.capacity_bytes); append in smaller chunks"));
+  }
+  std::unique_ptr<uint8_t[]> staging(new (std::nothrow) uint8_t[length]);
+  if (staging == nullptr) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "append of ", n, " tokens from buffer ", std::string(buffer_id), ": cannot allocate ",
+        length, " bytes of staging memory now; retry, or append in smaller chunks"));
+  }
   // One copy out of the client's mapping, under the SIGBUS guard; the index
   // and frames are then filled from private memory the client cannot change.
-  std::vector<uint8_t> staging(length);
-  RETURN_IF_ERROR(lease.Read(offset, length, staging.data()));
-  return Append(*guard.get(), n, range, absl::MakeConstSpan(staging));
+  RETURN_IF_ERROR(lease.Read(offset, length, staging.get()));
+  return Append(*guard.get(), n, range, absl::MakeConstSpan(staging.get(), length));
 }
 
 absl::StatusOr<AppendResult> SessionManager::Append(Session& s, int64_t n, LayerRange range,

@@ -77,6 +77,13 @@ const std::string& BufferLease::id() const { return entry_->id; }
 BufferKind BufferLease::kind() const { return entry_->kind; }
 uint64_t BufferLease::size() const { return entry_->size; }
 
+absl::Status BufferLease::CheckRegion(uint64_t offset, uint64_t length) const {
+  if (entry_ == nullptr) return absl::FailedPreconditionError("empty buffer lease");
+  if (absl::Status s = entry_->CheckRange(offset, length); !s.ok()) return s;
+  if (length == 0 || entry_->kind != BufferKind::kHostShm) return absl::OkStatus();
+  return entry_->shm.CheckFileCovers(offset + length);
+}
+
 absl::Status BufferLease::Write(uint64_t offset, uint64_t length,
                                 absl::FunctionRef<void(uint8_t*)> fill) {
   if (entry_ == nullptr) return absl::FailedPreconditionError("empty buffer lease");

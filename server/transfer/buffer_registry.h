@@ -85,6 +85,13 @@ class BufferLease {
   BufferKind kind() const;
   uint64_t size() const;  // registered size
 
+  // The checks of Read/Write without moving a byte: [offset, offset + length)
+  // inside the registered size (OutOfRange) and, for HOST_SHM, inside the
+  // file as it is now (FailedPrecondition). Callers that must allocate to
+  // receive `length` bytes check here first, so a request can never make the
+  // daemon allocate more than the buffer holds.
+  absl::Status CheckRegion(uint64_t offset, uint64_t length) const;
+
   // Checks [offset, offset + length) against the registered size (overflow
   // safe; OutOfRange "... exceeds buffer size ..." before any byte moves) and,
   // for HOST_SHM, that the file still covers it (fstat; FailedPrecondition

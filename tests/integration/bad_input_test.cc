@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <fstream>
 #include <limits>
 
 #include "client/client_internal.h"
@@ -508,6 +509,49 @@ TEST_F(BadInputTest, FetchPagesRejectsBadPagesHeadsAndRegions) {
     EXPECT_THAT(Fetch(req), StatusIs(Code::kOutOfRange));
     for (size_t i = 0; i < buffer_->size(); ++i) ASSERT_EQ(buffer_->data()[i], 0x5A) << i;
   }
+  ExpectServesGoodRequest();
+}
+
+// Peak resident bytes of a process (VmHWM), or -1.
+int64_t PeakRssBytes(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+  }
+  return -1;
+}
+
+// A 100-byte request naming a region far larger than its buffer: refused
+// before the daemon allocates anything for it (it once sized a staging copy
+// from the session shape first: 16 GiB here).
+TEST_F(BadInputTest, AppendFromARegionLargerThanItsBufferAllocatesNothing) {
+  v1::CreateSessionRequest create;
+  ToProto(model_->spec, create.mutable_config());
+  auto* m = create.mutable_config()->mutable_model();
+  m->set_layers(64);
+  m->set_kv_heads(8);
+  m->set_q_heads(8);
+  m->set_head_dim(128);
+  m->set_dtype(v1::DTYPE_FLOAT16);
+  v1::CreateSessionResponse created;
+  {
+    auto ctx = Ctx();
+    ASSERT_THAT(FromGrpcStatus(raw().sessions->CreateSession(ctx.get(), create, &created)), IsOk());
+  }
+  const int64_t peak_before = PeakRssBytes(daemon_->pid());
+  ASSERT_GT(peak_before, 0);
+  v1::AppendKvRequest req;
+  req.set_session_id(created.session().session_id());
+  req.set_num_tokens(65536);  // 64 x 8 x 65536 x 128 x 2 (K, V) x 2 bytes = 16 GiB
+  req.mutable_region()->set_buffer_id(buffer_->buffer_id());
+  req.mutable_region()->set_offset(0);
+  EXPECT_THAT(Append(req), StatusIs(Code::kOutOfRange, HasSubstr("exceeds buffer size")));
+  req.mutable_region()->set_offset(uint64_t{1} << 62);
+  EXPECT_THAT(Append(req), StatusIs(Code::kOutOfRange, HasSubstr("exceeds buffer size")));
+  const int64_t peak_after = PeakRssBytes(daemon_->pid());
+  EXPECT_LT(peak_after - peak_before, int64_t{64} << 20)
+      << "peak RSS grew from " << peak_before << " to " << peak_after << " bytes";
   ExpectServesGoodRequest();
 }
 
