@@ -178,6 +178,14 @@ void ApplyDefaults(IcecachedConfig* c) {
   }
   if (l->max_buffers_per_tenant() == 0) l->set_max_buffers_per_tenant(kDefaultMaxBuffersPerTenant);
   if (l->max_concurrent_calls() == 0) l->set_max_concurrent_calls(kDefaultMaxConcurrentCalls);
+  if (l->reserved_calls() == 0) {
+    l->set_reserved_calls(
+        std::max<uint32_t>(1, std::min<uint32_t>(8, l->max_concurrent_calls() / 2)));
+  }
+  if (l->max_calls_per_tenant() == 0 && l->max_concurrent_calls() > l->reserved_calls()) {
+    l->set_max_calls_per_tenant(
+        std::max<uint32_t>(1, (l->max_concurrent_calls() - l->reserved_calls()) / 2));
+  }
   auto* m = c->mutable_metrics();
   if (!m->has_port()) m->set_port(kDefaultMetricsPort);
   if (m->address().empty()) m->set_address("127.0.0.1");
@@ -314,6 +322,15 @@ absl::Status ValidateConfig(const IcecachedConfig& c) {
   }
   if (l.max_concurrent_calls() < 2 || l.max_concurrent_calls() > 4096) {
     return Bad("limits.max_concurrent_calls", l.max_concurrent_calls(), "must be 2 .. 4096");
+  }
+  if (l.reserved_calls() < 1 || l.reserved_calls() >= l.max_concurrent_calls()) {
+    return Bad("limits.reserved_calls", l.reserved_calls(),
+               "must be 1 .. limits.max_concurrent_calls - 1");
+  }
+  if (l.max_calls_per_tenant() < 1 ||
+      l.max_calls_per_tenant() > l.max_concurrent_calls() - l.reserved_calls()) {
+    return Bad("limits.max_calls_per_tenant", l.max_calls_per_tenant(),
+               "must be 1 .. limits.max_concurrent_calls - limits.reserved_calls");
   }
   // metrics
   const auto& m = c.metrics();

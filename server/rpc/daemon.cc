@@ -97,6 +97,10 @@ absl::Status Daemon::Init() {
   deps_.auth = auth_.get();
   deps_.peers = &peers_;
   deps_.metrics = rpc_metrics_.get();
+  limiter_ = std::make_unique<CallLimiter>(
+      static_cast<int>(c.limits().max_calls_per_tenant()),
+      static_cast<int>(c.limits().max_concurrent_calls() - c.limits().reserved_calls()));
+  deps_.limiter = limiter_.get();
   deps_.config = &config_;
   deps_.start_unix_ms = absl::ToUnixMillis(absl::Now());
   deps_.on_drain = [this](bool shutdown) {

@@ -95,6 +95,7 @@ class Daemon {
   std::unique_ptr<SessionManager> manager_;
   std::unique_ptr<Authenticator> auth_;
   PeerTable peers_;
+  std::unique_ptr<CallLimiter> limiter_;
   ServiceDeps deps_;
   std::unique_ptr<SessionServiceImpl> session_service_;
   std::unique_ptr<BufferServiceImpl> buffer_service_;

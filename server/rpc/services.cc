@@ -133,8 +133,14 @@ grpc::Status CallContext::Run(grpc::ServerContext* ctx, const char* method, Role
           absl::StrCat(method, " needs the admin role (auth.admin_uids for uid ", caller->uid,
                        ", or an admin bearer token)"));
     } else {
+      // Tenant verbs take a place first; admin verbs and health use the
+      // threads reserved for them (call_limiter.h).
+      absl::StatusOr<CallTicket> ticket = CallTicket();
+      if (role != Role::kAdminOnly && deps_.limiter != nullptr) {
+        ticket = deps_.limiter->Acquire(caller->tenant);
+      }
       if (role == Role::kTenant) caller->admin = false;
-      status = fn(*caller);
+      status = ticket.ok() ? fn(*caller) : ticket.status();
     }
   }
   const double seconds = SecondsSince(t0);

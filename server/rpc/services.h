@@ -34,6 +34,7 @@
 #include "icecache/v1/kv.grpc.pb.h"
 #include "icecache/v1/session.grpc.pb.h"
 #include "server/rpc/auth.h"
+#include "server/rpc/call_limiter.h"
 #include "server/rpc/convert.h"
 #include "server/rpc/metrics.h"
 #include "server/session/session_manager.h"
@@ -60,6 +61,8 @@ struct ServiceDeps {
   const Authenticator* auth = nullptr;
   const PeerTable* peers = nullptr;
   RpcMetrics* metrics = nullptr;
+  // Places for tenant calls (per tenant and in total); null = unlimited.
+  CallLimiter* limiter = nullptr;
   const v1::IcecachedConfig* config = nullptr;  // defaulted and validated
   int64_t start_unix_ms = 0;
   // Called by AdminService.Drain: begins draining (health NOT_SERVING) and,

@@ -531,6 +531,55 @@ TEST_F(DaemonTest, BadRequestsGetPreciseCodes) {
   EXPECT_FALSE(CreateSession().empty());
 }
 
+// Idle DecodeStep streams of one tenant hold a server thread each: past
+// limits.max_calls_per_tenant the tenant is refused with a clear status,
+// while admin verbs and health keep their reserved threads.
+TEST_F(DaemonTest, IdleStreamsOfOneTenantStopAtItsLimitAdminAndHealthStillServe) {
+  Start(true, "limits { max_concurrent_calls: 8 reserved_calls: 2 max_calls_per_tenant: 3 }");
+  struct Stream {
+    grpc::ClientContext ctx;
+    std::unique_ptr<grpc::ClientReaderWriter<v1::DecodeStepRequest, v1::DecodeStepResponse>> rw;
+  };
+  std::vector<std::unique_ptr<Stream>> idle;
+  for (int i = 0; i < 3; ++i) {
+    idle.push_back(std::make_unique<Stream>());
+    idle.back()->rw = kv_->DecodeStep(&idle.back()->ctx);
+  }
+  // Wait until the daemon holds all three (each blocked reading its stream).
+  const std::string holding = "icecache_rpc_in_flight 3\n";
+  for (int i = 0; i < 2000 && daemon_->metrics()->Render().find(holding) == std::string::npos;
+       ++i) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  ASSERT_THAT(daemon_->metrics()->Render(), HasSubstr(holding));
+  {
+    grpc::ClientContext ctx;
+    v1::CreateSessionRequest req;
+    *req.mutable_config() = Config();
+    v1::CreateSessionResponse resp;
+    const grpc::Status st = sessions_->CreateSession(&ctx, req, &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+    EXPECT_THAT(st.error_message(), HasSubstr("limits.max_calls_per_tenant"));
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::GetStatsResponse resp;
+    const grpc::Status st = admin_->GetStats(&ctx, v1::GetStatsRequest(), &resp);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+  }
+  EXPECT_EQ(HealthStatus(), 1);  // SERVING
+  // Closing one stream gives its place back.
+  idle.back()->rw->WritesDone();
+  const grpc::Status closed = idle.back()->rw->Finish();
+  EXPECT_EQ(closed.error_code(), grpc::StatusCode::OK) << closed.error_message();
+  idle.pop_back();
+  EXPECT_FALSE(CreateSession().empty());
+  for (auto& s : idle) {
+    s->rw->WritesDone();
+    s->rw->Finish();
+  }
+}
+
 TEST_F(DaemonTest, AdminGetStatsSetQuotaAndPin) {
   Start(true);
   const std::string id = CreateSession();
