@@ -1,5 +1,6 @@
 #include "server/rpc/convert.h"
 
+#include <algorithm>
 #include <climits>
 #include <cstring>
 
@@ -191,22 +192,16 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& p,
   c.default_select.budget_tokens = defaults.budget_tokens;
   c.default_select.sink_tokens = defaults.sink_tokens;
   c.default_select.recent_tokens = defaults.recent_tokens;
+  // Clamped like the per-call values (types.proto SelectParams).
+  const auto clamp = [](uint32_t v) { return static_cast<int>(std::min(v, kMaxSelectParam)); };
   if (d.has_budget_tokens()) {
-    if (d.budget_tokens() == 0 || d.budget_tokens() > kMaxSelectParam) {
-      return BadField("defaults.budget_tokens",
-                      absl::StrCat("must be 1..", kMaxSelectParam, ", got ", d.budget_tokens()));
+    if (d.budget_tokens() == 0) {
+      return BadField("defaults.budget_tokens", "must be at least 1 when set, got 0");
     }
-    c.default_select.budget_tokens = static_cast<int>(d.budget_tokens());
+    c.default_select.budget_tokens = clamp(d.budget_tokens());
   }
-  if (d.has_sink_tokens()) {
-    if (d.sink_tokens() > kMaxSelectParam) return BadField("defaults.sink_tokens", "is too large");
-    c.default_select.sink_tokens = static_cast<int>(d.sink_tokens());
-  }
-  if (d.has_recent_tokens()) {
-    if (d.recent_tokens() > kMaxSelectParam)
-      return BadField("defaults.recent_tokens", "is too large");
-    c.default_select.recent_tokens = static_cast<int>(d.recent_tokens());
-  }
+  if (d.has_sink_tokens()) c.default_select.sink_tokens = clamp(d.sink_tokens());
+  if (d.has_recent_tokens()) c.default_select.recent_tokens = clamp(d.recent_tokens());
   c.default_select.want_positions = d.want_positions();
   c.pinned = p.pinned();
   return c;
@@ -274,27 +269,20 @@ absl::StatusOr<SelectParams> SelectParamsFromProto(const v1::SelectParams& p) {
   s.budget_tokens = 0;
   s.sink_tokens = 0;
   s.recent_tokens = 0;
+  // Values above the session's tokens are clamped there (types.proto);
+  // clamping at 2^30 first keeps them in an int and changes no selection.
+  const auto clamp = [](uint32_t v) { return static_cast<int>(std::min(v, kMaxSelectParam)); };
   if (p.has_budget_tokens()) {
-    if (p.budget_tokens() == 0 || p.budget_tokens() > kMaxSelectParam) {
-      return absl::InvalidArgumentError(absl::StrCat("params.budget_tokens must be 1..",
-                                                     kMaxSelectParam, " when set, got ",
-                                                     p.budget_tokens()));
-    }
-    s.budget_tokens = static_cast<int>(p.budget_tokens());
-  }
-  if (p.has_sink_tokens()) {
-    if (p.sink_tokens() > kMaxSelectParam) {
+    if (p.budget_tokens() == 0) {
       return absl::InvalidArgumentError(
-          absl::StrCat("params.sink_tokens is too large: ", p.sink_tokens()));
+          "params.budget_tokens must be at least 1 when set (leave it unset for the session's "
+          "default)");
     }
-    s.sink_tokens = p.sink_tokens() == 0 ? -1 : static_cast<int>(p.sink_tokens());
+    s.budget_tokens = clamp(p.budget_tokens());
   }
+  if (p.has_sink_tokens()) s.sink_tokens = p.sink_tokens() == 0 ? -1 : clamp(p.sink_tokens());
   if (p.has_recent_tokens()) {
-    if (p.recent_tokens() > kMaxSelectParam) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("params.recent_tokens is too large: ", p.recent_tokens()));
-    }
-    s.recent_tokens = p.recent_tokens() == 0 ? -1 : static_cast<int>(p.recent_tokens());
+    s.recent_tokens = p.recent_tokens() == 0 ? -1 : clamp(p.recent_tokens());
   }
   s.want_positions = p.want_positions();
   return s;

@@ -85,6 +85,13 @@ absl::Status Daemon::Init() {
       absl::Milliseconds(static_cast<int64_t>(c.sessions().reaper_interval_ms()));
   mgr_opts.build_threads = static_cast<int>(c.worker_threads());
   mgr_opts.stop_pending = ShutdownSignalPending;
+  mgr_opts.on_expired = [](const std::string& tenant, const std::string& id, absl::Duration idle) {
+    Log(LogLevel::kInfo, "session_expired",
+        {{"tenant", tenant},
+         {"id", id},
+         {"idle_ms", absl::ToInt64Milliseconds(idle)},
+         {"why", "lease lapsed (no use or KeepAlive within its ttl)"}});
+  };
   ASSIGN_OR_RETURN(manager_, SessionManager::Create(mgr_opts));
 
   ASSIGN_OR_RETURN(auth_, Authenticator::Create(c.auth(), ::geteuid()));

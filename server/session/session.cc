@@ -127,7 +127,19 @@ absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req, int threa
                      next_layer, ".. of the first chunk have not been appended)"));
   }
   const bool first_of_group = FirstLayerOf(result.group) == req.layer;
-  if (req.reuse_group_selection && !first_of_group) {
+  if (req.reuse_group_selection && first_of_group) {
+    return absl::InvalidArgumentError(
+        config.layer_reuse == 1
+            ? absl::StrCat("select: reuse_group_selection needs a session with layer_reuse > 1; "
+                           "session ",
+                           id, " has layer_reuse 1, so every layer selects with its own queries")
+            : absl::StrCat("select: reuse_group_selection on layer ", req.layer,
+                           ", the first layer of its group (layers ", req.layer, "..",
+                           req.layer + LayersIn(result.group) - 1,
+                           "): send this layer's queries without it; the group's later layers "
+                           "may reuse its selection"));
+  }
+  if (req.reuse_group_selection) {
     absl::MutexLock l(&cache_mu);
     const GroupSelection& cached = group_cache[result.group];
     if (cached.tokens != tokens) {

@@ -13,15 +13,31 @@ namespace icecache {
 namespace {
 
 // Index of the first non-finite element of `n` elements of `dtype`, or -1.
-int64_t FirstNonFinite(DType dtype, const uint8_t* p, int64_t n) {
+// Keys of magnitude 2^59 or more are refused: the squared norm of a row of
+// up to 1024 of them would overflow float32 (the indexes' arithmetic), which
+// once surfaced as an index error after part of the append was applied.
+constexpr int kMaxKeyExponent = 59;
+
+// Index of the first element whose float32 exponent is `max_exponent` or
+// more (NaN and Inf included: their exponent field is all ones), or -1.
+// max_exponent >= 128 means "NaN or Inf only". fp16 is finite below 2^16, so
+// for it only NaN/Inf count.
+int64_t FirstAtOrAbove(DType dtype, const uint8_t* p, int64_t n, int max_exponent) {
+  const uint32_t biased = static_cast<uint32_t>(std::min(max_exponent, 128) + 127);
   switch (dtype) {
-    case DType::kF16:
-    case DType::kBF16: {
-      const uint16_t mask = dtype == DType::kF16 ? 0x7c00 : 0x7f80;
+    case DType::kF16: {
       for (int64_t i = 0; i < n; ++i) {
         uint16_t v;
         std::memcpy(&v, p + 2 * i, 2);
-        if ((v & mask) == mask) return i;
+        if ((v & 0x7c00) == 0x7c00) return i;
+      }
+      return -1;
+    }
+    case DType::kBF16: {  // the top 16 bits of a float32
+      for (int64_t i = 0; i < n; ++i) {
+        uint16_t v;
+        std::memcpy(&v, p + 2 * i, 2);
+        if (((v >> 7) & 0xff) >= biased) return i;
       }
       return -1;
     }
@@ -29,12 +45,16 @@ int64_t FirstNonFinite(DType dtype, const uint8_t* p, int64_t n) {
       for (int64_t i = 0; i < n; ++i) {
         uint32_t v;
         std::memcpy(&v, p + 4 * i, 4);
-        if ((v & 0x7f800000u) == 0x7f800000u) return i;
+        if (((v >> 23) & 0xff) >= biased) return i;
       }
       return -1;
     }
   }
   return 0;
+}
+
+bool IsNonFinite(DType dtype, const uint8_t* p, int64_t i) {
+  return FirstAtOrAbove(dtype, p + i * DTypeSize(dtype), 1, 128) == 0;
 }
 
 SelectorConfig SelectorConfigOf(const Session& s) {
@@ -158,13 +178,23 @@ absl::StatusOr<AppendInput> CheckAppendInput(const SessionConfig& c, int64_t max
   const size_t esize = DTypeSize(c.dtype);
   in.row_bytes = static_cast<uint64_t>(c.head_dim) * esize;
   in.half = expected / 2;
-  const int64_t bad = FirstNonFinite(c.dtype, bytes.data(), static_cast<int64_t>(in.half / esize));
-  if (bad >= 0) {
-    const int64_t per_layer = static_cast<int64_t>(c.kv_heads) * n * c.head_dim;
+  // Keys, then values: a NaN/Inf in either would poison every attention
+  // output that selects its page, so both are refused before anything moves.
+  const int64_t per_half = static_cast<int64_t>(in.half / esize);
+  const int64_t per_layer = static_cast<int64_t>(c.kv_heads) * n * c.head_dim;
+  for (const char* what : {"key", "value"}) {
+    const bool keys = what[0] == 'k';
+    const uint8_t* half = bytes.data() + (keys ? 0 : in.half);
+    const int64_t bad = FirstAtOrAbove(c.dtype, half, per_half, keys ? kMaxKeyExponent : 128);
+    if (bad < 0) continue;
+    const std::string why = IsNonFinite(c.dtype, half, bad)
+                                ? "is NaN or Inf"
+                                : absl::StrCat("has an element of magnitude 2^", kMaxKeyExponent,
+                                               " or more (its norm would overflow float32)");
     return absl::InvalidArgumentError(
-        absl::StrCat("append: key of layer ", range.first + bad / per_layer, ", kv head ",
+        absl::StrCat("append: ", what, " of layer ", range.first + bad / per_layer, ", kv head ",
                      (bad % per_layer) / (n * c.head_dim), ", token ",
-                     (bad % (n * c.head_dim)) / c.head_dim, " is NaN or Inf; nothing was stored"));
+                     (bad % (n * c.head_dim)) / c.head_dim, " ", why, "; nothing was stored"));
   }
   return in;
 }

@@ -305,6 +305,9 @@ int SessionManager::ExpireLeases(absl::Time now) {
     }
   }
   counters_->expired.fetch_add(dead.size());
+  if (options_.on_expired) {
+    for (const auto& s : dead) options_.on_expired(s->tenant, s->id, now - s->last_use());
+  }
   options_.buffers->ExpireIdle(now);
   return static_cast<int>(dead.size());
 }

@@ -117,6 +117,11 @@ struct SessionManagerOptions {
   // has not acted on it yet (icecached: a SIGTERM/SIGINT sent and not yet
   // taken by the signal thread). Counts as draining. Must be thread-safe.
   std::function<bool()> stop_pending;
+  // Optional: told about each session whose lease lapsed, after it is gone
+  // (tenant, id, how long it had been idle), on the thread that ran
+  // ExpireLeases (the reaper), with no lock held. The daemon logs it.
+  std::function<void(const std::string& tenant, const std::string& id, absl::Duration idle)>
+      on_expired;
 };
 
 class SessionManager {
@@ -147,7 +152,7 @@ class SessionManager {
   // Appends n tokens of the layers of `range` (default: all) from `bytes`
   // (layout above). InvalidArgument for n < 1, n > max_append_tokens, a range
   // that is not whole layer groups of the model, bytes.size() !=
-  // AppendBytes(config, n, range), NaN/Inf in keys; FailedPrecondition for a
+  // AppendBytes(config, n, range), NaN/Inf in keys or values; FailedPrecondition for a
   // range out of order (a new chunk starts at layer 0; a pending one goes on
   // at its next layer with the same n); RESOURCE_EXHAUSTED for
   // quota/capacity/max_tokens_per_session.

@@ -130,8 +130,9 @@ class BufferRegistry {
   // tenant name.
   absl::StatusOr<BufferInfo> RegisterShm(const Caller& caller, std::string_view path, uint64_t size,
                                          absl::Time now);
-  // Registers a CUDA_IPC buffer: handle must be 64 bytes and uuid valid
-  // (InvalidArgument), 0 < size <= max_cuda_bytes (InvalidArgument); then
+  // Registers a CUDA_IPC buffer. The form first, the same with or without a
+  // device: handle 64 bytes and not all zero, uuid valid, 0 < size <=
+  // max_cuda_bytes (InvalidArgument); then
   // FailedPrecondition "no CUDA device ..." without a device, NotFound for an
   // unknown device UUID, Internal when cudaIpcOpenMemHandle fails.
   absl::StatusOr<BufferInfo> RegisterCudaIpc(const Caller& caller, std::string_view handle_bytes,

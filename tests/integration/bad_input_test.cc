@@ -337,6 +337,18 @@ TEST_F(BadInputTest, AppendKvRejectsBadShapesNanAndRegionsChangingNothing) {
     EXPECT_THAT(Append(req), StatusIs(Code::kInvalidArgument, HasSubstr("NaN")));
   }
   {
+    // Inf in a value (fp16 0x7c00) of layer 1, kv head 1: refused like keys,
+    // naming where it is.
+    auto req = base();
+    std::string bytes = req.inline_kv();
+    const size_t last_value = bytes.size() - 2;
+    bytes[last_value] = 0x00;
+    bytes[last_value + 1] = 0x7c;
+    req.set_inline_kv(bytes);
+    EXPECT_THAT(Append(req), StatusIs(Code::kInvalidArgument,
+                                      HasSubstr("value of layer 1, kv head 1, token 0 is NaN")));
+  }
+  {
     // Inline bytes above max_inline_bytes (1 MiB), message still < 4 MiB.
     const uint32_t n = 2100;  // 2 x 2 x 2 x 2100 x 64 x 2 = 2.05 MiB
     v1::AppendKvRequest req;
@@ -510,6 +522,43 @@ TEST_F(BadInputTest, FetchPagesRejectsBadPagesHeadsAndRegions) {
     for (size_t i = 0; i < buffer_->size(); ++i) ASSERT_EQ(buffer_->data()[i], 0x5A) << i;
   }
   ExpectServesGoodRequest();
+}
+
+// Finite float32 keys so large that a row's norm overflows: refused before
+// anything is stored, naming where they are (they once failed inside the
+// index build as "task 0: max key norm must be finite, got inf", and on a
+// later append left the session unusable).
+TEST_F(BadInputTest, HugeFiniteKeysAreRefusedNamingLayerHeadAndToken) {
+  v1::CreateSessionRequest create;
+  ToProto(model_->spec, create.mutable_config());
+  create.mutable_config()->mutable_model()->set_dtype(v1::DTYPE_FLOAT32);
+  v1::CreateSessionResponse created;
+  {
+    auto ctx = Ctx();
+    ASSERT_THAT(FromGrpcStatus(raw().sessions->CreateSession(ctx.get(), create, &created)), IsOk());
+  }
+  const auto& m = create.config().model();
+  const size_t floats = size_t{2} * m.layers() * m.kv_heads() * m.head_dim();  // one token
+  std::vector<float> kv(floats, 0.25f);
+  v1::AppendKvRequest req;
+  req.set_session_id(created.session().session_id());
+  req.set_num_tokens(1);
+  req.set_inline_kv(reinterpret_cast<const char*>(kv.data()), kv.size() * 4);
+  ASSERT_THAT(Append(req), IsOk());
+  // Layer 1, kv head 1, dimension 3 of the key.
+  kv[(size_t{1} * m.kv_heads() + 1) * m.head_dim() + 3] = 1e30f;
+  req.set_inline_kv(reinterpret_cast<const char*>(kv.data()), kv.size() * 4);
+  EXPECT_THAT(
+      Append(req),
+      StatusIs(Code::kInvalidArgument,
+               HasSubstr("key of layer 1, kv head 1, token 0 has an element of magnitude")));
+  // The session keeps its token and takes the next good append.
+  kv.assign(floats, 0.5f);
+  req.set_inline_kv(reinterpret_cast<const char*>(kv.data()), kv.size() * 4);
+  EXPECT_THAT(Append(req), IsOk());
+  auto info = client_->GetSession(created.session().session_id());
+  ASSERT_THAT(info, IsOk());
+  EXPECT_EQ(info->tokens, 2u);
 }
 
 // Peak resident bytes of a process (VmHWM), or -1.

@@ -177,7 +177,7 @@ TEST(LifecycleTest, IdleSessionsAreEvictedAtTheWatermarkPinnedOnesAreNot) {
 }
 
 TEST(LifecycleTest, SessionsExpireAfterTheirTtlUnlessKeptAlive) {
-  auto daemon = StartDaemon();
+  auto daemon = StartDaemon("", {"--log_level=info"});
   ASSERT_THAT(daemon, IsOk());
   auto client = Connect(**daemon);
   ASSERT_THAT(client, IsOk());
@@ -209,6 +209,9 @@ TEST(LifecycleTest, SessionsExpireAfterTheirTtlUnlessKeptAlive) {
   auto st = c.GetStats();
   ASSERT_THAT(st, IsOk());
   EXPECT_GE(st->expirations, 1u);
+  // An operator can see why a session went away.
+  EXPECT_THAT((*daemon)->Stderr(),
+              HasSubstr(absl::StrCat("msg=session_expired tenant=alpha id=", lapsed->id)));
   // Once no longer kept alive it expires too.
   EXPECT_TRUE(Eventually(
       [&] { return c.GetSession(kept->id).status().code() == absl::StatusCode::kNotFound; }));

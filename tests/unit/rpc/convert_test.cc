@@ -134,8 +134,20 @@ TEST(ConvertTest, SelectParamsUnsetMeansSessionDefaultExplicitZeroMeansNone) {
   p.set_budget_tokens(0);
   EXPECT_THAT(SelectParamsFromProto(p),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("budget_tokens")));
+}
+
+// types.proto: a value above the session's tokens is clamped, whatever its
+// size (2^32 - 1 included), never refused.
+TEST(ConvertTest, HugeBudgetSinkAndRecentAreClampedNotRefused) {
+  v1::SelectParams p;
   p.set_budget_tokens(0xffffffffu);
-  EXPECT_THAT(SelectParamsFromProto(p), StatusIs(absl::StatusCode::kInvalidArgument));
+  p.set_sink_tokens(0xffffffffu);
+  p.set_recent_tokens(0xffffffffu);
+  auto s = SelectParamsFromProto(p);
+  ASSERT_THAT(s, IsOk());
+  EXPECT_EQ(s->budget_tokens, 1 << 30);
+  EXPECT_EQ(s->sink_tokens, 1 << 30);
+  EXPECT_EQ(s->recent_tokens, 1 << 30);
 }
 
 TEST(ConvertTest, QueriesConvertFromEachDtype) {

@@ -270,6 +270,14 @@ TEST_F(SessionKvBasicTest, GroupSelectionIsReusedWithinTheGroup) {
   reuse.reuse_group_selection = true;
   EXPECT_THAT(env_.manager->SelectPages(Alice(), info->id, reuse),
               StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("select layer 0 first")));
+  // On a group's first layer there is nothing to reuse: a precise refusal,
+  // not a complaint about the (empty) queries.
+  SelectRequest on_first = reuse;
+  on_first.layer = 0;
+  EXPECT_THAT(
+      env_.manager->SelectPages(Alice(), info->id, on_first),
+      StatusIs(absl::StatusCode::kInvalidArgument,
+               HasSubstr("reuse_group_selection on layer 0, the first layer of its group")));
   SelectRequest first;
   first.layer = 0;
   first.queries = MakeQueries(c, 3);
