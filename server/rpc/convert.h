@@ -51,8 +51,9 @@ void SessionInfoToProto(const SessionInfo& info, v1::SessionInfo* out);
 absl::StatusOr<LayerRange> LayerRangeFromProto(uint32_t first_layer, uint32_t num_layers);
 
 // Per-call params: unset -> 0 (the core then takes the session default);
-// explicit sink/recent 0 -> -1 (the core's "force 0"). InvalidArgument for an
-// explicit budget of 0 or values above 2^30.
+// explicit sink/recent 0 -> -1 (the core's "force 0"); values above 2^30
+// are clamped to 2^30 (the core clamps them to the session's tokens).
+// InvalidArgument for an explicit budget of 0.
 absl::StatusOr<SelectParams> SelectParamsFromProto(const v1::SelectParams& proto);
 
 // Query bytes of `dtype` (UNSPECIFIED = FLOAT32) to fp32. InvalidArgument
