@@ -36,9 +36,11 @@ class BufferServiceServicer(object):
         cudaIpcMemHandle_t, the allocation size and the 16-byte device UUID.
         Codes: INVALID_ARGUMENT (empty/relative path, outside /dev/shm, '..',
         a symlink, not a regular file, size 0 or > limit, file smaller than
-        size, handle not 64 bytes, bad uuid, neither kind set), NOT_FOUND (no
-        such file; unknown CUDA device), PERMISSION_DENIED (file owned by another
-        uid), FAILED_PRECONDITION (CUDA_IPC without a CUDA device),
+        size, handle not 64 bytes or all zero bytes, bad uuid, neither kind
+        set), NOT_FOUND (no such file; unknown CUDA device), PERMISSION_DENIED
+        (file owned by another uid), FAILED_PRECONDITION (a well-formed CUDA_IPC
+        request without a CUDA device: the form of a request is checked first,
+        the same with or without a device),
         RESOURCE_EXHAUSTED (limits.max_buffers_per_tenant reached).
         HOST_SHM needs a local peer uid: on the TLS TCP listener (bearer tokens)
         the caller has none and registration answers PERMISSION_DENIED.

@@ -44,7 +44,7 @@ class KvServiceServicer(object):
         heads (or for the layers of one layer range); the first append of a layer
         group bulk-builds its index, later ones insert.
         Codes: INVALID_ARGUMENT (num_tokens 0, byte length not exact, NaN/Inf
-        keys, inline bytes over limits.max_inline_bytes, no source),
+        in keys or values, naming layer, kv head and token; inline bytes over limits.max_inline_bytes, no source),
         OUT_OF_RANGE (region past the buffer), NOT_FOUND (session or buffer),
         RESOURCE_EXHAUSTED (quota/capacity; nothing stored), FAILED_PRECONDITION
         (buffer file shrank, CUDA_IPC source, a layer range out of order: a new
