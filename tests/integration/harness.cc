@@ -44,8 +44,10 @@ std::string BaseConfig(const std::string& extra) {
 }
 
 absl::StatusOr<std::unique_ptr<DaemonProcess>> StartDaemon(
-    const std::string& extra_config, const std::vector<std::string>& extra_args) {
+    const std::string& extra_config, const std::vector<std::string>& extra_args,
+    const std::string& log_level) {
   DaemonOptions o;
+  o.log_level = log_level;
   o.binary = IcecachedPath();
   o.config_textproto = BaseConfig(extra_config);
   o.extra_args = extra_args;

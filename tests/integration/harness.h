@@ -34,9 +34,11 @@ constexpr uid_t kOtherUid = 65534;
 // message to be given in parts, e.g. "pool { capacity_bytes: ... }").
 std::string BaseConfig(const std::string& extra = "");
 
-// Starts a daemon with BaseConfig(extra_config) and `extra_args`.
+// Starts a daemon with BaseConfig(extra_config) and `extra_args`, logging at
+// `log_level` (its stderr: DaemonProcess::Stderr()).
 absl::StatusOr<std::unique_ptr<DaemonProcess>> StartDaemon(
-    const std::string& extra_config = "", const std::vector<std::string>& extra_args = {});
+    const std::string& extra_config = "", const std::vector<std::string>& extra_args = {},
+    const std::string& log_level = "warn");
 
 // A client of `daemon` with a short per-call deadline.
 absl::StatusOr<std::unique_ptr<Client>> Connect(const DaemonProcess& daemon);

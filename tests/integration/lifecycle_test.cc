@@ -177,7 +177,7 @@ TEST(LifecycleTest, IdleSessionsAreEvictedAtTheWatermarkPinnedOnesAreNot) {
 }
 
 TEST(LifecycleTest, SessionsExpireAfterTheirTtlUnlessKeptAlive) {
-  auto daemon = StartDaemon("", {"--log_level=info"});
+  auto daemon = StartDaemon("", {}, "info");
   ASSERT_THAT(daemon, IsOk());
   auto client = Connect(**daemon);
   ASSERT_THAT(client, IsOk());
