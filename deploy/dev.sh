@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # IceCache developer entry point.
 #   deploy/dev.sh demo      install what is missing, build, run the demo
-#   deploy/dev.sh test      install what is missing, build, check formatting, run the whole
-#                           test suite (ctest); the developer's default, a few minutes
+#   deploy/dev.sh test      install what is missing, build, check formatting, check the lock
+#                           annotations (clang-14 -Wthread-safety build of the core and
+#                           icecached), run the whole test suite (ctest); what CI runs
 #   deploy/dev.sh build     install what is missing and build only
 #   deploy/dev.sh format    fail on any clang-format-14 difference (fix: clang-format-14 -i FILE)
 #   deploy/dev.sh sanitize asan|tsan
@@ -68,6 +69,19 @@ run_tests() {
 
 # A clang-14 tree for one sanitizer set; every file is also checked with
 # -Wthread-safety -Werror=thread-safety (the lock annotations). $1: asan|tsan.
+# The lock annotations (ABSL_GUARDED_BY, ...) are checked by clang only: build
+# the core libraries and icecached with clang-14 -Wthread-safety
+# -Werror=thread-safety at -O0 (a few minutes; no tests run there).
+check_locks() {
+  local dir="$ROOT/build-locks"
+  echo "==> clang-14 -Wthread-safety -Werror=thread-safety: core libraries and icecached"
+  CC=clang-14 CXX=clang++-14 cmake -S "$ROOT" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Locks \
+    -DCMAKE_CXX_FLAGS_LOCKS="-O0" -DCMAKE_C_FLAGS_LOCKS="-O0" -DICECACHE_THREAD_SAFETY=ON \
+    -DICECACHE_BUILD_TESTS=OFF -DICECACHE_BUILD_BENCH=OFF -DICECACHE_ENABLE_CUDA=OFF \
+    ${CMAKE_ARGS:-} > "$dir.configure.log" 2>&1 || { cat "$dir.configure.log"; return 1; }
+  cmake --build "$dir" -j "$JOBS" --target icecached
+}
+
 sanitize() {
   local kind=$1 san extra=()
   case "$kind" in
@@ -112,7 +126,7 @@ case "$cmd" in
   build) install_deps; build ;;
   format) check_format ;;
   test)
-    install_deps; build; check_format; run_tests
+    install_deps; build; check_format; check_locks; run_tests
     ;;
   sanitize) install_deps; sanitize "${2:-}" ;;
   fuzz) install_deps; fuzz ;;
