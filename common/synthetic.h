@@ -1,4 +1,4 @@
-// The realistic synthetic KV generator (DESIGN.md section 10). Deterministic
+// The realistic synthetic KV generator (docs/architecture.md §11). Deterministic
 // for a seed. Reproduces what is known about real attention: RoPE, low-rank
 // keys with outlier channels, attention sinks, topic segments, needles, a
 // query/key distribution shift, peaked and flat heads, locality across decode

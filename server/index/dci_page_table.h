@@ -1,4 +1,4 @@
-// The page table of the mdci layout (DESIGN.md 4.4): every level-1 node of
+// The page table of the mdci layout (docs/architecture.md §3.3): every level-1 node of
 // the DCI-tree and its children form a logical node, stored in one or more
 // physical pages of `page_tokens` slots. The table maps
 //   logical node -> its pages, in order (the last one is the one appended to),

@@ -1,5 +1,5 @@
 // Prioritized Dynamic Continuous Indexing (Li and Malik, ICML 2016/2017;
-// DESIGN.md 4.2): `m` composite indices of `L` simple indices each. A simple
+// docs/architecture.md §3.7): `m` composite indices of `L` simple indices each. A simple
 // index is a random unit direction u and the points' projections u.p kept
 // sorted. A query finds its place in every sorted list and walks outward; per
 // round, each composite index advances the simple index whose next element is

@@ -1,4 +1,4 @@
-// The mdci and exact-mdci selectors (DESIGN.md 4.3-4.6): a DCI-tree semantic
+// The mdci and exact-mdci selectors (docs/architecture.md §3.3-§3.4): a DCI-tree semantic
 // page layout (dci_tree.h) for one (layer group, KV head), with
 //  - kMdci: tree-guided selection. The G queries descend the tree scoring
 //    node representatives (centroids, by estimated attention mass) and keep

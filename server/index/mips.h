@@ -1,4 +1,4 @@
-// Maximum inner product search as Euclidean nearest neighbour (DESIGN.md 4.1):
+// Maximum inner product search as Euclidean nearest neighbour (docs/architecture.md §3.2):
 // a key k gets one extra coordinate a(k) = sqrt(M^2 - |k|^2), a query q is
 // scaled to norm M and gets a zero, so that
 //   |q' - k'|^2 = 2 M^2 - 2 (M / |q|) q.k

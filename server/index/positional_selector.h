@@ -1,4 +1,4 @@
-// Selectors over the positional page layout (DESIGN.md 4.7): token at
+// Selectors over the positional page layout (docs/architecture.md §3.6): token at
 // position p sits in page p / page_tokens, slot p % page_tokens; pages fill in
 // order and a new page opens when the last one is full. Build() and Insert()
 // are the same append (Build() only on an empty index).

@@ -1,4 +1,4 @@
-// Quality of a selection against exact attention (DESIGN.md 4.8), for one KV
+// Quality of a selection against exact attention (docs/architecture.md §3.5), for one KV
 // head and its G query heads. One implementation shared by the unit tests,
 // the benchmarks and the daemon's self-checks.
 //
@@ -75,7 +75,7 @@ absl::StatusOr<std::vector<int32_t>> OracleTokens(const ExactAttention& exact, i
 // attention mass (sum over the page's tokens of p_ij, averaged over the
 // queries), forced sink/recent pages first, then pages until
 // params.budget_tokens is filled (TakePages). The upper bound of what any
-// selector can reach on that layout at that budget (DESIGN.md 4.5a). Scores
+// selector can reach on that layout at that budget (docs/architecture.md §3.5). Scores
 // are the page masses; keys_touched is 0. `exact` must cover every token of
 // the selector. InvalidArgument for bad params (as Selector::Select) or a
 // token count mismatch.

@@ -51,7 +51,7 @@ enum class SelectorKind {
 std::string_view SelectorKindName(SelectorKind kind);
 absl::StatusOr<SelectorKind> ParseSelectorKind(std::string_view name);
 
-// Parameters of the multi-level DCI index (DESIGN.md 4.2-4.4).
+// Parameters of the multi-level DCI index (docs/architecture.md §3.3).
 struct MdciParams {
   int num_composite = 2;  // m
   int num_simple = 7;     // L

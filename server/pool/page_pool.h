@@ -1,4 +1,4 @@
-// PagePool: the CPU memory that holds every session's KV pages (DESIGN.md 5).
+// PagePool: the CPU memory that holds every session's KV pages (docs/architecture.md §4).
 //
 // One arena of `capacity_bytes` is mapped once at Create(): MAP_HUGETLB when
 // asked and the kernel has enough reserved 2 MiB pages for the whole arena

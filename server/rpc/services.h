@@ -1,5 +1,5 @@
 // The icecache.v1 gRPC services: thin handlers over SessionManager and
-// BufferRegistry (DESIGN.md 7). Each handler resolves the caller (auth.h),
+// BufferRegistry (docs/architecture.md §8). Each handler resolves the caller (auth.h),
 // converts the request (convert.h), calls the core, converts back and maps
 // the status (status.h); metrics and a debug log line are recorded for
 // every call.

@@ -1,4 +1,4 @@
-// The one conversion between absl::Status and grpc::Status (DESIGN.md 7).
+// The one conversion between absl::Status and grpc::Status (docs/architecture.md §8).
 // Canonical codes map one to one (absl::StatusCode and grpc::StatusCode share
 // numbering); the message travels unchanged. Thread-safe, pure functions.
 #ifndef ICECACHE_SERVER_RPC_STATUS_H_

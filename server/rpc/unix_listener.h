@@ -1,4 +1,4 @@
-// UnixListener: the daemon's own listening Unix socket (DESIGN.md 8).
+// UnixListener: the daemon's own listening Unix socket (docs/architecture.md §8).
 //
 // Why not ServerBuilder::AddListeningPort("unix:..."): gRPC 1.51 exposes no
 // peer uid for Unix-socket calls (auth_context is empty, peer() is the path).

@@ -1,5 +1,5 @@
 // SessionManager: sessions, tenants, leases, quotas and eviction, and the KV
-// operations on a session (DESIGN.md 3, 5, 6). gRPC-free: server/rpc
+// operations on a session (docs/architecture.md §2, §4-§6). gRPC-free: server/rpc
 // converts requests into these calls.
 //
 // Storage of a session. One Selector per (layer group, KV head) owns the page

@@ -1,4 +1,4 @@
-// Value types of the session API (DESIGN.md 3): configuration fixed at
+// Value types of the session API (docs/architecture.md §2): configuration fixed at
 // creation, the public view of a session, selection/fetch requests and
 // results, admin views. Plain structs; thread safety is that of values.
 #ifndef ICECACHE_SERVER_SESSION_SESSION_TYPES_H_

@@ -1,4 +1,4 @@
-// The fetch layout (DESIGN.md 6) and the gather that fills it.
+// The fetch layout (docs/architecture.md §6) and the gather that fills it.
 //
 // A fetch copies the selected pages of every KV head of `num_layers`
 // consecutive layers (one layer, or several layers of one layer group, which

@@ -1,6 +1,6 @@
 // Pins a large host region (the page pool's arena) for fast DMA with
 // cudaHostRegister, in chunks of at most `chunk_bytes` (64 GiB by default),
-// on a background thread so daemon start-up does not stall (DESIGN.md 5).
+// on a background thread so daemon start-up does not stall (docs/architecture.md §4).
 // Without a CUDA device the pinner finishes at once with FailedPrecondition
 // "no CUDA device ..." and the daemon simply runs unpinned.
 //
