@@ -87,6 +87,12 @@ struct DciDescentParams {
   // count x exp(s q.c + w s^2 q'Sq / 2), with S its covariance (kept in the
   // spread_rank-dim key subspace plus an isotropic residual).
   float spread_weight = 1.0f;
+  // true: a node is ranked by the sum over the queries of its estimated
+  // share of each query's softmax mass (each query's estimate normalised by
+  // its estimated total over the entry level), so every query head of the
+  // group is served; false: by the max over the queries of the unnormalised
+  // estimate (the loudest query decides).
+  bool normalized = true;
 };
 
 // Reusable per-thread buffers of CollectCandidates (no allocation once warm).
@@ -103,11 +109,18 @@ struct DciScratch {
   std::vector<float> head_keys;  // plain copy of the scores, for threshold selection
   std::vector<float> node_logc;  // nc: log(node key count)
   std::vector<float> node_res;   // nc: the node's residual variance per dimension
-  std::vector<float> best;       // nc: max over the queries of the estimated log-mass
-  std::vector<std::pair<float, uint32_t>> scored;  // (estimated log-mass, node), ranked head
+  std::vector<float> est;        // nq x nc: estimated log-mass of each candidate per query
+  std::vector<float> best;       // nc: the candidate's rank key (DciDescentParams::normalized)
+  std::vector<float> qlog_norm;  // nq: estimated log-mass of all keys per query (entry level)
+  std::vector<std::pair<float, uint32_t>> scored;  // (rank key, node), ranked head
   std::vector<float> qnorm2;                       // nq: squared query norm
   std::vector<float> qproj;                        // nq x rank: squared projections of the queries
-  std::vector<float> qres;  // nq: squared query norm outside the key subspace
+  std::vector<float> qres;        // nq: squared query norm outside the key subspace
+  std::vector<float> taken_mask;  // nc: -inf for the candidates taken, 0 for the others
+  std::vector<float> row;         // nc: one query's estimates of the candidates not taken
+  // Output, nq: log of the estimated mass, per query, of every key under a
+  // node the descent did not take (the mass outside the returned nodes).
+  std::vector<float> rest;
 };
 
 // The rebuilt search structure, prepared off the writer lock by
@@ -138,7 +151,8 @@ class DciTree {
 
   // Level-1 (logical) nodes for `nq` queries, most promising first, holding
   // together at least min_tokens tokens (all nodes when the tree holds fewer).
-  // `touched` is increased by the representatives scored.
+  // `touched` is increased by the representatives scored. scratch->rest gets
+  // each query's estimated log-mass outside the returned nodes.
   void CollectCandidates(const float* queries, int nq, float scale, const DciDescentParams& params,
                          DciScratch* scratch, std::vector<uint32_t>* nodes,
                          uint64_t* touched) const;
@@ -279,13 +293,18 @@ class DciTree {
   int EntryLevel(int entry_nodes) const;
   void PrepareQueries(const float* queries, int nq, DciScratch* s) const;
   void PrefetchCandidates(int level, bool spread, const DciScratch& s) const;
-  // s->scored = (estimated log-mass, node) of every candidate on `level`.
-  void ScoreCandidates(int level, const float* queries, int nq, float scale, float half_s2,
-                       DciScratch* s) const;
+  // s->est = every candidate's estimated log-mass per query on `level`;
+  // s->scored = (rank key, node) of every candidate. At the entry level
+  // (`entry`) also each query's estimated total, s->qlog_norm.
+  void ScoreCandidates(int level, bool entry, const float* queries, int nq, float scale,
+                       float half_s2, bool normalized, DciScratch* s) const;
   // Takes the best candidates until they hold enough tokens (and at least
   // field_of_view nodes above level 1): into `nodes` on level 1, s->next above.
-  void TakeBest(int level, const DciDescentParams& params, DciScratch* s,
-                std::vector<uint32_t>* nodes) const;
+  // Returns how many were taken (the head of s->scored).
+  size_t TakeBest(int level, const DciDescentParams& params, DciScratch* s,
+                  std::vector<uint32_t>* nodes) const;
+  // Adds the estimated mass of the candidates not taken to s->rest.
+  void AccumulateRest(int nq, size_t taken, DciScratch* s) const;
   // s->cand = the children of the nodes in s->next, ascending.
   void ExpandChildren(int level, DciScratch* s) const;
 

@@ -12,6 +12,7 @@
 #include "server/index/dci_tree.h"
 #include "server/index/dci_tree_internal.h"
 #include "server/index/kernels.h"
+#include "server/index/page_select.h"
 
 namespace icecache {
 
@@ -125,8 +126,8 @@ void DciTree::PrefetchCandidates(int level, bool spread, const DciScratch& s) co
   }
 }
 
-void DciTree::ScoreCandidates(int level, const float* queries, int nq, float scale, float half_s2,
-                              DciScratch* s) const {
+void DciTree::ScoreCandidates(int level, bool entry, const float* queries, int nq, float scale,
+                              float half_s2, bool normalized, DciScratch* s) const {
   const Level& L = levels_[level];
   const size_t nc = s->cand.size();
   const int rank = subspace_.rank();
@@ -136,7 +137,6 @@ void DciTree::ScoreCandidates(int level, const float* queries, int nq, float sca
   // Laid out query-major so the loops vectorize.
   s->node_logc.resize(nc);
   s->node_res.resize(nc);
-  s->best.assign(nc, -std::numeric_limits<float>::infinity());
   uint32_t last_cnt = 0;
   float logc = 0.0f;
   for (size_t i = 0; i < nc; ++i) {
@@ -151,10 +151,11 @@ void DciTree::ScoreCandidates(int level, const float* queries, int nq, float sca
   }
   const float* lc = s->node_logc.data();
   const float* rs = s->node_res.data();
-  float* best = s->best.data();
+  s->est.resize(nc * nq);
   for (int j = 0; j < nq; ++j) {
     // Gaussian mass: log(count) + s q.c + s^2 v / 2 for the logit variance v = q'Sq.
     const float* dj = &s->dots[static_cast<size_t>(j) * nc];
+    float* ej = &s->est[static_cast<size_t>(j) * nc];
     if (spread) {
       const float* vj = &s->vars[static_cast<size_t>(j) * nc];
       const float qr = s->qres[j];
@@ -162,21 +163,36 @@ void DciTree::ScoreCandidates(int level, const float* queries, int nq, float sca
         float e = dj[i] * scale + lc[i];
         const float var = vj[i] + qr * rs[i];
         e += half_s2 * var;
-        best[i] = best[i] < e ? e : best[i];
+        ej[i] = e;
       }
     } else {
-      for (size_t i = 0; i < nc; ++i) {
-        const float e = dj[i] * scale + lc[i];
-        best[i] = best[i] < e ? e : best[i];
-      }
+      for (size_t i = 0; i < nc; ++i) ej[i] = dj[i] * scale + lc[i];
+    }
+  }
+  if (entry) {
+    s->qlog_norm.resize(nq);
+    for (int j = 0; j < nq; ++j) s->qlog_norm[j] = LogSumExp(&s->est[j * nc], nc);
+  }
+  float* best = s->best.data();
+  if (normalized) {
+    // Sum over the queries of the estimated share of each one's mass.
+    s->best.assign(nc, 0.0f);
+    best = s->best.data();
+    for (int j = 0; j < nq; ++j) AddExp(&s->est[j * nc], s->qlog_norm[j], nc, best);
+  } else {
+    s->best.assign(nc, -std::numeric_limits<float>::infinity());
+    best = s->best.data();
+    for (int j = 0; j < nq; ++j) {
+      const float* ej = &s->est[static_cast<size_t>(j) * nc];
+      for (size_t i = 0; i < nc; ++i) best[i] = best[i] < ej[i] ? ej[i] : best[i];
     }
   }
   s->scored.resize(nc);
   for (size_t i = 0; i < nc; ++i) s->scored[i] = {best[i], s->cand[i]};
 }
 
-void DciTree::TakeBest(int level, const DciDescentParams& params, DciScratch* s,
-                       std::vector<uint32_t>* nodes) const {
+size_t DciTree::TakeBest(int level, const DciDescentParams& params, DciScratch* s,
+                         std::vector<uint32_t>* nodes) const {
   const Level& L = levels_[level];
   const bool leaf = level == 1;
   const int64_t want_tokens =
@@ -208,6 +224,27 @@ void DciTree::TakeBest(int level, const DciDescentParams& params, DciScratch* s,
       tokens += L.reps.count[node];
       s->next.push_back(node);
     }
+  }
+  return taken;
+}
+
+void DciTree::AccumulateRest(int nq, size_t taken, DciScratch* s) const {
+  const size_t nc = s->cand.size();
+  if (taken >= nc) return;
+  s->taken_mask.assign(nc, 0.0f);
+  for (size_t k = 0; k < taken; ++k) {  // cand is ascending
+    const auto it = std::lower_bound(s->cand.begin(), s->cand.end(), s->scored[k].second);
+    s->taken_mask[it - s->cand.begin()] = -std::numeric_limits<float>::infinity();
+  }
+  s->row.resize(nc);
+  for (int j = 0; j < nq; ++j) {
+    // The same estimate that ranked the nodes (ScoreCandidates).
+    const float* ej = &s->est[static_cast<size_t>(j) * nc];
+    for (size_t i = 0; i < nc; ++i) s->row[i] = ej[i] + s->taken_mask[i];
+    const float add = LogSumExp(s->row.data(), nc);
+    const float m = std::max(s->rest[j], add);
+    if (m == -std::numeric_limits<float>::infinity()) continue;
+    s->rest[j] = m + std::log(std::exp(s->rest[j] - m) + std::exp(add - m));
   }
 }
 
@@ -252,11 +289,13 @@ void DciTree::CollectCandidates(const float* queries, int nq, float scale,
   std::iota(s->cand.begin(), s->cand.end(), 0u);
   const float half_s2 = params.spread_weight * 0.5f * scale * scale;
   const bool spread = half_s2 > 0.0f && rank > 0;
+  s->rest.assign(nq, -std::numeric_limits<float>::infinity());
   PrefetchCandidates(entry, spread, *s);
   for (int l = entry; l >= 1; --l) {
-    ScoreCandidates(l, queries, nq, scale, half_s2, s);
+    ScoreCandidates(l, l == entry, queries, nq, scale, half_s2, params.normalized, s);
     *touched += s->cand.size();
-    TakeBest(l, params, s, nodes);
+    const size_t taken = TakeBest(l, params, s, nodes);
+    AccumulateRest(nq, taken, s);
     if (l == 1) return;
     ExpandChildren(l, s);
     PrefetchCandidates(l - 1, spread, *s);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -16,16 +17,12 @@ namespace {
 // Per-thread buffers of Select (sized once, reused across calls).
 struct SelectScratch {
   DciScratch descent;
-  std::vector<uint32_t> nodes, candidates;
-  std::vector<float> logits;  // G x fill per scored page, concatenated
-  struct Scored {
-    uint32_t page;
-    uint32_t fill;
-    size_t offset;  // into logits
-    float lower;    // max logit x scale: PageMassScore >= lower
-  };
-  std::vector<Scored> pages;
-  std::vector<float> lowers;
+  std::vector<uint32_t> nodes;         // level-1 nodes of the descent, best first
+  std::vector<uint32_t> candidates;    // their pages
+  std::vector<float> logits;           // G x fill of the page being scored
+  std::vector<uint32_t> scored_pages;  // pages scored, in order
+  std::vector<float> lse;              // G per scored page: the page's log-mass per query
+  std::vector<float> log_norm;         // G: each query's log-normaliser
   std::vector<std::pair<float, uint32_t>> scored;
 };
 
@@ -92,118 +89,130 @@ absl::Status MdciSelector::Insert(const float* keys, int64_t n,
   return tree_->Insert(keys, n, placements);
 }
 
+void MdciSelector::PrefetchPage(uint32_t page) const {
+  // Frames are separate 4 KiB-ish blocks: the hardware prefetcher stops at
+  // each boundary, so ask for the next candidate's keys ahead of time.
+  const size_t row_bytes = static_cast<size_t>(config_.head_dim) * DTypeSize(config_.dtype);
+  const char* p = static_cast<const char*>(keys_->page_keys(page));
+  const size_t bytes = static_cast<size_t>(tree_->page_table().fill(page)) * row_bytes;
+  for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+}
+
+void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* queries,
+                              int num_queries, uint64_t* touched) const {
+  SelectScratch& s = ThreadScratch();
+  const DciPageTable& pt = tree_->page_table();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
+  // The pages are scattered frames read cold: keep several in flight ahead
+  // of the one being scored (memory-level parallelism).
+  constexpr size_t kPagesAhead = 8;
+  for (size_t i = 0; i < std::min(n, kPagesAhead); ++i) PrefetchPage(pages[i]);
+  for (size_t i = 0; i < n; ++i) {
+    if (i + kPagesAhead < n) PrefetchPage(pages[i + kPagesAhead]);
+    const uint32_t fill = pt.fill(pages[i]);
+    if (fill == 0) continue;
+    s.logits.resize(static_cast<size_t>(num_queries) * fill);
+    DotRowsMulti(config_.dtype, keys_->page_keys(pages[i]), fill, config_.head_dim, queries,
+                 num_queries, s.logits.data());
+    *touched += fill;
+    s.scored_pages.push_back(pages[i]);
+    s.lse.resize(s.lse.size() + num_queries);
+    PageQueryLogMass(s.logits.data(), num_queries, static_cast<int>(fill), static_cast<int>(fill),
+                     scale, &s.lse[s.lse.size() - num_queries]);
+  }
+}
+
+void MdciSelector::CollectCandidatePages(const float* queries, int num_queries,
+                                         const SelectParams& params, uint64_t* touched) const {
+  SelectScratch& s = ThreadScratch();
+  const DciPageTable& pt = tree_->page_table();
+  DciDescentParams dp;
+  dp.field_of_view = params.field_of_view > 0 ? params.field_of_view : config_.mdci.field_of_view;
+  const float factor =
+      params.candidate_factor > 0.0f ? params.candidate_factor : config_.mdci.candidate_factor;
+  // At least min_candidate_pages pages, so small budgets still look around.
+  dp.min_tokens = std::max<int64_t>(
+      static_cast<int64_t>(config_.mdci.min_candidate_pages) * config_.page_tokens,
+      static_cast<int64_t>(std::ceil(factor * static_cast<double>(params.budget_tokens))));
+  dp.cover_factor = config_.mdci.cover_factor;
+  dp.entry_nodes = config_.mdci.entry_nodes;
+  dp.spread_weight = config_.mdci.spread_weight;
+  dp.normalized = config_.mdci.normalized_descent;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
+  tree_->CollectCandidates(queries, num_queries, scale, dp, &s.descent, &s.nodes, touched);
+  s.candidates.clear();
+  for (uint32_t node : s.nodes) {
+    for (uint32_t page = pt.first_page(node); page != DciPageTable::kNone;
+         page = pt.next_page(page)) {
+      s.candidates.push_back(page);
+    }
+  }
+  // A software prefetch into a page whose translation is not cached may be
+  // dropped; one real load per frame starts every page walk at once.
+  unsigned sink = 0;
+  for (uint32_t page : s.candidates) {
+    const void* p = keys_->page_keys(page);
+    if (p != nullptr) sink += *static_cast<const volatile unsigned char*>(p);
+  }
+  asm volatile("" : : "r"(sink));
+}
+
 absl::Status MdciSelector::Select(const float* queries, int num_queries, const SelectParams& params,
                                   Selection* out) const {
   RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, params, out));
-  const int d = config_.head_dim;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const DciPageTable& pt = tree_->page_table();
   SelectScratch& s = ThreadScratch();
-  s.scored.clear();
   uint64_t touched = 0;
-  s.logits.clear();
-  s.pages.clear();
-  // Exact logits of a page, kept with the lower bound of its score (the
-  // page's best logit); PageMassScore is only computed where it can matter.
-  const size_t row_bytes = static_cast<size_t>(d) * DTypeSize(config_.dtype);
-  auto prefetch_page = [&](uint32_t page) {
-    // Frames are separate 4 KiB-ish blocks: the hardware prefetcher stops at
-    // each boundary, so ask for the next candidate's keys ahead of time.
-    const char* p = static_cast<const char*>(keys_->page_keys(page));
-    const size_t bytes = static_cast<size_t>(pt.fill(page)) * row_bytes;
-    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
-  };
-  auto score_page = [&](uint32_t page) {
-    const uint32_t fill = pt.fill(page);
-    if (fill == 0) return;
-    const size_t off = s.logits.size();
-    s.logits.resize(off + static_cast<size_t>(num_queries) * fill);
-    DotRowsMulti(config_.dtype, keys_->page_keys(page), fill, d, queries, num_queries,
-                 &s.logits[off]);
-    touched += fill;
-    float m = -std::numeric_limits<float>::infinity();
-    for (size_t k = off; k < s.logits.size(); ++k) m = std::max(m, s.logits[k]);
-    s.pages.push_back({page, fill, off, m * scale});
-  };
+  s.scored_pages.clear();
+  s.lse.clear();
+  const float* rest = nullptr;  // log of the mass outside the scored pages, per query
   if (config_.kind == SelectorKind::kExactMdci) {
-    for (uint32_t page = 0; page < pt.num_pages(); ++page) {
-      if (page + 1 < pt.num_pages()) prefetch_page(page + 1);
-      score_page(page);
-    }
+    s.candidates.resize(pt.num_pages());
+    std::iota(s.candidates.begin(), s.candidates.end(), 0u);
   } else {
-    DciDescentParams dp;
-    dp.field_of_view = config_.mdci.field_of_view;
-    // At least min_candidate_pages pages, so small budgets still look around.
-    dp.min_tokens = std::max<int64_t>(
-        static_cast<int64_t>(config_.mdci.min_candidate_pages) * config_.page_tokens,
-        static_cast<int64_t>(
-            std::ceil(config_.mdci.candidate_factor * static_cast<double>(params.budget_tokens))));
-    dp.cover_factor = config_.mdci.cover_factor;
-    dp.entry_nodes = config_.mdci.entry_nodes;
-    dp.spread_weight = config_.mdci.spread_weight;
-    tree_->CollectCandidates(queries, num_queries, scale, dp, &s.descent, &s.nodes, &touched);
-    s.candidates.clear();
-    for (uint32_t node : s.nodes) {
-      for (uint32_t page = pt.first_page(node); page != DciPageTable::kNone;
-           page = pt.next_page(page)) {
-        s.candidates.push_back(page);
-      }
-    }
-    // The candidate pages are scattered frames read cold: keep several of
-    // them in flight ahead of the one being scored (memory-level
-    // parallelism), the first ones before any is scored.
-    constexpr size_t kPagesAhead = 8;
-    const size_t nc = s.candidates.size();
-    {
-      // A software prefetch into a page whose translation is not cached may
-      // be dropped; one real load per frame starts every page walk at once.
-      unsigned sink = 0;
-      for (size_t i = 0; i < nc; ++i) {
-        const void* p = keys_->page_keys(s.candidates[i]);
-        if (p != nullptr) sink += *static_cast<const volatile unsigned char*>(p);
-      }
-      asm volatile("" : : "r"(sink));
-    }
-    for (size_t i = 0; i < std::min(nc, kPagesAhead); ++i) prefetch_page(s.candidates[i]);
-    for (size_t i = 0; i < nc; ++i) {
-      if (i + kPagesAhead < nc) prefetch_page(s.candidates[i + kPagesAhead]);
-      score_page(s.candidates[i]);
-    }
+    CollectCandidatePages(queries, num_queries, params, &touched);
+    rest = s.descent.rest.data();
+  }
+  ScorePages(s.candidates.data(), s.candidates.size(), queries, num_queries, &touched);
+  // Each query's normaliser: exact over every page (exact-mdci); for mdci the
+  // candidates' exact mass plus the descent's estimate of the rest.
+  s.log_norm.resize(num_queries);
+  QueryLogNorms(s.lse.data(), s.scored_pages.size(), num_queries, rest, s.log_norm.data());
+  s.scored.clear();
+  for (size_t i = 0; i < s.scored_pages.size(); ++i) {
+    s.scored.push_back({GroupPageScore(&s.lse[i * num_queries], s.log_norm.data(), num_queries),
+                        s.scored_pages[i]});
   }
   const std::vector<uint32_t> forced =
       ForcedPages(num_tokens(), params, [&](int64_t pos) { return pt.page_of_position(pos); });
-  // Pruning: a page's score lies in [lower, lower + log(fill)]. Non-forced
-  // pages whose lower bounds alone fill the budget set a threshold; a page
-  // whose upper bound is below it can never be taken, so its exact score is
-  // not needed (the selection is the same as scoring every page).
-  float threshold = -std::numeric_limits<float>::infinity();
-  {
-    s.scored.clear();
-    for (const auto& p : s.pages) {
-      if (!std::binary_search(forced.begin(), forced.end(), p.page)) {
-        s.scored.push_back({p.lower, p.fill});
-      }
-    }
-    std::sort(s.scored.begin(), s.scored.end(),
-              [](const auto& a, const auto& b) { return a.first > b.first; });
-    int64_t tokens = 0;
-    for (const auto& e : s.scored) {
-      tokens += e.second;
-      if (tokens >= params.budget_tokens) {
-        threshold = e.first;
-        break;
-      }
-    }
-  }
-  s.scored.clear();
-  for (const auto& p : s.pages) {
-    if (p.lower + std::log(static_cast<float>(p.fill)) < threshold) continue;
-    s.scored.push_back({PageMassScore(&s.logits[p.offset], num_queries, static_cast<int>(p.fill),
-                                      static_cast<int>(p.fill), scale),
-                        p.page});
-  }
   TakePages(*this, forced, &s.scored, params, out);
   out->keys_touched = touched;
+  return absl::OkStatus();
+}
+
+absl::Status MdciSelector::ExactPageMasses(const float* queries, int num_queries,
+                                           std::vector<float>* mass) const {
+  if (mass == nullptr) return absl::InvalidArgumentError("mass must not be null");
+  SelectParams probe;
+  probe.budget_tokens = 1;
+  Selection unused;
+  RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, probe, &unused));
+  SelectScratch& s = ThreadScratch();
+  const uint32_t pages = tree_->page_table().num_pages();
+  s.scored_pages.clear();
+  s.lse.clear();
+  std::vector<uint32_t> all(pages);
+  std::iota(all.begin(), all.end(), 0u);
+  uint64_t touched = 0;
+  ScorePages(all.data(), pages, queries, num_queries, &touched);
+  s.log_norm.resize(num_queries);
+  QueryLogNorms(s.lse.data(), s.scored_pages.size(), num_queries, nullptr, s.log_norm.data());
+  mass->assign(pages, 0.0f);
+  for (size_t i = 0; i < s.scored_pages.size(); ++i) {
+    (*mass)[s.scored_pages[i]] =
+        std::exp(GroupPageScore(&s.lse[i * num_queries], s.log_norm.data(), num_queries)) /
+        static_cast<float>(num_queries);
+  }
   return absl::OkStatus();
 }
 

@@ -5,10 +5,17 @@
 //    `field_of_view` nodes per level (more while they hold fewer than
 //    2 x candidate tokens); the best logical nodes holding
 //    candidate_factor x budget tokens are scored exactly (DotRowsMulti over
-//    each page's contiguous keys read through PageKeys, PageMassScore), then
-//    TakePages fills the budget with sink/recent pages forced in.
+//    each page's contiguous keys read through PageKeys), then TakePages
+//    fills the budget with sink/recent pages forced in.
 //  - kExactMdci: the same layout, every page scored exactly (the best any
 //    selector can do on this layout).
+// Page scores (page_select.h, GroupPageScore): the sum over the G queries of
+// each query's softmax share of the page. The share needs each query's
+// log-normaliser: exact-mdci has it exactly (every page is scored); mdci uses
+// the exact mass of the candidate pages it scored plus the descent's estimate
+// of the mass under every node it did not take (DciScratch::rest, the same
+// Gaussian estimate that ranks the nodes), the best estimate it has without
+// reading more keys.
 // Node representatives: centroid, count and the keys' spread (variance in a
 // 16-dim PCA key subspace plus an isotropic residual); a node's attention
 // mass is estimated as log(count) + s q.c + s^2 q'Sq / 2 (Gaussian keys).
@@ -82,12 +89,27 @@ class MdciSelector : public Selector {
   absl::StatusOr<std::unique_ptr<DciTreeRebuild>> PrepareRebuild() const;
   absl::Status CommitRebuild(std::unique_ptr<DciTreeRebuild> rebuild);
 
+  // Every page's exact group mass for these queries (sum over the queries of
+  // each one's softmax share of the page), indexed by page: the exact
+  // reference of the width calibrator (a full scan). InvalidArgument for
+  // bad queries (as Select).
+  absl::Status ExactPageMasses(const float* queries, int num_queries,
+                               std::vector<float>* mass) const;
+
   const DciTree& tree() const { return *tree_; }
   double mean_page_fill() const { return tree_->page_table().MeanFill(); }
 
  private:
   MdciSelector(const SelectorConfig& config, const PageKeys* keys, std::unique_ptr<DciTree> tree)
       : Selector(config), keys_(keys), tree_(std::move(tree)) {}
+
+  void PrefetchPage(uint32_t page) const;
+  // Per-thread scratch: the descent's candidate pages (mdci).
+  void CollectCandidatePages(const float* queries, int num_queries, const SelectParams& params,
+                             uint64_t* touched) const;
+  // Exact per-query log-mass of `pages` into the per-thread scratch.
+  void ScorePages(const uint32_t* pages, size_t n, const float* queries, int num_queries,
+                  uint64_t* touched) const;
 
   const PageKeys* keys_;
   std::unique_ptr<DciTree> tree_;

@@ -81,6 +81,68 @@ float PageMassScore(const float* logits, int num_queries, int fill, int stride, 
   return best;
 }
 
+void PageQueryLogMass(const float* logits, int num_queries, int fill, int stride, float scale,
+                      float* out) {
+  for (int j = 0; j < num_queries; ++j) {
+    out[j] = PageMassScore(logits + static_cast<int64_t>(j) * stride, 1, fill, stride, scale);
+  }
+}
+
+float LogSumExp(const float* x, size_t n) {
+  if (n == 0) return -std::numeric_limits<float>::infinity();
+  __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
+  float m = HMax256(vm);
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  if (!std::isfinite(m)) return m;  // all -inf (or an inf/NaN that decides)
+  const __m256 vmax = _mm256_set1_ps(m);
+  __m256 vs = _mm256_setzero_ps();
+  i = 0;
+  for (; i + 8 <= n; i += 8)
+    vs = _mm256_add_ps(vs, Exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmax)));
+  float s = HSum256(vs);
+  for (; i < n; ++i) s += std::exp(x[i] - m);
+  return m + std::log(s);
+}
+
+void AddExp(const float* x, float shift, size_t n, float* acc) {
+  const __m256 vshift = _mm256_set1_ps(shift);
+  const __m256 cap = _mm256_set1_ps(80.0f);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = Exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vshift), cap));
+    _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), e));
+  }
+  for (; i < n; ++i) acc[i] += std::exp(std::min(x[i] - shift, 80.0f));
+}
+
+float GroupPageScore(const float* page_lse, const float* log_norm, int num_queries) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int j = 0; j < num_queries; ++j) m = std::max(m, page_lse[j] - log_norm[j]);
+  if (!std::isfinite(m)) return m;
+  float s = 0.0f;
+  for (int j = 0; j < num_queries; ++j) s += std::exp(page_lse[j] - log_norm[j] - m);
+  return m + std::log(s);
+}
+
+void QueryLogNorms(const float* page_lse, size_t num_pages, int num_queries, const float* rest,
+                   float* log_norm) {
+  for (int j = 0; j < num_queries; ++j) {
+    float m = rest != nullptr ? rest[j] : -std::numeric_limits<float>::infinity();
+    for (size_t p = 0; p < num_pages; ++p) m = std::max(m, page_lse[p * num_queries + j]);
+    if (!std::isfinite(m)) {
+      log_norm[j] = m;
+      continue;
+    }
+    double s = rest != nullptr ? std::exp(static_cast<double>(rest[j]) - m) : 0.0;
+    for (size_t p = 0; p < num_pages; ++p) {
+      s += std::exp(static_cast<double>(page_lse[p * num_queries + j]) - m);
+    }
+    log_norm[j] = m + static_cast<float>(std::log(s));
+  }
+}
+
 void TakePages(const Selector& selector, const std::vector<uint32_t>& forced,
                std::vector<std::pair<float, uint32_t>>* scored, const SelectParams& params,
                Selection* out) {
@@ -170,6 +232,12 @@ absl::Status ValidateSelect(const Selector& selector, const float* queries, int 
   if (params.budget_tokens <= 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("budget_tokens must be > 0, got ", params.budget_tokens));
+  }
+  if (params.field_of_view < 0 || !(params.candidate_factor >= 0.0f) ||
+      !std::isfinite(params.candidate_factor)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "field_of_view (", params.field_of_view, ") and candidate_factor (",
+        params.candidate_factor, ") must be >= 0 (0: the selector's configured width)"));
   }
   if (params.sink_tokens < 0 || params.recent_tokens < 0) {
     return absl::InvalidArgumentError(absl::StrCat("sink_tokens (", params.sink_tokens,

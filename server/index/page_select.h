@@ -19,6 +19,34 @@ namespace icecache {
 // scale)) (log of the page's unnormalised attention mass), computed stably.
 float PageMassScore(const float* logits, int num_queries, int fill, int stride, float scale);
 
+// Per-query log-mass of one page: out[j] = log(sum_i exp(logit_ij * scale)),
+// logits G x fill with row stride `stride`; -inf for an empty page.
+void PageQueryLogMass(const float* logits, int num_queries, int fill, int stride, float scale,
+                      float* out);
+
+// acc[i] += exp(min(x[i] - shift, 80)) for i < n (vectorised; terms below
+// exp(-87) count as ~1e-38).
+void AddExp(const float* x, float shift, size_t n, float* acc);
+
+// log(sum_i exp(x[i])) over n values, computed stably; -inf for n == 0.
+float LogSumExp(const float* x, size_t n);
+
+// GQA page scores (docs/architecture.md, selection). A page's score is what
+// the group gains from it: the sum over the G queries of each query's softmax
+// share of the page, kept as a log so it orders like a mass:
+//   score = log(sum_j exp(page_lse[j] - log_norm[j]))
+// with page_lse[j] the page's log-mass for query j (PageQueryLogMass) and
+// log_norm[j] query j's log-normaliser (the log of its mass over all keys).
+// Unlike the max over queries of the unnormalised log-mass, a query with
+// large logits does not decide for the whole group.
+float GroupPageScore(const float* page_lse, const float* log_norm, int num_queries);
+
+// log_norm[j] = log(sum_p exp(page_lse[p * G + j]) + exp(rest[j])) over
+// `num_pages` rows of G log-masses: each query's log-normaliser from the
+// pages scored plus `rest` (the log of the mass outside them; null = none).
+void QueryLogNorms(const float* page_lse, size_t num_pages, int num_queries, const float* rest,
+                   float* log_norm);
+
 // Pages that hold positions [0, sink_tokens) and the last `recent_tokens`
 // positions (num_tokens known to the selector), deduplicated, ascending.
 // `page_of_position` maps a position to its page.

@@ -78,6 +78,8 @@ struct Scratch {
   std::vector<std::pair<float, uint32_t>> scored;
   std::vector<std::pair<float, uint32_t>> ranked;
   std::vector<float> logits;
+  std::vector<float> lse;       // G per page: the page's log-mass per query (kExact)
+  std::vector<float> log_norm;  // G: each query's log-normaliser (kExact)
 };
 Scratch& ThreadScratch() {
   thread_local Scratch scratch;
@@ -131,7 +133,10 @@ class PositionalSelector final : public Selector {
 
  private:
   absl::Status Append(const float* keys, int64_t n, std::vector<Placement>* placements);
-  // Exact mass score of `page` into logits scratch (G x page_tokens).
+  // Exact logits of `page` into `logits` (G x page_tokens); FailedPrecondition
+  // when the frames lack the page.
+  absl::Status PageLogits(uint32_t page, const float* queries, int nq, float* logits) const;
+  // Exact mass score of `page` (max over queries of its log-mass; quest's rescoring).
   absl::StatusOr<float> ExactPageScore(uint32_t page, const float* queries, int nq,
                                        float* logits) const;
   absl::Status SelectExact(const float* queries, int nq, const SelectParams& params,
@@ -188,17 +193,23 @@ absl::Status PositionalSelector::Append(const float* keys, int64_t n,
   return absl::OkStatus();
 }
 
-absl::StatusOr<float> PositionalSelector::ExactPageScore(uint32_t page, const float* queries,
-                                                         int nq, float* logits) const {
-  const uint32_t f = fill(page);
+absl::Status PositionalSelector::PageLogits(uint32_t page, const float* queries, int nq,
+                                            float* logits) const {
   const void* rows = keys_->page_keys(page);
   if (rows == nullptr) {
     return absl::FailedPreconditionError(
         absl::StrCat("PageKeys has no keys for page ", page, " of ", num_pages(),
                      "; were the placements of every Build()/Insert() applied to the frames?"));
   }
-  DotRowsMulti(config_.dtype, rows, f, dim_, queries, nq, logits);
-  return PageMassScore(logits, nq, static_cast<int>(f), static_cast<int>(f), scale_);
+  DotRowsMulti(config_.dtype, rows, fill(page), dim_, queries, nq, logits);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<float> PositionalSelector::ExactPageScore(uint32_t page, const float* queries,
+                                                         int nq, float* logits) const {
+  RETURN_IF_ERROR(PageLogits(page, queries, nq, logits));
+  const int f = static_cast<int>(fill(page));
+  return PageMassScore(logits, nq, f, f, scale_);
 }
 
 absl::Status PositionalSelector::Select(const float* queries, int num_queries,
@@ -226,12 +237,22 @@ absl::Status PositionalSelector::SelectExact(const float* queries, int nq,
   Scratch& scratch = ThreadScratch();
   std::vector<float>& logits = scratch.logits;
   logits.resize(static_cast<size_t>(nq) * page_tokens_);
+  // Every page's log-mass per query, then each query's exact normaliser, then
+  // the group score of every page (GroupPageScore).
+  scratch.lse.resize(static_cast<size_t>(pages) * nq);
+  for (uint32_t p = 0; p < pages; ++p) {
+    RETURN_IF_ERROR(PageLogits(p, queries, nq, logits.data()));
+    const int f = static_cast<int>(fill(p));
+    PageQueryLogMass(logits.data(), nq, f, f, scale_, &scratch.lse[static_cast<size_t>(p) * nq]);
+  }
+  scratch.log_norm.resize(nq);
+  QueryLogNorms(scratch.lse.data(), pages, nq, nullptr, scratch.log_norm.data());
   std::vector<std::pair<float, uint32_t>>& scored = scratch.scored;
   scored.clear();
   scored.reserve(pages);
   for (uint32_t p = 0; p < pages; ++p) {
-    ASSIGN_OR_RETURN(const float score, ExactPageScore(p, queries, nq, logits.data()));
-    scored.emplace_back(score, p);
+    scored.emplace_back(
+        GroupPageScore(&scratch.lse[static_cast<size_t>(p) * nq], scratch.log_norm.data(), nq), p);
   }
   TakePages(*this, forced, &scored, params, out);
   out->keys_touched = static_cast<uint64_t>(num_tokens_);

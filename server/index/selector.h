@@ -80,7 +80,10 @@ struct MdciParams {
   float cover_factor = 2.0f;
   int entry_nodes = 1024;      // descent starts at the lowest level with <= this many nodes
   float spread_weight = 1.0f;  // weight of a node's key spread in its estimated mass
-  int spread_rank = 16;        // key subspace in which nodes keep their spread (>= 0)
+  // Descent ranks nodes by the sum of each query's estimated softmax share
+  // (serves every query head of the group); false: by the loudest query.
+  bool normalized_descent = true;
+  int spread_rank = 16;  // key subspace in which nodes keep their spread (>= 0)
   // > 0: pages group similar keys only within windows of this many positions.
   int locality_window = 4096;
   bool augmented_routing = false;  // parents by MIPS-augmented (true) or plain L2 distance
@@ -110,6 +113,10 @@ struct SelectParams {
   int sink_tokens = 4;      // pages holding positions [0, sink) always included
   int recent_tokens = 0;    // pages holding the last `recent` positions always included
   bool want_positions = false;
+  // mdci width for this call (the width calibrator's overrides); 0 = the
+  // selector's MdciParams. >= 0.
+  int field_of_view = 0;
+  float candidate_factor = 0.0f;
 };
 
 // Result of one selection, in descending score order (sink/recent pages
@@ -148,9 +155,10 @@ class Selector {
   virtual absl::Status Insert(const float* keys, int64_t n, std::vector<Placement>* placements) = 0;
 
   // Selects pages for `num_queries` queries (fp32, num_queries x head_dim),
-  // normally the G query heads of this KV head; a page's score is the max
-  // over queries. InvalidArgument on NaN/Inf queries, num_queries < 1,
-  // budget <= 0 or budget > num_tokens(); FailedPrecondition on an empty index.
+  // normally the G query heads of this KV head; a page's score is the sum over
+  // the queries of each one's softmax share of the page (GroupPageScore in
+  // page_select.h; quest and streaming keep their own bounds). InvalidArgument on NaN/Inf queries,
+  // num_queries < 1, budget <= 0 or budget > num_tokens(); FailedPrecondition on an empty index.
   virtual absl::Status Select(const float* queries, int num_queries, const SelectParams& params,
                               Selection* out) const = 0;
 

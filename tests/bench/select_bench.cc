@@ -30,6 +30,7 @@
 #include "server/index/owned_page_keys.h"
 #include "server/index/quality.h"
 #include "server/index/selector.h"
+#include "server/index/width_calibrator.h"
 #include "tests/bench/peers.h"
 
 #ifndef ICECACHE_SOURCE_DIR
@@ -227,6 +228,8 @@ class TreeMethod {
   virtual double layout_fill() const = 0;
   // The library selector behind the method (null for token-level methods).
   virtual const Selector* selector() const { return nullptr; }
+  // One line about the method after its run (the calibrated width); "" = none.
+  virtual std::string Summary() const { return ""; }
 };
 
 // A library selector over frames held by OwnedPageKeys.
@@ -248,7 +251,35 @@ class SelectorMethod : public TreeMethod {
     return keys_->Apply(placements_, keys);
   }
   absl::Status Select(const float* queries, int nq, const SweepPoint&, Selection* sel) override {
-    return selector_->Select(queries, nq, params_, sel);
+    if (calibrator_ == nullptr) return selector_->Select(queries, nq, params_, sel);
+    // Self-calibrated mdci: the sampled steps' exact reference is part of
+    // the timed call (its average cost is the calibration's overhead).
+    SelectParams params = params_;
+    calibrator_->Apply(&params);
+    RETURN_IF_ERROR(selector_->Select(queries, nq, params, sel));
+    if (!calibrator_->ShouldSample()) return absl::OkStatus();
+    const auto t0 = std::chrono::steady_clock::now();
+    ASSIGN_OR_RETURN(QualitySample q, MeasureSelection(static_cast<const MdciSelector&>(*selector_),
+                                                       queries, nq, params, *sel));
+    calibrator_->Observe(q);
+    sample_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return absl::OkStatus();
+  }
+  absl::Status Calibrate(const CalibratorOptions& o) {
+    ASSIGN_OR_RETURN(calibrator_,
+                     WidthCalibrator::Create(o, selector_->config().mdci.field_of_view,
+                                             selector_->config().mdci.candidate_factor));
+    return absl::OkStatus();
+  }
+  std::string Summary() const override {
+    if (calibrator_ == nullptr) return "";
+    const CalibratorReport r = calibrator_->report();
+    return absl::StrFormat(
+        "calibrated: width %.2f (fov %d, candidate factor %.1f), %lld changes, sampled mass ratio "
+        "%.4f (last %.4f), page recall %.3f, %lld of %lld steps sampled, %.2f s sampling",
+        r.width, r.field_of_view, r.candidate_factor, static_cast<long long>(r.changes),
+        r.mean_ratio, r.last_ratio, r.mean_topk_recall, static_cast<long long>(r.samples),
+        static_cast<long long>(r.steps), sample_s_);
   }
   void Positions(const Selection& sel, std::vector<int32_t>* out) const override {
     out->clear();
@@ -269,6 +300,8 @@ class SelectorMethod : public TreeMethod {
  private:
   explicit SelectorMethod(const SelectParams& params) : params_(params) {}
   SelectParams params_;
+  std::unique_ptr<WidthCalibrator> calibrator_;
+  double sample_s_ = 0.0;  // time in the sampled steps' exact reference
   std::unique_ptr<OwnedPageKeys> keys_;
   std::unique_ptr<Selector> selector_;
   std::vector<Placement> placements_;
@@ -421,7 +454,15 @@ absl::StatusOr<std::unique_ptr<TreeMethod>> MakeMethod(const std::string& name, 
   config.num_query_heads = w.queries;
   config.mdci = o.mdci;
   config.quest_rescore_factor = o.quest_rescore_factor;
-  return SelectorMethod::Create(config, params);
+  ASSIGN_OR_RETURN(auto method, SelectorMethod::Create(config, params));
+  if (config.kind == SelectorKind::kMdci && o.mdci_target_mass > 0) {
+    CalibratorOptions co;
+    co.target_ratio = o.mdci_target_mass;
+    co.sample_every = o.calibrate_every;
+    co.warmup_samples = o.calibrate_warmup;
+    RETURN_IF_ERROR(static_cast<SelectorMethod*>(method.get())->Calibrate(co));
+  }
+  return method;
 }
 
 // ---------------------------------------------------------------------------
@@ -669,6 +710,11 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
       }
       std::fprintf(stderr, "  %-11s page %3d: build %.3f s/tree, p50 %.1f us, mass %.4f\n",
                    name.c_str(), p, r.build_s, r.best().p(0.5), r.best().mass);
+      for (size_t t = 0; t < ntrees; ++t) {
+        const std::string line = trees[t]->Summary();
+        if (!line.empty())
+          std::printf("  %s page %d tree %zu %s\n", name.c_str(), p, t, line.c_str());
+      }
       results.push_back(std::move(r));
     }
   }

@@ -73,6 +73,12 @@ struct SelectBenchOptions {
   std::vector<std::string> families;
   std::vector<std::string> widths;
   std::string plot_path;
+  // > 0: mdci self-calibrates its width toward this mass ratio against
+  // exact-mdci (server/index/width_calibrator.h), sampling 1 step in
+  // calibrate_every after a warm-up of calibrate_warmup steps.
+  double mdci_target_mass = 0.0;
+  int calibrate_every = 256;
+  int calibrate_warmup = 32;
 };
 
 // One measured configuration of a selector (for the matrix and the frontier).

@@ -120,6 +120,14 @@ SelectFlags::SelectFlags(CLI::App* app) {
   app->add_option("--mdci-fov", o_.mdci.field_of_view, "mdci: field of view");
   app->add_option("--mdci-candidate-factor", o_.mdci.candidate_factor,
                   "mdci: candidates scored exactly, x budget");
+  app->add_option("--mdci-normalized-descent", o_.mdci.normalized_descent,
+                  "mdci: rank nodes by each query's normalised share (1) or the loudest query (0)");
+  app->add_option("--mdci-target-mass", o_.mdci_target_mass,
+                  "mdci: self-calibrate the width to this mass ratio vs exact-mdci (0: off)");
+  app->add_option("--calibrate-every", o_.calibrate_every,
+                  "mdci calibration: 1 sampled step in N once warm");
+  app->add_option("--calibrate-warmup", o_.calibrate_warmup,
+                  "mdci calibration: the first N steps are all sampled");
   app->add_option("--mdci-m", o_.mdci.num_composite, "mdci: composite indices (m)");
   app->add_option("--mdci-l", o_.mdci.num_simple, "mdci: simple indices per composite (L)");
   app->add_option("--quest-rescore", o_.quest_rescore_factor,

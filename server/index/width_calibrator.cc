@@ -1,0 +1,153 @@
+#include "server/index/width_calibrator.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "server/index/page_select.h"
+
+namespace icecache {
+
+absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
+    const CalibratorOptions& o, int base_field_of_view, float base_candidate_factor) {
+  auto bad = [](const char* what, double v) {
+    return absl::InvalidArgumentError(absl::StrCat("calibrator ", what, ", got ", v));
+  };
+  if (!(o.target_ratio > 0.0 && o.target_ratio <= 1.0)) {
+    return bad("target_ratio must be in (0, 1]", o.target_ratio);
+  }
+  if (o.sample_every < 1) return bad("sample_every must be >= 1", o.sample_every);
+  if (o.warmup_samples < 0) return bad("warmup_samples must be >= 0", o.warmup_samples);
+  if (!(o.min_width > 0.0)) return bad("min_width must be > 0", o.min_width);
+  if (!(o.max_width >= o.min_width) || !std::isfinite(o.max_width)) {
+    return bad("max_width must be finite and >= min_width", o.max_width);
+  }
+  if (!(o.increase > 1.0) || !std::isfinite(o.increase)) {
+    return bad("increase must be finite and > 1", o.increase);
+  }
+  if (!(o.decrease > 0.0 && o.decrease < 1.0)) return bad("decrease must be in (0, 1)", o.decrease);
+  if (!(o.hysteresis >= 0.0)) return bad("hysteresis must be >= 0", o.hysteresis);
+  if (o.settle_samples < 1) return bad("settle_samples must be >= 1", o.settle_samples);
+  if (base_field_of_view < 1) return bad("base field_of_view must be >= 1", base_field_of_view);
+  if (!(base_candidate_factor > 0.0f)) {
+    return bad("base candidate_factor must be > 0", base_candidate_factor);
+  }
+  auto c = std::unique_ptr<WidthCalibrator>(
+      new WidthCalibrator(o, base_field_of_view, base_candidate_factor));
+  absl::MutexLock lock(&c->mu_);
+  c->release_needed_ = 4LL * o.settle_samples;
+  return c;
+}
+
+bool WidthCalibrator::ShouldSample() {
+  absl::MutexLock lock(&mu_);
+  const int64_t step = steps_++;
+  if (step < o_.warmup_samples) return true;
+  return (step - o_.warmup_samples) % o_.sample_every == o_.sample_every - 1;
+}
+
+void WidthCalibrator::SetWidth(double w) {
+  w = std::clamp(w, o_.min_width, o_.max_width);
+  if (w != width_) ++changes_;
+  width_ = w;
+}
+
+void WidthCalibrator::Observe(const QualitySample& sample) {
+  absl::MutexLock lock(&mu_);
+  ++samples_;
+  last_ratio_ = sample.mass_ratio;
+  sum_ratio_ += sample.mass_ratio;
+  sum_topk_ += sample.topk_recall;
+  if (sample.mass_ratio < o_.target_ratio) {
+    // Miss: up at once, and never come back down to the width that missed.
+    floor_ = std::min(o_.max_width, width_ * std::sqrt(o_.increase));
+    SetWidth(width_ * o_.increase);
+    comfortable_ = 0;
+    release_streak_ = 0;
+    if (released_) release_needed_ *= 2;  // lowering the floor did not pay
+    released_ = false;
+    return;
+  }
+  if (sample.mass_ratio < o_.target_ratio + o_.hysteresis) {
+    comfortable_ = 0;  // on target: hold
+    release_streak_ = 0;
+    return;
+  }
+  if (++comfortable_ < o_.settle_samples) return;
+  comfortable_ = 0;
+  if (width_ > floor_) {
+    SetWidth(std::max(floor_, width_ * o_.decrease));
+    return;
+  }
+  // At the floor and comfortable for a long time: the data may have become
+  // easier; let the width go lower again.
+  release_streak_ += o_.settle_samples;
+  if (release_streak_ >= release_needed_ && floor_ > o_.min_width) {
+    floor_ = std::max(o_.min_width, floor_ * o_.decrease);
+    SetWidth(floor_);
+    release_streak_ = 0;
+    released_ = true;
+  }
+}
+
+void WidthCalibrator::Apply(SelectParams* params) const {
+  absl::MutexLock lock(&mu_);
+  params->field_of_view = static_cast<int>(std::lround(base_fov_ * width_));
+  params->candidate_factor = base_factor_ * static_cast<float>(std::sqrt(width_));
+}
+
+CalibratorReport WidthCalibrator::report() const {
+  absl::MutexLock lock(&mu_);
+  CalibratorReport r;
+  r.width = width_;
+  r.field_of_view = static_cast<int>(std::lround(base_fov_ * width_));
+  r.candidate_factor = base_factor_ * static_cast<float>(std::sqrt(width_));
+  r.steps = steps_;
+  r.samples = samples_;
+  r.changes = changes_;
+  r.last_ratio = last_ratio_;
+  if (samples_ > 0) {
+    r.mean_ratio = sum_ratio_ / samples_;
+    r.mean_topk_recall = sum_topk_ / samples_;
+  }
+  return r;
+}
+
+absl::StatusOr<QualitySample> MeasureSelection(const MdciSelector& selector, const float* queries,
+                                               int num_queries, const SelectParams& params,
+                                               const Selection& selection) {
+  std::vector<float> mass;  // per page: exact group mass (sum of the queries' shares)
+  RETURN_IF_ERROR(selector.ExactPageMasses(queries, num_queries, &mass));
+  const uint32_t pages = static_cast<uint32_t>(mass.size());
+  std::vector<std::pair<float, uint32_t>> scored(pages);
+  for (uint32_t p = 0; p < pages; ++p) scored[p] = {mass[p], p};
+  const std::vector<uint32_t> forced = ForcedPages(selector.num_tokens(), params, [&](int64_t pos) {
+    return selector.tree().page_table().page_of_position(pos);
+  });
+  Selection reference;
+  SelectParams ref_params = params;
+  ref_params.want_positions = false;
+  TakePages(selector, forced, &scored, ref_params, &reference);
+  std::vector<uint8_t> in_sel(pages, 0);
+  double sel_mass = 0.0, ref_mass = 0.0;
+  for (uint32_t p : selection.pages) {
+    if (p >= pages)
+      return absl::InvalidArgumentError(absl::StrCat("selection page ", p, " unknown"));
+    if (!in_sel[p]) sel_mass += mass[p];
+    in_sel[p] = 1;
+  }
+  int64_t ref_tokens = 0, shared_tokens = 0;
+  for (uint32_t p : reference.pages) {
+    ref_mass += mass[p];
+    ref_tokens += selector.fill(p);
+    if (in_sel[p]) shared_tokens += selector.fill(p);
+  }
+  QualitySample s;
+  s.mass_ratio = ref_mass > 0.0 ? sel_mass / ref_mass : 1.0;
+  s.topk_recall = ref_tokens > 0 ? static_cast<double>(shared_tokens) / ref_tokens : 1.0;
+  return s;
+}
+
+}  // namespace icecache

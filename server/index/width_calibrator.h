@@ -1,0 +1,112 @@
+// Self-calibrating search width for one mdci selector (docs/architecture.md,
+// selection quality). On sampled steps the caller measures the selection
+// against the exact reference at the same granularity (MeasureSelection) and
+// reports the mass ratio; the calibrator adapts the descent's width (field of
+// view and candidate factor, SelectParams overrides) toward a target ratio.
+//
+// Control: one width multiplier w in [min_width, max_width]; field_of_view =
+// round(base_fov x w), candidate_factor = base_factor x sqrt(w). A sample
+// below the target raises w at once (x increase) and sets a floor just above
+// the width that missed; `settle_samples` comfortable samples in a row (ratio
+// >= target + hysteresis) lower it slowly (x decrease), never below the
+// floor. The floor itself is lowered only after a long comfortable streak,
+// and the streak needed doubles each time lowering it led to a miss, so on
+// data that does not change the width settles and stops moving.
+// Sampling: the first warmup_samples steps are all sampled (fast
+// convergence), then 1 in sample_every (the exact reference is a full scan,
+// so its average cost is about scan / sample_every).
+//
+// Thread safety: every method may be called from any thread (one mutex).
+#ifndef ICECACHE_SERVER_INDEX_WIDTH_CALIBRATOR_H_
+#define ICECACHE_SERVER_INDEX_WIDTH_CALIBRATOR_H_
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "server/index/mdci_selector.h"
+#include "server/index/selector.h"
+
+namespace icecache {
+
+struct CalibratorOptions {
+  double target_ratio = 0.95;  // selection mass / exact reference mass, in (0, 1]
+  int sample_every = 256;      // once warm: 1 sampled step in this many (>= 1)
+  int warmup_samples = 32;     // the first steps, all sampled (>= 0)
+  double min_width = 1.0;      // bounds of the width multiplier, 0 < min <= max
+  double max_width = 64.0;
+  double increase = 1.5;     // x on a sample below the target (> 1)
+  double decrease = 0.85;    // x after settle_samples comfortable samples (in (0, 1))
+  double hysteresis = 0.02;  // comfortable: ratio >= target + hysteresis (>= 0)
+  int settle_samples = 4;    // >= 1
+};
+
+// One sampled step: the selection against the exact reference.
+struct QualitySample {
+  double mass_ratio = 0.0;   // group mass of the selection / of the reference
+  double topk_recall = 0.0;  // share of the reference's tokens the selection holds
+};
+
+struct CalibratorReport {
+  double width = 1.0;  // the multiplier now in use
+  int field_of_view = 0;
+  float candidate_factor = 0.0f;
+  int64_t steps = 0;    // ShouldSample() calls
+  int64_t samples = 0;  // Observe() calls
+  int64_t changes = 0;  // width changes
+  double last_ratio = 0.0, mean_ratio = 0.0, mean_topk_recall = 0.0;
+};
+
+class WidthCalibrator {
+ public:
+  // InvalidArgument naming the option out of range (see CalibratorOptions),
+  // or a base field_of_view < 1 / candidate_factor <= 0.
+  static absl::StatusOr<std::unique_ptr<WidthCalibrator>> Create(const CalibratorOptions& options,
+                                                                 int base_field_of_view,
+                                                                 float base_candidate_factor);
+
+  // Counts one step; true when this step should be measured.
+  bool ShouldSample() ABSL_LOCKS_EXCLUDED(mu_);
+  // One measured step; adapts the width.
+  void Observe(const QualitySample& sample) ABSL_LOCKS_EXCLUDED(mu_);
+  // The width to select with: sets params->field_of_view / candidate_factor.
+  void Apply(SelectParams* params) const ABSL_LOCKS_EXCLUDED(mu_);
+  CalibratorReport report() const ABSL_LOCKS_EXCLUDED(mu_);
+
+ private:
+  WidthCalibrator(const CalibratorOptions& o, int fov, float factor)
+      : o_(o), base_fov_(fov), base_factor_(factor), width_(o.min_width), floor_(o.min_width) {}
+  void SetWidth(double w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const CalibratorOptions o_;
+  const int base_fov_;
+  const float base_factor_;
+  mutable absl::Mutex mu_;
+  double width_ ABSL_GUARDED_BY(mu_);
+  double floor_ ABSL_GUARDED_BY(mu_);                // decreases stop here
+  int comfortable_ ABSL_GUARDED_BY(mu_) = 0;         // comfortable samples in a row
+  int64_t release_streak_ ABSL_GUARDED_BY(mu_) = 0;  // comfortable samples at the floor
+  int64_t release_needed_ ABSL_GUARDED_BY(mu_) = 0;  // to lower the floor
+  bool released_ ABSL_GUARDED_BY(mu_) = false;       // the floor was lowered since the last miss
+  int64_t steps_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t samples_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t changes_ ABSL_GUARDED_BY(mu_) = 0;
+  double last_ratio_ ABSL_GUARDED_BY(mu_) = 0.0;
+  double sum_ratio_ ABSL_GUARDED_BY(mu_) = 0.0;
+  double sum_topk_ ABSL_GUARDED_BY(mu_) = 0.0;
+};
+
+// Measures `selection` (made by `selector` for these queries and params)
+// against the exact reference at page granularity on the selector's own
+// layout: every page's exact group mass (a full scan), the reference takes
+// the best pages as exact-mdci would. Costs one exact scan.
+// InvalidArgument for bad input (as Select).
+absl::StatusOr<QualitySample> MeasureSelection(const MdciSelector& selector, const float* queries,
+                                               int num_queries, const SelectParams& params,
+                                               const Selection& selection);
+
+}  // namespace icecache
+
+#endif  // ICECACHE_SERVER_INDEX_WIDTH_CALIBRATOR_H_
