@@ -92,7 +92,7 @@ struct DciDescentParams {
   // its estimated total over the entry level), so every query head of the
   // group is served; false: by the max over the queries of the unnormalised
   // estimate (the loudest query decides).
-  bool normalized = true;
+  bool normalized = false;
 };
 
 // Reusable per-thread buffers of CollectCandidates (no allocation once warm).
