@@ -136,9 +136,6 @@ class PositionalSelector final : public Selector {
   // Exact logits of `page` into `logits` (G x page_tokens); FailedPrecondition
   // when the frames lack the page.
   absl::Status PageLogits(uint32_t page, const float* queries, int nq, float* logits) const;
-  // Exact mass score of `page` (max over queries of its log-mass; quest's rescoring).
-  absl::StatusOr<float> ExactPageScore(uint32_t page, const float* queries, int nq,
-                                       float* logits) const;
   absl::Status SelectExact(const float* queries, int nq, const SelectParams& params,
                            const std::vector<uint32_t>& forced, Selection* out) const;
   absl::Status SelectQuest(const float* queries, int nq, const SelectParams& params,
@@ -203,13 +200,6 @@ absl::Status PositionalSelector::PageLogits(uint32_t page, const float* queries,
   }
   DotRowsMulti(config_.dtype, rows, fill(page), dim_, queries, nq, logits);
   return absl::OkStatus();
-}
-
-absl::StatusOr<float> PositionalSelector::ExactPageScore(uint32_t page, const float* queries,
-                                                         int nq, float* logits) const {
-  RETURN_IF_ERROR(PageLogits(page, queries, nq, logits));
-  const int f = static_cast<int>(fill(page));
-  return PageMassScore(logits, nq, f, f, scale_);
 }
 
 absl::Status PositionalSelector::Select(const float* queries, int num_queries,
@@ -294,11 +284,24 @@ absl::Status PositionalSelector::SelectQuest(const float* queries, int nq,
       std::nth_element(ranked.begin(), ranked.begin() + take, ranked.end(), better);
     }
     ranked.resize(take);
+    // The candidates' exact group scores (GroupPageScore), each query
+    // normalised over the pages rescored.
     std::vector<float>& logits = scratch.logits;
     logits.resize(static_cast<size_t>(nq) * page_tokens_);
-    for (auto& e : ranked) {
-      ASSIGN_OR_RETURN(e.first, ExactPageScore(e.second, queries, nq, logits.data()));
-      touched += fill(e.second);
+    // (The forced pages count in the normalisers too: they are selected.)
+    scratch.lse.resize((ranked.size() + forced.size()) * nq);
+    for (size_t i = 0; i < ranked.size() + forced.size(); ++i) {
+      const uint32_t page = i < ranked.size() ? ranked[i].second : forced[i - ranked.size()];
+      RETURN_IF_ERROR(PageLogits(page, queries, nq, logits.data()));
+      const int f = static_cast<int>(fill(page));
+      PageQueryLogMass(logits.data(), nq, f, f, scale_, &scratch.lse[i * nq]);
+      touched += f;
+    }
+    scratch.log_norm.resize(nq);
+    QueryLogNorms(scratch.lse.data(), ranked.size() + forced.size(), nq, nullptr,
+                  scratch.log_norm.data());
+    for (size_t i = 0; i < ranked.size(); ++i) {
+      ranked[i].first = GroupPageScore(&scratch.lse[i * nq], scratch.log_norm.data(), nq);
     }
     TakePages(*this, forced, &ranked, params, out);
   } else {

@@ -57,15 +57,16 @@ Built BuildSelector(SelectorKind kind, const HeadData& data, int group, DType dt
 }
 
 // Naive exact selector: double-precision logits of the stored (dtype-rounded)
-// keys, page score = max over queries of log sum exp, forced sinks first, then
-// descending score (ties to the lower page) until the budget is filled.
+// keys, page score = log of the sum over queries of each query's softmax share
+// of the page (GroupPageScore), forced sinks first, then descending score
+// (ties to the lower page) until the budget is filled.
 std::vector<std::pair<uint32_t, double>> NaiveExact(const Built& b, const float* queries, int g,
                                                     int budget, int sinks) {
   const Selector& sel = *b.sel;
   std::vector<std::pair<double, uint32_t>> scored;
   std::vector<float> key(kDim);
+  std::vector<double> mass(static_cast<size_t>(sel.num_pages()) * g, 0.0), total(g, 0.0);
   for (uint32_t p = 0; p < sel.num_pages(); ++p) {
-    double best = -INFINITY;
     for (int j = 0; j < g; ++j) {
       double sum = 0.0;
       for (uint32_t s = 0; s < sel.fill(p); ++s) {
@@ -74,9 +75,14 @@ std::vector<std::pair<uint32_t, double>> NaiveExact(const Built& b, const float*
         for (int d = 0; d < kDim; ++d) dot += static_cast<double>(queries[j * kDim + d]) * key[d];
         sum += std::exp(dot / std::sqrt(static_cast<double>(kDim)));
       }
-      best = std::max(best, std::log(sum));
+      mass[static_cast<size_t>(p) * g + j] = sum;
+      total[j] += sum;
     }
-    scored.emplace_back(best, p);
+  }
+  for (uint32_t p = 0; p < sel.num_pages(); ++p) {
+    double share = 0.0;
+    for (int j = 0; j < g; ++j) share += mass[static_cast<size_t>(p) * g + j] / total[j];
+    scored.emplace_back(std::log(share), p);
   }
   std::vector<std::pair<uint32_t, double>> out;
   int64_t tokens = 0;
@@ -196,7 +202,9 @@ TEST(QuestSelectorTest, RescoringTouchesBoundsPlusCandidatePagesOnly) {
   p.sink_tokens = 4;
   Selection s;
   ASSERT_THAT(quest.sel->Select(data.query(0), g, p, &s), IsOk());
-  EXPECT_EQ(s.keys_touched, 2u * 100 + 20u * kPage);
+  // Bounds of every page, the candidates' keys, and the sink page's keys
+  // (its mass is part of each query's normaliser).
+  EXPECT_EQ(s.keys_touched, 2u * 100 + 20u * kPage + 1u * kPage);
   EXPECT_EQ(s.tokens(), 160);
 }
 
