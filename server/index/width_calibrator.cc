@@ -95,7 +95,7 @@ void WidthCalibrator::Observe(const QualitySample& sample) {
 void WidthCalibrator::Apply(SelectParams* params) const {
   absl::MutexLock lock(&mu_);
   params->field_of_view = static_cast<int>(std::lround(base_fov_ * width_));
-  params->candidate_factor = base_factor_ * static_cast<float>(std::sqrt(width_));
+  params->candidate_factor = base_factor_ * static_cast<float>(width_);
 }
 
 CalibratorReport WidthCalibrator::report() const {
@@ -103,7 +103,7 @@ CalibratorReport WidthCalibrator::report() const {
   CalibratorReport r;
   r.width = width_;
   r.field_of_view = static_cast<int>(std::lround(base_fov_ * width_));
-  r.candidate_factor = base_factor_ * static_cast<float>(std::sqrt(width_));
+  r.candidate_factor = base_factor_ * static_cast<float>(width_);
   r.steps = steps_;
   r.samples = samples_;
   r.changes = changes_;

@@ -5,7 +5,9 @@
 // view and candidate factor, SelectParams overrides) toward a target ratio.
 //
 // Control: one width multiplier w in [min_width, max_width]; field_of_view =
-// round(base_fov x w), candidate_factor = base_factor x sqrt(w). A sample
+// round(base_fov x w), candidate_factor = base_factor x w (at contexts
+// whose descent starts on level 1 the field of view does nothing; the
+// candidates always do). A sample
 // below the target raises w at once (x increase) and sets a floor just above
 // the width that missed; `settle_samples` comfortable samples in a row (ratio
 // >= target + hysteresis) lower it slowly (x decrease), never below the
