@@ -45,12 +45,24 @@ void DciRepSums::AddNode(const DciNodeReps& reps, uint32_t node, int dim, int ra
   count += w;
 }
 
+void DciNodeReps::Reserve(uint32_t size, int dim, int rank) {
+  count.reserve(size);
+  centroid.reserve(static_cast<size_t>(size) * dim);
+  for (auto* v : {&abar, &m2, &half_sq, &c2, &res}) v->reserve(size);
+  pm2.reserve(static_cast<size_t>(size) * rank);
+  lam.reserve(static_cast<size_t>(size) * rank);
+}
+
 void DciNodeReps::Resize(uint32_t size, int dim, int rank) {
+  if (size > count.capacity()) {
+    Reserve(static_cast<uint32_t>(std::max<size_t>(size, 2 * count.capacity())), dim, rank);
+  }
   count.resize(size, 0);
   centroid.resize(static_cast<size_t>(size) * dim, 0.0f);
   abar.resize(size, 0.0f);
   m2.resize(size, 0.0f);
   half_sq.resize(size, 0.0f);
+  c2.resize(size, 0.0f);
   pm2.resize(static_cast<size_t>(size) * rank, 0.0f);
   lam.resize(static_cast<size_t>(size) * rank, 0.0f);
   res.resize(size, 0.0f);
@@ -64,6 +76,7 @@ void DciNodeReps::Init(uint32_t node, const float* x, float a, float sq,
   m2[node] = sq;
   count[node] = 1;
   half_sq[node] = 0.5f * (sq + a * a);
+  c2[node] = sq;
   float* p = &pm2[static_cast<size_t>(node) * r];
   sub.Project(x, p);
   for (int k = 0; k < r; ++k) p[k] *= p[k];
@@ -71,7 +84,7 @@ void DciNodeReps::Init(uint32_t node, const float* x, float a, float sq,
   res[node] = 0.0f;
 }
 
-void DciNodeReps::Update(uint32_t node, const float* x, float a, float sq,
+void DciNodeReps::Update(uint32_t node, const float* x, float a, float sq, const float* proj,
                          const DciKeySubspace& sub) {
   const int d = sub.dim(), r = sub.rank();
   float* c = &centroid[static_cast<size_t>(node) * d];
@@ -80,9 +93,8 @@ void DciNodeReps::Update(uint32_t node, const float* x, float a, float sq,
   for (int k = 0; k < d; ++k) c[k] += (x[k] - c[k]) * w;
   abar[node] += (a - abar[node]) * w;
   m2[node] += (sq - m2[node]) * w;
-  half_sq[node] = 0.5f * (DotF32(c, c, d) + abar[node] * abar[node]);
-  float proj[1024];
-  sub.Project(x, proj);
+  c2[node] = DotF32(c, c, d);
+  half_sq[node] = 0.5f * (c2[node] + abar[node] * abar[node]);
   float* p = &pm2[static_cast<size_t>(node) * r];
   for (int k = 0; k < r; ++k) p[k] += (proj[k] * proj[k] - p[k]) * w;
   sub.DeriveSpread(c, m2[node], p, &lam[static_cast<size_t>(node) * r], &res[node]);
@@ -96,7 +108,8 @@ void DciNodeReps::SetFromSums(uint32_t node, const DciRepSums& sums, const DciKe
   abar[node] = static_cast<float>(sums.aug * inv);
   m2[node] = static_cast<float>(sums.sq * inv);
   count[node] = static_cast<uint32_t>(sums.count);
-  half_sq[node] = 0.5f * (DotF32(c, c, d) + abar[node] * abar[node]);
+  c2[node] = DotF32(c, c, d);
+  half_sq[node] = 0.5f * (c2[node] + abar[node] * abar[node]);
   float* p = &pm2[static_cast<size_t>(node) * r];
   for (int k = 0; k < r; ++k) p[k] = static_cast<float>(sums.psum[k] * inv);
   sub.DeriveSpread(c, m2[node], p, &lam[static_cast<size_t>(node) * r], &res[node]);
@@ -108,15 +121,16 @@ void DciNodeReps::Permute(const std::vector<uint32_t>& order, int dim, int rank)
   PermuteRows(&abar, order, 1);
   PermuteRows(&m2, order, 1);
   PermuteRows(&half_sq, order, 1);
+  PermuteRows(&c2, order, 1);
   PermuteRows(&pm2, order, rank);
   PermuteRows(&lam, order, rank);
   PermuteRows(&res, order, 1);
 }
 
 size_t DciNodeReps::bytes() const {
-  return count.capacity() * sizeof(uint32_t) +
-         (centroid.capacity() + abar.capacity() + m2.capacity() + half_sq.capacity() +
-          pm2.capacity() + lam.capacity() + res.capacity()) *
+  return count.size() * sizeof(uint32_t) +
+         (centroid.size() + abar.size() + m2.size() + half_sq.size() + c2.size() + pm2.size() +
+          lam.size() + res.size()) *
              sizeof(float);
 }
 

@@ -48,6 +48,7 @@ struct DciNodeReps {
   std::vector<float> abar;      // mean MIPS coordinate a(k) of the keys
   std::vector<float> m2;        // mean squared key norm
   std::vector<float> half_sq;   // (|centroid|^2 + abar^2) / 2: augmented routing offset
+  std::vector<float> c2;        // |centroid|^2: plain routing offset
   std::vector<float> pm2;       // size x rank: mean squared projection on each basis vector
   std::vector<float> lam;       // size x rank: key variance along each basis vector
   std::vector<float> res;       // key variance per dimension outside the subspace
@@ -55,10 +56,15 @@ struct DciNodeReps {
   uint32_t size() const { return static_cast<uint32_t>(count.size()); }
   // New nodes are zero; existing ones keep their values.
   void Resize(uint32_t size, int dim, int rank);
+  // Room for `size` nodes without reallocation (headroom.h).
+  void Reserve(uint32_t size, int dim, int rank);
   // Node holding the single key x (MIPS coordinate a, squared norm sq).
   void Init(uint32_t node, const float* x, float a, float sq, const DciKeySubspace& sub);
-  // Adds key x to the node's running means (incremental insert).
-  void Update(uint32_t node, const float* x, float a, float sq, const DciKeySubspace& sub);
+  // Adds key x to the node's running means (incremental insert); `proj` is
+  // x projected on the subspace (sub.Project), computed once per key for
+  // every node it updates.
+  void Update(uint32_t node, const float* x, float a, float sq, const float* proj,
+              const DciKeySubspace& sub);
   // The node's representative from the sums of the keys below it.
   void SetFromSums(uint32_t node, const DciRepSums& sums, const DciKeySubspace& sub);
   // Node order[i] becomes node i.

@@ -1,5 +1,7 @@
 #include "server/index/dci_page_table.h"
 
+#include "server/index/headroom.h"
+
 namespace icecache {
 
 uint32_t DciPageTable::AddNode() {
@@ -15,6 +17,7 @@ uint32_t DciPageTable::NewPage(uint32_t node) {
   page_fill_.push_back(0);
   page_node_.push_back(node);
   page_next_.push_back(kNone);
+  ReserveGeometric(&positions_, positions_.size() + page_tokens_);
   positions_.resize(positions_.size() + page_tokens_, -1);
   if (node_last_[node] == kNone) {
     node_first_[node] = page;
@@ -35,6 +38,7 @@ Placement DciPageTable::Append(uint32_t node, int32_t position) {
   positions_[static_cast<size_t>(page) * page_tokens_ + slot] = position;
   ++node_tokens_[node];
   if (static_cast<int64_t>(page_of_position_.size()) <= position) {
+    ReserveGeometric(&page_of_position_, static_cast<size_t>(position) + 1);
     page_of_position_.resize(position + 1, kNone);
   }
   page_of_position_[position] = page;
@@ -70,6 +74,13 @@ bool DciPageTable::FinishBulk(int64_t n, std::vector<Placement>* placements) {
   return true;
 }
 
+void DciPageTable::Reserve(size_t nodes, size_t pages, size_t tokens) {
+  for (auto* v : {&node_first_, &node_last_, &node_num_pages_, &node_tokens_}) v->reserve(nodes);
+  for (auto* v : {&page_fill_, &page_node_, &page_next_}) v->reserve(pages);
+  positions_.reserve(pages * page_tokens_);
+  page_of_position_.reserve(tokens);
+}
+
 double DciPageTable::MeanFill() const {
   if (page_fill_.empty()) return 0.0;
   return static_cast<double>(num_tokens()) /
@@ -77,11 +88,10 @@ double DciPageTable::MeanFill() const {
 }
 
 size_t DciPageTable::bytes() const {
-  return (node_first_.capacity() + node_last_.capacity() + node_num_pages_.capacity() +
-          node_tokens_.capacity() + page_fill_.capacity() + page_node_.capacity() +
-          page_next_.capacity() + page_of_position_.capacity()) *
+  return (node_first_.size() + node_last_.size() + node_num_pages_.size() + node_tokens_.size() +
+          page_fill_.size() + page_node_.size() + page_next_.size() + page_of_position_.size()) *
              sizeof(uint32_t) +
-         positions_.capacity() * sizeof(int32_t);
+         positions_.size() * sizeof(int32_t);
 }
 
 }  // namespace icecache

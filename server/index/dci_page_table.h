@@ -58,8 +58,13 @@ class DciPageTable {
   uint32_t node_tokens(uint32_t node) const { return node_tokens_[node]; }
   const uint32_t& node_tokens_ref(uint32_t node) const { return node_tokens_[node]; }
 
+  // Room for `nodes` logical nodes, `pages` pages and `tokens` positions in
+  // all, so appends up to there reallocate nothing (headroom.h).
+  void Reserve(size_t nodes, size_t pages, size_t tokens);
+
   // Mean fill of all pages as a fraction of page_tokens (0 when empty).
   double MeanFill() const;
+  // Bytes held (sizes, not reserved capacity).
   size_t bytes() const;
 
  private:

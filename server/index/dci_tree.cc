@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "server/index/dci_tree_internal.h"
+#include "server/index/headroom.h"
 #include "server/index/kernels.h"
 
 namespace icecache {
@@ -35,12 +36,12 @@ absl::Status CheckKeys(const float* keys, int64_t n, int dim,
 
 using dci_internal::SquaredNorm;
 
-size_t DciTree::Level::bytes() const {
-  size_t b = (key.capacity() + parent.capacity()) * sizeof(uint32_t) + reps.bytes() +
-             centroid16.capacity() * sizeof(uint16_t) +
-             children.capacity() * sizeof(std::vector<uint32_t>);
-  for (const auto& c : children) b += c.capacity() * sizeof(uint32_t);
-  return b;
+size_t DciTree::Level::bytes(uint32_t nodes_below) const {
+  // Every node below has one parent: the children lists hold nodes_below ids
+  // in all (counted without walking them, so a stats refresh is O(levels)).
+  const size_t child_ids = children.empty() ? 0 : nodes_below;
+  return (key.size() + parent.size() + child_ids) * sizeof(uint32_t) + reps.bytes() +
+         centroid16.size() * sizeof(uint16_t) + children.size() * sizeof(std::vector<uint32_t>);
 }
 
 absl::StatusOr<std::unique_ptr<DciTree>> DciTree::Create(const DciTreeParams& params) {
@@ -76,6 +77,33 @@ absl::StatusOr<std::unique_ptr<DciTree>> DciTree::Create(const DciTreeParams& pa
   return std::unique_ptr<DciTree>(new DciTree(params, ratio, mips));
 }
 
+void DciTree::ReserveTokens(int64_t tokens) {
+  const int64_t n = std::max<int64_t>(1, num_tokens());
+  if (tokens <= n) return;
+  // Level l holds about n / r^l nodes: scale each by tokens / n, plus slack
+  // for the rounding of the promotion rule.
+  auto scaled = [&](size_t size) {
+    return static_cast<size_t>(static_cast<double>(size) * tokens / n) + 16;
+  };
+  key_top_.reserve(tokens);
+  key_node_.reserve(tokens);
+  for (int l = 1; l <= top_level(); ++l) {
+    Level& L = levels_[l];
+    const size_t cap = scaled(L.size());
+    L.key.reserve(cap);
+    L.parent.reserve(cap);
+    if (l >= 2) L.children.reserve(cap);
+    L.reps.Reserve(static_cast<uint32_t>(cap), params_.dim, subspace_.rank());
+    L.centroid16.reserve(cap * params_.dim);
+  }
+  levels_.reserve(levels_.size() + 2);
+  const size_t nodes = top_level() >= 1 ? scaled(levels_[1].size()) : 16;
+  nodes_by_key_.reserve(nodes);
+  // Decode keys fill the pages of their nodes; a page per node more covers
+  // the partly filled last pages.
+  pages_.Reserve(nodes, scaled(pages_.num_pages()) + nodes, tokens);
+}
+
 void DciTree::ResizeLevel(int level, uint32_t size) {
   levels_[level].reps.Resize(size, params_.dim, subspace_.rank());
 }
@@ -107,7 +135,7 @@ float DciTree::RouteScore(int level, uint32_t node, const float* x, float a) con
   const DciNodeReps& R = levels_[level].reps;
   const float* c = &R.centroid[static_cast<size_t>(node) * params_.dim];
   if (!params_.augmented_routing) {
-    return DotF32(x, c, params_.dim) - 0.5f * SquaredNorm(c, params_.dim);
+    return DotF32(x, c, params_.dim) - 0.5f * R.c2[node];
   }
   return DotF32(x, c, params_.dim) + a * R.abar[node] - R.half_sq[node];
 }
@@ -297,12 +325,15 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
   }
   placements->clear();
   placements->reserve(n);
-  std::vector<uint32_t> counts(levels_.size());
+  InsertScratch& is = insert_scratch_;
+  std::vector<uint32_t>& counts = is.counts;
+  counts.assign(levels_.size(), 0);
   counts[0] = static_cast<uint32_t>(num_tokens());
   for (size_t l = 1; l < levels_.size(); ++l) counts[l] = levels_[l].size();
-  RouteScratch rs;
-  std::vector<std::pair<float, uint32_t>> out;
-  std::vector<std::pair<int, uint32_t>> dirty;  // nodes whose centroid changed
+  RouteScratch& rs = is.route;
+  std::vector<std::pair<float, uint32_t>>& out = is.out;
+  std::vector<std::pair<int, uint32_t>>& dirty = is.dirty;
+  dirty.clear();
   bool all_dirty = false;
   for (int64_t i = 0; i < n; ++i) {
     const float* x = keys + i * d;
@@ -337,8 +368,10 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
         level1_node = p;
       }
       uint32_t node = p;
+      is.proj.resize(subspace_.rank());
+      subspace_.Project(x, is.proj.data());
       for (int j = t + 1; j <= top_level() && node != kNone; ++j) {
-        levels_[j].reps.Update(node, x, a, sq, subspace_);
+        levels_[j].reps.Update(node, x, a, sq, is.proj.data(), subspace_);
         dirty.push_back({j, node});
         node = levels_[j].parent[node];
       }
@@ -357,9 +390,9 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
 }
 
 size_t DciTree::bytes() const {
-  size_t b = key_top_.capacity() +
-             (key_node_.capacity() + nodes_by_key_.capacity()) * sizeof(uint32_t) + pages_.bytes();
-  for (const Level& L : levels_) b += L.bytes();
+  size_t b = key_top_.size() + (key_node_.size() + nodes_by_key_.size()) * sizeof(uint32_t) +
+             pages_.bytes();
+  for (int l = 1; l <= top_level(); ++l) b += levels_[l].bytes(level_size(l - 1));
   return b;
 }
 

@@ -191,6 +191,7 @@ class DciTree {
   uint32_t key_node(int64_t key) const { return key_node_[key]; }
   const DciPageTable& page_table() const { return pages_; }
   const MipsAugmentation& mips() const { return mips_; }
+  // Bytes held (sizes; the reserved headroom is not counted).
   size_t bytes() const;
 
  private:
@@ -203,11 +204,20 @@ class DciTree {
     // of the fp32 rows that routing and updates use).
     std::vector<uint16_t> centroid16;
     uint32_t size() const { return static_cast<uint32_t>(key.size()); }
-    size_t bytes() const;
+    size_t bytes(uint32_t nodes_below) const;
   };
   struct RouteScratch {
     std::vector<uint32_t> cand, next;
     std::vector<std::pair<float, uint32_t>> scored;
+  };
+  // Buffers of Insert, kept between calls so a decode append allocates
+  // nothing once warm (Insert has exclusive access).
+  struct InsertScratch {
+    RouteScratch route;
+    std::vector<uint32_t> counts;
+    std::vector<std::pair<float, uint32_t>> out;
+    std::vector<std::pair<int, uint32_t>> dirty;  // nodes whose centroid changed
+    std::vector<float> proj;                      // the key on the subspace
   };
   // One candidate parent of an item in the capacity-aware assignment.
   struct AssignPair {
@@ -242,6 +252,9 @@ class DciTree {
   // Refreshes the fp16 centroid copy of one node / of every node.
   void SyncMirror(int level, uint32_t node);
   void SyncAllMirrors();
+  // Room in every per-token and per-node array for `tokens` tokens, levels
+  // scaled from their present sizes (headroom.h).
+  void ReserveTokens(int64_t tokens);
   int PromotionLevel(std::vector<uint32_t>* counts) const;
   void ResizeLevel(int level, uint32_t size);
   // Opens the nodes of a key promoted to level t (levels 1..t, each the own
@@ -317,6 +330,7 @@ class DciTree {
   std::vector<uint32_t> key_node_;      // per key: key_node() below
   std::vector<uint32_t> nodes_by_key_;  // level-1 node ids by ascending key position
   DciPageTable pages_;
+  InsertScratch insert_scratch_;
 };
 
 }  // namespace icecache

@@ -9,6 +9,7 @@
 #include "common/status_macros.h"
 #include "server/index/dci_tree.h"
 #include "server/index/dci_tree_internal.h"
+#include "server/index/headroom.h"
 #include "server/index/kernels.h"
 
 namespace icecache {
@@ -39,9 +40,7 @@ void DciTree::PairWindowCandidates(const std::vector<uint32_t>& items, const flo
   const std::vector<uint32_t>& level_keys = L.key;  // ascending positions
   std::vector<float> aux(L.size());
   for (uint32_t node = 0; node < L.size(); ++node) {
-    aux[node] = params_.augmented_routing
-                    ? -L.reps.half_sq[node]
-                    : -0.5f * SquaredNorm(&L.reps.centroid[static_cast<size_t>(node) * d], d);
+    aux[node] = params_.augmented_routing ? -L.reps.half_sq[node] : -0.5f * L.reps.c2[node];
   }
   RouteScratch rs;
   std::vector<std::pair<float, uint32_t>> out;
@@ -343,7 +342,11 @@ absl::Status DciTree::BulkBuild(const float* keys, int64_t n, std::vector<Placem
   std::iota(nodes_by_key_.begin(), nodes_by_key_.end(), 0u);
   std::sort(nodes_by_key_.begin(), nodes_by_key_.end(),
             [&](uint32_t a, uint32_t b) { return levels_[1].key[a] < levels_[1].key[b]; });
-  return LayOutPages(n, &members, placements);
+  RETURN_IF_ERROR(LayOutPages(n, &members, placements));
+  // Room for the decode keys that follow: their inserts must not reallocate
+  // the arrays the build left at exact size.
+  ReserveTokens(TokensWithHeadroom(n));
+  return absl::OkStatus();
 }
 
 }  // namespace icecache

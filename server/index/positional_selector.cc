@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "server/index/headroom.h"
 #include "server/index/kernels.h"
 #include "server/index/page_select.h"
 
@@ -103,7 +104,13 @@ class PositionalSelector final : public Selector {
                                                         num_tokens_,
                                                         " tokens; use Insert() for more keys"));
     }
-    return Append(keys, n, placements);
+    RETURN_IF_ERROR(Append(keys, n, placements));
+    // Room for the decode tokens that follow (headroom.h).
+    positions_.reserve(TokensWithHeadroom(n));
+    if (config_.kind == SelectorKind::kQuest) {
+      minmax_.reserve((TokensWithHeadroom(n) + page_tokens_ - 1) / page_tokens_ * 2 * dim_);
+    }
+    return absl::OkStatus();
   }
 
   absl::Status Insert(const float* keys, int64_t n, std::vector<Placement>* placements) override {
@@ -128,7 +135,8 @@ class PositionalSelector final : public Selector {
     return positions_.data() + begin;
   }
   size_t index_bytes() const override {
-    return positions_.capacity() * sizeof(int32_t) + minmax_.capacity() * sizeof(float);
+    // Held, not reserved: the headroom (headroom.h) is untouched address space.
+    return positions_.size() * sizeof(int32_t) + minmax_.size() * sizeof(float);
   }
 
  private:
@@ -160,11 +168,11 @@ absl::Status PositionalSelector::Append(const float* keys, int64_t n,
   RETURN_IF_ERROR(ValidateKeysToAdd(keys, n, dim_, num_tokens_, placements));
   // Everything is validated; from here on nothing can fail.
   placements->resize(n);
-  positions_.reserve(num_tokens_ + n);
+  ReserveGeometric(&positions_, num_tokens_ + n);
   const bool quest = config_.kind == SelectorKind::kQuest;
   if (quest) {
     const int64_t pages_after = (num_tokens_ + n + page_tokens_ - 1) / page_tokens_;
-    minmax_.reserve(pages_after * 2 * dim_);
+    ReserveGeometric(&minmax_, pages_after * 2 * dim_);
   }
   for (int64_t i = 0; i < n; ++i) {
     const int64_t pos = num_tokens_ + i;

@@ -256,6 +256,30 @@ absl::Status PagePool::CheckAdmission(std::string_view tenant, SizeClassId id,
   return CheckLocked(t, quota, *classes_[id], count, tenant);
 }
 
+uint64_t PagePool::PrefaultAhead(uint64_t slabs) {
+#ifdef MADV_POPULATE_WRITE
+  std::vector<uint64_t> next;
+  {
+    absl::MutexLock l(&mu_);
+    // CarveSlabLocked takes free slabs from the back, then unused ones.
+    for (auto it = free_slabs_.rbegin(); it != free_slabs_.rend() && next.size() < slabs; ++it) {
+      next.push_back(*it);
+    }
+    for (uint64_t s = next_unused_slab_; s < num_slabs_ && next.size() < slabs; ++s) {
+      next.push_back(s);
+    }
+  }
+  uint64_t done = 0;
+  for (uint64_t slab : next) {
+    if (madvise(base_ + slab * kSlabBytes, kSlabBytes, MADV_POPULATE_WRITE) == 0) ++done;
+  }
+  return done;
+#else
+  (void)slabs;
+  return 0;
+#endif
+}
+
 void PagePool::CarveSlabLocked(SizeClass* c) {
   if (free_slabs_.empty() && next_unused_slab_ == num_slabs_) StealEmptySlabLocked(c);
   uint64_t slab;

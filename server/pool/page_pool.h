@@ -124,6 +124,8 @@ class FrameSet {
   absl::Status Absorb(FrameSet&& other);
   // Returns all frames to the pool.
   void Reset();
+  // Room for `n` frames, so a later Absorb up to there does not reallocate.
+  void Reserve(size_t n) { frames_.reserve(n); }
 
  private:
   friend class PagePool;
@@ -177,6 +179,14 @@ class PagePool {
   // Returns every empty slab of every class to the arena and its memory to
   // the kernel (MADV_DONTNEED); returns the bytes released.
   uint64_t Trim() ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Faults in the memory of the next `slabs` slabs a class would carve, so
+  // the allocation that carves them takes no page fault (the kernel zeroes a
+  // 2 MiB slab on first touch: about a millisecond on the append that needs
+  // it). Contents are unchanged (MADV_POPULATE_WRITE), so it is safe while
+  // allocations run; a no-op where the kernel lacks it. Meant for a
+  // background thread. Returns the slabs populated.
+  uint64_t PrefaultAhead(uint64_t slabs) ABSL_LOCKS_EXCLUDED(mu_);
 
   uint64_t capacity_bytes() const { return capacity_bytes_; }
   // The arena (e.g. to pin it with cudaHostRegister). Valid for the pool's life.

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "server/index/headroom.h"
 #include "server/index/parallel_build.h"
 
 namespace icecache {
@@ -214,7 +215,8 @@ absl::Status CheckChunkOrder(const Session& s, const AppendInput& in) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<AppendPlan> PlanAppend(const Session& s, const AppendInput& in, int build_threads) {
+absl::StatusOr<AppendPlan> PlanAppend(const Session& s, const AppendInput& in, int build_threads,
+                                      int decode_threads) {
   const SessionConfig& c = s.config;
   const int first_group = s.GroupOf(in.first_layer);
   const int end_group = s.GroupOf(in.end_layer() - 1) + 1;
@@ -223,8 +225,20 @@ absl::StatusOr<AppendPlan> PlanAppend(const Session& s, const AppendInput& in, i
   plan.base = first_group * c.kv_heads;
   plan.num_indices = (end_group - first_group) * c.kv_heads;
   plan.first = s.group_tokens[first_group] == 0;
-  // Small decode chunks are cheaper serially than through a task arena.
-  plan.threads = in.n * plan.num_indices >= 8192 ? build_threads : 1;
+  // A tree insert costs about 10 us a token (routing, representatives): one
+  // decode token into a few dozen trees is worth the shared pool. A
+  // positional insert costs well under 1 us: only large chunks gain from
+  // threads; small ones are cheaper serially than through a task arena.
+  const bool tree_layout =
+      c.selector == SelectorKind::kMdci || c.selector == SelectorKind::kExactMdci;
+  const int64_t work = in.n * plan.num_indices;
+  if (plan.first) {
+    plan.threads = work >= 8192 ? build_threads : 1;
+  } else if (tree_layout ? work >= 32 : work >= 8192) {
+    plan.threads = decode_threads;
+  } else {
+    plan.threads = 1;
+  }
   plan.placements.resize(plan.num_indices);
   plan.pages_before.assign(plan.num_indices, 0);
   plan.max_new_pages.assign(plan.num_indices, static_cast<uint64_t>(in.n));
@@ -294,6 +308,9 @@ absl::StatusOr<uint64_t> WriteRows(Session& s, const AppendInput& in, const Appe
     const uint32_t pages_now = s.selectors[plan.base + i]->num_pages();
     for (int l = s.FirstLayerOf(g); l < s.FirstLayerOf(g) + s.LayersIn(g); ++l) {
       std::vector<uint8_t*>& table = s.page_frames[s.FrameTableIndex(l, h)];
+      // Room for the decode pages after a prefill (headroom.h): the table
+      // is not reallocated on a decode append's path.
+      if (plan.first) table.reserve(TokensWithHeadroom(pages_now));
       for (uint32_t p = plan.pages_before[i]; p < pages_now; ++p) {
         uint8_t* f = reserved.frame(taken++);
         std::memset(f, 0, s.frame_bytes);
@@ -304,6 +321,7 @@ absl::StatusOr<uint64_t> WriteRows(Session& s, const AppendInput& in, const Appe
   // taken <= reserved.size(): CheckPlacements bounded every index's pages.
   // Frames [0, taken) are in use; the worst-case surplus goes back now.
   reserved.TakeBack(reserved.size() - taken).Reset();
+  if (plan.first) s.frames.Reserve(TokensWithHeadroom(s.frames.size() + taken));
   s.frames.Absorb(std::move(reserved)).IgnoreError();  // same pool, tenant, class
   // The tasks run while this thread holds s.mu and waits for them.
   RETURN_IF_ERROR(ParallelFor(plan.num_indices, plan.threads, [&](int64_t i) {

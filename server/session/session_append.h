@@ -83,8 +83,10 @@ struct AppendPlan {
 // Internal from the index; the session is untouched), counting trees_built.
 // Later appends: the worst case. Needs only the shared lock (appends are
 // serialised by append_mu), so selects of other groups go on meanwhile.
-absl::StatusOr<AppendPlan> PlanAppend(const Session& s, const AppendInput& in, int build_threads)
-    ABSL_SHARED_LOCKS_REQUIRED(s.mu);
+// Builds run on `build_threads`; decode inserts large enough to gain from
+// threads run on `decode_threads` (0: the process's shared oneTBB pool).
+absl::StatusOr<AppendPlan> PlanAppend(const Session& s, const AppendInput& in, int build_threads,
+                                      int decode_threads) ABSL_SHARED_LOCKS_REQUIRED(s.mu);
 
 // Later appends: inserts into every index. An index failure marks the session
 // broken (Internal; FailedPrecondition afterwards). First appends: installs

@@ -130,6 +130,7 @@ void SessionManager::ReaperLoop() {
       if (stop_) return;
     }
     ExpireLeases(clock_->Now());
+    if (options_.prefault_slabs > 0) options_.pool->PrefaultAhead(options_.prefault_slabs);
   }
 }
 
@@ -425,7 +426,7 @@ absl::StatusOr<AppendResult> SessionManager::Append(Session& s, int64_t n, Layer
                                                        " tokens; max_tokens_per_session is ",
                                                        options_.max_tokens_per_session));
     }
-    ASSIGN_OR_RETURN(plan, PlanAppend(s, in, options_.build_threads));
+    ASSIGN_OR_RETURN(plan, PlanAppend(s, in, options_.build_threads, options_.decode_threads));
   }
   absl::StatusOr<FrameSet> reserved = AdmitFrames(s, plan.reserve);
   if (!reserved.ok()) {

@@ -109,6 +109,10 @@ struct SessionManagerOptions {
   absl::Duration reaper_interval = absl::Seconds(1);
   // Threads for building indices of the first append (1 = serial).
   int build_threads = 1;
+  // Pool slabs the reaper thread keeps faulted in ahead of allocation
+  // (PagePool::PrefaultAhead), so decode appends do not take the page
+  // faults of a new slab. 0 = none; needs a reaper (reaper_interval > 0).
+  uint64_t prefault_slabs = 16;
   // Threads one select or fetch spreads its KV heads over: 0 = the process's
   // shared oneTBB pool (every concurrent stream shares the same workers, so
   // the cores are never oversubscribed), 1 = serially on the calling thread.

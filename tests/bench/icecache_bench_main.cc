@@ -1,5 +1,6 @@
 // icecache-bench: workload drivers for IceCache. Subcommands:
 //   select   the page-selection benchmark (tests/bench/select_bench.h)
+//   append   decode appends at a long context (tests/bench/append_bench.h)
 //   rpc      the daemon decode-loop benchmark: runs icecache-bench-rpc
 //            (client/bench_rpc_main.cc), which links the client library
 #include <unistd.h>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "common/cli.h"
+#include "tests/bench/append_bench.h"
 #include "tests/bench/select_bench.h"
 #include "tests/bench/select_flags.h"
 
@@ -58,6 +60,9 @@ int main(int argc, char** argv) {
   CLI::App* select = app.add_subcommand(
       "select", "the page-selection benchmark: every selector and peer on the same KV data");
   icecache::bench::SelectFlags select_flags(select);
+  CLI::App* append = app.add_subcommand(
+      "append", "decode appends as the daemon does them: 1-token steps at a long context");
+  icecache::bench::AppendFlags append_flags(append);
   // Everything after `rpc` (--help included) goes to icecache-bench-rpc.
   CLI::App* rpc =
       app.add_subcommand("rpc", "the daemon decode-loop benchmark (icecache-bench rpc --help)");
@@ -66,6 +71,14 @@ int main(int argc, char** argv) {
   rpc->set_help_flag();
   if (auto code = icecache::cli::Parse(app, argc, argv)) return *code;
   if (rpc->parsed()) return ExecRpcBench(rpc->remaining());
+  if (append->parsed()) {
+    const absl::Status s = icecache::bench::RunAppendBench(append_flags.options());
+    if (!s.ok()) {
+      std::fprintf(stderr, "icecache-bench append: %s\n", s.ToString().c_str());
+      return 1;
+    }
+    return 0;
+  }
 
   auto options = select_flags.Options();
   if (!options.ok()) {

@@ -1,0 +1,315 @@
+#include "tests/bench/append_bench.h"
+
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "common/caller.h"
+#include "common/cli.h"
+#include "common/dtype.h"
+#include "common/json.h"
+#include "common/status_macros.h"
+#include "server/pool/page_pool.h"
+#include "server/session/session_manager.h"
+#include "server/transfer/buffer_registry.h"
+
+namespace icecache::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Ms(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+// CPU time of the calling thread, ms: a 1-token append runs on the caller
+// (too small for the task arena), so this is its cost without the time the
+// thread spent preempted on a shared machine.
+double ThreadCpuMs() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+
+uint64_t SplitMix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// Uniform in [-1, 1) from a running state (xorshift64*).
+float Uniform(uint64_t* s) {
+  *s ^= *s >> 12;
+  *s ^= *s << 25;
+  *s ^= *s >> 27;
+  const uint64_t r = *s * 0x2545f4914f6cdd1dull;
+  return static_cast<float>(static_cast<double>(r >> 11) * (2.0 / 9007199254740992.0) - 1.0);
+}
+
+// KV rows with the structure routing cares about and nothing else: each
+// (layer, head) has kTopics key directions; a key follows one topic for a
+// segment of kSegment positions (topics recur), plus noise. Deterministic
+// in (seed, layer, head, position), so decode tokens continue the prefill.
+class KvSource {
+ public:
+  static constexpr int kTopics = 64;
+  static constexpr int64_t kSegment = 256;
+
+  KvSource(const SessionConfig& c, uint64_t seed) : c_(c), seed_(seed) {
+    centers_.resize(static_cast<size_t>(c.layers) * c.kv_heads * kTopics * c.head_dim);
+    uint64_t s = SplitMix(seed) | 1;
+    for (float& x : centers_) x = 2.0f * Uniform(&s);
+  }
+
+  // Bytes of tokens [t0, t0 + n) of layers [first, first + count), in the
+  // AppendKv layout of that range.
+  void Fill(int first, int count, int64_t t0, int64_t n, std::vector<uint8_t>* out) const {
+    const size_t d = c_.head_dim;
+    out->resize(AppendBytes(c_, n, LayerRange{first, count}));
+    const size_t half = out->size() / 2;
+    std::vector<float> row(d);
+    size_t r = 0;
+    for (int l = first; l < first + count; ++l) {
+      for (int h = 0; h < c_.kv_heads; ++h) {
+        for (int64_t t = t0; t < t0 + n; ++t, ++r) {
+          uint64_t s = SplitMix(seed_ ^ SplitMix((static_cast<uint64_t>(l) << 40) ^
+                                                 (static_cast<uint64_t>(h) << 32) ^ t)) |
+                       1;
+          const uint64_t topic = SplitMix(seed_ + l * 7919 + h * 104729 + t / kSegment) % kTopics;
+          const float* c =
+              &centers_[((static_cast<size_t>(l) * c_.kv_heads + h) * kTopics + topic) * d];
+          for (size_t k = 0; k < d; ++k) row[k] = c[k] + 0.6f * Uniform(&s);
+          FromFloat(c_.dtype, row.data(), out->data() + r * d * DTypeSize(c_.dtype), d);
+          for (size_t k = 0; k < d; ++k) row[k] = Uniform(&s);
+          FromFloat(c_.dtype, row.data(), out->data() + half + r * d * DTypeSize(c_.dtype), d);
+        }
+      }
+    }
+  }
+
+ private:
+  SessionConfig c_;
+  uint64_t seed_;
+  std::vector<float> centers_;
+};
+
+struct Quantiles {
+  double p50 = 0, p99 = 0, max = 0, mean = 0;
+};
+
+Quantiles Summarise(std::vector<double> v) {
+  Quantiles q;
+  if (v.empty()) return q;
+  std::sort(v.begin(), v.end());
+  q.p50 = v[v.size() / 2];
+  q.p99 = v[std::min(v.size() - 1, static_cast<size_t>(std::ceil(0.99 * v.size())) - 1)];
+  q.max = v.back();
+  double sum = 0;
+  for (double x : v) sum += x;
+  q.mean = sum / static_cast<double>(v.size());
+  return q;
+}
+
+struct SelectorRun {
+  std::string selector;
+  double prefill_s = 0;
+  double first_ms = 0;
+  Quantiles step_ms;  // steps after the first
+  Quantiles cpu_ms;   // their thread CPU time
+  uint64_t pages = 0;
+  uint64_t index_bytes = 0;
+};
+
+SessionConfig ConfigOf(const AppendBenchOptions& o, SelectorKind kind) {
+  SessionConfig c;
+  c.layers = o.layers;
+  c.kv_heads = o.kv_heads;
+  c.q_heads = o.q_heads;
+  c.head_dim = o.head_dim;
+  c.dtype = DType::kF16;
+  c.page_tokens = o.page_tokens;
+  c.selector = kind;
+  c.ttl = absl::Hours(1);
+  return c;
+}
+
+absl::StatusOr<SelectorRun> RunOne(const AppendBenchOptions& o, const std::string& name) {
+  ASSIGN_OR_RETURN(SelectorKind kind, ParseSelectorKind(name));
+  const SessionConfig c = ConfigOf(o, kind);
+  // Frames: pages at 80% fill at worst, one new page per step per index.
+  const uint64_t frame = 2ull * o.page_tokens * o.head_dim * DTypeSize(c.dtype);
+  const uint64_t pages = static_cast<uint64_t>(o.tokens / o.page_tokens * 1.25) + o.steps + 16;
+  PagePoolOptions po;
+  po.capacity_bytes = pages * frame * o.layers * o.kv_heads + (uint64_t{64} << 20);
+  ASSIGN_OR_RETURN(std::unique_ptr<PagePool> pool, PagePool::Create(po));
+  ASSIGN_OR_RETURN(std::unique_ptr<BufferRegistry> buffers,
+                   BufferRegistry::Create(BufferRegistryOptions()));
+  SessionManagerOptions mo;
+  mo.pool = pool.get();
+  mo.buffers = buffers.get();
+  mo.reaper_interval = absl::Seconds(1);  // as the daemon: it also faults in slabs ahead
+  mo.build_threads = o.build_threads;
+  mo.max_tokens_per_session = o.tokens + o.steps + 1;
+  ASSIGN_OR_RETURN(std::unique_ptr<SessionManager> manager, SessionManager::Create(mo));
+  const Caller caller{"bench", static_cast<uint32_t>(getuid()), false};
+  ASSIGN_OR_RETURN(SessionInfo info, manager->CreateSession(caller, c));
+  const KvSource source(c, o.seed);
+
+  SelectorRun run;
+  run.selector = name;
+  std::vector<uint8_t> bytes;
+  double prefill_ms = 0;
+  for (int l = 0; l < o.layers; ++l) {  // one layer per call, as a client streams it
+    source.Fill(l, 1, 0, o.tokens, &bytes);
+    const auto t0 = Clock::now();
+    RETURN_IF_ERROR(manager->AppendKv(caller, info.id, o.tokens, bytes, LayerRange{l, 1}).status());
+    prefill_ms += Ms(t0, Clock::now());
+    std::fprintf(stderr, "\r  %s: prefill layer %d/%d", name.c_str(), l + 1, o.layers);
+  }
+  std::fprintf(stderr, "\n");
+  run.prefill_s = prefill_ms / 1e3;
+  bytes.clear();
+  bytes.shrink_to_fit();
+  // Every step's bytes ahead, so only the append is timed.
+  std::vector<std::vector<uint8_t>> steps(o.steps + 1);
+  for (int i = 0; i <= o.steps; ++i) source.Fill(0, o.layers, o.tokens + i, 1, &steps[i]);
+  std::vector<double> ms, cpu;
+  ms.reserve(o.steps);
+  cpu.reserve(o.steps);
+  for (int i = 0; i <= o.steps; ++i) {
+    const double c0 = ThreadCpuMs();
+    const auto t0 = Clock::now();
+    RETURN_IF_ERROR(manager->AppendKv(caller, info.id, 1, steps[i]).status());
+    const double dt = Ms(t0, Clock::now());
+    if (i == 0) {
+      run.first_ms = dt;
+    } else {
+      ms.push_back(dt);
+      cpu.push_back(ThreadCpuMs() - c0);
+    }
+  }
+  run.step_ms = Summarise(std::move(ms));
+  run.cpu_ms = Summarise(std::move(cpu));
+  ASSIGN_OR_RETURN(SessionInfo after, manager->GetSession(caller, info.id));
+  run.pages = after.pages;
+  run.index_bytes = after.index_bytes;
+  return run;
+}
+
+Json ToJson(const AppendBenchOptions& o, const std::vector<SelectorRun>& runs) {
+  const double heads = static_cast<double>(o.layers) * o.kv_heads;
+  Json j;
+  j["benchmark"] = "append";
+  j["tokens"] = o.tokens;
+  j["layers"] = o.layers;
+  j["kv_heads"] = o.kv_heads;
+  j["head_dim"] = o.head_dim;
+  j["page_tokens"] = o.page_tokens;
+  j["steps"] = o.steps;
+  j["build_threads"] = o.build_threads;
+  Json list = Json::array();
+  for (const SelectorRun& r : runs) {
+    Json e;
+    e["selector"] = r.selector;
+    e["prefill_s"] = r.prefill_s;
+    e["first_append_ms"] = r.first_ms;
+    e["append_ms_p50"] = r.step_ms.p50;
+    e["append_ms_p99"] = r.step_ms.p99;
+    e["append_ms_max"] = r.step_ms.max;
+    e["append_ms_mean"] = r.step_ms.mean;
+    e["append_cpu_ms_p50"] = r.cpu_ms.p50;
+    e["append_cpu_ms_p99"] = r.cpu_ms.p99;
+    e["append_us_per_head_p50"] = r.step_ms.p50 * 1e3 / heads;
+    e["append_us_per_head_p99"] = r.step_ms.p99 * 1e3 / heads;
+    e["append_ms_p50_scaled_32_layers"] = r.step_ms.p50 * 32.0 / o.layers;
+    e["append_ms_p99_scaled_32_layers"] = r.step_ms.p99 * 32.0 / o.layers;
+    e["pages"] = r.pages;
+    e["index_bytes"] = r.index_bytes;
+    list.push_back(std::move(e));
+  }
+  j["selectors"] = std::move(list);
+  return j;
+}
+
+void PrintTable(const AppendBenchOptions& o, const std::vector<SelectorRun>& runs) {
+  const double heads = static_cast<double>(o.layers) * o.kv_heads;
+  std::printf(
+      "\n1-token appends at %lld tokens: %d layers x %d kv heads (%g indexes per step), "
+      "%d steps\n",
+      static_cast<long long>(o.tokens), o.layers, o.kv_heads, heads, o.steps);
+  std::printf("%-10s %10s %10s %9s %9s %9s %9s %9s %12s %12s %14s\n", "selector", "prefill_s",
+              "first_ms", "p50_ms", "p99_ms", "max_ms", "cpu_p50", "cpu_p99", "p50_us/head",
+              "p99_us/head", "p50_ms@32L*");
+  for (const SelectorRun& r : runs) {
+    std::printf("%-10s %10.2f %10.3f %9.3f %9.3f %9.3f %9.3f %9.3f %12.2f %12.2f %14.3f\n",
+                r.selector.c_str(), r.prefill_s, r.first_ms, r.step_ms.p50, r.step_ms.p99,
+                r.step_ms.max, r.cpu_ms.p50, r.cpu_ms.p99, r.step_ms.p50 * 1e3 / heads,
+                r.step_ms.p99 * 1e3 / heads, r.step_ms.p50 * 32.0 / o.layers);
+  }
+  std::printf(
+      "wall: the AppendKv call; cpu: its thread's CPU time (without preemption on a shared "
+      "machine)\n* scaled: the p50 step times 32 / layers (a 32-layer model's step), not "
+      "measured\n");
+}
+
+}  // namespace
+
+AppendFlags::AppendFlags(CLI::App* app) {
+  app->add_option("--tokens", o_.tokens, "prefill context (tokens)")
+      ->check(cli::Positive())
+      ->capture_default_str();
+  app->add_option("--layers", o_.layers, "model layers (every step appends to all of them)")
+      ->check(cli::Positive())
+      ->capture_default_str();
+  app->add_option("--kv-heads", o_.kv_heads, "KV heads per layer")
+      ->check(cli::Positive())
+      ->capture_default_str();
+  app->add_option("--q-heads", o_.q_heads, "query heads")
+      ->check(cli::Positive())
+      ->capture_default_str();
+  app->add_option("--head-dim", o_.head_dim, "head dimension")
+      ->check(cli::Positive())
+      ->capture_default_str();
+  app->add_option("--page-tokens", o_.page_tokens, "tokens per page")
+      ->check(cli::Positive())
+      ->capture_default_str();
+  app->add_option("--steps", o_.steps, "timed 1-token appends")
+      ->check(cli::Positive())
+      ->capture_default_str();
+  app->add_option("--selectors", o_.selectors, "selectors, comma-separated")
+      ->delimiter(',')
+      ->capture_default_str();
+  app->add_option("--build-threads", o_.build_threads, "threads of the prefill's index builds")
+      ->check(cli::Positive())
+      ->capture_default_str();
+  app->add_option("--seed", o_.seed, "KV generator seed")->capture_default_str();
+  app->add_option("--json", o_.json, "write the JSON report to FILE");
+}
+
+absl::Status RunAppendBench(const AppendBenchOptions& o) {
+  for (const std::string& s : o.selectors) RETURN_IF_ERROR(ParseSelectorKind(s).status());
+  std::vector<SelectorRun> runs;
+  for (const std::string& s : o.selectors) {
+    ASSIGN_OR_RETURN(SelectorRun r, RunOne(o, s));
+    runs.push_back(std::move(r));
+  }
+  PrintTable(o, runs);
+  if (!o.json.empty()) {
+    std::ofstream f(o.json);
+    f << DumpJson(ToJson(o, runs), 2) << "\n";
+    if (!f) return absl::InternalError(absl::StrCat("cannot write ", o.json));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace icecache::bench

@@ -1,0 +1,58 @@
+// `icecache-bench append`: the cost of decode appends as the daemon does
+// them (docs/architecture.md §5). An in-process SessionManager over a real
+// pool holds one session per selector, prefilled to --tokens by layer
+// ranges; then --steps appends of one token each (every layer and KV head of
+// the model in one AppendKv call, as an inference server sends them) are
+// timed one by one. Reported per selector, side by side: the prefill, the
+// first append after it, p50/p99/max of the others, and the same divided by
+// the (layer, head) count ("per head").
+#ifndef ICECACHE_TESTS_BENCH_APPEND_BENCH_H_
+#define ICECACHE_TESTS_BENCH_APPEND_BENCH_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace CLI {
+class App;
+}  // namespace CLI
+
+namespace icecache::bench {
+
+struct AppendBenchOptions {
+  int64_t tokens = 131072;  // prefill context
+  int layers = 2;
+  int kv_heads = 8;
+  int q_heads = 32;
+  int head_dim = 128;
+  int page_tokens = 16;
+  int steps = 1000;  // timed 1-token appends
+  std::vector<std::string> selectors = {"mdci", "exact"};
+  int build_threads = 2;
+  uint64_t seed = 1;
+  std::string json;  // report file; empty: none
+};
+
+// Registers the flags of `icecache-bench append` on `app` and holds their
+// values. Holds pointers into itself: neither copyable nor movable.
+class AppendFlags {
+ public:
+  explicit AppendFlags(CLI::App* app);
+  AppendFlags(const AppendFlags&) = delete;
+  AppendFlags& operator=(const AppendFlags&) = delete;
+  const AppendBenchOptions& options() const { return o_; }
+
+ private:
+  AppendBenchOptions o_;
+};
+
+// Runs the benchmark, prints the table (stdout) and writes the JSON report.
+// InvalidArgument for an unknown selector or bad shape; RESOURCE_EXHAUSTED
+// when the pool cannot be mapped; any status of the session calls.
+absl::Status RunAppendBench(const AppendBenchOptions& options);
+
+}  // namespace icecache::bench
+
+#endif  // ICECACHE_TESTS_BENCH_APPEND_BENCH_H_
