@@ -190,5 +190,23 @@ TEST(DciTreeTest, RejectsBadInputWithoutChanges) {
   EXPECT_THAT(DciTree::Create(bad), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
+TEST(DciTreeTest, DecodeInsertsAfterBulkBuildReallocateNothing) {
+  // The bulk build reserves room for as many tokens again: one-token inserts
+  // after it must not move the tree's arrays (a reallocation copies the
+  // whole array on a decode append's path).
+  const int d = 16, P = 16;
+  const int64_t n = 8000, extra = 4000;
+  auto keys = mdci_test::ClusteredKeys(n + extra, d, 40, 0.4f, 5);
+  auto t = MakeTree(d, P);
+  std::vector<Placement> pl;
+  ASSERT_THAT(t->BulkBuild(keys.data(), n, &pl), IsOk());
+  const float* centroids = t->node_centroid(1, 0);
+  const int32_t* positions = t->page_table().positions(0);
+  for (int64_t i = n; i < n + extra; ++i) ASSERT_THAT(t->Insert(&keys[i * d], 1, &pl), IsOk());
+  EXPECT_EQ(t->node_centroid(1, 0), centroids);
+  EXPECT_EQ(t->page_table().positions(0), positions);
+  ASSERT_NO_FATAL_FAILURE(CheckInvariants(*t));
+}
+
 }  // namespace
 }  // namespace icecache

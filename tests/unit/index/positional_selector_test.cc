@@ -312,5 +312,25 @@ TEST(PositionalSelectorTest, FactoryRejectsMdciKinds) {
   EXPECT_THAT(NewPositionalSelector(c, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
+TEST(PositionalSelectorTest, OneTokenInsertsDoNotCopyThePositions) {
+  // Inserts used to reserve exactly one more position each time: every
+  // one-token append copied the whole array.
+  SelectorConfig c;
+  c.kind = SelectorKind::kQuest;
+  c.head_dim = kDim;
+  auto frames = OwnedPageKeys::ForSelector(c);
+  ASSERT_THAT(frames, IsOk());
+  auto sel = Selector::Create(c, frames->get());
+  ASSERT_THAT(sel, IsOk());
+  const HeadData data = MakeSyntheticHead(3000, 1, 1, 82);
+  std::vector<Placement> pl;
+  ASSERT_THAT((*sel)->Build(data.keys.data(), 1000, &pl), IsOk());
+  const int32_t* before = (*sel)->positions(0);
+  for (int64_t t = 1000; t < 3000; ++t) ASSERT_THAT((*sel)->Insert(data.key(t), 1, &pl), IsOk());
+  EXPECT_EQ((*sel)->positions(0), before);
+  EXPECT_EQ((*sel)->num_tokens(), 3000);
+  EXPECT_EQ((*sel)->positions(2999 / c.page_tokens)[2999 % c.page_tokens], 2999);
+}
+
 }  // namespace
 }  // namespace icecache

@@ -312,5 +312,25 @@ TEST(PagePoolTest, ConcurrentAllocateAndFreeKeepCountersExact) {
   EXPECT_EQ(s.allocations, 800u);
 }
 
+TEST(PagePoolTest, PrefaultAheadKeepsContentsAndAllocationsWork) {
+  auto pool = MakePool(16 * kMiB);
+  auto id = pool->GetOrCreateClass(4096);
+  ASSERT_THAT(id, IsOk());
+  auto a = pool->Allocate("alice", *id, 600);  // more than one slab
+  ASSERT_THAT(a, IsOk());
+  for (size_t i = 0; i < a->size(); ++i) std::memset(a->frame(i), static_cast<int>(i), 4096);
+  // The slabs next in line (free and never carved), at most as many as asked.
+  EXPECT_LE(pool->PrefaultAhead(3), 3u);
+  auto b = pool->Allocate("alice", *id, 1000);
+  ASSERT_THAT(b, IsOk());
+  for (size_t i = 0; i < b->size(); ++i) std::memset(b->frame(i), 0xab, 4096);
+  EXPECT_LE(pool->PrefaultAhead(100), 8u);  // 8 slabs in all, some carved
+  for (size_t i = 0; i < a->size(); ++i) {
+    ASSERT_EQ(a->frame(i)[0], static_cast<uint8_t>(i));
+    ASSERT_EQ(a->frame(i)[4095], static_cast<uint8_t>(i));
+  }
+  EXPECT_EQ(b->frame(999)[17], 0xab);
+}
+
 }  // namespace
 }  // namespace icecache
