@@ -84,6 +84,9 @@ absl::Status Daemon::Init() {
   mgr_opts.reaper_interval =
       absl::Milliseconds(static_cast<int64_t>(c.sessions().reaper_interval_ms()));
   mgr_opts.build_threads = static_cast<int>(c.worker_threads());
+  // Trees build while the client sends the next layer range; no call waits
+  // on a whole prefill's builds (docs/architecture.md §5).
+  mgr_opts.background_builds = true;
   mgr_opts.stop_pending = ShutdownSignalPending;
   mgr_opts.on_expired = [](const std::string& tenant, const std::string& id, absl::Duration idle) {
     Log(LogLevel::kInfo, "session_expired",

@@ -28,6 +28,7 @@ Session::Session(std::string id_in, std::string tenant_in, uint64_t epoch_in,
   page_frames.resize(static_cast<size_t>(config.layers) * config.kv_heads);
   selectors.resize(static_cast<size_t>(groups) * config.kv_heads);
   group_tokens.assign(groups, 0);
+  group_building.assign(groups, 0);
   for (int g = 0; g < groups; ++g) {
     for (int h = 0; h < config.kv_heads; ++h) {
       page_keys.push_back(

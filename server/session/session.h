@@ -113,9 +113,21 @@ class Session {
   std::vector<int64_t> group_tokens ABSL_GUARDED_BY(mu);  // [group]
   int next_layer ABSL_GUARDED_BY(mu) = 0;                 // 0 = no chunk pending
   int64_t pending_tokens ABSL_GUARDED_BY(mu) = 0;
+  // [group]: its first append is accepted and its trees are being built in
+  // the background (session_append.h, PendingBuild); selects and appends
+  // of the group wait until it is cleared.
+  std::vector<char> group_building ABSL_GUARDED_BY(mu);
   // Set when an index failed midway through an append; the session then
   // answers FailedPrecondition until dropped.
   bool broken ABSL_GUARDED_BY(mu) = false;
+
+  // True when no group of [first_group, end_group) is being built.
+  bool GroupsReady(int first_group, int end_group) const ABSL_SHARED_LOCKS_REQUIRED(mu) {
+    for (int g = first_group; g < end_group; ++g) {
+      if (group_building[g]) return false;
+    }
+    return true;
+  }
 
   // Codes shared by every KV operation: FailedPrecondition once an index
   // broke (the session must be dropped).

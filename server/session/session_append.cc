@@ -332,10 +332,11 @@ absl::StatusOr<uint64_t> WriteRows(Session& s, const AppendInput& in, const Appe
   return taken;
 }
 
-AppendResult Publish(Session& s, const AppendInput& in, uint64_t new_pages, absl::Time now) {
-  for (int g = s.GroupOf(in.first_layer); g <= s.GroupOf(in.end_layer() - 1); ++g) {
-    s.group_tokens[g] += in.n;
-  }
+namespace {
+
+// The chunk's progress: the session's token count moves when its last layer
+// is in.
+void AdvanceChunk(Session& s, const AppendInput& in) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
   if (in.end_layer() == s.config.layers) {
     s.tokens += in.n;
     s.next_layer = 0;
@@ -344,6 +345,10 @@ AppendResult Publish(Session& s, const AppendInput& in, uint64_t new_pages, absl
     s.next_layer = in.end_layer();
     s.pending_tokens = in.n;
   }
+}
+
+// The lock-free views of the session.
+void RefreshViews(Session& s, absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
   uint64_t pages = 0;
   uint64_t index_bytes = 0;
   for (const auto& sel : s.selectors) {
@@ -357,12 +362,102 @@ AppendResult Publish(Session& s, const AppendInput& in, uint64_t new_pages, absl
   s.frame_bytes_view.store(s.frames.size() * PagePool::StrideFor(s.frame_bytes));
   s.index_bytes_view.store(index_bytes);
   s.Touch(now);
+}
+
+AppendResult ResultOf(const Session& s, uint64_t new_pages) ABSL_SHARED_LOCKS_REQUIRED(s.mu) {
   AppendResult result;
   result.tokens = s.tokens;
   result.next_layer = s.next_layer;
   result.new_pages = new_pages;
   result.frame_bytes = s.frame_bytes_view.load();
   return result;
+}
+
+}  // namespace
+
+AppendResult Publish(Session& s, const AppendInput& in, uint64_t new_pages, absl::Time now) {
+  for (int g = s.GroupOf(in.first_layer); g <= s.GroupOf(in.end_layer() - 1); ++g) {
+    s.group_tokens[g] += in.n;
+  }
+  AdvanceChunk(s, in);
+  RefreshViews(s, now);
+  return ResultOf(s, new_pages);
+}
+
+// ---------------------------------------------------------------- background builds
+
+bool BuildsInBackground(const Session& s, const AppendInput& in) {
+  const SelectorKind k = s.config.selector;
+  return (k == SelectorKind::kMdci || k == SelectorKind::kExactMdci) &&
+         s.group_tokens[s.GroupOf(in.first_layer)] == 0;
+}
+
+AppendPlan PlanBackgroundBuild(const Session& s, const AppendInput& in) {
+  const SessionConfig& c = s.config;
+  const int first_group = s.GroupOf(in.first_layer);
+  const int end_group = s.GroupOf(in.end_layer() - 1) + 1;
+  AppendPlan plan;
+  plan.n = in.n;
+  plan.first = true;
+  plan.base = first_group * c.kv_heads;
+  plan.num_indices = (end_group - first_group) * c.kv_heads;
+  plan.placements.resize(plan.num_indices);
+  plan.pages_before.assign(plan.num_indices, 0);
+  plan.built.resize(plan.num_indices);
+  // A bulk build fills each logical node's pages in order, so its pages are
+  // at most ceil(n / P) plus one partly filled page per level-1 node; the
+  // promotion rule opens about n / r level-1 nodes (r the promotion ratio).
+  const int64_t P = c.page_tokens;
+  const int64_t r =
+      c.mdci.promotion_ratio > 0 ? c.mdci.promotion_ratio : std::max<int64_t>(2, c.page_tokens);
+  const uint64_t worst = static_cast<uint64_t>((in.n + P - 1) / P + in.n / r + 2);
+  plan.max_new_pages.assign(plan.num_indices, worst);
+  for (int i = 0; i < plan.num_indices; ++i) {
+    plan.reserve += worst * s.LayersIn((plan.base + i) / c.kv_heads);
+  }
+  return plan;
+}
+
+AppendResult AcceptPendingBuild(Session& s, const AppendInput& in, absl::Time now) {
+  for (int g = s.GroupOf(in.first_layer); g <= s.GroupOf(in.end_layer() - 1); ++g) {
+    s.group_building[g] = 1;
+  }
+  AdvanceChunk(s, in);
+  RefreshViews(s, now);
+  return ResultOf(s, 0);
+}
+
+void RunPendingBuild(PendingBuild& job, int build_threads, absl::Time now) {
+  Session& s = *job.session;
+  AppendPlan& plan = job.plan;
+  // No session lock while building: BuildAside reads only immutable fields,
+  // the job's own bytes and its own selectors; the groups are marked
+  // building, so nothing else touches their tables meanwhile.
+  const SelectorConfig sc = SelectorConfigOf(s);
+  const int trees_before = s.trees_built.load();
+  absl::Status built = ParallelFor(plan.num_indices, build_threads,
+                                   [&](int64_t i) { return BuildAside(s, sc, job.in, plan, i); });
+  absl::MutexLock write(&s.mu);
+  for (int i = 0; built.ok() && i < plan.num_indices; ++i) {
+    built = CheckPlacements(s, plan, i, *plan.built[i]);
+  }
+  for (int g = s.GroupOf(job.in.first_layer); g <= s.GroupOf(job.in.end_layer() - 1); ++g) {
+    s.group_building[g] = 0;
+  }
+  if (!built.ok()) {
+    // The caller's call has returned: the session cannot take this back.
+    s.trees_built.store(trees_before);
+    s.broken = true;
+    RefreshViews(s, now);
+    return;  // the reserved frames go back to the pool with the job
+  }
+  ApplyToIndexes(s, job.in, plan).IgnoreError();  // installs; cannot fail for a first append
+  absl::StatusOr<uint64_t> written = WriteRows(s, job.in, plan, std::move(job.frames));
+  if (!written.ok()) s.broken = true;
+  for (int g = s.GroupOf(job.in.first_layer); g <= s.GroupOf(job.in.end_layer() - 1); ++g) {
+    s.group_tokens[g] += job.in.n;
+  }
+  RefreshViews(s, now);
 }
 
 }  // namespace icecache

@@ -105,6 +105,37 @@ absl::StatusOr<uint64_t> WriteRows(Session& s, const AppendInput& in, const Appe
 AppendResult Publish(Session& s, const AppendInput& in, uint64_t new_pages, absl::Time now)
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
 
+// Background builds (docs/architecture.md §5). The first append of a range
+// of tree-layout groups (mdci, exact-mdci) returns before its trees are
+// built: under the writer lock the chunk is accepted and the groups are
+// marked building (AcceptPendingBuild), with their worst-case frames already
+// admitted (PlanBackgroundBuild); the manager's builder thread then builds
+// the trees with no session lock held, installs them and writes the rows
+// (RunPendingBuild). Selects, fetches and appends of a building group wait
+// for it; other groups serve meanwhile.
+struct PendingBuild {
+  std::shared_ptr<Session> session;
+  std::vector<uint8_t> bytes;  // the caller's bytes, owned; `in` points into them
+  AppendInput in;
+  AppendPlan plan;
+  FrameSet frames;  // admitted for plan.reserve; the surplus returns after the build
+};
+
+// The append's groups are empty and tree-layout: build in the background.
+bool BuildsInBackground(const Session& s, const AppendInput& in) ABSL_SHARED_LOCKS_REQUIRED(s.mu);
+// The plan of a background build: indices, worst-case pages per index (a
+// bound on what a bulk build can open) and the frames to admit.
+AppendPlan PlanBackgroundBuild(const Session& s, const AppendInput& in)
+    ABSL_SHARED_LOCKS_REQUIRED(s.mu);
+// Marks the groups building and moves the chunk on; the answer of the call.
+AppendResult AcceptPendingBuild(Session& s, const AppendInput& in, absl::Time now)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
+// Builds, installs and writes (builder thread). An index failure marks the
+// session broken (FailedPrecondition on its next call); the groups are
+// cleared either way, so nobody waits forever.
+void RunPendingBuild(PendingBuild& job, int build_threads, absl::Time now)
+    ABSL_LOCKS_EXCLUDED(job.session->mu);
+
 }  // namespace icecache
 
 #endif  // ICECACHE_SERVER_SESSION_SESSION_APPEND_H_

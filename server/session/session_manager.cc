@@ -12,6 +12,7 @@
 #include "common/random_id.h"
 #include "common/status_macros.h"
 #include "server/index/parallel_build.h"
+#include "server/session/index_builder.h"
 #include "server/session/session.h"
 #include "server/session/session_append.h"
 
@@ -45,6 +46,44 @@ struct SessionManager::Counters {
 // Marks a session busy for the lifetime of a request. Created under mu_ so
 // eviction and expiry (which check in_flight under mu_) never take a session
 // that a request has already found.
+namespace {
+
+// Layer groups [first, end) of a session, for the waits on background builds.
+struct GroupWait {
+  const Session* s;
+  int first, end;
+};
+
+// absl::Condition: true once none of the groups is being built. Called by
+// the mutex with s->mu held (the analysis cannot see it).
+bool GroupsNotBuilding(const GroupWait* w) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  return w->s->GroupsReady(w->first, w->end);
+}
+
+// Holds s.mu shared, taken once the group of `layer` is not being built or
+// after `wait` (ready() then says false). A layer outside the model waits
+// for nothing: the call's own checks answer it.
+class ABSL_SCOPED_LOCKABLE ReadyReader {
+ public:
+  ReadyReader(const Session& s, int layer, absl::Duration wait) ABSL_SHARED_LOCK_FUNCTION(s.mu)
+      : mu_(&s.mu) {
+    const int g = layer >= 0 && layer < s.config.layers ? s.GroupOf(layer) : 0;
+    const int end = layer >= 0 && layer < s.config.layers ? g + 1 : 0;
+    const GroupWait w{&s, g, end};
+    ready_ = mu_->ReaderLockWhenWithTimeout(absl::Condition(&GroupsNotBuilding, &w), wait);
+  }
+  ~ReadyReader() ABSL_UNLOCK_FUNCTION() { mu_->ReaderUnlock(); }
+  ReadyReader(const ReadyReader&) = delete;
+  ReadyReader& operator=(const ReadyReader&) = delete;
+  bool ready() const { return ready_; }
+
+ private:
+  absl::Mutex* mu_;
+  bool ready_ = false;
+};
+
+}  // namespace
+
 class SessionManager::InFlightGuard {
  public:
   InFlightGuard(std::shared_ptr<Session> s, Counters* c) : s_(std::move(s)), c_(c) {
@@ -62,6 +101,7 @@ class SessionManager::InFlightGuard {
   InFlightGuard& operator=(const InFlightGuard&) = delete;
   Session* get() const { return s_.get(); }
   Session* operator->() const { return s_.get(); }
+  const std::shared_ptr<Session>& shared() const { return s_; }
 
  private:
   std::shared_ptr<Session> s_;
@@ -99,6 +139,7 @@ absl::StatusOr<std::unique_ptr<SessionManager>> SessionManager::Create(
                      absl::FormatDuration(options.default_ttl)));
   }
   std::unique_ptr<SessionManager> m(new SessionManager(options));
+  if (options.background_builds) m->builder_ = std::make_unique<IndexBuilder>();
   if (options.reaper_interval > absl::ZeroDuration()) {
     m->reaper_ = std::thread([raw = m.get()] { raw->ReaperLoop(); });
   }
@@ -371,7 +412,7 @@ absl::StatusOr<AppendResult> SessionManager::AppendKv(const Caller& caller, std:
                                                       LayerRange range) {
   ASSIGN_OR_RETURN(InFlightGuard guard, Use(caller, id));
   guard->Touch(clock_->Now());
-  return Append(*guard.get(), n, range, bytes);
+  return Append(guard, n, range, bytes);
 }
 
 absl::StatusOr<AppendResult> SessionManager::AppendKvFromBuffer(const Caller& caller,
@@ -404,20 +445,25 @@ absl::StatusOr<AppendResult> SessionManager::AppendKvFromBuffer(const Caller& ca
   // One copy out of the client's mapping, under the SIGBUS guard; the index
   // and frames are then filled from private memory the client cannot change.
   RETURN_IF_ERROR(lease.Read(offset, length, staging.get()));
-  return Append(*guard.get(), n, range, absl::MakeConstSpan(staging.get(), length));
+  return Append(guard, n, range, absl::MakeConstSpan(staging.get(), length));
 }
 
-absl::StatusOr<AppendResult> SessionManager::Append(Session& s, int64_t n, LayerRange range,
+absl::StatusOr<AppendResult> SessionManager::Append(const InFlightGuard& guard, int64_t n,
+                                                    LayerRange range,
                                                     absl::Span<const uint8_t> bytes) {
+  Session& s = *guard.get();
   ASSIGN_OR_RETURN(AppendInput in,
                    CheckAppendInput(s.config, options_.max_append_tokens, n, range, bytes));
   absl::MutexLock serial(&s.append_mu);
-  // Only this append changes the session until it returns: what the shared
-  // phase saw still holds when the writer lock is taken.
+  // Only this append changes the session until it returns (a background
+  // build changes only groups marked building, which this append waits
+  // for): what the shared phase saw still holds when the writer lock is taken.
   const int trees_before = s.trees_built.load();
   AppendPlan plan;
+  bool background = false;
   {
-    absl::ReaderMutexLock read(&s.mu);
+    const GroupWait wait{&s, s.GroupOf(in.first_layer), s.GroupOf(in.end_layer() - 1) + 1};
+    absl::ReaderMutexLock read(&s.mu, absl::Condition(&GroupsNotBuilding, &wait));
     RETURN_IF_ERROR(s.CheckUsable());
     RETURN_IF_ERROR(CheckChunkOrder(s, in));
     if (in.first_layer == 0 && s.tokens + n > options_.max_tokens_per_session) {
@@ -426,17 +472,62 @@ absl::StatusOr<AppendResult> SessionManager::Append(Session& s, int64_t n, Layer
                                                        " tokens; max_tokens_per_session is ",
                                                        options_.max_tokens_per_session));
     }
-    ASSIGN_OR_RETURN(plan, PlanAppend(s, in, options_.build_threads, options_.decode_threads));
+    background = builder_ != nullptr && BuildsInBackground(s, in);
+    if (background) {
+      plan = PlanBackgroundBuild(s, in);
+    } else {
+      ASSIGN_OR_RETURN(plan, PlanAppend(s, in, options_.build_threads, options_.decode_threads));
+    }
   }
   absl::StatusOr<FrameSet> reserved = AdmitFrames(s, plan.reserve);
   if (!reserved.ok()) {
     s.trees_built.store(trees_before);  // the indexes built aside are dropped
     return reserved.status();
   }
+  if (background) {
+    return StartBackgroundBuild(guard, in, std::move(plan), std::move(reserved).value());
+  }
   absl::MutexLock write(&s.mu);
   RETURN_IF_ERROR(ApplyToIndexes(s, in, plan));
   ASSIGN_OR_RETURN(uint64_t new_pages, WriteRows(s, in, plan, std::move(reserved).value()));
   return Publish(s, in, new_pages, clock_->Now());
+}
+
+AppendResult SessionManager::StartBackgroundBuild(const InFlightGuard& guard, const AppendInput& in,
+                                                  AppendPlan plan, FrameSet frames) {
+  Session& s = *guard.get();
+  auto job = std::make_shared<PendingBuild>();
+  job->session = guard.shared();
+  job->bytes.assign(in.bytes.begin(), in.bytes.end());
+  job->in = in;
+  job->in.bytes = absl::MakeConstSpan(job->bytes);
+  job->plan = std::move(plan);
+  job->frames = std::move(frames);
+  AppendResult result;
+  {
+    absl::MutexLock write(&s.mu);
+    result = AcceptPendingBuild(s, in, clock_->Now());
+  }
+  // In flight until built: never evicted or expired meanwhile, and a drain
+  // waits for it.
+  s.in_flight.fetch_add(1);
+  counters_->in_flight.fetch_add(1);
+  builder_->Post([this, job] {
+    if (options_.on_build_start) options_.on_build_start(job->session->id, job->in.first_layer);
+    RunPendingBuild(*job, options_.build_threads, clock_->Now());
+    job->session->in_flight.fetch_sub(1);
+    counters_->in_flight.fetch_sub(1);
+  });
+  return result;
+}
+
+absl::Status SessionManager::GroupReadyOrUnavailable(const Session& s, int layer,
+                                                     bool ready) const {
+  if (ready) return absl::OkStatus();
+  return absl::UnavailableError(absl::StrCat(
+      "session ", s.id, ": the trees of layer ", layer, " are still being built after ",
+      absl::FormatDuration(options_.build_wait), " (", s.trees_built.load(), " of ",
+      s.groups * s.config.kv_heads, " trees built); retry the call"));
 }
 
 absl::StatusOr<FrameSet> SessionManager::AdmitFrames(const Session& s, uint64_t reserve) {
@@ -470,7 +561,8 @@ absl::StatusOr<SelectResult> SessionManager::SelectPages(const Caller& caller, s
   ASSIGN_OR_RETURN(InFlightGuard guard, Use(caller, id));
   Session& s = *guard.get();
   s.Touch(clock_->Now());
-  absl::ReaderMutexLock read(&s.mu);
+  ReadyReader read(s, request.layer, options_.build_wait);
+  RETURN_IF_ERROR(GroupReadyOrUnavailable(s, request.layer, read.ready()));
   return s.Select(request, options_.decode_threads);
 }
 
@@ -481,7 +573,8 @@ absl::StatusOr<FetchLayout> SessionManager::FetchPages(const Caller& caller, std
   const absl::Time now = clock_->Now();
   s.Touch(now);
   ASSIGN_OR_RETURN(BufferLease lease, options_.buffers->Acquire(caller, request.buffer_id, now));
-  absl::ReaderMutexLock read(&s.mu);
+  ReadyReader read(s, request.layer, options_.build_wait);
+  RETURN_IF_ERROR(GroupReadyOrUnavailable(s, request.layer, read.ready()));
   return s.Fetch(lease, request, options_.decode_threads);
 }
 
@@ -495,7 +588,8 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(const Caller& caller
   const absl::Time now = clock_->Now();
   s.Touch(now);
   ASSIGN_OR_RETURN(BufferLease lease, options_.buffers->Acquire(caller, buffer_id, now));
-  absl::ReaderMutexLock read(&s.mu);
+  ReadyReader read(s, select.layer, options_.build_wait);
+  RETURN_IF_ERROR(GroupReadyOrUnavailable(s, select.layer, read.ready()));
   DecodeStepResult out;
   ASSIGN_OR_RETURN(out.selection, s.Select(select, options_.decode_threads));
   FetchRequest fetch;

@@ -90,7 +90,10 @@
 
 namespace icecache {
 
-class Session;  // internal (server/session/session.h)
+class Session;       // internal (server/session/session.h)
+class IndexBuilder;  // internal (server/session/index_builder.h)
+struct AppendInput;  // internal (server/session/session_append.h)
+struct AppendPlan;
 
 struct SessionManagerOptions {
   // Not owned; must outlive the manager. pool and buffers are required.
@@ -113,6 +116,16 @@ struct SessionManagerOptions {
   // (PagePool::PrefaultAhead), so decode appends do not take the page
   // faults of a new slab. 0 = none; needs a reaper (reaper_interval > 0).
   uint64_t prefault_slabs = 16;
+  // The first append of a range of mdci / exact-mdci layer groups returns
+  // once its frames are admitted and its bytes taken; the trees are built
+  // on a background thread (docs/architecture.md §5). Selects, fetches and
+  // appends of a group being built wait for it, at most build_wait, then
+  // answer UNAVAILABLE naming the progress; other groups serve meanwhile.
+  bool background_builds = false;
+  absl::Duration build_wait = absl::Seconds(60);
+  // Optional, for tests: runs on the builder thread before each background
+  // build (session id, first layer of its range), e.g. to hold it at a gate.
+  std::function<void(const std::string& session, int first_layer)> on_build_start;
   // Threads one select or fetch spreads its KV heads over: 0 = the process's
   // shared oneTBB pool (every concurrent stream shares the same workers, so
   // the cores are never oversubscribed), 1 = serially on the calling thread.
@@ -236,8 +249,14 @@ class SessionManager {
   // guard's lifetime (never evicted or expired meanwhile); NotFound otherwise.
   absl::StatusOr<InFlightGuard> Use(const Caller& caller, std::string_view id);
   // The steps of an append (session_append.h), under the session's writer lock.
-  absl::StatusOr<AppendResult> Append(Session& s, int64_t n, LayerRange range,
+  absl::StatusOr<AppendResult> Append(const InFlightGuard& guard, int64_t n, LayerRange range,
                                       absl::Span<const uint8_t> bytes) ABSL_LOCKS_EXCLUDED(mu_);
+  // Accepts a background build (session_append.h, PendingBuild) and posts it.
+  AppendResult StartBackgroundBuild(const InFlightGuard& guard, const AppendInput& in,
+                                    AppendPlan plan, FrameSet frames) ABSL_LOCKS_EXCLUDED(mu_);
+  // UNAVAILABLE when the group of `layer` was still being built after
+  // build_wait (the caller holds `s.mu` shared, taken by ReadyReader).
+  absl::Status GroupReadyOrUnavailable(const Session& s, int layer, bool ready) const;
   // Reserves `reserve` frames for an append of `s`: quota, watermark
   // eviction, pool capacity (RESOURCE_EXHAUSTED; nothing changes).
   absl::StatusOr<FrameSet> AdmitFrames(const Session& s, uint64_t reserve)
@@ -262,6 +281,8 @@ class SessionManager {
   absl::Mutex reaper_mu_;
   bool stop_ ABSL_GUARDED_BY(reaper_mu_) = false;
   std::thread reaper_;
+  // Declared last: destroyed first, so no build runs on a dying manager.
+  std::unique_ptr<IndexBuilder> builder_;
 };
 
 }  // namespace icecache

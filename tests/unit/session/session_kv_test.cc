@@ -9,6 +9,7 @@
 #include <tuple>
 #include <vector>
 
+#include "absl/synchronization/notification.h"
 #include "gtest/gtest.h"
 #include "tests/unit/session/session_test_util.h"
 
@@ -493,6 +494,69 @@ TEST_F(SessionKvBasicTest, ReadyLayerGroupsServeWhileTheRestOfThePrefillArrives)
   EXPECT_THAT(env_.manager->AppendKv(Alice(), info->id, 1, SliceLayers(c, MakeKv(c, n, 1), 1, 2, 2),
                                      {2, 2}),
               StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("starts at layer 0")));
+}
+
+TEST_F(SessionKvBasicTest, BackgroundBuildsServeBuiltGroupsAndMakeOnlyTheirOwnCallsWait) {
+  // A second manager over the same pool and buffers, building trees in the
+  // background; the build of layers 2..3 is held at a gate.
+  absl::Notification release;
+  SessionManagerOptions mo;
+  mo.pool = env_.pool.get();
+  mo.buffers = env_.buffers.get();
+  mo.clock = &clock_;
+  mo.reaper_interval = absl::ZeroDuration();
+  mo.build_threads = 2;
+  mo.background_builds = true;
+  mo.build_wait = absl::Milliseconds(200);
+  mo.on_build_start = [&release](const std::string&, int first_layer) {
+    if (first_layer == 2) release.WaitForNotification();
+  };
+  auto manager = SessionManager::Create(mo);
+  ASSERT_THAT(manager, IsOk());
+  SessionManager& m = **manager;
+  const SessionConfig c = SmallConfig(SelectorKind::kMdci);  // 4 layers, layer_reuse 2
+  auto info = m.CreateSession(Alice(), c);
+  ASSERT_THAT(info, IsOk());
+  const int64_t n = 200;
+  auto kv = MakeKv(c, 0, n);
+  KvMirror mirror(c);
+  mirror.Add(kv, 0, n);
+  ASSERT_THAT(m.AppendKv(Alice(), info->id, n, SliceLayers(c, kv, n, 0, 2), {0, 2}), IsOk());
+  auto rest = m.AppendKv(Alice(), info->id, n, SliceLayers(c, kv, n, 2, 2), {2, 2});
+  ASSERT_THAT(rest, IsOk());  // answered while its trees wait at the gate
+  EXPECT_EQ(rest->tokens, n);
+  // Layer 0's group is built (or being built, not gated): its step waits for it only.
+  SelectRequest sel;
+  sel.layer = 0;
+  sel.queries = MakeQueries(c, 5);
+  sel.params.budget_tokens = static_cast<int>(n);
+  sel.params.want_positions = true;
+  auto step = m.DecodeStep(Alice(), info->id, sel, buffer_id_, 0, c.layer_reuse);
+  ASSERT_THAT(step, IsOk());
+  auto seen = CheckRegion(c, step->layout, shm_.data(), mirror);
+  for (int h = 0; h < c.kv_heads; ++h) EXPECT_EQ(seen[h].size(), static_cast<size_t>(n));
+  auto got = m.GetSession(Alice(), info->id);
+  ASSERT_THAT(got, IsOk());
+  EXPECT_EQ(got->trees_built, c.kv_heads);  // group 1 still at the gate
+  sel.layer = 3;
+  EXPECT_THAT(m.SelectPages(Alice(), info->id, sel),
+              StatusIs(absl::StatusCode::kUnavailable, HasSubstr("still being built")));
+  release.Notify();
+  step = m.DecodeStep(Alice(), info->id, sel, buffer_id_, 0, 1);
+  ASSERT_THAT(step, IsOk());
+  seen = CheckRegion(c, step->layout, shm_.data(), mirror);
+  for (int h = 0; h < c.kv_heads; ++h) EXPECT_EQ(seen[h].size(), static_cast<size_t>(n));
+  got = m.GetSession(Alice(), info->id);
+  EXPECT_EQ(got->trees_built, got->trees_total);
+  // A decode token goes into the built trees.
+  auto one = MakeKv(c, n, 1);
+  mirror.Add(one, n, 1);
+  ASSERT_THAT(m.AppendKv(Alice(), info->id, 1, one), IsOk());
+  sel.params.budget_tokens = static_cast<int>(n + 1);
+  step = m.DecodeStep(Alice(), info->id, sel, buffer_id_, 0, 1);
+  ASSERT_THAT(step, IsOk());
+  seen = CheckRegion(c, step->layout, shm_.data(), mirror);
+  for (int h = 0; h < c.kv_heads; ++h) EXPECT_EQ(seen[h].size(), static_cast<size_t>(n + 1));
 }
 
 TEST_F(SessionKvBasicTest, DecodeBatchAnswersEachEntryAndWritesNothingForABadOne) {
