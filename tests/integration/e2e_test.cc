@@ -2,8 +2,11 @@
 // page checked byte for byte, the SelectPages + FetchPages path, inline
 // appends, and eight concurrent clients.
 #include <atomic>
+#include <random>
 #include <thread>
+#include <vector>
 
+#include "common/dtype.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/index/quality.h"
@@ -189,6 +192,62 @@ TEST(EndToEndTest, LayerGroupFetchWritesEveryLayerOfTheGroup) {
   // A range crossing the group boundary is refused.
   EXPECT_THAT(c.DecodeStep(s->id, 1, Queries(m, 0, 1), out->buffer_id(), 0, opt, 2),
               StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+TEST(EndToEndTest, LayerRangesReturnWhileTheirTreesBuildInTheBackground) {
+  // A prefill of 4 layers x 8 KV heads sent layer by layer under a short
+  // unary deadline: each call returns once its bytes are taken and its
+  // frames admitted, and the trees (32 builds, seconds of work on a small
+  // machine) are built by the daemon in the background. A decode step on
+  // layer 0 waits only for layer 0's trees. (The deadline leaves room for
+  // a loaded 2-core machine: there a call alone, copy and admission, takes
+  // up to a second, and the 32 builds several.)
+  auto daemon = StartDaemon("pool { capacity_bytes: 1073741824 }\n");
+  ASSERT_THAT(daemon, IsOk());
+  ClientOptions o;
+  o.socket_path = (*daemon)->socket_path();
+  o.timeout = absl::Seconds(2);
+  auto client = Client::Create(o);
+  ASSERT_THAT(client, IsOk());
+  Client& c = **client;
+  SessionSpec spec;
+  spec.layers = 4;
+  spec.kv_heads = 8;
+  spec.q_heads = 8;
+  spec.head_dim = 64;
+  spec.page_tokens = 16;
+  spec.selector = SelectorType::kMdci;
+  auto s = c.CreateSession(spec);
+  ASSERT_THAT(s, IsOk());
+  const uint32_t n = 16384;
+  const size_t layer_bytes = spec.ChunkBytes(n) / spec.layers;
+  auto kv = c.CreateShmBuffer(layer_bytes);
+  ASSERT_THAT(kv, IsOk());
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> row(layer_bytes / 2);
+  for (float& x : row) x = u(rng);
+  FromFloat(DType::kF16, row.data(), kv->data(), row.size());
+  for (uint32_t layer = 0; layer < 4; ++layer) {
+    auto next = c.AppendKvLayers(s->id, kv->buffer_id(), 0, layer_bytes, n, layer, 1);
+    ASSERT_THAT(next, IsOk()) << "layer " << layer;
+    EXPECT_EQ(*next, layer < 3 ? layer + 1 : 0u);
+  }
+  auto out = c.CreateShmBuffer(8 << 20);
+  ASSERT_THAT(out, IsOk());
+  std::vector<float> q(static_cast<size_t>(spec.q_heads) * spec.head_dim);
+  for (float& x : q) x = u(rng);
+  SelectOptions opt;
+  opt.budget_tokens = 256;
+  auto first = c.DecodeStep(s->id, 0, q, out->buffer_id(), 0, opt);
+  ASSERT_THAT(first, IsOk());
+  EXPECT_THAT(first->heads, SizeIs(8));
+  auto last = c.DecodeStep(s->id, 3, q, out->buffer_id(), 0, opt);  // waits for its trees
+  ASSERT_THAT(last, IsOk());
+  auto info = c.GetSession(s->id);
+  ASSERT_THAT(info, IsOk());
+  EXPECT_EQ(info->tokens, n);
+  EXPECT_EQ(info->trees_built, 32u);
 }
 
 TEST(EndToEndTest, EightConcurrentClients) {
