@@ -46,7 +46,23 @@ install_deps() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
 
+# The CUDA variant (cuda_runtime_cuda.cc and the scatter kernel, nvcc) is built
+# wherever nvcc is: on PATH, or /usr/local/cuda/bin (NVIDIA's toolkit, not a
+# Debian package here: nvidia-cuda-toolkit lives in non-free, which our apt
+# sources do not carry). Without nvcc CMake builds cuda_runtime_none.cc.
+find_nvcc() {
+  if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
+    export PATH=/usr/local/cuda/bin:$PATH
+  fi
+  if command -v nvcc >/dev/null 2>&1; then
+    echo "==> CUDA variant: $(nvcc --version | tail -n 1)"
+  else
+    echo "==> no nvcc: building without CUDA (GPU tests will skip)"
+  fi
+}
+
 build() {
+  find_nvcc
   echo "==> configuring ($BUILD_TYPE) in $BUILD_DIR"
   cmake -S "$ROOT" -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE="$BUILD_TYPE" \
     -DICECACHE_BUILD_TESTS=ON -DICECACHE_BUILD_BENCH=ON ${CMAKE_ARGS:-}
@@ -90,6 +106,7 @@ sanitize() {
     *) echo "usage: deploy/dev.sh sanitize asan|tsan" >&2; exit 2 ;;
   esac
   local dir="$ROOT/build-$kind"
+  find_nvcc
   echo "==> configuring clang-14 $kind ($san) in $dir"
   CC=clang-14 CXX=clang++-14 cmake -S "$ROOT" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Sanitize \
     -DCMAKE_CXX_FLAGS_SANITIZE="-O1 -g1" -DCMAKE_C_FLAGS_SANITIZE="-O1 -g1" \

@@ -474,6 +474,47 @@ void BufferInfoToProto(const BufferInfo& info, v1::RegisterBufferResponse* out) 
   out->set_kind(info.kind == BufferKind::kCudaIpc ? v1::BUFFER_KIND_CUDA_IPC
                                                   : v1::BUFFER_KIND_HOST_SHM);
   out->set_size(info.size);
+  out->set_paged_kv(info.paged_kv);
+}
+
+absl::StatusOr<PagedKvLayout> PagedKvFromProto(const v1::PagedKvCache& m) {
+  PagedKvLayout l;
+  switch (m.format()) {
+    case v1::PAGED_KV_FORMAT_VLLM_FLASH:
+      l.format = PagedKvFormat::kVllmFlash;
+      break;
+    case v1::PAGED_KV_FORMAT_FLASHINFER_NHD:
+      l.format = PagedKvFormat::kFlashInferNhd;
+      break;
+    case v1::PAGED_KV_FORMAT_FLASHINFER_HND:
+      l.format = PagedKvFormat::kFlashInferHnd;
+      break;
+    case v1::PAGED_KV_FORMAT_CUSTOM:
+      l.format = PagedKvFormat::kCustom;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cuda_ipc.paged_kv.format must be VLLM_FLASH, FLASHINFER_NHD, FLASHINFER_HND or "
+          "CUSTOM, got ",
+          static_cast<int>(m.format())));
+  }
+  ASSIGN_OR_RETURN(l.dtype, DTypeFromProto(m.dtype(), "cuda_ipc.paged_kv.dtype"));
+  // uint32 fields above int range become negative here and are refused by
+  // the range checks with the value the caller sent.
+  l.first_layer = static_cast<int>(std::min<uint32_t>(m.first_layer(), 1u << 30));
+  l.num_layers = static_cast<int>(std::min<uint32_t>(m.num_layers(), 1u << 30));
+  l.num_blocks = m.num_blocks();
+  l.block_tokens = static_cast<int>(std::min<uint32_t>(m.block_tokens(), 1u << 30));
+  l.kv_heads = static_cast<int>(std::min<uint32_t>(m.kv_heads(), 1u << 30));
+  l.head_dim = static_cast<int>(std::min<uint32_t>(m.head_dim(), 1u << 30));
+  l.layer_offsets_bytes.assign(m.layer_offsets_bytes().begin(), m.layer_offsets_bytes().end());
+  l.base_offset_bytes = m.base_offset_bytes();
+  l.layer_stride = m.layer_stride();
+  l.kv_stride = m.kv_stride();
+  l.block_stride = m.block_stride();
+  l.token_stride = m.token_stride();
+  l.head_stride = m.head_stride();
+  return l;
 }
 
 }  // namespace icecache::rpc

@@ -93,6 +93,19 @@ void TenantInfoToProto(const TenantInfo& info, v1::TenantInfo* out);
 void StatsToProto(const ManagerStats& stats, const std::vector<TenantInfo>& tenants,
                   int64_t start_unix_ms, v1::GetStatsResponse* out);
 void BufferInfoToProto(const BufferInfo& info, v1::RegisterBufferResponse* out);
+// cuda_ipc.paged_kv -> the core's layout. InvalidArgument for an unset or
+// unknown format or dtype (naming the field); the shape is checked by
+// BufferRegistry::RegisterCudaIpc.
+absl::StatusOr<PagedKvLayout> PagedKvFromProto(const v1::PagedKvCache& m);
+// block_ids / wait_event / done_event of FetchPages and DecodeStep.
+template <typename Request>
+DeviceWrite DeviceWriteFromProto(const Request& req) {
+  DeviceWrite d;
+  d.block_ids.assign(req.block_ids().begin(), req.block_ids().end());
+  d.wait_event = req.wait_event();
+  d.done_event = req.done_event();
+  return d;
+}
 
 // Quota in the API (0 = none) <-> the core (kUnlimitedQuota = none).
 uint64_t QuotaFromProto(uint64_t quota_bytes);

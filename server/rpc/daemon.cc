@@ -70,6 +70,8 @@ absl::Status Daemon::Init() {
   buf_opts.max_buffers_per_tenant = static_cast<int>(c.limits().max_buffers_per_tenant());
   buf_opts.idle_ttl = absl::Milliseconds(static_cast<int64_t>(c.sessions().buffer_idle_ttl_ms()));
   buf_opts.cuda = cuda_.get();
+  buf_opts.scatter_mode =
+      c.transfer().zero_copy_scatter() ? ScatterMode::kZeroCopy : ScatterMode::kStaged;
   ASSIGN_OR_RETURN(buffers_, BufferRegistry::Create(buf_opts));
 
   SessionManagerOptions mgr_opts;

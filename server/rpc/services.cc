@@ -252,8 +252,11 @@ grpc::Status BufferServiceImpl::RegisterBuffer(grpc::ServerContext* ctx,
       case v1::RegisterBufferRequest::kCudaIpc: {
         const v1::CudaIpc& ipc = req->cuda_ipc();
         if (ipc.size() == 0) return absl::InvalidArgumentError("cuda_ipc.size must be > 0");
-        ASSIGN_OR_RETURN(info, reg->RegisterCudaIpc(caller, ipc.handle(), ipc.size(),
-                                                    ipc.device_uuid(), absl::Now()));
+        std::optional<PagedKvLayout> paged_kv;
+        if (ipc.has_paged_kv()) ASSIGN_OR_RETURN(paged_kv, PagedKvFromProto(ipc.paged_kv()));
+        ASSIGN_OR_RETURN(info,
+                         reg->RegisterCudaIpc(caller, ipc.handle(), ipc.size(), ipc.device_uuid(),
+                                              absl::Now(), paged_kv ? &*paged_kv : nullptr));
         break;
       }
       default:
@@ -368,6 +371,7 @@ grpc::Status KvServiceImpl::FetchPages(grpc::ServerContext* ctx, const v1::Fetch
     fr.buffer_id = req->buffer_id();
     fr.offset = req->offset();
     fr.want_positions = req->want_positions();
+    fr.device = DeviceWriteFromProto(*req);
     const auto t0 = std::chrono::steady_clock::now();
     ASSIGN_OR_RETURN(FetchLayout layout, deps.manager->FetchPages(caller, req->session_id(), fr));
     deps.metrics->fetch_seconds->WithLabels({})->Observe(SecondsSince(t0));
@@ -414,9 +418,9 @@ grpc::Status KvServiceImpl::DecodeStep(
       ASSIGN_OR_RETURN(sr.params, SelectParamsFromProto(req.params()));
       sr.reuse_group_selection = req.reuse_group_selection();
       ASSIGN_OR_RETURN(const int num_layers, LayerCount(req.num_layers()));
-      ASSIGN_OR_RETURN(
-          DecodeStepResult r,
-          deps.manager->DecodeStep(caller, session_id, sr, buffer_id, req.offset(), num_layers));
+      ASSIGN_OR_RETURN(DecodeStepResult r,
+                       deps.manager->DecodeStep(caller, session_id, sr, buffer_id, req.offset(),
+                                                num_layers, DeviceWriteFromProto(req)));
       resp.Clear();
       resp.set_layer(req.layer());
       for (size_t h = 0; h < r.selection.heads.size(); ++h) {

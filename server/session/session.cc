@@ -230,6 +230,14 @@ absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchReques
   }
   block_start.push_back(frames.size());
   const uint64_t bytes = frame_bytes;
+  if (!req.device.empty() || lease.kind() == BufferKind::kCudaIpc) {
+    // One push per request (docs/architecture.md §6.3): the gather fills
+    // daemon-owned pinned staging, never client memory, so it needs no guard.
+    RETURN_IF_ERROR(lease.WriteFetch(layout, req.device, [&](uint8_t* dst) {
+      GatherFrames(frames.data(), frames.size(), bytes, dst);
+    }));
+    return layout;
+  }
   if (threads == 1 || layout.total_bytes < kParallelGatherBytes) {
     RETURN_IF_ERROR(lease.Write(req.offset, layout.total_bytes, [&](uint8_t* dst) {
       GatherFrames(frames.data(), frames.size(), bytes, dst);

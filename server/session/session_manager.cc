@@ -578,11 +578,9 @@ absl::StatusOr<FetchLayout> SessionManager::FetchPages(const Caller& caller, std
   return s.Fetch(lease, request, options_.decode_threads);
 }
 
-absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(const Caller& caller,
-                                                            std::string_view id,
-                                                            const SelectRequest& select,
-                                                            std::string_view buffer_id,
-                                                            uint64_t offset, int num_layers) {
+absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
+    const Caller& caller, std::string_view id, const SelectRequest& select,
+    std::string_view buffer_id, uint64_t offset, int num_layers, const DeviceWrite& device) {
   ASSIGN_OR_RETURN(InFlightGuard guard, Use(caller, id));
   Session& s = *guard.get();
   const absl::Time now = clock_->Now();
@@ -598,6 +596,7 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(const Caller& caller
   fetch.buffer_id = std::string(buffer_id);
   fetch.offset = offset;
   fetch.want_positions = select.params.want_positions;
+  fetch.device = device;
   fetch.pages.reserve(out.selection.heads.size());
   for (const Selection& sel : out.selection.heads) fetch.pages.push_back(sel.pages);
   ASSIGN_OR_RETURN(out.layout, s.Fetch(lease, fetch, options_.decode_threads));

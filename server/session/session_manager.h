@@ -200,11 +200,12 @@ class SessionManager {
                                          const FetchRequest& request);
   // SelectPages of `select.layer`, then FetchPages of the selected pages for
   // layers [select.layer, select.layer + num_layers) into the buffer, in one
-  // call (positions included when select.params.want_positions).
+  // call (positions included when select.params.want_positions). `device`:
+  // block ids and events of a CUDA_IPC buffer (BufferLease::WriteFetch).
   absl::StatusOr<DecodeStepResult> DecodeStep(const Caller& caller, std::string_view id,
                                               const SelectRequest& select,
                                               std::string_view buffer_id, uint64_t offset,
-                                              int num_layers = 1);
+                                              int num_layers = 1, const DeviceWrite& device = {});
 
   // DecodeStep for every entry (sessions of the caller's tenant; the same
   // session may appear twice), the entries in parallel on decode_threads.

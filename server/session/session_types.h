@@ -13,6 +13,7 @@
 #include "common/dtype.h"
 #include "server/index/selector.h"
 #include "server/pool/page_pool.h"
+#include "server/transfer/buffer_registry.h"
 #include "server/transfer/gather.h"
 
 namespace icecache {
@@ -108,6 +109,9 @@ struct FetchRequest {
   std::string buffer_id;
   uint64_t offset = 0;
   bool want_positions = false;
+  // CUDA_IPC only: scatter into the client's paged KV cache blocks and order
+  // the push by the client's events (docs/architecture.md §6.3).
+  DeviceWrite device;
 };
 
 struct DecodeStepResult {

@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <utility>
 
@@ -32,18 +33,19 @@ struct BufferLease::Entry {
   std::atomic<int64_t> leases{0};
   // HOST_SHM
   ShmFile shm;
-  // CUDA_IPC
-  CudaRuntime* cuda = nullptr;
-  int device = -1;
-  void* device_ptr = nullptr;
-  // Host bytes a CUDA_IPC Write fills before the copy to the device; one
-  // writer at a time per buffer.
-  absl::Mutex staging_mu;
-  std::vector<uint8_t> staging ABSL_GUARDED_BY(staging_mu);
+  // CUDA_IPC: the opened allocation (shared per tenant, device and handle)
+  // and the (tenant, device) push channel; the layout when it is an engine's
+  // paged KV cache.
+  std::shared_ptr<IpcMemory> memory;
+  std::shared_ptr<PushChannel> channel;
+  std::optional<ResolvedKvLayout> paged_kv;
 
   ~Entry() {
-    if (device_ptr != nullptr && cuda != nullptr)
-      cuda->CloseIpcHandle(device, device_ptr).IgnoreError();
+    // Work still running from a push with a done event must finish before
+    // the allocation it writes is closed.
+    if (channel != nullptr) channel->Drain();
+    channel.reset();
+    memory.reset();
   }
 
   absl::Status CheckRange(uint64_t offset, uint64_t length) const {
@@ -94,12 +96,64 @@ absl::Status BufferLease::Write(uint64_t offset, uint64_t length,
     uint8_t* dst = entry_->shm.data() + offset;
     return RunSigbusGuarded([&] { fill(dst); });
   }
-  absl::MutexLock l(&entry_->staging_mu);
-  if (entry_->staging.size() < length) entry_->staging.resize(length);
-  fill(entry_->staging.data());
-  return entry_->cuda->CopyToDevice(entry_->device,
-                                    static_cast<uint8_t*>(entry_->device_ptr) + offset,
-                                    entry_->staging.data(), length);
+  PushSpec spec;
+  spec.offset = offset;
+  spec.length = length;
+  return entry_->channel->Push(entry_->memory->data(), spec, fill);
+}
+
+namespace {
+
+absl::StatusOr<std::optional<CudaIpcHandle>> EventField(std::string_view field,
+                                                        const std::string& bytes) {
+  if (bytes.empty()) return std::optional<CudaIpcHandle>();
+  absl::StatusOr<CudaIpcHandle> h = ParseCudaIpcHandle(bytes);
+  if (!h.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(std::string(field), " (a cudaIpcEventHandle_t): ", h.status().message()));
+  }
+  return std::optional<CudaIpcHandle>(*h);
+}
+
+}  // namespace
+
+absl::Status BufferLease::WriteFetch(const FetchLayout& layout, const DeviceWrite& device,
+                                     absl::FunctionRef<void(uint8_t*)> fill) {
+  if (entry_ == nullptr) return absl::FailedPreconditionError("empty buffer lease");
+  if (device.empty()) return Write(layout.buffer_offset, layout.total_bytes, fill);
+  if (entry_->kind != BufferKind::kCudaIpc) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("block_ids, wait_event and done_event need a CUDA_IPC buffer; buffer ",
+                     entry_->id, " is ", std::string(BufferKindName(entry_->kind))));
+  }
+  absl::StatusOr<std::optional<CudaIpcHandle>> wait = EventField("wait_event", device.wait_event);
+  if (!wait.ok()) return wait.status();
+  absl::StatusOr<std::optional<CudaIpcHandle>> done = EventField("done_event", device.done_event);
+  if (!done.ok()) return done.status();
+  PushSpec spec;
+  spec.wait_event = wait->has_value() ? &**wait : nullptr;
+  spec.done_event = done->has_value() ? &**done : nullptr;
+  std::optional<ScatterPlan> plan;
+  if (!device.block_ids.empty()) {
+    if (!entry_->paged_kv.has_value()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("block_ids: buffer ", entry_->id,
+                       " was registered without a paged_kv layout; register the engine's KV "
+                       "cache with cuda_ipc.paged_kv to scatter into its blocks"));
+    }
+    absl::StatusOr<ScatterPlan> p = PlanScatter(*entry_->paged_kv, layout, device.block_ids);
+    if (!p.ok()) return p.status();
+    plan = std::move(p).value();
+    spec.scatter = &*plan;
+    spec.length = plan->staged_bytes;
+  } else {
+    if (absl::Status s = entry_->CheckRange(layout.buffer_offset, layout.total_bytes); !s.ok()) {
+      return s;
+    }
+    spec.offset = layout.buffer_offset;
+    spec.length = layout.total_bytes;
+  }
+  return entry_->channel->Push(entry_->memory->data(), spec, fill);
 }
 
 absl::Status BufferLease::Read(uint64_t offset, uint64_t length, void* dst) {
@@ -137,7 +191,11 @@ absl::StatusOr<std::unique_ptr<BufferRegistry>> BufferRegistry::Create(
   return std::unique_ptr<BufferRegistry>(new BufferRegistry(options));
 }
 
-BufferRegistry::BufferRegistry(const BufferRegistryOptions& options) : options_(options) {}
+BufferRegistry::BufferRegistry(const BufferRegistryOptions& options) : options_(options) {
+  if (options.cuda != nullptr) {
+    clients_ = std::make_unique<CudaClients>(options.cuda, options.scatter_mode);
+  }
+}
 BufferRegistry::~BufferRegistry() = default;
 
 absl::StatusOr<BufferInfo> BufferRegistry::Insert(const Caller& caller,
@@ -175,11 +233,9 @@ absl::StatusOr<BufferInfo> BufferRegistry::RegisterShm(const Caller& caller, std
   return Insert(caller, std::move(e), now);
 }
 
-absl::StatusOr<BufferInfo> BufferRegistry::RegisterCudaIpc(const Caller& caller,
-                                                           std::string_view handle_bytes,
-                                                           uint64_t size,
-                                                           std::string_view device_uuid,
-                                                           absl::Time now) {
+absl::StatusOr<BufferInfo> BufferRegistry::RegisterCudaIpc(
+    const Caller& caller, std::string_view handle_bytes, uint64_t size,
+    std::string_view device_uuid, absl::Time now, const PagedKvLayout* paged_kv) {
   if (absl::Status s = ValidateTenantName(caller.tenant); !s.ok()) return s;
   auto handle = ParseCudaIpcHandle(handle_bytes);
   if (!handle.ok()) return handle.status();
@@ -189,6 +245,12 @@ absl::StatusOr<BufferInfo> BufferRegistry::RegisterCudaIpc(const Caller& caller,
     return absl::InvalidArgumentError(absl::StrCat("CUDA_IPC buffer size must be in 1..",
                                                    options_.max_cuda_bytes, ", got ", size));
   }
+  std::optional<ResolvedKvLayout> layout;
+  if (paged_kv != nullptr) {
+    absl::StatusOr<ResolvedKvLayout> r = ResolveKvLayout(*paged_kv, size);
+    if (!r.ok()) return r.status();
+    layout = std::move(r).value();
+  }
   if (options_.cuda == nullptr || !options_.cuda->available()) {
     return absl::FailedPreconditionError(
         options_.cuda == nullptr ? std::string("no CUDA device (no CUDA runtime configured)")
@@ -196,15 +258,17 @@ absl::StatusOr<BufferInfo> BufferRegistry::RegisterCudaIpc(const Caller& caller,
   }
   auto device = options_.cuda->FindDevice(*uuid);
   if (!device.ok()) return device.status();
-  auto ptr = options_.cuda->OpenIpcHandle(*device, *handle);
-  if (!ptr.ok()) return ptr.status();
+  auto channel = clients_->Channel(caller.tenant, *device);
+  if (!channel.ok()) return channel.status();
+  auto memory = clients_->OpenMemory(caller.tenant, *device, *handle);
+  if (!memory.ok()) return memory.status();
   auto e = std::make_shared<BufferLease::Entry>();
   e->kind = BufferKind::kCudaIpc;
   e->size = size;
   e->device_uuid = uuid->ToString();
-  e->cuda = options_.cuda;
-  e->device = *device;
-  e->device_ptr = *ptr;
+  e->memory = std::move(memory).value();
+  e->channel = std::move(channel).value();
+  e->paged_kv = std::move(layout);
   return Insert(caller, std::move(e), now);
 }
 
@@ -234,6 +298,7 @@ BufferInfo InfoOf(const BufferLease::Entry& e, absl::Time last_use) {
   info.size = e.size;
   info.path = e.path;
   info.device_uuid = e.device_uuid;
+  info.paged_kv = e.paged_kv.has_value();
   info.created = e.created;
   info.last_use = last_use;
   info.leases = e.leases.load();

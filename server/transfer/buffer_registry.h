@@ -39,6 +39,9 @@
 #include "common/caller.h"
 #include "common/shm_file.h"
 #include "server/transfer/cuda_runtime.h"
+#include "server/transfer/device_push.h"
+#include "server/transfer/gather.h"
+#include "server/transfer/paged_kv_layout.h"
 
 namespace icecache {
 
@@ -54,6 +57,20 @@ struct BufferRegistryOptions {
   absl::Duration idle_ttl = absl::Minutes(5);
   // Not owned; may be null (then CUDA_IPC answers "no CUDA device").
   CudaRuntime* cuda = nullptr;
+  // How a scatter into a paged KV cache reads the staged pages
+  // (docs/architecture.md §6.2).
+  ScatterMode scatter_mode = ScatterMode::kStaged;
+};
+
+// What a fetch into a CUDA_IPC buffer asks of the device besides the bytes
+// (docs/architecture.md §6.3): the destination blocks of a registered paged
+// KV cache, and CUDA IPC events ordering the push against the client's
+// stream. Handles are the client's cudaIpcEventHandle_t (64 bytes) or empty.
+struct DeviceWrite {
+  std::vector<uint32_t> block_ids;
+  std::string wait_event;
+  std::string done_event;
+  bool empty() const { return block_ids.empty() && wait_event.empty() && done_event.empty(); }
 };
 
 struct BufferInfo {
@@ -63,6 +80,7 @@ struct BufferInfo {
   uint64_t size = 0;        // registered bytes
   std::string path;         // HOST_SHM only
   std::string device_uuid;  // CUDA_IPC only, "GPU-..." form
+  bool paged_kv = false;    // CUDA_IPC registered with a paged KV cache layout
   absl::Time created;
   absl::Time last_use;
   int64_t leases = 0;  // in-flight users
@@ -108,6 +126,17 @@ class BufferLease {
   // ("reading KV from a CUDA_IPC buffer is not supported").
   absl::Status Read(uint64_t offset, uint64_t length, void* dst);
 
+  // Writes a fetch (`layout`, planned against this buffer's size) whose bytes
+  // `fill` produces. Without `device` fields this is Write(layout.buffer_offset,
+  // layout.total_bytes, fill). With block_ids the pages are scattered into the
+  // registered paged KV cache instead (PlanScatter's codes; FailedPrecondition
+  // when the buffer has no paged_kv layout); events order the push
+  // (InvalidArgument for a handle that is not 64 bytes, naming the field).
+  // Device fields on a HOST_SHM buffer: InvalidArgument. Nothing is written
+  // before every check passed.
+  absl::Status WriteFetch(const FetchLayout& layout, const DeviceWrite& device,
+                          absl::FunctionRef<void(uint8_t*)> fill);
+
   struct Entry;  // internal to buffer_registry.cc
 
  private:
@@ -135,9 +164,13 @@ class BufferRegistry {
   // max_cuda_bytes (InvalidArgument); then
   // FailedPrecondition "no CUDA device ..." without a device, NotFound for an
   // unknown device UUID, Internal when cudaIpcOpenMemHandle fails.
+  // `paged_kv` (may be null): the allocation is an engine's paged KV cache
+  // with this layout, checked against `size` with the form (ResolveKvLayout:
+  // InvalidArgument / OutOfRange naming the paged_kv field).
   absl::StatusOr<BufferInfo> RegisterCudaIpc(const Caller& caller, std::string_view handle_bytes,
                                              uint64_t size, std::string_view device_uuid,
-                                             absl::Time now);
+                                             absl::Time now,
+                                             const PagedKvLayout* paged_kv = nullptr);
   // NotFound for unknown ids and other tenants' ids.
   absl::Status Unregister(const Caller& caller, std::string_view id);
   absl::StatusOr<BufferInfo> Get(const Caller& caller, std::string_view id) const;
@@ -175,6 +208,9 @@ class BufferRegistry {
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
   const BufferRegistryOptions options_;
+  // Opened IPC allocations and push channels per (tenant, device); null
+  // without a CUDA runtime.
+  std::unique_ptr<CudaClients> clients_;
   mutable absl::Mutex mu_;
   std::map<std::string, Slot, std::less<>> buffers_ ABSL_GUARDED_BY(mu_);
 };

@@ -21,6 +21,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "server/transfer/scatter_math.h"
 
 namespace icecache {
 
@@ -70,6 +71,38 @@ class CudaRuntime {
   // Pins / unpins host memory (cudaHostRegister / Unregister).
   virtual absl::Status HostRegister(void* p, size_t n) = 0;
   virtual absl::Status HostUnregister(void* p) = 0;
+
+  // --- the push (docs/architecture.md §6.3). Streams and events are opaque
+  // (cudaStream_t / cudaEvent_t as void*), owned by the caller, destroyed
+  // through the same runtime on the device they were made on.
+
+  // A non-blocking stream on `device` (cudaStreamCreateWithFlags).
+  virtual absl::StatusOr<void*> CreateStream(int device) = 0;
+  virtual absl::Status DestroyStream(int device, void* stream) = 0;
+  // Pinned, portable, mapped host memory (cudaHostAlloc) and the address the
+  // device reads it at (cudaHostGetDevicePointer; the zero-copy scatter).
+  virtual absl::StatusOr<void*> AllocPinned(size_t n) = 0;
+  virtual absl::Status FreePinned(void* p) = 0;
+  virtual absl::StatusOr<void*> DevicePointerOf(void* pinned) = 0;
+  // Device memory (cudaMalloc / cudaFree) on `device`.
+  virtual absl::StatusOr<void*> AllocDevice(int device, size_t n) = 0;
+  virtual absl::Status FreeDevice(int device, void* p) = 0;
+  // Enqueues a host -> device copy on `stream` (cudaMemcpyAsync).
+  virtual absl::Status CopyToDeviceAsync(int device, void* stream, void* device_dst,
+                                         const void* host_src, size_t n) = 0;
+  // Enqueues the scatter kernel (scatter_kernel.h) on `stream`; `tasks` and
+  // `src` must be device-readable.
+  virtual absl::Status LaunchScatter(int device, void* stream, const ScatterGeometry& geometry,
+                                     const ScatterTask* tasks, uint32_t num_tasks,
+                                     const uint8_t* src, uint8_t* dst) = 0;
+  // Opens a peer's interprocess event (cudaIpcOpenEventHandle; the handle is
+  // 64 bytes like a memory handle) and destroys it (cudaEventDestroy).
+  virtual absl::StatusOr<void*> OpenIpcEvent(int device, const CudaIpcHandle& handle) = 0;
+  virtual absl::Status DestroyEvent(int device, void* event) = 0;
+  // cudaStreamWaitEvent / cudaEventRecord / cudaStreamSynchronize.
+  virtual absl::Status StreamWaitEvent(int device, void* stream, void* event) = 0;
+  virtual absl::Status RecordEvent(int device, void* stream, void* event) = 0;
+  virtual absl::Status SynchronizeStream(int device, void* stream) = 0;
 };
 
 }  // namespace icecache

@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/transfer/cuda_runtime.h"
+#include "server/transfer/scatter_kernel.h"
 
 namespace icecache {
 namespace {
@@ -17,6 +18,20 @@ namespace {
 absl::Status CudaError(const char* call, cudaError_t err) {
   return absl::InternalError(absl::StrCat(call, ": ", cudaGetErrorString(err)));
 }
+
+// A CUDA call's error as Internal "<call>: <CUDA error string>".
+#define RETURN_IF_CUDA(call)                      \
+  do {                                            \
+    const cudaError_t icecache_cuda_err = (call); \
+    if (icecache_cuda_err != cudaSuccess) {       \
+      return CudaError(#call, icecache_cuda_err); \
+    }                                             \
+  } while (0)
+#define RETURN_IF_CUDA_STATUS(expr)            \
+  do {                                         \
+    const absl::Status icecache_st = (expr);   \
+    if (!icecache_st.ok()) return icecache_st; \
+  } while (0)
 
 class CudaRuntimeImpl final : public CudaRuntime {
  public:
@@ -116,9 +131,103 @@ class CudaRuntimeImpl final : public CudaRuntime {
     return absl::OkStatus();
   }
 
+  absl::StatusOr<void*> CreateStream(int device) override {
+    RETURN_IF_CUDA_STATUS(OnDevice(device));
+    cudaStream_t s = nullptr;
+    RETURN_IF_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    return static_cast<void*>(s);
+  }
+  absl::Status DestroyStream(int device, void* stream) override {
+    RETURN_IF_CUDA_STATUS(OnDevice(device));
+    RETURN_IF_CUDA(cudaStreamDestroy(static_cast<cudaStream_t>(stream)));
+    return absl::OkStatus();
+  }
+  absl::StatusOr<void*> AllocPinned(size_t n) override {
+    RETURN_IF_CUDA_STATUS(Check());
+    void* p = nullptr;
+    RETURN_IF_CUDA(cudaHostAlloc(&p, n, cudaHostAllocPortable | cudaHostAllocMapped));
+    return p;
+  }
+  absl::Status FreePinned(void* p) override {
+    RETURN_IF_CUDA_STATUS(Check());
+    RETURN_IF_CUDA(cudaFreeHost(p));
+    return absl::OkStatus();
+  }
+  absl::StatusOr<void*> DevicePointerOf(void* pinned) override {
+    RETURN_IF_CUDA_STATUS(Check());
+    void* d = nullptr;
+    RETURN_IF_CUDA(cudaHostGetDevicePointer(&d, pinned, 0));
+    return d;
+  }
+  absl::StatusOr<void*> AllocDevice(int device, size_t n) override {
+    RETURN_IF_CUDA_STATUS(OnDevice(device));
+    void* p = nullptr;
+    RETURN_IF_CUDA(cudaMalloc(&p, n));
+    return p;
+  }
+  absl::Status FreeDevice(int device, void* p) override {
+    RETURN_IF_CUDA_STATUS(OnDevice(device));
+    RETURN_IF_CUDA(cudaFree(p));
+    return absl::OkStatus();
+  }
+  absl::Status CopyToDeviceAsync(int device, void* stream, void* dst, const void* src,
+                                 size_t n) override {
+    RETURN_IF_CUDA_STATUS(OnDevice(device));
+    RETURN_IF_CUDA(
+        cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, static_cast<cudaStream_t>(stream)));
+    return absl::OkStatus();
+  }
+  absl::Status LaunchScatter(int device, void* stream, const ScatterGeometry& g,
+                             const ScatterTask* tasks, uint32_t n, const uint8_t* src,
+                             uint8_t* dst) override {
+    RETURN_IF_CUDA_STATUS(OnDevice(device));
+    const cudaError_t err =
+        static_cast<cudaError_t>(LaunchScatterKernel(stream, g, tasks, n, src, dst));
+    if (err != cudaSuccess) return CudaError("scatter kernel launch", err);
+    return absl::OkStatus();
+  }
+  absl::StatusOr<void*> OpenIpcEvent(int device, const CudaIpcHandle& handle) override {
+    RETURN_IF_CUDA_STATUS(OnDevice(device));
+    cudaIpcEventHandle_t h;
+    static_assert(sizeof(h) == kCudaIpcHandleBytes, "cudaIpcEventHandle_t size");
+    std::memcpy(&h, handle.bytes.data(), sizeof(h));
+    cudaEvent_t e = nullptr;
+    RETURN_IF_CUDA(cudaIpcOpenEventHandle(&e, h));
+    return static_cast<void*>(e);
+  }
+  absl::Status DestroyEvent(int device, void* event) override {
+    RETURN_IF_CUDA_STATUS(OnDevice(device));
+    RETURN_IF_CUDA(cudaEventDestroy(static_cast<cudaEvent_t>(event)));
+    return absl::OkStatus();
+  }
+  absl::Status StreamWaitEvent(int device, void* stream, void* event) override {
+    RETURN_IF_CUDA_STATUS(OnDevice(device));
+    RETURN_IF_CUDA(
+        cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(event), 0));
+    return absl::OkStatus();
+  }
+  absl::Status RecordEvent(int device, void* stream, void* event) override {
+    RETURN_IF_CUDA_STATUS(OnDevice(device));
+    RETURN_IF_CUDA(
+        cudaEventRecord(static_cast<cudaEvent_t>(event), static_cast<cudaStream_t>(stream)));
+    return absl::OkStatus();
+  }
+  absl::Status SynchronizeStream(int device, void* stream) override {
+    RETURN_IF_CUDA_STATUS(OnDevice(device));
+    RETURN_IF_CUDA(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));
+    return absl::OkStatus();
+  }
+
  private:
   absl::Status Check() const {
     if (count_ <= 0) return absl::FailedPreconditionError(reason_);
+    return absl::OkStatus();
+  }
+  // CheckDevice, then cudaSetDevice(device) on this thread.
+  absl::Status OnDevice(int device) const {
+    if (absl::Status s = CheckDevice(device); !s.ok()) return s;
+    cudaError_t err = cudaSetDevice(device);
+    if (err != cudaSuccess) return CudaError("cudaSetDevice", err);
     return absl::OkStatus();
   }
   absl::Status CheckDevice(int device) const {

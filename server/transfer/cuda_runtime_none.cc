@@ -17,6 +17,25 @@ class NoCudaRuntime final : public CudaRuntime {
   absl::Status CopyToDevice(int, void*, const void*, size_t) override { return Unavailable(); }
   absl::Status HostRegister(void*, size_t) override { return Unavailable(); }
   absl::Status HostUnregister(void*) override { return Unavailable(); }
+  absl::StatusOr<void*> CreateStream(int) override { return Unavailable(); }
+  absl::Status DestroyStream(int, void*) override { return Unavailable(); }
+  absl::StatusOr<void*> AllocPinned(size_t) override { return Unavailable(); }
+  absl::Status FreePinned(void*) override { return Unavailable(); }
+  absl::StatusOr<void*> DevicePointerOf(void*) override { return Unavailable(); }
+  absl::StatusOr<void*> AllocDevice(int, size_t) override { return Unavailable(); }
+  absl::Status FreeDevice(int, void*) override { return Unavailable(); }
+  absl::Status CopyToDeviceAsync(int, void*, void*, const void*, size_t) override {
+    return Unavailable();
+  }
+  absl::Status LaunchScatter(int, void*, const ScatterGeometry&, const ScatterTask*, uint32_t,
+                             const uint8_t*, uint8_t*) override {
+    return Unavailable();
+  }
+  absl::StatusOr<void*> OpenIpcEvent(int, const CudaIpcHandle&) override { return Unavailable(); }
+  absl::Status DestroyEvent(int, void*) override { return Unavailable(); }
+  absl::Status StreamWaitEvent(int, void*, void*) override { return Unavailable(); }
+  absl::Status RecordEvent(int, void*, void*) override { return Unavailable(); }
+  absl::Status SynchronizeStream(int, void*) override { return Unavailable(); }
 
  private:
   static absl::Status Unavailable() { return absl::FailedPreconditionError(kNoDevice); }

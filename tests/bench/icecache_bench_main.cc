@@ -1,6 +1,8 @@
 // icecache-bench: workload drivers for IceCache. Subcommands:
 //   select   the page-selection benchmark (tests/bench/select_bench.h)
 //   append   decode appends at a long context (tests/bench/append_bench.h)
+//   transfer the gather against memcpy, and with --gpu the push + scatter
+//            against a pinned cudaMemcpy (tests/bench/transfer_bench.h)
 //   rpc      the daemon decode-loop benchmark: runs icecache-bench-rpc
 //            (client/bench_rpc_main.cc), which links the client library
 #include <unistd.h>
@@ -16,6 +18,7 @@
 #include "tests/bench/append_bench.h"
 #include "tests/bench/select_bench.h"
 #include "tests/bench/select_flags.h"
+#include "tests/bench/transfer_bench.h"
 
 namespace {
 
@@ -63,6 +66,10 @@ int main(int argc, char** argv) {
   CLI::App* append = app.add_subcommand(
       "append", "decode appends as the daemon does them: 1-token steps at a long context");
   icecache::bench::AppendFlags append_flags(append);
+  CLI::App* transfer = app.add_subcommand(
+      "transfer", "gather vs memcpy on the CPU; with --gpu push + scatter vs a pinned copy");
+  icecache::bench::TransferOptions transfer_options;
+  icecache::bench::AddTransferFlags(transfer, &transfer_options);
   // Everything after `rpc` (--help included) goes to icecache-bench-rpc.
   CLI::App* rpc =
       app.add_subcommand("rpc", "the daemon decode-loop benchmark (icecache-bench rpc --help)");
@@ -75,6 +82,14 @@ int main(int argc, char** argv) {
     const absl::Status s = icecache::bench::RunAppendBench(append_flags.options());
     if (!s.ok()) {
       std::fprintf(stderr, "icecache-bench append: %s\n", s.ToString().c_str());
+      return 1;
+    }
+    return 0;
+  }
+  if (transfer->parsed()) {
+    const absl::Status s = icecache::bench::RunTransferBench(transfer_options);
+    if (!s.ok()) {
+      std::fprintf(stderr, "icecache-bench transfer: %s\n", s.ToString().c_str());
       return 1;
     }
     return 0;

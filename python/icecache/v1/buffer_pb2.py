@@ -11,9 +11,10 @@ from google.protobuf import symbol_database as _symbol_database
 _sym_db = _symbol_database.Default()
 
 
+from icecache.v1 import types_pb2 as icecache_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18icecache/v1/buffer.proto\x12\x0bicecache.v1\"%\n\x07HostShm\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"<\n\x07\x43udaIpc\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65vice_uuid\x18\x03 \x01(\x0c\"u\n\x15RegisterBufferRequest\x12(\n\x08host_shm\x18\x01 \x01(\x0b\x32\x14.icecache.v1.HostShmH\x00\x12(\n\x08\x63uda_ipc\x18\x02 \x01(\x0b\x32\x14.icecache.v1.CudaIpcH\x00\x42\x08\n\x06\x62uffer\"`\n\x16RegisterBufferResponse\x12\x11\n\tbuffer_id\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.icecache.v1.BufferKind\x12\x0c\n\x04size\x18\x03 \x01(\x04\",\n\x17UnregisterBufferRequest\x12\x11\n\tbuffer_id\x18\x01 \x01(\t\"\x1a\n\x18UnregisterBufferResponse*]\n\nBufferKind\x12\x1b\n\x17\x42UFFER_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42UFFER_KIND_HOST_SHM\x10\x01\x12\x18\n\x14\x42UFFER_KIND_CUDA_IPC\x10\x02\x32\xcb\x01\n\rBufferService\x12Y\n\x0eRegisterBuffer\x12\".icecache.v1.RegisterBufferRequest\x1a#.icecache.v1.RegisterBufferResponse\x12_\n\x10UnregisterBuffer\x12$.icecache.v1.UnregisterBufferRequest\x1a%.icecache.v1.UnregisterBufferResponseB\x03\xf8\x01\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18icecache/v1/buffer.proto\x12\x0bicecache.v1\x1a\x17icecache/v1/types.proto\"%\n\x07HostShm\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"i\n\x07\x43udaIpc\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65vice_uuid\x18\x03 \x01(\x0c\x12+\n\x08paged_kv\x18\x04 \x01(\x0b\x32\x19.icecache.v1.PagedKvCache\"\xfa\x02\n\x0cPagedKvCache\x12*\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1a.icecache.v1.PagedKvFormat\x12\x13\n\x0b\x66irst_layer\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x14\n\x0c\x62lock_tokens\x18\x05 \x01(\r\x12\x10\n\x08kv_heads\x18\x06 \x01(\r\x12\x10\n\x08head_dim\x18\x07 \x01(\r\x12!\n\x05\x64type\x18\x08 \x01(\x0e\x32\x12.icecache.v1.DType\x12\x1f\n\x13layer_offsets_bytes\x18\t \x03(\x04\x42\x02\x10\x01\x12\x19\n\x11\x62\x61se_offset_bytes\x18\n \x01(\x04\x12\x14\n\x0clayer_stride\x18\x0b \x01(\x04\x12\x11\n\tkv_stride\x18\x0c \x01(\x04\x12\x14\n\x0c\x62lock_stride\x18\r \x01(\x04\x12\x14\n\x0ctoken_stride\x18\x0e \x01(\x04\x12\x13\n\x0bhead_stride\x18\x0f \x01(\x04\"u\n\x15RegisterBufferRequest\x12(\n\x08host_shm\x18\x01 \x01(\x0b\x32\x14.icecache.v1.HostShmH\x00\x12(\n\x08\x63uda_ipc\x18\x02 \x01(\x0b\x32\x14.icecache.v1.CudaIpcH\x00\x42\x08\n\x06\x62uffer\"r\n\x16RegisterBufferResponse\x12\x11\n\tbuffer_id\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.icecache.v1.BufferKind\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x10\n\x08paged_kv\x18\x04 \x01(\x08\",\n\x17UnregisterBufferRequest\x12\x11\n\tbuffer_id\x18\x01 \x01(\t\"\x1a\n\x18UnregisterBufferResponse*]\n\nBufferKind\x12\x1b\n\x17\x42UFFER_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42UFFER_KIND_HOST_SHM\x10\x01\x12\x18\n\x14\x42UFFER_KIND_CUDA_IPC\x10\x02*\xb4\x01\n\rPagedKvFormat\x12\x1f\n\x1bPAGED_KV_FORMAT_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPAGED_KV_FORMAT_VLLM_FLASH\x10\x01\x12\"\n\x1ePAGED_KV_FORMAT_FLASHINFER_NHD\x10\x02\x12\"\n\x1ePAGED_KV_FORMAT_FLASHINFER_HND\x10\x03\x12\x1a\n\x16PAGED_KV_FORMAT_CUSTOM\x10\x04\x32\xcb\x01\n\rBufferService\x12Y\n\x0eRegisterBuffer\x12\".icecache.v1.RegisterBufferRequest\x1a#.icecache.v1.RegisterBufferResponse\x12_\n\x10UnregisterBuffer\x12$.icecache.v1.UnregisterBufferRequest\x1a%.icecache.v1.UnregisterBufferResponseB\x03\xf8\x01\x01\x62\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'icecache.v1.buffer_pb2', globals())
@@ -21,20 +22,26 @@ if _descriptor._USE_C_DESCRIPTORS == False:
 
   DESCRIPTOR._options = None
   DESCRIPTOR._serialized_options = b'\370\001\001'
-  _BUFFERKIND._serialized_start=433
-  _BUFFERKIND._serialized_end=526
-  _HOSTSHM._serialized_start=41
-  _HOSTSHM._serialized_end=78
-  _CUDAIPC._serialized_start=80
-  _CUDAIPC._serialized_end=140
-  _REGISTERBUFFERREQUEST._serialized_start=142
-  _REGISTERBUFFERREQUEST._serialized_end=259
-  _REGISTERBUFFERRESPONSE._serialized_start=261
-  _REGISTERBUFFERRESPONSE._serialized_end=357
-  _UNREGISTERBUFFERREQUEST._serialized_start=359
-  _UNREGISTERBUFFERREQUEST._serialized_end=403
-  _UNREGISTERBUFFERRESPONSE._serialized_start=405
-  _UNREGISTERBUFFERRESPONSE._serialized_end=431
-  _BUFFERSERVICE._serialized_start=529
-  _BUFFERSERVICE._serialized_end=732
+  _PAGEDKVCACHE.fields_by_name['layer_offsets_bytes']._options = None
+  _PAGEDKVCACHE.fields_by_name['layer_offsets_bytes']._serialized_options = b'\020\001'
+  _BUFFERKIND._serialized_start=902
+  _BUFFERKIND._serialized_end=995
+  _PAGEDKVFORMAT._serialized_start=998
+  _PAGEDKVFORMAT._serialized_end=1178
+  _HOSTSHM._serialized_start=66
+  _HOSTSHM._serialized_end=103
+  _CUDAIPC._serialized_start=105
+  _CUDAIPC._serialized_end=210
+  _PAGEDKVCACHE._serialized_start=213
+  _PAGEDKVCACHE._serialized_end=591
+  _REGISTERBUFFERREQUEST._serialized_start=593
+  _REGISTERBUFFERREQUEST._serialized_end=710
+  _REGISTERBUFFERRESPONSE._serialized_start=712
+  _REGISTERBUFFERRESPONSE._serialized_end=826
+  _UNREGISTERBUFFERREQUEST._serialized_start=828
+  _UNREGISTERBUFFERREQUEST._serialized_end=872
+  _UNREGISTERBUFFERRESPONSE._serialized_start=874
+  _UNREGISTERBUFFERRESPONSE._serialized_end=900
+  _BUFFERSERVICE._serialized_start=1181
+  _BUFFERSERVICE._serialized_end=1384
 # @@protoc_insertion_point(module_scope)

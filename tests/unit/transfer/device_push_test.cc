@@ -1,0 +1,246 @@
+// The push to a client's GPU through the recording fake of the CUDA runtime:
+// the call sequence, the bytes that land, handle and event lifetimes, and
+// that every bad request fails before any copy.
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "server/transfer/buffer_registry.h"
+#include "tests/support/recording_cuda_runtime.h"
+#include "tests/support/status_matchers.h"
+#include "tests/unit/transfer/paged_kv_reference.h"
+
+namespace icecache {
+namespace {
+
+using ::icecache::testing::IsOk;
+using ::icecache::testing::RecordingCudaRuntime;
+using ::icecache::testing::StatusIs;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+std::string Bytes(const CudaIpcHandle& h) {
+  return std::string(reinterpret_cast<const char*>(h.bytes.data()), h.bytes.size());
+}
+
+class DevicePushTest : public ::testing::TestWithParam<ScatterMode> {
+ protected:
+  void SetUp() override {
+    BufferRegistryOptions o;
+    o.cuda = &cuda_;
+    o.scatter_mode = GetParam();
+    auto r = BufferRegistry::Create(o);
+    ASSERT_THAT(r, IsOk());
+    registry_ = std::move(r).value();
+    caller_.tenant = "t1";
+    layout_.format = PagedKvFormat::kFlashInferHnd;
+    layout_.num_layers = 2;
+    layout_.num_blocks = 16;
+    layout_.block_tokens = 16;
+    layout_.kv_heads = 2;
+    layout_.head_dim = 8;
+    layout_.dtype = DType::kF16;
+    size_ = 2 * 2ull * 16 * 16 * 2 * 8 * 2;
+    handle_ = cuda_.AddPeerAllocation(0, size_, &peer_);
+  }
+
+  // A fetch of 2 pages per head over both layers, staged with random bytes.
+  void MakeFetch(int page_tokens) {
+    PageGeometry g{page_tokens, 8, DType::kF16};
+    const uint32_t pt = static_cast<uint32_t>(page_tokens);
+    auto f = PlanFetchLayout(g, 0, 2, {{4, 1}, {0, 2}}, {{pt, 3}, {1, pt}}, 0, size_);
+    ASSERT_THAT(f, IsOk());
+    fetch_ = *f;
+    staged_.resize(fetch_.total_bytes);
+    std::mt19937 rng(3);
+    for (uint8_t& b : staged_) b = static_cast<uint8_t>(rng() | 1);
+  }
+  absl::Status Push(BufferLease& lease, const DeviceWrite& dw) {
+    return lease.WriteFetch(
+        fetch_, dw, [&](uint8_t* dst) { std::memcpy(dst, staged_.data(), staged_.size()); });
+  }
+  std::string RegisterKv() {
+    auto info = registry_->RegisterCudaIpc(caller_, Bytes(handle_), size_,
+                                           RecordingCudaRuntime::UuidOf(0).ToString(), absl::Now(),
+                                           &layout_);
+    EXPECT_THAT(info, IsOk());
+    EXPECT_TRUE(info->paged_kv);
+    return info->id;
+  }
+
+  RecordingCudaRuntime cuda_;
+  std::unique_ptr<BufferRegistry> registry_;
+  Caller caller_;
+  PagedKvLayout layout_;
+  uint64_t size_ = 0;
+  uint8_t* peer_ = nullptr;
+  CudaIpcHandle handle_;
+  FetchLayout fetch_;
+  std::vector<uint8_t> staged_;
+};
+
+TEST_P(DevicePushTest, ScatterIsOneCopyAndOneKernelAndLandsEveryByte) {
+  const std::string id = RegisterKv();
+  MakeFetch(16);
+  auto lease = registry_->Acquire(caller_, id, absl::Now());
+  ASSERT_THAT(lease, IsOk());
+  std::memset(peer_, 0xAB, size_);
+  std::vector<uint8_t> before(peer_, peer_ + size_);
+  cuda_.ClearCalls();
+  DeviceWrite dw;
+  dw.block_ids = {9, 3};
+  ASSERT_THAT(Push(*lease, dw), IsOk());
+  if (GetParam() == ScatterMode::kStaged) {
+    EXPECT_THAT(cuda_.ops(),
+                ElementsAre("alloc_pinned", "alloc_device", "copy_h2d", "scatter", "sync"));
+    // The one copy moves the pages and the task table, nothing else.
+    const auto calls = cuda_.calls();
+    EXPECT_EQ(calls[2].bytes, (fetch_.total_bytes + 63) / 64 * 64 + 8 * sizeof(ScatterTask));
+  } else {
+    EXPECT_THAT(cuda_.ops(), ElementsAre("alloc_pinned", "device_pointer_of", "scatter", "sync"));
+  }
+  auto resolved = ResolveKvLayout(layout_, size_);
+  ASSERT_THAT(resolved, IsOk());
+  const std::vector<uint8_t> want = testing::NaiveScatter(layout_, resolved->layer_base, fetch_,
+                                                          dw.block_ids, staged_.data(), before);
+  EXPECT_EQ(std::memcmp(peer_, want.data(), size_), 0);
+  EXPECT_EQ(cuda_.violations(), 0);
+}
+
+TEST_P(DevicePushTest, EventsOrderThePushAndAreOpenedOnce) {
+  const std::string id = RegisterKv();
+  MakeFetch(8);  // partial pages: rows 8..15 of every block are zero
+  auto lease = registry_->Acquire(caller_, id, absl::Now());
+  ASSERT_THAT(lease, IsOk());
+  DeviceWrite dw;
+  dw.block_ids = {0, 15};
+  dw.wait_event = Bytes(cuda_.AddPeerEvent());
+  dw.done_event = Bytes(cuda_.AddPeerEvent());
+  cuda_.ClearCalls();
+  ASSERT_THAT(Push(*lease, dw), IsOk());
+  std::vector<std::string> ops = cuda_.ops();
+  ASSERT_GE(ops.size(), 5u);
+  EXPECT_EQ(ops[1], "open_event");
+  EXPECT_EQ(ops[2], "wait_event");  // before anything touches the device
+  EXPECT_EQ(ops[ops.size() - 2], "open_event");
+  EXPECT_EQ(ops.back(), "record_event");  // no sync: the client's stream waits
+  cuda_.ClearCalls();
+  ASSERT_THAT(Push(*lease, dw), IsOk());
+  ops = cuda_.ops();
+  EXPECT_EQ(ops.front(), "sync");  // the staging is reused only after the last push ran
+  EXPECT_EQ(std::count(ops.begin(), ops.end(), "open_event"), 0);
+  EXPECT_EQ(cuda_.live_events(), 2);
+  EXPECT_THAT(registry_->Unregister(caller_, id), IsOk());
+  *lease = BufferLease();  // the last user goes: the buffer's resources with it
+  EXPECT_EQ(cuda_.live_events(), 0);
+  EXPECT_EQ(cuda_.live_streams(), 0);
+  EXPECT_EQ(cuda_.live_allocations(), 0);
+  EXPECT_EQ(cuda_.open_handles(), 0);
+}
+
+TEST_P(DevicePushTest, HandlesAreSharedPerClientAndClosedWithTheLastBuffer) {
+  const std::string a = RegisterKv();
+  auto plain = registry_->RegisterCudaIpc(caller_, Bytes(handle_), size_,
+                                          RecordingCudaRuntime::UuidOf(0).ToString(), absl::Now());
+  ASSERT_THAT(plain, IsOk());
+  auto ops = cuda_.ops();
+  EXPECT_EQ(std::count(ops.begin(), ops.end(), "open_ipc"), 1);
+  EXPECT_EQ(std::count(ops.begin(), ops.end(), "create_stream"), 1);
+  EXPECT_EQ(cuda_.open_handles(), 1);
+  EXPECT_THAT(registry_->Unregister(caller_, a), IsOk());
+  EXPECT_EQ(cuda_.open_handles(), 1);
+  EXPECT_EQ(registry_->DropTenant("t1"), 1);  // the client's lease ended
+  EXPECT_EQ(cuda_.open_handles(), 0);
+  EXPECT_EQ(cuda_.live_streams(), 0);
+}
+
+TEST_P(DevicePushTest, PlainCopyGoesToTheRequestedOffset) {
+  auto info = registry_->RegisterCudaIpc(caller_, Bytes(handle_), size_,
+                                         RecordingCudaRuntime::UuidOf(0).ToString(), absl::Now());
+  ASSERT_THAT(info, IsOk());
+  PageGeometry g{8, 8, DType::kF16};
+  auto f = PlanFetchLayout(g, 0, 1, {{0}, {1}}, {{8}, {8}}, 512, size_);
+  ASSERT_THAT(f, IsOk());
+  fetch_ = *f;
+  staged_.assign(fetch_.total_bytes, 0x5A);
+  auto lease = registry_->Acquire(caller_, info->id, absl::Now());
+  ASSERT_THAT(lease, IsOk());
+  cuda_.ClearCalls();
+  ASSERT_THAT(Push(*lease, DeviceWrite{}), IsOk());
+  const auto calls = cuda_.calls();
+  ASSERT_EQ(calls.size(), 3u);  // alloc_pinned, copy_h2d, sync
+  EXPECT_EQ(calls[1].op, "copy_h2d");
+  EXPECT_EQ(calls[1].ptr, peer_ + 512);
+  EXPECT_EQ(calls[1].bytes, fetch_.total_bytes);
+  EXPECT_EQ(peer_[512], 0x5A);
+  EXPECT_EQ(peer_[511], 0);
+}
+
+TEST_P(DevicePushTest, BadRequestsFailBeforeAnyCopy) {
+  const std::string id = RegisterKv();
+  MakeFetch(16);
+  auto lease = registry_->Acquire(caller_, id, absl::Now());
+  ASSERT_THAT(lease, IsOk());
+  cuda_.ClearCalls();
+  DeviceWrite dw;
+  dw.block_ids = {1, 16};
+  EXPECT_THAT(Push(*lease, dw),
+              StatusIs(absl::StatusCode::kOutOfRange, HasSubstr("block_ids[1] = 16")));
+  dw.block_ids = {1, 2};
+  dw.wait_event = "short";
+  EXPECT_THAT(Push(*lease, dw),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("wait_event")));
+  EXPECT_TRUE(cuda_.ops().empty());
+  // A CUDA error is a status naming the call, and the next push still works.
+  dw.wait_event.clear();
+  cuda_.FailNext("scatter");
+  EXPECT_THAT(Push(*lease, dw), StatusIs(absl::StatusCode::kInternal, HasSubstr("scatter")));
+  EXPECT_THAT(Push(*lease, dw), IsOk());
+  EXPECT_EQ(cuda_.violations(), 0);
+}
+
+TEST_P(DevicePushTest, RegistrationChecksTheLayoutFirst) {
+  PagedKvLayout big = layout_;
+  big.num_blocks = 17;
+  EXPECT_THAT(
+      registry_->RegisterCudaIpc(caller_, Bytes(handle_), size_,
+                                 RecordingCudaRuntime::UuidOf(0).ToString(), absl::Now(), &big),
+      StatusIs(absl::StatusCode::kOutOfRange, HasSubstr("paged_kv")));
+  EXPECT_EQ(cuda_.open_handles(), 0);
+  // Without a device the form is still checked first.
+  BufferRegistryOptions o;
+  auto none = BufferRegistry::Create(o);
+  ASSERT_THAT(none, IsOk());
+  EXPECT_THAT(
+      (*none)->RegisterCudaIpc(caller_, Bytes(handle_), size_,
+                               RecordingCudaRuntime::UuidOf(0).ToString(), absl::Now(), &big),
+      StatusIs(absl::StatusCode::kOutOfRange));
+  EXPECT_THAT(
+      (*none)->RegisterCudaIpc(caller_, Bytes(handle_), size_,
+                               RecordingCudaRuntime::UuidOf(0).ToString(), absl::Now(), &layout_),
+      StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("no CUDA device")));
+}
+
+TEST_P(DevicePushTest, DeviceFieldsNeedACudaBufferWithALayout) {
+  auto plain = registry_->RegisterCudaIpc(caller_, Bytes(handle_), size_,
+                                          RecordingCudaRuntime::UuidOf(0).ToString(), absl::Now());
+  ASSERT_THAT(plain, IsOk());
+  MakeFetch(16);
+  auto lease = registry_->Acquire(caller_, plain->id, absl::Now());
+  ASSERT_THAT(lease, IsOk());
+  DeviceWrite dw;
+  dw.block_ids = {0, 1};
+  EXPECT_THAT(Push(*lease, dw), StatusIs(absl::StatusCode::kFailedPrecondition,
+                                         HasSubstr("without a paged_kv layout")));
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, DevicePushTest,
+                         ::testing::Values(ScatterMode::kStaged, ScatterMode::kZeroCopy),
+                         [](const auto& info) {
+                           return info.param == ScatterMode::kStaged ? "Staged" : "ZeroCopy";
+                         });
+
+}  // namespace
+}  // namespace icecache
