@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "common/status_macros.h"
 
 namespace icecache::rpc {
 namespace {
@@ -325,6 +326,11 @@ absl::Status CheckDecodeBatchRequest(const v1::DecodeStepRequest& req) {
     return absl::InvalidArgumentError(
         "a request with batch entries sets session_id, queries, offset and "
         "reuse_group_selection in each entry, not in the request itself");
+  }
+  if (req.block_ids_size() > 0 || !req.wait_event().empty() || !req.done_event().empty()) {
+    return absl::InvalidArgumentError(
+        "block_ids, wait_event and done_event are not supported with batch entries; send one "
+        "DecodeStep request per session to scatter into a paged KV cache");
   }
   return absl::OkStatus();
 }

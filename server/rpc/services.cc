@@ -253,7 +253,9 @@ grpc::Status BufferServiceImpl::RegisterBuffer(grpc::ServerContext* ctx,
         const v1::CudaIpc& ipc = req->cuda_ipc();
         if (ipc.size() == 0) return absl::InvalidArgumentError("cuda_ipc.size must be > 0");
         std::optional<PagedKvLayout> paged_kv;
-        if (ipc.has_paged_kv()) ASSIGN_OR_RETURN(paged_kv, PagedKvFromProto(ipc.paged_kv()));
+        if (ipc.has_paged_kv()) {
+          ASSIGN_OR_RETURN(paged_kv, PagedKvFromProto(ipc.paged_kv()));
+        }
         ASSIGN_OR_RETURN(info,
                          reg->RegisterCudaIpc(caller, ipc.handle(), ipc.size(), ipc.device_uuid(),
                                               absl::Now(), paged_kv ? &*paged_kv : nullptr));

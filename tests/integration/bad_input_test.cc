@@ -283,6 +283,30 @@ TEST_F(BadInputTest, RegisterBufferRefusesHostilePaths) {
     EXPECT_THAT(FromGrpcStatus(raw().buffers->RegisterBuffer(ctx.get(), req, &resp)),
                 StatusIsEither(Code::kFailedPrecondition, Code::kNotFound));
   }
+  {
+    // A paged KV cache layout that does not fit the size: refused by its form,
+    // naming the field, with or without a device.
+    v1::RegisterBufferRequest req;
+    req.mutable_cuda_ipc()->set_handle(std::string(64, 'h'));
+    req.mutable_cuda_ipc()->set_size(4096);
+    req.mutable_cuda_ipc()->set_device_uuid(std::string(16, 'u'));
+    v1::PagedKvCache* kv = req.mutable_cuda_ipc()->mutable_paged_kv();
+    kv->set_format(v1::PAGED_KV_FORMAT_VLLM_FLASH);
+    kv->set_num_layers(2);
+    kv->set_num_blocks(16);
+    kv->set_block_tokens(16);
+    kv->set_kv_heads(2);
+    kv->set_head_dim(64);
+    kv->set_dtype(v1::DTYPE_FLOAT16);
+    v1::RegisterBufferResponse resp;
+    auto ctx = Ctx();
+    EXPECT_THAT(FromGrpcStatus(raw().buffers->RegisterBuffer(ctx.get(), req, &resp)),
+                StatusIs(Code::kOutOfRange, HasSubstr("paged_kv")));
+    kv->set_format(v1::PAGED_KV_FORMAT_UNSPECIFIED);
+    auto ctx2 = Ctx();
+    EXPECT_THAT(FromGrpcStatus(raw().buffers->RegisterBuffer(ctx2.get(), req, &resp)),
+                StatusIs(Code::kInvalidArgument, HasSubstr("paged_kv.format")));
+  }
   EXPECT_THAT(client_->UnregisterBuffer(""), StatusIs(Code::kInvalidArgument));
   EXPECT_THAT(client_->UnregisterBuffer("no-such-buffer"), StatusIs(Code::kNotFound));
   // The good file registers.
@@ -506,6 +530,15 @@ TEST_F(BadInputTest, FetchPagesRejectsBadPagesHeadsAndRegions) {
     auto req = GoodFetch();
     req.set_offset(std::numeric_limits<uint64_t>::max() - 100);
     EXPECT_THAT(Fetch(req), StatusIs(Code::kOutOfRange));
+  }
+  {
+    // Device fields on a HOST_SHM buffer.
+    auto req = GoodFetch();
+    req.add_block_ids(0);
+    EXPECT_THAT(Fetch(req), StatusIs(Code::kInvalidArgument, HasSubstr("need a CUDA_IPC buffer")));
+    req.clear_block_ids();
+    req.set_done_event(std::string(64, 'e'));
+    EXPECT_THAT(Fetch(req), StatusIs(Code::kInvalidArgument, HasSubstr("need a CUDA_IPC buffer")));
   }
   {
     // Many pages: a region far past the 1 MiB buffer.

@@ -74,9 +74,19 @@ int RecordingCudaRuntime::violations() const {
   return violations_;
 }
 
-void RecordingCudaRuntime::FailNext(const std::string& op) {
+void RecordingCudaRuntime::FailNext(const std::string& op, int skip) {
   std::lock_guard<std::mutex> l(mu_);
-  fail_next_.insert(op);
+  fail_next_[op] = skip;
+}
+
+std::vector<std::pair<void*, size_t>> RecordingCudaRuntime::registered() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return registered_;
+}
+
+std::vector<void*> RecordingCudaRuntime::unregistered() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return unregistered_;
 }
 
 int RecordingCudaRuntime::open_handles() const {
@@ -99,7 +109,9 @@ int RecordingCudaRuntime::live_events() const {
 absl::Status RecordingCudaRuntime::RecordLocked(const std::string& op, int device, uint64_t bytes,
                                                 const void* ptr) {
   calls_.push_back(CudaCall{op, device, bytes, ptr});
-  if (fail_next_.erase(op) > 0) {
+  auto it = fail_next_.find(op);
+  if (it != fail_next_.end() && it->second-- == 0) {
+    fail_next_.erase(it);
     return absl::InternalError(absl::StrCat(op, ": injected CUDA error"));
   }
   return absl::OkStatus();
@@ -161,11 +173,15 @@ absl::Status RecordingCudaRuntime::CopyToDevice(int device, void* dst, const voi
 
 absl::Status RecordingCudaRuntime::HostRegister(void* p, size_t n) {
   std::lock_guard<std::mutex> l(mu_);
-  return RecordLocked("host_register", -1, n, p);
+  RETURN_IF_ERROR(RecordLocked("host_register", -1, n, p));
+  registered_.emplace_back(p, n);
+  return absl::OkStatus();
 }
 absl::Status RecordingCudaRuntime::HostUnregister(void* p) {
   std::lock_guard<std::mutex> l(mu_);
-  return RecordLocked("host_unregister", -1, 0, p);
+  RETURN_IF_ERROR(RecordLocked("host_unregister", -1, 0, p));
+  unregistered_.push_back(p);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<void*> RecordingCudaRuntime::CreateStream(int device) {

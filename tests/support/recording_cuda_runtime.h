@@ -6,7 +6,8 @@
 // (LaunchScatter through ScatterOnHost, the kernel's index math) after
 // checking that every byte they touch lies inside a known allocation: an
 // access outside one fails the call with Internal "out of bounds" and is
-// counted in violations(). FailNext(op) makes the next call of `op` fail.
+// counted in violations(). FailNext(op, skip) makes the call of `op` after
+// `skip` more successful ones fail with Internal "<op>: injected CUDA error".
 //
 // Thread safety: all methods are thread-safe.
 #ifndef ICECACHE_TESTS_SUPPORT_RECORDING_CUDA_RUNTIME_H_
@@ -47,7 +48,10 @@ class RecordingCudaRuntime final : public CudaRuntime {
   std::vector<std::string> ops() const;  // calls()' op names, in order
   void ClearCalls();
   int violations() const;
-  void FailNext(const std::string& op);
+  void FailNext(const std::string& op, int skip = 0);
+  // (ptr, bytes) of every successful HostRegister, and HostUnregister's ptrs.
+  std::vector<std::pair<void*, size_t>> registered() const;
+  std::vector<void*> unregistered() const;
   // Live daemon-side resources (to check that everything is released).
   int open_handles() const;
   int live_streams() const;
@@ -94,7 +98,9 @@ class RecordingCudaRuntime final : public CudaRuntime {
   const int devices_;
   mutable std::mutex mu_;
   std::vector<CudaCall> calls_;
-  std::set<std::string> fail_next_;
+  std::map<std::string, int> fail_next_;  // op -> successful calls left before failing
+  std::vector<std::pair<void*, size_t>> registered_;
+  std::vector<void*> unregistered_;
   int violations_ = 0;
   uint64_t next_handle_ = 1;
   std::map<std::string, std::unique_ptr<uint8_t[]>> peer_memory_;  // handle bytes -> memory
