@@ -17,6 +17,7 @@
 #include "common/dtype.h"
 #include "common/json.h"
 #include "common/status_macros.h"
+#include "server/pool/page_pool.h"
 #include "server/transfer/cuda_runtime.h"
 #include "server/transfer/device_push.h"
 #include "server/transfer/gather.h"
@@ -85,34 +86,60 @@ Geometry GeometryOf(const TransferOptions& o, int page_tokens) {
   return g;
 }
 
-// Random frame pointers (distinct) in the arena, and a random contiguous
-// source of the same size.
-void Draw(std::mt19937_64& rng, uint8_t* arena, uint64_t arena_bytes, const Geometry& g,
+// The daemon's page pool (huge pages when the system has them, else
+// transparent huge pages), filled with frames of one size: the pages a fetch
+// gathers are frames of this pool, as in the daemon.
+struct Source {
+  std::unique_ptr<PagePool> pool;
+  FrameSet frames;
+  uint8_t* base = nullptr;
+  uint64_t bytes = 0;  // arena bytes
+};
+
+absl::Status MakeSource(uint64_t arena_bytes, uint64_t frame_bytes, Source* out) {
+  PagePoolOptions po;
+  po.capacity_bytes = arena_bytes;
+  ASSIGN_OR_RETURN(out->pool, PagePool::Create(po));
+  ASSIGN_OR_RETURN(SizeClassId id, out->pool->GetOrCreateClass(frame_bytes));
+  const uint64_t count = arena_bytes / PagePool::StrideFor(frame_bytes) * 9 / 10;
+  ASSIGN_OR_RETURN(out->frames, out->pool->Allocate("bench", id, count));
+  for (size_t i = 0; i < out->frames.size(); ++i) {
+    std::memset(out->frames.frame(i), static_cast<int>(i), frame_bytes);
+  }
+  out->base = out->pool->arena_base();
+  out->bytes = arena_bytes;
+  return absl::OkStatus();
+}
+
+// Random frames of the pool, and a random contiguous range of the arena of
+// the same size (the memcpy's source).
+void Draw(std::mt19937_64& rng, const Source& src, const Geometry& g,
           std::vector<const uint8_t*>* frames, const uint8_t** contiguous) {
-  const uint64_t slots = arena_bytes / g.frame_bytes;
   frames->clear();
-  for (size_t i = 0; i < g.frames; ++i) frames->push_back(arena + (rng() % slots) * g.frame_bytes);
-  const uint64_t starts = (arena_bytes - g.bytes) / g.frame_bytes;
-  *contiguous = arena + (rng() % (starts + 1)) * g.frame_bytes;
+  for (size_t i = 0; i < g.frames; ++i) {
+    frames->push_back(src.frames.frame(rng() % src.frames.size()));
+  }
+  const uint64_t starts = (src.bytes * 9 / 10 - g.bytes) / 4096;
+  *contiguous = src.base + (rng() % (starts + 1)) * 4096;
 }
 
 double GbPerS(uint64_t bytes, double seconds) { return seconds > 0 ? bytes / seconds / 1e9 : 0; }
 
-Json CpuRow(const TransferOptions& o, uint8_t* arena, const Geometry& g, int threads,
+Json CpuRow(const TransferOptions& o, const Source& src, const Geometry& g, int threads,
             uint8_t* dst) {
   std::mt19937_64 rng(g.page_tokens * 131 + threads);
   std::vector<const uint8_t*> frames;
   const uint8_t* contiguous = nullptr;
   std::vector<double> gather_s, memcpy_s;
   for (int r = 0; r < o.reps + 2; ++r) {
-    Draw(rng, arena, o.arena_bytes, g, &frames, &contiguous);
+    Draw(rng, src, g, &frames, &contiguous);
     auto t0 = Clock::now();
     OnThreads(threads, [&](int i, int n) {
       const size_t lo = g.frames * i / n, hi = g.frames * (i + 1) / n;
       GatherFrames(frames.data() + lo, hi - lo, g.frame_bytes, dst + lo * g.frame_bytes);
     });
     auto t1 = Clock::now();
-    Draw(rng, arena, o.arena_bytes, g, &frames, &contiguous);
+    Draw(rng, src, g, &frames, &contiguous);
     auto t2 = Clock::now();
     OnThreads(threads, [&](int i, int n) {
       const uint64_t lo = g.bytes * i / n, hi = g.bytes * (i + 1) / n;
@@ -135,7 +162,7 @@ Json CpuRow(const TransferOptions& o, uint8_t* arena, const Geometry& g, int thr
           {"ratio", gs > 0 ? ms / gs : 0}};
 }
 
-absl::Status GpuRows(const TransferOptions& o, uint8_t* arena, Json* rows, std::string* skipped);
+absl::Status GpuRows(const TransferOptions& o, Json* rows, std::string* skipped);
 
 }  // namespace
 
@@ -163,9 +190,6 @@ absl::Status RunTransferBench(const TransferOptions& o) {
     return absl::InvalidArgumentError(
         "--kv-heads, --head-dim, --reps, --budget-tokens must be >= 1");
   }
-  std::vector<uint8_t> arena(o.arena_bytes);
-  std::mt19937_64 fill_rng(1);
-  for (size_t i = 0; i < arena.size(); i += 4096) arena[i] = static_cast<uint8_t>(fill_rng());
   Json report = {{"kv_heads", o.kv_heads},           {"head_dim", o.head_dim},
                  {"budget_tokens", o.budget_tokens}, {"reps", o.reps},
                  {"arena_bytes", o.arena_bytes},     {"cpu", Json::array()}};
@@ -182,9 +206,11 @@ absl::Status RunTransferBench(const TransferOptions& o) {
     }
     const Geometry g = GeometryOf(o, p);
     ShmDst dst;
-    if (absl::Status s = MapShm(g.bytes, &dst); !s.ok()) return s;
+    RETURN_IF_ERROR(MapShm(g.bytes, &dst));
+    Source src;
+    RETURN_IF_ERROR(MakeSource(o.arena_bytes, g.frame_bytes, &src));
     for (int t : o.threads) {
-      Json row = CpuRow(o, arena.data(), g, std::max(1, t), dst.data);
+      Json row = CpuRow(o, src, g, std::max(1, t), dst.data);
       std::printf("%6d %9llu %7d %10llu %10.1f %10.1f %10.2f %7.2f\n", p,
                   static_cast<unsigned long long>(g.frame_bytes), t,
                   static_cast<unsigned long long>(g.bytes), row["gather_us"].get<double>(),
@@ -196,7 +222,7 @@ absl::Status RunTransferBench(const TransferOptions& o) {
   if (o.gpu) {
     Json rows = Json::array();
     std::string skipped;
-    if (absl::Status s = GpuRows(o, arena.data(), &rows, &skipped); !s.ok()) return s;
+    RETURN_IF_ERROR(GpuRows(o, &rows, &skipped));
     report["gpu"] = rows;
     if (!skipped.empty()) report["gpu_skipped"] = skipped;
   }
@@ -212,8 +238,10 @@ namespace {
 
 // One page size on the device: push + scatter against the contiguous pinned
 // copy of the same bytes.
-absl::Status GpuRow(CudaRuntime& cuda, const TransferOptions& o, uint8_t* arena, int p, Json* row) {
+absl::Status GpuRow(CudaRuntime& cuda, const TransferOptions& o, int p, Json* row) {
   const Geometry g = GeometryOf(o, p);
+  Source src;
+  RETURN_IF_ERROR(MakeSource(o.arena_bytes, g.frame_bytes, &src));
   const int pages = o.budget_tokens / p;
   PagedKvLayout l;
   l.format = PagedKvFormat::kVllmFlash;
@@ -242,7 +270,7 @@ absl::Status GpuRow(CudaRuntime& cuda, const TransferOptions& o, uint8_t* arena,
   ASSIGN_OR_RETURN(void* pinned, cuda.AllocPinned(g.bytes));
   ASSIGN_OR_RETURN(void* block, cuda.AllocDevice(0, g.bytes));
   ASSIGN_OR_RETURN(void* copy_stream, cuda.CreateStream(0));
-  std::memcpy(pinned, arena, g.bytes);
+  std::memcpy(pinned, src.base, g.bytes);
   std::mt19937_64 rng(p);
   std::vector<const uint8_t*> frames;
   const uint8_t* contiguous = nullptr;
@@ -251,7 +279,7 @@ absl::Status GpuRow(CudaRuntime& cuda, const TransferOptions& o, uint8_t* arena,
   spec.scatter = &plan;
   spec.length = plan.staged_bytes;
   for (int r = 0; r < o.reps + 2; ++r) {
-    Draw(rng, arena, o.arena_bytes, g, &frames, &contiguous);
+    Draw(rng, src, g, &frames, &contiguous);
     auto t0 = Clock::now();
     RETURN_IF_ERROR(channel.Push(static_cast<uint8_t*>(cache), spec, [&](uint8_t* dst) {
       GatherFrames(frames.data(), frames.size(), g.frame_bytes, dst);
@@ -280,7 +308,7 @@ absl::Status GpuRow(CudaRuntime& cuda, const TransferOptions& o, uint8_t* arena,
   return absl::OkStatus();
 }
 
-absl::Status GpuRows(const TransferOptions& o, uint8_t* arena, Json* rows, std::string* skipped) {
+absl::Status GpuRows(const TransferOptions& o, Json* rows, std::string* skipped) {
   std::unique_ptr<CudaRuntime> cuda = CudaRuntime::Create();
   if (!cuda->available()) {
     *skipped = cuda->unavailable_reason();
@@ -293,7 +321,7 @@ absl::Status GpuRows(const TransferOptions& o, uint8_t* arena, Json* rows, std::
               "pinned_copy_us", "push_GB/s", "copy_GB/s", "ratio");
   for (int p : o.page_tokens) {
     Json row;
-    RETURN_IF_ERROR(GpuRow(*cuda, o, arena, p, &row));
+    RETURN_IF_ERROR(GpuRow(*cuda, o, p, &row));
     std::printf("%6d %10llu %14.1f %14.1f %10.2f %10.2f %7.2f\n", p,
                 static_cast<unsigned long long>(row["bytes"].get<uint64_t>()),
                 row["push_scatter_us"].get<double>(), row["pinned_copy_us"].get<double>(),
