@@ -67,7 +67,8 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const Daemon
   // Let a non-root client (tests run a second tenant under another uid)
   // reach the socket in this directory.
   ::chmod(d->temp_dir_.c_str(), 0755);
-  d->socket_path_ = d->temp_dir_ + "/icecached.sock";
+  d->socket_path_ =
+      options.socket_path.empty() ? d->temp_dir_ + "/icecached.sock" : options.socket_path;
   d->stderr_path_ = d->temp_dir_ + "/stderr.log";
 
   std::vector<std::string> args = {options.binary, "--socket=" + d->socket_path_,

@@ -33,6 +33,10 @@ struct DaemonOptions {
   // --config=<that path>.
   std::string config_textproto;
   std::string log_level = "warn";
+  // Where the daemon listens. Empty: <tmpdir>/icecached.sock. Set it to the
+  // socket of a killed daemon to restart one in its place (what a supervisor
+  // does); the new daemon removes the stale socket file.
+  std::string socket_path;
   // How long Start() waits for "icecached ready" on stderr plus a successful
   // connect() on the socket.
   absl::Duration ready_timeout = absl::Seconds(30);

@@ -43,16 +43,22 @@ std::string BaseConfig(const std::string& extra) {
       extra);
 }
 
-absl::StatusOr<std::unique_ptr<DaemonProcess>> StartDaemon(
-    const std::string& extra_config, const std::vector<std::string>& extra_args,
-    const std::string& log_level) {
+DaemonOptions TestDaemonOptions(const std::string& extra_config,
+                                const std::vector<std::string>& extra_args,
+                                const std::string& log_level) {
   DaemonOptions o;
   o.log_level = log_level;
   o.binary = IcecachedPath();
   o.config_textproto = BaseConfig(extra_config);
   o.extra_args = extra_args;
   o.extra_args.push_back("--drain_timeout=5s");
-  return DaemonProcess::Start(o);
+  return o;
+}
+
+absl::StatusOr<std::unique_ptr<DaemonProcess>> StartDaemon(
+    const std::string& extra_config, const std::vector<std::string>& extra_args,
+    const std::string& log_level) {
+  return DaemonProcess::Start(TestDaemonOptions(extra_config, extra_args, log_level));
 }
 
 absl::StatusOr<std::unique_ptr<Client>> Connect(const DaemonProcess& daemon) {

@@ -34,6 +34,12 @@ constexpr uid_t kOtherUid = 65534;
 // message to be given in parts, e.g. "pool { capacity_bytes: ... }").
 std::string BaseConfig(const std::string& extra = "");
 
+// The options StartDaemon uses: BaseConfig(extra_config), `extra_args`,
+// logging at `log_level`, a 5 s drain timeout.
+DaemonOptions TestDaemonOptions(const std::string& extra_config = "",
+                                const std::vector<std::string>& extra_args = {},
+                                const std::string& log_level = "warn");
+
 // Starts a daemon with BaseConfig(extra_config) and `extra_args`, logging at
 // `log_level` (its stderr: DaemonProcess::Stderr()).
 absl::StatusOr<std::unique_ptr<DaemonProcess>> StartDaemon(

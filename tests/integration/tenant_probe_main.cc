@@ -13,6 +13,10 @@
 //   hold SOCKET
 //       creates a session (1 s TTL) with KV and a buffer, prints them, then
 //       keeps them alive until killed.
+//   stream SOCKET
+//       as hold, and also runs DecodeStep on its session into its buffer in
+//       a loop (one open stream), printing "streaming" after the first step
+//       succeeded; a test kills it mid-stream.
 // The fixed session shape: 1 layer, 2 KV heads, 4 query heads, 64 dims,
 // fp16, 16-token pages, exact selector.
 #include <unistd.h>
@@ -87,6 +91,36 @@ int CreateAndHold(Client& client, absl::Duration ttl) {
   }
 }
 
+// As CreateAndHold, with a DecodeStep stream busy all the time.
+int CreateAndStream(Client& client, absl::Duration ttl) {
+  const SessionSpec spec = ProbeSpec(ttl);
+  auto session = client.CreateSession(spec);
+  Check("create_own_session", session.status());
+  if (!session.ok()) return 1;
+  const std::vector<uint8_t> kv = RandomKv(spec, 64);
+  Check("append_own", client.AppendKvInline(session->id, kv, 64).status());
+  auto buffer = client.CreateShmBuffer(1 << 20);
+  Check("create_own_buffer", buffer.status());
+  if (!buffer.ok()) return 1;
+  Print("session " + session->id);
+  Print("buffer " + buffer->buffer_id());
+  Print("path " + buffer->path());
+  Print("ready");
+  std::vector<float> q(4 * 64, 0.25f);
+  absl::Time renewed = absl::Now();
+  for (int64_t step = 0;; ++step) {
+    const absl::Status st = client.DecodeStep(session->id, 0, q, buffer->buffer_id(), 0).status();
+    if (step == 0) {
+      Check("decode_step", st);
+      Print("streaming");
+    }
+    if (absl::Now() - renewed > absl::Milliseconds(200)) {
+      (void)client.KeepAlive({session->id});
+      renewed = absl::Now();
+    }
+  }
+}
+
 int Isolation(Client& client, const std::string& session, const std::string& buffer,
               const std::string& path) {
   Check("get_session", client.GetSession(session).status());
@@ -128,7 +162,7 @@ int Isolation(Client& client, const std::string& session, const std::string& buf
 
 int Main(int argc, char** argv) {
   if (argc < 3) {
-    std::fprintf(stderr, "usage: %s isolation|hold SOCKET [SESSION BUFFER PATH]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s isolation|hold|stream SOCKET [SESSION BUFFER PATH]\n", argv[0]);
     return 2;
   }
   const std::string mode = argv[1];
@@ -142,6 +176,7 @@ int Main(int argc, char** argv) {
   }
   // A 3 s lease renewed every 200 ms (lifecycle_test.cc kProbeLease).
   if (mode == "hold") return CreateAndHold(**client, absl::Seconds(3));
+  if (mode == "stream") return CreateAndStream(**client, absl::Seconds(3));
   if (mode == "isolation" && argc == 6) return Isolation(**client, argv[3], argv[4], argv[5]);
   std::fprintf(stderr, "bad arguments\n");
   return 2;
