@@ -8,6 +8,7 @@
 #ifndef ICECACHE_SERVER_RPC_CONFIG_H_
 #define ICECACHE_SERVER_RPC_CONFIG_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -37,6 +38,15 @@ inline constexpr uint32_t kDefaultSinkTokens = 4;
 inline constexpr uint32_t kDefaultRecentTokens = 0;
 inline constexpr uint64_t kDefaultMaxReceiveBytes = uint64_t{64} << 20;
 inline constexpr uint64_t kDefaultMaxInlineBytes = uint64_t{16} << 20;
+// gRPC reads a whole message before it checks max_receive_message_bytes, so
+// a client sending far more would cost the daemon what it sends. The
+// server's transport memory (every connection's buffers together) is capped
+// at twice the receive limit, at least this much: past it gRPC shrinks its
+// flow-control windows and the sender waits (docs/operations.md).
+inline constexpr uint64_t kMinTransportQuotaBytes = uint64_t{32} << 20;
+inline uint64_t TransportQuotaBytes(uint64_t max_receive_message_bytes) {
+  return std::max(kMinTransportQuotaBytes, 2 * max_receive_message_bytes);
+}
 inline constexpr uint32_t kDefaultMaxBuffersPerTenant = 64;
 inline constexpr uint32_t kDefaultMaxConcurrentCalls = 256;
 inline constexpr uint32_t kDefaultMetricsPort = 9464;

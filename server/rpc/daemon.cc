@@ -17,6 +17,7 @@
 #include "absl/time/clock.h"
 #include "common/file_util.h"
 #include "common/status_macros.h"
+#include "server/rpc/config.h"
 #include "server/rpc/convert.h"
 #include "server/rpc/log.h"
 
@@ -139,6 +140,7 @@ absl::Status Daemon::Init() {
   builder.SetMaxReceiveMessageSize(static_cast<int>(c.limits().max_receive_message_bytes()));
   grpc::ResourceQuota quota("icecached");
   quota.SetMaxThreads(static_cast<int>(c.limits().max_concurrent_calls()));
+  quota.Resize(TransportQuotaBytes(c.limits().max_receive_message_bytes()));
   builder.SetResourceQuota(quota);
   int tcp_port = 0;
   if (!c.listen().tcp_address().empty()) {
