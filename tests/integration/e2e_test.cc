@@ -233,18 +233,24 @@ TEST(EndToEndTest, LayerRangesReturnWhileTheirTreesBuildInTheBackground) {
     ASSERT_THAT(next, IsOk()) << "layer " << layer;
     EXPECT_EQ(*next, layer < 3 ? layer + 1 : 0u);
   }
-  auto out = c.CreateShmBuffer(8 << 20);
+  // The decode steps wait for trees (seconds on a loaded machine): they go
+  // through a client with a generous deadline; only the appends are timed.
+  o.timeout = absl::Seconds(120);
+  auto patient = Client::Create(o);
+  ASSERT_THAT(patient, IsOk());
+  Client& d = **patient;
+  auto out = d.CreateShmBuffer(8 << 20);
   ASSERT_THAT(out, IsOk());
   std::vector<float> q(static_cast<size_t>(spec.q_heads) * spec.head_dim);
   for (float& x : q) x = u(rng);
   SelectOptions opt;
   opt.budget_tokens = 256;
-  auto first = c.DecodeStep(s->id, 0, q, out->buffer_id(), 0, opt);
+  auto first = d.DecodeStep(s->id, 0, q, out->buffer_id(), 0, opt);
   ASSERT_THAT(first, IsOk());
   EXPECT_THAT(first->heads, SizeIs(8));
-  auto last = c.DecodeStep(s->id, 3, q, out->buffer_id(), 0, opt);  // waits for its trees
+  auto last = d.DecodeStep(s->id, 3, q, out->buffer_id(), 0, opt);  // waits for its trees
   ASSERT_THAT(last, IsOk());
-  auto info = c.GetSession(s->id);
+  auto info = d.GetSession(s->id);
   ASSERT_THAT(info, IsOk());
   EXPECT_EQ(info->tokens, n);
   EXPECT_EQ(info->trees_built, 32u);
