@@ -10,6 +10,7 @@
 #include "common/status_macros.h"
 #include "server/index/kernels.h"
 #include "server/index/page_select.h"
+#include "server/index/token_select.h"
 
 namespace icecache {
 namespace {
@@ -24,6 +25,7 @@ struct SelectScratch {
   std::vector<float> lse;              // G per scored page: the page's log-mass per query
   std::vector<float> log_norm;         // G: each query's log-normaliser
   std::vector<std::pair<float, uint32_t>> scored;
+  TokenCandidates tokens;  // token granularity: the candidates' logits, kept
 };
 
 SelectScratch& ThreadScratch() {
@@ -99,7 +101,7 @@ void MdciSelector::PrefetchPage(uint32_t page) const {
 }
 
 void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* queries,
-                              int num_queries, uint64_t* touched) const {
+                              int num_queries, uint64_t* touched, TokenCandidates* keep) const {
   SelectScratch& s = ThreadScratch();
   const DciPageTable& pt = tree_->page_table();
   const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
@@ -111,14 +113,20 @@ void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* quer
     if (i + kPagesAhead < n) PrefetchPage(pages[i + kPagesAhead]);
     const uint32_t fill = pt.fill(pages[i]);
     if (fill == 0) continue;
-    s.logits.resize(static_cast<size_t>(num_queries) * fill);
+    float* logits;
+    if (keep != nullptr) {
+      logits = keep->Add(pages[i], num_queries, fill);
+    } else {
+      s.logits.resize(static_cast<size_t>(num_queries) * fill);
+      logits = s.logits.data();
+    }
     DotRowsMulti(config_.dtype, keys_->page_keys(pages[i]), fill, config_.head_dim, queries,
-                 num_queries, s.logits.data());
+                 num_queries, logits);
     *touched += fill;
     s.scored_pages.push_back(pages[i]);
     s.lse.resize(s.lse.size() + num_queries);
-    PageQueryLogMass(s.logits.data(), num_queries, static_cast<int>(fill), static_cast<int>(fill),
-                     scale, &s.lse[s.lse.size() - num_queries]);
+    PageQueryLogMass(logits, num_queries, static_cast<int>(fill), static_cast<int>(fill), scale,
+                     &s.lse[s.lse.size() - num_queries]);
   }
 }
 
@@ -173,18 +181,36 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
     CollectCandidatePages(queries, num_queries, params, &touched);
     rest = s.descent.rest.data();
   }
-  ScorePages(s.candidates.data(), s.candidates.size(), queries, num_queries, &touched);
+  const bool by_token = params.granularity == Granularity::kToken;
+  const std::vector<uint32_t> forced =
+      ForcedPages(num_tokens(), params, [&](int64_t pos) { return pt.page_of_position(pos); });
+  if (by_token && config_.kind == SelectorKind::kMdci) {
+    // The forced tokens' pages are candidates too: the layout put similar
+    // keys next to the sinks (often more sink-like tokens).
+    for (uint32_t page : forced) {
+      if (std::find(s.candidates.begin(), s.candidates.end(), page) == s.candidates.end()) {
+        s.candidates.push_back(page);
+      }
+    }
+  }
+  s.tokens.Clear();
+  ScorePages(s.candidates.data(), s.candidates.size(), queries, num_queries, &touched,
+             by_token ? &s.tokens : nullptr);
   // Each query's normaliser: exact over every page (exact-mdci); for mdci the
   // candidates' exact mass plus the descent's estimate of the rest.
   s.log_norm.resize(num_queries);
   QueryLogNorms(s.lse.data(), s.scored_pages.size(), num_queries, rest, s.log_norm.data());
+  if (by_token) {
+    TakeTokens(*this, s.tokens, s.log_norm.data(), num_queries,
+               1.0f / std::sqrt(static_cast<float>(config_.head_dim)), params, out);
+    out->keys_touched = touched;
+    return absl::OkStatus();
+  }
   s.scored.clear();
   for (size_t i = 0; i < s.scored_pages.size(); ++i) {
     s.scored.push_back({GroupPageScore(&s.lse[i * num_queries], s.log_norm.data(), num_queries),
                         s.scored_pages[i]});
   }
-  const std::vector<uint32_t> forced =
-      ForcedPages(num_tokens(), params, [&](int64_t pos) { return pt.page_of_position(pos); });
   TakePages(*this, forced, &s.scored, params, out);
   out->keys_touched = touched;
   return absl::OkStatus();
@@ -204,7 +230,7 @@ absl::Status MdciSelector::ExactPageMasses(const float* queries, int num_queries
   std::vector<uint32_t> all(pages);
   std::iota(all.begin(), all.end(), 0u);
   uint64_t touched = 0;
-  ScorePages(all.data(), pages, queries, num_queries, &touched);
+  ScorePages(all.data(), pages, queries, num_queries, &touched, nullptr);
   s.log_norm.resize(num_queries);
   QueryLogNorms(s.lse.data(), s.scored_pages.size(), num_queries, nullptr, s.log_norm.data());
   mass->assign(pages, 0.0f);
@@ -214,6 +240,53 @@ absl::Status MdciSelector::ExactPageMasses(const float* queries, int num_queries
         static_cast<float>(num_queries);
   }
   return absl::OkStatus();
+}
+
+absl::Status MdciSelector::ExactTokenShares(const float* queries, int num_queries,
+                                            std::vector<float>* share) const {
+  if (share == nullptr) return absl::InvalidArgumentError("share must not be null");
+  SelectParams probe;
+  probe.budget_tokens = 1;
+  Selection unused;
+  RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, probe, &unused));
+  SelectScratch& s = ThreadScratch();
+  const DciPageTable& pt = tree_->page_table();
+  const uint32_t pages = pt.num_pages();
+  s.scored_pages.clear();
+  s.lse.clear();
+  s.tokens.Clear();
+  std::vector<uint32_t> all(pages);
+  std::iota(all.begin(), all.end(), 0u);
+  uint64_t touched = 0;
+  ScorePages(all.data(), pages, queries, num_queries, &touched, &s.tokens);
+  s.log_norm.resize(num_queries);
+  QueryLogNorms(s.lse.data(), s.scored_pages.size(), num_queries, nullptr, s.log_norm.data());
+  const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
+  share->assign(static_cast<size_t>(num_tokens()), 0.0f);
+  for (size_t i = 0; i < s.tokens.pages.size(); ++i) {
+    const uint32_t page = s.tokens.pages[i];
+    const uint32_t fill = pt.fill(page);
+    const float* logits = s.tokens.logits.data() + s.tokens.offsets[i];
+    const int32_t* pos = pt.positions(page);
+    for (int j = 0; j < num_queries; ++j) {
+      for (uint32_t t = 0; t < fill; ++t) {
+        (*share)[pos[t]] +=
+            std::exp(logits[static_cast<size_t>(j) * fill + t] * scale - s.log_norm[j]);
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+Placement MdciSelector::placement_of(int32_t position) const {
+  const DciPageTable& pt = tree_->page_table();
+  const uint32_t page = pt.page_of_position(position);
+  const int32_t* pos = pt.positions(page);
+  const uint32_t fill = pt.fill(page);
+  for (uint32_t slot = 0; slot < fill; ++slot) {
+    if (pos[slot] == position) return Placement{page, slot};
+  }
+  return Placement{page, 0};  // unreachable: the table maps the position to this page
 }
 
 absl::StatusOr<std::unique_ptr<DciTreeRebuild>> MdciSelector::PrepareRebuild() const {

@@ -53,6 +53,7 @@
 #include "absl/status/statusor.h"
 #include "server/index/dci_tree.h"
 #include "server/index/selector.h"
+#include "server/index/token_select.h"
 
 namespace icecache {
 
@@ -79,6 +80,7 @@ class MdciSelector : public Selector {
     return tree_->page_table().positions(page);
   }
   size_t index_bytes() const override { return tree_->bytes(); }
+  Placement placement_of(int32_t position) const override;
 
   // Background rebuild of the MIPS bound and representatives (tokens never
   // move): NeedsRebuild() when more than rebuild_fraction of the keys exceed
@@ -96,6 +98,12 @@ class MdciSelector : public Selector {
   absl::Status ExactPageMasses(const float* queries, int num_queries,
                                std::vector<float>* mass) const;
 
+  // Every token's exact group share (sum over the queries of each one's
+  // softmax share), indexed by position: the width calibrator's reference at
+  // token granularity (a full scan). InvalidArgument for bad queries.
+  absl::Status ExactTokenShares(const float* queries, int num_queries,
+                                std::vector<float>* share) const;
+
   const DciTree& tree() const { return *tree_; }
   double mean_page_fill() const { return tree_->page_table().MeanFill(); }
 
@@ -107,9 +115,10 @@ class MdciSelector : public Selector {
   // Per-thread scratch: the descent's candidate pages (mdci).
   void CollectCandidatePages(const float* queries, int num_queries, const SelectParams& params,
                              uint64_t* touched) const;
-  // Exact per-query log-mass of `pages` into the per-thread scratch.
+  // Exact per-query log-mass of `pages` into the per-thread scratch; with
+  // `keep`, each page's logits are kept there too (token granularity).
   void ScorePages(const uint32_t* pages, size_t n, const float* queries, int num_queries,
-                  uint64_t* touched) const;
+                  uint64_t* touched, TokenCandidates* keep) const;
 
   const PageKeys* keys_;
   std::unique_ptr<DciTree> tree_;

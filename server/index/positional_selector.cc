@@ -13,6 +13,7 @@
 #include "server/index/headroom.h"
 #include "server/index/kernels.h"
 #include "server/index/page_select.h"
+#include "server/index/token_select.h"
 
 namespace icecache {
 namespace {
@@ -81,6 +82,7 @@ struct Scratch {
   std::vector<float> logits;
   std::vector<float> lse;       // G per page: the page's log-mass per query (kExact)
   std::vector<float> log_norm;  // G: each query's log-normaliser (kExact)
+  TokenCandidates tokens;       // token granularity: candidate pages' logits
 };
 Scratch& ThreadScratch() {
   thread_local Scratch scratch;
@@ -134,6 +136,10 @@ class PositionalSelector final : public Selector {
     if (begin >= num_tokens_) return nullptr;
     return positions_.data() + begin;
   }
+  Placement placement_of(int32_t position) const override {
+    return Placement{static_cast<uint32_t>(position / page_tokens_),
+                     static_cast<uint32_t>(position % page_tokens_)};
+  }
   size_t index_bytes() const override {
     // Held, not reserved: the headroom (headroom.h) is untouched address space.
     return positions_.size() * sizeof(int32_t) + minmax_.size() * sizeof(float);
@@ -148,6 +154,8 @@ class PositionalSelector final : public Selector {
                            const std::vector<uint32_t>& forced, Selection* out) const;
   absl::Status SelectQuest(const float* queries, int nq, const SelectParams& params,
                            const std::vector<uint32_t>& forced, Selection* out) const;
+  absl::Status SelectQuestTokens(const float* queries, int nq, const SelectParams& params,
+                                 Selection* out) const;
   void SelectStreaming(const SelectParams& params, const std::vector<uint32_t>& forced,
                        Selection* out) const;
 
@@ -220,6 +228,9 @@ absl::Status PositionalSelector::Select(const float* queries, int num_queries,
     case SelectorKind::kExact:
       return SelectExact(queries, num_queries, params, forced, out);
     case SelectorKind::kQuest:
+      if (params.granularity == Granularity::kToken) {
+        return SelectQuestTokens(queries, num_queries, params, out);
+      }
       return SelectQuest(queries, num_queries, params, forced, out);
     default:
       SelectStreaming(params, forced, out);
@@ -235,16 +246,24 @@ absl::Status PositionalSelector::SelectExact(const float* queries, int nq,
   Scratch& scratch = ThreadScratch();
   std::vector<float>& logits = scratch.logits;
   logits.resize(static_cast<size_t>(nq) * page_tokens_);
+  const bool by_token = params.granularity == Granularity::kToken;
+  scratch.tokens.Clear();
   // Every page's log-mass per query, then each query's exact normaliser, then
-  // the group score of every page (GroupPageScore).
+  // the group score of every page (GroupPageScore) or of every token.
   scratch.lse.resize(static_cast<size_t>(pages) * nq);
   for (uint32_t p = 0; p < pages; ++p) {
-    RETURN_IF_ERROR(PageLogits(p, queries, nq, logits.data()));
+    float* l = by_token ? scratch.tokens.Add(p, nq, fill(p)) : logits.data();
+    RETURN_IF_ERROR(PageLogits(p, queries, nq, l));
     const int f = static_cast<int>(fill(p));
-    PageQueryLogMass(logits.data(), nq, f, f, scale_, &scratch.lse[static_cast<size_t>(p) * nq]);
+    PageQueryLogMass(l, nq, f, f, scale_, &scratch.lse[static_cast<size_t>(p) * nq]);
   }
   scratch.log_norm.resize(nq);
   QueryLogNorms(scratch.lse.data(), pages, nq, nullptr, scratch.log_norm.data());
+  out->keys_touched = static_cast<uint64_t>(num_tokens_);
+  if (by_token) {
+    TakeTokens(*this, scratch.tokens, scratch.log_norm.data(), nq, scale_, params, out);
+    return absl::OkStatus();
+  }
   std::vector<std::pair<float, uint32_t>>& scored = scratch.scored;
   scored.clear();
   scored.reserve(pages);
@@ -253,7 +272,6 @@ absl::Status PositionalSelector::SelectExact(const float* queries, int nq,
         GroupPageScore(&scratch.lse[static_cast<size_t>(p) * nq], scratch.log_norm.data(), nq), p);
   }
   TakePages(*this, forced, &scored, params, out);
-  out->keys_touched = static_cast<uint64_t>(num_tokens_);
   return absl::OkStatus();
 }
 
@@ -319,9 +337,73 @@ absl::Status PositionalSelector::SelectQuest(const float* queries, int nq,
   return absl::OkStatus();
 }
 
+absl::Status PositionalSelector::SelectQuestTokens(const float* queries, int nq,
+                                                   const SelectParams& params,
+                                                   Selection* out) const {
+  // Candidates: the best pages by bound, F x budget tokens' worth (F =
+  // quest_rescore_factor, at least 4: the best budget tokens mostly lie in
+  // the best 4 x budget of pages, docs/architecture.md §3.6), scored exactly.
+  const uint32_t pages = num_pages();
+  Scratch& scratch = ThreadScratch();
+  std::vector<std::pair<float, uint32_t>>& ranked = scratch.ranked;
+  ranked.clear();
+  ranked.reserve(pages);
+  for (uint32_t p = 0; p < pages; ++p) {
+    const float* mn = minmax_.data() + static_cast<size_t>(p) * 2 * dim_;
+    ranked.emplace_back(QuestBound(mn, mn + dim_, queries, nq, dim_), p);
+  }
+  const double factor = std::max(4.0f, config_.quest_rescore_factor);
+  const size_t take = static_cast<size_t>(std::min<double>(
+      pages, std::max(1.0, std::ceil(factor * params.budget_tokens / page_tokens_))));
+  auto better = [](const std::pair<float, uint32_t>& a, const std::pair<float, uint32_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  if (take < ranked.size()) {
+    std::nth_element(ranked.begin(), ranked.begin() + take, ranked.end(), better);
+  }
+  ranked.resize(take);
+  // The forced tokens' pages are candidates too (their other tokens).
+  const int64_t t = page_tokens_;
+  for (uint32_t page : ForcedPages(num_tokens_, params,
+                                   [t](int64_t pos) { return static_cast<uint32_t>(pos / t); })) {
+    if (std::find_if(ranked.begin(), ranked.end(), [page](const std::pair<float, uint32_t>& e) {
+          return e.second == page;
+        }) == ranked.end()) {
+      ranked.emplace_back(0.0f, page);
+    }
+  }
+  const size_t take_all = ranked.size();
+  scratch.tokens.Clear();
+  scratch.lse.resize(take_all * nq);
+  uint64_t touched = 2ull * pages;
+  for (size_t i = 0; i < take_all; ++i) {
+    const uint32_t page = ranked[i].second;
+    float* l = scratch.tokens.Add(page, nq, fill(page));
+    RETURN_IF_ERROR(PageLogits(page, queries, nq, l));
+    const int f = static_cast<int>(fill(page));
+    PageQueryLogMass(l, nq, f, f, scale_, &scratch.lse[i * nq]);
+    touched += f;
+  }
+  scratch.log_norm.resize(nq);
+  QueryLogNorms(scratch.lse.data(), take_all, nq, nullptr, scratch.log_norm.data());
+  TakeTokens(*this, scratch.tokens, scratch.log_norm.data(), nq, scale_, params, out);
+  out->keys_touched = touched;
+  return absl::OkStatus();
+}
+
 void PositionalSelector::SelectStreaming(const SelectParams& params,
                                          const std::vector<uint32_t>& forced,
                                          Selection* out) const {
+  if (params.granularity == Granularity::kToken) {
+    // The sinks and the most recent tokens, exactly the budget.
+    SelectParams p = params;
+    const int sink = static_cast<int>(std::min<int64_t>(params.sink_tokens, num_tokens_));
+    p.recent_tokens = std::max(params.recent_tokens, params.budget_tokens - sink);
+    static const TokenCandidates kNone;
+    TakeTokens(*this, kNone, nullptr, 0, scale_, p, out);
+    out->keys_touched = 0;
+    return;
+  }
   const uint32_t pages = num_pages();
   std::vector<std::pair<float, uint32_t>>& scored = ThreadScratch().scored;
   scored.clear();

@@ -177,7 +177,7 @@ absl::StatusOr<std::vector<int32_t>> OracleTokens(const ExactAttention& exact, i
     std::vector<double> score(static_cast<size_t>(exact.n), 0.0);
     for (int j = 0; j < exact.num_queries; ++j) {
       const double* p = exact.probs.data() + static_cast<size_t>(j) * exact.n;
-      for (int64_t i = 0; i < exact.n; ++i) score[i] = std::max(score[i], p[i]);
+      for (int64_t i = 0; i < exact.n; ++i) score[i] += p[i];
     }
     std::vector<int32_t> order;
     order.reserve(exact.n - sinks);

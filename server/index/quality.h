@@ -65,8 +65,10 @@ absl::StatusOr<double> OutputRelError(const ExactAttention& exact, const float* 
 
 // The exact-token oracle ("TOP-k" of the paper, kExactToken): positions
 // [0, min(sink_tokens, budget, n)) first, then the other tokens by descending
-// max over queries of p_ij (ties to the lower position) until `budget` tokens
-// are taken. Returned ascending. InvalidArgument for budget outside [1, n] or
+// sum over queries of p_ij (ties to the lower position) until `budget` tokens
+// are taken: the set of `budget` tokens (sinks given) with the most mass
+// recall, the measure above (the max over queries would let one query
+// decide for the group). Returned ascending. InvalidArgument for budget outside [1, n] or
 // sink_tokens < 0.
 absl::StatusOr<std::vector<int32_t>> OracleTokens(const ExactAttention& exact, int64_t budget,
                                                   int sink_tokens);

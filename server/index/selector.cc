@@ -112,7 +112,32 @@ void Selection::Clear() {
   fills.clear();
   scores.clear();
   positions.clear();
+  token_refs.clear();
   keys_touched = 0;
+}
+
+std::string_view GranularityName(Granularity granularity) {
+  return granularity == Granularity::kToken ? "token" : "page";
+}
+
+absl::StatusOr<Granularity> ParseGranularity(std::string_view name) {
+  const std::string lower = absl::AsciiStrToLower(std::string(name));
+  if (lower == "page") return Granularity::kPage;
+  if (lower == "token") return Granularity::kToken;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown selection granularity '", std::string(name), "' (page or token)"));
+}
+
+Placement Selector::placement_of(int32_t position) const {
+  const uint32_t pages = num_pages();
+  for (uint32_t page = 0; page < pages; ++page) {
+    const int32_t* pos = positions(page);
+    const uint32_t f = fill(page);
+    for (uint32_t slot = 0; slot < f; ++slot) {
+      if (pos[slot] == position) return Placement{page, slot};
+    }
+  }
+  return Placement{};
 }
 
 absl::StatusOr<std::unique_ptr<Selector>> Selector::Create(const SelectorConfig& config,

@@ -110,6 +110,18 @@ struct SelectorConfig {
   float quest_rescore_factor = 0.0f;
 };
 
+// Unit of selection (docs/architecture.md §3.6). kPage: whole pages of the
+// layout, as a page-based engine consumes them. kToken: the layout's pages
+// are only candidates; their keys are scored per token and the budget is
+// filled with the best tokens, packed in order into slots of page_tokens.
+enum class Granularity {
+  kPage,
+  kToken,
+};
+std::string_view GranularityName(Granularity granularity);
+// "page" or "token"; InvalidArgument naming the value otherwise.
+absl::StatusOr<Granularity> ParseGranularity(std::string_view name);
+
 // Per-call selection parameters.
 struct SelectParams {
   int budget_tokens = 256;  // > 0; pages are taken until this many tokens
@@ -120,16 +132,27 @@ struct SelectParams {
   // selector's MdciParams. >= 0.
   int field_of_view = 0;
   float candidate_factor = 0.0f;
+  Granularity granularity = Granularity::kPage;
 };
 
 // Result of one selection, in descending score order (sink/recent pages
 // included; their score is +inf when they were forced in).
+//
+// Token granularity: `pages` is empty; `token_refs` lists the selected tokens
+// (forced ones first, ascending position, then by descending score), at most
+// one per position, min(budget, tokens) of them unless the forced ones alone
+// exceed the budget; they are packed in that order into slots of page_tokens
+// rows: fills[i] tokens in slot i (all full but the last). `scores` has one
+// entry per token (the sum over the queries of each one's softmax share;
+// +inf when forced) and `positions` always holds each token's position.
 struct Selection {
   std::vector<uint32_t> pages;
   std::vector<uint32_t> fills;
   std::vector<float> scores;
-  // When requested: fills[i] positions per page, concatenated in page order.
+  // When requested (always at token granularity): fills[i] positions per
+  // page (slot), concatenated in page (slot) order.
   std::vector<int32_t> positions;
+  std::vector<Placement> token_refs;  // token granularity only (else empty)
   // Cost: exact dot products plus projections/representatives visited.
   uint64_t keys_touched = 0;
   int64_t tokens() const;
@@ -170,6 +193,9 @@ class Selector {
   virtual uint32_t fill(uint32_t page) const = 0;
   // Positions of the first fill(page) slots of `page`.
   virtual const int32_t* positions(uint32_t page) const = 0;
+  // Where the token at `position` (0 <= position < num_tokens()) sits. The
+  // default scans every page; layouts with a position map override it.
+  virtual Placement placement_of(int32_t position) const;
   // Bytes held by the index structures (excluding the KV bytes behind PageKeys).
   virtual size_t index_bytes() const = 0;
 

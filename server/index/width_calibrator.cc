@@ -115,9 +115,61 @@ CalibratorReport WidthCalibrator::report() const {
   return r;
 }
 
+namespace {
+
+// Token granularity: the reference is the exact best tokens (forced ones,
+// then by group share) at the same budget.
+absl::StatusOr<QualitySample> MeasureTokenSelection(const MdciSelector& selector,
+                                                    const float* queries, int num_queries,
+                                                    const SelectParams& params,
+                                                    const Selection& selection) {
+  std::vector<float> share;  // per position
+  RETURN_IF_ERROR(selector.ExactTokenShares(queries, num_queries, &share));
+  const int64_t n = static_cast<int64_t>(share.size());
+  const int64_t sink_end = std::min<int64_t>(std::max(0, params.sink_tokens), n);
+  const int64_t recent_begin = std::max<int64_t>(sink_end, n - std::max(0, params.recent_tokens));
+  std::vector<uint8_t> in_sel(n, 0);
+  double sel_mass = 0.0;
+  for (int32_t pos : selection.positions) {
+    if (pos < 0 || pos >= n) {
+      return absl::InvalidArgumentError(absl::StrCat("selection position ", pos, " unknown"));
+    }
+    if (!in_sel[pos]) sel_mass += share[pos];
+    in_sel[pos] = 1;
+  }
+  double ref_mass = 0.0;
+  int64_t ref_tokens = 0, shared = 0;
+  auto take = [&](int64_t pos) {
+    ref_mass += share[pos];
+    ++ref_tokens;
+    shared += in_sel[pos];
+  };
+  for (int64_t p = 0; p < sink_end; ++p) take(p);
+  for (int64_t p = recent_begin; p < n; ++p) take(p);
+  std::vector<std::pair<float, int32_t>> rest;
+  rest.reserve(recent_begin - sink_end);
+  for (int64_t p = sink_end; p < recent_begin; ++p) rest.push_back({share[p], p});
+  const int64_t want = std::min<int64_t>(
+      std::max<int64_t>(0, std::min<int64_t>(params.budget_tokens, n) - ref_tokens), rest.size());
+  std::partial_sort(rest.begin(), rest.begin() + want, rest.end(),
+                    [](const auto& a, const auto& b) {
+                      return a.first > b.first || (a.first == b.first && a.second < b.second);
+                    });
+  for (int64_t i = 0; i < want; ++i) take(rest[i].second);
+  QualitySample s;
+  s.mass_ratio = ref_mass > 0.0 ? sel_mass / ref_mass : 1.0;
+  s.topk_recall = ref_tokens > 0 ? static_cast<double>(shared) / ref_tokens : 1.0;
+  return s;
+}
+
+}  // namespace
+
 absl::StatusOr<QualitySample> MeasureSelection(const MdciSelector& selector, const float* queries,
                                                int num_queries, const SelectParams& params,
                                                const Selection& selection) {
+  if (params.granularity == Granularity::kToken) {
+    return MeasureTokenSelection(selector, queries, num_queries, params, selection);
+  }
   std::vector<float> mass;  // per page: exact group mass (sum of the queries' shares)
   RETURN_IF_ERROR(selector.ExactPageMasses(queries, num_queries, &mass));
   const uint32_t pages = static_cast<uint32_t>(mass.size());

@@ -103,7 +103,9 @@ class WidthCalibrator {
 // Measures `selection` (made by `selector` for these queries and params)
 // against the exact reference at page granularity on the selector's own
 // layout: every page's exact group mass (a full scan), the reference takes
-// the best pages as exact-mdci would. Costs one exact scan.
+// the best pages as exact-mdci would; at token granularity
+// (params.granularity) against the exact best tokens (ExactTokenShares; the
+// selection's positions are read). Costs one exact scan.
 // InvalidArgument for bad input (as Select).
 absl::StatusOr<QualitySample> MeasureSelection(const MdciSelector& selector, const float* queries,
                                                int num_queries, const SelectParams& params,

@@ -283,6 +283,10 @@ class SelectorMethod : public TreeMethod {
   }
   void Positions(const Selection& sel, std::vector<int32_t>* out) const override {
     out->clear();
+    if (!sel.token_refs.empty()) {  // token granularity: the tokens themselves
+      out->assign(sel.positions.begin(), sel.positions.end());
+      return;
+    }
     for (uint32_t page : sel.pages) {
       const int32_t* p = selector_->positions(page);
       out->insert(out->end(), p, p + selector_->fill(page));
@@ -418,6 +422,13 @@ class PeerMethod : public TreeMethod {
 };
 
 bool IsPeer(const std::string& name) { return name.rfind("faiss-", 0) == 0 || name == "hnswlib"; }
+// "mdci/token": a page selector at token granularity (--granularity token).
+constexpr std::string_view kTokenSuffix = "/token";
+bool IsTokenGranular(const std::string& name) {
+  return name.size() > kTokenSuffix.size() &&
+         name.compare(name.size() - kTokenSuffix.size(), kTokenSuffix.size(), kTokenSuffix) == 0;
+}
+
 bool IsTokenLevel(const std::string& name) { return IsPeer(name) || name == "exact-token"; }
 
 absl::StatusOr<PeerKind> PeerKindOf(const std::string& name) {
@@ -447,7 +458,13 @@ absl::StatusOr<std::unique_ptr<TreeMethod>> MakeMethod(const std::string& name, 
     return std::unique_ptr<TreeMethod>(std::move(m));
   }
   SelectorConfig config;
-  ASSIGN_OR_RETURN(config.kind, ParseSelectorKind(name));
+  std::string kind_name = name;
+  if (IsTokenGranular(name)) {
+    kind_name = name.substr(0, name.size() - kTokenSuffix.size());
+    params.granularity = Granularity::kToken;
+    params.want_positions = true;
+  }
+  ASSIGN_OR_RETURN(config.kind, ParseSelectorKind(kind_name));
   config.head_dim = dim;
   config.dtype = o.kv_dtype;
   config.page_tokens = page_tokens;
@@ -1063,8 +1080,13 @@ absl::Status RunSelectBench(const SelectBenchOptions& o) {
   std::vector<MethodResult> results;
   for (const std::string& name : AllMethodNames()) {
     if (std::find(o.selectors.begin(), o.selectors.end(), name) == o.selectors.end()) continue;
-    ASSIGN_OR_RETURN(std::vector<MethodResult> rs, RunMethod(name, w, o, &refs));
-    for (auto& r : rs) results.push_back(std::move(r));
+    for (Granularity g : o.granularities) {
+      // Token-level methods have no page granularity; page selectors run at each.
+      if (IsTokenLevel(name) && g == Granularity::kToken) continue;
+      const std::string run = g == Granularity::kToken ? name + std::string(kTokenSuffix) : name;
+      ASSIGN_OR_RETURN(std::vector<MethodResult> rs, RunMethod(run, w, o, &refs));
+      for (auto& r : rs) results.push_back(std::move(r));
+    }
   }
   // Report order: page size, then method order.
   std::stable_sort(

@@ -51,6 +51,9 @@ struct SelectBenchOptions {
   int steps = 64;                      // synthetic only: decode steps (queries, 1-token inserts)
   int threads = 1;                     // builds only; queries are always single-threaded
   std::vector<std::string> selectors;  // empty: all
+  // Each page selector runs at every granularity listed ("mdci" at page,
+  // "mdci/token" at token granularity); token-level methods once.
+  std::vector<Granularity> granularities = {Granularity::kPage};
   std::string json_path;
   int layer_reuse = 1;
   int queries_per_step = 0;  // G; 0: the data's group size

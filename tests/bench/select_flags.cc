@@ -104,6 +104,11 @@ SelectFlags::SelectFlags(CLI::App* app) {
          "--selectors", selectors_,
          "comma-separated subset of: " + absl::StrJoin(AllMethodNames(), ",") + " (default: all)")
       ->type_name("LIST");
+  app->add_option("--granularity", granularity_,
+                  "page selectors run at each listed granularity: page (whole pages), token "
+                  "(best tokens of the candidate pages, reported as NAME/token)")
+      ->type_name("page,token")
+      ->capture_default_str();
   app->add_option("--json", o_.json_path, "write the JSON report to FILE")->type_name("FILE");
   app->add_option("--layer-reuse", o_.layer_reuse, "one tree per head for G consecutive layers");
   app->add_option("--queries-per-step", o_.queries_per_step,
@@ -155,6 +160,20 @@ absl::StatusOr<SelectBenchOptions> SelectFlags::Options() const {
   o.selectors = absl::StrSplit(selectors_, ',', absl::SkipEmpty());
   o.families = absl::StrSplit(families_, ',', absl::SkipEmpty());
   o.widths = absl::StrSplit(widths_, ',', absl::SkipEmpty());
+  o.granularities.clear();
+  for (absl::string_view g : absl::StrSplit(granularity_, ',', absl::SkipEmpty())) {
+    absl::StatusOr<Granularity> parsed = ParseGranularity(std::string(g));
+    if (!parsed.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--granularity: ", parsed.status().message()));
+    }
+    if (std::find(o.granularities.begin(), o.granularities.end(), *parsed) ==
+        o.granularities.end()) {
+      o.granularities.push_back(*parsed);
+    }
+  }
+  if (o.granularities.empty()) {
+    return absl::InvalidArgumentError("--granularity: give page, token or page,token");
+  }
   absl::StatusOr<DType> dtype = ParseDType(kv_dtype_);
   if (!dtype.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("--kv-dtype: ", dtype.status().message()));

@@ -32,6 +32,7 @@ class SelectFlags {
   SelectBenchOptions o_;
   std::string page_tokens_ = "16";
   std::string selectors_;
+  std::string granularity_ = "page";
   std::string kv_dtype_ = "f16";
   std::string families_;
   std::string widths_;

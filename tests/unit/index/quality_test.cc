@@ -82,8 +82,8 @@ TEST(QualityTest, OutputRelErrorRenormalisesOverTheSelection) {
   EXPECT_NEAR(*OutputRelError(one, kValues, std::vector<int32_t>{0, 1, 2, 3}), 0.0, 1e-9);
 }
 
-TEST(QualityTest, OracleTakesSinksThenMaxProbabilityTokens) {
-  // Max over the two queries: 0.48, 0.24, 0.3, 0.4.
+TEST(QualityTest, OracleTakesSinksThenMostMassTokens) {
+  // Sum over the two queries: 0.58, 0.44, 0.46, 0.52.
   const ExactAttention two = Tiny(2);
   EXPECT_THAT(*OracleTokens(two, 2, 0), ElementsAre(0, 3));
   EXPECT_THAT(*OracleTokens(two, 3, 0), ElementsAre(0, 2, 3));
@@ -91,6 +91,18 @@ TEST(QualityTest, OracleTakesSinksThenMaxProbabilityTokens) {
   EXPECT_THAT(*OracleTokens(two, 3, 2), ElementsAre(0, 1, 3));
   EXPECT_THAT(*OracleTokens(Tiny(1), 1, 0), ElementsAre(3));
   EXPECT_THAT(*OracleTokens(Tiny(1), 2, 1), ElementsAre(0, 3));
+}
+
+TEST(QualityTest, OracleMaximisesTheGroupMassNotTheLoudestQuery) {
+  // Token 2 has the largest single probability (0.54), token 1 the largest
+  // mass over the group (0.3 + 0.46): the oracle takes token 1.
+  ExactAttention ex;
+  ex.n = 3;
+  ex.num_queries = 2;
+  ex.probs = {0.5, 0.3, 0.2, 0.0, 0.46, 0.54};
+  EXPECT_THAT(*OracleTokens(ex, 1, 0), ElementsAre(1));
+  EXPECT_NEAR(*MassRecall(ex, *OracleTokens(ex, 1, 0)), 0.38, 1e-12);
+  EXPECT_NEAR(*MassRecall(ex, std::vector<int32_t>{2}), 0.37, 1e-12);
 }
 
 TEST(QualityTest, EvaluateSelectionReadsPagesThroughTheSelector) {

@@ -1,0 +1,258 @@
+// Token-granular selection (token_select.h): every selector kind at
+// Granularity::kToken returns well-formed packed tokens, and the exact kinds
+// return exactly the naive reference's best tokens.
+#include "server/index/token_select.h"
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <numeric>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "server/index/mdci_selector.h"
+#include "server/index/owned_page_keys.h"
+#include "server/index/selector.h"
+#include "server/index/width_calibrator.h"
+#include "tests/support/status_matchers.h"
+#include "tests/unit/index/index_test_data.h"
+
+namespace icecache {
+namespace {
+
+using ::icecache::testing::HeadData;
+using ::icecache::testing::IsOk;
+using ::icecache::testing::MakeSyntheticHead;
+using ::icecache::testing::StatusIs;
+using ::testing::ElementsAre;
+
+constexpr int kPage = 16;
+constexpr int kGroup = 2;
+
+struct Built {
+  std::unique_ptr<OwnedPageKeys> frames;
+  std::unique_ptr<Selector> sel;
+  std::vector<Placement> placements;  // by position
+};
+
+// fp32 keys, so the naive reference's logits are the selector's.
+Built Build(SelectorKind kind, const HeadData& data, int64_t prefill) {
+  Built b;
+  SelectorConfig c;
+  c.kind = kind;
+  c.head_dim = data.dim;
+  c.dtype = DType::kF32;
+  c.page_tokens = kPage;
+  c.num_query_heads = data.num_queries;
+  auto frames = OwnedPageKeys::ForSelector(c);
+  EXPECT_THAT(frames, IsOk());
+  b.frames = std::move(*frames);
+  auto sel = Selector::Create(c, b.frames.get());
+  EXPECT_THAT(sel, IsOk());
+  b.sel = std::move(*sel);
+  for (int64_t at = 0; at < data.n;) {
+    const int64_t n = at == 0 ? prefill : std::min<int64_t>(5, data.n - at);
+    std::vector<Placement> pl;
+    EXPECT_THAT(at == 0 ? b.sel->Build(data.key(at), n, &pl) : b.sel->Insert(data.key(at), n, &pl),
+                IsOk());
+    EXPECT_THAT(b.frames->Apply(pl, data.key(at)), IsOk());
+    b.placements.insert(b.placements.end(), pl.begin(), pl.end());
+    at += n;
+  }
+  return b;
+}
+
+// Naive group score of every token: sum over queries of its softmax share.
+std::vector<double> NaiveTokenScores(const HeadData& d, const float* queries) {
+  std::vector<double> score(d.n, 0.0);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d.dim));
+  for (int j = 0; j < d.num_queries; ++j) {
+    std::vector<double> l(d.n);
+    for (int64_t i = 0; i < d.n; ++i) {
+      double dot = 0.0;
+      for (int c = 0; c < d.dim; ++c) dot += double{queries[j * d.dim + c]} * d.key(i)[c];
+      l[i] = dot * scale;
+    }
+    const double m = *std::max_element(l.begin(), l.end());
+    double z = 0.0;
+    for (double x : l) z += std::exp(x - m);
+    for (int64_t i = 0; i < d.n; ++i) score[i] += std::exp(l[i] - m) / z;
+  }
+  return score;
+}
+
+class TokenSelectTest : public ::testing::TestWithParam<SelectorKind> {};
+
+TEST_P(TokenSelectTest, PacksDistinctTokensWithForcedOnesAndTheirPlacements) {
+  const HeadData data = MakeSyntheticHead(1200, kGroup, 2, 21);
+  Built b = Build(GetParam(), data, 1100);
+  ASSERT_NE(b.sel, nullptr);
+  for (int budget : {1, 16, 17, 100, 256, 1200}) {
+    for (int sink : {0, 4, 40}) {
+      for (int recent : {0, 20}) {
+        SCOPED_TRACE(::testing::Message()
+                     << "budget " << budget << " sink " << sink << " recent " << recent);
+        SelectParams p;
+        p.budget_tokens = budget;
+        p.sink_tokens = sink;
+        p.recent_tokens = recent;
+        p.granularity = Granularity::kToken;
+        Selection out;
+        ASSERT_THAT(b.sel->Select(data.query(1), kGroup, p, &out), IsOk());
+        EXPECT_TRUE(out.pages.empty());
+        const int64_t forced = std::min(sink, budget > 0 ? 1200 : 0) + recent;
+        const size_t expect = static_cast<size_t>(std::max<int64_t>(budget, forced));
+        ASSERT_EQ(out.token_refs.size(), std::min<size_t>(expect, 1200));
+        ASSERT_EQ(out.positions.size(), out.token_refs.size());
+        ASSERT_EQ(out.scores.size(), out.token_refs.size());
+        std::vector<uint32_t> fills;
+        PackedFills(static_cast<int64_t>(out.token_refs.size()), kPage, &fills);
+        EXPECT_EQ(out.fills, fills);
+        std::set<int32_t> seen;
+        for (size_t i = 0; i < out.token_refs.size(); ++i) {
+          const int32_t pos = out.positions[i];
+          ASSERT_TRUE(seen.insert(pos).second) << "position " << pos << " twice";
+          EXPECT_EQ(out.token_refs[i].page, b.placements[pos].page) << "position " << pos;
+          EXPECT_EQ(out.token_refs[i].slot, b.placements[pos].slot) << "position " << pos;
+        }
+        for (int s = 0; s < sink; ++s) EXPECT_TRUE(seen.count(s)) << "sink " << s;
+        for (int r = 0; r < recent; ++r) EXPECT_TRUE(seen.count(1199 - r)) << "recent " << r;
+      }
+    }
+  }
+}
+
+TEST_P(TokenSelectTest, PlacementOfEveryPositionMatchesTheLayout) {
+  const HeadData data = MakeSyntheticHead(700, kGroup, 1, 22);
+  Built b = Build(GetParam(), data, 640);
+  ASSERT_NE(b.sel, nullptr);
+  for (int32_t pos = 0; pos < 700; ++pos) {
+    const Placement p = b.sel->placement_of(pos);
+    ASSERT_EQ(p.page, b.placements[pos].page) << "position " << pos;
+    ASSERT_EQ(p.slot, b.placements[pos].slot) << "position " << pos;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllSelectors, TokenSelectTest,
+                         ::testing::Values(SelectorKind::kExact, SelectorKind::kQuest,
+                                           SelectorKind::kStreaming, SelectorKind::kMdci,
+                                           SelectorKind::kExactMdci),
+                         [](const ::testing::TestParamInfo<SelectorKind>& info) {
+                           std::string name(SelectorKindName(info.param));
+                           std::replace(name.begin(), name.end(), '-', '_');
+                           return name;
+                         });
+
+// The exact kinds at token granularity are the exact token oracle: the
+// sinks, then the tokens of the largest group score (naive reference).
+TEST(TokenSelectReferenceTest, ExactKindsTakeTheNaiveBestTokens) {
+  const HeadData data = MakeSyntheticHead(1500, 4, 3, 23);
+  for (SelectorKind kind : {SelectorKind::kExact, SelectorKind::kExactMdci}) {
+    Built b = Build(kind, data, 1400);
+    for (int step = 0; step < data.steps; ++step) {
+      SCOPED_TRACE(::testing::Message() << SelectorKindName(kind) << " step " << step);
+      const std::vector<double> score = NaiveTokenScores(data, data.query(step));
+      SelectParams p;
+      p.budget_tokens = 100;
+      p.sink_tokens = 4;
+      p.granularity = Granularity::kToken;
+      Selection out;
+      ASSERT_THAT(b.sel->Select(data.query(step), 4, p, &out), IsOk());
+      std::vector<int32_t> order(data.n - 4);
+      std::iota(order.begin(), order.end(), 4);
+      std::sort(order.begin(), order.end(), [&](int32_t a, int32_t c) {
+        return score[a] > score[c] || (score[a] == score[c] && a < c);
+      });
+      std::vector<int32_t> want = {0, 1, 2, 3};
+      want.insert(want.end(), order.begin(), order.begin() + 96);
+      // Same tokens, in the same order, unless two scores tie to float precision.
+      double got_mass = 0.0, want_mass = 0.0;
+      for (int32_t pos : out.positions) got_mass += score[pos];
+      for (int32_t pos : want) want_mass += score[pos];
+      EXPECT_NEAR(got_mass, want_mass, 1e-6 * want_mass);
+      int same = 0;
+      for (size_t i = 0; i < want.size(); ++i) same += out.positions[i] == want[i];
+      EXPECT_GE(same, 98);
+      for (size_t i = 4; i < out.scores.size(); ++i) {
+        EXPECT_NEAR(out.scores[i], score[out.positions[i]], 1e-4 * score[out.positions[i]] + 1e-9);
+      }
+    }
+  }
+}
+
+TEST(TokenSelectReferenceTest, MdciTokensHoldAtLeastItsPagesMassOnTheirCandidates) {
+  // Same descent, same candidates: the best tokens among them hold at least
+  // the mass of the best whole pages among them (budget in tokens).
+  const HeadData data = MakeSyntheticHead(4096, 4, 4, 24);
+  Built b = Build(SelectorKind::kMdci, data, 4000);
+  for (int step = 0; step < data.steps; ++step) {
+    const std::vector<double> score = NaiveTokenScores(data, data.query(step));
+    SelectParams p;
+    p.budget_tokens = 128;
+    p.sink_tokens = 4;
+    p.want_positions = true;
+    Selection pages, tokens;
+    ASSERT_THAT(b.sel->Select(data.query(step), 4, p, &pages), IsOk());
+    p.granularity = Granularity::kToken;
+    ASSERT_THAT(b.sel->Select(data.query(step), 4, p, &tokens), IsOk());
+    double page_mass = 0.0, token_mass = 0.0;
+    // Whole pages may cross the budget: count only their first 128 tokens' worth.
+    std::vector<double> page_scores;
+    for (int32_t pos : pages.positions) page_scores.push_back(score[pos]);
+    std::sort(page_scores.rbegin(), page_scores.rend());
+    for (size_t i = 0; i < std::min<size_t>(128, page_scores.size()); ++i)
+      page_mass += page_scores[i];
+    for (int32_t pos : tokens.positions) token_mass += score[pos];
+    EXPECT_GE(token_mass, page_mass * (1 - 1e-6)) << "step " << step;
+  }
+}
+
+TEST(TokenSelectReferenceTest, CalibratorReferenceAtTokenGranularityIsTheExactBestTokens) {
+  const HeadData data = MakeSyntheticHead(2048, 4, 2, 25);
+  Built b = Build(SelectorKind::kMdci, data, 2000);
+  const auto& mdci = static_cast<const MdciSelector&>(*b.sel);
+  SelectParams p;
+  p.budget_tokens = 64;
+  p.sink_tokens = 4;
+  p.granularity = Granularity::kToken;
+  // Every page a candidate: the exact best tokens, ratio 1.
+  p.candidate_factor = 64.0f;
+  Selection all;
+  ASSERT_THAT(b.sel->Select(data.query(0), 4, p, &all), IsOk());
+  auto q = MeasureSelection(mdci, data.query(0), 4, p, all);
+  ASSERT_THAT(q, IsOk());
+  EXPECT_NEAR(q->mass_ratio, 1.0, 1e-4);
+  EXPECT_NEAR(q->topk_recall, 1.0, 1e-9);
+  // The sinks and the most recent tokens only: less mass, ratio below 1.
+  Selection recent = all;
+  for (int i = 4; i < 64; ++i) recent.positions[i] = 2048 - i;
+  q = MeasureSelection(mdci, data.query(0), 4, p, recent);
+  ASSERT_THAT(q, IsOk());
+  EXPECT_LT(q->mass_ratio, 0.99);
+  EXPECT_LT(q->topk_recall, 0.9);
+}
+
+TEST(GranularityTest, NamesRoundTripAndUnknownNamesAreRejected) {
+  for (Granularity g : {Granularity::kPage, Granularity::kToken}) {
+    auto parsed = ParseGranularity(GranularityName(g));
+    ASSERT_THAT(parsed, IsOk());
+    EXPECT_EQ(*parsed, g);
+  }
+  EXPECT_THAT(ParseGranularity("row"), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST(PackedFillsTest, FullSlotsThenTheRest) {
+  std::vector<uint32_t> fills;
+  PackedFills(35, 16, &fills);
+  EXPECT_THAT(fills, ElementsAre(16, 16, 3));
+  PackedFills(32, 16, &fills);
+  EXPECT_THAT(fills, ElementsAre(16, 16));
+  PackedFills(0, 16, &fills);
+  EXPECT_TRUE(fills.empty());
+}
+
+}  // namespace
+}  // namespace icecache
