@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -121,6 +122,16 @@ void ToProto(const SelectOptions& options, v1::SelectParams* out) {
   if (options.sink_tokens) out->set_sink_tokens(*options.sink_tokens);
   if (options.recent_tokens) out->set_recent_tokens(*options.recent_tokens);
   out->set_want_positions(options.want_positions);
+  switch (options.granularity) {
+    case SelectionGranularity::kPage:
+      out->set_granularity(v1::GRANULARITY_PAGE);
+      break;
+    case SelectionGranularity::kToken:
+      out->set_granularity(v1::GRANULARITY_TOKEN);
+      break;
+    default:
+      break;
+  }
 }
 
 void ToProto(const SessionSpec& spec, v1::SessionConfig* out) {
@@ -157,6 +168,11 @@ SessionInfo FromProto(const v1::SessionInfo& info) {
   if (c.defaults().has_sink_tokens()) s.spec.defaults.sink_tokens = c.defaults().sink_tokens();
   if (c.defaults().has_recent_tokens())
     s.spec.defaults.recent_tokens = c.defaults().recent_tokens();
+  if (c.defaults().granularity() == v1::GRANULARITY_PAGE) {
+    s.spec.defaults.granularity = SelectionGranularity::kPage;
+  } else if (c.defaults().granularity() == v1::GRANULARITY_TOKEN) {
+    s.spec.defaults.granularity = SelectionGranularity::kToken;
+  }
   s.spec.ttl = absl::Milliseconds(static_cast<int64_t>(c.ttl_ms()));
   s.spec.pinned = c.pinned();
   s.tokens = info.tokens();
@@ -536,9 +552,40 @@ absl::StatusOr<FetchLayout> Client::FetchPages(std::string_view session_id, uint
                                                const std::vector<HeadSelection>& selection,
                                                std::string_view buffer_id, uint64_t offset,
                                                bool want_positions) {
+  const bool by_token =
+      !selection.empty() && std::all_of(selection.begin(), selection.end(), [](const auto& h) {
+        return h.pages.empty() && !h.positions.empty();
+      });
+  if (by_token) {
+    std::vector<std::vector<int32_t>> tokens;
+    for (const auto& h : selection) tokens.push_back(h.positions);
+    return FetchTokens(session_id, layer, tokens, buffer_id, offset, want_positions, 1);
+  }
   std::vector<std::vector<uint32_t>> pages;
   for (const auto& h : selection) pages.push_back(h.pages);
   return FetchPages(session_id, layer, pages, buffer_id, offset, want_positions, 1);
+}
+
+absl::StatusOr<FetchLayout> Client::FetchTokens(std::string_view session_id, uint32_t layer,
+                                                const std::vector<std::vector<int32_t>>& positions,
+                                                std::string_view buffer_id, uint64_t offset,
+                                                bool want_positions, uint32_t num_layers) {
+  v1::FetchPagesRequest req;
+  req.set_session_id(std::string(session_id));
+  req.set_layer(layer);
+  for (size_t h = 0; h < positions.size(); ++h) {
+    auto* hp = req.add_heads();
+    hp->set_kv_head(static_cast<uint32_t>(h));
+    hp->mutable_tokens()->Add(positions[h].begin(), positions[h].end());
+  }
+  req.set_buffer_id(std::string(buffer_id));
+  req.set_offset(offset);
+  req.set_want_positions(want_positions);
+  req.set_num_layers(num_layers);
+  v1::FetchPagesResponse resp;
+  auto ctx = impl_->NewContext();
+  RETURN_IF_ERROR(FromGrpcStatus(impl_->kv->FetchPages(ctx.get(), req, &resp)));
+  return FromProto(resp.layout());
 }
 
 absl::StatusOr<StepResult> Client::DecodeStep(std::string_view session_id, uint32_t layer,

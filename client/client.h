@@ -62,12 +62,21 @@ std::string_view SelectorTypeName(SelectorType type);
 // Accepts "mdci", "exact-mdci", "exact", "quest", "streaming", "default".
 absl::StatusOr<SelectorType> ParseSelectorType(std::string_view name);
 
+// Unit of selection (types.proto Granularity): whole pages, or the best
+// tokens packed into slots (HeadSelection.pages empty, positions listed).
+enum class SelectionGranularity {
+  kDefault,  // per call: the session's default; session default: page
+  kPage,
+  kToken,
+};
+
 // Per-call selection parameters; unset = the session's defaults.
 struct SelectOptions {
   std::optional<uint32_t> budget_tokens;
   std::optional<uint32_t> sink_tokens;
   std::optional<uint32_t> recent_tokens;
   bool want_positions = false;
+  SelectionGranularity granularity = SelectionGranularity::kDefault;
   // SelectPages / DecodeStep on a layer that is not the first of its layer
   // group: reuse the group's selection (queries may then be empty).
   bool reuse_group_selection = false;
@@ -306,7 +315,14 @@ class Client {
                                          const std::vector<std::vector<uint32_t>>& pages,
                                          std::string_view buffer_id, uint64_t offset,
                                          bool want_positions = false, uint32_t num_layers = 1);
-  // Convenience: fetch exactly the pages of `selection`.
+  // Token granularity: fetches the tokens at `positions[h]` of every KV head h,
+  // packed in order into slots of page_tokens (kv.proto HeadPages.tokens).
+  absl::StatusOr<FetchLayout> FetchTokens(std::string_view session_id, uint32_t layer,
+                                          const std::vector<std::vector<int32_t>>& positions,
+                                          std::string_view buffer_id, uint64_t offset,
+                                          bool want_positions = false, uint32_t num_layers = 1);
+  // Convenience: fetch exactly the pages of `selection` (its tokens when it
+  // was made at token granularity).
   absl::StatusOr<FetchLayout> FetchPages(std::string_view session_id, uint32_t layer,
                                          const std::vector<HeadSelection>& selection,
                                          std::string_view buffer_id, uint64_t offset,

@@ -38,6 +38,25 @@ def select_params(options: SelectOptions, out: types_pb2.SelectParams) -> None:
     if options.recent_tokens is not None:
         out.recent_tokens = options.recent_tokens
     out.want_positions = options.want_positions
+    if options.granularity is not None:
+        out.granularity = granularity_to_proto(options.granularity)
+
+
+_GRANULARITY = {"page": types_pb2.GRANULARITY_PAGE, "token": types_pb2.GRANULARITY_TOKEN}
+
+
+def granularity_to_proto(name: str) -> int:
+    try:
+        return _GRANULARITY[name]
+    except KeyError:
+        raise ValueError(f"granularity must be 'page' or 'token', got {name!r}") from None
+
+
+def granularity_from_proto(value: int) -> Optional[str]:
+    for name, v in _GRANULARITY.items():
+        if v == value:
+            return name
+    return None
 
 
 def session_config(spec: SessionSpec, out: types_pb2.SessionConfig) -> None:
@@ -95,6 +114,7 @@ def session_info(info: types_pb2.SessionInfo) -> SessionInfo:
             budget_tokens=d.budget_tokens if d.HasField("budget_tokens") else None,
             sink_tokens=d.sink_tokens if d.HasField("sink_tokens") else None,
             recent_tokens=d.recent_tokens if d.HasField("recent_tokens") else None,
+            granularity=granularity_from_proto(d.granularity),
         ),
         ttl_s=c.ttl_ms / 1000.0,
         pinned=c.pinned,

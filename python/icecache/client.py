@@ -317,18 +317,44 @@ class Client:
     ) -> FetchLayout:
         """Copies ``pages[h]`` of every KV head h (page ids, or the
         HeadSelections of select_pages) of layers [layer, layer+num_layers)
-        into ``buffer`` at ``offset``."""
+        into ``buffer`` at ``offset``. HeadSelections made at token
+        granularity fetch their tokens (packed into slots)."""
         buffer_id, base = self._buffer_ref(buffer)
         req = kv_pb2.FetchPagesRequest(
             session_id=session_id, layer=layer, buffer_id=buffer_id, offset=base + offset,
             want_positions=want_positions, num_layers=num_layers,
         )
         for h, p in enumerate(pages):
+            if isinstance(p, HeadSelection) and not p.pages and p.positions:
+                req.heads.add(kv_head=h, tokens=[int(i) for i in p.positions])
+                continue
             ids = p.pages if isinstance(p, HeadSelection) else p
             req.heads.add(kv_head=h, pages=[int(i) for i in ids])
         return _convert.fetch_layout(self._call(self._kv.FetchPages, req, "FetchPages").layout)
 
     # -- decode ------------------------------------------------------------
+
+    def fetch_tokens(
+        self,
+        session_id: str,
+        layer: int,
+        positions: Sequence[Sequence[int]],
+        buffer: Buffer,
+        offset: int = 0,
+        want_positions: bool = False,
+        num_layers: int = 1,
+    ) -> FetchLayout:
+        """Token granularity: copies the tokens at ``positions[h]`` of every KV
+        head h, packed in order into slots of page_tokens rows (kv.proto
+        HeadPages.tokens), into ``buffer`` at ``offset``."""
+        buffer_id, base = self._buffer_ref(buffer)
+        req = kv_pb2.FetchPagesRequest(
+            session_id=session_id, layer=layer, buffer_id=buffer_id, offset=base + offset,
+            want_positions=want_positions, num_layers=num_layers,
+        )
+        for h, pos in enumerate(positions):
+            req.heads.add(kv_head=h, tokens=[int(i) for i in pos])
+        return _convert.fetch_layout(self._call(self._kv.FetchPages, req, "FetchPages").layout)
 
     def decode_stream(self, session_id: str, buffer: Buffer) -> DecodeStream:
         """A new DecodeStream of the session into ``buffer`` (owned by the

@@ -150,6 +150,9 @@ class SelectOptions:
     sink_tokens: Optional[int] = None
     recent_tokens: Optional[int] = None
     want_positions: bool = False
+    # "page" (whole pages), "token" (the best tokens packed into slots:
+    # HeadSelection.pages empty, positions listed), None = the session's default.
+    granularity: Optional[str] = None
     # On a layer that is not the first of its layer group: reuse the group's
     # selection (queries may then be empty).
     reuse_group_selection: bool = False

@@ -76,6 +76,33 @@ def test_append_select_fetch_byte_identical(client, kind, dtype):
     client.drop_session(s.id)
 
 
+@pytest.mark.parametrize("selector", [icecache.Selector.EXACT, icecache.Selector.MDCI])
+def test_token_granularity_select_fetch_and_decode(client, selector):
+    spec = small_spec(selector=selector)
+    s = client.create_session(spec)
+    keys, values = kv_arrays(spec, 300, seed=7)
+    client.append_kv(s.id, keys, values)
+    q = np.random.default_rng(2).standard_normal((4, 32)).astype(np.float32)
+    opts = icecache.SelectOptions(budget_tokens=40, sink_tokens=4, granularity="token")
+    with client.create_shm_buffer(1 << 20) as out:
+        sel = client.select_pages(s.id, 0, q, opts)
+        for h in sel:
+            assert list(h.pages) == [] and list(h.fills) == [16, 16, 8]
+            assert len(h.positions) == 40 and list(h.positions[:4]) == [0, 1, 2, 3]
+        layout = client.fetch_pages(s.id, 0, sel, out, 0, want_positions=True)
+        check_fetched(out, layout, keys, values)
+        layout = client.fetch_tokens(s.id, 1, [[299, 5, 5], [0]], out, 0, want_positions=True)
+        check_fetched(out, layout, keys, values)
+        with client.decode_stream(s.id, out) as stream:
+            step = stream.step(1, q, options=icecache.SelectOptions(
+                budget_tokens=40, sink_tokens=4, granularity="token", want_positions=True))
+            check_fetched(out, step.layout, keys, values)
+            assert [list(h.positions) for h in step.layout.heads] == [list(h.positions) for h in step.heads]
+        with pytest.raises(ValueError, match="granularity"):
+            client.select_pages(s.id, 0, q, icecache.SelectOptions(granularity="row"))
+    client.drop_session(s.id)
+
+
 def test_inline_append_equals_shm_append(client):
     spec = small_spec()
     keys, values = kv_arrays(spec, 40, seed=3)

@@ -93,6 +93,11 @@ struct DciDescentParams {
   // group is served; false: by the max over the queries of the unnormalised
   // estimate (the loudest query decides).
   bool normalized = false;
+  // true: each of the G queries gets an equal share of the nodes kept on
+  // every level, taken in turn from its own ranking of the nodes (by its own
+  // estimate), so a query that disagrees with the loudest one still gets
+  // its best nodes; false: one ranking for the group (see `normalized`).
+  bool query_quotas = false;
 };
 
 // Reusable per-thread buffers of CollectCandidates (no allocation once warm).
@@ -118,6 +123,11 @@ struct DciScratch {
   std::vector<float> qres;        // nq: squared query norm outside the key subspace
   std::vector<float> taken_mask;  // nc: -inf for the candidates taken, 0 for the others
   std::vector<float> row;         // nc: one query's estimates of the candidates not taken
+  // query_quotas: per query, (estimate, candidate index) ranked head; the
+  // sorted prefix and cursor of each; candidates taken (by index).
+  std::vector<std::vector<std::pair<float, uint32_t>>> qscored;
+  std::vector<size_t> qsorted, qcursor, qchunk;
+  std::vector<uint8_t> taken_flag;
   // Output, nq: log of the estimated mass, per query, of every key under a
   // node the descent did not take (the mass outside the returned nodes).
   std::vector<float> rest;
@@ -316,6 +326,11 @@ class DciTree {
   // Returns how many were taken (the head of s->scored).
   size_t TakeBest(int level, const DciDescentParams& params, DciScratch* s,
                   std::vector<uint32_t>* nodes) const;
+  // TakeBest with per-query quotas (DciDescentParams::query_quotas): the
+  // queries take nodes in turn, each its best not yet taken by its own
+  // estimate, until the same stop; s->scored then starts with the taken nodes.
+  size_t TakeBestPerQuery(int level, const DciDescentParams& params, int nq, DciScratch* s,
+                          std::vector<uint32_t>* nodes) const;
   // Adds the estimated mass of the candidates not taken to s->rest.
   void AccumulateRest(int nq, size_t taken, DciScratch* s) const;
   // s->cand = the children of the nodes in s->next, ascending.

@@ -228,6 +228,82 @@ size_t DciTree::TakeBest(int level, const DciDescentParams& params, DciScratch* 
   return taken;
 }
 
+namespace {
+
+// The next candidate (index into cand) of query j's ranking not yet taken,
+// sorting its head in growing chunks; nc when the ranking is exhausted.
+uint32_t NextOfQuery(int j, DciScratch* s) {
+  auto& v = s->qscored[j];
+  while (true) {
+    if (s->qcursor[j] == v.size()) return static_cast<uint32_t>(v.size());
+    if (s->qcursor[j] == s->qsorted[j]) {
+      const size_t end = std::min(v.size(), s->qsorted[j] + s->qchunk[j]);
+      s->qsorted[j] = SortHead(&v, &s->head_keys, s->qsorted[j], end);
+      s->qchunk[j] *= 2;
+    }
+    const uint32_t idx = v[s->qcursor[j]++].second;
+    if (!s->taken_flag[idx]) return idx;
+  }
+}
+
+}  // namespace
+
+size_t DciTree::TakeBestPerQuery(int level, const DciDescentParams& params, int nq, DciScratch* s,
+                                 std::vector<uint32_t>* nodes) const {
+  const Level& L = levels_[level];
+  const bool leaf = level == 1;
+  const int64_t want_tokens =
+      leaf ? params.min_tokens : static_cast<int64_t>(params.cover_factor * params.min_tokens);
+  const size_t want_nodes = leaf ? 0 : static_cast<size_t>(params.field_of_view);
+  const size_t nc = s->cand.size();
+  const double mean_count = static_cast<double>(num_tokens()) / std::max<uint32_t>(1, L.size());
+  const size_t chunk = std::max<size_t>(
+      {want_nodes / std::max(1, nq) + 1,
+       static_cast<size_t>(1.25 * want_tokens / std::max(1.0, mean_count) / std::max(1, nq)) + 8});
+  s->qscored.resize(nq);
+  s->qsorted.assign(nq, 0);
+  s->qcursor.assign(nq, 0);
+  s->qchunk.assign(nq, chunk);
+  for (int j = 0; j < nq; ++j) {
+    const float* ej = &s->est[static_cast<size_t>(j) * nc];
+    auto& v = s->qscored[j];
+    v.resize(nc);
+    for (size_t i = 0; i < nc; ++i) v[i] = {ej[i], static_cast<uint32_t>(i)};
+  }
+  s->taken_flag.assign(nc, 0);
+  s->next.clear();
+  size_t taken = 0;
+  int64_t tokens = 0;
+  int exhausted = 0;
+  while (taken < nc && (taken < want_nodes || tokens < want_tokens) && exhausted < nq) {
+    exhausted = 0;
+    for (int j = 0; j < nq && (taken < want_nodes || tokens < want_tokens); ++j) {
+      const uint32_t idx = NextOfQuery(j, s);
+      if (idx == nc) {
+        ++exhausted;
+        continue;
+      }
+      s->taken_flag[idx] = 1;
+      const uint32_t node = s->cand[idx];
+      ++taken;
+      if (leaf) {
+        nodes->push_back(node);
+        tokens += pages_.node_tokens(node);
+      } else {
+        tokens += L.reps.count[node];
+        s->next.push_back(node);
+      }
+    }
+  }
+  // AccumulateRest reads the taken nodes from the head of s->scored.
+  std::stable_partition(
+      s->scored.begin(), s->scored.end(), [s](const std::pair<float, uint32_t>& e) {
+        const auto it = std::lower_bound(s->cand.begin(), s->cand.end(), e.second);
+        return s->taken_flag[it - s->cand.begin()] != 0;
+      });
+  return taken;
+}
+
 void DciTree::AccumulateRest(int nq, size_t taken, DciScratch* s) const {
   const size_t nc = s->cand.size();
   if (taken >= nc) return;
@@ -294,7 +370,8 @@ void DciTree::CollectCandidates(const float* queries, int nq, float scale,
   for (int l = entry; l >= 1; --l) {
     ScoreCandidates(l, l == entry, queries, nq, scale, half_s2, params.normalized, s);
     *touched += s->cand.size();
-    const size_t taken = TakeBest(l, params, s, nodes);
+    const size_t taken = params.query_quotas && nq > 1 ? TakeBestPerQuery(l, params, nq, s, nodes)
+                                                       : TakeBest(l, params, s, nodes);
     AccumulateRest(nq, taken, s);
     if (l == 1) return;
     ExpandChildren(l, s);

@@ -86,6 +86,9 @@ struct MdciParams {
   // tokens, 4 heads, 16 steps: llama3-8b-like mdci mass 0.5404 vs 0.5558,
   // gqa-divergent 0.4804 vs 0.5418), the estimated normalisers mislead.
   bool normalized_descent = false;
+  // true: every query of the group gets an equal share of the nodes the
+  // descent keeps, from its own ranking (DciDescentParams::query_quotas).
+  bool query_quotas = false;
   int spread_rank = 16;  // key subspace in which nodes keep their spread (>= 0)
   // > 0: pages group similar keys only within windows of this many positions.
   int locality_window = 4096;

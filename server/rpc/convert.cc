@@ -204,6 +204,10 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& p,
   if (d.has_sink_tokens()) c.default_select.sink_tokens = clamp(d.sink_tokens());
   if (d.has_recent_tokens()) c.default_select.recent_tokens = clamp(d.recent_tokens());
   c.default_select.want_positions = d.want_positions();
+  const absl::StatusOr<std::optional<Granularity>> granularity =
+      GranularityFromProto(d.granularity(), "defaults.granularity");
+  if (!granularity.ok()) return granularity.status();
+  c.default_select.granularity = granularity->value_or(Granularity::kPage);
   c.pinned = p.pinned();
   return c;
 }
@@ -232,6 +236,7 @@ v1::SessionConfig SessionConfigToProto(const SessionConfig& c) {
   d->set_sink_tokens(std::max(0, c.default_select.sink_tokens));
   d->set_recent_tokens(std::max(0, c.default_select.recent_tokens));
   d->set_want_positions(c.default_select.want_positions);
+  d->set_granularity(GranularityToProto(c.default_select.granularity));
   p.set_ttl_ms(static_cast<uint64_t>(absl::ToInt64Milliseconds(c.ttl)));
   p.set_pinned(c.pinned);
   return p;
@@ -263,6 +268,25 @@ absl::StatusOr<LayerRange> LayerRangeFromProto(uint32_t first_layer, uint32_t nu
         "first_layer (", first_layer, ") and num_layers (", num_layers, ") must be at most 4096"));
   }
   return LayerRange{static_cast<int>(first_layer), static_cast<int>(num_layers)};
+}
+
+absl::StatusOr<std::optional<Granularity>> GranularityFromProto(v1::Granularity g,
+                                                                absl::string_view field) {
+  switch (g) {
+    case v1::GRANULARITY_UNSPECIFIED:
+      return std::optional<Granularity>();
+    case v1::GRANULARITY_PAGE:
+      return std::optional<Granularity>(Granularity::kPage);
+    case v1::GRANULARITY_TOKEN:
+      return std::optional<Granularity>(Granularity::kToken);
+    default:
+      return BadField(field, absl::StrCat("is unknown: ", static_cast<int>(g),
+                                          " (GRANULARITY_PAGE or GRANULARITY_TOKEN)"));
+  }
+}
+
+v1::Granularity GranularityToProto(Granularity g) {
+  return g == Granularity::kToken ? v1::GRANULARITY_TOKEN : v1::GRANULARITY_PAGE;
 }
 
 absl::StatusOr<SelectParams> SelectParamsFromProto(const v1::SelectParams& p) {
@@ -433,6 +457,24 @@ absl::StatusOr<std::vector<std::vector<uint32_t>>> FetchPagesFromProto(
     pages.emplace_back(heads[i].pages().begin(), heads[i].pages().end());
   }
   return pages;
+}
+
+absl::StatusOr<std::vector<std::vector<int32_t>>> FetchTokensFromProto(
+    const google::protobuf::RepeatedPtrField<v1::HeadPages>& heads) {
+  std::vector<std::vector<int32_t>> tokens;
+  int with_tokens = 0;
+  for (const v1::HeadPages& h : heads) with_tokens += h.tokens_size() > 0 ? 1 : 0;
+  if (with_tokens == 0) return tokens;
+  for (int i = 0; i < heads.size(); ++i) {
+    if (heads[i].tokens_size() == 0 || heads[i].pages_size() > 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "heads[", i, "] (kv_head ", heads[i].kv_head(), ") lists ", heads[i].pages_size(),
+          " pages and ", heads[i].tokens_size(), " tokens: a fetch lists tokens for every head (",
+          with_tokens, " of ", heads.size(), " do) and no pages, or pages only"));
+    }
+    tokens.emplace_back(heads[i].tokens().begin(), heads[i].tokens().end());
+  }
+  return tokens;
 }
 
 uint64_t QuotaFromProto(uint64_t q) { return q == 0 ? kUnlimitedQuota : q; }

@@ -6,6 +6,7 @@
 #ifndef ICECACHE_SERVER_RPC_CONVERT_H_
 #define ICECACHE_SERVER_RPC_CONVERT_H_
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -56,6 +57,12 @@ absl::StatusOr<LayerRange> LayerRangeFromProto(uint32_t first_layer, uint32_t nu
 // InvalidArgument for an explicit budget of 0.
 absl::StatusOr<SelectParams> SelectParamsFromProto(const v1::SelectParams& proto);
 
+// SelectParams.granularity: nullopt for UNSPECIFIED (the session's default).
+// InvalidArgument naming `field` for an unknown value.
+absl::StatusOr<std::optional<Granularity>> GranularityFromProto(v1::Granularity granularity,
+                                                                absl::string_view field);
+v1::Granularity GranularityToProto(Granularity granularity);
+
 // Query bytes of `dtype` (UNSPECIFIED = FLOAT32) to fp32. InvalidArgument
 // when the length is not a multiple of the element size or is empty (and
 // `allow_empty` is false). Shape (q_heads x head_dim) is checked by the core.
@@ -87,6 +94,11 @@ void FetchLayoutToProto(const FetchLayout& layout, absl::string_view buffer_id,
 // FetchPagesRequest.heads -> pages per KV head. InvalidArgument unless the
 // heads are listed once each, kv_head 0..n-1 in order.
 absl::StatusOr<std::vector<std::vector<uint32_t>>> FetchPagesFromProto(
+    const google::protobuf::RepeatedPtrField<v1::HeadPages>& heads);
+// FetchPagesRequest.heads -> token positions per KV head (token
+// granularity); empty when no head lists tokens. InvalidArgument when some
+// heads list tokens and others do not, or a head lists pages and tokens.
+absl::StatusOr<std::vector<std::vector<int32_t>>> FetchTokensFromProto(
     const google::protobuf::RepeatedPtrField<v1::HeadPages>& heads);
 
 void TenantInfoToProto(const TenantInfo& info, v1::TenantInfo* out);

@@ -57,6 +57,8 @@ absl::Status DecodeBatchStep(SessionManager& manager, const Caller& caller,
   DecodeBatchEntry shared;
   ASSIGN_OR_RETURN(shared.select.layer, LayerIndex(req.layer()));
   ASSIGN_OR_RETURN(shared.select.params, SelectParamsFromProto(req.params()));
+  ASSIGN_OR_RETURN(shared.select.granularity,
+                   GranularityFromProto(req.params().granularity(), "params.granularity"));
   ASSIGN_OR_RETURN(shared.num_layers, LayerCount(req.num_layers()));
   std::vector<absl::StatusOr<DecodeBatchEntry>> converted;
   std::vector<DecodeBatchEntry> runnable;
@@ -348,6 +350,8 @@ grpc::Status KvServiceImpl::SelectPages(grpc::ServerContext* ctx, const v1::Sele
     ASSIGN_OR_RETURN(sr.queries, QueriesFromProto(req->queries(), req->query_dtype(),
                                                   req->reuse_group_selection()));
     ASSIGN_OR_RETURN(sr.params, SelectParamsFromProto(req->params()));
+    ASSIGN_OR_RETURN(sr.granularity,
+                     GranularityFromProto(req->params().granularity(), "params.granularity"));
     sr.reuse_group_selection = req->reuse_group_selection();
     const auto t0 = std::chrono::steady_clock::now();
     ASSIGN_OR_RETURN(SelectResult r, deps.manager->SelectPages(caller, req->session_id(), sr));
@@ -370,6 +374,8 @@ grpc::Status KvServiceImpl::FetchPages(grpc::ServerContext* ctx, const v1::Fetch
     ASSIGN_OR_RETURN(fr.layer, LayerIndex(req->layer()));
     ASSIGN_OR_RETURN(fr.num_layers, LayerCount(req->num_layers()));
     ASSIGN_OR_RETURN(fr.pages, FetchPagesFromProto(req->heads()));
+    ASSIGN_OR_RETURN(fr.tokens, FetchTokensFromProto(req->heads()));
+    if (!fr.tokens.empty()) fr.pages.clear();
     fr.buffer_id = req->buffer_id();
     fr.offset = req->offset();
     fr.want_positions = req->want_positions();
@@ -418,6 +424,8 @@ grpc::Status KvServiceImpl::DecodeStep(
       ASSIGN_OR_RETURN(sr.queries, QueriesFromProto(req.queries(), req.query_dtype(),
                                                     req.reuse_group_selection()));
       ASSIGN_OR_RETURN(sr.params, SelectParamsFromProto(req.params()));
+      ASSIGN_OR_RETURN(sr.granularity,
+                       GranularityFromProto(req.params().granularity(), "params.granularity"));
       sr.reuse_group_selection = req.reuse_group_selection();
       ASSIGN_OR_RETURN(const int num_layers, LayerCount(req.num_layers()));
       ASSIGN_OR_RETURN(DecodeStepResult r,

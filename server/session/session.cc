@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "server/index/parallel_build.h"
+#include "server/index/token_select.h"
 
 namespace icecache {
 
@@ -66,6 +67,7 @@ absl::StatusOr<SelectParams> ResolveParams(const SessionConfig& c, const SelectP
   if (p.budget_tokens <= 0) p.budget_tokens = SelectParams().budget_tokens;
   p.sink_tokens = pick(in.sink_tokens, c.default_select.sink_tokens);
   p.recent_tokens = pick(in.recent_tokens, c.default_select.recent_tokens);
+  p.granularity = c.default_select.granularity;
   if (p.budget_tokens > tokens) p.budget_tokens = static_cast<int>(tokens);
   return p;
 }
@@ -154,6 +156,7 @@ absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req, int threa
   }
   RETURN_IF_ERROR(CheckQueries(config, req.queries));
   ASSIGN_OR_RETURN(SelectParams params, ResolveParams(config, req.params, tokens));
+  if (req.granularity.has_value()) params.granularity = *req.granularity;
   result.heads.resize(config.kv_heads);
   // The tasks run while this thread holds mu (shared) and waits for them.
   RETURN_IF_ERROR(ForEachHead(config.kv_heads, threads, [&](int h) {
@@ -186,6 +189,7 @@ absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchReques
                      " cross a layer group boundary (layer_reuse=", c.layer_reuse, ")"));
   }
   RETURN_IF_ERROR(CheckUsable());
+  if (!req.tokens.empty()) return FetchTokens(lease, req, group, threads);
   if (req.pages.size() != static_cast<size_t>(c.kv_heads)) {
     return absl::InvalidArgumentError(
         absl::StrCat("fetch: pages must list ", c.kv_heads, " kv heads, got ", req.pages.size()));
@@ -254,6 +258,74 @@ absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchReques
       GatherFrames(frames.data() + first, count, bytes, dst);
     });
   }));
+  return layout;
+}
+
+absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const FetchRequest& req,
+                                                 int group, int threads) const {
+  const SessionConfig& c = config;
+  if (req.tokens.size() != static_cast<size_t>(c.kv_heads)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("fetch: tokens must list ", c.kv_heads, " kv heads, got ", req.tokens.size()));
+  }
+  for (int h = 0; h < static_cast<int>(req.pages.size()); ++h) {
+    if (!req.pages[h].empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "fetch: kv head ", h, " lists both pages and tokens; ask for one or the other"));
+    }
+  }
+  // Every position, checked and placed, before anything is written.
+  const int64_t held = group_tokens[group];
+  std::vector<std::vector<Placement>> placed(c.kv_heads);
+  std::vector<std::vector<uint32_t>> slot_pages(c.kv_heads), fills(c.kv_heads);
+  for (int h = 0; h < c.kv_heads; ++h) {
+    const Selector* sel = selectors.empty() ? nullptr : selectors[SelectorIndex(group, h)].get();
+    placed[h].reserve(req.tokens[h].size());
+    for (int32_t pos : req.tokens[h]) {
+      if (pos < 0 || pos >= held || sel == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat("fetch: token position ", pos,
+                                                       " of kv head ", h, " is not in 0..",
+                                                       held - 1, " (the session's tokens)"));
+      }
+      placed[h].push_back(sel->placement_of(pos));
+    }
+    PackedFills(static_cast<int64_t>(placed[h].size()), c.page_tokens, &fills[h]);
+    slot_pages[h].assign(fills[h].size(), kTokenSlot);
+  }
+  ASSIGN_OR_RETURN(FetchLayout layout,
+                   PlanFetchLayout(geometry, req.layer, req.num_layers, slot_pages, fills,
+                                   req.offset, lease.size()));
+  if (req.want_positions) {
+    for (int h = 0; h < c.kv_heads; ++h) layout.heads[h].positions = req.tokens[h];
+  }
+  // One block per (layer, head): its rows' sources and where it starts.
+  const uint64_t row_bytes = static_cast<uint64_t>(c.head_dim) * DTypeSize(c.dtype);
+  const int blocks = req.num_layers * c.kv_heads;
+  std::vector<std::vector<RowSource>> rows(blocks);
+  std::vector<uint64_t> block_offset(blocks);
+  uint64_t at = req.offset;
+  for (int j = 0; j < req.num_layers; ++j) {
+    for (int h = 0; h < c.kv_heads; ++h) {
+      const int b = j * c.kv_heads + h;
+      const std::vector<uint8_t*>& table = page_frames[FrameTableIndex(req.layer + j, h)];
+      rows[b].reserve(placed[h].size());
+      for (const Placement& p : placed[h]) rows[b].push_back(RowSource{table[p.page], p.slot});
+      block_offset[b] = at;
+      at += fills[h].size() * frame_bytes;
+    }
+  }
+  auto write_block = [&](int b) {
+    const uint64_t bytes = ((rows[b].size() + c.page_tokens - 1) / c.page_tokens) * frame_bytes;
+    if (bytes == 0) return absl::OkStatus();
+    return lease.Write(block_offset[b], bytes, [&](uint8_t* dst) {
+      GatherRows(rows[b].data(), rows[b].size(), c.page_tokens, row_bytes, dst);
+    });
+  };
+  if (threads == 1 || layout.total_bytes < kParallelGatherBytes) {
+    for (int b = 0; b < blocks; ++b) RETURN_IF_ERROR(write_block(b));
+    return layout;
+  }
+  RETURN_IF_ERROR(ForEachHead(blocks, threads, write_block));
   return layout;
 }
 

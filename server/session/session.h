@@ -144,6 +144,10 @@ class Session {
   // Every check runs before any byte is written.
   absl::StatusOr<FetchLayout> Fetch(BufferLease& lease, const FetchRequest& req, int threads) const
       ABSL_SHARED_LOCKS_REQUIRED(mu);
+  // Fetch at token granularity (req.tokens): positions placed through the
+  // group's selectors, rows packed into slots (gather.h).
+  absl::StatusOr<FetchLayout> FetchTokens(BufferLease& lease, const FetchRequest& req, int group,
+                                          int threads) const ABSL_SHARED_LOCKS_REQUIRED(mu);
 
   // Gather blocks smaller than this are written by one task (a thread hop
   // costs more than the copy).

@@ -597,8 +597,16 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
   fetch.offset = offset;
   fetch.want_positions = select.params.want_positions;
   fetch.device = device;
-  fetch.pages.reserve(out.selection.heads.size());
-  for (const Selection& sel : out.selection.heads) fetch.pages.push_back(sel.pages);
+  const bool by_token =
+      !out.selection.heads.empty() && !out.selection.heads.front().token_refs.empty();
+  for (const Selection& sel : out.selection.heads) {
+    // Token granularity: the selected tokens, packed (their positions always come back).
+    if (by_token) {
+      fetch.tokens.push_back(sel.positions);
+    } else {
+      fetch.pages.push_back(sel.pages);
+    }
+  }
   ASSIGN_OR_RETURN(out.layout, s.Fetch(lease, fetch, options_.decode_threads));
   return out;
 }

@@ -5,6 +5,7 @@
 #define ICECACHE_SERVER_SESSION_SESSION_TYPES_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -86,6 +87,8 @@ struct SelectRequest {
   // q / (q_heads / kv_heads).
   std::vector<float> queries;
   SelectParams params;
+  // Unset: the session's default (default_select.granularity); params.granularity is ignored.
+  std::optional<Granularity> granularity;
   // For a layer that is not the first of its group: reuse the selection
   // made for the group's first layer at the current token count instead of
   // selecting (queries may then be empty). FailedPrecondition if there is none.
@@ -102,10 +105,15 @@ struct SelectResult {
 // FetchPages request: pages[h] for every KV head h (ids of the layer group's
 // index; duplicates allowed, each takes a slot), written for layers
 // [layer, layer + num_layers) which must lie in one layer group.
+//
+// Token granularity: `tokens` (non-empty: one vector per KV head, each
+// head's pages empty) lists token positions per head (duplicates allowed),
+// packed into slots in that order (gather.h).
 struct FetchRequest {
   int layer = 0;
   int num_layers = 1;
   std::vector<std::vector<uint32_t>> pages;
+  std::vector<std::vector<int32_t>> tokens;
   std::string buffer_id;
   uint64_t offset = 0;
   bool want_positions = false;

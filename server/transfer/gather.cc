@@ -95,4 +95,23 @@ void GatherFrames(const uint8_t* const* frames, size_t count, uint64_t frame_byt
   }
 }
 
+void GatherRows(const RowSource* rows, size_t count, int page_tokens, uint64_t row_bytes,
+                uint8_t* dst) {
+  const size_t t = static_cast<size_t>(page_tokens);
+  const uint64_t block = t * row_bytes;  // one K (or V) block
+  for (size_t i = 0; i < count; ++i) {
+    uint8_t* slot = dst + (i / t) * 2 * block;
+    const uint64_t row = (i % t) * row_bytes;
+    const uint64_t src = uint64_t{rows[i].slot} * row_bytes;
+    std::memcpy(slot + row, rows[i].frame + src, row_bytes);
+    std::memcpy(slot + block + row, rows[i].frame + block + src, row_bytes);
+  }
+  const size_t rem = count % t;
+  if (rem != 0) {
+    uint8_t* slot = dst + (count / t) * 2 * block;
+    std::memset(slot + rem * row_bytes, 0, (t - rem) * row_bytes);
+    std::memset(slot + block + rem * row_bytes, 0, (t - rem) * row_bytes);
+  }
+}
+
 }  // namespace icecache

@@ -21,6 +21,13 @@
 // for, are listed per head: fills[i] positions for the i-th page, in slot
 // order, concatenated.
 //
+// Token granularity (FetchRequest.tokens): the slots hold selected tokens
+// instead of whole pages. A head's tokens are packed in request order, row r
+// of the head's i-th slot holding its (i x page_tokens + r)-th token (K row in
+// the K block, V row in the V block); all slots are full but the head's last.
+// Those slots carry page id kTokenSlot, and positions list the tokens in
+// order. The region's geometry is the same.
+//
 // Thread safety: free functions, reentrant; FetchLayout is a value type.
 #ifndef ICECACHE_SERVER_TRANSFER_GATHER_H_
 #define ICECACHE_SERVER_TRANSFER_GATHER_H_
@@ -33,6 +40,9 @@
 #include "common/dtype.h"
 
 namespace icecache {
+
+// FetchSlot.page of a slot packed with tokens (token granularity).
+inline constexpr uint32_t kTokenSlot = UINT32_MAX;
 
 // One page placed in the region (first layer of the fetch; add j *
 // layer_stride_bytes for the j-th layer).
@@ -87,6 +97,20 @@ absl::StatusOr<FetchLayout> PlanFetchLayout(const PageGeometry& geometry, int fi
 // Copies `count` frames of `frame_bytes` each, frames[i] -> dst + i *
 // frame_bytes. Plain memcpy: safe inside RunSigbusGuarded / BufferLease::Write.
 void GatherFrames(const uint8_t* const* frames, size_t count, uint64_t frame_bytes, uint8_t* dst);
+
+// Where one token's rows are: its page's frame (K block, then V block of
+// page_tokens rows each) and its slot in the page.
+struct RowSource {
+  const uint8_t* frame = nullptr;
+  uint32_t slot = 0;
+};
+
+// Packs `count` tokens into ceil(count / page_tokens) consecutive slots of
+// 2 x page_tokens x row_bytes bytes at `dst`: token i's K row goes to row
+// i % page_tokens of slot i / page_tokens's K block, its V row likewise; the
+// rows past the last token are zeroed. Plain memcpy (as GatherFrames).
+void GatherRows(const RowSource* rows, size_t count, int page_tokens, uint64_t row_bytes,
+                uint8_t* dst);
 
 }  // namespace icecache
 

@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <random>
 #include <vector>
@@ -22,6 +23,7 @@
 #include "server/index/owned_page_keys.h"
 #include "server/index/page_select.h"
 #include "server/index/selector.h"
+#include "server/transfer/gather.h"
 
 namespace icecache {
 namespace {
@@ -261,6 +263,53 @@ BENCHMARK_CAPTURE(BM_Build, Mdci, SelectorKind::kMdci)
 BENCHMARK_CAPTURE(BM_Build, Exact, SelectorKind::kExact)
     ->Arg(131072)
     ->Unit(benchmark::kMillisecond);
+
+// Gather of one head's selection into the staging region (docs/architecture.md
+// §6): 16 whole pages of 16 tokens (page granularity) against 256 scattered
+// tokens packed into 16 slots (token granularity). 131072 tokens of fp16 K+V
+// at head_dim 128 in 8 KiB frames (64 MiB, past the last-level cache); each
+// iteration picks new random pages / tokens.
+struct GatherFixture {
+  static constexpr int kPageTokens = 16;
+  static constexpr int kDim = 128;
+  static constexpr uint64_t kRowBytes = kDim * 2;
+  static constexpr uint64_t kFrameBytes = 2 * kPageTokens * kRowBytes;
+  std::vector<std::unique_ptr<uint8_t[]>> frames;
+  std::vector<uint8_t> staging = std::vector<uint8_t>(16 * kFrameBytes);
+  std::mt19937 rng{7};
+  GatherFixture() {
+    frames.resize(131072 / kPageTokens);
+    for (auto& f : frames) {
+      f.reset(new uint8_t[kFrameBytes]);
+      std::memset(f.get(), 1, kFrameBytes);
+    }
+  }
+};
+
+void BM_Gather(benchmark::State& state) {
+  const bool by_token = state.range(0) == 1;
+  static GatherFixture* f = new GatherFixture();
+  std::uniform_int_distribution<uint32_t> page(0, static_cast<uint32_t>(f->frames.size() - 1));
+  std::uniform_int_distribution<uint32_t> slot(0, GatherFixture::kPageTokens - 1);
+  std::vector<const uint8_t*> pages(16);
+  std::vector<RowSource> rows(256);
+  for (auto _ : state) {
+    state.PauseTiming();
+    for (auto& p : pages) p = f->frames[page(f->rng)].get();
+    for (auto& r : rows) r = RowSource{f->frames[page(f->rng)].get(), slot(f->rng)};
+    state.ResumeTiming();
+    if (by_token) {
+      GatherRows(rows.data(), rows.size(), GatherFixture::kPageTokens, GatherFixture::kRowBytes,
+                 f->staging.data());
+    } else {
+      GatherFrames(pages.data(), pages.size(), GatherFixture::kFrameBytes, f->staging.data());
+    }
+    benchmark::DoNotOptimize(f->staging.data());
+  }
+  state.SetBytesProcessed(state.iterations() * 16 * GatherFixture::kFrameBytes);
+  state.SetLabel(by_token ? "256 tokens" : "16 pages");
+}
+BENCHMARK(BM_Gather)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 }  // namespace icecache

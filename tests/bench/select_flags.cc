@@ -127,6 +127,9 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "mdci: candidates scored exactly, x budget");
   app->add_option("--mdci-normalized-descent", o_.mdci.normalized_descent,
                   "mdci: rank nodes by each query's normalised share (1) or the loudest query (0)");
+  app->add_option("--mdci-query-quotas", o_.mdci.query_quotas,
+                  "mdci: each query of the group takes its share of the descent's nodes from its "
+                  "own ranking (1) or one ranking for the group (0)");
   app->add_option("--mdci-target-mass", o_.mdci_target_mass,
                   "mdci: self-calibrate the width to this mass ratio vs exact-mdci (0: off)");
   app->add_option("--calibrate-every", o_.calibrate_every,

@@ -21,8 +21,10 @@ using ::testing::SizeIs;
 // Runs prefill (tokens - steps*append) then `steps` decode steps appending
 // `append` tokens each, one DecodeStep per layer; checks every page.
 // Returns the number of page blocks verified.
-absl::StatusOr<int64_t> PrefillAndDecode(Client& client, const TestModel& m, int steps, int append,
-                                         bool inline_kv, std::vector<double>* mass = nullptr) {
+absl::StatusOr<int64_t> PrefillAndDecode(
+    Client& client, const TestModel& m, int steps, int append, bool inline_kv,
+    std::vector<double>* mass = nullptr,
+    SelectionGranularity granularity = SelectionGranularity::kDefault) {
   ASSIGN_OR_RETURN(SessionInfo s, client.CreateSession(m.spec));
   const int64_t prefill = m.dump.tokens - static_cast<int64_t>(steps) * append;
   ASSIGN_OR_RETURN(ShmBuffer kv_buf, client.CreateShmBuffer(m.kv.ChunkBytes(0, prefill)));
@@ -41,6 +43,7 @@ absl::StatusOr<int64_t> PrefillAndDecode(Client& client, const TestModel& m, int
   opt.budget_tokens = 64;
   opt.sink_tokens = 4;
   opt.want_positions = true;
+  opt.granularity = granularity;
   int64_t verified = 0;
   for (int step = 0; step < steps; ++step) {
     const int64_t t = static_cast<int64_t>(tokens);
@@ -146,6 +149,75 @@ TEST(EndToEndTest, InlineAppendAndSelectThenFetchMatch) {
   EXPECT_GT(info->bytes, 0u);
   EXPECT_THAT((*client)->DropSession(s->id), IsOk());
   EXPECT_THAT((*client)->GetSession(s->id), StatusIs(absl::StatusCode::kNotFound));
+}
+
+TEST(EndToEndTest, TokenGranularityFetchesTheSelectedTokensPackedIntoSlots) {
+  auto daemon = StartDaemon();
+  ASSERT_THAT(daemon, IsOk());
+  auto client = Connect(**daemon);
+  ASSERT_THAT(client, IsOk());
+  for (SelectorType sel : {SelectorType::kExact, SelectorType::kMdci}) {
+    SCOPED_TRACE(std::string(SelectorTypeName(sel)));
+    TestModel m = MakeModel(/*layers=*/2, /*kv_heads=*/2, /*tokens=*/1024, /*steps=*/4, sel);
+    // DecodeStep at token granularity: every fetched row is the appended one.
+    std::vector<double> page_mass, token_mass;
+    ASSERT_THAT(
+        PrefillAndDecode(**client, m, 4, 16, false, &page_mass, SelectionGranularity::kPage),
+        IsOk());
+    auto verified =
+        PrefillAndDecode(**client, m, 4, 16, false, &token_mass, SelectionGranularity::kToken);
+    ASSERT_THAT(verified, IsOk());
+    EXPECT_EQ(*verified, 4 * 2 * 2 * 4);  // 64 tokens = 4 full slots per head, layer and step
+    double pm = 0, tm = 0;
+    for (double v : page_mass) pm += v;
+    for (double v : token_mass) tm += v;
+    if (sel == SelectorType::kExact) {
+      EXPECT_GE(tm, pm) << "the best tokens hold at least the best pages' mass";
+    }
+
+    // SelectPages, then FetchPages of the selection's tokens.
+    auto s = (*client)->CreateSession(m.spec);
+    ASSERT_THAT(s, IsOk());
+    ASSERT_THAT((*client)->AppendKvInline(s->id, m.kv.Chunk(0, 500), 500), IsOk());
+    SelectOptions opt;
+    opt.budget_tokens = 40;
+    opt.sink_tokens = 4;
+    opt.granularity = SelectionGranularity::kToken;
+    auto heads = (*client)->SelectPages(s->id, 1, Queries(m, 0, 1), opt);
+    ASSERT_THAT(heads, IsOk());
+    ASSERT_THAT(*heads, SizeIs(2));
+    for (const HeadSelection& h : *heads) {
+      EXPECT_TRUE(h.pages.empty());
+      EXPECT_THAT(h.fills, ::testing::ElementsAre(16, 16, 8));
+      ASSERT_THAT(h.positions, SizeIs(40));
+      EXPECT_THAT(std::vector<int32_t>(h.positions.begin(), h.positions.begin() + 4),
+                  ::testing::ElementsAre(0, 1, 2, 3));
+    }
+    auto out = (*client)->CreateShmBuffer(1 << 20);
+    ASSERT_THAT(out, IsOk());
+    auto layout = (*client)->FetchPages(s->id, 1, *heads, out->buffer_id(), 0, true);
+    ASSERT_THAT(layout, IsOk());
+    ASSERT_THAT(layout->heads, SizeIs(2));
+    for (size_t h = 0; h < 2; ++h) {
+      EXPECT_THAT(layout->heads[h].pages, ::testing::Each(UINT32_MAX));
+      EXPECT_EQ(layout->heads[h].fills, (*heads)[h].fills);
+      EXPECT_EQ(layout->heads[h].positions, (*heads)[h].positions);
+    }
+    auto n = VerifyFetch(m.kv, 500, *layout, *heads, out->data(), out->size());
+    ASSERT_THAT(n, IsOk());
+    EXPECT_EQ(*n, 6);
+    // Any positions, in any order, duplicates included.
+    layout = (*client)->FetchTokens(s->id, 0, {{499, 7, 7}, {0}}, out->buffer_id(), 0, true);
+    ASSERT_THAT(layout, IsOk());
+    ASSERT_THAT(VerifyFetch(m.kv, 500, *layout, {}, out->data(), out->size()), IsOk());
+    // Bad requests name the head and the position.
+    EXPECT_THAT((*client)->FetchTokens(s->id, 0, {{1}, {500}}, out->buffer_id(), 0),
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         ::testing::HasSubstr("position 500 of kv head 1")));
+    EXPECT_THAT((*client)->FetchTokens(s->id, 0, {{1}, {}}, out->buffer_id(), 0),
+                StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("heads[1]")));
+    EXPECT_THAT((*client)->DropSession(s->id), IsOk());
+  }
 }
 
 TEST(EndToEndTest, LayerGroupFetchWritesEveryLayerOfTheGroup) {

@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 from icecache.v1 import types_pb2 as icecache_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14icecache/v1/kv.proto\x12\x0bicecache.v1\x1a\x17icecache/v1/types.proto\"\xae\x01\n\x0f\x41ppendKvRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12+\n\x06region\x18\x03 \x01(\x0b\x32\x19.icecache.v1.BufferRegionH\x00\x12\x13\n\tinline_kv\x18\x04 \x01(\x0cH\x00\x12\x13\n\x0b\x66irst_layer\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\rB\x08\n\x06source\"E\n\x10\x41ppendKvResponse\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x12\n\nnext_layer\x18\x03 \x01(\r\"\xbb\x01\n\x12SelectPagesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x0f\n\x07queries\x18\x03 \x01(\x0c\x12\'\n\x0bquery_dtype\x18\x04 \x01(\x0e\x32\x12.icecache.v1.DType\x12)\n\x06params\x18\x05 \x01(\x0b\x32\x19.icecache.v1.SelectParams\x12\x1d\n\x15reuse_group_selection\x18\x06 \x01(\x08\"P\n\x13SelectPagesResponse\x12)\n\x05heads\x18\x01 \x03(\x0b\x32\x1a.icecache.v1.HeadSelection\x12\x0e\n\x06reused\x18\x02 \x01(\x08\"/\n\tHeadPages\x12\x0f\n\x07kv_head\x18\x01 \x01(\r\x12\x11\n\x05pages\x18\x02 \x03(\rB\x02\x10\x01\"\xeb\x01\n\x11\x46\x65tchPagesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12%\n\x05heads\x18\x03 \x03(\x0b\x32\x16.icecache.v1.HeadPages\x12\x11\n\tbuffer_id\x18\x04 \x01(\t\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x16\n\x0ewant_positions\x18\x06 \x01(\x08\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x15\n\tblock_ids\x18\x08 \x03(\rB\x02\x10\x01\x12\x12\n\nwait_event\x18\t \x01(\x0c\x12\x12\n\ndone_event\x18\n \x01(\x0c\">\n\x12\x46\x65tchPagesResponse\x12(\n\x06layout\x18\x01 \x01(\x0b\x32\x18.icecache.v1.FetchLayout\"\xde\x02\n\x11\x44\x65\x63odeStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x0f\n\x07queries\x18\x03 \x01(\x0c\x12\'\n\x0bquery_dtype\x18\x04 \x01(\x0e\x32\x12.icecache.v1.DType\x12)\n\x06params\x18\x05 \x01(\x0b\x32\x19.icecache.v1.SelectParams\x12\x11\n\tbuffer_id\x18\x06 \x01(\t\x12\x0e\n\x06offset\x18\x07 \x01(\x04\x12\x1d\n\x15reuse_group_selection\x18\x08 \x01(\x08\x12\x12\n\nnum_layers\x18\t \x01(\r\x12,\n\x05\x62\x61tch\x18\n \x03(\x0b\x32\x1d.icecache.v1.DecodeBatchEntry\x12\x15\n\tblock_ids\x18\x0b \x03(\rB\x02\x10\x01\x12\x12\n\nwait_event\x18\x0c \x01(\x0c\x12\x12\n\ndone_event\x18\r \x01(\x0c\"\xb7\x01\n\x12\x44\x65\x63odeStepResponse\x12\r\n\x05layer\x18\x01 \x01(\r\x12)\n\x05heads\x18\x02 \x03(\x0b\x32\x1a.icecache.v1.HeadSelection\x12(\n\x06layout\x18\x03 \x01(\x0b\x32\x18.icecache.v1.FetchLayout\x12\x0e\n\x06reused\x18\x04 \x01(\x08\x12-\n\x05\x62\x61tch\x18\x05 \x03(\x0b\x32\x1e.icecache.v1.DecodeBatchResult\"y\n\x10\x44\x65\x63odeBatchEntry\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07queries\x18\x02 \x01(\x0c\x12\x11\n\tbuffer_id\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x1d\n\x15reuse_group_selection\x18\x05 \x01(\x08\"\xab\x01\n\x11\x44\x65\x63odeBatchResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12)\n\x05heads\x18\x04 \x03(\x0b\x32\x1a.icecache.v1.HeadSelection\x12(\n\x06layout\x18\x05 \x01(\x0b\x32\x18.icecache.v1.FetchLayout\x12\x0e\n\x06reused\x18\x06 \x01(\x08\x32\xc8\x02\n\tKvService\x12G\n\x08\x41ppendKv\x12\x1c.icecache.v1.AppendKvRequest\x1a\x1d.icecache.v1.AppendKvResponse\x12P\n\x0bSelectPages\x12\x1f.icecache.v1.SelectPagesRequest\x1a .icecache.v1.SelectPagesResponse\x12M\n\nFetchPages\x12\x1e.icecache.v1.FetchPagesRequest\x1a\x1f.icecache.v1.FetchPagesResponse\x12Q\n\nDecodeStep\x12\x1e.icecache.v1.DecodeStepRequest\x1a\x1f.icecache.v1.DecodeStepResponse(\x01\x30\x01\x42\x03\xf8\x01\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14icecache/v1/kv.proto\x12\x0bicecache.v1\x1a\x17icecache/v1/types.proto\"\xae\x01\n\x0f\x41ppendKvRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12+\n\x06region\x18\x03 \x01(\x0b\x32\x19.icecache.v1.BufferRegionH\x00\x12\x13\n\tinline_kv\x18\x04 \x01(\x0cH\x00\x12\x13\n\x0b\x66irst_layer\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\rB\x08\n\x06source\"E\n\x10\x41ppendKvResponse\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x12\n\nnext_layer\x18\x03 \x01(\r\"\xbb\x01\n\x12SelectPagesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x0f\n\x07queries\x18\x03 \x01(\x0c\x12\'\n\x0bquery_dtype\x18\x04 \x01(\x0e\x32\x12.icecache.v1.DType\x12)\n\x06params\x18\x05 \x01(\x0b\x32\x19.icecache.v1.SelectParams\x12\x1d\n\x15reuse_group_selection\x18\x06 \x01(\x08\"P\n\x13SelectPagesResponse\x12)\n\x05heads\x18\x01 \x03(\x0b\x32\x1a.icecache.v1.HeadSelection\x12\x0e\n\x06reused\x18\x02 \x01(\x08\"C\n\tHeadPages\x12\x0f\n\x07kv_head\x18\x01 \x01(\r\x12\x11\n\x05pages\x18\x02 \x03(\rB\x02\x10\x01\x12\x12\n\x06tokens\x18\x03 \x03(\x05\x42\x02\x10\x01\"\xeb\x01\n\x11\x46\x65tchPagesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12%\n\x05heads\x18\x03 \x03(\x0b\x32\x16.icecache.v1.HeadPages\x12\x11\n\tbuffer_id\x18\x04 \x01(\t\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x16\n\x0ewant_positions\x18\x06 \x01(\x08\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x15\n\tblock_ids\x18\x08 \x03(\rB\x02\x10\x01\x12\x12\n\nwait_event\x18\t \x01(\x0c\x12\x12\n\ndone_event\x18\n \x01(\x0c\">\n\x12\x46\x65tchPagesResponse\x12(\n\x06layout\x18\x01 \x01(\x0b\x32\x18.icecache.v1.FetchLayout\"\xde\x02\n\x11\x44\x65\x63odeStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x0f\n\x07queries\x18\x03 \x01(\x0c\x12\'\n\x0bquery_dtype\x18\x04 \x01(\x0e\x32\x12.icecache.v1.DType\x12)\n\x06params\x18\x05 \x01(\x0b\x32\x19.icecache.v1.SelectParams\x12\x11\n\tbuffer_id\x18\x06 \x01(\t\x12\x0e\n\x06offset\x18\x07 \x01(\x04\x12\x1d\n\x15reuse_group_selection\x18\x08 \x01(\x08\x12\x12\n\nnum_layers\x18\t \x01(\r\x12,\n\x05\x62\x61tch\x18\n \x03(\x0b\x32\x1d.icecache.v1.DecodeBatchEntry\x12\x15\n\tblock_ids\x18\x0b \x03(\rB\x02\x10\x01\x12\x12\n\nwait_event\x18\x0c \x01(\x0c\x12\x12\n\ndone_event\x18\r \x01(\x0c\"\xb7\x01\n\x12\x44\x65\x63odeStepResponse\x12\r\n\x05layer\x18\x01 \x01(\r\x12)\n\x05heads\x18\x02 \x03(\x0b\x32\x1a.icecache.v1.HeadSelection\x12(\n\x06layout\x18\x03 \x01(\x0b\x32\x18.icecache.v1.FetchLayout\x12\x0e\n\x06reused\x18\x04 \x01(\x08\x12-\n\x05\x62\x61tch\x18\x05 \x03(\x0b\x32\x1e.icecache.v1.DecodeBatchResult\"y\n\x10\x44\x65\x63odeBatchEntry\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07queries\x18\x02 \x01(\x0c\x12\x11\n\tbuffer_id\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x1d\n\x15reuse_group_selection\x18\x05 \x01(\x08\"\xab\x01\n\x11\x44\x65\x63odeBatchResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12)\n\x05heads\x18\x04 \x03(\x0b\x32\x1a.icecache.v1.HeadSelection\x12(\n\x06layout\x18\x05 \x01(\x0b\x32\x18.icecache.v1.FetchLayout\x12\x0e\n\x06reused\x18\x06 \x01(\x08\x32\xc8\x02\n\tKvService\x12G\n\x08\x41ppendKv\x12\x1c.icecache.v1.AppendKvRequest\x1a\x1d.icecache.v1.AppendKvResponse\x12P\n\x0bSelectPages\x12\x1f.icecache.v1.SelectPagesRequest\x1a .icecache.v1.SelectPagesResponse\x12M\n\nFetchPages\x12\x1e.icecache.v1.FetchPagesRequest\x1a\x1f.icecache.v1.FetchPagesResponse\x12Q\n\nDecodeStep\x12\x1e.icecache.v1.DecodeStepRequest\x1a\x1f.icecache.v1.DecodeStepResponse(\x01\x30\x01\x42\x03\xf8\x01\x01\x62\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'icecache.v1.kv_pb2', globals())
@@ -24,6 +24,8 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._serialized_options = b'\370\001\001'
   _HEADPAGES.fields_by_name['pages']._options = None
   _HEADPAGES.fields_by_name['pages']._serialized_options = b'\020\001'
+  _HEADPAGES.fields_by_name['tokens']._options = None
+  _HEADPAGES.fields_by_name['tokens']._serialized_options = b'\020\001'
   _FETCHPAGESREQUEST.fields_by_name['block_ids']._options = None
   _FETCHPAGESREQUEST.fields_by_name['block_ids']._serialized_options = b'\020\001'
   _DECODESTEPREQUEST.fields_by_name['block_ids']._options = None
@@ -37,19 +39,19 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _SELECTPAGESRESPONSE._serialized_start=500
   _SELECTPAGESRESPONSE._serialized_end=580
   _HEADPAGES._serialized_start=582
-  _HEADPAGES._serialized_end=629
-  _FETCHPAGESREQUEST._serialized_start=632
-  _FETCHPAGESREQUEST._serialized_end=867
-  _FETCHPAGESRESPONSE._serialized_start=869
-  _FETCHPAGESRESPONSE._serialized_end=931
-  _DECODESTEPREQUEST._serialized_start=934
-  _DECODESTEPREQUEST._serialized_end=1284
-  _DECODESTEPRESPONSE._serialized_start=1287
-  _DECODESTEPRESPONSE._serialized_end=1470
-  _DECODEBATCHENTRY._serialized_start=1472
-  _DECODEBATCHENTRY._serialized_end=1593
-  _DECODEBATCHRESULT._serialized_start=1596
-  _DECODEBATCHRESULT._serialized_end=1767
-  _KVSERVICE._serialized_start=1770
-  _KVSERVICE._serialized_end=2098
+  _HEADPAGES._serialized_end=649
+  _FETCHPAGESREQUEST._serialized_start=652
+  _FETCHPAGESREQUEST._serialized_end=887
+  _FETCHPAGESRESPONSE._serialized_start=889
+  _FETCHPAGESRESPONSE._serialized_end=951
+  _DECODESTEPREQUEST._serialized_start=954
+  _DECODESTEPREQUEST._serialized_end=1304
+  _DECODESTEPRESPONSE._serialized_start=1307
+  _DECODESTEPRESPONSE._serialized_end=1490
+  _DECODEBATCHENTRY._serialized_start=1492
+  _DECODEBATCHENTRY._serialized_end=1613
+  _DECODEBATCHRESULT._serialized_start=1616
+  _DECODEBATCHRESULT._serialized_end=1787
+  _KVSERVICE._serialized_start=1790
+  _KVSERVICE._serialized_end=2118
 # @@protoc_insertion_point(module_scope)
