@@ -50,7 +50,10 @@ bool WidthCalibrator::ShouldSample() {
 
 void WidthCalibrator::SetWidth(double w) {
   w = std::clamp(w, o_.min_width, o_.max_width);
-  if (w != width_) ++changes_;
+  if (w != width_) {
+    ++changes_;
+    last_change_step_ = steps_;
+  }
   width_ = w;
 }
 
@@ -107,6 +110,7 @@ CalibratorReport WidthCalibrator::report() const {
   r.steps = steps_;
   r.samples = samples_;
   r.changes = changes_;
+  r.last_change_step = last_change_step_;
   r.last_ratio = last_ratio_;
   if (samples_ > 0) {
     r.mean_ratio = sum_ratio_ / samples_;

@@ -55,9 +55,10 @@ struct CalibratorReport {
   double width = 1.0;  // the multiplier now in use
   int field_of_view = 0;
   float candidate_factor = 0.0f;
-  int64_t steps = 0;    // ShouldSample() calls
-  int64_t samples = 0;  // Observe() calls
-  int64_t changes = 0;  // width changes
+  int64_t steps = 0;             // ShouldSample() calls
+  int64_t samples = 0;           // Observe() calls
+  int64_t changes = 0;           // width changes
+  int64_t last_change_step = 0;  // ShouldSample() calls before the last width change (convergence)
   double last_ratio = 0.0, mean_ratio = 0.0, mean_topk_recall = 0.0;
 };
 
@@ -95,6 +96,7 @@ class WidthCalibrator {
   int64_t steps_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t samples_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t changes_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t last_change_step_ ABSL_GUARDED_BY(mu_) = 0;
   double last_ratio_ ABSL_GUARDED_BY(mu_) = 0.0;
   double sum_ratio_ ABSL_GUARDED_BY(mu_) = 0.0;
   double sum_topk_ ABSL_GUARDED_BY(mu_) = 0.0;

@@ -230,6 +230,11 @@ class TreeMethod {
   virtual const Selector* selector() const { return nullptr; }
   // One line about the method after its run (the calibrated width); "" = none.
   virtual std::string Summary() const { return ""; }
+  // Self-calibrated methods: the calibrator's report and the time in the
+  // sampled steps' reference and in all selections (seconds).
+  virtual bool Calibration(CalibratorReport* report, double* sample_s, double* select_s) const {
+    return false;
+  }
 };
 
 // A library selector over frames held by OwnedPageKeys.
@@ -254,16 +259,25 @@ class SelectorMethod : public TreeMethod {
     if (calibrator_ == nullptr) return selector_->Select(queries, nq, params_, sel);
     // Self-calibrated mdci: the sampled steps' exact reference is part of
     // the timed call (its average cost is the calibration's overhead).
+    const auto t0 = std::chrono::steady_clock::now();
     SelectParams params = params_;
     calibrator_->Apply(&params);
     RETURN_IF_ERROR(selector_->Select(queries, nq, params, sel));
+    const auto t1 = std::chrono::steady_clock::now();
+    select_s_ += std::chrono::duration<double>(t1 - t0).count();
     if (!calibrator_->ShouldSample()) return absl::OkStatus();
-    const auto t0 = std::chrono::steady_clock::now();
     ASSIGN_OR_RETURN(QualitySample q, MeasureSelection(static_cast<const MdciSelector&>(*selector_),
                                                        queries, nq, params, *sel));
     calibrator_->Observe(q);
-    sample_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    sample_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
     return absl::OkStatus();
+  }
+  bool Calibration(CalibratorReport* report, double* sample_s, double* select_s) const override {
+    if (calibrator_ == nullptr) return false;
+    *report = calibrator_->report();
+    *sample_s = sample_s_;
+    *select_s = select_s_;
+    return true;
   }
   absl::Status Calibrate(const CalibratorOptions& o) {
     ASSIGN_OR_RETURN(calibrator_,
@@ -306,6 +320,7 @@ class SelectorMethod : public TreeMethod {
   SelectParams params_;
   std::unique_ptr<WidthCalibrator> calibrator_;
   double sample_s_ = 0.0;  // time in the sampled steps' exact reference
+  double select_s_ = 0.0;  // time in the selections themselves
   std::unique_ptr<OwnedPageKeys> keys_;
   std::unique_ptr<Selector> selector_;
   std::vector<Placement> placements_;
@@ -508,6 +523,7 @@ struct PointStats {
 
 struct MethodResult {
   std::string name;
+  CalibrationSummary calibration;
   int page_tokens = 0;
   double build_s = 0;       // mean per tree
   double build_wall_s = 0;  // all trees, with --threads
@@ -568,6 +584,37 @@ std::vector<SweepPoint> SweepPoints(const std::string& name, const TreeMethod& m
   }
   if (points.empty()) points.push_back({budget, budget});
   return points;
+}
+
+// Means over the trees of their calibrations (NaN fields when uncalibrated).
+CalibrationSummary SummarizeCalibration(const std::vector<std::unique_ptr<TreeMethod>>& trees) {
+  CalibrationSummary c;
+  double width = 0, fov = 0, cf = 0, ratio = 0, sample_s = 0, select_s = 0, converge = 0;
+  double calls = 0;
+  int n = 0;
+  for (const auto& t : trees) {
+    CalibratorReport r;
+    double ts = 0, tsel = 0;
+    if (!t->Calibration(&r, &ts, &tsel)) continue;
+    ++n;
+    width += r.width;
+    fov += r.field_of_view;
+    cf += r.candidate_factor;
+    ratio += r.mean_ratio;
+    sample_s += ts;
+    select_s += tsel;
+    calls += static_cast<double>(r.steps);
+    converge = std::max(converge, static_cast<double>(r.last_change_step));
+  }
+  if (n == 0) return c;
+  c.width = width / n;
+  c.field_of_view = fov / n;
+  c.candidate_factor = cf / n;
+  c.mean_ratio = ratio / n;
+  c.converge_steps = converge;
+  c.select_us = calls > 0 ? 1e6 * select_s / calls : std::numeric_limits<double>::quiet_NaN();
+  c.overhead = select_s > 0 ? sample_s / select_s : std::numeric_limits<double>::quiet_NaN();
+  return c;
 }
 
 absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, const Workload& w,
@@ -732,6 +779,7 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
         if (!line.empty())
           std::printf("  %s page %d tree %zu %s\n", name.c_str(), p, t, line.c_str());
       }
+      r.calibration = SummarizeCalibration(trees);
       results.push_back(std::move(r));
     }
   }
@@ -1039,6 +1087,7 @@ absl::StatusOr<std::vector<MethodSummary>> MeasureRuns(const SelectBenchOptions&
   for (const MethodRun& run : runs) {
     SelectBenchOptions ro = o;
     ro.mdci = run.mdci;
+    ro.mdci_target_mass = run.target_mass;
     ro.page_tokens = {o.page_tokens.front()};
     ASSIGN_OR_RETURN(std::vector<MethodResult> rs, RunMethod(run.selector, w, ro, &refs));
     const MethodResult& r = rs.front();
@@ -1055,6 +1104,7 @@ absl::StatusOr<std::vector<MethodSummary>> MeasureRuns(const SelectBenchOptions&
     m.page_fill = r.page_fill;
     m.oracle_mass = r.best().oracle_mass;
     m.build_s = r.build_s;
+    m.calibration = r.calibration;
     out.push_back(std::move(m));
   }
   return out;

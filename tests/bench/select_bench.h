@@ -28,6 +28,7 @@
 #define ICECACHE_TESTS_BENCH_SELECT_BENCH_H_
 
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -86,9 +87,24 @@ struct SelectBenchOptions {
 
 // One measured configuration of a selector (for the matrix and the frontier).
 struct MethodRun {
-  std::string label;     // as reported
-  std::string selector;  // a name of AllMethodNames()
-  MdciParams mdci;       // mdci and exact-mdci only
+  std::string label;       // as reported
+  std::string selector;    // a name of AllMethodNames(), "/token" appended for token granularity
+  MdciParams mdci;         // mdci and exact-mdci only
+  double target_mass = 0;  // mdci: > 0 self-calibrates the width to this mass ratio
+};
+
+// A self-calibrated run's calibration, over its trees (NaN when none).
+struct CalibrationSummary {
+  double width = std::numeric_limits<double>::quiet_NaN();  // mean multiplier settled on
+  double field_of_view = std::numeric_limits<double>::quiet_NaN();
+  double candidate_factor = std::numeric_limits<double>::quiet_NaN();
+  // Steps before the last width change, the slowest tree (convergence).
+  double converge_steps = std::numeric_limits<double>::quiet_NaN();
+  // Sampled steps' exact reference time / selection time without it.
+  double overhead = std::numeric_limits<double>::quiet_NaN();
+  double mean_ratio = std::numeric_limits<double>::quiet_NaN();  // sampled mass ratio
+  // Mean time of the selection itself (us), the sampled reference excluded.
+  double select_us = std::numeric_limits<double>::quiet_NaN();
 };
 
 // What MeasureRuns reports per run: means over steps and trees.
@@ -101,6 +117,7 @@ struct MethodSummary {
   double page_fill = 0;    // NaN for token-level methods
   double oracle_mass = 0;  // page oracle on the run's layout (with page_oracle); else NaN
   double build_s = 0;      // per tree
+  CalibrationSummary calibration;
 };
 
 // Loads the data of `options` once (synthetic or dump), computes the exact

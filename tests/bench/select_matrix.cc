@@ -21,16 +21,34 @@
 namespace icecache::bench {
 namespace {
 
-// The policies every family runs, in report order.
-const char* const kPolicies[] = {"mdci",        "exact", "exact-mdci",
-                                 "exact-token", "quest", "streaming"};
+// The policies every family runs, in report order: label, selector (with
+// "/token" for token granularity), self-calibrated. "exact/token" is the
+// exact-token oracle (the exact selector at token granularity takes the best
+// tokens by the group mass: tests/unit/index/token_select_test.cc).
+struct Policy {
+  const char* label;
+  const char* selector;
+  bool calibrated;
+};
+const Policy kPolicies[] = {
+    {"mdci", "mdci", false},
+    {"mdci-cal", "mdci", true},
+    {"mdci/token", "mdci/token", false},
+    {"mdci-cal/token", "mdci/token", true},
+    {"exact", "exact", false},
+    {"exact-mdci", "exact-mdci", false},
+    {"exact/token", "exact/token", false},
+    {"quest", "quest", false},
+    {"streaming", "streaming", false},
+};
+constexpr double kDefaultTargetMass = 0.95;
 
 // The layout must win by this fraction of mass to count as paying.
 constexpr double kLayoutMargin = 0.02;
 
 struct FamilyResult {
   std::string family;
-  std::map<std::string, MethodSummary> policy;  // by selector name
+  std::map<std::string, MethodSummary> policy;  // by policy label
   std::vector<MethodSummary> frontier;          // mdci at each --widths entry
 };
 
@@ -61,7 +79,10 @@ absl::StatusOr<FamilyResult> RunFamily(const SelectBenchOptions& o, const std::s
   fo.dump_dir.clear();
   fo.page_oracle = true;
   std::vector<MethodRun> runs;
-  for (const char* p : kPolicies) runs.push_back({p, p, o.mdci});
+  const double target = o.mdci_target_mass > 0 ? o.mdci_target_mass : kDefaultTargetMass;
+  for (const Policy& p : kPolicies) {
+    runs.push_back({p.label, p.selector, o.mdci, p.calibrated ? target : 0.0});
+  }
   const int64_t context = (o.tokens > 0 ? o.tokens : 16384) + o.steps + o.chunk_tokens;
   for (const WidthSpec& w : widths) {
     runs.push_back({w.label, "mdci", WidthParams(w, o.mdci, context, o.budget)});
@@ -73,7 +94,7 @@ absl::StatusOr<FamilyResult> RunFamily(const SelectBenchOptions& o, const std::s
   const size_t np = sizeof(kPolicies) / sizeof(kPolicies[0]);
   for (size_t i = 0; i < ms.size(); ++i) {
     if (i < np) {
-      r.policy[ms[i].selector] = ms[i];
+      r.policy[ms[i].label] = ms[i];
     } else {
       r.frontier.push_back(ms[i]);
     }
@@ -86,17 +107,32 @@ struct Row {
   double vs_page_oracle, vs_token_oracle, speedup, fill, layout_gain, oracle_layout_gain;
   double emdci, exact, oracle_mdci, oracle_positional;
   bool layout_pays;
+  // Self-calibrated mdci (page: vs the page oracle; token: vs the token oracle).
+  double cal_vs_page_oracle, cal_speedup;
+  double tok_vs_token_oracle, tok_speedup, caltok_vs_token_oracle, caltok_speedup;
+  CalibrationSummary cal, caltok;
 };
 
 Row MakeRow(const FamilyResult& f) {
   const MethodSummary& m = f.policy.at("mdci");
   const MethodSummary& ex = f.policy.at("exact");
   const MethodSummary& em = f.policy.at("exact-mdci");
-  const MethodSummary& et = f.policy.at("exact-token");
+  const MethodSummary& et = f.policy.at("exact/token");
+  const MethodSummary& cal = f.policy.at("mdci-cal");
+  const MethodSummary& tok = f.policy.at("mdci/token");
+  const MethodSummary& caltok = f.policy.at("mdci-cal/token");
   Row r;
   r.vs_page_oracle = Ratio(m.mass, m.oracle_mass);
   r.vs_token_oracle = Ratio(m.mass, et.mass);
   r.speedup = Ratio(ex.p50_us, m.p50_us);
+  r.cal_vs_page_oracle = Ratio(cal.mass, m.oracle_mass);
+  r.cal_speedup = Ratio(ex.p50_us, cal.calibration.select_us);
+  r.tok_vs_token_oracle = Ratio(tok.mass, et.mass);
+  r.tok_speedup = Ratio(ex.p50_us, tok.p50_us);
+  r.caltok_vs_token_oracle = Ratio(caltok.mass, et.mass);
+  r.caltok_speedup = Ratio(ex.p50_us, caltok.calibration.select_us);
+  r.cal = cal.calibration;
+  r.caltok = caltok.calibration;
   r.fill = m.page_fill;
   r.emdci = em.mass;
   r.exact = ex.mass;
@@ -111,28 +147,54 @@ Row MakeRow(const FamilyResult& f) {
 void PrintMatrix(const std::vector<FamilyResult>& fs) {
   std::printf(
       "\nrobustness matrix (mass: attention-mass recall; page oracle: best whole pages by true "
-      "group mass on mdci's layout; speed: exact scan p50 / mdci p50)\n");
-  std::printf("%-19s %9s %9s %8s %7s %6s %9s %9s %8s %9s %9s %8s  %s\n", "family", "/page-orc",
-              "/tok-orc", "speed", "width", "fill", "ex-mdci", "exact", "gain", "orc-mdci",
-              "orc-pos", "orc-gain", "layout");
+      "group mass on mdci's layout; token oracle: best tokens by true group mass; speed: exact "
+      "scan p50 / p50 (calibrated: / mean selection time at the widths it chose, the sampled "
+      "reference excluded: see overhead); cal: mdci self-calibrated to the "
+      "target mass ratio)\n");
+  std::printf("%-19s %9s %9s %7s | %9s %7s %13s | %9s %7s | %9s %7s %13s | %6s %8s  %s\n", "family",
+              "/page-orc", "/tok-orc", "speed", "cal/page", "speed", "width", "tok/tok", "speed",
+              "caltok/tok", "speed", "width", "fill", "ex-mdci", "layout");
+  auto width = [](const CalibrationSummary& c) {
+    return std::isfinite(c.width)
+               ? absl::StrFormat("%.2f(%.0fx%.0f)", c.width, c.field_of_view, c.candidate_factor)
+               : std::string("-");
+  };
   for (const FamilyResult& f : fs) {
     const Row r = MakeRow(f);
-    std::printf("%-19s %9s %9s %7sx %7s %6s %9s %9s %7s%% %9s %9s %7s%%  %s\n", f.family.c_str(),
-                Fmt(r.vs_page_oracle, "%.3f").c_str(), Fmt(r.vs_token_oracle, "%.3f").c_str(),
-                Fmt(r.speedup, "%.1f").c_str(), "n/a", Fmt(r.fill, "%.3f").c_str(),
-                Fmt(r.emdci, "%.4f").c_str(), Fmt(r.exact, "%.4f").c_str(),
-                Fmt(100 * r.layout_gain, "%+.1f").c_str(), Fmt(r.oracle_mdci, "%.4f").c_str(),
-                Fmt(r.oracle_positional, "%.4f").c_str(),
-                Fmt(100 * r.oracle_layout_gain, "%+.1f").c_str(),
-                r.layout_pays ? "pays" : "DOES NOT PAY (< +2%)");
+    std::printf(
+        "%-19s %9s %9s %6sx | %9s %6sx %13s | %9s %6sx | %9s %6sx %13s | %6s %+7.1f%%  %s\n",
+        f.family.c_str(), Fmt(r.vs_page_oracle, "%.3f").c_str(),
+        Fmt(r.vs_token_oracle, "%.3f").c_str(), Fmt(r.speedup, "%.1f").c_str(),
+        Fmt(r.cal_vs_page_oracle, "%.3f").c_str(), Fmt(r.cal_speedup, "%.1f").c_str(),
+        width(r.cal).c_str(), Fmt(r.tok_vs_token_oracle, "%.3f").c_str(),
+        Fmt(r.tok_speedup, "%.1f").c_str(), Fmt(r.caltok_vs_token_oracle, "%.3f").c_str(),
+        Fmt(r.caltok_speedup, "%.1f").c_str(), width(r.caltok).c_str(), Fmt(r.fill, "%.3f").c_str(),
+        100 * r.layout_gain, r.layout_pays ? "pays" : "DOES NOT PAY (< +2%)");
+  }
+  std::printf(
+      "\nlayout (exact-mdci vs exact on positional pages) and calibration (converged: steps "
+      "before the last width change; overhead: sampled exact reference / selection time)\n");
+  std::printf("%-19s %9s %9s %8s %9s %9s %8s | %9s %9s %9s | %9s %9s %9s\n", "family", "ex-mdci",
+              "exact", "gain", "orc-mdci", "orc-pos", "orc-gain", "converged", "overhead", "ratio",
+              "tok-conv", "tok-ovh", "tok-ratio");
+  for (const FamilyResult& f : fs) {
+    const Row r = MakeRow(f);
+    std::printf(
+        "%-19s %9s %9s %7s%% %9s %9s %7s%% | %9s %8s%% %9s | %9s %8s%% %9s\n", f.family.c_str(),
+        Fmt(r.emdci, "%.4f").c_str(), Fmt(r.exact, "%.4f").c_str(),
+        Fmt(100 * r.layout_gain, "%+.1f").c_str(), Fmt(r.oracle_mdci, "%.4f").c_str(),
+        Fmt(r.oracle_positional, "%.4f").c_str(), Fmt(100 * r.oracle_layout_gain, "%+.1f").c_str(),
+        Fmt(r.cal.converge_steps, "%.0f").c_str(), Fmt(100 * r.cal.overhead, "%.1f").c_str(),
+        Fmt(r.cal.mean_ratio, "%.3f").c_str(), Fmt(r.caltok.converge_steps, "%.0f").c_str(),
+        Fmt(100 * r.caltok.overhead, "%.1f").c_str(), Fmt(r.caltok.mean_ratio, "%.3f").c_str());
   }
   std::printf("\nmass per policy (and p50 us)\n%-19s", "family");
-  for (const char* p : kPolicies) std::printf(" %18s", p);
+  for (const Policy& p : kPolicies) std::printf(" %18s", p.label);
   std::printf("\n");
   for (const FamilyResult& f : fs) {
     std::printf("%-19s", f.family.c_str());
-    for (const char* p : kPolicies) {
-      const MethodSummary& m = f.policy.at(p);
+    for (const Policy& p : kPolicies) {
+      const MethodSummary& m = f.policy.at(p.label);
       std::printf(" %8s (%7s)", Fmt(m.mass, "%.4f").c_str(), Fmt(m.p50_us, "%.0f").c_str());
     }
     std::printf("\n");
@@ -161,6 +223,7 @@ void PrintFrontier(const std::vector<FamilyResult>& fs) {
 Json SummaryJson(const MethodSummary& m) {
   Json j = Json::object();
   j["selector"] = m.selector;
+  j["label"] = m.label;
   j["query_us_p50"] = m.p50_us;
   j["query_us_mean"] = m.mean_us;
   j["mass_recall"] = m.mass;
@@ -177,6 +240,19 @@ Json SummaryJson(const MethodSummary& m) {
   return j;
 }
 
+Json CalibrationJson(const CalibrationSummary& c) {
+  if (!std::isfinite(c.width)) return nullptr;
+  Json j = Json::object();
+  j["width"] = c.width;
+  j["field_of_view"] = c.field_of_view;
+  j["candidate_factor"] = c.candidate_factor;
+  j["converge_steps"] = c.converge_steps;
+  j["overhead"] = c.overhead;
+  j["mean_sampled_ratio"] = c.mean_ratio;
+  j["select_us_mean"] = c.select_us;
+  return j;
+}
+
 Json FamilyJson(const FamilyResult& f) {
   const Row r = MakeRow(f);
   Json j = Json::object();
@@ -184,7 +260,14 @@ Json FamilyJson(const FamilyResult& f) {
   j["mdci_vs_page_oracle"] = r.vs_page_oracle;
   j["mdci_vs_token_oracle"] = r.vs_token_oracle;
   j["mdci_speedup_vs_exact"] = r.speedup;
-  j["calibrated_width"] = nullptr;  // no self-calibration on this build
+  j["mdci_calibrated_vs_page_oracle"] = r.cal_vs_page_oracle;
+  j["mdci_calibrated_speedup_vs_exact"] = r.cal_speedup;
+  j["calibrated_width"] = CalibrationJson(r.cal);
+  j["mdci_token_vs_token_oracle"] = r.tok_vs_token_oracle;
+  j["mdci_token_speedup_vs_exact"] = r.tok_speedup;
+  j["mdci_calibrated_token_vs_token_oracle"] = r.caltok_vs_token_oracle;
+  j["mdci_calibrated_token_speedup_vs_exact"] = r.caltok_speedup;
+  j["calibrated_width_token"] = CalibrationJson(r.caltok);
   j["page_fill"] = r.fill;
   j["exact_mdci_mass"] = r.emdci;
   j["exact_positional_mass"] = r.exact;
@@ -194,7 +277,7 @@ Json FamilyJson(const FamilyResult& f) {
   j["oracle_layout_gain"] = r.oracle_layout_gain;
   j["layout_pays"] = r.layout_pays;
   Json pol = Json::object();
-  for (const auto& [name, m] : f.policy) pol[name] = SummaryJson(m);
+  for (const auto& [label, m] : f.policy) pol[label] = SummaryJson(m);
   j["policies"] = std::move(pol);
   Json fr = Json::array();
   for (const MethodSummary& m : f.frontier) {
@@ -264,6 +347,9 @@ absl::Status RunSelectMatrix(const SelectBenchOptions& o) {
     config["field_of_view"] = o.mdci.field_of_view;
     config["candidate_factor"] = static_cast<double>(o.mdci.candidate_factor);
     config["layout_margin"] = kLayoutMargin;
+    config["target_mass"] = o.mdci_target_mass > 0 ? o.mdci_target_mass : kDefaultTargetMass;
+    config["calibrate_every"] = o.calibrate_every;
+    config["calibrate_warmup"] = o.calibrate_warmup;
     root["config"] = std::move(config);
     Json fams = Json::array();
     for (const FamilyResult& f : results) fams.push_back(FamilyJson(f));

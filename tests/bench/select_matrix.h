@@ -1,12 +1,16 @@
-// `icecache-bench select --matrix`: the robustness matrix. Runs mdci, the
-// exact scans, the page and token oracles, Quest and StreamingLLM on every
-// synthetic family (common/synthetic.h SyntheticFamilyNames()) at the same
-// shape and budget, and reports per family, in one table and as JSON:
+// `icecache-bench select --matrix`: the robustness matrix. Runs mdci (at the
+// default width and self-calibrated to --mdci-target-mass, default 0.95, at
+// page and at token granularity), the exact scans (exact/token is the
+// exact-token oracle), Quest and StreamingLLM on every synthetic family
+// (common/synthetic.h SyntheticFamilyNames()) at the same shape and budget,
+// and reports per family, in one table and as JSON:
 //  - mdci's mass against the page oracle on its own layout (OraclePages: the
 //    best whole pages by their true mass for the group) and against the
-//    exact-token oracle;
-//  - mdci's speed against the SIMD exact scan (p50 of exact / p50 of mdci);
-//  - the width self-calibration chose ("n/a" until the daemon has one);
+//    exact-token oracle, and its speed against the SIMD exact scan (p50);
+//  - the same for self-calibrated mdci (speed from its mean time, the sampled
+//    steps' exact reference included), the width it settled on, the steps
+//    it took to converge and the calibration's overhead;
+//  - token granularity: mdci and calibrated mdci against the token oracle;
 //  - the page fill of mdci's layout;
 //  - exact-mdci against exact on positional pages, and the page oracles of
 //    both layouts: does the semantic layout pay? A family where exact-mdci

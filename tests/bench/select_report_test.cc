@@ -187,7 +187,16 @@ TEST(RunSelectMatrixTest, ReportsEachFamilyAndTheFrontier) {
                           "page_fill", "layout_gain", "oracle_layout_gain"}) {
       EXPECT_TRUE(f[k].is_number()) << k;
     }
-    EXPECT_TRUE(f["calibrated_width"].is_null());
+    for (const char* k : {"mdci_calibrated_vs_page_oracle", "mdci_token_vs_token_oracle",
+                          "mdci_calibrated_token_vs_token_oracle"}) {
+      EXPECT_TRUE(f[k].is_number()) << k;
+      EXPECT_LE(f[k].get<double>(), 1.0 + 1e-6) << k;  // nothing beats its oracle
+    }
+    for (const char* k : {"calibrated_width", "calibrated_width_token"}) {
+      ASSERT_TRUE(f[k].is_object()) << k;
+      EXPECT_GE(f[k]["width"].get<double>(), 1.0) << k;
+      EXPECT_TRUE(f[k]["overhead"].is_number()) << k;
+    }
     EXPECT_LE(f["mdci_vs_page_oracle"].get<double>(), 1.0 + 1e-9);
     const double exact_mdci = f["policies"]["exact-mdci"]["mass_recall"].get<double>();
     EXPECT_LE(exact_mdci, f["page_oracle_mdci_layout"].get<double>() + 1e-9);
