@@ -268,6 +268,11 @@ absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const Fetch
     return absl::InvalidArgumentError(
         absl::StrCat("fetch: tokens must list ", c.kv_heads, " kv heads, got ", req.tokens.size()));
   }
+  if (!req.device.empty() || lease.kind() == BufferKind::kCudaIpc) {
+    return absl::FailedPreconditionError(
+        "fetch: token granularity writes to HOST_SHM buffers only (this buffer is CUDA_IPC or the "
+        "request has device fields); select with GRANULARITY_PAGE for a device buffer");
+  }
   for (int h = 0; h < static_cast<int>(req.pages.size()); ++h) {
     if (!req.pages[h].empty()) {
       return absl::InvalidArgumentError(absl::StrCat(
