@@ -114,9 +114,12 @@ absl::Status BuildAside(const Session& s, const SelectorConfig& sc, const Append
 absl::Status InsertInto(Session& s, const AppendInput& in, AppendPlan& plan, int64_t i)
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
   const int64_t gi = plan.base + i;
-  std::vector<float> keys;
+  // Decode chunks are small: one buffer per thread, reused, instead of an
+  // allocation per (group, head) per token.
+  thread_local std::vector<float> keys;
   KeysOf(s, in, gi, &keys);
   RETURN_IF_ERROR(s.selectors[gi]->Insert(keys.data(), in.n, &plan.placements[i]));
+  if (keys.capacity() > (size_t{1} << 20)) std::vector<float>().swap(keys);  // a big chunk's
   return CheckPlacements(s, plan, i, *s.selectors[gi]);
 }
 

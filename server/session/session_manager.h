@@ -22,7 +22,11 @@
 // depends on one call's deadline, and GetSession shows its progress.
 // The first append of a layer group builds its indexes (bulk, parallel over
 // (group, head), holding the session lock shared so that selects of ready
-// groups go on); later appends insert. Admission: the frames an append can need are
+// groups go on); later appends insert. With background_builds (icecached),
+// the first append of mdci / exact-mdci groups returns once its worst-case
+// frames are admitted and its bytes copied (new_pages 0, tokens and
+// next_layer already moved); the trees are built on the builder thread, and
+// calls on those groups wait for them (docs/architecture.md §5). Admission: the frames an append can need are
 // reserved from the pool BEFORE any index changes (first append: the
 // selectors are built aside, so the exact count is known; later appends: the
 // worst case, one new page per token per (group, head) for mdci layouts,
