@@ -18,7 +18,9 @@ struct DecodeReference {
   std::vector<float> lse;                    // [step][layer][head][group]
   std::vector<float> out;                    // [step][layer][head][group][head_dim]
   std::vector<std::vector<int32_t>> oracle;  // [step][layer][head]: exact-token positions
-  std::vector<double> step_ms;               // full attention of all layers, per step
+  // Full attention of all layers per step: the sum of the (layer, head)
+  // cells' times, i.e. one thread's time (the cells run on every core).
+  std::vector<double> step_ms;
 
   size_t Index(int step, int layer, int head) const {
     return (static_cast<size_t>(step) * layers + layer) * kv_heads + head;
