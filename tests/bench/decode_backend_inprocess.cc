@@ -69,7 +69,9 @@ class InProcessBackend : public DecodeBackend {
     PagePoolOptions pool;
     pool.capacity_bytes = capacity_bytes;
     ASSIGN_OR_RETURN(pool_, PagePool::Create(pool));
-    ASSIGN_OR_RETURN(buffers_, BufferRegistry::Create(BufferRegistryOptions{}));
+    BufferRegistryOptions buffers;
+    buffers.idle_ttl = absl::InfiniteDuration();
+    ASSIGN_OR_RETURN(buffers_, BufferRegistry::Create(buffers));
     SessionManagerOptions m;
     m.pool = pool_.get();
     m.buffers = buffers_.get();

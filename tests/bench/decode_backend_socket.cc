@@ -95,10 +95,14 @@ class SocketBackend : public DecodeBackend {
       return client_->AppendKv(id, staging_.buffer_id(), 0, bytes, static_cast<uint32_t>(n))
           .status();
     }
-    return client_
-        ->AppendKvLayers(id, staging_.buffer_id(), 0, bytes, static_cast<uint32_t>(n),
-                         static_cast<uint32_t>(first), static_cast<uint32_t>(count))
-        .status();
+    RETURN_IF_ERROR(client_
+                        ->AppendKvLayers(id, staging_.buffer_id(), 0, bytes,
+                                         static_cast<uint32_t>(n), static_cast<uint32_t>(first),
+                                         static_cast<uint32_t>(count))
+                        .status());
+    // A long prefill leaves the output buffer unused: KeepAlive renews the
+    // tenant's buffers' idle timers with the session's lease.
+    return client_->KeepAlive({id}).status();
   }
 
   absl::StatusOr<std::pair<int, int>> Trees(const std::string& id) override {
@@ -176,6 +180,8 @@ absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeSocketBackend(const std::stri
     DaemonOptions d;
     d.binary = spawn_binary;
     d.extra_args = {absl::StrCat("--capacity-bytes=", capacity_bytes)};
+    // Buffers stay registered through the longest prefill of a loaded machine.
+    d.config_textproto = "sessions { buffer_idle_ttl_ms: 3600000 }\n";
     ASSIGN_OR_RETURN(daemon, DaemonProcess::Start(d));
     options.socket_path = daemon->socket_path();
   }
