@@ -157,7 +157,27 @@ absl::StatusOr<DecodePolicy> ParseDecodePolicy(const std::string& name) {
   return p;
 }
 
+namespace {
+
+// The 1-minute load average (the machine is shared: it says how far the
+// times are inflated); -1 when unreadable.
+double LoadAverage() {
+  absl::StatusOr<std::string> text = ReadFileToString("/proc/loadavg");
+  double load = -1;
+  if (text.ok()) std::sscanf(text->c_str(), "%lf", &load);
+  return load;
+}
+
+}  // namespace
+
 absl::Status RunDecodeBench(const DecodeBenchOptions& o) {
+  const double load_start = LoadAverage();
+  std::printf("icecache-bench decode: %s shape, %d layers, contexts", o.preset.c_str(), o.layers);
+  for (int64_t t : o.contexts) std::printf(" %lld", static_cast<long long>(t));
+  std::printf(
+      "; budget %d tokens per KV head (sink %d, recent %d), page %d; %d decode steps; "
+      "load average %.1f at start\n",
+      o.budget, o.sink_tokens, o.recent_tokens, o.page_tokens, o.steps, load_start);
   std::vector<DecodePolicy> policies;
   for (const std::string& name : o.policies) {
     ASSIGN_OR_RETURN(DecodePolicy p, ParseDecodePolicy(name));
@@ -189,8 +209,13 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o) {
     results.push_back(std::move(c));
   }
   if (!o.plot.empty()) RETURN_IF_ERROR(WriteFileAtomically(o.plot, DecodePlotSvg(o, results)));
+  const double load_end = LoadAverage();
+  std::printf("load average %.1f at the end\n", load_end);
   if (!o.json.empty()) {
-    RETURN_IF_ERROR(WriteFileAtomically(o.json, DumpJson(DecodeReportJson(o, results), 1) + "\n"));
+    Json report = DecodeReportJson(o, results);
+    report["machine"]["loadavg_start"] = load_start;
+    report["machine"]["loadavg_end"] = load_end;
+    RETURN_IF_ERROR(WriteFileAtomically(o.json, DumpJson(report, 1) + "\n"));
   }
   return absl::OkStatus();
 }

@@ -55,9 +55,9 @@ Json PolicyJson(const PolicyResult& p) {
 
 void PrintContext(const DecodeBenchOptions& o, const ContextResult& c) {
   std::printf(
-      "\n== %lld tokens, %d layers x 8 KV heads%s: per-token figures for %d layers%s, "
-      "ms (medians over %d decode steps after the first) ==\n",
-      static_cast<long long>(c.tokens), c.layers, "", o.layers,
+      "\n== %lld tokens, %d layers run (generated in %.0f s): per-token figures for %d "
+      "layers%s, ms (medians over %d decode steps after the first) ==\n",
+      static_cast<long long>(c.tokens), c.layers, c.generate_s, o.layers,
       c.scale > 1.0 ? absl::StrFormat(" (SCALED x%.1f from %d layers)", c.scale, c.layers).c_str()
                     : "",
       o.steps - 1);
