@@ -160,11 +160,18 @@ absl::Status DecodeOneStep(const DecodeContext& ctx, const DecodePolicy& p, cons
     const absl::Span<const float> q =
         sel.reuse_group_selection ? absl::Span<const float>() : m.queries(step, l);
     const auto t0 = Clock::now();
-    ASSIGN_OR_RETURN(StepOutcome outcome, ctx.main->DecodeStep(id, l, q, 0, sel));
+    absl::StatusOr<StepOutcome> outcome = ctx.main->DecodeStep(id, l, q, 0, sel);
+    // The daemon builds a prefill's trees in the background and answers
+    // UNAVAILABLE when a layer's group is still building past its wait: the
+    // first step waits as a client would, and the wait counts in TT2T.
+    for (int tries = 0; step == 0 && absl::IsUnavailable(outcome.status()) && tries < 60; ++tries) {
+      outcome = ctx.main->DecodeStep(id, l, q, 0, sel);
+    }
+    RETURN_IF_ERROR(outcome.status());
     const double ms = MsSince(t0);
     t->decode[step] += ms;
     t->message_ms.push_back(ms);
-    t->attention[step] += LayerAttention(ctx, step, l, outcome, ctx.main->output(), t);
+    t->attention[step] += LayerAttention(ctx, step, l, *outcome, ctx.main->output(), t);
     if (l < ctx.reference_layers) {
       RETURN_IF_ERROR(CompanionLayer(ctx, companion_id, step, l, sel, ms, t));
     }
