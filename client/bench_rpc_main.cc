@@ -9,13 +9,13 @@
 // overhead (difference and ratio), and the pool bytes per session.
 // --soak SECONDS: decode for that long and count failed requests by code.
 // --churn N: N create/append/drop cycles, daemon RSS before and after.
-// Output: a table on stdout; --json FILE writes the figures as JSON (common/json.h).
+// Output: a table on stdout; --json FILE writes the figures as JSON (common/json.h),
+// atomically and only when the run succeeded.
 // `icecache-bench rpc ARGS` is meant to exec this binary with ARGS.
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -37,6 +37,7 @@
 #include "client/tool_session.h"
 #include "common/cli.h"
 #include "common/dtype.h"
+#include "common/file_util.h"
 #include "common/status_macros.h"
 #include "server/index/kernels.h"
 #include "server/index/owned_page_keys.h"
@@ -486,12 +487,10 @@ absl::Status Run(const Flags& f) {
   } else {
     st = RunSweep(*client, m, f, report);
   }
-  if (!f.json.empty()) {
-    std::ofstream out(f.json);
-    out << DumpJson(report) << "\n";
-    if (!out) return absl::InternalError(absl::StrCat("cannot write ", f.json));
-  }
-  return st;
+  // Only a complete run writes its report, whole or not at all.
+  RETURN_IF_ERROR(st);
+  if (!f.json.empty()) RETURN_IF_ERROR(WriteFileAtomically(f.json, DumpJson(report) + "\n"));
+  return absl::OkStatus();
 }
 
 }  // namespace

@@ -588,25 +588,45 @@ absl::StatusOr<FetchLayout> Client::FetchTokens(std::string_view session_id, uin
   return FromProto(resp.layout());
 }
 
+namespace {
+
+// The stream of `key` (a session id, or "" for the batch stream), created on
+// first use.
+std::shared_ptr<DecodeStreamState> StreamState(Client::Impl& impl, std::string_view key) {
+  absl::MutexLock lock(&impl.streams_mu);
+  auto it = impl.streams.find(key);
+  if (it == impl.streams.end()) {
+    it = impl.streams.emplace(std::string(key), std::make_shared<DecodeStreamState>()).first;
+  }
+  return it->second;
+}
+
+// One request and its response on the stream of `key`, opened on first use.
+// When the stream ends, the daemon's status; a fresh stream is opened on the
+// next call.
+absl::Status Exchange(Client::Impl& impl, std::string_view key, const v1::DecodeStepRequest& req,
+                      v1::DecodeStepResponse* resp) {
+  std::shared_ptr<DecodeStreamState> state = StreamState(impl, key);
+  absl::MutexLock lock(&state->mu);
+  if (state->stream == nullptr) {
+    state->context = impl.NewContext(/*deadline=*/false);
+    state->stream = impl.kv->DecodeStep(state->context.get());
+  }
+  if (state->stream->Write(req) && state->stream->Read(resp)) return absl::OkStatus();
+  state->stream->WritesDone();
+  absl::Status s = FromGrpcStatus(state->stream->Finish());
+  state->stream.reset();
+  state->context.reset();
+  if (s.ok()) s = absl::InternalError("decode stream closed by the daemon without a status");
+  return s;
+}
+
+}  // namespace
+
 absl::StatusOr<StepResult> Client::DecodeStep(std::string_view session_id, uint32_t layer,
                                               absl::Span<const float> queries,
                                               std::string_view buffer_id, uint64_t offset,
                                               const SelectOptions& options, uint32_t num_layers) {
-  std::shared_ptr<DecodeStreamState> state;
-  {
-    absl::MutexLock lock(&impl_->streams_mu);
-    auto it = impl_->streams.find(session_id);
-    if (it == impl_->streams.end()) {
-      it = impl_->streams.emplace(std::string(session_id), std::make_shared<DecodeStreamState>())
-               .first;
-    }
-    state = it->second;
-  }
-  absl::MutexLock lock(&state->mu);
-  if (state->stream == nullptr) {
-    state->context = impl_->NewContext(/*deadline=*/false);
-    state->stream = impl_->kv->DecodeStep(state->context.get());
-  }
   v1::DecodeStepRequest req;
   req.set_session_id(std::string(session_id));
   req.set_layer(layer);
@@ -618,23 +638,55 @@ absl::StatusOr<StepResult> Client::DecodeStep(std::string_view session_id, uint3
   req.set_offset(offset);
   req.set_num_layers(num_layers);
   v1::DecodeStepResponse resp;
-  const bool ok = state->stream->Write(req) && state->stream->Read(&resp);
-  if (!ok) {
-    // The stream ended: the daemon's status says why. A fresh stream is
-    // opened on the next step.
-    state->stream->WritesDone();
-    absl::Status s = FromGrpcStatus(state->stream->Finish());
-    state->stream.reset();
-    state->context.reset();
-    if (s.ok()) s = absl::InternalError("decode stream closed by the daemon without a status");
-    return s;
-  }
+  RETURN_IF_ERROR(Exchange(*impl_, session_id, req, &resp));
   StepResult out;
   out.layer = resp.layer();
   for (const auto& h : resp.heads()) out.heads.push_back(FromProto(h));
   out.layout = FromProto(resp.layout());
   out.reused = resp.reused();
   return out;
+}
+
+absl::StatusOr<std::vector<absl::StatusOr<StepResult>>> Client::DecodeBatch(
+    uint32_t layer, absl::Span<const DecodeBatchEntry> entries, const SelectOptions& options,
+    uint32_t num_layers) {
+  if (entries.empty()) {
+    return absl::InvalidArgumentError("a batched decode step needs at least one entry");
+  }
+  v1::DecodeStepRequest req;
+  req.set_layer(layer);
+  req.set_query_dtype(v1::DTYPE_FLOAT32);
+  ToProto(options, req.mutable_params());
+  req.set_num_layers(num_layers);
+  for (const DecodeBatchEntry& e : entries) {
+    v1::DecodeBatchEntry* out = req.add_batch();
+    out->set_session_id(e.session_id);
+    out->set_queries(reinterpret_cast<const char*>(e.queries.data()),
+                     e.queries.size() * sizeof(float));
+    out->set_buffer_id(e.buffer_id);
+    out->set_offset(e.offset);
+    out->set_reuse_group_selection(e.reuse_group_selection);
+  }
+  v1::DecodeStepResponse resp;
+  RETURN_IF_ERROR(Exchange(*impl_, /*key=*/"", req, &resp));
+  std::vector<absl::StatusOr<StepResult>> results;
+  for (const v1::DecodeBatchResult& r : resp.batch()) {
+    if (r.code() != 0) {
+      results.push_back(absl::Status(static_cast<absl::StatusCode>(r.code()), r.message()));
+      continue;
+    }
+    StepResult out;
+    out.layer = resp.layer();
+    for (const auto& h : r.heads()) out.heads.push_back(FromProto(h));
+    out.layout = FromProto(r.layout());
+    out.reused = r.reused();
+    results.push_back(std::move(out));
+  }
+  if (results.size() != entries.size()) {
+    return absl::InternalError(absl::StrCat("batched decode: ", entries.size(), " entries sent, ",
+                                            results.size(), " answered"));
+  }
+  return results;
 }
 
 absl::Status Client::CloseDecodeStream(std::string_view session_id) {

@@ -168,6 +168,17 @@ struct StepResult {
   bool reused = false;
 };
 
+// One sequence of a batched decode step (Client::DecodeBatch): the layer's
+// queries of one session (q_heads x head_dim fp32, not owned: valid during
+// the call) and where its pages go.
+struct DecodeBatchEntry {
+  std::string session_id;
+  absl::Span<const float> queries;
+  std::string buffer_id;
+  uint64_t offset = 0;
+  bool reuse_group_selection = false;
+};
+
 // Admin views (admin.proto).
 struct TenantInfo {
   std::string tenant;
@@ -335,7 +346,17 @@ class Client {
                                         absl::Span<const float> queries, std::string_view buffer_id,
                                         uint64_t offset, const SelectOptions& options = {},
                                         uint32_t num_layers = 1);
+  // One layer of a decode step for several sessions of this tenant (an
+  // engine's continuous batch) in one request, over this client's batch
+  // stream. One result per entry, in order, each with its own status: a bad
+  // entry fails alone and nothing is written for it. The outer status is the
+  // stream's (the daemon refused the whole request, or it broke);
+  // InvalidArgument for no entries.
+  absl::StatusOr<std::vector<absl::StatusOr<StepResult>>> DecodeBatch(
+      uint32_t layer, absl::Span<const DecodeBatchEntry> entries, const SelectOptions& options = {},
+      uint32_t num_layers = 1);
   // Closes the session's decode stream (if open); returns its final status.
+  // The batch stream is closed with session_id "".
   absl::Status CloseDecodeStream(std::string_view session_id);
 
   // --- admin (PERMISSION_DENIED without the admin role) ---

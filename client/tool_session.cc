@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "common/synthetic.h"
 
@@ -50,6 +51,17 @@ absl::StatusOr<DaemonConnection> SpawnOrConnect(const std::string& spawn_binary,
     options.socket_path = c.daemon->socket_path();
   }
   ASSIGN_OR_RETURN(c.client, Client::Create(options));
+  if (c.daemon == nullptr) {
+    // Fail here, before a tool generates data or opens its output, when no
+    // daemon answers where the client looked.
+    absl::StatusOr<bool> serving = c.client->Health();
+    if (!serving.ok()) {
+      return absl::UnavailableError(
+          absl::StrCat("no icecached answers at ", c.client->target(),
+                       " (start one, or pass --spawn PATH to start one, or --socket PATH): ",
+                       serving.status().message()));
+    }
+  }
   return c;
 }
 

@@ -62,7 +62,8 @@ struct DaemonConnection {
 
 // With a non-empty `spawn_binary`, starts that icecached on a temporary
 // socket and connects to it; otherwise connects with `options` as given
-// (socket_path empty: $ICECACHE_SOCKET, else the default search order).
+// (socket_path empty: $ICECACHE_SOCKET, else the default search order) and
+// checks that a daemon answers there (UNAVAILABLE naming the target if not).
 // Errors of DaemonProcess::Start or Client::Create.
 absl::StatusOr<DaemonConnection> SpawnOrConnect(const std::string& spawn_binary,
                                                 ClientOptions options);

@@ -1,9 +1,12 @@
 #include "common/file_util.h"
 
+#include <unistd.h>
+
 #include <cerrno>
 #include <cstdio>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 
 namespace icecache {
 
@@ -18,6 +21,21 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
   std::fclose(f);
   if (err != 0) return absl::ErrnoToStatus(err, path);
   return out;
+}
+
+absl::Status WriteFileAtomically(const std::string& path, std::string_view contents) {
+  const std::string tmp = absl::StrCat(path, ".tmp-", ::getpid());
+  std::FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (f == nullptr) return absl::ErrnoToStatus(errno, path);
+  const bool written = std::fwrite(contents.data(), 1, contents.size(), f) == contents.size();
+  int err = written ? 0 : errno;
+  if (std::fclose(f) != 0 && err == 0) err = errno;
+  if (err == 0 && std::rename(tmp.c_str(), path.c_str()) != 0) err = errno;
+  if (err != 0) {
+    std::remove(tmp.c_str());
+    return absl::ErrnoToStatus(err, path);
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace icecache

@@ -4,7 +4,9 @@
 #define ICECACHE_COMMON_FILE_UTIL_H_
 
 #include <string>
+#include <string_view>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
 namespace icecache {
@@ -14,6 +16,13 @@ namespace icecache {
 // an unreadable one, ...) and the message "<path>: <OS reason>".
 // Thread-safe.
 absl::StatusOr<std::string> ReadFileToString(const std::string& path);
+
+// Replaces the file at `path` with `contents` atomically: writes
+// "<path>.tmp-<pid>" in the same directory, then renames it over `path`, so
+// a reader (or a crash) never sees a half-written file and a failure leaves
+// any previous file as it was. Errors carry the OS error's canonical code and
+// "<path>: <OS reason>"; the temporary file is removed on failure.
+absl::Status WriteFileAtomically(const std::string& path, std::string_view contents);
 
 }  // namespace icecache
 

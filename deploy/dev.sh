@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # IceCache developer entry point.
-#   deploy/dev.sh demo      install what is missing, build, run the demo
+#   deploy/dev.sh demo      install what is missing, build, run the model-scale demo
+#                           (icecache-bench decode: 32 layers x 8 KV heads at 32768 tokens)
 #   deploy/dev.sh test      install what is missing, build, check formatting, check the lock
 #                           annotations (clang-14 -Wthread-safety build of the core and
 #                           icecached), run the whole test suite (ctest); what CI runs
@@ -199,15 +200,18 @@ case "$cmd" in
     ;;
   demo)
     install_deps; build
-    # 1. The service end to end: start icecached on a private socket, prefill a
-    #    synthetic llama3-8b-like sequence, run a decode loop over DecodeStep,
-    #    check every fetched page byte for byte, print latency and mass recall.
-    echo "==> icecache-demo (daemon + client, decode loop)"
-    "$BUILD_DIR/client/icecache-demo" --spawn "${@:2}"
-    # 2. The index on its own: selection quality and speed against exact attention.
-    echo "==> icecache-bench select (16k tokens, in-process selectors)"
-    exec "$BUILD_DIR/tests/bench/icecache-bench" select --synthetic llama3-8b-like --tokens 16384 \
-      --heads 4 --steps 16 --selectors mdci,exact,exact-mdci,exact-token,quest,streaming
+    # The model-scale demo: the Llama-3.1-8B shape (32 layers x 8 KV heads, 32
+    # query heads, head dim 128, fp16) at 32768 tokens from the synthetic
+    # generator; icecached started on a private socket; per policy a prefill
+    # (streamed by layer groups, trees built on every core) and decode steps
+    # over DecodeStep, attention computed on the CPU from the fetched pages.
+    # One table: TT2T, TPOT split, quality against full attention, the paper's
+    # figures beside them. Extra arguments go to icecache-bench decode
+    # (--help), e.g. `deploy/dev.sh demo --tokens 8k` for a quick look.
+    echo "==> icecache-bench decode (icecached spawned, 32 layers x 8 KV heads, 32768 tokens)"
+    exec "$BUILD_DIR/tests/bench/icecache-bench" decode --spawn "$BUILD_DIR/server/icecached" \
+      --layers 32 --tokens 32768 --steps 6 \
+      --policies full,exact-token,mdci,mdci-r4,quest,streaming,exact "${@:2}"
     ;;
   *)
     echo "usage: deploy/dev.sh demo|test|build|format|sanitize asan|tsan|fuzz|ci" >&2

@@ -5,6 +5,8 @@
 //            against a pinned cudaMemcpy (tests/bench/transfer_bench.h)
 //   rpc      the daemon decode-loop benchmark: runs icecache-bench-rpc
 //            (client/bench_rpc_main.cc), which links the client library
+//   decode   the end-to-end decode benchmark: runs icecache-bench-decode
+//            (tests/bench/decode_bench.h), which links the client and the core
 #include <unistd.h>
 
 #include <cerrno>
@@ -22,9 +24,10 @@
 
 namespace {
 
-// Execs icecache-bench-rpc with the remaining arguments: first the binary next
-// to this one (installed layout), then the build tree's.
-int ExecRpcBench(const std::vector<std::string>& rpc_args) {
+// Execs the tool `name` with the remaining arguments: first the binary next
+// to this one (installed layout), then `built` (the build tree's; may be null).
+int ExecTool(const char* command, const std::string& name, const char* built,
+             const std::vector<std::string>& tool_args) {
   std::vector<std::string> candidates;
   char self[PATH_MAX];
   const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
@@ -32,26 +35,41 @@ int ExecRpcBench(const std::vector<std::string>& rpc_args) {
     self[n] = '\0';
     std::string dir(self);
     dir.resize(dir.rfind('/') + 1);
-    candidates.push_back(dir + "icecache-bench-rpc");
+    candidates.push_back(dir + name);
   }
-#ifdef ICECACHE_BENCH_RPC_PATH
-  candidates.push_back(ICECACHE_BENCH_RPC_PATH);
-#endif
+  if (built != nullptr) candidates.push_back(built);
   for (const std::string& path : candidates) {
     if (access(path.c_str(), X_OK) != 0) continue;
     std::vector<char*> args;
     args.push_back(const_cast<char*>(path.c_str()));
-    for (const std::string& a : rpc_args) args.push_back(const_cast<char*>(a.c_str()));
+    for (const std::string& a : tool_args) args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);
     execv(path.c_str(), args.data());
-    std::fprintf(stderr, "icecache-bench rpc: cannot run %s: %s\n", path.c_str(),
+    std::fprintf(stderr, "icecache-bench %s: cannot run %s: %s\n", command, path.c_str(),
                  std::strerror(errno));
     return 1;
   }
   std::fprintf(stderr,
-               "icecache-bench rpc: icecache-bench-rpc not found (build with "
-               "ICECACHE_BUILD_SERVER=ON; looked next to this binary and in the build tree)\n");
+               "icecache-bench %s: %s not found (build with ICECACHE_BUILD_SERVER=ON; looked "
+               "next to this binary and in the build tree)\n",
+               command, name.c_str());
   return 1;
+}
+
+#ifndef ICECACHE_BENCH_RPC_PATH
+#define ICECACHE_BENCH_RPC_PATH nullptr
+#endif
+#ifndef ICECACHE_BENCH_DECODE_PATH
+#define ICECACHE_BENCH_DECODE_PATH nullptr
+#endif
+
+// A subcommand whose arguments (--help included) all go to another binary.
+CLI::App* AddExecSubcommand(CLI::App& app, const char* name, const char* what) {
+  CLI::App* sub = app.add_subcommand(name, what);
+  sub->prefix_command();
+  sub->fallthrough(false);
+  sub->set_help_flag();
+  return sub;
 }
 
 }  // namespace
@@ -70,14 +88,19 @@ int main(int argc, char** argv) {
       "transfer", "gather vs memcpy on the CPU; with --gpu push + scatter vs a pinned copy");
   icecache::bench::TransferOptions transfer_options;
   icecache::bench::AddTransferFlags(transfer, &transfer_options);
-  // Everything after `rpc` (--help included) goes to icecache-bench-rpc.
   CLI::App* rpc =
-      app.add_subcommand("rpc", "the daemon decode-loop benchmark (icecache-bench rpc --help)");
-  rpc->prefix_command();
-  rpc->fallthrough(false);
-  rpc->set_help_flag();
+      AddExecSubcommand(app, "rpc", "the daemon decode-loop benchmark (icecache-bench rpc --help)");
+  CLI::App* decode = AddExecSubcommand(
+      app, "decode",
+      "end to end: TT2T, TPOT breakdown and quality per policy (icecache-bench decode --help)");
   if (auto code = icecache::cli::Parse(app, argc, argv)) return *code;
-  if (rpc->parsed()) return ExecRpcBench(rpc->remaining());
+  if (rpc->parsed()) {
+    return ExecTool("rpc", "icecache-bench-rpc", ICECACHE_BENCH_RPC_PATH, rpc->remaining());
+  }
+  if (decode->parsed()) {
+    return ExecTool("decode", "icecache-bench-decode", ICECACHE_BENCH_DECODE_PATH,
+                    decode->remaining());
+  }
   if (append->parsed()) {
     const absl::Status s = icecache::bench::RunAppendBench(append_flags.options());
     if (!s.ok()) {

@@ -2,6 +2,7 @@
 // page checked byte for byte, the SelectPages + FetchPages path, inline
 // appends, and eight concurrent clients.
 #include <atomic>
+#include <cstring>
 #include <random>
 #include <thread>
 #include <vector>
@@ -16,6 +17,7 @@
 namespace icecache::testing {
 namespace {
 
+using ::testing::HasSubstr;
 using ::testing::SizeIs;
 
 // Runs prefill (tokens - steps*append) then `steps` decode steps appending
@@ -326,6 +328,59 @@ TEST(EndToEndTest, LayerRangesReturnWhileTheirTreesBuildInTheBackground) {
   ASSERT_THAT(info, IsOk());
   EXPECT_EQ(info->tokens, n);
   EXPECT_EQ(info->trees_built, 32u);
+}
+
+TEST(EndToEndTest, BatchedDecodeAnswersEachEntryAndWritesNothingForABadOne) {
+  auto daemon = StartDaemon();
+  ASSERT_THAT(daemon, IsOk());
+  auto client = Connect(**daemon);
+  ASSERT_THAT(client, IsOk());
+  Client& c = **client;
+  TestModel m = MakeModel(/*layers=*/2, /*kv_heads=*/2, /*tokens=*/512, /*steps=*/2);
+  std::vector<std::string> ids;
+  for (int i = 0; i < 2; ++i) {
+    auto s = c.CreateSession(m.spec);
+    ASSERT_THAT(s, IsOk());
+    ASSERT_THAT(c.AppendKvInline(s->id, m.kv.Chunk(0, 512), 512), IsOk());
+    ids.push_back(s->id);
+  }
+  constexpr uint64_t kRegion = 1 << 20;
+  auto out = c.CreateShmBuffer(3 * kRegion);
+  ASSERT_THAT(out, IsOk());
+  std::memset(out->data(), 0xAB, out->size());
+  SelectOptions opt;
+  opt.budget_tokens = 48;
+  opt.want_positions = true;
+  // The middle entry names a session that does not exist.
+  std::vector<DecodeBatchEntry> entries(3);
+  const std::string unknown = "00000000000000000000000000000000";
+  const std::string sessions[3] = {ids[0], unknown, ids[1]};
+  for (int i = 0; i < 3; ++i) {
+    entries[i].session_id = sessions[i];
+    entries[i].queries = Queries(m, 0, 1);
+    entries[i].buffer_id = out->buffer_id();
+    entries[i].offset = i * kRegion;
+  }
+  auto results = c.DecodeBatch(1, entries, opt);
+  ASSERT_THAT(results, IsOk());
+  ASSERT_THAT(*results, SizeIs(3));
+  EXPECT_THAT((*results)[1], StatusIs(absl::StatusCode::kNotFound, HasSubstr(unknown)));
+  for (int i : {0, 2}) {
+    ASSERT_THAT((*results)[i], IsOk());
+    EXPECT_EQ((*results)[i]->layer, 1u);
+    auto n = VerifyFetch(m.kv, 512, (*results)[i]->layout, (*results)[i]->heads, out->data(),
+                         out->size());
+    ASSERT_THAT(n, IsOk());
+    EXPECT_GT(*n, 0);
+  }
+  // Nothing was written for the bad entry.
+  for (uint64_t b = kRegion; b < 2 * kRegion; ++b) ASSERT_EQ(out->data()[b], 0xAB) << "byte " << b;
+  // The batch stream goes on after a bad entry.
+  entries.erase(entries.begin() + 1);
+  auto again = c.DecodeBatch(0, entries, opt);
+  ASSERT_THAT(again, IsOk());
+  for (const auto& r : *again) EXPECT_THAT(r, IsOk());
+  EXPECT_THAT(c.DecodeBatch(0, {}, opt), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 TEST(EndToEndTest, EightConcurrentClients) {

@@ -35,6 +35,26 @@ TEST(FileUtilTest, MissingFileIsNotFoundNamingThePath) {
               StatusIs(absl::StatusCode::kNotFound, HasSubstr("/nonexistent/icecache/file")));
 }
 
+TEST(FileUtilTest, WriteAtomicallyReplacesTheFileWhole) {
+  char dir[] = "/tmp/icecache_file_util_XXXXXX";
+  ASSERT_NE(::mkdtemp(dir), nullptr);
+  const std::string path = std::string(dir) + "/report.json";
+  ASSERT_THAT(WriteFileAtomically(path, "old"), IsOk());
+  ASSERT_THAT(WriteFileAtomically(path, "{\"new\": 1}"), IsOk());
+  auto read = ReadFileToString(path);
+  ASSERT_THAT(read, IsOk());
+  EXPECT_EQ(*read, "{\"new\": 1}");
+  // Nothing but the file itself is left in the directory.
+  EXPECT_EQ(::unlink(path.c_str()), 0);
+  EXPECT_EQ(::rmdir(dir), 0);
+}
+
+TEST(FileUtilTest, WriteAtomicallyIntoAMissingDirectoryNamesThePath) {
+  EXPECT_THAT(
+      WriteFileAtomically("/nonexistent/icecache/report.json", "x"),
+      StatusIs(absl::StatusCode::kNotFound, HasSubstr("/nonexistent/icecache/report.json")));
+}
+
 TEST(FileUtilTest, DirectoryIsAnError) { EXPECT_FALSE(ReadFileToString("/tmp").ok()); }
 
 }  // namespace

@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Checks an `icecache-bench decode --json` report: valid JSON, every policy
+of the configuration in every context with its figures in range, and the
+batch sweep when one was asked for. Exit 1 naming what is wrong."""
+import json
+import math
+import sys
+
+
+def fail(msg):
+    print(f"check_decode_report: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def main(path):
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"{path}: {e}")
+    cfg = report.get("config", {})
+    wanted = cfg.get("policies") or fail("config.policies missing")
+    contexts = report.get("contexts") or fail("no contexts")
+    for c in contexts:
+        got = [p["policy"] for p in c["policies"]]
+        if got != wanted:
+            fail(f"context {c['tokens']}: policies {got}, expected {wanted}")
+        for p in c["policies"]:
+            name = p["policy"]
+            tpot = p["per_token_ms"]["tpot"]
+            if not (isinstance(tpot, (int, float)) and tpot > 0 and math.isfinite(tpot)):
+                fail(f"{name}: tpot {tpot}")
+            if not 0.0 <= p["mass_recall"] <= 1.0 + 1e-6:
+                fail(f"{name}: mass_recall {p['mass_recall']}")
+            if len(p["layer_mass_recall"]) != c["layers_run"]:
+                fail(f"{name}: {len(p['layer_mass_recall'])} layers of quality, ran {c['layers_run']}")
+            if name == "full" and p["mass_recall"] != 1.0:
+                fail("full attention must have mass recall 1")
+            if p["selector"]:  # served by the daemon: every part of a step measured
+                for part in ("append", "select", "gather", "rpc", "attention"):
+                    if p["per_token_ms"][part] is None:
+                        fail(f"{name}: per_token_ms.{part} missing")
+                if not p["tt2t_s"] > 0:
+                    fail(f"{name}: tt2t_s {p['tt2t_s']}")
+        batches = [b["batch"] for b in c["batches"]]
+        if max(cfg["batch"]) > 1 and batches != cfg["batch"]:
+            fail(f"context {c['tokens']}: batches {batches}, expected {cfg['batch']}")
+    print(f"check_decode_report: {path}: {len(contexts)} context(s), policies {wanted}: ok")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        fail("usage: check_decode_report.py REPORT.json")
+    main(sys.argv[1])

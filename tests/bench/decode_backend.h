@@ -1,0 +1,107 @@
+// The daemon `icecache-bench decode` drives, behind one interface with two
+// implementations (docs/architecture.md §10):
+//  - socket: an icecache::Client over the Unix socket to an icecached this
+//    benchmark spawned (--spawn) or a running one (--socket);
+//  - in-process: a SessionManager with its own pool and buffer registry in
+//    this process: the same core calls the daemon's handlers make, without
+//    gRPC.
+// Both read appends from, and gather pages into, shared-memory files the
+// benchmark maps (the staging and output buffers), so the bytes travel the
+// same way. The types here are the benchmark's own (the client's and the
+// core's views of a fetch layout share a name and cannot meet in one file).
+//
+// Thread safety: one thread drives a backend at a time.
+#ifndef ICECACHE_TESTS_BENCH_DECODE_BACKEND_H_
+#define ICECACHE_TESTS_BENCH_DECODE_BACKEND_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+
+namespace icecache::bench {
+
+// A session as the benchmark creates it: float16, the model's shape.
+struct DecodeSessionSpec {
+  int layers = 0, kv_heads = 0, q_heads = 0, head_dim = 0;
+  int page_tokens = 16;
+  std::string selector = "mdci";  // any name the daemon knows
+  int layer_reuse = 1;
+};
+
+struct DecodeSelect {
+  int budget_tokens = 1024;
+  int sink_tokens = 4;
+  int recent_tokens = 64;
+  bool reuse_group_selection = false;
+};
+
+// One KV head of a step: the pages selected and where they landed (the K
+// block of page i of the step's first layer at k_offsets[i]; its V block
+// page_tokens x head_dim elements later).
+struct StepHead {
+  std::vector<uint32_t> pages, fills;
+  std::vector<int32_t> positions;  // sum(fills), page by page
+  std::vector<uint64_t> k_offsets;
+};
+struct StepOutcome {
+  std::vector<StepHead> heads;
+  bool reused = false;
+};
+
+struct BatchItem {
+  std::string session_id;
+  absl::Span<const float> queries;
+  uint64_t out_offset = 0;
+};
+
+class DecodeBackend {
+ public:
+  virtual ~DecodeBackend() = default;
+  virtual const char* name() const = 0;  // "socket" or "in-process"
+
+  // (Re)creates the staging buffer (appends are read from it) and the
+  // output buffer (pages land there), each at least the given size.
+  virtual absl::Status Reserve(size_t staging_bytes, size_t output_bytes) = 0;
+  virtual uint8_t* staging() = 0;
+  virtual const uint8_t* output() const = 0;
+
+  virtual absl::StatusOr<std::string> CreateSession(const DecodeSessionSpec& spec) = 0;
+  // Appends `n` tokens of layers [first, first + count) (count 0: all, one
+  // chunk) from the start of the staging buffer.
+  virtual absl::Status Append(const std::string& id, int64_t n, int first, int count) = 0;
+  // (trees built, trees in all) of the session's index.
+  virtual absl::StatusOr<std::pair<int, int>> Trees(const std::string& id) = 0;
+  // One layer: select and gather in one call (DecodeStep), positions asked.
+  virtual absl::StatusOr<StepOutcome> DecodeStep(const std::string& id, int layer,
+                                                 absl::Span<const float> queries,
+                                                 uint64_t out_offset,
+                                                 const DecodeSelect& select) = 0;
+  // The same in two calls (SelectPages, then FetchPages of those pages),
+  // with the time of each, to split a step's cost.
+  virtual absl::StatusOr<StepOutcome> SelectThenFetch(const std::string& id, int layer,
+                                                      absl::Span<const float> queries,
+                                                      uint64_t out_offset,
+                                                      const DecodeSelect& select, double* select_ms,
+                                                      double* fetch_ms) = 0;
+  // One layer for several sessions in one request; the first error of an
+  // entry fails the call.
+  virtual absl::Status DecodeBatch(int layer, absl::Span<const BatchItem> items,
+                                   const DecodeSelect& select) = 0;
+  virtual absl::Status Drop(const std::string& id) = 0;
+};
+
+// Spawns `spawn_binary` (when not empty) with a pool of `capacity_bytes`, or
+// connects to `socket` (empty: the default search order) and checks that a
+// daemon answers.
+absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeSocketBackend(const std::string& spawn_binary,
+                                                                 const std::string& socket,
+                                                                 uint64_t capacity_bytes);
+absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeInProcessBackend(uint64_t capacity_bytes);
+
+}  // namespace icecache::bench
+
+#endif  // ICECACHE_TESTS_BENCH_DECODE_BACKEND_H_

@@ -1,0 +1,103 @@
+// Batched decode in `icecache-bench decode --batch`: B sessions holding the
+// same prefill decode one token each per step, one request per layer for
+// all of them (DecodeStep's batch), against batch 1 (one session, plain
+// DecodeStep). Aggregate throughput = B tokens per step time.
+#include <algorithm>
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "tests/bench/decode_policy_run.h"
+
+namespace icecache::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double MsSince(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+// One token of the first `b` sessions: every layer, one request each.
+absl::Status BatchStep(const DecodeContext& ctx, const DecodePolicy& p,
+                       const std::vector<std::string>& ids, int b, int layers, int step) {
+  const DecodeBenchOptions& o = *ctx.options;
+  for (int l = 0; l < layers; ++l) {
+    DecodeSelect sel;
+    sel.budget_tokens = o.budget;
+    sel.sink_tokens = o.sink_tokens;
+    sel.recent_tokens = o.recent_tokens;
+    sel.reuse_group_selection = l % p.layer_reuse != 0;
+    const absl::Span<const float> q =
+        sel.reuse_group_selection ? absl::Span<const float>() : ctx.model->queries(step, l);
+    if (b == 1) {
+      RETURN_IF_ERROR(ctx.main->DecodeStep(ids[0], l, q, 0, sel).status());
+      continue;
+    }
+    std::vector<BatchItem> items(b);
+    for (int i = 0; i < b; ++i) {
+      items[i].session_id = ids[i];
+      items[i].queries = q;
+      items[i].out_offset = static_cast<uint64_t>(i) * ctx.layer_output_bytes;
+    }
+    RETURN_IF_ERROR(ctx.main->DecodeBatch(l, items, sel));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<BatchResult>> RunBatches(const DecodeContext& ctx, int layers) {
+  const DecodeBenchOptions& o = *ctx.options;
+  ASSIGN_OR_RETURN(DecodePolicy p, ParseDecodePolicy(o.batch_policy));
+  if (p.kind != DecodePolicy::Kind::kSelector) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--batch-policy ", o.batch_policy, ": batches need a selector policy"));
+  }
+  const int bmax = *std::max_element(o.batch.begin(), o.batch.end());
+  DecodeSessionSpec spec;
+  spec.layers = layers;
+  spec.kv_heads = ctx.model->kv_heads();
+  spec.q_heads = ctx.model->q_heads();
+  spec.head_dim = ctx.model->head_dim();
+  spec.page_tokens = o.page_tokens;
+  spec.selector = p.selector;
+  spec.layer_reuse = std::min(p.layer_reuse, layers);
+  p.layer_reuse = spec.layer_reuse;
+  std::vector<std::string> ids;
+  {
+    ProgressLine bar(o.progress, absl::StrCat("batch ", o.batch_policy, " prefill"), bmax);
+    for (int i = 0; i < bmax; ++i) {
+      ASSIGN_OR_RETURN(std::string id, ctx.main->CreateSession(spec));
+      const int64_t n = ctx.model->prefill_tokens();
+      ctx.model->FillAppend(0, n, 0, layers, ctx.main->staging());
+      RETURN_IF_ERROR(ctx.main->Append(id, n, 0, 0));
+      ids.push_back(id);
+      bar.Set(i + 1, "sessions");
+    }
+  }
+  std::vector<BatchResult> out;
+  ProgressLine bar(o.progress, absl::StrCat("batch ", o.batch_policy, " decode"),
+                   static_cast<int>(o.batch.size()));
+  for (int b : o.batch) {
+    RETURN_IF_ERROR(BatchStep(ctx, p, ids, b, layers, 0));  // warm-up
+    std::vector<double> ms;
+    for (int s = 0; s < ctx.model->steps(); ++s) {
+      const auto t0 = Clock::now();
+      RETURN_IF_ERROR(BatchStep(ctx, p, ids, b, layers, s));
+      ms.push_back(MsSince(t0));
+    }
+    std::sort(ms.begin(), ms.end());
+    BatchResult r;
+    r.batch = b;
+    r.step_ms = ms[ms.size() / 2] * o.layers / layers;
+    r.tokens_per_s = b / (r.step_ms / 1000.0);
+    r.speedup = out.empty() ? 1.0 : r.tokens_per_s / out.front().tokens_per_s;
+    out.push_back(r);
+    bar.Set(static_cast<int>(out.size()), absl::StrCat("batch sizes"));
+  }
+  for (const std::string& id : ids) RETURN_IF_ERROR(ctx.main->Drop(id));
+  return out;
+}
+
+}  // namespace icecache::bench

@@ -1,0 +1,80 @@
+// `icecache-bench decode`: the end-to-end decode benchmark (docs/architecture.md
+// §10). A model of the Llama-3.1-8B shape from the synthetic generator is
+// prefilled into a daemon (over the socket, or the core in-process) once per
+// policy; then every decode step appends the new token, selects and gathers
+// each layer's pages, and computes attention on the CPU from the fetched
+// pages (fp32 accumulation: the stand-in for the GPU). Figures per policy:
+// TT2T (prefill: KV ingest + index builds, then the first decode step) and
+// TPOT split into append, select, gather, RPC and attention; quality per
+// layer (attention-mass recall and output error against full attention).
+//
+// The split of a step: select and gather are timed on an in-process
+// companion session holding the first `reference_layers` layers of the same
+// model, driven in the same step loop as the measured session (same data,
+// queries and token count, interleaved); RPC is what the measured DecodeStep
+// calls took beyond them. The per-message RPC cost is the median of paired
+// differences (socket DecodeStep - in-process DecodeStep, same layer, same
+// step).
+#ifndef ICECACHE_TESTS_BENCH_DECODE_BENCH_H_
+#define ICECACHE_TESTS_BENCH_DECODE_BENCH_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/json.h"
+
+namespace icecache::bench {
+
+// A policy by name: "full" (attention over every token, no offload),
+// "exact-token" (the oracle: the best budget tokens by true attention), or a
+// selector the daemon knows ("mdci", "exact", "quest", "streaming", ...),
+// optionally with layer reuse "-r<k>" ("mdci-r4": one selection per group of
+// 4 layers, IceCache(r)).
+struct DecodePolicy {
+  enum class Kind { kFull, kExactToken, kSelector };
+  Kind kind = Kind::kSelector;
+  std::string name;      // as given
+  std::string selector;  // kSelector
+  int layer_reuse = 1;
+};
+// InvalidArgument naming the policy for a malformed one ("mdci-r0").
+absl::StatusOr<DecodePolicy> ParseDecodePolicy(const std::string& name);
+
+struct DecodeBenchOptions {
+  std::string mode = "socket";  // "socket" or "in-process"
+  std::string spawn;            // icecached to start (socket mode)
+  std::string socket;           // a running daemon (socket mode, no spawn)
+  std::string preset = "llama3-8b-like";
+  uint64_t seed = 42;
+  int layers = 32;  // the model's; per-token figures are scaled to it
+  std::vector<int64_t> contexts = {32768};
+  int steps = 8;  // decode steps per policy (the first is part of TT2T)
+  std::vector<int> batch = {1};
+  std::string batch_policy = "mdci";
+  int batch_layers = 4;
+  std::vector<std::string> policies = {"full",    "exact-token", "mdci",      "mdci-r2",
+                                       "mdci-r4", "quest",       "streaming", "exact"};
+  int budget = 1024;
+  int sink_tokens = 4;
+  int recent_tokens = 64;
+  int page_tokens = 16;
+  int reference_layers = 4;  // of the in-process companion (a multiple of every -r<k>)
+  // KV bytes (GiB) the run may hold at once: this process's fp16 copy and the
+  // daemon's. Above it a context runs with fewer layers (its per-token
+  // figures scaled to `layers` and marked "scaled").
+  double memory_gib = 12.0;
+  std::string json, plot;
+  bool progress = true;
+};
+
+// Runs every context and policy; prints the tables to stdout, writes --json
+// (atomically, only on success) and --plot. Errors of the backend, the
+// generator or the output files.
+absl::Status RunDecodeBench(const DecodeBenchOptions& options);
+
+}  // namespace icecache::bench
+
+#endif  // ICECACHE_TESTS_BENCH_DECODE_BENCH_H_

@@ -1,0 +1,122 @@
+#include "tests/bench/decode_flags.h"
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "common/status_macros.h"
+
+namespace icecache::bench {
+
+absl::StatusOr<std::vector<int64_t>> ParseContexts(const std::string& text) {
+  std::vector<int64_t> out;
+  for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipEmpty())) {
+    int64_t scale = 1;
+    if (!part.empty() && (part.back() == 'k' || part.back() == 'K')) {
+      scale = 1024;
+      part.remove_suffix(1);
+    }
+    int64_t n = 0;
+    if (!absl::SimpleAtoi(part, &n) || n < 1 || n > (int64_t{1} << 24) / scale) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--contexts: '", part, scale > 1 ? "k" : "",
+                       "' is not a token count (like 32768 or 32k, at most 16384k)"));
+    }
+    out.push_back(n * scale);
+  }
+  if (out.empty()) return absl::InvalidArgumentError("--contexts: empty list");
+  return out;
+}
+
+DecodeFlags::DecodeFlags(CLI::App* app) {
+  policies_ = absl::StrJoin(o_.policies, ",");
+  app->add_option("--mode", o_.mode, "socket (a daemon over its Unix socket) or in-process")
+      ->capture_default_str();
+  app->add_option("--spawn", o_.spawn, "start the icecached at PATH on a temporary socket")
+      ->type_name("PATH");
+  app->add_option("--socket", o_.socket, "a running daemon (default: the default socket)")
+      ->type_name("PATH");
+  app->add_option("--preset", o_.preset, "synthetic model preset (shape and content)")
+      ->capture_default_str();
+  app->add_option("--seed", o_.seed, "generator seed")->capture_default_str();
+  app->add_option("--layers", o_.layers, "layers of the model (per-token figures are for these)")
+      ->check(cli::Positive())
+      ->capture_default_str();
+  app->add_option("--tokens,--contexts", contexts_,
+                  "context lengths: prefill + decode steps (8k = 8192)")
+      ->type_name("N[,N..]")
+      ->capture_default_str();
+  app->add_option("--steps", o_.steps, "decode steps per policy (the first is part of TT2T)")
+      ->check(CLI::Range(2, 1000))
+      ->capture_default_str();
+  app->add_option("--policies", policies_,
+                  "full, exact-token, or a selector name with optional layer reuse (mdci-r4)")
+      ->type_name("P[,P..]")
+      ->capture_default_str();
+  app->add_option("--batch", batch_, "batch sizes of the batched-decode sweep (1 = none)")
+      ->type_name("B[,B..]")
+      ->capture_default_str();
+  app->add_option("--batch-policy", o_.batch_policy, "policy of the batch sweep")
+      ->capture_default_str();
+  app->add_option("--batch-layers", o_.batch_layers, "layers per session of the batch sweep")
+      ->check(cli::Positive())
+      ->capture_default_str();
+  app->add_option("--budget", o_.budget, "selected tokens per KV head and step")
+      ->check(cli::Positive())
+      ->capture_default_str();
+  app->add_option("--sink-tokens", o_.sink_tokens, "first tokens always selected")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app->add_option("--recent-tokens", o_.recent_tokens, "last tokens always selected")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app->add_option("--page-tokens,--page_tokens", o_.page_tokens, "tokens per page")
+      ->check(CLI::Range(1, 256))
+      ->capture_default_str();
+  app->add_option("--reference-layers", o_.reference_layers,
+                  "layers of the in-process companion that splits select / gather / RPC")
+      ->check(cli::Positive())
+      ->capture_default_str();
+  app->add_option("--memory-gib", o_.memory_gib,
+                  "KV held at once (this process + daemon); longer contexts run fewer layers")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app->add_option("--json", o_.json, "write the figures as JSON")->type_name("FILE");
+  app->add_option("--plot", o_.plot, "write TPOT and mass recall against context as SVG")
+      ->type_name("FILE.svg");
+  app->add_flag("!--no-progress", o_.progress, "no progress bars on stderr");
+}
+
+absl::StatusOr<DecodeBenchOptions> DecodeFlags::Options() const {
+  DecodeBenchOptions o = o_;
+  if (o.mode != "socket" && o.mode != "in-process") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--mode: '", o.mode, "' (expected socket or in-process)"));
+  }
+  if (o.mode == "in-process" && (!o.spawn.empty() || !o.socket.empty())) {
+    return absl::InvalidArgumentError("--spawn and --socket are for --mode socket");
+  }
+  ASSIGN_OR_RETURN(o.contexts, ParseContexts(contexts_));
+  for (int64_t t : o.contexts) {
+    if (t <= o.steps + o.budget) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--contexts: ", t, " tokens leave no room for --budget ", o.budget, " and --steps"));
+    }
+  }
+  o.policies = absl::StrSplit(policies_, ',', absl::SkipEmpty());
+  if (o.policies.empty()) return absl::InvalidArgumentError("--policies: empty list");
+  for (const std::string& p : o.policies) RETURN_IF_ERROR(ParseDecodePolicy(p).status());
+  o.batch.clear();
+  for (absl::string_view part : absl::StrSplit(batch_, ',', absl::SkipEmpty())) {
+    int b = 0;
+    if (!absl::SimpleAtoi(part, &b) || b < 1 || b > 256) {
+      return absl::InvalidArgumentError(absl::StrCat("--batch: '", part, "' (1..256)"));
+    }
+    o.batch.push_back(b);
+  }
+  if (o.batch.empty()) o.batch = {1};
+  std::sort(o.batch.begin(), o.batch.end());
+  return o;
+}
+
+}  // namespace icecache::bench

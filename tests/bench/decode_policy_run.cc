@@ -1,0 +1,338 @@
+#include "tests/bench/decode_policy_run.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/status_macros.h"
+#include "tests/bench/decode_attention.h"
+
+namespace icecache::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+double MsSince(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+double Median(std::vector<double> v) {
+  if (v.empty()) return kNaN;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// Per step and per layer accumulators of one policy.
+struct Tally {
+  explicit Tally(int steps, int layers)
+      : append(steps, 0),
+        decode(steps, 0),
+        attention(steps, 0),
+        select(steps, 0),
+        gather(steps, 0),
+        mass(layers, 0),
+        error(layers, 0),
+        cells(layers, 0) {}
+  std::vector<double> append, decode, attention, select, gather;  // ms per step
+  std::vector<double> message_ms, paired_us;
+  std::vector<double> mass, error;
+  std::vector<int> cells;
+  double pages = 0, tokens = 0;
+  int64_t heads = 0;
+};
+
+// Attention of every KV head of `layer` from the pages the step fetched into
+// `output` (timed: the CPU stand-in), then its quality against the
+// reference (untimed). Returns the attention time in ms.
+double LayerAttention(const DecodeContext& ctx, int step, int layer, const StepOutcome& outcome,
+                      const uint8_t* output, Tally* t) {
+  const DecodeModel& m = *ctx.model;
+  const int d = m.head_dim(), g = m.group(), pt = ctx.options->page_tokens;
+  const size_t row = static_cast<size_t>(d) * sizeof(uint16_t);
+  std::vector<const uint16_t*> k_rows, v_rows;
+  std::vector<float> out(static_cast<size_t>(g) * d);
+  AttentionScratch scratch;
+  double ms = 0;
+  for (size_t h = 0; h < outcome.heads.size(); ++h) {
+    const StepHead& head = outcome.heads[h];
+    const float* q = m.queries(step, layer).data() + h * g * d;
+    const auto t0 = Clock::now();
+    k_rows.clear();
+    v_rows.clear();
+    for (size_t i = 0; i < head.k_offsets.size(); ++i) {
+      const uint8_t* k = output + head.k_offsets[i];
+      for (uint32_t r = 0; r < head.fills[i]; ++r) {
+        k_rows.push_back(reinterpret_cast<const uint16_t*>(k + r * row));
+        v_rows.push_back(reinterpret_cast<const uint16_t*>(k + (pt + r) * row));
+      }
+    }
+    RowsAttention(k_rows, v_rows, d, q, g, out.data(), &scratch);
+    ms += MsSince(t0);
+    const int hh = static_cast<int>(h);
+    t->mass[layer] += MassRecall(m.keys(layer, hh), d, head.positions, q, g,
+                                 ctx.reference->Lse(step, layer, hh), &scratch);
+    t->error[layer] += OutputRelError(out.data(), ctx.reference->Out(step, layer, hh), g, d);
+    ++t->cells[layer];
+    t->pages += static_cast<double>(head.pages.size());
+    t->tokens += static_cast<double>(k_rows.size());
+    ++t->heads;
+  }
+  return ms;
+}
+
+absl::Status Prefill(const DecodeContext& ctx, DecodeBackend& b, const std::string& id, int layers,
+                     int chunk_layers, ProgressLine* progress) {
+  const DecodeModel& m = *ctx.model;
+  const int64_t n = m.prefill_tokens();
+  for (int first = 0; first < layers; first += chunk_layers) {
+    const int count = std::min(chunk_layers, layers - first);
+    m.FillAppend(0, n, first, count, b.staging());
+    RETURN_IF_ERROR(b.Append(id, n, first, count));
+    if (progress != nullptr) {
+      ASSIGN_OR_RETURN(auto trees, b.Trees(id));
+      progress->Set(first + count,
+                    absl::StrFormat("layers, %d/%d trees", trees.first, trees.second));
+    }
+  }
+  return absl::OkStatus();
+}
+
+DecodeSelect SelectFor(const DecodeBenchOptions& o, const DecodePolicy& p, int layer) {
+  DecodeSelect s;
+  s.budget_tokens = o.budget;
+  s.sink_tokens = o.sink_tokens;
+  s.recent_tokens = o.recent_tokens;
+  s.reuse_group_selection = layer % p.layer_reuse != 0;
+  return s;
+}
+
+// The companion's select + gather and its DecodeStep for the same layer and
+// step, in alternating order.
+absl::Status CompanionLayer(const DecodeContext& ctx, const std::string& id, int step, int layer,
+                            const DecodeSelect& sel, double main_ms, Tally* t) {
+  const absl::Span<const float> q =
+      sel.reuse_group_selection ? absl::Span<const float>() : ctx.model->queries(step, layer);
+  double select_ms = 0, fetch_ms = 0, decode_ms = 0;
+  auto split = [&]() {
+    return ctx.companion->SelectThenFetch(id, layer, q, 0, sel, &select_ms, &fetch_ms).status();
+  };
+  auto whole = [&]() -> absl::Status {
+    const auto t0 = Clock::now();
+    RETURN_IF_ERROR(ctx.companion->DecodeStep(id, layer, q, 0, sel).status());
+    decode_ms = MsSince(t0);
+    return absl::OkStatus();
+  };
+  if (step % 2 == 0) {
+    RETURN_IF_ERROR(split());
+    RETURN_IF_ERROR(whole());
+  } else {
+    RETURN_IF_ERROR(whole());
+    RETURN_IF_ERROR(split());
+  }
+  t->select[step] += select_ms;
+  t->gather[step] += fetch_ms;
+  t->paired_us.push_back((main_ms - decode_ms) * 1000.0);
+  return absl::OkStatus();
+}
+
+// One decode step of every layer: append (s >= 1), DecodeStep, attention,
+// and the companion's split on its layers.
+absl::Status DecodeOneStep(const DecodeContext& ctx, const DecodePolicy& p, const std::string& id,
+                           const std::string& companion_id, int step, Tally* t) {
+  const DecodeModel& m = *ctx.model;
+  if (step > 0) {
+    const int64_t tok = m.tokens_at(step) - 1;
+    m.FillAppend(tok, tok + 1, 0, m.layers(), ctx.main->staging());
+    const auto t0 = Clock::now();
+    RETURN_IF_ERROR(ctx.main->Append(id, 1, 0, 0));
+    t->append[step] = MsSince(t0);
+    m.FillAppend(tok, tok + 1, 0, ctx.reference_layers, ctx.companion->staging());
+    RETURN_IF_ERROR(ctx.companion->Append(companion_id, 1, 0, 0));
+  }
+  for (int l = 0; l < m.layers(); ++l) {
+    const DecodeSelect sel = SelectFor(*ctx.options, p, l);
+    const absl::Span<const float> q =
+        sel.reuse_group_selection ? absl::Span<const float>() : m.queries(step, l);
+    const auto t0 = Clock::now();
+    absl::StatusOr<StepOutcome> outcome = ctx.main->DecodeStep(id, l, q, 0, sel);
+    // The daemon builds a prefill's trees in the background and answers
+    // UNAVAILABLE when a layer's group is still building past its wait: the
+    // first step waits as a client would, and the wait counts in TT2T.
+    for (int tries = 0; step == 0 && absl::IsUnavailable(outcome.status()) && tries < 60; ++tries) {
+      outcome = ctx.main->DecodeStep(id, l, q, 0, sel);
+    }
+    RETURN_IF_ERROR(outcome.status());
+    const double ms = MsSince(t0);
+    t->decode[step] += ms;
+    t->message_ms.push_back(ms);
+    t->attention[step] += LayerAttention(ctx, step, l, *outcome, ctx.main->output(), t);
+    if (l < ctx.reference_layers) {
+      RETURN_IF_ERROR(CompanionLayer(ctx, companion_id, step, l, sel, ms, t));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Medians over the steps after the first, per token of the whole model.
+void Summarize(const DecodeContext& ctx, const Tally& t, PolicyResult* r) {
+  const int steps = static_cast<int>(t.decode.size());
+  const double layer_scale = ctx.scale;
+  const double companion_scale =
+      static_cast<double>(ctx.options->layers) / std::max(1, ctx.reference_layers);
+  std::vector<double> tpot, decode;
+  for (int s = 1; s < steps; ++s) {
+    tpot.push_back((t.append[s] + t.decode[s] + t.attention[s]) * layer_scale);
+    decode.push_back(t.decode[s] * layer_scale);
+  }
+  const auto tail = [&](const std::vector<double>& v, double scale) {
+    std::vector<double> out;
+    for (int s = 1; s < steps; ++s) out.push_back(v[s] * scale);
+    return Median(out);
+  };
+  r->cost.append = tail(t.append, layer_scale);
+  r->cost.select = tail(t.select, companion_scale);
+  r->cost.gather = tail(t.gather, companion_scale);
+  r->cost.attention = tail(t.attention, layer_scale);
+  r->cost.rpc = Median(decode) - r->cost.select - r->cost.gather;
+  r->cost.tpot = Median(tpot);
+  r->first_step_s = (t.decode[0] + t.attention[0]) * layer_scale / 1000.0;
+  r->tt2t_s = r->prefill_s + r->first_step_s;
+  r->message_us = Median(t.message_ms) * 1000.0;
+  r->rpc_per_message_us = Median(t.paired_us);
+  r->pages_per_head = t.heads ? t.pages / t.heads : 0;
+  r->tokens_per_head = t.heads ? t.tokens / t.heads : 0;
+  double mass = 0, error = 0;
+  r->min_layer_mass = 1.0;
+  for (size_t l = 0; l < t.mass.size(); ++l) {
+    const double c = std::max(1, t.cells[l]);
+    r->layer_mass.push_back(t.mass[l] / c);
+    r->layer_error.push_back(t.error[l] / c);
+    mass += t.mass[l] / c;
+    error += t.error[l] / c;
+    r->min_layer_mass = std::min(r->min_layer_mass, t.mass[l] / c);
+  }
+  r->mass = mass / std::max<size_t>(1, t.mass.size());
+  r->error = error / std::max<size_t>(1, t.mass.size());
+}
+
+}  // namespace
+
+ProgressLine::ProgressLine(bool on, std::string label, int total)
+    : on_(on), label_(std::move(label)), total_(std::max(1, total)) {
+  Set(0);
+}
+ProgressLine::~ProgressLine() {
+  if (on_) std::fprintf(stderr, "\n");
+}
+void ProgressLine::Set(int done, const std::string& extra) {
+  if (!on_) return;
+  constexpr int kWidth = 24;
+  const int bar = std::min(kWidth, done * kWidth / total_);
+  std::fprintf(stderr, "\r%-28s [%s%s] %d/%d %s   ", label_.c_str(), std::string(bar, '#').c_str(),
+               std::string(kWidth - bar, ' ').c_str(), done, total_, extra.c_str());
+  std::fflush(stderr);
+}
+
+PolicyResult RunCpuPolicy(const DecodeContext& ctx, const DecodePolicy& policy) {
+  const DecodeModel& m = *ctx.model;
+  const DecodeReference& ref = *ctx.reference;
+  PolicyResult r;
+  r.policy = policy;
+  r.prefill_s = kNaN;
+  r.cost = TokenCost{kNaN, kNaN, kNaN, kNaN, 0, 0};
+  r.rpc_per_message_us = kNaN;
+  r.message_us = kNaN;
+  Tally t(m.steps(), m.layers());
+  if (policy.kind == DecodePolicy::Kind::kFull) {
+    for (int s = 0; s < m.steps(); ++s) t.attention[s] = ref.step_ms[s];
+    for (int l = 0; l < m.layers(); ++l) t.mass[l] = 1.0, t.cells[l] = 1;
+    t.tokens = static_cast<double>(m.tokens());
+    t.heads = 1;
+  } else {
+    // The oracle's tokens, attended like fetched pages.
+    const int d = m.head_dim(), g = m.group();
+    const size_t row = static_cast<size_t>(d);
+    std::vector<const uint16_t*> k_rows, v_rows;
+    std::vector<float> out(static_cast<size_t>(g) * d);
+    AttentionScratch scratch;
+    for (int s = 0; s < m.steps(); ++s) {
+      for (int l = 0; l < m.layers(); ++l) {
+        for (int h = 0; h < m.kv_heads(); ++h) {
+          const std::vector<int32_t>& pos = ref.oracle[ref.Index(s, l, h)];
+          const float* q = m.queries(s, l).data() + static_cast<size_t>(h) * g * d;
+          const auto t0 = Clock::now();
+          k_rows.clear();
+          v_rows.clear();
+          for (int32_t p : pos) {
+            k_rows.push_back(m.keys(l, h) + p * row);
+            v_rows.push_back(m.values(l, h) + p * row);
+          }
+          RowsAttention(k_rows, v_rows, d, q, g, out.data(), &scratch);
+          t.attention[s] += MsSince(t0);
+          t.mass[l] += MassRecall(m.keys(l, h), d, pos, q, g, ref.Lse(s, l, h), &scratch);
+          t.error[l] += OutputRelError(out.data(), ref.Out(s, l, h), g, d);
+          ++t.cells[l];
+          t.tokens += static_cast<double>(pos.size());
+          ++t.heads;
+        }
+      }
+    }
+  }
+  Summarize(ctx, t, &r);
+  r.cost.append = r.cost.select = r.cost.gather = r.cost.rpc = kNaN;
+  r.tt2t_s = kNaN;
+  r.rpc_per_message_us = kNaN;
+  return r;
+}
+
+absl::StatusOr<PolicyResult> RunSelectorPolicy(const DecodeContext& ctx,
+                                               const DecodePolicy& policy) {
+  const DecodeModel& m = *ctx.model;
+  const DecodeBenchOptions& o = *ctx.options;
+  DecodeSessionSpec spec;
+  spec.layers = m.layers();
+  spec.kv_heads = m.kv_heads();
+  spec.q_heads = m.q_heads();
+  spec.head_dim = m.head_dim();
+  spec.page_tokens = o.page_tokens;
+  spec.selector = policy.selector;
+  spec.layer_reuse = policy.layer_reuse;
+  ASSIGN_OR_RETURN(std::string id, ctx.main->CreateSession(spec));
+  DecodeSessionSpec cspec = spec;
+  cspec.layers = ctx.reference_layers;
+  cspec.layer_reuse = std::min(policy.layer_reuse, ctx.reference_layers);
+  ASSIGN_OR_RETURN(std::string cid, ctx.companion->CreateSession(cspec));
+  PolicyResult r;
+  r.policy = policy;
+  r.messages_per_token = m.layers();
+  // Whole layer groups per call, at least 4 layers.
+  const int chunk = std::max(1, 4 / policy.layer_reuse) * policy.layer_reuse;
+  {
+    ProgressLine bar(o.progress, absl::StrCat(policy.name, " prefill"), m.layers());
+    const auto t0 = Clock::now();
+    RETURN_IF_ERROR(Prefill(ctx, *ctx.main, id, m.layers(), chunk, &bar));
+    r.prefill_s = MsSince(t0) / 1000.0 * ctx.scale;
+  }
+  RETURN_IF_ERROR(
+      Prefill(ctx, *ctx.companion, cid, ctx.reference_layers, ctx.reference_layers, nullptr));
+  Tally t(m.steps(), m.layers());
+  {
+    ProgressLine bar(o.progress, absl::StrCat(policy.name, " decode"), m.steps());
+    for (int s = 0; s < m.steps(); ++s) {
+      RETURN_IF_ERROR(DecodeOneStep(ctx, policy, id, cid, s, &t));
+      bar.Set(s + 1, "steps");
+    }
+  }
+  RETURN_IF_ERROR(ctx.main->Drop(id));
+  RETURN_IF_ERROR(ctx.companion->Drop(cid));
+  Summarize(ctx, t, &r);
+  return r;
+}
+
+}  // namespace icecache::bench

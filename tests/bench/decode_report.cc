@@ -1,0 +1,150 @@
+// The views of `icecache-bench decode`'s figures: the table a person reads,
+// the JSON report (decode_results.h).
+#include <cmath>
+#include <cstdio>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "client/output.h"
+#include "server/index/kernels.h"
+#include "tests/bench/decode_results.h"
+
+namespace icecache::bench {
+namespace {
+
+std::string Fmt(const char* f, double v) {
+  return std::isfinite(v) ? absl::StrFormat(f, v) : std::string("-");
+}
+
+// JSON null for NaN (no figure), the number otherwise.
+Json Num(double v) { return std::isfinite(v) ? Json(v) : Json(nullptr); }
+
+std::string Where(const DecodeBenchOptions& o) {
+  if (o.mode != "socket") return "in-process (the core library, no RPC)";
+  return o.spawn.empty() ? "socket (a running icecached)" : "socket (icecached spawned)";
+}
+
+Json CostJson(const TokenCost& c) {
+  return {{"tpot", Num(c.tpot)},     {"append", Num(c.append)}, {"select", Num(c.select)},
+          {"gather", Num(c.gather)}, {"rpc", Num(c.rpc)},       {"attention", Num(c.attention)}};
+}
+
+Json PolicyJson(const PolicyResult& p) {
+  return {{"policy", p.policy.name},
+          {"selector", p.policy.selector},
+          {"layer_reuse", p.policy.layer_reuse},
+          {"tt2t_s", Num(p.tt2t_s)},
+          {"prefill_s", Num(p.prefill_s)},
+          {"first_step_s", Num(p.first_step_s)},
+          {"per_token_ms", CostJson(p.cost)},
+          {"decode_step_message_us_p50", Num(p.message_us)},
+          {"rpc_per_message_us_p50", Num(p.rpc_per_message_us)},
+          {"messages_per_token", p.messages_per_token},
+          {"pages_per_head", p.pages_per_head},
+          {"tokens_per_head", p.tokens_per_head},
+          {"mass_recall", p.mass},
+          {"min_layer_mass_recall", p.min_layer_mass},
+          {"output_rel_error", p.error},
+          {"layer_mass_recall", p.layer_mass},
+          {"layer_output_rel_error", p.layer_error}};
+}
+
+}  // namespace
+
+void PrintContext(const DecodeBenchOptions& o, const ContextResult& c) {
+  std::printf(
+      "\n== %lld tokens, %d layers run (generated in %.0f s): per-token figures for %d "
+      "layers%s, ms (medians over %d decode steps after the first) ==\n",
+      static_cast<long long>(c.tokens), c.layers, c.generate_s, o.layers,
+      c.scale > 1.0 ? absl::StrFormat(" (SCALED x%.1f from %d layers)", c.scale, c.layers).c_str()
+                    : "",
+      o.steps - 1);
+  TextTable t({"POLICY", "TT2T_S", "PREFILL_S", "TPOT_MS", "APPEND", "SELECT", "GATHER", "RPC",
+               "ATTN*", "RPC_US/MSG", "MASS", "MIN_LAYER", "OUT_ERR"});
+  for (const PolicyResult& p : c.policies) {
+    t.AddRow({p.policy.name, Fmt("%.2f", p.tt2t_s), Fmt("%.2f", p.prefill_s),
+              Fmt("%.1f", p.cost.tpot), Fmt("%.2f", p.cost.append), Fmt("%.2f", p.cost.select),
+              Fmt("%.2f", p.cost.gather), Fmt("%.2f", p.cost.rpc), Fmt("%.1f", p.cost.attention),
+              Fmt("%.0f", p.rpc_per_message_us), Fmt("%.3f", p.mass), Fmt("%.3f", p.min_layer_mass),
+              Fmt("%.3f", p.error)});
+  }
+  // The paper's figures beside ours (Llama-3.1-8B at 36k tokens on an H100
+  // with 64 CPU threads; the paper gives no split beyond DCI selection).
+  t.AddRow({"paper: IceCache", "7.6", "-", "110", "-", "50", "-", "-", "-", "-", "-", "-", "-"});
+  t.AddRow({"paper: IceCache(r)", "5.9", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"});
+  std::printf("%s", t.Render().c_str());
+  std::printf(
+      "ATTN* = attention on the CPU from the fetched pages (fp32 accumulation, 1 thread): the "
+      "stand-in for the GPU's. TT2T = prefill (KV ingest + index builds; no model compute) + "
+      "the first decode step. RPC = DecodeStep calls beyond in-process select + gather; "
+      "RPC_US/MSG = paired median per layer message, over in-process.\n");
+  if (!c.batches.empty()) {
+    TextTable b({"BATCH", "STEP_MS", "TOKENS_PER_S", "VS_BATCH_1"});
+    for (const BatchResult& r : c.batches) {
+      b.AddRow({absl::StrCat(r.batch), Fmt("%.1f", r.step_ms), Fmt("%.1f", r.tokens_per_s),
+                Fmt("%.2fx", r.speedup)});
+    }
+    std::printf(
+        "batched decode (%s, %d layers per session, scaled to %d; select + gather + RPC, "
+        "no attention):\n%s",
+        c.batch_policy.c_str(), c.batch_layers, o.layers, b.Render().c_str());
+  }
+  std::printf(
+      "paper rows: Llama-3.1-8B at 36k tokens on an H100 + 64 CPU threads (TPOT 110 ms of which "
+      "DCI selection 50 ms; TT2T 7.6 s, 5.9 s with layer reuse). Here: %u cores, %s.\n",
+      std::thread::hardware_concurrency(), Where(o).c_str());
+  std::fflush(stdout);
+}
+
+Json DecodeReportJson(const DecodeBenchOptions& o, const std::vector<ContextResult>& contexts) {
+  Json report = Json::object();
+  report["benchmark"] = "decode";
+  report["machine"] = {{"cores", std::thread::hardware_concurrency()}, {"kernel_isa", KernelIsa()}};
+  report["config"] = {{"mode", o.mode},
+                      {"where", Where(o)},
+                      {"preset", o.preset},
+                      {"seed", o.seed},
+                      {"layers", o.layers},
+                      {"steps", o.steps},
+                      {"budget_tokens", o.budget},
+                      {"sink_tokens", o.sink_tokens},
+                      {"recent_tokens", o.recent_tokens},
+                      {"page_tokens", o.page_tokens},
+                      {"reference_layers", o.reference_layers},
+                      {"policies", o.policies},
+                      {"batch", o.batch},
+                      {"batch_policy", o.batch_policy}};
+  report["units"] = {
+      {"per_token_ms",
+       "ms per generated token over all layers of the model (scaled when the "
+       "context ran with fewer layers); medians over the steps after the first"},
+      {"attention", "CPU stand-in for the GPU: fp32 accumulation over the fetched fp16 pages"},
+      {"tt2t_s", "prefill (KV ingest + index builds, no model compute) + first decode step"}};
+  report["contexts"] = Json::array();
+  for (const ContextResult& c : contexts) {
+    Json policies = Json::array();
+    for (const PolicyResult& p : c.policies) policies.push_back(PolicyJson(p));
+    Json batches = Json::array();
+    for (const BatchResult& b : c.batches) {
+      batches.push_back({{"batch", b.batch},
+                         {"step_ms", b.step_ms},
+                         {"tokens_per_s", b.tokens_per_s},
+                         {"vs_batch_1", b.speedup}});
+    }
+    report["contexts"].push_back({{"tokens", c.tokens},
+                                  {"layers_run", c.layers},
+                                  {"scaled", c.scale > 1.0},
+                                  {"scale", c.scale},
+                                  {"generate_s", c.generate_s},
+                                  {"full_attention_ms", c.full_attention_ms},
+                                  {"policies", std::move(policies)},
+                                  {"batch_policy", c.batch_policy},
+                                  {"batch_layers", c.batch_layers},
+                                  {"batches", std::move(batches)}});
+  }
+  return report;
+}
+
+}  // namespace icecache::bench

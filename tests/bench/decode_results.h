@@ -1,0 +1,67 @@
+// The figures of `icecache-bench decode` (decode_bench.h) and their views:
+// the text tables, the JSON report and the SVG plot (decode_report.cc).
+// Internal to the benchmark; values only.
+#ifndef ICECACHE_TESTS_BENCH_DECODE_RESULTS_H_
+#define ICECACHE_TESTS_BENCH_DECODE_RESULTS_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/json.h"
+#include "tests/bench/decode_bench.h"
+
+namespace icecache::bench {
+
+// Per-token figures in ms (the whole model: sums over its layers, scaled to
+// DecodeBenchOptions::layers when the context ran with fewer). Medians over
+// the decode steps after the first. NaN where a figure does not apply.
+struct TokenCost {
+  double append = 0, select = 0, gather = 0, rpc = 0, attention = 0;
+  double tpot = 0;  // append + the DecodeStep calls + attention, measured per step
+};
+
+struct PolicyResult {
+  DecodePolicy policy;
+  double prefill_s = 0;  // KV ingest + index builds (NaN: no offload)
+  double first_step_s = 0;
+  double tt2t_s = 0;  // prefill + first step
+  TokenCost cost;
+  double rpc_per_message_us = 0;  // median paired socket - in-process (NaN in-process)
+  double message_us = 0;          // median DecodeStep call per layer
+  int messages_per_token = 0;
+  double pages_per_head = 0, tokens_per_head = 0;
+  std::vector<double> layer_mass, layer_error;  // per layer, mean over steps and heads
+  double mass = 0, error = 0;                   // mean over layers
+  double min_layer_mass = 0;
+};
+
+struct BatchResult {
+  int batch = 0;
+  double step_ms = 0;  // one token of every sequence, all layers (scaled)
+  double tokens_per_s = 0;
+  double speedup = 0;  // aggregate tokens/s over batch 1's
+};
+
+struct ContextResult {
+  int64_t tokens = 0;
+  int layers = 0;      // layers that ran
+  double scale = 1.0;  // options.layers / layers
+  double generate_s = 0;
+  double full_attention_ms = 0;
+  std::vector<PolicyResult> policies;
+  std::string batch_policy;
+  int batch_layers = 0;
+  std::vector<BatchResult> batches;
+};
+
+// Prints the table of one context (stdout).
+void PrintContext(const DecodeBenchOptions& o, const ContextResult& c);
+// The JSON report of the run.
+Json DecodeReportJson(const DecodeBenchOptions& o, const std::vector<ContextResult>& contexts);
+// The SVG: TPOT against context per policy, and mass recall per policy.
+std::string DecodePlotSvg(const DecodeBenchOptions& o, const std::vector<ContextResult>& contexts);
+
+}  // namespace icecache::bench
+
+#endif  // ICECACHE_TESTS_BENCH_DECODE_RESULTS_H_
