@@ -53,6 +53,14 @@ bool QualitySampler::OverBudget() const {
   return static_cast<double>(cpu_ns_.load()) >= allowed;
 }
 
+bool QualitySampler::Admits() {
+  if (OverBudget()) {
+    refused_budget_.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  return depth_.load(std::memory_order_relaxed) < options_.queue_capacity;
+}
+
 OfferResult QualitySampler::Offer(Job job) {
   const bool over = OverBudget();
   absl::MutexLock l(&mu_);
@@ -66,6 +74,7 @@ OfferResult QualitySampler::Offer(Job job) {
     return OfferResult::kQueueFull;
   }
   queue_.push_back(std::move(job));
+  depth_.store(static_cast<int>(queue_.size()), std::memory_order_relaxed);
   ++queued_;
   return OfferResult::kQueued;
 }
@@ -83,6 +92,7 @@ void QualitySampler::WorkerLoop() {
       if (stop_) return;
       job = std::move(queue_.front());
       queue_.pop_front();
+      depth_.store(static_cast<int>(queue_.size()), std::memory_order_relaxed);
       running_ = true;
     }
     const int64_t t0 = ThreadCpuNanos();
@@ -112,7 +122,7 @@ QualitySamplerStats QualitySampler::stats() const {
   st.offered = offered_;
   st.queued = queued_;
   st.dropped_queue_full = dropped_full_;
-  st.dropped_over_budget = dropped_budget_;
+  st.dropped_over_budget = dropped_budget_ + refused_budget_.load();
   st.measured = measured_;
   st.stale = stale_;
   st.queue_depth = static_cast<int>(queue_.size());

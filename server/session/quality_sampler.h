@@ -82,6 +82,10 @@ class QualitySampler {
   // Queues `job` unless the queue is full or the budget is spent; never
   // blocks on the worker.
   OfferResult Offer(Job job) ABSL_LOCKS_EXCLUDED(mu_);
+  // Whether Offer() would queue a job now (budget left, room in the queue):
+  // lets the caller skip copying a probe that would be dropped. Counts a
+  // refusal by the budget as dropped_over_budget. Lock-free.
+  bool Admits();
   // Blocks until no job is queued or running (tests, benchmarks).
   void WaitIdle() ABSL_LOCKS_EXCLUDED(mu_);
   QualitySamplerStats stats() const ABSL_LOCKS_EXCLUDED(mu_);
@@ -98,6 +102,8 @@ class QualitySampler {
   const QualitySamplerOptions options_;
   std::atomic<int64_t> selection_ns_{0};
   std::atomic<int64_t> cpu_ns_{0};
+  std::atomic<int> depth_{0};                // queue_.size(), readable without mu_
+  std::atomic<uint64_t> refused_budget_{0};  // Admits() refusals
   mutable absl::Mutex mu_;
   std::deque<Job> queue_ ABSL_GUARDED_BY(mu_);
   bool running_ ABSL_GUARDED_BY(mu_) = false;  // the worker is inside a job

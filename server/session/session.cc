@@ -195,8 +195,15 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0)
           .count();
   selection_ns.fetch_add(ns, std::memory_order_relaxed);
+  if (hq == nullptr) return absl::OkStatus();  // not monitored
+  // The budget is a share of the monitored sessions' selection time.
   if (sampler != nullptr) sampler->AddSelectionTime(ns);
-  if (hq == nullptr || probe == nullptr || !hq->ShouldSample()) return absl::OkStatus();
+  if (probe == nullptr || !hq->ShouldSample()) return absl::OkStatus();
+  // Over budget or a full queue: no copy now; the head stays due.
+  if (sampler != nullptr && !sampler->Admits()) {
+    samples_dropped.fetch_add(1, std::memory_order_relaxed);
+    return absl::OkStatus();
+  }
   // Copied here so the measurement never touches the caller's buffers.
   auto made = std::make_unique<QualityProbe>();
   made->group = group;

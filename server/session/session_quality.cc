@@ -31,9 +31,13 @@ absl::Status ValidateQualityOptions(const SessionQualityOptions& o) {
 }
 
 bool HeadQuality::ShouldSample() {
-  const int64_t step = steps_.fetch_add(1, std::memory_order_relaxed);
-  if (step < warmup_) return true;
-  return (step - warmup_) % sample_every_ == sample_every_ - 1;
+  const int64_t since = since_.fetch_add(1, std::memory_order_relaxed) + 1;
+  return taken_.load(std::memory_order_relaxed) < warmup_ || since >= sample_every_;
+}
+
+void HeadQuality::Taken() {
+  since_.store(0, std::memory_order_relaxed);
+  taken_.fetch_add(1, std::memory_order_relaxed);
 }
 
 void HeadQuality::Record(const QualitySample& sample) {

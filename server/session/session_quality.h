@@ -3,7 +3,8 @@
 //
 // Per (layer group, KV head) of a session whose selector lays pages out by
 // the DCI tree (mdci, exact-mdci), a HeadQuality decides which selections
-// are measured (the first warmup_samples, then 1 in sample_every), keeps the
+// are measured (the first warmup_samples, then 1 in sample_every; a due
+// measurement the sampler cannot take now is retried on the next selection), keeps the
 // tally of what was measured and, for mdci with a target mass ratio, owns
 // the WidthCalibrator whose width the selections use.
 //
@@ -62,8 +63,13 @@ class HeadQuality {
   HeadQuality(int sample_every, int warmup_samples, std::unique_ptr<WidthCalibrator> calibrator)
       : sample_every_(sample_every), warmup_(warmup_samples), calibrator_(std::move(calibrator)) {}
 
-  // Counts one selection; true when it should be measured.
+  // Counts one selection; true when a measurement is due: during warm-up
+  // (fewer than warmup_samples taken), then sample_every selections after
+  // the last one taken. A due measurement the sampler could not take stays
+  // due on the next selection (none is lost to a busy budget).
   bool ShouldSample();
+  // The sampler took this head's measurement.
+  void Taken();
   // The calibrated width into params (no-op without a calibrator).
   void Apply(SelectParams* params) const {
     if (calibrator_ != nullptr) calibrator_->Apply(params);
@@ -75,7 +81,8 @@ class HeadQuality {
   const int sample_every_;
   const int warmup_;
   const std::unique_ptr<WidthCalibrator> calibrator_;
-  std::atomic<int64_t> steps_{0};
+  std::atomic<int64_t> since_{0};  // selections since the last measurement taken
+  std::atomic<int64_t> taken_{0};
   mutable absl::Mutex mu_;
   int64_t samples_ ABSL_GUARDED_BY(mu_) = 0;
   double sum_ratio_ ABSL_GUARDED_BY(mu_) = 0.0;

@@ -64,6 +64,7 @@ TEST(QualitySamplerTest, QueueIsBoundedAndDropsAreCounted) {
   auto quick = [] { return SampleOutcome::kMeasured; };
   for (int i = 0; i < 3; ++i) EXPECT_EQ(s->Offer(quick), OfferResult::kQueued);
   for (int i = 0; i < 4; ++i) EXPECT_EQ(s->Offer(quick), OfferResult::kQueueFull);
+  EXPECT_FALSE(s->Admits());  // full: a caller skips the copy
   EXPECT_EQ(s->stats().queue_depth, 3);
   EXPECT_EQ(s->stats().dropped_queue_full, 4u);
   release.Notify();
@@ -85,7 +86,9 @@ TEST(QualitySamplerTest, CpuBudgetIsAShareOfSelectionTime) {
     return SampleOutcome::kMeasured;
   };
   EXPECT_EQ(s->Offer(spin), OfferResult::kOverBudget);
-  s->AddSelectionTime(100'000'000);  // 100 ms of selection: 5 ms of calibration
+  EXPECT_FALSE(s->Admits());  // counted like a refused offer
+  s->AddSelectionTime(100'000'000);
+  EXPECT_TRUE(s->Admits());  // 100 ms of selection: 5 ms of calibration
   EXPECT_EQ(s->Offer(spin), OfferResult::kQueued);
   s->WaitIdle();
   // Spend the rest of the budget, then the next offer is refused.
@@ -95,7 +98,7 @@ TEST(QualitySamplerTest, CpuBudgetIsAShareOfSelectionTime) {
   }
   EXPECT_EQ(s->Offer(spin), OfferResult::kOverBudget);
   const QualitySamplerStats st = s->stats();
-  EXPECT_EQ(st.dropped_over_budget, 2u);
+  EXPECT_EQ(st.dropped_over_budget, 3u);
   EXPECT_GE(st.cpu_ns, 5'000'000);
   EXPECT_EQ(st.selection_ns, 100'000'000);
 }
