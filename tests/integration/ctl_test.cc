@@ -166,7 +166,8 @@ TEST_F(IcecachectlTest, SessionsShowReportsQualityAndWidths) {
   EXPECT_THAT(r.out, HasSubstr("GROUP  KV_HEAD  WIDTH"));
   r = Ctl({"--json", "sessions", "show", s->id});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  const auto& q = Json(r).struct_value().fields().at("quality").struct_value().fields();
+  const google::protobuf::Value shown = Json(r);
+  const auto& q = shown.struct_value().fields().at("quality").struct_value().fields();
   EXPECT_TRUE(q.at("monitored").bool_value());
   EXPECT_EQ(q.at("samples").number_value(), 8);
   EXPECT_DOUBLE_EQ(q.at("target_mass_ratio").number_value(), 0.95);
