@@ -1,5 +1,6 @@
 #include "server/session/session_quality.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -105,18 +106,25 @@ absl::StatusOr<std::vector<std::unique_ptr<HeadQuality>>> MakeHeadQuality(
   return heads;
 }
 
+int64_t StaleAfterTokens(const Session& s, int64_t tokens) {
+  return std::max<int64_t>(4 * int64_t{s.config.page_tokens}, tokens / 1024);
+}
+
 SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample* out) {
-  // An append in progress is changing this index: the probe is stale anyway.
-  if (!s.append_mu.TryLock()) return SampleOutcome::kStale;
+  // Waits (on this background thread) for an append in progress, then keeps
+  // the next append waiting for this one head's reference scan; selects and
+  // fetches go on meanwhile (mu is only shared).
   absl::StatusOr<QualitySample> measured = absl::UnavailableError("stale");
   {
+    absl::MutexLock serial(&s.append_mu);
     absl::ReaderMutexLock read(&s.mu);
     const size_t index = s.SelectorIndex(probe.group, probe.head);
     const int64_t now = s.group_tokens[probe.group];
-    // A page's worth of tokens appended since: the selection still names
-    // pages that exist and the masses barely moved; more and it is stale.
+    // The selection's pages still exist (ids are never reused) and the few
+    // tokens appended since barely move the masses; more and it is stale.
     const bool fresh = !s.broken && !s.group_building[probe.group] && now >= probe.tokens &&
-                       now - probe.tokens <= s.config.page_tokens && s.selectors[index] != nullptr;
+                       now - probe.tokens <= StaleAfterTokens(s, probe.tokens) &&
+                       s.selectors[index] != nullptr;
     if (fresh) {
       const auto& selector = static_cast<const MdciSelector&>(*s.selectors[index]);
       Selection selection;
@@ -125,7 +133,6 @@ SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample*
           MeasureSelection(selector, probe.queries.data(), s.q_per_kv, probe.params, selection);
     }
   }
-  s.append_mu.Unlock();
   if (!measured.ok()) return SampleOutcome::kStale;
   s.quality[s.SelectorIndex(probe.group, probe.head)]->Record(*measured);
   *out = *measured;

@@ -98,13 +98,17 @@ class HeadQuality {
 absl::StatusOr<std::vector<std::unique_ptr<HeadQuality>>> MakeHeadQuality(
     const SessionConfig& config, int groups, const SessionQualityOptions& options);
 
+// Tokens a group may gain between a selection and its measurement before
+// the probe is stale: max(4 pages, tokens / 1024).
+int64_t StaleAfterTokens(const Session& s, int64_t tokens);
+
 // Measures `probe` against the exact reference on the session's current
-// index. kStale when an append is running on the session, the group gained
-// more than a page of tokens since the selection, or the session broke.
-// Records the sample into the head's HeadQuality and into *out. Takes
-// s.append_mu (try only: a running append makes the probe stale) and then
-// s.mu shared, so selects go on meanwhile and an append waits at most for
-// this one head's reference scan.
+// index. kStale when the group gained more than StaleAfterTokens since the
+// selection, or the session broke. Records the sample into the head's
+// HeadQuality and into *out. Takes s.append_mu (waiting for an append in
+// progress: this runs on the sampler's thread) and then s.mu shared, so
+// selects go on meanwhile and an append waits at most for this one head's
+// reference scan.
 SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample* out);
 
 // The session's quality view for SessionInfo.
