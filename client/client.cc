@@ -147,7 +147,43 @@ void ToProto(const SessionSpec& spec, v1::SessionConfig* out) {
   ToProto(spec.defaults, out->mutable_defaults());
   out->set_ttl_ms(static_cast<uint64_t>(absl::ToInt64Milliseconds(spec.ttl)));
   out->set_pinned(spec.pinned);
+  if (spec.target_mass_ratio) out->set_target_mass_ratio(*spec.target_mass_ratio);
 }
+
+namespace {
+
+SessionQuality QualityFromProto(const v1::SessionQuality& q) {
+  SessionQuality s;
+  s.monitored = q.monitored();
+  s.target_mass_ratio = q.target_mass_ratio();
+  s.samples = q.samples();
+  s.samples_dropped = q.samples_dropped();
+  s.samples_stale = q.samples_stale();
+  s.mean_mass_ratio = q.mean_mass_ratio();
+  s.recent_mass_ratio = q.recent_mass_ratio();
+  s.mean_topk_recall = q.mean_topk_recall();
+  s.calibration_cpu_ms = q.calibration_cpu_ms();
+  s.selection_ms = q.selection_ms();
+  for (const v1::HeadQuality& h : q.heads()) {
+    HeadQuality o;
+    o.layer_group = h.layer_group();
+    o.kv_head = h.kv_head();
+    o.calibrated = h.calibrated();
+    o.width = h.width();
+    o.field_of_view = h.field_of_view();
+    o.candidate_factor = h.candidate_factor();
+    o.width_changes = h.width_changes();
+    o.samples = h.samples();
+    o.mean_mass_ratio = h.mean_mass_ratio();
+    o.recent_mass_ratio = h.recent_mass_ratio();
+    o.last_mass_ratio = h.last_mass_ratio();
+    o.mean_topk_recall = h.mean_topk_recall();
+    s.heads.push_back(o);
+  }
+  return s;
+}
+
+}  // namespace
 
 SessionInfo FromProto(const v1::SessionInfo& info) {
   SessionInfo s;
@@ -175,6 +211,7 @@ SessionInfo FromProto(const v1::SessionInfo& info) {
   }
   s.spec.ttl = absl::Milliseconds(static_cast<int64_t>(c.ttl_ms()));
   s.spec.pinned = c.pinned();
+  if (c.has_target_mass_ratio()) s.spec.target_mass_ratio = c.target_mass_ratio();
   s.tokens = info.tokens();
   s.created = FromUnixMs(info.created_unix_ms());
   s.last_use = FromUnixMs(info.last_use_unix_ms());
@@ -187,6 +224,7 @@ SessionInfo FromProto(const v1::SessionInfo& info) {
   s.trees_built = info.trees_built();
   s.trees_total = info.trees_total();
   s.next_layer = info.next_layer();
+  s.quality = QualityFromProto(info.quality());
   return s;
 }
 

@@ -97,10 +97,45 @@ struct SessionSpec {
   // 0 = daemon default; else >= 1 s and <= the daemon's max TTL.
   absl::Duration ttl = absl::ZeroDuration();
   bool pinned = false;  // never evicted at the watermark (still expires)
+  // MDCI: the mass ratio the self-calibrating width aims at (types.proto
+  // SessionConfig.target_mass_ratio); unset = the daemon's default, 0 = fixed width.
+  std::optional<double> target_mass_ratio;
 
   // Bytes of one AppendKv chunk of `tokens` tokens:
   // 2 x layers x kv_heads x tokens x head_dim x dtype size.
   size_t ChunkBytes(int64_t tokens) const;
+};
+
+// Selection quality of one (layer group, KV head), measured on sampled
+// selections (types.proto HeadQuality).
+struct HeadQuality {
+  uint32_t layer_group = 0;
+  uint32_t kv_head = 0;
+  bool calibrated = false;
+  double width = 1.0;  // multiplier of the session's MDCI width in use
+  uint32_t field_of_view = 0;
+  float candidate_factor = 0.0f;
+  uint64_t width_changes = 0;
+  uint64_t samples = 0;
+  double mean_mass_ratio = 0.0;
+  double recent_mass_ratio = 0.0;
+  double last_mass_ratio = 0.0;
+  double mean_topk_recall = 0.0;
+};
+
+// The session's online quality monitor (types.proto SessionQuality).
+struct SessionQuality {
+  bool monitored = false;
+  double target_mass_ratio = 0.0;  // 0 = width not calibrated
+  uint64_t samples = 0;
+  uint64_t samples_dropped = 0;
+  uint64_t samples_stale = 0;
+  double mean_mass_ratio = 0.0;
+  double recent_mass_ratio = 0.0;
+  double mean_topk_recall = 0.0;
+  double calibration_cpu_ms = 0.0;
+  double selection_ms = 0.0;
+  std::vector<HeadQuality> heads;
 };
 
 struct SessionInfo {
@@ -122,6 +157,7 @@ struct SessionInfo {
   uint32_t trees_built = 0;
   uint32_t trees_total = 0;
   uint32_t next_layer = 0;
+  SessionQuality quality;
 };
 
 // Selection of one KV head, pages in descending score order.

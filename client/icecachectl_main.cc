@@ -1,4 +1,5 @@
 // icecachectl: the admin command line of icecached (icecachectl --help).
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -235,6 +236,57 @@ int CmdSessionsList(Client& client, bool json, bool all) {
   return kExitOk;
 }
 
+// Per-head quality rows are printed up to this many indexes.
+constexpr size_t kMaxHeadRows = 64;
+
+// "min / median / max" of the heads' widths.
+std::string WidthSummary(const SessionQuality& q) {
+  std::vector<double> w;
+  for (const HeadQuality& h : q.heads) w.push_back(h.width);
+  if (w.empty()) return "-";
+  std::sort(w.begin(), w.end());
+  return absl::StrFormat("%.2f / %.2f / %.2f (min / median / max, x the session's width)",
+                         w.front(), w[w.size() / 2], w.back());
+}
+
+void AddQualityRows(const SessionQuality& q, TextTable* t) {
+  if (!q.monitored) {
+    t->AddRow({"quality", "not monitored (positional selectors, or quality.enabled false)"});
+    return;
+  }
+  t->AddRow(
+      {"target mass ratio", q.target_mass_ratio > 0
+                                ? absl::StrFormat("%.3f (width calibrated)", q.target_mass_ratio)
+                                : std::string("off (fixed width)")});
+  t->AddRow({"samples", absl::StrCat(q.samples, " measured, ", q.samples_dropped, " dropped, ",
+                                     q.samples_stale, " stale")});
+  if (q.samples > 0) {
+    t->AddRow({"mass ratio",
+               absl::StrFormat("%.4f mean, %.4f recent", q.mean_mass_ratio, q.recent_mass_ratio)});
+    t->AddRow({"top-k recall", absl::StrFormat("%.4f", q.mean_topk_recall)});
+  }
+  if (q.target_mass_ratio > 0) t->AddRow({"width per head", WidthSummary(q)});
+  const double share = q.selection_ms > 0 ? 100.0 * q.calibration_cpu_ms / q.selection_ms : 0.0;
+  t->AddRow({"calibration cpu", absl::StrFormat("%.1f ms (%.1f%% of %.1f ms selection)",
+                                                q.calibration_cpu_ms, share, q.selection_ms)});
+}
+
+TextTable HeadQualityTable(const SessionQuality& q) {
+  TextTable t({"GROUP", "KV_HEAD", "WIDTH", "FOV", "CAND", "CHANGES", "SAMPLES", "MEAN_RATIO",
+               "RECENT", "TOPK"});
+  for (const HeadQuality& h : q.heads) {
+    t.AddRow({absl::StrCat(h.layer_group), absl::StrCat(h.kv_head),
+              h.calibrated ? absl::StrFormat("%.2f", h.width) : std::string("-"),
+              h.calibrated ? absl::StrCat(h.field_of_view) : std::string("-"),
+              h.calibrated ? absl::StrFormat("%.1f", h.candidate_factor) : std::string("-"),
+              absl::StrCat(h.width_changes), absl::StrCat(h.samples),
+              absl::StrFormat("%.4f", h.mean_mass_ratio),
+              absl::StrFormat("%.4f", h.recent_mass_ratio),
+              absl::StrFormat("%.3f", h.mean_topk_recall)});
+  }
+  return t;
+}
+
 void PrintSessionTable(const SessionInfo& info) {
   TextTable t({"FIELD", "VALUE"});
   t.AddRow({"id", info.id});
@@ -262,7 +314,16 @@ void PrintSessionTable(const SessionInfo& info) {
   t.AddRow({"created", TimeText(info.created)});
   t.AddRow({"last use", TimeText(info.last_use)});
   t.AddRow({"expires", TimeText(info.expires)});
+  AddQualityRows(info.quality, &t);
   std::cout << t.Render();
+  if (info.quality.monitored && !info.quality.heads.empty()) {
+    if (info.quality.heads.size() <= kMaxHeadRows) {
+      std::cout << "\n" << HeadQualityTable(info.quality).Render();
+    } else {
+      std::cout << "\n(" << info.quality.heads.size()
+                << " (layer group, kv head) indexes: --json lists each one's width and ratio)\n";
+    }
+  }
 }
 
 int PrintSession(const absl::StatusOr<SessionInfo>& info, bool json) {

@@ -102,6 +102,38 @@ Json SessionJson(const SessionInfo& s) {
   j["created_unix_ms"] = UnixMs(s.created);
   j["last_use_unix_ms"] = UnixMs(s.last_use);
   j["expires_unix_ms"] = UnixMs(s.expires);
+  j["quality"] = QualityJson(s.quality);
+  return j;
+}
+
+Json QualityJson(const SessionQuality& q) {
+  Json j = Json::object();
+  j["monitored"] = q.monitored;
+  j["target_mass_ratio"] = q.target_mass_ratio;
+  j["samples"] = q.samples;
+  j["samples_dropped"] = q.samples_dropped;
+  j["samples_stale"] = q.samples_stale;
+  j["mean_mass_ratio"] = q.mean_mass_ratio;
+  j["recent_mass_ratio"] = q.recent_mass_ratio;
+  j["mean_topk_recall"] = q.mean_topk_recall;
+  j["calibration_cpu_ms"] = q.calibration_cpu_ms;
+  j["selection_ms"] = q.selection_ms;
+  Json heads = Json::array();
+  for (const HeadQuality& h : q.heads) {
+    heads.push_back({{"layer_group", h.layer_group},
+                     {"kv_head", h.kv_head},
+                     {"calibrated", h.calibrated},
+                     {"width", h.width},
+                     {"field_of_view", h.field_of_view},
+                     {"candidate_factor", h.candidate_factor},
+                     {"width_changes", h.width_changes},
+                     {"samples", h.samples},
+                     {"mean_mass_ratio", h.mean_mass_ratio},
+                     {"recent_mass_ratio", h.recent_mass_ratio},
+                     {"last_mass_ratio", h.last_mass_ratio},
+                     {"mean_topk_recall", h.mean_topk_recall}});
+  }
+  j["heads"] = std::move(heads);
   return j;
 }
 

@@ -35,6 +35,7 @@ class TextTable {
 // them. Epochs are strings (they exceed 2^53, as proto JSON writes them);
 // times are Unix milliseconds, 0 for "never".
 Json SessionJson(const SessionInfo& s);
+Json QualityJson(const SessionQuality& q);  // SessionJson's "quality"
 Json TenantJson(const TenantInfo& t);
 Json StatsJson(const DaemonStats& s);
 

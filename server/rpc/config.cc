@@ -191,6 +191,15 @@ void ApplyDefaults(IcecachedConfig* c) {
   if (m->address().empty()) m->set_address("127.0.0.1");
   if (c->log_level() == v1::LOG_LEVEL_UNSPECIFIED) c->set_log_level(v1::LOG_LEVEL_INFO);
   if (c->drain_timeout_ms() == 0) c->set_drain_timeout_ms(kDefaultDrainTimeoutMs);
+  auto* q = c->mutable_quality();
+  if (!q->has_enabled()) q->set_enabled(true);
+  if (q->sample_every() == 0) q->set_sample_every(kDefaultQualitySampleEvery);
+  if (!q->has_warmup_samples()) q->set_warmup_samples(kDefaultQualityWarmupSamples);
+  if (q->cpu_share() == 0) q->set_cpu_share(kDefaultQualityCpuShare);
+  if (q->queue_capacity() == 0) q->set_queue_capacity(kDefaultQualityQueueCapacity);
+  if (!q->has_burst_ms()) q->set_burst_ms(kDefaultQualityBurstMs);
+  if (!q->has_default_target_mass_ratio())
+    q->set_default_target_mass_ratio(kDefaultTargetMassRatio);
   if (c->worker_threads() == 0) {
     const long n = ::sysconf(_SC_NPROCESSORS_ONLN);
     c->set_worker_threads(n > 0 ? static_cast<uint32_t>(n) : 1);
@@ -336,6 +345,26 @@ absl::Status ValidateConfig(const IcecachedConfig& c) {
   const auto& m = c.metrics();
   if (m.port() > 65535) return Bad("metrics.port", m.port(), "must be 0 (off) .. 65535");
   if (m.address().empty()) return Bad("metrics.address", "\"\"", "must not be empty");
+  // quality
+  const auto& q = c.quality();
+  if (q.sample_every() < 1 || q.sample_every() > (1u << 20)) {
+    return Bad("quality.sample_every", q.sample_every(), "must be 1 .. 1048576");
+  }
+  if (q.warmup_samples() > (1u << 20)) {
+    return Bad("quality.warmup_samples", q.warmup_samples(), "must be <= 1048576");
+  }
+  if (!(q.cpu_share() > 0 && q.cpu_share() <= 1)) {
+    return Bad("quality.cpu_share", q.cpu_share(),
+               "must be in (0, 1] (0.05: the measurements cost at most 5% of selection time)");
+  }
+  if (q.queue_capacity() < 1 || q.queue_capacity() > 65536) {
+    return Bad("quality.queue_capacity", q.queue_capacity(), "must be 1 .. 65536");
+  }
+  if (q.burst_ms() > 60'000) return Bad("quality.burst_ms", q.burst_ms(), "must be <= 60000");
+  if (!(q.default_target_mass_ratio() >= 0 && q.default_target_mass_ratio() <= 1)) {
+    return Bad("quality.default_target_mass_ratio", q.default_target_mass_ratio(),
+               "must be 0 (fixed width) or in (0, 1]");
+  }
   // top level
   if (!v1::LogLevel_IsValid(c.log_level()) || c.log_level() == v1::LOG_LEVEL_UNSPECIFIED) {
     return Bad("log_level", c.log_level(), "must be DEBUG, INFO, WARN or ERROR");

@@ -51,6 +51,12 @@ inline constexpr uint32_t kDefaultMaxBuffersPerTenant = 64;
 inline constexpr uint32_t kDefaultMaxConcurrentCalls = 256;
 inline constexpr uint32_t kDefaultMetricsPort = 9464;
 inline constexpr uint64_t kDefaultDrainTimeoutMs = 10'000;
+inline constexpr uint32_t kDefaultQualitySampleEvery = 64;
+inline constexpr uint32_t kDefaultQualityWarmupSamples = 16;
+inline constexpr double kDefaultQualityCpuShare = 0.05;
+inline constexpr uint32_t kDefaultQualityQueueCapacity = 64;
+inline constexpr uint64_t kDefaultQualityBurstMs = 250;
+inline constexpr double kDefaultTargetMassRatio = 0.95;
 
 // Parses textproto. InvalidArgument naming the line and column of the first
 // error (unknown fields are errors). A field given twice: the last value wins;

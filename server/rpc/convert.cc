@@ -96,8 +96,38 @@ SelectDefaults SelectDefaultsFromConfig(const v1::IcecachedConfig& config) {
   if (s.default_budget_tokens() > 0) d.budget_tokens = static_cast<int>(s.default_budget_tokens());
   if (s.has_default_sink_tokens()) d.sink_tokens = static_cast<int>(s.default_sink_tokens());
   if (s.has_default_recent_tokens()) d.recent_tokens = static_cast<int>(s.default_recent_tokens());
+  if (config.quality().has_default_target_mass_ratio()) {
+    d.target_mass_ratio = config.quality().default_target_mass_ratio();
+  }
   return d;
 }
+
+namespace {
+
+// SessionConfig.target_mass_ratio: unset = the daemon default for MDCI and
+// 0 for the others; explicit values are the caller's to get right.
+absl::Status TargetMassRatioFromProto(const v1::SessionConfig& p, const SelectDefaults& defaults,
+                                      SessionConfig* c) {
+  if (!p.has_target_mass_ratio()) {
+    c->target_mass_ratio = c->selector == SelectorKind::kMdci ? defaults.target_mass_ratio : 0.0;
+    return absl::OkStatus();
+  }
+  const double t = p.target_mass_ratio();
+  if (!(t >= 0.0 && t <= 1.0)) {
+    return BadField("target_mass_ratio",
+                    absl::StrCat("must be 0 (fixed width) or in (0, 1], got ", t));
+  }
+  if (t > 0.0 && c->selector != SelectorKind::kMdci) {
+    return BadField("target_mass_ratio",
+                    absl::StrCat(t, " calibrates the search width of the MDCI selector; selector ",
+                                 std::string(SelectorKindName(c->selector)),
+                                 " has no width (leave it unset or 0)"));
+  }
+  c->target_mass_ratio = t;
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& p,
                                                      const SelectDefaults& defaults) {
@@ -209,6 +239,7 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& p,
   if (!granularity.ok()) return granularity.status();
   c.default_select.granularity = granularity->value_or(Granularity::kPage);
   c.pinned = p.pinned();
+  if (absl::Status st = TargetMassRatioFromProto(p, defaults, &c); !st.ok()) return st;
   return c;
 }
 
@@ -239,8 +270,41 @@ v1::SessionConfig SessionConfigToProto(const SessionConfig& c) {
   d->set_granularity(GranularityToProto(c.default_select.granularity));
   p.set_ttl_ms(static_cast<uint64_t>(absl::ToInt64Milliseconds(c.ttl)));
   p.set_pinned(c.pinned);
+  p.set_target_mass_ratio(c.selector == SelectorKind::kMdci ? c.target_mass_ratio : 0.0);
   return p;
 }
+
+namespace {
+
+void SessionQualityToProto(const SessionQualityInfo& q, v1::SessionQuality* out) {
+  out->set_monitored(q.monitored);
+  out->set_target_mass_ratio(q.target_mass_ratio);
+  out->set_samples(static_cast<uint64_t>(std::max<int64_t>(0, q.samples)));
+  out->set_samples_dropped(static_cast<uint64_t>(std::max<int64_t>(0, q.samples_dropped)));
+  out->set_samples_stale(static_cast<uint64_t>(std::max<int64_t>(0, q.samples_stale)));
+  out->set_mean_mass_ratio(q.mean_mass_ratio);
+  out->set_recent_mass_ratio(q.recent_mass_ratio);
+  out->set_mean_topk_recall(q.mean_topk_recall);
+  out->set_calibration_cpu_ms(static_cast<double>(q.calibration_cpu_ns) / 1e6);
+  out->set_selection_ms(static_cast<double>(q.selection_ns) / 1e6);
+  for (const HeadQualityInfo& h : q.heads) {
+    v1::HeadQuality* o = out->add_heads();
+    o->set_layer_group(static_cast<uint32_t>(h.group));
+    o->set_kv_head(static_cast<uint32_t>(h.kv_head));
+    o->set_calibrated(h.calibrated);
+    o->set_width(h.width);
+    o->set_field_of_view(static_cast<uint32_t>(std::max(0, h.field_of_view)));
+    o->set_candidate_factor(h.candidate_factor);
+    o->set_width_changes(static_cast<uint64_t>(std::max<int64_t>(0, h.width_changes)));
+    o->set_samples(static_cast<uint64_t>(std::max<int64_t>(0, h.samples)));
+    o->set_mean_mass_ratio(h.mean_mass_ratio);
+    o->set_recent_mass_ratio(h.recent_mass_ratio);
+    o->set_last_mass_ratio(h.last_mass_ratio);
+    o->set_mean_topk_recall(h.mean_topk_recall);
+  }
+}
+
+}  // namespace
 
 void SessionInfoToProto(const SessionInfo& info, v1::SessionInfo* out) {
   out->set_session_id(info.id);
@@ -260,6 +324,7 @@ void SessionInfoToProto(const SessionInfo& info, v1::SessionInfo* out) {
   out->set_trees_built(static_cast<uint32_t>(std::max(0, info.trees_built)));
   out->set_trees_total(static_cast<uint32_t>(std::max(0, info.trees_total)));
   out->set_next_layer(static_cast<uint32_t>(std::max(0, info.next_layer)));
+  SessionQualityToProto(info.quality, out->mutable_quality());
 }
 
 absl::StatusOr<LayerRange> LayerRangeFromProto(uint32_t first_layer, uint32_t num_layers) {

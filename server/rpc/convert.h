@@ -36,6 +36,7 @@ struct SelectDefaults {
   int budget_tokens = 256;
   int sink_tokens = 4;
   int recent_tokens = 0;
+  double target_mass_ratio = 0.95;  // MDCI sessions that leave it unset
 };
 SelectDefaults SelectDefaultsFromConfig(const v1::IcecachedConfig& config);
 

@@ -98,6 +98,18 @@ absl::Status Daemon::Init() {
          {"idle_ms", absl::ToInt64Milliseconds(idle)},
          {"why", "lease lapsed (no use or KeepAlive within its ttl)"}});
   };
+  const v1::QualityConfig& q = c.quality();
+  mgr_opts.quality.enabled = q.enabled();
+  mgr_opts.quality.sample_every = static_cast<int>(q.sample_every());
+  mgr_opts.quality.warmup_samples = static_cast<int>(q.warmup_samples());
+  mgr_opts.quality.sampler.cpu_share = q.cpu_share();
+  mgr_opts.quality.sampler.queue_capacity = static_cast<int>(q.queue_capacity());
+  mgr_opts.quality.sampler.burst = absl::Milliseconds(static_cast<int64_t>(q.burst_ms()));
+  quality_metrics_ = std::make_unique<QualityMetrics>(&registry_);
+  mgr_opts.on_quality_sample = [m = quality_metrics_.get()](SelectorKind kind,
+                                                            const QualitySample& sample) {
+    m->Observe(kind, sample);
+  };
   ASSIGN_OR_RETURN(manager_, SessionManager::Create(mgr_opts));
 
   ASSIGN_OR_RETURN(auth_, Authenticator::Create(c.auth(), ::geteuid()));
@@ -270,6 +282,7 @@ void Daemon::CollectMetrics() {
                             {{"admission_rejected"}, double(stats->admissions_rejected)}});
   draining_gauge_->Replace({{{}, stats->draining ? 1.0 : 0.0}});
   connections_->Replace({{{}, double(listener_ ? listener_->accepted() : 0)}});
+  quality_metrics_->Collect(manager_->QualityStats());
 }
 
 absl::Status Daemon::StartMetricsHttp() {

@@ -32,6 +32,7 @@
 #include "server/pool/page_pool.h"
 #include "server/rpc/auth.h"
 #include "server/rpc/metrics.h"
+#include "server/rpc/quality_metrics.h"
 #include "server/rpc/services.h"
 #include "server/rpc/unix_listener.h"
 #include "server/session/session_manager.h"
@@ -89,6 +90,9 @@ class Daemon {
   const DaemonOptions options_;
   Registry registry_;
   std::unique_ptr<RpcMetrics> rpc_metrics_;
+  // Fed by the manager's sampler thread: declared before manager_ so it
+  // outlives it.
+  std::unique_ptr<QualityMetrics> quality_metrics_;
   std::unique_ptr<CudaRuntime> cuda_;
   std::unique_ptr<PagePool> pool_;
   std::unique_ptr<BufferRegistry> buffers_;

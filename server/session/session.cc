@@ -1,5 +1,6 @@
 #include "server/session/session.h"
 
+#include <chrono>
 #include <cmath>
 #include <functional>
 #include <utility>
@@ -105,13 +106,20 @@ absl::Status ForEachHead(int heads, int threads, const std::function<absl::Statu
 
 }  // namespace
 
+void Session::EnableQuality(std::vector<std::unique_ptr<HeadQuality>> heads,
+                            QualitySampler* sampler_in) {
+  quality = std::move(heads);
+  sampler = sampler_in;
+}
+
 absl::Status Session::CheckUsable() const {
   if (!broken) return absl::OkStatus();
   return absl::FailedPreconditionError(
       absl::StrCat("session ", id, " is unusable after an internal index error; drop it"));
 }
 
-absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req, int threads) {
+absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req, int threads,
+                                             std::vector<QualityProbe>* probes) {
   RETURN_IF_ERROR(CheckLayer(*this, req.layer));
   RETURN_IF_ERROR(CheckUsable());
   SelectResult result;
@@ -158,18 +166,57 @@ absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req, int threa
   ASSIGN_OR_RETURN(SelectParams params, ResolveParams(config, req.params, tokens));
   if (req.granularity.has_value()) params.granularity = *req.granularity;
   result.heads.resize(config.kv_heads);
+  std::vector<std::unique_ptr<QualityProbe>> chosen(probes != nullptr ? config.kv_heads : 0);
   // The tasks run while this thread holds mu (shared) and waits for them.
   RETURN_IF_ERROR(ForEachHead(config.kv_heads, threads, [&](int h) {
     mu.AssertReaderHeld();
-    const float* q = req.queries.data() + static_cast<size_t>(h) * q_per_kv * config.head_dim;
-    return selectors[SelectorIndex(result.group, h)]->Select(q, q_per_kv, params, &result.heads[h]);
+    return SelectHead(result.group, h, req.queries, params, tokens, &result.heads[h],
+                      chosen.empty() ? nullptr : &chosen[h]);
   }));
+  for (auto& p : chosen) {
+    if (p != nullptr) probes->push_back(std::move(*p));
+  }
   if (first_of_group) {
     absl::MutexLock l(&cache_mu);
     group_cache[result.group].tokens = tokens;
     group_cache[result.group].heads = result.heads;
   }
   return result;
+}
+
+absl::Status Session::SelectHead(int group, int h, const std::vector<float>& queries,
+                                 const SelectParams& params, int64_t tokens, Selection* out,
+                                 std::unique_ptr<QualityProbe>* probe) {
+  const size_t index = SelectorIndex(group, h);
+  HeadQuality* hq = quality.empty() ? nullptr : quality[index].get();
+  SelectParams p = params;
+  if (hq != nullptr) hq->Apply(&p);
+  const float* q = queries.data() + static_cast<size_t>(h) * q_per_kv * config.head_dim;
+  const auto t0 = std::chrono::steady_clock::now();
+  RETURN_IF_ERROR(selectors[index]->Select(q, q_per_kv, p, out));
+  const int64_t ns =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0)
+          .count();
+  selection_ns.fetch_add(ns, std::memory_order_relaxed);
+  if (hq == nullptr) return absl::OkStatus();  // not monitored
+  // The budget is a share of the monitored sessions' selection time.
+  if (sampler != nullptr) sampler->AddSelectionTime(ns);
+  if (probe == nullptr || !hq->ShouldSample()) return absl::OkStatus();
+  // Over budget or a full queue: no copy now; the head stays due.
+  if (sampler != nullptr && !sampler->Admits()) {
+    samples_dropped.fetch_add(1, std::memory_order_relaxed);
+    return absl::OkStatus();
+  }
+  // Copied here so the measurement never touches the caller's buffers.
+  auto made = std::make_unique<QualityProbe>();
+  made->group = group;
+  made->head = h;
+  made->tokens = tokens;
+  made->queries.assign(q, q + static_cast<size_t>(q_per_kv) * config.head_dim);
+  made->params = p;
+  made->pages = out->pages;
+  *probe = std::move(made);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchRequest& req,

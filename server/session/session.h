@@ -25,6 +25,7 @@
 #include "absl/time/time.h"
 #include "server/index/selector.h"
 #include "server/pool/page_pool.h"
+#include "server/session/session_quality.h"
 #include "server/session/session_types.h"
 #include "server/transfer/buffer_registry.h"
 #include "server/transfer/gather.h"
@@ -137,7 +138,10 @@ class Session {
   // documents the codes), the heads in parallel on `threads` oneTBB threads
   // (0 = the process's shared pool, 1 = serially on this thread). Remembers
   // the selection of a group's first layer for reuse_group_selection.
-  absl::StatusOr<SelectResult> Select(const SelectRequest& req, int threads)
+  // Monitored sessions: the selections chosen for measurement are appended
+  // to *probes (may be null: none are taken).
+  absl::StatusOr<SelectResult> Select(const SelectRequest& req, int threads,
+                                      std::vector<QualityProbe>* probes = nullptr)
       ABSL_SHARED_LOCKS_REQUIRED(mu) ABSL_LOCKS_EXCLUDED(cache_mu);
   // Writes the pages of `req` into the leased buffer (SessionManager::FetchPages
   // documents the codes), one (layer, KV head) block per task on `threads`.
@@ -149,6 +153,12 @@ class Session {
   absl::StatusOr<FetchLayout> FetchTokens(BufferLease& lease, const FetchRequest& req, int group,
                                           int threads) const ABSL_SHARED_LOCKS_REQUIRED(mu);
 
+  // One KV head of Select: the calibrated width, the selection, its time;
+  // a copy into *probe when this head's step is to be measured.
+  absl::Status SelectHead(int group, int head, const std::vector<float>& queries,
+                          const SelectParams& params, int64_t tokens, Selection* out,
+                          std::unique_ptr<QualityProbe>* probe) ABSL_SHARED_LOCKS_REQUIRED(mu);
+
   // Gather blocks smaller than this are written by one task (a thread hop
   // costs more than the copy).
   static constexpr uint64_t kParallelGatherBytes = uint64_t{256} << 10;
@@ -159,6 +169,18 @@ class Session {
   };
   absl::Mutex cache_mu;
   std::vector<GroupSelection> group_cache ABSL_GUARDED_BY(cache_mu);  // [group]
+
+  // Quality monitor (session_quality.h). Set by EnableQuality before the
+  // session is published, immutable afterwards; each HeadQuality is
+  // thread-safe. `sampler` (owned by the manager, which outlives every
+  // request) counts selection time for the calibration budget.
+  void EnableQuality(std::vector<std::unique_ptr<HeadQuality>> heads, QualitySampler* sampler);
+  std::vector<std::unique_ptr<HeadQuality>> quality;  // [group * kv_heads + head] or empty
+  QualitySampler* sampler = nullptr;
+  std::atomic<int64_t> selection_ns{0};  // every selection of the session, per head summed
+  std::atomic<int64_t> calibration_cpu_ns{0};
+  std::atomic<int64_t> samples_dropped{0};
+  std::atomic<int64_t> samples_stale{0};
 };
 
 }  // namespace icecache

@@ -100,8 +100,8 @@ class SessionManager::InFlightGuard {
   InFlightGuard(const InFlightGuard&) = delete;
   InFlightGuard& operator=(const InFlightGuard&) = delete;
   Session* get() const { return s_.get(); }
-  Session* operator->() const { return s_.get(); }
   const std::shared_ptr<Session>& shared() const { return s_; }
+  Session* operator->() const { return s_.get(); }
 
  private:
   std::shared_ptr<Session> s_;
@@ -138,8 +138,12 @@ absl::StatusOr<std::unique_ptr<SessionManager>> SessionManager::Create(
                      absl::FormatDuration(options.max_ttl), "), got ",
                      absl::FormatDuration(options.default_ttl)));
   }
+  RETURN_IF_ERROR(ValidateQualityOptions(options.quality));
   std::unique_ptr<SessionManager> m(new SessionManager(options));
   if (options.background_builds) m->builder_ = std::make_unique<IndexBuilder>();
+  if (options.quality.enabled) {
+    ASSIGN_OR_RETURN(m->sampler_, QualitySampler::Create(options.quality.sampler));
+  }
   if (options.reaper_interval > absl::ZeroDuration()) {
     m->reaper_ = std::thread([raw = m.get()] { raw->ReaperLoop(); });
   }
@@ -153,6 +157,7 @@ SessionManager::SessionManager(const SessionManagerOptions& options)
       counters_(std::make_unique<Counters>()) {}
 
 SessionManager::~SessionManager() {
+  sampler_.reset();
   {
     absl::MutexLock l(&reaper_mu_);
     stop_ = true;
@@ -212,6 +217,7 @@ SessionInfo SessionManager::Info(const Session& s) const {
   info.trees_built = s.trees_built.load();
   info.trees_total = s.groups * s.config.kv_heads;
   info.next_layer = s.next_layer_view.load();
+  info.quality = QualityInfoOf(s);
   return info;
 }
 
@@ -273,6 +279,11 @@ absl::StatusOr<SessionInfo> SessionManager::CreateSession(const Caller& caller,
   // Built before taking mu_: the constructor takes the session's own locks,
   // which must never nest inside mu_ (appends take mu_ inside them).
   auto s = std::make_shared<Session>(RandomHexId(), caller.tenant, epoch_, config, size_class, now);
+  if (sampler_ != nullptr) {
+    ASSIGN_OR_RETURN(std::vector<std::unique_ptr<HeadQuality>> heads,
+                     MakeHeadQuality(s->config, s->groups, options_.quality));
+    s->EnableQuality(std::move(heads), sampler_.get());
+  }
   // Probed before mu_: the probe is the owner's code.
   const bool stopping = options_.stop_pending && options_.stop_pending();
   absl::MutexLock l(&mu_);
@@ -561,9 +572,15 @@ absl::StatusOr<SelectResult> SessionManager::SelectPages(const Caller& caller, s
   ASSIGN_OR_RETURN(InFlightGuard guard, Use(caller, id));
   Session& s = *guard.get();
   s.Touch(clock_->Now());
-  ReadyReader read(s, request.layer, options_.build_wait);
-  RETURN_IF_ERROR(GroupReadyOrUnavailable(s, request.layer, read.ready()));
-  return s.Select(request, options_.decode_threads);
+  std::vector<QualityProbe> probes;
+  absl::StatusOr<SelectResult> result;
+  {
+    ReadyReader read(s, request.layer, options_.build_wait);
+    RETURN_IF_ERROR(GroupReadyOrUnavailable(s, request.layer, read.ready()));
+    result = s.Select(request, options_.decode_threads, &probes);
+  }
+  OfferProbes(guard.shared(), std::move(probes));
+  return result;
 }
 
 absl::StatusOr<FetchLayout> SessionManager::FetchPages(const Caller& caller, std::string_view id,
@@ -589,7 +606,8 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
   ReadyReader read(s, select.layer, options_.build_wait);
   RETURN_IF_ERROR(GroupReadyOrUnavailable(s, select.layer, read.ready()));
   DecodeStepResult out;
-  ASSIGN_OR_RETURN(out.selection, s.Select(select, options_.decode_threads));
+  std::vector<QualityProbe> probes;
+  ASSIGN_OR_RETURN(out.selection, s.Select(select, options_.decode_threads, &probes));
   FetchRequest fetch;
   fetch.layer = select.layer;
   fetch.num_layers = num_layers;
@@ -608,6 +626,7 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
     }
   }
   ASSIGN_OR_RETURN(out.layout, s.Fetch(lease, fetch, options_.decode_threads));
+  OfferProbes(guard.shared(), std::move(probes));  // never waits (quality_sampler.h)
   return out;
 }
 

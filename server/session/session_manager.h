@@ -89,6 +89,7 @@
 #include "common/caller.h"
 #include "server/pool/page_pool.h"
 #include "server/session/clock.h"
+#include "server/session/session_quality.h"
 #include "server/session/session_types.h"
 #include "server/transfer/buffer_registry.h"
 
@@ -143,6 +144,13 @@ struct SessionManagerOptions {
   // ExpireLeases (the reaper), with no lock held. The daemon logs it.
   std::function<void(const std::string& tenant, const std::string& id, absl::Duration idle)>
       on_expired;
+  // Online quality monitor and self-calibrating width (session_quality.h).
+  // Off by default in the core; icecached turns it on (config `quality`).
+  SessionQualityOptions quality;
+  // Optional: told about each measured selection (the session's selector,
+  // the sample) on the sampler's thread, with no lock held. The daemon
+  // feeds its /metrics histograms. Must be thread-safe and quick.
+  std::function<void(SelectorKind selector, const QualitySample& sample)> on_quality_sample;
 };
 
 class SessionManager {
@@ -151,7 +159,7 @@ class SessionManager {
   // (0, 1], a limit non-positive, or default_ttl > max_ttl. Starts the reaper.
   static absl::StatusOr<std::unique_ptr<SessionManager>> Create(
       const SessionManagerOptions& options);
-  // Stops the reaper, then drops every session.
+  // Stops the quality sampler and the reaper, then drops every session.
   ~SessionManager();
   SessionManager(const SessionManager&) = delete;
   SessionManager& operator=(const SessionManager&) = delete;
@@ -240,6 +248,10 @@ class SessionManager {
   // Drain(true) was called, or options.stop_pending() is true.
   bool draining() const ABSL_LOCKS_EXCLUDED(mu_);
   int InFlight() const;
+  // The quality sampler's counters (zeros when the monitor is off).
+  QualitySamplerStats QualityStats() const;
+  // Waits until every queued quality sample has been measured (tests, benchmarks).
+  void WaitForQualitySamples();
 
  private:
   explicit SessionManager(const SessionManagerOptions& options);
@@ -270,6 +282,11 @@ class SessionManager {
   absl::Status MakeRoom(const Session* appending, uint64_t bytes);
   void RemoveSession(const std::string& id, const char* reason);
   void ReaperLoop();
+  // Queues the probes of one selection of `s` on the sampler (drops counted).
+  void OfferProbes(const std::shared_ptr<Session>& s, std::vector<QualityProbe> probes);
+  // On the sampler's thread: measures one probe if its session still exists.
+  SampleOutcome RunProbe(const std::weak_ptr<Session>& weak, const QualityProbe& probe)
+      ABSL_LOCKS_EXCLUDED(mu_);
   SessionInfo Info(const Session& s) const;
 
   const SessionManagerOptions options_;
@@ -286,6 +303,9 @@ class SessionManager {
   absl::Mutex reaper_mu_;
   bool stop_ ABSL_GUARDED_BY(reaper_mu_) = false;
   std::thread reaper_;
+  // Null when the monitor is off. Destroyed first (its queued jobs point at
+  // this manager).
+  std::unique_ptr<QualitySampler> sampler_;
   // Declared last: destroyed first, so no build runs on a dying manager.
   std::unique_ptr<IndexBuilder> builder_;
 };

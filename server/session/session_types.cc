@@ -56,6 +56,11 @@ absl::Status ValidateSessionConfig(const SessionConfig& c, absl::Duration max_tt
       return FieldError("selector", "one of mdci, exact-mdci, exact, quest, streaming",
                         static_cast<int64_t>(c.selector));
   }
+  if (!(c.target_mass_ratio >= 0.0 && c.target_mass_ratio <= 1.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("session config: target_mass_ratio must be 0 (fixed width) or in (0, 1], got ",
+                     c.target_mass_ratio));
+  }
   if (c.default_select.budget_tokens < 0) {
     return FieldError("default_select.budget_tokens", ">= 0", c.default_select.budget_tokens);
   }

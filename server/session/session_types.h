@@ -36,6 +36,11 @@ struct SessionConfig {
   // Defaults for SelectPages when the request leaves them 0 / unset.
   SelectParams default_select;
   bool pinned = false;  // never evicted at the watermark (still expires)
+  // Self-calibrating width (mdci): the mass ratio, against the exact
+  // reference on the same layout, the search width is adapted to reach on
+  // sampled steps. 0 = off (fixed width); else in (0, 1]. Only mdci has a
+  // width; other selectors ignore it.
+  double target_mass_ratio = 0.95;
 };
 
 // InvalidArgument naming the field, e.g. "session config: kv_heads must be in
@@ -55,6 +60,37 @@ struct LayerRange {
 // Bytes of one append of `n` tokens: K then V, each layers x kv_heads x n x
 // head_dim elements of the session dtype (layers: those of `range`).
 uint64_t AppendBytes(const SessionConfig& c, int64_t n, LayerRange range = {});
+
+// Measured quality of one (layer group, KV head) (session_quality.h).
+struct HeadQualityInfo {
+  int group = 0;
+  int kv_head = 0;
+  bool calibrated = false;  // a width calibrator adapts this head's width
+  double width = 1.0;       // multiplier of the session's mdci width now in use
+  int field_of_view = 0;    // the width in use (calibrated heads)
+  float candidate_factor = 0.0f;
+  int64_t width_changes = 0;
+  int64_t samples = 0;             // selections measured
+  double mean_mass_ratio = 0.0;    // over every sample
+  double recent_mass_ratio = 0.0;  // moving average (weight 1/8 per sample)
+  double last_mass_ratio = 0.0;
+  double mean_topk_recall = 0.0;
+};
+
+// The session's online quality monitor (docs/architecture.md §5).
+struct SessionQualityInfo {
+  bool monitored = false;          // selections of this session are sampled
+  double target_mass_ratio = 0.0;  // 0 = width not calibrated
+  int64_t samples = 0;             // measured, over every head
+  int64_t samples_dropped = 0;     // not measured: queue full or CPU budget spent
+  int64_t samples_stale = 0;       // not measured: the index moved first
+  double mean_mass_ratio = 0.0;    // over every sample
+  double recent_mass_ratio = 0.0;  // mean over heads of their moving average
+  double mean_topk_recall = 0.0;
+  int64_t calibration_cpu_ns = 0;      // reference scans of this session
+  int64_t selection_ns = 0;            // this session's selections (per head, summed)
+  std::vector<HeadQualityInfo> heads;  // [group * kv_heads + head] when monitored
+};
 
 struct SessionInfo {
   std::string id;  // opaque, 32 hex characters, random
@@ -77,6 +113,7 @@ struct SessionInfo {
   int trees_built = 0;
   int trees_total = 0;
   int next_layer = 0;  // a chunk arriving by layer ranges: its next layer (0 = none)
+  SessionQualityInfo quality;
 };
 
 // SelectPages request. Zero budget/sink/recent take the session defaults

@@ -3,6 +3,8 @@
 //   append   decode appends at a long context (tests/bench/append_bench.h)
 //   transfer the gather against memcpy, and with --gpu the push + scatter
 //            against a pinned cudaMemcpy (tests/bench/transfer_bench.h)
+//   monitor  the quality monitor and calibrated width in the session core
+//            (tests/bench/monitor_bench.h)
 //   rpc      the daemon decode-loop benchmark: runs icecache-bench-rpc
 //            (client/bench_rpc_main.cc), which links the client library
 //   decode   the end-to-end decode benchmark: runs icecache-bench-decode
@@ -18,6 +20,7 @@
 
 #include "common/cli.h"
 #include "tests/bench/append_bench.h"
+#include "tests/bench/monitor_bench.h"
 #include "tests/bench/select_bench.h"
 #include "tests/bench/select_flags.h"
 #include "tests/bench/transfer_bench.h"
@@ -88,6 +91,10 @@ int main(int argc, char** argv) {
       "transfer", "gather vs memcpy on the CPU; with --gpu push + scatter vs a pinned copy");
   icecache::bench::TransferOptions transfer_options;
   icecache::bench::AddTransferFlags(transfer, &transfer_options);
+  CLI::App* monitor = app.add_subcommand(
+      "monitor", "the quality monitor and self-calibrating width: overhead and convergence");
+  icecache::bench::MonitorBenchOptions monitor_options;
+  icecache::bench::AddMonitorFlags(monitor, &monitor_options);
   CLI::App* rpc =
       AddExecSubcommand(app, "rpc", "the daemon decode-loop benchmark (icecache-bench rpc --help)");
   CLI::App* decode = AddExecSubcommand(
@@ -116,6 +123,11 @@ int main(int argc, char** argv) {
       return 1;
     }
     return 0;
+  }
+  if (monitor->parsed()) {
+    const absl::Status s = icecache::bench::RunMonitorBench(monitor_options);
+    if (!s.ok()) std::fprintf(stderr, "icecache-bench monitor: %s\n", s.ToString().c_str());
+    return s.ok() ? 0 : 1;
   }
 
   auto options = select_flags.Options();

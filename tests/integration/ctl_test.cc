@@ -141,6 +141,42 @@ TEST_F(IcecachectlTest, TablesAndJsonAgainstALiveDaemon) {
   EXPECT_THAT(client_->CreateSession(m.spec), StatusIs(absl::StatusCode::kUnavailable));
 }
 
+// `sessions show` of an MDCI session: the quality monitor's rows (target,
+// samples, ratios, width per head) and the per-head table; --json carries
+// every head.
+TEST_F(IcecachectlTest, SessionsShowReportsQualityAndWidths) {
+  TestModel m = MakeModel(1, 2, 2048, 4, SelectorType::kMdci);
+  auto s = client_->CreateSession(m.spec);
+  ASSERT_THAT(s, IsOk());
+  ASSERT_THAT(client_->AppendKvInline(s->id, m.kv.Chunk(0, 2048), 2048), IsOk());
+  for (int step = 0; step < 4; ++step) {
+    ASSERT_THAT(client_->SelectPages(s->id, 0, Queries(m, step, 0)), IsOk());
+  }
+  // The measurements run on the daemon's background thread.
+  for (int i = 0; i < 1000 && client_->GetSession(s->id).value().quality.samples < 8; ++i) {
+    usleep(10000);
+  }
+  ASSERT_EQ(client_->GetSession(s->id).value().quality.samples, 8u);
+  CommandResult r = Ctl({"sessions", "show", s->id});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("target mass ratio  0.950 (width calibrated)"));
+  EXPECT_THAT(r.out, HasSubstr("samples            8 measured, 0 dropped, 0 stale"));
+  EXPECT_THAT(r.out, HasSubstr("mass ratio"));
+  EXPECT_THAT(r.out, HasSubstr("width per head"));
+  EXPECT_THAT(r.out, HasSubstr("GROUP  KV_HEAD  WIDTH"));
+  r = Ctl({"--json", "sessions", "show", s->id});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const google::protobuf::Value shown = Json(r);
+  const auto& q = shown.struct_value().fields().at("quality").struct_value().fields();
+  EXPECT_TRUE(q.at("monitored").bool_value());
+  EXPECT_EQ(q.at("samples").number_value(), 8);
+  EXPECT_DOUBLE_EQ(q.at("target_mass_ratio").number_value(), 0.95);
+  EXPECT_GT(q.at("mean_mass_ratio").number_value(), 0);
+  ASSERT_EQ(q.at("heads").list_value().values_size(), 2);
+  EXPECT_GE(q.at("heads").list_value().values(1).struct_value().fields().at("width").number_value(),
+            1.0);
+}
+
 TEST_F(IcecachectlTest, ExitCodesMeanWhatHelpSays) {
   CommandResult r = Ctl({"--help"});
   EXPECT_EQ(r.exit_code, 0);

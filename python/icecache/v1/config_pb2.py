@@ -13,7 +13,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18icecache/v1/config.proto\x12\x0bicecache.v1\"\x9d\x03\n\x0fIcecachedConfig\x12)\n\x06listen\x18\x01 \x01(\x0b\x32\x19.icecache.v1.ListenConfig\x12%\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x17.icecache.v1.AuthConfig\x12%\n\x04pool\x18\x03 \x01(\x0b\x32\x17.icecache.v1.PoolConfig\x12.\n\x08sessions\x18\x04 \x01(\x0b\x32\x1c.icecache.v1.SessionDefaults\x12)\n\x06limits\x18\x05 \x01(\x0b\x32\x19.icecache.v1.LimitsConfig\x12+\n\x07metrics\x18\x06 \x01(\x0b\x32\x1a.icecache.v1.MetricsConfig\x12(\n\tlog_level\x18\x07 \x01(\x0e\x32\x15.icecache.v1.LogLevel\x12\x18\n\x10\x64rain_timeout_ms\x18\x08 \x01(\x04\x12\x16\n\x0eworker_threads\x18\t \x01(\r\x12-\n\x08transfer\x18\n \x01(\x0b\x32\x1b.icecache.v1.TransferConfig\"+\n\x0eTransferConfig\x12\x19\n\x11zero_copy_scatter\x18\x01 \x01(\x08\"\x7f\n\x0cListenConfig\x12\x13\n\x0bunix_socket\x18\x01 \x01(\t\x12\x18\n\x10unix_socket_mode\x18\x02 \x01(\r\x12\x13\n\x0btcp_address\x18\x03 \x01(\t\x12\x15\n\rtls_cert_file\x18\x04 \x01(\t\x12\x14\n\x0ctls_key_file\x18\x05 \x01(\t\"(\n\tUidTenant\x12\x0b\n\x03uid\x18\x01 \x01(\r\x12\x0e\n\x06tenant\x18\x02 \x01(\t\";\n\x0bTokenTenant\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05\x61\x64min\x18\x03 \x01(\x08\"\xc5\x01\n\nAuthConfig\x12+\n\x0buid_tenants\x18\x01 \x03(\x0b\x32\x16.icecache.v1.UidTenant\x12\x34\n\x0cunmapped_uid\x18\x02 \x01(\x0e\x32\x1e.icecache.v1.UnmappedUidPolicy\x12\x12\n\nadmin_uids\x18\x03 \x03(\r\x12(\n\x06tokens\x18\x04 \x03(\x0b\x32\x18.icecache.v1.TokenTenant\x12\x16\n\x0eno_unix_admins\x18\x05 \x01(\x08\"2\n\x0bTenantQuota\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0bquota_bytes\x18\x02 \x01(\x04\"\x9d\x01\n\nPoolConfig\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x01 \x01(\x04\x12\x16\n\x0ehigh_watermark\x18\x03 \x01(\x01\x12\x1b\n\x13\x64\x65\x66\x61ult_quota_bytes\x18\x04 \x01(\x04\x12(\n\x06quotas\x18\x05 \x03(\x0b\x32\x18.icecache.v1.TenantQuota\x12\x12\n\nhuge_pages\x18\x06 \x01(\x08J\x04\x08\x02\x10\x03\"\xe3\x02\n\x0fSessionDefaults\x12\x16\n\x0e\x64\x65\x66\x61ult_ttl_ms\x18\x01 \x01(\x04\x12\x12\n\nmax_ttl_ms\x18\x02 \x01(\x04\x12\x1a\n\x12reaper_interval_ms\x18\x03 \x01(\x04\x12\x1f\n\x17max_sessions_per_tenant\x18\x04 \x01(\r\x12\x1d\n\x15\x64\x65\x66\x61ult_budget_tokens\x18\x05 \x01(\r\x12 \n\x13\x64\x65\x66\x61ult_sink_tokens\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\"\n\x15\x64\x65\x66\x61ult_recent_tokens\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x14\n\x0cmax_sessions\x18\x08 \x01(\r\x12\x1a\n\x12\x62uffer_idle_ttl_ms\x18\t \x01(\x04\x12\x1e\n\x16max_tokens_per_session\x18\n \x01(\x04\x42\x16\n\x14_default_sink_tokensB\x18\n\x16_default_recent_tokens\"\xbf\x01\n\x0cLimitsConfig\x12!\n\x19max_receive_message_bytes\x18\x01 \x01(\x04\x12\x18\n\x10max_inline_bytes\x18\x02 \x01(\x04\x12\x1e\n\x16max_buffers_per_tenant\x18\x03 \x01(\r\x12\x1c\n\x14max_concurrent_calls\x18\x04 \x01(\r\x12\x16\n\x0ereserved_calls\x18\x05 \x01(\r\x12\x1c\n\x14max_calls_per_tenant\x18\x06 \x01(\r\"<\n\rMetricsConfig\x12\x11\n\x04port\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\tB\x07\n\x05_port*\x80\x01\n\x11UnmappedUidPolicy\x12#\n\x1fUNMAPPED_UID_POLICY_UNSPECIFIED\x10\x00\x12&\n\"UNMAPPED_UID_POLICY_TENANT_PER_UID\x10\x01\x12\x1e\n\x1aUNMAPPED_UID_POLICY_REFUSE\x10\x02*w\n\x08LogLevel\x12\x19\n\x15LOG_LEVEL_UNSPECIFIED\x10\x00\x12\x13\n\x0fLOG_LEVEL_DEBUG\x10\x01\x12\x12\n\x0eLOG_LEVEL_INFO\x10\x02\x12\x12\n\x0eLOG_LEVEL_WARN\x10\x03\x12\x13\n\x0fLOG_LEVEL_ERROR\x10\x04\x42\x03\xf8\x01\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18icecache/v1/config.proto\x12\x0bicecache.v1\"\xca\x03\n\x0fIcecachedConfig\x12)\n\x06listen\x18\x01 \x01(\x0b\x32\x19.icecache.v1.ListenConfig\x12%\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x17.icecache.v1.AuthConfig\x12%\n\x04pool\x18\x03 \x01(\x0b\x32\x17.icecache.v1.PoolConfig\x12.\n\x08sessions\x18\x04 \x01(\x0b\x32\x1c.icecache.v1.SessionDefaults\x12)\n\x06limits\x18\x05 \x01(\x0b\x32\x19.icecache.v1.LimitsConfig\x12+\n\x07metrics\x18\x06 \x01(\x0b\x32\x1a.icecache.v1.MetricsConfig\x12(\n\tlog_level\x18\x07 \x01(\x0e\x32\x15.icecache.v1.LogLevel\x12\x18\n\x10\x64rain_timeout_ms\x18\x08 \x01(\x04\x12\x16\n\x0eworker_threads\x18\t \x01(\r\x12-\n\x08transfer\x18\n \x01(\x0b\x32\x1b.icecache.v1.TransferConfig\x12+\n\x07quality\x18\x14 \x01(\x0b\x32\x1a.icecache.v1.QualityConfig\"+\n\x0eTransferConfig\x12\x19\n\x11zero_copy_scatter\x18\x01 \x01(\x08\"\x8c\x02\n\rQualityConfig\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x0csample_every\x18\x02 \x01(\r\x12\x1b\n\x0ewarmup_samples\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x11\n\tcpu_share\x18\x04 \x01(\x01\x12\x16\n\x0equeue_capacity\x18\x05 \x01(\r\x12\x15\n\x08\x62urst_ms\x18\x06 \x01(\x04H\x02\x88\x01\x01\x12&\n\x19\x64\x65\x66\x61ult_target_mass_ratio\x18\x07 \x01(\x01H\x03\x88\x01\x01\x42\n\n\x08_enabledB\x11\n\x0f_warmup_samplesB\x0b\n\t_burst_msB\x1c\n\x1a_default_target_mass_ratio\"\x7f\n\x0cListenConfig\x12\x13\n\x0bunix_socket\x18\x01 \x01(\t\x12\x18\n\x10unix_socket_mode\x18\x02 \x01(\r\x12\x13\n\x0btcp_address\x18\x03 \x01(\t\x12\x15\n\rtls_cert_file\x18\x04 \x01(\t\x12\x14\n\x0ctls_key_file\x18\x05 \x01(\t\"(\n\tUidTenant\x12\x0b\n\x03uid\x18\x01 \x01(\r\x12\x0e\n\x06tenant\x18\x02 \x01(\t\";\n\x0bTokenTenant\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05\x61\x64min\x18\x03 \x01(\x08\"\xc5\x01\n\nAuthConfig\x12+\n\x0buid_tenants\x18\x01 \x03(\x0b\x32\x16.icecache.v1.UidTenant\x12\x34\n\x0cunmapped_uid\x18\x02 \x01(\x0e\x32\x1e.icecache.v1.UnmappedUidPolicy\x12\x12\n\nadmin_uids\x18\x03 \x03(\r\x12(\n\x06tokens\x18\x04 \x03(\x0b\x32\x18.icecache.v1.TokenTenant\x12\x16\n\x0eno_unix_admins\x18\x05 \x01(\x08\"2\n\x0bTenantQuota\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0bquota_bytes\x18\x02 \x01(\x04\"\x9d\x01\n\nPoolConfig\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x01 \x01(\x04\x12\x16\n\x0ehigh_watermark\x18\x03 \x01(\x01\x12\x1b\n\x13\x64\x65\x66\x61ult_quota_bytes\x18\x04 \x01(\x04\x12(\n\x06quotas\x18\x05 \x03(\x0b\x32\x18.icecache.v1.TenantQuota\x12\x12\n\nhuge_pages\x18\x06 \x01(\x08J\x04\x08\x02\x10\x03\"\xe3\x02\n\x0fSessionDefaults\x12\x16\n\x0e\x64\x65\x66\x61ult_ttl_ms\x18\x01 \x01(\x04\x12\x12\n\nmax_ttl_ms\x18\x02 \x01(\x04\x12\x1a\n\x12reaper_interval_ms\x18\x03 \x01(\x04\x12\x1f\n\x17max_sessions_per_tenant\x18\x04 \x01(\r\x12\x1d\n\x15\x64\x65\x66\x61ult_budget_tokens\x18\x05 \x01(\r\x12 \n\x13\x64\x65\x66\x61ult_sink_tokens\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\"\n\x15\x64\x65\x66\x61ult_recent_tokens\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x14\n\x0cmax_sessions\x18\x08 \x01(\r\x12\x1a\n\x12\x62uffer_idle_ttl_ms\x18\t \x01(\x04\x12\x1e\n\x16max_tokens_per_session\x18\n \x01(\x04\x42\x16\n\x14_default_sink_tokensB\x18\n\x16_default_recent_tokens\"\xbf\x01\n\x0cLimitsConfig\x12!\n\x19max_receive_message_bytes\x18\x01 \x01(\x04\x12\x18\n\x10max_inline_bytes\x18\x02 \x01(\x04\x12\x1e\n\x16max_buffers_per_tenant\x18\x03 \x01(\r\x12\x1c\n\x14max_concurrent_calls\x18\x04 \x01(\r\x12\x16\n\x0ereserved_calls\x18\x05 \x01(\r\x12\x1c\n\x14max_calls_per_tenant\x18\x06 \x01(\r\"<\n\rMetricsConfig\x12\x11\n\x04port\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\tB\x07\n\x05_port*\x80\x01\n\x11UnmappedUidPolicy\x12#\n\x1fUNMAPPED_UID_POLICY_UNSPECIFIED\x10\x00\x12&\n\"UNMAPPED_UID_POLICY_TENANT_PER_UID\x10\x01\x12\x1e\n\x1aUNMAPPED_UID_POLICY_REFUSE\x10\x02*w\n\x08LogLevel\x12\x19\n\x15LOG_LEVEL_UNSPECIFIED\x10\x00\x12\x13\n\x0fLOG_LEVEL_DEBUG\x10\x01\x12\x12\n\x0eLOG_LEVEL_INFO\x10\x02\x12\x12\n\x0eLOG_LEVEL_WARN\x10\x03\x12\x13\n\x0fLOG_LEVEL_ERROR\x10\x04\x42\x03\xf8\x01\x01\x62\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'icecache.v1.config_pb2', globals())
@@ -21,30 +21,32 @@ if _descriptor._USE_C_DESCRIPTORS == False:
 
   DESCRIPTOR._options = None
   DESCRIPTOR._serialized_options = b'\370\001\001'
-  _UNMAPPEDUIDPOLICY._serialized_start=1761
-  _UNMAPPEDUIDPOLICY._serialized_end=1889
-  _LOGLEVEL._serialized_start=1891
-  _LOGLEVEL._serialized_end=2010
+  _UNMAPPEDUIDPOLICY._serialized_start=2077
+  _UNMAPPEDUIDPOLICY._serialized_end=2205
+  _LOGLEVEL._serialized_start=2207
+  _LOGLEVEL._serialized_end=2326
   _ICECACHEDCONFIG._serialized_start=42
-  _ICECACHEDCONFIG._serialized_end=455
-  _TRANSFERCONFIG._serialized_start=457
-  _TRANSFERCONFIG._serialized_end=500
-  _LISTENCONFIG._serialized_start=502
-  _LISTENCONFIG._serialized_end=629
-  _UIDTENANT._serialized_start=631
-  _UIDTENANT._serialized_end=671
-  _TOKENTENANT._serialized_start=673
-  _TOKENTENANT._serialized_end=732
-  _AUTHCONFIG._serialized_start=735
-  _AUTHCONFIG._serialized_end=932
-  _TENANTQUOTA._serialized_start=934
-  _TENANTQUOTA._serialized_end=984
-  _POOLCONFIG._serialized_start=987
-  _POOLCONFIG._serialized_end=1144
-  _SESSIONDEFAULTS._serialized_start=1147
-  _SESSIONDEFAULTS._serialized_end=1502
-  _LIMITSCONFIG._serialized_start=1505
-  _LIMITSCONFIG._serialized_end=1696
-  _METRICSCONFIG._serialized_start=1698
-  _METRICSCONFIG._serialized_end=1758
+  _ICECACHEDCONFIG._serialized_end=500
+  _TRANSFERCONFIG._serialized_start=502
+  _TRANSFERCONFIG._serialized_end=545
+  _QUALITYCONFIG._serialized_start=548
+  _QUALITYCONFIG._serialized_end=816
+  _LISTENCONFIG._serialized_start=818
+  _LISTENCONFIG._serialized_end=945
+  _UIDTENANT._serialized_start=947
+  _UIDTENANT._serialized_end=987
+  _TOKENTENANT._serialized_start=989
+  _TOKENTENANT._serialized_end=1048
+  _AUTHCONFIG._serialized_start=1051
+  _AUTHCONFIG._serialized_end=1248
+  _TENANTQUOTA._serialized_start=1250
+  _TENANTQUOTA._serialized_end=1300
+  _POOLCONFIG._serialized_start=1303
+  _POOLCONFIG._serialized_end=1460
+  _SESSIONDEFAULTS._serialized_start=1463
+  _SESSIONDEFAULTS._serialized_end=1818
+  _LIMITSCONFIG._serialized_start=1821
+  _LIMITSCONFIG._serialized_end=2012
+  _METRICSCONFIG._serialized_start=2014
+  _METRICSCONFIG._serialized_end=2074
 # @@protoc_insertion_point(module_scope)

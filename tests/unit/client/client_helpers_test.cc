@@ -57,13 +57,33 @@ TEST(OutputTest, SessionJsonHasEveryFieldWithEpochAsString) {
   s.created = absl::FromUnixMillis(1000);
   s.last_use = absl::InfinitePast();
   s.expires = absl::FromUnixMillis(3000);
+  s.quality.monitored = true;
+  s.quality.target_mass_ratio = 0.5;
+  s.quality.samples = 4;
+  s.quality.mean_mass_ratio = 0.75;
+  HeadQuality h;
+  h.layer_group = 1;
+  h.kv_head = 2;
+  h.calibrated = true;
+  h.width = 1.5;
+  h.field_of_view = 48;
+  h.candidate_factor = 12;
+  h.samples = 4;
+  s.quality.heads.push_back(h);
   EXPECT_EQ(DumpJson(SessionJson(s)),
             R"({"session_id":"s-1","tenant":"alpha \"q\"","epoch":"18446744073709551615",)"
             R"("layers":2,"kv_heads":8,"q_heads":32,"head_dim":128,"dtype":"float16",)"
             R"("page_tokens":16,"selector":"mdci","layer_reuse":1,"ttl_ms":2000,"tokens":5,)"
             R"("bytes":4096,"pages":3,"index_bytes":7,"pinned":true,"in_flight":1,)"
             R"("trees_built":96,"trees_total":256,)"
-            R"("created_unix_ms":1000,"last_use_unix_ms":0,"expires_unix_ms":3000})");
+            R"("created_unix_ms":1000,"last_use_unix_ms":0,"expires_unix_ms":3000,)"
+            R"("quality":{"monitored":true,"target_mass_ratio":0.5,"samples":4,)"
+            R"("samples_dropped":0,"samples_stale":0,"mean_mass_ratio":0.75,)"
+            R"("recent_mass_ratio":0.0,"mean_topk_recall":0.0,"calibration_cpu_ms":0.0,)"
+            R"("selection_ms":0.0,"heads":[{"layer_group":1,"kv_head":2,"calibrated":true,)"
+            R"("width":1.5,"field_of_view":48,"candidate_factor":12.0,"width_changes":0,)"
+            R"("samples":4,"mean_mass_ratio":0.0,"recent_mass_ratio":0.0,)"
+            R"("last_mass_ratio":0.0,"mean_topk_recall":0.0}]}})");
 }
 
 TEST(OutputTest, StatsJsonNestsSizeClassesAndTenants) {

@@ -36,6 +36,11 @@ TEST(ConfigTest, DefaultsWithoutAFileAreValid) {
   EXPECT_EQ(c.log_level(), v1::LOG_LEVEL_INFO);
   EXPECT_GE(c.worker_threads(), 1u);
   EXPECT_FALSE(c.listen().unix_socket().empty());
+  EXPECT_TRUE(c.quality().enabled());
+  EXPECT_EQ(c.quality().sample_every(), kDefaultQualitySampleEvery);
+  EXPECT_EQ(c.quality().warmup_samples(), kDefaultQualityWarmupSamples);
+  EXPECT_DOUBLE_EQ(c.quality().cpu_share(), kDefaultQualityCpuShare);
+  EXPECT_DOUBLE_EQ(c.quality().default_target_mass_ratio(), kDefaultTargetMassRatio);
 }
 
 TEST(ConfigTest, ExplicitZerosForOptionalFieldsSurviveDefaults) {
@@ -45,6 +50,14 @@ TEST(ConfigTest, ExplicitZerosForOptionalFieldsSurviveDefaults) {
   c = Defaulted(c);
   EXPECT_EQ(c.metrics().port(), 0u);  // 0 = metrics off, not "default"
   EXPECT_EQ(c.sessions().default_sink_tokens(), 0u);
+  IcecachedConfig q;
+  q.mutable_quality()->set_enabled(false);
+  q.mutable_quality()->set_warmup_samples(0);
+  q.mutable_quality()->set_default_target_mass_ratio(0);
+  q = Defaulted(q);
+  EXPECT_FALSE(q.quality().enabled());
+  EXPECT_EQ(q.quality().warmup_samples(), 0u);
+  EXPECT_DOUBLE_EQ(q.quality().default_target_mass_ratio(), 0.0);  // fixed width
 }
 
 TEST(ConfigTest, ParsesTextprotoAndReportsErrorsWithLine) {
@@ -216,6 +229,15 @@ TEST(ConfigTest, EveryBadFieldIsNamed) {
       {"log_level", [](auto* c) { c->set_log_level(static_cast<v1::LogLevel>(42)); }},
       {"drain_timeout_ms", [](auto* c) { c->set_drain_timeout_ms(700'000); }},
       {"worker_threads", [](auto* c) { c->set_worker_threads(5000); }},
+      {"quality.sample_every", [](auto* c) { c->mutable_quality()->set_sample_every(1u << 21); }},
+      {"quality.warmup_samples",
+       [](auto* c) { c->mutable_quality()->set_warmup_samples(1u << 21); }},
+      {"quality.cpu_share", [](auto* c) { c->mutable_quality()->set_cpu_share(1.5); }},
+      {"quality.cpu_share", [](auto* c) { c->mutable_quality()->set_cpu_share(-0.1); }},
+      {"quality.queue_capacity", [](auto* c) { c->mutable_quality()->set_queue_capacity(100000); }},
+      {"quality.burst_ms", [](auto* c) { c->mutable_quality()->set_burst_ms(61'000); }},
+      {"quality.default_target_mass_ratio",
+       [](auto* c) { c->mutable_quality()->set_default_target_mass_ratio(1.01); }},
   };
   for (const BadCase& bc : cases) {
     IcecachedConfig c;

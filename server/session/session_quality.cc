@@ -1,0 +1,174 @@
+#include "server/session/session_quality.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "server/index/mdci_selector.h"
+#include "server/session/session.h"
+
+namespace icecache {
+namespace {
+
+// Weight of a new sample in HeadQuality's moving average.
+constexpr double kRecentWeight = 1.0 / 8.0;
+
+bool LaidOutByTree(SelectorKind kind) {
+  return kind == SelectorKind::kMdci || kind == SelectorKind::kExactMdci;
+}
+
+}  // namespace
+
+absl::Status ValidateQualityOptions(const SessionQualityOptions& o) {
+  if (o.sample_every < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("quality: sample_every must be >= 1, got ", o.sample_every));
+  }
+  if (o.warmup_samples < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("quality: warmup_samples must be >= 0, got ", o.warmup_samples));
+  }
+  return absl::OkStatus();
+}
+
+bool HeadQuality::ShouldSample() {
+  const int64_t since = since_.fetch_add(1, std::memory_order_relaxed) + 1;
+  return taken_.load(std::memory_order_relaxed) < warmup_ || since >= sample_every_;
+}
+
+void HeadQuality::Taken() {
+  since_.store(0, std::memory_order_relaxed);
+  taken_.fetch_add(1, std::memory_order_relaxed);
+}
+
+void HeadQuality::Record(const QualitySample& sample) {
+  if (calibrator_ != nullptr) calibrator_->Observe(sample);
+  absl::MutexLock l(&mu_);
+  recent_ratio_ = samples_ == 0
+                      ? sample.mass_ratio
+                      : recent_ratio_ + kRecentWeight * (sample.mass_ratio - recent_ratio_);
+  ++samples_;
+  sum_ratio_ += sample.mass_ratio;
+  sum_topk_ += sample.topk_recall;
+  last_ratio_ = sample.mass_ratio;
+}
+
+HeadQualityInfo HeadQuality::Report(int group, int head) const {
+  HeadQualityInfo info;
+  info.group = group;
+  info.kv_head = head;
+  if (calibrator_ != nullptr) {
+    const CalibratorReport r = calibrator_->report();
+    info.calibrated = true;
+    info.width = r.width;
+    info.field_of_view = r.field_of_view;
+    info.candidate_factor = r.candidate_factor;
+    info.width_changes = r.changes;
+  }
+  absl::MutexLock l(&mu_);
+  info.samples = samples_;
+  if (samples_ > 0) {
+    info.mean_mass_ratio = sum_ratio_ / samples_;
+    info.mean_topk_recall = sum_topk_ / samples_;
+    info.recent_mass_ratio = recent_ratio_;
+    info.last_mass_ratio = last_ratio_;
+  }
+  return info;
+}
+
+absl::StatusOr<std::vector<std::unique_ptr<HeadQuality>>> MakeHeadQuality(
+    const SessionConfig& config, int groups, const SessionQualityOptions& options) {
+  std::vector<std::unique_ptr<HeadQuality>> heads;
+  if (!options.enabled || !LaidOutByTree(config.selector)) return heads;
+  const bool calibrate = config.selector == SelectorKind::kMdci && config.target_mass_ratio > 0.0;
+  CalibratorOptions co;
+  co.target_ratio = config.target_mass_ratio;
+  // The daemon's sampling schedule is HeadQuality's; the calibrator only
+  // adapts the width.
+  co.sample_every = 1;
+  co.warmup_samples = 0;
+  const int total = groups * config.kv_heads;
+  heads.reserve(total);
+  for (int i = 0; i < total; ++i) {
+    std::unique_ptr<WidthCalibrator> calibrator;
+    if (calibrate) {
+      absl::StatusOr<std::unique_ptr<WidthCalibrator>> made =
+          WidthCalibrator::Create(co, config.mdci.field_of_view, config.mdci.candidate_factor);
+      if (!made.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("session config: ", made.status().message()));
+      }
+      calibrator = std::move(made).value();
+    }
+    heads.push_back(std::make_unique<HeadQuality>(options.sample_every, options.warmup_samples,
+                                                  std::move(calibrator)));
+  }
+  return heads;
+}
+
+int64_t StaleAfterTokens(const Session& s, int64_t tokens) {
+  return std::max<int64_t>(4 * int64_t{s.config.page_tokens}, tokens / 1024);
+}
+
+SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample* out) {
+  // Waits (on this background thread) for an append in progress, then keeps
+  // the next append waiting for this one head's reference scan; selects and
+  // fetches go on meanwhile (mu is only shared).
+  absl::StatusOr<QualitySample> measured = absl::UnavailableError("stale");
+  {
+    absl::MutexLock serial(&s.append_mu);
+    absl::ReaderMutexLock read(&s.mu);
+    const size_t index = s.SelectorIndex(probe.group, probe.head);
+    const int64_t now = s.group_tokens[probe.group];
+    // The selection's pages still exist (ids are never reused) and the few
+    // tokens appended since barely move the masses; more and it is stale.
+    const bool fresh = !s.broken && !s.group_building[probe.group] && now >= probe.tokens &&
+                       now - probe.tokens <= StaleAfterTokens(s, probe.tokens) &&
+                       s.selectors[index] != nullptr;
+    if (fresh) {
+      const auto& selector = static_cast<const MdciSelector&>(*s.selectors[index]);
+      Selection selection;
+      selection.pages = probe.pages;
+      measured =
+          MeasureSelection(selector, probe.queries.data(), s.q_per_kv, probe.params, selection);
+    }
+  }
+  if (!measured.ok()) return SampleOutcome::kStale;
+  s.quality[s.SelectorIndex(probe.group, probe.head)]->Record(*measured);
+  *out = *measured;
+  return SampleOutcome::kMeasured;
+}
+
+SessionQualityInfo QualityInfoOf(const Session& s) {
+  SessionQualityInfo q;
+  q.monitored = !s.quality.empty();
+  q.target_mass_ratio =
+      s.config.selector == SelectorKind::kMdci && q.monitored ? s.config.target_mass_ratio : 0.0;
+  q.samples_dropped = s.samples_dropped.load();
+  q.samples_stale = s.samples_stale.load();
+  q.calibration_cpu_ns = s.calibration_cpu_ns.load();
+  q.selection_ns = s.selection_ns.load();
+  double sum_ratio = 0.0, sum_topk = 0.0, sum_recent = 0.0;
+  int heads_sampled = 0;
+  for (size_t i = 0; i < s.quality.size(); ++i) {
+    const int group = static_cast<int>(i / s.config.kv_heads);
+    const int head = static_cast<int>(i % s.config.kv_heads);
+    HeadQualityInfo h = s.quality[i]->Report(group, head);
+    q.samples += h.samples;
+    sum_ratio += h.mean_mass_ratio * h.samples;
+    sum_topk += h.mean_topk_recall * h.samples;
+    if (h.samples > 0) {
+      sum_recent += h.recent_mass_ratio;
+      ++heads_sampled;
+    }
+    q.heads.push_back(h);
+  }
+  if (q.samples > 0) {
+    q.mean_mass_ratio = sum_ratio / q.samples;
+    q.mean_topk_recall = sum_topk / q.samples;
+    q.recent_mass_ratio = sum_recent / heads_sampled;
+  }
+  return q;
+}
+
+}  // namespace icecache

@@ -1,0 +1,119 @@
+// Internal to icecache_session: the online quality monitor and the
+// self-calibrating width of one session (docs/architecture.md §5 sessions).
+//
+// Per (layer group, KV head) of a session whose selector lays pages out by
+// the DCI tree (mdci, exact-mdci), a HeadQuality decides which selections
+// are measured (the first warmup_samples, then 1 in sample_every; a due
+// measurement the sampler cannot take now is retried on the next selection), keeps the
+// tally of what was measured and, for mdci with a target mass ratio, owns
+// the WidthCalibrator whose width the selections use.
+//
+// Flow: Session::Select copies a chosen step's queries, resolved params and
+// selected pages into a QualityProbe; the manager offers it to the
+// QualitySampler; on the sampler's thread MeasureProbe() computes the exact
+// reference (every page's exact group mass on the same layout,
+// MeasureSelection) and records the sample here, which moves the width of
+// later selections.
+//
+// Thread safety: HeadQuality is thread-safe (atomics and one mutex).
+#ifndef ICECACHE_SERVER_SESSION_SESSION_QUALITY_H_
+#define ICECACHE_SERVER_SESSION_SESSION_QUALITY_H_
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "server/index/selector.h"
+#include "server/index/width_calibrator.h"
+#include "server/session/quality_sampler.h"
+#include "server/session/session_types.h"
+
+namespace icecache {
+
+class Session;
+
+// Daemon-wide sampling policy (SessionManagerOptions.quality).
+struct SessionQualityOptions {
+  bool enabled = false;     // true: sample and calibrate (icecached turns it on)
+  int sample_every = 64;    // once warm: 1 measured selection in this many per (group, head)
+  int warmup_samples = 16;  // the first selections of each (group, head), all measured
+  QualitySamplerOptions sampler;
+};
+
+// InvalidArgument naming the option (sample_every >= 1, warmup_samples >= 0).
+absl::Status ValidateQualityOptions(const SessionQualityOptions& options);
+
+// One selection chosen for measurement, copied off the decode path.
+struct QualityProbe {
+  int group = 0;
+  int head = 0;
+  int64_t tokens = 0;          // the group's tokens when it was selected
+  std::vector<float> queries;  // q_per_kv x head_dim
+  SelectParams params;         // resolved, with the width used
+  std::vector<uint32_t> pages;
+};
+
+class HeadQuality {
+ public:
+  // `calibrator` may be null (monitor only).
+  HeadQuality(int sample_every, int warmup_samples, std::unique_ptr<WidthCalibrator> calibrator)
+      : sample_every_(sample_every), warmup_(warmup_samples), calibrator_(std::move(calibrator)) {}
+
+  // Counts one selection; true when a measurement is due: during warm-up
+  // (fewer than warmup_samples taken), then sample_every selections after
+  // the last one taken. A due measurement the sampler could not take stays
+  // due on the next selection (none is lost to a busy budget).
+  bool ShouldSample();
+  // The sampler took this head's measurement.
+  void Taken();
+  // The calibrated width into params (no-op without a calibrator).
+  void Apply(SelectParams* params) const {
+    if (calibrator_ != nullptr) calibrator_->Apply(params);
+  }
+  void Record(const QualitySample& sample) ABSL_LOCKS_EXCLUDED(mu_);
+  HeadQualityInfo Report(int group, int head) const ABSL_LOCKS_EXCLUDED(mu_);
+
+ private:
+  const int sample_every_;
+  const int warmup_;
+  const std::unique_ptr<WidthCalibrator> calibrator_;
+  std::atomic<int64_t> since_{0};  // selections since the last measurement taken
+  std::atomic<int64_t> taken_{0};
+  mutable absl::Mutex mu_;
+  int64_t samples_ ABSL_GUARDED_BY(mu_) = 0;
+  double sum_ratio_ ABSL_GUARDED_BY(mu_) = 0.0;
+  double sum_topk_ ABSL_GUARDED_BY(mu_) = 0.0;
+  double recent_ratio_ ABSL_GUARDED_BY(mu_) = 0.0;  // moving average
+  double last_ratio_ ABSL_GUARDED_BY(mu_) = 0.0;
+};
+
+// Per-(group, head) quality state for a session of `config`, or an empty
+// vector when nothing is monitored (options off, or a positional selector:
+// its reference scan is not built yet). The calibrator's base width is the
+// session's mdci field_of_view / candidate_factor.
+absl::StatusOr<std::vector<std::unique_ptr<HeadQuality>>> MakeHeadQuality(
+    const SessionConfig& config, int groups, const SessionQualityOptions& options);
+
+// Tokens a group may gain between a selection and its measurement before
+// the probe is stale: max(4 pages, tokens / 1024).
+int64_t StaleAfterTokens(const Session& s, int64_t tokens);
+
+// Measures `probe` against the exact reference on the session's current
+// index. kStale when the group gained more than StaleAfterTokens since the
+// selection, or the session broke. Records the sample into the head's
+// HeadQuality and into *out. Takes s.append_mu (waiting for an append in
+// progress: this runs on the sampler's thread) and then s.mu shared, so
+// selects go on meanwhile and an append waits at most for this one head's
+// reference scan.
+SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample* out);
+
+// The session's quality view for SessionInfo.
+SessionQualityInfo QualityInfoOf(const Session& s);
+
+}  // namespace icecache
+
+#endif  // ICECACHE_SERVER_SESSION_SESSION_QUALITY_H_

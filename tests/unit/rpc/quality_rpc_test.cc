@@ -1,0 +1,285 @@
+// The online quality monitor and the self-calibrating width through the
+// daemon: in-process icecached on a real Unix socket, real gRPC (generated
+// stubs; the C++ client's types share names with the core's), a real shm
+// buffer, generated KV data, and the /metrics endpoint over HTTP.
+#include <grpcpp/grpcpp.h>
+#include <httplib.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/shm_file.h"
+#include "common/synthetic.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "icecache/v1/buffer.grpc.pb.h"
+#include "icecache/v1/kv.grpc.pb.h"
+#include "icecache/v1/session.grpc.pb.h"
+#include "server/rpc/config.h"
+#include "server/rpc/daemon.h"
+#include "tests/support/status_matchers.h"
+
+namespace icecache::rpc {
+namespace {
+
+using ::icecache::testing::IsOk;
+using ::testing::HasSubstr;
+
+class QualityRpcTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/icecache_qt_XXXXXX";
+    dir_ = mkdtemp(tmpl);
+    // Every chosen step is measured (cpu_share 1, a large burst): the test
+    // checks what the monitor reports, not the budget (quality_sampler_test).
+    auto parsed = ParseConfigText(
+        "quality { warmup_samples: 24 sample_every: 4 cpu_share: 1 burst_ms: 60000 }");
+    ASSERT_THAT(parsed, IsOk());
+    IcecachedConfig c = *parsed;
+    c.mutable_listen()->set_unix_socket(dir_ + "/d.sock");
+    c.mutable_pool()->set_capacity_bytes(256 << 20);
+    c.mutable_metrics()->set_port(0);
+    c.set_worker_threads(1);
+    c.mutable_auth()->add_admin_uids(getuid());
+    ApplyDefaults(&c);
+    ASSERT_THAT(ValidateConfig(c), IsOk());
+    DaemonOptions options;
+    options.metrics_any_port = true;
+    auto d = Daemon::Create(c, options);
+    ASSERT_THAT(d, IsOk());
+    daemon_ = *std::move(d);
+    channel_ = grpc::CreateChannel("unix:" + dir_ + "/d.sock", grpc::InsecureChannelCredentials());
+    sessions_ = v1::SessionService::NewStub(channel_);
+    buffers_ = v1::BufferService::NewStub(channel_);
+    kv_ = v1::KvService::NewStub(channel_);
+  }
+  void TearDown() override {
+    daemon_.reset();
+    std::system(("rm -rf " + dir_).c_str());
+  }
+
+  // Two KV heads x 8192 generated tokens, G = 4, one layer.
+  void Generate() {
+    SyntheticConfig c = SyntheticPreset("small").value();
+    c.layers = 1;
+    c.kv_heads = 2;
+    c.q_heads = 8;
+    c.tokens = 8192;
+    c.steps = 64;
+    c.seed = 23;
+    c.threads = 1;
+    auto dump = GenerateSynthetic(c);
+    ASSERT_THAT(dump.status(), IsOk());
+    dump_ = *std::move(dump);
+  }
+
+  grpc::Status Create(v1::SessionConfig config, std::string* id) {
+    grpc::ClientContext ctx;
+    v1::CreateSessionRequest req;
+    *req.mutable_config() = std::move(config);
+    v1::CreateSessionResponse resp;
+    grpc::Status st = sessions_->CreateSession(&ctx, req, &resp);
+    *id = resp.session().session_id();
+    return st;
+  }
+
+  v1::SessionConfig MdciConfig() const {
+    v1::SessionConfig c;
+    auto* m = c.mutable_model();
+    m->set_layers(1);
+    m->set_kv_heads(2);
+    m->set_q_heads(8);
+    m->set_head_dim(dump_.head_dim);
+    m->set_dtype(v1::DTYPE_FLOAT32);
+    c.set_page_tokens(16);
+    c.mutable_selector()->set_kind(v1::SELECTOR_KIND_MDCI);
+    // Narrow on purpose: the calibration has to widen it.
+    c.mutable_selector()->mutable_mdci()->set_field_of_view(2);
+    c.mutable_selector()->mutable_mdci()->set_candidate_factor(1.0f);
+    c.mutable_defaults()->set_budget_tokens(128);
+    return c;
+  }
+
+  std::vector<uint8_t> KvBytes() const {
+    std::vector<uint8_t> b((dump_.keys.size() + dump_.values.size()) * sizeof(float));
+    std::memcpy(b.data(), dump_.keys.data(), dump_.keys.size() * sizeof(float));
+    std::memcpy(b.data() + dump_.keys.size() * sizeof(float), dump_.values.data(),
+                dump_.values.size() * sizeof(float));
+    return b;
+  }
+
+  std::string Metrics() {
+    httplib::Client http("127.0.0.1", daemon_->metrics_port());
+    http.set_read_timeout(10);
+    auto res = http.Get("/metrics");
+    return res ? res->body : "";
+  }
+
+  v1::SessionInfo Get(const std::string& id) {
+    grpc::ClientContext ctx;
+    v1::GetSessionRequest req;
+    req.set_session_id(id);
+    v1::GetSessionResponse resp;
+    const grpc::Status st = sessions_->GetSession(&ctx, req, &resp);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    return resp.session();
+  }
+
+  // GetSession until `samples` were taken (the measurements run on the
+  // daemon's background thread).
+  v1::SessionInfo WaitForSamples(const std::string& id, uint64_t samples) {
+    v1::SessionInfo info;
+    for (int i = 0; i < 2000; ++i) {
+      info = Get(id);
+      const v1::SessionQuality& q = info.quality();
+      if (q.samples() + q.samples_stale() + q.samples_dropped() >= samples) break;
+      usleep(5000);
+    }
+    return info;
+  }
+
+  grpc::Status AppendAll(const std::string& id) {
+    const std::vector<uint8_t> kv = KvBytes();
+    grpc::ClientContext ctx;
+    v1::AppendKvRequest req;
+    req.set_session_id(id);
+    req.set_num_tokens(static_cast<uint32_t>(dump_.tokens));
+    req.set_inline_kv(std::string(reinterpret_cast<const char*>(kv.data()), kv.size()));
+    v1::AppendKvResponse resp;
+    return kv_->AppendKv(&ctx, req, &resp);
+  }
+
+  std::string Queries(int step) const {
+    const float* q = dump_.query(step, 0, 0);
+    return std::string(reinterpret_cast<const char*>(q),
+                       sizeof(float) * dump_.q_heads * dump_.head_dim);
+  }
+
+  grpc::Status Select(const std::string& id, int step) {
+    grpc::ClientContext ctx;
+    v1::SelectPagesRequest req;
+    req.set_session_id(id);
+    req.set_layer(0);
+    req.set_queries(Queries(step));
+    v1::SelectPagesResponse resp;
+    return kv_->SelectPages(&ctx, req, &resp);
+  }
+
+  std::string dir_;
+  std::unique_ptr<Daemon> daemon_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::SessionService::Stub> sessions_;
+  std::unique_ptr<v1::BufferService::Stub> buffers_;
+  std::unique_ptr<v1::KvService::Stub> kv_;
+  KvDump dump_;
+};
+TEST_F(QualityRpcTest, DecodeStepsAreMeasuredCalibratedAndExported) {
+  ASSERT_NO_FATAL_FAILURE(Generate());
+  std::string id;
+  ASSERT_TRUE(Create(MdciConfig(), &id).ok());  // target unset: the daemon's 0.95
+  ASSERT_TRUE(AppendAll(id).ok());
+  auto shm = ShmFile::Create(absl::StrCat("icecache_qt_", getpid()), 4 << 20);
+  ASSERT_THAT(shm, IsOk());
+  std::string buffer_id;
+  {
+    grpc::ClientContext ctx;
+    v1::RegisterBufferRequest req;
+    req.mutable_host_shm()->set_path(shm->path());
+    req.mutable_host_shm()->set_size(shm->size());
+    v1::RegisterBufferResponse resp;
+    ASSERT_TRUE(buffers_->RegisterBuffer(&ctx, req, &resp).ok());
+    buffer_id = resp.buffer_id();
+  }
+  grpc::ClientContext stream_ctx;
+  auto stream = kv_->DecodeStep(&stream_ctx);
+  const int kSteps = 32;
+  for (int step = 0; step < kSteps; ++step) {
+    if (step % 2 == 0) {  // the decode stream and SelectPages both feed the monitor
+      v1::DecodeStepRequest req;
+      req.set_session_id(id);
+      req.set_layer(0);
+      req.set_queries(Queries(step));
+      req.set_buffer_id(buffer_id);
+      v1::DecodeStepResponse resp;
+      ASSERT_TRUE(stream->Write(req));
+      ASSERT_TRUE(stream->Read(&resp));
+      ASSERT_EQ(resp.heads_size(), 2);
+    } else {
+      ASSERT_TRUE(Select(id, step).ok());
+    }
+    // One step's samples land before the next step: the width then moves
+    // as it would in a long run, only sooner.
+    const int chosen = std::min(step + 1, 24) + std::max(0, step + 1 - 24) / 4;
+    WaitForSamples(id, static_cast<uint64_t>(2 * chosen));
+  }
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+  const v1::SessionInfo info = WaitForSamples(id, 2 * (24 + 2));
+  const v1::SessionQuality& q = info.quality();
+  EXPECT_TRUE(q.monitored());
+  EXPECT_DOUBLE_EQ(q.target_mass_ratio(), 0.95);
+  EXPECT_DOUBLE_EQ(info.config().target_mass_ratio(), 0.95);
+  EXPECT_EQ(q.samples(), uint64_t{2 * 24 + 2 * 2});  // warm-up, then steps 27 and 31
+  EXPECT_EQ(q.samples_dropped(), 0u);
+  EXPECT_GT(q.mean_mass_ratio(), 0.5);
+  EXPECT_GT(q.mean_topk_recall(), 0.0);
+  EXPECT_GT(q.calibration_cpu_ms(), 0.0);
+  EXPECT_GT(q.selection_ms(), 0.0);
+  ASSERT_EQ(q.heads_size(), 2);
+  for (const v1::HeadQuality& h : q.heads()) {
+    SCOPED_TRACE(h.kv_head());
+    EXPECT_TRUE(h.calibrated());
+    EXPECT_GT(h.width(), 1.0);
+    EXPECT_GT(h.field_of_view(), 2u);
+    EXPECT_GE(h.recent_mass_ratio(), 0.95 - 0.03);
+  }
+  const std::string metrics = Metrics();
+  EXPECT_THAT(metrics,
+              HasSubstr("icecache_selection_mass_ratio_bucket{selector=\"mdci\",le=\"0.95\"}"));
+  EXPECT_THAT(metrics,
+              HasSubstr(absl::StrCat("icecache_selection_mass_ratio_count{selector=\"mdci\"} ",
+                                     q.samples(), "\n")));
+  EXPECT_THAT(metrics,
+              HasSubstr("icecache_selection_topk_recall_bucket{selector=\"mdci\",le=\"+Inf\"}"));
+  EXPECT_THAT(metrics,
+              HasSubstr(absl::StrCat("icecache_quality_samples_total{outcome=\"measured\"} ",
+                                     q.samples(), "\n")));
+  EXPECT_THAT(metrics,
+              HasSubstr("icecache_quality_samples_total{outcome=\"dropped_queue_full\"} 0\n"));
+  EXPECT_THAT(metrics, HasSubstr("icecache_quality_cpu_seconds_total "));
+  EXPECT_THAT(metrics, HasSubstr("icecache_quality_selection_seconds_total "));
+}
+
+TEST_F(QualityRpcTest, TargetMassRatioIsValidatedNamingTheField) {
+  ASSERT_NO_FATAL_FAILURE(Generate());
+  std::string id;
+  v1::SessionConfig c = MdciConfig();
+  c.set_target_mass_ratio(1.5);
+  grpc::Status st = Create(c, &id);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(st.error_message(),
+              HasSubstr("target_mass_ratio must be 0 (fixed width) or in (0, 1], got 1.5"));
+  c.mutable_selector()->set_kind(v1::SELECTOR_KIND_QUEST);
+  c.set_target_mass_ratio(0.9);
+  st = Create(c, &id);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(st.error_message(), HasSubstr("target_mass_ratio 0.9 calibrates the search width of "
+                                            "the MDCI selector; selector quest has no width"));
+  // Quest with the target unset is fine and not monitored; MDCI with 0 is
+  // monitored at a fixed width.
+  c.clear_target_mass_ratio();
+  ASSERT_TRUE(Create(c, &id).ok());
+  EXPECT_FALSE(Get(id).quality().monitored());
+  c = MdciConfig();
+  c.set_target_mass_ratio(0);
+  ASSERT_TRUE(Create(c, &id).ok());
+  EXPECT_TRUE(Get(id).quality().monitored());
+  EXPECT_DOUBLE_EQ(Get(id).quality().target_mass_ratio(), 0.0);
+}
+
+}  // namespace
+}  // namespace icecache::rpc

@@ -1,0 +1,174 @@
+// The online quality monitor and the self-calibrating width through the
+// session manager, on a real mdci index of generated data.
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common/synthetic.h"
+#include "gtest/gtest.h"
+#include "server/session/session_manager.h"
+#include "tests/support/status_matchers.h"
+#include "tests/unit/session/session_test_util.h"
+
+namespace icecache {
+namespace {
+
+using ::icecache::testing::IsOk;
+using ::icecache::testing::StatusIs;
+
+struct QualityEnv {
+  testing::Env env;
+  FakeClock clock;
+  KvDump dump;
+  std::string id;
+  Caller caller{"t1", 1000, false};
+};
+
+// `kv_heads` heads of `tokens` generated tokens (f32, G = 4), appended to
+// a one-layer session whose mdci width starts deliberately narrow.
+void StartQualitySession(QualityEnv* q, double target, int tokens, int steps, int warmup,
+                         int every) {
+  SyntheticConfig c = SyntheticPreset("small").value();
+  c.layers = 1;
+  c.kv_heads = 2;
+  c.q_heads = 8;
+  c.tokens = tokens;
+  c.steps = steps;
+  c.seed = 17;
+  c.threads = 1;
+  absl::StatusOr<KvDump> dump = GenerateSynthetic(c);
+  ASSERT_THAT(dump.status(), IsOk());
+  q->dump = std::move(dump).value();
+  SessionManagerOptions mo;
+  q->env = testing::MakeEnv(&q->clock, uint64_t{256} << 20);
+  mo.pool = q->env.pool.get();
+  mo.buffers = q->env.buffers.get();
+  mo.clock = &q->clock;
+  mo.reaper_interval = absl::ZeroDuration();
+  mo.quality.enabled = true;
+  mo.quality.warmup_samples = warmup;
+  mo.quality.sample_every = every;
+  mo.quality.sampler.cpu_share = 1.0;  // the test measures every chosen step
+  mo.quality.sampler.burst = absl::Seconds(100);
+  mo.quality.sampler.low_priority = false;
+  auto m = SessionManager::Create(mo);
+  ASSERT_THAT(m.status(), IsOk());
+  q->env.manager = std::move(m).value();
+  SessionConfig sc;
+  sc.layers = 1;
+  sc.kv_heads = 2;
+  sc.q_heads = 8;
+  sc.head_dim = q->dump.head_dim;
+  sc.dtype = DType::kF32;
+  sc.page_tokens = 16;
+  sc.selector = SelectorKind::kMdci;
+  sc.mdci.field_of_view = 2;  // too narrow for 0.95 on this data
+  sc.mdci.candidate_factor = 1.0f;
+  sc.target_mass_ratio = target;
+  sc.default_select.budget_tokens = 128;
+  auto info = q->env.manager->CreateSession(q->caller, sc);
+  ASSERT_THAT(info.status(), IsOk());
+  q->id = info->id;
+  std::vector<uint8_t> bytes((q->dump.keys.size() + q->dump.values.size()) * sizeof(float));
+  std::memcpy(bytes.data(), q->dump.keys.data(), q->dump.keys.size() * sizeof(float));
+  std::memcpy(bytes.data() + q->dump.keys.size() * sizeof(float), q->dump.values.data(),
+              q->dump.values.size() * sizeof(float));
+  ASSERT_THAT(q->env.manager->AppendKv(q->caller, q->id, q->dump.tokens, bytes).status(), IsOk());
+}
+
+absl::Status Step(QualityEnv* q, int step) {
+  SelectRequest r;
+  r.layer = 0;
+  const float* qs = q->dump.query(step, 0, 0);
+  r.queries.assign(qs, qs + static_cast<size_t>(q->dump.q_heads) * q->dump.head_dim);
+  absl::Status st = q->env.manager->SelectPages(q->caller, q->id, r).status();
+  q->env.manager->WaitForQualitySamples();  // deterministic: each sample lands before the next step
+  return st;
+}
+
+TEST(SessionQualityTest, CalibratedWidthReachesTheTargetAndSettles) {
+  QualityEnv q;
+  const int kSteps = 48;
+  ASSERT_NO_FATAL_FAILURE(StartQualitySession(&q, 0.95, 8192, kSteps, kSteps, 64));
+  std::vector<double> width_at_36;
+  for (int step = 0; step < kSteps; ++step) {
+    ASSERT_THAT(Step(&q, step), IsOk());
+    if (step == 35) {
+      auto info = q.env.manager->GetSession(q.caller, q.id);
+      ASSERT_THAT(info.status(), IsOk());
+      for (const HeadQualityInfo& h : info->quality.heads) width_at_36.push_back(h.width);
+    }
+  }
+  auto info = q.env.manager->GetSession(q.caller, q.id);
+  ASSERT_THAT(info.status(), IsOk());
+  const SessionQualityInfo& qi = info->quality;
+  EXPECT_TRUE(qi.monitored);
+  EXPECT_DOUBLE_EQ(qi.target_mass_ratio, 0.95);
+  EXPECT_EQ(qi.samples, 2 * kSteps);  // every step of both heads, nothing dropped
+  EXPECT_EQ(qi.samples_dropped, 0);
+  ASSERT_EQ(qi.heads.size(), 2u);
+  for (const HeadQualityInfo& h : qi.heads) {
+    SCOPED_TRACE(h.kv_head);
+    EXPECT_TRUE(h.calibrated);
+    EXPECT_GT(h.width, 1.0);  // widened from the narrow start
+    EXPECT_EQ(h.field_of_view, static_cast<int>(std::lround(2 * h.width)));
+    // Converged: the recent ratio is on target, and the width of the last
+    // dozen steps did not move more than one notch (no oscillation).
+    EXPECT_GE(h.recent_mass_ratio, 0.95 - 0.02);
+    EXPECT_LE(h.width_changes, 12);
+    EXPECT_LE(std::abs(std::log(h.width / width_at_36[h.kv_head])), std::log(1.5) + 1e-9);
+  }
+  EXPECT_GT(qi.mean_topk_recall, 0.0);
+  EXPECT_GT(qi.calibration_cpu_ns, 0);
+  EXPECT_GT(qi.selection_ns, 0);
+  const QualitySamplerStats st = q.env.manager->QualityStats();
+  EXPECT_EQ(st.measured, static_cast<uint64_t>(2 * kSteps));
+}
+
+TEST(SessionQualityTest, TargetZeroMonitorsWithoutMovingTheWidth) {
+  QualityEnv q;
+  ASSERT_NO_FATAL_FAILURE(StartQualitySession(&q, 0.0, 4096, 8, 8, 64));
+  for (int step = 0; step < 8; ++step) ASSERT_THAT(Step(&q, step), IsOk());
+  auto info = q.env.manager->GetSession(q.caller, q.id);
+  ASSERT_THAT(info.status(), IsOk());
+  EXPECT_EQ(info->quality.samples, 16);
+  EXPECT_DOUBLE_EQ(info->quality.target_mass_ratio, 0.0);
+  for (const HeadQualityInfo& h : info->quality.heads) {
+    EXPECT_FALSE(h.calibrated);
+    EXPECT_DOUBLE_EQ(h.width, 1.0);
+    EXPECT_GT(h.mean_mass_ratio, 0.0);
+  }
+}
+
+TEST(SessionQualityTest, SampleEveryNAfterWarmup) {
+  QualityEnv q;
+  ASSERT_NO_FATAL_FAILURE(StartQualitySession(&q, 0.95, 4096, 20, 4, 8));
+  for (int step = 0; step < 20; ++step) ASSERT_THAT(Step(&q, step), IsOk());
+  auto info = q.env.manager->GetSession(q.caller, q.id);
+  ASSERT_THAT(info.status(), IsOk());
+  // Steps 0..3 (warm-up), then 8 selections after the last taken: 11 and 19.
+  EXPECT_EQ(info->quality.samples, 12);
+}
+
+TEST(SessionQualityTest, BadTargetIsRefusedNamingTheField) {
+  QualityEnv q;
+  ASSERT_NO_FATAL_FAILURE(StartQualitySession(&q, 0.95, 1024, 1, 1, 1));
+  SessionConfig sc = testing::SmallConfig(SelectorKind::kMdci);
+  sc.target_mass_ratio = 1.5;
+  EXPECT_THAT(q.env.manager->CreateSession(q.caller, sc).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       ::testing::HasSubstr("target_mass_ratio must be 0 (fixed width) or in "
+                                            "(0, 1], got 1.5")));
+}
+
+TEST(SessionQualityTest, PositionalSelectorsAreNotMonitored) {
+  QualityEnv q;
+  ASSERT_NO_FATAL_FAILURE(StartQualitySession(&q, 0.95, 1024, 1, 1, 1));
+  auto info = q.env.manager->CreateSession(q.caller, testing::SmallConfig(SelectorKind::kQuest));
+  ASSERT_THAT(info.status(), IsOk());
+  EXPECT_FALSE(info->quality.monitored);
+  EXPECT_TRUE(info->quality.heads.empty());
+}
+
+}  // namespace
+}  // namespace icecache
