@@ -136,6 +136,8 @@ void ToProto(const SessionSpec& spec, v1::SessionConfig* out) {
   ToProto(spec.defaults, out->mutable_defaults());
   out->set_ttl_ms(static_cast<uint64_t>(absl::ToInt64Milliseconds(spec.ttl)));
   out->set_pinned(spec.pinned);
+  out->mutable_checksums()->set_mode(static_cast<v1::ChecksumMode>(spec.checksums));
+  out->mutable_checksums()->set_sample_fraction(spec.checksum_sample_fraction);
 }
 
 SessionInfo FromProto(const v1::SessionInfo& info) {
@@ -159,6 +161,11 @@ SessionInfo FromProto(const v1::SessionInfo& info) {
     s.spec.defaults.recent_tokens = c.defaults().recent_tokens();
   s.spec.ttl = absl::Milliseconds(static_cast<int64_t>(c.ttl_ms()));
   s.spec.pinned = c.pinned();
+  if (c.checksums().mode() >= v1::CHECKSUM_MODE_OFF &&
+      c.checksums().mode() <= v1::CHECKSUM_MODE_SAMPLED) {
+    s.spec.checksums = static_cast<SessionSpec::Checksums>(c.checksums().mode());
+  }
+  s.spec.checksum_sample_fraction = c.checksums().sample_fraction();
   s.tokens = info.tokens();
   s.created = FromUnixMs(info.created_unix_ms());
   s.last_use = FromUnixMs(info.last_use_unix_ms());
@@ -633,6 +640,8 @@ absl::StatusOr<DaemonStats> Client::GetStats() {
   s.frames_used = r.frames_used();
   s.frames_free = r.frames_free();
   s.huge_pages = r.huge_pages();
+  s.pages_verified = r.pages_verified();
+  s.checksum_failures = r.checksum_failures();
   for (const auto& c : r.size_classes()) {
     s.size_classes.push_back(
         SizeClassInfo{c.frame_bytes(), c.frames_used(), c.frames_free(), c.bytes_reserved()});

@@ -88,6 +88,11 @@ struct SessionSpec {
   // 0 = daemon default; else >= 1 s and <= the daemon's max TTL.
   absl::Duration ttl = absl::ZeroDuration();
   bool pinned = false;  // never evicted at the watermark (still expires)
+  // Page checksums (types.proto PageChecksums): computed at append, checked
+  // at fetch (every page, or a sampled fraction); a mismatch is DATA_LOSS.
+  enum class Checksums { kOff = 1, kEveryPage = 2, kSampled = 3 };
+  Checksums checksums = Checksums::kOff;
+  float checksum_sample_fraction = 0;  // kSampled: (0, 1]; 0 = the daemon's default
 
   // Bytes of one AppendKv chunk of `tokens` tokens:
   // 2 x layers x kv_heads x tokens x head_dim x dtype size.
@@ -191,6 +196,8 @@ struct DaemonStats {
   uint64_t frames_used = 0;
   uint64_t frames_free = 0;
   bool huge_pages = false;
+  uint64_t pages_verified = 0;     // fetched pages whose checksum was checked
+  uint64_t checksum_failures = 0;  // of those, mismatches (DATA_LOSS answers)
   std::vector<SizeClassInfo> size_classes;
   std::vector<TenantInfo> tenants;
 };

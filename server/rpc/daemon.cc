@@ -201,6 +201,13 @@ absl::Status Daemon::Init() {
   connections_ =
       registry_.AddSnapshot("icecache_unix_connections_total", "Unix-socket connections accepted",
                             MetricType::kCounter, {});
+  checksum_failures_ = registry_.AddSnapshot(
+      "icecache_checksum_failures_total",
+      "Fetched pages whose bytes failed their checksum (answered DATA_LOSS, never shipped)",
+      MetricType::kCounter, {});
+  pages_verified_ =
+      registry_.AddSnapshot("icecache_checksum_pages_verified_total",
+                            "Fetched pages whose checksum was checked", MetricType::kCounter, {});
   registry_.AddCollector([this] { CollectMetrics(); });
 
   if (c.metrics().port() != 0 || options_.metrics_any_port) RETURN_IF_ERROR(StartMetricsHttp());
@@ -268,6 +275,8 @@ void Daemon::CollectMetrics() {
                             {{"admission_rejected"}, double(stats->admissions_rejected)}});
   draining_gauge_->Replace({{{}, stats->draining ? 1.0 : 0.0}});
   connections_->Replace({{{}, double(listener_ ? listener_->accepted() : 0)}});
+  checksum_failures_->Replace({{{}, double(stats->checksum_failures)}});
+  pages_verified_->Replace({{{}, double(stats->pages_verified)}});
 }
 
 absl::Status Daemon::StartMetricsHttp() {

@@ -121,6 +121,8 @@ class Daemon {
   SnapshotFamily* session_events_ = nullptr;
   SnapshotFamily* draining_gauge_ = nullptr;
   SnapshotFamily* connections_ = nullptr;
+  SnapshotFamily* checksum_failures_ = nullptr;
+  SnapshotFamily* pages_verified_ = nullptr;
 
   bool started_ = false;  // Init() completed
   absl::Mutex mu_;

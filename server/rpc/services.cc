@@ -149,6 +149,9 @@ grpc::Status CallContext::Run(grpc::ServerContext* ctx, const char* method, Role
   if (!status.ok() && status.code() == absl::StatusCode::kInternal) {
     Log(LogLevel::kError, "rpc_internal_error",
         {{"method", method}, {"tenant", tenant}, {"error", status.message()}});
+  } else if (!status.ok() && status.code() == absl::StatusCode::kDataLoss) {
+    Log(LogLevel::kError, "page_checksum_mismatch",
+        {{"method", method}, {"tenant", tenant}, {"error", status.message()}});
   } else if (LogEnabled(LogLevel::kDebug)) {
     Log(LogLevel::kDebug, "rpc",
         {{"method", method},

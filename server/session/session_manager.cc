@@ -41,6 +41,7 @@ struct SessionManager::Counters {
   std::atomic<uint64_t> dropped{0};
   std::atomic<uint64_t> rejected{0};
   std::atomic<int> in_flight{0};
+  ChecksumCounters checksums;
 };
 
 // Marks a session busy for the lifetime of a request. Created under mu_ so
@@ -575,7 +576,7 @@ absl::StatusOr<FetchLayout> SessionManager::FetchPages(const Caller& caller, std
   ASSIGN_OR_RETURN(BufferLease lease, options_.buffers->Acquire(caller, request.buffer_id, now));
   ReadyReader read(s, request.layer, options_.build_wait);
   RETURN_IF_ERROR(GroupReadyOrUnavailable(s, request.layer, read.ready()));
-  return s.Fetch(lease, request, options_.decode_threads);
+  return s.Fetch(lease, request, options_.decode_threads, &counters_->checksums);
 }
 
 absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
@@ -599,7 +600,8 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
   fetch.device = device;
   fetch.pages.reserve(out.selection.heads.size());
   for (const Selection& sel : out.selection.heads) fetch.pages.push_back(sel.pages);
-  ASSIGN_OR_RETURN(out.layout, s.Fetch(lease, fetch, options_.decode_threads));
+  ASSIGN_OR_RETURN(out.layout,
+                   s.Fetch(lease, fetch, options_.decode_threads, &counters_->checksums));
   return out;
 }
 
@@ -648,6 +650,8 @@ absl::StatusOr<ManagerStats> SessionManager::Stats(const Caller& caller) {
   st.sessions_expired = counters_->expired.load();
   st.sessions_dropped = counters_->dropped.load();
   st.admissions_rejected = counters_->rejected.load();
+  st.pages_verified = counters_->checksums.verified.load();
+  st.checksum_failures = counters_->checksums.failures.load();
   st.buffers = static_cast<int>(options_.buffers->size());
   return st;
 }

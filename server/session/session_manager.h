@@ -59,7 +59,9 @@
 // without a group selection, a buffer file that shrank, a session whose index
 // broke: INTERNAL is answered once, FAILED_PRECONDITION afterwards);
 // OUT_OF_RANGE for a fetch that does not fit the buffer; NOT_FOUND for
-// unknown sessions/buffers.
+// unknown sessions/buffers; DATA_LOSS for a fetch (or decode step) that met
+// a page whose bytes fail their checksum (sessions with page checksums on;
+// counted in ManagerStats::checksum_failures; that page is never copied).
 //
 // Thread safety: every method is thread-safe. Appends to one session are
 // serialised; selects and fetches of one session run concurrently with each
