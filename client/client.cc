@@ -689,9 +689,10 @@ absl::StatusOr<SessionInfo> Client::PinSession(std::string_view session_id, bool
   return FromProto(resp.session());
 }
 
-absl::StatusOr<DrainInfo> Client::Drain(bool shutdown) {
+absl::StatusOr<DrainInfo> Client::Drain(bool shutdown, bool for_upgrade) {
   v1::DrainRequest req;
   req.set_shutdown(shutdown);
+  req.set_for_upgrade(for_upgrade);
   v1::DrainResponse resp;
   auto ctx = impl_->NewContext();
   RETURN_IF_ERROR(FromGrpcStatus(impl_->admin->Drain(ctx.get(), req, &resp)));

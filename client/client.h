@@ -335,7 +335,9 @@ class Client {
   absl::StatusOr<TenantInfo> SetQuota(std::string_view tenant, uint64_t quota_bytes);
   absl::Status EvictSession(std::string_view session_id);
   absl::StatusOr<SessionInfo> PinSession(std::string_view session_id, bool pinned);
-  absl::StatusOr<DrainInfo> Drain(bool shutdown);
+  // for_upgrade: exit keeping the sessions for the next daemon (warm restart;
+  // FAILED_PRECONDITION unless the daemon has pool.backing_dir).
+  absl::StatusOr<DrainInfo> Drain(bool shutdown, bool for_upgrade = false);
   // The effective daemon config as text format (json = false) or JSON.
   absl::StatusOr<std::string> GetConfig(bool json);
 

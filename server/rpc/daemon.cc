@@ -57,11 +57,8 @@ absl::Status Daemon::Init() {
   rpc_metrics_ = std::make_unique<RpcMetrics>(&registry_);
   cuda_ = CudaRuntime::Create();
 
-  PagePoolOptions pool_opts;
-  pool_opts.capacity_bytes = c.pool().capacity_bytes();
-  pool_opts.use_huge_pages = c.pool().huge_pages();
-  pool_opts.default_tenant_quota_bytes = QuotaFromProto(c.pool().default_quota_bytes());
-  ASSIGN_OR_RETURN(pool_, PagePool::Create(pool_opts));
+  std::optional<SnapshotImage> snapshot;
+  RETURN_IF_ERROR(CreatePool(&snapshot));
   for (const auto& q : c.pool().quotas()) {
     RETURN_IF_ERROR(pool_->SetQuota(q.tenant(), QuotaFromProto(q.quota_bytes())));
   }
@@ -90,6 +87,7 @@ absl::Status Daemon::Init() {
   // on a whole prefill's builds (docs/architecture.md §5).
   mgr_opts.background_builds = true;
   mgr_opts.stop_pending = ShutdownSignalPending;
+  mgr_opts.keep_checksums = !snapshot_path_.empty();
   mgr_opts.on_expired = [](const std::string& tenant, const std::string& id, absl::Duration idle) {
     Log(LogLevel::kInfo, "session_expired",
         {{"tenant", tenant},
@@ -98,6 +96,7 @@ absl::Status Daemon::Init() {
          {"why", "lease lapsed (no use or KeepAlive within its ttl)"}});
   };
   ASSIGN_OR_RETURN(manager_, SessionManager::Create(mgr_opts));
+  if (snapshot.has_value()) RecoverSessions(*snapshot);
 
   ASSIGN_OR_RETURN(auth_, Authenticator::Create(c.auth(), ::geteuid()));
   internal_admin_.tenant = "icecached";
@@ -115,10 +114,13 @@ absl::Status Daemon::Init() {
   deps_.limiter = limiter_.get();
   deps_.config = &config_;
   deps_.start_unix_ms = absl::ToUnixMillis(absl::Now());
-  deps_.on_drain = [this](bool shutdown) {
+  deps_.on_drain = [this](bool shutdown, bool for_upgrade) {
+    if (for_upgrade) for_upgrade_.store(true);
     BeginDrain();
     if (shutdown) RequestShutdown();
+    return absl::OkStatus();
   };
+  deps_.can_upgrade = [this] { return !snapshot_path_.empty(); };
   session_service_ = std::make_unique<SessionServiceImpl>(deps_);
   buffer_service_ = std::make_unique<BufferServiceImpl>(deps_);
   kv_service_ = std::make_unique<KvServiceImpl>(deps_);
@@ -345,6 +347,8 @@ void Daemon::Shutdown() {
     server_->Shutdown(deadline);
     server_->Wait();
   }
+  // No call runs any more: the sessions can be written down for the next daemon.
+  if (for_upgrade_.load() && manager_ != nullptr) WriteUpgradeSnapshot();
   if (http_) {
     http_->stop();
     if (http_thread_.joinable()) http_thread_.join();

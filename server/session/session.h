@@ -133,6 +133,9 @@ class Session {
   // the background (session_append.h, PendingBuild); selects and appends
   // of the group wait until it is cleared.
   std::vector<char> group_building ABSL_GUARDED_BY(mu);
+  // Tokens of every complete chunk, in order: a warm restart replays them
+  // into fresh indexes, which then lay pages out exactly as before.
+  std::vector<int64_t> chunks ABSL_GUARDED_BY(mu);
   // Set when an index failed midway through an append; the session then
   // answers FailedPrecondition until dropped.
   bool broken ABSL_GUARDED_BY(mu) = false;

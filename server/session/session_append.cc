@@ -359,6 +359,7 @@ namespace {
 void AdvanceChunk(Session& s, const AppendInput& in) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
   if (in.end_layer() == s.config.layers) {
     s.tokens += in.n;
+    s.chunks.push_back(in.n);
     s.next_layer = 0;
     s.pending_tokens = 0;
   } else {

@@ -273,7 +273,8 @@ absl::StatusOr<SessionInfo> SessionManager::CreateSession(const Caller& caller,
   const absl::Time now = clock_->Now();
   // Built before taking mu_: the constructor takes the session's own locks,
   // which must never nest inside mu_ (appends take mu_ inside them).
-  auto s = std::make_shared<Session>(RandomHexId(), caller.tenant, epoch_, config, size_class, now);
+  auto s = std::make_shared<Session>(RandomHexId(), caller.tenant, epoch_, config, size_class, now,
+                                     options_.keep_checksums);
   // Probed before mu_: the probe is the owner's code.
   const bool stopping = options_.stop_pending && options_.stop_pending();
   absl::MutexLock l(&mu_);
