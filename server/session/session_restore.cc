@@ -202,9 +202,14 @@ SnapshotImage SessionManager::TakeSnapshot(std::vector<std::string>* skipped) {
   for (const auto& sp : all) {
     Session& s = *sp;
     absl::ReaderMutexLock l(&s.mu);
-    if (s.broken || !s.keep_sums) {
+    const bool building =
+        std::find(s.group_building.begin(), s.group_building.end(), 1) != s.group_building.end();
+    if (s.broken || !s.keep_sums || building) {
       if (skipped != nullptr) {
-        skipped->push_back(absl::StrCat(s.id, ": ", s.broken ? "its index broke" : "no checksums"));
+        skipped->push_back(absl::StrCat(s.id, ": ",
+                                        s.broken   ? "its index broke"
+                                        : building ? "its indexes were still being built"
+                                                   : "no checksums"));
       }
       continue;
     }
