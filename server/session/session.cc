@@ -298,38 +298,36 @@ absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchReques
     copied = lease.WriteFetch(layout, req.device,
                               [&](uint8_t* dst) { copier.Gather(0, copier.frames.size(), dst); });
   } else if (threads == 1 || layout.total_bytes < kParallelGatherBytes) {
-    if (threads == 1 || layout.total_bytes < kParallelGatherBytes) {
-      copied = copier.Copy(lease, req.offset, 0, copier.frames.size());
-    } else {
-      // Each block is its own guarded write: a truncated buffer fails the block
-      // that meets it (FailedPrecondition) wherever it runs.
-      const int blocks = static_cast<int>(copier.block_start.size()) - 1;
-      copied = ForEachHead(blocks, threads, [&](int b) {
-        const size_t first = copier.block_start[b];
-        return copier.Copy(lease, req.offset + first * bytes, first,
-                           copier.block_start[b + 1] - first);
-      });
-    }
-    if (counters != nullptr) {
-      counters->verified.fetch_add(copier.checked.load(), std::memory_order_relaxed);
-    }
-    if (copier.bad.load() == FrameCopier::kNone) {
-      RETURN_IF_ERROR(copied);
-      return layout;
-    }
-    if (counters != nullptr) counters->failures.fetch_add(1, std::memory_order_relaxed);
-    const size_t bad = copier.bad.load();
-    const size_t block = static_cast<size_t>(std::upper_bound(copier.block_start.begin(),
-                                                              copier.block_start.end(), bad) -
-                                             copier.block_start.begin()) -
-                         1;
-    const int h = static_cast<int>(block % c.kv_heads);
-    return absl::DataLossError(absl::StrCat(
-        "fetch: session ", id, " layer ", req.layer + static_cast<int>(block / c.kv_heads),
-        " kv head ", h, " page ", req.pages[h][bad - copier.block_start[block]],
-        " failed its checksum (its stored bytes changed after they were appended); the page was "
-        "not sent. Drop the session and send its prefill again"));
+    copied = copier.Copy(lease, req.offset, 0, copier.frames.size());
+  } else {
+    // Each block is its own guarded write: a truncated buffer fails the block
+    // that meets it (FailedPrecondition) wherever it runs.
+    const int blocks = static_cast<int>(copier.block_start.size()) - 1;
+    copied = ForEachHead(blocks, threads, [&](int b) {
+      const size_t first = copier.block_start[b];
+      return copier.Copy(lease, req.offset + first * bytes, first,
+                         copier.block_start[b + 1] - first);
+    });
+  }
+  if (counters != nullptr) {
+    counters->verified.fetch_add(copier.checked.load(), std::memory_order_relaxed);
+  }
+  if (copier.bad.load() == FrameCopier::kNone) {
+    RETURN_IF_ERROR(copied);
     return layout;
   }
+  if (counters != nullptr) counters->failures.fetch_add(1, std::memory_order_relaxed);
+  const size_t bad = copier.bad.load();
+  const size_t block = static_cast<size_t>(std::upper_bound(copier.block_start.begin(),
+                                                            copier.block_start.end(), bad) -
+                                           copier.block_start.begin()) -
+                       1;
+  const int h = static_cast<int>(block % c.kv_heads);
+  return absl::DataLossError(absl::StrCat(
+      "fetch: session ", id, " layer ", req.layer + static_cast<int>(block / c.kv_heads),
+      " kv head ", h, " page ", req.pages[h][bad - copier.block_start[block]],
+      " failed its checksum (its stored bytes changed after they were appended); the page was "
+      "not sent. Drop the session and send its prefill again"));
+}
 
 }  // namespace icecache
