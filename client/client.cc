@@ -148,6 +148,8 @@ void ToProto(const SessionSpec& spec, v1::SessionConfig* out) {
   out->set_ttl_ms(static_cast<uint64_t>(absl::ToInt64Milliseconds(spec.ttl)));
   out->set_pinned(spec.pinned);
   if (spec.target_mass_ratio) out->set_target_mass_ratio(*spec.target_mass_ratio);
+  out->mutable_checksums()->set_mode(static_cast<v1::ChecksumMode>(spec.checksums));
+  out->mutable_checksums()->set_sample_fraction(spec.checksum_sample_fraction);
 }
 
 namespace {
@@ -212,6 +214,11 @@ SessionInfo FromProto(const v1::SessionInfo& info) {
   s.spec.ttl = absl::Milliseconds(static_cast<int64_t>(c.ttl_ms()));
   s.spec.pinned = c.pinned();
   if (c.has_target_mass_ratio()) s.spec.target_mass_ratio = c.target_mass_ratio();
+  if (c.checksums().mode() >= v1::CHECKSUM_MODE_OFF &&
+      c.checksums().mode() <= v1::CHECKSUM_MODE_SAMPLED) {
+    s.spec.checksums = static_cast<SessionSpec::Checksums>(c.checksums().mode());
+  }
+  s.spec.checksum_sample_fraction = c.checksums().sample_fraction();
   s.tokens = info.tokens();
   s.created = FromUnixMs(info.created_unix_ms());
   s.last_use = FromUnixMs(info.last_use_unix_ms());
@@ -770,6 +777,8 @@ absl::StatusOr<DaemonStats> Client::GetStats() {
   s.frames_used = r.frames_used();
   s.frames_free = r.frames_free();
   s.huge_pages = r.huge_pages();
+  s.pages_verified = r.pages_verified();
+  s.checksum_failures = r.checksum_failures();
   for (const auto& c : r.size_classes()) {
     s.size_classes.push_back(
         SizeClassInfo{c.frame_bytes(), c.frames_used(), c.frames_free(), c.bytes_reserved()});
@@ -817,9 +826,10 @@ absl::StatusOr<SessionInfo> Client::PinSession(std::string_view session_id, bool
   return FromProto(resp.session());
 }
 
-absl::StatusOr<DrainInfo> Client::Drain(bool shutdown) {
+absl::StatusOr<DrainInfo> Client::Drain(bool shutdown, bool for_upgrade) {
   v1::DrainRequest req;
   req.set_shutdown(shutdown);
+  req.set_for_upgrade(for_upgrade);
   v1::DrainResponse resp;
   auto ctx = impl_->NewContext();
   RETURN_IF_ERROR(FromGrpcStatus(impl_->admin->Drain(ctx.get(), req, &resp)));

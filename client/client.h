@@ -100,6 +100,11 @@ struct SessionSpec {
   // MDCI: the mass ratio the self-calibrating width aims at (types.proto
   // SessionConfig.target_mass_ratio); unset = the daemon's default, 0 = fixed width.
   std::optional<double> target_mass_ratio;
+  // Page checksums (types.proto PageChecksums): computed at append, checked
+  // at fetch (every page, or a sampled fraction); a mismatch is DATA_LOSS.
+  enum class Checksums { kOff = 1, kEveryPage = 2, kSampled = 3 };
+  Checksums checksums = Checksums::kOff;
+  float checksum_sample_fraction = 0;  // kSampled: (0, 1]; 0 = the daemon's default
 
   // Bytes of one AppendKv chunk of `tokens` tokens:
   // 2 x layers x kv_heads x tokens x head_dim x dtype size.
@@ -247,6 +252,8 @@ struct DaemonStats {
   uint64_t frames_used = 0;
   uint64_t frames_free = 0;
   bool huge_pages = false;
+  uint64_t pages_verified = 0;     // fetched pages whose checksum was checked
+  uint64_t checksum_failures = 0;  // of those, mismatches (DATA_LOSS answers)
   std::vector<SizeClassInfo> size_classes;
   std::vector<TenantInfo> tenants;
 };
@@ -401,7 +408,9 @@ class Client {
   absl::StatusOr<TenantInfo> SetQuota(std::string_view tenant, uint64_t quota_bytes);
   absl::Status EvictSession(std::string_view session_id);
   absl::StatusOr<SessionInfo> PinSession(std::string_view session_id, bool pinned);
-  absl::StatusOr<DrainInfo> Drain(bool shutdown);
+  // for_upgrade: exit keeping the sessions for the next daemon (warm restart;
+  // FAILED_PRECONDITION unless the daemon has pool.backing_dir).
+  absl::StatusOr<DrainInfo> Drain(bool shutdown, bool for_upgrade = false);
   // The effective daemon config as text format (json = false) or JSON.
   absl::StatusOr<std::string> GetConfig(bool json);
 

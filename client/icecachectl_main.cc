@@ -376,9 +376,22 @@ int CmdQuotaSet(Client& client, bool json, const std::string& tenant, const std:
   return kExitOk;
 }
 
-int CmdDrain(Client& client, bool json, bool shutdown) {
-  auto d = client.Drain(shutdown);
+int CmdDrain(Client& client, bool json, bool shutdown, bool for_upgrade) {
+  auto d = client.Drain(shutdown, for_upgrade);
   if (!d.ok()) return Fail(d.status());
+  if (for_upgrade) {
+    if (json) {
+      PrintJson({{"draining", true},
+                 {"for_upgrade", true},
+                 {"in_flight", d->in_flight},
+                 {"sessions", d->sessions}});
+    } else {
+      std::cout << "draining for upgrade (the daemon writes its snapshot and exits with code 3; "
+                   "the next daemon recovers the sessions): in_flight="
+                << d->in_flight << " sessions=" << d->sessions << "\n";
+    }
+    return kExitOk;
+  }
   if (json) {
     PrintJson({{"draining", true},
                {"shutdown", shutdown},
@@ -406,7 +419,7 @@ struct CommandLine {
   double timeout_s = 10;
   bool json = false;
   std::string id, tenant, bytes;
-  bool all = false, unpin = false, shutdown = false;
+  bool all = false, unpin = false, shutdown = false, for_upgrade = false;
   CLI::App* health = nullptr;
   CLI::App* status = nullptr;
   CLI::App* stats = nullptr;
@@ -472,6 +485,9 @@ void AddCommands(CLI::App& app, CommandLine* c) {
       "refuse new sessions; --shutdown also exits the daemon once in-flight calls finish "
       "(admin)");
   c->drain->add_flag("--shutdown", c->shutdown, "exit the daemon once in-flight calls finish");
+  c->drain->add_flag("--for-upgrade,--for_upgrade", c->for_upgrade,
+                     "exit keeping every session for the next daemon (warm restart: needs "
+                     "pool.backing_dir; the daemon exits with code 3)");
   c->config = app.add_subcommand("config", "the daemon's effective configuration (admin)");
   c->help = app.add_subcommand("help", "this text (as --help)");
 }
@@ -488,7 +504,7 @@ int RunCommand(Client& client, const CommandLine& c) {
   if (c.evict->parsed()) return Removed(client.EvictSession(c.id), json, "evicted", c.id);
   if (c.tenants->parsed()) return CmdTenants(client, json);
   if (c.quota_set->parsed()) return CmdQuotaSet(client, json, c.tenant, c.bytes);
-  if (c.drain->parsed()) return CmdDrain(client, json, c.shutdown);
+  if (c.drain->parsed()) return CmdDrain(client, json, c.shutdown, c.for_upgrade);
   if (c.config->parsed()) return CmdConfig(client, json);
   return UsageError("no command given");
 }

@@ -15,7 +15,8 @@
 // metrics_port=<n>" goes to stderr (whatever --log-level), so scripts and
 // tests can wait for it. SIGTERM/SIGINT drain (new sessions UNAVAILABLE,
 // health NOT_SERVING), in-flight calls finish within drain_timeout_ms, exit 0.
-// A SIGINT while draining exits at once with status 1.
+// A SIGINT while draining exits at once with status 1. After AdminService.Drain
+// with for_upgrade the warm-restart snapshot is written and the exit code is 3.
 #include <signal.h>
 #include <unistd.h>
 
@@ -214,6 +215,8 @@ int main(int argc, char** argv) {
 
   d->WaitForShutdownRequest();
   d->Shutdown();
+  // 3 after a drain for upgrade whose snapshot was written (docs/operations.md).
+  const int code = d->exit_code();
   daemon->reset();
-  return 0;
+  return code;
 }

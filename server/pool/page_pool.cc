@@ -1,6 +1,9 @@
 #include "server/pool/page_pool.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -8,9 +11,46 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/caller.h"
+#include "common/status_macros.h"
 
 namespace icecache {
+
+namespace {
+
+// Opens (creating 0600) the arena's backing file. Refuses a file that is not
+// regular, not this uid's, or open to group/other: another user must never
+// read or plant KV bytes.
+absl::StatusOr<int> OpenBackingFile(const std::string& path, uint64_t capacity, bool reuse) {
+  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd < 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("page pool: cannot open arena file ", path, ": ", std::strerror(errno)));
+  }
+  struct stat st;
+  std::string why;
+  if (fstat(fd, &st) != 0) {
+    why = std::strerror(errno);
+  } else if (!S_ISREG(st.st_mode)) {
+    why = "not a regular file";
+  } else if (st.st_uid != geteuid()) {
+    why = absl::StrCat("owned by uid ", st.st_uid, ", not this daemon's uid ", geteuid());
+  } else if ((st.st_mode & 077) != 0) {
+    why = absl::StrCat("mode ", absl::StrFormat("%04o", st.st_mode & 07777),
+                       " lets group or others in; it must be 0600");
+  } else if (reuse && static_cast<uint64_t>(st.st_size) != capacity) {
+    why = absl::StrCat("holds ", st.st_size, " bytes, the pool's capacity is ", capacity);
+  } else if (!reuse &&
+             (ftruncate(fd, 0) != 0 || ftruncate(fd, static_cast<off_t>(capacity)) != 0)) {
+    why = absl::StrCat("cannot size it to ", capacity, " bytes: ", std::strerror(errno));
+  }
+  if (why.empty()) return fd;
+  close(fd);
+  return absl::FailedPreconditionError(absl::StrCat("page pool: arena file ", path, ": ", why));
+}
+
+}  // namespace
 
 struct PagePool::Tenant {
   std::string name;
@@ -140,15 +180,36 @@ absl::StatusOr<std::unique_ptr<PagePool>> PagePool::Create(const PagePoolOptions
         "page pool: max_size_classes must be in 1..64, got ", options.max_size_classes));
   }
   const uint64_t capacity = (options.capacity_bytes + kSlabBytes - 1) / kSlabBytes * kSlabBytes;
-  void* base = MAP_FAILED;
   bool huge = false;
+  int fd = -1;
+  ASSIGN_OR_RETURN(uint8_t * base, MapArena(options, capacity, &huge, &fd));
+  return std::unique_ptr<PagePool>(new PagePool(options, base, capacity, huge, fd));
+}
+
+absl::StatusOr<uint8_t*> PagePool::MapArena(const PagePoolOptions& options, uint64_t capacity,
+                                            bool* huge, int* fd) {
+  if (!options.backing_file.empty()) {
+    ASSIGN_OR_RETURN(*fd,
+                     OpenBackingFile(options.backing_file, capacity, options.reuse_backing_file));
+    void* base = mmap(nullptr, capacity, PROT_READ | PROT_WRITE, MAP_SHARED, *fd, 0);
+    if (base == MAP_FAILED) {
+      const int err = errno;
+      close(*fd);
+      *fd = -1;
+      return absl::ResourceExhaustedError(absl::StrCat("page pool: mmap of ", capacity,
+                                                       " bytes of ", options.backing_file,
+                                                       " failed: ", std::strerror(err)));
+    }
+    return static_cast<uint8_t*>(base);
+  }
+  void* base = MAP_FAILED;
   if (options.use_huge_pages) {
     // No MAP_NORESERVE here: huge pages are then reserved at mmap time, so a
     // short huge-page pool makes mmap fail (and we fall back) instead of
     // raising SIGBUS at first touch much later.
     base = mmap(nullptr, capacity, PROT_READ | PROT_WRITE,
                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
-    huge = base != MAP_FAILED;
+    *huge = base != MAP_FAILED;
   }
   if (base == MAP_FAILED) {
     base = mmap(nullptr, capacity, PROT_READ | PROT_WRITE,
@@ -159,21 +220,28 @@ absl::StatusOr<std::unique_ptr<PagePool>> PagePool::Create(const PagePoolOptions
     }
     if (options.use_huge_pages) madvise(base, capacity, MADV_HUGEPAGE);  // advice only
   }
-  return std::unique_ptr<PagePool>(
-      new PagePool(options, static_cast<uint8_t*>(base), capacity, huge));
+  return static_cast<uint8_t*>(base);
 }
 
-PagePool::PagePool(const PagePoolOptions& options, uint8_t* base, uint64_t capacity, bool huge)
+PagePool::PagePool(const PagePoolOptions& options, uint8_t* base, uint64_t capacity, bool huge,
+                   int fd)
     : options_(options),
       base_(base),
       capacity_bytes_(capacity),
       num_slabs_(capacity / kSlabBytes),
-      huge_pages_(huge) {
+      huge_pages_(huge),
+      fd_(fd) {
   absl::MutexLock l(&mu_);
   slabs_.resize(num_slabs_);
 }
 
-PagePool::~PagePool() { munmap(base_, capacity_bytes_); }
+PagePool::~PagePool() {
+  munmap(base_, capacity_bytes_);
+  if (fd_ >= 0) {
+    close(fd_);
+    if (!keep_file_.load()) unlink(options_.backing_file.c_str());
+  }
+}
 
 absl::StatusOr<SizeClassId> PagePool::GetOrCreateClass(uint64_t frame_bytes) {
   if (frame_bytes == 0 || frame_bytes > kSlabBytes) {
@@ -181,14 +249,20 @@ absl::StatusOr<SizeClassId> PagePool::GetOrCreateClass(uint64_t frame_bytes) {
                                                    kSlabBytes, " bytes, got ", frame_bytes));
   }
   absl::MutexLock l(&mu_);
-  for (const auto& c : classes_) {
-    if (c->frame_bytes == frame_bytes) return c->id;
-  }
-  if (classes_.size() >= static_cast<size_t>(options_.max_size_classes)) {
+  SizeClass* c = ClassForLocked(frame_bytes);
+  if (c == nullptr) {
     return absl::InvalidArgumentError(
         absl::StrCat("page pool: a new size class for ", frame_bytes,
                      "-byte frames would exceed max_size_classes=", options_.max_size_classes));
   }
+  return c->id;
+}
+
+PagePool::SizeClass* PagePool::ClassForLocked(uint64_t frame_bytes) {
+  for (const auto& c : classes_) {
+    if (c->frame_bytes == frame_bytes) return c.get();
+  }
+  if (classes_.size() >= static_cast<size_t>(options_.max_size_classes)) return nullptr;
   auto c = std::make_unique<SizeClass>();
   c->id = static_cast<SizeClassId>(classes_.size());
   c->frame_bytes = frame_bytes;
@@ -196,7 +270,7 @@ absl::StatusOr<SizeClassId> PagePool::GetOrCreateClass(uint64_t frame_bytes) {
   c->frames_per_slab = kSlabBytes / c->stride;
   c->head.prev = c->head.next = &c->head;
   classes_.push_back(std::move(c));
-  return classes_.back()->id;
+  return classes_.back().get();
 }
 
 PagePool::Tenant* PagePool::GetTenantLocked(std::string_view tenant) {
@@ -341,8 +415,9 @@ void PagePool::ReleaseSlabLocked(SizeClass* c, uint64_t slab) {
   counters_.reserved_bytes -= kSlabBytes;
   slabs_[slab].class_id = -1;
   free_slabs_.push_back(slab);
-  // Give the memory back to the kernel; the next user faults in zero pages.
-  madvise(start, kSlabBytes, MADV_DONTNEED);
+  // Give the memory back to the kernel; the next user faults in zero pages
+  // (a file-backed arena: punch the hole in the file, or tmpfs keeps it).
+  madvise(start, kSlabBytes, fd_ >= 0 ? MADV_REMOVE : MADV_DONTNEED);
 }
 
 uint64_t PagePool::Trim() {
@@ -367,6 +442,9 @@ absl::StatusOr<FrameSet> PagePool::Allocate(std::string_view tenant, SizeClassId
   absl::MutexLock l(&mu_);
   if (id >= classes_.size()) {
     return absl::InvalidArgumentError(absl::StrCat("page pool: unknown size class ", id));
+  }
+  if (frozen_) {
+    return absl::FailedPreconditionError("page pool: frozen for a warm restart; no allocations");
   }
   SizeClass* c = classes_[id].get();
   Tenant* t = GetTenantLocked(tenant);
@@ -406,6 +484,14 @@ void PagePool::Free(FrameSet* set) {
   SizeClass* c = classes_[set->class_id_].get();
   Tenant* t = static_cast<Tenant*>(set->tenant_);
   const uint64_t count = set->frames_.size();
+  if (frozen_) {  // accounting only: the frames' bytes are a snapshot's
+    counters_.used_bytes -= count * c->stride;
+    counters_.frames_used -= count;
+    c->frames_used -= count;
+    t->used_bytes -= count * c->stride;
+    t->frames -= count;
+    return;
+  }
   for (uint8_t* f : set->frames_) {
     c->PushFront(reinterpret_cast<FreeNode*>(f));
     const uint64_t slab = static_cast<uint64_t>(f - base_) / kSlabBytes;
@@ -456,6 +542,111 @@ uint64_t PagePool::TenantUsedBytes(std::string_view tenant) const {
 uint64_t PagePool::used_bytes() const {
   absl::ReaderMutexLock l(&mu_);
   return counters_.used_bytes;
+}
+
+void PagePool::Freeze() {
+  absl::MutexLock l(&mu_);
+  frozen_ = true;
+}
+
+absl::Status PagePool::CheckRecoverLocked(const std::vector<RecoveredFrames>& sets,
+                                          std::vector<int32_t>* slab_class) {
+  std::vector<uint64_t> all;
+  for (const RecoveredFrames& set : sets) {
+    RETURN_IF_ERROR(ValidateTenantName(set.tenant));
+    if (set.frame_bytes == 0 || set.frame_bytes > kSlabBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("page pool: recovered frame size ",
+                                                     set.frame_bytes, " is not 1..", kSlabBytes));
+    }
+    SizeClass* c = ClassForLocked(set.frame_bytes);
+    if (c == nullptr) {
+      return absl::InvalidArgumentError("page pool: recovered frames need too many size classes");
+    }
+    for (uint64_t off : set.offsets) {
+      const uint64_t slab = off / kSlabBytes;
+      const uint64_t in_slab = off % kSlabBytes;
+      if (off >= capacity_bytes_ || in_slab % c->stride != 0 ||
+          in_slab / c->stride >= c->frames_per_slab) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "page pool: recovered offset ", off, " is not a ", set.frame_bytes, "-byte frame"));
+      }
+      int32_t& owner = (*slab_class)[slab];
+      if (owner != -1 && owner != static_cast<int32_t>(c->id)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("page pool: slab ", slab, " holds recovered frames of two sizes"));
+      }
+      owner = static_cast<int32_t>(c->id);
+      all.push_back(off);
+    }
+  }
+  std::sort(all.begin(), all.end());
+  if (std::adjacent_find(all.begin(), all.end()) != all.end()) {
+    return absl::InvalidArgumentError("page pool: a recovered frame is claimed twice");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<FrameSet>> PagePool::Recover(const std::vector<RecoveredFrames>& sets) {
+  absl::MutexLock l(&mu_);
+  if (counters_.allocations != 0 || next_unused_slab_ != 0 || frozen_) {
+    return absl::FailedPreconditionError("page pool: Recover() on a pool already in use");
+  }
+  std::vector<int32_t> slab_class(num_slabs_, -1);
+  RETURN_IF_ERROR(CheckRecoverLocked(sets, &slab_class));
+  std::vector<std::vector<bool>> adopted(num_slabs_);
+  for (const RecoveredFrames& set : sets) {
+    const SizeClass* c = ClassForLocked(set.frame_bytes);
+    for (uint64_t off : set.offsets) {
+      std::vector<bool>& bits = adopted[off / kSlabBytes];
+      bits.resize(c->frames_per_slab, false);
+      bits[(off % kSlabBytes) / c->stride] = true;
+    }
+  }
+  // Carve exactly the slabs that hold recovered frames; link only the other
+  // frames into the free lists (a free-list link would overwrite data).
+  for (uint64_t slab = 0; slab < num_slabs_; ++slab) {
+    if (slab_class[slab] < 0) continue;
+    SizeClass* c = classes_[slab_class[slab]].get();
+    uint8_t* start = base_ + slab * kSlabBytes;
+    uint32_t used = 0;
+    for (uint64_t i = c->frames_per_slab; i-- > 0;) {
+      if (adopted[slab][i]) {
+        ++used;
+      } else {
+        c->PushFront(reinterpret_cast<FreeNode*>(start + i * c->stride));
+      }
+    }
+    slabs_[slab].class_id = slab_class[slab];
+    slabs_[slab].used = used;
+    c->slabs++;
+    c->frames_free += c->frames_per_slab - used;
+    counters_.frames_free += c->frames_per_slab - used;
+    counters_.reserved_bytes += kSlabBytes;
+    next_unused_slab_ = slab + 1;
+  }
+  for (uint64_t slab = next_unused_slab_; slab-- > 0;) {
+    if (slab_class[slab] < 0) free_slabs_.push_back(slab);
+  }
+  std::vector<FrameSet> out;
+  for (const RecoveredFrames& set : sets) {
+    SizeClass* c = ClassForLocked(set.frame_bytes);
+    Tenant* t = GetTenantLocked(set.tenant);
+    const uint64_t n = set.offsets.size();
+    c->frames_used += n;
+    counters_.frames_used += n;
+    counters_.used_bytes += n * c->stride;
+    counters_.allocations++;
+    t->used_bytes += n * c->stride;
+    t->frames += n;
+    FrameSet fs;
+    fs.pool_ = this;
+    fs.tenant_ = t;
+    fs.class_id_ = c->id;
+    fs.frame_bytes_ = c->frame_bytes;
+    for (uint64_t off : set.offsets) fs.frames_.push_back(base_ + off);
+    out.push_back(std::move(fs));
+  }
+  return out;
 }
 
 PoolStats PagePool::Stats() const {

@@ -30,6 +30,7 @@
 #ifndef ICECACHE_SERVER_POOL_PAGE_POOL_H_
 #define ICECACHE_SERVER_POOL_PAGE_POOL_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -60,6 +61,24 @@ struct PagePoolOptions {
   int max_size_classes = 16;
   // Quota of a tenant that has none set with SetQuota().
   uint64_t default_tenant_quota_bytes = kUnlimitedQuota;
+  // Warm restart (docs/architecture.md §4): when set, the arena is this file
+  // (under /dev/shm or a hugetlbfs mount), mapped MAP_SHARED, so its bytes
+  // outlive the process. Created 0600 with O_NOFOLLOW; an existing file must
+  // be a regular file owned by this uid with no group/other permissions.
+  // Removed when the pool is destroyed unless KeepBackingFile() was called.
+  std::string backing_file;
+  // With backing_file: keep the existing file's bytes (its size must equal
+  // the capacity; then Recover() re-owns the frames a snapshot names).
+  // false: the file is emptied first.
+  bool reuse_backing_file = false;
+};
+
+// The frames of one session found in a warm-restart snapshot: byte offsets
+// of frames of `frame_bytes` from the arena base, charged to `tenant`.
+struct RecoveredFrames {
+  std::string tenant;
+  uint64_t frame_bytes = 0;
+  std::vector<uint64_t> offsets;
 };
 
 // Index of a size class inside one pool.
@@ -187,6 +206,24 @@ class PagePool {
   // allocations run; a no-op where the kernel lacks it. Meant for a
   // background thread. Returns the slabs populated.
   uint64_t PrefaultAhead(uint64_t slabs) ABSL_LOCKS_EXCLUDED(mu_);
+  // Warm restart: takes ownership of exactly the listed frames (every other
+  // frame of the arena stays free) and returns one FrameSet per entry, in
+  // order. Only on a pool that has handed out nothing yet.
+  // FailedPrecondition: frames were allocated already; InvalidArgument: an
+  // offset outside the arena or not on a frame boundary of its class, a
+  // frame listed twice, a slab claimed by two frame sizes, a bad tenant.
+  // On error nothing changes.
+  absl::StatusOr<std::vector<FrameSet>> Recover(const std::vector<RecoveredFrames>& sets)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // Byte offset of a frame of this pool from the arena base.
+  uint64_t OffsetOf(const uint8_t* frame) const { return static_cast<uint64_t>(frame - base_); }
+  // Keep the backing file when the pool is destroyed (drain for upgrade).
+  void KeepBackingFile() { keep_file_.store(true); }
+  // From now on freed frames are only accounted, never written (no free-list
+  // links in them), so a snapshot taken of the arena stays valid while the
+  // process winds down. Allocation afterwards fails with FailedPrecondition.
+  void Freeze() ABSL_LOCKS_EXCLUDED(mu_);
+  const std::string& backing_file() const { return options_.backing_file; }
 
   uint64_t capacity_bytes() const { return capacity_bytes_; }
   // The arena (e.g. to pin it with cudaHostRegister). Valid for the pool's life.
@@ -202,7 +239,14 @@ class PagePool {
   struct Slab;
   struct FreeNode;
 
-  PagePool(const PagePoolOptions& options, uint8_t* base, uint64_t capacity, bool huge);
+  PagePool(const PagePoolOptions& options, uint8_t* base, uint64_t capacity, bool huge, int fd);
+  // Maps the arena (anonymous, or the backing file); sets *fd for a file.
+  static absl::StatusOr<uint8_t*> MapArena(const PagePoolOptions& options, uint64_t capacity,
+                                           bool* huge, int* fd);
+  absl::Status CheckRecoverLocked(const std::vector<RecoveredFrames>& sets,
+                                  std::vector<int32_t>* slab_class)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  SizeClass* ClassForLocked(uint64_t frame_bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Free(FrameSet* set) ABSL_LOCKS_EXCLUDED(mu_);
   Tenant* GetTenantLocked(std::string_view tenant) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CheckLocked(const Tenant* t, uint64_t quota, const SizeClass& c, uint64_t count,
@@ -219,6 +263,8 @@ class PagePool {
   const uint64_t capacity_bytes_;
   const uint64_t num_slabs_;
   const bool huge_pages_;
+  const int fd_;  // backing file, or -1
+  std::atomic<bool> keep_file_{false};
 
   // All hot counters in one cache-aligned block.
   struct alignas(64) Counters {
@@ -237,6 +283,7 @@ class PagePool {
   std::vector<uint64_t> free_slabs_ ABSL_GUARDED_BY(mu_);  // stack of slab indices
   uint64_t next_unused_slab_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t empty_slabs_total_ ABSL_GUARDED_BY(mu_) = 0;  // carved slabs with no frame used
+  bool frozen_ ABSL_GUARDED_BY(mu_) = false;
   std::map<std::string, std::unique_ptr<Tenant>, std::less<>> tenants_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -272,6 +272,11 @@ absl::Status ValidateConfig(const IcecachedConfig& c) {
   if (!(pool.high_watermark() > 0 && pool.high_watermark() <= 1)) {
     return Bad("pool.high_watermark", pool.high_watermark(), "must be in (0, 1]");
   }
+  if (!pool.backing_dir().empty() &&
+      (pool.backing_dir()[0] != '/' || pool.backing_dir().size() > 200)) {
+    return Bad("pool.backing_dir", Quote(pool.backing_dir()),
+               "must be an absolute path (a tmpfs or hugetlbfs directory) of at most 200 bytes");
+  }
   std::set<std::string> quota_tenants;
   for (int i = 0; i < pool.quotas_size(); ++i) {
     const auto& q = pool.quotas(i);

@@ -127,6 +127,32 @@ absl::Status TargetMassRatioFromProto(const v1::SessionConfig& p, const SelectDe
   return absl::OkStatus();
 }
 
+// checksums.mode and sample_fraction into `c` (the core checks the range).
+absl::StatusOr<SessionConfig> ChecksumsFromProto(const v1::PageChecksums& p, SessionConfig c) {
+  switch (p.mode()) {
+    case v1::CHECKSUM_MODE_UNSPECIFIED:
+    case v1::CHECKSUM_MODE_OFF:
+      c.checksums.mode = ChecksumMode::kOff;
+      break;
+    case v1::CHECKSUM_MODE_EVERY_PAGE:
+      c.checksums.mode = ChecksumMode::kEveryPage;
+      break;
+    case v1::CHECKSUM_MODE_SAMPLED:
+      c.checksums.mode = ChecksumMode::kSampled;
+      if (p.sample_fraction() != 0) c.checksums.sample_fraction = p.sample_fraction();
+      break;
+    default:
+      return BadField("checksums.mode",
+                      absl::StrCat("must be OFF, EVERY_PAGE or SAMPLED (1..3), got ",
+                                   static_cast<int>(p.mode())));
+  }
+  if (p.mode() != v1::CHECKSUM_MODE_SAMPLED && p.sample_fraction() != 0) {
+    return BadField("checksums.sample_fraction",
+                    absl::StrCat("is for mode SAMPLED only, got ", p.sample_fraction()));
+  }
+  return c;
+}
+
 }  // namespace
 
 absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& p,
@@ -240,7 +266,7 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& p,
   c.default_select.granularity = granularity->value_or(Granularity::kPage);
   c.pinned = p.pinned();
   if (absl::Status st = TargetMassRatioFromProto(p, defaults, &c); !st.ok()) return st;
-  return c;
+  return ChecksumsFromProto(p.checksums(), std::move(c));
 }
 
 v1::SessionConfig SessionConfigToProto(const SessionConfig& c) {
@@ -271,6 +297,18 @@ v1::SessionConfig SessionConfigToProto(const SessionConfig& c) {
   p.set_ttl_ms(static_cast<uint64_t>(absl::ToInt64Milliseconds(c.ttl)));
   p.set_pinned(c.pinned);
   p.set_target_mass_ratio(c.selector == SelectorKind::kMdci ? c.target_mass_ratio : 0.0);
+  switch (c.checksums.mode) {
+    case ChecksumMode::kOff:
+      p.mutable_checksums()->set_mode(v1::CHECKSUM_MODE_OFF);
+      break;
+    case ChecksumMode::kEveryPage:
+      p.mutable_checksums()->set_mode(v1::CHECKSUM_MODE_EVERY_PAGE);
+      break;
+    case ChecksumMode::kSampled:
+      p.mutable_checksums()->set_mode(v1::CHECKSUM_MODE_SAMPLED);
+      p.mutable_checksums()->set_sample_fraction(static_cast<float>(c.checksums.sample_fraction));
+      break;
+  }
   return p;
 }
 
@@ -572,6 +610,8 @@ void StatsToProto(const ManagerStats& s, const std::vector<TenantInfo>& tenants,
   out->set_frames_used(s.pool.frames_used);
   out->set_frames_free(s.pool.frames_free);
   out->set_huge_pages(s.pool.huge_pages);
+  out->set_pages_verified(s.pages_verified);
+  out->set_checksum_failures(s.checksum_failures);
   for (const SizeClassStats& c : s.pool.classes) {
     v1::SizeClassStats* pc = out->add_size_classes();
     pc->set_frame_bytes(c.frame_bytes);

@@ -58,11 +58,8 @@ absl::Status Daemon::Init() {
   rpc_metrics_ = std::make_unique<RpcMetrics>(&registry_);
   cuda_ = CudaRuntime::Create();
 
-  PagePoolOptions pool_opts;
-  pool_opts.capacity_bytes = c.pool().capacity_bytes();
-  pool_opts.use_huge_pages = c.pool().huge_pages();
-  pool_opts.default_tenant_quota_bytes = QuotaFromProto(c.pool().default_quota_bytes());
-  ASSIGN_OR_RETURN(pool_, PagePool::Create(pool_opts));
+  std::optional<SnapshotImage> snapshot;
+  RETURN_IF_ERROR(CreatePool(&snapshot));
   for (const auto& q : c.pool().quotas()) {
     RETURN_IF_ERROR(pool_->SetQuota(q.tenant(), QuotaFromProto(q.quota_bytes())));
   }
@@ -91,6 +88,7 @@ absl::Status Daemon::Init() {
   // on a whole prefill's builds (docs/architecture.md §5).
   mgr_opts.background_builds = true;
   mgr_opts.stop_pending = ShutdownSignalPending;
+  mgr_opts.keep_checksums = !snapshot_path_.empty();
   mgr_opts.on_expired = [](const std::string& tenant, const std::string& id, absl::Duration idle) {
     Log(LogLevel::kInfo, "session_expired",
         {{"tenant", tenant},
@@ -111,6 +109,7 @@ absl::Status Daemon::Init() {
     m->Observe(kind, sample);
   };
   ASSIGN_OR_RETURN(manager_, SessionManager::Create(mgr_opts));
+  if (snapshot.has_value()) RecoverSessions(*snapshot);
 
   ASSIGN_OR_RETURN(auth_, Authenticator::Create(c.auth(), ::geteuid()));
   internal_admin_.tenant = "icecached";
@@ -128,10 +127,13 @@ absl::Status Daemon::Init() {
   deps_.limiter = limiter_.get();
   deps_.config = &config_;
   deps_.start_unix_ms = absl::ToUnixMillis(absl::Now());
-  deps_.on_drain = [this](bool shutdown) {
+  deps_.on_drain = [this](bool shutdown, bool for_upgrade) {
+    if (for_upgrade) for_upgrade_.store(true);
     BeginDrain();
     if (shutdown) RequestShutdown();
+    return absl::OkStatus();
   };
+  deps_.can_upgrade = [this] { return !snapshot_path_.empty(); };
   session_service_ = std::make_unique<SessionServiceImpl>(deps_);
   buffer_service_ = std::make_unique<BufferServiceImpl>(deps_);
   kv_service_ = std::make_unique<KvServiceImpl>(deps_);
@@ -215,6 +217,13 @@ absl::Status Daemon::Init() {
   connections_ =
       registry_.AddSnapshot("icecache_unix_connections_total", "Unix-socket connections accepted",
                             MetricType::kCounter, {});
+  checksum_failures_ = registry_.AddSnapshot(
+      "icecache_checksum_failures_total",
+      "Fetched pages whose bytes failed their checksum (answered DATA_LOSS, never shipped)",
+      MetricType::kCounter, {});
+  pages_verified_ =
+      registry_.AddSnapshot("icecache_checksum_pages_verified_total",
+                            "Fetched pages whose checksum was checked", MetricType::kCounter, {});
   registry_.AddCollector([this] { CollectMetrics(); });
 
   if (c.metrics().port() != 0 || options_.metrics_any_port) RETURN_IF_ERROR(StartMetricsHttp());
@@ -283,6 +292,8 @@ void Daemon::CollectMetrics() {
   draining_gauge_->Replace({{{}, stats->draining ? 1.0 : 0.0}});
   connections_->Replace({{{}, double(listener_ ? listener_->accepted() : 0)}});
   quality_metrics_->Collect(manager_->QualityStats());
+  checksum_failures_->Replace({{{}, double(stats->checksum_failures)}});
+  pages_verified_->Replace({{{}, double(stats->pages_verified)}});
 }
 
 absl::Status Daemon::StartMetricsHttp() {
@@ -351,6 +362,8 @@ void Daemon::Shutdown() {
     server_->Shutdown(deadline);
     server_->Wait();
   }
+  // No call runs any more: the sessions can be written down for the next daemon.
+  if (for_upgrade_.load() && manager_ != nullptr) WriteUpgradeSnapshot();
   if (http_) {
     http_->stop();
     if (http_thread_.joinable()) http_thread_.join();

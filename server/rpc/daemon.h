@@ -22,6 +22,7 @@
 
 #include <atomic>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -80,11 +81,23 @@ class Daemon {
 
   Registry* metrics() { return &registry_; }
 
+  // After Shutdown(): the process's exit code. 0 normally; after a drain for
+  // upgrade, kExitDrainedForUpgrade when the warm-restart snapshot was
+  // written (the arena file and snapshot are kept), 1 when it could not be.
+  static constexpr int kExitDrainedForUpgrade = 3;
+  int exit_code() const { return exit_code_.load(); }
+
  private:
   Daemon(const v1::IcecachedConfig& config, const DaemonOptions& options);
   absl::Status Init();
   absl::Status StartMetricsHttp();
   void CollectMetrics();
+  // Warm restart (docs/architecture.md §5): the pool, file-backed when
+  // pool.backing_dir is set, over the previous daemon's arena when its
+  // snapshot can be used (the snapshot is consumed: read, then removed).
+  absl::Status CreatePool(std::optional<SnapshotImage>* snapshot);
+  void RecoverSessions(const SnapshotImage& snapshot);
+  void WriteUpgradeSnapshot();
 
   const v1::IcecachedConfig config_;
   const DaemonOptions options_;
@@ -125,6 +138,12 @@ class Daemon {
   SnapshotFamily* session_events_ = nullptr;
   SnapshotFamily* draining_gauge_ = nullptr;
   SnapshotFamily* connections_ = nullptr;
+  SnapshotFamily* checksum_failures_ = nullptr;
+  SnapshotFamily* pages_verified_ = nullptr;
+
+  std::string snapshot_path_;  // empty: no warm restart
+  std::atomic<bool> for_upgrade_{false};
+  std::atomic<int> exit_code_{0};
 
   bool started_ = false;  // Init() completed
   absl::Mutex mu_;

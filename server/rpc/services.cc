@@ -151,6 +151,9 @@ grpc::Status CallContext::Run(grpc::ServerContext* ctx, const char* method, Role
   if (!status.ok() && status.code() == absl::StatusCode::kInternal) {
     Log(LogLevel::kError, "rpc_internal_error",
         {{"method", method}, {"tenant", tenant}, {"error", status.message()}});
+  } else if (!status.ok() && status.code() == absl::StatusCode::kDataLoss) {
+    Log(LogLevel::kError, "page_checksum_mismatch",
+        {{"method", method}, {"tenant", tenant}, {"error", status.message()}});
   } else if (LogEnabled(LogLevel::kDebug)) {
     Log(LogLevel::kDebug, "rpc",
         {{"method", method},
@@ -521,14 +524,24 @@ grpc::Status AdminServiceImpl::Drain(grpc::ServerContext* ctx, const v1::DrainRe
                                      v1::DrainResponse* resp) {
   return call_.Run(ctx, "Drain", Role::kAdminOnly, [&](const Caller& caller) -> absl::Status {
     const auto& deps = call_.deps();
+    // Refused (nothing changes) when the daemon cannot keep its sessions.
+    if (req->for_upgrade() && deps.can_upgrade && !deps.can_upgrade()) {
+      return absl::FailedPreconditionError(
+          "drain --for-upgrade needs a file-backed arena (pool.backing_dir); without it the "
+          "sessions end with the process: use drain --shutdown");
+    }
     ASSIGN_OR_RETURN(int in_flight, deps.manager->Drain(caller, true));
     ASSIGN_OR_RETURN(ManagerStats stats, deps.manager->Stats(caller));
     // This call itself is in flight as an RPC but not on a session.
     resp->set_in_flight(static_cast<uint32_t>(std::max(0, in_flight)));
     resp->set_sessions(static_cast<uint32_t>(std::max(0, stats.sessions)));
     Log(LogLevel::kWarn, "drain_requested",
-        {{"by", caller.tenant}, {"shutdown", req->shutdown() ? "true" : "false"}});
-    if (deps.on_drain) deps.on_drain(req->shutdown());
+        {{"by", caller.tenant},
+         {"shutdown", req->shutdown() || req->for_upgrade() ? "true" : "false"},
+         {"for_upgrade", req->for_upgrade() ? "true" : "false"}});
+    if (deps.on_drain) {
+      RETURN_IF_ERROR(deps.on_drain(req->shutdown() || req->for_upgrade(), req->for_upgrade()));
+    }
     return absl::OkStatus();
   });
 }

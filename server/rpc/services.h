@@ -68,7 +68,10 @@ struct ServiceDeps {
   // Called by AdminService.Drain: begins draining (health NOT_SERVING) and,
   // when `shutdown`, asks the daemon to exit after in-flight calls.
   // Whether the daemon drains is the SessionManager's to say (draining()).
-  std::function<void(bool shutdown)> on_drain;
+  // AdminService.Drain: shutdown, and for_upgrade (keep the sessions for the
+  // next daemon; asked only when can_upgrade() says it can).
+  std::function<absl::Status(bool shutdown, bool for_upgrade)> on_drain;
+  std::function<bool()> can_upgrade;
 };
 
 // What a handler may do with the caller's admin role.

@@ -1,7 +1,10 @@
 #include "server/session/session.h"
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <utility>
 
@@ -9,11 +12,13 @@
 #include "common/status_macros.h"
 #include "server/index/parallel_build.h"
 #include "server/index/token_select.h"
+#include "server/pool/frame_checksum.h"
 
 namespace icecache {
 
 Session::Session(std::string id_in, std::string tenant_in, uint64_t epoch_in,
-                 const SessionConfig& config_in, SizeClassId size_class_in, absl::Time now)
+                 const SessionConfig& config_in, SizeClassId size_class_in, absl::Time now,
+                 bool keep_sums_in)
     : id(std::move(id_in)),
       tenant(std::move(tenant_in)),
       epoch(epoch_in),
@@ -23,11 +28,13 @@ Session::Session(std::string id_in, std::string tenant_in, uint64_t epoch_in,
       frame_bytes(geometry.frame_bytes()),
       groups(NumLayerGroups(config_in)),
       q_per_kv(config_in.q_heads / config_in.kv_heads),
-      created(now) {
+      created(now),
+      keep_sums(keep_sums_in || config_in.checksums.mode != ChecksumMode::kOff) {
   last_use_ns.store(absl::ToUnixNanos(now));
   pinned.store(config_in.pinned);
   absl::MutexLock l(&mu);
   page_frames.resize(static_cast<size_t>(config.layers) * config.kv_heads);
+  if (keep_sums) page_sums.resize(page_frames.size());
   selectors.resize(static_cast<size_t>(groups) * config.kv_heads);
   group_tokens.assign(groups, 0);
   group_building.assign(groups, 0);
@@ -103,6 +110,51 @@ absl::Status ForEachHead(int heads, int threads, const std::function<absl::Statu
   }
   return absl::OkStatus();
 }
+
+// The copy of one fetch: frames in buffer order, those to check with their
+// expected checksums. Copy() may run for disjoint ranges concurrently.
+struct FrameCopier {
+  static constexpr size_t kNone = ~size_t{0};
+  explicit FrameCopier(uint64_t frame_bytes) : bytes(frame_bytes) {}
+
+  // Copies frames [first, first + count) to the buffer at `offset`, hashing
+  // each frame to check right before its copy; stops at a mismatch (records
+  // the lowest bad frame in `bad`; its bytes are not copied).
+  absl::Status Copy(BufferLease& lease, uint64_t offset, size_t first, size_t count) {
+    return lease.Write(offset, count * bytes, [&](uint8_t* dst) { Gather(first, count, dst); });
+  }
+
+  // The copy itself: frames [first, first + count) to dst.
+  void Gather(size_t first, size_t count, uint8_t* dst) {
+    if (check.empty()) {
+      GatherFrames(frames.data() + first, count, bytes, dst);
+      return;
+    }
+    auto next = std::lower_bound(check.begin(), check.end(), first);
+    for (size_t i = first; i < first + count; ++i) {
+      if (next != check.end() && *next == i) {
+        const uint64_t want = expected[next - check.begin()];
+        ++next;
+        checked.fetch_add(1, std::memory_order_relaxed);
+        if (FrameChecksum(frames[i], bytes) != want) {
+          size_t cur = bad.load();
+          while (i < cur && !bad.compare_exchange_weak(cur, i)) {
+          }
+          return;
+        }
+      }
+      std::memcpy(dst + (i - first) * bytes, frames[i], bytes);
+    }
+  }
+
+  const uint64_t bytes;
+  std::vector<const uint8_t*> frames;
+  std::vector<size_t> block_start;
+  std::vector<size_t> check;       // ascending frame indices to check
+  std::vector<uint64_t> expected;  // their checksums
+  std::atomic<uint64_t> checked{0};
+  std::atomic<size_t> bad{kNone};
+};
 
 }  // namespace
 
@@ -219,8 +271,8 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
   return absl::OkStatus();
 }
 
-absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchRequest& req,
-                                           int threads) const {
+absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchRequest& req, int threads,
+                                           ChecksumCounters* counters) const {
   const SessionConfig& c = config;
   RETURN_IF_ERROR(CheckLayer(*this, req.layer));
   if (req.num_layers < 1 || req.layer + req.num_layers > c.layers) {
@@ -268,44 +320,65 @@ absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchReques
   }
   // Frames in buffer order: layer, then KV head, then the head's pages; the
   // block of (layer j, head h) starts at block_start[j * kv_heads + h].
-  std::vector<const uint8_t*> frames;
-  std::vector<size_t> block_start;
-  frames.reserve(static_cast<size_t>(layout.total_slots()) * req.num_layers);
-  block_start.reserve(static_cast<size_t>(req.num_layers) * c.kv_heads + 1);
+  FrameCopier copier(frame_bytes);
+  copier.frames.reserve(static_cast<size_t>(layout.total_slots()) * req.num_layers);
+  copier.block_start.reserve(static_cast<size_t>(req.num_layers) * c.kv_heads + 1);
+  const bool verify = keep_sums && c.checksums.mode != ChecksumMode::kOff;
+  const uint64_t seed = verify ? fetch_seq.fetch_add(1, std::memory_order_relaxed) : 0;
+  const double fraction =
+      c.checksums.mode == ChecksumMode::kSampled ? c.checksums.sample_fraction : 1.0;
   for (int j = 0; j < req.num_layers; ++j) {
     for (int h = 0; h < c.kv_heads; ++h) {
-      block_start.push_back(frames.size());
-      const std::vector<uint8_t*>& table = page_frames[FrameTableIndex(req.layer + j, h)];
-      for (uint32_t p : req.pages[h]) frames.push_back(table[p]);
+      copier.block_start.push_back(copier.frames.size());
+      const size_t t = FrameTableIndex(req.layer + j, h);
+      for (uint32_t p : req.pages[h]) {
+        if (verify && SampleFrame(seed, copier.frames.size(), fraction)) {
+          copier.check.push_back(copier.frames.size());
+          copier.expected.push_back(page_sums[t][p]);
+        }
+        copier.frames.push_back(page_frames[t][p]);
+      }
     }
   }
-  block_start.push_back(frames.size());
+  copier.block_start.push_back(copier.frames.size());
   const uint64_t bytes = frame_bytes;
+  absl::Status copied;
   if (!req.device.empty() || lease.kind() == BufferKind::kCudaIpc) {
     // One push per request (docs/architecture.md §6.3): the gather fills
     // daemon-owned pinned staging, never client memory, so it needs no guard.
-    RETURN_IF_ERROR(lease.WriteFetch(layout, req.device, [&](uint8_t* dst) {
-      GatherFrames(frames.data(), frames.size(), bytes, dst);
-    }));
-    return layout;
-  }
-  if (threads == 1 || layout.total_bytes < kParallelGatherBytes) {
-    RETURN_IF_ERROR(lease.Write(req.offset, layout.total_bytes, [&](uint8_t* dst) {
-      GatherFrames(frames.data(), frames.size(), bytes, dst);
-    }));
-    return layout;
-  }
-  // Each block is its own guarded write: a truncated buffer fails the block
-  // that meets it (FailedPrecondition) wherever it runs.
-  const int blocks = static_cast<int>(block_start.size()) - 1;
-  RETURN_IF_ERROR(ForEachHead(blocks, threads, [&](int b) {
-    const size_t first = block_start[b];
-    const size_t count = block_start[b + 1] - first;
-    return lease.Write(req.offset + first * bytes, count * bytes, [&](uint8_t* dst) {
-      GatherFrames(frames.data() + first, count, bytes, dst);
+    copied = lease.WriteFetch(layout, req.device,
+                              [&](uint8_t* dst) { copier.Gather(0, copier.frames.size(), dst); });
+  } else if (threads == 1 || layout.total_bytes < kParallelGatherBytes) {
+    copied = copier.Copy(lease, req.offset, 0, copier.frames.size());
+  } else {
+    // Each block is its own guarded write: a truncated buffer fails the block
+    // that meets it (FailedPrecondition) wherever it runs.
+    const int blocks = static_cast<int>(copier.block_start.size()) - 1;
+    copied = ForEachHead(blocks, threads, [&](int b) {
+      const size_t first = copier.block_start[b];
+      return copier.Copy(lease, req.offset + first * bytes, first,
+                         copier.block_start[b + 1] - first);
     });
-  }));
-  return layout;
+  }
+  if (counters != nullptr) {
+    counters->verified.fetch_add(copier.checked.load(), std::memory_order_relaxed);
+  }
+  if (copier.bad.load() == FrameCopier::kNone) {
+    RETURN_IF_ERROR(copied);
+    return layout;
+  }
+  if (counters != nullptr) counters->failures.fetch_add(1, std::memory_order_relaxed);
+  const size_t bad = copier.bad.load();
+  const size_t block = static_cast<size_t>(std::upper_bound(copier.block_start.begin(),
+                                                            copier.block_start.end(), bad) -
+                                           copier.block_start.begin()) -
+                       1;
+  const int h = static_cast<int>(block % c.kv_heads);
+  return absl::DataLossError(absl::StrCat(
+      "fetch: session ", id, " layer ", req.layer + static_cast<int>(block / c.kv_heads),
+      " kv head ", h, " page ", req.pages[h][bad - copier.block_start[block]],
+      " failed its checksum (its stored bytes changed after they were appended); the page was "
+      "not sent. Drop the session and send its prefill again"));
 }
 
 absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const FetchRequest& req,

@@ -45,10 +45,18 @@ class FramePageKeys final : public PageKeys {
   const std::vector<uint8_t*>* frames_;  // owned by the Session
 };
 
+// Checksum counters of a SessionManager, shared by its sessions' fetches.
+struct ChecksumCounters {
+  std::atomic<uint64_t> verified{0};  // pages checked
+  std::atomic<uint64_t> failures{0};  // pages that did not match
+};
+
 class Session {
  public:
+  // keep_sums: maintain page checksums even when config.checksums.mode is
+  // kOff (the daemon keeps them for a warm restart; docs/architecture.md §5).
   Session(std::string id, std::string tenant, uint64_t epoch, const SessionConfig& config,
-          SizeClassId size_class, absl::Time now);
+          SizeClassId size_class, absl::Time now, bool keep_sums = false);
 
   // Immutable after construction.
   const std::string id;
@@ -61,6 +69,8 @@ class Session {
   const int groups;
   const int q_per_kv;
   const absl::Time created;
+  // Page checksums are maintained (config.checksums.mode != kOff or keep_sums).
+  const bool keep_sums;
 
   int GroupOf(int layer) const { return layer / config.layer_reuse; }
   int FirstLayerOf(int group) const { return group * config.layer_reuse; }
@@ -106,6 +116,12 @@ class Session {
   std::vector<std::vector<uint8_t*>> page_frames ABSL_GUARDED_BY(mu);
   std::vector<std::unique_ptr<FramePageKeys>> page_keys;  // [group * kv_heads + head]
   FrameSet frames ABSL_GUARDED_BY(mu);                    // owns every frame in page_frames
+  // [layer * kv_heads + head][page] -> FrameChecksum of that frame, parallel
+  // to page_frames while keep_sums (else empty). WriteRows updates every
+  // frame it writes, under mu exclusive.
+  std::vector<std::vector<uint64_t>> page_sums ABSL_GUARDED_BY(mu);
+  // Seeds the sampled checks of successive fetches.
+  mutable std::atomic<uint64_t> fetch_seq{0};
   // Tokens every layer holds. A chunk may arrive in layer ranges (whole layer
   // groups, in order): while one is incomplete, next_layer is the first layer
   // still to come and pending_tokens its token count; group_tokens says what
@@ -118,6 +134,9 @@ class Session {
   // the background (session_append.h, PendingBuild); selects and appends
   // of the group wait until it is cleared.
   std::vector<char> group_building ABSL_GUARDED_BY(mu);
+  // Tokens of every complete chunk, in order: a warm restart replays them
+  // into fresh indexes, which then lay pages out exactly as before.
+  std::vector<int64_t> chunks ABSL_GUARDED_BY(mu);
   // Set when an index failed midway through an append; the session then
   // answers FailedPrecondition until dropped.
   bool broken ABSL_GUARDED_BY(mu) = false;
@@ -145,8 +164,13 @@ class Session {
       ABSL_SHARED_LOCKS_REQUIRED(mu) ABSL_LOCKS_EXCLUDED(cache_mu);
   // Writes the pages of `req` into the leased buffer (SessionManager::FetchPages
   // documents the codes), one (layer, KV head) block per task on `threads`.
-  // Every check runs before any byte is written.
-  absl::StatusOr<FetchLayout> Fetch(BufferLease& lease, const FetchRequest& req, int threads) const
+  // Every request check runs before any byte is written. With page checksums
+  // on, each page to check is hashed right before it is copied; a mismatch
+  // stops that block before the page (DataLoss naming layer, KV head and
+  // page; other blocks may have been written). `counters` (optional) counts
+  // the pages checked and the failures.
+  absl::StatusOr<FetchLayout> Fetch(BufferLease& lease, const FetchRequest& req, int threads,
+                                    ChecksumCounters* counters = nullptr) const
       ABSL_SHARED_LOCKS_REQUIRED(mu);
   // Fetch at token granularity (req.tokens): positions placed through the
   // group's selectors, rows packed into slots (gather.h).

@@ -9,6 +9,7 @@
 #include "common/status_macros.h"
 #include "server/index/headroom.h"
 #include "server/index/parallel_build.h"
+#include "server/pool/frame_checksum.h"
 
 namespace icecache {
 namespace {
@@ -123,12 +124,26 @@ absl::Status InsertInto(Session& s, const AppendInput& in, AppendPlan& plan, int
   return CheckPlacements(s, plan, i, *s.selectors[gi]);
 }
 
-// One task of WriteRows: the K and V rows of index i, every layer of its group.
-void WriteIndexRows(const Session& s, const AppendInput& in, const AppendPlan& plan, int64_t i)
-    ABSL_SHARED_LOCKS_REQUIRED(s.mu) {
+// The pages index i's placements write to, each once, ascending.
+std::vector<uint32_t> TouchedPages(const AppendPlan& plan, int64_t i) {
+  std::vector<uint32_t> pages;
+  pages.reserve(plan.placements[i].size());
+  for (const Placement& pl : plan.placements[i]) pages.push_back(pl.page);
+  std::sort(pages.begin(), pages.end());
+  pages.erase(std::unique(pages.begin(), pages.end()), pages.end());
+  return pages;
+}
+
+// One task of WriteRows: the K and V rows of index i, every layer of its
+// group, then the checksums of the frames written (docs/architecture.md §5):
+// a decode append that fills a partial page rehashes that page.
+void WriteIndexRows(Session& s, const AppendInput& in, const AppendPlan& plan, int64_t i)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
   const int g = static_cast<int>((plan.base + i) / s.config.kv_heads);
   const int h = static_cast<int>((plan.base + i) % s.config.kv_heads);
   const uint64_t kv_block = static_cast<uint64_t>(s.config.page_tokens) * in.row_bytes;
+  const std::vector<uint32_t> touched =
+      s.keep_sums ? TouchedPages(plan, i) : std::vector<uint32_t>();
   for (int l = s.FirstLayerOf(g); l < s.FirstLayerOf(g) + s.LayersIn(g); ++l) {
     const std::vector<uint8_t*>& table = s.page_frames[s.FrameTableIndex(l, h)];
     for (int64_t t = 0; t < in.n; ++t) {
@@ -137,6 +152,10 @@ void WriteIndexRows(const Session& s, const AppendInput& in, const AppendPlan& p
       std::memcpy(frame + pl.slot * in.row_bytes, in.key_row(l, h, t), in.row_bytes);
       std::memcpy(frame + kv_block + pl.slot * in.row_bytes, in.value_row(l, h, t), in.row_bytes);
     }
+    if (touched.empty()) continue;
+    // Each task owns its (layer, head) tables: no two tasks write one vector.
+    std::vector<uint64_t>& sums = s.page_sums[s.FrameTableIndex(l, h)];
+    for (uint32_t p : touched) sums[p] = FrameChecksum(table[p], s.frame_bytes);
   }
 }
 
@@ -318,6 +337,7 @@ absl::StatusOr<uint64_t> WriteRows(Session& s, const AppendInput& in, const Appe
         uint8_t* f = reserved.frame(taken++);
         std::memset(f, 0, s.frame_bytes);
         table.push_back(f);
+        if (s.keep_sums) s.page_sums[s.FrameTableIndex(l, h)].push_back(0);  // set by the rows
       }
     }
   }
@@ -328,7 +348,7 @@ absl::StatusOr<uint64_t> WriteRows(Session& s, const AppendInput& in, const Appe
   s.frames.Absorb(std::move(reserved)).IgnoreError();  // same pool, tenant, class
   // The tasks run while this thread holds s.mu and waits for them.
   RETURN_IF_ERROR(ParallelFor(plan.num_indices, plan.threads, [&](int64_t i) {
-    s.mu.AssertReaderHeld();
+    s.mu.AssertHeld();  // by the waiting caller
     WriteIndexRows(s, in, plan, i);
     return absl::OkStatus();
   }));
@@ -342,6 +362,7 @@ namespace {
 void AdvanceChunk(Session& s, const AppendInput& in) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
   if (in.end_layer() == s.config.layers) {
     s.tokens += in.n;
+    s.chunks.push_back(in.n);
     s.next_layer = 0;
     s.pending_tokens = 0;
   } else {

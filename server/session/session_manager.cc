@@ -41,6 +41,7 @@ struct SessionManager::Counters {
   std::atomic<uint64_t> dropped{0};
   std::atomic<uint64_t> rejected{0};
   std::atomic<int> in_flight{0};
+  ChecksumCounters checksums;
 };
 
 // Marks a session busy for the lifetime of a request. Created under mu_ so
@@ -278,7 +279,8 @@ absl::StatusOr<SessionInfo> SessionManager::CreateSession(const Caller& caller,
   const absl::Time now = clock_->Now();
   // Built before taking mu_: the constructor takes the session's own locks,
   // which must never nest inside mu_ (appends take mu_ inside them).
-  auto s = std::make_shared<Session>(RandomHexId(), caller.tenant, epoch_, config, size_class, now);
+  auto s = std::make_shared<Session>(RandomHexId(), caller.tenant, epoch_, config, size_class, now,
+                                     options_.keep_checksums);
   if (sampler_ != nullptr) {
     ASSIGN_OR_RETURN(std::vector<std::unique_ptr<HeadQuality>> heads,
                      MakeHeadQuality(s->config, s->groups, options_.quality));
@@ -592,7 +594,7 @@ absl::StatusOr<FetchLayout> SessionManager::FetchPages(const Caller& caller, std
   ASSIGN_OR_RETURN(BufferLease lease, options_.buffers->Acquire(caller, request.buffer_id, now));
   ReadyReader read(s, request.layer, options_.build_wait);
   RETURN_IF_ERROR(GroupReadyOrUnavailable(s, request.layer, read.ready()));
-  return s.Fetch(lease, request, options_.decode_threads);
+  return s.Fetch(lease, request, options_.decode_threads, &counters_->checksums);
 }
 
 absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
@@ -625,7 +627,8 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
       fetch.pages.push_back(sel.pages);
     }
   }
-  ASSIGN_OR_RETURN(out.layout, s.Fetch(lease, fetch, options_.decode_threads));
+  ASSIGN_OR_RETURN(out.layout,
+                   s.Fetch(lease, fetch, options_.decode_threads, &counters_->checksums));
   OfferProbes(guard.shared(), std::move(probes));  // never waits (quality_sampler.h)
   return out;
 }
@@ -675,6 +678,8 @@ absl::StatusOr<ManagerStats> SessionManager::Stats(const Caller& caller) {
   st.sessions_expired = counters_->expired.load();
   st.sessions_dropped = counters_->dropped.load();
   st.admissions_rejected = counters_->rejected.load();
+  st.pages_verified = counters_->checksums.verified.load();
+  st.checksum_failures = counters_->checksums.failures.load();
   st.buffers = static_cast<int>(options_.buffers->size());
   return st;
 }

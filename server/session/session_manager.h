@@ -63,7 +63,9 @@
 // without a group selection, a buffer file that shrank, a session whose index
 // broke: INTERNAL is answered once, FAILED_PRECONDITION afterwards);
 // OUT_OF_RANGE for a fetch that does not fit the buffer; NOT_FOUND for
-// unknown sessions/buffers.
+// unknown sessions/buffers; DATA_LOSS for a fetch (or decode step) that met
+// a page whose bytes fail their checksum (sessions with page checksums on;
+// counted in ManagerStats::checksum_failures; that page is never copied).
 //
 // Thread safety: every method is thread-safe. Appends to one session are
 // serialised; selects and fetches of one session run concurrently with each
@@ -91,6 +93,7 @@
 #include "server/session/clock.h"
 #include "server/session/session_quality.h"
 #include "server/session/session_types.h"
+#include "server/session/snapshot.h"
 #include "server/transfer/buffer_registry.h"
 
 namespace icecache {
@@ -139,6 +142,9 @@ struct SessionManagerOptions {
   // has not acted on it yet (icecached: a SIGTERM/SIGINT sent and not yet
   // taken by the signal thread). Counts as draining. Must be thread-safe.
   std::function<bool()> stop_pending;
+  // Keep page checksums for every session, whatever its checksums.mode
+  // (a warm restart verifies every recovered frame; docs/architecture.md §5).
+  bool keep_checksums = false;
   // Optional: told about each session whose lease lapsed, after it is gone
   // (tenant, id, how long it had been idle), on the thread that ran
   // ExpireLeases (the reaper), with no lock held. The daemon logs it.
@@ -243,6 +249,28 @@ class SessionManager {
   absl::StatusOr<int> Drain(const Caller& caller, bool draining = true);
   // Drain() for the daemon itself; returns the previous setting.
   bool SetDraining(bool draining) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // --- warm restart (session_restore.cc; docs/architecture.md §5) ---
+  // Every usable session as a snapshot image: frame offsets and checksums,
+  // token slots, chunk sizes. Sessions without checksums (keep_checksums was
+  // off) or with a broken index are left out (listed in *skipped with why).
+  // Call with no request in flight (after the server stopped) and after
+  // PagePool::Freeze(), so the bytes cannot change under the snapshot.
+  SnapshotImage TakeSnapshot(std::vector<std::string>* skipped) ABSL_LOCKS_EXCLUDED(mu_);
+  struct RestoreReport {
+    int recovered = 0;
+    // (session id, tenant, why) of every session not recovered.
+    std::vector<std::vector<std::string>> dropped;
+    absl::Duration verify_time, rebuild_time;
+  };
+  // Re-creates the sessions of `image` on a pool whose arena holds the
+  // snapshot's bytes and has handed out nothing: each session's frames are
+  // checked against their checksums, re-owned (PagePool::Recover) and its
+  // indexes rebuilt by replaying its chunks; the replayed layout must put
+  // every token where the snapshot says, else the session is dropped (never
+  // served). Recovered sessions keep their id, tenant and epoch (the data is
+  // the same); their lease starts now.
+  RestoreReport Restore(const SnapshotImage& image) ABSL_LOCKS_EXCLUDED(mu_);
 
   uint64_t epoch() const { return epoch_; }
   // Drain(true) was called, or options.stop_pending() is true.

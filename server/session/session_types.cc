@@ -45,6 +45,13 @@ absl::Status ValidateSessionConfig(const SessionConfig& c, absl::Duration max_tt
         absl::StrCat("session config: ttl must be 0 (default) or in 1s..",
                      absl::FormatDuration(max_ttl), ", got ", absl::FormatDuration(c.ttl)));
   }
+  if (c.checksums.mode == ChecksumMode::kSampled &&
+      !(c.checksums.sample_fraction > 0.0 && c.checksums.sample_fraction <= 1.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("session config: checksums.sample_fraction must be in (0, 1] with mode "
+                     "SAMPLED, got ",
+                     c.checksums.sample_fraction));
+  }
   switch (c.selector) {
     case SelectorKind::kMdci:
     case SelectorKind::kExactMdci:

@@ -19,6 +19,15 @@
 
 namespace icecache {
 
+// Page checksums (docs/architecture.md §5): kOff computes nothing; otherwise
+// every frame's XXH3-64 is kept up to date by appends and fetched pages are
+// checked (all of them, or a random `sample_fraction`).
+enum class ChecksumMode { kOff, kEveryPage, kSampled };
+struct ChecksumOptions {
+  ChecksumMode mode = ChecksumMode::kOff;
+  double sample_fraction = 0.0625;  // kSampled: (0, 1]
+};
+
 // Fixed at CreateSession. Limits are checked by ValidateSessionConfig.
 struct SessionConfig {
   int layers = 0;             // 1..512
@@ -41,6 +50,7 @@ struct SessionConfig {
   // sampled steps. 0 = off (fixed width); else in (0, 1]. Only mdci has a
   // width; other selectors ignore it.
   double target_mass_ratio = 0.95;
+  ChecksumOptions checksums;
 };
 
 // InvalidArgument naming the field, e.g. "session config: kv_heads must be in
@@ -200,6 +210,8 @@ struct ManagerStats {
   uint64_t sessions_expired = 0;
   uint64_t sessions_dropped = 0;
   uint64_t admissions_rejected = 0;  // RESOURCE_EXHAUSTED answers
+  uint64_t pages_verified = 0;       // fetched pages whose checksum was checked
+  uint64_t checksum_failures = 0;    // of those, mismatches (DATA_LOSS answers)
   int buffers = 0;
   uint64_t pages = 0;      // over every session's indices
   double page_fill = 0.0;  // token-weighted mean fill of those pages, [0, 1]

@@ -47,7 +47,8 @@ struct CoreEnv {
   Caller caller{"bench", static_cast<uint32_t>(getuid()), false};
   int64_t tokens = 0;
 
-  CoreEnv(SelectorKind kind, int64_t prefill) {
+  CoreEnv(SelectorKind kind, int64_t prefill, ChecksumOptions checksums = {},
+          int decode_threads = 0) {
     PagePoolOptions po;
     po.capacity_bytes = uint64_t{2} << 30;
     pool = PagePool::Create(po).value();
@@ -57,6 +58,7 @@ struct CoreEnv {
     mo.buffers = buffers.get();
     mo.reaper_interval = absl::ZeroDuration();
     mo.build_threads = 2;
+    mo.decode_threads = decode_threads;
     manager = SessionManager::Create(mo).value();
     config.layers = 8;
     config.kv_heads = 8;
@@ -66,6 +68,7 @@ struct CoreEnv {
     config.page_tokens = 16;
     config.selector = kind;
     config.ttl = absl::Hours(1);
+    config.checksums = checksums;
     session = manager->CreateSession(caller, config)->id;
     shm = ShmFile::Create("icecache-core-bench-" + std::to_string(getpid()) + "-" +
                               std::string(SelectorKindName(kind)),
@@ -133,6 +136,42 @@ void BM_FetchLayer(benchmark::State& state) {
 }
 // Budget in tokens per KV head (8 heads).
 BENCHMARK(BM_FetchLayer)->Arg(256)->Arg(1024)->Unit(benchmark::kMicrosecond);
+
+// The fetch of BM_FetchLayer (256 or 1024 tokens per KV head: 16 or 64
+// pages x 8 heads of 8 KiB) with page checksums off, on every page, and on a
+// 1/16 sample, serially on the calling thread (decode_threads 1) so the CPU
+// time is the whole cost; cpu_per_page is the fetch's CPU time per page.
+void BM_FetchChecksum(benchmark::State& state) {
+  ChecksumOptions sums;
+  sums.mode = static_cast<ChecksumMode>(state.range(0));
+  CoreEnv env(SelectorKind::kExact, 16384, sums, /*decode_threads=*/1);
+  const int pages_per_head = static_cast<int>(state.range(1)) / env.config.page_tokens;
+  FetchRequest f;
+  f.buffer_id = env.buffer_id;
+  std::mt19937 rng(3);
+  for (int h = 0; h < env.config.kv_heads; ++h) {
+    std::vector<uint32_t> pages;
+    for (int i = 0; i < pages_per_head; ++i) pages.push_back(rng() % (16384 / 16));
+    f.pages.push_back(pages);
+  }
+  for (auto _ : state) {
+    auto layout = env.manager->FetchPages(env.caller, env.session, f);
+    if (!layout.ok()) state.SkipWithError(std::string(layout.status().message()).c_str());
+  }
+  const double pages = static_cast<double>(pages_per_head) * env.config.kv_heads;
+  // CPU time per fetched page (printed with an SI suffix: 400n = 400 ns).
+  state.counters["cpu_per_page"] = benchmark::Counter(
+      pages, benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+  state.SetLabel(sums.mode == ChecksumMode::kOff         ? "checksums off"
+                 : sums.mode == ChecksumMode::kEveryPage ? "checksums every page"
+                                                         : "checksums sampled 1/16");
+}
+BENCHMARK(BM_FetchChecksum)
+    ->ArgsProduct({{static_cast<int>(ChecksumMode::kOff),
+                    static_cast<int>(ChecksumMode::kEveryPage),
+                    static_cast<int>(ChecksumMode::kSampled)},
+                   {256, 1024}})
+    ->Unit(benchmark::kMicrosecond);
 
 void BM_DecodeStep(benchmark::State& state) {
   const auto kind = static_cast<SelectorKind>(state.range(0));

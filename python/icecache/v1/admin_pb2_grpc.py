@@ -95,7 +95,8 @@ class AdminServiceServicer(object):
         """Starts draining: new sessions are refused with UNAVAILABLE, health turns
         NOT_SERVING; existing sessions keep working. Idempotent. With
         shutdown = true the daemon also exits after in-flight calls finish
-        (bounded by its drain_timeout_ms), like SIGTERM.
+        (bounded by its drain_timeout_ms), like SIGTERM; with for_upgrade it
+        keeps its sessions for the next daemon (warm restart).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -75,7 +75,9 @@ class KvServiceServicer(object):
         head in order, page id out of range, layer range invalid),
         OUT_OF_RANGE (region past the buffer), NOT_FOUND (session or buffer),
         FAILED_PRECONDITION (layer range crossing a layer group, buffer file
-        shrank).
+        shrank), DATA_LOSS (page checksums on and a page's bytes no longer match
+        its checksum: the message names layer, KV head and page; that page was
+        not copied and the region's contents are unspecified).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

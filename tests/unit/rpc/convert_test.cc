@@ -71,6 +71,30 @@ TEST(ConvertTest, SessionConfigRoundTripsThroughProto) {
   EXPECT_EQ(again->default_select.sink_tokens, c->default_select.sink_tokens);
 }
 
+TEST(ConvertTest, PageChecksumsConvertBothWaysAndBadOnesNameTheField) {
+  v1::SessionConfig p = GoodProto();
+  auto off = SessionConfigFromProto(p, SelectDefaults{});
+  ASSERT_THAT(off, IsOk());
+  EXPECT_EQ(off->checksums.mode, ChecksumMode::kOff);
+  p.mutable_checksums()->set_mode(v1::CHECKSUM_MODE_SAMPLED);
+  auto sampled = SessionConfigFromProto(p, SelectDefaults{});
+  ASSERT_THAT(sampled, IsOk());
+  EXPECT_EQ(sampled->checksums.mode, ChecksumMode::kSampled);
+  EXPECT_DOUBLE_EQ(sampled->checksums.sample_fraction, 0.0625);  // the default
+  p.mutable_checksums()->set_sample_fraction(0.5f);
+  auto half = SessionConfigFromProto(p, SelectDefaults{});
+  ASSERT_THAT(half, IsOk());
+  const v1::SessionConfig back = SessionConfigToProto(*half);
+  EXPECT_EQ(back.checksums().mode(), v1::CHECKSUM_MODE_SAMPLED);
+  EXPECT_FLOAT_EQ(back.checksums().sample_fraction(), 0.5f);
+  p.mutable_checksums()->set_mode(v1::CHECKSUM_MODE_EVERY_PAGE);
+  EXPECT_THAT(SessionConfigFromProto(p, SelectDefaults{}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("checksums.sample_fraction")));
+  p.mutable_checksums()->set_mode(static_cast<v1::ChecksumMode>(9));
+  EXPECT_THAT(SessionConfigFromProto(p, SelectDefaults{}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("checksums.mode")));
+}
+
 TEST(ConvertTest, SessionConfigErrorsNameTheField) {
   struct Case {
     const char* field;

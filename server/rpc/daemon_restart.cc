@@ -1,0 +1,135 @@
+// The daemon's side of a warm restart (docs/architecture.md §5,
+// docs/operations.md): the file-backed pool, recovery at start-up and the
+// snapshot written by a drain for upgrade.
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "common/status_macros.h"
+#include "server/rpc/convert.h"
+#include "server/rpc/daemon.h"
+#include "server/rpc/log.h"
+
+namespace icecache::rpc {
+namespace {
+
+constexpr char kArenaFile[] = "icecached-arena";
+constexpr char kSnapshotFile[] = "icecached-snapshot";
+
+// The backing directory: created 0700 when missing; it must be a real
+// directory (not a symlink) owned by this uid.
+absl::Status CheckBackingDir(const std::string& dir) {
+  if (mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("pool.backing_dir ", dir, ": cannot create it: ", std::strerror(errno)));
+  }
+  struct stat st;
+  if (lstat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("pool.backing_dir ", dir, " is not a directory (symlinks are refused)"));
+  }
+  if (st.st_uid != geteuid()) {
+    return absl::FailedPreconditionError(absl::StrCat("pool.backing_dir ", dir, " is owned by uid ",
+                                                      st.st_uid, ", not this daemon's ",
+                                                      geteuid()));
+  }
+  return absl::OkStatus();
+}
+
+// The previous daemon's snapshot, if there is one this daemon can use. It is
+// removed once read: a snapshot is trusted for one start only, so a crash
+// after this start can never bring back sessions as they were before it.
+std::optional<SnapshotImage> TakeSnapshotFile(const std::string& path, uint64_t capacity) {
+  absl::StatusOr<SnapshotImage> image = ReadSnapshotFile(path);
+  if (absl::IsNotFound(image.status())) return std::nullopt;
+  unlink(path.c_str());
+  std::string why;
+  if (!image.ok()) {
+    why = std::string(image.status().message());
+  } else if (image->capacity_bytes != capacity) {
+    why = absl::StrCat("it was written by a daemon with pool.capacity_bytes ",
+                       image->capacity_bytes, "; this one has ", capacity);
+  }
+  if (why.empty()) return std::move(image).value();
+  Log(LogLevel::kWarn, "snapshot_ignored",
+      {{"path", path}, {"why", why}, {"effect", "cold start: no session is recovered"}});
+  return std::nullopt;
+}
+
+}  // namespace
+
+absl::Status Daemon::CreatePool(std::optional<SnapshotImage>* snapshot) {
+  const auto& c = config_;
+  PagePoolOptions opts;
+  opts.capacity_bytes = c.pool().capacity_bytes();
+  opts.use_huge_pages = c.pool().huge_pages();
+  opts.default_tenant_quota_bytes = QuotaFromProto(c.pool().default_quota_bytes());
+  if (!c.pool().backing_dir().empty()) {
+    const std::string& dir = c.pool().backing_dir();
+    RETURN_IF_ERROR(CheckBackingDir(dir));
+    opts.backing_file = absl::StrCat(dir, "/", kArenaFile);
+    snapshot_path_ = absl::StrCat(dir, "/", kSnapshotFile);
+    const uint64_t capacity = (opts.capacity_bytes + PagePool::kSlabBytes - 1) /
+                              PagePool::kSlabBytes * PagePool::kSlabBytes;
+    *snapshot = TakeSnapshotFile(snapshot_path_, capacity);
+    opts.reuse_backing_file = snapshot->has_value();
+  }
+  absl::StatusOr<std::unique_ptr<PagePool>> pool = PagePool::Create(opts);
+  if (!pool.ok() && opts.reuse_backing_file) {
+    Log(LogLevel::kWarn, "snapshot_ignored",
+        {{"path", snapshot_path_},
+         {"why", pool.status().message()},
+         {"effect", "cold start: no session is recovered"}});
+    snapshot->reset();
+    opts.reuse_backing_file = false;
+    pool = PagePool::Create(opts);
+  }
+  if (!pool.ok()) return pool.status();
+  pool_ = std::move(pool).value();
+  return absl::OkStatus();
+}
+
+void Daemon::RecoverSessions(const SnapshotImage& snapshot) {
+  const SessionManager::RestoreReport r = manager_->Restore(snapshot);
+  for (const std::vector<std::string>& d : r.dropped) {
+    Log(LogLevel::kWarn, "session_not_recovered",
+        {{"id", d[0]}, {"tenant", d[1]}, {"why", d[2]}, {"effect", "dropped, never served"}});
+  }
+  Log(LogLevel::kInfo, "warm_restart",
+      {{"recovered", r.recovered},
+       {"dropped", static_cast<int64_t>(r.dropped.size())},
+       {"verify_ms", absl::ToInt64Milliseconds(r.verify_time)},
+       {"rebuild_ms", absl::ToInt64Milliseconds(r.rebuild_time)},
+       {"snapshot_epoch", snapshot.daemon_epoch},
+       {"snapshot_age_ms", absl::ToInt64Milliseconds(absl::Now() - snapshot.written)}});
+}
+
+void Daemon::WriteUpgradeSnapshot() {
+  const absl::Time t0 = absl::Now();
+  // From here on nothing writes the arena (frees are only accounted), so
+  // the checksums in the snapshot stay true until the next daemon reads it.
+  pool_->Freeze();
+  std::vector<std::string> skipped;
+  const SnapshotImage image = manager_->TakeSnapshot(&skipped);
+  const absl::Status st = WriteSnapshotFile(image, snapshot_path_);
+  if (!st.ok()) {
+    exit_code_.store(1);
+    Log(LogLevel::kError, "snapshot_failed",
+        {{"path", snapshot_path_}, {"error", st.message()}, {"effect", "sessions are lost"}});
+    return;
+  }
+  pool_->KeepBackingFile();
+  exit_code_.store(kExitDrainedForUpgrade);
+  Log(LogLevel::kInfo, "snapshot_written",
+      {{"path", snapshot_path_},
+       {"sessions", static_cast<int64_t>(image.sessions.size())},
+       {"skipped", skipped.empty() ? std::string("none") : absl::StrJoin(skipped, "; ")},
+       {"ms", absl::ToInt64Milliseconds(absl::Now() - t0)}});
+}
+
+}  // namespace icecache::rpc

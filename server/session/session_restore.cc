@@ -1,0 +1,306 @@
+// Warm restart of a SessionManager (docs/architecture.md §5): the snapshot
+// of its sessions (TakeSnapshot) and their recovery in the next process
+// (Restore). The invariant: a recovered session serves exactly the bytes,
+// pages and selections it served before, or it is dropped with a reason.
+//   - Every frame the snapshot names must still hash to its checksum (an
+//     arena written after the snapshot, or by anyone else, fails here).
+//   - Token counts must agree: chunks sum to the session's tokens, each
+//     layer group's slots cover exactly its tokens, each slot once.
+//   - Replaying the chunks into fresh indexes must place every token at the
+//     page and slot the snapshot recorded.
+#include <algorithm>
+#include <numeric>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/status_macros.h"
+#include "server/index/parallel_build.h"
+#include "server/pool/frame_checksum.h"
+#include "server/session/session.h"
+#include "server/session/session_manager.h"
+
+namespace icecache {
+namespace {
+
+// Chunks of layer group g: every complete chunk, plus the pending one when
+// the group is already past it.
+std::vector<int64_t> GroupChunks(const SessionImage& img, int g) {
+  std::vector<int64_t> out = img.chunks;
+  if (img.next_layer > 0 && g < img.next_layer / img.config.layer_reuse) {
+    out.push_back(img.pending_tokens);
+  }
+  return out;
+}
+
+// Pages of index (g, h): one past the highest page a token sits in.
+uint32_t IndexPages(const SessionImage& img, size_t gi) {
+  uint32_t pages = 0;
+  for (uint32_t code : img.slots[gi]) {
+    pages = std::max(pages, code / static_cast<uint32_t>(img.config.page_tokens) + 1);
+  }
+  return pages;
+}
+
+// The counts of the image agree with each other ("" when they do).
+std::string CheckCounts(const SessionImage& img) {
+  const SessionConfig& c = img.config;
+  const int groups = NumLayerGroups(c);
+  if (img.tokens < 0 || img.next_layer < 0 || img.next_layer >= c.layers ||
+      img.pending_tokens < 0 || img.group_tokens.size() != static_cast<size_t>(groups)) {
+    return "its token counts are out of range";
+  }
+  for (int64_t n : img.chunks) {
+    if (n < 1) return "a chunk of its append history is empty";
+  }
+  if (std::accumulate(img.chunks.begin(), img.chunks.end(), int64_t{0}) != img.tokens) {
+    return "its chunks do not add up to its tokens";
+  }
+  for (int g = 0; g < groups; ++g) {
+    const std::vector<int64_t> chunks = GroupChunks(img, g);
+    const int64_t want = std::accumulate(chunks.begin(), chunks.end(), int64_t{0});
+    if (img.group_tokens[g] != want) return absl::StrCat("layer group ", g, " holds ", want);
+    for (int h = 0; h < c.kv_heads; ++h) {
+      const size_t gi = static_cast<size_t>(g) * c.kv_heads + h;
+      if (img.slots[gi].size() != static_cast<size_t>(want)) {
+        return absl::StrCat("layer group ", g, " kv head ", h, " lists ", img.slots[gi].size(),
+                            " token slots for ", want, " tokens");
+      }
+      const uint32_t pages = IndexPages(img, gi);
+      std::vector<bool> seen(static_cast<size_t>(pages) * c.page_tokens, false);
+      for (uint32_t code : img.slots[gi]) {
+        if (seen[code]) return absl::StrCat("layer group ", g, " kv head ", h, " reuses a slot");
+        seen[code] = true;
+      }
+      for (int l = g * c.layer_reuse; l < std::min(c.layers, (g + 1) * c.layer_reuse); ++l) {
+        const size_t t = static_cast<size_t>(l) * c.kv_heads + h;
+        if (img.frame_offsets[t].size() != pages || img.checksums[t].size() != pages) {
+          return absl::StrCat("layer ", l, " kv head ", h, " lists ", img.frame_offsets[t].size(),
+                              " frames for ", pages, " pages");
+        }
+      }
+    }
+  }
+  return "";
+}
+
+// Every frame hashes to its checksum ("" when all do).
+std::string CheckFrames(const SessionImage& img, const PagePool& pool, uint64_t frame_bytes) {
+  const SessionConfig& c = img.config;
+  for (size_t t = 0; t < img.frame_offsets.size(); ++t) {
+    for (size_t p = 0; p < img.frame_offsets[t].size(); ++p) {
+      const uint64_t off = img.frame_offsets[t][p];
+      if (off > pool.capacity_bytes() || pool.capacity_bytes() - off < frame_bytes) {
+        return absl::StrCat("layer ", t / c.kv_heads, " kv head ", t % c.kv_heads, " page ", p,
+                            " lies outside the arena");
+      }
+      if (FrameChecksum(pool.arena_base() + off, frame_bytes) != img.checksums[t][p]) {
+        return absl::StrCat("layer ", t / c.kv_heads, " kv head ", t % c.kv_heads, " page ", p,
+                            " fails its checksum (the arena changed after the snapshot)");
+      }
+    }
+  }
+  return "";
+}
+
+// Replays the chunks of index gi into a fresh selector and checks that it
+// places every token where the image says.
+absl::Status ReplayIndex(Session& s, const SessionImage& img, size_t gi)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+  const SessionConfig& c = s.config;
+  const int g = static_cast<int>(gi / c.kv_heads);
+  const int h = static_cast<int>(gi % c.kv_heads);
+  const std::vector<uint32_t>& slots = img.slots[gi];
+  if (slots.empty()) return absl::OkStatus();  // the group has no tokens yet
+  const std::vector<uint8_t*>& table = s.page_frames[s.FrameTableIndex(s.FirstLayerOf(g), h)];
+  const uint32_t P = static_cast<uint32_t>(c.page_tokens);
+  const uint64_t row_bytes = static_cast<uint64_t>(c.head_dim) * DTypeSize(c.dtype);
+  std::vector<float> keys(slots.size() * c.head_dim);
+  for (size_t t = 0; t < slots.size(); ++t) {
+    ToFloat(c.dtype, table[slots[t] / P] + (slots[t] % P) * row_bytes, &keys[t * c.head_dim],
+            c.head_dim);
+  }
+  SelectorConfig sc;
+  sc.kind = c.selector;
+  sc.head_dim = c.head_dim;
+  sc.dtype = c.dtype;
+  sc.page_tokens = c.page_tokens;
+  sc.num_query_heads = s.q_per_kv;
+  sc.mdci = c.mdci;
+  ASSIGN_OR_RETURN(std::unique_ptr<Selector> sel, Selector::Create(sc, s.page_keys[gi].get()));
+  std::vector<Placement> placed;
+  int64_t at = 0;
+  for (int64_t n : GroupChunks(img, g)) {
+    const float* k = keys.data() + at * c.head_dim;
+    RETURN_IF_ERROR(at == 0 ? sel->Build(k, n, &placed) : sel->Insert(k, n, &placed));
+    for (int64_t i = 0; i < n; ++i) {
+      if (placed[i].page != slots[at + i] / P || placed[i].slot != slots[at + i] % P) {
+        return absl::DataLossError(absl::StrCat("rebuilding layer group ", g, " kv head ", h,
+                                                " placed token ", at + i,
+                                                " elsewhere than before the restart"));
+      }
+    }
+    at += n;
+  }
+  if (sel->num_pages() != table.size()) {
+    return absl::DataLossError(absl::StrCat("rebuilt layer group ", g, " kv head ", h, " has ",
+                                            sel->num_pages(), " pages, not ", table.size()));
+  }
+  s.selectors[gi] = std::move(sel);
+  s.trees_built.fetch_add(1);
+  return absl::OkStatus();
+}
+
+// Installs the recovered frames and counts in `s`, rebuilds its indexes on
+// `threads`, and refreshes its lock-free views.
+absl::Status Rebuild(Session& s, const SessionImage& img, FrameSet frames, int threads) {
+  absl::MutexLock l(&s.mu);
+  size_t next = 0;
+  for (size_t t = 0; t < img.frame_offsets.size(); ++t) {
+    for (size_t p = 0; p < img.frame_offsets[t].size(); ++p) {
+      s.page_frames[t].push_back(frames.frame(next++));
+    }
+    s.page_sums[t] = img.checksums[t];
+  }
+  s.frames = std::move(frames);
+  s.tokens = img.tokens;
+  s.group_tokens = img.group_tokens;
+  s.next_layer = img.next_layer;
+  s.pending_tokens = img.pending_tokens;
+  s.chunks = img.chunks;
+  // The tasks run while this thread holds s.mu and waits for them.
+  RETURN_IF_ERROR(ParallelFor(static_cast<int64_t>(img.slots.size()), threads, [&](int64_t gi) {
+    s.mu.AssertHeld();
+    return ReplayIndex(s, img, static_cast<size_t>(gi));
+  }));
+  uint64_t pages = 0, index_bytes = 0;
+  for (const auto& sel : s.selectors) {
+    if (sel == nullptr) continue;
+    pages += sel->num_pages();
+    index_bytes += sel->index_bytes();
+  }
+  s.tokens_view.store(s.tokens);
+  s.next_layer_view.store(s.next_layer);
+  s.pages_view.store(pages);
+  s.frame_bytes_view.store(s.frames.size() * PagePool::StrideFor(s.frame_bytes));
+  s.index_bytes_view.store(index_bytes);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+SnapshotImage SessionManager::TakeSnapshot(std::vector<std::string>* skipped) {
+  std::vector<std::shared_ptr<Session>> all;
+  {
+    absl::ReaderMutexLock l(&mu_);
+    for (const auto& [id, s] : sessions_) all.push_back(s);
+  }
+  SnapshotImage image;
+  image.daemon_epoch = epoch_;
+  image.capacity_bytes = options_.pool->capacity_bytes();
+  image.written = clock_->Now();
+  for (const auto& sp : all) {
+    Session& s = *sp;
+    absl::ReaderMutexLock l(&s.mu);
+    const bool building =
+        std::find(s.group_building.begin(), s.group_building.end(), 1) != s.group_building.end();
+    if (s.broken || !s.keep_sums || building) {
+      if (skipped != nullptr) {
+        skipped->push_back(absl::StrCat(s.id, ": ",
+                                        s.broken   ? "its index broke"
+                                        : building ? "its indexes were still being built"
+                                                   : "no checksums"));
+      }
+      continue;
+    }
+    SessionImage img;
+    img.id = s.id;
+    img.tenant = s.tenant;
+    img.epoch = s.epoch;
+    img.config = s.config;
+    img.config.pinned = s.pinned.load();
+    img.created = s.created;
+    img.tokens = s.tokens;
+    img.next_layer = s.next_layer;
+    img.pending_tokens = s.pending_tokens;
+    img.chunks = s.chunks;
+    img.group_tokens = s.group_tokens;
+    img.checksums = s.page_sums;
+    for (const std::vector<uint8_t*>& table : s.page_frames) {
+      img.frame_offsets.emplace_back();
+      for (const uint8_t* f : table) img.frame_offsets.back().push_back(options_.pool->OffsetOf(f));
+    }
+    const uint32_t P = static_cast<uint32_t>(s.config.page_tokens);
+    for (size_t gi = 0; gi < s.selectors.size(); ++gi) {
+      img.slots.emplace_back(s.group_tokens[gi / s.config.kv_heads], 0);
+      const Selector* sel = s.selectors[gi].get();
+      for (uint32_t p = 0; sel != nullptr && p < sel->num_pages(); ++p) {
+        const int32_t* pos = sel->positions(p);
+        for (uint32_t k = 0; k < sel->fill(p); ++k) {
+          if (pos[k] >= 0 && static_cast<size_t>(pos[k]) < img.slots.back().size()) {
+            img.slots.back()[pos[k]] = p * P + k;
+          }
+        }
+      }
+    }
+    image.sessions.push_back(std::move(img));
+  }
+  return image;
+}
+
+SessionManager::RestoreReport SessionManager::Restore(const SnapshotImage& image) {
+  RestoreReport report;
+  const absl::Time t0 = absl::Now();
+  std::vector<const SessionImage*> kept;
+  std::vector<RecoveredFrames> sets;
+  for (const SessionImage& img : image.sessions) {
+    std::string why;
+    if (absl::Status st = ValidateSessionConfig(img.config, options_.max_ttl); !st.ok()) {
+      why = std::string(st.message());
+    } else if (img.id.empty() || !ValidateTenantName(img.tenant).ok()) {
+      why = "its id or tenant is malformed";
+    }
+    const uint64_t frame_bytes =
+        PageGeometry{img.config.page_tokens, img.config.head_dim, img.config.dtype}.frame_bytes();
+    if (why.empty()) why = CheckCounts(img);
+    if (why.empty()) why = CheckFrames(img, *options_.pool, frame_bytes);
+    if (!why.empty()) {
+      report.dropped.push_back({img.id, img.tenant, why});
+      continue;
+    }
+    RecoveredFrames set{img.tenant, frame_bytes, {}};
+    for (const auto& table : img.frame_offsets) {
+      set.offsets.insert(set.offsets.end(), table.begin(), table.end());
+    }
+    sets.push_back(std::move(set));
+    kept.push_back(&img);
+  }
+  report.verify_time = absl::Now() - t0;
+  absl::StatusOr<std::vector<FrameSet>> owned = options_.pool->Recover(sets);
+  if (!owned.ok()) {
+    for (const SessionImage* img : kept) {
+      report.dropped.push_back({img->id, img->tenant, std::string(owned.status().message())});
+    }
+    return report;
+  }
+  const absl::Time now = clock_->Now();
+  for (size_t i = 0; i < kept.size(); ++i) {
+    const SessionImage& img = *kept[i];
+    absl::StatusOr<SizeClassId> cls = options_.pool->GetOrCreateClass(sets[i].frame_bytes);
+    auto s = std::make_shared<Session>(img.id, img.tenant, img.epoch, img.config,
+                                       cls.ok() ? *cls : 0, now, /*keep_sums=*/true);
+    absl::Status st = cls.status();
+    if (st.ok()) st = Rebuild(*s, img, std::move((*owned)[i]), options_.build_threads);
+    if (!st.ok()) {
+      report.dropped.push_back({img.id, img.tenant, std::string(st.message())});
+      continue;  // its frames go back to the pool with it
+    }
+    absl::MutexLock l(&mu_);
+    sessions_.emplace(s->id, std::move(s));
+    report.recovered++;
+  }
+  report.rebuild_time = absl::Now() - t0 - report.verify_time;
+  return report;
+}
+
+}  // namespace icecache

@@ -1,0 +1,181 @@
+// Warm restart through real daemons (docs/operations.md "Drain, upgrade and
+// restart"): a client decodes, `icecachectl drain --for-upgrade` stops the
+// daemon (exit code 3), a new daemon on the same backing_dir recovers the
+// session (same id, same epoch) and the client goes on decoding with
+// exactly the selections and bytes of a daemon that never restarted. After
+// a SIGKILL there is no snapshot: the next daemon starts cold and the old
+// session is NOT_FOUND, never served stale.
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/integration/harness.h"
+#include "tests/support/status_matchers.h"
+
+namespace icecache::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr int kSteps = 6;
+
+class WarmRestartTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = "/dev/shm/icecache-warm-" + std::to_string(getpid()) + "-" +
+           ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    config_ = absl::StrCat("pool { capacity_bytes: 67108864 backing_dir: \"", dir_, "\" }");
+  }
+  void TearDown() override {
+    unlink((dir_ + "/icecached-arena").c_str());
+    unlink((dir_ + "/icecached-snapshot").c_str());
+    rmdir(dir_.c_str());
+  }
+  std::string dir_, config_;
+};
+
+struct Workload {
+  TestModel m =
+      MakeModel(/*layers=*/4, /*kv_heads=*/2, /*tokens=*/512, kSteps, SelectorType::kMdci);
+  int64_t prefill = 512 - kSteps;
+};
+
+// One decode step (append one token, then every layer's DecodeStep): the
+// selected pages and the bytes shipped, as one string.
+absl::StatusOr<std::string> Step(Client& client, const Workload& run, const std::string& id,
+                                 ShmBuffer& out, int step) {
+  const int64_t t = run.prefill + step;
+  RETURN_IF_ERROR(client.AppendKvInline(id, run.m.kv.Chunk(t, t + 1), 1).status());
+  SelectOptions opt;
+  opt.budget_tokens = 48;
+  opt.want_positions = true;
+  std::string got;
+  for (int layer = 0; layer < run.m.spec.layers; ++layer) {
+    ASSIGN_OR_RETURN(StepResult r, client.DecodeStep(id, layer, Queries(run.m, step, layer),
+                                                     out.buffer_id(), 0, opt));
+    RETURN_IF_ERROR(
+        VerifyFetch(run.m.kv, t + 1, r.layout, r.heads, out.data(), out.size()).status());
+    for (const HeadSelection& h : r.heads) {
+      for (uint32_t p : h.pages) got += absl::StrCat(p, ",");
+      got += "|";
+    }
+    got.append(reinterpret_cast<const char*>(out.data()), r.layout.total_bytes);
+  }
+  return got;
+}
+
+TEST_F(WarmRestartTest, DrainForUpgradeAndRestartContinueDecodingIdentically) {
+  Workload run;
+  // The reference: a daemon that never restarts.
+  std::vector<std::string> want;
+  {
+    auto ref = StartDaemon();
+    ASSERT_THAT(ref, IsOk());
+    auto client = Connect(**ref);
+    ASSERT_THAT(client, IsOk());
+    auto s = (*client)->CreateSession(run.m.spec);
+    ASSERT_THAT(s, IsOk());
+    ASSERT_THAT((*client)->AppendKvInline(s->id, run.m.kv.Chunk(0, run.prefill), run.prefill),
+                IsOk());
+    auto out = (*client)->CreateShmBuffer(1 << 20);
+    ASSERT_THAT(out, IsOk());
+    for (int step = 0; step < kSteps; ++step) {
+      auto got = Step(**client, run, s->id, *out, step);
+      ASSERT_THAT(got, IsOk());
+      want.push_back(*got);
+    }
+  }
+  auto before = StartDaemon(config_, {}, "info");
+  ASSERT_THAT(before, IsOk());
+  std::string id;
+  uint64_t epoch = 0;
+  {
+    auto client = Connect(**before);
+    ASSERT_THAT(client, IsOk());
+    auto s = (*client)->CreateSession(run.m.spec);
+    ASSERT_THAT(s, IsOk());
+    id = s->id;
+    epoch = s->epoch;
+    ASSERT_THAT((*client)->AppendKvInline(id, run.m.kv.Chunk(0, run.prefill), run.prefill), IsOk());
+    auto out = (*client)->CreateShmBuffer(1 << 20);
+    ASSERT_THAT(out, IsOk());
+    for (int step = 0; step < kSteps / 2; ++step) {
+      auto got = Step(**client, run, id, *out, step);
+      ASSERT_THAT(got, IsOk());
+      ASSERT_EQ(*got, want[step]) << "step " << step << " before the restart";
+    }
+  }
+  auto drain = RunCommand(
+      {IcecachectlPath(), "--socket", (*before)->socket_path(), "drain", "--for-upgrade"});
+  ASSERT_THAT(drain, IsOk());
+  EXPECT_EQ(drain->exit_code, 0) << drain->err;
+  auto status = (*before)->Wait(absl::Seconds(30));
+  ASSERT_THAT(status, IsOk());
+  ASSERT_TRUE(WIFEXITED(*status));
+  EXPECT_EQ(WEXITSTATUS(*status), 3) << (*before)->Stderr();
+  EXPECT_THAT((*before)->Stderr(), HasSubstr("msg=snapshot_written"));
+  struct stat st;
+  ASSERT_EQ(stat((dir_ + "/icecached-arena").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  ASSERT_EQ(stat((dir_ + "/icecached-snapshot").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+
+  auto after = StartDaemon(config_, {}, "info");
+  ASSERT_THAT(after, IsOk());
+  EXPECT_THAT((*after)->Stderr(), HasSubstr("msg=warm_restart recovered=1 dropped=0"));
+  EXPECT_NE(stat((dir_ + "/icecached-snapshot").c_str(), &st), 0) << "a snapshot is used once";
+  auto client = Connect(**after);
+  ASSERT_THAT(client, IsOk());
+  auto s = (*client)->GetSession(id);
+  ASSERT_THAT(s, IsOk());
+  EXPECT_EQ(s->epoch, epoch) << "a recovered session keeps its epoch (same data)";
+  EXPECT_EQ(s->tokens, static_cast<uint64_t>(run.prefill + kSteps / 2));
+  auto out = (*client)->CreateShmBuffer(1 << 20);  // buffers are the client's: register again
+  ASSERT_THAT(out, IsOk());
+  for (int step = kSteps / 2; step < kSteps; ++step) {
+    auto got = Step(**client, run, id, *out, step);
+    ASSERT_THAT(got, IsOk());
+    EXPECT_EQ(*got, want[step]) << "step " << step << " after the restart";
+  }
+}
+
+TEST_F(WarmRestartTest, AfterSigkillTheNextDaemonStartsColdAndTheSessionIsGone) {
+  Workload run;
+  auto before = StartDaemon(config_);
+  ASSERT_THAT(before, IsOk());
+  std::string id;
+  {
+    auto client = Connect(**before);
+    ASSERT_THAT(client, IsOk());
+    auto s = (*client)->CreateSession(run.m.spec);
+    ASSERT_THAT(s, IsOk());
+    id = s->id;
+    ASSERT_THAT((*client)->AppendKvInline(id, run.m.kv.Chunk(0, 64), 64), IsOk());
+  }
+  ASSERT_EQ(kill((*before)->pid(), SIGKILL), 0);
+  ASSERT_THAT((*before)->Wait(absl::Seconds(10)), IsOk());
+  auto after = StartDaemon(config_);
+  ASSERT_THAT(after, IsOk());
+  auto client = Connect(**after);
+  ASSERT_THAT(client, IsOk());
+  EXPECT_THAT((*client)->GetSession(id), StatusIs(absl::StatusCode::kNotFound));
+}
+
+TEST_F(WarmRestartTest, DrainForUpgradeWithoutABackingDirIsRefused) {
+  auto daemon = StartDaemon();
+  ASSERT_THAT(daemon, IsOk());
+  auto client = Connect(**daemon);
+  ASSERT_THAT(client, IsOk());
+  EXPECT_THAT((*client)->Drain(true, true),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("pool.backing_dir")));
+  EXPECT_THAT((*client)->GetStats(), IsOk());
+  EXPECT_FALSE((*client)->GetStats()->draining) << "a refused drain changes nothing";
+}
+
+}  // namespace
+}  // namespace icecache::testing

@@ -1,0 +1,210 @@
+// Warm restart in process (docs/architecture.md §5): a manager over a
+// file-backed arena takes a snapshot; a second manager over the same file
+// restores it. The recovered session must select the same pages and ship the
+// same bytes as a twin session that never restarted; a session whose bytes
+// changed after the snapshot is dropped, never served.
+#include <unistd.h>
+
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "common/file_util.h"
+#include "gtest/gtest.h"
+#include "server/session/snapshot.h"
+#include "tests/unit/session/session_test_util.h"
+
+namespace icecache {
+namespace {
+
+using ::icecache::testing::IsOk;
+using ::icecache::testing::MakeKv;
+using ::icecache::testing::MakeQueries;
+using ::icecache::testing::SmallConfig;
+using ::icecache::testing::StatusIs;
+using ::icecache::testing::UniqueName;
+using ::testing::HasSubstr;
+
+Caller Alice() { return Caller{"alice", static_cast<uint32_t>(getuid()), false}; }
+
+// One "daemon": a pool (file-backed when `file` is set), buffers, a manager
+// and a registered shm buffer.
+struct Node {
+  std::unique_ptr<PagePool> pool;
+  std::unique_ptr<BufferRegistry> buffers;
+  std::unique_ptr<SessionManager> manager;
+  ShmFile shm;
+  std::string buffer;
+
+  static Node Start(const std::string& file, bool reuse) {
+    Node n;
+    PagePoolOptions po;
+    po.capacity_bytes = uint64_t{32} << 20;
+    po.use_huge_pages = false;
+    po.backing_file = file;
+    po.reuse_backing_file = reuse;
+    n.pool = PagePool::Create(po).value();
+    n.buffers = BufferRegistry::Create(BufferRegistryOptions()).value();
+    SessionManagerOptions mo;
+    mo.pool = n.pool.get();
+    mo.buffers = n.buffers.get();
+    mo.reaper_interval = absl::ZeroDuration();
+    mo.build_threads = 2;
+    mo.keep_checksums = !file.empty();
+    n.manager = SessionManager::Create(mo).value();
+    n.shm = ShmFile::Create(UniqueName("restore"), 1 << 20).value();
+    n.buffer = n.buffers->RegisterShm(Alice(), n.shm.path(), n.shm.size(), absl::Now())->id;
+    return n;
+  }
+
+  // Appends tokens [first, first + n) and returns the session's tokens.
+  void Append(const std::string& id, const SessionConfig& c, int64_t first, int64_t n) {
+    ASSERT_THAT(manager->AppendKv(Alice(), id, n, MakeKv(c, first, n)), IsOk());
+  }
+
+  // One decode step of every layer: the selections and the bytes shipped.
+  std::string Step(const std::string& id, const SessionConfig& c, uint32_t seed) {
+    std::string out;
+    for (int layer = 0; layer < c.layers; ++layer) {
+      SelectRequest sel;
+      sel.layer = layer;
+      sel.queries = MakeQueries(c, seed + layer);
+      sel.params.budget_tokens = 12;
+      sel.params.want_positions = true;
+      std::memset(shm.data(), 0, shm.size());
+      auto r = manager->DecodeStep(Alice(), id, sel, buffer, 0, 1);
+      EXPECT_THAT(r, IsOk());
+      if (!r.ok()) return "";
+      for (const Selection& h : r->selection.heads) {
+        for (uint32_t p : h.pages) out += std::to_string(p) + ",";
+        out += "|";
+      }
+      out.append(reinterpret_cast<const char*>(shm.data()), r->layout.total_bytes);
+    }
+    return out;
+  }
+};
+
+class SessionRestoreTest : public ::testing::TestWithParam<SelectorKind> {
+ protected:
+  void SetUp() override {
+    file_ = "/dev/shm/" + UniqueName("arena");
+    snap_ = "/dev/shm/" + UniqueName("snapshot");
+  }
+  void TearDown() override {
+    unlink(file_.c_str());
+    unlink(snap_.c_str());
+  }
+
+  // Drains `n` for an upgrade: freeze, snapshot to a file, keep the arena.
+  void Upgrade(Node& n) {
+    n.pool->Freeze();
+    std::vector<std::string> skipped;
+    ASSERT_THAT(WriteSnapshotFile(n.manager->TakeSnapshot(&skipped), snap_), IsOk());
+    EXPECT_TRUE(skipped.empty());
+    n.pool->KeepBackingFile();
+  }
+
+  std::string file_, snap_;
+};
+
+TEST_P(SessionRestoreTest, RecoveredSessionSelectsAndShipsWhatATwinWithoutRestartDoes) {
+  const SessionConfig c = SmallConfig(GetParam());
+  Node twin = Node::Start("", false);
+  const std::string tid = twin.manager->CreateSession(Alice(), c)->id;
+  std::string id;
+  uint64_t epoch = 0;
+  {
+    Node before = Node::Start(file_, false);
+    auto info = before.manager->CreateSession(Alice(), c);
+    ASSERT_THAT(info, IsOk());
+    id = info->id;
+    epoch = info->epoch;
+    for (Node* n : {&before, &twin}) {
+      const std::string& s = n == &twin ? tid : id;
+      n->Append(s, c, 0, 40);
+      for (int64_t t = 40; t < 46; ++t) n->Append(s, c, t, 1);
+    }
+    ASSERT_EQ(before.Step(id, c, 1), twin.Step(tid, c, 1));
+    Upgrade(before);
+  }
+  Node after = Node::Start(file_, true);
+  auto image = ReadSnapshotFile(snap_);
+  ASSERT_THAT(image, IsOk());
+  const SessionManager::RestoreReport report = after.manager->Restore(*image);
+  ASSERT_EQ(report.recovered, 1) << (report.dropped.empty() ? "" : report.dropped[0][2]);
+  auto info = after.manager->GetSession(Alice(), id);
+  ASSERT_THAT(info, IsOk());
+  EXPECT_EQ(info->epoch, epoch) << "same data, same epoch";
+  EXPECT_NE(after.manager->epoch(), epoch);
+  EXPECT_EQ(info->tokens, 46);
+  for (uint32_t step = 2; step < 6; ++step) {
+    after.Append(id, c, 44 + step, 1);
+    twin.Append(tid, c, 44 + step, 1);
+    ASSERT_EQ(after.Step(id, c, step * 10), twin.Step(tid, c, step * 10)) << "step " << step;
+  }
+}
+
+TEST_P(SessionRestoreTest, SessionWrittenAfterTheSnapshotIsDroppedNotServed) {
+  const SessionConfig c = SmallConfig(GetParam());
+  std::string id;
+  SnapshotImage stale;
+  {
+    Node before = Node::Start(file_, false);
+    id = before.manager->CreateSession(Alice(), c)->id;
+    before.Append(id, c, 0, 21);
+    stale = before.manager->TakeSnapshot(nullptr);  // taken, then more is written
+    before.Append(id, c, 21, 2);                    // fills the partial page
+    before.pool->Freeze();
+    before.pool->KeepBackingFile();
+  }
+  Node after = Node::Start(file_, true);
+  const SessionManager::RestoreReport report = after.manager->Restore(stale);
+  EXPECT_EQ(report.recovered, 0);
+  ASSERT_EQ(report.dropped.size(), 1u);
+  EXPECT_THAT(report.dropped[0][2], HasSubstr("fails its checksum"));
+  EXPECT_THAT(after.manager->GetSession(Alice(), id), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_EQ(after.pool->used_bytes(), 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Selectors, SessionRestoreTest,
+                         ::testing::Values(SelectorKind::kExact, SelectorKind::kMdci,
+                                           SelectorKind::kQuest));
+
+void Overwrite(const std::string& path, const std::string& bytes) {
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
+}
+
+TEST(SnapshotFileTest, TamperedOrTruncatedFilesAreDataLoss) {
+  const std::string path = "/dev/shm/" + UniqueName("snap");
+  SnapshotImage image;
+  image.daemon_epoch = 42;
+  image.capacity_bytes = 1 << 21;
+  SessionImage s;
+  s.id = "abc";
+  s.tenant = "alice";
+  s.config = SmallConfig();
+  s.frame_offsets.resize(8);
+  s.checksums.resize(8);
+  s.slots.resize(4);
+  s.group_tokens = {0, 0};
+  image.sessions.push_back(s);
+  ASSERT_THAT(WriteSnapshotFile(image, path), IsOk());
+  auto back = ReadSnapshotFile(path);
+  ASSERT_THAT(back, IsOk());
+  EXPECT_EQ(back->daemon_epoch, 42u);
+  ASSERT_EQ(back->sessions.size(), 1u);
+  EXPECT_EQ(back->sessions[0].config.head_dim, 16);
+  EXPECT_EQ(back->sessions[0].config.selector, s.config.selector);
+  std::string bytes = ReadFileToString(path).value();
+  bytes[bytes.size() / 2] ^= 1;
+  Overwrite(path, bytes);
+  EXPECT_THAT(ReadSnapshotFile(path), StatusIs(absl::StatusCode::kDataLoss));
+  Overwrite(path, bytes.substr(0, 20));
+  EXPECT_THAT(ReadSnapshotFile(path), StatusIs(absl::StatusCode::kDataLoss));
+  unlink(path.c_str());
+}
+
+}  // namespace
+}  // namespace icecache
