@@ -1,5 +1,8 @@
 // MagicPIG (Chen et al., "MagicPIG: LSH Sampling for Efficient LLM
-// Generation", ICLR 2025; github.com/Infini-AI-Lab/MagicPIG): keys are hashed
+// Generation", ICLR 2025; github.com/Infini-AI-Lab/MagicPIG): keys are
+// centred (the mean key of the prefill, past the 4 sink tokens, is
+// subtracted: a common offset would put every key in the same buckets; the
+// softmax is unchanged) and hashed
 // with SimHash into L tables of K sign bits each (defaults K = 10, L = 150,
 // the paper's main setting); a key is SAMPLED for a query when it collides
 // with the query in at least 2 tables. Its sampling probability follows from
@@ -35,6 +38,8 @@
 
 namespace icecache {
 namespace {
+
+constexpr int64_t kSinkKeys = 4;  // left out of the mean key
 
 // P(at least t of L tables collide) when one table collides with prob. p.
 double SampleProbability(double p, int tables, int t) {
@@ -120,13 +125,24 @@ class MagicpigSelector final : public PositionalLayoutSelector,
   }
 
   absl::Status OnAppend(const float* keys, int64_t n, bool) override {
+    if (center_.empty()) {
+      // The mean of the first keys, past the attention sinks when there are
+      // more (the sinks are static tokens, never sampled for their hash).
+      const int64_t skip = n > kSinkKeys ? kSinkKeys : 0;
+      center_.assign(dim_, 0.0f);
+      for (int64_t i = skip; i < n; ++i) {
+        for (int d = 0; d < dim_; ++d) center_[d] += keys[i * dim_ + d];
+      }
+      for (float& c : center_) c /= static_cast<float>(n - skip);
+    }
     const size_t before = codes_.size();
     codes_.resize(before + static_cast<size_t>(n) * tables_);
     norms_.reserve(norms_.size() + n);
+    std::vector<float> centred(dim_);
     for (int64_t i = 0; i < n; ++i) {
-      const float* k = keys + i * dim_;
-      Hash(k, codes_.data() + before + static_cast<size_t>(i) * tables_);
-      norms_.push_back(std::sqrt(DotF32(k, k, dim_)));
+      for (int d = 0; d < dim_; ++d) centred[d] = keys[i * dim_ + d] - center_[d];
+      Hash(centred.data(), codes_.data() + before + static_cast<size_t>(i) * tables_);
+      norms_.push_back(std::sqrt(DotF32(centred.data(), centred.data(), dim_)));
     }
     return absl::OkStatus();
   }
@@ -139,7 +155,8 @@ class MagicpigSelector final : public PositionalLayoutSelector,
   const int min_hits_;
   std::vector<float> planes_;    // (L x K) x dim, Gaussian hyperplanes
   std::vector<uint16_t> codes_;  // n x L, one K-bit code per table
-  std::vector<float> norms_;     // n key norms (for the collision probability)
+  std::vector<float> norms_;     // n norms of the centred keys (collision probability)
+  std::vector<float> center_;    // the mean key of the first append (MagicPIG centres keys)
 };
 
 absl::Status MagicpigSelector::Sample(const float* queries, int nq, Samples* s) const {
@@ -169,11 +186,12 @@ absl::Status MagicpigSelector::Sample(const float* queries, int nq, Samples* s) 
   for (int j = 0; j < nq; ++j) {
     const float* q = queries + static_cast<int64_t>(j) * dim_;
     const double qn = std::sqrt(static_cast<double>(DotF32(q, q, dim_)));
+    const double q_center = DotF32(q, center_.data(), dim_);  // q.k - q.mean = q.(k - mean)
     for (int64_t t = 0; t < m; ++t) {
       const int32_t i = s->tokens[t];
       float& l = s->logits[static_cast<size_t>(j) * m + t];
       const double denom = qn * norms_[i];
-      const double cosine = denom > 0 ? std::clamp(l / denom, -1.0, 1.0) : 1.0;
+      const double cosine = denom > 0 ? std::clamp((l - q_center) / denom, -1.0, 1.0) : 1.0;
       if (hit[static_cast<size_t>(i) * nq + j]) {
         const double u = 1.0 - std::acos(cosine) / M_PI;
         const double p = SampleProbability(std::pow(u, bits_), tables_, min_hits_);

@@ -149,9 +149,14 @@ void PositionalLayoutSelector::TakeTopTokens(std::vector<ScoredToken>* tokens,
   };
   for (int64_t p = 0; p < std::min<int64_t>(params.sink_tokens, n); ++p) take(p);
   for (int64_t p = std::max<int64_t>(0, n - params.recent_tokens); p < n; ++p) take(p);
-  std::sort(tokens->begin(), tokens->end(), [](const ScoredToken& a, const ScoredToken& b) {
+  auto better = [](const ScoredToken& a, const ScoredToken& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
-  });
+  };
+  // Only the head is needed: the budget plus the forced positions it may repeat.
+  const size_t head = std::min(tokens->size(), static_cast<size_t>(params.budget_tokens) +
+                                                   static_cast<size_t>(positions->size()));
+  std::partial_sort(tokens->begin(), tokens->begin() + head, tokens->end(), better);
+  tokens->resize(head);
   for (const ScoredToken& t : *tokens) {
     if (static_cast<int64_t>(positions->size()) >= params.budget_tokens) break;
     take(t.second);

@@ -27,6 +27,7 @@
 
 #include "common/status_macros.h"
 #include "server/index/baseline_selectors.h"
+#include "server/index/kernels.h"
 #include "server/index/page_select.h"
 #include "server/index/positional_layout.h"
 
@@ -82,19 +83,29 @@ class PqcacheSelector final : public PositionalLayoutSelector, public TokenRanke
   const float* Centroid(int sp, int c) const {
     return centroids_.data() + (static_cast<size_t>(sp) * k_ + c) * sub_;
   }
+  // The nearest centroid of sub-space `sp`: argmin |c|^2 - 2 x.c (SIMD dots).
   int Nearest(int sp, const float* x) const {
+    thread_local std::vector<float> dots;
+    dots.resize(k_);
+    DotRows(DType::kF32, Centroid(sp, 0), k_, sub_, x, dots.data());
+    const float* norms = centroid_norms_.data() + static_cast<size_t>(sp) * k_;
     int best = 0;
     float best_d = std::numeric_limits<float>::infinity();
     for (int c = 0; c < k_; ++c) {
-      const float* cc = Centroid(sp, c);
-      float d2 = 0.0f;
-      for (int d = 0; d < sub_; ++d) d2 += (x[d] - cc[d]) * (x[d] - cc[d]);
-      if (d2 < best_d) {
-        best_d = d2;
+      const float d = norms[c] - 2.0f * dots[c];
+      if (d < best_d) {
+        best_d = d;
         best = c;
       }
     }
     return best;
+  }
+  void UpdateNorms(int sp) {
+    centroid_norms_.resize(static_cast<size_t>(m_) * k_);
+    for (int c = 0; c < k_; ++c) {
+      const float* cc = Centroid(sp, c);
+      centroid_norms_[static_cast<size_t>(sp) * k_ + c] = DotF32(cc, cc, sub_);
+    }
   }
 
   void Train(const float* keys, int64_t n);
@@ -114,9 +125,10 @@ class PqcacheSelector final : public PositionalLayoutSelector, public TokenRanke
 
   const int m_;
   const int sub_;
-  int k_ = 0;                     // centroids per sub-space (2^b, or fewer first keys)
-  std::vector<float> centroids_;  // m x k x sub
-  std::vector<uint8_t> codes_;    // n x m
+  int k_ = 0;                          // centroids per sub-space (2^b, or fewer first keys)
+  std::vector<float> centroids_;       // m x k x sub
+  std::vector<float> centroid_norms_;  // m x k squared norms
+  std::vector<uint8_t> codes_;         // n x m
 };
 
 // Lloyd's k-means per sub-space on (a seeded sample of) the first keys.
@@ -139,6 +151,7 @@ void PqcacheSelector::Train(const float* keys, int64_t n) {
       std::copy_n(keys + order[c] * dim_ + sp * sub_, sub_, cent + static_cast<size_t>(c) * sub_);
     }
     for (int it = 0; it < bp.pq_kmeans_iters; ++it) {
+      UpdateNorms(sp);
       for (int64_t i = 0; i < t; ++i) assign[i] = Nearest(sp, keys + order[i] * dim_ + sp * sub_);
       std::fill(sums.begin(), sums.end(), 0.0);
       std::fill(counts.begin(), counts.end(), 0);
@@ -155,6 +168,7 @@ void PqcacheSelector::Train(const float* keys, int64_t n) {
         }
       }
     }
+    UpdateNorms(sp);
   }
 }
 

@@ -280,18 +280,24 @@ TEST(MagicpigSelectorTest, WithCertainSamplingTheEstimateIsExactAttention) {
   }
 }
 
-TEST(MagicpigSelectorTest, DefaultTablesSampleTheHeavyKeysAndEstimateWell) {
+TEST(MagicpigSelectorTest, FewerBitsPerTableSampleMoreKeysAndNullValuesAreRefused) {
+  // A table collides with probability u^K: fewer bits, more samples.
   const HeadData d = MakeSyntheticHead(2000, 2, 2, 28);
-  const Built b = Build(Config(SelectorKind::kMagicpig, d), d, 2000);
-  for (int s = 0; s < d.steps; ++s) {
-    std::vector<int32_t> got;
-    ASSERT_THAT(Ranker(b).SelectTokens(d.query(s), 2, Params(128), &got), IsOk());
-    ExpectTopShares(NaiveShares(d, d.query(s)), got, 0.5);
+  int64_t sampled[2] = {0, 0};
+  for (int i = 0; i < 2; ++i) {
+    SelectorConfig c = Config(SelectorKind::kMagicpig, d);
+    c.baseline.magicpig_bits = i == 0 ? 10 : 4;
+    const Built b = Build(c, d, 2000);
+    const auto* est = dynamic_cast<const AttentionEstimator*>(b.sel.get());
+    ASSERT_NE(est, nullptr);
+    std::vector<float> out(2 * d.dim);
+    ASSERT_THAT(
+        est->EstimateOutput(d.query(0), 2, Params(16), d.values.data(), out.data(), &sampled[i]),
+        IsOk());
+    EXPECT_THAT(est->EstimateOutput(d.query(0), 2, Params(16), nullptr, out.data(), nullptr),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("values")));
   }
-  const auto* est = dynamic_cast<const AttentionEstimator*>(b.sel.get());
-  std::vector<float> out(2 * d.dim);
-  EXPECT_THAT(est->EstimateOutput(d.query(0), 2, Params(16), nullptr, out.data(), nullptr),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("values")));
+  EXPECT_GT(sampled[1], sampled[0]) << "K = 4 sampled " << sampled[1] << ", K = 10 " << sampled[0];
 }
 
 TEST(BaselineParamsTest, BadParametersNameTheFieldAndTheValue) {
