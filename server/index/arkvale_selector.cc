@@ -16,6 +16,7 @@
 
 #include "common/status_macros.h"
 #include "server/index/baseline_selectors.h"
+#include "server/index/headroom.h"
 #include "server/index/page_select.h"
 #include "server/index/positional_layout.h"
 
@@ -53,7 +54,7 @@ class ArkvaleSelector final : public PositionalLayoutSelector {
     return absl::OkStatus();
   }
 
-  size_t index_bytes() const override { return layout_bytes() + box_.capacity() * sizeof(float); }
+  size_t index_bytes() const override { return layout_bytes() + box_.size() * sizeof(float); }
 
   // The upper bound of each query's scaled logit over the cuboid [mn, mx].
   void PageBounds(const float* mn, const float* mx, const float* queries, int nq,
@@ -70,7 +71,7 @@ class ArkvaleSelector final : public PositionalLayoutSelector {
   absl::Status OnAppend(const float* keys, int64_t n, bool) override {
     const int64_t first = num_tokens();
     const int64_t pages_after = (first + n + page_tokens_ - 1) / page_tokens_;
-    box_.reserve(static_cast<size_t>(pages_after) * 2 * dim_);
+    ReserveGeometric(&box_, static_cast<size_t>(pages_after) * 2 * dim_);
     for (int64_t i = 0; i < n; ++i) {
       const int64_t pos = first + i;
       const float* k = keys + i * dim_;

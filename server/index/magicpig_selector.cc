@@ -32,6 +32,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "server/index/baseline_selectors.h"
+#include "server/index/headroom.h"
 #include "server/index/kernels.h"
 #include "server/index/page_select.h"
 #include "server/index/positional_layout.h"
@@ -98,8 +99,8 @@ class MagicpigSelector final : public PositionalLayoutSelector,
                               const float* values, float* out, int64_t* sampled) const override;
 
   size_t index_bytes() const override {
-    return layout_bytes() + codes_.capacity() * sizeof(uint16_t) +
-           (norms_.capacity() + planes_.capacity()) * sizeof(float);
+    return layout_bytes() + codes_.size() * sizeof(uint16_t) +
+           (norms_.size() + planes_.size() + center_.size()) * sizeof(float);
   }
 
  private:
@@ -137,7 +138,7 @@ class MagicpigSelector final : public PositionalLayoutSelector,
     }
     const size_t before = codes_.size();
     codes_.resize(before + static_cast<size_t>(n) * tables_);
-    norms_.reserve(norms_.size() + n);
+    ReserveGeometric(&norms_, norms_.size() + n);
     std::vector<float> centred(dim_);
     for (int64_t i = 0; i < n; ++i) {
       for (int d = 0; d < dim_; ++d) centred[d] = keys[i * dim_ + d] - center_[d];

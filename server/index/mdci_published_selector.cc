@@ -60,7 +60,7 @@ class MdciPublishedSelector final : public PositionalLayoutSelector, public Toke
   }
 
   size_t index_bytes() const override {
-    return layout_bytes() + keys_f32_.capacity() * sizeof(float) + (dci_ ? dci_->bytes() : 0);
+    return layout_bytes() + keys_f32_.size() * sizeof(float) + (dci_ ? dci_->bytes() : 0);
   }
 
  private:

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "server/index/headroom.h"
 #include "server/index/kernels.h"
 #include "server/index/page_select.h"
 
@@ -39,7 +40,11 @@ absl::Status PositionalLayoutSelector::Append(const float* keys, int64_t n,
   RETURN_IF_ERROR(ValidateKeysToAdd(keys, n, dim_, num_tokens_, placements));
   RETURN_IF_ERROR(OnAppend(keys, n, bulk));
   placements->resize(n);
-  positions_.reserve(num_tokens_ + n);
+  if (bulk) {
+    positions_.reserve(TokensWithHeadroom(n));  // room for the decode tokens (headroom.h)
+  } else {
+    ReserveGeometric(&positions_, num_tokens_ + n);
+  }
   for (int64_t i = 0; i < n; ++i) {
     const int64_t pos = num_tokens_ + i;
     (*placements)[i] = Placement{static_cast<uint32_t>(pos / page_tokens_),

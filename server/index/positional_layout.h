@@ -69,7 +69,7 @@ class PositionalLayoutSelector : public Selector {
   // once it has changed anything (validate first, then change).
   virtual absl::Status OnAppend(const float* keys, int64_t n, bool bulk) = 0;
 
-  size_t layout_bytes() const { return positions_.capacity() * sizeof(int32_t); }
+  size_t layout_bytes() const { return positions_.size() * sizeof(int32_t); }
   // Sink and recent pages (page_select.h ForcedPages), ascending.
   std::vector<uint32_t> Forced(const SelectParams& params) const;
   // The key row of `position` (dtype rows behind PageKeys); FailedPrecondition

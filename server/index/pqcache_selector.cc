@@ -27,6 +27,7 @@
 
 #include "common/status_macros.h"
 #include "server/index/baseline_selectors.h"
+#include "server/index/headroom.h"
 #include "server/index/kernels.h"
 #include "server/index/page_select.h"
 #include "server/index/positional_layout.h"
@@ -66,7 +67,7 @@ class PqcacheSelector final : public PositionalLayoutSelector, public TokenRanke
   }
 
   size_t index_bytes() const override {
-    return layout_bytes() + codes_.capacity() + centroids_.capacity() * sizeof(float);
+    return layout_bytes() + codes_.size() + centroids_.size() * sizeof(float);
   }
 
   // The approximate logit (unscaled) of token `i` for query `q` (tests).
@@ -111,7 +112,7 @@ class PqcacheSelector final : public PositionalLayoutSelector, public TokenRanke
   void Train(const float* keys, int64_t n);
   absl::Status OnAppend(const float* keys, int64_t n, bool) override {
     if (k_ == 0) Train(keys, n);
-    codes_.reserve(codes_.size() + static_cast<size_t>(n) * m_);
+    ReserveGeometric(&codes_, codes_.size() + static_cast<size_t>(n) * m_);
     for (int64_t i = 0; i < n; ++i) {
       for (int sp = 0; sp < m_; ++sp) {
         codes_.push_back(static_cast<uint8_t>(Nearest(sp, keys + i * dim_ + sp * sub_)));

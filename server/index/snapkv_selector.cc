@@ -70,7 +70,7 @@ class SnapkvSelector final : public PositionalLayoutSelector, public TokenRanker
 
   size_t index_bytes() const override {
     absl::ReaderMutexLock lock(&mu_);
-    return layout_bytes() + (vote_.capacity() + page_vote_.capacity()) * sizeof(float);
+    return layout_bytes() + (vote_.size() + page_vote_.size()) * sizeof(float);
   }
 
  private:
