@@ -70,18 +70,34 @@ std::string_view SelectorTypeName(SelectorType type) {
       return "quest";
     case SelectorType::kStreaming:
       return "streaming";
+    case SelectorType::kArkvale:
+      return "arkvale";
+    case SelectorType::kPqcache:
+      return "pqcache";
+    case SelectorType::kSnapkv:
+      return "snapkv";
+    case SelectorType::kOmnikv:
+      return "omnikv";
+    case SelectorType::kMagicpig:
+      return "magicpig";
+    case SelectorType::kMdciPublished:
+      return "mdci-published";
   }
   return "unknown";
 }
 
 absl::StatusOr<SelectorType> ParseSelectorType(std::string_view name) {
-  for (SelectorType t : {SelectorType::kDefault, SelectorType::kMdci, SelectorType::kExactMdci,
-                         SelectorType::kExact, SelectorType::kQuest, SelectorType::kStreaming}) {
+  for (SelectorType t :
+       {SelectorType::kDefault, SelectorType::kMdci, SelectorType::kExactMdci, SelectorType::kExact,
+        SelectorType::kQuest, SelectorType::kStreaming, SelectorType::kArkvale,
+        SelectorType::kPqcache, SelectorType::kSnapkv, SelectorType::kOmnikv,
+        SelectorType::kMagicpig, SelectorType::kMdciPublished}) {
     if (name == SelectorTypeName(t)) return t;
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown selector '", Sv(name),
-                   "'; known: default, mdci, exact-mdci, exact, quest, streaming"));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown selector '", Sv(name),
+      "'; known: default, mdci, exact-mdci, exact, quest, streaming, arkvale, pqcache, snapkv, "
+      "omnikv, magicpig, mdci-published"));
 }
 
 size_t SessionSpec::ChunkBytes(int64_t tokens) const {

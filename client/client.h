@@ -57,9 +57,16 @@ enum class SelectorType : uint8_t {
   kExact = 3,
   kQuest = 4,
   kStreaming = 5,
+  kArkvale = 6,
+  kPqcache = 7,
+  kSnapkv = 8,
+  kOmnikv = 9,
+  kMagicpig = 10,
+  kMdciPublished = 11,
 };
 std::string_view SelectorTypeName(SelectorType type);
-// Accepts "mdci", "exact-mdci", "exact", "quest", "streaming", "default".
+// Accepts "mdci", "exact-mdci", "exact", "quest", "streaming", "arkvale",
+// "pqcache", "snapkv", "omnikv", "magicpig", "mdci-published", "default".
 absl::StatusOr<SelectorType> ParseSelectorType(std::string_view name);
 
 // Unit of selection (types.proto Granularity): whole pages, or the best

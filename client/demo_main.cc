@@ -81,7 +81,9 @@ void AddFlags(CLI::App& app, DemoFlags* f) {
   app.add_option("--budget", f->budget, "selected tokens per KV head")->check(cli::Positive());
   app.add_option("--page-tokens,--page_tokens", f->page_tokens, "tokens per page")
       ->check(cli::Positive());
-  app.add_option("--selector", f->selector, "mdci | exact-mdci | exact | quest | streaming");
+  app.add_option("--selector", f->selector,
+                 "mdci | exact-mdci | exact | quest | streaming | arkvale | pqcache | snapkv | "
+                 "omnikv | magicpig | mdci-published");
   app.add_option("--seed", f->seed, "generator seed")->check(cli::Positive());
 }
 

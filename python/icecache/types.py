@@ -110,6 +110,12 @@ class Selector(enum.IntEnum):
     EXACT = 3
     QUEST = 4
     STREAMING = 5
+    ARKVALE = 6
+    PQCACHE = 7
+    SNAPKV = 8
+    OMNIKV = 9
+    MAGICPIG = 10
+    MDCI_PUBLISHED = 11
 
     @property
     def label(self) -> str:
@@ -119,7 +125,8 @@ class Selector(enum.IntEnum):
     @staticmethod
     def parse(name: "str | Selector") -> "Selector":
         """Accepts "default", "mdci", "exact-mdci", "exact", "quest",
-        "streaming" (or a Selector). InvalidArgumentError otherwise."""
+        "streaming", "arkvale", "pqcache", "snapkv", "omnikv", "magicpig",
+        "mdci-published" (or a Selector). InvalidArgumentError otherwise."""
         if isinstance(name, Selector):
             return name
         for s in Selector:

@@ -82,3 +82,16 @@ def test_address_means_tls_with_token_from_environment(monkeypatch, tmp_path):
     assert t.tls and t.grpc_target == "daemon.example:50051" and t.token == "t" * 20
     with pytest.raises(icecache.NotFoundError):
         resolve_target(ca=str(tmp_path / "missing.pem"))
+
+
+@pytest.mark.parametrize(
+    "name", ["arkvale", "pqcache", "snapkv", "omnikv", "magicpig", "mdci-published"]
+)
+def test_baseline_selectors_are_session_selectors(client, name):
+    selector = icecache.Selector.parse(name)
+    assert selector.label == name
+    s = client.create_session(small_spec(selector=selector, ttl_s=30, pinned=False))
+    try:
+        assert client.get_session(s.id).spec.selector is selector
+    finally:
+        client.drop_session(s.id)

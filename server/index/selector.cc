@@ -6,6 +6,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "server/index/baseline_selectors.h"
 #include "server/index/mdci_selector.h"
 #include "server/index/positional_selector.h"
 
@@ -18,9 +19,17 @@ struct KindName {
   const char* name;
 };
 constexpr KindName kKindNames[] = {
-    {SelectorKind::kMdci, "mdci"},           {SelectorKind::kExactMdci, "exact-mdci"},
-    {SelectorKind::kExact, "exact"},         {SelectorKind::kQuest, "quest"},
+    {SelectorKind::kMdci, "mdci"},
+    {SelectorKind::kExactMdci, "exact-mdci"},
+    {SelectorKind::kExact, "exact"},
+    {SelectorKind::kQuest, "quest"},
     {SelectorKind::kStreaming, "streaming"},
+    {SelectorKind::kArkvale, "arkvale"},
+    {SelectorKind::kPqcache, "pqcache"},
+    {SelectorKind::kSnapkv, "snapkv"},
+    {SelectorKind::kOmnikv, "omnikv"},
+    {SelectorKind::kMagicpig, "magicpig"},
+    {SelectorKind::kMdciPublished, "mdci-published"},
 };
 
 absl::Status ValidateMdciParams(const MdciParams& p) {
@@ -76,7 +85,8 @@ absl::Status ValidateConfig(const SelectorConfig& c) {
   if (c.kind == SelectorKind::kMdci || c.kind == SelectorKind::kExactMdci) {
     return ValidateMdciParams(c.mdci);
   }
-  return absl::OkStatus();
+  return ValidateBaselineParams(c.baseline, std::string(SelectorKindName(c.kind)).c_str(),
+                                c.head_dim);
 }
 
 }  // namespace
@@ -98,7 +108,12 @@ absl::StatusOr<SelectorKind> ParseSelectorKind(std::string_view name) {
   }
   return absl::InvalidArgumentError(
       absl::StrCat("unknown selector kind '", std::string(name),
-                   "'; expected one of mdci, exact-mdci, exact, quest, streaming"));
+                   "'; expected one of mdci, exact-mdci, exact, quest, streaming, arkvale, "
+                   "pqcache, snapkv, omnikv, magicpig, mdci-published"));
+}
+
+bool UsesPositionalLayout(SelectorKind kind) {
+  return kind != SelectorKind::kMdci && kind != SelectorKind::kExactMdci;
 }
 
 int64_t Selection::tokens() const {
@@ -159,6 +174,13 @@ absl::StatusOr<std::unique_ptr<Selector>> Selector::Create(const SelectorConfig&
     case SelectorKind::kQuest:
     case SelectorKind::kStreaming:
       return NewPositionalSelector(config, keys);
+    case SelectorKind::kArkvale:
+    case SelectorKind::kPqcache:
+    case SelectorKind::kSnapkv:
+    case SelectorKind::kOmnikv:
+    case SelectorKind::kMagicpig:
+    case SelectorKind::kMdciPublished:
+      return NewBaselineSelector(config, keys);
   }
   return absl::InvalidArgumentError(absl::StrCat("SelectorConfig.kind is not a known kind (value ",
                                                  static_cast<int>(config.kind), ")"));

@@ -22,6 +22,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "common/dtype.h"
+#include "server/index/baseline_params.h"
 
 namespace icecache {
 
@@ -47,9 +48,20 @@ enum class SelectorKind {
   kExact,      // positional pages, exact scores of every page
   kQuest,      // positional pages, per-page min/max bound
   kStreaming,  // positional pages, sinks + recent only
+  // Baselines from the literature (docs/architecture.md §3.8), all on
+  // positional pages:
+  kArkvale,        // per-page bounding box, upper bound of q.k, GQA group score
+  kPqcache,        // product-quantised keys, exact rescoring of the best tokens
+  kSnapkv,         // observation-window votes with pooling, fixed at prefill
+  kOmnikv,         // full attention on a filter layer; other layers reuse it
+  kMagicpig,       // SimHash LSH sampling (K x L tables); pages of the samples
+  kMdciPublished,  // the published prioritized DCI query, top-k keys to pages
 };
 std::string_view SelectorKindName(SelectorKind kind);
 absl::StatusOr<SelectorKind> ParseSelectorKind(std::string_view name);
+// True for the kinds whose pages hold positions in order (token t in page
+// t / page_tokens): every kind but mdci and exact-mdci.
+bool UsesPositionalLayout(SelectorKind kind);
 
 // Parameters of the multi-level DCI index (docs/architecture.md §3.3).
 struct MdciParams {
@@ -111,6 +123,8 @@ struct SelectorConfig {
   // the top F x budget tokens' worth of pages by bound are rescored exactly
   // (PageMassScore) and the selection is taken from them. >= 0, finite.
   float quest_rescore_factor = 0.0f;
+  // The baselines' knobs (baseline_params.h); each kind reads its own.
+  BaselineParams baseline;
 };
 
 // Unit of selection (docs/architecture.md §3.6). kPage: whole pages of the

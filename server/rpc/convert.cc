@@ -69,6 +69,18 @@ absl::StatusOr<SelectorKind> SelectorKindFromProto(v1::SelectorKind kind) {
       return SelectorKind::kQuest;
     case v1::SELECTOR_KIND_STREAMING:
       return SelectorKind::kStreaming;
+    case v1::SELECTOR_KIND_ARKVALE:
+      return SelectorKind::kArkvale;
+    case v1::SELECTOR_KIND_PQCACHE:
+      return SelectorKind::kPqcache;
+    case v1::SELECTOR_KIND_SNAPKV:
+      return SelectorKind::kSnapkv;
+    case v1::SELECTOR_KIND_OMNIKV:
+      return SelectorKind::kOmnikv;
+    case v1::SELECTOR_KIND_MAGICPIG:
+      return SelectorKind::kMagicpig;
+    case v1::SELECTOR_KIND_MDCI_PUBLISHED:
+      return SelectorKind::kMdciPublished;
     default:
       return BadField("selector.kind", absl::StrCat("is unknown: ", static_cast<int>(kind)));
   }
@@ -86,6 +98,18 @@ v1::SelectorKind SelectorKindToProto(SelectorKind kind) {
       return v1::SELECTOR_KIND_QUEST;
     case SelectorKind::kStreaming:
       return v1::SELECTOR_KIND_STREAMING;
+    case SelectorKind::kArkvale:
+      return v1::SELECTOR_KIND_ARKVALE;
+    case SelectorKind::kPqcache:
+      return v1::SELECTOR_KIND_PQCACHE;
+    case SelectorKind::kSnapkv:
+      return v1::SELECTOR_KIND_SNAPKV;
+    case SelectorKind::kOmnikv:
+      return v1::SELECTOR_KIND_OMNIKV;
+    case SelectorKind::kMagicpig:
+      return v1::SELECTOR_KIND_MAGICPIG;
+    case SelectorKind::kMdciPublished:
+      return v1::SELECTOR_KIND_MDCI_PUBLISHED;
   }
   return v1::SELECTOR_KIND_UNSPECIFIED;
 }

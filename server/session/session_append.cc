@@ -283,9 +283,7 @@ absl::StatusOr<AppendPlan> PlanAppend(const Session& s, const AppendInput& in, i
     }
     return plan;
   }
-  const bool positional = c.selector == SelectorKind::kExact ||
-                          c.selector == SelectorKind::kQuest ||
-                          c.selector == SelectorKind::kStreaming;
+  const bool positional = UsesPositionalLayout(c.selector);
   for (int i = 0; i < plan.num_indices; ++i) {
     const int g = (plan.base + i) / c.kv_heads;
     plan.pages_before[i] = s.selectors[plan.base + i]->num_pages();

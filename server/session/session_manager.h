@@ -26,13 +26,12 @@
 // the first append of mdci / exact-mdci groups returns once its worst-case
 // frames are admitted and its bytes copied (new_pages 0, tokens and
 // next_layer already moved); the trees are built on the builder thread, and
-// calls on those groups wait for them (docs/architecture.md §5). Admission: the frames an append can need are
-// reserved from the pool BEFORE any index changes (first append: the
-// selectors are built aside, so the exact count is known; later appends: the
-// worst case, one new page per token per (group, head) for mdci layouts,
-// exact for positional layouts), the unused rest is returned afterwards.
-// RESOURCE_EXHAUSTED (quota or capacity) and INVALID_ARGUMENT (size, NaN/Inf)
-// leave the session exactly as it was.
+// calls on those groups wait for them (docs/architecture.md §5). Admission: the frames an append
+// can need are reserved from the pool BEFORE any index changes (first append: the selectors are
+// built aside, so the exact count is known; later appends: the worst case, one new page per token
+// per (group, head) for mdci layouts, exact for positional layouts), the unused rest is returned
+// afterwards. RESOURCE_EXHAUSTED (quota or capacity) and INVALID_ARGUMENT (size, NaN/Inf) leave the
+// session exactly as it was.
 //
 // Tenancy: every session belongs to the creating caller's tenant. Session ids
 // of other tenants answer NOT_FOUND ("session <id> not found"), exactly like

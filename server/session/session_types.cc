@@ -58,9 +58,17 @@ absl::Status ValidateSessionConfig(const SessionConfig& c, absl::Duration max_tt
     case SelectorKind::kExact:
     case SelectorKind::kQuest:
     case SelectorKind::kStreaming:
+    case SelectorKind::kArkvale:
+    case SelectorKind::kPqcache:
+    case SelectorKind::kSnapkv:
+    case SelectorKind::kOmnikv:
+    case SelectorKind::kMagicpig:
+    case SelectorKind::kMdciPublished:
       break;
     default:
-      return FieldError("selector", "one of mdci, exact-mdci, exact, quest, streaming",
+      return FieldError("selector",
+                        "one of mdci, exact-mdci, exact, quest, streaming, arkvale, pqcache, "
+                        "snapkv, omnikv, magicpig, mdci-published",
                         static_cast<int64_t>(c.selector));
   }
   if (!(c.target_mass_ratio >= 0.0 && c.target_mass_ratio <= 1.0)) {

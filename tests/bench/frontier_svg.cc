@@ -103,16 +103,21 @@ std::string Series(const Axes& a, const FrontierSeries& s, const char* color, in
 }  // namespace
 
 std::string FrontierSvg(const std::vector<FrontierSeries>& series, int budget, int page_tokens) {
+  return PlotSvg(series,
+                 absl::StrFormat("mdci frontier per family: mass / page oracle vs select time "
+                                 "(budget %d, page %d; dashes at the top: the exact scan)",
+                                 budget, page_tokens),
+                 "mass / page oracle");
+}
+
+std::string PlotSvg(const std::vector<FrontierSeries>& series, const std::string& title,
+                    const std::string& y_label) {
   const Axes a = FitAxes(series);
   std::string out = absl::StrFormat(
       "<svg xmlns='http://www.w3.org/2000/svg' width='%d' height='%d' "
       "font-family='sans-serif'>\n<rect width='100%%' height='100%%' fill='white'/>\n",
       kWidth, kHeight);
-  absl::StrAppendFormat(&out,
-                        "<text x='%d' y='22' font-size='15'>mdci frontier per family: mass / page "
-                        "oracle vs select time (budget %d, page %d; dashes at the top: the exact "
-                        "scan)</text>\n",
-                        kLeft, budget, page_tokens);
+  absl::StrAppendFormat(&out, "<text x='%d' y='22' font-size='15'>%s</text>\n", kLeft, title);
   out += Grid(a);
   for (size_t i = 0; i < series.size(); ++i) {
     out += Series(a, series[i], kColors[i % (sizeof(kColors) / sizeof(kColors[0]))],
@@ -124,8 +129,8 @@ std::string FrontierSvg(const std::vector<FrontierSeries>& series, int budget, i
                         (kWidth - kRight + kLeft) / 2, kHeight - 16);
   absl::StrAppendFormat(&out,
                         "<text x='16' y='%d' font-size='13' transform='rotate(-90 16 %d)' "
-                        "text-anchor='middle'>mass / page oracle</text>\n",
-                        (kHeight) / 2, (kHeight) / 2);
+                        "text-anchor='middle'>%s</text>\n",
+                        (kHeight) / 2, (kHeight) / 2, y_label);
   out += "</svg>\n";
   return out;
 }

@@ -32,6 +32,8 @@
 #include "server/index/selector.h"
 #include "server/index/width_calibrator.h"
 #include "tests/bench/peers.h"
+#include "tests/bench/select_baselines_table.h"
+#include "tests/bench/select_methods.h"
 
 #ifndef ICECACHE_SOURCE_DIR
 #define ICECACHE_SOURCE_DIR ""
@@ -41,9 +43,18 @@
 namespace icecache::bench {
 
 const std::vector<std::string>& AllMethodNames() {
-  static const auto* names = new std::vector<std::string>{
-      "mdci",       "exact",      "exact-mdci", "exact-token", "quest",  "streaming",
-      "faiss-flat", "faiss-hnsw", "faiss-ivf",  "faiss-ivfpq", "hnswlib"};
+  static const auto* names = new std::vector<std::string>{"mdci",           "exact",
+                                                          "exact-mdci",     "exact-token",
+                                                          "quest",          "streaming",
+                                                          "faiss-flat",     "faiss-hnsw",
+                                                          "faiss-ivf",      "faiss-ivfpq",
+                                                          "hnswlib",        "arkvale",
+                                                          "pqcache",        "snapkv",
+                                                          "omnikv",         "magicpig",
+                                                          "mdci-published", "pqcache@tok",
+                                                          "snapkv@tok",     "omnikv@tok",
+                                                          "magicpig@tok",   "mdci-published@tok",
+                                                          "magicpig-est"};
   return *names;
 }
 
@@ -168,6 +179,25 @@ class ExactRefs {
     return sum;
   }
 
+  // Relative error of an estimate of the G outputs (G x head_dim) against
+  // the exact outputs of the group's first layer, averaged over the queries.
+  absl::StatusOr<double> EstimateError(int step, const Tree& t, const std::vector<float>& est) {
+    ASSIGN_OR_RETURN(const ExactAttention* ref, Get(step, w_.first_layer(t.group), t.head));
+    const int dim = w_.dump.head_dim;
+    double sum = 0;
+    for (int j = 0; j < ref->num_queries; ++j) {
+      double err = 0, norm = 0;
+      for (int c = 0; c < dim; ++c) {
+        const double o = ref->output[static_cast<size_t>(j) * dim + c];
+        err += (est[static_cast<size_t>(j) * dim + c] - o) *
+               (est[static_cast<size_t>(j) * dim + c] - o);
+        norm += o * o;
+      }
+      sum += norm > 0 ? std::sqrt(err / norm) : std::sqrt(err);
+    }
+    return sum / ref->num_queries;
+  }
+
   // Mass of the page oracle (quality.h's OraclePages: the best whole pages
   // by their true mass for the group) on `selector`'s layout, averaged over
   // the layers of the group.
@@ -206,36 +236,6 @@ class ExactRefs {
 
 // ---------------------------------------------------------------------------
 // Methods: one instance indexes one tree.
-
-struct SweepPoint {
-  int k = 0;     // hits retrieved per query (peers)
-  int knob = 0;  // efSearch / nprobe (peers)
-};
-
-class TreeMethod {
- public:
-  virtual ~TreeMethod() = default;
-  virtual absl::Status Build(const float* keys, int64_t n) = 0;
-  virtual absl::Status Insert(const float* keys, int64_t n) = 0;
-  // The timed selection for G queries; fills `sel` (pages and fills, or
-  // positions for token-level results) and sel->keys_touched.
-  virtual absl::Status Select(const float* queries, int nq, const SweepPoint& sp,
-                              Selection* sel) = 0;
-  // Untimed: the token positions `sel` stands for.
-  virtual void Positions(const Selection& sel, std::vector<int32_t>* out) const = 0;
-  virtual size_t index_bytes() const = 0;
-  // Mean fill of the layout's pages (NaN for token-level results).
-  virtual double layout_fill() const = 0;
-  // The library selector behind the method (null for token-level methods).
-  virtual const Selector* selector() const { return nullptr; }
-  // One line about the method after its run (the calibrated width); "" = none.
-  virtual std::string Summary() const { return ""; }
-  // Self-calibrated methods: the calibrator's report and the time in the
-  // sampled steps' reference and in all selections (seconds).
-  virtual bool Calibration(CalibratorReport* report, double* sample_s, double* select_s) const {
-    return false;
-  }
-};
 
 // A library selector over frames held by OwnedPageKeys.
 class SelectorMethod : public TreeMethod {
@@ -444,7 +444,9 @@ bool IsTokenGranular(const std::string& name) {
          name.compare(name.size() - kTokenSuffix.size(), kTokenSuffix.size(), kTokenSuffix) == 0;
 }
 
-bool IsTokenLevel(const std::string& name) { return IsPeer(name) || name == "exact-token"; }
+bool IsTokenLevel(const std::string& name) {
+  return IsPeer(name) || name == "exact-token" || IsBaselineView(name);
+}
 
 absl::StatusOr<PeerKind> PeerKindOf(const std::string& name) {
   for (PeerKind k : {PeerKind::kFaissFlat, PeerKind::kFaissHnsw, PeerKind::kFaissIvf,
@@ -473,19 +475,23 @@ absl::StatusOr<std::unique_ptr<TreeMethod>> MakeMethod(const std::string& name, 
     return std::unique_ptr<TreeMethod>(std::move(m));
   }
   SelectorConfig config;
+  config.baseline = o.baseline;
   std::string kind_name = name;
   if (IsTokenGranular(name)) {
     kind_name = name.substr(0, name.size() - kTokenSuffix.size());
     params.granularity = Granularity::kToken;
     params.want_positions = true;
   }
-  ASSIGN_OR_RETURN(config.kind, ParseSelectorKind(kind_name));
+  if (!IsBaselineView(name)) {
+    ASSIGN_OR_RETURN(config.kind, ParseSelectorKind(kind_name));
+  }
   config.head_dim = dim;
   config.dtype = o.kv_dtype;
   config.page_tokens = page_tokens;
   config.num_query_heads = w.queries;
   config.mdci = o.mdci;
   config.quest_rescore_factor = o.quest_rescore_factor;
+  if (IsBaselineView(name)) return MakeBaselineView(name, config, params);
   ASSIGN_OR_RETURN(auto method, SelectorMethod::Create(config, params));
   if (config.kind == SelectorKind::kMdci && o.mdci_target_mass > 0) {
     CalibratorOptions co;
@@ -631,6 +637,7 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
     std::vector<double> build_s(ntrees, 0), ins1_s(ntrees, 0), ins16_s(ntrees, 0);
     for (size_t t = 0; t < ntrees; ++t) {
       ASSIGN_OR_RETURN(trees[t], MakeMethod(name, build_p, w, o));
+      trees[t]->BindValues(d.value(w.first_layer(w.trees[t].group), w.trees[t].head));
     }
     const auto wall0 = Clock::now();
     RETURN_IF_ERROR(
@@ -722,6 +729,9 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
             st.query_us.push_back(Seconds(t0, t1) * 1e6);
             trees[t]->Positions(sel, &positions);
             ASSIGN_OR_RETURN(QualityReport q_r, refs->Evaluate(s, tr, positions));
+            if (const std::vector<float>* est = trees[t]->last_estimate()) {
+              ASSIGN_OR_RETURN(q_r.output_rel_error, refs->EstimateError(s, tr, *est));
+            }
             st.topk += q_r.topk_recall;
             st.mass += q_r.mass_recall;
             st.err += q_r.output_rel_error;
@@ -1059,8 +1069,10 @@ absl::Status CheckReport(const std::string& json_text, const std::vector<std::st
         }
         // page_fill and the insert rate are null for the token-level oracle
         // (no pages, no index); everything else is a number.
-        const bool may_be_null = name == "exact-token" && (std::string(m) == "page_fill" ||
-                                                           std::string(m) == "insert_tokens_per_s");
+        const bool may_be_null =
+            (name == "exact-token" &&
+             (std::string(m) == "page_fill" || std::string(m) == "insert_tokens_per_s")) ||
+            (IsBaselineView(name) && std::string(m) == "page_fill");
         if (!v->is_number() && !(may_be_null && v->is_null())) {
           return absl::InvalidArgumentError(
               absl::StrFormat("%s (page %d): '%s' is not a number", name, p, m));
@@ -1105,6 +1117,7 @@ absl::StatusOr<std::vector<MethodSummary>> MeasureRuns(const SelectBenchOptions&
     m.oracle_mass = r.best().oracle_mass;
     m.build_s = r.build_s;
     m.calibration = r.calibration;
+    m.index_bytes_per_token = r.index_bytes_per_token;
     out.push_back(std::move(m));
   }
   return out;
@@ -1112,6 +1125,7 @@ absl::StatusOr<std::vector<MethodSummary>> MeasureRuns(const SelectBenchOptions&
 
 absl::Status RunSelectBench(const SelectBenchOptions& o) {
   if (o.matrix) return RunSelectMatrix(o);
+  if (o.baselines) return RunBaselinesTable(o);
   // Peers' own OpenMP threads would distort single-threaded query times and
   // oversubscribe the parallel builds.
   omp_set_num_threads(1);

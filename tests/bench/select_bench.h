@@ -67,6 +67,10 @@ struct SelectBenchOptions {
   PeerParams peer;
   MdciParams mdci;
   float quest_rescore_factor = 0.0f;
+  BaselineParams baseline;  // the baselines' knobs (server/index/baseline_params.h)
+  // --baselines (select_baselines_table.h): the comparison table on the
+  // families of `families`; --json and --plot name its outputs.
+  bool baselines = false;
   // Untimed: also measure the page oracle (quality.h's OraclePages) on each
   // page selector's layout.
   bool page_oracle = false;
@@ -118,6 +122,7 @@ struct MethodSummary {
   double oracle_mass = 0;  // page oracle on the run's layout (with page_oracle); else NaN
   double build_s = 0;      // per tree
   CalibrationSummary calibration;
+  double index_bytes_per_token = 0;
 };
 
 // Loads the data of `options` once (synthetic or dump), computes the exact

@@ -11,6 +11,7 @@
 #include "common/cli.h"
 #include "common/status_macros.h"
 #include "common/synthetic.h"
+#include "tests/bench/select_baselines_table.h"
 #include "tests/bench/select_matrix.h"
 
 namespace icecache::bench {
@@ -29,11 +30,45 @@ absl::StatusOr<std::vector<int>> ParseIntList(const std::string& flag, const std
   return out;
 }
 
+// The baselines' knobs, in the flags' words (the selectors check them
+// again, in SelectorConfig's words).
+absl::Status CheckBaselineFlags(const BaselineParams& b) {
+  struct Range {
+    const char* flag;
+    double value, lo, hi;
+  };
+  const Range ranges[] = {
+      {"--pq-subspaces", double(b.pq_subspaces), 1, 1024},
+      {"--pq-bits", double(b.pq_bits), 1, 8},
+      {"--pq-rescore-factor", b.pq_rescore_factor, 1, 1e6},
+      {"--snapkv-window", double(b.snapkv_window), 1, 1e9},
+      {"--snapkv-kernel", double(b.snapkv_kernel), 1, 255},
+      {"--magicpig-bits", double(b.magicpig_bits), 1, 16},
+      {"--magicpig-tables", double(b.magicpig_tables), 1, 1024},
+      {"--dci-candidate-factor", b.dci_candidate_factor, 1, 1e6},
+  };
+  for (const Range& r : ranges) {
+    if (!(r.value >= r.lo && r.value <= r.hi)) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s must be in [%g, %g], got %g", r.flag, r.lo, r.hi, r.value));
+    }
+  }
+  if (b.snapkv_kernel % 2 == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("--snapkv-kernel must be odd, got %d", b.snapkv_kernel));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CheckRanges(const SelectBenchOptions& o) {
-  if (o.matrix) {
+  if (o.matrix && o.baselines) {
+    return absl::InvalidArgumentError("give one of --matrix and --baselines");
+  }
+  if (o.matrix || o.baselines) {
     if (!o.synthetic.empty() || !o.dump_dir.empty()) {
       return absl::InvalidArgumentError(
-          "--matrix runs the synthetic families (--families); drop --synthetic and --dump");
+          absl::StrCat(o.matrix ? "--matrix" : "--baselines",
+                       " runs the synthetic families (--families); drop --synthetic and --dump"));
     }
     const auto known = SyntheticFamilyNames();
     for (const std::string& f : o.families) {
@@ -43,12 +78,17 @@ absl::Status CheckRanges(const SelectBenchOptions& o) {
       }
     }
     for (const std::string& w : o.widths) RETURN_IF_ERROR(ParseWidth(w).status());
+    if (o.baselines && !o.widths.empty()) {
+      return absl::InvalidArgumentError("--widths needs --matrix (not --baselines)");
+    }
   } else if (o.synthetic.empty() == o.dump_dir.empty()) {
     return absl::InvalidArgumentError(
-        "give exactly one of --synthetic PRESET or --dump DIR (or --matrix)");
+        "give exactly one of --synthetic PRESET or --dump DIR (or --matrix, or --baselines)");
   } else if (!o.families.empty() || !o.widths.empty() || !o.plot_path.empty()) {
-    return absl::InvalidArgumentError("--families, --widths and --plot need --matrix");
+    return absl::InvalidArgumentError(
+        "--families, --widths and --plot need --matrix (--families and --plot: or --baselines)");
   }
+  RETURN_IF_ERROR(CheckBaselineFlags(o.baseline));
   if (o.tokens < 0) {
     return absl::InvalidArgumentError(
         "--tokens must be >= 0 (0: 16384 synthetic tokens, or the whole dump)");
@@ -153,6 +193,22 @@ SelectFlags::SelectFlags(CLI::App* app) {
       ->type_name("LIST");
   app->add_option("--plot", o_.plot_path, "--matrix: write the frontier as an SVG to FILE")
       ->type_name("FILE");
+  app->add_flag("--baselines", o_.baselines,
+                "comparison table: the baselines and mdci at budgets 256, 1024 and 25% of the "
+                "context on every family of --families (select_baselines_table.h); --json and "
+                "--plot name its outputs");
+  app->add_option("--pq-subspaces", o_.baseline.pq_subspaces, "pqcache: sub-spaces (m)");
+  app->add_option("--pq-bits", o_.baseline.pq_bits, "pqcache: bits per code (2^b centroids)");
+  app->add_option("--pq-rescore-factor", o_.baseline.pq_rescore_factor,
+                  "pqcache: tokens rescored exactly, x budget (1: the paper's top-k)");
+  app->add_option("--snapkv-window", o_.baseline.snapkv_window, "snapkv: observation window");
+  app->add_option("--snapkv-kernel", o_.baseline.snapkv_kernel, "snapkv: pooling kernel (odd)");
+  app->add_option("--snapkv-avg-pool", o_.baseline.snapkv_avg_pool,
+                  "snapkv: average pooling (1) or max pooling (0)");
+  app->add_option("--magicpig-bits", o_.baseline.magicpig_bits, "magicpig: bits per table (K)");
+  app->add_option("--magicpig-tables", o_.baseline.magicpig_tables, "magicpig: tables (L)");
+  app->add_option("--dci-candidate-factor", o_.baseline.dci_candidate_factor,
+                  "mdci-published: DCI candidates per query, x budget");
   app->add_flag("--verbose", o_.verbose, "print every sweep point of the peers");
   app->add_flag("--check", o_.check, "re-read the JSON and validate it (exit 1 when bad)");
 }
@@ -183,7 +239,7 @@ absl::StatusOr<SelectBenchOptions> SelectFlags::Options() const {
   }
   o.kv_dtype = *dtype;
   RETURN_IF_ERROR(CheckRanges(o));
-  if (o.selectors.empty()) o.selectors = AllMethodNames();
+  if (o.selectors.empty()) o.selectors = o.baselines ? BaselineTableMethods() : AllMethodNames();
   std::sort(o.page_tokens.begin(), o.page_tokens.end());
   o.page_tokens.erase(std::unique(o.page_tokens.begin(), o.page_tokens.end()), o.page_tokens.end());
   return o;

@@ -53,6 +53,10 @@ struct FrontierSeries {
 // The SVG: mass ratio (y) against time on a log axis (x), one line per
 // family, the exact scan's time as a dashed line per family.
 std::string FrontierSvg(const std::vector<FrontierSeries>& series, int budget, int page_tokens);
+// The same plot with any title and y label: one line per series (its
+// `family` names it in the legend), points at (time_us, mass_ratio).
+std::string PlotSvg(const std::vector<FrontierSeries>& series, const std::string& title,
+                    const std::string& y_label);
 
 }  // namespace icecache::bench
 

@@ -9,6 +9,7 @@
 #include "common/synthetic.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/bench/select_baselines_table.h"
 #include "tests/bench/select_bench.h"
 #include "tests/bench/select_flags.h"
 #include "tests/bench/select_matrix.h"
@@ -19,6 +20,7 @@ namespace {
 
 using ::icecache::testing::IsOk;
 using ::icecache::testing::StatusIs;
+using ::testing::HasSubstr;
 
 std::string Report(const std::vector<std::string>& names, double mass) {
   Json root = Json::object();
@@ -63,6 +65,25 @@ TEST(CheckReportTest, RejectsMalformedJsonAndWrongTypes) {
 TEST(CheckReportTest, RejectsOutOfRangeRecall) {
   EXPECT_THAT(CheckReport(Report({"mdci"}, 1.5), {"mdci"}, {16}),
               StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST(ParseSelectArgsTest, BaselinesTableFlags) {
+  auto o = ParseSelectArgs({"--baselines", "--families", "rare-needles"});
+  ASSERT_THAT(o.status(), IsOk());
+  EXPECT_TRUE(o->baselines);
+  EXPECT_EQ(o->selectors, BaselineTableMethods());
+  EXPECT_THAT(ParseSelectArgs({"--baselines", "--synthetic", "small"}).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("--baselines runs")));
+  EXPECT_THAT(ParseSelectArgs({"--baselines", "--matrix"}).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("one of --matrix")));
+  EXPECT_THAT(ParseSelectArgs({"--synthetic", "small", "--pq-bits", "9"}).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("--pq-bits must be in [1, 8], got 9")));
+  EXPECT_THAT(ParseSelectArgs({"--synthetic", "small", "--snapkv-kernel", "6"}).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("--snapkv-kernel must be odd, got 6")));
+  auto views = ParseSelectArgs({"--synthetic", "small", "--selectors", "pqcache@tok,magicpig-est"});
+  ASSERT_THAT(views.status(), IsOk());
 }
 
 TEST(ParseSelectArgsTest, DefaultsAndErrors) {

@@ -108,8 +108,11 @@ TEST(OutputTest, HumanBytes) {
 }
 
 TEST(SelectorTypeTest, NamesRoundTrip) {
-  for (SelectorType t : {SelectorType::kDefault, SelectorType::kMdci, SelectorType::kExactMdci,
-                         SelectorType::kExact, SelectorType::kQuest, SelectorType::kStreaming}) {
+  for (SelectorType t :
+       {SelectorType::kDefault, SelectorType::kMdci, SelectorType::kExactMdci, SelectorType::kExact,
+        SelectorType::kQuest, SelectorType::kStreaming, SelectorType::kArkvale,
+        SelectorType::kPqcache, SelectorType::kSnapkv, SelectorType::kOmnikv,
+        SelectorType::kMagicpig, SelectorType::kMdciPublished}) {
     auto parsed = ParseSelectorType(SelectorTypeName(t));
     ASSERT_THAT(parsed, IsOk());
     EXPECT_EQ(*parsed, t);

@@ -286,7 +286,9 @@ TEST(ConvertTest, EnumsMapBothWays) {
     EXPECT_EQ(*DTypeFromProto(DTypeToProto(d), "x"), d);
   }
   for (SelectorKind k : {SelectorKind::kMdci, SelectorKind::kExactMdci, SelectorKind::kExact,
-                         SelectorKind::kQuest, SelectorKind::kStreaming}) {
+                         SelectorKind::kQuest, SelectorKind::kStreaming, SelectorKind::kArkvale,
+                         SelectorKind::kPqcache, SelectorKind::kSnapkv, SelectorKind::kOmnikv,
+                         SelectorKind::kMagicpig, SelectorKind::kMdciPublished}) {
     EXPECT_EQ(*SelectorKindFromProto(SelectorKindToProto(k)), k);
   }
   EXPECT_EQ(*SelectorKindFromProto(v1::SELECTOR_KIND_UNSPECIFIED), SelectorKind::kMdci);

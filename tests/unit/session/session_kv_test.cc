@@ -252,7 +252,10 @@ TEST_P(SessionKvTest, ChunksSentByLayerGroupsStoreTheSameBytes) {
 
 INSTANTIATE_TEST_SUITE_P(Selectors, SessionKvTest,
                          ::testing::Values(SelectorKind::kExact, SelectorKind::kQuest,
-                                           SelectorKind::kMdci, SelectorKind::kExactMdci),
+                                           SelectorKind::kMdci, SelectorKind::kExactMdci,
+                                           SelectorKind::kArkvale, SelectorKind::kPqcache,
+                                           SelectorKind::kSnapkv, SelectorKind::kOmnikv,
+                                           SelectorKind::kMagicpig, SelectorKind::kMdciPublished),
                          [](const ::testing::TestParamInfo<SelectorKind>& p) {
                            std::string n(SelectorKindName(p.param));
                            for (char& ch : n) ch = ch == '-' ? '_' : ch;

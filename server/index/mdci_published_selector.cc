@@ -1,0 +1,153 @@
+// The published M-DCI query (the ICE paper's selection as published,
+// docs/architecture.md §3.8), for comparison with the re-engineered mdci:
+// keys are MIPS-augmented (mips.h) and indexed by a prioritized DCI (Li and
+// Malik, "Fast k-Nearest Neighbour Search via Prioritized DCI", ICML 2017;
+// dci_prioritized.h: m composite indices of L random projections each,
+// defaults m = 2, L = 7); each query of the group runs the prioritized DCI
+// query for its top `budget` keys, retrieving at most dci_candidate_factor x
+// budget candidates; the union of the candidates is scored exactly, ranked
+// by the GQA group score and mapped to their positional pages (each page by
+// its best key, the budget in tokens).
+//
+// The DCI is immutable (dci_prioritized.h): keys appended after the last
+// build are a tail scored exactly at every query, and the DCI is rebuilt
+// (inside Insert(), under the caller's exclusive access) when the tail
+// passes max(1024, 1/8 of the indexed keys). The selector keeps an fp32
+// copy of every key for those rebuilds, as the published index holds its
+// points. Cost: candidates + tail exact dots, plus the projections visited
+// (counted as 1 / head_dim of a key each).
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+#include "common/status_macros.h"
+#include "server/index/baseline_selectors.h"
+#include "server/index/dci_prioritized.h"
+#include "server/index/mips.h"
+#include "server/index/page_select.h"
+#include "server/index/positional_layout.h"
+
+namespace icecache {
+namespace {
+
+constexpr int64_t kMinTail = 1024;
+
+class MdciPublishedSelector final : public PositionalLayoutSelector, public TokenRanker {
+ public:
+  MdciPublishedSelector(const SelectorConfig& config, const PageKeys* keys)
+      : PositionalLayoutSelector(config, keys) {}
+
+  absl::Status Select(const float* queries, int num_queries, const SelectParams& params,
+                      Selection* out) const override {
+    RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, params, out));
+    thread_local std::vector<ScoredToken> tokens;
+    uint64_t touched = 0;
+    RETURN_IF_ERROR(Score(queries, num_queries, params, &tokens, &touched));
+    TakeTokenPages(tokens, params, out);
+    out->keys_touched = touched;
+    return absl::OkStatus();
+  }
+
+  absl::Status SelectTokens(const float* queries, int num_queries, const SelectParams& params,
+                            std::vector<int32_t>* positions) const override {
+    Selection probe;
+    RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, params, &probe));
+    std::vector<ScoredToken> tokens;
+    uint64_t touched = 0;
+    RETURN_IF_ERROR(Score(queries, num_queries, params, &tokens, &touched));
+    TakeTopTokens(&tokens, params, positions);
+    return absl::OkStatus();
+  }
+
+  size_t index_bytes() const override {
+    return layout_bytes() + keys_f32_.size() * sizeof(float) + (dci_ ? dci_->bytes() : 0);
+  }
+
+ private:
+  absl::Status OnAppend(const float* keys, int64_t n, bool) override {
+    const int64_t total = num_tokens() + n;
+    const int64_t tail = total - indexed_;
+    if (dci_ != nullptr && tail < std::max(kMinTail, indexed_ / 8)) {
+      keys_f32_.insert(keys_f32_.end(), keys, keys + n * dim_);
+      return absl::OkStatus();
+    }
+    // (Re)build over every key: the new ones joined to the copy.
+    std::vector<float> all;
+    all.reserve(static_cast<size_t>(total) * dim_);
+    all.insert(all.end(), keys_f32_.begin(), keys_f32_.end());
+    all.insert(all.end(), keys, keys + n * dim_);
+    ASSIGN_OR_RETURN(MipsAugmentation aug,
+                     MipsAugmentation::Create(all.data(), total, dim_, 1.0f, 1.0f));
+    std::vector<float> points(static_cast<size_t>(total) * (dim_ + 1));
+    for (int64_t i = 0; i < total; ++i) {
+      aug.AugmentKey(all.data() + i * dim_, points.data() + i * (dim_ + 1));
+    }
+    DciParams dp;
+    dp.num_composite = config_.baseline.dci_num_composite;
+    dp.num_simple = config_.baseline.dci_num_simple;
+    dp.seed = config_.baseline.seed;
+    ASSIGN_OR_RETURN(std::unique_ptr<PrioritizedDci> dci,
+                     PrioritizedDci::Create(points.data(), total, dim_ + 1, dp));
+    // Nothing can fail from here on.
+    aug_ = aug;
+    dci_ = std::move(dci);
+    indexed_ = total;
+    keys_f32_ = std::move(all);
+    return absl::OkStatus();
+  }
+
+  absl::Status Score(const float* queries, int nq, const SelectParams& params,
+                     std::vector<ScoredToken>* tokens, uint64_t* touched) const;
+
+  MipsAugmentation aug_ = *MipsAugmentation::FromMaxNorm(1.0f, 1, 1.0f, 1.0f);
+  std::unique_ptr<PrioritizedDci> dci_;
+  int64_t indexed_ = 0;          // keys in dci_ (positions [0, indexed_))
+  std::vector<float> keys_f32_;  // every key, fp32, by position
+};
+
+absl::Status MdciPublishedSelector::Score(const float* queries, int nq, const SelectParams& params,
+                                          std::vector<ScoredToken>* tokens,
+                                          uint64_t* touched) const {
+  const int64_t n = num_tokens();
+  thread_local std::vector<int32_t> cand;
+  thread_local std::vector<float> qa;
+  thread_local std::vector<std::pair<float, uint32_t>> hits;
+  cand.clear();
+  qa.resize(dim_ + 1);
+  DciQueryParams qp;
+  qp.k = static_cast<int>(std::min<int64_t>(params.budget_tokens, indexed_));
+  qp.max_candidates = std::max(
+      qp.k, static_cast<int>(std::min<double>(
+                indexed_, static_cast<double>(config_.baseline.dci_candidate_factor) * qp.k)));
+  int64_t visited_total = 0;
+  for (int j = 0; j < nq && dci_ != nullptr; ++j) {
+    aug_.AugmentQuery(queries + static_cast<int64_t>(j) * dim_, qa.data());
+    int64_t visited = 0;
+    RETURN_IF_ERROR(dci_->Query(qa.data(), qp, &hits, &visited));
+    visited_total += visited;
+    for (const auto& h : hits) cand.push_back(static_cast<int32_t>(h.second));
+  }
+  for (int64_t i = indexed_; i < n; ++i) cand.push_back(static_cast<int32_t>(i));
+  std::sort(cand.begin(), cand.end());
+  cand.erase(std::unique(cand.begin(), cand.end()), cand.end());
+  const int64_t c = static_cast<int64_t>(cand.size());
+  thread_local std::vector<float> logits;
+  thread_local std::vector<float> scores;
+  logits.resize(static_cast<size_t>(nq) * c);
+  scores.resize(c);
+  RETURN_IF_ERROR(TokenLogits(cand.data(), c, queries, nq, logits.data()));
+  TokenGroupScores(logits.data(), nq, c, scale_, scores.data());
+  tokens->resize(c);
+  for (int64_t i = 0; i < c; ++i) (*tokens)[i] = {scores[i], cand[i]};
+  *touched = static_cast<uint64_t>(c + visited_total / dim_);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::unique_ptr<Selector> NewMdciPublishedSelector(const SelectorConfig& config,
+                                                   const PageKeys* keys) {
+  return std::make_unique<MdciPublishedSelector>(config, keys);
+}
+
+}  // namespace icecache
