@@ -150,6 +150,10 @@ struct SessionQuality {
   std::vector<HeadQuality> heads;
 };
 
+// In an inline namespace: the core has types of the same name, and a
+// program may link both (icecache-bench decode); distinct mangled names
+// keep them apart (no ODR clash).
+inline namespace client_api {
 struct SessionInfo {
   std::string id;
   uint64_t epoch = 0;
@@ -171,6 +175,7 @@ struct SessionInfo {
   uint32_t next_layer = 0;
   SessionQuality quality;
 };
+}  // namespace client_api
 
 // Selection of one KV head, pages in descending score order.
 struct HeadSelection {
@@ -195,6 +200,10 @@ struct HeadLayout {
 };
 // With num_layers > 1 layer j of the fetch starts at
 // offset + j x layer_stride_bytes, with the same slots.
+// In an inline namespace: the core has types of the same name, and a
+// program may link both (icecache-bench decode); distinct mangled names
+// keep them apart (no ODR clash).
+inline namespace client_api {
 struct FetchLayout {
   std::string buffer_id;
   uint64_t offset = 0;
@@ -208,6 +217,7 @@ struct FetchLayout {
   DType dtype = DType::kF16;
   std::vector<HeadLayout> heads;
 };
+}  // namespace client_api
 
 struct StepResult {
   uint32_t layer = 0;
@@ -219,6 +229,10 @@ struct StepResult {
 // One sequence of a batched decode step (Client::DecodeBatch): the layer's
 // queries of one session (q_heads x head_dim fp32, not owned: valid during
 // the call) and where its pages go.
+// In an inline namespace: the core has types of the same name, and a
+// program may link both (icecache-bench decode); distinct mangled names
+// keep them apart (no ODR clash).
+inline namespace client_api {
 struct DecodeBatchEntry {
   std::string session_id;
   absl::Span<const float> queries;
@@ -226,8 +240,13 @@ struct DecodeBatchEntry {
   uint64_t offset = 0;
   bool reuse_group_selection = false;
 };
+}  // namespace client_api
 
 // Admin views (admin.proto).
+// In an inline namespace: the core has types of the same name, and a
+// program may link both (icecache-bench decode); distinct mangled names
+// keep them apart (no ODR clash).
+inline namespace client_api {
 struct TenantInfo {
   std::string tenant;
   uint64_t bytes_used = 0;
@@ -235,6 +254,7 @@ struct TenantInfo {
   uint32_t sessions = 0;
   uint32_t buffers = 0;
 };
+}  // namespace client_api
 struct SizeClassInfo {
   uint64_t frame_bytes = 0;
   uint64_t frames_used = 0;

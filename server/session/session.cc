@@ -158,7 +158,7 @@ struct FrameCopier {
 
 }  // namespace
 
-void Session::EnableQuality(std::vector<std::unique_ptr<HeadQuality>> heads,
+void Session::EnableQuality(std::vector<std::unique_ptr<HeadQualityMonitor>> heads,
                             QualitySampler* sampler_in) {
   quality = std::move(heads);
   sampler = sampler_in;
@@ -240,7 +240,7 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
                                  const SelectParams& params, int64_t tokens, Selection* out,
                                  std::unique_ptr<QualityProbe>* probe) {
   const size_t index = SelectorIndex(group, h);
-  HeadQuality* hq = quality.empty() ? nullptr : quality[index].get();
+  HeadQualityMonitor* hq = quality.empty() ? nullptr : quality[index].get();
   SelectParams p = params;
   if (hq != nullptr) hq->Apply(&p);
   const float* q = queries.data() + static_cast<size_t>(h) * q_per_kv * config.head_dim;

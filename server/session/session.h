@@ -195,11 +195,12 @@ class Session {
   std::vector<GroupSelection> group_cache ABSL_GUARDED_BY(cache_mu);  // [group]
 
   // Quality monitor (session_quality.h). Set by EnableQuality before the
-  // session is published, immutable afterwards; each HeadQuality is
+  // session is published, immutable afterwards; each HeadQualityMonitor is
   // thread-safe. `sampler` (owned by the manager, which outlives every
   // request) counts selection time for the calibration budget.
-  void EnableQuality(std::vector<std::unique_ptr<HeadQuality>> heads, QualitySampler* sampler);
-  std::vector<std::unique_ptr<HeadQuality>> quality;  // [group * kv_heads + head] or empty
+  void EnableQuality(std::vector<std::unique_ptr<HeadQualityMonitor>> heads,
+                     QualitySampler* sampler);
+  std::vector<std::unique_ptr<HeadQualityMonitor>> quality;  // [group * kv_heads + head] or empty
   QualitySampler* sampler = nullptr;
   std::atomic<int64_t> selection_ns{0};  // every selection of the session, per head summed
   std::atomic<int64_t> calibration_cpu_ns{0};

@@ -282,7 +282,7 @@ absl::StatusOr<SessionInfo> SessionManager::CreateSession(const Caller& caller,
   auto s = std::make_shared<Session>(RandomHexId(), caller.tenant, epoch_, config, size_class, now,
                                      options_.keep_checksums);
   if (sampler_ != nullptr) {
-    ASSIGN_OR_RETURN(std::vector<std::unique_ptr<HeadQuality>> heads,
+    ASSIGN_OR_RETURN(std::vector<std::unique_ptr<HeadQualityMonitor>> heads,
                      MakeHeadQuality(s->config, s->groups, options_.quality));
     s->EnableQuality(std::move(heads), sampler_.get());
   }

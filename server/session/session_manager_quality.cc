@@ -12,7 +12,7 @@ void SessionManager::OfferProbes(const std::shared_ptr<Session>& s,
                                  std::vector<QualityProbe> probes) {
   if (sampler_ == nullptr) return;
   for (QualityProbe& probe : probes) {
-    HeadQuality& head = *s->quality[s->SelectorIndex(probe.group, probe.head)];
+    HeadQualityMonitor& head = *s->quality[s->SelectorIndex(probe.group, probe.head)];
     std::weak_ptr<Session> weak = s;
     auto job = [this, weak = std::move(weak), probe = std::move(probe)] {
       return RunProbe(weak, probe);

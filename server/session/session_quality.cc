@@ -10,7 +10,7 @@
 namespace icecache {
 namespace {
 
-// Weight of a new sample in HeadQuality's moving average.
+// Weight of a new sample in HeadQualityMonitor's moving average.
 constexpr double kRecentWeight = 1.0 / 8.0;
 
 bool LaidOutByTree(SelectorKind kind) {
@@ -31,17 +31,17 @@ absl::Status ValidateQualityOptions(const SessionQualityOptions& o) {
   return absl::OkStatus();
 }
 
-bool HeadQuality::ShouldSample() {
+bool HeadQualityMonitor::ShouldSample() {
   const int64_t since = since_.fetch_add(1, std::memory_order_relaxed) + 1;
   return taken_.load(std::memory_order_relaxed) < warmup_ || since >= sample_every_;
 }
 
-void HeadQuality::Taken() {
+void HeadQualityMonitor::Taken() {
   since_.store(0, std::memory_order_relaxed);
   taken_.fetch_add(1, std::memory_order_relaxed);
 }
 
-void HeadQuality::Record(const QualitySample& sample) {
+void HeadQualityMonitor::Record(const QualitySample& sample) {
   if (calibrator_ != nullptr) calibrator_->Observe(sample);
   absl::MutexLock l(&mu_);
   recent_ratio_ = samples_ == 0
@@ -53,7 +53,7 @@ void HeadQuality::Record(const QualitySample& sample) {
   last_ratio_ = sample.mass_ratio;
 }
 
-HeadQualityInfo HeadQuality::Report(int group, int head) const {
+HeadQualityInfo HeadQualityMonitor::Report(int group, int head) const {
   HeadQualityInfo info;
   info.group = group;
   info.kv_head = head;
@@ -76,14 +76,14 @@ HeadQualityInfo HeadQuality::Report(int group, int head) const {
   return info;
 }
 
-absl::StatusOr<std::vector<std::unique_ptr<HeadQuality>>> MakeHeadQuality(
+absl::StatusOr<std::vector<std::unique_ptr<HeadQualityMonitor>>> MakeHeadQuality(
     const SessionConfig& config, int groups, const SessionQualityOptions& options) {
-  std::vector<std::unique_ptr<HeadQuality>> heads;
+  std::vector<std::unique_ptr<HeadQualityMonitor>> heads;
   if (!options.enabled || !LaidOutByTree(config.selector)) return heads;
   const bool calibrate = config.selector == SelectorKind::kMdci && config.target_mass_ratio > 0.0;
   CalibratorOptions co;
   co.target_ratio = config.target_mass_ratio;
-  // The daemon's sampling schedule is HeadQuality's; the calibrator only
+  // The daemon's sampling schedule is HeadQualityMonitor's; the calibrator only
   // adapts the width.
   co.sample_every = 1;
   co.warmup_samples = 0;
@@ -100,8 +100,8 @@ absl::StatusOr<std::vector<std::unique_ptr<HeadQuality>>> MakeHeadQuality(
       }
       calibrator = std::move(made).value();
     }
-    heads.push_back(std::make_unique<HeadQuality>(options.sample_every, options.warmup_samples,
-                                                  std::move(calibrator)));
+    heads.push_back(std::make_unique<HeadQualityMonitor>(
+        options.sample_every, options.warmup_samples, std::move(calibrator)));
   }
   return heads;
 }

@@ -2,7 +2,7 @@
 // self-calibrating width of one session (docs/architecture.md §5 sessions).
 //
 // Per (layer group, KV head) of a session whose selector lays pages out by
-// the DCI tree (mdci, exact-mdci), a HeadQuality decides which selections
+// the DCI tree (mdci, exact-mdci), a HeadQualityMonitor decides which selections
 // are measured (the first warmup_samples, then 1 in sample_every; a due
 // measurement the sampler cannot take now is retried on the next selection), keeps the
 // tally of what was measured and, for mdci with a target mass ratio, owns
@@ -15,7 +15,7 @@
 // MeasureSelection) and records the sample here, which moves the width of
 // later selections.
 //
-// Thread safety: HeadQuality is thread-safe (atomics and one mutex).
+// Thread safety: HeadQualityMonitor is thread-safe (atomics and one mutex).
 #ifndef ICECACHE_SERVER_SESSION_SESSION_QUALITY_H_
 #define ICECACHE_SERVER_SESSION_SESSION_QUALITY_H_
 
@@ -57,10 +57,11 @@ struct QualityProbe {
   std::vector<uint32_t> pages;
 };
 
-class HeadQuality {
+class HeadQualityMonitor {
  public:
   // `calibrator` may be null (monitor only).
-  HeadQuality(int sample_every, int warmup_samples, std::unique_ptr<WidthCalibrator> calibrator)
+  HeadQualityMonitor(int sample_every, int warmup_samples,
+                     std::unique_ptr<WidthCalibrator> calibrator)
       : sample_every_(sample_every), warmup_(warmup_samples), calibrator_(std::move(calibrator)) {}
 
   // Counts one selection; true when a measurement is due: during warm-up
@@ -95,7 +96,7 @@ class HeadQuality {
 // vector when nothing is monitored (options off, or a positional selector:
 // its reference scan is not built yet). The calibrator's base width is the
 // session's mdci field_of_view / candidate_factor.
-absl::StatusOr<std::vector<std::unique_ptr<HeadQuality>>> MakeHeadQuality(
+absl::StatusOr<std::vector<std::unique_ptr<HeadQualityMonitor>>> MakeHeadQuality(
     const SessionConfig& config, int groups, const SessionQualityOptions& options);
 
 // Tokens a group may gain between a selection and its measurement before
@@ -105,7 +106,7 @@ int64_t StaleAfterTokens(const Session& s, int64_t tokens);
 // Measures `probe` against the exact reference on the session's current
 // index. kStale when the group gained more than StaleAfterTokens since the
 // selection, or the session broke. Records the sample into the head's
-// HeadQuality and into *out. Takes s.append_mu (waiting for an append in
+// HeadQualityMonitor and into *out. Takes s.append_mu (waiting for an append in
 // progress: this runs on the sampler's thread) and then s.mu shared, so
 // selects go on meanwhile and an append waits at most for this one head's
 // reference scan.
