@@ -42,8 +42,9 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> Start(const Flags& f, uint64_t ca
   o.log_level = "info";
   o.ready_timeout = absl::Minutes(20);
   o.stop_timeout = absl::Minutes(5);
-  o.config_textproto = absl::StrCat("pool { capacity_bytes: ", capacity, " backing_dir: \"", f.dir,
-                                    "\" }\nsessions { max_ttl_ms: 86400000 buffer_idle_ttl_ms: 86400000 }\n");
+  o.config_textproto =
+      absl::StrCat("pool { capacity_bytes: ", capacity, " backing_dir: \"", f.dir,
+                   "\" }\nsessions { max_ttl_ms: 86400000 buffer_idle_ttl_ms: 86400000 }\n");
   return DaemonProcess::Start(o);
 }
 
