@@ -587,26 +587,45 @@ absl::StatusOr<std::vector<HeadSelection>> Client::SelectPages(std::string_view 
   return out;
 }
 
-absl::StatusOr<FetchLayout> Client::FetchPages(std::string_view session_id, uint32_t layer,
-                                               const std::vector<std::vector<uint32_t>>& pages,
-                                               std::string_view buffer_id, uint64_t offset,
-                                               bool want_positions, uint32_t num_layers) {
+namespace {
+
+// A FetchPages request for `lists[h]` of every KV head h: page ids
+// (FetchPages) or token positions (FetchTokens), sent unary.
+template <typename T>
+absl::StatusOr<FetchLayout> SendFetch(Client::Impl& impl, std::string_view session_id,
+                                      uint32_t layer, const std::vector<std::vector<T>>& lists,
+                                      bool tokens, std::string_view buffer_id, uint64_t offset,
+                                      bool want_positions, uint32_t num_layers) {
   v1::FetchPagesRequest req;
   req.set_session_id(std::string(session_id));
   req.set_layer(layer);
-  for (size_t h = 0; h < pages.size(); ++h) {
+  for (size_t h = 0; h < lists.size(); ++h) {
     auto* hp = req.add_heads();
     hp->set_kv_head(static_cast<uint32_t>(h));
-    hp->mutable_pages()->Add(pages[h].begin(), pages[h].end());
+    if (tokens) {
+      hp->mutable_tokens()->Add(lists[h].begin(), lists[h].end());
+    } else {
+      hp->mutable_pages()->Add(lists[h].begin(), lists[h].end());
+    }
   }
   req.set_buffer_id(std::string(buffer_id));
   req.set_offset(offset);
   req.set_want_positions(want_positions);
   req.set_num_layers(num_layers);
   v1::FetchPagesResponse resp;
-  auto ctx = impl_->NewContext();
-  RETURN_IF_ERROR(FromGrpcStatus(impl_->kv->FetchPages(ctx.get(), req, &resp)));
+  auto ctx = impl.NewContext();
+  RETURN_IF_ERROR(FromGrpcStatus(impl.kv->FetchPages(ctx.get(), req, &resp)));
   return FromProto(resp.layout());
+}
+
+}  // namespace
+
+absl::StatusOr<FetchLayout> Client::FetchPages(std::string_view session_id, uint32_t layer,
+                                               const std::vector<std::vector<uint32_t>>& pages,
+                                               std::string_view buffer_id, uint64_t offset,
+                                               bool want_positions, uint32_t num_layers) {
+  return SendFetch(*impl_, session_id, layer, pages, /*tokens=*/false, buffer_id, offset,
+                   want_positions, num_layers);
 }
 
 absl::StatusOr<FetchLayout> Client::FetchPages(std::string_view session_id, uint32_t layer,
@@ -631,22 +650,8 @@ absl::StatusOr<FetchLayout> Client::FetchTokens(std::string_view session_id, uin
                                                 const std::vector<std::vector<int32_t>>& positions,
                                                 std::string_view buffer_id, uint64_t offset,
                                                 bool want_positions, uint32_t num_layers) {
-  v1::FetchPagesRequest req;
-  req.set_session_id(std::string(session_id));
-  req.set_layer(layer);
-  for (size_t h = 0; h < positions.size(); ++h) {
-    auto* hp = req.add_heads();
-    hp->set_kv_head(static_cast<uint32_t>(h));
-    hp->mutable_tokens()->Add(positions[h].begin(), positions[h].end());
-  }
-  req.set_buffer_id(std::string(buffer_id));
-  req.set_offset(offset);
-  req.set_want_positions(want_positions);
-  req.set_num_layers(num_layers);
-  v1::FetchPagesResponse resp;
-  auto ctx = impl_->NewContext();
-  RETURN_IF_ERROR(FromGrpcStatus(impl_->kv->FetchPages(ctx.get(), req, &resp)));
-  return FromProto(resp.layout());
+  return SendFetch(*impl_, session_id, layer, positions, /*tokens=*/true, buffer_id, offset,
+                   want_positions, num_layers);
 }
 
 namespace {
