@@ -1,5 +1,5 @@
 // Parameters of the baseline selectors reproduced from the literature
-// (docs/architecture.md §3.8): PQCache, SnapKV, MagicPIG and the published
+// (docs/architecture.md §3.9): PQCache, SnapKV, MagicPIG and the published
 // M-DCI query. Defaults follow each paper's public code; the selector files
 // cite the source of each default.
 #ifndef ICECACHE_SERVER_INDEX_BASELINE_PARAMS_H_

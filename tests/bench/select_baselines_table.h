@@ -1,5 +1,5 @@
 // `icecache-bench select --baselines`: the comparison table of the paper's
-// baselines (docs/architecture.md §3.8) against mdci (ICE) on the synthetic
+// baselines (docs/architecture.md §3.9) against mdci (ICE) on the synthetic
 // families. Every method of `selectors` (default: BaselineTableMethods())
 // at budgets 256, 1024 and 25% of the context, on every family of
 // `families`, through MeasureRuns (the protocol of select_bench.h): mass
