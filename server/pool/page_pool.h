@@ -6,12 +6,13 @@
 // else normal pages with MAP_NORESERVE and madvise(MADV_HUGEPAGE). The arena is cut into 2 MiB
 // slabs; a slab belongs to one size class while it holds frames of that class. A slab whose last
 // frame is freed stays carved in its class (re-allocation costs no page
-// faults) until another class needs a slab and the arena has none left (it
-// is then taken over) or Trim() is called; a slab that leaves its class goes
-// back to the kernel with MADV_DONTNEED. A size class is created on first use of a frame size and
-// has an intrusive doubly linked free list threaded through its free frames,
-// so Allocate/Free are O(1) per frame and allocate no heap memory besides the
-// FrameSet's pointer vector.
+// faults) while at most `max_empty_slabs` slabs are empty, until another class
+// needs a slab and the arena has none left (it is then taken over) or Trim() is
+// called; beyond that bound Free() releases the excess at once. A slab that
+// leaves its class goes back to the kernel with MADV_DONTNEED. A size class is created on first use
+// of a frame size and has an intrusive doubly linked free list threaded through its free frames, so
+// Allocate/Free are O(1) per frame and allocate no heap memory besides the FrameSet's pointer
+// vector.
 //
 // A frame of a KV page holds K then V, page_tokens x head_dim each, in the
 // session dtype: frame_bytes = 2 x page_tokens x head_dim x DTypeSize(dtype)
@@ -71,6 +72,12 @@ struct PagePoolOptions {
   // the capacity; then Recover() re-owns the frames a snapshot names).
   // false: the file is emptied first.
   bool reuse_backing_file = false;
+  // Empty slabs (carved, no frame in use) the pool keeps resident for quick
+  // re-use, over all size classes. A Free() that leaves more empty than this
+  // returns the excess to the kernel (MADV_DONTNEED) at once, so memory goes
+  // back when sessions drop (docs/architecture.md §4). ~0 = keep every one
+  // until Trim().
+  uint64_t max_empty_slabs = 16;
 };
 
 // The frames of one session found in a warm-restart snapshot: byte offsets
@@ -257,6 +264,7 @@ class PagePool {
   void ReleaseSlabLocked(SizeClass* c, uint64_t slab) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void StealEmptySlabLocked(SizeClass* taker) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool PopEmptySlabLocked(SizeClass* c, uint64_t* slab) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ReleaseExcessEmptySlabsLocked(SizeClass* first) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const PagePoolOptions options_;
   uint8_t* const base_;

@@ -57,6 +57,23 @@ int64_t ProcField(pid_t pid, const std::string& field) {
   return 0;
 }
 
+// Resident bytes of the daemon's pool arena (the mapping of exactly
+// `arena_bytes`, /proc/PID/smaps): the rest of the RSS is the heap, thread
+// stacks and code. Tells pool retention from heap growth after a run.
+int64_t ArenaRssBytes(pid_t pid, uint64_t arena_bytes) {
+  std::ifstream in(absl::StrCat("/proc/", pid, "/smaps"));
+  bool in_arena = false;
+  for (std::string line; std::getline(in, line);) {
+    unsigned long long lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%llx-%llx ", &lo, &hi) == 2) {  // a mapping's first line
+      in_arena = hi - lo == arena_bytes;
+      continue;
+    }
+    if (in_arena && line.rfind("Rss:", 0) == 0) return std::stoll(line.substr(4)) * 1024;
+  }
+  return 0;
+}
+
 // Forks one tenant process; its result comes back as one JSON line on the
 // returned fd. As root the child becomes uid 60000 + index.
 pid_t ForkTenant(const TenantOptions& o, int index, int* fd) {
@@ -104,16 +121,18 @@ absl::StatusOr<DaemonStats> SettledStats(Client& admin) {
   }
 }
 
+// Pool capacity of a spawned daemon.
+constexpr uint64_t kSpawnPoolBytes = uint64_t{1} << 30;
+
 int Run(const Flags& f) {
   std::unique_ptr<DaemonProcess> daemon;
   std::string socket = f.socket;
   if (!f.spawn.empty()) {
     DaemonOptions d;
     d.binary = f.spawn;
-    d.config_textproto =
-        "listen { unix_socket_mode: 438 }\n"
-        "pool { capacity_bytes: 1073741824 }\n"
-        "sessions { reaper_interval_ms: 200 }\n";
+    d.config_textproto = absl::StrCat("listen { unix_socket_mode: 438 }\n",
+                                      "pool { capacity_bytes: ", kSpawnPoolBytes, " }\n",
+                                      "sessions { reaper_interval_ms: 200 }\n");
     auto started = DaemonProcess::Start(d);
     if (!started.ok()) {
       std::cerr << "icecache-load: " << started.status() << "\n";
@@ -121,9 +140,13 @@ int Run(const Flags& f) {
     }
     daemon = *std::move(started);
     socket = daemon->socket_path();
+    // The baseline is the idle daemon after its reaper's first passes (it
+    // keeps sessions.prefault_slabs of the pool faulted in ahead).
+    absl::SleepFor(absl::Seconds(1));
   }
   const pid_t dpid = daemon ? daemon->pid() : 0;
   const int64_t rss_before = dpid ? ProcField(dpid, "VmRSS:") : 0;
+  const int64_t arena_before = dpid ? ArenaRssBytes(dpid, kSpawnPoolBytes) : 0;
   TenantOptions o;
   o.socket_path = socket;
   o.workers = f.workers;
@@ -166,6 +189,7 @@ int Run(const Flags& f) {
   const bool daemon_alive = daemon ? daemon->running() : st.ok();
   const int64_t rss_peak = dpid ? ProcField(dpid, "VmHWM:") : 0;
   const int64_t rss_after = dpid ? ProcField(dpid, "VmRSS:") : 0;
+  const int64_t arena_after = dpid ? ArenaRssBytes(dpid, kSpawnPoolBytes) : 0;
   const bool pool_empty = st.ok() && st->bytes_used == 0 && st->sessions == 0 && st->buffers == 0 &&
                           st->frames_used == 0;
   const bool rss_back = !dpid || rss_after <= rss_before + (f.rss_slack_mib << 20);
@@ -188,6 +212,8 @@ int Run(const Flags& f) {
   j["rss_before_bytes"] = rss_before;
   j["rss_peak_bytes"] = rss_peak;
   j["rss_after_bytes"] = rss_after;
+  j["pool_arena_rss_before_bytes"] = arena_before;
+  j["pool_arena_rss_after_bytes"] = arena_after;
   if (!st.ok()) j["stats_error"] = st.status().ToString();
 
   std::cout << absl::StrFormat(
@@ -198,7 +224,8 @@ int Run(const Flags& f) {
       "  bytes         %lld page blocks checked, %lld wrong\n"
       "  failures      %lld good requests failed, %lld bad requests with the wrong code, "
       "%d tenants crashed\n"
-      "  daemon        %s; pool %s after; RSS %.1f MiB before, %.1f peak, %.1f after\n",
+      "  daemon        %s; pool %s after; RSS %.1f MiB before, %.1f peak, %.1f after\n"
+      "                (of which the pool arena: %.1f MiB before, %.1f after)\n",
       f.tenants, f.workers, f.sessions, streams, elapsed, static_cast<long long>(total.ops),
       static_cast<long long>(total.bad_requests), (total.ops + total.bad_requests) / elapsed,
       total.decode_us.size(), Percentile(total.decode_us, 0.5), Percentile(total.decode_us, 0.99),
@@ -206,7 +233,8 @@ int Run(const Flags& f) {
       static_cast<long long>(total.pages_checked), static_cast<long long>(total.wrong_bytes),
       static_cast<long long>(total.errors), static_cast<long long>(total.bad_wrong_code), crashed,
       daemon_alive ? "alive" : "DEAD", pool_empty ? "empty" : "NOT EMPTY", rss_before / 1048576.0,
-      rss_peak / 1048576.0, rss_after / 1048576.0);
+      rss_peak / 1048576.0, rss_after / 1048576.0, arena_before / 1048576.0,
+      arena_after / 1048576.0);
   for (const auto& msg : total.first_failures) std::cout << "  first failure: " << msg << "\n";
   if (!f.json.empty()) {
     std::ofstream(f.json) << DumpJson(j, 2) << "\n";

@@ -1,5 +1,8 @@
 #include "server/pool/page_pool.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cstring>
 #include <set>
 #include <thread>
@@ -143,6 +146,52 @@ TEST(PagePoolTest, StatsTrackClassesTenantsAndSlabs) {
   auto again = pool->Allocate("alice", *id, 4);
   ASSERT_THAT(again, IsOk());
   EXPECT_EQ(pool->Stats().reserved_bytes, PagePool::kSlabBytes);
+}
+
+// Resident 4 KiB pages of the arena's slab `slab` (mincore).
+uint64_t ResidentPages(const PagePool& pool, uint64_t slab) {
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> vec(PagePool::kSlabBytes / page);
+  if (::mincore(pool.arena_base() + slab * PagePool::kSlabBytes, PagePool::kSlabBytes,
+                vec.data()) != 0) {
+    ADD_FAILURE() << "mincore failed";
+    return 0;
+  }
+  uint64_t n = 0;
+  for (unsigned char v : vec) n += v & 1;
+  return n;
+}
+
+TEST(PagePoolTest, FreeReturnsEmptySlabsBeyondTheBoundToTheKernel) {
+  PagePoolOptions o;
+  o.capacity_bytes = 16 * kMiB;  // 8 slabs
+  o.use_huge_pages = false;
+  o.max_empty_slabs = 2;
+  auto created = PagePool::Create(o);
+  ASSERT_THAT(created, IsOk());
+  PagePool& pool = **created;
+  auto id = pool.GetOrCreateClass(PagePool::kSlabBytes / 4);
+  ASSERT_THAT(id, IsOk());
+  {
+    auto set = pool.Allocate("alice", *id, 6 * 4);  // 6 slabs, every byte touched
+    ASSERT_THAT(set, IsOk());
+    for (size_t i = 0; i < set->size(); ++i) std::memset(set->frame(i), 0x5A, set->frame_bytes());
+    uint64_t resident = 0;
+    for (uint64_t slab = 0; slab < 6; ++slab) resident += ResidentPages(pool, slab);
+    EXPECT_EQ(resident * ::sysconf(_SC_PAGESIZE), 6 * PagePool::kSlabBytes);
+  }
+  // Dropped: two empty slabs stay carved (and resident), four went back.
+  PoolStats s = pool.Stats();
+  EXPECT_EQ(s.used_bytes, 0u);
+  EXPECT_EQ(s.reserved_bytes, 2 * PagePool::kSlabBytes);
+  EXPECT_EQ(s.frames_free, 2u * 4);
+  uint64_t resident = 0;
+  for (uint64_t slab = 0; slab < 8; ++slab) resident += ResidentPages(pool, slab);
+  EXPECT_EQ(resident * ::sysconf(_SC_PAGESIZE), 2 * PagePool::kSlabBytes);
+  // The released slabs are carved again, zeroed, when needed.
+  auto again = pool.Allocate("alice", *id, 8 * 4);
+  ASSERT_THAT(again, IsOk());
+  EXPECT_EQ(pool.Stats().reserved_bytes, 8 * PagePool::kSlabBytes);
 }
 
 TEST(PagePoolTest, ChurnDoesNotGrowOrLeak) {
