@@ -342,6 +342,15 @@ uint64_t PagePool::PrefaultAhead(uint64_t slabs) {
     for (uint64_t s = next_unused_slab_; s < num_slabs_ && next.size() < slabs; ++s) {
       next.push_back(s);
     }
+    // Slabs faulted in by an earlier call that are still free but no longer
+    // next in line (others were freed on top of them) go back to the kernel:
+    // at most `slabs` free slabs stay resident, however the pool churns.
+    for (uint64_t s : prefaulted_) {
+      if (slabs_[s].class_id == -1 && std::find(next.begin(), next.end(), s) == next.end()) {
+        DropSlabMemoryLocked(s);
+      }
+    }
+    prefaulted_ = next;
   }
   uint64_t done = 0;
   for (uint64_t slab : next) {
@@ -415,9 +424,13 @@ void PagePool::ReleaseSlabLocked(SizeClass* c, uint64_t slab) {
   counters_.reserved_bytes -= kSlabBytes;
   slabs_[slab].class_id = -1;
   free_slabs_.push_back(slab);
+  DropSlabMemoryLocked(slab);
+}
+
+void PagePool::DropSlabMemoryLocked(uint64_t slab) {
   // Give the memory back to the kernel; the next user faults in zero pages
   // (a file-backed arena: punch the hole in the file, or tmpfs keeps it).
-  madvise(start, kSlabBytes, fd_ >= 0 ? MADV_REMOVE : MADV_DONTNEED);
+  madvise(base_ + slab * kSlabBytes, kSlabBytes, fd_ >= 0 ? MADV_REMOVE : MADV_DONTNEED);
 }
 
 // Keeps the resident empty slabs within options_.max_empty_slabs: the

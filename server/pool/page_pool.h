@@ -211,7 +211,9 @@ class PagePool {
   // 2 MiB slab on first touch: about a millisecond on the append that needs
   // it). Contents are unchanged (MADV_POPULATE_WRITE), so it is safe while
   // allocations run; a no-op where the kernel lacks it. Meant for a
-  // background thread. Returns the slabs populated.
+  // background thread. Free slabs an earlier call faulted in that are no
+  // longer among the next `slabs` are returned to the kernel, so at most
+  // `slabs` free slabs stay resident. Returns the slabs populated.
   uint64_t PrefaultAhead(uint64_t slabs) ABSL_LOCKS_EXCLUDED(mu_);
   // Warm restart: takes ownership of exactly the listed frames (every other
   // frame of the arena stays free) and returns one FrameSet per entry, in
@@ -265,6 +267,8 @@ class PagePool {
   void StealEmptySlabLocked(SizeClass* taker) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool PopEmptySlabLocked(SizeClass* c, uint64_t* slab) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ReleaseExcessEmptySlabsLocked(SizeClass* first) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // MADV_DONTNEED (MADV_REMOVE for a file) of one slab that no frame uses.
+  void DropSlabMemoryLocked(uint64_t slab) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const PagePoolOptions options_;
   uint8_t* const base_;
@@ -290,7 +294,8 @@ class PagePool {
   std::vector<Slab> slabs_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> free_slabs_ ABSL_GUARDED_BY(mu_);  // stack of slab indices
   uint64_t next_unused_slab_ ABSL_GUARDED_BY(mu_) = 0;
-  uint64_t empty_slabs_total_ ABSL_GUARDED_BY(mu_) = 0;  // carved slabs with no frame used
+  uint64_t empty_slabs_total_ ABSL_GUARDED_BY(mu_) = 0;    // carved slabs with no frame used
+  std::vector<uint64_t> prefaulted_ ABSL_GUARDED_BY(mu_);  // the last PrefaultAhead's slabs
   bool frozen_ ABSL_GUARDED_BY(mu_) = false;
   std::map<std::string, std::unique_ptr<Tenant>, std::less<>> tenants_ ABSL_GUARDED_BY(mu_);
 };

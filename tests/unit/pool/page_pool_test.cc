@@ -194,6 +194,42 @@ TEST(PagePoolTest, FreeReturnsEmptySlabsBeyondTheBoundToTheKernel) {
   EXPECT_EQ(pool.Stats().reserved_bytes, 8 * PagePool::kSlabBytes);
 }
 
+TEST(PagePoolTest, PrefaultAheadKeepsAtMostItsCountOfFreeSlabsResident) {
+  PagePoolOptions o;
+  o.capacity_bytes = 16 * kMiB;  // 8 slabs
+  o.use_huge_pages = false;
+  o.max_empty_slabs = 0;  // a freed slab goes back at once
+  auto created = PagePool::Create(o);
+  ASSERT_THAT(created, IsOk());
+  PagePool& pool = **created;
+  auto id = pool.GetOrCreateClass(PagePool::kSlabBytes);  // one frame per slab
+  ASSERT_THAT(id, IsOk());
+  auto a = pool.Allocate("t", *id, 2);
+  auto b = pool.Allocate("t", *id, 2);
+  ASSERT_THAT(a, IsOk());
+  ASSERT_THAT(b, IsOk());
+  for (FrameSet* set : {&*a, &*b}) {
+    for (size_t i = 0; i < set->size(); ++i) std::memset(set->frame(i), 1, set->frame_bytes());
+  }
+  auto resident_slabs = [&] {
+    uint64_t pages = 0;
+    for (uint64_t slab = 0; slab < 8; ++slab) pages += ResidentPages(pool, slab);
+    return pages * ::sysconf(_SC_PAGESIZE) / PagePool::kSlabBytes;
+  };
+  a->Reset();  // its two slabs go back, then are faulted in ahead
+  if (pool.PrefaultAhead(2) == 0) GTEST_SKIP() << "kernel without MADV_POPULATE_WRITE";
+  EXPECT_EQ(resident_slabs(), 4u);
+  // b's slabs are freed on top of the faulted ones; the next call faults in
+  // those and returns the two that sank below them.
+  b->Reset();
+  EXPECT_EQ(resident_slabs(), 2u);
+  EXPECT_EQ(pool.PrefaultAhead(2), 2u);
+  EXPECT_EQ(resident_slabs(), 2u);
+  // And the pool still hands out every slab.
+  auto all = pool.Allocate("t", *id, 8);
+  EXPECT_THAT(all, IsOk());
+}
+
 TEST(PagePoolTest, ChurnDoesNotGrowOrLeak) {
   auto pool = MakePool(4 * kMiB);
   auto small = pool->GetOrCreateClass(4096);
