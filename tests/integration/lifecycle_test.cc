@@ -300,6 +300,10 @@ TEST(LifecycleTest, SigtermDrainsInFlightFinishesNewRefusedExitZero) {
       ::statvfs("/dev/shm", &shm) == 0 ? uint64_t{shm.f_bavail} * shm.f_frsize : 0;
   bool observed = false;
   absl::Status inflight_result;
+  // Outlives the loop: the thread of the attempt SIGTERM caught is still
+  // running after the loop ends (ASan: stack-use-after-scope when this was
+  // declared inside it).
+  std::atomic<bool> done{false};
   std::thread inflight;
   std::unique_ptr<ShmBuffer> big_buf;
   for (int64_t tokens : {16384, 32768, 65536}) {
@@ -312,7 +316,7 @@ TEST(LifecycleTest, SigtermDrainsInFlightFinishesNewRefusedExitZero) {
     ASSERT_THAT(buf, IsOk());
     m.kv.FillChunk(0, tokens, buf->data());
     big_buf = std::make_unique<ShmBuffer>(*std::move(buf));
-    std::atomic<bool> done{false};
+    done = false;
     std::thread t([&c, &inflight_result, &done, &big_buf, id = s->id, bytes, tokens] {
       inflight_result = c.AppendKv(id, *big_buf, 0, bytes, tokens).status();
       done = true;
