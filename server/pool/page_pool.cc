@@ -14,6 +14,7 @@
 #include "absl/strings/str_format.h"
 #include "common/caller.h"
 #include "common/status_macros.h"
+#include "server/pool/heap_trim.h"
 
 namespace icecache {
 
@@ -557,6 +558,7 @@ void PagePool::Free(FrameSet* set) {
   t->used_bytes -= bytes;
   t->frames -= count;
   ReleaseExcessEmptySlabsLocked(c);
+  NoteFramesFreed(bytes);
 }
 
 absl::Status PagePool::SetQuota(std::string_view tenant, uint64_t quota_bytes) {
