@@ -40,6 +40,7 @@ struct Flags {
   int64_t tokens = 1024;
   int bad_every = 16;
   int64_t rss_slack_mib = 128;
+  double settle_seconds = 6;
   std::string json;
 };
 
@@ -186,6 +187,10 @@ int Run(const Flags& f) {
   auto admin = Client::Create(co);
   absl::StatusOr<DaemonStats> st =
       admin.ok() ? SettledStats(**admin) : absl::StatusOr<DaemonStats>(admin.status());
+  // The daemon gives memory back in the background once sessions are gone
+  // (its reaper: the pool's prefault window, the heap trim at most every
+  // 5 s); the "after" figure is the idle daemon a few seconds later.
+  absl::SleepFor(absl::Seconds(f.settle_seconds));
   const bool daemon_alive = daemon ? daemon->running() : st.ok();
   const int64_t rss_peak = dpid ? ProcField(dpid, "VmHWM:") : 0;
   const int64_t rss_after = dpid ? ProcField(dpid, "VmRSS:") : 0;
@@ -271,6 +276,10 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{64}, int64_t{1} << 20));
   app.add_option("--bad-every", f.bad_every, "One bad request per this many good ones (0: none)")
       ->capture_default_str();
+  app.add_option("--settle-seconds", f.settle_seconds,
+                 "Idle time after every session is gone before the RSS is read again")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 600.0));
   app.add_option("--rss-slack-mib", f.rss_slack_mib,
                  "Daemon RSS after the run may exceed the start by this much")
       ->capture_default_str();
