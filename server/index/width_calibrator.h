@@ -35,9 +35,10 @@ namespace icecache {
 
 struct CalibratorOptions {
   double target_ratio = 0.95;  // selection mass / exact reference mass, in (0, 1]
-  int sample_every = 256;      // once warm: 1 sampled step in this many (>= 1)
-  int warmup_samples = 32;     // the first steps, all sampled (>= 0)
-  double min_width = 1.0;      // bounds of the width multiplier, 0 < min <= max
+  // The daemon's defaults (config.h kDefaultQuality*, deploy/icecached.textproto).
+  int sample_every = 64;    // once warm: 1 sampled step in this many (>= 1)
+  int warmup_samples = 16;  // the first steps, all sampled (>= 0)
+  double min_width = 1.0;   // bounds of the width multiplier, 0 < min <= max
   double max_width = 64.0;
   double increase = 1.5;     // x on a sample below the target (> 1)
   double decrease = 0.85;    // x after settle_samples comfortable samples (in (0, 1))
