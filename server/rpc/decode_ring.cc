@@ -344,8 +344,7 @@ bool DecodeRingServer::Serve(Ring& r, uint32_t events) {
     if (status.ok()) status = handler_(r.caller, r.request, &r.cursor, &r.response);
   }
   r.handled_seq = seq;
-  Answer(r, seq, status);
-  return true;
+  return Answer(r, seq, status);
 }
 
 absl::Status DecodeRingServer::ReadRequest(Ring& r, uint64_t seq, uint32_t len) {
@@ -366,7 +365,7 @@ absl::Status DecodeRingServer::ReadRequest(Ring& r, uint64_t seq, uint32_t len) 
   return absl::OkStatus();
 }
 
-void DecodeRingServer::Answer(Ring& r, uint64_t seq, const absl::Status& status) {
+bool DecodeRingServer::Answer(Ring& r, uint64_t seq, const absl::Status& status) {
   int32_t code = static_cast<int32_t>(status.code());
   std::string message(status.message());
   size_t size = 0;
@@ -396,10 +395,11 @@ void DecodeRingServer::Answer(Ring& r, uint64_t seq, const absl::Status& status)
       __atomic_store_n(reinterpret_cast<uint64_t*>(dst), seq, __ATOMIC_RELEASE);
     });
   }
-  if (!w.ok()) return;  // the file shrank: the client reads end of file at Close
+  if (!w.ok()) return false;  // the ring file shrank: close it (the client reads end of file)
   const char bell = 1;
   // EAGAIN: the client has unread bells and will look at response_seq.
   (void)!::write(r.response_fd, &bell, 1);
+  return true;
 }
 
 void DecodeRingServer::Stop() {

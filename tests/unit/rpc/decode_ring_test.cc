@@ -409,6 +409,30 @@ TEST_F(DecodeRingTest, RingsAndRingMessagesCountAgainstTheTenantsLimits) {
   EXPECT_EQ(Exchange(*open[0], StepRequest(0).SerializeAsString(), 2, &body), 0) << body;
 }
 
+// A client that truncates its ring file under an open ring: the daemon
+// cannot read the request, closes the ring (the client reads end of file)
+// and goes on serving.
+TEST_F(DecodeRingTest, ATruncatedRingFileClosesTheRing) {
+  Fifos f;
+  f.OpenAsClient();
+  ASSERT_TRUE(Open(OpenRequest(f)).ok());
+  const std::string bytes = StepRequest(0).SerializeAsString();
+  std::memcpy(shm_.data() + ring::RequestAreaOffset(), bytes.data(), bytes.size());
+  const uint32_t len = static_cast<uint32_t>(bytes.size());
+  std::memcpy(shm_.data() + ring::kRequestLenOffset, &len, 4);
+  const uint64_t seq = 1;
+  std::memcpy(shm_.data() + ring::kRequestSeqOffset, &seq, 8);
+  ASSERT_EQ(ftruncate(shm_.fd(), 0), 0);
+  const char b = 1;
+  ASSERT_EQ(write(f.req_fd, &b, 1), 1);
+  fcntl(f.resp_fd, F_SETFL, fcntl(f.resp_fd, F_GETFL) & ~O_NONBLOCK);
+  char bells[16];
+  EXPECT_EQ(read(f.resp_fd, bells, sizeof bells), 0) << "end of file, no answer";
+  EXPECT_TRUE(AwaitMetric("icecache_decode_rings", 0));
+  EXPECT_EQ(Metric("icecache_decode_rings_closed_total"), 1);
+  EXPECT_FALSE(CreateSession().empty());
+}
+
 // A client killed while its ring is open: the daemon sees the request
 // FIFO's end of file and releases the ring.
 TEST_F(DecodeRingTest, AClientThatDiesHasItsRingReclaimed) {
