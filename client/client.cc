@@ -716,7 +716,10 @@ absl::Status Exchange(Client& client, std::string_view key, const v1::DecodeStep
   if (!key.empty()) MaybeOpenRing(client, *state, key);
   if (state->ring != nullptr && state->ring->Fits(req)) {
     absl::Status s = state->ring->Exchange(req, resp);
-    if (state->ring->broken()) state->ring.reset();  // the next step reopens one
+    // Broken: the next step reopens one. NotFound (the session was dropped
+    // or expired, or a buffer is unknown): the ring is given back, so rings
+    // of dead sessions do not pile up; the next step asks for a new one.
+    if (state->ring->broken() || absl::IsNotFound(s)) state->ring.reset();
     return s;
   }
   return StreamExchange(impl, *state, req, resp);

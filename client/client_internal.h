@@ -38,11 +38,11 @@ HeadSelection FromProto(const v1::HeadSelection& head);
 FetchLayout FromProto(const v1::FetchLayout& layout);
 TenantInfo FromProto(const v1::TenantInfo& tenant);
 
-// One session's DecodeStep path: its ring when the daemon accepted one
-// (ClientOptions.decode_ring), else its stream. The mutex serialises the
-// steps of a session.
+// One open DecodeStep stream; its mutex serialises the steps of a session.
 struct DecodeStreamState {
   absl::Mutex mu;
+  // The session's DecodeStep path: its ring when the daemon accepted one
+  // (ClientOptions.decode_ring), else the stream below.
   std::unique_ptr<DecodeRingClient> ring ABSL_GUARDED_BY(mu);
   // Set once a ring was refused (or the option is off): the stream only.
   bool no_ring ABSL_GUARDED_BY(mu) = false;

@@ -26,6 +26,10 @@ struct DecodeRingServer::Ring {
     if (request_fd >= 0) ::close(request_fd);
     if (response_fd >= 0) ::close(response_fd);
   }
+  // Held while a thread serves the ring. EPOLLONESHOT already gives the ring
+  // to one thread at a time; the (uncontended) mutex makes that hand-off
+  // visible to the thread-safety tools (TSan does not see epoll).
+  absl::Mutex serve_mu;
   uint64_t key = 0;
   std::string id;
   Caller caller;
@@ -135,10 +139,13 @@ absl::Status CheckHeader(BufferLease& lease, uint64_t* request_seq) {
 }
 
 // Reads what is in the FIFO; false at end of file (no writer left).
+// A short read means the FIFO is empty now; a bell arriving later re-arms
+// the ring's (level-triggered) epoll entry anyway, so one read() usually does.
 bool DrainDoorbell(int fd) {
   char buf[64];
   for (;;) {
     const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n > 0 && n < static_cast<ssize_t>(sizeof buf)) return true;
     if (n > 0) continue;
     if (n == 0) return false;
     if (errno == EINTR) continue;
@@ -299,7 +306,12 @@ void DecodeRingServer::ThreadMain() {
     if (ev.data.u64 == 0) return;  // Stop()
     std::shared_ptr<Ring> r = Find(ev.data.u64);
     if (r == nullptr) continue;
-    if (!Serve(*r, ev.events)) {
+    bool open;
+    {
+      absl::MutexLock serving(&r->serve_mu);
+      open = Serve(*r, ev.events);
+    }
+    if (!open) {
       Close(r->key);
       continue;
     }
@@ -332,8 +344,7 @@ bool DecodeRingServer::Serve(Ring& r, uint32_t events) {
     if (status.ok()) status = handler_(r.caller, r.request, &r.cursor, &r.response);
   }
   r.handled_seq = seq;
-  Answer(r, seq, status);
-  return true;
+  return Answer(r, seq, status);
 }
 
 absl::Status DecodeRingServer::ReadRequest(Ring& r, uint64_t seq, uint32_t len) {
@@ -354,7 +365,7 @@ absl::Status DecodeRingServer::ReadRequest(Ring& r, uint64_t seq, uint32_t len) 
   return absl::OkStatus();
 }
 
-void DecodeRingServer::Answer(Ring& r, uint64_t seq, const absl::Status& status) {
+bool DecodeRingServer::Answer(Ring& r, uint64_t seq, const absl::Status& status) {
   int32_t code = static_cast<int32_t>(status.code());
   std::string message(status.message());
   size_t size = 0;
@@ -384,10 +395,11 @@ void DecodeRingServer::Answer(Ring& r, uint64_t seq, const absl::Status& status)
       __atomic_store_n(reinterpret_cast<uint64_t*>(dst), seq, __ATOMIC_RELEASE);
     });
   }
-  if (!w.ok()) return;  // the file shrank: the client reads end of file at Close
+  if (!w.ok()) return false;  // the ring file shrank: close it (the client reads end of file)
   const char bell = 1;
   // EAGAIN: the client has unread bells and will look at response_seq.
   (void)!::write(r.response_fd, &bell, 1);
+  return true;
 }
 
 void DecodeRingServer::Stop() {

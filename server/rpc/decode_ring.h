@@ -108,7 +108,9 @@ class DecodeRingServer {
   bool Serve(Ring& ring, uint32_t events);
   // The request `seq` of `len` bytes, copied out and parsed into ring.request.
   absl::Status ReadRequest(Ring& ring, uint64_t seq, uint32_t len);
-  void Answer(Ring& ring, uint64_t seq, const absl::Status& status);
+  // Writes the answer and rings back; false when the ring buffer can no
+  // longer be written (the ring is then closed).
+  bool Answer(Ring& ring, uint64_t seq, const absl::Status& status);
   void Close(uint64_t key) ABSL_LOCKS_EXCLUDED(mu_);
   std::shared_ptr<Ring> Find(uint64_t key) const ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status Admit(const Caller& caller) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -97,9 +97,10 @@ class DecodeBackend {
 // Spawns `spawn_binary` (when not empty) with a pool of `capacity_bytes`, or
 // connects to `socket` (empty: the default search order) and checks that a
 // daemon answers.
-absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeSocketBackend(const std::string& spawn_binary,
-                                                                 const std::string& socket,
-                                                                 uint64_t capacity_bytes);
+// `spawn_config` is appended to the spawned daemon's config (textproto).
+absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeSocketBackend(
+    const std::string& spawn_binary, const std::string& socket, uint64_t capacity_bytes,
+    const std::string& spawn_config = "");
 absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeInProcessBackend(uint64_t capacity_bytes);
 // A second socket backend on the daemon of `socket_backend` (one that
 // MakeSocketBackend made; it must outlive the twin), whose client keeps

@@ -171,7 +171,8 @@ class SocketBackend : public DecodeBackend {
 
 absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeSocketBackend(const std::string& spawn_binary,
                                                                  const std::string& socket,
-                                                                 uint64_t capacity_bytes) {
+                                                                 uint64_t capacity_bytes,
+                                                                 const std::string& spawn_config) {
   std::unique_ptr<DaemonProcess> daemon;
   ClientOptions options;
   options.socket_path = socket;
@@ -182,7 +183,7 @@ absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeSocketBackend(const std::stri
     d.binary = spawn_binary;
     d.extra_args = {absl::StrCat("--capacity-bytes=", capacity_bytes)};
     // Buffers stay registered through the longest prefill of a loaded machine.
-    d.config_textproto = "sessions { buffer_idle_ttl_ms: 3600000 }\n";
+    d.config_textproto = "sessions { buffer_idle_ttl_ms: 3600000 }\n" + spawn_config;
     ASSIGN_OR_RETURN(daemon, DaemonProcess::Start(d));
     options.socket_path = daemon->socket_path();
   }

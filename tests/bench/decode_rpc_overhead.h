@@ -8,8 +8,9 @@
 // reached through the gRPC DecodeStep stream (a second client with
 // ClientOptions.decode_ring off), one in an in-process SessionManager (the
 // core call the daemon's handler makes, no RPC). Every (step, layer)
-// message goes to all three, one after another, in an order that rotates
-// message by message, so load and cache state are shared alike. Reported per
+// message goes to all three: blocks of 20 messages, each block sent along
+// one path after the other in an order that rotates block by block, so load
+// and cache state are shared alike. Reported per
 // transport: p50/p99 of the message latency and of the paired difference
 // against in-process (same step and layer); the load average at start and
 // end.

@@ -11,6 +11,7 @@
 
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <random>
 #include <string>
 #include <thread>
@@ -81,6 +82,9 @@ class DecodeRingTest : public ::testing::Test {
     c.mutable_metrics()->set_port(0);
     c.set_worker_threads(1);
     c.set_drain_timeout_ms(300);  // an open ring holds Shutdown until then
+    c.mutable_limits()->set_max_concurrent_calls(8);
+    c.mutable_limits()->set_reserved_calls(2);
+    c.mutable_limits()->set_max_calls_per_tenant(3);
     ApplyDefaults(&c);
     ASSERT_THAT(ValidateConfig(c), IsOk());
     auto d = Daemon::Create(c);
@@ -366,6 +370,67 @@ TEST_F(DecodeRingTest, BadMessagesAreAnsweredAndTheRingGoesOn) {
   v1::DecodeStepResponse resp;
   EXPECT_TRUE(resp.ParseFromString(body));
   EXPECT_EQ(resp.layer(), 1u);
+}
+
+// Open rings are bounded per tenant (limits.max_calls_per_tenant, 3 here),
+// and a ring message takes one of the tenant's call places while it runs:
+// with every place held by idle streams it is refused like a call.
+TEST_F(DecodeRingTest, RingsAndRingMessagesCountAgainstTheTenantsLimits) {
+  std::vector<std::unique_ptr<Fifos>> open;
+  for (int i = 0; i < 3; ++i) {
+    open.push_back(std::make_unique<Fifos>());
+    open.back()->OpenAsClient();
+    const grpc::Status st = Open(OpenRequest(*open.back()));
+    ASSERT_TRUE(st.ok()) << st.error_message();
+  }
+  Fifos extra;
+  extra.OpenAsClient();
+  const grpc::Status refused = Open(OpenRequest(extra));
+  EXPECT_EQ(refused.error_code(), grpc::RESOURCE_EXHAUSTED) << refused.error_message();
+  EXPECT_THAT(refused.error_message(), HasSubstr("decode rings open"));
+  struct Stream {
+    grpc::ClientContext ctx;
+    std::unique_ptr<grpc::ClientReaderWriter<v1::DecodeStepRequest, v1::DecodeStepResponse>> rw;
+  };
+  std::vector<std::unique_ptr<Stream>> idle;
+  for (int i = 0; i < 3; ++i) {
+    idle.push_back(std::make_unique<Stream>());
+    idle.back()->rw = kv_->DecodeStep(&idle.back()->ctx);
+  }
+  ASSERT_TRUE(AwaitMetric("icecache_rpc_in_flight", 3));
+  std::string body;
+  EXPECT_EQ(Exchange(*open[0], StepRequest(0).SerializeAsString(), 1, &body),
+            grpc::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(body, HasSubstr("limits.max_calls_per_tenant"));
+  for (auto& s : idle) {
+    s->rw->WritesDone();
+    EXPECT_TRUE(s->rw->Finish().ok());
+  }
+  EXPECT_EQ(Exchange(*open[0], StepRequest(0).SerializeAsString(), 2, &body), 0) << body;
+}
+
+// A client that truncates its ring file under an open ring: the daemon
+// cannot read the request, closes the ring (the client reads end of file)
+// and goes on serving.
+TEST_F(DecodeRingTest, ATruncatedRingFileClosesTheRing) {
+  Fifos f;
+  f.OpenAsClient();
+  ASSERT_TRUE(Open(OpenRequest(f)).ok());
+  const std::string bytes = StepRequest(0).SerializeAsString();
+  std::memcpy(shm_.data() + ring::RequestAreaOffset(), bytes.data(), bytes.size());
+  const uint32_t len = static_cast<uint32_t>(bytes.size());
+  std::memcpy(shm_.data() + ring::kRequestLenOffset, &len, 4);
+  const uint64_t seq = 1;
+  std::memcpy(shm_.data() + ring::kRequestSeqOffset, &seq, 8);
+  ASSERT_EQ(ftruncate(shm_.fd(), 0), 0);
+  const char b = 1;
+  ASSERT_EQ(write(f.req_fd, &b, 1), 1);
+  fcntl(f.resp_fd, F_SETFL, fcntl(f.resp_fd, F_GETFL) & ~O_NONBLOCK);
+  char bells[16];
+  EXPECT_EQ(read(f.resp_fd, bells, sizeof bells), 0) << "end of file, no answer";
+  EXPECT_TRUE(AwaitMetric("icecache_decode_rings", 0));
+  EXPECT_EQ(Metric("icecache_decode_rings_closed_total"), 1);
+  EXPECT_FALSE(CreateSession().empty());
 }
 
 // A client killed while its ring is open: the daemon sees the request
