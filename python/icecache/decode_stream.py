@@ -21,7 +21,7 @@ from . import _convert
 from ._stream import IteratorStream, SegregatedStream, segregated_available
 from .errors import IceCacheError
 from .queries import query_bytes
-from .types import SelectOptions, StepResult
+from .types import DeviceWrite, SelectOptions, StepResult
 from .v1 import kv_pb2
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,13 +63,27 @@ class DecodeStream:
         offset: int = 0,
         options: Optional[SelectOptions] = None,
         num_layers: int = 1,
+        device: Optional[DeviceWrite] = None,
+        prefetch_group: bool = False,
     ) -> StepResult:
         """One layer: ``queries`` is [q_heads, head_dim] (numpy or torch;
         float32, float16 or bfloat16). Pages of layers [layer, layer +
         num_layers) land in the buffer at ``offset`` before this returns.
-        With options.reuse_group_selection, ``queries`` may be None."""
+        With options.reuse_group_selection, ``queries`` may be None.
+
+        ``device`` (CUDA IPC buffers): block ids of the registered paged KV
+        cache and CUDA IPC events (DeviceWrite; with a done event the step
+        returns once the push is enqueued). ``prefetch_group`` on the first
+        layer of a layer group (IceCache(r)): the daemon then writes the
+        group's later layers in the background, layer ``layer + j`` at
+        ``offset + j * layout.layer_stride_bytes`` (or into the same block
+        ids), and the step for such a layer (reuse_group_selection, that
+        offset) only waits for its write (``StepResult.prefetched``);
+        ``StepResult.prefetching`` says how many layers were started."""
         options = options or SelectOptions()
-        req = kv_pb2.DecodeStepRequest(layer=layer, offset=self._base + offset, num_layers=num_layers)
+        req = kv_pb2.DecodeStepRequest(layer=layer, offset=self._base + offset, num_layers=num_layers,
+                                       prefetch_group=prefetch_group)
+        _convert.device_write(device, req)
         if queries is not None or not options.reuse_group_selection:
             req.queries, req.query_dtype = query_bytes(queries, "queries")
         _convert.select_params(options, req.params)

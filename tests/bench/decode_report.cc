@@ -48,7 +48,41 @@ Json PolicyJson(const PolicyResult& p) {
           {"min_layer_mass_recall", p.min_layer_mass},
           {"output_rel_error", p.error},
           {"layer_mass_recall", p.layer_mass},
-          {"layer_output_rel_error", p.layer_error}};
+          {"layer_output_rel_error", p.layer_error},
+          {"prefetch", p.policy.prefetch},
+          {"decode_steps_ms_per_token", Num(p.decode_ms)},
+          {"first_layers_ms_per_token", Num(p.first_layers_ms)},
+          {"later_layers_ms_per_token", Num(p.later_layers_ms)},
+          {"later_layers_prefetched_share", Num(p.prefetched_share)}};
+}
+
+// The layer-group split of the policies with layer reuse, each "+pf" policy
+// beside its twin without prefetch (same run, same data).
+void PrintPrefetch(const ContextResult& c) {
+  TextTable t(
+      {"POLICY", "DECODE_MS", "FIRST_LAYERS", "LATER_LAYERS", "PREFETCHED", "LATER_VS_NO_PF"});
+  bool any = false;
+  for (const PolicyResult& p : c.policies) {
+    if (p.policy.layer_reuse < 2 || !std::isfinite(p.decode_ms)) continue;
+    any = true;
+    std::string vs = "-";
+    for (const PolicyResult& q : c.policies) {
+      if (p.policy.prefetch && !q.policy.prefetch && q.policy.selector == p.policy.selector &&
+          q.policy.layer_reuse == p.policy.layer_reuse && q.later_layers_ms > 0) {
+        vs = absl::StrFormat("%.2fx (%.0f%% hidden)", p.later_layers_ms / q.later_layers_ms,
+                             100.0 * (1.0 - p.later_layers_ms / q.later_layers_ms));
+      }
+    }
+    t.AddRow({p.policy.name, Fmt("%.2f", p.decode_ms), Fmt("%.2f", p.first_layers_ms),
+              Fmt("%.2f", p.later_layers_ms), Fmt("%.0f%%", 100.0 * p.prefetched_share), vs});
+  }
+  if (!any) return;
+  std::printf(
+      "layer groups (select + gather + RPC per token, ms: the DecodeStep calls of the groups' "
+      "first layers and of their later layers; +pf = the later layers written in the background "
+      "after the first layer's selection; PREFETCHED = later-layer calls that found their layer "
+      "written):\n%s",
+      t.Render().c_str());
 }
 
 }  // namespace
@@ -80,6 +114,7 @@ void PrintContext(const DecodeBenchOptions& o, const ContextResult& c) {
       "stand-in for the GPU's. TT2T = prefill (KV ingest + index builds; no model compute) + "
       "the first decode step. RPC = DecodeStep calls beyond in-process select + gather; "
       "RPC_US/MSG = paired median per layer message, over in-process.\n");
+  PrintPrefetch(c);
   if (!c.batches.empty()) {
     TextTable b({"BATCH", "STEP_MS", "TOKENS_PER_S", "VS_BATCH_1"});
     for (const BatchResult& r : c.batches) {
