@@ -147,17 +147,19 @@ class DecodeStream:
 class BatchEntry:
     """One session of a batched decode step: its queries ([q_heads,
     head_dim]; None with reuse_group_selection), the buffer its pages go to
-    (None = the stream's) and the offset there."""
+    (None = the stream's) and the offset there; ``prefetch_group`` as in
+    DecodeStream.step."""
 
-    __slots__ = ("session_id", "queries", "buffer", "offset", "reuse_group_selection")
+    __slots__ = ("session_id", "queries", "buffer", "offset", "reuse_group_selection", "prefetch_group")
 
     def __init__(self, session_id: str, queries: Any, buffer: Any = None, offset: int = 0,
-                 reuse_group_selection: bool = False) -> None:
+                 reuse_group_selection: bool = False, prefetch_group: bool = False) -> None:
         self.session_id = session_id
         self.queries = queries
         self.buffer = buffer
         self.offset = offset
         self.reuse_group_selection = reuse_group_selection
+        self.prefetch_group = prefetch_group
 
 
 class BatchResult:
@@ -205,7 +207,8 @@ class BatchDecodeStream:
         for e in entries:
             buffer_id, base = self._client._buffer_ref(e.buffer) if e.buffer is not None else self._default
             entry = req.batch.add(session_id=e.session_id, buffer_id=buffer_id, offset=base + e.offset,
-                                  reuse_group_selection=e.reuse_group_selection)
+                                  reuse_group_selection=e.reuse_group_selection,
+                                  prefetch_group=e.prefetch_group)
             if e.queries is not None:
                 entry.queries, qd = query_bytes(e.queries, f"queries of session {e.session_id}")
                 dtype = qd if dtype is None else dtype

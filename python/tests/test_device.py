@@ -100,3 +100,24 @@ def test_prefetched_layers_land_where_the_group_fetch_puts_them(client, grouped)
             # Every byte, whoever wrote it (the prefetch, or the call that came first).
             check_fetched(buf, r.layout, keys, values)
             assert isinstance(r.prefetched, bool)
+
+
+def test_batched_steps_prefetch_each_session(client, grouped):
+    sid, keys, values = grouped
+    spec = small_spec(layers=4, layer_reuse=4, selector=icecache.Selector.EXACT)
+    other = client.create_session(spec)
+    okeys, ovalues = kv_arrays(spec, 300, seed=9)
+    client.append_kv(other.id, okeys, ovalues)
+    opt = icecache.SelectOptions(budget_tokens=32, want_positions=True)
+    q = np.random.default_rng(4).standard_normal((4, 32)).astype(np.float32)
+    try:
+        with client.create_shm_buffer(1 << 20) as buf, client.batch_decode_stream(buf) as stream:
+            entries = [icecache.BatchEntry(sid, q, offset=0, prefetch_group=True),
+                       icecache.BatchEntry(other.id, q, offset=1 << 19, prefetch_group=True)]
+            results = stream.step(0, entries, options=opt)
+            assert [r.error for r in results] == [None, None]
+            assert [r.result.prefetching for r in results] == [3, 3]
+            for r, (k, v) in zip(results, [(keys, values), (okeys, ovalues)]):
+                check_fetched(buf, r.result.layout, k, v)
+    finally:
+        client.drop_session(other.id)

@@ -25,7 +25,10 @@ FetchRequest GroupPrefetch::RequestFor(int layer) const {
   FetchRequest r = request_;
   r.layer = layer;
   r.num_layers = 1;
-  r.offset = request_.offset + static_cast<uint64_t>(layer - request_.layer) * layer_stride_;
+  // A scatter names blocks, not an offset (each layer has its own tensor).
+  if (r.device.block_ids.empty()) {
+    r.offset = request_.offset + static_cast<uint64_t>(layer - request_.layer) * layer_stride_;
+  }
   r.want_positions = true;
   // The client's done event belongs to its first layer; a prefetched layer
   // is complete when its push returns (the wait event still orders it).

@@ -40,6 +40,9 @@ struct PolicyResult {
   // layers' calls, those that found their layer written.
   double decode_ms = 0, first_layers_ms = 0, later_layers_ms = 0;
   double prefetched_share = 0;
+  // "+pf" policies alternate prefetch on (odd steps) and off (even steps):
+  // the later layers' calls per token, medians over each set (NaN: none).
+  double later_on_ms = 0, later_off_ms = 0;
 };
 
 struct BatchResult {
