@@ -596,7 +596,9 @@ template <typename T>
 absl::StatusOr<FetchLayout> SendFetch(Client::Impl& impl, std::string_view session_id,
                                       uint32_t layer, const std::vector<std::vector<T>>& lists,
                                       bool tokens, std::string_view buffer_id, uint64_t offset,
-                                      bool want_positions, uint32_t num_layers) {
+                                      bool want_positions, uint32_t num_layers,
+                                      const DeviceWrite& device = {}) {
+  RETURN_IF_ERROR(CheckDeviceWrite(device));
   v1::FetchPagesRequest req;
   req.set_session_id(std::string(session_id));
   req.set_layer(layer);
@@ -613,6 +615,7 @@ absl::StatusOr<FetchLayout> SendFetch(Client::Impl& impl, std::string_view sessi
   req.set_offset(offset);
   req.set_want_positions(want_positions);
   req.set_num_layers(num_layers);
+  DeviceToProto(device, &req);
   v1::FetchPagesResponse resp;
   auto ctx = impl.NewContext();
   RETURN_IF_ERROR(FromGrpcStatus(impl.kv->FetchPages(ctx.get(), req, &resp)));
@@ -627,6 +630,15 @@ absl::StatusOr<FetchLayout> Client::FetchPages(std::string_view session_id, uint
                                                bool want_positions, uint32_t num_layers) {
   return SendFetch(*impl_, session_id, layer, pages, /*tokens=*/false, buffer_id, offset,
                    want_positions, num_layers);
+}
+
+absl::StatusOr<FetchLayout> Client::FetchPages(std::string_view session_id, uint32_t layer,
+                                               const std::vector<std::vector<uint32_t>>& pages,
+                                               std::string_view buffer_id, uint64_t offset,
+                                               bool want_positions, uint32_t num_layers,
+                                               const DeviceWrite& device) {
+  return SendFetch(*impl_, session_id, layer, pages, /*tokens=*/false, buffer_id, offset,
+                   want_positions, num_layers, device);
 }
 
 absl::StatusOr<FetchLayout> Client::FetchPages(std::string_view session_id, uint32_t layer,
@@ -731,6 +743,18 @@ absl::StatusOr<StepResult> Client::DecodeStep(std::string_view session_id, uint3
                                               absl::Span<const float> queries,
                                               std::string_view buffer_id, uint64_t offset,
                                               const SelectOptions& options, uint32_t num_layers) {
+  StepOptions step;
+  step.num_layers = num_layers;
+  return DecodeStep(session_id, layer, queries, buffer_id, offset, options, step);
+}
+
+absl::StatusOr<StepResult> Client::DecodeStep(std::string_view session_id, uint32_t layer,
+                                              absl::Span<const float> queries,
+                                              std::string_view buffer_id, uint64_t offset,
+                                              const SelectOptions& options,
+                                              const StepOptions& step) {
+  RETURN_IF_ERROR(CheckDeviceWrite(step.device));
+  const uint32_t num_layers = step.num_layers;
   v1::DecodeStepRequest req;
   req.set_session_id(std::string(session_id));
   req.set_layer(layer);
@@ -741,6 +765,8 @@ absl::StatusOr<StepResult> Client::DecodeStep(std::string_view session_id, uint3
   req.set_buffer_id(std::string(buffer_id));
   req.set_offset(offset);
   req.set_num_layers(num_layers);
+  DeviceToProto(step.device, &req);
+  req.set_prefetch_group(step.prefetch_group);
   v1::DecodeStepResponse resp;
   RETURN_IF_ERROR(Exchange(*this, session_id, req, &resp));
   StepResult out;
@@ -748,6 +774,8 @@ absl::StatusOr<StepResult> Client::DecodeStep(std::string_view session_id, uint3
   for (const auto& h : resp.heads()) out.heads.push_back(FromProto(h));
   out.layout = FromProto(resp.layout());
   out.reused = resp.reused();
+  out.prefetching = resp.prefetching();
+  out.prefetched = resp.prefetched();
   return out;
 }
 
@@ -770,6 +798,7 @@ absl::StatusOr<std::vector<absl::StatusOr<StepResult>>> Client::DecodeBatch(
     out->set_buffer_id(e.buffer_id);
     out->set_offset(e.offset);
     out->set_reuse_group_selection(e.reuse_group_selection);
+    out->set_prefetch_group(e.prefetch_group);
   }
   v1::DecodeStepResponse resp;
   RETURN_IF_ERROR(Exchange(*this, /*key=*/"", req, &resp));
@@ -784,6 +813,8 @@ absl::StatusOr<std::vector<absl::StatusOr<StepResult>>> Client::DecodeBatch(
     for (const auto& h : r.heads()) out.heads.push_back(FromProto(h));
     out.layout = FromProto(r.layout());
     out.reused = r.reused();
+    out.prefetching = r.prefetching();
+    out.prefetched = r.prefetched();
     results.push_back(std::move(out));
   }
   if (results.size() != entries.size()) {

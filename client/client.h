@@ -229,6 +229,89 @@ struct StepResult {
   std::vector<HeadSelection> heads;
   FetchLayout layout;
   bool reused = false;
+  // StepOptions::prefetch_group on a group's first layer: the group's later
+  // layers being written in the background (0: none, e.g. the daemon's
+  // prefetch queue was full: their calls copy as usual).
+  uint32_t prefetching = 0;
+  // This layer's pages were already written by a prefetch when the call came.
+  bool prefetched = false;
+};
+
+// Element layouts of an engine's paged KV cache (buffer.proto PagedKvFormat;
+// docs/engines.md "Paged KV caches"). The head_dim axis is contiguous.
+// In an inline namespace: the core has types of the same name (see FetchLayout).
+inline namespace client_api {
+enum class PagedKvFormat {
+  kVllmFlash = 1,      // [2, num_blocks, block_tokens, kv_heads, head_dim]
+  kFlashInferNhd = 2,  // [num_blocks, 2, block_tokens, kv_heads, head_dim]
+  kFlashInferHnd = 3,  // [num_blocks, 2, kv_heads, block_tokens, head_dim]
+  kCustom = 4,         // the four element strides below
+};
+
+// An engine's paged KV cache in one CUDA allocation (buffer.proto
+// PagedKvCache): num_layers layer tensors, either at layer_offsets_bytes
+// (one per layer, e.g. data_ptr() minus the allocation's base) or, when that
+// is empty, one all-layer tensor where layer l starts at base_offset_bytes +
+// l x layer_stride elements (0 = the layer tensor's size). The daemon checks
+// every layer tensor against the registered size before anything is written.
+struct PagedKvCache {
+  PagedKvFormat format = PagedKvFormat::kVllmFlash;
+  uint32_t first_layer = 0;  // model layer of the first layer tensor
+  uint32_t num_layers = 0;
+  uint32_t num_blocks = 0;
+  uint32_t block_tokens = 0;  // >= the session's page_tokens
+  uint32_t kv_heads = 0;
+  uint32_t head_dim = 0;
+  DType dtype = DType::kF16;
+  std::vector<uint64_t> layer_offsets_bytes;
+  uint64_t base_offset_bytes = 0;
+  uint64_t layer_stride = 0;
+  // kCustom only: element strides (Tensor.stride()) of the K/V, block, token
+  // and head axes.
+  uint64_t kv_stride = 0, block_stride = 0, token_stride = 0, head_stride = 0;
+};
+
+// What a fetch or decode step asks of a CUDA_IPC buffer besides the bytes
+// (kv.proto FetchPagesRequest): `block_ids`, this step's block table (the
+// i-th page of every KV head lands in block block_ids[i] of the registered
+// paged KV cache; rows past a page's fill and heads with fewer pages are
+// zero; `offset` is then unused), and CUDA IPC events ordering the push:
+// the daemon's stream waits on `wait_event` before writing and records
+// `done_event` after (the call then returns without waiting for the copy).
+// Events are cudaIpcEventHandle_t bytes (64) of events made with
+// cudaEventInterprocess | cudaEventDisableTiming, or empty.
+struct DeviceWrite {
+  std::vector<uint32_t> block_ids;
+  std::string wait_event;
+  std::string done_event;
+  bool empty() const { return block_ids.empty() && wait_event.empty() && done_event.empty(); }
+};
+}  // namespace client_api
+
+// A CUDA IPC registration (buffer.proto CudaIpc): the allocation's
+// cudaIpcMemHandle_t (64 bytes), the bytes the daemon may use, the device's
+// UUID (16 raw bytes, or "GPU-xxxxxxxx-..."), and, for an engine's KV cache,
+// its paged layout.
+struct CudaIpcBuffer {
+  std::string handle;
+  uint64_t size = 0;
+  std::string device_uuid;
+  std::optional<PagedKvCache> paged_kv;
+};
+
+// The per-call options of a decode step beyond the selection.
+struct StepOptions {
+  // Pages are written for layers [layer, layer + num_layers) of one group.
+  uint32_t num_layers = 1;
+  // CUDA_IPC buffers: block ids and events (DeviceWrite).
+  DeviceWrite device;
+  // IceCache(r) prefetch (kv.proto DecodeStepRequest.prefetch_group): on the
+  // first layer of a layer group, the daemon writes the group's later layers
+  // in the background after answering: layer `layer + j` at offset + j x
+  // layout.layer_stride_bytes (or into the same block ids of its tensor).
+  // The call for such a layer (reuse_group_selection, that offset or those
+  // block ids) then only waits for its write (StepResult::prefetched).
+  bool prefetch_group = false;
 };
 
 // One sequence of a batched decode step (Client::DecodeBatch): the layer's
@@ -244,6 +327,7 @@ struct DecodeBatchEntry {
   std::string buffer_id;
   uint64_t offset = 0;
   bool reuse_group_selection = false;
+  bool prefetch_group = false;  // as StepOptions::prefetch_group
 };
 }  // namespace client_api
 
@@ -367,6 +451,12 @@ class Client {
   // Registers an existing file (for tests and callers that manage their own
   // files); returns the buffer id.
   absl::StatusOr<std::string> RegisterShm(std::string_view path, uint64_t size);
+  // Registers a CUDA allocation by IPC (optionally an engine's paged KV
+  // cache); returns the buffer id. InvalidArgument from this client for a
+  // handle that is not 64 bytes; the daemon's codes otherwise (buffer.proto
+  // RegisterBuffer): INVALID_ARGUMENT / OUT_OF_RANGE naming the paged_kv
+  // field, FAILED_PRECONDITION "no CUDA device" on a daemon without one.
+  absl::StatusOr<std::string> RegisterCudaIpc(const CudaIpcBuffer& buffer);
   absl::Status UnregisterBuffer(std::string_view buffer_id);
 
   // --- KV ---
@@ -401,6 +491,17 @@ class Client {
                                          const std::vector<std::vector<uint32_t>>& pages,
                                          std::string_view buffer_id, uint64_t offset,
                                          bool want_positions = false, uint32_t num_layers = 1);
+  // The same into a CUDA_IPC buffer with `device` (block ids of a paged KV
+  // cache, events). InvalidArgument from this client for an event that is
+  // not 64 bytes or a block id listed twice (naming it); the daemon's codes
+  // otherwise (kv.proto FetchPagesRequest: OUT_OF_RANGE for a block id past
+  // num_blocks, INVALID_ARGUMENT for device fields on a HOST_SHM buffer,
+  // FAILED_PRECONDITION for block ids on a buffer without paged_kv).
+  absl::StatusOr<FetchLayout> FetchPages(std::string_view session_id, uint32_t layer,
+                                         const std::vector<std::vector<uint32_t>>& pages,
+                                         std::string_view buffer_id, uint64_t offset,
+                                         bool want_positions, uint32_t num_layers,
+                                         const DeviceWrite& device);
   // Token granularity: fetches the tokens at `positions[h]` of every KV head h,
   // packed in order into slots of page_tokens (kv.proto HeadPages.tokens).
   absl::StatusOr<FetchLayout> FetchTokens(std::string_view session_id, uint32_t layer,
@@ -421,6 +522,14 @@ class Client {
                                         absl::Span<const float> queries, std::string_view buffer_id,
                                         uint64_t offset, const SelectOptions& options = {},
                                         uint32_t num_layers = 1);
+  // The same with StepOptions: block ids and events of a CUDA_IPC buffer,
+  // layer-group prefetch. With a done event the call returns once the push
+  // is enqueued (wait on the event before reading). FetchPages's client-side
+  // checks of `step.device`.
+  absl::StatusOr<StepResult> DecodeStep(std::string_view session_id, uint32_t layer,
+                                        absl::Span<const float> queries, std::string_view buffer_id,
+                                        uint64_t offset, const SelectOptions& options,
+                                        const StepOptions& step);
   // One layer of a decode step for several sessions of this tenant (an
   // engine's continuous batch) in one request, over this client's batch
   // stream. One result per entry, in order, each with its own status: a bad

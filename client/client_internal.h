@@ -38,6 +38,17 @@ HeadSelection FromProto(const v1::HeadSelection& head);
 FetchLayout FromProto(const v1::FetchLayout& layout);
 TenantInfo FromProto(const v1::TenantInfo& tenant);
 
+// InvalidArgument naming the field for an event handle that is not 64 bytes
+// (or empty), or a block id listed twice (client_device.cc).
+absl::Status CheckDeviceWrite(const DeviceWrite& device);
+// The device fields of a FetchPagesRequest or DecodeStepRequest.
+template <typename Request>
+void DeviceToProto(const DeviceWrite& device, Request* req) {
+  req->mutable_block_ids()->Add(device.block_ids.begin(), device.block_ids.end());
+  req->set_wait_event(device.wait_event);
+  req->set_done_event(device.done_event);
+}
+
 // One open DecodeStep stream; its mutex serialises the steps of a session.
 struct DecodeStreamState {
   absl::Mutex mu;

@@ -7,15 +7,18 @@ generated code.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Any, Optional
 
+from .errors import InvalidArgumentError
 from .types import (
     DaemonStats,
+    DeviceWrite,
     DType,
     FetchLayout,
     HeadLayout,
     HeadSelection,
     MdciParams,
+    PagedKvCache,
     SelectOptions,
     Selector,
     SessionInfo,
@@ -23,7 +26,7 @@ from .types import (
     SizeClassInfo,
     TenantInfo,
 )
-from .v1 import admin_pb2, types_pb2
+from .v1 import admin_pb2, buffer_pb2, types_pb2
 
 
 def from_unix_ms(ms: int) -> Optional[datetime]:
@@ -220,3 +223,48 @@ def daemon_stats(r: admin_pb2.GetStatsResponse) -> DaemonStats:
         ],
         tenants=[tenant_info(t) for t in r.tenants],
     )
+
+
+def paged_kv(c: PagedKvCache, out: buffer_pb2.PagedKvCache) -> None:
+    out.format = int(c.format)
+    out.first_layer = c.first_layer
+    out.num_layers = c.num_layers
+    out.num_blocks = c.num_blocks
+    out.block_tokens = c.block_tokens
+    out.kv_heads = c.kv_heads
+    out.head_dim = c.head_dim
+    out.dtype = int(DType.of(c.dtype))
+    out.layer_offsets_bytes.extend(int(o) for o in c.layer_offsets_bytes)
+    out.base_offset_bytes = c.base_offset_bytes
+    out.layer_stride = c.layer_stride
+    out.kv_stride = c.kv_stride
+    out.block_stride = c.block_stride
+    out.token_stride = c.token_stride
+    out.head_stride = c.head_stride
+
+
+def _event(name: str, handle: bytes) -> bytes:
+    handle = bytes(handle or b"")
+    if handle and len(handle) != 64:
+        raise InvalidArgumentError(
+            f"{name} must be a cudaIpcEventHandle_t of 64 bytes (or empty), got {len(handle)} bytes"
+        )
+    return handle
+
+
+def device_write(device: Optional[DeviceWrite], out: Any) -> None:
+    """The device fields of a FetchPagesRequest or DecodeStepRequest, checked
+    here first: events of 64 bytes, no block id twice."""
+    if device is None:
+        return
+    wait, done = _event("wait_event", device.wait_event), _event("done_event", device.done_event)
+    seen = set()
+    for i, b in enumerate(device.block_ids):
+        if int(b) in seen:
+            raise InvalidArgumentError(
+                f"block_ids: block {int(b)} is listed twice (position {i}); each page needs a block of its own"
+            )
+        seen.add(int(b))
+    out.block_ids.extend(int(b) for b in device.block_ids)
+    out.wait_event = wait
+    out.done_event = done

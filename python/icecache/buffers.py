@@ -228,13 +228,15 @@ class CudaBuffer:
     tensor; pages are written into its bytes. Offsets given to FetchPages /
     DecodeStep through this object are relative to the tensor's first byte;
     ``base_offset`` translates them to the IPC allocation the daemon maps.
+    With ``paged_kv`` (a PagedKvCache whose offsets count from the IPC
+    allocation's base) the tensor is an engine's paged KV cache.
 
     Raises FailedPreconditionError where torch has no CUDA device (and the
     daemon's FailedPreconditionError when it was built without CUDA),
     InvalidArgumentError for a CPU or non-contiguous tensor.
     """
 
-    def __init__(self, client: "Client", tensor: Any) -> None:
+    def __init__(self, client: "Client", tensor: Any, paged_kv: Any = None) -> None:
         torch = _cuda_torch()
         if not isinstance(tensor, torch.Tensor) or not tensor.is_cuda:
             where = getattr(tensor, "device", type(tensor).__name__)
@@ -250,7 +252,7 @@ class CudaBuffer:
         self.device_uuid = _device_uuid(tensor.device.index)
         self._client: Optional["Client"] = client
         self.buffer_id = client.register_cuda_ipc(
-            bytes(handle), self.base_offset + self.size, self.device_uuid
+            bytes(handle), self.base_offset + self.size, self.device_uuid, paged_kv=paged_kv
         )
 
     def close(self) -> None:

@@ -29,10 +29,12 @@ from .errors import FailedPreconditionError, InvalidArgumentError, from_rpc_erro
 from .queries import as_numpy, dtype_of, query_bytes
 from .types import (
     DaemonStats,
+    DeviceWrite,
     DrainInfo,
     DType,
     FetchLayout,
     HeadSelection,
+    PagedKvCache,
     SelectOptions,
     SessionInfo,
     SessionSpec,
@@ -174,18 +176,30 @@ class Client:
         removed again)."""
         return ShmBuffer(self, size)
 
-    def cuda_buffer(self, tensor: Any) -> CudaBuffer:
-        """Registers a CUDA tensor by CUDA IPC (see CudaBuffer)."""
-        return CudaBuffer(self, tensor)
+    def cuda_buffer(self, tensor: Any, paged_kv: Optional[PagedKvCache] = None) -> CudaBuffer:
+        """Registers a CUDA tensor by CUDA IPC (see CudaBuffer); with
+        ``paged_kv``, as an engine's paged KV cache."""
+        return CudaBuffer(self, tensor, paged_kv=paged_kv)
 
     def register_shm(self, path: str, size: int) -> str:
         """Registers an existing file under /dev/shm; returns the buffer id."""
         req = buffer_pb2.RegisterBufferRequest(host_shm=buffer_pb2.HostShm(path=path, size=size))
         return self._call(self._buffers.RegisterBuffer, req, "RegisterBuffer").buffer_id
 
-    def register_cuda_ipc(self, handle: bytes, size: int, device_uuid: bytes) -> str:
-        """Registers a cudaIpcMemHandle_t (64 bytes); returns the buffer id."""
+    def register_cuda_ipc(
+        self, handle: bytes, size: int, device_uuid: bytes, paged_kv: Optional[PagedKvCache] = None
+    ) -> str:
+        """Registers a cudaIpcMemHandle_t (64 bytes); returns the buffer id.
+        With ``paged_kv`` the allocation is an engine's paged KV cache
+        (fetches and decode steps may then name block ids). The daemon's
+        errors: InvalidArgumentError / OutOfRangeError naming the paged_kv
+        field, FailedPreconditionError "no CUDA device" on a daemon without
+        one (the form is checked first, the same with or without a device)."""
+        if len(handle) != 64:
+            raise InvalidArgumentError(f"handle must be a cudaIpcMemHandle_t of 64 bytes, got {len(handle)} bytes")
         ipc = buffer_pb2.CudaIpc(handle=handle, size=size, device_uuid=device_uuid)
+        if paged_kv is not None:
+            _convert.paged_kv(paged_kv, ipc.paged_kv)
         req = buffer_pb2.RegisterBufferRequest(cuda_ipc=ipc)
         return self._call(self._buffers.RegisterBuffer, req, "RegisterBuffer").buffer_id
 
@@ -314,16 +328,20 @@ class Client:
         offset: int = 0,
         want_positions: bool = False,
         num_layers: int = 1,
+        device: Optional[DeviceWrite] = None,
     ) -> FetchLayout:
         """Copies ``pages[h]`` of every KV head h (page ids, or the
         HeadSelections of select_pages) of layers [layer, layer+num_layers)
         into ``buffer`` at ``offset``. HeadSelections made at token
-        granularity fetch their tokens (packed into slots)."""
+        granularity fetch their tokens (packed into slots). ``device``: block
+        ids of a paged KV cache and CUDA IPC events (CUDA IPC buffers;
+        DeviceWrite)."""
         buffer_id, base = self._buffer_ref(buffer)
         req = kv_pb2.FetchPagesRequest(
             session_id=session_id, layer=layer, buffer_id=buffer_id, offset=base + offset,
             want_positions=want_positions, num_layers=num_layers,
         )
+        _convert.device_write(device, req)
         for h, p in enumerate(pages):
             if isinstance(p, HeadSelection) and not p.pages and p.positions:
                 req.heads.add(kv_head=h, tokens=[int(i) for i in p.positions])
@@ -376,15 +394,19 @@ class Client:
         offset: int = 0,
         options: Optional[SelectOptions] = None,
         num_layers: int = 1,
+        device: Optional[DeviceWrite] = None,
+        prefetch_group: bool = False,
     ) -> StepResult:
         """One layer of a decode step over this client's stream of the session
-        (opened on first use, reopened after an error), as in the C++ client."""
+        (opened on first use, reopened after an error), as in the C++ client.
+        ``device`` and ``prefetch_group``: see DecodeStream.step."""
         with self._lock:
             stream = self._streams.get(session_id)
             if stream is None:
                 stream = self._streams[session_id] = DecodeStream(self, session_id, buffer)
         stream.set_buffer(buffer)
-        return stream.step(layer, queries, offset=offset, options=options, num_layers=num_layers)
+        return stream.step(layer, queries, offset=offset, options=options, num_layers=num_layers,
+                           device=device, prefetch_group=prefetch_group)
 
     def close_decode_stream(self, session_id: str, raise_error: bool = True) -> None:
         """Closes the session's stream of decode_step (if open)."""

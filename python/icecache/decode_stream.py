@@ -21,7 +21,7 @@ from . import _convert
 from ._stream import IteratorStream, SegregatedStream, segregated_available
 from .errors import IceCacheError
 from .queries import query_bytes
-from .types import SelectOptions, StepResult
+from .types import DeviceWrite, SelectOptions, StepResult
 from .v1 import kv_pb2
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,13 +63,27 @@ class DecodeStream:
         offset: int = 0,
         options: Optional[SelectOptions] = None,
         num_layers: int = 1,
+        device: Optional[DeviceWrite] = None,
+        prefetch_group: bool = False,
     ) -> StepResult:
         """One layer: ``queries`` is [q_heads, head_dim] (numpy or torch;
         float32, float16 or bfloat16). Pages of layers [layer, layer +
         num_layers) land in the buffer at ``offset`` before this returns.
-        With options.reuse_group_selection, ``queries`` may be None."""
+        With options.reuse_group_selection, ``queries`` may be None.
+
+        ``device`` (CUDA IPC buffers): block ids of the registered paged KV
+        cache and CUDA IPC events (DeviceWrite; with a done event the step
+        returns once the push is enqueued). ``prefetch_group`` on the first
+        layer of a layer group (IceCache(r)): the daemon then writes the
+        group's later layers in the background, layer ``layer + j`` at
+        ``offset + j * layout.layer_stride_bytes`` (or into the same block
+        ids), and the step for such a layer (reuse_group_selection, that
+        offset) only waits for its write (``StepResult.prefetched``);
+        ``StepResult.prefetching`` says how many layers were started."""
         options = options or SelectOptions()
-        req = kv_pb2.DecodeStepRequest(layer=layer, offset=self._base + offset, num_layers=num_layers)
+        req = kv_pb2.DecodeStepRequest(layer=layer, offset=self._base + offset, num_layers=num_layers,
+                                       prefetch_group=prefetch_group)
+        _convert.device_write(device, req)
         if queries is not None or not options.reuse_group_selection:
             req.queries, req.query_dtype = query_bytes(queries, "queries")
         _convert.select_params(options, req.params)
@@ -133,17 +147,19 @@ class DecodeStream:
 class BatchEntry:
     """One session of a batched decode step: its queries ([q_heads,
     head_dim]; None with reuse_group_selection), the buffer its pages go to
-    (None = the stream's) and the offset there."""
+    (None = the stream's) and the offset there; ``prefetch_group`` as in
+    DecodeStream.step."""
 
-    __slots__ = ("session_id", "queries", "buffer", "offset", "reuse_group_selection")
+    __slots__ = ("session_id", "queries", "buffer", "offset", "reuse_group_selection", "prefetch_group")
 
     def __init__(self, session_id: str, queries: Any, buffer: Any = None, offset: int = 0,
-                 reuse_group_selection: bool = False) -> None:
+                 reuse_group_selection: bool = False, prefetch_group: bool = False) -> None:
         self.session_id = session_id
         self.queries = queries
         self.buffer = buffer
         self.offset = offset
         self.reuse_group_selection = reuse_group_selection
+        self.prefetch_group = prefetch_group
 
 
 class BatchResult:
@@ -191,7 +207,8 @@ class BatchDecodeStream:
         for e in entries:
             buffer_id, base = self._client._buffer_ref(e.buffer) if e.buffer is not None else self._default
             entry = req.batch.add(session_id=e.session_id, buffer_id=buffer_id, offset=base + e.offset,
-                                  reuse_group_selection=e.reuse_group_selection)
+                                  reuse_group_selection=e.reuse_group_selection,
+                                  prefetch_group=e.prefetch_group)
             if e.queries is not None:
                 entry.queries, qd = query_bytes(e.queries, f"queries of session {e.session_id}")
                 dtype = qd if dtype is None else dtype

@@ -31,6 +31,9 @@ __all__ = [
     "SizeClassInfo",
     "DaemonStats",
     "DrainInfo",
+    "PagedKvFormat",
+    "PagedKvCache",
+    "DeviceWrite",
 ]
 
 
@@ -307,8 +310,74 @@ class StepResult:
             self._layout = _convert.fetch_layout(self._raw.layout)  # type: ignore[attr-defined]
         return self._layout
 
+    @property
+    def prefetching(self) -> int:
+        """prefetch_group on a group's first layer: the group's later layers
+        being written in the background (0: none)."""
+        return int(getattr(self._raw, "prefetching", 0))
+
+    @property
+    def prefetched(self) -> bool:
+        """This layer's pages were already written by a prefetch."""
+        return bool(getattr(self._raw, "prefetched", False))
+
     def __repr__(self) -> str:
         return f"StepResult(layer={self.layer}, reused={self.reused}, heads={self.heads!r}, layout={self.layout!r})"
+
+
+class PagedKvFormat(enum.IntEnum):
+    """Element layouts of an engine's paged KV cache (buffer.proto
+    PagedKvFormat; docs/engines.md). The head_dim axis is contiguous."""
+
+    VLLM_FLASH = 1  # [2, num_blocks, block_tokens, kv_heads, head_dim]
+    FLASHINFER_NHD = 2  # [num_blocks, 2, block_tokens, kv_heads, head_dim]
+    FLASHINFER_HND = 3  # [num_blocks, 2, kv_heads, block_tokens, head_dim]
+    CUSTOM = 4  # the four *_stride fields
+
+
+@dataclass
+class PagedKvCache:
+    """An engine's paged KV cache in one CUDA allocation (buffer.proto
+    PagedKvCache): ``num_layers`` layer tensors at ``layer_offsets_bytes``
+    (one per layer: tensor.data_ptr() minus the allocation's base), or, when
+    that is empty, one all-layer tensor where layer l starts at
+    ``base_offset_bytes`` + l x ``layer_stride`` elements (0 = one layer
+    tensor's size). The daemon checks every layer tensor against the
+    registered size before anything is written."""
+
+    format: PagedKvFormat = PagedKvFormat.VLLM_FLASH
+    first_layer: int = 0
+    num_layers: int = 0
+    num_blocks: int = 0
+    block_tokens: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
+    dtype: DType = DType.FLOAT16
+    layer_offsets_bytes: List[int] = field(default_factory=list)
+    base_offset_bytes: int = 0
+    layer_stride: int = 0
+    # CUSTOM only: element strides (Tensor.stride()) of the K/V, block, token
+    # and head axes.
+    kv_stride: int = 0
+    block_stride: int = 0
+    token_stride: int = 0
+    head_stride: int = 0
+
+
+@dataclass
+class DeviceWrite:
+    """What a fetch or decode step into a CUDA IPC buffer asks besides the
+    bytes (kv.proto FetchPagesRequest): ``block_ids``, this step's block
+    table (the i-th page of every KV head lands in block block_ids[i] of the
+    registered paged KV cache; ``offset`` is then unused), and the
+    cudaIpcEventHandle_t bytes (64) of events made with
+    cudaEventInterprocess: the daemon's stream waits on ``wait_event`` before
+    writing and records ``done_event`` after (the call then returns without
+    waiting for the copy)."""
+
+    block_ids: Sequence[int] = ()
+    wait_event: bytes = b""
+    done_event: bytes = b""
 
 
 @dataclass

@@ -473,10 +473,10 @@ absl::Status CheckDecodeBatchRequest(const v1::DecodeStepRequest& req) {
         absl::StrCat("batch lists ", req.batch_size(), " entries; at most ", kMaxDecodeBatch));
   }
   if (!req.session_id().empty() || !req.queries().empty() || req.offset() != 0 ||
-      req.reuse_group_selection()) {
+      req.reuse_group_selection() || req.prefetch_group()) {
     return absl::InvalidArgumentError(
-        "a request with batch entries sets session_id, queries, offset and "
-        "reuse_group_selection in each entry, not in the request itself");
+        "a request with batch entries sets session_id, queries, offset, "
+        "reuse_group_selection and prefetch_group in each entry, not in the request itself");
   }
   if (req.block_ids_size() > 0 || !req.wait_event().empty() || !req.done_event().empty()) {
     return absl::InvalidArgumentError(
@@ -505,6 +505,7 @@ absl::StatusOr<DecodeBatchEntry> DecodeBatchEntryFromProto(const v1::DecodeStepR
   e.buffer_id = in.buffer_id().empty() ? std::string(stream_buffer_id) : in.buffer_id();
   e.offset = in.offset();
   e.select.reuse_group_selection = in.reuse_group_selection();
+  e.prefetch_group = in.prefetch_group();
   if (e.session_id.empty() || e.session_id.size() > 256) {
     return EntryError(index, e.session_id,
                       absl::InvalidArgumentError("session_id must be 1..256 bytes"));
@@ -535,6 +536,8 @@ void DecodeBatchResultToProto(int index, const DecodeBatchEntry& entry,
     SelectionToProto(result->selection.heads[h], static_cast<int>(h), out->add_heads());
   }
   out->set_reused(result->selection.reused);
+  out->set_prefetching(result->prefetching);
+  out->set_prefetched(result->prefetched);
   FetchLayoutToProto(result->layout, entry.buffer_id, out->mutable_layout());
 }
 

@@ -62,14 +62,17 @@ absl::Status SingleStep(const ServiceDeps& deps, const Caller& caller,
                    GranularityFromProto(req.params().granularity(), "params.granularity"));
   sr.reuse_group_selection = req.reuse_group_selection();
   ASSIGN_OR_RETURN(const int num_layers, LayerCount(req.num_layers()));
-  ASSIGN_OR_RETURN(DecodeStepResult r,
-                   deps.manager->DecodeStep(caller, cursor.session_id, sr, cursor.buffer_id,
-                                            req.offset(), num_layers, DeviceWriteFromProto(req)));
+  ASSIGN_OR_RETURN(
+      DecodeStepResult r,
+      deps.manager->DecodeStep(caller, cursor.session_id, sr, cursor.buffer_id, req.offset(),
+                               num_layers, DeviceWriteFromProto(req), req.prefetch_group()));
   resp->set_layer(req.layer());
   for (size_t h = 0; h < r.selection.heads.size(); ++h) {
     SelectionToProto(r.selection.heads[h], static_cast<int>(h), resp->add_heads());
   }
   resp->set_reused(r.selection.reused);
+  resp->set_prefetching(r.prefetching);
+  resp->set_prefetched(r.prefetched);
   FetchLayoutToProto(r.layout, cursor.buffer_id, resp->mutable_layout());
   deps.metrics->bytes_total->WithLabels({"fetch"})->Add(r.layout.total_bytes);
   return absl::OkStatus();

@@ -46,6 +46,14 @@ Session::Session(std::string id_in, std::string tenant_in, uint64_t epoch_in,
   }
   absl::MutexLock c(&cache_mu);
   group_cache.resize(groups);
+  absl::MutexLock p(&prefetch_mu);
+  prefetch.resize(groups);
+}
+
+bool Session::SelectionCurrent(int group, uint64_t generation, int64_t tokens) const {
+  if (group_tokens[group] != tokens) return false;
+  absl::MutexLock l(&cache_mu);
+  return group_cache[group].generation == generation && group_cache[group].tokens == tokens;
 }
 
 namespace {
@@ -180,6 +188,7 @@ absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req, int threa
   // A layer group is selectable as soon as its own layers hold tokens, while
   // later layers of a chunk are still arriving.
   const int64_t tokens = group_tokens[result.group];
+  result.tokens = tokens;
   if (tokens == 0) {
     if (next_layer == 0) {
       return absl::FailedPreconditionError(
@@ -212,6 +221,7 @@ absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req, int threa
     }
     result.heads = cached.heads;
     result.reused = true;
+    result.generation = cached.generation;
     return result;
   }
   RETURN_IF_ERROR(CheckQueries(config, req.queries));
@@ -230,7 +240,9 @@ absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req, int threa
   }
   if (first_of_group) {
     absl::MutexLock l(&cache_mu);
+    result.generation = ++last_generation;
     group_cache[result.group].tokens = tokens;
+    group_cache[result.group].generation = result.generation;
     group_cache[result.group].heads = result.heads;
   }
   return result;

@@ -25,6 +25,7 @@
 #include "absl/time/time.h"
 #include "server/index/selector.h"
 #include "server/pool/page_pool.h"
+#include "server/session/prefetch.h"
 #include "server/session/session_quality.h"
 #include "server/session/session_types.h"
 #include "server/transfer/buffer_registry.h"
@@ -189,10 +190,30 @@ class Session {
 
   struct GroupSelection {
     int64_t tokens = -1;  // session tokens when it was made
+    // Distinct for every selection stored (a prefetch of the group's later
+    // layers is valid only for the selection it copied; §5.2).
+    uint64_t generation = 0;
     std::vector<Selection> heads;
   };
-  absl::Mutex cache_mu;
+  mutable absl::Mutex cache_mu;
   std::vector<GroupSelection> group_cache ABSL_GUARDED_BY(cache_mu);  // [group]
+  uint64_t last_generation ABSL_GUARDED_BY(cache_mu) = 0;
+
+  // True while the group's stored selection is `generation`, made at the
+  // group's current token count: pages written from it are what a fetch of
+  // that selection would write now.
+  bool SelectionCurrent(int group, uint64_t generation, int64_t tokens) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu) ABSL_LOCKS_EXCLUDED(cache_mu);
+
+  // Layer-group prefetch (prefetch.h; docs/architecture.md §5.2): the
+  // latest request per group, replaced (the old one cancelled) by the next.
+  // prefetch_mu is a leaf, never held while waiting or with mu.
+  absl::Mutex prefetch_start_mu ABSL_ACQUIRED_BEFORE(prefetch_mu);  // serialises replacements
+  absl::Mutex prefetch_mu;
+  std::vector<std::shared_ptr<GroupPrefetch>> prefetch ABSL_GUARDED_BY(prefetch_mu);  // [group]
+  // Set when the manager removes the session (dropped, expired, evicted):
+  // background work on it stops.
+  std::atomic<bool> closed{false};
 
   // Quality monitor (session_quality.h). Set by EnableQuality before the
   // session is published, immutable afterwards; each HeadQualityMonitor is

@@ -129,6 +129,12 @@ absl::StatusOr<std::unique_ptr<SessionManager>> SessionManager::Create(
         "session manager: max_sessions, max_sessions_per_tenant, max_tokens_per_session, "
         "max_append_tokens and build_threads must be >= 1");
   }
+  if (options.prefetch_threads < 0 || options.max_prefetch_jobs < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("session manager: prefetch_threads must be >= 0 (0 = no prefetch) and "
+                     "max_prefetch_jobs >= 1, got ",
+                     options.prefetch_threads, " and ", options.max_prefetch_jobs));
+  }
   if (options.decode_threads < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("session manager: decode_threads must be >= 0 (0 = all cores), got ",
@@ -143,6 +149,10 @@ absl::StatusOr<std::unique_ptr<SessionManager>> SessionManager::Create(
   RETURN_IF_ERROR(ValidateQualityOptions(options.quality));
   std::unique_ptr<SessionManager> m(new SessionManager(options));
   if (options.background_builds) m->builder_ = std::make_unique<IndexBuilder>();
+  if (options.prefetch_threads > 0) {
+    ASSIGN_OR_RETURN(m->prefetcher_,
+                     Prefetcher::Create(options.prefetch_threads, options.max_prefetch_jobs));
+  }
   if (options.quality.enabled) {
     ASSIGN_OR_RETURN(m->sampler_, QualitySampler::Create(options.quality.sampler));
   }
@@ -156,9 +166,11 @@ SessionManager::SessionManager(const SessionManagerOptions& options)
     : options_(options),
       clock_(options.clock != nullptr ? options.clock : Clock::Real()),
       epoch_(RandomNonZero64()),
-      counters_(std::make_unique<Counters>()) {}
+      counters_(std::make_unique<Counters>()),
+      prefetch_counters_(std::make_unique<PrefetchCounters>()) {}
 
 SessionManager::~SessionManager() {
+  prefetcher_.reset();  // its jobs hold leases and sessions
   sampler_.reset();
   {
     absl::MutexLock l(&reaper_mu_);
@@ -230,6 +242,7 @@ void SessionManager::RemoveSession(const std::string& id, const char* reason) {
   auto it = sessions_.find(id);
   if (it == sessions_.end()) return;
   dead = std::move(it->second);
+  dead->closed.store(true);
   sessions_.erase(it);
   (void)reason;
 }
@@ -250,6 +263,8 @@ bool SessionManager::SetDraining(bool draining) {
 }
 
 int SessionManager::InFlight() const { return counters_->in_flight.load(); }
+
+ChecksumCounters* SessionManager::checksum_counters() { return &counters_->checksums; }
 
 // ------------------------------------------------------------ sessions
 
@@ -354,6 +369,7 @@ int SessionManager::ExpireLeases(absl::Time now) {
     for (auto it = sessions_.begin(); it != sessions_.end();) {
       Session& s = *it->second;
       if (s.in_flight.load() == 0 && now - s.last_use() > s.config.ttl) {
+        s.closed.store(true);
         dead.push_back(std::move(it->second));
         it = sessions_.erase(it);
       } else {
@@ -404,6 +420,7 @@ absl::Status SessionManager::MakeRoom(const Session* appending, uint64_t bytes) 
   for (const Candidate& c : candidates) {
     if (freed >= need_high) break;
     auto it = sessions_.find(c.id);
+    it->second->closed.store(true);
     dead.push_back(std::move(it->second));
     sessions_.erase(it);
     freed += c.bytes;
@@ -601,17 +618,13 @@ absl::StatusOr<FetchLayout> SessionManager::FetchPages(const Caller& caller, std
 
 absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
     const Caller& caller, std::string_view id, const SelectRequest& select,
-    std::string_view buffer_id, uint64_t offset, int num_layers, const DeviceWrite& device) {
+    std::string_view buffer_id, uint64_t offset, int num_layers, const DeviceWrite& device,
+    bool prefetch_group) {
   ASSIGN_OR_RETURN(InFlightGuard guard, Use(caller, id));
   Session& s = *guard.get();
   const absl::Time now = clock_->Now();
   s.Touch(now);
   ASSIGN_OR_RETURN(BufferLease lease, options_.buffers->Acquire(caller, buffer_id, now));
-  ReadyReader read(s, select.layer, options_.build_wait);
-  RETURN_IF_ERROR(GroupReadyOrUnavailable(s, select.layer, read.ready()));
-  DecodeStepResult out;
-  std::vector<QualityProbe> probes;
-  ASSIGN_OR_RETURN(out.selection, s.Select(select, options_.decode_threads, &probes));
   FetchRequest fetch;
   fetch.layer = select.layer;
   fetch.num_layers = num_layers;
@@ -619,19 +632,34 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
   fetch.offset = offset;
   fetch.want_positions = select.params.want_positions;
   fetch.device = device;
-  const bool by_token =
-      !out.selection.heads.empty() && !out.selection.heads.front().token_refs.empty();
-  for (const Selection& sel : out.selection.heads) {
-    // Token granularity: the selected tokens, packed (their positions always come back).
-    if (by_token) {
-      fetch.tokens.push_back(sel.positions);
+  // A prefetched layer: wait for its flag before the session lock (the
+  // worker writing it may need that lock; prefetch.h).
+  PrefetchedLayer pre = TakePrefetched(s, select, fetch);
+  DecodeStepResult out;
+  std::vector<QualityProbe> probes;
+  {
+    ReadyReader read(s, select.layer, options_.build_wait);
+    RETURN_IF_ERROR(GroupReadyOrUnavailable(s, select.layer, read.ready()));
+    ASSIGN_OR_RETURN(out.selection, s.Select(select, options_.decode_threads, &probes));
+    const bool by_token =
+        !out.selection.heads.empty() && !out.selection.heads.front().token_refs.empty();
+    for (const Selection& sel : out.selection.heads) {
+      // Token granularity: the selected tokens, packed (their positions always come back).
+      if (by_token) {
+        fetch.tokens.push_back(sel.positions);
+      } else {
+        fetch.pages.push_back(sel.pages);
+      }
+    }
+    if (UsePrefetched(s, out.selection, fetch, &pre, &out)) {
+      RETURN_IF_ERROR(lease.SignalDone(device.done_event));
     } else {
-      fetch.pages.push_back(sel.pages);
+      ASSIGN_OR_RETURN(out.layout,
+                       s.Fetch(lease, fetch, options_.decode_threads, &counters_->checksums));
     }
   }
-  ASSIGN_OR_RETURN(out.layout,
-                   s.Fetch(lease, fetch, options_.decode_threads, &counters_->checksums));
   OfferProbes(guard.shared(), std::move(probes));  // never waits (quality_sampler.h)
+  if (prefetch_group) out.prefetching = StartPrefetch(guard.shared(), std::move(lease), fetch, out);
   return out;
 }
 
@@ -641,7 +669,8 @@ std::vector<absl::StatusOr<DecodeStepResult>> SessionManager::DecodeBatch(
   std::vector<char> done(entries.size(), 0);
   auto run = [&](int64_t i) {
     const DecodeBatchEntry& e = entries[i];
-    out[i] = DecodeStep(caller, e.session_id, e.select, e.buffer_id, e.offset, e.num_layers);
+    out[i] = DecodeStep(caller, e.session_id, e.select, e.buffer_id, e.offset, e.num_layers, {},
+                        e.prefetch_group);
     done[i] = 1;
     return absl::OkStatus();
   };

@@ -76,6 +76,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -99,6 +100,10 @@ namespace icecache {
 
 class Session;       // internal (server/session/session.h)
 class IndexBuilder;  // internal (server/session/index_builder.h)
+class Prefetcher;    // internal (server/session/prefetch.h)
+class GroupPrefetch;
+struct ChecksumCounters;
+struct PrefetchCounters;
 struct AppendInput;  // internal (server/session/session_append.h)
 struct AppendPlan;
 
@@ -137,6 +142,15 @@ struct SessionManagerOptions {
   // shared oneTBB pool (every concurrent stream shares the same workers, so
   // the cores are never oversubscribed), 1 = serially on the calling thread.
   int decode_threads = 0;
+  // Layer-group prefetch (docs/architecture.md §5.2): threads that write a
+  // group's later layers in the background (0 = never: DecodeStep's
+  // prefetch_group is then ignored), and the most requests queued at once
+  // (beyond, a request goes without prefetch).
+  int prefetch_threads = 1;
+  int max_prefetch_jobs = 64;
+  // Optional, for tests: runs on the prefetch thread before each request's
+  // job (e.g. to hold it at a gate).
+  std::function<void()> on_prefetch_job;
   // Optional: true while a stop of the process is requested but its owner
   // has not acted on it yet (icecached: a SIGTERM/SIGINT sent and not yet
   // taken by the signal thread). Counts as draining. Must be thread-safe.
@@ -219,10 +233,27 @@ class SessionManager {
   // layers [select.layer, select.layer + num_layers) into the buffer, in one
   // call (positions included when select.params.want_positions). `device`:
   // block ids and events of a CUDA_IPC buffer (BufferLease::WriteFetch).
+  //
+  // prefetch_group (IceCache(r), docs/architecture.md §5.2): on the first
+  // layer of a group of a session with layer_reuse > 1, the group's later
+  // layers (past num_layers) are written in the background after the answer,
+  // where a fetch of the whole group would put them: layer first + j at
+  // offset + j x layout.layer_stride_bytes, or into the same block ids of
+  // their layer tensors (ordered after `device.wait_event`). The answer says
+  // how many (`prefetching`; 0 when the queue was full or the request asks
+  // for none). A later call for such a layer with reuse_group_selection, the
+  // same buffer and that offset (or block ids) and num_layers 1 waits for its
+  // write instead of copying (`prefetched`); its done_event is recorded at
+  // once. Any other call writes as usual. A prefetch stops (the layers not
+  // yet written are left for the calls) when the group selects again, the
+  // tokens change, the session goes or the buffer is unregistered. Ignored
+  // on other layers and sessions. Its errors are never reported: the call
+  // for the layer then writes it itself and answers as usual.
   absl::StatusOr<DecodeStepResult> DecodeStep(const Caller& caller, std::string_view id,
                                               const SelectRequest& select,
                                               std::string_view buffer_id, uint64_t offset,
-                                              int num_layers = 1, const DeviceWrite& device = {});
+                                              int num_layers = 1, const DeviceWrite& device = {},
+                                              bool prefetch_group = false);
 
   // DecodeStep for every entry (sessions of the caller's tenant; the same
   // session may appear twice), the entries in parallel on decode_threads.
@@ -279,6 +310,12 @@ class SessionManager {
   QualitySamplerStats QualityStats() const;
   // Waits until every queued quality sample has been measured (tests, benchmarks).
   void WaitForQualitySamples();
+  // Counters of the layer-group prefetch.
+  PrefetchStats prefetch_stats() const;
+  // Prefetch requests queued or running now (tests).
+  int PrefetchPending() const;
+  // Waits until no prefetch is queued or running (tests, benchmarks).
+  void WaitForPrefetch() const;
 
  private:
   explicit SessionManager(const SessionManagerOptions& options);
@@ -316,6 +353,27 @@ class SessionManager {
       ABSL_LOCKS_EXCLUDED(mu_);
   SessionInfo Info(const Session& s) const;
 
+  // Layer-group prefetch (session_manager_prefetch.cc).
+  struct PrefetchedLayer {
+    std::shared_ptr<GroupPrefetch> record;  // null: not a prefetched layer
+    std::optional<FetchLayout> layout;      // set: written, not yet checked as current
+  };
+  // The record of `select.layer`'s group when `fetch` is a layer it
+  // prefetches, after waiting for that layer's write (no lock held).
+  PrefetchedLayer TakePrefetched(Session& s, const SelectRequest& select,
+                                 const FetchRequest& fetch);
+  // True (out->layout set) when the layer was written by the prefetch from
+  // this very selection at the current tokens.
+  bool UsePrefetched(const Session& s, const SelectResult& selection, const FetchRequest& fetch,
+                     PrefetchedLayer* pre, DecodeStepResult* out) ABSL_SHARED_LOCKS_REQUIRED(s.mu);
+  // Replaces the group's prefetch by one for the layers after `fetch`;
+  // returns how many layers it will write (0: none or refused).
+  int StartPrefetch(const std::shared_ptr<Session>& s, BufferLease lease, const FetchRequest& fetch,
+                    const DecodeStepResult& out) ABSL_LOCKS_EXCLUDED(mu_);
+  ChecksumCounters* checksum_counters();
+  // On a prefetch thread: writes the layers of `record` not claimed by then.
+  void RunPrefetch(const std::weak_ptr<Session>& weak, GroupPrefetch& record, BufferLease& lease);
+
   const SessionManagerOptions options_;
   Clock* const clock_;
   const uint64_t epoch_;
@@ -333,6 +391,9 @@ class SessionManager {
   // Null when the monitor is off. Destroyed first (its queued jobs point at
   // this manager).
   std::unique_ptr<QualitySampler> sampler_;
+  std::unique_ptr<PrefetchCounters> prefetch_counters_;
+  // Reset first by the destructor (its jobs hold sessions and leases).
+  std::unique_ptr<Prefetcher> prefetcher_;
   // Declared last: destroyed first, so no build runs on a dying manager.
   std::unique_ptr<IndexBuilder> builder_;
 };

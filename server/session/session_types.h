@@ -148,6 +148,10 @@ struct SelectResult {
   int group = 0;
   bool reused = false;
   std::vector<Selection> heads;  // one per KV head, in head order
+  // Of the group's stored selection (a first layer's, or the one reused);
+  // 0 for a later layer's own selection (layer_reuse 1 or not reused).
+  uint64_t generation = 0;
+  int64_t tokens = 0;  // the group's tokens the selection was made at
 };
 
 // FetchPages request: pages[h] for every KV head h (ids of the layer group's
@@ -173,6 +177,12 @@ struct FetchRequest {
 struct DecodeStepResult {
   SelectResult selection;
   FetchLayout layout;
+  // Layers of the group being written in the background after this one
+  // (prefetch_group; 0 when none: not asked, no later layer, or refused).
+  int prefetching = 0;
+  // This layer's bytes were written in the background (prefetch) before
+  // the call came.
+  bool prefetched = false;
 };
 
 // One sequence of a batched decode step (SessionManager::DecodeBatch): the
@@ -183,6 +193,17 @@ struct DecodeBatchEntry {
   std::string buffer_id;
   uint64_t offset = 0;
   int num_layers = 1;
+  bool prefetch_group = false;  // as in SessionManager::DecodeStep
+};
+
+// Counters of the layer-group prefetch (SessionManager::prefetch_stats).
+struct PrefetchStats {
+  uint64_t started = 0;    // requests queued
+  uint64_t refused = 0;    // queue full: went without prefetch
+  uint64_t written = 0;    // layers written in the background
+  uint64_t used = 0;       // of those, handed to the client's call for the layer
+  uint64_t claimed = 0;    // layers whose call came first and wrote them itself
+  uint64_t discarded = 0;  // layers not written: cancelled, stale, session or buffer gone
 };
 
 struct AppendResult {

@@ -31,6 +31,9 @@ struct BufferLease::Entry {
   std::string device_uuid;
   absl::Time created;
   std::atomic<int64_t> leases{0};
+  // Set when the registry lets go of the buffer (unregistered, expired,
+  // dropped with its tenant); leases may still hold it.
+  std::atomic<bool> removed{false};
   // HOST_SHM
   ShmFile shm;
   // CUDA_IPC: the opened allocation (shared per tenant, device and handle)
@@ -154,6 +157,24 @@ absl::Status BufferLease::WriteFetch(const FetchLayout& layout, const DeviceWrit
     spec.length = layout.total_bytes;
   }
   return entry_->channel->Push(entry_->memory->data(), spec, fill);
+}
+
+absl::Status BufferLease::SignalDone(const std::string& done_event) {
+  if (entry_ == nullptr) return absl::FailedPreconditionError("empty buffer lease");
+  if (done_event.empty()) return absl::OkStatus();
+  if (entry_->kind != BufferKind::kCudaIpc) {
+    return absl::InvalidArgumentError(absl::StrCat("done_event needs a CUDA_IPC buffer; buffer ",
+                                                   entry_->id, " is ",
+                                                   std::string(BufferKindName(entry_->kind))));
+  }
+  absl::StatusOr<std::optional<CudaIpcHandle>> done = EventField("done_event", done_event);
+  if (!done.ok()) return done.status();
+  if (!done->has_value()) return absl::OkStatus();
+  return entry_->channel->RecordDone(**done);
+}
+
+bool BufferLease::registered() const {
+  return entry_ != nullptr && !entry_->removed.load(std::memory_order_acquire);
 }
 
 absl::Status BufferLease::Read(uint64_t offset, uint64_t length, void* dst) {
@@ -312,6 +333,7 @@ absl::Status BufferRegistry::Unregister(const Caller& caller, std::string_view i
   Slot* slot = FindLocked(caller, id);
   if (slot == nullptr) return BufferNotFound(id);
   dead = std::move(slot->entry);
+  dead->removed.store(true, std::memory_order_release);
   buffers_.erase(buffers_.find(id));
   return absl::OkStatus();
 }
@@ -367,6 +389,7 @@ int BufferRegistry::ExpireIdle(absl::Time now) {
   for (auto it = buffers_.begin(); it != buffers_.end();) {
     const Slot& slot = it->second;
     if (slot.entry->leases.load() == 0 && now - slot.last_use > options_.idle_ttl) {
+      it->second.entry->removed.store(true, std::memory_order_release);
       dead.push_back(std::move(it->second.entry));
       it = buffers_.erase(it);
     } else {
@@ -381,6 +404,7 @@ int BufferRegistry::DropTenant(std::string_view tenant) {
   absl::MutexLock l(&mu_);
   for (auto it = buffers_.begin(); it != buffers_.end();) {
     if (it->second.entry->tenant == tenant) {
+      it->second.entry->removed.store(true, std::memory_order_release);
       dead.push_back(std::move(it->second.entry));
       it = buffers_.erase(it);
     } else {

@@ -137,6 +137,17 @@ class BufferLease {
   absl::Status WriteFetch(const FetchLayout& layout, const DeviceWrite& device,
                           absl::FunctionRef<void(uint8_t*)> fill);
 
+  // Records the client's done event (a cudaIpcEventHandle_t) on the buffer's
+  // push stream after the pushes enqueued so far, for a fetch whose bytes a
+  // background push already wrote (layer-group prefetch). InvalidArgument
+  // for a handle that is not 64 bytes or a HOST_SHM buffer; Internal for
+  // CUDA errors.
+  absl::Status SignalDone(const std::string& done_event);
+
+  // False once the buffer was unregistered, expired or dropped with its
+  // tenant (the lease keeps the mapping alive; background work stops).
+  bool registered() const;
+
   struct Entry;  // internal to buffer_registry.cc
 
  private:

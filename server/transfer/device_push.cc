@@ -100,6 +100,13 @@ absl::Status PushChannel::Push(uint8_t* dst, const PushSpec& spec,
   return cuda_->SynchronizeStream(device_, stream_);
 }
 
+absl::Status PushChannel::RecordDone(const CudaIpcHandle& done_event) {
+  absl::MutexLock l(&mu_);
+  absl::StatusOr<void*> e = EventLocked(done_event);
+  if (!e.ok()) return e.status();
+  return cuda_->RecordEvent(device_, stream_, *e);
+}
+
 absl::Status PushChannel::Enqueue(uint8_t* dst, const PushSpec& spec, uint64_t tasks_at,
                                   uint64_t total) {
   if (spec.wait_event != nullptr) {

@@ -84,6 +84,11 @@ class PushChannel {
   // staging cannot be allocated.
   absl::Status Push(uint8_t* dst, const PushSpec& spec, absl::FunctionRef<void(uint8_t*)> fill)
       ABSL_LOCKS_EXCLUDED(mu_);
+  // Records the client's `done_event` on the channel's stream now: after
+  // every push enqueued so far (a layer prefetched in the background whose
+  // call carries a done event; docs/architecture.md §6.3). Internal for
+  // CUDA errors.
+  absl::Status RecordDone(const CudaIpcHandle& done_event) ABSL_LOCKS_EXCLUDED(mu_);
   // Waits for work still running from an earlier push (done event), so the
   // memory it writes can be closed. Errors are dropped (nothing to tell).
   void Drain() ABSL_LOCKS_EXCLUDED(mu_);

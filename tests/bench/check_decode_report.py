@@ -34,6 +34,14 @@ def main(path):
                 fail(f"{name}: mass_recall {p['mass_recall']}")
             if len(p["layer_mass_recall"]) != c["layers_run"]:
                 fail(f"{name}: {len(p['layer_mass_recall'])} layers of quality, ran {c['layers_run']}")
+            if p.get("prefetch"):
+                share = p.get("later_layers_prefetched_share")
+                if not (isinstance(share, (int, float)) and 0.0 <= share <= 1.0):
+                    fail(f"{name}: later_layers_prefetched_share {share}")
+                for k in ("later_layers_ms_prefetch_on_steps", "later_layers_ms_prefetch_off_steps"):
+                    v = p.get(k)
+                    if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+                        fail(f"{name}: {k} {v}")
             if name == "full" and p["mass_recall"] != 1.0:
                 fail("full attention must have mass recall 1")
             if p["selector"]:  # served by the daemon: every part of a step measured

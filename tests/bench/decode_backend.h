@@ -37,6 +37,9 @@ struct DecodeSelect {
   int sink_tokens = 4;
   int recent_tokens = 64;
   bool reuse_group_selection = false;
+  // On a group's first layer: the daemon writes the group's later layers in
+  // the background (IceCache(r) prefetch; kv.proto prefetch_group).
+  bool prefetch_group = false;
 };
 
 // One KV head of a step: the pages selected and where they landed (the K
@@ -50,6 +53,9 @@ struct StepHead {
 struct StepOutcome {
   std::vector<StepHead> heads;
   bool reused = false;
+  uint64_t layer_stride = 0;  // bytes of one layer's pages (the next layer's offset)
+  int prefetching = 0;        // later layers the daemon is writing in the background
+  bool prefetched = false;    // this layer was written by a prefetch before the call
 };
 
 struct BatchItem {

@@ -39,6 +39,7 @@ SelectRequest ToRequest(int layer, absl::Span<const float> queries, const Decode
 StepOutcome ToOutcome(const SelectResult& sel, const FetchLayout& layout) {
   StepOutcome out;
   out.reused = sel.reused;
+  out.layer_stride = layout.layer_stride_bytes;
   out.heads.resize(sel.heads.size());
   for (size_t h = 0; h < sel.heads.size(); ++h) {
     StepHead& o = out.heads[h];
@@ -126,8 +127,11 @@ class InProcessBackend : public DecodeBackend {
                                          const DecodeSelect& select) override {
     ASSIGN_OR_RETURN(DecodeStepResult r,
                      manager_->DecodeStep(caller_, id, ToRequest(layer, queries, select),
-                                          output_.id, out_offset));
-    return ToOutcome(r.selection, r.layout);
+                                          output_.id, out_offset, 1, {}, select.prefetch_group));
+    StepOutcome out = ToOutcome(r.selection, r.layout);
+    out.prefetching = r.prefetching;
+    out.prefetched = r.prefetched;
+    return out;
   }
 
   absl::StatusOr<StepOutcome> SelectThenFetch(const std::string& id, int layer,

@@ -31,6 +31,7 @@ StepOutcome ToOutcome(const std::vector<HeadSelection>& heads, const FetchLayout
                       bool reused) {
   StepOutcome out;
   out.reused = reused;
+  out.layer_stride = layout.layer_stride_bytes;
   out.heads.resize(heads.size());
   for (size_t h = 0; h < heads.size(); ++h) {
     out.heads[h].pages = heads[h].pages;
@@ -114,10 +115,15 @@ class SocketBackend : public DecodeBackend {
   absl::StatusOr<StepOutcome> DecodeStep(const std::string& id, int layer,
                                          absl::Span<const float> queries, uint64_t out_offset,
                                          const DecodeSelect& select) override {
+    StepOptions step;
+    step.prefetch_group = select.prefetch_group;
     ASSIGN_OR_RETURN(StepResult r,
                      client_->DecodeStep(id, static_cast<uint32_t>(layer), queries,
-                                         output_.buffer_id(), out_offset, ToOptions(select)));
-    return ToOutcome(r.heads, r.layout, r.reused);
+                                         output_.buffer_id(), out_offset, ToOptions(select), step));
+    StepOutcome out = ToOutcome(r.heads, r.layout, r.reused);
+    out.prefetching = static_cast<int>(r.prefetching);
+    out.prefetched = r.prefetched;
+    return out;
   }
 
   absl::StatusOr<StepOutcome> SelectThenFetch(const std::string& id, int layer,

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <fstream>
 #include <numeric>
+#include <string_view>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -100,8 +101,9 @@ absl::StatusOr<ContextResult> RunContext(const DecodeBenchOptions& o,
   ctx.scale = c.scale;
   ctx.layer_output_bytes = LayerOutputBytes(o, *model);
   const int bmax = *std::max_element(o.batch.begin(), o.batch.end());
-  RETURN_IF_ERROR(
-      main.Reserve(model->AppendBytes(model->prefill_tokens(), 4), ctx.layer_output_bytes * bmax));
+  // A group's layers land side by side (where a prefetch writes them).
+  RETURN_IF_ERROR(main.Reserve(model->AppendBytes(model->prefill_tokens(), 4),
+                               ctx.layer_output_bytes * std::max(bmax, MaxReuse(policies))));
   RETURN_IF_ERROR(companion.Reserve(
       model->AppendBytes(model->prefill_tokens(), ctx.reference_layers), ctx.layer_output_bytes));
   for (const DecodePolicy& p : policies) {
@@ -140,17 +142,28 @@ absl::StatusOr<DecodePolicy> ParseDecodePolicy(const std::string& name) {
     p.kind = DecodePolicy::Kind::kExactToken;
     return p;
   }
-  p.selector = name;
-  const size_t dash = name.rfind("-r");
-  if (dash != std::string::npos && dash + 2 < name.size() &&
-      name.find_first_not_of("0123456789", dash + 2) == std::string::npos) {
+  std::string base = name;
+  constexpr std::string_view kPrefetch = "+pf";
+  if (base.size() > kPrefetch.size() &&
+      base.compare(base.size() - kPrefetch.size(), kPrefetch.size(), kPrefetch) == 0) {
+    p.prefetch = true;
+    base.resize(base.size() - kPrefetch.size());
+  }
+  p.selector = base;
+  const size_t dash = base.rfind("-r");
+  if (dash != std::string::npos && dash + 2 < base.size() &&
+      base.find_first_not_of("0123456789", dash + 2) == std::string::npos) {
     int r = 0;
-    if (!absl::SimpleAtoi(name.substr(dash + 2), &r) || r < 1 || r > 64) {
+    if (!absl::SimpleAtoi(base.substr(dash + 2), &r) || r < 1 || r > 64) {
       return absl::InvalidArgumentError(
           absl::StrCat("policy '", name, "': layer reuse -r<k> needs k in 1..64"));
     }
-    p.selector = name.substr(0, dash);
+    p.selector = base.substr(0, dash);
     p.layer_reuse = r;
+  }
+  if (p.prefetch && p.layer_reuse < 2) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "policy '", name, "': +pf (layer-group prefetch) needs layer reuse -r<k> with k >= 2"));
   }
   if (p.selector.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("policy '", name, "': no selector name"));

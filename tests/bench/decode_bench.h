@@ -32,13 +32,16 @@ namespace icecache::bench {
 // "exact-token" (the oracle: the best budget tokens by true attention), or a
 // selector the daemon knows ("mdci", "exact", "quest", "streaming", ...),
 // optionally with layer reuse "-r<k>" ("mdci-r4": one selection per group of
-// 4 layers, IceCache(r)).
+// 4 layers, IceCache(r)) and then "+pf" ("mdci-r4+pf": the daemon writes
+// each group's later layers in the background after its first layer's
+// selection; docs/architecture.md §5.2).
 struct DecodePolicy {
   enum class Kind { kFull, kExactToken, kSelector };
   Kind kind = Kind::kSelector;
   std::string name;      // as given
   std::string selector;  // kSelector
   int layer_reuse = 1;
+  bool prefetch = false;  // "+pf"
 };
 // InvalidArgument naming the policy for a malformed one ("mdci-r0").
 absl::StatusOr<DecodePolicy> ParseDecodePolicy(const std::string& name);

@@ -36,6 +36,18 @@ TEST(DecodePolicyTest, SelectorWithLayerReuse) {
   EXPECT_EQ(ParseDecodePolicy("exact-token")->kind, DecodePolicy::Kind::kExactToken);
 }
 
+TEST(DecodePolicyTest, PrefetchSuffixNeedsLayerReuse) {
+  auto p = ParseDecodePolicy("mdci-r4+pf");
+  ASSERT_THAT(p, IsOk());
+  EXPECT_EQ(p->selector, "mdci");
+  EXPECT_EQ(p->layer_reuse, 4);
+  EXPECT_TRUE(p->prefetch);
+  EXPECT_EQ(p->name, "mdci-r4+pf");
+  EXPECT_FALSE(ParseDecodePolicy("mdci-r4")->prefetch);
+  EXPECT_THAT(ParseDecodePolicy("mdci+pf"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("needs layer reuse")));
+}
+
 TEST(DecodePolicyTest, BadReuseNamesThePolicy) {
   EXPECT_THAT(ParseDecodePolicy("mdci-r0"),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("mdci-r0")));

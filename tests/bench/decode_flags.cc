@@ -50,7 +50,8 @@ DecodeFlags::DecodeFlags(CLI::App* app) {
       ->check(CLI::Range(2, 1000))
       ->capture_default_str();
   app->add_option("--policies", policies_,
-                  "full, exact-token, or a selector name with optional layer reuse (mdci-r4)")
+                  "full, exact-token, or a selector name with optional layer reuse (mdci-r4) and "
+                  "layer-group prefetch (mdci-r4+pf)")
       ->type_name("P[,P..]")
       ->capture_default_str();
   app->add_option("--batch", batch_, "batch sizes of the batched-decode sweep (1 = none)")

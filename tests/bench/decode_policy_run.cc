@@ -36,10 +36,16 @@ struct Tally {
         attention(steps, 0),
         select(steps, 0),
         gather(steps, 0),
+        first(steps, 0),
+        later(steps, 0),
+        prefetch_on(steps, 0),
         mass(layers, 0),
         error(layers, 0),
         cells(layers, 0) {}
   std::vector<double> append, decode, attention, select, gather;  // ms per step
+  std::vector<double> first, later;  // DecodeStep ms per step: groups' first / later layers
+  std::vector<char> prefetch_on;     // "+pf" policies: the steps that asked for prefetch
+  int64_t later_calls = 0, prefetched = 0;
   std::vector<double> message_ms, paired_us;
   std::vector<double> mass, error;
   std::vector<int> cells;
@@ -155,21 +161,38 @@ absl::Status DecodeOneStep(const DecodeContext& ctx, const DecodePolicy& p, cons
     m.FillAppend(tok, tok + 1, 0, ctx.reference_layers, ctx.companion->staging());
     RETURN_IF_ERROR(ctx.companion->Append(companion_id, 1, 0, 0));
   }
+  uint64_t stride = 0;  // of the group's first layer: the group's layers lie side by side
+  // "+pf": prefetch on odd steps, off on even ones: on and off measured
+  // interleaved on the same session, data and load.
+  t->prefetch_on[step] = p.prefetch && step % 2 == 1;
   for (int l = 0; l < m.layers(); ++l) {
-    const DecodeSelect sel = SelectFor(*ctx.options, p, l);
+    DecodeSelect sel = SelectFor(*ctx.options, p, l);
+    const bool first = l % p.layer_reuse == 0;
+    sel.prefetch_group = t->prefetch_on[step] && first;
+    const uint64_t offset = first ? 0 : (l % p.layer_reuse) * stride;
     const absl::Span<const float> q =
         sel.reuse_group_selection ? absl::Span<const float>() : m.queries(step, l);
     const auto t0 = Clock::now();
-    absl::StatusOr<StepOutcome> outcome = ctx.main->DecodeStep(id, l, q, 0, sel);
+    absl::StatusOr<StepOutcome> outcome = ctx.main->DecodeStep(id, l, q, offset, sel);
     // The daemon builds a prefill's trees in the background and answers
     // UNAVAILABLE when a layer's group is still building past its wait: the
     // first step waits as a client would, and the wait counts in TT2T.
     for (int tries = 0; step == 0 && absl::IsUnavailable(outcome.status()) && tries < 60; ++tries) {
-      outcome = ctx.main->DecodeStep(id, l, q, 0, sel);
+      outcome = ctx.main->DecodeStep(id, l, q, offset, sel);
     }
     RETURN_IF_ERROR(outcome.status());
     const double ms = MsSince(t0);
     t->decode[step] += ms;
+    if (first) {
+      stride = outcome->layer_stride;
+      t->first[step] += ms;
+    } else {
+      t->later[step] += ms;
+      if (t->prefetch_on[step]) {
+        ++t->later_calls;
+        t->prefetched += outcome->prefetched ? 1 : 0;
+      }
+    }
     t->message_ms.push_back(ms);
     t->attention[step] += LayerAttention(ctx, step, l, *outcome, ctx.main->output(), t);
     if (l < ctx.reference_layers) {
@@ -201,6 +224,15 @@ void Summarize(const DecodeContext& ctx, const Tally& t, PolicyResult* r) {
   r->cost.attention = tail(t.attention, layer_scale);
   r->cost.rpc = Median(decode) - r->cost.select - r->cost.gather;
   r->cost.tpot = Median(tpot);
+  r->decode_ms = Median(decode);
+  r->first_layers_ms = tail(t.first, layer_scale);
+  r->later_layers_ms = tail(t.later, layer_scale);
+  r->prefetched_share =
+      t.later_calls > 0 ? static_cast<double>(t.prefetched) / t.later_calls : kNaN;
+  std::vector<double> on, off;
+  for (int s = 1; s < steps; ++s) (t.prefetch_on[s] ? on : off).push_back(t.later[s] * layer_scale);
+  r->later_on_ms = Median(on);
+  r->later_off_ms = Median(off);
   r->first_step_s = (t.decode[0] + t.attention[0]) * layer_scale / 1000.0;
   r->tt2t_s = r->prefill_s + r->first_step_s;
   r->message_us = Median(t.message_ms) * 1000.0;

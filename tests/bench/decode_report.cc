@@ -48,7 +48,53 @@ Json PolicyJson(const PolicyResult& p) {
           {"min_layer_mass_recall", p.min_layer_mass},
           {"output_rel_error", p.error},
           {"layer_mass_recall", p.layer_mass},
-          {"layer_output_rel_error", p.layer_error}};
+          {"layer_output_rel_error", p.layer_error},
+          {"prefetch", p.policy.prefetch},
+          {"decode_steps_ms_per_token", Num(p.decode_ms)},
+          {"first_layers_ms_per_token", Num(p.first_layers_ms)},
+          {"later_layers_ms_per_token", Num(p.later_layers_ms)},
+          {"later_layers_prefetched_share", Num(p.prefetched_share)},
+          {"later_layers_ms_prefetch_on_steps", Num(p.later_on_ms)},
+          {"later_layers_ms_prefetch_off_steps", Num(p.later_off_ms)}};
+}
+
+// The layer-group split of the policies with layer reuse, each "+pf" policy
+// beside its twin without prefetch (same run, same data).
+void PrintPrefetch(const ContextResult& c) {
+  TextTable t({"POLICY", "DECODE_MS", "FIRST_LAYERS", "LATER_LAYERS", "LATER_PF_OFF", "LATER_PF_ON",
+               "ON/OFF", "PREFETCHED", "PF_ON/TWIN"});
+  bool any = false;
+  auto ratio = [](double on, double off) {
+    if (!std::isfinite(on) || !std::isfinite(off) || off <= 0) return std::string("-");
+    return absl::StrFormat("%.2fx (%.0f%% hidden)", on / off, 100.0 * (1.0 - on / off));
+  };
+  for (const PolicyResult& p : c.policies) {
+    if (p.policy.layer_reuse < 2 || !std::isfinite(p.decode_ms)) continue;
+    any = true;
+    std::string twin = "-";
+    for (const PolicyResult& q : c.policies) {
+      if (p.policy.prefetch && !q.policy.prefetch && q.policy.selector == p.policy.selector &&
+          q.policy.layer_reuse == p.policy.layer_reuse) {
+        twin = ratio(p.later_on_ms, q.later_layers_ms);
+      }
+    }
+    const bool pf = p.policy.prefetch;
+    t.AddRow({p.policy.name, Fmt("%.2f", p.decode_ms), Fmt("%.2f", p.first_layers_ms),
+              Fmt("%.2f", p.later_layers_ms), pf ? Fmt("%.2f", p.later_off_ms) : "-",
+              pf ? Fmt("%.2f", p.later_on_ms) : "-",
+              pf ? ratio(p.later_on_ms, p.later_off_ms) : "-",
+              pf ? Fmt("%.0f%%", 100.0 * p.prefetched_share) : "-", twin});
+  }
+  if (!any) return;
+  std::printf(
+      "layer groups (select + gather + RPC per token, ms: the DecodeStep calls of the groups' "
+      "first layers and of their later layers; +pf policies ask for the later layers to be "
+      "written in the background after the first layer's selection on odd steps only: "
+      "LATER_PF_OFF / LATER_PF_ON are the later layers' medians over the even / odd steps of the "
+      "same session, interleaved; PREFETCHED = later-layer calls of the odd steps that found "
+      "their layer written; PF_ON/TWIN = LATER_PF_ON against the policy without +pf, run "
+      "before or after it):\n%s",
+      t.Render().c_str());
 }
 
 }  // namespace
@@ -80,6 +126,7 @@ void PrintContext(const DecodeBenchOptions& o, const ContextResult& c) {
       "stand-in for the GPU's. TT2T = prefill (KV ingest + index builds; no model compute) + "
       "the first decode step. RPC = DecodeStep calls beyond in-process select + gather; "
       "RPC_US/MSG = paired median per layer message, over in-process.\n");
+  PrintPrefetch(c);
   if (!c.batches.empty()) {
     TextTable b({"BATCH", "STEP_MS", "TOKENS_PER_S", "VS_BATCH_1"});
     for (const BatchResult& r : c.batches) {

@@ -34,6 +34,15 @@ struct PolicyResult {
   std::vector<double> layer_mass, layer_error;  // per layer, mean over steps and heads
   double mass = 0, error = 0;                   // mean over layers
   double min_layer_mass = 0;
+  // The DecodeStep calls per token (select + gather + RPC, all layers), and
+  // that split into the groups' first layers and their later layers (which
+  // only wait for a flag when prefetched). prefetched_share: of the later
+  // layers' calls, those that found their layer written.
+  double decode_ms = 0, first_layers_ms = 0, later_layers_ms = 0;
+  double prefetched_share = 0;
+  // "+pf" policies alternate prefetch on (odd steps) and off (even steps):
+  // the later layers' calls per token, medians over each set (NaN: none).
+  double later_on_ms = 0, later_off_ms = 0;
 };
 
 struct BatchResult {

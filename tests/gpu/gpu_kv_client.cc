@@ -1,5 +1,7 @@
 // The client half of the GPU check (tests/gpu/README in tests/gpu/run.sh):
-// a second process on the same GPU as icecached. It allocates an engine-like
+// a second process on the same GPU as icecached, an engine's side written
+// against the public client API (client/client.h: RegisterCudaIpc with a
+// PagedKvCache, DeviceWrite, StepOptions). It allocates an engine-like
 // paged KV cache (vLLM FlashAttention layout, all layers in one allocation)
 // and a plain device buffer, registers both by CUDA IPC, appends KV whose
 // every element it can recompute, then:
@@ -8,26 +10,30 @@
 //      stream waits on it; every byte of the cache is checked (scattered
 //      rows, zero padding, untouched blocks and layers);
 //   2. FetchPages of the same pages into the plain buffer (synchronous push):
-//      every byte of the fetch layout is checked.
+//      every byte of the fetch layout is checked;
+//   3. layer-group prefetch to the device: DecodeStep of the second group's
+//      first layer with prefetch_group into other blocks, then its second
+//      layer (reuse_group_selection, same blocks, a done event): the daemon
+//      pushed that layer in the background; the whole cache is checked again.
 // Prints one line "gpu_kv_client: OK ..." and exits 0, or names the first
 // wrong byte and exits 1. Built only with CUDA (links cudart directly: this
 // is the engine's side, not the daemon's).
 #include <cuda_runtime_api.h>
-#include <grpcpp/grpcpp.h>
 
 #include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
 
+#include "client/client.h"
 #include "common/dtype.h"
-#include "icecache/v1/buffer.grpc.pb.h"
-#include "icecache/v1/kv.grpc.pb.h"
-#include "icecache/v1/session.grpc.pb.h"
 
 namespace {
 
-namespace v1 = icecache::v1;
+using icecache::Client;
+using icecache::FetchLayout;
+using icecache::StepOptions;
+using icecache::StepResult;
 
 constexpr int kLayers = 4, kKvHeads = 2, kQHeads = 4, kHeadDim = 64, kPage = 16;
 constexpr int kBlocks = 64, kTokens = 300;
@@ -42,10 +48,13 @@ constexpr uint16_t kSentinel = 0xFFFF;
     }                                                                                \
   } while (0)
 
-void RpcOrDie(const grpc::Status& s, const char* what) {
-  if (s.ok()) return;
-  std::fprintf(stderr, "gpu_kv_client: %s: %s\n", what, s.error_message().c_str());
-  std::exit(1);
+template <typename T>
+T OrDie(absl::StatusOr<T> v, const char* what) {
+  if (!v.ok()) {
+    std::fprintf(stderr, "gpu_kv_client: %s: %s\n", what, v.status().ToString().c_str());
+    std::exit(1);
+  }
+  return *std::move(v);
 }
 
 // The fp16 bits of element d of token t, KV head h, layer l (kv 0 = K).
@@ -54,40 +63,40 @@ uint16_t Element(int kv, int l, int h, int t, int d) {
   return icecache::FloatToHalf(v - 0.5f);
 }
 
-std::string AppendBytes() {
+std::vector<uint8_t> AppendBytes() {
   std::vector<uint16_t> kv;
   for (int kvi = 0; kvi < 2; ++kvi)
     for (int l = 0; l < kLayers; ++l)
       for (int h = 0; h < kKvHeads; ++h)
         for (int t = 0; t < kTokens; ++t)
           for (int d = 0; d < kHeadDim; ++d) kv.push_back(Element(kvi, l, h, t, d));
-  return std::string(reinterpret_cast<const char*>(kv.data()), kv.size() * 2);
+  const auto* p = reinterpret_cast<const uint8_t*>(kv.data());
+  return std::vector<uint8_t>(p, p + kv.size() * 2);
 }
 
 // Element index of (kv, block, token, head, 0) in one layer of the cache.
 size_t VllmIndex(int kv, int b, int t, int h) {
   return ((((static_cast<size_t>(kv) * kBlocks + b) * kPage + t) * kKvHeads + h) * kHeadDim);
 }
+constexpr size_t kLayerElems = 2ull * kBlocks * kPage * kKvHeads * kHeadDim;
 
 std::string Bytes(const void* p, size_t n) { return std::string(static_cast<const char*>(p), n); }
 
-// Checks the whole cache after the scatter of `layout` into `blocks`.
-bool CheckCache(const std::vector<uint16_t>& cache, const v1::FetchLayout& layout,
-                const std::vector<uint32_t>& blocks) {
-  const size_t layer_elems = 2ull * kBlocks * kPage * kKvHeads * kHeadDim;
-  std::vector<uint16_t> want(cache.size(), kSentinel);
-  for (uint32_t j = 0; j < layout.num_layers(); ++j) {
-    const int l = static_cast<int>(layout.first_layer() + j);
+// What the scatter of `layout` into `blocks` writes, applied to `want`.
+void ExpectScatter(const FetchLayout& layout, const std::vector<uint32_t>& blocks,
+                   std::vector<uint16_t>* want) {
+  for (uint32_t j = 0; j < layout.num_layers; ++j) {
+    const int l = static_cast<int>(layout.first_layer + j);
     for (int h = 0; h < kKvHeads; ++h) {
-      const v1::HeadLayout& head = layout.heads(h);
+      const icecache::HeadLayout& head = layout.heads[h];
       int pos_at = 0;
       for (size_t i = 0; i < blocks.size(); ++i) {
-        const int fill = i < static_cast<size_t>(head.fills_size()) ? head.fills(i) : 0;
+        const int fill = i < head.fills.size() ? static_cast<int>(head.fills[i]) : 0;
         for (int kv = 0; kv < 2; ++kv) {
           for (int t = 0; t < kPage; ++t) {
-            uint16_t* row = want.data() + l * layer_elems + VllmIndex(kv, blocks[i], t, h);
+            uint16_t* row = want->data() + l * kLayerElems + VllmIndex(kv, blocks[i], t, h);
             for (int d = 0; d < kHeadDim; ++d) {
-              row[d] = t < fill ? Element(kv, l, h, head.positions(pos_at + t), d) : 0;
+              row[d] = t < fill ? Element(kv, l, h, head.positions[pos_at + t], d) : 0;
             }
           }
         }
@@ -95,13 +104,17 @@ bool CheckCache(const std::vector<uint16_t>& cache, const v1::FetchLayout& layou
       }
     }
   }
+}
+
+// Compares the whole cache with what every scatter so far should have left.
+bool CheckCache(const std::vector<uint16_t>& cache, const std::vector<uint16_t>& want,
+                const char* what) {
   for (size_t e = 0; e < cache.size(); ++e) {
     if (cache[e] != want[e]) {
-      const size_t l = e / layer_elems, r = e % layer_elems;
       std::fprintf(stderr,
-                   "gpu_kv_client: scatter: element %zu (layer %zu, offset %zu in the layer) is "
+                   "gpu_kv_client: %s: element %zu (layer %zu, offset %zu in the layer) is "
                    "0x%04x, want 0x%04x\n",
-                   e, l, r, cache[e], want[e]);
+                   what, e, e / kLayerElems, e % kLayerElems, cache[e], want[e]);
       return false;
     }
   }
@@ -109,26 +122,25 @@ bool CheckCache(const std::vector<uint16_t>& cache, const v1::FetchLayout& layou
 }
 
 // Checks the plain fetch layout (gather.h) in `buf`.
-bool CheckPlain(const std::vector<uint16_t>& buf, const v1::FetchLayout& layout) {
-  for (uint32_t j = 0; j < layout.num_layers(); ++j) {
-    const int l = static_cast<int>(layout.first_layer() + j);
+bool CheckPlain(const std::vector<uint16_t>& buf, const FetchLayout& layout) {
+  for (uint32_t j = 0; j < layout.num_layers; ++j) {
+    const int l = static_cast<int>(layout.first_layer + j);
     for (int h = 0; h < kKvHeads; ++h) {
-      const v1::HeadLayout& head = layout.heads(h);
+      const icecache::HeadLayout& head = layout.heads[h];
       int pos_at = 0;
-      for (int i = 0; i < head.pages_size(); ++i) {
-        const size_t base = (layout.offset() + j * layout.layer_stride_bytes() +
-                             head.slots(i) * layout.page_bytes()) /
-                            2;
+      for (size_t i = 0; i < head.pages.size(); ++i) {
+        const size_t base =
+            (layout.offset + j * layout.layer_stride_bytes + head.slots[i] * layout.page_bytes) / 2;
         for (int kv = 0; kv < 2; ++kv) {
           for (int t = 0; t < kPage; ++t) {
             for (int d = 0; d < kHeadDim; ++d) {
-              const uint16_t want = t < static_cast<int>(head.fills(i))
-                                        ? Element(kv, l, h, head.positions(pos_at + t), d)
+              const uint16_t want = t < static_cast<int>(head.fills[i])
+                                        ? Element(kv, l, h, head.positions[pos_at + t], d)
                                         : 0;
               const uint16_t got = buf[base + (kv * kPage + t) * kHeadDim + d];
               if (got != want) {
                 std::fprintf(stderr,
-                             "gpu_kv_client: plain fetch: layer %d head %d page %d row %d dim %d "
+                             "gpu_kv_client: plain fetch: layer %d head %d page %zu row %d dim %d "
                              "is 0x%04x, want 0x%04x\n",
                              l, h, i, t, d, got, want);
                 return false;
@@ -136,11 +148,34 @@ bool CheckPlain(const std::vector<uint16_t>& buf, const v1::FetchLayout& layout)
             }
           }
         }
-        pos_at += head.fills(i);
+        pos_at += head.fills[i];
       }
     }
   }
   return true;
+}
+
+// An interprocess event and its IPC handle bytes.
+struct IpcEvent {
+  cudaEvent_t event;
+  std::string handle;
+};
+IpcEvent MakeEvent() {
+  IpcEvent made;
+  CUDA_OR_DIE(
+      cudaEventCreateWithFlags(&made.event, cudaEventDisableTiming | cudaEventInterprocess));
+  cudaIpcEventHandle_t h;
+  CUDA_OR_DIE(cudaIpcGetEventHandle(&h, made.event));
+  made.handle = Bytes(&h, sizeof(h));
+  return made;
+}
+
+std::vector<uint16_t> ReadCache(void* cache, cudaStream_t stream, const IpcEvent& done) {
+  CUDA_OR_DIE(cudaStreamWaitEvent(stream, done.event, 0));
+  std::vector<uint16_t> host(kLayers * kLayerElems);
+  CUDA_OR_DIE(cudaMemcpyAsync(host.data(), cache, host.size() * 2, cudaMemcpyDeviceToHost, stream));
+  CUDA_OR_DIE(cudaStreamSynchronize(stream));
+  return host;
 }
 
 }  // namespace
@@ -150,19 +185,15 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: gpu_kv_client unix:<socket>\n");
     return 2;
   }
-  auto channel = grpc::CreateChannel(argv[1], grpc::InsecureChannelCredentials());
-  auto buffers = v1::BufferService::NewStub(channel);
-  auto sessions = v1::SessionService::NewStub(channel);
-  auto kv = v1::KvService::NewStub(channel);
+  std::unique_ptr<Client> client = OrDie(Client::Create(argv[1]), "connect");
 
   CUDA_OR_DIE(cudaSetDevice(0));
   cudaDeviceProp prop;
   CUDA_OR_DIE(cudaGetDeviceProperties(&prop, 0));
-  const size_t cache_elems =
-      static_cast<size_t>(kLayers) * 2 * kBlocks * kPage * kKvHeads * kHeadDim;
+  const size_t cache_bytes = kLayers * kLayerElems * 2;
   void* cache = nullptr;
-  CUDA_OR_DIE(cudaMalloc(&cache, cache_elems * 2));
-  CUDA_OR_DIE(cudaMemset(cache, 0xFF, cache_elems * 2));
+  CUDA_OR_DIE(cudaMalloc(&cache, cache_bytes));
+  CUDA_OR_DIE(cudaMemset(cache, 0xFF, cache_bytes));
   const size_t plain_bytes = size_t{4} << 20;
   void* plain = nullptr;
   CUDA_OR_DIE(cudaMalloc(&plain, plain_bytes));
@@ -171,126 +202,101 @@ int main(int argc, char** argv) {
   CUDA_OR_DIE(cudaIpcGetMemHandle(&cache_handle, cache));
   CUDA_OR_DIE(cudaIpcGetMemHandle(&plain_handle, plain));
 
-  v1::RegisterBufferRequest reg;
-  reg.mutable_cuda_ipc()->set_handle(Bytes(&cache_handle, sizeof(cache_handle)));
-  reg.mutable_cuda_ipc()->set_size(cache_elems * 2);
-  reg.mutable_cuda_ipc()->set_device_uuid(Bytes(prop.uuid.bytes, 16));
-  v1::PagedKvCache* pk = reg.mutable_cuda_ipc()->mutable_paged_kv();
-  pk->set_format(v1::PAGED_KV_FORMAT_VLLM_FLASH);
-  pk->set_num_layers(kLayers);
-  pk->set_num_blocks(kBlocks);
-  pk->set_block_tokens(kPage);
-  pk->set_kv_heads(kKvHeads);
-  pk->set_head_dim(kHeadDim);
-  pk->set_dtype(v1::DTYPE_FLOAT16);
-  v1::RegisterBufferResponse cache_buf, plain_buf;
-  {
-    grpc::ClientContext ctx;
-    RpcOrDie(buffers->RegisterBuffer(&ctx, reg, &cache_buf), "RegisterBuffer (paged KV cache)");
-  }
-  reg.mutable_cuda_ipc()->clear_paged_kv();
-  reg.mutable_cuda_ipc()->set_handle(Bytes(&plain_handle, sizeof(plain_handle)));
-  reg.mutable_cuda_ipc()->set_size(plain_bytes);
-  {
-    grpc::ClientContext ctx;
-    RpcOrDie(buffers->RegisterBuffer(&ctx, reg, &plain_buf), "RegisterBuffer (plain)");
-  }
+  icecache::CudaIpcBuffer reg;
+  reg.handle = Bytes(&cache_handle, sizeof(cache_handle));
+  reg.size = cache_bytes;
+  reg.device_uuid = Bytes(prop.uuid.bytes, 16);
+  icecache::PagedKvCache pk;
+  pk.format = icecache::PagedKvFormat::kVllmFlash;
+  pk.num_layers = kLayers;
+  pk.num_blocks = kBlocks;
+  pk.block_tokens = kPage;
+  pk.kv_heads = kKvHeads;
+  pk.head_dim = kHeadDim;
+  pk.dtype = icecache::DType::kF16;
+  reg.paged_kv = pk;
+  const std::string cache_buf = OrDie(client->RegisterCudaIpc(reg), "RegisterCudaIpc (cache)");
+  reg.paged_kv.reset();
+  reg.handle = Bytes(&plain_handle, sizeof(plain_handle));
+  reg.size = plain_bytes;
+  const std::string plain_buf = OrDie(client->RegisterCudaIpc(reg), "RegisterCudaIpc (plain)");
 
-  v1::CreateSessionRequest cs;
-  v1::ModelShape* m = cs.mutable_config()->mutable_model();
-  m->set_layers(kLayers);
-  m->set_kv_heads(kKvHeads);
-  m->set_q_heads(kQHeads);
-  m->set_head_dim(kHeadDim);
-  m->set_dtype(v1::DTYPE_FLOAT16);
-  cs.mutable_config()->set_page_tokens(kPage);
-  cs.mutable_config()->mutable_selector()->set_kind(v1::SELECTOR_KIND_EXACT);
-  cs.mutable_config()->set_layer_reuse(2);
-  v1::CreateSessionResponse session;
-  {
-    grpc::ClientContext ctx;
-    RpcOrDie(sessions->CreateSession(&ctx, cs, &session), "CreateSession");
-  }
-  const std::string sid = session.session().session_id();
-  v1::AppendKvRequest ap;
-  ap.set_session_id(sid);
-  ap.set_num_tokens(kTokens);
-  ap.set_inline_kv(AppendBytes());
-  v1::AppendKvResponse apr;
-  {
-    grpc::ClientContext ctx;
-    RpcOrDie(kv->AppendKv(&ctx, ap, &apr), "AppendKv");
-  }
+  icecache::SessionSpec spec;
+  spec.layers = kLayers;
+  spec.kv_heads = kKvHeads;
+  spec.q_heads = kQHeads;
+  spec.head_dim = kHeadDim;
+  spec.dtype = icecache::DType::kF16;
+  spec.page_tokens = kPage;
+  spec.selector = icecache::SelectorType::kExact;
+  spec.layer_reuse = 2;
+  const std::string sid = OrDie(client->CreateSession(spec), "CreateSession").id;
+  const std::vector<uint8_t> kv = AppendBytes();
+  OrDie(client->AppendKvInline(sid, kv, kTokens), "AppendKv");
 
-  // 1. DecodeStep: scatter into the cache, ordered by events.
+  // 1. DecodeStep of layers 0-1: scatter into the cache, ordered by events.
   cudaStream_t stream;
   CUDA_OR_DIE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cudaEvent_t before, done;
-  CUDA_OR_DIE(cudaEventCreateWithFlags(&before, cudaEventDisableTiming | cudaEventInterprocess));
-  CUDA_OR_DIE(cudaEventCreateWithFlags(&done, cudaEventDisableTiming | cudaEventInterprocess));
-  cudaIpcEventHandle_t before_h, done_h;
-  CUDA_OR_DIE(cudaIpcGetEventHandle(&before_h, before));
-  CUDA_OR_DIE(cudaIpcGetEventHandle(&done_h, done));
-  CUDA_OR_DIE(cudaEventRecord(before, stream));
+  const IpcEvent before = MakeEvent(), done = MakeEvent();
+  CUDA_OR_DIE(cudaEventRecord(before.event, stream));
   const std::vector<uint32_t> blocks = {40, 3, 17, 9, 60, 22, 31, 5};
-  v1::DecodeStepRequest step;
-  step.set_session_id(sid);
-  step.set_buffer_id(cache_buf.buffer_id());
-  step.set_layer(0);
-  step.set_num_layers(2);
   std::vector<float> q(kQHeads * kHeadDim);
   for (size_t i = 0; i < q.size(); ++i) q[i] = static_cast<float>((i * 37) % 11) / 11.0f - 0.4f;
-  step.set_queries(Bytes(q.data(), q.size() * 4));
-  step.set_query_dtype(v1::DTYPE_FLOAT32);
-  step.mutable_params()->set_budget_tokens(64);
-  step.mutable_params()->set_want_positions(true);
-  for (uint32_t b : blocks) step.add_block_ids(b);
-  step.set_wait_event(Bytes(&before_h, sizeof(before_h)));
-  step.set_done_event(Bytes(&done_h, sizeof(done_h)));
-  v1::DecodeStepResponse resp;
-  {
-    grpc::ClientContext ctx;
-    auto rw = kv->DecodeStep(&ctx);
-    if (!rw->Write(step) || !rw->Read(&resp)) {
-      RpcOrDie(rw->Finish(), "DecodeStep");
-      std::fprintf(stderr, "gpu_kv_client: DecodeStep: no answer\n");
-      return 1;
-    }
-    rw->WritesDone();
-    RpcOrDie(rw->Finish(), "DecodeStep");
-  }
-  CUDA_OR_DIE(cudaStreamWaitEvent(stream, done, 0));
-  std::vector<uint16_t> host(cache_elems);
-  CUDA_OR_DIE(cudaMemcpyAsync(host.data(), cache, cache_elems * 2, cudaMemcpyDeviceToHost, stream));
-  CUDA_OR_DIE(cudaStreamSynchronize(stream));
-  if (!CheckCache(host, resp.layout(), blocks)) return 1;
+  icecache::SelectOptions opt;
+  opt.budget_tokens = 64;
+  opt.want_positions = true;
+  StepOptions step;
+  step.num_layers = 2;
+  step.device.block_ids = blocks;
+  step.device.wait_event = before.handle;
+  step.device.done_event = done.handle;
+  const StepResult first =
+      OrDie(client->DecodeStep(sid, 0, q, cache_buf, 0, opt, step), "DecodeStep (scatter)");
+  std::vector<uint16_t> want(kLayers * kLayerElems, kSentinel);
+  ExpectScatter(first.layout, blocks, &want);
+  if (!CheckCache(ReadCache(cache, stream, done), want, "scatter")) return 1;
 
   // 2. FetchPages of the same pages into the plain buffer (synchronous).
-  v1::FetchPagesRequest fetch;
-  fetch.set_session_id(sid);
-  fetch.set_buffer_id(plain_buf.buffer_id());
-  fetch.set_layer(2);
-  fetch.set_num_layers(2);
-  fetch.set_offset(4096);
-  fetch.set_want_positions(true);
-  for (int h = 0; h < kKvHeads; ++h) {
-    v1::HeadPages* hp = fetch.add_heads();
-    hp->set_kv_head(h);
-    *hp->mutable_pages() = resp.layout().heads(h).pages();
-  }
-  v1::FetchPagesResponse fr;
-  {
-    grpc::ClientContext ctx;
-    RpcOrDie(kv->FetchPages(&ctx, fetch, &fr), "FetchPages");
-  }
+  std::vector<std::vector<uint32_t>> pages;
+  for (const icecache::HeadLayout& h : first.layout.heads) pages.push_back(h.pages);
+  const FetchLayout fetched = OrDie(
+      client->FetchPages(sid, 2, pages, plain_buf, 4096, /*want_positions=*/true, 2), "FetchPages");
   std::vector<uint16_t> plain_host(plain_bytes / 2);
   CUDA_OR_DIE(cudaMemcpy(plain_host.data(), plain, plain_bytes, cudaMemcpyDeviceToHost));
-  if (!CheckPlain(plain_host, fr.layout())) return 1;
+  if (!CheckPlain(plain_host, fetched)) return 1;
+
+  // 3. Prefetch to the device: layer 2 (first of its group) with
+  // prefetch_group; layer 3 is pushed in the background into the same blocks
+  // of its tensor; its own call only records the done event.
+  const std::vector<uint32_t> blocks2 = {1, 2, 7, 11, 13, 50, 51, 63};
+  CUDA_OR_DIE(cudaEventRecord(before.event, stream));
+  StepOptions pf;
+  pf.device.block_ids = blocks2;
+  pf.device.wait_event = before.handle;
+  pf.prefetch_group = true;
+  const StepResult two =
+      OrDie(client->DecodeStep(sid, 2, q, cache_buf, 0, opt, pf), "DecodeStep (prefetch)");
+  if (two.prefetching != 1) {
+    std::fprintf(stderr, "gpu_kv_client: prefetch: %u layers prefetching, want 1\n",
+                 two.prefetching);
+    return 1;
+  }
+  icecache::SelectOptions reuse = opt;
+  reuse.reuse_group_selection = true;
+  StepOptions later;
+  later.device.block_ids = blocks2;
+  later.device.done_event = done.handle;
+  const StepResult three =
+      OrDie(client->DecodeStep(sid, 3, {}, cache_buf, 0, reuse, later), "DecodeStep (layer 3)");
+  ExpectScatter(two.layout, blocks2, &want);
+  ExpectScatter(three.layout, blocks2, &want);
+  if (!CheckCache(ReadCache(cache, stream, done), want, "prefetch")) return 1;
 
   std::printf(
-      "gpu_kv_client: OK: scatter of %d pages/head x 2 layers into %zu blocks (events), "
-      "plain fetch of %llu bytes; every byte checked\n",
-      resp.layout().heads(0).pages_size(), blocks.size(),
-      static_cast<unsigned long long>(fr.layout().total_bytes()));
+      "gpu_kv_client: OK: scatter of %zu pages/head x 2 layers into %zu blocks (events), "
+      "plain fetch of %llu bytes, prefetched layer 3 (%s); every byte checked\n",
+      first.layout.heads[0].pages.size(), blocks.size(),
+      static_cast<unsigned long long>(fetched.total_bytes),
+      three.prefetched ? "written in the background" : "its call came first and wrote it");
   return 0;
 }

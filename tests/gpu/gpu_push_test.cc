@@ -1,7 +1,8 @@
 // Two processes on one GPU (docs/architecture.md §6.3): a real icecached and
 // gpu_kv_client, the engine's side, which registers a paged KV cache and a
-// plain device buffer by CUDA IPC and checks every byte the daemon pushed
-// (scatter with events, plain fetch). Skips, with the reason, where there is
+// plain device buffer by CUDA IPC through the C++ client and checks every
+// byte the daemon pushed (scatter with events, plain fetch, a layer-group
+// prefetch pushed in the background). Skips, with the reason, where there is
 // no CUDA device or the build has no CUDA (then the client is not built).
 #include <string>
 
