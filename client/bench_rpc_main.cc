@@ -47,7 +47,7 @@ namespace icecache {
 namespace {
 
 struct Flags {
-  std::string spawn, socket, json, selector = "mdci";
+  std::string spawn, socket, json, selector = "mdci", transport = "ring";
   int pid = 0;
   std::vector<int> sessions = {1, 4, 8, 32};
   int64_t tokens = 4096;
@@ -81,6 +81,11 @@ void AddFlags(CLI::App& app, Flags* f, std::string* sessions) {
   app.add_option("--churn", f->churn, "churn mode: N create/append/drop cycles, RSS before/after")
       ->check(cli::Positive());
   app.add_option("--json", f->json, "write results as JSON to FILE")->type_name("FILE");
+  app.add_option("--transport", f->transport,
+                 "DecodeStep path: ring (shared-memory ring, the client's default; the stream "
+                 "where the daemon refuses it) or stream (the gRPC stream)")
+      ->check(CLI::IsMember({"ring", "stream"}))
+      ->capture_default_str();
 }
 
 absl::Status FinishFlags(const std::string& sessions, Flags* f) {
@@ -462,6 +467,7 @@ absl::Status Run(const Flags& f) {
   ClientOptions options;
   options.socket_path = f.socket;
   options.timeout = absl::Seconds(300);
+  options.decode_ring = f.transport == "ring";
   ASSIGN_OR_RETURN(DaemonConnection conn, SpawnOrConnect(f.spawn, options));
   const int pid = conn.daemon ? conn.daemon->pid() : f.pid;
   Client* client = conn.client.get();
@@ -470,17 +476,11 @@ absl::Status Run(const Flags& f) {
   Json report = Json::object();
   report["benchmark"] = "rpc";
   report["machine"] = {{"cores", std::thread::hardware_concurrency()}, {"kernel_isa", KernelIsa()}};
-  report["config"] = {{"target", client->target()},
-                      {"tokens", f.tokens},
-                      {"layers", f.layers},
-                      {"kv_heads", m.spec.kv_heads},
-                      {"q_heads", m.spec.q_heads},
-                      {"head_dim", m.spec.head_dim},
-                      {"dtype", "float16"},
-                      {"page_tokens", f.page_tokens},
-                      {"budget_tokens", f.budget},
-                      {"selector", f.selector},
-                      {"steps", f.steps}};
+  report["config"] = {
+      {"target", client->target()},  {"tokens", f.tokens},           {"layers", f.layers},
+      {"kv_heads", m.spec.kv_heads}, {"q_heads", m.spec.q_heads},    {"head_dim", m.spec.head_dim},
+      {"dtype", "float16"},          {"page_tokens", f.page_tokens}, {"budget_tokens", f.budget},
+      {"selector", f.selector},      {"transport", f.transport},     {"steps", f.steps}};
   absl::Status st;
   if (f.soak_s > 0) {
     st = RunSoak(*client, m, f, report);

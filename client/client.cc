@@ -347,6 +347,7 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const ClientOptions& opti
   impl->buffers = v1::BufferService::NewStub(impl->channel);
   impl->kv = v1::KvService::NewStub(impl->channel);
   impl->admin = v1::AdminService::NewStub(impl->channel);
+  impl->rings = v1::DecodeRingService::NewStub(impl->channel);
   impl->generic = std::make_unique<grpc::GenericStub>(impl->channel);
   return std::unique_ptr<Client>(new Client(std::move(impl)));
 }
@@ -679,24 +680,58 @@ std::shared_ptr<DecodeStreamState> StreamState(Client::Impl& impl, std::string_v
   return it->second;
 }
 
-// One request and its response on the stream of `key`, opened on first use.
-// When the stream ends, the daemon's status; a fresh stream is opened on the
-// next call.
-absl::Status Exchange(Client::Impl& impl, std::string_view key, const v1::DecodeStepRequest& req,
-                      v1::DecodeStepResponse* resp) {
-  std::shared_ptr<DecodeStreamState> state = StreamState(impl, key);
-  absl::MutexLock lock(&state->mu);
-  if (state->stream == nullptr) {
-    state->context = impl.NewContext(/*deadline=*/false);
-    state->stream = impl.kv->DecodeStep(state->context.get());
+// One request and its response on the gRPC stream of `state`, opened on
+// first use. When the stream ends, the daemon's status; a fresh stream is
+// opened on the next call.
+absl::Status StreamExchange(Client::Impl& impl, DecodeStreamState& state,
+                            const v1::DecodeStepRequest& req, v1::DecodeStepResponse* resp)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(state.mu) {
+  if (state.stream == nullptr) {
+    state.context = impl.NewContext(/*deadline=*/false);
+    state.stream = impl.kv->DecodeStep(state.context.get());
   }
-  if (state->stream->Write(req) && state->stream->Read(resp)) return absl::OkStatus();
-  state->stream->WritesDone();
-  absl::Status s = FromGrpcStatus(state->stream->Finish());
-  state->stream.reset();
-  state->context.reset();
+  if (state.stream->Write(req) && state.stream->Read(resp)) return absl::OkStatus();
+  state.stream->WritesDone();
+  absl::Status s = FromGrpcStatus(state.stream->Finish());
+  state.stream.reset();
+  state.context.reset();
   if (s.ok()) s = absl::InternalError("decode stream closed by the daemon without a status");
   return s;
+}
+
+// Opens the session's ring on first use; a refusal (an older daemon, a TCP
+// connection, limits) leaves the session on the stream.
+void MaybeOpenRing(Client& client, DecodeStreamState& state, std::string_view session_id)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(state.mu) {
+  if (state.ring != nullptr || state.no_ring) return;
+  const Client::Impl& impl = *client.impl();
+  if (!impl.options.decode_ring || !HasPrefix(impl.target, "unix:")) {
+    state.no_ring = true;
+    return;
+  }
+  absl::StatusOr<std::unique_ptr<DecodeRingClient>> ring =
+      DecodeRingClient::Open(client, session_id);
+  if (ring.ok()) {
+    state.ring = std::move(*ring);
+  } else {
+    state.no_ring = true;
+  }
+}
+
+// One request and its response for `key` (a session id, or "" for the
+// batch stream): over the session's ring when it has one, else the stream.
+absl::Status Exchange(Client& client, std::string_view key, const v1::DecodeStepRequest& req,
+                      v1::DecodeStepResponse* resp) {
+  Client::Impl& impl = *client.impl();
+  std::shared_ptr<DecodeStreamState> state = StreamState(impl, key);
+  absl::MutexLock lock(&state->mu);
+  if (!key.empty()) MaybeOpenRing(client, *state, key);
+  if (state->ring != nullptr && state->ring->Fits(req)) {
+    absl::Status s = state->ring->Exchange(req, resp);
+    if (state->ring->broken()) state->ring.reset();  // the next step reopens one
+    return s;
+  }
+  return StreamExchange(impl, *state, req, resp);
 }
 
 }  // namespace
@@ -730,7 +765,7 @@ absl::StatusOr<StepResult> Client::DecodeStep(std::string_view session_id, uint3
   DeviceToProto(step.device, &req);
   req.set_prefetch_group(step.prefetch_group);
   v1::DecodeStepResponse resp;
-  RETURN_IF_ERROR(Exchange(*impl_, session_id, req, &resp));
+  RETURN_IF_ERROR(Exchange(*this, session_id, req, &resp));
   StepResult out;
   out.layer = resp.layer();
   for (const auto& h : resp.heads()) out.heads.push_back(FromProto(h));
@@ -763,7 +798,7 @@ absl::StatusOr<std::vector<absl::StatusOr<StepResult>>> Client::DecodeBatch(
     out->set_prefetch_group(e.prefetch_group);
   }
   v1::DecodeStepResponse resp;
-  RETURN_IF_ERROR(Exchange(*impl_, /*key=*/"", req, &resp));
+  RETURN_IF_ERROR(Exchange(*this, /*key=*/"", req, &resp));
   std::vector<absl::StatusOr<StepResult>> results;
   for (const v1::DecodeBatchResult& r : resp.batch()) {
     if (r.code() != 0) {
@@ -796,6 +831,7 @@ absl::Status Client::CloseDecodeStream(std::string_view session_id) {
     impl_->streams.erase(it);
   }
   absl::MutexLock lock(&state->mu);
+  state->ring.reset();  // the daemon sees end of file and reclaims the ring
   if (state->stream == nullptr) return absl::OkStatus();
   state->stream->WritesDone();
   absl::Status s = FromGrpcStatus(state->stream->Finish());

@@ -48,6 +48,11 @@ struct ClientOptions {
   absl::Duration timeout = absl::Seconds(30);
   // Largest message the client accepts / sends.
   int max_message_bytes = 64 << 20;
+  // DecodeStep of one session over a shared-memory ring (docs/architecture.md
+  // §8.1) when the daemon is local (Unix socket) and accepts one; otherwise,
+  // and for DecodeBatch, the gRPC stream. Results and codes are the same;
+  // on the ring an error ends only its own step.
+  bool decode_ring = true;
 };
 
 enum class SelectorType : uint8_t {

@@ -16,8 +16,10 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "client/client.h"
+#include "client/decode_ring_client.h"
 #include "icecache/v1/admin.grpc.pb.h"
 #include "icecache/v1/buffer.grpc.pb.h"
+#include "icecache/v1/decode_ring.grpc.pb.h"
 #include "icecache/v1/kv.grpc.pb.h"
 #include "icecache/v1/session.grpc.pb.h"
 
@@ -47,9 +49,14 @@ void DeviceToProto(const DeviceWrite& device, Request* req) {
   req->set_done_event(device.done_event);
 }
 
-// One open DecodeStep stream; its mutex serialises the steps of a session.
+// One session's DecodeStep path: its ring when the daemon accepted one
+// (ClientOptions.decode_ring), else its stream. The mutex serialises the
+// steps of a session.
 struct DecodeStreamState {
   absl::Mutex mu;
+  std::unique_ptr<DecodeRingClient> ring ABSL_GUARDED_BY(mu);
+  // Set once a ring was refused (or the option is off): the stream only.
+  bool no_ring ABSL_GUARDED_BY(mu) = false;
   std::unique_ptr<grpc::ClientContext> context ABSL_GUARDED_BY(mu);
   std::unique_ptr<grpc::ClientReaderWriter<v1::DecodeStepRequest, v1::DecodeStepResponse>> stream
       ABSL_GUARDED_BY(mu);
@@ -64,6 +71,7 @@ struct Client::Impl {
   std::unique_ptr<v1::BufferService::Stub> buffers;
   std::unique_ptr<v1::KvService::Stub> kv;
   std::unique_ptr<v1::AdminService::Stub> admin;
+  std::unique_ptr<v1::DecodeRingService::Stub> rings;
   std::unique_ptr<grpc::GenericStub> generic;
 
   absl::Mutex streams_mu;

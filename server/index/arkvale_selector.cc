@@ -6,7 +6,7 @@
 // ArkVale ranks pages by that estimated score; for a GQA group each query's
 // bounds are normalised over the pages (a softmax over page bounds) and the
 // group score sums the queries' shares, as GroupPageScore does for exact
-// masses (docs/architecture.md §3.8). Unlike quest (max over the group of
+// masses (docs/architecture.md §3.9). Unlike quest (max over the group of
 // the bounds) a loud query does not decide for the group.
 // Cost: 2 key-equivalents per page (the min and max rows).
 #include <algorithm>

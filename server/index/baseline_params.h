@@ -1,5 +1,5 @@
 // Parameters of the baseline selectors reproduced from the literature
-// (docs/architecture.md §3.8): PQCache, SnapKV, MagicPIG and the published
+// (docs/architecture.md §3.9): PQCache, SnapKV, MagicPIG and the published
 // M-DCI query. Defaults follow each paper's public code; the selector files
 // cite the source of each default.
 #ifndef ICECACHE_SERVER_INDEX_BASELINE_PARAMS_H_
@@ -27,10 +27,14 @@ struct BaselineParams {
   int magicpig_bits = 10;           // K: SimHash bits per table, 1..16
   int magicpig_tables = 150;        // L: hash tables, 1..1024
   int magicpig_min_collisions = 2;  // a key is sampled when it collides in >= this many tables
-  // --- mdci-published (the ICE paper's prioritized DCI query) ---
-  int dci_num_composite = 2;          // m
-  int dci_num_simple = 7;             // L
-  float dci_candidate_factor = 4.0f;  // candidates per query = factor x budget, >= 1
+  // --- mdci-published (the ICE paper's multi-level prioritized DCI query,
+  // IceFormer's MDCI: github.com/yuzhenmao/IceFormer, MDCI/src/dci.c) ---
+  int dci_num_composite = 2;   // m
+  int dci_num_simple = 7;      // L
+  int dci_num_levels = 3;      // levels of keys, 1..16
+  int dci_field_of_view = 10;  // nodes expanded per level, >= 1
+  // The descent expands nodes holding factor x budget keys per query, >= 1.
+  float dci_candidate_factor = 4.0f;
   uint64_t seed = 1234;
 };
 

@@ -63,6 +63,12 @@ absl::Status ValidateDci(const BaselineParams& p) {
   if (p.dci_num_simple < 1 || p.dci_num_simple > 255) {
     return Bad("dci_num_simple", "in [1, 255]", absl::StrCat(p.dci_num_simple));
   }
+  if (p.dci_num_levels < 1 || p.dci_num_levels > 16) {
+    return Bad("dci_num_levels", "in [1, 16]", absl::StrCat(p.dci_num_levels));
+  }
+  if (p.dci_field_of_view < 1 || p.dci_field_of_view > 1 << 20) {
+    return Bad("dci_field_of_view", "in [1, 1048576]", absl::StrCat(p.dci_field_of_view));
+  }
   if (!FiniteAtLeast(p.dci_candidate_factor, 1.0f)) {
     return Bad("dci_candidate_factor", "finite and >= 1", absl::StrCat(p.dci_candidate_factor));
   }

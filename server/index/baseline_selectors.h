@@ -1,4 +1,4 @@
-// Factories of the baseline selectors (docs/architecture.md §3.8). Each is a
+// Factories of the baseline selectors (docs/architecture.md §3.9). Each is a
 // PositionalLayoutSelector (positional_layout.h); the token-level ones also
 // implement TokenRanker. Use Selector::Create(), which validates the config
 // and dispatches here.

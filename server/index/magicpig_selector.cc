@@ -19,7 +19,7 @@
 // sampled tokens, ranked by each token's estimated share for the group
 // (sum over the G queries of w_ij / sum_i w_ij over that query's samples),
 // then pages without samples; the client computes plain attention over
-// those pages, which drops the 1/P weights (docs/architecture.md §3.8).
+// those pages, which drops the 1/P weights (docs/architecture.md §3.9).
 // Cost: the collision counts read L x 2 bytes per key (L / head_dim
 // key-equivalents in fp16), plus one exact dot per sampled key.
 #include <algorithm>

@@ -1,20 +1,20 @@
 // The published M-DCI query (the ICE paper's selection as published,
-// docs/architecture.md §3.8), for comparison with the re-engineered mdci:
-// keys are MIPS-augmented (mips.h) and indexed by a prioritized DCI (Li and
-// Malik, "Fast k-Nearest Neighbour Search via Prioritized DCI", ICML 2017;
-// dci_prioritized.h: m composite indices of L random projections each,
-// defaults m = 2, L = 7); each query of the group runs the prioritized DCI
-// query for its top `budget` keys, retrieving at most dci_candidate_factor x
-// budget candidates; the union of the candidates is scored exactly, ranked
+// docs/architecture.md §3.9), for comparison with the re-engineered mdci:
+// keys are MIPS-augmented (mips.h) and indexed by the multi-level
+// prioritized DCI of IceFormer's MDCI (dci_multilevel.h: m composite indices
+// of L random projections per cell, defaults m = 2, L = 7, 3 levels, field
+// of view 10); each query of the group descends it for its top `budget`
+// keys, expanding on every level the nodes that hold dci_candidate_factor x
+// budget keys; the union of the queries' top keys is scored exactly, ranked
 // by the GQA group score and mapped to their positional pages (each page by
 // its best key, the budget in tokens).
 //
-// The DCI is immutable (dci_prioritized.h): keys appended after the last
-// build are a tail scored exactly at every query, and the DCI is rebuilt
-// (inside Insert(), under the caller's exclusive access) when the tail
-// passes max(1024, 1/8 of the indexed keys). The selector keeps an fp32
-// copy of every key for those rebuilds, as the published index holds its
-// points. Cost: candidates + tail exact dots, plus the projections visited
+// The index is immutable: keys appended after the last build are a tail
+// scored exactly at every query, and it is rebuilt (inside Insert(), under
+// the caller's exclusive access) when the tail passes max(1024, 1/8 of the
+// indexed keys). The selector keeps an fp32 copy of every key for those
+// rebuilds, as the published index holds its points. Cost (keys touched):
+// exact distances + tail + union rescored, plus the projections visited
 // (counted as 1 / head_dim of a key each).
 #include <algorithm>
 #include <memory>
@@ -22,7 +22,7 @@
 
 #include "common/status_macros.h"
 #include "server/index/baseline_selectors.h"
-#include "server/index/dci_prioritized.h"
+#include "server/index/dci_multilevel.h"
 #include "server/index/mips.h"
 #include "server/index/page_select.h"
 #include "server/index/positional_layout.h"
@@ -82,12 +82,13 @@ class MdciPublishedSelector final : public PositionalLayoutSelector, public Toke
     for (int64_t i = 0; i < total; ++i) {
       aug.AugmentKey(all.data() + i * dim_, points.data() + i * (dim_ + 1));
     }
-    DciParams dp;
+    MultiLevelDciParams dp;
     dp.num_composite = config_.baseline.dci_num_composite;
     dp.num_simple = config_.baseline.dci_num_simple;
+    dp.num_levels = config_.baseline.dci_num_levels;
     dp.seed = config_.baseline.seed;
-    ASSIGN_OR_RETURN(std::unique_ptr<PrioritizedDci> dci,
-                     PrioritizedDci::Create(points.data(), total, dim_ + 1, dp));
+    ASSIGN_OR_RETURN(std::unique_ptr<MultiLevelDci> dci,
+                     MultiLevelDci::Create(points.data(), total, dim_ + 1, dp));
     // Nothing can fail from here on.
     aug_ = aug;
     dci_ = std::move(dci);
@@ -100,7 +101,7 @@ class MdciPublishedSelector final : public PositionalLayoutSelector, public Toke
                      std::vector<ScoredToken>* tokens, uint64_t* touched) const;
 
   MipsAugmentation aug_ = *MipsAugmentation::FromMaxNorm(1.0f, 1, 1.0f, 1.0f);
-  std::unique_ptr<PrioritizedDci> dci_;
+  std::unique_ptr<MultiLevelDci> dci_;
   int64_t indexed_ = 0;          // keys in dci_ (positions [0, indexed_))
   std::vector<float> keys_f32_;  // every key, fp32, by position
 };
@@ -114,17 +115,18 @@ absl::Status MdciPublishedSelector::Score(const float* queries, int nq, const Se
   thread_local std::vector<std::pair<float, uint32_t>> hits;
   cand.clear();
   qa.resize(dim_ + 1);
-  DciQueryParams qp;
+  MultiLevelDciQuery qp;
   qp.k = static_cast<int>(std::min<int64_t>(params.budget_tokens, indexed_));
-  qp.max_candidates = std::max(
-      qp.k, static_cast<int>(std::min<double>(
-                indexed_, static_cast<double>(config_.baseline.dci_candidate_factor) * qp.k)));
-  int64_t visited_total = 0;
-  for (int j = 0; j < nq && dci_ != nullptr; ++j) {
+  qp.field_of_view = config_.baseline.dci_field_of_view;
+  qp.cover = static_cast<int64_t>(std::min<double>(
+      indexed_, static_cast<double>(config_.baseline.dci_candidate_factor) * std::max(qp.k, 1)));
+  int64_t visited_total = 0, distances = 0;
+  for (int j = 0; j < nq && dci_ != nullptr && qp.k >= 1; ++j) {
     aug_.AugmentQuery(queries + static_cast<int64_t>(j) * dim_, qa.data());
-    int64_t visited = 0;
-    RETURN_IF_ERROR(dci_->Query(qa.data(), qp, &hits, &visited));
-    visited_total += visited;
+    MultiLevelDci::Stats stats;
+    RETURN_IF_ERROR(dci_->Query(qa.data(), qp, &hits, &stats));
+    visited_total += stats.projections;
+    distances += stats.distances;
     for (const auto& h : hits) cand.push_back(static_cast<int32_t>(h.second));
   }
   for (int64_t i = indexed_; i < n; ++i) cand.push_back(static_cast<int32_t>(i));
@@ -139,7 +141,7 @@ absl::Status MdciPublishedSelector::Score(const float* queries, int nq, const Se
   TokenGroupScores(logits.data(), nq, c, scale_, scores.data());
   tokens->resize(c);
   for (int64_t i = 0; i < c; ++i) (*tokens)[i] = {scores[i], cand[i]};
-  *touched = static_cast<uint64_t>(c + visited_total / dim_);
+  *touched = static_cast<uint64_t>(distances + c + visited_total / dim_);
   return absl::OkStatus();
 }
 

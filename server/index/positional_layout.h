@@ -1,5 +1,5 @@
 // The positional page layout shared by the baseline selectors
-// (docs/architecture.md §3.8): token t sits in page t / page_tokens, slot
+// (docs/architecture.md §3.9): token t sits in page t / page_tokens, slot
 // t % page_tokens, as in positional_selector.h. A subclass adds its own
 // per-token or per-page digest in OnAppend() and its scoring in Select().
 //

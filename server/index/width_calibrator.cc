@@ -30,6 +30,9 @@ absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
   if (!(o.decrease > 0.0 && o.decrease < 1.0)) return bad("decrease must be in (0, 1)", o.decrease);
   if (!(o.hysteresis >= 0.0)) return bad("hysteresis must be >= 0", o.hysteresis);
   if (o.settle_samples < 1) return bad("settle_samples must be >= 1", o.settle_samples);
+  if (o.miss_samples < 1) return bad("miss_samples must be >= 1", o.miss_samples);
+  if (!(o.far_below >= 0.0)) return bad("far_below must be >= 0", o.far_below);
+  if (o.window < 1) return bad("window must be >= 1", o.window);
   if (base_field_of_view < 1) return bad("base field_of_view must be >= 1", base_field_of_view);
   if (!(base_candidate_factor > 0.0f)) {
     return bad("base candidate_factor must be > 0", base_candidate_factor);
@@ -53,6 +56,8 @@ void WidthCalibrator::SetWidth(double w) {
   if (w != width_) {
     ++changes_;
     last_change_step_ = steps_;
+    at_width_ = 0;  // the mean starts over at the new width
+    mean_at_width_ = 0.0;
   }
   width_ = w;
 }
@@ -63,31 +68,31 @@ void WidthCalibrator::Observe(const QualitySample& sample) {
   last_ratio_ = sample.mass_ratio;
   sum_ratio_ += sample.mass_ratio;
   sum_topk_ += sample.topk_recall;
-  if (sample.mass_ratio < o_.target_ratio) {
-    // Miss: up at once, and never come back down to the width that missed.
+  ++at_width_;
+  mean_at_width_ += (sample.mass_ratio - mean_at_width_) /
+                    static_cast<double>(std::min<int64_t>(at_width_, o_.window));
+  const bool miss = (at_width_ >= o_.miss_samples && mean_at_width_ < o_.target_ratio) ||
+                    sample.mass_ratio < o_.target_ratio - o_.far_below;
+  if (miss) {
+    // Up at once, and never come back down to the width that missed.
     floor_ = std::min(o_.max_width, width_ * std::sqrt(o_.increase));
     SetWidth(width_ * o_.increase);
-    comfortable_ = 0;
     release_streak_ = 0;
     if (released_) release_needed_ *= 2;  // lowering the floor did not pay
     released_ = false;
     return;
   }
-  if (sample.mass_ratio < o_.target_ratio + o_.hysteresis) {
-    comfortable_ = 0;  // on target: hold
-    release_streak_ = 0;
+  if (at_width_ < o_.settle_samples || mean_at_width_ < o_.target_ratio + o_.hysteresis) {
+    release_streak_ = 0;  // too few samples here yet, or on target: hold
     return;
   }
-  if (++comfortable_ < o_.settle_samples) return;
-  comfortable_ = 0;
   if (width_ > floor_) {
     SetWidth(std::max(floor_, width_ * o_.decrease));
     return;
   }
   // At the floor and comfortable for a long time: the data may have become
   // easier; let the width go lower again.
-  release_streak_ += o_.settle_samples;
-  if (release_streak_ >= release_needed_ && floor_ > o_.min_width) {
+  if (++release_streak_ >= release_needed_ && floor_ > o_.min_width) {
     floor_ = std::max(o_.min_width, floor_ * o_.decrease);
     SetWidth(floor_);
     release_streak_ = 0;

@@ -7,13 +7,19 @@
 // Control: one width multiplier w in [min_width, max_width]; field_of_view =
 // round(base_fov x w), candidate_factor = base_factor x w (at contexts
 // whose descent starts on level 1 the field of view does nothing; the
-// candidates always do). A sample
-// below the target raises w at once (x increase) and sets a floor just above
-// the width that missed; `settle_samples` comfortable samples in a row (ratio
-// >= target + hysteresis) lower it slowly (x decrease), never below the
-// floor. The floor itself is lowered only after a long comfortable streak,
-// and the streak needed doubles each time lowering it led to a miss, so on
-// data that does not change the width settles and stops moving.
+// candidates always do). The calibrator targets the *mean* ratio at a width,
+// not every sample: the steps of real decoding differ in difficulty, and a
+// width raised on every hard step ends far wider (slower) than the target
+// needs. It keeps the mean of the samples taken at the current width (a plain
+// mean, then a moving average over the last `window` samples). A miss -- that
+// mean below the target once it rests on `miss_samples` samples, or one
+// sample more than `far_below` under the target -- raises w at once
+// (x increase) and sets a floor just above the width that missed. A mean
+// >= target + hysteresis over `settle_samples` samples lowers it slowly
+// (x decrease), never below the floor. The floor itself is lowered only after
+// a long comfortable streak, and the streak needed doubles each time lowering
+// it led to a miss, so on data that does not change the width settles and
+// stops moving.
 // Sampling: the first warmup_samples steps are all sampled (fast
 // convergence), then 1 in sample_every (the exact reference is a full scan,
 // so its average cost is about scan / sample_every).
@@ -35,14 +41,18 @@ namespace icecache {
 
 struct CalibratorOptions {
   double target_ratio = 0.95;  // selection mass / exact reference mass, in (0, 1]
-  int sample_every = 256;      // once warm: 1 sampled step in this many (>= 1)
-  int warmup_samples = 32;     // the first steps, all sampled (>= 0)
-  double min_width = 1.0;      // bounds of the width multiplier, 0 < min <= max
+  // The daemon's defaults (config.h kDefaultQuality*, deploy/icecached.textproto).
+  int sample_every = 64;    // once warm: 1 sampled step in this many (>= 1)
+  int warmup_samples = 16;  // the first steps, all sampled (>= 0)
+  double min_width = 1.0;   // bounds of the width multiplier, 0 < min <= max
   double max_width = 64.0;
   double increase = 1.5;     // x on a sample below the target (> 1)
   double decrease = 0.85;    // x after settle_samples comfortable samples (in (0, 1))
-  double hysteresis = 0.02;  // comfortable: ratio >= target + hysteresis (>= 0)
-  int settle_samples = 4;    // >= 1
+  double hysteresis = 0.02;  // comfortable: mean >= target + hysteresis (>= 0)
+  int settle_samples = 4;    // samples at a width before lowering it (>= 1)
+  int miss_samples = 2;      // samples at a width before its mean can miss (>= 1)
+  double far_below = 0.15;   // one sample this far under the target is a miss (>= 0)
+  int window = 16;           // the mean at a width: plain, then over about this many (>= 1)
 };
 
 // One sampled step: the selection against the exact reference.
@@ -89,7 +99,8 @@ class WidthCalibrator {
   mutable absl::Mutex mu_;
   double width_ ABSL_GUARDED_BY(mu_);
   double floor_ ABSL_GUARDED_BY(mu_);                // decreases stop here
-  int comfortable_ ABSL_GUARDED_BY(mu_) = 0;         // comfortable samples in a row
+  int64_t at_width_ ABSL_GUARDED_BY(mu_) = 0;        // samples since the width changed
+  double mean_at_width_ ABSL_GUARDED_BY(mu_) = 0.0;  // their (moving) mean ratio
   int64_t release_streak_ ABSL_GUARDED_BY(mu_) = 0;  // comfortable samples at the floor
   int64_t release_needed_ ABSL_GUARDED_BY(mu_) = 0;  // to lower the floor
   bool released_ ABSL_GUARDED_BY(mu_) = false;       // the floor was lowered since the last miss

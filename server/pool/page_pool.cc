@@ -14,6 +14,7 @@
 #include "absl/strings/str_format.h"
 #include "common/caller.h"
 #include "common/status_macros.h"
+#include "server/pool/heap_trim.h"
 
 namespace icecache {
 
@@ -342,6 +343,15 @@ uint64_t PagePool::PrefaultAhead(uint64_t slabs) {
     for (uint64_t s = next_unused_slab_; s < num_slabs_ && next.size() < slabs; ++s) {
       next.push_back(s);
     }
+    // Slabs faulted in by an earlier call that are still free but no longer
+    // next in line (others were freed on top of them) go back to the kernel:
+    // at most `slabs` free slabs stay resident, however the pool churns.
+    for (uint64_t s : prefaulted_) {
+      if (slabs_[s].class_id == -1 && std::find(next.begin(), next.end(), s) == next.end()) {
+        DropSlabMemoryLocked(s);
+      }
+    }
+    prefaulted_ = next;
   }
   uint64_t done = 0;
   for (uint64_t slab : next) {
@@ -415,9 +425,38 @@ void PagePool::ReleaseSlabLocked(SizeClass* c, uint64_t slab) {
   counters_.reserved_bytes -= kSlabBytes;
   slabs_[slab].class_id = -1;
   free_slabs_.push_back(slab);
+  DropSlabMemoryLocked(slab);
+}
+
+void PagePool::DropSlabMemoryLocked(uint64_t slab) {
   // Give the memory back to the kernel; the next user faults in zero pages
   // (a file-backed arena: punch the hole in the file, or tmpfs keeps it).
-  madvise(start, kSlabBytes, fd_ >= 0 ? MADV_REMOVE : MADV_DONTNEED);
+  madvise(base_ + slab * kSlabBytes, kSlabBytes, fd_ >= 0 ? MADV_REMOVE : MADV_DONTNEED);
+}
+
+// Keeps the resident empty slabs within options_.max_empty_slabs: the
+// memory of dropped sessions goes back to the kernel instead of staying in
+// the process (icecache-load measured 200 MiB kept after every session was
+// gone, docs/bench/load.md). Slabs of `first` (the class just freed) go
+// first; the madvise runs under the lock because a released slab may be
+// carved again by the next Allocate.
+void PagePool::ReleaseExcessEmptySlabsLocked(SizeClass* first) {
+  uint64_t slab;
+  while (empty_slabs_total_ > options_.max_empty_slabs) {
+    SizeClass* from = nullptr;
+    if (PopEmptySlabLocked(first, &slab)) {
+      from = first;
+    } else {
+      for (auto& other : classes_) {
+        if (other.get() != first && PopEmptySlabLocked(other.get(), &slab)) {
+          from = other.get();
+          break;
+        }
+      }
+    }
+    if (from == nullptr) return;
+    ReleaseSlabLocked(from, slab);
+  }
 }
 
 uint64_t PagePool::Trim() {
@@ -518,6 +557,8 @@ void PagePool::Free(FrameSet* set) {
   counters_.used_bytes -= bytes;
   t->used_bytes -= bytes;
   t->frames -= count;
+  ReleaseExcessEmptySlabsLocked(c);
+  NoteFramesFreed(bytes);
 }
 
 absl::Status PagePool::SetQuota(std::string_view tenant, uint64_t quota_bytes) {

@@ -6,12 +6,13 @@
 // else normal pages with MAP_NORESERVE and madvise(MADV_HUGEPAGE). The arena is cut into 2 MiB
 // slabs; a slab belongs to one size class while it holds frames of that class. A slab whose last
 // frame is freed stays carved in its class (re-allocation costs no page
-// faults) until another class needs a slab and the arena has none left (it
-// is then taken over) or Trim() is called; a slab that leaves its class goes
-// back to the kernel with MADV_DONTNEED. A size class is created on first use of a frame size and
-// has an intrusive doubly linked free list threaded through its free frames,
-// so Allocate/Free are O(1) per frame and allocate no heap memory besides the
-// FrameSet's pointer vector.
+// faults) while at most `max_empty_slabs` slabs are empty, until another class
+// needs a slab and the arena has none left (it is then taken over) or Trim() is
+// called; beyond that bound Free() releases the excess at once. A slab that
+// leaves its class goes back to the kernel with MADV_DONTNEED. A size class is created on first use
+// of a frame size and has an intrusive doubly linked free list threaded through its free frames, so
+// Allocate/Free are O(1) per frame and allocate no heap memory besides the FrameSet's pointer
+// vector.
 //
 // A frame of a KV page holds K then V, page_tokens x head_dim each, in the
 // session dtype: frame_bytes = 2 x page_tokens x head_dim x DTypeSize(dtype)
@@ -71,6 +72,12 @@ struct PagePoolOptions {
   // the capacity; then Recover() re-owns the frames a snapshot names).
   // false: the file is emptied first.
   bool reuse_backing_file = false;
+  // Empty slabs (carved, no frame in use) the pool keeps resident for quick
+  // re-use, over all size classes. A Free() that leaves more empty than this
+  // returns the excess to the kernel (MADV_DONTNEED) at once, so memory goes
+  // back when sessions drop (docs/architecture.md §4). ~0 = keep every one
+  // until Trim().
+  uint64_t max_empty_slabs = 16;
 };
 
 // The frames of one session found in a warm-restart snapshot: byte offsets
@@ -204,7 +211,9 @@ class PagePool {
   // 2 MiB slab on first touch: about a millisecond on the append that needs
   // it). Contents are unchanged (MADV_POPULATE_WRITE), so it is safe while
   // allocations run; a no-op where the kernel lacks it. Meant for a
-  // background thread. Returns the slabs populated.
+  // background thread. Free slabs an earlier call faulted in that are no
+  // longer among the next `slabs` are returned to the kernel, so at most
+  // `slabs` free slabs stay resident. Returns the slabs populated.
   uint64_t PrefaultAhead(uint64_t slabs) ABSL_LOCKS_EXCLUDED(mu_);
   // Warm restart: takes ownership of exactly the listed frames (every other
   // frame of the arena stays free) and returns one FrameSet per entry, in
@@ -257,6 +266,9 @@ class PagePool {
   void ReleaseSlabLocked(SizeClass* c, uint64_t slab) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void StealEmptySlabLocked(SizeClass* taker) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool PopEmptySlabLocked(SizeClass* c, uint64_t* slab) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ReleaseExcessEmptySlabsLocked(SizeClass* first) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // MADV_DONTNEED (MADV_REMOVE for a file) of one slab that no frame uses.
+  void DropSlabMemoryLocked(uint64_t slab) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const PagePoolOptions options_;
   uint8_t* const base_;
@@ -282,7 +294,8 @@ class PagePool {
   std::vector<Slab> slabs_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> free_slabs_ ABSL_GUARDED_BY(mu_);  // stack of slab indices
   uint64_t next_unused_slab_ ABSL_GUARDED_BY(mu_) = 0;
-  uint64_t empty_slabs_total_ ABSL_GUARDED_BY(mu_) = 0;  // carved slabs with no frame used
+  uint64_t empty_slabs_total_ ABSL_GUARDED_BY(mu_) = 0;    // carved slabs with no frame used
+  std::vector<uint64_t> prefaulted_ ABSL_GUARDED_BY(mu_);  // the last PrefaultAhead's slabs
   bool frozen_ ABSL_GUARDED_BY(mu_) = false;
   std::map<std::string, std::unique_ptr<Tenant>, std::less<>> tenants_ ABSL_GUARDED_BY(mu_);
 };

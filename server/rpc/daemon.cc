@@ -138,6 +138,20 @@ absl::Status Daemon::Init() {
   buffer_service_ = std::make_unique<BufferServiceImpl>(deps_);
   kv_service_ = std::make_unique<KvServiceImpl>(deps_);
   admin_service_ = std::make_unique<AdminServiceImpl>(deps_);
+  ring_service_ = std::make_unique<DecodeRingServiceImpl>(deps_);
+  DecodeRingOptions ring_opts;
+  ring_opts.threads = std::max(4, 2 * static_cast<int>(std::thread::hardware_concurrency()));
+  ring_opts.max_rings_per_tenant = static_cast<int>(c.limits().max_calls_per_tenant());
+  ring_opts.max_rings =
+      static_cast<int>(c.limits().max_concurrent_calls() - c.limits().reserved_calls());
+  ASSIGN_OR_RETURN(
+      rings_, DecodeRingServer::Create(ring_opts, buffers_.get(),
+                                       [svc = ring_service_.get()](
+                                           const Caller& caller, const v1::DecodeStepRequest& req,
+                                           DecodeCursor* cursor, v1::DecodeStepResponse* resp) {
+                                         return svc->HandleRingMessage(caller, req, cursor, resp);
+                                       }));
+  ring_service_->set_rings(rings_.get());
 
   // Bind the socket before starting gRPC so a busy path fails fast.
   ASSIGN_OR_RETURN(listener_,
@@ -151,6 +165,7 @@ absl::Status Daemon::Init() {
   builder.RegisterService(buffer_service_.get());
   builder.RegisterService(kv_service_.get());
   builder.RegisterService(admin_service_.get());
+  builder.RegisterService(ring_service_.get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(c.limits().max_receive_message_bytes()));
   grpc::ResourceQuota quota("icecached");
   quota.SetMaxThreads(static_cast<int>(c.limits().max_concurrent_calls()));
@@ -224,6 +239,12 @@ absl::Status Daemon::Init() {
   pages_verified_ =
       registry_.AddSnapshot("icecache_checksum_pages_verified_total",
                             "Fetched pages whose checksum was checked", MetricType::kCounter, {});
+  decode_rings_ = registry_.AddSnapshot("icecache_decode_rings", "Open DecodeStep rings",
+                                        MetricType::kGauge, {});
+  decode_rings_closed_ = registry_.AddSnapshot(
+      "icecache_decode_rings_closed_total",
+      "DecodeStep rings closed (the client closed its request FIFO or exited)",
+      MetricType::kCounter, {});
   registry_.AddCollector([this] { CollectMetrics(); });
 
   if (c.metrics().port() != 0 || options_.metrics_any_port) RETURN_IF_ERROR(StartMetricsHttp());
@@ -294,6 +315,8 @@ void Daemon::CollectMetrics() {
   quality_metrics_->Collect(manager_->QualityStats());
   checksum_failures_->Replace({{{}, double(stats->checksum_failures)}});
   pages_verified_->Replace({{{}, double(stats->pages_verified)}});
+  decode_rings_->Replace({{{}, double(rings_ ? rings_->open_rings() : 0)}});
+  decode_rings_closed_->Replace({{{}, double(rings_ ? rings_->rings_reclaimed() : 0)}});
 }
 
 absl::Status Daemon::StartMetricsHttp() {
@@ -356,11 +379,18 @@ void Daemon::Shutdown() {
   const auto t0 = std::chrono::steady_clock::now();
   // No new connections; existing ones keep their in-flight calls.
   if (listener_) listener_->Stop();
+  const absl::Time drain_end =
+      absl::Now() + absl::Milliseconds(static_cast<int64_t>(config_.drain_timeout_ms()));
   if (server_) {
-    const auto deadline =
-        std::chrono::system_clock::now() + std::chrono::milliseconds(config_.drain_timeout_ms());
-    server_->Shutdown(deadline);
+    server_->Shutdown(absl::ToChronoTime(drain_end));
     server_->Wait();
+  }
+  // Open decode rings drain like open streams: served until their clients
+  // close them or the drain time is up; then closed (clients read end of
+  // file: UNAVAILABLE).
+  if (rings_) {
+    rings_->AwaitClosed(drain_end);
+    rings_->Stop();
   }
   // No call runs any more: the sessions can be written down for the next daemon.
   if (for_upgrade_.load() && manager_ != nullptr) WriteUpgradeSnapshot();

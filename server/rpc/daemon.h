@@ -32,6 +32,8 @@
 #include "icecache/v1/config.pb.h"
 #include "server/pool/page_pool.h"
 #include "server/rpc/auth.h"
+#include "server/rpc/decode_ring.h"
+#include "server/rpc/decode_ring_service.h"
 #include "server/rpc/metrics.h"
 #include "server/rpc/quality_metrics.h"
 #include "server/rpc/services.h"
@@ -118,6 +120,9 @@ class Daemon {
   std::unique_ptr<BufferServiceImpl> buffer_service_;
   std::unique_ptr<KvServiceImpl> kv_service_;
   std::unique_ptr<AdminServiceImpl> admin_service_;
+  std::unique_ptr<DecodeRingServiceImpl> ring_service_;
+  // After ring_service_ (its handler) and the core: stopped before them.
+  std::unique_ptr<DecodeRingServer> rings_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<UnixListener> listener_;
   std::unique_ptr<httplib::Server> http_;
@@ -140,6 +145,8 @@ class Daemon {
   SnapshotFamily* connections_ = nullptr;
   SnapshotFamily* checksum_failures_ = nullptr;
   SnapshotFamily* pages_verified_ = nullptr;
+  SnapshotFamily* decode_rings_ = nullptr;
+  SnapshotFamily* decode_rings_closed_ = nullptr;
 
   std::string snapshot_path_;  // empty: no warm restart
   std::atomic<bool> for_upgrade_{false};

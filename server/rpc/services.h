@@ -8,9 +8,11 @@
 // (selection of one layer, a copy of at most one layer group's pages, an
 // append bounded by the receive limit), the sync server's threads are capped
 // by limits.max_concurrent_calls (grpc::ResourceQuota), and the bidi
-// DecodeStep loop reads naturally as a loop. With the callback API this
-// work would have to move to a second pool to keep reactions off the
-// callback threads, for no gain at this scale.
+// DecodeStep loop reads naturally as a loop. The per-message cost of the
+// stream (thread hand-offs between gRPC's poller and the handler thread,
+// HTTP/2 framing) and its thread per open stream are what the shared-memory
+// ring avoids for local clients (decode_ring.h, docs/architecture.md §8.1);
+// both paths handle a message with HandleDecodeMessage (decode_step.h).
 //
 // Ownership: ServiceDeps pointers are not owned and must outlive the
 // services. Thread safety: handlers run concurrently; all state they touch

@@ -279,6 +279,7 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
   made->queries.assign(q, q + static_cast<size_t>(q_per_kv) * config.head_dim);
   made->params = p;
   made->pages = out->pages;
+  if (p.granularity == Granularity::kToken) made->positions = out->positions;
   *probe = std::move(made);
   return absl::OkStatus();
 }

@@ -227,6 +227,7 @@ class Session {
   std::atomic<int64_t> calibration_cpu_ns{0};
   std::atomic<int64_t> samples_dropped{0};
   std::atomic<int64_t> samples_stale{0};
+  std::atomic<int64_t> samples_reselected{0};  // measured late: selected again (MeasureProbe)
 };
 
 }  // namespace icecache

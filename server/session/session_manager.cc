@@ -12,6 +12,7 @@
 #include "common/random_id.h"
 #include "common/status_macros.h"
 #include "server/index/parallel_build.h"
+#include "server/pool/heap_trim.h"
 #include "server/session/index_builder.h"
 #include "server/session/session.h"
 #include "server/session/session_append.h"
@@ -190,6 +191,7 @@ void SessionManager::ReaperLoop() {
     }
     ExpireLeases(clock_->Now());
     if (options_.prefault_slabs > 0) options_.pool->PrefaultAhead(options_.prefault_slabs);
+    MaybeTrimHeap();  // after sessions dropped (server/pool/heap_trim.h)
   }
 }
 

@@ -120,17 +120,25 @@ SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample*
     absl::ReaderMutexLock read(&s.mu);
     const size_t index = s.SelectorIndex(probe.group, probe.head);
     const int64_t now = s.group_tokens[probe.group];
-    // The selection's pages still exist (ids are never reused) and the few
-    // tokens appended since barely move the masses; more and it is stale.
-    const bool fresh = !s.broken && !s.group_building[probe.group] && now >= probe.tokens &&
-                       now - probe.tokens <= StaleAfterTokens(s, probe.tokens) &&
-                       s.selectors[index] != nullptr;
-    if (fresh) {
+    const bool usable = !s.broken && !s.group_building[probe.group] && now >= probe.tokens &&
+                        s.selectors[index] != nullptr;
+    if (usable) {
       const auto& selector = static_cast<const MdciSelector&>(*s.selectors[index]);
       Selection selection;
-      selection.pages = probe.pages;
-      measured =
-          MeasureSelection(selector, probe.queries.data(), s.q_per_kv, probe.params, selection);
+      absl::Status selected = absl::OkStatus();
+      if (now - probe.tokens <= StaleAfterTokens(s, probe.tokens)) {
+        // The selection's pages still exist (ids are never reused) and the
+        // few tokens appended since barely move the masses.
+        selection.pages = probe.pages;
+        selection.positions = probe.positions;
+      } else {
+        selected = selector.Select(probe.queries.data(), s.q_per_kv, probe.params, &selection);
+        s.samples_reselected.fetch_add(1, std::memory_order_relaxed);
+      }
+      if (selected.ok()) {
+        measured =
+            MeasureSelection(selector, probe.queries.data(), s.q_per_kv, probe.params, selection);
+      }
     }
   }
   if (!measured.ok()) return SampleOutcome::kStale;
@@ -146,6 +154,7 @@ SessionQualityInfo QualityInfoOf(const Session& s) {
       s.config.selector == SelectorKind::kMdci && q.monitored ? s.config.target_mass_ratio : 0.0;
   q.samples_dropped = s.samples_dropped.load();
   q.samples_stale = s.samples_stale.load();
+  q.samples_reselected = s.samples_reselected.load();
   q.calibration_cpu_ns = s.calibration_cpu_ns.load();
   q.selection_ns = s.selection_ns.load();
   double sum_ratio = 0.0, sum_topk = 0.0, sum_recent = 0.0;

@@ -55,6 +55,7 @@ struct QualityProbe {
   std::vector<float> queries;  // q_per_kv x head_dim
   SelectParams params;         // resolved, with the width used
   std::vector<uint32_t> pages;
+  std::vector<int32_t> positions;  // token granularity: the selected tokens
 };
 
 class HeadQualityMonitor {
@@ -104,12 +105,17 @@ absl::StatusOr<std::vector<std::unique_ptr<HeadQualityMonitor>>> MakeHeadQuality
 int64_t StaleAfterTokens(const Session& s, int64_t tokens);
 
 // Measures `probe` against the exact reference on the session's current
-// index. kStale when the group gained more than StaleAfterTokens since the
-// selection, or the session broke. Records the sample into the head's
-// HeadQualityMonitor and into *out. Takes s.append_mu (waiting for an append in
-// progress: this runs on the sampler's thread) and then s.mu shared, so
-// selects go on meanwhile and an append waits at most for this one head's
-// reference scan.
+// index. While the group gained at most StaleAfterTokens since the
+// selection, the probe's own selection is measured; past that (the sampler
+// ran late: a loaded machine, a nice-19 worker) the selector selects again
+// now with the probe's queries and params (the same width) and that
+// selection is measured, so a late sample still measures this width on
+// this data (counted in samples_reselected). kStale only while the group's
+// index is being built, or when the session broke. Records the sample into
+// the head's HeadQualityMonitor and into *out. Takes s.append_mu (waiting
+// for an append in progress: this runs on the sampler's thread) and then
+// s.mu shared, so selects go on meanwhile and an append waits at most for
+// this one head's reference scan.
 SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample* out);
 
 // The session's quality view for SessionInfo.

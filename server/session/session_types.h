@@ -93,7 +93,8 @@ struct SessionQualityInfo {
   double target_mass_ratio = 0.0;  // 0 = width not calibrated
   int64_t samples = 0;             // measured, over every head
   int64_t samples_dropped = 0;     // not measured: queue full or CPU budget spent
-  int64_t samples_stale = 0;       // not measured: the index moved first
+  int64_t samples_stale = 0;       // not measured: the index was being built, or broke
+  int64_t samples_reselected = 0;  // measured late: selected again at the probe's width
   double mean_mass_ratio = 0.0;    // over every sample
   double recent_mass_ratio = 0.0;  // mean over heads of their moving average
   double mean_topk_recall = 0.0;

@@ -107,6 +107,11 @@ absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeSocketBackend(const std::stri
                                                                  const std::string& socket,
                                                                  uint64_t capacity_bytes);
 absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeInProcessBackend(uint64_t capacity_bytes);
+// A second socket backend on the daemon of `socket_backend` (one that
+// MakeSocketBackend made; it must outlive the twin), whose client keeps
+// DecodeStep on the gRPC stream (ClientOptions.decode_ring off), while
+// MakeSocketBackend's client uses the shared-memory ring.
+absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeStreamTwin(DecodeBackend& socket_backend);
 
 }  // namespace icecache::bench
 

@@ -56,6 +56,7 @@ class SocketBackend : public DecodeBackend {
   }
 
   const char* name() const override { return "socket"; }
+  const std::string& target() const { return client_->target(); }
 
   absl::Status Reserve(size_t staging_bytes, size_t output_bytes) override {
     if (staging_bytes > staging_.size()) {
@@ -200,6 +201,17 @@ absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeSocketBackend(const std::stri
                                                serving.status().message()));
   }
   return std::make_unique<SocketBackend>(std::move(daemon), std::move(client));
+}
+
+absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeStreamTwin(DecodeBackend& socket_backend) {
+  auto* first = dynamic_cast<SocketBackend*>(&socket_backend);
+  if (first == nullptr) return absl::InvalidArgumentError("MakeStreamTwin needs a socket backend");
+  ClientOptions options;
+  options.socket_path = first->target();
+  options.timeout = absl::Minutes(10);
+  options.decode_ring = false;
+  ASSIGN_OR_RETURN(std::unique_ptr<Client> client, Client::Create(options));
+  return std::make_unique<SocketBackend>(nullptr, std::move(client));
 }
 
 }  // namespace icecache::bench

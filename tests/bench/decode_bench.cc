@@ -14,6 +14,7 @@
 #include "common/status_macros.h"
 #include "common/synthetic.h"
 #include "tests/bench/decode_policy_run.h"
+#include "tests/bench/decode_rpc_overhead.h"
 
 namespace icecache::bench {
 namespace {
@@ -184,6 +185,7 @@ double LoadAverage() {
 }  // namespace
 
 absl::Status RunDecodeBench(const DecodeBenchOptions& o) {
+  if (o.rpc_overhead) return RunRpcOverhead(o);
   const double load_start = LoadAverage();
   std::printf("icecache-bench decode: %s shape, %d layers, contexts", o.preset.c_str(), o.layers);
   for (int64_t t : o.contexts) std::printf(" %lld", static_cast<long long>(t));

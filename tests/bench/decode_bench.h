@@ -71,6 +71,9 @@ struct DecodeBenchOptions {
   double memory_gib = 12.0;
   std::string json, plot;
   bool progress = true;
+  // Only the per-message RPC cost, ring and stream against in-process
+  // (decode_rpc_overhead.h); contexts[0] tokens, the selector policies.
+  bool rpc_overhead = false;
 };
 
 // Runs every context and policy; prints the tables to stdout, writes --json

@@ -14,7 +14,6 @@
 #include "common/json.h"
 #include "common/status_macros.h"
 #include "common/synthetic.h"
-#include "tests/bench/select_matrix.h"
 
 namespace icecache::bench {
 namespace {
@@ -143,48 +142,39 @@ absl::Status WriteFile(const std::string& path, const std::string& text, const c
 
 std::string Svg(const std::map<std::string, std::map<std::string, Mean>>& means,
                 const std::vector<std::string>& methods, const std::vector<std::string>& labels,
-                const SelectBenchOptions& o) {
-  std::vector<FrontierSeries> series;
+                const SelectBenchOptions& o, int64_t context) {
+  std::vector<BaselineBar> bars;
   for (const std::string& name : methods) {
     if (name == "exact-token" || !means.count(name)) continue;
-    FrontierSeries s;
-    s.family = name;
+    BaselineBar bar;
+    bar.method = name;
     for (const std::string& label : labels) {
       const auto it = means.at(name).find(label);
-      if (it == means.at(name).end()) continue;
-      s.labels.push_back(label);
-      s.time_us.push_back(it->second.p50);
-      s.mass_ratio.push_back(it->second.vs_tok);
+      const bool run = it != means.at(name).end();
+      bar.budgets.push_back(label);
+      bar.mass_ratio.push_back(run ? it->second.vs_tok : NAN);
+      bar.error.push_back(run ? it->second.err : NAN);
     }
-    series.push_back(std::move(s));
+    bars.push_back(std::move(bar));
   }
-  return PlotSvg(series,
-                 absl::StrFormat("baselines: mass / exact-token oracle vs select time, mean over "
-                                 "families (budgets %s; page %d; layer reuse %d)",
-                                 absl::StrJoin(labels, ", "), o.page_tokens.front(), o.layer_reuse),
-                 "mass / exact-token oracle");
+  return BaselinesBarSvg(
+      bars, labels,
+      absl::StrFormat("KV selection methods, mean over %zu families: %lld-token context, page %d, "
+                      "layer reuse %d",
+                      o.families.empty() ? SyntheticFamilyNames().size() : o.families.size(),
+                      static_cast<long long>(context), o.page_tokens.front(), o.layer_reuse));
 }
 
 }  // namespace
 
 const std::vector<std::string>& BaselineTableMethods() {
-  static const auto* names = new std::vector<std::string>{"mdci",
-                                                          "exact",
-                                                          "exact-token",
-                                                          "quest",
-                                                          "streaming",
-                                                          "arkvale",
-                                                          "pqcache",
-                                                          "pqcache@tok",
-                                                          "snapkv",
-                                                          "snapkv@tok",
-                                                          "omnikv",
-                                                          "omnikv@tok",
-                                                          "magicpig",
-                                                          "magicpig@tok",
-                                                          "magicpig-est",
-                                                          "mdci-published",
-                                                          "mdci-published@tok"};
+  static const auto* names =
+      new std::vector<std::string>{"mdci",         "mdci/token",     "exact",
+                                   "exact-token",  "quest",          "streaming",
+                                   "arkvale",      "pqcache",        "pqcache@tok",
+                                   "snapkv",       "snapkv@tok",     "omnikv",
+                                   "omnikv@tok",   "magicpig",       "magicpig@tok",
+                                   "magicpig-est", "mdci-published", "mdci-published@tok"};
   return *names;
 }
 
@@ -261,7 +251,7 @@ absl::Status RunBaselinesTable(const SelectBenchOptions& o) {
     RETURN_IF_ERROR(WriteFile(o.json_path, DumpJson(root, 2) + "\n", "--json"));
   }
   if (!o.plot_path.empty()) {
-    RETURN_IF_ERROR(WriteFile(o.plot_path, Svg(means, o.selectors, labels, o), "--plot"));
+    RETURN_IF_ERROR(WriteFile(o.plot_path, Svg(means, o.selectors, labels, o, context), "--plot"));
   }
   return absl::OkStatus();
 }

@@ -36,6 +36,7 @@
 #include "absl/status/statusor.h"
 #include "common/dtype.h"
 #include "server/index/selector.h"
+#include "server/index/width_calibrator.h"
 #include "tests/bench/peers.h"
 
 namespace icecache::bench {
@@ -85,8 +86,8 @@ struct SelectBenchOptions {
   // exact-mdci (server/index/width_calibrator.h), sampling 1 step in
   // calibrate_every after a warm-up of calibrate_warmup steps.
   double mdci_target_mass = 0.0;
-  int calibrate_every = 256;
-  int calibrate_warmup = 32;
+  int calibrate_every = CalibratorOptions{}.sample_every;  // the daemon's defaults
+  int calibrate_warmup = CalibratorOptions{}.warmup_samples;
 };
 
 // One measured configuration of a selector (for the matrix and the frontier).

@@ -170,6 +170,14 @@ SelectFlags::SelectFlags(CLI::App* app) {
   app->add_option("--mdci-query-quotas", o_.mdci.query_quotas,
                   "mdci: each query of the group takes its share of the descent's nodes from its "
                   "own ranking (1) or one ranking for the group (0)");
+  app->add_option("--mdci-locality-window", o_.mdci.locality_window,
+                  "mdci layout: pages group similar keys within windows of this many positions "
+                  "(0: across the whole context)");
+  app->add_option("--mdci-refine-iters", o_.mdci.refine_iters,
+                  "mdci layout: bulk-build re-assignments of keys against full centroids");
+  app->add_option(
+      "--mdci-augmented-routing", o_.mdci.augmented_routing,
+      "mdci layout: route keys to nodes by MIPS-augmented (1) or plain L2 (0) distance");
   app->add_option("--mdci-target-mass", o_.mdci_target_mass,
                   "mdci: self-calibrate the width to this mass ratio vs exact-mdci (0: off)");
   app->add_option("--calibrate-every", o_.calibrate_every,

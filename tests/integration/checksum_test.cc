@@ -9,6 +9,8 @@
 #include <cstring>
 #include <fstream>
 #include <sstream>
+#include <utility>
+#include <vector>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -25,29 +27,35 @@ constexpr uint64_t kPoolBytes = uint64_t{64} << 20;
 // Finds `needle` in the daemon's pool (the one mapping of exactly
 // kPoolBytes) and flips one bit of its last byte through /proc/<pid>/mem.
 absl::Status CorruptInDaemon(pid_t pid, const uint8_t* needle, size_t size) {
+  // The pool arena: a read-write mapping of at least the pool's size. The
+  // kernel may merge it with a neighbouring anonymous mapping of the same
+  // flags (seen under ASan: 64 MiB arena + 8 MiB), so mappings up to 4x the
+  // size are candidates and the page's bytes pick the one that holds them.
   std::ifstream maps("/proc/" + std::to_string(pid) + "/maps");
-  std::string line;
-  uint64_t lo = 0, hi = 0;
-  while (std::getline(maps, line)) {
+  std::vector<std::pair<uint64_t, uint64_t>> candidates;
+  for (std::string line; std::getline(maps, line);) {
     uint64_t a = 0, b = 0;
-    if (std::sscanf(line.c_str(), "%lx-%lx", &a, &b) == 2 && b - a == kPoolBytes) {
-      lo = a;
-      hi = b;
+    char perms[5] = {};
+    if (std::sscanf(line.c_str(), "%lx-%lx %4s", &a, &b, perms) == 3 && perms[0] == 'r' &&
+        perms[1] == 'w' && b - a >= kPoolBytes && b - a <= 4 * kPoolBytes) {
+      candidates.emplace_back(a, b);
     }
   }
-  if (lo == 0) return absl::NotFoundError("no mapping of the pool's size in the daemon");
+  if (candidates.empty()) return absl::NotFoundError("no mapping of the pool's size in the daemon");
   const int fd = open(("/proc/" + std::to_string(pid) + "/mem").c_str(), O_RDWR);
   if (fd < 0) return absl::PermissionDeniedError("cannot open the daemon's /proc/<pid>/mem");
-  std::vector<uint8_t> pool(hi - lo);
-  const ssize_t got = pread(fd, pool.data(), pool.size(), static_cast<off_t>(lo));
-  void* at = got > 0 ? memmem(pool.data(), static_cast<size_t>(got), needle, size) : nullptr;
   absl::Status st = absl::NotFoundError("the page's bytes are not in the daemon's pool");
-  if (at != nullptr) {
+  for (const auto& [lo, hi] : candidates) {
+    std::vector<uint8_t> pool(hi - lo);
+    const ssize_t got = pread(fd, pool.data(), pool.size(), static_cast<off_t>(lo));
+    void* at = got > 0 ? memmem(pool.data(), static_cast<size_t>(got), needle, size) : nullptr;
+    if (at == nullptr) continue;
     const uint64_t where = lo + (static_cast<uint8_t*>(at) - pool.data()) + size - 1;
     const uint8_t flipped = needle[size - 1] ^ 0x10;
     st = pwrite(fd, &flipped, 1, static_cast<off_t>(where)) == 1
              ? absl::OkStatus()
              : absl::InternalError("pwrite to the daemon's memory failed");
+    break;
   }
   close(fd);
   return st;

@@ -10,11 +10,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <mutex>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/synthetic.h"
@@ -37,10 +40,32 @@ std::string BaseConfig(const std::string& extra) {
       "  admin_uids: ", ::geteuid(),
       "\n"
       "}\n"
-      "sessions { reaper_interval_ms: 100 buffer_idle_ttl_ms: 3000 }\n"
+      "sessions { reaper_interval_ms: 100 buffer_idle_ttl_ms: ",
+      kDefaultTestBufferIdleTtlMs,
+      " }\n"
       "pool { capacity_bytes: 268435456 }\n"
       "worker_threads: 2\n",
       extra);
+}
+
+double TimeScale() {
+  static const double scale = [] {
+    const char* env = std::getenv("ICECACHE_TEST_TIME_SCALE");
+    const double v = env == nullptr ? 1.0 : std::atof(env);
+    return v >= 1.0 ? v : 1.0;
+  }();
+  return scale;
+}
+
+absl::Duration Scaled(absl::Duration d) { return d * TimeScale(); }
+
+bool Eventually(const std::function<bool()>& done, absl::Duration limit) {
+  const absl::Time deadline = absl::Now() + Scaled(limit);
+  while (absl::Now() < deadline) {
+    if (done()) return true;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  return done();
 }
 
 DaemonOptions TestDaemonOptions(const std::string& extra_config,
@@ -49,9 +74,14 @@ DaemonOptions TestDaemonOptions(const std::string& extra_config,
   DaemonOptions o;
   o.log_level = log_level;
   o.binary = IcecachedPath();
+  o.ready_timeout = Scaled(o.ready_timeout);
+  o.stop_timeout = Scaled(o.stop_timeout);
   o.config_textproto = BaseConfig(extra_config);
   o.extra_args = extra_args;
-  o.extra_args.push_back("--drain_timeout=5s");
+  const bool own_drain =
+      std::any_of(extra_args.begin(), extra_args.end(),
+                  [](const std::string& a) { return absl::StartsWith(a, "--drain_timeout"); });
+  if (!own_drain) o.extra_args.push_back("--drain_timeout=5s");
   return o;
 }
 

@@ -7,11 +7,14 @@
 
 #include <sys/types.h>
 
+#include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "client/client.h"
 #include "client/daemon_process.h"
 #include "client/kv_check.h"
@@ -28,14 +31,35 @@ std::string ProbePath();
 // The uid the suite uses as a second tenant ("beta"); "nobody".
 constexpr uid_t kOtherUid = 65534;
 
+// The buffer idle TTL of BaseConfig: long, so that a buffer a test leaves
+// unused while something slow runs (a big prefill on a loaded machine, a
+// sanitizer build) is never reclaimed under it. Tests of reclamation itself
+// pass kShortBufferTtlConfig.
+constexpr int64_t kDefaultTestBufferIdleTtlMs = 120'000;
+// For the tests that wait for a dead client's buffer to be reclaimed: 3 s.
+inline constexpr char kShortBufferTtlConfig[] = "sessions { buffer_idle_ttl_ms: 3000 }\n";
+
 // Config text: the test's own uid (0 in CI) -> tenant "alpha" (admin),
 // kOtherUid -> "beta" (not admin), socket mode 0666 so the other uid can connect, a 100 ms reaper
-// and 1 s buffer idle TTL; `extra` is appended verbatim (textproto allows a
-// message to be given in parts, e.g. "pool { capacity_bytes: ... }").
+// and kDefaultTestBufferIdleTtlMs buffer idle TTL; `extra` is appended verbatim (textproto
+// allows a message to be given in parts, e.g. "pool { capacity_bytes: ... }", and a field
+// given again overrides the earlier value).
 std::string BaseConfig(const std::string& extra = "");
 
+// How many times slower than a Release build this run is:
+// ICECACHE_TEST_TIME_SCALE (deploy/dev.sh sets it for the sanitizer builds),
+// else 1. Only waits that bound how long the machine takes (a daemon's start,
+// a reaper's next pass, a deadline meant to be generous) are scaled, never
+// a duration under test (a TTL, a drain timeout).
+double TimeScale();
+absl::Duration Scaled(absl::Duration d);
+
+// Polls `done` every 50 ms until it holds (true) or Scaled(limit) passes (false).
+bool Eventually(const std::function<bool()>& done, absl::Duration limit = absl::Seconds(30));
+
 // The options StartDaemon uses: BaseConfig(extra_config), `extra_args`,
-// logging at `log_level`, a 5 s drain timeout.
+// logging at `log_level`, a 5 s drain timeout unless `extra_args` sets
+// --drain_timeout.
 DaemonOptions TestDaemonOptions(const std::string& extra_config = "",
                                 const std::vector<std::string>& extra_args = {},
                                 const std::string& log_level = "warn");

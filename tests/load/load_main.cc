@@ -40,6 +40,7 @@ struct Flags {
   int64_t tokens = 1024;
   int bad_every = 16;
   int64_t rss_slack_mib = 128;
+  double settle_seconds = 6;
   std::string json;
 };
 
@@ -53,6 +54,23 @@ int64_t ProcField(pid_t pid, const std::string& field) {
   std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
   for (std::string line; std::getline(in, line);) {
     if (line.rfind(field, 0) == 0) return std::stoll(line.substr(field.size())) * 1024;
+  }
+  return 0;
+}
+
+// Resident bytes of the daemon's pool arena (the mapping of exactly
+// `arena_bytes`, /proc/PID/smaps): the rest of the RSS is the heap, thread
+// stacks and code. Tells pool retention from heap growth after a run.
+int64_t ArenaRssBytes(pid_t pid, uint64_t arena_bytes) {
+  std::ifstream in(absl::StrCat("/proc/", pid, "/smaps"));
+  bool in_arena = false;
+  for (std::string line; std::getline(in, line);) {
+    unsigned long long lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%llx-%llx ", &lo, &hi) == 2) {  // a mapping's first line
+      in_arena = hi - lo == arena_bytes;
+      continue;
+    }
+    if (in_arena && line.rfind("Rss:", 0) == 0) return std::stoll(line.substr(4)) * 1024;
   }
   return 0;
 }
@@ -104,16 +122,18 @@ absl::StatusOr<DaemonStats> SettledStats(Client& admin) {
   }
 }
 
+// Pool capacity of a spawned daemon.
+constexpr uint64_t kSpawnPoolBytes = uint64_t{1} << 30;
+
 int Run(const Flags& f) {
   std::unique_ptr<DaemonProcess> daemon;
   std::string socket = f.socket;
   if (!f.spawn.empty()) {
     DaemonOptions d;
     d.binary = f.spawn;
-    d.config_textproto =
-        "listen { unix_socket_mode: 438 }\n"
-        "pool { capacity_bytes: 1073741824 }\n"
-        "sessions { reaper_interval_ms: 200 }\n";
+    d.config_textproto = absl::StrCat("listen { unix_socket_mode: 438 }\n",
+                                      "pool { capacity_bytes: ", kSpawnPoolBytes, " }\n",
+                                      "sessions { reaper_interval_ms: 200 }\n");
     auto started = DaemonProcess::Start(d);
     if (!started.ok()) {
       std::cerr << "icecache-load: " << started.status() << "\n";
@@ -121,9 +141,13 @@ int Run(const Flags& f) {
     }
     daemon = *std::move(started);
     socket = daemon->socket_path();
+    // The baseline is the idle daemon after its reaper's first passes (it
+    // keeps sessions.prefault_slabs of the pool faulted in ahead).
+    absl::SleepFor(absl::Seconds(1));
   }
   const pid_t dpid = daemon ? daemon->pid() : 0;
   const int64_t rss_before = dpid ? ProcField(dpid, "VmRSS:") : 0;
+  const int64_t arena_before = dpid ? ArenaRssBytes(dpid, kSpawnPoolBytes) : 0;
   TenantOptions o;
   o.socket_path = socket;
   o.workers = f.workers;
@@ -163,9 +187,14 @@ int Run(const Flags& f) {
   auto admin = Client::Create(co);
   absl::StatusOr<DaemonStats> st =
       admin.ok() ? SettledStats(**admin) : absl::StatusOr<DaemonStats>(admin.status());
+  // The daemon gives memory back in the background once sessions are gone
+  // (its reaper: the pool's prefault window, the heap trim at most every
+  // 5 s); the "after" figure is the idle daemon a few seconds later.
+  absl::SleepFor(absl::Seconds(f.settle_seconds));
   const bool daemon_alive = daemon ? daemon->running() : st.ok();
   const int64_t rss_peak = dpid ? ProcField(dpid, "VmHWM:") : 0;
   const int64_t rss_after = dpid ? ProcField(dpid, "VmRSS:") : 0;
+  const int64_t arena_after = dpid ? ArenaRssBytes(dpid, kSpawnPoolBytes) : 0;
   const bool pool_empty = st.ok() && st->bytes_used == 0 && st->sessions == 0 && st->buffers == 0 &&
                           st->frames_used == 0;
   const bool rss_back = !dpid || rss_after <= rss_before + (f.rss_slack_mib << 20);
@@ -188,6 +217,8 @@ int Run(const Flags& f) {
   j["rss_before_bytes"] = rss_before;
   j["rss_peak_bytes"] = rss_peak;
   j["rss_after_bytes"] = rss_after;
+  j["pool_arena_rss_before_bytes"] = arena_before;
+  j["pool_arena_rss_after_bytes"] = arena_after;
   if (!st.ok()) j["stats_error"] = st.status().ToString();
 
   std::cout << absl::StrFormat(
@@ -198,7 +229,8 @@ int Run(const Flags& f) {
       "  bytes         %lld page blocks checked, %lld wrong\n"
       "  failures      %lld good requests failed, %lld bad requests with the wrong code, "
       "%d tenants crashed\n"
-      "  daemon        %s; pool %s after; RSS %.1f MiB before, %.1f peak, %.1f after\n",
+      "  daemon        %s; pool %s after; RSS %.1f MiB before, %.1f peak, %.1f after\n"
+      "                (of which the pool arena: %.1f MiB before, %.1f after)\n",
       f.tenants, f.workers, f.sessions, streams, elapsed, static_cast<long long>(total.ops),
       static_cast<long long>(total.bad_requests), (total.ops + total.bad_requests) / elapsed,
       total.decode_us.size(), Percentile(total.decode_us, 0.5), Percentile(total.decode_us, 0.99),
@@ -206,7 +238,8 @@ int Run(const Flags& f) {
       static_cast<long long>(total.pages_checked), static_cast<long long>(total.wrong_bytes),
       static_cast<long long>(total.errors), static_cast<long long>(total.bad_wrong_code), crashed,
       daemon_alive ? "alive" : "DEAD", pool_empty ? "empty" : "NOT EMPTY", rss_before / 1048576.0,
-      rss_peak / 1048576.0, rss_after / 1048576.0);
+      rss_peak / 1048576.0, rss_after / 1048576.0, arena_before / 1048576.0,
+      arena_after / 1048576.0);
   for (const auto& msg : total.first_failures) std::cout << "  first failure: " << msg << "\n";
   if (!f.json.empty()) {
     std::ofstream(f.json) << DumpJson(j, 2) << "\n";
@@ -243,6 +276,10 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{64}, int64_t{1} << 20));
   app.add_option("--bad-every", f.bad_every, "One bad request per this many good ones (0: none)")
       ->capture_default_str();
+  app.add_option("--settle-seconds", f.settle_seconds,
+                 "Idle time after every session is gone before the RSS is read again")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 600.0));
   app.add_option("--rss-slack-mib", f.rss_slack_mib,
                  "Daemon RSS after the run may exceed the start by this much")
       ->capture_default_str();

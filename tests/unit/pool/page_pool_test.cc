@@ -1,5 +1,8 @@
 #include "server/pool/page_pool.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cstring>
 #include <set>
 #include <thread>
@@ -143,6 +146,88 @@ TEST(PagePoolTest, StatsTrackClassesTenantsAndSlabs) {
   auto again = pool->Allocate("alice", *id, 4);
   ASSERT_THAT(again, IsOk());
   EXPECT_EQ(pool->Stats().reserved_bytes, PagePool::kSlabBytes);
+}
+
+// Resident 4 KiB pages of the arena's slab `slab` (mincore).
+uint64_t ResidentPages(const PagePool& pool, uint64_t slab) {
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> vec(PagePool::kSlabBytes / page);
+  if (::mincore(pool.arena_base() + slab * PagePool::kSlabBytes, PagePool::kSlabBytes,
+                vec.data()) != 0) {
+    ADD_FAILURE() << "mincore failed";
+    return 0;
+  }
+  uint64_t n = 0;
+  for (unsigned char v : vec) n += v & 1;
+  return n;
+}
+
+TEST(PagePoolTest, FreeReturnsEmptySlabsBeyondTheBoundToTheKernel) {
+  PagePoolOptions o;
+  o.capacity_bytes = 16 * kMiB;  // 8 slabs
+  o.use_huge_pages = false;
+  o.max_empty_slabs = 2;
+  auto created = PagePool::Create(o);
+  ASSERT_THAT(created, IsOk());
+  PagePool& pool = **created;
+  auto id = pool.GetOrCreateClass(PagePool::kSlabBytes / 4);
+  ASSERT_THAT(id, IsOk());
+  {
+    auto set = pool.Allocate("alice", *id, 6 * 4);  // 6 slabs, every byte touched
+    ASSERT_THAT(set, IsOk());
+    for (size_t i = 0; i < set->size(); ++i) std::memset(set->frame(i), 0x5A, set->frame_bytes());
+    uint64_t resident = 0;
+    for (uint64_t slab = 0; slab < 6; ++slab) resident += ResidentPages(pool, slab);
+    EXPECT_EQ(resident * ::sysconf(_SC_PAGESIZE), 6 * PagePool::kSlabBytes);
+  }
+  // Dropped: two empty slabs stay carved (and resident), four went back.
+  PoolStats s = pool.Stats();
+  EXPECT_EQ(s.used_bytes, 0u);
+  EXPECT_EQ(s.reserved_bytes, 2 * PagePool::kSlabBytes);
+  EXPECT_EQ(s.frames_free, 2u * 4);
+  uint64_t resident = 0;
+  for (uint64_t slab = 0; slab < 8; ++slab) resident += ResidentPages(pool, slab);
+  EXPECT_EQ(resident * ::sysconf(_SC_PAGESIZE), 2 * PagePool::kSlabBytes);
+  // The released slabs are carved again, zeroed, when needed.
+  auto again = pool.Allocate("alice", *id, 8 * 4);
+  ASSERT_THAT(again, IsOk());
+  EXPECT_EQ(pool.Stats().reserved_bytes, 8 * PagePool::kSlabBytes);
+}
+
+TEST(PagePoolTest, PrefaultAheadKeepsAtMostItsCountOfFreeSlabsResident) {
+  PagePoolOptions o;
+  o.capacity_bytes = 16 * kMiB;  // 8 slabs
+  o.use_huge_pages = false;
+  o.max_empty_slabs = 0;  // a freed slab goes back at once
+  auto created = PagePool::Create(o);
+  ASSERT_THAT(created, IsOk());
+  PagePool& pool = **created;
+  auto id = pool.GetOrCreateClass(PagePool::kSlabBytes);  // one frame per slab
+  ASSERT_THAT(id, IsOk());
+  auto a = pool.Allocate("t", *id, 2);
+  auto b = pool.Allocate("t", *id, 2);
+  ASSERT_THAT(a, IsOk());
+  ASSERT_THAT(b, IsOk());
+  for (FrameSet* set : {&*a, &*b}) {
+    for (size_t i = 0; i < set->size(); ++i) std::memset(set->frame(i), 1, set->frame_bytes());
+  }
+  auto resident_slabs = [&] {
+    uint64_t pages = 0;
+    for (uint64_t slab = 0; slab < 8; ++slab) pages += ResidentPages(pool, slab);
+    return pages * ::sysconf(_SC_PAGESIZE) / PagePool::kSlabBytes;
+  };
+  a->Reset();  // its two slabs go back, then are faulted in ahead
+  if (pool.PrefaultAhead(2) == 0) GTEST_SKIP() << "kernel without MADV_POPULATE_WRITE";
+  EXPECT_EQ(resident_slabs(), 4u);
+  // b's slabs are freed on top of the faulted ones; the next call faults in
+  // those and returns the two that sank below them.
+  b->Reset();
+  EXPECT_EQ(resident_slabs(), 2u);
+  EXPECT_EQ(pool.PrefaultAhead(2), 2u);
+  EXPECT_EQ(resident_slabs(), 2u);
+  // And the pool still hands out every slab.
+  auto all = pool.Allocate("t", *id, 8);
+  EXPECT_THAT(all, IsOk());
 }
 
 TEST(PagePoolTest, ChurnDoesNotGrowOrLeak) {

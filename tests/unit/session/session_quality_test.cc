@@ -2,8 +2,10 @@
 // session manager, on a real mdci index of generated data.
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <vector>
 
+#include "absl/synchronization/notification.h"
 #include "common/synthetic.h"
 #include "gtest/gtest.h"
 #include "server/session/session_manager.h"
@@ -26,8 +28,9 @@ struct QualityEnv {
 
 // `kv_heads` heads of `tokens` generated tokens (f32, G = 4), appended to
 // a one-layer session whose mdci width starts deliberately narrow.
-void StartQualitySession(QualityEnv* q, double target, int tokens, int steps, int warmup,
-                         int every) {
+void StartQualitySession(QualityEnv* q, double target, int tokens, int steps, int warmup, int every,
+                         Granularity granularity = Granularity::kPage,
+                         std::function<void(SessionManagerOptions*)> tweak = nullptr) {
   SyntheticConfig c = SyntheticPreset("small").value();
   c.layers = 1;
   c.kv_heads = 2;
@@ -51,6 +54,7 @@ void StartQualitySession(QualityEnv* q, double target, int tokens, int steps, in
   mo.quality.sampler.cpu_share = 1.0;  // the test measures every chosen step
   mo.quality.sampler.burst = absl::Seconds(100);
   mo.quality.sampler.low_priority = false;
+  if (tweak) tweak(&mo);
   auto m = SessionManager::Create(mo);
   ASSERT_THAT(m.status(), IsOk());
   q->env.manager = std::move(m).value();
@@ -66,6 +70,7 @@ void StartQualitySession(QualityEnv* q, double target, int tokens, int steps, in
   sc.mdci.candidate_factor = 1.0f;
   sc.target_mass_ratio = target;
   sc.default_select.budget_tokens = 128;
+  sc.default_select.granularity = granularity;
   auto info = q->env.manager->CreateSession(q->caller, sc);
   ASSERT_THAT(info.status(), IsOk());
   q->id = info->id;
@@ -123,6 +128,75 @@ TEST(SessionQualityTest, CalibratedWidthReachesTheTargetAndSettles) {
   EXPECT_GT(qi.selection_ns, 0);
   const QualitySamplerStats st = q.env.manager->QualityStats();
   EXPECT_EQ(st.measured, static_cast<uint64_t>(2 * kSteps));
+}
+
+// Token-granular selections are measured on their tokens (the probe
+// carries their positions): a calibrated token session reaches the target
+// with a moderate width, it does not read as zero mass and run to the
+// widest setting.
+TEST(SessionQualityTest, TokenGranularSelectionsAreMeasuredOnTheirTokens) {
+  QualityEnv q;
+  const int kSteps = 24;
+  ASSERT_NO_FATAL_FAILURE(
+      StartQualitySession(&q, 0.9, 4096, kSteps, kSteps, 64, Granularity::kToken));
+  for (int step = 0; step < kSteps; ++step) ASSERT_THAT(Step(&q, step), IsOk());
+  auto info = q.env.manager->GetSession(q.caller, q.id);
+  ASSERT_THAT(info.status(), IsOk());
+  EXPECT_EQ(info->quality.samples, 2 * kSteps);
+  for (const HeadQualityInfo& h : info->quality.heads) {
+    SCOPED_TRACE(h.kv_head);
+    EXPECT_GT(h.mean_mass_ratio, 0.5);
+    EXPECT_GE(h.recent_mass_ratio, 0.9 - 0.02);
+    EXPECT_LT(h.width, 64.0);  // CalibratorOptions::max_width
+  }
+}
+
+// A sample measured after the group grew past StaleAfterTokens (the
+// sampler ran late) is selected again at the probe's width and measured,
+// not dropped as stale.
+TEST(SessionQualityTest, LateSampleIsSelectedAgainNotDropped) {
+  QualityEnv q;
+  absl::Notification first_seen, release;
+  std::atomic<int> seen{0};
+  auto tweak = [&](SessionManagerOptions* mo) {
+    mo->on_quality_sample = [&](SelectorKind, const QualitySample&) {
+      if (seen.fetch_add(1) == 0) {
+        first_seen.Notify();
+        release.WaitForNotification();  // holds the sampler: later probes wait
+      }
+    };
+  };
+  ASSERT_NO_FATAL_FAILURE(StartQualitySession(&q, 0.0, 4096, 2, 4, 64, Granularity::kPage, tweak));
+  SelectRequest r;
+  r.layer = 0;
+  const float* qs = q.dump.query(0, 0, 0);
+  r.queries.assign(qs, qs + static_cast<size_t>(q.dump.q_heads) * q.dump.head_dim);
+  ASSERT_THAT(q.env.manager->SelectPages(q.caller, q.id, r).status(), IsOk());
+  first_seen.WaitForNotification();
+  qs = q.dump.query(1, 0, 0);
+  r.queries.assign(qs, qs + static_cast<size_t>(q.dump.q_heads) * q.dump.head_dim);
+  ASSERT_THAT(q.env.manager->SelectPages(q.caller, q.id, r).status(), IsOk());
+  // Two heads' probes of step 1 and the second of step 0 are queued; the
+  // group now grows by 256 tokens (StaleAfterTokens: max(64, 4)).
+  const int kMore = 256;
+  const size_t row = q.dump.head_dim;
+  std::vector<float> more(2 * 2 * kMore * row);  // keys [head][token], then values
+  for (int h = 0; h < 2; ++h) {
+    std::memcpy(more.data() + h * kMore * row, q.dump.key(0, h), kMore * row * sizeof(float));
+    std::memcpy(more.data() + (2 + h) * kMore * row, q.dump.value(0, h),
+                kMore * row * sizeof(float));
+  }
+  std::vector<uint8_t> bytes(more.size() * sizeof(float));
+  std::memcpy(bytes.data(), more.data(), bytes.size());
+  ASSERT_THAT(q.env.manager->AppendKv(q.caller, q.id, kMore, bytes).status(), IsOk());
+  release.Notify();
+  q.env.manager->WaitForQualitySamples();
+  auto info = q.env.manager->GetSession(q.caller, q.id);
+  ASSERT_THAT(info.status(), IsOk());
+  EXPECT_EQ(info->quality.samples, 4);
+  EXPECT_EQ(info->quality.samples_stale, 0);
+  EXPECT_GE(info->quality.samples_reselected, 2);  // step 1's probes, at least
+  for (const HeadQualityInfo& h : info->quality.heads) EXPECT_GT(h.mean_mass_ratio, 0.0);
 }
 
 TEST(SessionQualityTest, TargetZeroMonitorsWithoutMovingTheWidth) {

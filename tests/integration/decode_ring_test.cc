@@ -1,0 +1,121 @@
+// The C++ client's DecodeStep over the shared-memory ring against the gRPC
+// stream, on a real daemon (docs/architecture.md §8.1). The ring's own
+// protocol, bad messages and reclaim are in tests/unit/rpc/decode_ring_test.cc.
+#include <csignal>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/integration/harness.h"
+#include "tests/support/status_matchers.h"
+
+namespace icecache::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+absl::StatusOr<std::unique_ptr<Client>> ConnectWith(const DaemonProcess& d, bool ring) {
+  ClientOptions o;
+  o.socket_path = d.socket_path();
+  o.timeout = absl::Seconds(60);
+  o.decode_ring = ring;
+  return Client::Create(o);
+}
+
+// One session decoded by a ring client and a stream client, layer by layer:
+// the same selections, layouts and fetched bytes; the ring client holds one
+// more registered buffer (its ring).
+TEST(DecodeRingTest, RingAndStreamClientsGetTheSameStepsAndBytes) {
+  auto daemon = StartDaemon();
+  ASSERT_THAT(daemon, IsOk());
+  auto ring = ConnectWith(**daemon, true);
+  auto stream = ConnectWith(**daemon, false);
+  ASSERT_THAT(ring, IsOk());
+  ASSERT_THAT(stream, IsOk());
+  TestModel m = MakeModel(2, 2, 512, 3);
+  auto s = (*ring)->CreateSession(m.spec);
+  ASSERT_THAT(s, IsOk());
+  ASSERT_THAT((*ring)->AppendKvInline(s->id, m.kv.Chunk(0, 512), 512), IsOk());
+  const size_t bytes = 1 << 20;
+  auto out_ring = (*ring)->CreateShmBuffer(bytes);
+  auto out_stream = (*ring)->CreateShmBuffer(bytes);
+  ASSERT_THAT(out_ring, IsOk());
+  ASSERT_THAT(out_stream, IsOk());
+  SelectOptions opt;
+  opt.budget_tokens = 64;
+  opt.want_positions = true;
+  for (int step = 0; step < 3; ++step) {
+    for (uint32_t layer = 0; layer < 2; ++layer) {
+      auto a =
+          (*ring)->DecodeStep(s->id, layer, Queries(m, step, layer), out_ring->buffer_id(), 0, opt);
+      auto b = (*stream)->DecodeStep(s->id, layer, Queries(m, step, layer), out_stream->buffer_id(),
+                                     0, opt);
+      ASSERT_THAT(a, IsOk());
+      ASSERT_THAT(b, IsOk());
+      ASSERT_EQ(a->heads.size(), b->heads.size());
+      for (size_t h = 0; h < a->heads.size(); ++h) {
+        EXPECT_EQ(a->heads[h].pages, b->heads[h].pages);
+        EXPECT_EQ(a->heads[h].positions, b->heads[h].positions);
+        EXPECT_EQ(a->layout.heads[h].byte_offsets, b->layout.heads[h].byte_offsets);
+      }
+      ASSERT_EQ(a->layout.total_bytes, b->layout.total_bytes);
+      EXPECT_EQ(std::memcmp(out_ring->data(), out_stream->data(), a->layout.total_bytes), 0);
+      auto verified = VerifyFetch(m.kv, 512, a->layout, a->heads, out_ring->data(), bytes);
+      ASSERT_THAT(verified, IsOk());
+      EXPECT_GT(*verified, 0);
+    }
+    if (step == 0) {
+      auto stats = (*ring)->GetStats();
+      ASSERT_THAT(stats, IsOk());
+      EXPECT_EQ(stats->buffers, 3u) << "two output buffers and the ring client's ring";
+    }
+  }
+}
+
+// On the ring an error ends only its own step; the next step is served.
+TEST(DecodeRingTest, AStepErrorFailsOnlyThatStep) {
+  auto daemon = StartDaemon();
+  ASSERT_THAT(daemon, IsOk());
+  auto c = ConnectWith(**daemon, true);
+  ASSERT_THAT(c, IsOk());
+  TestModel m = MakeModel(2, 2, 256, 1);
+  auto s = (*c)->CreateSession(m.spec);
+  ASSERT_THAT(s, IsOk());
+  ASSERT_THAT((*c)->AppendKvInline(s->id, m.kv.Chunk(0, 256), 256), IsOk());
+  auto out = (*c)->CreateShmBuffer(1 << 20);
+  ASSERT_THAT(out, IsOk());
+  ASSERT_THAT((*c)->DecodeStep(s->id, 0, Queries(m, 0, 0), out->buffer_id(), 0), IsOk());
+  EXPECT_THAT((*c)->DecodeStep(s->id, 7, Queries(m, 0, 0), out->buffer_id(), 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("layer")));
+  EXPECT_THAT((*c)->DecodeStep(s->id, 0, Queries(m, 0, 0), out->buffer_id(), 1 << 30),
+              StatusIs(absl::StatusCode::kOutOfRange));
+  EXPECT_THAT((*c)->DecodeStep(s->id, 1, Queries(m, 0, 1), out->buffer_id(), 0), IsOk());
+  ASSERT_THAT((*c)->DropSession(s->id), IsOk());
+  EXPECT_THAT((*c)->DecodeStep(s->id, 0, Queries(m, 0, 0), out->buffer_id(), 0),
+              StatusIs(absl::StatusCode::kNotFound));
+}
+
+// A daemon that stops under an open ring: the next step is UNAVAILABLE,
+// never a hang.
+TEST(DecodeRingTest, ADaemonThatStopsIsUnavailableNotAHang) {
+  auto daemon = StartDaemon();
+  ASSERT_THAT(daemon, IsOk());
+  auto c = ConnectWith(**daemon, true);
+  ASSERT_THAT(c, IsOk());
+  TestModel m = MakeModel(1, 2, 256, 1);
+  auto s = (*c)->CreateSession(m.spec);
+  ASSERT_THAT(s, IsOk());
+  ASSERT_THAT((*c)->AppendKvInline(s->id, m.kv.Chunk(0, 256), 256), IsOk());
+  auto out = (*c)->CreateShmBuffer(1 << 20);
+  ASSERT_THAT(out, IsOk());
+  ASSERT_THAT((*c)->DecodeStep(s->id, 0, Queries(m, 0, 0), out->buffer_id(), 0), IsOk());
+  ASSERT_THAT((*daemon)->Signal(SIGTERM), IsOk());
+  ASSERT_THAT((*daemon)->Wait(absl::Seconds(20)), IsOk());
+  EXPECT_THAT((*c)->DecodeStep(s->id, 0, Queries(m, 0, 0), out->buffer_id(), 0),
+              StatusIs(absl::StatusCode::kUnavailable));
+}
+
+}  // namespace
+}  // namespace icecache::testing

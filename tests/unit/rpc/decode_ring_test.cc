@@ -1,0 +1,419 @@
+// DecodeRingService and the ring server through the daemon in-process: real
+// Unix socket, real gRPC, real shm buffer and FIFOs under /dev/shm; the test
+// speaks the ring protocol (decode_ring.proto) itself, so it can also send
+// what a well-behaved client never would.
+#include <fcntl.h>
+#include <grpcpp/grpcpp.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/decode_ring_layout.h"
+#include "common/random_id.h"
+#include "common/shm_file.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "icecache/v1/decode_ring.grpc.pb.h"
+#include "server/rpc/config.h"
+#include "server/rpc/daemon.h"
+#include "tests/support/status_matchers.h"
+
+namespace icecache::rpc {
+namespace {
+
+using ::icecache::testing::IsOk;
+using ::testing::HasSubstr;
+
+constexpr int kLayers = 2, kKvHeads = 2, kQHeads = 4, kHeadDim = 16, kPageTokens = 4;
+constexpr int kTokens = 64;
+constexpr uint64_t kCap = 64 << 10;
+
+// The FIFO pair of one ring, removed on destruction.
+struct Fifos {
+  Fifos() {
+    const std::string stem =
+        absl::StrCat("/dev/shm/icecache-ringtest-", getpid(), "-", RandomHexId());
+    request = stem + ".req";
+    response = stem + ".resp";
+    EXPECT_EQ(mkfifo(request.c_str(), 0600), 0);
+    EXPECT_EQ(mkfifo(response.c_str(), 0600), 0);
+  }
+  ~Fifos() {
+    CloseFds();
+    unlink(request.c_str());
+    unlink(response.c_str());
+  }
+  // As a client does: the request FIFO read-write plus a hello byte, the
+  // response FIFO for reading.
+  void OpenAsClient(bool hello = true) {
+    req_fd = open(request.c_str(), O_RDWR | O_NONBLOCK | O_CLOEXEC);
+    resp_fd = open(response.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    const char b = 1;
+    if (hello) EXPECT_EQ(write(req_fd, &b, 1), 1);
+  }
+  void CloseFds() {
+    if (req_fd >= 0) close(req_fd);
+    if (resp_fd >= 0) close(resp_fd);
+    req_fd = resp_fd = -1;
+  }
+  std::string request, response;
+  int req_fd = -1, resp_fd = -1;
+};
+
+class DecodeRingTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/icecache_ring_XXXXXX";
+    dir_ = mkdtemp(tmpl);
+    IcecachedConfig c;
+    c.mutable_listen()->set_unix_socket(dir_ + "/d.sock");
+    c.mutable_pool()->set_capacity_bytes(64 << 20);
+    c.mutable_metrics()->set_port(0);
+    c.set_worker_threads(1);
+    c.set_drain_timeout_ms(300);  // an open ring holds Shutdown until then
+    ApplyDefaults(&c);
+    ASSERT_THAT(ValidateConfig(c), IsOk());
+    auto d = Daemon::Create(c);
+    ASSERT_THAT(d, IsOk());
+    daemon_ = *std::move(d);
+    auto channel =
+        grpc::CreateChannel("unix:" + dir_ + "/d.sock", grpc::InsecureChannelCredentials());
+    sessions_ = v1::SessionService::NewStub(channel);
+    buffers_ = v1::BufferService::NewStub(channel);
+    kv_ = v1::KvService::NewStub(channel);
+    rings_ = v1::DecodeRingService::NewStub(channel);
+    session_ = CreateSession();
+    auto shm = ShmFile::Create(absl::StrCat("icecache_ringtest_", getpid(), "_", RandomHexId()),
+                               ring::RingBytes(kCap, kCap) + (1 << 20),
+                               /*unlink_on_close=*/true);
+    ASSERT_THAT(shm, IsOk());
+    shm_ = *std::move(shm);
+    const uint32_t magic = ring::kMagic, version = ring::kVersion;
+    std::memcpy(shm_.data() + ring::kMagicOffset, &magic, 4);
+    std::memcpy(shm_.data() + ring::kVersionOffset, &version, 4);
+    buffer_id_ = Register(shm_.path(), shm_.size());
+  }
+  void TearDown() override {
+    daemon_.reset();
+    std::system(("rm -rf " + dir_).c_str());
+  }
+
+  std::string CreateSession() {
+    grpc::ClientContext ctx;
+    v1::CreateSessionRequest req;
+    auto* m = req.mutable_config()->mutable_model();
+    m->set_layers(kLayers);
+    m->set_kv_heads(kKvHeads);
+    m->set_q_heads(kQHeads);
+    m->set_head_dim(kHeadDim);
+    m->set_dtype(v1::DTYPE_FLOAT32);
+    req.mutable_config()->set_page_tokens(kPageTokens);
+    req.mutable_config()->mutable_selector()->set_kind(v1::SELECTOR_KIND_EXACT);
+    v1::CreateSessionResponse resp;
+    EXPECT_TRUE(sessions_->CreateSession(&ctx, req, &resp).ok());
+    const std::string id = resp.session().session_id();
+    std::mt19937 rng(5);
+    std::normal_distribution<float> dist;
+    std::vector<float> kv(2ull * kLayers * kKvHeads * kTokens * kHeadDim);
+    for (float& x : kv) x = dist(rng);
+    grpc::ClientContext actx;
+    v1::AppendKvRequest areq;
+    areq.set_session_id(id);
+    areq.set_num_tokens(kTokens);
+    areq.set_inline_kv(std::string(reinterpret_cast<const char*>(kv.data()), kv.size() * 4));
+    v1::AppendKvResponse aresp;
+    const grpc::Status st = kv_->AppendKv(&actx, areq, &aresp);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    return id;
+  }
+
+  std::string Register(const std::string& path, uint64_t size) {
+    grpc::ClientContext ctx;
+    v1::RegisterBufferRequest req;
+    req.mutable_host_shm()->set_path(path);
+    req.mutable_host_shm()->set_size(size);
+    v1::RegisterBufferResponse resp;
+    const grpc::Status st = buffers_->RegisterBuffer(&ctx, req, &resp);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    return resp.buffer_id();
+  }
+
+  v1::OpenDecodeRingRequest OpenRequest(const Fifos& f) const {
+    v1::OpenDecodeRingRequest req;
+    req.set_session_id(session_);
+    req.set_buffer_id(buffer_id_);
+    req.set_request_capacity(kCap);
+    req.set_response_capacity(kCap);
+    req.set_request_fifo(f.request);
+    req.set_response_fifo(f.response);
+    return req;
+  }
+
+  grpc::Status Open(const v1::OpenDecodeRingRequest& req) {
+    grpc::ClientContext ctx;
+    v1::OpenDecodeRingResponse resp;
+    return rings_->OpenDecodeRing(&ctx, req, &resp);
+  }
+
+  // One layer's request: pages land at the start of the ring buffer's tail.
+  v1::DecodeStepRequest StepRequest(uint32_t layer) const {
+    std::vector<float> q(kQHeads * kHeadDim, 0.5f);
+    v1::DecodeStepRequest req;
+    req.set_layer(layer);
+    req.set_queries(std::string(reinterpret_cast<const char*>(q.data()), q.size() * 4));
+    req.set_buffer_id(buffer_id_);
+    req.set_offset(ring::RingBytes(kCap, kCap));
+    req.mutable_params()->set_budget_tokens(16);
+    return req;
+  }
+
+  // Writes `bytes` as request `seq`, rings and waits for the answer; returns
+  // the answer's code and fills `body` with its bytes.
+  int Exchange(Fifos& f, const std::string& bytes, uint64_t seq, std::string* body,
+               uint32_t len_override = 0) {
+    uint8_t* h = shm_.data();
+    std::memcpy(h + ring::RequestAreaOffset(), bytes.data(), bytes.size());
+    const uint32_t len = len_override ? len_override : static_cast<uint32_t>(bytes.size());
+    std::memcpy(h + ring::kRequestLenOffset, &len, 4);
+    __atomic_store_n(reinterpret_cast<uint64_t*>(h + ring::kRequestSeqOffset), seq,
+                     __ATOMIC_RELEASE);
+    const char b = 1;
+    EXPECT_EQ(write(f.req_fd, &b, 1), 1);
+    for (int i = 0; i < 5000; ++i) {
+      if (__atomic_load_n(reinterpret_cast<uint64_t*>(h + ring::kResponseSeqOffset),
+                          __ATOMIC_ACQUIRE) == seq) {
+        int32_t code;
+        uint32_t n;
+        std::memcpy(&code, h + ring::kCodeOffset, 4);
+        std::memcpy(&n, h + ring::kResponseLenOffset, 4);
+        body->assign(reinterpret_cast<const char*>(h + ring::ResponseAreaOffset(kCap)), n);
+        return code;
+      }
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+    ADD_FAILURE() << "no answer to ring request " << seq;
+    return -1;
+  }
+
+  // The metric line's value ("icecache_decode_rings 1" -> 1), -1 if absent.
+  int Metric(const std::string& name) {
+    const std::string text = daemon_->metrics()->Render();
+    const size_t at = text.find("\n" + name + " ");
+    if (at == std::string::npos) return -1;
+    return std::atoi(text.c_str() + at + name.size() + 2);
+  }
+  bool AwaitMetric(const std::string& name, int want) {
+    for (int i = 0; i < 2000; ++i) {
+      if (Metric(name) == want) return true;
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+    return false;
+  }
+
+  std::string dir_, session_, buffer_id_;
+  std::unique_ptr<Daemon> daemon_;
+  std::unique_ptr<v1::SessionService::Stub> sessions_;
+  std::unique_ptr<v1::BufferService::Stub> buffers_;
+  std::unique_ptr<v1::KvService::Stub> kv_;
+  std::unique_ptr<v1::DecodeRingService::Stub> rings_;
+  ShmFile shm_;
+};
+
+// The ring answers each layer exactly as the stream does, and the bytes
+// land in the same place.
+TEST_F(DecodeRingTest, AnswersLikeTheStream) {
+  Fifos f;
+  f.OpenAsClient();
+  const grpc::Status opened = Open(OpenRequest(f));
+  ASSERT_TRUE(opened.ok()) << opened.error_message();
+  EXPECT_EQ(Metric("icecache_decode_rings"), 1);
+  grpc::ClientContext ctx;
+  auto stream = kv_->DecodeStep(&ctx);
+  for (uint32_t layer = 0; layer < kLayers; ++layer) {
+    v1::DecodeStepRequest req = StepRequest(layer);
+    std::string body;
+    ASSERT_EQ(Exchange(f, req.SerializeAsString(), layer + 1, &body), 0) << body;
+    v1::DecodeStepResponse by_ring;
+    ASSERT_TRUE(by_ring.ParseFromString(body));
+    const std::vector<uint8_t> ring_bytes(shm_.data() + req.offset(),
+                                          shm_.data() + req.offset() + (64 << 10));
+    std::memset(shm_.data() + req.offset(), 0, 64 << 10);
+    req.set_session_id(session_);
+    ASSERT_TRUE(stream->Write(req));
+    v1::DecodeStepResponse by_stream;
+    ASSERT_TRUE(stream->Read(&by_stream));
+    EXPECT_EQ(by_ring.SerializeAsString(), by_stream.SerializeAsString()) << "layer " << layer;
+    EXPECT_EQ(by_ring.heads_size(), kKvHeads);
+    EXPECT_GT(by_ring.layout().total_bytes(), 0u);
+    EXPECT_EQ(
+        std::vector<uint8_t>(shm_.data() + req.offset(), shm_.data() + req.offset() + (64 << 10)),
+        ring_bytes);
+  }
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+// Every malformed OpenDecodeRing gets its own code and opens nothing.
+TEST_F(DecodeRingTest, BadOpenRequestsGetPreciseCodes) {
+  const std::string regular = absl::StrCat("/dev/shm/icecache-ringtest-file-", RandomHexId());
+  close(open(regular.c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0600));
+  const std::string link = absl::StrCat("/dev/shm/icecache-ringtest-link-", RandomHexId());
+  Fifos f;
+  f.OpenAsClient();
+  ASSERT_EQ(symlink(f.request.c_str(), link.c_str()), 0);
+  const std::string small = Register(shm_.path(), ring::RingBytes(kCap, kCap) - 1);
+  struct Case {
+    const char* what;
+    std::function<void(v1::OpenDecodeRingRequest*)> edit;
+    grpc::StatusCode want;
+    const char* says;
+  };
+  const std::vector<Case> cases = {
+      {"no session", [](auto* r) { r->clear_session_id(); }, grpc::INVALID_ARGUMENT, "session_id"},
+      {"unknown session", [](auto* r) { r->set_session_id("nope"); }, grpc::NOT_FOUND, "nope"},
+      {"unknown buffer", [](auto* r) { r->set_buffer_id("nobuf"); }, grpc::NOT_FOUND, "nobuf"},
+      {"no fifo", [](auto* r) { r->clear_request_fifo(); }, grpc::INVALID_ARGUMENT, "request_fifo"},
+      {"small capacity", [](auto* r) { r->set_request_capacity(100); }, grpc::INVALID_ARGUMENT,
+       "request_capacity = 100"},
+      {"ring past the buffer", [&](auto* r) { r->set_buffer_id(small); }, grpc::OUT_OF_RANGE,
+       "does not fit"},
+      {"fifo outside /dev/shm", [&](auto* r) { r->set_request_fifo(dir_ + "/d.sock"); },
+       grpc::INVALID_ARGUMENT, "directly in /dev/shm"},
+      {"fifo dot-dot", [](auto* r) { r->set_request_fifo("/dev/shm/../etc/passwd"); },
+       grpc::INVALID_ARGUMENT, "directly in /dev/shm"},
+      {"missing fifo", [](auto* r) { r->set_request_fifo("/dev/shm/icecache-ringtest-none"); },
+       grpc::NOT_FOUND, "not found"},
+      {"regular file", [&](auto* r) { r->set_request_fifo(regular); }, grpc::INVALID_ARGUMENT,
+       "is not a FIFO"},
+      {"symlink", [&](auto* r) { r->set_request_fifo(link); }, grpc::INVALID_ARGUMENT, "a symlink"},
+  };
+  for (const Case& c : cases) {
+    v1::OpenDecodeRingRequest req = OpenRequest(f);
+    c.edit(&req);
+    const grpc::Status st = Open(req);
+    EXPECT_EQ(st.error_code(), c.want) << c.what << ": " << st.error_message();
+    EXPECT_THAT(st.error_message(), HasSubstr(c.says)) << c.what;
+  }
+  {  // A header without the ring magic.
+    std::memset(shm_.data(), 0, 8);
+    const grpc::Status st = Open(OpenRequest(f));
+    EXPECT_EQ(st.error_code(), grpc::INVALID_ARGUMENT) << st.error_message();
+    EXPECT_THAT(st.error_message(), HasSubstr("magic"));
+    const uint32_t magic = ring::kMagic, version = ring::kVersion;
+    std::memcpy(shm_.data() + ring::kMagicOffset, &magic, 4);
+    std::memcpy(shm_.data() + ring::kVersionOffset, &version, 4);
+  }
+  {  // No hello byte: nobody is known to hold the request FIFO.
+    Fifos quiet;
+    quiet.OpenAsClient(/*hello=*/false);
+    const grpc::Status st = Open(OpenRequest(quiet));
+    EXPECT_EQ(st.error_code(), grpc::FAILED_PRECONDITION) << st.error_message();
+    EXPECT_THAT(st.error_message(), HasSubstr("hello byte"));
+  }
+  {  // Nobody reads the response FIFO.
+    Fifos deaf;
+    deaf.OpenAsClient();
+    close(deaf.resp_fd);
+    deaf.resp_fd = -1;
+    const grpc::Status st = Open(OpenRequest(deaf));
+    EXPECT_EQ(st.error_code(), grpc::FAILED_PRECONDITION) << st.error_message();
+    EXPECT_THAT(st.error_message(), HasSubstr("no reader"));
+  }
+  EXPECT_EQ(Metric("icecache_decode_rings"), 0);
+  unlink(regular.c_str());
+  unlink(link.c_str());
+  const grpc::Status ok = Open(OpenRequest(f));  // the well-formed request still opens
+  EXPECT_TRUE(ok.ok()) << ok.error_message();
+}
+
+// A bad message is answered with its own code in the header; the ring goes
+// on serving the next one.
+TEST_F(DecodeRingTest, BadMessagesAreAnsweredAndTheRingGoesOn) {
+  Fifos f;
+  f.OpenAsClient();
+  ASSERT_TRUE(Open(OpenRequest(f)).ok());
+  std::string body;
+  uint64_t seq = 0;
+  EXPECT_EQ(Exchange(f, std::string(40, '\xff'), ++seq, &body), grpc::INVALID_ARGUMENT);
+  EXPECT_THAT(body, HasSubstr("is not a DecodeStepRequest"));
+  EXPECT_EQ(Exchange(f, StepRequest(0).SerializeAsString(), ++seq, &body, kCap + 1),
+            grpc::INVALID_ARGUMENT);
+  EXPECT_THAT(body, HasSubstr("larger than the request area"));
+  seq += 5;
+  EXPECT_EQ(Exchange(f, StepRequest(0).SerializeAsString(), seq, &body), grpc::INVALID_ARGUMENT);
+  EXPECT_THAT(body, HasSubstr("is not the next"));
+  v1::DecodeStepRequest other = StepRequest(0);
+  other.set_session_id("someone-else");
+  EXPECT_EQ(Exchange(f, other.SerializeAsString(), ++seq, &body), grpc::INVALID_ARGUMENT);
+  EXPECT_THAT(body, HasSubstr("belongs to session " + session_));
+  EXPECT_EQ(Exchange(f, StepRequest(kLayers).SerializeAsString(), ++seq, &body),
+            grpc::INVALID_ARGUMENT);
+  EXPECT_THAT(body, HasSubstr("layer"));
+  v1::DecodeStepRequest past = StepRequest(0);
+  past.set_offset(shm_.size());
+  EXPECT_EQ(Exchange(f, past.SerializeAsString(), ++seq, &body), grpc::OUT_OF_RANGE) << body;
+  EXPECT_EQ(Exchange(f, StepRequest(1).SerializeAsString(), ++seq, &body), 0) << body;
+  v1::DecodeStepResponse resp;
+  EXPECT_TRUE(resp.ParseFromString(body));
+  EXPECT_EQ(resp.layer(), 1u);
+}
+
+// A client killed while its ring is open: the daemon sees the request
+// FIFO's end of file and releases the ring.
+TEST_F(DecodeRingTest, AClientThatDiesHasItsRingReclaimed) {
+  Fifos f;
+  int ready[2];
+  ASSERT_EQ(pipe(ready), 0);
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {  // only syscalls here: the parent owns gRPC
+    f.OpenAsClient();
+    const char b = 1;
+    if (write(ready[1], &b, 1) != 1) _exit(2);
+    for (;;) pause();
+  }
+  close(ready[1]);
+  char b;
+  ASSERT_EQ(read(ready[0], &b, 1), 1);
+  close(ready[0]);
+  const grpc::Status opened = Open(OpenRequest(f));
+  ASSERT_TRUE(opened.ok()) << opened.error_message();
+  EXPECT_EQ(Metric("icecache_decode_rings"), 1);
+  kill(child, SIGKILL);
+  waitpid(child, nullptr, 0);
+  EXPECT_TRUE(AwaitMetric("icecache_decode_rings", 0));
+  EXPECT_EQ(Metric("icecache_decode_rings_closed_total"), 1);
+}
+
+// Shutdown serves open rings until the drain time is up, then closes them:
+// the client reads end of file.
+TEST_F(DecodeRingTest, ShutdownClosesRingsTheClientReadsEndOfFile) {
+  Fifos f;
+  f.OpenAsClient();
+  ASSERT_TRUE(Open(OpenRequest(f)).ok());
+  std::thread stopper([this] { daemon_->Shutdown(); });
+  absl::SleepFor(absl::Milliseconds(50));
+  std::string body;
+  EXPECT_EQ(Exchange(f, StepRequest(0).SerializeAsString(), 1, &body), 0) << body;
+  stopper.join();
+  const int flags = fcntl(f.resp_fd, F_GETFL);
+  fcntl(f.resp_fd, F_SETFL, flags & ~O_NONBLOCK);
+  char bells[16];
+  ssize_t n;
+  while ((n = read(f.resp_fd, bells, sizeof bells)) > 0) {
+  }
+  EXPECT_EQ(n, 0) << "end of file, not an error";
+}
+
+}  // namespace
+}  // namespace icecache::rpc
