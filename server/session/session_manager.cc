@@ -595,6 +595,7 @@ absl::StatusOr<SelectResult> SessionManager::SelectPages(const Caller& caller, s
   s.Touch(clock_->Now());
   std::vector<QualityProbe> probes;
   absl::StatusOr<SelectResult> result;
+  if (!request.reuse_group_selection) DropPrefetch(s, request.layer);
   {
     ReadyReader read(s, request.layer, options_.build_wait);
     RETURN_IF_ERROR(GroupReadyOrUnavailable(s, request.layer, read.ready()));
@@ -635,6 +636,8 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
   // A prefetched layer: wait for its flag before the session lock (the
   // worker writing it may need that lock; prefetch.h).
   PrefetchedLayer pre = TakePrefetched(s, select, fetch);
+  // A new selection of the group: its old prefetch stops first.
+  if (!select.reuse_group_selection) DropPrefetch(s, select.layer);
   DecodeStepResult out;
   std::vector<QualityProbe> probes;
   {

@@ -371,6 +371,11 @@ class SessionManager {
   int StartPrefetch(const std::shared_ptr<Session>& s, BufferLease lease, const FetchRequest& fetch,
                     const DecodeStepResult& out) ABSL_LOCKS_EXCLUDED(mu_);
   ChecksumCounters* checksum_counters();
+  // Before a new selection of a group's first layer (`layer`; any other
+  // layer: nothing): stops the group's prefetch, waiting for a layer it is
+  // writing, so no background write of the old selection can land after the
+  // writes of the new one. No session lock may be held.
+  void DropPrefetch(Session& s, int layer) ABSL_LOCKS_EXCLUDED(mu_);
   // On a prefetch thread: writes the layers of `record` not claimed by then.
   void RunPrefetch(const std::weak_ptr<Session>& weak, GroupPrefetch& record, BufferLease& lease);
 

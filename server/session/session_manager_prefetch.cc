@@ -112,6 +112,21 @@ int SessionManager::StartPrefetch(const std::shared_ptr<Session>& sp, BufferLeas
   return end - first;
 }
 
+void SessionManager::DropPrefetch(Session& s, int layer) {
+  if (s.config.layer_reuse <= 1 || layer < 0 || layer >= s.config.layers ||
+      s.FirstLayerOf(s.GroupOf(layer)) != layer) {
+    return;
+  }
+  const int group = s.GroupOf(layer);
+  absl::MutexLock serial(&s.prefetch_start_mu);
+  std::shared_ptr<GroupPrefetch> old;
+  {
+    absl::MutexLock l(&s.prefetch_mu);
+    old = std::move(s.prefetch[group]);
+  }
+  if (old != nullptr) old->Cancel();
+}
+
 void SessionManager::RunPrefetch(const std::weak_ptr<Session>& weak, GroupPrefetch& record,
                                  BufferLease& lease) {
   for (int layer = record.first_layer; layer < record.first_layer + record.num_layers; ++layer) {

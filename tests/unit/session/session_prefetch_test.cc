@@ -238,6 +238,30 @@ TEST_F(SessionPrefetchTest, AnotherSelectionOfTheGroupMakesTheCallsCopyAgain) {
   EXPECT_EQ(env_.manager->prefetch_stats().used, 0u);
 }
 
+TEST_F(SessionPrefetchTest, AFirstLayerCallWithoutPrefetchStopsTheOldOneBeforeItSelects) {
+  const std::string id = NewSession(64);
+  gated_ = true;
+  ASSERT_THAT(Step(id, First(3), 0, true), IsOk());
+  // The same group selects again, without prefetch: the held job must not
+  // write the old selection afterwards.
+  auto again = Step(id, First(17), 0, /*prefetch=*/false);
+  ASSERT_THAT(again, IsOk());
+  EXPECT_EQ(again->prefetching, 0);
+  gate_.Notify();
+  env_.manager->WaitForPrefetch();
+  const PrefetchStats st = env_.manager->prefetch_stats();
+  EXPECT_EQ(st.written, 0u);
+  EXPECT_EQ(st.discarded, 3u);
+  const uint64_t stride = again->layout.layer_stride_bytes;
+  const std::vector<uint8_t> ref = Reference(id, *again);
+  for (int layer = 1; layer < 4; ++layer) {
+    auto later = Step(id, Later(layer), layer * stride);
+    ASSERT_THAT(later, IsOk());
+    EXPECT_FALSE(later->prefetched);
+    EXPECT_EQ(LayerBytes(later->layout), Slice(ref, again->layout, layer));
+  }
+}
+
 TEST_F(SessionPrefetchTest, ACallAtAnotherOffsetIsWrittenAsAsked) {
   const std::string id = NewSession(64);
   auto first = Step(id, First(3), 0, true);
