@@ -48,7 +48,7 @@ enum class SelectorKind {
   kExact,      // positional pages, exact scores of every page
   kQuest,      // positional pages, per-page min/max bound
   kStreaming,  // positional pages, sinks + recent only
-  // Baselines from the literature (docs/architecture.md §3.8), all on
+  // Baselines from the literature (docs/architecture.md §3.9), all on
   // positional pages:
   kArkvale,        // per-page bounding box, upper bound of q.k, GQA group score
   kPqcache,        // product-quantised keys, exact rescoring of the best tokens
