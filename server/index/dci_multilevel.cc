@@ -39,17 +39,12 @@ absl::Status CheckParams(const float* points, int64_t n, int dim, const MultiLev
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<MultiLevelDci>> MultiLevelDci::Create(
-    const float* points, int64_t n, int dim, const MultiLevelDciParams& params) {
-  if (absl::Status s = CheckParams(points, n, dim, params); !s.ok()) return s;
-  std::unique_ptr<MultiLevelDci> dci(new MultiLevelDci(n, dim, params));
-  dci->points_.assign(points, points + n * dim);
-  const int num_dirs = params.num_composite * params.num_simple;
-  dci->directions_.resize(static_cast<size_t>(num_dirs) * dim);
-  std::mt19937_64 rng(params.seed);
+std::vector<float> RandomUnitDirections(int count, int dim, uint64_t seed) {
+  std::vector<float> directions(static_cast<size_t>(count) * dim);
+  std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (int s = 0; s < num_dirs; ++s) {
-    float* u = &dci->directions_[static_cast<size_t>(s) * dim];
+  for (int s = 0; s < count; ++s) {
+    float* u = &directions[static_cast<size_t>(s) * dim];
     double sq = 0.0;
     do {
       sq = 0.0;
@@ -61,6 +56,16 @@ absl::StatusOr<std::unique_ptr<MultiLevelDci>> MultiLevelDci::Create(
     const float inv = static_cast<float>(1.0 / std::sqrt(sq));
     for (int c = 0; c < dim; ++c) u[c] *= inv;
   }
+  return directions;
+}
+
+absl::StatusOr<std::unique_ptr<MultiLevelDci>> MultiLevelDci::Create(
+    const float* points, int64_t n, int dim, const MultiLevelDciParams& params) {
+  if (absl::Status s = CheckParams(points, n, dim, params); !s.ok()) return s;
+  std::unique_ptr<MultiLevelDci> dci(new MultiLevelDci(n, dim, params));
+  dci->points_.assign(points, points + n * dim);
+  dci->directions_ =
+      RandomUnitDirections(params.num_composite * params.num_simple, dim, params.seed);
   dci->AssignLevels();
   std::vector<int32_t> parent;
   dci->AssignParents(&parent);

@@ -39,6 +39,11 @@
 
 namespace icecache {
 
+// `count` random unit directions of `dim` floats (row-major), Gaussian then
+// normalised, from `seed`: the projections of DCI (this file and
+// dci_prioritized.h share them).
+std::vector<float> RandomUnitDirections(int count, int dim, uint64_t seed);
+
 struct MultiLevelDciParams {
   int num_composite = 2;  // m
   int num_simple = 7;     // L, <= 255

@@ -7,6 +7,7 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "server/index/dci_multilevel.h"
 #include "server/index/kernels.h"
 
 namespace icecache {
@@ -38,22 +39,7 @@ absl::StatusOr<std::unique_ptr<PrioritizedDci>> PrioritizedDci::Create(const flo
   std::unique_ptr<PrioritizedDci> dci(new PrioritizedDci(n, dim, params));
   dci->points_.assign(points, points + n * dim);
   const int num_dirs = params.num_composite * params.num_simple;
-  dci->directions_.resize(static_cast<size_t>(num_dirs) * dim);
-  std::mt19937_64 rng(params.seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (int s = 0; s < num_dirs; ++s) {
-    float* u = &dci->directions_[static_cast<size_t>(s) * dim];
-    double sq = 0.0;
-    do {
-      sq = 0.0;
-      for (int c = 0; c < dim; ++c) {
-        u[c] = normal(rng);
-        sq += static_cast<double>(u[c]) * u[c];
-      }
-    } while (sq == 0.0);
-    const float inv = static_cast<float>(1.0 / std::sqrt(sq));
-    for (int c = 0; c < dim; ++c) u[c] *= inv;
-  }
+  dci->directions_ = RandomUnitDirections(num_dirs, dim, params.seed);
   dci->proj_.resize(static_cast<size_t>(num_dirs) * n);
   dci->ids_.resize(static_cast<size_t>(num_dirs) * n);
   std::vector<float> raw(n);
