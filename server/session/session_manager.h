@@ -91,6 +91,7 @@
 #include "common/caller.h"
 #include "server/pool/page_pool.h"
 #include "server/session/clock.h"
+#include "server/session/session.h"
 #include "server/session/session_quality.h"
 #include "server/session/session_types.h"
 #include "server/session/snapshot.h"
