@@ -28,6 +28,8 @@ namespace icecache {
 // grpc::Status -> absl::Status, code and message unchanged (the numbering of
 // canonical codes is shared); codes outside the canonical range -> UNKNOWN.
 absl::Status FromGrpcStatus(const grpc::Status& status);
+// 0 (never) is absl::InfinitePast().
+absl::Time FromUnixMs(int64_t ms);
 
 v1::DType ToProtoDType(DType dtype);
 absl::StatusOr<DType> FromProtoDType(v1::DType dtype);
