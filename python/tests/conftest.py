@@ -20,8 +20,9 @@ sys.path.insert(0, str(ROOT / "python"))
 import icecache  # noqa: E402
 from icecache.daemon import Daemon  # noqa: E402
 
-# Short leases so the reaper tests finish quickly; the daemon's minimum
-# buffer_idle_ttl_ms is 1000.
+# Short leases for the reaper tests only (the daemon's minimum
+# buffer_idle_ttl_ms is 1000): a shared daemon with them would drop the
+# buffers of any test that stalls for a second on a loaded machine.
 FAST_REAPER = "sessions { reaper_interval_ms: 100 buffer_idle_ttl_ms: 1000 }"
 
 
@@ -37,7 +38,7 @@ def icecached_path() -> str:
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
-    d = Daemon(icecached_path(), config=FAST_REAPER)
+    d = Daemon(icecached_path())
     yield d
     d.stop()
 

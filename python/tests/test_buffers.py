@@ -12,7 +12,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import ROOT, eventually
+from conftest import FAST_REAPER, ROOT, eventually
 
 import icecache
 
@@ -68,9 +68,11 @@ def test_registration_failure_removes_the_file(make_daemon):
         first.close()
 
 
-def test_client_killed_holding_a_buffer(daemon, client):
+def test_client_killed_holding_a_buffer(make_daemon):
     """A child process registers a buffer and is SIGKILLed: the daemon drops
     the buffer after its idle TTL, and reclaim_orphaned_shm removes the file."""
+    daemon = make_daemon(FAST_REAPER)
+    client = icecache.Client(socket=daemon.socket_path)
     before = client.get_stats().buffers
     code = textwrap.dedent(
         f"""
@@ -87,13 +89,15 @@ def test_client_killed_holding_a_buffer(daemon, client):
     assert child.returncode == -signal.SIGKILL, child.stderr
     path, buffer_id = child.stdout.split()
     assert os.path.exists(path)
-    assert client.get_stats().buffers == before + 1
+    # (No count check here: with a 1 s idle TTL the buffer may already be gone
+    # when the child's interpreter took long to exit on a loaded machine.)
     # Same uid, same tenant: its buffer id is usable here until the daemon drops it.
     assert eventually(lambda: client.get_stats().buffers == before)
     with pytest.raises(icecache.NotFoundError):
         client.unregister_buffer(buffer_id)
     assert path in icecache.reclaim_orphaned_shm()
     assert not os.path.exists(path)
+    client.close()
 
 
 def test_cuda_buffer_without_a_gpu_raises_a_clear_error(client):
