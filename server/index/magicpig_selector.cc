@@ -56,12 +56,10 @@ double SampleProbability(double p, int tables, int t) {
   return std::max(0.0, 1.0 - below);
 }
 
-class MagicpigSelector final : public PositionalLayoutSelector,
-                               public TokenRanker,
-                               public AttentionEstimator {
+class MagicpigSelector final : public TokenScoringSelector, public AttentionEstimator {
  public:
   MagicpigSelector(const SelectorConfig& config, const PageKeys* keys)
-      : PositionalLayoutSelector(config, keys),
+      : TokenScoringSelector(config, keys),
         bits_(config.baseline.magicpig_bits),
         tables_(config.baseline.magicpig_tables),
         min_hits_(config.baseline.magicpig_min_collisions) {
@@ -69,30 +67,6 @@ class MagicpigSelector final : public PositionalLayoutSelector,
     std::mt19937_64 rng(config.baseline.seed);
     std::normal_distribution<float> g(0.0f, 1.0f);
     for (float& x : planes_) x = g(rng);
-  }
-
-  absl::Status Select(const float* queries, int num_queries, const SelectParams& params,
-                      Selection* out) const override {
-    RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, params, out));
-    thread_local Samples s;
-    RETURN_IF_ERROR(Sample(queries, num_queries, &s));
-    thread_local std::vector<ScoredToken> tokens;
-    GroupShares(s, num_queries, &tokens);
-    TakeTokenPages(tokens, params, out);
-    out->keys_touched = s.touched;
-    return absl::OkStatus();
-  }
-
-  absl::Status SelectTokens(const float* queries, int num_queries, const SelectParams& params,
-                            std::vector<int32_t>* positions) const override {
-    Selection probe;
-    RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, params, &probe));
-    Samples s;
-    RETURN_IF_ERROR(Sample(queries, num_queries, &s));
-    std::vector<ScoredToken> tokens;
-    GroupShares(s, num_queries, &tokens);
-    TakeTopTokens(&tokens, params, positions);
-    return absl::OkStatus();
   }
 
   absl::Status EstimateOutput(const float* queries, int num_queries, const SelectParams& params,
@@ -148,6 +122,14 @@ class MagicpigSelector final : public PositionalLayoutSelector,
     return absl::OkStatus();
   }
 
+  absl::Status RankTokens(const float* queries, int nq, const SelectParams& params,
+                          std::vector<ScoredToken>* tokens, uint64_t* touched) const override {
+    thread_local Samples s;
+    RETURN_IF_ERROR(Sample(queries, nq, &s));
+    GroupShares(s, nq, tokens);
+    *touched = s.touched;
+    return absl::OkStatus();
+  }
   absl::Status Sample(const float* queries, int nq, Samples* s) const;
   void GroupShares(const Samples& s, int nq, std::vector<ScoredToken>* tokens) const;
 

@@ -32,32 +32,10 @@ namespace {
 
 constexpr int64_t kMinTail = 1024;
 
-class MdciPublishedSelector final : public PositionalLayoutSelector, public TokenRanker {
+class MdciPublishedSelector final : public TokenScoringSelector {
  public:
   MdciPublishedSelector(const SelectorConfig& config, const PageKeys* keys)
-      : PositionalLayoutSelector(config, keys) {}
-
-  absl::Status Select(const float* queries, int num_queries, const SelectParams& params,
-                      Selection* out) const override {
-    RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, params, out));
-    thread_local std::vector<ScoredToken> tokens;
-    uint64_t touched = 0;
-    RETURN_IF_ERROR(Score(queries, num_queries, params, &tokens, &touched));
-    TakeTokenPages(tokens, params, out);
-    out->keys_touched = touched;
-    return absl::OkStatus();
-  }
-
-  absl::Status SelectTokens(const float* queries, int num_queries, const SelectParams& params,
-                            std::vector<int32_t>* positions) const override {
-    Selection probe;
-    RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, params, &probe));
-    std::vector<ScoredToken> tokens;
-    uint64_t touched = 0;
-    RETURN_IF_ERROR(Score(queries, num_queries, params, &tokens, &touched));
-    TakeTopTokens(&tokens, params, positions);
-    return absl::OkStatus();
-  }
+      : TokenScoringSelector(config, keys) {}
 
   size_t index_bytes() const override {
     return layout_bytes() + keys_f32_.size() * sizeof(float) + (dci_ ? dci_->bytes() : 0);
@@ -97,8 +75,8 @@ class MdciPublishedSelector final : public PositionalLayoutSelector, public Toke
     return absl::OkStatus();
   }
 
-  absl::Status Score(const float* queries, int nq, const SelectParams& params,
-                     std::vector<ScoredToken>* tokens, uint64_t* touched) const;
+  absl::Status RankTokens(const float* queries, int nq, const SelectParams& params,
+                          std::vector<ScoredToken>* tokens, uint64_t* touched) const override;
 
   MipsAugmentation aug_ = *MipsAugmentation::FromMaxNorm(1.0f, 1, 1.0f, 1.0f);
   std::unique_ptr<MultiLevelDci> dci_;
@@ -106,9 +84,10 @@ class MdciPublishedSelector final : public PositionalLayoutSelector, public Toke
   std::vector<float> keys_f32_;  // every key, fp32, by position
 };
 
-absl::Status MdciPublishedSelector::Score(const float* queries, int nq, const SelectParams& params,
-                                          std::vector<ScoredToken>* tokens,
-                                          uint64_t* touched) const {
+absl::Status MdciPublishedSelector::RankTokens(const float* queries, int nq,
+                                               const SelectParams& params,
+                                               std::vector<ScoredToken>* tokens,
+                                               uint64_t* touched) const {
   const int64_t n = num_tokens();
   thread_local std::vector<int32_t> cand;
   thread_local std::vector<float> qa;

@@ -21,37 +21,19 @@
 namespace icecache {
 namespace {
 
-class OmnikvSelector final : public PositionalLayoutSelector, public TokenRanker {
+class OmnikvSelector final : public TokenScoringSelector {
  public:
   OmnikvSelector(const SelectorConfig& config, const PageKeys* keys)
-      : PositionalLayoutSelector(config, keys) {}
-
-  absl::Status Select(const float* queries, int num_queries, const SelectParams& params,
-                      Selection* out) const override {
-    RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, params, out));
-    thread_local std::vector<ScoredToken> tokens;
-    RETURN_IF_ERROR(Score(queries, num_queries, &tokens));
-    TakeTokenPages(tokens, params, out);
-    out->keys_touched = static_cast<uint64_t>(num_tokens());
-    return absl::OkStatus();
-  }
-
-  absl::Status SelectTokens(const float* queries, int num_queries, const SelectParams& params,
-                            std::vector<int32_t>* positions) const override {
-    Selection probe;
-    RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, params, &probe));
-    std::vector<ScoredToken> tokens;
-    RETURN_IF_ERROR(Score(queries, num_queries, &tokens));
-    TakeTopTokens(&tokens, params, positions);
-    return absl::OkStatus();
-  }
+      : TokenScoringSelector(config, keys) {}
 
   size_t index_bytes() const override { return layout_bytes(); }
 
  private:
   absl::Status OnAppend(const float*, int64_t, bool) override { return absl::OkStatus(); }
 
-  absl::Status Score(const float* queries, int nq, std::vector<ScoredToken>* tokens) const {
+  absl::Status RankTokens(const float* queries, int nq, const SelectParams& params,
+                          std::vector<ScoredToken>* tokens, uint64_t* touched) const override {
+    *touched = static_cast<uint64_t>(num_tokens());
     const int64_t n = num_tokens();
     thread_local std::vector<float> logits;
     thread_local std::vector<float> scores;

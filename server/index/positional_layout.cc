@@ -191,4 +191,28 @@ void TokenGroupScores(const float* logits, int nq, int64_t n, float scale, float
   }
 }
 
+absl::Status TokenScoringSelector::Select(const float* queries, int num_queries,
+                                          const SelectParams& params, Selection* out) const {
+  RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, params, out));
+  thread_local std::vector<ScoredToken> tokens;
+  tokens.clear();
+  uint64_t touched = 0;
+  RETURN_IF_ERROR(RankTokens(queries, num_queries, params, &tokens, &touched));
+  TakeTokenPages(tokens, params, out);
+  out->keys_touched = touched;
+  return absl::OkStatus();
+}
+
+absl::Status TokenScoringSelector::SelectTokens(const float* queries, int num_queries,
+                                                const SelectParams& params,
+                                                std::vector<int32_t>* positions) const {
+  Selection probe;
+  RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, params, &probe));
+  std::vector<ScoredToken> tokens;
+  uint64_t touched = 0;
+  RETURN_IF_ERROR(RankTokens(queries, num_queries, params, &tokens, &touched));
+  TakeTopTokens(&tokens, params, positions);
+  return absl::OkStatus();
+}
+
 }  // namespace icecache

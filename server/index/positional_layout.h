@@ -4,10 +4,10 @@
 // per-token or per-page digest in OnAppend() and its scoring in Select().
 //
 // Token-level baselines (pqcache, snapkv, omnikv, magicpig, mdci-published)
-// rank tokens; TakeTokenPages() rounds a token ranking up to pages (each
-// page ranked by its best token, the same budget in tokens), so they answer
-// Select() with pages like every selector, and TakeTopTokens() gives the
-// token-granular answer (TokenRanker::SelectTokens) for evaluation.
+// rank tokens (most through TokenScoringSelector); TakeTokenPages() rounds a token ranking up to
+// pages (each page ranked by its best token, the same budget in tokens), so they answer Select()
+// with pages like every selector, and TakeTopTokens() gives the token-granular answer
+// (TokenRanker::SelectTokens) for evaluation.
 //
 // Thread safety as in selector.h. Ownership: PageKeys is not owned and must
 // outlive the selector.
@@ -101,6 +101,25 @@ class PositionalLayoutSelector : public Selector {
   absl::Status Append(const float* keys, int64_t n, std::vector<Placement>* placements, bool bulk);
   int64_t num_tokens_ = 0;
   std::vector<int32_t> positions_;  // positions_[p] = p
+};
+
+// A positional-layout selector that answers with a token ranking
+// (RankTokens): Select() rounds it up to pages (TakeTokenPages), and
+// SelectTokens() takes the best tokens (TakeTopTokens), after the same
+// validation.
+class TokenScoringSelector : public PositionalLayoutSelector, public TokenRanker {
+ public:
+  absl::Status Select(const float* queries, int num_queries, const SelectParams& params,
+                      Selection* out) const final;
+  absl::Status SelectTokens(const float* queries, int num_queries, const SelectParams& params,
+                            std::vector<int32_t>* positions) const final;
+
+ protected:
+  using PositionalLayoutSelector::PositionalLayoutSelector;
+  // Scores tokens (any subset of positions, any order) for the group's
+  // `nq` queries; `touched`: the keys it read. Called after validation.
+  virtual absl::Status RankTokens(const float* queries, int nq, const SelectParams& params,
+                                  std::vector<ScoredToken>* tokens, uint64_t* touched) const = 0;
 };
 
 // GQA token scores (the group score of page_select.h, per token): logits is

@@ -37,34 +37,12 @@ namespace {
 
 constexpr int64_t kMaxTrainKeys = 65536;  // k-means sample (all prefill keys up to this)
 
-class PqcacheSelector final : public PositionalLayoutSelector, public TokenRanker {
+class PqcacheSelector final : public TokenScoringSelector {
  public:
   PqcacheSelector(const SelectorConfig& config, const PageKeys* keys)
-      : PositionalLayoutSelector(config, keys),
+      : TokenScoringSelector(config, keys),
         m_(config.baseline.pq_subspaces),
         sub_(config.head_dim / config.baseline.pq_subspaces) {}
-
-  absl::Status Select(const float* queries, int num_queries, const SelectParams& params,
-                      Selection* out) const override {
-    RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, params, out));
-    thread_local std::vector<ScoredToken> tokens;
-    uint64_t touched = 0;
-    RETURN_IF_ERROR(Score(queries, num_queries, params, &tokens, &touched));
-    TakeTokenPages(tokens, params, out);
-    out->keys_touched = touched;
-    return absl::OkStatus();
-  }
-
-  absl::Status SelectTokens(const float* queries, int num_queries, const SelectParams& params,
-                            std::vector<int32_t>* positions) const override {
-    Selection probe;
-    RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, params, &probe));
-    std::vector<ScoredToken> tokens;
-    uint64_t touched = 0;
-    RETURN_IF_ERROR(Score(queries, num_queries, params, &tokens, &touched));
-    TakeTopTokens(&tokens, params, positions);
-    return absl::OkStatus();
-  }
 
   size_t index_bytes() const override {
     return layout_bytes() + codes_.size() + centroids_.size() * sizeof(float);
@@ -121,8 +99,8 @@ class PqcacheSelector final : public PositionalLayoutSelector, public TokenRanke
     return absl::OkStatus();
   }
 
-  absl::Status Score(const float* queries, int nq, const SelectParams& params,
-                     std::vector<ScoredToken>* tokens, uint64_t* touched) const;
+  absl::Status RankTokens(const float* queries, int nq, const SelectParams& params,
+                          std::vector<ScoredToken>* tokens, uint64_t* touched) const override;
 
   const int m_;
   const int sub_;
@@ -173,8 +151,9 @@ void PqcacheSelector::Train(const float* keys, int64_t n) {
   }
 }
 
-absl::Status PqcacheSelector::Score(const float* queries, int nq, const SelectParams& params,
-                                    std::vector<ScoredToken>* tokens, uint64_t* touched) const {
+absl::Status PqcacheSelector::RankTokens(const float* queries, int nq, const SelectParams& params,
+                                         std::vector<ScoredToken>* tokens,
+                                         uint64_t* touched) const {
   const int64_t n = num_tokens();
   thread_local std::vector<float> table;   // G x m x k
   thread_local std::vector<float> approx;  // G x n (scaled)
