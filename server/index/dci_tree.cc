@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 
@@ -21,6 +22,18 @@ absl::Status CheckKeys(const float* keys, int64_t n, int dim,
     return absl::InvalidArgumentError("keys and placements must not be null");
   }
   if (n < 1) return absl::InvalidArgumentError(absl::StrCat("key count must be > 0, got ", n));
+  // NaN and Inf have every exponent bit set: one branch-free pass (it
+  // vectorises) clears the usual all-finite case; the slow loop names the
+  // first bad element.
+  uint32_t all_ones = 0;
+  const uint32_t kExponent = 0x7f800000u;
+  const size_t count = static_cast<size_t>(n) * dim;
+  for (size_t i = 0; i < count; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, keys + i, sizeof(bits));
+    all_ones |= (bits & kExponent) == kExponent ? 1u : 0u;
+  }
+  if (all_ones == 0) return absl::OkStatus();
   for (int64_t i = 0; i < n; ++i) {
     for (int c = 0; c < dim; ++c) {
       if (!std::isfinite(keys[i * dim + c])) {
