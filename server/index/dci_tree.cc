@@ -129,19 +129,32 @@ uint32_t DciTree::level_size(int level) const {
   return levels_[level].size();
 }
 
-int DciTree::PromotionLevel(std::vector<uint32_t>* counts) const {
+int DciTree::PromotionLevelFor(std::vector<uint32_t>* counts, int ratio) {
   auto& c = *counts;
   ++c[0];
   int l = 0;
   for (;;) {
     const uint64_t above = l + 1 < static_cast<int>(c.size()) ? c[l + 1] : 0;
     const bool bootstrap = l == 0 && above == 0;  // the first key opens level 1
-    if (!bootstrap && c[l] < static_cast<uint64_t>(ratio_) * (above + 1)) break;
+    if (!bootstrap && c[l] < static_cast<uint64_t>(ratio) * (above + 1)) break;
     if (l + 1 == static_cast<int>(c.size())) c.push_back(0);
     ++c[l + 1];
     ++l;
   }
   return l;
+}
+
+uint64_t DciTree::MaxBulkBuildPages(int64_t n, int page_tokens, int ratio) {
+  // BuildSkeleton's levels: n1 keys open a level-1 node.
+  std::vector<uint32_t> counts{0};
+  int64_t n1 = 0;
+  for (int64_t i = 0; i < n; ++i) n1 += PromotionLevelFor(&counts, ratio) >= 1 ? 1 : 0;
+  // Level-0 keys go to nodes with room (AssignWithCapacity, PlaceLeftovers
+  // route only through room) while any is left; the rest overflow.
+  const int64_t capacity = n1 * (ratio - 1);
+  const int64_t overflow = std::max<int64_t>(0, n - n1 - capacity);
+  const int64_t per_node = (ratio + page_tokens - 1) / page_tokens;
+  return static_cast<uint64_t>(n1 * per_node + overflow);
 }
 
 float DciTree::RouteScore(int level, uint32_t node, const float* x, float a) const {

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "server/index/dci_tree.h"
 #include "server/index/headroom.h"
 #include "server/index/parallel_build.h"
 #include "server/pool/frame_checksum.h"
@@ -465,13 +466,12 @@ AppendPlan PlanBackgroundBuild(const Session& s, const AppendInput& in) {
   plan.placements.resize(plan.num_indices);
   plan.pages_before.assign(plan.num_indices, 0);
   plan.built.resize(plan.num_indices);
-  // A bulk build fills each logical node's pages in order, so its pages are
-  // at most ceil(n / P) plus one partly filled page per level-1 node; the
-  // promotion rule opens about n / r level-1 nodes (r the promotion ratio).
-  const int64_t P = c.page_tokens;
-  const int64_t r =
-      c.mdci.promotion_ratio > 0 ? c.mdci.promotion_ratio : std::max<int64_t>(2, c.page_tokens);
-  const uint64_t worst = static_cast<uint64_t>((in.n + P - 1) / P + in.n / r + 2);
+  // The tree's own bound (about n / P when r = P, the pages the keys fill):
+  // the frames of ranges still being built are held meanwhile, so a looser
+  // bound (it was n / P + n / r, twice the need) made a prefill streamed
+  // faster than its builds run out of pool.
+  const int r = c.mdci.promotion_ratio > 0 ? c.mdci.promotion_ratio : std::max(2, c.page_tokens);
+  const uint64_t worst = DciTree::MaxBulkBuildPages(in.n, c.page_tokens, r);
   plan.max_new_pages.assign(plan.num_indices, worst);
   for (int i = 0; i < plan.num_indices; ++i) {
     plan.reserve += worst * s.LayersIn((plan.base + i) / c.kv_heads);
