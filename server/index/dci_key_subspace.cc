@@ -28,7 +28,10 @@ void Orthonormalize(std::vector<float>* v, int r, int d) {
   }
 }
 
-// Covariance (d x d) of an evenly strided sample of at most 4096 keys.
+// Covariance (d x d) of an evenly strided sample of at most 4096 keys. Each
+// entry is the sum of its products in sample order; the upper triangle is
+// summed (four samples per pass over a row, so the row stays in registers)
+// and mirrored, products being symmetric.
 std::vector<float> SampleCovariance(const float* keys, int64_t n, int d) {
   const int64_t stride = std::max<int64_t>(1, n / 4096);
   std::vector<double> mean(d, 0.0);
@@ -37,15 +40,43 @@ std::vector<float> SampleCovariance(const float* keys, int64_t n, int d) {
     for (int k = 0; k < d; ++k) mean[k] += keys[i * d + k];
   }
   for (int k = 0; k < d; ++k) mean[k] /= static_cast<double>(m);
+  std::vector<float> centered(static_cast<size_t>(m) * d);
+  for (int64_t s = 0; s < m; ++s) {
+    for (int k = 0; k < d; ++k) {
+      centered[s * d + k] = static_cast<float>(keys[s * stride * d + k] - mean[k]);
+    }
+  }
   std::vector<float> cov(static_cast<size_t>(d) * d, 0.0f);
-  std::vector<float> row(d);
-  for (int64_t i = 0; i < n; i += stride) {
-    for (int k = 0; k < d; ++k) row[k] = static_cast<float>(keys[i * d + k] - mean[k]);
+  int64_t s = 0;
+  for (; s + 4 <= m; s += 4) {
+    const float* __restrict r0 = &centered[s * d];
+    const float* __restrict r1 = r0 + d;
+    const float* __restrict r2 = r1 + d;
+    const float* __restrict r3 = r2 + d;
+    for (int a = 0; a < d; ++a) {
+      float* __restrict ca = &cov[static_cast<size_t>(a) * d];
+      const float a0 = r0[a], a1 = r1[a], a2 = r2[a], a3 = r3[a];
+      for (int b = a; b < d; ++b) {
+        float c = ca[b];
+        c += a0 * r0[b];
+        c += a1 * r1[b];
+        c += a2 * r2[b];
+        c += a3 * r3[b];
+        ca[b] = c;
+      }
+    }
+  }
+  for (; s < m; ++s) {
+    const float* row = &centered[s * d];
     for (int a = 0; a < d; ++a) {
       const float ra = row[a];
       float* ca = &cov[static_cast<size_t>(a) * d];
-      for (int b = 0; b < d; ++b) ca[b] += ra * row[b];
+      for (int b = a; b < d; ++b) ca[b] += ra * row[b];
     }
+  }
+  for (int a = 0; a < d; ++a) {
+    for (int b = 0; b < a; ++b)
+      cov[static_cast<size_t>(a) * d + b] = cov[static_cast<size_t>(b) * d + a];
   }
   return cov;
 }

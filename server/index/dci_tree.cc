@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 
@@ -21,6 +22,18 @@ absl::Status CheckKeys(const float* keys, int64_t n, int dim,
     return absl::InvalidArgumentError("keys and placements must not be null");
   }
   if (n < 1) return absl::InvalidArgumentError(absl::StrCat("key count must be > 0, got ", n));
+  // NaN and Inf have every exponent bit set: one branch-free pass (it
+  // vectorises) clears the usual all-finite case; the slow loop names the
+  // first bad element.
+  uint32_t all_ones = 0;
+  const uint32_t kExponent = 0x7f800000u;
+  const size_t count = static_cast<size_t>(n) * dim;
+  for (size_t i = 0; i < count; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, keys + i, sizeof(bits));
+    all_ones |= (bits & kExponent) == kExponent ? 1u : 0u;
+  }
+  if (all_ones == 0) return absl::OkStatus();
   for (int64_t i = 0; i < n; ++i) {
     for (int c = 0; c < dim; ++c) {
       if (!std::isfinite(keys[i * dim + c])) {
@@ -116,19 +129,32 @@ uint32_t DciTree::level_size(int level) const {
   return levels_[level].size();
 }
 
-int DciTree::PromotionLevel(std::vector<uint32_t>* counts) const {
+int DciTree::PromotionLevelFor(std::vector<uint32_t>* counts, int ratio) {
   auto& c = *counts;
   ++c[0];
   int l = 0;
   for (;;) {
     const uint64_t above = l + 1 < static_cast<int>(c.size()) ? c[l + 1] : 0;
     const bool bootstrap = l == 0 && above == 0;  // the first key opens level 1
-    if (!bootstrap && c[l] < static_cast<uint64_t>(ratio_) * (above + 1)) break;
+    if (!bootstrap && c[l] < static_cast<uint64_t>(ratio) * (above + 1)) break;
     if (l + 1 == static_cast<int>(c.size())) c.push_back(0);
     ++c[l + 1];
     ++l;
   }
   return l;
+}
+
+uint64_t DciTree::MaxBulkBuildPages(int64_t n, int page_tokens, int ratio) {
+  // BuildSkeleton's levels: n1 keys open a level-1 node.
+  std::vector<uint32_t> counts{0};
+  int64_t n1 = 0;
+  for (int64_t i = 0; i < n; ++i) n1 += PromotionLevelFor(&counts, ratio) >= 1 ? 1 : 0;
+  // Level-0 keys go to nodes with room (AssignWithCapacity, PlaceLeftovers
+  // route only through room) while any is left; the rest overflow.
+  const int64_t capacity = n1 * (ratio - 1);
+  const int64_t overflow = std::max<int64_t>(0, n - n1 - capacity);
+  const int64_t per_node = (ratio + page_tokens - 1) / page_tokens;
+  return static_cast<uint64_t>(n1 * per_node + overflow);
 }
 
 float DciTree::RouteScore(int level, uint32_t node, const float* x, float a) const {

@@ -151,6 +151,14 @@ class DciTree {
   static absl::StatusOr<std::unique_ptr<DciTree>> Create(const DciTreeParams& params);
   ~DciTree();
 
+  // The most pages a BulkBuild of `n` keys can open with these page_tokens
+  // and promotion ratio (>= 2): the promotion rule fixes the level-1 nodes
+  // n1; each holds its own key and at most ratio - 1 keys assigned with
+  // capacity, so ceil(ratio / page_tokens) pages, plus one page per key past
+  // the total capacity (n - n1 > n1 x (ratio - 1)). What a prefill reserves
+  // before its trees are built (docs/architecture.md §5).
+  static uint64_t MaxBulkBuildPages(int64_t n, int page_tokens, int ratio);
+
   // Bulk build from `n` keys (fp32, n x dim) at positions 0..n-1.
   // FailedPrecondition when the tree is not empty; InvalidArgument for n < 1,
   // null pointers or a non-finite key. Nothing changes on error.
@@ -265,7 +273,12 @@ class DciTree {
   // Room in every per-token and per-node array for `tokens` tokens, levels
   // scaled from their present sizes (headroom.h).
   void ReserveTokens(int64_t tokens);
-  int PromotionLevel(std::vector<uint32_t>* counts) const;
+  int PromotionLevel(std::vector<uint32_t>* counts) const {
+    return PromotionLevelFor(counts, ratio_);
+  }
+  // The level a new key reaches under the promotion rule with `ratio`,
+  // counting it in (counts[l] = keys on level l so far).
+  static int PromotionLevelFor(std::vector<uint32_t>* counts, int ratio);
   void ResizeLevel(int level, uint32_t size);
   // Opens the nodes of a key promoted to level t (levels 1..t, each the own
   // child of the next); returns its level-t node (kNone for t == 0).

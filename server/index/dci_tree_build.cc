@@ -15,20 +15,7 @@
 namespace icecache {
 
 using dci_internal::SquaredNorm;
-
-namespace {
-
-// Inserts (score, node) into `out`, kept sorted best first and at most
-// `keep` long (keep is small).
-void InsertTopK(float score, uint32_t node, size_t keep,
-                std::vector<std::pair<float, uint32_t>>* out) {
-  if (out->size() == keep && !(score > out->back().first)) return;
-  const std::pair<float, uint32_t> v{score, node};
-  out->insert(std::upper_bound(out->begin(), out->end(), v, dci_internal::Better), v);
-  if (out->size() > keep) out->pop_back();
-}
-
-}  // namespace
+using dci_internal::TopOfScores;
 
 void DciTree::PairWindowCandidates(const std::vector<uint32_t>& items, const float* keys,
                                    const float* aug, std::vector<AssignPair>* pairs,
@@ -44,7 +31,7 @@ void DciTree::PairWindowCandidates(const std::vector<uint32_t>& items, const flo
   }
   RouteScratch rs;
   std::vector<std::pair<float, uint32_t>> out;
-  std::vector<float> batch(static_cast<size_t>(8) * d), dots;
+  std::vector<float> batch(static_cast<size_t>(8) * d), dots, scores;
   for (size_t b = 0; b < items.size();) {
     const int64_t w0 = items[b] / window * window;
     size_t e = b;
@@ -65,20 +52,27 @@ void DciTree::PairWindowCandidates(const std::vector<uint32_t>& items, const flo
     const uint32_t nn = hi - lo;
     if (nn > 0) {
       dots.resize(static_cast<size_t>(nn) * nb);
-      DotRowsMulti(DType::kF32, &L.reps.centroid[static_cast<size_t>(lo) * d], nn, d, batch.data(),
-                   nb, dots.data());
+      // Four items per kernel call: its 2-row x 4-query register block
+      // reads fewer operands per FMA than 1 x 8 (same sums, bit for bit).
+      for (int t0 = 0; t0 < nb; t0 += 4) {
+        DotRowsMulti(DType::kF32, &L.reps.centroid[static_cast<size_t>(lo) * d], nn, d,
+                     &batch[static_cast<size_t>(t0) * d], std::min(4, nb - t0),
+                     &dots[static_cast<size_t>(t0) * nn]);
+      }
     }
     for (int t = 0; t < nb; ++t) {
       const size_t idx = b + t;
       const float a = aug[items[idx]];
-      out.clear();
       const float* row = &dots[static_cast<size_t>(t) * nn];
-      for (uint32_t k = 0; k < nn; ++k) {
-        const uint32_t node = lo + k;
-        float sc = row[k] + aux[node];
-        if (params_.augmented_routing) sc += a * L.reps.abar[node];
-        InsertTopK(sc, node, C, &out);
+      scores.resize(nn);
+      float* __restrict sc = scores.data();
+      const float* __restrict node_aux = &aux[lo];
+      for (uint32_t k = 0; k < nn; ++k) sc[k] = row[k] + node_aux[k];
+      if (params_.augmented_routing) {
+        const float* __restrict abar = &L.reps.abar[lo];
+        for (uint32_t k = 0; k < nn; ++k) sc[k] += a * abar[k];
       }
+      TopOfScores(scores.data(), nn, lo, C, &out);
       if (out.empty())
         Route(keys + static_cast<size_t>(items[idx]) * d, a, 1, C, nullptr, &rs, &out);
       if (!out.empty()) (*best)[idx] = out[0].second;
@@ -149,11 +143,10 @@ void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items, 
   } else {
     PairRoutedCandidates(level, items, keys, aug, &pairs, &best);
   }
-  std::sort(pairs.begin(), pairs.end(), [](const AssignPair& a, const AssignPair& b) {
-    if (a.score != b.score) return a.score > b.score;
-    if (a.item != b.item) return a.item < b.item;
-    return a.node < b.node;
-  });
+  // Best pair first (score, then item; an item's candidates come best first,
+  // so ties of one item keep their node order).
+  std::vector<AssignPair> sort_tmp;
+  dci_internal::SortBestFirst(&pairs, &sort_tmp);
   // Greedy, best pair first, while the node has room.
   std::vector<int32_t> load(levels_[level].size(), 0);
   parent_of->assign(items.size(), kNone);

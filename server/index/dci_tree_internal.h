@@ -3,8 +3,14 @@
 #ifndef ICECACHE_SERVER_INDEX_DCI_TREE_INTERNAL_H_
 #define ICECACHE_SERVER_INDEX_DCI_TREE_INTERNAL_H_
 
+#include <algorithm>
+#include <array>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -20,6 +26,85 @@ inline float SquaredNorm(const float* x, int dim) { return DotF32(x, x, dim); }
 // Ranking of (score, node) pairs: higher score first, then lower node id.
 inline bool Better(const std::pair<float, uint32_t>& p, const std::pair<float, uint32_t>& q) {
   return p.first > q.first || (p.first == q.first && p.second < q.second);
+}
+
+// Inserts (score, node) into `out`, kept sorted best first (Better) and at
+// most `keep` long (keep is small). Nodes must come in ascending order: a
+// score equal to the last kept one does not enter.
+inline void InsertTopK(float score, uint32_t node, size_t keep,
+                       std::vector<std::pair<float, uint32_t>>* out) {
+  if (out->size() == keep && !(score > out->back().first)) return;
+  const std::pair<float, uint32_t> v{score, node};
+  out->insert(std::upper_bound(out->begin(), out->end(), v, Better), v);
+  if (out->size() > keep) out->pop_back();
+}
+
+// The best `keep` (score, first_id + k) of scores[0..n), best first, ties to
+// the lower id: exactly what InsertTopK over them in order leaves (a superset
+// of the best `keep` taken in order gives the same). Only the scores at or
+// above a bound of the keep-th best are visited: the keep-th largest of 8
+// lane maxima (LaneMax8: keep disjoint lanes reach it), then the last kept
+// one; FirstGreater skips the rest eight at a time.
+inline void TopOfScores(const float* scores, uint32_t n, uint32_t first_id, size_t keep,
+                        std::vector<std::pair<float, uint32_t>>* out) {
+  out->clear();
+  if (keep == 0) return;
+  float bound = -std::numeric_limits<float>::infinity();
+  if (keep <= 8 && n >= 16) {
+    float lanes[8];
+    LaneMax8(scores, n, lanes);
+    std::nth_element(lanes, lanes + (keep - 1), lanes + 8, std::greater<float>());
+    bound = std::nextafter(lanes[keep - 1], -std::numeric_limits<float>::infinity());
+  }
+  uint32_t k = 0;
+  while (k < n) {
+    const float above = out->size() == keep ? out->back().first : bound;
+    k += static_cast<uint32_t>(FirstGreater(scores + k, n - k, above));
+    if (k >= n) break;
+    InsertTopK(scores[k], first_id + k, keep, out);
+    ++k;
+  }
+}
+
+// Sorts records with `score` (finite float) and `item` (uint32) best first:
+// score descending (-0 equal to +0), then item ascending; records equal in
+// both keep their input order (stable). LSD radix sort on the 64-bit key
+// (order-flipped score, item) in 11-bit digits, a digit every record shares
+// skipped; `tmp` is scratch. The order of a comparison sort on (score desc,
+// item asc, input order) at a fraction of its branches.
+template <typename Rec>
+void SortBestFirst(std::vector<Rec>* recs, std::vector<Rec>* tmp) {
+  constexpr int kBits = 11, kPasses = 6;
+  constexpr uint32_t kMask = (1u << kBits) - 1;
+  const auto key = [](const Rec& r) {
+    const float s = r.score == 0.0f ? 0.0f : r.score;
+    uint32_t u;
+    std::memcpy(&u, &s, sizeof(u));
+    u = (u & 0x80000000u) != 0 ? ~u : (u | 0x80000000u);  // ascending with the float
+    return (static_cast<uint64_t>(~u) << 32) | r.item;
+  };
+  const size_t n = recs->size();
+  if (n < 2) return;
+  std::vector<std::array<uint32_t, 1u << kBits>> count(kPasses);
+  for (auto& c : count) c.fill(0);
+  for (const Rec& r : *recs) {
+    const uint64_t k = key(r);
+    for (int p = 0; p < kPasses; ++p) ++count[p][(k >> (p * kBits)) & kMask];
+  }
+  tmp->resize(n);
+  for (int p = 0; p < kPasses; ++p) {
+    const int shift = p * kBits;
+    std::array<uint32_t, 1u << kBits>& c = count[p];
+    if (c[(key((*recs)[0]) >> shift) & kMask] == n) continue;  // one digit for all
+    uint32_t sum = 0;
+    for (uint32_t& v : c) {
+      const uint32_t here = v;
+      v = sum;
+      sum += here;
+    }
+    for (const Rec& r : *recs) (*tmp)[c[(key(r) >> shift) & kMask]++] = r;
+    recs->swap(*tmp);
+  }
 }
 
 // Software prefetch of `bytes` bytes from `p` (every 64-byte line). The

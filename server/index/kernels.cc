@@ -10,8 +10,10 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <limits>
 
 namespace icecache {
 namespace {
@@ -56,6 +58,23 @@ inline float HSum256(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
   return _mm_cvtss_f32(s);
+}
+
+// Eight horizontal sums at once, each bit for bit HSum256 of its vector
+// (((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))): the same additions,
+// done on the eight vectors side by side. Lane f of the result is v[f]'s sum.
+inline __m256 HSum8x256(const __m256* v) {
+  const auto halves = [](__m256 a, __m256 b) {  // [a.lo + a.hi | b.lo + b.hi]
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  };
+  const __m256 u04 = halves(v[0], v[4]), u15 = halves(v[1], v[5]);
+  const __m256 u26 = halves(v[2], v[6]), u37 = halves(v[3], v[7]);
+  const __m256 p = _mm256_add_ps(_mm256_shuffle_ps(u04, u15, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm256_shuffle_ps(u04, u15, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 q = _mm256_add_ps(_mm256_shuffle_ps(u26, u37, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm256_shuffle_ps(u26, u37, _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm256_add_ps(_mm256_shuffle_ps(p, q, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm256_shuffle_ps(p, q, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
 // One query against one row: 4 independent accumulators of 8 lanes hide the
@@ -117,10 +136,20 @@ inline void DotBlockAvx2(const float* queries, int dim, const typename L::T* k, 
       for (int j = 0; j < NQ; ++j) tail[r][j] += queries[j * dim + i] * kv;
     }
   }
+  if constexpr (R * NQ == 8) {
+    // Eight accumulators: their sums in one transposed reduction.
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, HSum8x256(&acc[0][0]));
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
-    for (int j = 0; j < NQ; ++j) out[j * out_stride + r] = HSum256(acc[r][j]) + tail[r][j];
+      for (int j = 0; j < NQ; ++j) out[j * out_stride + r] = sums[r * NQ + j] + tail[r][j];
+  } else {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+      for (int j = 0; j < NQ; ++j) out[j * out_stride + r] = HSum256(acc[r][j]) + tail[r][j];
+  }
 }
 
 // Rows per block for AVX2 (16 ymm registers): R x NQ accumulators, NQ query
@@ -424,6 +453,32 @@ void DotRowsMulti(DType dtype, const void* rows, int64_t n, int dim, const float
     return;
   }
   Table().multi[DTypeIndex(dtype)](rows, n, dim, queries, nq, out);
+}
+
+int64_t FirstGreater(const float* x, int64_t n, float threshold) {
+  const __m256 t = _mm256_set1_ps(threshold);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const int lo = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), t, _CMP_GT_OQ));
+    const int hi = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i + 8), t, _CMP_GT_OQ));
+    if ((lo | hi) == 0) continue;
+    return i + __builtin_ctz(static_cast<unsigned>(lo | hi << 8));
+  }
+  for (; i < n; ++i) {
+    if (x[i] > threshold) return i;
+  }
+  return n;
+}
+
+void LaneMax8(const float* x, int64_t n, float* out) {
+  __m256 m0 = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), m1 = m0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + i));
+    m1 = _mm256_max_ps(m1, _mm256_loadu_ps(x + i + 8));
+  }
+  _mm256_storeu_ps(out, _mm256_max_ps(m0, m1));
+  for (int j = 0; i < n; ++i, j = (j + 1) % 8) out[j] = std::max(out[j], x[i]);
 }
 
 const char* KernelIsa() { return Table().name; }

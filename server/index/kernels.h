@@ -25,6 +25,16 @@ void DotRows(DType dtype, const void* rows, int64_t n, int dim, const float* q, 
 void DotRowsMulti(DType dtype, const void* rows, int64_t n, int dim, const float* queries, int nq,
                   float* out);
 
+// Index of the first of x[0..n) that is greater than `threshold` (a NaN
+// never is), or n. Eight lanes at a time: a top-k scan over many scores
+// skips the ones that cannot enter without a branch per score.
+int64_t FirstGreater(const float* x, int64_t n, float threshold);
+
+// out[j] = the largest of x[i] for i = j (mod 8), j < 8; -infinity for a
+// lane with no element (n < 8). One pass: 8 disjoint maxima bound the k-th
+// largest of x from below (k <= 8), a top-k scan's first threshold.
+void LaneMax8(const float* x, int64_t n, float* out);
+
 // Name of the dispatched path ("avx512", "avx2"), for benchmark reports.
 const char* KernelIsa();
 

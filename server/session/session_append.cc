@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "server/index/dci_tree.h"
 #include "server/index/headroom.h"
 #include "server/index/parallel_build.h"
 #include "server/pool/frame_checksum.h"
@@ -134,9 +135,42 @@ std::vector<uint32_t> TouchedPages(const AppendPlan& plan, int64_t i) {
   return pages;
 }
 
+}  // namespace
+
+std::vector<SlotRun> UnwrittenSlots(const std::vector<Placement>& placements, uint32_t pages_before,
+                                    uint32_t pages_now, int page_tokens) {
+  std::vector<SlotRun> runs;
+  if (pages_now <= pages_before) return runs;
+  const size_t words = (static_cast<size_t>(page_tokens) + 63) / 64;
+  std::vector<uint64_t> written(static_cast<size_t>(pages_now - pages_before) * words, 0);
+  for (const Placement& pl : placements) {
+    if (pl.page < pages_before || pl.page >= pages_now) continue;
+    written[(pl.page - pages_before) * words + pl.slot / 64] |= uint64_t{1} << (pl.slot % 64);
+  }
+  for (uint32_t p = pages_before; p < pages_now; ++p) {
+    const uint64_t* w = &written[(p - pages_before) * words];
+    int slot = 0;
+    while (slot < page_tokens) {
+      if (w[slot / 64] >> (slot % 64) & 1) {
+        ++slot;
+        continue;
+      }
+      const int begin = slot;
+      while (slot < page_tokens && !(w[slot / 64] >> (slot % 64) & 1)) ++slot;
+      runs.push_back({p, static_cast<uint32_t>(begin), static_cast<uint32_t>(slot)});
+    }
+  }
+  return runs;
+}
+
+namespace {
+
 // One task of WriteRows: the K and V rows of index i, every layer of its
 // group, then the checksums of the frames written (docs/architecture.md §5):
-// a decode append that fills a partial page rehashes that page.
+// a decode append that fills a partial page rehashes that page. The new
+// pages' slots no row lands in are zeroed (the frames come from the pool
+// holding a former owner's bytes, and a page is fetched whole); the slots
+// the rows fill are not, so a prefill writes each byte once.
 void WriteIndexRows(Session& s, const AppendInput& in, const AppendPlan& plan, int64_t i)
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
   const int g = static_cast<int>((plan.base + i) / s.config.kv_heads);
@@ -144,8 +178,16 @@ void WriteIndexRows(Session& s, const AppendInput& in, const AppendPlan& plan, i
   const uint64_t kv_block = static_cast<uint64_t>(s.config.page_tokens) * in.row_bytes;
   const std::vector<uint32_t> touched =
       s.keep_sums ? TouchedPages(plan, i) : std::vector<uint32_t>();
+  const std::vector<SlotRun> unwritten =
+      UnwrittenSlots(plan.placements[i], plan.pages_before[i],
+                     s.selectors[plan.base + i]->num_pages(), s.config.page_tokens);
   for (int l = s.FirstLayerOf(g); l < s.FirstLayerOf(g) + s.LayersIn(g); ++l) {
     const std::vector<uint8_t*>& table = s.page_frames[s.FrameTableIndex(l, h)];
+    for (const SlotRun& run : unwritten) {
+      const uint64_t bytes = (run.end - run.begin) * in.row_bytes;
+      std::memset(table[run.page] + run.begin * in.row_bytes, 0, bytes);
+      std::memset(table[run.page] + kv_block + run.begin * in.row_bytes, 0, bytes);
+    }
     for (int64_t t = 0; t < in.n; ++t) {
       const Placement& pl = plan.placements[i][t];
       uint8_t* frame = table[pl.page];
@@ -332,9 +374,7 @@ absl::StatusOr<uint64_t> WriteRows(Session& s, const AppendInput& in, const Appe
       // is not reallocated on a decode append's path.
       if (plan.first) table.reserve(TokensWithHeadroom(pages_now));
       for (uint32_t p = plan.pages_before[i]; p < pages_now; ++p) {
-        uint8_t* f = reserved.frame(taken++);
-        std::memset(f, 0, s.frame_bytes);
-        table.push_back(f);
+        table.push_back(reserved.frame(taken++));  // zeroed where unwritten: WriteIndexRows
         if (s.keep_sums) s.page_sums[s.FrameTableIndex(l, h)].push_back(0);  // set by the rows
       }
     }
@@ -426,13 +466,12 @@ AppendPlan PlanBackgroundBuild(const Session& s, const AppendInput& in) {
   plan.placements.resize(plan.num_indices);
   plan.pages_before.assign(plan.num_indices, 0);
   plan.built.resize(plan.num_indices);
-  // A bulk build fills each logical node's pages in order, so its pages are
-  // at most ceil(n / P) plus one partly filled page per level-1 node; the
-  // promotion rule opens about n / r level-1 nodes (r the promotion ratio).
-  const int64_t P = c.page_tokens;
-  const int64_t r =
-      c.mdci.promotion_ratio > 0 ? c.mdci.promotion_ratio : std::max<int64_t>(2, c.page_tokens);
-  const uint64_t worst = static_cast<uint64_t>((in.n + P - 1) / P + in.n / r + 2);
+  // The tree's own bound (about n / P when r = P, the pages the keys fill):
+  // the frames of ranges still being built are held meanwhile, so a looser
+  // bound (it was n / P + n / r, twice the need) made a prefill streamed
+  // faster than its builds run out of pool.
+  const int r = c.mdci.promotion_ratio > 0 ? c.mdci.promotion_ratio : std::max(2, c.page_tokens);
+  const uint64_t worst = DciTree::MaxBulkBuildPages(in.n, c.page_tokens, r);
   plan.max_new_pages.assign(plan.num_indices, worst);
   for (int i = 0; i < plan.num_indices; ++i) {
     plan.reserve += worst * s.LayersIn((plan.base + i) / c.kv_heads);

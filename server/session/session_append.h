@@ -79,6 +79,19 @@ struct AppendPlan {
   uint64_t reserve = 0;                            // frames to admit, all layers
 };
 
+// Slots [begin, end) of page `page` that an append leaves unwritten.
+struct SlotRun {
+  uint32_t page;
+  uint32_t begin;
+  uint32_t end;
+};
+
+// The runs of slots of the pages opened by an append (ids [pages_before,
+// pages_now)) that none of `placements` names, page by page, ascending. A
+// new frame holds its former owner's bytes until these are zeroed.
+std::vector<SlotRun> UnwrittenSlots(const std::vector<Placement>& placements, uint32_t pages_before,
+                                    uint32_t pages_now, int page_tokens);
+
 // First append of the groups: builds their indexes aside (InvalidArgument or
 // Internal from the index; the session is untouched), counting trees_built.
 // Later appends: the worst case. Needs only the shared lock (appends are
@@ -94,8 +107,10 @@ absl::StatusOr<AppendPlan> PlanAppend(const Session& s, const AppendInput& in, i
 absl::Status ApplyToIndexes(Session& s, const AppendInput& in, AppendPlan& plan)
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
 
-// Gives every new page a zeroed frame of `reserved` (one per layer of its
-// group), returns the surplus to the pool, then writes the K and V rows.
+// Gives every new page a frame of `reserved` (one per layer of its group),
+// returns the surplus to the pool, then writes the K and V rows and zeroes
+// the new pages' slots no row lands in (UnwrittenSlots), in parallel over
+// the indexes.
 // Returns the number of pages opened over all layers.
 absl::StatusOr<uint64_t> WriteRows(Session& s, const AppendInput& in, const AppendPlan& plan,
                                    FrameSet reserved) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);

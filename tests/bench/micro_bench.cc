@@ -258,6 +258,7 @@ void BM_Build(benchmark::State& state, SelectorKind kind) {
 }
 BENCHMARK_CAPTURE(BM_Build, Mdci, SelectorKind::kMdci)
     ->Arg(16384)
+    ->Arg(32768)
     ->Arg(131072)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_Build, Exact, SelectorKind::kExact)

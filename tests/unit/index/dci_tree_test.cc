@@ -112,6 +112,41 @@ TEST(DciTreeTest, BulkBuildInvariantsAndFullPages) {
   EXPECT_EQ(t->num_tokens(), n);
 }
 
+// A prefill reserves MaxBulkBuildPages frames per tree before building it:
+// no build may open more, whatever the keys (clustered, duplicated) and the
+// page / ratio shapes; at r = P, for a long prefill, it is about the pages
+// the keys fill.
+TEST(DciTreeTest, BulkBuildStaysWithinMaxBulkBuildPages) {
+  const int d = 16;
+  struct Shape {
+    int page_tokens, ratio;
+  };
+  for (const Shape shape : {Shape{16, 0}, Shape{16, 4}, Shape{4, 4}, Shape{8, 32}, Shape{1, 2}}) {
+    for (int64_t n : {1, 2, 15, 16, 17, 333, 5000}) {
+      for (int kind = 0; kind < 3; ++kind) {
+        std::vector<float> keys = kind == 0   ? mdci_test::ClusteredKeys(n, d, 8, 0.3f, n)
+                                  : kind == 1 ? mdci_test::GaussianRows(n, d, 1.0f, n)
+                                              : std::vector<float>(n * d, 0.5f);  // all equal
+        DciTreeParams p;
+        p.dim = d;
+        p.page_tokens = shape.page_tokens;
+        p.ratio = shape.ratio;
+        p.locality_window = kind == 1 ? 0 : 256;
+        auto t = DciTree::Create(p);
+        ASSERT_THAT(t, IsOk());
+        std::vector<Placement> pl;
+        ASSERT_THAT((*t)->BulkBuild(keys.data(), n, &pl), IsOk());
+        const uint64_t bound = DciTree::MaxBulkBuildPages(n, p.page_tokens, (*t)->ratio());
+        EXPECT_LE((*t)->page_table().num_pages(), bound)
+            << "P " << p.page_tokens << " r " << (*t)->ratio() << " n " << n << " kind " << kind;
+        if (shape.ratio == 0 && n == 5000) {  // within 5% of the n / P pages the keys fill
+          EXPECT_LE(bound, static_cast<uint64_t>(n / 16 * 21 / 20)) << "n " << n;
+        }
+      }
+    }
+  }
+}
+
 TEST(DciTreeTest, IncrementalInsertInvariants) {
   const int d = 16, P = 8;
   const int64_t n = 5000;

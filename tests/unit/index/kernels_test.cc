@@ -1,5 +1,6 @@
 #include "server/index/kernels.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -191,6 +192,59 @@ TEST_P(KernelsTest, DotRowsMultiMatchesScalarReferenceForAllQueryCounts) {
           }
         }
       }
+    }
+  }
+}
+
+// Each (row, query) sum is accumulated the same way whatever the register
+// block, so the query count must not change a single bit: nq = 3 reduces
+// each accumulator on its own, nq = 4 and 8 eight at once (transposed).
+TEST_P(KernelsTest, DotRowsMultiGivesTheSameBitsForEveryQueryCount) {
+  if (GetParam() != "avx2") GTEST_SKIP() << "checked on the avx2 blocks";
+  const int64_t n = 29;
+  const int dim = 128;
+  const Data d = MakeData(n, dim, 8, 4242);
+  std::vector<float> one(n), many(n * 8);
+  for (int nq : {1, 2, 3, 4, 8}) {
+    DotRowsMulti(DType::kF32, d.f32.data(), n, dim, d.q.data(), nq, many.data());
+    for (int j = 0; j < nq; ++j) {
+      DotRowsMulti(DType::kF32, d.f32.data(), n, dim, &d.q[static_cast<size_t>(j) * dim], 1,
+                   one.data());
+      for (int64_t r = 0; r < n; ++r) {
+        ASSERT_EQ(0, std::memcmp(&one[r], &many[j * n + r], sizeof(float)))
+            << "nq " << nq << " query " << j << " row " << r;
+      }
+    }
+  }
+}
+
+TEST(FirstGreaterTest, FindsTheFirstStrictlyGreaterOrN) {
+  std::vector<float> x(41, 1.0f);
+  EXPECT_EQ(FirstGreater(x.data(), 41, 1.0f), 41);  // equal is not greater
+  for (int64_t at : {0, 7, 8, 15, 16, 31, 40}) {
+    std::vector<float> y = x;
+    y[at] = 2.0f;
+    if (at + 3 < 41) y[at + 3] = 3.0f;
+    EXPECT_EQ(FirstGreater(y.data(), 41, 1.5f), at);
+    EXPECT_EQ(FirstGreater(y.data() + at + 1, 40 - at, 1.5f), at + 3 < 41 ? 2 : 40 - at);
+  }
+  EXPECT_EQ(FirstGreater(x.data(), 0, 0.0f), 0);
+  x[20] = NAN;
+  EXPECT_EQ(FirstGreater(x.data(), 41, 1.0f), 41);  // NaN is never greater
+}
+
+TEST(LaneMax8Test, EachLaneIsTheMaxOfItsResidues) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd;
+  for (int64_t n : {0, 3, 8, 15, 16, 17, 100, 257}) {
+    std::vector<float> x(n);
+    for (float& v : x) v = nd(rng);
+    float lanes[8];
+    LaneMax8(x.data(), n, lanes);
+    for (int j = 0; j < 8; ++j) {
+      float want = -INFINITY;
+      for (int64_t i = j; i < n; i += 8) want = std::max(want, x[i]);
+      EXPECT_EQ(lanes[j], want) << "n " << n << " lane " << j;
     }
   }
 }

@@ -170,6 +170,49 @@ TEST_P(SessionKvTest, AppendSelectFetchRoundTripIsByteIdentical) {
   }
 }
 
+// A new page's frame comes from the pool holding a former owner's rows:
+// the slots no row lands in read as zero (the prefill's partly filled pages,
+// a decode page's tail), while the written slots carry exactly the rows.
+TEST_P(SessionKvTest, NewPagesShowNoFormerOwnersBytes) {
+  const SessionConfig c = SmallConfig(GetParam());
+  {
+    auto dirty = env_.manager->CreateSession(Alice(), c);
+    ASSERT_THAT(dirty, IsOk());
+    ASSERT_THAT(env_.manager->AppendKv(Alice(), dirty->id, 2100, MakeKv(c, 0, 2100, 9)), IsOk());
+    ASSERT_THAT(env_.manager->DropSession(Alice(), dirty->id), IsOk());
+  }
+  auto info = env_.manager->CreateSession(Alice(), c);
+  ASSERT_THAT(info, IsOk());
+  KvMirror mirror(c);
+  int64_t tokens = 0;
+  for (int64_t n : {1998, 1, 3, 2, 5}) {
+    auto kv = MakeKv(c, tokens, n);
+    mirror.Add(kv, tokens, n);
+    ASSERT_THAT(env_.manager->AppendKv(Alice(), info->id, n, kv), IsOk());
+    tokens += n;
+  }
+  for (int layer = 0; layer < c.layers; layer += c.layer_reuse) {
+    SelectRequest sel;
+    sel.layer = layer;
+    sel.queries = MakeQueries(c, 3);
+    sel.params.budget_tokens = static_cast<int>(tokens);
+    sel.params.want_positions = true;
+    auto s = env_.manager->SelectPages(Alice(), info->id, sel);
+    ASSERT_THAT(s, IsOk());
+    FetchRequest f;
+    f.layer = layer;
+    f.num_layers = c.layer_reuse;
+    f.buffer_id = buffer_id_;
+    f.want_positions = true;
+    for (const Selection& h : s->heads) f.pages.push_back(h.pages);
+    std::memset(shm_.data(), 0xAB, shm_.size());
+    auto layout = env_.manager->FetchPages(Alice(), info->id, f);
+    ASSERT_THAT(layout, IsOk());
+    auto seen = CheckRegion(c, *layout, shm_.data(), mirror);  // rows past a fill are zero
+    for (int h = 0; h < c.kv_heads; ++h) EXPECT_EQ(seen[h].size(), static_cast<size_t>(tokens));
+  }
+}
+
 TEST_P(SessionKvTest, DecodeStepSelectsAndFetchesInOneCall) {
   const SessionConfig c = SmallConfig(GetParam());
   auto info = env_.manager->CreateSession(Alice(), c);

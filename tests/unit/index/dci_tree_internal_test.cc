@@ -1,0 +1,82 @@
+// The bulk build's helpers (server/index/dci_tree_internal.h) against the
+// plain algorithms they replace: the trees must not change.
+#include "server/index/dci_tree_internal.h"
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <utility>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace icecache {
+namespace {
+
+using Scored = std::vector<std::pair<float, uint32_t>>;
+
+// Scores with many ties and signed zeros: the cases an ordering gets wrong.
+std::vector<float> TiedScores(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> level(-6, 6);
+  std::vector<float> s(n);
+  for (float& v : s) v = level(rng) == 0 ? -0.0f : 0.25f * static_cast<float>(level(rng));
+  return s;
+}
+
+TEST(TopOfScoresTest, EqualsInsertTopKInOrder) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd;
+  for (uint32_t n : {0u, 1u, 5u, 8u, 15u, 16u, 17u, 64u, 255u, 1000u}) {
+    for (size_t keep : {1u, 3u, 8u, 9u, 40u}) {
+      for (int kind = 0; kind < 3; ++kind) {
+        std::vector<float> s = kind == 0 ? TiedScores(n, n + keep) : std::vector<float>(n);
+        if (kind == 1)
+          for (float& v : s) v = nd(rng);
+        if (kind == 2)  // ascending: every score enters
+          for (uint32_t i = 0; i < n; ++i) s[i] = static_cast<float>(i);
+        Scored want, got;
+        for (uint32_t i = 0; i < n; ++i) dci_internal::InsertTopK(s[i], 100 + i, keep, &want);
+        dci_internal::TopOfScores(s.data(), n, 100, keep, &got);
+        EXPECT_EQ(got, want) << "n " << n << " keep " << keep << " kind " << kind;
+      }
+    }
+  }
+}
+
+struct Rec {
+  float score;
+  uint32_t item;
+  uint32_t node;
+};
+
+TEST(SortBestFirstTest, EqualsAStableComparisonSort) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.0f, 100.0f);
+  for (size_t n : {0u, 1u, 2u, 100u, 5000u}) {
+    for (uint32_t max_item : {1u, 7u, 3000u, 4000000000u}) {
+      std::vector<Rec> recs(n);
+      const std::vector<float> tied = TiedScores(n, static_cast<uint32_t>(n));
+      for (size_t i = 0; i < n; ++i) {
+        recs[i].score = i % 2 ? tied[i] : nd(rng);
+        recs[i].item = static_cast<uint32_t>(rng() % max_item);
+        recs[i].node = static_cast<uint32_t>(i);  // input order
+      }
+      std::vector<Rec> want = recs, tmp;
+      std::stable_sort(want.begin(), want.end(), [](const Rec& a, const Rec& b) {
+        if (a.score != b.score) return a.score > b.score;
+        return a.item < b.item;
+      });
+      dci_internal::SortBestFirst(&recs, &tmp);
+      ASSERT_EQ(recs.size(), want.size());
+      for (size_t i = 0; i < n; ++i) {
+        ASSERT_TRUE(recs[i].score == want[i].score && recs[i].item == want[i].item &&
+                    recs[i].node == want[i].node)
+            << "n " << n << " max_item " << max_item << " at " << i;
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace icecache
