@@ -24,7 +24,7 @@ void InsertTopK(float score, uint32_t node, size_t keep,
                 std::vector<std::pair<float, uint32_t>>* out) {
   if (out->size() == keep && !(score > out->back().first)) return;
   const std::pair<float, uint32_t> v{score, node};
-  out->insert(std::upper_bound(out->begin(), out->end(), v, dci_internal::Better), v);
+  out->insert(std::upper_bound(out->begin(), out->end(), v, dci_internal::BetterOrder()), v);
   if (out->size() > keep) out->pop_back();
 }
 
@@ -337,6 +337,7 @@ absl::Status DciTree::BulkBuild(const float* keys, int64_t n, std::vector<Placem
   RefineLevel0(keys, n, aug.data(), &members);
   // Siblings get consecutive ids (their representatives are scored as one block).
   RenumberDepthFirst();
+  SyncAllChildRuns();
   SyncAllMirrors();
   nodes_by_key_.resize(levels_[1].size());
   std::iota(nodes_by_key_.begin(), nodes_by_key_.end(), 0u);
