@@ -54,7 +54,26 @@ size_t DciTree::Level::bytes(uint32_t nodes_below) const {
   // in all (counted without walking them, so a stats refresh is O(levels)).
   const size_t child_ids = children.empty() ? 0 : nodes_below;
   return (key.size() + parent.size() + child_ids) * sizeof(uint32_t) + reps.bytes() +
-         centroid16.size() * sizeof(uint16_t) + children.size() * sizeof(std::vector<uint32_t>);
+         centroid16.size() * sizeof(uint16_t) + children.size() * sizeof(std::vector<uint32_t>) +
+         child_runs.size() * sizeof(ChildRun);
+}
+
+void DciTree::SyncChildRun(int level, uint32_t node) {
+  Level& L = levels_[level];
+  if (L.child_runs.size() < L.children.size()) L.child_runs.resize(L.children.size());
+  const std::vector<uint32_t>& ch = L.children[node];
+  ChildRun run;
+  bool consecutive = !ch.empty();
+  for (size_t i = 1; i < ch.size() && consecutive; ++i) consecutive = ch[i] == ch[0] + i;
+  if (consecutive) run = {ch[0], static_cast<uint32_t>(ch.size())};
+  L.child_runs[node] = run;
+}
+
+void DciTree::SyncAllChildRuns() {
+  for (int l = 2; l <= top_level(); ++l) {
+    levels_[l].child_runs.assign(levels_[l].children.size(), ChildRun{});
+    for (uint32_t node = 0; node < levels_[l].size(); ++node) SyncChildRun(l, node);
+  }
 }
 
 absl::StatusOr<std::unique_ptr<DciTree>> DciTree::Create(const DciTreeParams& params) {
@@ -105,7 +124,10 @@ void DciTree::ReserveTokens(int64_t tokens) {
     const size_t cap = scaled(L.size());
     L.key.reserve(cap);
     L.parent.reserve(cap);
-    if (l >= 2) L.children.reserve(cap);
+    if (l >= 2) {
+      L.children.reserve(cap);
+      L.child_runs.reserve(cap);
+    }
     L.reps.Reserve(static_cast<uint32_t>(cap), params_.dim, subspace_.rank());
     L.centroid16.reserve(cap * params_.dim);
   }
@@ -182,13 +204,13 @@ void DciTree::Route(const float* x, float a, int target, int keep,
     if (j == target) {
       const size_t k = std::min<size_t>(keep, s->scored.size());
       std::partial_sort(s->scored.begin(), s->scored.begin() + k, s->scored.end(),
-                        dci_internal::Better);
+                        dci_internal::BetterOrder());
       out->assign(s->scored.begin(), s->scored.begin() + k);
       return;
     }
     const size_t k = std::min<size_t>(params_.route_fov, s->scored.size());
     std::partial_sort(s->scored.begin(), s->scored.begin() + k, s->scored.end(),
-                      dci_internal::Better);
+                      dci_internal::BetterOrder());
     s->next.clear();
     for (size_t i = 0; i < k; ++i) {
       const auto& ch = levels_[j].children[s->scored[i].second];
@@ -305,6 +327,7 @@ uint32_t DciTree::OpenKeyNodes(uint32_t pos, int t, bool with_reps, const float*
     if (l >= 2) {
       L.children.emplace_back();
       L.children.back().push_back(below);  // its own child
+      SyncChildRun(l, idx);
       levels_[l - 1].parent[below] = idx;
     }
     if (with_reps) {
@@ -383,6 +406,7 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
         levels_[old_top].parent[node] = below;  // (the last one is this key's own node)
         T.children[below].push_back(node);
       }
+      SyncChildRun(t, below);
       AggregateUp(t);
       all_dirty = true;
     } else if (t < top_level()) {
@@ -390,6 +414,7 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
       if (t >= 1) {
         levels_[t].parent[below] = p;
         levels_[t + 1].children[p].push_back(below);
+        SyncChildRun(t + 1, p);
       } else {
         level1_node = p;
       }

@@ -117,7 +117,7 @@ struct DciScratch {
   std::vector<float> est;        // nq x nc: estimated log-mass of each candidate per query
   std::vector<float> best;       // nc: the candidate's rank key (DciDescentParams::normalized)
   std::vector<float> qlog_norm;  // nq: estimated log-mass of all keys per query (entry level)
-  std::vector<std::pair<float, uint32_t>> scored;  // (rank key, node), ranked head
+  std::vector<std::pair<float, uint32_t>> scored;  // (rank key, index into cand), ranked head
   std::vector<float> qnorm2;                       // nq: squared query norm
   std::vector<float> qproj;                        // nq x rank: squared projections of the queries
   std::vector<float> qres;        // nq: squared query norm outside the key subspace
@@ -144,6 +144,10 @@ struct DciTreeRebuild {
 class DciTree {
  public:
   static constexpr uint32_t kNone = UINT32_MAX;
+  struct ChildRun {
+    uint32_t first = 0;
+    uint32_t count = 0;
+  };
 
   // InvalidArgument for dim outside [1, 1024], page_tokens outside [1, 256],
   // ratio < 0, route_fov/build_candidates < 1, refine_iters < 0, or bad MIPS
@@ -199,6 +203,11 @@ class DciTree {
   const std::vector<uint32_t>& node_children(int level, uint32_t node) const {
     return levels_[level].children[node];
   }
+  // The node's children as the run [first, first + count) (level >= 2), or
+  // count 0 when they are not one run of consecutive ids.
+  ChildRun node_child_run(int level, uint32_t node) const {
+    return levels_[level].child_runs[node];
+  }
   uint32_t node_count(int level, uint32_t node) const { return levels_[level].reps.count[node]; }
   const float* node_centroid(int level, uint32_t node) const {
     return &levels_[level].reps.centroid[static_cast<size_t>(node) * params_.dim];
@@ -217,13 +226,22 @@ class DciTree {
     std::vector<uint32_t> key;     // per node: the key (position) that is the node
     std::vector<uint32_t> parent;  // per node: parent node on level+1, kNone on the top level
     std::vector<std::vector<uint32_t>> children;  // per node: child nodes on level-1 (level >= 2)
-    DciNodeReps reps;                             // per node: representative (dci_node_reps.h)
+    // Per node (level >= 2): its children as the id run [first, first +
+    // count) when they are exactly that (every node of a bulk build, by the
+    // depth-first numbering), count 0 otherwise. The descent expands kept
+    // nodes from this flat array instead of chasing each children list.
+    std::vector<ChildRun> child_runs;
+    DciNodeReps reps;  // per node: representative (dci_node_reps.h)
     // fp16 copy of reps.centroid, read by CollectCandidates (half the bytes
     // of the fp32 rows that routing and updates use).
     std::vector<uint16_t> centroid16;
     uint32_t size() const { return static_cast<uint32_t>(key.size()); }
     size_t bytes(uint32_t nodes_below) const;
   };
+  // Refreshes the child run of one node / of every node (level >= 2) from
+  // its children list; called wherever a children list changes.
+  void SyncChildRun(int level, uint32_t node);
+  void SyncAllChildRuns();
   struct RouteScratch {
     std::vector<uint32_t> cand, next;
     std::vector<std::pair<float, uint32_t>> scored;
@@ -330,7 +348,7 @@ class DciTree {
   void PrepareQueries(const float* queries, int nq, DciScratch* s) const;
   void PrefetchCandidates(int level, bool spread, const DciScratch& s) const;
   // s->est = every candidate's estimated log-mass per query on `level`;
-  // s->scored = (rank key, node) of every candidate. At the entry level
+  // s->scored = (rank key, index into cand) of every candidate. At the entry level
   // (`entry`) also each query's estimated total, s->qlog_norm.
   void ScoreCandidates(int level, bool entry, const float* queries, int nq, float scale,
                        float half_s2, bool normalized, DciScratch* s) const;

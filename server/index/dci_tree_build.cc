@@ -330,6 +330,7 @@ absl::Status DciTree::BulkBuild(const float* keys, int64_t n, std::vector<Placem
   RefineLevel0(keys, n, aug.data(), &members);
   // Siblings get consecutive ids (their representatives are scored as one block).
   RenumberDepthFirst();
+  SyncAllChildRuns();
   SyncAllMirrors();
   nodes_by_key_.resize(levels_[1].size());
   std::iota(nodes_by_key_.begin(), nodes_by_key_.end(), 0u);

@@ -58,8 +58,8 @@ size_t SortHead(std::vector<std::pair<float, uint32_t>>* scored, std::vector<flo
                 size_t from, size_t end) {
   const size_t n = scored->size(), k = end - from;
   auto first = scored->begin() + from;
-  if (k == 0 || n - from < 256 || k * 4 > n - from) {
-    std::partial_sort(first, scored->begin() + end, scored->end(), dci_internal::Better);
+  if (k == 0 || n - from < 256) {
+    std::partial_sort(first, scored->begin() + end, scored->end(), dci_internal::BetterOrder());
     return end;
   }
   head_keys->resize(n - from);
@@ -70,7 +70,7 @@ size_t SortHead(std::vector<std::pair<float, uint32_t>>* scored, std::vector<flo
     nan |= v != v;
   }
   if (nan) {
-    std::partial_sort(first, scored->begin() + end, scored->end(), dci_internal::Better);
+    std::partial_sort(first, scored->begin() + end, scored->end(), dci_internal::BetterOrder());
     return end;
   }
   std::nth_element(head_keys->begin(), head_keys->begin() + (k - 1), head_keys->end(),
@@ -78,7 +78,7 @@ size_t SortHead(std::vector<std::pair<float, uint32_t>>* scored, std::vector<flo
   const float t = (*head_keys)[k - 1];
   auto mid = std::partition(first, scored->end(),
                             [t](const std::pair<float, uint32_t>& p) { return p.first >= t; });
-  std::sort(first, mid, dci_internal::Better);
+  std::sort(first, mid, dci_internal::BetterOrder());
   return static_cast<size_t>(mid - scored->begin());
 }
 
@@ -188,7 +188,9 @@ void DciTree::ScoreCandidates(int level, bool entry, const float* queries, int n
     }
   }
   s->scored.resize(nc);
-  for (size_t i = 0; i < nc; ++i) s->scored[i] = {best[i], s->cand[i]};
+  // The candidate's index, not its node id: cand is ascending, so ties rank
+  // the same, and the taken ones are found without a search (AccumulateRest).
+  for (size_t i = 0; i < nc; ++i) s->scored[i] = {best[i], static_cast<uint32_t>(i)};
 }
 
 size_t DciTree::TakeBest(int level, const DciDescentParams& params, DciScratch* s,
@@ -210,13 +212,13 @@ size_t DciTree::TakeBest(int level, const DciDescentParams& params, DciScratch* 
       const size_t next_sorted = SortHead(&s->scored, &s->head_keys, sorted, end);
       if (leaf) {  // their token counts are read next, scattered
         for (size_t i = sorted; i < next_sorted; ++i) {
-          __builtin_prefetch(&pages_.node_tokens_ref(s->scored[i].second));
+          __builtin_prefetch(&pages_.node_tokens_ref(s->cand[s->scored[i].second]));
         }
       }
       sorted = next_sorted;
       chunk *= 2;
     }
-    const uint32_t node = s->scored[taken++].second;
+    const uint32_t node = s->cand[s->scored[taken++].second];
     if (leaf) {
       nodes->push_back(node);
       tokens += pages_.node_tokens(node);
@@ -297,10 +299,8 @@ size_t DciTree::TakeBestPerQuery(int level, const DciDescentParams& params, int 
   }
   // AccumulateRest reads the taken nodes from the head of s->scored.
   std::stable_partition(
-      s->scored.begin(), s->scored.end(), [s](const std::pair<float, uint32_t>& e) {
-        const auto it = std::lower_bound(s->cand.begin(), s->cand.end(), e.second);
-        return s->taken_flag[it - s->cand.begin()] != 0;
-      });
+      s->scored.begin(), s->scored.end(),
+      [s](const std::pair<float, uint32_t>& e) { return s->taken_flag[e.second] != 0; });
   return taken;
 }
 
@@ -308,9 +308,8 @@ void DciTree::AccumulateRest(int nq, size_t taken, DciScratch* s) const {
   const size_t nc = s->cand.size();
   if (taken >= nc) return;
   s->taken_mask.assign(nc, 0.0f);
-  for (size_t k = 0; k < taken; ++k) {  // cand is ascending
-    const auto it = std::lower_bound(s->cand.begin(), s->cand.end(), s->scored[k].second);
-    s->taken_mask[it - s->cand.begin()] = -std::numeric_limits<float>::infinity();
+  for (size_t k = 0; k < taken; ++k) {  // scored holds candidate indices
+    s->taken_mask[s->scored[k].second] = -std::numeric_limits<float>::infinity();
   }
   s->row.resize(nc);
   for (int j = 0; j < nq; ++j) {
@@ -326,27 +325,30 @@ void DciTree::AccumulateRest(int nq, size_t taken, DciScratch* s) const {
 
 void DciTree::ExpandChildren(int level, DciScratch* s) const {
   const Level& L = levels_[level];
-  // The kept nodes' children lists are scattered heap blocks: fetch all
-  // their headers, then all their data, then gather.
-  for (uint32_t node : s->next) __builtin_prefetch(&L.children[node]);
-  for (uint32_t node : s->next) {
-    const auto& ch = L.children[node];
-    PrefetchBytes(ch.data(), ch.size() * sizeof(uint32_t));
-  }
-  // Siblings have consecutive ids (depth-first numbering): ordering the kept
-  // nodes by their first child usually makes the concatenation sorted
-  // already; sort the whole list only when it is not.
+  // Depth-first numbering gives a node's children consecutive ids, above the
+  // children of every lower-numbered node: concatenating the kept nodes'
+  // children in node id order is then sorted already. Bulk-built nodes hold
+  // their children as one run (Level::child_runs, a flat array read in
+  // order); only nodes whose children decode inserts scattered need their
+  // children lists (separate heap blocks: fetch them all first). Those can
+  // break the order; the whole list is sorted only then.
   s->kept.swap(s->next);
-  std::sort(s->kept.begin(), s->kept.end(), [&L](uint32_t a, uint32_t b) {
-    const auto& ca = L.children[a];
-    const auto& cb = L.children[b];
-    const uint32_t fa = ca.empty() ? 0 : ca.front(), fb = cb.empty() ? 0 : cb.front();
-    return fa < fb || (fa == fb && a < b);
-  });
+  std::sort(s->kept.begin(), s->kept.end());
+  for (uint32_t node : s->kept) {
+    if (L.child_runs[node].count == 0) {
+      const auto& ch = L.children[node];
+      PrefetchBytes(ch.data(), ch.size() * sizeof(uint32_t));
+    }
+  }
   s->next.clear();
   for (uint32_t node : s->kept) {
-    const auto& ch = L.children[node];
-    s->next.insert(s->next.end(), ch.begin(), ch.end());
+    const ChildRun run = L.child_runs[node];
+    if (run.count > 0) {
+      for (uint32_t i = 0; i < run.count; ++i) s->next.push_back(run.first + i);
+    } else {
+      const auto& ch = L.children[node];
+      s->next.insert(s->next.end(), ch.begin(), ch.end());
+    }
   }
   if (!std::is_sorted(s->next.begin(), s->next.end())) std::sort(s->next.begin(), s->next.end());
   s->cand.swap(s->next);

@@ -156,6 +156,12 @@ void MdciSelector::CollectCandidatePages(const float* queries, int num_queries,
       s.candidates.push_back(page);
     }
   }
+  // Scored in page id order, not the descent's rank order (the set is the
+  // same, and every page's score is exact either way): siblings' pages have
+  // consecutive ids, and frames opened in page order usually sit in
+  // ascending addresses (a bulk build's pages), so the reads come in
+  // ascending runs the hardware prefetcher can follow.
+  std::sort(s.candidates.begin(), s.candidates.end());
   // A software prefetch into a page whose translation is not cached may be
   // dropped; one real load per frame starts every page walk at once.
   unsigned sink = 0;

@@ -1,6 +1,10 @@
 #include "server/index/owned_page_keys.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <cstdint>
+#include <new>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -38,6 +42,35 @@ absl::StatusOr<std::unique_ptr<OwnedPageKeys>> OwnedPageKeys::ForSelector(
   return Create(config.head_dim, config.dtype, config.page_tokens, with_values);
 }
 
+namespace {
+constexpr size_t kSlabBytes = size_t{2} << 20;  // one transparent huge page
+}  // namespace
+
+void OwnedPageKeys::FreeSlab::operator()(uint8_t* p) const { munmap(p, kSlabBytes); }
+
+uint8_t* OwnedPageKeys::SlabArena::NewPage(size_t page_bytes) {
+  if (slabs.empty() || used + page_bytes > kSlabBytes) {
+    // page_bytes <= 256 x 1024 x 4 = 1 MiB, so a page always fits a slab.
+    // A fresh anonymous mapping is zero and committed only as pages are
+    // written (no 2 MiB memset on the append that opens a slab); map twice
+    // the size and trim it to a 2 MiB-aligned slab.
+    void* raw =
+        mmap(nullptr, 2 * kSlabBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) throw std::bad_alloc();  // as make_unique would
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(raw);
+    const uintptr_t slab = (begin + kSlabBytes - 1) & ~(kSlabBytes - 1);
+    if (slab > begin) munmap(raw, slab - begin);
+    munmap(reinterpret_cast<void*>(slab + kSlabBytes), begin + kSlabBytes - slab);
+    madvise(reinterpret_cast<void*>(slab), kSlabBytes, MADV_HUGEPAGE);  // advice only
+    slabs.emplace_back(reinterpret_cast<uint8_t*>(slab));
+    used = 0;
+  }
+  uint8_t* page = slabs.back().get() + used;
+  used += page_bytes;
+  pages.push_back(page);
+  return page;
+}
+
 size_t OwnedPageKeys::page_bytes() const {
   return static_cast<size_t>(page_tokens_) * head_dim_ * elem_bytes_;
 }
@@ -49,7 +82,7 @@ absl::Status OwnedPageKeys::Apply(const std::vector<Placement>& placements, cons
   if (with_values_ && values == nullptr) {
     return absl::InvalidArgumentError("this OwnedPageKeys holds values: values must not be null");
   }
-  const uint64_t page_limit = static_cast<uint64_t>(keys_.size()) + placements.size();
+  const uint64_t page_limit = static_cast<uint64_t>(keys_.pages.size()) + placements.size();
   uint32_t max_page = 0;
   for (size_t i = 0; i < placements.size(); ++i) {
     const Placement& p = placements[i];
@@ -61,35 +94,35 @@ absl::Status OwnedPageKeys::Apply(const std::vector<Placement>& placements, cons
     max_page = std::max(max_page, p.page);
   }
   const size_t bytes = page_bytes();
-  while (keys_.size() <= max_page) {
-    keys_.push_back(std::make_unique<uint8_t[]>(bytes));  // zeroed
-    if (with_values_) values_.push_back(std::make_unique<uint8_t[]>(bytes));
+  while (keys_.pages.size() <= max_page) {
+    keys_.NewPage(bytes);
+    if (with_values_) values_.NewPage(bytes);
   }
   const size_t row_bytes = static_cast<size_t>(head_dim_) * elem_bytes_;
   for (size_t i = 0; i < placements.size(); ++i) {
     const Placement& p = placements[i];
     const size_t offset = p.slot * row_bytes;
-    FromFloat(dtype_, keys + i * head_dim_, keys_[p.page].get() + offset, head_dim_);
+    FromFloat(dtype_, keys + i * head_dim_, keys_.pages[p.page] + offset, head_dim_);
     if (with_values_) {
-      FromFloat(dtype_, values + i * head_dim_, values_[p.page].get() + offset, head_dim_);
+      FromFloat(dtype_, values + i * head_dim_, values_.pages[p.page] + offset, head_dim_);
     }
   }
   return absl::OkStatus();
 }
 
 const void* OwnedPageKeys::page_keys(uint32_t page) const {
-  return page < keys_.size() ? keys_[page].get() : nullptr;
+  return page < keys_.pages.size() ? keys_.pages[page] : nullptr;
 }
 
 const void* OwnedPageKeys::page_values(uint32_t page) const {
-  return with_values_ && page < values_.size() ? values_[page].get() : nullptr;
+  return with_values_ && page < values_.pages.size() ? values_.pages[page] : nullptr;
 }
 
 absl::Status OwnedPageKeys::CheckAt(Placement at) const {
-  if (at.page >= keys_.size() || at.slot >= static_cast<uint32_t>(page_tokens_)) {
+  if (at.page >= keys_.pages.size() || at.slot >= static_cast<uint32_t>(page_tokens_)) {
     return absl::OutOfRangeError(absl::StrCat("(page ", at.page, ", slot ", at.slot,
-                                              ") does not exist: ", keys_.size(), " pages of ",
-                                              page_tokens_, " slots"));
+                                              ") does not exist: ", keys_.pages.size(),
+                                              " pages of ", page_tokens_, " slots"));
   }
   return absl::OkStatus();
 }
@@ -97,7 +130,7 @@ absl::Status OwnedPageKeys::CheckAt(Placement at) const {
 absl::Status OwnedPageKeys::ReadKey(Placement at, float* out) const {
   RETURN_IF_ERROR(CheckAt(at));
   const size_t row_bytes = static_cast<size_t>(head_dim_) * elem_bytes_;
-  ToFloat(dtype_, keys_[at.page].get() + at.slot * row_bytes, out, head_dim_);
+  ToFloat(dtype_, keys_.pages[at.page] + at.slot * row_bytes, out, head_dim_);
   return absl::OkStatus();
 }
 
@@ -107,10 +140,12 @@ absl::Status OwnedPageKeys::ReadValue(Placement at, float* out) const {
   }
   RETURN_IF_ERROR(CheckAt(at));
   const size_t row_bytes = static_cast<size_t>(head_dim_) * elem_bytes_;
-  ToFloat(dtype_, values_[at.page].get() + at.slot * row_bytes, out, head_dim_);
+  ToFloat(dtype_, values_.pages[at.page] + at.slot * row_bytes, out, head_dim_);
   return absl::OkStatus();
 }
 
-size_t OwnedPageKeys::bytes() const { return (keys_.size() + values_.size()) * page_bytes(); }
+size_t OwnedPageKeys::bytes() const {
+  return (keys_.pages.size() + values_.pages.size()) * page_bytes();
+}
 
 }  // namespace icecache

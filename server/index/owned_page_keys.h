@@ -4,6 +4,11 @@
 // tokens where a selector's Placements say, and gives the selector read access
 // to the keys through PageKeys.
 //
+// Pages are carved in id order out of 2 MiB slabs advised for transparent
+// huge pages, as the daemon's pool frames sit in a huge-page arena
+// (server/pool/page_pool.h): page reads cost what they cost there, not a
+// 4 KiB page walk each (docs/architecture.md §3.4).
+//
 // Ownership: owns all page storage; pointers returned by page_keys() and
 // page_values() stay valid until the object is destroyed (pages never move,
 // even when more pages are added).
@@ -59,7 +64,7 @@ class OwnedPageKeys final : public PageKeys {
   absl::Status ReadKey(Placement at, float* out) const;
   absl::Status ReadValue(Placement at, float* out) const;
 
-  uint32_t num_pages() const { return static_cast<uint32_t>(keys_.size()); }
+  uint32_t num_pages() const { return static_cast<uint32_t>(keys_.pages.size()); }
   int head_dim() const { return head_dim_; }
   DType dtype() const { return dtype_; }
   int page_tokens() const { return page_tokens_; }
@@ -69,6 +74,16 @@ class OwnedPageKeys final : public PageKeys {
 
  private:
   OwnedPageKeys(int head_dim, DType dtype, int page_tokens, bool with_values);
+  struct FreeSlab {
+    void operator()(uint8_t* p) const;
+  };
+  // Pages handed out in order from `slabs` (`used` bytes of the last one).
+  struct SlabArena {
+    std::vector<std::unique_ptr<uint8_t, FreeSlab>> slabs;
+    size_t used = 0;
+    std::vector<uint8_t*> pages;
+    uint8_t* NewPage(size_t page_bytes);  // zeroed
+  };
   size_t page_bytes() const;
   absl::Status CheckAt(Placement at) const;
 
@@ -77,8 +92,8 @@ class OwnedPageKeys final : public PageKeys {
   const int page_tokens_;
   const bool with_values_;
   const size_t elem_bytes_;
-  std::vector<std::unique_ptr<uint8_t[]>> keys_;
-  std::vector<std::unique_ptr<uint8_t[]>> values_;
+  SlabArena keys_;
+  SlabArena values_;
 };
 
 }  // namespace icecache

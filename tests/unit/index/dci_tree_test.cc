@@ -56,6 +56,18 @@ void CheckInvariants(const DciTree& t) {
         uint32_t sum = 0;
         for (uint32_t c : t.node_children(l, i)) sum += t.node_count(l - 1, c);
         EXPECT_EQ(sum, t.node_count(l, i));
+        // The flat child run the descent expands from says exactly what the
+        // children list holds: the run when it is one, nothing otherwise.
+        const auto& ch = t.node_children(l, i);
+        bool consecutive = !ch.empty();
+        for (size_t k = 1; k < ch.size(); ++k) consecutive &= ch[k] == ch[0] + k;
+        const DciTree::ChildRun run = t.node_child_run(l, i);
+        if (consecutive) {
+          EXPECT_EQ(run.first, ch[0]) << "level " << l << " node " << i;
+          EXPECT_EQ(run.count, ch.size()) << "level " << l << " node " << i;
+        } else {
+          EXPECT_EQ(run.count, 0u) << "level " << l << " node " << i;
+        }
       }
     }
   }
@@ -104,6 +116,13 @@ TEST(DciTreeTest, BulkBuildInvariantsAndFullPages) {
   ASSERT_NO_FATAL_FAILURE(CheckInvariants(*t));
   EXPECT_GE(t->top_level(), 3);
   EXPECT_GE(t->page_table().MeanFill(), 0.95);  // capacity-aware: balanced, full pages
+  // Depth-first numbering: every upper node's children are one id run, so
+  // the descent expands every node of a bulk build from the flat array.
+  for (int l = 2; l <= t->top_level(); ++l) {
+    for (uint32_t i = 0; i < t->level_size(l); ++i) {
+      EXPECT_GT(t->node_child_run(l, i).count, 0u) << "level " << l << " node " << i;
+    }
+  }
   for (int64_t i = 0; i < n; ++i) {
     EXPECT_EQ(t->page_table().positions(pl[i].page)[pl[i].slot], i);
   }

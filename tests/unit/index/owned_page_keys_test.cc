@@ -53,6 +53,45 @@ TEST(OwnedPageKeysTest, PagePointersStayValidAsPagesAreAdded) {
   EXPECT_EQ((*f)->page_keys(0), first);
 }
 
+TEST(OwnedPageKeysTest, PagesSitInIdOrderAcrossSlabsAndKeepTheirKeys) {
+  // 4 KiB pages: 512 to a 2 MiB slab; 1100 pages span three slabs.
+  const int d = 128, P = 16;
+  auto f = OwnedPageKeys::Create(d, DType::kF16, P);
+  ASSERT_THAT(f, IsOk());
+  const uint32_t pages = 1100;
+  std::vector<float> keys(static_cast<size_t>(pages) * d);
+  std::vector<Placement> at(pages);
+  for (uint32_t p = 0; p < pages; ++p) {
+    keys[static_cast<size_t>(p) * d] = static_cast<float>(p);
+    at[p] = {p, static_cast<uint32_t>(p % P)};
+  }
+  ASSERT_THAT((*f)->Apply(at, keys.data()), IsOk());
+  const size_t page_bytes = static_cast<size_t>(P) * d * 2;
+  size_t adjacent = 0;
+  for (uint32_t p = 0; p < pages; ++p) {
+    float out[d];
+    ASSERT_THAT((*f)->ReadKey(at[p], out), IsOk());
+    EXPECT_EQ(out[0], static_cast<float>(p));
+    if (p + 1 < pages) {
+      const auto* a = static_cast<const char*>((*f)->page_keys(p));
+      const auto* b = static_cast<const char*>((*f)->page_keys(p + 1));
+      adjacent += b == a + page_bytes;
+    }
+  }
+  EXPECT_EQ(adjacent, pages - 3u);  // all but the two slab boundaries (and the last page)
+
+  // 1 MiB pages (the largest: 256 x 1024 fp32), two to a slab.
+  auto big = OwnedPageKeys::Create(1024, DType::kF32, 256);
+  ASSERT_THAT(big, IsOk());
+  std::vector<float> row(1024, 2.0f);
+  for (uint32_t p = 0; p < 5; ++p) ASSERT_THAT((*big)->Apply({{p, 255}}, row.data()), IsOk());
+  for (uint32_t p = 0; p < 5; ++p) {
+    const float* k = static_cast<const float*>((*big)->page_keys(p));
+    EXPECT_EQ(k[0], 0.0f);                  // a new page starts zeroed
+    EXPECT_EQ(k[255 * 1024 + 1023], 2.0f);  // its last slot was written
+  }
+}
+
 TEST(OwnedPageKeysTest, BadInputsChangeNothing) {
   EXPECT_THAT(OwnedPageKeys::Create(0, DType::kF16, 16),
               StatusIs(absl::StatusCode::kInvalidArgument));
