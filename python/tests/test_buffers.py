@@ -57,14 +57,22 @@ def test_views_alive_at_close_keep_memory_valid(client):
     assert int(v.sum()) == 7 * 16
 
 
+def own_shm_files() -> set:
+    """This process's buffer files: other tests running at the same time
+    (ctest -j) create and remove their own files in /dev/shm."""
+    prefix = f"icecache-{os.getpid()}-"
+    return {f for f in os.listdir("/dev/shm") if f.startswith(prefix)}
+
+
 def test_registration_failure_removes_the_file(make_daemon):
     d = make_daemon("limits { max_buffers_per_tenant: 1 }")
     with icecache.Client(socket=d.socket_path) as c:
         first = c.create_shm_buffer(4096)
-        shm_before = set(os.listdir("/dev/shm"))
+        shm_before = own_shm_files()
+        assert os.path.basename(first.path) in shm_before
         with pytest.raises(icecache.ResourceExhaustedError):
             c.create_shm_buffer(4096)
-        assert set(os.listdir("/dev/shm")) == shm_before
+        assert own_shm_files() == shm_before
         first.close()
 
 
