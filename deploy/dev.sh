@@ -2,21 +2,29 @@
 # IceCache developer entry point.
 #   deploy/dev.sh demo      install what is missing, build, run the model-scale demo
 #                           (icecache-bench decode: 32 layers x 8 KV heads at 32768 tokens)
-#   deploy/dev.sh test      install what is missing, build, check formatting, check the lock
-#                           annotations (clang-14 -Wthread-safety build of the core and
-#                           icecached), run the whole test suite (ctest) on the Release build;
-#                           what CI runs
+#   deploy/dev.sh test      what CI runs (.ci/run), the README's test command: install what
+#                           is missing, the Release build, the clang-format-14 check, the
+#                           TSan build of icecached and the concurrency unit tests
+#                           (TSAN_CI_TARGETS, clang-14 with -Wthread-safety
+#                           -Werror=thread-safety: the lock annotation check), the whole
+#                           suite (ctest) on the Release build, then those unit tests under
+#                           TSan
 #   deploy/dev.sh build     install what is missing and build only
 #   deploy/dev.sh format    fail on any clang-format-14 difference (fix: clang-format-14 -i FILE)
 #   deploy/dev.sh sanitize asan|tsan
 #                           clang-14 build with -Wthread-safety -Werror=thread-safety and
 #                           ASan+UBSan (build-asan: the whole suite) or
 #                           TSan (build-tsan: the concurrency-heavy unit tests and every
-#                           integration test; TSAN_TARGETS)
+#                           integration test; TSAN_TARGETS, less TSAN_EXCLUDE)
+#   deploy/dev.sh locks     only the lock annotation check: clang-14 -Wthread-safety
+#                           -Werror=thread-safety -O0 build of the core and icecached
+#                           (build-locks; a quick local check, no tests)
 #   deploy/dev.sh fuzz      builds the libFuzzer targets (in build-asan) and runs each for
 #                           FUZZ_SECONDS (default 20) over its seed corpus in tests/fuzz/corpus
 #   deploy/dev.sh ci        install, format check, sanitize asan (the whole suite), fuzz
-#                           (FUZZ_SECONDS 15), sanitize tsan (not yet in .ci/run)
+#                           (FUZZ_SECONDS 15), sanitize tsan (the full set): about 40
+#                           minutes on 2 cores, over CI's budget, so not in .ci/run
+#                           (docs/operations.md, "Checks in CI")
 # Environment: BUILD_DIR (default build), BUILD_TYPE (default Release), JOBS, FUZZ_SECONDS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -90,7 +98,8 @@ run_tests() {
 
 # The lock annotations (ABSL_GUARDED_BY, ...) are checked by clang only: build
 # the core libraries and icecached with clang-14 -Wthread-safety
-# -Werror=thread-safety at -O0 (a few minutes; no tests run there).
+# -Werror=thread-safety at -O0 (a few minutes; no tests run there). Not in
+# `test`: its TSan build compiles the same targets with the same flags.
 check_locks() {
   local dir="$ROOT/build-locks"
   echo "==> clang-14 -Wthread-safety -Werror=thread-safety: core libraries and icecached"
@@ -105,34 +114,50 @@ check_locks() {
 # What the TSan run builds and runs (docs/operations.md, "Checks in CI"):
 # the concurrency-heavy code (daemon, session manager, call limiter in
 # rpc_base_test, buffer registry, parallel index build, page pool, quality
-# sampler) and every integration test, which drive
+# sampler, prefetcher, decode ring) and every integration test, which drive
 # the TSan-built daemon from many threads and processes. The rest of the unit
 # tests are single-threaded and run under ASan+UBSan only.
 TSAN_TARGETS=(icecached icecachectl icecache_tenant_probe icecache-load
   integration_e2e_test integration_tenancy_test integration_lifecycle_test integration_ctl_test
   integration_bad_input_test integration_tls_test integration_first_run_test
   integration_fault_test integration_security_test integration_checksum_test
-  integration_warm_restart_test
-  session_manager_test session_kv_test rpc_base_test rpc_daemon_test rpc_decode_test
+  integration_warm_restart_test integration_decode_ring_test integration_device_api_test
+  session_manager_test session_kv_test session_prefetch_test rpc_base_test rpc_daemon_test
+  rpc_decode_test rpc_decode_ring_test
   buffer_registry_test index_parallel_build_test page_pool_test quality_sampler_test)
+# The part of it `test` (CI) runs: icecached (so the -Wthread-safety check
+# covers what check_locks builds) and the concurrency unit tests, each a
+# real multi-threaded component in one process (no integration test: those
+# spawn TSan daemons and take most of the full run's time).
+TSAN_CI_TARGETS=(icecached
+  session_manager_test session_kv_test session_prefetch_test quality_sampler_test
+  rpc_base_test rpc_daemon_test rpc_decode_ring_test
+  buffer_registry_test index_parallel_build_test page_pool_test)
+# Left out of every TSan run, by ctest name: load_short and
+# MessageLimitTest.OversizedMessages... bound the daemon's RSS, which TSan's
+# shadow memory and allocator raise past their limits (both run under
+# Release and ASan).
+TSAN_EXCLUDE='_NOT_BUILT|^load_short$|MessageLimitTest.OversizedMessagesCostAtMostTheTransportQuota'
 
 # A clang-14 tree for one sanitizer set, every file also checked with
 # -Wthread-safety -Werror=thread-safety (the lock annotations: the same check
 # as check_locks, on every target). $1: asan|tsan.
 #   asan: ASan+UBSan (and the fuzz targets' coverage), every target (benches
 #         included: their smoke tests run too); build-asan.
-#   tsan: TSan, TSAN_TARGETS only (the others are not built: ctest's
-#         *_NOT_BUILT placeholders are skipped); build-tsan. Debian's Abseil
+#   tsan: TSan, TSAN_TARGETS only, or TSAN_CI_TARGETS when $2 is "ci" (the
+#         others are not built: ctest's *_NOT_BUILT placeholders are
+#         skipped); build-tsan. Debian's Abseil
 #         is not instrumented: libicecache_tsan_absl.so (common/tsan) is
 #         LD_PRELOADed so TSan sees absl::Mutex; deploy/tsan.supp holds the
 #         few uninstrumented-library suppressions, each commented.
 # -O1 with line tables only (-gline-tables-only: file:line in reports, a
 # fraction of full debug info's build cost).
 sanitize_build() {
-  local kind=$1 san extra=() targets=()
+  local kind=$1 set=${2:-full} san extra=() targets=()
   case "$kind" in
     asan) san="address,undefined"; extra=(-DICECACHE_BUILD_FUZZ=ON -DICECACHE_BUILD_BENCH=ON) ;;
     tsan) san="thread"; targets=("${TSAN_TARGETS[@]}" icecache_tsan_absl)
+      if [ "$set" = ci ]; then targets=("${TSAN_CI_TARGETS[@]}" icecache_tsan_absl); fi
       extra=(-DICECACHE_BUILD_BENCH=OFF) ;;
     *) echo "usage: deploy/dev.sh sanitize asan|tsan" >&2; exit 2 ;;
   esac
@@ -156,11 +181,13 @@ sanitize_build() {
 # The tests of a sanitizer tree; any report fails the test that caused it.
 #   asan: the whole suite (every label: unit, integration, fuzz corpus
 #         replays, load, bench smoke, python), leaks checked.
-#   tsan: unit and integration tests of TSAN_TARGETS.
+#   tsan: unit and integration tests of what was built (TSAN_TARGETS), or
+#         only the unit tests when $2 is "ci" (TSAN_CI_TARGETS); never
+#         TSAN_EXCLUDE.
 # ICECACHE_TEST_TIME_SCALE tells the few tests that wait on wall-clock
 # deadlines how much slower this build runs (tests/support/time_scale.h).
 sanitize_test() {
-  local kind=$1 dir="$ROOT/build-$1" args=() env=()
+  local kind=$1 set=${2:-full} dir="$ROOT/build-$1" args=() env=()
   case "$kind" in
     # quarantine_size_mb=16 (default 256): freed memory stays resident while
     # quarantined, and the tests that bound the daemon's memory
@@ -171,7 +198,8 @@ sanitize_test() {
         UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ICECACHE_TEST_TIME_SCALE=3) ;;
     tsan) env=("TSAN_OPTIONS=halt_on_error=1 second_deadlock_stack=1 suppressions=$ROOT/deploy/tsan.supp"
         "LD_PRELOAD=$dir/common/libicecache_tsan_absl.so" ICECACHE_TEST_TIME_SCALE=10)
-      args=(-L 'unit|integration' -E '_NOT_BUILT') ;;
+      args=(-L 'unit|integration' -E "$TSAN_EXCLUDE")
+      if [ "$set" = ci ]; then args=(-L unit -E "$TSAN_EXCLUDE"); fi ;;
   esac
   local start=$SECONDS
   echo "==> tests under $kind"
@@ -217,8 +245,12 @@ case "$cmd" in
   build) install_deps; build ;;
   format) check_format ;;
   test)
-    install_deps; build; check_format; check_locks; run_tests
+    # The TSan build replaces check_locks (the same -Werror=thread-safety
+    # check on a superset of its targets) and is built before the Release
+    # suite runs, so an annotation error fails CI early.
+    install_deps; build; check_format; sanitize_build tsan ci; run_tests; sanitize_test tsan ci
     ;;
+  locks) check_locks ;;
   sanitize) install_deps; sanitize "${2:-}" ;;
   fuzz) install_deps; fuzz ;;
   ci)
@@ -252,7 +284,7 @@ case "$cmd" in
       --policies full,exact-token,mdci,mdci-r4,quest,streaming,exact "${@:2}"
     ;;
   *)
-    echo "usage: deploy/dev.sh demo|test|build|format|sanitize asan|tsan|fuzz|ci" >&2
+    echo "usage: deploy/dev.sh demo|test|build|format|locks|sanitize asan|tsan|fuzz|ci" >&2
     exit 2
     ;;
 esac

@@ -13,6 +13,16 @@
 // not guarded by the mutex are still reported. The entry points covered are
 // the ones this code base (and gRPC) call; the TSan hooks are weak, so a
 // process without TSan (openssl run by a test) loads this unharmed.
+//
+// A Condition (Await, LockWhen, ...) is evaluated inside the real call with
+// the mutex held, before the call returns to us: by the waiter once it holds
+// the lock again, or by the thread that is unlocking, and a waiter may then
+// give the lock up again inside the call. So the condition is wrapped: the
+// wrapper acquires, evaluates the caller's condition, and releases (the
+// lock is held throughout, so both edges are ones the mutex really makes).
+// Without it every read in a condition of data written under the mutex by
+// another thread, and every write after it by the next holder, is reported
+// (the first TSan run here reported exactly these).
 #include <dlfcn.h>
 
 #include <cstdio>
@@ -60,10 +70,34 @@ void Release(void* addr) {
   if (__tsan_release != nullptr) __tsan_release(addr);
 }
 
+// A Condition that evaluates `inner` between an acquire and a release of `mu`
+// (see the top).
+// Not copyable: the Condition points at the object's own fields.
+class GuardedCondition {
+ public:
+  GuardedCondition(absl::Mutex* mu, const absl::Condition& inner)
+      : mu_(mu), inner_(&inner), cond_(&GuardedCondition::Eval, this) {}
+  GuardedCondition(const GuardedCondition&) = delete;
+  GuardedCondition& operator=(const GuardedCondition&) = delete;
+  const absl::Condition& get() const { return cond_; }
+
+ private:
+  static bool Eval(GuardedCondition* g) {
+    Acquire(g->mu_);
+    const bool met = g->inner_->Eval();
+    Release(g->mu_);
+    return met;
+  }
+  absl::Mutex* mu_;
+  const absl::Condition* inner_;
+  absl::Condition cond_;
+};
+
 using MuFn = void (*)(absl::Mutex*);
 using MuTryFn = bool (*)(absl::Mutex*);
 using MuCondFn = void (*)(absl::Mutex*, const absl::Condition&);
 using MuCondTimeoutFn = bool (*)(absl::Mutex*, const absl::Condition&, absl::Duration);
+using MuCondDeadlineFn = bool (*)(absl::Mutex*, const absl::Condition&, absl::Time);
 using CvWaitFn = void (*)(absl::CondVar*, absl::Mutex*);
 using CvTimeoutFn = bool (*)(absl::CondVar*, absl::Mutex*, absl::Duration);
 using CvDeadlineFn = bool (*)(absl::CondVar*, absl::Mutex*, absl::Time);
@@ -101,13 +135,15 @@ bool Mutex::ReaderTryLock() {
 
 void Mutex::LockWhen(const Condition& cond) {
   static const MuCondFn real = Real<MuCondFn>("5Mutex8LockWhenERKNS0_9ConditionE");
-  real(this, cond);
+  const GuardedCondition guarded(this, cond);
+  real(this, guarded.get());
   Acquire(this);
 }
 
 void Mutex::ReaderLockWhen(const Condition& cond) {
   static const MuCondFn real = Real<MuCondFn>("5Mutex14ReaderLockWhenERKNS0_9ConditionE");
-  real(this, cond);
+  const GuardedCondition guarded(this, cond);
+  real(this, guarded.get());
   Acquire(this);
 }
 
@@ -125,18 +161,67 @@ void Mutex::ReaderUnlock() {
 
 void Mutex::Await(const Condition& cond) {
   static const MuCondFn real = Real<MuCondFn>("5Mutex5AwaitERKNS0_9ConditionE");
+  const GuardedCondition guarded(this, cond);
   Release(this);
-  real(this, cond);
+  real(this, guarded.get());
   Acquire(this);
 }
 
 bool Mutex::AwaitWithTimeout(const Condition& cond, Duration timeout) {
   static const MuCondTimeoutFn real =
       Real<MuCondTimeoutFn>("5Mutex16AwaitWithTimeoutERKNS0_9ConditionENS0_8DurationE");
+  const GuardedCondition guarded(this, cond);
   Release(this);
-  const bool held = real(this, cond, timeout);
+  const bool held = real(this, guarded.get(), timeout);
   Acquire(this);
   return held;
+}
+
+bool Mutex::AwaitWithDeadline(const Condition& cond, Time deadline) {
+  static const MuCondDeadlineFn real =
+      Real<MuCondDeadlineFn>("5Mutex17AwaitWithDeadlineERKNS0_9ConditionENS0_4TimeE");
+  const GuardedCondition guarded(this, cond);
+  Release(this);
+  const bool held = real(this, guarded.get(), deadline);
+  Acquire(this);
+  return held;
+}
+
+// The timed lock variants hold the mutex on return whatever they return.
+bool Mutex::LockWhenWithTimeout(const Condition& cond, Duration timeout) {
+  static const MuCondTimeoutFn real =
+      Real<MuCondTimeoutFn>("5Mutex19LockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE");
+  const GuardedCondition guarded(this, cond);
+  const bool met = real(this, guarded.get(), timeout);
+  Acquire(this);
+  return met;
+}
+
+bool Mutex::ReaderLockWhenWithTimeout(const Condition& cond, Duration timeout) {
+  static const MuCondTimeoutFn real =
+      Real<MuCondTimeoutFn>("5Mutex25ReaderLockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE");
+  const GuardedCondition guarded(this, cond);
+  const bool met = real(this, guarded.get(), timeout);
+  Acquire(this);
+  return met;
+}
+
+bool Mutex::LockWhenWithDeadline(const Condition& cond, Time deadline) {
+  static const MuCondDeadlineFn real =
+      Real<MuCondDeadlineFn>("5Mutex20LockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE");
+  const GuardedCondition guarded(this, cond);
+  const bool met = real(this, guarded.get(), deadline);
+  Acquire(this);
+  return met;
+}
+
+bool Mutex::ReaderLockWhenWithDeadline(const Condition& cond, Time deadline) {
+  static const MuCondDeadlineFn real =
+      Real<MuCondDeadlineFn>("5Mutex26ReaderLockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE");
+  const GuardedCondition guarded(this, cond);
+  const bool met = real(this, guarded.get(), deadline);
+  Acquire(this);
+  return met;
 }
 
 void CondVar::Wait(Mutex* mu) {

@@ -30,7 +30,9 @@ class DeviceApiTest : public ::testing::Test {
     auto c = Connect(*daemon_);
     ASSERT_THAT(c, IsOk());
     client_ = *std::move(c);
-    model_ = std::make_unique<TestModel>(MakeModel(/*layers=*/4, /*kv_heads=*/2, kTokens, 2));
+    // kTokens + 1: PrefetchedLayers... appends token kTokens as a decode
+    // token (Chunk past the model's end read beyond its arrays).
+    model_ = std::make_unique<TestModel>(MakeModel(/*layers=*/4, /*kv_heads=*/2, kTokens + 1, 2));
     model_->spec.layer_reuse = 4;
     auto s = client_->CreateSession(model_->spec);
     ASSERT_THAT(s, IsOk());

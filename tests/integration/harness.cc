@@ -48,17 +48,6 @@ std::string BaseConfig(const std::string& extra) {
       extra);
 }
 
-double TimeScale() {
-  static const double scale = [] {
-    const char* env = std::getenv("ICECACHE_TEST_TIME_SCALE");
-    const double v = env == nullptr ? 1.0 : std::atof(env);
-    return v >= 1.0 ? v : 1.0;
-  }();
-  return scale;
-}
-
-absl::Duration Scaled(absl::Duration d) { return d * TimeScale(); }
-
 bool Eventually(const std::function<bool()>& done, absl::Duration limit) {
   const absl::Time deadline = absl::Now() + Scaled(limit);
   while (absl::Now() < deadline) {

@@ -20,6 +20,7 @@
 #include "client/kv_check.h"
 #include "common/kv_dump.h"
 #include "common/status_macros.h"
+#include "tests/support/time_scale.h"
 
 namespace icecache::testing {
 
@@ -46,13 +47,7 @@ inline constexpr char kShortBufferTtlConfig[] = "sessions { buffer_idle_ttl_ms: 
 // given again overrides the earlier value).
 std::string BaseConfig(const std::string& extra = "");
 
-// How many times slower than a Release build this run is:
-// ICECACHE_TEST_TIME_SCALE (deploy/dev.sh sets it for the sanitizer builds),
-// else 1. Only waits that bound how long the machine takes (a daemon's start,
-// a reaper's next pass, a deadline meant to be generous) are scaled, never
-// a duration under test (a TTL, a drain timeout).
-double TimeScale();
-absl::Duration Scaled(absl::Duration d);
+// TimeScale() and Scaled(): tests/support/time_scale.h.
 
 // Polls `done` every 50 ms until it holds (true) or Scaled(limit) passes (false).
 bool Eventually(const std::function<bool()>& done, absl::Duration limit = absl::Seconds(30));

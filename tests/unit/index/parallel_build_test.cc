@@ -34,6 +34,32 @@ TEST(ParallelForTest, RunsEveryIndexOnceForAnyThreadCount) {
   }
 }
 
+// The daemon's pattern: oneTBB's workers already exist (an earlier build),
+// and a different thread (a gRPC handler, the index builder) writes the
+// inputs and calls ParallelFor; its tasks read them and write outputs the
+// caller reads afterwards. Plain data, no atomics: under TSan this is
+// reported unless ParallelFor makes the fork and join edges visible
+// (Debian's oneTBB is uninstrumented; parallel_build.cc).
+TEST(ParallelForTest, TasksSeeTheCallersWritesAndTheCallerSeesTheirs) {
+  ASSERT_THAT(ParallelFor(64, 2, [](int64_t) { return absl::OkStatus(); }), IsOk());
+  for (int round = 0; round < 4; ++round) {
+    std::thread caller([round] {
+      std::vector<int64_t> in(256), out(256, 0);
+      for (size_t i = 0; i < in.size(); ++i) in[i] = static_cast<int64_t>(i) * (round + 1);
+      ASSERT_THAT(ParallelFor(256, 2,
+                              [&](int64_t i) {
+                                out[i] = in[i] + 1;
+                                return absl::OkStatus();
+                              }),
+                  IsOk());
+      for (size_t i = 0; i < out.size(); ++i) {
+        ASSERT_EQ(out[i], static_cast<int64_t>(i) * (round + 1) + 1) << "round " << round;
+      }
+    });
+    caller.join();
+  }
+}
+
 TEST(ParallelForTest, OneThreadRunsSeriallyInOrderOnTheCaller) {
   std::vector<int64_t> order;
   const std::thread::id caller = std::this_thread::get_id();

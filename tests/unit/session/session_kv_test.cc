@@ -11,6 +11,7 @@
 
 #include "absl/synchronization/notification.h"
 #include "gtest/gtest.h"
+#include "tests/support/time_scale.h"
 #include "tests/unit/session/session_test_util.h"
 
 namespace icecache {
@@ -553,7 +554,8 @@ TEST_F(SessionKvBasicTest, BackgroundBuildsServeBuiltGroupsAndMakeOnlyTheirOwnCa
   mo.reaper_interval = absl::ZeroDuration();
   mo.build_threads = 2;
   mo.background_builds = true;
-  mo.build_wait = absl::Milliseconds(200);
+  // Bounds how long the machine takes to build group 1 after the release.
+  mo.build_wait = ::icecache::testing::Scaled(absl::Milliseconds(200));
   mo.on_build_start = [&release](const std::string&, int first_layer) {
     if (first_layer == 2) release.WaitForNotification();
   };
