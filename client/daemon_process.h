@@ -42,6 +42,12 @@ struct DaemonOptions {
   absl::Duration ready_timeout = absl::Seconds(30);
   // How long Stop() waits after SIGTERM before it sends SIGKILL.
   absl::Duration stop_timeout = absl::Seconds(20);
+  // The daemon gets SIGTERM (drains, removes its socket and arena files) when
+  // the thread that called Start() ends: a test or benchmark killed by a
+  // timeout or a sanitizer leaves no daemon behind. Linux delivers this when
+  // the forking *thread* exits, so a caller that starts a daemon from a
+  // short-lived thread and keeps it must set this to false.
+  bool die_with_parent = true;
 };
 
 class DaemonProcess {

@@ -5,12 +5,17 @@
 #include <signal.h>
 #include <sys/statvfs.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <atomic>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <iostream>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -369,6 +374,56 @@ TEST(LifecycleTest, SigtermDrainsInFlightFinishesNewRefusedExitZero) {
   ASSERT_THAT(status, IsOk());
   EXPECT_TRUE(WIFEXITED(*status)) << "wait status " << *status;
   EXPECT_EQ(WEXITSTATUS(*status), 0) << (*daemon)->Stderr();
+}
+
+// A daemon started by DaemonProcess goes with the process that started it:
+// a test or benchmark killed by a timeout leaves no daemon behind. The child
+// of this fork starts one, reports its pid and dies without stopping it.
+// (ctest runs every test of this binary in its own process, so the fork
+// happens before any thread of this test exists.)
+TEST(LifecycleTest, DaemonExitsWhenTheProcessThatStartedItDies) {
+  struct Started {
+    pid_t pid = -1;
+    char temp_dir[128];
+  };
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe(pipe_fds), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    ::close(pipe_fds[0]);
+    auto d = DaemonProcess::Start(TestDaemonOptions());
+    Started started{};
+    if (d.ok()) {
+      started.pid = (*d)->pid();
+      std::snprintf(started.temp_dir, sizeof(started.temp_dir), "%s", (*d)->temp_dir().c_str());
+    }
+    (void)!::write(pipe_fds[1], &started, sizeof(started));
+    if (d.ok()) (void)d->release();  // no destructor: nobody stops it
+    _exit(0);
+  }
+  ::close(pipe_fds[1]);
+  Started started{};
+  ASSERT_EQ(::read(pipe_fds[0], &started, sizeof(started)), static_cast<ssize_t>(sizeof(started)));
+  ::close(pipe_fds[0]);
+  const pid_t daemon_pid = started.pid;
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_GT(daemon_pid, 0) << "the child could not start a daemon";
+  // Gone, or a zombie its new parent has not reaped yet (a container's init
+  // may never reap): either way it exited.
+  const std::string stat_path = absl::StrCat("/proc/", daemon_pid, "/stat");
+  EXPECT_TRUE(Eventually([&] {
+    std::ifstream in(stat_path);
+    std::string line;
+    if (!std::getline(in, line)) return true;
+    const size_t paren = line.rfind(')');
+    return paren != std::string::npos && paren + 2 < line.size() && line[paren + 2] == 'Z';
+  })) << "icecached "
+      << daemon_pid << " still runs after its parent died";
+  if (::kill(daemon_pid, 0) == 0) ::kill(daemon_pid, SIGKILL);  // never leave it behind
+  std::error_code ec;
+  std::filesystem::remove_all(started.temp_dir, ec);  // what ~DaemonProcess would remove
 }
 
 }  // namespace
