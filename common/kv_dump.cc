@@ -26,7 +26,7 @@ constexpr size_t kMaxMetaBytes = 1 << 20;
 
 std::string Join(const std::string& dir, const char* name) { return absl::StrCat(dir, "/", name); }
 
-std::string ShapeString(const std::vector<int64_t>& shape) {
+std::string DumpShapeString(const std::vector<int64_t>& shape) {
   return absl::StrCat("(", absl::StrJoin(shape, ", "), ")");
 }
 
@@ -115,7 +115,7 @@ absl::StatusOr<NpyArray> ReadPart(const std::string& dir, const char* name, int 
     if (head.shape.size() != 4) {
       return absl::InvalidArgumentError(absl::StrCat(
           path, ": expected 4 dimensions [layers, kv_heads, tokens, head_dim], got shape ",
-          ShapeString(head.shape)));
+          DumpShapeString(head.shape)));
     }
     if (max_tokens < head.shape[token_axis]) return ReadNpyPrefix(path, token_axis, max_tokens);
   }
@@ -167,17 +167,17 @@ absl::StatusOr<KvDump> ReadKvDump(const std::string& dir, int64_t max_tokens) {
   if (keys.shape.size() != 4) {
     return absl::InvalidArgumentError(
         absl::StrCat(kp, ": expected [layers, kv_heads, tokens, head_dim], got shape ",
-                     ShapeString(keys.shape)));
+                     DumpShapeString(keys.shape)));
   }
   if (values.shape != keys.shape) {
-    return absl::InvalidArgumentError(absl::StrCat(vp, " has shape ", ShapeString(values.shape),
-                                                   " but ", kp, " has ", ShapeString(keys.shape),
-                                                   "; they must match"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(vp, " has shape ", DumpShapeString(values.shape), " but ", kp, " has ",
+                     DumpShapeString(keys.shape), "; they must match"));
   }
   if (queries.shape.size() != 4) {
     return absl::InvalidArgumentError(
         absl::StrCat(qp, ": expected [steps, layers, q_heads, head_dim], got shape ",
-                     ShapeString(queries.shape)));
+                     DumpShapeString(queries.shape)));
   }
   const int64_t layers = keys.shape[0], kv_heads = keys.shape[1], tokens = keys.shape[2],
                 head_dim = keys.shape[3];
@@ -186,11 +186,11 @@ absl::StatusOr<KvDump> ReadKvDump(const std::string& dir, int64_t max_tokens) {
       head_dim > (1 << 20)) {
     return absl::InvalidArgumentError(
         absl::StrCat(kp, ": layers, kv_heads and head_dim must be in [1, 2^20], got shape ",
-                     ShapeString(keys.shape)));
+                     DumpShapeString(keys.shape)));
   }
   if (queries.shape[1] != layers) {
     return absl::InvalidArgumentError(absl::StrCat(qp, " has ", queries.shape[1], " layers (shape ",
-                                                   ShapeString(queries.shape), ") but ", kp,
+                                                   DumpShapeString(queries.shape), ") but ", kp,
                                                    " has ", layers));
   }
   if (queries.shape[3] != head_dim) {

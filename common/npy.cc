@@ -224,7 +224,7 @@ int64_t Product(const std::vector<int64_t>& shape) {
   return n;
 }
 
-std::string ShapeString(const std::vector<int64_t>& shape) {
+std::string NpyShapeString(const std::vector<int64_t>& shape) {
   return absl::StrCat("(", absl::StrJoin(shape, ", "), shape.size() == 1 ? ",)" : ")");
 }
 
@@ -303,12 +303,12 @@ absl::StatusOr<NpyArray> ReadImpl(const std::string& path, int axis, int64_t kee
   const int64_t esize = static_cast<int64_t>(DTypeSize(h.dtype));
   const int64_t data_bytes = o.file_size - h.data_offset;
   if (data_bytes < n * esize) {
-    return Bad(path, absl::StrCat("truncated data: shape ", ShapeString(h.shape), " of ",
+    return Bad(path, absl::StrCat("truncated data: shape ", NpyShapeString(h.shape), " of ",
                                   std::string(DTypeName(h.dtype)), " needs ", n * esize,
                                   " bytes, the file holds ", data_bytes));
   }
   if (data_bytes > n * esize) {
-    return Bad(path, absl::StrCat("size mismatch: shape ", ShapeString(h.shape), " of ",
+    return Bad(path, absl::StrCat("size mismatch: shape ", NpyShapeString(h.shape), " of ",
                                   std::string(DTypeName(h.dtype)), " needs ", n * esize,
                                   " bytes, the file holds ", data_bytes, " (trailing bytes)"));
   }
@@ -319,7 +319,7 @@ absl::StatusOr<NpyArray> ReadImpl(const std::string& path, int axis, int64_t kee
   if (axis >= 0) {
     if (axis >= static_cast<int>(h.shape.size())) {
       return absl::InvalidArgumentError(
-          absl::StrCat(path, ": axis ", axis, " out of range for shape ", ShapeString(h.shape)));
+          absl::StrCat(path, ": axis ", axis, " out of range for shape ", NpyShapeString(h.shape)));
     }
     if (keep < 0 || keep > h.shape[axis]) {
       return absl::InvalidArgumentError(absl::StrCat(path, ": cannot keep ", keep, " of ",
@@ -402,11 +402,11 @@ absl::StatusOr<std::string> EncodeNpyHeader(const std::vector<int64_t>& shape, D
   for (int64_t d : shape) {
     if (d < 0)
       return absl::InvalidArgumentError(
-          absl::StrCat("negative dimension in shape ", ShapeString(shape)));
+          absl::StrCat("negative dimension in shape ", NpyShapeString(shape)));
   }
   std::string dict =
       absl::StrCat("{'descr': '", dtype == DType::kF16 ? "<f2" : "<f4",
-                   "', 'fortran_order': False, 'shape': ", ShapeString(shape), ", }");
+                   "', 'fortran_order': False, 'shape': ", NpyShapeString(shape), ", }");
   for (int major : {1, 2}) {
     const size_t len_bytes = major == 1 ? 2 : 4;
     const size_t fixed = kMagicLen + 2 + len_bytes;

@@ -10,22 +10,10 @@
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
 #include "common/synthetic.h"
+#include "common/synthetic_internal.h"
 
 namespace icecache {
 namespace {
-
-// Eight partial sums so the compiler vectorises without -ffast-math (the
-// same summation order as the generator's).
-float Dot(const float* a, const float* b, int n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  }
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
 
 // One property of real attention per family. Strengths come from what is
 // reported of real models (sources in each comment), not from any selector.
@@ -194,7 +182,7 @@ absl::StatusOr<AttentionProfile> ProfileAttention(const KvDump& dump, int step, 
   const double inv = 1.0 / std::sqrt(static_cast<double>(d));
   double mx = -1e300, sum = 0, sq = 0;
   for (int64_t t = 0; t < n; ++t) {
-    logits[t] = Dot(q, keys + t * d, d) * inv;
+    logits[t] = synthetic_internal::Dot(q, keys + t * d, d) * inv;
     mx = std::max(mx, logits[t]);
     sum += logits[t];
     sq += logits[t] * logits[t];

@@ -23,7 +23,7 @@ struct TokenScratch {
   std::vector<float> share;    // the page's token scores
 };
 
-TokenScratch& ThreadScratch() {
+TokenScratch& ThreadTokenScratch() {
   thread_local TokenScratch scratch;
   return scratch;
 }
@@ -91,7 +91,7 @@ void TakeTokens(const Selector& selector, const TokenCandidates& candidates, con
   for (int64_t p = recent_begin; p < n; ++p) {
     add(static_cast<int32_t>(p), selector.placement_of(static_cast<int32_t>(p)), inf);
   }
-  TokenScratch& s = ThreadScratch();
+  TokenScratch& s = ThreadTokenScratch();
   ScoreCandidates(selector, candidates, log_norm, num_queries, scale, sink_end, recent_begin, &s);
   const int64_t budget = std::min<int64_t>(params.budget_tokens, n);
   const size_t want = static_cast<size_t>(

@@ -23,8 +23,6 @@
 namespace icecache::rpc {
 namespace {
 
-using ::icecache::v1::LogLevel;
-
 class CollectFirstError : public google::protobuf::io::ErrorCollector {
  public:
   void AddError(int line, int column, const std::string& message) override {

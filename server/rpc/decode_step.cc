@@ -10,10 +10,6 @@
 namespace icecache::rpc {
 namespace {
 
-double SecondsSince(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
 // One batched request: entries that convert run together in the core; each
 // entry gets its own answer. Errors of the request itself are returned.
 absl::Status DecodeBatchStep(SessionManager& manager, const Caller& caller,

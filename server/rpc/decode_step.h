@@ -10,6 +10,7 @@
 #ifndef ICECACHE_SERVER_RPC_DECODE_STEP_H_
 #define ICECACHE_SERVER_RPC_DECODE_STEP_H_
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 
@@ -21,6 +22,11 @@
 #include "server/rpc/services.h"
 
 namespace icecache::rpc {
+
+// Seconds since t0 on the steady clock (the handlers' latency histograms).
+inline double SecondsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
 
 // InvalidArgument "<field> is required" / "... is longer than 256 bytes".
 absl::Status RequireId(absl::string_view id, absl::string_view field);

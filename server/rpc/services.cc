@@ -17,10 +17,6 @@ namespace {
 
 constexpr int kMaxKeepAliveIds = 1024;
 
-double SecondsSince(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
 std::optional<absl::string_view> AuthorizationHeader(grpc::ServerContext* ctx) {
   const auto& md = ctx->client_metadata();
   auto it = md.find("authorization");
