@@ -10,6 +10,7 @@
 #include "server/index/baseline_selectors.h"
 #include "server/index/byte_image.h"
 #include "server/index/mdci_selector.h"
+#include "server/index/positional_layout.h"
 #include "server/index/positional_selector.h"
 
 namespace icecache {
@@ -196,6 +197,12 @@ absl::StatusOr<std::unique_ptr<Selector>> Selector::LoadImage(const SelectorConf
   if (config.kind == SelectorKind::kMdci || config.kind == SelectorKind::kExactMdci) {
     ASSIGN_OR_RETURN(std::unique_ptr<MdciSelector> sel, MdciSelector::LoadImage(config, keys, &r));
     return std::unique_ptr<Selector>(std::move(sel));
+  }
+  if (config.kind == SelectorKind::kPqcache || config.kind == SelectorKind::kMagicpig) {
+    // Baselines on the positional layout (baseline_selectors.h).
+    ASSIGN_OR_RETURN(std::unique_ptr<Selector> sel, Create(config, keys));
+    RETURN_IF_ERROR(static_cast<PositionalLayoutSelector&>(*sel).LoadImageBody(&r));
+    return sel;
   }
   return absl::UnimplementedError(absl::StrCat(
       "selector ", std::string(SelectorKindName(config.kind)), " keeps no index image"));

@@ -197,6 +197,58 @@ INSTANTIATE_TEST_SUITE_P(TreeKinds, IndexImageTest,
                            return info.param == SelectorKind::kMdci ? "Mdci" : "ExactMdci";
                          });
 
+// The baselines with a costly first append (k-means, SimHash tables) keep
+// an image of their state on the positional layout.
+class BaselineImageTest : public ::testing::TestWithParam<SelectorKind> {};
+
+TEST_P(BaselineImageTest, LoadedSelectorSelectsAndInsertsLikeTheOriginal) {
+  Built b = Make(GetParam());
+  const std::string image = Image(*b.sel);
+  auto loaded = Selector::LoadImage(Config(GetParam()), b.keys.get(), image);
+  ASSERT_THAT(loaded, IsOk());
+  EXPECT_EQ(Behaviour(**loaded, 21), Behaviour(*b.sel, 21));
+  EXPECT_EQ(Image(**loaded), image);
+  std::vector<Placement> want, got;
+  mdci_test::TestPageKeys scratch(kDim, kPage, DType::kF16);
+  for (int64_t at = 2301; at < 3200; at += 300) {
+    const int64_t n = std::min<int64_t>(300, 3200 - at);
+    ASSERT_THAT(Add(*b.sel, *b.keys, b.data, at, n, false, &want), IsOk());
+    ASSERT_THAT(Add(**loaded, scratch, b.data, at, n, false, &got), IsOk());
+  }
+  EXPECT_EQ(Behaviour(**loaded, 22), Behaviour(*b.sel, 22));
+  EXPECT_EQ(Image(**loaded), Image(*b.sel)) << "the decode keys got the same codes";
+}
+
+TEST_P(BaselineImageTest, DamagedOrForeignImagesAreRefusedWithoutACrash) {
+  Built b = Make(GetParam());
+  const std::string image = Image(*b.sel);
+  for (size_t i = 0; i < 200; ++i) {
+    const size_t cut = image.size() * i / 200;
+    EXPECT_THAT(Selector::LoadImage(Config(GetParam()), b.keys.get(), image.substr(0, cut)),
+                StatusIs(absl::StatusCode::kDataLoss))
+        << "cut at " << cut;
+  }
+  std::mt19937_64 rng(4);
+  std::uniform_int_distribution<size_t> at(0, image.size() - 1);
+  for (int trial = 0; trial < 120; ++trial) {
+    std::string bad = image;
+    const size_t byte = trial < 60 ? static_cast<size_t>(trial) : at(rng);
+    bad[byte] = static_cast<char>(bad[byte] ^ (1 << (trial % 8)));
+    auto loaded = Selector::LoadImage(Config(GetParam()), b.keys.get(), bad);
+    if (loaded.ok()) Behaviour(**loaded, 23);  // a consistent other state: usable
+  }
+  SelectorConfig seed = Config(GetParam());
+  seed.baseline.seed = 99;
+  EXPECT_THAT(Selector::LoadImage(seed, b.keys.get(), image),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+INSTANTIATE_TEST_SUITE_P(Baselines, BaselineImageTest,
+                         ::testing::Values(SelectorKind::kPqcache, SelectorKind::kMagicpig),
+                         [](const ::testing::TestParamInfo<SelectorKind>& info) {
+                           return info.param == SelectorKind::kPqcache ? "Pqcache" : "Magicpig";
+                         });
+
 TEST(IndexImageKindsTest, PositionalKindsKeepNoImage) {
   mdci_test::TestPageKeys keys(kDim, kPage, DType::kF16);
   auto sel = Selector::Create(Config(SelectorKind::kExact), &keys);

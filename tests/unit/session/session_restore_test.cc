@@ -212,7 +212,7 @@ TEST_P(SessionRestoreTest, SessionWrittenAfterTheSnapshotIsDroppedNotServed) {
 
 TEST_P(SessionRestoreTest, IndexImagesAreLoadedAndTheSessionContinuesLikeItsTwin) {
   const SessionConfig c = SmallConfig(GetParam());
-  const bool has_images = GetParam() == SelectorKind::kMdci;
+  const bool has_images = GetParam() == SelectorKind::kMdci || GetParam() == SelectorKind::kPqcache;
   Node twin = Node::Start("", false);
   std::pair<std::string, std::string> ids;
   {
@@ -238,7 +238,7 @@ TEST_P(SessionRestoreTest, IndexImagesAreLoadedAndTheSessionContinuesLikeItsTwin
 
 INSTANTIATE_TEST_SUITE_P(Selectors, SessionRestoreTest,
                          ::testing::Values(SelectorKind::kExact, SelectorKind::kMdci,
-                                           SelectorKind::kQuest));
+                                           SelectorKind::kQuest, SelectorKind::kPqcache));
 
 void Overwrite(const std::string& path, const std::string& bytes) {
   std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
