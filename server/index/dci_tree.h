@@ -207,8 +207,9 @@ class DciTree {
   // naming the first inconsistency for an image that is truncated or is not
   // a consistent tree (every id, count, page chain and position is checked,
   // sizes against the bytes left before anything is allocated).
+  // `tokens`: the count the tree must hold (else DataLoss).
   static absl::StatusOr<std::unique_ptr<DciTree>> LoadImage(const DciTreeParams& params,
-                                                            ByteReader* r);
+                                                            ByteReader* r, int64_t tokens);
 
   // Introspection (tests, stats).
   const DciTreeParams& params() const { return params_; }

@@ -236,7 +236,7 @@ bool DciTree::LoadLevels(ByteReader* r, int top, int64_t n) {
 }
 
 absl::StatusOr<std::unique_ptr<DciTree>> DciTree::LoadImage(const DciTreeParams& params,
-                                                            ByteReader* r) {
+                                                            ByteReader* r, int64_t tokens) {
   uint32_t algorithm = 0;
   if (!r->Get(&algorithm)) return absl::DataLossError("DCI-tree image: truncated header");
   if (algorithm != kImageAlgorithm) {
@@ -259,7 +259,8 @@ absl::StatusOr<std::unique_ptr<DciTree>> DciTree::LoadImage(const DciTreeParams&
   if (!r->Get(&n) || !r->Get(&top) || !r->Get(&bound) || !r->Get(&seen) || !r->Get(&over)) {
     return lost("truncated header");
   }
-  if (n < 1 || n > std::numeric_limits<int32_t>::max() || top < 1 || top > kMaxLevels) {
+  if (n != tokens || n < 1 || n > std::numeric_limits<int32_t>::max() || top < 1 ||
+      top > kMaxLevels) {
     return lost(absl::StrCat(n, " tokens on ", top, " levels"));
   }
   absl::StatusOr<MipsAugmentation> mips =

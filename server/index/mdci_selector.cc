@@ -85,10 +85,11 @@ void MdciSelector::SaveImageBody(ByteWriter* w) const { tree_->SaveImage(w); }
 
 absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::LoadImage(const SelectorConfig& config,
                                                                       const PageKeys* keys,
-                                                                      ByteReader* r) {
+                                                                      ByteReader* r,
+                                                                      int64_t tokens) {
   // Create validates the config exactly as for a fresh selector.
   ASSIGN_OR_RETURN(std::unique_ptr<MdciSelector> sel, Create(config, keys));
-  ASSIGN_OR_RETURN(sel->tree_, DciTree::LoadImage(TreeParams(config), r));
+  ASSIGN_OR_RETURN(sel->tree_, DciTree::LoadImage(TreeParams(config), r, tokens));
   return sel;
 }
 

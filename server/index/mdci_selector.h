@@ -86,7 +86,7 @@ class MdciSelector : public Selector {
   // Selector::LoadImage.
   static absl::StatusOr<std::unique_ptr<MdciSelector>> LoadImage(const SelectorConfig& config,
                                                                  const PageKeys* keys,
-                                                                 ByteReader* r);
+                                                                 ByteReader* r, int64_t tokens);
 
   // Background rebuild of the MIPS bound and representatives (tokens never
   // move): NeedsRebuild() when more than rebuild_fraction of the keys exceed

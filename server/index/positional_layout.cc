@@ -67,10 +67,10 @@ absl::Status PositionalLayoutSelector::LoadState(ByteReader* /*r*/, int64_t /*n*
       absl::StrCat("selector ", std::string(SelectorKindName(kind())), " keeps no index image"));
 }
 
-absl::Status PositionalLayoutSelector::LoadImageBody(ByteReader* r) {
+absl::Status PositionalLayoutSelector::LoadImageBody(ByteReader* r, int64_t tokens) {
   if (num_tokens_ != 0) return absl::FailedPreconditionError("an image loads into an empty index");
   int64_t n = 0;
-  if (!r->Get(&n) || n < 1 || n > std::numeric_limits<int32_t>::max()) {
+  if (!r->Get(&n) || n != tokens || n < 1 || n > std::numeric_limits<int32_t>::max()) {
     return absl::DataLossError("index image: bad token count");
   }
   RETURN_IF_ERROR(LoadState(r, n));

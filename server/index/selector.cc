@@ -178,7 +178,8 @@ absl::Status Selector::SaveImage(std::string* out) const {
 
 absl::StatusOr<std::unique_ptr<Selector>> Selector::LoadImage(const SelectorConfig& config,
                                                               const PageKeys* keys,
-                                                              std::string_view image) {
+                                                              std::string_view image,
+                                                              int64_t tokens) {
   if (keys == nullptr) return absl::InvalidArgumentError("PageKeys must not be null");
   RETURN_IF_ERROR(ValidateConfig(config));
   ByteReader r(image);
@@ -195,13 +196,15 @@ absl::StatusOr<std::unique_ptr<Selector>> Selector::LoadImage(const SelectorConf
         std::string(SelectorKindName(config.kind)), ")"));
   }
   if (config.kind == SelectorKind::kMdci || config.kind == SelectorKind::kExactMdci) {
-    ASSIGN_OR_RETURN(std::unique_ptr<MdciSelector> sel, MdciSelector::LoadImage(config, keys, &r));
+    ASSIGN_OR_RETURN(std::unique_ptr<MdciSelector> sel,
+                     MdciSelector::LoadImage(config, keys, &r, tokens));
     return std::unique_ptr<Selector>(std::move(sel));
   }
-  if (config.kind == SelectorKind::kPqcache || config.kind == SelectorKind::kMagicpig) {
+  if (config.kind == SelectorKind::kPqcache || config.kind == SelectorKind::kMagicpig ||
+      config.kind == SelectorKind::kSnapkv) {
     // Baselines on the positional layout (baseline_selectors.h).
     ASSIGN_OR_RETURN(std::unique_ptr<Selector> sel, Create(config, keys));
-    RETURN_IF_ERROR(static_cast<PositionalLayoutSelector&>(*sel).LoadImageBody(&r));
+    RETURN_IF_ERROR(static_cast<PositionalLayoutSelector&>(*sel).LoadImageBody(&r, tokens));
     return sel;
   }
   return absl::UnimplementedError(absl::StrCat(

@@ -230,14 +230,17 @@ class Selector {
   virtual bool has_image() const { return false; }
   absl::Status SaveImage(std::string* out) const;
   // The selector an image holds, reading its keys through `keys` (the
-  // frames the saved one read). InvalidArgument for a bad config (as
+  // frames the saved one read); it must hold exactly `tokens` tokens (the
+  // caller knows: a snapshot records them), checked before anything is
+  // sized by the image's count. InvalidArgument for a bad config (as
   // Create); FailedPrecondition when the image is of another format, kind,
   // algorithm or parameters than `config`; DataLoss naming what is wrong
   // when it is truncated or inconsistent (any bytes are survived: sizes are
   // checked before any allocation); Unimplemented for a kind without images.
   static absl::StatusOr<std::unique_ptr<Selector>> LoadImage(const SelectorConfig& config,
                                                              const PageKeys* keys,
-                                                             std::string_view image);
+                                                             std::string_view image,
+                                                             int64_t tokens);
 
  protected:
   explicit Selector(const SelectorConfig& config) : config_(config) {}

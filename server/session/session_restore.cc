@@ -150,7 +150,8 @@ absl::Status LoadIndex(Session& s, const SessionImage& img, size_t gi, const Ind
   }
   ASSIGN_OR_RETURN(std::string bytes, images->Read(img.index_images[gi]));
   ASSIGN_OR_RETURN(std::unique_ptr<Selector> sel,
-                   Selector::LoadImage(IndexConfig(s), s.page_keys[gi].get(), bytes));
+                   Selector::LoadImage(IndexConfig(s), s.page_keys[gi].get(), bytes,
+                                       static_cast<int64_t>(img.slots[gi].size())));
   const size_t frames = s.page_frames[s.FrameTableIndex(s.FirstLayerOf(gi / s.config.kv_heads),
                                                         gi % s.config.kv_heads)]
                             .size();

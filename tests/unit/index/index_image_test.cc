@@ -103,7 +103,7 @@ class IndexImageTest : public ::testing::TestWithParam<SelectorKind> {};
 TEST_P(IndexImageTest, LoadedSelectorSelectsAndInsertsLikeTheOriginal) {
   Built b = Make(GetParam());
   const std::string image = Image(*b.sel);
-  auto loaded = Selector::LoadImage(Config(GetParam()), b.keys.get(), image);
+  auto loaded = Selector::LoadImage(Config(GetParam()), b.keys.get(), image, b.sel->num_tokens());
   ASSERT_THAT(loaded, IsOk());
   ASSERT_NO_FATAL_FAILURE(mdci_test::CheckInvariants(TreeOf(**loaded)));
   EXPECT_EQ((*loaded)->num_tokens(), b.sel->num_tokens());
@@ -134,11 +134,13 @@ TEST_P(IndexImageTest, TruncatedImagesAreRefusedWithoutACrash) {
   std::vector<size_t> cuts = {0, 1, 7, 8, 15, 16, 20, image.size() - 1};
   for (size_t i = 1; i < 300; ++i) cuts.push_back(image.size() * i / 300);
   for (size_t cut : cuts) {
-    auto loaded = Selector::LoadImage(Config(GetParam()), b.keys.get(), image.substr(0, cut));
+    auto loaded = Selector::LoadImage(Config(GetParam()), b.keys.get(), image.substr(0, cut),
+                                      b.sel->num_tokens());
     EXPECT_THAT(loaded, StatusIs(absl::StatusCode::kDataLoss)) << "cut at " << cut;
   }
-  EXPECT_THAT(Selector::LoadImage(Config(GetParam()), b.keys.get(), image + "x"),
-              StatusIs(absl::StatusCode::kDataLoss));
+  EXPECT_THAT(
+      Selector::LoadImage(Config(GetParam()), b.keys.get(), image + "x", b.sel->num_tokens()),
+      StatusIs(absl::StatusCode::kDataLoss));
 }
 
 TEST_P(IndexImageTest, BitFlipsAreRefusedOrLeaveAConsistentTree) {
@@ -152,7 +154,7 @@ TEST_P(IndexImageTest, BitFlipsAreRefusedOrLeaveAConsistentTree) {
     // Flips in the header and counts (the first bytes) as well as anywhere.
     const size_t byte = trial < 100 ? static_cast<size_t>(trial) : at(rng);
     bad[byte] = static_cast<char>(bad[byte] ^ (1 << (trial % 8)));
-    auto loaded = Selector::LoadImage(Config(GetParam()), b.keys.get(), bad);
+    auto loaded = Selector::LoadImage(Config(GetParam()), b.keys.get(), bad, b.sel->num_tokens());
     if (!loaded.ok()) {
       ++refused;
       continue;
@@ -170,24 +172,24 @@ TEST_P(IndexImageTest, ImagesOfOtherKindsAlgorithmsOrParametersAreRefused) {
   const std::string image = Image(*b.sel);
   const SelectorKind other =
       GetParam() == SelectorKind::kMdci ? SelectorKind::kExactMdci : SelectorKind::kMdci;
-  EXPECT_THAT(Selector::LoadImage(Config(other), b.keys.get(), image),
+  EXPECT_THAT(Selector::LoadImage(Config(other), b.keys.get(), image, b.sel->num_tokens()),
               StatusIs(absl::StatusCode::kFailedPrecondition));
   SelectorConfig seed = Config(GetParam());
   seed.mdci.seed = 99;
-  EXPECT_THAT(Selector::LoadImage(seed, b.keys.get(), image),
+  EXPECT_THAT(Selector::LoadImage(seed, b.keys.get(), image, b.sel->num_tokens()),
               StatusIs(absl::StatusCode::kFailedPrecondition, ::testing::HasSubstr("seed")));
   SelectorConfig window = Config(GetParam());
   window.mdci.locality_window = 4096;
   EXPECT_THAT(
-      Selector::LoadImage(window, b.keys.get(), image),
+      Selector::LoadImage(window, b.keys.get(), image, b.sel->num_tokens()),
       StatusIs(absl::StatusCode::kFailedPrecondition, ::testing::HasSubstr("locality_window")));
   std::string algorithm = image;
   algorithm[16] = static_cast<char>(algorithm[16] + 1);  // after magic, format, kind
-  EXPECT_THAT(Selector::LoadImage(Config(GetParam()), b.keys.get(), algorithm),
+  EXPECT_THAT(Selector::LoadImage(Config(GetParam()), b.keys.get(), algorithm, b.sel->num_tokens()),
               StatusIs(absl::StatusCode::kFailedPrecondition, ::testing::HasSubstr("algorithm")));
   std::string format = image;
   format[8] = static_cast<char>(format[8] + 1);
-  EXPECT_THAT(Selector::LoadImage(Config(GetParam()), b.keys.get(), format),
+  EXPECT_THAT(Selector::LoadImage(Config(GetParam()), b.keys.get(), format, b.sel->num_tokens()),
               StatusIs(absl::StatusCode::kFailedPrecondition));
 }
 
@@ -204,10 +206,10 @@ class BaselineImageTest : public ::testing::TestWithParam<SelectorKind> {};
 TEST_P(BaselineImageTest, LoadedSelectorSelectsAndInsertsLikeTheOriginal) {
   Built b = Make(GetParam());
   const std::string image = Image(*b.sel);
-  auto loaded = Selector::LoadImage(Config(GetParam()), b.keys.get(), image);
+  auto loaded = Selector::LoadImage(Config(GetParam()), b.keys.get(), image, b.sel->num_tokens());
   ASSERT_THAT(loaded, IsOk());
-  EXPECT_EQ(Behaviour(**loaded, 21), Behaviour(*b.sel, 21));
   EXPECT_EQ(Image(**loaded), image);
+  EXPECT_EQ(Behaviour(**loaded, 21), Behaviour(*b.sel, 21));
   std::vector<Placement> want, got;
   mdci_test::TestPageKeys scratch(kDim, kPage, DType::kF16);
   for (int64_t at = 2301; at < 3200; at += 300) {
@@ -224,7 +226,8 @@ TEST_P(BaselineImageTest, DamagedOrForeignImagesAreRefusedWithoutACrash) {
   const std::string image = Image(*b.sel);
   for (size_t i = 0; i < 200; ++i) {
     const size_t cut = image.size() * i / 200;
-    EXPECT_THAT(Selector::LoadImage(Config(GetParam()), b.keys.get(), image.substr(0, cut)),
+    EXPECT_THAT(Selector::LoadImage(Config(GetParam()), b.keys.get(), image.substr(0, cut),
+                                    b.sel->num_tokens()),
                 StatusIs(absl::StatusCode::kDataLoss))
         << "cut at " << cut;
   }
@@ -232,22 +235,42 @@ TEST_P(BaselineImageTest, DamagedOrForeignImagesAreRefusedWithoutACrash) {
   std::uniform_int_distribution<size_t> at(0, image.size() - 1);
   for (int trial = 0; trial < 120; ++trial) {
     std::string bad = image;
-    const size_t byte = trial < 60 ? static_cast<size_t>(trial) : at(rng);
+    const size_t byte = trial < 60 ? static_cast<size_t>(trial) % image.size() : at(rng);
     bad[byte] = static_cast<char>(bad[byte] ^ (1 << (trial % 8)));
-    auto loaded = Selector::LoadImage(Config(GetParam()), b.keys.get(), bad);
+    auto loaded = Selector::LoadImage(Config(GetParam()), b.keys.get(), bad, b.sel->num_tokens());
     if (loaded.ok()) Behaviour(**loaded, 23);  // a consistent other state: usable
   }
-  SelectorConfig seed = Config(GetParam());
-  seed.baseline.seed = 99;
-  EXPECT_THAT(Selector::LoadImage(seed, b.keys.get(), image),
+  SelectorConfig other = Config(GetParam());
+  other.baseline.seed = 99;  // pqcache, magicpig
+  other.baseline.snapkv_window += 1;
+  EXPECT_THAT(Selector::LoadImage(other, b.keys.get(), image, b.sel->num_tokens()),
               StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_THAT(Selector::LoadImage(Config(GetParam()), b.keys.get(), image, b.sel->num_tokens() + 1),
+              StatusIs(absl::StatusCode::kDataLoss))
+      << "an image of another token count";
 }
 
 INSTANTIATE_TEST_SUITE_P(Baselines, BaselineImageTest,
-                         ::testing::Values(SelectorKind::kPqcache, SelectorKind::kMagicpig),
+                         ::testing::Values(SelectorKind::kPqcache, SelectorKind::kMagicpig,
+                                           SelectorKind::kSnapkv),
                          [](const ::testing::TestParamInfo<SelectorKind>& info) {
-                           return info.param == SelectorKind::kPqcache ? "Pqcache" : "Magicpig";
+                           return std::string(SelectorKindName(info.param));
                          });
+
+// SnapKV's votes are fixed by its first Select: the image keeps them, so the
+// loaded selector answers later queries as the original does, where a
+// replay of the appends would fix new votes from those queries.
+TEST(SnapkvImageTest, VotesFixedBeforeTheImageAreKept) {
+  Built b = Make(SelectorKind::kSnapkv);
+  Behaviour(*b.sel, 31);  // the first Select fixes the votes
+  const std::string image = Image(*b.sel);
+  auto loaded =
+      Selector::LoadImage(Config(SelectorKind::kSnapkv), b.keys.get(), image, b.sel->num_tokens());
+  ASSERT_THAT(loaded, IsOk());
+  Built replayed = Make(SelectorKind::kSnapkv);
+  EXPECT_EQ(Behaviour(**loaded, 32), Behaviour(*b.sel, 32));
+  EXPECT_NE(Behaviour(*replayed.sel, 32), Behaviour(*b.sel, 32)) << "replay fixes other votes";
+}
 
 TEST(IndexImageKindsTest, PositionalKindsKeepNoImage) {
   mdci_test::TestPageKeys keys(kDim, kPage, DType::kF16);
@@ -258,7 +281,7 @@ TEST(IndexImageKindsTest, PositionalKindsKeepNoImage) {
   EXPECT_THAT((*sel)->SaveImage(&out), StatusIs(absl::StatusCode::kUnimplemented));
   Built b = Make(SelectorKind::kMdci);
   const std::string image = Image(*b.sel);
-  EXPECT_THAT(Selector::LoadImage(Config(SelectorKind::kExact), &keys, image),
+  EXPECT_THAT(Selector::LoadImage(Config(SelectorKind::kExact), &keys, image, b.sel->num_tokens()),
               StatusIs(absl::StatusCode::kFailedPrecondition));
   auto empty = Selector::Create(Config(SelectorKind::kMdci), &keys);
   ASSERT_THAT(empty, IsOk());

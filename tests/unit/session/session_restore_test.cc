@@ -152,6 +152,10 @@ class SessionRestoreTest : public RestoreFixture,
                            public ::testing::WithParamInterface<SelectorKind> {};
 
 TEST_P(SessionRestoreTest, RecoveredSessionSelectsAndShipsWhatATwinWithoutRestartDoes) {
+  if (GetParam() == SelectorKind::kSnapkv) {
+    GTEST_SKIP() << "without its image a replayed snapkv index fixes new votes at its first "
+                    "select (docs/architecture.md §5); IndexImagesAreLoaded covers snapkv";
+  }
   const SessionConfig c = SmallConfig(GetParam());
   Node twin = Node::Start("", false);
   const std::string tid = twin.manager->CreateSession(Alice(), c)->id;
@@ -212,7 +216,9 @@ TEST_P(SessionRestoreTest, SessionWrittenAfterTheSnapshotIsDroppedNotServed) {
 
 TEST_P(SessionRestoreTest, IndexImagesAreLoadedAndTheSessionContinuesLikeItsTwin) {
   const SessionConfig c = SmallConfig(GetParam());
-  const bool has_images = GetParam() == SelectorKind::kMdci || GetParam() == SelectorKind::kPqcache;
+  const bool has_images = GetParam() == SelectorKind::kMdci ||
+                          GetParam() == SelectorKind::kPqcache ||
+                          GetParam() == SelectorKind::kSnapkv;
   Node twin = Node::Start("", false);
   std::pair<std::string, std::string> ids;
   {
@@ -238,7 +244,8 @@ TEST_P(SessionRestoreTest, IndexImagesAreLoadedAndTheSessionContinuesLikeItsTwin
 
 INSTANTIATE_TEST_SUITE_P(Selectors, SessionRestoreTest,
                          ::testing::Values(SelectorKind::kExact, SelectorKind::kMdci,
-                                           SelectorKind::kQuest, SelectorKind::kPqcache));
+                                           SelectorKind::kQuest, SelectorKind::kPqcache,
+                                           SelectorKind::kSnapkv));
 
 void Overwrite(const std::string& path, const std::string& bytes) {
   std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
