@@ -5,9 +5,14 @@
 // the daemon: what a client pays again after a cold restart), then the
 // daemon drains for upgrade (snapshot written, exit 3) and a new daemon on
 // the same backing directory recovers the session (frames checked, indexes
-// rebuilt). Prints the times side by side and one JSON line.
+// loaded from the images the drain wrote). With --compare-replay the
+// recovered daemon drains again, the index images are removed, and a third
+// daemon recovers the session by replaying its appends (the path before
+// index images, and the fallback). Prints the times side by side and one
+// JSON line.
 //   icecache-bench-restart --icecached build/server/icecached \
 //       --layers 32 --kv-heads 8 --tokens 32768
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -15,6 +20,7 @@
 #include <iostream>
 #include <random>
 #include <string>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -34,7 +40,30 @@ struct Flags {
   std::string icecached, dir = "/dev/shm/icecache-bench-restart", selector = "mdci";
   int layers = 32, kv_heads = 8, q_heads = 32, head_dim = 128, page_tokens = 16;
   int64_t tokens = 32768, chunk_tokens = 1024;
+  bool compare_replay = false;
 };
+
+// The last line of `log` holding "msg=<msg>".
+std::string LogLine(const std::string& log, absl::string_view msg) {
+  std::string line;
+  for (absl::string_view l : absl::StrSplit(log, '\n')) {
+    if (l.find(absl::StrCat("msg=", msg)) != absl::string_view::npos) line = std::string(l);
+  }
+  return line;
+}
+
+// Drains `d` for an upgrade through `client` (reset here) and waits for exit 3.
+absl::StatusOr<absl::Duration> DrainForUpgrade(std::unique_ptr<Client>& client, DaemonProcess& d) {
+  const absl::Time t0 = absl::Now();
+  RETURN_IF_ERROR(client->Drain(true, true).status());
+  client.reset();
+  ASSIGN_OR_RETURN(int status, d.Wait(absl::Minutes(5)));
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 3) {
+    return absl::InternalError(
+        absl::StrCat("drain for upgrade: wait status ", status, "\n", d.Stderr()));
+  }
+  return absl::Now() - t0;
+}
 
 absl::StatusOr<std::unique_ptr<DaemonProcess>> Start(const Flags& f, uint64_t capacity) {
   DaemonOptions o;
@@ -77,6 +106,65 @@ absl::StatusOr<absl::Duration> Prefill(Client& client, const SessionSpec& spec,
   return spent;
 }
 
+// What one run measured.
+struct Report {
+  absl::Duration prefill, drain;
+  std::pair<absl::Duration, std::string> loaded, replayed;  // time, the warm_restart line
+  uint64_t image_bytes = 0;
+  std::string written;  // the drain's snapshot_written line
+  uint64_t kv_bytes = 0;
+};
+
+// The table and the JSON line.
+void Print(const Flags& f, const Report& r) {
+  const absl::Duration prefill = r.prefill, drain = r.drain, restart_s = r.loaded.first;
+  const uint64_t kv_bytes = r.kv_bytes, image_bytes = r.image_bytes;
+  const auto& loaded = r.loaded;
+  const auto& replayed = r.replayed;
+  const std::string& written = r.written;
+  absl::PrintF(
+      "session: %d layers x %d KV heads x %d dims fp16, %d tokens (%.2f GiB of K and V), "
+      "selector %s, %d CPUs\n",
+      f.layers, f.kv_heads, f.head_dim, f.tokens, kv_bytes / double(1 << 30), f.selector,
+      static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN)));
+  absl::PrintF("%-46s %10.2f s\n", "re-prefill (AppendKv + index build)",
+               absl::ToDoubleSeconds(prefill));
+  absl::PrintF("%-46s %10.2f s\n", "drain --for-upgrade (snapshot written, exit)",
+               absl::ToDoubleSeconds(drain));
+  const double indexes = static_cast<double>(f.layers) * f.kv_heads;
+  absl::PrintF("%-46s %10.2f s\n", "warm restart, index images loaded",
+               absl::ToDoubleSeconds(restart_s));
+  if (f.compare_replay) {
+    absl::PrintF("%-46s %10.2f s\n", "warm restart, indexes replayed (no images)",
+                 absl::ToDoubleSeconds(replayed.first));
+  }
+  absl::PrintF("%-46s %10.2fx\n", "re-prefill / warm restart (images)",
+               absl::ToDoubleSeconds(prefill) / absl::ToDoubleSeconds(restart_s));
+  if (f.compare_replay) {
+    absl::PrintF("%-46s %10.2fx\n", "replay / images",
+                 absl::ToDoubleSeconds(replayed.first) / absl::ToDoubleSeconds(restart_s));
+  }
+  absl::PrintF("%-46s %10.1f MiB (%.1f B per token per layer x KV head)\n", "index images",
+               image_bytes / double(1 << 20), image_bytes / (indexes * f.tokens));
+  absl::PrintF("daemon (drain): %s\n", written);
+  absl::PrintF("daemon (images): %s\n", loaded.second);
+  if (f.compare_replay) absl::PrintF("daemon (replay): %s\n", replayed.second);
+  double load[3] = {0, 0, 0};
+  getloadavg(load, 3);
+  absl::PrintF("load average at the end: %.2f %.2f %.2f\n", load[0], load[1], load[2]);
+  Json j{{"layers", f.layers},
+         {"kv_heads", f.kv_heads},
+         {"head_dim", f.head_dim},
+         {"tokens", f.tokens},
+         {"selector", f.selector},
+         {"prefill_s", absl::ToDoubleSeconds(prefill)},
+         {"drain_s", absl::ToDoubleSeconds(drain)},
+         {"warm_restart_s", absl::ToDoubleSeconds(restart_s)},
+         {"index_image_bytes", image_bytes}};
+  if (f.compare_replay) j["replay_restart_s"] = absl::ToDoubleSeconds(replayed.first);
+  std::cout << DumpJson(j) << "\n";
+}
+
 absl::Status Run(const Flags& f) {
   SessionSpec spec;
   spec.layers = f.layers;
@@ -102,52 +190,40 @@ absl::Status Run(const Flags& f) {
   ASSIGN_OR_RETURN(auto client, Connect(*before));
   ASSIGN_OR_RETURN(SessionInfo s, client->CreateSession(spec));
   ASSIGN_OR_RETURN(absl::Duration prefill, Prefill(*client, spec, s.id, f));
-  const absl::Time d0 = absl::Now();
-  RETURN_IF_ERROR(client->Drain(true, true).status());
-  client.reset();
-  ASSIGN_OR_RETURN(int status, before->Wait(absl::Minutes(5)));
-  const absl::Duration drain = absl::Now() - d0;
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 3) {
-    return absl::InternalError(
-        absl::StrCat("drain for upgrade: wait status ", status, "\n", before->Stderr()));
+  ASSIGN_OR_RETURN(absl::Duration drain, DrainForUpgrade(client, *before));
+  const std::string images_path = f.dir + "/icecached-indexes";
+  struct stat st;
+  const uint64_t image_bytes = stat(images_path.c_str(), &st) == 0 ? st.st_size : 0;
+  const std::string written = LogLine(before->Stderr(), "snapshot_written");
+  // Starts a daemon that recovers the session, times it, then drains it for
+  // the next restart (then_drain) or stops it (arena file removed).
+  auto restart = [&](bool then_drain) -> absl::StatusOr<std::pair<absl::Duration, std::string>> {
+    const absl::Time r0 = absl::Now();
+    ASSIGN_OR_RETURN(auto after, Start(f, capacity));
+    ASSIGN_OR_RETURN(client, Connect(*after));
+    ASSIGN_OR_RETURN(SessionInfo back, client->GetSession(s.id));
+    const absl::Duration took = absl::Now() - r0;
+    if (back.tokens != static_cast<uint64_t>(f.tokens) || back.epoch != s.epoch) {
+      return absl::InternalError("the recovered session differs");
+    }
+    std::string line = LogLine(after->Stderr(), "warm_restart");
+    if (then_drain) {
+      RETURN_IF_ERROR(DrainForUpgrade(client, *after).status());
+    } else {
+      client.reset();
+      RETURN_IF_ERROR(after->Stop().status());
+    }
+    return std::make_pair(took, line);
+  };
+  ASSIGN_OR_RETURN(auto loaded, restart(f.compare_replay));
+  std::pair<absl::Duration, std::string> replayed;
+  if (f.compare_replay) {
+    unlink(images_path.c_str());  // the next daemon finds no images: replay
+    ASSIGN_OR_RETURN(replayed, restart(false));
   }
-  const absl::Time r0 = absl::Now();
-  ASSIGN_OR_RETURN(auto after, Start(f, capacity));
-  ASSIGN_OR_RETURN(client, Connect(*after));
-  ASSIGN_OR_RETURN(SessionInfo back, client->GetSession(s.id));
-  const absl::Duration restart = absl::Now() - r0;
-  if (back.tokens != static_cast<uint64_t>(f.tokens) || back.epoch != s.epoch) {
-    return absl::InternalError("the recovered session differs");
-  }
-  std::string line;
-  for (absl::string_view l : absl::StrSplit(after->Stderr(), '\n')) {
-    if (l.find("msg=warm_restart") != absl::string_view::npos) line = std::string(l);
-  }
-  absl::PrintF(
-      "session: %d layers x %d KV heads x %d dims fp16, %d tokens (%.2f GiB of K and V), "
-      "selector %s, %d CPUs\n",
-      f.layers, f.kv_heads, f.head_dim, f.tokens, kv_bytes / double(1 << 30), f.selector,
-      static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN)));
-  absl::PrintF("%-46s %10.2f s\n", "re-prefill (AppendKv + index build)",
-               absl::ToDoubleSeconds(prefill));
-  absl::PrintF("%-46s %10.2f s\n", "drain --for-upgrade (snapshot written, exit)",
-               absl::ToDoubleSeconds(drain));
-  absl::PrintF("%-46s %10.2f s\n", "warm restart (start to session served)",
-               absl::ToDoubleSeconds(restart));
-  absl::PrintF("%-46s %10.2fx\n", "re-prefill / warm restart",
-               absl::ToDoubleSeconds(prefill) / absl::ToDoubleSeconds(restart));
-  absl::PrintF("daemon: %s\n", line);
-  Json j{{"layers", f.layers},
-         {"kv_heads", f.kv_heads},
-         {"head_dim", f.head_dim},
-         {"tokens", f.tokens},
-         {"selector", f.selector},
-         {"prefill_s", absl::ToDoubleSeconds(prefill)},
-         {"drain_s", absl::ToDoubleSeconds(drain)},
-         {"warm_restart_s", absl::ToDoubleSeconds(restart)}};
-  std::cout << DumpJson(j) << "\n";
-  client.reset();
-  return after->Stop().status();
+  Report r{prefill, drain, loaded, replayed, image_bytes, written, kv_bytes};
+  Print(f, r);
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -169,6 +245,8 @@ int main(int argc, char** argv) {
   app.add_option("--chunk-tokens,--chunk_tokens", f.chunk_tokens, "tokens per AppendKv")
       ->check(icecache::cli::Positive());
   app.add_option("--selector", f.selector, "mdci, exact, quest, ...");
+  app.add_flag("--compare-replay", f.compare_replay,
+               "also time a restart without the index images (indexes replayed)");
   if (auto code = icecache::cli::Parse(app, argc, argv)) return *code;
   const absl::Status s = icecache::Run(f);
   if (!s.ok()) {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "server/index/kernels.h"
 
@@ -108,6 +109,15 @@ void DciKeySubspace::Fit(const float* keys, int64_t n) {
     q.swap(z);
   }
   basis_ = std::move(q);
+}
+
+bool DciKeySubspace::SetBasis(std::vector<float> basis) {
+  if (basis.size() != static_cast<size_t>(rank_) * dim_) return false;
+  for (float v : basis) {
+    if (!std::isfinite(v)) return false;
+  }
+  basis_ = std::move(basis);
+  return true;
 }
 
 void DciKeySubspace::Project(const float* x, float* out) const {

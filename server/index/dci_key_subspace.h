@@ -31,6 +31,11 @@ class DciKeySubspace {
   // outside the subspace (*res).
   void DeriveSpread(const float* c, float m2, const float* pm2, float* lam, float* res) const;
 
+  // The basis (rank x dim, empty before Fit), and a saved one put back (an
+  // index image): false, changing nothing, unless it is rank x dim finite values.
+  const std::vector<float>& basis() const { return basis_; }
+  bool SetBasis(std::vector<float> basis);
+
   int dim() const { return dim_; }
   int rank() const { return rank_; }
   size_t bytes() const { return basis_.capacity() * sizeof(float); }

@@ -14,11 +14,15 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "server/index/selector.h"
 
 namespace icecache {
+
+class ByteReader;
+class ByteWriter;
 
 class DciPageTable {
  public:
@@ -61,6 +65,13 @@ class DciPageTable {
   // Room for `nodes` logical nodes, `pages` pages and `tokens` positions in
   // all, so appends up to there reallocate nothing (headroom.h).
   void Reserve(size_t nodes, size_t pages, size_t tokens);
+
+  // Index image (dci_tree_image.cc): the whole table. LoadImage reads a
+  // table of `nodes` nodes and `tokens` positions into this empty one and
+  // returns "" when it is consistent (every node's page chain, fill,
+  // position and page_of_position checked), else what is wrong.
+  void SaveImage(ByteWriter* w) const;
+  std::string LoadImage(ByteReader* r, uint32_t nodes, int64_t tokens);
 
   // Mean fill of all pages as a fraction of page_tokens (0 when empty).
   double MeanFill() const;

@@ -50,6 +50,9 @@
 
 namespace icecache {
 
+class ByteReader;
+class ByteWriter;
+
 struct DciTreeParams {
   int dim = 128;
   int page_tokens = 16;
@@ -188,6 +191,25 @@ class DciTree {
   absl::StatusOr<std::unique_ptr<DciTreeRebuild>> PrepareRebuild(const PageKeys& keys,
                                                                  DType dtype) const;
   absl::Status CommitRebuild(std::unique_ptr<DciTreeRebuild> rebuild);
+
+  // Index image (docs/architecture.md §5, warm restart; dci_tree_image.cc):
+  // the whole tree and its page table as bytes, without the keys (they stay
+  // in the frames behind PageKeys). A loaded tree is the saved one: later
+  // Inserts place tokens and CollectCandidates ranks nodes exactly as the
+  // saved tree would have. kImageAlgorithm names the build and insert
+  // algorithm: bump it whenever a change would place a token elsewhere or
+  // keep other representatives, so a daemon refuses an image of another
+  // algorithm (and replays the appends instead).
+  static constexpr uint32_t kImageAlgorithm = 1;
+  void SaveImage(ByteWriter* w) const;
+  // Reads what SaveImage wrote. FailedPrecondition when the image was made
+  // with another algorithm or other parameters than `params`; DataLoss
+  // naming the first inconsistency for an image that is truncated or is not
+  // a consistent tree (every id, count, page chain and position is checked,
+  // sizes against the bytes left before anything is allocated).
+  // `tokens`: the count the tree must hold (else DataLoss).
+  static absl::StatusOr<std::unique_ptr<DciTree>> LoadImage(const DciTreeParams& params,
+                                                            ByteReader* r, int64_t tokens);
 
   // Introspection (tests, stats).
   const DciTreeParams& params() const { return params_; }
@@ -342,6 +364,13 @@ class DciTree {
   // Pages: each logical node's keys in position order.
   absl::Status LayOutPages(int64_t n, std::vector<std::vector<uint32_t>>* members,
                            std::vector<Placement>* placements);
+
+  // --- dci_tree_image.cc: the image's parts and its consistency checks ---
+  bool LoadLevels(ByteReader* r, int top, int64_t n);
+  // "" when the loaded tree is consistent, else what is wrong.
+  std::string CheckPromotion() const;
+  std::string CheckLevel(int level) const;
+  std::string CheckKeysAndPages() const;
 
   // --- dci_tree_descent.cc: candidate collection ---
   int EntryLevel(int entry_nodes) const;

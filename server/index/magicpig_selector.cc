@@ -32,6 +32,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "server/index/baseline_selectors.h"
+#include "server/index/byte_image.h"
 #include "server/index/headroom.h"
 #include "server/index/kernels.h"
 #include "server/index/page_select.h"
@@ -72,6 +73,8 @@ class MagicpigSelector final : public TokenScoringSelector, public AttentionEsti
   absl::Status EstimateOutput(const float* queries, int num_queries, const SelectParams& params,
                               const float* values, float* out, int64_t* sampled) const override;
 
+  bool has_image() const override { return true; }
+
   size_t index_bytes() const override {
     return layout_bytes() + codes_.size() * sizeof(uint16_t) +
            (norms_.size() + planes_.size() + center_.size()) * sizeof(float);
@@ -86,6 +89,11 @@ class MagicpigSelector final : public TokenScoringSelector, public AttentionEsti
     std::vector<float> prob;      // G x tokens.size(); 0 = not sampled for that query
     uint64_t touched = 0;
   };
+
+  // Image: the parameters that shaped the hash (the planes are drawn from
+  // the seed again), then the centre, the codes and the norms.
+  void SaveState(ByteWriter* w) const override;
+  absl::Status LoadState(ByteReader* r, int64_t n) override;
 
   void Hash(const float* x, uint16_t* codes) const {
     thread_local std::vector<float> proj;
@@ -141,6 +149,51 @@ class MagicpigSelector final : public TokenScoringSelector, public AttentionEsti
   std::vector<float> norms_;     // n norms of the centred keys (collision probability)
   std::vector<float> center_;    // the mean key of the first append (MagicPIG centres keys)
 };
+
+constexpr uint32_t kMagicpigImageAlgorithm = 1;  // bump when the hashing or centring changes
+
+void MagicpigSelector::SaveState(ByteWriter* w) const {
+  w->Put<uint32_t>(kMagicpigImageAlgorithm);
+  w->Put<int32_t>(bits_);
+  w->Put<int32_t>(tables_);
+  w->Put<uint64_t>(config_.baseline.seed);
+  w->PutArray(center_);
+  w->PutArray(codes_);
+  w->PutArray(norms_);
+}
+
+absl::Status MagicpigSelector::LoadState(ByteReader* r, int64_t n) {
+  uint32_t algorithm = 0;
+  int32_t bits = 0, tables = 0;
+  uint64_t seed = 0;
+  if (!r->Get(&algorithm) || !r->Get(&bits) || !r->Get(&tables) || !r->Get(&seed)) {
+    return absl::DataLossError("magicpig image: truncated header");
+  }
+  if (algorithm != kMagicpigImageAlgorithm || bits != bits_ || tables != tables_ ||
+      seed != config_.baseline.seed) {
+    return absl::FailedPreconditionError(
+        "magicpig image of another algorithm or other parameters (bits, tables, seed)");
+  }
+  if (!r->GetArray(&center_, static_cast<uint64_t>(dim_)) ||
+      !r->GetArray(&codes_, static_cast<uint64_t>(n) * tables_) ||
+      !r->GetArray(&norms_, static_cast<uint64_t>(n))) {
+    return absl::DataLossError("magicpig image: truncated, or its counts disagree");
+  }
+  for (float v : center_) {
+    if (!std::isfinite(v)) return absl::DataLossError("magicpig image: a non-finite centre");
+  }
+  for (float v : norms_) {
+    if (!(v >= 0.0f) || !std::isfinite(v)) {
+      return absl::DataLossError("magicpig image: a bad key norm");
+    }
+  }
+  for (uint16_t c : codes_) {
+    if (bits_ < 16 && c >= (1u << bits_)) {
+      return absl::DataLossError("magicpig image: a code past its bits");
+    }
+  }
+  return absl::OkStatus();
+}
 
 absl::Status MagicpigSelector::Sample(const float* queries, int nq, Samples* s) const {
   const int64_t n = num_tokens();

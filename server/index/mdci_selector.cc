@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "server/index/byte_image.h"
 #include "server/index/kernels.h"
 #include "server/index/page_select.h"
 #include "server/index/token_select.h"
@@ -41,6 +42,25 @@ std::unique_ptr<Selector> NewMdciSelector(const SelectorConfig& config, const Pa
   return std::move(sel).value();
 }
 
+DciTreeParams MdciSelector::TreeParams(const SelectorConfig& config) {
+  const MdciParams& m = config.mdci;
+  DciTreeParams tp;
+  tp.dim = config.head_dim;
+  tp.page_tokens = config.page_tokens;
+  tp.ratio = m.promotion_ratio;
+  tp.norm_headroom = m.norm_headroom;
+  tp.rebuild_fraction = m.rebuild_fraction;
+  tp.route_fov = m.route_fov;
+  tp.build_candidates = m.build_candidates;
+  tp.refine_iters = m.refine_iters;
+  tp.decode_slack = m.decode_slack;
+  tp.spread_rank = m.spread_rank;
+  tp.locality_window = m.locality_window;
+  tp.augmented_routing = m.augmented_routing;
+  tp.seed = m.seed;
+  return tp;
+}
+
 absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::Create(const SelectorConfig& config,
                                                                    const PageKeys* keys) {
   if (config.kind != SelectorKind::kMdci && config.kind != SelectorKind::kExactMdci) {
@@ -57,22 +77,20 @@ absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::Create(const Selecto
         m.cover_factor, ", ", m.entry_nodes, ", ", m.min_candidate_pages, ", ", m.decode_slack,
         ", ", m.spread_weight));
   }
-  DciTreeParams tp;
-  tp.dim = config.head_dim;
-  tp.page_tokens = config.page_tokens;
-  tp.ratio = m.promotion_ratio;
-  tp.norm_headroom = m.norm_headroom;
-  tp.rebuild_fraction = m.rebuild_fraction;
-  tp.route_fov = m.route_fov;
-  tp.build_candidates = m.build_candidates;
-  tp.refine_iters = m.refine_iters;
-  tp.decode_slack = m.decode_slack;
-  tp.spread_rank = m.spread_rank;
-  tp.locality_window = m.locality_window;
-  tp.augmented_routing = m.augmented_routing;
-  tp.seed = m.seed;
-  ASSIGN_OR_RETURN(std::unique_ptr<DciTree> tree, DciTree::Create(tp));
+  ASSIGN_OR_RETURN(std::unique_ptr<DciTree> tree, DciTree::Create(TreeParams(config)));
   return std::unique_ptr<MdciSelector>(new MdciSelector(config, keys, std::move(tree)));
+}
+
+void MdciSelector::SaveImageBody(ByteWriter* w) const { tree_->SaveImage(w); }
+
+absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::LoadImage(const SelectorConfig& config,
+                                                                      const PageKeys* keys,
+                                                                      ByteReader* r,
+                                                                      int64_t tokens) {
+  // Create validates the config exactly as for a fresh selector.
+  ASSIGN_OR_RETURN(std::unique_ptr<MdciSelector> sel, Create(config, keys));
+  ASSIGN_OR_RETURN(sel->tree_, DciTree::LoadImage(TreeParams(config), r, tokens));
+  return sel;
 }
 
 absl::Status MdciSelector::Build(const float* keys, int64_t n, std::vector<Placement>* placements) {

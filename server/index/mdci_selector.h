@@ -81,6 +81,12 @@ class MdciSelector : public Selector {
   }
   size_t index_bytes() const override { return tree_->bytes(); }
   Placement placement_of(int32_t position) const override;
+  bool has_image() const override { return true; }
+  // The image body (after Selector's header) read back; statuses as
+  // Selector::LoadImage.
+  static absl::StatusOr<std::unique_ptr<MdciSelector>> LoadImage(const SelectorConfig& config,
+                                                                 const PageKeys* keys,
+                                                                 ByteReader* r, int64_t tokens);
 
   // Background rebuild of the MIPS bound and representatives (tokens never
   // move): NeedsRebuild() when more than rebuild_fraction of the keys exceed
@@ -111,6 +117,9 @@ class MdciSelector : public Selector {
   MdciSelector(const SelectorConfig& config, const PageKeys* keys, std::unique_ptr<DciTree> tree)
       : Selector(config), keys_(keys), tree_(std::move(tree)) {}
 
+  void SaveImageBody(ByteWriter* w) const override;
+  // The tree parameters of a validated config.
+  static DciTreeParams TreeParams(const SelectorConfig& config);
   void PrefetchPage(uint32_t page) const;
   // Per-thread scratch: the descent's candidate pages (mdci).
   void CollectCandidatePages(const float* queries, int num_queries, const SelectParams& params,

@@ -36,6 +36,22 @@ absl::StatusOr<MipsAugmentation> MipsAugmentation::FromMaxNorm(float max_norm, i
   return MipsAugmentation(bound, dim, rebuild_fraction);
 }
 
+absl::StatusOr<MipsAugmentation> MipsAugmentation::FromState(float bound, int dim,
+                                                             float rebuild_fraction,
+                                                             int64_t keys_seen,
+                                                             int64_t over_bound) {
+  absl::Status s = CheckParams(dim, 1.0f, rebuild_fraction);
+  if (!s.ok()) return s;
+  if (!(bound > 0.0f) || !std::isfinite(bound) || over_bound < 0 || over_bound > keys_seen) {
+    return absl::InvalidArgumentError(absl::StrCat("MIPS state out of range: bound ", bound,
+                                                   ", keys seen ", keys_seen, ", over bound ",
+                                                   over_bound));
+  }
+  MipsAugmentation m(bound, dim, rebuild_fraction);
+  m.Count(keys_seen, over_bound);
+  return m;
+}
+
 absl::StatusOr<MipsAugmentation> MipsAugmentation::Create(const float* keys, int64_t n, int dim,
                                                           float norm_headroom,
                                                           float rebuild_fraction) {

@@ -29,6 +29,11 @@ class MipsAugmentation {
   static absl::StatusOr<MipsAugmentation> FromMaxNorm(float max_norm, int dim, float norm_headroom,
                                                       float rebuild_fraction);
 
+  // Same, from the state of a saved one (an index image): InvalidArgument
+  // unless the bound is positive and finite and 0 <= over_bound <= keys_seen.
+  static absl::StatusOr<MipsAugmentation> FromState(float bound, int dim, float rebuild_fraction,
+                                                    int64_t keys_seen, int64_t over_bound);
+
   float bound() const { return bound_; }  // M
   int dim() const { return dim_; }
 

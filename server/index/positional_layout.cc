@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "server/index/byte_image.h"
 #include "server/index/headroom.h"
 #include "server/index/kernels.h"
 #include "server/index/page_select.h"
@@ -52,6 +54,32 @@ absl::Status PositionalLayoutSelector::Append(const float* keys, int64_t n,
     positions_.push_back(static_cast<int32_t>(pos));
   }
   num_tokens_ += n;
+  return absl::OkStatus();
+}
+
+void PositionalLayoutSelector::SaveImageBody(ByteWriter* w) const {
+  w->Put<int64_t>(num_tokens_);
+  SaveState(w);
+}
+
+absl::Status PositionalLayoutSelector::LoadState(ByteReader* /*r*/, int64_t /*n*/) {
+  return absl::UnimplementedError(
+      absl::StrCat("selector ", std::string(SelectorKindName(kind())), " keeps no index image"));
+}
+
+absl::Status PositionalLayoutSelector::LoadImageBody(ByteReader* r, int64_t tokens) {
+  if (num_tokens_ != 0) return absl::FailedPreconditionError("an image loads into an empty index");
+  int64_t n = 0;
+  if (!r->Get(&n) || n != tokens || n < 1 || n > std::numeric_limits<int32_t>::max()) {
+    return absl::DataLossError("index image: bad token count");
+  }
+  RETURN_IF_ERROR(LoadState(r, n));
+  if (!r->ok() || r->remaining() != 0) {
+    return absl::DataLossError("index image: truncated, or bytes past its end");
+  }
+  positions_.reserve(TokensWithHeadroom(n));
+  for (int64_t p = 0; p < n; ++p) positions_.push_back(static_cast<int32_t>(p));
+  num_tokens_ = n;
   return absl::OkStatus();
 }
 

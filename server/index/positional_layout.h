@@ -62,8 +62,21 @@ class PositionalLayoutSelector : public Selector {
   const int32_t* positions(uint32_t page) const override;
   SelectorKind kind() const override { return config_.kind; }
 
+  // Index image (Selector::SaveImage; kinds that override has_image()): the
+  // token count, then the kind's state (SaveState). LoadImageBody reads
+  // that into this empty selector; statuses as Selector::LoadImage.
+  // `tokens`: the count the image must hold (else DataLoss).
+  absl::Status LoadImageBody(ByteReader* r, int64_t tokens);
+
  protected:
   PositionalLayoutSelector(const SelectorConfig& config, const PageKeys* keys);
+  void SaveImageBody(ByteWriter* w) const final;
+  // The kind's state in the image. LoadState reads it for `n` tokens into
+  // this empty selector: FailedPrecondition for an image of other
+  // parameters or algorithm, DataLoss naming what is inconsistent (`n` is
+  // already checked against the count the caller expects).
+  virtual void SaveState(ByteWriter* /*w*/) const {}
+  virtual absl::Status LoadState(ByteReader* r, int64_t n);
   // Called after the keys are validated, before num_tokens() grows; the new
   // keys take positions [num_tokens(), num_tokens() + n). Must not fail
   // once it has changed anything (validate first, then change).

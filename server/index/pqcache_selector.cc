@@ -25,8 +25,10 @@
 #include <random>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "server/index/baseline_selectors.h"
+#include "server/index/byte_image.h"
 #include "server/index/headroom.h"
 #include "server/index/kernels.h"
 #include "server/index/page_select.h"
@@ -47,6 +49,8 @@ class PqcacheSelector final : public TokenScoringSelector {
   size_t index_bytes() const override {
     return layout_bytes() + codes_.size() + centroids_.size() * sizeof(float);
   }
+
+  bool has_image() const override { return true; }
 
   // The approximate logit (unscaled) of token `i` for query `q` (tests).
   float ApproxDot(const float* q, int64_t i) const {
@@ -87,6 +91,11 @@ class PqcacheSelector final : public TokenScoringSelector {
     }
   }
 
+  // Image: the parameters that shaped the codebooks, then k, the
+  // centroids, their norms and the codes.
+  void SaveState(ByteWriter* w) const override;
+  absl::Status LoadState(ByteReader* r, int64_t n) override;
+
   void Train(const float* keys, int64_t n);
   absl::Status OnAppend(const float* keys, int64_t n, bool) override {
     if (k_ == 0) Train(keys, n);
@@ -109,6 +118,58 @@ class PqcacheSelector final : public TokenScoringSelector {
   std::vector<float> centroid_norms_;  // m x k squared norms
   std::vector<uint8_t> codes_;         // n x m
 };
+
+constexpr uint32_t kPqImageAlgorithm = 1;  // bump when Train or the encoding changes
+
+void PqcacheSelector::SaveState(ByteWriter* w) const {
+  const BaselineParams& bp = config_.baseline;
+  w->Put<uint32_t>(kPqImageAlgorithm);
+  w->Put<int32_t>(m_);
+  w->Put<int32_t>(bp.pq_bits);
+  w->Put<int32_t>(bp.pq_kmeans_iters);
+  w->Put<uint64_t>(bp.seed);
+  w->Put<int32_t>(k_);
+  w->PutArray(centroids_);
+  w->PutArray(centroid_norms_);
+  w->PutArray(codes_);
+}
+
+absl::Status PqcacheSelector::LoadState(ByteReader* r, int64_t n) {
+  const BaselineParams& bp = config_.baseline;
+  uint32_t algorithm = 0;
+  int32_t m = 0, bits = 0, iters = 0, k = 0;
+  uint64_t seed = 0;
+  if (!r->Get(&algorithm) || !r->Get(&m) || !r->Get(&bits) || !r->Get(&iters) || !r->Get(&seed) ||
+      !r->Get(&k)) {
+    return absl::DataLossError("pqcache image: truncated header");
+  }
+  if (algorithm != kPqImageAlgorithm || m != m_ || bits != bp.pq_bits ||
+      iters != bp.pq_kmeans_iters || seed != bp.seed) {
+    return absl::FailedPreconditionError(
+        "pqcache image of another algorithm or other parameters (subspaces, bits, iterations, "
+        "seed)");
+  }
+  if (k < 1 || k > (1 << bits) || k > n || k > 256) {
+    return absl::DataLossError(absl::StrCat("pqcache image: ", k, " centroids"));
+  }
+  const uint64_t cents = static_cast<uint64_t>(m_) * k;
+  if (!r->GetArray(&centroids_, cents * sub_) || !r->GetArray(&centroid_norms_, cents) ||
+      !r->GetArray(&codes_, static_cast<uint64_t>(n) * m_)) {
+    return absl::DataLossError("pqcache image: truncated, or its counts disagree");
+  }
+  for (float v : centroids_) {
+    if (!std::isfinite(v)) return absl::DataLossError("pqcache image: a non-finite centroid");
+  }
+  for (float v : centroid_norms_) {
+    if (!std::isfinite(v)) return absl::DataLossError("pqcache image: a non-finite norm");
+  }
+  for (uint8_t c : codes_) {
+    if (c >= k) return absl::DataLossError("pqcache image: a code past the centroids");
+  }
+  k_ = k;
+  ReserveGeometric(&codes_, static_cast<size_t>(TokensWithHeadroom(n)) * m_);
+  return absl::OkStatus();
+}
 
 // Lloyd's k-means per sub-space on (a seeded sample of) the first keys.
 void PqcacheSelector::Train(const float* keys, int64_t n) {

@@ -1,18 +1,23 @@
 #include "server/index/selector.h"
 
 #include <cmath>
+#include <cstring>
 #include <string>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "server/index/baseline_selectors.h"
+#include "server/index/byte_image.h"
 #include "server/index/mdci_selector.h"
+#include "server/index/positional_layout.h"
 #include "server/index/positional_selector.h"
 
 namespace icecache {
 
 namespace {
+
+constexpr char kImageMagic[8] = {'I', 'C', 'E', 'I', 'D', 'X', 'I', 'M'};
 
 struct KindName {
   SelectorKind kind;
@@ -153,6 +158,57 @@ Placement Selector::placement_of(int32_t position) const {
     }
   }
   return Placement{};
+}
+
+void Selector::SaveImageBody(ByteWriter* /*w*/) const {}
+
+absl::Status Selector::SaveImage(std::string* out) const {
+  if (!has_image()) {
+    return absl::UnimplementedError(
+        absl::StrCat("selector ", std::string(SelectorKindName(kind())), " keeps no index image"));
+  }
+  if (num_tokens() == 0) return absl::FailedPreconditionError("an empty index has no image");
+  ByteWriter w(out);
+  w.PutBytes(kImageMagic, sizeof(kImageMagic));
+  w.Put<uint32_t>(kImageFormat);
+  w.Put<uint32_t>(static_cast<uint32_t>(kind()));
+  SaveImageBody(&w);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Selector>> Selector::LoadImage(const SelectorConfig& config,
+                                                              const PageKeys* keys,
+                                                              std::string_view image,
+                                                              int64_t tokens) {
+  if (keys == nullptr) return absl::InvalidArgumentError("PageKeys must not be null");
+  RETURN_IF_ERROR(ValidateConfig(config));
+  ByteReader r(image);
+  char magic[sizeof(kImageMagic)];
+  uint32_t format = 0, kind = 0;
+  if (!r.GetBytes(magic, sizeof(magic)) || std::memcmp(magic, kImageMagic, sizeof(magic)) != 0 ||
+      !r.Get(&format) || !r.Get(&kind)) {
+    return absl::DataLossError("not an index image (bad magic or truncated header)");
+  }
+  if (format != kImageFormat || kind != static_cast<uint32_t>(config.kind)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "index image of format ", format, " and selector kind ", kind, "; expected format ",
+        kImageFormat, " and kind ", static_cast<int>(config.kind), " (",
+        std::string(SelectorKindName(config.kind)), ")"));
+  }
+  if (config.kind == SelectorKind::kMdci || config.kind == SelectorKind::kExactMdci) {
+    ASSIGN_OR_RETURN(std::unique_ptr<MdciSelector> sel,
+                     MdciSelector::LoadImage(config, keys, &r, tokens));
+    return std::unique_ptr<Selector>(std::move(sel));
+  }
+  if (config.kind == SelectorKind::kPqcache || config.kind == SelectorKind::kMagicpig ||
+      config.kind == SelectorKind::kSnapkv) {
+    // Baselines on the positional layout (baseline_selectors.h).
+    ASSIGN_OR_RETURN(std::unique_ptr<Selector> sel, Create(config, keys));
+    RETURN_IF_ERROR(static_cast<PositionalLayoutSelector&>(*sel).LoadImageBody(&r, tokens));
+    return sel;
+  }
+  return absl::UnimplementedError(absl::StrCat(
+      "selector ", std::string(SelectorKindName(config.kind)), " keeps no index image"));
 }
 
 absl::StatusOr<std::unique_ptr<Selector>> Selector::Create(const SelectorConfig& config,

@@ -26,6 +26,9 @@
 
 namespace icecache {
 
+class ByteReader;
+class ByteWriter;
+
 // Where one token landed: page id (dense, 0..num_pages()-1, never reused
 // within a selector) and slot within that page (0..page_tokens-1).
 struct Placement {
@@ -216,8 +219,33 @@ class Selector {
   // Bytes held by the index structures (excluding the KV bytes behind PageKeys).
   virtual size_t index_bytes() const = 0;
 
+  // Index image (docs/architecture.md §5, warm restart): the selector's
+  // whole state as bytes (not the keys: they stay behind PageKeys), so a
+  // restarted daemon loads it instead of replaying every append. Header:
+  // "ICEIDXIM", u32 kImageFormat, u32 kind, then the kind's own body (mdci,
+  // exact-mdci: DciTree::SaveImage, with its algorithm version and build
+  // parameters). Appends to `out`. Unimplemented for the kinds that keep no
+  // image (has_image() false); FailedPrecondition for an empty index.
+  static constexpr uint32_t kImageFormat = 1;
+  virtual bool has_image() const { return false; }
+  absl::Status SaveImage(std::string* out) const;
+  // The selector an image holds, reading its keys through `keys` (the
+  // frames the saved one read); it must hold exactly `tokens` tokens (the
+  // caller knows: a snapshot records them), checked before anything is
+  // sized by the image's count. InvalidArgument for a bad config (as
+  // Create); FailedPrecondition when the image is of another format, kind,
+  // algorithm or parameters than `config`; DataLoss naming what is wrong
+  // when it is truncated or inconsistent (any bytes are survived: sizes are
+  // checked before any allocation); Unimplemented for a kind without images.
+  static absl::StatusOr<std::unique_ptr<Selector>> LoadImage(const SelectorConfig& config,
+                                                             const PageKeys* keys,
+                                                             std::string_view image,
+                                                             int64_t tokens);
+
  protected:
   explicit Selector(const SelectorConfig& config) : config_(config) {}
+  // The kind's body of the image (called only when has_image()).
+  virtual void SaveImageBody(ByteWriter* w) const;
   SelectorConfig config_;
 };
 

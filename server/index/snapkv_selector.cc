@@ -18,14 +18,17 @@
 // Thread safety: the first Select() fixes the votes under mu_; later
 // Select() calls read them under a reader lock.
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "common/status_macros.h"
 #include "server/index/baseline_selectors.h"
+#include "server/index/byte_image.h"
 #include "server/index/page_select.h"
 #include "server/index/positional_layout.h"
 
@@ -68,6 +71,10 @@ class SnapkvSelector final : public PositionalLayoutSelector, public TokenRanker
     return absl::OkStatus();
   }
 
+  // Image: whether the votes were fixed, and the votes (a recovered session
+  // keeps the votes its first Select fixed; a replay would fix new ones).
+  bool has_image() const override { return true; }
+
   size_t index_bytes() const override {
     absl::ReaderMutexLock lock(&mu_);
     return layout_bytes() + (vote_.size() + page_vote_.size()) * sizeof(float);
@@ -83,6 +90,8 @@ class SnapkvSelector final : public PositionalLayoutSelector, public TokenRanker
   }
 
   absl::Status FixOnce(const float* queries, int nq) const ABSL_LOCKS_EXCLUDED(mu_);
+  void SaveState(ByteWriter* w) const override ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status LoadState(ByteReader* r, int64_t n) override ABSL_LOCKS_EXCLUDED(mu_);
 
   mutable absl::Mutex mu_;
   mutable bool fixed_ ABSL_GUARDED_BY(mu_) = false;
@@ -90,6 +99,58 @@ class SnapkvSelector final : public PositionalLayoutSelector, public TokenRanker
   mutable std::vector<float> vote_ ABSL_GUARDED_BY(mu_);       // pooled vote per prefix token
   mutable std::vector<float> page_vote_ ABSL_GUARDED_BY(mu_);  // best vote per prefix page
 };
+
+constexpr uint32_t kSnapkvImageAlgorithm = 1;  // bump when the voting changes
+
+void SnapkvSelector::SaveState(ByteWriter* w) const {
+  const BaselineParams& bp = config_.baseline;
+  absl::ReaderMutexLock lock(&mu_);
+  w->Put<uint32_t>(kSnapkvImageAlgorithm);
+  w->Put<int32_t>(bp.snapkv_window);
+  w->Put<int32_t>(bp.snapkv_kernel);
+  w->Put<uint8_t>(bp.snapkv_avg_pool ? 1 : 0);
+  w->Put<uint8_t>(fixed_ ? 1 : 0);
+  w->Put<int64_t>(prefix_);
+  w->PutArray(vote_);
+}
+
+absl::Status SnapkvSelector::LoadState(ByteReader* r, int64_t n) {
+  const BaselineParams& bp = config_.baseline;
+  uint32_t algorithm = 0;
+  int32_t window = 0, kernel = 0;
+  uint8_t avg = 0, fixed = 0;
+  int64_t prefix = 0;
+  if (!r->Get(&algorithm) || !r->Get(&window) || !r->Get(&kernel) || !r->Get(&avg) ||
+      !r->Get(&fixed) || !r->Get(&prefix)) {
+    return absl::DataLossError("snapkv image: truncated header");
+  }
+  if (algorithm != kSnapkvImageAlgorithm || window != bp.snapkv_window ||
+      kernel != bp.snapkv_kernel || avg != (bp.snapkv_avg_pool ? 1 : 0)) {
+    return absl::FailedPreconditionError(
+        "snapkv image of another algorithm or other parameters (window, kernel, pooling)");
+  }
+  if (fixed > 1 || prefix < 0 || prefix > n || (fixed == 0 && prefix != 0)) {
+    return absl::DataLossError("snapkv image: bad vote state");
+  }
+  std::vector<float> vote;
+  if (!r->GetArray(&vote, static_cast<uint64_t>(prefix))) {
+    return absl::DataLossError("snapkv image: truncated votes");
+  }
+  for (float v : vote) {
+    if (!(v >= 0.0f) || !std::isfinite(v)) return absl::DataLossError("snapkv image: a bad vote");
+  }
+  absl::MutexLock lock(&mu_);
+  page_vote_.assign((prefix + page_tokens_ - 1) / page_tokens_,
+                    -std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < prefix; ++i) {
+    float& v = page_vote_[i / page_tokens_];
+    v = std::max(v, vote[i]);
+  }
+  vote_ = std::move(vote);
+  prefix_ = prefix;
+  fixed_ = fixed == 1;
+  return absl::OkStatus();
+}
 
 absl::Status SnapkvSelector::FixOnce(const float* queries, int nq) const {
   absl::MutexLock lock(&mu_);

@@ -96,7 +96,9 @@ class Daemon {
   void CollectMetrics();
   // Warm restart (docs/architecture.md §5): the pool, file-backed when
   // pool.backing_dir is set, over the previous daemon's arena when its
-  // snapshot can be used (the snapshot is consumed: read, then removed).
+  // snapshot can be used (the snapshot is consumed: read, then removed;
+  // likewise the index images, opened into index_images_ until the
+  // sessions are recovered).
   absl::Status CreatePool(std::optional<SnapshotImage>* snapshot);
   void RecoverSessions(const SnapshotImage& snapshot);
   void WriteUpgradeSnapshot();
@@ -148,7 +150,9 @@ class Daemon {
   SnapshotFamily* decode_rings_ = nullptr;
   SnapshotFamily* decode_rings_closed_ = nullptr;
 
-  std::string snapshot_path_;  // empty: no warm restart
+  std::string snapshot_path_;                     // empty: no warm restart
+  std::string index_images_path_;                 // next to the snapshot
+  std::unique_ptr<IndexImageFile> index_images_;  // from CreatePool to RecoverSessions
   std::atomic<bool> for_upgrade_{false};
   std::atomic<int> exit_code_{0};
 

@@ -61,6 +61,18 @@ std::optional<SnapshotImage> TakeSnapshotFile(const std::string& path, uint64_t 
   return std::nullopt;
 }
 
+// The previous daemon's index images when its snapshot is used; the file is
+// removed either way (an image is trusted for one start, like the snapshot).
+std::unique_ptr<IndexImageFile> TakeIndexImages(const std::string& path, bool wanted) {
+  absl::StatusOr<std::unique_ptr<IndexImageFile>> f = IndexImageFile::OpenAndRemove(path);
+  if (f.ok() && wanted) return std::move(f).value();
+  if (!f.ok() && !absl::IsNotFound(f.status()) && wanted) {
+    Log(LogLevel::kWarn, "index_images_ignored",
+        {{"path", path}, {"why", f.status().message()}, {"effect", "indexes are replayed"}});
+  }
+  return nullptr;
+}
+
 }  // namespace
 
 absl::Status Daemon::CreatePool(std::optional<SnapshotImage>* snapshot) {
@@ -76,7 +88,9 @@ absl::Status Daemon::CreatePool(std::optional<SnapshotImage>* snapshot) {
     snapshot_path_ = absl::StrCat(dir, "/", kSnapshotFile);
     const uint64_t capacity = (opts.capacity_bytes + PagePool::kSlabBytes - 1) /
                               PagePool::kSlabBytes * PagePool::kSlabBytes;
+    index_images_path_ = absl::StrCat(dir, "/", kIndexImageFile);
     *snapshot = TakeSnapshotFile(snapshot_path_, capacity);
+    index_images_ = TakeIndexImages(index_images_path_, snapshot->has_value());
     opts.reuse_backing_file = snapshot->has_value();
   }
   absl::StatusOr<std::unique_ptr<PagePool>> pool = PagePool::Create(opts);
@@ -86,6 +100,7 @@ absl::Status Daemon::CreatePool(std::optional<SnapshotImage>* snapshot) {
          {"why", pool.status().message()},
          {"effect", "cold start: no session is recovered"}});
     snapshot->reset();
+    index_images_.reset();
     opts.reuse_backing_file = false;
     pool = PagePool::Create(opts);
   }
@@ -95,14 +110,25 @@ absl::Status Daemon::CreatePool(std::optional<SnapshotImage>* snapshot) {
 }
 
 void Daemon::RecoverSessions(const SnapshotImage& snapshot) {
-  const SessionManager::RestoreReport r = manager_->Restore(snapshot);
+  const SessionManager::RestoreReport r = manager_->Restore(snapshot, index_images_.get());
+  index_images_.reset();  // closes the (already removed) file
   for (const std::vector<std::string>& d : r.dropped) {
     Log(LogLevel::kWarn, "session_not_recovered",
         {{"id", d[0]}, {"tenant", d[1]}, {"why", d[2]}, {"effect", "dropped, never served"}});
   }
+  for (const std::vector<std::string>& d : r.images_refused) {
+    Log(LogLevel::kWarn, "index_image_refused",
+        {{"id", d[0]},
+         {"indexes", d[1]},
+         {"first", d[2]},
+         {"why", d[3]},
+         {"effect", "those indexes were rebuilt by replaying the appends"}});
+  }
   Log(LogLevel::kInfo, "warm_restart",
       {{"recovered", r.recovered},
        {"dropped", static_cast<int64_t>(r.dropped.size())},
+       {"indexes_loaded", r.indexes_loaded},
+       {"indexes_replayed", r.indexes_replayed},
        {"verify_ms", absl::ToInt64Milliseconds(r.verify_time)},
        {"rebuild_ms", absl::ToInt64Milliseconds(r.rebuild_time)},
        {"snapshot_epoch", snapshot.daemon_epoch},
@@ -115,7 +141,20 @@ void Daemon::WriteUpgradeSnapshot() {
   // the checksums in the snapshot stay true until the next daemon reads it.
   pool_->Freeze();
   std::vector<std::string> skipped;
-  const SnapshotImage image = manager_->TakeSnapshot(&skipped);
+  // The index images first: the snapshot names them, and a snapshot without
+  // them (they could not be written) still restores, by replay.
+  absl::StatusOr<std::unique_ptr<IndexImageFileWriter>> images =
+      IndexImageFileWriter::Create(index_images_path_);
+  SnapshotImage image = manager_->TakeSnapshot(&skipped, images.ok() ? images->get() : nullptr);
+  absl::Status images_st = images.status();
+  if (images_st.ok()) images_st = (*images)->Commit();
+  if (!images_st.ok()) {
+    for (SessionImage& s : image.sessions) s.index_images.clear();
+    Log(LogLevel::kWarn, "index_images_failed",
+        {{"path", index_images_path_},
+         {"error", images_st.message()},
+         {"effect", "the next daemon rebuilds the indexes by replay"}});
+  }
   const absl::Status st = WriteSnapshotFile(image, snapshot_path_);
   if (!st.ok()) {
     exit_code_.store(1);
@@ -129,6 +168,9 @@ void Daemon::WriteUpgradeSnapshot() {
       {{"path", snapshot_path_},
        {"sessions", static_cast<int64_t>(image.sessions.size())},
        {"skipped", skipped.empty() ? std::string("none") : absl::StrJoin(skipped, "; ")},
+       {"index_images", images_st.ok() ? (*images)->images() : int64_t{0}},
+       {"index_image_bytes",
+        images_st.ok() ? static_cast<int64_t>((*images)->bytes()) : int64_t{0}},
        {"ms", absl::ToInt64Milliseconds(absl::Now() - t0)}});
 }
 

@@ -287,12 +287,23 @@ class SessionManager {
   // off) or with a broken index are left out (listed in *skipped with why).
   // Call with no request in flight (after the server stopped) and after
   // PagePool::Freeze(), so the bytes cannot change under the snapshot.
-  SnapshotImage TakeSnapshot(std::vector<std::string>* skipped) ABSL_LOCKS_EXCLUDED(mu_);
+  // With `images`, every index that keeps an image (Selector::has_image) is
+  // saved there and the image records where (SessionImage::index_images);
+  // an index whose image cannot be written restores by replay.
+  SnapshotImage TakeSnapshot(std::vector<std::string>* skipped,
+                             IndexImageFileWriter* images = nullptr) ABSL_LOCKS_EXCLUDED(mu_);
   struct RestoreReport {
     int recovered = 0;
     // (session id, tenant, why) of every session not recovered.
     std::vector<std::vector<std::string>> dropped;
     absl::Duration verify_time, rebuild_time;
+    // Indexes (layer group, KV head) loaded from their image, and rebuilt by
+    // replaying the chunks (no image, or one that was refused).
+    int64_t indexes_loaded = 0;
+    int64_t indexes_replayed = 0;
+    // Per session with refused images: (session id, how many, the first
+    // one's "layer group G kv head H", why it was refused).
+    std::vector<std::vector<std::string>> images_refused;
   };
   // Re-creates the sessions of `image` on a pool whose arena holds the
   // snapshot's bytes and has handed out nothing: each session's frames are
@@ -301,7 +312,11 @@ class SessionManager {
   // every token where the snapshot says, else the session is dropped (never
   // served). Recovered sessions keep their id, tenant and epoch (the data is
   // the same); their lease starts now.
-  RestoreReport Restore(const SnapshotImage& image) ABSL_LOCKS_EXCLUDED(mu_);
+  // With `images` (the file the drain wrote; may be null), an index whose
+  // image verifies (hash, format, kind, algorithm, parameters, every token
+  // at its recorded slot) is loaded instead of replayed.
+  RestoreReport Restore(const SnapshotImage& image, const IndexImageFile* images = nullptr)
+      ABSL_LOCKS_EXCLUDED(mu_);
 
   uint64_t epoch() const { return epoch_; }
   // Drain(true) was called, or options.stop_pending() is true.

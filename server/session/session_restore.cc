@@ -103,6 +103,64 @@ std::string CheckFrames(const SessionImage& img, const PagePool& pool, uint64_t 
   return "";
 }
 
+// The config of index gi's selector: what the first life created.
+SelectorConfig IndexConfig(const Session& s) {
+  SelectorConfig sc;
+  sc.kind = s.config.selector;
+  sc.head_dim = s.config.head_dim;
+  sc.dtype = s.config.dtype;
+  sc.page_tokens = s.config.page_tokens;
+  sc.num_query_heads = s.q_per_kv;
+  sc.mdci = s.config.mdci;
+  return sc;
+}
+
+std::string IndexName(const Session& s, size_t gi) {
+  return absl::StrCat("layer group ", gi / s.config.kv_heads, " kv head ", gi % s.config.kv_heads);
+}
+
+// The loaded selector holds every token at the slot the image records and
+// as many pages as the frame table: the check a replay makes per placement.
+absl::Status CheckLayout(const Session& s, const Selector& sel, const std::vector<uint32_t>& slots,
+                         size_t frames, size_t gi) {
+  const uint32_t P = static_cast<uint32_t>(s.config.page_tokens);
+  uint64_t held = 0;
+  bool same = sel.num_tokens() == static_cast<int64_t>(slots.size()) && sel.num_pages() == frames;
+  for (uint32_t p = 0; same && p < sel.num_pages(); ++p) {
+    const int32_t* pos = sel.positions(p);
+    for (uint32_t k = 0; same && k < sel.fill(p); ++k) {
+      same =
+          pos[k] >= 0 && static_cast<size_t>(pos[k]) < slots.size() && slots[pos[k]] == p * P + k;
+    }
+    held += sel.fill(p);
+  }
+  if (same && held == slots.size()) return absl::OkStatus();
+  return absl::DataLossError(absl::StrCat(
+      "its image places tokens elsewhere than the snapshot records for ", IndexName(s, gi)));
+}
+
+// Loads index gi from its image; the error says why it cannot be used.
+absl::Status LoadIndex(Session& s, const SessionImage& img, size_t gi, const IndexImageFile* images)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+  if (gi >= img.index_images.size() || img.index_images[gi].bytes == 0) {
+    return absl::NotFoundError("the drain wrote no image for it");
+  }
+  if (images == nullptr) {
+    return absl::FailedPreconditionError("the index image file is missing or was refused");
+  }
+  ASSIGN_OR_RETURN(std::string bytes, images->Read(img.index_images[gi]));
+  ASSIGN_OR_RETURN(std::unique_ptr<Selector> sel,
+                   Selector::LoadImage(IndexConfig(s), s.page_keys[gi].get(), bytes,
+                                       static_cast<int64_t>(img.slots[gi].size())));
+  const size_t frames = s.page_frames[s.FrameTableIndex(s.FirstLayerOf(gi / s.config.kv_heads),
+                                                        gi % s.config.kv_heads)]
+                            .size();
+  RETURN_IF_ERROR(CheckLayout(s, *sel, img.slots[gi], frames, gi));
+  s.selectors[gi] = std::move(sel);
+  s.trees_built.fetch_add(1);
+  return absl::OkStatus();
+}
+
 // Replays the chunks of index gi into a fresh selector and checks that it
 // places every token where the image says.
 absl::Status ReplayIndex(Session& s, const SessionImage& img, size_t gi)
@@ -111,7 +169,6 @@ absl::Status ReplayIndex(Session& s, const SessionImage& img, size_t gi)
   const int g = static_cast<int>(gi / c.kv_heads);
   const int h = static_cast<int>(gi % c.kv_heads);
   const std::vector<uint32_t>& slots = img.slots[gi];
-  if (slots.empty()) return absl::OkStatus();  // the group has no tokens yet
   const std::vector<uint8_t*>& table = s.page_frames[s.FrameTableIndex(s.FirstLayerOf(g), h)];
   const uint32_t P = static_cast<uint32_t>(c.page_tokens);
   const uint64_t row_bytes = static_cast<uint64_t>(c.head_dim) * DTypeSize(c.dtype);
@@ -120,14 +177,8 @@ absl::Status ReplayIndex(Session& s, const SessionImage& img, size_t gi)
     ToFloat(c.dtype, table[slots[t] / P] + (slots[t] % P) * row_bytes, &keys[t * c.head_dim],
             c.head_dim);
   }
-  SelectorConfig sc;
-  sc.kind = c.selector;
-  sc.head_dim = c.head_dim;
-  sc.dtype = c.dtype;
-  sc.page_tokens = c.page_tokens;
-  sc.num_query_heads = s.q_per_kv;
-  sc.mdci = c.mdci;
-  ASSIGN_OR_RETURN(std::unique_ptr<Selector> sel, Selector::Create(sc, s.page_keys[gi].get()));
+  ASSIGN_OR_RETURN(std::unique_ptr<Selector> sel,
+                   Selector::Create(IndexConfig(s), s.page_keys[gi].get()));
   std::vector<Placement> placed;
   int64_t at = 0;
   for (int64_t n : GroupChunks(img, g)) {
@@ -151,9 +202,33 @@ absl::Status ReplayIndex(Session& s, const SessionImage& img, size_t gi)
   return absl::OkStatus();
 }
 
-// Installs the recovered frames and counts in `s`, rebuilds its indexes on
-// `threads`, and refreshes its lock-free views.
-absl::Status Rebuild(Session& s, const SessionImage& img, FrameSet frames, int threads) {
+// How index gi came back (Rebuild's per-index outcome; each task writes its own).
+struct IndexOutcome {
+  enum { kEmpty, kLoaded, kReplayed } how = kEmpty;
+  std::string refused;  // why its image was not used ("" when none was refused)
+};
+
+// Index gi from its image when it verifies, else by replay.
+absl::Status RecoverIndex(Session& s, const SessionImage& img, size_t gi,
+                          const IndexImageFile* images, IndexOutcome* out)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+  if (img.slots[gi].empty()) return absl::OkStatus();  // the group has no tokens yet
+  const absl::Status loaded = LoadIndex(s, img, gi, images);
+  if (loaded.ok()) {
+    out->how = IndexOutcome::kLoaded;
+    return loaded;
+  }
+  // "No image" is not a refusal: the kinds without images always replay.
+  if (!absl::IsNotFound(loaded)) out->refused = std::string(loaded.message());
+  out->how = IndexOutcome::kReplayed;
+  return ReplayIndex(s, img, gi);
+}
+
+// Installs the recovered frames and counts in `s`, recovers its indexes on
+// `threads` (from their images, else by replay; how each came back in
+// *outcomes), and refreshes its lock-free views.
+absl::Status Rebuild(Session& s, const SessionImage& img, FrameSet frames, int threads,
+                     const IndexImageFile* images, std::vector<IndexOutcome>* outcomes) {
   absl::MutexLock l(&s.mu);
   size_t next = 0;
   for (size_t t = 0; t < img.frame_offsets.size(); ++t) {
@@ -168,10 +243,12 @@ absl::Status Rebuild(Session& s, const SessionImage& img, FrameSet frames, int t
   s.next_layer = img.next_layer;
   s.pending_tokens = img.pending_tokens;
   s.chunks = img.chunks;
-  // The tasks run while this thread holds s.mu and waits for them.
+  // The tasks run while this thread holds s.mu and waits for them; each
+  // writes only its own index and outcome.
+  outcomes->assign(img.slots.size(), IndexOutcome{});
   RETURN_IF_ERROR(ParallelFor(static_cast<int64_t>(img.slots.size()), threads, [&](int64_t gi) {
     s.mu.AssertHeld();
-    return ReplayIndex(s, img, static_cast<size_t>(gi));
+    return RecoverIndex(s, img, static_cast<size_t>(gi), images, &(*outcomes)[gi]);
   }));
   uint64_t pages = 0, index_bytes = 0;
   for (const auto& sel : s.selectors) {
@@ -187,9 +264,44 @@ absl::Status Rebuild(Session& s, const SessionImage& img, FrameSet frames, int t
   return absl::OkStatus();
 }
 
+// Writes the image of every index of `s` that keeps one into `images` and
+// records where in img->index_images (none recorded when no index has one).
+void SaveIndexImages(const Session& s, IndexImageFileWriter* images, SessionImage* img)
+    ABSL_SHARED_LOCKS_REQUIRED(s.mu) {
+  std::vector<IndexImageRef> refs(s.selectors.size());
+  bool any = false;
+  std::string bytes;
+  for (size_t gi = 0; gi < s.selectors.size(); ++gi) {
+    const Selector* sel = s.selectors[gi].get();
+    if (sel == nullptr || !sel->has_image() || sel->num_tokens() == 0) continue;
+    bytes.clear();
+    if (!sel->SaveImage(&bytes).ok()) continue;
+    absl::StatusOr<IndexImageRef> ref = images->Append(bytes);
+    if (!ref.ok()) return;  // the writer keeps the error; the daemon logs it
+    refs[gi] = *ref;
+    any = true;
+  }
+  if (any) img->index_images = std::move(refs);
+}
+
+// Adds how the indexes of session `s` came back to `report`.
+void Tally(const Session& s, const std::vector<IndexOutcome>& outcomes,
+           SessionManager::RestoreReport* report) {
+  int64_t refused = 0;
+  for (size_t gi = 0; gi < outcomes.size(); ++gi) {
+    const IndexOutcome& o = outcomes[gi];
+    report->indexes_loaded += o.how == IndexOutcome::kLoaded ? 1 : 0;
+    report->indexes_replayed += o.how == IndexOutcome::kReplayed ? 1 : 0;
+    if (o.refused.empty()) continue;
+    if (refused++ == 0) report->images_refused.push_back({s.id, "", IndexName(s, gi), o.refused});
+  }
+  if (refused > 0) report->images_refused.back()[1] = absl::StrCat(refused);
+}
+
 }  // namespace
 
-SnapshotImage SessionManager::TakeSnapshot(std::vector<std::string>* skipped) {
+SnapshotImage SessionManager::TakeSnapshot(std::vector<std::string>* skipped,
+                                           IndexImageFileWriter* images) {
   std::vector<std::shared_ptr<Session>> all;
   {
     absl::ReaderMutexLock l(&mu_);
@@ -243,12 +355,14 @@ SnapshotImage SessionManager::TakeSnapshot(std::vector<std::string>* skipped) {
         }
       }
     }
+    if (images != nullptr) SaveIndexImages(s, images, &img);
     image.sessions.push_back(std::move(img));
   }
   return image;
 }
 
-SessionManager::RestoreReport SessionManager::Restore(const SnapshotImage& image) {
+SessionManager::RestoreReport SessionManager::Restore(const SnapshotImage& image,
+                                                      const IndexImageFile* images) {
   RestoreReport report;
   const absl::Time t0 = absl::Now();
   std::vector<const SessionImage*> kept;
@@ -290,7 +404,11 @@ SessionManager::RestoreReport SessionManager::Restore(const SnapshotImage& image
     auto s = std::make_shared<Session>(img.id, img.tenant, img.epoch, img.config,
                                        cls.ok() ? *cls : 0, now, /*keep_sums=*/true);
     absl::Status st = cls.status();
-    if (st.ok()) st = Rebuild(*s, img, std::move((*owned)[i]), options_.build_threads);
+    std::vector<IndexOutcome> outcomes;
+    if (st.ok()) {
+      st = Rebuild(*s, img, std::move((*owned)[i]), options_.build_threads, images, &outcomes);
+    }
+    Tally(*s, outcomes, &report);
     if (!st.ok()) {
       report.dropped.push_back({img.id, img.tenant, std::string(st.message())});
       continue;  // its frames go back to the pool with it

@@ -45,6 +45,13 @@ bool Bool(const Json& o, const char* k, bool def) {
   if (it == o.end() || !it->is_boolean()) return def;
   return it->get<bool>();
 }
+std::vector<uint64_t> U64s(const Json& o, const char* k) {
+  std::vector<uint64_t> out;
+  auto it = o.find(k);
+  if (it == o.end() || !it->is_array()) return out;
+  for (const Json& v : *it) out.push_back(v.is_number_unsigned() ? v.get<uint64_t>() : 0);
+  return out;
+}
 std::vector<int64_t> Ints(const Json& o, const char* k) {
   std::vector<int64_t> out;
   auto it = o.find(k);
@@ -186,6 +193,17 @@ Json SessionToJson(const SessionImage& s, std::string* blob) {
          {"group_tokens", s.group_tokens},
          {"config", ConfigToJson(s.config)},
          {"blob_offset", blob->size()}};
+  if (!s.index_images.empty()) {
+    std::vector<uint64_t> offsets, bytes, hashes;
+    for (const IndexImageRef& r : s.index_images) {
+      offsets.push_back(r.offset);
+      bytes.push_back(r.bytes);
+      hashes.push_back(r.hash);
+    }
+    j["image_offsets"] = offsets;
+    j["image_bytes"] = bytes;
+    j["image_hashes"] = hashes;
+  }
   for (size_t t = 0; t < s.frame_offsets.size(); ++t) {
     PutArray(blob, s.frame_offsets[t]);
     PutArray(blob, s.checksums[t]);
@@ -229,6 +247,15 @@ absl::StatusOr<SessionImage> SessionFromJson(const Json& j, const std::string& b
   if (!ok) {
     return absl::InvalidArgumentError(
         absl::StrCat("snapshot: session ", s.id, "'s arrays run past the file"));
+  }
+  // Index images: used only when all three lists name every index (else
+  // the session restores by replay).
+  const std::vector<uint64_t> offsets = U64s(j, "image_offsets");
+  const std::vector<uint64_t> bytes = U64s(j, "image_bytes");
+  const std::vector<uint64_t> hashes = U64s(j, "image_hashes");
+  if (offsets.size() == indexes && bytes.size() == indexes && hashes.size() == indexes) {
+    for (size_t i = 0; i < indexes; ++i)
+      s.index_images.push_back({offsets[i], bytes[i], hashes[i]});
   }
   return s;
 }

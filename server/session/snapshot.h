@@ -11,7 +11,10 @@
 // their defaults), token counts and chunk sizes, plus where its arrays sit
 // in the blob: per (layer, KV head) the frame offsets and checksums of its
 // pages; per (layer group, KV head) the slot (page x page_tokens + slot) of
-// every token in position order.
+// every token in position order; and, when the drain wrote index images
+// (index_image_file.h), per (layer group, KV head) where its image sits in
+// "icecached-indexes" and its XXH3-64 ("image_offsets", "image_bytes",
+// "image_hashes"; a snapshot without them restores by replay).
 //
 // Written to "<path>.tmp" (0600, O_EXCL, O_NOFOLLOW), fsync'ed and renamed,
 // so a reader sees a whole snapshot or none. Pure functions; thread-safe.
@@ -25,6 +28,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "server/session/index_image_file.h"
 #include "server/session/session_types.h"
 
 namespace icecache {
@@ -47,6 +51,9 @@ struct SessionImage {
   std::vector<std::vector<uint64_t>> checksums;
   // [group * kv_heads + head][position] -> page * page_tokens + slot
   std::vector<std::vector<uint32_t>> slots;
+  // [group * kv_heads + head]: its index image (bytes 0: none), or empty
+  // when the snapshot lists no images.
+  std::vector<IndexImageRef> index_images;
 };
 
 struct SnapshotImage {

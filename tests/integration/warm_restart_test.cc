@@ -9,9 +9,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <fstream>
+#include <functional>
 #include <string>
 #include <vector>
 
+#include "common/file_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/integration/harness.h"
@@ -34,8 +37,10 @@ class WarmRestartTest : public ::testing::Test {
   void TearDown() override {
     unlink((dir_ + "/icecached-arena").c_str());
     unlink((dir_ + "/icecached-snapshot").c_str());
+    unlink((dir_ + "/icecached-indexes").c_str());
     rmdir(dir_.c_str());
   }
+  std::string UpgradeAndContinue(const std::function<void()>& between);
   std::string dir_, config_;
 };
 
@@ -69,79 +74,124 @@ absl::StatusOr<std::string> Step(Client& client, const Workload& run, const std:
   return got;
 }
 
-TEST_F(WarmRestartTest, DrainForUpgradeAndRestartContinueDecodingIdentically) {
+// Decodes half the steps on a daemon with a backing dir, drains it for an
+// upgrade, runs `between` (with the backing dir's paths settled), starts a
+// new daemon and decodes the other half: every step must be the reference
+// daemon's. Returns the new daemon's stderr.
+std::string WarmRestartTest::UpgradeAndContinue(const std::function<void()>& between) {
   Workload run;
   // The reference: a daemon that never restarts.
   std::vector<std::string> want;
   {
     auto ref = StartDaemon();
-    ASSERT_THAT(ref, IsOk());
+    EXPECT_THAT(ref, IsOk());
+    if (!ref.ok()) return "";
     auto client = Connect(**ref);
-    ASSERT_THAT(client, IsOk());
     auto s = (*client)->CreateSession(run.m.spec);
-    ASSERT_THAT(s, IsOk());
-    ASSERT_THAT((*client)->AppendKvInline(s->id, run.m.kv.Chunk(0, run.prefill), run.prefill),
+    EXPECT_THAT(s, IsOk());
+    EXPECT_THAT((*client)->AppendKvInline(s->id, run.m.kv.Chunk(0, run.prefill), run.prefill),
                 IsOk());
     auto out = (*client)->CreateShmBuffer(1 << 20);
-    ASSERT_THAT(out, IsOk());
     for (int step = 0; step < kSteps; ++step) {
       auto got = Step(**client, run, s->id, *out, step);
-      ASSERT_THAT(got, IsOk());
-      want.push_back(*got);
+      EXPECT_THAT(got, IsOk());
+      want.push_back(got.value_or(""));
     }
   }
   auto before = StartDaemon(config_, {}, "info");
-  ASSERT_THAT(before, IsOk());
+  EXPECT_THAT(before, IsOk());
+  if (!before.ok()) return "";
   std::string id;
   uint64_t epoch = 0;
   {
     auto client = Connect(**before);
-    ASSERT_THAT(client, IsOk());
     auto s = (*client)->CreateSession(run.m.spec);
-    ASSERT_THAT(s, IsOk());
+    EXPECT_THAT(s, IsOk());
     id = s->id;
     epoch = s->epoch;
-    ASSERT_THAT((*client)->AppendKvInline(id, run.m.kv.Chunk(0, run.prefill), run.prefill), IsOk());
+    EXPECT_THAT((*client)->AppendKvInline(id, run.m.kv.Chunk(0, run.prefill), run.prefill), IsOk());
     auto out = (*client)->CreateShmBuffer(1 << 20);
-    ASSERT_THAT(out, IsOk());
     for (int step = 0; step < kSteps / 2; ++step) {
       auto got = Step(**client, run, id, *out, step);
-      ASSERT_THAT(got, IsOk());
-      ASSERT_EQ(*got, want[step]) << "step " << step << " before the restart";
+      EXPECT_THAT(got, IsOk());
+      EXPECT_EQ(got.value_or(""), want[step]) << "step " << step << " before the restart";
     }
   }
   auto drain = RunCommand(
       {IcecachectlPath(), "--socket", (*before)->socket_path(), "drain", "--for-upgrade"});
-  ASSERT_THAT(drain, IsOk());
+  EXPECT_THAT(drain, IsOk());
   EXPECT_EQ(drain->exit_code, 0) << drain->err;
   auto status = (*before)->Wait(absl::Seconds(30));
-  ASSERT_THAT(status, IsOk());
-  ASSERT_TRUE(WIFEXITED(*status));
+  EXPECT_THAT(status, IsOk());
+  EXPECT_TRUE(WIFEXITED(*status));
   EXPECT_EQ(WEXITSTATUS(*status), 3) << (*before)->Stderr();
   EXPECT_THAT((*before)->Stderr(), HasSubstr("msg=snapshot_written"));
   struct stat st;
-  ASSERT_EQ(stat((dir_ + "/icecached-arena").c_str(), &st), 0);
-  EXPECT_EQ(st.st_mode & 0777, 0600u);
-  ASSERT_EQ(stat((dir_ + "/icecached-snapshot").c_str(), &st), 0);
-  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  for (const char* file : {"/icecached-arena", "/icecached-snapshot", "/icecached-indexes"}) {
+    EXPECT_EQ(stat((dir_ + file).c_str(), &st), 0) << file;
+    EXPECT_EQ(st.st_mode & 0777, 0600u) << file;
+  }
+  between();
 
   auto after = StartDaemon(config_, {}, "info");
-  ASSERT_THAT(after, IsOk());
+  EXPECT_THAT(after, IsOk());
+  if (!after.ok()) return "";
   EXPECT_THAT((*after)->Stderr(), HasSubstr("msg=warm_restart recovered=1 dropped=0"));
   EXPECT_NE(stat((dir_ + "/icecached-snapshot").c_str(), &st), 0) << "a snapshot is used once";
+  EXPECT_NE(stat((dir_ + "/icecached-indexes").c_str(), &st), 0) << "images are used once";
   auto client = Connect(**after);
-  ASSERT_THAT(client, IsOk());
   auto s = (*client)->GetSession(id);
-  ASSERT_THAT(s, IsOk());
+  EXPECT_THAT(s, IsOk());
   EXPECT_EQ(s->epoch, epoch) << "a recovered session keeps its epoch (same data)";
   EXPECT_EQ(s->tokens, static_cast<uint64_t>(run.prefill + kSteps / 2));
   auto out = (*client)->CreateShmBuffer(1 << 20);  // buffers are the client's: register again
-  ASSERT_THAT(out, IsOk());
+  EXPECT_THAT(out, IsOk());
   for (int step = kSteps / 2; step < kSteps; ++step) {
     auto got = Step(**client, run, id, *out, step);
-    ASSERT_THAT(got, IsOk());
-    EXPECT_EQ(*got, want[step]) << "step " << step << " after the restart";
+    EXPECT_THAT(got, IsOk());
+    EXPECT_EQ(got.value_or(""), want[step]) << "step " << step << " after the restart";
   }
+  return (*after)->Stderr();
+}
+
+// The indexes come back from their images (4 layers x 2 KV heads, layer
+// reuse 1: 8 indexes), not by replay: the daemon's warm_restart line says so.
+TEST_F(WarmRestartTest, DrainForUpgradeAndRestartContinueDecodingIdentically) {
+  const std::string log = UpgradeAndContinue([] {});
+  EXPECT_THAT(log, HasSubstr("indexes_loaded=8 indexes_replayed=0"));
+  EXPECT_THAT(log, ::testing::Not(HasSubstr("index_image_refused")));
+}
+
+// A bit flipped in the image file: that index fails its hash and is
+// replayed, the others load; decoding goes on identically.
+TEST_F(WarmRestartTest, CorruptIndexImageFallsBackToReplayIdentically) {
+  const std::string log = UpgradeAndContinue([&] {
+    const std::string path = dir_ + "/icecached-indexes";
+    std::string bytes = ReadFileToString(path).value();
+    bytes[bytes.size() / 2] ^= 0x04;
+    std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;  // keeps its 0600
+  });
+  EXPECT_THAT(log, HasSubstr("indexes_loaded=7 indexes_replayed=1"));
+  EXPECT_THAT(log, HasSubstr("msg=index_image_refused"));
+  EXPECT_THAT(log, HasSubstr("fails its checksum"));
+}
+
+// A truncated image file: the images past the cut are replayed.
+TEST_F(WarmRestartTest, TruncatedIndexImagesFallBackToReplayIdentically) {
+  const std::string log = UpgradeAndContinue([&] {
+    const std::string path = dir_ + "/icecached-indexes";
+    ASSERT_EQ(truncate(path.c_str(), 100), 0);
+  });
+  EXPECT_THAT(log, HasSubstr("indexes_loaded=0 indexes_replayed=8"));
+  EXPECT_THAT(log, HasSubstr("msg=index_image_refused"));
+}
+
+// A snapshot whose image file is gone (an older daemon's drain, or an
+// operator who removed it) restores by replay.
+TEST_F(WarmRestartTest, SnapshotWithoutIndexImagesRestoresByReplay) {
+  const std::string log =
+      UpgradeAndContinue([&] { unlink((dir_ + "/icecached-indexes").c_str()); });
+  EXPECT_THAT(log, HasSubstr("indexes_loaded=0 indexes_replayed=8"));
 }
 
 TEST_F(WarmRestartTest, AfterSigkillTheNextDaemonStartsColdAndTheSessionIsGone) {

@@ -3,15 +3,18 @@
 // restores it. The recovered session must select the same pages and ship the
 // same bytes as a twin session that never restarted; a session whose bytes
 // changed after the snapshot is dropped, never served.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/file_util.h"
 #include "gtest/gtest.h"
+#include "server/session/index_image_file.h"
 #include "server/session/snapshot.h"
 #include "tests/unit/session/session_test_util.h"
 
@@ -86,30 +89,73 @@ struct Node {
   }
 };
 
-class SessionRestoreTest : public ::testing::TestWithParam<SelectorKind> {
+class RestoreFixture : public ::testing::Test {
  protected:
   void SetUp() override {
     file_ = "/dev/shm/" + UniqueName("arena");
     snap_ = "/dev/shm/" + UniqueName("snapshot");
+    images_ = "/dev/shm/" + UniqueName("indexes");
   }
   void TearDown() override {
     unlink(file_.c_str());
     unlink(snap_.c_str());
+    unlink(images_.c_str());
   }
 
-  // Drains `n` for an upgrade: freeze, snapshot to a file, keep the arena.
-  void Upgrade(Node& n) {
+  // Drains `n` for an upgrade: freeze, snapshot to a file (with the index
+  // images when `images`), keep the arena.
+  void Upgrade(Node& n, bool images = false) {
     n.pool->Freeze();
     std::vector<std::string> skipped;
-    ASSERT_THAT(WriteSnapshotFile(n.manager->TakeSnapshot(&skipped), snap_), IsOk());
+    std::unique_ptr<IndexImageFileWriter> writer;
+    if (images) {
+      auto w = IndexImageFileWriter::Create(images_);
+      ASSERT_THAT(w, IsOk());
+      writer = std::move(w).value();
+    }
+    const SnapshotImage image = n.manager->TakeSnapshot(&skipped, writer.get());
+    if (images) ASSERT_THAT(writer->Commit(), IsOk());
+    ASSERT_THAT(WriteSnapshotFile(image, snap_), IsOk());
     EXPECT_TRUE(skipped.empty());
     n.pool->KeepBackingFile();
   }
 
-  std::string file_, snap_;
+  // A session of `c` in `before` and in a `twin` that never restarts: a
+  // prefill of 40 tokens and 6 decode tokens, one decode step each.
+  // Returns the session's id in `before` and in the twin.
+  std::pair<std::string, std::string> Prepare(Node& before, Node& twin, const SessionConfig& c) {
+    const std::string id = before.manager->CreateSession(Alice(), c)->id;
+    const std::string tid = twin.manager->CreateSession(Alice(), c)->id;
+    for (Node* n : {&before, &twin}) {
+      const std::string& s = n == &twin ? tid : id;
+      n->Append(s, c, 0, 40);
+      for (int64_t t = 40; t < 46; ++t) n->Append(s, c, t, 1);
+    }
+    EXPECT_EQ(before.Step(id, c, 1), twin.Step(tid, c, 1));
+    return {id, tid};
+  }
+
+  // Decode steps after the restart: identical to the twin's.
+  void ContinueLikeTheTwin(Node& after, Node& twin, const std::string& id, const std::string& tid,
+                           const SessionConfig& c) {
+    for (uint32_t step = 2; step < 6; ++step) {
+      after.Append(id, c, 44 + step, 1);
+      twin.Append(tid, c, 44 + step, 1);
+      ASSERT_EQ(after.Step(id, c, step * 10), twin.Step(tid, c, step * 10)) << "step " << step;
+    }
+  }
+
+  std::string file_, snap_, images_;
 };
 
+class SessionRestoreTest : public RestoreFixture,
+                           public ::testing::WithParamInterface<SelectorKind> {};
+
 TEST_P(SessionRestoreTest, RecoveredSessionSelectsAndShipsWhatATwinWithoutRestartDoes) {
+  if (GetParam() == SelectorKind::kSnapkv) {
+    GTEST_SKIP() << "without its image a replayed snapkv index fixes new votes at its first "
+                    "select (docs/architecture.md §5); IndexImagesAreLoaded covers snapkv";
+  }
   const SessionConfig c = SmallConfig(GetParam());
   Node twin = Node::Start("", false);
   const std::string tid = twin.manager->CreateSession(Alice(), c)->id;
@@ -168,13 +214,82 @@ TEST_P(SessionRestoreTest, SessionWrittenAfterTheSnapshotIsDroppedNotServed) {
   EXPECT_EQ(after.pool->used_bytes(), 0u);
 }
 
+TEST_P(SessionRestoreTest, IndexImagesAreLoadedAndTheSessionContinuesLikeItsTwin) {
+  const SessionConfig c = SmallConfig(GetParam());
+  const bool has_images = GetParam() == SelectorKind::kMdci ||
+                          GetParam() == SelectorKind::kPqcache ||
+                          GetParam() == SelectorKind::kSnapkv;
+  Node twin = Node::Start("", false);
+  std::pair<std::string, std::string> ids;
+  {
+    Node before = Node::Start(file_, false);
+    ids = Prepare(before, twin, c);
+    Upgrade(before, /*images=*/true);
+  }
+  Node after = Node::Start(file_, true);
+  auto image = ReadSnapshotFile(snap_);
+  ASSERT_THAT(image, IsOk());
+  ASSERT_EQ(image->sessions.size(), 1u);
+  EXPECT_EQ(image->sessions[0].index_images.size(), has_images ? 4u : 0u);
+  auto file = IndexImageFile::OpenAndRemove(images_);
+  ASSERT_THAT(file, IsOk());
+  EXPECT_NE(access(images_.c_str(), F_OK), 0) << "an image file is used once";
+  const SessionManager::RestoreReport report = after.manager->Restore(*image, file->get());
+  ASSERT_EQ(report.recovered, 1) << (report.dropped.empty() ? "" : report.dropped[0][2]);
+  EXPECT_EQ(report.indexes_loaded, has_images ? 4 : 0);
+  EXPECT_EQ(report.indexes_replayed, has_images ? 0 : 4);
+  EXPECT_TRUE(report.images_refused.empty());
+  ContinueLikeTheTwin(after, twin, ids.first, ids.second, c);
+}
+
 INSTANTIATE_TEST_SUITE_P(Selectors, SessionRestoreTest,
                          ::testing::Values(SelectorKind::kExact, SelectorKind::kMdci,
-                                           SelectorKind::kQuest));
+                                           SelectorKind::kQuest, SelectorKind::kPqcache,
+                                           SelectorKind::kSnapkv));
 
 void Overwrite(const std::string& path, const std::string& bytes) {
   std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
 }
+
+// A corrupted or truncated image file: the indexes whose images fail their
+// hash are replayed (and named), the others loaded; the session serves
+// exactly what its twin does.
+class DamagedImagesTest : public RestoreFixture, public ::testing::WithParamInterface<int> {};
+
+TEST_P(DamagedImagesTest, FallBackToReplayWithIdenticalResults) {
+  const SessionConfig c = SmallConfig(SelectorKind::kMdci);
+  Node twin = Node::Start("", false);
+  std::pair<std::string, std::string> ids;
+  {
+    Node before = Node::Start(file_, false);
+    ids = Prepare(before, twin, c);
+    Upgrade(before, /*images=*/true);
+  }
+  std::string bytes = ReadFileToString(images_).value();
+  if (GetParam() == 0) {
+    bytes[bytes.size() / 3] ^= 0x10;  // inside the second image
+  } else {
+    bytes.resize(bytes.size() / 2);  // the last two images are cut
+  }
+  Overwrite(images_, bytes);
+  chmod(images_.c_str(), 0600);
+  Node after = Node::Start(file_, true);
+  auto image = ReadSnapshotFile(snap_);
+  ASSERT_THAT(image, IsOk());
+  auto file = IndexImageFile::OpenAndRemove(images_);
+  ASSERT_THAT(file, IsOk());
+  const SessionManager::RestoreReport report = after.manager->Restore(*image, file->get());
+  ASSERT_EQ(report.recovered, 1) << (report.dropped.empty() ? "" : report.dropped[0][2]);
+  EXPECT_EQ(report.indexes_replayed, GetParam() == 0 ? 1 : 2);
+  EXPECT_EQ(report.indexes_loaded + report.indexes_replayed, 4);
+  ASSERT_EQ(report.images_refused.size(), 1u);
+  EXPECT_EQ(report.images_refused[0][0], ids.first);
+  EXPECT_THAT(report.images_refused[0][3],
+              HasSubstr(GetParam() == 0 ? "fails its checksum" : "outside"));
+  ContinueLikeTheTwin(after, twin, ids.first, ids.second, c);
+}
+
+INSTANTIATE_TEST_SUITE_P(BitFlipOrTruncation, DamagedImagesTest, ::testing::Values(0, 1));
 
 TEST(SnapshotFileTest, TamperedOrTruncatedFilesAreDataLoss) {
   const std::string path = "/dev/shm/" + UniqueName("snap");
