@@ -25,6 +25,10 @@ namespace icecache {
 
 namespace {
 
+// Reservations from this size on have their slabs faulted in before
+// admission (AdmitFrames): a prefill's, never a decode append's.
+constexpr uint64_t kPopulateBytes = uint64_t{64} << 20;
+
 absl::Status SessionNotFound(std::string_view id) {
   return absl::NotFoundError(absl::StrCat("session ", std::string(id), " not found"));
 }
@@ -586,8 +590,14 @@ absl::Status SessionManager::GroupReadyOrUnavailable(const Session& s, int layer
 absl::StatusOr<FrameSet> SessionManager::AdmitFrames(const Session& s, uint64_t reserve) {
   // Quota first (never evicts), then the watermark policy, then the
   // reservation itself. On failure nothing has changed.
-  absl::MutexLock admission(&admission_mu_);
   const uint64_t stride = PagePool::StrideFor(s.frame_bytes);
+  if (reserve * stride >= kPopulateBytes) {
+    // A prefill's frames: their page faults are taken here, slab by slab,
+    // before any lock (PagePool::PopulateNext), not 4 KiB by 4 KiB while
+    // the pool lock is held for the carving.
+    options_.pool->PopulateNext(reserve * stride);
+  }
+  absl::MutexLock admission(&admission_mu_);
   const uint64_t quota = options_.pool->Quota(s.tenant);
   const uint64_t used = options_.pool->TenantUsedBytes(s.tenant);
   if (reserve > 0 && quota != kUnlimitedQuota &&
