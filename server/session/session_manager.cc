@@ -569,9 +569,16 @@ AppendResult SessionManager::StartBackgroundBuild(const InFlightGuard& guard, co
   // waits for it.
   s.in_flight.fetch_add(1);
   counters_->in_flight.fetch_add(1);
-  builder_->Post([this, job] {
+  const absl::Time posted = absl::Now();
+  builder_->Post([this, job, posted] {
     if (options_.on_build_start) options_.on_build_start(job->session->id, job->in.first_layer);
+    const absl::Time start = absl::Now();
     RunPendingBuild(*job, options_.build_threads, staging_.get(), clock_->Now());
+    job->bytes = StagingBuffer();  // back to the cache for the next append
+    if (options_.on_build_done) {
+      options_.on_build_done(job->session->id, job->in.first_layer, job->in.num_layers,
+                             start - posted, absl::Now() - start);
+    }
     job->session->in_flight.fetch_sub(1);
     counters_->in_flight.fetch_sub(1);
   });

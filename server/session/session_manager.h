@@ -147,6 +147,13 @@ struct SessionManagerOptions {
   // Optional, for tests: runs on the builder thread before each background
   // build (session id, first layer of its range), e.g. to hold it at a gate.
   std::function<void(const std::string& session, int first_layer)> on_build_start;
+  // Optional: told after each background build, on the builder thread with
+  // no lock held: the session, the layer range, how long the job waited
+  // behind earlier ones and how long it took (trees, install, rows). The
+  // daemon logs it (the timeline of a prefill, docs/bench/prefill.md).
+  std::function<void(const std::string& session, int first_layer, int num_layers,
+                     absl::Duration queued, absl::Duration ran)>
+      on_build_done;
   // Threads one select or fetch spreads its KV heads over: 0 = the process's
   // shared oneTBB pool (every concurrent stream shares the same workers, so
   // the cores are never oversubscribed), 1 = serially on the calling thread.
