@@ -331,35 +331,72 @@ absl::Status PagePool::CheckAdmission(std::string_view tenant, SizeClassId id,
   return CheckLocked(t, quota, *classes_[id], count, tenant);
 }
 
+void PagePool::NextSlabsLocked(uint64_t slabs, std::vector<uint64_t>* next) const {
+  // CarveSlabLocked takes free slabs from the back, then unused ones.
+  for (auto it = free_slabs_.rbegin(); it != free_slabs_.rend() && next->size() < slabs; ++it) {
+    next->push_back(*it);
+  }
+  for (uint64_t s = next_unused_slab_; s < num_slabs_ && next->size() < slabs; ++s) {
+    next->push_back(s);
+  }
+}
+
+uint64_t PagePool::PopulateSlabs(const std::vector<uint64_t>& slabs) {
+  uint64_t done = 0;
+#ifdef MADV_POPULATE_WRITE
+  for (uint64_t slab : slabs) {
+    if (madvise(base_ + slab * kSlabBytes, kSlabBytes, MADV_POPULATE_WRITE) == 0) ++done;
+  }
+#else
+  (void)slabs;
+#endif
+  return done;
+}
+
 uint64_t PagePool::PrefaultAhead(uint64_t slabs) {
 #ifdef MADV_POPULATE_WRITE
   std::vector<uint64_t> next;
   {
     absl::MutexLock l(&mu_);
-    // CarveSlabLocked takes free slabs from the back, then unused ones.
-    for (auto it = free_slabs_.rbegin(); it != free_slabs_.rend() && next.size() < slabs; ++it) {
-      next.push_back(*it);
-    }
-    for (uint64_t s = next_unused_slab_; s < num_slabs_ && next.size() < slabs; ++s) {
-      next.push_back(s);
-    }
+    // Slabs a PopulateNext faulted in for an allocation still to come stay.
+    NextSlabsLocked(std::max(slabs, populate_hold_), &next);
     // Slabs faulted in by an earlier call that are still free but no longer
     // next in line (others were freed on top of them) go back to the kernel:
     // at most `slabs` free slabs stay resident, however the pool churns.
+    std::vector<uint64_t> sorted = next;
+    std::sort(sorted.begin(), sorted.end());
     for (uint64_t s : prefaulted_) {
-      if (slabs_[s].class_id == -1 && std::find(next.begin(), next.end(), s) == next.end()) {
+      if (slabs_[s].class_id == -1 && !std::binary_search(sorted.begin(), sorted.end(), s)) {
         DropSlabMemoryLocked(s);
       }
     }
     prefaulted_ = next;
+    next.resize(std::min<size_t>(next.size(), slabs));  // the held ones are faulted in already
   }
-  uint64_t done = 0;
-  for (uint64_t slab : next) {
-    if (madvise(base_ + slab * kSlabBytes, kSlabBytes, MADV_POPULATE_WRITE) == 0) ++done;
-  }
-  return done;
+  return PopulateSlabs(next);
 #else
   (void)slabs;
+  return 0;
+#endif
+}
+
+uint64_t PagePool::PopulateNext(uint64_t bytes) {
+#ifdef MADV_POPULATE_WRITE
+  std::vector<uint64_t> next;
+  {
+    absl::MutexLock l(&mu_);
+    if (frozen_) return 0;
+    NextSlabsLocked((bytes + kSlabBytes - 1) / kSlabBytes, &next);
+    // Kept resident by PrefaultAhead until the next allocation, then bound
+    // by it like its own.
+    populate_hold_ = std::max<uint64_t>(populate_hold_, next.size());
+    prefaulted_.insert(prefaulted_.end(), next.begin(), next.end());
+    std::sort(prefaulted_.begin(), prefaulted_.end());
+    prefaulted_.erase(std::unique(prefaulted_.begin(), prefaulted_.end()), prefaulted_.end());
+  }
+  return PopulateSlabs(next);
+#else
+  (void)bytes;
   return 0;
 #endif
 }
@@ -493,6 +530,7 @@ absl::StatusOr<FrameSet> PagePool::Allocate(std::string_view tenant, SizeClassId
   }
   frames.reserve(count);  // bounded by capacity / stride after the check
   for (uint64_t n = SlabsNeededLocked(*c, count); n > 0; --n) CarveSlabLocked(c);
+  populate_hold_ = 0;  // what a PopulateNext faulted in for this allocation is taken
   for (uint64_t i = 0; i < count; ++i) {
     uint8_t* f = reinterpret_cast<uint8_t*>(c->PopFront());
     if (slabs_[static_cast<uint64_t>(f - base_) / kSlabBytes].used++ == 0) {

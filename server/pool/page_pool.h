@@ -215,6 +215,16 @@ class PagePool {
   // longer among the next `slabs` are returned to the kernel, so at most
   // `slabs` free slabs stay resident. Returns the slabs populated.
   uint64_t PrefaultAhead(uint64_t slabs) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Faults in the slabs that allocations of about `bytes` more would carve
+  // next (MADV_POPULATE_WRITE, contents unchanged), with the pool lock
+  // released while the kernel works: a large allocation (a prefill's
+  // frames) then takes its page faults here, in one call per slab, instead
+  // of one per 4 KiB page under the pool lock when it carves them
+  // (docs/bench/prefill.md). PrefaultAhead keeps them resident until the
+  // next allocation, then bounds them like its own. Returns the slabs
+  // populated; 0 where the kernel lacks it or the pool is frozen.
+  uint64_t PopulateNext(uint64_t bytes) ABSL_LOCKS_EXCLUDED(mu_);
   // Warm restart: takes ownership of exactly the listed frames (every other
   // frame of the arena stays free) and returns one FrameSet per entry, in
   // order. Only on a pool that has handed out nothing yet.
@@ -263,6 +273,11 @@ class PagePool {
   uint64_t SlabsNeededLocked(const SizeClass& c, uint64_t count) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void CarveSlabLocked(SizeClass* c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Appends to `next` the (at most `slabs`) slabs CarveSlabLocked takes next.
+  void NextSlabsLocked(uint64_t slabs, std::vector<uint64_t>* next) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // MADV_POPULATE_WRITE of each slab, no lock held; returns those done.
+  uint64_t PopulateSlabs(const std::vector<uint64_t>& slabs) ABSL_LOCKS_EXCLUDED(mu_);
   void ReleaseSlabLocked(SizeClass* c, uint64_t slab) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void StealEmptySlabLocked(SizeClass* taker) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool PopEmptySlabLocked(SizeClass* c, uint64_t* slab) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -296,6 +311,8 @@ class PagePool {
   uint64_t next_unused_slab_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t empty_slabs_total_ ABSL_GUARDED_BY(mu_) = 0;    // carved slabs with no frame used
   std::vector<uint64_t> prefaulted_ ABSL_GUARDED_BY(mu_);  // the last PrefaultAhead's slabs
+  // Slabs a PopulateNext faulted in for an allocation not made yet.
+  uint64_t populate_hold_ ABSL_GUARDED_BY(mu_) = 0;
   bool frozen_ ABSL_GUARDED_BY(mu_) = false;
   std::map<std::string, std::unique_ptr<Tenant>, std::less<>> tenants_ ABSL_GUARDED_BY(mu_);
 };

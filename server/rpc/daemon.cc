@@ -96,6 +96,16 @@ absl::Status Daemon::Init() {
          {"idle_ms", absl::ToInt64Milliseconds(idle)},
          {"why", "lease lapsed (no use or KeepAlive within its ttl)"}});
   };
+  mgr_opts.on_build_done = [](const std::string& id, int first_layer, int num_layers,
+                              absl::Duration queued, absl::Duration ran) {
+    if (!LogEnabled(LogLevel::kDebug)) return;
+    Log(LogLevel::kDebug, "index_build",
+        {{"id", id},
+         {"first_layer", first_layer},
+         {"layers", num_layers},
+         {"queued_ms", absl::ToInt64Milliseconds(queued)},
+         {"ms", absl::ToInt64Milliseconds(ran)}});
+  };
   const v1::QualityConfig& q = c.quality();
   mgr_opts.quality.enabled = q.enabled();
   mgr_opts.quality.sample_every = static_cast<int>(q.sample_every());

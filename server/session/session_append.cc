@@ -21,6 +21,33 @@ namespace {
 // once surfaced as an index error after part of the append was applied.
 constexpr int kMaxKeyExponent = 59;
 
+// Elements tested per block: a block is tested branch-free (the loop
+// vectorises; a prefill checks hundreds of MiB per call), and only a block
+// with a hit is searched element by element for the first one.
+constexpr int64_t kScanBlock = 2048;
+
+// Index of the first of `n` elements of type T at `p` (any alignment) for
+// which `hit` is true, or -1.
+template <typename T, typename Hit>
+int64_t FirstHit(const uint8_t* p, int64_t n, Hit hit) {
+  for (int64_t begin = 0; begin < n; begin += kScanBlock) {
+    const int64_t end = std::min(n, begin + kScanBlock);
+    unsigned any = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      T v;
+      std::memcpy(&v, p + sizeof(T) * i, sizeof(T));
+      any |= hit(v) ? 1u : 0u;
+    }
+    if (any == 0) continue;
+    for (int64_t i = begin; i < end; ++i) {
+      T v;
+      std::memcpy(&v, p + sizeof(T) * i, sizeof(T));
+      if (hit(v)) return i;
+    }
+  }
+  return -1;
+}
+
 // Index of the first element whose float32 exponent is `max_exponent` or
 // more (NaN and Inf included: their exponent field is all ones), or -1.
 // max_exponent >= 128 means "NaN or Inf only". fp16 is finite below 2^16, so
@@ -28,30 +55,14 @@ constexpr int kMaxKeyExponent = 59;
 int64_t FirstAtOrAbove(DType dtype, const uint8_t* p, int64_t n, int max_exponent) {
   const uint32_t biased = static_cast<uint32_t>(std::min(max_exponent, 128) + 127);
   switch (dtype) {
-    case DType::kF16: {
-      for (int64_t i = 0; i < n; ++i) {
-        uint16_t v;
-        std::memcpy(&v, p + 2 * i, 2);
-        if ((v & 0x7c00) == 0x7c00) return i;
-      }
-      return -1;
-    }
-    case DType::kBF16: {  // the top 16 bits of a float32
-      for (int64_t i = 0; i < n; ++i) {
-        uint16_t v;
-        std::memcpy(&v, p + 2 * i, 2);
-        if (((v >> 7) & 0xff) >= biased) return i;
-      }
-      return -1;
-    }
-    case DType::kF32: {
-      for (int64_t i = 0; i < n; ++i) {
-        uint32_t v;
-        std::memcpy(&v, p + 4 * i, 4);
-        if (((v >> 23) & 0xff) >= biased) return i;
-      }
-      return -1;
-    }
+    case DType::kF16:
+      return FirstHit<uint16_t>(p, n, [](uint16_t v) { return (v & 0x7c00) == 0x7c00; });
+    case DType::kBF16:  // the top 16 bits of a float32
+      return FirstHit<uint16_t>(p, n,
+                                [biased](uint16_t v) { return ((v >> 7) & 0xffu) >= biased; });
+    case DType::kF32:
+      return FirstHit<uint32_t>(p, n,
+                                [biased](uint32_t v) { return ((v >> 23) & 0xffu) >= biased; });
   }
   return 0;
 }
@@ -72,12 +83,16 @@ SelectorConfig SelectorConfigOf(const Session& s) {
 }
 
 // The keys of session index gi's group's first layer, as fp32.
-void KeysOf(const Session& s, const AppendInput& in, int64_t gi, std::vector<float>* keys) {
+void KeysOf(const Session& s, const AppendInput& in, int64_t gi, float* keys) {
   const int g = static_cast<int>(gi / s.config.kv_heads);
   const int h = static_cast<int>(gi % s.config.kv_heads);
-  const size_t count = static_cast<size_t>(in.n) * s.config.head_dim;
-  keys->resize(count);
-  ToFloat(s.config.dtype, in.key_row(s.FirstLayerOf(g), h, 0), keys->data(), count);
+  ToFloat(s.config.dtype, in.key_row(s.FirstLayerOf(g), h, 0), keys,
+          static_cast<size_t>(in.n) * s.config.head_dim);
+}
+
+void KeysOf(const Session& s, const AppendInput& in, int64_t gi, std::vector<float>* keys) {
+  keys->resize(static_cast<size_t>(in.n) * s.config.head_dim);
+  KeysOf(s, in, gi, keys->data());
 }
 
 // Never trust an index with memory safety: every placement must name a page
@@ -101,13 +116,26 @@ absl::Status CheckPlacements(const Session& s, const AppendPlan& plan, int64_t i
 }
 
 // One task of the first append's parallel build: plan index i, built aside.
+// A prefill's fp32 keys (16 MiB per index at 32768 tokens of head dim 128)
+// live in a reused mapping of `scratch` (none: a vector): a fresh one would
+// take a page fault per 4 KiB, as much as a positional build's whole work.
 absl::Status BuildAside(const Session& s, const SelectorConfig& sc, const AppendInput& in,
-                        AppendPlan& plan, int64_t i) {
+                        StagingCache* scratch, AppendPlan& plan, int64_t i) {
   const int64_t gi = plan.base + i;
   ASSIGN_OR_RETURN(plan.built[i], Selector::Create(sc, s.page_keys[gi].get()));
-  std::vector<float> keys;
-  KeysOf(s, in, gi, &keys);
-  RETURN_IF_ERROR(plan.built[i]->Build(keys.data(), in.n, &plan.placements[i]));
+  const uint64_t key_bytes = static_cast<uint64_t>(in.n) * s.config.head_dim * sizeof(float);
+  std::vector<float> small;
+  StagingBuffer big;
+  float* keys;
+  if (scratch != nullptr && scratch->Caches(key_bytes)) {
+    ASSIGN_OR_RETURN(big, scratch->Acquire(key_bytes));
+    keys = reinterpret_cast<float*>(big.data());  // page-aligned
+  } else {
+    small.resize(key_bytes / sizeof(float));
+    keys = small.data();
+  }
+  KeysOf(s, in, gi, keys);
+  RETURN_IF_ERROR(plan.built[i]->Build(keys, in.n, &plan.placements[i]));
   s.trees_built.fetch_add(1, std::memory_order_relaxed);
   return absl::OkStatus();
 }
@@ -280,7 +308,7 @@ absl::Status CheckChunkOrder(const Session& s, const AppendInput& in) {
 }
 
 absl::StatusOr<AppendPlan> PlanAppend(const Session& s, const AppendInput& in, int build_threads,
-                                      int decode_threads) {
+                                      int decode_threads, StagingCache* scratch) {
   const SessionConfig& c = s.config;
   const int first_group = s.GroupOf(in.first_layer);
   const int end_group = s.GroupOf(in.end_layer() - 1) + 1;
@@ -312,8 +340,9 @@ absl::StatusOr<AppendPlan> PlanAppend(const Session& s, const AppendInput& in, i
     plan.built.resize(plan.num_indices);
     const SelectorConfig sc = SelectorConfigOf(s);
     const int trees_before = s.trees_built.load();  // appends are serialised
-    absl::Status built = ParallelFor(plan.num_indices, plan.threads,
-                                     [&](int64_t i) { return BuildAside(s, sc, in, plan, i); });
+    absl::Status built = ParallelFor(plan.num_indices, plan.threads, [&](int64_t i) {
+      return BuildAside(s, sc, in, scratch, plan, i);
+    });
     if (!built.ok()) {
       s.trees_built.store(trees_before);
       return built;
@@ -488,7 +517,7 @@ AppendResult AcceptPendingBuild(Session& s, const AppendInput& in, absl::Time no
   return ResultOf(s, 0);
 }
 
-void RunPendingBuild(PendingBuild& job, int build_threads, absl::Time now) {
+void RunPendingBuild(PendingBuild& job, int build_threads, StagingCache* scratch, absl::Time now) {
   Session& s = *job.session;
   AppendPlan& plan = job.plan;
   // No session lock while building: BuildAside reads only immutable fields,
@@ -496,8 +525,9 @@ void RunPendingBuild(PendingBuild& job, int build_threads, absl::Time now) {
   // building, so nothing else touches their tables meanwhile.
   const SelectorConfig sc = SelectorConfigOf(s);
   const int trees_before = s.trees_built.load();
-  absl::Status built = ParallelFor(plan.num_indices, build_threads,
-                                   [&](int64_t i) { return BuildAside(s, sc, job.in, plan, i); });
+  absl::Status built = ParallelFor(plan.num_indices, build_threads, [&](int64_t i) {
+    return BuildAside(s, sc, job.in, scratch, plan, i);
+  });
   absl::MutexLock write(&s.mu);
   for (int i = 0; built.ok() && i < plan.num_indices; ++i) {
     built = CheckPlacements(s, plan, i, *plan.built[i]);

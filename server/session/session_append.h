@@ -25,6 +25,7 @@
 #include "absl/types/span.h"
 #include "server/index/selector.h"
 #include "server/pool/page_pool.h"
+#include "server/session/append_staging.h"
 #include "server/session/session.h"
 
 namespace icecache {
@@ -98,8 +99,10 @@ std::vector<SlotRun> UnwrittenSlots(const std::vector<Placement>& placements, ui
 // serialised by append_mu), so selects of other groups go on meanwhile.
 // Builds run on `build_threads`; decode inserts large enough to gain from
 // threads run on `decode_threads` (0: the process's shared oneTBB pool).
+// `scratch` (may be null) lends the builds their fp32 keys.
 absl::StatusOr<AppendPlan> PlanAppend(const Session& s, const AppendInput& in, int build_threads,
-                                      int decode_threads) ABSL_SHARED_LOCKS_REQUIRED(s.mu);
+                                      int decode_threads, StagingCache* scratch)
+    ABSL_SHARED_LOCKS_REQUIRED(s.mu);
 
 // Later appends: inserts into every index. An index failure marks the session
 // broken (Internal; FailedPrecondition afterwards). First appends: installs
@@ -130,7 +133,7 @@ AppendResult Publish(Session& s, const AppendInput& in, uint64_t new_pages, absl
 // for it; other groups serve meanwhile.
 struct PendingBuild {
   std::shared_ptr<Session> session;
-  std::vector<uint8_t> bytes;  // the caller's bytes, owned; `in` points into them
+  StagingBuffer bytes;  // the caller's bytes, owned; `in` points into them
   AppendInput in;
   AppendPlan plan;
   FrameSet frames;  // admitted for plan.reserve; the surplus returns after the build
@@ -148,7 +151,7 @@ AppendResult AcceptPendingBuild(Session& s, const AppendInput& in, absl::Time no
 // Builds, installs and writes (builder thread). An index failure marks the
 // session broken (FailedPrecondition on its next call); the groups are
 // cleared either way, so nobody waits forever.
-void RunPendingBuild(PendingBuild& job, int build_threads, absl::Time now)
+void RunPendingBuild(PendingBuild& job, int build_threads, StagingCache* scratch, absl::Time now)
     ABSL_LOCKS_EXCLUDED(job.session->mu);
 
 }  // namespace icecache

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <mutex>
 #include <new>
 #include <random>
@@ -13,6 +14,7 @@
 #include "common/status_macros.h"
 #include "server/index/parallel_build.h"
 #include "server/pool/heap_trim.h"
+#include "server/session/append_staging.h"
 #include "server/session/index_builder.h"
 #include "server/session/session.h"
 #include "server/session/session_append.h"
@@ -22,6 +24,10 @@ namespace icecache {
 // ------------------------------------------------------------------ helpers
 
 namespace {
+
+// Reservations from this size on have their slabs faulted in before
+// admission (AdmitFrames): a prefill's, never a decode append's.
+constexpr uint64_t kPopulateBytes = uint64_t{64} << 20;
 
 absl::Status SessionNotFound(std::string_view id) {
   return absl::NotFoundError(absl::StrCat("session ", std::string(id), " not found"));
@@ -167,6 +173,7 @@ SessionManager::SessionManager(const SessionManagerOptions& options)
       clock_(options.clock != nullptr ? options.clock : Clock::Real()),
       epoch_(RandomNonZero64()),
       counters_(std::make_unique<Counters>()),
+      staging_(StagingCache::Create({options.staging_cache_bytes})),
       prefetch_counters_(std::make_unique<PrefetchCounters>()) {}
 
 SessionManager::~SessionManager() {
@@ -191,6 +198,7 @@ void SessionManager::ReaperLoop() {
     }
     ExpireLeases(clock_->Now());
     if (options_.prefault_slabs > 0) options_.pool->PrefaultAhead(options_.prefault_slabs);
+    staging_->Trim(options_.staging_idle);
     MaybeTrimHeap();  // after sessions dropped (server/pool/heap_trim.h)
   }
 }
@@ -444,7 +452,7 @@ absl::StatusOr<AppendResult> SessionManager::AppendKv(const Caller& caller, std:
                                                       LayerRange range) {
   ASSIGN_OR_RETURN(InFlightGuard guard, Use(caller, id));
   guard->Touch(clock_->Now());
-  return Append(guard, n, range, bytes);
+  return Append(guard, n, range, bytes, StagingBuffer());
 }
 
 absl::StatusOr<AppendResult> SessionManager::AppendKvFromBuffer(const Caller& caller,
@@ -468,21 +476,23 @@ absl::StatusOr<AppendResult> SessionManager::AppendKvFromBuffer(const Caller& ca
         "append of ", n, " tokens takes ", length, " bytes, more than the whole pool (",
         options_.pool->capacity_bytes(), " bytes, pool.capacity_bytes); append in smaller chunks"));
   }
-  std::unique_ptr<uint8_t[]> staging(new (std::nothrow) uint8_t[length]);
-  if (staging == nullptr) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "append of ", n, " tokens from buffer ", std::string(buffer_id), ": cannot allocate ",
-        length, " bytes of staging memory now; retry, or append in smaller chunks"));
+  absl::StatusOr<StagingBuffer> staging = staging_->Acquire(length);
+  if (!staging.ok()) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("append of ", n, " tokens from buffer ", std::string(buffer_id), ": ",
+                     staging.status().message(), "; retry, or append in smaller chunks"));
   }
   // One copy out of the client's mapping, under the SIGBUS guard; the index
   // and frames are then filled from private memory the client cannot change.
-  RETURN_IF_ERROR(lease.Read(offset, length, staging.get()));
-  return Append(guard, n, range, absl::MakeConstSpan(staging.get(), length));
+  RETURN_IF_ERROR(lease.Read(offset, length, staging->data()));
+  const absl::Span<const uint8_t> bytes = absl::MakeConstSpan(staging->data(), length);
+  return Append(guard, n, range, bytes, std::move(staging).value());
 }
 
 absl::StatusOr<AppendResult> SessionManager::Append(const InFlightGuard& guard, int64_t n,
                                                     LayerRange range,
-                                                    absl::Span<const uint8_t> bytes) {
+                                                    absl::Span<const uint8_t> bytes,
+                                                    StagingBuffer owned) {
   Session& s = *guard.get();
   ASSIGN_OR_RETURN(AppendInput in,
                    CheckAppendInput(s.config, options_.max_append_tokens, n, range, bytes));
@@ -508,8 +518,21 @@ absl::StatusOr<AppendResult> SessionManager::Append(const InFlightGuard& guard, 
     if (background) {
       plan = PlanBackgroundBuild(s, in);
     } else {
-      ASSIGN_OR_RETURN(plan, PlanAppend(s, in, options_.build_threads, options_.decode_threads));
+      ASSIGN_OR_RETURN(
+          plan, PlanAppend(s, in, options_.build_threads, options_.decode_threads, staging_.get()));
     }
+  }
+  if (background && owned.data() != in.bytes.data()) {
+    // Inline bytes live in the request: the build needs its own copy (a
+    // buffer append's private copy is taken over as it is).
+    absl::StatusOr<StagingBuffer> copy = staging_->Acquire(in.bytes.size());
+    if (!copy.ok()) {
+      return absl::ResourceExhaustedError(absl::StrCat("append of ", n, " tokens to session ", s.id,
+                                                       ": ", copy.status().message(),
+                                                       "; retry, or append in smaller chunks"));
+    }
+    owned = std::move(copy).value();
+    std::memcpy(owned.data(), in.bytes.data(), in.bytes.size());
   }
   absl::StatusOr<FrameSet> reserved = AdmitFrames(s, plan.reserve);
   if (!reserved.ok()) {
@@ -517,7 +540,8 @@ absl::StatusOr<AppendResult> SessionManager::Append(const InFlightGuard& guard, 
     return reserved.status();
   }
   if (background) {
-    return StartBackgroundBuild(guard, in, std::move(plan), std::move(reserved).value());
+    return StartBackgroundBuild(guard, in, std::move(plan), std::move(reserved).value(),
+                                std::move(owned));
   }
   absl::MutexLock write(&s.mu);
   RETURN_IF_ERROR(ApplyToIndexes(s, in, plan));
@@ -526,13 +550,14 @@ absl::StatusOr<AppendResult> SessionManager::Append(const InFlightGuard& guard, 
 }
 
 AppendResult SessionManager::StartBackgroundBuild(const InFlightGuard& guard, const AppendInput& in,
-                                                  AppendPlan plan, FrameSet frames) {
+                                                  AppendPlan plan, FrameSet frames,
+                                                  StagingBuffer owned) {
   Session& s = *guard.get();
   auto job = std::make_shared<PendingBuild>();
   job->session = guard.shared();
-  job->bytes.assign(in.bytes.begin(), in.bytes.end());
+  job->bytes = std::move(owned);  // holds in.bytes (Append)
   job->in = in;
-  job->in.bytes = absl::MakeConstSpan(job->bytes);
+  job->in.bytes = absl::MakeConstSpan(job->bytes.data(), job->bytes.size());
   job->plan = std::move(plan);
   job->frames = std::move(frames);
   AppendResult result;
@@ -544,9 +569,16 @@ AppendResult SessionManager::StartBackgroundBuild(const InFlightGuard& guard, co
   // waits for it.
   s.in_flight.fetch_add(1);
   counters_->in_flight.fetch_add(1);
-  builder_->Post([this, job] {
+  const absl::Time posted = absl::Now();
+  builder_->Post([this, job, posted] {
     if (options_.on_build_start) options_.on_build_start(job->session->id, job->in.first_layer);
-    RunPendingBuild(*job, options_.build_threads, clock_->Now());
+    const absl::Time start = absl::Now();
+    RunPendingBuild(*job, options_.build_threads, staging_.get(), clock_->Now());
+    job->bytes = StagingBuffer();  // back to the cache for the next append
+    if (options_.on_build_done) {
+      options_.on_build_done(job->session->id, job->in.first_layer, job->in.num_layers,
+                             start - posted, absl::Now() - start);
+    }
     job->session->in_flight.fetch_sub(1);
     counters_->in_flight.fetch_sub(1);
   });
@@ -565,8 +597,14 @@ absl::Status SessionManager::GroupReadyOrUnavailable(const Session& s, int layer
 absl::StatusOr<FrameSet> SessionManager::AdmitFrames(const Session& s, uint64_t reserve) {
   // Quota first (never evicts), then the watermark policy, then the
   // reservation itself. On failure nothing has changed.
-  absl::MutexLock admission(&admission_mu_);
   const uint64_t stride = PagePool::StrideFor(s.frame_bytes);
+  if (reserve * stride >= kPopulateBytes) {
+    // A prefill's frames: their page faults are taken here, slab by slab,
+    // before any lock (PagePool::PopulateNext), not 4 KiB by 4 KiB while
+    // the pool lock is held for the carving.
+    options_.pool->PopulateNext(reserve * stride);
+  }
+  absl::MutexLock admission(&admission_mu_);
   const uint64_t quota = options_.pool->Quota(s.tenant);
   const uint64_t used = options_.pool->TenantUsedBytes(s.tenant);
   if (reserve > 0 && quota != kUnlimitedQuota &&

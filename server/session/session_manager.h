@@ -106,6 +106,8 @@ class GroupPrefetch;
 struct ChecksumCounters;
 struct PrefetchCounters;
 struct AppendInput;  // internal (server/session/session_append.h)
+class StagingCache;  // internal (server/session/append_staging.h)
+class StagingBuffer;
 struct AppendPlan;
 
 struct SessionManagerOptions {
@@ -129,6 +131,12 @@ struct SessionManagerOptions {
   // (PagePool::PrefaultAhead), so decode appends do not take the page
   // faults of a new slab. 0 = none; needs a reaper (reaper_interval > 0).
   uint64_t prefault_slabs = 16;
+  // An append from a registered buffer copies its bytes once into private
+  // staging memory (append_staging.h); released staging buffers of at least
+  // 4 MiB are kept for later appends, up to staging_cache_bytes, and the
+  // reaper unmaps those idle for staging_idle.
+  uint64_t staging_cache_bytes = uint64_t{1} << 30;
+  absl::Duration staging_idle = absl::Seconds(5);
   // The first append of a range of mdci / exact-mdci layer groups returns
   // once its frames are admitted and its bytes taken; the trees are built
   // on a background thread (docs/architecture.md §5). Selects, fetches and
@@ -139,6 +147,13 @@ struct SessionManagerOptions {
   // Optional, for tests: runs on the builder thread before each background
   // build (session id, first layer of its range), e.g. to hold it at a gate.
   std::function<void(const std::string& session, int first_layer)> on_build_start;
+  // Optional: told after each background build, on the builder thread with
+  // no lock held: the session, the layer range, how long the job waited
+  // behind earlier ones and how long it took (trees, install, rows). The
+  // daemon logs it (the timeline of a prefill, docs/bench/prefill.md).
+  std::function<void(const std::string& session, int first_layer, int num_layers,
+                     absl::Duration queued, absl::Duration ran)>
+      on_build_done;
   // Threads one select or fetch spreads its KV heads over: 0 = the process's
   // shared oneTBB pool (every concurrent stream shares the same workers, so
   // the cores are never oversubscribed), 1 = serially on the calling thread.
@@ -345,12 +360,17 @@ class SessionManager {
   // Looks up a session of the caller's tenant and marks it in flight for the
   // guard's lifetime (never evicted or expired meanwhile); NotFound otherwise.
   absl::StatusOr<InFlightGuard> Use(const Caller& caller, std::string_view id);
-  // The steps of an append (session_append.h), under the session's writer lock.
+  // The steps of an append (session_append.h), under the session's writer
+  // lock. `owned`, when it holds `bytes`, is the private copy they live in:
+  // a background build takes it instead of copying them again.
   absl::StatusOr<AppendResult> Append(const InFlightGuard& guard, int64_t n, LayerRange range,
-                                      absl::Span<const uint8_t> bytes) ABSL_LOCKS_EXCLUDED(mu_);
+                                      absl::Span<const uint8_t> bytes, StagingBuffer owned)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // Accepts a background build (session_append.h, PendingBuild) and posts it.
+  // `owned` holds the bytes `in` points at; the job keeps it.
   AppendResult StartBackgroundBuild(const InFlightGuard& guard, const AppendInput& in,
-                                    AppendPlan plan, FrameSet frames) ABSL_LOCKS_EXCLUDED(mu_);
+                                    AppendPlan plan, FrameSet frames, StagingBuffer owned)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // UNAVAILABLE when the group of `layer` was still being built after
   // build_wait (the caller holds `s.mu` shared, taken by ReadyReader).
   absl::Status GroupReadyOrUnavailable(const Session& s, int layer, bool ready) const;
@@ -403,6 +423,8 @@ class SessionManager {
   std::map<std::string, std::shared_ptr<Session>, std::less<>> sessions_ ABSL_GUARDED_BY(mu_);
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   std::unique_ptr<Counters> counters_;  // atomics inside
+  // Staging memory of appends (thread-safe; buffers keep it alive).
+  std::shared_ptr<StagingCache> staging_;
   // Serialises eviction decisions with the pool allocations they make room for.
   absl::Mutex admission_mu_;
 

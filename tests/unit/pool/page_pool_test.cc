@@ -230,6 +230,37 @@ TEST(PagePoolTest, PrefaultAheadKeepsAtMostItsCountOfFreeSlabsResident) {
   EXPECT_THAT(all, IsOk());
 }
 
+TEST(PagePoolTest, PopulateNextFaultsInWhatTheNextAllocationCarvesAndPrefaultKeepsIt) {
+  PagePoolOptions o;
+  o.capacity_bytes = 16 * kMiB;  // 8 slabs
+  o.use_huge_pages = false;
+  o.max_empty_slabs = 0;
+  auto created = PagePool::Create(o);
+  ASSERT_THAT(created, IsOk());
+  PagePool& pool = **created;
+  auto id = pool.GetOrCreateClass(PagePool::kSlabBytes);  // one frame per slab
+  ASSERT_THAT(id, IsOk());
+  auto resident = [&](uint64_t first, uint64_t end) {
+    uint64_t pages = 0;
+    for (uint64_t slab = first; slab < end; ++slab) pages += ResidentPages(pool, slab);
+    return pages * ::sysconf(_SC_PAGESIZE) / PagePool::kSlabBytes;
+  };
+  if (pool.PopulateNext(5 * PagePool::kSlabBytes - 1) == 0) {
+    GTEST_SKIP() << "kernel without MADV_POPULATE_WRITE";
+  }
+  EXPECT_EQ(resident(0, 8), 5u);
+  // The reaper's smaller prefault does not return them before the
+  // allocation they were faulted in for.
+  EXPECT_EQ(pool.PrefaultAhead(1), 1u);
+  EXPECT_EQ(resident(0, 8), 5u);
+  auto a = pool.Allocate("t", *id, 4);
+  ASSERT_THAT(a, IsOk());
+  // After it, the one left over is bound like a prefaulted slab.
+  EXPECT_EQ(pool.PrefaultAhead(0), 0u);
+  EXPECT_EQ(resident(0, 8), 4u);
+  EXPECT_EQ(resident(0, 4), 4u);
+}
+
 TEST(PagePoolTest, ChurnDoesNotGrowOrLeak) {
   auto pool = MakePool(4 * kMiB);
   auto small = pool->GetOrCreateClass(4096);

@@ -1,9 +1,14 @@
 // The pure steps of an append (server/session/session_append.h).
 #include "server/session/session_append.h"
 
+#include <cstring>
+#include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/support/status_matchers.h"
 
 namespace icecache {
 
@@ -13,6 +18,9 @@ bool operator==(const SlotRun& a, const SlotRun& b) {
 }
 
 namespace {
+
+using ::icecache::testing::IsOk;
+using ::icecache::testing::StatusIs;
 
 TEST(UnwrittenSlotsTest, FullNewPagesNeedNoZeroing) {
   std::vector<Placement> placed;
@@ -39,6 +47,81 @@ TEST(UnwrittenSlotsTest, GapsAndUntouchedNewPagesAreRuns) {
 TEST(UnwrittenSlotsTest, NoNewPagesNoRuns) {
   const std::vector<Placement> placed = {{0, 3}};
   EXPECT_TRUE(UnwrittenSlots(placed, 1, 1, 4).empty());
+}
+
+// 2 layers x 3 KV heads x 1000 tokens x 8 dims: the check scans blocks of
+// 2048 elements, so these positions sit on and around block boundaries.
+SessionConfig CheckConfig(DType dtype) {
+  SessionConfig c;
+  c.layers = 2;
+  c.kv_heads = 3;
+  c.q_heads = 3;
+  c.head_dim = 8;
+  c.dtype = dtype;
+  return c;
+}
+
+// Element `e` of the keys (values: `in_values`) set to the bytes of `bad`.
+std::vector<uint8_t> WithElement(const SessionConfig& c, int64_t e, bool in_values,
+                                 const std::vector<uint8_t>& bad) {
+  const int64_t n = 1000;
+  const size_t esize = DTypeSize(c.dtype);
+  std::vector<uint8_t> bytes(2 * c.layers * c.kv_heads * n * c.head_dim * esize, 0);
+  const size_t half = bytes.size() / 2;
+  std::memcpy(bytes.data() + (in_values ? half : 0) + e * esize, bad.data(), esize);
+  return bytes;
+}
+
+TEST(CheckAppendInputTest, NamesTheFirstBadElementAcrossScanBlocks) {
+  const int64_t n = 1000;
+  struct Case {
+    DType dtype;
+    std::vector<uint8_t> bad;  // little-endian bytes of one element
+    bool keys_only;            // a huge finite value: refused in keys only
+    const char* why;
+  };
+  const std::vector<Case> cases = {
+      {DType::kF16, {0x00, 0x7e}, false, "NaN or Inf"},                 // NaN
+      {DType::kF16, {0x00, 0xfc}, false, "NaN or Inf"},                 // -Inf
+      {DType::kBF16, {0x80, 0x7f}, false, "NaN or Inf"},                // +Inf
+      {DType::kBF16, {0x00, 0x5d}, true, "magnitude 2^59"},             // 2^59
+      {DType::kF32, {0x00, 0x00, 0xc0, 0x7f}, false, "NaN or Inf"},     // NaN
+      {DType::kF32, {0x00, 0x00, 0x00, 0xdd}, true, "magnitude 2^59"},  // -2^59
+  };
+  const int64_t per_layer = 3 * n * 8;
+  for (const Case& k : cases) {
+    const SessionConfig c = CheckConfig(k.dtype);
+    for (int64_t e : {int64_t{0}, int64_t{2047}, int64_t{2048}, int64_t{2049}, int64_t{4095},
+                      per_layer + 4096, 2 * per_layer - 1}) {
+      for (bool values : {false, true}) {
+        const std::vector<uint8_t> bytes = WithElement(c, e, values, k.bad);
+        absl::StatusOr<AppendInput> in = CheckAppendInput(c, n, n, {0, 0}, bytes);
+        const std::string where = absl::StrCat(std::string(DTypeName(k.dtype)), " element ", e,
+                                               values ? " of the values" : " of the keys");
+        if (values && k.keys_only) {
+          EXPECT_THAT(in, IsOk()) << where;
+          continue;
+        }
+        const std::string want =
+            absl::StrCat(values ? "value" : "key", " of layer ", e / per_layer, ", kv head ",
+                         (e % per_layer) / (n * 8), ", token ", (e % (n * 8)) / 8, " ");
+        EXPECT_THAT(
+            in, StatusIs(absl::StatusCode::kInvalidArgument,
+                         ::testing::AllOf(::testing::HasSubstr(want), ::testing::HasSubstr(k.why))))
+            << where;
+      }
+    }
+    EXPECT_THAT(CheckAppendInput(c, n, n, {0, 0}, WithElement(c, 5, false, {0, 0, 0, 0})), IsOk());
+  }
+}
+
+TEST(CheckAppendInputTest, TheFirstOfTwoBadElementsIsNamed) {
+  const SessionConfig c = CheckConfig(DType::kF16);
+  std::vector<uint8_t> bytes = WithElement(c, 5000, false, {0x00, 0x7c});
+  bytes[2 * 3001 + 1] = 0x7c;  // an earlier Inf in another block
+  EXPECT_THAT(CheckAppendInput(c, 1000, 1000, {0, 0}, bytes),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       ::testing::HasSubstr("key of layer 0, kv head 0, token 375 ")));
 }
 
 }  // namespace

@@ -1,0 +1,108 @@
+// Internal to icecache_session: the private memory an append's bytes are
+// copied into before anything reads them (docs/architecture.md §5).
+//
+// A prefill appends hundreds of MiB per call. A fresh mapping of that size
+// takes a page fault per 4 KiB at first touch, about ten times the cost of
+// the copy itself on the machines we measured (docs/bench/prefill.md), and a
+// background build used to copy the bytes once more into its job. So the
+// bytes are copied once, into a `StagingBuffer` that the append, and then its
+// background build, owns; a released buffer goes back to its `StagingCache`
+// for the next append, up to a byte bound, and is unmapped once idle.
+#ifndef ICECACHE_SERVER_SESSION_APPEND_STAGING_H_
+#define ICECACHE_SERVER_SESSION_APPEND_STAGING_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+
+namespace icecache {
+
+class StagingCache;
+
+// `size()` bytes of private, writable memory (a mapping of at least that
+// many bytes). Move-only; on destruction the mapping returns to the cache it
+// came from, or is unmapped. Not thread-safe (one owner at a time).
+class StagingBuffer {
+ public:
+  StagingBuffer() = default;
+  ~StagingBuffer();
+  StagingBuffer(StagingBuffer&& other) noexcept;
+  StagingBuffer& operator=(StagingBuffer&& other) noexcept;
+  StagingBuffer(const StagingBuffer&) = delete;
+  StagingBuffer& operator=(const StagingBuffer&) = delete;
+
+  uint8_t* data() const { return base_; }
+  uint64_t size() const { return size_; }
+  uint64_t capacity() const { return capacity_; }
+
+ private:
+  friend class StagingCache;
+  StagingBuffer(std::shared_ptr<StagingCache> cache, uint8_t* base, uint64_t capacity,
+                uint64_t size)
+      : cache_(std::move(cache)), base_(base), capacity_(capacity), size_(size) {}
+  void Release();
+
+  std::shared_ptr<StagingCache> cache_;  // null: unmapped on release
+  uint8_t* base_ = nullptr;
+  uint64_t capacity_ = 0;
+  uint64_t size_ = 0;
+};
+
+struct StagingCacheOptions {
+  // Bytes of released buffers kept for later appends (0: none kept).
+  uint64_t max_cached_bytes = uint64_t{1} << 30;
+  // Requests below this size take a fresh mapping and never enter the cache
+  // (a decode append's few KiB are cheap to map).
+  uint64_t min_cached_bytes = uint64_t{4} << 20;
+};
+
+// Thread-safe. Buffers hold a reference to their cache, so the cache lives
+// until the last buffer is gone: make it with `Create`.
+class StagingCache : public std::enable_shared_from_this<StagingCache> {
+ public:
+  static std::shared_ptr<StagingCache> Create(const StagingCacheOptions& options);
+  ~StagingCache();
+  StagingCache(const StagingCache&) = delete;
+  StagingCache& operator=(const StagingCache&) = delete;
+
+  // A buffer of `bytes` (> 0): the smallest cached one that holds them, else
+  // a fresh mapping. ResourceExhausted (naming the size) when the mapping
+  // fails. The contents are unspecified: the caller overwrites them.
+  absl::StatusOr<StagingBuffer> Acquire(uint64_t bytes);
+  // Unmaps every buffer released at least `idle` ago; returns the bytes.
+  uint64_t Trim(absl::Duration idle);
+  // Whether a buffer of `bytes` returns to the cache when released (smaller
+  // ones are cheaper in ordinary heap memory).
+  bool Caches(uint64_t bytes) const { return bytes >= options_.min_cached_bytes; }
+  uint64_t cached_bytes() const;
+  // Buffers handed out by Acquire that came from the cache (tests, metrics).
+  uint64_t reuses() const;
+
+ private:
+  explicit StagingCache(const StagingCacheOptions& options) : options_(options) {}
+  friend class StagingBuffer;
+  // Keeps the mapping for a later Acquire when it fits the bound, else
+  // unmaps it.
+  void Release(uint8_t* base, uint64_t capacity);
+
+  struct Entry {
+    uint8_t* base;
+    uint64_t capacity;
+    absl::Time released;
+  };
+  const StagingCacheOptions options_;
+  mutable absl::Mutex mu_;
+  std::vector<Entry> cached_ ABSL_GUARDED_BY(mu_);
+  uint64_t cached_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t reuses_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace icecache
+
+#endif  // ICECACHE_SERVER_SESSION_APPEND_STAGING_H_

@@ -1,0 +1,100 @@
+// The staging memory of appends (server/session/append_staging.h).
+#include "server/session/append_staging.h"
+
+#include <cstring>
+#include <utility>
+
+#include "gtest/gtest.h"
+#include "tests/support/status_matchers.h"
+
+namespace icecache {
+namespace {
+
+using ::icecache::testing::IsOk;
+using ::icecache::testing::StatusIs;
+
+constexpr uint64_t kMiB = uint64_t{1} << 20;
+
+std::shared_ptr<StagingCache> MakeCache(uint64_t max_cached) {
+  StagingCacheOptions o;
+  o.max_cached_bytes = max_cached;
+  o.min_cached_bytes = 4 * kMiB;
+  return StagingCache::Create(o);
+}
+
+TEST(StagingCacheTest, AReleasedBufferServesTheNextAppend) {
+  auto cache = MakeCache(64 * kMiB);
+  uint8_t* first = nullptr;
+  {
+    auto a = cache->Acquire(8 * kMiB);
+    ASSERT_THAT(a, IsOk());
+    EXPECT_EQ(a->size(), 8 * kMiB);
+    std::memset(a->data(), 7, a->size());  // writable, all of it
+    first = a->data();
+  }
+  EXPECT_EQ(cache->cached_bytes(), 8 * kMiB);
+  auto b = cache->Acquire(6 * kMiB);  // fits in the cached one
+  ASSERT_THAT(b, IsOk());
+  EXPECT_EQ(b->data(), first);
+  EXPECT_EQ(b->size(), 6 * kMiB);
+  EXPECT_EQ(b->capacity(), 8 * kMiB);
+  EXPECT_EQ(cache->reuses(), 1u);
+  EXPECT_EQ(cache->cached_bytes(), 0u);
+}
+
+TEST(StagingCacheTest, TheSmallestBufferThatFitsIsTaken) {
+  auto cache = MakeCache(64 * kMiB);
+  uint8_t* small = nullptr;
+  {
+    auto a = cache->Acquire(16 * kMiB);
+    auto b = cache->Acquire(5 * kMiB);
+    ASSERT_THAT(a, IsOk());
+    ASSERT_THAT(b, IsOk());
+    small = b->data();
+  }
+  auto c = cache->Acquire(5 * kMiB);
+  ASSERT_THAT(c, IsOk());
+  EXPECT_EQ(c->data(), small);
+  auto d = cache->Acquire(20 * kMiB);  // nothing cached is that large: a fresh mapping
+  ASSERT_THAT(d, IsOk());
+  EXPECT_EQ(cache->reuses(), 1u);
+  EXPECT_EQ(cache->cached_bytes(), 16 * kMiB);
+}
+
+TEST(StagingCacheTest, KeepsAtMostItsBoundAndNothingSmall) {
+  auto cache = MakeCache(10 * kMiB);
+  {
+    auto a = cache->Acquire(8 * kMiB);
+    auto b = cache->Acquire(8 * kMiB);
+    auto small = cache->Acquire(kMiB);  // below min_cached_bytes
+    ASSERT_THAT(small, IsOk());
+    EXPECT_FALSE(cache->Caches(small->size()));
+  }
+  EXPECT_EQ(cache->cached_bytes(), 8 * kMiB);  // the second did not fit the bound
+}
+
+TEST(StagingCacheTest, TrimUnmapsIdleBuffers) {
+  auto cache = MakeCache(64 * kMiB);
+  { auto a = cache->Acquire(8 * kMiB); }
+  EXPECT_EQ(cache->Trim(absl::Hours(1)), 0u);  // released just now
+  EXPECT_EQ(cache->cached_bytes(), 8 * kMiB);
+  EXPECT_EQ(cache->Trim(absl::ZeroDuration()), 8 * kMiB);
+  EXPECT_EQ(cache->cached_bytes(), 0u);
+}
+
+TEST(StagingCacheTest, BuffersOutliveTheirOwnerAndMove) {
+  auto cache = MakeCache(64 * kMiB);
+  auto a = cache->Acquire(8 * kMiB);
+  ASSERT_THAT(a, IsOk());
+  StagingBuffer moved = std::move(a).value();
+  std::weak_ptr<StagingCache> weak = cache;
+  cache.reset();  // the buffer keeps its cache
+  EXPECT_FALSE(weak.expired());
+  moved.data()[0] = 1;
+  moved = StagingBuffer();  // released into the cache, which then goes
+  EXPECT_TRUE(weak.expired());
+  EXPECT_THAT(MakeCache(kMiB)->Acquire(0), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+}  // namespace
+}  // namespace icecache
