@@ -77,7 +77,10 @@ absl::StatusOr<SelectorType> ParseSelectorType(std::string_view name);
 // Unit of selection (types.proto Granularity): whole pages, or the best
 // tokens packed into slots (HeadSelection.pages empty, positions listed).
 enum class SelectionGranularity {
-  kDefault,  // per call: the session's default; session default: page
+  // Per call: the session's. As the session's (the default): per token for a
+  // DecodeStep into a HOST_SHM buffer, per page for a CUDA_IPC buffer, device
+  // fields, and SelectPages (types.proto Granularity).
+  kDefault,
   kPage,
   kToken,
 };
@@ -194,7 +197,10 @@ struct HeadSelection {
 
 // Where fetched pages landed (types.proto FetchLayout): per head, per page, a
 // block of page_bytes = K (page_tokens x head_dim) then V, rows past the
-// page's fill zeroed.
+// page's fill zeroed. A selection made per token (HeadSelection.pages empty,
+// positions listed) lands in slots whose page id is kTokenSlotPage, its
+// tokens packed in order (every slot full but the last).
+inline constexpr uint32_t kTokenSlotPage = 4294967295u;
 struct HeadLayout {
   uint32_t kv_head = 0;
   std::vector<uint32_t> pages;

@@ -300,6 +300,10 @@ void PrintSessionTable(const SessionInfo& info) {
   t.AddRow({"page tokens", absl::StrCat(info.spec.page_tokens)});
   t.AddRow({"selector", std::string(SelectorTypeName(info.spec.selector))});
   t.AddRow({"layer reuse", absl::StrCat(info.spec.layer_reuse)});
+  const std::string unit = GranularityText(info.spec.defaults.granularity);
+  t.AddRow({"granularity", unit == "by-destination"
+                               ? "by destination (token into shm, page into device buffers)"
+                               : unit});
   t.AddRow({"ttl", absl::FormatDuration(info.spec.ttl)});
   t.AddRow({"tokens", absl::StrCat(info.tokens)});
   t.AddRow({"bytes", HumanBytes(static_cast<int64_t>(info.bytes))});

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
+#include "common/status_macros.h"
 
 namespace icecache {
 
@@ -59,6 +60,30 @@ std::vector<uint8_t> HostKv::Chunk(int64_t begin, int64_t end) const {
   return out;
 }
 
+namespace {
+
+// Token slots (page id kTokenSlotPage) hold the selected tokens packed in
+// order: every slot full but the last, and no page slot among them.
+absl::Status CheckTokenSlots(const HeadLayout& h, uint32_t page_tokens) {
+  size_t token_slots = 0;
+  for (uint32_t page : h.pages) token_slots += page == kTokenSlotPage ? 1 : 0;
+  if (token_slots == 0) return absl::OkStatus();
+  if (token_slots != h.pages.size()) {
+    return absl::InternalError(
+        absl::StrCat("head ", h.kv_head, ": token slots and pages mixed in one layout"));
+  }
+  for (size_t i = 0; i + 1 < h.fills.size(); ++i) {
+    if (h.fills[i] != page_tokens) {
+      return absl::DataLossError(absl::StrCat("head ", h.kv_head, " token slot ", i, " holds ",
+                                              h.fills[i], " of ", page_tokens,
+                                              " rows before the last slot (tokens not packed)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<int64_t> VerifyFetch(const HostKv& kv, int64_t tokens, const FetchLayout& layout,
                                     const std::vector<HeadSelection>& heads, const uint8_t* data,
                                     size_t size) {
@@ -80,10 +105,17 @@ absl::StatusOr<int64_t> VerifyFetch(const HostKv& kv, int64_t tokens, const Fetc
         return absl::InternalError(absl::StrCat("layout kv_head ", h.kv_head));
       }
       const std::vector<int32_t>* pos = &h.positions;
-      if (pos->empty() && hi < heads.size()) pos = &heads[hi].positions;
+      const std::vector<int32_t>* selected = hi < heads.size() ? &heads[hi].positions : nullptr;
+      if (pos->empty() && selected != nullptr) pos = selected;
+      if (selected != nullptr && !selected->empty() && *pos != *selected) {
+        return absl::DataLossError(
+            absl::StrCat("layer ", layer, " head ", h.kv_head,
+                         ": the layout's positions are not the selection's"));
+      }
       if (h.fills.size() != h.pages.size() || h.byte_offsets.size() != h.pages.size()) {
         return absl::InternalError("layout arrays of different lengths");
       }
+      RETURN_IF_ERROR(CheckTokenSlots(h, layout.page_tokens));
       size_t cursor = 0;
       for (size_t i = 0; i < h.pages.size(); ++i) {
         const uint64_t off = h.byte_offsets[i] + shift;

@@ -77,6 +77,18 @@ int64_t UnixMs(absl::Time t) { return t == absl::InfinitePast() ? 0 : absl::ToUn
 
 }  // namespace
 
+std::string GranularityText(SelectionGranularity granularity) {
+  switch (granularity) {
+    case SelectionGranularity::kPage:
+      return "page";
+    case SelectionGranularity::kToken:
+      return "token";
+    case SelectionGranularity::kDefault:
+      break;
+  }
+  return "by-destination";
+}
+
 Json SessionJson(const SessionInfo& s) {
   Json j = Json::object();
   j["session_id"] = s.id;
@@ -90,6 +102,7 @@ Json SessionJson(const SessionInfo& s) {
   j["page_tokens"] = s.spec.page_tokens;
   j["selector"] = std::string(SelectorTypeName(s.spec.selector));
   j["layer_reuse"] = s.spec.layer_reuse;
+  j["granularity"] = GranularityText(s.spec.defaults.granularity);
   j["ttl_ms"] = absl::ToInt64Milliseconds(s.spec.ttl);
   j["tokens"] = s.tokens;
   j["bytes"] = s.bytes;

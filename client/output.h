@@ -34,6 +34,10 @@ class TextTable {
 // JSON views of the daemon's admin records, as `icecachectl --json` prints
 // them. Epochs are strings (they exceed 2^53, as proto JSON writes them);
 // times are Unix milliseconds, 0 for "never".
+// A session's unit of selection for display: "page", "token", or
+// "by-destination" (the default: per token into HOST_SHM buffers, per page
+// into CUDA_IPC buffers, with device fields and for SelectPages).
+std::string GranularityText(SelectionGranularity granularity);
 Json SessionJson(const SessionInfo& s);
 Json QualityJson(const SessionQuality& q);  // SessionJson's "quality"
 Json TenantJson(const TenantInfo& t);

@@ -36,6 +36,7 @@ from .types import (
     SizeClassInfo,
     StepResult,
     TenantInfo,
+    TOKEN_SLOT_PAGE,
 )
 
 __version__ = "0.1.0"
@@ -65,6 +66,7 @@ __all__ = [
     "SessionInfo",
     "HeadSelection",
     "HeadLayout",
+    "TOKEN_SLOT_PAGE",
     "FetchLayout",
     "StepResult",
     "TenantInfo",

@@ -161,7 +161,10 @@ class SelectOptions:
     recent_tokens: Optional[int] = None
     want_positions: bool = False
     # "page" (whole pages), "token" (the best tokens packed into slots:
-    # HeadSelection.pages empty, positions listed), None = the session's default.
+    # HeadSelection.pages empty, positions listed), None = the session's.
+    # A session's None (the default) selects per token for a DecodeStep into a
+    # ShmBuffer and per page for a CudaBuffer, device fields and select_pages
+    # (types.proto Granularity). A page-based engine passes "page".
     granularity: Optional[str] = None
     # On a layer that is not the first of its layer group: reuse the group's
     # selection (queries may then be empty).
@@ -234,9 +237,15 @@ class HeadSelection:
     keys_touched: int
 
 
+# HeadLayout.pages of a slot packed with selected tokens (token granularity:
+# HeadSelection.pages empty, the tokens packed in order into slots of
+# page_tokens rows, every slot full but the last; positions name them).
+TOKEN_SLOT_PAGE = 4294967295
+
+
 @dataclass
 class HeadLayout:
-    """Where one KV head's pages landed in the buffer."""
+    """Where one KV head's pages (or token slots, page TOKEN_SLOT_PAGE) landed."""
 
     kv_head: int
     pages: Sequence[int]

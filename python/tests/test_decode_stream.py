@@ -4,6 +4,8 @@ transports."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import small_spec
@@ -31,6 +33,7 @@ def session(client):
 def test_steps_match_select_and_fetch(client, session, transport):
     sid, keys, values = session
     opt = icecache.SelectOptions(budget_tokens=48, want_positions=True)
+    per_token = dataclasses.replace(opt, granularity="token")
     rng = np.random.default_rng(2)
     with client.create_shm_buffer(1 << 20) as buf, client.decode_stream(sid, buf) as stream:
         if transport == "iterator":
@@ -41,8 +44,11 @@ def test_steps_match_select_and_fetch(client, session, transport):
                 r = stream.step(layer, q, offset=8192, options=opt)
                 assert r.layer == layer and r.layout.offset == 8192
                 check_fetched(buf, r.layout, keys, values)
-                sel = client.select_pages(sid, layer, q, opt)
-                assert [list(h.pages) for h in r.heads] == [list(h.pages) for h in sel]
+                # The session sets no granularity: per token into a ShmBuffer.
+                assert all(len(h.pages) == 0 for h in r.heads)
+                assert all(p == icecache.TOKEN_SLOT_PAGE for h in r.layout.heads for p in h.pages)
+                sel = client.select_pages(sid, layer, q, per_token)
+                assert [list(h.positions) for h in r.heads] == [list(h.positions) for h in sel]
 
 
 def test_fp16_and_bf16_queries(client, session):
@@ -113,8 +119,10 @@ def test_batched_step_answers_each_session_and_a_bad_entry_fails_alone(client, s
         assert isinstance(res[1].error, icecache.NotFoundError) and res[1].result is None
         check_fetched(buf, res[0].result.layout, keys, values)
         check_fetched(buf, res[2].result.layout, k2, v2)
-        single = client.select_pages(sid, 1, q, opt)
-        assert [list(h.pages) for h in res[0].result.heads] == [list(h.pages) for h in single]
+        single = client.select_pages(sid, 1, q, dataclasses.replace(opt, granularity="token"))
+        assert [list(h.positions) for h in res[0].result.heads] == [
+            list(h.positions) for h in single
+        ]
         res = stream.step(0, [icecache.BatchEntry(sid, q)], options=opt)  # the stream goes on
         assert res[0].error is None
     client.drop_session(other.id)

@@ -168,6 +168,7 @@ absl::StatusOr<QualitySample> MeasureTokenSelection(const MdciSelector& selector
   QualitySample s;
   s.mass_ratio = ref_mass > 0.0 ? sel_mass / ref_mass : 1.0;
   s.topk_recall = ref_tokens > 0 ? static_cast<double>(shared) / ref_tokens : 1.0;
+  s.granularity = Granularity::kToken;
   return s;
 }
 

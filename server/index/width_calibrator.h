@@ -59,6 +59,8 @@ struct CalibratorOptions {
 struct QualitySample {
   double mass_ratio = 0.0;   // group mass of the selection / of the reference
   double topk_recall = 0.0;  // share of the reference's tokens the selection holds
+  // The selection's unit, and so the reference's (exact pages or exact tokens).
+  Granularity granularity = Granularity::kPage;
 };
 
 struct CalibratorReport {

@@ -287,7 +287,7 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& p,
   const absl::StatusOr<std::optional<Granularity>> granularity =
       GranularityFromProto(d.granularity(), "defaults.granularity");
   if (!granularity.ok()) return granularity.status();
-  c.default_select.granularity = granularity->value_or(Granularity::kPage);
+  c.granularity = *granularity;  // unset: by destination (CallGranularity)
   c.pinned = p.pinned();
   if (absl::Status st = TargetMassRatioFromProto(p, defaults, &c); !st.ok()) return st;
   return ChecksumsFromProto(p.checksums(), std::move(c));
@@ -317,7 +317,8 @@ v1::SessionConfig SessionConfigToProto(const SessionConfig& c) {
   d->set_sink_tokens(std::max(0, c.default_select.sink_tokens));
   d->set_recent_tokens(std::max(0, c.default_select.recent_tokens));
   d->set_want_positions(c.default_select.want_positions);
-  d->set_granularity(GranularityToProto(c.default_select.granularity));
+  d->set_granularity(c.granularity.has_value() ? GranularityToProto(*c.granularity)
+                                               : v1::GRANULARITY_UNSPECIFIED);
   p.set_ttl_ms(static_cast<uint64_t>(absl::ToInt64Milliseconds(c.ttl)));
   p.set_pinned(c.pinned);
   p.set_target_mass_ratio(c.selector == SelectorKind::kMdci ? c.target_mass_ratio : 0.0);

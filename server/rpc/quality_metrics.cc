@@ -13,12 +13,13 @@ const std::vector<double>& RatioBuckets() {
 QualityMetrics::QualityMetrics(Registry* r)
     : mass_ratio_(r->AddHistogram(
           "icecache_selection_mass_ratio",
-          "Sampled selections: attention mass captured / the exact reference's on the same layout",
-          {"selector"}, RatioBuckets())),
+          "Sampled selections: attention mass captured / the exact reference's (exact pages on the "
+          "same layout, or exact tokens, by granularity)",
+          {"selector", "granularity"}, RatioBuckets())),
       topk_recall_(r->AddHistogram(
           "icecache_selection_topk_recall",
           "Sampled selections: share of the exact reference's tokens that were selected",
-          {"selector"}, RatioBuckets())),
+          {"selector", "granularity"}, RatioBuckets())),
       samples_(r->AddSnapshot("icecache_quality_samples_total",
                               "Selections chosen for measurement, by outcome", MetricType::kCounter,
                               {"outcome"})),
@@ -34,8 +35,9 @@ QualityMetrics::QualityMetrics(Registry* r)
 
 void QualityMetrics::Observe(SelectorKind selector, const QualitySample& sample) {
   const std::string name(SelectorKindName(selector));
-  mass_ratio_->WithLabels({name})->Observe(sample.mass_ratio);
-  topk_recall_->WithLabels({name})->Observe(sample.topk_recall);
+  const std::string unit(GranularityName(sample.granularity));
+  mass_ratio_->WithLabels({name, unit})->Observe(sample.mass_ratio);
+  topk_recall_->WithLabels({name, unit})->Observe(sample.topk_recall);
 }
 
 void QualityMetrics::Collect(const QualitySamplerStats& st) {

@@ -1,6 +1,6 @@
 // /metrics families of the online quality monitor (docs/operations.md
-// "Selection quality"): per-selector histograms of the sampled mass ratio
-// and top-k recall, fed on the sampler's thread, and the sampler's counters
+// "Selection quality"): per-selector and granularity histograms of the
+// sampled mass ratio and top-k recall, fed on the sampler's thread, and the sampler's counters
 // (samples by outcome, measurement CPU, the selection time its budget is a
 // share of, queue depth), replaced at scrape time.
 //

@@ -83,7 +83,6 @@ absl::StatusOr<SelectParams> ResolveParams(const SessionConfig& c, const SelectP
   if (p.budget_tokens <= 0) p.budget_tokens = SelectParams().budget_tokens;
   p.sink_tokens = pick(in.sink_tokens, c.default_select.sink_tokens);
   p.recent_tokens = pick(in.recent_tokens, c.default_select.recent_tokens);
-  p.granularity = c.default_select.granularity;
   if (p.budget_tokens > tokens) p.budget_tokens = static_cast<int>(tokens);
   return p;
 }
@@ -178,7 +177,8 @@ absl::Status Session::CheckUsable() const {
       absl::StrCat("session ", id, " is unusable after an internal index error; drop it"));
 }
 
-absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req, int threads,
+absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req,
+                                             SelectDestination destination, int threads,
                                              std::vector<QualityProbe>* probes) {
   RETURN_IF_ERROR(CheckLayer(*this, req.layer));
   RETURN_IF_ERROR(CheckUsable());
@@ -226,7 +226,7 @@ absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req, int threa
   }
   RETURN_IF_ERROR(CheckQueries(config, req.queries));
   ASSIGN_OR_RETURN(SelectParams params, ResolveParams(config, req.params, tokens));
-  if (req.granularity.has_value()) params.granularity = *req.granularity;
+  params.granularity = CallGranularity(config, req.granularity, destination);
   result.heads.resize(config.kv_heads);
   std::vector<std::unique_ptr<QualityProbe>> chosen(probes != nullptr ? config.kv_heads : 0);
   // The tasks run while this thread holds mu (shared) and waits for them.
@@ -301,7 +301,7 @@ absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchReques
                      " cross a layer group boundary (layer_reuse=", c.layer_reuse, ")"));
   }
   RETURN_IF_ERROR(CheckUsable());
-  if (!req.tokens.empty()) return FetchTokens(lease, req, group, threads);
+  if (!req.tokens.empty()) return FetchTokens(lease, req, group, threads, counters);
   if (req.pages.size() != static_cast<size_t>(c.kv_heads)) {
     return absl::InvalidArgumentError(
         absl::StrCat("fetch: pages must list ", c.kv_heads, " kv heads, got ", req.pages.size()));
@@ -395,7 +395,8 @@ absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchReques
 }
 
 absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const FetchRequest& req,
-                                                 int group, int threads) const {
+                                                 int group, int threads,
+                                                 ChecksumCounters* counters) const {
   const SessionConfig& c = config;
   if (req.tokens.size() != static_cast<size_t>(c.kv_heads)) {
     return absl::InvalidArgumentError(
@@ -436,12 +437,19 @@ absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const Fetch
   if (req.want_positions) {
     for (int h = 0; h < c.kv_heads; ++h) layout.heads[h].positions = req.tokens[h];
   }
-  // One block per (layer, head): its rows' sources and where it starts.
+  // One block per (layer, head): its rows' sources, where it starts, and
+  // (checksums on) the distinct pages its rows come from that are checked.
   const uint64_t row_bytes = static_cast<uint64_t>(c.head_dim) * DTypeSize(c.dtype);
   const int blocks = req.num_layers * c.kv_heads;
   std::vector<std::vector<RowSource>> rows(blocks);
+  std::vector<std::vector<uint32_t>> check(blocks);
   std::vector<uint64_t> block_offset(blocks);
+  const bool verify = keep_sums && c.checksums.mode != ChecksumMode::kOff;
+  const uint64_t seed = verify ? fetch_seq.fetch_add(1, std::memory_order_relaxed) : 0;
+  const double fraction =
+      c.checksums.mode == ChecksumMode::kSampled ? c.checksums.sample_fraction : 1.0;
   uint64_t at = req.offset;
+  size_t sampled = 0;
   for (int j = 0; j < req.num_layers; ++j) {
     for (int h = 0; h < c.kv_heads; ++h) {
       const int b = j * c.kv_heads + h;
@@ -450,20 +458,47 @@ absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const Fetch
       for (const Placement& p : placed[h]) rows[b].push_back(RowSource{table[p.page], p.slot});
       block_offset[b] = at;
       at += fills[h].size() * frame_bytes;
+      if (!verify) continue;
+      std::vector<uint32_t> pages;
+      for (const Placement& p : placed[h]) pages.push_back(p.page);
+      std::sort(pages.begin(), pages.end());
+      pages.erase(std::unique(pages.begin(), pages.end()), pages.end());
+      for (uint32_t p : pages) {
+        if (SampleFrame(seed, sampled++, fraction)) check[b].push_back(p);
+      }
     }
   }
+  std::atomic<uint64_t> checked{0};
+  auto check_block = [&](int b) {
+    const int j = b / c.kv_heads, h = b % c.kv_heads;
+    const size_t t = FrameTableIndex(req.layer + j, h);
+    for (uint32_t p : check[b]) {
+      checked.fetch_add(1, std::memory_order_relaxed);
+      if (FrameChecksum(page_frames[t][p], frame_bytes) == page_sums[t][p]) continue;
+      if (counters != nullptr) counters->failures.fetch_add(1, std::memory_order_relaxed);
+      return absl::DataLossError(absl::StrCat(
+          "fetch: session ", id, " layer ", req.layer + j, " kv head ", h, " page ", p,
+          " failed its checksum (its stored bytes changed after they were appended); its tokens "
+          "were not sent. Drop the session and send its prefill again"));
+    }
+    return absl::OkStatus();
+  };
   auto write_block = [&](int b) {
     const uint64_t bytes = ((rows[b].size() + c.page_tokens - 1) / c.page_tokens) * frame_bytes;
     if (bytes == 0) return absl::OkStatus();
+    RETURN_IF_ERROR(check_block(b));
     return lease.Write(block_offset[b], bytes, [&](uint8_t* dst) {
       GatherRows(rows[b].data(), rows[b].size(), c.page_tokens, row_bytes, dst);
     });
   };
+  absl::Status written;
   if (threads == 1 || layout.total_bytes < kParallelGatherBytes) {
-    for (int b = 0; b < blocks; ++b) RETURN_IF_ERROR(write_block(b));
-    return layout;
+    for (int b = 0; b < blocks && written.ok(); ++b) written = write_block(b);
+  } else {
+    written = ForEachHead(blocks, threads, write_block);
   }
-  RETURN_IF_ERROR(ForEachHead(blocks, threads, write_block));
+  if (counters != nullptr) counters->verified.fetch_add(checked.load(), std::memory_order_relaxed);
+  RETURN_IF_ERROR(written);
   return layout;
 }
 

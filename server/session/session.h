@@ -156,12 +156,14 @@ class Session {
 
   // Selects pages of `req.layer` for every KV head (SessionManager::SelectPages
   // documents the codes), the heads in parallel on `threads` oneTBB threads
-  // (0 = the process's shared pool, 1 = serially on this thread). Remembers
-  // the selection of a group's first layer for reuse_group_selection.
+  // (0 = the process's shared pool, 1 = serially on this thread), at
+  // CallGranularity(config, req.granularity, destination). Remembers
+  // the selection of a group's first layer for reuse_group_selection (a
+  // reused selection keeps the unit it was made in).
   // Monitored sessions: the selections chosen for measurement are appended
   // to *probes (may be null: none are taken).
-  absl::StatusOr<SelectResult> Select(const SelectRequest& req, int threads,
-                                      std::vector<QualityProbe>* probes = nullptr)
+  absl::StatusOr<SelectResult> Select(const SelectRequest& req, SelectDestination destination,
+                                      int threads, std::vector<QualityProbe>* probes = nullptr)
       ABSL_SHARED_LOCKS_REQUIRED(mu) ABSL_LOCKS_EXCLUDED(cache_mu);
   // Writes the pages of `req` into the leased buffer (SessionManager::FetchPages
   // documents the codes), one (layer, KV head) block per task on `threads`.
@@ -174,9 +176,12 @@ class Session {
                                     ChecksumCounters* counters = nullptr) const
       ABSL_SHARED_LOCKS_REQUIRED(mu);
   // Fetch at token granularity (req.tokens): positions placed through the
-  // group's selectors, rows packed into slots (gather.h).
+  // group's selectors, rows packed into slots (gather.h). With page
+  // checksums on, the frames the rows come from are checked (sampled as in
+  // Fetch) before a (layer, head) block is written: DataLoss as in Fetch.
   absl::StatusOr<FetchLayout> FetchTokens(BufferLease& lease, const FetchRequest& req, int group,
-                                          int threads) const ABSL_SHARED_LOCKS_REQUIRED(mu);
+                                          int threads, ChecksumCounters* counters) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu);
 
   // One KV head of Select: the calibrated width, the selection, its time;
   // a copy into *probe when this head's step is to be measured.

@@ -637,7 +637,9 @@ absl::StatusOr<SelectResult> SessionManager::SelectPages(const Caller& caller, s
   {
     ReadyReader read(s, request.layer, options_.build_wait);
     RETURN_IF_ERROR(GroupReadyOrUnavailable(s, request.layer, read.ready()));
-    result = s.Select(request, options_.decode_threads, &probes);
+    // No destination yet: an unset granularity selects whole pages, which
+    // any buffer takes (docs/architecture.md §3.8).
+    result = s.Select(request, SelectDestination::kNone, options_.decode_threads, &probes);
   }
   OfferProbes(guard.shared(), std::move(probes));
   return result;
@@ -654,6 +656,25 @@ absl::StatusOr<FetchLayout> SessionManager::FetchPages(const Caller& caller, std
   RETURN_IF_ERROR(GroupReadyOrUnavailable(s, request.layer, read.ready()));
   return s.Fetch(lease, request, options_.decode_threads, &counters_->checksums);
 }
+
+namespace {
+
+// A later layer of a group reuses the first layer's selection, made per token
+// (for a HOST_SHM destination), while this call writes to a device buffer.
+absl::Status ReusedTokensToDevice(const Session& s, int layer) {
+  const int group = s.GroupOf(layer);
+  const int first = s.FirstLayerOf(group);
+  return absl::FailedPreconditionError(
+      absl::StrCat("decode step: session ", s.id, " layer ", layer,
+                   " reuses the selection of layer ", first, " (layer group ", group,
+                   "), which was made per token, and this buffer is CUDA_IPC or the "
+                   "request has device fields, which take whole pages only; select layer ",
+                   first,
+                   " with GRANULARITY_PAGE (or create the session with defaults.granularity "
+                   "GRANULARITY_PAGE) to write this group to a device buffer"));
+}
+
+}  // namespace
 
 absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
     const Caller& caller, std::string_view id, const SelectRequest& select,
@@ -681,9 +702,16 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
   {
     ReadyReader read(s, select.layer, options_.build_wait);
     RETURN_IF_ERROR(GroupReadyOrUnavailable(s, select.layer, read.ready()));
-    ASSIGN_OR_RETURN(out.selection, s.Select(select, options_.decode_threads, &probes));
+    const SelectDestination destination = device.empty() && lease.kind() == BufferKind::kHostShm
+                                              ? SelectDestination::kHost
+                                              : SelectDestination::kDevice;
+    ASSIGN_OR_RETURN(out.selection,
+                     s.Select(select, destination, options_.decode_threads, &probes));
     const bool by_token =
         !out.selection.heads.empty() && !out.selection.heads.front().token_refs.empty();
+    if (by_token && out.selection.reused && destination == SelectDestination::kDevice) {
+      return ReusedTokensToDevice(s, select.layer);
+    }
     for (const Selection& sel : out.selection.heads) {
       // Token granularity: the selected tokens, packed (their positions always come back).
       if (by_token) {

@@ -236,6 +236,8 @@ class SessionManager {
   // query size or NaN/Inf, budget < 0 or sink/recent < -1;
   // FailedPrecondition when the session holds no tokens, or reuse was asked
   // and no group selection exists at the current token count.
+  // Granularity: the request's, else the session's, else whole pages (the
+  // selection may be fetched into any buffer; CallGranularity).
   absl::StatusOr<SelectResult> SelectPages(const Caller& caller, std::string_view id,
                                            const SelectRequest& request);
   // Gathers the given pages into a registered buffer (layout in gather.h).
@@ -249,6 +251,13 @@ class SessionManager {
   // layers [select.layer, select.layer + num_layers) into the buffer, in one
   // call (positions included when select.params.want_positions). `device`:
   // block ids and events of a CUDA_IPC buffer (BufferLease::WriteFetch).
+  //
+  // Granularity (docs/architecture.md §3.8): the request's, else the
+  // session's, else per token into a HOST_SHM buffer without device fields
+  // and per page into a CUDA_IPC buffer or with device fields; the result's
+  // selection and layout say which (token slots: page kTokenSlot). Tokens
+  // asked explicitly for a device destination, or a later layer reusing a
+  // selection made per token there, are FailedPrecondition (nothing written).
   //
   // prefetch_group (IceCache(r), docs/architecture.md §5.2): on the first
   // layer of a group of a session with layer_reuse > 1, the group's later

@@ -88,6 +88,13 @@ absl::Status ValidateSessionConfig(const SessionConfig& c, absl::Duration max_tt
   return absl::OkStatus();
 }
 
+Granularity CallGranularity(const SessionConfig& config, std::optional<Granularity> call,
+                            SelectDestination destination) {
+  if (call.has_value()) return *call;
+  if (config.granularity.has_value()) return *config.granularity;
+  return destination == SelectDestination::kHost ? Granularity::kToken : Granularity::kPage;
+}
+
 uint64_t AppendBytes(const SessionConfig& c, int64_t n, LayerRange range) {
   if (n <= 0) return 0;
   const int layers = range.count > 0 ? range.count : c.layers - range.first;

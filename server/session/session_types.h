@@ -43,7 +43,14 @@ struct SessionConfig {
   SelectorKind selector = SelectorKind::kMdci;
   MdciParams mdci;
   // Defaults for SelectPages when the request leaves them 0 / unset.
+  // default_select.granularity is not read: `granularity` below is the
+  // session's unit of selection.
   SelectParams default_select;
+  // Unit of selection of a call that names none (docs/architecture.md §3.8,
+  // CallGranularity): unset = per token wherever the call's destination
+  // takes tokens, per page where it cannot or is unknown; kPage / kToken:
+  // that unit for every such call.
+  std::optional<Granularity> granularity;
   bool pinned = false;  // never evicted at the watermark (still expires)
   // Self-calibrating width (mdci): the mass ratio, against the exact
   // reference on the same layout, the search width is adapted to reach on
@@ -52,6 +59,19 @@ struct SessionConfig {
   double target_mass_ratio = 0.95;
   ChecksumOptions checksums;
 };
+
+// Where the selection of a call goes: nowhere yet (SelectPages: the client
+// fetches it later, anywhere), a HOST_SHM buffer without device fields, or a
+// CUDA_IPC buffer or a request with device fields (block ids, events), which
+// take whole pages only (docs/architecture.md §6.4).
+enum class SelectDestination { kNone, kHost, kDevice };
+
+// The unit of one call's selection: the call's own granularity, else the
+// session's, else (neither set) kToken for a kHost destination and kPage for
+// kNone and kDevice. An explicit kToken is returned as is, whatever the
+// destination (a device fetch of tokens then answers FailedPrecondition).
+Granularity CallGranularity(const SessionConfig& config, std::optional<Granularity> call,
+                            SelectDestination destination);
 
 // InvalidArgument naming the field, e.g. "session config: kv_heads must be in
 // 1..256, got 0". `max_ttl` bounds ttl.
@@ -135,7 +155,8 @@ struct SelectRequest {
   // q / (q_heads / kv_heads).
   std::vector<float> queries;
   SelectParams params;
-  // Unset: the session's default (default_select.granularity); params.granularity is ignored.
+  // Unset: the session's granularity, else the destination's (CallGranularity);
+  // params.granularity is ignored.
   std::optional<Granularity> granularity;
   // For a layer that is not the first of its group: reuse the selection
   // made for the group's first layer at the current token count instead of

@@ -18,6 +18,8 @@ namespace icecache {
 namespace {
 
 constexpr char kMagic[8] = {'I', 'C', 'E', 'C', 'S', 'N', 'A', 'P'};
+// SessionConfig.granularity unset: the unit follows each call's destination.
+constexpr char kByDestination[] = "by-destination";
 
 // Field readers that never throw: a missing or mistyped field is `def`.
 int64_t Int(const Json& o, const char* k, int64_t def) {
@@ -62,39 +64,42 @@ std::vector<int64_t> Ints(const Json& o, const char* k) {
 
 Json ConfigToJson(const SessionConfig& c) {
   const MdciParams& m = c.mdci;
-  return Json{{"layers", c.layers},
-              {"kv_heads", c.kv_heads},
-              {"q_heads", c.q_heads},
-              {"head_dim", c.head_dim},
-              {"dtype", std::string(DTypeName(c.dtype))},
-              {"page_tokens", c.page_tokens},
-              {"layer_reuse", c.layer_reuse},
-              {"ttl_ms", absl::ToInt64Milliseconds(c.ttl)},
-              {"selector", std::string(SelectorKindName(c.selector))},
-              {"mdci",
-               {{"num_composite", m.num_composite},
-                {"num_simple", m.num_simple},
-                {"field_of_view", m.field_of_view},
-                {"candidate_factor", m.candidate_factor},
-                {"norm_headroom", m.norm_headroom},
-                {"rebuild_fraction", m.rebuild_fraction},
-                {"seed", m.seed},
-                {"promotion_ratio", m.promotion_ratio},
-                {"route_fov", m.route_fov},
-                {"build_candidates", m.build_candidates},
-                {"refine_iters", m.refine_iters},
-                {"cover_factor", m.cover_factor},
-                {"entry_nodes", m.entry_nodes},
-                {"spread_weight", m.spread_weight},
-                {"spread_rank", m.spread_rank},
-                {"locality_window", m.locality_window}}},
-              {"budget_tokens", c.default_select.budget_tokens},
-              {"sink_tokens", c.default_select.sink_tokens},
-              {"recent_tokens", c.default_select.recent_tokens},
-              {"want_positions", c.default_select.want_positions},
-              {"pinned", c.pinned},
-              {"checksum_mode", static_cast<int>(c.checksums.mode)},
-              {"checksum_sample_fraction", c.checksums.sample_fraction}};
+  return Json{
+      {"layers", c.layers},
+      {"kv_heads", c.kv_heads},
+      {"q_heads", c.q_heads},
+      {"head_dim", c.head_dim},
+      {"dtype", std::string(DTypeName(c.dtype))},
+      {"page_tokens", c.page_tokens},
+      {"layer_reuse", c.layer_reuse},
+      {"ttl_ms", absl::ToInt64Milliseconds(c.ttl)},
+      {"selector", std::string(SelectorKindName(c.selector))},
+      {"mdci",
+       {{"num_composite", m.num_composite},
+        {"num_simple", m.num_simple},
+        {"field_of_view", m.field_of_view},
+        {"candidate_factor", m.candidate_factor},
+        {"norm_headroom", m.norm_headroom},
+        {"rebuild_fraction", m.rebuild_fraction},
+        {"seed", m.seed},
+        {"promotion_ratio", m.promotion_ratio},
+        {"route_fov", m.route_fov},
+        {"build_candidates", m.build_candidates},
+        {"refine_iters", m.refine_iters},
+        {"cover_factor", m.cover_factor},
+        {"entry_nodes", m.entry_nodes},
+        {"spread_weight", m.spread_weight},
+        {"spread_rank", m.spread_rank},
+        {"locality_window", m.locality_window}}},
+      {"budget_tokens", c.default_select.budget_tokens},
+      {"sink_tokens", c.default_select.sink_tokens},
+      {"recent_tokens", c.default_select.recent_tokens},
+      {"want_positions", c.default_select.want_positions},
+      {"granularity", c.granularity.has_value() ? std::string(GranularityName(*c.granularity))
+                                                : std::string(kByDestination)},
+      {"pinned", c.pinned},
+      {"checksum_mode", static_cast<int>(c.checksums.mode)},
+      {"checksum_sample_fraction", c.checksums.sample_fraction}};
 }
 
 absl::StatusOr<SessionConfig> ConfigFromJson(const Json& j) {
@@ -132,6 +137,12 @@ absl::StatusOr<SessionConfig> ConfigFromJson(const Json& j) {
   c.default_select.sink_tokens = static_cast<int>(Int(j, "sink_tokens", 4));
   c.default_select.recent_tokens = static_cast<int>(Int(j, "recent_tokens", 0));
   c.default_select.want_positions = Bool(j, "want_positions", false);
+  // Absent: written by a daemon that selected whole pages when no
+  // granularity was set, so the session goes on in pages.
+  const std::string granularity = j.contains("granularity") ? Str(j, "granularity") : "page";
+  if (granularity != kByDestination) {
+    ASSIGN_OR_RETURN(c.granularity, ParseGranularity(granularity));
+  }
   c.pinned = Bool(j, "pinned", false);
   const int64_t mode = Int(j, "checksum_mode", 0);
   if (mode < 0 || mode > 2) return absl::InvalidArgumentError("snapshot: bad checksum_mode");

@@ -139,13 +139,22 @@ class InProcessBackend : public DecodeBackend {
                                               const DecodeSelect& select, double* select_ms,
                                               double* fetch_ms) override {
     auto t0 = std::chrono::steady_clock::now();
-    ASSIGN_OR_RETURN(SelectResult sel,
-                     manager_->SelectPages(caller_, id, ToRequest(layer, queries, select)));
+    // Per token, as DecodeStep into this HOST_SHM buffer selects (the
+    // session's granularity is unset; SelectPages alone would take pages).
+    SelectRequest request = ToRequest(layer, queries, select);
+    request.granularity = Granularity::kToken;
+    ASSIGN_OR_RETURN(SelectResult sel, manager_->SelectPages(caller_, id, request));
     *select_ms = MsSince(t0);
     t0 = std::chrono::steady_clock::now();
     FetchRequest f;
     f.layer = layer;
-    for (const Selection& s : sel.heads) f.pages.push_back(s.pages);
+    for (const Selection& s : sel.heads) {
+      if (s.token_refs.empty()) {
+        f.pages.push_back(s.pages);
+      } else {
+        f.tokens.push_back(s.positions);
+      }
+    }
     f.buffer_id = output_.id;
     f.offset = out_offset;
     f.want_positions = false;

@@ -132,9 +132,12 @@ class SocketBackend : public DecodeBackend {
                                               double* fetch_ms) override {
     auto t0 = std::chrono::steady_clock::now();
     bool reused = false;
-    ASSIGN_OR_RETURN(
-        std::vector<HeadSelection> heads,
-        client_->SelectPages(id, static_cast<uint32_t>(layer), queries, ToOptions(select)));
+    // Per token, as DecodeStep into this HOST_SHM buffer selects (the
+    // session's granularity is unset; SelectPages alone would take pages).
+    SelectOptions options = ToOptions(select);
+    options.granularity = SelectionGranularity::kToken;
+    ASSIGN_OR_RETURN(std::vector<HeadSelection> heads,
+                     client_->SelectPages(id, static_cast<uint32_t>(layer), queries, options));
     *select_ms = MsSince(t0);
     t0 = std::chrono::steady_clock::now();
     ASSIGN_OR_RETURN(FetchLayout layout,

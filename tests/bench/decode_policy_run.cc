@@ -85,7 +85,8 @@ double LayerAttention(const DecodeContext& ctx, int step, int layer, const StepO
                                  ctx.reference->Lse(step, layer, hh), &scratch);
     t->error[layer] += OutputRelError(out.data(), ctx.reference->Out(step, layer, hh), g, d);
     ++t->cells[layer];
-    t->pages += static_cast<double>(head.pages.size());
+    // Slots written (pages, or slots packed with tokens at token granularity).
+    t->pages += static_cast<double>(head.k_offsets.size());
     t->tokens += static_cast<double>(k_rows.size());
     ++t->heads;
   }

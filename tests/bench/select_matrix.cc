@@ -50,6 +50,7 @@ struct FamilyResult {
   std::string family;
   std::map<std::string, MethodSummary> policy;  // by policy label
   std::vector<MethodSummary> frontier;          // mdci at each --widths entry
+  std::vector<MethodSummary> frontier_token;    // the same at token granularity
 };
 
 double Ratio(double a, double b) {
@@ -87,6 +88,9 @@ absl::StatusOr<FamilyResult> RunFamily(const SelectBenchOptions& o, const std::s
   for (const WidthSpec& w : widths) {
     runs.push_back({w.label, "mdci", WidthParams(w, o.mdci, context, o.budget)});
   }
+  for (const WidthSpec& w : widths) {
+    runs.push_back({w.label, "mdci/token", WidthParams(w, o.mdci, context, o.budget)});
+  }
   std::fprintf(stderr, "matrix: family %s\n", family.c_str());
   ASSIGN_OR_RETURN(std::vector<MethodSummary> ms, MeasureRuns(fo, runs));
   FamilyResult r;
@@ -95,8 +99,10 @@ absl::StatusOr<FamilyResult> RunFamily(const SelectBenchOptions& o, const std::s
   for (size_t i = 0; i < ms.size(); ++i) {
     if (i < np) {
       r.policy[ms[i].label] = ms[i];
-    } else {
+    } else if (i < np + widths.size()) {
       r.frontier.push_back(ms[i]);
+    } else {
+      r.frontier_token.push_back(ms[i]);
     }
   }
   return r;
@@ -220,6 +226,31 @@ void PrintFrontier(const std::vector<FamilyResult>& fs) {
   }
 }
 
+// Page against token granularity at each width, both as mass over the
+// exact-token oracle's (the same denominator), with p50 times: the two
+// frontiers side by side, so equal-time points can be read off.
+void PrintGranularityFrontier(const std::vector<FamilyResult>& fs) {
+  if (fs.empty() || fs.front().frontier_token.empty()) return;
+  std::printf(
+      "\ngranularity frontier: mdci mass / token oracle (p50 us) per width, page | token\n%-19s",
+      "family");
+  for (const MethodSummary& m : fs.front().frontier) {
+    std::printf(" %17s %17s", (m.label + " page").c_str(), (m.label + " token").c_str());
+  }
+  std::printf("\n");
+  for (const FamilyResult& f : fs) {
+    std::printf("%-19s", f.family.c_str());
+    const double oracle = f.policy.at("exact/token").mass;
+    for (size_t i = 0; i < f.frontier.size() && i < f.frontier_token.size(); ++i) {
+      for (const MethodSummary* m : {&f.frontier[i], &f.frontier_token[i]}) {
+        std::printf(" %7s (%7s)", Fmt(Ratio(m->mass, oracle), "%.3f").c_str(),
+                    Fmt(m->p50_us, "%.0f").c_str());
+      }
+    }
+    std::printf("\n");
+  }
+}
+
 Json SummaryJson(const MethodSummary& m) {
   Json j = Json::object();
   j["selector"] = m.selector;
@@ -287,6 +318,14 @@ Json FamilyJson(const FamilyResult& f) {
     fr.push_back(std::move(p));
   }
   j["frontier"] = std::move(fr);
+  Json ft = Json::array();
+  for (const MethodSummary& m : f.frontier_token) {
+    Json p = SummaryJson(m);
+    p["width"] = m.label;
+    p["mass_vs_token_oracle"] = Ratio(m.mass, f.policy.at("exact/token").mass);
+    ft.push_back(std::move(p));
+  }
+  j["frontier_token"] = std::move(ft);
   return j;
 }
 
@@ -333,6 +372,7 @@ absl::Status RunSelectMatrix(const SelectBenchOptions& o) {
   }
   PrintMatrix(results);
   PrintFrontier(results);
+  PrintGranularityFrontier(results);
   std::fflush(stdout);
   if (!o.json_path.empty()) {
     Json root = Json::object();

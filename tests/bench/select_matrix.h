@@ -17,7 +17,9 @@
 //    does not beat exact by at least 2% of mass is flagged.
 // Then the mass per policy (every method's mass per family), and with
 // --widths the frontier: mdci's mass ratio against time at each width, as a
-// table and, with --plot, an SVG (hand-written; no dependency).
+// table and, with --plot, an SVG (hand-written; no dependency); and the same
+// widths at token granularity beside page granularity, both against the
+// exact-token oracle (the granularity frontier).
 #ifndef ICECACHE_TESTS_BENCH_SELECT_MATRIX_H_
 #define ICECACHE_TESTS_BENCH_SELECT_MATRIX_H_
 

@@ -79,6 +79,9 @@ TEST(ChecksumIntegrationTest, DecodeLoopChecksEveryPageAndCorruptionIsDataLoss) 
   SelectOptions opt;
   opt.budget_tokens = 64;
   opt.want_positions = true;
+  // Whole pages: the test finds a fetched page's bytes in the daemon (token
+  // fetches are checked the same way: session_checksum_test).
+  opt.granularity = SelectionGranularity::kPage;
   int64_t tokens = prefill, verified = 0;
   StepResult last;
   for (int step = 0; step < 4; ++step) {

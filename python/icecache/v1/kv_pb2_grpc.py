@@ -91,6 +91,11 @@ class KvServiceServicer(object):
         session_id and buffer_id; later requests may leave them empty to reuse
         the previous ones. The first error ends the stream with its status
         (codes as SelectPages and FetchPages). Every request renews the lease.
+        Unit of selection (types.proto Granularity): with none set by the call
+        or the session, per token into a HOST_SHM buffer, per page into a
+        CUDA_IPC buffer or with device fields. FAILED_PRECONDITION also when a
+        later layer reuses a selection made per token and writes to a device
+        destination (select the group's first layer with GRANULARITY_PAGE).
 
         Batched: a request with `batch` entries carries one layer's queries for
         several sessions of the caller's tenant (an inference server's

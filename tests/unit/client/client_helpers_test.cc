@@ -32,6 +32,12 @@ TEST(TextTableTest, AlignsColumnsAndRightAlignsNumericOnes) {
             "long-name  1234  2 MiB\n");
 }
 
+TEST(OutputTest, GranularityTextNamesEachUnit) {
+  EXPECT_EQ(GranularityText(SelectionGranularity::kDefault), "by-destination");
+  EXPECT_EQ(GranularityText(SelectionGranularity::kPage), "page");
+  EXPECT_EQ(GranularityText(SelectionGranularity::kToken), "token");
+}
+
 TEST(OutputTest, SessionJsonHasEveryFieldWithEpochAsString) {
   SessionInfo s;
   s.id = "s-1";
@@ -73,7 +79,8 @@ TEST(OutputTest, SessionJsonHasEveryFieldWithEpochAsString) {
   EXPECT_EQ(DumpJson(SessionJson(s)),
             R"({"session_id":"s-1","tenant":"alpha \"q\"","epoch":"18446744073709551615",)"
             R"("layers":2,"kv_heads":8,"q_heads":32,"head_dim":128,"dtype":"float16",)"
-            R"("page_tokens":16,"selector":"mdci","layer_reuse":1,"ttl_ms":2000,"tokens":5,)"
+            R"("page_tokens":16,"selector":"mdci","layer_reuse":1,"granularity":"by-destination",)"
+            R"("ttl_ms":2000,"tokens":5,)"
             R"("bytes":4096,"pages":3,"index_bytes":7,"pinned":true,"in_flight":1,)"
             R"("trees_built":96,"trees_total":256,)"
             R"("created_unix_ms":1000,"last_use_unix_ms":0,"expires_unix_ms":3000,)"
@@ -218,6 +225,45 @@ TEST(VerifyFetchTest, AcceptsExactBytesAndCatchesEveryKindOfDifference) {
               StatusIs(absl::StatusCode::kInternal));
   EXPECT_THAT(VerifyFetch(kv, 5, f.layout, f.heads, f.buf.data(), 100),
               StatusIs(absl::StatusCode::kInternal));
+}
+
+// Token granularity: the same slots with page id kTokenSlotPage, packed.
+TEST(VerifyFetchTest, TokenSlotsMustBePackedAndHoldTheSelectedPositions) {
+  KvDump d = SmallDump();
+  HostKv kv = HostKv::FromDump(&d);
+  auto tokens = [&] {
+    FakeFetch f = MakeFetch(kv);  // fills {2, 1} and {2}: packed
+    for (HeadLayout& h : f.layout.heads) {
+      for (uint32_t& p : h.pages) p = kTokenSlotPage;
+    }
+    f.heads.assign(2, HeadSelection{});
+    for (int h = 0; h < 2; ++h) f.heads[h].positions = f.layout.heads[h].positions;
+    return f;
+  };
+  FakeFetch f = tokens();
+  auto n = VerifyFetch(kv, 5, f.layout, f.heads, f.buf.data(), f.buf.size());
+  ASSERT_THAT(n, IsOk());
+  EXPECT_EQ(*n, 3);
+  {
+    FakeFetch g = tokens();  // the selection named other tokens than the layout
+    g.heads[1].positions = {1, 2};
+    EXPECT_THAT(VerifyFetch(kv, 5, g.layout, g.heads, g.buf.data(), g.buf.size()),
+                StatusIs(absl::StatusCode::kDataLoss, HasSubstr("not the selection's")));
+  }
+  {
+    FakeFetch g = tokens();  // a partial slot before the last: not packed
+    g.layout.heads[0].fills[0] = 1;
+    g.layout.heads[0].positions = {3, 4};
+    g.heads[0].positions = {3, 4};
+    EXPECT_THAT(VerifyFetch(kv, 5, g.layout, g.heads, g.buf.data(), g.buf.size()),
+                StatusIs(absl::StatusCode::kDataLoss, HasSubstr("not packed")));
+  }
+  {
+    FakeFetch g = tokens();  // token slots and pages in one head
+    g.layout.heads[0].pages[1] = 0;
+    EXPECT_THAT(VerifyFetch(kv, 5, g.layout, g.heads, g.buf.data(), g.buf.size()),
+                StatusIs(absl::StatusCode::kInternal, HasSubstr("mixed")));
+  }
 }
 
 TEST(ClientOptionsTest, BadOptionsAreRefusedAtCreate) {

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "common/shm_file.h"
 #include "common/synthetic.h"
 #include "gmock/gmock.h"
@@ -240,14 +241,35 @@ TEST_F(QualityRpcTest, DecodeStepsAreMeasuredCalibratedAndExported) {
     // tries a lower width, so it is checked loosely.
     EXPECT_GE(h.recent_mass_ratio(), 0.95 - 0.07);
   }
-  const std::string metrics = Metrics();
-  EXPECT_THAT(metrics,
-              HasSubstr("icecache_selection_mass_ratio_bucket{selector=\"mdci\",le=\"0.95\"}"));
-  EXPECT_THAT(metrics,
-              HasSubstr(absl::StrCat("icecache_selection_mass_ratio_count{selector=\"mdci\"} ",
-                                     q.samples(), "\n")));
-  EXPECT_THAT(metrics,
-              HasSubstr("icecache_selection_topk_recall_bucket{selector=\"mdci\",le=\"+Inf\"}"));
+  // The session sets no granularity: its DecodeSteps into shm select per
+  // token and its SelectPages per page, each measured against its own
+  // reference and counted under its own label.
+  // The sampler's thread counts a sample as measured after its tally (which
+  // q read) and its histograms: wait for the last count before reading them.
+  const std::string measured =
+      absl::StrCat("icecache_quality_samples_total{outcome=\"measured\"} ", q.samples(), "\n");
+  std::string metrics = Metrics();
+  for (int i = 0; i < 500 && metrics.find(measured) == std::string::npos; ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+    metrics = Metrics();
+  }
+  EXPECT_THAT(metrics, HasSubstr("icecache_selection_mass_ratio_bucket{selector=\"mdci\","
+                                 "granularity=\"token\",le=\"0.95\"}"));
+  EXPECT_THAT(metrics, HasSubstr("icecache_selection_topk_recall_bucket{selector=\"mdci\","
+                                 "granularity=\"page\",le=\"+Inf\"}"));
+  uint64_t counted = 0;
+  for (const char* unit : {"page", "token"}) {
+    const std::string key = absl::StrCat(
+        "icecache_selection_mass_ratio_count{selector=\"mdci\","
+        "granularity=\"",
+        unit, "\"} ");
+    const size_t at = metrics.find(key);
+    ASSERT_NE(at, std::string::npos) << key;
+    const uint64_t n = std::stoull(metrics.substr(at + key.size()));
+    EXPECT_GT(n, 0u) << unit;
+    counted += n;
+  }
+  EXPECT_EQ(counted, q.samples());
   EXPECT_THAT(metrics,
               HasSubstr(absl::StrCat("icecache_quality_samples_total{outcome=\"measured\"} ",
                                      q.samples(), "\n")));

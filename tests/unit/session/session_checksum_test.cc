@@ -105,6 +105,40 @@ TEST_P(SessionChecksumTest, CorruptPoolByteIsDataLossNamingThePage) {
   EXPECT_GE(st.pages_verified, 3u + 3u + 3u);
 }
 
+// Token granularity reads rows out of frames: each frame a fetch reads from
+// is checked before any row of its (layer, head) block is written.
+TEST_P(SessionChecksumTest, CorruptPoolByteIsDataLossForATokenFetchToo) {
+  const SessionConfig c = Config(ChecksumMode::kEveryPage);
+  auto info = env_.manager->CreateSession(Alice(), c);
+  ASSERT_THAT(info, IsOk());
+  ASSERT_THAT(env_.manager->AppendKv(Alice(), info->id, 20, MakeKv(c, 0, 20)), IsOk());
+  FetchRequest f;
+  f.buffer_id = buffer_id_;
+  f.layer = 1;
+  f.pages = {{0}, {2}};
+  auto layout = env_.manager->FetchPages(Alice(), info->id, f);
+  ASSERT_THAT(layout, IsOk());
+  const uint64_t frame_bytes = layout->frame_bytes;
+  uint8_t* in_pool = FindInPool(shm_.data() + layout->heads[1].slots[0].byte_offset, frame_bytes);
+  ASSERT_NE(in_pool, nullptr);
+  in_pool[frame_bytes - 3] ^= 0x40;  // layer 1, KV head 1, page 2
+
+  std::vector<int32_t> every(20);
+  for (int32_t p = 0; p < 20; ++p) every[p] = 19 - p;
+  f.pages.clear();
+  f.tokens = {every, every};
+  std::memset(shm_.data(), 0xCD, shm_.size());
+  EXPECT_THAT(env_.manager->FetchPages(Alice(), info->id, f),
+              StatusIs(absl::StatusCode::kDataLoss,
+                       HasSubstr("session " + info->id + " layer 1 kv head 1 page 2 failed")));
+  // Head 1's block (5 slots after head 0's 5) was not written at all.
+  for (uint64_t i = 5 * frame_bytes; i < 10 * frame_bytes; ++i) {
+    ASSERT_EQ(shm_.data()[i], 0xCD) << "byte " << i << " of kv head 1's block was written";
+  }
+  const ManagerStats st = env_.manager->Stats(Caller{"root", 0, true}).value();
+  EXPECT_EQ(st.checksum_failures, 1u);
+}
+
 TEST_P(SessionChecksumTest, WithChecksumsOffTheSameCorruptionIsNotCaught) {
   const SessionConfig c = Config(ChecksumMode::kOff);
   auto info = env_.manager->CreateSession(Alice(), c);

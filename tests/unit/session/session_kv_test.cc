@@ -4,6 +4,7 @@
 
 #include <cstring>
 #include <map>
+#include <optional>
 #include <set>
 #include <thread>
 #include <tuple>
@@ -103,6 +104,9 @@ class SessionKvTest : public ::testing::TestWithParam<SelectorKind> {
     ASSERT_THAT(b, IsOk());
     buffer_id_ = b->id;
   }
+
+  // One DecodeStep of layers 2-3 into the shm buffer, every row checked.
+  void DecodeStepSelectsAndFetches(std::optional<Granularity> granularity);
 
   FakeClock clock_;
   Env env_;
@@ -214,8 +218,18 @@ TEST_P(SessionKvTest, NewPagesShowNoFormerOwnersBytes) {
   }
 }
 
+// Unset granularity (per token into this shm buffer) and explicit pages.
 TEST_P(SessionKvTest, DecodeStepSelectsAndFetchesInOneCall) {
-  const SessionConfig c = SmallConfig(GetParam());
+  for (std::optional<Granularity> g :
+       {std::optional<Granularity>(), std::optional(Granularity::kPage)}) {
+    SCOPED_TRACE(g.has_value() ? "page" : "unset");
+    DecodeStepSelectsAndFetches(g);
+  }
+}
+
+void SessionKvTest::DecodeStepSelectsAndFetches(std::optional<Granularity> granularity) {
+  SessionConfig c = SmallConfig(GetParam());
+  c.granularity = granularity;
   auto info = env_.manager->CreateSession(Alice(), c);
   ASSERT_THAT(info, IsOk());
   KvMirror mirror(c);
@@ -234,12 +248,25 @@ TEST_P(SessionKvTest, DecodeStepSelectsAndFetchesInOneCall) {
   EXPECT_EQ(step->layout.num_layers, 2);
   for (int h = 0; h < c.kv_heads; ++h) {
     const Selection& s = step->selection.heads[h];
-    EXPECT_GE(s.tokens(), 16);
-    ASSERT_EQ(step->layout.heads[h].slots.size(), s.pages.size());
-    for (size_t i = 0; i < s.pages.size(); ++i) {
-      EXPECT_EQ(step->layout.heads[h].slots[i].page, s.pages[i]);
+    // The literature's baselines (§3.9) have no token mode: they answer pages.
+    const SelectorKind k = GetParam();
+    const bool token_mode = k == SelectorKind::kMdci || k == SelectorKind::kExactMdci ||
+                            k == SelectorKind::kExact || k == SelectorKind::kQuest ||
+                            k == SelectorKind::kStreaming;
+    const bool by_token = !granularity.has_value() && token_mode;
+    EXPECT_EQ(s.token_refs.empty(), !by_token);
+    EXPECT_EQ(s.pages.empty(), by_token);
+    if (by_token) {
+      EXPECT_EQ(s.tokens(), 16);  // exactly the budget, packed
+    } else {
+      EXPECT_GE(s.tokens(), 16);
+    }
+    ASSERT_EQ(step->layout.heads[h].slots.size(), s.fills.size());
+    for (size_t i = 0; i < s.fills.size(); ++i) {
+      EXPECT_EQ(step->layout.heads[h].slots[i].page, by_token ? kTokenSlot : s.pages[i]);
       EXPECT_EQ(step->layout.heads[h].slots[i].fill, s.fills[i]);
     }
+    EXPECT_EQ(step->layout.heads[h].positions, s.positions);
   }
   auto seen = CheckRegion(c, step->layout, shm_.data(), mirror);
   for (int h = 0; h < c.kv_heads; ++h) EXPECT_TRUE(seen[h].count(0)) << "sink token missing";
@@ -647,11 +674,15 @@ TEST_F(SessionKvBasicTest, DecodeBatchAnswersEachEntryAndWritesNothingForABadOne
   }
   for (int i : {0, 2, 4}) {
     ASSERT_THAT(results[i], IsOk()) << "entry " << i;
-    // Same answer as the entry's own DecodeStep.
-    auto alone = env_.manager->SelectPages(Alice(), batch[i].session_id, batch[i].select);
+    // Same answer as the entry's own selection (per token, as a DecodeStep
+    // into shm selects when the session sets no granularity).
+    SelectRequest own = batch[i].select;
+    own.granularity = Granularity::kToken;
+    auto alone = env_.manager->SelectPages(Alice(), batch[i].session_id, own);
     ASSERT_THAT(alone, IsOk());
     for (int h = 0; h < c.kv_heads; ++h) {
-      EXPECT_EQ(results[i]->selection.heads[h].pages, alone->heads[h].pages);
+      EXPECT_FALSE(results[i]->selection.heads[h].token_refs.empty());
+      EXPECT_EQ(results[i]->selection.heads[h].positions, alone->heads[h].positions);
     }
     auto seen = CheckRegion(c, results[i]->layout, shm_.data(), mirrors[i % 3]);
     for (int h = 0; h < c.kv_heads; ++h) EXPECT_TRUE(seen[h].count(0)) << "sink token missing";

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -66,10 +67,12 @@ class SessionPrefetchTest : public ::testing::Test {
     buffer_id_ = b->id;
   }
 
-  // A session of 4 layers in one group (layer_reuse 4) holding `tokens`.
-  std::string NewSession(int64_t tokens) {
+  // A session of 4 layers in one group (layer_reuse 4) holding `tokens`. Its
+  // granularity unset: DecodeStep into the shm buffer selects per token.
+  std::string NewSession(int64_t tokens, std::optional<Granularity> granularity = std::nullopt) {
     config_ = SmallConfig();
     config_.layer_reuse = 4;
+    config_.granularity = granularity;
     auto info = env_.manager->CreateSession(Alice(), config_);
     EXPECT_THAT(info, IsOk());
     EXPECT_THAT(env_.manager->AppendKv(Alice(), info->id, tokens, MakeKv(config_, 0, tokens)),
@@ -99,13 +102,24 @@ class SessionPrefetchTest : public ::testing::Test {
     return env_.manager->DecodeStep(Alice(), id, s, buffer_id_, offset, 1, {}, prefetch);
   }
 
+  // The selection's pages, or its tokens when it was made per token.
+  static void AddSelection(const SelectResult& selection, FetchRequest* f) {
+    for (const Selection& h : selection.heads) {
+      if (h.token_refs.empty()) {
+        f->pages.push_back(h.pages);
+      } else {
+        f->tokens.push_back(h.positions);
+      }
+    }
+  }
+
   // What a fetch of the whole group with `selection` writes, in a copy of
   // the buffer region [0, 4 x stride): the reference bytes.
   std::vector<uint8_t> Reference(const std::string& id, const DecodeStepResult& first) {
     FetchRequest f;
     f.layer = 0;
     f.num_layers = 4;
-    for (const Selection& h : first.selection.heads) f.pages.push_back(h.pages);
+    AddSelection(first.selection, &f);
     f.buffer_id = buffer_id_;
     f.offset = kBufferBytes / 2;
     auto layout = env_.manager->FetchPages(Alice(), id, f);
@@ -125,6 +139,9 @@ class SessionPrefetchTest : public ::testing::Test {
     return std::vector<uint8_t>(ref.begin() + at, ref.begin() + at + l.layer_stride_bytes);
   }
 
+  // Prefetches layers 1..3 of a 4-layer group and checks their bytes.
+  void ExpectLaterLayersPrefetched(std::optional<Granularity> granularity);
+
   FakeClock clock_;
   testing::Env env_;
   ShmFile shm_;
@@ -134,10 +151,19 @@ class SessionPrefetchTest : public ::testing::Test {
   absl::Notification gate_;
 };
 
+// Both units: per token (the default into shm) and whole pages.
 TEST_F(SessionPrefetchTest, LaterLayersAreWrittenInTheBackgroundAndHandedToTheirCalls) {
-  const std::string id = NewSession(64);
+  ExpectLaterLayersPrefetched(std::nullopt);
+}
+TEST_F(SessionPrefetchTest, LaterLayersOfAPageSelectionAreWrittenInTheBackgroundToo) {
+  ExpectLaterLayersPrefetched(Granularity::kPage);
+}
+
+void SessionPrefetchTest::ExpectLaterLayersPrefetched(std::optional<Granularity> granularity) {
+  const std::string id = NewSession(64, granularity);
   auto first = Step(id, First(3), 0, /*prefetch=*/true);
   ASSERT_THAT(first, IsOk());
+  ASSERT_EQ(first->selection.heads[0].token_refs.empty(), granularity == Granularity::kPage);
   EXPECT_EQ(first->prefetching, 3);
   EXPECT_FALSE(first->prefetched);
   env_.manager->WaitForPrefetch();
@@ -369,7 +395,7 @@ TEST_F(SessionPrefetchTest, ConcurrentStreamsGetTheirOwnBytes) {
       FetchRequest f;
       f.layer = 0;
       f.num_layers = 4;
-      for (const Selection& h : first->selection.heads) f.pages.push_back(h.pages);
+      AddSelection(first->selection, &f);
       f.buffer_id = buffers[i];
       f.offset = kBufferBytes / 2;
       auto whole = env_.manager->FetchPages(Alice(), ids[i], f);

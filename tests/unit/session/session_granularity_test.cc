@@ -1,0 +1,248 @@
+// The unit of selection by destination (docs/architecture.md §3.8, §6.4): a
+// session that sets no granularity selects per token for a DecodeStep into
+// a HOST_SHM buffer and per page into a CUDA_IPC buffer (the recording fake
+// of the CUDA runtime stands in for the device) and for SelectPages; an
+// explicit PAGE or TOKEN, per session or per call, is kept whatever the
+// destination. Every row written is checked against the appended KV.
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/shm_file.h"
+#include "tests/support/recording_cuda_runtime.h"
+#include "tests/unit/session/session_test_util.h"
+
+namespace icecache {
+namespace {
+
+using ::icecache::testing::IsOk;
+using ::icecache::testing::MakeKv;
+using ::icecache::testing::MakeQueries;
+using ::icecache::testing::RecordingCudaRuntime;
+using ::icecache::testing::SmallConfig;
+using ::icecache::testing::StatusIs;
+using ::icecache::testing::UniqueName;
+using ::testing::HasSubstr;
+
+Caller Alice() { return Caller{"alice", static_cast<uint32_t>(getuid()), false}; }
+
+TEST(CallGranularityTest, TheCallsThenTheSessionsThenTheDestinations) {
+  SessionConfig c;
+  using D = SelectDestination;
+  EXPECT_EQ(CallGranularity(c, std::nullopt, D::kHost), Granularity::kToken);
+  EXPECT_EQ(CallGranularity(c, std::nullopt, D::kDevice), Granularity::kPage);
+  EXPECT_EQ(CallGranularity(c, std::nullopt, D::kNone), Granularity::kPage);
+  for (D d : {D::kNone, D::kHost, D::kDevice}) {
+    EXPECT_EQ(CallGranularity(c, Granularity::kPage, d), Granularity::kPage);
+    EXPECT_EQ(CallGranularity(c, Granularity::kToken, d), Granularity::kToken);
+    c.granularity = Granularity::kPage;
+    EXPECT_EQ(CallGranularity(c, std::nullopt, d), Granularity::kPage);
+    EXPECT_EQ(CallGranularity(c, Granularity::kToken, d), Granularity::kToken);
+    c.granularity = Granularity::kToken;
+    EXPECT_EQ(CallGranularity(c, std::nullopt, d), Granularity::kToken);
+    EXPECT_EQ(CallGranularity(c, Granularity::kPage, d), Granularity::kPage);
+    c.granularity.reset();
+  }
+}
+
+class SessionGranularityTest : public ::testing::Test {
+ protected:
+  static constexpr int64_t kTokens = 64;
+
+  void SetUp() override {
+    PagePoolOptions po;
+    po.capacity_bytes = uint64_t{64} << 20;
+    po.use_huge_pages = false;
+    auto pool = PagePool::Create(po);
+    ASSERT_THAT(pool, IsOk());
+    pool_ = *std::move(pool);
+    BufferRegistryOptions bo;
+    bo.cuda = &cuda_;
+    auto buffers = BufferRegistry::Create(bo);
+    ASSERT_THAT(buffers, IsOk());
+    buffers_ = *std::move(buffers);
+    SessionManagerOptions mo;
+    mo.pool = pool_.get();
+    mo.buffers = buffers_.get();
+    mo.clock = &clock_;
+    auto manager = SessionManager::Create(mo);
+    ASSERT_THAT(manager, IsOk());
+    manager_ = *std::move(manager);
+
+    auto shm = ShmFile::Create(UniqueName("gran"), kBytes);
+    ASSERT_THAT(shm, IsOk());
+    shm_ = *std::move(shm);
+    auto b = buffers_->RegisterShm(Alice(), shm_.path(), shm_.size(), clock_.Now());
+    ASSERT_THAT(b, IsOk());
+    shm_id_ = b->id;
+    const CudaIpcHandle handle = cuda_.AddPeerAllocation(0, kBytes, &device_);
+    auto d = buffers_->RegisterCudaIpc(
+        Alice(), std::string(reinterpret_cast<const char*>(handle.bytes.data()), 64), kBytes,
+        RecordingCudaRuntime::UuidOf(0).ToString(), clock_.Now());
+    ASSERT_THAT(d, IsOk());
+    device_id_ = d->id;
+  }
+
+  // A session of SmallConfig (4 layers in groups of 2, 2 KV heads, pages of
+  // 4) holding kTokens tokens.
+  std::string Session(std::optional<Granularity> granularity) {
+    config_ = SmallConfig();
+    config_.granularity = granularity;
+    auto info = manager_->CreateSession(Alice(), config_);
+    EXPECT_THAT(info, IsOk());
+    kv_ = MakeKv(config_, 0, kTokens);
+    EXPECT_THAT(manager_->AppendKv(Alice(), info->id, kTokens, kv_), IsOk());
+    return info->id;
+  }
+
+  SelectRequest Step(int layer, std::optional<Granularity> granularity = std::nullopt) const {
+    SelectRequest r;
+    r.layer = layer;
+    r.queries = MakeQueries(config_, 11 + layer);
+    r.params.budget_tokens = 10;  // not a multiple of the page: the last token slot is partial
+    r.params.sink_tokens = 2;
+    r.params.want_positions = true;
+    r.granularity = granularity;
+    return r;
+  }
+
+  // Every slot of `layout` (first layer `layer`) in `data` holds the appended
+  // K and V rows of the positions it reports, zero past its fill; the slots
+  // are token slots (packed, all full but the last) or page slots.
+  void ExpectRows(const FetchLayout& layout, const uint8_t* data, bool token_slots) const {
+    const uint64_t row = static_cast<uint64_t>(config_.head_dim) * 2;
+    const int pt = config_.page_tokens;
+    for (int h = 0; h < config_.kv_heads; ++h) {
+      const FetchHeadLayout& head = layout.heads[h];
+      size_t pos = 0;
+      for (size_t i = 0; i < head.slots.size(); ++i) {
+        const FetchSlot& s = head.slots[i];
+        EXPECT_EQ(s.page == kTokenSlot, token_slots) << "head " << h << " slot " << i;
+        if (token_slots && i + 1 < head.slots.size()) {
+          EXPECT_EQ(s.fill, static_cast<uint32_t>(pt));
+        }
+        for (int k = 0; k < 2; ++k) {
+          for (int t = 0; t < pt; ++t) {
+            const uint8_t* got = data + s.byte_offset + (k * pt + t) * row;
+            if (static_cast<uint32_t>(t) < s.fill) {
+              ASSERT_LT(pos + t, head.positions.size());
+              const int64_t p = head.positions[pos + t];
+              const uint8_t* want =
+                  kv_.data() +
+                  (((k * config_.layers + layout.first_layer) * config_.kv_heads + h) * kTokens +
+                   p) *
+                      row;
+              EXPECT_EQ(std::memcmp(got, want, row), 0) << "head " << h << " position " << p;
+            } else {
+              EXPECT_EQ(std::memcmp(got, zeros_.data(), row), 0) << "head " << h << " slot " << i;
+            }
+          }
+        }
+        pos += s.fill;
+      }
+      EXPECT_EQ(pos, head.positions.size());
+    }
+  }
+
+  static bool ByToken(const SelectResult& r) {
+    for (const Selection& s : r.heads) {
+      if (s.token_refs.empty() || !s.pages.empty()) return false;
+    }
+    return true;
+  }
+
+  static constexpr uint64_t kBytes = 1 << 20;
+  FakeClock clock_;
+  RecordingCudaRuntime cuda_;
+  std::unique_ptr<PagePool> pool_;
+  std::unique_ptr<BufferRegistry> buffers_;
+  std::unique_ptr<SessionManager> manager_;
+  ShmFile shm_;
+  std::string shm_id_, device_id_;
+  uint8_t* device_ = nullptr;
+  SessionConfig config_;
+  std::vector<uint8_t> kv_;
+  std::vector<uint8_t> zeros_ = std::vector<uint8_t>(1024, 0);
+};
+
+TEST_F(SessionGranularityTest, UnsetSelectsTokensIntoShmAndPagesIntoADeviceBuffer) {
+  const std::string id = Session(std::nullopt);
+  auto host = manager_->DecodeStep(Alice(), id, Step(0), shm_id_, 0);
+  ASSERT_THAT(host, IsOk());
+  EXPECT_TRUE(ByToken(host->selection));
+  for (const Selection& s : host->selection.heads) EXPECT_EQ(s.positions.size(), 10u);
+  ExpectRows(host->layout, static_cast<const uint8_t*>(shm_.data()), /*token_slots=*/true);
+
+  auto device = manager_->DecodeStep(Alice(), id, Step(2), device_id_, 0);
+  ASSERT_THAT(device, IsOk());
+  EXPECT_FALSE(ByToken(device->selection));
+  for (const Selection& s : device->selection.heads) EXPECT_FALSE(s.pages.empty());
+  ExpectRows(device->layout, device_, /*token_slots=*/false);
+
+  // SelectPages has no destination: pages, which any buffer takes.
+  auto selected = manager_->SelectPages(Alice(), id, Step(0));
+  ASSERT_THAT(selected, IsOk());
+  EXPECT_FALSE(ByToken(*selected));
+  for (const Selection& s : selected->heads) EXPECT_FALSE(s.pages.empty());
+}
+
+TEST_F(SessionGranularityTest, ExplicitPageOrTokenIsKeptWhateverTheDestination) {
+  for (Granularity session : {Granularity::kPage, Granularity::kToken}) {
+    const std::string id = Session(session);
+    auto host = manager_->DecodeStep(Alice(), id, Step(0), shm_id_, 0);
+    ASSERT_THAT(host, IsOk());
+    EXPECT_EQ(ByToken(host->selection), session == Granularity::kToken);
+    ExpectRows(host->layout, static_cast<const uint8_t*>(shm_.data()),
+               session == Granularity::kToken);
+    auto selected = manager_->SelectPages(Alice(), id, Step(0));
+    ASSERT_THAT(selected, IsOk());
+    EXPECT_EQ(ByToken(*selected), session == Granularity::kToken);
+  }
+  // Per call, over an unset session.
+  const std::string id = Session(std::nullopt);
+  auto pages = manager_->DecodeStep(Alice(), id, Step(0, Granularity::kPage), shm_id_, 0);
+  ASSERT_THAT(pages, IsOk());
+  EXPECT_FALSE(ByToken(pages->selection));
+  ExpectRows(pages->layout, static_cast<const uint8_t*>(shm_.data()), false);
+  auto tokens = manager_->SelectPages(Alice(), id, Step(0, Granularity::kToken));
+  ASSERT_THAT(tokens, IsOk());
+  EXPECT_TRUE(ByToken(*tokens));
+}
+
+TEST_F(SessionGranularityTest, TokensAskedForADeviceBufferAreRefusedAndWriteNothing) {
+  std::memset(device_, 0xAB, kBytes);
+  const std::vector<uint8_t> before(device_, device_ + kBytes);
+  const std::string unset = Session(std::nullopt);
+  EXPECT_THAT(manager_->DecodeStep(Alice(), unset, Step(0, Granularity::kToken), device_id_, 0),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("HOST_SHM buffers only")));
+  const std::string token = Session(Granularity::kToken);
+  EXPECT_THAT(manager_->DecodeStep(Alice(), token, Step(0), device_id_, 0),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("GRANULARITY_PAGE")));
+  EXPECT_EQ(std::memcmp(device_, before.data(), kBytes), 0);
+}
+
+TEST_F(SessionGranularityTest, AReusedTokenSelectionGoesToShmButNotToADeviceBuffer) {
+  const std::string id = Session(std::nullopt);
+  auto first = manager_->DecodeStep(Alice(), id, Step(0), shm_id_, 0);
+  ASSERT_THAT(first, IsOk());
+  ASSERT_TRUE(ByToken(first->selection));
+  SelectRequest later;
+  later.layer = 1;
+  later.reuse_group_selection = true;
+  later.params.want_positions = true;
+  std::memset(device_, 0xAB, kBytes);
+  const std::vector<uint8_t> before(device_, device_ + kBytes);
+  EXPECT_THAT(manager_->DecodeStep(Alice(), id, later, device_id_, 0),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       HasSubstr("select layer 0 with GRANULARITY_PAGE")));
+  EXPECT_EQ(std::memcmp(device_, before.data(), kBytes), 0);
+  auto host = manager_->DecodeStep(Alice(), id, later, shm_id_, 0);
+  ASSERT_THAT(host, IsOk());
+  EXPECT_TRUE(host->selection.reused);
+  EXPECT_TRUE(ByToken(host->selection));
+  ExpectRows(host->layout, static_cast<const uint8_t*>(shm_.data()), true);
+}
+
+}  // namespace
+}  // namespace icecache
