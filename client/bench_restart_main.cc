@@ -1,5 +1,5 @@
 // icecache-bench-restart: warm restart time against a re-prefill
-// (docs/architecture.md §5, docs/bench/warm_restart.md). One session of
+// (docs/architecture.md §5, docs/bench/restart_32768.txt). One session of
 // --tokens tokens and --layers layers is prefilled through the socket
 // (AppendKv from a shm buffer, --chunk-tokens per call, the indexes built by
 // the daemon: what a client pays again after a cold restart), then the
