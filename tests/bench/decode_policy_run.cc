@@ -344,6 +344,11 @@ absl::StatusOr<PolicyResult> RunSelectorPolicy(const DecodeContext& ctx,
   PolicyResult r;
   r.policy = policy;
   r.messages_per_token = m.layers();
+  // The companion first: built after the main prefill, it ran (unmeasured)
+  // while the daemon finished the main session's background builds, so the
+  // first step found them done and TT2T missed their tail.
+  RETURN_IF_ERROR(
+      Prefill(ctx, *ctx.companion, cid, ctx.reference_layers, ctx.reference_layers, nullptr));
   // Whole layer groups per call, at least 4 layers.
   const int chunk = std::max(1, 4 / policy.layer_reuse) * policy.layer_reuse;
   {
@@ -352,8 +357,6 @@ absl::StatusOr<PolicyResult> RunSelectorPolicy(const DecodeContext& ctx,
     RETURN_IF_ERROR(Prefill(ctx, *ctx.main, id, m.layers(), chunk, &bar));
     r.prefill_s = MsSince(t0) / 1000.0 * ctx.scale;
   }
-  RETURN_IF_ERROR(
-      Prefill(ctx, *ctx.companion, cid, ctx.reference_layers, ctx.reference_layers, nullptr));
   Tally t(m.steps(), m.layers());
   {
     ProgressLine bar(o.progress, absl::StrCat(policy.name, " decode"), m.steps());
