@@ -163,6 +163,38 @@ struct FrameCopier {
   std::atomic<size_t> bad{kNone};
 };
 
+// Token fetches (checksums on): the distinct pages the rows of one (layer,
+// head) block are read from, each sampled like a page of a page fetch
+// (`*index` numbers them across the request).
+std::vector<uint32_t> PagesToCheck(const std::vector<Placement>& rows, uint64_t seed,
+                                   double fraction, size_t* index) {
+  std::vector<uint32_t> pages;
+  pages.reserve(rows.size());
+  for (const Placement& p : rows) pages.push_back(p.page);
+  std::sort(pages.begin(), pages.end());
+  pages.erase(std::unique(pages.begin(), pages.end()), pages.end());
+  std::vector<uint32_t> check;
+  for (uint32_t p : pages) {
+    if (SampleFrame(seed, (*index)++, fraction)) check.push_back(p);
+  }
+  return check;
+}
+
+// DataLoss naming the first of `pages` of (layer, head) whose frame no longer
+// matches its checksum.
+absl::Status CheckPages(const Session& s, int layer, int head, const std::vector<uint32_t>& pages)
+    ABSL_SHARED_LOCKS_REQUIRED(s.mu) {
+  const size_t t = s.FrameTableIndex(layer, head);
+  for (uint32_t p : pages) {
+    if (FrameChecksum(s.page_frames[t][p], s.frame_bytes) == s.page_sums[t][p]) continue;
+    return absl::DataLossError(absl::StrCat(
+        "fetch: session ", s.id, " layer ", layer, " kv head ", head, " page ", p,
+        " failed its checksum (its stored bytes changed after they were appended); its tokens "
+        "were not sent. Drop the session and send its prefill again"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 void Session::EnableQuality(std::vector<std::unique_ptr<HeadQualityMonitor>> heads,
@@ -458,30 +490,15 @@ absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const Fetch
       for (const Placement& p : placed[h]) rows[b].push_back(RowSource{table[p.page], p.slot});
       block_offset[b] = at;
       at += fills[h].size() * frame_bytes;
-      if (!verify) continue;
-      std::vector<uint32_t> pages;
-      for (const Placement& p : placed[h]) pages.push_back(p.page);
-      std::sort(pages.begin(), pages.end());
-      pages.erase(std::unique(pages.begin(), pages.end()), pages.end());
-      for (uint32_t p : pages) {
-        if (SampleFrame(seed, sampled++, fraction)) check[b].push_back(p);
-      }
+      if (verify) check[b] = PagesToCheck(placed[h], seed, fraction, &sampled);
     }
   }
   std::atomic<uint64_t> checked{0};
   auto check_block = [&](int b) {
+    mu.AssertReaderHeld();  // the caller holds mu (shared) and waits for the tasks
     const int j = b / c.kv_heads, h = b % c.kv_heads;
-    const size_t t = FrameTableIndex(req.layer + j, h);
-    for (uint32_t p : check[b]) {
-      checked.fetch_add(1, std::memory_order_relaxed);
-      if (FrameChecksum(page_frames[t][p], frame_bytes) == page_sums[t][p]) continue;
-      if (counters != nullptr) counters->failures.fetch_add(1, std::memory_order_relaxed);
-      return absl::DataLossError(absl::StrCat(
-          "fetch: session ", id, " layer ", req.layer + j, " kv head ", h, " page ", p,
-          " failed its checksum (its stored bytes changed after they were appended); its tokens "
-          "were not sent. Drop the session and send its prefill again"));
-    }
-    return absl::OkStatus();
+    checked.fetch_add(check[b].size(), std::memory_order_relaxed);
+    return CheckPages(*this, req.layer + j, h, check[b]);
   };
   auto write_block = [&](int b) {
     const uint64_t bytes = ((rows[b].size() + c.page_tokens - 1) / c.page_tokens) * frame_bytes;
@@ -497,7 +514,10 @@ absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const Fetch
   } else {
     written = ForEachHead(blocks, threads, write_block);
   }
-  if (counters != nullptr) counters->verified.fetch_add(checked.load(), std::memory_order_relaxed);
+  if (counters != nullptr) {
+    counters->verified.fetch_add(checked.load(), std::memory_order_relaxed);
+    if (absl::IsDataLoss(written)) counters->failures.fetch_add(1, std::memory_order_relaxed);
+  }
   RETURN_IF_ERROR(written);
   return layout;
 }

@@ -8,10 +8,12 @@
 
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "common/file_util.h"
 #include "gtest/gtest.h"
 #include "server/session/index_image_file.h"
@@ -318,6 +320,34 @@ TEST(SnapshotFileTest, TamperedOrTruncatedFilesAreDataLoss) {
   EXPECT_THAT(ReadSnapshotFile(path), StatusIs(absl::StatusCode::kDataLoss));
   Overwrite(path, bytes.substr(0, 20));
   EXPECT_THAT(ReadSnapshotFile(path), StatusIs(absl::StatusCode::kDataLoss));
+  unlink(path.c_str());
+}
+
+// A session's unit of selection survives a warm restart: unset (by
+// destination), page and token.
+TEST(SnapshotFileTest, TheSessionsGranularityRoundTrips) {
+  const std::string path = "/dev/shm/" + UniqueName("snap-gran");
+  SnapshotImage image;
+  image.capacity_bytes = 1 << 21;
+  const std::optional<Granularity> units[] = {std::nullopt, Granularity::kPage,
+                                              Granularity::kToken};
+  for (const std::optional<Granularity>& g : units) {
+    SessionImage s;
+    s.id = absl::StrCat("s", image.sessions.size());
+    s.tenant = "alice";
+    s.config = SmallConfig();
+    s.config.granularity = g;
+    s.frame_offsets.resize(8);
+    s.checksums.resize(8);
+    s.slots.resize(4);
+    s.group_tokens = {0, 0};
+    image.sessions.push_back(s);
+  }
+  ASSERT_THAT(WriteSnapshotFile(image, path), IsOk());
+  auto back = ReadSnapshotFile(path);
+  ASSERT_THAT(back, IsOk());
+  ASSERT_EQ(back->sessions.size(), 3u);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(back->sessions[i].config.granularity, units[i]) << i;
   unlink(path.c_str());
 }
 
