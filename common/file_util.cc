@@ -1,12 +1,15 @@
 #include "common/file_util.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
+#include <cstring>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 
 namespace icecache {
 
@@ -36,6 +39,19 @@ absl::Status WriteFileAtomically(const std::string& path, std::string_view conte
     return absl::ErrnoToStatus(err, path);
   }
   return absl::OkStatus();
+}
+
+std::string PrivateFileProblem(int fd, struct stat* st) {
+  if (fstat(fd, st) != 0) return std::strerror(errno);
+  if (!S_ISREG(st->st_mode)) return "not a regular file";
+  if (st->st_uid != geteuid()) {
+    return absl::StrCat("owned by uid ", st->st_uid, ", not this daemon's uid ", geteuid());
+  }
+  if ((st->st_mode & 077) != 0) {
+    return absl::StrFormat("mode %04o lets group or others in; it must be 0600",
+                           st->st_mode & 07777);
+  }
+  return "";
 }
 
 }  // namespace icecache

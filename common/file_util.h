@@ -3,6 +3,8 @@
 #ifndef ICECACHE_COMMON_FILE_UTIL_H_
 #define ICECACHE_COMMON_FILE_UTIL_H_
 
+#include <sys/stat.h>
+
 #include <string>
 #include <string_view>
 
@@ -23,6 +25,12 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 // any previous file as it was. Errors carry the OS error's canonical code and
 // "<path>: <OS reason>"; the temporary file is removed on failure.
 absl::Status WriteFileAtomically(const std::string& path, std::string_view contents);
+
+// Why the open file `fd` must not be trusted as one of this daemon's private
+// files (the pool arena, the index images), or "" when it may: it must be a
+// regular file, owned by this process's effective uid, with no group or
+// other permission bits. `*st` receives its fstat for further checks.
+std::string PrivateFileProblem(int fd, struct stat* st);
 
 }  // namespace icecache
 

@@ -11,8 +11,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
 #include "common/caller.h"
+#include "common/file_util.h"
 #include "common/status_macros.h"
 #include "server/pool/heap_trim.h"
 
@@ -30,19 +30,10 @@ absl::StatusOr<int> OpenBackingFile(const std::string& path, uint64_t capacity, 
         absl::StrCat("page pool: cannot open arena file ", path, ": ", std::strerror(errno)));
   }
   struct stat st;
-  std::string why;
-  if (fstat(fd, &st) != 0) {
-    why = std::strerror(errno);
-  } else if (!S_ISREG(st.st_mode)) {
-    why = "not a regular file";
-  } else if (st.st_uid != geteuid()) {
-    why = absl::StrCat("owned by uid ", st.st_uid, ", not this daemon's uid ", geteuid());
-  } else if ((st.st_mode & 077) != 0) {
-    why = absl::StrCat("mode ", absl::StrFormat("%04o", st.st_mode & 07777),
-                       " lets group or others in; it must be 0600");
-  } else if (reuse && static_cast<uint64_t>(st.st_size) != capacity) {
+  std::string why = PrivateFileProblem(fd, &st);
+  if (why.empty() && reuse && static_cast<uint64_t>(st.st_size) != capacity) {
     why = absl::StrCat("holds ", st.st_size, " bytes, the pool's capacity is ", capacity);
-  } else if (!reuse &&
+  } else if (why.empty() && !reuse &&
              (ftruncate(fd, 0) != 0 || ftruncate(fd, static_cast<off_t>(capacity)) != 0)) {
     why = absl::StrCat("cannot size it to ", capacity, " bytes: ", std::strerror(errno));
   }

@@ -9,7 +9,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
+#include "common/file_util.h"
 #include "server/pool/frame_checksum.h"
 
 namespace icecache {
@@ -80,16 +80,7 @@ absl::StatusOr<std::unique_ptr<IndexImageFile>> IndexImageFile::OpenAndRemove(
         absl::StrCat("index images ", path, ": ", std::strerror(errno)));
   }
   struct stat st;
-  std::string why;
-  if (fstat(fd, &st) != 0) {
-    why = std::strerror(errno);
-  } else if (!S_ISREG(st.st_mode)) {
-    why = "not a regular file";
-  } else if (st.st_uid != geteuid()) {
-    why = absl::StrCat("owned by uid ", st.st_uid, ", not this daemon's uid ", geteuid());
-  } else if ((st.st_mode & 077) != 0) {
-    why = absl::StrFormat("mode %04o lets group or others in; it must be 0600", st.st_mode & 07777);
-  }
+  const std::string why = PrivateFileProblem(fd, &st);
   if (!why.empty()) {
     close(fd);
     return absl::FailedPreconditionError(absl::StrCat("index images ", path, ": ", why));

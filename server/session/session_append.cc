@@ -71,17 +71,6 @@ bool IsNonFinite(DType dtype, const uint8_t* p, int64_t i) {
   return FirstAtOrAbove(dtype, p + i * DTypeSize(dtype), 1, 128) == 0;
 }
 
-SelectorConfig SelectorConfigOf(const Session& s) {
-  SelectorConfig sc;
-  sc.kind = s.config.selector;
-  sc.head_dim = s.config.head_dim;
-  sc.dtype = s.config.dtype;
-  sc.page_tokens = s.config.page_tokens;
-  sc.num_query_heads = s.q_per_kv;
-  sc.mdci = s.config.mdci;
-  return sc;
-}
-
 // The keys of session index gi's group's first layer, as fp32.
 void KeysOf(const Session& s, const AppendInput& in, int64_t gi, float* keys) {
   const int g = static_cast<int>(gi / s.config.kv_heads);
@@ -164,6 +153,17 @@ std::vector<uint32_t> TouchedPages(const AppendPlan& plan, int64_t i) {
 }
 
 }  // namespace
+
+SelectorConfig SelectorConfigOf(const Session& s) {
+  SelectorConfig sc;
+  sc.kind = s.config.selector;
+  sc.head_dim = s.config.head_dim;
+  sc.dtype = s.config.dtype;
+  sc.page_tokens = s.config.page_tokens;
+  sc.num_query_heads = s.q_per_kv;
+  sc.mdci = s.config.mdci;
+  return sc;
+}
 
 std::vector<SlotRun> UnwrittenSlots(const std::vector<Placement>& placements, uint32_t pages_before,
                                     uint32_t pages_now, int page_tokens) {

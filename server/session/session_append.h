@@ -59,6 +59,10 @@ absl::StatusOr<AppendInput> CheckAppendInput(const SessionConfig& c, int64_t max
                                              int64_t n, LayerRange range,
                                              absl::Span<const uint8_t> bytes);
 
+// The config of the session's selectors (every (layer group, KV head) index
+// has the same): what appends build and a warm restart recreates.
+SelectorConfig SelectorConfigOf(const Session& s);
+
 // FailedPrecondition unless `in` is the next piece of the session's chunk:
 // a new chunk starts at layer 0 and takes any n; a pending one continues at
 // next_layer with the same n.

@@ -18,6 +18,7 @@
 #include "server/index/parallel_build.h"
 #include "server/pool/frame_checksum.h"
 #include "server/session/session.h"
+#include "server/session/session_append.h"
 #include "server/session/session_manager.h"
 
 namespace icecache {
@@ -103,18 +104,6 @@ std::string CheckFrames(const SessionImage& img, const PagePool& pool, uint64_t 
   return "";
 }
 
-// The config of index gi's selector: what the first life created.
-SelectorConfig IndexConfig(const Session& s) {
-  SelectorConfig sc;
-  sc.kind = s.config.selector;
-  sc.head_dim = s.config.head_dim;
-  sc.dtype = s.config.dtype;
-  sc.page_tokens = s.config.page_tokens;
-  sc.num_query_heads = s.q_per_kv;
-  sc.mdci = s.config.mdci;
-  return sc;
-}
-
 std::string IndexName(const Session& s, size_t gi) {
   return absl::StrCat("layer group ", gi / s.config.kv_heads, " kv head ", gi % s.config.kv_heads);
 }
@@ -150,7 +139,7 @@ absl::Status LoadIndex(Session& s, const SessionImage& img, size_t gi, const Ind
   }
   ASSIGN_OR_RETURN(std::string bytes, images->Read(img.index_images[gi]));
   ASSIGN_OR_RETURN(std::unique_ptr<Selector> sel,
-                   Selector::LoadImage(IndexConfig(s), s.page_keys[gi].get(), bytes,
+                   Selector::LoadImage(SelectorConfigOf(s), s.page_keys[gi].get(), bytes,
                                        static_cast<int64_t>(img.slots[gi].size())));
   const size_t frames = s.page_frames[s.FrameTableIndex(s.FirstLayerOf(gi / s.config.kv_heads),
                                                         gi % s.config.kv_heads)]
@@ -178,7 +167,7 @@ absl::Status ReplayIndex(Session& s, const SessionImage& img, size_t gi)
             c.head_dim);
   }
   ASSIGN_OR_RETURN(std::unique_ptr<Selector> sel,
-                   Selector::Create(IndexConfig(s), s.page_keys[gi].get()));
+                   Selector::Create(SelectorConfigOf(s), s.page_keys[gi].get()));
   std::vector<Placement> placed;
   int64_t at = 0;
   for (int64_t n : GroupChunks(img, g)) {
