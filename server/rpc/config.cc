@@ -275,6 +275,16 @@ absl::Status ValidateConfig(const IcecachedConfig& c) {
     return Bad("pool.backing_dir", Quote(pool.backing_dir()),
                "must be an absolute path (a tmpfs or hugetlbfs directory) of at most 200 bytes");
   }
+  if (!pool.state_dir().empty()) {
+    if (pool.backing_dir().empty()) {
+      return Bad("pool.state_dir", Quote(pool.state_dir()),
+                 "needs pool.backing_dir (the snapshot it holds is of the file-backed arena)");
+    }
+    if (pool.state_dir()[0] != '/' || pool.state_dir().size() > 200) {
+      return Bad("pool.state_dir", Quote(pool.state_dir()),
+                 "must be an absolute path (a tmpfs directory) of at most 200 bytes");
+    }
+  }
   std::set<std::string> quota_tenants;
   for (int i = 0; i < pool.quotas_size(); ++i) {
     const auto& q = pool.quotas(i);

@@ -183,6 +183,13 @@ TEST(ConfigTest, EveryBadFieldIsNamed) {
        [](auto* c) { c->mutable_pool()->set_capacity_bytes(uint64_t{1} << 41); }},
       {"pool.high_watermark", [](auto* c) { c->mutable_pool()->set_high_watermark(1.5); }},
       {"pool.high_watermark", [](auto* c) { c->mutable_pool()->set_high_watermark(-0.1); }},
+      {"pool.backing_dir", [](auto* c) { c->mutable_pool()->set_backing_dir("relative/dir"); }},
+      {"pool.state_dir", [](auto* c) { c->mutable_pool()->set_state_dir("/dev/shm/state"); }},
+      {"pool.state_dir",
+       [](auto* c) {
+         c->mutable_pool()->set_backing_dir("/dev/shm/arena");
+         c->mutable_pool()->set_state_dir("state");
+       }},
       {"pool.quotas[1].tenant",
        [](auto* c) {
          for (int i = 0; i < 2; ++i) c->mutable_pool()->add_quotas()->set_tenant("dup");
