@@ -38,6 +38,8 @@ TEST(ConfigTest, DefaultsWithoutAFileAreValid) {
   EXPECT_FALSE(c.listen().unix_socket().empty());
   EXPECT_TRUE(c.quality().enabled());
   EXPECT_EQ(c.quality().sample_every(), kDefaultQualitySampleEvery);
+  EXPECT_EQ(c.quality().max_sample_every(), kDefaultQualityMaxSampleEvery);
+  EXPECT_DOUBLE_EQ(c.quality().exact_cost_ratio(), kDefaultQualityExactCostRatio);
   EXPECT_EQ(c.quality().warmup_samples(), kDefaultQualityWarmupSamples);
   EXPECT_DOUBLE_EQ(c.quality().cpu_share(), kDefaultQualityCpuShare);
   EXPECT_DOUBLE_EQ(c.quality().default_target_mass_ratio(), kDefaultTargetMassRatio);
@@ -239,6 +241,12 @@ TEST(ConfigTest, EveryBadFieldIsNamed) {
       {"quality.sample_every", [](auto* c) { c->mutable_quality()->set_sample_every(1u << 21); }},
       {"quality.warmup_samples",
        [](auto* c) { c->mutable_quality()->set_warmup_samples(1u << 21); }},
+      {"quality.exact_cost_ratio", [](auto* c) { c->mutable_quality()->set_exact_cost_ratio(-1); }},
+      {"quality.max_sample_every",
+       [](auto* c) {
+         c->mutable_quality()->set_sample_every(128);
+         c->mutable_quality()->set_max_sample_every(64);
+       }},
       {"quality.cpu_share", [](auto* c) { c->mutable_quality()->set_cpu_share(1.5); }},
       {"quality.cpu_share", [](auto* c) { c->mutable_quality()->set_cpu_share(-0.1); }},
       {"quality.queue_capacity", [](auto* c) { c->mutable_quality()->set_queue_capacity(100000); }},
