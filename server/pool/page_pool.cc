@@ -415,6 +415,28 @@ void PagePool::CarveSlabLocked(SizeClass* c) {
   empty_slabs_total_++;
   counters_.frames_free += c->frames_per_slab;
   counters_.reserved_bytes += kSlabBytes;
+  slabs_carved_++;
+  carved_.SignalAll();
+}
+
+uint64_t PagePool::WaitForCarve(uint64_t seen, const std::atomic<bool>* stop,
+                                absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::MutexLock l(&mu_);
+  while (slabs_carved_ == seen && !stop->load()) {
+    if (carved_.WaitWithDeadline(&mu_, deadline)) break;  // timed out
+  }
+  return slabs_carved_;
+}
+
+uint64_t PagePool::slabs_carved() const {
+  absl::ReaderMutexLock l(&mu_);
+  return slabs_carved_;
+}
+
+void PagePool::WakeCarveWaiters() {
+  absl::MutexLock l(&mu_);
+  carved_.SignalAll();
 }
 
 bool PagePool::PopEmptySlabLocked(SizeClass* c, uint64_t* slab) {

@@ -44,6 +44,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 
 namespace icecache {
 
@@ -225,6 +226,16 @@ class PagePool {
   // next allocation, then bounds them like its own. Returns the slabs
   // populated; 0 where the kernel lacks it or the pool is frozen.
   uint64_t PopulateNext(uint64_t bytes) ABSL_LOCKS_EXCLUDED(mu_);
+  // A prefaulter's cue (server/session's prefault thread): blocks until a
+  // slab has been carved after the carve count `seen` (each carve takes one
+  // of the slabs PrefaultAhead faulted in), `*stop` is true, or `timeout`
+  // passes; returns the carve count then. Whoever sets *stop calls
+  // WakeCarveWaiters() afterwards. Costs the allocations nothing beyond a
+  // signal per slab carved.
+  uint64_t WaitForCarve(uint64_t seen, const std::atomic<bool>* stop, absl::Duration timeout)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  void WakeCarveWaiters() ABSL_LOCKS_EXCLUDED(mu_);
+  uint64_t slabs_carved() const ABSL_LOCKS_EXCLUDED(mu_);
   // Warm restart: takes ownership of exactly the listed frames (every other
   // frame of the arena stays free) and returns one FrameSet per entry, in
   // order. Only on a pool that has handed out nothing yet.
@@ -314,6 +325,8 @@ class PagePool {
   // Slabs a PopulateNext faulted in for an allocation not made yet.
   uint64_t populate_hold_ ABSL_GUARDED_BY(mu_) = 0;
   bool frozen_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t slabs_carved_ ABSL_GUARDED_BY(mu_) = 0;  // ever (WaitForCarve)
+  absl::CondVar carved_;                            // signalled with mu_ held
   std::map<std::string, std::unique_ptr<Tenant>, std::less<>> tenants_ ABSL_GUARDED_BY(mu_);
 };
 
