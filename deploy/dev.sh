@@ -4,11 +4,15 @@
 #                           (icecache-bench decode: 32 layers x 8 KV heads at 32768 tokens)
 #   deploy/dev.sh test      what CI runs (.ci/run), the README's test command: install what
 #                           is missing, the Release build, the clang-format-14 check, the
-#                           TSan build of icecached and the concurrency unit tests
-#                           (TSAN_CI_TARGETS, clang-14 with -Wthread-safety
-#                           -Werror=thread-safety: the lock annotation check), the whole
-#                           suite (ctest) on the Release build, then those unit tests under
-#                           TSan
+#                           TSan build (TSAN_TARGETS: the daemon, its tools, the
+#                           concurrency unit tests and every integration test) and the
+#                           ASan+UBSan build (every unit and integration test and the
+#                           fuzz targets), both clang-14 with -Wthread-safety
+#                           -Werror=thread-safety (the lock annotation check); then the
+#                           whole suite (ctest) on the Release build, the TSan set, the
+#                           ASan+UBSan set (unit, integration, fuzz corpus replays) and
+#                           each fuzz target for FUZZ_SECONDS (default 10 here). Each
+#                           step prints its wall and CPU seconds
 #   deploy/dev.sh build     install what is missing and build only
 #   deploy/dev.sh format    fail on any clang-format-14 difference (fix: clang-format-14 -i FILE)
 #   deploy/dev.sh sanitize asan|tsan
@@ -21,10 +25,10 @@
 #                           (build-locks; a quick local check, no tests)
 #   deploy/dev.sh fuzz      builds the libFuzzer targets (in build-asan) and runs each for
 #                           FUZZ_SECONDS (default 20) over its seed corpus in tests/fuzz/corpus
-#   deploy/dev.sh ci        install, format check, sanitize asan (the whole suite), fuzz
-#                           (FUZZ_SECONDS 15), sanitize tsan (the full set): about 40
-#                           minutes on 2 cores, over CI's budget, so not in .ci/run
-#                           (docs/operations.md, "Checks in CI")
+#   deploy/dev.sh ci        install, format check, sanitize asan (the whole suite, benches
+#                           and Python included), fuzz (FUZZ_SECONDS 15), sanitize tsan:
+#                           the long form of `test`'s sanitizer stages, without the
+#                           Release suite (docs/operations.md, "Checks in CI")
 # Environment: BUILD_DIR (default build), BUILD_TYPE (default Release), JOBS, FUZZ_SECONDS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +46,7 @@ PACKAGES=(build-essential cmake ninja-build pkg-config git
   clang-14 clang-format-14 libclang-rt-14-dev  # format check, lock annotations, sanitizers, fuzzing
   python3 python3-grpcio python3-protobuf python3-numpy python3-pytest python3-torch python3-pip python3-setuptools python3-venv  # python/ client, its pytest suite, pip install ./python
   python3-yaml  # tests/deploy: the Kubernetes manifests are parsed
+  lld-14  # the sanitizer trees link with lld (-fuse-ld=lld): a third of GNU ld's time
   libxxhash-dev  # page checksums (XXH3, compiled in with XXH_INLINE_ALL: no run-time package)
   # one line per addition, above this one, so merges stay clean
 )
@@ -74,11 +79,44 @@ find_nvcc() {
   fi
 }
 
+# Runs one step of `test` and prints its wall time and CPU seconds (user +
+# sys of every process the step waited for, from the shell's `times`; a
+# daemon a test leaves behind is not counted). On a shared machine the CPU
+# seconds are the figure that carries over (docs/operations.md, "The budget,
+# measured").
+# Sets CHILD_CPU: the CPU seconds of every child this shell has waited for
+# (`times`, which must run in this shell, not in a $(...) subshell).
+children_cpu() {
+  local t
+  times > "$STEP_TIMES"
+  t=$(tail -n 1 "$STEP_TIMES")
+  CHILD_CPU=$(awk -v u="${t%% *}" -v s="${t##* }" 'function sec(x, m) { m = x; sub(/m.*/, "", m);
+    sub(/^[0-9]+m/, "", x); sub(/s$/, "", x); return m * 60 + x }
+    BEGIN { printf "%.0f", sec(u) + sec(s) }')
+}
+step() {
+  local name=$1 start=$SECONDS cpu0
+  shift
+  STEP_TIMES=${STEP_TIMES:-$(mktemp)}
+  children_cpu; cpu0=$CHILD_CPU
+  "$@"
+  children_cpu
+  echo "==> step $name: $((SECONDS - start)) s wall, $((CHILD_CPU - cpu0)) CPU s"
+}
+
+# Test code (tests/, not the code under test) is built at -O1 in Release
+# (ICECACHE_TEST_CODE_OPTIONS): it runs little, and -O3 costs a third more
+# to compile; the headers every test includes are precompiled once
+# (ICECACHE_TEST_PCH; ccache, which CI does not use, compiles a source that
+# uses it without caching it unless its sloppiness allows pch_defines and
+# time_macros).
 build() {
   find_nvcc
   echo "==> configuring ($BUILD_TYPE) in $BUILD_DIR"
   cmake -S "$ROOT" -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE="$BUILD_TYPE" \
-    -DICECACHE_BUILD_TESTS=ON -DICECACHE_BUILD_BENCH=ON ${CMAKE_ARGS:-}
+    -DICECACHE_BUILD_TESTS=ON -DICECACHE_BUILD_BENCH=ON -DICECACHE_TEST_CODE_OPTIONS=-O1 \
+    -DICECACHE_TEST_PCH=ON \
+    ${CMAKE_ARGS:-}
   echo "==> building with $JOBS jobs"
   cmake --build "$BUILD_DIR" -j "$JOBS"
 }
@@ -117,7 +155,7 @@ check_locks() {
 # sampler, prefetcher, decode ring) and every integration test, which drive
 # the TSan-built daemon from many threads and processes. The rest of the unit
 # tests are single-threaded and run under ASan+UBSan only.
-TSAN_TARGETS=(icecached icecachectl icecache_tenant_probe icecache-load
+TSAN_TARGETS=(icecached icecachectl icecache_tenant_probe
   integration_e2e_test integration_tenancy_test integration_lifecycle_test integration_ctl_test
   integration_bad_input_test integration_tls_test integration_first_run_test
   integration_fault_test integration_security_test integration_checksum_test
@@ -125,68 +163,66 @@ TSAN_TARGETS=(icecached icecachectl icecache_tenant_probe icecache-load
   session_manager_test session_kv_test session_prefetch_test rpc_base_test rpc_daemon_test
   rpc_decode_test rpc_decode_ring_test
   buffer_registry_test index_parallel_build_test page_pool_test quality_sampler_test)
-# The part of it `test` (CI) runs: icecached (so the -Wthread-safety check
-# covers what check_locks builds) and the concurrency unit tests, each a
-# real multi-threaded component in one process (no integration test: those
-# spawn TSan daemons and take most of the full run's time).
-TSAN_CI_TARGETS=(icecached
-  session_manager_test session_kv_test session_prefetch_test quality_sampler_test
-  rpc_base_test rpc_daemon_test rpc_decode_ring_test
-  buffer_registry_test index_parallel_build_test page_pool_test)
 # Left out of every TSan run, by ctest name: load_short and
 # MessageLimitTest.OversizedMessages... bound the daemon's RSS, which TSan's
 # shadow memory and allocator raise past their limits (both run under
-# Release and ASan). DaemonTcpTest (gRPC over TLS in one process): in a
-# fresh-clone CI run one of its tests failed on a report whose writer was
-# uninstrumented OpenSSL (now in tsan.supp), and a repeated run failed twice
-# more without a captured cause; they stay in Release and ASan until the
-# cause is known (docs/operations.md, "Checks in CI").
-TSAN_EXCLUDE='_NOT_BUILT|^load_short$|MessageLimitTest.OversizedMessagesCostAtMostTheTransportQuota|DaemonTcpTest'
+# Release and ASan).
+TSAN_EXCLUDE='_NOT_BUILT|^load_short$|MessageLimitTest.OversizedMessagesCostAtMostTheTransportQuota'
 
 # A clang-14 tree for one sanitizer set, every file also checked with
 # -Wthread-safety -Werror=thread-safety (the lock annotations: the same check
-# as check_locks, on every target). $1: asan|tsan.
-#   asan: ASan+UBSan (and the fuzz targets' coverage), every target (benches
-#         included: their smoke tests run too); build-asan.
-#   tsan: TSan, TSAN_TARGETS only, or TSAN_CI_TARGETS when $2 is "ci" (the
-#         others are not built: ctest's *_NOT_BUILT placeholders are
-#         skipped); build-tsan. Debian's Abseil
+# as check_locks, on every target). $1: asan|tsan; $2: full (default) or ci.
+#   asan full: ASan+UBSan (and the fuzz targets' coverage), every target
+#         (benches included: their smoke tests run too); build-asan.
+#   asan ci: the same tree without the benches, building only icecache_tests
+#         (everything the unit and integration labels run) and the fuzz
+#         targets.
+#   tsan: TSan, TSAN_TARGETS only (the others are not built: ctest's
+#         *_NOT_BUILT placeholders are skipped); build-tsan. Debian's Abseil
 #         is not instrumented: libicecache_tsan_absl.so (common/tsan) is
 #         LD_PRELOADed so TSan sees absl::Mutex; deploy/tsan.supp holds the
 #         few uninstrumented-library suppressions, each commented.
-# -O1 with line tables only (-gline-tables-only: file:line in reports, a
-# fraction of full debug info's build cost).
+# The code under test at -O1 with line tables only (-gline-tables-only:
+# file:line in reports, a fraction of full debug info's build cost); the
+# tests' own code at -O0 (ICECACHE_TEST_CODE_OPTIONS: 2 to 3 times cheaper to
+# compile instrumented, and it runs little) with one precompiled header
+# (ICECACHE_TEST_PCH); linked by lld.
 sanitize_build() {
   local kind=$1 set=${2:-full} san extra=() targets=()
   case "$kind" in
-    asan) san="address,undefined"; extra=(-DICECACHE_BUILD_FUZZ=ON -DICECACHE_BUILD_BENCH=ON) ;;
+    asan) san="address,undefined"; extra=(-DICECACHE_BUILD_FUZZ=ON -DICECACHE_BUILD_BENCH=ON)
+      if [ "$set" = ci ]; then
+        extra=(-DICECACHE_BUILD_FUZZ=ON -DICECACHE_BUILD_BENCH=OFF)
+        targets=(icecache_tests icecache_fuzzers)
+      fi ;;
     tsan) san="thread"; targets=("${TSAN_TARGETS[@]}" icecache_tsan_absl)
-      if [ "$set" = ci ]; then targets=("${TSAN_CI_TARGETS[@]}" icecache_tsan_absl); fi
       extra=(-DICECACHE_BUILD_BENCH=OFF) ;;
     *) echo "usage: deploy/dev.sh sanitize asan|tsan" >&2; exit 2 ;;
   esac
   local dir="$ROOT/build-$kind"
-  echo "==> configuring clang-14 $kind ($san) in $dir"
+  echo "==> configuring clang-14 $kind ($san, $set) in $dir"
   mkdir -p "$dir"
   CC=clang-14 CXX=clang++-14 cmake -S "$ROOT" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Sanitize \
     -DCMAKE_CXX_FLAGS_SANITIZE="-O1 -g1" -DCMAKE_C_FLAGS_SANITIZE="-O1 -g1" \
+    -DICECACHE_TEST_CODE_OPTIONS=-O0 -DICECACHE_TEST_PCH=ON \
+    -DCMAKE_EXE_LINKER_FLAGS=-fuse-ld=lld -DCMAKE_SHARED_LINKER_FLAGS=-fuse-ld=lld \
     -DICECACHE_BUILD_TESTS=ON -DICECACHE_THREAD_SAFETY=ON \
     -DICECACHE_ENABLE_CUDA=OFF -DICECACHE_SANITIZE="$san" "${extra[@]}" ${CMAKE_ARGS:-} \
     > "$dir/configure.log" 2>&1 || { cat "$dir/configure.log"; return 1; }
-  local start=$SECONDS
   if [ ${#targets[@]} -gt 0 ]; then
     cmake --build "$dir" -j "$JOBS" --target "${targets[@]}"
   else
     cmake --build "$dir" -j "$JOBS"
   fi
-  echo "==> $kind build: $((SECONDS - start)) s"
 }
 
 # The tests of a sanitizer tree; any report fails the test that caused it.
-#   asan: the whole suite (every label: unit, integration, fuzz corpus
+#   asan full: the whole suite (every label: unit, integration, fuzz corpus
 #         replays, load, bench smoke, python), leaks checked.
-#   tsan: unit and integration tests of what was built (TSAN_TARGETS), or
-#         only the unit tests when $2 is "ci" (TSAN_CI_TARGETS); never
+#   asan ci: the unit, integration and fuzz labels (what icecache_tests and
+#         the fuzz targets build): the Python and bench suites run on the
+#         Release build.
+#   tsan: unit and integration tests of what was built (TSAN_TARGETS), never
 #         TSAN_EXCLUDE.
 # ICECACHE_TEST_TIME_SCALE tells the few tests that wait on wall-clock
 # deadlines how much slower this build runs (tests/support/time_scale.h).
@@ -199,47 +235,64 @@ sanitize_test() {
     # use-after-free of anything among the last 16 MB freed is still caught.
     asan) env=(ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:detect_stack_use_after_return=0:quarantine_size_mb=16
         "LSAN_OPTIONS=suppressions=$ROOT/deploy/lsan.supp:print_suppressions=0"
-        UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ICECACHE_TEST_TIME_SCALE=3) ;;
+        UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ICECACHE_TEST_TIME_SCALE=3)
+      if [ "$set" = ci ]; then args=(-L 'unit|integration|fuzz'); fi ;;
     tsan) env=("TSAN_OPTIONS=halt_on_error=1 second_deadlock_stack=1 suppressions=$ROOT/deploy/tsan.supp"
         "LD_PRELOAD=$dir/common/libicecache_tsan_absl.so" ICECACHE_TEST_TIME_SCALE=10)
-      args=(-L 'unit|integration' -E "$TSAN_EXCLUDE")
-      if [ "$set" = ci ]; then args=(-L unit -E "$TSAN_EXCLUDE"); fi ;;
+      args=(-L 'unit|integration' -E "$TSAN_EXCLUDE") ;;
   esac
-  local start=$SECONDS
   echo "==> tests under $kind"
   (cd "$dir" && env "${env[@]}" ctest --output-on-failure -j "$JOBS" --timeout 900 "${args[@]}")
-  echo "==> $kind tests: $((SECONDS - start)) s"
 }
 
 sanitize() {
   find_nvcc
-  sanitize_build "$1"
-  sanitize_test "$1"
+  step "$1 build" sanitize_build "$1"
+  step "$1 tests" sanitize_test "$1"
 }
 
-# Runs every libFuzzer target for FUZZ_SECONDS over its seed corpus (new
-# inputs go to a scratch dir). A crash fails the run and leaves its input in
-# build-asan/fuzz-crashes/ (add it to tests/fuzz/corpus/<target> with the fix).
+# One libFuzzer target for $2 seconds over its seed corpus (new inputs go to
+# a scratch dir); prints its summary, returns non-zero on a crash.
+fuzz_one() {
+  local bin=$1 seconds=$2 crashes=$3 name corpus work rc=0
+  name=$(basename "$bin")
+  corpus="$ROOT/tests/fuzz/corpus/${name#fuzz_}"
+  work=$(mktemp -d)
+  if ! (cd "$work" && ASAN_OPTIONS=detect_leaks=1 "$bin" -max_total_time="$seconds" \
+    -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$crashes/$name-" \
+    "$work" "$corpus" > "$work/log" 2>&1); then
+    tail -n 40 "$work/log"; echo "$name FAILED; input in $crashes" >&2; rc=1
+  else
+    echo "==> $name ${seconds}s: $(grep -E '^stat::number_of_executed_units' "$work/log" ||
+      tail -n 1 "$work/log")"
+  fi
+  rm -rf "$work"
+  return $rc
+}
+
+# Runs every libFuzzer target for FUZZ_SECONDS over its seed corpus, JOBS at
+# a time. A crash fails the run and leaves its input in
+# build-asan/fuzz-crashes/ (add it to tests/fuzz/corpus/<target> with the
+# fix).
 fuzz() {
   local dir="$ROOT/build-asan"
   if [ ! -d "$dir/tests/fuzz" ]; then find_nvcc; sanitize_build asan; fi
   cmake --build "$dir" -j "$JOBS" --target icecache_fuzzers
-  local seconds=${FUZZ_SECONDS:-20} crashes="$dir/fuzz-crashes" failed=0
+  local seconds=${FUZZ_SECONDS:-20} crashes="$dir/fuzz-crashes" failed=0 running=0
   mkdir -p "$crashes"
+  echo "==> each fuzz target for ${seconds}s, $JOBS at a time (seeds: tests/fuzz/corpus)"
   for bin in "$dir"/tests/fuzz/fuzz_*; do
     [ -x "$bin" ] || continue
-    local name; name=$(basename "$bin")
-    local corpus="$ROOT/tests/fuzz/corpus/${name#fuzz_}"
-    local work; work=$(mktemp -d)
-    echo "==> $name for ${seconds}s (seeds: $corpus)"
-    if ! (cd "$work" && ASAN_OPTIONS=detect_leaks=1 "$bin" -max_total_time="$seconds" \
-      -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$crashes/$name-" \
-      "$work" "$corpus" > "$work/log" 2>&1); then
-      tail -n 40 "$work/log"; echo "$name FAILED; input in $crashes" >&2; failed=1
-    else
-      grep -E '^stat::number_of_executed_units|^Done' "$work/log" || tail -n 3 "$work/log"
+    if [ "$running" -ge "$JOBS" ]; then
+      wait -n || failed=1
+      running=$((running - 1))
     fi
-    rm -rf "$work"
+    fuzz_one "$bin" "$seconds" "$crashes" &
+    running=$((running + 1))
+  done
+  while [ "$running" -gt 0 ]; do
+    wait -n || failed=1
+    running=$((running - 1))
   done
   return $failed
 }
@@ -249,27 +302,30 @@ case "$cmd" in
   build) install_deps; build ;;
   format) check_format ;;
   test)
-    # The TSan build replaces check_locks (the same -Werror=thread-safety
-    # check on a superset of its targets) and is built before the Release
-    # suite runs, so an annotation error fails CI early.
-    install_deps; build; check_format; sanitize_build tsan ci; run_tests; sanitize_test tsan ci
+    # Builds first, so a compile or annotation error (-Werror=thread-safety
+    # in both clang trees) fails CI early; then the suites, Release first.
+    # The budget per step: docs/operations.md, "The budget, measured".
+    test_start=$SECONDS
+    step install install_deps; step "release build" build; step format check_format
+    step "tsan build" sanitize_build tsan; step "asan build" sanitize_build asan ci
+    step "release tests" run_tests; step "tsan tests" sanitize_test tsan
+    step "asan tests" sanitize_test asan ci
+    FUZZ_SECONDS=${FUZZ_SECONDS:-10}; step fuzz fuzz
+    echo "==> test: $((SECONDS - test_start)) s"
     ;;
   locks) check_locks ;;
   sanitize) install_deps; sanitize "${2:-}" ;;
   fuzz) install_deps; fuzz ;;
   ci)
-    # Meant to become what .ci/run runs (docs/operations.md, "Checks in CI":
-    # not yet, until it has run its whole suite clean on a CI machine). The
-    # ASan+UBSan run replaces the Release one here: on a 2-core CI machine
-    # both would not fit the 30-minute budget beside fuzzing and TSan, and
-    # the sanitized suite checks everything the Release suite does, plus
-    # memory errors, leaks and undefined behaviour. The -Wthread-safety check
-    # is in both clang builds. `deploy/dev.sh test` keeps the Release suite.
+    # The long form of `test`'s sanitizer stages, for a nightly or
+    # pre-release run: ASan+UBSan of the whole suite (benches and their smoke
+    # tests, the Python suite against the ASan daemon), longer fuzzing, the
+    # same TSan set. No Release suite (`test` runs it).
     install_deps; check_format; find_nvcc
     local_start=$SECONDS
-    sanitize_build asan; sanitize_test asan
-    FUZZ_SECONDS=${FUZZ_SECONDS:-15} fuzz
-    sanitize_build tsan; sanitize_test tsan
+    step "asan build" sanitize_build asan; step "asan tests" sanitize_test asan
+    FUZZ_SECONDS=${FUZZ_SECONDS:-15}; step fuzz fuzz
+    step "tsan build" sanitize_build tsan; step "tsan tests" sanitize_test tsan
     echo "==> ci: $((SECONDS - local_start)) s after the format check"
     ;;
   demo)
