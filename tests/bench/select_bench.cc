@@ -281,13 +281,14 @@ class SelectorMethod : public TreeMethod {
     return absl::StrFormat(
         "calibrated: %s, width %.2f (fov %d, candidate factor %.1f), %lld changes, %lld "
         "fallbacks, %lld of %lld selections exact, sampled mass ratio %.4f (last %.4f), page "
-        "recall %.3f, %lld sampled, %.2f s sampling; steady: 1 in %lld, %.1f%% over %lld steps",
+        "recall %.3f, %lld sampled, %.2f s sampling; steady: 1 in %lld, %.1f%% over %lld steps; "
+        "thread CPU: tree %.0f us at this width, exact %.0f us",
         r.mode == SelectMode::kExact ? "EXACT" : "tree", r.width, r.field_of_view,
         r.candidate_factor, static_cast<long long>(r.changes), static_cast<long long>(r.fallbacks),
         static_cast<long long>(r.exact_steps), static_cast<long long>(r.steps), r.mean_ratio,
         r.last_ratio, r.mean_topk_recall, static_cast<long long>(r.samples), times_.sample_s,
         static_cast<long long>(r.sample_interval), 100 * steady,
-        static_cast<long long>(times_.steady_steps));
+        static_cast<long long>(times_.steady_steps), r.tree_cost_ns / 1e3, r.exact_cost_ns / 1e3);
   }
   void Positions(const Selection& sel, std::vector<int32_t>* out) const override {
     out->clear();

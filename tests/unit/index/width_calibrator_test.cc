@@ -424,5 +424,40 @@ TEST(WidthCalibratorTest, CalibratedSelectionReachesTheTargetWhereTheTreeMisses)
                              << r.width;
 }
 
+// The token reference (SIMD exp) against a scalar double computation from
+// the keys: every token's group share, and so the exact best tokens.
+TEST(WidthCalibratorTest, ExactTokenSharesMatchAScalarReference) {
+  const int kG = 4;
+  testing::HeadData h = testing::MakeSyntheticHead(4096, kG, 2, 9);
+  ASSERT_GT(h.n, 0);
+  BuiltMdci b = BuildMdci(h, 32, 8.0f);
+  ASSERT_NE(b.sel, nullptr);
+  std::vector<float> share;
+  ASSERT_THAT(b.sel->ExactTokenShares(h.query(1), kG, &share), IsOk());
+  ASSERT_EQ(static_cast<int64_t>(share.size()), h.n);
+  std::vector<double> want(h.n, 0.0), logits(h.n);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(h.dim));
+  for (int j = 0; j < kG; ++j) {
+    const float* q = h.query(1) + static_cast<size_t>(j) * h.dim;
+    double m = -INFINITY;
+    for (int64_t i = 0; i < h.n; ++i) {
+      double d = 0;
+      for (int k = 0; k < h.dim; ++k) d += static_cast<double>(q[k]) * h.key(i)[k];
+      logits[i] = d * scale;
+      m = std::max(m, logits[i]);
+    }
+    double z = 0;
+    for (int64_t i = 0; i < h.n; ++i) z += std::exp(logits[i] - m);
+    for (int64_t i = 0; i < h.n; ++i) want[i] += std::exp(logits[i] - m) / z;
+  }
+  double worst = 0, total = 0;
+  for (int64_t i = 0; i < h.n; ++i) {
+    worst = std::max(worst, std::abs(share[i] - want[i]) / std::max(want[i], 1e-3));
+    total += share[i];
+  }
+  EXPECT_LE(worst, 1e-4);
+  EXPECT_NEAR(total, kG, 1e-3);
+}
+
 }  // namespace
 }  // namespace icecache
