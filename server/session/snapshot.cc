@@ -177,7 +177,9 @@ class Cursor {
     uint64_t n = 0;
     if (!Get(&n) || n > static_cast<uint64_t>(end_ - p_) / sizeof(T)) return false;
     v->resize(n);
-    std::memcpy(v->data(), p_, n * sizeof(T));
+    // An empty vector's data() may be null, and memcpy's pointers must not
+    // be, even for 0 bytes (UBSan).
+    if (n > 0) std::memcpy(v->data(), p_, n * sizeof(T));
     p_ += n * sizeof(T);
     return true;
   }
