@@ -3,8 +3,8 @@
 // One arena of `capacity_bytes` is mapped once at Create(): MAP_HUGETLB when
 // asked and the kernel has enough reserved 2 MiB pages for the whole arena
 // (reserved at mmap time, so a short huge-page pool cannot SIGBUS later),
-// else normal pages with MAP_NORESERVE, 2 MiB-aligned, and madvise(MADV_HUGEPAGE)
-// (PagePoolOptions.transparent_huge_pages). The arena is cut into 2 MiB
+// else normal pages with MAP_NORESERVE, 2 MiB-aligned, and, when asked,
+// madvise(MADV_HUGEPAGE) (PagePoolOptions.transparent_huge_pages). The arena is cut into 2 MiB
 // slabs; a slab belongs to one size class while it holds frames of that class. A slab whose last
 // frame is freed stays carved in its class (re-allocation costs no page
 // faults) while at most `max_empty_slabs` slabs are empty, until another class
@@ -59,14 +59,19 @@ struct PagePoolOptions {
   // most 1 TiB.
   uint64_t capacity_bytes = uint64_t{1} << 30;
   // Try MAP_HUGETLB first (falls back silently to normal pages + THP advice).
-  bool use_huge_pages = true;
-  // An arena of normal pages (not a backing file) is mapped 2 MiB-aligned
-  // and advised MADV_HUGEPAGE (transparent huge pages, where the kernel's
-  // THP mode is "madvise" or "always"): each slab is then one huge page.
-  // A token gather of 1024 random rows from a 4 GiB arena took 2.5x as long
-  // in 4 KiB pages (docs/bench/gather_arena.md). false: no advice (the
-  // kernel's default), unless use_huge_pages fell back.
-  bool transparent_huge_pages = true;
+  // Off by default, like the daemon's pool.huge_pages unset, so in-process
+  // benchmarks and tests get the arena a daemon without a config gets.
+  bool use_huge_pages = false;
+  // An arena of normal pages (not a backing file) is always mapped 2 MiB-
+  // aligned; with this (or use_huge_pages) it is also advised MADV_HUGEPAGE
+  // (transparent huge pages, where the kernel's THP mode is "madvise" or
+  // "always"): each slab is then one huge page. Off by default: a token
+  // gather of 1024 random rows from a 4 GiB arena takes 2.5x as long in
+  // 4 KiB pages, but on the 2-core VM the daemon's faults into fresh huge
+  // pages made an 8-layer prefill 5-7x slower and its DecodeStep messages
+  // slower too (docs/bench/gather_arena.md); operators opt in with
+  // pool.huge_pages where their kernel backs huge pages cheaply.
+  bool transparent_huge_pages = false;
   // Maximum number of distinct frame sizes (1..64).
   int max_size_classes = 16;
   // Quota of a tenant that has none set with SetQuota().
