@@ -141,6 +141,10 @@ struct HeadQuality {
   double recent_mass_ratio = 0.0;
   double last_mass_ratio = 0.0;
   double mean_topk_recall = 0.0;
+  bool exact = false;  // selects exactly now (exact fallback: the tree did not pay)
+  uint64_t exact_selections = 0;
+  uint64_t fallbacks = 0;
+  uint64_t sample_interval = 0;  // selections between measurements once warm
 };
 
 // The session's online quality monitor (types.proto SessionQuality).

@@ -170,6 +170,10 @@ SessionQuality QualityFromProto(const v1::SessionQuality& q) {
     o.recent_mass_ratio = h.recent_mass_ratio();
     o.last_mass_ratio = h.last_mass_ratio();
     o.mean_topk_recall = h.mean_topk_recall();
+    o.exact = h.exact();
+    o.exact_selections = h.exact_selections();
+    o.fallbacks = h.fallbacks();
+    o.sample_interval = h.sample_interval();
     s.heads.push_back(o);
   }
   return s;

@@ -239,14 +239,31 @@ int CmdSessionsList(Client& client, bool json, bool all) {
 // Per-head quality rows are printed up to this many indexes.
 constexpr size_t kMaxHeadRows = 64;
 
-// "min / median / max" of the heads' widths.
+// "min / median / max" of the tree heads' widths, and how many select exactly.
 std::string WidthSummary(const SessionQuality& q) {
   std::vector<double> w;
-  for (const HeadQuality& h : q.heads) w.push_back(h.width);
-  if (w.empty()) return "-";
+  size_t exact = 0;
+  for (const HeadQuality& h : q.heads) {
+    if (h.exact) {
+      ++exact;
+    } else {
+      w.push_back(h.width);
+    }
+  }
+  const std::string fallback = exact == 0
+                                   ? std::string()
+                                   : absl::StrCat("; ", exact, " of ", q.heads.size(),
+                                                  " heads select exactly (the tree did not pay)");
+  if (w.empty()) return exact == 0 ? std::string("-") : fallback.substr(2);
   std::sort(w.begin(), w.end());
-  return absl::StrFormat("%.2f / %.2f / %.2f (min / median / max, x the session's width)",
-                         w.front(), w[w.size() / 2], w.back());
+  return absl::StrFormat("%.2f / %.2f / %.2f (min / median / max, x the session's width)%s",
+                         w.front(), w[w.size() / 2], w.back(), fallback);
+}
+
+// A head's mode: its width, "exact" (exact fallback) or "-" (not calibrated).
+std::string ModeText(const HeadQuality& h) {
+  if (!h.calibrated) return "-";
+  return h.exact ? std::string("exact") : std::string("tree");
 }
 
 void AddQualityRows(const SessionQuality& q, TextTable* t) {
@@ -272,15 +289,16 @@ void AddQualityRows(const SessionQuality& q, TextTable* t) {
 }
 
 TextTable HeadQualityTable(const SessionQuality& q) {
-  TextTable t({"GROUP", "KV_HEAD", "WIDTH", "FOV", "CAND", "CHANGES", "SAMPLES", "MEAN_RATIO",
-               "RECENT", "TOPK"});
+  TextTable t({"GROUP", "KV_HEAD", "MODE", "WIDTH", "FOV", "CAND", "CHANGES", "FALLBACKS",
+               "EXACT_SEL", "SAMPLES", "EVERY", "MEAN_RATIO", "RECENT", "TOPK"});
   for (const HeadQuality& h : q.heads) {
-    t.AddRow({absl::StrCat(h.layer_group), absl::StrCat(h.kv_head),
+    t.AddRow({absl::StrCat(h.layer_group), absl::StrCat(h.kv_head), ModeText(h),
               h.calibrated ? absl::StrFormat("%.2f", h.width) : std::string("-"),
               h.calibrated ? absl::StrCat(h.field_of_view) : std::string("-"),
               h.calibrated ? absl::StrFormat("%.1f", h.candidate_factor) : std::string("-"),
-              absl::StrCat(h.width_changes), absl::StrCat(h.samples),
-              absl::StrFormat("%.4f", h.mean_mass_ratio),
+              absl::StrCat(h.width_changes), absl::StrCat(h.fallbacks),
+              absl::StrCat(h.exact_selections), absl::StrCat(h.samples),
+              absl::StrCat(h.sample_interval), absl::StrFormat("%.4f", h.mean_mass_ratio),
               absl::StrFormat("%.4f", h.recent_mass_ratio),
               absl::StrFormat("%.3f", h.mean_topk_recall)});
   }

@@ -144,7 +144,11 @@ Json QualityJson(const SessionQuality& q) {
                      {"mean_mass_ratio", h.mean_mass_ratio},
                      {"recent_mass_ratio", h.recent_mass_ratio},
                      {"last_mass_ratio", h.last_mass_ratio},
-                     {"mean_topk_recall", h.mean_topk_recall}});
+                     {"mean_topk_recall", h.mean_topk_recall},
+                     {"mode", h.calibrated ? (h.exact ? "exact" : "tree") : "-"},
+                     {"exact_selections", h.exact_selections},
+                     {"fallbacks", h.fallbacks},
+                     {"sample_interval", h.sample_interval}});
   }
   j["heads"] = std::move(heads);
   return j;

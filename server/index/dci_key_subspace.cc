@@ -121,17 +121,17 @@ bool DciKeySubspace::SetBasis(std::vector<float> basis) {
 }
 
 void DciKeySubspace::Project(const float* x, float* out) const {
-  for (int k = 0; k < rank_; ++k) {
-    out[k] = DotF32(x, &basis_[static_cast<size_t>(k) * dim_], dim_);
-  }
+  DotF32Rows(x, basis_.data(), nullptr, rank_, dim_, out);
 }
 
 void DciKeySubspace::DeriveSpread(const float* c, float m2, const float* pm2, float* lam,
                                   float* res) const {
   const int d = dim_;
+  // The projections of c, batched (DotF32's bits); lam holds them first.
+  DotF32Rows(c, basis_.data(), nullptr, rank_, d, lam);
   float captured = 0.0f;
   for (int k = 0; k < rank_; ++k) {
-    const float cu = DotF32(c, basis_.data() + static_cast<size_t>(k) * d, d);
+    const float cu = lam[k];
     lam[k] = std::max(0.0f, pm2[k] - cu * cu);
     captured += lam[k];
   }

@@ -179,13 +179,10 @@ uint64_t DciTree::MaxBulkBuildPages(int64_t n, int page_tokens, int ratio) {
   return static_cast<uint64_t>(n1 * per_node + overflow);
 }
 
-float DciTree::RouteScore(int level, uint32_t node, const float* x, float a) const {
+float DciTree::RouteScoreFromDot(int level, uint32_t node, float dot, float a) const {
   const DciNodeReps& R = levels_[level].reps;
-  const float* c = &R.centroid[static_cast<size_t>(node) * params_.dim];
-  if (!params_.augmented_routing) {
-    return DotF32(x, c, params_.dim) - 0.5f * R.c2[node];
-  }
-  return DotF32(x, c, params_.dim) + a * R.abar[node] - R.half_sq[node];
+  if (!params_.augmented_routing) return dot - 0.5f * R.c2[node];
+  return dot + a * R.abar[node] - R.half_sq[node];
 }
 
 void DciTree::Route(const float* x, float a, int target, int keep,
@@ -197,9 +194,21 @@ void DciTree::Route(const float* x, float a, int target, int keep,
   std::iota(s->cand.begin(), s->cand.end(), 0u);
   for (int j = top;; --j) {
     s->scored.clear();
-    for (uint32_t node : s->cand) {
-      if (free != nullptr && (*free)[j][node] <= 0) continue;
-      s->scored.push_back({RouteScore(j, node, x, a), node});
+    const std::vector<uint32_t>* ids = &s->cand;
+    if (free != nullptr) {
+      s->open.clear();
+      for (uint32_t node : s->cand) {
+        if ((*free)[j][node] > 0) s->open.push_back(node);
+      }
+      ids = &s->open;
+    }
+    // One batched call for the level's dot products (DotF32's bits).
+    s->dots.resize(ids->size());
+    DotF32Rows(x, levels_[j].reps.centroid.data(), ids->data(), static_cast<int64_t>(ids->size()),
+               params_.dim, s->dots.data());
+    for (size_t i = 0; i < ids->size(); ++i) {
+      const uint32_t node = (*ids)[i];
+      s->scored.push_back({RouteScoreFromDot(j, node, s->dots[i], a), node});
     }
     if (j == target) {
       const size_t k = std::min<size_t>(keep, s->scored.size());
@@ -274,7 +283,7 @@ bool DciTree::NodeHasRoom(uint32_t node) const {
   return tokens == 0 || tokens % static_cast<uint32_t>(params_.page_tokens) != 0;
 }
 
-uint32_t DciTree::NearestRecentNodeWithRoom(const float* x, float a, int64_t pos,
+uint32_t DciTree::NearestRecentNodeWithRoom(const float* x, float a, int64_t pos, RouteScratch* s,
                                             float* score) const {
   // Decode keys join the nearest logical node of the last locality_window
   // positions that still has room in its last page, as the bulk build fills
@@ -284,15 +293,20 @@ uint32_t DciTree::NearestRecentNodeWithRoom(const float* x, float a, int64_t pos
   const int64_t from = pos - params_.locality_window;
   auto it = std::lower_bound(nodes_by_key_.begin(), nodes_by_key_.end(), from,
                              [&](uint32_t node, int64_t p) { return L.key[node] < p; });
+  s->open.clear();
+  for (; it != nodes_by_key_.end(); ++it) {
+    if (NodeHasRoom(*it)) s->open.push_back(*it);
+  }
+  s->dots.resize(s->open.size());
+  DotF32Rows(x, L.reps.centroid.data(), s->open.data(), static_cast<int64_t>(s->open.size()),
+             params_.dim, s->dots.data());
   uint32_t best = kNone;
   float best_score = -std::numeric_limits<float>::infinity();
-  for (; it != nodes_by_key_.end(); ++it) {
-    const uint32_t node = *it;
-    if (!NodeHasRoom(node)) continue;
-    const float sc = RouteScore(1, node, x, a);
+  for (size_t i = 0; i < s->open.size(); ++i) {  // position order: the first of equals wins
+    const float sc = RouteScoreFromDot(1, s->open[i], s->dots[i], a);
     if (sc > best_score) {
       best_score = sc;
-      best = node;
+      best = s->open[i];
     }
   }
   *score = best_score;
@@ -350,7 +364,7 @@ uint32_t DciTree::ChooseInsertParent(const float* x, float a, float sq, int32_t 
     // decode_slack of the nearest), so decode pages stay full without
     // mixing unrelated keys.
     float score_w = 0.0f;
-    const uint32_t w = NearestRecentNodeWithRoom(x, a, pos, &score_w);
+    const uint32_t w = NearestRecentNodeWithRoom(x, a, pos, rs, &score_w);
     const float base = params_.augmented_routing ? 0.5f * (sq + a * a) : 0.5f * sq;
     const float dist_g = base - (*out)[0].first, dist_w = base - score_w;  // half squared
     if (w != kNone && dist_w <= params_.decode_slack * dist_g) p = w;

@@ -266,6 +266,8 @@ class DciTree {
   void SyncAllChildRuns();
   struct RouteScratch {
     std::vector<uint32_t> cand, next;
+    std::vector<uint32_t> open;  // the candidates scored (room left, or free)
+    std::vector<float> dots;     // their dot products with the key
     std::vector<std::pair<float, uint32_t>> scored;
   };
   // Buffers of Insert, kept between calls so a decode append allocates
@@ -292,9 +294,10 @@ class DciTree {
         pages_(params.page_tokens) {}
 
   // --- dci_tree.cc: routing and insert ---
-  // Routing score of node (level, i) for augmented key [x, a]: higher is
-  // nearer (minus half the squared augmented distance, up to a constant).
-  float RouteScore(int level, uint32_t node, const float* x, float a) const;
+  // Routing score of node (level, i) for augmented key [x, a], given dot =
+  // DotF32(x, its centroid) (batched by DotF32Rows): higher is nearer (minus
+  // half the squared augmented distance, up to a constant).
+  float RouteScoreFromDot(int level, uint32_t node, float dot, float a) const;
   // Descends from the top to `target` keeping route_fov nodes per level and
   // writes the best `keep` nodes of `target` (score, node), best first.
   // With `free` set, skips nodes whose free[level][node] is 0.
@@ -330,7 +333,8 @@ class DciTree {
                               RouteScratch* rs, std::vector<std::pair<float, uint32_t>>* out);
   uint32_t Level1NodeOfUpperKey(int64_t key) const;
   // Insert path with a locality window: kNone when no recent node has room.
-  uint32_t NearestRecentNodeWithRoom(const float* x, float a, int64_t pos, float* score) const;
+  uint32_t NearestRecentNodeWithRoom(const float* x, float a, int64_t pos, RouteScratch* s,
+                                     float* score) const;
   bool NodeHasRoom(uint32_t node) const;  // its last page has a free slot
 
   // --- dci_tree_build.cc: bulk build ---

@@ -206,6 +206,69 @@ void DotRowsMultiAvx2(const void* rows, int64_t n, int dim, const float* queries
   }
 }
 
+// Row i of DotF32Rows: rows + (ids ? ids[i] : i) * dim.
+inline const float* RowOf(const float* rows, const uint32_t* ids, int64_t i, int dim) {
+  return rows + static_cast<size_t>(ids != nullptr ? ids[i] : static_cast<uint64_t>(i)) * dim;
+}
+
+// Asks for a row's cache lines (a node's centroid is read cold on a decode
+// insert: 32 trees per step do not stay in cache).
+inline void PrefetchRow(const float* row, int dim) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const size_t bytes = static_cast<size_t>(dim) * sizeof(float);
+  for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+  __builtin_prefetch(p + bytes - 1);
+}
+
+// Rows fetched ahead of the pair being computed.
+constexpr int64_t kRowsAhead = 4;
+
+// DotAvx2<F32Avx2> of two rows at once, bit for bit: the same four
+// accumulators per row over the same chunks, the same reduction and scalar
+// tail; the query chunks are loaded once for both rows, and the two rows'
+// FMA chains interleave.
+void DotF32RowsAvx2(const float* q, const float* rows, const uint32_t* ids, int64_t n, int dim,
+                    float* out) {
+  for (int64_t i = 0; i < std::min(n, kRowsAhead); ++i) PrefetchRow(RowOf(rows, ids, i, dim), dim);
+  int64_t r = 0;
+  for (; r + 2 <= n; r += 2) {
+    for (int64_t a = r + kRowsAhead; a < std::min(n, r + kRowsAhead + 2); ++a) {
+      PrefetchRow(RowOf(rows, ids, a, dim), dim);
+    }
+    const float* k0 = RowOf(rows, ids, r, dim);
+    const float* k1 = RowOf(rows, ids, r + 1, dim);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    __m256 b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= dim; i += 32) {
+      const __m256 q0 = _mm256_loadu_ps(q + i), q1 = _mm256_loadu_ps(q + i + 8);
+      const __m256 q2 = _mm256_loadu_ps(q + i + 16), q3 = _mm256_loadu_ps(q + i + 24);
+      a0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k0 + i), a0);
+      b0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k1 + i), b0);
+      a1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(k0 + i + 8), a1);
+      b1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(k1 + i + 8), b1);
+      a2 = _mm256_fmadd_ps(q2, _mm256_loadu_ps(k0 + i + 16), a2);
+      b2 = _mm256_fmadd_ps(q2, _mm256_loadu_ps(k1 + i + 16), b2);
+      a3 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(k0 + i + 24), a3);
+      b3 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(k1 + i + 24), b3);
+    }
+    for (; i + 8 <= dim; i += 8) {
+      const __m256 q0 = _mm256_loadu_ps(q + i);
+      a0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k0 + i), a0);
+      b0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k1 + i), b0);
+    }
+    float s0 = HSum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    float s1 = HSum256(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3)));
+    for (int t = i; t < dim; ++t) s0 += q[t] * k0[t];
+    for (int t = i; t < dim; ++t) s1 += q[t] * k1[t];
+    out[r] = s0;
+    out[r + 1] = s1;
+  }
+  if (r < n) out[r] = DotAvx2<F32Avx2>(q, RowOf(rows, ids, r, dim), dim);
+}
+
 // ---------------------------------------------------------------------------
 // AVX-512 path. Every function here carries the target attribute; nothing
 // from it is called unless the CPU reports avx512f and avx512bw.
@@ -360,6 +423,16 @@ ICECACHE_AVX512 void DotRowsMultiAvx512(const void* rows, int64_t n, int dim, co
 ICECACHE_AVX512 float DotF32Avx512(const float* a, const float* b, int dim) {
   return DotAvx512<F32Avx512>(a, b, dim);
 }
+// DotF32Rows on AVX-512: one DotAvx512 per row (bit for bit by
+// construction), the rows fetched ahead.
+ICECACHE_AVX512 void DotF32RowsAvx512(const float* q, const float* rows, const uint32_t* ids,
+                                      int64_t n, int dim, float* out) {
+  for (int64_t i = 0; i < std::min(n, kRowsAhead); ++i) PrefetchRow(RowOf(rows, ids, i, dim), dim);
+  for (int64_t r = 0; r < n; ++r) {
+    if (r + kRowsAhead < n) PrefetchRow(RowOf(rows, ids, r + kRowsAhead, dim), dim);
+    out[r] = DotAvx512<F32Avx512>(q, RowOf(rows, ids, r, dim), dim);
+  }
+}
 ICECACHE_AVX512 float DotF16Avx512(const float* q, const uint16_t* k, int dim) {
   return DotAvx512<F16Avx512>(q, k, dim);
 }
@@ -378,6 +451,7 @@ float DotBf16Avx2(const float* q, const uint16_t* k, int dim) {
 using DotF32Fn = float (*)(const float*, const float*, int);
 using DotU16Fn = float (*)(const float*, const uint16_t*, int);
 using MultiFn = void (*)(const void*, int64_t, int, const float*, int, float*);
+using RowsF32Fn = void (*)(const float*, const float*, const uint32_t*, int64_t, int, float*);
 
 struct KernelTable {
   const char* name;
@@ -385,6 +459,7 @@ struct KernelTable {
   DotU16Fn dot_f16;
   DotU16Fn dot_bf16;
   MultiFn multi[3];  // indexed by DTypeIndex; DotRows is the nq == 1 case
+  RowsF32Fn rows_f32;
 };
 
 const KernelTable kAvx2Table = {
@@ -393,6 +468,7 @@ const KernelTable kAvx2Table = {
     DotF16Avx2,
     DotBf16Avx2,
     {DotRowsMultiAvx2<F16Avx2>, DotRowsMultiAvx2<Bf16Avx2>, DotRowsMultiAvx2<F32Avx2>},
+    DotF32RowsAvx2,
 };
 
 const KernelTable kAvx512Table = {
@@ -401,6 +477,7 @@ const KernelTable kAvx512Table = {
     DotF16Avx512,
     DotBf16Avx512,
     {DotRowsMultiAvx512<F16Avx512>, DotRowsMultiAvx512<Bf16Avx512>, DotRowsMultiAvx512<F32Avx512>},
+    DotF32RowsAvx512,
 };
 
 bool CpuHasAvx512() {
@@ -434,6 +511,14 @@ inline int DTypeIndex(DType dtype) {
 float DotF32(const float* a, const float* b, int dim) { return Table().dot_f32(a, b, dim); }
 float DotF16(const float* q, const uint16_t* k, int dim) { return Table().dot_f16(q, k, dim); }
 float DotBf16(const float* q, const uint16_t* k, int dim) { return Table().dot_bf16(q, k, dim); }
+
+void DotF32Rows(const float* q, const float* rows, const uint32_t* ids, int64_t n, int dim,
+                float* out) {
+  if (n > 0 && dim > 0) Table().rows_f32(q, rows, ids, n, dim, out);
+  if (dim <= 0) {
+    for (int64_t i = 0; i < n; ++i) out[i] = 0.0f;
+  }
+}
 
 void DotRows(DType dtype, const void* rows, int64_t n, int dim, const float* q, float* out) {
   if (n <= 0 || dim <= 0) {

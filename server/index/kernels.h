@@ -17,6 +17,14 @@ float DotF32(const float* a, const float* b, int dim);
 float DotF16(const float* q, const uint16_t* k, int dim);
 float DotBf16(const float* q, const uint16_t* k, int dim);
 
+// out[i] = DotF32(q, row i, dim), bit for bit, for `n` fp32 rows: row i is
+// rows + (ids ? ids[i] : i) * dim. The single dots of a tree insert
+// (routing, representatives) batched: rows fetched ahead and two in flight
+// at once, with the arithmetic of DotF32 unchanged, so the trees built and
+// replayed stay the same (docs/architecture.md §3.3).
+void DotF32Rows(const float* q, const float* rows, const uint32_t* ids, int64_t n, int dim,
+                float* out);
+
 // out[i] = q . rows[i] for `n` rows of `dim` elements of `dtype`, row-major.
 void DotRows(DType dtype, const void* rows, int64_t n, int dim, const float* q, float* out);
 

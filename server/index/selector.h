@@ -153,6 +153,11 @@ struct SelectParams {
   int field_of_view = 0;
   float candidate_factor = 0.0f;
   Granularity granularity = Granularity::kPage;
+  // mdci: score every page exactly instead of descending the tree (the
+  // width calibrator's exact fallback: what exact-mdci selects, on this
+  // selector's layout); the width fields are then unused. Other selectors
+  // ignore it.
+  bool exhaustive = false;
 };
 
 // Result of one selection, in descending score order (sink/recent pages

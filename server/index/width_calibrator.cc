@@ -18,8 +18,7 @@ absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
   if (!(o.target_ratio > 0.0 && o.target_ratio <= 1.0)) {
     return bad("target_ratio must be in (0, 1]", o.target_ratio);
   }
-  if (o.sample_every < 1) return bad("sample_every must be >= 1", o.sample_every);
-  if (o.warmup_samples < 0) return bad("warmup_samples must be >= 0", o.warmup_samples);
+  RETURN_IF_ERROR(ValidateSampleSchedule(ScheduleOf(o)));
   if (!(o.min_width > 0.0)) return bad("min_width must be > 0", o.min_width);
   if (!(o.max_width >= o.min_width) || !std::isfinite(o.max_width)) {
     return bad("max_width must be finite and >= min_width", o.max_width);
@@ -33,6 +32,13 @@ absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
   if (o.miss_samples < 1) return bad("miss_samples must be >= 1", o.miss_samples);
   if (!(o.far_below >= 0.0)) return bad("far_below must be >= 0", o.far_below);
   if (o.window < 1) return bad("window must be >= 1", o.window);
+  if (!(o.exact_cost_ratio >= 0.0) || !std::isfinite(o.exact_cost_ratio)) {
+    return bad("exact_cost_ratio must be finite and >= 0", o.exact_cost_ratio);
+  }
+  if (o.reprobe_steps < 1) return bad("reprobe_steps must be >= 1", o.reprobe_steps);
+  if (o.max_reprobe_steps < o.reprobe_steps) {
+    return bad("max_reprobe_steps must be >= reprobe_steps", o.max_reprobe_steps);
+  }
   if (base_field_of_view < 1) return bad("base field_of_view must be >= 1", base_field_of_view);
   if (!(base_candidate_factor > 0.0f)) {
     return bad("base candidate_factor must be > 0", base_candidate_factor);
@@ -44,11 +50,61 @@ absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
   return c;
 }
 
-bool WidthCalibrator::ShouldSample() {
+namespace {
+
+// Weight of a new cost in the calibrator's moving means (after a plain mean
+// over the first kCostWindow).
+constexpr int64_t kCostWindow = 8;
+
+void AddCost(int64_t ns, int64_t* n, double* mean) {
+  if (ns <= 0) return;
+  *n += 1;
+  *mean += (static_cast<double>(ns) - *mean) / static_cast<double>(std::min(*n, kCostWindow));
+}
+
+}  // namespace
+
+bool WidthCalibrator::ShouldSample(const SelectParams& used, int64_t cost_ns) {
   absl::MutexLock lock(&mu_);
-  const int64_t step = steps_++;
-  if (step < o_.warmup_samples) return true;
-  return (step - o_.warmup_samples) % o_.sample_every == o_.sample_every - 1;
+  ++steps_;
+  if (used.exhaustive) {
+    CountExactStep(cost_ns);
+    return false;  // the selection is the reference
+  }
+  if (used.field_of_view == static_cast<int>(std::lround(base_fov_ * width_))) {
+    AddCost(cost_ns, &tree_cost_n_, &tree_cost_);  // not one made before a width change
+  }
+  const bool due = schedule_.Step(cost_ns);
+  return due || probing_;  // the tree on trial: judge it quickly
+}
+
+void WidthCalibrator::Taken() {
+  absl::MutexLock lock(&mu_);
+  schedule_.Taken();
+}
+
+SampleScheduleOptions WidthCalibrator::ScheduleOf(const CalibratorOptions& o) {
+  SampleScheduleOptions so;
+  so.warmup = o.warmup_samples;
+  so.min_every = o.sample_every;
+  so.max_every = o.max_sample_every;
+  so.share = o.sample_share;
+  return so;
+}
+
+void WidthCalibrator::CountExactStep(int64_t cost_ns) {
+  ++exact_steps_;
+  AddCost(cost_ns, &exact_cost_n_, &exact_cost_);
+  if (mode_ != SelectMode::kExact || ++exact_run_ < reprobe_wait_) return;
+  // Try the tree again at the width it left: the data may have changed.
+  mode_ = SelectMode::kTree;
+  probing_ = true;
+  ++reprobes_;
+  last_change_step_ = steps_;
+  at_width_ = 0;
+  mean_at_width_ = 0.0;
+  tree_cost_n_ = 0;
+  tree_cost_ = 0.0;
 }
 
 void WidthCalibrator::SetWidth(double w) {
@@ -58,8 +114,31 @@ void WidthCalibrator::SetWidth(double w) {
     last_change_step_ = steps_;
     at_width_ = 0;  // the mean starts over at the new width
     mean_at_width_ = 0.0;
+    tree_cost_n_ = 0;  // and so does its cost
+    tree_cost_ = 0.0;
   }
   width_ = w;
+}
+
+bool WidthCalibrator::TreeDoesNotPay(bool miss) const {
+  if (miss && width_ >= o_.max_width) return true;  // nothing wider to try
+  if (o_.exact_cost_ratio <= 0.0 || tree_cost_n_ == 0 || exact_cost_n_ == 0) return false;
+  const double limit = o_.exact_cost_ratio * exact_cost_;
+  // A miss needs a wider (costlier) width; a width that costs the exact
+  // selection's price already buys less than it.
+  return miss ? tree_cost_ * o_.increase >= limit
+              : at_width_ >= o_.miss_samples && tree_cost_ >= limit;
+}
+
+void WidthCalibrator::FallBack() {
+  mode_ = SelectMode::kExact;
+  // The first wait is reprobe_steps; every fallback after it doubles it.
+  reprobe_wait_ = fallbacks_ == 0 ? o_.reprobe_steps
+                                  : std::min<int64_t>(o_.max_reprobe_steps, 2 * reprobe_wait_);
+  ++fallbacks_;
+  probing_ = false;
+  exact_run_ = 0;
+  last_change_step_ = steps_;
 }
 
 void WidthCalibrator::Observe(const QualitySample& sample) {
@@ -68,11 +147,24 @@ void WidthCalibrator::Observe(const QualitySample& sample) {
   last_ratio_ = sample.mass_ratio;
   sum_ratio_ += sample.mass_ratio;
   sum_topk_ += sample.topk_recall;
+  AddCost(sample.reference_ns, &exact_cost_n_, &exact_cost_);
+  schedule_.Reference(sample.reference_ns);
+  if (mode_ == SelectMode::kExact) return;  // a late sample of the tree: moot now
+  AdaptWidth(sample.mass_ratio);
+}
+
+void WidthCalibrator::AdaptWidth(double ratio) {
   ++at_width_;
-  mean_at_width_ += (sample.mass_ratio - mean_at_width_) /
-                    static_cast<double>(std::min<int64_t>(at_width_, o_.window));
+  mean_at_width_ +=
+      (ratio - mean_at_width_) / static_cast<double>(std::min<int64_t>(at_width_, o_.window));
   const bool miss = (at_width_ >= o_.miss_samples && mean_at_width_ < o_.target_ratio) ||
-                    sample.mass_ratio < o_.target_ratio - o_.far_below;
+                    ratio < o_.target_ratio - o_.far_below;
+  if (TreeDoesNotPay(miss)) {
+    if (miss) floor_ = std::min(o_.max_width, width_ * std::sqrt(o_.increase));
+    FallBack();
+    return;
+  }
+  if (probing_ && !miss && at_width_ >= o_.settle_samples) probing_ = false;  // the tree pays again
   if (miss) {
     // Up at once, and never come back down to the width that missed.
     floor_ = std::min(o_.max_width, width_ * std::sqrt(o_.increase));
@@ -104,6 +196,7 @@ void WidthCalibrator::Apply(SelectParams* params) const {
   absl::MutexLock lock(&mu_);
   params->field_of_view = static_cast<int>(std::lround(base_fov_ * width_));
   params->candidate_factor = base_factor_ * static_cast<float>(width_);
+  params->exhaustive = mode_ == SelectMode::kExact;
 }
 
 CalibratorReport WidthCalibrator::report() const {
@@ -121,6 +214,13 @@ CalibratorReport WidthCalibrator::report() const {
     r.mean_ratio = sum_ratio_ / samples_;
     r.mean_topk_recall = sum_topk_ / samples_;
   }
+  r.mode = mode_;
+  r.exact_steps = exact_steps_;
+  r.fallbacks = fallbacks_;
+  r.reprobes = reprobes_;
+  r.tree_cost_ns = tree_cost_;
+  r.exact_cost_ns = exact_cost_;
+  r.sample_interval = schedule_.Interval();
   return r;
 }
 

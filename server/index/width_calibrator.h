@@ -20,9 +20,26 @@
 // a long comfortable streak, and the streak needed doubles each time lowering
 // it led to a miss, so on data that does not change the width settles and
 // stops moving.
-// Sampling: the first warmup_samples steps are all sampled (fast
-// convergence), then 1 in sample_every (the exact reference is a full scan,
-// so its average cost is about scan / sample_every).
+// Exact fallback (quality holds, speed varies): on some heads the tree does
+// not pay -- the width that reaches the target costs about as much as the
+// exact scan, or the widest allowed still misses. The caller reports each
+// selection's cost (ShouldSample) and each reference's (QualitySample.
+// reference_ns, a full scan: what the exact selection costs). The head then
+// selects exactly (SelectParams.exhaustive: exact page scores on the same
+// layout, the exact best tokens at token granularity; mass ratio 1 by
+// definition) when a miss finds no affordable wider width (at max_width, or
+// the tree's mean cost at this width x increase >= exact_cost_ratio x the
+// exact cost), or when the tree's mean cost at a width already reaches
+// exact_cost_ratio x the exact cost. In exact mode nothing is sampled; after
+// reprobe_steps exact selections the tree is tried again at the width it
+// left (every selection sampled until settle_samples samples judged it); each
+// fallback doubles the wait (up to max_reprobe_steps), so a head whose tree
+// never pays settles on exact and re-probes ever more rarely: no oscillation.
+// Sampling (SampleSchedule, sample_schedule.h): the first warmup_samples
+// tree selections are all sampled (fast convergence), then one in an
+// interval chosen from the measured costs so that reference cost / selection
+// cost stays within sample_share, between sample_every and max_sample_every
+// (the floor rate). A re-probe samples every selection until it is judged.
 //
 // Thread safety: every method may be called from any thread (one mutex).
 #ifndef ICECACHE_SERVER_INDEX_WIDTH_CALIBRATOR_H_
@@ -35,6 +52,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "server/index/mdci_selector.h"
+#include "server/index/sample_schedule.h"
 #include "server/index/selector.h"
 
 namespace icecache {
@@ -42,9 +60,11 @@ namespace icecache {
 struct CalibratorOptions {
   double target_ratio = 0.95;  // selection mass / exact reference mass, in (0, 1]
   // The daemon's defaults (config.h kDefaultQuality*, deploy/icecached.textproto).
-  int sample_every = 64;    // once warm: 1 sampled step in this many (>= 1)
-  int warmup_samples = 16;  // the first steps, all sampled (>= 0)
-  double min_width = 1.0;   // bounds of the width multiplier, 0 < min <= max
+  int sample_every = 64;        // once warm: at least this many steps apart (>= 1)
+  int max_sample_every = 1024;  // once warm: at most this many apart (>= sample_every)
+  double sample_share = 0.05;   // steady state: reference cost / selection cost, (0, 1]
+  int warmup_samples = 16;      // the first steps, all sampled (>= 0)
+  double min_width = 1.0;       // bounds of the width multiplier, 0 < min <= max
   double max_width = 64.0;
   double increase = 1.5;     // x on a sample below the target (> 1)
   double decrease = 0.85;    // x after settle_samples comfortable samples (in (0, 1))
@@ -53,7 +73,16 @@ struct CalibratorOptions {
   int miss_samples = 2;      // samples at a width before its mean can miss (>= 1)
   double far_below = 0.15;   // one sample this far under the target is a miss (>= 0)
   int window = 16;           // the mean at a width: plain, then over about this many (>= 1)
+  // Exact fallback: the tree costing this share of the exact selection (or
+  // more) gives way to it (>= 0; 0: cost never decides, only a miss at
+  // max_width).
+  double exact_cost_ratio = 1.0;
+  int reprobe_steps = 256;        // exact selections before re-probing the tree (>= 1)
+  int max_reprobe_steps = 65536;  // the doubling wait stops here (>= reprobe_steps)
 };
+
+// How a calibrated head selects now.
+enum class SelectMode { kTree, kExact };
 
 // One sampled step: the selection against the exact reference.
 struct QualitySample {
@@ -61,6 +90,8 @@ struct QualitySample {
   double topk_recall = 0.0;  // share of the reference's tokens the selection holds
   // The selection's unit, and so the reference's (exact pages or exact tokens).
   Granularity granularity = Granularity::kPage;
+  // Cost of the exact reference (the caller's clock, ns; 0 = not timed).
+  int64_t reference_ns = 0;
 };
 
 struct CalibratorReport {
@@ -72,6 +103,13 @@ struct CalibratorReport {
   int64_t changes = 0;           // width changes
   int64_t last_change_step = 0;  // ShouldSample() calls before the last width change (convergence)
   double last_ratio = 0.0, mean_ratio = 0.0, mean_topk_recall = 0.0;
+  SelectMode mode = SelectMode::kTree;
+  int64_t exact_steps = 0;      // selections made exactly (exact fallback)
+  int64_t fallbacks = 0;        // switches from the tree to exact selection
+  int64_t reprobes = 0;         // switches back to the tree to try it again
+  double tree_cost_ns = 0.0;    // mean selection cost at the current width (tree)
+  double exact_cost_ns = 0.0;   // mean cost of an exact selection / reference
+  int64_t sample_interval = 0;  // tree selections between samples once warm, now
 };
 
 class WidthCalibrator {
@@ -82,18 +120,35 @@ class WidthCalibrator {
                                                                  int base_field_of_view,
                                                                  float base_candidate_factor);
 
-  // Counts one step; true when this step should be measured.
-  bool ShouldSample() ABSL_LOCKS_EXCLUDED(mu_);
+  // Counts one selection made with `used` (the params Apply set) that cost
+  // `cost_ns` (the caller's clock; <= 0: not timed); true when it should be
+  // measured (never in exact mode: the selection is the reference). A due
+  // measurement stays due until Taken().
+  bool ShouldSample(const SelectParams& used, int64_t cost_ns) ABSL_LOCKS_EXCLUDED(mu_);
+  // The due measurement was taken (the caller will Observe it).
+  void Taken() ABSL_LOCKS_EXCLUDED(mu_);
   // One measured step; adapts the width.
   void Observe(const QualitySample& sample) ABSL_LOCKS_EXCLUDED(mu_);
-  // The width to select with: sets params->field_of_view / candidate_factor.
+  // The width to select with: sets params->field_of_view / candidate_factor
+  // and params->exhaustive (exact mode).
   void Apply(SelectParams* params) const ABSL_LOCKS_EXCLUDED(mu_);
   CalibratorReport report() const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   WidthCalibrator(const CalibratorOptions& o, int fov, float factor)
-      : o_(o), base_fov_(fov), base_factor_(factor), width_(o.min_width), floor_(o.min_width) {}
+      : o_(o),
+        base_fov_(fov),
+        base_factor_(factor),
+        width_(o.min_width),
+        floor_(o.min_width),
+        schedule_(ScheduleOf(o)) {}
+  static SampleScheduleOptions ScheduleOf(const CalibratorOptions& o);
   void SetWidth(double w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether a miss or a costly width hands this head to exact selection.
+  bool TreeDoesNotPay(bool miss) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FallBack() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void CountExactStep(int64_t cost_ns) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void AdaptWidth(double ratio) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const CalibratorOptions o_;
   const int base_fov_;
@@ -113,6 +168,18 @@ class WidthCalibrator {
   double last_ratio_ ABSL_GUARDED_BY(mu_) = 0.0;
   double sum_ratio_ ABSL_GUARDED_BY(mu_) = 0.0;
   double sum_topk_ ABSL_GUARDED_BY(mu_) = 0.0;
+  SampleSchedule schedule_ ABSL_GUARDED_BY(mu_);  // of the tree's selections
+  SelectMode mode_ ABSL_GUARDED_BY(mu_) = SelectMode::kTree;
+  bool probing_ ABSL_GUARDED_BY(mu_) = false;      // the tree is on trial after exact
+  int64_t tree_cost_n_ ABSL_GUARDED_BY(mu_) = 0;   // costs at the current width
+  double tree_cost_ ABSL_GUARDED_BY(mu_) = 0.0;    // their (moving) mean
+  int64_t exact_cost_n_ ABSL_GUARDED_BY(mu_) = 0;  // exact selections and references timed
+  double exact_cost_ ABSL_GUARDED_BY(mu_) = 0.0;   // their (moving) mean
+  int64_t exact_run_ ABSL_GUARDED_BY(mu_) = 0;     // exact selections since the fallback
+  int64_t reprobe_wait_ ABSL_GUARDED_BY(mu_) = 0;  // exact selections before the next probe
+  int64_t exact_steps_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t fallbacks_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t reprobes_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // Measures `selection` (made by `selector` for these queries and params)

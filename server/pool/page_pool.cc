@@ -204,15 +204,33 @@ absl::StatusOr<uint8_t*> PagePool::MapArena(const PagePoolOptions& options, uint
     *huge = base != MAP_FAILED;
   }
   if (base == MAP_FAILED) {
-    base = mmap(nullptr, capacity, PROT_READ | PROT_WRITE,
-                MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (base == MAP_FAILED) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("page pool: mmap of ", capacity, " bytes failed: ", std::strerror(errno)));
+    ASSIGN_OR_RETURN(uint8_t * aligned, MapAlignedAnonymous(capacity));
+    base = aligned;
+    if (options.use_huge_pages || options.transparent_huge_pages) {
+      madvise(base, capacity, MADV_HUGEPAGE);  // advice only
     }
-    if (options.use_huge_pages) madvise(base, capacity, MADV_HUGEPAGE);  // advice only
   }
   return static_cast<uint8_t*>(base);
+}
+
+absl::StatusOr<uint8_t*> PagePool::MapAlignedAnonymous(uint64_t capacity) {
+  // One slab more, trimmed: slab k starts on a 2 MiB boundary, so with
+  // transparent huge pages each slab is one huge page (its carve, prefault
+  // and release act on whole pages; a random read over a multi-GiB arena
+  // needs a TLB entry per slab instead of one per 4 KiB:
+  // docs/bench/gather_arena.md).
+  void* raw = mmap(nullptr, capacity + kSlabBytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (raw == MAP_FAILED) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("page pool: mmap of ", capacity, " bytes failed: ", std::strerror(errno)));
+  }
+  const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t aligned = (start + kSlabBytes - 1) / kSlabBytes * kSlabBytes;
+  const uint64_t head = aligned - start;
+  if (head > 0) munmap(raw, head);
+  if (kSlabBytes - head > 0) munmap(reinterpret_cast<void*>(aligned + capacity), kSlabBytes - head);
+  return reinterpret_cast<uint8_t*>(aligned);
 }
 
 PagePool::PagePool(const PagePoolOptions& options, uint8_t* base, uint64_t capacity, bool huge,
@@ -415,6 +433,28 @@ void PagePool::CarveSlabLocked(SizeClass* c) {
   empty_slabs_total_++;
   counters_.frames_free += c->frames_per_slab;
   counters_.reserved_bytes += kSlabBytes;
+  slabs_carved_++;
+  carved_.SignalAll();
+}
+
+uint64_t PagePool::WaitForCarve(uint64_t seen, const std::atomic<bool>* stop,
+                                absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::MutexLock l(&mu_);
+  while (slabs_carved_ == seen && !stop->load()) {
+    if (carved_.WaitWithDeadline(&mu_, deadline)) break;  // timed out
+  }
+  return slabs_carved_;
+}
+
+uint64_t PagePool::slabs_carved() const {
+  absl::ReaderMutexLock l(&mu_);
+  return slabs_carved_;
+}
+
+void PagePool::WakeCarveWaiters() {
+  absl::MutexLock l(&mu_);
+  carved_.SignalAll();
 }
 
 bool PagePool::PopEmptySlabLocked(SizeClass* c, uint64_t* slab) {

@@ -3,7 +3,8 @@
 // One arena of `capacity_bytes` is mapped once at Create(): MAP_HUGETLB when
 // asked and the kernel has enough reserved 2 MiB pages for the whole arena
 // (reserved at mmap time, so a short huge-page pool cannot SIGBUS later),
-// else normal pages with MAP_NORESERVE and madvise(MADV_HUGEPAGE). The arena is cut into 2 MiB
+// else normal pages with MAP_NORESERVE, 2 MiB-aligned, and madvise(MADV_HUGEPAGE)
+// (PagePoolOptions.transparent_huge_pages). The arena is cut into 2 MiB
 // slabs; a slab belongs to one size class while it holds frames of that class. A slab whose last
 // frame is freed stays carved in its class (re-allocation costs no page
 // faults) while at most `max_empty_slabs` slabs are empty, until another class
@@ -44,6 +45,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 
 namespace icecache {
 
@@ -58,6 +60,13 @@ struct PagePoolOptions {
   uint64_t capacity_bytes = uint64_t{1} << 30;
   // Try MAP_HUGETLB first (falls back silently to normal pages + THP advice).
   bool use_huge_pages = true;
+  // An arena of normal pages (not a backing file) is mapped 2 MiB-aligned
+  // and advised MADV_HUGEPAGE (transparent huge pages, where the kernel's
+  // THP mode is "madvise" or "always"): each slab is then one huge page.
+  // A token gather of 1024 random rows from a 4 GiB arena took 2.5x as long
+  // in 4 KiB pages (docs/bench/gather_arena.md). false: no advice (the
+  // kernel's default), unless use_huge_pages fell back.
+  bool transparent_huge_pages = true;
   // Maximum number of distinct frame sizes (1..64).
   int max_size_classes = 16;
   // Quota of a tenant that has none set with SetQuota().
@@ -225,6 +234,16 @@ class PagePool {
   // next allocation, then bounds them like its own. Returns the slabs
   // populated; 0 where the kernel lacks it or the pool is frozen.
   uint64_t PopulateNext(uint64_t bytes) ABSL_LOCKS_EXCLUDED(mu_);
+  // A prefaulter's cue (server/session's prefault thread): blocks until a
+  // slab has been carved after the carve count `seen` (each carve takes one
+  // of the slabs PrefaultAhead faulted in), `*stop` is true, or `timeout`
+  // passes; returns the carve count then. Whoever sets *stop calls
+  // WakeCarveWaiters() afterwards. Costs the allocations nothing beyond a
+  // signal per slab carved.
+  uint64_t WaitForCarve(uint64_t seen, const std::atomic<bool>* stop, absl::Duration timeout)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  void WakeCarveWaiters() ABSL_LOCKS_EXCLUDED(mu_);
+  uint64_t slabs_carved() const ABSL_LOCKS_EXCLUDED(mu_);
   // Warm restart: takes ownership of exactly the listed frames (every other
   // frame of the arena stays free) and returns one FrameSet per entry, in
   // order. Only on a pool that has handed out nothing yet.
@@ -262,6 +281,9 @@ class PagePool {
   // Maps the arena (anonymous, or the backing file); sets *fd for a file.
   static absl::StatusOr<uint8_t*> MapArena(const PagePoolOptions& options, uint64_t capacity,
                                            bool* huge, int* fd);
+  // Anonymous MAP_NORESERVE mapping of `capacity` bytes starting on a slab
+  // (2 MiB) boundary; ResourceExhausted when mmap fails.
+  static absl::StatusOr<uint8_t*> MapAlignedAnonymous(uint64_t capacity);
   absl::Status CheckRecoverLocked(const std::vector<RecoveredFrames>& sets,
                                   std::vector<int32_t>* slab_class)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -314,6 +336,8 @@ class PagePool {
   // Slabs a PopulateNext faulted in for an allocation not made yet.
   uint64_t populate_hold_ ABSL_GUARDED_BY(mu_) = 0;
   bool frozen_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t slabs_carved_ ABSL_GUARDED_BY(mu_) = 0;  // ever (WaitForCarve)
+  absl::CondVar carved_;                            // signalled with mu_ held
   std::map<std::string, std::unique_ptr<Tenant>, std::less<>> tenants_ ABSL_GUARDED_BY(mu_);
 };
 

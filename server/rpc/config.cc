@@ -192,7 +192,11 @@ void ApplyDefaults(IcecachedConfig* c) {
   auto* q = c->mutable_quality();
   if (!q->has_enabled()) q->set_enabled(true);
   if (q->sample_every() == 0) q->set_sample_every(kDefaultQualitySampleEvery);
+  if (q->max_sample_every() == 0) {
+    q->set_max_sample_every(std::max(kDefaultQualityMaxSampleEvery, q->sample_every()));
+  }
   if (!q->has_warmup_samples()) q->set_warmup_samples(kDefaultQualityWarmupSamples);
+  if (!q->has_exact_cost_ratio()) q->set_exact_cost_ratio(kDefaultQualityExactCostRatio);
   if (q->cpu_share() == 0) q->set_cpu_share(kDefaultQualityCpuShare);
   if (q->queue_capacity() == 0) q->set_queue_capacity(kDefaultQualityQueueCapacity);
   if (!q->has_burst_ms()) q->set_burst_ms(kDefaultQualityBurstMs);
@@ -275,6 +279,16 @@ absl::Status ValidateConfig(const IcecachedConfig& c) {
     return Bad("pool.backing_dir", Quote(pool.backing_dir()),
                "must be an absolute path (a tmpfs or hugetlbfs directory) of at most 200 bytes");
   }
+  if (!pool.state_dir().empty()) {
+    if (pool.backing_dir().empty()) {
+      return Bad("pool.state_dir", Quote(pool.state_dir()),
+                 "needs pool.backing_dir (the snapshot it holds is of the file-backed arena)");
+    }
+    if (pool.state_dir()[0] != '/' || pool.state_dir().size() > 200) {
+      return Bad("pool.state_dir", Quote(pool.state_dir()),
+                 "must be an absolute path (a tmpfs directory) of at most 200 bytes");
+    }
+  }
   std::set<std::string> quota_tenants;
   for (int i = 0; i < pool.quotas_size(); ++i) {
     const auto& q = pool.quotas(i);
@@ -352,6 +366,14 @@ absl::Status ValidateConfig(const IcecachedConfig& c) {
   const auto& q = c.quality();
   if (q.sample_every() < 1 || q.sample_every() > (1u << 20)) {
     return Bad("quality.sample_every", q.sample_every(), "must be 1 .. 1048576");
+  }
+  if (q.max_sample_every() < q.sample_every() || q.max_sample_every() > (1u << 20)) {
+    return Bad("quality.max_sample_every", q.max_sample_every(),
+               absl::StrCat("must be quality.sample_every (", q.sample_every(), ") .. 1048576"));
+  }
+  if (!(q.exact_cost_ratio() >= 0 && q.exact_cost_ratio() <= 1000)) {
+    return Bad("quality.exact_cost_ratio", q.exact_cost_ratio(),
+               "must be 0 (fall back only when the largest width misses) .. 1000");
   }
   if (q.warmup_samples() > (1u << 20)) {
     return Bad("quality.warmup_samples", q.warmup_samples(), "must be <= 1048576");

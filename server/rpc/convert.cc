@@ -364,6 +364,10 @@ void SessionQualityToProto(const SessionQualityInfo& q, v1::SessionQuality* out)
     o->set_recent_mass_ratio(h.recent_mass_ratio);
     o->set_last_mass_ratio(h.last_mass_ratio);
     o->set_mean_topk_recall(h.mean_topk_recall);
+    o->set_exact(h.exact);
+    o->set_exact_selections(static_cast<uint64_t>(std::max<int64_t>(0, h.exact_selections)));
+    o->set_fallbacks(static_cast<uint64_t>(std::max<int64_t>(0, h.fallbacks)));
+    o->set_sample_interval(static_cast<uint64_t>(std::max<int64_t>(0, h.sample_interval)));
   }
 }
 

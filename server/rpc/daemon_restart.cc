@@ -1,7 +1,9 @@
 // The daemon's side of a warm restart (docs/architecture.md §5,
 // docs/operations.md): the file-backed pool, recovery at start-up and the
 // snapshot written by a drain for upgrade.
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -21,22 +23,41 @@ namespace {
 constexpr char kArenaFile[] = "icecached-arena";
 constexpr char kSnapshotFile[] = "icecached-snapshot";
 
-// The backing directory: created 0700 when missing; it must be a real
-// directory (not a symlink) owned by this uid.
-absl::Status CheckBackingDir(const std::string& dir) {
+// The backing (or state) directory, named `field` in messages: created 0700
+// when missing; it must be a real directory (not a symlink) owned by this
+// uid.
+absl::Status CheckDaemonDir(const std::string& field, const std::string& dir) {
   if (mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
     return absl::FailedPreconditionError(
-        absl::StrCat("pool.backing_dir ", dir, ": cannot create it: ", std::strerror(errno)));
+        absl::StrCat(field, " ", dir, ": cannot create it: ", std::strerror(errno)));
   }
   struct stat st;
   if (lstat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
     return absl::FailedPreconditionError(
-        absl::StrCat("pool.backing_dir ", dir, " is not a directory (symlinks are refused)"));
+        absl::StrCat(field, " ", dir, " is not a directory (symlinks are refused)"));
   }
   if (st.st_uid != geteuid()) {
-    return absl::FailedPreconditionError(absl::StrCat("pool.backing_dir ", dir, " is owned by uid ",
-                                                      st.st_uid, ", not this daemon's ",
-                                                      geteuid()));
+    return absl::FailedPreconditionError(absl::StrCat(
+        field, " ", dir, " is owned by uid ", st.st_uid, ", not this daemon's ", geteuid()));
+  }
+  return absl::OkStatus();
+}
+
+// The snapshot and the index images are written with write(2), which
+// hugetlbfs refuses (it takes only mmap): found at start, not at the drain
+// that would lose every session.
+absl::Status CheckStateDirTakesWrites(const std::string& field, const std::string& dir) {
+  struct statfs fs;
+  if (statfs(dir.c_str(), &fs) != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(field, " ", dir, ": statfs: ", std::strerror(errno)));
+  }
+  if (static_cast<uint64_t>(fs.f_type) == HUGETLBFS_MAGIC) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        field, " ", dir,
+        " is on hugetlbfs, which takes no write(2): the drain for upgrade could not write its "
+        "snapshot there. Keep the arena on hugetlbfs and set pool.state_dir to a tmpfs "
+        "directory (e.g. /dev/shm/icecache-state) for the snapshot and index images"));
   }
   return absl::OkStatus();
 }
@@ -83,12 +104,17 @@ absl::Status Daemon::CreatePool(std::optional<SnapshotImage>* snapshot) {
   opts.default_tenant_quota_bytes = QuotaFromProto(c.pool().default_quota_bytes());
   if (!c.pool().backing_dir().empty()) {
     const std::string& dir = c.pool().backing_dir();
-    RETURN_IF_ERROR(CheckBackingDir(dir));
+    RETURN_IF_ERROR(CheckDaemonDir("pool.backing_dir", dir));
+    const bool own_state_dir = !c.pool().state_dir().empty();
+    const std::string state_dir = own_state_dir ? c.pool().state_dir() : dir;
+    const std::string state_field = own_state_dir ? "pool.state_dir" : "pool.backing_dir";
+    if (own_state_dir) RETURN_IF_ERROR(CheckDaemonDir(state_field, state_dir));
+    RETURN_IF_ERROR(CheckStateDirTakesWrites(state_field, state_dir));
     opts.backing_file = absl::StrCat(dir, "/", kArenaFile);
-    snapshot_path_ = absl::StrCat(dir, "/", kSnapshotFile);
+    snapshot_path_ = absl::StrCat(state_dir, "/", kSnapshotFile);
     const uint64_t capacity = (opts.capacity_bytes + PagePool::kSlabBytes - 1) /
                               PagePool::kSlabBytes * PagePool::kSlabBytes;
-    index_images_path_ = absl::StrCat(dir, "/", kIndexImageFile);
+    index_images_path_ = absl::StrCat(state_dir, "/", kIndexImageFile);
     *snapshot = TakeSnapshotFile(snapshot_path_, capacity);
     index_images_ = TakeIndexImages(index_images_path_, snapshot->has_value());
     opts.reuse_backing_file = snapshot->has_value();

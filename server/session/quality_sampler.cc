@@ -2,7 +2,6 @@
 
 #include <sys/resource.h>
 #include <sys/syscall.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -11,11 +10,6 @@
 #include "absl/strings/str_cat.h"
 
 namespace icecache {
-int64_t ThreadCpuNanos() {
-  timespec ts{};
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
-}
 
 absl::StatusOr<std::unique_ptr<QualitySampler>> QualitySampler::Create(
     const QualitySamplerOptions& o) {

@@ -33,11 +33,9 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/thread_cpu.h"  // ThreadCpuNanos
 
 namespace icecache {
-
-// CPU time of the calling thread (CLOCK_THREAD_CPUTIME_ID), nanoseconds.
-int64_t ThreadCpuNanos();
 
 struct QualitySamplerOptions {
   int queue_capacity = 64;  // jobs waiting at most (1..65536); beyond, Offer drops

@@ -289,15 +289,20 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
   if (hq != nullptr) hq->Apply(&p);
   const float* q = queries.data() + static_cast<size_t>(h) * q_per_kv * config.head_dim;
   const auto t0 = std::chrono::steady_clock::now();
+  // Thread CPU time too (monitored heads): the calibrator compares it with
+  // the references' (timed the same way on the sampler's thread), which a
+  // loaded machine's wall clock would skew.
+  const int64_t cpu0 = hq != nullptr ? ThreadCpuNanos() : 0;
   RETURN_IF_ERROR(selectors[index]->Select(q, q_per_kv, p, out));
   const int64_t ns =
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0)
           .count();
   selection_ns.fetch_add(ns, std::memory_order_relaxed);
   if (hq == nullptr) return absl::OkStatus();  // not monitored
+  const int64_t cpu_ns = ThreadCpuNanos() - cpu0;
   // The budget is a share of the monitored sessions' selection time.
   if (sampler != nullptr) sampler->AddSelectionTime(ns);
-  if (probe == nullptr || !hq->ShouldSample()) return absl::OkStatus();
+  if (!hq->ShouldSample(p, cpu_ns) || probe == nullptr) return absl::OkStatus();
   // Over budget or a full queue: no copy now; the head stays due.
   if (sampler != nullptr && !sampler->Admits()) {
     samples_dropped.fetch_add(1, std::memory_order_relaxed);

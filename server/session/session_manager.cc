@@ -14,6 +14,7 @@
 #include "common/status_macros.h"
 #include "server/index/parallel_build.h"
 #include "server/pool/heap_trim.h"
+#include "server/pool/slab_prefaulter.h"
 #include "server/session/append_staging.h"
 #include "server/session/index_builder.h"
 #include "server/session/session.h"
@@ -164,6 +165,10 @@ absl::StatusOr<std::unique_ptr<SessionManager>> SessionManager::Create(
   }
   if (options.reaper_interval > absl::ZeroDuration()) {
     m->reaper_ = std::thread([raw = m.get()] { raw->ReaperLoop(); });
+    if (options.prefault_slabs > 0) {
+      m->prefaulter_ = std::make_unique<SlabPrefaulter>(options.pool, options.prefault_slabs,
+                                                        options.reaper_interval);
+    }
   }
   return m;
 }
@@ -184,6 +189,7 @@ SessionManager::~SessionManager() {
     stop_ = true;
   }
   if (reaper_.joinable()) reaper_.join();
+  prefaulter_.reset();
   std::map<std::string, std::shared_ptr<Session>, std::less<>> dead;
   absl::MutexLock l(&mu_);
   dead.swap(sessions_);
@@ -197,7 +203,6 @@ void SessionManager::ReaperLoop() {
       if (stop_) return;
     }
     ExpireLeases(clock_->Now());
-    if (options_.prefault_slabs > 0) options_.pool->PrefaultAhead(options_.prefault_slabs);
     staging_->Trim(options_.staging_idle);
     MaybeTrimHeap();  // after sessions dropped (server/pool/heap_trim.h)
   }

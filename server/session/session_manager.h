@@ -102,6 +102,7 @@ namespace icecache {
 class Session;       // internal (server/session/session.h)
 class IndexBuilder;  // internal (server/session/index_builder.h)
 class Prefetcher;    // internal (server/session/prefetch.h)
+class SlabPrefaulter;
 class GroupPrefetch;
 struct ChecksumCounters;
 struct PrefetchCounters;
@@ -127,9 +128,10 @@ struct SessionManagerOptions {
   absl::Duration reaper_interval = absl::Seconds(1);
   // Threads for building indices of the first append (1 = serial).
   int build_threads = 1;
-  // Pool slabs the reaper thread keeps faulted in ahead of allocation
-  // (PagePool::PrefaultAhead), so decode appends do not take the page
-  // faults of a new slab. 0 = none; needs a reaper (reaper_interval > 0).
+  // Pool slabs a prefault thread keeps faulted in ahead of allocation
+  // (server/pool/slab_prefaulter.h: after every slab carved and every
+  // reaper_interval), so decode appends do not take the page faults of a
+  // new slab. 0 = none; needs a reaper (reaper_interval > 0).
   uint64_t prefault_slabs = 16;
   // An append from a registered buffer copies its bytes once into private
   // staging memory (append_staging.h); released staging buffers of at least
@@ -440,6 +442,7 @@ class SessionManager {
   absl::Mutex reaper_mu_;
   bool stop_ ABSL_GUARDED_BY(reaper_mu_) = false;
   std::thread reaper_;
+  std::unique_ptr<SlabPrefaulter> prefaulter_;  // null: prefault_slabs 0 or no reaper
   // Null when the monitor is off. Destroyed first (its queued jobs point at
   // this manager).
   std::unique_ptr<QualitySampler> sampler_;

@@ -17,33 +17,37 @@ bool LaidOutByTree(SelectorKind kind) {
   return kind == SelectorKind::kMdci || kind == SelectorKind::kExactMdci;
 }
 
+SampleScheduleOptions ScheduleOf(const SessionQualityOptions& o) {
+  SampleScheduleOptions so;
+  so.warmup = o.warmup_samples;
+  so.min_every = o.sample_every;
+  so.max_every = o.max_sample_every;
+  so.share = o.sampler.cpu_share;
+  return so;
+}
+
 }  // namespace
 
 absl::Status ValidateQualityOptions(const SessionQualityOptions& o) {
-  if (o.sample_every < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("quality: sample_every must be >= 1, got ", o.sample_every));
-  }
-  if (o.warmup_samples < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("quality: warmup_samples must be >= 0, got ", o.warmup_samples));
-  }
-  return absl::OkStatus();
+  return ValidateSampleSchedule(ScheduleOf(o));
 }
 
-bool HeadQualityMonitor::ShouldSample() {
-  const int64_t since = since_.fetch_add(1, std::memory_order_relaxed) + 1;
-  return taken_.load(std::memory_order_relaxed) < warmup_ || since >= sample_every_;
+bool HeadQualityMonitor::ShouldSample(const SelectParams& used, int64_t cost_ns) {
+  if (calibrator_ != nullptr) return calibrator_->ShouldSample(used, cost_ns);
+  absl::MutexLock l(&mu_);
+  return schedule_.Step(cost_ns);
 }
 
 void HeadQualityMonitor::Taken() {
-  since_.store(0, std::memory_order_relaxed);
-  taken_.fetch_add(1, std::memory_order_relaxed);
+  if (calibrator_ != nullptr) return calibrator_->Taken();
+  absl::MutexLock l(&mu_);
+  schedule_.Taken();
 }
 
 void HeadQualityMonitor::Record(const QualitySample& sample) {
   if (calibrator_ != nullptr) calibrator_->Observe(sample);
   absl::MutexLock l(&mu_);
+  schedule_.Reference(sample.reference_ns);
   recent_ratio_ = samples_ == 0
                       ? sample.mass_ratio
                       : recent_ratio_ + kRecentWeight * (sample.mass_ratio - recent_ratio_);
@@ -64,8 +68,13 @@ HeadQualityInfo HeadQualityMonitor::Report(int group, int head) const {
     info.field_of_view = r.field_of_view;
     info.candidate_factor = r.candidate_factor;
     info.width_changes = r.changes;
+    info.exact = r.mode == SelectMode::kExact;
+    info.exact_selections = r.exact_steps;
+    info.fallbacks = r.fallbacks;
+    info.sample_interval = r.sample_interval;
   }
   absl::MutexLock l(&mu_);
+  if (calibrator_ == nullptr) info.sample_interval = schedule_.Interval();
   info.samples = samples_;
   if (samples_ > 0) {
     info.mean_mass_ratio = sum_ratio_ / samples_;
@@ -83,10 +92,11 @@ absl::StatusOr<std::vector<std::unique_ptr<HeadQualityMonitor>>> MakeHeadQuality
   const bool calibrate = config.selector == SelectorKind::kMdci && config.target_mass_ratio > 0.0;
   CalibratorOptions co;
   co.target_ratio = config.target_mass_ratio;
-  // The daemon's sampling schedule is HeadQualityMonitor's; the calibrator only
-  // adapts the width.
-  co.sample_every = 1;
-  co.warmup_samples = 0;
+  co.sample_every = options.sample_every;
+  co.max_sample_every = options.max_sample_every;
+  co.sample_share = options.sampler.cpu_share;
+  co.warmup_samples = options.warmup_samples;
+  co.exact_cost_ratio = options.exact_cost_ratio;
   const int total = groups * config.kv_heads;
   heads.reserve(total);
   for (int i = 0; i < total; ++i) {
@@ -100,8 +110,8 @@ absl::StatusOr<std::vector<std::unique_ptr<HeadQualityMonitor>>> MakeHeadQuality
       }
       calibrator = std::move(made).value();
     }
-    heads.push_back(std::make_unique<HeadQualityMonitor>(
-        options.sample_every, options.warmup_samples, std::move(calibrator)));
+    heads.push_back(
+        std::make_unique<HeadQualityMonitor>(ScheduleOf(options), std::move(calibrator)));
   }
   return heads;
 }
@@ -136,8 +146,11 @@ SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample*
         s.samples_reselected.fetch_add(1, std::memory_order_relaxed);
       }
       if (selected.ok()) {
+        // Thread CPU time, as the selection's cost (Session::SelectHead).
+        const int64_t t0 = ThreadCpuNanos();
         measured =
             MeasureSelection(selector, probe.queries.data(), s.q_per_kv, probe.params, selection);
+        if (measured.ok()) measured->reference_ns = ThreadCpuNanos() - t0;
       }
     }
   }

@@ -3,10 +3,14 @@
 //
 // Per (layer group, KV head) of a session whose selector lays pages out by
 // the DCI tree (mdci, exact-mdci), a HeadQualityMonitor decides which selections
-// are measured (the first warmup_samples, then 1 in sample_every; a due
-// measurement the sampler cannot take now is retried on the next selection), keeps the
-// tally of what was measured and, for mdci with a target mass ratio, owns
-// the WidthCalibrator whose width the selections use.
+// are measured (SampleSchedule: the first warmup_samples, then one in an
+// interval chosen from the measured costs so that the references cost at most
+// cpu_share of the selections, between sample_every and max_sample_every; a
+// due measurement the sampler cannot take now is retried on the next
+// selection), keeps the tally of what was measured and, for mdci with a
+// target mass ratio, owns the WidthCalibrator whose width (or exact fallback)
+// the selections use; the calibrator then owns the schedule too (it samples
+// nothing while the head selects exactly, and every selection of a re-probe).
 //
 // Flow: Session::Select copies a chosen step's queries, resolved params and
 // selected pages into a QualityProbe; the manager offers it to the
@@ -19,7 +23,6 @@
 #ifndef ICECACHE_SERVER_SESSION_SESSION_QUALITY_H_
 #define ICECACHE_SERVER_SESSION_SESSION_QUALITY_H_
 
-#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -27,6 +30,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "server/index/sample_schedule.h"
 #include "server/index/selector.h"
 #include "server/index/width_calibrator.h"
 #include "server/session/quality_sampler.h"
@@ -38,13 +42,21 @@ class Session;
 
 // Daemon-wide sampling policy (SessionManagerOptions.quality).
 struct SessionQualityOptions {
-  bool enabled = false;     // true: sample and calibrate (icecached turns it on)
-  int sample_every = 64;    // once warm: 1 measured selection in this many per (group, head)
-  int warmup_samples = 16;  // the first selections of each (group, head), all measured
+  bool enabled = false;         // true: sample and calibrate (icecached turns it on)
+  int sample_every = 64;        // once warm: at least this many selections apart per (group, head)
+  int max_sample_every = 1024;  // once warm: at most this many apart (the floor rate)
+  int warmup_samples = 16;      // the first selections of each (group, head), all measured
+  // The calibrators' exact fallback threshold (CalibratorOptions): the tree
+  // gives way to exact selection when it costs this share of it (0: only
+  // when the largest width misses).
+  double exact_cost_ratio = CalibratorOptions{}.exact_cost_ratio;
+  // sampler.cpu_share is also the schedule's share: reference cost /
+  // selection cost per head in steady state.
   QualitySamplerOptions sampler;
 };
 
-// InvalidArgument naming the option (sample_every >= 1, warmup_samples >= 0).
+// InvalidArgument naming the option (sample_every >= 1, max_sample_every >=
+// sample_every, warmup_samples >= 0, cpu_share in (0, 1]).
 absl::Status ValidateQualityOptions(const SessionQualityOptions& options);
 
 // One selection chosen for measurement, copied off the decode path.
@@ -60,19 +72,21 @@ struct QualityProbe {
 
 class HeadQualityMonitor {
  public:
-  // `calibrator` may be null (monitor only).
-  HeadQualityMonitor(int sample_every, int warmup_samples,
+  // `calibrator` may be null (monitor only: `schedule` decides); with one,
+  // the calibrator's own schedule decides.
+  HeadQualityMonitor(const SampleScheduleOptions& schedule,
                      std::unique_ptr<WidthCalibrator> calibrator)
-      : sample_every_(sample_every), warmup_(warmup_samples), calibrator_(std::move(calibrator)) {}
+      : calibrator_(std::move(calibrator)), schedule_(schedule) {}
 
-  // Counts one selection; true when a measurement is due: during warm-up
-  // (fewer than warmup_samples taken), then sample_every selections after
-  // the last one taken. A due measurement the sampler could not take stays
-  // due on the next selection (none is lost to a busy budget).
-  bool ShouldSample();
+  // Counts one selection made with `used` (the params after Apply) that cost
+  // `cost_ns` (thread CPU time); true when a measurement is due (see
+  // SampleSchedule). A due measurement the sampler could not take stays due
+  // on the next selection (none is lost to a busy budget).
+  bool ShouldSample(const SelectParams& used, int64_t cost_ns) ABSL_LOCKS_EXCLUDED(mu_);
   // The sampler took this head's measurement.
-  void Taken();
-  // The calibrated width into params (no-op without a calibrator).
+  void Taken() ABSL_LOCKS_EXCLUDED(mu_);
+  // The calibrated width (or exact fallback) into params (no-op without a
+  // calibrator).
   void Apply(SelectParams* params) const {
     if (calibrator_ != nullptr) calibrator_->Apply(params);
   }
@@ -80,12 +94,9 @@ class HeadQualityMonitor {
   HeadQualityInfo Report(int group, int head) const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
-  const int sample_every_;
-  const int warmup_;
   const std::unique_ptr<WidthCalibrator> calibrator_;
-  std::atomic<int64_t> since_{0};  // selections since the last measurement taken
-  std::atomic<int64_t> taken_{0};
   mutable absl::Mutex mu_;
+  SampleSchedule schedule_ ABSL_GUARDED_BY(mu_);  // without a calibrator
   int64_t samples_ ABSL_GUARDED_BY(mu_) = 0;
   double sum_ratio_ ABSL_GUARDED_BY(mu_) = 0.0;
   double sum_topk_ ABSL_GUARDED_BY(mu_) = 0.0;

@@ -100,6 +100,12 @@ struct HeadQualityInfo {
   int field_of_view = 0;    // the width in use (calibrated heads)
   float candidate_factor = 0.0f;
   int64_t width_changes = 0;
+  // Exact fallback (calibrated heads): the tree did not pay, so this head
+  // selects exactly now (exact page scores on its layout / exact tokens).
+  bool exact = false;
+  int64_t exact_selections = 0;    // selections made exactly so far
+  int64_t fallbacks = 0;           // switches from the tree to exact selection
+  int64_t sample_interval = 0;     // selections between samples once warm, now
   int64_t samples = 0;             // selections measured
   double mean_mass_ratio = 0.0;    // over every sample
   double recent_mass_ratio = 0.0;  // moving average (weight 1/8 per sample)

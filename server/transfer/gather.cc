@@ -1,5 +1,6 @@
 #include "server/transfer/gather.h"
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 
@@ -95,11 +96,27 @@ void GatherFrames(const uint8_t* const* frames, size_t count, uint64_t frame_byt
   }
 }
 
+namespace {
+
+// Asks for the cache lines of one token's K and V rows.
+void PrefetchRows(const RowSource& r, uint64_t row_bytes, uint64_t block) {
+  const uint8_t* k = r.frame + uint64_t{r.slot} * row_bytes;
+  for (uint64_t off = 0; off < row_bytes; off += 64) {
+    __builtin_prefetch(k + off);
+    __builtin_prefetch(k + block + off);
+  }
+}
+
+}  // namespace
+
 void GatherRows(const RowSource* rows, size_t count, int page_tokens, uint64_t row_bytes,
-                uint8_t* dst) {
+                uint8_t* dst, int prefetch_ahead) {
   const size_t t = static_cast<size_t>(page_tokens);
   const uint64_t block = t * row_bytes;  // one K (or V) block
+  const size_t ahead = prefetch_ahead > 0 ? static_cast<size_t>(prefetch_ahead) : 0;
+  for (size_t i = 0; i < std::min(ahead, count); ++i) PrefetchRows(rows[i], row_bytes, block);
   for (size_t i = 0; i < count; ++i) {
+    if (ahead > 0 && i + ahead < count) PrefetchRows(rows[i + ahead], row_bytes, block);
     uint8_t* slot = dst + (i / t) * 2 * block;
     const uint64_t row = (i % t) * row_bytes;
     const uint64_t src = uint64_t{rows[i].slot} * row_bytes;

@@ -109,8 +109,14 @@ struct RowSource {
 // 2 x page_tokens x row_bytes bytes at `dst`: token i's K row goes to row
 // i % page_tokens of slot i / page_tokens's K block, its V row likewise; the
 // rows past the last token are zeroed. Plain memcpy (as GatherFrames).
+// The K and V rows of the token `prefetch_ahead` places further are asked
+// for before each copy (0: none): a token-granular selection reads ~1024
+// scattered rows per head from a multi-GiB arena, each read a cache and
+// often a TLB miss, which would otherwise come one after another
+// (docs/bench/gather_arena.md).
+inline constexpr int kGatherPrefetchAhead = 8;
 void GatherRows(const RowSource* rows, size_t count, int page_tokens, uint64_t row_bytes,
-                uint8_t* dst);
+                uint8_t* dst, int prefetch_ahead = kGatherPrefetchAhead);
 
 }  // namespace icecache
 

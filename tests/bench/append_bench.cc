@@ -120,14 +120,29 @@ Quantiles Summarise(std::vector<double> v) {
   return q;
 }
 
+// One timed step, kept for the slowest-steps list (what lands on the hot
+// path now and then shows in the positions it lands at).
+struct StepTime {
+  int64_t position = 0;  // the appended token's position
+  double ms = 0;
+  double cpu_ms = 0;
+  bool carved = false;  // the pool carved a new slab for the step's frames
+};
+
 struct SelectorRun {
   std::string selector;
   double prefill_s = 0;
   double first_ms = 0;
   Quantiles step_ms;  // steps after the first
   Quantiles cpu_ms;   // their thread CPU time
+  // The same steps split by whether the pool carved a slab for them (its
+  // memory faulted in on the append's path unless prefaulted ahead).
+  Quantiles cpu_carved_ms, cpu_other_ms;
+  int64_t steps_carved = 0;
+  double pages_per_step = 0;  // pages the indexes opened, per step
   uint64_t pages = 0;
   uint64_t index_bytes = 0;
+  std::vector<StepTime> slowest;  // by CPU time, slowest first
 };
 
 SessionConfig ConfigOf(const AppendBenchOptions& o, SelectorKind kind) {
@@ -183,25 +198,43 @@ absl::StatusOr<SelectorRun> RunOne(const AppendBenchOptions& o, const std::strin
   // Every step's bytes ahead, so only the append is timed.
   std::vector<std::vector<uint8_t>> steps(o.steps + 1);
   for (int i = 0; i <= o.steps; ++i) source.Fill(0, o.layers, o.tokens + i, 1, &steps[i]);
-  std::vector<double> ms, cpu;
+  ASSIGN_OR_RETURN(SessionInfo before, manager->GetSession(caller, info.id));
+  std::vector<double> ms, cpu, cpu_carved, cpu_other;
+  std::vector<StepTime> times;
   ms.reserve(o.steps);
   cpu.reserve(o.steps);
+  times.reserve(o.steps);
+  uint64_t reserved = pool->Stats().reserved_bytes;
   for (int i = 0; i <= o.steps; ++i) {
     const double c0 = ThreadCpuMs();
     const auto t0 = Clock::now();
     RETURN_IF_ERROR(manager->AppendKv(caller, info.id, 1, steps[i]).status());
     const double dt = Ms(t0, Clock::now());
+    const double dc = ThreadCpuMs() - c0;
+    const uint64_t reserved_now = pool->Stats().reserved_bytes;
+    const bool carved = reserved_now > reserved;
+    reserved = reserved_now;
     if (i == 0) {
       run.first_ms = dt;
     } else {
       ms.push_back(dt);
-      cpu.push_back(ThreadCpuMs() - c0);
+      cpu.push_back(dc);
+      (carved ? cpu_carved : cpu_other).push_back(dc);
+      times.push_back({o.tokens + i, dt, dc, carved});
     }
   }
+  run.steps_carved = static_cast<int64_t>(cpu_carved.size());
+  run.cpu_carved_ms = Summarise(std::move(cpu_carved));
+  run.cpu_other_ms = Summarise(std::move(cpu_other));
+  const size_t keep = std::min<size_t>(times.size(), static_cast<size_t>(o.slowest));
+  std::partial_sort(times.begin(), times.begin() + keep, times.end(),
+                    [](const StepTime& a, const StepTime& b) { return a.cpu_ms > b.cpu_ms; });
+  run.slowest.assign(times.begin(), times.begin() + keep);
   run.step_ms = Summarise(std::move(ms));
   run.cpu_ms = Summarise(std::move(cpu));
   ASSIGN_OR_RETURN(SessionInfo after, manager->GetSession(caller, info.id));
   run.pages = after.pages;
+  run.pages_per_step = static_cast<double>(after.pages - before.pages) / (o.steps + 1);
   run.index_bytes = after.index_bytes;
   return run;
 }
@@ -233,8 +266,21 @@ Json ToJson(const AppendBenchOptions& o, const std::vector<SelectorRun>& runs) {
     e["append_us_per_head_p99"] = r.step_ms.p99 * 1e3 / heads;
     e["append_ms_p50_scaled_32_layers"] = r.step_ms.p50 * 32.0 / o.layers;
     e["append_ms_p99_scaled_32_layers"] = r.step_ms.p99 * 32.0 / o.layers;
+    e["steps_carving_a_slab"] = r.steps_carved;
+    e["append_cpu_ms_p50_carving"] = r.cpu_carved_ms.p50;
+    e["append_cpu_ms_max_carving"] = r.cpu_carved_ms.max;
+    e["append_cpu_ms_p50_not_carving"] = r.cpu_other_ms.p50;
+    e["append_cpu_ms_p99_not_carving"] = r.cpu_other_ms.p99;
+    e["append_cpu_ms_max_not_carving"] = r.cpu_other_ms.max;
+    e["pages_opened_per_step"] = r.pages_per_step;
     e["pages"] = r.pages;
     e["index_bytes"] = r.index_bytes;
+    Json slow = Json::array();
+    for (const StepTime& t : r.slowest) {
+      slow.push_back(
+          {{"position", t.position}, {"ms", t.ms}, {"cpu_ms", t.cpu_ms}, {"carved", t.carved}});
+    }
+    e["slowest_steps"] = std::move(slow);
     list.push_back(std::move(e));
   }
   j["selectors"] = std::move(list);
@@ -255,6 +301,24 @@ void PrintTable(const AppendBenchOptions& o, const std::vector<SelectorRun>& run
                 r.selector.c_str(), r.prefill_s, r.first_ms, r.step_ms.p50, r.step_ms.p99,
                 r.step_ms.max, r.cpu_ms.p50, r.cpu_ms.p99, r.step_ms.p50 * 1e3 / heads,
                 r.step_ms.p99 * 1e3 / heads, r.step_ms.p50 * 32.0 / o.layers);
+  }
+  std::printf("%-10s %10s %10s %10s %10s %10s %10s %11s\n", "by cause", "pages/step", "carving",
+              "cpu_p50", "cpu_max", "others", "cpu_p99", "cpu_max");
+  for (const SelectorRun& r : runs) {
+    std::printf("%-10s %10.2f %10lld %10.3f %10.3f %10lld %10.3f %11.3f\n", r.selector.c_str(),
+                r.pages_per_step, static_cast<long long>(r.steps_carved), r.cpu_carved_ms.p50,
+                r.cpu_carved_ms.max, static_cast<long long>(o.steps - r.steps_carved),
+                r.cpu_other_ms.p99, r.cpu_other_ms.max);
+  }
+  for (const SelectorRun& r : runs) {
+    if (r.slowest.empty()) continue;
+    std::printf("%s, slowest steps by cpu (position: cpu ms, c = carved a slab):",
+                r.selector.c_str());
+    for (const StepTime& t : r.slowest) {
+      std::printf(" %lld: %.3f%s", static_cast<long long>(t.position), t.cpu_ms,
+                  t.carved ? " c" : "");
+    }
+    std::printf("\n");
   }
   std::printf(
       "wall: the AppendKv call; cpu: its thread's CPU time (without preemption on a shared "
@@ -291,6 +355,9 @@ AppendFlags::AppendFlags(CLI::App* app) {
       ->capture_default_str();
   app->add_option("--build-threads", o_.build_threads, "threads of the prefill's index builds")
       ->check(cli::Positive())
+      ->capture_default_str();
+  app->add_option("--slowest", o_.slowest, "list this many slowest steps with their positions")
+      ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   app->add_option("--seed", o_.seed, "KV generator seed")->capture_default_str();
   app->add_option("--json", o_.json, "write the JSON report to FILE");

@@ -5,7 +5,10 @@
 // the model in one AppendKv call, as an inference server sends them) are
 // timed one by one. Reported per selector, side by side: the prefill, the
 // first append after it, p50/p99/max of the others, and the same divided by
-// the (layer, head) count ("per head").
+// the (layer, head) count ("per head"); then the steps split by cause (those
+// that carved a pool slab, whose memory is faulted in unless the prefault
+// thread got there first, and the others), the pages the indexes opened per
+// step, and the slowest steps with their positions.
 #ifndef ICECACHE_TESTS_BENCH_APPEND_BENCH_H_
 #define ICECACHE_TESTS_BENCH_APPEND_BENCH_H_
 
@@ -32,6 +35,7 @@ struct AppendBenchOptions {
   std::vector<std::string> selectors = {"mdci", "exact"};
   int build_threads = 2;
   uint64_t seed = 1;
+  int slowest = 12;  // slowest steps listed with their positions
   std::string json;  // report file; empty: none
 };
 

@@ -26,6 +26,7 @@
 #include "common/kv_dump.h"
 #include "common/status_macros.h"
 #include "common/synthetic.h"
+#include "common/thread_cpu.h"
 #include "server/index/kernels.h"
 #include "server/index/owned_page_keys.h"
 #include "server/index/quality.h"
@@ -257,43 +258,37 @@ class SelectorMethod : public TreeMethod {
   }
   absl::Status Select(const float* queries, int nq, const SweepPoint&, Selection* sel) override {
     if (calibrator_ == nullptr) return selector_->Select(queries, nq, params_, sel);
-    // Self-calibrated mdci: the sampled steps' exact reference is part of
-    // the timed call (its average cost is the calibration's overhead).
-    const auto t0 = std::chrono::steady_clock::now();
-    SelectParams params = params_;
-    calibrator_->Apply(&params);
-    RETURN_IF_ERROR(selector_->Select(queries, nq, params, sel));
-    const auto t1 = std::chrono::steady_clock::now();
-    select_s_ += std::chrono::duration<double>(t1 - t0).count();
-    if (!calibrator_->ShouldSample()) return absl::OkStatus();
-    ASSIGN_OR_RETURN(QualitySample q, MeasureSelection(static_cast<const MdciSelector&>(*selector_),
-                                                       queries, nq, params, *sel));
-    calibrator_->Observe(q);
-    sample_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
-    return absl::OkStatus();
+    return CalibratedSelect(queries, nq, sel);
   }
-  bool Calibration(CalibratorReport* report, double* sample_s, double* select_s) const override {
+  bool Calibration(CalibratorReport* report, CalibrationTimes* times) const override {
     if (calibrator_ == nullptr) return false;
     *report = calibrator_->report();
-    *sample_s = sample_s_;
-    *select_s = select_s_;
+    *times = times_;
     return true;
   }
   absl::Status Calibrate(const CalibratorOptions& o) {
     ASSIGN_OR_RETURN(calibrator_,
                      WidthCalibrator::Create(o, selector_->config().mdci.field_of_view,
                                              selector_->config().mdci.candidate_factor));
+    warmup_samples_ = o.warmup_samples;
     return absl::OkStatus();
   }
   std::string Summary() const override {
     if (calibrator_ == nullptr) return "";
     const CalibratorReport r = calibrator_->report();
+    const double steady =
+        times_.steady_select_s > 0 ? times_.steady_sample_s / times_.steady_select_s : 0.0;
     return absl::StrFormat(
-        "calibrated: width %.2f (fov %d, candidate factor %.1f), %lld changes, sampled mass ratio "
-        "%.4f (last %.4f), page recall %.3f, %lld of %lld steps sampled, %.2f s sampling",
-        r.width, r.field_of_view, r.candidate_factor, static_cast<long long>(r.changes),
-        r.mean_ratio, r.last_ratio, r.mean_topk_recall, static_cast<long long>(r.samples),
-        static_cast<long long>(r.steps), sample_s_);
+        "calibrated: %s, width %.2f (fov %d, candidate factor %.1f), %lld changes, %lld "
+        "fallbacks, %lld of %lld selections exact, sampled mass ratio %.4f (last %.4f), page "
+        "recall %.3f, %lld sampled, %.2f s sampling; steady: 1 in %lld, %.1f%% over %lld steps; "
+        "thread CPU: tree %.0f us at this width, exact %.0f us",
+        r.mode == SelectMode::kExact ? "EXACT" : "tree", r.width, r.field_of_view,
+        r.candidate_factor, static_cast<long long>(r.changes), static_cast<long long>(r.fallbacks),
+        static_cast<long long>(r.exact_steps), static_cast<long long>(r.steps), r.mean_ratio,
+        r.last_ratio, r.mean_topk_recall, static_cast<long long>(r.samples), times_.sample_s,
+        static_cast<long long>(r.sample_interval), 100 * steady,
+        static_cast<long long>(times_.steady_steps), r.tree_cost_ns / 1e3, r.exact_cost_ns / 1e3);
   }
   void Positions(const Selection& sel, std::vector<int32_t>* out) const override {
     out->clear();
@@ -317,10 +312,43 @@ class SelectorMethod : public TreeMethod {
 
  private:
   explicit SelectorMethod(const SelectParams& params) : params_(params) {}
+  // Self-calibrated mdci, as the daemon does it (Session::SelectHead): the
+  // calibrated width or exact fallback, the selection's thread CPU time to
+  // the calibrator, and on a due step the exact reference, timed the same
+  // way. The reference is part of the timed call (its average cost is the
+  // calibration's overhead).
+  absl::Status CalibratedSelect(const float* queries, int nq, Selection* sel) {
+    const bool warm = calibrator_->report().samples >= warmup_samples_;
+    const auto t0 = std::chrono::steady_clock::now();
+    const int64_t cpu0 = ThreadCpuNanos();
+    SelectParams params = params_;
+    calibrator_->Apply(&params);
+    RETURN_IF_ERROR(selector_->Select(queries, nq, params, sel));
+    const int64_t cpu1 = ThreadCpuNanos();
+    const auto t1 = std::chrono::steady_clock::now();
+    const double select_s = std::chrono::duration<double>(t1 - t0).count();
+    times_.select_s += select_s;
+    if (warm) {
+      times_.steady_select_s += select_s;
+      ++times_.steady_steps;
+    }
+    if (!calibrator_->ShouldSample(params, cpu1 - cpu0)) return absl::OkStatus();
+    calibrator_->Taken();
+    ASSIGN_OR_RETURN(QualitySample q, MeasureSelection(static_cast<const MdciSelector&>(*selector_),
+                                                       queries, nq, params, *sel));
+    q.reference_ns = ThreadCpuNanos() - cpu1;
+    calibrator_->Observe(q);
+    const double sample_s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+    times_.sample_s += sample_s;
+    if (warm) times_.steady_sample_s += sample_s;
+    return absl::OkStatus();
+  }
+
   SelectParams params_;
   std::unique_ptr<WidthCalibrator> calibrator_;
-  double sample_s_ = 0.0;  // time in the sampled steps' exact reference
-  double select_s_ = 0.0;  // time in the selections themselves
+  int warmup_samples_ = 0;
+  CalibrationTimes times_;
   std::unique_ptr<OwnedPageKeys> keys_;
   std::unique_ptr<Selector> selector_;
   std::vector<Placement> placements_;
@@ -498,6 +526,8 @@ absl::StatusOr<std::unique_ptr<TreeMethod>> MakeMethod(const std::string& name, 
     co.target_ratio = o.mdci_target_mass;
     co.sample_every = o.calibrate_every;
     co.warmup_samples = o.calibrate_warmup;
+    co.max_sample_every = o.calibrate_max_every;
+    co.sample_share = o.calibrate_share;
     RETURN_IF_ERROR(static_cast<SelectorMethod*>(method.get())->Calibrate(co));
   }
   return method;
@@ -596,20 +626,26 @@ std::vector<SweepPoint> SweepPoints(const std::string& name, const TreeMethod& m
 CalibrationSummary SummarizeCalibration(const std::vector<std::unique_ptr<TreeMethod>>& trees) {
   CalibrationSummary c;
   double width = 0, fov = 0, cf = 0, ratio = 0, sample_s = 0, select_s = 0, converge = 0;
-  double calls = 0;
-  int n = 0;
+  double calls = 0, exact_calls = 0, steady_sample_s = 0, steady_select_s = 0, interval = 0;
+  int n = 0, exact = 0, steady_steps = 0;
   for (const auto& t : trees) {
     CalibratorReport r;
-    double ts = 0, tsel = 0;
-    if (!t->Calibration(&r, &ts, &tsel)) continue;
+    CalibrationTimes times;
+    if (!t->Calibration(&r, &times)) continue;
     ++n;
     width += r.width;
     fov += r.field_of_view;
     cf += r.candidate_factor;
     ratio += r.mean_ratio;
-    sample_s += ts;
-    select_s += tsel;
+    sample_s += times.sample_s;
+    select_s += times.select_s;
+    steady_sample_s += times.steady_sample_s;
+    steady_select_s += times.steady_select_s;
+    steady_steps += static_cast<int>(times.steady_steps);
     calls += static_cast<double>(r.steps);
+    exact_calls += static_cast<double>(r.exact_steps);
+    exact += r.mode == SelectMode::kExact;
+    interval += static_cast<double>(r.sample_interval);
     converge = std::max(converge, static_cast<double>(r.last_change_step));
   }
   if (n == 0) return c;
@@ -620,7 +656,33 @@ CalibrationSummary SummarizeCalibration(const std::vector<std::unique_ptr<TreeMe
   c.converge_steps = converge;
   c.select_us = calls > 0 ? 1e6 * select_s / calls : std::numeric_limits<double>::quiet_NaN();
   c.overhead = select_s > 0 ? sample_s / select_s : std::numeric_limits<double>::quiet_NaN();
+  c.heads = n;
+  c.exact_heads = exact;
+  c.exact_share = calls > 0 ? exact_calls / calls : 0.0;
+  c.sample_interval = interval / n;
+  c.steady_steps = static_cast<double>(steady_steps) / n;
+  c.steady_overhead = steady_select_s > 0 ? steady_sample_s / steady_select_s
+                                          : std::numeric_limits<double>::quiet_NaN();
   return c;
+}
+
+// Self-calibrated trees: `steps` more selections each, the workload's steps'
+// queries replayed, for the steady-state sampling overhead (mass is not
+// measured: the queries repeat).
+absl::Status RunSteadySteps(const Workload& w, int steps, int budget,
+                            const std::vector<std::unique_ptr<TreeMethod>>& trees) {
+  Selection sel;
+  for (size_t t = 0; t < trees.size(); ++t) {
+    CalibratorReport r;
+    CalibrationTimes times;
+    if (!trees[t]->Calibration(&r, &times)) continue;
+    const Tree& tr = w.trees[t];
+    for (int i = 0; i < steps; ++i) {
+      const float* q = w.dump.query(i % w.steps, w.first_layer(tr.group), tr.head);
+      RETURN_IF_ERROR(trees[t]->Select(q, w.queries, SweepPoint{budget, budget}, &sel));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, const Workload& w,
@@ -761,6 +823,7 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
           st.oracle_mass = oracle_sum / st.count;
         r.sweep.push_back(std::move(st));
       }
+      if (o.steady_steps > 0) RETURN_IF_ERROR(RunSteadySteps(w, o.steady_steps, o.budget, trees));
       // The cheapest point within 0.01 of the best mass recall.
       double best_mass = -1;
       for (const auto& st : r.sweep) best_mass = std::max(best_mass, st.mass);

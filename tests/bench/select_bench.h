@@ -83,11 +83,19 @@ struct SelectBenchOptions {
   std::vector<std::string> widths;
   std::string plot_path;
   // > 0: mdci self-calibrates its width toward this mass ratio against
-  // exact-mdci (server/index/width_calibrator.h), sampling 1 step in
-  // calibrate_every after a warm-up of calibrate_warmup steps.
+  // exact-mdci (server/index/width_calibrator.h), sampling every step of a
+  // warm-up of calibrate_warmup, then one in an interval of calibrate_every
+  // .. calibrate_max_every chosen so the references cost calibrate_share of
+  // the selections.
   double mdci_target_mass = 0.0;
   int calibrate_every = CalibratorOptions{}.sample_every;  // the daemon's defaults
   int calibrate_warmup = CalibratorOptions{}.warmup_samples;
+  int calibrate_max_every = CalibratorOptions{}.max_sample_every;
+  double calibrate_share = CalibratorOptions{}.sample_share;
+  // Self-calibrated mdci: this many more selections per tree after the
+  // measured steps (the steps' queries replayed; mass not measured), for the
+  // steady-state sampling overhead.
+  int steady_steps = 0;
 };
 
 // One measured configuration of a selector (for the matrix and the frontier).
@@ -110,6 +118,15 @@ struct CalibrationSummary {
   double mean_ratio = std::numeric_limits<double>::quiet_NaN();  // sampled mass ratio
   // Mean time of the selection itself (us), the sampled reference excluded.
   double select_us = std::numeric_limits<double>::quiet_NaN();
+  // Exact fallback: trees calibrated, those selecting exactly at the end,
+  // and the share of all selections that were exact.
+  int heads = 0, exact_heads = 0;
+  double exact_share = std::numeric_limits<double>::quiet_NaN();
+  // Steady state (after the warm-up samples): mean selections per tree, the
+  // sampling interval the schedule chose (mean over trees) and the overhead.
+  double steady_steps = std::numeric_limits<double>::quiet_NaN();
+  double sample_interval = std::numeric_limits<double>::quiet_NaN();
+  double steady_overhead = std::numeric_limits<double>::quiet_NaN();
 };
 
 // What MeasureRuns reports per run: means over steps and trees.

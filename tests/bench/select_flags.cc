@@ -181,7 +181,14 @@ SelectFlags::SelectFlags(CLI::App* app) {
   app->add_option("--mdci-target-mass", o_.mdci_target_mass,
                   "mdci: self-calibrate the width to this mass ratio vs exact-mdci (0: off)");
   app->add_option("--calibrate-every", o_.calibrate_every,
-                  "mdci calibration: 1 sampled step in N once warm");
+                  "mdci calibration: once warm, at least N steps between samples");
+  app->add_option("--calibrate-max-every", o_.calibrate_max_every,
+                  "mdci calibration: once warm, at most N steps between samples (floor rate)");
+  app->add_option("--calibrate-share", o_.calibrate_share,
+                  "mdci calibration: once warm, reference cost / selection cost to aim at");
+  app->add_option("--steady-steps", o_.steady_steps,
+                  "calibrated mdci: N more selections per tree after the measured steps (queries "
+                  "replayed, mass not measured) for the steady-state sampling overhead");
   app->add_option("--calibrate-warmup", o_.calibrate_warmup,
                   "mdci calibration: the first N steps are all sampled");
   app->add_option("--mdci-m", o_.mdci.num_composite, "mdci: composite indices (m)");

@@ -157,18 +157,18 @@ void PrintMatrix(const std::vector<FamilyResult>& fs) {
       "scan p50 / p50 (calibrated: / mean selection time at the widths it chose, the sampled "
       "reference excluded: see overhead); cal: mdci self-calibrated to the "
       "target mass ratio)\n");
-  std::printf("%-19s %9s %9s %7s | %9s %7s %13s | %9s %7s | %9s %7s %13s | %6s %8s  %s\n", "family",
+  std::printf("%-19s %9s %9s %7s | %9s %7s %18s | %9s %7s | %9s %7s %18s | %6s %8s  %s\n", "family",
               "/page-orc", "/tok-orc", "speed", "cal/page", "speed", "width", "tok/tok", "speed",
               "caltok/tok", "speed", "width", "fill", "ex-mdci", "layout");
   auto width = [](const CalibrationSummary& c) {
-    return std::isfinite(c.width)
-               ? absl::StrFormat("%.2f(%.0fx%.0f)", c.width, c.field_of_view, c.candidate_factor)
-               : std::string("-");
+    if (!std::isfinite(c.width)) return std::string("-");
+    return absl::StrFormat("%.2f(%.0fx%.0f) %d/%dx", c.width, c.field_of_view, c.candidate_factor,
+                           c.exact_heads, c.heads);
   };
   for (const FamilyResult& f : fs) {
     const Row r = MakeRow(f);
     std::printf(
-        "%-19s %9s %9s %6sx | %9s %6sx %13s | %9s %6sx | %9s %6sx %13s | %6s %+7.1f%%  %s\n",
+        "%-19s %9s %9s %6sx | %9s %6sx %18s | %9s %6sx | %9s %6sx %18s | %6s %+7.1f%%  %s\n",
         f.family.c_str(), Fmt(r.vs_page_oracle, "%.3f").c_str(),
         Fmt(r.vs_token_oracle, "%.3f").c_str(), Fmt(r.speedup, "%.1f").c_str(),
         Fmt(r.cal_vs_page_oracle, "%.3f").c_str(), Fmt(r.cal_speedup, "%.1f").c_str(),
@@ -179,20 +179,34 @@ void PrintMatrix(const std::vector<FamilyResult>& fs) {
   }
   std::printf(
       "\nlayout (exact-mdci vs exact on positional pages) and calibration (converged: steps "
-      "before the last width change; overhead: sampled exact reference / selection time)\n");
-  std::printf("%-19s %9s %9s %8s %9s %9s %8s | %9s %9s %9s | %9s %9s %9s\n", "family", "ex-mdci",
-              "exact", "gain", "orc-mdci", "orc-pos", "orc-gain", "converged", "overhead", "ratio",
-              "tok-conv", "tok-ovh", "tok-ratio");
+      "before the last width or mode change; exact: share of selections made exactly (the exact "
+      "fallback); overhead: sampled exact reference / selection time, warm-up included; steady: "
+      "the same after the warm-up samples, with the interval chosen (1 in N) and steps per "
+      "tree)\n");
+  std::printf("%-19s %9s %9s %8s %9s %9s %8s | %9s %6s %9s %7s %11s %6s | %9s %6s %9s %7s %11s\n",
+              "family", "ex-mdci", "exact", "gain", "orc-mdci", "orc-pos", "orc-gain", "converged",
+              "exact", "overhead", "steady", "1-in/steps", "ratio", "tok-conv", "exact", "tok-ovh",
+              "steady", "1-in/steps");
+  auto steady = [](const CalibrationSummary& c) {
+    return std::isfinite(c.sample_interval)
+               ? absl::StrFormat("%.0f/%.0f", c.sample_interval, c.steady_steps)
+               : std::string("-");
+  };
   for (const FamilyResult& f : fs) {
     const Row r = MakeRow(f);
     std::printf(
-        "%-19s %9s %9s %7s%% %9s %9s %7s%% | %9s %8s%% %9s | %9s %8s%% %9s\n", f.family.c_str(),
-        Fmt(r.emdci, "%.4f").c_str(), Fmt(r.exact, "%.4f").c_str(),
+        "%-19s %9s %9s %7s%% %9s %9s %7s%% | %9s %5s%% %8s%% %6s%% %11s %6s | %9s %5s%% %8s%% "
+        "%6s%% %11s\n",
+        f.family.c_str(), Fmt(r.emdci, "%.4f").c_str(), Fmt(r.exact, "%.4f").c_str(),
         Fmt(100 * r.layout_gain, "%+.1f").c_str(), Fmt(r.oracle_mdci, "%.4f").c_str(),
         Fmt(r.oracle_positional, "%.4f").c_str(), Fmt(100 * r.oracle_layout_gain, "%+.1f").c_str(),
-        Fmt(r.cal.converge_steps, "%.0f").c_str(), Fmt(100 * r.cal.overhead, "%.1f").c_str(),
-        Fmt(r.cal.mean_ratio, "%.3f").c_str(), Fmt(r.caltok.converge_steps, "%.0f").c_str(),
-        Fmt(100 * r.caltok.overhead, "%.1f").c_str(), Fmt(r.caltok.mean_ratio, "%.3f").c_str());
+        Fmt(r.cal.converge_steps, "%.0f").c_str(), Fmt(100 * r.cal.exact_share, "%.0f").c_str(),
+        Fmt(100 * r.cal.overhead, "%.1f").c_str(), Fmt(100 * r.cal.steady_overhead, "%.1f").c_str(),
+        steady(r.cal).c_str(), Fmt(r.cal.mean_ratio, "%.3f").c_str(),
+        Fmt(r.caltok.converge_steps, "%.0f").c_str(),
+        Fmt(100 * r.caltok.exact_share, "%.0f").c_str(),
+        Fmt(100 * r.caltok.overhead, "%.1f").c_str(),
+        Fmt(100 * r.caltok.steady_overhead, "%.1f").c_str(), steady(r.caltok).c_str());
   }
   std::printf("\nmass per policy (and p50 us)\n%-19s", "family");
   for (const Policy& p : kPolicies) std::printf(" %18s", p.label);
@@ -281,6 +295,12 @@ Json CalibrationJson(const CalibrationSummary& c) {
   j["overhead"] = c.overhead;
   j["mean_sampled_ratio"] = c.mean_ratio;
   j["select_us_mean"] = c.select_us;
+  j["heads"] = c.heads;
+  j["exact_heads"] = c.exact_heads;
+  j["exact_share"] = c.exact_share;
+  j["steady_steps"] = c.steady_steps;
+  j["steady_sample_interval"] = c.sample_interval;
+  j["steady_overhead"] = c.steady_overhead;
   return j;
 }
 
@@ -390,6 +410,9 @@ absl::Status RunSelectMatrix(const SelectBenchOptions& o) {
     config["target_mass"] = o.mdci_target_mass > 0 ? o.mdci_target_mass : kDefaultTargetMass;
     config["calibrate_every"] = o.calibrate_every;
     config["calibrate_warmup"] = o.calibrate_warmup;
+    config["calibrate_max_every"] = o.calibrate_max_every;
+    config["calibrate_share"] = o.calibrate_share;
+    config["steady_steps"] = o.steady_steps;
     root["config"] = std::move(config);
     Json fams = Json::array();
     for (const FamilyResult& f : results) fams.push_back(FamilyJson(f));

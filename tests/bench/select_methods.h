@@ -22,6 +22,15 @@ struct SweepPoint {
   int knob = 0;  // efSearch / nprobe (peers)
 };
 
+// Wall time of a self-calibrated method's selections and of its sampled
+// steps' exact reference (seconds), in all and once warm (after the
+// calibrator's warm-up samples: the steady state).
+struct CalibrationTimes {
+  double select_s = 0, sample_s = 0;
+  double steady_select_s = 0, steady_sample_s = 0;
+  int64_t steady_steps = 0;
+};
+
 class TreeMethod {
  public:
   virtual ~TreeMethod() = default;
@@ -40,9 +49,11 @@ class TreeMethod {
   virtual const Selector* selector() const { return nullptr; }
   // One line about the method after its run (the calibrated width); "" = none.
   virtual std::string Summary() const { return ""; }
-  // Self-calibrated methods: the calibrator's report and the time in the
-  // sampled steps' reference and in all selections (seconds).
-  virtual bool Calibration(CalibratorReport* report, double* sample_s, double* select_s) const {
+  // Self-calibrated methods: the calibrator's report and the times of its
+  // selections and sampled references.
+  virtual bool Calibration(CalibratorReport* report, CalibrationTimes* times) const {
+    (void)report;
+    (void)times;
     return false;
   }
   // Estimators (magicpig-est): the tree's values (fp32, by position, the

@@ -249,11 +249,28 @@ void ChildProcess::Kill(int signal) {
   if (!reaped_ && pid_ > 0) ::kill(pid_, signal);
 }
 
+// The shm buffers a client process made (client.cc names them
+// /dev/shm/icecache-<pid>-<hex>) and unlinks when it exits; one killed by a
+// signal leaves them, so the test that killed it removes them. Errors are
+// ignored (another uid's file in sticky /dev/shm when not root).
+namespace {
+void RemoveShmFilesOf(pid_t pid) {
+  const std::string prefix = absl::StrCat("icecache-", pid, "-");
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator("/dev/shm", ec)) {
+    if (absl::StartsWith(entry.path().filename().string(), prefix)) {
+      std::filesystem::remove(entry.path(), ec);
+    }
+  }
+}
+}  // namespace
+
 int ChildProcess::Wait() {
   if (reaped_) return -1;
   int status = 0;
   ::waitpid(pid_, &status, 0);
   reaped_ = true;
+  if (WIFSIGNALED(status)) RemoveShmFilesOf(pid_);
   return ExitCode(status);
 }
 

@@ -5,10 +5,13 @@
 // exactly the selections and bytes of a daemon that never restarted. After
 // a SIGKILL there is no snapshot: the next daemon starts cold and the old
 // session is NOT_FOUND, never served stale.
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <string>
@@ -32,16 +35,18 @@ class WarmRestartTest : public ::testing::Test {
   void SetUp() override {
     dir_ = "/dev/shm/icecache-warm-" + std::to_string(getpid()) + "-" +
            ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    state_dir_ = dir_;
     config_ = absl::StrCat("pool { capacity_bytes: 67108864 backing_dir: \"", dir_, "\" }");
   }
   void TearDown() override {
     unlink((dir_ + "/icecached-arena").c_str());
-    unlink((dir_ + "/icecached-snapshot").c_str());
-    unlink((dir_ + "/icecached-indexes").c_str());
+    unlink((state_dir_ + "/icecached-snapshot").c_str());
+    unlink((state_dir_ + "/icecached-indexes").c_str());
     rmdir(dir_.c_str());
+    rmdir(state_dir_.c_str());
   }
   std::string UpgradeAndContinue(const std::function<void()>& between);
-  std::string dir_, config_;
+  std::string dir_, state_dir_, config_;
 };
 
 struct Workload {
@@ -127,9 +132,10 @@ std::string WarmRestartTest::UpgradeAndContinue(const std::function<void()>& bet
   EXPECT_EQ(WEXITSTATUS(*status), 3) << (*before)->Stderr();
   EXPECT_THAT((*before)->Stderr(), HasSubstr("msg=snapshot_written"));
   struct stat st;
-  for (const char* file : {"/icecached-arena", "/icecached-snapshot", "/icecached-indexes"}) {
-    EXPECT_EQ(stat((dir_ + file).c_str(), &st), 0) << file;
-    EXPECT_EQ(st.st_mode & 0777, 0600u) << file;
+  for (const std::string& path : {dir_ + "/icecached-arena", state_dir_ + "/icecached-snapshot",
+                                  state_dir_ + "/icecached-indexes"}) {
+    EXPECT_EQ(stat(path.c_str(), &st), 0) << path;
+    EXPECT_EQ(st.st_mode & 0777, 0600u) << path;
   }
   between();
 
@@ -137,8 +143,9 @@ std::string WarmRestartTest::UpgradeAndContinue(const std::function<void()>& bet
   EXPECT_THAT(after, IsOk());
   if (!after.ok()) return "";
   EXPECT_THAT((*after)->Stderr(), HasSubstr("msg=warm_restart recovered=1 dropped=0"));
-  EXPECT_NE(stat((dir_ + "/icecached-snapshot").c_str(), &st), 0) << "a snapshot is used once";
-  EXPECT_NE(stat((dir_ + "/icecached-indexes").c_str(), &st), 0) << "images are used once";
+  EXPECT_NE(stat((state_dir_ + "/icecached-snapshot").c_str(), &st), 0)
+      << "a snapshot is used once";
+  EXPECT_NE(stat((state_dir_ + "/icecached-indexes").c_str(), &st), 0) << "images are used once";
   auto client = Connect(**after);
   auto s = (*client)->GetSession(id);
   EXPECT_THAT(s, IsOk());
@@ -192,6 +199,44 @@ TEST_F(WarmRestartTest, SnapshotWithoutIndexImagesRestoresByReplay) {
   const std::string log =
       UpgradeAndContinue([&] { unlink((dir_ + "/icecached-indexes").c_str()); });
   EXPECT_THAT(log, HasSubstr("indexes_loaded=0 indexes_replayed=8"));
+}
+
+// pool.state_dir: the arena stays in backing_dir, the snapshot and the
+// index images go to the state dir (created 0700), and nothing of them is
+// left in backing_dir.
+TEST_F(WarmRestartTest, AStateDirHoldsTheSnapshotAndImagesApartFromTheArena) {
+  state_dir_ = dir_ + "-state";
+  config_ = absl::StrCat("pool { capacity_bytes: 67108864 backing_dir: \"", dir_,
+                         "\" state_dir: \"", state_dir_, "\" }");
+  const std::string log = UpgradeAndContinue([&] {
+    struct stat st;
+    EXPECT_NE(stat((dir_ + "/icecached-snapshot").c_str(), &st), 0);
+    EXPECT_NE(stat((dir_ + "/icecached-indexes").c_str(), &st), 0);
+    ASSERT_EQ(stat(state_dir_.c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 0777, 0700u);
+  });
+  EXPECT_THAT(log, HasSubstr("indexes_loaded=8 indexes_replayed=0"));
+}
+
+// hugetlbfs takes no write(2): a backing dir there without a state dir would
+// lose every session at the drain, so the daemon refuses to start, saying
+// what to set. Needs root (it mounts a hugetlbfs in a temporary directory).
+TEST_F(WarmRestartTest, AHugetlbfsBackingDirWithoutAStateDirIsRefusedAtStart) {
+  if (geteuid() != 0) GTEST_SKIP() << "mounting a hugetlbfs needs root";
+  std::string mnt = "/tmp/icecache-hugetlbfs-XXXXXX";
+  ASSERT_NE(mkdtemp(mnt.data()), nullptr);
+  if (mount("none", mnt.c_str(), "hugetlbfs", 0, nullptr) != 0) {
+    const int e = errno;
+    rmdir(mnt.c_str());
+    GTEST_SKIP() << "cannot mount a hugetlbfs here: " << std::strerror(e);
+  }
+  auto daemon = StartDaemon(
+      absl::StrCat("pool { capacity_bytes: 67108864 backing_dir: \"", mnt, "/arena\" }"));
+  EXPECT_THAT(daemon, StatusIs(absl::StatusCode::kUnavailable, HasSubstr("pool.state_dir")));
+  EXPECT_THAT(daemon.status().message(), HasSubstr("is on hugetlbfs, which takes no write(2)"));
+  rmdir((mnt + "/arena").c_str());
+  umount2(mnt.c_str(), MNT_DETACH);
+  rmdir(mnt.c_str());
 }
 
 TEST_F(WarmRestartTest, AfterSigkillTheNextDaemonStartsColdAndTheSessionIsGone) {

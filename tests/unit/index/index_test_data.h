@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <string_view>
 #include <vector>
 
 #include "common/synthetic.h"
@@ -75,14 +76,21 @@ inline HeadData MakeClusteredHead(int64_t n, int dim, int num_queries, int steps
 }
 
 // n tokens of one KV head with G query heads and `steps` decode steps, from
-// the "small" preset. Fails the current test (and returns empty data) if the
-// generator rejects the shape.
-inline HeadData MakeSyntheticHead(int64_t n, int num_queries, int steps, uint64_t seed) {
+// the "small" preset, with a robustness family (SyntheticFamilyNames()) when
+// `family` is not empty. Fails the current test (and returns empty data) if
+// the generator rejects the shape.
+inline HeadData MakeSyntheticHead(int64_t n, int num_queries, int steps, uint64_t seed,
+                                  std::string_view family = {}) {
   HeadData h;
   absl::StatusOr<SyntheticConfig> preset = SyntheticPreset("small");
   EXPECT_TRUE(preset.ok()) << preset.status();
   if (!preset.ok()) return h;
   SyntheticConfig c = *preset;
+  if (!family.empty()) {
+    const absl::Status applied = ApplySyntheticFamily(family, &c);
+    EXPECT_TRUE(applied.ok()) << applied;
+    if (!applied.ok()) return h;
+  }
   c.layers = 1;
   c.kv_heads = 1;
   c.q_heads = num_queries;

@@ -196,6 +196,32 @@ TEST_P(KernelsTest, DotRowsMultiMatchesScalarReferenceForAllQueryCounts) {
   }
 }
 
+// The batched single dots of a tree insert must give DotF32's bits exactly
+// (the trees a warm restart replays depend on them), by index list or
+// contiguous, for every dim (tails included) and odd or even row counts.
+TEST_P(KernelsTest, DotF32RowsGivesDotF32sBitsForEveryRow) {
+  for (int dim : AllDims()) {
+    const int64_t rows = 11;
+    const Data d = MakeData(rows, dim, 1, 300 + dim);
+    const std::vector<uint32_t> ids = {7, 0, 10, 3, 3, 9, 1};
+    for (int64_t n : {int64_t{0}, int64_t{1}, int64_t{2}, int64_t{5}, int64_t{7}}) {
+      std::vector<float> out(static_cast<size_t>(n) + 1, NAN);
+      DotF32Rows(d.q.data(), d.f32.data(), ids.data(), n, dim, out.data());
+      for (int64_t i = 0; i < n; ++i) {
+        const float one = DotF32(d.q.data(), &d.f32[static_cast<size_t>(ids[i]) * dim], dim);
+        ASSERT_EQ(0, std::memcmp(&one, &out[i], sizeof(float)))
+            << "dim " << dim << " n " << n << " id " << ids[i];
+      }
+      EXPECT_TRUE(std::isnan(out[n])) << "wrote past n";
+      DotF32Rows(d.q.data(), d.f32.data(), nullptr, n, dim, out.data());
+      for (int64_t i = 0; i < n; ++i) {
+        const float one = DotF32(d.q.data(), &d.f32[static_cast<size_t>(i) * dim], dim);
+        ASSERT_EQ(0, std::memcmp(&one, &out[i], sizeof(float))) << "dim " << dim << " row " << i;
+      }
+    }
+  }
+}
+
 // Each (row, query) sum is accumulated the same way whatever the register
 // block, so the query count must not change a single bit: nq = 3 reduces
 // each accumulator on its own, nq = 4 and 8 eight at once (transposed).

@@ -203,5 +203,31 @@ TEST(ForcedPagesTest, SinksAndRecentDeduplicatedAscending) {
   EXPECT_TRUE(ForcedPages(20, p, [](int64_t pos) { return static_cast<uint32_t>(pos); }).empty());
 }
 
+// The SIMD exp behind AddExp (and LogSumExp, PageMassScore, TakeTokens,
+// ExactTokenShares): relative error against std::exp within 1e-6 over the
+// arguments those paths pass (x - shift <= 80; below about -87 the result
+// is clamped to exp(-87), negligible next to the max term), lanes and the
+// scalar tail alike.
+TEST(AddExpTest, SimdExpIsWithinItsErrorBoundOfStdExp) {
+  std::vector<float> x;
+  for (float v = -87.0f; v <= 80.0f; v += 0.0137f) x.push_back(v);
+  x.push_back(0.0f);
+  x.push_back(-1e-8f);
+  std::vector<float> acc(x.size(), 0.0f);
+  AddExp(x.data(), 0.0f, x.size(), acc.data());
+  double worst = 0.0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double want = std::exp(static_cast<double>(x[i]));
+    worst = std::max(worst, std::abs(acc[i] - want) / want);
+  }
+  EXPECT_LE(worst, 1e-6);
+  // The shift is subtracted first; the cap keeps the result finite.
+  std::vector<float> big = {100.0f, 200.0f, 300.0f, 400.0f, 500.0f, 600.0f, 700.0f, 800.0f, 900.0f};
+  std::vector<float> sum(big.size(), 1.0f);
+  AddExp(big.data(), 100.0f, big.size(), sum.data());
+  EXPECT_NEAR(sum[0], 2.0f, 1e-6f);
+  for (float v : sum) EXPECT_TRUE(std::isfinite(v));
+}
+
 }  // namespace
 }  // namespace icecache

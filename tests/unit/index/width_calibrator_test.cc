@@ -96,30 +96,167 @@ TEST(WidthCalibratorTest, NoisyStepsSettleNearTheWidthTheMeanNeeds) {
   EXPECT_LE(c->report().width, 8.0 * 1.5 * 1.5);
 }
 
-TEST(WidthCalibratorTest, RespectsBoundsAndComesBackDown) {
-  CalibratorOptions o;
-  o.max_width = 8.0;
-  auto c = Make(o);
+TEST(WidthCalibratorTest, ComesBackDownWhenTheDataGetsEasier) {
+  auto c = Make({});
   ASSERT_NE(c, nullptr);
-  for (int i = 0; i < 50; ++i) c->Observe({0.5, 0.5});  // never enough
-  EXPECT_EQ(c->report().width, 8.0);
+  for (int i = 0; i < 12; ++i) c->Observe({0.9, 0.9});  // not enough: wider
+  EXPECT_GT(c->report().width, 4.0);
   SelectParams p;
   c->Apply(&p);
-  EXPECT_EQ(p.field_of_view, 256);
-  EXPECT_NEAR(p.candidate_factor, 8.0f * 8.0f, 1e-4);
+  EXPECT_EQ(p.field_of_view, static_cast<int>(std::lround(32 * c->report().width)));
+  EXPECT_NEAR(p.candidate_factor, 8.0f * c->report().width, 1e-3);
+  EXPECT_FALSE(p.exhaustive);
   for (int i = 0; i < 2000; ++i) c->Observe({1.0, 1.0});  // easy data from now on
   EXPECT_EQ(c->report().width, 1.0);
+  EXPECT_EQ(c->report().mode, SelectMode::kTree);
 }
 
-TEST(WidthCalibratorTest, SamplesEveryStepWhileWarmThenOneInN) {
+// One step of a simulated head: select with what Apply says, report a cost,
+// and when a measurement is due, observe `ratio` (the tree's) or 1 (exact).
+struct SimHead {
+  WidthCalibrator* c;
+  double tree_ns_per_width;  // the tree's cost grows with the width
+  double exact_ns;
+  int64_t sampled = 0;
+  void Step(double tree_ratio) {
+    SelectParams p;
+    c->Apply(&p);
+    const double w = p.candidate_factor / 8.0;
+    const auto cost = static_cast<int64_t>(p.exhaustive ? exact_ns : tree_ns_per_width * w);
+    if (!c->ShouldSample(p, cost)) return;
+    c->Taken();
+    ++sampled;
+    QualitySample q{p.exhaustive ? 1.0 : tree_ratio, 1.0};
+    q.reference_ns = static_cast<int64_t>(exact_ns);
+    c->Observe(q);
+  }
+};
+
+TEST(WidthCalibratorTest, FallsBackToExactWhenTheWidestStillMisses) {
   CalibratorOptions o;
-  o.warmup_samples = 5;
-  o.sample_every = 10;
+  o.max_width = 8.0;
+  o.reprobe_steps = 100;
   auto c = Make(o);
   ASSERT_NE(c, nullptr);
-  int sampled = 0;
-  for (int i = 0; i < 105; ++i) sampled += c->ShouldSample();
-  EXPECT_EQ(sampled, 5 + 10);
+  SimHead h{c.get(), 10.0, 1e9};             // the tree is cheap: only the width bound stops it
+  for (int i = 0; i < 40; ++i) h.Step(0.5);  // never enough
+  CalibratorReport r = c->report();
+  EXPECT_EQ(r.mode, SelectMode::kExact);
+  EXPECT_EQ(r.width, 8.0);
+  EXPECT_EQ(r.fallbacks, 1);
+  SelectParams p;
+  c->Apply(&p);
+  EXPECT_TRUE(p.exhaustive);
+  // Exact selections are never sampled: they are the reference.
+  EXPECT_FALSE(c->ShouldSample(p, 1000));
+}
+
+TEST(WidthCalibratorTest, FallsBackWhenTheNeededWidthCostsAsMuchAsTheExactScan) {
+  // Cost 100 per unit of width, exact 1000: widths past ~6.7 cost more than
+  // exact once widened again (x1.5). a = 1.2 needs width 24 (cost 2400).
+  std::mt19937 rng(1);
+  auto hard = Make({});
+  ASSERT_NE(hard, nullptr);
+  SimHead h{hard.get(), 100.0, 1000.0};
+  for (int i = 0; i < 64; ++i) h.Step(Curve(1.2, hard->report().width, &rng));
+  EXPECT_EQ(hard->report().mode, SelectMode::kExact);
+  EXPECT_LT(hard->report().width * 100.0, 1000.0);  // left before the tree cost more
+  EXPECT_LE(hard->report().last_change_step, 40);   // within a few dozen steps
+  // a = 0.1 needs width 2 (cost 200 < 1000): the tree pays and stays.
+  auto easy = Make({});
+  ASSERT_NE(easy, nullptr);
+  SimHead e{easy.get(), 100.0, 1000.0};
+  for (int i = 0; i < 64; ++i) e.Step(Curve(0.1, easy->report().width, &rng));
+  EXPECT_EQ(easy->report().mode, SelectMode::kTree);
+  EXPECT_EQ(easy->report().fallbacks, 0);
+  EXPECT_GE(1.0 - 0.1 / easy->report().width, 0.95 - 0.01);
+}
+
+TEST(WidthCalibratorTest, ReprobesEverMoreRarelyWhileTheTreeDoesNotPay) {
+  CalibratorOptions o;
+  o.reprobe_steps = 64;
+  o.max_reprobe_steps = 4096;
+  auto c = Make(o);
+  ASSERT_NE(c, nullptr);
+  SimHead h{c.get(), 100.0, 1000.0};
+  std::vector<int64_t> probe_at;
+  int64_t last_probes = 0;
+  for (int i = 0; i < 20000; ++i) {
+    h.Step(0.7);  // the tree misses at every width
+    if (c->report().reprobes != last_probes) {
+      last_probes = c->report().reprobes;
+      probe_at.push_back(i);
+    }
+  }
+  const CalibratorReport r = c->report();
+  EXPECT_EQ(r.mode, SelectMode::kExact);
+  // Waits 64, 128, ..., 4096, 4096, ...: about 10 probes in 20000 steps.
+  ASSERT_GE(probe_at.size(), 4u);
+  EXPECT_LE(probe_at.size(), 12u);
+  for (size_t i = 2; i < probe_at.size(); ++i) {
+    EXPECT_GE(probe_at[i] - probe_at[i - 1], probe_at[i - 1] - probe_at[i - 2]) << i;
+  }
+  EXPECT_EQ(r.fallbacks, static_cast<int64_t>(probe_at.size()) + 1);
+  // Almost every selection was exact; probes cost a few tree steps each.
+  EXPECT_GE(r.exact_steps, 20000 - 16 - 8 * static_cast<int64_t>(probe_at.size()));
+}
+
+TEST(WidthCalibratorTest, AReprobeThatFindsTheTreePaysAgainStaysOnTheTree) {
+  CalibratorOptions o;
+  o.reprobe_steps = 64;
+  auto c = Make(o);
+  ASSERT_NE(c, nullptr);
+  SimHead h{c.get(), 100.0, 1000.0};
+  std::mt19937 rng(2);
+  for (int i = 0; i < 48; ++i) h.Step(Curve(1.2, c->report().width, &rng));
+  ASSERT_EQ(c->report().mode, SelectMode::kExact);
+  // The data becomes easy: the next probe sees the tree meet the target.
+  for (int i = 0; i < 200; ++i) h.Step(Curve(0.01, c->report().width, &rng));
+  const CalibratorReport r = c->report();
+  EXPECT_EQ(r.mode, SelectMode::kTree);
+  EXPECT_EQ(r.fallbacks, 1);
+  EXPECT_EQ(r.reprobes, 1);
+}
+
+TEST(WidthCalibratorTest, SteadySamplingStaysWithinTheShareOfSelectionCost) {
+  CalibratorOptions o;
+  o.warmup_samples = 8;
+  o.sample_every = 4;
+  o.max_sample_every = 1024;
+  o.sample_share = 0.05;
+  auto c = Make(o);
+  ASSERT_NE(c, nullptr);
+  // The tree meets the target at width 1: 100 per selection, 4000 per reference.
+  SimHead h{c.get(), 100.0, 4000.0};
+  for (int i = 0; i < 8; ++i) h.Step(0.99);
+  EXPECT_EQ(h.sampled, 8);  // warm-up: every step
+  h.sampled = 0;
+  const int kSteps = 40000;
+  for (int i = 0; i < kSteps; ++i) h.Step(0.99);
+  EXPECT_EQ(c->report().sample_interval, 800);  // 4000 / (0.05 x 100)
+  const double overhead = h.sampled * 4000.0 / (kSteps * 100.0);
+  EXPECT_LE(overhead, 0.05);
+  EXPECT_GE(overhead, 0.04);
+  // A reference 1000 times dearer than the selection: the floor rate wins.
+  auto floor = Make(o);
+  ASSERT_NE(floor, nullptr);
+  SimHead f{floor.get(), 100.0, 1e5};
+  for (int i = 0; i < 4096 + 8; ++i) f.Step(0.99);
+  EXPECT_EQ(floor->report().sample_interval, 1024);
+  EXPECT_EQ(f.sampled, 8 + 4);
+}
+
+TEST(WidthCalibratorTest, ADueSampleStaysDueUntilTaken) {
+  CalibratorOptions o;
+  o.warmup_samples = 1;
+  auto c = Make(o);
+  ASSERT_NE(c, nullptr);
+  SelectParams p;
+  c->Apply(&p);
+  EXPECT_TRUE(c->ShouldSample(p, 100));
+  EXPECT_TRUE(c->ShouldSample(p, 100));  // not taken (a busy sampler): still due
+  c->Taken();
+  EXPECT_FALSE(c->ShouldSample(p, 100));
 }
 
 TEST(WidthCalibratorTest, RejectsBadOptions) {
@@ -132,6 +269,20 @@ TEST(WidthCalibratorTest, RejectsBadOptions) {
   EXPECT_THAT(WidthCalibrator::Create(o, 32, 8.0f).status(),
               StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(WidthCalibrator::Create({}, 0, 8.0f).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  o = {};
+  o.max_sample_every = o.sample_every - 1;
+  EXPECT_THAT(
+      WidthCalibrator::Create(o, 32, 8.0f).status(),
+      StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("max_sample_every")));
+  o = {};
+  o.exact_cost_ratio = -1.0;
+  EXPECT_THAT(
+      WidthCalibrator::Create(o, 32, 8.0f).status(),
+      StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("exact_cost_ratio")));
+  o = {};
+  o.max_reprobe_steps = o.reprobe_steps - 1;
+  EXPECT_THAT(WidthCalibrator::Create(o, 32, 8.0f).status(),
               StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
@@ -168,7 +319,8 @@ TEST(WidthCalibratorTest, RealMdciReachesTheTargetOnSampledSteps) {
     (*cal)->Apply(&p);
     Selection s;
     ASSERT_THAT(sel.Select(h.query(step), kG, p, &s), IsOk());
-    ASSERT_TRUE((*cal)->ShouldSample());  // warm-up: every step
+    ASSERT_TRUE((*cal)->ShouldSample(p, 0));  // warm-up: every step
+    (*cal)->Taken();
     auto q = MeasureSelection(sel, h.query(step), kG, p, s);
     ASSERT_THAT(q.status(), IsOk());
     EXPECT_LE(q->mass_ratio, 1.05);  // greedy pages of unequal fill
@@ -178,6 +330,133 @@ TEST(WidthCalibratorTest, RealMdciReachesTheTargetOnSampledSteps) {
   }
   EXPECT_GT((*cal)->report().width, 1.0);
   EXPECT_GE(last_mean, 0.95 - 0.02) << "first sample " << first;
+}
+
+// An mdci selector built on one head of `h`, with its frames.
+struct BuiltMdci {
+  std::unique_ptr<OwnedPageKeys> frames;
+  std::unique_ptr<MdciSelector> sel;
+};
+
+BuiltMdci BuildMdci(const testing::HeadData& h, int fov, float factor) {
+  BuiltMdci b;
+  SelectorConfig cfg;
+  cfg.kind = SelectorKind::kMdci;
+  cfg.head_dim = h.dim;
+  cfg.dtype = DType::kF32;
+  cfg.num_query_heads = h.num_queries;
+  cfg.mdci.field_of_view = fov;
+  cfg.mdci.candidate_factor = factor;
+  auto frames = OwnedPageKeys::ForSelector(cfg);
+  EXPECT_THAT(frames.status(), IsOk());
+  if (!frames.ok()) return b;
+  auto made = MdciSelector::Create(cfg, frames->get());
+  EXPECT_THAT(made.status(), IsOk());
+  if (!made.ok()) return b;
+  std::vector<Placement> pl;
+  EXPECT_THAT((*made)->Build(h.keys.data(), h.n, &pl), IsOk());
+  EXPECT_THAT((*frames)->Apply(pl, h.keys.data()), IsOk());
+  b.frames = std::move(frames).value();
+  b.sel = std::move(made).value();
+  return b;
+}
+
+// The exact fallback's selection is the reference itself, at both
+// granularities.
+TEST(WidthCalibratorTest, ExhaustiveSelectionIsTheExactReference) {
+  const int kG = 4;
+  testing::HeadData h = testing::MakeSyntheticHead(4096, kG, 4, 5);
+  ASSERT_GT(h.n, 0);
+  BuiltMdci b = BuildMdci(h, 2, 1.0f);
+  ASSERT_NE(b.sel, nullptr);
+  for (Granularity g : {Granularity::kPage, Granularity::kToken}) {
+    for (int step = 0; step < 4; ++step) {
+      SelectParams p;
+      p.budget_tokens = 128;
+      p.granularity = g;
+      p.exhaustive = true;
+      Selection s;
+      ASSERT_THAT(b.sel->Select(h.query(step), kG, p, &s), IsOk());
+      auto q = MeasureSelection(*b.sel, h.query(step), kG, p, s);
+      ASSERT_THAT(q.status(), IsOk());
+      EXPECT_NEAR(q->mass_ratio, 1.0, 1e-4) << "granularity " << static_cast<int>(g);
+      EXPECT_NEAR(q->topk_recall, 1.0, 1e-9);
+      EXPECT_EQ(s.keys_touched, static_cast<uint64_t>(h.n));  // every key, no descent
+    }
+  }
+}
+
+// A family on which the tree misses at the default width and widening does
+// not pay: the calibrated selections end at the target anyway (the exact
+// fallback). Costs are the keys touched (the selection's exact dot products
+// and representatives; the reference scans every key): deterministic.
+TEST(WidthCalibratorTest, CalibratedSelectionReachesTheTargetWhereTheTreeMisses) {
+  const int kG = 4, kSteps = 64;
+  testing::HeadData h = testing::MakeSyntheticHead(16384, kG, kSteps, 3, "heavy-tailed-norms");
+  ASSERT_GT(h.n, 0);
+  BuiltMdci b = BuildMdci(h, 32, 8.0f);
+  ASSERT_NE(b.sel, nullptr);
+  auto cal = WidthCalibrator::Create({}, 32, 8.0f);
+  ASSERT_THAT(cal.status(), IsOk());
+  double first = -1, last_mean = 0;
+  for (int step = 0; step < kSteps; ++step) {
+    SelectParams p;
+    p.budget_tokens = 256;
+    (*cal)->Apply(&p);
+    Selection s;
+    ASSERT_THAT(b.sel->Select(h.query(step), kG, p, &s), IsOk());
+    // Every step is measured here (the test's truth); the calibrator sees
+    // only the ones it asks for.
+    auto q = MeasureSelection(*b.sel, h.query(step), kG, p, s);
+    ASSERT_THAT(q.status(), IsOk());
+    if (first < 0) first = q->mass_ratio;
+    if (step >= kSteps - 16) last_mean += q->mass_ratio / 16;
+    if ((*cal)->ShouldSample(p, static_cast<int64_t>(s.keys_touched))) {
+      (*cal)->Taken();
+      q->reference_ns = h.n;
+      (*cal)->Observe(*q);
+    }
+  }
+  const CalibratorReport r = (*cal)->report();
+  EXPECT_LT(first, 0.95) << "the tree meets the target at once: the test shows nothing";
+  EXPECT_GE(last_mean, 0.95) << "first " << first << ", mode "
+                             << (r.mode == SelectMode::kExact ? "exact" : "tree") << ", width "
+                             << r.width;
+}
+
+// The token reference (SIMD exp) against a scalar double computation from
+// the keys: every token's group share, and so the exact best tokens.
+TEST(WidthCalibratorTest, ExactTokenSharesMatchAScalarReference) {
+  const int kG = 4;
+  testing::HeadData h = testing::MakeSyntheticHead(4096, kG, 2, 9);
+  ASSERT_GT(h.n, 0);
+  BuiltMdci b = BuildMdci(h, 32, 8.0f);
+  ASSERT_NE(b.sel, nullptr);
+  std::vector<float> share;
+  ASSERT_THAT(b.sel->ExactTokenShares(h.query(1), kG, &share), IsOk());
+  ASSERT_EQ(static_cast<int64_t>(share.size()), h.n);
+  std::vector<double> want(h.n, 0.0), logits(h.n);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(h.dim));
+  for (int j = 0; j < kG; ++j) {
+    const float* q = h.query(1) + static_cast<size_t>(j) * h.dim;
+    double m = -INFINITY;
+    for (int64_t i = 0; i < h.n; ++i) {
+      double d = 0;
+      for (int k = 0; k < h.dim; ++k) d += static_cast<double>(q[k]) * h.key(i)[k];
+      logits[i] = d * scale;
+      m = std::max(m, logits[i]);
+    }
+    double z = 0;
+    for (int64_t i = 0; i < h.n; ++i) z += std::exp(logits[i] - m);
+    for (int64_t i = 0; i < h.n; ++i) want[i] += std::exp(logits[i] - m) / z;
+  }
+  double worst = 0, total = 0;
+  for (int64_t i = 0; i < h.n; ++i) {
+    worst = std::max(worst, std::abs(share[i] - want[i]) / std::max(want[i], 1e-3));
+    total += share[i];
+  }
+  EXPECT_LE(worst, 1e-4);
+  EXPECT_NEAR(total, kG, 1e-3);
 }
 
 }  // namespace

@@ -3,8 +3,11 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <set>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -446,6 +449,47 @@ TEST(PagePoolTest, PrefaultAheadKeepsContentsAndAllocationsWork) {
     ASSERT_EQ(a->frame(i)[4095], static_cast<uint8_t>(i));
   }
   EXPECT_EQ(b->frame(999)[17], 0xab);
+}
+
+// The VmFlags line of the /proc/self/smaps entry that holds `addr`.
+std::string VmFlagsOf(const void* addr) {
+  std::ifstream smaps("/proc/self/smaps");
+  const uintptr_t a = reinterpret_cast<uintptr_t>(addr);
+  bool inside = false;
+  std::string line;
+  while (std::getline(smaps, line)) {
+    uintptr_t lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2 && line.find(' ') < 40) {
+      inside = lo <= a && a < hi;
+    } else if (inside && line.rfind("VmFlags:", 0) == 0) {
+      return line;
+    }
+  }
+  return "";
+}
+
+TEST(PagePoolTest, AnonymousArenaIsSlabAlignedAndAdvisedHugePages) {
+  for (bool thp : {true, false}) {
+    PagePoolOptions o;
+    o.capacity_bytes = 6 * kMiB;
+    o.use_huge_pages = false;
+    o.transparent_huge_pages = thp;
+    auto pool = PagePool::Create(o);
+    ASSERT_THAT(pool, IsOk());
+    const uint8_t* base = (*pool)->arena_base();
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(base) % PagePool::kSlabBytes, 0u);
+    const std::string flags = VmFlagsOf(base);
+    ASSERT_FALSE(flags.empty()) << "no smaps entry for the arena";
+    EXPECT_EQ(flags.find(" hg") != std::string::npos, thp) << flags;
+    // The whole arena is usable (the trimmed mapping covers every slab).
+    auto id = (*pool)->GetOrCreateClass(PagePool::kSlabBytes);
+    ASSERT_THAT(id, IsOk());
+    auto all = (*pool)->Allocate("t", *id, 3);
+    ASSERT_THAT(all, IsOk());
+    for (size_t i = 0; i < all->size(); ++i) {
+      std::memset(all->frame(i), 7, PagePool::kSlabBytes);
+    }
+  }
 }
 
 }  // namespace

@@ -38,6 +38,8 @@ TEST(ConfigTest, DefaultsWithoutAFileAreValid) {
   EXPECT_FALSE(c.listen().unix_socket().empty());
   EXPECT_TRUE(c.quality().enabled());
   EXPECT_EQ(c.quality().sample_every(), kDefaultQualitySampleEvery);
+  EXPECT_EQ(c.quality().max_sample_every(), kDefaultQualityMaxSampleEvery);
+  EXPECT_DOUBLE_EQ(c.quality().exact_cost_ratio(), kDefaultQualityExactCostRatio);
   EXPECT_EQ(c.quality().warmup_samples(), kDefaultQualityWarmupSamples);
   EXPECT_DOUBLE_EQ(c.quality().cpu_share(), kDefaultQualityCpuShare);
   EXPECT_DOUBLE_EQ(c.quality().default_target_mass_ratio(), kDefaultTargetMassRatio);
@@ -183,6 +185,13 @@ TEST(ConfigTest, EveryBadFieldIsNamed) {
        [](auto* c) { c->mutable_pool()->set_capacity_bytes(uint64_t{1} << 41); }},
       {"pool.high_watermark", [](auto* c) { c->mutable_pool()->set_high_watermark(1.5); }},
       {"pool.high_watermark", [](auto* c) { c->mutable_pool()->set_high_watermark(-0.1); }},
+      {"pool.backing_dir", [](auto* c) { c->mutable_pool()->set_backing_dir("relative/dir"); }},
+      {"pool.state_dir", [](auto* c) { c->mutable_pool()->set_state_dir("/dev/shm/state"); }},
+      {"pool.state_dir",
+       [](auto* c) {
+         c->mutable_pool()->set_backing_dir("/dev/shm/arena");
+         c->mutable_pool()->set_state_dir("state");
+       }},
       {"pool.quotas[1].tenant",
        [](auto* c) {
          for (int i = 0; i < 2; ++i) c->mutable_pool()->add_quotas()->set_tenant("dup");
@@ -232,6 +241,12 @@ TEST(ConfigTest, EveryBadFieldIsNamed) {
       {"quality.sample_every", [](auto* c) { c->mutable_quality()->set_sample_every(1u << 21); }},
       {"quality.warmup_samples",
        [](auto* c) { c->mutable_quality()->set_warmup_samples(1u << 21); }},
+      {"quality.exact_cost_ratio", [](auto* c) { c->mutable_quality()->set_exact_cost_ratio(-1); }},
+      {"quality.max_sample_every",
+       [](auto* c) {
+         c->mutable_quality()->set_sample_every(128);
+         c->mutable_quality()->set_max_sample_every(64);
+       }},
       {"quality.cpu_share", [](auto* c) { c->mutable_quality()->set_cpu_share(1.5); }},
       {"quality.cpu_share", [](auto* c) { c->mutable_quality()->set_cpu_share(-0.1); }},
       {"quality.queue_capacity", [](auto* c) { c->mutable_quality()->set_queue_capacity(100000); }},

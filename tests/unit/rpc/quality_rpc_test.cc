@@ -38,7 +38,8 @@ class QualityRpcTest : public ::testing::Test {
     // Every chosen step is measured (cpu_share 1, a large burst): the test
     // checks what the monitor reports, not the budget (quality_sampler_test).
     auto parsed = ParseConfigText(
-        "quality { warmup_samples: 24 sample_every: 4 cpu_share: 1 burst_ms: 60000 }");
+        "quality { warmup_samples: 24 sample_every: 4 max_sample_every: 4 cpu_share: 1 "
+        "burst_ms: 60000 exact_cost_ratio: 0 }");
     ASSERT_THAT(parsed, IsOk());
     IcecachedConfig c = *parsed;
     c.mutable_listen()->set_unix_socket(dir_ + "/d.sock");

@@ -54,6 +54,8 @@ void StartQualitySession(QualityEnv* q, double target, int tokens, int steps, in
   mo.quality.sampler.cpu_share = 1.0;  // the test measures every chosen step
   mo.quality.sampler.burst = absl::Seconds(100);
   mo.quality.sampler.low_priority = false;
+  // The width's own behaviour: no exact fallback for cost (timing-dependent).
+  mo.quality.exact_cost_ratio = 0.0;
   if (tweak) tweak(&mo);
   auto m = SessionManager::Create(mo);
   ASSERT_THAT(m.status(), IsOk());
@@ -216,12 +218,53 @@ TEST(SessionQualityTest, TargetZeroMonitorsWithoutMovingTheWidth) {
 
 TEST(SessionQualityTest, SampleEveryNAfterWarmup) {
   QualityEnv q;
-  ASSERT_NO_FATAL_FAILURE(StartQualitySession(&q, 0.95, 4096, 20, 4, 8));
+  // The interval pinned to 8 (sample_every = max_sample_every).
+  auto tweak = [](SessionManagerOptions* mo) { mo->quality.max_sample_every = 8; };
+  ASSERT_NO_FATAL_FAILURE(StartQualitySession(&q, 0.95, 4096, 20, 4, 8, Granularity::kPage, tweak));
   for (int step = 0; step < 20; ++step) ASSERT_THAT(Step(&q, step), IsOk());
   auto info = q.env.manager->GetSession(q.caller, q.id);
   ASSERT_THAT(info.status(), IsOk());
   // Steps 0..3 (warm-up), then 8 selections after the last taken: 11 and 19.
   EXPECT_EQ(info->quality.samples, 12);
+  for (const HeadQualityInfo& h : info->quality.heads) EXPECT_EQ(h.sample_interval, 8);
+}
+
+// Once warm, the interval follows the measured costs: a reference (a full
+// scan) costs more than 5% of a selection, so the schedule samples less
+// often than every step.
+TEST(SessionQualityTest, SteadyIntervalFollowsTheMeasuredCosts) {
+  QualityEnv q;
+  auto tweak = [](SessionManagerOptions* mo) { mo->quality.sampler.cpu_share = 0.05; };
+  ASSERT_NO_FATAL_FAILURE(StartQualitySession(&q, 0.95, 4096, 24, 4, 1, Granularity::kPage, tweak));
+  for (int step = 0; step < 24; ++step) ASSERT_THAT(Step(&q, step), IsOk());
+  auto info = q.env.manager->GetSession(q.caller, q.id);
+  ASSERT_THAT(info.status(), IsOk());
+  for (const HeadQualityInfo& h : info->quality.heads) {
+    SCOPED_TRACE(h.kv_head);
+    EXPECT_GT(h.sample_interval, 1);
+    EXPECT_LE(h.sample_interval, 1024);  // the floor rate
+    EXPECT_LT(h.samples, 24);
+  }
+}
+
+// A tree that never pays (here: any cost counts as the exact scan's) hands
+// its heads to exact selection; they report it and are no longer sampled.
+TEST(SessionQualityTest, HeadsWhoseTreeDoesNotPaySelectExactly) {
+  QualityEnv q;
+  auto tweak = [](SessionManagerOptions* mo) { mo->quality.exact_cost_ratio = 1e-9; };
+  const int kSteps = 16;
+  ASSERT_NO_FATAL_FAILURE(
+      StartQualitySession(&q, 0.95, 4096, kSteps, kSteps, 64, Granularity::kPage, tweak));
+  for (int step = 0; step < kSteps; ++step) ASSERT_THAT(Step(&q, step), IsOk());
+  auto info = q.env.manager->GetSession(q.caller, q.id);
+  ASSERT_THAT(info.status(), IsOk());
+  for (const HeadQualityInfo& h : info->quality.heads) {
+    SCOPED_TRACE(h.kv_head);
+    EXPECT_TRUE(h.exact);
+    EXPECT_EQ(h.fallbacks, 1);
+    EXPECT_GT(h.exact_selections, kSteps / 2);
+    EXPECT_EQ(h.samples + h.exact_selections, kSteps);  // exact selections are not sampled
+  }
 }
 
 TEST(SessionQualityTest, BadTargetIsRefusedNamingTheField) {
