@@ -79,11 +79,6 @@ find_nvcc() {
   fi
 }
 
-# Runs one step of `test` and prints its wall time and CPU seconds (user +
-# sys of every process the step waited for, from the shell's `times`; a
-# daemon a test leaves behind is not counted). On a shared machine the CPU
-# seconds are the figure that carries over (docs/operations.md, "The budget,
-# measured").
 # Sets CHILD_CPU: the CPU seconds of every child this shell has waited for
 # (`times`, which must run in this shell, not in a $(...) subshell).
 children_cpu() {
@@ -94,6 +89,10 @@ children_cpu() {
     sub(/^[0-9]+m/, "", x); sub(/s$/, "", x); return m * 60 + x }
     BEGIN { printf "%.0f", sec(u) + sec(s) }')
 }
+# Runs one step of `test` and prints its wall time and CPU seconds (user +
+# sys of every process the step waited for; a daemon a test leaves behind is
+# not counted). On a shared machine the CPU seconds are the figure that
+# carries over (docs/operations.md, "The budget, measured").
 step() {
   local name=$1 start=$SECONDS cpu0
   shift
