@@ -115,6 +115,10 @@ struct SessionSpec {
   // MDCI: the mass ratio the self-calibrating width aims at (types.proto
   // SessionConfig.target_mass_ratio); unset = the daemon's default, 0 = fixed width.
   std::optional<double> target_mass_ratio;
+  // MDCI and EXACT_MDCI search width (types.proto MdciParams): nodes kept per
+  // level and candidate pages per budget page; 0 = the daemon's default.
+  uint32_t mdci_field_of_view = 0;
+  float mdci_candidate_factor = 0.0f;
   // Page checksums (types.proto PageChecksums): computed at append, checked
   // at fetch (every page, or a sampled fraction); a mismatch is DATA_LOSS.
   enum class Checksums { kOff = 1, kEveryPage = 2, kSampled = 3 };

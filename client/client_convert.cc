@@ -133,6 +133,8 @@ void ToProto(const SessionSpec& spec, v1::SessionConfig* out) {
   m->set_dtype(ToProtoDType(spec.dtype));
   out->set_page_tokens(static_cast<uint32_t>(spec.page_tokens));
   out->mutable_selector()->set_kind(static_cast<v1::SelectorKind>(spec.selector));
+  out->mutable_selector()->mutable_mdci()->set_field_of_view(spec.mdci_field_of_view);
+  out->mutable_selector()->mutable_mdci()->set_candidate_factor(spec.mdci_candidate_factor);
   out->set_layer_reuse(static_cast<uint32_t>(spec.layer_reuse));
   ToProto(spec.defaults, out->mutable_defaults());
   out->set_ttl_ms(static_cast<uint64_t>(absl::ToInt64Milliseconds(spec.ttl)));
@@ -194,6 +196,8 @@ SessionInfo FromProto(const v1::SessionInfo& info) {
   s.spec.dtype = FromProtoDType(c.model().dtype()).value_or(DType::kF16);
   s.spec.page_tokens = static_cast<int>(c.page_tokens());
   s.spec.selector = static_cast<SelectorType>(c.selector().kind());
+  s.spec.mdci_field_of_view = c.selector().mdci().field_of_view();
+  s.spec.mdci_candidate_factor = c.selector().mdci().candidate_factor();
   s.spec.layer_reuse = static_cast<int>(c.layer_reuse());
   if (c.defaults().has_budget_tokens())
     s.spec.defaults.budget_tokens = c.defaults().budget_tokens();

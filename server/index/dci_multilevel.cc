@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numeric>
 #include <random>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "server/index/kernels.h"
@@ -70,6 +71,74 @@ absl::StatusOr<std::unique_ptr<MultiLevelDci>> MultiLevelDci::Create(
   std::vector<int32_t> parent;
   dci->AssignParents(&parent);
   dci->BuildCells(parent);
+  return dci;
+}
+
+MultiLevelDci::Structure MultiLevelDci::structure() const {
+  Structure st;
+  st.levels = level_;
+  st.directions = directions_;
+  st.parents.assign(n_, -1);
+  for (int64_t i = 0; i < n_; ++i) {
+    const int32_t cell = cell_of_[i];
+    if (cell < 0) continue;
+    for (int64_t r = cell_begin_[cell]; r < cell_begin_[cell + 1]; ++r) {
+      st.parents[cell_ids_[r]] = static_cast<int32_t>(i);
+    }
+  }
+  return st;
+}
+
+namespace {
+
+// Why `st` cannot be the structure of n points of `dim` ("" when it can).
+std::string StructureProblem(const MultiLevelDci::Structure& st, int64_t n, int dim,
+                             const MultiLevelDciParams& p, int* top) {
+  const size_t dirs = static_cast<size_t>(p.num_composite) * p.num_simple;
+  if (st.levels.size() != static_cast<size_t>(n) || st.parents.size() != st.levels.size() ||
+      st.directions.size() != dirs * dim) {
+    return "array sizes disagree with the points and parameters";
+  }
+  *top = 0;
+  for (uint8_t l : st.levels) {
+    if (l >= p.num_levels) return absl::StrCat("a point on level ", l);
+    *top = std::max<int>(*top, l);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t parent = st.parents[i];
+    if (st.levels[i] == *top ? parent != -1
+                             : parent < 0 || parent >= n || st.levels[parent] != st.levels[i] + 1) {
+      return absl::StrCat("point ", i, " has parent ", parent);
+    }
+  }
+  for (size_t s = 0; s < dirs; ++s) {
+    double sq = 0.0;
+    for (int c = 0; c < dim; ++c) {
+      const float v = st.directions[s * dim + c];
+      if (!std::isfinite(v)) return absl::StrCat("direction ", s, " is not finite");
+      sq += static_cast<double>(v) * v;
+    }
+    if (std::abs(sq - 1.0) > 1e-3) return absl::StrCat("direction ", s, " is not a unit vector");
+  }
+  return "";
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<MultiLevelDci>> MultiLevelDci::FromStructure(
+    const float* points, int64_t n, int dim, const MultiLevelDciParams& params,
+    Structure structure) {
+  if (absl::Status s = CheckParams(points, n, dim, params); !s.ok()) return s;
+  int top = 0;
+  if (std::string why = StructureProblem(structure, n, dim, params, &top); !why.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("multi-level DCI structure: ", why));
+  }
+  std::unique_ptr<MultiLevelDci> dci(new MultiLevelDci(n, dim, params));
+  dci->points_.assign(points, points + n * dim);
+  dci->directions_ = std::move(structure.directions);
+  dci->level_ = std::move(structure.levels);
+  dci->top_level_ = top;
+  dci->BuildCells(structure.parents);
   return dci;
 }
 

@@ -66,6 +66,27 @@ class MultiLevelDci {
                                                                int dim,
                                                                const MultiLevelDciParams& params);
 
+  // What a build chose that a query needs and the points do not give back
+  // cheaply: each point's level and parent (the nearest point one level up,
+  // -1 on the top level; the costly part of a build) and the projection
+  // directions (drawn from the seed by an implementation-defined
+  // distribution). An index image (mdci-published, docs/architecture.md §5)
+  // keeps these; the cells and sorted projections are recomputed.
+  struct Structure {
+    std::vector<uint8_t> levels;    // per point
+    std::vector<int32_t> parents;   // per point
+    std::vector<float> directions;  // (m x L) x dim, unit vectors
+  };
+  Structure structure() const;
+  // The index a build with this structure made over these points, without
+  // the nearest-neighbour search: the same cells, projections and answers.
+  // InvalidArgument as Create, or naming what is inconsistent (array sizes,
+  // a level >= num_levels, a parent that is not a point exactly one level
+  // up, a parent on the top level, a direction not a finite unit vector).
+  static absl::StatusOr<std::unique_ptr<MultiLevelDci>> FromStructure(
+      const float* points, int64_t n, int dim, const MultiLevelDciParams& params,
+      Structure structure);
+
   // What a query cost.
   struct Stats {
     int64_t projections = 0;  // sorted-list entries visited

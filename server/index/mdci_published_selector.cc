@@ -16,12 +16,24 @@
 // rebuilds, as the published index holds its points. Cost (keys touched):
 // exact distances + tail + union rescored, plus the projections visited
 // (counted as 1 / head_dim of a key each).
+//
+// Index image (docs/architecture.md §5): the parameters, the MIPS bound and
+// its counts, the indexed count and the DCI's structure (each point's level
+// and parent, the projection directions: MultiLevelDci::Structure). The
+// loader reads the keys back through PageKeys (the recovered frames hold
+// them as the appends did), augments them with the saved bound and rebuilds
+// the cells and sorted projections from the structure: the nearest-neighbour
+// search of a build (most of its cost) is not repeated, and the index is the
+// one saved.
 #include <algorithm>
 #include <memory>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
+#include "common/dtype.h"
 #include "common/status_macros.h"
 #include "server/index/baseline_selectors.h"
+#include "server/index/byte_image.h"
 #include "server/index/dci_multilevel.h"
 #include "server/index/mips.h"
 #include "server/index/page_select.h"
@@ -41,7 +53,22 @@ class MdciPublishedSelector final : public TokenScoringSelector {
     return layout_bytes() + keys_f32_.size() * sizeof(float) + (dci_ ? dci_->bytes() : 0);
   }
 
+  bool has_image() const override { return true; }
+
  private:
+  MultiLevelDciParams DciParams() const {
+    MultiLevelDciParams dp;
+    dp.num_composite = config_.baseline.dci_num_composite;
+    dp.num_simple = config_.baseline.dci_num_simple;
+    dp.num_levels = config_.baseline.dci_num_levels;
+    dp.seed = config_.baseline.seed;
+    return dp;
+  }
+  void SaveState(ByteWriter* w) const override;
+  absl::Status LoadState(ByteReader* r, int64_t n) override;
+  // The n keys the frames hold, as fp32 by position.
+  absl::Status ReadKeys(int64_t n, std::vector<float>* out) const;
+
   absl::Status OnAppend(const float* keys, int64_t n, bool) override {
     const int64_t total = num_tokens() + n;
     const int64_t tail = total - indexed_;
@@ -60,13 +87,8 @@ class MdciPublishedSelector final : public TokenScoringSelector {
     for (int64_t i = 0; i < total; ++i) {
       aug.AugmentKey(all.data() + i * dim_, points.data() + i * (dim_ + 1));
     }
-    MultiLevelDciParams dp;
-    dp.num_composite = config_.baseline.dci_num_composite;
-    dp.num_simple = config_.baseline.dci_num_simple;
-    dp.num_levels = config_.baseline.dci_num_levels;
-    dp.seed = config_.baseline.seed;
     ASSIGN_OR_RETURN(std::unique_ptr<MultiLevelDci> dci,
-                     MultiLevelDci::Create(points.data(), total, dim_ + 1, dp));
+                     MultiLevelDci::Create(points.data(), total, dim_ + 1, DciParams()));
     // Nothing can fail from here on.
     aug_ = aug;
     dci_ = std::move(dci);
@@ -83,6 +105,83 @@ class MdciPublishedSelector final : public TokenScoringSelector {
   int64_t indexed_ = 0;          // keys in dci_ (positions [0, indexed_))
   std::vector<float> keys_f32_;  // every key, fp32, by position
 };
+
+// Bump when a build's structure or the augmentation changes.
+constexpr uint32_t kMdciPublishedImageAlgorithm = 1;
+
+void MdciPublishedSelector::SaveState(ByteWriter* w) const {
+  const MultiLevelDciParams dp = DciParams();
+  w->Put<uint32_t>(kMdciPublishedImageAlgorithm);
+  w->Put<int32_t>(dp.num_composite);
+  w->Put<int32_t>(dp.num_simple);
+  w->Put<int32_t>(dp.num_levels);
+  w->Put<uint64_t>(dp.seed);
+  w->Put<float>(aug_.bound());
+  w->Put<int64_t>(aug_.keys_seen());
+  w->Put<int64_t>(aug_.over_bound());
+  w->Put<int64_t>(indexed_);
+  const MultiLevelDci::Structure st = dci_->structure();  // an image needs tokens: built
+  w->PutArray(st.levels);
+  w->PutArray(st.parents);
+  w->PutArray(st.directions);
+}
+
+absl::Status MdciPublishedSelector::ReadKeys(int64_t n, std::vector<float>* out) const {
+  out->resize(static_cast<size_t>(n) * dim_);
+  for (int64_t p = 0; p < n; ++p) {
+    ASSIGN_OR_RETURN(const void* row, KeyRow(p));
+    ToFloat(config_.dtype, row, out->data() + p * dim_, dim_);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status MdciPublishedSelector::LoadState(ByteReader* r, int64_t n) {
+  const MultiLevelDciParams dp = DciParams();
+  uint32_t algorithm = 0;
+  int32_t m = 0, L = 0, levels = 0;
+  uint64_t seed = 0;
+  float bound = 0.0f;
+  int64_t seen = 0, over = 0, indexed = 0;
+  if (!r->Get(&algorithm) || !r->Get(&m) || !r->Get(&L) || !r->Get(&levels) || !r->Get(&seed) ||
+      !r->Get(&bound) || !r->Get(&seen) || !r->Get(&over) || !r->Get(&indexed)) {
+    return absl::DataLossError("mdci-published image: truncated header");
+  }
+  if (algorithm != kMdciPublishedImageAlgorithm || m != dp.num_composite || L != dp.num_simple ||
+      levels != dp.num_levels || seed != dp.seed) {
+    return absl::FailedPreconditionError(
+        "mdci-published image of another algorithm or other parameters (composite and simple "
+        "indices, levels, seed)");
+  }
+  if (indexed < 1 || indexed > n) {
+    return absl::DataLossError(
+        absl::StrCat("mdci-published image: ", indexed, " keys indexed of ", n));
+  }
+  MultiLevelDci::Structure st;
+  const uint64_t dirs = static_cast<uint64_t>(m) * L * (dim_ + 1);
+  if (!r->GetArray(&st.levels, indexed) || !r->GetArray(&st.parents, indexed) ||
+      !r->GetArray(&st.directions, dirs)) {
+    return absl::DataLossError("mdci-published image: truncated, or its counts disagree");
+  }
+  absl::StatusOr<MipsAugmentation> aug = MipsAugmentation::FromState(bound, dim_, 1.0f, seen, over);
+  if (!aug.ok())
+    return absl::DataLossError(absl::StrCat("mdci-published image: ", aug.status().message()));
+  std::vector<float> keys;
+  RETURN_IF_ERROR(ReadKeys(n, &keys));
+  std::vector<float> points(static_cast<size_t>(indexed) * (dim_ + 1));
+  for (int64_t i = 0; i < indexed; ++i) {
+    aug->AugmentKey(keys.data() + i * dim_, points.data() + i * (dim_ + 1));
+  }
+  absl::StatusOr<std::unique_ptr<MultiLevelDci>> dci =
+      MultiLevelDci::FromStructure(points.data(), indexed, dim_ + 1, dp, std::move(st));
+  if (!dci.ok()) {
+    return absl::DataLossError(absl::StrCat("mdci-published image: ", dci.status().message()));
+  }
+  aug_ = *aug;
+  dci_ = std::move(dci).value();
+  indexed_ = indexed;
+  keys_f32_ = std::move(keys);
+  return absl::OkStatus();
+}
 
 absl::Status MdciPublishedSelector::RankTokens(const float* queries, int nq,
                                                const SelectParams& params,

@@ -57,4 +57,46 @@ int64_t SampleSchedule::Interval() const {
   return std::max<int64_t>(o_.min_every, static_cast<int64_t>(want));
 }
 
+SampleScheduleState SampleSchedule::state() const {
+  SampleScheduleState s;
+  s.steps = steps_;
+  s.since = since_;
+  s.taken = taken_;
+  s.select_n = select_n_;
+  s.reference_n = reference_n_;
+  s.select_ns = select_ns_;
+  s.reference_ns = reference_ns_;
+  return s;
+}
+
+absl::Status SampleSchedule::Restore(const SampleScheduleState& s) {
+  auto bad = [](const char* what, double v) {
+    return absl::InvalidArgumentError(absl::StrCat("sample schedule ", what, ", got ", v));
+  };
+  if (s.steps < 0 || s.steps > kMaxStateCount) return bad("steps out of range", s.steps);
+  if (s.since < 0 || s.since > s.steps) return bad("since must be in 0..steps", s.since);
+  if (s.taken < 0 || s.taken > s.steps) return bad("taken must be in 0..steps", s.taken);
+  if (s.select_n < 0 || s.select_n > s.steps)
+    return bad("select_n must be in 0..steps", s.select_n);
+  // Not bounded by the steps: a monitor's references may come from a
+  // calibrator's selections (session_quality.h).
+  if (s.reference_n < 0 || s.reference_n > kMaxStateCount) {
+    return bad("reference_n out of range", s.reference_n);
+  }
+  if (!(s.select_ns >= 0.0) || !std::isfinite(s.select_ns)) {
+    return bad("select_ns must be finite and >= 0", s.select_ns);
+  }
+  if (!(s.reference_ns >= 0.0) || !std::isfinite(s.reference_ns)) {
+    return bad("reference_ns must be finite and >= 0", s.reference_ns);
+  }
+  steps_ = s.steps;
+  since_ = s.since;
+  taken_ = s.taken;
+  select_n_ = s.select_n;
+  reference_n_ = s.reference_n;
+  select_ns_ = s.select_ns;
+  reference_ns_ = s.reference_ns;
+  return absl::OkStatus();
+}
+
 }  // namespace icecache

@@ -36,6 +36,17 @@ struct SampleScheduleOptions {
 // InvalidArgument naming the option out of range.
 absl::Status ValidateSampleSchedule(const SampleScheduleOptions& o);
 
+// The largest count a restored state may hold (2^53: exact as a double).
+inline constexpr int64_t kMaxStateCount = int64_t{1} << 53;
+
+// A schedule's whole state, carried across a warm restart
+// (docs/architecture.md §5): counts and the moving means of the costs.
+struct SampleScheduleState {
+  int64_t steps = 0, since = 0, taken = 0;
+  int64_t select_n = 0, reference_n = 0;
+  double select_ns = 0.0, reference_ns = 0.0;
+};
+
 class SampleSchedule {
  public:
   explicit SampleSchedule(const SampleScheduleOptions& o) : o_(o) {}
@@ -53,6 +64,11 @@ class SampleSchedule {
   int64_t taken() const { return taken_; }
   double mean_selection_ns() const { return select_ns_; }
   double mean_reference_ns() const { return reference_ns_; }
+  SampleScheduleState state() const;
+  // Takes `s` over; InvalidArgument naming the field when a count is
+  // negative or past the steps, or a mean is negative or not finite (this
+  // schedule is then unchanged).
+  absl::Status Restore(const SampleScheduleState& s);
 
  private:
   const SampleScheduleOptions o_;

@@ -201,7 +201,7 @@ absl::StatusOr<std::unique_ptr<Selector>> Selector::LoadImage(const SelectorConf
     return std::unique_ptr<Selector>(std::move(sel));
   }
   if (config.kind == SelectorKind::kPqcache || config.kind == SelectorKind::kMagicpig ||
-      config.kind == SelectorKind::kSnapkv) {
+      config.kind == SelectorKind::kSnapkv || config.kind == SelectorKind::kMdciPublished) {
     // Baselines on the positional layout (baseline_selectors.h).
     ASSIGN_OR_RETURN(std::unique_ptr<Selector> sel, Create(config, keys));
     RETURN_IF_ERROR(static_cast<PositionalLayoutSelector&>(*sel).LoadImageBody(&r, tokens));

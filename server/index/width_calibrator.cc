@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -222,6 +224,117 @@ CalibratorReport WidthCalibrator::report() const {
   r.exact_cost_ns = exact_cost_;
   r.sample_interval = schedule_.Interval();
   return r;
+}
+
+CalibratorState WidthCalibrator::state() const {
+  absl::MutexLock lock(&mu_);
+  CalibratorState s;
+  s.width = width_;
+  s.floor = floor_;
+  s.at_width = at_width_;
+  s.mean_at_width = mean_at_width_;
+  s.release_streak = release_streak_;
+  s.release_needed = release_needed_;
+  s.released = released_;
+  s.steps = steps_;
+  s.samples = samples_;
+  s.changes = changes_;
+  s.last_change_step = last_change_step_;
+  s.last_ratio = last_ratio_;
+  s.sum_ratio = sum_ratio_;
+  s.sum_topk = sum_topk_;
+  s.schedule = schedule_.state();
+  s.mode = mode_;
+  s.probing = probing_;
+  s.tree_cost_n = tree_cost_n_;
+  s.tree_cost = tree_cost_;
+  s.exact_cost_n = exact_cost_n_;
+  s.exact_cost = exact_cost_;
+  s.exact_run = exact_run_;
+  s.reprobe_wait = reprobe_wait_;
+  s.exact_steps = exact_steps_;
+  s.fallbacks = fallbacks_;
+  s.reprobes = reprobes_;
+  return s;
+}
+
+namespace {
+
+// The checks of WidthCalibrator::Restore ("" when `s` is in range).
+std::string StateProblem(const CalibratorOptions& o, const CalibratorState& s) {
+  const auto count = [](int64_t v, int64_t hi = kMaxStateCount) { return v >= 0 && v <= hi; };
+  const auto mean = [](double v) { return v >= 0.0 && std::isfinite(v); };
+  if (!(s.width >= o.min_width && s.width <= o.max_width)) {
+    return absl::StrCat("width must be in [", o.min_width, ", ", o.max_width, "], got ", s.width);
+  }
+  if (!(s.floor >= o.min_width && s.floor <= o.max_width)) {
+    return absl::StrCat("floor must be in [", o.min_width, ", ", o.max_width, "], got ", s.floor);
+  }
+  if (!count(s.steps)) return absl::StrCat("steps out of range, got ", s.steps);
+  const std::pair<const char*, int64_t> counts[] = {
+      {"at_width", s.at_width},       {"release_streak", s.release_streak},
+      {"samples", s.samples},         {"changes", s.changes},
+      {"tree_cost_n", s.tree_cost_n}, {"exact_cost_n", s.exact_cost_n},
+      {"exact_run", s.exact_run},     {"fallbacks", s.fallbacks},
+      {"reprobes", s.reprobes},       {"exact_steps", s.exact_steps}};
+  for (const auto& [name, v] : counts) {
+    if (!count(v)) return absl::StrCat(name, " out of range, got ", v);
+  }
+  if (!count(s.last_change_step, s.steps) || s.exact_steps > s.steps) {
+    return absl::StrCat("last_change_step and exact_steps must be in 0..steps (", s.steps, ")");
+  }
+  if (s.release_needed < 1 || s.release_needed > kMaxStateCount) {
+    return absl::StrCat("release_needed out of range, got ", s.release_needed);
+  }
+  if (!count(s.reprobe_wait, o.max_reprobe_steps) ||
+      (s.mode == SelectMode::kExact && s.reprobe_wait < 1)) {
+    return absl::StrCat("reprobe_wait must be in ", s.mode == SelectMode::kExact ? 1 : 0, "..",
+                        o.max_reprobe_steps, ", got ", s.reprobe_wait);
+  }
+  const std::pair<const char*, double> means[] = {
+      {"mean_at_width", s.mean_at_width}, {"last_ratio", s.last_ratio},
+      {"sum_ratio", s.sum_ratio},         {"sum_topk", s.sum_topk},
+      {"tree_cost", s.tree_cost},         {"exact_cost", s.exact_cost}};
+  for (const auto& [name, v] : means) {
+    if (!mean(v)) return absl::StrCat(name, " must be finite and >= 0, got ", v);
+  }
+  return "";
+}
+
+}  // namespace
+
+absl::Status WidthCalibrator::Restore(const CalibratorState& s) {
+  if (std::string why = StateProblem(o_, s); !why.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("calibrator state: ", why));
+  }
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(schedule_.Restore(s.schedule));  // unchanged when it fails
+  width_ = s.width;
+  floor_ = s.floor;
+  at_width_ = s.at_width;
+  mean_at_width_ = s.mean_at_width;
+  release_streak_ = s.release_streak;
+  release_needed_ = s.release_needed;
+  released_ = s.released;
+  steps_ = s.steps;
+  samples_ = s.samples;
+  changes_ = s.changes;
+  last_change_step_ = s.last_change_step;
+  last_ratio_ = s.last_ratio;
+  sum_ratio_ = s.sum_ratio;
+  sum_topk_ = s.sum_topk;
+  mode_ = s.mode;
+  probing_ = s.probing;
+  tree_cost_n_ = s.tree_cost_n;
+  tree_cost_ = s.tree_cost;
+  exact_cost_n_ = s.exact_cost_n;
+  exact_cost_ = s.exact_cost;
+  exact_run_ = s.exact_run;
+  reprobe_wait_ = s.reprobe_wait;
+  exact_steps_ = s.exact_steps;
+  fallbacks_ = s.fallbacks;
+  reprobes_ = s.reprobes;
+  return absl::OkStatus();
 }
 
 namespace {

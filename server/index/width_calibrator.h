@@ -112,6 +112,31 @@ struct CalibratorReport {
   int64_t sample_interval = 0;  // tree selections between samples once warm, now
 };
 
+// A calibrator's whole state (the fields of WidthCalibrator below), carried
+// across a warm restart in the session snapshot (docs/architecture.md §5)
+// so that a head that had settled, or fallen back to exact selection, goes on
+// from where it was.
+struct CalibratorState {
+  double width = 1.0;
+  double floor = 1.0;
+  int64_t at_width = 0;
+  double mean_at_width = 0.0;
+  int64_t release_streak = 0;
+  int64_t release_needed = 1;
+  bool released = false;
+  int64_t steps = 0, samples = 0, changes = 0, last_change_step = 0;
+  double last_ratio = 0.0, sum_ratio = 0.0, sum_topk = 0.0;
+  SampleScheduleState schedule;
+  SelectMode mode = SelectMode::kTree;
+  bool probing = false;
+  int64_t tree_cost_n = 0;
+  double tree_cost = 0.0;
+  int64_t exact_cost_n = 0;
+  double exact_cost = 0.0;
+  int64_t exact_run = 0, reprobe_wait = 0;
+  int64_t exact_steps = 0, fallbacks = 0, reprobes = 0;
+};
+
 class WidthCalibrator {
  public:
   // InvalidArgument naming the option out of range (see CalibratorOptions),
@@ -133,6 +158,14 @@ class WidthCalibrator {
   // and params->exhaustive (exact mode).
   void Apply(SelectParams* params) const ABSL_LOCKS_EXCLUDED(mu_);
   CalibratorReport report() const ABSL_LOCKS_EXCLUDED(mu_);
+
+  CalibratorState state() const ABSL_LOCKS_EXCLUDED(mu_);
+  // Takes `s` over (a warm restart). InvalidArgument naming the field when
+  // a value is out of range for this calibrator's options: a width or floor
+  // outside [min_width, max_width], a negative or impossible count, a mean
+  // or cost negative or not finite, a re-probe wait past max_reprobe_steps
+  // (the calibrator is then unchanged).
+  absl::Status Restore(const CalibratorState& s) ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   WidthCalibrator(const CalibratorOptions& o, int fov, float factor)

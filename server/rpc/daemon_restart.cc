@@ -150,11 +150,18 @@ void Daemon::RecoverSessions(const SnapshotImage& snapshot) {
          {"why", d[3]},
          {"effect", "those indexes were rebuilt by replaying the appends"}});
   }
+  for (const std::vector<std::string>& f : r.quality_fresh) {
+    Log(LogLevel::kInfo, "calibration_not_recovered",
+        {{"id", f[0]},
+         {"why", f[1]},
+         {"effect", "its calibration starts fresh, at the session's own width"}});
+  }
   Log(LogLevel::kInfo, "warm_restart",
       {{"recovered", r.recovered},
        {"dropped", static_cast<int64_t>(r.dropped.size())},
        {"indexes_loaded", r.indexes_loaded},
        {"indexes_replayed", r.indexes_replayed},
+       {"calibrations_restored", r.quality_restored},
        {"verify_ms", absl::ToInt64Milliseconds(r.verify_time)},
        {"rebuild_ms", absl::ToInt64Milliseconds(r.rebuild_time)},
        {"snapshot_epoch", snapshot.daemon_epoch},

@@ -330,6 +330,12 @@ class SessionManager {
     // Per session with refused images: (session id, how many, the first
     // one's "layer group G kv head H", why it was refused).
     std::vector<std::vector<std::string>> images_refused;
+    // Recovered sessions whose quality monitor state (self-calibrated
+    // widths, exact fallbacks, sampling) came back from the snapshot, and
+    // (session id, why) of those whose calibration starts fresh (an older
+    // snapshot without the state, or another state format).
+    int64_t quality_restored = 0;
+    std::vector<std::vector<std::string>> quality_fresh;
   };
   // Re-creates the sessions of `image` on a pool whose arena holds the
   // snapshot's bytes and has handed out nothing: each session's frames are
@@ -341,6 +347,10 @@ class SessionManager {
   // With `images` (the file the drain wrote; may be null), an index whose
   // image verifies (hash, format, kind, algorithm, parameters, every token
   // at its recorded slot) is loaded instead of replayed.
+  // With the quality monitor on, each recovered session's monitor takes over
+  // the state the snapshot holds for it (widths, exact fallbacks, sampling,
+  // tallies), or starts fresh when it holds none; a state out of range
+  // drops the session.
   RestoreReport Restore(const SnapshotImage& image, const IndexImageFile* images = nullptr)
       ABSL_LOCKS_EXCLUDED(mu_);
 

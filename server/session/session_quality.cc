@@ -1,9 +1,11 @@
 #include "server/session/session_quality.h"
 
 #include <algorithm>
+#include <cmath>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "server/index/mdci_selector.h"
 #include "server/session/session.h"
 
@@ -83,6 +85,89 @@ HeadQualityInfo HeadQualityMonitor::Report(int group, int head) const {
     info.last_mass_ratio = last_ratio_;
   }
   return info;
+}
+
+HeadQualityState HeadQualityMonitor::state() const {
+  HeadQualityState st;
+  if (calibrator_ != nullptr) {
+    st.calibrated = true;
+    st.calibrator = calibrator_->state();
+  }
+  absl::MutexLock l(&mu_);
+  st.schedule = schedule_.state();
+  st.samples = samples_;
+  st.sum_ratio = sum_ratio_;
+  st.sum_topk = sum_topk_;
+  st.recent_ratio = recent_ratio_;
+  st.last_ratio = last_ratio_;
+  return st;
+}
+
+absl::Status HeadQualityMonitor::Restore(const HeadQualityState& s) {
+  if (s.calibrated != (calibrator_ != nullptr)) {
+    return absl::InvalidArgumentError(
+        s.calibrated ? "it holds a calibrator state, but the session's width is not calibrated"
+                     : "it holds no calibrator state, but the session's width is calibrated");
+  }
+  for (double v : {s.sum_ratio, s.sum_topk, s.recent_ratio, s.last_ratio}) {
+    if (!(v >= 0.0) || !std::isfinite(v)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("a mass ratio or recall sum must be finite and >= 0, got ", v));
+    }
+  }
+  if (s.samples < 0 || s.samples > kMaxStateCount) {
+    return absl::InvalidArgumentError(absl::StrCat("samples out of range, got ", s.samples));
+  }
+  if (calibrator_ != nullptr) RETURN_IF_ERROR(calibrator_->Restore(s.calibrator));
+  absl::MutexLock l(&mu_);
+  RETURN_IF_ERROR(schedule_.Restore(s.schedule));
+  samples_ = s.samples;
+  sum_ratio_ = s.sum_ratio;
+  sum_topk_ = s.sum_topk;
+  recent_ratio_ = s.recent_ratio;
+  last_ratio_ = s.last_ratio;
+  return absl::OkStatus();
+}
+
+SessionQualityState QualityStateOf(const Session& s) {
+  SessionQualityState q;
+  for (const auto& head : s.quality) q.heads.push_back(head->state());
+  q.samples_dropped = s.samples_dropped.load();
+  q.samples_stale = s.samples_stale.load();
+  q.samples_reselected = s.samples_reselected.load();
+  q.calibration_cpu_ns = s.calibration_cpu_ns.load();
+  q.selection_ns = s.selection_ns.load();
+  return q;
+}
+
+absl::Status RestoreQualityState(const SessionQualityState& state, int kv_heads,
+                                 const std::vector<std::unique_ptr<HeadQualityMonitor>>& heads) {
+  if (state.heads.size() != heads.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("its quality state lists ", state.heads.size(),
+                                                   " heads for ", heads.size(), " indexes"));
+  }
+  for (int64_t v : {state.samples_dropped, state.samples_stale, state.samples_reselected,
+                    state.calibration_cpu_ns, state.selection_ns}) {
+    if (v < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("its quality counters must be >= 0, got ", v));
+    }
+  }
+  for (size_t i = 0; i < heads.size(); ++i) {
+    if (absl::Status st = heads[i]->Restore(state.heads[i]); !st.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("the quality state of layer group ",
+                                                     i / kv_heads, " kv head ", i % kv_heads, ": ",
+                                                     st.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void RestoreQualityCounters(const SessionQualityState& state, Session& s) {
+  s.samples_dropped.store(state.samples_dropped);
+  s.samples_stale.store(state.samples_stale);
+  s.samples_reselected.store(state.samples_reselected);
+  s.calibration_cpu_ns.store(state.calibration_cpu_ns);
+  s.selection_ns.store(state.selection_ns);
 }
 
 absl::StatusOr<std::vector<std::unique_ptr<HeadQualityMonitor>>> MakeHeadQuality(

@@ -70,6 +70,24 @@ struct QualityProbe {
   std::vector<int32_t> positions;  // token granularity: the selected tokens
 };
 
+// A head's monitor state, carried across a warm restart in the session
+// snapshot (docs/architecture.md §5): the tally of what was measured, the
+// schedule (heads without a calibrator) and the calibrator's state.
+struct HeadQualityState {
+  bool calibrated = false;     // `calibrator` holds the state
+  CalibratorState calibrator;  // calibrated heads
+  SampleScheduleState schedule;
+  int64_t samples = 0;
+  double sum_ratio = 0.0, sum_topk = 0.0, recent_ratio = 0.0, last_ratio = 0.0;
+};
+
+// A session's monitor state: per (layer group, KV head), then its counters.
+struct SessionQualityState {
+  std::vector<HeadQualityState> heads;  // [group * kv_heads + head]
+  int64_t samples_dropped = 0, samples_stale = 0, samples_reselected = 0;
+  int64_t calibration_cpu_ns = 0, selection_ns = 0;
+};
+
 class HeadQualityMonitor {
  public:
   // `calibrator` may be null (monitor only: `schedule` decides); with one,
@@ -93,6 +111,13 @@ class HeadQualityMonitor {
   void Record(const QualitySample& sample) ABSL_LOCKS_EXCLUDED(mu_);
   HeadQualityInfo Report(int group, int head) const ABSL_LOCKS_EXCLUDED(mu_);
 
+  HeadQualityState state() const ABSL_LOCKS_EXCLUDED(mu_);
+  // Takes `s` over (a warm restart). InvalidArgument saying what is wrong
+  // (WidthCalibrator::Restore, SampleSchedule::Restore, a calibrator state
+  // for a head without a calibrator or the reverse, a tally out of range);
+  // this monitor may then be partly changed: drop it.
+  absl::Status Restore(const HeadQualityState& s) ABSL_LOCKS_EXCLUDED(mu_);
+
  private:
   const std::unique_ptr<WidthCalibrator> calibrator_;
   mutable absl::Mutex mu_;
@@ -110,6 +135,17 @@ class HeadQualityMonitor {
 // session's mdci field_of_view / candidate_factor.
 absl::StatusOr<std::vector<std::unique_ptr<HeadQualityMonitor>>> MakeHeadQuality(
     const SessionConfig& config, int groups, const SessionQualityOptions& options);
+
+// The monitor state of session `s` (its heads and counters) for a snapshot.
+SessionQualityState QualityStateOf(const Session& s);
+
+// Restores `state` into `heads` (made by MakeHeadQuality for the session)
+// and the counters into `s`. InvalidArgument naming the (layer group, KV
+// head) and what is wrong, or a head count other than heads.size().
+absl::Status RestoreQualityState(const SessionQualityState& state, int kv_heads,
+                                 const std::vector<std::unique_ptr<HeadQualityMonitor>>& heads);
+// The session counters of `state` into `s`.
+void RestoreQualityCounters(const SessionQualityState& state, Session& s);
 
 // Tokens a group may gain between a selection and its measurement before
 // the probe is stale: max(4 pages, tokens / 1024).

@@ -8,6 +8,9 @@
 //     layer group's slots cover exactly its tokens, each slot once.
 //   - Replaying the chunks into fresh indexes must place every token at the
 //     page and slot the snapshot recorded.
+//   - With the quality monitor on, a recovered session's monitors take over
+//     the calibration state the snapshot holds (in range, or the session is
+//     dropped), or start fresh when it holds none.
 #include <algorithm>
 #include <numeric>
 #include <utility>
@@ -273,6 +276,30 @@ void SaveIndexImages(const Session& s, IndexImageFileWriter* images, SessionImag
   if (any) img->index_images = std::move(refs);
 }
 
+using HeadMonitors = std::vector<std::unique_ptr<HeadQualityMonitor>>;
+
+// The quality monitors of a session of `img` (none when the monitor is off
+// or the selector is not monitored), with the snapshot's state restored
+// into them; `fresh` says why they start fresh instead. Returns why the
+// session must be dropped ("" when it need not).
+std::string QualityFor(const SessionImage& img, const SessionQualityOptions& options,
+                       bool monitor_on, HeadMonitors* heads, std::string* fresh) {
+  if (!monitor_on) return "";
+  absl::StatusOr<HeadMonitors> made =
+      MakeHeadQuality(img.config, NumLayerGroups(img.config), options);
+  if (!made.ok()) return std::string(made.status().message());
+  *heads = std::move(made).value();
+  if (heads->empty()) return "";  // not monitored: nothing to restore
+  if (!img.quality_error.empty()) return img.quality_error;
+  if (!img.quality.has_value()) {
+    *fresh = img.quality_missing.empty() ? "the snapshot holds no calibration state"
+                                         : img.quality_missing;
+    return "";
+  }
+  const absl::Status st = RestoreQualityState(*img.quality, img.config.kv_heads, *heads);
+  return st.ok() ? "" : std::string(st.message());
+}
+
 // Adds how the indexes of session `s` came back to `report`.
 void Tally(const Session& s, const std::vector<IndexOutcome>& outcomes,
            SessionManager::RestoreReport* report) {
@@ -345,6 +372,7 @@ SnapshotImage SessionManager::TakeSnapshot(std::vector<std::string>* skipped,
       }
     }
     if (images != nullptr) SaveIndexImages(s, images, &img);
+    if (!s.quality.empty()) img.quality = QualityStateOf(s);
     image.sessions.push_back(std::move(img));
   }
   return image;
@@ -355,6 +383,8 @@ SessionManager::RestoreReport SessionManager::Restore(const SnapshotImage& image
   RestoreReport report;
   const absl::Time t0 = absl::Now();
   std::vector<const SessionImage*> kept;
+  std::vector<HeadMonitors> kept_quality;
+  std::vector<std::string> kept_fresh;
   std::vector<RecoveredFrames> sets;
   for (const SessionImage& img : image.sessions) {
     std::string why;
@@ -367,6 +397,9 @@ SessionManager::RestoreReport SessionManager::Restore(const SnapshotImage& image
         PageGeometry{img.config.page_tokens, img.config.head_dim, img.config.dtype}.frame_bytes();
     if (why.empty()) why = CheckCounts(img);
     if (why.empty()) why = CheckFrames(img, *options_.pool, frame_bytes);
+    HeadMonitors heads;
+    std::string fresh;
+    if (why.empty()) why = QualityFor(img, options_.quality, sampler_ != nullptr, &heads, &fresh);
     if (!why.empty()) {
       report.dropped.push_back({img.id, img.tenant, why});
       continue;
@@ -377,6 +410,8 @@ SessionManager::RestoreReport SessionManager::Restore(const SnapshotImage& image
     }
     sets.push_back(std::move(set));
     kept.push_back(&img);
+    kept_quality.push_back(std::move(heads));
+    kept_fresh.push_back(std::move(fresh));
   }
   report.verify_time = absl::Now() - t0;
   absl::StatusOr<std::vector<FrameSet>> owned = options_.pool->Recover(sets);
@@ -401,6 +436,13 @@ SessionManager::RestoreReport SessionManager::Restore(const SnapshotImage& image
     if (!st.ok()) {
       report.dropped.push_back({img.id, img.tenant, std::string(st.message())});
       continue;  // its frames go back to the pool with it
+    }
+    if (!kept_quality[i].empty()) {
+      const bool restored = kept_fresh[i].empty();
+      if (restored) RestoreQualityCounters(*img.quality, *s);
+      s->EnableQuality(std::move(kept_quality[i]), sampler_.get());
+      report.quality_restored += restored ? 1 : 0;
+      if (!restored) report.quality_fresh.push_back({img.id, kept_fresh[i]});
     }
     absl::MutexLock l(&mu_);
     sessions_.emplace(s->id, std::move(s));

@@ -13,6 +13,7 @@
 #include "common/json.h"
 #include "common/status_macros.h"
 #include "server/pool/frame_checksum.h"
+#include "server/session/snapshot_quality.h"
 
 namespace icecache {
 namespace {
@@ -217,6 +218,7 @@ Json SessionToJson(const SessionImage& s, std::string* blob) {
     j["image_bytes"] = bytes;
     j["image_hashes"] = hashes;
   }
+  if (s.quality.has_value()) j["quality"] = QualityStateToJson(*s.quality);
   for (size_t t = 0; t < s.frame_offsets.size(); ++t) {
     PutArray(blob, s.frame_offsets[t]);
     PutArray(blob, s.checksums[t]);
@@ -270,6 +272,12 @@ absl::StatusOr<SessionImage> SessionFromJson(const Json& j, const std::string& b
     for (size_t i = 0; i < indexes; ++i)
       s.index_images.push_back({offsets[i], bytes[i], hashes[i]});
   }
+  // Checked against the session's heads by Restore, which drops the
+  // session when it is unreadable or out of range.
+  QualityStateRead quality = QualityStateFromJson(j);
+  s.quality = std::move(quality.state);
+  s.quality_missing = std::move(quality.missing);
+  s.quality_error = std::move(quality.error);
   return s;
 }
 

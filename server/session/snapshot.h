@@ -14,7 +14,11 @@
 // every token in position order; and, when the drain wrote index images
 // (index_image_file.h), per (layer group, KV head) where its image sits in
 // "icecached-indexes" and its XXH3-64 ("image_offsets", "image_bytes",
-// "image_hashes"; a snapshot without them restores by replay).
+// "image_hashes"; a snapshot without them restores by replay), and the
+// quality monitor's state per (layer group, KV head): the self-calibrated
+// width, exact fallback, sampling schedule and tallies ("quality",
+// snapshot_quality.h; a snapshot without it recovers the session with its
+// calibration starting fresh).
 //
 // Written to "<path>.tmp" (0600, O_EXCL, O_NOFOLLOW), fsync'ed and renamed,
 // so a reader sees a whole snapshot or none. Pure functions; thread-safe.
@@ -22,6 +26,7 @@
 #define ICECACHE_SERVER_SESSION_SNAPSHOT_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -29,6 +34,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "server/session/index_image_file.h"
+#include "server/session/session_quality.h"
 #include "server/session/session_types.h"
 
 namespace icecache {
@@ -54,6 +60,13 @@ struct SessionImage {
   // [group * kv_heads + head]: its index image (bytes 0: none), or empty
   // when the snapshot lists no images.
   std::vector<IndexImageRef> index_images;
+  // The quality monitor's state (monitored sessions): saved by the drain.
+  // Absent from an older daemon's snapshot or one of another state format:
+  // quality_missing says which, and the calibration starts fresh. A state
+  // the reader could not read: quality_error says why, and the session is
+  // dropped (as for any other field out of range).
+  std::optional<SessionQualityState> quality;
+  std::string quality_missing, quality_error;
 };
 
 struct SnapshotImage {

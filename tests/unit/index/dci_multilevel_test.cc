@@ -51,6 +51,66 @@ TEST(MultiLevelDciTest, ExpandingEveryNodeIsExactKnn) {
   }
 }
 
+// The structure of a build (levels, parents, directions) gives back the
+// same index over the same points: the same answers and costs.
+TEST(MultiLevelDciTest, FromStructureAnswersLikeTheBuild) {
+  const int n = 4000, d = 16;
+  auto pts = mdci_test::ClusteredKeys(n, d, 40, 0.3f, 3);
+  const MultiLevelDciParams params{2, 7, 3, 99};
+  auto built = MultiLevelDci::Create(pts.data(), n, d, params);
+  ASSERT_THAT(built, IsOk());
+  auto again = MultiLevelDci::FromStructure(pts.data(), n, d, params, (*built)->structure());
+  ASSERT_THAT(again, IsOk());
+  EXPECT_EQ((*again)->levels(), (*built)->levels());
+  EXPECT_EQ((*again)->bytes(), (*built)->bytes());
+  auto queries = mdci_test::GaussianRows(30, d, 1.0f, 8);
+  Hits a, b;
+  for (int i = 0; i < 30; ++i) {
+    MultiLevelDci::Stats sa, sb;
+    const MultiLevelDciQuery q{10, 4, 200};
+    ASSERT_THAT((*built)->Query(&queries[i * d], q, &a, &sa), IsOk());
+    ASSERT_THAT((*again)->Query(&queries[i * d], q, &b, &sb), IsOk());
+    EXPECT_EQ(a, b) << "query " << i;
+    EXPECT_EQ(sa.projections, sb.projections);
+    EXPECT_EQ(sa.distances, sb.distances);
+  }
+}
+
+TEST(MultiLevelDciTest, FromStructureRefusesAnInconsistentStructure) {
+  const int n = 500, d = 8;
+  auto pts = mdci_test::ClusteredKeys(n, d, 10, 0.3f, 3);
+  const MultiLevelDciParams params{2, 7, 3, 5};
+  auto built = MultiLevelDci::Create(pts.data(), n, d, params);
+  ASSERT_THAT(built, IsOk());
+  const MultiLevelDci::Structure good = (*built)->structure();
+  int top_point = -1, low_point = -1;
+  for (int i = 0; i < n; ++i) {
+    if (good.parents[i] < 0) top_point = i;
+    if (good.levels[i] == 0) low_point = i;
+  }
+  ASSERT_GE(top_point, 0);
+  ASSERT_GE(low_point, 0);
+  std::vector<std::pair<const char*, MultiLevelDci::Structure>> bad(7, {"", good});
+  bad[0].first = "level";
+  bad[0].second.levels[low_point] = 3;
+  bad[1].first = "parent";
+  bad[1].second.parents[low_point] = n;
+  bad[2].first = "parent";
+  bad[2].second.parents[low_point] = low_point;  // not one level up
+  bad[3].first = "parent";
+  bad[3].second.parents[top_point] = 0;  // the top has none
+  bad[4].first = "unit";
+  bad[4].second.directions[3] *= 2.0f;
+  bad[5].first = "finite";
+  bad[5].second.directions[0] = NAN;
+  bad[6].first = "sizes";
+  bad[6].second.parents.pop_back();
+  for (const auto& [what, st] : bad) {
+    EXPECT_THAT(MultiLevelDci::FromStructure(pts.data(), n, d, params, st),
+                StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr(what)));
+  }
+}
+
 TEST(MultiLevelDciTest, DescentFindsMostNearestNeighboursAndTouchesFewPoints) {
   const int n = 8000, d = 16, k = 10;
   auto pts = mdci_test::ClusteredKeys(n, d, 40, 0.3f, 3);

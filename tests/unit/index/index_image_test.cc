@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "common/dtype.h"
 #include "gtest/gtest.h"
 #include "server/index/byte_image.h"
 #include "server/index/mdci_selector.h"
@@ -38,12 +39,20 @@ SelectorConfig Config(SelectorKind kind) {
   return c;
 }
 
+// Keys as the fp16 frames hold them: a daemon hands its selectors the keys
+// converted from the session's dtype, so a loader that reads them back
+// through PageKeys (mdci-published) sees the same values.
+std::vector<float> AsStored(std::vector<float> keys) {
+  for (float& v : keys) v = HalfToFloat(FloatToHalf(v));
+  return keys;
+}
+
 // A selector with a prefill of 2000 keys and two decode chunks, its keys in
 // `keys`.
 struct Built {
   std::unique_ptr<mdci_test::TestPageKeys> keys;
   std::unique_ptr<Selector> sel;
-  std::vector<float> data = mdci_test::ClusteredKeys(3200, kDim, 24, 0.4f, 5);
+  std::vector<float> data = AsStored(mdci_test::ClusteredKeys(3200, kDim, 24, 0.4f, 5));
 };
 
 absl::Status Add(Selector& sel, mdci_test::TestPageKeys& keys, const std::vector<float>& data,
@@ -252,9 +261,11 @@ TEST_P(BaselineImageTest, DamagedOrForeignImagesAreRefusedWithoutACrash) {
 
 INSTANTIATE_TEST_SUITE_P(Baselines, BaselineImageTest,
                          ::testing::Values(SelectorKind::kPqcache, SelectorKind::kMagicpig,
-                                           SelectorKind::kSnapkv),
+                                           SelectorKind::kSnapkv, SelectorKind::kMdciPublished),
                          [](const ::testing::TestParamInfo<SelectorKind>& info) {
-                           return std::string(SelectorKindName(info.param));
+                           std::string name(SelectorKindName(info.param));
+                           std::replace(name.begin(), name.end(), '-', '_');
+                           return name;
                          });
 
 // SnapKV's votes are fixed by its first Select: the image keeps them, so the

@@ -151,6 +151,93 @@ TEST(WidthCalibratorTest, FallsBackToExactWhenTheWidestStillMisses) {
   EXPECT_FALSE(c->ShouldSample(p, 1000));
 }
 
+// Two simulated heads step for step: `a` restarted from `b`'s state after
+// `before` steps (a warm restart) must go on exactly as `b` does.
+void ExpectRestoredGoesOnAlike(const CalibratorOptions& o, double exact_ns, int before, int after,
+                               double (*ratio)(double width, int step),
+                               SelectMode mode_at_restart) {
+  auto b = Make(o);
+  ASSERT_NE(b, nullptr);
+  SimHead hb{b.get(), 10.0, exact_ns};
+  for (int i = 0; i < before; ++i) hb.Step(ratio(b->report().width, i));
+  ASSERT_EQ(b->report().mode, mode_at_restart);
+  ASSERT_GT(b->report().width, 1.0) << "the state shows nothing";
+  auto a = Make(o);
+  ASSERT_NE(a, nullptr);
+  ASSERT_THAT(a->Restore(b->state()), IsOk());
+  SimHead ha{a.get(), 10.0, exact_ns};
+  for (int i = before; i < before + after; ++i) {
+    SelectParams pa, pb;
+    a->Apply(&pa);
+    b->Apply(&pb);
+    ASSERT_EQ(pa.field_of_view, pb.field_of_view) << "step " << i;
+    ASSERT_EQ(pa.candidate_factor, pb.candidate_factor) << "step " << i;
+    ASSERT_EQ(pa.exhaustive, pb.exhaustive) << "step " << i;
+    ha.Step(ratio(a->report().width, i));
+    hb.Step(ratio(b->report().width, i));
+  }
+  const CalibratorReport ra = a->report(), rb = b->report();
+  EXPECT_EQ(ra.width, rb.width);
+  EXPECT_EQ(ra.mode, rb.mode);
+  EXPECT_EQ(ra.steps, rb.steps);
+  EXPECT_EQ(ra.samples, rb.samples);
+  EXPECT_EQ(ra.changes, rb.changes);
+  EXPECT_EQ(ra.exact_steps, rb.exact_steps);
+  EXPECT_EQ(ra.fallbacks, rb.fallbacks);
+  EXPECT_EQ(ra.reprobes, rb.reprobes);
+  EXPECT_EQ(ra.sample_interval, rb.sample_interval);
+  EXPECT_EQ(ra.mean_ratio, rb.mean_ratio);
+}
+
+TEST(WidthCalibratorTest, ARestoredStateGoesOnExactlyAsTheOriginal) {
+  // Settled on the tree at a raised width, then past the warm-up.
+  ExpectRestoredGoesOnAlike(
+      {}, 1e6, 300, 300, [](double w, int) { return 1.0 - 0.4 / w; }, SelectMode::kTree);
+  // Fallen back to exact (the widest misses), waiting to re-probe: the wait
+  // and its doubling carry over.
+  CalibratorOptions o;
+  o.max_width = 8.0;
+  o.reprobe_steps = 50;
+  ExpectRestoredGoesOnAlike(
+      o, 1e6, 120, 400, [](double, int) { return 0.5; }, SelectMode::kExact);
+}
+
+TEST(WidthCalibratorTest, RestoreRefusesStatesOutOfRange) {
+  auto c = Make({});
+  ASSERT_NE(c, nullptr);
+  for (int i = 0; i < 12; ++i) c->Observe({0.9, 0.9});
+  const CalibratorState good = c->state();
+  std::vector<std::pair<const char*, CalibratorState>> bad;
+  auto with = [&](const char* what, auto edit) {
+    CalibratorState s = good;
+    edit(s);
+    bad.push_back({what, s});
+  };
+  with("width", [](CalibratorState& s) { s.width = 1e9; });
+  with("width", [](CalibratorState& s) { s.width = std::nan(""); });
+  with("width", [](CalibratorState& s) { s.width = 0.5; });
+  with("floor", [](CalibratorState& s) { s.floor = 100.0; });
+  with("steps", [](CalibratorState& s) { s.steps = -1; });
+  with("samples", [](CalibratorState& s) { s.samples = -5; });
+  with("last_change_step", [](CalibratorState& s) { s.last_change_step = s.steps + 1; });
+  with("release_needed", [](CalibratorState& s) { s.release_needed = 0; });
+  with("reprobe_wait", [](CalibratorState& s) { s.reprobe_wait = 1 << 30; });
+  with("reprobe_wait", [](CalibratorState& s) {
+    s.mode = SelectMode::kExact;
+    s.reprobe_wait = 0;
+  });
+  with("mean_at_width", [](CalibratorState& s) { s.mean_at_width = INFINITY; });
+  with("exact_cost", [](CalibratorState& s) { s.exact_cost = -1.0; });
+  with("since", [](CalibratorState& s) { s.schedule.since = s.schedule.steps + 1; });
+  with("select_ns", [](CalibratorState& s) { s.schedule.select_ns = std::nan(""); });
+  for (const auto& [what, s] : bad) {
+    EXPECT_THAT(c->Restore(s),
+                StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr(what)));
+    EXPECT_EQ(c->report().width, good.width) << what << ": a refused state changes nothing";
+  }
+  EXPECT_THAT(c->Restore(good), IsOk());
+}
+
 TEST(WidthCalibratorTest, FallsBackWhenTheNeededWidthCostsAsMuchAsTheExactScan) {
   // Cost 100 per unit of width, exact 1000: widths past ~6.7 cost more than
   // exact once widened again (x1.5). a = 1.2 needs width 24 (cost 2400).

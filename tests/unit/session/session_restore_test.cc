@@ -6,8 +6,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <optional>
 #include <string>
 #include <utility>
@@ -18,6 +20,7 @@
 #include "gtest/gtest.h"
 #include "server/session/index_image_file.h"
 #include "server/session/snapshot.h"
+#include "server/session/snapshot_quality.h"
 #include "tests/unit/session/session_test_util.h"
 
 namespace icecache {
@@ -42,7 +45,9 @@ struct Node {
   ShmFile shm;
   std::string buffer;
 
-  static Node Start(const std::string& file, bool reuse) {
+  // `quality`: the monitor on, every selection measured, no exact fallback
+  // for cost (deterministic: session_quality_test.cc).
+  static Node Start(const std::string& file, bool reuse, bool quality = false) {
     Node n;
     PagePoolOptions po;
     po.capacity_bytes = uint64_t{32} << 20;
@@ -57,6 +62,14 @@ struct Node {
     mo.reaper_interval = absl::ZeroDuration();
     mo.build_threads = 2;
     mo.keep_checksums = !file.empty();
+    if (quality) {
+      mo.quality.enabled = true;
+      mo.quality.warmup_samples = 1 << 20;
+      mo.quality.sampler.cpu_share = 1.0;
+      mo.quality.sampler.burst = absl::Seconds(100);
+      mo.quality.sampler.low_priority = false;
+      mo.quality.exact_cost_ratio = 0.0;
+    }
     n.manager = SessionManager::Create(mo).value();
     n.shm = ShmFile::Create(UniqueName("restore"), 1 << 20).value();
     n.buffer = n.buffers->RegisterShm(Alice(), n.shm.path(), n.shm.size(), absl::Now())->id;
@@ -218,9 +231,9 @@ TEST_P(SessionRestoreTest, SessionWrittenAfterTheSnapshotIsDroppedNotServed) {
 
 TEST_P(SessionRestoreTest, IndexImagesAreLoadedAndTheSessionContinuesLikeItsTwin) {
   const SessionConfig c = SmallConfig(GetParam());
-  const bool has_images = GetParam() == SelectorKind::kMdci ||
-                          GetParam() == SelectorKind::kPqcache ||
-                          GetParam() == SelectorKind::kSnapkv;
+  const bool has_images =
+      GetParam() == SelectorKind::kMdci || GetParam() == SelectorKind::kPqcache ||
+      GetParam() == SelectorKind::kSnapkv || GetParam() == SelectorKind::kMdciPublished;
   Node twin = Node::Start("", false);
   std::pair<std::string, std::string> ids;
   {
@@ -247,7 +260,12 @@ TEST_P(SessionRestoreTest, IndexImagesAreLoadedAndTheSessionContinuesLikeItsTwin
 INSTANTIATE_TEST_SUITE_P(Selectors, SessionRestoreTest,
                          ::testing::Values(SelectorKind::kExact, SelectorKind::kMdci,
                                            SelectorKind::kQuest, SelectorKind::kPqcache,
-                                           SelectorKind::kSnapkv));
+                                           SelectorKind::kSnapkv, SelectorKind::kMdciPublished),
+                         [](const ::testing::TestParamInfo<SelectorKind>& info) {
+                           std::string name(SelectorKindName(info.param));
+                           std::replace(name.begin(), name.end(), '-', '_');
+                           return name;
+                         });
 
 void Overwrite(const std::string& path, const std::string& bytes) {
   std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
@@ -293,6 +311,192 @@ TEST_P(DamagedImagesTest, FallBackToReplayWithIdenticalResults) {
 
 INSTANTIATE_TEST_SUITE_P(BitFlipOrTruncation, DamagedImagesTest, ::testing::Values(0, 1));
 
+// The quality monitor across a warm restart (docs/architecture.md §5): the
+// self-calibrated widths, exact fallbacks and sampling come back with the
+// session, an older snapshot's session starts its calibration fresh, and a
+// state out of range drops the session.
+class QualityRestoreTest : public RestoreFixture {
+ protected:
+  static constexpr int64_t kTokens = 800;
+
+  // mdci with a width too narrow for its target: the calibrator widens it.
+  static SessionConfig Calibrated() {
+    SessionConfig c = SmallConfig(SelectorKind::kMdci);
+    c.mdci.field_of_view = 1;
+    c.mdci.candidate_factor = 1.0f;
+    c.target_mass_ratio = 0.95;
+    return c;
+  }
+
+  static std::string Widths(Node& n, const std::string& id) {
+    auto info = n.manager->GetSession(Alice(), id);
+    EXPECT_THAT(info, IsOk());
+    if (!info.ok()) return "";
+    std::string out = info->quality.monitored ? "monitored\n" : "not monitored\n";
+    for (const HeadQualityInfo& h : info->quality.heads) {
+      out += absl::StrCat(h.group, "/", h.kv_head, h.exact ? " exact" : " tree", " w=", h.width,
+                          " changes=", h.width_changes, " samples=", h.samples,
+                          " exact_sel=", h.exact_selections, " fallbacks=", h.fallbacks,
+                          " every=", h.sample_interval, " mean=", h.mean_mass_ratio, "\n");
+    }
+    return out;
+  }
+
+  // One select of each layer group's first layer, its measurements waited
+  // for: the pages (and keys touched) and the widths after it.
+  static std::string Step(Node& n, const std::string& id, const SessionConfig& c, uint32_t seed) {
+    std::string out;
+    for (int layer = 0; layer < c.layers; layer += c.layer_reuse) {
+      SelectRequest sel;
+      sel.layer = layer;
+      sel.queries = MakeQueries(c, seed + layer);
+      sel.params.budget_tokens = 12;
+      auto r = n.manager->SelectPages(Alice(), id, sel);
+      EXPECT_THAT(r, IsOk());
+      if (!r.ok()) return "";
+      for (const Selection& h : r->heads) {
+        for (uint32_t p : h.pages) out += absl::StrCat(p, ",");
+        out += absl::StrCat("touched ", h.keys_touched, "|");
+      }
+    }
+    n.manager->WaitForQualitySamples();
+    return out + "\n" + Widths(n, id);
+  }
+
+  // A calibrated session on `before` (and `twin`, when given) after
+  // `steps` steps; `before` is then drained for an upgrade. Returns its id
+  // and the twin's.
+  std::pair<std::string, std::string> CalibrateAndDrain(Node& before, Node* twin, int steps) {
+    const SessionConfig c = Calibrated();
+    const std::string id = before.manager->CreateSession(Alice(), c)->id;
+    const std::string tid = twin ? twin->manager->CreateSession(Alice(), c)->id : "";
+    before.Append(id, c, 0, kTokens);
+    if (twin) twin->Append(tid, c, 0, kTokens);
+    for (int step = 0; step < steps; ++step) {
+      const std::string got = Step(before, id, c, 100 + step);
+      if (twin) EXPECT_EQ(got, Step(*twin, tid, c, 100 + step)) << "step " << step;
+    }
+    Upgrade(before);
+    return {id, tid};
+  }
+
+  // The snapshot as a daemon reads it, after `edit`, written and read back.
+  SnapshotImage Edited(const std::function<void(SessionImage&)>& edit) {
+    auto image = ReadSnapshotFile(snap_);
+    EXPECT_THAT(image, IsOk());
+    EXPECT_EQ(image->sessions.size(), 1u);
+    edit(image->sessions[0]);
+    EXPECT_THAT(WriteSnapshotFile(*image, snap_), IsOk());
+    return ReadSnapshotFile(snap_).value();
+  }
+};
+
+TEST_F(QualityRestoreTest, CalibrationComesBackAndGoesOnLikeATwin) {
+  const SessionConfig c = Calibrated();
+  Node twin = Node::Start("", false, true);
+  std::pair<std::string, std::string> ids;
+  std::string widths;
+  {
+    Node before = Node::Start(file_, false, true);
+    ids = CalibrateAndDrain(before, &twin, 12);
+    widths = Widths(before, ids.first);
+  }
+  // This small session meets its target at the start width; the tallies and
+  // schedule still move (widths that move: warm_restart_test.cc
+  // CalibratedWidthsSurviveTheRestart, and the exact fallback below).
+  EXPECT_THAT(widths, HasSubstr("samples=12 ")) << widths;
+  Node after = Node::Start(file_, true, true);
+  const SessionManager::RestoreReport report = after.manager->Restore(Edited([](auto&) {}));
+  ASSERT_EQ(report.recovered, 1) << (report.dropped.empty() ? "" : report.dropped[0][2]);
+  EXPECT_EQ(report.quality_restored, 1);
+  EXPECT_TRUE(report.quality_fresh.empty());
+  EXPECT_EQ(Widths(after, ids.first), widths);
+  for (int step = 12; step < 20; ++step) {
+    ASSERT_EQ(Step(after, ids.first, c, 100 + step), Step(twin, ids.second, c, 100 + step))
+        << "step " << step;
+  }
+}
+
+TEST_F(QualityRestoreTest, ASnapshotWithoutCalibrationStateStartsItFresh) {
+  std::string id;
+  {
+    Node before = Node::Start(file_, false, true);
+    id = CalibrateAndDrain(before, nullptr, 6).first;
+  }
+  Node after = Node::Start(file_, true, true);
+  const SessionManager::RestoreReport report =
+      after.manager->Restore(Edited([](SessionImage& s) { s.quality.reset(); }));
+  ASSERT_EQ(report.recovered, 1) << (report.dropped.empty() ? "" : report.dropped[0][2]);
+  EXPECT_EQ(report.quality_restored, 0);
+  ASSERT_EQ(report.quality_fresh.size(), 1u);
+  EXPECT_EQ(report.quality_fresh[0][0], id);
+  EXPECT_THAT(report.quality_fresh[0][1], HasSubstr("older daemon"));
+  const std::string widths = Widths(after, id);
+  EXPECT_THAT(widths, HasSubstr("monitored\n0/0 tree w=1 changes=0 samples=0")) << widths;
+}
+
+// A restored exact fallback: that head selects exactly (every key scored)
+// at once, and says so.
+TEST_F(QualityRestoreTest, ARestoredExactFallbackSelectsExactly) {
+  std::string id;
+  {
+    Node before = Node::Start(file_, false, true);
+    id = CalibrateAndDrain(before, nullptr, 4).first;
+  }
+  Node after = Node::Start(file_, true, true);
+  const SessionManager::RestoreReport report = after.manager->Restore(Edited([](SessionImage& s) {
+    CalibratorState& head1 = s.quality->heads[1].calibrator;
+    head1.mode = SelectMode::kExact;
+    head1.reprobe_wait = 256;
+    head1.fallbacks = 1;
+  }));
+  ASSERT_EQ(report.recovered, 1) << (report.dropped.empty() ? "" : report.dropped[0][2]);
+  const std::string widths = Widths(after, id);
+  EXPECT_THAT(widths, HasSubstr("0/1 exact")) << widths;
+  EXPECT_THAT(widths, HasSubstr("0/0 tree")) << widths;
+  const std::string step = Step(after, id, Calibrated(), 7);
+  // Layer group 0: head 0 descends its tree, head 1 scores every key.
+  const size_t first = step.find("touched ");
+  ASSERT_NE(first, std::string::npos) << step;
+  EXPECT_NE(step.substr(first, 12), absl::StrCat("touched ", kTokens)) << step;
+  EXPECT_THAT(step.substr(first + 8), HasSubstr(absl::StrCat("touched ", kTokens, "|"))) << step;
+}
+
+// A calibration state out of range, unreadable or of the wrong shape: the
+// session is dropped with the reason, never served with an absurd width.
+class CorruptQualityTest : public QualityRestoreTest, public ::testing::WithParamInterface<int> {};
+
+TEST_P(CorruptQualityTest, DropsTheSessionWithTheReason) {
+  std::string id;
+  {
+    Node before = Node::Start(file_, false, true);
+    id = CalibrateAndDrain(before, nullptr, 4).first;
+  }
+  const struct {
+    std::function<void(SessionImage&)> edit;
+    const char* why;
+  } cases[] = {
+      {[](SessionImage& s) { s.quality->heads[1].calibrator.width = 1e9; },
+       "layer group 0 kv head 1: calibrator state: width must be in [1, 64], got 1e+09"},
+      {[](SessionImage& s) { s.quality->heads[0].sum_ratio = std::nan(""); },
+       "field 'sum_ratio' is missing or not of its type"},
+      {[](SessionImage& s) { s.quality->heads.pop_back(); }, "lists 3 heads for 4 indexes"},
+      {[](SessionImage& s) { s.quality->heads[2].calibrated = false; },
+       "holds no calibrator state, but the session's width is calibrated"},
+  };
+  Node after = Node::Start(file_, true, true);
+  const SessionManager::RestoreReport report =
+      after.manager->Restore(Edited(cases[GetParam()].edit));
+  EXPECT_EQ(report.recovered, 0);
+  ASSERT_EQ(report.dropped.size(), 1u);
+  EXPECT_EQ(report.dropped[0][0], id);
+  EXPECT_THAT(report.dropped[0][2], HasSubstr(cases[GetParam()].why));
+  EXPECT_THAT(after.manager->GetSession(Alice(), id), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_EQ(after.pool->used_bytes(), 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, CorruptQualityTest, ::testing::Range(0, 4));
+
 TEST(SnapshotFileTest, TamperedOrTruncatedFilesAreDataLoss) {
   const std::string path = "/dev/shm/" + UniqueName("snap");
   SnapshotImage image;
@@ -321,6 +525,63 @@ TEST(SnapshotFileTest, TamperedOrTruncatedFilesAreDataLoss) {
   Overwrite(path, bytes.substr(0, 20));
   EXPECT_THAT(ReadSnapshotFile(path), StatusIs(absl::StatusCode::kDataLoss));
   unlink(path.c_str());
+}
+
+// The calibration state goes through the snapshot's JSON bit for bit (a
+// restored width selects exactly as before); another state format is
+// "missing" (the calibration starts fresh), a mistyped field an error that
+// names it.
+TEST(SnapshotFileTest, TheCalibrationStateRoundTripsExactly) {
+  SessionQualityState q;
+  q.samples_dropped = 3;
+  q.selection_ns = 123456789012;
+  HeadQualityState h;
+  h.calibrated = true;
+  h.samples = 41;
+  h.sum_ratio = 38.123456789012345;
+  h.recent_ratio = 1.0 / 3.0;
+  h.calibrator.width = 11.390625;
+  h.calibrator.floor = 1.5 * 1.5 * 1.5 * 1.224744871391589;
+  h.calibrator.mean_at_width = 0.9512345678901234;
+  h.calibrator.mode = SelectMode::kExact;
+  h.calibrator.reprobe_wait = 512;
+  h.calibrator.schedule.steps = 77;
+  h.calibrator.schedule.select_ns = 2.0 / 7.0 * 1e6;
+  q.heads = {h, HeadQualityState{}};
+  const Json session{{"quality", QualityStateToJson(q)}};
+  auto back = ParseJson(DumpJson(session));
+  ASSERT_THAT(back, IsOk());
+  QualityStateRead read = QualityStateFromJson(*back);
+  ASSERT_TRUE(read.state.has_value()) << read.error << read.missing;
+  const SessionQualityState& r = *read.state;
+  EXPECT_EQ(r.samples_dropped, 3);
+  EXPECT_EQ(r.selection_ns, 123456789012);
+  ASSERT_EQ(r.heads.size(), 2u);
+  EXPECT_TRUE(r.heads[0].calibrated);
+  EXPECT_FALSE(r.heads[1].calibrated);
+  EXPECT_EQ(r.heads[0].sum_ratio, h.sum_ratio);
+  EXPECT_EQ(r.heads[0].recent_ratio, h.recent_ratio);
+  EXPECT_EQ(r.heads[0].calibrator.width, h.calibrator.width);
+  EXPECT_EQ(r.heads[0].calibrator.floor, h.calibrator.floor);
+  EXPECT_EQ(r.heads[0].calibrator.mean_at_width, h.calibrator.mean_at_width);
+  EXPECT_EQ(r.heads[0].calibrator.mode, SelectMode::kExact);
+  EXPECT_EQ(r.heads[0].calibrator.reprobe_wait, 512);
+  EXPECT_EQ(r.heads[0].calibrator.schedule.steps, 77);
+  EXPECT_EQ(r.heads[0].calibrator.schedule.select_ns, h.calibrator.schedule.select_ns);
+
+  Json other = session;
+  other["quality"]["format"] = 2;
+  read = QualityStateFromJson(other);
+  EXPECT_FALSE(read.state.has_value());
+  EXPECT_TRUE(read.error.empty());
+  EXPECT_THAT(read.missing, HasSubstr("format 2; this daemon reads 1"));
+  Json mistyped = session;
+  mistyped["quality"]["heads"][0]["calibrator"]["mode"] = "sideways";
+  read = QualityStateFromJson(mistyped);
+  EXPECT_FALSE(read.state.has_value());
+  EXPECT_THAT(read.error, HasSubstr("head 0: field 'mode'"));
+  read = QualityStateFromJson(Json::object());
+  EXPECT_THAT(read.missing, HasSubstr("older daemon"));
 }
 
 // A session's unit of selection survives a warm restart: unset (by
