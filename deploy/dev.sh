@@ -9,10 +9,11 @@
 #                           ASan+UBSan build (every unit and integration test and the
 #                           fuzz targets), both clang-14 with -Wthread-safety
 #                           -Werror=thread-safety (the lock annotation check); then the
-#                           whole suite (ctest) on the Release build, the TSan set, the
-#                           ASan+UBSan set (unit, integration, fuzz corpus replays) and
-#                           each fuzz target for FUZZ_SECONDS (default 10 here). Each
-#                           step prints its wall and CPU seconds
+#                           whole suite (ctest) on the Release build (beside the two
+#                           sanitizer builds), the TSan set (beside the ASan+UBSan
+#                           build), the ASan+UBSan set (unit, integration, fuzz corpus
+#                           replays) and each fuzz target for FUZZ_SECONDS (default 10
+#                           here). Each step prints its wall and CPU seconds
 #   deploy/dev.sh build     install what is missing and build only
 #   deploy/dev.sh format    fail on any clang-format-14 difference (fix: clang-format-14 -i FILE)
 #   deploy/dev.sh sanitize asan|tsan
@@ -103,6 +104,9 @@ step() {
   echo "==> step $name: $((SECONDS - start)) s wall, $((CHILD_CPU - cpu0)) CPU s"
 }
 
+# Every target is a unity build (ICECACHE_UNITY_BUILD: sources compiled in
+# batches, the shared headers parsed once per batch; the CI trees are built
+# once from scratch, without ccache).
 # Test code (tests/, not the code under test) is built at -O1 in Release
 # (ICECACHE_TEST_CODE_OPTIONS): it runs little, and -O3 costs a third more
 # to compile; the headers every test includes are precompiled once
@@ -114,7 +118,7 @@ build() {
   echo "==> configuring ($BUILD_TYPE) in $BUILD_DIR"
   cmake -S "$ROOT" -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE="$BUILD_TYPE" \
     -DICECACHE_BUILD_TESTS=ON -DICECACHE_BUILD_BENCH=ON -DICECACHE_TEST_CODE_OPTIONS=-O1 \
-    -DICECACHE_TEST_PCH=ON \
+    -DICECACHE_TEST_PCH=ON -DICECACHE_UNITY_BUILD=ON \
     ${CMAKE_ARGS:-}
   echo "==> building with $JOBS jobs"
   cmake --build "$BUILD_DIR" -j "$JOBS"
@@ -133,20 +137,25 @@ run_tests() {
   (cd "$BUILD_DIR" && ctest --output-on-failure -j "$JOBS" --timeout 900)
 }
 
-# `test` runs the Release suite in the background while the sanitizer trees
-# build: the suite waits on daemons and sockets most of the time (about a
-# quarter of 2 cores), the builds use both. Its output is printed when it is
-# waited for; a failure fails `test` there.
-start_release_tests() {
-  RELEASE_TESTS_LOG=$(mktemp)
-  run_tests > "$RELEASE_TESTS_LOG" 2>&1 &
-  RELEASE_TESTS_PID=$!
-  echo "==> the Release suite runs in the background (pid $RELEASE_TESTS_PID)"
+# `test` runs two suites in the background while the next build runs: the
+# Release suite beside the two sanitizer builds, the TSan set beside the
+# ASan+UBSan build. Both wait on daemons and sockets most of the time (the
+# Release suite about a quarter of 2 cores, the TSan set under half), the
+# builds use both. A suite's output is printed when it is waited for; a
+# failure fails `test` there.
+declare -A BG_PID BG_LOG
+start_background() {
+  local name=$1
+  shift
+  BG_LOG[$name]=$(mktemp)
+  "$@" > "${BG_LOG[$name]}" 2>&1 &
+  BG_PID[$name]=$!
+  echo "==> $name runs in the background (pid ${BG_PID[$name]})"
 }
-finish_release_tests() {
+finish_background() {
   local rc=0
-  wait "$RELEASE_TESTS_PID" || rc=$?
-  cat "$RELEASE_TESTS_LOG"
+  wait "${BG_PID[$1]}" || rc=$?
+  cat "${BG_LOG[$1]}"
   return $rc
 }
 
@@ -202,7 +211,10 @@ TSAN_EXCLUDE='_NOT_BUILT|^load_short$|MessageLimitTest.OversizedMessagesCostAtMo
 # file:line in reports, a fraction of full debug info's build cost); the
 # tests' own code at -O0 (ICECACHE_TEST_CODE_OPTIONS: 2 to 3 times cheaper to
 # compile instrumented, and it runs little) with one precompiled header
-# (ICECACHE_TEST_PCH); linked by lld.
+# (ICECACHE_TEST_PCH), and so are the generated protobuf/gRPC code
+# (ICECACHE_GENERATED_CODE_OPTIONS) and the tools' mains
+# (ICECACHE_TOOL_MAIN_OPTIONS: CLI11 parsing); every target a unity build
+# (ICECACHE_UNITY_BUILD, as in `build`); linked by lld.
 sanitize_build() {
   local kind=$1 set=${2:-full} san extra=() targets=()
   case "$kind" in
@@ -220,7 +232,8 @@ sanitize_build() {
   mkdir -p "$dir"
   CC=clang-14 CXX=clang++-14 cmake -S "$ROOT" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Sanitize \
     -DCMAKE_CXX_FLAGS_SANITIZE="-O1 -g1" -DCMAKE_C_FLAGS_SANITIZE="-O1 -g1" \
-    -DICECACHE_TEST_CODE_OPTIONS=-O0 -DICECACHE_TEST_PCH=ON \
+    -DICECACHE_TEST_CODE_OPTIONS=-O0 -DICECACHE_TEST_PCH=ON -DICECACHE_UNITY_BUILD=ON \
+    -DICECACHE_GENERATED_CODE_OPTIONS=-O0 -DICECACHE_TOOL_MAIN_OPTIONS=-O0 \
     -DCMAKE_EXE_LINKER_FLAGS=-fuse-ld=lld -DCMAKE_SHARED_LINKER_FLAGS=-fuse-ld=lld \
     -DICECACHE_BUILD_TESTS=ON -DICECACHE_THREAD_SAFETY=ON \
     -DICECACHE_ENABLE_CUDA=OFF -DICECACHE_SANITIZE="$san" "${extra[@]}" ${CMAKE_ARGS:-} \
@@ -320,14 +333,18 @@ case "$cmd" in
   test)
     # Builds first, so a compile or annotation error (-Werror=thread-safety
     # in both clang trees) fails CI early; the Release suite runs beside the
-    # sanitizer builds, then the sanitizer suites and fuzzing.
+    # sanitizer builds and the TSan set beside the ASan+UBSan build, then the
+    # ASan+UBSan set and fuzzing.
     # The budget per step: docs/operations.md, "The budget, measured".
     test_start=$SECONDS
     step install install_deps; step "release build" build; step format check_format
-    start_release_tests
-    step "tsan build" sanitize_build tsan; step "asan build" sanitize_build asan ci
-    step "release tests (after the builds)" finish_release_tests
-    step "tsan tests" sanitize_test tsan; step "asan tests" sanitize_test asan ci
+    start_background "the Release suite" run_tests
+    step "tsan build" sanitize_build tsan
+    start_background "the TSan set" sanitize_test tsan
+    step "asan build" sanitize_build asan ci
+    step "release tests (after the builds)" finish_background "the Release suite"
+    step "tsan tests (after the asan build)" finish_background "the TSan set"
+    step "asan tests" sanitize_test asan ci
     FUZZ_SECONDS=${FUZZ_SECONDS:-10}; step fuzz fuzz
     echo "==> test: $((SECONDS - test_start)) s"
     ;;
