@@ -180,6 +180,17 @@ class ExactRefs {
     return sum;
   }
 
+  // Attention-mass recall alone of `positions` (as Evaluate's, cheaper).
+  absl::StatusOr<double> Mass(int step, const Tree& t, const std::vector<int32_t>& positions) {
+    double sum = 0;
+    for (int l = 0; l < w_.layer_reuse; ++l) {
+      ASSIGN_OR_RETURN(const ExactAttention* ref, Get(step, w_.first_layer(t.group) + l, t.head));
+      ASSIGN_OR_RETURN(double m, MassRecall(*ref, positions));
+      sum += m;
+    }
+    return sum / w_.layer_reuse;
+  }
+
   // Relative error of an estimate of the G outputs (G x head_dim) against
   // the exact outputs of the group's first layer, averaged over the queries.
   absl::StatusOr<double> EstimateError(int step, const Tree& t, const std::vector<float>& est) {
@@ -328,6 +339,7 @@ class SelectorMethod : public TreeMethod {
     const auto t1 = std::chrono::steady_clock::now();
     const double select_s = std::chrono::duration<double>(t1 - t0).count();
     times_.select_s += select_s;
+    times_.select_cpu_s += static_cast<double>(cpu1 - cpu0) * 1e-9;
     if (warm) {
       times_.steady_select_s += select_s;
       ++times_.steady_steps;
@@ -337,6 +349,7 @@ class SelectorMethod : public TreeMethod {
     ASSIGN_OR_RETURN(QualitySample q, MeasureSelection(static_cast<const MdciSelector&>(*selector_),
                                                        queries, nq, params, *sel));
     q.reference_ns = ThreadCpuNanos() - cpu1;
+    times_.sample_cpu_s += static_cast<double>(q.reference_ns) * 1e-9;
     calibrator_->Observe(q);
     const double sample_s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
@@ -538,23 +551,28 @@ absl::StatusOr<std::unique_ptr<TreeMethod>> MakeMethod(const std::string& name, 
 
 struct PointStats {
   SweepPoint point;
-  std::vector<double> query_us;
+  std::vector<double> query_us;  // wall time per select call
+  std::vector<double> cpu_us;    // the same calls' thread CPU time
   double topk = 0, mass = 0, err = 0, touched = 0, selected_fill = 0;
   double oracle_mass = std::numeric_limits<double>::quiet_NaN();  // page oracle on the layout
+  // Per (step, tree), step-major: the page oracle's mass (for the replay).
+  std::vector<double> oracle_by_step;
   int64_t count = 0;
 
-  double p(double q) const {
-    if (query_us.empty()) return std::numeric_limits<double>::quiet_NaN();
-    std::vector<double> v = query_us;
+  static double Quantile(const std::vector<double>& x, double q) {
+    if (x.empty()) return std::numeric_limits<double>::quiet_NaN();
+    std::vector<double> v = x;
     const size_t idx = std::min(v.size() - 1, static_cast<size_t>(q * (v.size() - 1) + 0.5));
     std::nth_element(v.begin(), v.begin() + idx, v.end());
     return v[idx];
   }
-  double mean_us() const {
+  static double Mean(const std::vector<double>& x) {
     double s = 0;
-    for (double x : query_us) s += x;
-    return query_us.empty() ? 0 : s / query_us.size();
+    for (double v : x) s += v;
+    return x.empty() ? 0 : s / x.size();
   }
+  double p(double q) const { return Quantile(query_us, q); }
+  double mean_us() const { return Mean(query_us); }
 };
 
 struct MethodResult {
@@ -627,6 +645,7 @@ CalibrationSummary SummarizeCalibration(const std::vector<std::unique_ptr<TreeMe
   CalibrationSummary c;
   double width = 0, fov = 0, cf = 0, ratio = 0, sample_s = 0, select_s = 0, converge = 0;
   double calls = 0, exact_calls = 0, steady_sample_s = 0, steady_select_s = 0, interval = 0;
+  double select_cpu_s = 0, sample_cpu_s = 0;
   int n = 0, exact = 0, steady_steps = 0;
   for (const auto& t : trees) {
     CalibratorReport r;
@@ -641,6 +660,8 @@ CalibrationSummary SummarizeCalibration(const std::vector<std::unique_ptr<TreeMe
     select_s += times.select_s;
     steady_sample_s += times.steady_sample_s;
     steady_select_s += times.steady_select_s;
+    select_cpu_s += times.select_cpu_s;
+    sample_cpu_s += times.sample_cpu_s;
     steady_steps += static_cast<int>(times.steady_steps);
     calls += static_cast<double>(r.steps);
     exact_calls += static_cast<double>(r.exact_steps);
@@ -656,6 +677,10 @@ CalibrationSummary SummarizeCalibration(const std::vector<std::unique_ptr<TreeMe
   c.converge_steps = converge;
   c.select_us = calls > 0 ? 1e6 * select_s / calls : std::numeric_limits<double>::quiet_NaN();
   c.overhead = select_s > 0 ? sample_s / select_s : std::numeric_limits<double>::quiet_NaN();
+  c.select_cpu_us =
+      calls > 0 ? 1e6 * select_cpu_s / calls : std::numeric_limits<double>::quiet_NaN();
+  c.overhead_cpu =
+      select_cpu_s > 0 ? sample_cpu_s / select_cpu_s : std::numeric_limits<double>::quiet_NaN();
   c.heads = n;
   c.exact_heads = exact;
   c.exact_share = calls > 0 ? exact_calls / calls : 0.0;
@@ -667,21 +692,59 @@ CalibrationSummary SummarizeCalibration(const std::vector<std::unique_ptr<TreeMe
 }
 
 // Self-calibrated trees: `steps` more selections each, the workload's steps'
-// queries replayed, for the steady-state sampling overhead (mass is not
-// measured: the queries repeat).
+// queries replayed in order, for the steady state after the measured steps:
+// the sampling overhead, and the mass, the exact share and the thread CPU
+// time of these selections (the calibrator has seen the measured steps by
+// then; it keeps adapting during the replay, as in a long decode). Mass is
+// averaged per (step, tree) over its replays, then over those, so it weighs
+// the steps as the measured pass does; `st` holds the measured pass's page
+// oracle per (step, tree). Fills the replay_* fields of `c`.
 absl::Status RunSteadySteps(const Workload& w, int steps, int budget,
-                            const std::vector<std::unique_ptr<TreeMethod>>& trees) {
+                            const std::vector<std::unique_ptr<TreeMethod>>& trees, ExactRefs* refs,
+                            const PointStats& st, CalibrationSummary* c) {
   Selection sel;
-  for (size_t t = 0; t < trees.size(); ++t) {
-    CalibratorReport r;
-    CalibrationTimes times;
-    if (!trees[t]->Calibration(&r, &times)) continue;
+  std::vector<int32_t> positions;
+  const size_t ntrees = trees.size();
+  double mass = 0, oracle = 0, calls = 0, exact_calls = 0, select_cpu = 0, sample_cpu = 0;
+  int cells = 0, calibrated = 0;
+  for (size_t t = 0; t < ntrees; ++t) {
+    CalibratorReport r0, r1;
+    CalibrationTimes t0, t1;
+    if (!trees[t]->Calibration(&r0, &t0)) continue;
+    ++calibrated;
     const Tree& tr = w.trees[t];
+    std::vector<double> mass_of(w.steps, 0.0);
+    std::vector<int> visits(w.steps, 0);
     for (int i = 0; i < steps; ++i) {
-      const float* q = w.dump.query(i % w.steps, w.first_layer(tr.group), tr.head);
+      const int s = i % w.steps;
+      const float* q = w.dump.query(s, w.first_layer(tr.group), tr.head);
       RETURN_IF_ERROR(trees[t]->Select(q, w.queries, SweepPoint{budget, budget}, &sel));
+      trees[t]->Positions(sel, &positions);
+      ASSIGN_OR_RETURN(double m, refs->Mass(s, tr, positions));
+      mass_of[s] += m;
+      ++visits[s];
     }
+    for (int s = 0; s < w.steps; ++s) {
+      if (visits[s] == 0) continue;
+      mass += mass_of[s] / visits[s];
+      const size_t cell = static_cast<size_t>(s) * ntrees + t;
+      oracle += cell < st.oracle_by_step.size() ? st.oracle_by_step[cell]
+                                                : std::numeric_limits<double>::quiet_NaN();
+      ++cells;
+    }
+    trees[t]->Calibration(&r1, &t1);
+    calls += static_cast<double>(r1.steps - r0.steps);
+    exact_calls += static_cast<double>(r1.exact_steps - r0.exact_steps);
+    select_cpu += t1.select_cpu_s - t0.select_cpu_s;
+    sample_cpu += t1.sample_cpu_s - t0.sample_cpu_s;
   }
+  if (calibrated == 0 || cells == 0) return absl::OkStatus();
+  c->replay_steps = static_cast<double>(steps);
+  c->replay_mass = mass / cells;
+  c->replay_oracle_mass = oracle / cells;
+  c->replay_exact_share = calls > 0 ? exact_calls / calls : 0.0;
+  c->replay_select_cpu_us = calls > 0 ? 1e6 * select_cpu / calls : 0.0;
+  c->replay_sample_cpu_us = calls > 0 ? 1e6 * sample_cpu / calls : 0.0;
   return absl::OkStatus();
 }
 
@@ -780,7 +843,9 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
             const Tree& tr = w.trees[t];
             const float* q = d.query(s, w.first_layer(tr.group), tr.head);
             const auto t0 = Clock::now();
+            const int64_t cpu0 = ThreadCpuNanos();
             absl::Status status = trees[t]->Select(q, w.queries, sp, &sel);
+            const int64_t cpu1 = ThreadCpuNanos();
             const auto t1 = Clock::now();
             if (!status.ok()) {
               return absl::Status(
@@ -789,6 +854,7 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
                                   tr.group, tr.head, status.message()));
             }
             st.query_us.push_back(Seconds(t0, t1) * 1e6);
+            st.cpu_us.push_back(static_cast<double>(cpu1 - cpu0) * 1e-3);
             trees[t]->Positions(sel, &positions);
             ASSIGN_OR_RETURN(QualityReport q_r, refs->Evaluate(s, tr, positions));
             if (const std::vector<float>* est = trees[t]->last_estimate()) {
@@ -803,6 +869,7 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
               params.sink_tokens = o.sink_tokens;
               ASSIGN_OR_RETURN(double om, refs->OracleMass(s, tr, *trees[t]->selector(), params));
               oracle_sum += om;
+              st.oracle_by_step.push_back(om);
             }
             st.touched += static_cast<double>(sel.keys_touched);
             if (!sel.pages.empty()) {
@@ -823,7 +890,11 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
           st.oracle_mass = oracle_sum / st.count;
         r.sweep.push_back(std::move(st));
       }
-      if (o.steady_steps > 0) RETURN_IF_ERROR(RunSteadySteps(w, o.steady_steps, o.budget, trees));
+      CalibrationSummary replay;
+      if (o.steady_steps > 0) {
+        RETURN_IF_ERROR(
+            RunSteadySteps(w, o.steady_steps, o.budget, trees, refs, r.sweep.front(), &replay));
+      }
       // The cheapest point within 0.01 of the best mass recall.
       double best_mass = -1;
       for (const auto& st : r.sweep) best_mass = std::max(best_mass, st.mass);
@@ -853,6 +924,12 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
           std::printf("  %s page %d tree %zu %s\n", name.c_str(), p, t, line.c_str());
       }
       r.calibration = SummarizeCalibration(trees);
+      r.calibration.replay_steps = replay.replay_steps;
+      r.calibration.replay_mass = replay.replay_mass;
+      r.calibration.replay_oracle_mass = replay.replay_oracle_mass;
+      r.calibration.replay_exact_share = replay.replay_exact_share;
+      r.calibration.replay_select_cpu_us = replay.replay_select_cpu_us;
+      r.calibration.replay_sample_cpu_us = replay.replay_sample_cpu_us;
       results.push_back(std::move(r));
     }
   }
@@ -1172,6 +1249,8 @@ absl::StatusOr<std::vector<MethodSummary>> MeasureRuns(const SelectBenchOptions&
     m.mdci = run.mdci;
     m.p50_us = r.best().p(0.5);
     m.mean_us = r.best().mean_us();
+    m.cpu_p50_us = PointStats::Quantile(r.best().cpu_us, 0.5);
+    m.cpu_mean_us = PointStats::Mean(r.best().cpu_us);
     m.mass = r.best().mass;
     m.topk = r.best().topk;
     m.output_rel_error = r.best().err;

@@ -81,6 +81,7 @@ struct SelectBenchOptions {
   bool matrix = false;
   std::vector<std::string> families;
   std::vector<std::string> widths;
+  bool frontier_token = true;  // the widths at token granularity too
   std::string plot_path;
   // > 0: mdci self-calibrates its width toward this mass ratio against
   // exact-mdci (server/index/width_calibrator.h), sampling every step of a
@@ -127,6 +128,21 @@ struct CalibrationSummary {
   double steady_steps = std::numeric_limits<double>::quiet_NaN();
   double sample_interval = std::numeric_limits<double>::quiet_NaN();
   double steady_overhead = std::numeric_limits<double>::quiet_NaN();
+  // Thread CPU time: mean selection (us, reference excluded) and the
+  // references' share of it, over every step (the replay included).
+  double select_cpu_us = std::numeric_limits<double>::quiet_NaN();
+  double overhead_cpu = std::numeric_limits<double>::quiet_NaN();
+  // The --steady-steps replay (after the measured steps; NaN without it):
+  // selections per tree, mean mass (each (step, tree) weighed once), the
+  // page oracle's mass on the same steps, the share of selections made
+  // exactly, and per selection the mean thread CPU time of the selection and
+  // of the sampled references.
+  double replay_steps = std::numeric_limits<double>::quiet_NaN();
+  double replay_mass = std::numeric_limits<double>::quiet_NaN();
+  double replay_oracle_mass = std::numeric_limits<double>::quiet_NaN();
+  double replay_exact_share = std::numeric_limits<double>::quiet_NaN();
+  double replay_select_cpu_us = std::numeric_limits<double>::quiet_NaN();
+  double replay_sample_cpu_us = std::numeric_limits<double>::quiet_NaN();
 };
 
 // What MeasureRuns reports per run: means over steps and trees.
@@ -135,6 +151,7 @@ struct MethodSummary {
   std::string selector;
   MdciParams mdci;
   double p50_us = 0, mean_us = 0;
+  double cpu_p50_us = 0, cpu_mean_us = 0;  // thread CPU time per select call
   double mass = 0, topk = 0, output_rel_error = 0, keys_touched = 0;
   double page_fill = 0;    // NaN for token-level methods
   double oracle_mass = 0;  // page oracle on the run's layout (with page_oracle); else NaN

@@ -206,6 +206,10 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "--matrix: mdci widths of the frontier, FOVxCF (field of view x candidate "
                   "factor) or 'exhaustive', e.g. 32x8,128x16,512x32,exhaustive (default: none)")
       ->type_name("LIST");
+  app->add_option("--frontier-token", o_.frontier_token,
+                  "--matrix: run the --widths at token granularity too (the granularity "
+                  "frontier; 0: page only)")
+      ->capture_default_str();
   app->add_option("--plot", o_.plot_path, "--matrix: write the frontier as an SVG to FILE")
       ->type_name("FILE");
   app->add_flag("--baselines", o_.baselines,

@@ -89,6 +89,7 @@ absl::StatusOr<FamilyResult> RunFamily(const SelectBenchOptions& o, const std::s
     runs.push_back({w.label, "mdci", WidthParams(w, o.mdci, context, o.budget)});
   }
   for (const WidthSpec& w : widths) {
+    if (!o.frontier_token) break;
     runs.push_back({w.label, "mdci/token", WidthParams(w, o.mdci, context, o.budget)});
   }
   std::fprintf(stderr, "matrix: family %s\n", family.c_str());
@@ -221,6 +222,45 @@ void PrintMatrix(const std::vector<FamilyResult>& fs) {
   }
 }
 
+// The steady state: the --steady-steps replay after the measured steps
+// (CalibrationSummary::replay_*), with speeds from thread CPU time (the
+// exact scan's mean over the measured steps against the replay's mean
+// selection, without and with the sampled references).
+void PrintSteadyState(const std::vector<FamilyResult>& fs) {
+  if (fs.empty() || !std::isfinite(fs.front().policy.at("mdci-cal").calibration.replay_steps)) {
+    return;
+  }
+  std::printf(
+      "\nsteady state (calibrated mdci over the --steady-steps replay after the measured steps, "
+      "the measured steps' queries in order; mass: page granularity / page oracle, token / token "
+      "oracle, 'first' over the measured steps, warm-up included; exact: share of the replay's "
+      "selections made exactly; cpu: mean thread CPU us per selection; speed: exact scan mean "
+      "thread CPU / that, and +ref with the sampled references)\n");
+  std::printf("%-19s %9s | %7s %7s %6s %8s %6s %6s | %7s %7s %6s %8s %6s %6s\n", "family",
+              "exact_cpu", "first", "steady", "exact", "cpu", "speed", "+ref", "tfirst", "tsteady",
+              "exact", "cpu", "speed", "+ref");
+  for (const FamilyResult& f : fs) {
+    const double exact_cpu = f.policy.at("exact").cpu_mean_us;
+    const double oracle = f.policy.at("mdci").oracle_mass;
+    const double tok_oracle = f.policy.at("exact/token").mass;
+    std::printf("%-19s %9s", f.family.c_str(), Fmt(exact_cpu, "%.0f").c_str());
+    for (const char* label : {"mdci-cal", "mdci-cal/token"}) {
+      const MethodSummary& m = f.policy.at(label);
+      const CalibrationSummary& c = m.calibration;
+      const bool page = std::string(label) == "mdci-cal";
+      const double first = Ratio(m.mass, page ? oracle : tok_oracle);
+      const double steady = Ratio(c.replay_mass, page ? c.replay_oracle_mass : tok_oracle);
+      std::printf(
+          " | %7s %7s %5s%% %8s %5sx %5sx", Fmt(first, "%.3f").c_str(), Fmt(steady, "%.3f").c_str(),
+          Fmt(100 * c.replay_exact_share, "%.0f").c_str(),
+          Fmt(c.replay_select_cpu_us, "%.0f").c_str(),
+          Fmt(Ratio(exact_cpu, c.replay_select_cpu_us), "%.1f").c_str(),
+          Fmt(Ratio(exact_cpu, c.replay_select_cpu_us + c.replay_sample_cpu_us), "%.1f").c_str());
+    }
+    std::printf("\n");
+  }
+}
+
 void PrintFrontier(const std::vector<FamilyResult>& fs) {
   if (fs.empty() || fs.front().frontier.empty()) return;
   std::printf(
@@ -271,6 +311,8 @@ Json SummaryJson(const MethodSummary& m) {
   j["label"] = m.label;
   j["query_us_p50"] = m.p50_us;
   j["query_us_mean"] = m.mean_us;
+  j["query_cpu_us_p50"] = m.cpu_p50_us;
+  j["query_cpu_us_mean"] = m.cpu_mean_us;
   j["mass_recall"] = m.mass;
   j["topk_recall"] = m.topk;
   j["output_rel_error"] = m.output_rel_error;
@@ -301,6 +343,16 @@ Json CalibrationJson(const CalibrationSummary& c) {
   j["steady_steps"] = c.steady_steps;
   j["steady_sample_interval"] = c.sample_interval;
   j["steady_overhead"] = c.steady_overhead;
+  j["select_cpu_us_mean"] = c.select_cpu_us;
+  j["overhead_cpu"] = c.overhead_cpu;
+  if (std::isfinite(c.replay_steps)) {
+    j["replay_steps"] = c.replay_steps;
+    j["replay_mass"] = c.replay_mass;
+    j["replay_page_oracle_mass"] = c.replay_oracle_mass;
+    j["replay_exact_share"] = c.replay_exact_share;
+    j["replay_select_cpu_us_mean"] = c.replay_select_cpu_us;
+    j["replay_sample_cpu_us_mean"] = c.replay_sample_cpu_us;
+  }
   return j;
 }
 
@@ -391,6 +443,7 @@ absl::Status RunSelectMatrix(const SelectBenchOptions& o) {
     results.push_back(std::move(r));
   }
   PrintMatrix(results);
+  PrintSteadyState(results);
   PrintFrontier(results);
   PrintGranularityFrontier(results);
   std::fflush(stdout);

@@ -24,11 +24,13 @@ struct SweepPoint {
 
 // Wall time of a self-calibrated method's selections and of its sampled
 // steps' exact reference (seconds), in all and once warm (after the
-// calibrator's warm-up samples: the steady state).
+// calibrator's warm-up samples: the steady state); and their thread CPU
+// time in all (seconds; what a loaded machine inflates least).
 struct CalibrationTimes {
   double select_s = 0, sample_s = 0;
   double steady_select_s = 0, steady_sample_s = 0;
   int64_t steady_steps = 0;
+  double select_cpu_s = 0, sample_cpu_s = 0;
 };
 
 class TreeMethod {
