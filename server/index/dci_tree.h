@@ -134,6 +134,10 @@ struct DciScratch {
   // Output, nq: log of the estimated mass, per query, of every key under a
   // node the descent did not take (the mass outside the returned nodes).
   std::vector<float> rest;
+  // Output, nq: log of the estimated mass, per query, of the returned nodes
+  // (the same estimate; against their exact mass it measures the
+  // estimate's error on this step, MdciParams::calibrated_rest).
+  std::vector<float> taken_est;
 };
 
 // The rebuilt search structure, prepared off the writer lock by
@@ -397,6 +401,9 @@ class DciTree {
                           std::vector<uint32_t>* nodes) const;
   // Adds the estimated mass of the candidates not taken to s->rest.
   void AccumulateRest(int nq, size_t taken, DciScratch* s) const;
+  // s->taken_est: the estimated mass of the `taken` candidates at the head
+  // of s->scored (level 1: the returned nodes).
+  void EstimateTaken(int nq, size_t taken, DciScratch* s) const;
   // s->cand = the children of the nodes in s->next, ascending.
   void ExpandChildren(int level, DciScratch* s) const;
 

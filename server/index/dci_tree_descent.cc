@@ -323,6 +323,17 @@ void DciTree::AccumulateRest(int nq, size_t taken, DciScratch* s) const {
   }
 }
 
+void DciTree::EstimateTaken(int nq, size_t taken, DciScratch* s) const {
+  const size_t nc = s->cand.size();
+  s->taken_est.assign(nq, -std::numeric_limits<float>::infinity());
+  s->row.resize(taken);
+  for (int j = 0; j < nq; ++j) {
+    const float* ej = &s->est[static_cast<size_t>(j) * nc];
+    for (size_t k = 0; k < taken; ++k) s->row[k] = ej[s->scored[k].second];
+    s->taken_est[j] = LogSumExp(s->row.data(), taken);
+  }
+}
+
 void DciTree::ExpandChildren(int level, DciScratch* s) const {
   const Level& L = levels_[level];
   // Depth-first numbering gives a node's children consecutive ids, above the
@@ -358,6 +369,7 @@ void DciTree::CollectCandidates(const float* queries, int nq, float scale,
                                 const DciDescentParams& params, DciScratch* s,
                                 std::vector<uint32_t>* nodes, uint64_t* touched) const {
   nodes->clear();
+  s->taken_est.assign(nq, -std::numeric_limits<float>::infinity());
   if (top_level() < 1) return;
   const int d = params_.dim, rank = subspace_.rank();
   const int entry = EntryLevel(params.entry_nodes);
@@ -375,7 +387,10 @@ void DciTree::CollectCandidates(const float* queries, int nq, float scale,
     const size_t taken = params.query_quotas && nq > 1 ? TakeBestPerQuery(l, params, nq, s, nodes)
                                                        : TakeBest(l, params, s, nodes);
     AccumulateRest(nq, taken, s);
-    if (l == 1) return;
+    if (l == 1) {
+      EstimateTaken(nq, taken, s);
+      return;
+    }
     ExpandChildren(l, s);
     PrefetchCandidates(l - 1, spread, *s);
   }

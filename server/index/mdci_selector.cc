@@ -25,6 +25,7 @@ struct SelectScratch {
   std::vector<uint32_t> scored_pages;  // pages scored, in order
   std::vector<float> lse;              // G per scored page: the page's log-mass per query
   std::vector<float> log_norm;         // G: each query's log-normaliser
+  std::vector<float> rest, column;     // CalibrateRest: G corrected rests; one query's lse
   std::vector<std::pair<float, uint32_t>> scored;
   TokenCandidates tokens;                  // token granularity: the candidates' logits, kept
   std::vector<float> shifted, page_share;  // ExactTokenShares: one page's tokens
@@ -191,6 +192,23 @@ void MdciSelector::CollectCandidatePages(const float* queries, int num_queries,
   asm volatile("" : : "r"(sink));
 }
 
+void MdciSelector::CalibrateRest(int num_queries) const {
+  SelectScratch& s = ThreadScratch();
+  const size_t pages = s.scored_pages.size();
+  s.rest.resize(num_queries);
+  for (int j = 0; j < num_queries; ++j) {
+    float rest = s.descent.rest[j];
+    const float est = s.descent.taken_est[j];
+    if (std::isfinite(rest) && std::isfinite(est) && pages > 0) {
+      s.column.resize(pages);
+      for (size_t p = 0; p < pages; ++p) s.column[p] = s.lse[p * num_queries + j];
+      const float exact = LogSumExp(s.column.data(), pages);
+      if (std::isfinite(exact)) rest += exact - est;
+    }
+    s.rest[j] = rest;
+  }
+}
+
 absl::Status MdciSelector::Select(const float* queries, int num_queries, const SelectParams& params,
                                   Selection* out) const {
   RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, params, out));
@@ -225,6 +243,10 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
              by_token ? &s.tokens : nullptr);
   // Each query's normaliser: exact over every page (exact-mdci); for mdci the
   // candidates' exact mass plus the descent's estimate of the rest.
+  if (rest != nullptr && config_.mdci.calibrated_rest) {
+    CalibrateRest(num_queries);
+    rest = s.rest.data();
+  }
   s.log_norm.resize(num_queries);
   QueryLogNorms(s.lse.data(), s.scored_pages.size(), num_queries, rest, s.log_norm.data());
   if (by_token) {

@@ -124,6 +124,9 @@ class MdciSelector : public Selector {
   // Per-thread scratch: the descent's candidate pages (mdci).
   void CollectCandidatePages(const float* queries, int num_queries, const SelectParams& params,
                              uint64_t* touched) const;
+  // MdciParams::calibrated_rest: the descent's rest per query, corrected by
+  // its error on the scored candidates, into the thread's scratch.
+  void CalibrateRest(int num_queries) const;
   // Exact per-query log-mass of `pages` into the per-thread scratch; with
   // `keep`, each page's logits are kept there too (token granularity).
   void ScorePages(const uint32_t* pages, size_t n, const float* queries, int num_queries,

@@ -95,6 +95,12 @@ struct MdciParams {
   float cover_factor = 2.0f;
   int entry_nodes = 1024;      // descent starts at the lowest level with <= this many nodes
   float spread_weight = 1.0f;  // weight of a node's key spread in its estimated mass
+  // true: each query's estimated mass outside the candidates (the rest of
+  // its page-score normaliser) is corrected by the estimate's error on the
+  // candidates themselves, which are scored exactly anyway: rest x (exact /
+  // estimated mass of the returned nodes), a ratio estimator. false: the
+  // descent's estimate as it is.
+  bool calibrated_rest = true;
   // true: the descent ranks nodes by the sum of each query's estimated
   // softmax share (meant to serve every query head of the group); false: by
   // the loudest query. Off: measured worse (icecache-bench select, 16384

@@ -34,6 +34,7 @@
 #include "server/index/width_calibrator.h"
 #include "tests/bench/peers.h"
 #include "tests/bench/select_baselines_table.h"
+#include "tests/bench/select_diagnose.h"
 #include "tests/bench/select_methods.h"
 
 #ifndef ICECACHE_SOURCE_DIR
@@ -1267,6 +1268,7 @@ absl::StatusOr<std::vector<MethodSummary>> MeasureRuns(const SelectBenchOptions&
 
 absl::Status RunSelectBench(const SelectBenchOptions& o) {
   if (o.matrix) return RunSelectMatrix(o);
+  if (o.diagnose) return RunSelectDiagnose(o);
   if (o.baselines) return RunBaselinesTable(o);
   // Peers' own OpenMP threads would distort single-threaded query times and
   // oversubscribe the parallel builds.

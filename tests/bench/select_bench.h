@@ -79,6 +79,9 @@ struct SelectBenchOptions {
   // SyntheticFamilyNames()), mdci at every width of `widths` (the frontier;
   // empty: none), an SVG of the frontier to `plot_path` when set.
   bool matrix = false;
+  // --diagnose (select_diagnose.h): where mdci's descent loses mass, on the
+  // families of `families` at the widths of `widths`.
+  bool diagnose = false;
   std::vector<std::string> families;
   std::vector<std::string> widths;
   bool frontier_token = true;  // the widths at token granularity too

@@ -61,13 +61,15 @@ absl::Status CheckBaselineFlags(const BaselineParams& b) {
 }
 
 absl::Status CheckRanges(const SelectBenchOptions& o) {
-  if (o.matrix && o.baselines) {
-    return absl::InvalidArgumentError("give one of --matrix and --baselines");
+  if (int(o.matrix) + int(o.baselines) + int(o.diagnose) > 1) {
+    return absl::InvalidArgumentError("give one of --matrix, --baselines and --diagnose");
   }
-  if (o.matrix || o.baselines) {
+  if (o.matrix || o.baselines || o.diagnose) {
     if (!o.synthetic.empty() || !o.dump_dir.empty()) {
       return absl::InvalidArgumentError(
-          absl::StrCat(o.matrix ? "--matrix" : "--baselines",
+          absl::StrCat(o.matrix     ? "--matrix"
+                       : o.diagnose ? "--diagnose"
+                                    : "--baselines",
                        " runs the synthetic families (--families); drop --synthetic and --dump"));
     }
     const auto known = SyntheticFamilyNames();
@@ -167,6 +169,10 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "mdci: candidates scored exactly, x budget");
   app->add_option("--mdci-normalized-descent", o_.mdci.normalized_descent,
                   "mdci: rank nodes by each query's normalised share (1) or the loudest query (0)");
+  app->add_option("--mdci-calibrated-rest", o_.mdci.calibrated_rest,
+                  "mdci: correct each query's estimated mass outside the candidates by the "
+                  "estimate's error on the candidates (1) or not (0)")
+      ->capture_default_str();
   app->add_option("--mdci-query-quotas", o_.mdci.query_quotas,
                   "mdci: each query of the group takes its share of the descent's nodes from its "
                   "own ranking (1) or one ranking for the group (0)");
@@ -212,6 +218,10 @@ SelectFlags::SelectFlags(CLI::App* app) {
       ->capture_default_str();
   app->add_option("--plot", o_.plot_path, "--matrix: write the frontier as an SVG to FILE")
       ->type_name("FILE");
+  app->add_flag("--diagnose", o_.diagnose,
+                "where mdci's descent loses mass against the exact page reference, per family "
+                "(--families) and width (--widths; default the configured one), and the width "
+                "its ranking would need (select_diagnose.h)");
   app->add_flag("--baselines", o_.baselines,
                 "comparison table: the baselines and mdci at budgets 256, 1024 and 25% of the "
                 "context on every family of --families (select_baselines_table.h); --json and "

@@ -425,7 +425,8 @@ struct BuiltMdci {
   std::unique_ptr<MdciSelector> sel;
 };
 
-BuiltMdci BuildMdci(const testing::HeadData& h, int fov, float factor) {
+BuiltMdci BuildMdci(const testing::HeadData& h, int fov, float factor,
+                    bool calibrated_rest = true) {
   BuiltMdci b;
   SelectorConfig cfg;
   cfg.kind = SelectorKind::kMdci;
@@ -434,6 +435,7 @@ BuiltMdci BuildMdci(const testing::HeadData& h, int fov, float factor) {
   cfg.num_query_heads = h.num_queries;
   cfg.mdci.field_of_view = fov;
   cfg.mdci.candidate_factor = factor;
+  cfg.mdci.calibrated_rest = calibrated_rest;
   auto frames = OwnedPageKeys::ForSelector(cfg);
   EXPECT_THAT(frames.status(), IsOk());
   if (!frames.ok()) return b;
@@ -476,12 +478,14 @@ TEST(WidthCalibratorTest, ExhaustiveSelectionIsTheExactReference) {
 // A family on which the tree misses at the default width and widening does
 // not pay: the calibrated selections end at the target anyway (the exact
 // fallback). Costs are the keys touched (the selection's exact dot products
-// and representatives; the reference scans every key): deterministic.
+// and representatives; the reference scans every key): deterministic. The
+// tree misses here with its rest estimate uncorrected
+// (MdciParams::calibrated_rest off; with it on, it meets the target at once).
 TEST(WidthCalibratorTest, CalibratedSelectionReachesTheTargetWhereTheTreeMisses) {
   const int kG = 4, kSteps = 64;
   testing::HeadData h = testing::MakeSyntheticHead(16384, kG, kSteps, 3, "heavy-tailed-norms");
   ASSERT_GT(h.n, 0);
-  BuiltMdci b = BuildMdci(h, 32, 8.0f);
+  BuiltMdci b = BuildMdci(h, 32, 8.0f, /*calibrated_rest=*/false);
   ASSERT_NE(b.sel, nullptr);
   auto cal = WidthCalibrator::Create({}, 32, 8.0f);
   ASSERT_THAT(cal.status(), IsOk());
