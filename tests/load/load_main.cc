@@ -116,7 +116,13 @@ absl::StatusOr<DaemonStats> SettledStats(Client& admin) {
   const absl::Time deadline = absl::Now() + absl::Seconds(20);
   while (true) {
     absl::StatusOr<DaemonStats> st = admin.GetStats();
-    if (st.ok() && st->sessions == 0 && st->buffers == 0 && st->in_flight == 0) return st;
+    // Frames come back when the last holder of a dropped session lets go
+    // (a background tree build or quality sample may still hold it): wait
+    // for them too; pages never returned still fail the run at the deadline.
+    if (st.ok() && st->sessions == 0 && st->buffers == 0 && st->in_flight == 0 &&
+        st->bytes_used == 0 && st->frames_used == 0) {
+      return st;
+    }
     if (absl::Now() > deadline) return st;
     absl::SleepFor(absl::Milliseconds(100));
   }
@@ -240,6 +246,11 @@ int Run(const Flags& f) {
       daemon_alive ? "alive" : "DEAD", pool_empty ? "empty" : "NOT EMPTY", rss_before / 1048576.0,
       rss_peak / 1048576.0, rss_after / 1048576.0, arena_before / 1048576.0,
       arena_after / 1048576.0);
+  if (st.ok() && !pool_empty) {
+    std::cout << "  pool after 20 s: " << st->sessions << " sessions, " << st->buffers
+              << " buffers, " << st->frames_used << " frames, " << st->bytes_used
+              << " bytes used\n";
+  }
   for (const auto& msg : total.first_failures) std::cout << "  first failure: " << msg << "\n";
   if (!f.json.empty()) {
     std::ofstream(f.json) << DumpJson(j, 2) << "\n";
