@@ -15,6 +15,17 @@
 #include <cstring>
 #include <limits>
 
+// Unroll hints: the accumulator arrays stay in registers only when these
+// loops are unrolled. The sanitizer trees (ICECACHE_SANITIZER_BUILD) leave
+// them out: instrumented and unrolled 16-fold this file alone took 47 CPU
+// seconds to compile under ASan+UBSan, 16 without (the same code and checks;
+// docs/operations.md, "The budget, measured").
+#if defined(ICECACHE_SANITIZER_BUILD)
+#define ICECACHE_UNROLL16
+#else
+#define ICECACHE_UNROLL16 _Pragma("GCC unroll 16")
+#endif
+
 namespace icecache {
 namespace {
 
@@ -107,32 +118,34 @@ template <typename L, int NQ, int R>
 inline void DotBlockAvx2(const float* queries, int dim, const typename L::T* k, float* out,
                          int64_t out_stride) {
   __m256 acc[R][NQ];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
+  ICECACHE_UNROLL16
+  for (int r = 0; r < R; ++r) {
+    ICECACHE_UNROLL16
     for (int j = 0; j < NQ; ++j) acc[r][j] = _mm256_setzero_ps();
+  }
   int i = 0;
   for (; i + 8 <= dim; i += 8) {
     __m256 qv[NQ];
-#pragma GCC unroll 16
+    ICECACHE_UNROLL16
     for (int j = 0; j < NQ; ++j) qv[j] = _mm256_loadu_ps(queries + j * dim + i);
-#pragma GCC unroll 16
+    ICECACHE_UNROLL16
     for (int r = 0; r < R; ++r) {
       const __m256 kv = L::Load8(k + r * dim + i);
-#pragma GCC unroll 16
+      ICECACHE_UNROLL16
       for (int j = 0; j < NQ; ++j) acc[r][j] = _mm256_fmadd_ps(qv[j], kv, acc[r][j]);
     }
   }
   float tail[R][NQ];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
+  ICECACHE_UNROLL16
+  for (int r = 0; r < R; ++r) {
+    ICECACHE_UNROLL16
     for (int j = 0; j < NQ; ++j) tail[r][j] = 0.0f;
+  }
   for (; i < dim; ++i) {
-#pragma GCC unroll 16
+    ICECACHE_UNROLL16
     for (int r = 0; r < R; ++r) {
       const float kv = L::Scalar(k + r * dim + i);
-#pragma GCC unroll 16
+      ICECACHE_UNROLL16
       for (int j = 0; j < NQ; ++j) tail[r][j] += queries[j * dim + i] * kv;
     }
   }
@@ -140,15 +153,17 @@ inline void DotBlockAvx2(const float* queries, int dim, const typename L::T* k, 
     // Eight accumulators: their sums in one transposed reduction.
     alignas(32) float sums[8];
     _mm256_store_ps(sums, HSum8x256(&acc[0][0]));
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
+    ICECACHE_UNROLL16
+    for (int r = 0; r < R; ++r) {
+      ICECACHE_UNROLL16
       for (int j = 0; j < NQ; ++j) out[j * out_stride + r] = sums[r * NQ + j] + tail[r][j];
+    }
   } else {
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
+    ICECACHE_UNROLL16
+    for (int r = 0; r < R; ++r) {
+      ICECACHE_UNROLL16
       for (int j = 0; j < NQ; ++j) out[j * out_stride + r] = HSum256(acc[r][j]) + tail[r][j];
+    }
   }
 }
 
@@ -334,38 +349,40 @@ template <typename L, int NQ, int R>
 ICECACHE_AVX512 inline void DotBlockAvx512(const float* queries, int dim, const typename L::T* k,
                                            float* out, int64_t out_stride) {
   __m512 acc[R][NQ];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
+  ICECACHE_UNROLL16
+  for (int r = 0; r < R; ++r) {
+    ICECACHE_UNROLL16
     for (int j = 0; j < NQ; ++j) acc[r][j] = _mm512_setzero_ps();
+  }
   int i = 0;
   for (; i + 16 <= dim; i += 16) {
     __m512 qv[NQ];
-#pragma GCC unroll 16
+    ICECACHE_UNROLL16
     for (int j = 0; j < NQ; ++j) qv[j] = _mm512_loadu_ps(queries + j * dim + i);
-#pragma GCC unroll 16
+    ICECACHE_UNROLL16
     for (int r = 0; r < R; ++r) {
       const __m512 kv = L::Load16(k + r * dim + i);
-#pragma GCC unroll 16
+      ICECACHE_UNROLL16
       for (int j = 0; j < NQ; ++j) acc[r][j] = _mm512_fmadd_ps(qv[j], kv, acc[r][j]);
     }
   }
   if (i < dim) {
     const __mmask16 m = TailMask(dim - i);
     __m512 qv[NQ];
-#pragma GCC unroll 16
+    ICECACHE_UNROLL16
     for (int j = 0; j < NQ; ++j) qv[j] = _mm512_maskz_loadu_ps(m, queries + j * dim + i);
-#pragma GCC unroll 16
+    ICECACHE_UNROLL16
     for (int r = 0; r < R; ++r) {
       const __m512 kv = L::LoadMasked(k + r * dim + i, m);
-#pragma GCC unroll 16
+      ICECACHE_UNROLL16
       for (int j = 0; j < NQ; ++j) acc[r][j] = _mm512_fmadd_ps(qv[j], kv, acc[r][j]);
     }
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
+  ICECACHE_UNROLL16
+  for (int r = 0; r < R; ++r) {
+    ICECACHE_UNROLL16
     for (int j = 0; j < NQ; ++j) out[j * out_stride + r] = _mm512_reduce_add_ps(acc[r][j]);
+  }
 }
 
 constexpr int RowsPerBlockAvx512(int nq) {
