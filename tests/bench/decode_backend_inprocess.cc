@@ -93,6 +93,12 @@ class InProcessBackend : public DecodeBackend {
     RETURN_IF_ERROR(Grow(&staging_, staging_bytes));
     return Grow(&output_, output_bytes);
   }
+  absl::Status ShrinkStaging(size_t bytes) override {
+    if (bytes >= staging_.size) return absl::OkStatus();
+    if (!staging_.id.empty()) (void)buffers_->Unregister(caller_, staging_.id);
+    staging_ = Buffer();
+    return Grow(&staging_, bytes);
+  }
   uint8_t* staging() override { return staging_.file.data(); }
   const uint8_t* output() const override { return output_.file.data(); }
 

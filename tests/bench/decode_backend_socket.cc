@@ -69,6 +69,12 @@ class SocketBackend : public DecodeBackend {
     }
     return absl::OkStatus();
   }
+  absl::Status ShrinkStaging(size_t bytes) override {
+    if (bytes >= staging_.size()) return absl::OkStatus();
+    staging_ = ShmBuffer();
+    ASSIGN_OR_RETURN(staging_, client_->CreateShmBuffer(bytes));
+    return absl::OkStatus();
+  }
   uint8_t* staging() override { return staging_.data(); }
   const uint8_t* output() const override { return output_.data(); }
 

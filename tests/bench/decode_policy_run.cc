@@ -381,9 +381,15 @@ absl::StatusOr<PolicyResult> RunSelectorPolicy(const DecodeContext& ctx,
   // prefill, it ran (unmeasured) while the daemon finished the main
   // session's background builds, so the first step found them done and TT2T
   // missed their tail.
+  // Its prefill-sized staging is held only for its prefill (this process's
+  // peak memory); the measured backend keeps its own (the daemon maps it
+  // once, as a client that registers its staging buffer once).
+  RETURN_IF_ERROR(
+      ctx.companion->Reserve(m.AppendBytes(m.prefill_tokens(), ctx.reference_layers), 0));
   RETURN_IF_ERROR(
       Prefill(ctx, *ctx.companion, cid, ctx.reference_layers, ctx.reference_layers, nullptr)
           .status());
+  RETURN_IF_ERROR(ctx.companion->ShrinkStaging(m.AppendBytes(1, ctx.reference_layers)));
   // Whole layer groups per call, at least 4 layers (a multiple of the
   // model's generator blocks: DecodeModel::FillAppend).
   const int chunk = std::max(1, 4 / policy.layer_reuse) * policy.layer_reuse;
