@@ -398,30 +398,53 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config) {
 }
 
 absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, SyntheticTruth* truth) {
+  KvDump dump;
+  RETURN_IF_ERROR(GenerateSyntheticInto(config, truth, &dump));
+  return dump;
+}
+
+absl::Status GenerateSyntheticInto(const SyntheticConfig& config, SyntheticTruth* truth,
+                                   KvDump* out) {
   RETURN_IF_ERROR(Validate(config));
   const SyntheticConfig& c = config;
   const Geometry g = MakeGeometry(c);
   const int d = g.d, r = c.rank, group = c.q_heads / c.kv_heads;
   const int64_t T = c.tokens;
   const double rho_l = c.layer_similarity;
+  // The slice of KV heads generated (SyntheticConfig::kv_head_begin).
+  const int hb = c.kv_head_begin, hn = c.kv_head_count > 0 ? c.kv_head_count : c.kv_heads - hb;
+  if (hb < 0 || hn < 1 || hb + hn > c.kv_heads || c.kv_head_count < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("synthetic: kv_head_begin ", hb, " and kv_head_count ", c.kv_head_count,
+                     " must name heads inside [0, ", c.kv_heads, ")"));
+  }
+  if (truth != nullptr && hn != c.kv_heads) {
+    return absl::InvalidArgumentError("synthetic: a slice of the KV heads gives no truth");
+  }
+  const int qn = hn * group;  // query heads of the slice
+  // Element offset of (layer l, KV head h) in the dump's keys and values.
+  auto kv_at = [&](int l, int h) -> size_t {
+    return (static_cast<size_t>(l) * hn + (h - hb)) * static_cast<size_t>(c.tokens) * g.d;
+  };
   const float lam = static_cast<float>(rho_l),
               lam_s = static_cast<float>(std::sqrt(1.0 - rho_l * rho_l));
 
-  KvDump dump;
+  KvDump& dump = *out;
   dump.layers = c.layers;
-  dump.kv_heads = c.kv_heads;
-  dump.q_heads = c.q_heads;
+  dump.kv_heads = hn;
+  dump.q_heads = qn;
   dump.tokens = T;
   dump.head_dim = d;
   dump.steps = c.steps;
   dump.rope_theta = c.rope_theta;
   dump.model = "synthetic";
-  const size_t kv_elems = static_cast<size_t>(c.layers) * c.kv_heads * T * d;
+  const size_t kv_elems = static_cast<size_t>(c.layers) * hn * T * d;
   const bool want_pre = truth != nullptr && truth->want_pre_rope_keys;
   try {
-    dump.keys.resize(kv_elems);
-    dump.values.resize(kv_elems);
-    dump.queries.resize(static_cast<size_t>(c.steps) * c.layers * c.q_heads * d);
+    // assign: a dump passed again keeps its capacity (no fresh pages to fault in).
+    dump.keys.assign(kv_elems, 0.0f);
+    dump.values.assign(kv_elems, 0.0f);
+    dump.queries.assign(static_cast<size_t>(c.steps) * c.layers * qn * d, 0.0f);
     if (truth != nullptr) {
       truth->pre_rope_keys.clear();
       if (want_pre) truth->pre_rope_keys.resize(kv_elems);
@@ -462,7 +485,7 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
       const int64_t t0 = b * kBlockTokens, t1 = std::min(T, t0 + kBlockTokens);
       for (int64_t t = t0; t < t1; ++t)
         Angles(g, static_cast<double>(t), &cs[(t - t0) * g.pairs], &sn[(t - t0) * g.pairs]);
-      for (int h = 0; h < c.kv_heads; ++h) {
+      for (int h = hb; h < hb + hn; ++h) {
         Rng rng(c.seed, kTokens, h, b);
         int64_t seg = -1;
         for (int64_t t = t0; t < t1; ++t) {
@@ -471,7 +494,7 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
           if (t < c.sink_tokens) {
             for (int l = 0; l < c.layers; ++l) {
               const HeadModel& m = model(l, h);
-              const size_t off = ((static_cast<size_t>(l) * c.kv_heads + h) * T + t) * d;
+              const size_t off = kv_at(l, h) + static_cast<size_t>(t) * d;
               const float norm =
                   c.sink_norm_frac * m.typical_key_norm * (1.0f - 0.1f * static_cast<float>(t % 4));
               for (int i = 0; i < d; ++i) row[i] = norm * m.sink_dir[i] + 0.05f * rng.FastNormal();
@@ -512,7 +535,7 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
               z[k] = m.topics[static_cast<size_t>(topic) * r + k] + seg_off[l * r + k] + e[k];
               zv[k] = m.value_topics[static_cast<size_t>(topic) * r + k] + ev[k];
             }
-            const size_t off = ((static_cast<size_t>(l) * c.kv_heads + h) * T + t) * d;
+            const size_t off = kv_at(l, h) + static_cast<size_t>(t) * d;
             for (int i = 0; i < d; ++i) row[i] = m.key_mean[i] + kIsoNoise * rng.FastNormal();
             for (int k = 0; k < r; ++k) {
               const float* col = &m.basis[static_cast<size_t>(k) * d];
@@ -644,7 +667,7 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
     }
     bool any_local = false;
     for (const QueryState& q : qs) any_local |= q.local;
-    const float* keys = &dump.keys[(static_cast<size_t>(l) * c.kv_heads + h) * T * d];
+    const float* keys = &dump.keys[kv_at(l, h)];
     for (int s = 0; s < c.steps; ++s) {
       const double pos = static_cast<double>(T + s);
       for (int j = 0; j < group; ++j) {
@@ -745,7 +768,7 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
                                         &logit_b[static_cast<size_t>(j) * T], T, 0, c.sink_tokens,
                                         share, q.sink_amp, s == 0 ? 3 : 2);
         const int qh = h * group + j;
-        const size_t off = ((static_cast<size_t>(s) * c.layers + l) * c.q_heads + qh) * d;
+        const size_t off = ((static_cast<size_t>(s) * c.layers + l) * qn + (qh - hb * group)) * d;
         for (int i = 0; i < d; ++i) {
           dump.queries[off + i] = rest_rot[static_cast<size_t>(j) * d + i] +
                                   q.sink_amp * md_rot[static_cast<size_t>(j) * d + i];
@@ -755,7 +778,7 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
     }
   };
   {
-    const int64_t jobs = static_cast<int64_t>(c.layers) * c.kv_heads;
+    const int64_t jobs = static_cast<int64_t>(c.layers) * hn;
     std::atomic<int64_t> next_job{0};
     auto qworker = [&]() {
       std::vector<float> logit_a(static_cast<size_t>(group) * T),
@@ -764,8 +787,8 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
       for (;;) {
         const int64_t j = next_job.fetch_add(1);
         if (j >= jobs) break;
-        query_job(static_cast<int>(j / c.kv_heads), static_cast<int>(j % c.kv_heads), logit_a,
-                  logit_b, logit_c);
+        query_job(static_cast<int>(j / hn), hb + static_cast<int>(j % hn), logit_a, logit_b,
+                  logit_c);
       }
     };
     const int qthreads = static_cast<int>(std::min<int64_t>(max_threads, jobs));
@@ -783,7 +806,7 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
   if (c.needles > 0) {
     std::vector<float> row(d), logits;
     for (int l = 0; l < c.layers; ++l) {
-      for (int h = 0; h < c.kv_heads; ++h) {
+      for (int h = hb; h < hb + hn; ++h) {
         Rng rng(c.seed, kNeedles, l, h);
         std::vector<int64_t> used;
         for (int n = 0; n < c.needles; ++n) {
@@ -806,10 +829,10 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
           nd.step = static_cast<int>(rng.Below(c.steps));
           nd.token = tok;
           const size_t qoff =
-              ((static_cast<size_t>(nd.step) * c.layers + l) * c.q_heads + nd.q_head) * d;
+              ((static_cast<size_t>(nd.step) * c.layers + l) * qn + (nd.q_head - hb * group)) * d;
           const float* q = &dump.queries[qoff];
           // The best ordinary logit of this query over a sample of keys.
-          const float* keys = &dump.keys[((static_cast<size_t>(l) * c.kv_heads + h) * T) * d];
+          const float* keys = &dump.keys[kv_at(l, h)];
           const int64_t samples = std::min<int64_t>(T - c.sink_tokens, 2048);
           float best = -1e30f;
           for (int64_t i = 0; i < samples; ++i) {
@@ -822,7 +845,7 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
           // k = 0.3 k_orig + eta * unit(spec): raise eta until q.k/sqrt(d) hits the target.
           const float* spec = &spec_q[qoff];
           const float spec_n = Norm(spec, d);
-          float* k = &dump.keys[((static_cast<size_t>(l) * c.kv_heads + h) * T + tok) * d];
+          float* k = &dump.keys[kv_at(l, h) + static_cast<size_t>(tok) * d];
           for (int i = 0; i < d; ++i) row[i] = 0.3f * k[i];
           const double base = Dot(q, row.data(), d) * inv_sqrt_d;
           const double per_eta = spec_n > 0 ? Dot(q, spec, d) / spec_n * inv_sqrt_d : 0.0;
@@ -851,7 +874,7 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, Syntheti
     truth->local = roles.local;
     truth->temperature = roles.temperature;
   }
-  return dump;
+  return absl::OkStatus();
 }
 
 }  // namespace icecache

@@ -65,6 +65,14 @@ struct SyntheticConfig {
   // token in every layer): heavy-tailed key norms.
   float key_norm_sigma = 0.0f;
   uint64_t seed = 42;
+  // A slice of the KV heads: generate only heads [kv_head_begin,
+  // kv_head_begin + kv_head_count) (count 0 = every head from begin on). Each
+  // head's keys, values and query heads are exactly those of the whole dump
+  // (every random stream is keyed by head), so a caller can build a large
+  // dump one head at a time: the dump then has kv_heads = the slice's heads
+  // and q_heads = those heads' query heads, in order. Not with a truth.
+  int kv_head_begin = 0;
+  int kv_head_count = 0;
   // Worker threads; 0 = min(hardware concurrency, 8). The output does not
   // depend on it (every random stream is keyed by what it generates).
   int threads = 0;
@@ -127,6 +135,11 @@ absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config);
 // Same, and fills `*truth` (not owned; may be null). ResourceExhausted when
 // the arrays cannot be allocated.
 absl::StatusOr<KvDump> GenerateSynthetic(const SyntheticConfig& config, SyntheticTruth* truth);
+// Same, into `*out` (every field replaced): a dump passed again keeps the
+// capacity of its arrays, so generating many dumps of one size in turn
+// faults in no fresh memory after the first.
+absl::Status GenerateSyntheticInto(const SyntheticConfig& config, SyntheticTruth* truth,
+                                   KvDump* out);
 
 // Exact attention of one query head over all keys of its KV head (softmax of
 // q.k / sqrt(head_dim)), summarised. For checking that a dump looks like real

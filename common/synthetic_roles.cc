@@ -204,15 +204,17 @@ void PlantRareKeys(const SyntheticConfig& c, const Geometry& g, const RareTokens
   const int64_t T = c.tokens;
   const bool want_pre = truth != nullptr && truth->want_pre_rope_keys;
   std::vector<float> rot(d);
+  // The dump holds KV heads [hb, hb + hn) (SyntheticConfig::kv_head_begin).
+  const int hb = c.kv_head_begin, hn = dump->kv_heads;
   for (int l = 0; l < c.layers; ++l) {
-    for (int h = 0; h < c.kv_heads; ++h) {
+    for (int h = hb; h < hb + hn; ++h) {
       const float scale = kRareKeyScale * key_scale[static_cast<size_t>(l) * c.kv_heads + h];
       for (int i = 0; i < rare.per_head; ++i) {
         const int64_t tok = rare.positions[static_cast<size_t>(h) * rare.per_head + i];
         // Aligned after RoPE with the direction at the queries' positions, as
         // the needles are: the retrieval matches at any distance.
         RotateAt(g, static_cast<double>(T), rare.dir(h, i), rot.data());
-        const size_t off = ((static_cast<size_t>(l) * c.kv_heads + h) * T + tok) * d;
+        const size_t off = ((static_cast<size_t>(l) * hn + (h - hb)) * T + tok) * d;
         float* k = &dump->keys[off];
         for (int j = 0; j < d; ++j) k[j] = 0.5f * k[j] + scale * rot[j];
         if (want_pre) RotateAt(g, -static_cast<double>(tok), k, &truth->pre_rope_keys[off]);

@@ -62,6 +62,7 @@ struct Flags {
   std::string drain_timeout;
   std::string tcp_address;
   uint32_t worker_threads = 0;
+  bool pool_prefault = false;
   bool check_config = false;
 };
 
@@ -89,6 +90,9 @@ void AddFlags(CLI::App& app, Flags* f) {
                  "TCP listener host:port (needs TLS files in the config)");
   app.add_option("--worker-threads,--worker_threads", f->worker_threads,
                  "Index build threads; 0 = CPUs (worker_threads)");
+  app.add_flag("--pool-prefault,--pool_prefault", f->pool_prefault,
+               "Fault the whole pool arena in at start, in the background, and keep it "
+               "resident (pool.prefault; not ready until done)");
   app.add_flag("--check-config,--check_config", f->check_config,
                "Validate the configuration, print it and exit");
 }
@@ -135,6 +139,7 @@ int main(int argc, char** argv) {
   if (!flags.log_level.empty()) o.log_level = flags.log_level;
   if (!flags.tcp_address.empty()) o.tcp_address = flags.tcp_address;
   if (flags.worker_threads != 0) o.worker_threads = flags.worker_threads;
+  if (flags.pool_prefault) o.pool_prefault = true;
   struct DurationFlag {
     const char* name;
     std::string value;
@@ -207,6 +212,14 @@ int main(int argc, char** argv) {
   });
   signal_thread.detach();
 
+  // pool.prefault: ready once the arena is faulted in (or at a shutdown
+  // request during it); calls are served meanwhile.
+  if (!d->WaitUntilReady()) {
+    d->Shutdown();
+    const int code = d->exit_code();
+    daemon->reset();
+    return code;
+  }
   const std::string ready =
       absl::StrCat("icecached ready socket=", d->socket_path(), " epoch=", d->epoch(),
                    " metrics_port=", d->metrics_port(), "\n");

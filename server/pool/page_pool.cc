@@ -410,6 +410,38 @@ uint64_t PagePool::PopulateNext(uint64_t bytes) {
 #endif
 }
 
+ArenaPrefault PagePool::PrefaultArena(const std::atomic<bool>* stop) {
+  ArenaPrefault out;
+  const auto t0 = absl::Now();
+  bool populate = true;
+  const long page = sysconf(_SC_PAGESIZE) > 0 ? sysconf(_SC_PAGESIZE) : 4096;
+  for (uint64_t slab = 0; slab < num_slabs_; ++slab) {
+    if (stop != nullptr && stop->load(std::memory_order_relaxed)) {
+      out.stopped = true;
+      break;
+    }
+    uint8_t* start = base_ + slab * kSlabBytes;
+#ifdef MADV_POPULATE_WRITE
+    // EINVAL: a kernel without it; then touch from here on.
+    if (populate && madvise(start, kSlabBytes, MADV_POPULATE_WRITE) != 0) populate = false;
+#else
+    populate = false;
+#endif
+    if (!populate) {
+      // An atomic read-modify-write that changes nothing: faults the page in
+      // for writing without racing a frame's owner writing to it.
+      for (uint64_t off = 0; off < kSlabBytes; off += static_cast<uint64_t>(page)) {
+        __atomic_fetch_or(start + off, uint8_t{0}, __ATOMIC_RELAXED);
+      }
+    }
+    out.bytes += kSlabBytes;
+    prefaulted_bytes_.store(out.bytes, std::memory_order_relaxed);
+  }
+  out.populate = populate && out.bytes > 0;
+  out.seconds = absl::ToDoubleSeconds(absl::Now() - t0);
+  return out;
+}
+
 void PagePool::CarveSlabLocked(SizeClass* c) {
   if (free_slabs_.empty() && next_unused_slab_ == num_slabs_) StealEmptySlabLocked(c);
   uint64_t slab;
@@ -497,6 +529,7 @@ void PagePool::ReleaseSlabLocked(SizeClass* c, uint64_t slab) {
 }
 
 void PagePool::DropSlabMemoryLocked(uint64_t slab) {
+  if (options_.keep_resident) return;  // pool.prefault: the arena stays faulted in
   // Give the memory back to the kernel; the next user faults in zero pages
   // (a file-backed arena: punch the hole in the file, or tmpfs keeps it).
   madvise(base_ + slab * kSlabBytes, kSlabBytes, fd_ >= 0 ? MADV_REMOVE : MADV_DONTNEED);

@@ -92,6 +92,22 @@ struct PagePoolOptions {
   // back when sessions drop (docs/architecture.md §4). ~0 = keep every one
   // until Trim().
   uint64_t max_empty_slabs = 16;
+  // The whole arena stays resident: no slab's memory is ever given back to
+  // the kernel (no MADV_DONTNEED of free or trimmed slabs, none of the
+  // slabs PrefaultAhead no longer needs). What the daemon's pool.prefault
+  // sets, with PrefaultArena() run once at start: on a host whose memory is
+  // slow to fault in (docs/operations.md "Memory the host backs lazily") a
+  // prefill then takes no first-touch faults, and a session dropped does not
+  // undo that. The process then holds the capacity for its life.
+  bool keep_resident = false;
+};
+
+// What PagePool::PrefaultArena did.
+struct ArenaPrefault {
+  uint64_t bytes = 0;     // arena bytes faulted in (at most the capacity)
+  bool populate = false;  // by MADV_POPULATE_WRITE (false: by touching each 4 KiB page)
+  bool stopped = false;   // `stop` was set before the end
+  double seconds = 0;     // wall time it took
 };
 
 // The frames of one session found in a warm-restart snapshot: byte offsets
@@ -239,6 +255,16 @@ class PagePool {
   // next allocation, then bounds them like its own. Returns the slabs
   // populated; 0 where the kernel lacks it or the pool is frozen.
   uint64_t PopulateNext(uint64_t bytes) ABSL_LOCKS_EXCLUDED(mu_);
+  // Faults in the whole arena, slab after slab, no lock held: with
+  // MADV_POPULATE_WRITE where the kernel has it (Linux 5.14), else by an
+  // atomic no-op write (fetch_or 0) to each 4 KiB page. Contents are
+  // unchanged either way, so allocations may run meanwhile (a warm restart's
+  // recovered frames included). Never touches beyond the capacity. Checks
+  // `stop` (may be null) between slabs. Meant for a background thread at
+  // start-up with keep_resident (else freed slabs go back to the kernel).
+  // prefaulted_bytes() reads the progress from another thread.
+  ArenaPrefault PrefaultArena(const std::atomic<bool>* stop) ABSL_LOCKS_EXCLUDED(mu_);
+  uint64_t prefaulted_bytes() const { return prefaulted_bytes_.load(std::memory_order_relaxed); }
   // A prefaulter's cue (server/session's prefault thread): blocks until a
   // slab has been carved after the carve count `seen` (each carve takes one
   // of the slabs PrefaultAhead faulted in), `*stop` is true, or `timeout`
@@ -319,6 +345,7 @@ class PagePool {
   const bool huge_pages_;
   const int fd_;  // backing file, or -1
   std::atomic<bool> keep_file_{false};
+  std::atomic<uint64_t> prefaulted_bytes_{0};  // PrefaultArena's progress
 
   // All hot counters in one cache-aligned block.
   struct alignas(64) Counters {

@@ -121,6 +121,7 @@ absl::Status ApplyOverrides(const ConfigOverrides& o, IcecachedConfig* c) {
   if (o.default_ttl_ms) c->mutable_sessions()->set_default_ttl_ms(*o.default_ttl_ms);
   if (o.drain_timeout_ms) c->set_drain_timeout_ms(*o.drain_timeout_ms);
   if (o.worker_threads) c->set_worker_threads(*o.worker_threads);
+  if (o.pool_prefault) c->mutable_pool()->set_prefault(*o.pool_prefault);
   if (o.log_level) {
     absl::StatusOr<rpc::LogLevel> level = ParseLogLevel(*o.log_level);
     if (!level.ok()) {

@@ -80,6 +80,7 @@ struct ConfigOverrides {
   std::optional<uint64_t> default_ttl_ms;
   std::optional<std::string> tcp_address;
   std::optional<uint32_t> worker_threads;
+  std::optional<bool> pool_prefault;
 };
 // InvalidArgument for an unknown log level (message names --log_level).
 absl::Status ApplyOverrides(const ConfigOverrides& overrides, IcecachedConfig* config);

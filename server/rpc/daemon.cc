@@ -257,6 +257,13 @@ absl::Status Daemon::Init() {
       "icecache_decode_rings_closed_total",
       "DecodeStep rings closed (the client closed its request FIFO or exited)",
       MetricType::kCounter, {});
+  prefault_bytes_ = registry_.AddSnapshot(
+      "icecache_pool_prefaulted_bytes",
+      "Arena bytes pool.prefault has faulted in so far (absent when off)", MetricType::kGauge, {});
+  prefault_seconds_ = registry_.AddSnapshot(
+      "icecache_pool_prefault_seconds",
+      "Wall time pool.prefault took to fault the arena in (absent until done or when off)",
+      MetricType::kGauge, {});
   registry_.AddCollector([this] { CollectMetrics(); });
 
   if (c.metrics().port() != 0 || options_.metrics_any_port) RETURN_IF_ERROR(StartMetricsHttp());
@@ -279,7 +286,44 @@ absl::Status Daemon::Init() {
        {"admin_tokens",
         static_cast<int64_t>(std::count_if(c.auth().tokens().begin(), c.auth().tokens().end(),
                                            [](const v1::TokenTenant& t) { return t.admin(); }))}});
+  if (c.pool().prefault()) {
+    {
+      absl::MutexLock health(&health_mu_);
+      ready_.store(false);
+      server_->GetHealthCheckService()->SetServingStatus(false);
+    }
+    prefault_thread_ = std::thread([this] { PrefaultPool(); });
+  }
   return absl::OkStatus();
+}
+
+void Daemon::PrefaultPool() {
+  Log(LogLevel::kInfo, "pool_prefault_started", {{"bytes", pool_->capacity_bytes()}});
+  const ArenaPrefault done = pool_->PrefaultArena(&prefault_stop_);
+  if (done.stopped) {
+    Log(LogLevel::kWarn, "pool_prefault_stopped",
+        {{"bytes", done.bytes}, {"seconds", done.seconds}, {"why", "shutdown"}});
+    return;
+  }
+  prefault_seconds_value_.store(done.seconds);
+  {
+    absl::MutexLock health(&health_mu_);
+    ready_.store(true);
+    if (!manager_->draining()) server_->GetHealthCheckService()->SetServingStatus(true);
+  }
+  Log(LogLevel::kInfo, "pool_prefaulted",
+      {{"bytes", done.bytes},
+       {"seconds", done.seconds},
+       {"method", done.populate ? "MADV_POPULATE_WRITE" : "touch"}});
+  absl::MutexLock lock(&mu_);  // wakes WaitUntilReady
+}
+
+bool Daemon::ReadyOrShutdownLocked() const { return ready_.load() || shutdown_requested_; }
+
+bool Daemon::WaitUntilReady() {
+  absl::MutexLock lock(&mu_);
+  mu_.Await(absl::Condition(this, &Daemon::ReadyOrShutdownLocked));
+  return ready_.load();
 }
 
 void Daemon::CollectMetrics() {
@@ -326,6 +370,12 @@ void Daemon::CollectMetrics() {
   connections_->Replace({{{}, double(listener_ ? listener_->accepted() : 0)}});
   quality_metrics_->Collect(manager_->QualityStats());
   checksum_failures_->Replace({{{}, double(stats->checksum_failures)}});
+  if (config_.pool().prefault()) {
+    prefault_bytes_->Replace({{{}, double(pool_->prefaulted_bytes())}});
+    if (const double sec = prefault_seconds_value_.load(); sec >= 0) {
+      prefault_seconds_->Replace({{{}, sec}});
+    }
+  }
   pages_verified_->Replace({{{}, double(stats->pages_verified)}});
   decode_rings_->Replace({{{}, double(rings_ ? rings_->open_rings() : 0)}});
   decode_rings_closed_->Replace({{{}, double(rings_ ? rings_->rings_reclaimed() : 0)}});
@@ -340,6 +390,9 @@ absl::Status Daemon::StartMetricsHttp() {
     if (manager_->draining()) {
       res.status = 503;
       res.set_content("draining\n", "text/plain");
+    } else if (!ready_.load()) {
+      res.status = 503;
+      res.set_content("prefaulting\n", "text/plain");
     } else {
       res.set_content("ok\n", "text/plain");
     }
@@ -366,7 +419,10 @@ absl::Status Daemon::StartMetricsHttp() {
 void Daemon::BeginDrain() {
   // Idempotent: AdminService.Drain has already set the manager's flag.
   const bool was_draining = manager_->SetDraining(true);
-  if (server_) server_->GetHealthCheckService()->SetServingStatus(false);
+  if (server_) {
+    absl::MutexLock health(&health_mu_);
+    server_->GetHealthCheckService()->SetServingStatus(false);
+  }
   if (!was_draining) Log(LogLevel::kWarn, "draining", {{"in_flight", manager_->InFlight()}});
 }
 
@@ -387,6 +443,8 @@ void Daemon::Shutdown() {
     shut_down_ = true;
     shutdown_requested_ = true;
   }
+  prefault_stop_.store(true);
+  if (prefault_thread_.joinable()) prefault_thread_.join();
   if (manager_) BeginDrain();
   const auto t0 = std::chrono::steady_clock::now();
   // No new connections; existing ones keep their in-flight calls.

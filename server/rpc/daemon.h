@@ -78,6 +78,12 @@ class Daemon {
   // Wakes WaitForShutdownRequest (signal-thread safe; not async-signal-safe).
   void RequestShutdown();
   void WaitForShutdownRequest();
+  // pool.prefault: blocks until the arena is faulted in (true) or a shutdown
+  // was requested first (false). At once true without pool.prefault. Until
+  // then gRPC health says NOT_SERVING and /healthz answers 503 "prefaulting";
+  // calls are served (slower: they may take the first-touch faults).
+  bool WaitUntilReady();
+  bool ready() const { return ready_.load(); }
   // Drains, waits for in-flight calls (bounded by drain_timeout_ms), stops.
   void Shutdown();
 
@@ -102,6 +108,9 @@ class Daemon {
   absl::Status CreatePool(std::optional<SnapshotImage>* snapshot);
   void RecoverSessions(const SnapshotImage& snapshot);
   void WriteUpgradeSnapshot();
+  // The pool.prefault thread: PagePool::PrefaultArena, then ready.
+  void PrefaultPool();
+  bool ReadyOrShutdownLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const v1::IcecachedConfig config_;
   const DaemonOptions options_;
@@ -149,6 +158,16 @@ class Daemon {
   SnapshotFamily* pages_verified_ = nullptr;
   SnapshotFamily* decode_rings_ = nullptr;
   SnapshotFamily* decode_rings_closed_ = nullptr;
+  SnapshotFamily* prefault_bytes_ = nullptr;
+  SnapshotFamily* prefault_seconds_ = nullptr;
+
+  // pool.prefault (docs/operations.md): the thread, its stop flag, its time.
+  std::thread prefault_thread_;
+  std::atomic<bool> prefault_stop_{false};
+  std::atomic<double> prefault_seconds_value_{-1};  // -1: not done (or off)
+  std::atomic<bool> ready_{true};
+  // Orders the health status the prefault thread sets against a drain's.
+  absl::Mutex health_mu_;
 
   std::string snapshot_path_;                     // empty: no warm restart
   std::string index_images_path_;                 // next to the snapshot

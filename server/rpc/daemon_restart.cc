@@ -101,6 +101,7 @@ absl::Status Daemon::CreatePool(std::optional<SnapshotImage>* snapshot) {
   PagePoolOptions opts;
   opts.capacity_bytes = c.pool().capacity_bytes();
   opts.use_huge_pages = c.pool().huge_pages();
+  opts.keep_resident = c.pool().prefault();  // Init() then faults it in (PrefaultPool)
   opts.default_tenant_quota_bytes = QuotaFromProto(c.pool().default_quota_bytes());
   if (!c.pool().backing_dir().empty()) {
     const std::string& dir = c.pool().backing_dir();

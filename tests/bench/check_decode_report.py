@@ -32,8 +32,12 @@ def main(path):
                 fail(f"{name}: tpot {tpot}")
             if not 0.0 <= p["mass_recall"] <= 1.0 + 1e-6:
                 fail(f"{name}: mass_recall {p['mass_recall']}")
-            if len(p["layer_mass_recall"]) != c["layers_run"]:
-                fail(f"{name}: {len(p['layer_mass_recall'])} layers of quality, ran {c['layers_run']}")
+            quality = c["quality_layers"]
+            if not quality or any(not 0 <= l < c["layers_run"] for l in quality):
+                fail(f"{name}: quality layers {quality} outside the {c['layers_run']} layers run")
+            if len(p["layer_mass_recall"]) != len(quality):
+                fail(f"{name}: {len(p['layer_mass_recall'])} layers of quality, "
+                     f"quality_layers {quality}")
             if p.get("prefetch"):
                 share = p.get("later_layers_prefetched_share")
                 if not (isinstance(share, (int, float)) and 0.0 <= share <= 1.0):

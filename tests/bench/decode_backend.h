@@ -72,6 +72,10 @@ class DecodeBackend {
   // (Re)creates the staging buffer (appends are read from it) and the
   // output buffer (pages land there), each at least the given size.
   virtual absl::Status Reserve(size_t staging_bytes, size_t output_bytes) = 0;
+  // Replaces a staging buffer larger than `bytes` by one of `bytes` (its
+  // contents are lost): the companion's prefill-sized staging (512 MiB at
+  // 4 layers x 32768 tokens) is not held through the measured prefill.
+  virtual absl::Status ShrinkStaging(size_t bytes) = 0;
   virtual uint8_t* staging() = 0;
   virtual const uint8_t* output() const = 0;
 

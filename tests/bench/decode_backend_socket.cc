@@ -3,6 +3,7 @@
 #include <chrono>
 #include <map>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "client/client.h"
 #include "client/daemon_process.h"
@@ -67,6 +68,12 @@ class SocketBackend : public DecodeBackend {
       output_ = ShmBuffer();
       ASSIGN_OR_RETURN(output_, client_->CreateShmBuffer(output_bytes));
     }
+    return absl::OkStatus();
+  }
+  absl::Status ShrinkStaging(size_t bytes) override {
+    if (bytes >= staging_.size()) return absl::OkStatus();
+    staging_ = ShmBuffer();
+    ASSIGN_OR_RETURN(staging_, client_->CreateShmBuffer(bytes));
     return absl::OkStatus();
   }
   uint8_t* staging() override { return staging_.data(); }
@@ -193,6 +200,11 @@ absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeSocketBackend(const std::stri
     d.extra_args = {absl::StrCat("--capacity-bytes=", capacity_bytes)};
     // Buffers stay registered through the longest prefill of a loaded machine.
     d.config_textproto = "sessions { buffer_idle_ttl_ms: 3600000 }\n" + spawn_config;
+    // pool.prefault: the daemon says ready once its arena is faulted in, at up
+    // to 19 s per GiB on a host that backs memory lazily (docs/operations.md).
+    if (absl::StrContains(spawn_config, "prefault: true")) {
+      d.ready_timeout += absl::Seconds(20.0 * static_cast<double>(capacity_bytes) / (1 << 30));
+    }
     ASSIGN_OR_RETURN(daemon, DaemonProcess::Start(d));
     options.socket_path = daemon->socket_path();
   }

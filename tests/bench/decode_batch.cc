@@ -94,7 +94,7 @@ absl::StatusOr<std::vector<BatchResult>> RunBatches(const DecodeContext& ctx, in
     for (int i = 0; i < bmax; ++i) {
       ASSIGN_OR_RETURN(std::string id, ctx.main->CreateSession(spec));
       const int64_t n = ctx.model->prefill_tokens();
-      ctx.model->FillAppend(0, n, 0, layers, ctx.main->staging());
+      RETURN_IF_ERROR(ctx.model->FillAppend(0, n, 0, layers, ctx.main->staging()));
       RETURN_IF_ERROR(ctx.main->Append(id, n, 0, 0));
       ids.push_back(id);
       bar.Set(i + 1, "sessions");

@@ -32,14 +32,16 @@ int MaxReuse(const std::vector<DecodePolicy>& policies) {
   return r;
 }
 
-// Layers a context runs with: all of them when this process's copy and the
-// daemon's fit the budget next to the companion and one generator block,
-// else fewer (a multiple of the largest layer reuse).
+// Layers a context runs with: all of them when the daemon's copy fits the
+// budget next to this process's companion, quality layers and one prefill
+// chunk (the model keeps no other layer: decode_model.h), else fewer (a
+// multiple of the largest layer reuse).
 int LayersFor(const DecodeBenchOptions& o, int kv_heads, int head_dim, int64_t tokens, int reuse) {
   const double layer = LayerBytes(kv_heads, head_dim, tokens);
-  const double fixed = o.reference_layers * layer + 4 * 2.0 * layer;  // companion + fp32 block
+  const double fixed =
+      (o.reference_layers + std::min(o.quality_layers, o.layers) + std::max(4, reuse)) * layer;
   const double room = o.memory_gib * kGiB - fixed;
-  int layers = std::min<int>(o.layers, static_cast<int>(std::max(0.0, room / (2.0 * layer))));
+  int layers = std::min<int>(o.layers, static_cast<int>(std::max(0.0, room / layer)));
   layers -= layers % reuse;
   return std::max(layers, std::min(o.layers, std::max(reuse, o.reference_layers)));
 }
@@ -54,6 +56,10 @@ uint64_t PoolBytes(const DecodeBenchOptions& o, int kv_heads, int head_dim) {
     const double batch = bmax > 1 ? bmax * std::min(layers, o.batch_layers) : 0;
     most = std::max(most, std::max<double>(layers, batch) * LayerBytes(kv_heads, head_dim, t));
   }
+  // A prefaulted pool is touched whole: the KV (whole pages: a page per head
+  // more for the decode steps' tokens, 2% covers it) and a little room, no
+  // more. Untouched, a generous arena costs nothing.
+  if (o.daemon_prefault) return static_cast<uint64_t>(most * 1.02) + (uint64_t{64} << 20);
   return static_cast<uint64_t>(most * 1.5) + (uint64_t{512} << 20);
 }
 
@@ -79,6 +85,7 @@ absl::StatusOr<ContextResult> RunContext(const DecodeBenchOptions& o,
   mo.steps = o.steps;
   mo.seed = o.seed;
   mo.block_layers = std::min(4, c.layers);
+  mo.quality_layers = o.quality_layers;
   std::unique_ptr<DecodeModel> model;
   {
     ProgressLine bar(o.progress, absl::StrCat("generate ", tokens, " tokens"), c.layers);
@@ -86,6 +93,7 @@ absl::StatusOr<ContextResult> RunContext(const DecodeBenchOptions& o,
     ASSIGN_OR_RETURN(model, DecodeModel::Generate(mo, [&](int done) { bar.Set(done, "layers"); }));
     c.generate_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
+  c.quality_layers = model->quality_layers();
   DecodeReference ref;
   {
     ProgressLine bar(o.progress, "full attention (reference)", o.steps);
@@ -126,6 +134,7 @@ absl::StatusOr<ContextResult> RunContext(const DecodeBenchOptions& o,
     c.batch_layers = std::min(c.layers, o.batch_layers);
     ASSIGN_OR_RETURN(c.batches, RunBatches(ctx, c.batch_layers));
   }
+  c.regenerate_s = model->generate_seconds();
   return c;
 }
 
@@ -207,7 +216,11 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o) {
   const uint64_t pool = PoolBytes(o, shape.kv_heads, shape.head_dim);
   std::unique_ptr<DecodeBackend> main;
   if (o.mode == "socket") {
-    ASSIGN_OR_RETURN(main, MakeSocketBackend(o.spawn, o.socket, pool));
+    if (o.daemon_prefault && o.spawn.empty()) {
+      return absl::InvalidArgumentError("--daemon-prefault is for a daemon it starts (--spawn)");
+    }
+    ASSIGN_OR_RETURN(main, MakeSocketBackend(o.spawn, o.socket, pool,
+                                             o.daemon_prefault ? "pool { prefault: true }\n" : ""));
   } else {
     ASSIGN_OR_RETURN(main, MakeInProcessBackend(pool));
   }

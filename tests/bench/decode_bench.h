@@ -65,9 +65,16 @@ struct DecodeBenchOptions {
   int recent_tokens = 64;
   int page_tokens = 16;
   int reference_layers = 4;  // of the in-process companion (a multiple of every -r<k>)
-  // KV bytes (GiB) the run may hold at once: this process's fp16 copy and the
-  // daemon's. Above it a context runs with fewer layers (its per-token
-  // figures scaled to `layers` and marked "scaled").
+  // Layers whose quality is measured (DecodeModel quality_layers, evenly
+  // spaced): the process keeps their KV (128 MiB per layer at 32768 tokens);
+  // every other layer's KV is generated when it is streamed, then dropped.
+  int quality_layers = 4;
+  // --spawn: the daemon faults its pool in at start (pool.prefault), and the
+  // pool is sized to the KV it will hold (plus slack) instead of 1.5x.
+  bool daemon_prefault = false;
+  // KV bytes (GiB) the run may hold at once: the daemon's, this process's
+  // companion and quality layers. Above it a context runs with fewer layers
+  // (its per-token figures scaled to `layers` and marked "scaled").
   double memory_gib = 12.0;
   std::string json, plot;
   bool progress = true;

@@ -4,6 +4,7 @@
 #include "tests/bench/decode_bench.h"
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -12,6 +13,7 @@
 #include "gtest/gtest.h"
 #include "tests/bench/decode_attention.h"
 #include "tests/bench/decode_flags.h"
+#include "tests/bench/decode_model.h"
 #include "tests/support/status_matchers.h"
 
 namespace icecache::bench {
@@ -92,6 +94,91 @@ Rows MakeRows(int n, int d, int g) {
   for (int i = 0; i < n * d; ++i) r.v.push_back(FloatToHalf(z(rng)));
   for (int i = 0; i < g * d; ++i) r.q.push_back(2.0f * z(rng));
   return r;
+}
+
+TEST(DecodeModelTest, QualityLayersAreSpreadAndCoverEveryPlaceInAGroup) {
+  EXPECT_THAT(QualityLayers(32, 4), ElementsAre(0, 9, 18, 27));
+  EXPECT_THAT(QualityLayers(32, 2), ElementsAre(0, 17));
+  EXPECT_THAT(QualityLayers(8, 4), ElementsAre(0, 3, 5, 7));
+  EXPECT_THAT(QualityLayers(3, 4), ElementsAre(0, 1, 2));
+  EXPECT_THAT(QualityLayers(5, 1), ElementsAre(0));
+}
+
+// The lazy model gives, bit for bit, the fp16 KV and queries of the
+// whole-model generation it replaced (one generator draw per block of
+// layers, converted to fp16): the prefill generated chunk by chunk, the
+// decode tokens from memory, the quality layers' KV.
+TEST(DecodeModelTest, LazyPrefillEqualsTheWholeBlockGeneration) {
+  DecodeModelOptions mo;
+  mo.preset = "small";
+  mo.layers = 6;  // blocks of 4 and 2
+  mo.tokens = 700;
+  mo.steps = 3;
+  mo.block_layers = 4;
+  mo.quality_layers = 2;
+  auto model = DecodeModel::Generate(mo);
+  ASSERT_THAT(model, IsOk());
+  const DecodeModel& m = **model;
+  ASSERT_THAT(m.quality_layers(), ElementsAre(0, 4));
+  EXPECT_TRUE(m.is_quality_layer(4));
+  EXPECT_FALSE(m.is_quality_layer(1));
+  EXPECT_EQ(m.keys(1, 0), nullptr);
+  const int H = m.kv_heads(), d = m.head_dim(), G = m.group();
+  const int64_t T = m.tokens(), n = m.prefill_tokens();
+  for (int first : {0, 4}) {
+    SyntheticConfig c = *SyntheticPreset("small");
+    c.layers = first == 0 ? 4 : 2;
+    c.tokens = T;
+    c.steps = mo.steps;
+    c.seed = mo.seed + 1000003ull * static_cast<uint64_t>(first / 4);
+    auto whole = GenerateSynthetic(c);
+    ASSERT_THAT(whole, IsOk());
+    // The prefill of the block's layers, as streamed (chunks 0..3 and 4..5),
+    // and a chunk that starts inside the block (layer first + 1 alone).
+    std::vector<uint8_t> buf(m.AppendBytes(n, c.layers));
+    ASSERT_THAT(m.FillAppend(0, n, first, c.layers, buf.data()), IsOk());
+    const uint16_t* k = reinterpret_cast<const uint16_t*>(buf.data());
+    const uint16_t* v = k + buf.size() / 4;
+    std::vector<uint8_t> one(m.AppendBytes(n, 1));
+    ASSERT_THAT(m.FillAppend(0, n, first + 1, 1, one.data()), IsOk());
+    for (int l = 0; l < c.layers; ++l) {
+      for (int h = 0; h < H; ++h) {
+        const float* wk = whole->key(l, h);
+        const float* wv = whole->value(l, h);
+        const size_t at = (static_cast<size_t>(l) * H + h) * n * d;
+        for (int64_t i = 0; i < n * d; i += 97) {
+          ASSERT_EQ(k[at + i], FloatToHalf(wk[i])) << "layer " << first + l << " head " << h;
+          ASSERT_EQ(v[at + i], FloatToHalf(wv[i])) << "layer " << first + l << " head " << h;
+        }
+        if (l == 1) {
+          EXPECT_EQ(std::memcmp(one.data() + h * n * d * 2, k + at, n * d * 2), 0);
+        }
+        // The decode tokens.
+        std::vector<uint8_t> tok(m.AppendBytes(1, 1));
+        ASSERT_THAT(m.FillAppend(n + 1, n + 2, first + l, 1, tok.data()), IsOk());
+        const uint16_t* tk = reinterpret_cast<const uint16_t*>(tok.data());
+        for (int i = 0; i < d; ++i) {
+          ASSERT_EQ(tk[h * d + i], FloatToHalf(wk[(n + 1) * d + i]));
+          ASSERT_EQ(tk[H * d + h * d + i], FloatToHalf(wv[(n + 1) * d + i]));
+        }
+        if (m.is_quality_layer(first + l)) {
+          for (int64_t i = 0; i < T * d; i += 31) {
+            ASSERT_EQ(m.keys(first + l, h)[i], FloatToHalf(wk[i]));
+            ASSERT_EQ(m.values(first + l, h)[i], FloatToHalf(wv[i]));
+          }
+        }
+      }
+      for (int s = 0; s < mo.steps; ++s) {
+        const float* wq =
+            whole->queries.data() + (static_cast<size_t>(s) * c.layers + l) * whole->q_heads * d;
+        const absl::Span<const float> q = m.queries(s, first + l);
+        ASSERT_EQ(q.size(), static_cast<size_t>(H) * G * d);
+        EXPECT_TRUE(std::equal(q.begin(), q.end(), wq)) << "queries of layer " << first + l;
+      }
+    }
+  }
+  std::vector<uint8_t> buf(m.AppendBytes(10, 1));
+  EXPECT_THAT(m.FillAppend(5, 15, 0, 1, buf.data()), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 TEST(DecodeAttentionTest, AllRowsGiveFullAttentionAndAllTheMass) {

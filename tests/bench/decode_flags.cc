@@ -78,6 +78,14 @@ DecodeFlags::DecodeFlags(CLI::App* app) {
                   "layers of the in-process companion that splits select / gather / RPC")
       ->check(cli::Positive())
       ->capture_default_str();
+  app->add_option("--quality-layers", o_.quality_layers,
+                  "layers whose quality is measured (evenly spaced; their KV stays in this "
+                  "process, every other layer's is generated when streamed)")
+      ->check(cli::Positive())
+      ->capture_default_str();
+  app->add_flag("--daemon-prefault", o_.daemon_prefault,
+                "with --spawn: the daemon faults its pool in at start (pool.prefault), sized "
+                "to the KV it holds");
   app->add_option("--memory-gib", o_.memory_gib,
                   "KV held at once (this process + daemon); longer contexts run fewer layers")
       ->check(CLI::PositiveNumber)

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -81,10 +82,12 @@ double LayerAttention(const DecodeContext& ctx, int step, int layer, const StepO
     RowsAttention(k_rows, v_rows, d, q, g, out.data(), &scratch);
     ms += MsSince(t0);
     const int hh = static_cast<int>(h);
-    t->mass[layer] += MassRecall(m.keys(layer, hh), d, head.positions, q, g,
-                                 ctx.reference->Lse(step, layer, hh), &scratch);
-    t->error[layer] += OutputRelError(out.data(), ctx.reference->Out(step, layer, hh), g, d);
-    ++t->cells[layer];
+    if (m.is_quality_layer(layer)) {  // the model holds its keys; the reference covers it
+      t->mass[layer] += MassRecall(m.keys(layer, hh), d, head.positions, q, g,
+                                   ctx.reference->Lse(step, layer, hh), &scratch);
+      t->error[layer] += OutputRelError(out.data(), ctx.reference->Out(step, layer, hh), g, d);
+      ++t->cells[layer];
+    }
     // Slots written (pages, or slots packed with tokens at token granularity).
     t->pages += static_cast<double>(head.k_offsets.size());
     t->tokens += static_cast<double>(k_rows.size());
@@ -93,21 +96,48 @@ double LayerAttention(const DecodeContext& ctx, int step, int layer, const StepO
   return ms;
 }
 
-absl::Status Prefill(const DecodeContext& ctx, DecodeBackend& b, const std::string& id, int layers,
-                     int chunk_layers, ProgressLine* progress) {
+// Waits until the trees of layers [0, layers) of `id` are built (trees of
+// whole layer groups: the total x layers / all layers).
+absl::Status WaitForTrees(DecodeBackend& b, const std::string& id, int layers, int all_layers) {
+  const auto t0 = Clock::now();
+  for (;;) {
+    ASSIGN_OR_RETURN(auto trees, b.Trees(id));
+    const int64_t need = static_cast<int64_t>(trees.second) * layers / all_layers;
+    if (trees.first >= need) return absl::OkStatus();
+    if (MsSince(t0) > 30 * 60 * 1000.0) {
+      return absl::DeadlineExceededError(
+          absl::StrCat("prefill: ", trees.first, " of ", need, " trees built after 30 minutes"));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+}
+
+// Streams the prefill in chunks of `chunk_layers` layers. Each chunk is
+// generated first (DecodeModel::FillAppend; not timed), then sent, and its
+// trees waited for (timed): the daemon's builds never run during the
+// generation, so the time is the ingest and index builds alone, without the
+// overlap of one chunk's builds with the next chunk's transfer a client
+// holding its KV would get (an upper bound by that transfer time). Returns
+// the seconds timed.
+absl::StatusOr<double> Prefill(const DecodeContext& ctx, DecodeBackend& b, const std::string& id,
+                               int layers, int chunk_layers, ProgressLine* progress) {
   const DecodeModel& m = *ctx.model;
   const int64_t n = m.prefill_tokens();
+  double ms = 0;
   for (int first = 0; first < layers; first += chunk_layers) {
     const int count = std::min(chunk_layers, layers - first);
-    m.FillAppend(0, n, first, count, b.staging());
+    RETURN_IF_ERROR(m.FillAppend(0, n, first, count, b.staging()));
+    const auto t0 = Clock::now();
     RETURN_IF_ERROR(b.Append(id, n, first, count));
+    RETURN_IF_ERROR(WaitForTrees(b, id, first + count, layers));
+    ms += MsSince(t0);
     if (progress != nullptr) {
       ASSIGN_OR_RETURN(auto trees, b.Trees(id));
       progress->Set(first + count,
                     absl::StrFormat("layers, %d/%d trees", trees.first, trees.second));
     }
   }
-  return absl::OkStatus();
+  return ms / 1000.0;
 }
 
 DecodeSelect SelectFor(const DecodeBenchOptions& o, const DecodePolicy& p, int layer) {
@@ -155,11 +185,11 @@ absl::Status DecodeOneStep(const DecodeContext& ctx, const DecodePolicy& p, cons
   const DecodeModel& m = *ctx.model;
   if (step > 0) {
     const int64_t tok = m.tokens_at(step) - 1;
-    m.FillAppend(tok, tok + 1, 0, m.layers(), ctx.main->staging());
+    RETURN_IF_ERROR(m.FillAppend(tok, tok + 1, 0, m.layers(), ctx.main->staging()));
     const auto t0 = Clock::now();
     RETURN_IF_ERROR(ctx.main->Append(id, 1, 0, 0));
     t->append[step] = MsSince(t0);
-    m.FillAppend(tok, tok + 1, 0, ctx.reference_layers, ctx.companion->staging());
+    RETURN_IF_ERROR(m.FillAppend(tok, tok + 1, 0, ctx.reference_layers, ctx.companion->staging()));
     RETURN_IF_ERROR(ctx.companion->Append(companion_id, 1, 0, 0));
   }
   uint64_t stride = 0;  // of the group's first layer: the group's layers lie side by side
@@ -240,9 +270,10 @@ void Summarize(const DecodeContext& ctx, const Tally& t, PolicyResult* r) {
   r->rpc_per_message_us = Median(t.paired_us);
   r->pages_per_head = t.heads ? t.pages / t.heads : 0;
   r->tokens_per_head = t.heads ? t.tokens / t.heads : 0;
+  // Quality of the quality layers (DecodeModel::quality_layers), in order.
   double mass = 0, error = 0;
   r->min_layer_mass = 1.0;
-  for (size_t l = 0; l < t.mass.size(); ++l) {
+  for (int l : ctx.model->quality_layers()) {
     const double c = std::max(1, t.cells[l]);
     r->layer_mass.push_back(t.mass[l] / c);
     r->layer_error.push_back(t.error[l] / c);
@@ -250,8 +281,8 @@ void Summarize(const DecodeContext& ctx, const Tally& t, PolicyResult* r) {
     error += t.error[l] / c;
     r->min_layer_mass = std::min(r->min_layer_mass, t.mass[l] / c);
   }
-  r->mass = mass / std::max<size_t>(1, t.mass.size());
-  r->error = error / std::max<size_t>(1, t.mass.size());
+  r->mass = mass / std::max<size_t>(1, r->layer_mass.size());
+  r->error = error / std::max<size_t>(1, r->layer_mass.size());
 }
 
 }  // namespace
@@ -284,18 +315,20 @@ PolicyResult RunCpuPolicy(const DecodeContext& ctx, const DecodePolicy& policy) 
   Tally t(m.steps(), m.layers());
   if (policy.kind == DecodePolicy::Kind::kFull) {
     for (int s = 0; s < m.steps(); ++s) t.attention[s] = ref.step_ms[s];
-    for (int l = 0; l < m.layers(); ++l) t.mass[l] = 1.0, t.cells[l] = 1;
+    for (int l : m.quality_layers()) t.mass[l] = 1.0, t.cells[l] = 1;
     t.tokens = static_cast<double>(m.tokens());
     t.heads = 1;
   } else {
-    // The oracle's tokens, attended like fetched pages.
+    // The oracle's tokens, attended like fetched pages: on the quality
+    // layers (the model holds their KV), the time scaled to every layer.
+    const double scale = static_cast<double>(m.layers()) / m.quality_layers().size();
     const int d = m.head_dim(), g = m.group();
     const size_t row = static_cast<size_t>(d);
     std::vector<const uint16_t*> k_rows, v_rows;
     std::vector<float> out(static_cast<size_t>(g) * d);
     AttentionScratch scratch;
     for (int s = 0; s < m.steps(); ++s) {
-      for (int l = 0; l < m.layers(); ++l) {
+      for (int l : m.quality_layers()) {
         for (int h = 0; h < m.kv_heads(); ++h) {
           const std::vector<int32_t>& pos = ref.oracle[ref.Index(s, l, h)];
           const float* q = m.queries(s, l).data() + static_cast<size_t>(h) * g * d;
@@ -307,7 +340,7 @@ PolicyResult RunCpuPolicy(const DecodeContext& ctx, const DecodePolicy& policy) 
             v_rows.push_back(m.values(l, h) + p * row);
           }
           RowsAttention(k_rows, v_rows, d, q, g, out.data(), &scratch);
-          t.attention[s] += MsSince(t0);
+          t.attention[s] += MsSince(t0) * scale;
           t.mass[l] += MassRecall(m.keys(l, h), d, pos, q, g, ref.Lse(s, l, h), &scratch);
           t.error[l] += OutputRelError(out.data(), ref.Out(s, l, h), g, d);
           ++t.cells[l];
@@ -344,18 +377,26 @@ absl::StatusOr<PolicyResult> RunSelectorPolicy(const DecodeContext& ctx,
   PolicyResult r;
   r.policy = policy;
   r.messages_per_token = m.layers();
-  // The companion first: built after the main prefill, it ran (unmeasured)
-  // while the daemon finished the main session's background builds, so the
-  // first step found them done and TT2T missed their tail.
+  // The companion first, its builds waited for: built after the main
+  // prefill, it ran (unmeasured) while the daemon finished the main
+  // session's background builds, so the first step found them done and TT2T
+  // missed their tail.
+  // Its prefill-sized staging is held only for its prefill (this process's
+  // peak memory); the measured backend keeps its own (the daemon maps it
+  // once, as a client that registers its staging buffer once).
   RETURN_IF_ERROR(
-      Prefill(ctx, *ctx.companion, cid, ctx.reference_layers, ctx.reference_layers, nullptr));
-  // Whole layer groups per call, at least 4 layers.
+      ctx.companion->Reserve(m.AppendBytes(m.prefill_tokens(), ctx.reference_layers), 0));
+  RETURN_IF_ERROR(
+      Prefill(ctx, *ctx.companion, cid, ctx.reference_layers, ctx.reference_layers, nullptr)
+          .status());
+  RETURN_IF_ERROR(ctx.companion->ShrinkStaging(m.AppendBytes(1, ctx.reference_layers)));
+  // Whole layer groups per call, at least 4 layers (a multiple of the
+  // model's generator blocks: DecodeModel::FillAppend).
   const int chunk = std::max(1, 4 / policy.layer_reuse) * policy.layer_reuse;
   {
     ProgressLine bar(o.progress, absl::StrCat(policy.name, " prefill"), m.layers());
-    const auto t0 = Clock::now();
-    RETURN_IF_ERROR(Prefill(ctx, *ctx.main, id, m.layers(), chunk, &bar));
-    r.prefill_s = MsSince(t0) / 1000.0 * ctx.scale;
+    ASSIGN_OR_RETURN(const double seconds, Prefill(ctx, *ctx.main, id, m.layers(), chunk, &bar));
+    r.prefill_s = seconds * ctx.scale;
   }
   Tally t(m.steps(), m.layers());
   {

@@ -11,19 +11,20 @@ namespace icecache::bench {
 
 namespace {
 
-// Full attention of every (layer, head) of step `s`, the cells spread over
-// `threads` threads; returns the sum of the cells' times (what one thread
-// would take).
+// Full attention of every (quality layer, head) of step `s`, the cells
+// spread over `threads` threads; returns the sum of the cells' times (what
+// one thread would take).
 double ReferenceStep(const DecodeModel& m, int s, int budget, int sinks, int threads,
                      DecodeReference* r) {
   const int64_t n = m.tokens_at(s);
-  const int cells = r->layers * r->kv_heads;
+  const std::vector<int>& layers = m.quality_layers();
+  const int cells = static_cast<int>(layers.size()) * r->kv_heads;
   std::atomic<int> next{0};
   std::vector<double> ms(threads, 0.0);
   auto worker = [&](int w) {
     AttentionScratch scratch;
     for (int c = next++; c < cells; c = next++) {
-      const int l = c / r->kv_heads, h = c % r->kv_heads;
+      const int l = layers[c / r->kv_heads], h = c % r->kv_heads;
       const size_t i = r->Index(s, l, h);
       const float* q = m.queries(s, l).data() + static_cast<size_t>(h) * r->group * r->head_dim;
       // The oracle's top-k rides along the softmax: a little extra work
@@ -60,8 +61,11 @@ DecodeReference ComputeReference(const DecodeModel& m, int budget, int sinks,
   r.oracle.resize(cells);
   const int threads =
       static_cast<int>(std::max(1u, std::min(8u, std::thread::hardware_concurrency())));
+  // Measured on the quality layers, scaled to every layer (each layer's
+  // full attention costs the same: same tokens, heads and dimension).
+  const double scale = static_cast<double>(m.layers()) / m.quality_layers().size();
   for (int s = 0; s < m.steps(); ++s) {
-    r.step_ms.push_back(ReferenceStep(m, s, budget, sinks, threads, &r));
+    r.step_ms.push_back(scale * ReferenceStep(m, s, budget, sinks, threads, &r));
     if (progress) progress(s + 1);
   }
   return r;

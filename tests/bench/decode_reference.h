@@ -1,7 +1,10 @@
-// Full attention of every decode step, layer and KV head of a DecodeModel:
+// Full attention of every decode step, quality layer and KV head of a
+// DecodeModel (DecodeModel::quality_layers(): the layers whose KV it keeps):
 // the reference every policy's quality is measured against, the exact-token
 // oracle's positions, and the time of full attention itself (the "full"
-// policy's TPOT on the CPU stand-in). Internal to `icecache-bench decode`.
+// policy's TPOT on the CPU stand-in, measured on those layers and scaled to
+// every layer). Entries of other layers stay empty. Internal to
+// `icecache-bench decode`.
 #ifndef ICECACHE_TESTS_BENCH_DECODE_REFERENCE_H_
 #define ICECACHE_TESTS_BENCH_DECODE_REFERENCE_H_
 
@@ -18,8 +21,9 @@ struct DecodeReference {
   std::vector<float> lse;                    // [step][layer][head][group]
   std::vector<float> out;                    // [step][layer][head][group][head_dim]
   std::vector<std::vector<int32_t>> oracle;  // [step][layer][head]: exact-token positions
-  // Full attention of all layers per step: the sum of the (layer, head)
-  // cells' times, i.e. one thread's time (the cells run on every core).
+  // Full attention of all layers per step: the sum of the (quality layer,
+  // head) cells' times, i.e. one thread's time (the cells run on every
+  // core), x layers / quality layers.
   std::vector<double> step_ms;
 
   size_t Index(int step, int layer, int head) const {

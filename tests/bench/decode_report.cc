@@ -101,12 +101,16 @@ void PrintPrefetch(const ContextResult& c) {
 
 void PrintContext(const DecodeBenchOptions& o, const ContextResult& c) {
   std::printf(
-      "\n== %lld tokens, %d layers run (generated in %.0f s): per-token figures for %d "
-      "layers%s, ms (medians over %d decode steps after the first) ==\n",
-      static_cast<long long>(c.tokens), c.layers, c.generate_s, o.layers,
+      "\n== %lld tokens, %d layers run (generated in %.0f s, regenerated while streamed in "
+      "%.0f s): per-token figures for %d layers%s, ms (medians over %d decode steps after the "
+      "first); quality of layers %s ==\n",
+      static_cast<long long>(c.tokens), c.layers, c.generate_s, c.regenerate_s, o.layers,
       c.scale > 1.0 ? absl::StrFormat(" (SCALED x%.1f from %d layers)", c.scale, c.layers).c_str()
                     : "",
-      o.steps - 1);
+      o.steps - 1,
+      c.quality_layers.size() == static_cast<size_t>(c.layers)
+          ? "all"
+          : absl::StrJoin(c.quality_layers, ",").c_str());
   TextTable t({"POLICY", "TT2T_S", "PREFILL_S", "TPOT_MS", "APPEND", "SELECT", "GATHER", "RPC",
                "ATTN*", "RPC_US/MSG", "MASS", "MIN_LAYER", "OUT_ERR"});
   for (const PolicyResult& p : c.policies) {
@@ -160,6 +164,8 @@ Json DecodeReportJson(const DecodeBenchOptions& o, const std::vector<ContextResu
                       {"recent_tokens", o.recent_tokens},
                       {"page_tokens", o.page_tokens},
                       {"reference_layers", o.reference_layers},
+                      {"quality_layers", o.quality_layers},
+                      {"daemon_prefault", o.daemon_prefault},
                       {"policies", o.policies},
                       {"batch", o.batch},
                       {"batch_policy", o.batch_policy}};
@@ -168,7 +174,12 @@ Json DecodeReportJson(const DecodeBenchOptions& o, const std::vector<ContextResu
        "ms per generated token over all layers of the model (scaled when the "
        "context ran with fewer layers); medians over the steps after the first"},
       {"attention", "CPU stand-in for the GPU: fp32 accumulation over the fetched fp16 pages"},
-      {"tt2t_s", "prefill (KV ingest + index builds, no model compute) + first decode step"}};
+      {"tt2t_s",
+       "prefill (KV ingest + index builds, no model compute; each chunk's builds waited for "
+       "before the next chunk is generated) + first decode step"},
+      {"layer_mass_recall",
+       "per quality layer (contexts[].quality_layers), mean over steps "
+       "and KV heads"}};
   report["contexts"] = Json::array();
   for (const ContextResult& c : contexts) {
     Json policies = Json::array();
@@ -185,6 +196,8 @@ Json DecodeReportJson(const DecodeBenchOptions& o, const std::vector<ContextResu
                                   {"scaled", c.scale > 1.0},
                                   {"scale", c.scale},
                                   {"generate_s", c.generate_s},
+                                  {"regenerate_s", c.regenerate_s},
+                                  {"quality_layers", c.quality_layers},
                                   {"full_attention_ms", c.full_attention_ms},
                                   {"policies", std::move(policies)},
                                   {"batch_policy", c.batch_policy},

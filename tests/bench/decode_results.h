@@ -54,9 +54,12 @@ struct BatchResult {
 
 struct ContextResult {
   int64_t tokens = 0;
-  int layers = 0;      // layers that ran
-  double scale = 1.0;  // options.layers / layers
-  double generate_s = 0;
+  int layers = 0;         // layers that ran
+  double scale = 1.0;     // options.layers / layers
+  double generate_s = 0;  // the model's first pass (queries, decode tokens, quality layers)
+  // The prefill's generation, every policy together (FillAppend; not timed).
+  double regenerate_s = 0;
+  std::vector<int> quality_layers;  // the layers PolicyResult::layer_mass is of
   double full_attention_ms = 0;
   std::vector<PolicyResult> policies;
   std::string batch_policy;

@@ -62,7 +62,7 @@ absl::StatusOr<std::string> Prepare(DecodeBackend& b, const DecodeModel& m,
   const int64_t n = m.prefill_tokens();
   RETURN_IF_ERROR(b.Reserve(m.AppendBytes(n, m.layers()), output_bytes));
   ASSIGN_OR_RETURN(std::string id, b.CreateSession(spec));
-  m.FillAppend(0, n, 0, m.layers(), b.staging());
+  RETURN_IF_ERROR(m.FillAppend(0, n, 0, m.layers(), b.staging()));
   RETURN_IF_ERROR(b.Append(id, n, 0, 0));
   for (int tries = 0;; ++tries) {
     ASSIGN_OR_RETURN(auto trees, b.Trees(id));
@@ -170,6 +170,7 @@ absl::Status RunRpcOverhead(const DecodeBenchOptions& o) {
   mo.layers = o.layers;
   mo.tokens = o.contexts.front();
   mo.steps = o.steps;
+  mo.quality_layers = 1;  // no quality figures here
   ASSIGN_OR_RETURN(std::unique_ptr<DecodeModel> m, DecodeModel::Generate(mo));
   const uint64_t pool = 4 * m->AppendBytes(m->tokens(), m->layers()) + (uint64_t{256} << 20);
   // The in-process SessionManager has neither the quality monitor nor

@@ -203,6 +203,64 @@ TEST(SyntheticTest, DeterministicForSeedAndThreadCount) {
   EXPECT_NE(a->queries, other->queries);
 }
 
+// A slice of the KV heads is exactly those heads of the whole dump: keys,
+// values (needles and rare keys planted in them included) and their query
+// heads. The decode benchmark builds a model a head at a time this way.
+TEST(SyntheticTest, HeadSliceEqualsThoseHeadsOfTheWholeDump) {
+  for (const char* family : {"baseline", "mixture"}) {
+    SCOPED_TRACE(family);
+    SyntheticConfig c = SmallConfig();
+    c.kv_heads = 4;
+    c.q_heads = 8;
+    c.tokens = 1500;
+    c.steps = 3;
+    ASSERT_THAT(ApplySyntheticFamily(family, &c), IsOk());
+    auto whole = GenerateSynthetic(c);
+    ASSERT_THAT(whole, IsOk());
+    const int d = c.head_dim, group = c.q_heads / c.kv_heads;
+    const size_t rows = static_cast<size_t>(c.tokens) * d;
+    for (int begin : {0, 1, 3}) {
+      SyntheticConfig sc = c;
+      sc.kv_head_begin = begin;
+      sc.kv_head_count = begin == 1 ? 2 : 1;
+      sc.threads = 2;
+      auto slice = GenerateSynthetic(sc);
+      ASSERT_THAT(slice, IsOk());
+      const int n = sc.kv_head_count;
+      ASSERT_EQ(slice->kv_heads, n);
+      ASSERT_EQ(slice->q_heads, n * group);
+      for (int l = 0; l < c.layers; ++l) {
+        for (int i = 0; i < n; ++i) {
+          const size_t from = (static_cast<size_t>(l) * c.kv_heads + begin + i) * rows;
+          const size_t to = (static_cast<size_t>(l) * n + i) * rows;
+          EXPECT_TRUE(std::equal(whole->keys.begin() + from, whole->keys.begin() + from + rows,
+                                 slice->keys.begin() + to))
+              << "keys of layer " << l << " head " << begin + i;
+          EXPECT_TRUE(std::equal(whole->values.begin() + from, whole->values.begin() + from + rows,
+                                 slice->values.begin() + to))
+              << "values of layer " << l << " head " << begin + i;
+        }
+        for (int s = 0; s < c.steps; ++s) {
+          const size_t qrow = static_cast<size_t>(n) * group * d;
+          const size_t from =
+              ((static_cast<size_t>(s) * c.layers + l) * c.q_heads + begin * group) * d;
+          const size_t to = (static_cast<size_t>(s) * c.layers + l) * qrow;
+          EXPECT_TRUE(std::equal(whole->queries.begin() + from,
+                                 whole->queries.begin() + from + qrow, slice->queries.begin() + to))
+              << "queries of step " << s << " layer " << l;
+        }
+      }
+    }
+    SyntheticConfig bad = c;
+    bad.kv_head_begin = 3;
+    bad.kv_head_count = 2;
+    EXPECT_THAT(GenerateSynthetic(bad), StatusIs(absl::StatusCode::kInvalidArgument));
+    bad.kv_head_count = 1;
+    SyntheticTruth truth;
+    EXPECT_THAT(GenerateSynthetic(bad, &truth), StatusIs(absl::StatusCode::kInvalidArgument));
+  }
+}
+
 TEST(SyntheticTest, SinksTakeLargeMassWithSmallNorm) {
   SyntheticConfig c = SmallConfig();
   auto dump = GenerateSynthetic(c);

@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -195,6 +196,59 @@ TEST(PagePoolTest, FreeReturnsEmptySlabsBeyondTheBoundToTheKernel) {
   auto again = pool.Allocate("alice", *id, 8 * 4);
   ASSERT_THAT(again, IsOk());
   EXPECT_EQ(pool.Stats().reserved_bytes, 8 * PagePool::kSlabBytes);
+}
+
+// pool.prefault: PrefaultArena faults in every slab of the arena (and no
+// more: it reports the capacity), keeps frames' contents, and with
+// keep_resident nothing goes back to the kernel when sessions drop or the
+// pool is trimmed.
+TEST(PagePoolTest, PrefaultArenaMakesTheWholeArenaResidentAndKeepsIt) {
+  PagePoolOptions o;
+  o.capacity_bytes = 16 * kMiB;  // 8 slabs
+  o.max_empty_slabs = 0;         // every emptied slab would go back at once
+  o.keep_resident = true;
+  auto created = PagePool::Create(o);
+  ASSERT_THAT(created, IsOk());
+  PagePool& pool = **created;
+  auto id = pool.GetOrCreateClass(PagePool::kSlabBytes / 4);
+  ASSERT_THAT(id, IsOk());
+  auto set = pool.Allocate("alice", *id, 4);  // one slab, written before the prefault
+  ASSERT_THAT(set, IsOk());
+  for (size_t i = 0; i < set->size(); ++i) std::memset(set->frame(i), 0x5A, set->frame_bytes());
+  uint64_t resident = 0;
+  for (uint64_t slab = 0; slab < 8; ++slab) resident += ResidentPages(pool, slab);
+  EXPECT_LT(resident * ::sysconf(_SC_PAGESIZE), 8 * PagePool::kSlabBytes);
+
+  const ArenaPrefault done = pool.PrefaultArena(nullptr);
+  EXPECT_EQ(done.bytes, pool.capacity_bytes());
+  EXPECT_EQ(pool.prefaulted_bytes(), pool.capacity_bytes());
+  EXPECT_FALSE(done.stopped);
+  resident = 0;
+  for (uint64_t slab = 0; slab < 8; ++slab) resident += ResidentPages(pool, slab);
+  EXPECT_EQ(resident * ::sysconf(_SC_PAGESIZE), 8 * PagePool::kSlabBytes);
+  for (size_t i = 0; i < set->size(); ++i) {
+    EXPECT_EQ(set->frame(i)[0], 0x5A);
+    EXPECT_EQ(set->frame(i)[set->frame_bytes() - 1], 0x5A);
+  }
+  set->Reset();
+  pool.Trim();
+  resident = 0;
+  for (uint64_t slab = 0; slab < 8; ++slab) resident += ResidentPages(pool, slab);
+  EXPECT_EQ(resident * ::sysconf(_SC_PAGESIZE), 8 * PagePool::kSlabBytes);
+}
+
+TEST(PagePoolTest, PrefaultArenaStopsWhenAsked) {
+  PagePoolOptions o;
+  o.capacity_bytes = 16 * kMiB;
+  auto created = PagePool::Create(o);
+  ASSERT_THAT(created, IsOk());
+  std::atomic<bool> stop{true};
+  const ArenaPrefault done = (*created)->PrefaultArena(&stop);
+  EXPECT_TRUE(done.stopped);
+  EXPECT_EQ(done.bytes, 0u);
+  uint64_t resident = 0;
+  for (uint64_t slab = 0; slab < 8; ++slab) resident += ResidentPages(**created, slab);
+  EXPECT_EQ(resident, 0u);
 }
 
 TEST(PagePoolTest, PrefaultAheadKeepsAtMostItsCountOfFreeSlabsResident) {

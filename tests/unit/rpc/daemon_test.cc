@@ -790,6 +790,32 @@ TEST_F(DaemonTest, HealthzTurns503WhileDraining) {
   EXPECT_THAT(HttpGet(port, "/metrics").body, HasSubstr("icecache_draining 1\n"));
 }
 
+// pool.prefault: the daemon faults its whole arena in on a background
+// thread and says ready once it is done; the metrics show how much and how
+// long (the pool's own test checks the pages are resident with mincore).
+TEST_F(DaemonTest, PoolPrefaultFaultsTheArenaInThenReportsReady) {
+  Start(true, "pool { prefault: true }", /*metrics=*/true);
+  ASSERT_TRUE(daemon_->WaitUntilReady());
+  EXPECT_TRUE(daemon_->ready());
+  EXPECT_EQ(HealthStatus(), 1);  // SERVING
+  const int port = daemon_->metrics_port();
+  EXPECT_EQ(HttpGet(port, "/healthz").status, 200);
+  const std::string metrics = HttpGet(port, "/metrics").body;
+  EXPECT_THAT(metrics,
+              HasSubstr(absl::StrCat("\nicecache_pool_prefaulted_bytes ", 64 << 20, "\n")));
+  EXPECT_THAT(metrics, HasSubstr("\nicecache_pool_prefault_seconds "));
+  // Sessions work as usual on the faulted-in arena.
+  const std::string id = CreateSession();
+  EXPECT_FALSE(id.empty());
+}
+
+TEST_F(DaemonTest, WithoutPoolPrefaultTheDaemonIsReadyAtOnceAndExportsNoPrefaultFigures) {
+  Start(true, "", /*metrics=*/true);
+  EXPECT_TRUE(daemon_->WaitUntilReady());
+  const std::string metrics = HttpGet(daemon_->metrics_port(), "/metrics").body;
+  EXPECT_THAT(metrics, ::testing::Not(HasSubstr("\nicecache_pool_prefaulted_bytes ")));
+}
+
 // A daemon with a TLS TCP listener on a free port and two bearer tokens:
 // tenant "r" and admin tenant "ops". Skips where openssl cannot make a
 // throwaway certificate.
