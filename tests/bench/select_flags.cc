@@ -173,6 +173,9 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "mdci: correct each query's estimated mass outside the candidates by the "
                   "estimate's error on the candidates (1) or not (0)")
       ->capture_default_str();
+  app->add_option("--mdci-hedged-descent", o_.mdci.hedged_descent,
+                  "mdci: above level 1 take nodes in turn from the loudest query's and the summed "
+                  "shares' rankings (0/1)");
   app->add_option("--mdci-query-quotas", o_.mdci.query_quotas,
                   "mdci: each query of the group takes its share of the descent's nodes from its "
                   "own ranking (1) or one ranking for the group (0)");
@@ -190,6 +193,10 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "mdci calibration: once warm, at least N steps between samples");
   app->add_option("--calibrate-max-every", o_.calibrate_max_every,
                   "mdci calibration: once warm, at most N steps between samples (floor rate)");
+  app->add_option("--calibrate-confidence-z", o_.calibrate_confidence_z,
+                  "calibration: a width misses when mean - z x standard error of its samples is "
+                  "under the target (0: the mean alone)")
+      ->capture_default_str();
   app->add_option("--calibrate-share", o_.calibrate_share,
                   "mdci calibration: once warm, reference cost / selection cost to aim at");
   app->add_option("--steady-steps", o_.steady_steps,
