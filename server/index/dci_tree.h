@@ -101,12 +101,6 @@ struct DciDescentParams {
   // estimate), so a query that disagrees with the loudest one still gets
   // its best nodes; false: one ranking for the group (see `normalized`).
   bool query_quotas = false;
-  // true (and normalized false, query_quotas false): above level 1 the
-  // nodes are taken in turn from two rankings, the loudest query's estimate
-  // and the sum of the queries' estimated shares (as `normalized`), each
-  // its best not yet taken, until the same stop: the two rankings miss
-  // different heads' nodes (docs/bench/front7_hedged_131072.txt).
-  bool hedged = false;
 };
 
 // Reusable per-thread buffers of CollectCandidates (no allocation once warm).
@@ -125,7 +119,6 @@ struct DciScratch {
   std::vector<float> node_res;   // nc: the node's residual variance per dimension
   std::vector<float> est;        // nq x nc: estimated log-mass of each candidate per query
   std::vector<float> best;       // nc: the candidate's rank key (DciDescentParams::normalized)
-  std::vector<float> rank_keys;  // hedged: 2 x nc, the two rankings' keys
   std::vector<float> qlog_norm;  // nq: estimated log-mass of all keys per query (entry level)
   std::vector<std::pair<float, uint32_t>> scored;  // (rank key, index into cand), ranked head
   std::vector<float> qnorm2;                       // nq: squared query norm
@@ -406,13 +399,6 @@ class DciTree {
   // estimate, until the same stop; s->scored then starts with the taken nodes.
   size_t TakeBestPerQuery(int level, const DciDescentParams& params, int nq, DciScratch* s,
                           std::vector<uint32_t>* nodes) const;
-  // The round robin of TakeBestPerQuery over `nrank` rankings whose keys
-  // are keys[r * nc + i] (higher is better).
-  size_t TakeRoundRobin(int level, const DciDescentParams& params, int nrank, const float* keys,
-                        DciScratch* s, std::vector<uint32_t>* nodes) const;
-  // DciDescentParams::hedged: s->rank_keys = the loudest query's estimate
-  // and the sum of the estimated shares, for every candidate.
-  void HedgedKeys(int nq, DciScratch* s) const;
   // Adds the estimated mass of the candidates not taken to s->rest.
   void AccumulateRest(int nq, size_t taken, DciScratch* s) const;
   // s->taken_est: the estimated mass of the `taken` candidates at the head

@@ -252,25 +252,6 @@ uint32_t NextOfQuery(int j, DciScratch* s) {
 
 size_t DciTree::TakeBestPerQuery(int level, const DciDescentParams& params, int nq, DciScratch* s,
                                  std::vector<uint32_t>* nodes) const {
-  return TakeRoundRobin(level, params, nq, s->est.data(), s, nodes);
-}
-
-void DciTree::HedgedKeys(int nq, DciScratch* s) const {
-  const size_t nc = s->cand.size();
-  s->rank_keys.resize(2 * nc);
-  float* loud = s->rank_keys.data();
-  float* shares = loud + nc;
-  std::fill(loud, loud + nc, -std::numeric_limits<float>::infinity());
-  std::fill(shares, shares + nc, 0.0f);
-  for (int j = 0; j < nq; ++j) {
-    const float* ej = &s->est[static_cast<size_t>(j) * nc];
-    for (size_t i = 0; i < nc; ++i) loud[i] = loud[i] < ej[i] ? ej[i] : loud[i];
-    AddExp(ej, s->qlog_norm[j], nc, shares);
-  }
-}
-
-size_t DciTree::TakeRoundRobin(int level, const DciDescentParams& params, int nq, const float* keys,
-                               DciScratch* s, std::vector<uint32_t>* nodes) const {
   const Level& L = levels_[level];
   const bool leaf = level == 1;
   const int64_t want_tokens =
@@ -286,7 +267,7 @@ size_t DciTree::TakeRoundRobin(int level, const DciDescentParams& params, int nq
   s->qcursor.assign(nq, 0);
   s->qchunk.assign(nq, chunk);
   for (int j = 0; j < nq; ++j) {
-    const float* ej = keys + static_cast<size_t>(j) * nc;
+    const float* ej = &s->est[static_cast<size_t>(j) * nc];
     auto& v = s->qscored[j];
     v.resize(nc);
     for (size_t i = 0; i < nc; ++i) v[i] = {ej[i], static_cast<uint32_t>(i)};
@@ -403,15 +384,8 @@ void DciTree::CollectCandidates(const float* queries, int nq, float scale,
   for (int l = entry; l >= 1; --l) {
     ScoreCandidates(l, l == entry, queries, nq, scale, half_s2, params.normalized, s);
     *touched += s->cand.size();
-    size_t taken;
-    if (params.query_quotas && nq > 1) {
-      taken = TakeBestPerQuery(l, params, nq, s, nodes);
-    } else if (params.hedged && !params.normalized && nq > 1 && l > 1) {
-      HedgedKeys(nq, s);
-      taken = TakeRoundRobin(l, params, 2, s->rank_keys.data(), s, nodes);
-    } else {
-      taken = TakeBest(l, params, s, nodes);
-    }
+    const size_t taken = params.query_quotas && nq > 1 ? TakeBestPerQuery(l, params, nq, s, nodes)
+                                                       : TakeBest(l, params, s, nodes);
     AccumulateRest(nq, taken, s);
     if (l == 1) {
       EstimateTaken(nq, taken, s);

@@ -167,7 +167,6 @@ void MdciSelector::CollectCandidatePages(const float* queries, int num_queries,
   dp.spread_weight = config_.mdci.spread_weight;
   dp.normalized = config_.mdci.normalized_descent;
   dp.query_quotas = config_.mdci.query_quotas;
-  dp.hedged = config_.mdci.hedged_descent;
   const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
   tree_->CollectCandidates(queries, num_queries, scale, dp, &s.descent, &s.nodes, touched);
   s.candidates.clear();

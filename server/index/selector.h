@@ -110,10 +110,6 @@ struct MdciParams {
   // true: every query of the group gets an equal share of the nodes the
   // descent keeps, from its own ranking (DciDescentParams::query_quotas).
   bool query_quotas = false;
-  // true: above level 1 the descent takes nodes in turn from the loudest
-  // query's ranking and the sum of the estimated shares' ranking
-  // (DciDescentParams::hedged).
-  bool hedged_descent = false;
   int spread_rank = 16;  // key subspace in which nodes keep their spread (>= 0)
   // > 0: pages group similar keys only within windows of this many positions.
   int locality_window = 4096;

@@ -48,7 +48,6 @@ DciDescentParams DescentOf(const SelectorConfig& c, int budget, int fov, float f
   dp.spread_weight = c.mdci.spread_weight;
   dp.normalized = c.mdci.normalized_descent;
   dp.query_quotas = c.mdci.query_quotas;
-  dp.hedged = c.mdci.hedged_descent;
   return dp;
 }
 

@@ -173,9 +173,6 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "mdci: correct each query's estimated mass outside the candidates by the "
                   "estimate's error on the candidates (1) or not (0)")
       ->capture_default_str();
-  app->add_option("--mdci-hedged-descent", o_.mdci.hedged_descent,
-                  "mdci: above level 1 take nodes in turn from the loudest query's and the summed "
-                  "shares' rankings (0/1)");
   app->add_option("--mdci-query-quotas", o_.mdci.query_quotas,
                   "mdci: each query of the group takes its share of the descent's nodes from its "
                   "own ranking (1) or one ranking for the group (0)");
