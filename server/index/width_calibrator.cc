@@ -34,6 +34,9 @@ absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
   if (o.miss_samples < 1) return bad("miss_samples must be >= 1", o.miss_samples);
   if (!(o.far_below >= 0.0)) return bad("far_below must be >= 0", o.far_below);
   if (o.window < 1) return bad("window must be >= 1", o.window);
+  if (!(o.confidence_z >= 0.0) || !std::isfinite(o.confidence_z)) {
+    return bad("confidence_z must be finite and >= 0", o.confidence_z);
+  }
   if (!(o.exact_cost_ratio >= 0.0) || !std::isfinite(o.exact_cost_ratio)) {
     return bad("exact_cost_ratio must be finite and >= 0", o.exact_cost_ratio);
   }
@@ -105,6 +108,7 @@ void WidthCalibrator::CountExactStep(int64_t cost_ns) {
   last_change_step_ = steps_;
   at_width_ = 0;
   mean_at_width_ = 0.0;
+  var_at_width_ = 0.0;
   tree_cost_n_ = 0;
   tree_cost_ = 0.0;
 }
@@ -116,6 +120,7 @@ void WidthCalibrator::SetWidth(double w) {
     last_change_step_ = steps_;
     at_width_ = 0;  // the mean starts over at the new width
     mean_at_width_ = 0.0;
+    var_at_width_ = 0.0;
     tree_cost_n_ = 0;  // and so does its cost
     tree_cost_ = 0.0;
   }
@@ -155,12 +160,26 @@ void WidthCalibrator::Observe(const QualitySample& sample) {
   AdaptWidth(sample.mass_ratio);
 }
 
+bool WidthCalibrator::MeanMisses() const {
+  if (at_width_ < o_.miss_samples) return false;
+  if (mean_at_width_ < o_.target_ratio) return true;
+  if (o_.confidence_z <= 0.0 || at_width_ < std::max(2, o_.settle_samples)) return false;
+  // The standard error of the mean over the samples it rests on (the moving
+  // mean weighs about `window` of them).
+  const double n = static_cast<double>(std::min<int64_t>(at_width_, std::max(2, o_.window)));
+  const double se = std::sqrt(std::max(0.0, var_at_width_) / (n - 1.0));
+  return mean_at_width_ - o_.confidence_z * se < o_.target_ratio;
+}
+
 void WidthCalibrator::AdaptWidth(double ratio) {
   ++at_width_;
-  mean_at_width_ +=
-      (ratio - mean_at_width_) / static_cast<double>(std::min<int64_t>(at_width_, o_.window));
-  const bool miss = (at_width_ >= o_.miss_samples && mean_at_width_ < o_.target_ratio) ||
-                    ratio < o_.target_ratio - o_.far_below;
+  // Moving mean and variance (West's weighted update: with weight 1 / n the
+  // plain population variance, then an exponentially weighted one).
+  const double a = 1.0 / static_cast<double>(std::min<int64_t>(at_width_, o_.window));
+  const double d = ratio - mean_at_width_;
+  mean_at_width_ += a * d;
+  var_at_width_ = (1.0 - a) * (var_at_width_ + a * d * d);
+  const bool miss = MeanMisses() || ratio < o_.target_ratio - o_.far_below;
   if (TreeDoesNotPay(miss)) {
     if (miss) floor_ = std::min(o_.max_width, width_ * std::sqrt(o_.increase));
     FallBack();
@@ -233,6 +252,7 @@ CalibratorState WidthCalibrator::state() const {
   s.floor = floor_;
   s.at_width = at_width_;
   s.mean_at_width = mean_at_width_;
+  s.var_at_width = var_at_width_;
   s.release_streak = release_streak_;
   s.release_needed = release_needed_;
   s.released = released_;
@@ -292,9 +312,10 @@ std::string StateProblem(const CalibratorOptions& o, const CalibratorState& s) {
                         o.max_reprobe_steps, ", got ", s.reprobe_wait);
   }
   const std::pair<const char*, double> means[] = {
-      {"mean_at_width", s.mean_at_width}, {"last_ratio", s.last_ratio},
-      {"sum_ratio", s.sum_ratio},         {"sum_topk", s.sum_topk},
-      {"tree_cost", s.tree_cost},         {"exact_cost", s.exact_cost}};
+      {"mean_at_width", s.mean_at_width}, {"var_at_width", s.var_at_width},
+      {"last_ratio", s.last_ratio},       {"sum_ratio", s.sum_ratio},
+      {"sum_topk", s.sum_topk},           {"tree_cost", s.tree_cost},
+      {"exact_cost", s.exact_cost}};
   for (const auto& [name, v] : means) {
     if (!mean(v)) return absl::StrCat(name, " must be finite and >= 0, got ", v);
   }
@@ -313,6 +334,7 @@ absl::Status WidthCalibrator::Restore(const CalibratorState& s) {
   floor_ = s.floor;
   at_width_ = s.at_width;
   mean_at_width_ = s.mean_at_width;
+  var_at_width_ = s.var_at_width;
   release_streak_ = s.release_streak;
   release_needed_ = s.release_needed;
   released_ = s.released;

@@ -11,9 +11,12 @@
 // not every sample: the steps of real decoding differ in difficulty, and a
 // width raised on every hard step ends far wider (slower) than the target
 // needs. It keeps the mean of the samples taken at the current width (a plain
-// mean, then a moving average over the last `window` samples). A miss -- that
-// mean below the target once it rests on `miss_samples` samples, or one
-// sample more than `far_below` under the target -- raises w at once
+// mean, then a moving average over the last `window` samples) and their
+// variance. A miss -- that mean below the target once it rests on
+// `miss_samples` samples, its lower confidence bound (mean - confidence_z x
+// the standard error over min(samples, window)) below the target once it
+// rests on `settle_samples`, or one sample more than `far_below` under the
+// target -- raises w at once
 // (x increase) and sets a floor just above the width that missed. A mean
 // >= target + hysteresis over `settle_samples` samples lowers it slowly
 // (x decrease), never below the floor. The floor itself is lowered only after
@@ -73,6 +76,13 @@ struct CalibratorOptions {
   int miss_samples = 2;      // samples at a width before its mean can miss (>= 1)
   double far_below = 0.15;   // one sample this far under the target is a miss (>= 0)
   int window = 16;           // the mean at a width: plain, then over about this many (>= 1)
+  // A width whose mean meets the target on few samples may still miss it on
+  // the steps not sampled: once settle_samples samples rest on a width, it
+  // misses when mean - confidence_z x standard error < target (>= 0; 0: the
+  // mean alone). Measured: gqa-divergent at 131072 tokens settled where its
+  // samples' mean met 0.95 and the replay's was 0.935
+  // (docs/bench/calib_matrix_131072.md).
+  double confidence_z = 1.0;
   // Exact fallback: the tree costing this share of the exact selection (or
   // more) gives way to it (>= 0; 0: cost never decides, only a miss at
   // max_width).
@@ -121,6 +131,7 @@ struct CalibratorState {
   double floor = 1.0;
   int64_t at_width = 0;
   double mean_at_width = 0.0;
+  double var_at_width = 0.0;  // their (moving) variance; 0 in older snapshots
   int64_t release_streak = 0;
   int64_t release_needed = 1;
   bool released = false;
@@ -182,6 +193,8 @@ class WidthCalibrator {
   void FallBack() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void CountExactStep(int64_t cost_ns) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void AdaptWidth(double ratio) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether the samples at the current width say it misses the target.
+  bool MeanMisses() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const CalibratorOptions o_;
   const int base_fov_;
@@ -191,6 +204,7 @@ class WidthCalibrator {
   double floor_ ABSL_GUARDED_BY(mu_);                // decreases stop here
   int64_t at_width_ ABSL_GUARDED_BY(mu_) = 0;        // samples since the width changed
   double mean_at_width_ ABSL_GUARDED_BY(mu_) = 0.0;  // their (moving) mean ratio
+  double var_at_width_ ABSL_GUARDED_BY(mu_) = 0.0;   // and (moving) variance
   int64_t release_streak_ ABSL_GUARDED_BY(mu_) = 0;  // comfortable samples at the floor
   int64_t release_needed_ ABSL_GUARDED_BY(mu_) = 0;  // to lower the floor
   bool released_ ABSL_GUARDED_BY(mu_) = false;       // the floor was lowered since the last miss

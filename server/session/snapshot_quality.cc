@@ -22,6 +22,7 @@ Json CalibratorToJson(const CalibratorState& c) {
               {"floor", c.floor},
               {"at_width", c.at_width},
               {"mean_at_width", c.mean_at_width},
+              {"var_at_width", c.var_at_width},
               {"release_streak", c.release_streak},
               {"release_needed", c.release_needed},
               {"released", c.released},
@@ -118,6 +119,9 @@ void ReadCalibrator(Reader& r, const Json& o, CalibratorState* c) {
   r.Num(o, "floor", &c->floor);
   r.Int(o, "at_width", &c->at_width);
   r.Num(o, "mean_at_width", &c->mean_at_width);
+  // Absent in snapshots written before the confidence bound: no spread known.
+  c->var_at_width = 0.0;
+  if (o.is_object() && o.contains("var_at_width")) r.Num(o, "var_at_width", &c->var_at_width);
   r.Int(o, "release_streak", &c->release_streak);
   r.Int(o, "release_needed", &c->release_needed);
   r.Bool(o, "released", &c->released);

@@ -542,6 +542,7 @@ absl::StatusOr<std::unique_ptr<TreeMethod>> MakeMethod(const std::string& name, 
     co.warmup_samples = o.calibrate_warmup;
     co.max_sample_every = o.calibrate_max_every;
     co.sample_share = o.calibrate_share;
+    co.confidence_z = o.calibrate_confidence_z;
     RETURN_IF_ERROR(static_cast<SelectorMethod*>(method.get())->Calibrate(co));
   }
   return method;

@@ -96,6 +96,8 @@ struct SelectBenchOptions {
   int calibrate_warmup = CalibratorOptions{}.warmup_samples;
   int calibrate_max_every = CalibratorOptions{}.max_sample_every;
   double calibrate_share = CalibratorOptions{}.sample_share;
+  // The calibrator's confidence bound (CalibratorOptions::confidence_z).
+  double calibrate_confidence_z = CalibratorOptions{}.confidence_z;
   // Self-calibrated mdci: this many more selections per tree after the
   // measured steps (the steps' queries replayed; mass not measured), for the
   // steady-state sampling overhead.

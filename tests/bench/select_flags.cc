@@ -190,6 +190,10 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "mdci calibration: once warm, at least N steps between samples");
   app->add_option("--calibrate-max-every", o_.calibrate_max_every,
                   "mdci calibration: once warm, at most N steps between samples (floor rate)");
+  app->add_option("--calibrate-confidence-z", o_.calibrate_confidence_z,
+                  "calibration: a width misses when mean - z x standard error of its samples is "
+                  "under the target (0: the mean alone)")
+      ->capture_default_str();
   app->add_option("--calibrate-share", o_.calibrate_share,
                   "mdci calibration: once warm, reference cost / selection cost to aim at");
   app->add_option("--steady-steps", o_.steady_steps,

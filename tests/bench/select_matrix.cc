@@ -465,6 +465,7 @@ absl::Status RunSelectMatrix(const SelectBenchOptions& o) {
     config["calibrate_warmup"] = o.calibrate_warmup;
     config["calibrate_max_every"] = o.calibrate_max_every;
     config["calibrate_share"] = o.calibrate_share;
+    config["calibrate_confidence_z"] = o.calibrate_confidence_z;
     config["steady_steps"] = o.steady_steps;
     root["config"] = std::move(config);
     Json fams = Json::array();

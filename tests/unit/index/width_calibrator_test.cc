@@ -96,6 +96,67 @@ TEST(WidthCalibratorTest, NoisyStepsSettleNearTheWidthTheMeanNeeds) {
   EXPECT_LE(c->report().width, 8.0 * 1.5 * 1.5);
 }
 
+// A width whose samples' mean meets the target but whose spread says the
+// mean may well be under it misses once settle_samples samples rest on it
+// (confidence_z); the same mean with no spread holds.
+TEST(WidthCalibratorTest, AMeanOnTargetWithALargeSpreadMisses) {
+  const double spread[] = {0.99, 0.92, 0.99, 0.92};  // mean 0.955, se 0.02
+  for (double z : {0.0, 1.0}) {
+    CalibratorOptions o;
+    o.confidence_z = z;
+    auto c = Make(o);
+    ASSERT_NE(c, nullptr);
+    for (int i = 0; i < 3; ++i) c->Observe({spread[i], spread[i]});
+    EXPECT_EQ(c->report().width, 1.0) << "z " << z << ": too few samples to judge the spread";
+    c->Observe({spread[3], spread[3]});
+    if (z > 0.0) {
+      EXPECT_EQ(c->report().width, 1.5) << "z " << z;  // lower bound 0.935 < 0.95
+    } else {
+      EXPECT_EQ(c->report().width, 1.0) << "z " << z;  // the mean alone holds
+    }
+  }
+  auto steady = Make({});
+  ASSERT_NE(steady, nullptr);
+  for (int i = 0; i < 8; ++i) steady->Observe({0.955, 0.955});
+  EXPECT_EQ(steady->report().width, 1.0);  // no spread: the mean holds
+}
+
+// Noisy steps: the confidence bound settles on a width at least as wide as
+// the mean alone (never narrower), where the true mean ratio holds the
+// target, and it still converges well inside the widest width.
+TEST(WidthCalibratorTest, TheConfidenceBoundSettlesNoNarrowerAndHoldsTheTarget) {
+  for (int seed : {1, 2, 3}) {
+    double true_mean[2], width[2];
+    for (int k = 0; k < 2; ++k) {
+      std::mt19937 rng(seed);
+      std::normal_distribution<double> noise(0.0, 0.03);
+      CalibratorOptions o;
+      o.confidence_z = k == 0 ? 0.0 : 1.0;
+      auto c = Make(o);
+      ASSERT_NE(c, nullptr);
+      const double a = 0.4;  // mean 0.95 at width 8
+      double sum = 0;
+      int n = 0;
+      for (int i = 0; i < 3000; ++i) {
+        const double w = c->report().width;
+        const double r = std::min(1.0, 1.0 - a / w + noise(rng));
+        c->Observe({r, r});
+        if (i >= 300) {
+          sum += 1.0 - a / w;
+          ++n;
+        }
+      }
+      true_mean[k] = sum / n;
+      width[k] = c->report().width;
+      EXPECT_EQ(c->report().mode, SelectMode::kTree);
+    }
+    EXPECT_GE(true_mean[1], 0.95) << "seed " << seed;
+    EXPECT_GE(true_mean[1], true_mean[0] - 1e-9) << "seed " << seed;
+    EXPECT_GE(width[1], width[0]) << "seed " << seed;
+    EXPECT_LE(width[1], 32.0) << "seed " << seed;
+  }
+}
+
 TEST(WidthCalibratorTest, ComesBackDownWhenTheDataGetsEasier) {
   auto c = Make({});
   ASSERT_NE(c, nullptr);
@@ -227,6 +288,7 @@ TEST(WidthCalibratorTest, RestoreRefusesStatesOutOfRange) {
     s.reprobe_wait = 0;
   });
   with("mean_at_width", [](CalibratorState& s) { s.mean_at_width = INFINITY; });
+  with("var_at_width", [](CalibratorState& s) { s.var_at_width = -0.5; });
   with("exact_cost", [](CalibratorState& s) { s.exact_cost = -1.0; });
   with("since", [](CalibratorState& s) { s.schedule.since = s.schedule.steps + 1; });
   with("select_ns", [](CalibratorState& s) { s.schedule.select_ns = std::nan(""); });

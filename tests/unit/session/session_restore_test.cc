@@ -543,6 +543,7 @@ TEST(SnapshotFileTest, TheCalibrationStateRoundTripsExactly) {
   h.calibrator.width = 11.390625;
   h.calibrator.floor = 1.5 * 1.5 * 1.5 * 1.224744871391589;
   h.calibrator.mean_at_width = 0.9512345678901234;
+  h.calibrator.var_at_width = 0.0012345678901234567;
   h.calibrator.mode = SelectMode::kExact;
   h.calibrator.reprobe_wait = 512;
   h.calibrator.schedule.steps = 77;
@@ -564,10 +565,18 @@ TEST(SnapshotFileTest, TheCalibrationStateRoundTripsExactly) {
   EXPECT_EQ(r.heads[0].calibrator.width, h.calibrator.width);
   EXPECT_EQ(r.heads[0].calibrator.floor, h.calibrator.floor);
   EXPECT_EQ(r.heads[0].calibrator.mean_at_width, h.calibrator.mean_at_width);
+  EXPECT_EQ(r.heads[0].calibrator.var_at_width, h.calibrator.var_at_width);
   EXPECT_EQ(r.heads[0].calibrator.mode, SelectMode::kExact);
   EXPECT_EQ(r.heads[0].calibrator.reprobe_wait, 512);
   EXPECT_EQ(r.heads[0].calibrator.schedule.steps, 77);
   EXPECT_EQ(r.heads[0].calibrator.schedule.select_ns, h.calibrator.schedule.select_ns);
+
+  // A snapshot written before the variance was kept: read as no spread.
+  Json older = session;
+  older["quality"]["heads"][0]["calibrator"].erase("var_at_width");
+  read = QualityStateFromJson(older);
+  ASSERT_TRUE(read.state.has_value()) << read.error << read.missing;
+  EXPECT_EQ(read.state->heads[0].calibrator.var_at_width, 0.0);
 
   Json other = session;
   other["quality"]["format"] = 2;
