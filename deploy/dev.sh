@@ -197,11 +197,13 @@ TSAN_TARGETS=(icecached icecachectl icecache_tenant_probe
   session_manager_test session_kv_test session_prefetch_test rpc_base_test rpc_daemon_test
   rpc_decode_test rpc_decode_ring_test
   buffer_registry_test index_parallel_build_test page_pool_test quality_sampler_test)
-# Left out of every TSan run, by ctest name: load_short and
-# MessageLimitTest.OversizedMessages... bound the daemon's RSS, which TSan's
-# shadow memory and allocator raise past their limits (both run under
-# Release and ASan).
-TSAN_EXCLUDE='_NOT_BUILT|^load_short$|MessageLimitTest.OversizedMessagesCostAtMostTheTransportQuota'
+# Left out of every TSan run, by ctest name: load_short and the two
+# MessageLimitTest cases that bound the daemon's RSS growth, which TSan's
+# shadow memory and allocator raise past their limits (all three run under
+# Release and ASan). LengthsThatLie... grew the TSan daemon's peak RSS by
+# 24.3 MiB against its 24 MiB bound once in a fresh-clone run (20:59 UTC
+# 2026-12-01); it passed in every earlier TSan run.
+TSAN_EXCLUDE='_NOT_BUILT|^load_short$|MessageLimitTest.OversizedMessagesCostAtMostTheTransportQuota|MessageLimitTest.LengthsThatLieAreRefusedWithoutAllocatingWhatTheyClaim'
 
 # Left out of `test`'s ASan+UBSan set (asan ci), by ctest name: the
 # statistical quality tests (mdci's mass against exact selection, the width
