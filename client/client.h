@@ -149,6 +149,10 @@ struct HeadQuality {
   uint64_t exact_selections = 0;
   uint64_t fallbacks = 0;
   uint64_t sample_interval = 0;  // selections between measurements once warm
+  std::string descent_ranking;   // "loudest" / "normalized" (calibrated heads)
+  uint64_t ranking_trial_samples = 0;
+  double ranking_trial_gain = 0.0;  // mean: the other ranking's ratio - this one's
+  bool ranking_trial_done = false;
 };
 
 // The session's online quality monitor (types.proto SessionQuality).

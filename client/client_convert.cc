@@ -176,6 +176,10 @@ SessionQuality QualityFromProto(const v1::SessionQuality& q) {
     o.exact_selections = h.exact_selections();
     o.fallbacks = h.fallbacks();
     o.sample_interval = h.sample_interval();
+    o.descent_ranking = h.descent_ranking();
+    o.ranking_trial_samples = h.ranking_trial_samples();
+    o.ranking_trial_gain = h.ranking_trial_gain();
+    o.ranking_trial_done = h.ranking_trial_done();
     s.heads.push_back(o);
   }
   return s;

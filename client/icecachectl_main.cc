@@ -288,11 +288,19 @@ void AddQualityRows(const SessionQuality& q, TextTable* t) {
                                                 q.calibration_cpu_ms, share, q.selection_ms)});
 }
 
+// "loudest", "normalized", with "(trial n)" while the ranking trial runs;
+// "-" for heads without a calibrator.
+std::string RankingText(const HeadQuality& h) {
+  if (!h.calibrated || h.descent_ranking.empty()) return "-";
+  if (h.ranking_trial_done) return h.descent_ranking;
+  return absl::StrCat(h.descent_ranking, " (trial ", h.ranking_trial_samples, ")");
+}
+
 TextTable HeadQualityTable(const SessionQuality& q) {
-  TextTable t({"GROUP", "KV_HEAD", "MODE", "WIDTH", "FOV", "CAND", "CHANGES", "FALLBACKS",
-               "EXACT_SEL", "SAMPLES", "EVERY", "MEAN_RATIO", "RECENT", "TOPK"});
+  TextTable t({"GROUP", "KV_HEAD", "MODE", "RANKING", "WIDTH", "FOV", "CAND", "CHANGES",
+               "FALLBACKS", "EXACT_SEL", "SAMPLES", "EVERY", "MEAN_RATIO", "RECENT", "TOPK"});
   for (const HeadQuality& h : q.heads) {
-    t.AddRow({absl::StrCat(h.layer_group), absl::StrCat(h.kv_head), ModeText(h),
+    t.AddRow({absl::StrCat(h.layer_group), absl::StrCat(h.kv_head), ModeText(h), RankingText(h),
               h.calibrated ? absl::StrFormat("%.2f", h.width) : std::string("-"),
               h.calibrated ? absl::StrCat(h.field_of_view) : std::string("-"),
               h.calibrated ? absl::StrFormat("%.1f", h.candidate_factor) : std::string("-"),

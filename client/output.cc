@@ -148,7 +148,11 @@ Json QualityJson(const SessionQuality& q) {
                      {"mode", h.calibrated ? (h.exact ? "exact" : "tree") : "-"},
                      {"exact_selections", h.exact_selections},
                      {"fallbacks", h.fallbacks},
-                     {"sample_interval", h.sample_interval}});
+                     {"sample_interval", h.sample_interval},
+                     {"descent_ranking", h.descent_ranking},
+                     {"ranking_trial_samples", h.ranking_trial_samples},
+                     {"ranking_trial_gain", h.ranking_trial_gain},
+                     {"ranking_trial_done", h.ranking_trial_done}});
   }
   j["heads"] = std::move(heads);
   return j;

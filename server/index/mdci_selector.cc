@@ -165,7 +165,9 @@ void MdciSelector::CollectCandidatePages(const float* queries, int num_queries,
   dp.cover_factor = config_.mdci.cover_factor;
   dp.entry_nodes = config_.mdci.entry_nodes;
   dp.spread_weight = config_.mdci.spread_weight;
-  dp.normalized = config_.mdci.normalized_descent;
+  dp.normalized = params.ranking == DescentRanking::kSelector
+                      ? config_.mdci.normalized_descent
+                      : params.ranking == DescentRanking::kNormalized;
   dp.query_quotas = config_.mdci.query_quotas;
   const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
   tree_->CollectCandidates(queries, num_queries, scale, dp, &s.descent, &s.nodes, touched);

@@ -136,6 +136,18 @@ void Selection::Clear() {
   keys_touched = 0;
 }
 
+std::string_view DescentRankingName(DescentRanking r) {
+  switch (r) {
+    case DescentRanking::kLoudest:
+      return "loudest";
+    case DescentRanking::kNormalized:
+      return "normalized";
+    case DescentRanking::kSelector:
+      break;
+  }
+  return "selector";
+}
+
 std::string_view GranularityName(Granularity granularity) {
   return granularity == Granularity::kToken ? "token" : "page";
 }

@@ -149,6 +149,17 @@ std::string_view GranularityName(Granularity granularity);
 absl::StatusOr<Granularity> ParseGranularity(std::string_view name);
 
 // Per-call selection parameters.
+// How the mdci descent ranks the tree's nodes for a group of queries
+// (MdciParams::normalized_descent): kSelector = as the selector was
+// configured; kLoudest = by the query with the largest estimated logit;
+// kNormalized = by the sum of each query's estimated softmax share. Neither
+// is best on every head (docs/bench/front7_descent_rankings_131072.md), so
+// the width calibrator can try the other one on its sampled steps.
+enum class DescentRanking : uint8_t { kSelector = 0, kLoudest = 1, kNormalized = 2 };
+
+// "selector", "loudest", "normalized".
+std::string_view DescentRankingName(DescentRanking r);
+
 struct SelectParams {
   int budget_tokens = 256;  // > 0; pages are taken until this many tokens
   int sink_tokens = 4;      // pages holding positions [0, sink) always included
@@ -164,6 +175,9 @@ struct SelectParams {
   // selector's layout); the width fields are then unused. Other selectors
   // ignore it.
   bool exhaustive = false;
+  // mdci: the descent's ranking for this call (the width calibrator's
+  // choice); other selectors ignore it.
+  DescentRanking ranking = DescentRanking::kSelector;
 };
 
 // Result of one selection, in descending score order (sink/recent pages

@@ -44,6 +44,16 @@ absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
   if (o.max_reprobe_steps < o.reprobe_steps) {
     return bad("max_reprobe_steps must be >= reprobe_steps", o.max_reprobe_steps);
   }
+  if (o.base_ranking != DescentRanking::kLoudest && o.base_ranking != DescentRanking::kNormalized) {
+    return bad("base_ranking must be loudest (1) or normalized (2)",
+               static_cast<int>(o.base_ranking));
+  }
+  if (o.ranking_trial_samples < 0) {
+    return bad("ranking_trial_samples must be >= 0", o.ranking_trial_samples);
+  }
+  if (!(o.ranking_margin >= 0.0) || !std::isfinite(o.ranking_margin)) {
+    return bad("ranking_margin must be finite and >= 0", o.ranking_margin);
+  }
   if (base_field_of_view < 1) return bad("base field_of_view must be >= 1", base_field_of_view);
   if (!(base_candidate_factor > 0.0f)) {
     return bad("base candidate_factor must be > 0", base_candidate_factor);
@@ -157,7 +167,52 @@ void WidthCalibrator::Observe(const QualitySample& sample) {
   AddCost(sample.reference_ns, &exact_cost_n_, &exact_cost_);
   schedule_.Reference(sample.reference_ns);
   if (mode_ == SelectMode::kExact) return;  // a late sample of the tree: moot now
+  if (sample.trial_mass_ratio >= 0.0 && TrialRunning() &&
+      ObserveTrial(sample.mass_ratio, sample.trial_mass_ratio)) {
+    AdaptWidth(sample.trial_mass_ratio);  // the new ranking's first sample
+    return;
+  }
   AdaptWidth(sample.mass_ratio);
+}
+
+bool WidthCalibrator::TrialRunning() const {
+  return o_.ranking_trial_samples > 0 && !trial_done_ && mode_ == SelectMode::kTree;
+}
+
+namespace {
+
+DescentRanking OtherRanking(DescentRanking r) {
+  return r == DescentRanking::kNormalized ? DescentRanking::kLoudest : DescentRanking::kNormalized;
+}
+
+}  // namespace
+
+std::optional<DescentRanking> WidthCalibrator::TrialRanking() const {
+  absl::MutexLock lock(&mu_);
+  if (!TrialRunning()) return std::nullopt;
+  return OtherRanking(ranking_);
+}
+
+bool WidthCalibrator::ObserveTrial(double ratio, double trial_ratio) {
+  ++trial_n_;
+  trial_gain_sum_ += trial_ratio - ratio;
+  if (trial_n_ < o_.ranking_trial_samples) return false;
+  trial_done_ = true;
+  if (trial_gain_sum_ / static_cast<double>(trial_n_) <= o_.ranking_margin) return false;
+  ranking_ = OtherRanking(ranking_);
+  // The tally at this width, and the floor the old ranking's misses set,
+  // say nothing about the new ranking.
+  ++changes_;
+  last_change_step_ = steps_;
+  at_width_ = 0;
+  mean_at_width_ = 0.0;
+  var_at_width_ = 0.0;
+  tree_cost_n_ = 0;
+  tree_cost_ = 0.0;
+  floor_ = o_.min_width;
+  release_streak_ = 0;
+  released_ = false;
+  return true;
 }
 
 bool WidthCalibrator::MeanMisses() const {
@@ -218,6 +273,7 @@ void WidthCalibrator::Apply(SelectParams* params) const {
   params->field_of_view = static_cast<int>(std::lround(base_fov_ * width_));
   params->candidate_factor = base_factor_ * static_cast<float>(width_);
   params->exhaustive = mode_ == SelectMode::kExact;
+  params->ranking = ranking_;
 }
 
 CalibratorReport WidthCalibrator::report() const {
@@ -242,6 +298,10 @@ CalibratorReport WidthCalibrator::report() const {
   r.tree_cost_ns = tree_cost_;
   r.exact_cost_ns = exact_cost_;
   r.sample_interval = schedule_.Interval();
+  r.ranking = ranking_;
+  r.trial_samples = trial_n_;
+  r.trial_gain = trial_n_ > 0 ? trial_gain_sum_ / static_cast<double>(trial_n_) : 0.0;
+  r.trial_done = trial_done_;
   return r;
 }
 
@@ -275,6 +335,10 @@ CalibratorState WidthCalibrator::state() const {
   s.exact_steps = exact_steps_;
   s.fallbacks = fallbacks_;
   s.reprobes = reprobes_;
+  s.ranking = ranking_;
+  s.trial_n = trial_n_;
+  s.trial_gain_sum = trial_gain_sum_;
+  s.trial_done = trial_done_;
   return s;
 }
 
@@ -319,6 +383,17 @@ std::string StateProblem(const CalibratorOptions& o, const CalibratorState& s) {
   for (const auto& [name, v] : means) {
     if (!mean(v)) return absl::StrCat(name, " must be finite and >= 0, got ", v);
   }
+  if (s.ranking != DescentRanking::kSelector && s.ranking != DescentRanking::kLoudest &&
+      s.ranking != DescentRanking::kNormalized) {
+    return absl::StrCat("ranking must be selector (0), loudest (1) or normalized (2), got ",
+                        static_cast<int>(s.ranking));
+  }
+  if (!count(s.trial_n)) return absl::StrCat("trial_n out of range, got ", s.trial_n);
+  if (!std::isfinite(s.trial_gain_sum) ||
+      std::abs(s.trial_gain_sum) > 2.0 * static_cast<double>(s.trial_n)) {
+    return absl::StrCat("trial_gain_sum must be finite and within 2 x trial_n, got ",
+                        s.trial_gain_sum);
+  }
   return "";
 }
 
@@ -356,6 +431,10 @@ absl::Status WidthCalibrator::Restore(const CalibratorState& s) {
   exact_steps_ = s.exact_steps;
   fallbacks_ = s.fallbacks;
   reprobes_ = s.reprobes;
+  ranking_ = s.ranking == DescentRanking::kSelector ? o_.base_ranking : s.ranking;
+  trial_n_ = s.trial_n;
+  trial_gain_sum_ = s.trial_gain_sum;
+  trial_done_ = s.trial_done;
   return absl::OkStatus();
 }
 
@@ -363,47 +442,59 @@ namespace {
 
 // Token granularity: the reference is the exact best tokens (forced ones,
 // then by group share) at the same budget.
-absl::StatusOr<QualitySample> MeasureTokenSelection(const MdciSelector& selector,
-                                                    const float* queries, int num_queries,
-                                                    const SelectParams& params,
-                                                    const Selection& selection) {
+absl::StatusOr<QualitySample> MeasureTokenSelections(const MdciSelector& selector,
+                                                     const float* queries, int num_queries,
+                                                     const SelectParams& params,
+                                                     const Selection& selection,
+                                                     const Selection* trial) {
   std::vector<float> share;  // per position
   RETURN_IF_ERROR(selector.ExactTokenShares(queries, num_queries, &share));
   const int64_t n = static_cast<int64_t>(share.size());
   const int64_t sink_end = std::min<int64_t>(std::max(0, params.sink_tokens), n);
   const int64_t recent_begin = std::max<int64_t>(sink_end, n - std::max(0, params.recent_tokens));
-  std::vector<uint8_t> in_sel(n, 0);
-  double sel_mass = 0.0;
-  for (int32_t pos : selection.positions) {
-    if (pos < 0 || pos >= n) {
-      return absl::InvalidArgumentError(absl::StrCat("selection position ", pos, " unknown"));
-    }
-    if (!in_sel[pos]) sel_mass += share[pos];
-    in_sel[pos] = 1;
-  }
-  double ref_mass = 0.0;
-  int64_t ref_tokens = 0, shared = 0;
-  auto take = [&](int64_t pos) {
-    ref_mass += share[pos];
-    ++ref_tokens;
-    shared += in_sel[pos];
-  };
-  for (int64_t p = 0; p < sink_end; ++p) take(p);
-  for (int64_t p = recent_begin; p < n; ++p) take(p);
+  std::vector<int32_t> reference;  // positions
+  for (int64_t p = 0; p < sink_end; ++p) reference.push_back(static_cast<int32_t>(p));
+  for (int64_t p = recent_begin; p < n; ++p) reference.push_back(static_cast<int32_t>(p));
   std::vector<std::pair<float, int32_t>> rest;
   rest.reserve(recent_begin - sink_end);
   for (int64_t p = sink_end; p < recent_begin; ++p) rest.push_back({share[p], p});
-  const int64_t want = std::min<int64_t>(
-      std::max<int64_t>(0, std::min<int64_t>(params.budget_tokens, n) - ref_tokens), rest.size());
+  const int64_t want =
+      std::min<int64_t>(std::max<int64_t>(0, std::min<int64_t>(params.budget_tokens, n) -
+                                                 static_cast<int64_t>(reference.size())),
+                        rest.size());
   std::partial_sort(rest.begin(), rest.begin() + want, rest.end(),
                     [](const auto& a, const auto& b) {
                       return a.first > b.first || (a.first == b.first && a.second < b.second);
                     });
-  for (int64_t i = 0; i < want; ++i) take(rest[i].second);
+  for (int64_t i = 0; i < want; ++i) reference.push_back(rest[i].second);
+  double ref_mass = 0.0;
+  for (int32_t pos : reference) ref_mass += share[pos];
+  std::vector<uint8_t> in_sel(n, 0);
+  // (mass ratio, top-k recall) of one selection against the reference.
+  auto rate = [&](const Selection& sel) -> absl::StatusOr<std::pair<double, double>> {
+    std::fill(in_sel.begin(), in_sel.end(), 0);
+    double sel_mass = 0.0;
+    for (int32_t pos : sel.positions) {
+      if (pos < 0 || pos >= n) {
+        return absl::InvalidArgumentError(absl::StrCat("selection position ", pos, " unknown"));
+      }
+      if (!in_sel[pos]) sel_mass += share[pos];
+      in_sel[pos] = 1;
+    }
+    int64_t shared = 0;
+    for (int32_t pos : reference) shared += in_sel[pos];
+    return std::make_pair(ref_mass > 0.0 ? sel_mass / ref_mass : 1.0,
+                          reference.empty() ? 1.0 : static_cast<double>(shared) / reference.size());
+  };
   QualitySample s;
-  s.mass_ratio = ref_mass > 0.0 ? sel_mass / ref_mass : 1.0;
-  s.topk_recall = ref_tokens > 0 ? static_cast<double>(shared) / ref_tokens : 1.0;
   s.granularity = Granularity::kToken;
+  ASSIGN_OR_RETURN(auto main_rate, rate(selection));
+  s.mass_ratio = main_rate.first;
+  s.topk_recall = main_rate.second;
+  if (trial != nullptr) {
+    ASSIGN_OR_RETURN(auto trial_rate, rate(*trial));
+    s.trial_mass_ratio = trial_rate.first;
+  }
   return s;
 }
 
@@ -412,8 +503,16 @@ absl::StatusOr<QualitySample> MeasureTokenSelection(const MdciSelector& selector
 absl::StatusOr<QualitySample> MeasureSelection(const MdciSelector& selector, const float* queries,
                                                int num_queries, const SelectParams& params,
                                                const Selection& selection) {
+  return MeasureSelectionPair(selector, queries, num_queries, params, selection, nullptr);
+}
+
+absl::StatusOr<QualitySample> MeasureSelectionPair(const MdciSelector& selector,
+                                                   const float* queries, int num_queries,
+                                                   const SelectParams& params,
+                                                   const Selection& selection,
+                                                   const Selection* trial) {
   if (params.granularity == Granularity::kToken) {
-    return MeasureTokenSelection(selector, queries, num_queries, params, selection);
+    return MeasureTokenSelections(selector, queries, num_queries, params, selection, trial);
   }
   std::vector<float> mass;  // per page: exact group mass (sum of the queries' shares)
   RETURN_IF_ERROR(selector.ExactPageMasses(queries, num_queries, &mass));
@@ -427,23 +526,39 @@ absl::StatusOr<QualitySample> MeasureSelection(const MdciSelector& selector, con
   SelectParams ref_params = params;
   ref_params.want_positions = false;
   TakePages(selector, forced, &scored, ref_params, &reference);
-  std::vector<uint8_t> in_sel(pages, 0);
-  double sel_mass = 0.0, ref_mass = 0.0;
-  for (uint32_t p : selection.pages) {
-    if (p >= pages)
-      return absl::InvalidArgumentError(absl::StrCat("selection page ", p, " unknown"));
-    if (!in_sel[p]) sel_mass += mass[p];
-    in_sel[p] = 1;
-  }
-  int64_t ref_tokens = 0, shared_tokens = 0;
+  double ref_mass = 0.0;
+  int64_t ref_tokens = 0;
   for (uint32_t p : reference.pages) {
     ref_mass += mass[p];
     ref_tokens += selector.fill(p);
-    if (in_sel[p]) shared_tokens += selector.fill(p);
   }
+  std::vector<uint8_t> in_sel(pages, 0);
+  // (mass ratio, top-k recall) of one selection against the reference.
+  auto rate = [&](const Selection& sel) -> absl::StatusOr<std::pair<double, double>> {
+    std::fill(in_sel.begin(), in_sel.end(), 0);
+    double sel_mass = 0.0;
+    for (uint32_t p : sel.pages) {
+      if (p >= pages) {
+        return absl::InvalidArgumentError(absl::StrCat("selection page ", p, " unknown"));
+      }
+      if (!in_sel[p]) sel_mass += mass[p];
+      in_sel[p] = 1;
+    }
+    int64_t shared_tokens = 0;
+    for (uint32_t p : reference.pages) {
+      if (in_sel[p]) shared_tokens += selector.fill(p);
+    }
+    return std::make_pair(ref_mass > 0.0 ? sel_mass / ref_mass : 1.0,
+                          ref_tokens > 0 ? static_cast<double>(shared_tokens) / ref_tokens : 1.0);
+  };
   QualitySample s;
-  s.mass_ratio = ref_mass > 0.0 ? sel_mass / ref_mass : 1.0;
-  s.topk_recall = ref_tokens > 0 ? static_cast<double>(shared_tokens) / ref_tokens : 1.0;
+  ASSIGN_OR_RETURN(auto main_rate, rate(selection));
+  s.mass_ratio = main_rate.first;
+  s.topk_recall = main_rate.second;
+  if (trial != nullptr) {
+    ASSIGN_OR_RETURN(auto trial_rate, rate(*trial));
+    s.trial_mass_ratio = trial_rate.first;
+  }
   return s;
 }
 

@@ -38,6 +38,18 @@
 // left (every selection sampled until settle_samples samples judged it); each
 // fallback doubles the wait (up to max_reprobe_steps), so a head whose tree
 // never pays settles on exact and re-probes ever more rarely: no oscillation.
+// Ranking trial: the descent can rank nodes by the loudest query or by the
+// sum of the queries' estimated shares (DescentRanking), and neither is best
+// on every head (docs/bench/front7_descent_rankings_131072.md). While the
+// trial runs (the first ranking_trial_samples samples in tree mode), the
+// caller also selects with the other ranking (TrialRanking) at the same
+// width and measures it against the same reference (QualitySample.
+// trial_mass_ratio). Once the trial has its samples, the head switches to
+// the other ranking when it won by more than ranking_margin on average
+// (paired: the same steps, the same widths), and never trials again. A
+// switch restarts the width's tally, drops the floor (the misses were the
+// old ranking's) and counts the trial's last sample as the new ranking's
+// first.
 // Sampling (SampleSchedule, sample_schedule.h): the first warmup_samples
 // tree selections are all sampled (fast convergence), then one in an
 // interval chosen from the measured costs so that reference cost / selection
@@ -50,6 +62,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -89,6 +102,14 @@ struct CalibratorOptions {
   double exact_cost_ratio = 1.0;
   int reprobe_steps = 256;        // exact selections before re-probing the tree (>= 1)
   int max_reprobe_steps = 65536;  // the doubling wait stops here (>= reprobe_steps)
+  // The ranking the head starts with (what DescentRanking::kSelector means
+  // for its selector: kLoudest or kNormalized).
+  DescentRanking base_ranking = DescentRanking::kLoudest;
+  // Samples of the ranking trial (>= 0; 0: no trial, the base ranking for
+  // good) and the mean gain in mass ratio the other ranking needs to be
+  // taken (>= 0).
+  int ranking_trial_samples = 8;
+  double ranking_margin = 0.01;
 };
 
 // How a calibrated head selects now.
@@ -102,6 +123,9 @@ struct QualitySample {
   Granularity granularity = Granularity::kPage;
   // Cost of the exact reference (the caller's clock, ns; 0 = not timed).
   int64_t reference_ns = 0;
+  // On a ranking trial's sample: the mass ratio of the selection made with
+  // WidthCalibrator::TrialRanking() against the same reference (< 0: none).
+  double trial_mass_ratio = -1.0;
 };
 
 struct CalibratorReport {
@@ -120,6 +144,10 @@ struct CalibratorReport {
   double tree_cost_ns = 0.0;    // mean selection cost at the current width (tree)
   double exact_cost_ns = 0.0;   // mean cost of an exact selection / reference
   int64_t sample_interval = 0;  // tree selections between samples once warm, now
+  DescentRanking ranking = DescentRanking::kLoudest;  // the descent's ranking now
+  int64_t trial_samples = 0;                          // paired samples of the ranking trial so far
+  double trial_gain = 0.0;  // their mean: other ranking's ratio - this one's
+  bool trial_done = false;  // the trial has decided
 };
 
 // A calibrator's whole state (the fields of WidthCalibrator below), carried
@@ -146,6 +174,12 @@ struct CalibratorState {
   double exact_cost = 0.0;
   int64_t exact_run = 0, reprobe_wait = 0;
   int64_t exact_steps = 0, fallbacks = 0, reprobes = 0;
+  // The ranking trial. Absent from older snapshots: kSelector (Restore
+  // takes the calibrator's base ranking), the trial not started.
+  DescentRanking ranking = DescentRanking::kSelector;
+  int64_t trial_n = 0;
+  double trial_gain_sum = 0.0;
+  bool trial_done = false;
 };
 
 class WidthCalibrator {
@@ -167,7 +201,12 @@ class WidthCalibrator {
   void Observe(const QualitySample& sample) ABSL_LOCKS_EXCLUDED(mu_);
   // The width to select with: sets params->field_of_view / candidate_factor
   // and params->exhaustive (exact mode).
+  // and params->ranking.
   void Apply(SelectParams* params) const ABSL_LOCKS_EXCLUDED(mu_);
+  // While the ranking trial runs: the other ranking, to select with as well
+  // on the sample being taken (its ratio goes in QualitySample.
+  // trial_mass_ratio); else nullopt.
+  std::optional<DescentRanking> TrialRanking() const ABSL_LOCKS_EXCLUDED(mu_);
   CalibratorReport report() const ABSL_LOCKS_EXCLUDED(mu_);
 
   CalibratorState state() const ABSL_LOCKS_EXCLUDED(mu_);
@@ -185,7 +224,8 @@ class WidthCalibrator {
         base_factor_(factor),
         width_(o.min_width),
         floor_(o.min_width),
-        schedule_(ScheduleOf(o)) {}
+        schedule_(ScheduleOf(o)),
+        ranking_(o.base_ranking) {}
   static SampleScheduleOptions ScheduleOf(const CalibratorOptions& o);
   void SetWidth(double w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Whether a miss or a costly width hands this head to exact selection.
@@ -195,6 +235,9 @@ class WidthCalibrator {
   void AdaptWidth(double ratio) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Whether the samples at the current width say it misses the target.
   bool MeanMisses() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool TrialRunning() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // One paired trial sample; true when it switched the ranking.
+  bool ObserveTrial(double ratio, double trial_ratio) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const CalibratorOptions o_;
   const int base_fov_;
@@ -227,6 +270,10 @@ class WidthCalibrator {
   int64_t exact_steps_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t fallbacks_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t reprobes_ ABSL_GUARDED_BY(mu_) = 0;
+  DescentRanking ranking_ ABSL_GUARDED_BY(mu_);
+  int64_t trial_n_ ABSL_GUARDED_BY(mu_) = 0;
+  double trial_gain_sum_ ABSL_GUARDED_BY(mu_) = 0.0;
+  bool trial_done_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 // Measures `selection` (made by `selector` for these queries and params)
@@ -239,6 +286,14 @@ class WidthCalibrator {
 absl::StatusOr<QualitySample> MeasureSelection(const MdciSelector& selector, const float* queries,
                                                int num_queries, const SelectParams& params,
                                                const Selection& selection);
+// As MeasureSelection, for one selection and, when `trial` is not null, a
+// second one (the ranking trial's) against the same reference (one exact
+// scan): its ratio goes in trial_mass_ratio.
+absl::StatusOr<QualitySample> MeasureSelectionPair(const MdciSelector& selector,
+                                                   const float* queries, int num_queries,
+                                                   const SelectParams& params,
+                                                   const Selection& selection,
+                                                   const Selection* trial);
 
 }  // namespace icecache
 

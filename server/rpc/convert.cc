@@ -368,6 +368,11 @@ void SessionQualityToProto(const SessionQualityInfo& q, v1::SessionQuality* out)
     o->set_exact_selections(static_cast<uint64_t>(std::max<int64_t>(0, h.exact_selections)));
     o->set_fallbacks(static_cast<uint64_t>(std::max<int64_t>(0, h.fallbacks)));
     o->set_sample_interval(static_cast<uint64_t>(std::max<int64_t>(0, h.sample_interval)));
+    o->set_descent_ranking(h.ranking);
+    o->set_ranking_trial_samples(
+        static_cast<uint64_t>(std::max<int64_t>(0, h.ranking_trial_samples)));
+    o->set_ranking_trial_gain(h.ranking_trial_gain);
+    o->set_ranking_trial_done(h.ranking_trial_done);
   }
 }
 

@@ -74,6 +74,10 @@ HeadQualityInfo HeadQualityMonitor::Report(int group, int head) const {
     info.exact_selections = r.exact_steps;
     info.fallbacks = r.fallbacks;
     info.sample_interval = r.sample_interval;
+    info.ranking = std::string(DescentRankingName(r.ranking));
+    info.ranking_trial_samples = r.trial_samples;
+    info.ranking_trial_gain = r.trial_gain;
+    info.ranking_trial_done = r.trial_done;
   }
   absl::MutexLock l(&mu_);
   if (calibrator_ == nullptr) info.sample_interval = schedule_.Interval();
@@ -182,6 +186,8 @@ absl::StatusOr<std::vector<std::unique_ptr<HeadQualityMonitor>>> MakeHeadQuality
   co.sample_share = options.sampler.cpu_share;
   co.warmup_samples = options.warmup_samples;
   co.exact_cost_ratio = options.exact_cost_ratio;
+  co.base_ranking =
+      config.mdci.normalized_descent ? DescentRanking::kNormalized : DescentRanking::kLoudest;
   const int total = groups * config.kv_heads;
   heads.reserve(total);
   for (int i = 0; i < total; ++i) {
@@ -230,11 +236,20 @@ SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample*
         selected = selector.Select(probe.queries.data(), s.q_per_kv, probe.params, &selection);
         s.samples_reselected.fetch_add(1, std::memory_order_relaxed);
       }
+      // The ranking trial: the same step selected with the other ranking,
+      // measured against the same reference (not part of its cost).
+      Selection trial;
+      const std::optional<DescentRanking> trial_ranking = s.quality[index]->TrialRanking();
+      if (selected.ok() && trial_ranking.has_value()) {
+        SelectParams tp = probe.params;
+        tp.ranking = *trial_ranking;
+        selected = selector.Select(probe.queries.data(), s.q_per_kv, tp, &trial);
+      }
       if (selected.ok()) {
         // Thread CPU time, as the selection's cost (Session::SelectHead).
         const int64_t t0 = ThreadCpuNanos();
-        measured =
-            MeasureSelection(selector, probe.queries.data(), s.q_per_kv, probe.params, selection);
+        measured = MeasureSelectionPair(selector, probe.queries.data(), s.q_per_kv, probe.params,
+                                        selection, trial_ranking.has_value() ? &trial : nullptr);
         if (measured.ok()) measured->reference_ns = ThreadCpuNanos() - t0;
       }
     }

@@ -25,6 +25,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -107,6 +108,11 @@ class HeadQualityMonitor {
   // calibrator).
   void Apply(SelectParams* params) const {
     if (calibrator_ != nullptr) calibrator_->Apply(params);
+  }
+  // The calibrator's ranking trial: the other descent ranking to measure as
+  // well on this sample (WidthCalibrator::TrialRanking), else nullopt.
+  std::optional<DescentRanking> TrialRanking() const {
+    return calibrator_ != nullptr ? calibrator_->TrialRanking() : std::nullopt;
   }
   void Record(const QualitySample& sample) ABSL_LOCKS_EXCLUDED(mu_);
   HeadQualityInfo Report(int group, int head) const ABSL_LOCKS_EXCLUDED(mu_);

@@ -44,7 +44,11 @@ Json CalibratorToJson(const CalibratorState& c) {
               {"reprobe_wait", c.reprobe_wait},
               {"exact_steps", c.exact_steps},
               {"fallbacks", c.fallbacks},
-              {"reprobes", c.reprobes}};
+              {"reprobes", c.reprobes},
+              {"ranking", std::string(DescentRankingName(c.ranking))},
+              {"trial_n", c.trial_n},
+              {"trial_gain_sum", c.trial_gain_sum},
+              {"trial_done", c.trial_done}};
 }
 
 Json HeadToJson(const HeadQualityState& h) {
@@ -147,6 +151,24 @@ void ReadCalibrator(Reader& r, const Json& o, CalibratorState* c) {
   r.Int(o, "exact_steps", &c->exact_steps);
   r.Int(o, "fallbacks", &c->fallbacks);
   r.Int(o, "reprobes", &c->reprobes);
+  // Absent in snapshots written before the ranking trial: the base ranking,
+  // and the trial runs again.
+  c->ranking = DescentRanking::kSelector;
+  c->trial_n = 0;
+  c->trial_gain_sum = 0.0;
+  c->trial_done = false;
+  if (!o.is_object() || !o.contains("ranking")) return;
+  auto ranking = o.find("ranking");
+  if (*ranking == "loudest") {
+    c->ranking = DescentRanking::kLoudest;
+  } else if (*ranking == "normalized") {
+    c->ranking = DescentRanking::kNormalized;
+  } else if (*ranking != "selector") {
+    r.Fail("ranking");
+  }
+  r.Int(o, "trial_n", &c->trial_n);
+  r.Num(o, "trial_gain_sum", &c->trial_gain_sum);
+  r.Bool(o, "trial_done", &c->trial_done);
 }
 
 void ReadHead(Reader& r, const Json& o, HeadQualityState* h) {

@@ -291,12 +291,15 @@ class SelectorMethod : public TreeMethod {
     const double steady =
         times_.steady_select_s > 0 ? times_.steady_sample_s / times_.steady_select_s : 0.0;
     return absl::StrFormat(
-        "calibrated: %s, width %.2f (fov %d, candidate factor %.1f), %lld changes, %lld "
+        "calibrated: %s, %s ranking (trial %lld, gain %+.4f), width %.2f (fov %d, candidate "
+        "factor %.1f), %lld changes, %lld "
         "fallbacks, %lld of %lld selections exact, sampled mass ratio %.4f (last %.4f), page "
         "recall %.3f, %lld sampled, %.2f s sampling; steady: 1 in %lld, %.1f%% over %lld steps; "
         "thread CPU: tree %.0f us at this width, exact %.0f us",
-        r.mode == SelectMode::kExact ? "EXACT" : "tree", r.width, r.field_of_view,
-        r.candidate_factor, static_cast<long long>(r.changes), static_cast<long long>(r.fallbacks),
+        r.mode == SelectMode::kExact ? "EXACT" : "tree",
+        std::string(DescentRankingName(r.ranking)).c_str(), static_cast<long long>(r.trial_samples),
+        r.trial_gain, r.width, r.field_of_view, r.candidate_factor,
+        static_cast<long long>(r.changes), static_cast<long long>(r.fallbacks),
         static_cast<long long>(r.exact_steps), static_cast<long long>(r.steps), r.mean_ratio,
         r.last_ratio, r.mean_topk_recall, static_cast<long long>(r.samples), times_.sample_s,
         static_cast<long long>(r.sample_interval), 100 * steady,
@@ -347,9 +350,21 @@ class SelectorMethod : public TreeMethod {
     }
     if (!calibrator_->ShouldSample(params, cpu1 - cpu0)) return absl::OkStatus();
     calibrator_->Taken();
-    ASSIGN_OR_RETURN(QualitySample q, MeasureSelection(static_cast<const MdciSelector&>(*selector_),
-                                                       queries, nq, params, *sel));
-    q.reference_ns = ThreadCpuNanos() - cpu1;
+    // The ranking trial's selection (as MeasureProbe): untimed, not part of
+    // the reference's cost.
+    Selection trial;
+    const std::optional<DescentRanking> trial_ranking = calibrator_->TrialRanking();
+    if (trial_ranking.has_value()) {
+      SelectParams tp = params;
+      tp.ranking = *trial_ranking;
+      RETURN_IF_ERROR(selector_->Select(queries, nq, tp, &trial));
+    }
+    const int64_t cpu2 = ThreadCpuNanos();
+    ASSIGN_OR_RETURN(
+        QualitySample q,
+        MeasureSelectionPair(static_cast<const MdciSelector&>(*selector_), queries, nq, params,
+                             *sel, trial_ranking.has_value() ? &trial : nullptr));
+    q.reference_ns = ThreadCpuNanos() - cpu2;
     times_.sample_cpu_s += static_cast<double>(q.reference_ns) * 1e-9;
     calibrator_->Observe(q);
     const double sample_s =
@@ -543,6 +558,9 @@ absl::StatusOr<std::unique_ptr<TreeMethod>> MakeMethod(const std::string& name, 
     co.max_sample_every = o.calibrate_max_every;
     co.sample_share = o.calibrate_share;
     co.confidence_z = o.calibrate_confidence_z;
+    co.ranking_trial_samples = o.calibrate_ranking_trial;
+    co.base_ranking =
+        o.mdci.normalized_descent ? DescentRanking::kNormalized : DescentRanking::kLoudest;
     RETURN_IF_ERROR(static_cast<SelectorMethod*>(method.get())->Calibrate(co));
   }
   return method;
@@ -648,7 +666,7 @@ CalibrationSummary SummarizeCalibration(const std::vector<std::unique_ptr<TreeMe
   double width = 0, fov = 0, cf = 0, ratio = 0, sample_s = 0, select_s = 0, converge = 0;
   double calls = 0, exact_calls = 0, steady_sample_s = 0, steady_select_s = 0, interval = 0;
   double select_cpu_s = 0, sample_cpu_s = 0;
-  int n = 0, exact = 0, steady_steps = 0;
+  int n = 0, exact = 0, normalized = 0, steady_steps = 0;
   for (const auto& t : trees) {
     CalibratorReport r;
     CalibrationTimes times;
@@ -668,6 +686,7 @@ CalibrationSummary SummarizeCalibration(const std::vector<std::unique_ptr<TreeMe
     calls += static_cast<double>(r.steps);
     exact_calls += static_cast<double>(r.exact_steps);
     exact += r.mode == SelectMode::kExact;
+    normalized += r.ranking == DescentRanking::kNormalized;
     interval += static_cast<double>(r.sample_interval);
     converge = std::max(converge, static_cast<double>(r.last_change_step));
   }
@@ -685,6 +704,7 @@ CalibrationSummary SummarizeCalibration(const std::vector<std::unique_ptr<TreeMe
       select_cpu_s > 0 ? sample_cpu_s / select_cpu_s : std::numeric_limits<double>::quiet_NaN();
   c.heads = n;
   c.exact_heads = exact;
+  c.normalized_heads = normalized;
   c.exact_share = calls > 0 ? exact_calls / calls : 0.0;
   c.sample_interval = interval / n;
   c.steady_steps = static_cast<double>(steady_steps) / n;

@@ -98,6 +98,8 @@ struct SelectBenchOptions {
   double calibrate_share = CalibratorOptions{}.sample_share;
   // The calibrator's confidence bound (CalibratorOptions::confidence_z).
   double calibrate_confidence_z = CalibratorOptions{}.confidence_z;
+  // The calibrator's ranking trial: paired samples (0: off).
+  int calibrate_ranking_trial = CalibratorOptions{}.ranking_trial_samples;
   // Self-calibrated mdci: this many more selections per tree after the
   // measured steps (the steps' queries replayed; mass not measured), for the
   // steady-state sampling overhead.
@@ -127,6 +129,9 @@ struct CalibrationSummary {
   // Exact fallback: trees calibrated, those selecting exactly at the end,
   // and the share of all selections that were exact.
   int heads = 0, exact_heads = 0;
+  // The ranking trial: trees whose calibrator switched to the normalized
+  // descent ranking (from the loudest).
+  int normalized_heads = 0;
   double exact_share = std::numeric_limits<double>::quiet_NaN();
   // Steady state (after the warm-up samples): mean selections per tree, the
   // sampling interval the schedule chose (mean over trees) and the overhead.

@@ -194,6 +194,10 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "calibration: a width misses when mean - z x standard error of its samples is "
                   "under the target (0: the mean alone)")
       ->capture_default_str();
+  app->add_option("--calibrate-ranking-trial", o_.calibrate_ranking_trial,
+                  "calibration: sampled steps that also try the other descent ranking (loudest "
+                  "vs normalized) before the head keeps the better one (0: off)")
+      ->capture_default_str();
   app->add_option("--calibrate-share", o_.calibrate_share,
                   "mdci calibration: once warm, reference cost / selection cost to aim at");
   app->add_option("--steady-steps", o_.steady_steps,

@@ -158,18 +158,18 @@ void PrintMatrix(const std::vector<FamilyResult>& fs) {
       "scan p50 / p50 (calibrated: / mean selection time at the widths it chose, the sampled "
       "reference excluded: see overhead); cal: mdci self-calibrated to the "
       "target mass ratio)\n");
-  std::printf("%-19s %9s %9s %7s | %9s %7s %18s | %9s %7s | %9s %7s %18s | %6s %8s  %s\n", "family",
+  std::printf("%-19s %9s %9s %7s | %9s %7s %22s | %9s %7s | %9s %7s %22s | %6s %8s  %s\n", "family",
               "/page-orc", "/tok-orc", "speed", "cal/page", "speed", "width", "tok/tok", "speed",
               "caltok/tok", "speed", "width", "fill", "ex-mdci", "layout");
   auto width = [](const CalibrationSummary& c) {
     if (!std::isfinite(c.width)) return std::string("-");
-    return absl::StrFormat("%.2f(%.0fx%.0f) %d/%dx", c.width, c.field_of_view, c.candidate_factor,
-                           c.exact_heads, c.heads);
+    return absl::StrFormat("%.2f(%.0fx%.0f) %d/%dx %dn", c.width, c.field_of_view,
+                           c.candidate_factor, c.exact_heads, c.heads, c.normalized_heads);
   };
   for (const FamilyResult& f : fs) {
     const Row r = MakeRow(f);
     std::printf(
-        "%-19s %9s %9s %6sx | %9s %6sx %18s | %9s %6sx | %9s %6sx %18s | %6s %+7.1f%%  %s\n",
+        "%-19s %9s %9s %6sx | %9s %6sx %22s | %9s %6sx | %9s %6sx %22s | %6s %+7.1f%%  %s\n",
         f.family.c_str(), Fmt(r.vs_page_oracle, "%.3f").c_str(),
         Fmt(r.vs_token_oracle, "%.3f").c_str(), Fmt(r.speedup, "%.1f").c_str(),
         Fmt(r.cal_vs_page_oracle, "%.3f").c_str(), Fmt(r.cal_speedup, "%.1f").c_str(),
@@ -339,6 +339,7 @@ Json CalibrationJson(const CalibrationSummary& c) {
   j["select_us_mean"] = c.select_us;
   j["heads"] = c.heads;
   j["exact_heads"] = c.exact_heads;
+  j["normalized_heads"] = c.normalized_heads;
   j["exact_share"] = c.exact_share;
   j["steady_steps"] = c.steady_steps;
   j["steady_sample_interval"] = c.sample_interval;
@@ -466,6 +467,7 @@ absl::Status RunSelectMatrix(const SelectBenchOptions& o) {
     config["calibrate_max_every"] = o.calibrate_max_every;
     config["calibrate_share"] = o.calibrate_share;
     config["calibrate_confidence_z"] = o.calibrate_confidence_z;
+    config["calibrate_ranking_trial"] = o.calibrate_ranking_trial;
     config["steady_steps"] = o.steady_steps;
     root["config"] = std::move(config);
     Json fams = Json::array();

@@ -408,6 +408,107 @@ TEST(WidthCalibratorTest, ADueSampleStaysDueUntilTaken) {
   EXPECT_FALSE(c->ShouldSample(p, 100));
 }
 
+// The ranking trial: paired samples (the base ranking's ratio, the other
+// one's on the same step); the head switches once, for good, when the other
+// wins by more than the margin on average.
+TEST(WidthCalibratorTest, ARankingTrialThatWinsSwitchesTheRankingForGood) {
+  auto c = Make({});
+  ASSERT_NE(c, nullptr);
+  SelectParams p;
+  c->Apply(&p);
+  EXPECT_EQ(p.ranking, DescentRanking::kLoudest);
+  ASSERT_EQ(c->TrialRanking(), DescentRanking::kNormalized);
+  const int n = CalibratorOptions{}.ranking_trial_samples;
+  for (int i = 0; i + 1 < n; ++i) {
+    QualitySample q{0.90, 0.90};
+    q.trial_mass_ratio = 0.96;
+    c->Observe(q);
+    ASSERT_EQ(c->TrialRanking(), DescentRanking::kNormalized) << "sample " << i;
+  }
+  const double width_before = c->report().width;
+  QualitySample q{0.90, 0.90};
+  q.trial_mass_ratio = 0.96;
+  c->Observe(q);
+  EXPECT_EQ(c->TrialRanking(), std::nullopt);
+  c->Apply(&p);
+  EXPECT_EQ(p.ranking, DescentRanking::kNormalized);
+  const CalibratorReport r = c->report();
+  EXPECT_TRUE(r.trial_done);
+  EXPECT_EQ(r.trial_samples, n);
+  EXPECT_NEAR(r.trial_gain, 0.06, 1e-9);
+  EXPECT_EQ(r.ranking, DescentRanking::kNormalized);
+  // The trial's last sample is the new ranking's first, at the same width:
+  // 0.96 meets the target, so the width did not move on it.
+  EXPECT_EQ(r.width, width_before);
+  EXPECT_EQ(c->state().at_width, 1);
+  EXPECT_EQ(c->state().floor, CalibratorOptions{}.min_width);
+  // Later samples carry no trial and never switch back.
+  for (int i = 0; i < 40; ++i) c->Observe({0.97, 0.97});
+  c->Apply(&p);
+  EXPECT_EQ(p.ranking, DescentRanking::kNormalized);
+}
+
+TEST(WidthCalibratorTest, ARankingTrialWithinTheMarginKeepsTheBase) {
+  CalibratorOptions o;
+  o.base_ranking = DescentRanking::kNormalized;
+  auto c = Make(o);
+  ASSERT_NE(c, nullptr);
+  ASSERT_EQ(c->TrialRanking(), DescentRanking::kLoudest);
+  for (int i = 0; i < o.ranking_trial_samples; ++i) {
+    QualitySample q{0.96, 0.96};
+    q.trial_mass_ratio = 0.96 + 0.5 * o.ranking_margin;  // better, but not by the margin
+    c->Observe(q);
+  }
+  EXPECT_EQ(c->TrialRanking(), std::nullopt);
+  EXPECT_TRUE(c->report().trial_done);
+  SelectParams p;
+  c->Apply(&p);
+  EXPECT_EQ(p.ranking, DescentRanking::kNormalized);
+  // Samples without a trial ratio never count toward a trial.
+  o.base_ranking = DescentRanking::kLoudest;
+  auto d = Make(o);
+  ASSERT_NE(d, nullptr);
+  for (int i = 0; i < 3 * o.ranking_trial_samples; ++i) d->Observe({0.96, 0.96});
+  EXPECT_EQ(d->report().trial_samples, 0);
+  EXPECT_EQ(d->TrialRanking(), DescentRanking::kNormalized);
+  // Off: no trial at all.
+  o.ranking_trial_samples = 0;
+  auto off = Make(o);
+  ASSERT_NE(off, nullptr);
+  EXPECT_EQ(off->TrialRanking(), std::nullopt);
+}
+
+TEST(WidthCalibratorTest, TheRankingTrialSurvivesARestore) {
+  auto c = Make({});
+  ASSERT_NE(c, nullptr);
+  for (int i = 0; i < 3; ++i) {
+    QualitySample q{0.9, 0.9};
+    q.trial_mass_ratio = 0.95;
+    c->Observe(q);
+  }
+  CalibratorState s = c->state();
+  auto d = Make({});
+  ASSERT_NE(d, nullptr);
+  ASSERT_THAT(d->Restore(s), IsOk());
+  EXPECT_EQ(d->report().trial_samples, 3);
+  EXPECT_NEAR(d->report().trial_gain, 0.05, 1e-9);
+  // An older snapshot (no ranking): the calibrator's base ranking.
+  s.ranking = DescentRanking::kSelector;
+  CalibratorOptions o;
+  o.base_ranking = DescentRanking::kNormalized;
+  auto e = Make(o);
+  ASSERT_NE(e, nullptr);
+  ASSERT_THAT(e->Restore(s), IsOk());
+  EXPECT_EQ(e->report().ranking, DescentRanking::kNormalized);
+  s.ranking = static_cast<DescentRanking>(7);
+  EXPECT_THAT(e->Restore(s),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("ranking")));
+  s.ranking = DescentRanking::kLoudest;
+  s.trial_gain_sum = std::nan("");
+  EXPECT_THAT(e->Restore(s),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("trial_gain_sum")));
+}
+
 TEST(WidthCalibratorTest, RejectsBadOptions) {
   CalibratorOptions o;
   o.target_ratio = 1.5;
@@ -429,6 +530,19 @@ TEST(WidthCalibratorTest, RejectsBadOptions) {
   EXPECT_THAT(
       WidthCalibrator::Create(o, 32, 8.0f).status(),
       StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("exact_cost_ratio")));
+  o = {};
+  o.ranking_trial_samples = -1;
+  EXPECT_THAT(
+      WidthCalibrator::Create(o, 32, 8.0f).status(),
+      StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("ranking_trial_samples")));
+  o = {};
+  o.ranking_margin = std::nan("");
+  EXPECT_THAT(WidthCalibrator::Create(o, 32, 8.0f).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("ranking_margin")));
+  o = {};
+  o.base_ranking = DescentRanking::kSelector;
+  EXPECT_THAT(WidthCalibrator::Create(o, 32, 8.0f).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("base_ranking")));
   o = {};
   o.max_reprobe_steps = o.reprobe_steps - 1;
   EXPECT_THAT(WidthCalibrator::Create(o, 32, 8.0f).status(),
@@ -487,8 +601,8 @@ struct BuiltMdci {
   std::unique_ptr<MdciSelector> sel;
 };
 
-BuiltMdci BuildMdci(const testing::HeadData& h, int fov, float factor,
-                    bool calibrated_rest = true) {
+BuiltMdci BuildMdci(const testing::HeadData& h, int fov, float factor, bool calibrated_rest = true,
+                    bool normalized_descent = false) {
   BuiltMdci b;
   SelectorConfig cfg;
   cfg.kind = SelectorKind::kMdci;
@@ -498,6 +612,7 @@ BuiltMdci BuildMdci(const testing::HeadData& h, int fov, float factor,
   cfg.mdci.field_of_view = fov;
   cfg.mdci.candidate_factor = factor;
   cfg.mdci.calibrated_rest = calibrated_rest;
+  cfg.mdci.normalized_descent = normalized_descent;
   auto frames = OwnedPageKeys::ForSelector(cfg);
   EXPECT_THAT(frames.status(), IsOk());
   if (!frames.ok()) return b;
@@ -610,6 +725,44 @@ TEST(WidthCalibratorTest, ExactTokenSharesMatchAScalarReference) {
   }
   EXPECT_LE(worst, 1e-4);
   EXPECT_NEAR(total, kG, 1e-3);
+}
+
+// SelectParams.ranking overrides the selector's own ranking: a selector
+// built with the loudest ranking, asked for the normalized one, selects what
+// a selector built with it selects; and the pair measurement rates both
+// against one reference, as MeasureSelection rates each alone.
+TEST(WidthCalibratorTest, TheRankingOverrideSelectsAsTheConfiguredRanking) {
+  const int kG = 4, kSteps = 6;
+  testing::HeadData h = testing::MakeSyntheticHead(8192, kG, kSteps, 9, "scattered-topics");
+  ASSERT_GT(h.n, 0);
+  BuiltMdci loud = BuildMdci(h, 8, 2.0f);
+  BuiltMdci norm = BuildMdci(h, 8, 2.0f, /*calibrated_rest=*/true, /*normalized_descent=*/true);
+  ASSERT_NE(loud.sel, nullptr);
+  ASSERT_NE(norm.sel, nullptr);
+  int differ = 0;
+  for (int step = 0; step < kSteps; ++step) {
+    SelectParams p;
+    p.budget_tokens = 256;
+    Selection a, b, c;
+    ASSERT_THAT(loud.sel->Select(h.query(step), kG, p, &a), IsOk());
+    ASSERT_THAT(norm.sel->Select(h.query(step), kG, p, &b), IsOk());
+    SelectParams pn = p;
+    pn.ranking = DescentRanking::kNormalized;
+    ASSERT_THAT(loud.sel->Select(h.query(step), kG, pn, &c), IsOk());
+    EXPECT_EQ(c.pages, b.pages) << "step " << step;
+    differ += a.pages != c.pages;
+    auto pair = MeasureSelectionPair(*loud.sel, h.query(step), kG, p, a, &c);
+    auto alone_a = MeasureSelection(*loud.sel, h.query(step), kG, p, a);
+    auto alone_c = MeasureSelection(*loud.sel, h.query(step), kG, p, c);
+    ASSERT_THAT(pair.status(), IsOk());
+    ASSERT_THAT(alone_a.status(), IsOk());
+    ASSERT_THAT(alone_c.status(), IsOk());
+    EXPECT_DOUBLE_EQ(pair->mass_ratio, alone_a->mass_ratio);
+    EXPECT_DOUBLE_EQ(pair->topk_recall, alone_a->topk_recall);
+    EXPECT_DOUBLE_EQ(pair->trial_mass_ratio, alone_c->mass_ratio);
+    EXPECT_LT(alone_a->trial_mass_ratio, 0.0);  // no trial asked
+  }
+  EXPECT_GT(differ, 0) << "the two rankings should disagree on some step here";
 }
 
 }  // namespace
