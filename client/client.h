@@ -152,7 +152,7 @@ struct HeadQuality {
   std::string descent_ranking;   // "loudest" / "normalized" (calibrated heads)
   uint64_t ranking_trial_samples = 0;
   double ranking_trial_gain = 0.0;  // mean: the other ranking's ratio - this one's
-  bool ranking_trial_done = false;
+  uint64_t ranking_switches = 0;
 };
 
 // The session's online quality monitor (types.proto SessionQuality).

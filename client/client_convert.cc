@@ -179,7 +179,7 @@ SessionQuality QualityFromProto(const v1::SessionQuality& q) {
     o.descent_ranking = h.descent_ranking();
     o.ranking_trial_samples = h.ranking_trial_samples();
     o.ranking_trial_gain = h.ranking_trial_gain();
-    o.ranking_trial_done = h.ranking_trial_done();
+    o.ranking_switches = h.ranking_switches();
     s.heads.push_back(o);
   }
   return s;

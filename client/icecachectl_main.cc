@@ -288,12 +288,12 @@ void AddQualityRows(const SessionQuality& q, TextTable* t) {
                                                 q.calibration_cpu_ms, share, q.selection_ms)});
 }
 
-// "loudest", "normalized", with "(trial n)" while the ranking trial runs;
-// "-" for heads without a calibrator.
+// "loudest" or "normalized", with the other ranking's moving gain and the
+// switches so far; "-" for heads without a calibrator.
 std::string RankingText(const HeadQuality& h) {
   if (!h.calibrated || h.descent_ranking.empty()) return "-";
-  if (h.ranking_trial_done) return h.descent_ranking;
-  return absl::StrCat(h.descent_ranking, " (trial ", h.ranking_trial_samples, ")");
+  return absl::StrFormat("%s %+.3f %dx", h.descent_ranking, h.ranking_trial_gain,
+                         static_cast<int>(h.ranking_switches));
 }
 
 TextTable HeadQualityTable(const SessionQuality& q) {

@@ -152,7 +152,7 @@ Json QualityJson(const SessionQuality& q) {
                      {"descent_ranking", h.descent_ranking},
                      {"ranking_trial_samples", h.ranking_trial_samples},
                      {"ranking_trial_gain", h.ranking_trial_gain},
-                     {"ranking_trial_done", h.ranking_trial_done}});
+                     {"ranking_switches", h.ranking_switches}});
   }
   j["heads"] = std::move(heads);
   return j;

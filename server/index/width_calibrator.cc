@@ -54,6 +54,7 @@ absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
   if (!(o.ranking_margin >= 0.0) || !std::isfinite(o.ranking_margin)) {
     return bad("ranking_margin must be finite and >= 0", o.ranking_margin);
   }
+  if (o.ranking_window < 1) return bad("ranking_window must be >= 1", o.ranking_window);
   if (base_field_of_view < 1) return bad("base field_of_view must be >= 1", base_field_of_view);
   if (!(base_candidate_factor > 0.0f)) {
     return bad("base candidate_factor must be > 0", base_candidate_factor);
@@ -62,6 +63,7 @@ absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
       new WidthCalibrator(o, base_field_of_view, base_candidate_factor));
   absl::MutexLock lock(&c->mu_);
   c->release_needed_ = 4LL * o.settle_samples;
+  c->trial_needed_ = o.ranking_trial_samples;
   return c;
 }
 
@@ -165,7 +167,9 @@ void WidthCalibrator::Observe(const QualitySample& sample) {
   sum_ratio_ += sample.mass_ratio;
   sum_topk_ += sample.topk_recall;
   AddCost(sample.reference_ns, &exact_cost_n_, &exact_cost_);
-  schedule_.Reference(sample.reference_ns);
+  // The duel's selection is part of what sampling costs.
+  schedule_.Reference(
+      sample.reference_ns > 0 ? sample.reference_ns + std::max<int64_t>(0, sample.trial_ns) : 0);
   if (mode_ == SelectMode::kExact) return;  // a late sample of the tree: moot now
   if (sample.trial_mass_ratio >= 0.0 && TrialRunning() &&
       ObserveTrial(sample.mass_ratio, sample.trial_mass_ratio)) {
@@ -176,7 +180,7 @@ void WidthCalibrator::Observe(const QualitySample& sample) {
 }
 
 bool WidthCalibrator::TrialRunning() const {
-  return o_.ranking_trial_samples > 0 && !trial_done_ && mode_ == SelectMode::kTree;
+  return o_.ranking_trial_samples > 0 && mode_ == SelectMode::kTree;
 }
 
 namespace {
@@ -195,13 +199,18 @@ std::optional<DescentRanking> WidthCalibrator::TrialRanking() const {
 
 bool WidthCalibrator::ObserveTrial(double ratio, double trial_ratio) {
   ++trial_n_;
-  trial_gain_sum_ += trial_ratio - ratio;
-  if (trial_n_ < o_.ranking_trial_samples) return false;
-  trial_done_ = true;
-  if (trial_gain_sum_ / static_cast<double>(trial_n_) <= o_.ranking_margin) return false;
+  ++trial_since_;
+  const double a = 1.0 / static_cast<double>(std::min<int64_t>(trial_since_, o_.ranking_window));
+  trial_gain_ += a * ((trial_ratio - ratio) - trial_gain_);
+  if (trial_since_ < trial_needed_ || trial_gain_ <= o_.ranking_margin) return false;
   ranking_ = OtherRanking(ranking_);
-  // The tally at this width, and the floor the old ranking's misses set,
-  // say nothing about the new ranking.
+  ++ranking_switches_;
+  trial_since_ = 0;
+  trial_gain_ = 0.0;
+  trial_needed_ = std::min<int64_t>(kMaxStateCount / 2, 2 * std::max<int64_t>(1, trial_needed_));
+  // The tally at this width says nothing about the new ranking. The floor
+  // stays: the new ranking did better at these widths, and a floor that is
+  // too high is released after a comfortable streak.
   ++changes_;
   last_change_step_ = steps_;
   at_width_ = 0;
@@ -209,9 +218,7 @@ bool WidthCalibrator::ObserveTrial(double ratio, double trial_ratio) {
   var_at_width_ = 0.0;
   tree_cost_n_ = 0;
   tree_cost_ = 0.0;
-  floor_ = o_.min_width;
   release_streak_ = 0;
-  released_ = false;
   return true;
 }
 
@@ -300,8 +307,8 @@ CalibratorReport WidthCalibrator::report() const {
   r.sample_interval = schedule_.Interval();
   r.ranking = ranking_;
   r.trial_samples = trial_n_;
-  r.trial_gain = trial_n_ > 0 ? trial_gain_sum_ / static_cast<double>(trial_n_) : 0.0;
-  r.trial_done = trial_done_;
+  r.trial_gain = trial_gain_;
+  r.ranking_switches = ranking_switches_;
   return r;
 }
 
@@ -337,8 +344,10 @@ CalibratorState WidthCalibrator::state() const {
   s.reprobes = reprobes_;
   s.ranking = ranking_;
   s.trial_n = trial_n_;
-  s.trial_gain_sum = trial_gain_sum_;
-  s.trial_done = trial_done_;
+  s.trial_since = trial_since_;
+  s.trial_needed = trial_needed_;
+  s.trial_gain = trial_gain_;
+  s.ranking_switches = ranking_switches_;
   return s;
 }
 
@@ -389,10 +398,17 @@ std::string StateProblem(const CalibratorOptions& o, const CalibratorState& s) {
                         static_cast<int>(s.ranking));
   }
   if (!count(s.trial_n)) return absl::StrCat("trial_n out of range, got ", s.trial_n);
-  if (!std::isfinite(s.trial_gain_sum) ||
-      std::abs(s.trial_gain_sum) > 2.0 * static_cast<double>(s.trial_n)) {
-    return absl::StrCat("trial_gain_sum must be finite and within 2 x trial_n, got ",
-                        s.trial_gain_sum);
+  if (!count(s.trial_since, s.trial_n)) {
+    return absl::StrCat("trial_since must be in 0..trial_n, got ", s.trial_since);
+  }
+  if (!count(s.trial_needed, kMaxStateCount / 2)) {
+    return absl::StrCat("trial_needed out of range, got ", s.trial_needed);
+  }
+  if (!count(s.ranking_switches, s.trial_n)) {
+    return absl::StrCat("ranking_switches must be in 0..trial_n, got ", s.ranking_switches);
+  }
+  if (!(std::abs(s.trial_gain) <= 2.0)) {
+    return absl::StrCat("trial_gain must be finite and in [-2, 2], got ", s.trial_gain);
   }
   return "";
 }
@@ -433,8 +449,11 @@ absl::Status WidthCalibrator::Restore(const CalibratorState& s) {
   reprobes_ = s.reprobes;
   ranking_ = s.ranking == DescentRanking::kSelector ? o_.base_ranking : s.ranking;
   trial_n_ = s.trial_n;
-  trial_gain_sum_ = s.trial_gain_sum;
-  trial_done_ = s.trial_done;
+  trial_since_ = s.trial_since;
+  trial_needed_ =
+      s.ranking == DescentRanking::kSelector ? o_.ranking_trial_samples : s.trial_needed;
+  trial_gain_ = s.trial_gain;
+  ranking_switches_ = s.ranking_switches;
   return absl::OkStatus();
 }
 

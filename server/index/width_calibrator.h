@@ -38,18 +38,23 @@
 // left (every selection sampled until settle_samples samples judged it); each
 // fallback doubles the wait (up to max_reprobe_steps), so a head whose tree
 // never pays settles on exact and re-probes ever more rarely: no oscillation.
-// Ranking trial: the descent can rank nodes by the loudest query or by the
+// Ranking duel: the descent can rank nodes by the loudest query or by the
 // sum of the queries' estimated shares (DescentRanking), and neither is best
-// on every head (docs/bench/front7_descent_rankings_131072.md). While the
-// trial runs (the first ranking_trial_samples samples in tree mode), the
-// caller also selects with the other ranking (TrialRanking) at the same
-// width and measures it against the same reference (QualitySample.
-// trial_mass_ratio). Once the trial has its samples, the head switches to
-// the other ranking when it won by more than ranking_margin on average
-// (paired: the same steps, the same widths), and never trials again. A
-// switch restarts the width's tally, drops the floor (the misses were the
-// old ranking's) and counts the trial's last sample as the new ranking's
-// first.
+// on every head (docs/bench/front7_descent_rankings_131072.md). On every
+// sample in tree mode the caller also selects with the other ranking
+// (TrialRanking) at the same width and measures it against the same
+// reference (QualitySample.trial_mass_ratio): paired samples, the same steps
+// and widths. The calibrator keeps the moving mean of the other ranking's
+// gain since the last switch (plain, then over the last ranking_window) and
+// switches when it exceeds ranking_margin on at least `needed` paired
+// samples; needed starts at ranking_trial_samples and doubles with every
+// switch, so a head whose rankings are about equal stops switching (no
+// oscillation), while one whose early steps misled the first choice
+// switches back. A switch restarts the width's tally (the sample that
+// decided counts as the new ranking's first) and keeps the width and its
+// floor. The other ranking's selection is one tree selection per sample
+// (QualitySample.trial_ns), charged to the sampling schedule's cost share
+// but not to the exact cost.
 // Sampling (SampleSchedule, sample_schedule.h): the first warmup_samples
 // tree selections are all sampled (fast convergence), then one in an
 // interval chosen from the measured costs so that reference cost / selection
@@ -105,11 +110,13 @@ struct CalibratorOptions {
   // The ranking the head starts with (what DescentRanking::kSelector means
   // for its selector: kLoudest or kNormalized).
   DescentRanking base_ranking = DescentRanking::kLoudest;
-  // Samples of the ranking trial (>= 0; 0: no trial, the base ranking for
-  // good) and the mean gain in mass ratio the other ranking needs to be
-  // taken (>= 0).
+  // The ranking duel: paired samples before the first switch can be
+  // decided (>= 0; 0: off, the base ranking for good), the mean gain in
+  // mass ratio the other ranking needs (>= 0), and the moving mean's window
+  // (>= 1).
   int ranking_trial_samples = 8;
   double ranking_margin = 0.01;
+  int ranking_window = 16;
 };
 
 // How a calibrated head selects now.
@@ -123,9 +130,11 @@ struct QualitySample {
   Granularity granularity = Granularity::kPage;
   // Cost of the exact reference (the caller's clock, ns; 0 = not timed).
   int64_t reference_ns = 0;
-  // On a ranking trial's sample: the mass ratio of the selection made with
-  // WidthCalibrator::TrialRanking() against the same reference (< 0: none).
+  // With the ranking duel: the mass ratio of the selection made with
+  // WidthCalibrator::TrialRanking() against the same reference (< 0: none),
+  // and that selection's cost (the caller's clock, ns).
   double trial_mass_ratio = -1.0;
+  int64_t trial_ns = 0;
 };
 
 struct CalibratorReport {
@@ -145,9 +154,9 @@ struct CalibratorReport {
   double exact_cost_ns = 0.0;   // mean cost of an exact selection / reference
   int64_t sample_interval = 0;  // tree selections between samples once warm, now
   DescentRanking ranking = DescentRanking::kLoudest;  // the descent's ranking now
-  int64_t trial_samples = 0;                          // paired samples of the ranking trial so far
-  double trial_gain = 0.0;  // their mean: other ranking's ratio - this one's
-  bool trial_done = false;  // the trial has decided
+  int64_t trial_samples = 0;                          // paired samples of the duel so far
+  double trial_gain = 0.0;  // moving mean since the last switch: other's ratio - this one's
+  int64_t ranking_switches = 0;
 };
 
 // A calibrator's whole state (the fields of WidthCalibrator below), carried
@@ -174,12 +183,12 @@ struct CalibratorState {
   double exact_cost = 0.0;
   int64_t exact_run = 0, reprobe_wait = 0;
   int64_t exact_steps = 0, fallbacks = 0, reprobes = 0;
-  // The ranking trial. Absent from older snapshots: kSelector (Restore
-  // takes the calibrator's base ranking), the trial not started.
+  // The ranking duel. Absent from older snapshots: kSelector (Restore
+  // takes the calibrator's base ranking), no samples, trial_needed 0 (the
+  // options' ranking_trial_samples).
   DescentRanking ranking = DescentRanking::kSelector;
-  int64_t trial_n = 0;
-  double trial_gain_sum = 0.0;
-  bool trial_done = false;
+  int64_t trial_n = 0, trial_since = 0, trial_needed = 0, ranking_switches = 0;
+  double trial_gain = 0.0;
 };
 
 class WidthCalibrator {
@@ -203,8 +212,8 @@ class WidthCalibrator {
   // and params->exhaustive (exact mode).
   // and params->ranking.
   void Apply(SelectParams* params) const ABSL_LOCKS_EXCLUDED(mu_);
-  // While the ranking trial runs: the other ranking, to select with as well
-  // on the sample being taken (its ratio goes in QualitySample.
+  // With the ranking duel on, in tree mode: the other ranking, to select
+  // with as well on the sample being taken (its ratio goes in QualitySample.
   // trial_mass_ratio); else nullopt.
   std::optional<DescentRanking> TrialRanking() const ABSL_LOCKS_EXCLUDED(mu_);
   CalibratorReport report() const ABSL_LOCKS_EXCLUDED(mu_);
@@ -271,9 +280,11 @@ class WidthCalibrator {
   int64_t fallbacks_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t reprobes_ ABSL_GUARDED_BY(mu_) = 0;
   DescentRanking ranking_ ABSL_GUARDED_BY(mu_);
-  int64_t trial_n_ ABSL_GUARDED_BY(mu_) = 0;
-  double trial_gain_sum_ ABSL_GUARDED_BY(mu_) = 0.0;
-  bool trial_done_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t trial_n_ ABSL_GUARDED_BY(mu_) = 0;       // paired samples, all
+  int64_t trial_since_ ABSL_GUARDED_BY(mu_) = 0;   // since the last switch
+  int64_t trial_needed_ ABSL_GUARDED_BY(mu_) = 0;  // before a switch can be decided
+  double trial_gain_ ABSL_GUARDED_BY(mu_) = 0.0;   // moving mean gain since the last switch
+  int64_t ranking_switches_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // Measures `selection` (made by `selector` for these queries and params)

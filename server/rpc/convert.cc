@@ -372,7 +372,7 @@ void SessionQualityToProto(const SessionQualityInfo& q, v1::SessionQuality* out)
     o->set_ranking_trial_samples(
         static_cast<uint64_t>(std::max<int64_t>(0, h.ranking_trial_samples)));
     o->set_ranking_trial_gain(h.ranking_trial_gain);
-    o->set_ranking_trial_done(h.ranking_trial_done);
+    o->set_ranking_switches(static_cast<uint64_t>(std::max<int64_t>(0, h.ranking_switches)));
   }
 }
 

@@ -77,7 +77,7 @@ HeadQualityInfo HeadQualityMonitor::Report(int group, int head) const {
     info.ranking = std::string(DescentRankingName(r.ranking));
     info.ranking_trial_samples = r.trial_samples;
     info.ranking_trial_gain = r.trial_gain;
-    info.ranking_trial_done = r.trial_done;
+    info.ranking_switches = r.ranking_switches;
   }
   absl::MutexLock l(&mu_);
   if (calibrator_ == nullptr) info.sample_interval = schedule_.Interval();
@@ -236,21 +236,27 @@ SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample*
         selected = selector.Select(probe.queries.data(), s.q_per_kv, probe.params, &selection);
         s.samples_reselected.fetch_add(1, std::memory_order_relaxed);
       }
-      // The ranking trial: the same step selected with the other ranking,
-      // measured against the same reference (not part of its cost).
+      // The ranking duel: the same step selected with the other ranking,
+      // measured against the same reference (its cost apart).
       Selection trial;
       const std::optional<DescentRanking> trial_ranking = s.quality[index]->TrialRanking();
+      int64_t trial_ns = 0;
       if (selected.ok() && trial_ranking.has_value()) {
         SelectParams tp = probe.params;
         tp.ranking = *trial_ranking;
+        const int64_t t0 = ThreadCpuNanos();
         selected = selector.Select(probe.queries.data(), s.q_per_kv, tp, &trial);
+        trial_ns = ThreadCpuNanos() - t0;
       }
       if (selected.ok()) {
         // Thread CPU time, as the selection's cost (Session::SelectHead).
         const int64_t t0 = ThreadCpuNanos();
         measured = MeasureSelectionPair(selector, probe.queries.data(), s.q_per_kv, probe.params,
                                         selection, trial_ranking.has_value() ? &trial : nullptr);
-        if (measured.ok()) measured->reference_ns = ThreadCpuNanos() - t0;
+        if (measured.ok()) {
+          measured->reference_ns = ThreadCpuNanos() - t0;
+          measured->trial_ns = trial_ns;
+        }
       }
     }
   }

@@ -107,13 +107,13 @@ struct HeadQualityInfo {
   int64_t fallbacks = 0;         // switches from the tree to exact selection
   int64_t sample_interval = 0;   // selections between samples once warm, now
   // The descent's ranking (calibrated heads): "loudest" or "normalized"
-  // (WidthCalibrator's ranking trial), the trial's paired samples so far,
-  // their mean gain (the other ranking's ratio - this one's, before a
-  // switch) and whether the trial has decided.
+  // (WidthCalibrator's ranking duel), the duel's paired samples so far, the
+  // moving mean gain of the other ranking since the last switch (its ratio
+  // - this one's) and the switches.
   std::string ranking;
   int64_t ranking_trial_samples = 0;
   double ranking_trial_gain = 0.0;
-  bool ranking_trial_done = false;
+  int64_t ranking_switches = 0;
   int64_t samples = 0;             // selections measured
   double mean_mass_ratio = 0.0;    // over every sample
   double recent_mass_ratio = 0.0;  // moving average (weight 1/8 per sample)

@@ -47,8 +47,10 @@ Json CalibratorToJson(const CalibratorState& c) {
               {"reprobes", c.reprobes},
               {"ranking", std::string(DescentRankingName(c.ranking))},
               {"trial_n", c.trial_n},
-              {"trial_gain_sum", c.trial_gain_sum},
-              {"trial_done", c.trial_done}};
+              {"trial_since", c.trial_since},
+              {"trial_needed", c.trial_needed},
+              {"trial_gain", c.trial_gain},
+              {"ranking_switches", c.ranking_switches}};
 }
 
 Json HeadToJson(const HeadQualityState& h) {
@@ -151,12 +153,11 @@ void ReadCalibrator(Reader& r, const Json& o, CalibratorState* c) {
   r.Int(o, "exact_steps", &c->exact_steps);
   r.Int(o, "fallbacks", &c->fallbacks);
   r.Int(o, "reprobes", &c->reprobes);
-  // Absent in snapshots written before the ranking trial: the base ranking,
-  // and the trial runs again.
+  // Absent in snapshots written before the ranking duel: the base ranking,
+  // and the duel starts afresh.
   c->ranking = DescentRanking::kSelector;
-  c->trial_n = 0;
-  c->trial_gain_sum = 0.0;
-  c->trial_done = false;
+  c->trial_n = c->trial_since = c->trial_needed = c->ranking_switches = 0;
+  c->trial_gain = 0.0;
   if (!o.is_object() || !o.contains("ranking")) return;
   auto ranking = o.find("ranking");
   if (*ranking == "loudest") {
@@ -167,8 +168,10 @@ void ReadCalibrator(Reader& r, const Json& o, CalibratorState* c) {
     r.Fail("ranking");
   }
   r.Int(o, "trial_n", &c->trial_n);
-  r.Num(o, "trial_gain_sum", &c->trial_gain_sum);
-  r.Bool(o, "trial_done", &c->trial_done);
+  r.Int(o, "trial_since", &c->trial_since);
+  r.Int(o, "trial_needed", &c->trial_needed);
+  r.Num(o, "trial_gain", &c->trial_gain);
+  r.Int(o, "ranking_switches", &c->ranking_switches);
 }
 
 void ReadHead(Reader& r, const Json& o, HeadQualityState* h) {

@@ -291,15 +291,16 @@ class SelectorMethod : public TreeMethod {
     const double steady =
         times_.steady_select_s > 0 ? times_.steady_sample_s / times_.steady_select_s : 0.0;
     return absl::StrFormat(
-        "calibrated: %s, %s ranking (trial %lld, gain %+.4f), width %.2f (fov %d, candidate "
+        "calibrated: %s, %s ranking (%lld switches, gain of the other %+.4f), width %.2f (fov %d, "
+        "candidate "
         "factor %.1f), %lld changes, %lld "
         "fallbacks, %lld of %lld selections exact, sampled mass ratio %.4f (last %.4f), page "
         "recall %.3f, %lld sampled, %.2f s sampling; steady: 1 in %lld, %.1f%% over %lld steps; "
         "thread CPU: tree %.0f us at this width, exact %.0f us",
         r.mode == SelectMode::kExact ? "EXACT" : "tree",
-        std::string(DescentRankingName(r.ranking)).c_str(), static_cast<long long>(r.trial_samples),
-        r.trial_gain, r.width, r.field_of_view, r.candidate_factor,
-        static_cast<long long>(r.changes), static_cast<long long>(r.fallbacks),
+        std::string(DescentRankingName(r.ranking)).c_str(),
+        static_cast<long long>(r.ranking_switches), r.trial_gain, r.width, r.field_of_view,
+        r.candidate_factor, static_cast<long long>(r.changes), static_cast<long long>(r.fallbacks),
         static_cast<long long>(r.exact_steps), static_cast<long long>(r.steps), r.mean_ratio,
         r.last_ratio, r.mean_topk_recall, static_cast<long long>(r.samples), times_.sample_s,
         static_cast<long long>(r.sample_interval), 100 * steady,
@@ -360,11 +361,13 @@ class SelectorMethod : public TreeMethod {
       RETURN_IF_ERROR(selector_->Select(queries, nq, tp, &trial));
     }
     const int64_t cpu2 = ThreadCpuNanos();
+    times_.sample_cpu_s += static_cast<double>(cpu2 - cpu1) * 1e-9;
     ASSIGN_OR_RETURN(
         QualitySample q,
         MeasureSelectionPair(static_cast<const MdciSelector&>(*selector_), queries, nq, params,
                              *sel, trial_ranking.has_value() ? &trial : nullptr));
     q.reference_ns = ThreadCpuNanos() - cpu2;
+    q.trial_ns = cpu2 - cpu1;
     times_.sample_cpu_s += static_cast<double>(q.reference_ns) * 1e-9;
     calibrator_->Observe(q);
     const double sample_s =

@@ -176,6 +176,8 @@ TEST_F(IcecachectlTest, SessionsShowReportsQualityAndWidths) {
   EXPECT_THAT(r.out, HasSubstr("mass ratio"));
   EXPECT_THAT(r.out, HasSubstr("width per head"));
   EXPECT_THAT(r.out, HasSubstr("GROUP  KV_HEAD  MODE"));
+  EXPECT_THAT(r.out, HasSubstr("RANKING"));
+  EXPECT_THAT(r.out, ::testing::ContainsRegex("loudest|normalized"));
   r = Ctl({"--json", "sessions", "show", s->id});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const google::protobuf::Value shown = Json(r);

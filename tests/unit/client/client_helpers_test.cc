@@ -91,7 +91,8 @@ TEST(OutputTest, SessionJsonHasEveryFieldWithEpochAsString) {
             R"("width":1.5,"field_of_view":48,"candidate_factor":12.0,"width_changes":0,)"
             R"("samples":4,"mean_mass_ratio":0.0,"recent_mass_ratio":0.0,)"
             R"("last_mass_ratio":0.0,"mean_topk_recall":0.0,"mode":"tree","exact_selections":0,)"
-            R"("fallbacks":0,"sample_interval":0}]}})");
+            R"("fallbacks":0,"sample_interval":0,"descent_ranking":"","ranking_trial_samples":0,)"
+            R"("ranking_trial_gain":0.0,"ranking_switches":0}]}})");
 }
 
 TEST(OutputTest, StatsJsonNestsSizeClassesAndTenants) {

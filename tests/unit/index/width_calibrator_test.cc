@@ -408,10 +408,11 @@ TEST(WidthCalibratorTest, ADueSampleStaysDueUntilTaken) {
   EXPECT_FALSE(c->ShouldSample(p, 100));
 }
 
-// The ranking trial: paired samples (the base ranking's ratio, the other
-// one's on the same step); the head switches once, for good, when the other
-// wins by more than the margin on average.
-TEST(WidthCalibratorTest, ARankingTrialThatWinsSwitchesTheRankingForGood) {
+// The ranking duel: paired samples (this ranking's ratio, the other one's on
+// the same step); the head switches when the other's moving mean gain
+// exceeds the margin on enough samples, and each switch doubles the samples
+// the next one needs.
+TEST(WidthCalibratorTest, TheRankingDuelSwitchesToTheBetterRankingAndBack) {
   auto c = Make({});
   ASSERT_NE(c, nullptr);
   SelectParams p;
@@ -419,79 +420,89 @@ TEST(WidthCalibratorTest, ARankingTrialThatWinsSwitchesTheRankingForGood) {
   EXPECT_EQ(p.ranking, DescentRanking::kLoudest);
   ASSERT_EQ(c->TrialRanking(), DescentRanking::kNormalized);
   const int n = CalibratorOptions{}.ranking_trial_samples;
-  for (int i = 0; i + 1 < n; ++i) {
-    QualitySample q{0.90, 0.90};
-    q.trial_mass_ratio = 0.96;
+  auto paired = [&](double ratio, double other) {
+    QualitySample q{ratio, ratio};
+    q.trial_mass_ratio = other;
     c->Observe(q);
-    ASSERT_EQ(c->TrialRanking(), DescentRanking::kNormalized) << "sample " << i;
+  };
+  for (int i = 0; i + 1 < n; ++i) {
+    paired(0.90, 0.96);
+    ASSERT_EQ(c->report().ranking_switches, 0) << "sample " << i;
   }
   const double width_before = c->report().width;
-  QualitySample q{0.90, 0.90};
-  q.trial_mass_ratio = 0.96;
-  c->Observe(q);
-  EXPECT_EQ(c->TrialRanking(), std::nullopt);
+  paired(0.90, 0.96);
+  CalibratorReport r = c->report();
+  EXPECT_EQ(r.ranking_switches, 1);
+  EXPECT_EQ(r.ranking, DescentRanking::kNormalized);
+  EXPECT_EQ(r.trial_samples, n);
+  EXPECT_EQ(r.trial_gain, 0.0);  // starts over against the new ranking
   c->Apply(&p);
   EXPECT_EQ(p.ranking, DescentRanking::kNormalized);
-  const CalibratorReport r = c->report();
-  EXPECT_TRUE(r.trial_done);
-  EXPECT_EQ(r.trial_samples, n);
-  EXPECT_NEAR(r.trial_gain, 0.06, 1e-9);
-  EXPECT_EQ(r.ranking, DescentRanking::kNormalized);
-  // The trial's last sample is the new ranking's first, at the same width:
-  // 0.96 meets the target, so the width did not move on it.
+  EXPECT_EQ(c->TrialRanking(), DescentRanking::kLoudest);  // the duel goes on
+  // The deciding sample is the new ranking's first, at the same width: 0.96
+  // meets the target, so the width did not move on it; the floor stays.
   EXPECT_EQ(r.width, width_before);
   EXPECT_EQ(c->state().at_width, 1);
-  EXPECT_EQ(c->state().floor, CalibratorOptions{}.min_width);
-  // Later samples carry no trial and never switch back.
-  for (int i = 0; i < 40; ++i) c->Observe({0.97, 0.97});
-  c->Apply(&p);
-  EXPECT_EQ(p.ranking, DescentRanking::kNormalized);
+  EXPECT_GT(c->state().floor, CalibratorOptions{}.min_width);
+  // Later steps favour the loudest ranking: the switch back needs 2n samples.
+  for (int i = 0; i + 1 < 2 * n; ++i) {
+    paired(0.90, 0.97);
+    ASSERT_EQ(c->report().ranking_switches, 1) << "sample " << i;
+  }
+  paired(0.90, 0.97);
+  EXPECT_EQ(c->report().ranking_switches, 2);
+  EXPECT_EQ(c->report().ranking, DescentRanking::kLoudest);
 }
 
-TEST(WidthCalibratorTest, ARankingTrialWithinTheMarginKeepsTheBase) {
+TEST(WidthCalibratorTest, TheRankingDuelWithinTheMarginKeepsTheBase) {
   CalibratorOptions o;
   o.base_ranking = DescentRanking::kNormalized;
   auto c = Make(o);
   ASSERT_NE(c, nullptr);
   ASSERT_EQ(c->TrialRanking(), DescentRanking::kLoudest);
-  for (int i = 0; i < o.ranking_trial_samples; ++i) {
+  for (int i = 0; i < 6 * o.ranking_trial_samples; ++i) {
     QualitySample q{0.96, 0.96};
     q.trial_mass_ratio = 0.96 + 0.5 * o.ranking_margin;  // better, but not by the margin
     c->Observe(q);
   }
-  EXPECT_EQ(c->TrialRanking(), std::nullopt);
-  EXPECT_TRUE(c->report().trial_done);
+  EXPECT_EQ(c->report().ranking_switches, 0);
+  EXPECT_EQ(c->report().trial_samples, 6 * o.ranking_trial_samples);
+  EXPECT_NEAR(c->report().trial_gain, 0.5 * o.ranking_margin, 1e-12);
   SelectParams p;
   c->Apply(&p);
   EXPECT_EQ(p.ranking, DescentRanking::kNormalized);
-  // Samples without a trial ratio never count toward a trial.
+  // Samples without the other ranking's ratio never count toward a switch.
   o.base_ranking = DescentRanking::kLoudest;
   auto d = Make(o);
   ASSERT_NE(d, nullptr);
   for (int i = 0; i < 3 * o.ranking_trial_samples; ++i) d->Observe({0.96, 0.96});
   EXPECT_EQ(d->report().trial_samples, 0);
   EXPECT_EQ(d->TrialRanking(), DescentRanking::kNormalized);
-  // Off: no trial at all.
+  // Off: no duel at all.
   o.ranking_trial_samples = 0;
   auto off = Make(o);
   ASSERT_NE(off, nullptr);
   EXPECT_EQ(off->TrialRanking(), std::nullopt);
 }
 
-TEST(WidthCalibratorTest, TheRankingTrialSurvivesARestore) {
+TEST(WidthCalibratorTest, TheRankingDuelSurvivesARestore) {
   auto c = Make({});
   ASSERT_NE(c, nullptr);
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i < 11; ++i) {
     QualitySample q{0.9, 0.9};
     q.trial_mass_ratio = 0.95;
     c->Observe(q);
   }
   CalibratorState s = c->state();
+  EXPECT_EQ(s.ranking_switches, 1);
+  EXPECT_EQ(s.trial_since, 3);
+  EXPECT_EQ(s.trial_needed, 2 * CalibratorOptions{}.ranking_trial_samples);
   auto d = Make({});
   ASSERT_NE(d, nullptr);
   ASSERT_THAT(d->Restore(s), IsOk());
-  EXPECT_EQ(d->report().trial_samples, 3);
-  EXPECT_NEAR(d->report().trial_gain, 0.05, 1e-9);
+  EXPECT_EQ(d->state().trial_since, 3);
+  EXPECT_EQ(d->report().ranking, DescentRanking::kNormalized);
+  EXPECT_EQ(d->report().trial_gain, c->report().trial_gain);
   // An older snapshot (no ranking): the calibrator's base ranking.
   s.ranking = DescentRanking::kSelector;
   CalibratorOptions o;
@@ -500,13 +511,18 @@ TEST(WidthCalibratorTest, TheRankingTrialSurvivesARestore) {
   ASSERT_NE(e, nullptr);
   ASSERT_THAT(e->Restore(s), IsOk());
   EXPECT_EQ(e->report().ranking, DescentRanking::kNormalized);
+  EXPECT_EQ(e->state().trial_needed, o.ranking_trial_samples);
   s.ranking = static_cast<DescentRanking>(7);
   EXPECT_THAT(e->Restore(s),
               StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("ranking")));
   s.ranking = DescentRanking::kLoudest;
-  s.trial_gain_sum = std::nan("");
+  s.trial_gain = std::nan("");
   EXPECT_THAT(e->Restore(s),
-              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("trial_gain_sum")));
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("trial_gain")));
+  s.trial_gain = 0.0;
+  s.trial_since = s.trial_n + 1;
+  EXPECT_THAT(e->Restore(s),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("trial_since")));
 }
 
 TEST(WidthCalibratorTest, RejectsBadOptions) {
@@ -539,6 +555,10 @@ TEST(WidthCalibratorTest, RejectsBadOptions) {
   o.ranking_margin = std::nan("");
   EXPECT_THAT(WidthCalibrator::Create(o, 32, 8.0f).status(),
               StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("ranking_margin")));
+  o = {};
+  o.ranking_window = 0;
+  EXPECT_THAT(WidthCalibrator::Create(o, 32, 8.0f).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("ranking_window")));
   o = {};
   o.base_ranking = DescentRanking::kSelector;
   EXPECT_THAT(WidthCalibrator::Create(o, 32, 8.0f).status(),

@@ -546,6 +546,12 @@ TEST(SnapshotFileTest, TheCalibrationStateRoundTripsExactly) {
   h.calibrator.var_at_width = 0.0012345678901234567;
   h.calibrator.mode = SelectMode::kExact;
   h.calibrator.reprobe_wait = 512;
+  h.calibrator.ranking = DescentRanking::kNormalized;
+  h.calibrator.trial_n = 8;
+  h.calibrator.trial_since = 5;
+  h.calibrator.trial_needed = 16;
+  h.calibrator.trial_gain = 0.0123456789012345;
+  h.calibrator.ranking_switches = 1;
   h.calibrator.schedule.steps = 77;
   h.calibrator.schedule.select_ns = 2.0 / 7.0 * 1e6;
   q.heads = {h, HeadQualityState{}};
@@ -568,6 +574,12 @@ TEST(SnapshotFileTest, TheCalibrationStateRoundTripsExactly) {
   EXPECT_EQ(r.heads[0].calibrator.var_at_width, h.calibrator.var_at_width);
   EXPECT_EQ(r.heads[0].calibrator.mode, SelectMode::kExact);
   EXPECT_EQ(r.heads[0].calibrator.reprobe_wait, 512);
+  EXPECT_EQ(r.heads[0].calibrator.ranking, DescentRanking::kNormalized);
+  EXPECT_EQ(r.heads[0].calibrator.trial_n, 8);
+  EXPECT_EQ(r.heads[0].calibrator.trial_since, 5);
+  EXPECT_EQ(r.heads[0].calibrator.trial_needed, 16);
+  EXPECT_EQ(r.heads[0].calibrator.trial_gain, h.calibrator.trial_gain);
+  EXPECT_EQ(r.heads[0].calibrator.ranking_switches, 1);
   EXPECT_EQ(r.heads[0].calibrator.schedule.steps, 77);
   EXPECT_EQ(r.heads[0].calibrator.schedule.select_ns, h.calibrator.schedule.select_ns);
 
@@ -577,6 +589,21 @@ TEST(SnapshotFileTest, TheCalibrationStateRoundTripsExactly) {
   read = QualityStateFromJson(older);
   ASSERT_TRUE(read.state.has_value()) << read.error << read.missing;
   EXPECT_EQ(read.state->heads[0].calibrator.var_at_width, 0.0);
+  // One written before the ranking trial: the base ranking, the trial anew.
+  for (const char* k :
+       {"ranking", "trial_n", "trial_since", "trial_needed", "trial_gain", "ranking_switches"}) {
+    older["quality"]["heads"][0]["calibrator"].erase(k);
+  }
+  read = QualityStateFromJson(older);
+  ASSERT_TRUE(read.state.has_value()) << read.error << read.missing;
+  EXPECT_EQ(read.state->heads[0].calibrator.ranking, DescentRanking::kSelector);
+  EXPECT_EQ(read.state->heads[0].calibrator.trial_n, 0);
+  EXPECT_EQ(read.state->heads[0].calibrator.trial_needed, 0);
+  Json bad_ranking = session;
+  bad_ranking["quality"]["heads"][0]["calibrator"]["ranking"] = "loudest-ish";
+  read = QualityStateFromJson(bad_ranking);
+  EXPECT_FALSE(read.state.has_value());
+  EXPECT_THAT(read.error, HasSubstr("field 'ranking'"));
 
   Json other = session;
   other["quality"]["format"] = 2;
