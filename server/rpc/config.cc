@@ -198,6 +198,9 @@ void ApplyDefaults(IcecachedConfig* c) {
   }
   if (!q->has_warmup_samples()) q->set_warmup_samples(kDefaultQualityWarmupSamples);
   if (!q->has_exact_cost_ratio()) q->set_exact_cost_ratio(kDefaultQualityExactCostRatio);
+  if (!q->has_ranking_duel_samples()) {
+    q->set_ranking_duel_samples(kDefaultQualityRankingDuelSamples);
+  }
   if (q->cpu_share() == 0) q->set_cpu_share(kDefaultQualityCpuShare);
   if (q->queue_capacity() == 0) q->set_queue_capacity(kDefaultQualityQueueCapacity);
   if (!q->has_burst_ms()) q->set_burst_ms(kDefaultQualityBurstMs);
@@ -375,6 +378,10 @@ absl::Status ValidateConfig(const IcecachedConfig& c) {
   if (!(q.exact_cost_ratio() >= 0 && q.exact_cost_ratio() <= 1000)) {
     return Bad("quality.exact_cost_ratio", q.exact_cost_ratio(),
                "must be 0 (fall back only when the largest width misses) .. 1000");
+  }
+  if (q.ranking_duel_samples() > (1u << 20)) {
+    return Bad("quality.ranking_duel_samples", q.ranking_duel_samples(),
+               "must be 0 (off) .. 1048576");
   }
   if (q.warmup_samples() > (1u << 20)) {
     return Bad("quality.warmup_samples", q.warmup_samples(), "must be <= 1048576");

@@ -55,6 +55,7 @@ inline constexpr uint32_t kDefaultQualitySampleEvery = 64;
 inline constexpr uint32_t kDefaultQualityMaxSampleEvery = 1024;
 inline constexpr uint32_t kDefaultQualityWarmupSamples = 16;
 inline constexpr double kDefaultQualityExactCostRatio = 1.0;
+inline constexpr uint32_t kDefaultQualityRankingDuelSamples = 8;
 inline constexpr double kDefaultQualityCpuShare = 0.05;
 inline constexpr uint32_t kDefaultQualityQueueCapacity = 64;
 inline constexpr uint64_t kDefaultQualityBurstMs = 250;

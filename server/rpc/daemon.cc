@@ -111,6 +111,7 @@ absl::Status Daemon::Init() {
   mgr_opts.quality.sample_every = static_cast<int>(q.sample_every());
   mgr_opts.quality.max_sample_every = static_cast<int>(q.max_sample_every());
   mgr_opts.quality.exact_cost_ratio = q.exact_cost_ratio();
+  mgr_opts.quality.ranking_duel_samples = static_cast<int>(q.ranking_duel_samples());
   mgr_opts.quality.warmup_samples = static_cast<int>(q.warmup_samples());
   mgr_opts.quality.sampler.cpu_share = q.cpu_share();
   mgr_opts.quality.sampler.queue_capacity = static_cast<int>(q.queue_capacity());

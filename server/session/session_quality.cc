@@ -186,6 +186,7 @@ absl::StatusOr<std::vector<std::unique_ptr<HeadQualityMonitor>>> MakeHeadQuality
   co.sample_share = options.sampler.cpu_share;
   co.warmup_samples = options.warmup_samples;
   co.exact_cost_ratio = options.exact_cost_ratio;
+  co.ranking_trial_samples = options.ranking_duel_samples;
   co.base_ranking =
       config.mdci.normalized_descent ? DescentRanking::kNormalized : DescentRanking::kLoudest;
   const int total = groups * config.kv_heads;

@@ -51,6 +51,9 @@ struct SessionQualityOptions {
   // gives way to exact selection when it costs this share of it (0: only
   // when the largest width misses).
   double exact_cost_ratio = CalibratorOptions{}.exact_cost_ratio;
+  // The calibrators' ranking duel (CalibratorOptions::ranking_trial_samples;
+  // 0: off).
+  int ranking_duel_samples = CalibratorOptions{}.ranking_trial_samples;
   // sampler.cpu_share is also the schedule's share: reference cost /
   // selection cost per head in steady state.
   QualitySamplerOptions sampler;

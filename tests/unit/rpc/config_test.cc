@@ -40,6 +40,7 @@ TEST(ConfigTest, DefaultsWithoutAFileAreValid) {
   EXPECT_EQ(c.quality().sample_every(), kDefaultQualitySampleEvery);
   EXPECT_EQ(c.quality().max_sample_every(), kDefaultQualityMaxSampleEvery);
   EXPECT_DOUBLE_EQ(c.quality().exact_cost_ratio(), kDefaultQualityExactCostRatio);
+  EXPECT_EQ(c.quality().ranking_duel_samples(), kDefaultQualityRankingDuelSamples);
   EXPECT_EQ(c.quality().warmup_samples(), kDefaultQualityWarmupSamples);
   EXPECT_DOUBLE_EQ(c.quality().cpu_share(), kDefaultQualityCpuShare);
   EXPECT_DOUBLE_EQ(c.quality().default_target_mass_ratio(), kDefaultTargetMassRatio);
@@ -242,6 +243,8 @@ TEST(ConfigTest, EveryBadFieldIsNamed) {
       {"quality.warmup_samples",
        [](auto* c) { c->mutable_quality()->set_warmup_samples(1u << 21); }},
       {"quality.exact_cost_ratio", [](auto* c) { c->mutable_quality()->set_exact_cost_ratio(-1); }},
+      {"quality.ranking_duel_samples",
+       [](auto* c) { c->mutable_quality()->set_ranking_duel_samples(1u << 21); }},
       {"quality.max_sample_every",
        [](auto* c) {
          c->mutable_quality()->set_sample_every(128);
