@@ -562,6 +562,7 @@ absl::StatusOr<std::unique_ptr<TreeMethod>> MakeMethod(const std::string& name, 
     co.sample_share = o.calibrate_share;
     co.confidence_z = o.calibrate_confidence_z;
     co.ranking_trial_samples = o.calibrate_ranking_trial;
+    co.exact_cost_ratio = o.calibrate_exact_cost_ratio;
     co.base_ranking =
         o.mdci.normalized_descent ? DescentRanking::kNormalized : DescentRanking::kLoudest;
     RETURN_IF_ERROR(static_cast<SelectorMethod*>(method.get())->Calibrate(co));

@@ -198,6 +198,11 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "calibration: sampled steps that also try the other descent ranking (loudest "
                   "vs normalized) before the head keeps the better one (0: off)")
       ->capture_default_str();
+  app->add_option("--calibrate-exact-cost-ratio", o_.calibrate_exact_cost_ratio,
+                  "calibration: a head whose width costs this share of the exact scan selects "
+                  "exactly (0: only when the widest width misses; then no width or mass depends "
+                  "on timing)")
+      ->capture_default_str();
   app->add_option("--calibrate-share", o_.calibrate_share,
                   "mdci calibration: once warm, reference cost / selection cost to aim at");
   app->add_option("--steady-steps", o_.steady_steps,
