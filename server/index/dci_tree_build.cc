@@ -131,9 +131,32 @@ void DciTree::PlaceLeftovers(int level, const std::vector<uint32_t>& items, cons
   }
 }
 
+namespace {
+
+// The bulk build's largest transient buffers (the candidate pairs and the
+// sort's scratch: 12 B x build_candidates per key, 3 MiB each at 32768
+// keys), kept per thread between builds. Fresh, they cost a page fault per
+// 4 KiB every build: glibc hands a freed multi-MiB block back to the kernel
+// (munmap, or a trim of the thread's arena), and a demand fault costs 13-14
+// us on this kind of host (docs/operations.md), a quarter of a 32768-token
+// tree's CPU. Released after a build that grew them past kKeepBytes.
+template <typename Pair>
+struct AssignScratch {
+  static constexpr size_t kKeepBytes = size_t{32} << 20;
+  std::vector<Pair> pairs, sort_tmp;
+  void Trim() {
+    if (pairs.capacity() * sizeof(Pair) > kKeepBytes) std::vector<Pair>().swap(pairs);
+    if (sort_tmp.capacity() * sizeof(Pair) > kKeepBytes) std::vector<Pair>().swap(sort_tmp);
+  }
+};
+
+}  // namespace
+
 void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items, const float* keys,
                                  const float* aug, int capacity, std::vector<uint32_t>* parent_of) {
-  std::vector<AssignPair> pairs;
+  thread_local AssignScratch<AssignPair> scratch;
+  std::vector<AssignPair>& pairs = scratch.pairs;
+  pairs.clear();
   pairs.reserve(items.size() * params_.build_candidates);
   std::vector<uint32_t> best(items.size(), kNone);
   const std::vector<uint32_t>& level_keys = levels_[level].key;
@@ -145,8 +168,7 @@ void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items, 
   }
   // Best pair first (score, then item; an item's candidates come best first,
   // so ties of one item keep their node order).
-  std::vector<AssignPair> sort_tmp;
-  dci_internal::SortBestFirst(&pairs, &sort_tmp);
+  dci_internal::SortBestFirst(&pairs, &scratch.sort_tmp);
   // Greedy, best pair first, while the node has room.
   std::vector<int32_t> load(levels_[level].size(), 0);
   parent_of->assign(items.size(), kNone);
@@ -162,6 +184,7 @@ void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items, 
       leftovers.push_back(p.item);
     }
   }
+  scratch.Trim();
   PlaceLeftovers(level, items, keys, aug, capacity, load, leftovers, best, parent_of);
   // Items never paired (cannot happen with a non-empty level; kept safe).
   for (size_t i = 0; i < items.size(); ++i) {

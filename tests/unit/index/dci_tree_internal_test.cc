@@ -78,5 +78,42 @@ TEST(SortBestFirstTest, EqualsAStableComparisonSort) {
   }
 }
 
+// The build's own input: items ascending, several candidates per item in
+// their own order (the three-pass score-only path), against the same
+// stable comparison sort; one record out of item order in the middle takes
+// the six-pass path and must give the same order too.
+TEST(SortBestFirstTest, ItemOrderedInputEqualsAStableComparisonSort) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  for (size_t items : {1u, 2u, 50u, 4000u}) {
+    for (int per_item : {1, 3, 8}) {
+      for (int kind = 0; kind < 3; ++kind) {
+        std::vector<Rec> recs;
+        const std::vector<float> tied = TiedScores(items * per_item, static_cast<uint32_t>(items));
+        for (size_t i = 0; i < items; ++i) {
+          for (int c = 0; c < per_item; ++c) {
+            const size_t k = recs.size();
+            const float v = kind == 0 ? tied[k] : kind == 1 ? nd(rng) : -std::abs(nd(rng));
+            recs.push_back({v, static_cast<uint32_t>(i * 3), static_cast<uint32_t>(k)});
+          }
+        }
+        if (recs.size() > 4 && kind == 2) std::swap(recs[1].item, recs[recs.size() - 2].item);
+        std::vector<Rec> want = recs, tmp;
+        std::stable_sort(want.begin(), want.end(), [](const Rec& a, const Rec& b) {
+          if (a.score != b.score) return a.score > b.score;
+          return a.item < b.item;
+        });
+        dci_internal::SortBestFirst(&recs, &tmp);
+        ASSERT_EQ(recs.size(), want.size());
+        for (size_t i = 0; i < recs.size(); ++i) {
+          ASSERT_TRUE(recs[i].score == want[i].score && recs[i].item == want[i].item &&
+                      recs[i].node == want[i].node)
+              << "items " << items << " per item " << per_item << " kind " << kind << " at " << i;
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace icecache
