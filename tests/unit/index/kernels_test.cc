@@ -222,6 +222,30 @@ TEST_P(KernelsTest, DotF32RowsGivesDotF32sBitsForEveryRow) {
   }
 }
 
+// A bulk build projects every key at once (ProjectF32): each output must be
+// DotF32's bits (the trees a warm restart replays depend on them), for
+// every dim (tails included), row counts around the 4-row block and several
+// vectors, and nothing written past nx x nrows.
+TEST_P(KernelsTest, ProjectF32GivesDotF32sBitsForEveryVectorAndRow) {
+  for (int dim : AllDims()) {
+    for (int nrows : {1, 3, 4, 5, 16, 17}) {
+      const int64_t nx = 6;
+      const Data d = MakeData(nrows, dim, static_cast<int>(nx), 700 + dim + nrows);
+      std::vector<float> out(static_cast<size_t>(nx) * nrows + 1, NAN);
+      ProjectF32(d.q.data(), nx, d.f32.data(), nrows, dim, out.data());
+      for (int64_t x = 0; x < nx; ++x) {
+        for (int r = 0; r < nrows; ++r) {
+          const float one =
+              DotF32(&d.q[static_cast<size_t>(x) * dim], &d.f32[static_cast<size_t>(r) * dim], dim);
+          ASSERT_EQ(0, std::memcmp(&one, &out[static_cast<size_t>(x) * nrows + r], sizeof(float)))
+              << "dim " << dim << " rows " << nrows << " x " << x << " row " << r;
+        }
+      }
+      EXPECT_TRUE(std::isnan(out.back())) << "wrote past nx x nrows";
+    }
+  }
+}
+
 // Each (row, query) sum is accumulated the same way whatever the register
 // block, so the query count must not change a single bit: nq = 3 reduces
 // each accumulator on its own, nq = 4 and 8 eight at once (transposed).
