@@ -24,6 +24,39 @@ std::vector<float> TiedScores(size_t n, uint32_t seed) {
   return s;
 }
 
+// InsertTopK over nodes in ascending order keeps exactly the first `keep`
+// of all pairs sorted best first (score descending, then node), ties and
+// signed zeros included: the reference is a stable sort of everything.
+TEST(InsertTopKTest, EqualsTheBestOfAStableSort) {
+  std::mt19937 rng(17);
+  std::normal_distribution<float> nd;
+  for (uint32_t n : {0u, 1u, 2u, 7u, 8u, 9u, 100u, 1000u}) {
+    for (size_t keep : {1u, 2u, 3u, 8u, 9u, 200u}) {
+      for (int kind = 0; kind < 3; ++kind) {
+        std::vector<float> s = kind == 0 ? TiedScores(n, n * 7 + keep) : std::vector<float>(n);
+        if (kind == 1)
+          for (float& v : s) v = nd(rng);
+        if (kind == 2)  // descending: every score lands last
+          for (uint32_t i = 0; i < n; ++i) s[i] = -static_cast<float>(i);
+        Scored all, got;
+        for (uint32_t i = 0; i < n; ++i) {
+          all.push_back({s[i], 5 + i});
+          dci_internal::InsertTopK(s[i], 5 + i, keep, &got);
+        }
+        std::stable_sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
+          return a.first > b.first || (a.first == b.first && a.second < b.second);
+        });
+        if (all.size() > keep) all.resize(keep);
+        ASSERT_EQ(got.size(), all.size()) << "n " << n << " keep " << keep << " kind " << kind;
+        for (size_t i = 0; i < all.size(); ++i) {
+          ASSERT_TRUE(got[i].first == all[i].first && got[i].second == all[i].second)
+              << "n " << n << " keep " << keep << " kind " << kind << " at " << i;
+        }
+      }
+    }
+  }
+}
+
 TEST(TopOfScoresTest, EqualsInsertTopKInOrder) {
   std::mt19937 rng(11);
   std::normal_distribution<float> nd;
