@@ -248,6 +248,12 @@ void DciTree::BuildSkeleton(int64_t n) {
     const uint32_t node = OpenKeyNodes(static_cast<uint32_t>(i), t, false, nullptr, 0, 0, nullptr);
     if (t >= 1) key_node_[i] = node;
   }
+  // The level sizes are final: reserve the decode headroom now (the same
+  // capacities BulkBuild's last ReserveTokens asks for, so that one finds
+  // them), before the representatives are sized. Reserved at the end, every
+  // array was allocated again and copied into fresh memory, a page fault per
+  // 4 KiB of it on top of the first.
+  ReserveTokens(TokensWithHeadroom(n));
   for (int l = 1; l <= top_level(); ++l) {
     ResizeLevel(l, levels_[l].size());
     if (l == 1) levels_[l].children.clear();
