@@ -11,11 +11,16 @@ namespace {
 template <typename T>
 void PermuteRows(std::vector<T>* v, const std::vector<uint32_t>& order, size_t width) {
   if (v->empty() || width == 0) return;
-  const std::vector<T> old = *v;
+  // The rows permuted in place through a per-thread copy kept between calls
+  // (a fresh copy per call took a page fault per 4 KiB, 1 MiB of centroids
+  // per bulk build at 32768 tokens).
+  thread_local std::vector<T> old;
+  old.assign(v->begin(), v->end());
   for (size_t i = 0; i < order.size(); ++i) {
     std::copy(old.begin() + order[i] * width, old.begin() + (order[i] + 1) * width,
               v->begin() + i * width);
   }
+  if (old.capacity() * sizeof(T) > (size_t{32} << 20)) std::vector<T>().swap(old);
 }
 
 }  // namespace

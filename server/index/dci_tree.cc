@@ -230,7 +230,8 @@ void DciTree::Route(const float* x, float a, int target, int keep,
 }
 
 void DciTree::SetRepsFromKeys(int level, const float* keys, const float* aug,
-                              const std::vector<std::vector<uint32_t>>* members) {
+                              const std::vector<std::vector<uint32_t>>* members,
+                              const float* proj_all) {
   DciNodeReps& R = levels_[level].reps;
   const int d = params_.dim, r = subspace_.rank();
   DciRepSums sums;
@@ -244,8 +245,13 @@ void DciTree::SetRepsFromKeys(int level, const float* keys, const float* aug,
     sums.Reset(d, r);
     for (uint32_t key : (*members)[node]) {
       const float* x = keys + static_cast<size_t>(key) * d;
-      subspace_.Project(x, proj.data());
-      sums.AddKey(x, d, aug[key], SquaredNorm(x, d), proj.data(), r);
+      const float* p = proj.data();
+      if (proj_all != nullptr) {
+        p = proj_all + static_cast<size_t>(key) * r;
+      } else {
+        subspace_.Project(x, proj.data());
+      }
+      sums.AddKey(x, d, aug[key], SquaredNorm(x, d), p, r);
     }
     R.SetFromSums(node, sums, subspace_);
   }

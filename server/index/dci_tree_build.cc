@@ -131,9 +131,32 @@ void DciTree::PlaceLeftovers(int level, const std::vector<uint32_t>& items, cons
   }
 }
 
+namespace {
+
+// The bulk build's largest transient buffers (the candidate pairs and the
+// sort's scratch: 12 B x build_candidates per key, 3 MiB each at 32768
+// keys), kept per thread between builds. Fresh, they cost a page fault per
+// 4 KiB every build: glibc hands a freed multi-MiB block back to the kernel
+// (munmap, or a trim of the thread's arena), and a demand fault costs 13-14
+// us on this kind of host (docs/operations.md), a quarter of a 32768-token
+// tree's CPU. Released after a build that grew them past kKeepBytes.
+template <typename Pair>
+struct AssignScratch {
+  static constexpr size_t kKeepBytes = size_t{32} << 20;
+  std::vector<Pair> pairs, sort_tmp;
+  void Trim() {
+    if (pairs.capacity() * sizeof(Pair) > kKeepBytes) std::vector<Pair>().swap(pairs);
+    if (sort_tmp.capacity() * sizeof(Pair) > kKeepBytes) std::vector<Pair>().swap(sort_tmp);
+  }
+};
+
+}  // namespace
+
 void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items, const float* keys,
                                  const float* aug, int capacity, std::vector<uint32_t>* parent_of) {
-  std::vector<AssignPair> pairs;
+  thread_local AssignScratch<AssignPair> scratch;
+  std::vector<AssignPair>& pairs = scratch.pairs;
+  pairs.clear();
   pairs.reserve(items.size() * params_.build_candidates);
   std::vector<uint32_t> best(items.size(), kNone);
   const std::vector<uint32_t>& level_keys = levels_[level].key;
@@ -145,8 +168,7 @@ void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items, 
   }
   // Best pair first (score, then item; an item's candidates come best first,
   // so ties of one item keep their node order).
-  std::vector<AssignPair> sort_tmp;
-  dci_internal::SortBestFirst(&pairs, &sort_tmp);
+  dci_internal::SortBestFirst(&pairs, &scratch.sort_tmp);
   // Greedy, best pair first, while the node has room.
   std::vector<int32_t> load(levels_[level].size(), 0);
   parent_of->assign(items.size(), kNone);
@@ -162,6 +184,7 @@ void DciTree::AssignWithCapacity(int level, const std::vector<uint32_t>& items, 
       leftovers.push_back(p.item);
     }
   }
+  scratch.Trim();
   PlaceLeftovers(level, items, keys, aug, capacity, load, leftovers, best, parent_of);
   // Items never paired (cannot happen with a non-empty level; kept safe).
   for (size_t i = 0; i < items.size(); ++i) {
@@ -225,13 +248,19 @@ void DciTree::BuildSkeleton(int64_t n) {
     const uint32_t node = OpenKeyNodes(static_cast<uint32_t>(i), t, false, nullptr, 0, 0, nullptr);
     if (t >= 1) key_node_[i] = node;
   }
+  // The level sizes are final: reserve the decode headroom now (the same
+  // capacities BulkBuild's last ReserveTokens asks for, so that one finds
+  // them), before the representatives are sized. Reserved at the end, every
+  // array was allocated again and copied into fresh memory, a page fault per
+  // 4 KiB of it on top of the first.
+  ReserveTokens(TokensWithHeadroom(n));
   for (int l = 1; l <= top_level(); ++l) {
     ResizeLevel(l, levels_[l].size());
     if (l == 1) levels_[l].children.clear();
   }
 }
 
-void DciTree::AssignLevels(const float* keys, int64_t n, const float* aug,
+void DciTree::AssignLevels(const float* keys, int64_t n, const float* aug, const float* proj,
                            std::vector<std::vector<uint32_t>>* members) {
   std::vector<uint32_t> parent_of, items;
   members->assign(levels_[1].size(), {});
@@ -259,11 +288,11 @@ void DciTree::AssignLevels(const float* keys, int64_t n, const float* aug,
   for (uint32_t node = 0; node < levels_[1].size(); ++node) {
     (*members)[node].push_back(levels_[1].key[node]);
   }
-  SetRepsFromKeys(1, keys, aug, members);
+  SetRepsFromKeys(1, keys, aug, members, proj);
   AggregateUp(2);
 }
 
-void DciTree::RefineLevel0(const float* keys, int64_t n, const float* aug,
+void DciTree::RefineLevel0(const float* keys, int64_t n, const float* aug, const float* proj,
                            std::vector<std::vector<uint32_t>>* members) {
   std::vector<uint32_t> items, parent_of;
   for (int64_t i = 0; i < n; ++i) {
@@ -279,7 +308,7 @@ void DciTree::RefineLevel0(const float* keys, int64_t n, const float* aug,
       key_node_[items[i]] = parent_of[i];
       (*members)[parent_of[i]].push_back(items[i]);
     }
-    SetRepsFromKeys(1, keys, aug, members);
+    SetRepsFromKeys(1, keys, aug, members, proj);
     AggregateUp(2);
   }
 }
@@ -324,10 +353,20 @@ absl::Status DciTree::BulkBuild(const float* keys, int64_t n, std::vector<Placem
   std::vector<float> aug(n);
   for (int64_t i = 0; i < n; ++i) aug[i] = mips_.AugmentSquaredNorm(SquaredNorm(keys + i * d, d));
 
+  // Every key's subspace projection at once (the representatives' spread
+  // sums need them): one blocked kernel call instead of a call per key,
+  // the same bits. Per-thread scratch, kept between builds (2 MiB at 32768
+  // keys of rank 16; see AssignScratch).
+  thread_local std::vector<float> proj;
+  const size_t proj_size = static_cast<size_t>(n) * subspace_.rank();
+  if (proj.size() < proj_size) proj.resize(proj_size);
+  ProjectF32(keys, n, subspace_.basis().data(), subspace_.rank(), d, proj.data());
+
   BuildSkeleton(n);  // levels by the promotion rule, exactly as n Inserts would assign them
   std::vector<std::vector<uint32_t>> members;
-  AssignLevels(keys, n, aug.data(), &members);  // parents from the top, capacity r children
-  RefineLevel0(keys, n, aug.data(), &members);
+  AssignLevels(keys, n, aug.data(), proj.data(), &members);  // parents from the top, r children
+  RefineLevel0(keys, n, aug.data(), proj.data(), &members);
+  if (proj.size() * sizeof(float) > (size_t{32} << 20)) std::vector<float>().swap(proj);
   // Siblings get consecutive ids (their representatives are scored as one block).
   RenumberDepthFirst();
   SyncAllChildRuns();

@@ -284,6 +284,16 @@ void DotF32RowsAvx2(const float* q, const float* rows, const uint32_t* ids, int6
   if (r < n) out[r] = DotAvx2<F32Avx2>(q, RowOf(rows, ids, r, dim), dim);
 }
 
+// ProjectF32 on AVX2: DotF32RowsAvx2 per x (its pairs of rows are already
+// DotAvx2's arithmetic with x's chunks loaded once per pair).
+void ProjectF32Avx2(const float* xs, int64_t nx, const float* rows, int nrows, int dim,
+                    float* out) {
+  for (int64_t x = 0; x < nx; ++x) {
+    DotF32RowsAvx2(xs + static_cast<size_t>(x) * dim, rows, nullptr, nrows, dim,
+                   out + static_cast<size_t>(x) * nrows);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // AVX-512 path. Every function here carries the target attribute; nothing
 // from it is called unless the CPU reports avx512f and avx512bw.
@@ -343,6 +353,39 @@ ICECACHE_AVX512 inline float DotAvx512(const float* q, const typename L::T* k, i
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
+// Element i = _mm512_reduce_add_ps(v[i]) for 16 vectors, bit for bit: the
+// same additions in the same association as GCC's reduction (T3 = upper 8
+// + lower 8, T6 = upper 4 + lower 4 of T3, T8 = T6[0..1] + T6[2..3], then
+// T8[0] + T8[1]), done for all sixteen at once on transposed halves: 31
+// shuffles and 15 vector adds instead of 16 x (3 shuffles + 4 adds), the
+// adds no longer competing with the block's FMAs one lane at a time.
+ICECACHE_AVX512 inline __m512 HSum16x512(const __m512* v) {
+  __m512 u[8], w[4], z[2];
+  ICECACHE_UNROLL16
+  for (int p = 0; p < 8; ++p) {  // [T3 of v[2p] | T3 of v[2p+1]]
+    const __m512 a = v[2 * p], b = v[2 * p + 1];
+    u[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)),
+                         _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)));
+  }
+  ICECACHE_UNROLL16
+  for (int q = 0; q < 4; ++q) {  // 128-bit lane l: T6 of v[4q + l]
+    const __m512 a = u[2 * q], b = u[2 * q + 1];
+    w[q] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)),
+                         _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)));
+  }
+  ICECACHE_UNROLL16
+  for (int t = 0; t < 2; ++t) {  // lane l: T8 of v[8t + l], then of v[8t + 4 + l]
+    const __m512 a = w[2 * t], b = w[2 * t + 1];
+    z[t] = _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  // Lane l: the sums of v[l], v[4 + l], v[8 + l], v[12 + l].
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, r);
+}
+
 // As DotBlockAvx2 with 16 lanes and 32 registers; the dim tail is one
 // masked step instead of a scalar loop.
 template <typename L, int NQ, int R>
@@ -378,10 +421,21 @@ ICECACHE_AVX512 inline void DotBlockAvx512(const float* queries, int dim, const 
       for (int j = 0; j < NQ; ++j) acc[r][j] = _mm512_fmadd_ps(qv[j], kv, acc[r][j]);
     }
   }
-  ICECACHE_UNROLL16
-  for (int r = 0; r < R; ++r) {
+  if constexpr (R * NQ == 16) {
+    // Sixteen sums reduced at once, each bit for bit _mm512_reduce_add_ps.
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, HSum16x512(&acc[0][0]));
     ICECACHE_UNROLL16
-    for (int j = 0; j < NQ; ++j) out[j * out_stride + r] = _mm512_reduce_add_ps(acc[r][j]);
+    for (int r = 0; r < R; ++r) {
+      ICECACHE_UNROLL16
+      for (int j = 0; j < NQ; ++j) out[j * out_stride + r] = sums[r * NQ + j];
+    }
+  } else {
+    ICECACHE_UNROLL16
+    for (int r = 0; r < R; ++r) {
+      ICECACHE_UNROLL16
+      for (int j = 0; j < NQ; ++j) out[j * out_stride + r] = _mm512_reduce_add_ps(acc[r][j]);
+    }
   }
 }
 
@@ -450,6 +504,70 @@ ICECACHE_AVX512 void DotF32RowsAvx512(const float* q, const float* rows, const u
     out[r] = DotAvx512<F32Avx512>(q, RowOf(rows, ids, r, dim), dim);
   }
 }
+// ProjectF32 on AVX-512: DotAvx512<F32Avx512> of each x against R rows at
+// once, bit for bit: per (x, row) the same four accumulators over the same
+// chunks, the same tail and reduction; x's chunks are loaded once for the R
+// rows, and there is no prefetch (the rows are a small basis kept in L1).
+template <int R>
+ICECACHE_AVX512 inline void ProjectBlockAvx512(const float* q, const float* rows, int dim,
+                                               float* out) {
+  __m512 a[R][4];
+  ICECACHE_UNROLL16
+  for (int r = 0; r < R; ++r) {
+    ICECACHE_UNROLL16
+    for (int c = 0; c < 4; ++c) a[r][c] = _mm512_setzero_ps();
+  }
+  int i = 0;
+  for (; i + 64 <= dim; i += 64) {
+    const __m512 q0 = _mm512_loadu_ps(q + i), q1 = _mm512_loadu_ps(q + i + 16);
+    const __m512 q2 = _mm512_loadu_ps(q + i + 32), q3 = _mm512_loadu_ps(q + i + 48);
+    ICECACHE_UNROLL16
+    for (int r = 0; r < R; ++r) {
+      const float* k = rows + static_cast<size_t>(r) * dim + i;
+      a[r][0] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(k), a[r][0]);
+      a[r][1] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(k + 16), a[r][1]);
+      a[r][2] = _mm512_fmadd_ps(q2, _mm512_loadu_ps(k + 32), a[r][2]);
+      a[r][3] = _mm512_fmadd_ps(q3, _mm512_loadu_ps(k + 48), a[r][3]);
+    }
+  }
+  for (; i + 16 <= dim; i += 16) {
+    const __m512 q0 = _mm512_loadu_ps(q + i);
+    ICECACHE_UNROLL16
+    for (int r = 0; r < R; ++r) {
+      a[r][0] =
+          _mm512_fmadd_ps(q0, _mm512_loadu_ps(rows + static_cast<size_t>(r) * dim + i), a[r][0]);
+    }
+  }
+  if (i < dim) {
+    const __mmask16 m = TailMask(dim - i);
+    const __m512 q0 = _mm512_maskz_loadu_ps(m, q + i);
+    ICECACHE_UNROLL16
+    for (int r = 0; r < R; ++r) {
+      a[r][1] = _mm512_fmadd_ps(
+          q0, _mm512_maskz_loadu_ps(m, rows + static_cast<size_t>(r) * dim + i), a[r][1]);
+    }
+  }
+  ICECACHE_UNROLL16
+  for (int r = 0; r < R; ++r) {
+    out[r] = _mm512_reduce_add_ps(
+        _mm512_add_ps(_mm512_add_ps(a[r][0], a[r][1]), _mm512_add_ps(a[r][2], a[r][3])));
+  }
+}
+
+ICECACHE_AVX512 void ProjectF32Avx512(const float* xs, int64_t nx, const float* rows, int nrows,
+                                      int dim, float* out) {
+  for (int64_t x = 0; x < nx; ++x) {
+    const float* q = xs + static_cast<size_t>(x) * dim;
+    float* o = out + static_cast<size_t>(x) * nrows;
+    int r = 0;
+    for (; r + 4 <= nrows; r += 4) {
+      ProjectBlockAvx512<4>(q, rows + static_cast<size_t>(r) * dim, dim, o + r);
+    }
+    for (; r < nrows; ++r)
+      ProjectBlockAvx512<1>(q, rows + static_cast<size_t>(r) * dim, dim, o + r);
+  }
+}
+
 ICECACHE_AVX512 float DotF16Avx512(const float* q, const uint16_t* k, int dim) {
   return DotAvx512<F16Avx512>(q, k, dim);
 }
@@ -469,6 +587,7 @@ using DotF32Fn = float (*)(const float*, const float*, int);
 using DotU16Fn = float (*)(const float*, const uint16_t*, int);
 using MultiFn = void (*)(const void*, int64_t, int, const float*, int, float*);
 using RowsF32Fn = void (*)(const float*, const float*, const uint32_t*, int64_t, int, float*);
+using ProjectFn = void (*)(const float*, int64_t, const float*, int, int, float*);
 
 struct KernelTable {
   const char* name;
@@ -477,6 +596,7 @@ struct KernelTable {
   DotU16Fn dot_bf16;
   MultiFn multi[3];  // indexed by DTypeIndex; DotRows is the nq == 1 case
   RowsF32Fn rows_f32;
+  ProjectFn project_f32;
 };
 
 const KernelTable kAvx2Table = {
@@ -486,6 +606,7 @@ const KernelTable kAvx2Table = {
     DotBf16Avx2,
     {DotRowsMultiAvx2<F16Avx2>, DotRowsMultiAvx2<Bf16Avx2>, DotRowsMultiAvx2<F32Avx2>},
     DotF32RowsAvx2,
+    ProjectF32Avx2,
 };
 
 const KernelTable kAvx512Table = {
@@ -495,6 +616,7 @@ const KernelTable kAvx512Table = {
     DotBf16Avx512,
     {DotRowsMultiAvx512<F16Avx512>, DotRowsMultiAvx512<Bf16Avx512>, DotRowsMultiAvx512<F32Avx512>},
     DotF32RowsAvx512,
+    ProjectF32Avx512,
 };
 
 bool CpuHasAvx512() {
@@ -535,6 +657,15 @@ void DotF32Rows(const float* q, const float* rows, const uint32_t* ids, int64_t 
   if (dim <= 0) {
     for (int64_t i = 0; i < n; ++i) out[i] = 0.0f;
   }
+}
+
+void ProjectF32(const float* xs, int64_t nx, const float* rows, int nrows, int dim, float* out) {
+  if (nx <= 0 || nrows <= 0) return;
+  if (dim <= 0) {
+    std::fill(out, out + static_cast<size_t>(nx) * nrows, 0.0f);
+    return;
+  }
+  Table().project_f32(xs, nx, rows, nrows, dim, out);
 }
 
 void DotRows(DType dtype, const void* rows, int64_t n, int dim, const float* q, float* out) {

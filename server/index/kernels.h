@@ -25,6 +25,13 @@ float DotBf16(const float* q, const uint16_t* k, int dim);
 void DotF32Rows(const float* q, const float* rows, const uint32_t* ids, int64_t n, int dim,
                 float* out);
 
+// out[x * nrows + r] = DotF32(xs + x * dim, rows + r * dim, dim), bit for
+// bit, for `nx` fp32 vectors against `nrows` fp32 rows: a bulk build's
+// projection of every key onto its subspace basis in one call, each vector's
+// chunks loaded once for several rows and no prefetch (the rows are few and
+// stay in L1), with DotF32's arithmetic, so the trees stay the same.
+void ProjectF32(const float* xs, int64_t nx, const float* rows, int nrows, int dim, float* out);
+
 // out[i] = q . rows[i] for `n` rows of `dim` elements of `dtype`, row-major.
 void DotRows(DType dtype, const void* rows, int64_t n, int dim, const float* q, float* out);
 

@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <fstream>
 #include <sstream>
@@ -97,14 +98,19 @@ absl::Status Daemon::Init() {
          {"why", "lease lapsed (no use or KeepAlive within its ttl)"}});
   };
   mgr_opts.on_build_done = [](const std::string& id, int first_layer, int num_layers,
-                              absl::Duration queued, absl::Duration ran) {
+                              absl::Duration queued, absl::Duration ran, int trees,
+                              int64_t tree_cpu_ns, int64_t tree_minor_faults) {
     if (!LogEnabled(LogLevel::kDebug)) return;
+    const int64_t per = std::max<int64_t>(trees, 1);
     Log(LogLevel::kDebug, "index_build",
         {{"id", id},
          {"first_layer", first_layer},
          {"layers", num_layers},
          {"queued_ms", absl::ToInt64Milliseconds(queued)},
-         {"ms", absl::ToInt64Milliseconds(ran)}});
+         {"ms", absl::ToInt64Milliseconds(ran)},
+         {"trees", trees},
+         {"cpu_us_per_tree", tree_cpu_ns / per / 1000},
+         {"minflt_per_tree", tree_minor_faults / per}});
   };
   const v1::QualityConfig& q = c.quality();
   mgr_opts.quality.enabled = q.enabled();

@@ -1,5 +1,7 @@
 #include "server/session/session_append.h"
 
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -7,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "common/thread_cpu.h"
 #include "server/index/dci_tree.h"
 #include "server/index/headroom.h"
 #include "server/index/parallel_build.h"
@@ -127,6 +130,13 @@ absl::Status BuildAside(const Session& s, const SelectorConfig& sc, const Append
   RETURN_IF_ERROR(plan.built[i]->Build(keys, in.n, &plan.placements[i]));
   s.trees_built.fetch_add(1, std::memory_order_relaxed);
   return absl::OkStatus();
+}
+
+// Minor page faults of the calling thread so far.
+int64_t ThreadMinorFaults() {
+  struct rusage ru;
+  if (getrusage(RUSAGE_THREAD, &ru) != 0) return 0;
+  return ru.ru_minflt;
 }
 
 // One task of a later append: inserts into index i of the live session.
@@ -526,7 +536,12 @@ void RunPendingBuild(PendingBuild& job, int build_threads, StagingCache* scratch
   const SelectorConfig sc = SelectorConfigOf(s);
   const int trees_before = s.trees_built.load();
   absl::Status built = ParallelFor(plan.num_indices, build_threads, [&](int64_t i) {
-    return BuildAside(s, sc, job.in, scratch, plan, i);
+    const int64_t cpu0 = ThreadCpuNanos();
+    const int64_t faults0 = ThreadMinorFaults();
+    absl::Status st = BuildAside(s, sc, job.in, scratch, plan, i);
+    job.tree_cpu_ns.fetch_add(ThreadCpuNanos() - cpu0, std::memory_order_relaxed);
+    job.tree_minor_faults.fetch_add(ThreadMinorFaults() - faults0, std::memory_order_relaxed);
+    return st;
   });
   absl::MutexLock write(&s.mu);
   for (int i = 0; built.ok() && i < plan.num_indices; ++i) {

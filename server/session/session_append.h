@@ -14,6 +14,7 @@
 #ifndef ICECACHE_SERVER_SESSION_SESSION_APPEND_H_
 #define ICECACHE_SERVER_SESSION_SESSION_APPEND_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -141,6 +142,11 @@ struct PendingBuild {
   AppendInput in;
   AppendPlan plan;
   FrameSet frames;  // admitted for plan.reserve; the surplus returns after the build
+  // Summed over the job's tree builds (BuildAside: fp32 conversion + Build),
+  // each on its own thread's clocks: CPU time and minor page faults
+  // (getrusage RUSAGE_THREAD). The daemon logs them per tree (index_build).
+  std::atomic<int64_t> tree_cpu_ns{0};
+  std::atomic<int64_t> tree_minor_faults{0};
 };
 
 // The append's groups are empty and tree-layout: build in the background.

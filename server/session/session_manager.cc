@@ -582,7 +582,8 @@ AppendResult SessionManager::StartBackgroundBuild(const InFlightGuard& guard, co
     job->bytes = StagingBuffer();  // back to the cache for the next append
     if (options_.on_build_done) {
       options_.on_build_done(job->session->id, job->in.first_layer, job->in.num_layers,
-                             start - posted, absl::Now() - start);
+                             start - posted, absl::Now() - start, job->plan.num_indices,
+                             job->tree_cpu_ns.load(), job->tree_minor_faults.load());
     }
     job->session->in_flight.fetch_sub(1);
     counters_->in_flight.fetch_sub(1);

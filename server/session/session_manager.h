@@ -152,9 +152,12 @@ struct SessionManagerOptions {
   // Optional: told after each background build, on the builder thread with
   // no lock held: the session, the layer range, how long the job waited
   // behind earlier ones and how long it took (trees, install, rows). The
-  // daemon logs it (the timeline of a prefill, docs/bench/prefill.md).
+  // daemon logs it (the timeline of a prefill, docs/bench/prefill.md), with
+  // the trees built and their CPU time and minor page faults summed over the
+  // trees (each on its building thread's clocks).
   std::function<void(const std::string& session, int first_layer, int num_layers,
-                     absl::Duration queued, absl::Duration ran)>
+                     absl::Duration queued, absl::Duration ran, int trees, int64_t tree_cpu_ns,
+                     int64_t tree_minor_faults)>
       on_build_done;
   // Threads one select or fetch spreads its KV heads over: 0 = the process's
   // shared oneTBB pool (every concurrent stream shares the same workers, so

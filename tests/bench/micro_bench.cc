@@ -16,6 +16,7 @@
 #include <cstring>
 #include <memory>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -172,8 +173,10 @@ absl::StatusOr<KvDump> MakeDump(int64_t n) {
   return GenerateSynthetic(*cfg);
 }
 
-// Builds the selector of `kind` over the dump's single head.
-absl::Status BuildIndex(SelectorKind kind, SelectFixture* f) {
+// Builds the selector of `kind` over the dump's single head (its
+// placements into `placed` when given).
+absl::Status BuildIndex(SelectorKind kind, SelectFixture* f,
+                        std::vector<Placement>* placed = nullptr) {
   SelectorConfig sc;
   sc.kind = kind;
   sc.head_dim = f->dump.head_dim;
@@ -188,7 +191,23 @@ absl::Status BuildIndex(SelectorKind kind, SelectFixture* f) {
   std::vector<Placement> placements;
   absl::Status s = f->selector->Build(f->dump.key(0, 0), f->dump.tokens, &placements);
   if (!s.ok()) return s;
+  if (placed != nullptr) *placed = placements;
   return f->keys->Apply(placements, f->dump.key(0, 0));
+}
+
+// FNV-1a of the last build's placements and index image: equal labels
+// before and after a change to the build mean the same layout, bit for bit.
+uint64_t LayoutHash(const std::vector<Placement>& placed, const std::string& image) {
+  uint64_t h = 1469598103934665603ull;
+  const auto mix = [&h](const void* p, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+      h ^= static_cast<const unsigned char*>(p)[i];
+      h *= 1099511628211ull;
+    }
+  };
+  mix(placed.data(), placed.size() * sizeof(Placement));
+  mix(image.data(), image.size());
+  return h;
 }
 
 absl::StatusOr<std::unique_ptr<SelectFixture>> MakeSelectFixture(SelectorKind kind, int64_t n) {
@@ -250,14 +269,19 @@ void BM_Build(benchmark::State& state, SelectorKind kind) {
     return;
   }
   f.dump = *std::move(dump);
+  std::vector<Placement> placed;
   for (auto _ : state) {
-    const absl::Status s = BuildIndex(kind, &f);
+    const absl::Status s = BuildIndex(kind, &f, &placed);
     if (!s.ok()) {
       state.SkipWithError(s.ToString().c_str());
       return;
     }
   }
   state.SetItemsProcessed(state.iterations() * n);
+  std::string image;
+  const absl::Status saved = f.selector->SaveImage(&image);
+  state.SetLabel(absl::StrCat("layout ", absl::Hex(LayoutHash(placed, image)),
+                              saved.ok() ? "" : " (no image)"));
 }
 BENCHMARK_CAPTURE(BM_Build, Mdci, SelectorKind::kMdci)
     ->Arg(16384)

@@ -1,6 +1,9 @@
+#include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "server/index/mips.h"
 #include "tests/support/status_matchers.h"
@@ -74,6 +77,39 @@ TEST(MipsAugmentationTest, RejectsBadParameters) {
   auto z = MipsAugmentation::Create(zero.data(), 1, 2, 1.5f, 0.02f);
   ASSERT_THAT(z, IsOk());
   EXPECT_GT(z->bound(), 0.0f);
+}
+
+// Create sums eight keys' squared norms interleaved: the bound must be the
+// one of the plain sequential double sum key by key (bit for bit: the trees
+// depend on it), for counts around the block of eight, and a non-finite key
+// is named by its row wherever it sits in a block.
+TEST(MipsAugmentationTest, BoundEqualsTheSequentialSumKeyByKey) {
+  const int d = 37;
+  for (int64_t n : {1, 7, 8, 9, 23, 64}) {
+    auto keys = mdci_test::GaussianRows(static_cast<int>(n), d, 1.0f, static_cast<int>(n));
+    keys[(n / 2) * d + 3] *= 40.0f;  // one long key anywhere
+    double max_sq = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      double sq = 0.0;
+      for (int c = 0; c < d; ++c) sq += static_cast<double>(keys[i * d + c]) * keys[i * d + c];
+      max_sq = std::max(max_sq, sq);
+    }
+    auto want =
+        MipsAugmentation::FromMaxNorm(static_cast<float>(std::sqrt(max_sq)), d, 1.5f, 0.02f);
+    auto got = MipsAugmentation::Create(keys.data(), n, d, 1.5f, 0.02f);
+    ASSERT_THAT(want, IsOk());
+    ASSERT_THAT(got, IsOk());
+    EXPECT_EQ(got->bound(), want->bound()) << "n " << n;
+    for (int64_t bad : {int64_t{0}, n / 2, n - 1}) {
+      std::vector<float> k = keys;
+      k[bad * d + d - 1] = INFINITY;
+      auto refused = MipsAugmentation::Create(k.data(), n, d, 1.5f, 0.02f);
+      EXPECT_THAT(refused, StatusIs(absl::StatusCode::kInvalidArgument));
+      EXPECT_NE(refused.status().message().find(absl::StrCat("key row ", bad, " ")),
+                std::string::npos)
+          << refused.status().message();
+    }
+  }
 }
 
 }  // namespace

@@ -24,6 +24,39 @@ std::vector<float> TiedScores(size_t n, uint32_t seed) {
   return s;
 }
 
+// InsertTopK over nodes in ascending order keeps exactly the first `keep`
+// of all pairs sorted best first (score descending, then node), ties and
+// signed zeros included: the reference is a stable sort of everything.
+TEST(InsertTopKTest, EqualsTheBestOfAStableSort) {
+  std::mt19937 rng(17);
+  std::normal_distribution<float> nd;
+  for (uint32_t n : {0u, 1u, 2u, 7u, 8u, 9u, 100u, 1000u}) {
+    for (size_t keep : {1u, 2u, 3u, 8u, 9u, 200u}) {
+      for (int kind = 0; kind < 3; ++kind) {
+        std::vector<float> s = kind == 0 ? TiedScores(n, n * 7 + keep) : std::vector<float>(n);
+        if (kind == 1)
+          for (float& v : s) v = nd(rng);
+        if (kind == 2)  // descending: every score lands last
+          for (uint32_t i = 0; i < n; ++i) s[i] = -static_cast<float>(i);
+        Scored all, got;
+        for (uint32_t i = 0; i < n; ++i) {
+          all.push_back({s[i], 5 + i});
+          dci_internal::InsertTopK(s[i], 5 + i, keep, &got);
+        }
+        std::stable_sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
+          return a.first > b.first || (a.first == b.first && a.second < b.second);
+        });
+        if (all.size() > keep) all.resize(keep);
+        ASSERT_EQ(got.size(), all.size()) << "n " << n << " keep " << keep << " kind " << kind;
+        for (size_t i = 0; i < all.size(); ++i) {
+          ASSERT_TRUE(got[i].first == all[i].first && got[i].second == all[i].second)
+              << "n " << n << " keep " << keep << " kind " << kind << " at " << i;
+        }
+      }
+    }
+  }
+}
+
 TEST(TopOfScoresTest, EqualsInsertTopKInOrder) {
   std::mt19937 rng(11);
   std::normal_distribution<float> nd;
@@ -73,6 +106,43 @@ TEST(SortBestFirstTest, EqualsAStableComparisonSort) {
         ASSERT_TRUE(recs[i].score == want[i].score && recs[i].item == want[i].item &&
                     recs[i].node == want[i].node)
             << "n " << n << " max_item " << max_item << " at " << i;
+      }
+    }
+  }
+}
+
+// The build's own input: items ascending, several candidates per item in
+// their own order (the three-pass score-only path), against the same
+// stable comparison sort; one record out of item order in the middle takes
+// the six-pass path and must give the same order too.
+TEST(SortBestFirstTest, ItemOrderedInputEqualsAStableComparisonSort) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  for (size_t items : {1u, 2u, 50u, 4000u}) {
+    for (int per_item : {1, 3, 8}) {
+      for (int kind = 0; kind < 3; ++kind) {
+        std::vector<Rec> recs;
+        const std::vector<float> tied = TiedScores(items * per_item, static_cast<uint32_t>(items));
+        for (size_t i = 0; i < items; ++i) {
+          for (int c = 0; c < per_item; ++c) {
+            const size_t k = recs.size();
+            const float v = kind == 0 ? tied[k] : kind == 1 ? nd(rng) : -std::abs(nd(rng));
+            recs.push_back({v, static_cast<uint32_t>(i * 3), static_cast<uint32_t>(k)});
+          }
+        }
+        if (recs.size() > 4 && kind == 2) std::swap(recs[1].item, recs[recs.size() - 2].item);
+        std::vector<Rec> want = recs, tmp;
+        std::stable_sort(want.begin(), want.end(), [](const Rec& a, const Rec& b) {
+          if (a.score != b.score) return a.score > b.score;
+          return a.item < b.item;
+        });
+        dci_internal::SortBestFirst(&recs, &tmp);
+        ASSERT_EQ(recs.size(), want.size());
+        for (size_t i = 0; i < recs.size(); ++i) {
+          ASSERT_TRUE(recs[i].score == want[i].score && recs[i].item == want[i].item &&
+                      recs[i].node == want[i].node)
+              << "items " << items << " per item " << per_item << " kind " << kind << " at " << i;
+        }
       }
     }
   }

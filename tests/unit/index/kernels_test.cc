@@ -222,6 +222,79 @@ TEST_P(KernelsTest, DotF32RowsGivesDotF32sBitsForEveryRow) {
   }
 }
 
+// The AVX-512 register blocks against a scalar emulation of their exact
+// arithmetic: 16 lanes, one fused multiply-add per lane and 16-element
+// chunk, the tail a zero-masked chunk, then GCC's _mm512_reduce_add_ps tree
+// (upper 8 + lower 8, upper 4 + lower 4, [0] + [2] and [1] + [3], then the
+// two). Every query count (so every block, the 16-sum transposed reduction
+// of nq = 2, 4 and 8 included) must give these bits, fp32 and fp16 rows.
+float EmulatedDotAvx512(const float* q, const float* k, int dim) {
+  float acc[16] = {};
+  int i = 0;
+  for (; i + 16 <= dim; i += 16) {
+    for (int l = 0; l < 16; ++l) acc[l] = std::fma(q[i + l], k[i + l], acc[l]);
+  }
+  if (i < dim) {
+    for (int l = 0; l < 16; ++l) {
+      acc[l] = i + l < dim ? std::fma(q[i + l], k[i + l], acc[l]) : std::fma(0.0f, 0.0f, acc[l]);
+    }
+  }
+  float t3[8], t6[4];
+  for (int l = 0; l < 8; ++l) t3[l] = acc[8 + l] + acc[l];
+  for (int l = 0; l < 4; ++l) t6[l] = t3[4 + l] + t3[l];
+  return (t6[0] + t6[2]) + (t6[1] + t6[3]);
+}
+
+TEST_P(KernelsTest, DotRowsMultiAvx512BlocksGiveTheirExactArithmetic) {
+  if (GetParam() != "avx512") GTEST_SKIP() << "the AVX-512 blocks only";
+  const int64_t n = 21;
+  for (int dim : {16, 37, 128, 130}) {
+    const Data d = MakeData(n, dim, 8, 900 + dim);
+    std::vector<float> f16_rows(d.f16.size());
+    for (size_t i = 0; i < d.f16.size(); ++i) f16_rows[i] = RefHalfToFloat(d.f16[i]);
+    for (int nq = 1; nq <= 8; ++nq) {
+      std::vector<float> out32(static_cast<size_t>(n) * nq), out16(out32.size());
+      DotRowsMulti(DType::kF32, d.f32.data(), n, dim, d.q.data(), nq, out32.data());
+      DotRowsMulti(DType::kF16, d.f16.data(), n, dim, d.q.data(), nq, out16.data());
+      for (int j = 0; j < nq; ++j) {
+        for (int64_t r = 0; r < n; ++r) {
+          const float* q = &d.q[static_cast<size_t>(j) * dim];
+          const float want32 = EmulatedDotAvx512(q, &d.f32[static_cast<size_t>(r) * dim], dim);
+          const float want16 = EmulatedDotAvx512(q, &f16_rows[static_cast<size_t>(r) * dim], dim);
+          ASSERT_EQ(0, std::memcmp(&want32, &out32[j * n + r], sizeof(float)))
+              << "f32 dim " << dim << " nq " << nq << " query " << j << " row " << r;
+          ASSERT_EQ(0, std::memcmp(&want16, &out16[j * n + r], sizeof(float)))
+              << "f16 dim " << dim << " nq " << nq << " query " << j << " row " << r;
+        }
+      }
+    }
+  }
+}
+
+// A bulk build projects every key at once (ProjectF32): each output must be
+// DotF32's bits (the trees a warm restart replays depend on them), for
+// every dim (tails included), row counts around the 4-row block and several
+// vectors, and nothing written past nx x nrows.
+TEST_P(KernelsTest, ProjectF32GivesDotF32sBitsForEveryVectorAndRow) {
+  for (int dim : AllDims()) {
+    for (int nrows : {1, 3, 4, 5, 16, 17}) {
+      const int64_t nx = 6;
+      const Data d = MakeData(nrows, dim, static_cast<int>(nx), 700 + dim + nrows);
+      std::vector<float> out(static_cast<size_t>(nx) * nrows + 1, NAN);
+      ProjectF32(d.q.data(), nx, d.f32.data(), nrows, dim, out.data());
+      for (int64_t x = 0; x < nx; ++x) {
+        for (int r = 0; r < nrows; ++r) {
+          const float one =
+              DotF32(&d.q[static_cast<size_t>(x) * dim], &d.f32[static_cast<size_t>(r) * dim], dim);
+          ASSERT_EQ(0, std::memcmp(&one, &out[static_cast<size_t>(x) * nrows + r], sizeof(float)))
+              << "dim " << dim << " rows " << nrows << " x " << x << " row " << r;
+        }
+      }
+      EXPECT_TRUE(std::isnan(out.back())) << "wrote past nx x nrows";
+    }
+  }
+}
+
 // Each (row, query) sum is accumulated the same way whatever the register
 // block, so the query count must not change a single bit: nq = 3 reduces
 // each accumulator on its own, nq = 4 and 8 eight at once (transposed).
