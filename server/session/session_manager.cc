@@ -721,6 +721,7 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
       // Token granularity: the selected tokens, packed (their positions always come back).
       if (by_token) {
         fetch.tokens.push_back(sel.positions);
+        fetch.token_hints.push_back(sel.token_refs);  // Fetch checks them; no lookup
       } else {
         fetch.pages.push_back(sel.pages);
       }

@@ -193,6 +193,12 @@ struct FetchRequest {
   int num_layers = 1;
   std::vector<std::vector<uint32_t>> pages;
   std::vector<std::vector<int32_t>> tokens;
+  // Optional, beside `tokens` (per KV head, same length): where each token
+  // lies, as this session's selection found it (Selection::token_refs).
+  // Fetch checks each one against the layout (the page's slot holds that
+  // position) and looks up only the tokens whose hint is wrong or missing.
+  // DecodeStep passes its selection's, saving a lookup per token.
+  std::vector<std::vector<Placement>> token_hints;
   std::string buffer_id;
   uint64_t offset = 0;
   bool want_positions = false;

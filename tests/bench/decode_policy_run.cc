@@ -406,6 +406,8 @@ absl::StatusOr<PolicyResult> RunSelectorPolicy(const DecodeContext& ctx,
       bar.Set(s + 1, "steps");
     }
   }
+  ASSIGN_OR_RETURN(r.monitor, ctx.main->Monitor(id));
+  ASSIGN_OR_RETURN(r.companion_monitor, ctx.companion->Monitor(cid));
   RETURN_IF_ERROR(ctx.main->Drop(id));
   RETURN_IF_ERROR(ctx.companion->Drop(cid));
   Summarize(ctx, t, &r);

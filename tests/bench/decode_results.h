@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/json.h"
+#include "tests/bench/decode_backend.h"
 #include "tests/bench/decode_bench.h"
 
 namespace icecache::bench {
@@ -43,6 +44,9 @@ struct PolicyResult {
   // "+pf" policies alternate prefetch on (odd steps) and off (even steps):
   // the later layers' calls per token, medians over each set (NaN: none).
   double later_on_ms = 0, later_off_ms = 0;
+  // The quality monitors after the decode steps: the measured backend's
+  // session (the daemon's) and the companion's.
+  MonitorSummary monitor, companion_monitor;
 };
 
 struct BatchResult {
