@@ -249,6 +249,8 @@ struct StepResult {
   uint32_t prefetching = 0;
   // This layer's pages were already written by a prefetch when the call came.
   bool prefetched = false;
+  // The daemon's wall time in the call: selecting and gathering (kv.proto).
+  uint64_t select_ns = 0, gather_ns = 0;
 };
 
 // Element layouts of an engine's paged KV cache (buffer.proto PagedKvFormat;

@@ -395,10 +395,14 @@ absl::StatusOr<QualitySample> MeasureTokenSelection(const MdciSelector& selector
   for (int64_t p = sink_end; p < recent_begin; ++p) rest.push_back({share[p], p});
   const int64_t want = std::min<int64_t>(
       std::max<int64_t>(0, std::min<int64_t>(params.budget_tokens, n) - ref_tokens), rest.size());
-  std::partial_sort(rest.begin(), rest.begin() + want, rest.end(),
-                    [](const auto& a, const auto& b) {
-                      return a.first > b.first || (a.first == b.first && a.second < b.second);
-                    });
+  // Only the set counts (sums), not its order: a linear selection of the
+  // best `want` (a strict total order, so the same set a sort would take).
+  if (want < static_cast<int64_t>(rest.size())) {
+    std::nth_element(rest.begin(), rest.begin() + want, rest.end(),
+                     [](const auto& a, const auto& b) {
+                       return a.first > b.first || (a.first == b.first && a.second < b.second);
+                     });
+  }
   for (int64_t i = 0; i < want; ++i) take(rest[i].second);
   QualitySample s;
   s.mass_ratio = ref_mass > 0.0 ? sel_mass / ref_mass : 1.0;

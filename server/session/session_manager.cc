@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <mutex>
 #include <new>
@@ -699,7 +700,9 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
   fetch.device = device;
   // A prefetched layer: wait for its flag before the session lock (the
   // worker writing it may need that lock; prefetch.h).
+  const auto wait0 = std::chrono::steady_clock::now();
   PrefetchedLayer pre = TakePrefetched(s, select, fetch);
+  const auto waited = std::chrono::steady_clock::now() - wait0;  // counted as gather
   // A new selection of the group: its old prefetch stops first.
   if (!select.reuse_group_selection) DropPrefetch(s, select.layer);
   DecodeStepResult out;
@@ -710,8 +713,11 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
     const SelectDestination destination = device.empty() && lease.kind() == BufferKind::kHostShm
                                               ? SelectDestination::kHost
                                               : SelectDestination::kDevice;
+    const auto t0 = std::chrono::steady_clock::now();
     ASSIGN_OR_RETURN(out.selection,
                      s.Select(select, destination, options_.decode_threads, &probes));
+    const auto t1 = std::chrono::steady_clock::now();
+    out.select_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count();
     const bool by_token =
         !out.selection.heads.empty() && !out.selection.heads.front().token_refs.empty();
     if (by_token && out.selection.reused && destination == SelectDestination::kDevice) {
@@ -732,6 +738,9 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
       ASSIGN_OR_RETURN(out.layout,
                        s.Fetch(lease, fetch, options_.decode_threads, &counters_->checksums));
     }
+    out.gather_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        std::chrono::steady_clock::now() - t1 + waited)
+                        .count();
   }
   OfferProbes(guard.shared(), std::move(probes));  // never waits (quality_sampler.h)
   if (prefetch_group) out.prefetching = StartPrefetch(guard.shared(), std::move(lease), fetch, out);

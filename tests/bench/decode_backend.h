@@ -56,6 +56,9 @@ struct StepOutcome {
   uint64_t layer_stride = 0;  // bytes of one layer's pages (the next layer's offset)
   int prefetching = 0;        // later layers the daemon is writing in the background
   bool prefetched = false;    // this layer was written by a prefetch before the call
+  // DecodeStep only: the daemon's (or the core's) own wall time in the call,
+  // selecting and gathering (kv.proto DecodeStepResponse.select_ns/gather_ns).
+  double select_ms = 0, gather_ms = 0;
 };
 
 // A session's online quality monitor (GetSession's quality), summed: what

@@ -149,6 +149,8 @@ class InProcessBackend : public DecodeBackend {
     StepOutcome out = ToOutcome(r.selection, r.layout);
     out.prefetching = r.prefetching;
     out.prefetched = r.prefetched;
+    out.select_ms = static_cast<double>(r.select_ns) / 1e6;
+    out.gather_ms = static_cast<double>(r.gather_ns) / 1e6;
     return out;
   }
 

@@ -130,6 +130,8 @@ class SocketBackend : public DecodeBackend {
     StepOutcome out = ToOutcome(r.heads, r.layout, r.reused);
     out.prefetching = static_cast<int>(r.prefetching);
     out.prefetched = r.prefetched;
+    out.select_ms = static_cast<double>(r.select_ns) / 1e6;
+    out.gather_ms = static_cast<double>(r.gather_ns) / 1e6;
     return out;
   }
 

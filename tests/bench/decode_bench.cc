@@ -222,7 +222,7 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o) {
     ASSIGN_OR_RETURN(main, MakeSocketBackend(o.spawn, o.socket, pool,
                                              o.daemon_prefault ? "pool { prefault: true }\n" : ""));
   } else {
-    ASSIGN_OR_RETURN(main, MakeInProcessBackend(pool, o.companion_quality));
+    ASSIGN_OR_RETURN(main, MakeInProcessBackend(pool, /*quality=*/true));
   }
   const int64_t longest = *std::max_element(o.contexts.begin(), o.contexts.end());
   const uint64_t companion_pool =

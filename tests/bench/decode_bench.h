@@ -72,11 +72,12 @@ struct DecodeBenchOptions {
   // --spawn: the daemon faults its pool in at start (pool.prefault), and the
   // pool is sized to the KV it will hold (plus slack) instead of 1.5x.
   bool daemon_prefault = false;
-  // The in-process backends (the companion that splits select / gather /
-  // RPC, and --mode in-process) run the online quality monitor, as
-  // icecached's default config does: mdci at its calibrated width on both
-  // sides. Off: the core's default (fixed width), as before branch sel8.
-  bool companion_quality = true;
+  // The in-process companion runs the online quality monitor (mdci at its
+  // own self-calibrated width). Off (default): mdci's fixed width, as before
+  // branch sel8. The main table's split comes from the measured backend's
+  // own times (DecodeStep select_ns / gather_ns) either way; --mode
+  // in-process runs the monitor as icecached does.
+  bool companion_quality = false;
   // KV bytes (GiB) the run may hold at once: the daemon's, this process's
   // companion and quality layers. Above it a context runs with fewer layers
   // (its per-token figures scaled to `layers` and marked "scaled").

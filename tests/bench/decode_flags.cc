@@ -86,10 +86,10 @@ DecodeFlags::DecodeFlags(CLI::App* app) {
   app->add_flag("--daemon-prefault", o_.daemon_prefault,
                 "with --spawn: the daemon faults its pool in at start (pool.prefault), sized "
                 "to the KV it holds");
-  app->add_flag("!--no-companion-quality", o_.companion_quality,
-                "the in-process companion selects at mdci's fixed width, without the quality "
-                "monitor icecached runs by default (its select / gather / RPC split then charges "
-                "the daemon's calibrated widths and references to RPC)");
+  app->add_flag("--companion-quality", o_.companion_quality,
+                "the in-process companion runs the quality monitor (mdci at its own calibrated "
+                "width; default: the fixed width). The table's split is the daemon's own either "
+                "way");
   app->add_option("--memory-gib", o_.memory_gib,
                   "KV held at once (this process + daemon); longer contexts run fewer layers")
       ->check(CLI::PositiveNumber)

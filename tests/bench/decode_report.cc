@@ -54,6 +54,9 @@ Json PolicyJson(const PolicyResult& p) {
           {"per_token_ms", CostJson(p.cost)},
           {"decode_step_message_us_p50", Num(p.message_us)},
           {"rpc_per_message_us_p50", Num(p.rpc_per_message_us)},
+          {"paired_rpc_per_message_us_p50", Num(p.paired_rpc_per_message_us)},
+          {"companion_select_ms_per_token", Num(p.companion_select_ms)},
+          {"companion_gather_ms_per_token", Num(p.companion_gather_ms)},
           {"messages_per_token", p.messages_per_token},
           {"pages_per_head", p.pages_per_head},
           {"tokens_per_head", p.tokens_per_head},
@@ -95,6 +98,20 @@ std::string MonitorLine(const MonitorSummary& m) {
 
 void PrintMonitors(const ContextResult& c) {
   bool any = false;
+  for (const PolicyResult& p : c.policies) any |= std::isfinite(p.companion_select_ms);
+  if (any) {
+    std::printf(
+        "the in-process companion's split (its first layers, scaled; its own calibration; "
+        "PAIRED_US/MSG: the measured call over the companion's, the RPC figure before sel8):\n");
+    for (const PolicyResult& p : c.policies) {
+      if (!std::isfinite(p.companion_select_ms)) continue;
+      std::printf("  %-10s SELECT %s  GATHER %s  PAIRED_US/MSG %s\n", p.policy.name.c_str(),
+                  Fmt("%.2f", p.companion_select_ms).c_str(),
+                  Fmt("%.2f", p.companion_gather_ms).c_str(),
+                  Fmt("%.0f", p.paired_rpc_per_message_us).c_str());
+    }
+  }
+  any = false;
   for (const PolicyResult& p : c.policies) any |= p.monitor.monitored;
   if (!any) return;
   std::printf(
@@ -177,8 +194,9 @@ void PrintContext(const DecodeBenchOptions& o, const ContextResult& c) {
   std::printf(
       "ATTN* = attention on the CPU from the fetched pages (fp32 accumulation, 1 thread): the "
       "stand-in for the GPU's. TT2T = prefill (KV ingest + index builds; no model compute) + "
-      "the first decode step. RPC = DecodeStep calls beyond in-process select + gather; "
-      "RPC_US/MSG = paired median per layer message, over in-process.\n");
+      "the first decode step. SELECT, GATHER = the daemon's own time in its DecodeStep calls "
+      "(kv.proto select_ns, gather_ns); RPC = the calls beyond it; RPC_US/MSG = median per "
+      "layer message of the call beyond the daemon's select + gather.\n");
   PrintMonitors(c);
   PrintPrefetch(c);
   if (!c.batches.empty()) {

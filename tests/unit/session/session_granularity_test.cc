@@ -172,6 +172,9 @@ TEST_F(SessionGranularityTest, UnsetSelectsTokensIntoShmAndPagesIntoADeviceBuffe
   auto host = manager_->DecodeStep(Alice(), id, Step(0), shm_id_, 0);
   ASSERT_THAT(host, IsOk());
   EXPECT_TRUE(ByToken(host->selection));
+  // The call's own select and gather times are reported (bench decode's split).
+  EXPECT_GT(host->select_ns, 0);
+  EXPECT_GT(host->gather_ns, 0);
   for (const Selection& s : host->selection.heads) EXPECT_EQ(s.positions.size(), 10u);
   ExpectRows(host->layout, static_cast<const uint8_t*>(shm_.data()), /*token_slots=*/true);
 
