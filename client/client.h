@@ -251,6 +251,7 @@ struct StepResult {
   bool prefetched = false;
   // The daemon's wall time in the call: selecting and gathering (kv.proto).
   uint64_t select_ns = 0, gather_ns = 0;
+  uint64_t step_ns = 0;  // the whole call inside the daemon's session manager
 };
 
 // Element layouts of an engine's paged KV cache (buffer.proto PagedKvFormat;

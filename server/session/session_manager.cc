@@ -686,6 +686,7 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
     const Caller& caller, std::string_view id, const SelectRequest& select,
     std::string_view buffer_id, uint64_t offset, int num_layers, const DeviceWrite& device,
     bool prefetch_group) {
+  const auto start = std::chrono::steady_clock::now();
   ASSIGN_OR_RETURN(InFlightGuard guard, Use(caller, id));
   Session& s = *guard.get();
   const absl::Time now = clock_->Now();
@@ -744,6 +745,9 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
   }
   OfferProbes(guard.shared(), std::move(probes));  // never waits (quality_sampler.h)
   if (prefetch_group) out.prefetching = StartPrefetch(guard.shared(), std::move(lease), fetch, out);
+  out.step_ns =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
+          .count();
   return out;
 }
 

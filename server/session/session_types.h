@@ -219,6 +219,9 @@ struct DecodeStepResult {
   // Wall time of the selection (reused: the cache lookup) and of the gather
   // (the copy, or the wait for a prefetched layer) inside this call.
   int64_t select_ns = 0, gather_ns = 0;
+  // The whole SessionManager::DecodeStep: the above plus the session
+  // lookup, lock and build waits, probe hand-off and prefetch start.
+  int64_t step_ns = 0;
 };
 
 // One sequence of a batched decode step (SessionManager::DecodeBatch): the

@@ -59,6 +59,7 @@ struct StepOutcome {
   // DecodeStep only: the daemon's (or the core's) own wall time in the call,
   // selecting and gathering (kv.proto DecodeStepResponse.select_ns/gather_ns).
   double select_ms = 0, gather_ms = 0;
+  double step_ms = 0;  // the whole call inside the session manager (step_ns)
 };
 
 // A session's online quality monitor (GetSession's quality), summed: what

@@ -132,6 +132,7 @@ class SocketBackend : public DecodeBackend {
     out.prefetched = r.prefetched;
     out.select_ms = static_cast<double>(r.select_ns) / 1e6;
     out.gather_ms = static_cast<double>(r.gather_ns) / 1e6;
+    out.step_ms = static_cast<double>(r.step_ns) / 1e6;
     return out;
   }
 

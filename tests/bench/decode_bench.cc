@@ -219,8 +219,13 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o) {
     if (o.daemon_prefault && o.spawn.empty()) {
       return absl::InvalidArgumentError("--daemon-prefault is for a daemon it starts (--spawn)");
     }
-    ASSIGN_OR_RETURN(main, MakeSocketBackend(o.spawn, o.socket, pool,
-                                             o.daemon_prefault ? "pool { prefault: true }\n" : ""));
+    if (!o.daemon_config.empty() && o.spawn.empty()) {
+      return absl::InvalidArgumentError("--daemon-config is for a daemon it starts (--spawn)");
+    }
+    ASSIGN_OR_RETURN(
+        main, MakeSocketBackend(o.spawn, o.socket, pool,
+                                absl::StrCat(o.daemon_prefault ? "pool { prefault: true }\n" : "",
+                                             o.daemon_config, "\n")));
   } else {
     ASSIGN_OR_RETURN(main, MakeInProcessBackend(pool, /*quality=*/true));
   }

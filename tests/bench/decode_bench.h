@@ -50,6 +50,7 @@ struct DecodeBenchOptions {
   std::string mode = "socket";  // "socket" or "in-process"
   std::string spawn;            // icecached to start (socket mode)
   std::string socket;           // a running daemon (socket mode, no spawn)
+  std::string daemon_config;    // --spawn: textproto appended to its config
   std::string preset = "llama3-8b-like";
   uint64_t seed = 42;
   int layers = 32;  // the model's; per-token figures are scaled to it

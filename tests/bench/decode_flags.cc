@@ -83,6 +83,10 @@ DecodeFlags::DecodeFlags(CLI::App* app) {
                   "process, every other layer's is generated when streamed)")
       ->check(cli::Positive())
       ->capture_default_str();
+  app->add_option("--daemon-config", o_.daemon_config,
+                  "with --spawn: textproto appended to the daemon's config (e.g. 'quality { "
+                  "enabled: false }')")
+      ->type_name("TEXTPROTO");
   app->add_flag("--daemon-prefault", o_.daemon_prefault,
                 "with --spawn: the daemon faults its pool in at start (pool.prefault), sized "
                 "to the KV it holds");

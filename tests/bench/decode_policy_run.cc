@@ -50,6 +50,7 @@ struct Tally {
   // calls (StepOutcome::select_ms / gather_ms), ms per step, every layer.
   std::vector<double> own_select, own_gather;
   std::vector<double> overhead_us;   // per call: round trip beyond its own select + gather
+  std::vector<double> manager_us;    // per call: the session manager's rest (step - both)
   std::vector<double> first, later;  // DecodeStep ms per step: groups' first / later layers
   std::vector<char> prefetch_on;     // "+pf" policies: the steps that asked for prefetch
   int64_t later_calls = 0, prefetched = 0;
@@ -223,6 +224,7 @@ absl::Status DecodeOneStep(const DecodeContext& ctx, const DecodePolicy& p, cons
     t->own_select[step] += outcome->select_ms;
     t->own_gather[step] += outcome->gather_ms;
     t->overhead_us.push_back((ms - outcome->select_ms - outcome->gather_ms) * 1000.0);
+    t->manager_us.push_back((outcome->step_ms - outcome->select_ms - outcome->gather_ms) * 1000.0);
     if (first) {
       stride = outcome->layer_stride;
       t->first[step] += ms;
@@ -284,6 +286,7 @@ void Summarize(const DecodeContext& ctx, const Tally& t, PolicyResult* r) {
   r->message_us = Median(t.message_ms) * 1000.0;
   r->rpc_per_message_us = Median(t.overhead_us);
   r->paired_rpc_per_message_us = Median(t.paired_us);
+  r->manager_rest_per_message_us = Median(t.manager_us);
   r->pages_per_head = t.heads ? t.pages / t.heads : 0;
   r->tokens_per_head = t.heads ? t.tokens / t.heads : 0;
   // Quality of the quality layers (DecodeModel::quality_layers), in order.
@@ -326,7 +329,7 @@ PolicyResult RunCpuPolicy(const DecodeContext& ctx, const DecodePolicy& policy) 
   r.policy = policy;
   r.prefill_s = kNaN;
   r.cost = TokenCost{kNaN, kNaN, kNaN, kNaN, 0, 0};
-  r.rpc_per_message_us = r.paired_rpc_per_message_us = kNaN;
+  r.rpc_per_message_us = r.paired_rpc_per_message_us = r.manager_rest_per_message_us = kNaN;
   r.message_us = kNaN;
   Tally t(m.steps(), m.layers());
   if (policy.kind == DecodePolicy::Kind::kFull) {
@@ -369,7 +372,7 @@ PolicyResult RunCpuPolicy(const DecodeContext& ctx, const DecodePolicy& policy) 
   Summarize(ctx, t, &r);
   r.cost.append = r.cost.select = r.cost.gather = r.cost.rpc = kNaN;
   r.tt2t_s = kNaN;
-  r.rpc_per_message_us = r.paired_rpc_per_message_us = kNaN;
+  r.rpc_per_message_us = r.paired_rpc_per_message_us = r.manager_rest_per_message_us = kNaN;
   r.companion_select_ms = r.companion_gather_ms = kNaN;
   return r;
 }

@@ -55,6 +55,7 @@ Json PolicyJson(const PolicyResult& p) {
           {"decode_step_message_us_p50", Num(p.message_us)},
           {"rpc_per_message_us_p50", Num(p.rpc_per_message_us)},
           {"paired_rpc_per_message_us_p50", Num(p.paired_rpc_per_message_us)},
+          {"manager_rest_per_message_us_p50", Num(p.manager_rest_per_message_us)},
           {"companion_select_ms_per_token", Num(p.companion_select_ms)},
           {"companion_gather_ms_per_token", Num(p.companion_gather_ms)},
           {"messages_per_token", p.messages_per_token},
@@ -102,13 +103,15 @@ void PrintMonitors(const ContextResult& c) {
   if (any) {
     std::printf(
         "the in-process companion's split (its first layers, scaled; its own calibration; "
-        "PAIRED_US/MSG: the measured call over the companion's, the RPC figure before sel8):\n");
+        "PAIRED_US/MSG: the measured call over the companion's, the RPC figure before sel8; "
+        "MANAGER_US/MSG: of RPC_US/MSG, the daemon's session manager beyond select + gather):\n");
     for (const PolicyResult& p : c.policies) {
       if (!std::isfinite(p.companion_select_ms)) continue;
-      std::printf("  %-10s SELECT %s  GATHER %s  PAIRED_US/MSG %s\n", p.policy.name.c_str(),
-                  Fmt("%.2f", p.companion_select_ms).c_str(),
+      std::printf("  %-10s SELECT %s  GATHER %s  PAIRED_US/MSG %s  MANAGER_US/MSG %s\n",
+                  p.policy.name.c_str(), Fmt("%.2f", p.companion_select_ms).c_str(),
                   Fmt("%.2f", p.companion_gather_ms).c_str(),
-                  Fmt("%.0f", p.paired_rpc_per_message_us).c_str());
+                  Fmt("%.0f", p.paired_rpc_per_message_us).c_str(),
+                  Fmt("%.0f", p.manager_rest_per_message_us).c_str());
     }
   }
   any = false;
@@ -234,6 +237,7 @@ Json DecodeReportJson(const DecodeBenchOptions& o, const std::vector<ContextResu
                       {"reference_layers", o.reference_layers},
                       {"quality_layers", o.quality_layers},
                       {"daemon_prefault", o.daemon_prefault},
+                      {"daemon_config", o.daemon_config},
                       {"companion_quality", o.companion_quality},
                       {"policies", o.policies},
                       {"batch", o.batch},

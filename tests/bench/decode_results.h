@@ -35,6 +35,10 @@ struct PolicyResult {
   // and gather per token, and the paired median per message of the
   // measured call over the companion's DecodeStep (the split before sel8).
   double companion_select_ms = 0, companion_gather_ms = 0, paired_rpc_per_message_us = 0;
+  // Of rpc_per_message_us: the median per call of the daemon's session
+  // manager beyond its select + gather (lookup, lock and build waits, probe
+  // hand-off, prefetch start); the rest is the transport and the proto.
+  double manager_rest_per_message_us = 0;
   double message_us = 0;  // median DecodeStep call per layer
   int messages_per_token = 0;
   double pages_per_head = 0, tokens_per_head = 0;

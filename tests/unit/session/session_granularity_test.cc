@@ -175,6 +175,7 @@ TEST_F(SessionGranularityTest, UnsetSelectsTokensIntoShmAndPagesIntoADeviceBuffe
   // The call's own select and gather times are reported (bench decode's split).
   EXPECT_GT(host->select_ns, 0);
   EXPECT_GT(host->gather_ns, 0);
+  EXPECT_GE(host->step_ns, host->select_ns + host->gather_ns);
   for (const Selection& s : host->selection.heads) EXPECT_EQ(s.positions.size(), 10u);
   ExpectRows(host->layout, static_cast<const uint8_t*>(shm_.data()), /*token_slots=*/true);
 
