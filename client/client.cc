@@ -513,6 +513,9 @@ absl::StatusOr<StepResult> Client::DecodeStep(std::string_view session_id, uint3
   out.reused = resp.reused();
   out.prefetching = resp.prefetching();
   out.prefetched = resp.prefetched();
+  out.select_ns = resp.select_ns();
+  out.gather_ns = resp.gather_ns();
+  out.step_ns = resp.step_ns();
   return out;
 }
 

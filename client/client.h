@@ -253,6 +253,9 @@ struct StepResult {
   uint32_t prefetching = 0;
   // This layer's pages were already written by a prefetch when the call came.
   bool prefetched = false;
+  // The daemon's wall time in the call: selecting and gathering (kv.proto).
+  uint64_t select_ns = 0, gather_ns = 0;
+  uint64_t step_ns = 0;  // the whole call inside the daemon's session manager
 };
 
 // Element layouts of an engine's paged KV cache (buffer.proto PagedKvFormat;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <limits>
 #include <utility>
 
@@ -97,8 +98,15 @@ void TakeTokens(const Selector& selector, const TokenCandidates& candidates, con
   const size_t want = static_cast<size_t>(
       std::min<int64_t>(std::max<int64_t>(0, budget - static_cast<int64_t>(out->token_refs.size())),
                         static_cast<int64_t>(s.scored.size())));
-  // Candidate pages are distinct, so their tokens are too.
-  std::partial_sort(s.scored.begin(), s.scored.begin() + want, s.scored.end(), Better);
+  // Candidate pages are distinct, so their tokens are too, and Better is a
+  // strict total order: the best `want` by a linear selection, then only
+  // they sorted. The same tokens in the same order as a partial_sort, whose
+  // heap over every candidate (candidate_factor x budget of them, more at a
+  // calibrated width) cost most of a token selection (docs/bench/sel8_*.md).
+  const auto better = [](const ScoredToken& a, const ScoredToken& b) { return Better(a, b); };
+  const auto head = s.scored.begin() + static_cast<std::ptrdiff_t>(want);
+  if (want < s.scored.size()) std::nth_element(s.scored.begin(), head, s.scored.end(), better);
+  std::sort(s.scored.begin(), head, better);
   for (size_t i = 0; i < want; ++i)
     add(s.scored[i].position, s.scored[i].placement, s.scored[i].score);
   PackedFills(static_cast<int64_t>(out->token_refs.size()), selector.config().page_tokens,

@@ -481,10 +481,14 @@ absl::StatusOr<QualitySample> MeasureTokenSelections(const MdciSelector& selecto
       std::min<int64_t>(std::max<int64_t>(0, std::min<int64_t>(params.budget_tokens, n) -
                                                  static_cast<int64_t>(reference.size())),
                         rest.size());
-  std::partial_sort(rest.begin(), rest.begin() + want, rest.end(),
-                    [](const auto& a, const auto& b) {
-                      return a.first > b.first || (a.first == b.first && a.second < b.second);
-                    });
+  // Only the set counts (sums), not its order: a linear selection of the
+  // best `want` (a strict total order, so the same set a sort would take).
+  if (want < static_cast<int64_t>(rest.size())) {
+    std::nth_element(rest.begin(), rest.begin() + want, rest.end(),
+                     [](const auto& a, const auto& b) {
+                       return a.first > b.first || (a.first == b.first && a.second < b.second);
+                     });
+  }
   for (int64_t i = 0; i < want; ++i) reference.push_back(rest[i].second);
   double ref_mass = 0.0;
   for (int32_t pos : reference) ref_mass += share[pos];

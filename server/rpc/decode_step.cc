@@ -69,6 +69,9 @@ absl::Status SingleStep(const ServiceDeps& deps, const Caller& caller,
   resp->set_reused(r.selection.reused);
   resp->set_prefetching(r.prefetching);
   resp->set_prefetched(r.prefetched);
+  resp->set_select_ns(static_cast<uint64_t>(r.select_ns));
+  resp->set_gather_ns(static_cast<uint64_t>(r.gather_ns));
+  resp->set_step_ns(static_cast<uint64_t>(r.step_ns));
   FetchLayoutToProto(r.layout, cursor.buffer_id, resp->mutable_layout());
   deps.metrics->bytes_total->WithLabels({"fetch"})->Add(r.layout.total_bytes);
   return absl::OkStatus();

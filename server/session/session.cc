@@ -195,6 +195,13 @@ absl::Status CheckPages(const Session& s, int layer, int head, const std::vector
   return absl::OkStatus();
 }
 
+// A placement hint (FetchRequest::token_hints) holds when its page exists,
+// the slot is filled and it holds `position`.
+bool HintHolds(const Selector& sel, const Placement& p, int32_t position) {
+  return p.page < sel.num_pages() && p.slot < sel.fill(p.page) &&
+         sel.positions(p.page)[p.slot] == position;
+}
+
 }  // namespace
 
 void Session::EnableQuality(std::vector<std::unique_ptr<HeadQualityMonitor>> heads,
@@ -457,13 +464,22 @@ absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const Fetch
   for (int h = 0; h < c.kv_heads; ++h) {
     const Selector* sel = selectors.empty() ? nullptr : selectors[SelectorIndex(group, h)].get();
     placed[h].reserve(req.tokens[h].size());
-    for (int32_t pos : req.tokens[h]) {
+    const std::vector<Placement>* hints = h < static_cast<int>(req.token_hints.size()) &&
+                                                  req.token_hints[h].size() == req.tokens[h].size()
+                                              ? &req.token_hints[h]
+                                              : nullptr;
+    for (size_t i = 0; i < req.tokens[h].size(); ++i) {
+      const int32_t pos = req.tokens[h][i];
       if (pos < 0 || pos >= held || sel == nullptr) {
         return absl::InvalidArgumentError(absl::StrCat("fetch: token position ", pos,
                                                        " of kv head ", h, " is not in 0..",
                                                        held - 1, " (the session's tokens)"));
       }
-      placed[h].push_back(sel->placement_of(pos));
+      if (hints != nullptr && HintHolds(*sel, (*hints)[i], pos)) {
+        placed[h].push_back((*hints)[i]);
+      } else {
+        placed[h].push_back(sel->placement_of(pos));
+      }
     }
     PackedFills(static_cast<int64_t>(placed[h].size()), c.page_tokens, &fills[h]);
     slot_pages[h].assign(fills[h].size(), kTokenSlot);

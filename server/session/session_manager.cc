@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <mutex>
 #include <new>
@@ -686,6 +687,7 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
     const Caller& caller, std::string_view id, const SelectRequest& select,
     std::string_view buffer_id, uint64_t offset, int num_layers, const DeviceWrite& device,
     bool prefetch_group) {
+  const auto start = std::chrono::steady_clock::now();
   ASSIGN_OR_RETURN(InFlightGuard guard, Use(caller, id));
   Session& s = *guard.get();
   const absl::Time now = clock_->Now();
@@ -700,7 +702,9 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
   fetch.device = device;
   // A prefetched layer: wait for its flag before the session lock (the
   // worker writing it may need that lock; prefetch.h).
+  const auto wait0 = std::chrono::steady_clock::now();
   PrefetchedLayer pre = TakePrefetched(s, select, fetch);
+  const auto waited = std::chrono::steady_clock::now() - wait0;  // counted as gather
   // A new selection of the group: its old prefetch stops first.
   if (!select.reuse_group_selection) DropPrefetch(s, select.layer);
   DecodeStepResult out;
@@ -711,8 +715,11 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
     const SelectDestination destination = device.empty() && lease.kind() == BufferKind::kHostShm
                                               ? SelectDestination::kHost
                                               : SelectDestination::kDevice;
+    const auto t0 = std::chrono::steady_clock::now();
     ASSIGN_OR_RETURN(out.selection,
                      s.Select(select, destination, options_.decode_threads, &probes));
+    const auto t1 = std::chrono::steady_clock::now();
+    out.select_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count();
     const bool by_token =
         !out.selection.heads.empty() && !out.selection.heads.front().token_refs.empty();
     if (by_token && out.selection.reused && destination == SelectDestination::kDevice) {
@@ -722,6 +729,7 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
       // Token granularity: the selected tokens, packed (their positions always come back).
       if (by_token) {
         fetch.tokens.push_back(sel.positions);
+        fetch.token_hints.push_back(sel.token_refs);  // Fetch checks them; no lookup
       } else {
         fetch.pages.push_back(sel.pages);
       }
@@ -732,9 +740,15 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
       ASSIGN_OR_RETURN(out.layout,
                        s.Fetch(lease, fetch, options_.decode_threads, &counters_->checksums));
     }
+    out.gather_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        std::chrono::steady_clock::now() - t1 + waited)
+                        .count();
   }
   OfferProbes(guard.shared(), std::move(probes));  // never waits (quality_sampler.h)
   if (prefetch_group) out.prefetching = StartPrefetch(guard.shared(), std::move(lease), fetch, out);
+  out.step_ns =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
+          .count();
   return out;
 }
 

@@ -201,6 +201,12 @@ struct FetchRequest {
   int num_layers = 1;
   std::vector<std::vector<uint32_t>> pages;
   std::vector<std::vector<int32_t>> tokens;
+  // Optional, beside `tokens` (per KV head, same length): where each token
+  // lies, as this session's selection found it (Selection::token_refs).
+  // Fetch checks each one against the layout (the page's slot holds that
+  // position) and looks up only the tokens whose hint is wrong or missing.
+  // DecodeStep passes its selection's, saving a lookup per token.
+  std::vector<std::vector<Placement>> token_hints;
   std::string buffer_id;
   uint64_t offset = 0;
   bool want_positions = false;
@@ -218,6 +224,12 @@ struct DecodeStepResult {
   // This layer's bytes were written in the background (prefetch) before
   // the call came.
   bool prefetched = false;
+  // Wall time of the selection (reused: the cache lookup) and of the gather
+  // (the copy, or the wait for a prefetched layer) inside this call.
+  int64_t select_ns = 0, gather_ns = 0;
+  // The whole SessionManager::DecodeStep: the above plus the session
+  // lookup, lock and build waits, probe hand-off and prefetch start.
+  int64_t step_ns = 0;
 };
 
 // One sequence of a batched decode step (SessionManager::DecodeBatch): the

@@ -54,6 +54,15 @@ def main(path):
                         fail(f"{name}: per_token_ms.{part} missing")
                 if not p["tt2t_s"] > 0:
                     fail(f"{name}: tt2t_s {p['tt2t_s']}")
+                # The daemon's own select and gather times (DecodeStepResponse
+                # select_ns, gather_ns) make the split: both are reported.
+                for part in ("select", "gather"):
+                    if not p["per_token_ms"][part] > 0:
+                        fail(f"{name}: per_token_ms.{part} {p['per_token_ms'][part]}: "
+                             "the daemon reported no time of its own")
+                monitor = p.get("quality_monitor")
+                if monitor is None or (p["selector"] == "mdci" and not monitor["monitored"]):
+                    fail(f"{name}: quality_monitor {monitor} (icecached monitors mdci)")
         batches = [b["batch"] for b in c["batches"]]
         if max(cfg["batch"]) > 1 and batches != cfg["batch"]:
             fail(f"context {c['tokens']}: batches {batches}, expected {cfg['batch']}")

@@ -56,6 +56,24 @@ struct StepOutcome {
   uint64_t layer_stride = 0;  // bytes of one layer's pages (the next layer's offset)
   int prefetching = 0;        // later layers the daemon is writing in the background
   bool prefetched = false;    // this layer was written by a prefetch before the call
+  // DecodeStep only: the daemon's (or the core's) own wall time in the call,
+  // selecting and gathering (kv.proto DecodeStepResponse.select_ns/gather_ns).
+  double select_ms = 0, gather_ms = 0;
+  double step_ms = 0;  // the whole call inside the session manager (step_ns)
+};
+
+// A session's online quality monitor (GetSession's quality), summed: what
+// the self-calibrating width settled on per (layer group, KV head) and what
+// the background references cost beside the selections.
+struct MonitorSummary {
+  bool monitored = false;
+  int64_t samples = 0, dropped = 0;
+  double selection_ms = 0;      // the session's selections, per head summed (wall)
+  double reference_cpu_ms = 0;  // the sampler's reference scans (thread CPU)
+  std::vector<double> widths;   // per (group, head): the width multiplier now
+  int exact_heads = 0;          // heads selecting exactly now (exact fallback)
+  int64_t exact_selections = 0;
+  double mean_mass_ratio = 0;  // over every sample
 };
 
 struct BatchItem {
@@ -102,6 +120,8 @@ class DecodeBackend {
   virtual absl::Status DecodeBatch(int layer, absl::Span<const BatchItem> items,
                                    const DecodeSelect& select) = 0;
   virtual absl::Status Drop(const std::string& id) = 0;
+  // The session's quality monitor (monitored false when it has none).
+  virtual absl::StatusOr<MonitorSummary> Monitor(const std::string& id) = 0;
 };
 
 // Spawns `spawn_binary` (when not empty) with a pool of `capacity_bytes`, or
@@ -111,7 +131,10 @@ class DecodeBackend {
 absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeSocketBackend(
     const std::string& spawn_binary, const std::string& socket, uint64_t capacity_bytes,
     const std::string& spawn_config = "");
-absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeInProcessBackend(uint64_t capacity_bytes);
+// `quality`: the online quality monitor and self-calibrating width on, as
+// icecached's default config has them.
+absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeInProcessBackend(uint64_t capacity_bytes,
+                                                                    bool quality = true);
 // A second socket backend on the daemon of `socket_backend` (one that
 // MakeSocketBackend made; it must outlive the twin), whose client keeps
 // DecodeStep on the gRPC stream (ClientOptions.decode_ring off), while

@@ -69,7 +69,7 @@ class InProcessBackend : public DecodeBackend {
  public:
   const char* name() const override { return "in-process"; }
 
-  absl::Status Init(uint64_t capacity_bytes) {
+  absl::Status Init(uint64_t capacity_bytes, bool quality) {
     caller_.tenant = "bench";
     caller_.uid = ::getuid();
     PagePoolOptions pool;
@@ -85,6 +85,10 @@ class InProcessBackend : public DecodeBackend {
     m.reaper_interval = absl::ZeroDuration();
     // As icecached with worker_threads 0: builds use every CPU.
     m.build_threads = static_cast<int>(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN)));
+    // As icecached's default config (quality on, the core's defaults are
+    // the daemon's): mdci selects at its self-calibrated width, and the
+    // background references run beside it, as in the daemon.
+    m.quality.enabled = quality;
     ASSIGN_OR_RETURN(manager_, SessionManager::Create(m));
     return absl::OkStatus();
   }
@@ -145,6 +149,9 @@ class InProcessBackend : public DecodeBackend {
     StepOutcome out = ToOutcome(r.selection, r.layout);
     out.prefetching = r.prefetching;
     out.prefetched = r.prefetched;
+    out.select_ms = static_cast<double>(r.select_ns) / 1e6;
+    out.gather_ms = static_cast<double>(r.gather_ns) / 1e6;
+    out.step_ms = static_cast<double>(r.step_ns) / 1e6;
     return out;
   }
 
@@ -192,6 +199,24 @@ class InProcessBackend : public DecodeBackend {
 
   absl::Status Drop(const std::string& id) override { return manager_->DropSession(caller_, id); }
 
+  absl::StatusOr<MonitorSummary> Monitor(const std::string& id) override {
+    ASSIGN_OR_RETURN(SessionInfo info, manager_->GetSession(caller_, id));
+    const SessionQualityInfo& q = info.quality;
+    MonitorSummary m;
+    m.monitored = q.monitored;
+    m.samples = q.samples;
+    m.dropped = q.samples_dropped;
+    m.selection_ms = static_cast<double>(q.selection_ns) / 1e6;
+    m.reference_cpu_ms = static_cast<double>(q.calibration_cpu_ns) / 1e6;
+    m.mean_mass_ratio = q.mean_mass_ratio;
+    for (const HeadQualityInfo& h : q.heads) {
+      m.widths.push_back(h.width);
+      m.exact_heads += h.exact ? 1 : 0;
+      m.exact_selections += h.exact_selections;
+    }
+    return m;
+  }
+
  private:
   absl::Status Grow(Buffer* b, size_t bytes) {
     if (bytes <= b->size) return absl::OkStatus();
@@ -220,9 +245,10 @@ class InProcessBackend : public DecodeBackend {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeInProcessBackend(uint64_t capacity_bytes) {
+absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeInProcessBackend(uint64_t capacity_bytes,
+                                                                    bool quality) {
   auto backend = std::make_unique<InProcessBackend>();
-  RETURN_IF_ERROR(backend->Init(capacity_bytes));
+  RETURN_IF_ERROR(backend->Init(capacity_bytes, quality));
   return backend;
 }
 

@@ -130,6 +130,9 @@ class SocketBackend : public DecodeBackend {
     StepOutcome out = ToOutcome(r.heads, r.layout, r.reused);
     out.prefetching = static_cast<int>(r.prefetching);
     out.prefetched = r.prefetched;
+    out.select_ms = static_cast<double>(r.select_ns) / 1e6;
+    out.gather_ms = static_cast<double>(r.gather_ns) / 1e6;
+    out.step_ms = static_cast<double>(r.step_ns) / 1e6;
     return out;
   }
 
@@ -168,6 +171,24 @@ class SocketBackend : public DecodeBackend {
                                                         ToOptions(select)));
     for (const auto& r : results) RETURN_IF_ERROR(r.status());
     return absl::OkStatus();
+  }
+
+  absl::StatusOr<MonitorSummary> Monitor(const std::string& id) override {
+    ASSIGN_OR_RETURN(SessionInfo info, client_->GetSession(id));
+    const SessionQuality& q = info.quality;
+    MonitorSummary m;
+    m.monitored = q.monitored;
+    m.samples = static_cast<int64_t>(q.samples);
+    m.dropped = static_cast<int64_t>(q.samples_dropped);
+    m.selection_ms = q.selection_ms;
+    m.reference_cpu_ms = q.calibration_cpu_ms;
+    m.mean_mass_ratio = q.mean_mass_ratio;
+    for (const HeadQuality& h : q.heads) {
+      m.widths.push_back(h.width);
+      m.exact_heads += h.exact ? 1 : 0;
+      m.exact_selections += static_cast<int64_t>(h.exact_selections);
+    }
+    return m;
   }
 
   absl::Status Drop(const std::string& id) override {

@@ -219,17 +219,23 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o) {
     if (o.daemon_prefault && o.spawn.empty()) {
       return absl::InvalidArgumentError("--daemon-prefault is for a daemon it starts (--spawn)");
     }
-    ASSIGN_OR_RETURN(main, MakeSocketBackend(o.spawn, o.socket, pool,
-                                             o.daemon_prefault ? "pool { prefault: true }\n" : ""));
+    if (!o.daemon_config.empty() && o.spawn.empty()) {
+      return absl::InvalidArgumentError("--daemon-config is for a daemon it starts (--spawn)");
+    }
+    ASSIGN_OR_RETURN(
+        main, MakeSocketBackend(o.spawn, o.socket, pool,
+                                absl::StrCat(o.daemon_prefault ? "pool { prefault: true }\n" : "",
+                                             o.daemon_config, "\n")));
   } else {
-    ASSIGN_OR_RETURN(main, MakeInProcessBackend(pool));
+    ASSIGN_OR_RETURN(main, MakeInProcessBackend(pool, /*quality=*/true));
   }
   const int64_t longest = *std::max_element(o.contexts.begin(), o.contexts.end());
   const uint64_t companion_pool =
       static_cast<uint64_t>(1.5 * o.reference_layers *
                             LayerBytes(shape.kv_heads, shape.head_dim, longest)) +
       (uint64_t{256} << 20);
-  ASSIGN_OR_RETURN(std::unique_ptr<DecodeBackend> companion, MakeInProcessBackend(companion_pool));
+  ASSIGN_OR_RETURN(std::unique_ptr<DecodeBackend> companion,
+                   MakeInProcessBackend(companion_pool, o.companion_quality));
   std::vector<ContextResult> results;
   for (int64_t tokens : o.contexts) {
     ASSIGN_OR_RETURN(ContextResult c, RunContext(o, policies, tokens, *main, *companion));

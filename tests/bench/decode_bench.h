@@ -50,6 +50,7 @@ struct DecodeBenchOptions {
   std::string mode = "socket";  // "socket" or "in-process"
   std::string spawn;            // icecached to start (socket mode)
   std::string socket;           // a running daemon (socket mode, no spawn)
+  std::string daemon_config;    // --spawn: textproto appended to its config
   std::string preset = "llama3-8b-like";
   uint64_t seed = 42;
   int layers = 32;  // the model's; per-token figures are scaled to it
@@ -72,6 +73,12 @@ struct DecodeBenchOptions {
   // --spawn: the daemon faults its pool in at start (pool.prefault), and the
   // pool is sized to the KV it will hold (plus slack) instead of 1.5x.
   bool daemon_prefault = false;
+  // The in-process companion runs the online quality monitor (mdci at its
+  // own self-calibrated width). Off (default): mdci's fixed width, as before
+  // branch sel8. The main table's split comes from the measured backend's
+  // own times (DecodeStep select_ns / gather_ns) either way; --mode
+  // in-process runs the monitor as icecached does.
+  bool companion_quality = false;
   // KV bytes (GiB) the run may hold at once: the daemon's, this process's
   // companion and quality layers. Above it a context runs with fewer layers
   // (its per-token figures scaled to `layers` and marked "scaled").

@@ -83,9 +83,17 @@ DecodeFlags::DecodeFlags(CLI::App* app) {
                   "process, every other layer's is generated when streamed)")
       ->check(cli::Positive())
       ->capture_default_str();
+  app->add_option("--daemon-config", o_.daemon_config,
+                  "with --spawn: textproto appended to the daemon's config (e.g. 'quality { "
+                  "enabled: false }')")
+      ->type_name("TEXTPROTO");
   app->add_flag("--daemon-prefault", o_.daemon_prefault,
                 "with --spawn: the daemon faults its pool in at start (pool.prefault), sized "
                 "to the KV it holds");
+  app->add_flag("--companion-quality", o_.companion_quality,
+                "the in-process companion runs the quality monitor (mdci at its own calibrated "
+                "width; default: the fixed width). The table's split is the daemon's own either "
+                "way");
   app->add_option("--memory-gib", o_.memory_gib,
                   "KV held at once (this process + daemon); longer contexts run fewer layers")
       ->check(CLI::PositiveNumber)

@@ -37,6 +37,8 @@ struct Tally {
         attention(steps, 0),
         select(steps, 0),
         gather(steps, 0),
+        own_select(steps, 0),
+        own_gather(steps, 0),
         first(steps, 0),
         later(steps, 0),
         prefetch_on(steps, 0),
@@ -44,6 +46,11 @@ struct Tally {
         error(layers, 0),
         cells(layers, 0) {}
   std::vector<double> append, decode, attention, select, gather;  // ms per step
+  // The measured backend's own select / gather time inside its DecodeStep
+  // calls (StepOutcome::select_ms / gather_ms), ms per step, every layer.
+  std::vector<double> own_select, own_gather;
+  std::vector<double> overhead_us;   // per call: round trip beyond its own select + gather
+  std::vector<double> manager_us;    // per call: the session manager's rest (step - both)
   std::vector<double> first, later;  // DecodeStep ms per step: groups' first / later layers
   std::vector<char> prefetch_on;     // "+pf" policies: the steps that asked for prefetch
   int64_t later_calls = 0, prefetched = 0;
@@ -214,6 +221,10 @@ absl::Status DecodeOneStep(const DecodeContext& ctx, const DecodePolicy& p, cons
     RETURN_IF_ERROR(outcome.status());
     const double ms = MsSince(t0);
     t->decode[step] += ms;
+    t->own_select[step] += outcome->select_ms;
+    t->own_gather[step] += outcome->gather_ms;
+    t->overhead_us.push_back((ms - outcome->select_ms - outcome->gather_ms) * 1000.0);
+    t->manager_us.push_back((outcome->step_ms - outcome->select_ms - outcome->gather_ms) * 1000.0);
     if (first) {
       stride = outcome->layer_stride;
       t->first[step] += ms;
@@ -250,10 +261,16 @@ void Summarize(const DecodeContext& ctx, const Tally& t, PolicyResult* r) {
     return Median(out);
   };
   r->cost.append = tail(t.append, layer_scale);
-  r->cost.select = tail(t.select, companion_scale);
-  r->cost.gather = tail(t.gather, companion_scale);
+  // Select and gather: the measured backend's own time inside its calls
+  // (the daemon's, at its calibrated widths, beside its references); RPC:
+  // the calls beyond it. The companion's split (in-process, its own
+  // calibration) is kept beside it.
+  r->cost.select = tail(t.own_select, layer_scale);
+  r->cost.gather = tail(t.own_gather, layer_scale);
   r->cost.attention = tail(t.attention, layer_scale);
   r->cost.rpc = Median(decode) - r->cost.select - r->cost.gather;
+  r->companion_select_ms = tail(t.select, companion_scale);
+  r->companion_gather_ms = tail(t.gather, companion_scale);
   r->cost.tpot = Median(tpot);
   r->decode_ms = Median(decode);
   r->first_layers_ms = tail(t.first, layer_scale);
@@ -267,7 +284,9 @@ void Summarize(const DecodeContext& ctx, const Tally& t, PolicyResult* r) {
   r->first_step_s = (t.decode[0] + t.attention[0]) * layer_scale / 1000.0;
   r->tt2t_s = r->prefill_s + r->first_step_s;
   r->message_us = Median(t.message_ms) * 1000.0;
-  r->rpc_per_message_us = Median(t.paired_us);
+  r->rpc_per_message_us = Median(t.overhead_us);
+  r->paired_rpc_per_message_us = Median(t.paired_us);
+  r->manager_rest_per_message_us = Median(t.manager_us);
   r->pages_per_head = t.heads ? t.pages / t.heads : 0;
   r->tokens_per_head = t.heads ? t.tokens / t.heads : 0;
   // Quality of the quality layers (DecodeModel::quality_layers), in order.
@@ -310,7 +329,7 @@ PolicyResult RunCpuPolicy(const DecodeContext& ctx, const DecodePolicy& policy) 
   r.policy = policy;
   r.prefill_s = kNaN;
   r.cost = TokenCost{kNaN, kNaN, kNaN, kNaN, 0, 0};
-  r.rpc_per_message_us = kNaN;
+  r.rpc_per_message_us = r.paired_rpc_per_message_us = r.manager_rest_per_message_us = kNaN;
   r.message_us = kNaN;
   Tally t(m.steps(), m.layers());
   if (policy.kind == DecodePolicy::Kind::kFull) {
@@ -353,7 +372,8 @@ PolicyResult RunCpuPolicy(const DecodeContext& ctx, const DecodePolicy& policy) 
   Summarize(ctx, t, &r);
   r.cost.append = r.cost.select = r.cost.gather = r.cost.rpc = kNaN;
   r.tt2t_s = kNaN;
-  r.rpc_per_message_us = kNaN;
+  r.rpc_per_message_us = r.paired_rpc_per_message_us = r.manager_rest_per_message_us = kNaN;
+  r.companion_select_ms = r.companion_gather_ms = kNaN;
   return r;
 }
 
@@ -406,6 +426,8 @@ absl::StatusOr<PolicyResult> RunSelectorPolicy(const DecodeContext& ctx,
       bar.Set(s + 1, "steps");
     }
   }
+  ASSIGN_OR_RETURN(r.monitor, ctx.main->Monitor(id));
+  ASSIGN_OR_RETURN(r.companion_monitor, ctx.companion->Monitor(cid));
   RETURN_IF_ERROR(ctx.main->Drop(id));
   RETURN_IF_ERROR(ctx.companion->Drop(cid));
   Summarize(ctx, t, &r);

@@ -1,5 +1,6 @@
 // The views of `icecache-bench decode`'s figures: the table a person reads,
 // the JSON report (decode_results.h).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <thread>
@@ -31,6 +32,18 @@ Json CostJson(const TokenCost& c) {
           {"gather", Num(c.gather)}, {"rpc", Num(c.rpc)},       {"attention", Num(c.attention)}};
 }
 
+Json MonitorJson(const MonitorSummary& m) {
+  return {{"monitored", m.monitored},
+          {"samples", m.samples},
+          {"dropped", m.dropped},
+          {"selection_ms", m.selection_ms},
+          {"reference_cpu_ms", m.reference_cpu_ms},
+          {"widths", m.widths},
+          {"exact_heads", m.exact_heads},
+          {"exact_selections", m.exact_selections},
+          {"mean_mass_ratio", m.mean_mass_ratio}};
+}
+
 Json PolicyJson(const PolicyResult& p) {
   return {{"policy", p.policy.name},
           {"selector", p.policy.selector},
@@ -41,6 +54,10 @@ Json PolicyJson(const PolicyResult& p) {
           {"per_token_ms", CostJson(p.cost)},
           {"decode_step_message_us_p50", Num(p.message_us)},
           {"rpc_per_message_us_p50", Num(p.rpc_per_message_us)},
+          {"paired_rpc_per_message_us_p50", Num(p.paired_rpc_per_message_us)},
+          {"manager_rest_per_message_us_p50", Num(p.manager_rest_per_message_us)},
+          {"companion_select_ms_per_token", Num(p.companion_select_ms)},
+          {"companion_gather_ms_per_token", Num(p.companion_gather_ms)},
           {"messages_per_token", p.messages_per_token},
           {"pages_per_head", p.pages_per_head},
           {"tokens_per_head", p.tokens_per_head},
@@ -55,7 +72,59 @@ Json PolicyJson(const PolicyResult& p) {
           {"later_layers_ms_per_token", Num(p.later_layers_ms)},
           {"later_layers_prefetched_share", Num(p.prefetched_share)},
           {"later_layers_ms_prefetch_on_steps", Num(p.later_on_ms)},
-          {"later_layers_ms_prefetch_off_steps", Num(p.later_off_ms)}};
+          {"later_layers_ms_prefetch_off_steps", Num(p.later_off_ms)},
+          {"quality_monitor", MonitorJson(p.monitor)},
+          {"companion_quality_monitor", MonitorJson(p.companion_monitor)}};
+}
+
+// A quality monitor's state after the steps, one line: the widths the
+// calibrator settled on per (group, head), the exact fallbacks, the samples
+// and the references' CPU against the selections'.
+std::string MonitorLine(const MonitorSummary& m) {
+  if (!m.monitored) return "not monitored (fixed width)";
+  std::vector<double> w = m.widths;
+  std::sort(w.begin(), w.end());
+  const double share = m.selection_ms > 0 ? 100.0 * m.reference_cpu_ms / m.selection_ms : 0.0;
+  return absl::StrFormat(
+      "width x%s..x%s (median x%s) over %d heads, %d exact (%lld exact selections); %lld "
+      "samples (%lld dropped), mean ratio %.3f; references %.0f ms CPU = %.0f%% of the "
+      "selections' %.0f ms",
+      w.empty() ? "-" : absl::StrFormat("%.2g", w.front()),
+      w.empty() ? "-" : absl::StrFormat("%.2g", w.back()),
+      w.empty() ? "-" : absl::StrFormat("%.2g", w[w.size() / 2]), static_cast<int>(w.size()),
+      m.exact_heads, static_cast<long long>(m.exact_selections), static_cast<long long>(m.samples),
+      static_cast<long long>(m.dropped), m.mean_mass_ratio, m.reference_cpu_ms, share,
+      m.selection_ms);
+}
+
+void PrintMonitors(const ContextResult& c) {
+  bool any = false;
+  for (const PolicyResult& p : c.policies) any |= std::isfinite(p.companion_select_ms);
+  if (any) {
+    std::printf(
+        "the in-process companion's split (its first layers, scaled; its own calibration; "
+        "PAIRED_US/MSG: the measured call over the companion's, the RPC figure before sel8; "
+        "MANAGER_US/MSG: of RPC_US/MSG, the daemon's session manager beyond select + gather):\n");
+    for (const PolicyResult& p : c.policies) {
+      if (!std::isfinite(p.companion_select_ms)) continue;
+      std::printf("  %-10s SELECT %s  GATHER %s  PAIRED_US/MSG %s  MANAGER_US/MSG %s\n",
+                  p.policy.name.c_str(), Fmt("%.2f", p.companion_select_ms).c_str(),
+                  Fmt("%.2f", p.companion_gather_ms).c_str(),
+                  Fmt("%.0f", p.paired_rpc_per_message_us).c_str(),
+                  Fmt("%.0f", p.manager_rest_per_message_us).c_str());
+    }
+  }
+  any = false;
+  for (const PolicyResult& p : c.policies) any |= p.monitor.monitored;
+  if (!any) return;
+  std::printf(
+      "quality monitors after the decode steps (selection_ms: the session's selections, per "
+      "head summed, wall; references: the sampler's exact scans, thread CPU):\n");
+  for (const PolicyResult& p : c.policies) {
+    if (!p.monitor.monitored && !p.companion_monitor.monitored) continue;
+    std::printf("  %-10s measured: %s\n  %-10s companion: %s\n", p.policy.name.c_str(),
+                MonitorLine(p.monitor).c_str(), "", MonitorLine(p.companion_monitor).c_str());
+  }
 }
 
 // The layer-group split of the policies with layer reuse, each "+pf" policy
@@ -128,8 +197,10 @@ void PrintContext(const DecodeBenchOptions& o, const ContextResult& c) {
   std::printf(
       "ATTN* = attention on the CPU from the fetched pages (fp32 accumulation, 1 thread): the "
       "stand-in for the GPU's. TT2T = prefill (KV ingest + index builds; no model compute) + "
-      "the first decode step. RPC = DecodeStep calls beyond in-process select + gather; "
-      "RPC_US/MSG = paired median per layer message, over in-process.\n");
+      "the first decode step. SELECT, GATHER = the daemon's own time in its DecodeStep calls "
+      "(kv.proto select_ns, gather_ns); RPC = the calls beyond it; RPC_US/MSG = median per "
+      "layer message of the call beyond the daemon's select + gather.\n");
+  PrintMonitors(c);
   PrintPrefetch(c);
   if (!c.batches.empty()) {
     TextTable b({"BATCH", "STEP_MS", "TOKENS_PER_S", "VS_BATCH_1"});
@@ -166,6 +237,8 @@ Json DecodeReportJson(const DecodeBenchOptions& o, const std::vector<ContextResu
                       {"reference_layers", o.reference_layers},
                       {"quality_layers", o.quality_layers},
                       {"daemon_prefault", o.daemon_prefault},
+                      {"daemon_config", o.daemon_config},
+                      {"companion_quality", o.companion_quality},
                       {"policies", o.policies},
                       {"batch", o.batch},
                       {"batch_policy", o.batch_policy}};

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/json.h"
+#include "tests/bench/decode_backend.h"
 #include "tests/bench/decode_bench.h"
 
 namespace icecache::bench {
@@ -27,8 +28,18 @@ struct PolicyResult {
   double first_step_s = 0;
   double tt2t_s = 0;  // prefill + first step
   TokenCost cost;
-  double rpc_per_message_us = 0;  // median paired socket - in-process (NaN in-process)
-  double message_us = 0;          // median DecodeStep call per layer
+  // Median per DecodeStep call of its round trip beyond the daemon's own
+  // select + gather in it (in-process: the call's own overhead).
+  double rpc_per_message_us = 0;
+  // The companion's split (in-process, --reference-layers, scaled): select
+  // and gather per token, and the paired median per message of the
+  // measured call over the companion's DecodeStep (the split before sel8).
+  double companion_select_ms = 0, companion_gather_ms = 0, paired_rpc_per_message_us = 0;
+  // Of rpc_per_message_us: the median per call of the daemon's session
+  // manager beyond its select + gather (lookup, lock and build waits, probe
+  // hand-off, prefetch start); the rest is the transport and the proto.
+  double manager_rest_per_message_us = 0;
+  double message_us = 0;  // median DecodeStep call per layer
   int messages_per_token = 0;
   double pages_per_head = 0, tokens_per_head = 0;
   std::vector<double> layer_mass, layer_error;  // per layer, mean over steps and heads
@@ -43,6 +54,9 @@ struct PolicyResult {
   // "+pf" policies alternate prefetch on (odd steps) and off (even steps):
   // the later layers' calls per token, medians over each set (NaN: none).
   double later_on_ms = 0, later_off_ms = 0;
+  // The quality monitors after the decode steps: the measured backend's
+  // session (the daemon's) and the companion's.
+  MonitorSummary monitor, companion_monitor;
 };
 
 struct BatchResult {

@@ -180,7 +180,8 @@ absl::Status RunRpcOverhead(const DecodeBenchOptions& o) {
                    MakeSocketBackend(o.spawn, o.socket, pool,
                                      "quality { enabled: false default_target_mass_ratio: 0 }\n"));
   ASSIGN_OR_RETURN(std::unique_ptr<DecodeBackend> stream, MakeStreamTwin(*ring));
-  ASSIGN_OR_RETURN(std::unique_ptr<DecodeBackend> local, MakeInProcessBackend(pool));
+  ASSIGN_OR_RETURN(std::unique_ptr<DecodeBackend> local,
+                   MakeInProcessBackend(pool, /*quality=*/false));
   std::array<Path, kPaths> paths;
   paths[kRing].backend = ring.get();
   paths[kStream].backend = stream.get();

@@ -183,6 +183,46 @@ TEST(TokenSelectReferenceTest, ExactKindsTakeTheNaiveBestTokens) {
   }
 }
 
+// TakeTokens selects the best candidates linearly and sorts only them: the
+// taken tokens come best first (ties to the lower position), and no token
+// left out scores above the last one taken.
+TEST(TokenSelectReferenceTest, TakenTokensComeBestFirstAndNoneLeftOutScoresHigher) {
+  const HeadData data = MakeSyntheticHead(3000, 4, 3, 29);
+  for (SelectorKind kind : {SelectorKind::kExact, SelectorKind::kMdci}) {
+    Built b = Build(kind, data, 2900);
+    for (int step = 0; step < data.steps; ++step) {
+      SCOPED_TRACE(::testing::Message() << SelectorKindName(kind) << " step " << step);
+      SelectParams p;
+      p.budget_tokens = 300;
+      p.sink_tokens = 4;
+      p.recent_tokens = 8;
+      p.granularity = Granularity::kToken;
+      Selection out;
+      ASSERT_THAT(b.sel->Select(data.query(step), 4, p, &out), IsOk());
+      ASSERT_EQ(out.positions.size(), 300u);
+      constexpr size_t kForced = 12;
+      for (size_t i = kForced; i + 1 < out.scores.size(); ++i) {
+        const bool ordered =
+            out.scores[i] > out.scores[i + 1] ||
+            (out.scores[i] == out.scores[i + 1] && out.positions[i] < out.positions[i + 1]);
+        ASSERT_TRUE(ordered) << "taken " << i << ": score " << out.scores[i] << " at "
+                             << out.positions[i] << ", then " << out.scores[i + 1] << " at "
+                             << out.positions[i + 1];
+      }
+      if (kind != SelectorKind::kExact) continue;
+      // Every token is a candidate of the exact kind: none left out is better.
+      const std::vector<double> score = NaiveTokenScores(data, data.query(step));
+      std::set<int32_t> taken(out.positions.begin(), out.positions.end());
+      const double last = score[out.positions.back()];
+      for (int64_t i = 4; i < data.n - 8; ++i) {
+        if (taken.count(static_cast<int32_t>(i)) == 0) {
+          EXPECT_LE(score[i], last * (1 + 1e-4) + 1e-9) << "position " << i << " left out";
+        }
+      }
+    }
+  }
+}
+
 TEST(TokenSelectReferenceTest, MdciTokensHoldAtLeastItsPagesMassOnTheirCandidates) {
   // Same descent, same candidates: the best tokens among them hold at least
   // the mass of the best whole pages among them (budget in tokens).

@@ -4,6 +4,7 @@
 // of the CUDA runtime stands in for the device) and for SelectPages; an
 // explicit PAGE or TOKEN, per session or per call, is kept whatever the
 // destination. Every row written is checked against the appended KV.
+#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -171,6 +172,10 @@ TEST_F(SessionGranularityTest, UnsetSelectsTokensIntoShmAndPagesIntoADeviceBuffe
   auto host = manager_->DecodeStep(Alice(), id, Step(0), shm_id_, 0);
   ASSERT_THAT(host, IsOk());
   EXPECT_TRUE(ByToken(host->selection));
+  // The call's own select and gather times are reported (bench decode's split).
+  EXPECT_GT(host->select_ns, 0);
+  EXPECT_GT(host->gather_ns, 0);
+  EXPECT_GE(host->step_ns, host->select_ns + host->gather_ns);
   for (const Selection& s : host->selection.heads) EXPECT_EQ(s.positions.size(), 10u);
   ExpectRows(host->layout, static_cast<const uint8_t*>(shm_.data()), /*token_slots=*/true);
 
@@ -185,6 +190,42 @@ TEST_F(SessionGranularityTest, UnsetSelectsTokensIntoShmAndPagesIntoADeviceBuffe
   ASSERT_THAT(selected, IsOk());
   EXPECT_FALSE(ByToken(*selected));
   for (const Selection& s : selected->heads) EXPECT_FALSE(s.pages.empty());
+}
+
+// FetchRequest::token_hints (DecodeStep passes its selection's placements):
+// right hints, wrong ones (another token's placement, a page that does not
+// exist) and none write the same rows; a wrong hint is looked up.
+TEST_F(SessionGranularityTest, TokenHintsRightOrWrongWriteTheSameRows) {
+  const std::string id = Session(std::nullopt);
+  auto sel = manager_->SelectPages(Alice(), id, Step(0, Granularity::kToken));
+  ASSERT_THAT(sel, IsOk());
+  ASSERT_TRUE(ByToken(*sel));
+  FetchRequest f;
+  f.layer = 0;
+  f.buffer_id = shm_id_;
+  f.want_positions = true;
+  for (const Selection& s : sel->heads) f.tokens.push_back(s.positions);
+  const uint8_t* data = static_cast<const uint8_t*>(shm_.data());
+  std::vector<std::vector<uint8_t>> written;
+  for (int variant = 0; variant < 3; ++variant) {
+    SCOPED_TRACE(::testing::Message() << "variant " << variant);
+    f.token_hints.clear();
+    for (const Selection& s : sel->heads) {
+      std::vector<Placement> hints = s.token_refs;
+      if (variant == 2) {
+        std::reverse(hints.begin(), hints.end());  // another token's placement
+        hints.front().page = 1u << 30;             // no such page
+      }
+      if (variant > 0) f.token_hints.push_back(hints);
+    }
+    std::memset(shm_.data(), 0xab, kBytes);
+    auto layout = manager_->FetchPages(Alice(), id, f);
+    ASSERT_THAT(layout, IsOk());
+    ExpectRows(*layout, data, /*token_slots=*/true);
+    written.emplace_back(data, data + kBytes);
+  }
+  EXPECT_TRUE(written[0] == written[1]);
+  EXPECT_TRUE(written[0] == written[2]);
 }
 
 TEST_F(SessionGranularityTest, ExplicitPageOrTokenIsKeptWhateverTheDestination) {
