@@ -231,7 +231,7 @@ void DciTree::Route(const float* x, float a, int target, int keep,
 
 void DciTree::SetRepsFromKeys(int level, const float* keys, const float* aug,
                               const std::vector<std::vector<uint32_t>>* members,
-                              const float* proj_all) {
+                              const float* proj_all, const float* sq_all) {
   DciNodeReps& R = levels_[level].reps;
   const int d = params_.dim, r = subspace_.rank();
   DciRepSums sums;
@@ -251,7 +251,7 @@ void DciTree::SetRepsFromKeys(int level, const float* keys, const float* aug,
       } else {
         subspace_.Project(x, proj.data());
       }
-      sums.AddKey(x, d, aug[key], SquaredNorm(x, d), p, r);
+      sums.AddKey(x, d, aug[key], sq_all != nullptr ? sq_all[key] : SquaredNorm(x, d), p, r);
     }
     R.SetFromSums(node, sums, subspace_);
   }

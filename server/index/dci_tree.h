@@ -310,12 +310,12 @@ class DciTree {
              std::vector<std::pair<float, uint32_t>>* out) const;
   // Level 1's representatives from `members` keys (members == nullptr: every
   // node of `level` from its own key alone); AggregateUp: every level from
-  // from_level up from its children. `proj` (optional, with members): every
-  // key's subspace projection, rank() per key (ProjectF32, the same bits as
-  // projecting key by key).
+  // from_level up from its children. `proj` and `sq` (optional, with
+  // members): every key's subspace projection, rank() per key (ProjectF32,
+  // the same bits as projecting key by key), and its SquaredNorm.
   void SetRepsFromKeys(int level, const float* keys, const float* aug,
                        const std::vector<std::vector<uint32_t>>* members,
-                       const float* proj = nullptr);
+                       const float* proj = nullptr, const float* sq = nullptr);
   void AggregateUp(int from_level);
   // Refreshes the fp16 centroid copy of one node / of every node.
   void SyncMirror(int level, uint32_t node);
@@ -366,11 +366,12 @@ class DciTree {
   // Levels of every key by the promotion rule, nodes without parents.
   void BuildSkeleton(int64_t n);
   // Parents level by level from the top; members[node] = level-1 node's keys.
-  // `proj`: every key's subspace projection (SetRepsFromKeys).
+  // `proj`, `sq`: every key's subspace projection and squared norm
+  // (SetRepsFromKeys).
   void AssignLevels(const float* keys, int64_t n, const float* aug, const float* proj,
-                    std::vector<std::vector<uint32_t>>* members);
+                    const float* sq, std::vector<std::vector<uint32_t>>* members);
   void RefineLevel0(const float* keys, int64_t n, const float* aug, const float* proj,
-                    std::vector<std::vector<uint32_t>>* members);
+                    const float* sq, std::vector<std::vector<uint32_t>>* members);
   // Renumbers every level depth-first (siblings get consecutive ids).
   void RenumberDepthFirst();
   // Pages: each logical node's keys in position order.

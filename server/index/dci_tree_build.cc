@@ -261,7 +261,7 @@ void DciTree::BuildSkeleton(int64_t n) {
 }
 
 void DciTree::AssignLevels(const float* keys, int64_t n, const float* aug, const float* proj,
-                           std::vector<std::vector<uint32_t>>* members) {
+                           const float* sq, std::vector<std::vector<uint32_t>>* members) {
   std::vector<uint32_t> parent_of, items;
   members->assign(levels_[1].size(), {});
   for (int l = top_level() - 1; l >= 0; --l) {
@@ -288,12 +288,12 @@ void DciTree::AssignLevels(const float* keys, int64_t n, const float* aug, const
   for (uint32_t node = 0; node < levels_[1].size(); ++node) {
     (*members)[node].push_back(levels_[1].key[node]);
   }
-  SetRepsFromKeys(1, keys, aug, members, proj);
+  SetRepsFromKeys(1, keys, aug, members, proj, sq);
   AggregateUp(2);
 }
 
 void DciTree::RefineLevel0(const float* keys, int64_t n, const float* aug, const float* proj,
-                           std::vector<std::vector<uint32_t>>* members) {
+                           const float* sq, std::vector<std::vector<uint32_t>>* members) {
   std::vector<uint32_t> items, parent_of;
   for (int64_t i = 0; i < n; ++i) {
     if (key_top_[i] == 0) items.push_back(static_cast<uint32_t>(i));
@@ -308,7 +308,7 @@ void DciTree::RefineLevel0(const float* keys, int64_t n, const float* aug, const
       key_node_[items[i]] = parent_of[i];
       (*members)[parent_of[i]].push_back(items[i]);
     }
-    SetRepsFromKeys(1, keys, aug, members, proj);
+    SetRepsFromKeys(1, keys, aug, members, proj, sq);
     AggregateUp(2);
   }
 }
@@ -350,8 +350,16 @@ absl::Status DciTree::BulkBuild(const float* keys, int64_t n, std::vector<Placem
   mips_ = mips;
   mips_.Count(n, 0);
   subspace_.Fit(keys, n);
-  std::vector<float> aug(n);
-  for (int64_t i = 0; i < n; ++i) aug[i] = mips_.AugmentSquaredNorm(SquaredNorm(keys + i * d, d));
+  // Every key's squared norm once: its MIPS coordinate and, later, its
+  // representative's sums use the same value (computed twice before).
+  // Per-thread scratch like `proj` below; every element is written.
+  thread_local std::vector<float> sq, aug;
+  sq.resize(n);
+  aug.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    sq[i] = SquaredNorm(keys + i * d, d);
+    aug[i] = mips_.AugmentSquaredNorm(sq[i]);
+  }
 
   // Every key's subspace projection at once (the representatives' spread
   // sums need them): one blocked kernel call instead of a call per key,
@@ -364,9 +372,11 @@ absl::Status DciTree::BulkBuild(const float* keys, int64_t n, std::vector<Placem
 
   BuildSkeleton(n);  // levels by the promotion rule, exactly as n Inserts would assign them
   std::vector<std::vector<uint32_t>> members;
-  AssignLevels(keys, n, aug.data(), proj.data(), &members);  // parents from the top, r children
-  RefineLevel0(keys, n, aug.data(), proj.data(), &members);
-  if (proj.size() * sizeof(float) > (size_t{32} << 20)) std::vector<float>().swap(proj);
+  AssignLevels(keys, n, aug.data(), proj.data(), sq.data(), &members);  // parents, r children
+  RefineLevel0(keys, n, aug.data(), proj.data(), sq.data(), &members);
+  for (std::vector<float>* v : {&proj, &sq, &aug}) {
+    if (v->capacity() * sizeof(float) > (size_t{32} << 20)) std::vector<float>().swap(*v);
+  }
   // Siblings get consecutive ids (their representatives are scored as one block).
   RenumberDepthFirst();
   SyncAllChildRuns();
