@@ -102,7 +102,7 @@ void TakeTokens(const Selector& selector, const TokenCandidates& candidates, con
   // strict total order: the best `want` by a linear selection, then only
   // they sorted. The same tokens in the same order as a partial_sort, whose
   // heap over every candidate (candidate_factor x budget of them, more at a
-  // calibrated width) cost most of a token selection (docs/bench/sel8_*.md).
+  // calibrated width) cost most of a token selection (docs/bench/sel8_decode.md).
   const auto better = [](const ScoredToken& a, const ScoredToken& b) { return Better(a, b); };
   const auto head = s.scored.begin() + static_cast<std::ptrdiff_t>(want);
   if (want < s.scored.size()) std::nth_element(s.scored.begin(), head, s.scored.end(), better);

@@ -256,6 +256,16 @@ TEST_F(DecodeRingTest, AnswersLikeTheStream) {
     ASSERT_TRUE(stream->Write(req));
     v1::DecodeStepResponse by_stream;
     ASSERT_TRUE(stream->Read(&by_stream));
+    // The daemon's own times in the call are measurements, set on both
+    // paths (select_ns, gather_ns, step_ns); the rest is the same answer.
+    for (v1::DecodeStepResponse* r : {&by_ring, &by_stream}) {
+      EXPECT_GT(r->select_ns(), 0u) << "layer " << layer;
+      EXPECT_GT(r->gather_ns(), 0u) << "layer " << layer;
+      EXPECT_GE(r->step_ns(), r->select_ns() + r->gather_ns()) << "layer " << layer;
+      r->clear_select_ns();
+      r->clear_gather_ns();
+      r->clear_step_ns();
+    }
     EXPECT_EQ(by_ring.SerializeAsString(), by_stream.SerializeAsString()) << "layer " << layer;
     EXPECT_EQ(by_ring.heads_size(), kKvHeads);
     EXPECT_GT(by_ring.layout().total_bytes(), 0u);
