@@ -202,12 +202,17 @@ bool WidthCalibrator::ObserveTrial(double ratio, double trial_ratio) {
   ++trial_since_;
   const double a = 1.0 / static_cast<double>(std::min<int64_t>(trial_since_, o_.ranking_window));
   trial_gain_ += a * ((trial_ratio - ratio) - trial_gain_);
-  if (trial_since_ < trial_needed_ || trial_gain_ <= o_.ranking_margin) return false;
+  // Each switch doubles the margin the next one needs: a head whose
+  // rankings are about equal stops switching (no oscillation; past a
+  // margin of 1 nothing switches), while a clearly worse choice -- the
+  // first steps can mislead -- is undone after as few samples as the first.
+  const double margin = o_.ranking_margin *
+                        std::ldexp(1.0, static_cast<int>(std::min<int64_t>(ranking_switches_, 60)));
+  if (trial_since_ < trial_needed_ || trial_gain_ <= margin) return false;
   ranking_ = OtherRanking(ranking_);
   ++ranking_switches_;
   trial_since_ = 0;
   trial_gain_ = 0.0;
-  trial_needed_ = std::min<int64_t>(kMaxStateCount / 2, 2 * std::max<int64_t>(1, trial_needed_));
   // The tally at this width says nothing about the new ranking. The floor
   // stays: the new ranking did better at these widths, and a floor that is
   // too high is released after a comfortable streak.

@@ -46,11 +46,11 @@
 // reference (QualitySample.trial_mass_ratio): paired samples, the same steps
 // and widths. The calibrator keeps the moving mean of the other ranking's
 // gain since the last switch (plain, then over the last ranking_window) and
-// switches when it exceeds ranking_margin on at least `needed` paired
-// samples; needed starts at ranking_trial_samples and doubles with every
-// switch, so a head whose rankings are about equal stops switching (no
-// oscillation), while one whose early steps misled the first choice
-// switches back. A switch restarts the width's tally (the sample that
+// switches when, over at least ranking_trial_samples paired samples, it
+// exceeds ranking_margin x 2^(switches so far): a head whose rankings are
+// about equal stops switching (no oscillation; at most ~7 switches with the
+// defaults), while one whose early steps misled the first choice switches
+// back as soon as the other is clearly better. A switch restarts the width's tally (the sample that
 // decided counts as the new ranking's first) and keeps the width and its
 // floor. The other ranking's selection is one tree selection per sample
 // (QualitySample.trial_ns), charged to the sampling schedule's cost share

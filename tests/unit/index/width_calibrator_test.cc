@@ -410,7 +410,7 @@ TEST(WidthCalibratorTest, ADueSampleStaysDueUntilTaken) {
 
 // The ranking duel: paired samples (this ranking's ratio, the other one's on
 // the same step); the head switches when the other's moving mean gain
-// exceeds the margin on enough samples, and each switch doubles the samples
+// exceeds the margin on enough samples, and each switch doubles the margin
 // the next one needs.
 TEST(WidthCalibratorTest, TheRankingDuelSwitchesToTheBetterRankingAndBack) {
   auto c = Make({});
@@ -444,14 +444,20 @@ TEST(WidthCalibratorTest, TheRankingDuelSwitchesToTheBetterRankingAndBack) {
   EXPECT_EQ(r.width, width_before);
   EXPECT_EQ(c->state().at_width, 1);
   EXPECT_GT(c->state().floor, CalibratorOptions{}.min_width);
-  // Later steps favour the loudest ranking: the switch back needs 2n samples.
-  for (int i = 0; i + 1 < 2 * n; ++i) {
-    paired(0.90, 0.97);
-    ASSERT_EQ(c->report().ranking_switches, 1) << "sample " << i;
-  }
-  paired(0.90, 0.97);
+  // Later steps favour the loudest ranking by 0.015: past the first margin,
+  // not the doubled one, so no switch back.
+  for (int i = 0; i < 4 * n; ++i) paired(0.950, 0.965);
+  EXPECT_EQ(c->report().ranking_switches, 1);
+  // By 0.07: switched back within n more samples (the moving mean crosses
+  // the doubled margin).
+  int k = 0;
+  for (; k < n && c->report().ranking_switches == 1; ++k) paired(0.90, 0.97);
   EXPECT_EQ(c->report().ranking_switches, 2);
+  EXPECT_LE(k, n);
   EXPECT_EQ(c->report().ranking, DescentRanking::kLoudest);
+  // The third switch needs a gain above 0.04.
+  for (int i = 0; i < 4 * n; ++i) paired(0.90, 0.935);
+  EXPECT_EQ(c->report().ranking_switches, 2);
 }
 
 TEST(WidthCalibratorTest, TheRankingDuelWithinTheMarginKeepsTheBase) {
@@ -496,7 +502,7 @@ TEST(WidthCalibratorTest, TheRankingDuelSurvivesARestore) {
   CalibratorState s = c->state();
   EXPECT_EQ(s.ranking_switches, 1);
   EXPECT_EQ(s.trial_since, 3);
-  EXPECT_EQ(s.trial_needed, 2 * CalibratorOptions{}.ranking_trial_samples);
+  EXPECT_EQ(s.trial_needed, CalibratorOptions{}.ranking_trial_samples);
   auto d = Make({});
   ASSERT_NE(d, nullptr);
   ASSERT_THAT(d->Restore(s), IsOk());
