@@ -196,7 +196,7 @@ SelectFlags::SelectFlags(CLI::App* app) {
       ->capture_default_str();
   app->add_option("--calibrate-ranking-trial", o_.calibrate_ranking_trial,
                   "calibration: sampled steps that also try the other descent ranking (loudest "
-                  "vs normalized) before the head keeps the better one (0: off)")
+                  "vs normalized) before the head keeps the better one (0: off; 8: measured)")
       ->capture_default_str();
   app->add_option("--calibrate-exact-cost-ratio", o_.calibrate_exact_cost_ratio,
                   "calibration: a head whose width costs this share of the exact scan selects "

@@ -412,14 +412,20 @@ TEST(WidthCalibratorTest, ADueSampleStaysDueUntilTaken) {
 // the same step); the head switches when the other's moving mean gain
 // exceeds the margin on enough samples, and each switch doubles the margin
 // the next one needs.
+CalibratorOptions Duel() {
+  CalibratorOptions o;
+  o.ranking_trial_samples = 8;
+  return o;
+}
+
 TEST(WidthCalibratorTest, TheRankingDuelSwitchesToTheBetterRankingAndBack) {
-  auto c = Make({});
+  auto c = Make(Duel());
   ASSERT_NE(c, nullptr);
   SelectParams p;
   c->Apply(&p);
   EXPECT_EQ(p.ranking, DescentRanking::kLoudest);
   ASSERT_EQ(c->TrialRanking(), DescentRanking::kNormalized);
-  const int n = CalibratorOptions{}.ranking_trial_samples;
+  const int n = Duel().ranking_trial_samples;
   auto paired = [&](double ratio, double other) {
     QualitySample q{ratio, ratio};
     q.trial_mass_ratio = other;
@@ -461,7 +467,7 @@ TEST(WidthCalibratorTest, TheRankingDuelSwitchesToTheBetterRankingAndBack) {
 }
 
 TEST(WidthCalibratorTest, TheRankingDuelWithinTheMarginKeepsTheBase) {
-  CalibratorOptions o;
+  CalibratorOptions o = Duel();
   o.base_ranking = DescentRanking::kNormalized;
   auto c = Make(o);
   ASSERT_NE(c, nullptr);
@@ -492,7 +498,7 @@ TEST(WidthCalibratorTest, TheRankingDuelWithinTheMarginKeepsTheBase) {
 }
 
 TEST(WidthCalibratorTest, TheRankingDuelSurvivesARestore) {
-  auto c = Make({});
+  auto c = Make(Duel());
   ASSERT_NE(c, nullptr);
   for (int i = 0; i < 11; ++i) {
     QualitySample q{0.9, 0.9};
@@ -502,8 +508,8 @@ TEST(WidthCalibratorTest, TheRankingDuelSurvivesARestore) {
   CalibratorState s = c->state();
   EXPECT_EQ(s.ranking_switches, 1);
   EXPECT_EQ(s.trial_since, 3);
-  EXPECT_EQ(s.trial_needed, CalibratorOptions{}.ranking_trial_samples);
-  auto d = Make({});
+  EXPECT_EQ(s.trial_needed, Duel().ranking_trial_samples);
+  auto d = Make(Duel());
   ASSERT_NE(d, nullptr);
   ASSERT_THAT(d->Restore(s), IsOk());
   EXPECT_EQ(d->state().trial_since, 3);
@@ -511,7 +517,7 @@ TEST(WidthCalibratorTest, TheRankingDuelSurvivesARestore) {
   EXPECT_EQ(d->report().trial_gain, c->report().trial_gain);
   // An older snapshot (no ranking): the calibrator's base ranking.
   s.ranking = DescentRanking::kSelector;
-  CalibratorOptions o;
+  CalibratorOptions o = Duel();
   o.base_ranking = DescentRanking::kNormalized;
   auto e = Make(o);
   ASSERT_NE(e, nullptr);
