@@ -11,7 +11,7 @@
 namespace icecache {
 namespace {
 
-struct ScoredToken {
+struct RankedToken {
   float score;
   int32_t position;
   Placement placement;
@@ -19,7 +19,7 @@ struct ScoredToken {
 
 // Per-thread buffers, sized once and reused.
 struct TokenScratch {
-  std::vector<ScoredToken> scored;
+  std::vector<RankedToken> scored;
   std::vector<float> shifted;  // one query's logits of a page, scaled and normalised
   std::vector<float> share;    // the page's token scores
 };
@@ -30,7 +30,7 @@ TokenScratch& ThreadTokenScratch() {
 }
 
 // Higher score first; ties to the lower position (deterministic).
-bool Better(const ScoredToken& a, const ScoredToken& b) {
+bool RankedBetter(const RankedToken& a, const RankedToken& b) {
   return a.score > b.score || (a.score == b.score && a.position < b.position);
 }
 
@@ -98,12 +98,12 @@ void TakeTokens(const Selector& selector, const TokenCandidates& candidates, con
   const size_t want = static_cast<size_t>(
       std::min<int64_t>(std::max<int64_t>(0, budget - static_cast<int64_t>(out->token_refs.size())),
                         static_cast<int64_t>(s.scored.size())));
-  // Candidate pages are distinct, so their tokens are too, and Better is a
+  // Candidate pages are distinct, so their tokens are too, and RankedBetter is a
   // strict total order: the best `want` by a linear selection, then only
   // they sorted. The same tokens in the same order as a partial_sort, whose
   // heap over every candidate (candidate_factor x budget of them, more at a
   // calibrated width) cost most of a token selection (docs/bench/sel8_decode.md).
-  const auto better = [](const ScoredToken& a, const ScoredToken& b) { return Better(a, b); };
+  const auto better = [](const RankedToken& a, const RankedToken& b) { return RankedBetter(a, b); };
   const auto head = s.scored.begin() + static_cast<std::ptrdiff_t>(want);
   if (want < s.scored.size()) std::nth_element(s.scored.begin(), head, s.scored.end(), better);
   std::sort(s.scored.begin(), head, better);
