@@ -118,6 +118,10 @@ void WidthCalibrator::CountExactStep(int64_t cost_ns) {
   probing_ = true;
   ++reprobes_;
   last_change_step_ = steps_;
+  RestartTally();
+}
+
+void WidthCalibrator::RestartTally() {
   at_width_ = 0;
   mean_at_width_ = 0.0;
   var_at_width_ = 0.0;
@@ -130,11 +134,7 @@ void WidthCalibrator::SetWidth(double w) {
   if (w != width_) {
     ++changes_;
     last_change_step_ = steps_;
-    at_width_ = 0;  // the mean starts over at the new width
-    mean_at_width_ = 0.0;
-    var_at_width_ = 0.0;
-    tree_cost_n_ = 0;  // and so does its cost
-    tree_cost_ = 0.0;
+    RestartTally();  // the mean and the cost start over at the new width
   }
   width_ = w;
 }
@@ -218,11 +218,7 @@ bool WidthCalibrator::ObserveTrial(double ratio, double trial_ratio) {
   // too high is released after a comfortable streak.
   ++changes_;
   last_change_step_ = steps_;
-  at_width_ = 0;
-  mean_at_width_ = 0.0;
-  var_at_width_ = 0.0;
-  tree_cost_n_ = 0;
-  tree_cost_ = 0.0;
+  RestartTally();
   release_streak_ = 0;
   return true;
 }

@@ -240,6 +240,9 @@ class WidthCalibrator {
         ranking_(o.base_ranking) {}
   static SampleScheduleOptions ScheduleOf(const CalibratorOptions& o);
   void SetWidth(double w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The samples and costs at the current width start over (a new width,
+  // ranking or re-probe).
+  void RestartTally() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Whether a miss or a costly width hands this head to exact selection.
   bool TreeDoesNotPay(bool miss) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FallBack() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
