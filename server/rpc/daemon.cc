@@ -88,6 +88,8 @@ absl::Status Daemon::Init() {
   // Trees build while the client sends the next layer range; no call waits
   // on a whole prefill's builds (docs/architecture.md §5).
   mgr_opts.background_builds = true;
+  // Staging follows the pool's page size (StagingCacheOptions.huge_pages).
+  mgr_opts.staging_huge_pages = c.pool().prefault() || c.pool().huge_pages();
   mgr_opts.stop_pending = ShutdownSignalPending;
   mgr_opts.keep_checksums = !snapshot_path_.empty();
   mgr_opts.on_expired = [](const std::string& tenant, const std::string& id, absl::Duration idle) {

@@ -102,6 +102,10 @@ absl::Status Daemon::CreatePool(std::optional<SnapshotImage>* snapshot) {
   opts.capacity_bytes = c.pool().capacity_bytes();
   opts.use_huge_pages = c.pool().huge_pages();
   opts.keep_resident = c.pool().prefault();  // Init() then faults it in (PrefaultPool)
+  // A prefaulted arena pays its huge-page faults (and any compaction) at
+  // start-up, never under a request: the TLB gain is then free
+  // (docs/bench/thp9_memory.md).
+  opts.transparent_huge_pages = c.pool().prefault();
   opts.default_tenant_quota_bytes = QuotaFromProto(c.pool().default_quota_bytes());
   if (!c.pool().backing_dir().empty()) {
     const std::string& dir = c.pool().backing_dir();

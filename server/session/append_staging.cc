@@ -13,8 +13,29 @@
 namespace icecache {
 namespace {
 
+constexpr uint64_t kHugePage = uint64_t{2} << 20;
+
 void Unmap(uint8_t* base, uint64_t capacity) {
   if (base != nullptr) munmap(base, capacity);
+}
+
+// `*capacity` bytes (rounded up to whole huge pages) starting on a huge-page
+// boundary, advised MADV_HUGEPAGE; null when the mapping fails. The slack
+// mapped for the alignment is unmapped, so Unmap(base, *capacity) frees all.
+uint8_t* MapHuge(uint64_t* capacity) {
+  const uint64_t bytes = (*capacity + kHugePage - 1) / kHugePage * kHugePage;
+  void* raw =
+      mmap(nullptr, bytes + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t aligned = (start + kHugePage - 1) / kHugePage * kHugePage;
+  if (aligned > start) munmap(raw, aligned - start);
+  const uintptr_t end = start + bytes + kHugePage;
+  if (end > aligned + bytes)
+    munmap(reinterpret_cast<void*>(aligned + bytes), end - aligned - bytes);
+  madvise(reinterpret_cast<void*>(aligned), bytes, MADV_HUGEPAGE);  // advice only
+  *capacity = bytes;
+  return reinterpret_cast<uint8_t*>(aligned);
 }
 
 }  // namespace
@@ -76,6 +97,12 @@ absl::StatusOr<StagingBuffer> StagingCache::Acquire(uint64_t bytes) {
       cached_bytes_ -= e.capacity;
       ++reuses_;
       return StagingBuffer(shared_from_this(), e.base, e.capacity, bytes);
+    }
+  }
+  if (cacheable && options_.huge_pages) {
+    uint64_t capacity = bytes;
+    if (uint8_t* base = MapHuge(&capacity)) {
+      return StagingBuffer(shared_from_this(), base, capacity, bytes);
     }
   }
   void* base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

@@ -174,12 +174,21 @@ absl::StatusOr<std::unique_ptr<SessionManager>> SessionManager::Create(
   return m;
 }
 
+namespace {
+StagingCacheOptions StagingOptionsOf(const SessionManagerOptions& options) {
+  StagingCacheOptions o;
+  o.max_cached_bytes = options.staging_cache_bytes;
+  o.huge_pages = options.staging_huge_pages;
+  return o;
+}
+}  // namespace
+
 SessionManager::SessionManager(const SessionManagerOptions& options)
     : options_(options),
       clock_(options.clock != nullptr ? options.clock : Clock::Real()),
       epoch_(RandomNonZero64()),
       counters_(std::make_unique<Counters>()),
-      staging_(StagingCache::Create({options.staging_cache_bytes})),
+      staging_(StagingCache::Create(StagingOptionsOf(options))),
       prefetch_counters_(std::make_unique<PrefetchCounters>()) {}
 
 SessionManager::~SessionManager() {

@@ -139,6 +139,8 @@ struct SessionManagerOptions {
   // reaper unmaps those idle for staging_idle.
   uint64_t staging_cache_bytes = uint64_t{1} << 30;
   absl::Duration staging_idle = absl::Seconds(5);
+  // Staging buffers in transparent huge pages (StagingCacheOptions.huge_pages).
+  bool staging_huge_pages = false;
   // The first append of a range of mdci / exact-mdci layer groups returns
   // once its frames are admitted and its bytes taken; the trees are built
   // on a background thread (docs/architecture.md §5). Selects, fetches and

@@ -1,6 +1,7 @@
 // The staging memory of appends (server/session/append_staging.h).
 #include "server/session/append_staging.h"
 
+#include <cstdint>
 #include <cstring>
 #include <utility>
 
@@ -40,6 +41,34 @@ TEST(StagingCacheTest, AReleasedBufferServesTheNextAppend) {
   EXPECT_EQ(b->capacity(), 8 * kMiB);
   EXPECT_EQ(cache->reuses(), 1u);
   EXPECT_EQ(cache->cached_bytes(), 0u);
+}
+
+TEST(StagingCacheTest, HugePageBuffersAreAlignedWholeHugePagesAndReused) {
+  StagingCacheOptions o;
+  o.max_cached_bytes = 64 * kMiB;
+  o.min_cached_bytes = 4 * kMiB;
+  o.huge_pages = true;
+  auto cache = StagingCache::Create(o);
+  uint8_t* first = nullptr;
+  {
+    auto a = cache->Acquire(5 * kMiB + 1);
+    ASSERT_THAT(a, IsOk());
+    EXPECT_EQ(a->size(), 5 * kMiB + 1);
+    EXPECT_EQ(a->capacity(), 6 * kMiB);  // rounded up to whole 2 MiB pages
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(a->data()) % (2 * kMiB), 0u);
+    std::memset(a->data(), 7, a->capacity());  // writable, all of the capacity
+    first = a->data();
+  }
+  EXPECT_EQ(cache->cached_bytes(), 6 * kMiB);
+  auto b = cache->Acquire(6 * kMiB);  // fits the rounded capacity
+  ASSERT_THAT(b, IsOk());
+  EXPECT_EQ(b->data(), first);
+  EXPECT_EQ(b->data()[6 * kMiB - 1], 7);
+  EXPECT_EQ(cache->reuses(), 1u);
+  // Below min_cached_bytes: a plain mapping of exactly the size, never cached.
+  auto small = cache->Acquire(100);
+  ASSERT_THAT(small, IsOk());
+  EXPECT_EQ(small->capacity(), 100u);
 }
 
 TEST(StagingCacheTest, TheSmallestBufferThatFitsIsTaken) {
