@@ -404,9 +404,12 @@ case "$cmd" in
     # One table: TT2T, TPOT split, quality against full attention, the paper's
     # figures beside them. Extra arguments go to icecache-bench decode
     # (--help), e.g. `deploy/dev.sh demo --tokens 8k` for a quick look.
+    # --daemon-prefault: the daemon's pool is sized to the KV and faulted in,
+    # in huge pages, before the first policy (pool.prefault, as an operator
+    # runs it on a VM; docs/operations.md "Memory the host backs lazily").
     echo "==> icecache-bench decode (icecached spawned, 32 layers x 8 KV heads, 32768 tokens)"
     exec "$BUILD_DIR/tests/bench/icecache-bench" decode --spawn "$BUILD_DIR/server/icecached" \
-      --layers 32 --tokens 32768 --steps 6 \
+      --daemon-prefault --layers 32 --tokens 32768 --steps 6 \
       --policies full,exact-token,mdci,mdci-r4,quest,streaming,exact "${@:2}"
     ;;
   *)
