@@ -521,6 +521,51 @@ TEST_F(SessionKvBasicTest, AppendFromRegisteredBuffer) {
   EXPECT_EQ(seen[0].size(), 24u);
 }
 
+// A prefill chunk of 16 MiB or more is copied out of the client's buffer in
+// 8 MiB blocks on several threads: every byte lands, and a file truncated
+// under it is one precise status (no "task N:" of the parallel runner), with
+// nothing stored.
+TEST_F(SessionKvBasicTest, ALargeBufferAppendIsCopiedInBlocksExactly) {
+  const SessionConfig c = SmallConfig();  // 512 bytes per token (4 layers, K and V)
+  auto info = env_.manager->CreateSession(Alice(), c);
+  ASSERT_THAT(info, IsOk());
+  const int64_t n = 40000;  // 20 MB: three blocks, the last one partial
+  auto kv = MakeKv(c, 0, n);
+  ASSERT_GE(kv.size(), uint64_t{16} << 20);
+  auto big = ShmFile::Create(UniqueName("big"), kv.size() + 4096);
+  ASSERT_THAT(big, IsOk());
+  auto b = env_.buffers->RegisterShm(Alice(), big->path(), big->size(), clock_.Now());
+  ASSERT_THAT(b, IsOk());
+  std::memcpy(big->data() + 4096, kv.data(), kv.size());
+  ASSERT_THAT(env_.manager->AppendKvFromBuffer(Alice(), info->id, n, b->id, 4096), IsOk());
+  KvMirror mirror(c);
+  mirror.Add(kv, 0, n);
+  // Every page of the last layer back out, compared row by row.
+  FetchRequest f;
+  f.buffer_id = buffer_id_;
+  f.layer = 3;
+  f.want_positions = true;
+  const int64_t pages = n / c.page_tokens;
+  for (int h = 0; h < c.kv_heads; ++h) f.pages.emplace_back();
+  for (int64_t first = 0; first < pages; first += 256) {
+    for (auto& head : f.pages) {
+      head.clear();
+      for (int64_t p = first; p < std::min(pages, first + 256); ++p) {
+        head.push_back(static_cast<uint32_t>(p));
+      }
+    }
+    auto layout = env_.manager->FetchPages(Alice(), info->id, f);
+    ASSERT_THAT(layout, IsOk());
+    auto seen = CheckRegion(c, *layout, shm_.data(), mirror);
+    ASSERT_EQ(seen[0].size(), f.pages[0].size() * c.page_tokens) << "pages from " << first;
+  }
+  ASSERT_EQ(ftruncate(big->fd(), 12 << 20), 0);  // inside the second block
+  auto again = env_.manager->AppendKvFromBuffer(Alice(), info->id, n, b->id, 4096);
+  EXPECT_THAT(again, StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("shrank")));
+  EXPECT_THAT(again.status().message(), ::testing::Not(HasSubstr("task")));
+  EXPECT_EQ(env_.manager->GetSession(Alice(), info->id)->tokens, n);
+}
+
 TEST_F(SessionKvBasicTest, ReadyLayerGroupsServeWhileTheRestOfThePrefillArrives) {
   const SessionConfig c = SmallConfig(SelectorKind::kMdci);  // 4 layers, layer_reuse 2
   auto info = env_.manager->CreateSession(Alice(), c);
