@@ -60,8 +60,14 @@ bool QualitySampler::Admits(const QualityAccount& account) {
     refused_budget_.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
-  return depth_.load(std::memory_order_relaxed) < options_.queue_capacity &&
-         account.queued.load(std::memory_order_relaxed) < account_queue_limit();
+  return HasRoom(account, depth_.load(std::memory_order_relaxed));
+}
+
+bool QualitySampler::HasRoom(const QualityAccount& account, int depth) const {
+  const int limit = account_queue_limit();
+  return depth < options_.queue_capacity &&
+         (account.queued.load(std::memory_order_relaxed) < limit ||
+          depth < options_.queue_capacity - limit);
 }
 
 OfferResult QualitySampler::Offer(Job job, std::shared_ptr<QualityAccount> account) {
@@ -72,8 +78,7 @@ OfferResult QualitySampler::Offer(Job job, std::shared_ptr<QualityAccount> accou
     ++dropped_budget_;
     return OfferResult::kOverBudget;
   }
-  if (static_cast<int>(queue_.size()) >= options_.queue_capacity ||
-      account->queued.load(std::memory_order_relaxed) >= account_queue_limit()) {
+  if (!HasRoom(*account, static_cast<int>(queue_.size()))) {
     ++dropped_full_;
     return OfferResult::kQueueFull;
   }

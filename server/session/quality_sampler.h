@@ -18,24 +18,26 @@
 // warm-up) of every new session run at once. One session's warm-up
 // therefore never spends another's budget (docs/bench/fair9_sampler.txt: a
 // session created after another's warm-up was measured 0 times when the
-// budget was global). Queue fairness: one account holds at most
-// max(1, queue_capacity / 4) queued jobs (kQueueFull beyond), so a session
+// budget was global). Queue fairness: the last quarter of the queue
+// (limit = max(1, queue_capacity / 4) slots) is kept for accounts holding
+// fewer than `limit` queued jobs: an account at its limit queues more only
+// while more than `limit` slots are free (kQueueFull beyond). A session
 // whose heads are all due at once (a warm-up offers kv_heads probes per
-// layer call, faster than the worker measures them) cannot keep the whole
-// queue full while other sessions' due heads are refused.
+// layer call, faster than the worker measures them) thus never fills the
+// whole queue while other sessions' due heads are refused, and a session
+// alone still keeps up to three quarters of it queued (the worker stays
+// busy across the gaps between its decode steps).
 //
 // The resulting bound: the worker's CPU time is at most cpu_share x the
 // total selection time + (accounts created) x burst + the overshoot of
 // admission at offer time (a job admitted under budget runs even if its
-// account crossed the budget meanwhile: at most max(1, queue_capacity / 4)
-// jobs per account past its allowance, as the whole queue could under the
-// global budget). No global cap on top: the burst is a one-time warm-up
-// per session, never refilled; live sessions are bounded (max_sessions)
-// and each one's jobs come only from its own selections, over KV it
-// appended; the worker is one nice-19 thread, so its rate never exceeds
-// one core whatever the accounts allow. A global cap scaled by the live
-// accounts would count the bursts of sessions gone away against the new
-// ones: the starvation this design removes.
+// account crossed the budget meanwhile: at most the jobs the account had
+// queued, below queue_capacity, as under the old global budget). No global cap on top: the burst is
+// a one-time warm-up per session, never refilled; live sessions are bounded (max_sessions) and each
+// one's jobs come only from its own selections, over KV it appended; the worker is one nice-19
+// thread, so its rate never exceeds one core whatever the accounts allow. A global cap scaled by
+// the live accounts would count the bursts of sessions gone away against the new ones: the
+// starvation this design removes.
 //
 // A job returns its outcome (measured, or stale: the index moved or the
 // session went away before it ran; both counted). The destructor stops the
@@ -124,11 +126,12 @@ class QualitySampler {
   // blocks on the worker.
   OfferResult Offer(Job job, std::shared_ptr<QualityAccount> account) ABSL_LOCKS_EXCLUDED(mu_);
   // Whether Offer() would queue a job of `account` now (budget left, room
-  // in the queue and in its share): lets the caller skip copying a probe
-  // that would be dropped. Counts a refusal by the budget as
-  // dropped_over_budget. Lock-free.
+  // in the queue for it): lets the caller skip copying a probe that would
+  // be dropped. Counts a refusal by the budget as dropped_over_budget.
+  // Lock-free.
   bool Admits(const QualityAccount& account);
-  // The most jobs one account may hold queued: max(1, queue_capacity / 4).
+  // max(1, queue_capacity / 4): the queued jobs an account may always hold,
+  // and the slots kept free for accounts holding fewer.
   int account_queue_limit() const { return std::max(1, options_.queue_capacity / 4); }
   // Blocks until no job is queued or running (tests, benchmarks).
   void WaitIdle() ABSL_LOCKS_EXCLUDED(mu_);
@@ -142,6 +145,8 @@ class QualitySampler {
     std::shared_ptr<QualityAccount> account;
   };
   bool OverBudget(const QualityAccount& account) const;
+  // Room in a queue of `depth` jobs for one more of `account`'s.
+  bool HasRoom(const QualityAccount& account, int depth) const;
   bool HasWork() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !queue_.empty(); }
   bool Idle() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return stop_ || (queue_.empty() && !running_);

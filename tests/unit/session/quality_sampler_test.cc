@@ -98,9 +98,10 @@ TEST(QualitySamplerTest, QueueIsBoundedAndDropsAreCounted) {
   EXPECT_EQ(st.offered, 8u);
 }
 
-// One account holds at most a quarter of the queue: a session whose heads
-// are all due at once cannot keep the queue full for the others.
-TEST(QualitySamplerTest, OneAccountHoldsAtMostAQuarterOfTheQueue) {
+// The last quarter of the queue is kept for accounts under their quarter:
+// a session whose heads are all due at once cannot keep the queue full for
+// the others, and alone it still fills three quarters.
+TEST(QualitySamplerTest, OneAccountLeavesAQuarterOfTheQueueToOthers) {
   auto s = Make(8, 1.0, absl::Seconds(10));
   ASSERT_NE(s, nullptr);
   ASSERT_EQ(s->account_queue_limit(), 2);
@@ -109,18 +110,21 @@ TEST(QualitySamplerTest, OneAccountHoldsAtMostAQuarterOfTheQueue) {
   auto quick = [] { return SampleOutcome::kMeasured; };
   auto a = s->NewAccount();
   auto b = s->NewAccount();
-  for (int i = 0; i < 2; ++i) EXPECT_EQ(s->Offer(quick, a), OfferResult::kQueued);
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(s->Offer(quick, a), OfferResult::kQueued);
   EXPECT_FALSE(s->Admits(*a));
   EXPECT_EQ(s->Offer(quick, a), OfferResult::kQueueFull);
-  EXPECT_EQ(a->queued.load(), 2);
-  EXPECT_TRUE(s->Admits(*b));  // the queue has room for another session
-  EXPECT_EQ(s->Offer(quick, b), OfferResult::kQueued);
-  EXPECT_EQ(s->stats().dropped_queue_full, 1u);
+  EXPECT_EQ(a->queued.load(), 6);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_TRUE(s->Admits(*b));  // the kept quarter
+    EXPECT_EQ(s->Offer(quick, b), OfferResult::kQueued);
+  }
+  EXPECT_EQ(s->Offer(quick, s->NewAccount()), OfferResult::kQueueFull);  // now full
+  EXPECT_EQ(s->stats().dropped_queue_full, 2u);
   held.release.Notify();
   s->WaitIdle();
   EXPECT_EQ(a->queued.load(), 0);
   EXPECT_TRUE(s->Admits(*a));  // its jobs ran: room again
-  EXPECT_EQ(s->stats().measured, 4u);
+  EXPECT_EQ(s->stats().measured, 9u);
 }
 
 // No burst and no selection time: nothing may run. Selection time buys
