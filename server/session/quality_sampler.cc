@@ -31,7 +31,7 @@ absl::StatusOr<std::unique_ptr<QualitySampler>> QualitySampler::Create(
 }
 
 QualitySampler::~QualitySampler() {
-  std::deque<Job> left;
+  std::deque<Entry> left;
   {
     absl::MutexLock l(&mu_);
     stop_ = true;
@@ -41,33 +41,49 @@ QualitySampler::~QualitySampler() {
   if (worker_.joinable()) worker_.join();
 }
 
-bool QualitySampler::OverBudget() const {
-  const double allowed = options_.cpu_share * static_cast<double>(selection_ns_.load()) +
-                         static_cast<double>(absl::ToInt64Nanoseconds(options_.burst));
-  return static_cast<double>(cpu_ns_.load()) >= allowed;
+std::shared_ptr<QualityAccount> QualitySampler::NewAccount(int64_t selection_ns,
+                                                           int64_t cpu_ns) const {
+  auto a = std::make_shared<QualityAccount>();
+  a->selection_ns.store(selection_ns);
+  a->cpu_ns.store(cpu_ns);
+  return a;
 }
 
-bool QualitySampler::Admits() {
-  if (OverBudget()) {
+bool QualitySampler::OverBudget(const QualityAccount& account) const {
+  const double allowed = options_.cpu_share * static_cast<double>(account.selection_ns.load()) +
+                         static_cast<double>(absl::ToInt64Nanoseconds(options_.burst));
+  return static_cast<double>(account.cpu_ns.load()) >= allowed;
+}
+
+bool QualitySampler::Admits(const QualityAccount& account) {
+  if (OverBudget(account)) {
     refused_budget_.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
-  return depth_.load(std::memory_order_relaxed) < options_.queue_capacity;
+  return HasRoom(account, depth_.load(std::memory_order_relaxed));
 }
 
-OfferResult QualitySampler::Offer(Job job) {
-  const bool over = OverBudget();
+bool QualitySampler::HasRoom(const QualityAccount& account, int depth) const {
+  const int limit = account_queue_limit();
+  return depth < options_.queue_capacity &&
+         (account.queued.load(std::memory_order_relaxed) < limit ||
+          depth < options_.queue_capacity - limit);
+}
+
+OfferResult QualitySampler::Offer(Job job, std::shared_ptr<QualityAccount> account) {
+  const bool over = OverBudget(*account);
   absl::MutexLock l(&mu_);
   ++offered_;
   if (over) {
     ++dropped_budget_;
     return OfferResult::kOverBudget;
   }
-  if (static_cast<int>(queue_.size()) >= options_.queue_capacity) {
+  if (!HasRoom(*account, static_cast<int>(queue_.size()))) {
     ++dropped_full_;
     return OfferResult::kQueueFull;
   }
-  queue_.push_back(std::move(job));
+  account->queued.fetch_add(1, std::memory_order_relaxed);
+  queue_.push_back(Entry{std::move(job), std::move(account)});
   depth_.store(static_cast<int>(queue_.size()), std::memory_order_relaxed);
   ++queued_;
   return OfferResult::kQueued;
@@ -79,20 +95,24 @@ void QualitySampler::WorkerLoop() {
     setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 19);
   }
   while (true) {
-    Job job;
+    Entry e;
     {
       absl::MutexLock l(&mu_);
       mu_.Await(absl::Condition(this, &QualitySampler::HasWork));
       if (stop_) return;
-      job = std::move(queue_.front());
+      e = std::move(queue_.front());
       queue_.pop_front();
+      e.account->queued.fetch_sub(1, std::memory_order_relaxed);
       depth_.store(static_cast<int>(queue_.size()), std::memory_order_relaxed);
       running_ = true;
     }
     const int64_t t0 = ThreadCpuNanos();
-    const SampleOutcome outcome = job();
-    job = nullptr;  // what it holds (a session) is released before the next wait
-    cpu_ns_.fetch_add(ThreadCpuNanos() - t0, std::memory_order_relaxed);
+    const SampleOutcome outcome = e.job();
+    e.job = nullptr;  // what it holds (a session) is released before the next wait
+    const int64_t spent = ThreadCpuNanos() - t0;
+    cpu_ns_.fetch_add(spent, std::memory_order_relaxed);
+    e.account->cpu_ns.fetch_add(spent, std::memory_order_relaxed);
+    e.account = nullptr;
     absl::MutexLock l(&mu_);
     running_ = false;
     if (outcome == SampleOutcome::kMeasured) {

@@ -208,6 +208,9 @@ void Session::EnableQuality(std::vector<std::unique_ptr<HeadQualityMonitor>> hea
                             QualitySampler* sampler_in) {
   quality = std::move(heads);
   sampler = sampler_in;
+  if (sampler != nullptr) {
+    quality_account = sampler->NewAccount(selection_ns.load(), calibration_cpu_ns.load());
+  }
 }
 
 absl::Status Session::CheckUsable() const {
@@ -307,11 +310,11 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
   selection_ns.fetch_add(ns, std::memory_order_relaxed);
   if (hq == nullptr) return absl::OkStatus();  // not monitored
   const int64_t cpu_ns = ThreadCpuNanos() - cpu0;
-  // The budget is a share of the monitored sessions' selection time.
-  if (sampler != nullptr) sampler->AddSelectionTime(ns);
+  // The budget is a share of this session's selection time.
+  if (sampler != nullptr) sampler->AddSelectionTime(ns, *quality_account);
   if (!hq->ShouldSample(p, cpu_ns) || probe == nullptr) return absl::OkStatus();
   // Over budget or a full queue: no copy now; the head stays due.
-  if (sampler != nullptr && !sampler->Admits()) {
+  if (sampler != nullptr && !sampler->Admits(*quality_account)) {
     samples_dropped.fetch_add(1, std::memory_order_relaxed);
     return absl::OkStatus();
   }

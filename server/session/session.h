@@ -223,11 +223,17 @@ class Session {
   // Quality monitor (session_quality.h). Set by EnableQuality before the
   // session is published, immutable afterwards; each HeadQualityMonitor is
   // thread-safe. `sampler` (owned by the manager, which outlives every
-  // request) counts selection time for the calibration budget.
+  // request) counts selection time for the calibration budget, per session:
+  // `quality_account` is this session's budget (quality_sampler.h), opened
+  // by EnableQuality from selection_ns and calibration_cpu_ns as they are
+  // then: zero for a new session (a whole warm-up burst), the saved values
+  // for a session restored with its calibrators (RestoreQualityCounters runs
+  // first: it resumes its budget where it stood, no second burst).
   void EnableQuality(std::vector<std::unique_ptr<HeadQualityMonitor>> heads,
                      QualitySampler* sampler);
   std::vector<std::unique_ptr<HeadQualityMonitor>> quality;  // [group * kv_heads + head] or empty
   QualitySampler* sampler = nullptr;
+  std::shared_ptr<QualityAccount> quality_account;  // non-null with sampler
   std::atomic<int64_t> selection_ns{0};  // every selection of the session, per head summed
   std::atomic<int64_t> calibration_cpu_ns{0};
   std::atomic<int64_t> samples_dropped{0};

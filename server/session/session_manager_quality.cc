@@ -17,7 +17,7 @@ void SessionManager::OfferProbes(const std::shared_ptr<Session>& s,
     auto job = [this, weak = std::move(weak), probe = std::move(probe)] {
       return RunProbe(weak, probe);
     };
-    if (sampler_->Offer(std::move(job)) == OfferResult::kQueued) {
+    if (sampler_->Offer(std::move(job), s->quality_account) == OfferResult::kQueued) {
       head.Taken();
     } else {
       s->samples_dropped.fetch_add(1, std::memory_order_relaxed);

@@ -26,6 +26,8 @@ struct QualityEnv {
   Caller caller{"t1", 1000, false};
 };
 
+void AddQualitySession(QualityEnv* q, double target, Granularity granularity, std::string* id);
+
 // `kv_heads` heads of `tokens` generated tokens (f32, G = 4), appended to
 // a one-layer session whose mdci width starts deliberately narrow.
 void StartQualitySession(QualityEnv* q, double target, int tokens, int steps, int warmup, int every,
@@ -60,6 +62,11 @@ void StartQualitySession(QualityEnv* q, double target, int tokens, int steps, in
   auto m = SessionManager::Create(mo);
   ASSERT_THAT(m.status(), IsOk());
   q->env.manager = std::move(m).value();
+  ASSERT_NO_FATAL_FAILURE(AddQualitySession(q, target, granularity, &q->id));
+}
+
+// Another session like StartQualitySession's, on the same manager.
+void AddQualitySession(QualityEnv* q, double target, Granularity granularity, std::string* id) {
   SessionConfig sc;
   sc.layers = 1;
   sc.kv_heads = 2;
@@ -75,12 +82,12 @@ void StartQualitySession(QualityEnv* q, double target, int tokens, int steps, in
   sc.default_select.granularity = granularity;
   auto info = q->env.manager->CreateSession(q->caller, sc);
   ASSERT_THAT(info.status(), IsOk());
-  q->id = info->id;
+  *id = info->id;
   std::vector<uint8_t> bytes((q->dump.keys.size() + q->dump.values.size()) * sizeof(float));
   std::memcpy(bytes.data(), q->dump.keys.data(), q->dump.keys.size() * sizeof(float));
   std::memcpy(bytes.data() + q->dump.keys.size() * sizeof(float), q->dump.values.data(),
               q->dump.values.size() * sizeof(float));
-  ASSERT_THAT(q->env.manager->AppendKv(q->caller, q->id, q->dump.tokens, bytes).status(), IsOk());
+  ASSERT_THAT(q->env.manager->AppendKv(q->caller, *id, q->dump.tokens, bytes).status(), IsOk());
 }
 
 absl::Status Step(QualityEnv* q, int step) {
@@ -276,6 +283,32 @@ TEST(SessionQualityTest, HeadsWhoseTreeDoesNotPaySelectExactly) {
     EXPECT_GT(h.exact_selections, kSteps / 2);
     EXPECT_EQ(h.samples + h.exact_selections, kSteps);  // exact selections are not sampled
   }
+}
+
+// The sampler's budget is per session: a session whose warm-up spent its
+// own burst (a tiny one here) is refused, while a session created after it
+// is still measured (with one global budget it got no sample at all).
+TEST(SessionQualityTest, OneSessionsWarmupDoesNotStarveTheNext) {
+  QualityEnv q;
+  auto tweak = [](SessionManagerOptions* mo) {
+    mo->quality.sampler.cpu_share = 1e-6;
+    mo->quality.sampler.burst = absl::Microseconds(1);  // less than one reference scan
+  };
+  ASSERT_NO_FATAL_FAILURE(
+      StartQualitySession(&q, 0.95, 4096, 8, 16, 64, Granularity::kPage, tweak));
+  const std::string first = q.id;
+  for (int step = 0; step < 4; ++step) ASSERT_THAT(Step(&q, step), IsOk());
+  auto info = q.env.manager->GetSession(q.caller, first);
+  ASSERT_THAT(info.status(), IsOk());
+  // Step 0's samples spent the burst; later steps' due heads were dropped.
+  EXPECT_GE(info->quality.samples, 1);
+  EXPECT_GE(info->quality.samples_dropped, 6);
+  ASSERT_NO_FATAL_FAILURE(AddQualitySession(&q, 0.95, Granularity::kPage, &q.id));
+  for (int step = 0; step < 2; ++step) ASSERT_THAT(Step(&q, step), IsOk());
+  info = q.env.manager->GetSession(q.caller, q.id);
+  ASSERT_THAT(info.status(), IsOk());
+  EXPECT_GE(info->quality.samples, 1);
+  EXPECT_GE(info->quality.samples_dropped, 2);  // its own burst is spent in turn
 }
 
 TEST(SessionQualityTest, BadTargetIsRefusedNamingTheField) {

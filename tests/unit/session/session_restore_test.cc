@@ -435,6 +435,30 @@ TEST_F(QualityRestoreTest, ASnapshotWithoutCalibrationStateStartsItFresh) {
   EXPECT_THAT(widths, HasSubstr("monitored\n0/0 tree w=1 changes=0 samples=0")) << widths;
 }
 
+// A session restored with its calibrators resumes its sampler budget where
+// it stood (quality_sampler.h): no second warm-up burst. Here its saved
+// measurement CPU is past the burst (100 s), so its due heads are dropped.
+TEST_F(QualityRestoreTest, ARestoredSessionResumesItsSamplerBudget) {
+  const SessionConfig c = Calibrated();
+  std::string id;
+  {
+    Node before = Node::Start(file_, false, true);
+    id = CalibrateAndDrain(before, nullptr, 2).first;
+  }
+  Node after = Node::Start(file_, true, true);
+  const SessionManager::RestoreReport report = after.manager->Restore(Edited(
+      [](SessionImage& s) { s.quality->calibration_cpu_ns = int64_t{200} * 1'000'000'000; }));
+  ASSERT_EQ(report.recovered, 1) << (report.dropped.empty() ? "" : report.dropped[0][2]);
+  ASSERT_EQ(report.quality_restored, 1);
+  auto before_step = after.manager->GetSession(Alice(), id);
+  ASSERT_THAT(before_step, IsOk());
+  Step(after, id, c, 200);
+  auto after_step = after.manager->GetSession(Alice(), id);
+  ASSERT_THAT(after_step, IsOk());
+  EXPECT_EQ(after_step->quality.samples, before_step->quality.samples);
+  EXPECT_GT(after_step->quality.samples_dropped, before_step->quality.samples_dropped);
+}
+
 // A restored exact fallback: that head selects exactly (every key scored)
 // at once, and says so.
 TEST_F(QualityRestoreTest, ARestoredExactFallbackSelectsExactly) {
