@@ -7,6 +7,7 @@
 #include <new>
 
 #include "absl/strings/str_cat.h"
+#include "common/aligned_mapping.h"
 #include "common/status_macros.h"
 
 namespace icecache {
@@ -52,17 +53,12 @@ uint8_t* OwnedPageKeys::SlabArena::NewPage(size_t page_bytes) {
   if (slabs.empty() || used + page_bytes > kSlabBytes) {
     // page_bytes <= 256 x 1024 x 4 = 1 MiB, so a page always fits a slab.
     // A fresh anonymous mapping is zero and committed only as pages are
-    // written (no 2 MiB memset on the append that opens a slab); map twice
-    // the size and trim it to a 2 MiB-aligned slab.
-    void* raw =
-        mmap(nullptr, 2 * kSlabBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (raw == MAP_FAILED) throw std::bad_alloc();  // as make_unique would
-    const uintptr_t begin = reinterpret_cast<uintptr_t>(raw);
-    const uintptr_t slab = (begin + kSlabBytes - 1) & ~(kSlabBytes - 1);
-    if (slab > begin) munmap(raw, slab - begin);
-    munmap(reinterpret_cast<void*>(slab + kSlabBytes), begin + kSlabBytes - slab);
-    madvise(reinterpret_cast<void*>(slab), kSlabBytes, MADV_HUGEPAGE);  // advice only
-    slabs.emplace_back(reinterpret_cast<uint8_t*>(slab));
+    // written (no 2 MiB memset on the append that opens a slab), and
+    // 2 MiB-aligned.
+    uint8_t* slab = MapAligned(kSlabBytes, kSlabBytes);
+    if (slab == nullptr) throw std::bad_alloc();  // as make_unique would
+    madvise(slab, kSlabBytes, MADV_HUGEPAGE);     // advice only
+    slabs.emplace_back(slab);
     used = 0;
   }
   uint8_t* page = slabs.back().get() + used;

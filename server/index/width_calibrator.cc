@@ -460,6 +460,24 @@ absl::Status WidthCalibrator::Restore(const CalibratorState& s) {
 
 namespace {
 
+// The sample of `selection`, and of `trial` when given (its mass ratio
+// only), from `rate`: a selection's (mass ratio, top-k recall) against the
+// reference, or the status of a selection it cannot rate.
+template <typename Rate>
+absl::StatusOr<QualitySample> SampleOf(Granularity granularity, Rate& rate,
+                                       const Selection& selection, const Selection* trial) {
+  QualitySample s;
+  s.granularity = granularity;
+  ASSIGN_OR_RETURN(auto main_rate, rate(selection));
+  s.mass_ratio = main_rate.first;
+  s.topk_recall = main_rate.second;
+  if (trial != nullptr) {
+    ASSIGN_OR_RETURN(auto trial_rate, rate(*trial));
+    s.trial_mass_ratio = trial_rate.first;
+  }
+  return s;
+}
+
 // Token granularity: the reference is the exact best tokens (forced ones,
 // then by group share) at the same budget.
 absl::StatusOr<QualitySample> MeasureTokenSelections(const MdciSelector& selector,
@@ -510,16 +528,7 @@ absl::StatusOr<QualitySample> MeasureTokenSelections(const MdciSelector& selecto
     return std::make_pair(ref_mass > 0.0 ? sel_mass / ref_mass : 1.0,
                           reference.empty() ? 1.0 : static_cast<double>(shared) / reference.size());
   };
-  QualitySample s;
-  s.granularity = Granularity::kToken;
-  ASSIGN_OR_RETURN(auto main_rate, rate(selection));
-  s.mass_ratio = main_rate.first;
-  s.topk_recall = main_rate.second;
-  if (trial != nullptr) {
-    ASSIGN_OR_RETURN(auto trial_rate, rate(*trial));
-    s.trial_mass_ratio = trial_rate.first;
-  }
-  return s;
+  return SampleOf(Granularity::kToken, rate, selection, trial);
 }
 
 }  // namespace
@@ -575,15 +584,7 @@ absl::StatusOr<QualitySample> MeasureSelectionPair(const MdciSelector& selector,
     return std::make_pair(ref_mass > 0.0 ? sel_mass / ref_mass : 1.0,
                           ref_tokens > 0 ? static_cast<double>(shared_tokens) / ref_tokens : 1.0);
   };
-  QualitySample s;
-  ASSIGN_OR_RETURN(auto main_rate, rate(selection));
-  s.mass_ratio = main_rate.first;
-  s.topk_recall = main_rate.second;
-  if (trial != nullptr) {
-    ASSIGN_OR_RETURN(auto trial_rate, rate(*trial));
-    s.trial_mass_ratio = trial_rate.first;
-  }
-  return s;
+  return SampleOf(Granularity::kPage, rate, selection, trial);
 }
 
 }  // namespace icecache

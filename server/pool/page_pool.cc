@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/aligned_mapping.h"
 #include "common/caller.h"
 #include "common/file_util.h"
 #include "common/status_macros.h"
@@ -214,23 +215,16 @@ absl::StatusOr<uint8_t*> PagePool::MapArena(const PagePoolOptions& options, uint
 }
 
 absl::StatusOr<uint8_t*> PagePool::MapAlignedAnonymous(uint64_t capacity) {
-  // One slab more, trimmed: slab k starts on a 2 MiB boundary, so with
-  // transparent huge pages each slab is one huge page (its carve, prefault
-  // and release act on whole pages; a random read over a multi-GiB arena
-  // needs a TLB entry per slab instead of one per 4 KiB:
-  // docs/bench/gather_arena.md).
-  void* raw = mmap(nullptr, capacity + kSlabBytes, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (raw == MAP_FAILED) {
+  // Slab k starts on a 2 MiB boundary, so with transparent huge pages each
+  // slab is one huge page (its carve, prefault and release act on whole
+  // pages; a random read over a multi-GiB arena needs a TLB entry per slab
+  // instead of one per 4 KiB: docs/bench/gather_arena.md).
+  uint8_t* base = MapAligned(capacity, kSlabBytes, MAP_NORESERVE);
+  if (base == nullptr) {
     return absl::ResourceExhaustedError(
         absl::StrCat("page pool: mmap of ", capacity, " bytes failed: ", std::strerror(errno)));
   }
-  const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
-  const uintptr_t aligned = (start + kSlabBytes - 1) / kSlabBytes * kSlabBytes;
-  const uint64_t head = aligned - start;
-  if (head > 0) munmap(raw, head);
-  if (kSlabBytes - head > 0) munmap(reinterpret_cast<void*>(aligned + capacity), kSlabBytes - head);
-  return reinterpret_cast<uint8_t*>(aligned);
+  return base;
 }
 
 PagePool::PagePool(const PagePoolOptions& options, uint8_t* base, uint64_t capacity, bool huge,

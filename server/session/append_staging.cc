@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "common/aligned_mapping.h"
 
 namespace icecache {
 namespace {
@@ -24,18 +25,11 @@ void Unmap(uint8_t* base, uint64_t capacity) {
 // mapped for the alignment is unmapped, so Unmap(base, *capacity) frees all.
 uint8_t* MapHuge(uint64_t* capacity) {
   const uint64_t bytes = (*capacity + kHugePage - 1) / kHugePage * kHugePage;
-  void* raw =
-      mmap(nullptr, bytes + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (raw == MAP_FAILED) return nullptr;
-  const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
-  const uintptr_t aligned = (start + kHugePage - 1) / kHugePage * kHugePage;
-  if (aligned > start) munmap(raw, aligned - start);
-  const uintptr_t end = start + bytes + kHugePage;
-  if (end > aligned + bytes)
-    munmap(reinterpret_cast<void*>(aligned + bytes), end - aligned - bytes);
-  madvise(reinterpret_cast<void*>(aligned), bytes, MADV_HUGEPAGE);  // advice only
+  uint8_t* base = MapAligned(bytes, kHugePage);
+  if (base == nullptr) return nullptr;
+  madvise(base, bytes, MADV_HUGEPAGE);  // advice only
   *capacity = bytes;
-  return reinterpret_cast<uint8_t*>(aligned);
+  return base;
 }
 
 }  // namespace

@@ -1,0 +1,19 @@
+#include "common/aligned_mapping.h"
+
+#include <sys/mman.h>
+
+namespace icecache {
+
+uint8_t* MapAligned(uint64_t bytes, uint64_t align, int extra_flags) {
+  void* raw = mmap(nullptr, bytes + align, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | extra_flags, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t aligned = (start + align - 1) & ~(align - 1);
+  if (aligned > start) munmap(raw, aligned - start);
+  const uintptr_t tail = start + align - aligned;  // slack after the aligned range
+  if (tail > 0) munmap(reinterpret_cast<void*>(aligned + bytes), tail);
+  return reinterpret_cast<uint8_t*>(aligned);
+}
+
+}  // namespace icecache
