@@ -14,6 +14,7 @@
 #include "common/json.h"
 #include "common/status_macros.h"
 #include "common/synthetic.h"
+#include "tests/bench/bench_format.h"
 
 namespace icecache::bench {
 namespace {
@@ -30,10 +31,6 @@ struct Cell {  // one (family, budget) run of every method
   int budget = 0;
   std::vector<MethodSummary> methods;
 };
-
-double Ratio(double a, double b) {
-  return b > 0 ? a / b : std::numeric_limits<double>::quiet_NaN();
-}
 
 const MethodSummary* Find(const Cell& c, const std::string& name) {
   for (const MethodSummary& m : c.methods) {

@@ -41,6 +41,7 @@
 #define ICECACHE_SOURCE_DIR ""
 #endif
 #include "git_commit.h"  // generated at build time: ICECACHE_GIT_COMMIT
+#include "tests/bench/bench_format.h"
 
 namespace icecache::bench {
 
@@ -1152,10 +1153,6 @@ Json TargetsJson(const std::vector<MethodResult>& rs, int p, double kv_bytes_per
                         100 * frac, kv_bytes_per_token));
   }
   return t;
-}
-
-std::string Fmt(double v, const char* f) {
-  return std::isfinite(v) ? absl::StrFormat(f, v) : std::string("-");
 }
 
 void PrintTable(const std::vector<MethodResult>& rs, int p) {

@@ -16,6 +16,7 @@
 #include "common/json.h"
 #include "common/status_macros.h"
 #include "common/synthetic.h"
+#include "tests/bench/bench_format.h"
 #include "tests/bench/select_bench.h"
 
 namespace icecache::bench {
@@ -52,14 +53,6 @@ struct FamilyResult {
   std::vector<MethodSummary> frontier;          // mdci at each --widths entry
   std::vector<MethodSummary> frontier_token;    // the same at token granularity
 };
-
-double Ratio(double a, double b) {
-  return b > 0 ? a / b : std::numeric_limits<double>::quiet_NaN();
-}
-
-std::string Fmt(double v, const char* f) {
-  return std::isfinite(v) ? absl::StrFormat(f, v) : std::string("-");
-}
 
 MdciParams WidthParams(const WidthSpec& w, const MdciParams& base, int64_t context, int budget) {
   MdciParams p = base;
