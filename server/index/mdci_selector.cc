@@ -109,7 +109,10 @@ absl::Status MdciSelector::Build(const float* keys, int64_t n, std::vector<Place
                      " tokens, use Insert()"));
   }
   RETURN_IF_ERROR(tree_->BulkBuild(keys, n, placements));
-  if (sketch_ != nullptr) sketch_->Write(*placements, keys, config_.dtype);
+  if (sketch_ != nullptr) {
+    sketch_->Write(*placements, keys, config_.dtype);
+    sketch_->CoverPages(tree_->page_table().num_pages());
+  }
   return absl::OkStatus();
 }
 
@@ -117,7 +120,10 @@ absl::Status MdciSelector::Insert(const float* keys, int64_t n,
                                   std::vector<Placement>* placements) {
   RETURN_IF_ERROR(ValidateKeysToAdd(keys, n, config_.head_dim, num_tokens(), placements));
   RETURN_IF_ERROR(tree_->Insert(keys, n, placements));
-  if (sketch_ != nullptr) sketch_->Write(*placements, keys, config_.dtype);
+  if (sketch_ != nullptr) {
+    sketch_->Write(*placements, keys, config_.dtype);
+    sketch_->CoverPages(tree_->page_table().num_pages());
+  }
   return absl::OkStatus();
 }
 
@@ -251,7 +257,10 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
   const bool by_token = params.granularity == Granularity::kToken;
   // The sketch ranks pages only: the exact references and token granularity
   // (which keeps the logits) read the frames.
-  const bool sketch = sketch_ != nullptr && !every_page && !by_token;
+  // A sketch that does not cover every page (never, as Build, Insert and
+  // LoadImage keep it) falls back on the frames rather than read past it.
+  const bool sketch =
+      sketch_ != nullptr && !every_page && !by_token && sketch_->num_pages() >= pt.num_pages();
   if (every_page) {
     s.candidates.resize(pt.num_pages());
     std::iota(s.candidates.begin(), s.candidates.end(), 0u);

@@ -42,6 +42,10 @@ class PageSketch {
   // rounded to `dtype`, into placements[i]'s slot; opens pages as needed.
   void Write(const std::vector<Placement>& placements, const float* keys, DType dtype);
 
+  // Opens pages up to `pages` (zero rows): the selector's tree may hold
+  // pages no placement has named yet.
+  void CoverPages(uint32_t pages) { EnsurePages(pages); }
+
   // Re-derives every page's first fill(page) rows from the frames of
   // `keys`. FailedPrecondition when a page with rows has no frame.
   absl::Status Rebuild(const PageKeys& keys, DType dtype, uint32_t num_pages,
