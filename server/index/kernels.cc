@@ -62,6 +62,19 @@ struct Bf16Avx2 {
   static float Scalar(const uint16_t* p) { return Bf16Scalar(*p); }
 };
 
+// int8 codes (the selector's scoring sketch, page_sketch.h) as fp32 lanes:
+// each code converts exactly, so a row of codes gives the same lanes as the
+// same values stored as fp32.
+struct I8Avx2 {
+  using T = int8_t;
+  static __m256 Load8(const int8_t* p) {
+    int64_t v;
+    std::memcpy(&v, p, sizeof(v));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(v)));
+  }
+  static float Scalar(const int8_t* p) { return static_cast<float>(*p); }
+};
+
 inline float HSum256(__m256 v) {
   const __m128 lo = _mm256_castps256_ps128(v);
   const __m128 hi = _mm256_extractf128_ps(v, 1);
@@ -325,6 +338,17 @@ struct Bf16Avx512 {
   ICECACHE_AVX512 static __m512 LoadMasked(const uint16_t* p, __mmask16 m) {
     const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+};
+
+struct I8Avx512 {
+  using T = int8_t;
+  ICECACHE_AVX512 static __m512 Load16(const int8_t* p) {
+    return _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  ICECACHE_AVX512 static __m512 LoadMasked(const int8_t* p, __mmask16 m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
   }
 };
 
@@ -597,6 +621,7 @@ struct KernelTable {
   MultiFn multi[3];  // indexed by DTypeIndex; DotRows is the nq == 1 case
   RowsF32Fn rows_f32;
   ProjectFn project_f32;
+  MultiFn multi_i8;  // DotRowsMultiI8's dots, before the row scales
 };
 
 const KernelTable kAvx2Table = {
@@ -607,6 +632,7 @@ const KernelTable kAvx2Table = {
     {DotRowsMultiAvx2<F16Avx2>, DotRowsMultiAvx2<Bf16Avx2>, DotRowsMultiAvx2<F32Avx2>},
     DotF32RowsAvx2,
     ProjectF32Avx2,
+    DotRowsMultiAvx2<I8Avx2>,
 };
 
 const KernelTable kAvx512Table = {
@@ -617,6 +643,7 @@ const KernelTable kAvx512Table = {
     {DotRowsMultiAvx512<F16Avx512>, DotRowsMultiAvx512<Bf16Avx512>, DotRowsMultiAvx512<F32Avx512>},
     DotF32RowsAvx512,
     ProjectF32Avx512,
+    DotRowsMultiAvx512<I8Avx512>,
 };
 
 bool CpuHasAvx512() {
@@ -686,6 +713,20 @@ void DotRowsMulti(DType dtype, const void* rows, int64_t n, int dim, const float
     return;
   }
   Table().multi[DTypeIndex(dtype)](rows, n, dim, queries, nq, out);
+}
+
+void DotRowsMultiI8(const int8_t* codes, const float* row_scales, int64_t n, int dim,
+                    const float* queries, int nq, float* out) {
+  if (n <= 0 || nq <= 0) return;
+  if (dim <= 0) {
+    for (int64_t i = 0; i < n * nq; ++i) out[i] = 0.0f;
+    return;
+  }
+  Table().multi_i8(codes, n, dim, queries, nq, out);
+  for (int j = 0; j < nq; ++j) {
+    float* o = out + static_cast<int64_t>(j) * n;
+    for (int64_t i = 0; i < n; ++i) o[i] *= row_scales[i];
+  }
 }
 
 int64_t FirstGreater(const float* x, int64_t n, float threshold) {

@@ -40,6 +40,13 @@ void DotRows(DType dtype, const void* rows, int64_t n, int dim, const float* q, 
 void DotRowsMulti(DType dtype, const void* rows, int64_t n, int dim, const float* queries, int nq,
                   float* out);
 
+// out[j * n + i] = row_scales[i] * (queries[j] . codes[i]) for `n` rows of
+// `dim` int8 codes (a page of the selector's scoring sketch, page_sketch.h).
+// The dot is bit for bit DotRowsMulti's over the codes stored as fp32 (each
+// code converts exactly; same blocks, same additions), then one multiply.
+void DotRowsMultiI8(const int8_t* codes, const float* row_scales, int64_t n, int dim,
+                    const float* queries, int nq, float* out);
+
 // Index of the first of x[0..n) that is greater than `threshold` (a NaN
 // never is), or n. Eight lanes at a time: a top-k scan over many scores
 // skips the ones that cannot enter without a branch per score.

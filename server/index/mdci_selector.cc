@@ -92,6 +92,12 @@ absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::LoadImage(const Sele
   // Create validates the config exactly as for a fresh selector.
   ASSIGN_OR_RETURN(std::unique_ptr<MdciSelector> sel, Create(config, keys));
   ASSIGN_OR_RETURN(sel->tree_, DciTree::LoadImage(TreeParams(config), r, tokens));
+  if (sel->sketch_ != nullptr) {
+    // Not in the image: derived from the frames, which hold the keys again.
+    const DciPageTable& pt = sel->tree_->page_table();
+    RETURN_IF_ERROR(sel->sketch_->Rebuild(*keys, config.dtype, pt.num_pages(),
+                                          [&pt](uint32_t page) { return pt.fill(page); }));
+  }
   return sel;
 }
 
@@ -102,35 +108,55 @@ absl::Status MdciSelector::Build(const float* keys, int64_t n, std::vector<Place
         absl::StrCat("Build() is for the prefill batch of an empty index; it holds ", num_tokens(),
                      " tokens, use Insert()"));
   }
-  return tree_->BulkBuild(keys, n, placements);
+  RETURN_IF_ERROR(tree_->BulkBuild(keys, n, placements));
+  if (sketch_ != nullptr) {
+    sketch_->Write(*placements, keys, config_.dtype);
+    sketch_->CoverPages(tree_->page_table().num_pages());
+  }
+  return absl::OkStatus();
 }
 
 absl::Status MdciSelector::Insert(const float* keys, int64_t n,
                                   std::vector<Placement>* placements) {
   RETURN_IF_ERROR(ValidateKeysToAdd(keys, n, config_.head_dim, num_tokens(), placements));
-  return tree_->Insert(keys, n, placements);
+  RETURN_IF_ERROR(tree_->Insert(keys, n, placements));
+  if (sketch_ != nullptr) {
+    sketch_->Write(*placements, keys, config_.dtype);
+    sketch_->CoverPages(tree_->page_table().num_pages());
+  }
+  return absl::OkStatus();
 }
 
-void MdciSelector::PrefetchPage(uint32_t page) const {
+void MdciSelector::PrefetchPage(uint32_t page, bool sketch) const {
   // Frames are separate 4 KiB-ish blocks: the hardware prefetcher stops at
   // each boundary, so ask for the next candidate's keys ahead of time.
-  const size_t row_bytes = static_cast<size_t>(config_.head_dim) * DTypeSize(config_.dtype);
-  const char* p = static_cast<const char*>(keys_->page_keys(page));
-  const size_t bytes = static_cast<size_t>(tree_->page_table().fill(page)) * row_bytes;
+  const size_t fill = tree_->page_table().fill(page);
+  const char* p;
+  size_t bytes;
+  if (sketch) {
+    p = reinterpret_cast<const char*>(sketch_->codes(page));
+    bytes = fill * static_cast<size_t>(config_.head_dim);
+    __builtin_prefetch(sketch_->scales(page));
+  } else {
+    p = static_cast<const char*>(keys_->page_keys(page));
+    bytes = fill * static_cast<size_t>(config_.head_dim) * DTypeSize(config_.dtype);
+  }
   for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
 }
 
 void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* queries,
-                              int num_queries, uint64_t* touched, TokenCandidates* keep) const {
+                              int num_queries, bool sketch, uint64_t* touched,
+                              TokenCandidates* keep) const {
+  sketch = sketch && sketch_ != nullptr && keep == nullptr;
   SelectScratch& s = ThreadScratch();
   const DciPageTable& pt = tree_->page_table();
   const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
   // The pages are scattered frames read cold: keep several in flight ahead
   // of the one being scored (memory-level parallelism).
   constexpr size_t kPagesAhead = 8;
-  for (size_t i = 0; i < std::min(n, kPagesAhead); ++i) PrefetchPage(pages[i]);
+  for (size_t i = 0; i < std::min(n, kPagesAhead); ++i) PrefetchPage(pages[i], sketch);
   for (size_t i = 0; i < n; ++i) {
-    if (i + kPagesAhead < n) PrefetchPage(pages[i + kPagesAhead]);
+    if (i + kPagesAhead < n) PrefetchPage(pages[i + kPagesAhead], sketch);
     const uint32_t fill = pt.fill(pages[i]);
     if (fill == 0) continue;
     float* logits;
@@ -140,8 +166,13 @@ void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* quer
       s.logits.resize(static_cast<size_t>(num_queries) * fill);
       logits = s.logits.data();
     }
-    DotRowsMulti(config_.dtype, keys_->page_keys(pages[i]), fill, config_.head_dim, queries,
-                 num_queries, logits);
+    if (sketch) {
+      DotRowsMultiI8(sketch_->codes(pages[i]), sketch_->scales(pages[i]), fill, config_.head_dim,
+                     queries, num_queries, logits);
+    } else {
+      DotRowsMulti(config_.dtype, keys_->page_keys(pages[i]), fill, config_.head_dim, queries,
+                   num_queries, logits);
+    }
     *touched += fill;
     s.scored_pages.push_back(pages[i]);
     s.lse.resize(s.lse.size() + num_queries);
@@ -151,7 +182,8 @@ void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* quer
 }
 
 void MdciSelector::CollectCandidatePages(const float* queries, int num_queries,
-                                         const SelectParams& params, uint64_t* touched) const {
+                                         const SelectParams& params, bool sketch,
+                                         uint64_t* touched) const {
   SelectScratch& s = ThreadScratch();
   const DciPageTable& pt = tree_->page_table();
   DciDescentParams dp;
@@ -188,7 +220,8 @@ void MdciSelector::CollectCandidatePages(const float* queries, int num_queries,
   // dropped; one real load per frame starts every page walk at once.
   unsigned sink = 0;
   for (uint32_t page : s.candidates) {
-    const void* p = keys_->page_keys(page);
+    const void* p =
+        sketch ? static_cast<const void*>(sketch_->codes(page)) : keys_->page_keys(page);
     if (p != nullptr) sink += *static_cast<const volatile unsigned char*>(p);
   }
   asm volatile("" : : "r"(sink));
@@ -221,14 +254,20 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
   s.lse.clear();
   const float* rest = nullptr;  // log of the mass outside the scored pages, per query
   const bool every_page = config_.kind == SelectorKind::kExactMdci || params.exhaustive;
+  const bool by_token = params.granularity == Granularity::kToken;
+  // The sketch ranks pages only: the exact references and token granularity
+  // (which keeps the logits) read the frames.
+  // A sketch that does not cover every page (never, as Build, Insert and
+  // LoadImage keep it) falls back on the frames rather than read past it.
+  const bool sketch =
+      sketch_ != nullptr && !every_page && !by_token && sketch_->num_pages() >= pt.num_pages();
   if (every_page) {
     s.candidates.resize(pt.num_pages());
     std::iota(s.candidates.begin(), s.candidates.end(), 0u);
   } else {
-    CollectCandidatePages(queries, num_queries, params, &touched);
+    CollectCandidatePages(queries, num_queries, params, sketch, &touched);
     rest = s.descent.rest.data();
   }
-  const bool by_token = params.granularity == Granularity::kToken;
   const std::vector<uint32_t> forced =
       ForcedPages(num_tokens(), params, [&](int64_t pos) { return pt.page_of_position(pos); });
   if (by_token && !every_page) {
@@ -241,7 +280,7 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
     }
   }
   s.tokens.Clear();
-  ScorePages(s.candidates.data(), s.candidates.size(), queries, num_queries, &touched,
+  ScorePages(s.candidates.data(), s.candidates.size(), queries, num_queries, sketch, &touched,
              by_token ? &s.tokens : nullptr);
   // Each query's normaliser: exact over every page (exact-mdci); for mdci the
   // candidates' exact mass plus the descent's estimate of the rest.
@@ -281,7 +320,7 @@ absl::Status MdciSelector::ExactPageMasses(const float* queries, int num_queries
   std::vector<uint32_t> all(pages);
   std::iota(all.begin(), all.end(), 0u);
   uint64_t touched = 0;
-  ScorePages(all.data(), pages, queries, num_queries, &touched, nullptr);
+  ScorePages(all.data(), pages, queries, num_queries, /*sketch=*/false, &touched, nullptr);
   s.log_norm.resize(num_queries);
   QueryLogNorms(s.lse.data(), s.scored_pages.size(), num_queries, nullptr, s.log_norm.data());
   mass->assign(pages, 0.0f);
@@ -309,7 +348,7 @@ absl::Status MdciSelector::ExactTokenShares(const float* queries, int num_querie
   std::vector<uint32_t> all(pages);
   std::iota(all.begin(), all.end(), 0u);
   uint64_t touched = 0;
-  ScorePages(all.data(), pages, queries, num_queries, &touched, &s.tokens);
+  ScorePages(all.data(), pages, queries, num_queries, /*sketch=*/false, &touched, &s.tokens);
   s.log_norm.resize(num_queries);
   QueryLogNorms(s.lse.data(), s.scored_pages.size(), num_queries, nullptr, s.log_norm.data());
   const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));

@@ -52,6 +52,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "server/index/dci_tree.h"
+#include "server/index/page_sketch.h"
 #include "server/index/selector.h"
 #include "server/index/token_select.h"
 
@@ -79,7 +80,10 @@ class MdciSelector : public Selector {
   const int32_t* positions(uint32_t page) const override {
     return tree_->page_table().positions(page);
   }
-  size_t index_bytes() const override { return tree_->bytes(); }
+  // The tree, and the scoring sketch when MdciParams::sketch_scoring.
+  size_t index_bytes() const override {
+    return tree_->bytes() + (sketch_ != nullptr ? sketch_->bytes() : 0);
+  }
   Placement placement_of(int32_t position) const override;
   bool has_image() const override { return true; }
   // The image body (after Selector's header) read back; statuses as
@@ -115,25 +119,33 @@ class MdciSelector : public Selector {
 
  private:
   MdciSelector(const SelectorConfig& config, const PageKeys* keys, std::unique_ptr<DciTree> tree)
-      : Selector(config), keys_(keys), tree_(std::move(tree)) {}
+      : Selector(config), keys_(keys), tree_(std::move(tree)) {
+    if (config.kind == SelectorKind::kMdci && config.mdci.sketch_scoring) {
+      sketch_ = std::make_unique<PageSketch>(config.head_dim, config.page_tokens);
+    }
+  }
 
   void SaveImageBody(ByteWriter* w) const override;
   // The tree parameters of a validated config.
   static DciTreeParams TreeParams(const SelectorConfig& config);
-  void PrefetchPage(uint32_t page) const;
-  // Per-thread scratch: the descent's candidate pages (mdci).
+  // `sketch`: the page's rows in the scoring sketch, not its frame.
+  void PrefetchPage(uint32_t page, bool sketch) const;
+  // Per-thread scratch: the descent's candidate pages (mdci); `sketch`: the
+  // pages will be scored from the sketch (their frames are not touched).
   void CollectCandidatePages(const float* queries, int num_queries, const SelectParams& params,
-                             uint64_t* touched) const;
+                             bool sketch, uint64_t* touched) const;
   // MdciParams::calibrated_rest: the descent's rest per query, corrected by
   // its error on the scored candidates, into the thread's scratch.
   void CalibrateRest(int num_queries) const;
   // Exact per-query log-mass of `pages` into the per-thread scratch; with
-  // `keep`, each page's logits are kept there too (token granularity).
+  // `keep`, each page's logits are kept there too (token granularity); with
+  // `sketch`, from the scoring sketch (approximate; not with `keep`).
   void ScorePages(const uint32_t* pages, size_t n, const float* queries, int num_queries,
-                  uint64_t* touched, TokenCandidates* keep) const;
+                  bool sketch, uint64_t* touched, TokenCandidates* keep) const;
 
   const PageKeys* keys_;
   std::unique_ptr<DciTree> tree_;
+  std::unique_ptr<PageSketch> sketch_;  // MdciParams::sketch_scoring (kMdci only)
 };
 
 }  // namespace icecache

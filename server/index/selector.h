@@ -119,6 +119,13 @@ struct MdciParams {
   // takes a decode key when its squared distance is within this factor of the
   // nearest node's (larger: fuller pages, looser nodes). >= 1.
   float decode_slack = 1.5f;
+  // true: mdci ranks its candidate pages (page granularity) from an int8
+  // copy of the keys it keeps itself (PageSketch: d + 4 bytes per token,
+  // rebuilt from the frames after a warm restart) instead of the fp16
+  // frames: half the bytes per candidate key, approximate page scores. The
+  // exact references (exact-mdci, exhaustive selects, ExactPageMasses) and
+  // token granularity read the frames as before.
+  bool sketch_scoring = false;
 };
 
 struct SelectorConfig {

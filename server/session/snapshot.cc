@@ -91,7 +91,8 @@ Json ConfigToJson(const SessionConfig& c) {
         {"entry_nodes", m.entry_nodes},
         {"spread_weight", m.spread_weight},
         {"spread_rank", m.spread_rank},
-        {"locality_window", m.locality_window}}},
+        {"locality_window", m.locality_window},
+        {"sketch_scoring", m.sketch_scoring}}},
       {"budget_tokens", c.default_select.budget_tokens},
       {"sink_tokens", c.default_select.sink_tokens},
       {"recent_tokens", c.default_select.recent_tokens},
@@ -134,6 +135,7 @@ absl::StatusOr<SessionConfig> ConfigFromJson(const Json& j) {
   m.spread_weight = static_cast<float>(Num(md, "spread_weight", m.spread_weight));
   m.spread_rank = static_cast<int>(Int(md, "spread_rank", m.spread_rank));
   m.locality_window = static_cast<int>(Int(md, "locality_window", m.locality_window));
+  m.sketch_scoring = Bool(md, "sketch_scoring", m.sketch_scoring);
   c.default_select.budget_tokens = static_cast<int>(Int(j, "budget_tokens", 256));
   c.default_select.sink_tokens = static_cast<int>(Int(j, "sink_tokens", 4));
   c.default_select.recent_tokens = static_cast<int>(Int(j, "recent_tokens", 0));

@@ -30,6 +30,9 @@ struct DecodeSessionSpec {
   int page_tokens = 16;
   std::string selector = "mdci";  // any name the daemon knows
   int layer_reuse = 1;
+  // MdciParams::sketch_scoring (in-process only: the session API does not
+  // carry it; the socket backend refuses it).
+  bool mdci_sketch = false;
 };
 
 struct DecodeSelect {

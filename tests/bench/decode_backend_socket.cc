@@ -80,6 +80,9 @@ class SocketBackend : public DecodeBackend {
   const uint8_t* output() const override { return output_.data(); }
 
   absl::StatusOr<std::string> CreateSession(const DecodeSessionSpec& spec) override {
+    if (spec.mdci_sketch) {
+      return absl::InvalidArgumentError("--mdci-sketch needs --mode in-process");
+    }
     SessionSpec s;
     s.layers = spec.layers;
     s.kv_heads = spec.kv_heads;

@@ -79,6 +79,9 @@ struct DecodeBenchOptions {
   // own times (DecodeStep select_ns / gather_ns) either way; --mode
   // in-process runs the monitor as icecached does.
   bool companion_quality = false;
+  // mdci sessions rank candidate pages from the int8 sketch
+  // (MdciParams::sketch_scoring); --mode in-process only.
+  bool mdci_sketch = false;
   // KV bytes (GiB) the run may hold at once: the daemon's, this process's
   // companion and quality layers. Above it a context runs with fewer layers
   // (its per-token figures scaled to `layers` and marked "scaled").

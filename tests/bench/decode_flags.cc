@@ -90,6 +90,9 @@ DecodeFlags::DecodeFlags(CLI::App* app) {
   app->add_flag("--daemon-prefault", o_.daemon_prefault,
                 "with --spawn: the daemon faults its pool in at start (pool.prefault), sized "
                 "to the KV it holds");
+  app->add_flag("--mdci-sketch", o_.mdci_sketch,
+                "mdci sessions rank candidate pages from an int8 copy of the keys "
+                "(MdciParams::sketch_scoring; --mode in-process only)");
   app->add_flag("--companion-quality", o_.companion_quality,
                 "the in-process companion runs the quality monitor (mdci at its own calibrated "
                 "width; default: the fixed width). The table's split is the daemon's own either "

@@ -389,6 +389,7 @@ absl::StatusOr<PolicyResult> RunSelectorPolicy(const DecodeContext& ctx,
   spec.page_tokens = o.page_tokens;
   spec.selector = policy.selector;
   spec.layer_reuse = policy.layer_reuse;
+  spec.mdci_sketch = o.mdci_sketch;
   ASSIGN_OR_RETURN(std::string id, ctx.main->CreateSession(spec));
   DecodeSessionSpec cspec = spec;
   cspec.layers = ctx.reference_layers;

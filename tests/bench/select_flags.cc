@@ -173,6 +173,10 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "mdci: correct each query's estimated mass outside the candidates by the "
                   "estimate's error on the candidates (1) or not (0)")
       ->capture_default_str();
+  app->add_option("--mdci-sketch", o_.mdci.sketch_scoring,
+                  "mdci: rank the candidate pages from an int8 copy of the keys (1) or the fp16 "
+                  "frames (0)")
+      ->capture_default_str();
   app->add_option("--mdci-query-quotas", o_.mdci.query_quotas,
                   "mdci: each query of the group takes its share of the descent's nodes from its "
                   "own ranking (1) or one ranking for the group (0)");

@@ -257,6 +257,36 @@ TEST_P(SessionRestoreTest, IndexImagesAreLoadedAndTheSessionContinuesLikeItsTwin
   ContinueLikeTheTwin(after, twin, ids.first, ids.second, c);
 }
 
+// mdci with its int8 scoring sketch (MdciParams::sketch_scoring): the image
+// does not carry the sketch, the loaded index re-derives it from the frames,
+// and the session keeps the option across the restart and selects like its
+// twin that never restarted. (That the re-derived sketch is the written one,
+// bit for bit, is page_sketch_test's; this small session selects the same
+// pages either way.)
+TEST_P(SessionRestoreTest, MdciSketchIsRederivedFromTheFramesAfterARestart) {
+  if (GetParam() != SelectorKind::kMdci) GTEST_SKIP() << "mdci only";
+  SessionConfig c = SmallConfig(GetParam());
+  c.mdci.sketch_scoring = true;
+  Node twin = Node::Start("", false);
+  std::pair<std::string, std::string> ids;
+  {
+    Node before = Node::Start(file_, false);
+    ids = Prepare(before, twin, c);
+    Upgrade(before, /*images=*/true);
+  }
+  Node after = Node::Start(file_, true);
+  auto image = ReadSnapshotFile(snap_);
+  ASSERT_THAT(image, IsOk());
+  ASSERT_EQ(image->sessions.size(), 1u);
+  EXPECT_TRUE(image->sessions[0].config.mdci.sketch_scoring);
+  auto file = IndexImageFile::OpenAndRemove(images_);
+  ASSERT_THAT(file, IsOk());
+  const SessionManager::RestoreReport report = after.manager->Restore(*image, file->get());
+  ASSERT_EQ(report.recovered, 1) << (report.dropped.empty() ? "" : report.dropped[0][2]);
+  EXPECT_EQ(report.indexes_loaded, 4);
+  ContinueLikeTheTwin(after, twin, ids.first, ids.second, c);
+}
+
 INSTANTIATE_TEST_SUITE_P(Selectors, SessionRestoreTest,
                          ::testing::Values(SelectorKind::kExact, SelectorKind::kMdci,
                                            SelectorKind::kQuest, SelectorKind::kPqcache,
