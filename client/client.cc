@@ -447,7 +447,7 @@ void MaybeOpenRing(Client& client, DecodeStreamState& state, std::string_view se
     return;
   }
   absl::StatusOr<std::unique_ptr<DecodeRingClient>> ring =
-      DecodeRingClient::Open(client, session_id, impl.options.decode_ring_poll);
+      DecodeRingClient::Open(client, session_id);
   if (ring.ok()) {
     state.ring = std::move(*ring);
   } else {

@@ -53,16 +53,6 @@ struct ClientOptions {
   // and for DecodeBatch, the gRPC stream. Results and codes are the same;
   // on the ring an error ends only its own step.
   bool decode_ring = true;
-  // After sending a step over the ring, how long the calling thread looks for
-  // the answer before it blocks on the response doorbell: it polls the
-  // ring's response sequence, yielding its CPU to any runnable thread between
-  // looks (sched_yield), so its core stays out of the idle state. On a VM,
-  // waking a thread whose virtual CPU went idle costs tens of microseconds;
-  // polling cut the ring's cost per layer message over in-process from
-  // 165-173 to 100-107 us p50 here (docs/bench/rpc.md, "Polling for the
-  // answer"). The poll spends the waiting thread's otherwise idle time; zero
-  // blocks at once.
-  absl::Duration decode_ring_poll = absl::Milliseconds(2);
 };
 
 enum class SelectorType : uint8_t {

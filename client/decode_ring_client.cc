@@ -1,11 +1,9 @@
 #include "client/decode_ring_client.h"
 
 #include <fcntl.h>
-#include <sched.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -36,9 +34,8 @@ struct FifoNames {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<DecodeRingClient>> DecodeRingClient::Open(
-    Client& client, std::string_view session_id, absl::Duration poll) {
+    Client& client, std::string_view session_id) {
   std::unique_ptr<DecodeRingClient> r(new DecodeRingClient());
-  r->poll_ = std::max(poll, absl::ZeroDuration());
   RETURN_IF_ERROR(r->Attach(client, session_id));
   return r;
 }
@@ -133,28 +130,21 @@ absl::Status DecodeRingClient::Exchange(const v1::DecodeStepRequest& req,
   return absl::OkStatus();
 }
 
-bool DecodeRingClient::Answered(uint64_t seq) const {
-  return __atomic_load_n(
-             reinterpret_cast<const uint64_t*>(buffer_.data() + ring::kResponseSeqOffset),
-             __ATOMIC_ACQUIRE) == seq;
-}
-
 absl::Status DecodeRingClient::AwaitAnswer(uint64_t seq) {
-  // Poll first: a thread that blocks lets its CPU go idle, and on a VM the
-  // wake-up of an idle virtual CPU is what the ring's round trip costs most
-  // (docs/bench/rpc.md). sched_yield gives the CPU to any runnable thread
-  // (the daemon's, when it shares the core) between looks.
-  if (poll_ > absl::ZeroDuration()) {
-    const absl::Time until = absl::Now() + poll_;
-    while (!Answered(seq) && absl::Now() < until) sched_yield();
-  }
+  const uint8_t* h = buffer_.data();
   for (;;) {
-    if (Answered(seq)) return absl::OkStatus();
+    if (__atomic_load_n(reinterpret_cast<const uint64_t*>(h + ring::kResponseSeqOffset),
+                        __ATOMIC_ACQUIRE) == seq) {
+      return absl::OkStatus();
+    }
     char bells[64];
     const ssize_t n = ::read(response_fd_, bells, sizeof bells);
     if (n > 0) continue;
     if (n < 0 && errno == EINTR) continue;
-    if (Answered(seq)) return absl::OkStatus();
+    if (__atomic_load_n(reinterpret_cast<const uint64_t*>(h + ring::kResponseSeqOffset),
+                        __ATOMIC_ACQUIRE) == seq) {
+      return absl::OkStatus();
+    }
     broken_ = true;
     return absl::UnavailableError(
         n == 0 ? "the daemon closed the decode ring (it stopped or reclaimed the ring)"

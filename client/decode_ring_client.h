@@ -6,9 +6,7 @@
 // Open() creates a ring buffer (a registered ShmBuffer), two FIFOs under
 // /dev/shm, writes the header and the hello byte, asks the daemon to attach
 // (OpenDecodeRing) and unlinks the FIFOs. Exchange() sends one request and
-// waits for its answer: it polls the response sequence for up to
-// ClientOptions.decode_ring_poll (yielding the CPU between looks), then
-// blocks in read() on the response FIFO.
+// waits, blocked in read() on the response FIFO, for its answer.
 // Destruction closes the FIFOs (the daemon then reclaims the ring) and
 // unregisters the buffer.
 //
@@ -23,7 +21,6 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/time/time.h"
 #include "client/client.h"
 #include "icecache/v1/kv.pb.h"
 
@@ -38,11 +35,8 @@ class DecodeRingClient {
   // The daemon's status when it refuses the ring (UNIMPLEMENTED from a
   // daemon without rings; see decode_ring.proto for the others); Internal
   // for local OS errors.
-  // `poll`: how long Exchange polls for the answer before it blocks (zero:
-  // it blocks at once).
   static absl::StatusOr<std::unique_ptr<DecodeRingClient>> Open(Client& client,
-                                                                std::string_view session_id,
-                                                                absl::Duration poll);
+                                                                std::string_view session_id);
   ~DecodeRingClient();
   DecodeRingClient(const DecodeRingClient&) = delete;
   DecodeRingClient& operator=(const DecodeRingClient&) = delete;
@@ -61,7 +55,6 @@ class DecodeRingClient {
   DecodeRingClient() = default;
   absl::Status Attach(Client& client, std::string_view session_id);
   absl::Status AwaitAnswer(uint64_t seq);
-  bool Answered(uint64_t seq) const;
 
   ShmBuffer buffer_;
   std::string id_;
@@ -69,7 +62,6 @@ class DecodeRingClient {
   int response_fd_ = -1;  // the response FIFO, open for reading
   uint64_t seq_ = 0;
   bool broken_ = false;
-  absl::Duration poll_ = absl::ZeroDuration();
 };
 
 }  // namespace icecache

@@ -131,11 +131,9 @@ class DecodeBackend {
 // connects to `socket` (empty: the default search order) and checks that a
 // daemon answers.
 // `spawn_config` is appended to the spawned daemon's config (textproto).
-// `ring_poll_us` >= 0 sets the client's ClientOptions.decode_ring_poll
-// (negative: the client's default).
 absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeSocketBackend(
     const std::string& spawn_binary, const std::string& socket, uint64_t capacity_bytes,
-    const std::string& spawn_config = "", int64_t ring_poll_us = -1);
+    const std::string& spawn_config = "");
 // `quality`: the online quality monitor and self-calibrating width on, as
 // icecached's default config has them.
 absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeInProcessBackend(uint64_t capacity_bytes,

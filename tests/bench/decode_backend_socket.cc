@@ -212,12 +212,10 @@ class SocketBackend : public DecodeBackend {
 absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeSocketBackend(const std::string& spawn_binary,
                                                                  const std::string& socket,
                                                                  uint64_t capacity_bytes,
-                                                                 const std::string& spawn_config,
-                                                                 int64_t ring_poll_us) {
+                                                                 const std::string& spawn_config) {
   std::unique_ptr<DaemonProcess> daemon;
   ClientOptions options;
   options.socket_path = socket;
-  if (ring_poll_us >= 0) options.decode_ring_poll = absl::Microseconds(ring_poll_us);
   // A prefill call builds one layer group's trees; generous, never the limit.
   options.timeout = absl::Minutes(10);
   if (!spawn_binary.empty()) {

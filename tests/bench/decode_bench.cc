@@ -225,8 +225,7 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o) {
     ASSIGN_OR_RETURN(
         main, MakeSocketBackend(o.spawn, o.socket, pool,
                                 absl::StrCat(o.daemon_prefault ? "pool { prefault: true }\n" : "",
-                                             o.daemon_config, "\n"),
-                                o.ring_poll_us));
+                                             o.daemon_config, "\n")));
   } else {
     ASSIGN_OR_RETURN(main, MakeInProcessBackend(pool, /*quality=*/true));
   }

@@ -91,9 +91,6 @@ struct DecodeBenchOptions {
   // Only the per-message RPC cost, ring and stream against in-process
   // (decode_rpc_overhead.h); contexts[0] tokens, the selector policies.
   bool rpc_overhead = false;
-  // The socket client's ClientOptions.decode_ring_poll in microseconds
-  // (negative: the client's default).
-  int64_t ring_poll_us = -1;
 };
 
 // Runs every context and policy; prints the tables to stdout, writes --json

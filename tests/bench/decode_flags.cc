@@ -105,10 +105,6 @@ DecodeFlags::DecodeFlags(CLI::App* app) {
   app->add_option("--plot", o_.plot, "write TPOT and mass recall against context as SVG")
       ->type_name("FILE.svg");
   app->add_flag("!--no-progress", o_.progress, "no progress bars on stderr");
-  app->add_option("--ring-poll-us", o_.ring_poll_us,
-                  "the socket client polls this long for a ring answer before it blocks "
-                  "(ClientOptions.decode_ring_poll; 0: block at once; default: the client's)")
-      ->check(CLI::NonNegativeNumber);
   app->add_flag("--rpc-overhead", o_.rpc_overhead,
                 "only the RPC cost per layer message: the shared-memory ring and the gRPC "
                 "stream against in-process, interleaved on the same state (first context)");

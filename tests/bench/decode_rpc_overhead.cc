@@ -12,7 +12,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
-#include "client/client.h"
 #include "common/file_util.h"
 #include "common/json.h"
 #include "common/status_macros.h"
@@ -159,12 +158,6 @@ void PrintRow(const Json& r) {
               f("stream", "overhead_us_p50").c_str(), f("stream", "overhead_us_p99").c_str());
 }
 
-// The ring client's poll before it blocks, as the socket backend sets it.
-int64_t RingPollUs(const DecodeBenchOptions& o) {
-  return o.ring_poll_us >= 0 ? o.ring_poll_us
-                             : absl::ToInt64Microseconds(ClientOptions().decode_ring_poll);
-}
-
 }  // namespace
 
 absl::Status RunRpcOverhead(const DecodeBenchOptions& o) {
@@ -185,8 +178,7 @@ absl::Status RunRpcOverhead(const DecodeBenchOptions& o) {
   // runs without them too, so both do the same work per message.
   ASSIGN_OR_RETURN(std::unique_ptr<DecodeBackend> ring,
                    MakeSocketBackend(o.spawn, o.socket, pool,
-                                     "quality { enabled: false default_target_mass_ratio: 0 }\n",
-                                     o.ring_poll_us));
+                                     "quality { enabled: false default_target_mass_ratio: 0 }\n"));
   ASSIGN_OR_RETURN(std::unique_ptr<DecodeBackend> stream, MakeStreamTwin(*ring));
   ASSIGN_OR_RETURN(std::unique_ptr<DecodeBackend> local,
                    MakeInProcessBackend(pool, /*quality=*/false));
@@ -197,10 +189,9 @@ absl::Status RunRpcOverhead(const DecodeBenchOptions& o) {
   const double load_start = LoadAverage1();
   std::printf(
       "RPC cost per DecodeStep layer message (%s, %d layers x %d KV heads, %lld tokens, budget %d, "
-      "page %d; %d steps; ring, stream and in-process interleaved; the ring client polls %lld us "
-      "for an answer before it blocks); load average %.2f at start\n",
+      "page %d; %d steps; ring, stream and in-process interleaved); load average %.2f at start\n",
       o.preset.c_str(), m->layers(), m->kv_heads(), static_cast<long long>(m->prefill_tokens()),
-      o.budget, o.page_tokens, m->steps(), static_cast<long long>(RingPollUs(o)), load_start);
+      o.budget, o.page_tokens, m->steps(), load_start);
   std::printf("%-10s %8s  %15s  %15s  %15s  %15s %15s\n", "", "", "IN-PROCESS us", "RING us",
               "STREAM us", "RING-INPROC us", "STREAM-INPROC us");
   std::printf("%-10s %8s  %7s %7s  %7s %7s  %7s %7s  %7s %7s %7s %7s\n", "SELECTOR", "MESSAGES",
@@ -212,7 +203,6 @@ absl::Status RunRpcOverhead(const DecodeBenchOptions& o) {
                  {"steps", m->steps()},
                  {"budget", o.budget},
                  {"page_tokens", o.page_tokens},
-                 {"ring_poll_us", RingPollUs(o)},
                  {"load_average_start", load_start},
                  {"results", Json::array()}};
   for (const std::string& name : o.policies) {

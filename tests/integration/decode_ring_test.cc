@@ -16,40 +16,32 @@ namespace {
 
 using ::testing::HasSubstr;
 
-absl::StatusOr<std::unique_ptr<Client>> ConnectWith(
-    const DaemonProcess& d, bool ring, absl::Duration poll = ClientOptions().decode_ring_poll) {
+absl::StatusOr<std::unique_ptr<Client>> ConnectWith(const DaemonProcess& d, bool ring) {
   ClientOptions o;
   o.socket_path = d.socket_path();
   o.timeout = absl::Seconds(60);
   o.decode_ring = ring;
-  o.decode_ring_poll = poll;
   return Client::Create(o);
 }
 
-// One session decoded by a ring client that polls for its answers (the
-// default), a ring client that blocks at once and a stream client, layer by
-// layer: the same selections, layouts and fetched bytes; the ring clients
-// hold one more registered buffer each (their rings).
+// One session decoded by a ring client and a stream client, layer by layer:
+// the same selections, layouts and fetched bytes; the ring client holds one
+// more registered buffer (its ring).
 TEST(DecodeRingTest, RingAndStreamClientsGetTheSameStepsAndBytes) {
   auto daemon = StartDaemon();
   ASSERT_THAT(daemon, IsOk());
   auto ring = ConnectWith(**daemon, true);
-  auto blocking = ConnectWith(**daemon, true, absl::ZeroDuration());
   auto stream = ConnectWith(**daemon, false);
   ASSERT_THAT(ring, IsOk());
-  ASSERT_THAT(blocking, IsOk());
   ASSERT_THAT(stream, IsOk());
-  ASSERT_GT(ClientOptions().decode_ring_poll, absl::ZeroDuration()) << "polls by default";
   TestModel m = MakeModel(2, 2, 512, 3);
   auto s = (*ring)->CreateSession(m.spec);
   ASSERT_THAT(s, IsOk());
   ASSERT_THAT((*ring)->AppendKvInline(s->id, m.kv.Chunk(0, 512), 512), IsOk());
   const size_t bytes = 1 << 20;
   auto out_ring = (*ring)->CreateShmBuffer(bytes);
-  auto out_blocking = (*ring)->CreateShmBuffer(bytes);
   auto out_stream = (*ring)->CreateShmBuffer(bytes);
   ASSERT_THAT(out_ring, IsOk());
-  ASSERT_THAT(out_blocking, IsOk());
   ASSERT_THAT(out_stream, IsOk());
   SelectOptions opt;
   opt.budget_tokens = 64;
@@ -60,24 +52,16 @@ TEST(DecodeRingTest, RingAndStreamClientsGetTheSameStepsAndBytes) {
           (*ring)->DecodeStep(s->id, layer, Queries(m, step, layer), out_ring->buffer_id(), 0, opt);
       auto b = (*stream)->DecodeStep(s->id, layer, Queries(m, step, layer), out_stream->buffer_id(),
                                      0, opt);
-      auto c = (*blocking)->DecodeStep(s->id, layer, Queries(m, step, layer),
-                                       out_blocking->buffer_id(), 0, opt);
       ASSERT_THAT(a, IsOk());
       ASSERT_THAT(b, IsOk());
-      ASSERT_THAT(c, IsOk());
       ASSERT_EQ(a->heads.size(), b->heads.size());
-      ASSERT_EQ(c->heads.size(), b->heads.size());
       for (size_t h = 0; h < a->heads.size(); ++h) {
         EXPECT_EQ(a->heads[h].pages, b->heads[h].pages);
         EXPECT_EQ(a->heads[h].positions, b->heads[h].positions);
         EXPECT_EQ(a->layout.heads[h].byte_offsets, b->layout.heads[h].byte_offsets);
-        EXPECT_EQ(c->heads[h].pages, b->heads[h].pages);
-        EXPECT_EQ(c->layout.heads[h].byte_offsets, b->layout.heads[h].byte_offsets);
       }
       ASSERT_EQ(a->layout.total_bytes, b->layout.total_bytes);
-      ASSERT_EQ(c->layout.total_bytes, b->layout.total_bytes);
       EXPECT_EQ(std::memcmp(out_ring->data(), out_stream->data(), a->layout.total_bytes), 0);
-      EXPECT_EQ(std::memcmp(out_blocking->data(), out_stream->data(), c->layout.total_bytes), 0);
       auto verified = VerifyFetch(m.kv, 512, a->layout, a->heads, out_ring->data(), bytes);
       ASSERT_THAT(verified, IsOk());
       EXPECT_GT(*verified, 0);
@@ -85,7 +69,7 @@ TEST(DecodeRingTest, RingAndStreamClientsGetTheSameStepsAndBytes) {
     if (step == 0) {
       auto stats = (*ring)->GetStats();
       ASSERT_THAT(stats, IsOk());
-      EXPECT_EQ(stats->buffers, 5u) << "three output buffers and the two ring clients' rings";
+      EXPECT_EQ(stats->buffers, 3u) << "two output buffers and the ring client's ring";
     }
   }
 }
