@@ -129,7 +129,9 @@ class RestoreFixture : public ::testing::Test {
       writer = std::move(w).value();
     }
     const SnapshotImage image = n.manager->TakeSnapshot(&skipped, writer.get());
-    if (images) ASSERT_THAT(writer->Commit(), IsOk());
+    if (images) {
+      ASSERT_THAT(writer->Commit(), IsOk());
+    }
     ASSERT_THAT(WriteSnapshotFile(image, snap_), IsOk());
     EXPECT_TRUE(skipped.empty());
     n.pool->KeepBackingFile();
@@ -158,6 +160,34 @@ class RestoreFixture : public ::testing::Test {
       twin.Append(tid, c, 44 + step, 1);
       ASSERT_EQ(after.Step(id, c, step * 10), twin.Step(tid, c, step * 10)) << "step " << step;
     }
+  }
+
+  // A session of config `c` and its twin prepared, the node upgraded with
+  // index images, a new node restoring them (the image file used once):
+  // `check` sees the snapshot and the restore report, then the session must
+  // continue like the twin.
+  void RestoreWithImagesAndContinue(
+      const SessionConfig& c,
+      const std::function<void(const SnapshotImage&, const SessionManager::RestoreReport&)>&
+          check) {
+    Node twin = Node::Start("", false);
+    std::pair<std::string, std::string> ids;
+    {
+      Node before = Node::Start(file_, false);
+      ids = Prepare(before, twin, c);
+      Upgrade(before, /*images=*/true);
+    }
+    Node after = Node::Start(file_, true);
+    auto image = ReadSnapshotFile(snap_);
+    ASSERT_THAT(image, IsOk());
+    ASSERT_EQ(image->sessions.size(), 1u);
+    auto file = IndexImageFile::OpenAndRemove(images_);
+    ASSERT_THAT(file, IsOk());
+    EXPECT_NE(access(images_.c_str(), F_OK), 0) << "an image file is used once";
+    const SessionManager::RestoreReport report = after.manager->Restore(*image, file->get());
+    ASSERT_EQ(report.recovered, 1) << (report.dropped.empty() ? "" : report.dropped[0][2]);
+    check(*image, report);
+    ContinueLikeTheTwin(after, twin, ids.first, ids.second, c);
   }
 
   std::string file_, snap_, images_;
@@ -230,31 +260,17 @@ TEST_P(SessionRestoreTest, SessionWrittenAfterTheSnapshotIsDroppedNotServed) {
 }
 
 TEST_P(SessionRestoreTest, IndexImagesAreLoadedAndTheSessionContinuesLikeItsTwin) {
-  const SessionConfig c = SmallConfig(GetParam());
   const bool has_images =
       GetParam() == SelectorKind::kMdci || GetParam() == SelectorKind::kPqcache ||
       GetParam() == SelectorKind::kSnapkv || GetParam() == SelectorKind::kMdciPublished;
-  Node twin = Node::Start("", false);
-  std::pair<std::string, std::string> ids;
-  {
-    Node before = Node::Start(file_, false);
-    ids = Prepare(before, twin, c);
-    Upgrade(before, /*images=*/true);
-  }
-  Node after = Node::Start(file_, true);
-  auto image = ReadSnapshotFile(snap_);
-  ASSERT_THAT(image, IsOk());
-  ASSERT_EQ(image->sessions.size(), 1u);
-  EXPECT_EQ(image->sessions[0].index_images.size(), has_images ? 4u : 0u);
-  auto file = IndexImageFile::OpenAndRemove(images_);
-  ASSERT_THAT(file, IsOk());
-  EXPECT_NE(access(images_.c_str(), F_OK), 0) << "an image file is used once";
-  const SessionManager::RestoreReport report = after.manager->Restore(*image, file->get());
-  ASSERT_EQ(report.recovered, 1) << (report.dropped.empty() ? "" : report.dropped[0][2]);
-  EXPECT_EQ(report.indexes_loaded, has_images ? 4 : 0);
-  EXPECT_EQ(report.indexes_replayed, has_images ? 0 : 4);
-  EXPECT_TRUE(report.images_refused.empty());
-  ContinueLikeTheTwin(after, twin, ids.first, ids.second, c);
+  RestoreWithImagesAndContinue(
+      SmallConfig(GetParam()),
+      [&](const SnapshotImage& image, const SessionManager::RestoreReport& report) {
+        EXPECT_EQ(image.sessions[0].index_images.size(), has_images ? 4u : 0u);
+        EXPECT_EQ(report.indexes_loaded, has_images ? 4 : 0);
+        EXPECT_EQ(report.indexes_replayed, has_images ? 0 : 4);
+        EXPECT_TRUE(report.images_refused.empty());
+      });
 }
 
 // mdci with its int8 scoring sketch (MdciParams::sketch_scoring): the image
@@ -263,28 +279,16 @@ TEST_P(SessionRestoreTest, IndexImagesAreLoadedAndTheSessionContinuesLikeItsTwin
 // twin that never restarted. (That the re-derived sketch is the written one,
 // bit for bit, is page_sketch_test's; this small session selects the same
 // pages either way.)
-TEST_P(SessionRestoreTest, MdciSketchIsRederivedFromTheFramesAfterARestart) {
-  if (GetParam() != SelectorKind::kMdci) GTEST_SKIP() << "mdci only";
-  SessionConfig c = SmallConfig(GetParam());
+class MdciSketchRestoreTest : public RestoreFixture {};
+
+TEST_F(MdciSketchRestoreTest, IsRederivedFromTheFramesAfterARestart) {
+  SessionConfig c = SmallConfig(SelectorKind::kMdci);
   c.mdci.sketch_scoring = true;
-  Node twin = Node::Start("", false);
-  std::pair<std::string, std::string> ids;
-  {
-    Node before = Node::Start(file_, false);
-    ids = Prepare(before, twin, c);
-    Upgrade(before, /*images=*/true);
-  }
-  Node after = Node::Start(file_, true);
-  auto image = ReadSnapshotFile(snap_);
-  ASSERT_THAT(image, IsOk());
-  ASSERT_EQ(image->sessions.size(), 1u);
-  EXPECT_TRUE(image->sessions[0].config.mdci.sketch_scoring);
-  auto file = IndexImageFile::OpenAndRemove(images_);
-  ASSERT_THAT(file, IsOk());
-  const SessionManager::RestoreReport report = after.manager->Restore(*image, file->get());
-  ASSERT_EQ(report.recovered, 1) << (report.dropped.empty() ? "" : report.dropped[0][2]);
-  EXPECT_EQ(report.indexes_loaded, 4);
-  ContinueLikeTheTwin(after, twin, ids.first, ids.second, c);
+  RestoreWithImagesAndContinue(
+      c, [](const SnapshotImage& image, const SessionManager::RestoreReport& report) {
+        EXPECT_TRUE(image.sessions[0].config.mdci.sketch_scoring);
+        EXPECT_EQ(report.indexes_loaded, 4);
+      });
 }
 
 INSTANTIATE_TEST_SUITE_P(Selectors, SessionRestoreTest,
@@ -404,7 +408,9 @@ class QualityRestoreTest : public RestoreFixture {
     if (twin) twin->Append(tid, c, 0, kTokens);
     for (int step = 0; step < steps; ++step) {
       const std::string got = Step(before, id, c, 100 + step);
-      if (twin) EXPECT_EQ(got, Step(*twin, tid, c, 100 + step)) << "step " << step;
+      if (twin) {
+        EXPECT_EQ(got, Step(*twin, tid, c, 100 + step)) << "step " << step;
+      }
     }
     Upgrade(before);
     return {id, tid};
