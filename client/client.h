@@ -153,6 +153,7 @@ struct HeadQuality {
   uint64_t ranking_trial_samples = 0;
   double ranking_trial_gain = 0.0;  // mean: the other ranking's ratio - this one's
   uint64_t ranking_switches = 0;
+  bool seeded = false;  // started from an earlier session's width (calibration memory)
 };
 
 // The session's online quality monitor (types.proto SessionQuality).
@@ -167,6 +168,7 @@ struct SessionQuality {
   double mean_topk_recall = 0.0;
   double calibration_cpu_ms = 0.0;
   double selection_ms = 0.0;
+  uint32_t seeded_heads = 0;  // heads started from an earlier session's width
   std::vector<HeadQuality> heads;
 };
 

@@ -158,6 +158,7 @@ SessionQuality QualityFromProto(const v1::SessionQuality& q) {
   s.mean_topk_recall = q.mean_topk_recall();
   s.calibration_cpu_ms = q.calibration_cpu_ms();
   s.selection_ms = q.selection_ms();
+  s.seeded_heads = q.seeded_heads();
   for (const v1::HeadQuality& h : q.heads()) {
     HeadQuality o;
     o.layer_group = h.layer_group();
@@ -180,6 +181,7 @@ SessionQuality QualityFromProto(const v1::SessionQuality& q) {
     o.ranking_trial_samples = h.ranking_trial_samples();
     o.ranking_trial_gain = h.ranking_trial_gain();
     o.ranking_switches = h.ranking_switches();
+    o.seeded = h.seeded();
     s.heads.push_back(o);
   }
   return s;

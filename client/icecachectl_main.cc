@@ -283,6 +283,10 @@ void AddQualityRows(const SessionQuality& q, TextTable* t) {
     t->AddRow({"top-k recall", absl::StrFormat("%.4f", q.mean_topk_recall)});
   }
   if (q.target_mass_ratio > 0) t->AddRow({"width per head", WidthSummary(q)});
+  if (q.seeded_heads > 0) {
+    t->AddRow({"seeded", absl::StrCat(q.seeded_heads, " of ", q.heads.size(),
+                                      " heads started from an earlier session's width")});
+  }
   const double share = q.selection_ms > 0 ? 100.0 * q.calibration_cpu_ms / q.selection_ms : 0.0;
   t->AddRow({"calibration cpu", absl::StrFormat("%.1f ms (%.1f%% of %.1f ms selection)",
                                                 q.calibration_cpu_ms, share, q.selection_ms)});

@@ -131,6 +131,7 @@ Json QualityJson(const SessionQuality& q) {
   j["mean_topk_recall"] = q.mean_topk_recall;
   j["calibration_cpu_ms"] = q.calibration_cpu_ms;
   j["selection_ms"] = q.selection_ms;
+  j["seeded_heads"] = q.seeded_heads;
   Json heads = Json::array();
   for (const HeadQuality& h : q.heads) {
     heads.push_back({{"layer_group", h.layer_group},
@@ -152,7 +153,8 @@ Json QualityJson(const SessionQuality& q) {
                      {"descent_ranking", h.descent_ranking},
                      {"ranking_trial_samples", h.ranking_trial_samples},
                      {"ranking_trial_gain", h.ranking_trial_gain},
-                     {"ranking_switches", h.ranking_switches}});
+                     {"ranking_switches", h.ranking_switches},
+                     {"seeded", h.seeded}});
   }
   j["heads"] = std::move(heads);
   return j;

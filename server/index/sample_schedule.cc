@@ -46,6 +46,11 @@ void SampleSchedule::Taken() {
   ++taken_;
 }
 
+void SampleSchedule::ShortenWarmup(int left) {
+  const int64_t to_take = std::max<int64_t>(0, o_.warmup - taken_ - warmup_credit_);
+  warmup_credit_ += std::max<int64_t>(0, to_take - std::max(0, left));
+}
+
 void SampleSchedule::Reference(int64_t cost_ns) {
   AddToMean(cost_ns, &reference_n_, &reference_ns_);
 }
@@ -66,6 +71,7 @@ SampleScheduleState SampleSchedule::state() const {
   s.reference_n = reference_n_;
   s.select_ns = select_ns_;
   s.reference_ns = reference_ns_;
+  s.warmup_credit = warmup_credit_;
   return s;
 }
 
@@ -89,6 +95,9 @@ absl::Status SampleSchedule::Restore(const SampleScheduleState& s) {
   if (!(s.reference_ns >= 0.0) || !std::isfinite(s.reference_ns)) {
     return bad("reference_ns must be finite and >= 0", s.reference_ns);
   }
+  if (s.warmup_credit < 0 || s.warmup_credit > o_.warmup) {
+    return bad("warmup_credit must be in 0..warmup", s.warmup_credit);
+  }
   steps_ = s.steps;
   since_ = s.since;
   taken_ = s.taken;
@@ -96,6 +105,7 @@ absl::Status SampleSchedule::Restore(const SampleScheduleState& s) {
   reference_n_ = s.reference_n;
   select_ns_ = s.select_ns;
   reference_ns_ = s.reference_ns;
+  warmup_credit_ = s.warmup_credit;
   return absl::OkStatus();
 }
 

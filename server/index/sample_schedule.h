@@ -45,6 +45,9 @@ struct SampleScheduleState {
   int64_t steps = 0, since = 0, taken = 0;
   int64_t select_n = 0, reference_n = 0;
   double select_ns = 0.0, reference_ns = 0.0;
+  // Warm-up measurements credited without being taken (ShortenWarmup: a
+  // head seeded from an earlier session's calibration); 0 in older snapshots.
+  int64_t warmup_credit = 0;
 };
 
 class SampleSchedule {
@@ -59,15 +62,19 @@ class SampleSchedule {
   void Reference(int64_t cost_ns);
   // Selections apart once warm, from the costs seen so far.
   int64_t Interval() const;
-  bool warm() const { return taken_ >= o_.warmup; }
+  // Leaves at most `left` (>= 0) warm-up measurements still to take, the rest
+  // credited as taken: a head that starts from a width an earlier session
+  // settled on needs a few samples to confirm it, not a full warm-up.
+  void ShortenWarmup(int left);
+  bool warm() const { return taken_ + warmup_credit_ >= o_.warmup; }
   int64_t steps() const { return steps_; }
   int64_t taken() const { return taken_; }
   double mean_selection_ns() const { return select_ns_; }
   double mean_reference_ns() const { return reference_ns_; }
   SampleScheduleState state() const;
   // Takes `s` over; InvalidArgument naming the field when a count is
-  // negative or past the steps, or a mean is negative or not finite (this
-  // schedule is then unchanged).
+  // negative or past the steps (the warm-up credit: past the warm-up), or a
+  // mean is negative or not finite (this schedule is then unchanged).
   absl::Status Restore(const SampleScheduleState& s);
 
  private:
@@ -77,6 +84,7 @@ class SampleSchedule {
   int64_t taken_ = 0;
   int64_t select_n_ = 0, reference_n_ = 0;
   double select_ns_ = 0.0, reference_ns_ = 0.0;  // moving means
+  int64_t warmup_credit_ = 0;
 };
 
 }  // namespace icecache

@@ -310,7 +310,44 @@ CalibratorReport WidthCalibrator::report() const {
   r.trial_samples = trial_n_;
   r.trial_gain = trial_gain_;
   r.ranking_switches = ranking_switches_;
+  r.seeded = seeded_;
   return r;
+}
+
+std::optional<CalibratorSeed> WidthCalibrator::SeedOf(int64_t min_samples) const {
+  absl::MutexLock lock(&mu_);
+  const bool exact = mode_ == SelectMode::kExact;
+  if (!exact && samples_ < std::max<int64_t>(1, min_samples)) return std::nullopt;
+  return CalibratorSeed{width_, ranking_, exact};
+}
+
+absl::Status WidthCalibrator::Seed(const CalibratorSeed& seed, int warmup_left) {
+  if (!(seed.width >= o_.min_width && seed.width <= o_.max_width)) {
+    return absl::InvalidArgumentError(absl::StrCat("calibrator seed: width must be in [",
+                                                   o_.min_width, ", ", o_.max_width, "], got ",
+                                                   seed.width));
+  }
+  if (seed.ranking != DescentRanking::kLoudest && seed.ranking != DescentRanking::kNormalized) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("calibrator seed: ranking must be loudest (1) or normalized (2), got ",
+                     static_cast<int>(seed.ranking)));
+  }
+  absl::MutexLock lock(&mu_);
+  if (steps_ != 0 || samples_ != 0) {
+    return absl::FailedPreconditionError(absl::StrCat("calibrator seed: the head has counted ",
+                                                      steps_,
+                                                      " selections; only a fresh one is seeded"));
+  }
+  width_ = seed.width;
+  ranking_ = seed.ranking;
+  if (seed.exact) {
+    mode_ = SelectMode::kExact;
+    reprobe_wait_ = o_.reprobe_steps;
+    exact_run_ = 0;
+  }
+  schedule_.ShortenWarmup(warmup_left);
+  seeded_ = true;
+  return absl::OkStatus();
 }
 
 CalibratorState WidthCalibrator::state() const {
@@ -349,6 +386,7 @@ CalibratorState WidthCalibrator::state() const {
   s.trial_needed = trial_needed_;
   s.trial_gain = trial_gain_;
   s.ranking_switches = ranking_switches_;
+  s.seeded = seeded_;
   return s;
 }
 
@@ -455,6 +493,7 @@ absl::Status WidthCalibrator::Restore(const CalibratorState& s) {
       s.ranking == DescentRanking::kSelector ? o_.ranking_trial_samples : s.trial_needed;
   trial_gain_ = s.trial_gain;
   ranking_switches_ = s.ranking_switches;
+  seeded_ = s.seeded;
   return absl::OkStatus();
 }
 

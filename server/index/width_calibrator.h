@@ -160,6 +160,16 @@ struct CalibratorReport {
   int64_t trial_samples = 0;                          // paired samples of the duel so far
   double trial_gain = 0.0;  // moving mean since the last switch: other's ratio - this one's
   int64_t ranking_switches = 0;
+  bool seeded = false;  // started from an earlier session's width (Seed)
+};
+
+// Where an earlier session's calibrator of the same head ended
+// (WidthCalibrator::SeedOf), for a new session to start from (Seed):
+// the width, the descent's ranking, and whether it selected exactly.
+struct CalibratorSeed {
+  double width = 1.0;
+  DescentRanking ranking = DescentRanking::kLoudest;
+  bool exact = false;
 };
 
 // A calibrator's whole state (the fields of WidthCalibrator below), carried
@@ -192,6 +202,7 @@ struct CalibratorState {
   DescentRanking ranking = DescentRanking::kSelector;
   int64_t trial_n = 0, trial_since = 0, trial_needed = 0, ranking_switches = 0;
   double trial_gain = 0.0;
+  bool seeded = false;  // absent from older snapshots: false
 };
 
 class WidthCalibrator {
@@ -220,6 +231,22 @@ class WidthCalibrator {
   // trial_mass_ratio); else nullopt.
   std::optional<DescentRanking> TrialRanking() const ABSL_LOCKS_EXCLUDED(mu_);
   CalibratorReport report() const ABSL_LOCKS_EXCLUDED(mu_);
+
+  // What a later session of the same model may start this head from: the
+  // width (and ranking, and exact fallback) once the head has taken at least
+  // `min_samples` samples (>= 1), or, in exact mode, fallen back; else
+  // nullopt (nothing learnt yet).
+  std::optional<CalibratorSeed> SeedOf(int64_t min_samples) const ABSL_LOCKS_EXCLUDED(mu_);
+  // Starts a fresh calibrator (no selection counted yet) from `seed`: its
+  // width (the floor stays min_width: a seed is a guess, not a measured
+  // floor), its ranking, in exact mode when it was exact (re-probing the
+  // tree after reprobe_steps as after a fallback), with at most
+  // `warmup_left` (>= 0) warm-up samples still to take. FailedPrecondition
+  // once the calibrator has counted a selection (a restored or running
+  // head: its own state wins); InvalidArgument for a width outside
+  // [min_width, max_width] or a ranking other than loudest / normalized
+  // (the calibrator is then unchanged).
+  absl::Status Seed(const CalibratorSeed& seed, int warmup_left) ABSL_LOCKS_EXCLUDED(mu_);
 
   CalibratorState state() const ABSL_LOCKS_EXCLUDED(mu_);
   // Takes `s` over (a warm restart). InvalidArgument naming the field when
@@ -291,6 +318,7 @@ class WidthCalibrator {
   int64_t trial_needed_ ABSL_GUARDED_BY(mu_) = 0;  // before a switch can be decided
   double trial_gain_ ABSL_GUARDED_BY(mu_) = 0.0;   // moving mean gain since the last switch
   int64_t ranking_switches_ ABSL_GUARDED_BY(mu_) = 0;
+  bool seeded_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 // Measures `selection` (made by `selector` for these queries and params)

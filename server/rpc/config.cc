@@ -197,6 +197,10 @@ void ApplyDefaults(IcecachedConfig* c) {
     q->set_max_sample_every(std::max(kDefaultQualityMaxSampleEvery, q->sample_every()));
   }
   if (!q->has_warmup_samples()) q->set_warmup_samples(kDefaultQualityWarmupSamples);
+  if (!q->has_remember_widths()) q->set_remember_widths(kDefaultQualityRememberWidths);
+  if (!q->has_seeded_warmup_samples()) {
+    q->set_seeded_warmup_samples(std::min(kDefaultQualitySeededWarmupSamples, q->warmup_samples()));
+  }
   if (!q->has_exact_cost_ratio()) q->set_exact_cost_ratio(kDefaultQualityExactCostRatio);
   if (!q->has_ranking_duel_samples()) {
     q->set_ranking_duel_samples(kDefaultQualityRankingDuelSamples);
@@ -385,6 +389,10 @@ absl::Status ValidateConfig(const IcecachedConfig& c) {
   }
   if (q.warmup_samples() > (1u << 20)) {
     return Bad("quality.warmup_samples", q.warmup_samples(), "must be <= 1048576");
+  }
+  if (q.seeded_warmup_samples() > q.warmup_samples()) {
+    return Bad("quality.seeded_warmup_samples", q.seeded_warmup_samples(),
+               absl::StrCat("must be <= quality.warmup_samples (", q.warmup_samples(), ")"));
   }
   if (!(q.cpu_share() > 0 && q.cpu_share() <= 1)) {
     return Bad("quality.cpu_share", q.cpu_share(),

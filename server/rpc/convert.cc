@@ -350,6 +350,7 @@ void SessionQualityToProto(const SessionQualityInfo& q, v1::SessionQuality* out)
   out->set_mean_topk_recall(q.mean_topk_recall);
   out->set_calibration_cpu_ms(static_cast<double>(q.calibration_cpu_ns) / 1e6);
   out->set_selection_ms(static_cast<double>(q.selection_ns) / 1e6);
+  out->set_seeded_heads(static_cast<uint32_t>(std::max(0, q.seeded_heads)));
   for (const HeadQualityInfo& h : q.heads) {
     v1::HeadQuality* o = out->add_heads();
     o->set_layer_group(static_cast<uint32_t>(h.group));
@@ -373,6 +374,7 @@ void SessionQualityToProto(const SessionQualityInfo& q, v1::SessionQuality* out)
         static_cast<uint64_t>(std::max<int64_t>(0, h.ranking_trial_samples)));
     o->set_ranking_trial_gain(h.ranking_trial_gain);
     o->set_ranking_switches(static_cast<uint64_t>(std::max<int64_t>(0, h.ranking_switches)));
+    o->set_seeded(h.seeded);
   }
 }
 

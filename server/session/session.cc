@@ -13,6 +13,7 @@
 #include "server/index/parallel_build.h"
 #include "server/index/token_select.h"
 #include "server/pool/frame_checksum.h"
+#include "server/session/calibration_memory.h"
 
 namespace icecache {
 
@@ -269,6 +270,10 @@ absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req,
   RETURN_IF_ERROR(CheckQueries(config, req.queries));
   ASSIGN_OR_RETURN(SelectParams params, ResolveParams(config, req.params, tokens));
   params.granularity = CallGranularity(config, req.granularity, destination);
+  last_select_tokens.store(tokens, std::memory_order_relaxed);
+  if (calibration_memory != nullptr) {
+    std::call_once(seed_once, [&] { calibration_memory->Seed(*this, tokens); });
+  }
   result.heads.resize(config.kv_heads);
   std::vector<std::unique_ptr<QualityProbe>> chosen(probes != nullptr ? config.kv_heads : 0);
   // The tasks run while this thread holds mu (shared) and waits for them.

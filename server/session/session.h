@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -35,6 +36,8 @@ namespace icecache {
 
 // PageKeys over the frames of one layer (the first of its group) of one KV
 // head: the K block sits at the start of each frame.
+class CalibrationMemory;
+
 class FramePageKeys final : public PageKeys {
  public:
   explicit FramePageKeys(const std::vector<uint8_t*>* frames) : frames_(frames) {}
@@ -239,6 +242,13 @@ class Session {
   std::atomic<int64_t> samples_dropped{0};
   std::atomic<int64_t> samples_stale{0};
   std::atomic<int64_t> samples_reselected{0};  // measured late: selected again (MeasureProbe)
+  // Calibration memory (calibration_memory.h; owned by the manager, null when
+  // off): the fresh calibrators are seeded once, at the first selection
+  // (when the context length is known); the context of the latest
+  // selection is what the manager remembers the widths under.
+  CalibrationMemory* calibration_memory = nullptr;
+  std::once_flag seed_once;
+  std::atomic<int64_t> last_select_tokens{0};
 };
 
 }  // namespace icecache

@@ -163,6 +163,10 @@ absl::StatusOr<std::unique_ptr<SessionManager>> SessionManager::Create(
   }
   if (options.quality.enabled) {
     ASSIGN_OR_RETURN(m->sampler_, QualitySampler::Create(options.quality.sampler));
+    if (options.quality.remember_widths) {
+      m->calibration_memory_ = std::make_unique<CalibrationMemory>(
+          options.quality.remembered_keys, options.quality.seeded_warmup_samples);
+    }
   }
   if (options.reaper_interval > absl::ZeroDuration()) {
     m->reaper_ = std::thread([raw = m.get()] { raw->ReaperLoop(); });
@@ -285,13 +289,22 @@ SessionInfo SessionManager::Info(const Session& s) const {
 
 void SessionManager::RemoveSession(const std::string& id, const char* reason) {
   std::shared_ptr<Session> dead;  // frames go back to the pool outside mu_
-  absl::MutexLock l(&mu_);
-  auto it = sessions_.find(id);
-  if (it == sessions_.end()) return;
-  dead = std::move(it->second);
-  dead->closed.store(true);
-  sessions_.erase(it);
+  {
+    absl::MutexLock l(&mu_);
+    auto it = sessions_.find(id);
+    if (it == sessions_.end()) return;
+    dead = std::move(it->second);
+    dead->closed.store(true);
+    sessions_.erase(it);
+  }
+  RememberCalibration(*dead);
   (void)reason;
+}
+
+void SessionManager::RememberCalibration(const Session& s) {
+  if (calibration_memory_ == nullptr) return;
+  // A head remembers once its warm-up is done (or it fell back to exact).
+  calibration_memory_->Remember(s, std::max(1, options_.quality.warmup_samples));
 }
 
 bool SessionManager::draining() const {
@@ -349,6 +362,7 @@ absl::StatusOr<SessionInfo> SessionManager::CreateSession(const Caller& caller,
     ASSIGN_OR_RETURN(std::vector<std::unique_ptr<HeadQualityMonitor>> heads,
                      MakeHeadQuality(s->config, s->groups, options_.quality));
     s->EnableQuality(std::move(heads), sampler_.get());
+    s->calibration_memory = calibration_memory_.get();
   }
   // Probed before mu_: the probe is the owner's code.
   const bool stopping = options_.stop_pending && options_.stop_pending();
@@ -425,6 +439,7 @@ int SessionManager::ExpireLeases(absl::Time now) {
     }
   }
   counters_->expired.fetch_add(dead.size());
+  for (const auto& s : dead) RememberCalibration(*s);
   if (options_.on_expired) {
     for (const auto& s : dead) options_.on_expired(s->tenant, s->id, now - s->last_use());
   }
@@ -473,6 +488,8 @@ absl::Status SessionManager::MakeRoom(const Session* appending, uint64_t bytes) 
     freed += c.bytes;
   }
   counters_->evicted.fetch_add(dead.size());
+  // Under mu_ (the memory's own lock nests inside it; it never calls back).
+  for (const auto& s : dead) RememberCalibration(*s);
   return absl::OkStatus();
 }
 

@@ -90,6 +90,7 @@
 #include "absl/types/span.h"
 #include "common/caller.h"
 #include "server/pool/page_pool.h"
+#include "server/session/calibration_memory.h"
 #include "server/session/clock.h"
 #include "server/session/session.h"
 #include "server/session/session_quality.h"
@@ -407,6 +408,8 @@ class SessionManager {
   // Makes room for `bytes` more pool bytes under the watermark policy.
   absl::Status MakeRoom(const Session* appending, uint64_t bytes);
   void RemoveSession(const std::string& id, const char* reason);
+  // An ending session's calibrated widths into the calibration memory.
+  void RememberCalibration(const Session& s);
   void ReaperLoop();
   // Queues the probes of one selection of `s` on the sampler (drops counted).
   void OfferProbes(const std::shared_ptr<Session>& s, std::vector<QualityProbe> probes);
@@ -446,6 +449,9 @@ class SessionManager {
   const uint64_t epoch_;
 
   mutable absl::Mutex mu_;
+  // Null unless quality.remember_widths (with the monitor on). Declared
+  // before the sessions, which point at it: destroyed after them.
+  std::unique_ptr<CalibrationMemory> calibration_memory_;
   std::map<std::string, std::shared_ptr<Session>, std::less<>> sessions_ ABSL_GUARDED_BY(mu_);
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   std::unique_ptr<Counters> counters_;  // atomics inside

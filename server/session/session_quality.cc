@@ -31,6 +31,14 @@ SampleScheduleOptions ScheduleOf(const SessionQualityOptions& o) {
 }  // namespace
 
 absl::Status ValidateQualityOptions(const SessionQualityOptions& o) {
+  if (o.seeded_warmup_samples < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "quality sampling: seeded_warmup_samples must be >= 0, got ", o.seeded_warmup_samples));
+  }
+  if (o.remembered_keys < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("quality sampling: remembered_keys must be >= 1, got ", o.remembered_keys));
+  }
   return ValidateSampleSchedule(ScheduleOf(o));
 }
 
@@ -78,6 +86,7 @@ HeadQualityInfo HeadQualityMonitor::Report(int group, int head) const {
     info.ranking_trial_samples = r.trial_samples;
     info.ranking_trial_gain = r.trial_gain;
     info.ranking_switches = r.ranking_switches;
+    info.seeded = r.seeded;
   }
   absl::MutexLock l(&mu_);
   if (calibrator_ == nullptr) info.sample_interval = schedule_.Interval();
@@ -290,6 +299,7 @@ SessionQualityInfo QualityInfoOf(const Session& s) {
       sum_recent += h.recent_mass_ratio;
       ++heads_sampled;
     }
+    if (h.seeded) ++q.seeded_heads;
     q.heads.push_back(h);
   }
   if (q.samples > 0) {

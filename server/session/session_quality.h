@@ -54,13 +54,21 @@ struct SessionQualityOptions {
   // The calibrators' ranking duel (CalibratorOptions::ranking_trial_samples;
   // 0: off).
   int ranking_duel_samples = CalibratorOptions{}.ranking_trial_samples;
+  // Calibration memory (calibration_memory.h): a new session's calibrators
+  // start from the widths the last ended session of the same tenant and
+  // model settled on, and take only seeded_warmup_samples (>= 0) warm-up
+  // samples to confirm them; at most remembered_keys (>= 1) keys are kept.
+  bool remember_widths = false;
+  int seeded_warmup_samples = 4;
+  int remembered_keys = 1024;
   // sampler.cpu_share is also the schedule's share: reference cost /
   // selection cost per head in steady state.
   QualitySamplerOptions sampler;
 };
 
 // InvalidArgument naming the option (sample_every >= 1, max_sample_every >=
-// sample_every, warmup_samples >= 0, cpu_share in (0, 1]).
+// sample_every, warmup_samples >= 0, cpu_share in (0, 1],
+// seeded_warmup_samples >= 0, remembered_keys >= 1).
 absl::Status ValidateQualityOptions(const SessionQualityOptions& options);
 
 // One selection chosen for measurement, copied off the decode path.
@@ -118,6 +126,16 @@ class HeadQualityMonitor {
     return calibrator_ != nullptr ? calibrator_->TrialRanking() : std::nullopt;
   }
   void Record(const QualitySample& sample) ABSL_LOCKS_EXCLUDED(mu_);
+  // Calibration memory (calibration_memory.h): what this head's calibrator
+  // learnt (WidthCalibrator::SeedOf; nullopt without a calibrator), and
+  // starting a fresh one from an earlier session's (WidthCalibrator::Seed;
+  // false when there is no calibrator or it would not take the seed).
+  std::optional<CalibratorSeed> SeedOf(int64_t min_samples) const {
+    return calibrator_ != nullptr ? calibrator_->SeedOf(min_samples) : std::nullopt;
+  }
+  bool Seed(const CalibratorSeed& seed, int warmup_left) {
+    return calibrator_ != nullptr && calibrator_->Seed(seed, warmup_left).ok();
+  }
   HeadQualityInfo Report(int group, int head) const ABSL_LOCKS_EXCLUDED(mu_);
 
   HeadQualityState state() const ABSL_LOCKS_EXCLUDED(mu_);

@@ -441,6 +441,9 @@ SessionManager::RestoreReport SessionManager::Restore(const SnapshotImage& image
       const bool restored = kept_fresh[i].empty();
       if (restored) RestoreQualityCounters(*img.quality, *s);
       s->EnableQuality(std::move(kept_quality[i]), sampler_.get());
+      // Restored calibrators refuse a seed (they have counted selections);
+      // fresh ones (an unreadable monitor state) may take one.
+      s->calibration_memory = calibration_memory_.get();
       report.quality_restored += restored ? 1 : 0;
       if (!restored) report.quality_fresh.push_back({img.id, kept_fresh[i]});
     }

@@ -114,6 +114,9 @@ struct HeadQualityInfo {
   int64_t ranking_trial_samples = 0;
   double ranking_trial_gain = 0.0;
   int64_t ranking_switches = 0;
+  // Started from the width an earlier session of the same tenant and model
+  // settled on (calibration memory), not from the default.
+  bool seeded = false;
   int64_t samples = 0;             // selections measured
   double mean_mass_ratio = 0.0;    // over every sample
   double recent_mass_ratio = 0.0;  // moving average (weight 1/8 per sample)
@@ -134,6 +137,7 @@ struct SessionQualityInfo {
   double mean_topk_recall = 0.0;
   int64_t calibration_cpu_ns = 0;      // reference scans of this session
   int64_t selection_ns = 0;            // this session's selections (per head, summed)
+  int seeded_heads = 0;                // heads started from an earlier session's width
   std::vector<HeadQualityInfo> heads;  // [group * kv_heads + head] when monitored
 };
 

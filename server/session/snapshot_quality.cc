@@ -14,7 +14,8 @@ Json ScheduleToJson(const SampleScheduleState& s) {
               {"select_n", s.select_n},
               {"reference_n", s.reference_n},
               {"select_ns", s.select_ns},
-              {"reference_ns", s.reference_ns}};
+              {"reference_ns", s.reference_ns},
+              {"warmup_credit", s.warmup_credit}};
 }
 
 Json CalibratorToJson(const CalibratorState& c) {
@@ -50,7 +51,8 @@ Json CalibratorToJson(const CalibratorState& c) {
               {"trial_since", c.trial_since},
               {"trial_needed", c.trial_needed},
               {"trial_gain", c.trial_gain},
-              {"ranking_switches", c.ranking_switches}};
+              {"ranking_switches", c.ranking_switches},
+              {"seeded", c.seeded}};
 }
 
 Json HeadToJson(const HeadQualityState& h) {
@@ -118,6 +120,9 @@ void ReadSchedule(Reader& r, const Json& o, SampleScheduleState* s) {
   r.Int(o, "reference_n", &s->reference_n);
   r.Num(o, "select_ns", &s->select_ns);
   r.Num(o, "reference_ns", &s->reference_ns);
+  // Absent in snapshots written before calibration seeds: nothing credited.
+  s->warmup_credit = 0;
+  if (o.is_object() && o.contains("warmup_credit")) r.Int(o, "warmup_credit", &s->warmup_credit);
 }
 
 void ReadCalibrator(Reader& r, const Json& o, CalibratorState* c) {
@@ -158,6 +163,9 @@ void ReadCalibrator(Reader& r, const Json& o, CalibratorState* c) {
   c->ranking = DescentRanking::kSelector;
   c->trial_n = c->trial_since = c->trial_needed = c->ranking_switches = 0;
   c->trial_gain = 0.0;
+  // Absent in snapshots written before calibration seeds.
+  c->seeded = false;
+  if (o.is_object() && o.contains("seeded")) r.Bool(o, "seeded", &c->seeded);
   if (!o.is_object() || !o.contains("ranking")) return;
   auto ranking = o.find("ranking");
   if (*ranking == "loudest") {

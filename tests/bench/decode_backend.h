@@ -77,6 +77,7 @@ struct MonitorSummary {
   int exact_heads = 0;          // heads selecting exactly now (exact fallback)
   int64_t exact_selections = 0;
   double mean_mass_ratio = 0;  // over every sample
+  int seeded_heads = 0;        // started from an earlier session's widths (calibration memory)
 };
 
 struct BatchItem {

@@ -89,6 +89,7 @@ class InProcessBackend : public DecodeBackend {
     // the daemon's): mdci selects at its self-calibrated width, and the
     // background references run beside it, as in the daemon.
     m.quality.enabled = quality;
+    m.quality.remember_widths = quality;  // icecached's default (config.h)
     ASSIGN_OR_RETURN(manager_, SessionManager::Create(m));
     return absl::OkStatus();
   }
@@ -210,6 +211,7 @@ class InProcessBackend : public DecodeBackend {
     m.selection_ms = static_cast<double>(q.selection_ns) / 1e6;
     m.reference_cpu_ms = static_cast<double>(q.calibration_cpu_ns) / 1e6;
     m.mean_mass_ratio = q.mean_mass_ratio;
+    m.seeded_heads = q.seeded_heads;
     for (const HeadQualityInfo& h : q.heads) {
       m.widths.push_back(h.width);
       m.exact_heads += h.exact ? 1 : 0;

@@ -186,6 +186,7 @@ class SocketBackend : public DecodeBackend {
     m.selection_ms = q.selection_ms;
     m.reference_cpu_ms = q.calibration_cpu_ms;
     m.mean_mass_ratio = q.mean_mass_ratio;
+    m.seeded_heads = static_cast<int>(q.seeded_heads);
     for (const HeadQuality& h : q.heads) {
       m.widths.push_back(h.width);
       m.exact_heads += h.exact ? 1 : 0;

@@ -41,7 +41,8 @@ Json MonitorJson(const MonitorSummary& m) {
           {"widths", m.widths},
           {"exact_heads", m.exact_heads},
           {"exact_selections", m.exact_selections},
-          {"mean_mass_ratio", m.mean_mass_ratio}};
+          {"mean_mass_ratio", m.mean_mass_ratio},
+          {"seeded_heads", m.seeded_heads}};
 }
 
 Json PolicyJson(const PolicyResult& p) {
@@ -86,12 +87,14 @@ std::string MonitorLine(const MonitorSummary& m) {
   std::sort(w.begin(), w.end());
   const double share = m.selection_ms > 0 ? 100.0 * m.reference_cpu_ms / m.selection_ms : 0.0;
   return absl::StrFormat(
-      "width x%s..x%s (median x%s) over %d heads, %d exact (%lld exact selections); %lld "
+      "width x%s..x%s (median x%s) over %d heads%s, %d exact (%lld exact selections); %lld "
       "samples (%lld dropped), mean ratio %.3f; references %.0f ms CPU = %.0f%% of the "
       "selections' %.0f ms",
       w.empty() ? "-" : absl::StrFormat("%.2g", w.front()),
       w.empty() ? "-" : absl::StrFormat("%.2g", w.back()),
       w.empty() ? "-" : absl::StrFormat("%.2g", w[w.size() / 2]), static_cast<int>(w.size()),
+      m.seeded_heads > 0 ? absl::StrFormat(" (%d seeded from an earlier session)", m.seeded_heads)
+                         : std::string(),
       m.exact_heads, static_cast<long long>(m.exact_selections), static_cast<long long>(m.samples),
       static_cast<long long>(m.dropped), m.mean_mass_ratio, m.reference_cpu_ms, share,
       m.selection_ms);

@@ -75,6 +75,8 @@ TEST(OutputTest, SessionJsonHasEveryFieldWithEpochAsString) {
   h.field_of_view = 48;
   h.candidate_factor = 12;
   h.samples = 4;
+  h.seeded = true;
+  s.quality.seeded_heads = 1;
   s.quality.heads.push_back(h);
   EXPECT_EQ(DumpJson(SessionJson(s)),
             R"({"session_id":"s-1","tenant":"alpha \"q\"","epoch":"18446744073709551615",)"
@@ -87,12 +89,13 @@ TEST(OutputTest, SessionJsonHasEveryFieldWithEpochAsString) {
             R"("quality":{"monitored":true,"target_mass_ratio":0.5,"samples":4,)"
             R"("samples_dropped":0,"samples_stale":0,"mean_mass_ratio":0.75,)"
             R"("recent_mass_ratio":0.0,"mean_topk_recall":0.0,"calibration_cpu_ms":0.0,)"
-            R"("selection_ms":0.0,"heads":[{"layer_group":1,"kv_head":2,"calibrated":true,)"
+            R"("selection_ms":0.0,"seeded_heads":1,"heads":[{"layer_group":1,"kv_head":2,)"
+            R"("calibrated":true,)"
             R"("width":1.5,"field_of_view":48,"candidate_factor":12.0,"width_changes":0,)"
             R"("samples":4,"mean_mass_ratio":0.0,"recent_mass_ratio":0.0,)"
             R"("last_mass_ratio":0.0,"mean_topk_recall":0.0,"mode":"tree","exact_selections":0,)"
             R"("fallbacks":0,"sample_interval":0,"descent_ranking":"","ranking_trial_samples":0,)"
-            R"("ranking_trial_gain":0.0,"ranking_switches":0}]}})");
+            R"("ranking_trial_gain":0.0,"ranking_switches":0,"seeded":true}]}})");
 }
 
 TEST(OutputTest, StatsJsonNestsSizeClassesAndTenants) {

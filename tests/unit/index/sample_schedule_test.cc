@@ -89,5 +89,29 @@ TEST(SampleScheduleTest, RejectsBadOptions) {
               StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("cpu_share")));
 }
 
+TEST(SampleScheduleTest, ShortenedWarmupTakesOnlyWhatIsLeft) {
+  SampleSchedule s(Opts(16, 10, 100, 0.05));
+  s.ShortenWarmup(2);
+  EXPECT_FALSE(s.warm());
+  EXPECT_EQ(Drive(&s, 2, 100, 1000), 2);
+  EXPECT_TRUE(s.warm());
+  // Warm: the next measurement is an interval away, not the next step.
+  EXPECT_FALSE(s.Step(100));
+  // The credit is part of the state and survives a restore.
+  const SampleScheduleState st = s.state();
+  EXPECT_EQ(st.warmup_credit, 14);
+  SampleSchedule r(Opts(16, 10, 100, 0.05));
+  ASSERT_THAT(r.Restore(st), IsOk());
+  EXPECT_TRUE(r.warm());
+  // Shortening never adds warm-up, and a credit past the warm-up is refused.
+  SampleSchedule t(Opts(4, 10, 100, 0.05));
+  t.ShortenWarmup(10);
+  EXPECT_EQ(Drive(&t, 4, 100, 1000), 4);
+  SampleScheduleState bad = st;
+  bad.warmup_credit = 17;
+  EXPECT_THAT(r.Restore(bad),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("warmup_credit")));
+}
+
 }  // namespace
 }  // namespace icecache

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <memory>
+#include <optional>
 #include <random>
 #include <vector>
 
@@ -795,6 +796,72 @@ TEST(WidthCalibratorTest, TheRankingOverrideSelectsAsTheConfiguredRanking) {
     EXPECT_LT(alone_a->trial_mass_ratio, 0.0);  // no trial asked
   }
   EXPECT_GT(differ, 0) << "the two rankings should disagree on some step here";
+}
+
+TEST(WidthCalibratorTest, SeedStartsAFreshHeadAtAnEarlierSessionsWidth) {
+  CalibratorOptions o;
+  o.warmup_samples = 16;
+  auto learnt = Make(o);
+  ASSERT_NE(learnt, nullptr);
+  EXPECT_FALSE(learnt->SeedOf(16).has_value());  // nothing learnt yet
+  std::mt19937 rng(5);
+  for (int i = 0; i < 24; ++i) {
+    const double r = Curve(0.4, learnt->report().width, &rng);  // needs width 8
+    learnt->Observe({r, r});
+  }
+  const std::optional<CalibratorSeed> seed = learnt->SeedOf(16);
+  ASSERT_TRUE(seed.has_value());
+  EXPECT_EQ(seed->width, learnt->report().width);
+  EXPECT_GT(seed->width, 4.0);
+  EXPECT_FALSE(seed->exact);
+
+  auto next = Make(o);
+  ASSERT_NE(next, nullptr);
+  ASSERT_THAT(next->Seed(*seed, 2), IsOk());
+  EXPECT_TRUE(next->report().seeded);
+  SelectParams p;
+  next->Apply(&p);
+  EXPECT_EQ(p.field_of_view, static_cast<int>(std::lround(32 * seed->width)));
+  EXPECT_FALSE(p.exhaustive);
+  // Two warm-up samples left, then the steady interval (>= sample_every).
+  int sampled = 0;
+  for (int i = 0; i < 10; ++i) {
+    if (next->ShouldSample(p, 1000)) {
+      next->Taken();
+      next->Observe({0.97, 0.97});
+      ++sampled;
+    }
+  }
+  EXPECT_EQ(sampled, 2);
+  EXPECT_TRUE(next->state().seeded);
+  // Only a fresh calibrator takes a seed.
+  EXPECT_THAT(next->Seed(*seed, 2), StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+TEST(WidthCalibratorTest, SeedOfAnExactHeadSelectsExactlyAndBadSeedsAreRefused) {
+  auto c = Make({});
+  ASSERT_NE(c, nullptr);
+  ASSERT_THAT(c->Seed({2.0, DescentRanking::kNormalized, /*exact=*/true}, 0), IsOk());
+  SelectParams p;
+  c->Apply(&p);
+  EXPECT_TRUE(p.exhaustive);
+  EXPECT_EQ(p.ranking, DescentRanking::kNormalized);
+  EXPECT_EQ(c->report().mode, SelectMode::kExact);
+  EXPECT_FALSE(c->ShouldSample(p, 1000));  // exact selections are not sampled
+  const std::optional<CalibratorSeed> again = c->SeedOf(1000);
+  ASSERT_TRUE(again.has_value());  // an exact head passes on its fallback
+  EXPECT_TRUE(again->exact);
+
+  auto d = Make({});
+  ASSERT_NE(d, nullptr);
+  EXPECT_THAT(d->Seed({0.5, DescentRanking::kLoudest, false}, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("width")));
+  EXPECT_THAT(d->Seed({std::nan(""), DescentRanking::kLoudest, false}, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("width")));
+  EXPECT_THAT(d->Seed({2.0, DescentRanking::kSelector, false}, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("ranking")));
+  EXPECT_FALSE(d->report().seeded);
+  EXPECT_EQ(d->report().width, 1.0);
 }
 
 }  // namespace

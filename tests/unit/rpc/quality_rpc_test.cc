@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -179,6 +180,42 @@ class QualityRpcTest : public ::testing::Test {
   std::unique_ptr<v1::KvService::Stub> kv_;
   KvDump dump_;
 };
+TEST_F(QualityRpcTest, ASessionAfterAnotherOfTheModelStartsAtItsWidths) {
+  ASSERT_NO_FATAL_FAILURE(Generate());
+  std::string first;
+  ASSERT_TRUE(Create(MdciConfig(), &first).ok());
+  ASSERT_TRUE(AppendAll(first).ok());
+  for (int step = 0; step < 24; ++step) {  // the whole warm-up (warmup_samples 24)
+    ASSERT_TRUE(Select(first, step).ok());
+    WaitForSamples(first, static_cast<uint64_t>(2 * (step + 1)));
+  }
+  const v1::SessionInfo learnt = Get(first);
+  ASSERT_EQ(learnt.quality().heads_size(), 2);
+  EXPECT_EQ(learnt.quality().seeded_heads(), 0u);
+  {
+    grpc::ClientContext ctx;
+    v1::DropSessionRequest req;
+    req.set_session_id(first);
+    v1::DropSessionResponse resp;
+    ASSERT_TRUE(sessions_->DropSession(&ctx, req, &resp).ok());
+  }
+  std::string next;
+  ASSERT_TRUE(Create(MdciConfig(), &next).ok());
+  ASSERT_TRUE(AppendAll(next).ok());
+  ASSERT_TRUE(Select(next, 30).ok());
+  const v1::SessionInfo info = WaitForSamples(next, 2);
+  EXPECT_EQ(info.quality().seeded_heads(), 2u);
+  ASSERT_EQ(info.quality().heads_size(), 2);
+  for (int h = 0; h < 2; ++h) {
+    SCOPED_TRACE(h);
+    EXPECT_TRUE(info.quality().heads(h).seeded());
+    // Where the first session ended, give or take the one sample taken since.
+    EXPECT_NEAR(std::log(info.quality().heads(h).width()),
+                std::log(learnt.quality().heads(h).width()), std::log(1.5) + 1e-9);
+    EXPECT_GT(info.quality().heads(h).width(), 1.0);
+  }
+}
+
 TEST_F(QualityRpcTest, DecodeStepsAreMeasuredCalibratedAndExported) {
   ASSERT_NO_FATAL_FAILURE(Generate());
   std::string id;

@@ -8,6 +8,7 @@
 #include "absl/synchronization/notification.h"
 #include "common/synthetic.h"
 #include "gtest/gtest.h"
+#include "server/session/calibration_memory.h"
 #include "server/session/session_manager.h"
 #include "tests/support/status_matchers.h"
 #include "tests/unit/session/session_test_util.h"
@@ -329,6 +330,98 @@ TEST(SessionQualityTest, PositionalSelectorsAreNotMonitored) {
   ASSERT_THAT(info.status(), IsOk());
   EXPECT_FALSE(info->quality.monitored);
   EXPECT_TRUE(info->quality.heads.empty());
+}
+
+// --- Calibration memory (calibration_memory.h) ---
+
+std::vector<double> Widths(QualityEnv* q, const std::string& id, int* seeded = nullptr) {
+  std::vector<double> w;
+  auto info = q->env.manager->GetSession(q->caller, id);
+  EXPECT_THAT(info.status(), IsOk());
+  if (!info.ok()) return w;
+  if (seeded != nullptr) *seeded = info->quality.seeded_heads;
+  for (const HeadQualityInfo& h : info->quality.heads) w.push_back(h.width);
+  return w;
+}
+
+void RememberOn(SessionManagerOptions* mo) {
+  mo->quality.remember_widths = true;
+  mo->quality.seeded_warmup_samples = 2;
+}
+
+TEST(CalibrationMemoryTest, TheNextSessionOfTheModelStartsAtTheLearntWidths) {
+  QualityEnv q;
+  const int kSteps = 24, kWarmup = 16;
+  ASSERT_NO_FATAL_FAILURE(
+      StartQualitySession(&q, 0.95, 8192, kSteps, kWarmup, 64, Granularity::kPage, RememberOn));
+  for (int step = 0; step < kSteps; ++step) ASSERT_THAT(Step(&q, step), IsOk());
+  const std::vector<double> learnt = Widths(&q, q.id);
+  ASSERT_EQ(learnt.size(), 2u);
+  for (double w : learnt) EXPECT_GT(w, 1.0);  // the narrow start was widened
+  ASSERT_THAT(q.env.manager->DropSession(q.caller, q.id), IsOk());
+
+  // The same tenant and model: seeded at its first selection.
+  ASSERT_NO_FATAL_FAILURE(AddQualitySession(&q, 0.95, Granularity::kPage, &q.id));
+  int seeded = -1;
+  const std::vector<double> fresh = Widths(&q, q.id, &seeded);
+  EXPECT_EQ(seeded, 0);  // nothing selected yet
+  for (double w : fresh) EXPECT_EQ(w, 1.0);
+  for (int step = 0; step < 6; ++step) ASSERT_THAT(Step(&q, step), IsOk());
+  auto info = q.env.manager->GetSession(q.caller, q.id);
+  ASSERT_THAT(info.status(), IsOk());
+  EXPECT_EQ(info->quality.seeded_heads, 2);
+  ASSERT_EQ(info->quality.heads.size(), 2u);
+  for (const HeadQualityInfo& h : info->quality.heads) {
+    SCOPED_TRACE(h.kv_head);
+    EXPECT_TRUE(h.seeded);
+    // Two warm-up samples confirm the seed, then one in sample_every (64):
+    // 2 samples in 6 steps, not 6.
+    EXPECT_EQ(h.samples, 2);
+    // It started where the last session ended (a sample may move it a notch).
+    EXPECT_LE(std::abs(std::log(h.width / learnt[h.kv_head])), std::log(1.5) + 1e-9);
+    EXPECT_GE(h.mean_mass_ratio, 0.95 - 0.05);
+  }
+}
+
+TEST(CalibrationMemoryTest, OtherTenantsAndSessionsWithoutItStartFromTheDefault) {
+  for (const bool remember : {true, false}) {
+    SCOPED_TRACE(remember);
+    QualityEnv q;
+    const int kSteps = 20;
+    ASSERT_NO_FATAL_FAILURE(StartQualitySession(&q, 0.95, 8192, kSteps, 16, 64, Granularity::kPage,
+                                                [remember](SessionManagerOptions* mo) {
+                                                  if (remember) RememberOn(mo);
+                                                }));
+    for (int step = 0; step < kSteps; ++step) ASSERT_THAT(Step(&q, step), IsOk());
+    ASSERT_THAT(q.env.manager->DropSession(q.caller, q.id), IsOk());
+    // remember: another tenant's session of the same model learns alone;
+    // off: not even the same tenant's is seeded.
+    if (remember) q.caller = Caller{"t2", 1001, false};
+    ASSERT_NO_FATAL_FAILURE(AddQualitySession(&q, 0.95, Granularity::kPage, &q.id));
+    ASSERT_THAT(Step(&q, 0), IsOk());
+    int seeded = -1;
+    const std::vector<double> w = Widths(&q, q.id, &seeded);
+    EXPECT_EQ(seeded, 0);
+    for (double x : w) EXPECT_LE(x, 1.5);  // the default, or one notch up after one sample
+  }
+}
+
+TEST(CalibrationMemoryTest, KeyNamesTenantModelAndContextPowerOfTwo) {
+  SessionConfig c;
+  c.layers = 32;
+  c.kv_heads = 8;
+  c.q_heads = 32;
+  c.head_dim = 128;
+  const std::string base = CalibrationKey("t1", c, 32768);
+  EXPECT_EQ(CalibrationKey("t1", c, 40000), base);  // same power of two
+  EXPECT_NE(CalibrationKey("t1", c, 65536), base);
+  EXPECT_NE(CalibrationKey("t2", c, 32768), base);
+  SessionConfig wider = c;
+  wider.mdci.field_of_view = 64;
+  EXPECT_NE(CalibrationKey("t1", wider, 32768), base);
+  SessionConfig reuse = c;
+  reuse.layer_reuse = 4;
+  EXPECT_NE(CalibrationKey("t1", reuse, 32768), base);
 }
 
 }  // namespace
