@@ -317,7 +317,9 @@ CalibratorReport WidthCalibrator::report() const {
 std::optional<CalibratorSeed> WidthCalibrator::SeedOf(int64_t min_samples) const {
   absl::MutexLock lock(&mu_);
   const bool exact = mode_ == SelectMode::kExact;
-  if (!exact && samples_ < std::max<int64_t>(1, min_samples)) return std::nullopt;
+  // A seeded head passes its seed on (corrected by whatever it measured):
+  // what several short sessions learn adds up.
+  if (!exact && !seeded_ && samples_ < std::max<int64_t>(1, min_samples)) return std::nullopt;
   return CalibratorSeed{width_, ranking_, exact};
 }
 

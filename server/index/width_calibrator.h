@@ -234,8 +234,9 @@ class WidthCalibrator {
 
   // What a later session of the same model may start this head from: the
   // width (and ranking, and exact fallback) once the head has taken at least
-  // `min_samples` samples (>= 1), or, in exact mode, fallen back; else
-  // nullopt (nothing learnt yet).
+  // `min_samples` samples (>= 1), is in exact mode, or was itself seeded (so
+  // what a chain of short sessions learns adds up); else nullopt (nothing
+  // learnt yet).
   std::optional<CalibratorSeed> SeedOf(int64_t min_samples) const ABSL_LOCKS_EXCLUDED(mu_);
   // Starts a fresh calibrator (no selection counted yet) from `seed`: its
   // width (the floor stays min_width: a seed is a guess, not a measured

@@ -10,8 +10,12 @@
 // what one session's heads learnt is the best first guess for the next. When
 // a session ends (dropped, expired or evicted) the manager remembers, per
 // (layer group, KV head), the width, descent ranking and exact fallback of
-// every head that has taken at least warmup_samples samples (or fallen back
-// to exact selection). A new session seeds its fresh calibrators from that at
+// every head that has taken at least seeded_warmup_samples samples, fell
+// back to exact selection, or was itself seeded (WidthCalibrator::SeedOf).
+// At model scale this matters most: the sampler's CPU budget (a share of
+// the selection time) is shared by every head, so at 32 layers x 8 KV heads
+// a head gets a handful of samples per hundred tokens and one session
+// rarely finishes a 16-sample warm-up; a chain of sessions does. A new session seeds its fresh calibrators from that at
 // its first selection: it starts at the learnt width and takes only
 // `seeded_warmup_samples` warm-up samples to confirm it; after that the
 // calibrator runs as usual, so a seed that does not fit this session's data

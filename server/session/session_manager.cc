@@ -303,8 +303,11 @@ void SessionManager::RemoveSession(const std::string& id, const char* reason) {
 
 void SessionManager::RememberCalibration(const Session& s) {
   if (calibration_memory_ == nullptr) return;
-  // A head remembers once its warm-up is done (or it fell back to exact).
-  calibration_memory_->Remember(s, std::max(1, options_.quality.warmup_samples));
+  // A head's width counts as learnt once it rests on as many samples as a
+  // seeded head takes to confirm one (at model scale the sampler's CPU
+  // budget allows a head only a few samples per hundred tokens: 32 layers x
+  // 8 KV heads share it), or it fell back to exact, or it was seeded.
+  calibration_memory_->Remember(s, std::max(1, options_.quality.seeded_warmup_samples));
 }
 
 bool SessionManager::draining() const {

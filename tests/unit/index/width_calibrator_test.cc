@@ -834,6 +834,12 @@ TEST(WidthCalibratorTest, SeedStartsAFreshHeadAtAnEarlierSessionsWidth) {
   }
   EXPECT_EQ(sampled, 2);
   EXPECT_TRUE(next->state().seeded);
+  // A seeded head passes its width on even before min_samples samples.
+  auto third = Make(o);
+  ASSERT_NE(third, nullptr);
+  ASSERT_THAT(third->Seed(*seed, 2), IsOk());
+  ASSERT_TRUE(third->SeedOf(16).has_value());
+  EXPECT_EQ(third->SeedOf(16)->width, seed->width);
   // Only a fresh calibrator takes a seed.
   EXPECT_THAT(next->Seed(*seed, 2), StatusIs(absl::StatusCode::kFailedPrecondition));
 }
