@@ -1,6 +1,7 @@
 #include "server/session/calibration_memory.h"
 
 #include <algorithm>
+#include <cmath>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -10,14 +11,11 @@
 namespace icecache {
 namespace {
 
-// floor(log2(tokens)): the context's power of two (0 for fewer than 2).
+// The context's nearest power of two (round(log2(tokens)); 0 for fewer than
+// 2): a prompt of 2^k tokens and one a few tokens short of it share a bucket.
 int ContextBucket(int64_t tokens) {
-  int b = 0;
-  while (tokens > 1) {
-    tokens >>= 1;
-    ++b;
-  }
-  return b;
+  if (tokens < 2) return 0;
+  return static_cast<int>(std::lround(std::log2(static_cast<double>(tokens))));
 }
 
 }  // namespace
@@ -47,7 +45,9 @@ std::string CalibrationKey(std::string_view tenant, const SessionConfig& c, int6
 
 void CalibrationMemory::Remember(const Session& s, int64_t min_samples) {
   if (s.quality.empty()) return;
-  const int64_t tokens = s.last_select_tokens.load(std::memory_order_relaxed);
+  // The context it started decoding at: what the next session's first
+  // selection looks the entry up by.
+  const int64_t tokens = s.first_select_tokens.load(std::memory_order_relaxed);
   if (tokens <= 0) return;  // never selected: nothing learnt
   Entry e;
   e.heads.reserve(s.quality.size());

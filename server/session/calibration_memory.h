@@ -15,8 +15,8 @@
 // At model scale this matters most: the sampler's CPU budget (a share of
 // the selection time) is shared by every head, so at 32 layers x 8 KV heads
 // a head gets a handful of samples per hundred tokens and one session
-// rarely finishes a 16-sample warm-up; a chain of sessions does. A new session seeds its fresh calibrators from that at
-// its first selection: it starts at the learnt width and takes only
+// rarely finishes a 16-sample warm-up; a chain of sessions does. A new session seeds its fresh
+// calibrators from that at its first selection: it starts at the learnt width and takes only
 // `seeded_warmup_samples` warm-up samples to confirm it; after that the
 // calibrator runs as usual, so a seed that does not fit this session's data
 // is corrected by its samples like any width.
@@ -24,11 +24,12 @@
 // The key is what decides the width a head needs short of the data itself:
 // the tenant, the model's shape (layers, KV and query heads, head dim,
 // dtype), the selector and its mdci parameters, the page size, layer reuse,
-// the target mass ratio and default budget, and the context length's power
-// of two at the first selection (a 4k context needs a narrower width than a
-// 128k one). Two models of the same shape in one tenant share an entry; their
-// samples correct the seed. Kept in memory only (not in the snapshot: a warm
-// restart keeps each session's own calibrator state), at most `max_keys`
+// the target mass ratio and default budget, and the context length's
+// nearest power of two at the session's first selection (a 4k context needs
+// a narrower width than a 128k one; a session is remembered under the
+// context it started decoding at, which is what the next one looks up). Two models of the same
+// shape in one tenant share an entry; their samples correct the seed. Kept in memory only (not in
+// the snapshot: a warm restart keeps each session's own calibrator state), at most `max_keys`
 // entries, the least recently used dropped first.
 //
 // Thread safety: thread-safe (one mutex, never held while calling out).
@@ -64,8 +65,8 @@ class CalibrationMemory {
         seeded_warmup_(seeded_warmup_samples < 0 ? 0 : seeded_warmup_samples) {}
 
   // Remembers what `s`'s calibrated heads learnt (heads with at least
-  // `min_samples` samples, or in exact mode) under `s`'s key at the context
-  // of its last selection. Nothing when no head learnt anything. Replaces an
+  // `min_samples` samples, in exact mode, or seeded) under `s`'s key at the
+  // context of its first selection. Nothing when no head learnt anything. Replaces an
   // entry of the same key (the latest session is the best guess).
   void Remember(const Session& s, int64_t min_samples) ABSL_LOCKS_EXCLUDED(mu_);
 

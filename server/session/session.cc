@@ -270,9 +270,11 @@ absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req,
   RETURN_IF_ERROR(CheckQueries(config, req.queries));
   ASSIGN_OR_RETURN(SelectParams params, ResolveParams(config, req.params, tokens));
   params.granularity = CallGranularity(config, req.granularity, destination);
-  last_select_tokens.store(tokens, std::memory_order_relaxed);
   if (calibration_memory != nullptr) {
-    std::call_once(seed_once, [&] { calibration_memory->Seed(*this, tokens); });
+    std::call_once(seed_once, [&] {
+      first_select_tokens.store(tokens, std::memory_order_relaxed);
+      calibration_memory->Seed(*this, tokens);
+    });
   }
   result.heads.resize(config.kv_heads);
   std::vector<std::unique_ptr<QualityProbe>> chosen(probes != nullptr ? config.kv_heads : 0);

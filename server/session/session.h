@@ -244,11 +244,11 @@ class Session {
   std::atomic<int64_t> samples_reselected{0};  // measured late: selected again (MeasureProbe)
   // Calibration memory (calibration_memory.h; owned by the manager, null when
   // off): the fresh calibrators are seeded once, at the first selection
-  // (when the context length is known); the context of the latest
-  // selection is what the manager remembers the widths under.
+  // (when the context length is known); the context of the
+  // session's first selection is what the manager remembers them under.
   CalibrationMemory* calibration_memory = nullptr;
   std::once_flag seed_once;
-  std::atomic<int64_t> last_select_tokens{0};
+  std::atomic<int64_t> first_select_tokens{0};
 };
 
 }  // namespace icecache

@@ -413,8 +413,10 @@ TEST(CalibrationMemoryTest, KeyNamesTenantModelAndContextPowerOfTwo) {
   c.q_heads = 32;
   c.head_dim = 128;
   const std::string base = CalibrationKey("t1", c, 32768);
-  EXPECT_EQ(CalibrationKey("t1", c, 40000), base);  // same power of two
-  EXPECT_NE(CalibrationKey("t1", c, 65536), base);
+  EXPECT_EQ(CalibrationKey("t1", c, 32744), base);  // the nearest power of two
+  EXPECT_EQ(CalibrationKey("t1", c, 40000), base);
+  EXPECT_NE(CalibrationKey("t1", c, 50000), base);
+  EXPECT_NE(CalibrationKey("t1", c, 16384), base);
   EXPECT_NE(CalibrationKey("t2", c, 32768), base);
   SessionConfig wider = c;
   wider.mdci.field_of_view = 64;
