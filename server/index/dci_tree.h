@@ -115,6 +115,11 @@ struct DciScratch {
   std::vector<float> vars;       // nq x nc: q'(lam)q, logit variance inside the key subspace
   std::vector<float> run_dots;   // one run of sibling rows' dots before they are scattered
   std::vector<float> head_keys;  // plain copy of the scores, for threshold selection
+  // The ranked head's selection (SortHead): (order key, place) records and
+  // their radix sort's second buffer, the places not kept, the result.
+  std::vector<uint64_t> head_recs;
+  std::vector<uint32_t> head_rest;
+  std::vector<std::pair<float, uint32_t>> head_out;
   std::vector<float> node_logc;  // nc: log(node key count)
   std::vector<float> node_res;   // nc: the node's residual variance per dimension
   std::vector<float> est;        // nq x nc: estimated log-mass of each candidate per query

@@ -5,6 +5,7 @@
 // children become the next level's candidates.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <numeric>
@@ -47,21 +48,23 @@ void DotsOfCandidates(const std::vector<T>& arr, int width, const float* qs, int
   }
 }
 
-// Only the head of the ranking is needed: it is sorted in growing chunks.
-// Puts the best `end - from` of scored[from..] in order at `from` and returns
-// how many leading entries are now in their final order (>= end): the
-// threshold score of the head is found on a plain float copy (cheap
-// selection), the entries at or above it are moved to the front and only
-// those are sorted. Same order as a partial_sort (the ranking is total:
-// score, then node id).
-size_t SortHead(std::vector<std::pair<float, uint32_t>>* scored, std::vector<float>* head_keys,
-                size_t from, size_t end) {
+// Order key of a rank score: ascending as the score descends, -0 as +0
+// (Better holds them equal).
+uint32_t DescendingKey(float v) {
+  const float x = v == 0.0f ? 0.0f : v;
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  u = (u & 0x80000000u) != 0 ? ~u : (u | 0x80000000u);  // ascending with the float
+  return ~u;
+}
+
+// SortHead's general path (a NaN, an infinity, or all scores equal): the
+// threshold score of the head found on a plain float copy (nth_element), the
+// entries at or above it moved to the front and only those sorted.
+size_t SortHeadBySelect(std::vector<std::pair<float, uint32_t>>* scored,
+                        std::vector<float>* head_keys, size_t from, size_t end) {
   const size_t n = scored->size(), k = end - from;
   auto first = scored->begin() + from;
-  if (k == 0 || n - from < 256) {
-    std::partial_sort(first, scored->begin() + end, scored->end(), dci_internal::BetterOrder());
-    return end;
-  }
   head_keys->resize(n - from);
   bool nan = false;
   for (size_t i = from; i < n; ++i) {
@@ -82,7 +85,109 @@ size_t SortHead(std::vector<std::pair<float, uint32_t>>* scored, std::vector<flo
   return static_cast<size_t>(mid - scored->begin());
 }
 
+// Stable LSD radix sort of recs[0..n) by their upper 32 bits in 8-bit
+// digits (a digit every record shares is skipped); returns the buffer that
+// holds the result (recs or tmp, both at least n long).
+uint64_t* RadixSortUpper32(uint64_t* recs, size_t n, uint64_t* tmp) {
+  uint32_t count[4][256] = {};
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t key = static_cast<uint32_t>(recs[i] >> 32);
+    ++count[0][key & 255u];
+    ++count[1][(key >> 8) & 255u];
+    ++count[2][(key >> 16) & 255u];
+    ++count[3][key >> 24];
+  }
+  uint64_t* src = recs;
+  uint64_t* dst = tmp;
+  for (int p = 0; p < 4; ++p) {
+    const int shift = 32 + 8 * p;
+    uint32_t* c = count[p];
+    if (c[(src[0] >> shift) & 255u] == n) continue;
+    uint32_t sum = 0;
+    for (int b = 0; b < 256; ++b) {
+      const uint32_t here = c[b];
+      c[b] = sum;
+      sum += here;
+    }
+    for (size_t i = 0; i < n; ++i) dst[c[(src[i] >> shift) & 255u]++] = src[i];
+    std::swap(src, dst);
+  }
+  return src;
+}
+
 }  // namespace
+
+size_t dci_internal::SortHead(std::vector<std::pair<float, uint32_t>>* scored, DciScratch* s,
+                              size_t from, size_t end) {
+  const size_t n = scored->size(), k = end - from;
+  if (k == 0 || n - from < 48) {
+    std::partial_sort(scored->begin() + from, scored->begin() + end, scored->end(),
+                      dci_internal::BetterOrder());
+    return end;
+  }
+  const size_t m = n - from;
+  std::pair<float, uint32_t>* in = scored->data() + from;
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  bool nan = false;
+  for (size_t i = 0; i < m; ++i) {
+    const float v = in[i].first;
+    nan |= v != v;
+    lo = std::min(lo, v);
+    hi = std::max(hi, v);
+  }
+  const float span = hi - lo;
+  // About four scores a bucket.
+  const uint32_t buckets = m <= 128 ? 32 : m <= 512 ? 128 : m <= 2048 ? 512 : 1024;
+  const float inv = static_cast<float>(buckets - 1) / span;
+  if (nan || !(span > 0.0f) || !std::isfinite(span) || !std::isfinite(inv)) {
+    return SortHeadBySelect(scored, &s->head_keys, from, end);
+  }
+  const auto bucket = [hi, inv, buckets](float v) {
+    return std::min(buckets - 1, static_cast<uint32_t>((hi - v) * inv));
+  };
+  uint32_t count[1024];
+  std::fill(count, count + buckets, 0u);
+  for (size_t i = 0; i < m; ++i) ++count[bucket(in[i].first)];
+  size_t kept = 0;
+  uint32_t last = 0;
+  for (;; ++last) {
+    kept += count[last];
+    if (kept >= k) break;
+  }
+  s->head_recs.resize(2 * m);
+  s->head_rest.resize(m);
+  uint64_t* recs = s->head_recs.data();
+  uint32_t* rest = s->head_rest.data();
+  size_t nk = 0, nr = 0;
+  for (size_t i = 0; i < m; ++i) {  // branch-free: both slots written, one counted
+    const float v = in[i].first;
+    const bool in_head = bucket(v) <= last;
+    recs[nk] = (static_cast<uint64_t>(DescendingKey(v)) << 32) | i;
+    rest[nr] = static_cast<uint32_t>(i);
+    nk += in_head;
+    nr += !in_head;
+  }
+  const uint64_t* head = RadixSortUpper32(recs, nk, recs + m);
+  auto& out = s->head_out;
+  out.resize(m);
+  for (size_t t = 0; t < nk; ++t) out[t] = in[static_cast<uint32_t>(head[t])];
+  for (size_t t = 0; t < nr; ++t) out[nk + t] = in[rest[t]];
+  // Equal scores are in input order: put them in index order (a no-op when
+  // the input was, as ScoreCandidates writes it).
+  for (size_t a = 0; a + 1 < nk;) {
+    size_t b = a + 1;
+    while (b < nk && (head[b] >> 32) == (head[a] >> 32)) ++b;
+    if (b - a > 1) {
+      std::sort(out.begin() + a, out.begin() + b,
+                [](const std::pair<float, uint32_t>& p, const std::pair<float, uint32_t>& q) {
+                  return p.second < q.second;
+                });
+    }
+    a = b;
+  }
+  std::copy(out.begin(), out.end(), in);
+  return from + nk;
+}
 
 int DciTree::EntryLevel(int entry_nodes) const {
   for (int l = 1; l <= top_level(); ++l) {
@@ -209,7 +314,7 @@ size_t DciTree::TakeBest(int level, const DciDescentParams& params, DciScratch* 
   while (taken < s->scored.size() && (taken < want_nodes || tokens < want_tokens)) {
     if (taken == sorted) {
       const size_t end = std::min(s->scored.size(), sorted + chunk);
-      const size_t next_sorted = SortHead(&s->scored, &s->head_keys, sorted, end);
+      const size_t next_sorted = dci_internal::SortHead(&s->scored, s, sorted, end);
       if (leaf) {  // their token counts are read next, scattered
         for (size_t i = sorted; i < next_sorted; ++i) {
           __builtin_prefetch(&pages_.node_tokens_ref(s->cand[s->scored[i].second]));
@@ -240,7 +345,7 @@ uint32_t NextOfQuery(int j, DciScratch* s) {
     if (s->qcursor[j] == v.size()) return static_cast<uint32_t>(v.size());
     if (s->qcursor[j] == s->qsorted[j]) {
       const size_t end = std::min(v.size(), s->qsorted[j] + s->qchunk[j]);
-      s->qsorted[j] = SortHead(&v, &s->head_keys, s->qsorted[j], end);
+      s->qsorted[j] = dci_internal::SortHead(&v, s, s->qsorted[j], end);
       s->qchunk[j] *= 2;
     }
     const uint32_t idx = v[s->qcursor[j]++].second;
