@@ -115,9 +115,11 @@ struct DciScratch {
   std::vector<float> vars;       // nq x nc: q'(lam)q, logit variance inside the key subspace
   std::vector<float> run_dots;   // one run of sibling rows' dots before they are scattered
   std::vector<float> head_keys;  // plain copy of the scores, for threshold selection
-  // The ranked head's selection (SortHead): (order key, place) records and
-  // their radix sort's second buffer, the places not kept, the result.
+  // The ranked head's selection (RankHead, SortHead): (order key, place)
+  // records and their radix sort's second buffer, the places not kept, the
+  // result.
   std::vector<uint64_t> head_recs;
+  std::vector<uint16_t> head_bucket;  // nc: each score's bucket (RankHead)
   std::vector<uint32_t> head_rest;
   std::vector<std::pair<float, uint32_t>> head_out;
   std::vector<float> node_logc;  // nc: log(node key count)
@@ -395,13 +397,14 @@ class DciTree {
   void PrepareQueries(const float* queries, int nq, DciScratch* s) const;
   void PrefetchCandidates(int level, bool spread, const DciScratch& s) const;
   // s->est = every candidate's estimated log-mass per query on `level`;
-  // s->scored = (rank key, index into cand) of every candidate. At the entry level
-  // (`entry`) also each query's estimated total, s->qlog_norm.
+  // s->best = its rank key. At the entry level (`entry`) also each query's
+  // estimated total, s->qlog_norm.
   void ScoreCandidates(int level, bool entry, const float* queries, int nq, float scale,
                        float half_s2, bool normalized, DciScratch* s) const;
   // Takes the best candidates until they hold enough tokens (and at least
   // field_of_view nodes above level 1): into `nodes` on level 1, s->next above.
-  // Returns how many were taken (the head of s->scored).
+  // Returns how many were taken (the head of s->scored, which it lays out:
+  // (rank key, index into cand), ranked in growing chunks).
   size_t TakeBest(int level, const DciDescentParams& params, DciScratch* s,
                   std::vector<uint32_t>* nodes) const;
   // TakeBest with per-query quotas (DciDescentParams::query_quotas): the

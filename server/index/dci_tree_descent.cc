@@ -189,6 +189,75 @@ size_t dci_internal::SortHead(std::vector<std::pair<float, uint32_t>>* scored, D
   return from + nk;
 }
 
+size_t dci_internal::RankHead(const float* score, size_t n, size_t k, DciScratch* s) {
+  auto& scored = s->scored;
+  scored.resize(n);
+  if (k == 0 || n < 48) {
+    for (size_t i = 0; i < n; ++i) scored[i] = {score[i], static_cast<uint32_t>(i)};
+    return SortHead(&scored, s, 0, k);
+  }
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  bool nan = false;
+  for (size_t i = 0; i < n; ++i) {  // vectorized
+    const float v = score[i];
+    nan |= v != v;
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+  }
+  const float span = hi - lo;
+  const uint32_t buckets = n <= 128 ? 32 : n <= 512 ? 128 : n <= 2048 ? 512 : 1024;
+  const float inv = static_cast<float>(buckets - 1) / span;
+  if (nan || !(span > 0.0f) || !std::isfinite(span) || !std::isfinite(inv)) {
+    for (size_t i = 0; i < n; ++i) scored[i] = {score[i], static_cast<uint32_t>(i)};
+    return SortHead(&scored, s, 0, k);
+  }
+  // The same buckets as SortHead's; counted in four interleaved histograms
+  // so that equal neighbours do not wait on each other's increment.
+  s->head_bucket.resize(n);
+  uint16_t* bk = s->head_bucket.data();
+  for (size_t i = 0; i < n; ++i) {  // vectorized
+    bk[i] =
+        static_cast<uint16_t>(std::min(buckets - 1, static_cast<uint32_t>((hi - score[i]) * inv)));
+  }
+  uint32_t count[4][1024];
+  for (auto& c : count) std::fill(c, c + buckets, 0u);
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    ++count[0][bk[i]];
+    ++count[1][bk[i + 1]];
+    ++count[2][bk[i + 2]];
+    ++count[3][bk[i + 3]];
+  }
+  for (; i < n; ++i) ++count[0][bk[i]];
+  size_t kept = 0;
+  uint32_t last = 0;
+  for (;; ++last) {
+    kept += count[0][last] + count[1][last] + count[2][last] + count[3][last];
+    if (kept >= k) break;
+  }
+  s->head_recs.resize(2 * n);
+  uint64_t* recs = s->head_recs.data();
+  size_t nk = 0, nr = 0;
+  for (size_t j = 0; j < n; ++j) {  // branch-free: both slots written, one counted
+    const bool in_head = bk[j] <= last;
+    const float v = score[j];
+    recs[nk] = (static_cast<uint64_t>(DescendingKey(v)) << 32) | j;
+    scored[nr] = {v, static_cast<uint32_t>(j)};  // the rest, behind the head below
+    nk += in_head;
+    nr += !in_head;
+  }
+  // The rest moves behind the head (from the back: it never overtakes).
+  for (size_t t = nr; t-- > 0;) scored[nk + t] = scored[t];
+  const uint64_t* head = RadixSortUpper32(recs, nk, recs + n);
+  for (size_t t = 0; t < nk; ++t) {
+    const uint32_t j = static_cast<uint32_t>(head[t]);
+    scored[t] = {score[j], j};
+  }
+  // Equal scores are in index order already (a stable sort of records in
+  // index order): the order of BetterOrder.
+  return nk;
+}
+
 int DciTree::EntryLevel(int entry_nodes) const {
   for (int l = 1; l <= top_level(); ++l) {
     if (levels_[l].size() <= static_cast<uint32_t>(entry_nodes)) return l;
@@ -292,10 +361,6 @@ void DciTree::ScoreCandidates(int level, bool entry, const float* queries, int n
       for (size_t i = 0; i < nc; ++i) best[i] = best[i] < ej[i] ? ej[i] : best[i];
     }
   }
-  s->scored.resize(nc);
-  // The candidate's index, not its node id: cand is ascending, so ties rank
-  // the same, and the taken ones are found without a search (AccumulateRest).
-  for (size_t i = 0; i < nc; ++i) s->scored[i] = {best[i], static_cast<uint32_t>(i)};
 }
 
 size_t DciTree::TakeBest(int level, const DciDescentParams& params, DciScratch* s,
@@ -308,13 +373,16 @@ size_t DciTree::TakeBest(int level, const DciDescentParams& params, DciScratch* 
   const double mean_count = static_cast<double>(num_tokens()) / std::max<uint32_t>(1, L.size());
   size_t chunk = std::max<size_t>(
       {want_nodes, static_cast<size_t>(1.25 * want_tokens / std::max(1.0, mean_count)) + 8});
+  const size_t nc = s->cand.size();
   size_t sorted = 0, taken = 0;
   int64_t tokens = 0;
   s->next.clear();
-  while (taken < s->scored.size() && (taken < want_nodes || tokens < want_tokens)) {
+  while (taken < nc && (taken < want_nodes || tokens < want_tokens)) {
     if (taken == sorted) {
-      const size_t end = std::min(s->scored.size(), sorted + chunk);
-      const size_t next_sorted = dci_internal::SortHead(&s->scored, s, sorted, end);
+      const size_t end = std::min(nc, sorted + chunk);
+      // The first chunk straight from the scores (it lays out s->scored).
+      const size_t next_sorted = sorted == 0 ? dci_internal::RankHead(s->best.data(), nc, end, s)
+                                             : dci_internal::SortHead(&s->scored, s, sorted, end);
       if (leaf) {  // their token counts are read next, scattered
         for (size_t i = sorted; i < next_sorted; ++i) {
           __builtin_prefetch(&pages_.node_tokens_ref(s->cand[s->scored[i].second]));
@@ -377,6 +445,10 @@ size_t DciTree::TakeBestPerQuery(int level, const DciDescentParams& params, int 
     v.resize(nc);
     for (size_t i = 0; i < nc; ++i) v[i] = {ej[i], static_cast<uint32_t>(i)};
   }
+  // The candidate's index, not its node id: cand is ascending, so ties rank
+  // the same, and the taken ones are found without a search (AccumulateRest).
+  s->scored.resize(nc);
+  for (size_t i = 0; i < nc; ++i) s->scored[i] = {s->best[i], static_cast<uint32_t>(i)};
   s->taken_flag.assign(nc, 0);
   s->next.clear();
   size_t taken = 0;

@@ -23,6 +23,7 @@ namespace icecache {
 struct DciScratch;
 
 namespace dci_internal {
+inline int g_variant = 0;  // EXPERIMENT
 
 inline float SquaredNorm(const float* x, int dim) { return DotF32(x, x, dim); }
 
@@ -165,6 +166,14 @@ void SortBestFirst(std::vector<Rec>* recs, std::vector<Rec>* tmp) {
 // (nth_element of the threshold, partition, sort of the head).
 size_t SortHead(std::vector<std::pair<float, uint32_t>>* scored, DciScratch* s, size_t from,
                 size_t end);
+
+// SortHead's first chunk straight from the candidates' scores: s->scored =
+// every (score[i], i) of score[0..n), the best k first in ranking order
+// (exactly as SortHead(0, k) leaves them, the same count returned), the rest
+// behind in index order. The scores are read from a plain array (the
+// buckets, the bounds and the order keys in vector loops) and the pairs are
+// written once.
+size_t RankHead(const float* score, size_t n, size_t k, DciScratch* s);
 
 // Software prefetch of `bytes` bytes from `p` (every 64-byte line). The
 // selection descent reads representatives and pages of ids known in advance

@@ -154,7 +154,8 @@ TEST(SortBestFirstTest, ItemOrderedInputEqualsAStableComparisonSort) {
 // The descent's ranking head (SortHead), called in growing chunks as
 // TakeBest does, against a sort of everything by BetterOrder: every chunk's
 // head must be the reference's prefix, and the array a permutation of the
-// input. Scores with ties and signed zeros, normal, all equal, spans that
+// input. RankHead (the first chunk from a plain score array) must leave
+// exactly what SortHead leaves. Scores with ties and signed zeros, normal, all equal, spans that
 // overflow, infinities, seconds out of order, sizes on both sides of the
 // partial_sort cutoff.
 TEST(SortHeadTest, ChunksEqualTheHeadOfAFullSort) {
@@ -195,6 +196,21 @@ TEST(SortHeadTest, ChunksEqualTheHeadOfAFullSort) {
             }
             sorted = got;
             chunk *= 2;
+          }
+          if (!scrambled) {  // RankHead: the same first chunk, laid out the same
+            DciScratch rs;
+            const size_t end = std::min(n, first_chunk);
+            Scored head(n);
+            for (size_t i = 0; i < n; ++i) head[i] = {v[i], static_cast<uint32_t>(i)};
+            const size_t want_count = dci_internal::SortHead(&head, &scratch, 0, end);
+            ASSERT_EQ(dci_internal::RankHead(v.data(), n, end, &rs), want_count);
+            ASSERT_EQ(rs.scored.size(), n);
+            for (size_t i = 0; i < n; ++i) {
+              ASSERT_TRUE(rs.scored[i].second == head[i].second &&
+                          std::memcmp(&rs.scored[i].first, &head[i].first, sizeof(float)) == 0)
+                  << "RankHead n " << n << " kind " << kind << " chunk " << first_chunk << " at "
+                  << i;
+            }
           }
           Scored perm = scored;
           std::sort(perm.begin(), perm.end(),
