@@ -110,7 +110,7 @@ struct DciDescentParams {
 struct DciScratch {
   std::vector<uint32_t> cand;    // candidate node ids on the current level, ascending
   std::vector<uint32_t> next;    // nodes kept on this level, then the next level's candidates
-  std::vector<uint32_t> kept;    // kept nodes ordered by their first child
+  std::vector<uint32_t> kept;    // kept nodes in node id order (ExpandChildren)
   std::vector<float> dots;       // nq x nc: query . node centroid
   std::vector<float> vars;       // nq x nc: q'(lam)q, logit variance inside the key subspace
   std::vector<float> run_dots;   // one run of sibling rows' dots before they are scattered

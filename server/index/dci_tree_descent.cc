@@ -21,6 +21,15 @@ using dci_internal::PrefetchBytes;
 
 namespace {
 
+// v->data() with room for n elements. The per-level arrays only grow: they
+// are indexed up to the level's count, and shrinking them on one level to
+// grow them again on the next zero-filled them on every descent.
+template <typename T>
+T* AtLeast(std::vector<T>* v, size_t n) {
+  if (v->size() < n) v->resize(n);
+  return v->data();
+}
+
 // Dots of the nq queries `qs` (nq x qdim) with the rows (`width` apart) of
 // `arr` for every candidate, out[j * nc + i]; runs of consecutive ids
 // (siblings) go through one multi-query kernel call.
@@ -29,20 +38,18 @@ void DotsOfCandidates(const std::vector<T>& arr, int width, const float* qs, int
                       DciScratch* s, std::vector<float>* out) {
   const DType dt = sizeof(T) == 2 ? DType::kF16 : DType::kF32;
   const size_t nc = s->cand.size();
-  out->resize(nc * nq);
+  float* o = AtLeast(out, nc * nq);
   for (size_t b = 0; b < nc;) {
     size_t e = b + 1;
     while (e < nc && s->cand[e] == s->cand[e - 1] + 1) ++e;
     const size_t run = e - b;
     const T* rows = &arr[static_cast<size_t>(s->cand[b]) * width];
     if (run == nc) {
-      DotRowsMulti(dt, rows, run, qdim, qs, nq, out->data());
+      DotRowsMulti(dt, rows, run, qdim, qs, nq, o);
     } else {
-      s->run_dots.resize(run * nq);
-      DotRowsMulti(dt, rows, run, qdim, qs, nq, s->run_dots.data());
-      for (int j = 0; j < nq; ++j) {
-        std::copy(&s->run_dots[j * run], &s->run_dots[j * run] + run, &(*out)[j * nc + b]);
-      }
+      float* rd = AtLeast(&s->run_dots, run * nq);
+      DotRowsMulti(dt, rows, run, qdim, qs, nq, rd);
+      for (int j = 0; j < nq; ++j) std::copy(rd + j * run, rd + (j + 1) * run, o + j * nc + b);
     }
     b = e;
   }
@@ -51,10 +58,12 @@ void DotsOfCandidates(const std::vector<T>& arr, int width, const float* qs, int
 // Order key of a rank score: ascending as the score descends, -0 as +0
 // (Better holds them equal).
 uint32_t DescendingKey(float v) {
-  const float x = v == 0.0f ? 0.0f : v;
+  const float x = v + 0.0f;  // -0 + 0 = +0; every other score unchanged
   uint32_t u;
   std::memcpy(&u, &x, sizeof(u));
-  u = (u & 0x80000000u) != 0 ? ~u : (u | 0x80000000u);  // ascending with the float
+  // Ascending with the float: negatives' bits flipped, positives' sign set
+  // (branch-free: the sign of the scores of a level is a coin flip).
+  u ^= static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u;
   return ~u;
 }
 
@@ -154,10 +163,8 @@ size_t dci_internal::SortHead(std::vector<std::pair<float, uint32_t>>* scored, D
     kept += count[last];
     if (kept >= k) break;
   }
-  s->head_recs.resize(2 * m);
-  s->head_rest.resize(m);
-  uint64_t* recs = s->head_recs.data();
-  uint32_t* rest = s->head_rest.data();
+  uint64_t* recs = AtLeast(&s->head_recs, 2 * m);
+  uint32_t* rest = AtLeast(&s->head_rest, m);
   size_t nk = 0, nr = 0;
   for (size_t i = 0; i < m; ++i) {  // branch-free: both slots written, one counted
     const float v = in[i].first;
@@ -168,8 +175,7 @@ size_t dci_internal::SortHead(std::vector<std::pair<float, uint32_t>>* scored, D
     nr += !in_head;
   }
   const uint64_t* head = RadixSortUpper32(recs, nk, recs + m);
-  auto& out = s->head_out;
-  out.resize(m);
+  std::pair<float, uint32_t>* out = AtLeast(&s->head_out, m);
   for (size_t t = 0; t < nk; ++t) out[t] = in[static_cast<uint32_t>(head[t])];
   for (size_t t = 0; t < nr; ++t) out[nk + t] = in[rest[t]];
   // Equal scores are in input order: put them in index order (a no-op when
@@ -178,14 +184,14 @@ size_t dci_internal::SortHead(std::vector<std::pair<float, uint32_t>>* scored, D
     size_t b = a + 1;
     while (b < nk && (head[b] >> 32) == (head[a] >> 32)) ++b;
     if (b - a > 1) {
-      std::sort(out.begin() + a, out.begin() + b,
+      std::sort(out + a, out + b,
                 [](const std::pair<float, uint32_t>& p, const std::pair<float, uint32_t>& q) {
                   return p.second < q.second;
                 });
     }
     a = b;
   }
-  std::copy(out.begin(), out.end(), in);
+  std::copy(out, out + m, in);
   return from + nk;
 }
 
@@ -213,8 +219,7 @@ size_t dci_internal::RankHead(const float* score, size_t n, size_t k, DciScratch
   }
   // The same buckets as SortHead's; counted in four interleaved histograms
   // so that equal neighbours do not wait on each other's increment.
-  s->head_bucket.resize(n);
-  uint16_t* bk = s->head_bucket.data();
+  uint16_t* bk = AtLeast(&s->head_bucket, n);
   for (size_t i = 0; i < n; ++i) {  // vectorized
     bk[i] =
         static_cast<uint16_t>(std::min(buckets - 1, static_cast<uint32_t>((hi - score[i]) * inv)));
@@ -235,13 +240,14 @@ size_t dci_internal::RankHead(const float* score, size_t n, size_t k, DciScratch
     kept += count[0][last] + count[1][last] + count[2][last] + count[3][last];
     if (kept >= k) break;
   }
-  s->head_recs.resize(2 * n);
-  uint64_t* recs = s->head_recs.data();
+  uint64_t* recs = AtLeast(&s->head_recs, 2 * n);
+  uint32_t* keys = AtLeast(&s->head_rest, n);
+  for (size_t j = 0; j < n; ++j) keys[j] = DescendingKey(score[j]);  // vectorized
   size_t nk = 0, nr = 0;
   for (size_t j = 0; j < n; ++j) {  // branch-free: both slots written, one counted
     const bool in_head = bk[j] <= last;
     const float v = score[j];
-    recs[nk] = (static_cast<uint64_t>(DescendingKey(v)) << 32) | j;
+    recs[nk] = (static_cast<uint64_t>(keys[j]) << 32) | j;
     scored[nr] = {v, static_cast<uint32_t>(j)};  // the rest, behind the head below
     nk += in_head;
     nr += !in_head;
@@ -309,8 +315,8 @@ void DciTree::ScoreCandidates(int level, bool entry, const float* queries, int n
   DotsOfCandidates(L.centroid16, params_.dim, queries, nq, params_.dim, s, &s->dots);
   if (spread) DotsOfCandidates(L.reps.lam, rank, s->qproj.data(), nq, rank, s, &s->vars);
   // Laid out query-major so the loops vectorize.
-  s->node_logc.resize(nc);
-  s->node_res.resize(nc);
+  float* node_logc = AtLeast(&s->node_logc, nc);
+  float* node_res = AtLeast(&s->node_res, nc);
   uint32_t last_cnt = 0;
   float logc = 0.0f;
   for (size_t i = 0; i < nc; ++i) {
@@ -320,12 +326,12 @@ void DciTree::ScoreCandidates(int level, bool entry, const float* queries, int n
       last_cnt = cnt;
       logc = std::log(static_cast<float>(cnt));
     }
-    s->node_logc[i] = logc;
-    s->node_res[i] = spread ? L.reps.res[node] : 0.0f;
+    node_logc[i] = logc;
+    node_res[i] = spread ? L.reps.res[node] : 0.0f;
   }
-  const float* lc = s->node_logc.data();
-  const float* rs = s->node_res.data();
-  s->est.resize(nc * nq);
+  const float* lc = node_logc;
+  const float* rs = node_res;
+  AtLeast(&s->est, nc * nq);
   for (int j = 0; j < nq; ++j) {
     // Gaussian mass: log(count) + s q.c + s^2 v / 2 for the logit variance v = q'Sq.
     const float* dj = &s->dots[static_cast<size_t>(j) * nc];
@@ -347,18 +353,23 @@ void DciTree::ScoreCandidates(int level, bool entry, const float* queries, int n
     s->qlog_norm.resize(nq);
     for (int j = 0; j < nq; ++j) s->qlog_norm[j] = LogSumExp(&s->est[j * nc], nc);
   }
-  float* best = s->best.data();
+  float* best = AtLeast(&s->best, nc);
   if (normalized) {
     // Sum over the queries of the estimated share of each one's mass.
-    s->best.assign(nc, 0.0f);
-    best = s->best.data();
+    std::fill(best, best + nc, 0.0f);
     for (int j = 0; j < nq; ++j) AddExp(&s->est[j * nc], s->qlog_norm[j], nc, best);
   } else {
-    s->best.assign(nc, -std::numeric_limits<float>::infinity());
-    best = s->best.data();
+    // The max from -inf (a NaN estimate leaves -inf), the first query's
+    // pass writing the start instead of a fill before it.
+    const float ninf = -std::numeric_limits<float>::infinity();
+    if (nq == 0) std::fill(best, best + nc, ninf);
     for (int j = 0; j < nq; ++j) {
       const float* ej = &s->est[static_cast<size_t>(j) * nc];
-      for (size_t i = 0; i < nc; ++i) best[i] = best[i] < ej[i] ? ej[i] : best[i];
+      if (j == 0) {
+        for (size_t i = 0; i < nc; ++i) best[i] = ninf < ej[i] ? ej[i] : ninf;
+      } else {
+        for (size_t i = 0; i < nc; ++i) best[i] = best[i] < ej[i] ? ej[i] : best[i];
+      }
     }
   }
 }
@@ -488,12 +499,12 @@ void DciTree::AccumulateRest(int nq, size_t taken, DciScratch* s) const {
   for (size_t k = 0; k < taken; ++k) {  // scored holds candidate indices
     s->taken_mask[s->scored[k].second] = -std::numeric_limits<float>::infinity();
   }
-  s->row.resize(nc);
+  float* row = AtLeast(&s->row, nc);
   for (int j = 0; j < nq; ++j) {
     // The same estimate that ranked the nodes (ScoreCandidates).
     const float* ej = &s->est[static_cast<size_t>(j) * nc];
-    for (size_t i = 0; i < nc; ++i) s->row[i] = ej[i] + s->taken_mask[i];
-    const float add = LogSumExp(s->row.data(), nc);
+    for (size_t i = 0; i < nc; ++i) row[i] = ej[i] + s->taken_mask[i];
+    const float add = LogSumExp(row, nc);
     const float m = std::max(s->rest[j], add);
     if (m == -std::numeric_limits<float>::infinity()) continue;
     s->rest[j] = m + std::log(std::exp(s->rest[j] - m) + std::exp(add - m));
@@ -503,11 +514,11 @@ void DciTree::AccumulateRest(int nq, size_t taken, DciScratch* s) const {
 void DciTree::EstimateTaken(int nq, size_t taken, DciScratch* s) const {
   const size_t nc = s->cand.size();
   s->taken_est.assign(nq, -std::numeric_limits<float>::infinity());
-  s->row.resize(taken);
+  float* row = AtLeast(&s->row, taken);
   for (int j = 0; j < nq; ++j) {
     const float* ej = &s->est[static_cast<size_t>(j) * nc];
-    for (size_t k = 0; k < taken; ++k) s->row[k] = ej[s->scored[k].second];
-    s->taken_est[j] = LogSumExp(s->row.data(), taken);
+    for (size_t k = 0; k < taken; ++k) row[k] = ej[s->scored[k].second];
+    s->taken_est[j] = LogSumExp(row, taken);
   }
 }
 
@@ -520,22 +531,41 @@ void DciTree::ExpandChildren(int level, DciScratch* s) const {
   // order); only nodes whose children decode inserts scattered need their
   // children lists (separate heap blocks: fetch them all first). Those can
   // break the order; the whole list is sorted only then.
-  s->kept.swap(s->next);
-  std::sort(s->kept.begin(), s->kept.end());
-  for (uint32_t node : s->kept) {
-    if (L.child_runs[node].count == 0) {
+  // The kept nodes (s->next, in rank order) are the candidates at the head
+  // of s->scored; flagged by candidate index, cand (ascending) gives them in
+  // node id order without a comparison sort.
+  const size_t nc = s->cand.size(), taken = s->next.size();
+  uint8_t* flag = AtLeast(&s->taken_flag, nc);
+  std::fill(flag, flag + nc, uint8_t{0});
+  for (size_t t = 0; t < taken; ++t) flag[s->scored[t].second] = 1;
+  uint32_t* kept = AtLeast(&s->kept, taken + 1);
+  size_t nk = 0;
+  for (size_t i = 0; i < nc; ++i) {  // branch-free: written always, counted when kept
+    kept[nk] = s->cand[i];
+    nk += flag[i];
+  }
+  size_t total = 0;
+  for (size_t k = 0; k < nk; ++k) {
+    const uint32_t node = kept[k];
+    const uint32_t count = L.child_runs[node].count;
+    if (count == 0) {
       const auto& ch = L.children[node];
       PrefetchBytes(ch.data(), ch.size() * sizeof(uint32_t));
+      total += ch.size();
     }
+    total += count;
   }
-  s->next.clear();
-  for (uint32_t node : s->kept) {
+  s->next.resize(total);
+  uint32_t* out = s->next.data();
+  for (size_t k = 0; k < nk; ++k) {
+    const uint32_t node = kept[k];
     const ChildRun run = L.child_runs[node];
     if (run.count > 0) {
-      for (uint32_t i = 0; i < run.count; ++i) s->next.push_back(run.first + i);
+      for (uint32_t i = 0; i < run.count; ++i) out[i] = run.first + i;
+      out += run.count;
     } else {
       const auto& ch = L.children[node];
-      s->next.insert(s->next.end(), ch.begin(), ch.end());
+      out = std::copy(ch.begin(), ch.end(), out);
     }
   }
   if (!std::is_sorted(s->next.begin(), s->next.end())) std::sort(s->next.begin(), s->next.end());
