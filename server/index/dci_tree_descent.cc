@@ -3,6 +3,8 @@
 // is estimated from its representative (dci_node_reps.h), the best are kept
 // (field_of_view at least, more until they cover enough tokens) and their
 // children become the next level's candidates.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -202,13 +204,32 @@ size_t dci_internal::RankHead(const float* score, size_t n, size_t k, DciScratch
     for (size_t i = 0; i < n; ++i) scored[i] = {score[i], static_cast<uint32_t>(i)};
     return SortHead(&scored, s, 0, k);
   }
-  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
-  bool nan = false;
-  for (size_t i = 0; i < n; ++i) {  // vectorized
-    const float v = score[i];
+  // The bounds (the same as SortHead's scalar ones: a min or max is exact
+  // in any order, and -0 against +0 changes no bucket) and a NaN flag.
+  __m256 vlo = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  __m256 vhi = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 vnan = _mm256_setzero_ps();
+  size_t i0 = 0;
+  for (; i0 + 8 <= n; i0 += 8) {
+    const __m256 v = _mm256_loadu_ps(score + i0);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    vlo = _mm256_min_ps(vlo, v);
+    vhi = _mm256_max_ps(vhi, v);
+  }
+  alignas(32) float lanes_lo[8], lanes_hi[8];
+  _mm256_store_ps(lanes_lo, vlo);
+  _mm256_store_ps(lanes_hi, vhi);
+  bool nan = _mm256_movemask_ps(vnan) != 0;
+  float lo = lanes_lo[0], hi = lanes_hi[0];
+  for (int l = 1; l < 8; ++l) {
+    lo = std::min(lo, lanes_lo[l]);
+    hi = std::max(hi, lanes_hi[l]);
+  }
+  for (; i0 < n; ++i0) {
+    const float v = score[i0];
     nan |= v != v;
-    lo = v < lo ? v : lo;
-    hi = v > hi ? v : hi;
+    lo = std::min(lo, v);
+    hi = std::max(hi, v);
   }
   const float span = hi - lo;
   const uint32_t buckets = n <= 128 ? 32 : n <= 512 ? 128 : n <= 2048 ? 512 : 1024;
