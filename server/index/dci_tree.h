@@ -126,7 +126,8 @@ struct DciScratch {
   std::vector<float> node_res;   // nc: the node's residual variance per dimension
   std::vector<float> est;        // nq x nc: estimated log-mass of each candidate per query
   std::vector<float> best;       // nc: the candidate's rank key (DciDescentParams::normalized)
-  std::vector<float> qlog_norm;  // nq: estimated log-mass of all keys per query (entry level)
+  std::vector<float> qlog_norm;  // nq: estimated log-mass of all keys per query (entry level;
+                                 // DciDescentParams::normalized only)
   std::vector<std::pair<float, uint32_t>> scored;  // (rank key, index into cand), ranked head
   std::vector<float> qnorm2;                       // nq: squared query norm
   std::vector<float> qproj;                        // nq x rank: squared projections of the queries
@@ -397,8 +398,8 @@ class DciTree {
   void PrepareQueries(const float* queries, int nq, DciScratch* s) const;
   void PrefetchCandidates(int level, bool spread, const DciScratch& s) const;
   // s->est = every candidate's estimated log-mass per query on `level`;
-  // s->best = its rank key. At the entry level (`entry`) also each query's
-  // estimated total, s->qlog_norm.
+  // s->best = its rank key. At the entry level (`entry`) of a normalized
+  // descent also each query's estimated total, s->qlog_norm.
   void ScoreCandidates(int level, bool entry, const float* queries, int nq, float scale,
                        float half_s2, bool normalized, DciScratch* s) const;
   // Takes the best candidates until they hold enough tokens (and at least

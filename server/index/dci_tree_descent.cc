@@ -370,7 +370,7 @@ void DciTree::ScoreCandidates(int level, bool entry, const float* queries, int n
       for (size_t i = 0; i < nc; ++i) ej[i] = dj[i] * scale + lc[i];
     }
   }
-  if (entry) {
+  if (entry && normalized) {  // the normalised ranking's denominators (its only reader)
     s->qlog_norm.resize(nq);
     for (int j = 0; j < nq; ++j) s->qlog_norm[j] = LogSumExp(&s->est[j * nc], nc);
   }

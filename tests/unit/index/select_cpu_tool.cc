@@ -82,6 +82,11 @@ int main(int argc, char** argv) {
   app.add_option("--preset", preset, "synthetic preset or family");
   app.add_option("--widths", widths_arg, "mdci widths FOVxCF, comma-separated");
   app.add_option("--sketch", mp.sketch_scoring, "the measured selectors rank from the sketch (1)");
+  app.add_option(
+      "--normalized", mp.normalized_descent,
+      "the descent ranks by the normalised estimate (1; MdciParams::normalized_descent)");
+  app.add_option("--query-quotas", mp.query_quotas,
+                 "every query takes its share of the nodes (1; MdciParams::query_quotas)");
   app.add_flag("--compare-sketch", compare, "time sketch twins too, passes alternating");
   app.add_option("--mass", mass, "measure mass against exact-mdci (1) or not (0)");
   if (auto code = cli::Parse(app, argc, argv)) return *code;
@@ -207,6 +212,7 @@ int main(int argc, char** argv) {
         dp.entry_nodes = mp.entry_nodes;
         dp.spread_weight = mp.spread_weight;
         dp.normalized = mp.normalized_descent;
+        dp.query_quotas = mp.query_quotas;
         thread_local DciScratch scratch;
         std::vector<uint32_t> nodes;
         uint64_t t = 0;
