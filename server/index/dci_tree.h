@@ -110,16 +110,24 @@ struct DciDescentParams {
 struct DciScratch {
   std::vector<uint32_t> cand;    // candidate node ids on the current level, ascending
   std::vector<uint32_t> next;    // nodes kept on this level, then the next level's candidates
-  std::vector<uint32_t> kept;    // kept nodes ordered by their first child
+  std::vector<uint32_t> kept;    // kept nodes in node id order (ExpandChildren)
   std::vector<float> dots;       // nq x nc: query . node centroid
   std::vector<float> vars;       // nq x nc: q'(lam)q, logit variance inside the key subspace
   std::vector<float> run_dots;   // one run of sibling rows' dots before they are scattered
   std::vector<float> head_keys;  // plain copy of the scores, for threshold selection
+  // The ranked head's selection (RankHead, SortHead): (order key, place)
+  // records and their radix sort's second buffer, the places not kept, the
+  // result.
+  std::vector<uint64_t> head_recs;
+  std::vector<uint16_t> head_bucket;  // nc: each score's bucket (RankHead)
+  std::vector<uint32_t> head_rest;
+  std::vector<std::pair<float, uint32_t>> head_out;
   std::vector<float> node_logc;  // nc: log(node key count)
   std::vector<float> node_res;   // nc: the node's residual variance per dimension
   std::vector<float> est;        // nq x nc: estimated log-mass of each candidate per query
   std::vector<float> best;       // nc: the candidate's rank key (DciDescentParams::normalized)
-  std::vector<float> qlog_norm;  // nq: estimated log-mass of all keys per query (entry level)
+  std::vector<float> qlog_norm;  // nq: estimated log-mass of all keys per query (entry level;
+                                 // DciDescentParams::normalized only)
   std::vector<std::pair<float, uint32_t>> scored;  // (rank key, index into cand), ranked head
   std::vector<float> qnorm2;                       // nq: squared query norm
   std::vector<float> qproj;                        // nq x rank: squared projections of the queries
@@ -390,13 +398,14 @@ class DciTree {
   void PrepareQueries(const float* queries, int nq, DciScratch* s) const;
   void PrefetchCandidates(int level, bool spread, const DciScratch& s) const;
   // s->est = every candidate's estimated log-mass per query on `level`;
-  // s->scored = (rank key, index into cand) of every candidate. At the entry level
-  // (`entry`) also each query's estimated total, s->qlog_norm.
+  // s->best = its rank key. At the entry level (`entry`) of a normalized
+  // descent also each query's estimated total, s->qlog_norm.
   void ScoreCandidates(int level, bool entry, const float* queries, int nq, float scale,
                        float half_s2, bool normalized, DciScratch* s) const;
   // Takes the best candidates until they hold enough tokens (and at least
   // field_of_view nodes above level 1): into `nodes` on level 1, s->next above.
-  // Returns how many were taken (the head of s->scored).
+  // Returns how many were taken (the head of s->scored, which it lays out:
+  // (rank key, index into cand), ranked in growing chunks).
   size_t TakeBest(int level, const DciDescentParams& params, DciScratch* s,
                   std::vector<uint32_t>* nodes) const;
   // TakeBest with per-query quotas (DciDescentParams::query_quotas): the

@@ -3,8 +3,11 @@
 // is estimated from its representative (dci_node_reps.h), the best are kept
 // (field_of_view at least, more until they cover enough tokens) and their
 // children become the next level's candidates.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <numeric>
@@ -20,6 +23,15 @@ using dci_internal::PrefetchBytes;
 
 namespace {
 
+// v->data() with room for n elements. The per-level arrays only grow: they
+// are indexed up to the level's count, and shrinking them on one level to
+// grow them again on the next zero-filled them on every descent.
+template <typename T>
+T* AtLeast(std::vector<T>* v, size_t n) {
+  if (v->size() < n) v->resize(n);
+  return v->data();
+}
+
 // Dots of the nq queries `qs` (nq x qdim) with the rows (`width` apart) of
 // `arr` for every candidate, out[j * nc + i]; runs of consecutive ids
 // (siblings) go through one multi-query kernel call.
@@ -28,40 +40,42 @@ void DotsOfCandidates(const std::vector<T>& arr, int width, const float* qs, int
                       DciScratch* s, std::vector<float>* out) {
   const DType dt = sizeof(T) == 2 ? DType::kF16 : DType::kF32;
   const size_t nc = s->cand.size();
-  out->resize(nc * nq);
+  float* o = AtLeast(out, nc * nq);
   for (size_t b = 0; b < nc;) {
     size_t e = b + 1;
     while (e < nc && s->cand[e] == s->cand[e - 1] + 1) ++e;
     const size_t run = e - b;
     const T* rows = &arr[static_cast<size_t>(s->cand[b]) * width];
     if (run == nc) {
-      DotRowsMulti(dt, rows, run, qdim, qs, nq, out->data());
+      DotRowsMulti(dt, rows, run, qdim, qs, nq, o);
     } else {
-      s->run_dots.resize(run * nq);
-      DotRowsMulti(dt, rows, run, qdim, qs, nq, s->run_dots.data());
-      for (int j = 0; j < nq; ++j) {
-        std::copy(&s->run_dots[j * run], &s->run_dots[j * run] + run, &(*out)[j * nc + b]);
-      }
+      float* rd = AtLeast(&s->run_dots, run * nq);
+      DotRowsMulti(dt, rows, run, qdim, qs, nq, rd);
+      for (int j = 0; j < nq; ++j) std::copy(rd + j * run, rd + (j + 1) * run, o + j * nc + b);
     }
     b = e;
   }
 }
 
-// Only the head of the ranking is needed: it is sorted in growing chunks.
-// Puts the best `end - from` of scored[from..] in order at `from` and returns
-// how many leading entries are now in their final order (>= end): the
-// threshold score of the head is found on a plain float copy (cheap
-// selection), the entries at or above it are moved to the front and only
-// those are sorted. Same order as a partial_sort (the ranking is total:
-// score, then node id).
-size_t SortHead(std::vector<std::pair<float, uint32_t>>* scored, std::vector<float>* head_keys,
-                size_t from, size_t end) {
+// Order key of a rank score: ascending as the score descends, -0 as +0
+// (Better holds them equal).
+uint32_t DescendingKey(float v) {
+  const float x = v + 0.0f;  // -0 + 0 = +0; every other score unchanged
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  // Ascending with the float: negatives' bits flipped, positives' sign set
+  // (branch-free: the sign of the scores of a level is a coin flip).
+  u ^= static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u;
+  return ~u;
+}
+
+// SortHead's general path (a NaN, an infinity, or all scores equal): the
+// threshold score of the head found on a plain float copy (nth_element), the
+// entries at or above it moved to the front and only those sorted.
+size_t SortHeadBySelect(std::vector<std::pair<float, uint32_t>>* scored,
+                        std::vector<float>* head_keys, size_t from, size_t end) {
   const size_t n = scored->size(), k = end - from;
   auto first = scored->begin() + from;
-  if (k == 0 || n - from < 256) {
-    std::partial_sort(first, scored->begin() + end, scored->end(), dci_internal::BetterOrder());
-    return end;
-  }
   head_keys->resize(n - from);
   bool nan = false;
   for (size_t i = from; i < n; ++i) {
@@ -82,7 +96,194 @@ size_t SortHead(std::vector<std::pair<float, uint32_t>>* scored, std::vector<flo
   return static_cast<size_t>(mid - scored->begin());
 }
 
+// Stable LSD radix sort of recs[0..n) by their upper 32 bits in 8-bit
+// digits (a digit every record shares is skipped); returns the buffer that
+// holds the result (recs or tmp, both at least n long).
+uint64_t* RadixSortUpper32(uint64_t* recs, size_t n, uint64_t* tmp) {
+  uint32_t count[4][256] = {};
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t key = static_cast<uint32_t>(recs[i] >> 32);
+    ++count[0][key & 255u];
+    ++count[1][(key >> 8) & 255u];
+    ++count[2][(key >> 16) & 255u];
+    ++count[3][key >> 24];
+  }
+  uint64_t* src = recs;
+  uint64_t* dst = tmp;
+  for (int p = 0; p < 4; ++p) {
+    const int shift = 32 + 8 * p;
+    uint32_t* c = count[p];
+    if (c[(src[0] >> shift) & 255u] == n) continue;
+    uint32_t sum = 0;
+    for (int b = 0; b < 256; ++b) {
+      const uint32_t here = c[b];
+      c[b] = sum;
+      sum += here;
+    }
+    for (size_t i = 0; i < n; ++i) dst[c[(src[i] >> shift) & 255u]++] = src[i];
+    std::swap(src, dst);
+  }
+  return src;
+}
+
 }  // namespace
+
+size_t dci_internal::SortHead(std::vector<std::pair<float, uint32_t>>* scored, DciScratch* s,
+                              size_t from, size_t end) {
+  const size_t n = scored->size(), k = end - from;
+  if (k == 0 || n - from < 48) {
+    std::partial_sort(scored->begin() + from, scored->begin() + end, scored->end(),
+                      dci_internal::BetterOrder());
+    return end;
+  }
+  const size_t m = n - from;
+  std::pair<float, uint32_t>* in = scored->data() + from;
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  bool nan = false;
+  for (size_t i = 0; i < m; ++i) {
+    const float v = in[i].first;
+    nan |= v != v;
+    lo = std::min(lo, v);
+    hi = std::max(hi, v);
+  }
+  const float span = hi - lo;
+  // About four scores a bucket.
+  const uint32_t buckets = m <= 128 ? 32 : m <= 512 ? 128 : m <= 2048 ? 512 : 1024;
+  const float inv = static_cast<float>(buckets - 1) / span;
+  if (nan || !(span > 0.0f) || !std::isfinite(span) || !std::isfinite(inv)) {
+    return SortHeadBySelect(scored, &s->head_keys, from, end);
+  }
+  const auto bucket = [hi, inv, buckets](float v) {
+    return std::min(buckets - 1, static_cast<uint32_t>((hi - v) * inv));
+  };
+  uint32_t count[1024];
+  std::fill(count, count + buckets, 0u);
+  for (size_t i = 0; i < m; ++i) ++count[bucket(in[i].first)];
+  size_t kept = 0;
+  uint32_t last = 0;
+  for (;; ++last) {
+    kept += count[last];
+    if (kept >= k) break;
+  }
+  uint64_t* recs = AtLeast(&s->head_recs, 2 * m);
+  uint32_t* rest = AtLeast(&s->head_rest, m);
+  size_t nk = 0, nr = 0;
+  for (size_t i = 0; i < m; ++i) {  // branch-free: both slots written, one counted
+    const float v = in[i].first;
+    const bool in_head = bucket(v) <= last;
+    recs[nk] = (static_cast<uint64_t>(DescendingKey(v)) << 32) | i;
+    rest[nr] = static_cast<uint32_t>(i);
+    nk += in_head;
+    nr += !in_head;
+  }
+  const uint64_t* head = RadixSortUpper32(recs, nk, recs + m);
+  std::pair<float, uint32_t>* out = AtLeast(&s->head_out, m);
+  for (size_t t = 0; t < nk; ++t) out[t] = in[static_cast<uint32_t>(head[t])];
+  for (size_t t = 0; t < nr; ++t) out[nk + t] = in[rest[t]];
+  // Equal scores are in input order: put them in index order (a no-op when
+  // the input was, as ScoreCandidates writes it).
+  for (size_t a = 0; a + 1 < nk;) {
+    size_t b = a + 1;
+    while (b < nk && (head[b] >> 32) == (head[a] >> 32)) ++b;
+    if (b - a > 1) {
+      std::sort(out + a, out + b,
+                [](const std::pair<float, uint32_t>& p, const std::pair<float, uint32_t>& q) {
+                  return p.second < q.second;
+                });
+    }
+    a = b;
+  }
+  std::copy(out, out + m, in);
+  return from + nk;
+}
+
+size_t dci_internal::RankHead(const float* score, size_t n, size_t k, DciScratch* s) {
+  auto& scored = s->scored;
+  scored.resize(n);
+  if (k == 0 || n < 48) {
+    for (size_t i = 0; i < n; ++i) scored[i] = {score[i], static_cast<uint32_t>(i)};
+    return SortHead(&scored, s, 0, k);
+  }
+  // The bounds (the same as SortHead's scalar ones: a min or max is exact
+  // in any order, and -0 against +0 changes no bucket) and a NaN flag.
+  __m256 vlo = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  __m256 vhi = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 vnan = _mm256_setzero_ps();
+  size_t i0 = 0;
+  for (; i0 + 8 <= n; i0 += 8) {
+    const __m256 v = _mm256_loadu_ps(score + i0);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    vlo = _mm256_min_ps(vlo, v);
+    vhi = _mm256_max_ps(vhi, v);
+  }
+  alignas(32) float lanes_lo[8], lanes_hi[8];
+  _mm256_store_ps(lanes_lo, vlo);
+  _mm256_store_ps(lanes_hi, vhi);
+  bool nan = _mm256_movemask_ps(vnan) != 0;
+  float lo = lanes_lo[0], hi = lanes_hi[0];
+  for (int l = 1; l < 8; ++l) {
+    lo = std::min(lo, lanes_lo[l]);
+    hi = std::max(hi, lanes_hi[l]);
+  }
+  for (; i0 < n; ++i0) {
+    const float v = score[i0];
+    nan |= v != v;
+    lo = std::min(lo, v);
+    hi = std::max(hi, v);
+  }
+  const float span = hi - lo;
+  const uint32_t buckets = n <= 128 ? 32 : n <= 512 ? 128 : n <= 2048 ? 512 : 1024;
+  const float inv = static_cast<float>(buckets - 1) / span;
+  if (nan || !(span > 0.0f) || !std::isfinite(span) || !std::isfinite(inv)) {
+    for (size_t i = 0; i < n; ++i) scored[i] = {score[i], static_cast<uint32_t>(i)};
+    return SortHead(&scored, s, 0, k);
+  }
+  // The same buckets as SortHead's; counted in four interleaved histograms
+  // so that equal neighbours do not wait on each other's increment.
+  uint16_t* bk = AtLeast(&s->head_bucket, n);
+  for (size_t i = 0; i < n; ++i) {  // vectorized
+    bk[i] =
+        static_cast<uint16_t>(std::min(buckets - 1, static_cast<uint32_t>((hi - score[i]) * inv)));
+  }
+  uint32_t count[4][1024];
+  for (auto& c : count) std::fill(c, c + buckets, 0u);
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    ++count[0][bk[i]];
+    ++count[1][bk[i + 1]];
+    ++count[2][bk[i + 2]];
+    ++count[3][bk[i + 3]];
+  }
+  for (; i < n; ++i) ++count[0][bk[i]];
+  size_t kept = 0;
+  uint32_t last = 0;
+  for (;; ++last) {
+    kept += count[0][last] + count[1][last] + count[2][last] + count[3][last];
+    if (kept >= k) break;
+  }
+  uint64_t* recs = AtLeast(&s->head_recs, 2 * n);
+  uint32_t* keys = AtLeast(&s->head_rest, n);
+  for (size_t j = 0; j < n; ++j) keys[j] = DescendingKey(score[j]);  // vectorized
+  size_t nk = 0, nr = 0;
+  for (size_t j = 0; j < n; ++j) {  // branch-free: both slots written, one counted
+    const bool in_head = bk[j] <= last;
+    const float v = score[j];
+    recs[nk] = (static_cast<uint64_t>(keys[j]) << 32) | j;
+    scored[nr] = {v, static_cast<uint32_t>(j)};  // the rest, behind the head below
+    nk += in_head;
+    nr += !in_head;
+  }
+  // The rest moves behind the head (from the back: it never overtakes).
+  for (size_t t = nr; t-- > 0;) scored[nk + t] = scored[t];
+  const uint64_t* head = RadixSortUpper32(recs, nk, recs + n);
+  for (size_t t = 0; t < nk; ++t) {
+    const uint32_t j = static_cast<uint32_t>(head[t]);
+    scored[t] = {score[j], j};
+  }
+  // Equal scores are in index order already (a stable sort of records in
+  // index order): the order of BetterOrder.
+  return nk;
+}
 
 int DciTree::EntryLevel(int entry_nodes) const {
   for (int l = 1; l <= top_level(); ++l) {
@@ -135,8 +336,8 @@ void DciTree::ScoreCandidates(int level, bool entry, const float* queries, int n
   DotsOfCandidates(L.centroid16, params_.dim, queries, nq, params_.dim, s, &s->dots);
   if (spread) DotsOfCandidates(L.reps.lam, rank, s->qproj.data(), nq, rank, s, &s->vars);
   // Laid out query-major so the loops vectorize.
-  s->node_logc.resize(nc);
-  s->node_res.resize(nc);
+  float* node_logc = AtLeast(&s->node_logc, nc);
+  float* node_res = AtLeast(&s->node_res, nc);
   uint32_t last_cnt = 0;
   float logc = 0.0f;
   for (size_t i = 0; i < nc; ++i) {
@@ -146,12 +347,12 @@ void DciTree::ScoreCandidates(int level, bool entry, const float* queries, int n
       last_cnt = cnt;
       logc = std::log(static_cast<float>(cnt));
     }
-    s->node_logc[i] = logc;
-    s->node_res[i] = spread ? L.reps.res[node] : 0.0f;
+    node_logc[i] = logc;
+    node_res[i] = spread ? L.reps.res[node] : 0.0f;
   }
-  const float* lc = s->node_logc.data();
-  const float* rs = s->node_res.data();
-  s->est.resize(nc * nq);
+  const float* lc = node_logc;
+  const float* rs = node_res;
+  AtLeast(&s->est, nc * nq);
   for (int j = 0; j < nq; ++j) {
     // Gaussian mass: log(count) + s q.c + s^2 v / 2 for the logit variance v = q'Sq.
     const float* dj = &s->dots[static_cast<size_t>(j) * nc];
@@ -169,28 +370,29 @@ void DciTree::ScoreCandidates(int level, bool entry, const float* queries, int n
       for (size_t i = 0; i < nc; ++i) ej[i] = dj[i] * scale + lc[i];
     }
   }
-  if (entry) {
+  if (entry && normalized) {  // the normalised ranking's denominators (its only reader)
     s->qlog_norm.resize(nq);
     for (int j = 0; j < nq; ++j) s->qlog_norm[j] = LogSumExp(&s->est[j * nc], nc);
   }
-  float* best = s->best.data();
+  float* best = AtLeast(&s->best, nc);
   if (normalized) {
     // Sum over the queries of the estimated share of each one's mass.
-    s->best.assign(nc, 0.0f);
-    best = s->best.data();
+    std::fill(best, best + nc, 0.0f);
     for (int j = 0; j < nq; ++j) AddExp(&s->est[j * nc], s->qlog_norm[j], nc, best);
   } else {
-    s->best.assign(nc, -std::numeric_limits<float>::infinity());
-    best = s->best.data();
+    // The max from -inf (a NaN estimate leaves -inf), the first query's
+    // pass writing the start instead of a fill before it.
+    const float ninf = -std::numeric_limits<float>::infinity();
+    if (nq == 0) std::fill(best, best + nc, ninf);
     for (int j = 0; j < nq; ++j) {
       const float* ej = &s->est[static_cast<size_t>(j) * nc];
-      for (size_t i = 0; i < nc; ++i) best[i] = best[i] < ej[i] ? ej[i] : best[i];
+      if (j == 0) {
+        for (size_t i = 0; i < nc; ++i) best[i] = ninf < ej[i] ? ej[i] : ninf;
+      } else {
+        for (size_t i = 0; i < nc; ++i) best[i] = best[i] < ej[i] ? ej[i] : best[i];
+      }
     }
   }
-  s->scored.resize(nc);
-  // The candidate's index, not its node id: cand is ascending, so ties rank
-  // the same, and the taken ones are found without a search (AccumulateRest).
-  for (size_t i = 0; i < nc; ++i) s->scored[i] = {best[i], static_cast<uint32_t>(i)};
 }
 
 size_t DciTree::TakeBest(int level, const DciDescentParams& params, DciScratch* s,
@@ -203,13 +405,16 @@ size_t DciTree::TakeBest(int level, const DciDescentParams& params, DciScratch* 
   const double mean_count = static_cast<double>(num_tokens()) / std::max<uint32_t>(1, L.size());
   size_t chunk = std::max<size_t>(
       {want_nodes, static_cast<size_t>(1.25 * want_tokens / std::max(1.0, mean_count)) + 8});
+  const size_t nc = s->cand.size();
   size_t sorted = 0, taken = 0;
   int64_t tokens = 0;
   s->next.clear();
-  while (taken < s->scored.size() && (taken < want_nodes || tokens < want_tokens)) {
+  while (taken < nc && (taken < want_nodes || tokens < want_tokens)) {
     if (taken == sorted) {
-      const size_t end = std::min(s->scored.size(), sorted + chunk);
-      const size_t next_sorted = SortHead(&s->scored, &s->head_keys, sorted, end);
+      const size_t end = std::min(nc, sorted + chunk);
+      // The first chunk straight from the scores (it lays out s->scored).
+      const size_t next_sorted = sorted == 0 ? dci_internal::RankHead(s->best.data(), nc, end, s)
+                                             : dci_internal::SortHead(&s->scored, s, sorted, end);
       if (leaf) {  // their token counts are read next, scattered
         for (size_t i = sorted; i < next_sorted; ++i) {
           __builtin_prefetch(&pages_.node_tokens_ref(s->cand[s->scored[i].second]));
@@ -240,7 +445,7 @@ uint32_t NextOfQuery(int j, DciScratch* s) {
     if (s->qcursor[j] == v.size()) return static_cast<uint32_t>(v.size());
     if (s->qcursor[j] == s->qsorted[j]) {
       const size_t end = std::min(v.size(), s->qsorted[j] + s->qchunk[j]);
-      s->qsorted[j] = SortHead(&v, &s->head_keys, s->qsorted[j], end);
+      s->qsorted[j] = dci_internal::SortHead(&v, s, s->qsorted[j], end);
       s->qchunk[j] *= 2;
     }
     const uint32_t idx = v[s->qcursor[j]++].second;
@@ -272,6 +477,10 @@ size_t DciTree::TakeBestPerQuery(int level, const DciDescentParams& params, int 
     v.resize(nc);
     for (size_t i = 0; i < nc; ++i) v[i] = {ej[i], static_cast<uint32_t>(i)};
   }
+  // The candidate's index, not its node id: cand is ascending, so ties rank
+  // the same, and the taken ones are found without a search (AccumulateRest).
+  s->scored.resize(nc);
+  for (size_t i = 0; i < nc; ++i) s->scored[i] = {s->best[i], static_cast<uint32_t>(i)};
   s->taken_flag.assign(nc, 0);
   s->next.clear();
   size_t taken = 0;
@@ -311,12 +520,12 @@ void DciTree::AccumulateRest(int nq, size_t taken, DciScratch* s) const {
   for (size_t k = 0; k < taken; ++k) {  // scored holds candidate indices
     s->taken_mask[s->scored[k].second] = -std::numeric_limits<float>::infinity();
   }
-  s->row.resize(nc);
+  float* row = AtLeast(&s->row, nc);
   for (int j = 0; j < nq; ++j) {
     // The same estimate that ranked the nodes (ScoreCandidates).
     const float* ej = &s->est[static_cast<size_t>(j) * nc];
-    for (size_t i = 0; i < nc; ++i) s->row[i] = ej[i] + s->taken_mask[i];
-    const float add = LogSumExp(s->row.data(), nc);
+    for (size_t i = 0; i < nc; ++i) row[i] = ej[i] + s->taken_mask[i];
+    const float add = LogSumExp(row, nc);
     const float m = std::max(s->rest[j], add);
     if (m == -std::numeric_limits<float>::infinity()) continue;
     s->rest[j] = m + std::log(std::exp(s->rest[j] - m) + std::exp(add - m));
@@ -326,11 +535,11 @@ void DciTree::AccumulateRest(int nq, size_t taken, DciScratch* s) const {
 void DciTree::EstimateTaken(int nq, size_t taken, DciScratch* s) const {
   const size_t nc = s->cand.size();
   s->taken_est.assign(nq, -std::numeric_limits<float>::infinity());
-  s->row.resize(taken);
+  float* row = AtLeast(&s->row, taken);
   for (int j = 0; j < nq; ++j) {
     const float* ej = &s->est[static_cast<size_t>(j) * nc];
-    for (size_t k = 0; k < taken; ++k) s->row[k] = ej[s->scored[k].second];
-    s->taken_est[j] = LogSumExp(s->row.data(), taken);
+    for (size_t k = 0; k < taken; ++k) row[k] = ej[s->scored[k].second];
+    s->taken_est[j] = LogSumExp(row, taken);
   }
 }
 
@@ -343,22 +552,41 @@ void DciTree::ExpandChildren(int level, DciScratch* s) const {
   // order); only nodes whose children decode inserts scattered need their
   // children lists (separate heap blocks: fetch them all first). Those can
   // break the order; the whole list is sorted only then.
-  s->kept.swap(s->next);
-  std::sort(s->kept.begin(), s->kept.end());
-  for (uint32_t node : s->kept) {
-    if (L.child_runs[node].count == 0) {
+  // The kept nodes (s->next, in rank order) are the candidates at the head
+  // of s->scored; flagged by candidate index, cand (ascending) gives them in
+  // node id order without a comparison sort.
+  const size_t nc = s->cand.size(), taken = s->next.size();
+  uint8_t* flag = AtLeast(&s->taken_flag, nc);
+  std::fill(flag, flag + nc, uint8_t{0});
+  for (size_t t = 0; t < taken; ++t) flag[s->scored[t].second] = 1;
+  uint32_t* kept = AtLeast(&s->kept, taken + 1);
+  size_t nk = 0;
+  for (size_t i = 0; i < nc; ++i) {  // branch-free: written always, counted when kept
+    kept[nk] = s->cand[i];
+    nk += flag[i];
+  }
+  size_t total = 0;
+  for (size_t k = 0; k < nk; ++k) {
+    const uint32_t node = kept[k];
+    const uint32_t count = L.child_runs[node].count;
+    if (count == 0) {
       const auto& ch = L.children[node];
       PrefetchBytes(ch.data(), ch.size() * sizeof(uint32_t));
+      total += ch.size();
     }
+    total += count;
   }
-  s->next.clear();
-  for (uint32_t node : s->kept) {
+  s->next.resize(total);
+  uint32_t* out = s->next.data();
+  for (size_t k = 0; k < nk; ++k) {
+    const uint32_t node = kept[k];
     const ChildRun run = L.child_runs[node];
     if (run.count > 0) {
-      for (uint32_t i = 0; i < run.count; ++i) s->next.push_back(run.first + i);
+      for (uint32_t i = 0; i < run.count; ++i) out[i] = run.first + i;
+      out += run.count;
     } else {
       const auto& ch = L.children[node];
-      s->next.insert(s->next.end(), ch.begin(), ch.end());
+      out = std::copy(ch.begin(), ch.end(), out);
     }
   }
   if (!std::is_sorted(s->next.begin(), s->next.end())) std::sort(s->next.begin(), s->next.end());

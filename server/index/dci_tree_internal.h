@@ -19,7 +19,11 @@
 #include "server/index/selector.h"
 
 namespace icecache {
+
+struct DciScratch;
+
 namespace dci_internal {
+inline int g_variant = 0;  // EXPERIMENT
 
 inline float SquaredNorm(const float* x, int dim) { return DotF32(x, x, dim); }
 
@@ -142,6 +146,34 @@ void SortBestFirst(std::vector<Rec>* recs, std::vector<Rec>* tmp) {
     recs->swap(*tmp);
   }
 }
+
+// The selection descent's ranking (dci_tree_descent.cc, TakeBest): only the
+// head is needed, sorted in growing chunks. Puts the best `end - from` of
+// scored[from..] in order at `from` and returns how many leading entries are
+// now in their final order (>= end). Same order as a partial_sort under
+// BetterOrder (score descending, then the lower second; without a NaN the
+// ranking is total). `s` lends its head_* buffers.
+//
+// Comparison sorts of random floats mispredict every other branch (they were
+// most of the descent's ranking time), so the head is found and sorted on
+// integers: the scores are counted into buckets of equal width between the
+// lowest and the highest (a bucket is a monotone function of the score, so
+// equal scores share one); the buckets holding the best `end - from` are
+// kept (every score at or above the last kept bucket's, ties included) and
+// only those are radix-sorted on the score's order key, stably, equal scores
+// then ordered by their second. The rest stay behind in their input order.
+// A NaN, an infinity or all scores equal take the comparison path
+// (nth_element of the threshold, partition, sort of the head).
+size_t SortHead(std::vector<std::pair<float, uint32_t>>* scored, DciScratch* s, size_t from,
+                size_t end);
+
+// SortHead's first chunk straight from the candidates' scores: s->scored =
+// every (score[i], i) of score[0..n), the best k first in ranking order
+// (exactly as SortHead(0, k) leaves them, the same count returned), the rest
+// behind in index order. The scores are read from a plain array (the
+// buckets, the bounds and the order keys in vector loops) and the pairs are
+// written once.
+size_t RankHead(const float* score, size_t n, size_t k, DciScratch* s);
 
 // Software prefetch of `bytes` bytes from `p` (every 64-byte line). The
 // selection descent reads representatives and pages of ids known in advance

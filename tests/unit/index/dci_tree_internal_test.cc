@@ -4,11 +4,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <random>
 #include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "server/index/dci_tree.h"
 
 namespace icecache {
 namespace {
@@ -144,6 +147,98 @@ TEST(SortBestFirstTest, ItemOrderedInputEqualsAStableComparisonSort) {
               << "items " << items << " per item " << per_item << " kind " << kind << " at " << i;
         }
       }
+    }
+  }
+}
+
+// The descent's ranking head (SortHead), called in growing chunks as
+// TakeBest does, against a sort of everything by BetterOrder: every chunk's
+// head must be the reference's prefix, and the array a permutation of the
+// input. RankHead (the first chunk from a plain score array) must leave
+// exactly what SortHead leaves. Scores with ties and signed zeros, normal, all equal, spans that
+// overflow, infinities, seconds out of order, sizes on both sides of the
+// partial_sort cutoff.
+TEST(SortHeadTest, ChunksEqualTheHeadOfAFullSort) {
+  std::mt19937 rng(23);
+  std::normal_distribution<float> nd(3.0f, 4.0f);
+  DciScratch scratch;
+  for (size_t n : {1u, 2u, 47u, 48u, 100u, 129u, 700u, 1120u, 2049u, 9000u}) {
+    for (int kind = 0; kind < 7; ++kind) {
+      std::vector<float> v = TiedScores(n, static_cast<uint32_t>(n + kind));
+      for (size_t i = 0; i < n; ++i) {
+        if (kind == 1) v[i] = nd(rng);
+        if (kind == 2) v[i] = 1.5f;
+        if (kind == 3) v[i] = i % 3 ? nd(rng) : (i % 2 ? 3e38f : -3e38f);
+        if (kind == 4 && i % 17 == 3)
+          v[i] = i % 2 ? std::numeric_limits<float>::infinity()
+                       : -std::numeric_limits<float>::infinity();
+        if (kind == 5) v[i] = 1.0f + 1e-7f * static_cast<float>(i % 5);  // a few ulps apart
+        if (kind == 6) v[i] = std::round(nd(rng) * 4.0f) / 4.0f;         // coarse ties
+      }
+      for (size_t first_chunk : {1u, 8u, 40u, 300u}) {
+        for (bool scrambled : {false, true}) {
+          Scored scored(n);
+          for (size_t i = 0; i < n; ++i) scored[i] = {v[i], static_cast<uint32_t>(i)};
+          if (scrambled) std::shuffle(scored.begin(), scored.end(), rng);
+          Scored want = scored;
+          std::sort(want.begin(), want.end(), dci_internal::BetterOrder());
+          size_t sorted = 0, chunk = first_chunk;
+          while (sorted < n) {
+            const size_t end = std::min(n, sorted + chunk);
+            const size_t got = dci_internal::SortHead(&scored, &scratch, sorted, end);
+            ASSERT_GE(got, end);
+            ASSERT_LE(got, n);
+            for (size_t i = 0; i < got; ++i) {
+              ASSERT_TRUE(scored[i].second == want[i].second &&
+                          std::memcmp(&scored[i].first, &want[i].first, sizeof(float)) == 0)
+                  << "n " << n << " kind " << kind << " chunk " << first_chunk << " scrambled "
+                  << scrambled << " at " << i << " of " << got;
+            }
+            sorted = got;
+            chunk *= 2;
+          }
+          if (!scrambled) {  // RankHead: the same first chunk, laid out the same
+            DciScratch rs;
+            const size_t end = std::min(n, first_chunk);
+            Scored head(n);
+            for (size_t i = 0; i < n; ++i) head[i] = {v[i], static_cast<uint32_t>(i)};
+            const size_t want_count = dci_internal::SortHead(&head, &scratch, 0, end);
+            ASSERT_EQ(dci_internal::RankHead(v.data(), n, end, &rs), want_count);
+            ASSERT_EQ(rs.scored.size(), n);
+            for (size_t i = 0; i < n; ++i) {
+              ASSERT_TRUE(rs.scored[i].second == head[i].second &&
+                          std::memcmp(&rs.scored[i].first, &head[i].first, sizeof(float)) == 0)
+                  << "RankHead n " << n << " kind " << kind << " chunk " << first_chunk << " at "
+                  << i;
+            }
+          }
+          Scored perm = scored;
+          std::sort(perm.begin(), perm.end(),
+                    [](const auto& a, const auto& b) { return a.second < b.second; });
+          for (size_t i = 0; i < n; ++i) ASSERT_EQ(perm[i].second, i);
+        }
+      }
+    }
+  }
+}
+
+// With a NaN the ranking is not total: SortHead is then std::partial_sort
+// of the head, the same result as before it was rewritten.
+TEST(SortHeadTest, ANanTakesPartialSort) {
+  std::mt19937 rng(29);
+  std::normal_distribution<float> nd;
+  DciScratch scratch;
+  for (size_t n : {10u, 300u, 2000u}) {
+    Scored scored(n);
+    for (size_t i = 0; i < n; ++i) {
+      scored[i] = {i % 97 == 5 ? std::nanf("") : nd(rng), static_cast<uint32_t>(i)};
+    }
+    Scored want = scored;
+    const size_t end = n / 3;
+    std::partial_sort(want.begin(), want.begin() + end, want.end(), dci_internal::BetterOrder());
+    ASSERT_EQ(dci_internal::SortHead(&scored, &scratch, 0, end), end);
+    for (size_t i = 0; i < n; ++i) {
+      ASSERT_TRUE(scored[i].second == want[i].second) << "n " << n << " at " << i;
     }
   }
 }

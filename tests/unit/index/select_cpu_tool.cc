@@ -66,7 +66,7 @@ int main(int argc, char** argv) {
                "icecache-select-cpu");
   cli::Configure(app);
   int64_t tokens = 32768;
-  int heads = 8, steps = 16, budget = 256, page = 16, passes = 2;
+  int heads = 8, steps = 16, budget = 256, page = 16, passes = 2, descent_passes = 1;
   std::string preset = "llama3-8b-like", widths_arg = "32x8";
   bool mass = true, compare = false;
   MdciParams mp;
@@ -75,11 +75,18 @@ int main(int argc, char** argv) {
   app.add_option("--steps", steps, "decode steps; each selects every head once");
   app.add_option("--passes", passes,
                  "timed passes over the steps (alternating with --compare-sketch)");
+  app.add_option("--descent-passes", descent_passes,
+                 "passes of the descent-alone timing (more samples; a profile of the descent)");
   app.add_option("--budget", budget, "token budget per KV head and step");
   app.add_option("--page", page, "tokens per page");
   app.add_option("--preset", preset, "synthetic preset or family");
   app.add_option("--widths", widths_arg, "mdci widths FOVxCF, comma-separated");
   app.add_option("--sketch", mp.sketch_scoring, "the measured selectors rank from the sketch (1)");
+  app.add_option(
+      "--normalized", mp.normalized_descent,
+      "the descent ranks by the normalised estimate (1; MdciParams::normalized_descent)");
+  app.add_option("--query-quotas", mp.query_quotas,
+                 "every query takes its share of the nodes (1; MdciParams::query_quotas)");
   app.add_flag("--compare-sketch", compare, "time sketch twins too, passes alternating");
   app.add_option("--mass", mass, "measure mass against exact-mdci (1) or not (0)");
   if (auto code = cli::Parse(app, argc, argv)) return *code;
@@ -192,10 +199,10 @@ int main(int argc, char** argv) {
         }
       }
     }
-    // The descent alone, a separate pass (same round-robin, so as cold).
-    for (int step = 0; step < steps; ++step) {
+    // The descent alone, separate passes (same round-robin, so as cold).
+    for (int step = 0; step < steps * descent_passes; ++step) {
       for (int h = 0; h < heads; ++h) {
-        const float* q = dump->query(step, 0, h);
+        const float* q = dump->query(step % steps, 0, h);
         auto* m = static_cast<MdciSelector*>(sels[0][h].get());
         DciDescentParams dp;
         dp.field_of_view = w.fov;
@@ -205,6 +212,7 @@ int main(int argc, char** argv) {
         dp.entry_nodes = mp.entry_nodes;
         dp.spread_weight = mp.spread_weight;
         dp.normalized = mp.normalized_descent;
+        dp.query_quotas = mp.query_quotas;
         thread_local DciScratch scratch;
         std::vector<uint32_t> nodes;
         uint64_t t = 0;
