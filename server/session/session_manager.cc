@@ -303,11 +303,12 @@ void SessionManager::RemoveSession(const std::string& id, const char* reason) {
 
 void SessionManager::RememberCalibration(const Session& s) {
   if (calibration_memory_ == nullptr) return;
-  // A head's width counts as learnt once it rests on as many samples as a
-  // seeded head takes to confirm one (at model scale the sampler's CPU
-  // budget allows a head only a few samples per hundred tokens: 32 layers x
-  // 8 KV heads share it), or it fell back to exact, or it was seeded.
-  calibration_memory_->Remember(s, std::max(1, options_.quality.seeded_warmup_samples));
+  // A head's width counts as learnt from its first sample (which raises it
+  // or confirms it), a fallback to exact, or a seed: at model scale the
+  // sampler's CPU budget, shared by 32 layers x 8 KV heads, allows a head
+  // about one sample per session of a few dozen tokens
+  // (docs/bench/prior11_memory.md), so only a chain of sessions can add up.
+  calibration_memory_->Remember(s, 1);
 }
 
 bool SessionManager::draining() const {
