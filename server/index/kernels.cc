@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <limits>
 
@@ -412,10 +413,10 @@ ICECACHE_AVX512 inline __m512 HSum16x512(const __m512* v) {
 
 // As DotBlockAvx2 with 16 lanes and 32 registers; the dim tail is one
 // masked step instead of a scalar loop.
+// The R x NQ accumulators of DotBlockAvx512 (their 16 lanes not yet summed).
 template <typename L, int NQ, int R>
-ICECACHE_AVX512 inline void DotBlockAvx512(const float* queries, int dim, const typename L::T* k,
-                                           float* out, int64_t out_stride) {
-  __m512 acc[R][NQ];
+ICECACHE_AVX512 inline void DotBlockAccAvx512(const float* queries, int dim, const typename L::T* k,
+                                              __m512 (&acc)[R][NQ]) {
   ICECACHE_UNROLL16
   for (int r = 0; r < R; ++r) {
     ICECACHE_UNROLL16
@@ -445,6 +446,13 @@ ICECACHE_AVX512 inline void DotBlockAvx512(const float* queries, int dim, const 
       for (int j = 0; j < NQ; ++j) acc[r][j] = _mm512_fmadd_ps(qv[j], kv, acc[r][j]);
     }
   }
+}
+
+template <typename L, int NQ, int R>
+ICECACHE_AVX512 inline void DotBlockAvx512(const float* queries, int dim, const typename L::T* k,
+                                           float* out, int64_t out_stride) {
+  __m512 acc[R][NQ];
+  DotBlockAccAvx512<L, NQ, R>(queries, dim, k, acc);
   if constexpr (R * NQ == 16) {
     // Sixteen sums reduced at once, each bit for bit _mm512_reduce_add_ps.
     alignas(64) float sums[16];
@@ -513,6 +521,85 @@ ICECACHE_AVX512 void DotRowsMultiAvx512(const void* rows, int64_t n, int dim, co
         break;
     }
   }
+}
+
+// Exp256 of page_select.cc on 16 lanes: the same operations lane by lane
+// (range reduction, polynomial, exponent bits), so each lane's bits are
+// Exp256's for that input.
+ICECACHE_AVX512 inline __m512 Exp512(__m512 x) {
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f);
+  const __m512 ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n =
+      _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+  r = _mm512_fnmadd_ps(n, ln2_lo, r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e =
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// HMax256 of page_select.cc.
+inline float HMax256(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 0x55));
+  return _mm_cvtss_f32(m);
+}
+
+// PageQueryLogMass (page_select.cc) of one query's 16 logits in `x`, bit
+// for bit: its two 8-lane steps for the max and for the sum of the
+// exponentials, on the two halves of one 16-lane vector.
+ICECACHE_AVX512 inline float LogMass16(__m512 x, __m512 vscale) {
+  const __m512 xs = _mm512_mul_ps(x, vscale);
+  const __m256 lo = _mm256_max_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()),
+                                  _mm512_castps512_ps256(xs));
+  const float m = HMax256(_mm256_max_ps(lo, _mm512_extractf32x8_ps(xs, 1)));
+  const __m512 e = Exp512(_mm512_fmsub_ps(x, vscale, _mm512_set1_ps(m)));
+  const __m256 vs = _mm256_add_ps(_mm256_add_ps(_mm256_setzero_ps(), _mm512_castps512_ps256(e)),
+                                  _mm512_extractf32x8_ps(e, 1));
+  const float score = m + std::log(HSum256(vs));
+  // PageMassScore's running best, from -inf: a NaN score gives -inf.
+  return score > -std::numeric_limits<float>::infinity() ? score
+                                                         : -std::numeric_limits<float>::infinity();
+}
+
+// A 16-row page against 4 queries: the four DotBlockAvx512<L, 4, 4> blocks'
+// sums, kept in registers and transposed to one vector of 16 logits per
+// query, then LogMass16 per query. Bit for bit DotRowsMultiAvx512<L> into a
+// 4 x 16 buffer followed by PageQueryLogMass.
+template <typename L>
+ICECACHE_AVX512 void PageLogMass16x4Avx512(const void* rows, int dim, const float* queries,
+                                           float scale, float* lse) {
+  const auto* k = static_cast<const typename L::T*>(rows);
+  // HSum16x512's lane r * 4 + j (row r, query j) to lane j * 4 + r.
+  const __m512i query_major =
+      _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  __m512 p[4];  // p[b]'s 128-bit lane j: query j's logits of rows 4b..4b+3
+  ICECACHE_UNROLL16
+  for (int b = 0; b < 4; ++b) {
+    __m512 acc[4][4];
+    DotBlockAccAvx512<L, 4, 4>(queries, dim, k + static_cast<int64_t>(4 * b) * dim, acc);
+    p[b] = _mm512_permutexvar_ps(query_major, HSum16x512(&acc[0][0]));
+  }
+  const __m512 t0 = _mm512_shuffle_f32x4(p[0], p[1], _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512 t1 = _mm512_shuffle_f32x4(p[0], p[1], _MM_SHUFFLE(3, 2, 3, 2));
+  const __m512 t2 = _mm512_shuffle_f32x4(p[2], p[3], _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512 t3 = _mm512_shuffle_f32x4(p[2], p[3], _MM_SHUFFLE(3, 2, 3, 2));
+  const __m512 vscale = _mm512_set1_ps(scale);
+  lse[0] = LogMass16(_mm512_shuffle_f32x4(t0, t2, _MM_SHUFFLE(2, 0, 2, 0)), vscale);
+  lse[1] = LogMass16(_mm512_shuffle_f32x4(t0, t2, _MM_SHUFFLE(3, 1, 3, 1)), vscale);
+  lse[2] = LogMass16(_mm512_shuffle_f32x4(t1, t3, _MM_SHUFFLE(2, 0, 2, 0)), vscale);
+  lse[3] = LogMass16(_mm512_shuffle_f32x4(t1, t3, _MM_SHUFFLE(3, 1, 3, 1)), vscale);
 }
 
 ICECACHE_AVX512 float DotF32Avx512(const float* a, const float* b, int dim) {
@@ -612,6 +699,7 @@ using DotU16Fn = float (*)(const float*, const uint16_t*, int);
 using MultiFn = void (*)(const void*, int64_t, int, const float*, int, float*);
 using RowsF32Fn = void (*)(const float*, const float*, const uint32_t*, int64_t, int, float*);
 using ProjectFn = void (*)(const float*, int64_t, const float*, int, int, float*);
+using PageMassFn = void (*)(const void*, int, const float*, float, float*);
 
 struct KernelTable {
   const char* name;
@@ -621,7 +709,8 @@ struct KernelTable {
   MultiFn multi[3];  // indexed by DTypeIndex; DotRows is the nq == 1 case
   RowsF32Fn rows_f32;
   ProjectFn project_f32;
-  MultiFn multi_i8;  // DotRowsMultiI8's dots, before the row scales
+  MultiFn multi_i8;              // DotRowsMultiI8's dots, before the row scales
+  PageMassFn page_mass_16x4[3];  // PageLogMass16x4, by DTypeIndex; null: no fused path
 };
 
 const KernelTable kAvx2Table = {
@@ -633,6 +722,7 @@ const KernelTable kAvx2Table = {
     DotF32RowsAvx2,
     ProjectF32Avx2,
     DotRowsMultiAvx2<I8Avx2>,
+    {nullptr, nullptr, nullptr},
 };
 
 const KernelTable kAvx512Table = {
@@ -644,6 +734,8 @@ const KernelTable kAvx512Table = {
     DotF32RowsAvx512,
     ProjectF32Avx512,
     DotRowsMultiAvx512<I8Avx512>,
+    {PageLogMass16x4Avx512<F16Avx512>, PageLogMass16x4Avx512<Bf16Avx512>,
+     PageLogMass16x4Avx512<F32Avx512>},
 };
 
 bool CpuHasAvx512() {
@@ -727,6 +819,14 @@ void DotRowsMultiI8(const int8_t* codes, const float* row_scales, int64_t n, int
     float* o = out + static_cast<int64_t>(j) * n;
     for (int64_t i = 0; i < n; ++i) o[i] *= row_scales[i];
   }
+}
+
+bool PageLogMass16x4(DType dtype, const void* rows, int dim, const float* queries, float scale,
+                     float* lse) {
+  const PageMassFn fn = Table().page_mass_16x4[DTypeIndex(dtype)];
+  if (fn == nullptr || dim <= 0) return false;
+  fn(rows, dim, queries, scale, lse);
+  return true;
 }
 
 int64_t FirstGreater(const float* x, int64_t n, float threshold) {
