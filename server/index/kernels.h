@@ -51,8 +51,9 @@ void DotRowsMultiI8(const int8_t* codes, const float* row_scales, int64_t n, int
 // pages): lse[j] = log(sum_i exp(scale * queries[j] . row i)), bit for bit
 // what DotRowsMulti into a 4 x 16 buffer followed by PageQueryLogMass
 // (page_select.h, stride 16) gives, in one pass: the logits never leave the
-// registers. Returns false, writing nothing, where no fused path exists
-// (the AVX2 path, dim <= 0); the caller then takes the two steps.
+// registers. Returns false, writing nothing, where there is no fused pass
+// (dim <= 0; on the AVX2 path a dim that is not a multiple of 8); the
+// caller then takes the two steps.
 bool PageLogMass16x4(DType dtype, const void* rows, int dim, const float* queries, float scale,
                      float* lse);
 

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <numeric>
 #include <utility>
@@ -34,17 +33,6 @@ struct SelectScratch {
   std::vector<const void*> rows;           // ScorePages: each page's frame (or sketch codes)
   std::vector<uint32_t> fills;             // ScorePages: each page's fill
 };
-
-// Temporary experiment knobs (page11): read once from the environment.
-int Knob(const char* name, int def) {
-  const char* v = std::getenv(name);
-  return v != nullptr ? std::atoi(v) : def;
-}
-const int kAheadKnob = Knob("P11_AHEAD", 8);
-const int kTouchKnob = Knob("P11_TOUCH", 1);
-const int kLinesKnob = Knob("P11_LINES", 0);
-const int kHintKnob = Knob("P11_HINT", 0);
-const int kFusedKnob = Knob("P11_FUSED", 1);
 
 SelectScratch& ThreadScratch() {
   thread_local SelectScratch scratch;
@@ -149,14 +137,7 @@ namespace {
 // boundary.
 inline void PrefetchBytes(const void* p, size_t bytes) {
   const char* c = static_cast<const char*>(p);
-  if (kLinesKnob > 0) bytes = std::min<size_t>(bytes, 64 * static_cast<size_t>(kLinesKnob));
-  if (kHintKnob == 1) {
-    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 2);
-  } else if (kHintKnob == 2) {
-    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 1);
-  } else {
-    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off);
-  }
+  for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off);
 }
 
 }  // namespace
@@ -171,9 +152,10 @@ void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* quer
   const size_t row_bytes = sketch
                                ? static_cast<size_t>(config_.head_dim)
                                : static_cast<size_t>(config_.head_dim) * DTypeSize(config_.dtype);
-  // Each page's rows and fill, looked up once (the frame is a virtual call).
-  // A software prefetch may be dropped when the line's translation is not
-  // cached: one real load per frame starts every page walk at once.
+  // Each page's rows and fill, looked up once (the frame is a virtual call),
+  // and one real load per frame: it starts every page's first line at once
+  // (without it the selects of docs/bench/page11_scoring.md cost 5-30% more
+  // with 16 heads cold; the prefetch distance below changed nothing there).
   s.rows.resize(n);
   s.fills.resize(n);
   unsigned sink = 0;
@@ -182,7 +164,7 @@ void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* quer
     const void* p =
         sketch ? static_cast<const void*>(sketch_->codes(pages[i])) : keys_->page_keys(pages[i]);
     s.rows[i] = p;
-    if (kTouchKnob && p != nullptr && s.fills[i] != 0) {
+    if (p != nullptr && s.fills[i] != 0) {
       sink += *static_cast<const volatile unsigned char*>(p);
     }
   }
@@ -199,11 +181,11 @@ void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* quer
   float* lse = s.lse.data() + base;
   // The pages are scattered frames read cold: keep several in flight ahead
   // of the one being scored (memory-level parallelism).
-  const size_t ahead = static_cast<size_t>(kAheadKnob);
-  const bool fused = kFusedKnob && !sketch && keep == nullptr && num_queries == 4;
-  for (size_t i = 0; i < std::min(n, ahead); ++i) prefetch(i);
+  constexpr size_t kPagesAhead = 8;
+  const bool fused = !sketch && keep == nullptr && num_queries == 4;
+  for (size_t i = 0; i < std::min(n, kPagesAhead); ++i) prefetch(i);
   for (size_t i = 0; i < n; ++i) {
-    if (i + ahead < n) prefetch(i + ahead);
+    if (i + kPagesAhead < n) prefetch(i + kPagesAhead);
     const uint32_t fill = s.fills[i];
     if (fill == 0) continue;
     *touched += fill;
@@ -249,9 +231,15 @@ void MdciSelector::CollectCandidatePages(const float* queries, int num_queries,
   dp.query_quotas = config_.mdci.query_quotas;
   const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
   tree_->CollectCandidates(queries, num_queries, scale, dp, &s.descent, &s.nodes, touched);
-  // The nodes' pages as bits of a page-id bitmap, read back in ascending id
-  // order (an O(pages / 64) scan instead of a sort of the ids); every word
-  // read is cleared, so the bitmap is zero again for the next select.
+  // Scored in page id order, not the descent's rank order (the set is the
+  // same, and every page's score is exact either way): siblings' pages have
+  // consecutive ids, and frames opened in page order usually sit in
+  // ascending addresses (a bulk build's pages), so the reads come in
+  // ascending runs the hardware prefetcher can follow. The nodes' pages (a
+  // page belongs to one node) go into a page-id bitmap, read back in
+  // ascending order: a scan of num_pages / 64 words instead of a sort of
+  // the ids. Every word read is cleared, so the bitmap is zero again for the
+  // next select.
   const size_t words = (static_cast<size_t>(pt.num_pages()) + 63) / 64;
   if (s.page_bits.size() < words) s.page_bits.resize(words, 0);
   uint64_t* bits = s.page_bits.data();
@@ -272,11 +260,6 @@ void MdciSelector::CollectCandidatePages(const float* queries, int num_queries,
       b &= b - 1;
     } while (b != 0);
   }
-  // Scored in page id order, not the descent's rank order (the set is the
-  // same, and every page's score is exact either way): siblings' pages have
-  // consecutive ids, and frames opened in page order usually sit in
-  // ascending addresses (a bulk build's pages), so the reads come in
-  // ascending runs the hardware prefetcher can follow.
 }
 
 void MdciSelector::CalibrateRest(int num_queries) const {
