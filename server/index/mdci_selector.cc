@@ -31,7 +31,6 @@ struct SelectScratch {
   std::vector<float> shifted, page_share;  // ExactTokenShares: one page's tokens
   std::vector<uint64_t> page_bits;         // one bit per page id; all zero between selects
   std::vector<const void*> rows;           // ScorePages: each page's frame (or sketch codes)
-  std::vector<uint32_t> fills;             // ScorePages: each page's fill
 };
 
 SelectScratch& ThreadScratch() {
@@ -132,12 +131,20 @@ absl::Status MdciSelector::Insert(const float* keys, int64_t n,
 
 namespace {
 
+// One cache line asked for. Not __builtin_prefetch: GCC 12's pure-const
+// analysis takes a function whose only effect is that builtin for one
+// without effects and deletes its calls, and the page prefetches of
+// ScorePages (a lambda) were gone that way (docs/bench/page11_scoring.md).
+inline void PrefetchLine(const void* p) {
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+}
+
 // Asks for `bytes` from `p` ahead of their use: the frames are separate
 // 4 KiB-ish blocks read cold, and the hardware prefetcher stops at each
 // boundary.
 inline void PrefetchBytes(const void* p, size_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off);
+  for (size_t off = 0; off < bytes; off += 64) PrefetchLine(c + off);
 }
 
 }  // namespace
@@ -152,26 +159,20 @@ void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* quer
   const size_t row_bytes = sketch
                                ? static_cast<size_t>(config_.head_dim)
                                : static_cast<size_t>(config_.head_dim) * DTypeSize(config_.dtype);
-  // Each page's rows and fill, looked up once (the frame is a virtual call),
-  // and one real load per frame: it starts every page's first line at once
-  // (without it the selects of docs/bench/page11_scoring.md cost 5-30% more
-  // with 16 heads cold; the prefetch distance below changed nothing there).
+  // Each page's rows looked up once (the frame is a virtual call), with one
+  // real load per frame: it starts every page's first line at once.
   s.rows.resize(n);
-  s.fills.resize(n);
   unsigned sink = 0;
   for (size_t i = 0; i < n; ++i) {
-    s.fills[i] = pt.fill(pages[i]);
     const void* p =
         sketch ? static_cast<const void*>(sketch_->codes(pages[i])) : keys_->page_keys(pages[i]);
     s.rows[i] = p;
-    if (p != nullptr && s.fills[i] != 0) {
-      sink += *static_cast<const volatile unsigned char*>(p);
-    }
+    if (p != nullptr) sink += *static_cast<const volatile unsigned char*>(p);
   }
   asm volatile("" : : "r"(sink));
   auto prefetch = [&](size_t i) {
-    PrefetchBytes(s.rows[i], s.fills[i] * row_bytes);
-    if (sketch) __builtin_prefetch(sketch_->scales(pages[i]));
+    PrefetchBytes(s.rows[i], pt.fill(pages[i]) * row_bytes);
+    if (sketch) PrefetchLine(sketch_->scales(pages[i]));
   };
   const size_t page_floats = static_cast<size_t>(num_queries) * config_.page_tokens;
   if (keep == nullptr && s.logits.size() < page_floats) s.logits.resize(page_floats);
@@ -186,7 +187,7 @@ void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* quer
   for (size_t i = 0; i < std::min(n, kPagesAhead); ++i) prefetch(i);
   for (size_t i = 0; i < n; ++i) {
     if (i + kPagesAhead < n) prefetch(i + kPagesAhead);
-    const uint32_t fill = s.fills[i];
+    const uint32_t fill = pt.fill(pages[i]);
     if (fill == 0) continue;
     *touched += fill;
     s.scored_pages.push_back(pages[i]);
