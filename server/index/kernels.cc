@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <limits>
 
@@ -127,10 +128,11 @@ inline float DotAvx2(const float* q, const typename L::T* k, int dim) {
 // (and converted) once and reused for the NQ queries: NQ + R loads feed
 // NQ x R FMAs, so the kernel is bound by FMAs rather than loads. R x NQ
 // accumulators stay in registers (R chosen per NQ in RowsPerBlockAvx2).
+// The R x NQ accumulators of DotBlockAvx2 (not yet summed) and the scalar
+// dim tail's sums.
 template <typename L, int NQ, int R>
-inline void DotBlockAvx2(const float* queries, int dim, const typename L::T* k, float* out,
-                         int64_t out_stride) {
-  __m256 acc[R][NQ];
+inline void DotBlockAccAvx2(const float* queries, int dim, const typename L::T* k,
+                            __m256 (&acc)[R][NQ], float (&tail)[R][NQ]) {
   ICECACHE_UNROLL16
   for (int r = 0; r < R; ++r) {
     ICECACHE_UNROLL16
@@ -148,7 +150,6 @@ inline void DotBlockAvx2(const float* queries, int dim, const typename L::T* k, 
       for (int j = 0; j < NQ; ++j) acc[r][j] = _mm256_fmadd_ps(qv[j], kv, acc[r][j]);
     }
   }
-  float tail[R][NQ];
   ICECACHE_UNROLL16
   for (int r = 0; r < R; ++r) {
     ICECACHE_UNROLL16
@@ -162,6 +163,14 @@ inline void DotBlockAvx2(const float* queries, int dim, const typename L::T* k, 
       for (int j = 0; j < NQ; ++j) tail[r][j] += queries[j * dim + i] * kv;
     }
   }
+}
+
+template <typename L, int NQ, int R>
+inline void DotBlockAvx2(const float* queries, int dim, const typename L::T* k, float* out,
+                         int64_t out_stride) {
+  __m256 acc[R][NQ];
+  float tail[R][NQ];
+  DotBlockAccAvx2<L, NQ, R>(queries, dim, k, acc, tail);
   if constexpr (R * NQ == 8) {
     // Eight accumulators: their sums in one transposed reduction.
     alignas(32) float sums[8];
@@ -178,6 +187,104 @@ inline void DotBlockAvx2(const float* queries, int dim, const typename L::T* k, 
       for (int j = 0; j < NQ; ++j) out[j * out_stride + r] = HSum256(acc[r][j]) + tail[r][j];
     }
   }
+}
+
+// Exp256Factors of page_select.cc, the same operations (kept in step with
+// it: the fused page pass below must give PageQueryLogMass's bits).
+inline void Exp256Factors(__m256 x, __m256* poly, __m256* pow2) {
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f);
+  const __m256 ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n =
+      _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, ln2_hi, x);
+  r = _mm256_fnmadd_ps(n, ln2_lo, r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 r2 = _mm256_mul_ps(r, r);
+  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  *poly = p;
+  *pow2 = _mm256_castsi256_ps(e);
+}
+
+// HMax256 of page_select.cc.
+inline float HMax256(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 0x55));
+  return _mm_cvtss_f32(m);
+}
+
+// PageQueryLogMass (page_select.cc) of one query's 16 logits, rows 0-7 in
+// `lo` and 8-15 in `hi`, bit for bit: the same 8-lane steps in the same
+// order, and its running best from -inf (a NaN score gives -inf).
+inline float LogMass16(__m256 lo, __m256 hi, float scale) {
+  const __m256 vscale = _mm256_set1_ps(scale);
+  __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  vm = _mm256_max_ps(vm, _mm256_mul_ps(lo, vscale));
+  vm = _mm256_max_ps(vm, _mm256_mul_ps(hi, vscale));
+  const float m = HMax256(vm);
+  const __m256 vmax = _mm256_set1_ps(m);
+  __m256 poly, pow2;
+  __m256 vs = _mm256_setzero_ps();
+  Exp256Factors(_mm256_fmsub_ps(lo, vscale, vmax), &poly, &pow2);
+  vs = _mm256_fmadd_ps(poly, pow2, vs);
+  Exp256Factors(_mm256_fmsub_ps(hi, vscale, vmax), &poly, &pow2);
+  vs = _mm256_fmadd_ps(poly, pow2, vs);
+  const float score = m + std::log(HSum256(vs));
+  return score > -std::numeric_limits<float>::infinity() ? score
+                                                         : -std::numeric_limits<float>::infinity();
+}
+
+// Rows 8h..8h+7 of a 16-row page for 4 queries on AVX2: four
+// DotBlockAvx2<L, 4, 2> blocks' sums (lane r * 4 + j: row r of the block,
+// query j, plus the dim tail as DotBlockAvx2 adds it), transposed to one
+// vector of the 8 rows' logits per query, rows in order.
+template <typename L>
+inline void EightRowsAvx2(const float* queries, int dim, const typename L::T* k, __m256 (&q)[4]) {
+  __m256 s[4];
+  for (int b = 0; b < 4; ++b) {
+    __m256 acc[2][4];
+    alignas(32) float tail[2][4];
+    DotBlockAccAvx2<L, 4, 2>(queries, dim, k + static_cast<int64_t>(2 * b) * dim, acc, tail);
+    s[b] = _mm256_add_ps(HSum8x256(&acc[0][0]), _mm256_load_ps(&tail[0][0]));
+  }
+  // s[b]: [row 2b: q0..q3 | row 2b+1: q0..q3]. Per 128-bit half, unpack and
+  // shuffle give query j's rows in the order 0, 2, 4, 6 | 1, 3, 5, 7.
+  const __m256 t0 = _mm256_unpacklo_ps(s[0], s[1]), t1 = _mm256_unpackhi_ps(s[0], s[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(s[2], s[3]), t3 = _mm256_unpackhi_ps(s[2], s[3]);
+  const __m256i rows_in_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  q[0] =
+      _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), rows_in_order);
+  q[1] =
+      _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)), rows_in_order);
+  q[2] =
+      _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), rows_in_order);
+  q[3] =
+      _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2)), rows_in_order);
+}
+
+// A 16-row page against 4 queries on AVX2: bit for bit DotRowsMultiAvx2<L>
+// into a 4 x 16 buffer followed by PageQueryLogMass, the logits kept in
+// registers; dims that are a multiple of 8 only (false otherwise).
+template <typename L>
+bool PageLogMass16x4Avx2(const void* rows, int dim, const float* queries, float scale, float* lse) {
+  // A dim tail is summed by a scalar loop that the compiler may contract
+  // or vectorise differently here than in DotRowsMulti: not fused.
+  if (dim % 8 != 0) return false;
+  const auto* k = static_cast<const typename L::T*>(rows);
+  __m256 lo[4], hi[4];
+  EightRowsAvx2<L>(queries, dim, k, lo);
+  EightRowsAvx2<L>(queries, dim, k + static_cast<int64_t>(8) * dim, hi);
+  for (int j = 0; j < 4; ++j) lse[j] = LogMass16(lo[j], hi[j], scale);
+  return true;
 }
 
 // Rows per block for AVX2 (16 ymm registers): R x NQ accumulators, NQ query
@@ -412,10 +519,10 @@ ICECACHE_AVX512 inline __m512 HSum16x512(const __m512* v) {
 
 // As DotBlockAvx2 with 16 lanes and 32 registers; the dim tail is one
 // masked step instead of a scalar loop.
+// The R x NQ accumulators of DotBlockAvx512 (their 16 lanes not yet summed).
 template <typename L, int NQ, int R>
-ICECACHE_AVX512 inline void DotBlockAvx512(const float* queries, int dim, const typename L::T* k,
-                                           float* out, int64_t out_stride) {
-  __m512 acc[R][NQ];
+ICECACHE_AVX512 inline void DotBlockAccAvx512(const float* queries, int dim, const typename L::T* k,
+                                              __m512 (&acc)[R][NQ]) {
   ICECACHE_UNROLL16
   for (int r = 0; r < R; ++r) {
     ICECACHE_UNROLL16
@@ -445,6 +552,13 @@ ICECACHE_AVX512 inline void DotBlockAvx512(const float* queries, int dim, const 
       for (int j = 0; j < NQ; ++j) acc[r][j] = _mm512_fmadd_ps(qv[j], kv, acc[r][j]);
     }
   }
+}
+
+template <typename L, int NQ, int R>
+ICECACHE_AVX512 inline void DotBlockAvx512(const float* queries, int dim, const typename L::T* k,
+                                           float* out, int64_t out_stride) {
+  __m512 acc[R][NQ];
+  DotBlockAccAvx512<L, NQ, R>(queries, dim, k, acc);
   if constexpr (R * NQ == 16) {
     // Sixteen sums reduced at once, each bit for bit _mm512_reduce_add_ps.
     alignas(64) float sums[16];
@@ -513,6 +627,82 @@ ICECACHE_AVX512 void DotRowsMultiAvx512(const void* rows, int64_t n, int dim, co
         break;
     }
   }
+}
+
+// Exp256Factors of page_select.cc on 16 lanes: the same operations lane by
+// lane (range reduction, polynomial, exponent bits).
+ICECACHE_AVX512 inline void Exp512Factors(__m512 x, __m512* poly, __m512* pow2) {
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f);
+  const __m512 ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n =
+      _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+  r = _mm512_fnmadd_ps(n, ln2_lo, r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e =
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  *poly = p;
+  *pow2 = _mm512_castsi512_ps(e);
+}
+
+// PageQueryLogMass (page_select.cc) of one query's 16 logits in `x`, bit
+// for bit: its two 8-lane steps for the max and for the sum of the
+// exponentials, on the two halves of one 16-lane vector; its running best
+// from -inf (a NaN score gives -inf).
+ICECACHE_AVX512 inline float LogMass16Avx512(__m512 x, __m512 vscale) {
+  const __m512 xs = _mm512_mul_ps(x, vscale);
+  const __m256 lo = _mm256_max_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()),
+                                  _mm512_castps512_ps256(xs));
+  const float m = HMax256(_mm256_max_ps(lo, _mm512_extractf32x8_ps(xs, 1)));
+  __m512 poly, pow2;
+  Exp512Factors(_mm512_fmsub_ps(x, vscale, _mm512_set1_ps(m)), &poly, &pow2);
+  // PageQueryLogMass's sum: rows 0-7, then rows 8-15, each in one FMA.
+  __m256 vs = _mm256_fmadd_ps(_mm512_castps512_ps256(poly), _mm512_castps512_ps256(pow2),
+                              _mm256_setzero_ps());
+  vs = _mm256_fmadd_ps(_mm512_extractf32x8_ps(poly, 1), _mm512_extractf32x8_ps(pow2, 1), vs);
+  const float score = m + std::log(HSum256(vs));
+  // PageMassScore's running best, from -inf: a NaN score gives -inf.
+  return score > -std::numeric_limits<float>::infinity() ? score
+                                                         : -std::numeric_limits<float>::infinity();
+}
+
+// A 16-row page against 4 queries: the four DotBlockAvx512<L, 4, 4> blocks'
+// sums, kept in registers and transposed to one vector of 16 logits per
+// query, then LogMass16 per query. Bit for bit DotRowsMultiAvx512<L> into a
+// 4 x 16 buffer followed by PageQueryLogMass.
+template <typename L>
+ICECACHE_AVX512 bool PageLogMass16x4Avx512(const void* rows, int dim, const float* queries,
+                                           float scale, float* lse) {
+  const auto* k = static_cast<const typename L::T*>(rows);
+  // HSum16x512's lane r * 4 + j (row r, query j) to lane j * 4 + r.
+  const __m512i query_major =
+      _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  __m512 p[4];  // p[b]'s 128-bit lane j: query j's logits of rows 4b..4b+3
+  ICECACHE_UNROLL16
+  for (int b = 0; b < 4; ++b) {
+    __m512 acc[4][4];
+    DotBlockAccAvx512<L, 4, 4>(queries, dim, k + static_cast<int64_t>(4 * b) * dim, acc);
+    p[b] = _mm512_permutexvar_ps(query_major, HSum16x512(&acc[0][0]));
+  }
+  const __m512 t0 = _mm512_shuffle_f32x4(p[0], p[1], _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512 t1 = _mm512_shuffle_f32x4(p[0], p[1], _MM_SHUFFLE(3, 2, 3, 2));
+  const __m512 t2 = _mm512_shuffle_f32x4(p[2], p[3], _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512 t3 = _mm512_shuffle_f32x4(p[2], p[3], _MM_SHUFFLE(3, 2, 3, 2));
+  const __m512 vscale = _mm512_set1_ps(scale);
+  lse[0] = LogMass16Avx512(_mm512_shuffle_f32x4(t0, t2, _MM_SHUFFLE(2, 0, 2, 0)), vscale);
+  lse[1] = LogMass16Avx512(_mm512_shuffle_f32x4(t0, t2, _MM_SHUFFLE(3, 1, 3, 1)), vscale);
+  lse[2] = LogMass16Avx512(_mm512_shuffle_f32x4(t1, t3, _MM_SHUFFLE(2, 0, 2, 0)), vscale);
+  lse[3] = LogMass16Avx512(_mm512_shuffle_f32x4(t1, t3, _MM_SHUFFLE(3, 1, 3, 1)), vscale);
+  return true;
 }
 
 ICECACHE_AVX512 float DotF32Avx512(const float* a, const float* b, int dim) {
@@ -612,6 +802,7 @@ using DotU16Fn = float (*)(const float*, const uint16_t*, int);
 using MultiFn = void (*)(const void*, int64_t, int, const float*, int, float*);
 using RowsF32Fn = void (*)(const float*, const float*, const uint32_t*, int64_t, int, float*);
 using ProjectFn = void (*)(const float*, int64_t, const float*, int, int, float*);
+using PageMassFn = bool (*)(const void*, int, const float*, float, float*);
 
 struct KernelTable {
   const char* name;
@@ -621,7 +812,8 @@ struct KernelTable {
   MultiFn multi[3];  // indexed by DTypeIndex; DotRows is the nq == 1 case
   RowsF32Fn rows_f32;
   ProjectFn project_f32;
-  MultiFn multi_i8;  // DotRowsMultiI8's dots, before the row scales
+  MultiFn multi_i8;              // DotRowsMultiI8's dots, before the row scales
+  PageMassFn page_mass_16x4[3];  // PageLogMass16x4, by DTypeIndex
 };
 
 const KernelTable kAvx2Table = {
@@ -633,6 +825,7 @@ const KernelTable kAvx2Table = {
     DotF32RowsAvx2,
     ProjectF32Avx2,
     DotRowsMultiAvx2<I8Avx2>,
+    {PageLogMass16x4Avx2<F16Avx2>, PageLogMass16x4Avx2<Bf16Avx2>, PageLogMass16x4Avx2<F32Avx2>},
 };
 
 const KernelTable kAvx512Table = {
@@ -644,6 +837,8 @@ const KernelTable kAvx512Table = {
     DotF32RowsAvx512,
     ProjectF32Avx512,
     DotRowsMultiAvx512<I8Avx512>,
+    {PageLogMass16x4Avx512<F16Avx512>, PageLogMass16x4Avx512<Bf16Avx512>,
+     PageLogMass16x4Avx512<F32Avx512>},
 };
 
 bool CpuHasAvx512() {
@@ -727,6 +922,12 @@ void DotRowsMultiI8(const int8_t* codes, const float* row_scales, int64_t n, int
     float* o = out + static_cast<int64_t>(j) * n;
     for (int64_t i = 0; i < n; ++i) o[i] *= row_scales[i];
   }
+}
+
+bool PageLogMass16x4(DType dtype, const void* rows, int dim, const float* queries, float scale,
+                     float* lse) {
+  if (dim <= 0) return false;
+  return Table().page_mass_16x4[DTypeIndex(dtype)](rows, dim, queries, scale, lse);
 }
 
 int64_t FirstGreater(const float* x, int64_t n, float threshold) {

@@ -47,6 +47,16 @@ void DotRowsMulti(DType dtype, const void* rows, int64_t n, int dim, const float
 void DotRowsMultiI8(const int8_t* codes, const float* row_scales, int64_t n, int dim,
                     const float* queries, int nq, float* out);
 
+// A page of exactly 16 rows against 4 queries (a GQA group of 4, 16-token
+// pages): lse[j] = log(sum_i exp(scale * queries[j] . row i)), bit for bit
+// what DotRowsMulti into a 4 x 16 buffer followed by PageQueryLogMass
+// (page_select.h, stride 16) gives, in one pass: the logits never leave the
+// registers. Returns false, writing nothing, where there is no fused pass
+// (dim <= 0; on the AVX2 path a dim that is not a multiple of 8); the
+// caller then takes the two steps.
+bool PageLogMass16x4(DType dtype, const void* rows, int dim, const float* queries, float scale,
+                     float* lse);
+
 // Index of the first of x[0..n) that is greater than `threshold` (a NaN
 // never is), or n. Eight lanes at a time: a top-k scan over many scores
 // skips the ones that cannot enter without a branch per score.

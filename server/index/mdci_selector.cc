@@ -29,6 +29,8 @@ struct SelectScratch {
   std::vector<std::pair<float, uint32_t>> scored;
   TokenCandidates tokens;                  // token granularity: the candidates' logits, kept
   std::vector<float> shifted, page_share;  // ExactTokenShares: one page's tokens
+  std::vector<uint64_t> page_bits;         // one bit per page id; all zero between selects
+  std::vector<const void*> rows;           // ScorePages: each page's frame (or sketch codes)
 };
 
 SelectScratch& ThreadScratch() {
@@ -127,22 +129,25 @@ absl::Status MdciSelector::Insert(const float* keys, int64_t n,
   return absl::OkStatus();
 }
 
-void MdciSelector::PrefetchPage(uint32_t page, bool sketch) const {
-  // Frames are separate 4 KiB-ish blocks: the hardware prefetcher stops at
-  // each boundary, so ask for the next candidate's keys ahead of time.
-  const size_t fill = tree_->page_table().fill(page);
-  const char* p;
-  size_t bytes;
-  if (sketch) {
-    p = reinterpret_cast<const char*>(sketch_->codes(page));
-    bytes = fill * static_cast<size_t>(config_.head_dim);
-    __builtin_prefetch(sketch_->scales(page));
-  } else {
-    p = static_cast<const char*>(keys_->page_keys(page));
-    bytes = fill * static_cast<size_t>(config_.head_dim) * DTypeSize(config_.dtype);
-  }
-  for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+namespace {
+
+// One cache line asked for. Not __builtin_prefetch: GCC 12's pure-const
+// analysis takes a function whose only effect is that builtin for one
+// without effects and deletes its calls, and the page prefetches of
+// ScorePages (a lambda) were gone that way (docs/bench/page11_scoring.md).
+inline void PrefetchLine(const void* p) {
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
 }
+
+// Asks for `bytes` from `p` ahead of their use: the frames are separate
+// 4 KiB-ish blocks read cold, and the hardware prefetcher stops at each
+// boundary.
+inline void PrefetchBytes(const void* p, size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (size_t off = 0; off < bytes; off += 64) PrefetchLine(c + off);
+}
+
+}  // namespace
 
 void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* queries,
                               int num_queries, bool sketch, uint64_t* touched,
@@ -151,39 +156,63 @@ void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* quer
   SelectScratch& s = ThreadScratch();
   const DciPageTable& pt = tree_->page_table();
   const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
+  const size_t row_bytes = sketch
+                               ? static_cast<size_t>(config_.head_dim)
+                               : static_cast<size_t>(config_.head_dim) * DTypeSize(config_.dtype);
+  // Each page's rows looked up once (the frame is a virtual call), with one
+  // real load per frame: it starts every page's first line at once.
+  s.rows.resize(n);
+  unsigned sink = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const void* p =
+        sketch ? static_cast<const void*>(sketch_->codes(pages[i])) : keys_->page_keys(pages[i]);
+    s.rows[i] = p;
+    if (p != nullptr) sink += *static_cast<const volatile unsigned char*>(p);
+  }
+  asm volatile("" : : "r"(sink));
+  auto prefetch = [&](size_t i) {
+    PrefetchBytes(s.rows[i], pt.fill(pages[i]) * row_bytes);
+    if (sketch) PrefetchLine(sketch_->scales(pages[i]));
+  };
+  const size_t page_floats = static_cast<size_t>(num_queries) * config_.page_tokens;
+  if (keep == nullptr && s.logits.size() < page_floats) s.logits.resize(page_floats);
+  // Room for every page's G log-masses; pages without tokens are dropped.
+  const size_t base = s.lse.size();
+  s.lse.resize(base + n * num_queries);
+  float* lse = s.lse.data() + base;
   // The pages are scattered frames read cold: keep several in flight ahead
   // of the one being scored (memory-level parallelism).
   constexpr size_t kPagesAhead = 8;
-  for (size_t i = 0; i < std::min(n, kPagesAhead); ++i) PrefetchPage(pages[i], sketch);
+  const bool fused = !sketch && keep == nullptr && num_queries == 4;
+  for (size_t i = 0; i < std::min(n, kPagesAhead); ++i) prefetch(i);
   for (size_t i = 0; i < n; ++i) {
-    if (i + kPagesAhead < n) PrefetchPage(pages[i + kPagesAhead], sketch);
+    if (i + kPagesAhead < n) prefetch(i + kPagesAhead);
     const uint32_t fill = pt.fill(pages[i]);
     if (fill == 0) continue;
-    float* logits;
-    if (keep != nullptr) {
-      logits = keep->Add(pages[i], num_queries, fill);
-    } else {
-      s.logits.resize(static_cast<size_t>(num_queries) * fill);
-      logits = s.logits.data();
-    }
-    if (sketch) {
-      DotRowsMultiI8(sketch_->codes(pages[i]), sketch_->scales(pages[i]), fill, config_.head_dim,
-                     queries, num_queries, logits);
-    } else {
-      DotRowsMulti(config_.dtype, keys_->page_keys(pages[i]), fill, config_.head_dim, queries,
-                   num_queries, logits);
-    }
     *touched += fill;
     s.scored_pages.push_back(pages[i]);
-    s.lse.resize(s.lse.size() + num_queries);
+    // A full 16-token page of a 4-query group: one fused pass (kernels.h).
+    if (fused && fill == 16 &&
+        PageLogMass16x4(config_.dtype, s.rows[i], config_.head_dim, queries, scale, lse)) {
+      lse += num_queries;
+      continue;
+    }
+    float* logits = keep != nullptr ? keep->Add(pages[i], num_queries, fill) : s.logits.data();
+    if (sketch) {
+      DotRowsMultiI8(static_cast<const int8_t*>(s.rows[i]), sketch_->scales(pages[i]), fill,
+                     config_.head_dim, queries, num_queries, logits);
+    } else {
+      DotRowsMulti(config_.dtype, s.rows[i], fill, config_.head_dim, queries, num_queries, logits);
+    }
     PageQueryLogMass(logits, num_queries, static_cast<int>(fill), static_cast<int>(fill), scale,
-                     &s.lse[s.lse.size() - num_queries]);
+                     lse);
+    lse += num_queries;
   }
+  s.lse.resize(static_cast<size_t>(lse - s.lse.data()));
 }
 
 void MdciSelector::CollectCandidatePages(const float* queries, int num_queries,
-                                         const SelectParams& params, bool sketch,
-                                         uint64_t* touched) const {
+                                         const SelectParams& params, uint64_t* touched) const {
   SelectScratch& s = ThreadScratch();
   const DciPageTable& pt = tree_->page_table();
   DciDescentParams dp;
@@ -203,28 +232,35 @@ void MdciSelector::CollectCandidatePages(const float* queries, int num_queries,
   dp.query_quotas = config_.mdci.query_quotas;
   const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
   tree_->CollectCandidates(queries, num_queries, scale, dp, &s.descent, &s.nodes, touched);
-  s.candidates.clear();
-  for (uint32_t node : s.nodes) {
-    for (uint32_t page = pt.first_page(node); page != DciPageTable::kNone;
-         page = pt.next_page(page)) {
-      s.candidates.push_back(page);
-    }
-  }
   // Scored in page id order, not the descent's rank order (the set is the
   // same, and every page's score is exact either way): siblings' pages have
   // consecutive ids, and frames opened in page order usually sit in
   // ascending addresses (a bulk build's pages), so the reads come in
-  // ascending runs the hardware prefetcher can follow.
-  std::sort(s.candidates.begin(), s.candidates.end());
-  // A software prefetch into a page whose translation is not cached may be
-  // dropped; one real load per frame starts every page walk at once.
-  unsigned sink = 0;
-  for (uint32_t page : s.candidates) {
-    const void* p =
-        sketch ? static_cast<const void*>(sketch_->codes(page)) : keys_->page_keys(page);
-    if (p != nullptr) sink += *static_cast<const volatile unsigned char*>(p);
+  // ascending runs the hardware prefetcher can follow. The nodes' pages (a
+  // page belongs to one node) go into a page-id bitmap, read back in
+  // ascending order: a scan of num_pages / 64 words instead of a sort of
+  // the ids. Every word read is cleared, so the bitmap is zero again for the
+  // next select.
+  const size_t words = (static_cast<size_t>(pt.num_pages()) + 63) / 64;
+  if (s.page_bits.size() < words) s.page_bits.resize(words, 0);
+  uint64_t* bits = s.page_bits.data();
+  for (uint32_t node : s.nodes) {
+    for (uint32_t page = pt.first_page(node); page != DciPageTable::kNone;
+         page = pt.next_page(page)) {
+      bits[page >> 6] |= uint64_t{1} << (page & 63);
+    }
   }
-  asm volatile("" : : "r"(sink));
+  s.candidates.clear();
+  for (size_t w = 0; w < words; ++w) {
+    uint64_t b = bits[w];
+    if (b == 0) continue;
+    bits[w] = 0;
+    const uint32_t base = static_cast<uint32_t>(w * 64);
+    do {
+      s.candidates.push_back(base + static_cast<uint32_t>(__builtin_ctzll(b)));
+      b &= b - 1;
+    } while (b != 0);
+  }
 }
 
 void MdciSelector::CalibrateRest(int num_queries) const {
@@ -265,7 +301,7 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
     s.candidates.resize(pt.num_pages());
     std::iota(s.candidates.begin(), s.candidates.end(), 0u);
   } else {
-    CollectCandidatePages(queries, num_queries, params, sketch, &touched);
+    CollectCandidatePages(queries, num_queries, params, &touched);
     rest = s.descent.rest.data();
   }
   const std::vector<uint32_t> forced =

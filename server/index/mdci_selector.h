@@ -128,12 +128,9 @@ class MdciSelector : public Selector {
   void SaveImageBody(ByteWriter* w) const override;
   // The tree parameters of a validated config.
   static DciTreeParams TreeParams(const SelectorConfig& config);
-  // `sketch`: the page's rows in the scoring sketch, not its frame.
-  void PrefetchPage(uint32_t page, bool sketch) const;
-  // Per-thread scratch: the descent's candidate pages (mdci); `sketch`: the
-  // pages will be scored from the sketch (their frames are not touched).
+  // Per-thread scratch: the descent's candidate pages (mdci), ascending ids.
   void CollectCandidatePages(const float* queries, int num_queries, const SelectParams& params,
-                             bool sketch, uint64_t* touched) const;
+                             uint64_t* touched) const;
   // MdciParams::calibrated_rest: the descent's rest per query, corrected by
   // its error on the scored candidates, into the thread's scratch.
   void CalibrateRest(int num_queries) const;

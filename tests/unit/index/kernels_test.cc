@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "server/index/page_select.h"
 
 namespace icecache {
 namespace {
@@ -355,6 +356,49 @@ TEST_P(KernelsTest, DotRowsMultiGivesTheSameBitsForEveryQueryCount) {
       for (int64_t r = 0; r < n; ++r) {
         ASSERT_EQ(0, std::memcmp(&one[r], &many[j * n + r], sizeof(float)))
             << "nq " << nq << " query " << j << " row " << r;
+      }
+    }
+  }
+}
+
+// The fused page pass (a 16-row page, 4 queries) must give the bits of the
+// two steps it replaces, DotRowsMulti then PageQueryLogMass, for every dtype,
+// dims with and without a tail, and scales from gentle to ones whose
+// exponentials reach the -87 clamp, on both paths (AVX2: eight 2-row blocks,
+// no fused pass for a dim with a scalar tail; AVX-512: four 4-row blocks, a
+// masked dim tail).
+TEST_P(KernelsTest, PageLogMass16x4IsDotRowsMultiThenPageQueryLogMass) {
+  const int64_t n = 16;
+  const int nq = 4;
+  for (int dim : {1, 8, 16, 37, 128, 130}) {
+    for (uint32_t seed = 0; seed < 24; ++seed) {
+      const Data d = MakeData(n, dim, nq, 1300 + dim * 31 + seed);
+      const struct {
+        DType dtype;
+        const void* rows;
+      } cases[] = {
+          {DType::kF16, d.f16.data()}, {DType::kBF16, d.bf16.data()}, {DType::kF32, d.f32.data()}};
+      for (const auto& c : cases) {
+        for (float scale : {0.0883883f, 1.0f, 40.0f}) {
+          float fused[nq] = {NAN, NAN, NAN, NAN};
+          const bool done = PageLogMass16x4(c.dtype, c.rows, dim, d.q.data(), scale, fused);
+          if (GetParam() == "avx2" && dim % 8 != 0) {
+            EXPECT_FALSE(done) << "dim " << dim;
+            for (float x : fused) EXPECT_TRUE(std::isnan(x)) << "wrote without a fused pass";
+            continue;
+          }
+          ASSERT_TRUE(done);
+          std::vector<float> logits(static_cast<size_t>(nq) * n);
+          float two_steps[nq];
+          DotRowsMulti(c.dtype, c.rows, n, dim, d.q.data(), nq, logits.data());
+          PageQueryLogMass(logits.data(), nq, static_cast<int>(n), static_cast<int>(n), scale,
+                           two_steps);
+          for (int j = 0; j < nq; ++j) {
+            ASSERT_EQ(0, std::memcmp(&fused[j], &two_steps[j], sizeof(float)))
+                << "dtype " << static_cast<int>(c.dtype) << " dim " << dim << " scale " << scale
+                << " seed " << seed << " query " << j << ": " << fused[j] << " vs " << two_steps[j];
+          }
+        }
       }
     }
   }
