@@ -4,6 +4,8 @@
 // with __builtin_cpu_supports, so the binary still runs on AVX2-only CPUs.
 #include "server/index/kernels.h"
 
+#include "server/index/simd_avx2.h"
+
 // GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_*
 // placeholders (GCC bug 105593); the warning is about the header, not us.
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -76,15 +78,6 @@ struct I8Avx2 {
   static float Scalar(const int8_t* p) { return static_cast<float>(*p); }
 };
 
-inline float HSum256(__m256 v) {
-  const __m128 lo = _mm256_castps256_ps128(v);
-  const __m128 hi = _mm256_extractf128_ps(v, 1);
-  __m128 s = _mm_add_ps(lo, hi);
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
-  return _mm_cvtss_f32(s);
-}
-
 // Eight horizontal sums at once, each bit for bit HSum256 of its vector
 // (((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))): the same additions,
 // done on the eight vectors side by side. Lane f of the result is v[f]'s sum.
@@ -118,7 +111,7 @@ inline float DotAvx2(const float* q, const typename L::T* k, int dim) {
   for (; i + 8 <= dim; i += 8) {
     a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), L::Load8(k + i), a0);
   }
-  float s = HSum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  float s = simd::HSum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
   for (; i < dim; ++i) s += q[i] * L::Scalar(k + i);
   return s;
 }
@@ -184,42 +177,9 @@ inline void DotBlockAvx2(const float* queries, int dim, const typename L::T* k, 
     ICECACHE_UNROLL16
     for (int r = 0; r < R; ++r) {
       ICECACHE_UNROLL16
-      for (int j = 0; j < NQ; ++j) out[j * out_stride + r] = HSum256(acc[r][j]) + tail[r][j];
+      for (int j = 0; j < NQ; ++j) out[j * out_stride + r] = simd::HSum256(acc[r][j]) + tail[r][j];
     }
   }
-}
-
-// Exp256Factors of page_select.cc, the same operations (kept in step with
-// it: the fused page pass below must give PageQueryLogMass's bits).
-inline void Exp256Factors(__m256 x, __m256* poly, __m256* pow2) {
-  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f);
-  const __m256 ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n =
-      _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, ln2_hi, x);
-  r = _mm256_fnmadd_ps(n, ln2_lo, r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 r2 = _mm256_mul_ps(r, r);
-  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  *poly = p;
-  *pow2 = _mm256_castsi256_ps(e);
-}
-
-// HMax256 of page_select.cc.
-inline float HMax256(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 0x55));
-  return _mm_cvtss_f32(m);
 }
 
 // PageQueryLogMass (page_select.cc) of one query's 16 logits, rows 0-7 in
@@ -230,15 +190,15 @@ inline float LogMass16(__m256 lo, __m256 hi, float scale) {
   __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   vm = _mm256_max_ps(vm, _mm256_mul_ps(lo, vscale));
   vm = _mm256_max_ps(vm, _mm256_mul_ps(hi, vscale));
-  const float m = HMax256(vm);
+  const float m = simd::HMax256(vm);
   const __m256 vmax = _mm256_set1_ps(m);
   __m256 poly, pow2;
   __m256 vs = _mm256_setzero_ps();
-  Exp256Factors(_mm256_fmsub_ps(lo, vscale, vmax), &poly, &pow2);
+  simd::Exp256Factors(_mm256_fmsub_ps(lo, vscale, vmax), &poly, &pow2);
   vs = _mm256_fmadd_ps(poly, pow2, vs);
-  Exp256Factors(_mm256_fmsub_ps(hi, vscale, vmax), &poly, &pow2);
+  simd::Exp256Factors(_mm256_fmsub_ps(hi, vscale, vmax), &poly, &pow2);
   vs = _mm256_fmadd_ps(poly, pow2, vs);
-  const float score = m + std::log(HSum256(vs));
+  const float score = m + std::log(simd::HSum256(vs));
   return score > -std::numeric_limits<float>::infinity() ? score
                                                          : -std::numeric_limits<float>::infinity();
 }
@@ -394,8 +354,8 @@ void DotF32RowsAvx2(const float* q, const float* rows, const uint32_t* ids, int6
       a0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k0 + i), a0);
       b0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k1 + i), b0);
     }
-    float s0 = HSum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    float s1 = HSum256(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3)));
+    float s0 = simd::HSum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    float s1 = simd::HSum256(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3)));
     for (int t = i; t < dim; ++t) s0 += q[t] * k0[t];
     for (int t = i; t < dim; ++t) s1 += q[t] * k1[t];
     out[r] = s0;
@@ -662,14 +622,14 @@ ICECACHE_AVX512 inline float LogMass16Avx512(__m512 x, __m512 vscale) {
   const __m512 xs = _mm512_mul_ps(x, vscale);
   const __m256 lo = _mm256_max_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()),
                                   _mm512_castps512_ps256(xs));
-  const float m = HMax256(_mm256_max_ps(lo, _mm512_extractf32x8_ps(xs, 1)));
+  const float m = simd::HMax256(_mm256_max_ps(lo, _mm512_extractf32x8_ps(xs, 1)));
   __m512 poly, pow2;
   Exp512Factors(_mm512_fmsub_ps(x, vscale, _mm512_set1_ps(m)), &poly, &pow2);
   // PageQueryLogMass's sum: rows 0-7, then rows 8-15, each in one FMA.
   __m256 vs = _mm256_fmadd_ps(_mm512_castps512_ps256(poly), _mm512_castps512_ps256(pow2),
                               _mm256_setzero_ps());
   vs = _mm256_fmadd_ps(_mm512_extractf32x8_ps(poly, 1), _mm512_extractf32x8_ps(pow2, 1), vs);
-  const float score = m + std::log(HSum256(vs));
+  const float score = m + std::log(simd::HSum256(vs));
   // PageMassScore's running best, from -inf: a NaN score gives -inf.
   return score > -std::numeric_limits<float>::infinity() ? score
                                                          : -std::numeric_limits<float>::infinity();

@@ -8,59 +8,9 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "server/index/simd_avx2.h"
 
 namespace icecache {
-
-namespace {
-
-// exp(x) for 8 lanes of x <= 0 (log-sum-exp arguments): Cephes-style range
-// reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial for exp(r),
-// 2^n through the exponent bits; exp(x) = poly * pow2. Relative error ~2e-7; arguments below -87
-// are clamped (exp(-87) ~ 1.6e-38, negligible next to the max term, 1).
-inline void Exp256Factors(__m256 x, __m256* poly, __m256* pow2) {
-  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f);
-  const __m256 ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n =
-      _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, ln2_hi, x);
-  r = _mm256_fnmadd_ps(n, ln2_lo, r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 r2 = _mm256_mul_ps(r, r);
-  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  *poly = p;
-  *pow2 = _mm256_castsi256_ps(e);
-}
-
-inline __m256 Exp256(__m256 x) {
-  __m256 p, e;
-  Exp256Factors(x, &p, &e);
-  return _mm256_mul_ps(p, e);
-}
-
-inline float HMax256(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 0x55));
-  return _mm_cvtss_f32(m);
-}
-
-inline float HSum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
-  return _mm_cvtss_f32(s);
-}
-
-}  // namespace
 
 float PageMassScore(const float* logits, int num_queries, int fill, int stride, float scale) {
   float best = -std::numeric_limits<float>::infinity();
@@ -73,7 +23,7 @@ float PageMassScore(const float* logits, int num_queries, int fill, int stride, 
     int i = 0;
     for (; i + 8 <= fill; i += 8)
       vm = _mm256_max_ps(vm, _mm256_mul_ps(_mm256_loadu_ps(row + i), vscale));
-    float m = HMax256(vm);
+    float m = simd::HMax256(vm);
     for (; i < fill; ++i) m = std::max(m, row[i] * scale);
     const __m256 vmax = _mm256_set1_ps(m);
     __m256 vs = _mm256_setzero_ps();
@@ -83,10 +33,10 @@ float PageMassScore(const float* logits, int num_queries, int fill, int stride, 
       // the multiply and add before this was written out; the fused page
       // pass in kernels.cc does the same, so it gives these bits).
       __m256 poly, pow2;
-      Exp256Factors(_mm256_fmsub_ps(_mm256_loadu_ps(row + i), vscale, vmax), &poly, &pow2);
+      simd::Exp256Factors(_mm256_fmsub_ps(_mm256_loadu_ps(row + i), vscale, vmax), &poly, &pow2);
       vs = _mm256_fmadd_ps(poly, pow2, vs);
     }
-    float s = HSum256(vs);
+    float s = simd::HSum256(vs);
     for (; i < fill; ++i) s += std::exp(row[i] * scale - m);
     const float score = m + std::log(s);
     if (score > best) best = score;
@@ -106,15 +56,15 @@ float LogSumExp(const float* x, size_t n) {
   __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   size_t i = 0;
   for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
-  float m = HMax256(vm);
+  float m = simd::HMax256(vm);
   for (; i < n; ++i) m = std::max(m, x[i]);
   if (!std::isfinite(m)) return m;  // all -inf (or an inf/NaN that decides)
   const __m256 vmax = _mm256_set1_ps(m);
   __m256 vs = _mm256_setzero_ps();
   i = 0;
   for (; i + 8 <= n; i += 8)
-    vs = _mm256_add_ps(vs, Exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmax)));
-  float s = HSum256(vs);
+    vs = _mm256_add_ps(vs, simd::Exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmax)));
+  float s = simd::HSum256(vs);
   for (; i < n; ++i) s += std::exp(x[i] - m);
   return m + std::log(s);
 }
@@ -124,7 +74,8 @@ void AddExp(const float* x, float shift, size_t n, float* acc) {
   const __m256 cap = _mm256_set1_ps(80.0f);
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 e = Exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vshift), cap));
+    const __m256 e =
+        simd::Exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vshift), cap));
     _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), e));
   }
   for (; i < n; ++i) acc[i] += std::exp(std::min(x[i] - shift, 80.0f));
