@@ -135,16 +135,16 @@ namespace {
 // analysis takes a function whose only effect is that builtin for one
 // without effects and deletes its calls, and the page prefetches of
 // ScorePages (a lambda) were gone that way (docs/bench/page11_scoring.md).
-inline void PrefetchLine(const void* p) {
+inline void PrefetchFrameLine(const void* p) {
   asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
 }
 
 // Asks for `bytes` from `p` ahead of their use: the frames are separate
 // 4 KiB-ish blocks read cold, and the hardware prefetcher stops at each
 // boundary.
-inline void PrefetchBytes(const void* p, size_t bytes) {
+inline void PrefetchFrameBytes(const void* p, size_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (size_t off = 0; off < bytes; off += 64) PrefetchLine(c + off);
+  for (size_t off = 0; off < bytes; off += 64) PrefetchFrameLine(c + off);
 }
 
 }  // namespace
@@ -171,8 +171,8 @@ void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* quer
   }
   asm volatile("" : : "r"(sink));
   auto prefetch = [&](size_t i) {
-    PrefetchBytes(s.rows[i], pt.fill(pages[i]) * row_bytes);
-    if (sketch) PrefetchLine(sketch_->scales(pages[i]));
+    PrefetchFrameBytes(s.rows[i], pt.fill(pages[i]) * row_bytes);
+    if (sketch) PrefetchFrameLine(sketch_->scales(pages[i]));
   };
   const size_t page_floats = static_cast<size_t>(num_queries) * config_.page_tokens;
   if (keep == nullptr && s.logits.size() < page_floats) s.logits.resize(page_floats);
