@@ -1,6 +1,9 @@
 #include "server/transfer/gather.h"
 
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <numeric>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -71,6 +74,72 @@ TEST(GatherTest, GatherFramesCopiesInOrder) {
   EXPECT_EQ(dst[64], 1);
   EXPECT_EQ(dst[128 + 63], 2);
   EXPECT_EQ(dst[255], 3);
+}
+
+// A 64-byte aligned buffer of `n` bytes filled with `fill`.
+std::unique_ptr<uint8_t, decltype(&std::free)> Aligned(size_t n, uint8_t fill) {
+  auto* p = static_cast<uint8_t*>(std::aligned_alloc(64, (n + 63) / 64 * 64));
+  std::memset(p, fill, n);
+  return {p, &std::free};
+}
+
+// Any destination alignment and any frame or row size: the bytes land where
+// the layout says, and nothing outside the destination is written.
+TEST(GatherTest, GatherFramesGivesTheSameBytesAlignedOrNot) {
+  for (const uint64_t frame : {uint64_t{8192}, uint64_t{192}, uint64_t{100}, uint64_t{64}}) {
+    std::vector<std::vector<uint8_t>> src(5, std::vector<uint8_t>(frame));
+    for (size_t f = 0; f < src.size(); ++f) {
+      std::iota(src[f].begin(), src[f].end(), static_cast<uint8_t>(17 * f + 1));
+    }
+    const uint8_t* frames[] = {src[3].data(), src[0].data(), src[4].data(), src[1].data()};
+    for (const size_t shift : {size_t{0}, size_t{8}, size_t{32}, size_t{64}}) {
+      const size_t n = shift + 4 * frame + 64;
+      auto buf = Aligned(n, 0xEE);
+      GatherFrames(frames, 4, frame, buf.get() + shift);
+      for (size_t i = 0; i < 4; ++i) {
+        ASSERT_EQ(std::memcmp(buf.get() + shift + i * frame, frames[i], frame), 0)
+            << "frame " << i << " of " << frame << " bytes at shift " << shift;
+      }
+      for (size_t b = 0; b < shift; ++b) ASSERT_EQ(buf.get()[b], 0xEE);
+      for (size_t b = shift + 4 * frame; b < n; ++b) ASSERT_EQ(buf.get()[b], 0xEE);
+    }
+  }
+}
+
+TEST(GatherTest, GatherRowsPacksTokensAndZeroesTheRestAlignedOrNot) {
+  const int page_tokens = 4;
+  for (const uint64_t row : {uint64_t{256}, uint64_t{128}, uint64_t{160}, uint64_t{64}}) {
+    const uint64_t block = page_tokens * row;
+    // Three source frames (K block, then V block), bytes numbered.
+    std::vector<std::vector<uint8_t>> frames(3, std::vector<uint8_t>(2 * block));
+    for (size_t f = 0; f < frames.size(); ++f) {
+      std::iota(frames[f].begin(), frames[f].end(), static_cast<uint8_t>(31 * f + 5));
+    }
+    const RowSource rows[] = {{frames[2].data(), 1}, {frames[0].data(), 3}, {frames[1].data(), 0},
+                              {frames[0].data(), 0}, {frames[2].data(), 2}, {frames[1].data(), 3},
+                              {frames[0].data(), 1}};
+    const size_t count = sizeof(rows) / sizeof(rows[0]);  // two slots, the second one short
+    for (const size_t shift : {size_t{0}, size_t{8}, size_t{64}}) {
+      for (const int ahead : {0, 8}) {
+        const size_t bytes = 2 * 2 * block;
+        auto buf = Aligned(shift + bytes + 64, 0xEE);
+        uint8_t* dst = buf.get() + shift;
+        GatherRows(rows, count, page_tokens, row, dst, ahead);
+        for (size_t i = 0; i < 2 * page_tokens; ++i) {
+          const uint8_t* k = dst + (i / page_tokens) * 2 * block + (i % page_tokens) * row;
+          if (i < count) {
+            const uint8_t* sk = rows[i].frame + rows[i].slot * row;
+            ASSERT_EQ(std::memcmp(k, sk, row), 0) << "K of token " << i << ", row " << row;
+            ASSERT_EQ(std::memcmp(k + block, sk + block, row), 0) << "V of token " << i;
+          } else {
+            for (uint64_t b = 0; b < row; ++b) ASSERT_EQ(k[b] | k[block + b], 0) << "token " << i;
+          }
+        }
+        for (size_t b = 0; b < shift; ++b) ASSERT_EQ(buf.get()[b], 0xEE);
+        for (size_t b = shift + bytes; b < shift + bytes + 64; ++b) ASSERT_EQ(buf.get()[b], 0xEE);
+      }
+    }
+  }
 }
 
 }  // namespace
