@@ -185,12 +185,13 @@ inline void DotBlockAvx2(const float* queries, int dim, const typename L::T* k, 
 // PageQueryLogMass (page_select.cc) of one query's 16 logits, rows 0-7 in
 // `lo` and 8-15 in `hi`, bit for bit: the same 8-lane steps in the same
 // order, and its running best from -inf (a NaN score gives -inf).
-inline float LogMass16(__m256 lo, __m256 hi, float scale) {
+inline float LogMass16(__m256 lo, __m256 hi, float scale, float* max) {
   const __m256 vscale = _mm256_set1_ps(scale);
   __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   vm = _mm256_max_ps(vm, _mm256_mul_ps(lo, vscale));
   vm = _mm256_max_ps(vm, _mm256_mul_ps(hi, vscale));
   const float m = simd::HMax256(vm);
+  *max = m;
   const __m256 vmax = _mm256_set1_ps(m);
   __m256 poly, pow2;
   __m256 vs = _mm256_setzero_ps();
@@ -235,7 +236,8 @@ inline void EightRowsAvx2(const float* queries, int dim, const typename L::T* k,
 // into a 4 x 16 buffer followed by PageQueryLogMass, the logits kept in
 // registers; dims that are a multiple of 8 only (false otherwise).
 template <typename L>
-bool PageLogMass16x4Avx2(const void* rows, int dim, const float* queries, float scale, float* lse) {
+bool PageLogMass16x4Avx2(const void* rows, int dim, const float* queries, float scale, float* lse,
+                         float* max, float* logits) {
   // A dim tail is summed by a scalar loop that the compiler may contract
   // or vectorise differently here than in DotRowsMulti: not fused.
   if (dim % 8 != 0) return false;
@@ -243,7 +245,13 @@ bool PageLogMass16x4Avx2(const void* rows, int dim, const float* queries, float 
   __m256 lo[4], hi[4];
   EightRowsAvx2<L>(queries, dim, k, lo);
   EightRowsAvx2<L>(queries, dim, k + static_cast<int64_t>(8) * dim, hi);
-  for (int j = 0; j < 4; ++j) lse[j] = LogMass16(lo[j], hi[j], scale);
+  for (int j = 0; j < 4; ++j) lse[j] = LogMass16(lo[j], hi[j], scale, &max[j]);
+  if (logits != nullptr) {
+    for (int j = 0; j < 4; ++j) {
+      _mm256_storeu_ps(logits + 16 * j, lo[j]);
+      _mm256_storeu_ps(logits + 16 * j + 8, hi[j]);
+    }
+  }
   return true;
 }
 
@@ -618,11 +626,12 @@ ICECACHE_AVX512 inline void Exp512Factors(__m512 x, __m512* poly, __m512* pow2) 
 // for bit: its two 8-lane steps for the max and for the sum of the
 // exponentials, on the two halves of one 16-lane vector; its running best
 // from -inf (a NaN score gives -inf).
-ICECACHE_AVX512 inline float LogMass16Avx512(__m512 x, __m512 vscale) {
+ICECACHE_AVX512 inline float LogMass16Avx512(__m512 x, __m512 vscale, float* max) {
   const __m512 xs = _mm512_mul_ps(x, vscale);
   const __m256 lo = _mm256_max_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()),
                                   _mm512_castps512_ps256(xs));
   const float m = simd::HMax256(_mm256_max_ps(lo, _mm512_extractf32x8_ps(xs, 1)));
+  *max = m;
   __m512 poly, pow2;
   Exp512Factors(_mm512_fmsub_ps(x, vscale, _mm512_set1_ps(m)), &poly, &pow2);
   // PageQueryLogMass's sum: rows 0-7, then rows 8-15, each in one FMA.
@@ -641,7 +650,7 @@ ICECACHE_AVX512 inline float LogMass16Avx512(__m512 x, __m512 vscale) {
 // 4 x 16 buffer followed by PageQueryLogMass.
 template <typename L>
 ICECACHE_AVX512 bool PageLogMass16x4Avx512(const void* rows, int dim, const float* queries,
-                                           float scale, float* lse) {
+                                           float scale, float* lse, float* max, float* logits) {
   const auto* k = static_cast<const typename L::T*>(rows);
   // HSum16x512's lane r * 4 + j (row r, query j) to lane j * 4 + r.
   const __m512i query_major =
@@ -658,10 +667,15 @@ ICECACHE_AVX512 bool PageLogMass16x4Avx512(const void* rows, int dim, const floa
   const __m512 t2 = _mm512_shuffle_f32x4(p[2], p[3], _MM_SHUFFLE(1, 0, 1, 0));
   const __m512 t3 = _mm512_shuffle_f32x4(p[2], p[3], _MM_SHUFFLE(3, 2, 3, 2));
   const __m512 vscale = _mm512_set1_ps(scale);
-  lse[0] = LogMass16Avx512(_mm512_shuffle_f32x4(t0, t2, _MM_SHUFFLE(2, 0, 2, 0)), vscale);
-  lse[1] = LogMass16Avx512(_mm512_shuffle_f32x4(t0, t2, _MM_SHUFFLE(3, 1, 3, 1)), vscale);
-  lse[2] = LogMass16Avx512(_mm512_shuffle_f32x4(t1, t3, _MM_SHUFFLE(2, 0, 2, 0)), vscale);
-  lse[3] = LogMass16Avx512(_mm512_shuffle_f32x4(t1, t3, _MM_SHUFFLE(3, 1, 3, 1)), vscale);
+  const __m512 x[4] = {_mm512_shuffle_f32x4(t0, t2, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(t0, t2, _MM_SHUFFLE(3, 1, 3, 1)),
+                       _mm512_shuffle_f32x4(t1, t3, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(t1, t3, _MM_SHUFFLE(3, 1, 3, 1))};
+  ICECACHE_UNROLL16
+  for (int j = 0; j < 4; ++j) {
+    lse[j] = LogMass16Avx512(x[j], vscale, &max[j]);
+    if (logits != nullptr) _mm512_storeu_ps(logits + 16 * j, x[j]);
+  }
   return true;
 }
 
@@ -762,7 +776,7 @@ using DotU16Fn = float (*)(const float*, const uint16_t*, int);
 using MultiFn = void (*)(const void*, int64_t, int, const float*, int, float*);
 using RowsF32Fn = void (*)(const float*, const float*, const uint32_t*, int64_t, int, float*);
 using ProjectFn = void (*)(const float*, int64_t, const float*, int, int, float*);
-using PageMassFn = bool (*)(const void*, int, const float*, float, float*);
+using PageMassFn = bool (*)(const void*, int, const float*, float, float*, float*, float*);
 
 struct KernelTable {
   const char* name;
@@ -885,9 +899,11 @@ void DotRowsMultiI8(const int8_t* codes, const float* row_scales, int64_t n, int
 }
 
 bool PageLogMass16x4(DType dtype, const void* rows, int dim, const float* queries, float scale,
-                     float* lse) {
+                     float* lse, float* max, float* logits) {
   if (dim <= 0) return false;
-  return Table().page_mass_16x4[DTypeIndex(dtype)](rows, dim, queries, scale, lse);
+  float unused[4];
+  return Table().page_mass_16x4[DTypeIndex(dtype)](rows, dim, queries, scale, lse,
+                                                   max != nullptr ? max : unused, logits);
 }
 
 int64_t FirstGreater(const float* x, int64_t n, float threshold) {

@@ -53,9 +53,13 @@ void DotRowsMultiI8(const int8_t* codes, const float* row_scales, int64_t n, int
 // (page_select.h, stride 16) gives, in one pass: the logits never leave the
 // registers. Returns false, writing nothing, where there is no fused pass
 // (dim <= 0; on the AVX2 path a dim that is not a multiple of 8); the
-// caller then takes the two steps.
+// caller then takes the two steps. `max` (if not null) receives each query's
+// largest scaled logit, max_i scale * (queries[j] . row i): no token of the
+// page scores more for query j (token-granular selection's bound). `logits`
+// (if not null) receives the 4 x 16 unscaled logits, query j's at [16 j,
+// 16 j + 16), bit for bit what DotRowsMulti writes.
 bool PageLogMass16x4(DType dtype, const void* rows, int dim, const float* queries, float scale,
-                     float* lse);
+                     float* lse, float* max = nullptr, float* logits = nullptr);
 
 // Index of the first of x[0..n) that is greater than `threshold` (a NaN
 // never is), or n. Eight lanes at a time: a top-k scan over many scores

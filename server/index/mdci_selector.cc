@@ -24,10 +24,12 @@ struct SelectScratch {
   std::vector<float> logits;           // G x fill of the page being scored
   std::vector<uint32_t> scored_pages;  // pages scored, in order
   std::vector<float> lse;              // G per scored page: the page's log-mass per query
+  std::vector<float> max_logit;        // G per scored page: its largest scaled logit per query
   std::vector<float> log_norm;         // G: each query's log-normaliser
   std::vector<float> rest, column;     // CalibrateRest: G corrected rests; one query's lse
   std::vector<std::pair<float, uint32_t>> scored;
-  TokenCandidates tokens;                  // token granularity: the candidates' logits, kept
+  std::vector<float> bound;                // token granularity: each scored page's group share
+  TokenCandidates tokens;                  // token granularity: the scored pages' logits, kept
   std::vector<float> shifted, page_share;  // ExactTokenShares: one page's tokens
   std::vector<uint64_t> page_bits;         // one bit per page id; all zero between selects
   std::vector<const void*> rows;           // ScorePages: each page's frame (or sketch codes)
@@ -151,7 +153,7 @@ inline void PrefetchFrameBytes(const void* p, size_t bytes) {
 
 void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* queries,
                               int num_queries, bool sketch, uint64_t* touched,
-                              TokenCandidates* keep) const {
+                              TokenCandidates* keep, bool max_logits) const {
   sketch = sketch && sketch_ != nullptr && keep == nullptr;
   SelectScratch& s = ThreadScratch();
   const DciPageTable& pt = tree_->page_table();
@@ -180,10 +182,12 @@ void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* quer
   const size_t base = s.lse.size();
   s.lse.resize(base + n * num_queries);
   float* lse = s.lse.data() + base;
+  if (max_logits) s.max_logit.resize(base + n * num_queries);
+  float* max = max_logits ? s.max_logit.data() + base : nullptr;
   // The pages are scattered frames read cold: keep several in flight ahead
   // of the one being scored (memory-level parallelism).
   constexpr size_t kPagesAhead = 8;
-  const bool fused = !sketch && keep == nullptr && num_queries == 4;
+  const bool fused = !sketch && num_queries == 4;
   for (size_t i = 0; i < std::min(n, kPagesAhead); ++i) prefetch(i);
   for (size_t i = 0; i < n; ++i) {
     if (i + kPagesAhead < n) prefetch(i + kPagesAhead);
@@ -192,12 +196,15 @@ void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* quer
     *touched += fill;
     s.scored_pages.push_back(pages[i]);
     // A full 16-token page of a 4-query group: one fused pass (kernels.h).
+    // With `keep`, its logits are written where keep holds them.
+    float* logits = keep != nullptr ? keep->Add(pages[i], num_queries, fill) : s.logits.data();
     if (fused && fill == 16 &&
-        PageLogMass16x4(config_.dtype, s.rows[i], config_.head_dim, queries, scale, lse)) {
+        PageLogMass16x4(config_.dtype, s.rows[i], config_.head_dim, queries, scale, lse, max,
+                        keep != nullptr ? logits : nullptr)) {
       lse += num_queries;
+      if (max != nullptr) max += num_queries;
       continue;
     }
-    float* logits = keep != nullptr ? keep->Add(pages[i], num_queries, fill) : s.logits.data();
     if (sketch) {
       DotRowsMultiI8(static_cast<const int8_t*>(s.rows[i]), sketch_->scales(pages[i]), fill,
                      config_.head_dim, queries, num_queries, logits);
@@ -207,8 +214,14 @@ void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* quer
     PageQueryLogMass(logits, num_queries, static_cast<int>(fill), static_cast<int>(fill), scale,
                      lse);
     lse += num_queries;
+    if (max == nullptr) continue;
+    for (int j = 0; j < num_queries; ++j, ++max) {
+      *max = -std::numeric_limits<float>::infinity();
+      for (uint32_t t = 0; t < fill; ++t) *max = std::max(*max, logits[j * fill + t] * scale);
+    }
   }
   s.lse.resize(static_cast<size_t>(lse - s.lse.data()));
+  if (max_logits) s.max_logit.resize(s.lse.size());
 }
 
 void MdciSelector::CollectCandidatePages(const float* queries, int num_queries,
@@ -315,9 +328,12 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
       }
     }
   }
+  // Token granularity keeps every scored page's logits (the fused pass
+  // writes them out) and scores only the tokens of the pages that can hold
+  // one of the best (TakeTokensBounded).
   s.tokens.Clear();
   ScorePages(s.candidates.data(), s.candidates.size(), queries, num_queries, sketch, &touched,
-             by_token ? &s.tokens : nullptr);
+             by_token ? &s.tokens : nullptr, /*max_logits=*/by_token);
   // Each query's normaliser: exact over every page (exact-mdci); for mdci the
   // candidates' exact mass plus the descent's estimate of the rest.
   if (rest != nullptr && config_.mdci.calibrated_rest) {
@@ -327,8 +343,21 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
   s.log_norm.resize(num_queries);
   QueryLogNorms(s.lse.data(), s.scored_pages.size(), num_queries, rest, s.log_norm.data());
   if (by_token) {
-    TakeTokens(*this, s.tokens, s.log_norm.data(), num_queries,
-               1.0f / std::sqrt(static_cast<float>(config_.head_dim)), params, out);
+    // A token's score is the sum over the queries of exp(its scaled logit -
+    // the query's log-normaliser), at most the same sum over the page's
+    // largest logits.
+    s.bound.clear();
+    for (size_t i = 0; i < s.scored_pages.size(); ++i) {
+      float b = 0.0f;
+      for (int j = 0; j < num_queries; ++j) {
+        b += std::exp(s.max_logit[i * num_queries + j] - s.log_norm[j]);
+      }
+      s.bound.push_back(b);
+    }
+    TakeTokensBounded(
+        *this, s.scored_pages.data(), s.bound.data(), s.scored_pages.size(),
+        [&](size_t i) { return s.tokens.logits.data() + s.tokens.offsets[i]; }, s.log_norm.data(),
+        num_queries, 1.0f / std::sqrt(static_cast<float>(config_.head_dim)), params, out);
     out->keys_touched = touched;
     return absl::OkStatus();
   }

@@ -135,10 +135,13 @@ class MdciSelector : public Selector {
   // its error on the scored candidates, into the thread's scratch.
   void CalibrateRest(int num_queries) const;
   // Exact per-query log-mass of `pages` into the per-thread scratch; with
-  // `keep`, each page's logits are kept there too (token granularity); with
-  // `sketch`, from the scoring sketch (approximate; not with `keep`).
+  // `keep`, each page's logits are kept there too (ExactTokenShares); with
+  // `sketch`, from the scoring sketch (approximate; not with `keep`); with
+  // `max_logits`, each scored page's largest scaled logit per query too (the
+  // bound of token granularity, TakeTokensBounded).
   void ScorePages(const uint32_t* pages, size_t n, const float* queries, int num_queries,
-                  bool sketch, uint64_t* touched, TokenCandidates* keep) const;
+                  bool sketch, uint64_t* touched, TokenCandidates* keep,
+                  bool max_logits = false) const;
 
   const PageKeys* keys_;
   std::unique_ptr<DciTree> tree_;

@@ -22,6 +22,7 @@ struct TokenScratch {
   std::vector<RankedToken> scored;
   std::vector<float> shifted;  // one query's logits of a page, scaled and normalised
   std::vector<float> share;    // the page's token scores
+  std::vector<std::pair<float, uint32_t>> order;  // (bound, candidate) best first
 };
 
 TokenScratch& ThreadTokenScratch() {
@@ -34,6 +35,19 @@ bool RankedBetter(const RankedToken& a, const RankedToken& b) {
   return a.score > b.score || (a.score == b.score && a.position < b.position);
 }
 
+// One page's token scores into s->share[0, fill) from its G x fill logits.
+void PageShares(const float* logits, uint32_t fill, const float* log_norm, int num_queries,
+                float scale, TokenScratch* s) {
+  s->share.assign(fill, 0.0f);
+  s->shifted.resize(fill);
+  for (int j = 0; j < num_queries; ++j) {
+    // AddExp computes exp(x - shift): pass the scaled logits and the norm.
+    const float* row = logits + static_cast<size_t>(j) * fill;
+    for (uint32_t t = 0; t < fill; ++t) s->shifted[t] = row[t] * scale;
+    AddExp(s->shifted.data(), log_norm[j], fill, s->share.data());
+  }
+}
+
 // Scores the tokens of every candidate page that is not forced into `scored`.
 void ScoreCandidates(const Selector& selector, const TokenCandidates& c, const float* log_norm,
                      int num_queries, float scale, int64_t sink_end, int64_t recent_begin,
@@ -43,15 +57,7 @@ void ScoreCandidates(const Selector& selector, const TokenCandidates& c, const f
     const uint32_t page = c.pages[i];
     const uint32_t fill = selector.fill(page);
     if (fill == 0) continue;
-    const float* logits = c.logits.data() + c.offsets[i];
-    s->share.assign(fill, 0.0f);
-    s->shifted.resize(fill);
-    for (int j = 0; j < num_queries; ++j) {
-      // AddExp computes exp(x - shift): pass the scaled logits and the norm.
-      const float* row = logits + static_cast<size_t>(j) * fill;
-      for (uint32_t t = 0; t < fill; ++t) s->shifted[t] = row[t] * scale;
-      AddExp(s->shifted.data(), log_norm[j], fill, s->share.data());
-    }
+    PageShares(c.logits.data() + c.offsets[i], fill, log_norm, num_queries, scale, s);
     const int32_t* pos = selector.positions(page);
     for (uint32_t t = 0; t < fill; ++t) {
       if (pos[t] < sink_end || pos[t] >= recent_begin) continue;  // forced
@@ -59,6 +65,50 @@ void ScoreCandidates(const Selector& selector, const TokenCandidates& c, const f
       s->scored.push_back({score, pos[t], Placement{page, t}});
     }
   }
+}
+
+// The forced range [0, sink_end) and [recent_begin, n) of `params`, and the
+// forced tokens added to `out` (cleared first).
+struct Forced {
+  int64_t sink_end = 0;
+  int64_t recent_begin = 0;
+};
+Forced AddForced(const Selector& selector, const SelectParams& params, Selection* out) {
+  out->pages.clear();
+  out->scores.clear();
+  out->positions.clear();
+  out->token_refs.clear();
+  const int64_t n = selector.num_tokens();
+  Forced f;
+  f.sink_end = std::min<int64_t>(std::max(0, params.sink_tokens), n);
+  f.recent_begin = std::max<int64_t>(f.sink_end, n - std::max(0, params.recent_tokens));
+  const float inf = std::numeric_limits<float>::infinity();
+  auto add = [&](int64_t p) {
+    out->token_refs.push_back(selector.placement_of(static_cast<int32_t>(p)));
+    out->positions.push_back(static_cast<int32_t>(p));
+    out->scores.push_back(inf);
+  };
+  for (int64_t p = 0; p < f.sink_end; ++p) add(p);
+  for (int64_t p = f.recent_begin; p < n; ++p) add(p);
+  return f;
+}
+
+// Budget left after the forced tokens.
+size_t Wanted(const Selector& selector, const SelectParams& params, const Selection& out) {
+  const int64_t budget = std::min<int64_t>(params.budget_tokens, selector.num_tokens());
+  return static_cast<size_t>(
+      std::max<int64_t>(0, budget - static_cast<int64_t>(out.token_refs.size())));
+}
+
+// Appends `best` (already in RankedBetter order) and packs the fills.
+void Finish(const Selector& selector, const RankedToken* best, size_t count, Selection* out) {
+  for (size_t i = 0; i < count; ++i) {
+    out->token_refs.push_back(best[i].placement);
+    out->positions.push_back(best[i].position);
+    out->scores.push_back(best[i].score);
+  }
+  PackedFills(static_cast<int64_t>(out->token_refs.size()), selector.config().page_tokens,
+              &out->fills);
 }
 
 }  // namespace
@@ -73,31 +123,11 @@ void PackedFills(int64_t n, int page_tokens, std::vector<uint32_t>* fills) {
 
 void TakeTokens(const Selector& selector, const TokenCandidates& candidates, const float* log_norm,
                 int num_queries, float scale, const SelectParams& params, Selection* out) {
-  out->pages.clear();
-  out->scores.clear();
-  out->positions.clear();
-  out->token_refs.clear();
-  const int64_t n = selector.num_tokens();
-  const int64_t sink_end = std::min<int64_t>(std::max(0, params.sink_tokens), n);
-  const int64_t recent_begin = std::max<int64_t>(sink_end, n - std::max(0, params.recent_tokens));
-  auto add = [&](int32_t position, Placement placement, float score) {
-    out->token_refs.push_back(placement);
-    out->positions.push_back(position);
-    out->scores.push_back(score);
-  };
-  const float inf = std::numeric_limits<float>::infinity();
-  for (int64_t p = 0; p < sink_end; ++p) {
-    add(static_cast<int32_t>(p), selector.placement_of(static_cast<int32_t>(p)), inf);
-  }
-  for (int64_t p = recent_begin; p < n; ++p) {
-    add(static_cast<int32_t>(p), selector.placement_of(static_cast<int32_t>(p)), inf);
-  }
+  const Forced f = AddForced(selector, params, out);
   TokenScratch& s = ThreadTokenScratch();
-  ScoreCandidates(selector, candidates, log_norm, num_queries, scale, sink_end, recent_begin, &s);
-  const int64_t budget = std::min<int64_t>(params.budget_tokens, n);
-  const size_t want = static_cast<size_t>(
-      std::min<int64_t>(std::max<int64_t>(0, budget - static_cast<int64_t>(out->token_refs.size())),
-                        static_cast<int64_t>(s.scored.size())));
+  ScoreCandidates(selector, candidates, log_norm, num_queries, scale, f.sink_end, f.recent_begin,
+                  &s);
+  const size_t want = std::min(Wanted(selector, params, *out), s.scored.size());
   // Candidate pages are distinct, so their tokens are too, and RankedBetter is a
   // strict total order: the best `want` by a linear selection, then only
   // they sorted. The same tokens in the same order as a partial_sort, whose
@@ -107,10 +137,65 @@ void TakeTokens(const Selector& selector, const TokenCandidates& candidates, con
   const auto head = s.scored.begin() + static_cast<std::ptrdiff_t>(want);
   if (want < s.scored.size()) std::nth_element(s.scored.begin(), head, s.scored.end(), better);
   std::sort(s.scored.begin(), head, better);
-  for (size_t i = 0; i < want; ++i)
-    add(s.scored[i].position, s.scored[i].placement, s.scored[i].score);
-  PackedFills(static_cast<int64_t>(out->token_refs.size()), selector.config().page_tokens,
-              &out->fills);
+  Finish(selector, s.scored.data(), want, out);
+}
+
+void TakeTokensBounded(const Selector& selector, const uint32_t* pages, const float* bound,
+                       size_t num_pages, absl::FunctionRef<const float*(size_t)> logits,
+                       const float* log_norm, int num_queries, float scale,
+                       const SelectParams& params, Selection* out) {
+  const Forced f = AddForced(selector, params, out);
+  TokenScratch& s = ThreadTokenScratch();
+  const size_t want = Wanted(selector, params, *out);
+  // Best bound first; a NaN bound sorts first and is always opened.
+  s.order.clear();
+  for (size_t i = 0; i < num_pages; ++i) {
+    const float b = std::isnan(bound[i]) ? std::numeric_limits<float>::infinity() : bound[i];
+    s.order.push_back({b, static_cast<uint32_t>(i)});
+  }
+  std::sort(s.order.begin(), s.order.end(), [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  });
+  // The candidates' tokens are gathered as TakeTokens gathers them, but a
+  // token under `floor` (the want-th best held at the last compaction: the
+  // final want-th best is at least as good) is dropped, and once a floor is
+  // known a page whose bound is under it is not opened, nor is any after it.
+  // Strictly under: a tie may still win on position.
+  const auto better = [](const RankedToken& a, const RankedToken& b) { return RankedBetter(a, b); };
+  s.scored.clear();
+  bool have_floor = false;
+  float floor = -std::numeric_limits<float>::infinity();
+  for (const auto& [page_bound, i] : s.order) {
+    if (want == 0) break;
+    // Rounding: AddExp's exponential and the bound's differ by far less
+    // than 1%, so a token never outscores 1.01 x its page's bound.
+    if (have_floor && page_bound * 1.01f < floor) break;
+    const uint32_t page = pages[i];
+    const uint32_t fill = selector.fill(page);
+    if (fill == 0) continue;
+    PageShares(logits(i), fill, log_norm, num_queries, scale, &s);
+    const int32_t* pos = selector.positions(page);
+    for (uint32_t t = 0; t < fill; ++t) {
+      if (pos[t] < f.sink_end || pos[t] >= f.recent_begin) continue;  // forced
+      const float score = std::isnan(s.share[t]) ? 0.0f : s.share[t];
+      if (score < floor) continue;
+      s.scored.push_back({score, pos[t], Placement{page, t}});
+    }
+    // Compact to the best `want` when a floor is first possible, then each
+    // time the held tokens double: linear work in all.
+    if (s.scored.size() >= (have_floor ? 2 * want : want)) {
+      const auto last = s.scored.begin() + static_cast<std::ptrdiff_t>(want - 1);
+      std::nth_element(s.scored.begin(), last, s.scored.end(), better);
+      s.scored.resize(want);
+      floor = last->score;
+      have_floor = true;
+    }
+  }
+  const size_t take = std::min(want, s.scored.size());
+  const auto head = s.scored.begin() + static_cast<std::ptrdiff_t>(take);
+  if (take < s.scored.size()) std::nth_element(s.scored.begin(), head, s.scored.end(), better);
+  std::sort(s.scored.begin(), head, better);
+  Finish(selector, s.scored.data(), take, out);
 }
 
 }  // namespace icecache

@@ -381,10 +381,14 @@ TEST_P(KernelsTest, PageLogMass16x4IsDotRowsMultiThenPageQueryLogMass) {
       for (const auto& c : cases) {
         for (float scale : {0.0883883f, 1.0f, 40.0f}) {
           float fused[nq] = {NAN, NAN, NAN, NAN};
-          const bool done = PageLogMass16x4(c.dtype, c.rows, dim, d.q.data(), scale, fused);
+          float fused_max[nq] = {NAN, NAN, NAN, NAN};
+          std::vector<float> fused_logits(static_cast<size_t>(nq) * n, NAN);
+          const bool done = PageLogMass16x4(c.dtype, c.rows, dim, d.q.data(), scale, fused,
+                                            fused_max, fused_logits.data());
           if (GetParam() == "avx2" && dim % 8 != 0) {
             EXPECT_FALSE(done) << "dim " << dim;
             for (float x : fused) EXPECT_TRUE(std::isnan(x)) << "wrote without a fused pass";
+            for (float x : fused_logits) EXPECT_TRUE(std::isnan(x)) << "wrote without a fused pass";
             continue;
           }
           ASSERT_TRUE(done);
@@ -397,7 +401,16 @@ TEST_P(KernelsTest, PageLogMass16x4IsDotRowsMultiThenPageQueryLogMass) {
             ASSERT_EQ(0, std::memcmp(&fused[j], &two_steps[j], sizeof(float)))
                 << "dtype " << static_cast<int>(c.dtype) << " dim " << dim << " scale " << scale
                 << " seed " << seed << " query " << j << ": " << fused[j] << " vs " << two_steps[j];
+            // The largest scaled logit, and the logits themselves, as DotRowsMulti's.
+            float want_max = -INFINITY;
+            for (int64_t r = 0; r < n; ++r)
+              want_max = std::max(want_max, logits[j * n + r] * scale);
+            ASSERT_EQ(0, std::memcmp(&fused_max[j], &want_max, sizeof(float)))
+                << "dim " << dim << " seed " << seed << " query " << j;
           }
+          ASSERT_EQ(0,
+                    std::memcmp(fused_logits.data(), logits.data(), logits.size() * sizeof(float)))
+              << "dtype " << static_cast<int>(c.dtype) << " dim " << dim << " seed " << seed;
         }
       }
     }

@@ -57,7 +57,15 @@ uint64_t Mix(uint64_t h, uint64_t x) {
 struct Width {
   int fov = 32;
   float cf = 8.0f;
+  bool exhaustive = false;  // "exhaustive": every page scored exactly (exact-mdci)
 };
+
+// The positions a selection covers: its tokens (token granularity) or its
+// pages' tokens.
+std::vector<int32_t> Covered(const Selector& s, const Selection& sel) {
+  if (!sel.positions.empty()) return sel.positions;
+  return mdci_test::SelectedPositions(s, sel);
+}
 
 }  // namespace
 
@@ -67,7 +75,7 @@ int main(int argc, char** argv) {
   cli::Configure(app);
   int64_t tokens = 32768;
   int heads = 8, steps = 16, budget = 256, page = 16, passes = 2, descent_passes = 1;
-  std::string preset = "llama3-8b-like", widths_arg = "32x8";
+  std::string preset = "llama3-8b-like", widths_arg = "32x8", granularity = "page";
   bool mass = true, compare = false;
   MdciParams mp;
   app.add_option("--tokens", tokens, "context tokens of the one layer generated");
@@ -80,7 +88,12 @@ int main(int argc, char** argv) {
   app.add_option("--budget", budget, "token budget per KV head and step");
   app.add_option("--page", page, "tokens per page");
   app.add_option("--preset", preset, "synthetic preset or family");
-  app.add_option("--widths", widths_arg, "mdci widths FOVxCF, comma-separated");
+  app.add_option("--widths", widths_arg,
+                 "mdci widths FOVxCF or 'exhaustive' (every page scored), comma-separated");
+  app.add_option("--granularity", granularity,
+                 "page (whole pages) or token (the best tokens of the candidate pages, as a "
+                 "decode into a host buffer selects)")
+      ->check(CLI::IsMember({"page", "token"}));
   app.add_option("--sketch", mp.sketch_scoring, "the measured selectors rank from the sketch (1)");
   app.add_option(
       "--normalized", mp.normalized_descent,
@@ -92,6 +105,10 @@ int main(int argc, char** argv) {
   if (auto code = cli::Parse(app, argc, argv)) return *code;
   std::vector<Width> widths;
   for (absl::string_view w : absl::StrSplit(widths_arg, ',')) {
+    if (w == "exhaustive") {
+      widths.push_back(Width{0, 0.0f, true});
+      continue;
+    }
     std::vector<std::string> p = absl::StrSplit(w, 'x');
     Width x;
     if (p.size() != 2 || !absl::SimpleAtoi(p[0], &x.fov) || !absl::SimpleAtof(p[1], &x.cf)) {
@@ -160,9 +177,11 @@ int main(int argc, char** argv) {
     }
   }
   const int kinds = compare ? 2 : 1;
-  std::printf("# %lld tokens x %d heads (d=%d, G=%d, %s), budget %d, kernels %s, %d passes%s\n",
-              static_cast<long long>(tokens), heads, d, G, preset.c_str(), budget, KernelIsa(),
-              passes, compare ? " alternating frames / sketch" : "");
+  std::printf(
+      "# %lld tokens x %d heads (d=%d, G=%d, %s), budget %d, %s granularity, kernels %s, %d "
+      "passes%s\n",
+      static_cast<long long>(tokens), heads, d, G, preset.c_str(), budget, granularity.c_str(),
+      KernelIsa(), passes, compare ? " alternating frames / sketch" : "");
   std::printf(
       "# index bytes per head: %.1f MB%s\n", sels[0][0]->index_bytes() / 1e6,
       compare
@@ -173,6 +192,8 @@ int main(int argc, char** argv) {
     sp.budget_tokens = budget;
     sp.field_of_view = w.fov;
     sp.candidate_factor = w.cf;
+    sp.exhaustive = w.exhaustive;
+    sp.granularity = granularity == "token" ? Granularity::kToken : Granularity::kPage;
     std::vector<double> select_us[2], descent_us;
     std::vector<Selection> picked[2];
     uint64_t hash[2] = {0, 0}, touched[2] = {0, 0};
@@ -194,13 +215,14 @@ int main(int argc, char** argv) {
             if (pass == 0) {
               touched[k] += sel.keys_touched;
               for (uint32_t p : sel.pages) hash[k] = Mix(hash[k], p);
+              for (int32_t p : sel.positions) hash[k] = Mix(hash[k], static_cast<uint32_t>(p));
             }
           }
         }
       }
     }
     // The descent alone, separate passes (same round-robin, so as cold).
-    for (int step = 0; step < steps * descent_passes; ++step) {
+    for (int step = 0; step < (w.exhaustive ? 0 : steps * descent_passes); ++step) {
       for (int h = 0; h < heads; ++h) {
         const float* q = dump->query(step % steps, 0, h);
         auto* m = static_cast<MdciSelector*>(sels[0][h].get());
@@ -232,29 +254,29 @@ int main(int argc, char** argv) {
           const float* q = dump->query(step, 0, h);
           Selection ex;
           if (!sels[0][h]->Select(q, G, ep, &ex).ok()) return 1;
-          sum_e += mdci_test::MassOf(dump->key(0, h), tokens, d, q, G,
-                                     mdci_test::SelectedPositions(*sels[0][h], ex));
+          sum_e += mdci_test::MassOf(dump->key(0, h), tokens, d, q, G, Covered(*sels[0][h], ex));
           for (int k = 0; k < kinds; ++k) {
             sum[k] += mdci_test::MassOf(
                 dump->key(0, h), tokens, d, q, G,
-                mdci_test::SelectedPositions(*sels[k][h],
-                                             picked[k][static_cast<size_t>(step) * heads + h]));
+                Covered(*sels[k][h], picked[k][static_cast<size_t>(step) * heads + h]));
           }
         }
       }
       for (int k = 0; k < kinds; ++k) ratio[k] = sum[k] / sum_e;
     }
     const double n = static_cast<double>(steps) * heads;
+    const std::string name =
+        w.exhaustive ? std::string("exhaustive") : absl::StrCat(w.fov, "x", w.cf);
     std::printf(
-        "width %dx%g: select CPU us median %.1f mean %.1f | descent alone median %.1f | keys "
+        "width %s: select CPU us median %.1f mean %.1f | descent alone median %.1f | keys "
         "touched %.0f | mass / exhaustive %.5f | hash %016llx\n",
-        w.fov, w.cf, Median(select_us[0]), Mean(select_us[0]), Median(descent_us),
+        name.c_str(), Median(select_us[0]), Mean(select_us[0]), Median(descent_us),
         static_cast<double>(touched[0]) / n, ratio[0], static_cast<unsigned long long>(hash[0]));
     if (compare) {
       std::printf(
-          "width %dx%g: sketch twin: select CPU us median %.1f mean %.1f (frames / sketch %.2fx "
+          "width %s: sketch twin: select CPU us median %.1f mean %.1f (frames / sketch %.2fx "
           "median) | mass / exhaustive %.5f (%+.5f) | hash %016llx\n",
-          w.fov, w.cf, Median(select_us[1]), Mean(select_us[1]),
+          name.c_str(), Median(select_us[1]), Mean(select_us[1]),
           Median(select_us[0]) / Median(select_us[1]), ratio[1], ratio[1] - ratio[0],
           static_cast<unsigned long long>(hash[1]));
     }

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <numeric>
 #include <set>
@@ -15,6 +16,7 @@
 #include "gtest/gtest.h"
 #include "server/index/mdci_selector.h"
 #include "server/index/owned_page_keys.h"
+#include "server/index/page_select.h"
 #include "server/index/selector.h"
 #include "server/index/width_calibrator.h"
 #include "tests/support/status_matchers.h"
@@ -218,6 +220,92 @@ TEST(TokenSelectReferenceTest, TakenTokensComeBestFirstAndNoneLeftOutScoresHighe
         if (taken.count(static_cast<int32_t>(i)) == 0) {
           EXPECT_LE(score[i], last * (1 + 1e-4) + 1e-9) << "position " << i << " left out";
         }
+      }
+    }
+  }
+}
+
+// TakeTokensBounded opens pages best bound first and stops at the first
+// whose bound is under the worst token held: the same tokens, scores, order,
+// placements and fills as TakeTokens over every candidate, whatever the
+// bound (each page's largest logits, the looser page share, NaN), with ties
+// (a run of equal keys), a budget the forced tokens fill, and one larger
+// than the candidates.
+TEST(TokenSelectReferenceTest, BoundedTakesWhatTakeTokensTakes) {
+  HeadData data = MakeSyntheticHead(2000, 4, 3, 31);
+  for (int64_t i = 900; i < 940; ++i) {  // equal scores: ties go to the lower position
+    std::copy(data.key(899), data.key(899) + data.dim, data.keys.begin() + i * data.dim);
+  }
+  Built b = Build(SelectorKind::kExact, data, 2000);
+  const Selector& sel = *b.sel;
+  const int nq = data.num_queries;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(data.dim));
+  for (int step = 0; step < data.steps; ++step) {
+    const float* q = data.query(step);
+    // Every other page a candidate, with its logits and log-masses.
+    TokenCandidates cand;
+    std::vector<float> lse;
+    std::vector<uint32_t> pages;
+    for (uint32_t page = 0; page < sel.num_pages(); page += 1 + (page % 3 == 0 ? 1 : 0)) {
+      const uint32_t fill = sel.fill(page);
+      float* l = cand.Add(page, nq, fill);
+      const int32_t* pos = sel.positions(page);
+      for (int j = 0; j < nq; ++j) {
+        for (uint32_t t = 0; t < fill; ++t) {
+          float dot = 0.0f;
+          for (int c = 0; c < data.dim; ++c) dot += q[j * data.dim + c] * data.key(pos[t])[c];
+          l[j * fill + t] = dot;
+        }
+      }
+      lse.resize(lse.size() + nq);
+      PageQueryLogMass(l, nq, static_cast<int>(fill), static_cast<int>(fill), scale,
+                       lse.data() + lse.size() - nq);
+      pages.push_back(page);
+    }
+    std::vector<float> log_norm(nq);
+    QueryLogNorms(lse.data(), pages.size(), nq, nullptr, log_norm.data());
+    std::vector<float> tight, share, nan_every_third;
+    for (size_t i = 0; i < pages.size(); ++i) {
+      const uint32_t fill = sel.fill(pages[i]);
+      const float* l = cand.logits.data() + cand.offsets[i];
+      float b = 0.0f;
+      for (int j = 0; j < nq; ++j) {
+        float m = -INFINITY;
+        for (uint32_t t = 0; t < fill; ++t) m = std::max(m, l[j * fill + t] * scale);
+        b += std::exp(m - log_norm[j]);
+      }
+      tight.push_back(b);
+      share.push_back(std::exp(GroupPageScore(&lse[i * nq], log_norm.data(), nq)));
+      nan_every_third.push_back(i % 3 == 0 ? NAN : b);
+    }
+    for (int budget : {8, 64, 300, 5000}) {
+      SelectParams p;
+      p.budget_tokens = budget;
+      p.sink_tokens = 4;
+      p.recent_tokens = 8;
+      p.granularity = Granularity::kToken;
+      Selection want;
+      TakeTokens(sel, cand, log_norm.data(), nq, scale, p, &want);
+      for (const auto* bound : {&tight, &share, &nan_every_third}) {
+        SCOPED_TRACE(::testing::Message() << "step " << step << " budget " << budget << " bound "
+                                          << (bound == &tight   ? "max"
+                                              : bound == &share ? "share"
+                                                                : "nan"));
+        Selection got;
+        TakeTokensBounded(
+            sel, pages.data(), bound->data(), pages.size(),
+            [&](size_t i) { return cand.logits.data() + cand.offsets[i]; }, log_norm.data(), nq,
+            scale, p, &got);
+        EXPECT_EQ(got.positions, want.positions);
+        ASSERT_EQ(got.scores.size(), want.scores.size());
+        EXPECT_EQ(0, std::memcmp(got.scores.data(), want.scores.data(),
+                                 want.scores.size() * sizeof(float)));
+        ASSERT_EQ(got.token_refs.size(), want.token_refs.size());
+        for (size_t i = 0; i < got.token_refs.size(); ++i) {
+          EXPECT_EQ(got.token_refs[i].page, want.token_refs[i].page);
+          EXPECT_EQ(got.token_refs[i].slot, want.token_refs[i].slot);
+        }
+        EXPECT_EQ(got.fills, want.fills);
       }
     }
   }
