@@ -157,19 +157,19 @@ void TakeTokensBounded(const Selector& selector, const uint32_t* pages, const fl
     return a.first > b.first || (a.first == b.first && a.second < b.second);
   });
   // The candidates' tokens are gathered as TakeTokens gathers them, but a
-  // token under `floor` (the want-th best held at the last compaction: the
-  // final want-th best is at least as good) is dropped, and once a floor is
+  // token under `cutoff` (the want-th best held at the last compaction: the
+  // final want-th best is at least as good) is dropped, and once a cutoff is
   // known a page whose bound is under it is not opened, nor is any after it.
   // Strictly under: a tie may still win on position.
   const auto better = [](const RankedToken& a, const RankedToken& b) { return RankedBetter(a, b); };
   s.scored.clear();
-  bool have_floor = false;
-  float floor = -std::numeric_limits<float>::infinity();
+  bool have_cutoff = false;
+  float cutoff = -std::numeric_limits<float>::infinity();
   for (const auto& [page_bound, i] : s.order) {
     if (want == 0) break;
     // Rounding: AddExp's exponential and the bound's differ by far less
     // than 1%, so a token never outscores 1.01 x its page's bound.
-    if (have_floor && page_bound * 1.01f < floor) break;
+    if (have_cutoff && page_bound * 1.01f < cutoff) break;
     const uint32_t page = pages[i];
     const uint32_t fill = selector.fill(page);
     if (fill == 0) continue;
@@ -178,17 +178,17 @@ void TakeTokensBounded(const Selector& selector, const uint32_t* pages, const fl
     for (uint32_t t = 0; t < fill; ++t) {
       if (pos[t] < f.sink_end || pos[t] >= f.recent_begin) continue;  // forced
       const float score = std::isnan(s.share[t]) ? 0.0f : s.share[t];
-      if (score < floor) continue;
+      if (score < cutoff) continue;
       s.scored.push_back({score, pos[t], Placement{page, t}});
     }
-    // Compact to the best `want` when a floor is first possible, then each
+    // Compact to the best `want` when a cutoff is first possible, then each
     // time the held tokens double: linear work in all.
-    if (s.scored.size() >= (have_floor ? 2 * want : want)) {
+    if (s.scored.size() >= (have_cutoff ? 2 * want : want)) {
       const auto last = s.scored.begin() + static_cast<std::ptrdiff_t>(want - 1);
       std::nth_element(s.scored.begin(), last, s.scored.end(), better);
       s.scored.resize(want);
-      floor = last->score;
-      have_floor = true;
+      cutoff = last->score;
+      have_cutoff = true;
     }
   }
   const size_t take = std::min(want, s.scored.size());

@@ -83,7 +83,9 @@ inline void CheckInvariants(const DciTree& t) {
         ++seen[pos];
         EXPECT_EQ(pt.page_of_position(pos), page);
         own |= static_cast<uint32_t>(pos) == t.node_key(1, node);
-        if (t.key_top_level(pos) == 0) EXPECT_EQ(t.key_node(pos), node);
+        if (t.key_top_level(pos) == 0) {
+          EXPECT_EQ(t.key_node(pos), node);
+        }
       }
       tokens += pt.fill(page);
     }

@@ -60,7 +60,9 @@ struct Fifos {
     req_fd = open(request.c_str(), O_RDWR | O_NONBLOCK | O_CLOEXEC);
     resp_fd = open(response.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     const char b = 1;
-    if (hello) EXPECT_EQ(write(req_fd, &b, 1), 1);
+    if (hello) {
+      EXPECT_EQ(write(req_fd, &b, 1), 1);
+    }
   }
   void CloseFds() {
     if (req_fd >= 0) close(req_fd);
