@@ -28,7 +28,7 @@ struct SelectScratch {
   std::vector<float> log_norm;         // G: each query's log-normaliser
   std::vector<float> rest, column;     // CalibrateRest: G corrected rests; one query's lse
   std::vector<std::pair<float, uint32_t>> scored;
-  std::vector<float> bound;                // token granularity: each scored page's group share
+  std::vector<float> bound;                // token granularity: each scored page's token bound
   TokenCandidates tokens;                  // token granularity: the scored pages' logits, kept
   std::vector<float> shifted, page_share;  // ExactTokenShares: one page's tokens
   std::vector<uint64_t> page_bits;         // one bit per page id; all zero between selects
