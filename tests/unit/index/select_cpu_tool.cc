@@ -32,6 +32,7 @@
 #include "server/index/mdci_selector.h"
 #include "server/index/owned_page_keys.h"
 #include "server/index/selector.h"
+#include "server/index/width_calibrator.h"
 #include "tests/unit/index/mdci_test_util.h"
 
 using namespace icecache;
@@ -76,7 +77,7 @@ int main(int argc, char** argv) {
   int64_t tokens = 32768;
   int heads = 8, steps = 16, budget = 256, page = 16, passes = 2, descent_passes = 1;
   std::string preset = "llama3-8b-like", widths_arg = "32x8", granularity = "page";
-  bool mass = true, compare = false;
+  bool mass = true, compare = false, reference = false;
   MdciParams mp;
   app.add_option("--tokens", tokens, "context tokens of the one layer generated");
   app.add_option("--kv-heads", heads, "KV heads (trees) generated and selected round-robin");
@@ -102,6 +103,9 @@ int main(int argc, char** argv) {
                  "every query takes its share of the nodes (1; MdciParams::query_quotas)");
   app.add_flag("--compare-sketch", compare, "time sketch twins too, passes alternating");
   app.add_option("--mass", mass, "measure mass against exact-mdci (1) or not (0)");
+  app.add_flag("--reference", reference,
+               "also time the calibrator's sample of each selection (MeasureSelection: the "
+               "exact reference at the same granularity and the ratio), same round-robin");
   if (auto code = cli::Parse(app, argc, argv)) return *code;
   std::vector<Width> widths;
   for (absl::string_view w : absl::StrSplit(widths_arg, ',')) {
@@ -244,6 +248,23 @@ int main(int argc, char** argv) {
         descent_us.push_back(static_cast<double>(ThreadCpuNanos() - c0) * 1e-3);
       }
     }
+    // The calibrator's reference and rating of each selection, as its
+    // sampler thread runs them (thread CPU).
+    std::vector<double> reference_us;
+    for (int step = 0; reference && step < steps; ++step) {
+      for (int h = 0; h < heads; ++h) {
+        const float* q = dump->query(step, 0, h);
+        const auto* m = static_cast<const MdciSelector*>(sels[0][h].get());
+        const int64_t c0 = ThreadCpuNanos();
+        auto sample =
+            MeasureSelection(*m, q, G, sp, picked[0][static_cast<size_t>(step) * heads + h]);
+        reference_us.push_back(static_cast<double>(ThreadCpuNanos() - c0) * 1e-3);
+        if (!sample.ok()) {
+          std::fprintf(stderr, "%s\n", sample.status().ToString().c_str());
+          return 1;
+        }
+      }
+    }
     double ratio[2] = {0, 0};
     if (mass) {
       double sum_e = 0.0, sum[2] = {0, 0};
@@ -272,6 +293,10 @@ int main(int argc, char** argv) {
         "touched %.0f | mass / exhaustive %.5f | hash %016llx\n",
         name.c_str(), Median(select_us[0]), Mean(select_us[0]), Median(descent_us),
         static_cast<double>(touched[0]) / n, ratio[0], static_cast<unsigned long long>(hash[0]));
+    if (reference) {
+      std::printf("width %s: calibrator sample (reference + rating) CPU us median %.1f\n",
+                  name.c_str(), Median(reference_us));
+    }
     if (compare) {
       std::printf(
           "width %s: sketch twin: select CPU us median %.1f mean %.1f (frames / sketch %.2fx "
