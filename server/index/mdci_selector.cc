@@ -354,10 +354,9 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
       }
       s.bound.push_back(b);
     }
-    TakeTokensBounded(
-        *this, s.scored_pages.data(), s.bound.data(), s.scored_pages.size(),
-        [&](size_t i) { return s.tokens.logits.data() + s.tokens.offsets[i]; }, s.log_norm.data(),
-        num_queries, 1.0f / std::sqrt(static_cast<float>(config_.head_dim)), params, out);
+    // (s.tokens holds the scored pages, in the order of s.lse and the bounds.)
+    TakeTokensBounded(*this, s.tokens, s.bound.data(), s.log_norm.data(), num_queries,
+                      1.0f / std::sqrt(static_cast<float>(config_.head_dim)), params, out);
     out->keys_touched = touched;
     return absl::OkStatus();
   }

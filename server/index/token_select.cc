@@ -30,10 +30,11 @@ TokenScratch& ThreadTokenScratch() {
   return scratch;
 }
 
-// Higher score first; ties to the lower position (deterministic).
-bool RankedBetter(const RankedToken& a, const RankedToken& b) {
+// Higher score first; ties to the lower position (deterministic). A lambda,
+// so the standard algorithms inline it (a function's pointer they call).
+constexpr auto RankedBetter = [](const RankedToken& a, const RankedToken& b) {
   return a.score > b.score || (a.score == b.score && a.position < b.position);
-}
+};
 
 // One page's token scores into s->share[0, fill) from its G x fill logits.
 void PageShares(const float* logits, uint32_t fill, const float* log_norm, int num_queries,
@@ -100,12 +101,23 @@ size_t Wanted(const Selector& selector, const SelectParams& params, const Select
       std::max<int64_t>(0, budget - static_cast<int64_t>(out.token_refs.size())));
 }
 
-// Appends `best` (already in RankedBetter order) and packs the fills.
-void Finish(const Selector& selector, const RankedToken* best, size_t count, Selection* out) {
-  for (size_t i = 0; i < count; ++i) {
-    out->token_refs.push_back(best[i].placement);
-    out->positions.push_back(best[i].position);
-    out->scores.push_back(best[i].score);
+// Appends the best min(want, held) of s->scored to `out`, best first, and
+// packs the fills. Candidate pages are distinct, so their tokens are too, and
+// RankedBetter is a strict total order: the best by a linear selection, then
+// only they sorted. The same tokens in the same order as a partial_sort,
+// whose heap over every candidate (candidate_factor x budget of them, more
+// at a calibrated width) cost most of a token selection
+// (docs/bench/sel8_decode.md).
+void TakeBestTokens(const Selector& selector, size_t want, TokenScratch* s, Selection* out) {
+  const size_t take = std::min(want, s->scored.size());
+  const auto head = s->scored.begin() + static_cast<std::ptrdiff_t>(take);
+  if (take < s->scored.size())
+    std::nth_element(s->scored.begin(), head, s->scored.end(), RankedBetter);
+  std::sort(s->scored.begin(), head, RankedBetter);
+  for (size_t i = 0; i < take; ++i) {
+    out->token_refs.push_back(s->scored[i].placement);
+    out->positions.push_back(s->scored[i].position);
+    out->scores.push_back(s->scored[i].score);
   }
   PackedFills(static_cast<int64_t>(out->token_refs.size()), selector.config().page_tokens,
               &out->fills);
@@ -127,29 +139,18 @@ void TakeTokens(const Selector& selector, const TokenCandidates& candidates, con
   TokenScratch& s = ThreadTokenScratch();
   ScoreCandidates(selector, candidates, log_norm, num_queries, scale, f.sink_end, f.recent_begin,
                   &s);
-  const size_t want = std::min(Wanted(selector, params, *out), s.scored.size());
-  // Candidate pages are distinct, so their tokens are too, and RankedBetter is a
-  // strict total order: the best `want` by a linear selection, then only
-  // they sorted. The same tokens in the same order as a partial_sort, whose
-  // heap over every candidate (candidate_factor x budget of them, more at a
-  // calibrated width) cost most of a token selection (docs/bench/sel8_decode.md).
-  const auto better = [](const RankedToken& a, const RankedToken& b) { return RankedBetter(a, b); };
-  const auto head = s.scored.begin() + static_cast<std::ptrdiff_t>(want);
-  if (want < s.scored.size()) std::nth_element(s.scored.begin(), head, s.scored.end(), better);
-  std::sort(s.scored.begin(), head, better);
-  Finish(selector, s.scored.data(), want, out);
+  TakeBestTokens(selector, Wanted(selector, params, *out), &s, out);
 }
 
-void TakeTokensBounded(const Selector& selector, const uint32_t* pages, const float* bound,
-                       size_t num_pages, absl::FunctionRef<const float*(size_t)> logits,
-                       const float* log_norm, int num_queries, float scale,
+void TakeTokensBounded(const Selector& selector, const TokenCandidates& candidates,
+                       const float* bound, const float* log_norm, int num_queries, float scale,
                        const SelectParams& params, Selection* out) {
   const Forced f = AddForced(selector, params, out);
   TokenScratch& s = ThreadTokenScratch();
   const size_t want = Wanted(selector, params, *out);
   // Best bound first; a NaN bound sorts first and is always opened.
   s.order.clear();
-  for (size_t i = 0; i < num_pages; ++i) {
+  for (size_t i = 0; i < candidates.pages.size(); ++i) {
     const float b = std::isnan(bound[i]) ? std::numeric_limits<float>::infinity() : bound[i];
     s.order.push_back({b, static_cast<uint32_t>(i)});
   }
@@ -161,19 +162,19 @@ void TakeTokensBounded(const Selector& selector, const uint32_t* pages, const fl
   // final want-th best is at least as good) is dropped, and once a cutoff is
   // known a page whose bound is under it is not opened, nor is any after it.
   // Strictly under: a tie may still win on position.
-  const auto better = [](const RankedToken& a, const RankedToken& b) { return RankedBetter(a, b); };
   s.scored.clear();
   bool have_cutoff = false;
   float cutoff = -std::numeric_limits<float>::infinity();
   for (const auto& [page_bound, i] : s.order) {
-    if (want == 0) break;
+    if (want == 0) break;  // the forced tokens fill the budget
     // Rounding: AddExp's exponential and the bound's differ by far less
     // than 1%, so a token never outscores 1.01 x its page's bound.
     if (have_cutoff && page_bound * 1.01f < cutoff) break;
-    const uint32_t page = pages[i];
+    const uint32_t page = candidates.pages[i];
     const uint32_t fill = selector.fill(page);
     if (fill == 0) continue;
-    PageShares(logits(i), fill, log_norm, num_queries, scale, &s);
+    PageShares(candidates.logits.data() + candidates.offsets[i], fill, log_norm, num_queries, scale,
+               &s);
     const int32_t* pos = selector.positions(page);
     for (uint32_t t = 0; t < fill; ++t) {
       if (pos[t] < f.sink_end || pos[t] >= f.recent_begin) continue;  // forced
@@ -185,17 +186,13 @@ void TakeTokensBounded(const Selector& selector, const uint32_t* pages, const fl
     // time the held tokens double: linear work in all.
     if (s.scored.size() >= (have_cutoff ? 2 * want : want)) {
       const auto last = s.scored.begin() + static_cast<std::ptrdiff_t>(want - 1);
-      std::nth_element(s.scored.begin(), last, s.scored.end(), better);
+      std::nth_element(s.scored.begin(), last, s.scored.end(), RankedBetter);
       s.scored.resize(want);
       cutoff = last->score;
       have_cutoff = true;
     }
   }
-  const size_t take = std::min(want, s.scored.size());
-  const auto head = s.scored.begin() + static_cast<std::ptrdiff_t>(take);
-  if (take < s.scored.size()) std::nth_element(s.scored.begin(), head, s.scored.end(), better);
-  std::sort(s.scored.begin(), head, better);
-  Finish(selector, s.scored.data(), take, out);
+  TakeBestTokens(selector, want, &s, out);
 }
 
 }  // namespace icecache

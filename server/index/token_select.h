@@ -14,7 +14,6 @@
 #include <cstdint>
 #include <vector>
 
-#include "absl/functional/function_ref.h"
 #include "server/index/selector.h"
 
 namespace icecache {
@@ -49,20 +48,18 @@ struct TokenCandidates {
 void TakeTokens(const Selector& selector, const TokenCandidates& candidates, const float* log_norm,
                 int num_queries, float scale, const SelectParams& params, Selection* out);
 
-// The same selection as TakeTokens (the same tokens, scores and order) over
-// the same candidate pages, without scoring every candidate's tokens.
-// `bound[i]` bounds the score of every token of candidate page i from above:
-// the sum over the queries of exp(its largest scaled logit - log_norm[j]),
-// or looser (its group share, exp(GroupPageScore)); a NaN bound is always
-// opened. Pages are opened best bound first; once `budget` tokens are held,
-// a token under the worst of them is dropped, and a page whose bound (with
-// a 1% margin for the exponentials' rounding) is under it is not opened, nor
-// is any after it. `logits(i)` points to page i's G x fill(page) unscaled
-// logits (row j for query j), as TokenCandidates holds them. Exact
-// selections (every page a candidate) open a few percent of the pages.
-void TakeTokensBounded(const Selector& selector, const uint32_t* pages, const float* bound,
-                       size_t num_pages, absl::FunctionRef<const float*(size_t)> logits,
-                       const float* log_norm, int num_queries, float scale,
+// The same selection as TakeTokens (the same tokens, scores and order) from
+// the same candidates, without scoring every candidate's tokens. `bound[i]`
+// bounds the score of every token of candidates.pages[i] from above: the sum
+// over the queries of exp(its largest scaled logit - log_norm[j]), or looser
+// (its group share, exp(GroupPageScore)); a NaN bound is always opened.
+// Pages are opened best bound first; once `budget` tokens are held, a token
+// under the worst of them is dropped, and a page whose bound (with a 1%
+// margin for the exponentials' rounding) is under it is not opened, nor is
+// any after it. An exact selection (every page a candidate) opens about one
+// page in nine (docs/bench/token11_bound.md).
+void TakeTokensBounded(const Selector& selector, const TokenCandidates& candidates,
+                       const float* bound, const float* log_norm, int num_queries, float scale,
                        const SelectParams& params, Selection* out);
 
 // Packs `n` tokens into slots of `page_tokens`: fills of ceil(n / page_tokens)

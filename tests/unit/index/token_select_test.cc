@@ -292,10 +292,7 @@ TEST(TokenSelectReferenceTest, BoundedTakesWhatTakeTokensTakes) {
                                               : bound == &share ? "share"
                                                                 : "nan"));
         Selection got;
-        TakeTokensBounded(
-            sel, pages.data(), bound->data(), pages.size(),
-            [&](size_t i) { return cand.logits.data() + cand.offsets[i]; }, log_norm.data(), nq,
-            scale, p, &got);
+        TakeTokensBounded(sel, cand, bound->data(), log_norm.data(), nq, scale, p, &got);
         EXPECT_EQ(got.positions, want.positions);
         ASSERT_EQ(got.scores.size(), want.scores.size());
         EXPECT_EQ(0, std::memcmp(got.scores.data(), want.scores.data(),
