@@ -8,6 +8,7 @@
 #include <unordered_set>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "tbb/blocked_range.h"
 #include "tbb/parallel_for.h"
 #include "tbb/task_arena.h"
@@ -101,6 +102,49 @@ absl::Status ParallelFor(int64_t count, int threads,
     return absl::InternalError(absl::StrCat("parallel task runtime failed: ", e.what()));
   }
   ForkJoinAcquire(&join);
+  const int64_t failed = first_failed.load();
+  if (failed == std::numeric_limits<int64_t>::max()) return absl::OkStatus();
+  return Prefixed(failed, results[failed]);
+}
+
+absl::Status ParallelForInOrder(int64_t count, int threads,
+                                const std::function<absl::Status(int64_t)>& fn,
+                                const std::function<void(int64_t)>& ahead) {
+  if (count < 0) return absl::InvalidArgumentError(absl::StrCat("count must be >= 0, got ", count));
+  if (threads < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("threads must be >= 0, got ", threads));
+  }
+  if (!fn) return absl::InvalidArgumentError("fn must not be empty");
+  if (count == 0) return absl::OkStatus();
+  int lanes = threads;
+  if (lanes == 0) {
+    try {
+      lanes = tbb::this_task_arena::max_concurrency();
+    } catch (const std::exception& e) {
+      return absl::InternalError(absl::StrCat("parallel task runtime failed: ", e.what()));
+    }
+  }
+  lanes = static_cast<int>(std::min<int64_t>(std::max(lanes, 1), count));
+  std::vector<absl::Status> results(static_cast<size_t>(count));
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> first_failed{std::numeric_limits<int64_t>::max()};
+  // Each lane drains the shared queue; a lane oneTBB starts late finds it
+  // empty and returns at once.
+  auto lane = [&](int64_t) {
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
+      if (first_failed.load(std::memory_order_relaxed) < i) break;
+      if (ahead && i + 1 < count) ahead(i + 1);
+      absl::Status st = fn(i);
+      if (st.ok()) continue;
+      results[i] = std::move(st);
+      int64_t seen = first_failed.load(std::memory_order_relaxed);
+      while (i < seen && !first_failed.compare_exchange_weak(seen, i)) {
+      }
+    }
+    return absl::OkStatus();
+  };
+  // One lane: the caller, in order (ParallelFor with one thread runs there).
+  RETURN_IF_ERROR(ParallelFor(lanes, lanes == 1 ? 1 : threads, lane));
   const int64_t failed = first_failed.load();
   if (failed == std::numeric_limits<int64_t>::max()) return absl::OkStatus();
   return Prefixed(failed, results[failed]);

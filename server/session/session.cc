@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <numeric>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -37,6 +38,7 @@ Session::Session(std::string id_in, std::string tenant_in, uint64_t epoch_in,
   page_frames.resize(static_cast<size_t>(config.layers) * config.kv_heads);
   if (keep_sums) page_sums.resize(page_frames.size());
   selectors.resize(static_cast<size_t>(groups) * config.kv_heads);
+  last_select_ns = std::make_unique<std::atomic<int64_t>[]>(selectors.size());
   group_tokens.assign(groups, 0);
   group_building.assign(groups, 0);
   for (int g = 0; g < groups; ++g) {
@@ -278,12 +280,33 @@ absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req,
   }
   result.heads.resize(config.kv_heads);
   std::vector<std::unique_ptr<QualityProbe>> chosen(probes != nullptr ? config.kv_heads : 0);
-  // The tasks run while this thread holds mu (shared) and waits for them.
-  RETURN_IF_ERROR(ForEachHead(config.kv_heads, threads, [&](int h) {
-    mu.AssertReaderHeld();
-    return SelectHead(result.group, h, req.queries, params, tokens, &result.heads[h],
-                      chosen.empty() ? nullptr : &chosen[h]);
-  }));
+  // Longest first (by each head's last select), the next head's index asked
+  // for ahead (Selector::PrefetchForSelect): the heads' trees and keys are
+  // read cold, a layer's worth of other heads' having passed through the
+  // caches since. The tasks run while this thread holds mu (shared) and
+  // waits for them.
+  std::vector<int> order(config.kv_heads);
+  std::iota(order.begin(), order.end(), 0);
+  const size_t first = SelectorIndex(result.group, 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+    return last_select_ns[first + a].load(std::memory_order_relaxed) >
+           last_select_ns[first + b].load(std::memory_order_relaxed);
+  });
+  std::vector<absl::Status> status(config.kv_heads);
+  RETURN_IF_ERROR(ParallelForInOrder(
+      config.kv_heads, threads,
+      [&](int64_t i) {
+        mu.AssertReaderHeld();
+        const int h = order[i];
+        status[h] = SelectHead(result.group, h, req.queries, params, tokens, &result.heads[h],
+                               chosen.empty() ? nullptr : &chosen[h]);
+        return absl::OkStatus();
+      },
+      [&](int64_t i) {
+        mu.AssertReaderHeld();
+        selectors[first + order[i]]->PrefetchForSelect();
+      }));
+  for (absl::Status& s : status) RETURN_IF_ERROR(s);
   for (auto& p : chosen) {
     if (p != nullptr) probes->push_back(std::move(*p));
   }
@@ -315,6 +338,7 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0)
           .count();
   selection_ns.fetch_add(ns, std::memory_order_relaxed);
+  last_select_ns[index].store(ns, std::memory_order_relaxed);
   if (hq == nullptr) return absl::OkStatus();  // not monitored
   const int64_t cpu_ns = ThreadCpuNanos() - cpu0;
   // The budget is a share of this session's selection time.

@@ -115,6 +115,11 @@ class Session {
   mutable absl::Mutex mu;
   // [group * kv_heads + head]; null until the group's first append.
   std::vector<std::unique_ptr<Selector>> selectors ABSL_GUARDED_BY(mu);
+  // [group * kv_heads + head]: the wall time of that index's last select, ns
+  // (0 before the first). A select starts its KV heads longest first by it
+  // (calibrated widths and exact fallbacks differ by 10x and more), so a
+  // wide head never starts last and holds the layer up alone.
+  std::unique_ptr<std::atomic<int64_t>[]> last_select_ns;
   // [layer * kv_heads + head][page] -> frame. Vectors are created at
   // construction and never move (FramePageKeys points at them).
   std::vector<std::vector<uint8_t*>> page_frames ABSL_GUARDED_BY(mu);

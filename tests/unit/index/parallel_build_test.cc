@@ -1,11 +1,14 @@
 #include "server/index/parallel_build.h"
 
+#include <algorithm>
 #include <atomic>
 #include <limits>
+#include <map>
 #include <memory>
 #include <thread>
 #include <vector>
 
+#include "absl/synchronization/mutex.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/index/owned_page_keys.h"
@@ -96,6 +99,84 @@ TEST(ParallelForTest, BadArguments) {
   EXPECT_THAT(ParallelFor(3, -2, ok), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(ParallelFor(3, 2, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(ParallelFor(0, 2, ok), IsOk());
+}
+
+TEST(ParallelForInOrderTest, RunsEveryIndexOnceAndHintsEveryOneButTheFirstOnce) {
+  for (int threads : {0, 1, 2, 4}) {
+    for (int count : {1, 2, 7, 300}) {
+      std::vector<std::atomic<int>> hits(count), hints(count);
+      ASSERT_THAT(ParallelForInOrder(
+                      count, threads,
+                      [&](int64_t i) {
+                        hits[i].fetch_add(1);
+                        return absl::OkStatus();
+                      },
+                      [&](int64_t i) { hints[i].fetch_add(1); }),
+                  IsOk());
+      for (int i = 0; i < count; ++i) {
+        ASSERT_EQ(hits[i].load(), 1) << "threads " << threads << " count " << count;
+        ASSERT_EQ(hints[i].load(), i == 0 ? 0 : 1) << "threads " << threads << " count " << count;
+      }
+    }
+  }
+}
+
+// The order a lane sees is the queue's: every lane takes increasing indices,
+// and one lane takes them all, in order, on the caller.
+TEST(ParallelForInOrderTest, LanesTakeIndicesInIncreasingOrder) {
+  for (int threads : {0, 2, 4}) {
+    absl::Mutex mu;
+    std::map<std::thread::id, std::vector<int64_t>> taken;
+    ASSERT_THAT(ParallelForInOrder(500, threads,
+                                   [&](int64_t i) {
+                                     absl::MutexLock l(&mu);
+                                     taken[std::this_thread::get_id()].push_back(i);
+                                     return absl::OkStatus();
+                                   }),
+                IsOk());
+    for (const auto& [id, seq] : taken) {
+      EXPECT_TRUE(std::is_sorted(seq.begin(), seq.end())) << "threads " << threads;
+    }
+  }
+  std::vector<int64_t> order;
+  const std::thread::id caller = std::this_thread::get_id();
+  bool same_thread = true;
+  ASSERT_THAT(ParallelForInOrder(40, 1,
+                                 [&](int64_t i) {
+                                   order.push_back(i);
+                                   same_thread &= std::this_thread::get_id() == caller;
+                                   return absl::OkStatus();
+                                 }),
+              IsOk());
+  ASSERT_EQ(order.size(), 40u);
+  for (int64_t i = 0; i < 40; ++i) EXPECT_EQ(order[i], i);
+  EXPECT_TRUE(same_thread);
+}
+
+TEST(ParallelForInOrderTest, ReturnsTheLowestFailingIndexWhateverTheSchedule) {
+  for (int threads : {1, 2, 4}) {
+    std::atomic<int64_t> ran_after{0};
+    absl::Status s = ParallelForInOrder(2000, threads, [&](int64_t i) {
+      if (i > 1000) ran_after.fetch_add(1);
+      if (i == 170) return absl::NotFoundError("late");
+      if (i == 57 || i == 58) return absl::DataLossError("early");
+      return absl::OkStatus();
+    });
+    EXPECT_THAT(s, StatusIs(absl::StatusCode::kDataLoss, HasSubstr("task 57: early")))
+        << "threads " << threads;
+    // One lane stops at the failure; more lanes may run a few past it.
+    if (threads == 1) {
+      EXPECT_EQ(ran_after.load(), 0);
+    }
+  }
+}
+
+TEST(ParallelForInOrderTest, BadArguments) {
+  auto ok = [](int64_t) { return absl::OkStatus(); };
+  EXPECT_THAT(ParallelForInOrder(-1, 1, ok), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ParallelForInOrder(3, -2, ok), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ParallelForInOrder(3, 2, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ParallelForInOrder(0, 2, ok), IsOk());
 }
 
 // layers x heads selectors, each with its own frames.
