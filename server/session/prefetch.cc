@@ -30,6 +30,8 @@ FetchRequest GroupPrefetch::RequestFor(int layer) const {
     r.offset = request_.offset + static_cast<uint64_t>(layer - request_.layer) * layer_stride_;
   }
   r.want_positions = true;
+  // Written later, under another hold of the session's lock.
+  r.hints_checked = false;
   // The client's done event belongs to its first layer; a prefetched layer
   // is complete when its push returns (the wait event still orders it).
   r.device.done_event.clear();

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cassert>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -509,7 +510,8 @@ absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const Fetch
                                                        " of kv head ", h, " is not in 0..",
                                                        held - 1, " (the session's tokens)"));
       }
-      if (hints != nullptr && HintHolds(*sel, (*hints)[i], pos)) {
+      if (hints != nullptr && (req.hints_checked || HintHolds(*sel, (*hints)[i], pos))) {
+        assert(HintHolds(*sel, (*hints)[i], pos));
         placed[h].push_back((*hints)[i]);
       } else {
         placed[h].push_back(sel->placement_of(pos));
