@@ -788,8 +788,8 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
         fetch.pages.push_back(sel.pages);
       }
     }
-    // A fresh selection's token refs, made under this same read lock.
-    fetch.hints_checked = by_token && !out.selection.reused;
+    // The selection's token refs, current under this same read lock.
+    fetch.hints_checked = by_token;
     if (UsePrefetched(s, out.selection, fetch, &pre, &out)) {
       RETURN_IF_ERROR(lease.SignalDone(device.done_event));
     } else {

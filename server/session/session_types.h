@@ -211,13 +211,14 @@ struct FetchRequest {
   // position) and looks up only the tokens whose hint is wrong or missing.
   // DecodeStep passes its selection's, saving a lookup per token.
   std::vector<std::vector<Placement>> token_hints;
-  // The hints are this session's own fresh selection, made under the same
-  // hold of Session::mu as this fetch (DecodeStep: nothing can have moved a
-  // token in between), so Fetch takes them as they are instead of reading
-  // each one's page back (a cache miss per token: a third of a token fetch's
-  // own CPU, docs/bench/order13_heads.md). Set only there; never from a
-  // request on the wire, nor for a reused selection or a background
-  // prefetch (another hold of the lock).
+  // The hints are this session's own selection, checked under the same hold
+  // of Session::mu as this fetch (DecodeStep): fresh, or the group's cached
+  // one at the token count the group still holds. A placement never changes
+  // while the count holds (appends only add tokens; a rebuild moves none),
+  // so Fetch takes them as they are instead of reading each one's page back
+  // (a cache miss per token, most of a token fetch's own CPU:
+  // docs/bench/order13_heads.md). Set only there; never from a request on
+  // the wire, nor for a background prefetch (GroupPrefetch::RequestFor).
   bool hints_checked = false;
   std::string buffer_id;
   uint64_t offset = 0;
