@@ -190,11 +190,6 @@ class DciTree {
   // together at least min_tokens tokens (all nodes when the tree holds fewer).
   // `touched` is increased by the representatives scored. scratch->rest gets
   // each query's estimated log-mass outside the returned nodes.
-  // Asks for the entry level's node rows (what every CollectCandidates with
-  // this entry_nodes and spread reads first, whatever the queries) ahead of
-  // the descent: the caller's hint that one is coming (a decode step's next
-  // KV head). Software prefetches only; no state changes.
-  void PrefetchEntry(int entry_nodes, bool spread) const;
   void CollectCandidates(const float* queries, int nq, float scale, const DciDescentParams& params,
                          DciScratch* scratch, std::vector<uint32_t>* nodes,
                          uint64_t* touched) const;

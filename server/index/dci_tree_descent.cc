@@ -327,18 +327,6 @@ void DciTree::PrefetchCandidates(int level, bool spread, const DciScratch& s) co
   }
 }
 
-void DciTree::PrefetchEntry(int entry_nodes, bool spread) const {
-  if (top_level() < 1) return;
-  const Level& L = levels_[EntryLevel(entry_nodes)];
-  const size_t n = L.size(), d = params_.dim, rank = subspace_.rank();
-  PrefetchBytes(L.centroid16.data(), n * d * sizeof(uint16_t));
-  PrefetchBytes(L.reps.count.data(), n * sizeof(uint32_t));
-  if (spread && rank > 0) {
-    PrefetchBytes(L.reps.lam.data(), n * rank * sizeof(float));
-    PrefetchBytes(L.reps.res.data(), n * sizeof(float));
-  }
-}
-
 void DciTree::ScoreCandidates(int level, bool entry, const float* queries, int nq, float scale,
                               float half_s2, bool normalized, DciScratch* s) const {
   const Level& L = levels_[level];

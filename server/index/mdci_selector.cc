@@ -224,11 +224,6 @@ void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* quer
   if (max_logits) s.max_logit.resize(s.lse.size());
 }
 
-void MdciSelector::PrefetchForSelect() const {
-  if (tree_ == nullptr) return;
-  tree_->PrefetchEntry(config_.mdci.entry_nodes, config_.mdci.spread_weight > 0.0f);
-}
-
 void MdciSelector::CollectCandidatePages(const float* queries, int num_queries,
                                          const SelectParams& params, uint64_t* touched) const {
   SelectScratch& s = ThreadScratch();

@@ -72,7 +72,6 @@ class MdciSelector : public Selector {
   SelectorKind kind() const override { return config_.kind; }
   absl::Status Build(const float* keys, int64_t n, std::vector<Placement>* placements) override;
   absl::Status Insert(const float* keys, int64_t n, std::vector<Placement>* placements) override;
-  void PrefetchForSelect() const override;
   absl::Status Select(const float* queries, int num_queries, const SelectParams& params,
                       Selection* out) const override;
   int64_t num_tokens() const override { return tree_->num_tokens(); }

@@ -108,8 +108,7 @@ absl::Status ParallelFor(int64_t count, int threads,
 }
 
 absl::Status ParallelForInOrder(int64_t count, int threads,
-                                const std::function<absl::Status(int64_t)>& fn,
-                                const std::function<void(int64_t)>& ahead) {
+                                const std::function<absl::Status(int64_t)>& fn) {
   if (count < 0) return absl::InvalidArgumentError(absl::StrCat("count must be >= 0, got ", count));
   if (threads < 0) {
     return absl::InvalidArgumentError(absl::StrCat("threads must be >= 0, got ", threads));
@@ -133,7 +132,6 @@ absl::Status ParallelForInOrder(int64_t count, int threads,
   auto lane = [&](int64_t) {
     for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
       if (first_failed.load(std::memory_order_relaxed) < i) break;
-      if (ahead && i + 1 < count) ahead(i + 1);
       absl::Status st = fn(i);
       if (st.ok()) continue;
       results[i] = std::move(st);

@@ -35,16 +35,12 @@ absl::Status ParallelFor(int64_t count, int threads,
 // lowest index no lane has taken yet whenever it is free, so with the longest
 // tasks first no long one is left to start last (greedy longest-first,
 // within 4/3 of the best split; a decode step's KV heads, ordered by their
-// last select's time). `ahead`, optional, runs on the lane that took i - 1,
-// just before fn(i - 1): a hint that i is next (the lane may prefetch what
-// fn(i) reads first); it never runs for index 0 and runs at most once per
-// index. Same errors as ParallelFor: the lowest failing index's, prefixed
-// "task <i>: ", and indices not yet taken are skipped once one failed. With
-// one lane (threads == 1, or count == 1) everything runs in order on the
-// caller.
+// last select's time). Same errors as ParallelFor: the lowest failing
+// index's, prefixed "task <i>: ", and indices not yet taken are skipped once
+// one failed. With one lane (threads == 1, or count == 1) everything runs in
+// order on the caller.
 absl::Status ParallelForInOrder(int64_t count, int threads,
-                                const std::function<absl::Status(int64_t)>& fn,
-                                const std::function<void(int64_t)>& ahead = nullptr);
+                                const std::function<absl::Status(int64_t)>& fn);
 
 // One Build() to run.
 struct BuildJob {

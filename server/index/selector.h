@@ -240,12 +240,6 @@ class Selector {
   virtual absl::Status Select(const float* queries, int num_queries, const SelectParams& params,
                               Selection* out) const = 0;
 
-  // A hint that Select() will run on this index soon, on this thread or
-  // another: asks the memory system for what every select reads first,
-  // whatever the query (mdci: its descent's entry level). Changes nothing
-  // and returns at once; a no-op where nothing is worth asking for.
-  virtual void PrefetchForSelect() const {}
-
   virtual int64_t num_tokens() const = 0;
   virtual uint32_t num_pages() const = 0;
   virtual uint32_t fill(uint32_t page) const = 0;

@@ -281,11 +281,10 @@ absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req,
   }
   result.heads.resize(config.kv_heads);
   std::vector<std::unique_ptr<QualityProbe>> chosen(probes != nullptr ? config.kv_heads : 0);
-  // Longest first (by each head's last select), the next head's index asked
-  // for ahead (Selector::PrefetchForSelect): the heads' trees and keys are
-  // read cold, a layer's worth of other heads' having passed through the
-  // caches since. The tasks run while this thread holds mu (shared) and
-  // waits for them.
+  // Longest first (by each head's last select): a calibrated head's width or
+  // exact fallback makes it up to 10x another, and started last it would
+  // hold the layer up alone. The tasks run while this thread holds mu
+  // (shared) and waits for them.
   std::vector<int> order(config.kv_heads);
   std::iota(order.begin(), order.end(), 0);
   const size_t first = SelectorIndex(result.group, 0);
@@ -294,19 +293,13 @@ absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req,
            last_select_ns[first + b].load(std::memory_order_relaxed);
   });
   std::vector<absl::Status> status(config.kv_heads);
-  RETURN_IF_ERROR(ParallelForInOrder(
-      config.kv_heads, threads,
-      [&](int64_t i) {
-        mu.AssertReaderHeld();
-        const int h = order[i];
-        status[h] = SelectHead(result.group, h, req.queries, params, tokens, &result.heads[h],
-                               chosen.empty() ? nullptr : &chosen[h]);
-        return absl::OkStatus();
-      },
-      [&](int64_t i) {
-        mu.AssertReaderHeld();
-        selectors[first + order[i]]->PrefetchForSelect();
-      }));
+  RETURN_IF_ERROR(ParallelForInOrder(config.kv_heads, threads, [&](int64_t i) {
+    mu.AssertReaderHeld();
+    const int h = order[i];
+    status[h] = SelectHead(result.group, h, req.queries, params, tokens, &result.heads[h],
+                           chosen.empty() ? nullptr : &chosen[h]);
+    return absl::OkStatus();
+  }));
   for (absl::Status& s : status) RETURN_IF_ERROR(s);
   for (auto& p : chosen) {
     if (p != nullptr) probes->push_back(std::move(*p));

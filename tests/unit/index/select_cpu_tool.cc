@@ -77,7 +77,7 @@ int main(int argc, char** argv) {
   int64_t tokens = 32768;
   int heads = 8, steps = 16, budget = 256, page = 16, passes = 2, descent_passes = 1;
   std::string preset = "llama3-8b-like", widths_arg = "32x8", granularity = "page";
-  bool mass = true, compare = false, reference = false, compare_prefetch = false;
+  bool mass = true, compare = false, reference = false;
   MdciParams mp;
   app.add_option("--tokens", tokens, "context tokens of the one layer generated");
   app.add_option("--kv-heads", heads, "KV heads (trees) generated and selected round-robin");
@@ -102,9 +102,6 @@ int main(int argc, char** argv) {
   app.add_option("--query-quotas", mp.query_quotas,
                  "every query takes its share of the nodes (1; MdciParams::query_quotas)");
   app.add_flag("--compare-sketch", compare, "time sketch twins too, passes alternating");
-  app.add_flag("--compare-prefetch", compare_prefetch,
-               "odd passes hint the next head's select first (Selector::PrefetchForSelect, "
-               "inside the timed region), as a decode step does; both medians printed");
   app.add_option("--mass", mass, "measure mass against exact-mdci (1) or not (0)");
   app.add_flag("--reference", reference,
                "also time the calibrator's sample of each selection (MeasureSelection: the "
@@ -201,7 +198,7 @@ int main(int argc, char** argv) {
     sp.candidate_factor = w.cf;
     sp.exhaustive = w.exhaustive;
     sp.granularity = granularity == "token" ? Granularity::kToken : Granularity::kPage;
-    std::vector<double> select_us[2], descent_us, prefetch_us;
+    std::vector<double> select_us[2], descent_us;
     std::vector<Selection> picked[2];
     uint64_t hash[2] = {0, 0}, touched[2] = {0, 0};
     for (int k = 0; k < kinds; ++k) picked[k].resize(static_cast<size_t>(steps) * heads);
@@ -211,16 +208,14 @@ int main(int argc, char** argv) {
           for (int h = 0; h < heads; ++h) {
             const float* q = dump->query(step, 0, h);
             Selection& sel = picked[k][static_cast<size_t>(step) * heads + h];
-            const bool hint = compare_prefetch && pass % 2 == 1;
             const int64_t c0 = ThreadCpuNanos();
-            if (hint) sels[k][(h + 1) % heads]->PrefetchForSelect();
             absl::Status st = sels[k][h]->Select(q, G, sp, &sel);
             const int64_t c1 = ThreadCpuNanos();
             if (!st.ok()) {
               std::fprintf(stderr, "%s\n", st.ToString().c_str());
               return 1;
             }
-            (hint ? prefetch_us : select_us[k]).push_back(static_cast<double>(c1 - c0) * 1e-3);
+            select_us[k].push_back(static_cast<double>(c1 - c0) * 1e-3);
             if (pass == 0) {
               touched[k] += sel.keys_touched;
               for (uint32_t p : sel.pages) hash[k] = Mix(hash[k], p);
@@ -298,13 +293,6 @@ int main(int argc, char** argv) {
         "touched %.0f | mass / exhaustive %.5f | hash %016llx\n",
         name.c_str(), Median(select_us[0]), Mean(select_us[0]), Median(descent_us),
         static_cast<double>(touched[0]) / n, ratio[0], static_cast<unsigned long long>(hash[0]));
-    if (compare_prefetch) {
-      std::printf(
-          "width %s: with the next head's select hinted: select CPU us median %.1f mean "
-          "%.1f (%.2fx of the median without)\n",
-          name.c_str(), Median(prefetch_us), Mean(prefetch_us),
-          Median(select_us[0]) / Median(prefetch_us));
-    }
     if (reference) {
       std::printf("width %s: calibrator sample (reference + rating) CPU us median %.1f\n",
                   name.c_str(), Median(reference_us));
