@@ -47,6 +47,16 @@ void ForkJoinAcquire(void* edge) {
 #endif
 }
 
+absl::Status CheckArguments(int64_t count, int threads,
+                            const std::function<absl::Status(int64_t)>& fn) {
+  if (count < 0) return absl::InvalidArgumentError(absl::StrCat("count must be >= 0, got ", count));
+  if (threads < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("threads must be >= 0, got ", threads));
+  }
+  if (!fn) return absl::InvalidArgumentError("fn must not be empty");
+  return absl::OkStatus();
+}
+
 absl::Status Prefixed(int64_t i, const absl::Status& s) {
   return absl::Status(s.code(), absl::StrCat("task ", i, ": ", s.message()));
 }
@@ -55,11 +65,7 @@ absl::Status Prefixed(int64_t i, const absl::Status& s) {
 
 absl::Status ParallelFor(int64_t count, int threads,
                          const std::function<absl::Status(int64_t)>& fn) {
-  if (count < 0) return absl::InvalidArgumentError(absl::StrCat("count must be >= 0, got ", count));
-  if (threads < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("threads must be >= 0, got ", threads));
-  }
-  if (!fn) return absl::InvalidArgumentError("fn must not be empty");
+  RETURN_IF_ERROR(CheckArguments(count, threads, fn));
   if (count == 0) return absl::OkStatus();
 
   if (threads == 1) {
@@ -109,11 +115,7 @@ absl::Status ParallelFor(int64_t count, int threads,
 
 absl::Status ParallelForInOrder(int64_t count, int threads,
                                 const std::function<absl::Status(int64_t)>& fn) {
-  if (count < 0) return absl::InvalidArgumentError(absl::StrCat("count must be >= 0, got ", count));
-  if (threads < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("threads must be >= 0, got ", threads));
-  }
-  if (!fn) return absl::InvalidArgumentError("fn must not be empty");
+  RETURN_IF_ERROR(CheckArguments(count, threads, fn));
   if (count == 0) return absl::OkStatus();
   int lanes = threads;
   if (lanes == 0) {

@@ -63,20 +63,22 @@ TEST(ParallelForTest, TasksSeeTheCallersWritesAndTheCallerSeesTheirs) {
   }
 }
 
+// ParallelFor and ParallelForInOrder alike.
 TEST(ParallelForTest, OneThreadRunsSeriallyInOrderOnTheCaller) {
-  std::vector<int64_t> order;
-  const std::thread::id caller = std::this_thread::get_id();
-  bool same_thread = true;
-  ASSERT_THAT(ParallelFor(50, 1,
-                          [&](int64_t i) {
-                            order.push_back(i);
-                            same_thread &= std::this_thread::get_id() == caller;
-                            return absl::OkStatus();
-                          }),
-              IsOk());
-  ASSERT_EQ(order.size(), 50u);
-  for (int64_t i = 0; i < 50; ++i) EXPECT_EQ(order[i], i);
-  EXPECT_TRUE(same_thread);
+  for (bool in_order : {false, true}) {
+    std::vector<int64_t> order;
+    const std::thread::id caller = std::this_thread::get_id();
+    bool same_thread = true;
+    auto fn = [&](int64_t i) {
+      order.push_back(i);
+      same_thread &= std::this_thread::get_id() == caller;
+      return absl::OkStatus();
+    };
+    ASSERT_THAT(in_order ? ParallelForInOrder(50, 1, fn) : ParallelFor(50, 1, fn), IsOk());
+    ASSERT_EQ(order.size(), 50u);
+    for (int64_t i = 0; i < 50; ++i) EXPECT_EQ(order[i], i);
+    EXPECT_TRUE(same_thread) << "in_order " << in_order;
+  }
 }
 
 TEST(ParallelForTest, ReturnsTheLowestFailingIndexWhateverTheSchedule) {
@@ -118,8 +120,8 @@ TEST(ParallelForInOrderTest, RunsEveryIndexOnceForAnyThreadCount) {
   }
 }
 
-// The order a lane sees is the queue's: every lane takes increasing indices,
-// and one lane takes them all, in order, on the caller.
+// The order a lane sees is the queue's: every lane takes increasing indices
+// (one lane: ParallelForTest.OneThreadRunsSeriallyInOrderOnTheCaller).
 TEST(ParallelForInOrderTest, LanesTakeIndicesInIncreasingOrder) {
   for (int threads : {0, 2, 4}) {
     absl::Mutex mu;
@@ -135,19 +137,6 @@ TEST(ParallelForInOrderTest, LanesTakeIndicesInIncreasingOrder) {
       EXPECT_TRUE(std::is_sorted(seq.begin(), seq.end())) << "threads " << threads;
     }
   }
-  std::vector<int64_t> order;
-  const std::thread::id caller = std::this_thread::get_id();
-  bool same_thread = true;
-  ASSERT_THAT(ParallelForInOrder(40, 1,
-                                 [&](int64_t i) {
-                                   order.push_back(i);
-                                   same_thread &= std::this_thread::get_id() == caller;
-                                   return absl::OkStatus();
-                                 }),
-              IsOk());
-  ASSERT_EQ(order.size(), 40u);
-  for (int64_t i = 0; i < 40; ++i) EXPECT_EQ(order[i], i);
-  EXPECT_TRUE(same_thread);
 }
 
 TEST(ParallelForInOrderTest, ReturnsTheLowestFailingIndexWhateverTheSchedule) {
