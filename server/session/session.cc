@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/types/span.h"
 #include "common/status_macros.h"
 #include "server/index/parallel_build.h"
 #include "server/index/token_select.h"
@@ -107,15 +108,20 @@ absl::Status CheckQueries(const SessionConfig& c, const std::vector<float>& quer
   return absl::OkStatus();
 }
 
-// Runs fn(h) for every KV head h on `threads` (ParallelFor semantics) and
-// returns the error of the lowest failing head, as the head's own error (no
-// task numbers in the caller's message).
-absl::Status ForEachHead(int heads, int threads, const std::function<absl::Status(int)>& fn) {
+// Runs fn(h) for every KV head h on `threads` (ParallelFor semantics; with
+// `order`, a permutation of the heads, they start in that order:
+// ParallelForInOrder) and returns the error of the lowest failing head, as
+// the head's own error (no task numbers in the caller's message).
+absl::Status ForEachHead(int heads, int threads, const std::function<absl::Status(int)>& fn,
+                         absl::Span<const int> order = {}) {
   std::vector<absl::Status> status(heads);
-  RETURN_IF_ERROR(ParallelFor(heads, threads, [&](int64_t h) {
-    status[h] = fn(static_cast<int>(h));
+  auto run = [&](int64_t i) {
+    const int h = order.empty() ? static_cast<int>(i) : order[i];
+    status[h] = fn(h);
     return absl::OkStatus();
-  }));
+  };
+  RETURN_IF_ERROR(order.empty() ? ParallelFor(heads, threads, run)
+                                : ParallelForInOrder(heads, threads, run));
   for (absl::Status& s : status) {
     if (!s.ok()) return std::move(s);
   }
@@ -292,15 +298,14 @@ absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req,
     return last_select_ns[first + a].load(std::memory_order_relaxed) >
            last_select_ns[first + b].load(std::memory_order_relaxed);
   });
-  std::vector<absl::Status> status(config.kv_heads);
-  RETURN_IF_ERROR(ParallelForInOrder(config.kv_heads, threads, [&](int64_t i) {
-    mu.AssertReaderHeld();
-    const int h = order[i];
-    status[h] = SelectHead(result.group, h, req.queries, params, tokens, &result.heads[h],
-                           chosen.empty() ? nullptr : &chosen[h]);
-    return absl::OkStatus();
-  }));
-  for (absl::Status& s : status) RETURN_IF_ERROR(s);
+  RETURN_IF_ERROR(ForEachHead(
+      config.kv_heads, threads,
+      [&](int h) {
+        mu.AssertReaderHeld();
+        return SelectHead(result.group, h, req.queries, params, tokens, &result.heads[h],
+                          chosen.empty() ? nullptr : &chosen[h]);
+      },
+      order));
   for (auto& p : chosen) {
     if (p != nullptr) probes->push_back(std::move(*p));
   }

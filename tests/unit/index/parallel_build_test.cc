@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <limits>
 #include <map>
 #include <memory>
@@ -95,12 +96,16 @@ TEST(ParallelForTest, ReturnsTheLowestFailingIndexWhateverTheSchedule) {
   }
 }
 
+// ParallelFor and ParallelForInOrder alike.
 TEST(ParallelForTest, BadArguments) {
-  auto ok = [](int64_t) { return absl::OkStatus(); };
-  EXPECT_THAT(ParallelFor(-1, 1, ok), StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(ParallelFor(3, -2, ok), StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(ParallelFor(3, 2, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(ParallelFor(0, 2, ok), IsOk());
+  using Fn = std::function<absl::Status(int64_t)>;
+  for (auto* run : {&ParallelFor, &ParallelForInOrder}) {
+    const Fn ok = [](int64_t) { return absl::OkStatus(); };
+    EXPECT_THAT(run(-1, 1, ok), StatusIs(absl::StatusCode::kInvalidArgument));
+    EXPECT_THAT(run(3, -2, ok), StatusIs(absl::StatusCode::kInvalidArgument));
+    EXPECT_THAT(run(3, 2, Fn()), StatusIs(absl::StatusCode::kInvalidArgument));
+    EXPECT_THAT(run(0, 2, ok), IsOk());
+  }
 }
 
 TEST(ParallelForInOrderTest, RunsEveryIndexOnceForAnyThreadCount) {
@@ -155,14 +160,6 @@ TEST(ParallelForInOrderTest, ReturnsTheLowestFailingIndexWhateverTheSchedule) {
       EXPECT_EQ(ran_after.load(), 0);
     }
   }
-}
-
-TEST(ParallelForInOrderTest, BadArguments) {
-  auto ok = [](int64_t) { return absl::OkStatus(); };
-  EXPECT_THAT(ParallelForInOrder(-1, 1, ok), StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(ParallelForInOrder(3, -2, ok), StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(ParallelForInOrder(3, 2, nullptr), StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(ParallelForInOrder(0, 2, ok), IsOk());
 }
 
 // layers x heads selectors, each with its own frames.
