@@ -504,6 +504,7 @@ absl::StatusOr<StepResult> Client::DecodeStep(std::string_view session_id, uint3
   req.set_num_layers(num_layers);
   DeviceToProto(step.device, &req);
   req.set_prefetch_group(step.prefetch_group);
+  req.set_in_place(step.in_place);
   v1::DecodeStepResponse resp;
   RETURN_IF_ERROR(Exchange(*this, session_id, req, &resp));
   StepResult out;
@@ -539,6 +540,7 @@ absl::StatusOr<std::vector<absl::StatusOr<StepResult>>> Client::DecodeBatch(
     out->set_offset(e.offset);
     out->set_reuse_group_selection(e.reuse_group_selection);
     out->set_prefetch_group(e.prefetch_group);
+    out->set_in_place(e.in_place);
   }
   v1::DecodeStepResponse resp;
   RETURN_IF_ERROR(Exchange(*this, /*key=*/"", req, &resp));

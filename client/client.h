@@ -241,6 +241,10 @@ struct FetchLayout {
   uint32_t head_dim = 0;
   DType dtype = DType::kF16;
   std::vector<HeadLayout> heads;
+  // Token granularity, per layer over every head: rows copied by this
+  // write, and rows left in place (StepOptions::in_place).
+  uint64_t rows_copied = 0;
+  uint64_t rows_kept = 0;
 };
 }  // namespace client_api
 
@@ -335,6 +339,15 @@ struct StepOptions {
   // The call for such a layer (reuse_group_selection, that offset or those
   // block ids) then only waits for its write (StepResult::prefetched).
   bool prefetch_group = false;
+  // In-place write (kv.proto DecodeStepRequest.in_place; token granularity
+  // into a HOST_SHM buffer): the region of these layers still holds what
+  // this session's previous step of the same layers wrote at the same
+  // offset, untouched since. Only the tokens not written then are copied,
+  // into the slots of the tokens that left; the rest stay. The layout's
+  // positions then give each slot's token (rows are no longer in selection
+  // order), rows_copied / rows_kept the split. Without such a previous
+  // write the daemon writes in full.
+  bool in_place = false;
 };
 
 // One sequence of a batched decode step (Client::DecodeBatch): the layer's
@@ -351,6 +364,7 @@ struct DecodeBatchEntry {
   uint64_t offset = 0;
   bool reuse_group_selection = false;
   bool prefetch_group = false;  // as StepOptions::prefetch_group
+  bool in_place = false;        // as StepOptions::in_place
 };
 }  // namespace client_api
 

@@ -262,6 +262,8 @@ FetchLayout FromProto(const v1::FetchLayout& layout) {
   l.page_tokens = layout.page_tokens();
   l.head_dim = layout.head_dim();
   l.dtype = FromProtoDType(layout.dtype()).value_or(DType::kF16);
+  l.rows_copied = layout.rows_copied();
+  l.rows_kept = layout.rows_kept();
   for (const auto& h : layout.heads()) {
     HeadLayout hl;
     hl.kv_head = h.kv_head();

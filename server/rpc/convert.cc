@@ -485,10 +485,11 @@ absl::Status CheckDecodeBatchRequest(const v1::DecodeStepRequest& req) {
         absl::StrCat("batch lists ", req.batch_size(), " entries; at most ", kMaxDecodeBatch));
   }
   if (!req.session_id().empty() || !req.queries().empty() || req.offset() != 0 ||
-      req.reuse_group_selection() || req.prefetch_group()) {
+      req.reuse_group_selection() || req.prefetch_group() || req.in_place()) {
     return absl::InvalidArgumentError(
         "a request with batch entries sets session_id, queries, offset, "
-        "reuse_group_selection and prefetch_group in each entry, not in the request itself");
+        "reuse_group_selection, prefetch_group and in_place in each entry, not in the request "
+        "itself");
   }
   if (req.block_ids_size() > 0 || !req.wait_event().empty() || !req.done_event().empty()) {
     return absl::InvalidArgumentError(
@@ -518,6 +519,7 @@ absl::StatusOr<DecodeBatchEntry> DecodeBatchEntryFromProto(const v1::DecodeStepR
   e.offset = in.offset();
   e.select.reuse_group_selection = in.reuse_group_selection();
   e.prefetch_group = in.prefetch_group();
+  e.in_place = in.in_place();
   if (e.session_id.empty() || e.session_id.size() > 256) {
     return EntryError(index, e.session_id,
                       absl::InvalidArgumentError("session_id must be 1..256 bytes"));
@@ -573,6 +575,8 @@ void FetchLayoutToProto(const FetchLayout& l, absl::string_view buffer_id, v1::F
   out->set_page_tokens(l.page_tokens);
   out->set_head_dim(l.head_dim);
   out->set_dtype(DTypeToProto(l.dtype));
+  out->set_rows_copied(l.rows_copied);
+  out->set_rows_kept(l.rows_kept);
   for (const FetchHeadLayout& h : l.heads) {
     v1::HeadLayout* ph = out->add_heads();
     ph->set_kv_head(h.kv_head);

@@ -58,10 +58,10 @@ absl::Status SingleStep(const ServiceDeps& deps, const Caller& caller,
                    GranularityFromProto(req.params().granularity(), "params.granularity"));
   sr.reuse_group_selection = req.reuse_group_selection();
   ASSIGN_OR_RETURN(const int num_layers, LayerCount(req.num_layers()));
-  ASSIGN_OR_RETURN(
-      DecodeStepResult r,
-      deps.manager->DecodeStep(caller, cursor.session_id, sr, cursor.buffer_id, req.offset(),
-                               num_layers, DeviceWriteFromProto(req), req.prefetch_group()));
+  ASSIGN_OR_RETURN(DecodeStepResult r,
+                   deps.manager->DecodeStep(caller, cursor.session_id, sr, cursor.buffer_id,
+                                            req.offset(), num_layers, DeviceWriteFromProto(req),
+                                            req.prefetch_group(), req.in_place()));
   resp->set_layer(req.layer());
   for (size_t h = 0; h < r.selection.heads.size(); ++h) {
     SelectionToProto(r.selection.heads[h], static_cast<int>(h), resp->add_heads());
@@ -73,7 +73,7 @@ absl::Status SingleStep(const ServiceDeps& deps, const Caller& caller,
   resp->set_gather_ns(static_cast<uint64_t>(r.gather_ns));
   resp->set_step_ns(static_cast<uint64_t>(r.step_ns));
   FetchLayoutToProto(r.layout, cursor.buffer_id, resp->mutable_layout());
-  deps.metrics->bytes_total->WithLabels({"fetch"})->Add(r.layout.total_bytes);
+  RecordFetchBytes(*deps.metrics, r.layout);
   return absl::OkStatus();
 }
 

@@ -45,7 +45,23 @@ RpcMetrics::RpcMetrics(Registry* r)
                                           {}, LatencyBucketsSeconds())),
       bytes_total(r->AddCounter("icecache_bytes_moved_total", "KV bytes moved, by direction",
                                 {"direction"})),
+      token_rows_total(r->AddCounter(
+          "icecache_token_rows_total",
+          "Token-granular fetch rows per layer: copied, or kept where the previous write of the "
+          "layer put them (DecodeStepRequest.in_place)",
+          {"how"})),
       in_flight(r->AddGauge("icecache_rpc_in_flight", "RPCs being handled now")->WithLabels({})) {}
+
+void RecordFetchBytes(RpcMetrics& m, const FetchLayout& layout) {
+  // Rows kept in place were not moved: only the copied rows' bytes count.
+  uint64_t moved = layout.total_bytes;
+  if (layout.rows_kept > 0 && layout.page_tokens > 0) {
+    moved = layout.rows_copied * (layout.frame_bytes / layout.page_tokens) * layout.num_layers;
+  }
+  m.bytes_total->WithLabels({"fetch"})->Add(moved);
+  if (layout.rows_copied > 0) m.token_rows_total->WithLabels({"copied"})->Add(layout.rows_copied);
+  if (layout.rows_kept > 0) m.token_rows_total->WithLabels({"kept"})->Add(layout.rows_kept);
+}
 
 absl::StatusOr<Caller> CallContext::ResolveCaller(grpc::ServerContext* ctx) const {
   return deps_.auth->Resolve(ctx->peer(), *deps_.peers, AuthorizationHeader(ctx));
@@ -327,7 +343,7 @@ grpc::Status KvServiceImpl::FetchPages(grpc::ServerContext* ctx, const v1::Fetch
     const auto t0 = std::chrono::steady_clock::now();
     ASSIGN_OR_RETURN(FetchLayout layout, deps.manager->FetchPages(caller, req->session_id(), fr));
     deps.metrics->fetch_seconds->WithLabels({})->Observe(SecondsSince(t0));
-    deps.metrics->bytes_total->WithLabels({"fetch"})->Add(layout.total_bytes);
+    RecordFetchBytes(*deps.metrics, layout);
     FetchLayoutToProto(layout, req->buffer_id(), resp->mutable_layout());
     return absl::OkStatus();
   });

@@ -54,8 +54,13 @@ struct RpcMetrics {
   Family<Histogram>* fetch_seconds;        // {} FetchPages
   Family<Histogram>* decode_step_seconds;  // {} one DecodeStep layer message
   Family<Counter>* bytes_total;            // {direction = append_inline|append_buffer|fetch}
+  Family<Counter>* token_rows_total;       // {how = copied|kept} token-granular fetch rows
   Gauge* in_flight;
 };
+
+// Counts a fetch's bytes moved (only the copied rows of an in-place write)
+// and its token rows copied and kept.
+void RecordFetchBytes(RpcMetrics& m, const FetchLayout& layout);
 
 struct ServiceDeps {
   SessionManager* manager = nullptr;

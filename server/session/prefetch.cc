@@ -32,6 +32,7 @@ FetchRequest GroupPrefetch::RequestFor(int layer) const {
   r.want_positions = true;
   // Written later, under another hold of the session's lock.
   r.hints_checked = false;
+  // (in_place carries over: each layer's write has its own record.)
   // The client's done event belongs to its first layer; a prefetched layer
   // is complete when its push returns (the wait event still orders it).
   r.device.done_event.clear();

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <functional>
 #include <numeric>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -33,7 +34,8 @@ Session::Session(std::string id_in, std::string tenant_in, uint64_t epoch_in,
       groups(NumLayerGroups(config_in)),
       q_per_kv(config_in.q_heads / config_in.kv_heads),
       created(now),
-      keep_sums(keep_sums_in || config_in.checksums.mode != ChecksumMode::kOff) {
+      keep_sums(keep_sums_in || config_in.checksums.mode != ChecksumMode::kOff),
+      resident(config_in.layers) {
   last_use_ns.store(absl::ToUnixNanos(now));
   pinned.store(config_in.pinned);
   absl::MutexLock l(&mu);
@@ -398,6 +400,8 @@ absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchReques
   }
   ASSIGN_OR_RETURN(FetchLayout layout, PlanFetchLayout(geometry, req.layer, req.num_layers,
                                                        req.pages, fills, req.offset, lease.size()));
+  // Pages over a token write's rows: that write's record goes (resident_rows.h).
+  resident.Overwritten(lease.id(), layout.buffer_offset, layout.total_bytes);
   if (req.want_positions) {
     for (int h = 0; h < c.kv_heads; ++h) {
       if (req.pages[h].empty()) continue;  // (selectors may not exist yet)
@@ -521,8 +525,42 @@ absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const Fetch
   ASSIGN_OR_RETURN(FetchLayout layout,
                    PlanFetchLayout(geometry, req.layer, req.num_layers, slot_pages, fills,
                                    req.offset, lease.size()));
-  if (req.want_positions) {
-    for (int h = 0; h < c.kv_heads; ++h) layout.heads[h].positions = req.tokens[h];
+  // In place (resident_rows.h): the record of the previous token write of
+  // these layers here, taken before anything is written (with every record
+  // these bytes overlap); the new one is put once the write succeeded.
+  std::optional<ResidentRegion> before =
+      resident.TakeForWrite(req.layer, lease.id(), req.offset, layout.total_bytes, req.num_layers);
+  ResidentRegion after;
+  after.buffer_id = lease.id();
+  after.offset = req.offset;
+  after.bytes = layout.total_bytes;
+  after.num_layers = req.num_layers;
+  after.head_offsets.resize(c.kv_heads);
+  after.slots.resize(c.kv_heads);
+  // Per KV head: the tokens copied (indexes into req.tokens[h]) and, in
+  // place, the packed row each goes to (empty: all of them, in order).
+  std::vector<std::vector<uint32_t>> copy(c.kv_heads), to(c.kv_heads);
+  uint64_t head_at = req.offset;
+  for (int h = 0; h < c.kv_heads; ++h) {
+    after.head_offsets[h] = head_at;
+    head_at += fills[h].size() * frame_bytes;
+    const size_t n = req.tokens[h].size();
+    if (req.in_place && before.has_value() && before->head_offsets[h] == after.head_offsets[h]) {
+      InPlacePlan plan = PlanInPlace(before->slots[h], req.tokens[h]);
+      after.slots[h] = std::move(plan.slots);
+      copy[h] = std::move(plan.copy_index);
+      to[h] = std::move(plan.copy_slot);
+    } else {
+      after.slots[h] = req.tokens[h];
+      copy[h].resize(n);
+      std::iota(copy[h].begin(), copy[h].end(), 0u);
+    }
+    layout.rows_copied += copy[h].size();
+    layout.rows_kept += n - copy[h].size();
+    // Positions always come back for tokens written out of order.
+    if (req.want_positions || copy[h].size() < n || !to[h].empty()) {
+      layout.heads[h].positions = after.slots[h];
+    }
   }
   // One block per (layer, head): its rows' sources, where it starts, and
   // (checksums on) the distinct pages its rows come from that are checked.
@@ -535,17 +573,23 @@ absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const Fetch
   const uint64_t seed = verify ? fetch_seq.fetch_add(1, std::memory_order_relaxed) : 0;
   const double fraction =
       c.checksums.mode == ChecksumMode::kSampled ? c.checksums.sample_fraction : 1.0;
-  uint64_t at = req.offset;
+  std::vector<std::vector<Placement>> copied(verify ? c.kv_heads : 0);  // the rows read
+  for (size_t h = 0; h < copied.size(); ++h) {
+    copied[h].reserve(copy[h].size());
+    for (uint32_t i : copy[h]) copied[h].push_back(placed[h][i]);
+  }
   size_t sampled = 0;
   for (int j = 0; j < req.num_layers; ++j) {
     for (int h = 0; h < c.kv_heads; ++h) {
       const int b = j * c.kv_heads + h;
       const std::vector<uint8_t*>& table = page_frames[FrameTableIndex(req.layer + j, h)];
-      rows[b].reserve(placed[h].size());
-      for (const Placement& p : placed[h]) rows[b].push_back(RowSource{table[p.page], p.slot});
-      block_offset[b] = at;
-      at += fills[h].size() * frame_bytes;
-      if (verify) check[b] = PagesToCheck(placed[h], seed, fraction, &sampled);
+      rows[b].reserve(copy[h].size());
+      for (uint32_t i : copy[h]) {
+        const Placement& p = placed[h][i];
+        rows[b].push_back(RowSource{table[p.page], p.slot});
+      }
+      block_offset[b] = after.head_offsets[h] + j * layout.layer_stride_bytes;
+      if (verify) check[b] = PagesToCheck(copied[h], seed, fraction, &sampled);
     }
   }
   std::atomic<uint64_t> checked{0};
@@ -556,15 +600,24 @@ absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const Fetch
     return CheckPages(*this, req.layer + j, h, check[b]);
   };
   auto write_block = [&](int b) {
-    const uint64_t bytes = ((rows[b].size() + c.page_tokens - 1) / c.page_tokens) * frame_bytes;
+    const int h = b % c.kv_heads;
+    const size_t n = placed[h].size();
+    const uint64_t bytes = fills[h].size() * frame_bytes;
     if (bytes == 0) return absl::OkStatus();
     RETURN_IF_ERROR(check_block(b));
     return lease.Write(block_offset[b], bytes, [&](uint8_t* dst) {
-      GatherRows(rows[b].data(), rows[b].size(), c.page_tokens, row_bytes, dst);
+      if (to[h].empty() && rows[b].size() == n) {
+        GatherRows(rows[b].data(), n, c.page_tokens, row_bytes, dst);
+      } else {
+        GatherRowsTo(rows[b].data(), to[h].data(), rows[b].size(), n, c.page_tokens, row_bytes,
+                     dst);
+      }
     });
   };
   absl::Status written;
-  if (threads == 1 || layout.total_bytes < kParallelGatherBytes) {
+  // Parallel only for enough bytes to copy (in place: the rows copied).
+  const uint64_t copy_bytes = layout.rows_copied * 2 * row_bytes * req.num_layers;
+  if (threads == 1 || copy_bytes < kParallelGatherBytes) {
     for (int b = 0; b < blocks && written.ok(); ++b) written = write_block(b);
   } else {
     written = ForEachHead(blocks, threads, write_block);
@@ -574,6 +627,7 @@ absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const Fetch
     if (absl::IsDataLoss(written)) counters->failures.fetch_add(1, std::memory_order_relaxed);
   }
   RETURN_IF_ERROR(written);
+  resident.Put(req.layer, std::move(after));
   return layout;
 }
 

@@ -27,6 +27,7 @@
 #include "server/index/selector.h"
 #include "server/pool/page_pool.h"
 #include "server/session/prefetch.h"
+#include "server/session/resident_rows.h"
 #include "server/session/session_quality.h"
 #include "server/session/session_types.h"
 #include "server/transfer/buffer_registry.h"
@@ -131,6 +132,10 @@ class Session {
   std::vector<std::vector<uint64_t>> page_sums ABSL_GUARDED_BY(mu);
   // Seeds the sampled checks of successive fetches.
   mutable std::atomic<uint64_t> fetch_seq{0};
+  // What this session's token writes left in its clients' buffers, per
+  // layer (FetchRequest::in_place; resident_rows.h). Its own leaf mutex:
+  // fetches run under mu shared.
+  mutable ResidentRows resident;
   // Tokens every layer holds. A chunk may arrive in layer ranges (whole layer
   // groups, in order): while one is incomplete, next_layer is the first layer
   // still to come and pending_tokens its token count; group_tokens says what

@@ -740,7 +740,7 @@ absl::Status ReusedTokensToDevice(const Session& s, int layer) {
 absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
     const Caller& caller, std::string_view id, const SelectRequest& select,
     std::string_view buffer_id, uint64_t offset, int num_layers, const DeviceWrite& device,
-    bool prefetch_group) {
+    bool prefetch_group, bool in_place) {
   const auto start = std::chrono::steady_clock::now();
   ASSIGN_OR_RETURN(InFlightGuard guard, Use(caller, id));
   Session& s = *guard.get();
@@ -754,6 +754,7 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
   fetch.offset = offset;
   fetch.want_positions = select.params.want_positions;
   fetch.device = device;
+  fetch.in_place = in_place;
   // A prefetched layer: wait for its flag before the session lock (the
   // worker writing it may need that lock; prefetch.h).
   const auto wait0 = std::chrono::steady_clock::now();
@@ -815,7 +816,7 @@ std::vector<absl::StatusOr<DecodeStepResult>> SessionManager::DecodeBatch(
   auto run = [&](int64_t i) {
     const DecodeBatchEntry& e = entries[i];
     out[i] = DecodeStep(caller, e.session_id, e.select, e.buffer_id, e.offset, e.num_layers, {},
-                        e.prefetch_group);
+                        e.prefetch_group, e.in_place);
     done[i] = 1;
     return absl::OkStatus();
   };

@@ -282,11 +282,16 @@ class SessionManager {
   // tokens change, the session goes or the buffer is unregistered. Ignored
   // on other layers and sessions. Its errors are never reported: the call
   // for the layer then writes it itself and answers as usual.
+  // `in_place` (token granularity): the region holds what this session's
+  // previous write of these layers put there, and only the rows of tokens
+  // not written then are copied (FetchRequest::in_place, resident_rows.h;
+  // the layout's positions give the slot order, rows_copied / rows_kept
+  // the split).
   absl::StatusOr<DecodeStepResult> DecodeStep(const Caller& caller, std::string_view id,
                                               const SelectRequest& select,
                                               std::string_view buffer_id, uint64_t offset,
                                               int num_layers = 1, const DeviceWrite& device = {},
-                                              bool prefetch_group = false);
+                                              bool prefetch_group = false, bool in_place = false);
 
   // DecodeStep for every entry (sessions of the caller's tenant; the same
   // session may appear twice), the entries in parallel on decode_threads.

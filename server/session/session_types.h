@@ -220,6 +220,11 @@ struct FetchRequest {
   // docs/bench/order13_heads.md). Set only there; never from a request on
   // the wire, nor for a background prefetch (GroupPrefetch::RequestFor).
   bool hints_checked = false;
+  // Token granularity: the region holds what this session's previous token
+  // write of these layers put there, unchanged (the client's word): write
+  // only the tokens not written last time, into the slots of those that
+  // left (resident_rows.h). Without a record of that write, in full.
+  bool in_place = false;
   std::string buffer_id;
   uint64_t offset = 0;
   bool want_positions = false;
@@ -254,6 +259,7 @@ struct DecodeBatchEntry {
   uint64_t offset = 0;
   int num_layers = 1;
   bool prefetch_group = false;  // as in SessionManager::DecodeStep
+  bool in_place = false;        // likewise
 };
 
 // Counters of the layer-group prefetch (SessionManager::prefetch_stats).

@@ -109,26 +109,55 @@ void PrefetchRows(const RowSource& r, uint64_t row_bytes, uint64_t block) {
 
 }  // namespace
 
-void GatherRows(const RowSource* rows, size_t count, int page_tokens, uint64_t row_bytes,
-                uint8_t* dst, int prefetch_ahead) {
-  const size_t t = static_cast<size_t>(page_tokens);
+namespace {
+
+// Copies token i's K and V rows to packed row index to(i).
+template <typename To>
+void CopyRows(const RowSource* rows, size_t count, To to, size_t page_tokens, uint64_t row_bytes,
+              uint8_t* dst, int prefetch_ahead) {
+  const size_t t = page_tokens;
   const uint64_t block = t * row_bytes;  // one K (or V) block
   const size_t ahead = prefetch_ahead > 0 ? static_cast<size_t>(prefetch_ahead) : 0;
   for (size_t i = 0; i < std::min(ahead, count); ++i) PrefetchRows(rows[i], row_bytes, block);
   for (size_t i = 0; i < count; ++i) {
     if (ahead > 0 && i + ahead < count) PrefetchRows(rows[i + ahead], row_bytes, block);
-    uint8_t* slot = dst + (i / t) * 2 * block;
-    const uint64_t row = (i % t) * row_bytes;
+    const size_t r = to(i);
+    uint8_t* slot = dst + (r / t) * 2 * block;
+    const uint64_t row = (r % t) * row_bytes;
     const uint64_t src = uint64_t{rows[i].slot} * row_bytes;
     std::memcpy(slot + row, rows[i].frame + src, row_bytes);
     std::memcpy(slot + block + row, rows[i].frame + block + src, row_bytes);
   }
-  const size_t rem = count % t;
-  if (rem != 0) {
-    uint8_t* slot = dst + (count / t) * 2 * block;
-    std::memset(slot + rem * row_bytes, 0, (t - rem) * row_bytes);
-    std::memset(slot + block + rem * row_bytes, 0, (t - rem) * row_bytes);
-  }
+}
+
+// Zeroes the rows of the last slot past `total` tokens.
+void ZeroTail(size_t total, size_t page_tokens, uint64_t row_bytes, uint8_t* dst) {
+  const size_t t = page_tokens;
+  const uint64_t block = t * row_bytes;
+  const size_t rem = total % t;
+  if (rem == 0) return;
+  uint8_t* slot = dst + (total / t) * 2 * block;
+  std::memset(slot + rem * row_bytes, 0, (t - rem) * row_bytes);
+  std::memset(slot + block + rem * row_bytes, 0, (t - rem) * row_bytes);
+}
+
+}  // namespace
+
+void GatherRows(const RowSource* rows, size_t count, int page_tokens, uint64_t row_bytes,
+                uint8_t* dst, int prefetch_ahead) {
+  const size_t t = static_cast<size_t>(page_tokens);
+  CopyRows(
+      rows, count, [](size_t i) { return i; }, t, row_bytes, dst, prefetch_ahead);
+  ZeroTail(count, t, row_bytes, dst);
+}
+
+void GatherRowsTo(const RowSource* rows, const uint32_t* to, size_t count, size_t total,
+                  int page_tokens, uint64_t row_bytes, uint8_t* dst, int prefetch_ahead) {
+  const size_t t = static_cast<size_t>(page_tokens);
+  CopyRows(
+      rows, count, [to](size_t i) { return static_cast<size_t>(to[i]); }, t, row_bytes, dst,
+      prefetch_ahead);
+  ZeroTail(total, t, row_bytes, dst);
 }
 
 }  // namespace icecache

@@ -70,6 +70,9 @@ struct FetchLayout {
   uint64_t layer_stride_bytes = 0;  // slots per layer x frame_bytes
   uint64_t total_bytes = 0;         // num_layers x layer_stride_bytes
   std::vector<FetchHeadLayout> heads;
+  // Token granularity, per layer of the fetch over every KV head: rows
+  // copied, and rows left where the previous write put them (in place).
+  uint64_t rows_copied = 0, rows_kept = 0;
   uint32_t total_slots() const;  // per layer
 };
 
@@ -117,6 +120,13 @@ struct RowSource {
 inline constexpr int kGatherPrefetchAhead = 8;
 void GatherRows(const RowSource* rows, size_t count, int page_tokens, uint64_t row_bytes,
                 uint8_t* dst, int prefetch_ahead = kGatherPrefetchAhead);
+// The same for an in-place write (server/session/resident_rows.h): token i
+// goes to packed row index `to[i]` instead of i, and only these rows are
+// written; then the rows of the last slot past `total` tokens are zeroed,
+// as GatherRows zeroes them.
+void GatherRowsTo(const RowSource* rows, const uint32_t* to, size_t count, size_t total,
+                  int page_tokens, uint64_t row_bytes, uint8_t* dst,
+                  int prefetch_ahead = kGatherPrefetchAhead);
 
 }  // namespace icecache
 

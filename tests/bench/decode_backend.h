@@ -43,6 +43,8 @@ struct DecodeSelect {
   // On a group's first layer: the daemon writes the group's later layers in
   // the background (IceCache(r) prefetch; kv.proto prefetch_group).
   bool prefetch_group = false;
+  // The layer's region holds the previous step's rows (kv.proto in_place).
+  bool in_place = false;
 };
 
 // One KV head of a step: the pages selected and where they landed (the K
@@ -50,7 +52,7 @@ struct DecodeSelect {
 // page_tokens x head_dim elements later).
 struct StepHead {
   std::vector<uint32_t> pages, fills;
-  std::vector<int32_t> positions;  // sum(fills), page by page
+  std::vector<int32_t> positions;  // sum(fills), slot by slot (the layout's order)
   std::vector<uint64_t> k_offsets;
 };
 struct StepOutcome {
@@ -63,6 +65,8 @@ struct StepOutcome {
   // selecting and gathering (kv.proto DecodeStepResponse.select_ns/gather_ns).
   double select_ms = 0, gather_ms = 0;
   double step_ms = 0;  // the whole call inside the session manager (step_ns)
+  // Token granularity: rows copied, and rows left in place (in_place).
+  uint64_t rows_copied = 0, rows_kept = 0;
 };
 
 // A session's online quality monitor (GetSession's quality), summed: what

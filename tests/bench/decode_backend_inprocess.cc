@@ -48,8 +48,12 @@ StepOutcome ToOutcome(const SelectResult& sel, const FetchLayout& layout) {
     o.positions = sel.heads[h].positions;
     if (h < layout.heads.size()) {
       for (const FetchSlot& s : layout.heads[h].slots) o.k_offsets.push_back(s.byte_offset);
+      // The rows' order (in place: not the selection's).
+      if (!layout.heads[h].positions.empty()) o.positions = layout.heads[h].positions;
     }
   }
+  out.rows_copied = layout.rows_copied;
+  out.rows_kept = layout.rows_kept;
   return out;
 }
 
@@ -145,9 +149,10 @@ class InProcessBackend : public DecodeBackend {
   absl::StatusOr<StepOutcome> DecodeStep(const std::string& id, int layer,
                                          absl::Span<const float> queries, uint64_t out_offset,
                                          const DecodeSelect& select) override {
-    ASSIGN_OR_RETURN(DecodeStepResult r,
-                     manager_->DecodeStep(caller_, id, ToRequest(layer, queries, select),
-                                          output_.id, out_offset, 1, {}, select.prefetch_group));
+    ASSIGN_OR_RETURN(
+        DecodeStepResult r,
+        manager_->DecodeStep(caller_, id, ToRequest(layer, queries, select), output_.id, out_offset,
+                             1, {}, select.prefetch_group, select.in_place));
     StepOutcome out = ToOutcome(r.selection, r.layout);
     out.prefetching = r.prefetching;
     out.prefetched = r.prefetched;

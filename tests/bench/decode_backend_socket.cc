@@ -40,9 +40,12 @@ StepOutcome ToOutcome(const std::vector<HeadSelection>& heads, const FetchLayout
     out.heads[h].positions = heads[h].positions;
     if (h < layout.heads.size()) {
       out.heads[h].k_offsets = layout.heads[h].byte_offsets;
-      if (out.heads[h].positions.empty()) out.heads[h].positions = layout.heads[h].positions;
+      // The rows' order (in place: not the selection's).
+      if (!layout.heads[h].positions.empty()) out.heads[h].positions = layout.heads[h].positions;
     }
   }
+  out.rows_copied = layout.rows_copied;
+  out.rows_kept = layout.rows_kept;
   return out;
 }
 
@@ -127,6 +130,7 @@ class SocketBackend : public DecodeBackend {
                                          const DecodeSelect& select) override {
     StepOptions step;
     step.prefetch_group = select.prefetch_group;
+    step.in_place = select.in_place;
     ASSIGN_OR_RETURN(StepResult r,
                      client_->DecodeStep(id, static_cast<uint32_t>(layer), queries,
                                          output_.buffer_id(), out_offset, ToOptions(select), step));

@@ -63,6 +63,17 @@ uint64_t PoolBytes(const DecodeBenchOptions& o, int kv_heads, int head_dim) {
   return static_cast<uint64_t>(most * 1.5) + (uint64_t{512} << 20);
 }
 
+size_t InPlaceRegionBytes(const DecodeBenchOptions& o, const DecodeModel& m) {
+  const int pt = o.page_tokens;
+  const int64_t slots = (o.budget + o.sink_tokens + o.recent_tokens + pt - 1) / pt + 1;
+  return static_cast<size_t>(slots) * m.kv_heads() * 2 * pt * m.head_dim() * sizeof(uint16_t);
+}
+
+bool AnyInPlace(const std::vector<DecodePolicy>& policies) {
+  return std::any_of(policies.begin(), policies.end(),
+                     [](const DecodePolicy& p) { return p.in_place; });
+}
+
 size_t LayerOutputBytes(const DecodeBenchOptions& o, const DecodeModel& m) {
   const int pt = o.page_tokens;
   const int64_t pages = std::min<int64_t>((m.tokens() + pt - 1) / pt + 1,
@@ -108,10 +119,17 @@ absl::StatusOr<ContextResult> RunContext(const DecodeBenchOptions& o,
   ctx.reference_layers = std::min(o.reference_layers, c.layers);
   ctx.scale = c.scale;
   ctx.layer_output_bytes = LayerOutputBytes(o, *model);
+  ctx.in_place_region_bytes = InPlaceRegionBytes(o, *model);
   const int bmax = *std::max_element(o.batch.begin(), o.batch.end());
-  // A group's layers land side by side (where a prefetch writes them).
-  RETURN_IF_ERROR(main.Reserve(model->AppendBytes(model->prefill_tokens(), 4),
-                               ctx.layer_output_bytes * std::max(bmax, MaxReuse(policies))));
+  // A group's layers land side by side (where a prefetch writes them); with
+  // "+ip" every layer has its own region, kept between steps.
+  const size_t in_place_bytes =
+      AnyInPlace(policies)
+          ? ctx.in_place_region_bytes * c.layers + ctx.layer_output_bytes * MaxReuse(policies)
+          : 0;
+  RETURN_IF_ERROR(main.Reserve(
+      model->AppendBytes(model->prefill_tokens(), 4),
+      std::max(in_place_bytes, ctx.layer_output_bytes * std::max(bmax, MaxReuse(policies)))));
   RETURN_IF_ERROR(companion.Reserve(
       model->AppendBytes(model->prefill_tokens(), ctx.reference_layers), ctx.layer_output_bytes));
   for (const DecodePolicy& p : policies) {
@@ -152,12 +170,16 @@ absl::StatusOr<DecodePolicy> ParseDecodePolicy(const std::string& name) {
     return p;
   }
   std::string base = name;
-  constexpr std::string_view kPrefetch = "+pf";
-  if (base.size() > kPrefetch.size() &&
-      base.compare(base.size() - kPrefetch.size(), kPrefetch.size(), kPrefetch) == 0) {
-    p.prefetch = true;
-    base.resize(base.size() - kPrefetch.size());
-  }
+  const auto strip = [&base](std::string_view suffix) {
+    if (base.size() <= suffix.size() ||
+        base.compare(base.size() - suffix.size(), suffix.size(), suffix) != 0) {
+      return false;
+    }
+    base.resize(base.size() - suffix.size());
+    return true;
+  };
+  p.in_place = strip("+ip");
+  p.prefetch = strip("+pf");
   p.selector = base;
   const size_t dash = base.rfind("-r");
   if (dash != std::string::npos && dash + 2 < base.size() &&

@@ -34,7 +34,9 @@ namespace icecache::bench {
 // optionally with layer reuse "-r<k>" ("mdci-r4": one selection per group of
 // 4 layers, IceCache(r)) and then "+pf" ("mdci-r4+pf": the daemon writes
 // each group's later layers in the background after its first layer's
-// selection; docs/architecture.md §5.2).
+// selection; docs/architecture.md §5.2) and/or "+ip" ("mdci-r4+ip": only
+// the rows that changed since the previous step are written, into a region
+// per layer; kv.proto DecodeStepRequest.in_place).
 struct DecodePolicy {
   enum class Kind { kFull, kExactToken, kSelector };
   Kind kind = Kind::kSelector;
@@ -42,6 +44,10 @@ struct DecodePolicy {
   std::string selector;  // kSelector
   int layer_reuse = 1;
   bool prefetch = false;  // "+pf"
+  // "+ip" (after any "+pf"): in-place writes (kv.proto
+  // DecodeStepRequest.in_place), each layer with its own region of the
+  // output buffer kept between steps.
+  bool in_place = false;
 };
 // InvalidArgument naming the policy for a malformed one ("mdci-r0").
 absl::StatusOr<DecodePolicy> ParseDecodePolicy(const std::string& name);

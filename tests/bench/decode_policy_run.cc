@@ -44,7 +44,9 @@ struct Tally {
         prefetch_on(steps, 0),
         mass(layers, 0),
         error(layers, 0),
-        cells(layers, 0) {}
+        cells(layers, 0),
+        rows_copied(steps, 0),
+        rows_kept(steps, 0) {}
   std::vector<double> append, decode, attention, select, gather;  // ms per step
   // The measured backend's own select / gather time inside its DecodeStep
   // calls (StepOutcome::select_ms / gather_ms), ms per step, every layer.
@@ -59,6 +61,8 @@ struct Tally {
   std::vector<int> cells;
   double pages = 0, tokens = 0;
   int64_t heads = 0;
+  // Token rows per step over every call (StepOutcome).
+  std::vector<double> rows_copied, rows_kept;
 };
 
 // Attention of every KV head of `layer` from the pages the step fetched into
@@ -153,6 +157,7 @@ DecodeSelect SelectFor(const DecodeBenchOptions& o, const DecodePolicy& p, int l
   s.sink_tokens = o.sink_tokens;
   s.recent_tokens = o.recent_tokens;
   s.reuse_group_selection = layer % p.layer_reuse != 0;
+  s.in_place = p.in_place;
   return s;
 }
 
@@ -207,7 +212,11 @@ absl::Status DecodeOneStep(const DecodeContext& ctx, const DecodePolicy& p, cons
     DecodeSelect sel = SelectFor(*ctx.options, p, l);
     const bool first = l % p.layer_reuse == 0;
     sel.prefetch_group = t->prefetch_on[step] && first;
-    const uint64_t offset = first ? 0 : (l % p.layer_reuse) * stride;
+    // "+ip": each group's layers side by side in the group's own region,
+    // the same every step; otherwise every group at 0.
+    const uint64_t base =
+        p.in_place ? static_cast<uint64_t>(l - l % p.layer_reuse) * ctx.in_place_region_bytes : 0;
+    const uint64_t offset = base + (first ? 0 : (l % p.layer_reuse) * stride);
     const absl::Span<const float> q =
         sel.reuse_group_selection ? absl::Span<const float>() : m.queries(step, l);
     const auto t0 = Clock::now();
@@ -236,6 +245,8 @@ absl::Status DecodeOneStep(const DecodeContext& ctx, const DecodePolicy& p, cons
       }
     }
     t->message_ms.push_back(ms);
+    t->rows_copied[step] += static_cast<double>(outcome->rows_copied);
+    t->rows_kept[step] += static_cast<double>(outcome->rows_kept);
     t->attention[step] += LayerAttention(ctx, step, l, *outcome, ctx.main->output(), t);
     if (l < ctx.reference_layers) {
       RETURN_IF_ERROR(CompanionLayer(ctx, companion_id, step, l, sel, ms, t));
@@ -281,6 +292,13 @@ void Summarize(const DecodeContext& ctx, const Tally& t, PolicyResult* r) {
   for (int s = 1; s < steps; ++s) (t.prefetch_on[s] ? on : off).push_back(t.later[s] * layer_scale);
   r->later_on_ms = Median(on);
   r->later_off_ms = Median(off);
+  double copied = 0, kept = 0;
+  for (int s = 1; s < steps; ++s) {
+    copied += t.rows_copied[s];
+    kept += t.rows_kept[s];
+  }
+  r->rows_copied_per_token = steps > 1 ? copied * layer_scale / (steps - 1) : kNaN;
+  r->rows_kept_share = copied + kept > 0 ? kept / (copied + kept) : kNaN;
   r->first_step_s = (t.decode[0] + t.attention[0]) * layer_scale / 1000.0;
   r->tt2t_s = r->prefill_s + r->first_step_s;
   r->message_us = Median(t.message_ms) * 1000.0;

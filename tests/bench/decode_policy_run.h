@@ -25,6 +25,9 @@ struct DecodeContext {
   double scale = 1.0;  // options.layers / model layers
   // Bytes of one layer's pages in an output buffer (every head's worst case).
   size_t layer_output_bytes = 0;
+  // "+ip" policies: each layer's own region (a token selection's rows of
+  // every head; budget + sink + recent tokens per head).
+  size_t in_place_region_bytes = 0;
 };
 
 // "full" and "exact-token": attention on the CPU only, from the reference.

@@ -68,6 +68,9 @@ Json PolicyJson(const PolicyResult& p) {
           {"layer_mass_recall", p.layer_mass},
           {"layer_output_rel_error", p.layer_error},
           {"prefetch", p.policy.prefetch},
+          {"in_place", p.policy.in_place},
+          {"token_rows_copied_per_token", Num(p.rows_copied_per_token)},
+          {"token_rows_kept_share", Num(p.rows_kept_share)},
           {"decode_steps_ms_per_token", Num(p.decode_ms)},
           {"first_layers_ms_per_token", Num(p.first_layers_ms)},
           {"later_layers_ms_per_token", Num(p.later_layers_ms)},
@@ -171,6 +174,25 @@ void PrintPrefetch(const ContextResult& c) {
 
 }  // namespace
 
+// The "+ip" policies: how many token rows each step wrote and kept in place,
+// beside the same policy without it (GATHER in the table above).
+void PrintInPlace(const ContextResult& c) {
+  bool any = false;
+  for (const PolicyResult& p : c.policies) any |= p.policy.in_place;
+  if (!any) return;
+  std::printf(
+      "in-place writes (+ip: each layer's region kept between steps; only the rows of tokens "
+      "not written there at the previous step are copied; rows per token of the model, steps "
+      "after the first):\n");
+  for (const PolicyResult& p : c.policies) {
+    if (!std::isfinite(p.rows_kept_share)) continue;  // no token rows (pages)
+    std::printf("  %-14s rows copied %s, kept in place %s, GATHER %s ms\n", p.policy.name.c_str(),
+                Fmt("%.0f", p.rows_copied_per_token).c_str(),
+                Fmt("%.1f%%", 100.0 * p.rows_kept_share).c_str(),
+                Fmt("%.2f", p.cost.gather).c_str());
+  }
+}
+
 void PrintContext(const DecodeBenchOptions& o, const ContextResult& c) {
   std::printf(
       "\n== %lld tokens, %d layers run (generated in %.0f s, regenerated while streamed in "
@@ -205,6 +227,7 @@ void PrintContext(const DecodeBenchOptions& o, const ContextResult& c) {
       "layer message of the call beyond the daemon's select + gather.\n");
   PrintMonitors(c);
   PrintPrefetch(c);
+  PrintInPlace(c);
   if (!c.batches.empty()) {
     TextTable b({"BATCH", "STEP_MS", "TOKENS_PER_S", "VS_BATCH_1"});
     for (const BatchResult& r : c.batches) {

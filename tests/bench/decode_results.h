@@ -54,6 +54,10 @@ struct PolicyResult {
   // "+pf" policies alternate prefetch on (odd steps) and off (even steps):
   // the later layers' calls per token, medians over each set (NaN: none).
   double later_on_ms = 0, later_off_ms = 0;
+  // Token rows written over the steps after the first, per token of the
+  // model (scaled like the times), and the share of the rows the calls
+  // returned that stayed in place ("+ip"; 0 otherwise). NaN: no token rows.
+  double rows_copied_per_token = 0, rows_kept_share = 0;
   // The quality monitors after the decode steps: the measured backend's
   // session (the daemon's) and the companion's.
   MonitorSummary monitor, companion_monitor;

@@ -74,6 +74,57 @@ TEST(DecodeRingTest, RingAndStreamClientsGetTheSameStepsAndBytes) {
   }
 }
 
+// In-place steps (StepOptions::in_place) on a real daemon, over the ring and
+// over the stream, each into a region per layer kept between steps: every
+// row holds the position its layout names, the rows of tokens selected
+// again are not copied (rows_kept).
+TEST(DecodeRingTest, InPlaceStepsCopyOnlyTheNewRowsOverTheRingAndTheStream) {
+  auto daemon = StartDaemon();
+  ASSERT_THAT(daemon, IsOk());
+  for (const bool use_ring : {true, false}) {
+    SCOPED_TRACE(use_ring ? "ring" : "stream");
+    auto c = ConnectWith(**daemon, use_ring);
+    ASSERT_THAT(c, IsOk());
+    TestModel m = MakeModel(2, 2, 512, 4);
+    auto s = (*c)->CreateSession(m.spec);
+    ASSERT_THAT(s, IsOk());
+    ASSERT_THAT((*c)->AppendKvInline(s->id, m.kv.Chunk(0, 512), 512), IsOk());
+    const size_t bytes = 1 << 20, region = bytes / 2;
+    auto out = (*c)->CreateShmBuffer(bytes);
+    ASSERT_THAT(out, IsOk());
+    SelectOptions opt;
+    opt.budget_tokens = 64;
+    opt.sink_tokens = 4;
+    opt.recent_tokens = 16;  // the same every step: always kept
+    opt.want_positions = true;
+    opt.granularity = SelectionGranularity::kToken;
+    StepOptions in_place;
+    in_place.in_place = true;
+    uint64_t kept = 0;
+    for (int step = 0; step < 4; ++step) {
+      for (uint32_t layer = 0; layer < 2; ++layer) {
+        auto r = (*c)->DecodeStep(s->id, layer, Queries(m, step, layer), out->buffer_id(),
+                                  layer * region, opt, in_place);
+        ASSERT_THAT(r, IsOk());
+        uint64_t rows = 0;
+        for (const HeadLayout& h : r->layout.heads) rows += h.positions.size();
+        EXPECT_EQ(r->layout.rows_copied + r->layout.rows_kept, rows);
+        if (step == 0) {
+          EXPECT_EQ(r->layout.rows_kept, 0u);
+        } else {
+          EXPECT_GE(r->layout.rows_kept, 2u * 20u) << "the sinks and recent tokens";
+        }
+        kept += r->layout.rows_kept;
+        auto verified = VerifyFetch(m.kv, 512, r->layout, r->heads, out->data(), bytes);
+        ASSERT_THAT(verified, IsOk());
+        EXPECT_GT(*verified, 0);
+      }
+    }
+    EXPECT_GT(kept, 0u);
+    ASSERT_THAT((*c)->DropSession(s->id), IsOk());
+  }
+}
+
 // On the ring an error ends only its own step; the next step is served.
 TEST(DecodeRingTest, AStepErrorFailsOnlyThatStep) {
   auto daemon = StartDaemon();

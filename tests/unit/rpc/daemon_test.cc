@@ -342,6 +342,50 @@ TEST_F(DaemonTest, DecodeStepServesEveryLayerOnOneStreamWithIdsOnlyFirst) {
   EXPECT_TRUE(st.ok()) << st.error_message();
 }
 
+// in_place (kv.proto): the second step with the same queries copies no row,
+// keeps them all, moves no byte, and /metrics counts the rows both ways.
+TEST_F(DaemonTest, InPlaceDecodeStepsKeepTheRowsSelectedAgain) {
+  Start(false);
+  const std::string id = SessionWithKv();
+  const std::string buffer_id = RegisterShmBuffer();
+  grpc::ClientContext ctx;
+  auto stream = kv_->DecodeStep(&ctx);
+  uint64_t rows = 0, first_bytes = 0;
+  for (int step = 0; step < 2; ++step) {
+    v1::DecodeStepRequest req;
+    req.set_session_id(id);
+    req.set_buffer_id(buffer_id);
+    req.set_layer(0);
+    req.set_queries(Queries());
+    req.mutable_params()->set_budget_tokens(8);
+    req.mutable_params()->set_granularity(v1::GRANULARITY_TOKEN);
+    req.mutable_params()->set_want_positions(true);
+    req.set_in_place(true);
+    ASSERT_TRUE(stream->Write(req));
+    v1::DecodeStepResponse resp;
+    ASSERT_TRUE(stream->Read(&resp));
+    const v1::FetchLayout& l = resp.layout();
+    if (step == 0) {
+      for (const v1::HeadLayout& h : l.heads()) rows += h.positions_size();
+      first_bytes = l.total_bytes();
+      EXPECT_EQ(l.rows_copied(), rows);
+      EXPECT_EQ(l.rows_kept(), 0u);
+    } else {
+      EXPECT_EQ(l.rows_copied(), 0u);
+      EXPECT_EQ(l.rows_kept(), rows);
+    }
+  }
+  stream->WritesDone();
+  const grpc::Status st = stream->Finish();
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  ASSERT_GT(rows, 0u);
+  const std::string metrics = daemon_->metrics()->Render();
+  EXPECT_THAT(metrics, HasSubstr(absl::StrCat("icecache_token_rows_total{how=\"copied\"} ", rows)));
+  EXPECT_THAT(metrics, HasSubstr(absl::StrCat("icecache_token_rows_total{how=\"kept\"} ", rows)));
+  EXPECT_THAT(metrics, HasSubstr(absl::StrCat("icecache_bytes_moved_total{direction=\"fetch\"} ",
+                                              first_bytes)));
+}
+
 TEST_F(DaemonTest, DecodeStepBadMessageEndsTheStreamWithItsCode) {
   Start(false);
   const std::string id = SessionWithKv();

@@ -285,5 +285,135 @@ TEST_F(SessionGranularityTest, AReusedTokenSelectionGoesToShmButNotToADeviceBuff
   ExpectRows(host->layout, static_cast<const uint8_t*>(shm_.data()), true);
 }
 
+// In-place writes (DecodeStep's in_place; resident_rows.h).
+class SessionInPlaceTest : public SessionGranularityTest {
+ protected:
+  absl::StatusOr<DecodeStepResult> StepAt(const std::string& id, uint32_t seed, uint64_t offset,
+                                          bool in_place, int layer = 0) {
+    SelectRequest r = Step(layer);
+    r.queries = MakeQueries(config_, seed);
+    return manager_->DecodeStep(Alice(), id, r, shm_id_, offset, 1, {}, false, in_place);
+  }
+  const uint8_t* data() const { return static_cast<const uint8_t*>(shm_.data()); }
+  // Rows of one step: kv_heads x the budget.
+  uint64_t Rows() const { return static_cast<uint64_t>(config_.kv_heads) * 10; }
+};
+
+TEST_F(SessionInPlaceTest, OnlyTheNewTokensAreCopiedAndEveryRowHoldsItsPosition) {
+  const std::string id = Session(std::nullopt);
+  // No previous write: in full.
+  auto first = StepAt(id, 11, 0, /*in_place=*/true);
+  ASSERT_THAT(first, IsOk());
+  EXPECT_EQ(first->layout.rows_copied, Rows());
+  EXPECT_EQ(first->layout.rows_kept, 0u);
+  ExpectRows(first->layout, data(), /*token_slots=*/true);
+
+  // The same queries again: every row stays where it is and none is copied,
+  // so rows scribbled over since stay scribbled (the client's word was false).
+  std::memset(shm_.data(), 0xCD, first->layout.total_bytes);
+  auto same = StepAt(id, 11, 0, true);
+  ASSERT_THAT(same, IsOk());
+  EXPECT_EQ(same->layout.rows_copied, 0u);
+  EXPECT_EQ(same->layout.rows_kept, Rows());
+  EXPECT_EQ(data()[same->layout.heads[0].slots[0].byte_offset], 0xCD);
+  // A whole write puts them back.
+  auto whole = StepAt(id, 11, 0, false);
+  ASSERT_THAT(whole, IsOk());
+  EXPECT_EQ(whole->layout.rows_kept, 0u);
+  ExpectRows(whole->layout, data(), true);
+
+  // Other queries: only the tokens new to each head's selection are copied,
+  // the others keep their slots, and every row holds the position reported.
+  std::vector<std::vector<int32_t>> before;
+  for (const FetchHeadLayout& h : whole->layout.heads) before.push_back(h.positions);
+  uint64_t copied = 0, kept = 0;
+  for (uint32_t seed = 12; seed < 24; ++seed) {
+    SCOPED_TRACE(seed);
+    auto step = StepAt(id, seed, 0, true);
+    ASSERT_THAT(step, IsOk());
+    ExpectRows(step->layout, data(), true);
+    uint64_t fresh = 0;
+    for (int h = 0; h < config_.kv_heads; ++h) {
+      const std::vector<int32_t>& now = step->layout.heads[h].positions;
+      ASSERT_EQ(now.size(), 10u);
+      for (size_t slot = 0; slot < now.size(); ++slot) {
+        const auto was = std::find(before[h].begin(), before[h].end(), now[slot]);
+        if (was == before[h].end()) {
+          ++fresh;
+        } else {
+          EXPECT_EQ(static_cast<size_t>(was - before[h].begin()), slot) << "head " << h;
+        }
+      }
+      before[h] = now;
+    }
+    EXPECT_EQ(step->layout.rows_copied, fresh);
+    EXPECT_EQ(step->layout.rows_kept, Rows() - fresh);
+    copied += step->layout.rows_copied;
+    kept += step->layout.rows_kept;
+  }
+  // The queries moved enough to change some tokens and keep others.
+  EXPECT_GT(copied, 0u);
+  EXPECT_GT(kept, 0u);
+}
+
+TEST_F(SessionInPlaceTest, WithoutARecordOfTheSamePlaceTheWriteIsWhole) {
+  const std::string id = Session(std::nullopt);
+  constexpr uint64_t kAt = 8192;
+  ASSERT_THAT(StepAt(id, 11, 0, false), IsOk());
+  // Another offset.
+  auto moved = StepAt(id, 11, kAt, true);
+  ASSERT_THAT(moved, IsOk());
+  EXPECT_EQ(moved->layout.rows_kept, 0u);
+  auto again = StepAt(id, 11, kAt, true);
+  ASSERT_THAT(again, IsOk());
+  EXPECT_EQ(again->layout.rows_kept, Rows());
+  // Another layer (the other group) written over the region drops the record.
+  std::memset(shm_.data(), 0, kBytes);
+  ASSERT_THAT(StepAt(id, 11, kAt, false, /*layer=*/2), IsOk());
+  auto after_other = StepAt(id, 11, kAt, true);
+  ASSERT_THAT(after_other, IsOk());
+  EXPECT_EQ(after_other->layout.rows_kept, 0u);
+  ExpectRows(after_other->layout, data(), true);
+  // Pages written over it likewise.
+  auto pages = manager_->DecodeStep(Alice(), id, Step(0, Granularity::kPage), shm_id_, kAt, 1, {},
+                                    false, /*in_place=*/true);
+  ASSERT_THAT(pages, IsOk());
+  EXPECT_FALSE(ByToken(pages->selection));
+  EXPECT_EQ(pages->layout.rows_copied + pages->layout.rows_kept, 0u);
+  auto after_pages = StepAt(id, 11, kAt, true);
+  ASSERT_THAT(after_pages, IsOk());
+  EXPECT_EQ(after_pages->layout.rows_kept, 0u);
+  ExpectRows(after_pages->layout, data(), true);
+  // And the record is back for the next step.
+  auto next = StepAt(id, 11, kAt, true);
+  ASSERT_THAT(next, IsOk());
+  EXPECT_EQ(next->layout.rows_kept, Rows());
+  ExpectRows(next->layout, data(), true);
+}
+
+TEST_F(SessionInPlaceTest, TheLayersOfAGroupKeepTheirOwnRecords) {
+  const std::string id = Session(std::nullopt);
+  constexpr uint64_t kLater = 16384;  // layer 1's region
+  SelectRequest later;
+  later.layer = 1;
+  later.reuse_group_selection = true;
+  later.params.want_positions = true;
+  for (uint32_t seed : {11u, 11u, 12u, 13u}) {
+    SCOPED_TRACE(seed);
+    auto first = StepAt(id, seed, 0, true);
+    ASSERT_THAT(first, IsOk());
+    auto reused = manager_->DecodeStep(Alice(), id, later, shm_id_, kLater, 1, {}, false, true);
+    ASSERT_THAT(reused, IsOk());
+    EXPECT_TRUE(reused->selection.reused);
+    // The same selection, the same history: the same split, slot for slot.
+    EXPECT_EQ(reused->layout.rows_copied, first->layout.rows_copied);
+    for (int h = 0; h < config_.kv_heads; ++h) {
+      EXPECT_EQ(reused->layout.heads[h].positions, first->layout.heads[h].positions);
+    }
+    ExpectRows(first->layout, data(), true);
+    ExpectRows(reused->layout, data(), true);
+  }
+}
+
 }  // namespace
 }  // namespace icecache

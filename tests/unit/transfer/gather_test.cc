@@ -1,7 +1,9 @@
 #include "server/transfer/gather.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <memory>
 #include <numeric>
 #include <vector>
@@ -137,6 +139,42 @@ TEST(GatherTest, GatherRowsPacksTokensAndZeroesTheRestAlignedOrNot) {
         }
         for (size_t b = 0; b < shift; ++b) ASSERT_EQ(buf.get()[b], 0xEE);
         for (size_t b = shift + bytes; b < shift + bytes + 64; ++b) ASSERT_EQ(buf.get()[b], 0xEE);
+      }
+    }
+  }
+}
+
+// The in-place form: only the listed tokens are written, each to its packed
+// row; every other row is left as it was, but the rows past `total` in the
+// last slot are zeroed.
+TEST(GatherTest, GatherRowsToWritesOnlyItsRowsAndZeroesPastTheTotal) {
+  const int page_tokens = 4;
+  const uint64_t row = 128, block = page_tokens * row;
+  std::vector<std::vector<uint8_t>> frames(2, std::vector<uint8_t>(2 * block));
+  for (size_t f = 0; f < frames.size(); ++f) {
+    std::iota(frames[f].begin(), frames[f].end(), static_cast<uint8_t>(17 * f + 3));
+  }
+  const RowSource rows[] = {{frames[1].data(), 2}, {frames[0].data(), 0}, {frames[1].data(), 3}};
+  const uint32_t to[] = {5, 0, 2};
+  const size_t total = 6;  // two slots, the second holding rows 4 and 5
+  for (const int ahead : {0, 8}) {
+    const size_t bytes = 2 * 2 * block;
+    auto buf = Aligned(bytes, 0xEE);
+    GatherRowsTo(rows, to, 3, total, page_tokens, row, buf.get(), ahead);
+    for (uint32_t r = 0; r < 2 * page_tokens; ++r) {
+      const uint8_t* k = buf.get() + (r / page_tokens) * 2 * block + (r % page_tokens) * row;
+      const auto it = std::find(std::begin(to), std::end(to), r);
+      if (it != std::end(to)) {
+        const RowSource& src = rows[it - std::begin(to)];
+        const uint8_t* sk = src.frame + src.slot * row;
+        ASSERT_EQ(std::memcmp(k, sk, row), 0) << "K of row " << r;
+        ASSERT_EQ(std::memcmp(k + block, sk + block, row), 0) << "V of row " << r;
+      } else {
+        const uint8_t want = r >= total ? 0 : 0xEE;
+        for (uint64_t b = 0; b < row; ++b) {
+          ASSERT_EQ(k[b], want) << "K of row " << r;
+          ASSERT_EQ(k[block + b], want) << "V of row " << r;
+        }
       }
     }
   }
