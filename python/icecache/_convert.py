@@ -191,6 +191,8 @@ def fetch_layout(layout: types_pb2.FetchLayout) -> FetchLayout:
         head_dim=layout.head_dim,
         dtype=_dtype(layout.dtype),
         heads=heads,
+        rows_copied=layout.rows_copied,
+        rows_kept=layout.rows_kept,
     )
 
 

@@ -396,17 +396,18 @@ class Client:
         num_layers: int = 1,
         device: Optional[DeviceWrite] = None,
         prefetch_group: bool = False,
+        in_place: bool = False,
     ) -> StepResult:
         """One layer of a decode step over this client's stream of the session
         (opened on first use, reopened after an error), as in the C++ client.
-        ``device`` and ``prefetch_group``: see DecodeStream.step."""
+        ``device``, ``prefetch_group`` and ``in_place``: see DecodeStream.step."""
         with self._lock:
             stream = self._streams.get(session_id)
             if stream is None:
                 stream = self._streams[session_id] = DecodeStream(self, session_id, buffer)
         stream.set_buffer(buffer)
         return stream.step(layer, queries, offset=offset, options=options, num_layers=num_layers,
-                           device=device, prefetch_group=prefetch_group)
+                           device=device, prefetch_group=prefetch_group, in_place=in_place)
 
     def close_decode_stream(self, session_id: str, raise_error: bool = True) -> None:
         """Closes the session's stream of decode_step (if open)."""

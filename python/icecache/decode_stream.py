@@ -65,6 +65,7 @@ class DecodeStream:
         num_layers: int = 1,
         device: Optional[DeviceWrite] = None,
         prefetch_group: bool = False,
+        in_place: bool = False,
     ) -> StepResult:
         """One layer: ``queries`` is [q_heads, head_dim] (numpy or torch;
         float32, float16 or bfloat16). Pages of layers [layer, layer +
@@ -79,10 +80,18 @@ class DecodeStream:
         ``offset + j * layout.layer_stride_bytes`` (or into the same block
         ids), and the step for such a layer (reuse_group_selection, that
         offset) only waits for its write (``StepResult.prefetched``);
-        ``StepResult.prefetching`` says how many layers were started."""
+        ``StepResult.prefetching`` says how many layers were started.
+
+        ``in_place`` (token granularity into a ShmBuffer): the region at
+        ``offset`` still holds what this session's previous step of the same
+        layers wrote there, untouched since (keep a region per layer). The
+        daemon then copies only the rows of newly selected tokens, into the
+        slots of the tokens that left; the layout's positions give each
+        slot's token and ``layout.rows_copied`` / ``rows_kept`` the split.
+        Without such a previous write the step writes in full."""
         options = options or SelectOptions()
         req = kv_pb2.DecodeStepRequest(layer=layer, offset=self._base + offset, num_layers=num_layers,
-                                       prefetch_group=prefetch_group)
+                                       prefetch_group=prefetch_group, in_place=in_place)
         _convert.device_write(device, req)
         if queries is not None or not options.reuse_group_selection:
             req.queries, req.query_dtype = query_bytes(queries, "queries")
@@ -148,18 +157,21 @@ class BatchEntry:
     """One session of a batched decode step: its queries ([q_heads,
     head_dim]; None with reuse_group_selection), the buffer its pages go to
     (None = the stream's) and the offset there; ``prefetch_group`` as in
-    DecodeStream.step."""
+    DecodeStream.step, and ``in_place`` likewise."""
 
-    __slots__ = ("session_id", "queries", "buffer", "offset", "reuse_group_selection", "prefetch_group")
+    __slots__ = ("session_id", "queries", "buffer", "offset", "reuse_group_selection", "prefetch_group",
+                 "in_place")
 
     def __init__(self, session_id: str, queries: Any, buffer: Any = None, offset: int = 0,
-                 reuse_group_selection: bool = False, prefetch_group: bool = False) -> None:
+                 reuse_group_selection: bool = False, prefetch_group: bool = False,
+                 in_place: bool = False) -> None:
         self.session_id = session_id
         self.queries = queries
         self.buffer = buffer
         self.offset = offset
         self.reuse_group_selection = reuse_group_selection
         self.prefetch_group = prefetch_group
+        self.in_place = in_place
 
 
 class BatchResult:
@@ -208,7 +220,7 @@ class BatchDecodeStream:
             buffer_id, base = self._client._buffer_ref(e.buffer) if e.buffer is not None else self._default
             entry = req.batch.add(session_id=e.session_id, buffer_id=buffer_id, offset=base + e.offset,
                                   reuse_group_selection=e.reuse_group_selection,
-                                  prefetch_group=e.prefetch_group)
+                                  prefetch_group=e.prefetch_group, in_place=e.in_place)
             if e.queries is not None:
                 entry.queries, qd = query_bytes(e.queries, f"queries of session {e.session_id}")
                 dtype = qd if dtype is None else dtype

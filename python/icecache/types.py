@@ -260,7 +260,11 @@ class FetchLayout:
     """Where fetched pages landed (types.proto FetchLayout): from ``offset``,
     per head, per page, a block of ``page_bytes`` = K (page_tokens x
     head_dim) then V; rows past a page's fill are zero. Layer j of a
-    multi-layer fetch starts at offset + j x layer_stride_bytes."""
+    multi-layer fetch starts at offset + j x layer_stride_bytes.
+    ``rows_copied`` / ``rows_kept`` (token granularity, per layer over every
+    head): rows copied by this write, and rows left where the previous write
+    of the layer put them (``in_place``); the positions then give each
+    slot's token."""
 
     buffer_id: str
     offset: int
@@ -273,6 +277,8 @@ class FetchLayout:
     head_dim: int
     dtype: DType
     heads: List[HeadLayout]
+    rows_copied: int = 0
+    rows_kept: int = 0
 
     @property
     def slots(self) -> int:

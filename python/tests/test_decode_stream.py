@@ -51,6 +51,35 @@ def test_steps_match_select_and_fetch(client, session, transport):
                 assert [list(h.positions) for h in r.heads] == [list(h.positions) for h in sel]
 
 
+def test_in_place_steps_copy_only_the_new_rows(client, session, transport):
+    """in_place: each layer keeps its own region; the rows of tokens selected
+    again stay (rows_kept) and every row holds the token its layout names."""
+    sid, keys, values = session
+    opt = icecache.SelectOptions(budget_tokens=48, want_positions=True, granularity="token",
+                                 sink_tokens=4, recent_tokens=8)
+    rng = np.random.default_rng(5)
+    base = [rng.standard_normal((4, 32)).astype(np.float32) for _ in range(2)]
+    kept = 0
+    with client.create_shm_buffer(1 << 20) as buf, client.decode_stream(sid, buf) as stream:
+        for step in range(4):
+            for layer in range(2):
+                # A query that drifts a little per step, as a decode's does.
+                q = base[layer] + 0.3 * rng.standard_normal((4, 32)).astype(np.float32)
+                r = stream.step(layer, q, offset=layer * (1 << 19), options=opt, in_place=True)
+                rows = sum(len(h.positions) for h in r.layout.heads)
+                assert r.layout.rows_copied + r.layout.rows_kept == rows
+                if step == 0:
+                    assert r.layout.rows_kept == 0
+                else:
+                    assert r.layout.rows_kept >= 2 * 12  # the sink and recent tokens at least
+                kept += r.layout.rows_kept
+                check_fetched(buf, r.layout, keys, values)
+                # The same tokens as the selection, in the slots' order.
+                assert [sorted(h.positions) for h in r.layout.heads] == \
+                    [sorted(h.positions) for h in r.heads]
+    assert kept > 0
+
+
 def test_fp16_and_bf16_queries(client, session):
     torch = pytest.importorskip("torch")
     sid, _, _ = session
