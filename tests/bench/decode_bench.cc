@@ -178,8 +178,12 @@ absl::StatusOr<DecodePolicy> ParseDecodePolicy(const std::string& name) {
     base.resize(base.size() - suffix.size());
     return true;
   };
-  p.in_place = strip("+ip");
-  p.prefetch = strip("+pf");
+  // "+pf" and "+ip", in either order.
+  for (bool more = true; more;) {
+    more = false;
+    if (!p.in_place && strip("+ip")) more = p.in_place = true;
+    if (!p.prefetch && strip("+pf")) more = p.prefetch = true;
+  }
   p.selector = base;
   const size_t dash = base.rfind("-r");
   if (dash != std::string::npos && dash + 2 < base.size() &&

@@ -44,7 +44,7 @@ struct DecodePolicy {
   std::string selector;  // kSelector
   int layer_reuse = 1;
   bool prefetch = false;  // "+pf"
-  // "+ip" (after any "+pf"): in-place writes (kv.proto
+  // "+ip" (before or after "+pf"): in-place writes (kv.proto
   // DecodeStepRequest.in_place), each layer with its own region of the
   // output buffer kept between steps.
   bool in_place = false;
@@ -85,6 +85,9 @@ struct DecodeBenchOptions {
   // own times (DecodeStep select_ns / gather_ns) either way; --mode
   // in-process runs the monitor as icecached does.
   bool companion_quality = false;
+  // "+ip" policies write in place on odd steps only and whole on even ones,
+  // into the same regions: the two gathers measured interleaved.
+  bool in_place_ab = false;
   // mdci sessions rank candidate pages from the int8 sketch
   // (MdciParams::sketch_scoring); --mode in-process only.
   bool mdci_sketch = false;

@@ -50,6 +50,22 @@ TEST(DecodePolicyTest, PrefetchSuffixNeedsLayerReuse) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("needs layer reuse")));
 }
 
+TEST(DecodePolicyTest, InPlaceSuffixWithOrWithoutReuseAndPrefetch) {
+  auto p = ParseDecodePolicy("mdci+ip");
+  ASSERT_THAT(p, IsOk());
+  EXPECT_EQ(p->selector, "mdci");
+  EXPECT_TRUE(p->in_place);
+  EXPECT_FALSE(p->prefetch);
+  for (const char* name : {"mdci-r4+pf+ip", "mdci-r4+ip+pf"}) {
+    auto q = ParseDecodePolicy(name);
+    ASSERT_THAT(q, IsOk()) << name;
+    EXPECT_EQ(q->selector, "mdci") << name;
+    EXPECT_EQ(q->layer_reuse, 4) << name;
+    EXPECT_TRUE(q->in_place && q->prefetch) << name;
+  }
+  EXPECT_FALSE(ParseDecodePolicy("mdci-r4")->in_place);
+}
+
 TEST(DecodePolicyTest, BadReuseNamesThePolicy) {
   EXPECT_THAT(ParseDecodePolicy("mdci-r0"),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("mdci-r0")));

@@ -51,7 +51,7 @@ DecodeFlags::DecodeFlags(CLI::App* app) {
       ->capture_default_str();
   app->add_option("--policies", policies_,
                   "full, exact-token, or a selector name with optional layer reuse (mdci-r4) and "
-                  "layer-group prefetch (mdci-r4+pf)")
+                  "layer-group prefetch (mdci-r4+pf) and/or in-place writes (mdci-r4+ip)")
       ->type_name("P[,P..]")
       ->capture_default_str();
   app->add_option("--batch", batch_, "batch sizes of the batched-decode sweep (1 = none)")
@@ -90,6 +90,9 @@ DecodeFlags::DecodeFlags(CLI::App* app) {
   app->add_flag("--daemon-prefault", o_.daemon_prefault,
                 "with --spawn: the daemon faults its pool in at start (pool.prefault), sized "
                 "to the KV it holds");
+  app->add_flag("--in-place-ab", o_.in_place_ab,
+                "+ip policies write in place on odd steps and whole on even steps, into the "
+                "same per-layer regions; the report gives both gathers (interleaved A/B)");
   app->add_flag("--mdci-sketch", o_.mdci_sketch,
                 "mdci sessions rank candidate pages from an int8 copy of the keys "
                 "(MdciParams::sketch_scoring; --mode in-process only)");

@@ -210,6 +210,7 @@ absl::Status DecodeOneStep(const DecodeContext& ctx, const DecodePolicy& p, cons
   t->prefetch_on[step] = p.prefetch && step % 2 == 1;
   for (int l = 0; l < m.layers(); ++l) {
     DecodeSelect sel = SelectFor(*ctx.options, p, l);
+    if (ctx.options->in_place_ab) sel.in_place = p.in_place && step % 2 == 1;
     const bool first = l % p.layer_reuse == 0;
     sel.prefetch_group = t->prefetch_on[step] && first;
     // "+ip": each group's layers side by side in the group's own region,
@@ -298,6 +299,12 @@ void Summarize(const DecodeContext& ctx, const Tally& t, PolicyResult* r) {
     kept += t.rows_kept[s];
   }
   r->rows_copied_per_token = steps > 1 ? copied * layer_scale / (steps - 1) : kNaN;
+  if (ctx.options->in_place_ab && r->policy.in_place) {
+    std::vector<double> ip_on, ip_off;
+    for (int s = 1; s < steps; ++s) (s % 2 == 1 ? ip_on : ip_off).push_back(t.own_gather[s]);
+    r->gather_in_place_ms = Median(ip_on) * layer_scale;
+    r->gather_whole_ms = Median(ip_off) * layer_scale;
+  }
   r->rows_kept_share = copied + kept > 0 ? kept / (copied + kept) : kNaN;
   r->first_step_s = (t.decode[0] + t.attention[0]) * layer_scale / 1000.0;
   r->tt2t_s = r->prefill_s + r->first_step_s;

@@ -71,6 +71,8 @@ Json PolicyJson(const PolicyResult& p) {
           {"in_place", p.policy.in_place},
           {"token_rows_copied_per_token", Num(p.rows_copied_per_token)},
           {"token_rows_kept_share", Num(p.rows_kept_share)},
+          {"gather_ms_in_place_steps", Num(p.gather_in_place_ms)},
+          {"gather_ms_whole_steps", Num(p.gather_whole_ms)},
           {"decode_steps_ms_per_token", Num(p.decode_ms)},
           {"first_layers_ms_per_token", Num(p.first_layers_ms)},
           {"later_layers_ms_per_token", Num(p.later_layers_ms)},
@@ -186,10 +188,16 @@ void PrintInPlace(const ContextResult& c) {
       "after the first):\n");
   for (const PolicyResult& p : c.policies) {
     if (!std::isfinite(p.rows_kept_share)) continue;  // no token rows (pages)
-    std::printf("  %-14s rows copied %s, kept in place %s, GATHER %s ms\n", p.policy.name.c_str(),
+    std::printf("  %-14s rows copied %s, kept in place %s, GATHER %s ms", p.policy.name.c_str(),
                 Fmt("%.0f", p.rows_copied_per_token).c_str(),
                 Fmt("%.1f%%", 100.0 * p.rows_kept_share).c_str(),
                 Fmt("%.2f", p.cost.gather).c_str());
+    if (std::isfinite(p.gather_in_place_ms)) {
+      std::printf(" (--in-place-ab: in-place steps %s ms, whole steps %s ms, %s)",
+                  Fmt("%.2f", p.gather_in_place_ms).c_str(), Fmt("%.2f", p.gather_whole_ms).c_str(),
+                  Fmt("%.2fx", p.gather_whole_ms / p.gather_in_place_ms).c_str());
+    }
+    std::printf("\n");
   }
 }
 

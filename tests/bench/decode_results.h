@@ -5,6 +5,7 @@
 #define ICECACHE_TESTS_BENCH_DECODE_RESULTS_H_
 
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -58,6 +59,10 @@ struct PolicyResult {
   // model (scaled like the times), and the share of the rows the calls
   // returned that stayed in place ("+ip"; 0 otherwise). NaN: no token rows.
   double rows_copied_per_token = 0, rows_kept_share = 0;
+  // --in-place-ab: the gather per token on the in-place (odd) and whole
+  // (even) steps of a "+ip" policy (NaN otherwise).
+  double gather_in_place_ms = std::numeric_limits<double>::quiet_NaN();
+  double gather_whole_ms = std::numeric_limits<double>::quiet_NaN();
   // The quality monitors after the decode steps: the measured backend's
   // session (the daemon's) and the companion's.
   MonitorSummary monitor, companion_monitor;
