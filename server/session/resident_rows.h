@@ -3,8 +3,9 @@
 // next write of the same layer into the same place reuses it.
 //
 // Consecutive decode steps select mostly the same tokens (a head's query
-// moves little from one token to the next: 74% of the rows at 32768 tokens
-// on the generator's families, docs/bench/inplace14_gather.md). A client
+// moves little from one token to the next: 75-77% of the rows at 32768
+// tokens on the generator's llama3-8b-like shape,
+// docs/bench/inplace14_gather.md). A client
 // that keeps each layer's region of its buffer between steps (a GPU-side
 // working set, or a host buffer per layer) can ask the daemon to write only
 // the rows that changed: the tokens selected now and not last time go into
@@ -80,9 +81,10 @@ class ResidentRows {
 // where (copy_index[i], an index into `selected`, goes to slot
 // copy_slot[i]; in increasing slot order). A token selected before keeps
 // its slot if that slot is still inside the block (< selected.size());
-// every other selected token takes a free slot, lowest first. `previous`:
-// the positions in the block's slots now; both lists hold distinct
-// positions.
+// every other selected token takes a free slot, lowest first, in selection
+// order. `previous`: the positions in the block's slots now (distinct, as a
+// write leaves them); a position listed twice in `selected` keeps one slot
+// and is copied into another.
 struct InPlacePlan {
   std::vector<int32_t> slots;
   std::vector<uint32_t> copy_index;
