@@ -15,7 +15,8 @@ bool Overlaps(uint64_t a, uint64_t a_bytes, uint64_t b, uint64_t b_bytes) {
 
 }  // namespace
 
-ResidentRows::ResidentRows(int layers) : by_layer_(static_cast<size_t>(std::max(layers, 0))) {}
+ResidentRows::ResidentRows(int layers)
+    : layers_(std::max(layers, 0)), by_layer_(static_cast<size_t>(layers_)) {}
 
 void ResidentRows::DropOverlapping(std::string_view buffer_id, uint64_t offset, uint64_t bytes) {
   for (std::optional<ResidentRegion>& r : by_layer_) {

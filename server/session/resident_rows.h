@@ -66,14 +66,15 @@ class ResidentRows {
   // After a token write of `layer` succeeded: its record.
   void Put(int layer, ResidentRegion region);
 
-  int layers() const { return static_cast<int>(by_layer_.size()); }
+  int layers() const { return layers_; }
 
  private:
   void DropOverlapping(std::string_view buffer_id, uint64_t offset, uint64_t bytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
+  const int layers_;
   absl::Mutex mu_;
-  std::vector<std::optional<ResidentRegion>> by_layer_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::optional<ResidentRegion>> by_layer_ ABSL_GUARDED_BY(mu_);  // [layers_]
 };
 
 // How one KV head's block is rewritten in place: `slots` (the positions,

@@ -599,28 +599,43 @@ absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const Fetch
     checked.fetch_add(check[b].size(), std::memory_order_relaxed);
     return CheckPages(*this, req.layer + j, h, check[b]);
   };
-  auto write_block = [&](int b) {
+  auto block_bytes = [&](int b) { return fills[b % c.kv_heads].size() * frame_bytes; };
+  // Block b's rows, into `dst` (where the block starts).
+  auto fill_block = [&](int b, uint8_t* dst) {
     const int h = b % c.kv_heads;
     const size_t n = placed[h].size();
-    const uint64_t bytes = fills[h].size() * frame_bytes;
-    if (bytes == 0) return absl::OkStatus();
-    RETURN_IF_ERROR(check_block(b));
-    return lease.Write(block_offset[b], bytes, [&](uint8_t* dst) {
-      if (to[h].empty() && rows[b].size() == n) {
-        GatherRows(rows[b].data(), n, c.page_tokens, row_bytes, dst);
-      } else {
-        GatherRowsTo(rows[b].data(), to[h].data(), rows[b].size(), n, c.page_tokens, row_bytes,
-                     dst);
-      }
-    });
+    if (to[h].empty() && rows[b].size() == n) {
+      GatherRows(rows[b].data(), n, c.page_tokens, row_bytes, dst);
+    } else {
+      GatherRowsTo(rows[b].data(), to[h].data(), rows[b].size(), n, c.page_tokens, row_bytes, dst);
+    }
   };
   absl::Status written;
   // Parallel only for enough bytes to copy (in place: the rows copied).
   const uint64_t copy_bytes = layout.rows_copied * 2 * row_bytes * req.num_layers;
   if (threads == 1 || copy_bytes < kParallelGatherBytes) {
-    for (int b = 0; b < blocks && written.ok(); ++b) written = write_block(b);
+    // Every block checked, then one guarded write of the whole region (one
+    // file-size check and one SIGBUS guard, not one per block): a failed
+    // check writes nothing.
+    for (int b = 0; b < blocks && written.ok(); ++b) {
+      if (block_bytes(b) > 0) written = check_block(b);
+    }
+    if (written.ok()) {
+      written = lease.Write(req.offset, layout.total_bytes, [&](uint8_t* base) {
+        for (int b = 0; b < blocks; ++b) {
+          if (block_bytes(b) > 0) fill_block(b, base + (block_offset[b] - req.offset));
+        }
+      });
+    }
   } else {
-    written = ForEachHead(blocks, threads, write_block);
+    // Each block is its own guarded write: a truncated buffer fails the
+    // block that meets it (FailedPrecondition) wherever it runs.
+    written = ForEachHead(blocks, threads, [&](int b) {
+      if (block_bytes(b) == 0) return absl::OkStatus();
+      RETURN_IF_ERROR(check_block(b));
+      return lease.Write(block_offset[b], block_bytes(b),
+                         [&](uint8_t* dst) { fill_block(b, dst); });
+    });
   }
   if (counters != nullptr) {
     counters->verified.fetch_add(checked.load(), std::memory_order_relaxed);
