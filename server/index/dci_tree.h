@@ -396,7 +396,6 @@ class DciTree {
   // --- dci_tree_descent.cc: candidate collection ---
   int EntryLevel(int entry_nodes) const;
   void PrepareQueries(const float* queries, int nq, DciScratch* s) const;
-  void PrefetchCandidates(int level, bool spread, const DciScratch& s) const;
   // s->est = every candidate's estimated log-mass per query on `level`;
   // s->best = its rank key. At the entry level (`entry`) of a normalized
   // descent also each query's estimated total, s->qlog_norm.

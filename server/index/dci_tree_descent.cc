@@ -311,22 +311,6 @@ void DciTree::PrepareQueries(const float* queries, int nq, DciScratch* s) const 
   }
 }
 
-void DciTree::PrefetchCandidates(int level, bool spread, const DciScratch& s) const {
-  const Level& L = levels_[level];
-  const size_t d = params_.dim, rank = subspace_.rank();
-  const size_t nc = s.cand.size();
-  for (size_t b = 0; b < nc;) {
-    size_t e = b + 1;
-    while (e < nc && s.cand[e] == s.cand[e - 1] + 1) ++e;
-    const size_t first = s.cand[b], run = e - b;
-    PrefetchBytes(&L.centroid16[first * d], run * d * sizeof(uint16_t));
-    if (spread) PrefetchBytes(&L.reps.lam[first * rank], run * rank * sizeof(float));
-    PrefetchBytes(&L.reps.count[first], run * sizeof(uint32_t));
-    if (spread) PrefetchBytes(&L.reps.res[first], run * sizeof(float));
-    b = e;
-  }
-}
-
 void DciTree::ScoreCandidates(int level, bool entry, const float* queries, int nq, float scale,
                               float half_s2, bool normalized, DciScratch* s) const {
   const Level& L = levels_[level];
@@ -606,9 +590,7 @@ void DciTree::CollectCandidates(const float* queries, int nq, float scale,
   s->cand.resize(levels_[entry].size());
   std::iota(s->cand.begin(), s->cand.end(), 0u);
   const float half_s2 = params.spread_weight * 0.5f * scale * scale;
-  const bool spread = half_s2 > 0.0f && rank > 0;
   s->rest.assign(nq, -std::numeric_limits<float>::infinity());
-  PrefetchCandidates(entry, spread, *s);
   for (int l = entry; l >= 1; --l) {
     ScoreCandidates(l, l == entry, queries, nq, scale, half_s2, params.normalized, s);
     *touched += s->cand.size();
@@ -620,7 +602,6 @@ void DciTree::CollectCandidates(const float* queries, int nq, float scale,
       return;
     }
     ExpandChildren(l, s);
-    PrefetchCandidates(l - 1, spread, *s);
   }
 }
 
