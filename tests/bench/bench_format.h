@@ -17,8 +17,10 @@ inline double Ratio(double a, double b) {
   return b > 0 ? a / b : std::numeric_limits<double>::quiet_NaN();
 }
 
-// v printed with the printf format f, "-" when v is not finite.
-inline std::string Fmt(double v, const char* f) {
+// v printed with the printf format f, "-" when v is not finite. `f` is
+// checked against a double at compile time where the compiler can (clang),
+// so it must be a literal.
+inline std::string Fmt(double v, const absl::FormatSpec<double>& f) {
   return std::isfinite(v) ? absl::StrFormat(f, v) : std::string("-");
 }
 

@@ -15,7 +15,9 @@
 namespace icecache::bench {
 namespace {
 
-std::string Fmt(const char* f, double v) {
+// `f` is checked against the argument at compile time where the compiler
+// can (clang), so it must be a literal.
+std::string Fmt(const absl::FormatSpec<double>& f, double v) {
   return std::isfinite(v) ? absl::StrFormat(f, v) : std::string("-");
 }
 

@@ -39,21 +39,18 @@ const MethodSummary* Find(const Cell& c, const std::string& name) {
   return nullptr;
 }
 
-std::string F(double v, const char* f) {
-  return std::isfinite(v) ? absl::StrFormat(f, v) : std::string("-");
-}
-
 void PrintCell(const Cell& c) {
   const MethodSummary* tok = Find(c, "exact-token");
   std::printf("\n%s, budget %s (%d tokens)\n", c.family.c_str(), c.budget_label.c_str(), c.budget);
   std::printf("%-19s %7s %8s %8s %10s %9s %8s %10s\n", "method", "mass", "/ex-tok", "err", "p50_us",
               "build_s", "B/tok", "touched");
   for (const MethodSummary& m : c.methods) {
-    std::printf("%-19s %7s %8s %8s %10s %9s %8s %10s\n", m.label.c_str(), F(m.mass, "%.4f").c_str(),
-                F(tok ? Ratio(m.mass, tok->mass) : NAN, "%.3f").c_str(),
-                F(m.output_rel_error, "%.4f").c_str(), F(m.p50_us, "%.1f").c_str(),
-                F(m.build_s, "%.3f").c_str(), F(m.index_bytes_per_token, "%.1f").c_str(),
-                F(m.keys_touched, "%.0f").c_str());
+    std::printf("%-19s %7s %8s %8s %10s %9s %8s %10s\n", m.label.c_str(),
+                Fmt(m.mass, "%.4f").c_str(),
+                Fmt(tok ? Ratio(m.mass, tok->mass) : NAN, "%.3f").c_str(),
+                Fmt(m.output_rel_error, "%.4f").c_str(), Fmt(m.p50_us, "%.1f").c_str(),
+                Fmt(m.build_s, "%.3f").c_str(), Fmt(m.index_bytes_per_token, "%.1f").c_str(),
+                Fmt(m.keys_touched, "%.0f").c_str());
   }
 }
 
