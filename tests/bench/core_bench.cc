@@ -4,7 +4,9 @@
 //   icecache-core-bench --benchmark_min_time=0.2
 #include <unistd.h>
 
+#include <algorithm>
 #include <memory>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -172,6 +174,58 @@ BENCHMARK(BM_FetchChecksum)
                     static_cast<int>(ChecksumMode::kSampled)},
                    {256, 1024}})
     ->Unit(benchmark::kMicrosecond);
+
+// Token writes of 8 layers (each into its own 1 MiB region of the buffer, as
+// a decode step's layer messages), 256 tokens per KV head, the token sets
+// alternating between two that share 192 of 256 per head (the 75% a decode
+// step keeps, docs/bench/inplace14_gather.md). Arg 0: whole writes; 1: in
+// place (only the 64 new tokens per head copied). Serially on the calling
+// thread (decode_threads 1), so the time is the whole cost; per_message is
+// the time of one layer's fetch.
+void BM_FetchTokens(benchmark::State& state) {
+  const bool in_place = state.range(0) != 0;
+  CoreEnv env(SelectorKind::kExact, 16384, {}, /*decode_threads=*/1);
+  std::mt19937 rng(5);
+  constexpr int kBudget = 256, kShared = 192;
+  std::vector<std::vector<int32_t>> sets[2];
+  for (int h = 0; h < env.config.kv_heads; ++h) {
+    std::vector<int32_t> all(16384);
+    std::iota(all.begin(), all.end(), 0);
+    std::shuffle(all.begin(), all.end(), rng);
+    sets[0].emplace_back(all.begin(), all.begin() + kBudget);
+    sets[1].emplace_back(all.begin(), all.begin() + kShared);
+    sets[1].back().insert(sets[1].back().end(), all.begin() + kBudget,
+                          all.begin() + kBudget + (kBudget - kShared));
+    std::sort(sets[1].back().begin(), sets[1].back().end());
+  }
+  constexpr uint64_t kRegion = uint64_t{1} << 20;
+  int which = 0;
+  uint64_t copied = 0, messages = 0;
+  for (auto _ : state) {
+    for (int l = 0; l < env.config.layers; ++l) {
+      FetchRequest f;
+      f.buffer_id = env.buffer_id;
+      f.layer = l;
+      f.offset = static_cast<uint64_t>(l) * kRegion;
+      f.tokens = sets[which];
+      f.in_place = in_place;
+      auto layout = env.manager->FetchPages(env.caller, env.session, f);
+      if (!layout.ok()) {
+        state.SkipWithError(std::string(layout.status().message()).c_str());
+        return;
+      }
+      copied += layout->rows_copied;
+      ++messages;
+    }
+    which ^= 1;
+  }
+  state.counters["per_message"] = benchmark::Counter(
+      static_cast<double>(env.config.layers),
+      benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+  state.counters["rows_copied"] = static_cast<double>(copied) / std::max<uint64_t>(1, messages);
+  state.SetLabel(in_place ? "in place" : "whole");
+}
+BENCHMARK(BM_FetchTokens)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
 
 void BM_DecodeStep(benchmark::State& state) {
   const auto kind = static_cast<SelectorKind>(state.range(0));
