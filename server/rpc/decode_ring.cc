@@ -379,6 +379,10 @@ bool DecodeRingServer::Answer(Ring& r, uint64_t seq, const absl::Status& status)
   }
   const bool ok = code == 0;
   if (!ok) size = std::min<size_t>(message.size(), r.response_capacity);
+  // Noted in the buffer's write log like a fetch (write_log.h): a client that
+  // also fetches into this buffer learns of these bytes.
+  r.lease.NoteWrite(WriteLog::kNoWriter, ring::ResponseAreaOffset(r.request_capacity), size);
+  r.lease.NoteWrite(WriteLog::kNoWriter, ring::kResponseSeqOffset, 16);
   absl::Status w =
       r.lease.Write(ring::ResponseAreaOffset(r.request_capacity), size, [&](uint8_t* dst) {
         if (ok) {

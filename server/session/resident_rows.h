@@ -46,6 +46,9 @@ struct ResidentRegion {
   uint64_t offset = 0;  // the write's first byte (FetchRequest::offset)
   uint64_t bytes = 0;   // bytes it covers from offset (every layer)
   int num_layers = 1;
+  // The buffer's write-log stamp of this write (write_log.h): a write by
+  // anyone else over these bytes after it voids the record.
+  uint64_t stamp = 0;
   std::vector<uint64_t> head_offsets;       // per KV head: its block's offset (first layer)
   std::vector<std::vector<int32_t>> slots;  // per KV head: the position in each slot
 };

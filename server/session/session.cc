@@ -21,6 +21,15 @@
 
 namespace icecache {
 
+namespace {
+
+uint64_t NextWriterId() {
+  static std::atomic<uint64_t> next{1};  // 0 is WriteLog::kNoWriter
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
+}  // namespace
+
 Session::Session(std::string id_in, std::string tenant_in, uint64_t epoch_in,
                  const SessionConfig& config_in, SizeClassId size_class_in, absl::Time now,
                  bool keep_sums_in)
@@ -35,7 +44,8 @@ Session::Session(std::string id_in, std::string tenant_in, uint64_t epoch_in,
       q_per_kv(config_in.q_heads / config_in.kv_heads),
       created(now),
       keep_sums(keep_sums_in || config_in.checksums.mode != ChecksumMode::kOff),
-      resident(config_in.layers) {
+      resident(config_in.layers),
+      writer_id(NextWriterId()) {
   last_use_ns.store(absl::ToUnixNanos(now));
   pinned.store(config_in.pinned);
   absl::MutexLock l(&mu);
@@ -402,6 +412,7 @@ absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchReques
                                                        req.pages, fills, req.offset, lease.size()));
   // Pages over a token write's rows: that write's record goes (resident_rows.h).
   resident.Overwritten(lease.id(), layout.buffer_offset, layout.total_bytes);
+  lease.NoteWrite(writer_id, layout.buffer_offset, layout.total_bytes);
   if (req.want_positions) {
     for (int h = 0; h < c.kv_heads; ++h) {
       if (req.pages[h].empty()) continue;  // (selectors may not exist yet)
@@ -530,7 +541,14 @@ absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const Fetch
   // these bytes overlap); the new one is put once the write succeeded.
   std::optional<ResidentRegion> before =
       resident.TakeForWrite(req.layer, lease.id(), req.offset, layout.total_bytes, req.num_layers);
+  // Another writer (a session sharing the buffer, the decode ring) over
+  // these bytes since: the rows there are not this session's any more.
+  if (before.has_value() &&
+      lease.WrittenSince(writer_id, req.offset, layout.total_bytes, before->stamp)) {
+    before.reset();
+  }
   ResidentRegion after;
+  after.stamp = lease.NoteWrite(writer_id, req.offset, layout.total_bytes);
   after.buffer_id = lease.id();
   after.offset = req.offset;
   after.bytes = layout.total_bytes;

@@ -136,6 +136,9 @@ class Session {
   // layer (FetchRequest::in_place; resident_rows.h). Its own leaf mutex:
   // fetches run under mu shared.
   mutable ResidentRows resident;
+  // This session's writer id in the buffers' write logs (write_log.h):
+  // unique in the process, never 0, never reused.
+  const uint64_t writer_id;
   // Tokens every layer holds. A chunk may arrive in layer ranges (whole layer
   // groups, in order): while one is incomplete, next_layer is the first layer
   // still to come and pending_tokens its token count; group_tokens says what

@@ -42,6 +42,7 @@ struct BufferLease::Entry {
   std::shared_ptr<IpcMemory> memory;
   std::shared_ptr<PushChannel> channel;
   std::optional<ResolvedKvLayout> paged_kv;
+  WriteLog writes;
 
   ~Entry() {
     // Work still running from a push with a done event must finish before
@@ -171,6 +172,15 @@ absl::Status BufferLease::SignalDone(const std::string& done_event) {
   if (!done.ok()) return done.status();
   if (!done->has_value()) return absl::OkStatus();
   return entry_->channel->RecordDone(**done);
+}
+
+uint64_t BufferLease::NoteWrite(uint64_t writer, uint64_t offset, uint64_t bytes) {
+  return entry_ == nullptr ? 0 : entry_->writes.Note(writer, offset, bytes);
+}
+
+bool BufferLease::WrittenSince(uint64_t writer, uint64_t offset, uint64_t bytes,
+                               uint64_t stamp) const {
+  return entry_ == nullptr || entry_->writes.WrittenSince(writer, offset, bytes, stamp);
 }
 
 bool BufferLease::registered() const {

@@ -42,6 +42,7 @@
 #include "server/transfer/device_push.h"
 #include "server/transfer/gather.h"
 #include "server/transfer/paged_kv_layout.h"
+#include "server/transfer/write_log.h"
 
 namespace icecache {
 
@@ -147,6 +148,13 @@ class BufferLease {
   // False once the buffer was unregistered, expired or dropped with its
   // tenant (the lease keeps the mapping alive; background work stops).
   bool registered() const;
+
+  // The buffer's write log (write_log.h), shared by every lease of it: every
+  // daemon write into the buffer notes itself there first (Session's fetches
+  // with the session's writer id, the decode ring's responses with
+  // WriteLog::kNoWriter). Write and WriteFetch do not note by themselves.
+  uint64_t NoteWrite(uint64_t writer, uint64_t offset, uint64_t bytes);
+  bool WrittenSince(uint64_t writer, uint64_t offset, uint64_t bytes, uint64_t stamp) const;
 
   struct Entry;  // internal to buffer_registry.cc
 

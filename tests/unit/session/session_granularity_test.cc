@@ -391,6 +391,45 @@ TEST_F(SessionInPlaceTest, WithoutARecordOfTheSamePlaceTheWriteIsWhole) {
   ExpectRows(next->layout, data(), true);
 }
 
+// An engine that hands a region of its one buffer to another sequence: the
+// other session's rows are there now, and the first session's next in-place
+// write must not keep them (WriteLog, write_log.h).
+TEST_F(SessionInPlaceTest, AnotherSessionsWriteOverTheRegionMakesTheWriteWhole) {
+  const std::string a = Session(std::nullopt);
+  const std::vector<uint8_t> a_kv = kv_;
+  auto b_info = manager_->CreateSession(Alice(), config_);
+  ASSERT_THAT(b_info, IsOk());
+  const std::string b = b_info->id;
+  ASSERT_THAT(manager_->AppendKv(Alice(), b, kTokens, MakeKv(config_, 0, kTokens, /*seed=*/9)),
+              IsOk());
+
+  ASSERT_THAT(StepAt(a, 11, 0, true), IsOk());
+  auto kept = StepAt(a, 11, 0, true);
+  ASSERT_THAT(kept, IsOk());
+  EXPECT_EQ(kept->layout.rows_kept, Rows());
+  // Session b writes its own rows there (same shape, same place).
+  auto other = StepAt(b, 11, 0, false);
+  ASSERT_THAT(other, IsOk());
+  EXPECT_EQ(other->layout.total_bytes, kept->layout.total_bytes);
+  // a's record is void: every row is a's again.
+  auto after = StepAt(a, 11, 0, true);
+  ASSERT_THAT(after, IsOk());
+  EXPECT_EQ(after->layout.rows_kept, 0u);
+  EXPECT_EQ(after->layout.rows_copied, Rows());
+  kv_ = a_kv;
+  ExpectRows(after->layout, data(), true);
+  // And its record holds again for the next step.
+  auto next = StepAt(a, 11, 0, true);
+  ASSERT_THAT(next, IsOk());
+  EXPECT_EQ(next->layout.rows_kept, Rows());
+  // A write of b elsewhere in the buffer leaves a's record alone.
+  ASSERT_THAT(StepAt(b, 11, 3 * next->layout.total_bytes, false), IsOk());
+  auto elsewhere = StepAt(a, 11, 0, true);
+  ASSERT_THAT(elsewhere, IsOk());
+  EXPECT_EQ(elsewhere->layout.rows_kept, Rows());
+  ExpectRows(elsewhere->layout, data(), true);
+}
+
 TEST_F(SessionInPlaceTest, TheLayersOfAGroupKeepTheirOwnRecords) {
   const std::string id = Session(std::nullopt);
   constexpr uint64_t kLater = 16384;  // layer 1's region
