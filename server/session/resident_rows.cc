@@ -3,17 +3,9 @@
 #include <algorithm>
 #include <utility>
 
+#include "server/transfer/write_log.h"
+
 namespace icecache {
-
-namespace {
-
-bool Overlaps(uint64_t a, uint64_t a_bytes, uint64_t b, uint64_t b_bytes) {
-  // [a, a + a_bytes) and [b, b + b_bytes), without overflow.
-  if (a_bytes == 0 || b_bytes == 0) return false;
-  return a < b ? b - a < a_bytes : a - b < b_bytes;
-}
-
-}  // namespace
 
 ResidentRows::ResidentRows(int layers)
     : layers_(std::max(layers, 0)), by_layer_(static_cast<size_t>(layers_)) {}
@@ -21,7 +13,7 @@ ResidentRows::ResidentRows(int layers)
 void ResidentRows::DropOverlapping(std::string_view buffer_id, uint64_t offset, uint64_t bytes) {
   for (std::optional<ResidentRegion>& r : by_layer_) {
     if (r.has_value() && r->buffer_id == buffer_id &&
-        Overlaps(r->offset, r->bytes, offset, bytes)) {
+        RangesOverlap(r->offset, r->bytes, offset, bytes)) {
       r.reset();
     }
   }

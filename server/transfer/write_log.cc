@@ -2,15 +2,10 @@
 
 namespace icecache {
 
-namespace {
-
-bool Overlaps(uint64_t a, uint64_t a_bytes, uint64_t b, uint64_t b_bytes) {
-  // [a, a + a_bytes) and [b, b + b_bytes), without overflow.
+bool RangesOverlap(uint64_t a, uint64_t a_bytes, uint64_t b, uint64_t b_bytes) {
   if (a_bytes == 0 || b_bytes == 0) return false;
   return a < b ? b - a < a_bytes : a - b < b_bytes;
 }
-
-}  // namespace
 
 WriteLog::WriteLog() : ring_(kCapacity) {}
 
@@ -29,7 +24,7 @@ bool WriteLog::WrittenSince(uint64_t writer, uint64_t offset, uint64_t bytes,
   if (next_ - 1 - stamp >= kCapacity) return true;
   for (uint64_t s = stamp + 1; s < next_; ++s) {
     const Entry& e = ring_[s % kCapacity];
-    if (e.writer != writer && Overlaps(e.offset, e.bytes, offset, bytes)) return true;
+    if (e.writer != writer && RangesOverlap(e.offset, e.bytes, offset, bytes)) return true;
   }
   return false;
 }

@@ -24,6 +24,10 @@
 
 namespace icecache {
 
+// [a, a + a_bytes) and [b, b + b_bytes) share a byte (overflow safe; an
+// empty range overlaps nothing).
+bool RangesOverlap(uint64_t a, uint64_t a_bytes, uint64_t b, uint64_t b_bytes);
+
 class WriteLog {
  public:
   static constexpr size_t kCapacity = 1024;
