@@ -119,6 +119,11 @@ struct SessionSpec {
   // level and candidate pages per budget page; 0 = the daemon's default.
   uint32_t mdci_field_of_view = 0;
   float mdci_candidate_factor = 0.0f;
+  // MDCI: > 0 selects by a full scan of 4-bit product-quantised keys,
+  // scoring this many x budget tokens' worth of the best pages exactly
+  // (types.proto MdciParams.pq_factor, 1..512; head_dim a multiple of 8);
+  // 0 = the tree's descent.
+  float mdci_pq_factor = 0.0f;
   // Page checksums (types.proto PageChecksums): computed at append, checked
   // at fetch (every page, or a sampled fraction); a mismatch is DATA_LOSS.
   enum class Checksums { kOff = 1, kEveryPage = 2, kSampled = 3 };

@@ -80,6 +80,7 @@ def session_config(spec: SessionSpec, out: types_pb2.SessionConfig) -> None:
         out.selector.mdci.norm_headroom = p.norm_headroom
         out.selector.mdci.rebuild_fraction = p.rebuild_fraction
         out.selector.mdci.seed = p.seed
+        out.selector.mdci.pq_factor = p.pq_factor
     out.layer_reuse = spec.layer_reuse
     select_params(spec.defaults, out.defaults)
     out.ttl_ms = int(round(spec.ttl_s * 1000))
@@ -129,6 +130,7 @@ def session_info(info: types_pb2.SessionInfo) -> SessionInfo:
             mdci.norm_headroom,
             mdci.rebuild_fraction,
             mdci.seed,
+            mdci.pq_factor,
         )
         if c.selector.HasField("mdci")
         else None,

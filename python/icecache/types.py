@@ -150,6 +150,10 @@ class MdciParams:
     norm_headroom: float = 0.0
     rebuild_fraction: float = 0.0
     seed: int = 0
+    # > 0: select by a full scan of 4-bit product-quantised keys, scoring
+    # this many x budget tokens' worth of the best pages exactly (head_dim a
+    # multiple of 8); 0 = the tree's descent (docs/architecture.md §3.4).
+    pq_factor: float = 0.0
 
 
 @dataclass

@@ -53,6 +53,7 @@
 #include "absl/status/statusor.h"
 #include "server/index/dci_tree.h"
 #include "server/index/page_sketch.h"
+#include "server/index/pq_sketch.h"
 #include "server/index/selector.h"
 #include "server/index/token_select.h"
 
@@ -80,9 +81,11 @@ class MdciSelector : public Selector {
   const int32_t* positions(uint32_t page) const override {
     return tree_->page_table().positions(page);
   }
-  // The tree, and the scoring sketch when MdciParams::sketch_scoring.
+  // The tree, the scoring sketch when MdciParams::sketch_scoring, the
+  // product-quantised codes when MdciParams::pq_factor > 0.
   size_t index_bytes() const override {
-    return tree_->bytes() + (sketch_ != nullptr ? sketch_->bytes() : 0);
+    return tree_->bytes() + (sketch_ != nullptr ? sketch_->bytes() : 0) +
+           (pq_ != nullptr ? pq_->bytes() : 0);
   }
   Placement placement_of(int32_t position) const override;
   bool has_image() const override { return true; }
@@ -123,6 +126,10 @@ class MdciSelector : public Selector {
     if (config.kind == SelectorKind::kMdci && config.mdci.sketch_scoring) {
       sketch_ = std::make_unique<PageSketch>(config.head_dim, config.page_tokens);
     }
+    if (config.kind == SelectorKind::kMdci && config.mdci.pq_factor > 0.0f &&
+        PqSketch::Supports(config.head_dim)) {
+      pq_ = std::make_unique<PqSketch>(config.head_dim, config.page_tokens);
+    }
   }
 
   void SaveImageBody(ByteWriter* w) const override;
@@ -131,6 +138,13 @@ class MdciSelector : public Selector {
   // Per-thread scratch: the descent's candidate pages (mdci), ascending ids.
   void CollectCandidatePages(const float* queries, int num_queries, const SelectParams& params,
                              uint64_t* touched) const;
+  // MdciParams::pq_factor: the candidate pages from a full scan of the
+  // product-quantised codes (the best pq_factor x budget tokens' worth of
+  // pages by estimated group mass, and the `forced` pages; ascending ids)
+  // and each query's estimated
+  // rest and candidates' mass (as the descent's), into the thread's scratch.
+  void CollectPqCandidatePages(const float* queries, int num_queries, const SelectParams& params,
+                               const std::vector<uint32_t>& forced, uint64_t* touched) const;
   // MdciParams::calibrated_rest: the descent's rest per query, corrected by
   // its error on the scored candidates, into the thread's scratch.
   void CalibrateRest(int num_queries) const;
@@ -146,6 +160,7 @@ class MdciSelector : public Selector {
   const PageKeys* keys_;
   std::unique_ptr<DciTree> tree_;
   std::unique_ptr<PageSketch> sketch_;  // MdciParams::sketch_scoring (kMdci only)
+  std::unique_ptr<PqSketch> pq_;        // MdciParams::pq_factor > 0 (kMdci only)
 };
 
 }  // namespace icecache

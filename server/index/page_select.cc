@@ -208,6 +208,10 @@ absl::Status ValidateSelect(const Selector& selector, const float* queries, int 
         "field_of_view (", params.field_of_view, ") and candidate_factor (",
         params.candidate_factor, ") must be >= 0 (0: the selector's configured width)"));
   }
+  if (!(params.pq_factor >= 0.0f) || !std::isfinite(params.pq_factor)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "pq_factor must be finite and >= 0 (0: the selector's), got ", params.pq_factor));
+  }
   if (params.sink_tokens < 0 || params.recent_tokens < 0) {
     return absl::InvalidArgumentError(absl::StrCat("sink_tokens (", params.sink_tokens,
                                                    ") and recent_tokens (", params.recent_tokens,

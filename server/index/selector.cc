@@ -88,6 +88,17 @@ absl::Status ValidateConfig(const SelectorConfig& c) {
                      c.quest_rescore_factor));
   }
   if (c.kind == SelectorKind::kMdci || c.kind == SelectorKind::kExactMdci) {
+    if (!(c.mdci.pq_factor >= 0.0f) || !std::isfinite(c.mdci.pq_factor)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("SelectorConfig.mdci.pq_factor must be finite and >= 0 (0: off), got ",
+                       c.mdci.pq_factor));
+    }
+    if (c.mdci.pq_factor > 0.0f && (c.head_dim % 8 != 0 || c.num_query_heads > 64)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "SelectorConfig.mdci.pq_factor > 0 (the product-quantised scan) needs head_dim a "
+          "multiple of 8 and at most 64 query heads per KV head; got head_dim ",
+          c.head_dim, ", ", c.num_query_heads, " query heads"));
+    }
     return ValidateMdciParams(c.mdci);
   }
   return ValidateBaselineParams(c.baseline, std::string(SelectorKindName(c.kind)).c_str(),

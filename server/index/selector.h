@@ -126,6 +126,14 @@ struct MdciParams {
   // exact references (exact-mdci, exhaustive selects, ExactPageMasses) and
   // token granularity read the frames as before.
   bool sketch_scoring = false;
+  // > 0: mdci keeps a 4-bit product-quantised copy of the keys (PqSketch:
+  // head_dim / 8 bytes per token, 1/16 of fp16 keys; head_dim a multiple of
+  // 8) and selects by scanning it in full instead of descending the tree:
+  // the pages holding the most estimated group mass, pq_factor x budget
+  // tokens' worth of them, are scored exactly from the frames and the best
+  // taken. The layout (the tree's pages) is unchanged, and so are the exact
+  // references and exhaustive selects. 0: off (the tree's descent).
+  float pq_factor = 0.0f;
 };
 
 struct SelectorConfig {
@@ -185,6 +193,9 @@ struct SelectParams {
   // mdci: the descent's ranking for this call (the width calibrator's
   // choice); other selectors ignore it.
   DescentRanking ranking = DescentRanking::kSelector;
+  // mdci with MdciParams::pq_factor > 0: the factor for this call (0 = the
+  // selector's). >= 0. Other selectors ignore it.
+  float pq_factor = 0.0f;
 };
 
 // Result of one selection, in descending score order (sink/recent pages

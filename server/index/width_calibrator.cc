@@ -13,7 +13,8 @@
 namespace icecache {
 
 absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
-    const CalibratorOptions& o, int base_field_of_view, float base_candidate_factor) {
+    const CalibratorOptions& o, int base_field_of_view, float base_candidate_factor,
+    float base_pq_factor) {
   auto bad = [](const char* what, double v) {
     return absl::InvalidArgumentError(absl::StrCat("calibrator ", what, ", got ", v));
   };
@@ -59,8 +60,11 @@ absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
   if (!(base_candidate_factor > 0.0f)) {
     return bad("base candidate_factor must be > 0", base_candidate_factor);
   }
+  if (!(base_pq_factor >= 0.0f) || !std::isfinite(base_pq_factor)) {
+    return bad("base pq_factor must be finite and >= 0", base_pq_factor);
+  }
   auto c = std::unique_ptr<WidthCalibrator>(
-      new WidthCalibrator(o, base_field_of_view, base_candidate_factor));
+      new WidthCalibrator(o, base_field_of_view, base_candidate_factor, base_pq_factor));
   absl::MutexLock lock(&c->mu_);
   c->release_needed_ = 4LL * o.settle_samples;
   c->trial_needed_ = o.ranking_trial_samples;
@@ -180,7 +184,8 @@ void WidthCalibrator::Observe(const QualitySample& sample) {
 }
 
 bool WidthCalibrator::TrialRunning() const {
-  return o_.ranking_trial_samples > 0 && mode_ == SelectMode::kTree;
+  // The duel ranks the descent's nodes: nothing to rank for the scan.
+  return o_.ranking_trial_samples > 0 && mode_ == SelectMode::kTree && base_pq_ == 0.0f;
 }
 
 namespace {
@@ -280,6 +285,7 @@ void WidthCalibrator::Apply(SelectParams* params) const {
   absl::MutexLock lock(&mu_);
   params->field_of_view = static_cast<int>(std::lround(base_fov_ * width_));
   params->candidate_factor = base_factor_ * static_cast<float>(width_);
+  params->pq_factor = base_pq_ * static_cast<float>(width_);
   params->exhaustive = mode_ == SelectMode::kExact;
   params->ranking = ranking_;
 }
@@ -290,6 +296,7 @@ CalibratorReport WidthCalibrator::report() const {
   r.width = width_;
   r.field_of_view = static_cast<int>(std::lround(base_fov_ * width_));
   r.candidate_factor = base_factor_ * static_cast<float>(width_);
+  r.pq_factor = base_pq_ * static_cast<float>(width_);
   r.steps = steps_;
   r.samples = samples_;
   r.changes = changes_;

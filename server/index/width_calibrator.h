@@ -144,6 +144,7 @@ struct CalibratorReport {
   double width = 1.0;  // the multiplier now in use
   int field_of_view = 0;
   float candidate_factor = 0.0f;
+  float pq_factor = 0.0f;        // > 0: the scan's factor now (base_pq_factor x width)
   int64_t steps = 0;             // ShouldSample() calls
   int64_t samples = 0;           // Observe() calls
   int64_t changes = 0;           // width changes
@@ -208,10 +209,14 @@ struct CalibratorState {
 class WidthCalibrator {
  public:
   // InvalidArgument naming the option out of range (see CalibratorOptions),
-  // or a base field_of_view < 1 / candidate_factor <= 0.
+  // or a base field_of_view < 1 / candidate_factor <= 0 / pq_factor < 0.
+  // base_pq_factor > 0 (a selector with MdciParams::pq_factor, which selects
+  // by the product-quantised scan): the width multiplies it too
+  // (SelectParams::pq_factor), the scan's one knob.
   static absl::StatusOr<std::unique_ptr<WidthCalibrator>> Create(const CalibratorOptions& options,
                                                                  int base_field_of_view,
-                                                                 float base_candidate_factor);
+                                                                 float base_candidate_factor,
+                                                                 float base_pq_factor = 0.0f);
 
   // Counts one selection made with `used` (the params Apply set) that cost
   // `cost_ns` (the caller's clock; <= 0: not timed); true when it should be
@@ -223,8 +228,7 @@ class WidthCalibrator {
   // One measured step; adapts the width.
   void Observe(const QualitySample& sample) ABSL_LOCKS_EXCLUDED(mu_);
   // The width to select with: sets params->field_of_view / candidate_factor
-  // and params->exhaustive (exact mode).
-  // and params->ranking.
+  // / pq_factor, params->exhaustive (exact mode) and params->ranking.
   void Apply(SelectParams* params) const ABSL_LOCKS_EXCLUDED(mu_);
   // With the ranking duel on, in tree mode: the other ranking, to select
   // with as well on the sample being taken (its ratio goes in QualitySample.
@@ -258,10 +262,11 @@ class WidthCalibrator {
   absl::Status Restore(const CalibratorState& s) ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
-  WidthCalibrator(const CalibratorOptions& o, int fov, float factor)
+  WidthCalibrator(const CalibratorOptions& o, int fov, float factor, float pq)
       : o_(o),
         base_fov_(fov),
         base_factor_(factor),
+        base_pq_(pq),
         width_(o.min_width),
         floor_(o.min_width),
         schedule_(ScheduleOf(o)),
@@ -285,6 +290,7 @@ class WidthCalibrator {
   const CalibratorOptions o_;
   const int base_fov_;
   const float base_factor_;
+  const float base_pq_;  // 0: the tree's descent
   mutable absl::Mutex mu_;
   double width_ ABSL_GUARDED_BY(mu_);
   double floor_ ABSL_GUARDED_BY(mu_);                // decreases stop here

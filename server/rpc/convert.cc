@@ -268,6 +268,15 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& p,
       !st.ok())
     return st;
   if (mp.seed() != 0) md.seed = mp.seed();
+  if (auto st = bounded_f(mp.pq_factor(), 1, 512, "selector.mdci.pq_factor", &md.pq_factor);
+      !st.ok())
+    return st;
+  if (md.pq_factor > 0 && c.head_dim % 8 != 0) {
+    return BadField("selector.mdci.pq_factor",
+                    absl::StrCat("needs head_dim a multiple of 8 (the 4-bit codes take 4 "
+                                 "dimensions each, two per byte), got head_dim ",
+                                 c.head_dim));
+  }
 
   const v1::SelectParams& d = p.defaults();
   c.default_select.budget_tokens = defaults.budget_tokens;
@@ -312,6 +321,7 @@ v1::SessionConfig SessionConfigToProto(const SessionConfig& c) {
   mp->set_norm_headroom(c.mdci.norm_headroom);
   mp->set_rebuild_fraction(c.mdci.rebuild_fraction);
   mp->set_seed(c.mdci.seed);
+  mp->set_pq_factor(c.mdci.pq_factor);
   v1::SelectParams* d = p.mutable_defaults();
   d->set_budget_tokens(std::max(0, c.default_select.budget_tokens));
   d->set_sink_tokens(std::max(0, c.default_select.sink_tokens));

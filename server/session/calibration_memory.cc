@@ -38,7 +38,8 @@ std::string CalibrationKey(std::string_view tenant, const SessionConfig& c, int6
                   m.refine_iters, " ", m.cover_factor, " ", m.entry_nodes, " ", m.spread_weight);
   absl::StrAppend(&key, " ", int{m.calibrated_rest}, int{m.normalized_descent}, int{m.query_quotas},
                   int{m.augmented_routing}, int{m.sketch_scoring}, " ", m.spread_rank, " ",
-                  m.locality_window, " ", m.min_candidate_pages, " ", m.decode_slack);
+                  m.locality_window, " ", m.min_candidate_pages, " ", m.decode_slack, " pq ",
+                  m.pq_factor);
   absl::StrAppend(&key, "|context 2^", ContextBucket(tokens));
   return key;
 }

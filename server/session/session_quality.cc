@@ -203,8 +203,8 @@ absl::StatusOr<std::vector<std::unique_ptr<HeadQualityMonitor>>> MakeHeadQuality
   for (int i = 0; i < total; ++i) {
     std::unique_ptr<WidthCalibrator> calibrator;
     if (calibrate) {
-      absl::StatusOr<std::unique_ptr<WidthCalibrator>> made =
-          WidthCalibrator::Create(co, config.mdci.field_of_view, config.mdci.candidate_factor);
+      absl::StatusOr<std::unique_ptr<WidthCalibrator>> made = WidthCalibrator::Create(
+          co, config.mdci.field_of_view, config.mdci.candidate_factor, config.mdci.pq_factor);
       if (!made.ok()) {
         return absl::InvalidArgumentError(
             absl::StrCat("session config: ", made.status().message()));

@@ -92,7 +92,8 @@ Json ConfigToJson(const SessionConfig& c) {
         {"spread_weight", m.spread_weight},
         {"spread_rank", m.spread_rank},
         {"locality_window", m.locality_window},
-        {"sketch_scoring", m.sketch_scoring}}},
+        {"sketch_scoring", m.sketch_scoring},
+        {"pq_factor", m.pq_factor}}},
       {"budget_tokens", c.default_select.budget_tokens},
       {"sink_tokens", c.default_select.sink_tokens},
       {"recent_tokens", c.default_select.recent_tokens},
@@ -136,6 +137,7 @@ absl::StatusOr<SessionConfig> ConfigFromJson(const Json& j) {
   m.spread_rank = static_cast<int>(Int(md, "spread_rank", m.spread_rank));
   m.locality_window = static_cast<int>(Int(md, "locality_window", m.locality_window));
   m.sketch_scoring = Bool(md, "sketch_scoring", m.sketch_scoring);
+  m.pq_factor = static_cast<float>(Num(md, "pq_factor", m.pq_factor));
   c.default_select.budget_tokens = static_cast<int>(Int(j, "budget_tokens", 256));
   c.default_select.sink_tokens = static_cast<int>(Int(j, "sink_tokens", 4));
   c.default_select.recent_tokens = static_cast<int>(Int(j, "recent_tokens", 0));

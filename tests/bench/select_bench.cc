@@ -280,9 +280,9 @@ class SelectorMethod : public TreeMethod {
     return true;
   }
   absl::Status Calibrate(const CalibratorOptions& o) {
-    ASSIGN_OR_RETURN(calibrator_,
-                     WidthCalibrator::Create(o, selector_->config().mdci.field_of_view,
-                                             selector_->config().mdci.candidate_factor));
+    ASSIGN_OR_RETURN(calibrator_, WidthCalibrator::Create(o, selector_->config().mdci.field_of_view,
+                                                          selector_->config().mdci.candidate_factor,
+                                                          selector_->config().mdci.pq_factor));
     warmup_samples_ = o.warmup_samples;
     return absl::OkStatus();
   }
@@ -292,16 +292,18 @@ class SelectorMethod : public TreeMethod {
     const double steady =
         times_.steady_select_s > 0 ? times_.steady_sample_s / times_.steady_select_s : 0.0;
     return absl::StrFormat(
-        "calibrated: %s, %s ranking (%lld switches, gain of the other %+.4f), width %.2f (fov %d, "
-        "candidate "
-        "factor %.1f), %lld changes, %lld "
+        "calibrated: %s, %s ranking (%lld switches, gain of the other %+.4f), width %.2f (%s), "
+        "%lld changes, %lld "
         "fallbacks, %lld of %lld selections exact, sampled mass ratio %.4f (last %.4f), page "
         "recall %.3f, %lld sampled, %.2f s sampling; steady: 1 in %lld, %.1f%% over %lld steps; "
         "thread CPU: tree %.0f us at this width, exact %.0f us",
         r.mode == SelectMode::kExact ? "EXACT" : "tree",
         std::string(DescentRankingName(r.ranking)).c_str(),
-        static_cast<long long>(r.ranking_switches), r.trial_gain, r.width, r.field_of_view,
-        r.candidate_factor, static_cast<long long>(r.changes), static_cast<long long>(r.fallbacks),
+        static_cast<long long>(r.ranking_switches), r.trial_gain, r.width,
+        r.pq_factor > 0
+            ? absl::StrFormat("pq factor %.1f", r.pq_factor)
+            : absl::StrFormat("fov %d, candidate factor %.1f", r.field_of_view, r.candidate_factor),
+        static_cast<long long>(r.changes), static_cast<long long>(r.fallbacks),
         static_cast<long long>(r.exact_steps), static_cast<long long>(r.steps), r.mean_ratio,
         r.last_ratio, r.mean_topk_recall, static_cast<long long>(r.samples), times_.sample_s,
         static_cast<long long>(r.sample_interval), 100 * steady,

@@ -177,6 +177,11 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "mdci: rank the candidate pages from an int8 copy of the keys (1) or the fp16 "
                   "frames (0)")
       ->capture_default_str();
+  app->add_option("--mdci-pq", o_.mdci.pq_factor,
+                  "mdci: > 0 selects by a full scan of 4-bit product-quantised keys, scoring this "
+                  "many x budget tokens' worth of the best pages exactly (MdciParams::pq_factor); "
+                  "0: the tree's descent")
+      ->capture_default_str();
   app->add_option("--mdci-query-quotas", o_.mdci.query_quotas,
                   "mdci: each query of the group takes its share of the descent's nodes from its "
                   "own ranking (1) or one ranking for the group (0)");
@@ -225,9 +230,11 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "--matrix: comma-separated subset of: " +
                       absl::StrJoin(SyntheticFamilyNames(), ",") + " (default: all)")
       ->type_name("LIST");
-  app->add_option("--widths", widths_,
-                  "--matrix: mdci widths of the frontier, FOVxCF (field of view x candidate "
-                  "factor) or 'exhaustive', e.g. 32x8,128x16,512x32,exhaustive (default: none)")
+  app->add_option(
+         "--widths", widths_,
+         "--matrix: mdci widths of the frontier, FOVxCF (field of view x candidate "
+         "factor), 'exhaustive', or pqF (the product-quantised scan, MdciParams::pq_factor "
+         "F), e.g. 32x8,128x16,512x32,pq8,exhaustive (default: none)")
       ->type_name("LIST");
   app->add_option("--frontier-token", o_.frontier_token,
                   "--matrix: run the --widths at token granularity too (the granularity "

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -59,9 +60,12 @@ MdciParams WidthParams(const WidthSpec& w, const MdciParams& base, int64_t conte
   if (w.exhaustive) {
     p.field_of_view = 1 << 20;
     p.candidate_factor = static_cast<float>(context / std::max(1, budget) + 1);
+  } else if (w.pq_factor > 0) {
+    p.pq_factor = w.pq_factor;
   } else {
     p.field_of_view = w.field_of_view;
     p.candidate_factor = w.candidate_factor;
+    p.pq_factor = 0;  // a tree width, also under --mdci-pq
   }
   return p;
 }
@@ -412,13 +416,21 @@ absl::StatusOr<WidthSpec> ParseWidth(const std::string& text) {
     w.exhaustive = true;
     return w;
   }
+  if (absl::StartsWith(text, "pq")) {
+    if (!absl::SimpleAtof(text.substr(2), &w.pq_factor) || !(w.pq_factor > 0) ||
+        !std::isfinite(w.pq_factor)) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "--widths: '%s' is not pqF (the product-quantised scan, factor F > 0, e.g. pq8)", text));
+    }
+    return w;
+  }
   const std::vector<std::string> parts = absl::StrSplit(text, 'x');
   if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &w.field_of_view) ||
       !absl::SimpleAtof(parts[1], &w.candidate_factor) || w.field_of_view < 1 ||
       !(w.candidate_factor > 0) || !std::isfinite(w.candidate_factor)) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "--widths: '%s' is not FOVxCF (field of view >= 1 x candidate factor > 0, e.g. 128x16) "
-        "or 'exhaustive'",
+        "or 'exhaustive' or pqF",
         text));
   }
   return w;

@@ -38,6 +38,7 @@ struct WidthSpec {
   int field_of_view = 0;
   float candidate_factor = 0;
   bool exhaustive = false;
+  float pq_factor = 0;  // "pqF": the product-quantised scan (MdciParams::pq_factor)
 };
 
 // InvalidArgument naming the bad entry (for --widths).

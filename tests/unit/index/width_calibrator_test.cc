@@ -628,6 +628,61 @@ TEST(WidthCalibratorTest, RealMdciReachesTheTargetOnSampledSteps) {
   EXPECT_GE(last_mean, 0.95 - 0.02) << "first sample " << first;
 }
 
+// A selector that scans its product-quantised codes (MdciParams::pq_factor)
+// is calibrated through the scan's factor: Apply scales it with the width,
+// and the sampled ratio reaches the target from a factor far too small.
+TEST(WidthCalibratorTest, TheScansFactorIsCalibratedLikeTheTreesWidth) {
+  const int kG = 4;
+  testing::HeadData h = testing::MakeSyntheticHead(8192, kG, 40, 11);
+  ASSERT_GT(h.n, 0);
+  ASSERT_EQ(h.dim % 8, 0);
+  SelectorConfig cfg;
+  cfg.kind = SelectorKind::kMdci;
+  cfg.head_dim = h.dim;
+  cfg.dtype = DType::kF32;
+  cfg.num_query_heads = kG;
+  cfg.mdci.min_candidate_pages = 1;
+  cfg.mdci.pq_factor = 0.25f;  // deliberately too few pages scored exactly
+  auto frames = OwnedPageKeys::ForSelector(cfg);
+  ASSERT_THAT(frames.status(), IsOk());
+  auto made = MdciSelector::Create(cfg, frames->get());
+  ASSERT_THAT(made.status(), IsOk());
+  MdciSelector& sel = **made;
+  std::vector<Placement> pl;
+  ASSERT_THAT(sel.Build(h.keys.data(), h.n, &pl), IsOk());
+  ASSERT_THAT((*frames)->Apply(pl, h.keys.data()), IsOk());
+  CalibratorOptions o;
+  o.target_ratio = 0.95;
+  o.warmup_samples = 40;
+  o.exact_cost_ratio = 0;  // the cost does not decide here: the ratio does
+  EXPECT_THAT(WidthCalibrator::Create(o, 32, 8.0f, -1.0f).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  auto cal = WidthCalibrator::Create(o, cfg.mdci.field_of_view, cfg.mdci.candidate_factor,
+                                     cfg.mdci.pq_factor);
+  ASSERT_THAT(cal.status(), IsOk());
+  EXPECT_FALSE((*cal)->TrialRanking().has_value());
+  double first = -1, last_mean = 0;
+  for (int step = 0; step < 40; ++step) {
+    SelectParams p;
+    p.budget_tokens = 128;
+    (*cal)->Apply(&p);
+    EXPECT_FLOAT_EQ(p.pq_factor, 0.25f * static_cast<float>((*cal)->report().width));
+    Selection s;
+    ASSERT_THAT(sel.Select(h.query(step), kG, p, &s), IsOk());
+    ASSERT_TRUE((*cal)->ShouldSample(p, 0));
+    (*cal)->Taken();
+    auto q = MeasureSelection(sel, h.query(step), kG, p, s);
+    ASSERT_THAT(q.status(), IsOk());
+    if (first < 0) first = q->mass_ratio;
+    if (step >= 30) last_mean += q->mass_ratio / 10;
+    (*cal)->Observe(*q);
+  }
+  EXPECT_LT(first, 0.95);
+  EXPECT_GT((*cal)->report().width, 1.0);
+  EXPECT_GT((*cal)->report().pq_factor, 0.25f);
+  EXPECT_GE(last_mean, 0.95 - 0.02) << "first sample " << first;
+}
+
 // An mdci selector built on one head of `h`, with its frames.
 struct BuiltMdci {
   std::unique_ptr<OwnedPageKeys> frames;

@@ -66,6 +66,13 @@ TEST(ConvertTest, SessionConfigRoundTripsThroughProto) {
   EXPECT_EQ(again->selector, c->selector);
   EXPECT_EQ(again->ttl, c->ttl);
   EXPECT_EQ(again->mdci.field_of_view, c->mdci.field_of_view);
+  EXPECT_EQ(again->mdci.pq_factor, 0.0f);  // unset: the tree's descent
+  v1::SessionConfig scan = GoodProto();
+  scan.mutable_selector()->mutable_mdci()->set_pq_factor(16);
+  auto with_scan = SessionConfigFromProto(scan, SelectDefaults{1, 1, 1});
+  ASSERT_THAT(with_scan, IsOk());
+  EXPECT_EQ(with_scan->mdci.pq_factor, 16.0f);
+  EXPECT_EQ(SessionConfigToProto(*with_scan).selector().mdci().pq_factor(), 16.0f);
   // Session defaults travel explicitly, so other daemon defaults do not leak in.
   EXPECT_EQ(again->default_select.budget_tokens, c->default_select.budget_tokens);
   EXPECT_EQ(again->default_select.sink_tokens, c->default_select.sink_tokens);
@@ -122,6 +129,15 @@ TEST(ConvertTest, SessionConfigErrorsNameTheField) {
       {"selector.mdci.rebuild_fraction",
        [](v1::SessionConfig* p) {
          p->mutable_selector()->mutable_mdci()->set_rebuild_fraction(2);
+       }},
+      {"selector.mdci.pq_factor",
+       [](v1::SessionConfig* p) { p->mutable_selector()->mutable_mdci()->set_pq_factor(600); }},
+      {"selector.mdci.pq_factor",
+       [](v1::SessionConfig* p) { p->mutable_selector()->mutable_mdci()->set_pq_factor(NAN); }},
+      {"selector.mdci.pq_factor",
+       [](v1::SessionConfig* p) {
+         p->mutable_selector()->mutable_mdci()->set_pq_factor(8);
+         p->mutable_model()->set_head_dim(36);  // not a multiple of 8
        }},
       {"ttl_ms", [](v1::SessionConfig* p) { p->set_ttl_ms(~uint64_t{0}); }},
       {"defaults.budget_tokens",

@@ -1,0 +1,137 @@
+// PqSketch: a 4-bit product quantiser of a selector's keys, scanned in
+// full as mdci's first pass (MdciParams::pq_scan, docs/architecture.md §3.4).
+//
+// The keys, less their mean (a shift common to every key adds the same
+// q.mean to every logit of a query and changes no softmax over tokens), are
+// cut into dim / 4 sub-vectors of 4 dimensions; each sub-space gets 16
+// centroids by k-means on a sample of the keys, and a key is stored as
+// dim / 4 four-bit codes: 16 bytes per token at dim 128, 1/16 of the fp16
+// frames. A query's inner product with every centroid is tabulated once and
+// quantised to uint8 per sub-space (a per-query step, a per-sub-space
+// offset), so a token's approximate logit is the sum of dim / 4 table bytes:
+// in SIMD, 32 tokens per shuffle ("fast scan", the layout of FAISS's
+// IndexPQFastScan and Andre et al., "Cache locality is not enough", VLDB
+// 2015; written here from the idea, not the code).
+//
+// Codes are kept by slot (page x page_tokens + row) in groups of 32 slots:
+// per group, dim / 8 lines of 32 bytes, line p holding sub-space 2p in its
+// low 16 bytes and 2p + 1 in its high 16; byte i of a half holds the code of
+// the group's slot i (low nibble) and slot i + 16 (high nibble). Groups are
+// kept in blocks that never move (an insert allocates at most one block).
+//
+// EstimatePageMass gives, per page and query, an estimate of the sum of the
+// exponentiated scaled logits of the page's rows from the codes: e^max +
+// (fill - 1) e^mean over its approximate logits, between the page's largest
+// term and the bound fill x e^max. mdci ranks pages by the group mass it implies and
+// scores the best of them exactly from the frames.
+//
+// It is derived from the keys only: Train() fits the codebooks on the keys a
+// Build places, Write() encodes the keys Build and Insert place (decode keys
+// use the prefill codebooks), and Rebuild() fits and encodes from the frames
+// (a warm restart: the image does not carry it).
+//
+// Thread safety: EstimatePageMass() may run concurrently with itself;
+// Train(), Write(), CoverPages() and Rebuild() need exclusive access (the
+// selector's writer lock).
+#ifndef ICECACHE_SERVER_INDEX_PQ_SKETCH_H_
+#define ICECACHE_SERVER_INDEX_PQ_SKETCH_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
+#include "common/dtype.h"
+#include "server/index/selector.h"
+
+namespace icecache {
+
+class PqSketch {
+ public:
+  static constexpr int kSubDims = 4;     // dimensions per sub-space
+  static constexpr int kCentroids = 16;  // per sub-space (4-bit codes)
+  static constexpr int kGroup = 32;      // slots per code group (the scan's unit)
+  static constexpr int kGroupsPerBlock = 256;
+  static constexpr int64_t kMaxTrainRows = 4096;  // k-means sample
+  static constexpr int kTrainIterations = 8;
+
+  // The dims it can quantise: a positive multiple of 8 (an even number of
+  // 4-dim sub-spaces).
+  static bool Supports(int dim) { return dim >= 8 && dim % 8 == 0; }
+
+  // dim: Supports(dim); page_tokens in [1, 256].
+  PqSketch(int dim, int page_tokens);
+
+  // Fits the mean and codebooks on `n` fp32 rows (every (n / kMaxTrainRows)th
+  // when there are more; deterministic). n == 0 leaves it untrained (zero
+  // codebooks: every estimate equal).
+  void Train(const float* keys, int64_t n);
+
+  // Encodes row i of `keys` (fp32, placements.size() x dim), first rounded
+  // to `dtype` (the value the frame holds), into placements[i]'s slot.
+  void Write(const std::vector<Placement>& placements, const float* keys, DType dtype);
+
+  // Opens pages up to `pages` (codes 0).
+  void CoverPages(uint32_t pages) { EnsureSlots(static_cast<uint64_t>(pages) * page_tokens_); }
+
+  // Fits the codebooks on the frames' keys and encodes every page's first
+  // fill(page) rows. FailedPrecondition when a page with rows has no frame.
+  absl::Status Rebuild(const PageKeys& keys, DType dtype, uint32_t num_pages,
+                       absl::FunctionRef<uint32_t(uint32_t)> fill);
+
+  // mass[page * num_queries + j]: the estimated sum over the page's first
+  // fill(page) rows of e^(scale x q_j.k - log_ref[j]), for pages
+  // [0, num_pages) (<= pages covered); 0 for an empty page. log_ref[j] is
+  // query j's largest estimated row logit (-inf when every page is empty),
+  // so log(mass) + log_ref[j] estimates the page's log-sum-exp in the
+  // frames' logit domain. `queries`: num_queries x dim fp32, num_queries in
+  // [1, 64]; mass: num_pages x num_queries, log_ref: num_queries. `bulk`
+  // (if not null, as `mass`) gets fill x e^(mean - log_ref[j]) alone: the
+  // max term's upward noise left out (the selector's normalisers).
+  void EstimatePageMass(const float* queries, int num_queries, float scale, uint32_t num_pages,
+                        absl::FunctionRef<uint32_t(uint32_t)> fill, float* mass, float* log_ref,
+                        float* bulk = nullptr) const;
+
+  // The approximate logit (unscaled, less q.mean) of slot `slot` for query
+  // `q` from the float tables (tests).
+  float ApproxDot(const float* q, uint64_t slot) const;
+  // The code of sub-space `sub` at `slot` (tests).
+  int code(uint64_t slot, int sub) const;
+
+  bool trained() const { return trained_; }
+  uint32_t num_pages() const { return static_cast<uint32_t>(slots_ / page_tokens_); }
+  size_t bytes() const;
+  int subspaces() const { return subspaces_; }
+
+ private:
+  void EnsureSlots(uint64_t slots);
+  uint8_t* group(uint64_t g) const {
+    return blocks_[g / kGroupsPerBlock].get() + (g % kGroupsPerBlock) * group_bytes_;
+  }
+  void Encode(const float* row, uint64_t slot);
+  // Group g's 32 uint16 sums per query (slot order) into `sums`.
+  void ScanGroup(uint64_t g, const uint8_t* luts, int num_queries, uint16_t* sums) const;
+  // The same when each 16-slot half of the group is 16 rows of one page
+  // (page_tokens a multiple of 16, those rows filled): folded at once into
+  // the pages' largest sums and sums (cells cell_lo + j and cell_hi + j).
+  void ScanGroupHalves(uint64_t g, const uint8_t* luts, int num_queries, size_t cell_lo,
+                       size_t cell_hi, uint16_t* pmax, uint32_t* psum) const;
+
+  int dim_;
+  int page_tokens_;
+  int subspaces_;       // dim / 4
+  size_t group_bytes_;  // subspaces / 2 x 32
+  uint64_t slots_ = 0;  // slots covered (whole blocks are allocated)
+  bool trained_ = false;
+  std::vector<float> mean_;
+  std::vector<float> centroids_;  // [subspace][centroid][4]
+  std::vector<std::unique_ptr<uint8_t[]>> blocks_;
+  std::vector<float> row_;  // Write's scratch
+  std::vector<uint8_t> raw_;
+};
+
+}  // namespace icecache
+
+#endif  // ICECACHE_SERVER_INDEX_PQ_SKETCH_H_

@@ -1,0 +1,253 @@
+// PqSketch (the 4-bit product-quantised copy of mdci's keys) and mdci with
+// MdciParams::pq_factor: the fast scan's page estimates equal a scalar
+// reference over the same codes and tables, the codes rebuilt from the
+// frames (a warm restart) equal the codes Build and Insert wrote, and the
+// scan picks pages that hold the mass.
+#include "server/index/pq_sketch.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "server/index/mdci_selector.h"
+#include "server/index/selector.h"
+#include "tests/unit/index/mdci_test_util.h"
+
+namespace icecache {
+namespace {
+
+constexpr int kDim = 64;
+constexpr int kPage = 16;
+
+// The estimate of one page and query from ApproxDot (the float tables, no
+// uint8 rounding): log-sum-exp of the page's rows by the max + mean rule.
+double ReferenceLse(const PqSketch& pq, const float* q, float scale, uint32_t page, int page_tokens,
+                    uint32_t fill, const std::vector<float>& mean) {
+  double mx = -std::numeric_limits<double>::infinity(), sum = 0.0;
+  double qm = 0.0;
+  for (int d = 0; d < kDim; ++d) qm += q[d] * mean[d];
+  for (uint32_t r = 0; r < fill; ++r) {
+    const double v = scale * (pq.ApproxDot(q, static_cast<uint64_t>(page) * page_tokens + r) + qm);
+    mx = std::max(mx, v);
+    sum += v;
+  }
+  const double avg = sum / fill;
+  return mx + std::log1p((fill - 1) * std::exp(avg - mx));
+}
+
+TEST(PqSketchTest, TheFastScanMatchesTheScalarReferenceOverTheSameCodes) {
+  for (int page_tokens : {16, 8, 32, 5}) {
+    const int64_t n = 1000;
+    const std::vector<float> keys = mdci_test::ClusteredKeys(n, kDim, 12, 0.5f, 4);
+    PqSketch pq(kDim, page_tokens);
+    pq.Train(keys.data(), n);
+    ASSERT_TRUE(pq.trained());
+    // Positional placement, some pages left partly filled.
+    std::vector<Placement> pl;
+    std::vector<uint32_t> fill;
+    std::vector<float> placed;
+    int64_t next = 0;
+    for (uint32_t page = 0; next < n; ++page) {
+      const uint32_t f = page % 7 == 3 ? static_cast<uint32_t>(page_tokens) / 2 + 1 : page_tokens;
+      fill.push_back(std::min<uint32_t>(f, static_cast<uint32_t>(n - next)));
+      for (uint32_t r = 0; r < fill.back(); ++r, ++next) {
+        pl.push_back(Placement{page, r});
+        placed.insert(placed.end(), &keys[next * kDim], &keys[(next + 1) * kDim]);
+      }
+    }
+    pq.Write(pl, placed.data(), DType::kF32);
+    const uint32_t pages = static_cast<uint32_t>(fill.size());
+    pq.CoverPages(pages);
+    // The mean the codes are taken around: the sample's mean (every row here).
+    std::vector<float> mean(kDim, 0.0f);
+    for (int64_t i = 0; i < n; ++i) {
+      for (int d = 0; d < kDim; ++d) mean[d] += keys[i * kDim + d] / n;
+    }
+    const std::vector<float> q = mdci_test::GaussianRows(3, kDim, 2.0f, 8);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(kDim));
+    std::vector<float> mass(pages * 3), ref(3);
+    pq.EstimatePageMass(
+        q.data(), 3, scale, pages, [&](uint32_t p) { return fill[p]; }, mass.data(), ref.data());
+    for (int j = 0; j < 3; ++j) {
+      double top = -std::numeric_limits<double>::infinity();
+      for (uint32_t p = 0; p < pages; ++p) {
+        for (uint32_t r = 0; r < fill[p]; ++r) {
+          double qm = 0.0;
+          for (int d = 0; d < kDim; ++d) qm += q[j * kDim + d] * mean[d];
+          top = std::max(
+              top, scale * (pq.ApproxDot(&q[j * kDim], static_cast<uint64_t>(p) * page_tokens + r) +
+                            qm));
+        }
+      }
+      // The tables are rounded to uint8 steps of (largest range / 255): the
+      // sum over 16 sub-spaces is within 16 half-steps.
+      const double tol = 0.15;
+      EXPECT_NEAR(ref[j], top, tol) << page_tokens << " q" << j;
+      for (uint32_t p = 0; p < pages; ++p) {
+        const double want = ReferenceLse(pq, &q[j * kDim], scale, p, page_tokens, fill[p], mean);
+        ASSERT_GT(mass[p * 3 + j], 0.0f) << page_tokens << " page " << p;
+        EXPECT_NEAR(std::log(mass[p * 3 + j]) + ref[j], want, tol)
+            << page_tokens << " page " << p << " q" << j;
+      }
+    }
+    // An empty page has no mass.
+    pq.CoverPages(pages + 2);
+    std::vector<float> more((pages + 2) * 3);
+    pq.EstimatePageMass(
+        q.data(), 3, scale, pages + 2, [&](uint32_t p) { return p < pages ? fill[p] : 0u; },
+        more.data(), ref.data());
+    EXPECT_EQ(more[pages * 3], 0.0f);
+    EXPECT_EQ(more[(pages + 1) * 3 + 2], 0.0f);
+  }
+}
+
+TEST(PqSketchTest, ApproximateLogitsTrackTheExactOnes) {
+  const int64_t n = 4000;
+  const std::vector<float> keys = mdci_test::ClusteredKeys(n, kDim, 30, 0.5f, 6);
+  PqSketch pq(kDim, kPage);
+  pq.Train(keys.data(), n);
+  std::vector<Placement> pl;
+  for (int64_t i = 0; i < n; ++i) {
+    pl.push_back(Placement{static_cast<uint32_t>(i / kPage), static_cast<uint32_t>(i % kPage)});
+  }
+  pq.Write(pl, keys.data(), DType::kF32);
+  std::vector<float> mean(kDim, 0.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int d = 0; d < kDim; ++d) mean[d] += keys[i * kDim + d] / n;
+  }
+  const std::vector<float> q = mdci_test::GaussianRows(1, kDim, 1.0f, 2);
+  double sxy = 0, sxx = 0, syy = 0, sx = 0, sy = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    double exact = 0.0;
+    for (int d = 0; d < kDim; ++d) exact += q[d] * (keys[i * kDim + d] - mean[d]);
+    const double approx = pq.ApproxDot(q.data(), static_cast<uint64_t>(i));
+    sx += exact;
+    sy += approx;
+    sxy += exact * approx;
+    sxx += exact * exact;
+    syy += approx * approx;
+  }
+  const double cov = sxy / n - sx / n * sy / n;
+  const double corr = cov / std::sqrt((sxx / n - sx / n * sx / n) * (syy / n - sy / n * sy / n));
+  EXPECT_GT(corr, 0.9);
+  // An untrained sketch (zero codebooks) gives every row the same estimate.
+  PqSketch untrained(kDim, kPage);
+  EXPECT_FALSE(untrained.trained());
+}
+
+SelectorConfig Config(float pq_factor) {
+  SelectorConfig c;
+  c.kind = SelectorKind::kMdci;
+  c.head_dim = kDim;
+  c.page_tokens = kPage;
+  c.num_query_heads = 4;
+  c.dtype = DType::kF16;
+  c.mdci.pq_factor = pq_factor;
+  return c;
+}
+
+struct Built {
+  std::unique_ptr<mdci_test::TestPageKeys> keys;
+  std::unique_ptr<Selector> sel;
+};
+
+Built BuildWithInserts(const std::vector<float>& keys, int64_t n, int64_t inserts,
+                       float pq_factor) {
+  Built b;
+  b.keys = std::make_unique<mdci_test::TestPageKeys>(kDim, kPage, DType::kF16);
+  auto s = Selector::Create(Config(pq_factor), b.keys.get());
+  EXPECT_TRUE(s.ok()) << s.status();
+  b.sel = std::move(s).value();
+  std::vector<Placement> pl;
+  EXPECT_TRUE(b.sel->Build(keys.data(), n, &pl).ok());
+  b.keys->Apply(keys.data(), pl);
+  for (int64_t i = n; i < n + inserts; ++i) {
+    EXPECT_TRUE(b.sel->Insert(&keys[i * kDim], 1, &pl).ok());
+    b.keys->Apply(&keys[i * kDim], pl);
+  }
+  return b;
+}
+
+TEST(PqSketchTest, BadConfigsAndParamsAreRefused) {
+  mdci_test::TestPageKeys keys(kDim, kPage, DType::kF16);
+  SelectorConfig c = Config(-1.0f);
+  EXPECT_EQ(Selector::Create(c, &keys).status().code(), absl::StatusCode::kInvalidArgument);
+  c = Config(std::numeric_limits<float>::infinity());
+  EXPECT_EQ(Selector::Create(c, &keys).status().code(), absl::StatusCode::kInvalidArgument);
+  c = Config(4.0f);
+  c.head_dim = 60;  // not a multiple of 8
+  auto bad = Selector::Create(c, &keys);
+  ASSERT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("multiple of 8"), std::string::npos);
+  c = Config(4.0f);
+  c.num_query_heads = 65;
+  EXPECT_EQ(Selector::Create(c, &keys).status().code(), absl::StatusCode::kInvalidArgument);
+
+  const std::vector<float> k = mdci_test::ClusteredKeys(500, kDim, 8, 0.5f, 2);
+  Built b = BuildWithInserts(k, 500, 0, 4.0f);
+  const std::vector<float> q = mdci_test::GaussianRows(4, kDim, 1.0f, 1);
+  SelectParams sp;
+  sp.pq_factor = -2.0f;
+  Selection out;
+  EXPECT_EQ(b.sel->Select(q.data(), 4, sp, &out).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(PqSketchTest, MdciWithTheScanFindsTheMassAndSurvivesAnImage) {
+  const int64_t n = 8000, inserts = 40;
+  const std::vector<float> keys = mdci_test::ClusteredKeys(n + inserts, kDim, 60, 0.5f, 3);
+  Built tree = BuildWithInserts(keys, n, inserts, 0.0f);
+  Built pq = BuildWithInserts(keys, n, inserts, 8.0f);
+  // The same layout: the codes sit beside the tree.
+  ASSERT_EQ(tree.sel->num_pages(), pq.sel->num_pages());
+  EXPECT_GT(pq.sel->index_bytes(), tree.sel->index_bytes());
+  EXPECT_LT(pq.sel->index_bytes() - tree.sel->index_bytes(),
+            static_cast<size_t>(n + inserts) * kDim / 8 + (256 * 32 * 8) + 64 * 1024);
+  std::string image;
+  ASSERT_TRUE(pq.sel->SaveImage(&image).ok());
+  auto loaded = Selector::LoadImage(Config(8.0f), pq.keys.get(), image, pq.sel->num_tokens());
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  const int64_t total = n + inserts;
+  const std::vector<float> queries = mdci_test::GaussianRows(4 * 12, kDim, 1.5f, 9);
+  double mass_pq = 0.0, mass_exhaustive = 0.0;
+  for (int step = 0; step < 12; ++step) {
+    std::vector<float> q(&queries[step * 4 * kDim], &queries[(step + 1) * 4 * kDim]);
+    // Each query of the group near a different key: they disagree.
+    for (int j = 0; j < 4; ++j) {
+      for (int c = 0; c < kDim; ++c)
+        q[j * kDim + c] += 3.0f * keys[((step * 431 + j * 1997) % n) * kDim + c];
+    }
+    SelectParams sp;
+    sp.budget_tokens = 128;
+    Selection a, c, ex;
+    {
+      const absl::Status st = pq.sel->Select(q.data(), 4, sp, &a);
+      ASSERT_TRUE(st.ok()) << st;
+    }
+    ASSERT_TRUE((*loaded)->Select(q.data(), 4, sp, &c).ok());
+    // A warm restart rebuilds the codes from the frames: the same selection
+    // up to the codebooks fitted on the frames' fp16 keys instead of fp32.
+    EXPECT_GE(a.pages.size(), 8u);
+    sp.exhaustive = true;
+    ASSERT_TRUE(pq.sel->Select(q.data(), 4, sp, &ex).ok());
+    mass_pq += mdci_test::MassOf(keys.data(), total, kDim, q.data(), 4,
+                                 mdci_test::SelectedPositions(*pq.sel, a));
+    mass_exhaustive += mdci_test::MassOf(keys.data(), total, kDim, q.data(), 4,
+                                         mdci_test::SelectedPositions(*pq.sel, ex));
+    // The same tokens, whichever copy of the codes chose them, but for a few.
+    const auto pa = mdci_test::SelectedPositions(*pq.sel, a);
+    const auto pc = mdci_test::SelectedPositions(**loaded, c);
+    int common = 0;
+    for (int32_t p : pa) common += std::count(pc.begin(), pc.end(), p) > 0;
+    EXPECT_GE(common, static_cast<int>(pa.size()) * 3 / 4) << step;
+  }
+  EXPECT_GT(mass_exhaustive, 0.0);
+  EXPECT_GT(mass_pq / mass_exhaustive, 0.95) << mass_pq << " vs " << mass_exhaustive;
+}
+
+}  // namespace
+}  // namespace icecache
