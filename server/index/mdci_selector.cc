@@ -317,9 +317,10 @@ void MdciSelector::CollectPqCandidatePages(const float* queries, int num_queries
   // 0.925 -> 0.966 rare-needles, 0.949 -> 0.917 gqa-divergent). The pages
   // are ranked by e^max + (fill - 1) e^mean, so a lone needle still counts.
   const std::vector<float>& norm_mass = s.pq_bulk;
-  // The codes read, in key equivalents (head_dim / 8 bytes per token
-  // against head_dim x the dtype's size).
-  *touched += static_cast<uint64_t>(pages) * config_.page_tokens / 8 / DTypeSize(config_.dtype);
+  // The codes and norms read, in key equivalents (head_dim / 8 + 2 bytes
+  // per token against head_dim x the dtype's size).
+  *touched += static_cast<uint64_t>(pages) * config_.page_tokens * (config_.head_dim / 8 + 2) /
+              (static_cast<uint64_t>(config_.head_dim) * DTypeSize(config_.dtype));
   // Each query's estimated total, then each page's group mass: the sum over
   // the queries of its estimated share.
   std::vector<double>& all = s.pq_all;

@@ -28,11 +28,12 @@ float PqSqDist4(const float* a, const float* b) {
 // Per-thread scratch of EstimatePageMass (no allocation once warm).
 struct PqScanScratch {
   std::vector<uint8_t> luts;    // per query: subspaces / 2 lines of 32 bytes
-  std::vector<float> offset;    // per query: scale x (sum of the sub-space minima + q.mean)
+  std::vector<float> offset;    // per query: scale x q.mean
+  std::vector<float> base;      // per query: scale x the sum of the sub-space minima
   std::vector<float> step;      // per query: scale x the table step
   std::vector<uint16_t> sums;   // one group: 32 sums per query
-  std::vector<uint16_t> pmax;   // per page per query
-  std::vector<uint32_t> psum;   // per page per query
+  std::vector<float> pmax;      // per page per query
+  std::vector<float> psum;      // per page per query
   std::vector<uint32_t> fills;  // per page
   std::vector<float> table;     // one query's float tables
   std::vector<float> a, b, w;   // per cell: max - ref, mean - ref, fill - 1 (-1: empty)
@@ -49,7 +50,8 @@ PqSketch::PqSketch(int dim, int page_tokens)
     : dim_(dim),
       page_tokens_(page_tokens),
       subspaces_(dim / kSubDims),
-      group_bytes_(static_cast<size_t>(dim / kSubDims / 2) * 32),
+      code_bytes_(static_cast<size_t>(dim / kSubDims / 2) * 32),
+      group_bytes_(code_bytes_ + kGroup * sizeof(uint16_t)),
       mean_(dim, 0.0f),
       centroids_(static_cast<size_t>(dim / kSubDims) * kCentroids * kSubDims, 0.0f),
       row_(dim),
@@ -68,6 +70,11 @@ void PqSketch::Train(const float* keys, int64_t n) {
     for (int d = 0; d < dim_; ++d) mean[d] += k[d];
   }
   for (int d = 0; d < dim_; ++d) mean_[d] = static_cast<float>(mean[d] / static_cast<double>(rows));
+  // The sample's directions: centred keys over their norms.
+  std::vector<float> dirs(static_cast<size_t>(rows) * dim_);
+  for (int64_t r = 0; r < rows; ++r) {
+    Direction(keys + r * stride * dim_, &dirs[r * dim_]);
+  }
   std::vector<float> sub(static_cast<size_t>(rows) * kSubDims);
   std::vector<int> assign(rows);
   std::vector<float> sums(kCentroids * kSubDims);
@@ -75,8 +82,8 @@ void PqSketch::Train(const float* keys, int64_t n) {
   for (int s = 0; s < subspaces_; ++s) {
     const int d0 = s * kSubDims;
     for (int64_t r = 0; r < rows; ++r) {
-      const float* k = keys + r * stride * dim_ + d0;
-      for (int d = 0; d < kSubDims; ++d) sub[r * kSubDims + d] = k[d] - mean_[d0 + d];
+      const float* u = &dirs[r * dim_ + d0];
+      for (int d = 0; d < kSubDims; ++d) sub[r * kSubDims + d] = u[d];
     }
     float* cent = centroids_.data() + static_cast<size_t>(s) * kCentroids * kSubDims;
     // Seeds: distinct rows drawn at random (a fixed seed: deterministic).
@@ -126,15 +133,37 @@ void PqSketch::EnsureSlots(uint64_t slots) {
   slots_ = std::max(slots_, slots);
 }
 
+float PqSketch::Direction(const float* row, float* dir) const {
+  double n2 = 0.0;
+  for (int d = 0; d < dim_; ++d) {
+    dir[d] = row[d] - mean_[d];
+    n2 += static_cast<double>(dir[d]) * dir[d];
+  }
+  const float n = static_cast<float>(std::sqrt(n2));
+  const float inv = n > 0.0f && std::isfinite(n) ? 1.0f / n : 0.0f;
+  for (int d = 0; d < dim_; ++d) dir[d] *= inv;
+  return inv > 0.0f ? n : 0.0f;
+}
+
+int PqSketch::NormIndex(int t) {
+  const int r = t % 16;
+  return (t / 16) * 16 + (r % 2) * 8 + r / 2;
+}
+
 void PqSketch::Encode(const float* row, uint64_t slot) {
   uint8_t* g = group(slot / kGroup);
   const int t = static_cast<int>(slot % kGroup);
   const int byte = t % 16;
   const bool high = t >= 16;
+  dir_.resize(dim_);
+  const float n = Direction(row, dir_.data());
+  uint16_t h = 0;
+  FromFloat(DType::kF16, &n, &h, 1);
+  std::memcpy(g + code_bytes_ + NormIndex(t) * sizeof(uint16_t), &h, sizeof(h));
   float x[kSubDims];
   for (int s = 0; s < subspaces_; ++s) {
     const int d0 = s * kSubDims;
-    for (int d = 0; d < kSubDims; ++d) x[d] = row[d0 + d] - mean_[d0 + d];
+    for (int d = 0; d < kSubDims; ++d) x[d] = dir_[d0 + d];
     const float* cent = centroids_.data() + static_cast<size_t>(s) * kCentroids * kSubDims;
     int best = 0;
     float best_d = PqSqDist4(x, cent);
@@ -158,6 +187,15 @@ int PqSketch::code(uint64_t slot, int sub) const {
   return t >= 16 ? b >> 4 : b & 0x0f;
 }
 
+float PqSketch::norm(uint64_t slot) const {
+  uint16_t h;
+  std::memcpy(&h,
+              group(slot / kGroup) + code_bytes_ +
+                  NormIndex(static_cast<int>(slot % kGroup)) * sizeof(uint16_t),
+              sizeof(h));
+  return HalfToFloat(h);
+}
+
 float PqSketch::ApproxDot(const float* q, uint64_t slot) const {
   float s = 0.0f;
   for (int sub = 0; sub < subspaces_; ++sub) {
@@ -165,7 +203,7 @@ float PqSketch::ApproxDot(const float* q, uint64_t slot) const {
         centroids_.data() + (static_cast<size_t>(sub) * kCentroids + code(slot, sub)) * kSubDims;
     for (int d = 0; d < kSubDims; ++d) s += q[sub * kSubDims + d] * c[d];
   }
-  return s;
+  return norm(slot) * s;
 }
 
 void PqSketch::Write(const std::vector<Placement>& placements, const float* keys, DType dtype) {
@@ -259,16 +297,19 @@ inline void ScanLines(const uint8_t* codes, const uint8_t* luts, size_t lut_stri
   }
 }
 
-// The largest and the sum of 16 uint16 sums (two registers).
-inline void MaxSum16(__m128i x0, __m128i x1, uint16_t* mx, uint32_t* sum) {
-  const __m128i inv = _mm_xor_si128(_mm_max_epu16(x0, x1), _mm_set1_epi16(-1));
-  const uint16_t m = static_cast<uint16_t>(~_mm_cvtsi128_si32(_mm_minpos_epu16(inv)));
-  const __m128i ones = _mm_set1_epi16(1);
-  __m128i s = _mm_add_epi32(_mm_madd_epi16(x0, ones), _mm_madd_epi16(x1, ones));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-  *mx = std::max(*mx, m);
-  *sum += static_cast<uint32_t>(_mm_cvtsi128_si32(s));
+// 16 rows' logits n x (a + b x sum) from two registers of 8 uint16 sums
+// and their 16 fp16 norms (in the same order), folded into the page's
+// largest and total.
+inline void FoldHalf(__m128i s0, __m128i s1, const uint16_t* norms, __m256 a, __m256 b, float* mx,
+                     float* sum) {
+  const __m256 n0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(norms)));
+  const __m256 n1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(norms + 8)));
+  const __m256 v0 =
+      _mm256_mul_ps(n0, _mm256_fmadd_ps(b, _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s0)), a));
+  const __m256 v1 =
+      _mm256_mul_ps(n1, _mm256_fmadd_ps(b, _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s1)), a));
+  *mx = std::max(*mx, simd::HMax256(_mm256_max_ps(v0, v1)));
+  *sum += simd::HSum256(_mm256_add_ps(v0, v1));
 }
 
 }  // namespace
@@ -288,9 +329,12 @@ void PqSketch::ScanGroup(uint64_t g, const uint8_t* luts, int num_queries, uint1
   }
 }
 
-void PqSketch::ScanGroupHalves(uint64_t g, const uint8_t* luts, int num_queries, size_t cell_lo,
-                               size_t cell_hi, uint16_t* pmax, uint32_t* psum) const {
+void PqSketch::ScanGroupHalves(uint64_t g, const uint8_t* luts, int num_queries, const float* a,
+                               const float* b, size_t cell_lo, size_t cell_hi, float* pmax,
+                               float* psum) const {
   const uint8_t* c = group(g);
+  uint16_t norms[kGroup];
+  std::memcpy(norms, c + code_bytes_, sizeof(norms));
   const int lines = subspaces_ / 2;
   const size_t stride = static_cast<size_t>(lines) * 32;
   int q = 0;
@@ -298,14 +342,18 @@ void PqSketch::ScanGroupHalves(uint64_t g, const uint8_t* luts, int num_queries,
   for (; q + 2 <= num_queries; q += 2) {
     ScanLines<2>(c, luts + q * stride, stride, lines, r);
     for (int k = 0; k < 2; ++k) {
-      MaxSum16(r[k].lo_even, r[k].lo_odd, &pmax[cell_lo + q + k], &psum[cell_lo + q + k]);
-      MaxSum16(r[k].hi_even, r[k].hi_odd, &pmax[cell_hi + q + k], &psum[cell_hi + q + k]);
+      const __m256 av = _mm256_set1_ps(a[q + k]), bv = _mm256_set1_ps(b[q + k]);
+      FoldHalf(r[k].lo_even, r[k].lo_odd, norms, av, bv, &pmax[cell_lo + q + k],
+               &psum[cell_lo + q + k]);
+      FoldHalf(r[k].hi_even, r[k].hi_odd, norms + 16, av, bv, &pmax[cell_hi + q + k],
+               &psum[cell_hi + q + k]);
     }
   }
   for (; q < num_queries; ++q) {
     ScanLines<1>(c, luts + q * stride, stride, lines, r);
-    MaxSum16(r[0].lo_even, r[0].lo_odd, &pmax[cell_lo + q], &psum[cell_lo + q]);
-    MaxSum16(r[0].hi_even, r[0].hi_odd, &pmax[cell_hi + q], &psum[cell_hi + q]);
+    const __m256 av = _mm256_set1_ps(a[q]), bv = _mm256_set1_ps(b[q]);
+    FoldHalf(r[0].lo_even, r[0].lo_odd, norms, av, bv, &pmax[cell_lo + q], &psum[cell_lo + q]);
+    FoldHalf(r[0].hi_even, r[0].hi_odd, norms + 16, av, bv, &pmax[cell_hi + q], &psum[cell_hi + q]);
   }
 }
 
@@ -318,6 +366,7 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
   const int lines = subspaces_ / 2;
   s.luts.assign(static_cast<size_t>(num_queries) * lines * 32, 0);
   s.offset.assign(num_queries, 0.0f);
+  s.base.assign(num_queries, 0.0f);
   s.step.assign(num_queries, 0.0f);
   s.table.resize(static_cast<size_t>(subspaces_) * kCentroids);
   for (int j = 0; j < num_queries; ++j) {
@@ -349,14 +398,16 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
     }
     double qm = 0.0;
     for (int d = 0; d < dim_; ++d) qm += static_cast<double>(q[d]) * mean_[d];
-    s.offset[j] = static_cast<float>(scale * (base + qm));
+    s.base[j] = static_cast<float>(scale * base);
+    s.offset[j] = static_cast<float>(scale * qm);
     s.step[j] = scale * step;
   }
 
-  // Per page and query: the largest and the sum of its rows' table sums.
+  // Per page and query: the largest and the sum of its rows' logits (scaled,
+  // less q.mean).
   const size_t cells = static_cast<size_t>(num_pages) * num_queries;
-  s.pmax.assign(cells, 0);
-  s.psum.assign(cells, 0);
+  s.pmax.assign(cells, -std::numeric_limits<float>::infinity());
+  s.psum.assign(cells, 0.0f);
   s.fills.resize(num_pages);
   for (uint32_t p = 0; p < num_pages; ++p) {
     s.fills[p] = std::min<uint32_t>(fill(p), static_cast<uint32_t>(page_tokens_));
@@ -373,7 +424,8 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
       const uint32_t page_hi = static_cast<uint32_t>((first + 16) / page_tokens_);
       if (first % page_tokens_ + 16 <= s.fills[page_lo] &&
           (first + 16) % page_tokens_ + 16 <= s.fills[page_hi]) {
-        ScanGroupHalves(g, s.luts.data(), num_queries, static_cast<size_t>(page_lo) * num_queries,
+        ScanGroupHalves(g, s.luts.data(), num_queries, s.base.data(), s.step.data(),
+                        static_cast<size_t>(page_lo) * num_queries,
                         static_cast<size_t>(page_hi) * num_queries, s.pmax.data(), s.psum.data());
         continue;
       }
@@ -384,8 +436,9 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
       if (slot >= slots) break;
       const uint32_t pg = static_cast<uint32_t>(slot / page_tokens_);
       if (slot % page_tokens_ >= s.fills[pg]) continue;
+      const float n = norm(slot);
       for (int j = 0; j < num_queries; ++j) {
-        const uint16_t v = s.sums[j * kGroup + t];
+        const float v = n * (s.base[j] + s.step[j] * static_cast<float>(s.sums[j * kGroup + t]));
         const size_t cell = static_cast<size_t>(pg) * num_queries + j;
         s.pmax[cell] = std::max(s.pmax[cell], v);
         s.psum[cell] += v;
@@ -401,7 +454,7 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
     if (s.fills[p] == 0) continue;
     for (int j = 0; j < num_queries; ++j) {
       const size_t cell = static_cast<size_t>(p) * num_queries + j;
-      log_ref[j] = std::max(log_ref[j], s.offset[j] + s.step[j] * s.pmax[cell]);
+      log_ref[j] = std::max(log_ref[j], s.offset[j] + s.pmax[cell]);
     }
   }
   for (uint32_t p = 0; p < num_pages; ++p) {
@@ -413,9 +466,8 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
         s.w[cell] = -1.0f;                // empty: mass 0 (masked below)
         continue;
       }
-      const float mx = s.offset[j] + s.step[j] * static_cast<float>(s.pmax[cell]);
-      const float mean =
-          s.offset[j] + s.step[j] * (static_cast<float>(s.psum[cell]) / static_cast<float>(f));
+      const float mx = s.offset[j] + s.pmax[cell];
+      const float mean = s.offset[j] + s.psum[cell] / static_cast<float>(f);
       s.a[cell] = mx - log_ref[j];
       s.b[cell] = mean - log_ref[j];
       s.w[cell] = static_cast<float>(f - 1);

@@ -3,20 +3,24 @@
 //
 // The keys, less their mean (a shift common to every key adds the same
 // q.mean to every logit of a query and changes no softmax over tokens), are
-// cut into dim / 4 sub-vectors of 4 dimensions; each sub-space gets 16
-// centroids by k-means on a sample of the keys, and a key is stored as
-// dim / 4 four-bit codes: 16 bytes per token at dim 128, 1/16 of the fp16
-// frames. A query's inner product with every centroid is tabulated once and
-// quantised to uint8 per sub-space (a per-query step, a per-sub-space
-// offset), so a token's approximate logit is the sum of dim / 4 table bytes:
-// in SIMD, 32 tokens per shuffle ("fast scan", the layout of FAISS's
-// IndexPQFastScan and Andre et al., "Cache locality is not enough", VLDB
-// 2015; written here from the idea, not the code).
+// split into norm and direction. The norm is kept as fp16; the direction is
+// cut into dim / 4 sub-vectors of 4 dimensions, each sub-space gets 16
+// centroids by k-means on a sample of the directions, and a key is stored as
+// dim / 4 four-bit codes: 16 + 2 bytes per token at dim 128, 1/14 of the
+// fp16 frames. (One codebook for the raw keys spent its centroids on the
+// bulk and quantised the few large-norm keys that take the mass worst:
+// docs/bench/pq16_scan.md.) A query's inner product with every centroid is
+// tabulated once and quantised to uint8 per sub-space (a per-query step, a
+// per-sub-space offset), so a token's approximate logit is its norm x the
+// sum of dim / 4 table bytes: in SIMD, 32 tokens per shuffle ("fast scan",
+// the layout of FAISS's IndexPQFastScan and Andre et al., "Cache locality is
+// not enough", VLDB 2015; written here from the idea, not the code).
 //
 // Codes are kept by slot (page x page_tokens + row) in groups of 32 slots:
 // per group, dim / 8 lines of 32 bytes, line p holding sub-space 2p in its
 // low 16 bytes and 2p + 1 in its high 16; byte i of a half holds the code of
-// the group's slot i (low nibble) and slot i + 16 (high nibble). Groups are
+// the group's slot i (low nibble) and slot i + 16 (high nibble); then the 32
+// norms, in the order the scan's sums come out (NormIndex). Groups are
 // kept in blocks that never move (an insert allocates at most one block).
 //
 // EstimatePageMass gives, per page and query, an estimate of the sum of the
@@ -95,8 +99,11 @@ class PqSketch {
                         float* bulk = nullptr) const;
 
   // The approximate logit (unscaled, less q.mean) of slot `slot` for query
-  // `q` from the float tables (tests).
+  // `q` from the float tables: its norm x q . (the direction's centroids)
+  // (tests).
   float ApproxDot(const float* q, uint64_t slot) const;
+  // The norm kept for `slot` (fp16; tests).
+  float norm(uint64_t slot) const;
   // The code of sub-space `sub` at `slot` (tests).
   int code(uint64_t slot, int sub) const;
 
@@ -116,19 +123,29 @@ class PqSketch {
   // The same when each 16-slot half of the group is 16 rows of one page
   // (page_tokens a multiple of 16, those rows filled): folded at once into
   // the pages' largest sums and sums (cells cell_lo + j and cell_hi + j).
-  void ScanGroupHalves(uint64_t g, const uint8_t* luts, int num_queries, size_t cell_lo,
-                       size_t cell_hi, uint16_t* pmax, uint32_t* psum) const;
+  // The rows' logits are n x (a[j] + b[j] x sum).
+  void ScanGroupHalves(uint64_t g, const uint8_t* luts, int num_queries, const float* a,
+                       const float* b, size_t cell_lo, size_t cell_hi, float* pmax,
+                       float* psum) const;
+  // The centred row over its norm into `dir`; returns the norm (0, and a
+  // zero direction, for a row at the mean).
+  float Direction(const float* row, float* dir) const;
+  // Where slot t of a group keeps its norm: the order of the scan's sums
+  // (even rows, then odd, per half).
+  static int NormIndex(int t);
 
   int dim_;
   int page_tokens_;
   int subspaces_;       // dim / 4
-  size_t group_bytes_;  // subspaces / 2 x 32
+  size_t code_bytes_;   // subspaces / 2 lines of 32
+  size_t group_bytes_;  // the codes, then 32 fp16 norms
   uint64_t slots_ = 0;  // slots covered (whole blocks are allocated)
   bool trained_ = false;
   std::vector<float> mean_;
   std::vector<float> centroids_;  // [subspace][centroid][4]
   std::vector<std::unique_ptr<uint8_t[]>> blocks_;
   std::vector<float> row_;  // Write's scratch
+  std::vector<float> dir_;  // Encode's scratch
   std::vector<uint8_t> raw_;
 };
 

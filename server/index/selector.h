@@ -127,12 +127,11 @@ struct MdciParams {
   // token granularity read the frames as before.
   bool sketch_scoring = false;
   // > 0: mdci keeps a 4-bit product-quantised copy of the keys (PqSketch:
-  // head_dim / 8 bytes per token, 1/16 of fp16 keys; head_dim a multiple of
-  // 8) and selects by scanning it in full instead of descending the tree:
-  // the pages holding the most estimated group mass, pq_factor x budget
-  // tokens' worth of them, are scored exactly from the frames and the best
-  // taken. The layout (the tree's pages) is unchanged, and so are the exact
-  // references and exhaustive selects. 0: off (the tree's descent).
+  // the directions' codes and an fp16 norm, head_dim / 8 + 2 bytes per
+  // token; head_dim a multiple of 8) and selects by scanning it in full instead of descending the
+  // tree: the pages holding the most estimated group mass, pq_factor x budget tokens' worth of
+  // them, are scored exactly from the frames and the best taken. The layout (the tree's pages) is
+  // unchanged, and so are the exact references and exhaustive selects. 0: off (the tree's descent).
   float pq_factor = 0.0f;
 };
 
