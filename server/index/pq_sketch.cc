@@ -25,6 +25,20 @@ float PqSqDist4(const float* a, const float* b) {
   return s;
 }
 
+// The nearest of a sub-space's kCentroids centroids to x (the first on a tie).
+int PqNearest(const float* x, const float* cent) {
+  int best = 0;
+  float best_d = PqSqDist4(x, cent);
+  for (int c = 1; c < PqSketch::kCentroids; ++c) {
+    const float dd = PqSqDist4(x, cent + c * PqSketch::kSubDims);
+    if (dd < best_d) {
+      best_d = dd;
+      best = c;
+    }
+  }
+  return best;
+}
+
 // Per-thread scratch of EstimatePageMass (no allocation once warm).
 struct PqScanScratch {
   std::vector<uint8_t> luts;    // per query: subspaces / 2 lines of 32 bytes
@@ -102,15 +116,7 @@ void PqSketch::Train(const float* keys, int64_t n) {
       std::fill(counts.begin(), counts.end(), 0);
       for (int64_t r = 0; r < rows; ++r) {
         const float* x = &sub[r * kSubDims];
-        int best = 0;
-        float best_d = PqSqDist4(x, cent);
-        for (int c = 1; c < kCentroids; ++c) {
-          const float dd = PqSqDist4(x, cent + c * kSubDims);
-          if (dd < best_d) {
-            best_d = dd;
-            best = c;
-          }
-        }
+        const int best = PqNearest(x, cent);
         assign[r] = best;
         ++counts[best];
         for (int d = 0; d < kSubDims; ++d) sums[best * kSubDims + d] += x[d];
@@ -164,16 +170,8 @@ void PqSketch::Encode(const float* row, uint64_t slot) {
   for (int s = 0; s < subspaces_; ++s) {
     const int d0 = s * kSubDims;
     for (int d = 0; d < kSubDims; ++d) x[d] = dir_[d0 + d];
-    const float* cent = centroids_.data() + static_cast<size_t>(s) * kCentroids * kSubDims;
-    int best = 0;
-    float best_d = PqSqDist4(x, cent);
-    for (int c = 1; c < kCentroids; ++c) {
-      const float dd = PqSqDist4(x, cent + c * kSubDims);
-      if (dd < best_d) {
-        best_d = dd;
-        best = c;
-      }
-    }
+    const int best =
+        PqNearest(x, centroids_.data() + static_cast<size_t>(s) * kCentroids * kSubDims);
     uint8_t& b = g[(s / 2) * 32 + (s % 2) * 16 + byte];
     b = high ? static_cast<uint8_t>((b & 0x0f) | (best << 4))
              : static_cast<uint8_t>((b & 0xf0) | best);
