@@ -137,13 +137,26 @@ absl::Status MdciSelector::Build(const float* keys, int64_t n, std::vector<Place
 absl::Status MdciSelector::Insert(const float* keys, int64_t n,
                                   std::vector<Placement>* placements) {
   RETURN_IF_ERROR(ValidateKeysToAdd(keys, n, config_.head_dim, num_tokens(), placements));
+  if (pq_ != nullptr && pq_->trained() && pq_->trained_rows() < PqSketch::kMaxTrainRows &&
+      num_tokens() >= 4 * pq_->trained_rows()) {
+    // Codebooks fitted on a small first append: refit on every key placed
+    // so far (the frames hold them: each append writes its rows before the
+    // next Insert) and re-encode them, each time the context has grown 4x,
+    // until the sample is full (amortised O(1) per token). A missing frame
+    // leaves the codebooks as they were (Rebuild changes nothing then).
+    const DciPageTable& pt = tree_->page_table();
+    pq_->Rebuild(*keys_, config_.dtype, pt.num_pages(),
+                 [&pt](uint32_t page) { return pt.fill(page); })
+        .IgnoreError();
+  }
   RETURN_IF_ERROR(tree_->Insert(keys, n, placements));
   if (sketch_ != nullptr) {
     sketch_->Write(*placements, keys, config_.dtype);
     sketch_->CoverPages(tree_->page_table().num_pages());
   }
   if (pq_ != nullptr) {
-    // An index built empty (no prefill) is trained on its first keys.
+    // An index built empty (no prefill) is trained on its first keys (and
+    // refitted as the context grows, above).
     if (!pq_->trained()) pq_->Train(keys, n);
     pq_->Write(*placements, keys, config_.dtype);
     pq_->CoverPages(tree_->page_table().num_pages());

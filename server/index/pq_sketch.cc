@@ -75,9 +75,11 @@ void PqSketch::Train(const float* keys, int64_t n) {
   std::fill(mean_.begin(), mean_.end(), 0.0f);
   std::fill(centroids_.begin(), centroids_.end(), 0.0f);
   trained_ = n > 0;
+  trained_rows_ = 0;
   if (n <= 0) return;
   const int64_t stride = std::max<int64_t>(1, n / kMaxTrainRows);
   const int64_t rows = (n + stride - 1) / stride;
+  trained_rows_ = rows;
   std::vector<double> mean(dim_, 0.0);
   for (int64_t r = 0; r < rows; ++r) {
     const float* k = keys + r * stride * dim_;

@@ -31,8 +31,9 @@
 //
 // It is derived from the keys only: Train() fits the codebooks on the keys a
 // Build places, Write() encodes the keys Build and Insert place (decode keys
-// use the prefill codebooks), and Rebuild() fits and encodes from the frames
-// (a warm restart: the image does not carry it).
+// use the codebooks of then), and Rebuild() fits and encodes from the frames
+// (a warm restart: the image does not carry it; and MdciSelector::Insert
+// when the context has grown 4x past a sample smaller than kMaxTrainRows).
 //
 // Thread safety: EstimatePageMass() may run concurrently with itself;
 // Train(), Write(), CoverPages() and Rebuild() need exclusive access (the
@@ -108,6 +109,8 @@ class PqSketch {
   int code(uint64_t slot, int sub) const;
 
   bool trained() const { return trained_; }
+  // The keys the codebooks were fitted on (the sample of the last Train).
+  int64_t trained_rows() const { return trained_rows_; }
   uint32_t num_pages() const { return static_cast<uint32_t>(slots_ / page_tokens_); }
   size_t bytes() const;
   int subspaces() const { return subspaces_; }
@@ -141,6 +144,7 @@ class PqSketch {
   size_t group_bytes_;  // the codes, then 32 fp16 norms
   uint64_t slots_ = 0;  // slots covered (whole blocks are allocated)
   bool trained_ = false;
+  int64_t trained_rows_ = 0;
   std::vector<float> mean_;
   std::vector<float> centroids_;  // [subspace][centroid][4]
   std::vector<std::unique_ptr<uint8_t[]>> blocks_;

@@ -285,5 +285,37 @@ TEST(PqSketchTest, MdciWithTheScanFindsTheMassAndSurvivesAnImage) {
   EXPECT_GT(mass_pq / mass_exhaustive, 0.95) << mass_pq << " vs " << mass_exhaustive;
 }
 
+// A session whose first append is tiny: the codebooks fitted on 2 keys are
+// refitted from the frames as the context grows, and the scan then finds
+// the mass (measured: 0.96 of the exhaustive selection's; 0.51 without the
+// refit).
+TEST(PqSketchTest, CodebooksFromATinyFirstAppendAreRefittedAsTheContextGrows) {
+  const int64_t n = 2, inserts = 6000;
+  const std::vector<float> keys = mdci_test::ClusteredKeys(n + inserts, kDim, 60, 0.5f, 5);
+  Built grown = BuildWithInserts(keys, n, inserts, 2.0f);
+  const int64_t total = n + inserts;
+  const std::vector<float> queries = mdci_test::GaussianRows(4 * 10, kDim, 1.5f, 4);
+  double mass_grown = 0.0, mass_exact = 0.0;
+  for (int step = 0; step < 10; ++step) {
+    std::vector<float> q(&queries[step * 4 * kDim], &queries[(step + 1) * 4 * kDim]);
+    for (int j = 0; j < 4; ++j) {
+      for (int c = 0; c < kDim; ++c) {
+        q[j * kDim + c] += 3.0f * keys[((step * 577 + j * 1499) % total) * kDim + c];
+      }
+    }
+    SelectParams sp;
+    sp.budget_tokens = 128;
+    Selection a, ex;
+    ASSERT_TRUE(grown.sel->Select(q.data(), 4, sp, &a).ok());
+    sp.exhaustive = true;
+    ASSERT_TRUE(grown.sel->Select(q.data(), 4, sp, &ex).ok());
+    mass_grown += mdci_test::MassOf(keys.data(), total, kDim, q.data(), 4,
+                                    mdci_test::SelectedPositions(*grown.sel, a));
+    mass_exact += mdci_test::MassOf(keys.data(), total, kDim, q.data(), 4,
+                                    mdci_test::SelectedPositions(*grown.sel, ex));
+  }
+  EXPECT_GT(mass_grown / mass_exact, 0.9) << mass_grown << " vs exhaustive " << mass_exact;
+}
+
 }  // namespace
 }  // namespace icecache
