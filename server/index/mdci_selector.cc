@@ -425,7 +425,9 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
   if (every_page) {
     s.candidates.resize(pt.num_pages());
     std::iota(s.candidates.begin(), s.candidates.end(), 0u);
-  } else if (pq_ != nullptr && pq_->trained()) {
+  } else if (pq_ != nullptr && pq_->trained() && num_queries <= PqSketch::kMaxQueries) {
+    // (More queries than a config allows can come only from a direct
+    // caller; the tree serves them.)
     CollectPqCandidatePages(
         queries, num_queries, params,
         ForcedPages(num_tokens(), params, [&](int64_t pos) { return pt.page_of_position(pos); }),

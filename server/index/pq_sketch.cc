@@ -14,8 +14,6 @@
 namespace icecache {
 namespace {
 
-constexpr int kPqMaxQueries = 64;
-
 float PqSqDist4(const float* a, const float* b) {
   float s = 0.0f;
   for (int d = 0; d < PqSketch::kSubDims; ++d) {
@@ -360,7 +358,7 @@ void PqSketch::ScanGroupHalves(uint64_t g, const uint8_t* luts, int num_queries,
 void PqSketch::EstimatePageMass(const float* queries, int num_queries, float scale,
                                 uint32_t num_pages, absl::FunctionRef<uint32_t(uint32_t)> fill,
                                 float* mass, float* log_ref, float* bulk) const {
-  num_queries = std::clamp(num_queries, 1, kPqMaxQueries);
+  num_queries = std::clamp(num_queries, 1, kMaxQueries);
   num_pages = std::min(num_pages, this->num_pages());
   PqScanScratch& s = PqScratch();
   const int lines = subspaces_ / 2;

@@ -61,6 +61,7 @@ class PqSketch {
   static constexpr int kGroupsPerBlock = 256;
   static constexpr int64_t kMaxTrainRows = 4096;  // k-means sample
   static constexpr int kTrainIterations = 8;
+  static constexpr int kMaxQueries = 64;  // per EstimatePageMass call
 
   // The dims it can quantise: a positive multiple of 8 (an even number of
   // 4-dim sub-spaces).
@@ -92,7 +93,7 @@ class PqSketch {
   // query j's largest estimated row logit (-inf when every page is empty),
   // so log(mass) + log_ref[j] estimates the page's log-sum-exp in the
   // frames' logit domain. `queries`: num_queries x dim fp32, num_queries in
-  // [1, 64]; mass: num_pages x num_queries, log_ref: num_queries. `bulk`
+  // [1, kMaxQueries]; mass: num_pages x num_queries, log_ref: num_queries. `bulk`
   // (if not null, as `mass`) gets fill x e^(mean - log_ref[j]) alone: the
   // max term's upward noise left out (the selector's normalisers).
   void EstimatePageMass(const float* queries, int num_queries, float scale, uint32_t num_pages,

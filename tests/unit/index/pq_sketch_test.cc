@@ -231,6 +231,14 @@ TEST(PqSketchTest, BadConfigsAndParamsAreRefused) {
   sp.pq_factor = -2.0f;
   Selection out;
   EXPECT_EQ(b.sel->Select(q.data(), 4, sp, &out).code(), absl::StatusCode::kInvalidArgument);
+  // More queries than the scan takes (a direct caller; no config allows
+  // it): the tree serves them.
+  const std::vector<float> many = mdci_test::GaussianRows(PqSketch::kMaxQueries + 1, kDim, 1.0f, 3);
+  SelectParams ok;
+  ok.budget_tokens = 64;
+  ASSERT_TRUE(b.sel->Select(many.data(), PqSketch::kMaxQueries + 1, ok, &out).ok());
+  EXPECT_FALSE(out.pages.empty());
+  for (float score : out.scores) EXPECT_FALSE(std::isnan(score));
 }
 
 TEST(PqSketchTest, MdciWithTheScanFindsTheMassAndSurvivesAnImage) {
