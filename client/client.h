@@ -158,7 +158,10 @@ struct HeadQuality {
   uint64_t ranking_trial_samples = 0;
   double ranking_trial_gain = 0.0;  // mean: the other ranking's ratio - this one's
   uint64_t ranking_switches = 0;
-  bool seeded = false;  // started from an earlier session's width (calibration memory)
+  bool seeded = false;         // started from an earlier session's width (calibration memory)
+  std::string search_method;   // "tree" / "scan" (calibrated heads)
+  uint64_t method_trials = 0;  // the method duel's trials, and those the other method won
+  uint64_t method_switches = 0;
 };
 
 // The session's online quality monitor (types.proto SessionQuality).

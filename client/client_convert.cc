@@ -183,6 +183,9 @@ SessionQuality QualityFromProto(const v1::SessionQuality& q) {
     o.ranking_trial_gain = h.ranking_trial_gain();
     o.ranking_switches = h.ranking_switches();
     o.seeded = h.seeded();
+    o.search_method = h.search_method();
+    o.method_trials = h.method_trials();
+    o.method_switches = h.method_switches();
     s.heads.push_back(o);
   }
   return s;

@@ -263,7 +263,11 @@ std::string WidthSummary(const SessionQuality& q) {
 // A head's mode: its width, "exact" (exact fallback) or "-" (not calibrated).
 std::string ModeText(const HeadQuality& h) {
   if (!h.calibrated) return "-";
-  return h.exact ? std::string("exact") : std::string("tree");
+  if (h.exact) return "exact";
+  const std::string method = h.search_method.empty() ? std::string("tree") : h.search_method;
+  // The method duel's trials (with the scan configured): won / run.
+  return h.method_trials > 0 ? absl::StrCat(method, " ", h.method_switches, "/", h.method_trials)
+                             : method;
 }
 
 void AddQualityRows(const SessionQuality& q, TextTable* t) {

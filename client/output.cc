@@ -154,7 +154,10 @@ Json QualityJson(const SessionQuality& q) {
                      {"ranking_trial_samples", h.ranking_trial_samples},
                      {"ranking_trial_gain", h.ranking_trial_gain},
                      {"ranking_switches", h.ranking_switches},
-                     {"seeded", h.seeded}});
+                     {"seeded", h.seeded},
+                     {"search_method", h.search_method},
+                     {"method_trials", h.method_trials},
+                     {"method_switches", h.method_switches}});
   }
   j["heads"] = std::move(heads);
   return j;

@@ -425,7 +425,8 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
   if (every_page) {
     s.candidates.resize(pt.num_pages());
     std::iota(s.candidates.begin(), s.candidates.end(), 0u);
-  } else if (pq_ != nullptr && pq_->trained() && num_queries <= PqSketch::kMaxQueries) {
+  } else if (pq_ != nullptr && pq_->trained() && num_queries <= PqSketch::kMaxQueries &&
+             params.method != SearchMethod::kTree) {
     // (More queries than a config allows can come only from a direct
     // caller; the tree serves them.)
     CollectPqCandidatePages(

@@ -159,6 +159,18 @@ std::string_view DescentRankingName(DescentRanking r) {
   return "selector";
 }
 
+std::string_view SearchMethodName(SearchMethod m) {
+  switch (m) {
+    case SearchMethod::kTree:
+      return "tree";
+    case SearchMethod::kScan:
+      return "scan";
+    case SearchMethod::kSelector:
+      break;
+  }
+  return "selector";
+}
+
 std::string_view GranularityName(Granularity granularity) {
   return granularity == Granularity::kToken ? "token" : "page";
 }

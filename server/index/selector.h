@@ -174,6 +174,15 @@ enum class DescentRanking : uint8_t { kSelector = 0, kLoudest = 1, kNormalized =
 // "selector", "loudest", "normalized".
 std::string_view DescentRankingName(DescentRanking r);
 
+// How mdci finds its candidate pages for one call: the selector's own way
+// (the scan when MdciParams::pq_factor > 0, else the tree), the tree's
+// descent, or the product-quantised scan (the tree when the selector keeps
+// no codes). The width calibrator's method duel sets it per head.
+enum class SearchMethod : uint8_t { kSelector = 0, kTree = 1, kScan = 2 };
+
+// "selector", "tree", "scan".
+std::string_view SearchMethodName(SearchMethod m);
+
 struct SelectParams {
   int budget_tokens = 256;  // > 0; pages are taken until this many tokens
   int sink_tokens = 4;      // pages holding positions [0, sink) always included
@@ -195,6 +204,9 @@ struct SelectParams {
   // mdci with MdciParams::pq_factor > 0: the factor for this call (0 = the
   // selector's). >= 0. Other selectors ignore it.
   float pq_factor = 0.0f;
+  // mdci: the tree or the scan for this call (the width calibrator's method
+  // duel); other selectors ignore it.
+  SearchMethod method = SearchMethod::kSelector;
 };
 
 // Result of one selection, in descending score order (sink/recent pages

@@ -68,6 +68,9 @@ absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
   absl::MutexLock lock(&c->mu_);
   c->release_needed_ = 4LL * o.settle_samples;
   c->trial_needed_ = o.ranking_trial_samples;
+  // The scan when the selector keeps codes; the duel parks the tree fresh.
+  c->method_ = base_pq_factor > 0.0f ? SearchMethod::kScan : SearchMethod::kTree;
+  c->parked_ = c->FreshArm();
   return c;
 }
 
@@ -92,9 +95,13 @@ bool WidthCalibrator::ShouldSample(const SelectParams& used, int64_t cost_ns) {
     CountExactStep(cost_ns);
     return false;  // the selection is the reference
   }
-  if (used.field_of_view == static_cast<int>(std::lround(base_fov_ * width_))) {
-    AddCost(cost_ns, &tree_cost_n_, &tree_cost_);  // not one made before a width change
+  // Not one made before a width (or method) change.
+  const bool method_now =
+      used.method == method_ || (used.method == SearchMethod::kSelector && !DuelOn());
+  if (method_now && used.field_of_view == static_cast<int>(std::lround(base_fov_ * width_))) {
+    AddCost(cost_ns, &tree_cost_n_, &tree_cost_);
   }
+  if (!method_trial_) ++method_run_;
   const bool due = schedule_.Step(cost_ns);
   return due || probing_;  // the tree on trial: judge it quickly
 }
@@ -185,7 +192,8 @@ void WidthCalibrator::Observe(const QualitySample& sample) {
 
 bool WidthCalibrator::TrialRunning() const {
   // The duel ranks the descent's nodes: nothing to rank for the scan.
-  return o_.ranking_trial_samples > 0 && mode_ == SelectMode::kTree && base_pq_ == 0.0f;
+  return o_.ranking_trial_samples > 0 && mode_ == SelectMode::kTree &&
+         method_ == SearchMethod::kTree;
 }
 
 namespace {
@@ -240,6 +248,129 @@ bool WidthCalibrator::MeanMisses() const {
 }
 
 void WidthCalibrator::AdaptWidth(double ratio) {
+  // A trial whose selections already cost what the incumbent's do, on a
+  // sample that would not narrow it: more samples can only widen it
+  // (costlier). The incumbent resumes; this sample was the trial's.
+  if (DuelOn() && method_trial_ && tree_cost_n_ >= 2 && tree_cost_ >= trial_bar_ &&
+      ratio < o_.target_ratio + o_.hysteresis) {
+    EndTrial(/*won=*/false);
+    return;
+  }
+  StepWidth(ratio);
+  if (DuelOn() && mode_ == SelectMode::kTree) Duel();
+}
+
+CalibratorArm WidthCalibrator::FreshArm() const {
+  CalibratorArm a;
+  a.width = o_.min_width;
+  a.floor = o_.min_width;
+  a.release_needed = 4LL * o_.settle_samples;
+  return a;
+}
+
+CalibratorArm WidthCalibrator::CurrentArm() const {
+  CalibratorArm a;
+  a.width = width_;
+  a.floor = floor_;
+  a.at_width = at_width_;
+  a.mean_at_width = mean_at_width_;
+  a.var_at_width = var_at_width_;
+  a.release_streak = release_streak_;
+  a.release_needed = release_needed_;
+  a.released = released_;
+  a.cost_n = tree_cost_n_;
+  a.cost = tree_cost_;
+  a.tried = true;
+  return a;
+}
+
+void WidthCalibrator::LoadArm(const CalibratorArm& a) {
+  width_ = a.width;
+  floor_ = a.floor;
+  at_width_ = a.at_width;
+  mean_at_width_ = a.mean_at_width;
+  var_at_width_ = a.var_at_width;
+  release_streak_ = a.release_streak;
+  release_needed_ = a.release_needed;
+  released_ = a.released;
+  tree_cost_n_ = a.cost_n;
+  tree_cost_ = a.cost;
+}
+
+void WidthCalibrator::SwapMethod() {
+  const CalibratorArm now = CurrentArm();
+  LoadArm(parked_);
+  parked_ = now;
+  method_ = method_ == SearchMethod::kScan ? SearchMethod::kTree : SearchMethod::kScan;
+  ++changes_;
+  last_change_step_ = steps_;
+}
+
+bool WidthCalibrator::Judged() const {
+  return mode_ == SelectMode::kTree && !probing_ && at_width_ >= o_.settle_samples &&
+         !MeanMisses() && mean_at_width_ >= o_.target_ratio;
+}
+
+namespace {
+
+// The bar of a trial against exact selection whose cost was never timed.
+constexpr double kNoBar = 1e30;
+
+}  // namespace
+
+void WidthCalibrator::GiveUp() {
+  if (method_trial_) {
+    EndTrial(/*won=*/false);  // back to the incumbent (or to exact, if it had given up)
+    return;
+  }
+  if (DuelOn() && (!parked_.tried || method_run_ >= method_wait_)) {
+    // What exact selection would cost (the fallback's own threshold).
+    const double ratio = o_.exact_cost_ratio > 0.0 ? o_.exact_cost_ratio : 1.0;
+    StartTrial(exact_cost_n_ > 0 ? ratio * exact_cost_ : kNoBar, /*exact=*/true);
+    return;
+  }
+  FallBack();
+}
+
+void WidthCalibrator::StartTrial(double bar, bool exact) {
+  trial_bar_ = bar;
+  trial_exact_ = exact;
+  method_trial_ = true;
+  ++method_trials_;
+  SwapMethod();
+  // The parked tally may be old: the data has moved on since. Its width
+  // and floor stay.
+  RestartTally();
+  release_streak_ = 0;
+  probing_ = true;  // every selection sampled until judged
+}
+
+void WidthCalibrator::EndTrial(bool won) {
+  method_trial_ = false;
+  method_run_ = 0;
+  method_wait_ = method_wait_ == 0 ? o_.reprobe_steps
+                                   : std::min<int64_t>(o_.max_reprobe_steps, 2 * method_wait_);
+  if (won) {
+    ++method_switches_;
+  } else {
+    SwapMethod();  // the incumbent, with its tally
+    probing_ = false;
+    if (trial_exact_) FallBack();
+  }
+  trial_exact_ = false;
+}
+
+void WidthCalibrator::Duel() {
+  if (method_trial_) {
+    if (Judged()) EndTrial(/*won=*/tree_cost_ < trial_bar_);
+    return;
+  }
+  if (Judged() && tree_cost_n_ > 0 && (!parked_.tried || method_run_ >= method_wait_)) {
+    StartTrial(tree_cost_, /*exact=*/false);
+  }
+}
+
+void WidthCalibrator::StepWidth(double ratio) {
   ++at_width_;
   // Moving mean and variance (West's weighted update: with weight 1 / n the
   // plain population variance, then an exponentially weighted one).
@@ -250,7 +381,7 @@ void WidthCalibrator::AdaptWidth(double ratio) {
   const bool miss = MeanMisses() || ratio < o_.target_ratio - o_.far_below;
   if (TreeDoesNotPay(miss)) {
     if (miss) floor_ = std::min(o_.max_width, width_ * std::sqrt(o_.increase));
-    FallBack();
+    GiveUp();
     return;
   }
   if (probing_ && !miss && at_width_ >= o_.settle_samples) probing_ = false;  // the tree pays again
@@ -285,9 +416,10 @@ void WidthCalibrator::Apply(SelectParams* params) const {
   absl::MutexLock lock(&mu_);
   params->field_of_view = static_cast<int>(std::lround(base_fov_ * width_));
   params->candidate_factor = base_factor_ * static_cast<float>(width_);
-  params->pq_factor = base_pq_ * static_cast<float>(width_);
+  params->pq_factor = method_ == SearchMethod::kScan ? base_pq_ * static_cast<float>(width_) : 0.0f;
   params->exhaustive = mode_ == SelectMode::kExact;
   params->ranking = ranking_;
+  params->method = method_;
 }
 
 CalibratorReport WidthCalibrator::report() const {
@@ -296,7 +428,7 @@ CalibratorReport WidthCalibrator::report() const {
   r.width = width_;
   r.field_of_view = static_cast<int>(std::lround(base_fov_ * width_));
   r.candidate_factor = base_factor_ * static_cast<float>(width_);
-  r.pq_factor = base_pq_ * static_cast<float>(width_);
+  r.pq_factor = method_ == SearchMethod::kScan ? base_pq_ * static_cast<float>(width_) : 0.0f;
   r.steps = steps_;
   r.samples = samples_;
   r.changes = changes_;
@@ -318,6 +450,14 @@ CalibratorReport WidthCalibrator::report() const {
   r.trial_gain = trial_gain_;
   r.ranking_switches = ranking_switches_;
   r.seeded = seeded_;
+  r.method = method_;
+  r.method_trials = method_trials_;
+  r.method_switches = method_switches_;
+  r.method_trial = method_trial_;
+  if (DuelOn()) {
+    r.other_width = parked_.width;
+    r.other_cost_ns = parked_.cost;
+  }
   return r;
 }
 
@@ -327,7 +467,7 @@ std::optional<CalibratorSeed> WidthCalibrator::SeedOf(int64_t min_samples) const
   // A seeded head passes its seed on (corrected by whatever it measured):
   // what several short sessions learn adds up.
   if (!exact && !seeded_ && samples_ < std::max<int64_t>(1, min_samples)) return std::nullopt;
-  return CalibratorSeed{width_, ranking_, exact};
+  return CalibratorSeed{width_, ranking_, exact, method_};
 }
 
 absl::Status WidthCalibrator::Seed(const CalibratorSeed& seed, int warmup_left) {
@@ -341,11 +481,24 @@ absl::Status WidthCalibrator::Seed(const CalibratorSeed& seed, int warmup_left) 
         absl::StrCat("calibrator seed: ranking must be loudest (1) or normalized (2), got ",
                      static_cast<int>(seed.ranking)));
   }
+  if (seed.method != SearchMethod::kSelector && seed.method != SearchMethod::kTree &&
+      seed.method != SearchMethod::kScan) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("calibrator seed: method must be selector (0), tree (1) or scan (2), got ",
+                     static_cast<int>(seed.method)));
+  }
   absl::MutexLock lock(&mu_);
   if (steps_ != 0 || samples_ != 0) {
     return absl::FailedPreconditionError(absl::StrCat("calibrator seed: the head has counted ",
                                                       steps_,
                                                       " selections; only a fresh one is seeded"));
+  }
+  // The seed's width is its method's; a head without the duel keeps its
+  // only method.
+  if (DuelOn() && seed.method != SearchMethod::kSelector && seed.method != method_) {
+    SwapMethod();
+    changes_ = 0;
+    last_change_step_ = 0;
   }
   width_ = seed.width;
   ranking_ = seed.ranking;
@@ -396,13 +549,42 @@ CalibratorState WidthCalibrator::state() const {
   s.trial_gain = trial_gain_;
   s.ranking_switches = ranking_switches_;
   s.seeded = seeded_;
+  s.method = method_;
+  s.parked = parked_;
+  s.method_trial = method_trial_;
+  s.trial_exact = trial_exact_;
+  s.trial_bar = trial_bar_;
+  s.method_wait = method_wait_;
+  s.method_run = method_run_;
+  s.method_trials = method_trials_;
+  s.method_switches = method_switches_;
   return s;
 }
 
 namespace {
 
 // The checks of WidthCalibrator::Restore ("" when `s` is in range).
-std::string StateProblem(const CalibratorOptions& o, const CalibratorState& s) {
+std::string ArmProblem(const CalibratorOptions& o, const CalibratorArm& a) {
+  if (!(a.width >= o.min_width && a.width <= o.max_width) ||
+      !(a.floor >= o.min_width && a.floor <= o.max_width)) {
+    return absl::StrCat("parked width and floor must be in [", o.min_width, ", ", o.max_width,
+                        "], got ", a.width, " and ", a.floor);
+  }
+  if (a.at_width < 0 || a.at_width > kMaxStateCount || a.release_streak < 0 ||
+      a.release_streak > kMaxStateCount || a.release_needed < 1 ||
+      a.release_needed > kMaxStateCount || a.cost_n < 0 || a.cost_n > kMaxStateCount) {
+    return "parked counts out of range";
+  }
+  for (double v : {a.mean_at_width, a.var_at_width, a.cost}) {
+    if (!(v >= 0.0 && std::isfinite(v))) {
+      return absl::StrCat("parked means must be finite and >= 0, got ", v);
+    }
+  }
+  return "";
+}
+
+std::string StateProblem(const CalibratorOptions& o, const CalibratorState& s, bool duel,
+                         bool scan) {
   const auto count = [](int64_t v, int64_t hi = kMaxStateCount) { return v >= 0 && v <= hi; };
   const auto mean = [](double v) { return v >= 0.0 && std::isfinite(v); };
   if (!(s.width >= o.min_width && s.width <= o.max_width)) {
@@ -458,13 +640,37 @@ std::string StateProblem(const CalibratorOptions& o, const CalibratorState& s) {
   if (!(std::abs(s.trial_gain) <= 2.0)) {
     return absl::StrCat("trial_gain must be finite and in [-2, 2], got ", s.trial_gain);
   }
+  if (s.method != SearchMethod::kSelector && s.method != SearchMethod::kTree &&
+      s.method != SearchMethod::kScan) {
+    return absl::StrCat("method must be selector (0), tree (1) or scan (2), got ",
+                        static_cast<int>(s.method));
+  }
+  if (s.method == SearchMethod::kSelector) return "";  // an older snapshot: no duel state
+  if ((s.method == SearchMethod::kScan) != scan && !duel) {
+    return absl::StrCat("method ", std::string(SearchMethodName(s.method)), " is not this head's (",
+                        scan ? "scan" : "tree", ")");
+  }
+  if (s.method == SearchMethod::kScan && !scan) {
+    return "method scan, but the selector keeps no product-quantised codes";
+  }
+  if (s.method_trial && !duel) return "a method trial, but this head has no method duel";
+  if (std::string why = ArmProblem(o, s.parked); !why.empty()) return why;
+  if (!(s.trial_bar >= 0.0 && s.trial_bar <= kNoBar)) {
+    return absl::StrCat("trial_bar must be in [0, 1e30], got ", s.trial_bar);
+  }
+  if (!count(s.method_wait, o.max_reprobe_steps) || !count(s.method_run) ||
+      !count(s.method_trials) || !count(s.method_switches, s.method_trials)) {
+    return absl::StrCat("method_wait (<= ", o.max_reprobe_steps,
+                        "), method_run, method_trials or method_switches (<= method_trials) out of "
+                        "range");
+  }
   return "";
 }
 
 }  // namespace
 
 absl::Status WidthCalibrator::Restore(const CalibratorState& s) {
-  if (std::string why = StateProblem(o_, s); !why.empty()) {
+  if (std::string why = StateProblem(o_, s, DuelOn(), base_pq_ > 0.0f); !why.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("calibrator state: ", why));
   }
   absl::MutexLock lock(&mu_);
@@ -503,6 +709,23 @@ absl::Status WidthCalibrator::Restore(const CalibratorState& s) {
   trial_gain_ = s.trial_gain;
   ranking_switches_ = s.ranking_switches;
   seeded_ = s.seeded;
+  if (s.method == SearchMethod::kSelector) {  // an older snapshot
+    method_ = base_pq_ > 0.0f ? SearchMethod::kScan : SearchMethod::kTree;
+    parked_ = FreshArm();
+    method_trial_ = trial_exact_ = false;
+    trial_bar_ = 0.0;
+    method_wait_ = method_run_ = method_trials_ = method_switches_ = 0;
+  } else {
+    method_ = s.method;
+    parked_ = s.parked;
+    method_trial_ = s.method_trial;
+    trial_exact_ = s.trial_exact;
+    trial_bar_ = s.trial_bar;
+    method_wait_ = s.method_wait;
+    method_run_ = s.method_run;
+    method_trials_ = s.method_trials;
+    method_switches_ = s.method_switches;
+  }
   return absl::OkStatus();
 }
 

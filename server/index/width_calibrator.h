@@ -55,6 +55,22 @@
 // floor. The other ranking's selection is one tree selection per sample
 // (QualitySample.trial_ns), charged to the sampling schedule's cost share
 // but not to the exact cost.
+// Method duel (a selector with product-quantised codes, base_pq_factor > 0,
+// and method_duel on): the scan and the tree each reach the target at their
+// own width and cost, and which is cheaper depends on the head
+// (docs/bench/duel17_methods.md). The head starts with the scan; each method
+// keeps its own width, floor and cost (the one not in use is parked). Once
+// the method in use is judged (settle_samples samples at a width that meets
+// the target, its cost known), the parked one is put on trial: it selects,
+// every selection sampled, from its own parked width until it is judged too;
+// it wins when its cost is below the incumbent's, and loses at once when its
+// cost already reaches the incumbent's, or when it gives up (the exact
+// fallback's tests). A head whose method gives up while the parked one is
+// untried tries that one before exact selection. Every trial doubles the
+// wait before the next (reprobe_steps, up to max_reprobe_steps selections):
+// no oscillation, and a head whose data changes tries again ever more
+// rarely. The duel compares costs, so it needs timed selections; untimed, no
+// trial starts.
 // Sampling (SampleSchedule, sample_schedule.h): the first warmup_samples
 // tree selections are all sampled (fast convergence), then one in an
 // interval chosen from the measured costs so that reference cost / selection
@@ -120,6 +136,9 @@ struct CalibratorOptions {
   int ranking_trial_samples = 0;
   double ranking_margin = 0.01;
   int ranking_window = 16;
+  // The method duel (with base_pq_factor > 0): the tree on trial against the
+  // scan per head, the cheaper kept. false: the scan only.
+  bool method_duel = true;
 };
 
 // How a calibrated head selects now.
@@ -162,6 +181,15 @@ struct CalibratorReport {
   double trial_gain = 0.0;  // moving mean since the last switch: other's ratio - this one's
   int64_t ranking_switches = 0;
   bool seeded = false;  // started from an earlier session's width (Seed)
+  // The method in use (kTree, or kScan with codes), and the method duel:
+  // trials so far, those the trial won, whether one runs now, and the parked
+  // method's width and mean cost (0 when it never ran).
+  SearchMethod method = SearchMethod::kTree;
+  int64_t method_trials = 0;
+  int64_t method_switches = 0;
+  bool method_trial = false;
+  double other_width = 0.0;
+  double other_cost_ns = 0.0;
 };
 
 // Where an earlier session's calibrator of the same head ended
@@ -171,6 +199,23 @@ struct CalibratorSeed {
   double width = 1.0;
   DescentRanking ranking = DescentRanking::kLoudest;
   bool exact = false;
+  SearchMethod method = SearchMethod::kSelector;  // the width's method (kSelector: the start's)
+};
+
+// One method's width state in the method duel (the fields of
+// WidthCalibrator of the same names; cost_n / cost: tree_cost_n / tree_cost).
+struct CalibratorArm {
+  double width = 1.0;
+  double floor = 1.0;
+  int64_t at_width = 0;
+  double mean_at_width = 0.0;
+  double var_at_width = 0.0;
+  int64_t release_streak = 0;
+  int64_t release_needed = 1;
+  bool released = false;
+  int64_t cost_n = 0;
+  double cost = 0.0;
+  bool tried = false;  // it has selected in this head (parked arm)
 };
 
 // A calibrator's whole state (the fields of WidthCalibrator below), carried
@@ -204,6 +249,13 @@ struct CalibratorState {
   int64_t trial_n = 0, trial_since = 0, trial_needed = 0, ranking_switches = 0;
   double trial_gain = 0.0;
   bool seeded = false;  // absent from older snapshots: false
+  // The method duel. Absent from older snapshots: kSelector (Restore takes
+  // the calibrator's start method, the other one parked fresh).
+  SearchMethod method = SearchMethod::kSelector;
+  CalibratorArm parked;
+  bool method_trial = false, trial_exact = false;
+  double trial_bar = 0.0;
+  int64_t method_wait = 0, method_run = 0, method_trials = 0, method_switches = 0;
 };
 
 class WidthCalibrator {
@@ -286,6 +338,25 @@ class WidthCalibrator {
   bool TrialRunning() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // One paired trial sample; true when it switched the ranking.
   bool ObserveTrial(double ratio, double trial_ratio) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The method duel.
+  bool DuelOn() const { return o_.method_duel && base_pq_ > 0.0f; }
+  CalibratorArm FreshArm() const;
+  CalibratorArm CurrentArm() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void LoadArm(const CalibratorArm& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The parked method in use, the one in use parked.
+  void SwapMethod() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The method in use meets the target at its width (settle_samples samples).
+  bool Judged() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The method in use gives up (TreeDoesNotPay): the parked one on trial,
+  // or exact selection.
+  void GiveUp() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The parked method on trial; it must cost less than `bar` (ns); `exact`:
+  // a loss falls back to exact selection.
+  void StartTrial(double bar, bool exact) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void EndTrial(bool won) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // After a sample: starts, judges or ends a trial.
+  void Duel() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void StepWidth(double ratio) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const CalibratorOptions o_;
   const int base_fov_;
@@ -326,6 +397,15 @@ class WidthCalibrator {
   double trial_gain_ ABSL_GUARDED_BY(mu_) = 0.0;   // moving mean gain since the last switch
   int64_t ranking_switches_ ABSL_GUARDED_BY(mu_) = 0;
   bool seeded_ ABSL_GUARDED_BY(mu_) = false;
+  SearchMethod method_ ABSL_GUARDED_BY(mu_) = SearchMethod::kTree;
+  CalibratorArm parked_ ABSL_GUARDED_BY(mu_);       // the method not in use
+  bool method_trial_ ABSL_GUARDED_BY(mu_) = false;  // the method in use is on trial
+  bool trial_exact_ ABSL_GUARDED_BY(mu_) = false;   // a loss falls back to exact
+  double trial_bar_ ABSL_GUARDED_BY(mu_) = 0.0;     // the cost the trial must beat (ns)
+  int64_t method_wait_ ABSL_GUARDED_BY(mu_) = 0;    // selections between trials
+  int64_t method_run_ ABSL_GUARDED_BY(mu_) = 0;     // tree/scan selections since the last
+  int64_t method_trials_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t method_switches_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // Measures `selection` (made by `selector` for these queries and params)

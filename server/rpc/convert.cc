@@ -384,6 +384,9 @@ void SessionQualityToProto(const SessionQualityInfo& q, v1::SessionQuality* out)
         static_cast<uint64_t>(std::max<int64_t>(0, h.ranking_trial_samples)));
     o->set_ranking_trial_gain(h.ranking_trial_gain);
     o->set_ranking_switches(static_cast<uint64_t>(std::max<int64_t>(0, h.ranking_switches)));
+    o->set_search_method(h.method);
+    o->set_method_trials(static_cast<uint64_t>(std::max<int64_t>(0, h.method_trials)));
+    o->set_method_switches(static_cast<uint64_t>(std::max<int64_t>(0, h.method_switches)));
     o->set_seeded(h.seeded);
   }
 }

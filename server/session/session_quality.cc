@@ -87,6 +87,9 @@ HeadQualityInfo HeadQualityMonitor::Report(int group, int head) const {
     info.ranking_trial_gain = r.trial_gain;
     info.ranking_switches = r.ranking_switches;
     info.seeded = r.seeded;
+    info.method = std::string(SearchMethodName(r.method));
+    info.method_trials = r.method_trials;
+    info.method_switches = r.method_switches;
   }
   absl::MutexLock l(&mu_);
   if (calibrator_ == nullptr) info.sample_interval = schedule_.Interval();

@@ -117,6 +117,11 @@ struct HeadQualityInfo {
   // Started from the width an earlier session of the same tenant and model
   // settled on (calibration memory), not from the default.
   bool seeded = false;
+  // "tree" or "scan" (calibrated heads; WidthCalibrator's method duel), the
+  // duel's trials and the trials the other method won.
+  std::string method;
+  int64_t method_trials = 0;
+  int64_t method_switches = 0;
   int64_t samples = 0;             // selections measured
   double mean_mass_ratio = 0.0;    // over every sample
   double recent_mass_ratio = 0.0;  // moving average (weight 1/8 per sample)

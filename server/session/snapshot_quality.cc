@@ -18,41 +18,70 @@ Json ScheduleToJson(const SampleScheduleState& s) {
               {"warmup_credit", s.warmup_credit}};
 }
 
+Json ArmToJson(const CalibratorArm& a) {
+  return Json{{"width", a.width},
+              {"floor", a.floor},
+              {"at_width", a.at_width},
+              {"mean_at_width", a.mean_at_width},
+              {"var_at_width", a.var_at_width},
+              {"release_streak", a.release_streak},
+              {"release_needed", a.release_needed},
+              {"released", a.released},
+              {"cost_n", a.cost_n},
+              {"cost", a.cost},
+              {"tried", a.tried}};
+}
+
+// The method duel's state ("duel"; absent: an older snapshot).
+Json DuelToJson(const CalibratorState& c) {
+  return Json{{"method", std::string(SearchMethodName(c.method))},
+              {"parked", ArmToJson(c.parked)},
+              {"method_trial", c.method_trial},
+              {"trial_exact", c.trial_exact},
+              {"trial_bar", c.trial_bar},
+              {"method_wait", c.method_wait},
+              {"method_run", c.method_run},
+              {"method_trials", c.method_trials},
+              {"method_switches", c.method_switches}};
+}
+
 Json CalibratorToJson(const CalibratorState& c) {
-  return Json{{"width", c.width},
-              {"floor", c.floor},
-              {"at_width", c.at_width},
-              {"mean_at_width", c.mean_at_width},
-              {"var_at_width", c.var_at_width},
-              {"release_streak", c.release_streak},
-              {"release_needed", c.release_needed},
-              {"released", c.released},
-              {"steps", c.steps},
-              {"samples", c.samples},
-              {"changes", c.changes},
-              {"last_change_step", c.last_change_step},
-              {"last_ratio", c.last_ratio},
-              {"sum_ratio", c.sum_ratio},
-              {"sum_topk", c.sum_topk},
-              {"schedule", ScheduleToJson(c.schedule)},
-              {"mode", c.mode == SelectMode::kExact ? "exact" : "tree"},
-              {"probing", c.probing},
-              {"tree_cost_n", c.tree_cost_n},
-              {"tree_cost", c.tree_cost},
-              {"exact_cost_n", c.exact_cost_n},
-              {"exact_cost", c.exact_cost},
-              {"exact_run", c.exact_run},
-              {"reprobe_wait", c.reprobe_wait},
-              {"exact_steps", c.exact_steps},
-              {"fallbacks", c.fallbacks},
-              {"reprobes", c.reprobes},
-              {"ranking", std::string(DescentRankingName(c.ranking))},
-              {"trial_n", c.trial_n},
-              {"trial_since", c.trial_since},
-              {"trial_needed", c.trial_needed},
-              {"trial_gain", c.trial_gain},
-              {"ranking_switches", c.ranking_switches},
-              {"seeded", c.seeded}};
+  Json j{{"width", c.width},
+         {"floor", c.floor},
+         {"at_width", c.at_width},
+         {"mean_at_width", c.mean_at_width},
+         {"var_at_width", c.var_at_width},
+         {"release_streak", c.release_streak},
+         {"release_needed", c.release_needed},
+         {"released", c.released},
+         {"steps", c.steps},
+         {"samples", c.samples},
+         {"changes", c.changes},
+         {"last_change_step", c.last_change_step},
+         {"last_ratio", c.last_ratio},
+         {"sum_ratio", c.sum_ratio},
+         {"sum_topk", c.sum_topk},
+         {"schedule", ScheduleToJson(c.schedule)},
+         {"mode", c.mode == SelectMode::kExact ? "exact" : "tree"},
+         {"probing", c.probing},
+         {"tree_cost_n", c.tree_cost_n},
+         {"tree_cost", c.tree_cost},
+         {"exact_cost_n", c.exact_cost_n},
+         {"exact_cost", c.exact_cost},
+         {"exact_run", c.exact_run},
+         {"reprobe_wait", c.reprobe_wait},
+         {"exact_steps", c.exact_steps},
+         {"fallbacks", c.fallbacks},
+         {"reprobes", c.reprobes},
+         {"ranking", std::string(DescentRankingName(c.ranking))},
+         {"trial_n", c.trial_n},
+         {"trial_since", c.trial_since},
+         {"trial_needed", c.trial_needed},
+         {"trial_gain", c.trial_gain},
+         {"ranking_switches", c.ranking_switches},
+         {"seeded", c.seeded}};
+  if (c.method != SearchMethod::kSelector) j["duel"] = DuelToJson(c);
+  return j;
 }
 
 Json HeadToJson(const HeadQualityState& h) {
@@ -125,6 +154,39 @@ void ReadSchedule(Reader& r, const Json& o, SampleScheduleState* s) {
   if (o.is_object() && o.contains("warmup_credit")) r.Int(o, "warmup_credit", &s->warmup_credit);
 }
 
+void ReadArm(Reader& r, const Json& o, CalibratorArm* a) {
+  r.Num(o, "width", &a->width);
+  r.Num(o, "floor", &a->floor);
+  r.Int(o, "at_width", &a->at_width);
+  r.Num(o, "mean_at_width", &a->mean_at_width);
+  r.Num(o, "var_at_width", &a->var_at_width);
+  r.Int(o, "release_streak", &a->release_streak);
+  r.Int(o, "release_needed", &a->release_needed);
+  r.Bool(o, "released", &a->released);
+  r.Int(o, "cost_n", &a->cost_n);
+  r.Num(o, "cost", &a->cost);
+  r.Bool(o, "tried", &a->tried);
+}
+
+void ReadDuel(Reader& r, const Json& o, CalibratorState* c) {
+  auto method = o.find("method");
+  if (method != o.end() && *method == "tree") {
+    c->method = SearchMethod::kTree;
+  } else if (method != o.end() && *method == "scan") {
+    c->method = SearchMethod::kScan;
+  } else {
+    r.Fail("method");
+  }
+  if (const Json* a = r.Object(o, "parked")) ReadArm(r, *a, &c->parked);
+  r.Bool(o, "method_trial", &c->method_trial);
+  r.Bool(o, "trial_exact", &c->trial_exact);
+  r.Num(o, "trial_bar", &c->trial_bar);
+  r.Int(o, "method_wait", &c->method_wait);
+  r.Int(o, "method_run", &c->method_run);
+  r.Int(o, "method_trials", &c->method_trials);
+  r.Int(o, "method_switches", &c->method_switches);
+}
+
 void ReadCalibrator(Reader& r, const Json& o, CalibratorState* c) {
   r.Num(o, "width", &c->width);
   r.Num(o, "floor", &c->floor);
@@ -166,6 +228,11 @@ void ReadCalibrator(Reader& r, const Json& o, CalibratorState* c) {
   // Absent in snapshots written before calibration seeds.
   c->seeded = false;
   if (o.is_object() && o.contains("seeded")) r.Bool(o, "seeded", &c->seeded);
+  // Absent in snapshots written before the method duel: the start method.
+  c->method = SearchMethod::kSelector;
+  if (o.is_object() && o.contains("duel")) {
+    if (const Json* d = r.Object(o, "duel")) ReadDuel(r, *d, c);
+  }
   if (!o.is_object() || !o.contains("ranking")) return;
   auto ranking = o.find("ranking");
   if (*ranking == "loudest") {

@@ -33,6 +33,9 @@ struct DecodeSessionSpec {
   // MdciParams::sketch_scoring (in-process only: the session API does not
   // carry it; the socket backend refuses it).
   bool mdci_sketch = false;
+  // MdciParams::pq_factor (> 0: the product-quantised scan, with the
+  // calibrator's method duel against the tree; 0: the tree).
+  float mdci_pq = 0.0f;
 };
 
 struct DecodeSelect {

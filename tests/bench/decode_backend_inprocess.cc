@@ -129,6 +129,7 @@ class InProcessBackend : public DecodeBackend {
     c.page_tokens = spec.page_tokens;
     c.layer_reuse = spec.layer_reuse;
     c.mdci.sketch_scoring = spec.mdci_sketch;
+    c.mdci.pq_factor = spec.mdci_pq;
     ASSIGN_OR_RETURN(c.selector, ParseSelectorKind(spec.selector));
     ASSIGN_OR_RETURN(SessionInfo info, manager_->CreateSession(caller_, c));
     return info.id;

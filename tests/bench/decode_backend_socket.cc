@@ -93,6 +93,7 @@ class SocketBackend : public DecodeBackend {
     s.head_dim = spec.head_dim;
     s.dtype = DType::kF16;
     s.page_tokens = spec.page_tokens;
+    s.mdci_pq_factor = spec.mdci_pq;
     ASSIGN_OR_RETURN(s.selector, ParseSelectorType(spec.selector));
     s.layer_reuse = spec.layer_reuse;
     s.ttl = absl::Minutes(30);

@@ -91,6 +91,8 @@ struct DecodeBenchOptions {
   // mdci sessions rank candidate pages from the int8 sketch
   // (MdciParams::sketch_scoring); --mode in-process only.
   bool mdci_sketch = false;
+  // mdci sessions' MdciParams::pq_factor (0: the tree only).
+  float mdci_pq = 0.0f;
   // KV bytes (GiB) the run may hold at once: the daemon's, this process's
   // companion and quality layers. Above it a context runs with fewer layers
   // (its per-token figures scaled to `layers` and marked "scaled").

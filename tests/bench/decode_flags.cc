@@ -96,6 +96,13 @@ DecodeFlags::DecodeFlags(CLI::App* app) {
   app->add_flag("--mdci-sketch", o_.mdci_sketch,
                 "mdci sessions rank candidate pages from an int8 copy of the keys "
                 "(MdciParams::sketch_scoring; --mode in-process only)");
+  app->add_option("--mdci-pq", o_.mdci_pq,
+                  "mdci sessions keep 4-bit product-quantised keys and select by scanning them, "
+                  "this many x budget tokens' worth of pages scored exactly "
+                  "(SessionConfig.selector.mdci.pq_factor; the calibrator's method duel puts the "
+                  "tree on trial per head); 0: the tree only")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0f, 512.0f));
   app->add_flag("--companion-quality", o_.companion_quality,
                 "the in-process companion runs the quality monitor (mdci at its own calibrated "
                 "width; default: the fixed width). The table's split is the daemon's own either "

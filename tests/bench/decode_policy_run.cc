@@ -415,6 +415,7 @@ absl::StatusOr<PolicyResult> RunSelectorPolicy(const DecodeContext& ctx,
   spec.selector = policy.selector;
   spec.layer_reuse = policy.layer_reuse;
   spec.mdci_sketch = o.mdci_sketch;
+  spec.mdci_pq = spec.selector == "mdci" ? o.mdci_pq : 0.0f;
   ASSIGN_OR_RETURN(std::string id, ctx.main->CreateSession(spec));
   DecodeSessionSpec cspec = spec;
   cspec.layers = ctx.reference_layers;

@@ -275,6 +275,7 @@ Json DecodeReportJson(const DecodeBenchOptions& o, const std::vector<ContextResu
                       {"daemon_prefault", o.daemon_prefault},
                       {"daemon_config", o.daemon_config},
                       {"companion_quality", o.companion_quality},
+                      {"mdci_pq_factor", o.mdci_pq},
                       {"policies", o.policies},
                       {"batch", o.batch},
                       {"batch_policy", o.batch_policy}};

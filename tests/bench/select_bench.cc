@@ -293,16 +293,23 @@ class SelectorMethod : public TreeMethod {
         times_.steady_select_s > 0 ? times_.steady_sample_s / times_.steady_select_s : 0.0;
     return absl::StrFormat(
         "calibrated: %s, %s ranking (%lld switches, gain of the other %+.4f), width %.2f (%s), "
-        "%lld changes, %lld "
+        "%s%lld changes, %lld "
         "fallbacks, %lld of %lld selections exact, sampled mass ratio %.4f (last %.4f), page "
         "recall %.3f, %lld sampled, %.2f s sampling; steady: 1 in %lld, %.1f%% over %lld steps; "
         "thread CPU: tree %.0f us at this width, exact %.0f us",
-        r.mode == SelectMode::kExact ? "EXACT" : "tree",
+        r.mode == SelectMode::kExact ? "EXACT" : std::string(SearchMethodName(r.method)).c_str(),
         std::string(DescentRankingName(r.ranking)).c_str(),
         static_cast<long long>(r.ranking_switches), r.trial_gain, r.width,
         r.pq_factor > 0
             ? absl::StrFormat("pq factor %.1f", r.pq_factor)
             : absl::StrFormat("fov %d, candidate factor %.1f", r.field_of_view, r.candidate_factor),
+        r.other_width > 0
+            ? absl::StrFormat("method duel %lld trials, %lld won%s, other width %.2f at %.0f us, ",
+                              static_cast<long long>(r.method_trials),
+                              static_cast<long long>(r.method_switches),
+                              r.method_trial ? " (on trial now)" : "", r.other_width,
+                              r.other_cost_ns / 1e3)
+            : std::string(),
         static_cast<long long>(r.changes), static_cast<long long>(r.fallbacks),
         static_cast<long long>(r.exact_steps), static_cast<long long>(r.steps), r.mean_ratio,
         r.last_ratio, r.mean_topk_recall, static_cast<long long>(r.samples), times_.sample_s,
@@ -565,6 +572,7 @@ absl::StatusOr<std::unique_ptr<TreeMethod>> MakeMethod(const std::string& name, 
     co.sample_share = o.calibrate_share;
     co.confidence_z = o.calibrate_confidence_z;
     co.ranking_trial_samples = o.calibrate_ranking_trial;
+    co.method_duel = o.calibrate_method_duel;
     co.exact_cost_ratio = o.calibrate_exact_cost_ratio;
     co.base_ranking =
         o.mdci.normalized_descent ? DescentRanking::kNormalized : DescentRanking::kLoudest;

@@ -100,6 +100,7 @@ struct SelectBenchOptions {
   double calibrate_confidence_z = CalibratorOptions{}.confidence_z;
   // The calibrator's ranking trial: paired samples (0: off).
   int calibrate_ranking_trial = CalibratorOptions{}.ranking_trial_samples;
+  bool calibrate_method_duel = CalibratorOptions{}.method_duel;
   // The exact fallback's cost threshold (CalibratorOptions::exact_cost_ratio;
   // 0: only when the widest width misses, so no decision depends on timing).
   double calibrate_exact_cost_ratio = CalibratorOptions{}.exact_cost_ratio;

@@ -207,6 +207,10 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "calibration: sampled steps that also try the other descent ranking (loudest "
                   "vs normalized) before the head keeps the better one (0: off; 8: measured)")
       ->capture_default_str();
+  app->add_option("--calibrate-method-duel", o_.calibrate_method_duel,
+                  "calibration with --mdci-pq: put the tree on trial against the scan per head "
+                  "and keep the cheaper that meets the target (1), or the scan only (0)")
+      ->capture_default_str();
   app->add_option("--calibrate-exact-cost-ratio", o_.calibrate_exact_cost_ratio,
                   "calibration: a head whose width costs this share of the exact scan selects "
                   "exactly (0: only when the widest width misses; then no width or mass depends "

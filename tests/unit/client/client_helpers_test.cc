@@ -76,6 +76,9 @@ TEST(OutputTest, SessionJsonHasEveryFieldWithEpochAsString) {
   h.candidate_factor = 12;
   h.samples = 4;
   h.seeded = true;
+  h.search_method = "scan";
+  h.method_trials = 2;
+  h.method_switches = 1;
   s.quality.seeded_heads = 1;
   s.quality.heads.push_back(h);
   EXPECT_EQ(DumpJson(SessionJson(s)),
@@ -95,7 +98,8 @@ TEST(OutputTest, SessionJsonHasEveryFieldWithEpochAsString) {
             R"("samples":4,"mean_mass_ratio":0.0,"recent_mass_ratio":0.0,)"
             R"("last_mass_ratio":0.0,"mean_topk_recall":0.0,"mode":"tree","exact_selections":0,)"
             R"("fallbacks":0,"sample_interval":0,"descent_ranking":"","ranking_trial_samples":0,)"
-            R"("ranking_trial_gain":0.0,"ranking_switches":0,"seeded":true}]}})");
+            R"("ranking_trial_gain":0.0,"ranking_switches":0,"seeded":true,"search_method":"scan",)"
+            R"("method_trials":2,"method_switches":1}]}})");
 }
 
 TEST(OutputTest, StatsJsonNestsSizeClassesAndTenants) {

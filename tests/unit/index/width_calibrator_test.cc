@@ -690,7 +690,7 @@ struct BuiltMdci {
 };
 
 BuiltMdci BuildMdci(const testing::HeadData& h, int fov, float factor, bool calibrated_rest = true,
-                    bool normalized_descent = false) {
+                    bool normalized_descent = false, float pq_factor = 0.0f) {
   BuiltMdci b;
   SelectorConfig cfg;
   cfg.kind = SelectorKind::kMdci;
@@ -701,6 +701,7 @@ BuiltMdci BuildMdci(const testing::HeadData& h, int fov, float factor, bool cali
   cfg.mdci.candidate_factor = factor;
   cfg.mdci.calibrated_rest = calibrated_rest;
   cfg.mdci.normalized_descent = normalized_descent;
+  cfg.mdci.pq_factor = pq_factor;
   auto frames = OwnedPageKeys::ForSelector(cfg);
   EXPECT_THAT(frames.status(), IsOk());
   if (!frames.ok()) return b;
@@ -923,6 +924,285 @@ TEST(WidthCalibratorTest, SeedOfAnExactHeadSelectsExactlyAndBadSeedsAreRefused) 
               StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("ranking")));
   EXPECT_FALSE(d->report().seeded);
   EXPECT_EQ(d->report().width, 1.0);
+}
+
+// The method duel on simulated heads: each method's mass ratio grows with
+// its width as 1 - a / w, and its cost as base + per_width x w.
+struct SimMethod {
+  double a;
+  double base_ns;
+  double ns_per_width;
+};
+
+constexpr float kBasePq = 8.0f;
+
+struct SimDuelHead {
+  WidthCalibrator* c;
+  SimMethod scan, tree;
+  double exact_ns;
+  int64_t sampled = 0;
+  std::mt19937 rng{7};
+  void Step() {
+    SelectParams p;
+    c->Apply(&p);
+    const bool is_scan = p.method == SearchMethod::kScan;
+    const SimMethod& m = is_scan ? scan : tree;
+    const double w = is_scan ? p.pq_factor / kBasePq : p.candidate_factor / 8.0;
+    const auto cost =
+        static_cast<int64_t>(p.exhaustive ? exact_ns : m.base_ns + m.ns_per_width * w);
+    if (!c->ShouldSample(p, cost)) return;
+    c->Taken();
+    ++sampled;
+    QualitySample q{p.exhaustive ? 1.0 : Curve(m.a, w, &rng), 1.0};
+    q.reference_ns = static_cast<int64_t>(exact_ns);
+    c->Observe(q);
+  }
+};
+
+std::unique_ptr<WidthCalibrator> MakeDuel(CalibratorOptions o = {}) {
+  auto c = WidthCalibrator::Create(o, 32, 8.0f, kBasePq);
+  EXPECT_THAT(c.status(), IsOk());
+  return c.ok() ? std::move(c).value() : nullptr;
+}
+
+// A head on which the tree meets the target at a narrow, cheap width ends on
+// the tree; one on which the tree needs a width costlier than the scan stays
+// on the scan, and its trial stops as soon as the tree costs as much.
+TEST(WidthCalibratorTest, TheMethodDuelKeepsTheCheaperMethodPerHead) {
+  const SimMethod scan{0.02, 600.0, 0.0};  // meets the target at its base factor
+  auto easy = MakeDuel();
+  ASSERT_NE(easy, nullptr);
+  EXPECT_EQ(easy->report().method, SearchMethod::kScan);  // the configured method first
+  SimDuelHead e{easy.get(), scan, {0.02, 0.0, 100.0}, 3000.0};
+  for (int i = 0; i < 200; ++i) e.Step();
+  CalibratorReport r = easy->report();
+  EXPECT_EQ(r.method, SearchMethod::kTree);
+  EXPECT_EQ(r.mode, SelectMode::kTree);
+  EXPECT_EQ(r.method_trials, 1);
+  EXPECT_EQ(r.method_switches, 1);
+  EXPECT_NEAR(r.other_cost_ns, 600.0, 1.0);  // the scan, parked
+  SelectParams p;
+  easy->Apply(&p);
+  EXPECT_EQ(p.method, SearchMethod::kTree);
+  EXPECT_EQ(p.pq_factor, 0.0f);
+
+  auto hard = MakeDuel();
+  ASSERT_NE(hard, nullptr);
+  SimDuelHead h{hard.get(), scan, {1.2, 0.0, 100.0}, 3000.0};  // the tree needs width 24
+  for (int i = 0; i < 200; ++i) h.Step();
+  r = hard->report();
+  EXPECT_EQ(r.method, SearchMethod::kScan);
+  EXPECT_EQ(r.method_trials, 1);
+  EXPECT_EQ(r.method_switches, 0);
+  EXPECT_FALSE(r.method_trial);
+  // The trial stopped at the width whose cost reached the scan's (600 at
+  // width 6), not at the width the tree would need.
+  EXPECT_LT(r.other_width, 12.0);
+  EXPECT_LE(h.sampled, 40);
+  hard->Apply(&p);
+  EXPECT_EQ(p.method, SearchMethod::kScan);
+  EXPECT_FLOAT_EQ(p.pq_factor, kBasePq * static_cast<float>(r.width));
+}
+
+// On data that does not change, the duel tries the other method ever more
+// rarely (each trial doubles the wait) and never switches back and forth.
+TEST(WidthCalibratorTest, TheMethodDuelTriesAgainEverMoreRarely) {
+  CalibratorOptions o;
+  o.reprobe_steps = 64;
+  o.max_reprobe_steps = 4096;
+  auto c = MakeDuel(o);
+  ASSERT_NE(c, nullptr);
+  SimDuelHead h{c.get(), {0.02, 600.0, 0.0}, {0.02, 0.0, 100.0}, 3000.0};
+  std::vector<int> trial_at;
+  int64_t trials = 0;
+  for (int i = 0; i < 20000; ++i) {
+    h.Step();
+    if (c->report().method_trials != trials) {
+      trials = c->report().method_trials;
+      trial_at.push_back(i);
+    }
+  }
+  const CalibratorReport r = c->report();
+  EXPECT_EQ(r.method, SearchMethod::kTree);
+  EXPECT_EQ(r.method_switches, 1);  // the tree won its trial; the scan never wins back
+  // Trials start on sampled steps, so the doubling waits show once they
+  // pass the sampling interval.
+  ASSERT_GE(trial_at.size(), 3u);
+  EXPECT_LE(trial_at.size(), 10u);
+  for (size_t i = 2; i < trial_at.size(); ++i) {
+    EXPECT_GE(trial_at[i] - trial_at[i - 1], 0.9 * (trial_at[i - 1] - trial_at[i - 2]))
+        << "trial " << i << ": the waits never shrink";
+  }
+  const size_t n = trial_at.size();
+  EXPECT_GE(trial_at[n - 1] - trial_at[n - 2], 4 * (trial_at[2] - trial_at[1]));
+}
+
+// A scan that cannot reach the target within its widths tries the tree
+// before exact selection; a tree that meets it keeps the head off exact.
+TEST(WidthCalibratorTest, TheMethodDuelTriesTheTreeBeforeExactSelection) {
+  CalibratorOptions o;
+  o.max_width = 8.0;
+  auto c = MakeDuel(o);
+  ASSERT_NE(c, nullptr);
+  SimDuelHead h{c.get(), {4.0, 600.0, 0.0}, {0.05, 0.0, 100.0}, 3000.0};
+  for (int i = 0; i < 300; ++i) h.Step();
+  CalibratorReport r = c->report();
+  EXPECT_EQ(r.mode, SelectMode::kTree);
+  EXPECT_EQ(r.method, SearchMethod::kTree);
+  EXPECT_EQ(r.fallbacks, 0);
+  // Neither reaches it: exact selection, as without the duel.
+  auto d = MakeDuel(o);
+  ASSERT_NE(d, nullptr);
+  SimDuelHead g{d.get(), {4.0, 600.0, 0.0}, {4.0, 0.0, 100.0}, 3000.0};
+  for (int i = 0; i < 300; ++i) g.Step();
+  r = d->report();
+  EXPECT_EQ(r.mode, SelectMode::kExact);
+  EXPECT_GE(r.fallbacks, 1);
+  EXPECT_EQ(r.method_switches, 0);
+}
+
+// Without timed selections the duel starts no trial (it compares costs);
+// with method_duel off, or a selector without codes, there is no duel.
+TEST(WidthCalibratorTest, TheMethodDuelNeedsCostsAndCodes) {
+  auto c = MakeDuel();
+  ASSERT_NE(c, nullptr);
+  for (int i = 0; i < 200; ++i) {
+    SelectParams p;
+    c->Apply(&p);
+    if (c->ShouldSample(p, 0)) {
+      c->Taken();
+      c->Observe({0.99, 1.0});
+    }
+  }
+  EXPECT_EQ(c->report().method_trials, 0);
+  EXPECT_EQ(c->report().method, SearchMethod::kScan);
+  CalibratorOptions off;
+  off.method_duel = false;
+  auto d = MakeDuel(off);
+  ASSERT_NE(d, nullptr);
+  SimDuelHead h{d.get(), {0.02, 600.0, 0.0}, {0.02, 0.0, 100.0}, 3000.0};
+  for (int i = 0; i < 200; ++i) h.Step();
+  EXPECT_EQ(d->report().method_trials, 0);
+  EXPECT_EQ(d->report().method, SearchMethod::kScan);
+  EXPECT_EQ(d->report().other_width, 0.0);
+  auto tree = Make({});
+  ASSERT_NE(tree, nullptr);
+  SelectParams p;
+  tree->Apply(&p);
+  EXPECT_EQ(p.method, SearchMethod::kTree);
+  EXPECT_EQ(tree->report().method, SearchMethod::kTree);
+}
+
+// A warm restart mid-trial goes on exactly as the original head; a state
+// whose duel fields are out of range is refused and changes nothing.
+TEST(WidthCalibratorTest, TheMethodDuelSurvivesARestore) {
+  auto b = MakeDuel();
+  ASSERT_NE(b, nullptr);
+  const SimMethod scan{0.02, 600.0, 0.0}, tree{0.3, 0.0, 100.0};
+  SimDuelHead hb{b.get(), scan, tree, 3000.0};
+  int i = 0;
+  while (!b->report().method_trial && i < 400) {
+    hb.Step();
+    ++i;
+  }
+  ASSERT_TRUE(b->report().method_trial) << "no trial within 400 steps";
+  auto a = MakeDuel();
+  ASSERT_NE(a, nullptr);
+  ASSERT_THAT(a->Restore(b->state()), IsOk());
+  SimDuelHead ha{a.get(), scan, tree, 3000.0};
+  ha.rng = hb.rng;
+  for (int k = 0; k < 300; ++k) {
+    SelectParams pa, pb;
+    a->Apply(&pa);
+    b->Apply(&pb);
+    ASSERT_EQ(pa.method, pb.method) << "step " << k;
+    ASSERT_EQ(pa.candidate_factor, pb.candidate_factor) << "step " << k;
+    ASSERT_EQ(pa.pq_factor, pb.pq_factor) << "step " << k;
+    ha.Step();
+    hb.Step();
+  }
+  EXPECT_EQ(a->report().method_trials, b->report().method_trials);
+  EXPECT_EQ(a->report().method_switches, b->report().method_switches);
+
+  const CalibratorState good = b->state();
+  std::vector<std::pair<const char*, CalibratorState>> bad;
+  auto with = [&](const char* what, auto edit) {
+    CalibratorState s = good;
+    edit(s);
+    bad.push_back({what, s});
+  };
+  with("method", [](CalibratorState& s) { s.method = static_cast<SearchMethod>(7); });
+  with("parked width", [](CalibratorState& s) { s.parked.width = 1e9; });
+  with("parked means", [](CalibratorState& s) { s.parked.cost = std::nan(""); });
+  with("parked counts", [](CalibratorState& s) { s.parked.release_needed = 0; });
+  with("trial_bar", [](CalibratorState& s) { s.trial_bar = -1.0; });
+  with("method_switches", [](CalibratorState& s) { s.method_switches = s.method_trials + 1; });
+  for (const auto& [what, s] : bad) {
+    EXPECT_THAT(a->Restore(s),
+                StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr(what)));
+  }
+  // The scan on a head whose selector keeps no codes.
+  auto no_codes = Make({});
+  ASSERT_NE(no_codes, nullptr);
+  CalibratorState scan_state = no_codes->state();
+  scan_state.method = SearchMethod::kScan;
+  EXPECT_THAT(no_codes->Restore(scan_state),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("method scan")));
+  // An older state (no duel fields): the scan, the tree parked fresh.
+  CalibratorState older = good;
+  older.method = SearchMethod::kSelector;
+  ASSERT_THAT(a->Restore(older), IsOk());
+  EXPECT_EQ(a->report().method, SearchMethod::kScan);
+  EXPECT_EQ(a->report().method_trials, 0);
+}
+
+// A seed carries its method: a head seeded with the tree's width starts on
+// the tree, the scan parked.
+TEST(WidthCalibratorTest, ASeedStartsOnItsMethod) {
+  auto c = MakeDuel();
+  ASSERT_NE(c, nullptr);
+  CalibratorSeed seed{2.0, DescentRanking::kLoudest, false, SearchMethod::kTree};
+  ASSERT_THAT(c->Seed(seed, 0), IsOk());
+  SelectParams p;
+  c->Apply(&p);
+  EXPECT_EQ(p.method, SearchMethod::kTree);
+  EXPECT_FLOAT_EQ(p.candidate_factor, 16.0f);
+  const std::optional<CalibratorSeed> back = c->SeedOf(1);
+  ASSERT_TRUE(back.has_value());
+  EXPECT_EQ(back->method, SearchMethod::kTree);
+  auto d = MakeDuel();
+  ASSERT_NE(d, nullptr);
+  seed.method = static_cast<SearchMethod>(9);
+  EXPECT_THAT(d->Seed(seed, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("method")));
+}
+
+// On the real selector: SelectParams::method kTree makes a selector that
+// keeps codes select by the tree's descent, as the same selector without
+// codes does; kScan (the calibrator's scan) is what the codes select.
+TEST(WidthCalibratorTest, TheTreeMethodOnASelectorWithCodesIsTheTreesSelection) {
+  const int kG = 4;
+  testing::HeadData h = testing::MakeSyntheticHead(4096, kG, 8, 13);
+  ASSERT_GT(h.n, 0);
+  BuiltMdci with = BuildMdci(h, 32, 8.0f, true, false, /*pq_factor=*/8.0f);
+  BuiltMdci without = BuildMdci(h, 32, 8.0f, true, false, 0.0f);
+  ASSERT_NE(with.sel, nullptr);
+  ASSERT_NE(without.sel, nullptr);
+  int differ = 0;
+  for (int step = 0; step < 8; ++step) {
+    SelectParams p;
+    p.budget_tokens = 128;
+    Selection tree_sel, plain_sel, scan_sel;
+    p.method = SearchMethod::kTree;
+    ASSERT_THAT(with.sel->Select(h.query(step), kG, p, &tree_sel), IsOk());
+    p.method = SearchMethod::kSelector;
+    ASSERT_THAT(without.sel->Select(h.query(step), kG, p, &plain_sel), IsOk());
+    EXPECT_EQ(tree_sel.pages, plain_sel.pages) << "step " << step;
+    p.method = SearchMethod::kScan;
+    ASSERT_THAT(with.sel->Select(h.query(step), kG, p, &scan_sel), IsOk());
+    differ += scan_sel.pages != tree_sel.pages;
+  }
+  EXPECT_GT(differ, 0) << "the scan and the tree chose the same pages on every step";
 }
 
 }  // namespace

@@ -317,6 +317,42 @@ TEST_F(QualityRpcTest, DecodeStepsAreMeasuredCalibratedAndExported) {
   EXPECT_THAT(metrics, HasSubstr("icecache_quality_selection_seconds_total "));
 }
 
+// A session whose mdci scans its product-quantised codes starts every head
+// on the scan; the method duel may then put the tree on trial (it compares
+// measured costs, so when is timing's business), and every head reports its
+// method and the duel's counts through GetSession.
+TEST_F(QualityRpcTest, AScanSessionReportsEachHeadsMethodAndDuel) {
+  ASSERT_NO_FATAL_FAILURE(Generate());
+  ASSERT_EQ(dump_.head_dim % 8, 0);
+  v1::SessionConfig config = MdciConfig();
+  config.mutable_selector()->mutable_mdci()->set_pq_factor(8.0f);
+  std::string id;
+  ASSERT_TRUE(Create(config, &id).ok());
+  ASSERT_TRUE(AppendAll(id).ok());
+  ASSERT_TRUE(Select(id, 0).ok());
+  v1::SessionInfo info = WaitForSamples(id, 2);
+  ASSERT_EQ(info.quality().heads_size(), 2);
+  for (const v1::HeadQuality& h : info.quality().heads()) {
+    SCOPED_TRACE(h.kv_head());
+    EXPECT_EQ(h.search_method(), "scan");  // one sample: no trial can have started
+    EXPECT_EQ(h.method_trials(), 0u);
+  }
+  for (int step = 1; step < 40; ++step) {
+    ASSERT_TRUE(Select(id, step).ok());
+    WaitForSamples(id, static_cast<uint64_t>(2 * std::min(step + 1, 24)));
+  }
+  info = Get(id);
+  ASSERT_EQ(info.quality().heads_size(), 2);
+  for (const v1::HeadQuality& h : info.quality().heads()) {
+    SCOPED_TRACE(h.kv_head());
+    EXPECT_TRUE(h.calibrated());
+    EXPECT_THAT(h.search_method(), ::testing::AnyOf("scan", "tree"));
+    EXPECT_LE(h.method_switches(), h.method_trials());
+    // On the tree only through a trial (running now, or won).
+    if (h.search_method() == "tree") EXPECT_GE(h.method_trials(), 1u);
+  }
+}
+
 TEST_F(QualityRpcTest, TargetMassRatioIsValidatedNamingTheField) {
   ASSERT_NO_FATAL_FAILURE(Generate());
   std::string id;

@@ -614,6 +614,17 @@ TEST(SnapshotFileTest, TheCalibrationStateRoundTripsExactly) {
   h.calibrator.ranking_switches = 1;
   h.calibrator.schedule.steps = 77;
   h.calibrator.schedule.select_ns = 2.0 / 7.0 * 1e6;
+  h.calibrator.method = SearchMethod::kTree;  // the method duel, mid-trial
+  h.calibrator.parked.width = 1.5 * 1.5;
+  h.calibrator.parked.mean_at_width = 0.9612345678901234;
+  h.calibrator.parked.cost = 612345.0 / 7.0;
+  h.calibrator.parked.cost_n = 9;
+  h.calibrator.parked.tried = true;
+  h.calibrator.method_trial = true;
+  h.calibrator.trial_bar = h.calibrator.parked.cost;
+  h.calibrator.method_wait = 512;
+  h.calibrator.method_trials = 2;
+  h.calibrator.method_switches = 1;
   q.heads = {h, HeadQualityState{}};
   const Json session{{"quality", QualityStateToJson(q)}};
   auto back = ParseJson(DumpJson(session));
@@ -642,9 +653,36 @@ TEST(SnapshotFileTest, TheCalibrationStateRoundTripsExactly) {
   EXPECT_EQ(r.heads[0].calibrator.ranking_switches, 1);
   EXPECT_EQ(r.heads[0].calibrator.schedule.steps, 77);
   EXPECT_EQ(r.heads[0].calibrator.schedule.select_ns, h.calibrator.schedule.select_ns);
+  EXPECT_EQ(r.heads[0].calibrator.method, SearchMethod::kTree);
+  EXPECT_EQ(r.heads[0].calibrator.parked.width, h.calibrator.parked.width);
+  EXPECT_EQ(r.heads[0].calibrator.parked.mean_at_width, h.calibrator.parked.mean_at_width);
+  EXPECT_EQ(r.heads[0].calibrator.parked.cost, h.calibrator.parked.cost);
+  EXPECT_EQ(r.heads[0].calibrator.parked.cost_n, 9);
+  EXPECT_TRUE(r.heads[0].calibrator.parked.tried);
+  EXPECT_TRUE(r.heads[0].calibrator.method_trial);
+  EXPECT_EQ(r.heads[0].calibrator.trial_bar, h.calibrator.trial_bar);
+  EXPECT_EQ(r.heads[0].calibrator.method_wait, 512);
+  EXPECT_EQ(r.heads[0].calibrator.method_trials, 2);
+  EXPECT_EQ(r.heads[0].calibrator.method_switches, 1);
+  // The same state for a head that never ran the duel: no "duel" written.
+  {
+    SessionQualityState plain = q;
+    plain.heads[0].calibrator.method = SearchMethod::kSelector;
+    EXPECT_FALSE(QualityStateToJson(plain)["heads"][0]["calibrator"].contains("duel"));
+  }
+  Json bad_method = session;
+  bad_method["quality"]["heads"][0]["calibrator"]["duel"]["method"] = "guess";
+  read = QualityStateFromJson(bad_method);
+  EXPECT_FALSE(read.state.has_value());
+  EXPECT_THAT(read.error, HasSubstr("field 'method'"));
 
-  // A snapshot written before the variance was kept: read as no spread.
+  // A snapshot written before the method duel: the start method.
   Json older = session;
+  older["quality"]["heads"][0]["calibrator"].erase("duel");
+  read = QualityStateFromJson(older);
+  ASSERT_TRUE(read.state.has_value()) << read.error << read.missing;
+  EXPECT_EQ(read.state->heads[0].calibrator.method, SearchMethod::kSelector);
+  // A snapshot written before the variance was kept: read as no spread.
   older["quality"]["heads"][0]["calibrator"].erase("var_at_width");
   read = QualityStateFromJson(older);
   ASSERT_TRUE(read.state.has_value()) << read.error << read.missing;
