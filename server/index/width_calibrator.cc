@@ -256,8 +256,18 @@ void WidthCalibrator::AdaptWidth(double ratio) {
     EndTrial(/*won=*/false);
     return;
   }
+  // The trial is judged at the width it had when its probe ends: a
+  // comfortable mean may narrow it in the same step, restarting its tally.
+  const bool trial_open = DuelOn() && method_trial_ && probing_;
+  const int64_t cost_n = tree_cost_n_;
+  const double cost = tree_cost_;
   StepWidth(ratio);
-  if (DuelOn() && mode_ == SelectMode::kTree) Duel();
+  if (!DuelOn() || mode_ != SelectMode::kTree) return;
+  if (trial_open && method_trial_ && !probing_) {
+    EndTrial(/*won=*/cost_n == 0 || cost < trial_bar_);
+    return;
+  }
+  Duel();
 }
 
 CalibratorArm WidthCalibrator::FreshArm() const {

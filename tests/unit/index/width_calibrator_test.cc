@@ -1037,6 +1037,35 @@ TEST(WidthCalibratorTest, TheMethodDuelTriesAgainEverMoreRarely) {
   EXPECT_GE(trial_at[n - 1] - trial_at[n - 2], 4 * (trial_at[2] - trial_at[1]));
 }
 
+// A trial is decided as soon as its probe judges it: one that starts at a
+// parked width wider than the target needs (comfortable at once, so the
+// sample that judges it also narrows it) ends there, and does not linger at
+// the steady sampling rate.
+TEST(WidthCalibratorTest, AMethodTrialEndsWhenItsProbeEnds) {
+  auto c = MakeDuel();
+  ASSERT_NE(c, nullptr);
+  CalibratorState s = c->state();
+  s.method = SearchMethod::kTree;  // the tree on trial from width 4 ...
+  s.width = 4.0;
+  s.probing = true;
+  s.method_trial = true;
+  s.method_trials = 1;
+  s.trial_bar = 600.0;
+  s.parked.width = 1.0;  // ... against the scan at 600 ns
+  s.parked.cost = 600.0;
+  s.parked.cost_n = 8;
+  s.parked.tried = true;
+  s.parked.release_needed = 16;
+  ASSERT_THAT(c->Restore(s), IsOk());
+  SimDuelHead h{c.get(), {0.02, 600.0, 0.0}, {0.02, 0.0, 100.0}, 3000.0};
+  for (int i = 0; i < 8; ++i) h.Step();  // comfortable at width 4 (0.995)
+  const CalibratorReport r = c->report();
+  EXPECT_FALSE(r.method_trial) << "the trial lingered";
+  EXPECT_EQ(r.method, SearchMethod::kTree);
+  EXPECT_EQ(r.method_switches, 1);  // 400 ns at width 4 < 600
+  EXPECT_LT(r.width, 4.0);          // and it narrows on as the incumbent
+}
+
 // A scan that cannot reach the target within its widths tries the tree
 // before exact selection; a tree that meets it keeps the head off exact.
 TEST(WidthCalibratorTest, TheMethodDuelTriesTheTreeBeforeExactSelection) {
