@@ -147,7 +147,8 @@ class PqSketch {
   bool trained_ = false;
   int64_t trained_rows_ = 0;
   std::vector<float> mean_;
-  std::vector<float> centroids_;  // [subspace][centroid][4]
+  std::vector<float> centroids_;    // [subspace][centroid][4]
+  std::vector<float> centroids_t_;  // [subspace][4][centroid]: Encode's (PqNearest)
   std::vector<std::unique_ptr<uint8_t[]>> blocks_;
   std::vector<float> row_;  // Write's scratch
   std::vector<float> dir_;  // Encode's scratch

@@ -349,7 +349,9 @@ TEST_F(QualityRpcTest, AScanSessionReportsEachHeadsMethodAndDuel) {
     EXPECT_THAT(h.search_method(), ::testing::AnyOf("scan", "tree"));
     EXPECT_LE(h.method_switches(), h.method_trials());
     // On the tree only through a trial (running now, or won).
-    if (h.search_method() == "tree") EXPECT_GE(h.method_trials(), 1u);
+    if (h.search_method() == "tree") {
+      EXPECT_GE(h.method_trials(), 1u);
+    }
   }
 }
 
