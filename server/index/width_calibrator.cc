@@ -45,6 +45,10 @@ absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
   if (o.max_reprobe_steps < o.reprobe_steps) {
     return bad("max_reprobe_steps must be >= reprobe_steps", o.max_reprobe_steps);
   }
+  if (o.method_trial_steps < 1) return bad("method_trial_steps must be >= 1", o.method_trial_steps);
+  if (o.max_method_trial_steps < o.method_trial_steps) {
+    return bad("max_method_trial_steps must be >= method_trial_steps", o.max_method_trial_steps);
+  }
   if (o.base_ranking != DescentRanking::kLoudest && o.base_ranking != DescentRanking::kNormalized) {
     return bad("base_ranking must be loudest (1) or normalized (2)",
                static_cast<int>(o.base_ranking));
@@ -358,8 +362,8 @@ void WidthCalibrator::StartTrial(double bar, bool exact) {
 void WidthCalibrator::EndTrial(bool won) {
   method_trial_ = false;
   method_run_ = 0;
-  method_wait_ = method_wait_ == 0 ? o_.reprobe_steps
-                                   : std::min<int64_t>(o_.max_reprobe_steps, 2 * method_wait_);
+  method_wait_ = method_wait_ == 0 ? o_.method_trial_steps
+                                   : std::min<int64_t>(o_.max_method_trial_steps, 2 * method_wait_);
   if (won) {
     ++method_switches_;
   } else {
@@ -668,9 +672,9 @@ std::string StateProblem(const CalibratorOptions& o, const CalibratorState& s, b
   if (!(s.trial_bar >= 0.0 && s.trial_bar <= kNoBar)) {
     return absl::StrCat("trial_bar must be in [0, 1e30], got ", s.trial_bar);
   }
-  if (!count(s.method_wait, o.max_reprobe_steps) || !count(s.method_run) ||
+  if (!count(s.method_wait, o.max_method_trial_steps) || !count(s.method_run) ||
       !count(s.method_trials) || !count(s.method_switches, s.method_trials)) {
-    return absl::StrCat("method_wait (<= ", o.max_reprobe_steps,
+    return absl::StrCat("method_wait (<= ", o.max_method_trial_steps,
                         "), method_run, method_trials or method_switches (<= method_trials) out of "
                         "range");
   }

@@ -67,7 +67,7 @@
 // cost already reaches the incumbent's, or when it gives up (the exact
 // fallback's tests). A head whose method gives up while the parked one is
 // untried tries that one before exact selection. Every trial doubles the
-// wait before the next (reprobe_steps, up to max_reprobe_steps selections):
+// wait before the next (method_trial_steps, up to max_method_trial_steps):
 // no oscillation, and a head whose data changes tries again ever more
 // rarely. The duel compares costs, so it needs timed selections; untimed, no
 // trial starts.
@@ -139,6 +139,14 @@ struct CalibratorOptions {
   // The method duel (with base_pq_factor > 0): the tree on trial against the
   // scan per head, the cheaper kept. false: the scan only.
   bool method_duel = true;
+  // Selections on the method in use between the end of one trial and the
+  // next (>= 1), doubled after every trial up to max_method_trial_steps (>=
+  // method_trial_steps). Each trial samples every selection until judged
+  // (an exact reference each): with 256 (reprobe_steps) the steady-state
+  // sampling share over 800 steps at 131072 tokens was 6-13% against the
+  // tree's 2-4% (docs/bench/duel17_methods.md).
+  int method_trial_steps = 2048;
+  int max_method_trial_steps = 65536;
 };
 
 // How a calibrated head selects now.

@@ -573,6 +573,16 @@ TEST(WidthCalibratorTest, RejectsBadOptions) {
   EXPECT_THAT(WidthCalibrator::Create(o, 32, 8.0f).status(),
               StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("ranking_window")));
   o = {};
+  o.method_trial_steps = 0;
+  EXPECT_THAT(
+      WidthCalibrator::Create(o, 32, 8.0f).status(),
+      StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("method_trial_steps")));
+  o = {};
+  o.max_method_trial_steps = o.method_trial_steps - 1;
+  EXPECT_THAT(
+      WidthCalibrator::Create(o, 32, 8.0f).status(),
+      StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("max_method_trial_steps")));
+  o = {};
   o.base_ranking = DescentRanking::kSelector;
   EXPECT_THAT(WidthCalibrator::Create(o, 32, 8.0f).status(),
               StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("base_ranking")));
@@ -1008,8 +1018,8 @@ TEST(WidthCalibratorTest, TheMethodDuelKeepsTheCheaperMethodPerHead) {
 // rarely (each trial doubles the wait) and never switches back and forth.
 TEST(WidthCalibratorTest, TheMethodDuelTriesAgainEverMoreRarely) {
   CalibratorOptions o;
-  o.reprobe_steps = 64;
-  o.max_reprobe_steps = 4096;
+  o.method_trial_steps = 64;
+  o.max_method_trial_steps = 4096;
   auto c = MakeDuel(o);
   ASSERT_NE(c, nullptr);
   SimDuelHead h{c.get(), {0.02, 600.0, 0.0}, {0.02, 0.0, 100.0}, 3000.0};
