@@ -10,8 +10,8 @@
 // daemon recovers the session by replaying its appends (the path before
 // index images, and the fallback). Prints the times side by side and one
 // JSON line.
-//   icecache-bench-restart --icecached build/server/icecached \
-//       --layers 32 --kv-heads 8 --tokens 32768
+//   icecache-bench-restart --icecached build/server/icecached
+//       --layers 32 --kv-heads 8 --tokens 32768   (one command line)
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>

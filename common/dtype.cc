@@ -217,4 +217,11 @@ void FromFloat(DType dtype, const float* in, void* out, size_t n) {
   }
 }
 
+const float* RoundThrough(DType dtype, const float* in, void* raw, float* out, size_t n) {
+  if (dtype == DType::kF32) return in;
+  FromFloat(dtype, in, raw, n);
+  ToFloat(dtype, raw, out, n);
+  return out;
+}
+
 }  // namespace icecache

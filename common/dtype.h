@@ -33,6 +33,12 @@ void FloatToBf16(const float* in, uint16_t* out, size_t n);
 // Converts `n` elements of `dtype` at `in` to fp32 / from fp32.
 void ToFloat(DType dtype, const void* in, float* out, size_t n);
 void FromFloat(DType dtype, const float* in, void* out, size_t n);
+// The fp32 values a buffer of `dtype` gives back for `in` (n values): `in`
+// itself for fp32; else `in` stored into `raw` (n x DTypeSize(dtype) bytes)
+// and read back into `out` (n floats), and `out` is returned. What an index
+// that keeps its own copy of the keys encodes, so that it sees what the
+// frames hold.
+const float* RoundThrough(DType dtype, const float* in, void* raw, float* out, size_t n);
 
 }  // namespace icecache
 

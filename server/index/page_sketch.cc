@@ -44,13 +44,9 @@ void PageSketch::Write(const std::vector<Placement>& placements, const float* ke
   for (const Placement& p : placements) need = std::max(need, p.page + 1);
   EnsurePages(need);
   for (size_t i = 0; i < placements.size(); ++i) {
-    const float* key = keys + i * static_cast<size_t>(dim_);
-    const float* row = key;
-    if (dtype != DType::kF32) {  // the value the frame holds
-      FromFloat(dtype, key, raw_.data(), dim_);
-      ToFloat(dtype, raw_.data(), row_.data(), dim_);
-      row = row_.data();
-    }
+    // The value the frame holds.
+    const float* row =
+        RoundThrough(dtype, keys + i * static_cast<size_t>(dim_), raw_.data(), row_.data(), dim_);
     const Placement& at = placements[i];
     int8_t* codes = mutable_codes(at.page) + static_cast<size_t>(at.slot) * dim_;
     mutable_scales(at.page)[at.slot] = QuantizeRow(row, dim_, codes);

@@ -234,13 +234,9 @@ void PqSketch::Write(const std::vector<Placement>& placements, const float* keys
   }
   EnsureSlots(need);
   for (size_t i = 0; i < placements.size(); ++i) {
-    const float* key = keys + i * static_cast<size_t>(dim_);
-    const float* row = key;
-    if (dtype != DType::kF32) {  // the value the frame holds
-      FromFloat(dtype, key, raw_.data(), dim_);
-      ToFloat(dtype, raw_.data(), row_.data(), dim_);
-      row = row_.data();
-    }
+    // The value the frame holds.
+    const float* row =
+        RoundThrough(dtype, keys + i * static_cast<size_t>(dim_), raw_.data(), row_.data(), dim_);
     Encode(row, static_cast<uint64_t>(placements[i].page) * page_tokens_ + placements[i].slot);
   }
 }

@@ -514,6 +514,15 @@ absl::Status WidthCalibrator::Seed(const CalibratorSeed& seed, int warmup_left) 
     changes_ = 0;
     last_change_step_ = 0;
   }
+  // A seed with its method is what an earlier session's duel decided: the
+  // other method waits a whole trial interval instead of going on trial at
+  // once (the first trial, every selection sampled, is most of what the
+  // duel costs over a short session: docs/bench/duel17_methods.md).
+  if (DuelOn() && seed.method != SearchMethod::kSelector) {
+    parked_.tried = true;
+    method_wait_ = o_.method_trial_steps;
+    method_run_ = 0;
+  }
   width_ = seed.width;
   ranking_ = seed.ranking;
   if (seed.exact) {

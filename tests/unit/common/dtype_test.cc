@@ -208,5 +208,24 @@ TEST(DTypeTest, GenericToAndFromFloat) {
   FromFloat(DType::kF16, nullptr, nullptr, 0);
 }
 
+// RoundThrough gives the values a buffer of the dtype holds: fp32 as it is
+// (the same pointer), fp16 and bf16 rounded as their conversions round.
+TEST(DTypeTest, RoundThroughGivesWhatABufferOfTheDTypeHolds) {
+  const float in[4] = {1.0f, 1.0001f, -3.14159f, 65504.0f};
+  uint8_t raw[4 * sizeof(float)];
+  float out[4] = {0, 0, 0, 0};
+  EXPECT_EQ(RoundThrough(DType::kF32, in, raw, out, 4), in);
+  for (DType t : {DType::kF16, DType::kBF16}) {
+    const float* got = RoundThrough(t, in, raw, out, 4);
+    EXPECT_EQ(got, out);
+    uint8_t stored[4 * sizeof(float)];
+    float back[4];
+    FromFloat(t, in, stored, 4);
+    ToFloat(t, stored, back, 4);
+    for (int i = 0; i < 4; ++i) EXPECT_EQ(got[i], back[i]) << i;
+    EXPECT_NE(got[1], in[1]) << "1.0001 is not exact in 16 bits";
+  }
+}
+
 }  // namespace
 }  // namespace icecache

@@ -6,10 +6,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "common/dtype.h"
+#include "gtest/gtest.h"
 #include "server/index/selector.h"
 
 namespace icecache::mdci_test {
@@ -98,6 +101,33 @@ inline std::vector<int32_t> SelectedPositions(const Selector& s, const Selection
     out.insert(out.end(), p, p + s.fill(page));
   }
   return out;
+}
+
+// A selector of `config` and the frames it reads.
+struct BuiltSelector {
+  std::unique_ptr<TestPageKeys> keys;
+  std::unique_ptr<Selector> sel;
+};
+
+// Bulk build of the first `n` of `keys` (config.head_dim floats each), then
+// `inserts` decode tokens one at a time, the frames kept in config.dtype.
+inline BuiltSelector BuildWithInserts(const SelectorConfig& config, const std::vector<float>& keys,
+                                      int64_t n, int64_t inserts) {
+  BuiltSelector b;
+  const int dim = config.head_dim;
+  b.keys = std::make_unique<TestPageKeys>(dim, config.page_tokens, config.dtype);
+  auto s = Selector::Create(config, b.keys.get());
+  EXPECT_TRUE(s.ok()) << s.status();
+  if (!s.ok()) return b;
+  b.sel = std::move(s).value();
+  std::vector<Placement> pl;
+  EXPECT_TRUE(b.sel->Build(keys.data(), n, &pl).ok());
+  b.keys->Apply(keys.data(), pl);
+  for (int64_t i = n; i < n + inserts; ++i) {
+    EXPECT_TRUE(b.sel->Insert(&keys[i * dim], 1, &pl).ok());
+    b.keys->Apply(&keys[i * dim], pl);
+  }
+  return b;
 }
 
 }  // namespace icecache::mdci_test

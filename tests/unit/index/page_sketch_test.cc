@@ -60,26 +60,11 @@ SelectorConfig Config(bool sketch) {
   return c;
 }
 
-struct Built {
-  std::unique_ptr<mdci_test::TestPageKeys> keys;
-  std::unique_ptr<Selector> sel;
-};
+using Built = mdci_test::BuiltSelector;
 
 // Bulk build of `n` keys, then `inserts` decode tokens one at a time.
 Built BuildWithInserts(const std::vector<float>& keys, int64_t n, int64_t inserts, bool sketch) {
-  Built b;
-  b.keys = std::make_unique<mdci_test::TestPageKeys>(kDim, kPage, DType::kF16);
-  auto s = Selector::Create(Config(sketch), b.keys.get());
-  EXPECT_TRUE(s.ok()) << s.status();
-  b.sel = std::move(s).value();
-  std::vector<Placement> pl;
-  EXPECT_TRUE(b.sel->Build(keys.data(), n, &pl).ok());
-  b.keys->Apply(keys.data(), pl);
-  for (int64_t i = n; i < n + inserts; ++i) {
-    EXPECT_TRUE(b.sel->Insert(&keys[i * kDim], 1, &pl).ok());
-    b.keys->Apply(&keys[i * kDim], pl);
-  }
-  return b;
+  return mdci_test::BuildWithInserts(Config(sketch), keys, n, inserts);
 }
 
 TEST(PageSketchTest, RebuildFromTheFramesGivesTheCodesBuildAndInsertWrote) {

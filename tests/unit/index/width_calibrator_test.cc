@@ -1209,6 +1209,12 @@ TEST(WidthCalibratorTest, ASeedStartsOnItsMethod) {
   const std::optional<CalibratorSeed> back = c->SeedOf(1);
   ASSERT_TRUE(back.has_value());
   EXPECT_EQ(back->method, SearchMethod::kTree);
+  // The duel decided in the earlier session: no trial until a whole wait
+  // has passed on the seeded method.
+  SimDuelHead h{c.get(), {0.02, 600.0, 0.0}, {0.02, 0.0, 100.0}, 3000.0};
+  for (int i = 0; i < 1000; ++i) h.Step();
+  EXPECT_EQ(c->report().method_trials, 0);
+  EXPECT_EQ(c->report().method, SearchMethod::kTree);
   auto d = MakeDuel();
   ASSERT_NE(d, nullptr);
   seed.method = static_cast<SearchMethod>(9);
