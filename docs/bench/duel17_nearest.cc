@@ -7,7 +7,8 @@
 //         C++ (d074fbd: slower, the argmin loop is a dependency chain);
 //   simd: the same with two 8-lane vectors, a vector minimum and the first
 //         lane that holds it (pq_sketch.cc PqNearest now).
-// Build and run: g++ -O3 -march=x86-64-v3 -o /tmp/nearest docs/bench/duel17_nearest.cc && /tmp/nearest
+// Build and run: g++ -O3 -march=x86-64-v3 -o /tmp/nearest docs/bench/duel17_nearest.cc &&
+// /tmp/nearest
 #include <immintrin.h>
 
 #include <chrono>
@@ -100,7 +101,9 @@ int main() {
     const auto t2 = std::chrono::steady_clock::now();
     for (int i = 0; i < N; ++i) s[2] += SimdNearest(&x[i * kD], ct.data());
     const auto t3 = std::chrono::steady_clock::now();
-    auto ms = [](auto a, auto b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
+    auto ms = [](auto a, auto b) {
+      return std::chrono::duration<double, std::milli>(b - a).count();
+    };
     std::printf("old %6.1f ms  loop %6.1f ms  simd %6.1f ms  (checksums %ld %ld %ld)\n", ms(t0, t1),
                 ms(t1, t2), ms(t2, t3), s[0], s[1], s[2]);
   }
