@@ -669,12 +669,12 @@ std::string StateProblem(const CalibratorOptions& o, const CalibratorState& s, b
                         static_cast<int>(s.method));
   }
   if (s.method == SearchMethod::kSelector) return "";  // an older snapshot: no duel state
-  if ((s.method == SearchMethod::kScan) != scan && !duel) {
-    return absl::StrCat("method ", std::string(SearchMethodName(s.method)), " is not this head's (",
-                        scan ? "scan" : "tree", ")");
-  }
   if (s.method == SearchMethod::kScan && !scan) {
     return "method scan, but the selector keeps no product-quantised codes";
+  }
+  if ((s.method == SearchMethod::kScan) != scan && !duel) {  // codes, duel off: the scan only
+    return absl::StrCat("method ", std::string(SearchMethodName(s.method)), " is not this head's (",
+                        scan ? "scan" : "tree", ")");
   }
   if (s.method_trial && !duel) return "a method trial, but this head has no method duel";
   if (std::string why = ArmProblem(o, s.parked); !why.empty()) return why;

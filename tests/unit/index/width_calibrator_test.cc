@@ -1185,8 +1185,9 @@ TEST(WidthCalibratorTest, TheMethodDuelSurvivesARestore) {
   ASSERT_NE(no_codes, nullptr);
   CalibratorState scan_state = no_codes->state();
   scan_state.method = SearchMethod::kScan;
-  EXPECT_THAT(no_codes->Restore(scan_state),
-              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("method scan")));
+  EXPECT_THAT(
+      no_codes->Restore(scan_state),
+      StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("no product-quantised")));
   // An older state (no duel fields): the scan, the tree parked fresh.
   CalibratorState older = good;
   older.method = SearchMethod::kSelector;
