@@ -107,7 +107,9 @@ bool WidthCalibrator::ShouldSample(const SelectParams& used, int64_t cost_ns) {
   }
   if (!method_trial_) ++method_run_;
   const bool due = schedule_.Step(cost_ns);
-  return due || probing_;  // the tree on trial: judge it quickly
+  const bool sample = due || probing_;  // the tree on trial: judge it quickly
+  if (sample && ShadowDue(cost_ns)) StartShadow();
+  return sample;
 }
 
 void WidthCalibrator::Taken() {
@@ -182,16 +184,23 @@ void WidthCalibrator::Observe(const QualitySample& sample) {
   sum_ratio_ += sample.mass_ratio;
   sum_topk_ += sample.topk_recall;
   AddCost(sample.reference_ns, &exact_cost_n_, &exact_cost_);
-  // The duel's selection is part of what sampling costs.
-  schedule_.Reference(
-      sample.reference_ns > 0 ? sample.reference_ns + std::max<int64_t>(0, sample.trial_ns) : 0);
+  // The duels' selections are part of what sampling costs.
+  schedule_.Reference(sample.reference_ns > 0
+                          ? sample.reference_ns + std::max<int64_t>(0, sample.trial_ns) +
+                                std::max<int64_t>(0, sample.method_ns)
+                          : 0);
   if (mode_ == SelectMode::kExact) return;  // a late sample of the tree: moot now
   if (sample.trial_mass_ratio >= 0.0 && TrialRunning() &&
       ObserveTrial(sample.mass_ratio, sample.trial_mass_ratio)) {
     AdaptWidth(sample.trial_mass_ratio);  // the new ranking's first sample
-    return;
+  } else {
+    AdaptWidth(sample.mass_ratio);
   }
-  AdaptWidth(sample.mass_ratio);
+  // The shadow trial's selection of the same step (moot when the step ended
+  // the shadow: a give-up hands the parked method the selections).
+  if (sample.method_mass_ratio >= 0.0 && shadow_ && mode_ == SelectMode::kTree && !method_trial_) {
+    ObserveShadow(sample.method_mass_ratio, sample.method_ns);
+  }
 }
 
 bool WidthCalibrator::TrialRunning() const {
@@ -212,6 +221,19 @@ std::optional<DescentRanking> WidthCalibrator::TrialRanking() const {
   absl::MutexLock lock(&mu_);
   if (!TrialRunning()) return std::nullopt;
   return OtherRanking(ranking_);
+}
+
+bool WidthCalibrator::ShadowParams(SelectParams* params) const {
+  absl::MutexLock lock(&mu_);
+  if (!shadow_) return false;
+  const bool scan = method_ == SearchMethod::kTree;  // the parked one is the other
+  params->field_of_view = static_cast<int>(std::lround(base_fov_ * parked_.width));
+  params->candidate_factor = base_factor_ * static_cast<float>(parked_.width);
+  params->pq_factor = scan ? base_pq_ * static_cast<float>(parked_.width) : 0.0f;
+  params->exhaustive = false;
+  params->ranking = ranking_;
+  params->method = scan ? SearchMethod::kScan : SearchMethod::kTree;
+  return true;
 }
 
 bool WidthCalibrator::ObserveTrial(double ratio, double trial_ratio) {
@@ -337,26 +359,105 @@ void WidthCalibrator::GiveUp() {
     EndTrial(/*won=*/false);  // back to the incumbent (or to exact, if it had given up)
     return;
   }
-  if (DuelOn() && (!parked_.tried || method_run_ >= method_wait_)) {
+  if (DuelOn() && (shadow_ || !parked_.tried || method_run_ >= method_wait_)) {
     // What exact selection would cost (the fallback's own threshold).
     const double ratio = o_.exact_cost_ratio > 0.0 ? o_.exact_cost_ratio : 1.0;
-    StartTrial(exact_cost_n_ > 0 ? ratio * exact_cost_ : kNoBar, /*exact=*/true);
+    const bool from_shadow = shadow_;
+    shadow_ = false;
+    StartTrial(exact_cost_n_ > 0 ? ratio * exact_cost_ : kNoBar, /*exact=*/true, from_shadow);
     return;
   }
   FallBack();
 }
 
-void WidthCalibrator::StartTrial(double bar, bool exact) {
+void WidthCalibrator::StartTrial(double bar, bool exact, bool from_shadow) {
   trial_bar_ = bar;
   trial_exact_ = exact;
   method_trial_ = true;
-  ++method_trials_;
+  if (!from_shadow) ++method_trials_;
   SwapMethod();
-  // The parked tally may be old: the data has moved on since. Its width
-  // and floor stay.
-  RestartTally();
-  release_streak_ = 0;
+  // The parked tally may be old: the data has moved on since (not a
+  // shadow's: it was taken on the latest samples). Its width and floor
+  // stay.
+  if (!from_shadow) {
+    RestartTally();
+    release_streak_ = 0;
+  }
   probing_ = true;  // every selection sampled until judged
+}
+
+bool WidthCalibrator::ShadowDue(int64_t cost_ns) const {
+  // The duel compares costs: only timed selections start one.
+  return DuelOn() && cost_ns > 0 && mode_ == SelectMode::kTree && !probing_ && !method_trial_ &&
+         !shadow_ && (!parked_.tried || method_run_ >= method_wait_);
+}
+
+void WidthCalibrator::StartShadow() {
+  shadow_ = true;
+  ++method_trials_;
+  // The parked tally may be old; its width and floor stay.
+  parked_.tried = true;
+  parked_.at_width = 0;
+  parked_.mean_at_width = 0.0;
+  parked_.var_at_width = 0.0;
+  parked_.cost_n = 0;
+  parked_.cost = 0.0;
+  parked_.release_streak = 0;
+}
+
+void WidthCalibrator::ObserveShadow(double ratio, int64_t cost_ns) {
+  // The incumbent's cost: timed on every selection at its width; final once
+  // the incumbent is judged.
+  const bool incumbent_known = tree_cost_n_ > 0;
+  const bool incumbent_judged = incumbent_known && Judged();
+  const double bar = tree_cost_;
+  // Step the parked arm as the one in use would be stepped (StepWidth), with
+  // the head's own state (probing, change counts) kept as it is.
+  const CalibratorArm incumbent = CurrentArm();
+  const bool probing = probing_;
+  const int64_t changes = changes_, last_change = last_change_step_;
+  LoadArm(parked_);
+  probing_ = false;
+  AddCost(cost_ns, &tree_cost_n_, &tree_cost_);
+  const int64_t cost_n = tree_cost_n_;
+  const double cost = tree_cost_;
+  const double width = width_;
+  bool lost = false, judged = false;
+  if (incumbent_judged && cost_n >= 2 && cost >= bar && ratio < o_.target_ratio + o_.hysteresis) {
+    lost = true;  // more samples can only widen it (costlier): as a full trial's abort
+  } else {
+    shadow_step_ = true;
+    shadow_gave_up_ = false;
+    StepWidth(ratio);
+    shadow_step_ = false;
+    lost = shadow_gave_up_;
+    // Judged at the width the sample rated: a comfortable mean may narrow
+    // it in the same step, restarting its tally (as a full trial's probe).
+    judged = !lost && (width_ < width || Judged());
+  }
+  parked_ = CurrentArm();
+  LoadArm(incumbent);
+  probing_ = probing;
+  changes_ = changes;
+  last_change_step_ = last_change;
+  if (lost) {
+    EndShadow(/*won=*/false);
+  } else if (judged && incumbent_known && cost_n > 0 && cost < bar) {
+    EndShadow(/*won=*/true);
+  } else if (judged && incumbent_judged) {
+    EndShadow(/*won=*/false);
+  }
+}
+
+void WidthCalibrator::EndShadow(bool won) {
+  shadow_ = false;
+  method_run_ = 0;
+  method_wait_ = method_wait_ == 0 ? o_.method_trial_steps
+                                   : std::min<int64_t>(o_.max_method_trial_steps, 2 * method_wait_);
+  if (won) {
+    ++method_switches_;
+    SwapMethod();  // the parked method, with its tally; the incumbent parked with its own
+  }
 }
 
 void WidthCalibrator::EndTrial(bool won) {
@@ -375,13 +476,8 @@ void WidthCalibrator::EndTrial(bool won) {
 }
 
 void WidthCalibrator::Duel() {
-  if (method_trial_) {
-    if (Judged()) EndTrial(/*won=*/tree_cost_ < trial_bar_);
-    return;
-  }
-  if (Judged() && tree_cost_n_ > 0 && (!parked_.tried || method_run_ >= method_wait_)) {
-    StartTrial(tree_cost_, /*exact=*/false);
-  }
+  // Trials start as shadows (ShouldSample); a full one runs after a give-up.
+  if (method_trial_ && Judged()) EndTrial(/*won=*/tree_cost_ < trial_bar_);
 }
 
 void WidthCalibrator::StepWidth(double ratio) {
@@ -395,6 +491,10 @@ void WidthCalibrator::StepWidth(double ratio) {
   const bool miss = MeanMisses() || ratio < o_.target_ratio - o_.far_below;
   if (TreeDoesNotPay(miss)) {
     if (miss) floor_ = std::min(o_.max_width, width_ * std::sqrt(o_.increase));
+    if (shadow_step_) {
+      shadow_gave_up_ = true;  // the shadow trial is lost; the head goes on as it was
+      return;
+    }
     GiveUp();
     return;
   }
@@ -467,7 +567,7 @@ CalibratorReport WidthCalibrator::report() const {
   r.method = method_;
   r.method_trials = method_trials_;
   r.method_switches = method_switches_;
-  r.method_trial = method_trial_;
+  r.method_trial = method_trial_ || shadow_;
   if (DuelOn()) {
     r.other_width = parked_.width;
     r.other_cost_ns = parked_.cost;
@@ -576,6 +676,7 @@ CalibratorState WidthCalibrator::state() const {
   s.parked = parked_;
   s.method_trial = method_trial_;
   s.trial_exact = trial_exact_;
+  s.method_shadow = shadow_;
   s.trial_bar = trial_bar_;
   s.method_wait = method_wait_;
   s.method_run = method_run_;
@@ -676,7 +777,12 @@ std::string StateProblem(const CalibratorOptions& o, const CalibratorState& s, b
     return absl::StrCat("method ", std::string(SearchMethodName(s.method)), " is not this head's (",
                         scan ? "scan" : "tree", ")");
   }
-  if (s.method_trial && !duel) return "a method trial, but this head has no method duel";
+  if ((s.method_trial || s.method_shadow) && !duel) {
+    return "a method trial, but this head has no method duel";
+  }
+  if (s.method_shadow && (s.method_trial || s.mode == SelectMode::kExact || s.probing)) {
+    return "a shadow trial, but the head is on a full trial, in exact mode or probing";
+  }
   if (std::string why = ArmProblem(o, s.parked); !why.empty()) return why;
   if (!(s.trial_bar >= 0.0 && s.trial_bar <= kNoBar)) {
     return absl::StrCat("trial_bar must be in [0, 1e30], got ", s.trial_bar);
@@ -735,7 +841,7 @@ absl::Status WidthCalibrator::Restore(const CalibratorState& s) {
   if (s.method == SearchMethod::kSelector) {  // an older snapshot
     method_ = base_pq_ > 0.0f ? SearchMethod::kScan : SearchMethod::kTree;
     parked_ = FreshArm();
-    method_trial_ = trial_exact_ = false;
+    method_trial_ = trial_exact_ = shadow_ = false;
     trial_bar_ = 0.0;
     method_wait_ = method_run_ = method_trials_ = method_switches_ = 0;
   } else {
@@ -743,6 +849,7 @@ absl::Status WidthCalibrator::Restore(const CalibratorState& s) {
     parked_ = s.parked;
     method_trial_ = s.method_trial;
     trial_exact_ = s.trial_exact;
+    shadow_ = s.method_shadow;
     trial_bar_ = s.trial_bar;
     method_wait_ = s.method_wait;
     method_run_ = s.method_run;
@@ -759,7 +866,8 @@ namespace {
 // reference, or the status of a selection it cannot rate.
 template <typename Rate>
 absl::StatusOr<QualitySample> SampleOf(Granularity granularity, Rate& rate,
-                                       const Selection& selection, const Selection* trial) {
+                                       const Selection& selection, const Selection* trial,
+                                       const Selection* method_trial) {
   QualitySample s;
   s.granularity = granularity;
   ASSIGN_OR_RETURN(auto main_rate, rate(selection));
@@ -769,16 +877,18 @@ absl::StatusOr<QualitySample> SampleOf(Granularity granularity, Rate& rate,
     ASSIGN_OR_RETURN(auto trial_rate, rate(*trial));
     s.trial_mass_ratio = trial_rate.first;
   }
+  if (method_trial != nullptr) {
+    ASSIGN_OR_RETURN(auto method_rate, rate(*method_trial));
+    s.method_mass_ratio = method_rate.first;
+  }
   return s;
 }
 
 // Token granularity: the reference is the exact best tokens (forced ones,
 // then by group share) at the same budget.
-absl::StatusOr<QualitySample> MeasureTokenSelections(const MdciSelector& selector,
-                                                     const float* queries, int num_queries,
-                                                     const SelectParams& params,
-                                                     const Selection& selection,
-                                                     const Selection* trial) {
+absl::StatusOr<QualitySample> MeasureTokenSelections(
+    const MdciSelector& selector, const float* queries, int num_queries, const SelectParams& params,
+    const Selection& selection, const Selection* trial, const Selection* method_trial) {
   std::vector<float> share;  // per position
   RETURN_IF_ERROR(selector.ExactTokenShares(queries, num_queries, &share));
   const int64_t n = static_cast<int64_t>(share.size());
@@ -822,7 +932,7 @@ absl::StatusOr<QualitySample> MeasureTokenSelections(const MdciSelector& selecto
     return std::make_pair(ref_mass > 0.0 ? sel_mass / ref_mass : 1.0,
                           reference.empty() ? 1.0 : static_cast<double>(shared) / reference.size());
   };
-  return SampleOf(Granularity::kToken, rate, selection, trial);
+  return SampleOf(Granularity::kToken, rate, selection, trial, method_trial);
 }
 
 }  // namespace
@@ -833,13 +943,12 @@ absl::StatusOr<QualitySample> MeasureSelection(const MdciSelector& selector, con
   return MeasureSelectionPair(selector, queries, num_queries, params, selection, nullptr);
 }
 
-absl::StatusOr<QualitySample> MeasureSelectionPair(const MdciSelector& selector,
-                                                   const float* queries, int num_queries,
-                                                   const SelectParams& params,
-                                                   const Selection& selection,
-                                                   const Selection* trial) {
+absl::StatusOr<QualitySample> MeasureSelectionPair(
+    const MdciSelector& selector, const float* queries, int num_queries, const SelectParams& params,
+    const Selection& selection, const Selection* trial, const Selection* method_trial) {
   if (params.granularity == Granularity::kToken) {
-    return MeasureTokenSelections(selector, queries, num_queries, params, selection, trial);
+    return MeasureTokenSelections(selector, queries, num_queries, params, selection, trial,
+                                  method_trial);
   }
   std::vector<float> mass;  // per page: exact group mass (sum of the queries' shares)
   RETURN_IF_ERROR(selector.ExactPageMasses(queries, num_queries, &mass));
@@ -878,7 +987,7 @@ absl::StatusOr<QualitySample> MeasureSelectionPair(const MdciSelector& selector,
     return std::make_pair(ref_mass > 0.0 ? sel_mass / ref_mass : 1.0,
                           ref_tokens > 0 ? static_cast<double>(shared_tokens) / ref_tokens : 1.0);
   };
-  return SampleOf(Granularity::kPage, rate, selection, trial);
+  return SampleOf(Granularity::kPage, rate, selection, trial, method_trial);
 }
 
 }  // namespace icecache

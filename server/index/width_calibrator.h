@@ -59,18 +59,29 @@
 // and method_duel on): the scan and the tree each reach the target at their
 // own width and cost, and which is cheaper depends on the head
 // (docs/bench/duel17_methods.md). The head starts with the scan; each method
-// keeps its own width, floor and cost (the one not in use is parked). Once
-// the method in use is judged (settle_samples samples at a width that meets
-// the target, its cost known), the parked one is put on trial: it selects,
-// every selection sampled, from its own parked width until it is judged too;
-// it wins when its cost is below the incumbent's, and loses at once when its
-// cost already reaches the incumbent's, or when it gives up (the exact
-// fallback's tests). A head whose method gives up while the parked one is
-// untried tries that one before exact selection. Every trial doubles the
-// wait before the next (method_trial_steps, up to max_method_trial_steps):
-// no oscillation, and a head whose data changes tries again ever more
-// rarely. The duel compares costs, so it needs timed selections; untimed, no
-// trial starts.
+// keeps its own width, floor and cost (the one not in use is parked). The
+// parked method's trial rides on the samples the head takes anyway (a
+// shadow trial): from the first sample, and again after each wait, every
+// sample also selects with the parked method at its own width
+// (ShadowParams) and measures that selection against the same reference
+// (QualitySample.method_mass_ratio, its cost method_ns). The parked width
+// adapts on those samples as the one in use does on its own. Once judged
+// (settle_samples samples at a width that meets the target), the parked
+// method wins when its cost is below the incumbent's (the incumbent's cost
+// is timed on every selection); it loses when the incumbent is judged and
+// costs less, at once when its own cost already reaches the judged
+// incumbent's on a sample that would not narrow it, and when it gives up
+// (the exact fallback's tests). A trial costs one selection per sample and
+// no reference of its own: the first one runs inside the warm-up, whose
+// samples are all taken (a trial that took over the selections, every one
+// sampled, cost 5-11% of the selection time over the matrix's 800 steps:
+// docs/bench/duel17_methods.md). A head whose method gives up tries the
+// parked one before exact selection: that method takes over (a full trial,
+// every selection sampled, from the shadow's tally when one ran). Every
+// trial doubles the wait before the next (method_trial_steps, up to
+// max_method_trial_steps): no oscillation, and a head whose data changes
+// tries again ever more rarely. The duel compares costs, so it needs timed
+// selections; untimed, no trial starts.
 // Sampling (SampleSchedule, sample_schedule.h): the first warmup_samples
 // tree selections are all sampled (fast convergence), then one in an
 // interval chosen from the measured costs so that reference cost / selection
@@ -165,6 +176,11 @@ struct QualitySample {
   // and that selection's cost (the caller's clock, ns).
   double trial_mass_ratio = -1.0;
   int64_t trial_ns = 0;
+  // With a shadow trial of the method duel: the mass ratio of the selection
+  // made with WidthCalibrator::ShadowParams() against the same reference
+  // (< 0: none), and that selection's cost (the caller's clock, ns).
+  double method_mass_ratio = -1.0;
+  int64_t method_ns = 0;
 };
 
 struct CalibratorReport {
@@ -190,8 +206,9 @@ struct CalibratorReport {
   int64_t ranking_switches = 0;
   bool seeded = false;  // started from an earlier session's width (Seed)
   // The method in use (kTree, or kScan with codes), and the method duel:
-  // trials so far, those the trial won, whether one runs now, and the parked
-  // method's width and mean cost (0 when it never ran).
+  // trials so far, those the trial won, whether one runs now (a shadow
+  // trial or a full one), and the parked method's width and mean cost (0
+  // when it never ran).
   SearchMethod method = SearchMethod::kTree;
   int64_t method_trials = 0;
   int64_t method_switches = 0;
@@ -262,6 +279,7 @@ struct CalibratorState {
   SearchMethod method = SearchMethod::kSelector;
   CalibratorArm parked;
   bool method_trial = false, trial_exact = false;
+  bool method_shadow = false;  // absent from older snapshots: false
   double trial_bar = 0.0;
   int64_t method_wait = 0, method_run = 0, method_trials = 0, method_switches = 0;
 };
@@ -294,6 +312,12 @@ class WidthCalibrator {
   // with as well on the sample being taken (its ratio goes in QualitySample.
   // trial_mass_ratio); else nullopt.
   std::optional<DescentRanking> TrialRanking() const ABSL_LOCKS_EXCLUDED(mu_);
+  // During a shadow trial of the method duel: true, and `params` (a copy of
+  // the params Apply set) set to the parked method at its own width, to
+  // select with as well on the sample being taken (its ratio goes in
+  // QualitySample.method_mass_ratio, its cost in method_ns); else false and
+  // `params` unchanged.
+  bool ShadowParams(SelectParams* params) const ABSL_LOCKS_EXCLUDED(mu_);
   CalibratorReport report() const ABSL_LOCKS_EXCLUDED(mu_);
 
   // What a later session of the same model may start this head from: the
@@ -359,9 +383,18 @@ class WidthCalibrator {
   // or exact selection.
   void GiveUp() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The parked method on trial; it must cost less than `bar` (ns); `exact`:
-  // a loss falls back to exact selection.
-  void StartTrial(double bar, bool exact) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // a loss falls back to exact selection. `from_shadow`: it goes on from
+  // the tally of the shadow trial that was running (counted already).
+  void StartTrial(double bar, bool exact, bool from_shadow = false)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EndTrial(bool won) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Shadow trials: whether one starts on this sample, its start, one of
+  // its samples (the parked arm stepped as the one in use would be), and
+  // its end (`won`: the parked method takes over).
+  bool ShadowDue(int64_t cost_ns) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void StartShadow() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ObserveShadow(double ratio, int64_t cost_ns) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void EndShadow(bool won) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // After a sample: starts, judges or ends a trial.
   void Duel() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void StepWidth(double ratio) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -409,9 +442,14 @@ class WidthCalibrator {
   CalibratorArm parked_ ABSL_GUARDED_BY(mu_);       // the method not in use
   bool method_trial_ ABSL_GUARDED_BY(mu_) = false;  // the method in use is on trial
   bool trial_exact_ ABSL_GUARDED_BY(mu_) = false;   // a loss falls back to exact
-  double trial_bar_ ABSL_GUARDED_BY(mu_) = 0.0;     // the cost the trial must beat (ns)
-  int64_t method_wait_ ABSL_GUARDED_BY(mu_) = 0;    // selections between trials
-  int64_t method_run_ ABSL_GUARDED_BY(mu_) = 0;     // tree/scan selections since the last
+  bool shadow_ ABSL_GUARDED_BY(mu_) = false;        // the parked method is on a shadow trial
+  // Within ObserveShadow only: the parked arm is loaded, and whether its
+  // step gave up (StepWidth's test, which must not act on the head).
+  bool shadow_step_ ABSL_GUARDED_BY(mu_) = false;
+  bool shadow_gave_up_ ABSL_GUARDED_BY(mu_) = false;
+  double trial_bar_ ABSL_GUARDED_BY(mu_) = 0.0;   // the cost the trial must beat (ns)
+  int64_t method_wait_ ABSL_GUARDED_BY(mu_) = 0;  // selections between trials
+  int64_t method_run_ ABSL_GUARDED_BY(mu_) = 0;   // tree/scan selections since the last
   int64_t method_trials_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t method_switches_ ABSL_GUARDED_BY(mu_) = 0;
 };
@@ -429,11 +467,11 @@ absl::StatusOr<QualitySample> MeasureSelection(const MdciSelector& selector, con
 // As MeasureSelection, for one selection and, when `trial` is not null, a
 // second one (the ranking trial's) against the same reference (one exact
 // scan): its ratio goes in trial_mass_ratio.
-absl::StatusOr<QualitySample> MeasureSelectionPair(const MdciSelector& selector,
-                                                   const float* queries, int num_queries,
-                                                   const SelectParams& params,
-                                                   const Selection& selection,
-                                                   const Selection* trial);
+// `method_trial`, when not null (a shadow trial's selection), likewise: its
+// ratio goes in method_mass_ratio.
+absl::StatusOr<QualitySample> MeasureSelectionPair(
+    const MdciSelector& selector, const float* queries, int num_queries, const SelectParams& params,
+    const Selection& selection, const Selection* trial, const Selection* method_trial = nullptr);
 
 }  // namespace icecache
 

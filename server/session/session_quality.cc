@@ -261,14 +261,27 @@ SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample*
         selected = selector.Select(probe.queries.data(), s.q_per_kv, tp, &trial);
         trial_ns = ThreadCpuNanos() - t0;
       }
+      // The method duel's shadow trial: the same step selected with the
+      // parked method at its own width, timed as the selection is.
+      Selection shadow;
+      SelectParams sp = probe.params;
+      const bool shadowed = selected.ok() && s.quality[index]->ShadowParams(&sp);
+      int64_t shadow_ns = 0;
+      if (shadowed) {
+        const int64_t t0 = ThreadCpuNanos();
+        selected = selector.Select(probe.queries.data(), s.q_per_kv, sp, &shadow);
+        shadow_ns = ThreadCpuNanos() - t0;
+      }
       if (selected.ok()) {
         // Thread CPU time, as the selection's cost (Session::SelectHead).
         const int64_t t0 = ThreadCpuNanos();
         measured = MeasureSelectionPair(selector, probe.queries.data(), s.q_per_kv, probe.params,
-                                        selection, trial_ranking.has_value() ? &trial : nullptr);
+                                        selection, trial_ranking.has_value() ? &trial : nullptr,
+                                        shadowed ? &shadow : nullptr);
         if (measured.ok()) {
           measured->reference_ns = ThreadCpuNanos() - t0;
           measured->trial_ns = trial_ns;
+          measured->method_ns = shadow_ns;
         }
       }
     }

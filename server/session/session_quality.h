@@ -125,6 +125,11 @@ class HeadQualityMonitor {
   std::optional<DescentRanking> TrialRanking() const {
     return calibrator_ != nullptr ? calibrator_->TrialRanking() : std::nullopt;
   }
+  // With the method duel's shadow trial running: the parked method's params
+  // to select with as well on this sample (WidthCalibrator::ShadowParams).
+  bool ShadowParams(SelectParams* params) const {
+    return calibrator_ != nullptr && calibrator_->ShadowParams(params);
+  }
   void Record(const QualitySample& sample) ABSL_LOCKS_EXCLUDED(mu_);
   // Calibration memory (calibration_memory.h): what this head's calibrator
   // learnt (WidthCalibrator::SeedOf; nullopt without a calibrator), and

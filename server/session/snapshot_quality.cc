@@ -38,6 +38,7 @@ Json DuelToJson(const CalibratorState& c) {
               {"parked", ArmToJson(c.parked)},
               {"method_trial", c.method_trial},
               {"trial_exact", c.trial_exact},
+              {"shadow", c.method_shadow},
               {"trial_bar", c.trial_bar},
               {"method_wait", c.method_wait},
               {"method_run", c.method_run},
@@ -180,6 +181,9 @@ void ReadDuel(Reader& r, const Json& o, CalibratorState* c) {
   if (const Json* a = r.Object(o, "parked")) ReadArm(r, *a, &c->parked);
   r.Bool(o, "method_trial", &c->method_trial);
   r.Bool(o, "trial_exact", &c->trial_exact);
+  // Absent in snapshots written before shadow trials: none running.
+  c->method_shadow = false;
+  if (o.is_object() && o.contains("shadow")) r.Bool(o, "shadow", &c->method_shadow);
   r.Num(o, "trial_bar", &c->trial_bar);
   r.Int(o, "method_wait", &c->method_wait);
   r.Int(o, "method_run", &c->method_run);

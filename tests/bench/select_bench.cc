@@ -371,13 +371,22 @@ class SelectorMethod : public TreeMethod {
       RETURN_IF_ERROR(selector_->Select(queries, nq, tp, &trial));
     }
     const int64_t cpu2 = ThreadCpuNanos();
-    times_.sample_cpu_s += static_cast<double>(cpu2 - cpu1) * 1e-9;
+    // The method duel's shadow trial (as MeasureProbe): timed as a
+    // selection, part of the sampling cost.
+    Selection shadow;
+    SelectParams sp = params;
+    const bool shadowed = calibrator_->ShadowParams(&sp);
+    if (shadowed) RETURN_IF_ERROR(selector_->Select(queries, nq, sp, &shadow));
+    const int64_t cpu3 = ThreadCpuNanos();
+    times_.sample_cpu_s += static_cast<double>(cpu3 - cpu1) * 1e-9;
     ASSIGN_OR_RETURN(
         QualitySample q,
         MeasureSelectionPair(static_cast<const MdciSelector&>(*selector_), queries, nq, params,
-                             *sel, trial_ranking.has_value() ? &trial : nullptr));
-    q.reference_ns = ThreadCpuNanos() - cpu2;
+                             *sel, trial_ranking.has_value() ? &trial : nullptr,
+                             shadowed ? &shadow : nullptr));
+    q.reference_ns = ThreadCpuNanos() - cpu3;
     q.trial_ns = cpu2 - cpu1;
+    q.method_ns = shadowed ? cpu3 - cpu2 : 0;
     times_.sample_cpu_s += static_cast<double>(q.reference_ns) * 1e-9;
     calibrator_->Observe(q);
     const double sample_s =

@@ -334,8 +334,10 @@ TEST_F(QualityRpcTest, AScanSessionReportsEachHeadsMethodAndDuel) {
   ASSERT_EQ(info.quality().heads_size(), 2);
   for (const v1::HeadQuality& h : info.quality().heads()) {
     SCOPED_TRACE(h.kv_head());
-    EXPECT_EQ(h.search_method(), "scan");  // one sample: no trial can have started
-    EXPECT_EQ(h.method_trials(), 0u);
+    // The scan selects; the tree's trial rides on the samples from the first.
+    EXPECT_EQ(h.search_method(), "scan");
+    EXPECT_EQ(h.method_trials(), 1u);
+    EXPECT_EQ(h.method_switches(), 0u);
   }
   for (int step = 1; step < 40; ++step) {
     ASSERT_TRUE(Select(id, step).ok());

@@ -621,6 +621,7 @@ TEST(SnapshotFileTest, TheCalibrationStateRoundTripsExactly) {
   h.calibrator.parked.cost_n = 9;
   h.calibrator.parked.tried = true;
   h.calibrator.method_trial = true;
+  h.calibrator.method_shadow = true;  // (JSON only: Restore refuses the two together)
   h.calibrator.trial_bar = h.calibrator.parked.cost;
   h.calibrator.method_wait = 512;
   h.calibrator.method_trials = 2;
@@ -660,6 +661,7 @@ TEST(SnapshotFileTest, TheCalibrationStateRoundTripsExactly) {
   EXPECT_EQ(r.heads[0].calibrator.parked.cost_n, 9);
   EXPECT_TRUE(r.heads[0].calibrator.parked.tried);
   EXPECT_TRUE(r.heads[0].calibrator.method_trial);
+  EXPECT_TRUE(r.heads[0].calibrator.method_shadow);
   EXPECT_EQ(r.heads[0].calibrator.trial_bar, h.calibrator.trial_bar);
   EXPECT_EQ(r.heads[0].calibrator.method_wait, 512);
   EXPECT_EQ(r.heads[0].calibrator.method_trials, 2);
@@ -675,6 +677,18 @@ TEST(SnapshotFileTest, TheCalibrationStateRoundTripsExactly) {
   read = QualityStateFromJson(bad_method);
   EXPECT_FALSE(read.state.has_value());
   EXPECT_THAT(read.error, HasSubstr("field 'method'"));
+  // One written before shadow trials: none running.
+  {
+    Json no_shadow = session;
+    no_shadow["quality"]["heads"][0]["calibrator"]["duel"].erase("shadow");
+    read = QualityStateFromJson(no_shadow);
+    ASSERT_TRUE(read.state.has_value()) << read.error << read.missing;
+    EXPECT_FALSE(read.state->heads[0].calibrator.method_shadow);
+    no_shadow["quality"]["heads"][0]["calibrator"]["duel"]["shadow"] = 3;
+    read = QualityStateFromJson(no_shadow);
+    EXPECT_FALSE(read.state.has_value());
+    EXPECT_THAT(read.error, HasSubstr("field 'shadow'"));
+  }
 
   // A snapshot written before the method duel: the start method.
   Json older = session;
