@@ -205,6 +205,7 @@ void ApplyDefaults(IcecachedConfig* c) {
   if (!q->has_ranking_duel_samples()) {
     q->set_ranking_duel_samples(kDefaultQualityRankingDuelSamples);
   }
+  if (!q->has_method_duel()) q->set_method_duel(kDefaultQualityMethodDuel);
   if (q->cpu_share() == 0) q->set_cpu_share(kDefaultQualityCpuShare);
   if (q->queue_capacity() == 0) q->set_queue_capacity(kDefaultQualityQueueCapacity);
   if (!q->has_burst_ms()) q->set_burst_ms(kDefaultQualityBurstMs);

@@ -56,6 +56,7 @@ inline constexpr uint32_t kDefaultQualityMaxSampleEvery = 1024;
 inline constexpr uint32_t kDefaultQualityWarmupSamples = 16;
 inline constexpr double kDefaultQualityExactCostRatio = 1.0;
 inline constexpr uint32_t kDefaultQualityRankingDuelSamples = 0;  // off (rank7_ranking_duel.md)
+inline constexpr bool kDefaultQualityMethodDuel = true;  // with codes (shadow18_trials.md)
 inline constexpr bool kDefaultQualityRememberWidths = true;
 inline constexpr uint32_t kDefaultQualitySeededWarmupSamples = 4;
 inline constexpr double kDefaultQualityCpuShare = 0.05;

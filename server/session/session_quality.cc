@@ -199,6 +199,7 @@ absl::StatusOr<std::vector<std::unique_ptr<HeadQualityMonitor>>> MakeHeadQuality
   co.warmup_samples = options.warmup_samples;
   co.exact_cost_ratio = options.exact_cost_ratio;
   co.ranking_trial_samples = options.ranking_duel_samples;
+  co.method_duel = options.method_duel;
   co.base_ranking =
       config.mdci.normalized_descent ? DescentRanking::kNormalized : DescentRanking::kLoudest;
   const int total = groups * config.kv_heads;

@@ -54,6 +54,9 @@ struct SessionQualityOptions {
   // The calibrators' ranking duel (CalibratorOptions::ranking_trial_samples;
   // 0: off).
   int ranking_duel_samples = CalibratorOptions{}.ranking_trial_samples;
+  // The calibrators' method duel (CalibratorOptions::method_duel; heads with
+  // product-quantised codes): false, the scan only.
+  bool method_duel = CalibratorOptions{}.method_duel;
   // Calibration memory (calibration_memory.h): a new session's calibrators
   // start from the widths the last ended session of the same tenant and
   // model settled on, and take only seeded_warmup_samples (>= 0) warm-up

@@ -41,6 +41,7 @@ TEST(ConfigTest, DefaultsWithoutAFileAreValid) {
   EXPECT_EQ(c.quality().max_sample_every(), kDefaultQualityMaxSampleEvery);
   EXPECT_DOUBLE_EQ(c.quality().exact_cost_ratio(), kDefaultQualityExactCostRatio);
   EXPECT_EQ(c.quality().ranking_duel_samples(), kDefaultQualityRankingDuelSamples);
+  EXPECT_EQ(c.quality().method_duel(), kDefaultQualityMethodDuel);
   EXPECT_EQ(c.quality().warmup_samples(), kDefaultQualityWarmupSamples);
   EXPECT_DOUBLE_EQ(c.quality().cpu_share(), kDefaultQualityCpuShare);
   EXPECT_DOUBLE_EQ(c.quality().default_target_mass_ratio(), kDefaultTargetMassRatio);
@@ -57,7 +58,9 @@ TEST(ConfigTest, ExplicitZerosForOptionalFieldsSurviveDefaults) {
   q.mutable_quality()->set_enabled(false);
   q.mutable_quality()->set_warmup_samples(0);
   q.mutable_quality()->set_default_target_mass_ratio(0);
+  q.mutable_quality()->set_method_duel(false);
   q = Defaulted(q);
+  EXPECT_FALSE(q.quality().method_duel());
   EXPECT_FALSE(q.quality().enabled());
   EXPECT_EQ(q.quality().warmup_samples(), 0u);
   EXPECT_DOUBLE_EQ(q.quality().default_target_mass_ratio(), 0.0);  // fixed width

@@ -40,7 +40,8 @@ class QualityRpcTest : public ::testing::Test {
     // checks what the monitor reports, not the budget (quality_sampler_test).
     auto parsed = ParseConfigText(
         "quality { warmup_samples: 24 sample_every: 4 max_sample_every: 4 cpu_share: 1 "
-        "burst_ms: 60000 exact_cost_ratio: 0 }");
+        "burst_ms: 60000 exact_cost_ratio: 0 " +
+        QualityExtra() + " }");
     ASSERT_THAT(parsed, IsOk());
     IcecachedConfig c = *parsed;
     c.mutable_listen()->set_unix_socket(dir_ + "/d.sock");
@@ -60,6 +61,8 @@ class QualityRpcTest : public ::testing::Test {
     buffers_ = v1::BufferService::NewStub(channel_);
     kv_ = v1::KvService::NewStub(channel_);
   }
+  // More of the daemon's quality config (a fixture's own).
+  virtual std::string QualityExtra() const { return ""; }
   void TearDown() override {
     daemon_.reset();
     std::system(("rm -rf " + dir_).c_str());
@@ -354,6 +357,35 @@ TEST_F(QualityRpcTest, AScanSessionReportsEachHeadsMethodAndDuel) {
     if (h.search_method() == "tree") {
       EXPECT_GE(h.method_trials(), 1u);
     }
+  }
+}
+
+// The daemon's quality.method_duel off: a session with codes selects by the
+// scan only, and its heads never try the tree.
+class QualityRpcNoDuelTest : public QualityRpcTest {
+ protected:
+  std::string QualityExtra() const override { return "method_duel: false"; }
+};
+
+TEST_F(QualityRpcNoDuelTest, AScanSessionNeverTriesTheTree) {
+  ASSERT_NO_FATAL_FAILURE(Generate());
+  v1::SessionConfig config = MdciConfig();
+  config.mutable_selector()->mutable_mdci()->set_pq_factor(8.0f);
+  std::string id;
+  ASSERT_TRUE(Create(config, &id).ok());
+  ASSERT_TRUE(AppendAll(id).ok());
+  for (int step = 0; step < 40; ++step) {
+    ASSERT_TRUE(Select(id, step).ok());
+    WaitForSamples(id, static_cast<uint64_t>(2 * std::min(step + 1, 24)));
+  }
+  const v1::SessionInfo info = Get(id);
+  ASSERT_EQ(info.quality().heads_size(), 2);
+  for (const v1::HeadQuality& h : info.quality().heads()) {
+    SCOPED_TRACE(h.kv_head());
+    EXPECT_TRUE(h.calibrated());
+    EXPECT_GE(h.samples(), 24u);
+    EXPECT_EQ(h.search_method(), "scan");
+    EXPECT_EQ(h.method_trials(), 0u);
   }
 }
 
