@@ -83,11 +83,25 @@ namespace {
 // Weight of a new cost in the calibrator's moving means (after a plain mean
 // over the first kCostWindow).
 constexpr int64_t kCostWindow = 8;
+// A timed cost weighs at most this many times the mean: thread CPU time
+// takes in what the selection did not choose to do (a first touch of fresh
+// memory: 6-50 ms on this VM, docs/bench/build_append.md), and one such
+// spike in a mean over 8 made a head whose scan costs 0.75 ms look as
+// costly as the exact scan and fall back to it
+// (docs/bench/shadow18_trials.md).
+constexpr double kCostSpike = 3.0;
 
 void AddCost(int64_t ns, int64_t* n, double* mean) {
   if (ns <= 0) return;
+  double x = static_cast<double>(ns);
+  if (*n == 1 && (x > kCostSpike * *mean || *mean > kCostSpike * x)) {
+    *mean = std::min(*mean, x);  // of the first two, one is a spike: the other
+    *n = 2;
+    return;
+  }
+  if (*n >= 2) x = std::min(x, kCostSpike * *mean);
   *n += 1;
-  *mean += (static_cast<double>(ns) - *mean) / static_cast<double>(std::min(*n, kCostWindow));
+  *mean += (x - *mean) / static_cast<double>(std::min(*n, kCostWindow));
 }
 
 }  // namespace

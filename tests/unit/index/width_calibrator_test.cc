@@ -322,6 +322,30 @@ TEST(WidthCalibratorTest, FallsBackWhenTheNeededWidthCostsAsMuchAsTheExactScan) 
   EXPECT_GE(1.0 - 0.1 / easy->report().width, 0.95 - 0.01);
 }
 
+// Timed costs with spikes (a first touch of fresh memory inside a
+// selection's thread CPU time): a head whose first selection and one in 97
+// cost 200x the rest keeps its cheap tree; the spikes do not make it look as
+// costly as the exact scan.
+TEST(WidthCalibratorTest, CostSpikesDoNotSendACheapHeadToExactSelection) {
+  auto c = Make({});
+  ASSERT_NE(c, nullptr);
+  for (int i = 0; i < 2000; ++i) {
+    SelectParams p;
+    c->Apply(&p);
+    const int64_t cost = p.exhaustive ? 1000 : (i % 97 == 0 ? 20000 : 100);
+    if (!c->ShouldSample(p, cost)) continue;
+    c->Taken();
+    QualitySample q{0.99, 1.0};
+    q.reference_ns = 1000;
+    c->Observe(q);
+  }
+  const CalibratorReport r = c->report();
+  EXPECT_EQ(r.mode, SelectMode::kTree);
+  EXPECT_EQ(r.fallbacks, 0);
+  EXPECT_LT(r.tree_cost_ns, 300.0);  // at most a spike's capped share above 100
+  EXPECT_NEAR(r.exact_cost_ns, 1000.0, 1.0);
+}
+
 TEST(WidthCalibratorTest, ReprobesEverMoreRarelyWhileTheTreeDoesNotPay) {
   CalibratorOptions o;
   o.reprobe_steps = 64;
