@@ -410,6 +410,11 @@ absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchReques
   }
   ASSIGN_OR_RETURN(FetchLayout layout, PlanFetchLayout(geometry, req.layer, req.num_layers,
                                                        req.pages, fills, req.offset, lease.size()));
+  // These bytes are this write's until it returns: another session's write
+  // into them now is refused, and this one is, before anything changes,
+  // while one runs (write_log.h).
+  ASSIGN_OR_RETURN(BufferLease::WriteClaim claim,
+                   lease.ClaimWrite(writer_id, layout.buffer_offset, layout.total_bytes));
   // Pages over a token write's rows: that write's record goes (resident_rows.h).
   resident.Overwritten(lease.id(), layout.buffer_offset, layout.total_bytes);
   lease.NoteWrite(writer_id, layout.buffer_offset, layout.total_bytes);
@@ -536,6 +541,9 @@ absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const Fetch
   ASSIGN_OR_RETURN(FetchLayout layout,
                    PlanFetchLayout(geometry, req.layer, req.num_layers, slot_pages, fills,
                                    req.offset, lease.size()));
+  // These bytes are this write's until it returns (as Fetch's).
+  ASSIGN_OR_RETURN(BufferLease::WriteClaim claim,
+                   lease.ClaimWrite(writer_id, req.offset, layout.total_bytes));
   // In place (resident_rows.h): the record of the previous token write of
   // these layers here, taken before anything is written (with every record
   // these bytes overlap); the new one is put once the write succeeded.

@@ -183,6 +183,44 @@ bool BufferLease::WrittenSince(uint64_t writer, uint64_t offset, uint64_t bytes,
   return entry_ == nullptr || entry_->writes.WrittenSince(writer, offset, bytes, stamp);
 }
 
+BufferLease::WriteClaim::~WriteClaim() {
+  if (entry_ != nullptr) entry_->writes.Release(id_);
+}
+
+BufferLease::WriteClaim::WriteClaim(WriteClaim&& o) noexcept
+    : entry_(std::move(o.entry_)), id_(std::exchange(o.id_, 0)) {}
+
+BufferLease::WriteClaim& BufferLease::WriteClaim::operator=(WriteClaim&& o) noexcept {
+  if (this != &o) {
+    if (entry_ != nullptr) entry_->writes.Release(id_);
+    entry_ = std::move(o.entry_);
+    id_ = std::exchange(o.id_, 0);
+  }
+  return *this;
+}
+
+absl::StatusOr<BufferLease::WriteClaim> BufferLease::ClaimWrite(uint64_t writer, uint64_t offset,
+                                                                uint64_t bytes) {
+  WriteClaim claim;
+  if (entry_ == nullptr || bytes == 0) return claim;
+  uint64_t other_offset = 0, other_bytes = 0;
+  const uint64_t id = entry_->writes.Claim(writer, offset, bytes, &other_offset, &other_bytes);
+  if (id == 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "bytes [", offset, ", ", offset + bytes, ") of buffer ", entry_->id, " overlap bytes [",
+        other_offset, ", ", other_offset + other_bytes,
+        ") that another session is writing right now; give each session of a batch its own "
+        "region of the buffer (nothing was written)"));
+  }
+  claim.entry_ = entry_;
+  claim.id_ = id;
+  return claim;
+}
+
+size_t BufferLease::writes_in_flight() const {
+  return entry_ == nullptr ? 0 : entry_->writes.claims_in_flight();
+}
+
 bool BufferLease::registered() const {
   return entry_ != nullptr && !entry_->removed.load(std::memory_order_acquire);
 }

@@ -158,6 +158,29 @@ class BufferLease {
 
   struct Entry;  // internal to buffer_registry.cc
 
+  // A write in flight (WriteLog::Claim): holds [offset, offset + bytes) of
+  // the buffer for `writer` until destroyed. Move-only RAII.
+  class WriteClaim {
+   public:
+    WriteClaim() = default;
+    ~WriteClaim();
+    WriteClaim(WriteClaim&& o) noexcept;
+    WriteClaim& operator=(WriteClaim&& o) noexcept;
+    WriteClaim(const WriteClaim&) = delete;
+    WriteClaim& operator=(const WriteClaim&) = delete;
+
+   private:
+    friend class BufferLease;
+    std::shared_ptr<Entry> entry_;
+    uint64_t id_ = 0;
+  };
+  // Claims the bytes a session's write is about to write, before anything
+  // of the write happens. FailedPrecondition naming both ranges when another
+  // writer's write into overlapping bytes of this buffer runs now (two
+  // sessions given one region: the client would read a mix of both).
+  absl::StatusOr<WriteClaim> ClaimWrite(uint64_t writer, uint64_t offset, uint64_t bytes);
+  size_t writes_in_flight() const;
+
  private:
   friend class BufferRegistry;
   std::shared_ptr<Entry> entry_;

@@ -29,4 +29,36 @@ bool WriteLog::WrittenSince(uint64_t writer, uint64_t offset, uint64_t bytes,
   return false;
 }
 
+uint64_t WriteLog::Claim(uint64_t writer, uint64_t offset, uint64_t bytes, uint64_t* other_offset,
+                         uint64_t* other_bytes) {
+  absl::MutexLock l(&mu_);
+  for (const InFlight& c : claims_) {
+    if (c.range.writer != writer && RangesOverlap(c.range.offset, c.range.bytes, offset, bytes)) {
+      *other_offset = c.range.offset;
+      *other_bytes = c.range.bytes;
+      return 0;
+    }
+  }
+  const uint64_t id = next_claim_++;
+  claims_.push_back(InFlight{id, Entry{writer, offset, bytes}});
+  return id;
+}
+
+void WriteLog::Release(uint64_t id) {
+  if (id == 0) return;
+  absl::MutexLock l(&mu_);
+  for (size_t i = 0; i < claims_.size(); ++i) {
+    if (claims_[i].id == id) {
+      claims_[i] = claims_.back();
+      claims_.pop_back();
+      return;
+    }
+  }
+}
+
+size_t WriteLog::claims_in_flight() const {
+  absl::MutexLock l(&mu_);
+  return claims_.size();
+}
+
 }  // namespace icecache

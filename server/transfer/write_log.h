@@ -12,6 +12,12 @@
 // no longer fit, WrittenSince answers true (the caller then writes in full),
 // so it is never wrong in the unsafe direction.
 //
+// Writes in flight: a session's write claims its bytes for as long as it
+// runs (Claim / Release), and a claim that overlaps another writer's claim
+// in flight is refused. Handing a region from one session to the next is
+// fine (the notes above tell the next one); two sessions writing the same
+// bytes at once would leave the client a mix of both.
+//
 // Thread safety: thread-safe; the mutex is a leaf.
 #ifndef ICECACHE_SERVER_TRANSFER_WRITE_LOG_H_
 #define ICECACHE_SERVER_TRANSFER_WRITE_LOG_H_
@@ -45,6 +51,15 @@ class WriteLog {
   // are no longer all held, or `stamp` was never given.
   bool WrittenSince(uint64_t writer, uint64_t offset, uint64_t bytes, uint64_t stamp) const
       ABSL_LOCKS_EXCLUDED(mu_);
+  // Claims [offset, offset + bytes) for a write by `writer` about to run.
+  // Returns the claim's id (> 0), or 0 when a claim in flight of another
+  // writer overlaps it (the first such one's range in *other_offset /
+  // *other_bytes). An empty range claims nothing and is never refused.
+  uint64_t Claim(uint64_t writer, uint64_t offset, uint64_t bytes, uint64_t* other_offset,
+                 uint64_t* other_bytes) ABSL_LOCKS_EXCLUDED(mu_);
+  // Ends claim `id` (from Claim; 0 and unknown ids are ignored).
+  void Release(uint64_t id) ABSL_LOCKS_EXCLUDED(mu_);
+  size_t claims_in_flight() const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   struct Entry {
@@ -52,9 +67,15 @@ class WriteLog {
     uint64_t offset = 0;
     uint64_t bytes = 0;
   };
+  struct InFlight {
+    uint64_t id = 0;
+    Entry range;
+  };
   mutable absl::Mutex mu_;
   uint64_t next_ ABSL_GUARDED_BY(mu_) = 1;        // the next note's stamp
   std::vector<Entry> ring_ ABSL_GUARDED_BY(mu_);  // [kCapacity], stamp s at s % kCapacity
+  uint64_t next_claim_ ABSL_GUARDED_BY(mu_) = 1;
+  std::vector<InFlight> claims_ ABSL_GUARDED_BY(mu_);  // a few: the writes running now
 };
 
 }  // namespace icecache

@@ -483,6 +483,49 @@ TEST_F(SessionKvBasicTest, BadFetchesWriteNothing) {
   for (size_t i = 0; i < shm_.size(); ++i) ASSERT_EQ(shm_.data()[i], 0xCD) << "byte " << i;
 }
 
+// Two sessions given one region: a write into bytes another writer is
+// writing right now is refused before anything changes; the same write into
+// other bytes, or once the other write is done, goes through.
+TEST_F(SessionKvBasicTest, AWriteIntoBytesAnotherSessionIsWritingIsRefused) {
+  const SessionConfig c = SmallConfig();
+  auto info = env_.manager->CreateSession(Alice(), c);
+  ASSERT_THAT(info, IsOk());
+  ASSERT_THAT(env_.manager->AppendKv(Alice(), info->id, 20, MakeKv(c, 0, 20)), IsOk());
+  std::memset(shm_.data(), 0xCD, shm_.size());
+  const uint64_t frame = 2 * c.page_tokens * c.head_dim * 2;
+  // Another writer's write in flight over [frame, 2 x frame).
+  auto lease = env_.buffers->Acquire(Alice(), buffer_id_, clock_.Now());
+  ASSERT_THAT(lease, IsOk());
+  auto other = lease->ClaimWrite(~uint64_t{0}, frame, frame);
+  ASSERT_THAT(other, IsOk());
+  EXPECT_EQ(lease->writes_in_flight(), 1u);
+  FetchRequest pages;
+  pages.buffer_id = buffer_id_;
+  pages.pages = {{0, 1}, {2}};  // 3 frames from offset 0
+  FetchRequest tokens;
+  tokens.buffer_id = buffer_id_;
+  tokens.tokens = {{0, 1, 2}, {5}};
+  tokens.offset = frame / 2;
+  for (const FetchRequest* f : {&pages, &tokens}) {
+    SCOPED_TRACE(f == &pages ? "pages" : "tokens");
+    EXPECT_THAT(env_.manager->FetchPages(Alice(), info->id, *f),
+                StatusIs(absl::StatusCode::kFailedPrecondition,
+                         HasSubstr("that another session is writing right now")));
+  }
+  for (size_t i = 0; i < shm_.size(); ++i) ASSERT_EQ(shm_.data()[i], 0xCD) << "byte " << i;
+  EXPECT_EQ(lease->writes_in_flight(), 1u);  // the refused writes left no claim
+  // Other bytes: written.
+  FetchRequest elsewhere = pages;
+  elsewhere.offset = 4 * frame;
+  EXPECT_THAT(env_.manager->FetchPages(Alice(), info->id, elsewhere), IsOk());
+  // The other write done: the same requests go through.
+  *other = BufferLease::WriteClaim();
+  EXPECT_EQ(lease->writes_in_flight(), 0u);
+  EXPECT_THAT(env_.manager->FetchPages(Alice(), info->id, pages), IsOk());
+  EXPECT_THAT(env_.manager->FetchPages(Alice(), info->id, tokens), IsOk());
+  EXPECT_EQ(lease->writes_in_flight(), 0u);
+}
+
 TEST_F(SessionKvBasicTest, TruncatedBufferIsAStatusNotACrash) {
   const SessionConfig c = SmallConfig();
   auto info = env_.manager->CreateSession(Alice(), c);

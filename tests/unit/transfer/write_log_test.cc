@@ -47,6 +47,30 @@ TEST(WriteLogTest, AStampItCannotVouchForCounts) {
   EXPECT_TRUE(log.WrittenSince(1, 0, 10, stamp));
 }
 
+TEST(WriteLogTest, AClaimOverlappingAnotherWritersClaimInFlightIsRefused) {
+  WriteLog log;
+  uint64_t off = 0, bytes = 0;
+  const uint64_t a = log.Claim(1, 100, 50, &off, &bytes);  // [100, 150)
+  ASSERT_GT(a, 0u);
+  EXPECT_EQ(log.Claim(2, 149, 10, &off, &bytes), 0u);  // one shared byte
+  EXPECT_EQ(off, 100u);
+  EXPECT_EQ(bytes, 50u);
+  const uint64_t touching = log.Claim(2, 150, 10, &off, &bytes);  // adjacent: fine
+  EXPECT_GT(touching, 0u);
+  const uint64_t same = log.Claim(1, 120, 10, &off, &bytes);  // the same writer: fine
+  EXPECT_GT(same, 0u);
+  EXPECT_GT(log.Claim(2, 120, 0, &off, &bytes), 0u);  // an empty range claims nothing
+  EXPECT_EQ(log.claims_in_flight(), 4u);
+  log.Release(a);
+  EXPECT_EQ(log.Claim(2, 118, 5, &off, &bytes), 0u);  // writer 1's other claim
+  log.Release(same);
+  const uint64_t now = log.Claim(2, 118, 5, &off, &bytes);
+  EXPECT_GT(now, 0u);
+  log.Release(0);       // ignored
+  log.Release(987654);  // unknown: ignored
+  EXPECT_EQ(log.claims_in_flight(), 3u);
+}
+
 TEST(WriteLogTest, ConcurrentNotesGetDistinctStamps) {
   WriteLog log;
   constexpr int kThreads = 4, kNotes = 2000;
