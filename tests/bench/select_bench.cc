@@ -1308,6 +1308,10 @@ absl::StatusOr<std::vector<MethodSummary>> MeasureRuns(const SelectBenchOptions&
 }
 
 absl::Status RunSelectBench(const SelectBenchOptions& o) {
+  if (!ForceKernelIsa(o.isa)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--isa ", o.isa, ": this CPU does not have it (kernels: ", KernelIsa(), ")"));
+  }
   if (o.matrix) return RunSelectMatrix(o);
   if (o.diagnose) return RunSelectDiagnose(o);
   if (o.baselines) return RunBaselinesTable(o);

@@ -42,6 +42,9 @@
 namespace icecache::bench {
 
 struct SelectBenchOptions {
+  // The kernels' instruction set: "auto" (the CPU's widest), "avx2" or
+  // "avx512" (ForceKernelIsa; refused on a CPU without it).
+  std::string isa = "auto";
   std::string synthetic;  // preset name, or
   std::string dump_dir;   // a KV dump directory
   // Synthetic: prefill tokens (0: 16384). Dump: caps the context (0: the

@@ -142,6 +142,10 @@ SelectFlags::SelectFlags(CLI::App* app) {
   app->add_option("--heads", o_.heads, "KV heads generated and measured (synthetic)");
   app->add_option("--steps", o_.steps, "decode steps: queries and 1-token inserts (synthetic)");
   app->add_option("--threads", o_.threads, "build threads, parallel over trees");
+  app->add_option("--isa", o_.isa,
+                  "kernels: auto (the CPU's widest), avx2 or avx512 (to compare the two in one "
+                  "machine)")
+      ->capture_default_str();
   app->add_option(
          "--selectors", selectors_,
          "comma-separated subset of: " + absl::StrJoin(AllMethodNames(), ",") + " (default: all)")
@@ -272,6 +276,10 @@ SelectFlags::SelectFlags(CLI::App* app) {
 
 absl::StatusOr<SelectBenchOptions> SelectFlags::Options() const {
   SelectBenchOptions o = o_;
+  if (o.isa != "auto" && o.isa != "avx2" && o.isa != "avx512") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--isa must be auto, avx2 or avx512, got '", o.isa, "'"));
+  }
   ASSIGN_OR_RETURN(o.page_tokens, ParseIntList("--page-tokens", page_tokens_));
   o.selectors = absl::StrSplit(selectors_, ',', absl::SkipEmpty());
   o.families = absl::StrSplit(families_, ',', absl::SkipEmpty());

@@ -84,6 +84,13 @@ TEST(ParseSelectArgsTest, BaselinesTableFlags) {
                        HasSubstr("--snapkv-kernel must be odd, got 6")));
   auto views = ParseSelectArgs({"--synthetic", "small", "--selectors", "pqcache@tok,magicpig-est"});
   ASSERT_THAT(views.status(), IsOk());
+  EXPECT_EQ(views->isa, "auto");
+  auto avx2 = ParseSelectArgs({"--synthetic", "small", "--isa", "avx2"});
+  ASSERT_THAT(avx2.status(), IsOk());
+  EXPECT_EQ(avx2->isa, "avx2");
+  EXPECT_THAT(ParseSelectArgs({"--synthetic", "small", "--isa", "sse"}).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("--isa must be auto, avx2 or avx512, got 'sse'")));
 }
 
 TEST(ParseSelectArgsTest, DefaultsAndErrors) {
