@@ -463,11 +463,15 @@ void WidthCalibrator::ObserveShadow(double ratio, int64_t cost_ns) {
   }
 }
 
-void WidthCalibrator::EndShadow(bool won) {
-  shadow_ = false;
+void WidthCalibrator::WaitForNextTrial() {
   method_run_ = 0;
   method_wait_ = method_wait_ == 0 ? o_.method_trial_steps
                                    : std::min<int64_t>(o_.max_method_trial_steps, 2 * method_wait_);
+}
+
+void WidthCalibrator::EndShadow(bool won) {
+  shadow_ = false;
+  WaitForNextTrial();
   if (won) {
     ++method_switches_;
     SwapMethod();  // the parked method, with its tally; the incumbent parked with its own
@@ -476,9 +480,7 @@ void WidthCalibrator::EndShadow(bool won) {
 
 void WidthCalibrator::EndTrial(bool won) {
   method_trial_ = false;
-  method_run_ = 0;
-  method_wait_ = method_wait_ == 0 ? o_.method_trial_steps
-                                   : std::min<int64_t>(o_.max_method_trial_steps, 2 * method_wait_);
+  WaitForNextTrial();
   if (won) {
     ++method_switches_;
   } else {

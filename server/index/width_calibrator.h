@@ -388,6 +388,9 @@ class WidthCalibrator {
   void StartTrial(double bar, bool exact, bool from_shadow = false)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EndTrial(bool won) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A trial ended: the next waits twice as long as the last (the first
+  // method_trial_steps), counted from now.
+  void WaitForNextTrial() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Shadow trials: whether one starts on this sample, its start, one of
   // its samples (the parked arm stepped as the one in use would be), and
   // its end (`won`: the parked method takes over).
