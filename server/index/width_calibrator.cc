@@ -237,16 +237,23 @@ std::optional<DescentRanking> WidthCalibrator::TrialRanking() const {
   return OtherRanking(ranking_);
 }
 
+void WidthCalibrator::SetWidthParams(double width, SearchMethod method,
+                                     SelectParams* params) const {
+  params->field_of_view = static_cast<int>(std::lround(base_fov_ * width));
+  params->candidate_factor = base_factor_ * static_cast<float>(width);
+  params->pq_factor = method == SearchMethod::kScan ? base_pq_ * static_cast<float>(width) : 0.0f;
+  params->method = method;
+}
+
 bool WidthCalibrator::ShadowParams(SelectParams* params) const {
   absl::MutexLock lock(&mu_);
   if (!shadow_) return false;
-  const bool scan = method_ == SearchMethod::kTree;  // the parked one is the other
-  params->field_of_view = static_cast<int>(std::lround(base_fov_ * parked_.width));
-  params->candidate_factor = base_factor_ * static_cast<float>(parked_.width);
-  params->pq_factor = scan ? base_pq_ * static_cast<float>(parked_.width) : 0.0f;
+  // The parked method is the other one.
+  SetWidthParams(parked_.width,
+                 method_ == SearchMethod::kTree ? SearchMethod::kScan : SearchMethod::kTree,
+                 params);
   params->exhaustive = false;
   params->ranking = ranking_;
-  params->method = scan ? SearchMethod::kScan : SearchMethod::kTree;
   return true;
 }
 
@@ -544,21 +551,20 @@ void WidthCalibrator::StepWidth(double ratio) {
 
 void WidthCalibrator::Apply(SelectParams* params) const {
   absl::MutexLock lock(&mu_);
-  params->field_of_view = static_cast<int>(std::lround(base_fov_ * width_));
-  params->candidate_factor = base_factor_ * static_cast<float>(width_);
-  params->pq_factor = method_ == SearchMethod::kScan ? base_pq_ * static_cast<float>(width_) : 0.0f;
+  SetWidthParams(width_, method_, params);
   params->exhaustive = mode_ == SelectMode::kExact;
   params->ranking = ranking_;
-  params->method = method_;
 }
 
 CalibratorReport WidthCalibrator::report() const {
   absl::MutexLock lock(&mu_);
   CalibratorReport r;
   r.width = width_;
-  r.field_of_view = static_cast<int>(std::lround(base_fov_ * width_));
-  r.candidate_factor = base_factor_ * static_cast<float>(width_);
-  r.pq_factor = method_ == SearchMethod::kScan ? base_pq_ * static_cast<float>(width_) : 0.0f;
+  SelectParams now;
+  SetWidthParams(width_, method_, &now);
+  r.field_of_view = now.field_of_view;
+  r.candidate_factor = now.candidate_factor;
+  r.pq_factor = now.pq_factor;
   r.steps = steps_;
   r.samples = samples_;
   r.changes = changes_;

@@ -356,6 +356,9 @@ class WidthCalibrator {
         schedule_(ScheduleOf(o)),
         ranking_(o.base_ranking) {}
   static SampleScheduleOptions ScheduleOf(const CalibratorOptions& o);
+  // The field of view, candidate factor and PQ factor of `width` for
+  // `method`, and the method (Apply, ShadowParams, report).
+  void SetWidthParams(double width, SearchMethod method, SelectParams* params) const;
   void SetWidth(double w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The samples and costs at the current width start over (a new width,
   // ranking or re-probe).

@@ -410,9 +410,9 @@ absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchReques
   }
   ASSIGN_OR_RETURN(FetchLayout layout, PlanFetchLayout(geometry, req.layer, req.num_layers,
                                                        req.pages, fills, req.offset, lease.size()));
-  // These bytes are this write's until it returns: another session's write
-  // into them now is refused, and this one is, before anything changes,
-  // while one runs (write_log.h).
+  // These bytes are this write's until it returns. While another session's
+  // write into them runs, this one is refused before anything changes
+  // (write_log.h).
   ASSIGN_OR_RETURN(BufferLease::WriteClaim claim,
                    lease.ClaimWrite(writer_id, layout.buffer_offset, layout.total_bytes));
   // Pages over a token write's rows: that write's record goes (resident_rows.h).

@@ -54,7 +54,7 @@ class WriteLog {
   // Claims [offset, offset + bytes) for a write by `writer` about to run.
   // Returns the claim's id (> 0), or 0 when a claim in flight of another
   // writer overlaps it (the first such one's range in *other_offset /
-  // *other_bytes). An empty range claims nothing and is never refused.
+  // *other_bytes). An empty range claims no bytes and is never refused.
   uint64_t Claim(uint64_t writer, uint64_t offset, uint64_t bytes, uint64_t* other_offset,
                  uint64_t* other_bytes) ABSL_LOCKS_EXCLUDED(mu_);
   // Ends claim `id` (from Claim; 0 and unknown ids are ignored).
