@@ -26,6 +26,7 @@
 #include "server/index/kernels.h"
 #include "server/index/owned_page_keys.h"
 #include "server/index/page_select.h"
+#include "server/index/pq_sketch.h"
 #include "server/index/selector.h"
 #include "server/transfer/gather.h"
 
@@ -291,6 +292,47 @@ BENCHMARK_CAPTURE(BM_Build, Mdci, SelectorKind::kMdci)
 BENCHMARK_CAPTURE(BM_Build, Exact, SelectorKind::kExact)
     ->Arg(131072)
     ->Unit(benchmark::kMillisecond);
+
+// The product-quantised codes of one head (MdciParams::pq_factor): the
+// codebooks' k-means (Train, on at most PqSketch::kMaxTrainRows keys) and the
+// encoding of every key (Write), apart, on the llama3-8b-like generator. The
+// label is an FNV-1a of the codes read back: equal before and after a change
+// means the same codes.
+void BM_PqBuild(benchmark::State& state, bool train, bool write) {
+  const int64_t n = state.range(0);
+  auto dump = MakeDump(n);
+  if (!dump.ok()) {
+    state.SkipWithError(dump.status().ToString().c_str());
+    return;
+  }
+  const int page_tokens = 16;
+  std::vector<Placement> placements(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    placements[i].page = static_cast<uint32_t>(i / page_tokens);
+    placements[i].slot = static_cast<uint32_t>(i % page_tokens);
+  }
+  PqSketch pq(dump->head_dim, page_tokens);
+  pq.Train(dump->key(0, 0), n);
+  for (auto _ : state) {
+    if (train) pq.Train(dump->key(0, 0), n);
+    if (write) pq.Write(placements, dump->key(0, 0), DType::kF16);
+  }
+  state.SetItemsProcessed(state.iterations() * n);
+  if (!write) pq.Write(placements, dump->key(0, 0), DType::kF16);
+  uint64_t h = 1469598103934665603ull;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int sub = 0; sub < pq.subspaces(); ++sub) {
+      h ^= static_cast<uint64_t>(pq.code(static_cast<uint64_t>(i), sub));
+      h *= 1099511628211ull;
+    }
+  }
+  state.SetLabel(absl::StrCat("codes ", absl::Hex(h)));
+}
+BENCHMARK_CAPTURE(BM_PqBuild, TrainAndWrite, true, true)
+    ->Arg(32768)
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_PqBuild, Train, true, false)->Arg(32768)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_PqBuild, Write, false, true)->Arg(32768)->Unit(benchmark::kMillisecond);
 
 // Gather of one head's selection into the staging region (docs/architecture.md
 // §6): 16 whole pages of 16 tokens (page granularity) against 256 scattered
