@@ -447,7 +447,7 @@ void MaybeOpenRing(Client& client, DecodeStreamState& state, std::string_view se
     return;
   }
   absl::StatusOr<std::unique_ptr<DecodeRingClient>> ring =
-      DecodeRingClient::Open(client, session_id);
+      DecodeRingClient::Open(client, session_id, impl.options.decode_ring_spin);
   if (ring.ok()) {
     state.ring = std::move(*ring);
   } else {
@@ -505,6 +505,7 @@ absl::StatusOr<StepResult> Client::DecodeStep(std::string_view session_id, uint3
   DeviceToProto(step.device, &req);
   req.set_prefetch_group(step.prefetch_group);
   req.set_in_place(step.in_place);
+  req.set_positions_as_bytes(true);
   v1::DecodeStepResponse resp;
   RETURN_IF_ERROR(Exchange(*this, session_id, req, &resp));
   StepResult out;
@@ -542,6 +543,7 @@ absl::StatusOr<std::vector<absl::StatusOr<StepResult>>> Client::DecodeBatch(
     out->set_prefetch_group(e.prefetch_group);
     out->set_in_place(e.in_place);
   }
+  req.set_positions_as_bytes(true);
   v1::DecodeStepResponse resp;
   RETURN_IF_ERROR(Exchange(*this, /*key=*/"", req, &resp));
   std::vector<absl::StatusOr<StepResult>> results;

@@ -53,6 +53,12 @@ struct ClientOptions {
   // and for DecodeBatch, the gRPC stream. Results and codes are the same;
   // on the ring an error ends only its own step.
   bool decode_ring = true;
+  // On the ring, after sending a step the client watches for its answer for
+  // up to this long (yielding the CPU between looks) before it sleeps on the
+  // doorbell, while the session's last answer came within it: a sleeping
+  // thread's wake-up costs tens of microseconds (about 90 on a 2-vCPU VM,
+  // docs/bench/rpc.md). Zero: always sleep.
+  absl::Duration decode_ring_spin = absl::Microseconds(1000);
 };
 
 enum class SelectorType : uint8_t {

@@ -1,7 +1,9 @@
 // The C++ client's conversions: gRPC status to absl::Status, selector names,
 // and the client types to and from their v1 protos (client_internal.h).
+#include <cstring>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "client/client_internal.h"
@@ -244,13 +246,31 @@ SessionInfo FromProto(const v1::SessionInfo& info) {
   return s;
 }
 
+namespace {
+
+// The positions of a HeadSelection or HeadLayout: the repeated field, or
+// positions_le (DecodeStepRequest.positions_as_bytes; a trailing partial
+// int32 is dropped).
+template <typename M>
+void PositionsFromProto(const M& m, std::vector<int32_t>* out) {
+  if (m.positions_le().empty()) {
+    out->assign(m.positions().begin(), m.positions().end());
+    return;
+  }
+  static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "positions_le is little-endian");
+  out->resize(m.positions_le().size() / sizeof(int32_t));
+  std::memcpy(out->data(), m.positions_le().data(), out->size() * sizeof(int32_t));
+}
+
+}  // namespace
+
 HeadSelection FromProto(const v1::HeadSelection& head) {
   HeadSelection h;
   h.kv_head = head.kv_head();
   h.pages.assign(head.pages().begin(), head.pages().end());
   h.fills.assign(head.fills().begin(), head.fills().end());
   h.scores.assign(head.scores().begin(), head.scores().end());
-  h.positions.assign(head.positions().begin(), head.positions().end());
+  PositionsFromProto(head, &h.positions);
   h.keys_touched = head.keys_touched();
   return h;
 }
@@ -276,7 +296,7 @@ FetchLayout FromProto(const v1::FetchLayout& layout) {
     hl.slots.assign(h.slots().begin(), h.slots().end());
     hl.fills.assign(h.fills().begin(), h.fills().end());
     hl.byte_offsets.assign(h.byte_offsets().begin(), h.byte_offsets().end());
-    hl.positions.assign(h.positions().begin(), h.positions().end());
+    PositionsFromProto(h, &hl.positions);
     l.heads.push_back(std::move(hl));
   }
   return l;

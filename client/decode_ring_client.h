@@ -6,7 +6,8 @@
 // Open() creates a ring buffer (a registered ShmBuffer), two FIFOs under
 // /dev/shm, writes the header and the hello byte, asks the daemon to attach
 // (OpenDecodeRing) and unlinks the FIFOs. Exchange() sends one request and
-// waits, blocked in read() on the response FIFO, for its answer.
+// waits for its answer: watching response_seq for up to `spin` while the
+// last answer came within it, then blocked in read() on the response FIFO.
 // Destruction closes the FIFOs (the daemon then reclaims the ring) and
 // unregisters the buffer.
 //
@@ -21,6 +22,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "client/client.h"
 #include "icecache/v1/kv.pb.h"
 
@@ -35,8 +37,9 @@ class DecodeRingClient {
   // The daemon's status when it refuses the ring (UNIMPLEMENTED from a
   // daemon without rings; see decode_ring.proto for the others); Internal
   // for local OS errors.
-  static absl::StatusOr<std::unique_ptr<DecodeRingClient>> Open(Client& client,
-                                                                std::string_view session_id);
+  // `spin`: ClientOptions::decode_ring_spin.
+  static absl::StatusOr<std::unique_ptr<DecodeRingClient>> Open(
+      Client& client, std::string_view session_id, absl::Duration spin = absl::ZeroDuration());
   ~DecodeRingClient();
   DecodeRingClient(const DecodeRingClient&) = delete;
   DecodeRingClient& operator=(const DecodeRingClient&) = delete;
@@ -55,6 +58,8 @@ class DecodeRingClient {
   DecodeRingClient() = default;
   absl::Status Attach(Client& client, std::string_view session_id);
   absl::Status AwaitAnswer(uint64_t seq);
+  // Blocked in read() on the response FIFO until answer `seq`.
+  absl::Status SleepForAnswer(uint64_t seq);
 
   ShmBuffer buffer_;
   std::string id_;
@@ -62,6 +67,8 @@ class DecodeRingClient {
   int response_fd_ = -1;  // the response FIFO, open for reading
   uint64_t seq_ = 0;
   bool broken_ = false;
+  absl::Duration spin_;
+  absl::Duration last_wait_ = absl::ZeroDuration();  // send to answer, the last exchange
 };
 
 }  // namespace icecache

@@ -211,6 +211,9 @@ void ApplyDefaults(IcecachedConfig* c) {
   if (!q->has_burst_ms()) q->set_burst_ms(kDefaultQualityBurstMs);
   if (!q->has_default_target_mass_ratio())
     q->set_default_target_mass_ratio(kDefaultTargetMassRatio);
+  auto* ring = c->mutable_decode_ring();
+  if (!ring->has_max_spin_us()) ring->set_max_spin_us(kDefaultRingMaxSpinUs);
+  if (ring->max_spinning_threads() == 0) ring->set_max_spinning_threads(1);
   if (c->worker_threads() == 0) {
     const long n = ::sysconf(_SC_NPROCESSORS_ONLN);
     c->set_worker_threads(n > 0 ? static_cast<uint32_t>(n) : 1);
@@ -406,6 +409,16 @@ absl::Status ValidateConfig(const IcecachedConfig& c) {
   if (!(q.default_target_mass_ratio() >= 0 && q.default_target_mass_ratio() <= 1)) {
     return Bad("quality.default_target_mass_ratio", q.default_target_mass_ratio(),
                "must be 0 (fixed width) or in (0, 1]");
+  }
+  // decode_ring
+  const auto& ring = c.decode_ring();
+  if (ring.max_spin_us() > 100'000) {
+    return Bad("decode_ring.max_spin_us", ring.max_spin_us(),
+               "must be <= 100000 (0 = never watch)");
+  }
+  if (ring.max_spinning_threads() < 1 || ring.max_spinning_threads() > 1024) {
+    return Bad("decode_ring.max_spinning_threads", ring.max_spinning_threads(),
+               "must be 1 .. 1024 (0 = 1)");
   }
   // top level
   if (!v1::LogLevel_IsValid(c.log_level()) || c.log_level() == v1::LOG_LEVEL_UNSPECIFIED) {

@@ -551,7 +551,7 @@ absl::StatusOr<DecodeBatchEntry> DecodeBatchEntryFromProto(const v1::DecodeStepR
 
 void DecodeBatchResultToProto(int index, const DecodeBatchEntry& entry,
                               const absl::StatusOr<DecodeStepResult>& result,
-                              v1::DecodeBatchResult* out) {
+                              v1::DecodeBatchResult* out, bool positions_as_bytes) {
   out->set_session_id(entry.session_id);
   if (!result.ok()) {
     const absl::Status s = EntryError(index, entry.session_id, result.status());
@@ -560,24 +560,46 @@ void DecodeBatchResultToProto(int index, const DecodeBatchEntry& entry,
     return;
   }
   for (size_t h = 0; h < result->selection.heads.size(); ++h) {
-    SelectionToProto(result->selection.heads[h], static_cast<int>(h), out->add_heads());
+    SelectionToProto(result->selection.heads[h], static_cast<int>(h), out->add_heads(),
+                     positions_as_bytes);
   }
   out->set_reused(result->selection.reused);
   out->set_prefetching(result->prefetching);
   out->set_prefetched(result->prefetched);
-  FetchLayoutToProto(result->layout, entry.buffer_id, out->mutable_layout());
+  FetchLayoutToProto(result->layout, entry.buffer_id, out->mutable_layout(), positions_as_bytes);
 }
 
-void SelectionToProto(const Selection& s, int kv_head, v1::HeadSelection* out) {
+namespace {
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+              "positions_le is the int32 array's bytes as they lie in memory");
+
+// Token positions into a message's repeated field or, as little-endian
+// int32s, its bytes field.
+template <typename M>
+void PositionsToProto(const std::vector<int32_t>& positions, bool as_bytes, M* out) {
+  if (as_bytes) {
+    out->set_positions_le(reinterpret_cast<const char*>(positions.data()),
+                          positions.size() * sizeof(int32_t));
+  } else {
+    out->mutable_positions()->Add(positions.begin(), positions.end());
+  }
+}
+
+}  // namespace
+
+void SelectionToProto(const Selection& s, int kv_head, v1::HeadSelection* out,
+                      bool positions_as_bytes) {
   out->set_kv_head(kv_head);
   out->mutable_pages()->Add(s.pages.begin(), s.pages.end());
   out->mutable_fills()->Add(s.fills.begin(), s.fills.end());
   out->mutable_scores()->Add(s.scores.begin(), s.scores.end());
-  out->mutable_positions()->Add(s.positions.begin(), s.positions.end());
+  PositionsToProto(s.positions, positions_as_bytes, out);
   out->set_keys_touched(s.keys_touched);
 }
 
-void FetchLayoutToProto(const FetchLayout& l, absl::string_view buffer_id, v1::FetchLayout* out) {
+void FetchLayoutToProto(const FetchLayout& l, absl::string_view buffer_id, v1::FetchLayout* out,
+                        bool positions_as_bytes) {
   out->set_buffer_id(std::string(buffer_id));
   out->set_offset(l.buffer_offset);
   out->set_total_bytes(l.total_bytes);
@@ -599,7 +621,7 @@ void FetchLayoutToProto(const FetchLayout& l, absl::string_view buffer_id, v1::F
       ph->add_fills(s.fill);
       ph->add_byte_offsets(s.byte_offset);
     }
-    ph->mutable_positions()->Add(h.positions.begin(), h.positions.end());
+    PositionsToProto(h.positions, positions_as_bytes, ph);
   }
 }
 

@@ -70,7 +70,11 @@ v1::Granularity GranularityToProto(Granularity granularity);
 absl::StatusOr<std::vector<float>> QueriesFromProto(const std::string& bytes, v1::DType dtype,
                                                     bool allow_empty);
 
-void SelectionToProto(const Selection& selection, int kv_head, v1::HeadSelection* out);
+// `positions_as_bytes` (DecodeStepRequest.positions_as_bytes): the positions
+// into positions_le (little-endian int32s) instead of the repeated field;
+// likewise for FetchLayoutToProto and DecodeBatchResultToProto.
+void SelectionToProto(const Selection& selection, int kv_head, v1::HeadSelection* out,
+                      bool positions_as_bytes = false);
 
 // Batched DecodeStep. InvalidArgument (ending the stream) when the request
 // sets its own session_id, queries, offset or reuse_group_selection beside
@@ -88,9 +92,9 @@ absl::StatusOr<DecodeBatchEntry> DecodeBatchEntryFromProto(const v1::DecodeStepR
 // session, in the caller's words).
 void DecodeBatchResultToProto(int index, const DecodeBatchEntry& entry,
                               const absl::StatusOr<DecodeStepResult>& result,
-                              v1::DecodeBatchResult* out);
+                              v1::DecodeBatchResult* out, bool positions_as_bytes = false);
 void FetchLayoutToProto(const FetchLayout& layout, absl::string_view buffer_id,
-                        v1::FetchLayout* out);
+                        v1::FetchLayout* out, bool positions_as_bytes = false);
 
 // FetchPagesRequest.heads -> pages per KV head. InvalidArgument unless the
 // heads are listed once each, kv_head 0..n-1 in order.

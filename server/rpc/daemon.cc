@@ -168,6 +168,8 @@ absl::Status Daemon::Init() {
   ring_opts.max_rings_per_tenant = static_cast<int>(c.limits().max_calls_per_tenant());
   ring_opts.max_rings =
       static_cast<int>(c.limits().max_concurrent_calls() - c.limits().reserved_calls());
+  ring_opts.max_spin = absl::Microseconds(c.decode_ring().max_spin_us());
+  ring_opts.max_spinning = static_cast<int>(c.decode_ring().max_spinning_threads());
   ASSIGN_OR_RETURN(
       rings_, DecodeRingServer::Create(ring_opts, buffers_.get(),
                                        [svc = ring_service_.get()](
@@ -265,6 +267,11 @@ absl::Status Daemon::Init() {
                             "Fetched pages whose checksum was checked", MetricType::kCounter, {});
   decode_rings_ = registry_.AddSnapshot("icecache_decode_rings", "Open DecodeStep rings",
                                         MetricType::kGauge, {});
+  decode_ring_caught_ = registry_.AddSnapshot(
+      "icecache_decode_ring_messages_caught_total",
+      "DecodeStep ring messages found by a ring thread watching for them after its previous "
+      "answer (decode_ring.max_spin_us), served without a thread wake-up",
+      MetricType::kCounter, {});
   decode_rings_closed_ = registry_.AddSnapshot(
       "icecache_decode_rings_closed_total",
       "DecodeStep rings closed (the client closed its request FIFO or exited)",
@@ -391,6 +398,7 @@ void Daemon::CollectMetrics() {
   pages_verified_->Replace({{{}, double(stats->pages_verified)}});
   decode_rings_->Replace({{{}, double(rings_ ? rings_->open_rings() : 0)}});
   decode_rings_closed_->Replace({{{}, double(rings_ ? rings_->rings_reclaimed() : 0)}});
+  decode_ring_caught_->Replace({{{}, double(rings_ ? rings_->messages_caught_spinning() : 0)}});
 }
 
 absl::Status Daemon::StartMetricsHttp() {

@@ -158,6 +158,7 @@ class Daemon {
   SnapshotFamily* pages_verified_ = nullptr;
   SnapshotFamily* decode_rings_ = nullptr;
   SnapshotFamily* decode_rings_closed_ = nullptr;
+  SnapshotFamily* decode_ring_caught_ = nullptr;
   SnapshotFamily* prefault_bytes_ = nullptr;
   SnapshotFamily* prefault_seconds_ = nullptr;
 

@@ -28,6 +28,7 @@
 #ifndef ICECACHE_SERVER_RPC_DECODE_RING_H_
 #define ICECACHE_SERVER_RPC_DECODE_RING_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -60,6 +61,15 @@ struct DecodeRingOptions {
   int max_rings = 256;
   // Where the doorbell FIFOs must be (directly in it, no subdirectory).
   std::string fifo_dir = "/dev/shm";
+  // After answering, the ring's thread watches request_seq for the ring's
+  // next message for up to `max_spin` (zero: never) before it goes back to
+  // epoll, when the ring's last request came within that time of the answer
+  // before it: a decode loop's next layer message then starts without a
+  // thread wake-up (docs/architecture.md §8.1 "Waiting"). At most
+  // `max_spinning` threads watch at once; the watch yields the CPU between
+  // looks.
+  absl::Duration max_spin = absl::Milliseconds(1);
+  int max_spinning = 1;
 };
 
 // What OpenDecodeRing asks for, after the handler checked the session.
@@ -97,6 +107,8 @@ class DecodeRingServer {
 
   int open_rings() const ABSL_LOCKS_EXCLUDED(mu_);
   int64_t rings_reclaimed() const ABSL_LOCKS_EXCLUDED(mu_);
+  // Messages a ring thread found while watching for them (no wake-up).
+  int64_t messages_caught_spinning() const { return caught_.load(std::memory_order_relaxed); }
 
   struct Ring;  // decode_ring.cc
 
@@ -106,6 +118,12 @@ class DecodeRingServer {
   void ThreadMain();
   // Handles what woke the thread for ring `key`; false when the ring closed.
   bool Serve(Ring& ring, uint32_t events);
+  // Handles the request in the ring's header if it is new; false when the
+  // ring closed.
+  bool ServeRequest(Ring& ring);
+  // Watches the ring for its next request (DecodeRingOptions::max_spin);
+  // true when one arrived.
+  bool AwaitNext(Ring& ring);
   // The request `seq` of `len` bytes, copied out and parsed into ring.request.
   absl::Status ReadRequest(Ring& ring, uint64_t seq, uint32_t len);
   // Writes the answer and rings back; false when the ring buffer can no
@@ -119,6 +137,9 @@ class DecodeRingServer {
   const DecodeRingOptions options_;
   BufferRegistry* const buffers_;
   const RingHandler handler_;
+  std::atomic<int> spinning_{0};
+  std::atomic<int64_t> caught_{0};
+  std::atomic<bool> stopping_{false};
   int epoll_fd_ = -1;
   int stop_fd_ = -1;  // eventfd: readable once Stop() began
   std::vector<std::thread> threads_;

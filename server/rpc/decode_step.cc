@@ -39,7 +39,7 @@ absl::Status DecodeBatchStep(SessionManager& manager, const Caller& caller,
       out->set_message(std::string(converted[i].status().message()));
       continue;
     }
-    DecodeBatchResultToProto(i, runnable[next], results[next], out);
+    DecodeBatchResultToProto(i, runnable[next], results[next], out, req.positions_as_bytes());
     ++next;
   }
   return absl::OkStatus();
@@ -64,7 +64,8 @@ absl::Status SingleStep(const ServiceDeps& deps, const Caller& caller,
                                             req.prefetch_group(), req.in_place()));
   resp->set_layer(req.layer());
   for (size_t h = 0; h < r.selection.heads.size(); ++h) {
-    SelectionToProto(r.selection.heads[h], static_cast<int>(h), resp->add_heads());
+    SelectionToProto(r.selection.heads[h], static_cast<int>(h), resp->add_heads(),
+                     req.positions_as_bytes());
   }
   resp->set_reused(r.selection.reused);
   resp->set_prefetching(r.prefetching);
@@ -72,7 +73,7 @@ absl::Status SingleStep(const ServiceDeps& deps, const Caller& caller,
   resp->set_select_ns(static_cast<uint64_t>(r.select_ns));
   resp->set_gather_ns(static_cast<uint64_t>(r.gather_ns));
   resp->set_step_ns(static_cast<uint64_t>(r.step_ns));
-  FetchLayoutToProto(r.layout, cursor.buffer_id, resp->mutable_layout());
+  FetchLayoutToProto(r.layout, cursor.buffer_id, resp->mutable_layout(), req.positions_as_bytes());
   RecordFetchBytes(*deps.metrics, r.layout);
   return absl::OkStatus();
 }

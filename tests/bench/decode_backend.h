@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "absl/types/span.h"
 
 namespace icecache::bench {
@@ -139,9 +140,11 @@ class DecodeBackend {
 // connects to `socket` (empty: the default search order) and checks that a
 // daemon answers.
 // `spawn_config` is appended to the spawned daemon's config (textproto).
+// `ring_spin`: the client's ClientOptions::decode_ring_spin (negative: its
+// default).
 absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeSocketBackend(
     const std::string& spawn_binary, const std::string& socket, uint64_t capacity_bytes,
-    const std::string& spawn_config = "");
+    const std::string& spawn_config = "", absl::Duration ring_spin = -absl::InfiniteDuration());
 // `quality`: the online quality monitor and self-calibrating width on, as
 // icecached's default config has them.
 absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeInProcessBackend(uint64_t capacity_bytes,

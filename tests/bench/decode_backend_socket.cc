@@ -218,9 +218,11 @@ class SocketBackend : public DecodeBackend {
 absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeSocketBackend(const std::string& spawn_binary,
                                                                  const std::string& socket,
                                                                  uint64_t capacity_bytes,
-                                                                 const std::string& spawn_config) {
+                                                                 const std::string& spawn_config,
+                                                                 absl::Duration ring_spin) {
   std::unique_ptr<DaemonProcess> daemon;
   ClientOptions options;
+  if (ring_spin >= absl::ZeroDuration()) options.decode_ring_spin = ring_spin;
   options.socket_path = socket;
   // A prefill call builds one layer group's trees; generous, never the limit.
   options.timeout = absl::Minutes(10);

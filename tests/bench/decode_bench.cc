@@ -255,7 +255,8 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o) {
     ASSIGN_OR_RETURN(
         main, MakeSocketBackend(o.spawn, o.socket, pool,
                                 absl::StrCat(o.daemon_prefault ? "pool { prefault: true }\n" : "",
-                                             o.daemon_config, "\n")));
+                                             o.daemon_config, "\n"),
+                                RingSpin(o)));
   } else {
     ASSIGN_OR_RETURN(main, MakeInProcessBackend(pool, /*quality=*/true));
   }

@@ -24,6 +24,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "common/json.h"
 
 namespace icecache::bench {
@@ -57,6 +58,7 @@ struct DecodeBenchOptions {
   std::string spawn;            // icecached to start (socket mode)
   std::string socket;           // a running daemon (socket mode, no spawn)
   std::string daemon_config;    // --spawn: textproto appended to its config
+  int ring_spin_us = -1;        // the client's decode_ring_spin; -1: its default
   std::string preset = "llama3-8b-like";
   uint64_t seed = 42;
   int layers = 32;  // the model's; per-token figures are scaled to it
@@ -108,6 +110,11 @@ struct DecodeBenchOptions {
 // (atomically, only on success) and --plot. Errors of the backend, the
 // generator or the output files.
 absl::Status RunDecodeBench(const DecodeBenchOptions& options);
+
+// --ring-spin-us as a duration (negative: the client's default).
+inline absl::Duration RingSpin(const DecodeBenchOptions& o) {
+  return o.ring_spin_us < 0 ? -absl::InfiniteDuration() : absl::Microseconds(o.ring_spin_us);
+}
 
 }  // namespace icecache::bench
 

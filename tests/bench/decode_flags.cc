@@ -87,6 +87,11 @@ DecodeFlags::DecodeFlags(CLI::App* app) {
                   "with --spawn: textproto appended to the daemon's config (e.g. 'quality { "
                   "enabled: false }')")
       ->type_name("TEXTPROTO");
+  app->add_option("--ring-spin-us", o_.ring_spin_us,
+                  "the client's ClientOptions::decode_ring_spin in microseconds (how long it "
+                  "watches a ring for its answer before it sleeps); -1: the client's default")
+      ->check(CLI::Range(-1, 100000))
+      ->capture_default_str();
   app->add_flag("--daemon-prefault", o_.daemon_prefault,
                 "with --spawn: the daemon faults its pool in at start (pool.prefault), sized "
                 "to the KV it holds");

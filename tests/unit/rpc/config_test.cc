@@ -45,6 +45,8 @@ TEST(ConfigTest, DefaultsWithoutAFileAreValid) {
   EXPECT_EQ(c.quality().warmup_samples(), kDefaultQualityWarmupSamples);
   EXPECT_DOUBLE_EQ(c.quality().cpu_share(), kDefaultQualityCpuShare);
   EXPECT_DOUBLE_EQ(c.quality().default_target_mass_ratio(), kDefaultTargetMassRatio);
+  EXPECT_EQ(c.decode_ring().max_spin_us(), kDefaultRingMaxSpinUs);
+  EXPECT_EQ(c.decode_ring().max_spinning_threads(), 1u);
 }
 
 TEST(ConfigTest, ExplicitZerosForOptionalFieldsSurviveDefaults) {
@@ -59,7 +61,9 @@ TEST(ConfigTest, ExplicitZerosForOptionalFieldsSurviveDefaults) {
   q.mutable_quality()->set_warmup_samples(0);
   q.mutable_quality()->set_default_target_mass_ratio(0);
   q.mutable_quality()->set_method_duel(false);
+  q.mutable_decode_ring()->set_max_spin_us(0);
   q = Defaulted(q);
+  EXPECT_EQ(q.decode_ring().max_spin_us(), 0u);  // never watch
   EXPECT_FALSE(q.quality().method_duel());
   EXPECT_FALSE(q.quality().enabled());
   EXPECT_EQ(q.quality().warmup_samples(), 0u);
@@ -259,6 +263,10 @@ TEST(ConfigTest, EveryBadFieldIsNamed) {
       {"quality.burst_ms", [](auto* c) { c->mutable_quality()->set_burst_ms(61'000); }},
       {"quality.default_target_mass_ratio",
        [](auto* c) { c->mutable_quality()->set_default_target_mass_ratio(1.01); }},
+      {"decode_ring.max_spin_us",
+       [](auto* c) { c->mutable_decode_ring()->set_max_spin_us(100'001); }},
+      {"decode_ring.max_spinning_threads",
+       [](auto* c) { c->mutable_decode_ring()->set_max_spinning_threads(1025); }},
   };
   for (const BadCase& bc : cases) {
     IcecachedConfig c;
