@@ -57,8 +57,10 @@ struct ClientOptions {
   // up to this long (yielding the CPU between looks) before it sleeps on the
   // doorbell, while the session's last answer came within it: a sleeping
   // thread's wake-up costs tens of microseconds (about 90 on a 2-vCPU VM,
-  // docs/bench/rpc.md). Zero: always sleep.
-  absl::Duration decode_ring_spin = absl::Microseconds(1000);
+  // docs/bench/rpc.md). Zero (the default): always sleep. Worth it only
+  // with a core to spare beside the daemon's selection threads: on 2 cores
+  // the watch competes with them (docs/bench/rpc.md).
+  absl::Duration decode_ring_spin = absl::ZeroDuration();
 };
 
 enum class SelectorType : uint8_t {

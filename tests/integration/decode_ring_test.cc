@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/integration/harness.h"
@@ -16,21 +18,26 @@ namespace {
 
 using ::testing::HasSubstr;
 
-absl::StatusOr<std::unique_ptr<Client>> ConnectWith(const DaemonProcess& d, bool ring) {
+absl::StatusOr<std::unique_ptr<Client>> ConnectWith(const DaemonProcess& d, bool ring,
+                                                    absl::Duration spin = absl::ZeroDuration()) {
   ClientOptions o;
   o.socket_path = d.socket_path();
   o.timeout = absl::Seconds(60);
   o.decode_ring = ring;
+  o.decode_ring_spin = spin;
   return Client::Create(o);
 }
 
 // One session decoded by a ring client and a stream client, layer by layer:
 // the same selections, layouts and fetched bytes; the ring client holds one
-// more registered buffer (its ring).
-TEST(DecodeRingTest, RingAndStreamClientsGetTheSameStepsAndBytes) {
+// more registered buffer (its ring). The ring client watches for its
+// answers (ClientOptions::decode_ring_spin) or sleeps on the doorbell.
+class DecodeRingSpinTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(DecodeRingSpinTest, RingAndStreamClientsGetTheSameStepsAndBytes) {
   auto daemon = StartDaemon();
   ASSERT_THAT(daemon, IsOk());
-  auto ring = ConnectWith(**daemon, true);
+  auto ring = ConnectWith(**daemon, true, absl::Microseconds(GetParam()));
   auto stream = ConnectWith(**daemon, false);
   ASSERT_THAT(ring, IsOk());
   ASSERT_THAT(stream, IsOk());
@@ -73,6 +80,8 @@ TEST(DecodeRingTest, RingAndStreamClientsGetTheSameStepsAndBytes) {
     }
   }
 }
+INSTANTIATE_TEST_SUITE_P(SleepOrWatch, DecodeRingSpinTest, ::testing::Values(0, 1000, 100000),
+                         [](const auto& info) { return absl::StrCat("spin_us_", info.param); });
 
 // In-place steps (StepOptions::in_place) on a real daemon, over the ring and
 // over the stream, each into a region per layer kept between steps: every
