@@ -328,9 +328,7 @@ void BM_PqBuild(benchmark::State& state, bool train, bool write) {
   }
   state.SetLabel(absl::StrCat("codes ", absl::Hex(h)));
 }
-BENCHMARK_CAPTURE(BM_PqBuild, TrainAndWrite, true, true)
-    ->Arg(32768)
-    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_PqBuild, TrainAndWrite, true, true)->Arg(32768)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_PqBuild, Train, true, false)->Arg(32768)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_PqBuild, Write, false, true)->Arg(32768)->Unit(benchmark::kMillisecond);
 
