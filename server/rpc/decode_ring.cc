@@ -353,7 +353,7 @@ bool DecodeRingServer::AwaitNext(Ring& r) {
   }
   const absl::Time deadline = r.answered + window;
   bool arrived = false;
-  for (int look = 0;; ++look) {
+  for (;;) {
     uint64_t seq;
     if (!r.lease.Read(ring::kRequestSeqOffset, sizeof seq, &seq).ok()) break;
     if (seq != r.handled_seq) {

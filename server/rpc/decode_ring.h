@@ -8,8 +8,10 @@
 // request FIFO sits in one epoll set, EPOLLONESHOT; `threads` threads wait
 // on it, and the thread woken for a ring handles its message itself (no
 // hand-off): read the request out of shared memory into private memory,
-// parse, run the handler, write the answer, ring back, re-arm. An idle ring
-// holds no thread, only its two descriptors and its buffer lease.
+// parse, run the handler, write the answer, ring back, re-arm. After an
+// answer the thread may first watch the ring for the client's next message
+// (DecodeRingOptions::max_spin, a busy ring only). An idle ring holds no
+// thread, only its two descriptors and its buffer lease.
 //
 // Reclaim: when the client closes its end of the request FIFO (it exited,
 // crashed, or closed the ring) the ring is closed and everything it held is
