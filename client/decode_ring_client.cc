@@ -133,17 +133,18 @@ absl::Status DecodeRingClient::Exchange(const v1::DecodeStepRequest& req,
   return absl::OkStatus();
 }
 
+bool DecodeRingClient::Answered(uint64_t seq) const {
+  return __atomic_load_n(
+             reinterpret_cast<const uint64_t*>(buffer_.data() + ring::kResponseSeqOffset),
+             __ATOMIC_ACQUIRE) == seq;
+}
+
 absl::Status DecodeRingClient::AwaitAnswer(uint64_t seq) {
-  const uint8_t* h = buffer_.data();
-  const auto answered = [h, seq] {
-    return __atomic_load_n(reinterpret_cast<const uint64_t*>(h + ring::kResponseSeqOffset),
-                           __ATOMIC_ACQUIRE) == seq;
-  };
   const absl::Time sent = absl::Now();
   if (spin_ > absl::ZeroDuration() && last_wait_ <= spin_) {
     // The daemon's doorbell still comes; the next read drains it.
     for (;;) {
-      if (answered()) {
+      if (Answered(seq)) {
         last_wait_ = absl::Now() - sent;
         return absl::OkStatus();
       }
@@ -157,20 +158,13 @@ absl::Status DecodeRingClient::AwaitAnswer(uint64_t seq) {
 }
 
 absl::Status DecodeRingClient::SleepForAnswer(uint64_t seq) {
-  const uint8_t* h = buffer_.data();
   for (;;) {
-    if (__atomic_load_n(reinterpret_cast<const uint64_t*>(h + ring::kResponseSeqOffset),
-                        __ATOMIC_ACQUIRE) == seq) {
-      return absl::OkStatus();
-    }
+    if (Answered(seq)) return absl::OkStatus();
     char bells[64];
     const ssize_t n = ::read(response_fd_, bells, sizeof bells);
     if (n > 0) continue;
     if (n < 0 && errno == EINTR) continue;
-    if (__atomic_load_n(reinterpret_cast<const uint64_t*>(h + ring::kResponseSeqOffset),
-                        __ATOMIC_ACQUIRE) == seq) {
-      return absl::OkStatus();
-    }
+    if (Answered(seq)) return absl::OkStatus();
     broken_ = true;
     return absl::UnavailableError(
         n == 0 ? "the daemon closed the decode ring (it stopped or reclaimed the ring)"

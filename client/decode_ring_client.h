@@ -57,6 +57,8 @@ class DecodeRingClient {
  private:
   DecodeRingClient() = default;
   absl::Status Attach(Client& client, std::string_view session_id);
+  // Whether response_seq is `seq` (acquire: the answer's bytes are visible).
+  bool Answered(uint64_t seq) const;
   absl::Status AwaitAnswer(uint64_t seq);
   // Blocked in read() on the response FIFO until answer `seq`.
   absl::Status SleepForAnswer(uint64_t seq);

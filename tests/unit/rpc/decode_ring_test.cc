@@ -314,13 +314,16 @@ TEST_F(DecodeRingTest, AnswersLikeTheStream) {
 // served without the thread being woken, and answered like any other. The
 // window is wide (100 ms) so that the first gaps, which include a wake-up
 // (milliseconds under TSan on a loaded machine), still make the ring busy.
-class DecodeRingWideSpinTest : public DecodeRingTest {
+template <int kSpinUs>
+class DecodeRingWithSpin : public DecodeRingTest {
  protected:
   void SetUp() override {
-    spin_us_ = 100'000;
+    spin_us_ = kSpinUs;
     DecodeRingTest::SetUp();
   }
 };
+using DecodeRingWideSpinTest = DecodeRingWithSpin<100'000>;
+using DecodeRingNoSpinTest = DecodeRingWithSpin<0>;
 
 TEST_F(DecodeRingWideSpinTest, MessagesSentBackToBackAreCaughtByTheWatchingThread) {
   Fifos f;
@@ -337,14 +340,6 @@ TEST_F(DecodeRingWideSpinTest, MessagesSentBackToBackAreCaughtByTheWatchingThrea
             static_cast<int>(absl::StatusCode::kInvalidArgument));
   SendBackToBack(f, 42, 4);
 }
-
-class DecodeRingNoSpinTest : public DecodeRingTest {
- protected:
-  void SetUp() override {
-    spin_us_ = 0;
-    DecodeRingTest::SetUp();
-  }
-};
 
 // max_spin_us 0: every message comes through the doorbell, none is caught.
 TEST_F(DecodeRingNoSpinTest, WithoutWatchingEveryMessageComesThroughTheDoorbell) {
