@@ -7,7 +7,9 @@ generated code.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
+
+import numpy as np
 
 from .errors import InvalidArgumentError
 from .types import (
@@ -158,13 +160,22 @@ def session_info(info: types_pb2.SessionInfo) -> SessionInfo:
 # The repeated fields below are handed out as the response's own read-only
 # sequences (no copy): converting them to lists cost about 100 us per layer
 # message, the bulk of the Python client's overhead (python/README.md).
+def _positions(h: Any) -> Sequence[int]:
+    """A head's positions: from ``positions_le`` (DecodeStep asks for them
+    as little-endian int32 bytes) a read-only int32 array over the
+    response's own bytes, no copy; else the repeated field."""
+    if h.positions_le:
+        return np.frombuffer(h.positions_le, dtype="<i4")
+    return h.positions
+
+
 def head_selection(h: types_pb2.HeadSelection) -> HeadSelection:
     return HeadSelection(
         kv_head=h.kv_head,
         pages=h.pages,
         fills=h.fills,
         scores=h.scores,
-        positions=h.positions,
+        positions=_positions(h),
         keys_touched=h.keys_touched,
     )
 
@@ -177,7 +188,7 @@ def fetch_layout(layout: types_pb2.FetchLayout) -> FetchLayout:
             slots=h.slots,
             fills=h.fills,
             byte_offsets=h.byte_offsets,
-            positions=h.positions,
+            positions=_positions(h),
         )
         for h in layout.heads
     ]

@@ -343,7 +343,7 @@ class Client:
         )
         _convert.device_write(device, req)
         for h, p in enumerate(pages):
-            if isinstance(p, HeadSelection) and not p.pages and p.positions:
+            if isinstance(p, HeadSelection) and len(p.pages) == 0 and len(p.positions) > 0:
                 req.heads.add(kv_head=h, tokens=[int(i) for i in p.positions])
                 continue
             ids = p.pages if isinstance(p, HeadSelection) else p

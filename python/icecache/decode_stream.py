@@ -91,7 +91,8 @@ class DecodeStream:
         Without such a previous write the step writes in full."""
         options = options or SelectOptions()
         req = kv_pb2.DecodeStepRequest(layer=layer, offset=self._base + offset, num_layers=num_layers,
-                                       prefetch_group=prefetch_group, in_place=in_place)
+                                       prefetch_group=prefetch_group, in_place=in_place,
+                                       positions_as_bytes=True)
         _convert.device_write(device, req)
         if queries is not None or not options.reuse_group_selection:
             req.queries, req.query_dtype = query_bytes(queries, "queries")
@@ -213,7 +214,7 @@ class BatchDecodeStream:
         if not entries:
             raise InvalidArgumentError("a batched decode step needs at least one entry")
         options = options or SelectOptions()
-        req = kv_pb2.DecodeStepRequest(layer=layer, num_layers=num_layers)
+        req = kv_pb2.DecodeStepRequest(layer=layer, num_layers=num_layers, positions_as_bytes=True)
         _convert.select_params(options, req.params)
         dtype = None
         for e in entries:

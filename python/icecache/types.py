@@ -237,7 +237,10 @@ class HeadSelection:
     pages: Sequence[int]
     fills: Sequence[int]
     scores: Sequence[float]
-    positions: Sequence[int]  # when want_positions: fills[i] per page, concatenated
+    # When want_positions: fills[i] per page, concatenated (token granularity:
+    # the selected tokens). A DecodeStep's: a read-only numpy int32 array over
+    # the response's bytes; otherwise the response's read-only sequence.
+    positions: Sequence[int]
     keys_touched: int
 
 
@@ -256,7 +259,7 @@ class HeadLayout:
     slots: Sequence[int]  # page block index within one layer's region
     fills: Sequence[int]
     byte_offsets: Sequence[int]  # absolute offset of each K block (first layer)
-    positions: Sequence[int]
+    positions: Sequence[int]  # as HeadSelection.positions (a DecodeStep's: int32 array)
 
 
 @dataclass

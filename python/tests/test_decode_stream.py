@@ -49,6 +49,16 @@ def test_steps_match_select_and_fetch(client, session, transport):
                 assert all(p == icecache.TOKEN_SLOT_PAGE for h in r.layout.heads for p in h.pages)
                 sel = client.select_pages(sid, layer, q, per_token)
                 assert [list(h.positions) for h in r.heads] == [list(h.positions) for h in sel]
+                # A step's positions come as bytes (positions_as_bytes), read as
+                # int32 arrays; SelectPages' as varints: the same tokens.
+                for h in list(r.heads) + list(r.layout.heads):
+                    assert isinstance(h.positions, np.ndarray) and h.positions.dtype == np.int32
+                    assert len(h.positions) > 0 and not h.positions.flags.writeable
+                # A step's selection fetches again by FetchPages (its tokens).
+                again = client.fetch_pages(sid, layer, r.heads, buf, 1 << 19, want_positions=True)
+                assert [list(h.positions) for h in again.heads] == \
+                    [list(h.positions) for h in r.layout.heads]
+                check_fetched(buf, again, keys, values)
 
 
 def test_in_place_steps_copy_only_the_new_rows(client, session, transport):
