@@ -260,6 +260,22 @@ std::string WidthSummary(const SessionQuality& q) {
                          w.front(), w[w.size() / 2], w.back(), fallback);
 }
 
+// How many heads took a sample, and the samples per head: at model scale
+// (32 layers x 8 KV heads) a session's sampling budget reaches few heads in
+// its first hundreds of steps, so most still select at their starting width
+// (docs/architecture.md, calibration memory).
+std::string SampledHeads(const SessionQuality& q) {
+  std::vector<uint64_t> n;
+  size_t sampled = 0;
+  for (const HeadQuality& h : q.heads) {
+    n.push_back(h.samples);
+    if (h.samples > 0) ++sampled;
+  }
+  std::sort(n.begin(), n.end());
+  return absl::StrCat(sampled, " of ", q.heads.size(), " (samples per head: ", n.front(), " / ",
+                      n[n.size() / 2], " / ", n.back(), " min / median / max)");
+}
+
 // A head's mode: its width, "exact" (exact fallback) or "-" (not calibrated).
 std::string ModeText(const HeadQuality& h) {
   if (!h.calibrated) return "-";
@@ -281,6 +297,7 @@ void AddQualityRows(const SessionQuality& q, TextTable* t) {
                                 : std::string("off (fixed width)")});
   t->AddRow({"samples", absl::StrCat(q.samples, " measured, ", q.samples_dropped, " dropped, ",
                                      q.samples_stale, " stale")});
+  if (!q.heads.empty()) t->AddRow({"heads sampled", SampledHeads(q)});
   if (q.samples > 0) {
     t->AddRow({"mass ratio",
                absl::StrFormat("%.4f mean, %.4f recent", q.mean_mass_ratio, q.recent_mass_ratio)});

@@ -174,6 +174,8 @@ TEST_F(IcecachectlTest, SessionsShowReportsQualityAndWidths) {
   EXPECT_THAT(r.out, HasSubstr(absl::StrCat("samples            ", samples,
                                             " measured, 0 dropped, 0 stale")));
   EXPECT_THAT(r.out, HasSubstr("mass ratio"));
+  // Both heads took their first selection's sample.
+  EXPECT_THAT(r.out, HasSubstr("heads sampled      2 of 2 (samples per head: "));
   EXPECT_THAT(r.out, HasSubstr("width per head"));
   EXPECT_THAT(r.out, HasSubstr("GROUP  KV_HEAD  MODE"));
   EXPECT_THAT(r.out, HasSubstr("RANKING"));
