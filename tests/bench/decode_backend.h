@@ -82,6 +82,7 @@ struct MonitorSummary {
   double selection_ms = 0;      // the session's selections, per head summed (wall)
   double reference_cpu_ms = 0;  // the sampler's reference scans (thread CPU)
   std::vector<double> widths;   // per (group, head): the width multiplier now
+  std::vector<int64_t> head_samples;  // per (group, head): samples measured
   int exact_heads = 0;          // heads selecting exactly now (exact fallback)
   int64_t exact_selections = 0;
   double mean_mass_ratio = 0;  // over every sample

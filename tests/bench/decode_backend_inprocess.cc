@@ -220,6 +220,7 @@ class InProcessBackend : public DecodeBackend {
     m.seeded_heads = q.seeded_heads;
     for (const HeadQualityInfo& h : q.heads) {
       m.widths.push_back(h.width);
+      m.head_samples.push_back(h.samples);
       m.exact_heads += h.exact ? 1 : 0;
       m.exact_selections += h.exact_selections;
     }

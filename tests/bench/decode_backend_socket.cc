@@ -194,6 +194,7 @@ class SocketBackend : public DecodeBackend {
     m.seeded_heads = static_cast<int>(q.seeded_heads);
     for (const HeadQuality& h : q.heads) {
       m.widths.push_back(h.width);
+      m.head_samples.push_back(static_cast<int64_t>(h.samples));
       m.exact_heads += h.exact ? 1 : 0;
       m.exact_selections += static_cast<int64_t>(h.exact_selections);
     }

@@ -41,6 +41,7 @@ Json MonitorJson(const MonitorSummary& m) {
           {"selection_ms", m.selection_ms},
           {"reference_cpu_ms", m.reference_cpu_ms},
           {"widths", m.widths},
+          {"head_samples", m.head_samples},
           {"exact_heads", m.exact_heads},
           {"exact_selections", m.exact_selections},
           {"mean_mass_ratio", m.mean_mass_ratio},
@@ -93,9 +94,21 @@ std::string MonitorLine(const MonitorSummary& m) {
   std::vector<double> w = m.widths;
   std::sort(w.begin(), w.end());
   const double share = m.selection_ms > 0 ? 100.0 * m.reference_cpu_ms / m.selection_ms : 0.0;
+  // How the samples spread over the heads (at model scale the budget reaches
+  // few of them): heads with one at least, and min / median / max per head.
+  std::vector<int64_t> n = m.head_samples;
+  std::sort(n.begin(), n.end());
+  const int64_t sampled = std::count_if(n.begin(), n.end(), [](int64_t k) { return k > 0; });
+  const std::string spread =
+      n.empty() ? std::string()
+                : absl::StrFormat(" on %lld of %d heads (%lld / %lld / %lld per head)",
+                                  static_cast<long long>(sampled), static_cast<int>(n.size()),
+                                  static_cast<long long>(n.front()),
+                                  static_cast<long long>(n[n.size() / 2]),
+                                  static_cast<long long>(n.back()));
   return absl::StrFormat(
       "width x%s..x%s (median x%s) over %d heads%s, %d exact (%lld exact selections); %lld "
-      "samples (%lld dropped), mean ratio %.3f; references %.0f ms CPU = %.0f%% of the "
+      "samples%s (%lld dropped), mean ratio %.3f; references %.0f ms CPU = %.0f%% of the "
       "selections' %.0f ms",
       w.empty() ? "-" : absl::StrFormat("%.2g", w.front()),
       w.empty() ? "-" : absl::StrFormat("%.2g", w.back()),
@@ -103,7 +116,7 @@ std::string MonitorLine(const MonitorSummary& m) {
       m.seeded_heads > 0 ? absl::StrFormat(" (%d seeded from an earlier session)", m.seeded_heads)
                          : std::string(),
       m.exact_heads, static_cast<long long>(m.exact_selections), static_cast<long long>(m.samples),
-      static_cast<long long>(m.dropped), m.mean_mass_ratio, m.reference_cpu_ms, share,
+      spread, static_cast<long long>(m.dropped), m.mean_mass_ratio, m.reference_cpu_ms, share,
       m.selection_ms);
 }
 
