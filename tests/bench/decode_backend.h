@@ -79,11 +79,11 @@ struct StepOutcome {
 struct MonitorSummary {
   bool monitored = false;
   int64_t samples = 0, dropped = 0;
-  double selection_ms = 0;      // the session's selections, per head summed (wall)
-  double reference_cpu_ms = 0;  // the sampler's reference scans (thread CPU)
-  std::vector<double> widths;   // per (group, head): the width multiplier now
+  double selection_ms = 0;            // the session's selections, per head summed (wall)
+  double reference_cpu_ms = 0;        // the sampler's reference scans (thread CPU)
+  std::vector<double> widths;         // per (group, head): the width multiplier now
   std::vector<int64_t> head_samples;  // per (group, head): samples measured
-  int exact_heads = 0;          // heads selecting exactly now (exact fallback)
+  int exact_heads = 0;                // heads selecting exactly now (exact fallback)
   int64_t exact_selections = 0;
   double mean_mass_ratio = 0;  // over every sample
   int seeded_heads = 0;        // started from an earlier session's widths (calibration memory)
