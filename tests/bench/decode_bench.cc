@@ -15,6 +15,7 @@
 #include "common/synthetic.h"
 #include "tests/bench/decode_policy_run.h"
 #include "tests/bench/decode_rpc_overhead.h"
+#include "tests/bench/machine_info.h"
 
 namespace icecache::bench {
 namespace {
@@ -226,12 +227,13 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o) {
   for (int64_t t : o.contexts) std::printf(" %lld", static_cast<long long>(t));
   std::printf(
       "; budget %d tokens per KV head (sink %d, recent %d), page %d; %d decode steps; "
-      "load average %.1f at start%s\n",
+      "load average %.1f at start%s\nmachine: %s\n",
       o.budget, o.sink_tokens, o.recent_tokens, o.page_tokens, o.steps, load_start,
       o.mdci_pq > 0
           ? absl::StrFormat("; mdci: the PQ scan (pq_factor %g) and the method duel", o.mdci_pq)
                 .c_str()
-          : "");
+          : "",
+      MachineLine().c_str());
   std::vector<DecodePolicy> policies;
   for (const std::string& name : o.policies) {
     ASSIGN_OR_RETURN(DecodePolicy p, ParseDecodePolicy(name));

@@ -11,6 +11,7 @@
 #include "client/output.h"
 #include "server/index/kernels.h"
 #include "tests/bench/decode_results.h"
+#include "tests/bench/machine_info.h"
 
 namespace icecache::bench {
 namespace {
@@ -272,7 +273,14 @@ void PrintContext(const DecodeBenchOptions& o, const ContextResult& c) {
 Json DecodeReportJson(const DecodeBenchOptions& o, const std::vector<ContextResult>& contexts) {
   Json report = Json::object();
   report["benchmark"] = "decode";
-  report["machine"] = {{"cores", std::thread::hardware_concurrency()}, {"kernel_isa", KernelIsa()}};
+  report["machine"] = {{"cpu_model", CpuModel()},
+                       {"cores", std::thread::hardware_concurrency()},
+                       {"l2_size", L2Size()},
+                       {"l3_size", L3Size()},
+                       {"kernel_isa", KernelIsa()},
+                       {"git_commit", BuildCommit().empty() ? "unknown" : BuildCommit()}};
+  const std::string head = HeadCommitNow();
+  if (!head.empty() && head != BuildCommit()) report["machine"]["git_head_at_run"] = head;
   report["config"] = {{"mode", o.mode},
                       {"where", Where(o)},
                       {"preset", o.preset},

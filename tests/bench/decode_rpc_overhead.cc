@@ -18,6 +18,7 @@
 #include "common/synthetic.h"
 #include "tests/bench/decode_backend.h"
 #include "tests/bench/decode_model.h"
+#include "tests/bench/machine_info.h"
 
 namespace icecache::bench {
 namespace {
@@ -205,9 +206,10 @@ absl::Status RunRpcOverhead(const DecodeBenchOptions& o) {
   const double load_start = LoadAverage1();
   std::printf(
       "RPC cost per DecodeStep layer message (%s, %d layers x %d KV heads, %lld tokens, budget %d, "
-      "page %d; %d steps; ring, stream and in-process interleaved); load average %.2f at start\n",
+      "page %d; %d steps; ring, stream and in-process interleaved); load average %.2f at "
+      "start\nmachine: %s\n",
       o.preset.c_str(), m->layers(), m->kv_heads(), static_cast<long long>(m->prefill_tokens()),
-      o.budget, o.page_tokens, m->steps(), load_start);
+      o.budget, o.page_tokens, m->steps(), load_start, MachineLine().c_str());
   std::printf("%-10s %8s  %15s  %15s  %15s  %15s %15s  %15s %15s\n", "", "", "IN-PROCESS us",
               "RING us", "STREAM us", "RING-INPROC us", "STREAM-INPROC us", "RING-STEP us",
               "STREAM-STEP us");

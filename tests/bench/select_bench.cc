@@ -32,16 +32,12 @@
 #include "server/index/quality.h"
 #include "server/index/selector.h"
 #include "server/index/width_calibrator.h"
+#include "tests/bench/bench_format.h"
+#include "tests/bench/machine_info.h"
 #include "tests/bench/peers.h"
 #include "tests/bench/select_baselines_table.h"
 #include "tests/bench/select_diagnose.h"
 #include "tests/bench/select_methods.h"
-
-#ifndef ICECACHE_SOURCE_DIR
-#define ICECACHE_SOURCE_DIR ""
-#endif
-#include "git_commit.h"  // generated at build time: ICECACHE_GIT_COMMIT
-#include "tests/bench/bench_format.h"
 
 namespace icecache::bench {
 
@@ -983,57 +979,6 @@ absl::StatusOr<std::vector<MethodResult>> RunMethod(const std::string& name, con
 }
 
 // ---------------------------------------------------------------------------
-// Machine info.
-
-std::string ReadFirstLine(const std::string& path) {
-  std::ifstream in(path);
-  std::string line;
-  if (in) std::getline(in, line);
-  return line;
-}
-
-std::string CpuModel() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("model name", 0) == 0) {
-      const size_t colon = line.find(':');
-      if (colon != std::string::npos) return line.substr(colon + 2);
-    }
-  }
-  return "unknown";
-}
-
-std::string L3Size() {
-  for (int i = 0; i < 8; ++i) {
-    const std::string base = absl::StrCat("/sys/devices/system/cpu/cpu0/cache/index", i, "/");
-    if (ReadFirstLine(base + "level") == "3") return ReadFirstLine(base + "size");
-  }
-  return "unknown";
-}
-
-// The commit the binary was built from (empty when unknown).
-std::string BuildCommit() { return ICECACHE_GIT_COMMIT; }
-
-// The commit checked out when the report is written, which may have moved
-// since the build.
-std::string HeadCommitNow() {
-  const std::string dir = ICECACHE_SOURCE_DIR;
-  std::string commit;
-  if (dir.empty()) return commit;
-  const std::string cmd = absl::StrCat("git -C '", dir, "' rev-parse HEAD 2>/dev/null");
-  if (FILE* f = popen(cmd.c_str(), "r")) {
-    char buf[128] = {0};
-    if (std::fgets(buf, sizeof(buf), f) != nullptr) {
-      commit = buf;
-      while (!commit.empty() && (commit.back() == '\n' || commit.back() == '\r')) commit.pop_back();
-    }
-    pclose(f);
-  }
-  return commit.size() == 40 ? commit : std::string();
-}
-
-// ---------------------------------------------------------------------------
 // Report.
 
 const MethodResult* FindResult(const std::vector<MethodResult>& rs, const std::string& name,
@@ -1352,6 +1297,7 @@ absl::Status RunSelectBench(const SelectBenchOptions& o) {
   machine["cpu_model"] = CpuModel();
   machine["cores"] = static_cast<int>(std::thread::hardware_concurrency());
   machine["kernel_isa"] = KernelIsa();
+  machine["l2_size"] = L2Size();
   machine["l3_size"] = L3Size();
   const std::string build_commit = BuildCommit();
   const std::string head_commit = HeadCommitNow();
