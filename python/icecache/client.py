@@ -344,10 +344,10 @@ class Client:
         _convert.device_write(device, req)
         for h, p in enumerate(pages):
             if isinstance(p, HeadSelection) and len(p.pages) == 0 and len(p.positions) > 0:
-                req.heads.add(kv_head=h, tokens=[int(i) for i in p.positions])
+                req.heads.add(kv_head=h, tokens=_ids(p.positions))
                 continue
             ids = p.pages if isinstance(p, HeadSelection) else p
-            req.heads.add(kv_head=h, pages=[int(i) for i in ids])
+            req.heads.add(kv_head=h, pages=_ids(ids))
         return _convert.fetch_layout(self._call(self._kv.FetchPages, req, "FetchPages").layout)
 
     # -- decode ------------------------------------------------------------
@@ -371,7 +371,7 @@ class Client:
             want_positions=want_positions, num_layers=num_layers,
         )
         for h, pos in enumerate(positions):
-            req.heads.add(kv_head=h, tokens=[int(i) for i in pos])
+            req.heads.add(kv_head=h, tokens=_ids(pos))
         return _convert.fetch_layout(self._call(self._kv.FetchPages, req, "FetchPages").layout)
 
     def decode_stream(self, session_id: str, buffer: Buffer) -> DecodeStream:
@@ -506,6 +506,14 @@ def _check_kv(spec: SessionSpec, session_id: str, keys: Any, values: Any) -> int
     if keys.shape[2] == 0:
         raise InvalidArgumentError(f"keys and values hold 0 tokens; append at least one")
     return int(keys.shape[2])
+
+
+def _ids(ids: Any) -> List[int]:
+    """Page ids or token positions as ints for a request: an integer numpy
+    array (a step's positions) in one tolist(), anything else per element."""
+    if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu":
+        return ids.tolist()
+    return [int(i) for i in ids]
 
 
 def _has_known_dtype(a: Any) -> bool:
