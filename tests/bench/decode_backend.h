@@ -40,7 +40,7 @@ struct DecodeSessionSpec {
 };
 
 struct DecodeSelect {
-  int budget_tokens = 1024;
+  int budget_tokens = 256;
   int sink_tokens = 4;
   int recent_tokens = 64;
   bool reuse_group_selection = false;

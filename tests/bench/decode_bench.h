@@ -69,7 +69,7 @@ struct DecodeBenchOptions {
   int batch_layers = 4;
   std::vector<std::string> policies = {"full",    "exact-token", "mdci",      "mdci-r2",
                                        "mdci-r4", "quest",       "streaming", "exact"};
-  int budget = 1024;
+  int budget = 256;  // the daemon's default session budget (sessions.default_budget_tokens)
   int sink_tokens = 4;
   int recent_tokens = 64;
   int page_tokens = 16;

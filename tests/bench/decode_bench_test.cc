@@ -92,6 +92,7 @@ TEST(DecodeFlagsTest, DefaultsAreTheModelScaleRun) {
   EXPECT_THAT(o->contexts, ElementsAre(32768));
   EXPECT_THAT(o->batch, ElementsAre(1));
   EXPECT_EQ(o->policies.size(), 8u);
+  EXPECT_EQ(o->budget, 256);  // what a session gets from icecached by default
   ASSERT_THAT(cli::ParseArgs(app, {"--mode", "in-process", "--spawn", "x"}), IsOk());
   EXPECT_THAT(flags.Options(), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("--spawn")));
 }

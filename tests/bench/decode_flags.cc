@@ -62,7 +62,8 @@ DecodeFlags::DecodeFlags(CLI::App* app) {
   app->add_option("--batch-layers", o_.batch_layers, "layers per session of the batch sweep")
       ->check(cli::Positive())
       ->capture_default_str();
-  app->add_option("--budget", o_.budget, "selected tokens per KV head and step")
+  app->add_option("--budget", o_.budget,
+                  "selected tokens per KV head and step (icecached's default session budget)")
       ->check(cli::Positive())
       ->capture_default_str();
   app->add_option("--sink-tokens", o_.sink_tokens, "first tokens always selected")
