@@ -5,10 +5,12 @@ same run, same KV, same queries, same selection parameters.
 Both sides decode the llama3-8b-like synthetic sequence that
 ``icecache-bench-rpc`` uses (``icecache-kvgen`` writes the same KV and
 queries for this script: same preset, seed, tokens, layers, steps), one
-session each, one DecodeStep stream, budget and sink as icecache-bench-rpc.
-Rounds alternate C++ and Python so both see the same machine load; the
-figure is the median over rounds of each side's per-layer p50, and the
-difference is the Python client's overhead per layer message.
+session each, budget and sink as icecache-bench-rpc. The Python client's
+DecodeSteps go over its gRPC stream; the C++ client's over its stream (like
+for like: the difference is the Python client's own overhead) and over its
+shared-memory ring (its default, which the Python client does not have),
+each round running C++ stream, Python, C++ ring so all see the same machine
+load. The figures are medians over rounds of each side's per-layer p50.
 
     python3 python/bench/decode_overhead.py --build build
 """
@@ -45,15 +47,20 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--page-tokens", type=int, default=16)
     ap.add_argument("--selector", default="mdci")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cpp-transport", choices=["stream", "ring", "both"], default="both",
+                    help="the C++ client's DecodeStep path: its gRPC stream (like for like with "
+                         "the Python client, which has no ring), its shared-memory ring (its "
+                         "default), or both in every round")
     ap.add_argument("--json", default="", help="write the figures here")
     return ap.parse_args()
 
 
-def cpp_round(a: argparse.Namespace, bench: str, socket: str, out: str) -> float:
+def cpp_round(a: argparse.Namespace, bench: str, socket: str, out: str, transport: str) -> float:
     cmd = [
         bench, "--socket", socket, "--sessions", "1", "--tokens", str(a.tokens),
         "--layers", str(a.layers), "--steps", str(a.steps), "--budget", str(a.budget),
         "--page-tokens", str(a.page_tokens), "--selector", a.selector, "--json", out,
+        "--transport", transport,
     ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(out) as f:
@@ -113,29 +120,40 @@ def main() -> int:
         socket = a.socket or daemon.socket_path
         try:
             with icecache.Client(socket=socket) as client:
-                cpp, py = [], []
+                transports = ["stream", "ring"] if a.cpp_transport == "both" else [a.cpp_transport]
+                cpp = {t: [] for t in transports}
+                py = []
                 for r in range(a.rounds):
-                    cpp.append(cpp_round(a, bench, socket, os.path.join(tmp, "cpp.json")))
-                    py.append(python_round(a, client, dump))
-                    print(f"round {r + 1}: C++ p50 {cpp[-1]:.3f} ms  Python p50 {py[-1]:.3f} ms")
+                    # The C++ sides around the Python one, so all see the same load.
+                    for i, t in enumerate(transports):
+                        if i == 1:
+                            py.append(python_round(a, client, dump))
+                        cpp[t].append(cpp_round(a, bench, socket, os.path.join(tmp, "cpp.json"), t))
+                    if len(transports) == 1:
+                        py.append(python_round(a, client, dump))
+                    print(f"round {r + 1}: " + "  ".join(f"C++ {t} p50 {cpp[t][-1]:.3f} ms" for t in transports)
+                          + f"  Python p50 {py[-1]:.3f} ms")
         finally:
             if daemon is not None:
                 daemon.stop()
-    c, p = statistics.median(cpp), statistics.median(py)
-    diff = statistics.median(b - a for a, b in zip(cpp, py))
+    p = statistics.median(py)
     print(
         f"\nDecodeStep per layer message ({a.tokens} tokens, {a.layers} layers, 8 KV heads, "
         f"32 q heads, 128 dims, fp16, {a.selector}, budget {a.budget}, {a.steps} steps x "
-        f"{a.rounds} rounds)\n"
-        f"  C++ client p50    {c:.3f} ms\n  Python client p50 {p:.3f} ms\n"
-        f"  Python overhead   {(p - c) * 1e3:+.0f} us per layer message "
-        f"(median of the per-round differences: {diff * 1e3:+.0f} us)"
+        f"{a.rounds} rounds)\n  Python client p50 {p:.3f} ms (gRPC stream)"
     )
+    report = {"python_p50_ms": py, "config": vars(a)}
+    for t in transports:
+        c = statistics.median(cpp[t])
+        diff = statistics.median(b - x for x, b in zip(cpp[t], py))
+        print(f"  C++ client p50    {c:.3f} ms ({t}): Python {(p - c) * 1e3:+.0f} us per layer "
+              f"message (median of the per-round differences: {diff * 1e3:+.0f} us)")
+        report[f"cpp_{t}_p50_ms"] = cpp[t]
+        report[f"overhead_{t}_us"] = (p - c) * 1e3
+        report[f"overhead_{t}_us_round_median"] = diff * 1e3
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"cpp_p50_ms": cpp, "python_p50_ms": py, "overhead_us": (p - c) * 1e3,
-                       "overhead_us_round_median": diff * 1e3,
-                       "config": vars(a)}, f, indent=1)
+            json.dump(report, f, indent=1)
     return 0
 
 
