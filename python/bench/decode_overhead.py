@@ -12,7 +12,7 @@ shared-memory ring (its default, which the Python client does not have),
 each round running C++ stream, Python, C++ ring so all see the same machine
 load. The figures are medians over rounds of each side's per-layer p50.
 
-    python3 python/bench/decode_overhead.py --build build
+    python3 python/bench/decode_overhead.py --build build   # --python-transport ring: Python over its ring
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--page-tokens", type=int, default=16)
     ap.add_argument("--selector", default="mdci")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--python-transport", choices=["stream", "ring"], default="stream",
+                    help="the Python client's DecodeStep path: its gRPC stream or its "
+                         "shared-memory ring (Client(decode_ring=True), its default)")
     ap.add_argument("--cpp-transport", choices=["stream", "ring", "both"], default="both",
                     help="the C++ client's DecodeStep path: its gRPC stream (like for like with "
                          "the Python client, which has no ring), its shared-memory ring (its "
@@ -85,6 +88,8 @@ def python_round(a: argparse.Namespace, client: icecache.Client, dump: dict) -> 
         client.append_kv(session.id, keys, values, buffer=kv_buf)
         with client.decode_stream(session.id, out) as stream:
             stream.step(0, queries[0, 0], options=opt)  # warm-up: open the stream
+            if (a.python_transport == 'ring') and stream.transport != "ring":
+                raise SystemExit(f"the daemon refused the ring: {stream.ring_refused}")
             for step in range(a.steps):
                 for layer in range(layers):
                     q = queries[step % queries.shape[0], layer]
@@ -119,7 +124,7 @@ def main() -> int:
         daemon = None if a.socket else Daemon(str(build / "server" / "icecached"))
         socket = a.socket or daemon.socket_path
         try:
-            with icecache.Client(socket=socket) as client:
+            with icecache.Client(socket=socket, decode_ring=(a.python_transport == 'ring')) as client:
                 transports = ["stream", "ring"] if a.cpp_transport == "both" else [a.cpp_transport]
                 cpp = {t: [] for t in transports}
                 py = []
@@ -140,7 +145,8 @@ def main() -> int:
     print(
         f"\nDecodeStep per layer message ({a.tokens} tokens, {a.layers} layers, 8 KV heads, "
         f"32 q heads, 128 dims, fp16, {a.selector}, budget {a.budget}, {a.steps} steps x "
-        f"{a.rounds} rounds)\n  Python client p50 {p:.3f} ms (gRPC stream)"
+        f"{a.rounds} rounds)\n  Python client p50 {p:.3f} ms "
+        f"({'ring' if (a.python_transport == 'ring') else 'gRPC stream'})"
     )
     report = {"python_p50_ms": py, "config": vars(a)}
     for t in transports:

@@ -91,12 +91,16 @@ class Client:
         token: Optional[str] = None,
         timeout: float = 30.0,
         max_message_bytes: int = 64 << 20,
+        decode_ring: bool = True,
     ) -> None:
         if timeout <= 0:
             raise InvalidArgumentError(f"timeout must be positive, got {timeout}")
         if max_message_bytes < 4096:
             raise InvalidArgumentError(f"max_message_bytes must be >= 4096, got {max_message_bytes}")
         self.timeout = timeout
+        # DecodeStreams over a shared-memory ring where the daemon accepts one
+        # (decode_ring.py; as the C++ client's ClientOptions::decode_ring).
+        self.decode_ring = decode_ring
         self._target: Target = resolve_target(socket, address, ca, token)
         opts = [
             ("grpc.max_receive_message_length", max_message_bytes),

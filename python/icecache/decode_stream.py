@@ -14,12 +14,14 @@ streams of different sessions are independent.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from . import _convert
 from ._stream import IteratorStream, SegregatedStream, segregated_available
-from .errors import IceCacheError
+from .decode_ring import DecodeRing
+from .errors import IceCacheError, InternalError
 from .queries import query_bytes
 from .types import DeviceWrite, SelectOptions, StepResult
 from .v1 import kv_pb2
@@ -36,7 +38,13 @@ class DecodeStream:
 
     Usually made by ``Client.decode_stream(session_id, buffer)``; use it as a
     context manager or call ``close()``. ``transport`` is "segregated"
-    (the fast one, when this grpcio has it) or "iterator" (public API).
+    (the fast one, when this grpcio has it) or "iterator" (public API), or
+    "ring" once a shared-memory ring carries the steps (``Client(
+    decode_ring=True)``, the default, and the daemon accepted it at the
+    first step; else the stream is used, and ``ring_refused`` says why).
+    ICECACHE_DECODE_TRANSPORT=segregated or iterator keeps to that stream,
+    =ring asks for the ring whatever the client says. On the ring an error
+    ends only its own step.
     """
 
     def __init__(
@@ -54,6 +62,12 @@ class DecodeStream:
         fast = segregated_available(client._channel)
         self.transport = "segregated" if fast else "iterator"
         self._factory = SegregatedStream if fast else IteratorStream
+        self._ring: Optional[DecodeRing] = None
+        self._ring_sent_buffer = ""
+        env = os.environ.get("ICECACHE_DECODE_TRANSPORT", "")
+        self._want_ring = env == "ring" or (client.decode_ring and env not in ("segregated", "iterator"))
+        # Why the ring is not in use after it was asked for (the daemon's refusal).
+        self.ring_refused: Optional[IceCacheError] = None
 
     def step(
         self,
@@ -99,6 +113,10 @@ class DecodeStream:
         _convert.select_params(options, req.params)
         req.reuse_group_selection = options.reuse_group_selection
         with self._lock:
+            raw = self._ring_step(req)
+            if raw is not None:
+                resp = kv_pb2.DecodeStepResponse.FromString(raw)
+                return StepResult(resp.layer, reused=resp.reused, raw=resp)
             if self._stream is None:
                 self._stream = self._factory(self._client._channel, self._client._metadata)
                 self._sent_buffer = ""
@@ -114,6 +132,47 @@ class DecodeStream:
         resp = kv_pb2.DecodeStepResponse.FromString(raw)
         return StepResult(resp.layer, reused=resp.reused, raw=resp)
 
+    def _ring_step(self, req: "kv_pb2.DecodeStepRequest") -> Optional[bytes]:
+        """The answer over the ring, or None where the stream is to carry the
+        step (no ring asked for, refused, closed by the daemon, or a request
+        too large for it). Under self._lock."""
+        if not self._want_ring:
+            return None
+        if self._ring is None:
+            try:
+                self._ring = DecodeRing(self._client, self.session_id)
+            except IceCacheError as e:
+                self._want_ring = False  # this daemon or connection has no ring for us
+                self.ring_refused = e
+                return None
+            except OSError as e:  # no FIFO or shm file here (/dev/shm missing or full)
+                self._want_ring = False
+                self.ring_refused = InternalError(f"decode ring: {e}")
+                return None
+            self.transport = "ring"
+            self._ring_sent_buffer = ""
+        if self._ring_sent_buffer != self._buffer_id:
+            req.buffer_id = self._buffer_id  # carries over on the ring from here
+        data = req.SerializeToString()
+        req.ClearField("buffer_id")
+        if not self._ring.fits(len(data)):
+            return None
+        try:
+            raw = self._ring.exchange(data)
+        except IceCacheError:
+            if self._ring.broken:  # the daemon closed it: the stream from here
+                self._close_ring()
+                self._want_ring = False
+                self.transport = "segregated" if self._factory is SegregatedStream else "iterator"
+            raise
+        self._ring_sent_buffer = self._buffer_id
+        return raw
+
+    def _close_ring(self) -> None:
+        if self._ring is not None:
+            ring, self._ring = self._ring, None
+            ring.close()
+
     def set_buffer(self, buffer: "Union[ShmBuffer, CudaBuffer, str]") -> None:
         """Later steps write into ``buffer`` (sent with the next request)."""
         with self._lock:
@@ -124,6 +183,7 @@ class DecodeStream:
         raises it when it is an error."""
         with self._lock:
             stream, self._stream = self._stream, None
+            self._close_ring()
         if stream is not None:
             status = stream.close()
             if status is not None:

@@ -1,6 +1,7 @@
 """The DecodeStep stream: results equal SelectPages + FetchPages, errors end
 the stream with the daemon's status and the next step reopens it; both
-transports."""
+stream transports, and the shared-memory ring (where an error ends only its
+own step)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from test_kv import check_fetched, kv_arrays
 import icecache
 
 
-@pytest.fixture(params=["segregated", "iterator"])
+@pytest.fixture(params=["segregated", "iterator", "ring"])
 def transport(request, monkeypatch):
     monkeypatch.setenv("ICECACHE_DECODE_TRANSPORT", request.param)
     return request.param
@@ -42,6 +43,8 @@ def test_steps_match_select_and_fetch(client, session, transport):
             for layer in range(2):
                 q = rng.standard_normal((4, 32)).astype(np.float32)
                 r = stream.step(layer, q, offset=8192, options=opt)
+                if transport == "ring":  # the daemon accepted it (a local socket)
+                    assert stream.transport == "ring", stream.ring_refused
                 assert r.layer == layer and r.layout.offset == 8192
                 check_fetched(buf, r.layout, keys, values)
                 # The session sets no granularity: per token into a ShmBuffer.
