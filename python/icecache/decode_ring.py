@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Optional
 import grpc
 import numpy as np
 
-from .errors import UnavailableError, error_class, from_rpc_error
+from .errors import InvalidArgumentError, UnavailableError, error_class, from_rpc_error
 from .v1 import decode_ring_pb2, decode_ring_pb2_grpc
 
 if TYPE_CHECKING:
@@ -97,6 +97,9 @@ class DecodeRing:
         if self.broken:
             raise UnavailableError("the daemon closed this decode ring")
         n = len(request)
+        if n > self.CAPACITY:
+            raise InvalidArgumentError(f"a DecodeStep request of {n} bytes does not fit the "
+                                       f"ring's {self.CAPACITY}-byte request area")
         self._request[:n] = np.frombuffer(request, dtype=np.uint8)
         self._u32[REQUEST_LEN // 4] = n
         self._seq += 1
