@@ -25,7 +25,7 @@ from typing import Any, Optional, Tuple
 
 import grpc
 
-from .errors import IceCacheError, InternalError, error_class, from_rpc_error
+from .errors import IceCacheError, InternalError, error_class, from_rpc_error, status_code
 
 try:  # grpcio internals: the same calls grpc/_channel.py makes for unary RPCs
     from grpc._cython import cygrpc as _cygrpc
@@ -46,7 +46,6 @@ except ImportError:  # pragma: no cover - every grpcio we know has it
     _cygrpc = None
     _HAVE_SEGREGATED = False
 
-_STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}
 _EMPTY = 0
 _METHOD = "/icecache.v1.KvService/DecodeStep"
 
@@ -84,7 +83,7 @@ class SegregatedStream:
     def _on_status(self, event: Any) -> None:
         op = event.batch_operations[0]
         self._finished = True
-        code = _STATUS_CODES.get(op.code(), grpc.StatusCode.UNKNOWN)
+        code = status_code(op.code())
         if code is not grpc.StatusCode.OK:
             self._status = error_class(code)(op.details() or f"DecodeStep: {code.name.lower()}")
 

@@ -46,6 +46,7 @@ from .v1 import (
     admin_pb2_grpc,
     buffer_pb2,
     buffer_pb2_grpc,
+    decode_ring_pb2_grpc,
     kv_pb2,
     kv_pb2_grpc,
     session_pb2,
@@ -118,6 +119,7 @@ class Client:
         self._buffers = buffer_pb2_grpc.BufferServiceStub(self._channel)
         self._kv = kv_pb2_grpc.KvServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+        self._rings = decode_ring_pb2_grpc.DecodeRingServiceStub(self._channel)  # decode_ring.py
         self._health = self._channel.unary_unary(_HEALTH_CHECK)
         self._streams: Dict[str, DecodeStream] = {}
         self._specs: Dict[str, SessionSpec] = {}

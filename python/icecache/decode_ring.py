@@ -15,11 +15,10 @@ import os
 import secrets
 from typing import TYPE_CHECKING, Optional
 
-import grpc
 import numpy as np
 
-from .errors import InvalidArgumentError, UnavailableError, error_class, from_rpc_error
-from .v1 import decode_ring_pb2, decode_ring_pb2_grpc
+from .errors import InvalidArgumentError, UnavailableError, error_class, status_code
+from .v1 import decode_ring_pb2
 
 if TYPE_CHECKING:
     from .buffers import ShmBuffer
@@ -74,14 +73,10 @@ class DecodeRing:
             self._req_fd = os.open(names[0], os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
             self._resp_fd = os.open(names[1], os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             os.write(self._req_fd, b"\x01")  # hello
-            stub = decode_ring_pb2_grpc.DecodeRingServiceStub(client._channel)
             req = decode_ring_pb2.OpenDecodeRingRequest(
                 session_id=session_id, buffer_id=self._buf.buffer_id, request_capacity=cap,
                 response_capacity=cap, request_fifo=names[0], response_fifo=names[1])
-            try:
-                resp = stub.OpenDecodeRing(req, timeout=client.timeout, metadata=client._metadata)
-            except grpc.RpcError as e:
-                raise from_rpc_error(e, "OpenDecodeRing") from None
+            resp = client._call(client._rings.OpenDecodeRing, req, "OpenDecodeRing")
             self.ring_id = resp.ring_id
             # The daemon holds the write end now: a blocking read ends at its
             # answer, or at end of file when it closes the ring.
@@ -124,9 +119,7 @@ class DecodeRing:
             raise UnavailableError("decode ring: response_len past the response area")
         body = self._response[:size].tobytes()
         if code != 0:
-            codes = {c.value[0]: c for c in grpc.StatusCode}
-            cls = error_class(codes.get(code, grpc.StatusCode.UNKNOWN))
-            raise cls(body.decode("utf-8", "replace"))
+            raise error_class(status_code(code))(body.decode("utf-8", "replace"))
         return body
 
     def close(self) -> None:

@@ -268,8 +268,7 @@ class BatchDecodeStream:
     def step(self, layer: int, entries: "list[BatchEntry]", *, options: Optional[SelectOptions] = None,
              num_layers: int = 1) -> "list[BatchResult]":
         """One layer for every entry; results in entry order."""
-        from .errors import error_class, InvalidArgumentError
-        import grpc
+        from .errors import error_class, InvalidArgumentError, status_code
 
         if not entries:
             raise InvalidArgumentError("a batched decode step needs at least one entry")
@@ -296,13 +295,12 @@ class BatchDecodeStream:
                 self._stream = None
                 raise
         resp = kv_pb2.DecodeStepResponse.FromString(raw)
-        codes = {c.value[0]: c for c in grpc.StatusCode}
         out = []
         for r in resp.batch:
             if r.code == 0:
                 out.append(BatchResult(r.session_id, None, StepResult(resp.layer, reused=r.reused, raw=r)))
             else:
-                cls = error_class(codes.get(r.code, grpc.StatusCode.UNKNOWN))
+                cls = error_class(status_code(r.code))
                 out.append(BatchResult(r.session_id, cls(r.message), None))
         return out
 

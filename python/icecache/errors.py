@@ -173,6 +173,15 @@ _BY_CODE: Dict[grpc.StatusCode, Type[IceCacheError]] = {
 }
 
 
+_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The gRPC status code of its number (a ring header's, a batch entry's,
+    a call's); UNKNOWN for a number grpc does not know."""
+    return _BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
 def error_class(code: grpc.StatusCode) -> Type[IceCacheError]:
     """The exception class of a gRPC status code (UnknownError for OK or
     a code this client does not know)."""
