@@ -170,6 +170,7 @@ struct HeadQuality {
   std::string search_method;   // "tree" / "scan" (calibrated heads)
   uint64_t method_trials = 0;  // the method duel's trials, and those the other method won
   uint64_t method_switches = 0;
+  bool pooled = false;  // started from the session's pooled width (no sample of its own then)
 };
 
 // The session's online quality monitor (types.proto SessionQuality).
@@ -185,6 +186,9 @@ struct SessionQuality {
   double calibration_cpu_ms = 0.0;
   double selection_ms = 0.0;
   uint32_t seeded_heads = 0;  // heads started from an earlier session's width
+  uint32_t pooled_heads = 0;  // heads started from the session's pooled width
+  double pool_width = 0.0;    // the session's pooled width (0: none) and its samples
+  uint64_t pool_samples = 0;
   std::vector<HeadQuality> heads;
 };
 

@@ -162,6 +162,9 @@ SessionQuality QualityFromProto(const v1::SessionQuality& q) {
   s.calibration_cpu_ms = q.calibration_cpu_ms();
   s.selection_ms = q.selection_ms();
   s.seeded_heads = q.seeded_heads();
+  s.pooled_heads = q.pooled_heads();
+  s.pool_width = q.pool_width();
+  s.pool_samples = q.pool_samples();
   for (const v1::HeadQuality& h : q.heads()) {
     HeadQuality o;
     o.layer_group = h.layer_group();
@@ -188,6 +191,7 @@ SessionQuality QualityFromProto(const v1::SessionQuality& q) {
     o.search_method = h.search_method();
     o.method_trials = h.method_trials();
     o.method_switches = h.method_switches();
+    o.pooled = h.pooled();
     s.heads.push_back(o);
   }
   return s;

@@ -308,6 +308,11 @@ void AddQualityRows(const SessionQuality& q, TextTable* t) {
     t->AddRow({"seeded", absl::StrCat(q.seeded_heads, " of ", q.heads.size(),
                                       " heads started from an earlier session's width")});
   }
+  if (q.pool_width > 0) {
+    t->AddRow({"pooled width",
+               absl::StrFormat("x%.3g from %u samples; %u of %zu heads started there", q.pool_width,
+                               q.pool_samples, q.pooled_heads, q.heads.size())});
+  }
   const double share = q.selection_ms > 0 ? 100.0 * q.calibration_cpu_ms / q.selection_ms : 0.0;
   t->AddRow({"calibration cpu", absl::StrFormat("%.1f ms (%.1f%% of %.1f ms selection)",
                                                 q.calibration_cpu_ms, share, q.selection_ms)});

@@ -132,6 +132,9 @@ Json QualityJson(const SessionQuality& q) {
   j["calibration_cpu_ms"] = q.calibration_cpu_ms;
   j["selection_ms"] = q.selection_ms;
   j["seeded_heads"] = q.seeded_heads;
+  j["pooled_heads"] = q.pooled_heads;
+  j["pool_width"] = q.pool_width;
+  j["pool_samples"] = q.pool_samples;
   Json heads = Json::array();
   for (const HeadQuality& h : q.heads) {
     heads.push_back({{"layer_group", h.layer_group},
@@ -157,7 +160,8 @@ Json QualityJson(const SessionQuality& q) {
                      {"seeded", h.seeded},
                      {"search_method", h.search_method},
                      {"method_trials", h.method_trials},
-                     {"method_switches", h.method_switches}});
+                     {"method_switches", h.method_switches},
+                     {"pooled", h.pooled}});
   }
   j["heads"] = std::move(heads);
   return j;

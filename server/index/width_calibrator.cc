@@ -586,6 +586,7 @@ CalibratorReport WidthCalibrator::report() const {
   r.trial_gain = trial_gain_;
   r.ranking_switches = ranking_switches_;
   r.seeded = seeded_;
+  r.pooled = pooled_;
   r.method = method_;
   r.method_trials = method_trials_;
   r.method_switches = method_switches_;
@@ -655,6 +656,33 @@ absl::Status WidthCalibrator::Seed(const CalibratorSeed& seed, int warmup_left) 
   schedule_.ShortenWarmup(warmup_left);
   seeded_ = true;
   return absl::OkStatus();
+}
+
+int64_t WidthCalibrator::taken() const {
+  absl::MutexLock lock(&mu_);
+  return schedule_.taken();
+}
+
+bool WidthCalibrator::AtCurrentWidth(const SelectParams& used) const {
+  absl::MutexLock lock(&mu_);
+  if (used.exhaustive) return false;
+  SelectParams now;
+  SetWidthParams(width_, method_, &now);
+  return used.field_of_view == now.field_of_view && used.candidate_factor == now.candidate_factor &&
+         used.pq_factor == now.pq_factor;
+}
+
+bool WidthCalibrator::AdoptPooled(double width) {
+  if (!(width >= o_.min_width && width <= o_.max_width)) return false;
+  absl::MutexLock lock(&mu_);
+  if (samples_ != 0 || seeded_ || mode_ != SelectMode::kTree || probing_ || DuelOn()) return false;
+  if (width != width_) {
+    width_ = width;
+    last_change_step_ = steps_;
+    RestartTally();  // the cost is measured anew at the pooled width
+  }
+  pooled_ = width_ != 1.0;  // the default multiplier: nothing taken from the pool
+  return true;
 }
 
 CalibratorState WidthCalibrator::state() const {

@@ -205,6 +205,10 @@ struct CalibratorReport {
   double trial_gain = 0.0;  // moving mean since the last switch: other's ratio - this one's
   int64_t ranking_switches = 0;
   bool seeded = false;  // started from an earlier session's width (Seed)
+  // Started from the session's pooled width (AdoptPooled, other than the
+  // default) before a sample of its own; not part of CalibratorState (a restored head keeps the
+  // width, not the flag).
+  bool pooled = false;
   // The method in use (kTree, or kScan with codes), and the method duel:
   // trials so far, those the trial won, whether one runs now (a shadow
   // trial or a full one), and the parked method's width and mean cost (0
@@ -337,6 +341,23 @@ class WidthCalibrator {
   // (the calibrator is then unchanged).
   absl::Status Seed(const CalibratorSeed& seed, int warmup_left) ABSL_LOCKS_EXCLUDED(mu_);
 
+  // Within-session pooling (docs/architecture.md §5.1, "Pooled widths"):
+  // a head that has no sample of its own yet (nor a seed) selects at
+  // `width`, the median width of the session's sampled heads, instead of
+  // the default; its own samples then judge that width as any other (the
+  // floor stays min_width: the pool is a guess). Called again as the pool
+  // moves, until the head's first sample. false, unchanged, once the head
+  // has a sample, was seeded, selects exactly or re-probes, has the method
+  // duel (a width is per method there), or `width` is outside
+  // [min_width, max_width]. Not a width change of the head's own
+  // (report().changes).
+  bool AdoptPooled(double width) ABSL_LOCKS_EXCLUDED(mu_);
+  // Measurements taken so far (Taken() calls).
+  int64_t taken() const ABSL_LOCKS_EXCLUDED(mu_);
+  // Whether `used` (a selection's resolved params) is this calibrator's
+  // current width and method, not exhaustive: its sample rates this width.
+  bool AtCurrentWidth(const SelectParams& used) const ABSL_LOCKS_EXCLUDED(mu_);
+
   CalibratorState state() const ABSL_LOCKS_EXCLUDED(mu_);
   // Takes `s` over (a warm restart). InvalidArgument naming the field when
   // a value is out of range for this calibrator's options: a width or floor
@@ -444,6 +465,7 @@ class WidthCalibrator {
   double trial_gain_ ABSL_GUARDED_BY(mu_) = 0.0;   // moving mean gain since the last switch
   int64_t ranking_switches_ ABSL_GUARDED_BY(mu_) = 0;
   bool seeded_ ABSL_GUARDED_BY(mu_) = false;
+  bool pooled_ ABSL_GUARDED_BY(mu_) = false;  // AdoptPooled took a width
   SearchMethod method_ ABSL_GUARDED_BY(mu_) = SearchMethod::kTree;
   CalibratorArm parked_ ABSL_GUARDED_BY(mu_);       // the method not in use
   bool method_trial_ ABSL_GUARDED_BY(mu_) = false;  // the method in use is on trial

@@ -206,6 +206,8 @@ void ApplyDefaults(IcecachedConfig* c) {
     q->set_ranking_duel_samples(kDefaultQualityRankingDuelSamples);
   }
   if (!q->has_method_duel()) q->set_method_duel(kDefaultQualityMethodDuel);
+  if (!q->has_pool_widths()) q->set_pool_widths(kDefaultQualityPoolWidths);
+  if (!q->has_fair_burst()) q->set_fair_burst(kDefaultQualityFairBurst);
   if (q->cpu_share() == 0) q->set_cpu_share(kDefaultQualityCpuShare);
   if (q->queue_capacity() == 0) q->set_queue_capacity(kDefaultQualityQueueCapacity);
   if (!q->has_burst_ms()) q->set_burst_ms(kDefaultQualityBurstMs);

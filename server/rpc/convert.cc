@@ -361,6 +361,9 @@ void SessionQualityToProto(const SessionQualityInfo& q, v1::SessionQuality* out)
   out->set_calibration_cpu_ms(static_cast<double>(q.calibration_cpu_ns) / 1e6);
   out->set_selection_ms(static_cast<double>(q.selection_ns) / 1e6);
   out->set_seeded_heads(static_cast<uint32_t>(std::max(0, q.seeded_heads)));
+  out->set_pooled_heads(static_cast<uint32_t>(std::max(0, q.pooled_heads)));
+  out->set_pool_width(q.pool_width);
+  out->set_pool_samples(static_cast<uint64_t>(std::max<int64_t>(0, q.pool_samples)));
   for (const HeadQualityInfo& h : q.heads) {
     v1::HeadQuality* o = out->add_heads();
     o->set_layer_group(static_cast<uint32_t>(h.group));
@@ -388,6 +391,7 @@ void SessionQualityToProto(const SessionQualityInfo& q, v1::SessionQuality* out)
     o->set_method_trials(static_cast<uint64_t>(std::max<int64_t>(0, h.method_trials)));
     o->set_method_switches(static_cast<uint64_t>(std::max<int64_t>(0, h.method_switches)));
     o->set_seeded(h.seeded);
+    o->set_pooled(h.pooled);
   }
 }
 

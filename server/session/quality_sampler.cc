@@ -49,14 +49,15 @@ std::shared_ptr<QualityAccount> QualitySampler::NewAccount(int64_t selection_ns,
   return a;
 }
 
-bool QualitySampler::OverBudget(const QualityAccount& account) const {
-  const double allowed = options_.cpu_share * static_cast<double>(account.selection_ns.load()) +
-                         static_cast<double>(absl::ToInt64Nanoseconds(options_.burst));
+bool QualitySampler::OverBudget(const QualityAccount& account, bool burst) const {
+  const double allowed =
+      options_.cpu_share * static_cast<double>(account.selection_ns.load()) +
+      (burst ? static_cast<double>(absl::ToInt64Nanoseconds(options_.burst)) : 0.0);
   return static_cast<double>(account.cpu_ns.load()) >= allowed;
 }
 
-bool QualitySampler::Admits(const QualityAccount& account) {
-  if (OverBudget(account)) {
+bool QualitySampler::Admits(const QualityAccount& account, bool burst) {
+  if (OverBudget(account, burst)) {
     refused_budget_.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
@@ -70,8 +71,8 @@ bool QualitySampler::HasRoom(const QualityAccount& account, int depth) const {
           depth < options_.queue_capacity - limit);
 }
 
-OfferResult QualitySampler::Offer(Job job, std::shared_ptr<QualityAccount> account) {
-  const bool over = OverBudget(*account);
+OfferResult QualitySampler::Offer(Job job, std::shared_ptr<QualityAccount> account, bool burst) {
+  const bool over = OverBudget(*account, burst);
   absl::MutexLock l(&mu_);
   ++offered_;
   if (over) {

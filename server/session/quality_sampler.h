@@ -122,14 +122,18 @@ class QualitySampler {
     account.selection_ns.fetch_add(ns, std::memory_order_relaxed);
   }
   // Queues `job`, charged to `account` (non-null), unless the queue or the
-  // account's share of it is full or the account's budget is spent; never
-  // blocks on the worker.
-  OfferResult Offer(Job job, std::shared_ptr<QualityAccount> account) ABSL_LOCKS_EXCLUDED(mu_);
+  // account's share of it is full or the account's budget is spent (its
+  // share, plus its burst when `burst`: the caller may keep a job to the
+  // share alone, SessionQualityOptions::fair_burst); never blocks on the
+  // worker.
+  OfferResult Offer(Job job, std::shared_ptr<QualityAccount> account, bool burst = true)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // Whether Offer() would queue a job of `account` now (budget left, room
   // in the queue for it): lets the caller skip copying a probe that would
   // be dropped. Counts a refusal by the budget as dropped_over_budget.
   // Lock-free.
-  bool Admits(const QualityAccount& account);
+  bool Admits(const QualityAccount& account, bool burst = true);
+  absl::Duration burst() const { return options_.burst; }
   // max(1, queue_capacity / 4): the queued jobs an account may always hold,
   // and the slots kept free for accounts holding fewer.
   int account_queue_limit() const { return std::max(1, options_.queue_capacity / 4); }
@@ -144,7 +148,7 @@ class QualitySampler {
     Job job;
     std::shared_ptr<QualityAccount> account;
   };
-  bool OverBudget(const QualityAccount& account) const;
+  bool OverBudget(const QualityAccount& account, bool burst) const;
   // Room in a queue of `depth` jobs for one more of `account`'s.
   bool HasRoom(const QualityAccount& account, int depth) const;
   bool HasWork() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !queue_.empty(); }

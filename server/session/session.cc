@@ -356,7 +356,16 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
   if (sampler != nullptr) sampler->AddSelectionTime(ns, *quality_account);
   if (!hq->ShouldSample(p, cpu_ns) || probe == nullptr) return absl::OkStatus();
   // Over budget or a full queue: no copy now; the head stays due.
-  if (sampler != nullptr && !sampler->Admits(*quality_account)) {
+  bool burst = sampler == nullptr || !fair_burst;
+  if (!burst) {
+    // A measurement's cost so far in this session: the estimate for the
+    // head's measurements still queued.
+    const int64_t run = probes_run.load(std::memory_order_relaxed);
+    const int64_t estimate = run > 0 ? calibration_cpu_ns.load(std::memory_order_relaxed) / run : 0;
+    burst = hq->MayUseBurst(static_cast<int>(quality.size()),
+                            absl::ToInt64Nanoseconds(sampler->burst()), estimate);
+  }
+  if (sampler != nullptr && !sampler->Admits(*quality_account, burst)) {
     samples_dropped.fetch_add(1, std::memory_order_relaxed);
     return absl::OkStatus();
   }
@@ -368,6 +377,7 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
   made->queries.assign(q, q + static_cast<size_t>(q_per_kv) * config.head_dim);
   made->params = p;
   made->pages = out->pages;
+  made->burst = burst;
   if (p.granularity == Granularity::kToken) made->positions = out->positions;
   *probe = std::move(made);
   return absl::OkStatus();

@@ -252,6 +252,7 @@ class Session {
   std::shared_ptr<QualityAccount> quality_account;  // non-null with sampler
   std::atomic<int64_t> selection_ns{0};  // every selection of the session, per head summed
   std::atomic<int64_t> calibration_cpu_ns{0};
+  std::atomic<int64_t> probes_run{0};  // measurements run this incarnation (fair burst's estimate)
   std::atomic<int64_t> samples_dropped{0};
   std::atomic<int64_t> samples_stale{0};
   std::atomic<int64_t> samples_reselected{0};  // measured late: selected again (MeasureProbe)
@@ -260,6 +261,13 @@ class Session {
   // (when the context length is known); the context of the
   // session's first selection is what the manager remembers them under.
   CalibrationMemory* calibration_memory = nullptr;
+  // SessionQualityOptions::pool_widths: the session's pooled width
+  // (MakeWidthPool; null when off), fed by every sample at its width; heads
+  // with no sample of their own take it (PoolWidths). Set with
+  // EnableQuality, before the session is published; thread-safe.
+  std::unique_ptr<WidthCalibrator> width_pool;
+  // SessionQualityOptions::fair_burst (HeadQualityMonitor::MayUseBurst).
+  bool fair_burst = false;
   std::once_flag seed_once;
   std::atomic<int64_t> first_select_tokens{0};
 };

@@ -367,6 +367,8 @@ absl::StatusOr<SessionInfo> SessionManager::CreateSession(const Caller& caller,
                      MakeHeadQuality(s->config, s->groups, options_.quality));
     s->EnableQuality(std::move(heads), sampler_.get());
     s->calibration_memory = calibration_memory_.get();
+    s->width_pool = MakeWidthPool(s->config, options_.quality);
+    s->fair_burst = options_.quality.fair_burst;
   }
   // Probed before mu_: the probe is the owner's code.
   const bool stopping = options_.stop_pending && options_.stop_pending();

@@ -13,11 +13,12 @@ void SessionManager::OfferProbes(const std::shared_ptr<Session>& s,
   if (sampler_ == nullptr) return;
   for (QualityProbe& probe : probes) {
     HeadQualityMonitor& head = *s->quality[s->SelectorIndex(probe.group, probe.head)];
+    const bool burst = probe.burst;
     std::weak_ptr<Session> weak = s;
     auto job = [this, weak = std::move(weak), probe = std::move(probe)] {
       return RunProbe(weak, probe);
     };
-    if (sampler_->Offer(std::move(job), s->quality_account) == OfferResult::kQueued) {
+    if (sampler_->Offer(std::move(job), s->quality_account, burst) == OfferResult::kQueued) {
       head.Taken();
     } else {
       s->samples_dropped.fetch_add(1, std::memory_order_relaxed);
@@ -41,6 +42,7 @@ SampleOutcome SessionManager::RunProbe(const std::weak_ptr<Session>& weak,
   QualitySample sample;
   const SampleOutcome outcome = MeasureProbe(*s, probe, &sample);
   s->calibration_cpu_ns.fetch_add(ThreadCpuNanos() - t0, std::memory_order_relaxed);
+  s->probes_run.fetch_add(1, std::memory_order_relaxed);
   s->in_flight.fetch_sub(1);
   if (outcome != SampleOutcome::kMeasured) {
     s->samples_stale.fetch_add(1, std::memory_order_relaxed);

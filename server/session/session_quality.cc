@@ -28,6 +28,22 @@ SampleScheduleOptions ScheduleOf(const SessionQualityOptions& o) {
   return so;
 }
 
+CalibratorOptions CalibratorOptionsOf(const SessionConfig& config,
+                                      const SessionQualityOptions& options) {
+  CalibratorOptions co;
+  co.target_ratio = config.target_mass_ratio;
+  co.sample_every = options.sample_every;
+  co.max_sample_every = options.max_sample_every;
+  co.sample_share = options.sampler.cpu_share;
+  co.warmup_samples = options.warmup_samples;
+  co.exact_cost_ratio = options.exact_cost_ratio;
+  co.ranking_trial_samples = options.ranking_duel_samples;
+  co.method_duel = options.method_duel;
+  co.base_ranking =
+      config.mdci.normalized_descent ? DescentRanking::kNormalized : DescentRanking::kLoudest;
+  return co;
+}
+
 }  // namespace
 
 absl::Status ValidateQualityOptions(const SessionQualityOptions& o) {
@@ -54,6 +70,16 @@ void HeadQualityMonitor::Taken() {
   schedule_.Taken();
 }
 
+bool HeadQualityMonitor::MayUseBurst(int heads, int64_t burst_ns, int64_t estimate_ns) const {
+  const int64_t taken = calibrator_ != nullptr ? calibrator_->taken() : -1;
+  absl::MutexLock l(&mu_);
+  const int64_t n = taken >= 0 ? taken : schedule_.taken();
+  if (n == 0) return true;
+  const int64_t queued = std::max<int64_t>(0, n - samples_);
+  const int64_t spent = reference_ns_ + queued * std::max<int64_t>(0, estimate_ns);
+  return spent < burst_ns / std::max(1, heads);
+}
+
 void HeadQualityMonitor::Record(const QualitySample& sample) {
   if (calibrator_ != nullptr) calibrator_->Observe(sample);
   absl::MutexLock l(&mu_);
@@ -65,6 +91,8 @@ void HeadQualityMonitor::Record(const QualitySample& sample) {
   sum_ratio_ += sample.mass_ratio;
   sum_topk_ += sample.topk_recall;
   last_ratio_ = sample.mass_ratio;
+  reference_ns_ += std::max<int64_t>(0, sample.reference_ns) +
+                   std::max<int64_t>(0, sample.trial_ns) + std::max<int64_t>(0, sample.method_ns);
 }
 
 HeadQualityInfo HeadQualityMonitor::Report(int group, int head) const {
@@ -87,6 +115,7 @@ HeadQualityInfo HeadQualityMonitor::Report(int group, int head) const {
     info.ranking_trial_gain = r.trial_gain;
     info.ranking_switches = r.ranking_switches;
     info.seeded = r.seeded;
+    info.pooled = r.pooled;
     info.method = std::string(SearchMethodName(r.method));
     info.method_trials = r.method_trials;
     info.method_switches = r.method_switches;
@@ -191,17 +220,7 @@ absl::StatusOr<std::vector<std::unique_ptr<HeadQualityMonitor>>> MakeHeadQuality
   std::vector<std::unique_ptr<HeadQualityMonitor>> heads;
   if (!options.enabled || !LaidOutByTree(config.selector)) return heads;
   const bool calibrate = config.selector == SelectorKind::kMdci && config.target_mass_ratio > 0.0;
-  CalibratorOptions co;
-  co.target_ratio = config.target_mass_ratio;
-  co.sample_every = options.sample_every;
-  co.max_sample_every = options.max_sample_every;
-  co.sample_share = options.sampler.cpu_share;
-  co.warmup_samples = options.warmup_samples;
-  co.exact_cost_ratio = options.exact_cost_ratio;
-  co.ranking_trial_samples = options.ranking_duel_samples;
-  co.method_duel = options.method_duel;
-  co.base_ranking =
-      config.mdci.normalized_descent ? DescentRanking::kNormalized : DescentRanking::kLoudest;
+  const CalibratorOptions co = CalibratorOptionsOf(config, options);
   const int total = groups * config.kv_heads;
   heads.reserve(total);
   for (int i = 0; i < total; ++i) {
@@ -223,6 +242,30 @@ absl::StatusOr<std::vector<std::unique_ptr<HeadQualityMonitor>>> MakeHeadQuality
 
 int64_t StaleAfterTokens(const Session& s, int64_t tokens) {
   return std::max<int64_t>(4 * int64_t{s.config.page_tokens}, tokens / 1024);
+}
+
+std::unique_ptr<WidthCalibrator> MakeWidthPool(const SessionConfig& config,
+                                               const SessionQualityOptions& options) {
+  if (!options.enabled || !options.pool_widths || config.selector != SelectorKind::kMdci ||
+      !(config.target_mass_ratio > 0.0) || config.mdci.pq_factor > 0.0f) {
+    return nullptr;
+  }
+  CalibratorOptions co = CalibratorOptionsOf(config, options);
+  co.ranking_trial_samples = 0;  // the pool rates one ranking: the heads' own
+  co.method_duel = false;
+  co.exact_cost_ratio = 0.0;  // no costs: the pool never selects
+  absl::StatusOr<std::unique_ptr<WidthCalibrator>> made = WidthCalibrator::Create(
+      co, config.mdci.field_of_view, config.mdci.candidate_factor, config.mdci.pq_factor);
+  return made.ok() ? std::move(made).value() : nullptr;
+}
+
+int PoolWidths(const Session& s) {
+  if (s.width_pool == nullptr) return 0;
+  const CalibratorReport pool = s.width_pool->report();
+  if (pool.samples == 0) return 0;  // nothing learnt (a restored session's new pool)
+  int took = 0;
+  for (const auto& h : s.quality) took += h->AdoptPooled(pool.width) ? 1 : 0;
+  return took;
 }
 
 SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample* out) {
@@ -289,6 +332,17 @@ SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample*
   }
   if (!measured.ok()) return SampleOutcome::kStale;
   s.quality[s.SelectorIndex(probe.group, probe.head)]->Record(*measured);
+  if (s.width_pool != nullptr) {
+    // Pooled widths: every sample taken at the pool's width is one of its
+    // (whichever head), then the heads with none of their own follow it.
+    if (s.width_pool->AtCurrentWidth(probe.params)) {
+      QualitySample pooled = *measured;
+      pooled.trial_mass_ratio = -1.0;  // the duels are the heads' own
+      pooled.method_mass_ratio = -1.0;
+      s.width_pool->Observe(pooled);
+    }
+    PoolWidths(s);
+  }
   *out = *measured;
   return SampleOutcome::kMeasured;
 }
@@ -298,6 +352,11 @@ SessionQualityInfo QualityInfoOf(const Session& s) {
   q.monitored = !s.quality.empty();
   q.target_mass_ratio =
       s.config.selector == SelectorKind::kMdci && q.monitored ? s.config.target_mass_ratio : 0.0;
+  if (s.width_pool != nullptr) {
+    const CalibratorReport pool = s.width_pool->report();
+    q.pool_width = pool.width;
+    q.pool_samples = pool.samples;
+  }
   q.samples_dropped = s.samples_dropped.load();
   q.samples_stale = s.samples_stale.load();
   q.samples_reselected = s.samples_reselected.load();
@@ -317,6 +376,7 @@ SessionQualityInfo QualityInfoOf(const Session& s) {
       ++heads_sampled;
     }
     if (h.seeded) ++q.seeded_heads;
+    if (h.pooled) ++q.pooled_heads;
     q.heads.push_back(h);
   }
   if (q.samples > 0) {

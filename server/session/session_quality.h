@@ -64,6 +64,19 @@ struct SessionQualityOptions {
   bool remember_widths = false;
   int seeded_warmup_samples = 4;
   int remembered_keys = 1024;
+  // Pooled widths (docs/architecture.md §5.1): a session-level calibrator
+  // learns from every sample taken at its width, whichever head took it,
+  // and a head with no sample of its own selects at that width (at model
+  // scale the sampling budget reaches a head about once in hundreds of
+  // tokens, the session as a whole about once per token). false: such
+  // heads keep the default.
+  bool pool_widths = false;
+  // Fair burst (HeadQualityMonitor::MayUseBurst): a head's measurements
+  // after its first spend at most its equal part of the session's burst
+  // (sampler.burst / heads), so at model scale the burst buys a first
+  // sample on heads of every layer instead of a whole warm-up for the heads
+  // that select first. false: the first measurements due take all of it.
+  bool fair_burst = false;
   // sampler.cpu_share is also the schedule's share: reference cost /
   // selection cost per head in steady state.
   QualitySamplerOptions sampler;
@@ -83,6 +96,7 @@ struct QualityProbe {
   SelectParams params;         // resolved, with the width used
   std::vector<uint32_t> pages;
   std::vector<int32_t> positions;  // token granularity: the selected tokens
+  bool burst = true;               // may spend the session's burst (QualitySampler::Offer)
 };
 
 // A head's monitor state, carried across a warm restart in the session
@@ -118,6 +132,13 @@ class HeadQualityMonitor {
   bool ShouldSample(const SelectParams& used, int64_t cost_ns) ABSL_LOCKS_EXCLUDED(mu_);
   // The sampler took this head's measurement.
   void Taken() ABSL_LOCKS_EXCLUDED(mu_);
+  // Fair burst (SessionQualityOptions::fair_burst): whether this head's
+  // next measurement may spend its session's burst: its first always; a
+  // later one while the reference CPU of its recorded measurements, plus
+  // `estimate_ns` for each one taken but not recorded yet (queued), is
+  // under `burst_ns` / `heads` (its equal part of the burst). Else it
+  // waits for the session's share of selection time.
+  bool MayUseBurst(int heads, int64_t burst_ns, int64_t estimate_ns) const ABSL_LOCKS_EXCLUDED(mu_);
   // The calibrated width (or exact fallback) into params (no-op without a
   // calibrator).
   void Apply(SelectParams* params) const {
@@ -144,6 +165,15 @@ class HeadQualityMonitor {
   bool Seed(const CalibratorSeed& seed, int warmup_left) {
     return calibrator_ != nullptr && calibrator_->Seed(seed, warmup_left).ok();
   }
+  // Pooled widths: WidthCalibrator::AdoptPooled (false without a
+  // calibrator), and the calibrator's report (nullopt without one).
+  bool AdoptPooled(double width) {
+    return calibrator_ != nullptr && calibrator_->AdoptPooled(width);
+  }
+  std::optional<CalibratorReport> CalibratorReportOf() const {
+    if (calibrator_ == nullptr) return std::nullopt;
+    return calibrator_->report();
+  }
   HeadQualityInfo Report(int group, int head) const ABSL_LOCKS_EXCLUDED(mu_);
 
   HeadQualityState state() const ABSL_LOCKS_EXCLUDED(mu_);
@@ -162,6 +192,9 @@ class HeadQualityMonitor {
   double sum_topk_ ABSL_GUARDED_BY(mu_) = 0.0;
   double recent_ratio_ ABSL_GUARDED_BY(mu_) = 0.0;  // moving average
   double last_ratio_ ABSL_GUARDED_BY(mu_) = 0.0;
+  // Reference CPU of the samples recorded (with the duels' selections), for
+  // MayUseBurst; not in the snapshot (a restored session has no burst left).
+  int64_t reference_ns_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // Per-(group, head) quality state for a session of `config`, or an empty
@@ -185,6 +218,19 @@ void RestoreQualityCounters(const SessionQualityState& state, Session& s);
 // Tokens a group may gain between a selection and its measurement before
 // the probe is stale: max(4 pages, tokens / 1024).
 int64_t StaleAfterTokens(const Session& s, int64_t tokens);
+
+// Pooled widths (SessionQualityOptions::pool_widths): the session's own
+// calibrator, with the heads' options (no duels, no exact fallback), fed
+// every sample taken at its width whichever head took it; null when pooling
+// is off or the session is not a calibrated mdci session (or has
+// product-quantised codes: their heads' widths are per method).
+std::unique_ptr<WidthCalibrator> MakeWidthPool(const SessionConfig& config,
+                                               const SessionQualityOptions& options);
+
+// Sets every calibrated head of `s` with no sample of its own to the pool's
+// width (WidthCalibrator::AdoptPooled) once the pool has a sample; returns
+// the heads that took it. Runs on the sampler's thread after each sample.
+int PoolWidths(const Session& s);
 
 // Measures `probe` against the exact reference on the session's current
 // index. While the group gained at most StaleAfterTokens since the

@@ -444,6 +444,8 @@ SessionManager::RestoreReport SessionManager::Restore(const SnapshotImage& image
       // Restored calibrators refuse a seed (they have counted selections);
       // fresh ones (an unreadable monitor state) may take one.
       s->calibration_memory = calibration_memory_.get();
+      s->width_pool = MakeWidthPool(s->config, options_.quality);
+      s->fair_burst = options_.quality.fair_burst;
       report.quality_restored += restored ? 1 : 0;
       if (!restored) report.quality_fresh.push_back({img.id, kept_fresh[i]});
     }

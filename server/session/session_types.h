@@ -117,6 +117,9 @@ struct HeadQualityInfo {
   // Started from the width an earlier session of the same tenant and model
   // settled on (calibration memory), not from the default.
   bool seeded = false;
+  // Started from the session's pooled width (the median of its sampled
+  // heads') before a sample of its own (SessionQualityOptions::pool_widths).
+  bool pooled = false;
   // "tree" or "scan" (calibrated heads; WidthCalibrator's method duel), the
   // duel's trials and the trials the other method won.
   std::string method;
@@ -143,6 +146,9 @@ struct SessionQualityInfo {
   int64_t calibration_cpu_ns = 0;      // reference scans of this session
   int64_t selection_ns = 0;            // this session's selections (per head, summed)
   int seeded_heads = 0;                // heads started from an earlier session's width
+  int pooled_heads = 0;                // heads started from the session's pooled width
+  double pool_width = 0.0;             // the pooled width now (0: no pool)
+  int64_t pool_samples = 0;            // samples the pool learnt from
   std::vector<HeadQualityInfo> heads;  // [group * kv_heads + head] when monitored
 };
 

@@ -87,6 +87,8 @@ struct MonitorSummary {
   int64_t exact_selections = 0;
   double mean_mass_ratio = 0;  // over every sample
   int seeded_heads = 0;        // started from an earlier session's widths (calibration memory)
+  int pooled_heads = 0;        // started from the session's pooled width (no sample of their own)
+  double pool_width = 0;       // the session's pooled width at the end (0: no pool)
 };
 
 struct BatchItem {

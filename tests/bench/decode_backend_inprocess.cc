@@ -218,6 +218,8 @@ class InProcessBackend : public DecodeBackend {
     m.reference_cpu_ms = static_cast<double>(q.calibration_cpu_ns) / 1e6;
     m.mean_mass_ratio = q.mean_mass_ratio;
     m.seeded_heads = q.seeded_heads;
+    m.pooled_heads = q.pooled_heads;
+    m.pool_width = q.pool_width;
     for (const HeadQualityInfo& h : q.heads) {
       m.widths.push_back(h.width);
       m.head_samples.push_back(h.samples);

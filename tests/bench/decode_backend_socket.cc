@@ -192,6 +192,8 @@ class SocketBackend : public DecodeBackend {
     m.reference_cpu_ms = q.calibration_cpu_ms;
     m.mean_mass_ratio = q.mean_mass_ratio;
     m.seeded_heads = static_cast<int>(q.seeded_heads);
+    m.pooled_heads = static_cast<int>(q.pooled_heads);
+    m.pool_width = q.pool_width;
     for (const HeadQuality& h : q.heads) {
       m.widths.push_back(h.width);
       m.head_samples.push_back(static_cast<int64_t>(h.samples));

@@ -46,7 +46,9 @@ Json MonitorJson(const MonitorSummary& m) {
           {"exact_heads", m.exact_heads},
           {"exact_selections", m.exact_selections},
           {"mean_mass_ratio", m.mean_mass_ratio},
-          {"seeded_heads", m.seeded_heads}};
+          {"seeded_heads", m.seeded_heads},
+          {"pooled_heads", m.pooled_heads},
+          {"pool_width", m.pool_width}};
 }
 
 Json PolicyJson(const PolicyResult& p) {
@@ -108,7 +110,7 @@ std::string MonitorLine(const MonitorSummary& m) {
                                   static_cast<long long>(n[n.size() / 2]),
                                   static_cast<long long>(n.back()));
   return absl::StrFormat(
-      "width x%s..x%s (median x%s) over %d heads%s, %d exact (%lld exact selections); %lld "
+      "width x%s..x%s (median x%s) over %d heads%s%s, %d exact (%lld exact selections); %lld "
       "samples%s (%lld dropped), mean ratio %.3f; references %.0f ms CPU = %.0f%% of the "
       "selections' %.0f ms",
       w.empty() ? "-" : absl::StrFormat("%.2g", w.front()),
@@ -116,6 +118,9 @@ std::string MonitorLine(const MonitorSummary& m) {
       w.empty() ? "-" : absl::StrFormat("%.2g", w[w.size() / 2]), static_cast<int>(w.size()),
       m.seeded_heads > 0 ? absl::StrFormat(" (%d seeded from an earlier session)", m.seeded_heads)
                          : std::string(),
+      m.pool_width > 0 ? absl::StrFormat(" (%d started from the session's pooled width, now x%.2g)",
+                                         m.pooled_heads, m.pool_width)
+                       : std::string(),
       m.exact_heads, static_cast<long long>(m.exact_selections), static_cast<long long>(m.samples),
       spread, static_cast<long long>(m.dropped), m.mean_mass_ratio, m.reference_cpu_ms, share,
       m.selection_ms);

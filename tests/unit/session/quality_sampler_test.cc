@@ -175,6 +175,25 @@ TEST(QualitySamplerTest, BurstIsPerAccount) {
   EXPECT_FALSE(s->Admits(*restored));
 }
 
+// A job offered without the burst (Offer(..., burst=false), the caller's
+// fair share of it spent) waits for the account's share of selection time.
+TEST(QualitySamplerTest, AJobWithoutTheBurstWaitsForTheShare) {
+  auto s = Make(8, 0.05, absl::Seconds(10));
+  ASSERT_NE(s, nullptr);
+  auto account = s->NewAccount();
+  EXPECT_TRUE(s->Admits(*account, /*burst=*/true));
+  EXPECT_FALSE(s->Admits(*account, /*burst=*/false));
+  EXPECT_EQ(s->Offer(Spin(1), account, /*burst=*/false), OfferResult::kOverBudget);
+  EXPECT_EQ(s->Offer(Spin(1), account, /*burst=*/true), OfferResult::kQueued);
+  s->AddSelectionTime(100'000'000, *account);  // buys 5 ms of share
+  EXPECT_TRUE(s->Admits(*account, /*burst=*/false));
+  EXPECT_EQ(s->Offer(Spin(1), account, /*burst=*/false), OfferResult::kQueued);
+  s->WaitIdle();
+  EXPECT_EQ(s->stats().measured, 2u);
+  EXPECT_EQ(s->stats().dropped_over_budget, 2u);  // the Admits and the Offer
+  EXPECT_EQ(s->burst(), absl::Seconds(10));
+}
+
 // Selection time raises only its own account's allowance.
 TEST(QualitySamplerTest, SelectionTimeBuysOnlyItsOwnAccount) {
   auto s = Make(8, 0.05, absl::ZeroDuration());

@@ -1,8 +1,12 @@
 // The online quality monitor and the self-calibrating width through the
 // session manager, on a real mdci index of generated data.
+#include "server/session/session_quality.h"
+
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <vector>
 
 #include "absl/synchronization/notification.h"
@@ -330,6 +334,132 @@ TEST(SessionQualityTest, PositionalSelectorsAreNotMonitored) {
   ASSERT_THAT(info.status(), IsOk());
   EXPECT_FALSE(info->quality.monitored);
   EXPECT_TRUE(info->quality.heads.empty());
+}
+
+// Fair burst: a head's first measurement may always spend the session's
+// burst; a later one while its recorded reference CPU plus an estimate per
+// queued one is under its equal part (burst / heads).
+TEST(HeadQualityMonitorTest, MayUseBurstUpToItsEqualPart) {
+  for (const bool calibrated : {false, true}) {
+    SCOPED_TRACE(calibrated);
+    SampleScheduleOptions so;
+    so.warmup = 16;
+    std::unique_ptr<WidthCalibrator> cal;
+    if (calibrated) {
+      CalibratorOptions co;
+      co.warmup_samples = 16;
+      auto made = WidthCalibrator::Create(co, 32, 8.0f);
+      ASSERT_THAT(made.status(), IsOk());
+      cal = std::move(made).value();
+    }
+    HeadQualityMonitor m(so, std::move(cal));
+    SelectParams p;
+    m.Apply(&p);
+    EXPECT_TRUE(m.MayUseBurst(4, 1000, 0));  // nothing taken: the first may
+    ASSERT_TRUE(m.ShouldSample(p, 10));      // warm-up: due
+    m.Taken();
+    EXPECT_TRUE(m.MayUseBurst(4, 1000, 0));    // its first queued, no cost known yet
+    EXPECT_TRUE(m.MayUseBurst(4, 1000, 200));  // queued at the estimate: 200 < 1000 / 4
+    EXPECT_FALSE(m.MayUseBurst(4, 1000, 300));
+    QualitySample q;
+    q.mass_ratio = 0.97;
+    q.topk_recall = 0.9;
+    q.reference_ns = 100;
+    m.Record(q);
+    EXPECT_TRUE(m.MayUseBurst(4, 1000, 0));  // 100 ns < 1000 / 4
+    ASSERT_TRUE(m.ShouldSample(p, 10));
+    m.Taken();
+    q.reference_ns = 200;
+    m.Record(q);
+    EXPECT_FALSE(m.MayUseBurst(4, 1000, 0));  // 300 ns: its part is spent
+    EXPECT_TRUE(m.MayUseBurst(1, 1000, 0));   // alone, the whole burst is its part
+  }
+}
+
+// --- Pooled widths (SessionQualityOptions::pool_widths) ---
+
+// A 4-layer session (8 heads, every layer the dump's one layer) of which
+// only layers 0 and 1 select: their 4 heads take samples and widen from the
+// narrow start. With pooling, the session's pool learns from the samples
+// taken at its width and widens too; the 4 heads never sampled select at
+// the pool's width. Without it they keep the default.
+TEST(SessionQualityTest, UnsampledHeadsStartAtThePooledWidth) {
+  for (const bool pool : {true, false}) {
+    SCOPED_TRACE(pool);
+    QualityEnv q;
+    ASSERT_NO_FATAL_FAILURE(
+        StartQualitySession(&q, 0.95, 4096, 8, 16, 64, Granularity::kPage,
+                            [pool](SessionManagerOptions* mo) { mo->quality.pool_widths = pool; }));
+    SessionConfig sc;
+    sc.layers = 4;
+    sc.kv_heads = 2;
+    sc.q_heads = 8;
+    sc.head_dim = q.dump.head_dim;
+    sc.dtype = DType::kF32;
+    sc.page_tokens = 16;
+    sc.selector = SelectorKind::kMdci;
+    sc.mdci.field_of_view = 2;
+    sc.mdci.candidate_factor = 1.0f;
+    sc.target_mass_ratio = 0.95;
+    sc.default_select.budget_tokens = 128;
+    auto info = q.env.manager->CreateSession(q.caller, sc);
+    ASSERT_THAT(info.status(), IsOk());
+    const std::string id = info->id;
+    const size_t layer_floats = q.dump.keys.size();  // [kv_heads][n][d] of one layer
+    std::vector<float> kv(2 * 4 * layer_floats);
+    for (int l = 0; l < 4; ++l) {
+      std::copy(q.dump.keys.begin(), q.dump.keys.end(), kv.begin() + l * layer_floats);
+      std::copy(q.dump.values.begin(), q.dump.values.end(), kv.begin() + (4 + l) * layer_floats);
+    }
+    std::vector<uint8_t> bytes(kv.size() * sizeof(float));
+    std::memcpy(bytes.data(), kv.data(), bytes.size());
+    ASSERT_THAT(q.env.manager->AppendKv(q.caller, id, q.dump.tokens, bytes).status(), IsOk());
+    for (int step = 0; step < 8; ++step) {
+      for (int layer = 0; layer < 2; ++layer) {
+        SelectRequest r;
+        r.layer = layer;
+        const float* qs = q.dump.query(step, 0, 0);
+        r.queries.assign(qs, qs + static_cast<size_t>(q.dump.q_heads) * q.dump.head_dim);
+        ASSERT_THAT(q.env.manager->SelectPages(q.caller, id, r).status(), IsOk());
+        q.env.manager->WaitForQualitySamples();
+      }
+    }
+    auto got = q.env.manager->GetSession(q.caller, id);
+    ASSERT_THAT(got.status(), IsOk());
+    const std::vector<HeadQualityInfo>& heads = got->quality.heads;
+    ASSERT_EQ(heads.size(), 8u);
+    for (int i = 0; i < 4; ++i) {
+      EXPECT_EQ(heads[i].samples, 8);
+      EXPECT_GT(heads[i].width, 1.0);  // the narrow start was widened
+    }
+    // The very first selection ran before the pool learnt anything; the
+    // other sampled heads may have started from it (their first selection
+    // came after the first sample widened the pool).
+    EXPECT_FALSE(heads[0].pooled);
+    const SessionQualityInfo& qi = got->quality;
+    if (pool) {
+      // The first samples (all four heads at the default width) are the
+      // pool's; it widened as the heads did.
+      EXPECT_GE(qi.pool_samples, 4);
+      EXPECT_LE(qi.pool_samples, 32);
+      EXPECT_GT(qi.pool_width, 1.0);
+    } else {
+      EXPECT_EQ(qi.pool_width, 0.0);
+      EXPECT_EQ(qi.pool_samples, 0);
+    }
+    for (int i = 4; i < 8; ++i) {
+      SCOPED_TRACE(i);
+      EXPECT_EQ(heads[i].samples, 0);
+      EXPECT_EQ(heads[i].pooled, pool);
+      EXPECT_EQ(heads[i].width, pool ? qi.pool_width : 1.0);
+      EXPECT_EQ(heads[i].width_changes, 0);
+    }
+    if (pool) {
+      EXPECT_GE(qi.pooled_heads, 4);
+    } else {
+      EXPECT_EQ(qi.pooled_heads, 0);
+    }
+  }
 }
 
 // --- Calibration memory (calibration_memory.h) ---
