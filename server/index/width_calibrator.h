@@ -343,7 +343,7 @@ class WidthCalibrator {
 
   // Within-session pooling (docs/architecture.md §5.1, "Pooled widths"):
   // a head that has no sample of its own yet (nor a seed) selects at
-  // `width`, the median width of the session's sampled heads, instead of
+  // `width`, the session's pooled width (session_quality.h, MakeWidthPool), instead of
   // the default; its own samples then judge that width as any other (the
   // floor stays min_width: the pool is a guess). Called again as the pool
   // moves, until the head's first sample. false, unchanged, once the head
