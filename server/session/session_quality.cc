@@ -263,6 +263,9 @@ int PoolWidths(const Session& s) {
   if (s.width_pool == nullptr) return 0;
   const CalibratorReport pool = s.width_pool->report();
   if (pool.samples == 0) return 0;  // nothing learnt (a restored session's new pool)
+  // Missed even at max_width: no width to give; the heads' own samples
+  // decide (their exact fallback).
+  if (pool.mode == SelectMode::kExact) return 0;
   int took = 0;
   for (const auto& h : s.quality) took += h->AdoptPooled(pool.width) ? 1 : 0;
   return took;

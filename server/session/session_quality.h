@@ -228,8 +228,8 @@ std::unique_ptr<WidthCalibrator> MakeWidthPool(const SessionConfig& config,
                                                const SessionQualityOptions& options);
 
 // Sets every calibrated head of `s` with no sample of its own to the pool's
-// width (WidthCalibrator::AdoptPooled) once the pool has a sample; returns
-// the heads that took it. Runs on the sampler's thread after each sample.
+// width (WidthCalibrator::AdoptPooled) once the pool has a sample (and is not at its exact
+// fallback); returns the heads that took it. Runs on the sampler's thread after each sample.
 int PoolWidths(const Session& s);
 
 // Measures `probe` against the exact reference on the session's current
