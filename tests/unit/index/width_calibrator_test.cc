@@ -30,13 +30,6 @@ std::unique_ptr<WidthCalibrator> Make(CalibratorOptions o) {
   return c.ok() ? std::move(c).value() : nullptr;
 }
 
-// A calibrator with product-quantised codes (the method duel on).
-std::unique_ptr<WidthCalibrator> MakeDuelFresh() {
-  auto c = WidthCalibrator::Create({}, 32, 8.0f, 4.0f);
-  EXPECT_THAT(c.status(), IsOk());
-  return c.ok() ? std::move(c).value() : nullptr;
-}
-
 TEST(WidthCalibratorTest, ConvergesToTheTargetWithinAFewDozenSamples) {
   for (double a : {0.1, 0.4, 1.2}) {  // needs width 2, 8, 24 for 0.95
     std::mt19937 rng(7);
@@ -941,61 +934,6 @@ TEST(WidthCalibratorTest, SeedStartsAFreshHeadAtAnEarlierSessionsWidth) {
   EXPECT_THAT(next->Seed(*seed, 2), StatusIs(absl::StatusCode::kFailedPrecondition));
 }
 
-// Pooled widths: a head with no sample of its own follows the session's
-// pool (not a width change of its own); its first sample ends that, and a
-// seeded, exact or duelling head, or a width out of range, never takes it.
-TEST(WidthCalibratorTest, AdoptPooledMovesOnlyAnUnsampledHead) {
-  CalibratorOptions o;
-  o.warmup_samples = 4;
-  auto c = Make(o);
-  ASSERT_NE(c, nullptr);
-  SelectParams p;
-  c->Apply(&p);
-  c->ShouldSample(p, 1000);  // a counted selection (due, not taken): still unsampled
-  EXPECT_TRUE(c->AdoptPooled(3.0));
-  EXPECT_TRUE(c->report().pooled);
-  EXPECT_EQ(c->report().width, 3.0);
-  EXPECT_EQ(c->report().changes, 0);
-  c->Apply(&p);
-  EXPECT_EQ(p.field_of_view, 96);
-  EXPECT_FLOAT_EQ(p.candidate_factor, 24.0f);
-  EXPECT_TRUE(c->AdoptPooled(2.0));  // the pool moved
-  EXPECT_EQ(c->report().width, 2.0);
-  EXPECT_TRUE(c->AdoptPooled(1.0));  // the default: nothing taken from the pool
-  EXPECT_FALSE(c->report().pooled);
-  EXPECT_TRUE(c->AdoptPooled(2.0));
-  EXPECT_FALSE(c->AdoptPooled(0.5));  // outside [min_width, max_width]
-  EXPECT_FALSE(c->AdoptPooled(65.0));
-  EXPECT_FALSE(c->AdoptPooled(std::nan("")));
-  EXPECT_EQ(c->report().width, 2.0);
-  // Its first sample: the head's own samples decide from here.
-  c->Apply(&p);
-  ASSERT_TRUE(c->ShouldSample(p, 1000));
-  c->Taken();
-  c->Observe({0.5, 0.5});  // far below: widened from the pooled width
-  const double own = c->report().width;
-  EXPECT_EQ(own, 3.0);
-  EXPECT_FALSE(c->AdoptPooled(1.0));
-  EXPECT_EQ(c->report().width, own);
-  EXPECT_TRUE(c->report().pooled);  // it started from the pool
-
-  auto seeded = Make(o);
-  ASSERT_NE(seeded, nullptr);
-  ASSERT_THAT(seeded->Seed({4.0, DescentRanking::kLoudest, false}, 2), IsOk());
-  EXPECT_FALSE(seeded->AdoptPooled(2.0));
-  EXPECT_EQ(seeded->report().width, 4.0);
-  EXPECT_FALSE(seeded->report().pooled);
-
-  auto exact = Make(o);
-  ASSERT_NE(exact, nullptr);
-  ASSERT_THAT(exact->Seed({1.0, DescentRanking::kLoudest, true}, 0), IsOk());
-  EXPECT_FALSE(exact->AdoptPooled(2.0));
-
-  auto duel = MakeDuelFresh();
-  ASSERT_NE(duel, nullptr);
-  EXPECT_FALSE(duel->AdoptPooled(2.0));  // a width is per method there
-}
-
 TEST(WidthCalibratorTest, SeedOfAnExactHeadSelectsExactlyAndBadSeedsAreRefused) {
   auto c = Make({});
   ASSERT_NE(c, nullptr);
@@ -1383,6 +1321,61 @@ TEST(WidthCalibratorTest, TheTreeMethodOnASelectorWithCodesIsTheTreesSelection) 
     differ += scan_sel.pages != tree_sel.pages;
   }
   EXPECT_GT(differ, 0) << "the scan and the tree chose the same pages on every step";
+}
+
+// Pooled widths: a head with no sample of its own follows the session's
+// pool (not a width change of its own); its first sample ends that, and a
+// seeded, exact or duelling head, or a width out of range, never takes it.
+TEST(WidthCalibratorTest, AdoptPooledMovesOnlyAnUnsampledHead) {
+  CalibratorOptions o;
+  o.warmup_samples = 4;
+  auto c = Make(o);
+  ASSERT_NE(c, nullptr);
+  SelectParams p;
+  c->Apply(&p);
+  c->ShouldSample(p, 1000);  // a counted selection (due, not taken): still unsampled
+  EXPECT_TRUE(c->AdoptPooled(3.0));
+  EXPECT_TRUE(c->report().pooled);
+  EXPECT_EQ(c->report().width, 3.0);
+  EXPECT_EQ(c->report().changes, 0);
+  c->Apply(&p);
+  EXPECT_EQ(p.field_of_view, 96);
+  EXPECT_FLOAT_EQ(p.candidate_factor, 24.0f);
+  EXPECT_TRUE(c->AdoptPooled(2.0));  // the pool moved
+  EXPECT_EQ(c->report().width, 2.0);
+  EXPECT_TRUE(c->AdoptPooled(1.0));  // the default: nothing taken from the pool
+  EXPECT_FALSE(c->report().pooled);
+  EXPECT_TRUE(c->AdoptPooled(2.0));
+  EXPECT_FALSE(c->AdoptPooled(0.5));  // outside [min_width, max_width]
+  EXPECT_FALSE(c->AdoptPooled(65.0));
+  EXPECT_FALSE(c->AdoptPooled(std::nan("")));
+  EXPECT_EQ(c->report().width, 2.0);
+  // Its first sample: the head's own samples decide from here.
+  c->Apply(&p);
+  ASSERT_TRUE(c->ShouldSample(p, 1000));
+  c->Taken();
+  c->Observe({0.5, 0.5});  // far below: widened from the pooled width
+  const double own = c->report().width;
+  EXPECT_EQ(own, 3.0);
+  EXPECT_FALSE(c->AdoptPooled(1.0));
+  EXPECT_EQ(c->report().width, own);
+  EXPECT_TRUE(c->report().pooled);  // it started from the pool
+
+  auto seeded = Make(o);
+  ASSERT_NE(seeded, nullptr);
+  ASSERT_THAT(seeded->Seed({4.0, DescentRanking::kLoudest, false}, 2), IsOk());
+  EXPECT_FALSE(seeded->AdoptPooled(2.0));
+  EXPECT_EQ(seeded->report().width, 4.0);
+  EXPECT_FALSE(seeded->report().pooled);
+
+  auto exact = Make(o);
+  ASSERT_NE(exact, nullptr);
+  ASSERT_THAT(exact->Seed({1.0, DescentRanking::kLoudest, true}, 0), IsOk());
+  EXPECT_FALSE(exact->AdoptPooled(2.0));
+
+  auto duel = MakeDuel();
+  ASSERT_NE(duel, nullptr);
+  EXPECT_FALSE(duel->AdoptPooled(2.0));  // a width is per method there
 }
 
 }  // namespace
