@@ -119,7 +119,8 @@ class Client:
         self._buffers = buffer_pb2_grpc.BufferServiceStub(self._channel)
         self._kv = kv_pb2_grpc.KvServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
-        self._rings = decode_ring_pb2_grpc.DecodeRingServiceStub(self._channel)  # decode_ring.py
+        # OpenDecodeRing for DecodeStream's shared-memory ring (decode_ring.py).
+        self._rings = decode_ring_pb2_grpc.DecodeRingServiceStub(self._channel)
         self._health = self._channel.unary_unary(_HEALTH_CHECK)
         self._streams: Dict[str, DecodeStream] = {}
         self._specs: Dict[str, SessionSpec] = {}
