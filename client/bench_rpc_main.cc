@@ -38,6 +38,7 @@
 #include "common/cli.h"
 #include "common/dtype.h"
 #include "common/file_util.h"
+#include "common/mutex_checks.h"
 #include "common/status_macros.h"
 #include "server/index/kernels.h"
 #include "server/index/owned_page_keys.h"
@@ -506,6 +507,7 @@ int main(int argc, char** argv) {
   std::string sessions = "1,4,8,32";
   icecache::AddFlags(app, &flags, &sessions);
   if (auto code = icecache::cli::Parse(app, argc, argv)) return *code;
+  icecache::SetMutexDeadlockChecks(false);  // as the daemon (common/mutex_checks.h)
   if (absl::Status s = icecache::FinishFlags(sessions, &flags); !s.ok()) {
     std::cerr << "icecache-bench-rpc: " << s.message()
               << "\n(run icecache-bench-rpc --help for usage)\n";

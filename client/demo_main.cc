@@ -25,6 +25,7 @@
 #include "client/tool_session.h"
 #include "common/cli.h"
 #include "common/dtype.h"
+#include "common/mutex_checks.h"
 #include "common/status_macros.h"
 #include "server/index/quality.h"
 
@@ -260,6 +261,7 @@ int main(int argc, char** argv) {
   icecache::DemoFlags flags;
   icecache::AddFlags(app, &flags);
   if (auto code = icecache::cli::Parse(app, argc, argv)) return *code;
+  icecache::SetMutexDeadlockChecks(false);  // as the daemon (common/mutex_checks.h)
   if (absl::Status s = icecache::FinishFlags(app, &flags); !s.ok()) {
     std::cerr << "icecache-demo: " << s.message() << "\n(run icecache-demo --help for usage)\n";
     return icecache::cli::kExitUsage;

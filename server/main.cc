@@ -30,6 +30,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "common/cli.h"
+#include "common/mutex_checks.h"
 #include "google/protobuf/text_format.h"
 #include "server/rpc/config.h"
 #include "server/rpc/daemon.h"
@@ -64,6 +65,7 @@ struct Flags {
   uint32_t worker_threads = 0;
   bool pool_prefault = false;
   bool check_config = false;
+  bool mutex_deadlock_detection = false;
 };
 
 void AddFlags(CLI::App& app, Flags* f) {
@@ -95,6 +97,9 @@ void AddFlags(CLI::App& app, Flags* f) {
                "resident (pool.prefault; not ready until done)");
   app.add_flag("--check-config,--check_config", f->check_config,
                "Validate the configuration, print it and exit");
+  app.add_flag("--mutex-deadlock-detection", f->mutex_deadlock_detection,
+               "Abseil's lock-order checks on every mutex, aborting on an inversion (a "
+               "debugging aid; off by default: common/mutex_checks.h)");
 }
 
 int Fail(int code, absl::string_view msg) {
@@ -113,6 +118,7 @@ int main(int argc, char** argv) {
   Flags flags;
   AddFlags(app, &flags);
   if (std::optional<int> code = icecache::cli::Parse(app, argc, argv)) return *code;
+  icecache::SetMutexDeadlockChecks(flags.mutex_deadlock_detection);
 
   // Block the shutdown signals in every thread (gRPC's included) before any
   // thread starts; one thread waits for them with sigwait.

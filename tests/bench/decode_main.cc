@@ -4,6 +4,7 @@
 #include <string>
 
 #include "common/cli.h"
+#include "common/mutex_checks.h"
 #include "tests/bench/decode_bench.h"
 #include "tests/bench/decode_flags.h"
 
@@ -15,6 +16,8 @@ int main(int argc, char** argv) {
   icecache::cli::Configure(app);
   icecache::bench::DecodeFlags flags(&app);
   if (auto code = icecache::cli::Parse(app, argc, argv)) return *code;
+  // As the daemon runs (its in-process companion and the client lock the same way).
+  icecache::SetMutexDeadlockChecks(false);
   auto options = flags.Options();
   if (!options.ok()) {
     std::fprintf(stderr,

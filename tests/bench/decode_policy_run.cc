@@ -119,7 +119,7 @@ absl::Status WaitForTrees(DecodeBackend& b, const std::string& id, int layers, i
       return absl::DeadlineExceededError(
           absl::StrCat("prefill: ", trees.first, " of ", need, " trees built after 30 minutes"));
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
 }
 

@@ -71,6 +71,9 @@ DaemonOptions TestDaemonOptions(const std::string& extra_config,
       std::any_of(extra_args.begin(), extra_args.end(),
                   [](const std::string& a) { return absl::StartsWith(a, "--drain_timeout"); });
   if (!own_drain) o.extra_args.push_back("--drain_timeout=5s");
+  // The daemon switches Abseil's lock-order checks off (common/mutex_checks.h);
+  // the tests keep them, so an inversion a test reaches aborts the daemon.
+  o.extra_args.push_back("--mutex-deadlock-detection");
   return o;
 }
 
