@@ -99,20 +99,19 @@ absl::Status Daemon::Init() {
          {"idle_ms", absl::ToInt64Milliseconds(idle)},
          {"why", "lease lapsed (no use or KeepAlive within its ttl)"}});
   };
-  mgr_opts.on_build_done = [](const std::string& id, int first_layer, int num_layers,
-                              absl::Duration queued, absl::Duration ran, int trees,
-                              int64_t tree_cpu_ns, int64_t tree_minor_faults) {
+  mgr_opts.on_build_done = [](const BuildDone& b) {
     if (!LogEnabled(LogLevel::kDebug)) return;
-    const int64_t per = std::max<int64_t>(trees, 1);
+    const int64_t per = std::max<int64_t>(b.trees, 1);
     Log(LogLevel::kDebug, "index_build",
-        {{"id", id},
-         {"first_layer", first_layer},
-         {"layers", num_layers},
-         {"queued_ms", absl::ToInt64Milliseconds(queued)},
-         {"ms", absl::ToInt64Milliseconds(ran)},
-         {"trees", trees},
-         {"cpu_us_per_tree", tree_cpu_ns / per / 1000},
-         {"minflt_per_tree", tree_minor_faults / per}});
+        {{"id", b.session},
+         {"first_layer", b.first_layer},
+         {"layers", b.num_layers},
+         {"queued_ms", absl::ToInt64Milliseconds(b.queued)},
+         {"ms", absl::ToInt64Milliseconds(b.ran)},
+         {"trees_ms", absl::ToInt64Milliseconds(b.trees_wall)},
+         {"trees", b.trees},
+         {"cpu_us_per_tree", b.tree_cpu_ns / per / 1000},
+         {"minflt_per_tree", b.tree_minor_faults / per}});
   };
   const v1::QualityConfig& q = c.quality();
   mgr_opts.quality.enabled = q.enabled();

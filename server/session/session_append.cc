@@ -535,6 +535,7 @@ void RunPendingBuild(PendingBuild& job, int build_threads, StagingCache* scratch
   // building, so nothing else touches their tables meanwhile.
   const SelectorConfig sc = SelectorConfigOf(s);
   const int trees_before = s.trees_built.load();
+  const absl::Time trees_start = absl::Now();
   absl::Status built = ParallelFor(plan.num_indices, build_threads, [&](int64_t i) {
     const int64_t cpu0 = ThreadCpuNanos();
     const int64_t faults0 = ThreadMinorFaults();
@@ -543,6 +544,7 @@ void RunPendingBuild(PendingBuild& job, int build_threads, StagingCache* scratch
     job.tree_minor_faults.fetch_add(ThreadMinorFaults() - faults0, std::memory_order_relaxed);
     return st;
   });
+  job.trees_wall = absl::Now() - trees_start;
   absl::MutexLock write(&s.mu);
   for (int i = 0; built.ok() && i < plan.num_indices; ++i) {
     built = CheckPlacements(s, plan, i, *plan.built[i]);

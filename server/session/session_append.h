@@ -147,6 +147,7 @@ struct PendingBuild {
   // (getrusage RUSAGE_THREAD). The daemon logs them per tree (index_build).
   std::atomic<int64_t> tree_cpu_ns{0};
   std::atomic<int64_t> tree_minor_faults{0};
+  absl::Duration trees_wall;  // the parallel tree builds' wall time (RunPendingBuild)
 };
 
 // The append's groups are empty and tree-layout: build in the background.

@@ -638,9 +638,17 @@ AppendResult SessionManager::StartBackgroundBuild(const InFlightGuard& guard, co
     RunPendingBuild(*job, options_.build_threads, staging_.get(), clock_->Now());
     job->bytes = StagingBuffer();  // back to the cache for the next append
     if (options_.on_build_done) {
-      options_.on_build_done(job->session->id, job->in.first_layer, job->in.num_layers,
-                             start - posted, absl::Now() - start, job->plan.num_indices,
-                             job->tree_cpu_ns.load(), job->tree_minor_faults.load());
+      BuildDone done;
+      done.session = job->session->id;
+      done.first_layer = job->in.first_layer;
+      done.num_layers = job->in.num_layers;
+      done.queued = start - posted;
+      done.ran = absl::Now() - start;
+      done.trees_wall = job->trees_wall;
+      done.trees = job->plan.num_indices;
+      done.tree_cpu_ns = job->tree_cpu_ns.load();
+      done.tree_minor_faults = job->tree_minor_faults.load();
+      options_.on_build_done(done);
     }
     job->session->in_flight.fetch_sub(1);
     counters_->in_flight.fetch_sub(1);

@@ -112,6 +112,24 @@ class StagingCache;  // internal (server/session/append_staging.h)
 class StagingBuffer;
 struct AppendPlan;
 
+// One background build job, as SessionManagerOptions::on_build_done hears of
+// it: the session, the layer range, how long the job waited behind earlier
+// ones and how long it ran (trees, install, rows), of that the trees' wall
+// time (the parallel builds alone), and the trees built with their CPU time
+// and minor page faults summed (each on its building thread's clocks).
+// trees x CPU per tree / trees_wall: the cores the builds kept busy.
+struct BuildDone {
+  std::string session;
+  int first_layer = 0;
+  int num_layers = 0;
+  absl::Duration queued;
+  absl::Duration ran;
+  absl::Duration trees_wall;
+  int trees = 0;
+  int64_t tree_cpu_ns = 0;
+  int64_t tree_minor_faults = 0;
+};
+
 struct SessionManagerOptions {
   // Not owned; must outlive the manager. pool and buffers are required.
   PagePool* pool = nullptr;
@@ -153,15 +171,9 @@ struct SessionManagerOptions {
   // build (session id, first layer of its range), e.g. to hold it at a gate.
   std::function<void(const std::string& session, int first_layer)> on_build_start;
   // Optional: told after each background build, on the builder thread with
-  // no lock held: the session, the layer range, how long the job waited
-  // behind earlier ones and how long it took (trees, install, rows). The
-  // daemon logs it (the timeline of a prefill, docs/bench/prefill.md), with
-  // the trees built and their CPU time and minor page faults summed over the
-  // trees (each on its building thread's clocks).
-  std::function<void(const std::string& session, int first_layer, int num_layers,
-                     absl::Duration queued, absl::Duration ran, int trees, int64_t tree_cpu_ns,
-                     int64_t tree_minor_faults)>
-      on_build_done;
+  // no lock held (BuildDone). The daemon logs it (the timeline of a prefill,
+  // docs/bench/prefill.md).
+  std::function<void(const BuildDone&)> on_build_done;
   // Threads one select or fetch spreads its KV heads over: 0 = the process's
   // shared oneTBB pool (every concurrent stream shares the same workers, so
   // the cores are never oversubscribed), 1 = serially on the calling thread.

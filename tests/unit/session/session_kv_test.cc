@@ -674,6 +674,12 @@ TEST_F(SessionKvBasicTest, BackgroundBuildsServeBuiltGroupsAndMakeOnlyTheirOwnCa
   mo.on_build_start = [&release](const std::string&, int first_layer) {
     if (first_layer == 2) release.WaitForNotification();
   };
+  absl::Mutex done_mu;
+  std::vector<BuildDone> done;  // the jobs' reports, in order
+  mo.on_build_done = [&](const BuildDone& d) {
+    absl::MutexLock l(&done_mu);
+    done.push_back(d);
+  };
   auto manager = SessionManager::Create(mo);
   ASSERT_THAT(manager, IsOk());
   SessionManager& m = **manager;
@@ -720,6 +726,22 @@ TEST_F(SessionKvBasicTest, BackgroundBuildsServeBuiltGroupsAndMakeOnlyTheirOwnCa
   ASSERT_THAT(step, IsOk());
   seen = CheckRegion(c, step->layout, shm_.data(), mirror);
   for (int h = 0; h < c.kv_heads; ++h) EXPECT_EQ(seen[h].size(), static_cast<size_t>(n + 1));
+  // Each background job was reported once: its range, its trees, their CPU,
+  // and the trees' wall time inside the job's.
+  absl::MutexLock l(&done_mu);
+  const auto both = [&done]() { return done.size() >= 2; };
+  ASSERT_TRUE(done_mu.AwaitWithTimeout(absl::Condition(&both),
+                                       ::icecache::testing::Scaled(absl::Seconds(10))));
+  ASSERT_EQ(done.size(), 2u);
+  for (int j = 0; j < 2; ++j) {
+    EXPECT_EQ(done[j].session, info->id);
+    EXPECT_EQ(done[j].first_layer, 2 * j);
+    EXPECT_EQ(done[j].num_layers, 2);
+    EXPECT_EQ(done[j].trees, c.kv_heads);
+    EXPECT_GT(done[j].tree_cpu_ns, 0);
+    EXPECT_GT(done[j].trees_wall, absl::ZeroDuration());
+    EXPECT_LE(done[j].trees_wall, done[j].ran);
+  }
 }
 
 TEST_F(SessionKvBasicTest, DecodeBatchAnswersEachEntryAndWritesNothingForABadOne) {
