@@ -6,7 +6,7 @@
 // It is on wherever Abseil was compiled without NDEBUG, which Debian's
 // package is: there every lock of the daemon paid for it (measured without
 // it, daemon CPU per call: Health 145 -> 105 us, GetSession of a 32-layer
-// session 415 -> 350 us; a 32-layer, 32768-token prefill 19.3 -> 17.4 s;
+// session 415 -> 350 us; a 32-layer, 32768-token prefill 19.2 -> 17.2 s;
 // docs/bench/mutex31.md), and a lock-order inversion on a path no test
 // reached would abort a serving daemon. The unit tests keep it (their
 // binaries never call this), the integration tests start the daemon with
