@@ -406,7 +406,10 @@ case "$cmd" in
     # (--help), e.g. `deploy/dev.sh demo --tokens 8k` for a quick look.
     # --daemon-prefault: the daemon's pool is sized to the KV and faulted in,
     # in huge pages, before the first policy (pool.prefault, as an operator
-    # runs it on a VM; docs/operations.md "Memory the host backs lazily").
+    # runs it on a VM; docs/operations.md "Memory the host backs lazily"), with
+    # staging for three prefill chunks. The prefill is generated once and
+    # streamed as a client holding its KV would, the next chunk sent while
+    # the last one's trees build (--hold-prefill; 4 GiB in this process).
     echo "==> icecache-bench decode (icecached spawned, 32 layers x 8 KV heads, 32768 tokens)"
     exec "$BUILD_DIR/tests/bench/icecache-bench" decode --spawn "$BUILD_DIR/server/icecached" \
       --daemon-prefault --layers 32 --tokens 32768 --steps 6 \

@@ -288,6 +288,16 @@ absl::Status ValidateConfig(const IcecachedConfig& c) {
   if (!(pool.high_watermark() > 0 && pool.high_watermark() <= 1)) {
     return Bad("pool.high_watermark", pool.high_watermark(), "must be in (0, 1]");
   }
+  if (pool.has_staging_reserve_bytes()) {
+    if (!pool.prefault()) {
+      return Bad("pool.staging_reserve_bytes", pool.staging_reserve_bytes(),
+                 "needs pool.prefault: true (the reserve is faulted in with the arena)");
+    }
+    if (pool.staging_reserve_bytes() > pool.capacity_bytes()) {
+      return Bad("pool.staging_reserve_bytes", pool.staging_reserve_bytes(),
+                 absl::StrCat("must be at most pool.capacity_bytes (", pool.capacity_bytes(), ")"));
+    }
+  }
   if (!pool.backing_dir().empty() &&
       (pool.backing_dir()[0] != '/' || pool.backing_dir().size() > 200)) {
     return Bad("pool.backing_dir", Quote(pool.backing_dir()),

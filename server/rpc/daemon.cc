@@ -284,6 +284,10 @@ absl::Status Daemon::Init() {
       "icecache_pool_prefault_seconds",
       "Wall time pool.prefault took to fault the arena in (absent until done or when off)",
       MetricType::kGauge, {});
+  staging_reserve_ = registry_.AddSnapshot(
+      "icecache_staging_reserve_bytes",
+      "Append staging pool.prefault faulted in at start and keeps (absent when off)",
+      MetricType::kGauge, {});
   registry_.AddCollector([this] { CollectMetrics(); });
 
   if (c.metrics().port() != 0 || options_.metrics_any_port) RETURN_IF_ERROR(StartMetricsHttp());
@@ -326,6 +330,28 @@ void Daemon::PrefaultPool() {
     return;
   }
   prefault_seconds_value_.store(done.seconds);
+  // The append staging too (pool.staging_reserve_bytes): a prefill's first
+  // chunks, and a chunk sent while the last one builds, then find their
+  // staging faulted in.
+  constexpr uint64_t kStagingReserveMax = uint64_t{1} << 30;
+  const uint64_t reserve = (config_.pool().has_staging_reserve_bytes()
+                                ? config_.pool().staging_reserve_bytes()
+                                : std::min(kStagingReserveMax, pool_->capacity_bytes() / 4)) /
+                           (uint64_t{2} << 20) * (uint64_t{2} << 20);
+  if (reserve > 0) {
+    absl::StatusOr<double> staged = manager_->ReserveStaging(reserve, &prefault_stop_);
+    if (staged.ok()) {
+      Log(LogLevel::kInfo, "staging_prefaulted", {{"bytes", reserve}, {"seconds", *staged}});
+    } else if (absl::IsCancelled(staged.status())) {
+      Log(LogLevel::kWarn, "pool_prefault_stopped",
+          {{"bytes", done.bytes}, {"seconds", done.seconds}, {"why", "shutdown"}});
+      return;
+    } else {
+      // Not fatal: appends then map their staging as they come.
+      Log(LogLevel::kWarn, "staging_prefault_failed",
+          {{"bytes", reserve}, {"error", std::string(staged.status().message())}});
+    }
+  }
   {
     absl::MutexLock health(&health_mu_);
     ready_.store(true);
@@ -395,6 +421,7 @@ void Daemon::CollectMetrics() {
     if (const double sec = prefault_seconds_value_.load(); sec >= 0) {
       prefault_seconds_->Replace({{{}, sec}});
     }
+    staging_reserve_->Replace({{{}, double(manager_->staging_reserve_bytes())}});
   }
   pages_verified_->Replace({{{}, double(stats->pages_verified)}});
   decode_rings_->Replace({{{}, double(rings_ ? rings_->open_rings() : 0)}});

@@ -161,6 +161,7 @@ class Daemon {
   SnapshotFamily* decode_ring_caught_ = nullptr;
   SnapshotFamily* prefault_bytes_ = nullptr;
   SnapshotFamily* prefault_seconds_ = nullptr;
+  SnapshotFamily* staging_reserve_ = nullptr;
 
   // pool.prefault (docs/operations.md): the thread, its stop flag, its time.
   std::thread prefault_thread_;

@@ -1,6 +1,7 @@
 #include "server/session/append_staging.h"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -15,6 +16,8 @@ namespace icecache {
 namespace {
 
 constexpr uint64_t kHugePage = uint64_t{2} << 20;
+// Requests below reserve / kReservePieces do not take from the reserve.
+constexpr uint64_t kReservePieces = 8;
 
 void Unmap(uint8_t* base, uint64_t capacity) {
   if (base != nullptr) munmap(base, capacity);
@@ -71,7 +74,63 @@ std::shared_ptr<StagingCache> StagingCache::Create(const StagingCacheOptions& op
 
 StagingCache::~StagingCache() {
   absl::MutexLock l(&mu_);
-  for (const Entry& e : cached_) Unmap(e.base, e.capacity);
+  // Buffers hold the cache, so every piece of the reserve is back by now.
+  for (const Entry& e : cached_) {
+    if (!InReserveLocked(e.base)) Unmap(e.base, e.capacity);
+  }
+  Unmap(reserve_base_, reserve_capacity_);
+}
+
+absl::StatusOr<double> StagingCache::Reserve(uint64_t bytes, const std::atomic<bool>* stop) {
+  if (bytes == 0) return absl::InvalidArgumentError("staging reserve: 0 bytes");
+  {
+    absl::MutexLock l(&mu_);
+    if (reserve_base_ != nullptr || reserving_) {
+      return absl::FailedPreconditionError("staging reserve: already made");
+    }
+    reserving_ = true;
+  }
+  const absl::Time t0 = absl::Now();
+  uint64_t capacity = bytes;
+  uint8_t* base = MapHuge(&capacity);
+  if (base == nullptr) {
+    absl::MutexLock l(&mu_);
+    reserving_ = false;
+    return absl::ResourceExhaustedError(absl::StrCat("staging reserve: cannot map ", capacity,
+                                                     " bytes (", std::strerror(errno), ")"));
+  }
+  // Fault it in a step at a time, so a shutdown stops it soon.
+  constexpr uint64_t kStep = uint64_t{64} << 20;
+  const long page = sysconf(_SC_PAGESIZE) > 0 ? sysconf(_SC_PAGESIZE) : 4096;
+  bool populate = true;
+  for (uint64_t at = 0; at < capacity; at += kStep) {
+    if (stop != nullptr && stop->load(std::memory_order_relaxed)) {
+      Unmap(base, capacity);
+      absl::MutexLock l(&mu_);
+      reserving_ = false;
+      return absl::CancelledError("staging reserve: stopped (shutdown)");
+    }
+    const uint64_t len = std::min(kStep, capacity - at);
+#ifdef MADV_POPULATE_WRITE
+    if (populate && madvise(base + at, len, MADV_POPULATE_WRITE) != 0) populate = false;
+#else
+    populate = false;
+#endif
+    if (!populate) {
+      for (uint64_t off = 0; off < len; off += static_cast<uint64_t>(page)) base[at + off] = 0;
+    }
+  }
+  absl::MutexLock l(&mu_);
+  reserving_ = false;
+  reserve_base_ = base;
+  reserve_capacity_ = capacity;
+  cached_.push_back(Entry{base, capacity, absl::Now()});
+  return absl::ToDoubleSeconds(absl::Now() - t0);
+}
+
+uint64_t StagingCache::reserve_bytes() const {
+  absl::MutexLock l(&mu_);
+  return reserve_capacity_;
 }
 
 absl::StatusOr<StagingBuffer> StagingCache::Acquire(uint64_t bytes) {
@@ -79,17 +138,31 @@ absl::StatusOr<StagingBuffer> StagingCache::Acquire(uint64_t bytes) {
   const bool cacheable = bytes >= options_.min_cached_bytes;
   if (cacheable) {
     absl::MutexLock l(&mu_);
+    // The reserve serves large requests only (a prefill chunk, not a tree
+    // build's key scratch), so small ones cannot cut it into pieces no
+    // chunk fits.
+    const bool reserve_ok = bytes >= reserve_capacity_ / kReservePieces;
     auto best = cached_.end();
     for (auto it = cached_.begin(); it != cached_.end(); ++it) {
+      if (!reserve_ok && InReserveLocked(it->base)) continue;
       if (it->capacity >= bytes && (best == cached_.end() || it->capacity < best->capacity)) {
         best = it;
       }
     }
     if (best != cached_.end()) {
-      const Entry e = *best;
+      Entry e = *best;
       cached_.erase(best);
-      cached_bytes_ -= e.capacity;
       ++reuses_;
+      if (!InReserveLocked(e.base)) {
+        cached_bytes_ -= e.capacity;
+        return StagingBuffer(shared_from_this(), e.base, e.capacity, bytes);
+      }
+      // A piece of the reserve, whole 2 MiB pages; the rest stays free.
+      const uint64_t take = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+      if (take < e.capacity) {
+        cached_.push_back(Entry{e.base + take, e.capacity - take, e.released});
+        e.capacity = take;
+      }
       return StagingBuffer(shared_from_this(), e.base, e.capacity, bytes);
     }
   }
@@ -111,6 +184,24 @@ absl::StatusOr<StagingBuffer> StagingCache::Acquire(uint64_t bytes) {
 void StagingCache::Release(uint8_t* base, uint64_t capacity) {
   {
     absl::MutexLock l(&mu_);
+    if (InReserveLocked(base)) {
+      // Merge with the free pieces on either side.
+      Entry merged{base, capacity, absl::Now()};
+      for (size_t i = 0; i < cached_.size();) {
+        const Entry& e = cached_[i];
+        if (InReserveLocked(e.base) &&
+            (e.base + e.capacity == merged.base || merged.base + merged.capacity == e.base)) {
+          merged.base = std::min(merged.base, e.base);
+          merged.capacity += e.capacity;
+          cached_[i] = cached_.back();
+          cached_.pop_back();
+        } else {
+          ++i;
+        }
+      }
+      cached_.push_back(merged);
+      return;
+    }
     if (cached_bytes_ + capacity <= options_.max_cached_bytes) {
       cached_.push_back(Entry{base, capacity, absl::Now()});
       cached_bytes_ += capacity;
@@ -125,8 +216,11 @@ uint64_t StagingCache::Trim(absl::Duration idle) {
   {
     absl::MutexLock l(&mu_);
     const absl::Time cutoff = absl::Now() - idle;
-    auto keep = std::partition(cached_.begin(), cached_.end(),
-                               [cutoff](const Entry& e) { return e.released > cutoff; });
+    const uint8_t* r0 = reserve_base_;
+    const uint8_t* r1 = reserve_base_ + reserve_capacity_;
+    auto keep = std::partition(cached_.begin(), cached_.end(), [&](const Entry& e) {
+      return e.released > cutoff || (e.base >= r0 && e.base < r1);
+    });
     drop.assign(keep, cached_.end());
     cached_.erase(keep, cached_.end());
     for (const Entry& e : drop) cached_bytes_ -= e.capacity;

@@ -11,6 +11,7 @@
 #ifndef ICECACHE_SERVER_SESSION_APPEND_STAGING_H_
 #define ICECACHE_SERVER_SESSION_APPEND_STAGING_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -84,11 +85,29 @@ class StagingCache : public std::enable_shared_from_this<StagingCache> {
   // a fresh mapping. ResourceExhausted (naming the size) when the mapping
   // fails. The contents are unspecified: the caller overwrites them.
   absl::StatusOr<StagingBuffer> Acquire(uint64_t bytes);
-  // Unmaps every buffer released at least `idle` ago; returns the bytes.
+  // Unmaps every buffer released at least `idle` ago (never the reserve);
+  // returns the bytes.
   uint64_t Trim(absl::Duration idle);
+  // The reserve: maps `bytes` (rounded up to whole 2 MiB, 2 MiB-aligned,
+  // advised MADV_HUGEPAGE), faults all of it in now (MADV_POPULATE_WRITE, or
+  // a write to each page on kernels without it) and keeps it for the cache's
+  // life. Trim never unmaps it, and it is not counted against
+  // max_cached_bytes. A request of at least an eighth of it and at most
+  // its free bytes takes a piece of it (split at 2 MiB; the pieces merge
+  // again when they come back), so a prefill's first chunks, and two chunks
+  // in flight at once, find staging already faulted in. Smaller requests (a
+  // tree build's key scratch) never take from it: they would cut it into
+  // pieces no chunk fits. For hosts where a first touch is a trip through the
+  // hypervisor (pool.prefault; docs/operations.md "Memory the host backs
+  // lazily"). Once per cache (FailedPrecondition after); ResourceExhausted
+  // when the mapping fails; Cancelled when `*stop` turns true (the reserve
+  // is then dropped). Returns the seconds it took.
+  absl::StatusOr<double> Reserve(uint64_t bytes, const std::atomic<bool>* stop = nullptr);
+  uint64_t reserve_bytes() const;
   // Whether a buffer of `bytes` returns to the cache when released (smaller
   // ones are cheaper in ordinary heap memory).
   bool Caches(uint64_t bytes) const { return bytes >= options_.min_cached_bytes; }
+  // Bytes of released buffers kept, the reserve's not counted.
   uint64_t cached_bytes() const;
   // Buffers handed out by Acquire that came from the cache (tests, metrics).
   uint64_t reuses() const;
@@ -96,9 +115,13 @@ class StagingCache : public std::enable_shared_from_this<StagingCache> {
  private:
   explicit StagingCache(const StagingCacheOptions& options) : options_(options) {}
   friend class StagingBuffer;
-  // Keeps the mapping for a later Acquire when it fits the bound, else
-  // unmaps it.
+  // Keeps the mapping for a later Acquire when it fits the bound (or is a
+  // piece of the reserve), else unmaps it.
   void Release(uint8_t* base, uint64_t capacity);
+  bool InReserveLocked(const uint8_t* base) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return reserve_base_ != nullptr && base >= reserve_base_ &&
+           base < reserve_base_ + reserve_capacity_;
+  }
 
   struct Entry {
     uint8_t* base;
@@ -108,7 +131,11 @@ class StagingCache : public std::enable_shared_from_this<StagingCache> {
   const StagingCacheOptions options_;
   mutable absl::Mutex mu_;
   std::vector<Entry> cached_ ABSL_GUARDED_BY(mu_);
-  uint64_t cached_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t cached_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // outside the reserve
+  // The reserve's mapping; its free pieces are entries of cached_.
+  uint8_t* reserve_base_ ABSL_GUARDED_BY(mu_) = nullptr;
+  uint64_t reserve_capacity_ ABSL_GUARDED_BY(mu_) = 0;
+  bool reserving_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t reuses_ ABSL_GUARDED_BY(mu_) = 0;
 };
 

@@ -326,6 +326,13 @@ bool SessionManager::SetDraining(bool draining) {
   return before;
 }
 
+absl::StatusOr<double> SessionManager::ReserveStaging(uint64_t bytes,
+                                                      const std::atomic<bool>* stop) {
+  return staging_->Reserve(bytes, stop);
+}
+
+uint64_t SessionManager::staging_reserve_bytes() const { return staging_->reserve_bytes(); }
+
 int SessionManager::InFlight() const { return counters_->in_flight.load(); }
 
 ChecksumCounters* SessionManager::checksum_counters() { return &counters_->checksums; }

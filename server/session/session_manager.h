@@ -72,6 +72,7 @@
 #ifndef ICECACHE_SERVER_SESSION_SESSION_MANAGER_H_
 #define ICECACHE_SERVER_SESSION_SESSION_MANAGER_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -329,6 +330,10 @@ class SessionManager {
   absl::StatusOr<int> Drain(const Caller& caller, bool draining = true);
   // Drain() for the daemon itself; returns the previous setting.
   bool SetDraining(bool draining) ABSL_LOCKS_EXCLUDED(mu_);
+  // The daemon's pool.prefault: faults `bytes` of append staging in now and
+  // keeps them (StagingCache::Reserve, its codes); the seconds it took.
+  absl::StatusOr<double> ReserveStaging(uint64_t bytes, const std::atomic<bool>* stop);
+  uint64_t staging_reserve_bytes() const;
 
   // --- warm restart (session_restore.cc; docs/architecture.md §5) ---
   // Every usable session as a snapshot image: frame offsets and checksums,

@@ -235,10 +235,12 @@ absl::StatusOr<std::unique_ptr<DecodeBackend>> MakeSocketBackend(const std::stri
     d.extra_args = {absl::StrCat("--capacity-bytes=", capacity_bytes)};
     // Buffers stay registered through the longest prefill of a loaded machine.
     d.config_textproto = "sessions { buffer_idle_ttl_ms: 3600000 }\n" + spawn_config;
-    // pool.prefault: the daemon says ready once its arena is faulted in, at up
-    // to 19 s per GiB on a host that backs memory lazily (docs/operations.md).
+    // pool.prefault: the daemon says ready once its arena and its staging
+    // reserve (at most half the pool here) are faulted in, at up to 19 s per
+    // GiB on a host that backs memory lazily (docs/operations.md).
     if (absl::StrContains(spawn_config, "prefault: true")) {
-      d.ready_timeout += absl::Seconds(20.0 * static_cast<double>(capacity_bytes) / (1 << 30));
+      d.ready_timeout +=
+          absl::Seconds(20.0 * 1.5 * static_cast<double>(capacity_bytes) / (1 << 30));
     }
     ASSIGN_OR_RETURN(daemon, DaemonProcess::Start(d));
     options.socket_path = daemon->socket_path();

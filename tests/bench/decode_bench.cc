@@ -106,6 +106,18 @@ absl::StatusOr<ContextResult> RunContext(const DecodeBenchOptions& o,
     c.generate_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   c.quality_layers = model->quality_layers();
+  // Held, the prefill is a second copy of the daemon's KV in this process
+  // (next to what LayersFor counts).
+  const double layer = LayerBytes(shape.kv_heads, shape.head_dim, tokens);
+  const double held_room = (o.reference_layers + std::min(o.quality_layers, o.layers) +
+                            std::max(4, MaxReuse(policies)) + 2 * c.layers) *
+                           layer;
+  if (o.hold_prefill == "on" || (o.hold_prefill == "auto" && held_room <= o.memory_gib * kGiB)) {
+    ProgressLine bar(o.progress, "hold the prefill", c.layers);
+    RETURN_IF_ERROR(model->HoldPrefill([&](int done) { bar.Set(done, "layers"); }));
+    c.prefill_held = true;
+    c.hold_s = model->hold_seconds();
+  }
   DecodeReference ref;
   {
     ProgressLine bar(o.progress, "full attention (reference)", o.steps);
@@ -254,11 +266,23 @@ absl::Status RunDecodeBench(const DecodeBenchOptions& o) {
     if (!o.daemon_config.empty() && o.spawn.empty()) {
       return absl::InvalidArgumentError("--daemon-config is for a daemon it starts (--spawn)");
     }
+    // A held prefill is streamed with up to three chunks of 4 layers in the
+    // daemon at once (one building, one queued, one being copied in): the
+    // staging it faults in at start holds them (pool.staging_reserve_bytes).
+    const int64_t longest_context = *std::max_element(o.contexts.begin(), o.contexts.end());
+    const uint64_t reserve = std::min<uint64_t>(
+        pool / 2,
+        static_cast<uint64_t>(3 * 4 * LayerBytes(shape.kv_heads, shape.head_dim, longest_context)));
     ASSIGN_OR_RETURN(
-        main, MakeSocketBackend(o.spawn, o.socket, pool,
-                                absl::StrCat(o.daemon_prefault ? "pool { prefault: true }\n" : "",
-                                             o.daemon_config, "\n"),
-                                RingSpin(o)));
+        main,
+        MakeSocketBackend(
+            o.spawn, o.socket, pool,
+            absl::StrCat(
+                o.daemon_prefault
+                    ? absl::StrCat("pool { prefault: true staging_reserve_bytes: ", reserve, " }\n")
+                    : "",
+                o.daemon_config, "\n"),
+            RingSpin(o)));
   } else {
     ASSIGN_OR_RETURN(main, MakeInProcessBackend(pool, /*quality=*/true));
   }

@@ -99,6 +99,14 @@ struct DecodeBenchOptions {
   // companion and quality layers. Above it a context runs with fewer layers
   // (its per-token figures scaled to `layers` and marked "scaled").
   double memory_gib = 12.0;
+  // "on": generate each context's prefill once, hold it (fp16, 4 GiB at 32
+  // layers x 32768 tokens) and stream it as a client holding its KV would,
+  // the next chunk sent while the last one's trees build (TT2T then counts
+  // the copies into the staging buffer, and no generation); every policy
+  // reuses it. "off": generate each chunk before it is sent, untimed, and
+  // wait for its trees before the next (no overlap: an upper bound). "auto"
+  // (default): "on" where the daemon's KV and the held copy fit memory_gib.
+  std::string hold_prefill = "auto";
   std::string json, plot;
   bool progress = true;
   // Only the per-message RPC cost, ring and stream against in-process

@@ -96,6 +96,13 @@ DecodeFlags::DecodeFlags(CLI::App* app) {
   app->add_flag("--daemon-prefault", o_.daemon_prefault,
                 "with --spawn: the daemon faults its pool in at start (pool.prefault), sized "
                 "to the KV it holds");
+  app->add_option("--hold-prefill", o_.hold_prefill,
+                  "on: generate the prefill once, hold it and stream it pipelined (the next "
+                  "chunk sent while the last one's trees build; copies timed, no generation); "
+                  "off: generate each chunk untimed and wait for its trees before the next; "
+                  "auto: on where the daemon's KV and the held copy fit --memory-gib")
+      ->check(CLI::IsMember({"auto", "on", "off"}))
+      ->capture_default_str();
   app->add_flag("--in-place-ab", o_.in_place_ab,
                 "+ip policies write in place on odd steps and whole on even steps, into the "
                 "same per-layer regions; the report gives both gathers (interleaved A/B)");

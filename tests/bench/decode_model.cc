@@ -89,6 +89,14 @@ absl::Status DecodeModel::FillAppend(int64_t begin, int64_t end, int first, int 
         "decode model: FillAppend generates the whole prefill (tokens 0..", prefill_tokens(),
         ") or copies decode tokens; asked tokens ", begin, "..", end));
   }
+  if (prefill_held()) {
+    for (int l = first; l < first + count; ++l) {
+      const size_t at = static_cast<size_t>(l - first) * kv_heads_ * run;
+      std::memcpy(k_out + at, held_k_[l].get(), kv_heads_ * run * sizeof(uint16_t));
+      std::memcpy(v_out + at, held_v_[l].get(), kv_heads_ * run * sizeof(uint16_t));
+    }
+    return absl::OkStatus();
+  }
   // Every block the layers touch (a range that starts or ends inside a block
   // generates the whole block: a chunk aligned with the blocks wastes none).
   for (int b = first - first % options_.block_layers; b < first + count;
@@ -104,6 +112,41 @@ absl::Status DecodeModel::FillAppend(int64_t begin, int64_t end, int first, int 
       }
     }
   }
+  return absl::OkStatus();
+}
+
+absl::Status DecodeModel::HoldPrefill(const std::function<void(int)>& progress) {
+  if (prefill_held()) return absl::OkStatus();
+  const auto t0 = std::chrono::steady_clock::now();
+  const double streamed_s = generate_s_;  // GenerateSlice counts FillAppend's
+  const size_t d = static_cast<size_t>(head_dim_);
+  const size_t run = static_cast<size_t>(prefill_tokens()) * d;
+  std::vector<std::unique_ptr<uint16_t[]>> k(layers_), v(layers_);
+  for (int l = 0; l < layers_; ++l) {
+    k[l].reset(new (std::nothrow) uint16_t[kv_heads_ * run]);
+    v[l].reset(new (std::nothrow) uint16_t[kv_heads_ * run]);
+    if (k[l] == nullptr || v[l] == nullptr) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("decode model: no memory to hold the prefill (",
+                       AppendBytes(prefill_tokens(), layers_) >> 20, " MiB)"));
+    }
+  }
+  for (int b = 0; b < layers_; b += options_.block_layers) {
+    const int in_block = std::min(options_.block_layers, layers_ - b);
+    for (int h = 0; h < kv_heads_; ++h) {
+      RETURN_IF_ERROR(GenerateSlice(b, h));
+      for (int j = 0; j < in_block; ++j) {
+        const size_t from = static_cast<size_t>(j) * tokens_ * d;  // the slice's layer j
+        FloatToHalf(scratch_.keys.data() + from, k[b + j].get() + h * run, run);
+        FloatToHalf(scratch_.values.data() + from, v[b + j].get() + h * run, run);
+      }
+    }
+    if (progress) progress(b + in_block);
+  }
+  generate_s_ = streamed_s;
+  held_k_ = std::move(k);
+  held_v_ = std::move(v);
+  hold_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return absl::OkStatus();
 }
 

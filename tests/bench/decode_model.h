@@ -109,6 +109,19 @@ class DecodeModel {
   // Seconds FillAppend of the prefill has spent generating so far.
   double generate_seconds() const { return generate_s_; }
 
+  // Generates the whole prefill once and keeps it, fp16, per layer:
+  // AppendBytes(prefill_tokens(), layers()) bytes (4 GiB at 32 layers x
+  // 32768 tokens). FillAppend of the prefill then copies from it instead of
+  // generating, so a prefill can be streamed the way a client holding its KV
+  // streams it: no generation between the chunks, the next chunk sent while
+  // the last one's trees build. The same bytes as FillAppend generates.
+  // `progress(layers_done)` after each block. ResourceExhausted when the
+  // memory is not there.
+  absl::Status HoldPrefill(const std::function<void(int)>& progress = nullptr);
+  bool prefill_held() const { return !held_k_.empty(); }
+  // Seconds HoldPrefill took.
+  double hold_seconds() const { return hold_s_; }
+
  private:
   DecodeModel() = default;
   // Generates KV head `head` of the block starting at layer `first` into
@@ -124,7 +137,10 @@ class DecodeModel {
   std::vector<uint16_t> qk_, qv_;          // [slot][kv_head][token][d]
   std::vector<uint16_t> tail_k_, tail_v_;  // [layer][kv_head][decode token][d]
   std::vector<float> q_;                   // [step][layer][q_head][d]
-  mutable KvDump scratch_;                 // one (block, head) slice
+  // HoldPrefill's KV: [layer] -> [kv_head][token][d] of the prefill tokens.
+  std::vector<std::unique_ptr<uint16_t[]>> held_k_, held_v_;
+  double hold_s_ = 0;
+  mutable KvDump scratch_;  // one (block, head) slice
   mutable double generate_s_ = 0;
 };
 

@@ -123,17 +123,49 @@ absl::Status WaitForTrees(DecodeBackend& b, const std::string& id, int layers, i
   }
 }
 
-// Streams the prefill in chunks of `chunk_layers` layers. Each chunk is
-// generated first (DecodeModel::FillAppend; not timed), then sent, and its
-// trees waited for (timed): the daemon's builds never run during the
+// Streams the prefill in chunks of `chunk_layers` layers; returns the
+// seconds timed.
+//
+// With the prefill held (DecodeModel::HoldPrefill), as a client holding its
+// KV streams it: each chunk is copied into the staging buffer and sent while
+// the daemon builds the last chunk's trees (one chunk in flight beyond the
+// one building: the next call is sent once the chunk before the last is
+// built), and the clock runs from the first copy to the last tree built.
+//
+// Otherwise each chunk is generated first (FillAppend; not timed), then sent,
+// and its trees waited for (timed): the daemon's builds never run during the
 // generation, so the time is the ingest and index builds alone, without the
-// overlap of one chunk's builds with the next chunk's transfer a client
-// holding its KV would get (an upper bound by that transfer time). Returns
-// the seconds timed.
+// overlap of one chunk's builds with the next chunk's transfer (an upper
+// bound by that transfer time).
 absl::StatusOr<double> Prefill(const DecodeContext& ctx, DecodeBackend& b, const std::string& id,
                                int layers, int chunk_layers, ProgressLine* progress) {
   const DecodeModel& m = *ctx.model;
   const int64_t n = m.prefill_tokens();
+  const auto show = [&](int done) -> absl::Status {
+    if (progress != nullptr) {
+      ASSIGN_OR_RETURN(auto trees, b.Trees(id));
+      progress->Set(done, absl::StrFormat("layers, %d/%d trees", trees.first, trees.second));
+    }
+    return absl::OkStatus();
+  };
+  if (m.prefill_held()) {
+    const auto t0 = Clock::now();
+    int sent = 0;  // layers sent so far
+    for (int first = 0; first < layers; first += chunk_layers) {
+      const int count = std::min(chunk_layers, layers - first);
+      RETURN_IF_ERROR(m.FillAppend(0, n, first, count, b.staging()));
+      RETURN_IF_ERROR(b.Append(id, n, first, count));
+      if (first > 0) {
+        RETURN_IF_ERROR(WaitForTrees(b, id, sent, layers));
+        RETURN_IF_ERROR(show(sent));
+      }
+      sent = first + count;
+    }
+    RETURN_IF_ERROR(WaitForTrees(b, id, layers, layers));
+    const double ms = MsSince(t0);
+    RETURN_IF_ERROR(show(layers));
+    return ms / 1000.0;
+  }
   double ms = 0;
   for (int first = 0; first < layers; first += chunk_layers) {
     const int count = std::min(chunk_layers, layers - first);
@@ -142,11 +174,7 @@ absl::StatusOr<double> Prefill(const DecodeContext& ctx, DecodeBackend& b, const
     RETURN_IF_ERROR(b.Append(id, n, first, count));
     RETURN_IF_ERROR(WaitForTrees(b, id, first + count, layers));
     ms += MsSince(t0);
-    if (progress != nullptr) {
-      ASSIGN_OR_RETURN(auto trees, b.Trees(id));
-      progress->Set(first + count,
-                    absl::StrFormat("layers, %d/%d trees", trees.first, trees.second));
-    }
+    RETURN_IF_ERROR(show(first + count));
   }
   return ms / 1000.0;
 }

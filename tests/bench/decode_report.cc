@@ -223,11 +223,15 @@ void PrintInPlace(const ContextResult& c) {
 }
 
 void PrintContext(const DecodeBenchOptions& o, const ContextResult& c) {
+  const std::string prefill =
+      c.prefill_held
+          ? absl::StrFormat("prefill generated in %.0f s and held: streamed pipelined", c.hold_s)
+          : absl::StrFormat("prefill regenerated while streamed in %.0f s: chunks serial",
+                            c.regenerate_s);
   std::printf(
-      "\n== %lld tokens, %d layers run (generated in %.0f s, regenerated while streamed in "
-      "%.0f s): per-token figures for %d layers%s, ms (medians over %d decode steps after the "
-      "first); quality of layers %s ==\n",
-      static_cast<long long>(c.tokens), c.layers, c.generate_s, c.regenerate_s, o.layers,
+      "\n== %lld tokens, %d layers run (generated in %.0f s, %s): per-token figures for %d "
+      "layers%s, ms (medians over %d decode steps after the first); quality of layers %s ==\n",
+      static_cast<long long>(c.tokens), c.layers, c.generate_s, prefill.c_str(), o.layers,
       c.scale > 1.0 ? absl::StrFormat(" (SCALED x%.1f from %d layers)", c.scale, c.layers).c_str()
                     : "",
       o.steps - 1,
@@ -299,6 +303,7 @@ Json DecodeReportJson(const DecodeBenchOptions& o, const std::vector<ContextResu
                       {"reference_layers", o.reference_layers},
                       {"quality_layers", o.quality_layers},
                       {"daemon_prefault", o.daemon_prefault},
+                      {"hold_prefill", o.hold_prefill},
                       {"daemon_config", o.daemon_config},
                       {"companion_quality", o.companion_quality},
                       {"mdci_pq_factor", o.mdci_pq},
@@ -333,6 +338,8 @@ Json DecodeReportJson(const DecodeBenchOptions& o, const std::vector<ContextResu
                                   {"scale", c.scale},
                                   {"generate_s", c.generate_s},
                                   {"regenerate_s", c.regenerate_s},
+                                  {"prefill_held", c.prefill_held},
+                                  {"hold_s", c.hold_s},
                                   {"quality_layers", c.quality_layers},
                                   {"full_attention_ms", c.full_attention_ms},
                                   {"policies", std::move(policies)},

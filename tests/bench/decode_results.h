@@ -82,6 +82,10 @@ struct ContextResult {
   double generate_s = 0;  // the model's first pass (queries, decode tokens, quality layers)
   // The prefill's generation, every policy together (FillAppend; not timed).
   double regenerate_s = 0;
+  // The prefill was generated once and held (DecodeBenchOptions::hold_prefill),
+  // in hold_s seconds; the policies streamed it pipelined.
+  bool prefill_held = false;
+  double hold_s = 0;
   std::vector<int> quality_layers;  // the layers PolicyResult::layer_mass is of
   double full_attention_ms = 0;
   std::vector<PolicyResult> policies;

@@ -193,6 +193,13 @@ TEST(ConfigTest, EveryBadFieldIsNamed) {
        [](auto* c) { c->mutable_pool()->set_capacity_bytes(uint64_t{1} << 41); }},
       {"pool.high_watermark", [](auto* c) { c->mutable_pool()->set_high_watermark(1.5); }},
       {"pool.high_watermark", [](auto* c) { c->mutable_pool()->set_high_watermark(-0.1); }},
+      {"pool.staging_reserve_bytes",  // without prefault
+       [](auto* c) { c->mutable_pool()->set_staging_reserve_bytes(uint64_t{1} << 20); }},
+      {"pool.staging_reserve_bytes",  // beyond the pool
+       [](auto* c) {
+         c->mutable_pool()->set_prefault(true);
+         c->mutable_pool()->set_staging_reserve_bytes(uint64_t{1} << 40);
+       }},
       {"pool.backing_dir", [](auto* c) { c->mutable_pool()->set_backing_dir("relative/dir"); }},
       {"pool.state_dir", [](auto* c) { c->mutable_pool()->set_state_dir("/dev/shm/state"); }},
       {"pool.state_dir",

@@ -848,9 +848,20 @@ TEST_F(DaemonTest, PoolPrefaultFaultsTheArenaInThenReportsReady) {
   EXPECT_THAT(metrics,
               HasSubstr(absl::StrCat("\nicecache_pool_prefaulted_bytes ", 64 << 20, "\n")));
   EXPECT_THAT(metrics, HasSubstr("\nicecache_pool_prefault_seconds "));
+  // And a quarter of the pool's worth of append staging, kept.
+  EXPECT_THAT(metrics,
+              HasSubstr(absl::StrCat("\nicecache_staging_reserve_bytes ", 16 << 20, "\n")));
   // Sessions work as usual on the faulted-in arena.
   const std::string id = CreateSession();
   EXPECT_FALSE(id.empty());
+}
+
+TEST_F(DaemonTest, PoolPrefaultKeepsTheStagingReserveItIsGiven) {
+  Start(true, "pool { prefault: true staging_reserve_bytes: 7340033 }", /*metrics=*/true);
+  ASSERT_TRUE(daemon_->WaitUntilReady());
+  // Whole 2 MiB pages, rounded down.
+  EXPECT_THAT(HttpGet(daemon_->metrics_port(), "/metrics").body,
+              HasSubstr(absl::StrCat("\nicecache_staging_reserve_bytes ", 6 << 20, "\n")));
 }
 
 TEST_F(DaemonTest, WithoutPoolPrefaultTheDaemonIsReadyAtOnceAndExportsNoPrefaultFigures) {
@@ -858,6 +869,7 @@ TEST_F(DaemonTest, WithoutPoolPrefaultTheDaemonIsReadyAtOnceAndExportsNoPrefault
   EXPECT_TRUE(daemon_->WaitUntilReady());
   const std::string metrics = HttpGet(daemon_->metrics_port(), "/metrics").body;
   EXPECT_THAT(metrics, ::testing::Not(HasSubstr("\nicecache_pool_prefaulted_bytes ")));
+  EXPECT_THAT(metrics, ::testing::Not(HasSubstr("\nicecache_staging_reserve_bytes ")));
 }
 
 // A daemon with a TLS TCP listener on a free port and two bearer tokens:

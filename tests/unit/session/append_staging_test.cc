@@ -1,6 +1,7 @@
 // The staging memory of appends (server/session/append_staging.h).
 #include "server/session/append_staging.h"
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <utility>
@@ -123,6 +124,67 @@ TEST(StagingCacheTest, BuffersOutliveTheirOwnerAndMove) {
   moved = StagingBuffer();  // released into the cache, which then goes
   EXPECT_TRUE(weak.expired());
   EXPECT_THAT(MakeCache(kMiB)->Acquire(0), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST(StagingCacheTest, TheReserveServesPiecesThatMergeAgainAndIsNeverTrimmed) {
+  auto cache = MakeCache(4 * kMiB);
+  auto made = cache->Reserve(16 * kMiB - 1);  // rounded up to whole 2 MiB
+  ASSERT_THAT(made, IsOk());
+  EXPECT_GE(*made, 0.0);
+  EXPECT_EQ(cache->reserve_bytes(), 16 * kMiB);
+  EXPECT_EQ(cache->cached_bytes(), 0u);  // not counted against the bound
+  uint8_t* base = nullptr;
+  {
+    auto a = cache->Acquire(5 * kMiB);  // a piece of 6 MiB
+    ASSERT_THAT(a, IsOk());
+    base = a->data();
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(base) % (2 * kMiB), 0u);
+    EXPECT_EQ(a->capacity(), 6 * kMiB);
+    auto b = cache->Acquire(4 * kMiB);  // the next piece, 4 MiB
+    ASSERT_THAT(b, IsOk());
+    EXPECT_EQ(b->data(), base + 6 * kMiB);
+    EXPECT_EQ(b->capacity(), 4 * kMiB);
+    auto c = cache->Acquire(8 * kMiB);  // 6 MiB free in the reserve: a mapping of its own
+    ASSERT_THAT(c, IsOk());
+    EXPECT_TRUE(c->data() + c->capacity() <= base || c->data() >= base + 16 * kMiB);
+    std::memset(a->data(), 1, a->capacity());
+    std::memset(b->data(), 2, b->capacity());
+    std::memset(c->data(), 3, c->size());
+    EXPECT_EQ(a->data()[a->capacity() - 1], 1);  // the pieces do not overlap
+    EXPECT_EQ(cache->reuses(), 2u);
+  }
+  // The pieces came back and merged: the whole reserve serves one request.
+  EXPECT_EQ(cache->Trim(absl::ZeroDuration()), 0u);  // c was beyond the bound
+  auto whole = cache->Acquire(16 * kMiB);
+  ASSERT_THAT(whole, IsOk());
+  EXPECT_EQ(whole->data(), base);
+  EXPECT_EQ(whole->capacity(), 16 * kMiB);
+}
+
+TEST(StagingCacheTest, SmallRequestsLeaveTheReserveWhole) {
+  auto cache = MakeCache(64 * kMiB);
+  ASSERT_THAT(cache->Reserve(64 * kMiB), IsOk());  // serves requests of 8 MiB and more
+  auto small = cache->Acquire(6 * kMiB);
+  ASSERT_THAT(small, IsOk());
+  EXPECT_EQ(cache->reuses(), 0u);  // a mapping of its own
+  auto big = cache->Acquire(64 * kMiB);
+  ASSERT_THAT(big, IsOk());
+  EXPECT_EQ(cache->reuses(), 1u);  // the reserve, whole
+  EXPECT_EQ(big->capacity(), 64 * kMiB);
+  EXPECT_TRUE(small->data() + small->capacity() <= big->data() ||
+              small->data() >= big->data() + big->capacity());
+}
+
+TEST(StagingCacheTest, TheReserveIsMadeOnceAndAStopDropsIt) {
+  std::atomic<bool> stop{true};
+  auto cache = MakeCache(64 * kMiB);
+  EXPECT_THAT(cache->Reserve(8 * kMiB, &stop), StatusIs(absl::StatusCode::kCancelled));
+  EXPECT_EQ(cache->reserve_bytes(), 0u);
+  EXPECT_THAT(cache->Reserve(0), StatusIs(absl::StatusCode::kInvalidArgument));
+  stop = false;
+  ASSERT_THAT(cache->Reserve(8 * kMiB, &stop), IsOk());
+  EXPECT_THAT(cache->Reserve(8 * kMiB), StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_EQ(cache->reserve_bytes(), 8 * kMiB);
 }
 
 }  // namespace
