@@ -115,7 +115,8 @@ absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::LoadImage(const Sele
 }
 
 absl::Status MdciSelector::Build(const float* keys, int64_t n, std::vector<Placement>* placements) {
-  RETURN_IF_ERROR(ValidateKeysToAdd(keys, n, config_.head_dim, num_tokens(), placements));
+  RETURN_IF_ERROR(
+      ValidateKeysToAdd(keys, n, config_.head_dim, num_tokens(), placements, !keys_prechecked()));
   if (num_tokens() != 0) {
     return absl::FailedPreconditionError(
         absl::StrCat("Build() is for the prefill batch of an empty index; it holds ", num_tokens(),
@@ -136,7 +137,8 @@ absl::Status MdciSelector::Build(const float* keys, int64_t n, std::vector<Place
 
 absl::Status MdciSelector::Insert(const float* keys, int64_t n,
                                   std::vector<Placement>* placements) {
-  RETURN_IF_ERROR(ValidateKeysToAdd(keys, n, config_.head_dim, num_tokens(), placements));
+  RETURN_IF_ERROR(
+      ValidateKeysToAdd(keys, n, config_.head_dim, num_tokens(), placements, !keys_prechecked()));
   if (pq_ != nullptr && pq_->trained() && pq_->trained_rows() < PqSketch::kMaxTrainRows &&
       num_tokens() >= 4 * pq_->trained_rows()) {
     // Codebooks fitted on a small first append: refit on every key placed

@@ -179,7 +179,7 @@ absl::Status CheckFinite(const float* data, int64_t rows, int dim, const char* w
 }
 
 absl::Status ValidateKeysToAdd(const float* keys, int64_t n, int head_dim, int64_t num_tokens,
-                               const std::vector<Placement>* placements) {
+                               const std::vector<Placement>* placements, bool scan) {
   if (placements == nullptr) return absl::InvalidArgumentError("placements must not be null");
   if (n <= 0) return absl::InvalidArgumentError(absl::StrCat("key count must be > 0, got ", n));
   if (keys == nullptr) return absl::InvalidArgumentError("keys must not be null");
@@ -188,7 +188,7 @@ absl::Status ValidateKeysToAdd(const float* keys, int64_t n, int head_dim, int64
     return absl::InvalidArgumentError(absl::StrCat("adding ", n, " keys to ", num_tokens,
                                                    " would exceed ", kMaxTokens, " tokens"));
   }
-  return CheckFinite(keys, n, head_dim, "key");
+  return scan ? CheckFinite(keys, n, head_dim, "key") : absl::OkStatus();
 }
 
 absl::Status ValidateSelect(const Selector& selector, const float* queries, int num_queries,

@@ -70,8 +70,9 @@ void TakePages(const Selector& selector, const std::vector<uint32_t>& forced,
 // the same codes (selector.h):
 // InvalidArgument for null keys/placements, n <= 0, a non-finite value (the
 // message names the row and column), or more than 2^31-1 tokens in total.
+// `scan` false skips the NaN/Inf scan (Selector::keys_prechecked).
 absl::Status ValidateKeysToAdd(const float* keys, int64_t n, int head_dim, int64_t num_tokens,
-                               const std::vector<Placement>* placements);
+                               const std::vector<Placement>* placements, bool scan = true);
 // InvalidArgument for null queries/out, num_queries < 1, budget <= 0,
 // negative sink/recent, budget > num_tokens, non-finite queries (names the
 // row); FailedPrecondition when the index is empty.

@@ -39,7 +39,7 @@ absl::Status PositionalLayoutSelector::Insert(const float* keys, int64_t n,
 
 absl::Status PositionalLayoutSelector::Append(const float* keys, int64_t n,
                                               std::vector<Placement>* placements, bool bulk) {
-  RETURN_IF_ERROR(ValidateKeysToAdd(keys, n, dim_, num_tokens_, placements));
+  RETURN_IF_ERROR(ValidateKeysToAdd(keys, n, dim_, num_tokens_, placements, !keys_prechecked()));
   RETURN_IF_ERROR(OnAppend(keys, n, bulk));
   placements->resize(n);
   if (bulk) {

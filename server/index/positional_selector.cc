@@ -173,7 +173,7 @@ class PositionalSelector final : public Selector {
 
 absl::Status PositionalSelector::Append(const float* keys, int64_t n,
                                         std::vector<Placement>* placements) {
-  RETURN_IF_ERROR(ValidateKeysToAdd(keys, n, dim_, num_tokens_, placements));
+  RETURN_IF_ERROR(ValidateKeysToAdd(keys, n, dim_, num_tokens_, placements, !keys_prechecked()));
   // Everything is validated; from here on nothing can fail.
   placements->resize(n);
   ReserveGeometric(&positions_, num_tokens_ + n);

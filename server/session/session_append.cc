@@ -115,6 +115,9 @@ absl::Status BuildAside(const Session& s, const SelectorConfig& sc, const Append
                         StagingCache* scratch, AppendPlan& plan, int64_t i) {
   const int64_t gi = plan.base + i;
   ASSIGN_OR_RETURN(plan.built[i], Selector::Create(sc, s.page_keys[gi].get()));
+  // CheckAppendInput refused every non-finite byte of the append; this
+  // selector's later appends (Insert) pass the same check.
+  plan.built[i]->set_keys_prechecked(true);
   const uint64_t key_bytes = static_cast<uint64_t>(in.n) * s.config.head_dim * sizeof(float);
   std::vector<float> small;
   StagingBuffer big;
@@ -256,9 +259,20 @@ absl::Status CheckLayerRange(const SessionConfig& c, LayerRange range) {
 
 }  // namespace
 
+bool AppendBytesClean(DType dtype, uint64_t half, uint64_t at, const uint8_t* p, uint64_t len) {
+  const uint64_t esize = DTypeSize(dtype);
+  const uint64_t key_len = at < half ? std::min(len, half - at) : 0;
+  if (key_len > 0 &&
+      FirstAtOrAbove(dtype, p, static_cast<int64_t>(key_len / esize), kMaxKeyExponent) >= 0) {
+    return false;
+  }
+  return len == key_len ||
+         FirstAtOrAbove(dtype, p + key_len, static_cast<int64_t>((len - key_len) / esize), 128) < 0;
+}
+
 absl::StatusOr<AppendInput> CheckAppendInput(const SessionConfig& c, int64_t max_append_tokens,
                                              int64_t n, LayerRange range,
-                                             absl::Span<const uint8_t> bytes) {
+                                             absl::Span<const uint8_t> bytes, bool values_clean) {
   if (n < 1 || n > max_append_tokens) {
     return absl::InvalidArgumentError(
         absl::StrCat("append: n must be in 1..", max_append_tokens, ", got ", n));
@@ -286,6 +300,7 @@ absl::StatusOr<AppendInput> CheckAppendInput(const SessionConfig& c, int64_t max
   const int64_t per_half = static_cast<int64_t>(in.half / esize);
   const int64_t per_layer = static_cast<int64_t>(c.kv_heads) * n * c.head_dim;
   for (const char* what : {"key", "value"}) {
+    if (values_clean) break;
     const bool keys = what[0] == 'k';
     const uint8_t* half = bytes.data() + (keys ? 0 : in.half);
     const int64_t bad = FirstAtOrAbove(c.dtype, half, per_half, keys ? kMaxKeyExponent : 128);

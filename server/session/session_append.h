@@ -56,9 +56,20 @@ struct AppendInput {
 // InvalidArgument for n outside 1..max_append_tokens, a layer range that is
 // not whole layer groups of the model, a byte count that is not
 // AppendBytes(c, n, range), or a NaN/Inf key (naming layer, kv head, token).
+// `values_clean`: the caller has already found every element clean
+// (AppendBytesClean over all of `bytes`, e.g. block by block while copying
+// them), so the scan is skipped; every other check stays.
 absl::StatusOr<AppendInput> CheckAppendInput(const SessionConfig& c, int64_t max_append_tokens,
                                              int64_t n, LayerRange range,
-                                             absl::Span<const uint8_t> bytes);
+                                             absl::Span<const uint8_t> bytes,
+                                             bool values_clean = false);
+
+// Whether `len` bytes at `p`, which lie `at` bytes into an append region
+// whose first `half` bytes are keys, hold no element CheckAppendInput would
+// refuse (NaN/Inf; keys of magnitude 2^59 or more). `at` and `len` are
+// multiples of the element size. For a check of each block while it is
+// copied and in cache; CheckAppendInput's own scan then names the element.
+bool AppendBytesClean(DType dtype, uint64_t half, uint64_t at, const uint8_t* p, uint64_t len);
 
 // The config of the session's selectors (every (layer group, KV head) index
 // has the same): what appends build and a warm restart recreates.

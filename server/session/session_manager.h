@@ -412,9 +412,11 @@ class SessionManager {
   // The steps of an append (session_append.h), under the session's writer
   // lock. `owned`, when it holds `bytes`, is the private copy they live in:
   // a background build takes it instead of copying them again.
+  // `values_clean`: the copy into `owned` already found every element clean
+  // (AppendBytesClean), so CheckAppendInput skips its scan.
   absl::StatusOr<AppendResult> Append(const InFlightGuard& guard, int64_t n, LayerRange range,
-                                      absl::Span<const uint8_t> bytes, StagingBuffer owned)
-      ABSL_LOCKS_EXCLUDED(mu_);
+                                      absl::Span<const uint8_t> bytes, StagingBuffer owned,
+                                      bool values_clean = false) ABSL_LOCKS_EXCLUDED(mu_);
   // Accepts a background build (session_append.h, PendingBuild) and posts it.
   // `owned` holds the bytes `in` points at; the job keeps it.
   AppendResult StartBackgroundBuild(const InFlightGuard& guard, const AppendInput& in,

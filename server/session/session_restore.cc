@@ -148,6 +148,7 @@ absl::Status LoadIndex(Session& s, const SessionImage& img, size_t gi, const Ind
                                                         gi % s.config.kv_heads)]
                             .size();
   RETURN_IF_ERROR(CheckLayout(s, *sel, img.slots[gi], frames, gi));
+  sel->set_keys_prechecked(true);  // later appends pass CheckAppendInput
   s.selectors[gi] = std::move(sel);
   s.trees_built.fetch_add(1);
   return absl::OkStatus();
@@ -189,6 +190,9 @@ absl::Status ReplayIndex(Session& s, const SessionImage& img, size_t gi)
     return absl::DataLossError(absl::StrCat("rebuilt layer group ", g, " kv head ", h, " has ",
                                             sel->num_pages(), " pages, not ", table.size()));
   }
+  // The replay scanned the keys it read back; later appends pass
+  // CheckAppendInput.
+  sel->set_keys_prechecked(true);
   s.selectors[gi] = std::move(sel);
   s.trees_built.fetch_add(1);
   return absl::OkStatus();

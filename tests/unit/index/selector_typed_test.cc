@@ -253,6 +253,59 @@ TEST_P(SelectorContractTest, DeterministicForTheSameDataAndSeed) {
   }
 }
 
+// keys_prechecked (a caller that refused non-finite keys itself, as the
+// session's append does) skips only the NaN/Inf scan: the same layout and
+// selections, and every other check.
+TEST_P(SelectorContractTest, PrecheckedKeysLayOutTheSameAndKeepEveryOtherCheck) {
+  const HeadData data = MakeSyntheticHead(600, kGroup, 2, 15);
+  auto plain = BuildHarness(data, 500);
+  ASSERT_CREATED(plain);
+  auto h = MakeHarness();
+  ASSERT_CREATED(h);
+  EXPECT_FALSE(h->sel->keys_prechecked());
+  h->sel->set_keys_prechecked(true);
+  std::vector<Placement> pl;
+  EXPECT_THAT(h->sel->Build(data.keys.data(), 0, &pl),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(h->sel->Build(data.keys.data(), 10, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(h->sel->Build(nullptr, 10, &pl), StatusIs(absl::StatusCode::kInvalidArgument));
+  ASSERT_THAT(h->Add(data.keys.data(), 500, /*bulk=*/true), IsOk());
+  for (int64_t at = 500; at < data.n; at += 25) {
+    ASSERT_THAT(h->Add(data.keys.data() + at * kDim, std::min<int64_t>(25, data.n - at),
+                       /*bulk=*/false),
+                IsOk());
+  }
+  ASSERT_EQ(h->sel->num_tokens(), data.n);
+  EXPECT_THAT(h->sel->Build(data.keys.data(), 10, &pl),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+  // The plain harness added its decode keys in other chunks: compare the
+  // prefill's placements, then the selections of a twin built in the same
+  // chunks without the flag.
+  for (int64_t i = 0; i < 500; ++i) {
+    ASSERT_EQ(h->placements[i].page, plain->placements[i].page);
+    ASSERT_EQ(h->placements[i].slot, plain->placements[i].slot);
+  }
+  auto twin = MakeHarness();
+  ASSERT_CREATED(twin);
+  ASSERT_THAT(twin->Add(data.keys.data(), 500, /*bulk=*/true), IsOk());
+  for (int64_t at = 500; at < data.n; at += 25) {
+    ASSERT_THAT(twin->Add(data.keys.data() + at * kDim, std::min<int64_t>(25, data.n - at),
+                          /*bulk=*/false),
+                IsOk());
+  }
+  SelectParams p;
+  p.budget_tokens = 128;
+  p.want_positions = true;
+  for (int step = 0; step < data.steps; ++step) {
+    Selection x, y;
+    ASSERT_THAT(h->sel->Select(data.query(step), kGroup, p, &x), IsOk());
+    ASSERT_THAT(twin->sel->Select(data.query(step), kGroup, p, &y), IsOk());
+    EXPECT_EQ(x.pages, y.pages);
+    EXPECT_EQ(x.positions, y.positions);
+  }
+}
+
 TEST_P(SelectorContractTest, InsertedNeedleIsSelectedByScoringSelectors) {
   const SelectorKind kind = GetParam();
   if (kind == SelectorKind::kStreaming) {

@@ -98,6 +98,18 @@ TEST(CheckAppendInputTest, NamesTheFirstBadElementAcrossScanBlocks) {
         absl::StatusOr<AppendInput> in = CheckAppendInput(c, n, n, {0, 0}, bytes);
         const std::string where = absl::StrCat(std::string(DTypeName(k.dtype)), " element ", e,
                                                values ? " of the values" : " of the keys");
+        // Checked in steps (the copy's), a step straddling the keys' end
+        // included: clean exactly when CheckAppendInput accepts.
+        const uint64_t half = bytes.size() / 2;
+        for (uint64_t step : {uint64_t{4096}, half / 3, uint64_t{bytes.size()}}) {
+          step -= step % 4;
+          bool clean = true;
+          for (uint64_t at = 0; at < bytes.size(); at += step) {
+            clean &= AppendBytesClean(k.dtype, half, at, bytes.data() + at,
+                                      std::min<uint64_t>(step, bytes.size() - at));
+          }
+          EXPECT_EQ(clean, in.ok()) << where << ", steps of " << step;
+        }
         if (values && k.keys_only) {
           EXPECT_THAT(in, IsOk()) << where;
           continue;

@@ -609,6 +609,46 @@ TEST_F(SessionKvBasicTest, ALargeBufferAppendIsCopiedInBlocksExactly) {
   EXPECT_EQ(env_.manager->GetSession(Alice(), info->id)->tokens, n);
 }
 
+// The blocks are checked for NaN/Inf as they are copied: a bad element in
+// any block of a large buffer append, keys or values, is refused with the
+// element named and nothing stored; a clean append then goes in.
+TEST_F(SessionKvBasicTest, ABadElementInAnyBlockOfALargeBufferAppendIsNamed) {
+  const SessionConfig c = SmallConfig();  // fp16, 512 bytes per token (4 layers, K and V)
+  auto info = env_.manager->CreateSession(Alice(), c);
+  ASSERT_THAT(info, IsOk());
+  const int64_t n = 40000;  // 20 MB: three 8 MiB blocks
+  auto kv = MakeKv(c, 0, n);
+  auto big = ShmFile::Create(UniqueName("bad"), kv.size());
+  ASSERT_THAT(big, IsOk());
+  auto b = env_.buffers->RegisterShm(Alice(), big->path(), big->size(), clock_.Now());
+  ASSERT_THAT(b, IsOk());
+  const size_t row = c.head_dim * 2;
+  struct Bad {
+    bool values;
+    int layer, head;
+    int64_t token;
+    const char* want;
+  };
+  for (const Bad& bad :
+       {Bad{false, 0, 0, 3, "key of layer 0, kv head 0, token 3 is NaN"},
+        Bad{false, 2, 1, 39999, "key of layer 2, kv head 1, token 39999 is NaN"},
+        Bad{true, 1, 0, 20000, "value of layer 1, kv head 0, token 20000 is NaN"},
+        Bad{true, 3, 1, 39999, "value of layer 3, kv head 1, token 39999 is NaN"}}) {
+    std::memcpy(big->data(), kv.data(), kv.size());
+    const size_t at =
+        (bad.values ? kv.size() / 2 : 0) +
+        ((static_cast<size_t>(bad.layer) * c.kv_heads + bad.head) * n + bad.token) * row + 10;
+    big->data()[at] = 0x00;
+    big->data()[at + 1] = 0x7c;  // fp16 +Inf
+    EXPECT_THAT(env_.manager->AppendKvFromBuffer(Alice(), info->id, n, b->id, 0),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(bad.want)));
+    EXPECT_EQ(env_.manager->GetSession(Alice(), info->id)->tokens, 0);
+  }
+  std::memcpy(big->data(), kv.data(), kv.size());
+  ASSERT_THAT(env_.manager->AppendKvFromBuffer(Alice(), info->id, n, b->id, 0), IsOk());
+  EXPECT_EQ(env_.manager->GetSession(Alice(), info->id)->tokens, n);
+}
+
 TEST_F(SessionKvBasicTest, ReadyLayerGroupsServeWhileTheRestOfThePrefillArrives) {
   const SessionConfig c = SmallConfig(SelectorKind::kMdci);  // 4 layers, layer_reuse 2
   auto info = env_.manager->CreateSession(Alice(), c);
