@@ -90,10 +90,12 @@ class SelectorContractTest : public ::testing::TestWithParam<SelectorKind> {
   }
 
   // Bulk-builds `data` keys [0, prefill) and inserts the rest in decode chunks.
+  // `prechecked`: Selector::set_keys_prechecked before any key.
   std::unique_ptr<Harness> BuildHarness(const HeadData& data, int64_t prefill,
-                                        DType dtype = DType::kF16) {
+                                        DType dtype = DType::kF16, bool prechecked = false) {
     auto h = MakeHarness(dtype);
     if (h == nullptr) return nullptr;
+    h->sel->set_keys_prechecked(prechecked);
     EXPECT_THAT(h->Add(data.keys.data(), prefill, /*bulk=*/true), IsOk());
     const int64_t chunks[] = {1, 7, 16, 33, 2};
     int64_t at = prefill;
@@ -257,50 +259,35 @@ TEST_P(SelectorContractTest, DeterministicForTheSameDataAndSeed) {
 // session's append does) skips only the NaN/Inf scan: the same layout and
 // selections, and every other check.
 TEST_P(SelectorContractTest, PrecheckedKeysLayOutTheSameAndKeepEveryOtherCheck) {
+  auto fresh = MakeHarness();
+  ASSERT_CREATED(fresh);
+  EXPECT_FALSE(fresh->sel->keys_prechecked());
+  fresh->sel->set_keys_prechecked(true);
   const HeadData data = MakeSyntheticHead(600, kGroup, 2, 15);
+  std::vector<Placement> pl;
+  EXPECT_THAT(fresh->sel->Build(data.keys.data(), 0, &pl),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(fresh->sel->Build(data.keys.data(), 10, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(fresh->sel->Build(nullptr, 10, &pl), StatusIs(absl::StatusCode::kInvalidArgument));
   auto plain = BuildHarness(data, 500);
   ASSERT_CREATED(plain);
-  auto h = MakeHarness();
-  ASSERT_CREATED(h);
-  EXPECT_FALSE(h->sel->keys_prechecked());
-  h->sel->set_keys_prechecked(true);
-  std::vector<Placement> pl;
-  EXPECT_THAT(h->sel->Build(data.keys.data(), 0, &pl),
-              StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(h->sel->Build(data.keys.data(), 10, nullptr),
-              StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(h->sel->Build(nullptr, 10, &pl), StatusIs(absl::StatusCode::kInvalidArgument));
-  ASSERT_THAT(h->Add(data.keys.data(), 500, /*bulk=*/true), IsOk());
-  for (int64_t at = 500; at < data.n; at += 25) {
-    ASSERT_THAT(h->Add(data.keys.data() + at * kDim, std::min<int64_t>(25, data.n - at),
-                       /*bulk=*/false),
-                IsOk());
-  }
-  ASSERT_EQ(h->sel->num_tokens(), data.n);
-  EXPECT_THAT(h->sel->Build(data.keys.data(), 10, &pl),
+  auto checked = BuildHarness(data, 500, DType::kF16, /*prechecked=*/true);
+  ASSERT_CREATED(checked);
+  EXPECT_THAT(checked->sel->Build(data.keys.data(), 10, &pl),
               StatusIs(absl::StatusCode::kFailedPrecondition));
-  // The plain harness added its decode keys in other chunks: compare the
-  // prefill's placements, then the selections of a twin built in the same
-  // chunks without the flag.
-  for (int64_t i = 0; i < 500; ++i) {
-    ASSERT_EQ(h->placements[i].page, plain->placements[i].page);
-    ASSERT_EQ(h->placements[i].slot, plain->placements[i].slot);
-  }
-  auto twin = MakeHarness();
-  ASSERT_CREATED(twin);
-  ASSERT_THAT(twin->Add(data.keys.data(), 500, /*bulk=*/true), IsOk());
-  for (int64_t at = 500; at < data.n; at += 25) {
-    ASSERT_THAT(twin->Add(data.keys.data() + at * kDim, std::min<int64_t>(25, data.n - at),
-                          /*bulk=*/false),
-                IsOk());
+  ASSERT_EQ(checked->sel->num_tokens(), data.n);
+  for (int64_t i = 0; i < data.n; ++i) {
+    ASSERT_EQ(checked->placements[i].page, plain->placements[i].page);
+    ASSERT_EQ(checked->placements[i].slot, plain->placements[i].slot);
   }
   SelectParams p;
   p.budget_tokens = 128;
   p.want_positions = true;
   for (int step = 0; step < data.steps; ++step) {
     Selection x, y;
-    ASSERT_THAT(h->sel->Select(data.query(step), kGroup, p, &x), IsOk());
-    ASSERT_THAT(twin->sel->Select(data.query(step), kGroup, p, &y), IsOk());
+    ASSERT_THAT(checked->sel->Select(data.query(step), kGroup, p, &x), IsOk());
+    ASSERT_THAT(plain->sel->Select(data.query(step), kGroup, p, &y), IsOk());
     EXPECT_EQ(x.pages, y.pages);
     EXPECT_EQ(x.positions, y.positions);
   }
