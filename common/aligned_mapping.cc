@@ -1,6 +1,7 @@
 #include "common/aligned_mapping.h"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 namespace icecache {
 
@@ -14,6 +15,17 @@ uint8_t* MapAligned(uint64_t bytes, uint64_t align, int extra_flags) {
   const uintptr_t tail = start + align - aligned;  // slack after the aligned range
   if (tail > 0) munmap(reinterpret_cast<void*>(aligned + bytes), tail);
   return reinterpret_cast<uint8_t*>(aligned);
+}
+
+void FaultInForWrite(uint8_t* p, uint64_t len, bool* populate) {
+#ifdef MADV_POPULATE_WRITE
+  if (*populate && madvise(p, len, MADV_POPULATE_WRITE) == 0) return;
+#endif
+  *populate = false;
+  const long page = sysconf(_SC_PAGESIZE) > 0 ? sysconf(_SC_PAGESIZE) : 4096;
+  for (uint64_t off = 0; off < len; off += static_cast<uint64_t>(page)) {
+    __atomic_fetch_or(p + off, uint8_t{0}, __ATOMIC_RELAXED);
+  }
 }
 
 }  // namespace icecache

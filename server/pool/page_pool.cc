@@ -408,26 +408,14 @@ ArenaPrefault PagePool::PrefaultArena(const std::atomic<bool>* stop) {
   ArenaPrefault out;
   const auto t0 = absl::Now();
   bool populate = true;
-  const long page = sysconf(_SC_PAGESIZE) > 0 ? sysconf(_SC_PAGESIZE) : 4096;
   for (uint64_t slab = 0; slab < num_slabs_; ++slab) {
     if (stop != nullptr && stop->load(std::memory_order_relaxed)) {
       out.stopped = true;
       break;
     }
-    uint8_t* start = base_ + slab * kSlabBytes;
-#ifdef MADV_POPULATE_WRITE
-    // EINVAL: a kernel without it; then touch from here on.
-    if (populate && madvise(start, kSlabBytes, MADV_POPULATE_WRITE) != 0) populate = false;
-#else
-    populate = false;
-#endif
-    if (!populate) {
-      // An atomic read-modify-write that changes nothing: faults the page in
-      // for writing without racing a frame's owner writing to it.
-      for (uint64_t off = 0; off < kSlabBytes; off += static_cast<uint64_t>(page)) {
-        __atomic_fetch_or(start + off, uint8_t{0}, __ATOMIC_RELAXED);
-      }
-    }
+    // The no-op writes of a kernel without MADV_POPULATE_WRITE do not race a
+    // frame's owner writing to it.
+    FaultInForWrite(base_ + slab * kSlabBytes, kSlabBytes, &populate);
     out.bytes += kSlabBytes;
     prefaulted_bytes_.store(out.bytes, std::memory_order_relaxed);
   }

@@ -1,7 +1,6 @@
 #include "server/session/append_staging.h"
 
 #include <sys/mman.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -101,7 +100,6 @@ absl::StatusOr<double> StagingCache::Reserve(uint64_t bytes, const std::atomic<b
   }
   // Fault it in a step at a time, so a shutdown stops it soon.
   constexpr uint64_t kStep = uint64_t{64} << 20;
-  const long page = sysconf(_SC_PAGESIZE) > 0 ? sysconf(_SC_PAGESIZE) : 4096;
   bool populate = true;
   for (uint64_t at = 0; at < capacity; at += kStep) {
     if (stop != nullptr && stop->load(std::memory_order_relaxed)) {
@@ -110,15 +108,7 @@ absl::StatusOr<double> StagingCache::Reserve(uint64_t bytes, const std::atomic<b
       reserving_ = false;
       return absl::CancelledError("staging reserve: stopped (shutdown)");
     }
-    const uint64_t len = std::min(kStep, capacity - at);
-#ifdef MADV_POPULATE_WRITE
-    if (populate && madvise(base + at, len, MADV_POPULATE_WRITE) != 0) populate = false;
-#else
-    populate = false;
-#endif
-    if (!populate) {
-      for (uint64_t off = 0; off < len; off += static_cast<uint64_t>(page)) base[at + off] = 0;
-    }
+    FaultInForWrite(base + at, std::min(kStep, capacity - at), &populate);
   }
   absl::MutexLock l(&mu_);
   reserving_ = false;
