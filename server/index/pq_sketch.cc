@@ -14,42 +14,72 @@
 namespace icecache {
 namespace {
 
-// A sub-space's centroids ([centroid][dimension]) dimension-major, as
-// PqNearest reads them.
-void PqTranspose(const float* cent, float* cent_t) {
-  for (int c = 0; c < PqSketch::kCentroids; ++c) {
-    for (int d = 0; d < PqSketch::kSubDims; ++d) {
-      cent_t[d * PqSketch::kCentroids + c] = cent[c * PqSketch::kSubDims + d];
-    }
-  }
+// The nearest centroid of 8 points at once (point j's coordinate d at
+// x[d * 8 + j]; `cent` [centroid][dimension]): the centroid of the least
+// squared distance (FMAs in dimension order from 0), the first on a tie, with the points in the
+// lanes instead of the centroids, so no horizontal minimum (which was most of an encode) and no
+// chain from one point to the next. A NaN distance never wins.
+inline __m256i PqNearest8(const float* x, const float* cent) {
+  static_assert(PqSketch::kSubDims == 4, "four coordinate vectors");
+  const __m256 x0 = _mm256_loadu_ps(x);
+  const __m256 x1 = _mm256_loadu_ps(x + 8);
+  const __m256 x2 = _mm256_loadu_ps(x + 16);
+  const __m256 x3 = _mm256_loadu_ps(x + 24);
+  const auto dist = [&](const float* c) {
+    const __m256 t0 = _mm256_sub_ps(x0, _mm256_broadcast_ss(c));
+    const __m256 t1 = _mm256_sub_ps(x1, _mm256_broadcast_ss(c + 1));
+    const __m256 t2 = _mm256_sub_ps(x2, _mm256_broadcast_ss(c + 2));
+    const __m256 t3 = _mm256_sub_ps(x3, _mm256_broadcast_ss(c + 3));
+    __m256 a = _mm256_fmadd_ps(t0, t0, _mm256_setzero_ps());
+    a = _mm256_fmadd_ps(t1, t1, a);
+    a = _mm256_fmadd_ps(t2, t2, a);
+    return _mm256_fmadd_ps(t3, t3, a);
+  };
+  // A tournament, not a scan: a scan's compare-and-blend chain through 15
+  // centroids made it latency-bound. Each merge keeps the left (lower
+  // numbered) side unless the right is strictly nearer, so ties go to the
+  // lowest number, as a scan's would.
+  struct Best {
+    __m256 d, i;  // distance, centroid number (as a float: exact)
+  };
+  const auto merge = [](Best a, Best b) {
+    const __m256 lt = _mm256_cmp_ps(b.d, a.d, _CMP_LT_OQ);
+    return Best{_mm256_blendv_ps(a.d, b.d, lt), _mm256_blendv_ps(a.i, b.i, lt)};
+  };
+  const auto leaf = [&](int c) {
+    return Best{dist(cent + c * PqSketch::kSubDims), _mm256_set1_ps(static_cast<float>(c))};
+  };
+  const auto eight = [&](int c0) {
+    const Best a = merge(merge(leaf(c0), leaf(c0 + 1)), merge(leaf(c0 + 2), leaf(c0 + 3)));
+    const Best b = merge(merge(leaf(c0 + 4), leaf(c0 + 5)), merge(leaf(c0 + 6), leaf(c0 + 7)));
+    return merge(a, b);
+  };
+  static_assert(PqSketch::kCentroids == 16, "two tournaments of eight");
+  const __m256 besti = merge(eight(0), eight(8)).i;
+  return _mm256_cvttps_epi32(besti);
 }
 
-// The nearest of a sub-space's kCentroids centroids to x (the first on a
-// tie; centroid 0 when every distance is NaN), from the centroids
-// dimension-major (PqTranspose): the 16 squared distances side by side in
-// two 8-lane vectors, their minimum, the first lane that holds it. Train and
-// Encode spend their time here: 5-10x faster than a loop over the
-// centroids, with the same choices (docs/bench/duel17_methods.md).
-int PqNearest(const float* x, const float* cent_t) {
-  static_assert(PqSketch::kCentroids == 16, "two 8-lane vectors of distances");
-  constexpr int kC = PqSketch::kCentroids;
-  __m256 lo = _mm256_setzero_ps();
-  __m256 hi = _mm256_setzero_ps();
-  for (int d = 0; d < PqSketch::kSubDims; ++d) {
-    const __m256 xd = _mm256_set1_ps(x[d]);
-    const __m256 tl = _mm256_sub_ps(xd, _mm256_loadu_ps(cent_t + d * kC));
-    const __m256 th = _mm256_sub_ps(xd, _mm256_loadu_ps(cent_t + d * kC + 8));
-    lo = _mm256_add_ps(lo, _mm256_mul_ps(tl, tl));
-    hi = _mm256_add_ps(hi, _mm256_mul_ps(th, th));
+// Rows [0, 8) of `in` (row stride in_stride floats), columns [0, 8), into
+// out[column * 8 + row].
+inline void Transpose8x8(const float* in, size_t in_stride, float* out) {
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + i * in_stride);
+  __m256 t[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
   }
-  __m256 m = _mm256_min_ps(lo, hi);
-  m = _mm256_min_ps(m, _mm256_permute2f128_ps(m, m, 1));
-  m = _mm256_min_ps(m, _mm256_permute_ps(m, 0x4e));
-  m = _mm256_min_ps(m, _mm256_permute_ps(m, 0xb1));
-  const unsigned mask =
-      static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(lo, m, _CMP_EQ_OQ))) |
-      (static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(hi, m, _CMP_EQ_OQ))) << 8);
-  return mask == 0 ? 0 : __builtin_ctz(mask);
+  __m256 u[8];
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(out + i * 8, _mm256_permute2f128_ps(u[i], u[4 + i], 0x20));
+    _mm256_storeu_ps(out + (i + 4) * 8, _mm256_permute2f128_ps(u[i], u[4 + i], 0x31));
+  }
 }
 
 // Per-thread scratch of EstimatePageMass (no allocation once warm).
@@ -71,6 +101,21 @@ PqScanScratch& PqScratch() {
   return s;
 }
 
+// Per-thread scratch of Train, kept between trees: fresh, its 2 MiB of
+// directions were faulted in again by every build (glibc hands such blocks
+// back to the kernel), a few ms of a tree where a fault costs 13 us.
+struct PqTrainScratch {
+  std::vector<float> dirs;     // the sample's directions, rows x dim
+  std::vector<float> sub;      // one sub-space of them, 8-row blocks
+  std::vector<float> rowwise;  // the same sub-space, rows x kSubDims
+  std::vector<int> assign;     // each row's centroid in the last iteration
+};
+
+PqTrainScratch& TrainScratch() {
+  thread_local PqTrainScratch s;
+  return s;
+}
+
 }  // namespace
 
 PqSketch::PqSketch(int dim, int page_tokens)
@@ -81,14 +126,12 @@ PqSketch::PqSketch(int dim, int page_tokens)
       group_bytes_(code_bytes_ + kGroup * sizeof(uint16_t)),
       mean_(dim, 0.0f),
       centroids_(static_cast<size_t>(dim / kSubDims) * kCentroids * kSubDims, 0.0f),
-      centroids_t_(centroids_.size(), 0.0f),
       row_(dim),
       raw_(static_cast<size_t>(dim) * sizeof(float)) {}
 
 void PqSketch::Train(const float* keys, int64_t n) {
   std::fill(mean_.begin(), mean_.end(), 0.0f);
   std::fill(centroids_.begin(), centroids_.end(), 0.0f);
-  std::fill(centroids_t_.begin(), centroids_t_.end(), 0.0f);
   trained_ = n > 0;
   trained_rows_ = 0;
   if (n <= 0) return;
@@ -102,19 +145,34 @@ void PqSketch::Train(const float* keys, int64_t n) {
   }
   for (int d = 0; d < dim_; ++d) mean_[d] = static_cast<float>(mean[d] / static_cast<double>(rows));
   // The sample's directions: centred keys over their norms.
-  std::vector<float> dirs(static_cast<size_t>(rows) * dim_);
+  PqTrainScratch& scratch = TrainScratch();
+  std::vector<float>& dirs = scratch.dirs;
+  dirs.resize(static_cast<size_t>(rows) * dim_);
   for (int64_t r = 0; r < rows; ++r) {
     Direction(keys + r * stride * dim_, &dirs[r * dim_]);
   }
-  std::vector<float> sub(static_cast<size_t>(rows) * kSubDims);
-  std::vector<int> assign(rows);
+  // One sub-space of the directions, 8 rows per block, dimension-major in
+  // a block (sub[(r / 8) * 32 + d * 8 + r % 8]), as PqNearest8 reads them;
+  // the last block's missing rows zero (their choices are not used).
+  const int64_t blocks = (rows + 7) / 8;
+  std::vector<float>& sub = scratch.sub;
+  sub.assign(static_cast<size_t>(blocks) * 8 * kSubDims, 0.0f);
+  const auto at = [&sub](int64_t r, int d) -> float& {
+    return sub[(r / 8) * 8 * kSubDims + d * 8 + r % 8];
+  };
+  std::vector<float>& rowwise = scratch.rowwise;  // the same, row-major
+  rowwise.resize(static_cast<size_t>(rows) * kSubDims);
   std::vector<float> sums(kCentroids * kSubDims);
   std::vector<int> counts(kCentroids);
+  std::vector<int>& assign = scratch.assign;
+  assign.resize(rows);
+  alignas(32) int32_t best8[8];
   for (int s = 0; s < subspaces_; ++s) {
     const int d0 = s * kSubDims;
     for (int64_t r = 0; r < rows; ++r) {
       const float* u = &dirs[r * dim_ + d0];
-      for (int d = 0; d < kSubDims; ++d) sub[r * kSubDims + d] = u[d];
+      for (int d = 0; d < kSubDims; ++d) at(r, d) = u[d];
+      std::memcpy(&rowwise[r * kSubDims], u, kSubDims * sizeof(float));
     }
     float* cent = centroids_.data() + static_cast<size_t>(s) * kCentroids * kSubDims;
     // Seeds: distinct rows drawn at random (a fixed seed: deterministic).
@@ -126,20 +184,34 @@ void PqSketch::Train(const float* keys, int64_t n) {
       const int64_t r = rows <= kCentroids
                             ? std::min<int64_t>(c, rows - 1)
                             : std::uniform_int_distribution<int64_t>(0, rows - 1)(rng);
-      std::memcpy(cent + c * kSubDims, &sub[r * kSubDims], kSubDims * sizeof(float));
+      for (int d = 0; d < kSubDims; ++d) cent[c * kSubDims + d] = at(r, d);
     }
-    float cent_t[kCentroids * kSubDims];
+    std::fill(assign.begin(), assign.end(), -1);
     for (int it = 0; it < kTrainIterations; ++it) {
       std::fill(sums.begin(), sums.end(), 0.0f);
       std::fill(counts.begin(), counts.end(), 0);
-      PqTranspose(cent, cent_t);
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* x = &sub[r * kSubDims];
-        const int best = PqNearest(x, cent_t);
-        assign[r] = best;
-        ++counts[best];
-        for (int d = 0; d < kSubDims; ++d) sums[best * kSubDims + d] += x[d];
+      bool changed = false;
+      for (int64_t b = 0; b < blocks; ++b) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(best8),
+                           PqNearest8(&sub[b * 8 * kSubDims], cent));
+        const int64_t r0 = b * 8;
+        const int lanes = static_cast<int>(std::min<int64_t>(8, rows - r0));
+        for (int j = 0; j < lanes; ++j) {
+          const int best = best8[j];
+          changed |= assign[r0 + j] != best;
+          assign[r0 + j] = best;
+          ++counts[best];
+          // Row order, as one row at a time: the same sums (one 4-lane add
+          // from the row-major copy: four scalar adds through memory were a
+          // chain wherever consecutive rows share a centroid).
+          _mm_storeu_ps(&sums[best * kSubDims],
+                        _mm_add_ps(_mm_loadu_ps(&sums[best * kSubDims]),
+                                   _mm_loadu_ps(&rowwise[(r0 + j) * kSubDims])));
+        }
       }
+      // Converged: the same assignment gives the same centroids (the same
+      // sums in the same order), so every later iteration would too.
+      if (!changed) break;
       for (int c = 0; c < kCentroids; ++c) {
         if (counts[c] == 0) continue;  // an empty cell keeps its centroid
         for (int d = 0; d < kSubDims; ++d) {
@@ -147,10 +219,6 @@ void PqSketch::Train(const float* keys, int64_t n) {
         }
       }
     }
-  }
-  for (int s = 0; s < subspaces_; ++s) {
-    PqTranspose(centroids_.data() + static_cast<size_t>(s) * kCentroids * kSubDims,
-                centroids_t_.data() + static_cast<size_t>(s) * kCentroids * kSubDims);
   }
 }
 
@@ -163,14 +231,33 @@ void PqSketch::EnsureSlots(uint64_t slots) {
 }
 
 float PqSketch::Direction(const float* row, float* dir) const {
-  double n2 = 0.0;
-  for (int d = 0; d < dim_; ++d) {
+  // The squared norm in doubles, four lanes at a time (a single sequential
+  // chain of 128 dependent double adds was half of an Encode).
+  __m256d acc0 = _mm256_setzero_pd();
+  __m256d acc1 = _mm256_setzero_pd();
+  int d = 0;
+  for (; d + 8 <= dim_; d += 8) {
+    const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(row + d), _mm256_loadu_ps(mean_.data() + d));
+    _mm256_storeu_ps(dir + d, v);
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    acc0 = _mm256_add_pd(acc0, _mm256_mul_pd(lo, lo));
+    acc1 = _mm256_add_pd(acc1, _mm256_mul_pd(hi, hi));
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(acc0, acc1));
+  double n2 = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (; d < dim_; ++d) {  // dim_ is a multiple of 8 (Supports): not reached
     dir[d] = row[d] - mean_[d];
     n2 += static_cast<double>(dir[d]) * dir[d];
   }
   const float n = static_cast<float>(std::sqrt(n2));
   const float inv = n > 0.0f && std::isfinite(n) ? 1.0f / n : 0.0f;
-  for (int d = 0; d < dim_; ++d) dir[d] *= inv;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  for (d = 0; d + 8 <= dim_; d += 8) {
+    _mm256_storeu_ps(dir + d, _mm256_mul_ps(_mm256_loadu_ps(dir + d), vinv));
+  }
+  for (; d < dim_; ++d) dir[d] *= inv;
   return inv > 0.0f ? n : 0.0f;
 }
 
@@ -179,25 +266,36 @@ int PqSketch::NormIndex(int t) {
   return (t / 16) * 16 + (r % 2) * 8 + r / 2;
 }
 
-void PqSketch::Encode(const float* row, uint64_t slot) {
-  uint8_t* g = group(slot / kGroup);
-  const int t = static_cast<int>(slot % kGroup);
-  const int byte = t % 16;
-  const bool high = t >= 16;
-  dir_.resize(dim_);
-  const float n = Direction(row, dir_.data());
-  uint16_t h = 0;
-  FromFloat(DType::kF16, &n, &h, 1);
-  std::memcpy(g + code_bytes_ + NormIndex(t) * sizeof(uint16_t), &h, sizeof(h));
-  float x[kSubDims];
+void PqSketch::EncodeBlock(const float* const* rows, const uint64_t* slots, int count) {
+  // The directions of up to 8 rows (the rest zero), then dimension-major:
+  // dir_t_[d * 8 + j] is coordinate d of row j, a sub-space's 4 x 8 block
+  // in a row, as PqNearest8 reads it.
+  dir_.assign(static_cast<size_t>(8) * dim_, 0.0f);
+  dir_t_.resize(static_cast<size_t>(8) * dim_);
+  float norms[8] = {};
+  for (int j = 0; j < count; ++j)
+    norms[j] = Direction(rows[j], &dir_[static_cast<size_t>(j) * dim_]);
+  for (int d = 0; d < dim_; d += 8)
+    Transpose8x8(&dir_[d], dim_, &dir_t_[static_cast<size_t>(d) * 8]);
+  for (int j = 0; j < count; ++j) {
+    uint16_t h = 0;
+    FromFloat(DType::kF16, &norms[j], &h, 1);
+    const int t = static_cast<int>(slots[j] % kGroup);
+    std::memcpy(group(slots[j] / kGroup) + code_bytes_ + NormIndex(t) * sizeof(uint16_t), &h,
+                sizeof(h));
+  }
+  alignas(32) int32_t best[8];
   for (int s = 0; s < subspaces_; ++s) {
-    const int d0 = s * kSubDims;
-    for (int d = 0; d < kSubDims; ++d) x[d] = dir_[d0 + d];
-    const int best =
-        PqNearest(x, centroids_t_.data() + static_cast<size_t>(s) * kCentroids * kSubDims);
-    uint8_t& b = g[(s / 2) * 32 + (s % 2) * 16 + byte];
-    b = high ? static_cast<uint8_t>((b & 0x0f) | (best << 4))
-             : static_cast<uint8_t>((b & 0xf0) | best);
+    _mm256_store_si256(
+        reinterpret_cast<__m256i*>(best),
+        PqNearest8(&dir_t_[static_cast<size_t>(s) * kSubDims * 8],
+                   centroids_.data() + static_cast<size_t>(s) * kCentroids * kSubDims));
+    for (int j = 0; j < count; ++j) {
+      const int t = static_cast<int>(slots[j] % kGroup);
+      uint8_t& b = group(slots[j] / kGroup)[(s / 2) * 32 + (s % 2) * 16 + t % 16];
+      b = t >= 16 ? static_cast<uint8_t>((b & 0x0f) | (best[j] << 4))
+                  : static_cast<uint8_t>((b & 0xf0) | best[j]);
+    }
   }
 }
 
@@ -233,11 +331,19 @@ void PqSketch::Write(const std::vector<Placement>& placements, const float* keys
     need = std::max<uint64_t>(need, (static_cast<uint64_t>(p.page) + 1) * page_tokens_);
   }
   EnsureSlots(need);
-  for (size_t i = 0; i < placements.size(); ++i) {
-    // The value the frame holds.
-    const float* row =
-        RoundThrough(dtype, keys + i * static_cast<size_t>(dim_), raw_.data(), row_.data(), dim_);
-    Encode(row, static_cast<uint64_t>(placements[i].page) * page_tokens_ + placements[i].slot);
+  row_.resize(static_cast<size_t>(8) * dim_);
+  const float* rows[8];
+  uint64_t slots[8];
+  for (size_t i0 = 0; i0 < placements.size(); i0 += 8) {
+    const int count = static_cast<int>(std::min<size_t>(8, placements.size() - i0));
+    for (int j = 0; j < count; ++j) {
+      const size_t i = i0 + j;
+      // The value the frame holds.
+      rows[j] = RoundThrough(dtype, keys + i * static_cast<size_t>(dim_), raw_.data(),
+                             &row_[static_cast<size_t>(j) * dim_], dim_);
+      slots[j] = static_cast<uint64_t>(placements[i].page) * page_tokens_ + placements[i].slot;
+    }
+    EncodeBlock(rows, slots, count);
   }
 }
 
@@ -262,7 +368,12 @@ absl::Status PqSketch::Rebuild(const PageKeys& keys, DType dtype, uint32_t num_p
     }
   }
   Train(all.data(), static_cast<int64_t>(slots.size()));
-  for (size_t i = 0; i < slots.size(); ++i) Encode(all.data() + i * dim_, slots[i]);
+  const float* rows[8];
+  for (size_t i0 = 0; i0 < slots.size(); i0 += 8) {
+    const int count = static_cast<int>(std::min<size_t>(8, slots.size() - i0));
+    for (int j = 0; j < count; ++j) rows[j] = all.data() + (i0 + j) * dim_;
+    EncodeBlock(rows, &slots[i0], count);
+  }
   return absl::OkStatus();
 }
 
@@ -511,7 +622,7 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
 
 size_t PqSketch::bytes() const {
   return blocks_.size() * kGroupsPerBlock * group_bytes_ +
-         (mean_.size() + centroids_.size() + centroids_t_.size()) * sizeof(float);
+         (mean_.size() + centroids_.size()) * sizeof(float);
 }
 
 }  // namespace icecache

@@ -108,6 +108,12 @@ class PqSketch {
   float norm(uint64_t slot) const;
   // The code of sub-space `sub` at `slot` (tests).
   int code(uint64_t slot, int sub) const;
+  // Centroid c of sub-space `sub` (kSubDims floats) and the keys' mean the
+  // directions are taken from (tests).
+  const float* centroid(int sub, int c) const {
+    return centroids_.data() + (static_cast<size_t>(sub) * kCentroids + c) * kSubDims;
+  }
+  const std::vector<float>& mean() const { return mean_; }
 
   bool trained() const { return trained_; }
   // The keys the codebooks were fitted on (the sample of the last Train).
@@ -121,7 +127,9 @@ class PqSketch {
   uint8_t* group(uint64_t g) const {
     return blocks_[g / kGroupsPerBlock].get() + (g % kGroupsPerBlock) * group_bytes_;
   }
-  void Encode(const float* row, uint64_t slot);
+  // Encodes rows[j] (fp32, as the frame holds it) into slots[j], j <
+  // count <= 8, eight rows per nearest-centroid pass.
+  void EncodeBlock(const float* const* rows, const uint64_t* slots, int count);
   // Group g's 32 uint16 sums per query (slot order) into `sums`.
   void ScanGroup(uint64_t g, const uint8_t* luts, int num_queries, uint16_t* sums) const;
   // The same when each 16-slot half of the group is 16 rows of one page
@@ -147,11 +155,11 @@ class PqSketch {
   bool trained_ = false;
   int64_t trained_rows_ = 0;
   std::vector<float> mean_;
-  std::vector<float> centroids_;    // [subspace][centroid][4]
-  std::vector<float> centroids_t_;  // [subspace][4][centroid]: Encode's (PqNearest)
+  std::vector<float> centroids_;  // [subspace][centroid][4]
   std::vector<std::unique_ptr<uint8_t[]>> blocks_;
-  std::vector<float> row_;  // Write's scratch
-  std::vector<float> dir_;  // Encode's scratch
+  std::vector<float> row_;    // Write's scratch
+  std::vector<float> dir_;    // EncodeBlock's scratch: 8 directions
+  std::vector<float> dir_t_;  // the same, dimension-major
   std::vector<uint8_t> raw_;
 };
 

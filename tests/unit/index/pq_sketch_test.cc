@@ -310,5 +310,63 @@ TEST(PqSketchTest, CodebooksFromATinyFirstAppendAreRefittedAsTheContextGrows) {
   EXPECT_GT(mass_grown / mass_exact, 0.9) << mass_grown << " vs exhaustive " << mass_exact;
 }
 
+// Every code is the nearest centroid of its key's direction in that
+// sub-space, and the lowest-numbered one where centroids coincide: a sample
+// with 5 distinct rows seeds 16 centroids on them, so most are duplicates
+// (the encoder takes eight keys at a time in a tournament; a scan over the
+// centroids picks the first of equals, and so must it). Rows that are not a
+// multiple of 8 exercise the last, partial block.
+TEST(PqSketchTest, EveryCodeIsTheNearestCentroidAndTheFirstOfEquals) {
+  for (const int distinct : {5, 1000}) {
+    SCOPED_TRACE(distinct);
+    const int64_t n = 1003;
+    const std::vector<float> base = mdci_test::GaussianRows(distinct, kDim, 1.0f, 17);
+    std::vector<float> keys(static_cast<size_t>(n) * kDim);
+    for (int64_t i = 0; i < n; ++i) {
+      std::copy_n(&base[(i % distinct) * kDim], kDim, &keys[i * kDim]);
+    }
+    PqSketch pq(kDim, kPage);
+    pq.Train(keys.data(), n);
+    std::vector<Placement> placed(n);
+    for (int64_t i = 0; i < n; ++i) {
+      placed[i].page = static_cast<uint32_t>(i / kPage);
+      placed[i].slot = static_cast<uint32_t>(i % kPage);
+    }
+    pq.Write(placed, keys.data(), DType::kF32);
+    int duplicate_choices = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      std::vector<double> dir(kDim);
+      double n2 = 0.0;
+      for (int d = 0; d < kDim; ++d) {
+        dir[d] = static_cast<double>(keys[i * kDim + d] - pq.mean()[d]);
+        n2 += dir[d] * dir[d];
+      }
+      for (double& v : dir) v /= std::sqrt(n2);
+      for (int sub = 0; sub < pq.subspaces(); ++sub) {
+        std::vector<double> dist(PqSketch::kCentroids);
+        for (int c = 0; c < PqSketch::kCentroids; ++c) {
+          double s = 0.0;
+          for (int d = 0; d < PqSketch::kSubDims; ++d) {
+            const double t = dir[sub * PqSketch::kSubDims + d] - pq.centroid(sub, c)[d];
+            s += t * t;
+          }
+          dist[c] = s;
+        }
+        const int got = pq.code(static_cast<uint64_t>(i), sub);
+        const double best = *std::min_element(dist.begin(), dist.end());
+        ASSERT_LE(dist[got], best + 1e-5) << "row " << i << " sub " << sub;
+        for (int c = 0; c < got; ++c) {
+          // No lower-numbered centroid that is the same point.
+          ASSERT_FALSE(std::equal(pq.centroid(sub, c), pq.centroid(sub, c) + PqSketch::kSubDims,
+                                  pq.centroid(sub, got)))
+              << "row " << i << " sub " << sub << " took " << got << ", equal to " << c;
+        }
+        if (distinct == 5 && got > 0) ++duplicate_choices;
+      }
+    }
+    if (distinct == 5) EXPECT_GT(duplicate_choices, 0) << "the ties were never reached";
+  }
+}
+
 }  // namespace
 }  // namespace icecache
