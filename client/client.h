@@ -127,11 +127,13 @@ struct SessionSpec {
   // level and candidate pages per budget page; 0 = the daemon's default.
   uint32_t mdci_field_of_view = 0;
   float mdci_candidate_factor = 0.0f;
-  // MDCI: > 0 selects by a full scan of 4-bit product-quantised keys,
-  // scoring this many x budget tokens' worth of the best pages exactly
-  // (types.proto MdciParams.pq_factor, 1..512; head_dim a multiple of 8);
-  // 0 = the tree's descent.
-  float mdci_pq_factor = 0.0f;
+  // MDCI: the product-quantised scan beside the tree (types.proto
+  // MdciParams.pq_factor): this many x budget tokens' worth of the best
+  // pages by the 4-bit codes are scored exactly, and the quality monitor
+  // keeps per head the cheaper of the scan and the tree's descent that meets
+  // its target. Unset = the daemon's default (8 where head_dim is a multiple
+  // of 8); 0 = the tree's descent only (no codes); else 1..512.
+  std::optional<float> mdci_pq_factor;
   // Page checksums (types.proto PageChecksums): computed at append, checked
   // at fetch (every page, or a sampled fraction); a mismatch is DATA_LOSS.
   enum class Checksums { kOff = 1, kEveryPage = 2, kSampled = 3 };

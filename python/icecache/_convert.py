@@ -82,7 +82,8 @@ def session_config(spec: SessionSpec, out: types_pb2.SessionConfig) -> None:
         out.selector.mdci.norm_headroom = p.norm_headroom
         out.selector.mdci.rebuild_fraction = p.rebuild_fraction
         out.selector.mdci.seed = p.seed
-        out.selector.mdci.pq_factor = p.pq_factor
+        if p.pq_factor is not None:
+            out.selector.mdci.pq_factor = p.pq_factor
     out.layer_reuse = spec.layer_reuse
     select_params(spec.defaults, out.defaults)
     out.ttl_ms = int(round(spec.ttl_s * 1000))
@@ -132,7 +133,7 @@ def session_info(info: types_pb2.SessionInfo) -> SessionInfo:
             mdci.norm_headroom,
             mdci.rebuild_fraction,
             mdci.seed,
-            mdci.pq_factor,
+            mdci.pq_factor if mdci.HasField("pq_factor") else None,
         )
         if c.selector.HasField("mdci")
         else None,

@@ -150,10 +150,13 @@ class MdciParams:
     norm_headroom: float = 0.0
     rebuild_fraction: float = 0.0
     seed: int = 0
-    # > 0: select by a full scan of 4-bit product-quantised keys, scoring
-    # this many x budget tokens' worth of the best pages exactly (head_dim a
-    # multiple of 8); 0 = the tree's descent (docs/architecture.md §3.4).
-    pq_factor: float = 0.0
+    # The product-quantised scan beside the tree: this many x budget tokens'
+    # worth of the best pages by the 4-bit codes are scored exactly, and the
+    # quality monitor keeps per head the cheaper of the scan and the tree's
+    # descent that meets its target. None = the daemon's default (8 where
+    # head_dim is a multiple of 8); 0 = the tree's descent only (no codes);
+    # else 1..512 (docs/architecture.md §3.4).
+    pq_factor: Optional[float] = None
 
 
 @dataclass

@@ -39,6 +39,33 @@ def test_session_defaults_come_back_filled_in(client):
         client.drop_session(s.id)
 
 
+def test_mdci_codes_are_the_default_and_zero_turns_them_off(client):
+    # Unset: the daemon's default product-quantised scan (pq_factor 8).
+    s = client.create_session(small_spec(selector=icecache.Selector.MDCI))
+    try:
+        assert s.spec.mdci is not None and s.spec.mdci.pq_factor == 8.0
+    finally:
+        client.drop_session(s.id)
+    # 0: the tree's descent only, and it reads back as asked.
+    s = client.create_session(
+        small_spec(selector=icecache.Selector.MDCI, mdci=icecache.MdciParams(pq_factor=0.0))
+    )
+    try:
+        assert s.spec.mdci.pq_factor == 0.0
+    finally:
+        client.drop_session(s.id)
+    # A head_dim the codes cannot take: no codes by default, an error if asked.
+    s = client.create_session(small_spec(selector=icecache.Selector.MDCI, head_dim=36))
+    try:
+        assert s.spec.mdci.pq_factor == 0.0
+    finally:
+        client.drop_session(s.id)
+    with pytest.raises(icecache.InvalidArgumentError, match="pq_factor"):
+        client.create_session(
+            small_spec(selector=icecache.Selector.MDCI, head_dim=36, mdci=icecache.MdciParams(pq_factor=8.0))
+        )
+
+
 def test_socket_from_environment(daemon, monkeypatch):
     monkeypatch.setenv("ICECACHE_SOCKET", daemon.socket_path)
     monkeypatch.delenv("ICECACHE_ADDRESS", raising=False)

@@ -219,7 +219,9 @@ class DciTree {
   // naming the first inconsistency for an image that is truncated or is not
   // a consistent tree (every id, count, page chain and position is checked,
   // sizes against the bytes left before anything is allocated).
-  // `tokens`: the count the tree must hold (else DataLoss).
+  // `tokens`: the count the tree must hold (else DataLoss). Reads the tree's
+  // bytes only: what follows (mdci's codes) is the caller's to read, and to
+  // refuse if it is not what it expects.
   static absl::StatusOr<std::unique_ptr<DciTree>> LoadImage(const DciTreeParams& params,
                                                             ByteReader* r, int64_t tokens);
 

@@ -279,7 +279,6 @@ absl::StatusOr<std::unique_ptr<DciTree>> DciTree::LoadImage(const DciTreeParams&
   if (std::string why = t->pages_.LoadImage(r, t->levels_[1].size(), n); !why.empty()) {
     return lost(why);
   }
-  if (r->remaining() != 0) return lost("bytes past the end of the tree");
   std::string why = t->CheckPromotion();
   for (int l = 1; why.empty() && l <= top; ++l) why = t->CheckLevel(l);
   if (why.empty()) why = t->CheckKeysAndPages();

@@ -91,7 +91,20 @@ absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::Create(const Selecto
   return std::unique_ptr<MdciSelector>(new MdciSelector(config, keys, std::move(tree)));
 }
 
-void MdciSelector::SaveImageBody(ByteWriter* w) const { tree_->SaveImage(w); }
+namespace {
+// Marks the product-quantised codes' section after the tree in an image
+// ("PQS1"); an image without it (a daemon before the codes were saved) has
+// its codes rebuilt from the frames.
+constexpr uint32_t kPqImageTag = 0x31535150u;
+}  // namespace
+
+void MdciSelector::SaveImageBody(ByteWriter* w) const {
+  tree_->SaveImage(w);
+  if (pq_ != nullptr) {
+    w->Put<uint32_t>(kPqImageTag);
+    pq_->SaveImage(w);
+  }
+}
 
 absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::LoadImage(const SelectorConfig& config,
                                                                       const PageKeys* keys,
@@ -106,10 +119,27 @@ absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::LoadImage(const Sele
     RETURN_IF_ERROR(sel->sketch_->Rebuild(*keys, config.dtype, pt.num_pages(),
                                           [&pt](uint32_t page) { return pt.fill(page); }));
   }
-  if (sel->pq_ != nullptr) {  // the same: trained and encoded from the frames
+  if (sel->pq_ != nullptr) {
     const DciPageTable& pt = sel->tree_->page_table();
-    RETURN_IF_ERROR(sel->pq_->Rebuild(*keys, config.dtype, pt.num_pages(),
-                                      [&pt](uint32_t page) { return pt.fill(page); }));
+    uint32_t tag = 0;
+    if (r->remaining() != 0) {
+      if (!r->Get(&tag) || tag != kPqImageTag) {
+        return absl::DataLossError("index image: bytes after the tree that are not mdci's codes");
+      }
+      // The codes as they were: the same selections after the restart.
+      RETURN_IF_ERROR(sel->pq_->LoadImage(
+          r, static_cast<uint64_t>(pt.num_pages()) * static_cast<uint64_t>(config.page_tokens)));
+      sel->pq_->CoverPages(pt.num_pages());
+    } else {
+      // An image without them: trained and encoded from the frames (near the
+      // selections before, not equal: the sample comes in page order).
+      RETURN_IF_ERROR(sel->pq_->Rebuild(*keys, config.dtype, pt.num_pages(),
+                                        [&pt](uint32_t page) { return pt.fill(page); }));
+    }
+  }
+  if (r->remaining() != 0) {
+    return absl::DataLossError(absl::StrCat("index image: ", r->remaining(),
+                                            " bytes past the end of the tree and its codes"));
   }
   return sel;
 }

@@ -377,6 +377,55 @@ absl::Status PqSketch::Rebuild(const PageKeys& keys, DType dtype, uint32_t num_p
   return absl::OkStatus();
 }
 
+void PqSketch::SaveImage(ByteWriter* w) const {
+  w->Put<uint32_t>(static_cast<uint32_t>(dim_));
+  w->Put<uint32_t>(static_cast<uint32_t>(page_tokens_));
+  w->Put<uint8_t>(trained_ ? 1 : 0);
+  w->Put<int64_t>(trained_rows_);
+  w->PutArray(mean_);
+  w->PutArray(centroids_);
+  w->Put<uint64_t>(slots_);
+  const uint64_t groups = (slots_ + kGroup - 1) / kGroup;
+  for (uint64_t g = 0; g < groups; ++g) w->PutBytes(group(g), group_bytes_);
+}
+
+absl::Status PqSketch::LoadImage(ByteReader* r, uint64_t max_slots) {
+  uint32_t dim = 0, page_tokens = 0;
+  uint8_t trained = 0;
+  int64_t trained_rows = 0;
+  uint64_t slots = 0;
+  std::vector<float> mean, centroids;
+  r->Get(&dim);
+  r->Get(&page_tokens);
+  r->Get(&trained);
+  r->Get(&trained_rows);
+  r->GetArray(&mean, mean_.size());
+  r->GetArray(&centroids, centroids_.size());
+  r->Get(&slots);
+  const uint64_t groups = (slots + kGroup - 1) / kGroup;
+  if (!r->ok() || dim != static_cast<uint32_t>(dim_) ||
+      page_tokens != static_cast<uint32_t>(page_tokens_) || trained > 1 || trained_rows < 0 ||
+      slots > max_slots || groups > r->remaining() / group_bytes_) {
+    return absl::DataLossError(absl::StrCat(
+        "product-quantised codes section of the index image does not fit this index (dim ", dim,
+        ", page_tokens ", page_tokens, ", ", slots, " slots; expected dim ", dim_,
+        ", page_tokens ", page_tokens_, ", at most ", max_slots, " slots)"));
+  }
+  for (const float v : mean) {
+    if (!std::isfinite(v)) return absl::DataLossError("codes section: a non-finite mean");
+  }
+  for (const float v : centroids) {
+    if (!std::isfinite(v)) return absl::DataLossError("codes section: a non-finite centroid");
+  }
+  EnsureSlots(slots);
+  for (uint64_t g = 0; g < groups; ++g) r->GetBytes(group(g), group_bytes_);
+  trained_ = trained == 1;
+  trained_rows_ = trained_rows;
+  mean_ = std::move(mean);
+  centroids_ = std::move(centroids);
+  return absl::OkStatus();
+}
+
 namespace {
 
 // One group's sums for one query: tokens 0-15 in (even lanes of *lo_even,

@@ -49,6 +49,7 @@
 #include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "common/dtype.h"
+#include "server/index/byte_image.h"
 #include "server/index/selector.h"
 
 namespace icecache {
@@ -86,6 +87,15 @@ class PqSketch {
   // fill(page) rows. FailedPrecondition when a page with rows has no frame.
   absl::Status Rebuild(const PageKeys& keys, DType dtype, uint32_t num_pages,
                        absl::FunctionRef<uint32_t(uint32_t)> fill);
+
+  // The whole state (the mean, the codebooks and every covered slot's codes
+  // and norm) into an index image, and back: a warm restart then selects
+  // exactly as before it, where Rebuild fits the codebooks on the frames'
+  // order and comes out near, not equal. LoadImage fails (DataLoss) on a
+  // section that is not this shape's, or that covers more than `max_slots`
+  // slots, leaving the sketch as it was.
+  void SaveImage(ByteWriter* w) const;
+  absl::Status LoadImage(ByteReader* r, uint64_t max_slots);
 
   // mass[page * num_queries + j]: the estimated sum over the page's first
   // fill(page) rows of e^(scale x q_j.k - log_ref[j]), for pages

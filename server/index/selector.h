@@ -132,7 +132,17 @@ struct MdciParams {
   // tree: the pages holding the most estimated group mass, pq_factor x budget tokens' worth of
   // them, are scored exactly from the frames and the best taken. The layout (the tree's pages) is
   // unchanged, and so are the exact references and exhaustive selects. 0: off (the tree's descent).
+  // The core's default is off; the daemon's sessions get kDefaultPqFactor
+  // unless they ask otherwise (types.proto MdciParams.pq_factor).
   float pq_factor = 0.0f;
+
+  // The daemon's pq_factor for an MDCI session that leaves it unset, where
+  // PqFactorSupported (docs/bench/pq34_default.md: at 32768 tokens x 32
+  // layers with the quality monitor, the duel against the tree alone).
+  static constexpr float kDefaultPqFactor = 8.0f;
+  static bool PqFactorSupported(int head_dim, int query_heads_per_kv_head) {
+    return head_dim >= 8 && head_dim % 8 == 0 && query_heads_per_kv_head <= 64;
+  }
 };
 
 struct SelectorConfig {

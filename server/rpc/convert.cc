@@ -268,9 +268,15 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& p,
       !st.ok())
     return st;
   if (mp.seed() != 0) md.seed = mp.seed();
-  if (auto st = bounded_f(mp.pq_factor(), 1, 512, "selector.mdci.pq_factor", &md.pq_factor);
-      !st.ok())
-    return st;
+  if (mp.has_pq_factor()) {
+    // 0: off, as asked (bounded_f leaves the core's 0 for it).
+    if (auto st = bounded_f(mp.pq_factor(), 1, 512, "selector.mdci.pq_factor", &md.pq_factor);
+        !st.ok())
+      return st;
+  } else if (c.selector == SelectorKind::kMdci && c.kv_heads > 0 &&
+             MdciParams::PqFactorSupported(c.head_dim, c.q_heads / c.kv_heads)) {
+    md.pq_factor = MdciParams::kDefaultPqFactor;
+  }
   if (md.pq_factor > 0 && c.head_dim % 8 != 0) {
     return BadField("selector.mdci.pq_factor",
                     absl::StrCat("needs head_dim a multiple of 8 (the 4-bit codes take 4 "

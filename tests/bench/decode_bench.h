@@ -26,6 +26,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/json.h"
+#include "server/index/selector.h"
 
 namespace icecache::bench {
 
@@ -94,7 +95,7 @@ struct DecodeBenchOptions {
   // (MdciParams::sketch_scoring); --mode in-process only.
   bool mdci_sketch = false;
   // mdci sessions' MdciParams::pq_factor (0: the tree only).
-  float mdci_pq = 0.0f;
+  float mdci_pq = MdciParams::kDefaultPqFactor;  // the daemon's default
   // KV bytes (GiB) the run may hold at once: the daemon's, this process's
   // companion and quality layers. Above it a context runs with fewer layers
   // (its per-token figures scaled to `layers` and marked "scaled").

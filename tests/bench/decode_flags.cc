@@ -113,7 +113,7 @@ DecodeFlags::DecodeFlags(CLI::App* app) {
                   "mdci sessions keep 4-bit product-quantised keys and select by scanning them, "
                   "this many x budget tokens' worth of pages scored exactly "
                   "(SessionConfig.selector.mdci.pq_factor; the calibrator's method duel puts the "
-                  "tree on trial per head); 0: the tree only")
+                  "tree on trial per head; the default is the daemon's); 0: the tree only")
       ->capture_default_str()
       ->check(CLI::Range(0.0f, 512.0f));
   app->add_flag("--companion-quality", o_.companion_quality,

@@ -85,13 +85,14 @@ TEST(EndToEndTest, PrefillAndDecodeLoopFetchesByteIdenticalPages) {
   ASSERT_THAT(client, IsOk());
   // Positions past the end of the dump are never fetched: the dump is
   // truncated to what was appended when the verifier reads keys.
-  // The third run: mdci selecting by its product-quantised scan
-  // (MdciParams.pq_factor) instead of the tree's descent.
+  // The second run: mdci with the tree's descent only (pq_factor 0); the
+  // third: mdci as the daemon makes it by default, with product-quantised
+  // codes (MdciParams.pq_factor unset: 8) and the scan.
   for (int run = 0; run < 3; ++run) {
     const SelectorType sel = run == 0 ? SelectorType::kExact : SelectorType::kMdci;
-    SCOPED_TRACE(std::string(SelectorTypeName(sel)) + (run == 2 ? " pq_factor 8" : ""));
+    SCOPED_TRACE(std::string(SelectorTypeName(sel)) + (run == 1 ? " tree only" : ""));
     TestModel m = MakeModel(/*layers=*/2, /*kv_heads=*/2, /*tokens=*/1024, /*steps=*/6, sel);
-    if (run == 2) m.spec.mdci_pq_factor = 8.0f;
+    if (run == 1) m.spec.mdci_pq_factor = 0.0f;
     // Keys of the dump are laid out over all 1024 tokens; exact attention is
     // computed over the first `tokens` rows of each (layer, head), which is
     // what was appended at that step.
@@ -109,12 +110,12 @@ TEST(EndToEndTest, PrefillAndDecodeLoopFetchesByteIdenticalPages) {
     mean /= mass.size();
     // 64 of ~1000 tokens with sinks: far above the 6% a random pick holds.
     EXPECT_GT(mean, 0.3) << "mean attention-mass recall " << mean;
-    if (run == 2) {  // the session kept the factor (GetSession reads it back)
+    if (run >= 1) {  // the session kept the factor (GetSession reads it back)
       auto s = (*client)->CreateSession(m.spec);
       ASSERT_THAT(s, IsOk());
       auto info = (*client)->GetSession(s->id);
       ASSERT_THAT(info, IsOk());
-      EXPECT_EQ(info->spec.mdci_pq_factor, 8.0f);
+      EXPECT_EQ(info->spec.mdci_pq_factor, run == 1 ? 0.0f : 8.0f);
       EXPECT_THAT((*client)->DropSession(s->id), IsOk());
     }
   }

@@ -45,14 +45,26 @@ class WarmRestartTest : public ::testing::Test {
     rmdir(dir_.c_str());
     rmdir(state_dir_.c_str());
   }
+  // codes: the session keeps the daemon's default codes (pq_factor unset),
+  // on daemons started with kNoMonitor.
   std::string UpgradeAndContinue(const std::function<void()>& between,
-                                 SelectorType selector = SelectorType::kMdci);
+                                 SelectorType selector = SelectorType::kMdci, bool codes = false);
   std::string dir_, state_dir_, config_;
 };
 
+// The quality monitor with product-quantised codes (a head keeps the cheaper
+// of the scan and the tree by their measured CPU time, and the scan's factor
+// follows samples taken within a CPU budget) need not choose alike on two
+// daemons, so the sessions here take the tree alone (pq_factor 0), or, with
+// `codes`, the daemon's default codes on daemons without the monitor
+// (kNoMonitor: the scan at its fixed factor), which select alike.
+constexpr char kNoMonitor[] = "quality { enabled: false }\n";
+
 struct Workload {
-  explicit Workload(SelectorType selector = SelectorType::kMdci)
-      : m(MakeModel(/*layers=*/4, /*kv_heads=*/2, /*tokens=*/512, kSteps, selector)) {}
+  explicit Workload(SelectorType selector = SelectorType::kMdci, bool codes = false)
+      : m(MakeModel(/*layers=*/4, /*kv_heads=*/2, /*tokens=*/512, kSteps, selector)) {
+    if (!codes) m.spec.mdci_pq_factor = 0.0f;
+  }
   TestModel m;
   int64_t prefill = 512 - kSteps;
 };
@@ -86,12 +98,14 @@ absl::StatusOr<std::string> Step(Client& client, const Workload& run, const std:
 // new daemon and decodes the other half: every step must be the reference
 // daemon's. Returns the new daemon's stderr.
 std::string WarmRestartTest::UpgradeAndContinue(const std::function<void()>& between,
-                                                SelectorType selector) {
-  Workload run(selector);
+                                                SelectorType selector, bool codes) {
+  Workload run(selector, codes);
+  const std::string extra = codes ? kNoMonitor : "";
+  config_ += extra;
   // The reference: a daemon that never restarts.
   std::vector<std::string> want;
   {
-    auto ref = StartDaemon();
+    auto ref = StartDaemon(extra);
     EXPECT_THAT(ref, IsOk());
     if (!ref.ok()) return "";
     auto client = Connect(**ref);
@@ -168,6 +182,14 @@ std::string WarmRestartTest::UpgradeAndContinue(const std::function<void()>& bet
 // reuse 1: 8 indexes), not by replay: the daemon's warm_restart line says so.
 TEST_F(WarmRestartTest, DrainForUpgradeAndRestartContinueDecodingIdentically) {
   const std::string log = UpgradeAndContinue([] {});
+  EXPECT_THAT(log, HasSubstr("indexes_loaded=8 indexes_replayed=0"));
+  EXPECT_THAT(log, ::testing::Not(HasSubstr("index_image_refused")));
+}
+
+// The same with the daemon's default product-quantised codes: the images
+// carry them, so the recovered session selects by the same codes.
+TEST_F(WarmRestartTest, DrainForUpgradeKeepsTheCodesAndContinuesIdentically) {
+  const std::string log = UpgradeAndContinue([] {}, SelectorType::kMdci, /*codes=*/true);
   EXPECT_THAT(log, HasSubstr("indexes_loaded=8 indexes_replayed=0"));
   EXPECT_THAT(log, ::testing::Not(HasSubstr("index_image_refused")));
 }
@@ -285,6 +307,11 @@ struct CalibratedRun {
     m.spec.mdci_field_of_view = 2;  // too narrow for 0.95 on this data: the width must rise
     m.spec.mdci_candidate_factor = 1.0f;
     m.spec.target_mass_ratio = 0.95;
+    // The tree's calibration alone. With the product-quantised codes (the
+    // daemon's default) the method duel chooses per head the cheaper of the
+    // scan and the tree by their measured CPU time, so two daemons given the
+    // same steps need not choose alike, and this test compares two runs.
+    m.spec.mdci_pq_factor = 0.0f;
   }
 };
 

@@ -240,6 +240,28 @@ TEST(PqSketchTest, MdciWithTheScanFindsTheMassAndSurvivesAnImage) {
   ASSERT_TRUE(pq.sel->SaveImage(&image).ok());
   auto loaded = Selector::LoadImage(Config(8.0f), pq.keys.get(), image, pq.sel->num_tokens());
   ASSERT_TRUE(loaded.ok()) << loaded.status();
+  // An image without the codes (the tree twin's: the same layout, what a
+  // daemon before the codes were saved wrote): they are rebuilt from the
+  // frames.
+  std::string legacy;
+  ASSERT_TRUE(tree.sel->SaveImage(&legacy).ok());
+  ASSERT_EQ(image.compare(0, legacy.size(), legacy), 0) << "the codes follow the tree";
+  auto rebuilt = Selector::LoadImage(Config(8.0f), pq.keys.get(), legacy, pq.sel->num_tokens());
+  ASSERT_TRUE(rebuilt.ok()) << rebuilt.status();
+  // A codes section of another shape, or cut short, is refused as data loss.
+  {
+    std::string bad = image;
+    bad[legacy.size() + 4] ^= 0x01;  // the section's dim
+    EXPECT_EQ(Selector::LoadImage(Config(8.0f), pq.keys.get(), bad, pq.sel->num_tokens())
+                  .status()
+                  .code(),
+              absl::StatusCode::kDataLoss);
+    bad = image.substr(0, image.size() - 7);
+    EXPECT_EQ(Selector::LoadImage(Config(8.0f), pq.keys.get(), bad, pq.sel->num_tokens())
+                  .status()
+                  .code(),
+              absl::StatusCode::kDataLoss);
+  }
   const int64_t total = n + inserts;
   const std::vector<float> queries = mdci_test::GaussianRows(4 * 12, kDim, 1.5f, 9);
   double mass_pq = 0.0, mass_exhaustive = 0.0;
@@ -257,9 +279,14 @@ TEST(PqSketchTest, MdciWithTheScanFindsTheMassAndSurvivesAnImage) {
       const absl::Status st = pq.sel->Select(q.data(), 4, sp, &a);
       ASSERT_TRUE(st.ok()) << st;
     }
-    ASSERT_TRUE((*loaded)->Select(q.data(), 4, sp, &c).ok());
-    // A warm restart rebuilds the codes from the frames: the same selection
-    // up to the codebooks fitted on the frames' fp16 keys instead of fp32.
+    Selection b;
+    ASSERT_TRUE((*loaded)->Select(q.data(), 4, sp, &b).ok());
+    ASSERT_TRUE((*rebuilt)->Select(q.data(), 4, sp, &c).ok());
+    // The image carries the codes: a warm restart selects exactly as before.
+    EXPECT_EQ(mdci_test::SelectedPositions(**loaded, b), mdci_test::SelectedPositions(*pq.sel, a))
+        << step;
+    // Rebuilt from the frames: the same selection up to the codebooks fitted
+    // on the frames' order and fp16 keys instead of fp32.
     EXPECT_GE(a.pages.size(), 8u);
     sp.exhaustive = true;
     ASSERT_TRUE(pq.sel->Select(q.data(), 4, sp, &ex).ok());
