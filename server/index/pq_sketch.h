@@ -32,8 +32,9 @@
 // It is derived from the keys only: Train() fits the codebooks on the keys a
 // Build places, Write() encodes the keys Build and Insert place (decode keys
 // use the codebooks of then), and Rebuild() fits and encodes from the frames
-// (a warm restart: the image does not carry it; and MdciSelector::Insert
-// when the context has grown 4x past a sample smaller than kMaxTrainRows).
+// (a warm restart from an image written before the images carried the
+// codes, SaveImage / LoadImage; and MdciSelector::Insert when the context
+// has grown 4x past a sample smaller than kMaxTrainRows).
 //
 // Thread safety: EstimatePageMass() may run concurrently with itself;
 // Train(), Write(), CoverPages() and Rebuild() need exclusive access (the
