@@ -177,9 +177,10 @@ absl::StatusOr<KvDump> MakeDump(int64_t n) {
 // Builds the selector of `kind` over the dump's single head (its
 // placements into `placed` when given).
 absl::Status BuildIndex(SelectorKind kind, SelectFixture* f,
-                        std::vector<Placement>* placed = nullptr) {
+                        std::vector<Placement>* placed = nullptr, float pq_factor = 0.0f) {
   SelectorConfig sc;
   sc.kind = kind;
+  sc.mdci.pq_factor = pq_factor;
   sc.head_dim = f->dump.head_dim;
   sc.page_tokens = 16;
   sc.num_query_heads = f->dump.group_size();
@@ -211,19 +212,22 @@ uint64_t LayoutHash(const std::vector<Placement>& placed, const std::string& ima
   return h;
 }
 
-absl::StatusOr<std::unique_ptr<SelectFixture>> MakeSelectFixture(SelectorKind kind, int64_t n) {
+absl::StatusOr<std::unique_ptr<SelectFixture>> MakeSelectFixture(SelectorKind kind, int64_t n,
+                                                                 float pq_factor = 0.0f) {
   auto f = std::make_unique<SelectFixture>();
   auto dump = MakeDump(n);
   if (!dump.ok()) return dump.status();
   f->dump = *std::move(dump);
-  absl::Status s = BuildIndex(kind, f.get());
+  absl::Status s = BuildIndex(kind, f.get(), nullptr, pq_factor);
   if (!s.ok()) return s;
   return f;
 }
 
-void BM_Select(benchmark::State& state, SelectorKind kind) {
+// pq_factor > 0: mdci with its product-quantised codes, selecting by the
+// scan (the daemon's default for MDCI sessions, MdciParams::kDefaultPqFactor).
+void BM_Select(benchmark::State& state, SelectorKind kind, float pq_factor = 0.0f) {
   const int64_t n = state.range(0);
-  auto f = MakeSelectFixture(kind, n);
+  auto f = MakeSelectFixture(kind, n, pq_factor);
   if (!f.ok()) {
     state.SkipWithError(f.status().ToString().c_str());
     return;
@@ -249,10 +253,16 @@ void BM_Select(benchmark::State& state, SelectorKind kind) {
 }
 BENCHMARK_CAPTURE(BM_Select, Mdci, SelectorKind::kMdci)
     ->Arg(16384)
+    ->Arg(32768)
+    ->Arg(131072)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_Select, MdciPq8, SelectorKind::kMdci, 8.0f)
+    ->Arg(32768)
     ->Arg(131072)
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK_CAPTURE(BM_Select, Exact, SelectorKind::kExact)
     ->Arg(16384)
+    ->Arg(32768)
     ->Arg(131072)
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK_CAPTURE(BM_Select, Quest, SelectorKind::kQuest)
