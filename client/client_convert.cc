@@ -137,7 +137,8 @@ void ToProto(const SessionSpec& spec, v1::SessionConfig* out) {
   out->mutable_selector()->set_kind(static_cast<v1::SelectorKind>(spec.selector));
   out->mutable_selector()->mutable_mdci()->set_field_of_view(spec.mdci_field_of_view);
   out->mutable_selector()->mutable_mdci()->set_candidate_factor(spec.mdci_candidate_factor);
-  if (spec.mdci_pq_factor) out->mutable_selector()->mutable_mdci()->set_pq_factor(*spec.mdci_pq_factor);
+  if (spec.mdci_pq_factor)
+    out->mutable_selector()->mutable_mdci()->set_pq_factor(*spec.mdci_pq_factor);
   out->set_layer_reuse(static_cast<uint32_t>(spec.layer_reuse));
   ToProto(spec.defaults, out->mutable_defaults());
   out->set_ttl_ms(static_cast<uint64_t>(absl::ToInt64Milliseconds(spec.ttl)));

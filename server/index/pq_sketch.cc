@@ -408,8 +408,8 @@ absl::Status PqSketch::LoadImage(ByteReader* r, uint64_t max_slots) {
       slots > max_slots || groups > r->remaining() / group_bytes_) {
     return absl::DataLossError(absl::StrCat(
         "product-quantised codes section of the index image does not fit this index (dim ", dim,
-        ", page_tokens ", page_tokens, ", ", slots, " slots; expected dim ", dim_,
-        ", page_tokens ", page_tokens_, ", at most ", max_slots, " slots)"));
+        ", page_tokens ", page_tokens, ", ", slots, " slots; expected dim ", dim_, ", page_tokens ",
+        page_tokens_, ", at most ", max_slots, " slots)"));
   }
   for (const float v : mean) {
     if (!std::isfinite(v)) return absl::DataLossError("codes section: a non-finite mean");
