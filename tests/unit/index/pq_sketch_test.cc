@@ -252,15 +252,13 @@ TEST(PqSketchTest, MdciWithTheScanFindsTheMassAndSurvivesAnImage) {
   {
     std::string bad = image;
     bad[legacy.size() + 4] ^= 0x01;  // the section's dim
-    EXPECT_EQ(Selector::LoadImage(Config(8.0f), pq.keys.get(), bad, pq.sel->num_tokens())
-                  .status()
-                  .code(),
-              absl::StatusCode::kDataLoss);
+    EXPECT_EQ(
+        Selector::LoadImage(Config(8.0f), pq.keys.get(), bad, pq.sel->num_tokens()).status().code(),
+        absl::StatusCode::kDataLoss);
     bad = image.substr(0, image.size() - 7);
-    EXPECT_EQ(Selector::LoadImage(Config(8.0f), pq.keys.get(), bad, pq.sel->num_tokens())
-                  .status()
-                  .code(),
-              absl::StatusCode::kDataLoss);
+    EXPECT_EQ(
+        Selector::LoadImage(Config(8.0f), pq.keys.get(), bad, pq.sel->num_tokens()).status().code(),
+        absl::StatusCode::kDataLoss);
   }
   const int64_t total = n + inserts;
   const std::vector<float> queries = mdci_test::GaussianRows(4 * 12, kDim, 1.5f, 9);
