@@ -355,6 +355,12 @@ void PrintSessionTable(const SessionInfo& info) {
   t.AddRow({"dtype", std::string(DTypeName(info.spec.dtype))});
   t.AddRow({"page tokens", absl::StrCat(info.spec.page_tokens)});
   t.AddRow({"selector", std::string(SelectorTypeName(info.spec.selector))});
+  if (info.spec.selector == SelectorType::kMdci) {
+    const float pq = info.spec.mdci_pq_factor.value_or(0.0f);
+    t.AddRow({"candidates",
+              pq > 0.0f ? absl::StrFormat("tree descent or PQ scan per head (pq_factor %g)", pq)
+                        : std::string("tree descent (no PQ codes)")});
+  }
   t.AddRow({"layer reuse", absl::StrCat(info.spec.layer_reuse)});
   const std::string unit = GranularityText(info.spec.defaults.granularity);
   t.AddRow({"granularity", unit == "by-destination"

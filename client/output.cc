@@ -101,6 +101,9 @@ Json SessionJson(const SessionInfo& s) {
   j["dtype"] = std::string(DTypeName(s.spec.dtype));
   j["page_tokens"] = s.spec.page_tokens;
   j["selector"] = std::string(SelectorTypeName(s.spec.selector));
+  // MDCI's product-quantised scan factor (0: the tree's descent only).
+  if (s.spec.selector == SelectorType::kMdci)
+    j["mdci_pq_factor"] = s.spec.mdci_pq_factor.value_or(0);
   j["layer_reuse"] = s.spec.layer_reuse;
   j["granularity"] = GranularityText(s.spec.defaults.granularity);
   j["ttl_ms"] = absl::ToInt64Milliseconds(s.spec.ttl);

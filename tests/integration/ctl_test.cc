@@ -171,6 +171,8 @@ TEST_F(IcecachectlTest, SessionsShowReportsQualityAndWidths) {
   CommandResult r = Ctl({"sessions", "show", s->id});
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr("target mass ratio  0.950 (width calibrated)"));
+  // MDCI's default product-quantised codes (pq_factor unset: 8).
+  EXPECT_THAT(r.out, HasSubstr("tree descent or PQ scan per head (pq_factor 8)"));
   EXPECT_THAT(r.out, HasSubstr(absl::StrCat("samples            ", samples,
                                             " measured, 0 dropped, 0 stale")));
   EXPECT_THAT(r.out, HasSubstr("mass ratio"));
@@ -183,6 +185,7 @@ TEST_F(IcecachectlTest, SessionsShowReportsQualityAndWidths) {
   r = Ctl({"--json", "sessions", "show", s->id});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const google::protobuf::Value shown = Json(r);
+  EXPECT_EQ(shown.struct_value().fields().at("mdci_pq_factor").number_value(), 8.0);
   const auto& q = shown.struct_value().fields().at("quality").struct_value().fields();
   EXPECT_TRUE(q.at("monitored").bool_value());
   EXPECT_EQ(q.at("samples").number_value(), static_cast<double>(samples));
