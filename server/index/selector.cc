@@ -93,7 +93,7 @@ absl::Status ValidateConfig(const SelectorConfig& c) {
           absl::StrCat("SelectorConfig.mdci.pq_factor must be finite and >= 0 (0: off), got ",
                        c.mdci.pq_factor));
     }
-    if (c.mdci.pq_factor > 0.0f && (c.head_dim % 8 != 0 || c.num_query_heads > 64)) {
+    if (c.mdci.pq_factor > 0.0f && !MdciParams::PqFactorSupported(c.head_dim, c.num_query_heads)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "SelectorConfig.mdci.pq_factor > 0 (the product-quantised scan) needs head_dim a "
           "multiple of 8 and at most 64 query heads per KV head; got head_dim ",

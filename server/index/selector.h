@@ -140,6 +140,9 @@ struct MdciParams {
   // PqFactorSupported (docs/bench/pq34_default.md: at 32768 tokens x 32
   // layers with the quality monitor, the duel against the tree alone).
   static constexpr float kDefaultPqFactor = 8.0f;
+  // What the codes can take (ValidateConfig refuses pq_factor > 0 outside
+  // it): PqSketch::Supports' head dims (a positive multiple of 8) and at
+  // most PqSketch::kMaxQueries query heads per KV head.
   static bool PqFactorSupported(int head_dim, int query_heads_per_kv_head) {
     return head_dim >= 8 && head_dim % 8 == 0 && query_heads_per_kv_head <= 64;
   }
