@@ -1,5 +1,7 @@
 #include "server/index/mdci_selector.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -15,6 +17,26 @@
 
 namespace icecache {
 namespace {
+
+// out[j] += v[p * nq + j] for p < n, in page order per query (doubles).
+void ColumnSums(const float* v, uint32_t n, int nq, double* out) {
+  if (nq % 4 == 0) {  // four queries per register; each query's sum in the same order
+    for (int j0 = 0; j0 < nq; j0 += 4) {
+      __m256d acc = _mm256_loadu_pd(out + j0);
+      for (uint32_t p = 0; p < n; ++p) {
+        acc =
+            _mm256_add_pd(acc, _mm256_cvtps_pd(_mm_loadu_ps(v + static_cast<size_t>(p) * nq + j0)));
+      }
+      _mm256_storeu_pd(out + j0, acc);
+    }
+    return;
+  }
+  for (int j = 0; j < nq; ++j) {
+    double acc = out[j];
+    for (uint32_t p = 0; p < n; ++p) acc += v[static_cast<size_t>(p) * nq + j];
+    out[j] = acc;
+  }
+}
 
 // Per-thread buffers of Select (sized once, reused across calls).
 struct SelectScratch {
@@ -370,23 +392,26 @@ void MdciSelector::CollectPqCandidatePages(const float* queries, int num_queries
   // the queries of its estimated share.
   std::vector<double>& all = s.pq_all;
   all.assign(num_queries, 0.0);
-  for (uint32_t p = 0; p < pages; ++p) {
-    for (int j = 0; j < num_queries; ++j) {
-      all[j] += norm_mass[static_cast<size_t>(p) * num_queries + j];
-    }
-  }
+  ColumnSums(norm_mass.data(), pages, num_queries, all.data());
   std::vector<float>& total = s.column;  // 1 / each query's total
   total.resize(num_queries);
   for (int j = 0; j < num_queries; ++j) {
     total[j] = all[j] > 0.0 ? static_cast<float>(1.0 / all[j]) : 0.0f;
   }
-  s.pq_rank.clear();
-  for (uint32_t p = 0; p < pages; ++p) {
-    float g = 0.0f;
-    for (int j = 0; j < num_queries; ++j)
-      g += s.pq_mass[static_cast<size_t>(p) * num_queries + j] * total[j];
-    if (g > 0.0f) s.pq_rank.push_back({g, p});
+  s.pq_rank.resize(pages);
+  size_t ranked = 0;
+  {
+    const float* __restrict m = s.pq_mass.data();
+    const float* __restrict t = total.data();
+    std::pair<float, uint32_t>* __restrict rank = s.pq_rank.data();
+    for (uint32_t p = 0; p < pages; ++p) {
+      float g = 0.0f;
+      for (int j = 0; j < num_queries; ++j) g += m[static_cast<size_t>(p) * num_queries + j] * t[j];
+      rank[ranked] = {g, p};
+      ranked += g > 0.0f ? 1 : 0;
+    }
   }
+  s.pq_rank.resize(ranked);
   const float factor = params.pq_factor > 0.0f ? params.pq_factor : config_.mdci.pq_factor;
   const size_t want = std::min(
       s.pq_rank.size(),

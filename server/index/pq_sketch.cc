@@ -1,5 +1,9 @@
 #include "server/index/pq_sketch.h"
 
+// GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_*
+// placeholders (GCC bug 105593), as in kernels.cc.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 #include <algorithm>
@@ -9,6 +13,7 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "server/index/kernels.h"
 #include "server/index/simd_avx2.h"
 
 namespace icecache {
@@ -94,7 +99,27 @@ struct PqScanScratch {
   std::vector<uint32_t> fills;  // per page
   std::vector<float> table;     // one query's float tables
   std::vector<float> a, b, w;   // per cell: max - ref, mean - ref, fill - 1 (-1: empty)
+  std::vector<float> ref;       // per query: log_ref
 };
+
+// out[j] = the largest of v[p * nq + j] over p < n (-inf when n is 0).
+void ColumnMax(const float* v, uint32_t n, int nq, float* out) {
+  for (int j = 0; j < nq; ++j) out[j] = -std::numeric_limits<float>::infinity();
+  if (8 % nq == 0) {  // lane k of a register holds query k % nq, every row alike
+    const size_t cells = static_cast<size_t>(n) * nq;
+    __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    size_t i = 0;
+    for (; i + 8 <= cells; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(v + i));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, m);
+    for (int k = 0; k < 8; ++k) out[k % nq] = std::max(out[k % nq], lanes[k]);
+    for (; i < cells; ++i) out[i % nq] = std::max(out[i % nq], v[i]);
+    return;
+  }
+  for (uint32_t p = 0; p < n; ++p) {
+    for (int j = 0; j < nq; ++j) out[j] = std::max(out[j], v[static_cast<size_t>(p) * nq + j]);
+  }
+}
 
 PqScanScratch& PqScratch() {
   thread_local PqScanScratch s;
@@ -434,6 +459,21 @@ struct GroupSums {
   __m128i lo_even, lo_odd, hi_even, hi_odd;
 };
 
+#define ICECACHE_PQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+
+// The scan's accumulators into a group's sums. a: the table bytes added as
+// uint16 (even byte + 256 x odd byte, wrapping); b: the odd bytes alone. The
+// even bytes' sum is a - 256 b; the two 128-bit halves hold the even and the
+// odd sub-spaces, so they are added.
+inline void FinishSums(__m256i a_lo, __m256i b_lo, __m256i a_hi, __m256i b_hi, GroupSums* out) {
+  const __m256i e_lo = _mm256_sub_epi16(a_lo, _mm256_slli_epi16(b_lo, 8));
+  const __m256i e_hi = _mm256_sub_epi16(a_hi, _mm256_slli_epi16(b_hi, 8));
+  out->lo_even = _mm_add_epi16(_mm256_castsi256_si128(e_lo), _mm256_extracti128_si256(e_lo, 1));
+  out->lo_odd = _mm_add_epi16(_mm256_castsi256_si128(b_lo), _mm256_extracti128_si256(b_lo, 1));
+  out->hi_even = _mm_add_epi16(_mm256_castsi256_si128(e_hi), _mm256_extracti128_si256(e_hi, 1));
+  out->hi_odd = _mm_add_epi16(_mm256_castsi256_si128(b_hi), _mm256_extracti128_si256(b_hi, 1));
+}
+
 // `nq` (1 or 2) queries over one group's `lines` code lines: the nibbles
 // are split once for both.
 template <int kQ>
@@ -461,16 +501,62 @@ inline void ScanLines(const uint8_t* codes, const uint8_t* luts, size_t lut_stri
       b_hi[q] = _mm256_add_epi16(b_hi[q], _mm256_srli_epi16(hi, 8));
     }
   }
+  for (int q = 0; q < kQ; ++q) FinishSums(a_lo[q], b_lo[q], a_hi[q], b_hi[q], &out[q]);
+}
+
+// The same on AVX-512 (docs/architecture.md §3.4): two code lines (four
+// sub-spaces) per shuffle, the lanes then folded into ScanLines' two.
+// Integer sums, so the same sums bit for bit; chosen where KernelIsa() is
+// "avx512".
+// One step of ScanLinesAvx512: two lines' codes `cv` against each query's
+// tables (`lut` + q x lut_stride; `line_mask` bytes of them read).
+template <int kQ>
+ICECACHE_PQ_AVX512 inline void ScanStepAvx512(__m512i cv, const uint8_t* lut, size_t lut_stride,
+                                              __mmask64 line_mask, __m512i* a_lo, __m512i* b_lo,
+                                              __m512i* a_hi, __m512i* b_hi) {
+  const __m512i mask = _mm512_set1_epi8(0x0f);
+  const __m512i nib_lo = _mm512_and_si512(cv, mask);
+  const __m512i nib_hi = _mm512_and_si512(_mm512_srli_epi16(cv, 4), mask);
   for (int q = 0; q < kQ; ++q) {
-    const __m256i e_lo = _mm256_sub_epi16(a_lo[q], _mm256_slli_epi16(b_lo[q], 8));
-    const __m256i e_hi = _mm256_sub_epi16(a_hi[q], _mm256_slli_epi16(b_hi[q], 8));
-    // The two halves hold the even and the odd sub-spaces: add them.
-    out[q].lo_even = _mm_add_epi16(_mm256_castsi256_si128(e_lo), _mm256_extracti128_si256(e_lo, 1));
-    out[q].lo_odd =
-        _mm_add_epi16(_mm256_castsi256_si128(b_lo[q]), _mm256_extracti128_si256(b_lo[q], 1));
-    out[q].hi_even = _mm_add_epi16(_mm256_castsi256_si128(e_hi), _mm256_extracti128_si256(e_hi, 1));
-    out[q].hi_odd =
-        _mm_add_epi16(_mm256_castsi256_si128(b_hi[q]), _mm256_extracti128_si256(b_hi[q], 1));
+    const __m512i lv = _mm512_maskz_loadu_epi8(line_mask, lut + q * lut_stride);
+    const __m512i lo = _mm512_shuffle_epi8(lv, nib_lo);
+    const __m512i hi = _mm512_shuffle_epi8(lv, nib_hi);
+    a_lo[q] = _mm512_add_epi16(a_lo[q], lo);
+    b_lo[q] = _mm512_add_epi16(b_lo[q], _mm512_srli_epi16(lo, 8));
+    a_hi[q] = _mm512_add_epi16(a_hi[q], hi);
+    b_hi[q] = _mm512_add_epi16(b_hi[q], _mm512_srli_epi16(hi, 8));
+  }
+}
+
+ICECACHE_PQ_AVX512 inline __m256i FoldLanes(__m512i v) {
+  return _mm256_add_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+}
+
+// ScanLines on AVX-512 (docs/architecture.md §3.4): two code lines (four
+// sub-spaces) per shuffle, the lanes then folded into ScanLines' two.
+// Integer sums, so the same sums bit for bit; chosen where KernelIsa() is
+// "avx512".
+template <int kQ>
+ICECACHE_PQ_AVX512 inline void ScanLinesAvx512(const uint8_t* codes, const uint8_t* luts,
+                                               size_t lut_stride, int lines, GroupSums* out) {
+  __m512i a_lo[kQ], b_lo[kQ], a_hi[kQ], b_hi[kQ];
+  for (int q = 0; q < kQ; ++q) {
+    a_lo[q] = b_lo[q] = a_hi[q] = b_hi[q] = _mm512_setzero_si512();
+  }
+  constexpr __mmask64 kTwoLines = ~__mmask64{0};
+  constexpr __mmask64 kOneLine = 0xffffffffull;  // an odd last line: the rest read as 0
+  int p = 0;
+  for (; p + 2 <= lines; p += 2) {
+    ScanStepAvx512<kQ>(_mm512_loadu_si512(codes + p * 32), luts + p * 32, lut_stride, kTwoLines,
+                       a_lo, b_lo, a_hi, b_hi);
+  }
+  if (p < lines) {
+    ScanStepAvx512<kQ>(_mm512_maskz_loadu_epi8(kOneLine, codes + p * 32), luts + p * 32, lut_stride,
+                       kOneLine, a_lo, b_lo, a_hi, b_hi);
+  }
+  for (int q = 0; q < kQ; ++q) {
+    FinishSums(FoldLanes(a_lo[q]), FoldLanes(b_lo[q]), FoldLanes(a_hi[q]), FoldLanes(b_hi[q]),
+               &out[q]);
   }
 }
 
@@ -506,18 +592,24 @@ void PqSketch::ScanGroup(uint64_t g, const uint8_t* luts, int num_queries, uint1
   }
 }
 
-void PqSketch::ScanGroupHalves(uint64_t g, const uint8_t* luts, int num_queries, const float* a,
-                               const float* b, size_t cell_lo, size_t cell_hi, float* pmax,
-                               float* psum) const {
-  const uint8_t* c = group(g);
-  uint16_t norms[kGroup];
-  std::memcpy(norms, c + code_bytes_, sizeof(norms));
-  const int lines = subspaces_ / 2;
+namespace {
+
+// ScanGroupHalves' body over either scan: the group's codes `c`, its norms.
+template <bool kWide>
+__attribute__((always_inline)) inline void ScanHalves(const uint8_t* c, const uint16_t* norms,
+                                                      int lines, const uint8_t* luts,
+                                                      int num_queries, const float* a,
+                                                      const float* b, size_t cell_lo,
+                                                      size_t cell_hi, float* pmax, float* psum) {
   const size_t stride = static_cast<size_t>(lines) * 32;
   int q = 0;
   GroupSums r[2];
   for (; q + 2 <= num_queries; q += 2) {
-    ScanLines<2>(c, luts + q * stride, stride, lines, r);
+    if constexpr (kWide) {
+      ScanLinesAvx512<2>(c, luts + q * stride, stride, lines, r);
+    } else {
+      ScanLines<2>(c, luts + q * stride, stride, lines, r);
+    }
     for (int k = 0; k < 2; ++k) {
       const __m256 av = _mm256_set1_ps(a[q + k]), bv = _mm256_set1_ps(b[q + k]);
       FoldHalf(r[k].lo_even, r[k].lo_odd, norms, av, bv, &pmax[cell_lo + q + k],
@@ -527,10 +619,37 @@ void PqSketch::ScanGroupHalves(uint64_t g, const uint8_t* luts, int num_queries,
     }
   }
   for (; q < num_queries; ++q) {
-    ScanLines<1>(c, luts + q * stride, stride, lines, r);
+    if constexpr (kWide) {
+      ScanLinesAvx512<1>(c, luts + q * stride, stride, lines, r);
+    } else {
+      ScanLines<1>(c, luts + q * stride, stride, lines, r);
+    }
     const __m256 av = _mm256_set1_ps(a[q]), bv = _mm256_set1_ps(b[q]);
     FoldHalf(r[0].lo_even, r[0].lo_odd, norms, av, bv, &pmax[cell_lo + q], &psum[cell_lo + q]);
     FoldHalf(r[0].hi_even, r[0].hi_odd, norms + 16, av, bv, &pmax[cell_hi + q], &psum[cell_hi + q]);
+  }
+}
+
+ICECACHE_PQ_AVX512 void ScanHalvesAvx512(const uint8_t* c, const uint16_t* norms, int lines,
+                                         const uint8_t* luts, int num_queries, const float* a,
+                                         const float* b, size_t cell_lo, size_t cell_hi,
+                                         float* pmax, float* psum) {
+  ScanHalves<true>(c, norms, lines, luts, num_queries, a, b, cell_lo, cell_hi, pmax, psum);
+}
+
+}  // namespace
+
+void PqSketch::ScanGroupHalves(uint64_t g, const uint8_t* luts, int num_queries, const float* a,
+                               const float* b, size_t cell_lo, size_t cell_hi, float* pmax,
+                               float* psum, bool wide) const {
+  const uint8_t* c = group(g);
+  uint16_t norms[kGroup];
+  std::memcpy(norms, c + code_bytes_, sizeof(norms));
+  const int lines = subspaces_ / 2;
+  if (wide) {
+    ScanHalvesAvx512(c, norms, lines, luts, num_queries, a, b, cell_lo, cell_hi, pmax, psum);
+  } else {
+    ScanHalves<false>(c, norms, lines, luts, num_queries, a, b, cell_lo, cell_hi, pmax, psum);
   }
 }
 
@@ -545,6 +664,7 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
   s.offset.assign(num_queries, 0.0f);
   s.base.assign(num_queries, 0.0f);
   s.step.assign(num_queries, 0.0f);
+  s.ref.resize(num_queries);
   s.table.resize(static_cast<size_t>(subspaces_) * kCentroids);
   for (int j = 0; j < num_queries; ++j) {
     const float* q = queries + static_cast<size_t>(j) * dim_;
@@ -593,6 +713,7 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
   const uint64_t slots = static_cast<uint64_t>(num_pages) * page_tokens_;
   const uint64_t groups = (slots + kGroup - 1) / kGroup;
   const bool halves = page_tokens_ % 16 == 0;  // every 16-slot half lies in one page
+  const bool wide = std::strcmp(KernelIsa(), "avx512") == 0;
   for (uint64_t g = 0; g < groups; ++g) {
     const uint64_t first = g * kGroup;
     if (halves && first + kGroup <= slots) {
@@ -603,7 +724,8 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
           (first + 16) % page_tokens_ + 16 <= s.fills[page_hi]) {
         ScanGroupHalves(g, s.luts.data(), num_queries, s.base.data(), s.step.data(),
                         static_cast<size_t>(page_lo) * num_queries,
-                        static_cast<size_t>(page_hi) * num_queries, s.pmax.data(), s.psum.data());
+                        static_cast<size_t>(page_hi) * num_queries, s.pmax.data(), s.psum.data(),
+                        wide);
         continue;
       }
     }
@@ -623,31 +745,41 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
     }
   }
   // mass ~ e^max + (fill - 1) e^mean, relative to each query's largest max.
+  // An empty page's pmax stays -inf, so each query's largest is the
+  // column's maximum over every cell.
   s.a.resize(cells + 8);
   s.b.resize(cells + 8);
   s.w.resize(cells + 8);
-  for (int j = 0; j < num_queries; ++j) log_ref[j] = -std::numeric_limits<float>::infinity();
-  for (uint32_t p = 0; p < num_pages; ++p) {
-    if (s.fills[p] == 0) continue;
-    for (int j = 0; j < num_queries; ++j) {
-      const size_t cell = static_cast<size_t>(p) * num_queries + j;
-      log_ref[j] = std::max(log_ref[j], s.offset[j] + s.pmax[cell]);
-    }
+  ColumnMax(s.pmax.data(), num_pages, num_queries, log_ref);
+  for (int j = 0; j < num_queries; ++j) {
+    log_ref[j] += s.offset[j];  // offset + max = max of offset + x (rounding is monotone)
+    s.ref[j] = log_ref[j];
   }
-  for (uint32_t p = 0; p < num_pages; ++p) {
-    const uint32_t f = s.fills[p];
-    for (int j = 0; j < num_queries; ++j) {
-      const size_t cell = static_cast<size_t>(p) * num_queries + j;
+  {
+    const float* __restrict offset = s.offset.data();
+    const float* __restrict ref = s.ref.data();
+    const float* __restrict pmax = s.pmax.data();
+    const float* __restrict psum = s.psum.data();
+    float* __restrict a = s.a.data();
+    float* __restrict b = s.b.data();
+    float* __restrict w = s.w.data();
+    for (uint32_t p = 0; p < num_pages; ++p) {
+      const uint32_t f = s.fills[p];
+      const size_t c0 = static_cast<size_t>(p) * num_queries;
       if (f == 0) {
-        s.a[cell] = s.b[cell] = -100.0f;  // exp clamps: 0 next to the largest term
-        s.w[cell] = -1.0f;                // empty: mass 0 (masked below)
+        for (int j = 0; j < num_queries; ++j) {
+          a[c0 + j] = b[c0 + j] = -100.0f;  // exp clamps: 0 next to the largest term
+          w[c0 + j] = -1.0f;                // empty: mass 0 (masked below)
+        }
         continue;
       }
-      const float mx = s.offset[j] + s.pmax[cell];
-      const float mean = s.offset[j] + s.psum[cell] / static_cast<float>(f);
-      s.a[cell] = mx - log_ref[j];
-      s.b[cell] = mean - log_ref[j];
-      s.w[cell] = static_cast<float>(f - 1);
+      const float ff = static_cast<float>(f);
+      const float wf = static_cast<float>(f - 1);
+      for (int j = 0; j < num_queries; ++j) {
+        a[c0 + j] = (offset[j] + pmax[c0 + j]) - ref[j];
+        b[c0 + j] = (offset[j] + psum[c0 + j] / ff) - ref[j];
+        w[c0 + j] = wf;
+      }
     }
   }
   size_t i = 0;

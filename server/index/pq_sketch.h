@@ -146,10 +146,11 @@ class PqSketch {
   // The same when each 16-slot half of the group is 16 rows of one page
   // (page_tokens a multiple of 16, those rows filled): folded at once into
   // the pages' largest sums and sums (cells cell_lo + j and cell_hi + j).
-  // The rows' logits are n x (a[j] + b[j] x sum).
+  // The rows' logits are n x (a[j] + b[j] x sum). `wide`: the AVX-512
+  // scan (the same sums).
   void ScanGroupHalves(uint64_t g, const uint8_t* luts, int num_queries, const float* a,
-                       const float* b, size_t cell_lo, size_t cell_hi, float* pmax,
-                       float* psum) const;
+                       const float* b, size_t cell_lo, size_t cell_hi, float* pmax, float* psum,
+                       bool wide) const;
   // The centred row over its norm into `dir`; returns the norm (0, and a
   // zero direction, for a row at the mean).
   float Direction(const float* row, float* dir) const;
