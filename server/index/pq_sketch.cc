@@ -504,10 +504,6 @@ inline void ScanLines(const uint8_t* codes, const uint8_t* luts, size_t lut_stri
   for (int q = 0; q < kQ; ++q) FinishSums(a_lo[q], b_lo[q], a_hi[q], b_hi[q], &out[q]);
 }
 
-// The same on AVX-512 (docs/architecture.md §3.4): two code lines (four
-// sub-spaces) per shuffle, the lanes then folded into ScanLines' two.
-// Integer sums, so the same sums bit for bit; chosen where KernelIsa() is
-// "avx512".
 // One step of ScanLinesAvx512: two lines' codes `cv` against each query's
 // tables (`lut` + q x lut_stride; `line_mask` bytes of them read).
 template <int kQ>
