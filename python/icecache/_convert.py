@@ -181,21 +181,24 @@ def head_selection(h: types_pb2.HeadSelection) -> HeadSelection:
     )
 
 
-def fetch_layout(layout: types_pb2.FetchLayout) -> FetchLayout:
+def fetch_layout(layout: types_pb2.FetchLayout, base: int = 0) -> FetchLayout:
+    """``base``: the buffer's own offset in what the daemon maps (a
+    CudaBuffer's base_offset); offsets come back relative to the buffer, as
+    the caller gave them."""
     heads = [
         HeadLayout(
             kv_head=h.kv_head,
             pages=h.pages,
             slots=h.slots,
             fills=h.fills,
-            byte_offsets=h.byte_offsets,
+            byte_offsets=[b - base for b in h.byte_offsets] if base else h.byte_offsets,
             positions=_positions(h),
         )
         for h in layout.heads
     ]
     return FetchLayout(
         buffer_id=layout.buffer_id,
-        offset=layout.offset,
+        offset=layout.offset - base,
         total_bytes=layout.total_bytes,
         page_bytes=layout.page_bytes,
         first_layer=layout.first_layer,

@@ -19,6 +19,7 @@ business; close() must not race with other calls on the same buffer.
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import re
@@ -228,8 +229,11 @@ class CudaBuffer:
     tensor; pages are written into its bytes. Offsets given to FetchPages /
     DecodeStep through this object are relative to the tensor's first byte;
     ``base_offset`` translates them to the IPC allocation the daemon maps.
-    With ``paged_kv`` (a PagedKvCache whose offsets count from the IPC
-    allocation's base) the tensor is an engine's paged KV cache.
+    With ``paged_kv`` (a PagedKvCache whose offsets count from the
+    tensor's first byte, like every other offset given through this object)
+    the tensor is an engine's paged KV cache: its offsets are moved by
+    ``base_offset`` before registering, so a tensor carved from the middle of
+    the caching allocator's block is registered where it lies.
 
     Raises FailedPreconditionError where torch has no CUDA device (and the
     daemon's FailedPreconditionError when it was built without CUDA),
@@ -245,14 +249,22 @@ class CudaBuffer:
             raise InvalidArgumentError("CudaBuffer needs a contiguous tensor")
         self.tensor = tensor
         self.size = tensor.numel() * tensor.element_size()
-        storage = tensor.storage()
+        # torch >= 2 names the byte storage untyped_storage(); storage() there
+        # is the deprecated TypedStorage (same _share_cuda_, byte offsets).
+        storage = tensor.untyped_storage() if hasattr(tensor, "untyped_storage") else tensor.storage()
         share = storage._share_cuda_()
-        handle, storage_offset = share[1], share[3]
+        handle, storage_offset = ipc_mem_handle(bytes(share[1])), share[3]
         self.base_offset = storage_offset + tensor.storage_offset() * tensor.element_size()
         self.device_uuid = _device_uuid(tensor.device.index)
         self._client: Optional["Client"] = client
+        if paged_kv is not None:
+            paged_kv = dataclasses.replace(
+                paged_kv,
+                base_offset_bytes=paged_kv.base_offset_bytes + self.base_offset,
+                layer_offsets_bytes=[o + self.base_offset for o in paged_kv.layer_offsets_bytes],
+            )
         self.buffer_id = client.register_cuda_ipc(
-            bytes(handle), self.base_offset + self.size, self.device_uuid, paged_kv=paged_kv
+            handle, self.base_offset + self.size, self.device_uuid, paged_kv=paged_kv
         )
 
     def close(self) -> None:
@@ -268,6 +280,28 @@ class CudaBuffer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def ipc_mem_handle(shared: bytes) -> bytes:
+    """The cudaIpcMemHandle_t (64 bytes) in what torch's
+    ``UntypedStorage._share_cuda_()`` returns as the handle: the bare 64
+    bytes (torch 1.x), or a version byte (2), a kind byte ('c': a cudaMalloc
+    block) and the 64 bytes (torch 2.x's caching allocator)."""
+    if len(shared) == 64:
+        return shared
+    if len(shared) == 66 and shared[0] == 2 and shared[1:2] == b"c":
+        return shared[2:]
+    if len(shared) >= 2 and shared[0] == 2 and shared[1:2] == b"e":
+        raise FailedPreconditionError(
+            "the tensor lives in an expandable segment of torch's caching allocator "
+            "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), which has no "
+            "cudaIpcMemHandle_t; allocate the KV cache without expandable segments"
+        )
+    raise InvalidArgumentError(
+        f"torch shared this tensor with a CUDA IPC handle of {len(shared)} bytes in a form "
+        f"this client does not know (first bytes {shared[:2]!r}); expected a 64-byte "
+        "cudaIpcMemHandle_t, bare or after torch 2's version and kind bytes"
+    )
 
 
 def _cuda_torch() -> Any:

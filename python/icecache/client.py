@@ -355,7 +355,7 @@ class Client:
                 continue
             ids = p.pages if isinstance(p, HeadSelection) else p
             req.heads.add(kv_head=h, pages=_ids(ids))
-        return _convert.fetch_layout(self._call(self._kv.FetchPages, req, "FetchPages").layout)
+        return _convert.fetch_layout(self._call(self._kv.FetchPages, req, "FetchPages").layout, base)
 
     # -- decode ------------------------------------------------------------
 
@@ -379,7 +379,7 @@ class Client:
         )
         for h, pos in enumerate(positions):
             req.heads.add(kv_head=h, tokens=_ids(pos))
-        return _convert.fetch_layout(self._call(self._kv.FetchPages, req, "FetchPages").layout)
+        return _convert.fetch_layout(self._call(self._kv.FetchPages, req, "FetchPages").layout, base)
 
     def decode_stream(self, session_id: str, buffer: Buffer) -> DecodeStream:
         """A new DecodeStream of the session into ``buffer`` (owned by the

@@ -116,7 +116,7 @@ class DecodeStream:
             raw = self._ring_step(req)
             if raw is not None:
                 resp = kv_pb2.DecodeStepResponse.FromString(raw)
-                return StepResult(resp.layer, reused=resp.reused, raw=resp)
+                return StepResult(resp.layer, reused=resp.reused, raw=resp, base=self._base)
             if self._stream is None:
                 self._stream = self._factory(self._client._channel, self._client._metadata)
                 self._sent_buffer = ""
@@ -130,7 +130,7 @@ class DecodeStream:
                 raise
             self._sent_buffer = self._buffer_id
         resp = kv_pb2.DecodeStepResponse.FromString(raw)
-        return StepResult(resp.layer, reused=resp.reused, raw=resp)
+        return StepResult(resp.layer, reused=resp.reused, raw=resp, base=self._base)
 
     def _ring_step(self, req: "kv_pb2.DecodeStepRequest") -> Optional[bytes]:
         """The answer over the ring, or None where the stream is to carry the
@@ -276,8 +276,10 @@ class BatchDecodeStream:
         req = kv_pb2.DecodeStepRequest(layer=layer, num_layers=num_layers, positions_as_bytes=True)
         _convert.select_params(options, req.params)
         dtype = None
+        bases = []
         for e in entries:
             buffer_id, base = self._client._buffer_ref(e.buffer) if e.buffer is not None else self._default
+            bases.append(base)
             entry = req.batch.add(session_id=e.session_id, buffer_id=buffer_id, offset=base + e.offset,
                                   reuse_group_selection=e.reuse_group_selection,
                                   prefetch_group=e.prefetch_group, in_place=e.in_place)
@@ -296,9 +298,11 @@ class BatchDecodeStream:
                 raise
         resp = kv_pb2.DecodeStepResponse.FromString(raw)
         out = []
-        for r in resp.batch:
+        for i, r in enumerate(resp.batch):
             if r.code == 0:
-                out.append(BatchResult(r.session_id, None, StepResult(resp.layer, reused=r.reused, raw=r)))
+                base = bases[i] if i < len(bases) else 0
+                out.append(BatchResult(r.session_id, None,
+                                       StepResult(resp.layer, reused=r.reused, raw=r, base=base)))
             else:
                 cls = error_class(status_code(r.code))
                 out.append(BatchResult(r.session_id, cls(r.message), None))

@@ -303,7 +303,7 @@ class StepResult:
     the response on first access, so a caller that reads only the layout
     pays for nothing else."""
 
-    __slots__ = ("layer", "reused", "_heads", "_layout", "_raw")
+    __slots__ = ("layer", "reused", "_heads", "_layout", "_raw", "_base")
 
     def __init__(
         self,
@@ -312,8 +312,10 @@ class StepResult:
         layout: Optional[FetchLayout] = None,
         reused: bool = False,
         raw: object = None,
+        base: int = 0,
     ) -> None:
         self.layer = layer
+        self._base = base  # the buffer's offset in the daemon's mapping (CudaBuffer.base_offset)
         self.reused = reused
         self._heads = heads
         self._layout = layout
@@ -332,7 +334,7 @@ class StepResult:
         if self._layout is None:
             from . import _convert
 
-            self._layout = _convert.fetch_layout(self._raw.layout)  # type: ignore[attr-defined]
+            self._layout = _convert.fetch_layout(self._raw.layout, self._base)  # type: ignore[attr-defined]
         return self._layout
 
     @property

@@ -35,6 +35,18 @@ def test_paged_kv_registration_without_a_device(client):
         pytest.fail("a paged KV registration without a device was accepted")
 
 
+def test_torch_ipc_handles_of_either_form_give_the_cuda_handle():
+    from icecache.buffers import ipc_mem_handle
+
+    raw = bytes(range(64))
+    assert ipc_mem_handle(raw) == raw  # torch 1.x
+    assert ipc_mem_handle(b"\x02c" + raw) == raw  # torch 2.x: version 2, a cudaMalloc block
+    with pytest.raises(icecache.FailedPreconditionError, match="expandable_segments"):
+        ipc_mem_handle(b"\x02e" + raw[:40])
+    with pytest.raises(icecache.InvalidArgumentError, match="65 bytes"):
+        ipc_mem_handle(b"\x07" + raw)
+
+
 def test_bad_paged_kv_layouts_name_the_field(client):
     with pytest.raises(icecache.OutOfRangeError, match="paged_kv"):
         client.register_cuda_ipc(**paged_cache(4096))

@@ -4,6 +4,7 @@
 // byte the daemon pushed (scatter with events, plain fetch, a layer-group
 // prefetch pushed in the background). Skips, with the reason, where there is
 // no CUDA device or the build has no CUDA (then the client is not built).
+#include <cstdlib>
 #include <string>
 
 #include "gtest/gtest.h"
@@ -17,7 +18,10 @@ namespace {
 TEST(GpuPushTest, ScatterEventsAndPlainFetchLandEveryByte) {
   std::unique_ptr<CudaRuntime> cuda = CudaRuntime::Create();
   if (!cuda->available()) GTEST_SKIP() << "skipped: " << cuda->unavailable_reason();
-  const std::string client = ICECACHE_GPU_CLIENT;
+  // ICECACHE_GPU_CLIENT in the environment overrides the build's path (a
+  // prebuilt bundle: tests/gpu/run.sh --prebuilt).
+  const char* env = std::getenv("ICECACHE_GPU_CLIENT");
+  const std::string client = env != nullptr && *env != '\0' ? env : ICECACHE_GPU_CLIENT;
   if (client.empty()) {
     GTEST_SKIP() << "skipped: built without CUDA (ICECACHE_ENABLE_CUDA=OFF), so the GPU "
                     "client is not built";

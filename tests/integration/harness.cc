@@ -24,7 +24,12 @@
 
 namespace icecache::testing {
 
-std::string IcecachedPath() { return ICECACHE_TEST_ICECACHED; }
+// ICECACHE_TEST_ICECACHED in the environment overrides the build's path (a
+// prebuilt bundle run elsewhere: tests/gpu/run.sh --prebuilt).
+std::string IcecachedPath() {
+  const char* env = std::getenv("ICECACHE_TEST_ICECACHED");
+  return env != nullptr && *env != '\0' ? env : ICECACHE_TEST_ICECACHED;
+}
 std::string IcecachectlPath() { return ICECACHE_TEST_ICECACHECTL; }
 std::string ProbePath() { return ICECACHE_TEST_PROBE; }
 
