@@ -72,6 +72,9 @@ absl::Status Daemon::Init() {
   buf_opts.scatter_mode =
       c.transfer().zero_copy_scatter() ? ScatterMode::kZeroCopy : ScatterMode::kStaged;
   ASSIGN_OR_RETURN(buffers_, BufferRegistry::Create(buf_opts));
+  if (cuda_->available() && (!c.transfer().has_direct_reads() || c.transfer().direct_reads())) {
+    StartPinningPool();
+  }
 
   SessionManagerOptions mgr_opts;
   mgr_opts.pool = pool_.get();
@@ -251,6 +254,11 @@ absl::Status Daemon::Init() {
   sessions_ = registry_.AddSnapshot("icecache_sessions", "Live sessions", MetricType::kGauge, {});
   buffers_gauge_ =
       registry_.AddSnapshot("icecache_buffers", "Registered buffers", MetricType::kGauge, {});
+  gpu_pushes_ = registry_.AddSnapshot(
+      "icecache_gpu_pushes_total",
+      "Pushes to client GPUs by path: in_place (the device read the pool's pinned pages where "
+      "they lie) or staged (gathered into pinned staging first)",
+      MetricType::kCounter, {"path"});
   session_events_ =
       registry_.AddSnapshot("icecache_session_events_total", "Session lifecycle events since start",
                             MetricType::kCounter, {"event"});
@@ -319,6 +327,44 @@ absl::Status Daemon::Init() {
     prefault_thread_ = std::thread([this] { PrefaultPool(); });
   }
   return absl::OkStatus();
+}
+
+void Daemon::StartPinningPool() {
+  PinnedRegion* region = buffers_->pinned_region();
+  if (region == nullptr) return;
+  uint8_t* const base = pool_->arena_base();
+  const uint64_t bytes = pool_->capacity_bytes();
+  CudaRuntime* const cuda = cuda_.get();
+  const absl::Time start = absl::Now();
+  Log(LogLevel::kInfo, "pool_pinning_started", {{"bytes", bytes}});
+  pinner_ = HostPinner::Start(cuda, base, bytes, 0, [=](const absl::Status& pinned) {
+    absl::Status s = pinned;
+    intptr_t delta = 0;
+    if (s.ok()) {
+      // Where the device reads the arena: one offset for all of it.
+      absl::StatusOr<void*> first = cuda->DevicePointerOf(base);
+      absl::StatusOr<void*> last = cuda->DevicePointerOf(base + bytes - 1);
+      if (!first.ok() || !last.ok()) {
+        s = first.ok() ? last.status() : first.status();
+      } else {
+        delta = static_cast<uint8_t*>(*first) - base;
+        if (static_cast<uint8_t*>(*last) - (base + bytes - 1) != delta) {
+          s = absl::InternalError("the device addresses of the pinned arena are not one range");
+        }
+      }
+    }
+    if (!s.ok()) {
+      Log(LogLevel::kWarn, "pool_not_pinned",
+          {{"error", std::string(s.message())},
+           {"effect", "pushes to GPUs gather through pinned staging (no direct reads)"}});
+      return;
+    }
+    region->Set(base, bytes, delta);
+    Log(LogLevel::kInfo, "pool_pinned",
+        {{"bytes", bytes},
+         {"seconds", absl::ToDoubleSeconds(absl::Now() - start)},
+         {"direct_reads", "on"}});
+  });
 }
 
 void Daemon::PrefaultPool() {
@@ -407,6 +453,10 @@ void Daemon::CollectMetrics() {
   class_bytes_->Replace(std::move(class_bytes));
   sessions_->Replace({{{}, double(stats->sessions)}});
   buffers_gauge_->Replace({{{}, double(stats->buffers)}});
+  if (const PushCounts* pushes = buffers_->push_counts()) {
+    gpu_pushes_->Replace({{{"in_place"}, double(pushes->in_place.load())},
+                          {{"staged"}, double(pushes->staged.load())}});
+  }
   session_events_->Replace({{{"created"}, double(stats->sessions_created)},
                             {{"dropped"}, double(stats->sessions_dropped)},
                             {{"evicted"}, double(stats->sessions_evicted)},

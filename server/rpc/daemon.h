@@ -41,6 +41,7 @@
 #include "server/session/session_manager.h"
 #include "server/transfer/buffer_registry.h"
 #include "server/transfer/cuda_runtime.h"
+#include "server/transfer/host_pinner.h"
 
 namespace httplib {
 class Server;
@@ -100,6 +101,9 @@ class Daemon {
   absl::Status Init();
   absl::Status StartMetricsHttp();
   void CollectMetrics();
+  // The direct mode (config transfer.direct_reads): pins the pool's arena in
+  // the background, then lets pushes read pages in place (device_push.h).
+  void StartPinningPool();
   // Warm restart (docs/architecture.md §5): the pool, file-backed when
   // pool.backing_dir is set, over the previous daemon's arena when its
   // snapshot can be used (the snapshot is consumed: read, then removed;
@@ -122,6 +126,9 @@ class Daemon {
   std::unique_ptr<CudaRuntime> cuda_;
   std::unique_ptr<PagePool> pool_;
   std::unique_ptr<BufferRegistry> buffers_;
+  // Pins the pool's arena for the direct mode (device_push.h); before pool_
+  // goes, after every push stopped.
+  std::unique_ptr<HostPinner> pinner_;
   std::unique_ptr<SessionManager> manager_;
   std::unique_ptr<Authenticator> auth_;
   PeerTable peers_;
@@ -151,6 +158,7 @@ class Daemon {
   SnapshotFamily* class_frames_ = nullptr;
   SnapshotFamily* sessions_ = nullptr;
   SnapshotFamily* buffers_gauge_ = nullptr;
+  SnapshotFamily* gpu_pushes_ = nullptr;
   SnapshotFamily* session_events_ = nullptr;
   SnapshotFamily* draining_gauge_ = nullptr;
   SnapshotFamily* connections_ = nullptr;

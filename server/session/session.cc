@@ -153,6 +153,21 @@ struct FrameCopier {
     return lease.Write(offset, count * bytes, [&](uint8_t* dst) { Gather(first, count, dst); });
   }
 
+  // Hashes every frame to check, before anything is written; false at the
+  // first mismatch (recorded in `bad`). Gather then checks nothing again.
+  bool VerifyAll() {
+    for (size_t k = 0; k < check.size(); ++k) {
+      checked.fetch_add(1, std::memory_order_relaxed);
+      if (FrameChecksum(frames[check[k]], bytes) != expected[k]) {
+        bad.store(check[k]);
+        check.clear();
+        return false;
+      }
+    }
+    check.clear();
+    return true;
+  }
+
   // The copy itself: frames [first, first + count) to dst.
   void Gather(size_t first, size_t count, uint8_t* dst) {
     if (check.empty()) {
@@ -465,9 +480,15 @@ absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchReques
   absl::Status copied;
   if (!req.device.empty() || lease.kind() == BufferKind::kCudaIpc) {
     // One push per request (docs/architecture.md §6.3): the gather fills
-    // daemon-owned pinned staging, never client memory, so it needs no guard.
-    copied = lease.WriteFetch(layout, req.device,
-                              [&](uint8_t* dst) { copier.Gather(0, copier.frames.size(), dst); });
+    // daemon-owned pinned staging, never client memory, so it needs no guard;
+    // or the device reads the frames in place (device_push.h), so the
+    // checksums are verified first, and a bad page stops the push whole.
+    if (copier.VerifyAll()) {
+      const PageFrames frames{copier.frames.data(), copier.frames.size(), bytes};
+      copied = lease.WriteFetch(
+          layout, req.device, [&](uint8_t* dst) { copier.Gather(0, copier.frames.size(), dst); },
+          frames);
+    }
   } else if (threads == 1 || layout.total_bytes < kParallelGatherBytes) {
     copied = copier.Copy(lease, req.offset, 0, copier.frames.size());
   } else {

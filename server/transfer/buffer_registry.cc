@@ -122,9 +122,12 @@ absl::StatusOr<std::optional<CudaIpcHandle>> EventField(std::string_view field,
 }  // namespace
 
 absl::Status BufferLease::WriteFetch(const FetchLayout& layout, const DeviceWrite& device,
-                                     absl::FunctionRef<void(uint8_t*)> fill) {
+                                     absl::FunctionRef<void(uint8_t*)> fill,
+                                     const PageFrames& frames) {
   if (entry_ == nullptr) return absl::FailedPreconditionError("empty buffer lease");
-  if (device.empty()) return Write(layout.buffer_offset, layout.total_bytes, fill);
+  if (device.empty() && (entry_->kind != BufferKind::kCudaIpc || layout.total_bytes == 0)) {
+    return Write(layout.buffer_offset, layout.total_bytes, fill);
+  }
   if (entry_->kind != BufferKind::kCudaIpc) {
     return absl::InvalidArgumentError(
         absl::StrCat("block_ids, wait_event and done_event need a CUDA_IPC buffer; buffer ",
@@ -135,6 +138,7 @@ absl::Status BufferLease::WriteFetch(const FetchLayout& layout, const DeviceWrit
   absl::StatusOr<std::optional<CudaIpcHandle>> done = EventField("done_event", device.done_event);
   if (!done.ok()) return done.status();
   PushSpec spec;
+  spec.frames = frames;
   spec.wait_event = wait->has_value() ? &**wait : nullptr;
   spec.done_event = done->has_value() ? &**done : nullptr;
   std::optional<ScatterPlan> plan;

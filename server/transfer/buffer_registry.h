@@ -135,8 +135,11 @@ class BufferLease {
   // (InvalidArgument for a handle that is not 64 bytes, naming the field).
   // Device fields on a HOST_SHM buffer: InvalidArgument. Nothing is written
   // before every check passed.
+  // `frames` (optional): the pages `fill` gathers, in order; a CUDA_IPC
+  // buffer's push may then read them in place (device_push.h, the direct
+  // mode) and not call `fill`.
   absl::Status WriteFetch(const FetchLayout& layout, const DeviceWrite& device,
-                          absl::FunctionRef<void(uint8_t*)> fill);
+                          absl::FunctionRef<void(uint8_t*)> fill, const PageFrames& frames = {});
 
   // Records the client's done event (a cudaIpcEventHandle_t) on the buffer's
   // push stream after the pushes enqueued so far, for a fetch whose bytes a
@@ -233,6 +236,14 @@ class BufferRegistry {
   // Drops every buffer of `tenant`; returns how many.
   int DropTenant(std::string_view tenant);
   size_t size() const;
+
+  // What pushes to GPUs may read in place (device_push.h; set once the
+  // pool is pinned). Null without a CUDA runtime.
+  PinnedRegion* pinned_region() { return clients_ == nullptr ? nullptr : &clients_->region(); }
+  // Pushes to GPUs by path (null without a CUDA runtime).
+  const PushCounts* push_counts() const {
+    return clients_ == nullptr ? nullptr : &clients_->counts();
+  }
 
  private:
   explicit BufferRegistry(const BufferRegistryOptions& options);

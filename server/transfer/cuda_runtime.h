@@ -68,7 +68,8 @@ class CudaRuntime {
   // runtime for `device` (cudaMemcpyAsync + cudaStreamSynchronize).
   virtual absl::Status CopyToDevice(int device, void* device_dst, const void* host_src,
                                     size_t n) = 0;
-  // Pins / unpins host memory (cudaHostRegister / Unregister).
+  // Pins / unpins host memory (cudaHostRegister, portable and mapped: the
+  // device may read it in place at DevicePointerOf's address; Unregister).
   virtual absl::Status HostRegister(void* p, size_t n) = 0;
   virtual absl::Status HostUnregister(void* p) = 0;
 
@@ -80,7 +81,8 @@ class CudaRuntime {
   virtual absl::StatusOr<void*> CreateStream(int device) = 0;
   virtual absl::Status DestroyStream(int device, void* stream) = 0;
   // Pinned, portable, mapped host memory (cudaHostAlloc) and the address the
-  // device reads it at (cudaHostGetDevicePointer; the zero-copy scatter).
+  // device reads it, or memory pinned by HostRegister, at
+  // (cudaHostGetDevicePointer; the zero-copy and direct modes).
   virtual absl::StatusOr<void*> AllocPinned(size_t n) = 0;
   virtual absl::Status FreePinned(void* p) = 0;
   virtual absl::StatusOr<void*> DevicePointerOf(void* pinned) = 0;
@@ -91,10 +93,16 @@ class CudaRuntime {
   virtual absl::Status CopyToDeviceAsync(int device, void* stream, void* device_dst,
                                          const void* host_src, size_t n) = 0;
   // Enqueues the scatter kernel (scatter_kernel.h) on `stream`; `tasks` and
-  // `src` must be device-readable.
+  // what `src` names must be device-readable.
   virtual absl::Status LaunchScatter(int device, void* stream, const ScatterGeometry& geometry,
                                      const ScatterTask* tasks, uint32_t num_tasks,
-                                     const uint8_t* src, uint8_t* dst) = 0;
+                                     const ScatterSource& src, uint8_t* dst) = 0;
+  // Enqueues the frame gather kernel (scatter_kernel.h): frame i of
+  // `frames` (a device-readable table of device-readable addresses) to
+  // dst + i x frame_bytes, in words of `word_bytes`.
+  virtual absl::Status LaunchGatherFrames(int device, void* stream, const uint8_t* const* frames,
+                                          uint32_t count, uint64_t frame_bytes, uint32_t word_bytes,
+                                          uint8_t* dst) = 0;
   // Opens a peer's interprocess event (cudaIpcOpenEventHandle; the handle is
   // 64 bytes like a memory handle) and destroys it (cudaEventDestroy).
   virtual absl::StatusOr<void*> OpenIpcEvent(int device, const CudaIpcHandle& handle) = 0;

@@ -120,7 +120,7 @@ class CudaRuntimeImpl final : public CudaRuntime {
 
   absl::Status HostRegister(void* p, size_t n) override {
     if (absl::Status s = Check(); !s.ok()) return s;
-    cudaError_t err = cudaHostRegister(p, n, cudaHostRegisterDefault);
+    cudaError_t err = cudaHostRegister(p, n, cudaHostRegisterPortable | cudaHostRegisterMapped);
     if (err != cudaSuccess) return CudaError("cudaHostRegister", err);
     return absl::OkStatus();
   }
@@ -178,12 +178,21 @@ class CudaRuntimeImpl final : public CudaRuntime {
     return absl::OkStatus();
   }
   absl::Status LaunchScatter(int device, void* stream, const ScatterGeometry& g,
-                             const ScatterTask* tasks, uint32_t n, const uint8_t* src,
+                             const ScatterTask* tasks, uint32_t n, const ScatterSource& src,
                              uint8_t* dst) override {
     RETURN_IF_CUDA_STATUS(OnDevice(device));
     const cudaError_t err =
         static_cast<cudaError_t>(LaunchScatterKernel(stream, g, tasks, n, src, dst));
     if (err != cudaSuccess) return CudaError("scatter kernel launch", err);
+    return absl::OkStatus();
+  }
+  absl::Status LaunchGatherFrames(int device, void* stream, const uint8_t* const* frames,
+                                  uint32_t count, uint64_t frame_bytes, uint32_t word_bytes,
+                                  uint8_t* dst) override {
+    RETURN_IF_CUDA_STATUS(OnDevice(device));
+    const cudaError_t err = static_cast<cudaError_t>(
+        LaunchGatherFramesKernel(stream, frames, count, frame_bytes, word_bytes, dst));
+    if (err != cudaSuccess) return CudaError("frame gather kernel launch", err);
     return absl::OkStatus();
   }
   absl::StatusOr<void*> OpenIpcEvent(int device, const CudaIpcHandle& handle) override {

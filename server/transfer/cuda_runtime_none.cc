@@ -28,7 +28,11 @@ class NoCudaRuntime final : public CudaRuntime {
     return Unavailable();
   }
   absl::Status LaunchScatter(int, void*, const ScatterGeometry&, const ScatterTask*, uint32_t,
-                             const uint8_t*, uint8_t*) override {
+                             const ScatterSource&, uint8_t*) override {
+    return Unavailable();
+  }
+  absl::Status LaunchGatherFrames(int, void*, const uint8_t* const*, uint32_t, uint64_t, uint32_t,
+                                  uint8_t*) override {
     return Unavailable();
   }
   absl::StatusOr<void*> OpenIpcEvent(int, const CudaIpcHandle&) override { return Unavailable(); }

@@ -1,9 +1,11 @@
 #include "server/transfer/device_push.h"
 
+#include <algorithm>
 #include <cstring>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace icecache {
 namespace {
@@ -19,10 +21,27 @@ uint64_t AlignUp(uint64_t n, uint64_t a) { return (n + a - 1) / a * a; }
 
 }  // namespace
 
+void PinnedRegion::Set(const uint8_t* base, uint64_t bytes, intptr_t delta) {
+  absl::MutexLock l(&mu_);
+  view_ = View{base, bytes, delta};
+}
+
+PinnedRegion::View PinnedRegion::Get() const {
+  absl::MutexLock l(&mu_);
+  return view_;
+}
+
 IpcMemory::~IpcMemory() { cuda_->CloseIpcHandle(device_, ptr_).IgnoreError(); }
 
-PushChannel::PushChannel(CudaRuntime* cuda, int device, void* stream, ScatterMode mode)
-    : cuda_(cuda), device_(device), stream_(stream), mode_(mode) {}
+PushChannel::PushChannel(CudaRuntime* cuda, int device, void* stream, ScatterMode mode,
+                         std::shared_ptr<const PinnedRegion> region,
+                         std::shared_ptr<PushCounts> counts)
+    : cuda_(cuda),
+      device_(device),
+      stream_(stream),
+      mode_(mode),
+      region_(std::move(region)),
+      counts_(std::move(counts)) {}
 
 PushChannel::~PushChannel() {
   absl::MutexLock l(&mu_);
@@ -77,6 +96,17 @@ absl::Status PushChannel::Push(uint8_t* dst, const PushSpec& spec,
     if (absl::Status s = cuda_->SynchronizeStream(device_, stream_); !s.ok()) return s;
     pending_ = false;
   }
+  if (spec.frames.data != nullptr && region_ != nullptr) {
+    absl::StatusOr<bool> done = PushInPlace(dst, spec);
+    if (!done.ok()) return done.status();
+    if (*done) {
+      in_place_.fetch_add(1, std::memory_order_relaxed);
+      if (counts_ != nullptr) counts_->in_place.fetch_add(1, std::memory_order_relaxed);
+      return absl::OkStatus();
+    }
+  }
+  staged_.fetch_add(1, std::memory_order_relaxed);
+  if (counts_ != nullptr) counts_->staged.fetch_add(1, std::memory_order_relaxed);
   const uint64_t tasks_at = AlignUp(spec.length, kTableAlign);
   const uint64_t total = spec.scatter == nullptr
                              ? spec.length
@@ -98,6 +128,81 @@ absl::Status PushChannel::Push(uint8_t* dst, const PushSpec& spec,
     return absl::OkStatus();
   }
   return cuda_->SynchronizeStream(device_, stream_);
+}
+
+absl::Status PushChannel::EnsureDeviceStaging(uint64_t bytes) {
+  if (device_bytes_ >= bytes) return absl::OkStatus();
+  if (device_staging_ != nullptr) cuda_->FreeDevice(device_, device_staging_).IgnoreError();
+  device_staging_ = nullptr;
+  device_bytes_ = 0;
+  const uint64_t want = std::max(bytes, pinned_bytes_);
+  absl::StatusOr<void*> d = cuda_->AllocDevice(device_, want);
+  if (!d.ok()) return d.status();
+  device_staging_ = static_cast<uint8_t*>(*d);
+  device_bytes_ = want;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> PushChannel::PushInPlace(uint8_t* dst, const PushSpec& spec) {
+  const PinnedRegion::View region = region_->Get();
+  const PageFrames& f = spec.frames;
+  if (region.base == nullptr || f.bytes == 0 || f.count == 0 || f.count * f.bytes != spec.length) {
+    return false;
+  }
+  const ScatterPlan* plan = spec.scatter;
+  // The copy word: what divides the frame size, the destination and every
+  // frame's address (the scatter's own word must divide them too).
+  uint64_t bits = f.bytes;
+  if (plan == nullptr) bits |= reinterpret_cast<uintptr_t>(dst + spec.offset);
+  for (size_t i = 0; i < f.count; ++i) {
+    if (!region.Covers(f.data[i], f.bytes)) return false;
+    bits |= reinterpret_cast<uintptr_t>(f.data[i]);
+  }
+  uint32_t word = 16;
+  while (word > 1 && bits % word != 0) word /= 2;
+  if (plan != nullptr && word < plan->geometry.word_bytes) return false;
+  // The tables (tasks, then device addresses of the frames), in one copy.
+  const uint64_t task_bytes = plan == nullptr ? 0 : plan->tasks.size() * sizeof(ScatterTask);
+  const uint64_t frames_at = AlignUp(task_bytes, kTableAlign);
+  const uint64_t total = frames_at + f.count * sizeof(const uint8_t*);
+  RETURN_IF_ERROR(Reserve(total));
+  if (task_bytes > 0) std::memcpy(pinned_, plan->tasks.data(), task_bytes);
+  auto* table = reinterpret_cast<const uint8_t**>(pinned_ + frames_at);
+  for (size_t i = 0; i < f.count; ++i) table[i] = f.data[i] + region.delta;
+  absl::Status s = [&]() -> absl::Status {
+    RETURN_IF_ERROR(EnsureDeviceStaging(total));
+    if (spec.wait_event != nullptr) {
+      ASSIGN_OR_RETURN(void* e, EventLocked(*spec.wait_event));
+      RETURN_IF_ERROR(cuda_->StreamWaitEvent(device_, stream_, e));
+    }
+    RETURN_IF_ERROR(cuda_->CopyToDeviceAsync(device_, stream_, device_staging_, pinned_, total));
+    const auto* frames = reinterpret_cast<const uint8_t* const*>(device_staging_ + frames_at);
+    if (plan != nullptr) {
+      ScatterSource src;
+      src.frames = frames;
+      src.frame_bytes = f.bytes;
+      RETURN_IF_ERROR(cuda_->LaunchScatter(device_, stream_, plan->geometry,
+                                           reinterpret_cast<const ScatterTask*>(device_staging_),
+                                           static_cast<uint32_t>(plan->tasks.size()), src, dst));
+    } else {
+      RETURN_IF_ERROR(cuda_->LaunchGatherFrames(device_, stream_, frames,
+                                                static_cast<uint32_t>(f.count), f.bytes, word,
+                                                dst + spec.offset));
+    }
+    if (spec.done_event != nullptr) {
+      ASSIGN_OR_RETURN(void* e, EventLocked(*spec.done_event));
+      RETURN_IF_ERROR(cuda_->RecordEvent(device_, stream_, e));
+    }
+    return absl::OkStatus();
+  }();
+  if (!s.ok()) {
+    pending_ = true;  // whatever was enqueued may still read the tables
+    return s;
+  }
+  // The device reads the pool's pages: they must not be reused before it is
+  // done, so even a push with a done event waits here.
+  RETURN_IF_ERROR(cuda_->SynchronizeStream(device_, stream_));
+  return true;
 }
 
 absl::Status PushChannel::RecordDone(const CudaIpcHandle& done_event) {
@@ -127,15 +232,7 @@ absl::Status PushChannel::Enqueue(uint8_t* dst, const PushSpec& spec, uint64_t t
       if (!mapped.ok()) return mapped.status();
       src = static_cast<const uint8_t*>(*mapped);
     } else {
-      if (device_bytes_ < total) {
-        if (device_staging_ != nullptr) cuda_->FreeDevice(device_, device_staging_).IgnoreError();
-        device_staging_ = nullptr;
-        device_bytes_ = 0;
-        absl::StatusOr<void*> d = cuda_->AllocDevice(device_, pinned_bytes_);
-        if (!d.ok()) return d.status();
-        device_staging_ = static_cast<uint8_t*>(*d);
-        device_bytes_ = pinned_bytes_;
-      }
+      if (absl::Status s = EnsureDeviceStaging(total); !s.ok()) return s;
       // The one host -> device copy: pages and task table together.
       if (absl::Status s =
               cuda_->CopyToDeviceAsync(device_, stream_, device_staging_, pinned_, total);
@@ -145,9 +242,11 @@ absl::Status PushChannel::Enqueue(uint8_t* dst, const PushSpec& spec, uint64_t t
       src = device_staging_;
     }
     const ScatterPlan& plan = *spec.scatter;
-    if (absl::Status s = cuda_->LaunchScatter(device_, stream_, plan.geometry,
-                                              reinterpret_cast<const ScatterTask*>(src + tasks_at),
-                                              static_cast<uint32_t>(plan.tasks.size()), src, dst);
+    ScatterSource source;
+    source.base = src;
+    if (absl::Status s = cuda_->LaunchScatter(
+            device_, stream_, plan.geometry, reinterpret_cast<const ScatterTask*>(src + tasks_at),
+            static_cast<uint32_t>(plan.tasks.size()), source, dst);
         !s.ok()) {
       return s;
     }
@@ -186,7 +285,7 @@ absl::StatusOr<std::shared_ptr<PushChannel>> CudaClients::Channel(const std::str
   }
   absl::StatusOr<void*> stream = cuda_->CreateStream(device);
   if (!stream.ok()) return stream.status();
-  auto channel = std::make_shared<PushChannel>(cuda_, device, *stream, mode_);
+  auto channel = std::make_shared<PushChannel>(cuda_, device, *stream, mode_, region_, counts_);
   channels_[key] = channel;
   return channel;
 }

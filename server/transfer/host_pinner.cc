@@ -1,19 +1,26 @@
 #include "server/transfer/host_pinner.h"
 
 #include <algorithm>
+#include <utility>
 
 namespace icecache {
 
 std::unique_ptr<HostPinner> HostPinner::Start(CudaRuntime* cuda, uint8_t* base, uint64_t bytes,
-                                              uint64_t chunk_bytes) {
-  std::unique_ptr<HostPinner> p(
-      new HostPinner(cuda, base, bytes, chunk_bytes == 0 ? kDefaultChunkBytes : chunk_bytes));
+                                              uint64_t chunk_bytes,
+                                              std::function<void(const absl::Status&)> on_done) {
+  std::unique_ptr<HostPinner> p(new HostPinner(
+      cuda, base, bytes, chunk_bytes == 0 ? kDefaultChunkBytes : chunk_bytes, std::move(on_done)));
   p->thread_ = std::thread([raw = p.get()] { raw->Run(); });
   return p;
 }
 
-HostPinner::HostPinner(CudaRuntime* cuda, uint8_t* base, uint64_t bytes, uint64_t chunk_bytes)
-    : cuda_(cuda), base_(base), bytes_(bytes), chunk_bytes_(chunk_bytes) {}
+HostPinner::HostPinner(CudaRuntime* cuda, uint8_t* base, uint64_t bytes, uint64_t chunk_bytes,
+                       std::function<void(const absl::Status&)> on_done)
+    : cuda_(cuda),
+      base_(base),
+      bytes_(bytes),
+      chunk_bytes_(chunk_bytes),
+      on_done_(std::move(on_done)) {}
 
 HostPinner::~HostPinner() {
   if (thread_.joinable()) thread_.join();
@@ -37,9 +44,12 @@ void HostPinner::Run() {
       pinned_bytes_ += n;
     }
   }
-  absl::MutexLock l(&mu_);
-  status_ = status;
-  done_ = true;
+  {
+    absl::MutexLock l(&mu_);
+    status_ = status;
+    done_ = true;
+  }
+  if (on_done_) on_done_(status);
 }
 
 bool HostPinner::done() const {

@@ -11,6 +11,7 @@
 #define ICECACHE_SERVER_TRANSFER_HOST_PINNER_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -27,8 +28,11 @@ class HostPinner {
   static constexpr uint64_t kDefaultChunkBytes = uint64_t{64} << 30;
 
   // Starts pinning [base, base + bytes). chunk_bytes 0 means the default.
-  static std::unique_ptr<HostPinner> Start(CudaRuntime* cuda, uint8_t* base, uint64_t bytes,
-                                           uint64_t chunk_bytes = 0);
+  // `on_done` (optional) runs on the pinner's thread once it finished, with
+  // what Wait() returns.
+  static std::unique_ptr<HostPinner> Start(
+      CudaRuntime* cuda, uint8_t* base, uint64_t bytes, uint64_t chunk_bytes = 0,
+      std::function<void(const absl::Status&)> on_done = nullptr);
   ~HostPinner();
   HostPinner(const HostPinner&) = delete;
   HostPinner& operator=(const HostPinner&) = delete;
@@ -41,13 +45,15 @@ class HostPinner {
   uint64_t pinned_bytes() const;
 
  private:
-  HostPinner(CudaRuntime* cuda, uint8_t* base, uint64_t bytes, uint64_t chunk_bytes);
+  HostPinner(CudaRuntime* cuda, uint8_t* base, uint64_t bytes, uint64_t chunk_bytes,
+             std::function<void(const absl::Status&)> on_done);
   void Run();
 
   CudaRuntime* const cuda_;
   uint8_t* const base_;
   const uint64_t bytes_;
   const uint64_t chunk_bytes_;
+  const std::function<void(const absl::Status&)> on_done_;
   mutable absl::Mutex mu_;
   bool done_ ABSL_GUARDED_BY(mu_) = false;
   absl::Status status_ ABSL_GUARDED_BY(mu_);

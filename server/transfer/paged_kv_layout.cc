@@ -256,6 +256,13 @@ absl::StatusOr<ScatterPlan> PlanScatter(const ResolvedKvLayout& cache, const Fet
 
 void ScatterOnHost(const ScatterGeometry& g, const ScatterTask* tasks, size_t num_tasks,
                    const uint8_t* staging, uint8_t* dst) {
+  ScatterSource src;
+  src.base = staging;
+  ScatterOnHost(g, tasks, num_tasks, src, dst);
+}
+
+void ScatterOnHost(const ScatterGeometry& g, const ScatterTask* tasks, size_t num_tasks,
+                   const ScatterSource& source, uint8_t* dst) {
   for (size_t i = 0; i < num_tasks; ++i) {
     for (int kv = 0; kv < 2; ++kv) {
       for (uint32_t t = 0; t < g.block_tokens; ++t) {
@@ -264,7 +271,7 @@ void ScatterOnHost(const ScatterGeometry& g, const ScatterTask* tasks, size_t nu
         if (src == kNoSource) {
           std::memset(out, 0, g.row_bytes);
         } else {
-          std::memcpy(out, staging + src, g.row_bytes);
+          std::memcpy(out, SourceAt(source, src), g.row_bytes);
         }
       }
     }

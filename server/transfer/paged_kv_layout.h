@@ -102,7 +102,10 @@ absl::StatusOr<ScatterPlan> PlanScatter(const ResolvedKvLayout& cache, const Fet
                                         const std::vector<uint32_t>& block_ids);
 
 // The scatter on the CPU: what the kernel does, with the same index math
-// (scatter_math.h). `staging` holds the staged pages, `dst` the allocation.
+// (scatter_math.h). `src` names the staged pages (host addresses), `dst`
+// the allocation; the second form reads one staging region.
+void ScatterOnHost(const ScatterGeometry& g, const ScatterTask* tasks, size_t num_tasks,
+                   const ScatterSource& src, uint8_t* dst);
 void ScatterOnHost(const ScatterGeometry& g, const ScatterTask* tasks, size_t num_tasks,
                    const uint8_t* staging, uint8_t* dst);
 

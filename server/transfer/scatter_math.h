@@ -45,6 +45,24 @@ struct ScatterTask {
 };
 inline constexpr uint64_t kNoSource = ~uint64_t{0};
 
+// Where the staged bytes of a scatter (or a frame gather) are read from:
+// one device-readable region (`base`: device staging, or mapped pinned
+// staging), or, with `frames` set, the pool's page frames in place (pinned,
+// mapped host memory; the direct mode): staged byte s is byte
+// s % frame_bytes of frames[s / frame_bytes]. `frames` is a device-readable
+// table of device addresses.
+struct ScatterSource {
+  const uint8_t* base = nullptr;
+  const uint8_t* const* frames = nullptr;
+  uint64_t frame_bytes = 0;
+};
+
+// The address of staged byte `offset` (not kNoSource).
+ICECACHE_HD inline const uint8_t* SourceAt(const ScatterSource& s, uint64_t offset) {
+  if (s.frames == nullptr) return s.base + offset;
+  return s.frames[offset / s.frame_bytes] + offset % s.frame_bytes;
+}
+
 // Byte offset in the device allocation of row `t` of K (kv = 0) or V (1).
 ICECACHE_HD inline uint64_t ScatterDstRow(const ScatterGeometry& g, const ScatterTask& task, int kv,
                                           uint32_t t) {

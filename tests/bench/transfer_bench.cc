@@ -181,7 +181,11 @@ void AddTransferFlags(CLI::App* app, TransferOptions* o) {
   app->add_option("--arena-bytes", o->arena_bytes, "source arena (>> last-level cache)")
       ->capture_default_str();
   app->add_flag("--gpu", o->gpu, "also push + scatter to the GPU against a pinned cudaMemcpy");
-  app->add_flag("--zero-copy", o->zero_copy, "GPU: the scatter kernel reads pinned staging");
+  app->add_flag("--gpu-only", o->gpu_only, "GPU rows only (no CPU gather table)");
+  app->add_option("--gpu-modes", o->gpu_modes, "GPU: staged, zero-copy, direct")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"staged", "zero-copy", "direct"}))
+      ->capture_default_str();
   app->add_option("--json", o->json, "write the rows as JSON here");
 }
 
@@ -193,30 +197,34 @@ absl::Status RunTransferBench(const TransferOptions& o) {
   Json report = {{"kv_heads", o.kv_heads},           {"head_dim", o.head_dim},
                  {"budget_tokens", o.budget_tokens}, {"reps", o.reps},
                  {"arena_bytes", o.arena_bytes},     {"cpu", Json::array()}};
-  std::printf(
-      "gather into /dev/shm vs memcpy of the same bytes (%d kv heads x %d tokens, "
-      "head_dim %d, fp16; medians of %d)\n",
-      o.kv_heads, o.budget_tokens, o.head_dim, o.reps);
-  std::printf("%6s %9s %7s %10s %10s %10s %10s %7s\n", "page", "frame", "threads", "bytes",
-              "gather_us", "memcpy_us", "gather_GB/s", "ratio");
   for (int p : o.page_tokens) {
     if (p < 1 || o.budget_tokens % p != 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("--page-tokens ", p, " must divide --budget-tokens ", o.budget_tokens));
     }
-    const Geometry g = GeometryOf(o, p);
-    ShmDst dst;
-    RETURN_IF_ERROR(MapShm(g.bytes, &dst));
-    Source src;
-    RETURN_IF_ERROR(MakeSource(o.arena_bytes, g.frame_bytes, &src));
-    for (int t : o.threads) {
-      Json row = CpuRow(o, src, g, std::max(1, t), dst.data);
-      std::printf("%6d %9llu %7d %10llu %10.1f %10.1f %10.2f %7.2f\n", p,
-                  static_cast<unsigned long long>(g.frame_bytes), t,
-                  static_cast<unsigned long long>(g.bytes), row["gather_us"].get<double>(),
-                  row["memcpy_us"].get<double>(), row["gather_gbps"].get<double>(),
-                  row["ratio"].get<double>());
-      report["cpu"].push_back(row);
+  }
+  if (!(o.gpu && o.gpu_only)) {
+    std::printf(
+        "gather into /dev/shm vs memcpy of the same bytes (%d kv heads x %d tokens, "
+        "head_dim %d, fp16; medians of %d)\n",
+        o.kv_heads, o.budget_tokens, o.head_dim, o.reps);
+    std::printf("%6s %9s %7s %10s %10s %10s %10s %7s\n", "page", "frame", "threads", "bytes",
+                "gather_us", "memcpy_us", "gather_GB/s", "ratio");
+    for (int p : o.page_tokens) {
+      const Geometry g = GeometryOf(o, p);
+      ShmDst dst;
+      RETURN_IF_ERROR(MapShm(g.bytes, &dst));
+      Source src;
+      RETURN_IF_ERROR(MakeSource(o.arena_bytes, g.frame_bytes, &src));
+      for (int t : o.threads) {
+        Json row = CpuRow(o, src, g, std::max(1, t), dst.data);
+        std::printf("%6d %9llu %7d %10llu %10.1f %10.1f %10.2f %7.2f\n", p,
+                    static_cast<unsigned long long>(g.frame_bytes), t,
+                    static_cast<unsigned long long>(g.bytes), row["gather_us"].get<double>(),
+                    row["memcpy_us"].get<double>(), row["gather_gbps"].get<double>(),
+                    row["ratio"].get<double>());
+        report["cpu"].push_back(row);
+      }
     }
   }
   if (o.gpu) {
@@ -236,9 +244,9 @@ absl::Status RunTransferBench(const TransferOptions& o) {
 
 namespace {
 
-// One page size on the device: push + scatter against the contiguous pinned
-// copy of the same bytes.
-absl::Status GpuRow(CudaRuntime& cuda, const TransferOptions& o, int p, Json* row) {
+// One page size on the device, each mode: push + scatter against the
+// contiguous pinned copy of the same bytes.
+absl::Status GpuRowsForPage(CudaRuntime& cuda, const TransferOptions& o, int p, Json* rows) {
   const Geometry g = GeometryOf(o, p);
   Source src;
   RETURN_IF_ERROR(MakeSource(o.arena_bytes, g.frame_bytes, &src));
@@ -264,43 +272,66 @@ absl::Status GpuRow(CudaRuntime& cuda, const TransferOptions& o, int p, Json* ro
   std::mt19937 shuffle(p);
   std::shuffle(blocks.begin(), blocks.end(), shuffle);
   ASSIGN_OR_RETURN(ScatterPlan plan, PlanScatter(resolved, fetch, blocks));
-  ASSIGN_OR_RETURN(void* stream, cuda.CreateStream(0));
-  PushChannel channel(&cuda, 0, stream,
-                      o.zero_copy ? ScatterMode::kZeroCopy : ScatterMode::kStaged);
   ASSIGN_OR_RETURN(void* pinned, cuda.AllocPinned(g.bytes));
   ASSIGN_OR_RETURN(void* block, cuda.AllocDevice(0, g.bytes));
   ASSIGN_OR_RETURN(void* copy_stream, cuda.CreateStream(0));
   std::memcpy(pinned, src.base, g.bytes);
-  std::mt19937_64 rng(p);
-  std::vector<const uint8_t*> frames;
-  const uint8_t* contiguous = nullptr;
-  std::vector<double> push_s, copy_s;
-  PushSpec spec;
-  spec.scatter = &plan;
-  spec.length = plan.staged_bytes;
-  for (int r = 0; r < o.reps + 2; ++r) {
-    Draw(rng, src, g, &frames, &contiguous);
-    auto t0 = Clock::now();
-    RETURN_IF_ERROR(channel.Push(static_cast<uint8_t*>(cache), spec, [&](uint8_t* dst) {
-      GatherFrames(frames.data(), frames.size(), g.frame_bytes, dst);
-    }));
-    auto t1 = Clock::now();
-    RETURN_IF_ERROR(cuda.CopyToDeviceAsync(0, copy_stream, block, pinned, g.bytes));
-    RETURN_IF_ERROR(cuda.SynchronizeStream(0, copy_stream));
-    auto t2 = Clock::now();
-    if (r < 2) continue;
-    push_s.push_back(std::chrono::duration<double>(t1 - t0).count());
-    copy_s.push_back(std::chrono::duration<double>(t2 - t1).count());
+  bool registered = false;
+  for (const std::string& mode : o.gpu_modes) {
+    auto region = std::make_shared<PinnedRegion>();
+    if (mode == "direct") {
+      if (!registered) {
+        RETURN_IF_ERROR(cuda.HostRegister(src.base, src.bytes));
+        registered = true;
+      }
+      ASSIGN_OR_RETURN(void* mapped, cuda.DevicePointerOf(src.base));
+      region->Set(src.base, src.bytes, static_cast<uint8_t*>(mapped) - src.base);
+    }
+    ASSIGN_OR_RETURN(void* stream, cuda.CreateStream(0));
+    PushChannel channel(&cuda, 0, stream,
+                        mode == "zero-copy" ? ScatterMode::kZeroCopy : ScatterMode::kStaged,
+                        region);
+    std::mt19937_64 rng(p);
+    std::vector<const uint8_t*> frames;
+    const uint8_t* contiguous = nullptr;
+    std::vector<double> push_s, copy_s;
+    for (int r = 0; r < o.reps + 2; ++r) {
+      Draw(rng, src, g, &frames, &contiguous);
+      PushSpec spec;
+      spec.scatter = &plan;
+      spec.length = plan.staged_bytes;
+      if (mode == "direct") spec.frames = PageFrames{frames.data(), frames.size(), g.frame_bytes};
+      auto t0 = Clock::now();
+      RETURN_IF_ERROR(channel.Push(static_cast<uint8_t*>(cache), spec, [&](uint8_t* dst) {
+        GatherFrames(frames.data(), frames.size(), g.frame_bytes, dst);
+      }));
+      auto t1 = Clock::now();
+      RETURN_IF_ERROR(cuda.CopyToDeviceAsync(0, copy_stream, block, pinned, g.bytes));
+      RETURN_IF_ERROR(cuda.SynchronizeStream(0, copy_stream));
+      auto t2 = Clock::now();
+      if (r < 2) continue;
+      push_s.push_back(std::chrono::duration<double>(t1 - t0).count());
+      copy_s.push_back(std::chrono::duration<double>(t2 - t1).count());
+    }
+    if (mode == "direct" && channel.pushes_in_place() == 0) {
+      return absl::InternalError("direct mode: no push read the pages in place");
+    }
+    const double ps = Median(push_s), cs = Median(copy_s);
+    Json row = {{"page_tokens", p},
+                {"bytes", g.bytes},
+                {"mode", mode},
+                {"push_scatter_us", ps * 1e6},
+                {"pinned_copy_us", cs * 1e6},
+                {"push_gbps", GbPerS(g.bytes, ps)},
+                {"copy_gbps", GbPerS(g.bytes, cs)},
+                {"ratio", ps > 0 ? cs / ps : 0}};
+    std::printf("%6d %10s %10llu %14.1f %14.1f %10.2f %10.2f %7.2f\n", p, mode.c_str(),
+                static_cast<unsigned long long>(g.bytes), ps * 1e6, cs * 1e6,
+                row["push_gbps"].get<double>(), row["copy_gbps"].get<double>(),
+                row["ratio"].get<double>());
+    rows->push_back(row);
   }
-  const double ps = Median(push_s), cs = Median(copy_s);
-  *row = {{"page_tokens", p},
-          {"bytes", g.bytes},
-          {"zero_copy", o.zero_copy},
-          {"push_scatter_us", ps * 1e6},
-          {"pinned_copy_us", cs * 1e6},
-          {"push_gbps", GbPerS(g.bytes, ps)},
-          {"copy_gbps", GbPerS(g.bytes, cs)},
-          {"ratio", ps > 0 ? cs / ps : 0}};
+  if (registered) cuda.HostUnregister(src.base).IgnoreError();
   cuda.DestroyStream(0, copy_stream).IgnoreError();
   cuda.FreeDevice(0, block).IgnoreError();
   cuda.FreePinned(pinned).IgnoreError();
@@ -315,20 +346,13 @@ absl::Status GpuRows(const TransferOptions& o, Json* rows, std::string* skipped)
     std::printf("GPU: skipped: %s\n", skipped->c_str());
     return absl::OkStatus();
   }
-  std::printf("GPU: push + scatter (%s) vs pinned cudaMemcpy of the same bytes, device 0\n",
-              o.zero_copy ? "zero-copy" : "staged");
-  std::printf("%6s %10s %14s %14s %10s %10s %7s\n", "page", "bytes", "push_scatter_us",
+  std::printf(
+      "GPU: push + scatter into a paged KV cache vs pinned cudaMemcpy of the same bytes, device 0 "
+      "(%d kv heads x %d tokens, head_dim %d, fp16; medians of %d)\n",
+      o.kv_heads, o.budget_tokens, o.head_dim, o.reps);
+  std::printf("%6s %10s %10s %14s %14s %10s %10s %7s\n", "page", "mode", "bytes", "push_scatter_us",
               "pinned_copy_us", "push_GB/s", "copy_GB/s", "ratio");
-  for (int p : o.page_tokens) {
-    Json row;
-    RETURN_IF_ERROR(GpuRow(*cuda, o, p, &row));
-    std::printf("%6d %10llu %14.1f %14.1f %10.2f %10.2f %7.2f\n", p,
-                static_cast<unsigned long long>(row["bytes"].get<uint64_t>()),
-                row["push_scatter_us"].get<double>(), row["pinned_copy_us"].get<double>(),
-                row["push_gbps"].get<double>(), row["copy_gbps"].get<double>(),
-                row["ratio"].get<double>());
-    rows->push_back(row);
-  }
+  for (int p : o.page_tokens) RETURN_IF_ERROR(GpuRowsForPage(*cuda, o, p, rows));
   return absl::OkStatus();
 }
 

@@ -8,11 +8,15 @@
 // contiguous (also cold) source range into the same mapping. Medians of
 // `reps` runs, GB/s and the ratio gather / memcpy, one table and JSON.
 //
-// --gpu: push + scatter (PushChannel, the daemon's path: gather into pinned
-// staging, one H2D copy, scatter kernel into a vLLM-layout paged cache on the
-// device) against cudaMemcpyAsync of the same bytes from pinned memory into
-// one contiguous device block, in the same run; without a CUDA device the
-// GPU rows are reported as skipped with the reason.
+// --gpu: push + scatter (PushChannel, the daemon's path) into a vLLM-layout
+// paged cache on the device, in each of --gpu-modes: "staged" (gather into
+// pinned staging, one H2D copy, scatter kernel), "zero-copy" (gather into
+// pinned staging, the kernel reads it over the bus), "direct" (the source
+// arena pinned and mapped, the kernel reads the selected pages in place; no
+// CPU gather), each against cudaMemcpyAsync of the same bytes from pinned
+// memory into one contiguous device block, in the same run; without a CUDA
+// device the GPU rows are reported as skipped with the reason. --gpu-only
+// skips the CPU table.
 #ifndef ICECACHE_TESTS_BENCH_TRANSFER_BENCH_H_
 #define ICECACHE_TESTS_BENCH_TRANSFER_BENCH_H_
 
@@ -33,7 +37,8 @@ struct TransferOptions {
   int reps = 30;
   uint64_t arena_bytes = uint64_t{1} << 30;
   bool gpu = false;
-  bool zero_copy = false;
+  bool gpu_only = false;
+  std::vector<std::string> gpu_modes = {"staged", "zero-copy", "direct"};
   std::string json;  // path; empty = none
 };
 

@@ -2,11 +2,19 @@
 // gpu_kv_client, the engine's side, which registers a paged KV cache and a
 // plain device buffer by CUDA IPC through the C++ client and checks every
 // byte the daemon pushed (scatter with events, plain fetch, a layer-group
-// prefetch pushed in the background). Skips, with the reason, where there is
-// no CUDA device or the build has no CUDA (then the client is not built).
+// prefetch pushed in the background). Run twice: with the direct mode (the
+// daemon pins its pool and the kernels read the pages in place; the test
+// waits for the pinning and checks the daemon's metrics say the pushes read
+// in place) and with transfer.direct_reads off (every push staged). Skips,
+// with the reason, where there is no CUDA device or the build has no CUDA
+// (then the client is not built).
+#include <httplib.h>
+
 #include <cstdlib>
 #include <string>
 
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "server/transfer/cuda_runtime.h"
 #include "tests/integration/harness.h"
@@ -15,7 +23,38 @@
 namespace icecache::testing {
 namespace {
 
-TEST(GpuPushTest, ScatterEventsAndPlainFetchLandEveryByte) {
+// The value of `name` in the daemon's "key=value" log text, or "".
+std::string LogField(const std::string& log, const std::string& name) {
+  const size_t at = log.find(" " + name + "=");
+  if (at == std::string::npos) return "";
+  const size_t start = at + name.size() + 2;
+  return log.substr(start, log.find_first_of(" \n", start) - start);
+}
+
+// icecache_gpu_pushes_total{path="<path>"} from the daemon's /metrics; -1
+// when it cannot be read.
+double GpuPushes(const DaemonProcess& daemon, const std::string& path) {
+  int port = 0;
+  if (!absl::SimpleAtoi(LogField(daemon.Stderr(), "metrics_port"), &port) || port <= 0) return -1;
+  httplib::Client http("127.0.0.1", port);
+  http.set_read_timeout(10);
+  auto res = http.Get("/metrics");
+  if (!res) return -1;
+  const std::string key = absl::StrCat("icecache_gpu_pushes_total{path=\"", path, "\"} ");
+  const size_t at = res->body.find(key);
+  double v = -1;
+  if (at == std::string::npos ||
+      !absl::SimpleAtod(
+          res->body.substr(at + key.size(), res->body.find('\n', at) - at - key.size()), &v)) {
+    return -1;
+  }
+  return v;
+}
+
+class GpuPushTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(GpuPushTest, ScatterEventsAndPlainFetchLandEveryByte) {
+  const bool direct = GetParam();
   std::unique_ptr<CudaRuntime> cuda = CudaRuntime::Create();
   if (!cuda->available()) GTEST_SKIP() << "skipped: " << cuda->unavailable_reason();
   // ICECACHE_GPU_CLIENT in the environment overrides the build's path (a
@@ -26,14 +65,37 @@ TEST(GpuPushTest, ScatterEventsAndPlainFetchLandEveryByte) {
     GTEST_SKIP() << "skipped: built without CUDA (ICECACHE_ENABLE_CUDA=OFF), so the GPU "
                     "client is not built";
   }
-  auto daemon = StartDaemon();
+  auto daemon = StartDaemon(direct ? "" : "transfer { direct_reads: false }\n", {}, "info");
   ASSERT_THAT(daemon, IsOk());
+  if (direct) {
+    ASSERT_TRUE(Eventually([&] {
+      const std::string log = (*daemon)->Stderr();
+      return log.find("msg=pool_pinned") != std::string::npos ||
+             log.find("msg=pool_not_pinned") != std::string::npos;
+    })) << (*daemon)->Stderr();
+    ASSERT_EQ((*daemon)->Stderr().find("msg=pool_not_pinned"), std::string::npos)
+        << (*daemon)->Stderr();
+  }
   auto run = RunCommand({client, (*daemon)->target()});
   ASSERT_THAT(run, IsOk());
   std::printf("%s%s", run->out.c_str(), run->err.c_str());
   EXPECT_EQ(run->exit_code, 0) << run->err << "\ndaemon stderr:\n" << (*daemon)->Stderr();
   EXPECT_NE(run->out.find("gpu_kv_client: OK"), std::string::npos);
+  const double in_place = GpuPushes(**daemon, "in_place");
+  const double staged = GpuPushes(**daemon, "staged");
+  std::printf("daemon pushes: %.0f in place, %.0f staged\n", in_place, staged);
+  if (direct) {
+    EXPECT_GT(in_place, 0) << (*daemon)->Stderr();
+  } else {
+    EXPECT_EQ(in_place, 0);
+    EXPECT_GT(staged, 0);
+  }
 }
+
+INSTANTIATE_TEST_SUITE_P(Modes, GpuPushTest, ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& p) {
+                           return p.param ? "direct" : "staged";
+                         });
 
 }  // namespace
 }  // namespace icecache::testing

@@ -17,8 +17,8 @@
 #      tensors by CUDA IPC, every byte checked) where python3 has torch with
 #      CUDA, grpcio and protobuf,
 #   4. icecache-bench transfer --gpu: push + scatter vs a pinned cudaMemcpy of
-#      the same bytes (staged and zero-copy), 8 KV heads x 2048 and x 256
-#      tokens (the per-layer latency),
+#      the same bytes (staged, zero-copy and direct side by side), 8 KV heads
+#      x 2048 and x 256 tokens (the per-layer latency), and the CPU gather,
 # all under a budget of 8 minutes, and prints the figures. With OUTPUT_FILE
 # (e.g. docs/bench/gpu_run.txt) everything printed is also written there.
 # Exit: 0 all passed; 1 a step failed; 77 no CUDA device (the GPU tests
@@ -95,14 +95,15 @@ else
   echo "(skipped: python3 here lacks torch, grpcio, protobuf, numpy or pytest)"
 fi
 
-echo "==> icecache-bench transfer --gpu"
-for args in "--budget-tokens 2048" "--budget-tokens 2048 --zero-copy" \
-            "--budget-tokens 256 --page-tokens 16" "--budget-tokens 256 --page-tokens 16 --zero-copy"; do
-  echo "\$ icecache-bench transfer --gpu --kv-heads 8 --head-dim 128 --threads 1 --reps 50 $args"
+echo "==> icecache-bench transfer --gpu (staged, zero-copy, direct; side by side)"
+for args in "--budget-tokens 2048" "--budget-tokens 256 --page-tokens 16"; do
+  echo "\$ icecache-bench transfer --gpu --gpu-only --kv-heads 8 --head-dim 128 --reps 50 $args"
   # shellcheck disable=SC2086
-  timeout "$(left)" "$BIN_BENCH" transfer --gpu --kv-heads 8 --head-dim 128 --threads 1 --reps 50 $args ||
+  timeout "$(left)" "$BIN_BENCH" transfer --gpu --gpu-only --kv-heads 8 --head-dim 128 --reps 50 $args ||
     status=1
 done
+echo "\$ icecache-bench transfer --kv-heads 8 --head-dim 128 --reps 30 (the CPU gather)"
+timeout "$(left)" "$BIN_BENCH" transfer --kv-heads 8 --head-dim 128 --reps 30 || status=1
 
 if [ $skipped -eq 1 ]; then
   echo "==> NO CUDA DEVICE: the GPU tests skipped; nothing was checked on a GPU (exit 77)"

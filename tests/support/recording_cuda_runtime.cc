@@ -126,6 +126,19 @@ bool RecordingCudaRuntime::InsideLocked(const void* p, uint64_t n) const {
   return b >= r.base && n <= r.size && static_cast<uint64_t>(b - r.base) <= r.size - n;
 }
 
+bool RecordingCudaRuntime::ReadableLocked(const void* p, uint64_t n) const {
+  if (InsideLocked(p, n)) return true;
+  const uint8_t* b = static_cast<const uint8_t*>(p);
+  for (const auto& [base, size] : registered_) {
+    if (std::find(unregistered_.begin(), unregistered_.end(), base) != unregistered_.end()) {
+      continue;
+    }
+    const uint8_t* r = static_cast<const uint8_t*>(base);
+    if (b >= r && n <= size && static_cast<uint64_t>(b - r) <= size - n) return true;
+  }
+  return false;
+}
+
 absl::Status RecordingCudaRuntime::CheckDeviceLocked(int device) const {
   if (device < 0 || device >= devices_) {
     return absl::InvalidArgumentError(absl::StrCat("CUDA device ", device, " out of range"));
@@ -218,6 +231,9 @@ absl::Status RecordingCudaRuntime::FreePinned(void* p) {
 absl::StatusOr<void*> RecordingCudaRuntime::DevicePointerOf(void* pinned) {
   std::lock_guard<std::mutex> l(mu_);
   RETURN_IF_ERROR(RecordLocked("device_pointer_of", -1, 0, pinned));
+  if (!ReadableLocked(pinned, 1)) {
+    return absl::InternalError("cudaHostGetDevicePointer: invalid argument (not pinned memory)");
+  }
   return pinned;  // unified addressing: the same address
 }
 absl::StatusOr<void*> RecordingCudaRuntime::AllocDevice(int device, size_t n) {
@@ -252,9 +268,10 @@ absl::Status RecordingCudaRuntime::CopyToDeviceAsync(int device, void* stream, v
 
 absl::Status RecordingCudaRuntime::LaunchScatter(int device, void* stream, const ScatterGeometry& g,
                                                  const ScatterTask* tasks, uint32_t n,
-                                                 const uint8_t* src, uint8_t* dst) {
+                                                 const ScatterSource& src, uint8_t* dst) {
   std::lock_guard<std::mutex> l(mu_);
-  RETURN_IF_ERROR(RecordLocked("scatter", device, n, dst));
+  RETURN_IF_ERROR(
+      RecordLocked(src.frames != nullptr ? "scatter_in_place" : "scatter", device, n, dst));
   if (streams_.count(stream) == 0) return absl::InternalError("scatter: bad stream");
   if (!InsideLocked(tasks, uint64_t{n} * sizeof(ScatterTask))) {
     ++violations_;
@@ -264,8 +281,13 @@ absl::Status RecordingCudaRuntime::LaunchScatter(int device, void* stream, const
     for (int kv = 0; kv < 2; ++kv) {
       for (uint32_t t = 0; t < g.block_tokens; ++t) {
         const uint64_t s = ScatterSrcRow(g, tasks[i], kv, t);
+        if (s != kNoSource && src.frames != nullptr &&
+            !InsideLocked(src.frames + s / src.frame_bytes, sizeof(const uint8_t*))) {
+          ++violations_;
+          return absl::InternalError("scatter: frame table out of bounds");
+        }
         if (!InsideLocked(dst + ScatterDstRow(g, tasks[i], kv, t), g.row_bytes) ||
-            (s != kNoSource && !InsideLocked(src + s, g.row_bytes))) {
+            (s != kNoSource && !ReadableLocked(SourceAt(src, s), g.row_bytes))) {
           ++violations_;
           return absl::InternalError("scatter: out of bounds");
         }
@@ -273,6 +295,33 @@ absl::Status RecordingCudaRuntime::LaunchScatter(int device, void* stream, const
     }
   }
   ScatterOnHost(g, tasks, n, src, dst);
+  return absl::OkStatus();
+}
+
+absl::Status RecordingCudaRuntime::LaunchGatherFrames(int device, void* stream,
+                                                      const uint8_t* const* frames, uint32_t count,
+                                                      uint64_t frame_bytes, uint32_t word_bytes,
+                                                      uint8_t* dst) {
+  std::lock_guard<std::mutex> l(mu_);
+  RETURN_IF_ERROR(RecordLocked("gather_frames", device, count, dst));
+  if (streams_.count(stream) == 0) return absl::InternalError("gather_frames: bad stream");
+  if (!InsideLocked(frames, uint64_t{count} * sizeof(const uint8_t*)) ||
+      !InsideLocked(dst, uint64_t{count} * frame_bytes)) {
+    ++violations_;
+    return absl::InternalError("gather_frames: out of bounds");
+  }
+  for (uint32_t i = 0; i < count; ++i) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(frames[i]) | reinterpret_cast<uintptr_t>(dst);
+    if (word_bytes == 0 || frame_bytes % word_bytes != 0 || a % word_bytes != 0) {
+      ++violations_;
+      return absl::InternalError("gather_frames: misaligned word");
+    }
+    if (!ReadableLocked(frames[i], frame_bytes)) {
+      ++violations_;
+      return absl::InternalError("gather_frames: frame out of bounds");
+    }
+  }
+  for (uint32_t i = 0; i < count; ++i) std::memcpy(dst + i * frame_bytes, frames[i], frame_bytes);
   return absl::OkStatus();
 }
 

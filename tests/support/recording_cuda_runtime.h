@@ -77,8 +77,11 @@ class RecordingCudaRuntime final : public CudaRuntime {
   absl::Status CopyToDeviceAsync(int device, void* stream, void* dst, const void* src,
                                  size_t n) override;
   absl::Status LaunchScatter(int device, void* stream, const ScatterGeometry& geometry,
-                             const ScatterTask* tasks, uint32_t num_tasks, const uint8_t* src,
+                             const ScatterTask* tasks, uint32_t num_tasks, const ScatterSource& src,
                              uint8_t* dst) override;
+  absl::Status LaunchGatherFrames(int device, void* stream, const uint8_t* const* frames,
+                                  uint32_t count, uint64_t frame_bytes, uint32_t word_bytes,
+                                  uint8_t* dst) override;
   absl::StatusOr<void*> OpenIpcEvent(int device, const CudaIpcHandle& handle) override;
   absl::Status DestroyEvent(int device, void* event) override;
   absl::Status StreamWaitEvent(int device, void* stream, void* event) override;
@@ -93,6 +96,9 @@ class RecordingCudaRuntime final : public CudaRuntime {
   // Records the call; Internal when FailNext(op) was armed.
   absl::Status RecordLocked(const std::string& op, int device, uint64_t bytes, const void* ptr);
   bool InsideLocked(const void* p, uint64_t n) const;
+  // Inside an allocation, or inside host memory registered and not yet
+  // unregistered (what the device may read in place).
+  bool ReadableLocked(const void* p, uint64_t n) const;
   absl::Status CheckDeviceLocked(int device) const;
 
   const int devices_;

@@ -242,5 +242,163 @@ INSTANTIATE_TEST_SUITE_P(Modes, DevicePushTest,
                            return info.param == ScatterMode::kStaged ? "Staged" : "ZeroCopy";
                          });
 
+// The direct mode (device_push.h): the fetch's frames lie in a pinned,
+// mapped arena (the pool's, here a host array registered with the fake), so
+// the device reads them in place; with the fallback mode of each parameter.
+class DirectPushTest : public DevicePushTest {
+ protected:
+  void SetUp() override {
+    DevicePushTest::SetUp();
+    arena_.assign(64 * 1024 + 64, 0);
+    base_ = arena_.data() + (64 - reinterpret_cast<uintptr_t>(arena_.data()) % 64) % 64;
+    ASSERT_THAT(cuda_.HostRegister(base_, 64 * 1024), IsOk());
+    registry_->pinned_region()->Set(base_, 64 * 1024, 0);
+  }
+  // MakeFetch, then the staged bytes spread over frames of the arena (frame
+  // i at slot 7 * i + 3, out of order, as a pool's pages are).
+  void MakeFrames(int page_tokens) {
+    MakeFetch(page_tokens);
+    frame_bytes_ = fetch_.frame_bytes;
+    frames_.clear();
+    for (size_t i = 0; i * frame_bytes_ < staged_.size(); ++i) {
+      uint8_t* f = base_ + ((7 * i + 3) % 29) * frame_bytes_;
+      std::memcpy(f, staged_.data() + i * frame_bytes_, frame_bytes_);
+      frames_.push_back(f);
+    }
+  }
+  absl::Status PushFrames(BufferLease& lease, const DeviceWrite& dw) {
+    return lease.WriteFetch(
+        fetch_, dw,
+        [&](uint8_t* dst) {
+          ++fills_;
+          std::memcpy(dst, staged_.data(), staged_.size());
+        },
+        PageFrames{frames_.data(), frames_.size(), frame_bytes_});
+  }
+
+  std::vector<uint8_t> arena_;
+  uint8_t* base_ = nullptr;
+  uint64_t frame_bytes_ = 0;
+  std::vector<const uint8_t*> frames_;
+  int fills_ = 0;
+};
+
+TEST_P(DirectPushTest, TheScatterReadsThePagesInPlaceAndLandsEveryByte) {
+  const std::string id = RegisterKv();
+  MakeFrames(8);  // partial pages: rows 8..15 of every block are zero
+  auto lease = registry_->Acquire(caller_, id, absl::Now());
+  ASSERT_THAT(lease, IsOk());
+  std::memset(peer_, 0xAB, size_);
+  const std::vector<uint8_t> before(peer_, peer_ + size_);
+  cuda_.ClearCalls();
+  DeviceWrite dw;
+  dw.block_ids = {9, 3};
+  ASSERT_THAT(PushFrames(*lease, dw), IsOk());
+  EXPECT_EQ(fills_, 0);  // no CPU gather
+  EXPECT_THAT(cuda_.ops(),
+              ElementsAre("alloc_pinned", "alloc_device", "copy_h2d", "scatter_in_place", "sync"));
+  // The one copy moves the tables only: 8 tasks, then a device address per frame.
+  EXPECT_EQ(cuda_.calls()[2].bytes, 8 * sizeof(ScatterTask) + frames_.size() * sizeof(void*));
+  auto resolved = ResolveKvLayout(layout_, size_);
+  ASSERT_THAT(resolved, IsOk());
+  const std::vector<uint8_t> want = testing::NaiveScatter(layout_, resolved->layer_base, fetch_,
+                                                          dw.block_ids, staged_.data(), before);
+  EXPECT_EQ(std::memcmp(peer_, want.data(), size_), 0);
+  EXPECT_EQ(cuda_.violations(), 0);
+  EXPECT_EQ(registry_->push_counts()->in_place.load(), 1u);
+  EXPECT_EQ(registry_->push_counts()->staged.load(), 0u);
+}
+
+TEST_P(DirectPushTest, APlainFetchIsGatheredOnTheDeviceAtItsOffset) {
+  auto info = registry_->RegisterCudaIpc(caller_, Bytes(handle_), size_,
+                                         RecordingCudaRuntime::UuidOf(0).ToString(), absl::Now());
+  ASSERT_THAT(info, IsOk());
+  PageGeometry g{8, 8, DType::kF16};
+  auto f = PlanFetchLayout(g, 0, 2, {{0, 5}, {1}}, {{8, 3}, {8}}, 512, size_);
+  ASSERT_THAT(f, IsOk());
+  fetch_ = *f;
+  staged_.resize(fetch_.total_bytes);
+  std::mt19937 rng(5);
+  for (uint8_t& b : staged_) b = static_cast<uint8_t>(rng() | 1);
+  frame_bytes_ = fetch_.frame_bytes;
+  for (size_t i = 0; i * frame_bytes_ < staged_.size(); ++i) {
+    uint8_t* frame = base_ + (40 - i) * frame_bytes_;
+    std::memcpy(frame, staged_.data() + i * frame_bytes_, frame_bytes_);
+    frames_.push_back(frame);
+  }
+  auto lease = registry_->Acquire(caller_, info->id, absl::Now());
+  ASSERT_THAT(lease, IsOk());
+  cuda_.ClearCalls();
+  ASSERT_THAT(PushFrames(*lease, DeviceWrite{}), IsOk());
+  EXPECT_EQ(fills_, 0);
+  EXPECT_THAT(cuda_.ops(),
+              ElementsAre("alloc_pinned", "alloc_device", "copy_h2d", "gather_frames", "sync"));
+  EXPECT_EQ(cuda_.calls()[3].ptr, peer_ + 512);
+  EXPECT_EQ(std::memcmp(peer_ + 512, staged_.data(), staged_.size()), 0);
+  EXPECT_EQ(peer_[511], 0);
+  EXPECT_EQ(peer_[512 + staged_.size()], 0);
+  EXPECT_EQ(cuda_.violations(), 0);
+}
+
+TEST_P(DirectPushTest, ADoneEventIsRecordedAndThePushStillWaitsForTheRead) {
+  const std::string id = RegisterKv();
+  MakeFrames(16);
+  auto lease = registry_->Acquire(caller_, id, absl::Now());
+  ASSERT_THAT(lease, IsOk());
+  DeviceWrite dw;
+  dw.block_ids = {0, 15};
+  dw.wait_event = Bytes(cuda_.AddPeerEvent());
+  dw.done_event = Bytes(cuda_.AddPeerEvent());
+  cuda_.ClearCalls();
+  ASSERT_THAT(PushFrames(*lease, dw), IsOk());
+  const std::vector<std::string> ops = cuda_.ops();
+  ASSERT_GE(ops.size(), 4u);
+  EXPECT_NE(std::find(ops.begin(), ops.end(), "wait_event"), ops.end());
+  EXPECT_LT(std::find(ops.begin(), ops.end(), "wait_event"),
+            std::find(ops.begin(), ops.end(), "copy_h2d"));
+  EXPECT_EQ(ops[ops.size() - 2], "record_event");
+  EXPECT_EQ(ops.back(), "sync");  // the pool's pages are read before the call returns
+  EXPECT_EQ(fills_, 0);
+}
+
+TEST_P(DirectPushTest, FramesOutsideThePinnedRegionAreStaged) {
+  const std::string id = RegisterKv();
+  MakeFrames(16);
+  std::vector<uint8_t> elsewhere(frame_bytes_ + 64);
+  uint8_t* outside =
+      elsewhere.data() + (64 - reinterpret_cast<uintptr_t>(elsewhere.data()) % 64) % 64;
+  std::memcpy(outside, frames_.back(), frame_bytes_);
+  frames_.back() = outside;  // one frame not pinned: the whole push is staged
+  auto lease = registry_->Acquire(caller_, id, absl::Now());
+  ASSERT_THAT(lease, IsOk());
+  std::memset(peer_, 0xAB, size_);
+  const std::vector<uint8_t> before(peer_, peer_ + size_);
+  DeviceWrite dw;
+  dw.block_ids = {2, 4};
+  cuda_.ClearCalls();
+  ASSERT_THAT(PushFrames(*lease, dw), IsOk());
+  EXPECT_EQ(fills_, 1);
+  const std::vector<std::string> ops = cuda_.ops();
+  EXPECT_EQ(std::count(ops.begin(), ops.end(), "scatter_in_place"), 0);
+  auto resolved = ResolveKvLayout(layout_, size_);
+  ASSERT_THAT(resolved, IsOk());
+  const std::vector<uint8_t> want = testing::NaiveScatter(layout_, resolved->layer_base, fetch_,
+                                                          dw.block_ids, staged_.data(), before);
+  EXPECT_EQ(std::memcmp(peer_, want.data(), size_), 0);
+  EXPECT_EQ(registry_->push_counts()->staged.load(), 1u);
+  // Without a pinned region (the pool not pinned yet) too.
+  registry_->pinned_region()->Set(nullptr, 0, 0);
+  MakeFrames(16);
+  ASSERT_THAT(PushFrames(*lease, dw), IsOk());
+  EXPECT_EQ(fills_, 2);
+  EXPECT_EQ(registry_->push_counts()->in_place.load(), 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, DirectPushTest,
+                         ::testing::Values(ScatterMode::kStaged, ScatterMode::kZeroCopy),
+                         [](const ::testing::TestParamInfo<ScatterMode>& info) {
+                           return info.param == ScatterMode::kStaged ? "Staged" : "ZeroCopy";
+                         });
+
 }  // namespace
 }  // namespace icecache
