@@ -73,7 +73,8 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const Daemon
   d->stderr_path_ = d->temp_dir_ + "/stderr.log";
 
   std::vector<std::string> args = {options.binary, "--socket=" + d->socket_path_,
-                                   "--metrics_port=0", "--log_level=" + options.log_level};
+                                   "--metrics_port=" + std::to_string(options.metrics_port),
+                                   "--log_level=" + options.log_level};
   if (!options.config_textproto.empty()) {
     const std::string config_path = d->temp_dir_ + "/icecached.textproto";
     std::ofstream out(config_path);

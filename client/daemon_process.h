@@ -13,6 +13,7 @@
 
 #include <sys/types.h>
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -27,8 +28,10 @@ struct DaemonOptions {
   // Path of the icecached executable. Required.
   std::string binary;
   // Extra command-line flags appended after the defaults
-  // (--socket=<tmp> --metrics_port=0 --log_level=<log_level>).
+  // (--socket=<tmp> --metrics_port=<metrics_port> --log_level=<log_level>).
   std::vector<std::string> extra_args;
+  // The Prometheus /metrics port on loopback; 0: off.
+  uint16_t metrics_port = 0;
   // When non-empty, written to <tmpdir>/icecached.textproto and passed with
   // --config=<that path>.
   std::string config_textproto;

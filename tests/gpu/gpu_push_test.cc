@@ -65,7 +65,12 @@ TEST_P(GpuPushTest, ScatterEventsAndPlainFetchLandEveryByte) {
     GTEST_SKIP() << "skipped: built without CUDA (ICECACHE_ENABLE_CUDA=OFF), so the GPU "
                     "client is not built";
   }
-  auto daemon = StartDaemon(direct ? "" : "transfer { direct_reads: false }\n", {}, "info");
+  DaemonOptions options =
+      TestDaemonOptions(direct ? "" : "transfer { direct_reads: false }\n", {}, "info");
+  const int port = FreePort();
+  ASSERT_GT(port, 0);
+  options.metrics_port = static_cast<uint16_t>(port);
+  auto daemon = DaemonProcess::Start(options);
   ASSERT_THAT(daemon, IsOk());
   if (direct) {
     ASSERT_TRUE(Eventually([&] {

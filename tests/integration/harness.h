@@ -65,6 +65,10 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> StartDaemon(
     const std::string& extra_config = "", const std::vector<std::string>& extra_args = {},
     const std::string& log_level = "warn");
 
+// A loopback TCP port that was free a moment ago (bind to 0, read it back,
+// close); -1 when none could be bound.
+int FreePort();
+
 // A client of `daemon` with a short per-call deadline.
 absl::StatusOr<std::unique_ptr<Client>> Connect(const DaemonProcess& daemon);
 
