@@ -143,6 +143,36 @@ absl::Status PushChannel::EnsureDeviceStaging(uint64_t bytes) {
   return absl::OkStatus();
 }
 
+absl::Status PushChannel::EnqueueInPlace(uint8_t* dst, const PushSpec& spec, uint32_t word,
+                                         uint64_t frames_at, uint64_t total) {
+  const ScatterPlan* plan = spec.scatter;
+  const PageFrames& f = spec.frames;
+  RETURN_IF_ERROR(EnsureDeviceStaging(total));
+  if (spec.wait_event != nullptr) {
+    ASSIGN_OR_RETURN(void* e, EventLocked(*spec.wait_event));
+    RETURN_IF_ERROR(cuda_->StreamWaitEvent(device_, stream_, e));
+  }
+  RETURN_IF_ERROR(cuda_->CopyToDeviceAsync(device_, stream_, device_staging_, pinned_, total));
+  const auto* frames = reinterpret_cast<const uint8_t* const*>(device_staging_ + frames_at);
+  if (plan != nullptr) {
+    ScatterSource src;
+    src.frames = frames;
+    src.frame_bytes = f.bytes;
+    RETURN_IF_ERROR(cuda_->LaunchScatter(device_, stream_, plan->geometry,
+                                         reinterpret_cast<const ScatterTask*>(device_staging_),
+                                         static_cast<uint32_t>(plan->tasks.size()), src, dst));
+  } else {
+    RETURN_IF_ERROR(cuda_->LaunchGatherFrames(device_, stream_, frames,
+                                              static_cast<uint32_t>(f.count), f.bytes, word,
+                                              dst + spec.offset));
+  }
+  if (spec.done_event != nullptr) {
+    ASSIGN_OR_RETURN(void* e, EventLocked(*spec.done_event));
+    RETURN_IF_ERROR(cuda_->RecordEvent(device_, stream_, e));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<bool> PushChannel::PushInPlace(uint8_t* dst, const PushSpec& spec) {
   const PinnedRegion::View region = region_->Get();
   const PageFrames& f = spec.frames;
@@ -169,32 +199,7 @@ absl::StatusOr<bool> PushChannel::PushInPlace(uint8_t* dst, const PushSpec& spec
   if (task_bytes > 0) std::memcpy(pinned_, plan->tasks.data(), task_bytes);
   auto* table = reinterpret_cast<const uint8_t**>(pinned_ + frames_at);
   for (size_t i = 0; i < f.count; ++i) table[i] = f.data[i] + region.delta;
-  absl::Status s = [&]() -> absl::Status {
-    RETURN_IF_ERROR(EnsureDeviceStaging(total));
-    if (spec.wait_event != nullptr) {
-      ASSIGN_OR_RETURN(void* e, EventLocked(*spec.wait_event));
-      RETURN_IF_ERROR(cuda_->StreamWaitEvent(device_, stream_, e));
-    }
-    RETURN_IF_ERROR(cuda_->CopyToDeviceAsync(device_, stream_, device_staging_, pinned_, total));
-    const auto* frames = reinterpret_cast<const uint8_t* const*>(device_staging_ + frames_at);
-    if (plan != nullptr) {
-      ScatterSource src;
-      src.frames = frames;
-      src.frame_bytes = f.bytes;
-      RETURN_IF_ERROR(cuda_->LaunchScatter(device_, stream_, plan->geometry,
-                                           reinterpret_cast<const ScatterTask*>(device_staging_),
-                                           static_cast<uint32_t>(plan->tasks.size()), src, dst));
-    } else {
-      RETURN_IF_ERROR(cuda_->LaunchGatherFrames(device_, stream_, frames,
-                                                static_cast<uint32_t>(f.count), f.bytes, word,
-                                                dst + spec.offset));
-    }
-    if (spec.done_event != nullptr) {
-      ASSIGN_OR_RETURN(void* e, EventLocked(*spec.done_event));
-      RETURN_IF_ERROR(cuda_->RecordEvent(device_, stream_, e));
-    }
-    return absl::OkStatus();
-  }();
+  absl::Status s = EnqueueInPlace(dst, spec, word, frames_at, total);
   if (!s.ok()) {
     pending_ = true;  // whatever was enqueued may still read the tables
     return s;

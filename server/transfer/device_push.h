@@ -157,6 +157,9 @@ class PushChannel {
   // place; then the staged path runs.
   absl::StatusOr<bool> PushInPlace(uint8_t* dst, const PushSpec& spec)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // PushInPlace's device work: tables to the device, the kernel, the events.
+  absl::Status EnqueueInPlace(uint8_t* dst, const PushSpec& spec, uint32_t word, uint64_t frames_at,
+                              uint64_t total) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status EnsureDeviceStaging(uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Reserve(uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<void*> EventLocked(const CudaIpcHandle& handle) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -38,7 +38,11 @@ JOBS=${JOBS:-$(nproc)}
 DEADLINE=$((SECONDS + 480))
 left() { local l=$((DEADLINE - SECONDS)); [ $l -gt 0 ] && echo $l || echo 1; }
 
-echo "==> tests/gpu/run.sh at $(git rev-parse --short HEAD 2>/dev/null || echo '?') on $(hostname), $(date -u +%FT%TZ)"
+if [ -n "$PREBUILT" ]; then
+  echo "==> tests/gpu/run.sh on $(hostname), $(date -u +%FT%TZ)"
+else
+  echo "==> tests/gpu/run.sh at $(git rev-parse --short HEAD 2>/dev/null || echo '?') on $(hostname), $(date -u +%FT%TZ)"
+fi
 if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
   export PATH=/usr/local/cuda/bin:$PATH
 fi
