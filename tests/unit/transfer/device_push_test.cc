@@ -70,6 +70,16 @@ class DevicePushTest : public ::testing::TestWithParam<ScatterMode> {
     return info->id;
   }
 
+  // The cache holds `before` with the staged pages scattered into `blocks`
+  // (the naive per-layout reference), byte for byte.
+  void ExpectScattered(const std::vector<uint8_t>& before, const std::vector<uint32_t>& blocks) {
+    auto resolved = ResolveKvLayout(layout_, size_);
+    ASSERT_THAT(resolved, IsOk());
+    const std::vector<uint8_t> want = testing::NaiveScatter(layout_, resolved->layer_base, fetch_,
+                                                            blocks, staged_.data(), before);
+    EXPECT_EQ(std::memcmp(peer_, want.data(), size_), 0);
+  }
+
   RecordingCudaRuntime cuda_;
   std::unique_ptr<BufferRegistry> registry_;
   Caller caller_;
@@ -101,11 +111,7 @@ TEST_P(DevicePushTest, ScatterIsOneCopyAndOneKernelAndLandsEveryByte) {
   } else {
     EXPECT_THAT(cuda_.ops(), ElementsAre("alloc_pinned", "device_pointer_of", "scatter", "sync"));
   }
-  auto resolved = ResolveKvLayout(layout_, size_);
-  ASSERT_THAT(resolved, IsOk());
-  const std::vector<uint8_t> want = testing::NaiveScatter(layout_, resolved->layer_base, fetch_,
-                                                          dw.block_ids, staged_.data(), before);
-  EXPECT_EQ(std::memcmp(peer_, want.data(), size_), 0);
+  ExpectScattered(before, dw.block_ids);
   EXPECT_EQ(cuda_.violations(), 0);
 }
 
@@ -299,11 +305,7 @@ TEST_P(DirectPushTest, TheScatterReadsThePagesInPlaceAndLandsEveryByte) {
               ElementsAre("alloc_pinned", "alloc_device", "copy_h2d", "scatter_in_place", "sync"));
   // The one copy moves the tables only: 8 tasks, then a device address per frame.
   EXPECT_EQ(cuda_.calls()[2].bytes, 8 * sizeof(ScatterTask) + frames_.size() * sizeof(void*));
-  auto resolved = ResolveKvLayout(layout_, size_);
-  ASSERT_THAT(resolved, IsOk());
-  const std::vector<uint8_t> want = testing::NaiveScatter(layout_, resolved->layer_base, fetch_,
-                                                          dw.block_ids, staged_.data(), before);
-  EXPECT_EQ(std::memcmp(peer_, want.data(), size_), 0);
+  ExpectScattered(before, dw.block_ids);
   EXPECT_EQ(cuda_.violations(), 0);
   EXPECT_EQ(registry_->push_counts()->in_place.load(), 1u);
   EXPECT_EQ(registry_->push_counts()->staged.load(), 0u);
@@ -380,11 +382,7 @@ TEST_P(DirectPushTest, FramesOutsideThePinnedRegionAreStaged) {
   EXPECT_EQ(fills_, 1);
   const std::vector<std::string> ops = cuda_.ops();
   EXPECT_EQ(std::count(ops.begin(), ops.end(), "scatter_in_place"), 0);
-  auto resolved = ResolveKvLayout(layout_, size_);
-  ASSERT_THAT(resolved, IsOk());
-  const std::vector<uint8_t> want = testing::NaiveScatter(layout_, resolved->layer_base, fetch_,
-                                                          dw.block_ids, staged_.data(), before);
-  EXPECT_EQ(std::memcmp(peer_, want.data(), size_), 0);
+  ExpectScattered(before, dw.block_ids);
   EXPECT_EQ(registry_->push_counts()->staged.load(), 1u);
   // Without a pinned region (the pool not pinned yet) too.
   registry_->pinned_region()->Set(nullptr, 0, 0);
