@@ -429,6 +429,11 @@ struct DaemonStats {
   bool huge_pages = false;
   uint64_t pages_verified = 0;     // fetched pages whose checksum was checked
   uint64_t checksum_failures = 0;  // of those, mismatches (DATA_LOSS answers)
+  // Pushes to client GPUs: pool bytes the device reads in place (0: not
+  // pinned), and pushes by path (admin.proto GetStatsResponse).
+  uint64_t pool_pinned_bytes = 0;
+  uint64_t gpu_pushes_in_place = 0;
+  uint64_t gpu_pushes_staged = 0;
   std::vector<SizeClassInfo> size_classes;
   std::vector<TenantInfo> tenants;
 };

@@ -45,6 +45,9 @@ absl::StatusOr<DaemonStats> Client::GetStats() {
   s.huge_pages = r.huge_pages();
   s.pages_verified = r.pages_verified();
   s.checksum_failures = r.checksum_failures();
+  s.pool_pinned_bytes = r.pool_pinned_bytes();
+  s.gpu_pushes_in_place = r.gpu_pushes_in_place();
+  s.gpu_pushes_staged = r.gpu_pushes_staged();
   for (const auto& c : r.size_classes()) {
     s.size_classes.push_back(
         SizeClassInfo{c.frame_bytes(), c.frames_used(), c.frames_free(), c.bytes_reserved()});

@@ -190,6 +190,12 @@ void PrintStatsTables(const DaemonStats& s) {
   t.AddRow({"evictions", absl::StrCat(s.evictions)});
   t.AddRow({"expirations", absl::StrCat(s.expirations)});
   t.AddRow({"admissions rejected", absl::StrCat(s.admissions_rejected)});
+  t.AddRow(
+      {"gpu direct reads", s.pool_pinned_bytes > 0
+                               ? absl::StrCat("on (", HumanBytes(s.pool_pinned_bytes), " pinned)")
+                               : "off (pool not pinned)"});
+  t.AddRow({"gpu pushes",
+            absl::StrCat(s.gpu_pushes_in_place, " in place, ", s.gpu_pushes_staged, " staged")});
   std::cout << t.Render();
   if (!s.size_classes.empty()) {
     TextTable c({"FRAME_BYTES", "USED", "FREE", "RESERVED"});

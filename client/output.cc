@@ -199,6 +199,9 @@ Json StatsJson(const DaemonStats& s) {
   j["sessions_created"] = s.sessions_created;
   j["sessions_dropped"] = s.sessions_dropped;
   j["admissions_rejected"] = s.admissions_rejected;
+  j["pool_pinned_bytes"] = s.pool_pinned_bytes;
+  j["gpu_pushes_in_place"] = s.gpu_pushes_in_place;
+  j["gpu_pushes_staged"] = s.gpu_pushes_staged;
   Json classes = Json::array();
   for (const auto& c : s.size_classes) {
     classes.push_back({{"frame_bytes", c.frame_bytes},

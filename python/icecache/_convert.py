@@ -241,6 +241,9 @@ def daemon_stats(r: admin_pb2.GetStatsResponse) -> DaemonStats:
             for c in r.size_classes
         ],
         tenants=[tenant_info(t) for t in r.tenants],
+        pool_pinned_bytes=r.pool_pinned_bytes,
+        gpu_pushes_in_place=r.gpu_pushes_in_place,
+        gpu_pushes_staged=r.gpu_pushes_staged,
     )
 
 

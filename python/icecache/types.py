@@ -445,6 +445,11 @@ class DaemonStats:
     huge_pages: bool
     size_classes: List[SizeClassInfo]
     tenants: List[TenantInfo]
+    # Pushes to client GPUs: pool bytes the device reads in place (0: not
+    # pinned), and pushes by path.
+    pool_pinned_bytes: int = 0
+    gpu_pushes_in_place: int = 0
+    gpu_pushes_staged: int = 0
 
 
 @dataclass

@@ -14,6 +14,9 @@ def test_stats_tenants_quota_pin_evict_config(client, daemon):
     s = client.create_session(small_spec())
     stats = client.get_stats()
     assert stats.sessions >= 1 and stats.capacity_bytes > 0 and stats.start is not None
+    # No session here pushed to a GPU: nothing counted either way.
+    assert stats.gpu_pushes_in_place == 0 and stats.gpu_pushes_staged == 0
+    assert stats.pool_pinned_bytes >= 0
     tenant = client.get_session(s.id).tenant
     assert tenant in [t.tenant for t in client.list_tenants()]
     t = client.set_quota(tenant, 1 << 30)

@@ -700,6 +700,9 @@ void StatsToProto(const ManagerStats& s, const std::vector<TenantInfo>& tenants,
   out->set_huge_pages(s.pool.huge_pages);
   out->set_pages_verified(s.pages_verified);
   out->set_checksum_failures(s.checksum_failures);
+  out->set_pool_pinned_bytes(s.pool_pinned_bytes);
+  out->set_gpu_pushes_in_place(s.gpu_pushes_in_place);
+  out->set_gpu_pushes_staged(s.gpu_pushes_staged);
   for (const SizeClassStats& c : s.pool.classes) {
     v1::SizeClassStats* pc = out->add_size_classes();
     pc->set_frame_bytes(c.frame_bytes);

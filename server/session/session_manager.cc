@@ -899,6 +899,13 @@ absl::StatusOr<ManagerStats> SessionManager::Stats(const Caller& caller) {
   st.pages_verified = counters_->checksums.verified.load();
   st.checksum_failures = counters_->checksums.failures.load();
   st.buffers = static_cast<int>(options_.buffers->size());
+  if (const PushCounts* pushes = options_.buffers->push_counts()) {
+    st.gpu_pushes_in_place = pushes->in_place.load();
+    st.gpu_pushes_staged = pushes->staged.load();
+  }
+  if (const PinnedRegion* region = options_.buffers->pinned_region()) {
+    st.pool_pinned_bytes = region->Get().bytes;
+  }
   return st;
 }
 

@@ -311,6 +311,9 @@ struct ManagerStats {
   uint64_t admissions_rejected = 0;  // RESOURCE_EXHAUSTED answers
   uint64_t pages_verified = 0;       // fetched pages whose checksum was checked
   uint64_t checksum_failures = 0;    // of those, mismatches (DATA_LOSS answers)
+  uint64_t pool_pinned_bytes = 0;    // readable in place by the GPU (device_push.h)
+  uint64_t gpu_pushes_in_place = 0;  // pushes to client GPUs that read the pool in place
+  uint64_t gpu_pushes_staged = 0;    // ... that went through pinned staging
   int buffers = 0;
   uint64_t pages = 0;      // over every session's indices
   double page_fill = 0.0;  // token-weighted mean fill of those pages, [0, 1]

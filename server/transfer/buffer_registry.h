@@ -240,6 +240,9 @@ class BufferRegistry {
   // What pushes to GPUs may read in place (device_push.h; set once the
   // pool is pinned). Null without a CUDA runtime.
   PinnedRegion* pinned_region() { return clients_ == nullptr ? nullptr : &clients_->region(); }
+  const PinnedRegion* pinned_region() const {
+    return clients_ == nullptr ? nullptr : &clients_->region();
+  }
   // Pushes to GPUs by path (null without a CUDA runtime).
   const PushCounts* push_counts() const {
     return clients_ == nullptr ? nullptr : &clients_->counts();

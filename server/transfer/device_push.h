@@ -193,6 +193,7 @@ class CudaClients {
 
   // What every channel may read in place (set once the pool is pinned).
   PinnedRegion& region() { return *region_; }
+  const PinnedRegion& region() const { return *region_; }
   // Pushes by path, every channel so far.
   const PushCounts& counts() const { return *counts_; }
 

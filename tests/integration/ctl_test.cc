@@ -87,10 +87,12 @@ TEST_F(IcecachectlTest, TablesAndJsonAgainstALiveDaemon) {
   r = Ctl({"stats"});
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr("capacity"));
+  EXPECT_THAT(r.out, HasSubstr("gpu direct reads"));
   r = Ctl({"--json", "stats"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   v = Json(r);
   EXPECT_EQ(v.struct_value().fields().at("sessions").number_value(), 1);
+  EXPECT_EQ(v.struct_value().fields().at("gpu_pushes_staged").number_value(), 0);
   EXPECT_EQ(v.struct_value().fields().at("capacity_bytes").number_value(), 268435456);
 
   r = Ctl({"status"});

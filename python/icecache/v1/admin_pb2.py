@@ -15,7 +15,7 @@ from icecache.v1 import config_pb2 as icecache_dot_v1_dot_config__pb2
 from icecache.v1 import types_pb2 as icecache_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17icecache/v1/admin.proto\x12\x0bicecache.v1\x1a\x18icecache/v1/config.proto\x1a\x17icecache/v1/types.proto\"g\n\x0eSizeClassStats\x12\x13\n\x0b\x66rame_bytes\x18\x01 \x01(\x04\x12\x13\n\x0b\x66rames_used\x18\x02 \x01(\x04\x12\x13\n\x0b\x66rames_free\x18\x03 \x01(\x04\x12\x16\n\x0e\x62ytes_reserved\x18\x04 \x01(\x04\"h\n\nTenantInfo\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nbytes_used\x18\x02 \x01(\x04\x12\x13\n\x0bquota_bytes\x18\x03 \x01(\x04\x12\x10\n\x08sessions\x18\x04 \x01(\r\x12\x0f\n\x07\x62uffers\x18\x05 \x01(\r\"\x11\n\x0fGetStatsRequest\"\x8b\x04\n\x10GetStatsResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x15\n\rstart_unix_ms\x18\x02 \x01(\x03\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x62ytes_reserved\x18\x04 \x01(\x04\x12\x12\n\nbytes_used\x18\x05 \x01(\x04\x12\x10\n\x08sessions\x18\x06 \x01(\r\x12\x0f\n\x07\x62uffers\x18\x07 \x01(\r\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x13\n\x0b\x65xpirations\x18\t \x01(\x04\x12\x11\n\tin_flight\x18\n \x01(\r\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08\x12\x31\n\x0csize_classes\x18\x0c \x03(\x0b\x32\x1b.icecache.v1.SizeClassStats\x12(\n\x07tenants\x18\r \x03(\x0b\x32\x17.icecache.v1.TenantInfo\x12\x18\n\x10sessions_created\x18\x0e \x01(\x04\x12\x18\n\x10sessions_dropped\x18\x0f \x01(\x04\x12\x1b\n\x13\x61\x64missions_rejected\x18\x10 \x01(\x04\x12\x13\n\x0b\x66rames_used\x18\x11 \x01(\x04\x12\x13\n\x0b\x66rames_free\x18\x12 \x01(\x04\x12\x12\n\nhuge_pages\x18\x13 \x01(\x08\x12\x16\n\x0epages_verified\x18\x14 \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\x15 \x01(\x04\"\x14\n\x12ListTenantsRequest\"?\n\x13ListTenantsResponse\x12(\n\x07tenants\x18\x01 \x03(\x0b\x32\x17.icecache.v1.TenantInfo\"6\n\x0fSetQuotaRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0bquota_bytes\x18\x02 \x01(\x04\";\n\x10SetQuotaResponse\x12\'\n\x06tenant\x18\x01 \x01(\x0b\x32\x17.icecache.v1.TenantInfo\")\n\x13\x45victSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x45victSessionResponse\"7\n\x11PinSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\"?\n\x12PinSessionResponse\x12)\n\x07session\x18\x01 \x01(\x0b\x32\x18.icecache.v1.SessionInfo\"5\n\x0c\x44rainRequest\x12\x10\n\x08shutdown\x18\x01 \x01(\x08\x12\x13\n\x0b\x66or_upgrade\x18\x02 \x01(\x08\"4\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r\x12\x10\n\x08sessions\x18\x02 \x01(\r\"\x12\n\x10GetConfigRequest\"A\n\x11GetConfigResponse\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.icecache.v1.IcecachedConfig2\xa2\x04\n\x0c\x41\x64minService\x12G\n\x08GetStats\x12\x1c.icecache.v1.GetStatsRequest\x1a\x1d.icecache.v1.GetStatsResponse\x12P\n\x0bListTenants\x12\x1f.icecache.v1.ListTenantsRequest\x1a .icecache.v1.ListTenantsResponse\x12G\n\x08SetQuota\x12\x1c.icecache.v1.SetQuotaRequest\x1a\x1d.icecache.v1.SetQuotaResponse\x12S\n\x0c\x45victSession\x12 .icecache.v1.EvictSessionRequest\x1a!.icecache.v1.EvictSessionResponse\x12M\n\nPinSession\x12\x1e.icecache.v1.PinSessionRequest\x1a\x1f.icecache.v1.PinSessionResponse\x12>\n\x05\x44rain\x12\x19.icecache.v1.DrainRequest\x1a\x1a.icecache.v1.DrainResponse\x12J\n\tGetConfig\x12\x1d.icecache.v1.GetConfigRequest\x1a\x1e.icecache.v1.GetConfigResponseB\x03\xf8\x01\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17icecache/v1/admin.proto\x12\x0bicecache.v1\x1a\x18icecache/v1/config.proto\x1a\x17icecache/v1/types.proto\"g\n\x0eSizeClassStats\x12\x13\n\x0b\x66rame_bytes\x18\x01 \x01(\x04\x12\x13\n\x0b\x66rames_used\x18\x02 \x01(\x04\x12\x13\n\x0b\x66rames_free\x18\x03 \x01(\x04\x12\x16\n\x0e\x62ytes_reserved\x18\x04 \x01(\x04\"h\n\nTenantInfo\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nbytes_used\x18\x02 \x01(\x04\x12\x13\n\x0bquota_bytes\x18\x03 \x01(\x04\x12\x10\n\x08sessions\x18\x04 \x01(\r\x12\x0f\n\x07\x62uffers\x18\x05 \x01(\r\"\x11\n\x0fGetStatsRequest\"\xde\x04\n\x10GetStatsResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x15\n\rstart_unix_ms\x18\x02 \x01(\x03\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x62ytes_reserved\x18\x04 \x01(\x04\x12\x12\n\nbytes_used\x18\x05 \x01(\x04\x12\x10\n\x08sessions\x18\x06 \x01(\r\x12\x0f\n\x07\x62uffers\x18\x07 \x01(\r\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x13\n\x0b\x65xpirations\x18\t \x01(\x04\x12\x11\n\tin_flight\x18\n \x01(\r\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08\x12\x31\n\x0csize_classes\x18\x0c \x03(\x0b\x32\x1b.icecache.v1.SizeClassStats\x12(\n\x07tenants\x18\r \x03(\x0b\x32\x17.icecache.v1.TenantInfo\x12\x18\n\x10sessions_created\x18\x0e \x01(\x04\x12\x18\n\x10sessions_dropped\x18\x0f \x01(\x04\x12\x1b\n\x13\x61\x64missions_rejected\x18\x10 \x01(\x04\x12\x13\n\x0b\x66rames_used\x18\x11 \x01(\x04\x12\x13\n\x0b\x66rames_free\x18\x12 \x01(\x04\x12\x12\n\nhuge_pages\x18\x13 \x01(\x08\x12\x16\n\x0epages_verified\x18\x14 \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\x15 \x01(\x04\x12\x19\n\x11pool_pinned_bytes\x18\x16 \x01(\x04\x12\x1b\n\x13gpu_pushes_in_place\x18\x17 \x01(\x04\x12\x19\n\x11gpu_pushes_staged\x18\x18 \x01(\x04\"\x14\n\x12ListTenantsRequest\"?\n\x13ListTenantsResponse\x12(\n\x07tenants\x18\x01 \x03(\x0b\x32\x17.icecache.v1.TenantInfo\"6\n\x0fSetQuotaRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0bquota_bytes\x18\x02 \x01(\x04\";\n\x10SetQuotaResponse\x12\'\n\x06tenant\x18\x01 \x01(\x0b\x32\x17.icecache.v1.TenantInfo\")\n\x13\x45victSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x45victSessionResponse\"7\n\x11PinSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\"?\n\x12PinSessionResponse\x12)\n\x07session\x18\x01 \x01(\x0b\x32\x18.icecache.v1.SessionInfo\"5\n\x0c\x44rainRequest\x12\x10\n\x08shutdown\x18\x01 \x01(\x08\x12\x13\n\x0b\x66or_upgrade\x18\x02 \x01(\x08\"4\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r\x12\x10\n\x08sessions\x18\x02 \x01(\r\"\x12\n\x10GetConfigRequest\"A\n\x11GetConfigResponse\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.icecache.v1.IcecachedConfig2\xa2\x04\n\x0c\x41\x64minService\x12G\n\x08GetStats\x12\x1c.icecache.v1.GetStatsRequest\x1a\x1d.icecache.v1.GetStatsResponse\x12P\n\x0bListTenants\x12\x1f.icecache.v1.ListTenantsRequest\x1a .icecache.v1.ListTenantsResponse\x12G\n\x08SetQuota\x12\x1c.icecache.v1.SetQuotaRequest\x1a\x1d.icecache.v1.SetQuotaResponse\x12S\n\x0c\x45victSession\x12 .icecache.v1.EvictSessionRequest\x1a!.icecache.v1.EvictSessionResponse\x12M\n\nPinSession\x12\x1e.icecache.v1.PinSessionRequest\x1a\x1f.icecache.v1.PinSessionResponse\x12>\n\x05\x44rain\x12\x19.icecache.v1.DrainRequest\x1a\x1a.icecache.v1.DrainResponse\x12J\n\tGetConfig\x12\x1d.icecache.v1.GetConfigRequest\x1a\x1e.icecache.v1.GetConfigResponseB\x03\xf8\x01\x01\x62\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'icecache.v1.admin_pb2', globals())
@@ -30,31 +30,31 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _GETSTATSREQUEST._serialized_start=302
   _GETSTATSREQUEST._serialized_end=319
   _GETSTATSRESPONSE._serialized_start=322
-  _GETSTATSRESPONSE._serialized_end=845
-  _LISTTENANTSREQUEST._serialized_start=847
-  _LISTTENANTSREQUEST._serialized_end=867
-  _LISTTENANTSRESPONSE._serialized_start=869
-  _LISTTENANTSRESPONSE._serialized_end=932
-  _SETQUOTAREQUEST._serialized_start=934
-  _SETQUOTAREQUEST._serialized_end=988
-  _SETQUOTARESPONSE._serialized_start=990
-  _SETQUOTARESPONSE._serialized_end=1049
-  _EVICTSESSIONREQUEST._serialized_start=1051
-  _EVICTSESSIONREQUEST._serialized_end=1092
-  _EVICTSESSIONRESPONSE._serialized_start=1094
-  _EVICTSESSIONRESPONSE._serialized_end=1116
-  _PINSESSIONREQUEST._serialized_start=1118
-  _PINSESSIONREQUEST._serialized_end=1173
-  _PINSESSIONRESPONSE._serialized_start=1175
-  _PINSESSIONRESPONSE._serialized_end=1238
-  _DRAINREQUEST._serialized_start=1240
-  _DRAINREQUEST._serialized_end=1293
-  _DRAINRESPONSE._serialized_start=1295
-  _DRAINRESPONSE._serialized_end=1347
-  _GETCONFIGREQUEST._serialized_start=1349
-  _GETCONFIGREQUEST._serialized_end=1367
-  _GETCONFIGRESPONSE._serialized_start=1369
-  _GETCONFIGRESPONSE._serialized_end=1434
-  _ADMINSERVICE._serialized_start=1437
-  _ADMINSERVICE._serialized_end=1983
+  _GETSTATSRESPONSE._serialized_end=928
+  _LISTTENANTSREQUEST._serialized_start=930
+  _LISTTENANTSREQUEST._serialized_end=950
+  _LISTTENANTSRESPONSE._serialized_start=952
+  _LISTTENANTSRESPONSE._serialized_end=1015
+  _SETQUOTAREQUEST._serialized_start=1017
+  _SETQUOTAREQUEST._serialized_end=1071
+  _SETQUOTARESPONSE._serialized_start=1073
+  _SETQUOTARESPONSE._serialized_end=1132
+  _EVICTSESSIONREQUEST._serialized_start=1134
+  _EVICTSESSIONREQUEST._serialized_end=1175
+  _EVICTSESSIONRESPONSE._serialized_start=1177
+  _EVICTSESSIONRESPONSE._serialized_end=1199
+  _PINSESSIONREQUEST._serialized_start=1201
+  _PINSESSIONREQUEST._serialized_end=1256
+  _PINSESSIONRESPONSE._serialized_start=1258
+  _PINSESSIONRESPONSE._serialized_end=1321
+  _DRAINREQUEST._serialized_start=1323
+  _DRAINREQUEST._serialized_end=1376
+  _DRAINRESPONSE._serialized_start=1378
+  _DRAINRESPONSE._serialized_end=1430
+  _GETCONFIGREQUEST._serialized_start=1432
+  _GETCONFIGREQUEST._serialized_end=1450
+  _GETCONFIGRESPONSE._serialized_start=1452
+  _GETCONFIGRESPONSE._serialized_end=1517
+  _ADMINSERVICE._serialized_start=1520
+  _ADMINSERVICE._serialized_end=2066
 # @@protoc_insertion_point(module_scope)
