@@ -771,7 +771,20 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
       }
       const float ff = static_cast<float>(f);
       const float wf = static_cast<float>(f - 1);
-      for (int j = 0; j < num_queries; ++j) {
+      int j = 0;
+      // Four queries per step (a GQA group is 4 or 8 of them): the same
+      // operations lane by lane, so the same bits as the scalar loop, whose
+      // division by the fill was most of this pass.
+      const __m128 ffv = _mm_set1_ps(ff), wfv = _mm_set1_ps(wf);
+      for (; j + 4 <= num_queries; j += 4) {
+        const __m128 off = _mm_loadu_ps(offset + j), rf = _mm_loadu_ps(ref + j);
+        _mm_storeu_ps(a + c0 + j, _mm_sub_ps(_mm_add_ps(off, _mm_loadu_ps(pmax + c0 + j)), rf));
+        _mm_storeu_ps(
+            b + c0 + j,
+            _mm_sub_ps(_mm_add_ps(off, _mm_div_ps(_mm_loadu_ps(psum + c0 + j), ffv)), rf));
+        _mm_storeu_ps(w + c0 + j, wfv);
+      }
+      for (; j < num_queries; ++j) {
         a[c0 + j] = (offset[j] + pmax[c0 + j]) - ref[j];
         b[c0 + j] = (offset[j] + psum[c0 + j] / ff) - ref[j];
         w[c0 + j] = wf;
