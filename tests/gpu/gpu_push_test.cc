@@ -8,13 +8,9 @@
 // in place) and with transfer.direct_reads off (every push staged). Skips,
 // with the reason, where there is no CUDA device or the build has no CUDA
 // (then the client is not built).
-#include <httplib.h>
-
 #include <cstdlib>
 #include <string>
 
-#include "absl/strings/numbers.h"
-#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "server/transfer/cuda_runtime.h"
 #include "tests/integration/harness.h"
@@ -22,34 +18,6 @@
 
 namespace icecache::testing {
 namespace {
-
-// The value of `name` in the daemon's "key=value" log text, or "".
-std::string LogField(const std::string& log, const std::string& name) {
-  const size_t at = log.find(" " + name + "=");
-  if (at == std::string::npos) return "";
-  const size_t start = at + name.size() + 2;
-  return log.substr(start, log.find_first_of(" \n", start) - start);
-}
-
-// icecache_gpu_pushes_total{path="<path>"} from the daemon's /metrics; -1
-// when it cannot be read.
-double GpuPushes(const DaemonProcess& daemon, const std::string& path) {
-  int port = 0;
-  if (!absl::SimpleAtoi(LogField(daemon.Stderr(), "metrics_port"), &port) || port <= 0) return -1;
-  httplib::Client http("127.0.0.1", port);
-  http.set_read_timeout(10);
-  auto res = http.Get("/metrics");
-  if (!res) return -1;
-  const std::string key = absl::StrCat("icecache_gpu_pushes_total{path=\"", path, "\"} ");
-  const size_t at = res->body.find(key);
-  double v = -1;
-  if (at == std::string::npos ||
-      !absl::SimpleAtod(
-          res->body.substr(at + key.size(), res->body.find('\n', at) - at - key.size()), &v)) {
-    return -1;
-  }
-  return v;
-}
 
 class GpuPushTest : public ::testing::TestWithParam<bool> {};
 
@@ -86,8 +54,8 @@ TEST_P(GpuPushTest, ScatterEventsAndPlainFetchLandEveryByte) {
   std::printf("%s%s", run->out.c_str(), run->err.c_str());
   EXPECT_EQ(run->exit_code, 0) << run->err << "\ndaemon stderr:\n" << (*daemon)->Stderr();
   EXPECT_NE(run->out.find("gpu_kv_client: OK"), std::string::npos);
-  const double in_place = GpuPushes(**daemon, "in_place");
-  const double staged = GpuPushes(**daemon, "staged");
+  const double in_place = MetricValue(**daemon, "icecache_gpu_pushes_total{path=\"in_place\"}");
+  const double staged = MetricValue(**daemon, "icecache_gpu_pushes_total{path=\"staged\"}");
   std::printf("daemon pushes: %.0f in place, %.0f staged\n", in_place, staged);
   if (direct) {
     EXPECT_GT(in_place, 0) << (*daemon)->Stderr();

@@ -183,5 +183,27 @@ TEST_F(DeviceApiTest, PrefetchedLayersAreWrittenWhereTheGroupFetchPutsThem) {
   }
 }
 
+// The push counters the GPU check reads from /metrics (tests/gpu/
+// gpu_push_test.cc, MetricValue) are exported and agree with GetStats; here
+// nothing was pushed to a GPU, so both paths count zero.
+TEST(DeviceApiMetricsTest, GpuPushCountersAreExportedAndAgreeWithStats) {
+  DaemonOptions options = TestDaemonOptions("", {}, "info");
+  const int port = FreePort();
+  ASSERT_GT(port, 0);
+  options.metrics_port = static_cast<uint16_t>(port);
+  auto daemon = DaemonProcess::Start(options);
+  ASSERT_THAT(daemon, IsOk());
+  EXPECT_EQ(MetricValue(**daemon, "icecache_gpu_pushes_total{path=\"in_place\"}"), 0.0);
+  EXPECT_EQ(MetricValue(**daemon, "icecache_gpu_pushes_total{path=\"staged\"}"), 0.0);
+  EXPECT_EQ(MetricValue(**daemon, "icecache_gpu_pushes_total{path=\"elsewhere\"}"), -1.0);
+  auto client = Connect(**daemon);
+  ASSERT_THAT(client, IsOk());
+  auto stats = (*client)->GetStats();
+  ASSERT_THAT(stats, IsOk());
+  EXPECT_EQ(stats->gpu_pushes_in_place, 0u);
+  EXPECT_EQ(stats->gpu_pushes_staged, 0u);
+  EXPECT_LE(stats->pool_pinned_bytes, stats->capacity_bytes);
+}
+
 }  // namespace
 }  // namespace icecache::testing

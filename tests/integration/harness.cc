@@ -4,6 +4,7 @@
 #include <google/protobuf/struct.pb.h>
 #include <google/protobuf/util/json_util.h>
 #include <grp.h>
+#include <httplib.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
@@ -20,6 +21,7 @@
 #include <mutex>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/synthetic.h"
@@ -49,6 +51,31 @@ int FreePort() {
   ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
   ::close(fd);
   return ntohs(a.sin_port);
+}
+
+double MetricValue(const DaemonProcess& daemon, const std::string& series) {
+  const std::string log = daemon.Stderr();
+  const size_t at = log.find(" metrics_port=");
+  if (at == std::string::npos) return -1;
+  const size_t start = at + std::strlen(" metrics_port=");
+  int port = 0;
+  if (!absl::SimpleAtoi(log.substr(start, log.find_first_of(" \n", start) - start), &port) ||
+      port <= 0) {
+    return -1;
+  }
+  httplib::Client http("127.0.0.1", port);
+  http.set_read_timeout(10);
+  auto res = http.Get("/metrics");
+  if (!res) return -1;
+  const std::string key = series + " ";
+  const size_t line = res->body.find("\n" + key);
+  if (line == std::string::npos) return -1;
+  const size_t value = line + 1 + key.size();
+  double v = -1;
+  if (!absl::SimpleAtod(res->body.substr(value, res->body.find('\n', value) - value), &v)) {
+    return -1;
+  }
+  return v;
 }
 
 std::string BaseConfig(const std::string& extra) {

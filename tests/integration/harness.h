@@ -69,6 +69,12 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> StartDaemon(
 // close); -1 when none could be bound.
 int FreePort();
 
+// The value of the sample `series` (name and labels as /metrics prints them,
+// e.g. `icecache_gpu_pushes_total{path="staged"}`) from the /metrics of a
+// daemon started with DaemonOptions.metrics_port (found in its log); -1
+// when it cannot be read.
+double MetricValue(const DaemonProcess& daemon, const std::string& series);
+
 // A client of `daemon` with a short per-call deadline.
 absl::StatusOr<std::unique_ptr<Client>> Connect(const DaemonProcess& daemon);
 
