@@ -571,6 +571,63 @@ inline void FoldHalf(__m128i s0, __m128i s1, const uint16_t* norms, __m256 a, __
   *sum += simd::HSum256(_mm256_add_ps(v0, v1));
 }
 
+// FoldHalf's two vectors before their horizontal steps: the 16 rows'
+// logits folded pairwise into 8 lanes (the same operands, the same order).
+inline void HalfTerms(__m128i s0, __m128i s1, const uint16_t* norms, __m256 a, __m256 b, __m256* mx,
+                      __m256* sum) {
+  const __m256 n0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(norms)));
+  const __m256 n1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(norms + 8)));
+  const __m256 v0 =
+      _mm256_mul_ps(n0, _mm256_fmadd_ps(b, _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s0)), a));
+  const __m256 v1 =
+      _mm256_mul_ps(n1, _mm256_fmadd_ps(b, _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s1)), a));
+  *mx = _mm256_max_ps(v0, v1);
+  *sum = _mm256_add_ps(v0, v1);
+}
+
+// simd::HMax256 / HSum256 (`kMax`) of eight vectors at once, each with
+// exactly that function's operations in its order (lo op hi, then the
+// pairs, then the last two), so each result has the same bits: lane i < 4
+// of the result reduces v[2i], lane 4 + i reduces v[2i + 1]. One transpose
+// instead of eight horizontal chains, whose shuffles and scalar stores were
+// most of the scan's time after the table lookups.
+template <bool kMax>
+inline __m256 Reduce8(const __m256* v) {
+  auto op = [](__m256 x, __m256 y) { return kMax ? _mm256_max_ps(x, y) : _mm256_add_ps(x, y); };
+  __m256 w[4];
+  for (int k = 0; k < 4; ++k) {
+    w[k] = op(_mm256_permute2f128_ps(v[2 * k], v[2 * k + 1], 0x20),
+              _mm256_permute2f128_ps(v[2 * k], v[2 * k + 1], 0x31));
+  }
+  const __m256 z01 = op(_mm256_shuffle_ps(w[0], w[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                        _mm256_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 z23 = op(_mm256_shuffle_ps(w[2], w[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                        _mm256_shuffle_ps(w[2], w[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return op(_mm256_shuffle_ps(z01, z23, _MM_SHUFFLE(2, 0, 2, 0)),
+            _mm256_shuffle_ps(z01, z23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Four queries' FoldHalf into both halves' cells at once: `r` the four
+// queries' sums, a / b / cells from query q0. The cells get exactly
+// FoldHalf's values (std::max(cell, x) is max_ps(x, cell) lane by lane,
+// NaNs and signed zeros included); the low half's cells first, as
+// FoldHalf's calls, so a page holding both halves folds them in order.
+inline void FoldHalves4(const GroupSums* r, const uint16_t* norms, const float* a, const float* b,
+                        float* pmax_lo, float* psum_lo, float* pmax_hi, float* psum_hi) {
+  __m256 mx[8], sm[8];
+  for (int k = 0; k < 4; ++k) {
+    const __m256 av = _mm256_set1_ps(a[k]), bv = _mm256_set1_ps(b[k]);
+    HalfTerms(r[k].lo_even, r[k].lo_odd, norms, av, bv, &mx[2 * k], &sm[2 * k]);
+    HalfTerms(r[k].hi_even, r[k].hi_odd, norms + 16, av, bv, &mx[2 * k + 1], &sm[2 * k + 1]);
+  }
+  const __m256 hm = Reduce8<true>(mx);
+  const __m256 hs = Reduce8<false>(sm);
+  _mm_storeu_ps(pmax_lo, _mm_max_ps(_mm256_castps256_ps128(hm), _mm_loadu_ps(pmax_lo)));
+  _mm_storeu_ps(psum_lo, _mm_add_ps(_mm_loadu_ps(psum_lo), _mm256_castps256_ps128(hs)));
+  _mm_storeu_ps(pmax_hi, _mm_max_ps(_mm256_extractf128_ps(hm, 1), _mm_loadu_ps(pmax_hi)));
+  _mm_storeu_ps(psum_hi, _mm_add_ps(_mm_loadu_ps(psum_hi), _mm256_extractf128_ps(hs, 1)));
+}
+
 }  // namespace
 
 void PqSketch::ScanGroup(uint64_t g, const uint8_t* luts, int num_queries, uint16_t* sums) const {
@@ -599,6 +656,17 @@ __attribute__((always_inline)) inline void ScanHalves(const uint8_t* c, const ui
                                                       size_t cell_hi, float* pmax, float* psum) {
   const size_t stride = static_cast<size_t>(lines) * 32;
   int q = 0;
+  for (; q + 4 <= num_queries; q += 4) {  // a GQA group of 4 or 8: FoldHalves4
+    GroupSums r4[4];
+    if constexpr (kWide) {
+      ScanLinesAvx512<4>(c, luts + q * stride, stride, lines, r4);
+    } else {
+      ScanLines<2>(c, luts + q * stride, stride, lines, r4);
+      ScanLines<2>(c, luts + (q + 2) * stride, stride, lines, r4 + 2);
+    }
+    FoldHalves4(r4, norms, a + q, b + q, pmax + cell_lo + q, psum + cell_lo + q, pmax + cell_hi + q,
+                psum + cell_hi + q);
+  }
   GroupSums r[2];
   for (; q + 2 <= num_queries; q += 2) {
     if constexpr (kWide) {

@@ -158,6 +158,71 @@ TEST(PqSketchTest, TheWideScanGivesTheSameEstimatesAsTheAvx2Scan) {
   }
 }
 
+// Each query is estimated on its own: a batch (4 and 8 queries take the
+// four-query fold, FoldHalves4; 6 takes it once, then a pair) gives every
+// query's column bit for bit what that query alone gets (the pair and
+// single paths), on both scans, for pages of 16 and 32 (two halves of one
+// page folded in order), full and partly filled. The page count is a
+// multiple of 8, so no query's cells reach the scalar exp tail.
+TEST(PqSketchTest, ABatchOfQueriesEstimatesEachAsItWouldAlone) {
+  const bool has_wide = ForceKernelIsa("avx512");
+  ForceKernelIsa("auto");
+  for (int page_tokens : {16, 32}) {
+    for (int dim : {128, 64}) {
+      const int64_t n = 3000;
+      const std::vector<float> keys = mdci_test::ClusteredKeys(n, dim, 12, 0.5f, 5);
+      PqSketch pq(dim, page_tokens);
+      pq.Train(keys.data(), n);
+      std::vector<Placement> pl;
+      std::vector<uint32_t> fill;
+      std::vector<float> placed;
+      int64_t next = 0;
+      for (uint32_t page = 0; next < n; ++page) {
+        const uint32_t f = page % 11 == 5 ? 9u : static_cast<uint32_t>(page_tokens);
+        fill.push_back(std::min<uint32_t>(f, static_cast<uint32_t>(n - next)));
+        for (uint32_t r = 0; r < fill.back(); ++r, ++next) {
+          pl.push_back(Placement{page, r});
+          placed.insert(placed.end(), &keys[next * dim], &keys[(next + 1) * dim]);
+        }
+      }
+      while (fill.size() % 8 != 0) fill.push_back(0);
+      pq.Write(pl, placed.data(), DType::kF32);
+      const uint32_t pages = static_cast<uint32_t>(fill.size());
+      pq.CoverPages(pages);
+      const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+      for (const char* isa : {"avx2", "avx512"}) {
+        if (std::string(isa) == "avx512" && !has_wide) continue;
+        ASSERT_TRUE(ForceKernelIsa(isa));
+        for (int nq : {4, 6, 8}) {
+          const std::vector<float> q = mdci_test::GaussianRows(nq, dim, 3.0f, 40 + nq);
+          std::vector<float> mass(static_cast<size_t>(pages) * nq), bulk(mass.size()), ref(nq);
+          pq.EstimatePageMass(
+              q.data(), nq, scale, pages, [&](uint32_t p) { return fill[p]; }, mass.data(),
+              ref.data(), bulk.data());
+          for (int j = 0; j < nq; ++j) {
+            std::vector<float> one(pages), one_bulk(pages);
+            float one_ref = 0.0f;
+            pq.EstimatePageMass(
+                &q[static_cast<size_t>(j) * dim], 1, scale, pages,
+                [&](uint32_t p) { return fill[p]; }, one.data(), &one_ref, one_bulk.data());
+            EXPECT_EQ(ref[j], one_ref) << isa << " page " << page_tokens << " dim " << dim;
+            int differ = 0;
+            for (uint32_t p = 0; p < pages; ++p) {
+              differ += mass[static_cast<size_t>(p) * nq + j] != one[p] ||
+                        bulk[static_cast<size_t>(p) * nq + j] != one_bulk[p];
+            }
+            EXPECT_EQ(differ, 0) << isa << ", pages of " << page_tokens << ", dim " << dim << ", "
+                                 << nq << " queries, query " << j;
+          }
+          EXPECT_NE(*std::max_element(mass.begin(), mass.end()),
+                    *std::min_element(mass.begin(), mass.end()));
+        }
+      }
+      ForceKernelIsa("auto");
+    }
+  }
+}
+
 TEST(PqSketchTest, ApproximateLogitsTrackTheExactOnesWhateverTheNorms) {
   const int64_t n = 4000;
   std::vector<float> keys = mdci_test::ClusteredKeys(n, kDim, 30, 0.5f, 6);
@@ -440,7 +505,9 @@ TEST(PqSketchTest, EveryCodeIsTheNearestCentroidAndTheFirstOfEquals) {
         if (distinct == 5 && got > 0) ++duplicate_choices;
       }
     }
-    if (distinct == 5) EXPECT_GT(duplicate_choices, 0) << "the ties were never reached";
+    if (distinct == 5) {
+      EXPECT_GT(duplicate_choices, 0) << "the ties were never reached";
+    }
   }
 }
 
