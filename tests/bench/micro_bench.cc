@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
@@ -21,6 +22,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
+#include "common/status_macros.h"
 #include "common/synthetic.h"
 #include "server/index/dci_prioritized.h"
 #include "server/index/kernels.h"
@@ -269,6 +271,62 @@ BENCHMARK_CAPTURE(BM_Select, Quest, SelectorKind::kQuest)
     ->Arg(16384)
     ->Arg(131072)
     ->Unit(benchmark::kMicrosecond);
+
+// Cold selections, as in decode: kColdHeads copies of one head's mdci index
+// (PQ scan, pq_factor 8), each with its own frames and codes, selected in
+// turn. What one select reads (the codes, 18 B a token, and its candidate
+// pages' frames: about 1.1 MB at 32768 tokens) times 64 heads is twice this
+// machine's 32 MiB L3, so each select finds its head out of cache, as a
+// decode step does (32 layers x 8 KV heads between one token's selects of a
+// head). Arg(1): token granularity (the daemon's default), Arg(0): pages.
+constexpr int kColdHeads = 64;
+struct ColdHeads {
+  KvDump dump;  // the queries (the keys are in each head's frames)
+  std::vector<SelectFixture> heads;
+};
+// Built once for both granularities (64 builds: most of the run's time).
+absl::StatusOr<const ColdHeads*> GetColdHeads(int64_t n) {
+  static auto* cache = new std::map<int64_t, std::unique_ptr<ColdHeads>>();
+  auto it = cache->find(n);
+  if (it != cache->end()) return it->second.get();
+  auto c = std::make_unique<ColdHeads>();
+  auto dump = MakeDump(n);
+  if (!dump.ok()) return dump.status();
+  c->dump = *std::move(dump);
+  c->heads.resize(kColdHeads);
+  for (SelectFixture& h : c->heads) {
+    h.dump = c->dump;  // BuildIndex reads the keys from it
+    RETURN_IF_ERROR(BuildIndex(SelectorKind::kMdci, &h, nullptr, 8.0f));
+    h.dump = KvDump();  // the frames hold the keys now
+  }
+  return cache->emplace(n, std::move(c)).first->second.get();
+}
+
+void BM_SelectCold(benchmark::State& state) {
+  auto cold = GetColdHeads(state.range(0));
+  if (!cold.ok()) {
+    state.SkipWithError(cold.status().ToString().c_str());
+    return;
+  }
+  const KvDump& d = (*cold)->dump;
+  SelectParams params;
+  params.budget_tokens = 256;
+  params.recent_tokens = 64;
+  params.granularity = state.range(1) != 0 ? Granularity::kToken : Granularity::kPage;
+  Selection sel;
+  int i = 0;
+  for (auto _ : state) {
+    const absl::Status s = (*cold)->heads[i % kColdHeads].selector->Select(
+        d.query((i / kColdHeads) % d.steps, 0, 0), d.group_size(), params, &sel);
+    if (!s.ok()) {
+      state.SkipWithError(s.ToString().c_str());
+      return;
+    }
+    ++i;
+  }
+  state.SetLabel(KernelIsa());
+}
+BENCHMARK(BM_SelectCold)->Args({32768, 0})->Args({32768, 1})->Unit(benchmark::kMicrosecond);
 
 // Bulk build of one head's tree / layout (data generated once, outside).
 void BM_Build(benchmark::State& state, SelectorKind kind) {
