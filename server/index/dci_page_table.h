@@ -49,6 +49,8 @@ class DciPageTable {
   bool FinishBulk(int64_t n, std::vector<Placement>* placements);
 
   uint32_t fill(uint32_t page) const { return page_fill_[page]; }
+  // Every page's fill, indexed by page (num_pages() of them).
+  const uint32_t* fills() const { return page_fill_.data(); }
   uint32_t node_of_page(uint32_t page) const { return page_node_[page]; }
   const int32_t* positions(uint32_t page) const {
     return &positions_[static_cast<size_t>(page) * page_tokens_];

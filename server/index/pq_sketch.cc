@@ -718,8 +718,8 @@ void PqSketch::ScanGroupHalves(uint64_t g, const uint8_t* luts, int num_queries,
 }
 
 void PqSketch::EstimatePageMass(const float* queries, int num_queries, float scale,
-                                uint32_t num_pages, absl::FunctionRef<uint32_t(uint32_t)> fill,
-                                float* mass, float* log_ref, float* bulk) const {
+                                uint32_t num_pages, const uint32_t* fill, float* mass,
+                                float* log_ref, float* bulk) const {
   num_queries = std::clamp(num_queries, 1, kMaxQueries);
   num_pages = std::min(num_pages, this->num_pages());
   PqScanScratch& s = PqScratch();
@@ -770,8 +770,10 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
   s.pmax.assign(cells, -std::numeric_limits<float>::infinity());
   s.psum.assign(cells, 0.0f);
   s.fills.resize(num_pages);
-  for (uint32_t p = 0; p < num_pages; ++p) {
-    s.fills[p] = std::min<uint32_t>(fill(p), static_cast<uint32_t>(page_tokens_));
+  {
+    uint32_t* __restrict fills = s.fills.data();
+    const uint32_t cap = static_cast<uint32_t>(page_tokens_);
+    for (uint32_t p = 0; p < num_pages; ++p) fills[p] = std::min(fill[p], cap);
   }
   s.sums.resize(static_cast<size_t>(num_queries) * kGroup);
   const uint64_t slots = static_cast<uint64_t>(num_pages) * page_tokens_;
@@ -811,24 +813,84 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
   // mass ~ e^max + (fill - 1) e^mean, relative to each query's largest max.
   // An empty page's pmax stays -inf, so each query's largest is the
   // column's maximum over every cell.
-  s.a.resize(cells + 8);
-  s.b.resize(cells + 8);
-  s.w.resize(cells + 8);
   ColumnMax(s.pmax.data(), num_pages, num_queries, log_ref);
   for (int j = 0; j < num_queries; ++j) {
     log_ref[j] += s.offset[j];  // offset + max = max of offset + x (rounding is monotone)
     s.ref[j] = log_ref[j];
   }
+  const float* __restrict offset = s.offset.data();
+  const float* __restrict ref = s.ref.data();
+  const float* __restrict pmax = s.pmax.data();
+  const float* __restrict psum = s.psum.data();
+  const uint32_t* __restrict fills = s.fills.data();
+  // Per cell (page p, query j): a = the max term's exponent, b = the mean
+  // term's, w = fill - 1 (an empty page: a = b = -100, w = -1, mass 0); the
+  // mass is e^a + w e^b, the bulk (w + 1) e^b.
+  if (8 % num_queries == 0) {
+    // A GQA group of 1, 2, 4 or 8 queries: a, b and w built in registers
+    // for 8 cells at once (lane L: query L % num_queries of page
+    // i / num_queries + L / num_queries) and exponentiated there, instead
+    // of three arrays written and read back. The same operations lane by
+    // lane as the general path below, so the same bits.
+    const int shift = __builtin_ctz(static_cast<unsigned>(num_queries));  // log2
+    alignas(32) float off8[8], ref8[8];
+    alignas(32) int32_t page8[8];
+    for (int l = 0; l < 8; ++l) {
+      off8[l] = offset[l % num_queries];
+      ref8[l] = ref[l % num_queries];
+      page8[l] = l >> shift;
+    }
+    const __m256 offv = _mm256_load_ps(off8), refv = _mm256_load_ps(ref8);
+    const __m256i pagev = _mm256_load_si256(reinterpret_cast<const __m256i*>(page8));
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256 empty_ab = _mm256_set1_ps(-100.0f), empty_w = _mm256_set1_ps(-1.0f);
+    size_t i = 0;
+    for (; i + 8 <= cells; i += 8) {
+      // The lanes' pages lie below num_pages: (i + 7) / num_queries < num_pages.
+      const __m256 ff = _mm256_cvtepi32_ps(_mm256_i32gather_epi32(
+          reinterpret_cast<const int*>(fills + (i >> shift)), pagev, 4));  // <= 256: exact
+      const __m256 empty = _mm256_cmp_ps(ff, zero, _CMP_EQ_OQ);
+      const __m256 a = _mm256_blendv_ps(
+          _mm256_sub_ps(_mm256_add_ps(offv, _mm256_loadu_ps(pmax + i)), refv), empty_ab, empty);
+      const __m256 b = _mm256_blendv_ps(
+          _mm256_sub_ps(_mm256_add_ps(offv, _mm256_div_ps(_mm256_loadu_ps(psum + i), ff)), refv),
+          empty_ab, empty);
+      const __m256 w = _mm256_blendv_ps(_mm256_sub_ps(ff, one), empty_w, empty);
+      const __m256 ea = simd::Exp256(a);
+      const __m256 eb = simd::Exp256(b);
+      __m256 m = _mm256_fmadd_ps(w, eb, ea);
+      m = _mm256_and_ps(m, _mm256_cmp_ps(w, zero, _CMP_GE_OQ));
+      _mm256_storeu_ps(mass + i, m);
+      if (bulk != nullptr) {
+        const __m256 f = _mm256_add_ps(w, one);
+        _mm256_storeu_ps(bulk + i, _mm256_max_ps(_mm256_mul_ps(f, eb), zero));
+      }
+    }
+    for (; i < cells; ++i) {
+      const uint32_t f = fills[i >> shift];
+      const int j = static_cast<int>(i & static_cast<size_t>(num_queries - 1));
+      if (f == 0) {
+        mass[i] = 0.0f;
+        if (bulk != nullptr) bulk[i] = 0.0f;
+        continue;
+      }
+      const float a = (offset[j] + pmax[i]) - ref[j];
+      const float b = (offset[j] + psum[i] / static_cast<float>(f)) - ref[j];
+      const float w = static_cast<float>(f - 1);
+      mass[i] = std::exp(a) + w * std::exp(b);
+      if (bulk != nullptr) bulk[i] = (w + 1.0f) * std::exp(b);
+    }
+    return;
+  }
+  s.a.resize(cells + 8);
+  s.b.resize(cells + 8);
+  s.w.resize(cells + 8);
   {
-    const float* __restrict offset = s.offset.data();
-    const float* __restrict ref = s.ref.data();
-    const float* __restrict pmax = s.pmax.data();
-    const float* __restrict psum = s.psum.data();
     float* __restrict a = s.a.data();
     float* __restrict b = s.b.data();
     float* __restrict w = s.w.data();
     for (uint32_t p = 0; p < num_pages; ++p) {
-      const uint32_t f = s.fills[p];
+      const uint32_t f = fills[p];
       const size_t c0 = static_cast<size_t>(p) * num_queries;
       if (f == 0) {
         for (int j = 0; j < num_queries; ++j) {
@@ -840,9 +902,9 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
       const float ff = static_cast<float>(f);
       const float wf = static_cast<float>(f - 1);
       int j = 0;
-      // Four queries per step (a GQA group is 4 or 8 of them): the same
-      // operations lane by lane, so the same bits as the scalar loop, whose
-      // division by the fill was most of this pass.
+      // Four queries per step: the same operations lane by lane, so the
+      // same bits as the scalar loop, whose division by the fill was most
+      // of this pass.
       const __m128 ffv = _mm_set1_ps(ff), wfv = _mm_set1_ps(wf);
       for (; j + 4 <= num_queries; j += 4) {
         const __m128 off = _mm_loadu_ps(offset + j), rf = _mm_loadu_ps(ref + j);

@@ -99,7 +99,7 @@ class PqSketch {
   absl::Status LoadImage(ByteReader* r, uint64_t max_slots);
 
   // mass[page * num_queries + j]: the estimated sum over the page's first
-  // fill(page) rows of e^(scale x q_j.k - log_ref[j]), for pages
+  // fill[page] rows of e^(scale x q_j.k - log_ref[j]), for pages
   // [0, num_pages) (<= pages covered); 0 for an empty page. log_ref[j] is
   // query j's largest estimated row logit (-inf when every page is empty),
   // so log(mass) + log_ref[j] estimates the page's log-sum-exp in the
@@ -107,8 +107,10 @@ class PqSketch {
   // [1, kMaxQueries]; mass: num_pages x num_queries, log_ref: num_queries. `bulk`
   // (if not null, as `mass`) gets fill x e^(mean - log_ref[j]) alone: the
   // max term's upward noise left out (the selector's normalisers).
+  // `fill`: num_pages fills, indexed by page (an array, not a callback: a
+  // call per page was a tenth of this pass).
   void EstimatePageMass(const float* queries, int num_queries, float scale, uint32_t num_pages,
-                        absl::FunctionRef<uint32_t(uint32_t)> fill, float* mass, float* log_ref,
+                        const uint32_t* fill, float* mass, float* log_ref,
                         float* bulk = nullptr) const;
 
   // The approximate logit (unscaled, less q.mean) of slot `slot` for query

@@ -73,8 +73,7 @@ TEST(PqSketchTest, TheFastScanMatchesTheScalarReferenceOverTheSameCodes) {
     const std::vector<float> q = mdci_test::GaussianRows(3, kDim, 2.0f, 8);
     const float scale = 1.0f / std::sqrt(static_cast<float>(kDim));
     std::vector<float> mass(pages * 3), ref(3);
-    pq.EstimatePageMass(
-        q.data(), 3, scale, pages, [&](uint32_t p) { return fill[p]; }, mass.data(), ref.data());
+    pq.EstimatePageMass(q.data(), 3, scale, pages, fill.data(), mass.data(), ref.data());
     for (int j = 0; j < 3; ++j) {
       double top = -std::numeric_limits<double>::infinity();
       for (uint32_t p = 0; p < pages; ++p) {
@@ -100,9 +99,9 @@ TEST(PqSketchTest, TheFastScanMatchesTheScalarReferenceOverTheSameCodes) {
     // An empty page has no mass.
     pq.CoverPages(pages + 2);
     std::vector<float> more((pages + 2) * 3);
-    pq.EstimatePageMass(
-        q.data(), 3, scale, pages + 2, [&](uint32_t p) { return p < pages ? fill[p] : 0u; },
-        more.data(), ref.data());
+    std::vector<uint32_t> more_fill = fill;
+    more_fill.resize(pages + 2, 0u);
+    pq.EstimatePageMass(q.data(), 3, scale, pages + 2, more_fill.data(), more.data(), ref.data());
     EXPECT_EQ(more[pages * 3], 0.0f);
     EXPECT_EQ(more[(pages + 1) * 3 + 2], 0.0f);
   }
@@ -143,9 +142,8 @@ TEST(PqSketchTest, TheWideScanGivesTheSameEstimatesAsTheAvx2Scan) {
         mass[wide].assign(static_cast<size_t>(pages) * nq, -1.0f);
         bulk[wide].assign(mass[wide].size(), -1.0f);
         ref[wide].assign(nq, 0.0f);
-        pq.EstimatePageMass(
-            q.data(), nq, scale, pages, [&](uint32_t p) { return fill[p]; }, mass[wide].data(),
-            ref[wide].data(), bulk[wide].data());
+        pq.EstimatePageMass(q.data(), nq, scale, pages, fill.data(), mass[wide].data(),
+                            ref[wide].data(), bulk[wide].data());
       }
       ForceKernelIsa("auto");
       EXPECT_EQ(mass[0], mass[1]) << "dim " << dim << ", " << nq << " queries";
@@ -196,15 +194,13 @@ TEST(PqSketchTest, ABatchOfQueriesEstimatesEachAsItWouldAlone) {
         for (int nq : {4, 6, 8}) {
           const std::vector<float> q = mdci_test::GaussianRows(nq, dim, 3.0f, 40 + nq);
           std::vector<float> mass(static_cast<size_t>(pages) * nq), bulk(mass.size()), ref(nq);
-          pq.EstimatePageMass(
-              q.data(), nq, scale, pages, [&](uint32_t p) { return fill[p]; }, mass.data(),
-              ref.data(), bulk.data());
+          pq.EstimatePageMass(q.data(), nq, scale, pages, fill.data(), mass.data(), ref.data(),
+                              bulk.data());
           for (int j = 0; j < nq; ++j) {
             std::vector<float> one(pages), one_bulk(pages);
             float one_ref = 0.0f;
-            pq.EstimatePageMass(
-                &q[static_cast<size_t>(j) * dim], 1, scale, pages,
-                [&](uint32_t p) { return fill[p]; }, one.data(), &one_ref, one_bulk.data());
+            pq.EstimatePageMass(&q[static_cast<size_t>(j) * dim], 1, scale, pages, fill.data(),
+                                one.data(), &one_ref, one_bulk.data());
             EXPECT_EQ(ref[j], one_ref) << isa << " page " << page_tokens << " dim " << dim;
             int differ = 0;
             for (uint32_t p = 0; p < pages; ++p) {
