@@ -556,23 +556,10 @@ ICECACHE_PQ_AVX512 inline void ScanLinesAvx512(const uint8_t* codes, const uint8
   }
 }
 
-// 16 rows' logits n x (a + b x sum) from two registers of 8 uint16 sums
-// and their 16 fp16 norms (in the same order), folded into the page's
-// largest and total.
-inline void FoldHalf(__m128i s0, __m128i s1, const uint16_t* norms, __m256 a, __m256 b, float* mx,
-                     float* sum) {
-  const __m256 n0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(norms)));
-  const __m256 n1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(norms + 8)));
-  const __m256 v0 =
-      _mm256_mul_ps(n0, _mm256_fmadd_ps(b, _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s0)), a));
-  const __m256 v1 =
-      _mm256_mul_ps(n1, _mm256_fmadd_ps(b, _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s1)), a));
-  *mx = std::max(*mx, simd::HMax256(_mm256_max_ps(v0, v1)));
-  *sum += simd::HSum256(_mm256_add_ps(v0, v1));
-}
-
-// FoldHalf's two vectors before their horizontal steps: the 16 rows'
-// logits folded pairwise into 8 lanes (the same operands, the same order).
+// A half group's 16 rows' logits n x (a + b x sum), from two registers of 8
+// uint16 sums and their 16 fp16 norms (in the same order), folded pairwise
+// into 8 lanes: their maxima and their sums (FoldHalf's and FoldHalves4'
+// first step).
 inline void HalfTerms(__m128i s0, __m128i s1, const uint16_t* norms, __m256 a, __m256 b, __m256* mx,
                       __m256* sum) {
   const __m256 n0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(norms)));
@@ -583,6 +570,15 @@ inline void HalfTerms(__m128i s0, __m128i s1, const uint16_t* norms, __m256 a, _
       _mm256_mul_ps(n1, _mm256_fmadd_ps(b, _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s1)), a));
   *mx = _mm256_max_ps(v0, v1);
   *sum = _mm256_add_ps(v0, v1);
+}
+
+// The same folded into the page's largest and total.
+inline void FoldHalf(__m128i s0, __m128i s1, const uint16_t* norms, __m256 a, __m256 b, float* mx,
+                     float* sum) {
+  __m256 vmax, vsum;
+  HalfTerms(s0, s1, norms, a, b, &vmax, &vsum);
+  *mx = std::max(*mx, simd::HMax256(vmax));
+  *sum += simd::HSum256(vsum);
 }
 
 // simd::HMax256 / HSum256 (`kMax`) of eight vectors at once, each with

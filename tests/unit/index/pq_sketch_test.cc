@@ -42,6 +42,30 @@ double ReferenceLse(const PqSketch& pq, const float* q, float scale, uint32_t pa
   return mx + std::log1p((fill - 1) * std::exp(avg - mx));
 }
 
+// The keys placed in order into pages of `page_tokens`, every `every`th page
+// (from page `first`) left with `partial` rows: the placements, each page's
+// fill and the rows in placement order.
+struct PlacedKeys {
+  std::vector<Placement> pl;
+  std::vector<uint32_t> fill;
+  std::vector<float> placed;
+};
+PlacedKeys PlaceWithPartialPages(const std::vector<float>& keys, int64_t n, int dim,
+                                 int page_tokens, uint32_t every, uint32_t first,
+                                 uint32_t partial) {
+  PlacedKeys k;
+  int64_t next = 0;
+  for (uint32_t page = 0; next < n; ++page) {
+    const uint32_t f = page % every == first ? partial : static_cast<uint32_t>(page_tokens);
+    k.fill.push_back(std::min<uint32_t>(f, static_cast<uint32_t>(n - next)));
+    for (uint32_t r = 0; r < k.fill.back(); ++r, ++next) {
+      k.pl.push_back(Placement{page, r});
+      k.placed.insert(k.placed.end(), &keys[next * dim], &keys[(next + 1) * dim]);
+    }
+  }
+  return k;
+}
+
 TEST(PqSketchTest, TheFastScanMatchesTheScalarReferenceOverTheSameCodes) {
   for (int page_tokens : {16, 8, 32, 5}) {
     const int64_t n = 1000;
@@ -119,19 +143,9 @@ TEST(PqSketchTest, TheWideScanGivesTheSameEstimatesAsTheAvx2Scan) {
     const std::vector<float> keys = mdci_test::ClusteredKeys(n, dim, 12, 0.5f, 4);
     PqSketch pq(dim, kPage);
     pq.Train(keys.data(), n);
-    std::vector<Placement> pl;
-    std::vector<uint32_t> fill;
-    std::vector<float> placed;
-    int64_t next = 0;
-    for (uint32_t page = 0; next < n; ++page) {
-      const uint32_t f = page % 9 == 4 ? 7u : static_cast<uint32_t>(kPage);
-      fill.push_back(std::min<uint32_t>(f, static_cast<uint32_t>(n - next)));
-      for (uint32_t r = 0; r < fill.back(); ++r, ++next) {
-        pl.push_back(Placement{page, r});
-        placed.insert(placed.end(), &keys[next * dim], &keys[(next + 1) * dim]);
-      }
-    }
-    pq.Write(pl, placed.data(), DType::kF32);
+    const PlacedKeys k = PlaceWithPartialPages(keys, n, dim, kPage, 9, 4, 7);
+    const std::vector<uint32_t>& fill = k.fill;
+    pq.Write(k.pl, k.placed.data(), DType::kF32);
     const uint32_t pages = static_cast<uint32_t>(fill.size());
     const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
     for (int nq : {1, 2, 3, 4, 5}) {
@@ -171,20 +185,10 @@ TEST(PqSketchTest, ABatchOfQueriesEstimatesEachAsItWouldAlone) {
       const std::vector<float> keys = mdci_test::ClusteredKeys(n, dim, 12, 0.5f, 5);
       PqSketch pq(dim, page_tokens);
       pq.Train(keys.data(), n);
-      std::vector<Placement> pl;
-      std::vector<uint32_t> fill;
-      std::vector<float> placed;
-      int64_t next = 0;
-      for (uint32_t page = 0; next < n; ++page) {
-        const uint32_t f = page % 11 == 5 ? 9u : static_cast<uint32_t>(page_tokens);
-        fill.push_back(std::min<uint32_t>(f, static_cast<uint32_t>(n - next)));
-        for (uint32_t r = 0; r < fill.back(); ++r, ++next) {
-          pl.push_back(Placement{page, r});
-          placed.insert(placed.end(), &keys[next * dim], &keys[(next + 1) * dim]);
-        }
-      }
+      const PlacedKeys k = PlaceWithPartialPages(keys, n, dim, page_tokens, 11, 5, 9);
+      std::vector<uint32_t> fill = k.fill;
       while (fill.size() % 8 != 0) fill.push_back(0);
-      pq.Write(pl, placed.data(), DType::kF32);
+      pq.Write(k.pl, k.placed.data(), DType::kF32);
       const uint32_t pages = static_cast<uint32_t>(fill.size());
       pq.CoverPages(pages);
       const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
