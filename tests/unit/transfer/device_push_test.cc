@@ -57,6 +57,15 @@ class DevicePushTest : public ::testing::TestWithParam<ScatterMode> {
     std::mt19937 rng(3);
     for (uint8_t& b : staged_) b = static_cast<uint8_t>(rng() | 1);
   }
+  // A write of blocks 0 and 15 that waits on one peer event and records
+  // another.
+  DeviceWrite EventedWrite() {
+    DeviceWrite dw;
+    dw.block_ids = {0, 15};
+    dw.wait_event = Bytes(cuda_.AddPeerEvent());
+    dw.done_event = Bytes(cuda_.AddPeerEvent());
+    return dw;
+  }
   absl::Status Push(BufferLease& lease, const DeviceWrite& dw) {
     return lease.WriteFetch(
         fetch_, dw, [&](uint8_t* dst) { std::memcpy(dst, staged_.data(), staged_.size()); });
@@ -120,10 +129,7 @@ TEST_P(DevicePushTest, EventsOrderThePushAndAreOpenedOnce) {
   MakeFetch(8);  // partial pages: rows 8..15 of every block are zero
   auto lease = registry_->Acquire(caller_, id, absl::Now());
   ASSERT_THAT(lease, IsOk());
-  DeviceWrite dw;
-  dw.block_ids = {0, 15};
-  dw.wait_event = Bytes(cuda_.AddPeerEvent());
-  dw.done_event = Bytes(cuda_.AddPeerEvent());
+  const DeviceWrite dw = EventedWrite();
   cuda_.ClearCalls();
   ASSERT_THAT(Push(*lease, dw), IsOk());
   std::vector<std::string> ops = cuda_.ops();
@@ -347,10 +353,7 @@ TEST_P(DirectPushTest, ADoneEventIsRecordedAndThePushStillWaitsForTheRead) {
   MakeFrames(16);
   auto lease = registry_->Acquire(caller_, id, absl::Now());
   ASSERT_THAT(lease, IsOk());
-  DeviceWrite dw;
-  dw.block_ids = {0, 15};
-  dw.wait_event = Bytes(cuda_.AddPeerEvent());
-  dw.done_event = Bytes(cuda_.AddPeerEvent());
+  const DeviceWrite dw = EventedWrite();
   cuda_.ClearCalls();
   ASSERT_THAT(PushFrames(*lease, dw), IsOk());
   const std::vector<std::string> ops = cuda_.ops();
