@@ -172,7 +172,9 @@ struct HeadQuality {
   std::string search_method;   // "tree" / "scan" (calibrated heads)
   uint64_t method_trials = 0;  // the method duel's trials, and those the other method won
   uint64_t method_switches = 0;
-  bool pooled = false;  // started from the session's pooled width (no sample of its own then)
+  bool pooled = false;       // started from the session's pooled width (no sample of its own then)
+  uint32_t carry_steps = 0;  // steps each fresh scan's candidates serve now (0: off or stopped)
+  uint64_t carry_stops = 0;
 };
 
 // The session's online quality monitor (types.proto SessionQuality).
@@ -191,6 +193,7 @@ struct SessionQuality {
   uint32_t pooled_heads = 0;  // heads started from the session's pooled width
   double pool_width = 0.0;    // the session's pooled width (0: none) and its samples
   uint64_t pool_samples = 0;
+  uint64_t carried_selections = 0;  // selections that reused a fresh one's candidates
   std::vector<HeadQuality> heads;
 };
 

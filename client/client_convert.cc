@@ -166,6 +166,7 @@ SessionQuality QualityFromProto(const v1::SessionQuality& q) {
   s.pooled_heads = q.pooled_heads();
   s.pool_width = q.pool_width();
   s.pool_samples = q.pool_samples();
+  s.carried_selections = q.carried_selections();
   for (const v1::HeadQuality& h : q.heads()) {
     HeadQuality o;
     o.layer_group = h.layer_group();
@@ -193,6 +194,8 @@ SessionQuality QualityFromProto(const v1::SessionQuality& q) {
     o.method_trials = h.method_trials();
     o.method_switches = h.method_switches();
     o.pooled = h.pooled();
+    o.carry_steps = h.carry_steps();
+    o.carry_stops = h.carry_stops();
     s.heads.push_back(o);
   }
   return s;

@@ -266,6 +266,22 @@ std::string WidthSummary(const SessionQuality& q) {
                          w.front(), w[w.size() / 2], w.back(), fallback);
 }
 
+// Heads whose fresh scans' candidates serve the next steps now.
+size_t CarryingHeads(const SessionQuality& q) {
+  size_t n = 0;
+  for (const HeadQuality& h : q.heads) n += h.carry_steps > 0 ? 1 : 0;
+  return n;
+}
+
+// The candidate carry-over: heads carrying now, heads that stopped (their
+// carried steps fell behind their fresh ones), and the selections carried.
+std::string CarrySummary(const SessionQuality& q) {
+  size_t stopped = 0;
+  for (const HeadQuality& h : q.heads) stopped += h.carry_stops > 0 && h.carry_steps == 0 ? 1 : 0;
+  return absl::StrCat(CarryingHeads(q), " of ", q.heads.size(), " heads carry, ", stopped,
+                      " stopped; ", q.carried_selections, " selections carried");
+}
+
 // How many heads took a sample, and the samples per head: at model scale
 // (32 layers x 8 KV heads) a session's sampling budget reaches few heads in
 // its first hundreds of steps, so most still select at their starting width
@@ -319,6 +335,7 @@ void AddQualityRows(const SessionQuality& q, TextTable* t) {
                absl::StrFormat("x%.3g from %u samples; %u of %zu heads started there", q.pool_width,
                                q.pool_samples, q.pooled_heads, q.heads.size())});
   }
+  if (q.carried_selections > 0 || CarryingHeads(q) > 0) t->AddRow({"carry-over", CarrySummary(q)});
   const double share = q.selection_ms > 0 ? 100.0 * q.calibration_cpu_ms / q.selection_ms : 0.0;
   t->AddRow({"calibration cpu", absl::StrFormat("%.1f ms (%.1f%% of %.1f ms selection)",
                                                 q.calibration_cpu_ms, share, q.selection_ms)});

@@ -138,6 +138,7 @@ Json QualityJson(const SessionQuality& q) {
   j["pooled_heads"] = q.pooled_heads;
   j["pool_width"] = q.pool_width;
   j["pool_samples"] = q.pool_samples;
+  j["carried_selections"] = q.carried_selections;
   Json heads = Json::array();
   for (const HeadQuality& h : q.heads) {
     heads.push_back({{"layer_group", h.layer_group},
@@ -164,7 +165,9 @@ Json QualityJson(const SessionQuality& q) {
                      {"search_method", h.search_method},
                      {"method_trials", h.method_trials},
                      {"method_switches", h.method_switches},
-                     {"pooled", h.pooled}});
+                     {"pooled", h.pooled},
+                     {"carry_steps", h.carry_steps},
+                     {"carry_stops", h.carry_stops}});
   }
   j["heads"] = std::move(heads);
   return j;

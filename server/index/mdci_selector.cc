@@ -444,6 +444,64 @@ void MdciSelector::CollectPqCandidatePages(const float* queries, int num_queries
   }
 }
 
+namespace {
+
+bool CarryMatches(const CandidateCarry& c, const void* selector, const SelectParams& params,
+                  int num_queries, bool scan) {
+  return c.valid && c.selector == selector && c.num_queries == num_queries &&
+         c.budget_tokens == params.budget_tokens && c.field_of_view == params.field_of_view &&
+         c.candidate_factor == params.candidate_factor && c.pq_factor == params.pq_factor &&
+         c.ranking == static_cast<uint8_t>(params.ranking) &&
+         c.method == static_cast<uint8_t>(params.method) && c.scan == scan;
+}
+
+}  // namespace
+
+void MdciSelector::Record(const SelectParams& params, int num_queries, bool scan,
+                          CandidateCarry* carry) const {
+  const SelectScratch& s = ThreadScratch();
+  carry->selector = this;
+  carry->num_queries = num_queries;
+  carry->budget_tokens = params.budget_tokens;
+  carry->field_of_view = params.field_of_view;
+  carry->candidate_factor = params.candidate_factor;
+  carry->pq_factor = params.pq_factor;
+  carry->ranking = static_cast<uint8_t>(params.ranking);
+  carry->method = static_cast<uint8_t>(params.method);
+  carry->scan = scan;
+  carry->candidates.assign(s.candidates.begin(), s.candidates.end());
+  carry->rest.assign(s.descent.rest.begin(), s.descent.rest.end());
+  carry->taken_est.assign(s.descent.taken_est.begin(), s.descent.taken_est.end());
+  carry->age = 0;
+  carry->valid = true;
+}
+
+bool MdciSelector::TakeCarried(const SelectParams& params, int num_queries, bool scan,
+                               const std::vector<uint32_t>& forced, CandidateCarry* carry) const {
+  if (carry->age >= params.carry_steps || !CarryMatches(*carry, this, params, num_queries, scan) ||
+      carry->rest.size() != static_cast<size_t>(num_queries) ||
+      carry->taken_est.size() != static_cast<size_t>(num_queries)) {
+    return false;
+  }
+  SelectScratch& s = ThreadScratch();
+  // Pages are never moved or dropped (a rebuild keeps every token where it
+  // is), so the recorded ids still name the same pages; the forced ones of
+  // now join them as a fresh scan would have added them.
+  s.candidates.assign(carry->candidates.begin(), carry->candidates.end());
+  if (scan && !forced.empty()) {
+    const uint32_t pages = tree_->page_table().num_pages();
+    for (uint32_t page : forced) {
+      if (page < pages) s.candidates.push_back(page);
+    }
+    std::sort(s.candidates.begin(), s.candidates.end());
+    s.candidates.erase(std::unique(s.candidates.begin(), s.candidates.end()), s.candidates.end());
+  }
+  s.descent.rest.assign(carry->rest.begin(), carry->rest.end());
+  s.descent.taken_est.assign(carry->taken_est.begin(), carry->taken_est.end());
+  ++carry->age;
+  return true;
+}
+
 void MdciSelector::CalibrateRest(int num_queries) const {
   SelectScratch& s = ThreadScratch();
   const size_t pages = s.scored_pages.size();
@@ -467,6 +525,7 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
   const DciPageTable& pt = tree_->page_table();
   SelectScratch& s = ThreadScratch();
   uint64_t touched = 0;
+  out->carried = false;
   s.scored_pages.clear();
   s.lse.clear();
   const float* rest = nullptr;  // log of the mass outside the scored pages, per query
@@ -478,24 +537,29 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
   // LoadImage keep it) falls back on the frames rather than read past it.
   const bool sketch =
       sketch_ != nullptr && !every_page && !by_token && sketch_->num_pages() >= pt.num_pages();
+  const std::vector<uint32_t> forced =
+      ForcedPages(num_tokens(), params, [&](int64_t pos) { return pt.page_of_position(pos); });
+  const bool scan = pq_ != nullptr && pq_->trained() && num_queries <= PqSketch::kMaxQueries &&
+                    params.method != SearchMethod::kTree;
+  // (More queries than a config allows can come only from a direct caller;
+  // the tree serves them.)
+  CandidateCarry* carry = every_page ? nullptr : params.carry;
   if (every_page) {
     s.candidates.resize(pt.num_pages());
     std::iota(s.candidates.begin(), s.candidates.end(), 0u);
-  } else if (pq_ != nullptr && pq_->trained() && num_queries <= PqSketch::kMaxQueries &&
-             params.method != SearchMethod::kTree) {
-    // (More queries than a config allows can come only from a direct
-    // caller; the tree serves them.)
-    CollectPqCandidatePages(
-        queries, num_queries, params,
-        ForcedPages(num_tokens(), params, [&](int64_t pos) { return pt.page_of_position(pos); }),
-        &touched);
+  } else if (carry != nullptr && params.carry_steps > 0 &&
+             TakeCarried(params, num_queries, scan, forced, carry)) {
     rest = s.descent.rest.data();
+    out->carried = true;
   } else {
-    CollectCandidatePages(queries, num_queries, params, &touched);
+    if (scan) {
+      CollectPqCandidatePages(queries, num_queries, params, forced, &touched);
+    } else {
+      CollectCandidatePages(queries, num_queries, params, &touched);
+    }
     rest = s.descent.rest.data();
+    if (carry != nullptr) Record(params, num_queries, scan, carry);
   }
-  const std::vector<uint32_t> forced =
-      ForcedPages(num_tokens(), params, [&](int64_t pos) { return pt.page_of_position(pos); });
   if (by_token && !every_page) {
     // The forced tokens' pages are candidates too: the layout put similar
     // keys next to the sinks (often more sink-like tokens).

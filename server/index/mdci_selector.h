@@ -148,6 +148,14 @@ class MdciSelector : public Selector {
   // MdciParams::calibrated_rest: the descent's rest per query, corrected by
   // its error on the scored candidates, into the thread's scratch.
   void CalibrateRest(int num_queries) const;
+  // Candidate carry-over (SelectParams::carry): the fresh select's
+  // candidates and rest into `carry`; or, when `carry` was recorded for
+  // these parameters and may still be reused, its candidates (with the
+  // forced pages of now when the scan collected them) and rest into the
+  // scratch, returning true.
+  void Record(const SelectParams& params, int num_queries, bool scan, CandidateCarry* carry) const;
+  bool TakeCarried(const SelectParams& params, int num_queries, bool scan,
+                   const std::vector<uint32_t>& forced, CandidateCarry* carry) const;
   // Exact per-query log-mass of `pages` into the per-thread scratch; with
   // `keep`, each page's logits are kept there too (ExactTokenShares); with
   // `sketch`, from the scoring sketch (approximate; not with `keep`); with

@@ -145,6 +145,7 @@ void Selection::Clear() {
   positions.clear();
   token_refs.clear();
   keys_touched = 0;
+  carried = false;
 }
 
 std::string_view DescentRankingName(DescentRanking r) {

@@ -196,6 +196,43 @@ enum class SearchMethod : uint8_t { kSelector = 0, kTree = 1, kScan = 2 };
 // "selector", "tree", "scan".
 std::string_view SearchMethodName(SearchMethod m);
 
+// Candidate carry-over across decode steps (mdci; docs/architecture.md
+// §3.4). A head's query moves little from one decode step to the next (the
+// exact best 2048 tokens of step t hold the best 256 of step t + 1:
+// docs/bench/carry36.md), so the pages a fresh select found worth scoring
+// exactly are still the pages to score at the next steps. A fresh select
+// (the PQ scan or the tree's descent) records its candidate pages and its
+// estimate of each query's mass outside them here; up to
+// SelectParams::carry_steps selects after it score those pages (and the
+// forced ones of now) exactly for their own queries, skipping the scan or
+// the descent, and take the budget from them. Each query's mass outside is
+// carried as its ratio to the candidates' mass (CalibrateRest). The owner
+// (one per head and caller, e.g. Session) keeps it between calls and must
+// not share it between concurrent selects.
+struct CandidateCarry {
+  // What the candidates were collected for; a select with other parameters
+  // (the calibrator changed the width or the method), queries or selector
+  // collects afresh.
+  const void* selector = nullptr;
+  int num_queries = 0;
+  int budget_tokens = 0;
+  int field_of_view = 0;
+  float candidate_factor = 0.0f;
+  float pq_factor = 0.0f;
+  uint8_t ranking = 0;
+  uint8_t method = 0;
+  bool scan = false;  // collected by the PQ scan (which scores the forced pages too)
+  bool valid = false;
+  int age = 0;  // selects that reused them since the fresh one
+  std::vector<uint32_t> candidates;
+  std::vector<float> rest, taken_est;  // per query: log mass outside / estimated inside
+
+  void Clear() {
+    valid = false;
+    age = 0;
+  }
+};
+
 struct SelectParams {
   int budget_tokens = 256;  // > 0; pages are taken until this many tokens
   int sink_tokens = 4;      // pages holding positions [0, sink) always included
@@ -220,6 +257,12 @@ struct SelectParams {
   // mdci: the tree or the scan for this call (the width calibrator's method
   // duel); other selectors ignore it.
   SearchMethod method = SearchMethod::kSelector;
+  // mdci: the head's candidate carry-over (null: every select collects its
+  // candidates afresh) and how many selects may reuse one fresh select's
+  // candidates before the next fresh one (0: none). Exhaustive selects
+  // neither use nor record it. Other selectors ignore both.
+  CandidateCarry* carry = nullptr;
+  int carry_steps = 0;
 };
 
 // Result of one selection, in descending score order (sink/recent pages
@@ -242,6 +285,9 @@ struct Selection {
   std::vector<Placement> token_refs;  // token granularity only (else empty)
   // Cost: exact dot products plus projections/representatives visited.
   uint64_t keys_touched = 0;
+  // mdci: the candidates came from SelectParams::carry, not a fresh scan or
+  // descent.
+  bool carried = false;
   int64_t tokens() const;
   void Clear();
 };

@@ -60,6 +60,17 @@ absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
     return bad("ranking_margin must be finite and >= 0", o.ranking_margin);
   }
   if (o.ranking_window < 1) return bad("ranking_window must be >= 1", o.ranking_window);
+  if (o.carry_steps < 0) return bad("carry_steps must be >= 0", o.carry_steps);
+  if (!(o.carry_margin >= 0.0) || !std::isfinite(o.carry_margin)) {
+    return bad("carry_margin must be finite and >= 0", o.carry_margin);
+  }
+  if (o.carry_judge_samples < 1) {
+    return bad("carry_judge_samples must be >= 1", o.carry_judge_samples);
+  }
+  if (o.carry_retry_steps < 1) return bad("carry_retry_steps must be >= 1", o.carry_retry_steps);
+  if (o.max_carry_retry_steps < o.carry_retry_steps) {
+    return bad("max_carry_retry_steps must be >= carry_retry_steps", o.max_carry_retry_steps);
+  }
   if (base_field_of_view < 1) return bad("base field_of_view must be >= 1", base_field_of_view);
   if (!(base_candidate_factor > 0.0f)) {
     return bad("base candidate_factor must be > 0", base_candidate_factor);
@@ -75,6 +86,8 @@ absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
   // The scan when the selector keeps codes; the duel parks the tree fresh.
   c->method_ = base_pq_factor > 0.0f ? SearchMethod::kScan : SearchMethod::kTree;
   c->parked_ = c->FreshArm();
+  c->carry_on_ = o.carry_steps > 0;
+  c->carry_wait_ = o.carry_retry_steps;
   return c;
 }
 
@@ -106,9 +119,15 @@ void AddCost(int64_t ns, int64_t* n, double* mean) {
 
 }  // namespace
 
-bool WidthCalibrator::ShouldSample(const SelectParams& used, int64_t cost_ns) {
+bool WidthCalibrator::ShouldSample(const SelectParams& used, int64_t cost_ns, bool carried) {
   absl::MutexLock lock(&mu_);
   ++steps_;
+  if (!carry_on_ && o_.carry_steps > 0 && ++carry_run_ >= carry_wait_) {
+    // Try carrying again: the data may have changed.
+    carry_on_ = true;
+    carry_wait_ = std::min<int64_t>(2 * carry_wait_, o_.max_carry_retry_steps);
+    RestartCarry();
+  }
   if (used.exhaustive) {
     CountExactStep(cost_ns);
     return false;  // the selection is the reference
@@ -121,9 +140,48 @@ bool WidthCalibrator::ShouldSample(const SelectParams& used, int64_t cost_ns) {
   }
   if (!method_trial_) ++method_run_;
   const bool due = schedule_.Step(cost_ns);
-  const bool sample = due || probing_;  // the tree on trial: judge it quickly
+  // The tree on trial: judge it quickly. A due sample whose kind (carried
+  // or fresh) is ahead of its share waits for the next selection (it stays
+  // due), so a sampling interval in step with the carry's period cannot
+  // measure one kind only.
+  const bool sample = probing_ || (due && !CarrySkewed(carried));
   if (sample && ShadowDue(cost_ns)) StartShadow();
   return sample;
+}
+
+bool WidthCalibrator::CarrySkewed(bool carried) const {
+  if (!carry_on_) return false;
+  const double share = static_cast<double>(o_.carry_steps) / (o_.carry_steps + 1);
+  const double total = static_cast<double>(carry_taken_ + fresh_taken_ + 1);
+  return carried ? carry_taken_ + 1 > share * total + 1.0
+                 : fresh_taken_ + 1 > (1.0 - share) * total + 1.0;
+}
+
+void WidthCalibrator::RestartCarry() {
+  carry_n_ = fresh_n_ = 0;
+  carry_sum_ = fresh_sum_ = 0.0;
+  carry_taken_ = fresh_taken_ = 0;
+  carry_run_ = 0;
+}
+
+void WidthCalibrator::ObserveCarry(double ratio, bool carried) {
+  if (!carry_on_) return;
+  if (carried) {
+    ++carry_n_;
+    carry_sum_ += ratio;
+    ++carry_taken_;
+  } else {
+    ++fresh_n_;
+    fresh_sum_ += ratio;
+    ++fresh_taken_;
+  }
+  if (carry_n_ < o_.carry_judge_samples || fresh_n_ < o_.carry_judge_samples) return;
+  const double gap = fresh_sum_ / fresh_n_ - carry_sum_ / carry_n_;
+  if (gap > o_.carry_margin) {
+    carry_on_ = false;
+    ++carry_stops_;
+    RestartCarry();
+  }
 }
 
 void WidthCalibrator::Taken() {
@@ -204,8 +262,15 @@ void WidthCalibrator::Observe(const QualitySample& sample) {
                                 std::max<int64_t>(0, sample.method_ns)
                           : 0);
   if (mode_ == SelectMode::kExact) return;  // a late sample of the tree: moot now
-  if (sample.trial_mass_ratio >= 0.0 && TrialRunning() &&
-      ObserveTrial(sample.mass_ratio, sample.trial_mass_ratio)) {
+  // The warm-up's carried samples rate the carry, not the width: a head
+  // whose queries move fast would otherwise widen for its carried steps
+  // before the judgement could stop them (docs/bench/carry36.md).
+  const bool rate_carry_only = carry_on_ && sample.carried && samples_ <= o_.warmup_samples;
+  ObserveCarry(sample.mass_ratio, sample.carried);
+  if (rate_carry_only) {
+    // (no width step)
+  } else if (sample.trial_mass_ratio >= 0.0 && TrialRunning() &&
+             ObserveTrial(sample.mass_ratio, sample.trial_mass_ratio)) {
     AdaptWidth(sample.trial_mass_ratio);  // the new ranking's first sample
   } else {
     AdaptWidth(sample.mass_ratio);
@@ -554,6 +619,7 @@ void WidthCalibrator::Apply(SelectParams* params) const {
   SetWidthParams(width_, method_, params);
   params->exhaustive = mode_ == SelectMode::kExact;
   params->ranking = ranking_;
+  params->carry_steps = carry_on_ && mode_ != SelectMode::kExact ? o_.carry_steps : 0;
 }
 
 CalibratorReport WidthCalibrator::report() const {
@@ -590,6 +656,12 @@ CalibratorReport WidthCalibrator::report() const {
   r.method = method_;
   r.method_trials = method_trials_;
   r.method_switches = method_switches_;
+  r.carry_steps = carry_on_ ? o_.carry_steps : 0;
+  r.carry_stops = carry_stops_;
+  r.carry_samples = carry_n_;
+  r.fresh_samples = fresh_n_;
+  r.carry_mean = carry_n_ > 0 ? carry_sum_ / carry_n_ : 0.0;
+  r.fresh_mean = fresh_n_ > 0 ? fresh_sum_ / fresh_n_ : 0.0;
   r.method_trial = method_trial_ || shadow_;
   if (DuelOn()) {
     r.other_width = parked_.width;

@@ -158,6 +158,24 @@ struct CalibratorOptions {
   // tree's 2-4% (docs/bench/duel17_methods.md).
   int method_trial_steps = 2048;
   int max_method_trial_steps = 65536;
+  // Candidate carry-over (SelectParams::carry_steps; 0: off): the selects
+  // that may reuse one fresh select's candidates, judged per head. Samples
+  // fall on carried and fresh selects in their true proportion (a due
+  // sample waits a select when its kind is ahead); during the warm-up the
+  // carried samples rate the carry only and the fresh ones the width (so
+  // the width is not widened for the carry before it is judged); once both
+  // kinds have
+  // carry_judge_samples samples, a head whose carried samples' mean ratio
+  // is more than carry_margin below its fresh ones' stops carrying (its
+  // queries move too fast from step to step: the width that lifts the
+  // carried steps costs more than the scans they skip), and tries again
+  // after carry_retry_steps selections, doubled each time up to
+  // max_carry_retry_steps.
+  int carry_steps = 0;
+  double carry_margin = 0.03;
+  int carry_judge_samples = 4;
+  int carry_retry_steps = 4096;
+  int max_carry_retry_steps = 65536;
 };
 
 // How a calibrated head selects now.
@@ -181,6 +199,8 @@ struct QualitySample {
   // (< 0: none), and that selection's cost (the caller's clock, ns).
   double method_mass_ratio = -1.0;
   int64_t method_ns = 0;
+  // The selection reused a fresh one's candidates (Selection::carried).
+  bool carried = false;
 };
 
 struct CalibratorReport {
@@ -219,6 +239,13 @@ struct CalibratorReport {
   bool method_trial = false;
   double other_width = 0.0;
   double other_cost_ns = 0.0;
+  // Candidate carry-over: the selects each fresh one's candidates may serve
+  // now (0: off or stopped), times it stopped, and the samples since it
+  // last started, carried and fresh, with their mean ratios.
+  int carry_steps = 0;
+  int64_t carry_stops = 0;
+  int64_t carry_samples = 0, fresh_samples = 0;
+  double carry_mean = 0.0, fresh_mean = 0.0;
 };
 
 // Where an earlier session's calibrator of the same head ended
@@ -304,7 +331,10 @@ class WidthCalibrator {
   // `cost_ns` (the caller's clock; <= 0: not timed); true when it should be
   // measured (never in exact mode: the selection is the reference). A due
   // measurement stays due until Taken().
-  bool ShouldSample(const SelectParams& used, int64_t cost_ns) ABSL_LOCKS_EXCLUDED(mu_);
+  // `carried`: the selection reused a fresh one's candidates
+  // (Selection::carried).
+  bool ShouldSample(const SelectParams& used, int64_t cost_ns, bool carried = false)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // The due measurement was taken (the caller will Observe it).
   void Taken() ABSL_LOCKS_EXCLUDED(mu_);
   // One measured step; adapts the width.
@@ -425,6 +455,11 @@ class WidthCalibrator {
   // After a sample: starts, judges or ends a trial.
   void Duel() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void StepWidth(double ratio) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Candidate carry-over: whether a due sample waits because its kind is
+  // ahead of its share, one sample's tally and judgement, and the retry.
+  bool CarrySkewed(bool carried) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ObserveCarry(double ratio, bool carried) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RestartCarry() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const CalibratorOptions o_;
   const int base_fov_;
@@ -475,7 +510,16 @@ class WidthCalibrator {
   // step gave up (StepWidth's test, which must not act on the head).
   bool shadow_step_ ABSL_GUARDED_BY(mu_) = false;
   bool shadow_gave_up_ ABSL_GUARDED_BY(mu_) = false;
-  double trial_bar_ ABSL_GUARDED_BY(mu_) = 0.0;   // the cost the trial must beat (ns)
+  double trial_bar_ ABSL_GUARDED_BY(mu_) = 0.0;  // the cost the trial must beat (ns)
+  // Candidate carry-over (not in CalibratorState: a restored head starts it
+  // afresh).
+  bool carry_on_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t carry_n_ ABSL_GUARDED_BY(mu_) = 0, fresh_n_ ABSL_GUARDED_BY(mu_) = 0;
+  double carry_sum_ ABSL_GUARDED_BY(mu_) = 0.0, fresh_sum_ ABSL_GUARDED_BY(mu_) = 0.0;
+  int64_t carry_taken_ ABSL_GUARDED_BY(mu_) = 0, fresh_taken_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t carry_stops_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t carry_run_ ABSL_GUARDED_BY(mu_) = 0;    // selections since it stopped
+  int64_t carry_wait_ ABSL_GUARDED_BY(mu_) = 0;   // before it tries again
   int64_t method_wait_ ABSL_GUARDED_BY(mu_) = 0;  // selections between trials
   int64_t method_run_ ABSL_GUARDED_BY(mu_) = 0;   // tree/scan selections since the last
   int64_t method_trials_ ABSL_GUARDED_BY(mu_) = 0;

@@ -208,6 +208,7 @@ void ApplyDefaults(IcecachedConfig* c) {
   if (!q->has_method_duel()) q->set_method_duel(kDefaultQualityMethodDuel);
   if (!q->has_pool_widths()) q->set_pool_widths(kDefaultQualityPoolWidths);
   if (!q->has_fair_burst()) q->set_fair_burst(kDefaultQualityFairBurst);
+  if (!q->has_carry_steps()) q->set_carry_steps(kDefaultQualityCarrySteps);
   if (q->cpu_share() == 0) q->set_cpu_share(kDefaultQualityCpuShare);
   if (q->queue_capacity() == 0) q->set_queue_capacity(kDefaultQualityQueueCapacity);
   if (!q->has_burst_ms()) q->set_burst_ms(kDefaultQualityBurstMs);
@@ -402,6 +403,10 @@ absl::Status ValidateConfig(const IcecachedConfig& c) {
   if (q.ranking_duel_samples() > (1u << 20)) {
     return Bad("quality.ranking_duel_samples", q.ranking_duel_samples(),
                "must be 0 (off) .. 1048576");
+  }
+  if (q.carry_steps() > 64) {
+    return Bad("quality.carry_steps", q.carry_steps(),
+               "must be 0 (every select scans afresh) .. 64");
   }
   if (q.warmup_samples() > (1u << 20)) {
     return Bad("quality.warmup_samples", q.warmup_samples(), "must be <= 1048576");

@@ -370,6 +370,7 @@ void SessionQualityToProto(const SessionQualityInfo& q, v1::SessionQuality* out)
   out->set_pooled_heads(static_cast<uint32_t>(std::max(0, q.pooled_heads)));
   out->set_pool_width(q.pool_width);
   out->set_pool_samples(static_cast<uint64_t>(std::max<int64_t>(0, q.pool_samples)));
+  out->set_carried_selections(static_cast<uint64_t>(std::max<int64_t>(0, q.carried_selections)));
   for (const HeadQualityInfo& h : q.heads) {
     v1::HeadQuality* o = out->add_heads();
     o->set_layer_group(static_cast<uint32_t>(h.group));
@@ -398,6 +399,8 @@ void SessionQualityToProto(const SessionQualityInfo& q, v1::SessionQuality* out)
     o->set_method_switches(static_cast<uint64_t>(std::max<int64_t>(0, h.method_switches)));
     o->set_seeded(h.seeded);
     o->set_pooled(h.pooled);
+    o->set_carry_steps(static_cast<uint32_t>(std::max(0, h.carry_steps)));
+    o->set_carry_stops(static_cast<uint64_t>(std::max<int64_t>(0, h.carry_stops)));
   }
 }
 

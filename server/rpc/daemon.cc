@@ -123,6 +123,7 @@ absl::Status Daemon::Init() {
   mgr_opts.quality.exact_cost_ratio = q.exact_cost_ratio();
   mgr_opts.quality.ranking_duel_samples = static_cast<int>(q.ranking_duel_samples());
   mgr_opts.quality.method_duel = q.method_duel();
+  mgr_opts.quality.carry_steps = static_cast<int>(q.carry_steps());
   mgr_opts.quality.pool_widths = q.pool_widths();
   mgr_opts.quality.warmup_samples = static_cast<int>(q.warmup_samples());
   mgr_opts.quality.remember_widths = q.remember_widths();

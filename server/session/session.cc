@@ -53,6 +53,7 @@ Session::Session(std::string id_in, std::string tenant_in, uint64_t epoch_in,
   if (keep_sums) page_sums.resize(page_frames.size());
   selectors.resize(static_cast<size_t>(groups) * config.kv_heads);
   last_select_ns = std::make_unique<std::atomic<int64_t>[]>(selectors.size());
+  carries = std::make_unique<HeadCarry[]>(selectors.size());
   group_tokens.assign(groups, 0);
   group_building.assign(groups, 0);
   for (int g = 0; g < groups; ++g) {
@@ -359,7 +360,17 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
   // the references' (timed the same way on the sampler's thread), which a
   // loaded machine's wall clock would skew.
   const int64_t cpu0 = hq != nullptr ? ThreadCpuNanos() : 0;
-  RETURN_IF_ERROR(selectors[index]->Select(q, q_per_kv, p, out));
+  if (p.carry_steps > 0 && carries[index].mu.TryLock()) {
+    p.carry = &carries[index].carry;
+    const absl::Status selected = selectors[index]->Select(q, q_per_kv, p, out);
+    carries[index].mu.Unlock();
+    p.carry = nullptr;  // the probe's copy and any re-selection collect afresh
+    RETURN_IF_ERROR(selected);
+  } else {
+    p.carry_steps = 0;
+    RETURN_IF_ERROR(selectors[index]->Select(q, q_per_kv, p, out));
+  }
+  if (out->carried) selects_carried.fetch_add(1, std::memory_order_relaxed);
   const int64_t ns =
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0)
           .count();
@@ -369,7 +380,7 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
   const int64_t cpu_ns = ThreadCpuNanos() - cpu0;
   // The budget is a share of this session's selection time.
   if (sampler != nullptr) sampler->AddSelectionTime(ns, *quality_account);
-  if (!hq->ShouldSample(p, cpu_ns) || probe == nullptr) return absl::OkStatus();
+  if (!hq->ShouldSample(p, cpu_ns, out->carried) || probe == nullptr) return absl::OkStatus();
   // Over budget or a full queue: no copy now; the head stays due.
   bool burst = sampler == nullptr || !fair_burst;
   if (!burst) {
@@ -393,6 +404,7 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
   made->params = p;
   made->pages = out->pages;
   made->burst = burst;
+  made->carried = out->carried;
   if (p.granularity == Granularity::kToken) made->positions = out->positions;
   *probe = std::move(made);
   return absl::OkStatus();

@@ -121,6 +121,17 @@ class Session {
   // (calibrated widths and exact fallbacks differ by 10x and more), so a
   // wide head never starts last and holds the layer up alone.
   std::unique_ptr<std::atomic<int64_t>[]> last_select_ns;
+  // [group * kv_heads + head]: the head's candidate carry-over
+  // (SelectParams::carry, set by its calibrator), each under its own mutex;
+  // a select that finds it held (a concurrent select of the same layer)
+  // collects afresh without it.
+  struct HeadCarry {
+    absl::Mutex mu;
+    CandidateCarry carry ABSL_GUARDED_BY(mu);
+  };
+  std::unique_ptr<HeadCarry[]> carries;
+  // Selections that reused a fresh one's candidates (Selection::carried).
+  std::atomic<int64_t> selects_carried{0};
   // [layer * kv_heads + head][page] -> frame. Vectors are created at
   // construction and never move (FramePageKeys points at them).
   std::vector<std::vector<uint8_t*>> page_frames ABSL_GUARDED_BY(mu);

@@ -39,6 +39,7 @@ CalibratorOptions CalibratorOptionsOf(const SessionConfig& config,
   co.exact_cost_ratio = options.exact_cost_ratio;
   co.ranking_trial_samples = options.ranking_duel_samples;
   co.method_duel = options.method_duel;
+  co.carry_steps = options.carry_steps;
   co.base_ranking =
       config.mdci.normalized_descent ? DescentRanking::kNormalized : DescentRanking::kLoudest;
   return co;
@@ -58,8 +59,8 @@ absl::Status ValidateQualityOptions(const SessionQualityOptions& o) {
   return ValidateSampleSchedule(ScheduleOf(o));
 }
 
-bool HeadQualityMonitor::ShouldSample(const SelectParams& used, int64_t cost_ns) {
-  if (calibrator_ != nullptr) return calibrator_->ShouldSample(used, cost_ns);
+bool HeadQualityMonitor::ShouldSample(const SelectParams& used, int64_t cost_ns, bool carried) {
+  if (calibrator_ != nullptr) return calibrator_->ShouldSample(used, cost_ns, carried);
   absl::MutexLock l(&mu_);
   return schedule_.Step(cost_ns);
 }
@@ -119,6 +120,8 @@ HeadQualityInfo HeadQualityMonitor::Report(int group, int head) const {
     info.method = std::string(SearchMethodName(r.method));
     info.method_trials = r.method_trials;
     info.method_switches = r.method_switches;
+    info.carry_steps = r.carry_steps;
+    info.carry_stops = r.carry_stops;
   }
   absl::MutexLock l(&mu_);
   if (calibrator_ == nullptr) info.sample_interval = schedule_.Interval();
@@ -253,6 +256,7 @@ std::unique_ptr<WidthCalibrator> MakeWidthPool(const SessionConfig& config,
   CalibratorOptions co = CalibratorOptionsOf(config, options);
   co.ranking_trial_samples = 0;  // the pool rates one ranking: the heads' own
   co.method_duel = false;
+  co.carry_steps = 0;         // the pool never selects
   co.exact_cost_ratio = 0.0;  // no costs: the pool never selects
   absl::StatusOr<std::unique_ptr<WidthCalibrator>> made = WidthCalibrator::Create(
       co, config.mdci.field_of_view, config.mdci.candidate_factor, config.mdci.pq_factor);
@@ -329,6 +333,7 @@ SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample*
           measured->reference_ns = ThreadCpuNanos() - t0;
           measured->trial_ns = trial_ns;
           measured->method_ns = shadow_ns;
+          measured->carried = probe.carried;
         }
       }
     }
@@ -365,6 +370,7 @@ SessionQualityInfo QualityInfoOf(const Session& s) {
   q.samples_reselected = s.samples_reselected.load();
   q.calibration_cpu_ns = s.calibration_cpu_ns.load();
   q.selection_ns = s.selection_ns.load();
+  q.carried_selections = s.selects_carried.load(std::memory_order_relaxed);
   double sum_ratio = 0.0, sum_topk = 0.0, sum_recent = 0.0;
   int heads_sampled = 0;
   for (size_t i = 0; i < s.quality.size(); ++i) {

@@ -57,6 +57,9 @@ struct SessionQualityOptions {
   // The calibrators' method duel (CalibratorOptions::method_duel; heads with
   // product-quantised codes): false, the scan only.
   bool method_duel = CalibratorOptions{}.method_duel;
+  // The calibrators' candidate carry-over (CalibratorOptions::carry_steps;
+  // 0: off).
+  int carry_steps = CalibratorOptions{}.carry_steps;
   // Calibration memory (calibration_memory.h): a new session's calibrators
   // start from the widths the last ended session of the same tenant and
   // model settled on, and take only seeded_warmup_samples (>= 0) warm-up
@@ -97,6 +100,7 @@ struct QualityProbe {
   std::vector<uint32_t> pages;
   std::vector<int32_t> positions;  // token granularity: the selected tokens
   bool burst = true;               // may spend the session's burst (QualitySampler::Offer)
+  bool carried = false;            // the selection reused a fresh one's candidates
 };
 
 // A head's monitor state, carried across a warm restart in the session
@@ -129,7 +133,8 @@ class HeadQualityMonitor {
   // `cost_ns` (thread CPU time); true when a measurement is due (see
   // SampleSchedule). A due measurement the sampler could not take stays due
   // on the next selection (none is lost to a busy budget).
-  bool ShouldSample(const SelectParams& used, int64_t cost_ns) ABSL_LOCKS_EXCLUDED(mu_);
+  bool ShouldSample(const SelectParams& used, int64_t cost_ns, bool carried = false)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // The sampler took this head's measurement.
   void Taken() ABSL_LOCKS_EXCLUDED(mu_);
   // Fair burst (SessionQualityOptions::fair_burst): whether this head's

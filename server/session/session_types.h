@@ -125,6 +125,10 @@ struct HeadQualityInfo {
   std::string method;
   int64_t method_trials = 0;
   int64_t method_switches = 0;
+  // Candidate carry-over: the selects each fresh one's candidates serve now
+  // (0: off or stopped) and the times it stopped.
+  int carry_steps = 0;
+  int64_t carry_stops = 0;
   int64_t samples = 0;             // selections measured
   double mean_mass_ratio = 0.0;    // over every sample
   double recent_mass_ratio = 0.0;  // moving average (weight 1/8 per sample)
@@ -149,6 +153,7 @@ struct SessionQualityInfo {
   int pooled_heads = 0;                // heads started from the session's pooled width
   double pool_width = 0.0;             // the pooled width now (0: no pool)
   int64_t pool_samples = 0;            // samples the pool learnt from
+  int64_t carried_selections = 0;      // selections that reused a fresh one's candidates
   std::vector<HeadQualityInfo> heads;  // [group * kv_heads + head] when monitored
 };
 

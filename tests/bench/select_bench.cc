@@ -266,7 +266,11 @@ class SelectorMethod : public TreeMethod {
     return keys_->Apply(placements_, keys);
   }
   absl::Status Select(const float* queries, int nq, const SweepPoint&, Selection* sel) override {
-    if (calibrator_ == nullptr) return selector_->Select(queries, nq, params_, sel);
+    if (calibrator_ == nullptr) {
+      SelectParams params = params_;
+      if (params.carry_steps > 0) params.carry = &carry_;
+      return selector_->Select(queries, nq, params, sel);
+    }
     return CalibratedSelect(queries, nq, sel);
   }
   bool Calibration(CalibratorReport* report, CalibrationTimes* times) const override {
@@ -292,7 +296,7 @@ class SelectorMethod : public TreeMethod {
         "%s%lld changes, %lld "
         "fallbacks, %lld of %lld selections exact, sampled mass ratio %.4f (last %.4f), page "
         "recall %.3f, %lld sampled, %.2f s sampling; steady: 1 in %lld, %.1f%% over %lld steps; "
-        "thread CPU: tree %.0f us at this width, exact %.0f us",
+        "thread CPU: tree %.0f us at this width, exact %.0f us%s",
         r.mode == SelectMode::kExact ? "EXACT" : std::string(SearchMethodName(r.method)).c_str(),
         std::string(DescentRankingName(r.ranking)).c_str(),
         static_cast<long long>(r.ranking_switches), r.trial_gain, r.width,
@@ -310,7 +314,14 @@ class SelectorMethod : public TreeMethod {
         static_cast<long long>(r.exact_steps), static_cast<long long>(r.steps), r.mean_ratio,
         r.last_ratio, r.mean_topk_recall, static_cast<long long>(r.samples), times_.sample_s,
         static_cast<long long>(r.sample_interval), 100 * steady,
-        static_cast<long long>(times_.steady_steps), r.tree_cost_ns / 1e3, r.exact_cost_ns / 1e3);
+        static_cast<long long>(times_.steady_steps), r.tree_cost_ns / 1e3, r.exact_cost_ns / 1e3,
+        params_.carry_steps > 0
+            ? absl::StrFormat(
+                  "; carry %d (%lld stops; carried %.3f over %lld, fresh %.3f over %lld)",
+                  r.carry_steps, static_cast<long long>(r.carry_stops), r.carry_mean,
+                  static_cast<long long>(r.carry_samples), r.fresh_mean,
+                  static_cast<long long>(r.fresh_samples))
+            : std::string());
   }
   void Positions(const Selection& sel, std::vector<int32_t>* out) const override {
     out->clear();
@@ -345,6 +356,7 @@ class SelectorMethod : public TreeMethod {
     const int64_t cpu0 = ThreadCpuNanos();
     SelectParams params = params_;
     calibrator_->Apply(&params);
+    if (params.carry_steps > 0) params.carry = &carry_;
     RETURN_IF_ERROR(selector_->Select(queries, nq, params, sel));
     const int64_t cpu1 = ThreadCpuNanos();
     const auto t1 = std::chrono::steady_clock::now();
@@ -355,7 +367,7 @@ class SelectorMethod : public TreeMethod {
       times_.steady_select_s += select_s;
       ++times_.steady_steps;
     }
-    if (!calibrator_->ShouldSample(params, cpu1 - cpu0)) return absl::OkStatus();
+    if (!calibrator_->ShouldSample(params, cpu1 - cpu0, sel->carried)) return absl::OkStatus();
     calibrator_->Taken();
     // The ranking trial's selection (as MeasureProbe): untimed, not part of
     // the reference's cost.
@@ -363,6 +375,7 @@ class SelectorMethod : public TreeMethod {
     const std::optional<DescentRanking> trial_ranking = calibrator_->TrialRanking();
     if (trial_ranking.has_value()) {
       SelectParams tp = params;
+      tp.carry = nullptr;  // the trial selects afresh
       tp.ranking = *trial_ranking;
       RETURN_IF_ERROR(selector_->Select(queries, nq, tp, &trial));
     }
@@ -371,6 +384,7 @@ class SelectorMethod : public TreeMethod {
     // selection, part of the sampling cost.
     Selection shadow;
     SelectParams sp = params;
+    sp.carry = nullptr;
     const bool shadowed = calibrator_->ShadowParams(&sp);
     if (shadowed) RETURN_IF_ERROR(selector_->Select(queries, nq, sp, &shadow));
     const int64_t cpu3 = ThreadCpuNanos();
@@ -381,6 +395,7 @@ class SelectorMethod : public TreeMethod {
                              *sel, trial_ranking.has_value() ? &trial : nullptr,
                              shadowed ? &shadow : nullptr));
     q.reference_ns = ThreadCpuNanos() - cpu3;
+    q.carried = sel->carried;
     q.trial_ns = cpu2 - cpu1;
     q.method_ns = shadowed ? cpu3 - cpu2 : 0;
     times_.sample_cpu_s += static_cast<double>(q.reference_ns) * 1e-9;
@@ -393,6 +408,7 @@ class SelectorMethod : public TreeMethod {
   }
 
   SelectParams params_;
+  CandidateCarry carry_;  // params_.carry_steps > 0: this tree's carried candidates
   std::unique_ptr<WidthCalibrator> calibrator_;
   int warmup_samples_ = 0;
   CalibrationTimes times_;
@@ -567,6 +583,7 @@ absl::StatusOr<std::unique_ptr<TreeMethod>> MakeMethod(const std::string& name, 
   config.mdci = o.mdci;
   config.quest_rescore_factor = o.quest_rescore_factor;
   if (IsBaselineView(name)) return MakeBaselineView(name, config, params);
+  if (config.kind == SelectorKind::kMdci) params.carry_steps = o.mdci_carry;
   ASSIGN_OR_RETURN(auto method, SelectorMethod::Create(config, params));
   if (config.kind == SelectorKind::kMdci && o.mdci_target_mass > 0) {
     CalibratorOptions co;
@@ -579,6 +596,7 @@ absl::StatusOr<std::unique_ptr<TreeMethod>> MakeMethod(const std::string& name, 
     co.ranking_trial_samples = o.calibrate_ranking_trial;
     co.method_duel = o.calibrate_method_duel;
     co.exact_cost_ratio = o.calibrate_exact_cost_ratio;
+    co.carry_steps = o.mdci_carry;  // judged per head (Apply sets params.carry_steps)
     co.base_ranking =
         o.mdci.normalized_descent ? DescentRanking::kNormalized : DescentRanking::kLoudest;
     RETURN_IF_ERROR(static_cast<SelectorMethod*>(method.get())->Calibrate(co));

@@ -95,6 +95,9 @@ struct SelectBenchOptions {
   // .. calibrate_max_every chosen so the references cost calibrate_share of
   // the selections.
   double mdci_target_mass = 0.0;
+  // mdci: selects of a tree that reuse one fresh select's candidate pages
+  // (SelectParams::carry_steps; 0: every select fresh).
+  int mdci_carry = 0;
   int calibrate_every = CalibratorOptions{}.sample_every;  // the daemon's defaults
   int calibrate_warmup = CalibratorOptions{}.warmup_samples;
   int calibrate_max_every = CalibratorOptions{}.max_sample_every;

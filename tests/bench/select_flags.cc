@@ -186,6 +186,11 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "many x budget tokens' worth of the best pages exactly (MdciParams::pq_factor); "
                   "0: the tree's descent")
       ->capture_default_str();
+  app->add_option("--mdci-carry", o_.mdci_carry,
+                  "mdci: each fresh select's candidate pages are reused by this many selects of "
+                  "the same tree after it (SelectParams::carry_steps; 0: every select fresh)")
+      ->check(CLI::Range(0, 64))
+      ->capture_default_str();
   app->add_option("--mdci-query-quotas", o_.mdci.query_quotas,
                   "mdci: each query of the group takes its share of the descent's nodes from its "
                   "own ranking (1) or one ranking for the group (0)");

@@ -59,6 +59,10 @@ class WarmRestartTest : public ::testing::Test {
 // `codes`, the daemon's default codes on daemons without the monitor
 // (kNoMonitor: the scan at its fixed factor), which select alike.
 constexpr char kNoMonitor[] = "quality { enabled: false }\n";
+// With the monitor, the candidate carry-over is off: the carried candidates
+// live in memory only, so the first select of a head after a restart scans
+// afresh where the daemon that never restarted reuses its last candidates.
+constexpr char kNoCarry[] = "quality { carry_steps: 0 }\n";
 
 struct Workload {
   explicit Workload(SelectorType selector = SelectorType::kMdci, bool codes = false)
@@ -100,7 +104,7 @@ absl::StatusOr<std::string> Step(Client& client, const Workload& run, const std:
 std::string WarmRestartTest::UpgradeAndContinue(const std::function<void()>& between,
                                                 SelectorType selector, bool codes) {
   Workload run(selector, codes);
-  const std::string extra = codes ? kNoMonitor : "";
+  const std::string extra = codes ? kNoMonitor : kNoCarry;
   config_ += extra;
   // The reference: a daemon that never restarts.
   std::vector<std::string> want;
@@ -294,9 +298,12 @@ TEST_F(WarmRestartTest, AHugetlbfsBackingDirWithoutAStateDirIsRefusedAtStart) {
 // cost never decides the exact fallback, and each step waits for its
 // measurements: the calibration is then a pure function of the data, so a
 // daemon that never restarts is the reference, step by step.
+// The candidate carry-over is off: the carried candidates live in memory
+// only, so the first select after a restart scans afresh where the daemon
+// that never restarted would carry.
 constexpr char kCalibrationConfig[] =
     "quality { warmup_samples: 1000000 cpu_share: 1 burst_ms: 60000 queue_capacity: 4096 "
-    "exact_cost_ratio: 0 }\n";
+    "exact_cost_ratio: 0 carry_steps: 0 }\n";
 constexpr int kCalSteps = 40;
 
 struct CalibratedRun {

@@ -99,14 +99,16 @@ TEST(OutputTest, SessionJsonHasEveryFieldWithEpochAsString) {
             R"("samples_dropped":0,"samples_stale":0,"mean_mass_ratio":0.75,)"
             R"("recent_mass_ratio":0.0,"mean_topk_recall":0.0,"calibration_cpu_ms":0.0,)"
             R"("selection_ms":0.0,"seeded_heads":1,"pooled_heads":2,)"
-            R"("pool_width":1.5,"pool_samples":7,"heads":[{"layer_group":1,"kv_head":2,)"
+            R"("pool_width":1.5,"pool_samples":7,"carried_selections":0,)"
+            R"("heads":[{"layer_group":1,"kv_head":2,)"
             R"("calibrated":true,)"
             R"("width":1.5,"field_of_view":48,"candidate_factor":12.0,"width_changes":0,)"
             R"("samples":4,"mean_mass_ratio":0.0,"recent_mass_ratio":0.0,)"
             R"("last_mass_ratio":0.0,"mean_topk_recall":0.0,"mode":"tree","exact_selections":0,)"
             R"("fallbacks":0,"sample_interval":0,"descent_ranking":"","ranking_trial_samples":0,)"
             R"("ranking_trial_gain":0.0,"ranking_switches":0,"seeded":true,"search_method":"scan",)"
-            R"("method_trials":2,"method_switches":1,"pooled":true}]}})");
+            R"("method_trials":2,"method_switches":1,"pooled":true,"carry_steps":0,)"
+            R"("carry_stops":0}]}})");
 }
 
 TEST(OutputTest, StatsJsonNestsSizeClassesAndTenants) {

@@ -42,6 +42,7 @@ TEST(ConfigTest, DefaultsWithoutAFileAreValid) {
   EXPECT_DOUBLE_EQ(c.quality().exact_cost_ratio(), kDefaultQualityExactCostRatio);
   EXPECT_EQ(c.quality().ranking_duel_samples(), kDefaultQualityRankingDuelSamples);
   EXPECT_EQ(c.quality().method_duel(), kDefaultQualityMethodDuel);
+  EXPECT_EQ(c.quality().carry_steps(), kDefaultQualityCarrySteps);
   EXPECT_EQ(c.quality().warmup_samples(), kDefaultQualityWarmupSamples);
   EXPECT_DOUBLE_EQ(c.quality().cpu_share(), kDefaultQualityCpuShare);
   EXPECT_DOUBLE_EQ(c.quality().default_target_mass_ratio(), kDefaultTargetMassRatio);
@@ -259,6 +260,7 @@ TEST(ConfigTest, EveryBadFieldIsNamed) {
       {"quality.exact_cost_ratio", [](auto* c) { c->mutable_quality()->set_exact_cost_ratio(-1); }},
       {"quality.ranking_duel_samples",
        [](auto* c) { c->mutable_quality()->set_ranking_duel_samples(1u << 21); }},
+      {"quality.carry_steps", [](auto* c) { c->mutable_quality()->set_carry_steps(65); }},
       {"quality.max_sample_every",
        [](auto* c) {
          c->mutable_quality()->set_sample_every(128);

@@ -61,8 +61,11 @@ class QualityRpcTest : public ::testing::Test {
     buffers_ = v1::BufferService::NewStub(channel_);
     kv_ = v1::KvService::NewStub(channel_);
   }
-  // More of the daemon's quality config (a fixture's own).
-  virtual std::string QualityExtra() const { return ""; }
+  // More of the daemon's quality config (a fixture's own). The sample
+  // counts the tests wait for take every warm-up selection as measured: the
+  // candidate carry-over, whose samples wait for their kind's share, is off
+  // but in its own fixture (QualityRpcCarryTest).
+  virtual std::string QualityExtra() const { return "carry_steps: 0"; }
   void TearDown() override {
     daemon_.reset();
     std::system(("rm -rf " + dir_).c_str());
@@ -367,7 +370,7 @@ TEST_F(QualityRpcTest, AScanSessionReportsEachHeadsMethodAndDuel) {
 // scan only, and its heads never try the tree.
 class QualityRpcNoDuelTest : public QualityRpcTest {
  protected:
-  std::string QualityExtra() const override { return "method_duel: false"; }
+  std::string QualityExtra() const override { return "method_duel: false carry_steps: 0"; }
 };
 
 TEST_F(QualityRpcNoDuelTest, AScanSessionNeverTriesTheTree) {
@@ -389,6 +392,41 @@ TEST_F(QualityRpcNoDuelTest, AScanSessionNeverTriesTheTree) {
     EXPECT_GE(h.samples(), 24u);
     EXPECT_EQ(h.search_method(), "scan");
     EXPECT_EQ(h.method_trials(), 0u);
+  }
+}
+
+// The daemon's default candidate carry-over (quality.carry_steps 1): a
+// session's calibrated heads reuse each fresh scan's candidates for the next
+// step, the selections carried are counted, and the heads say whether they
+// carry.
+class QualityRpcCarryTest : public QualityRpcTest {
+ protected:
+  std::string QualityExtra() const override { return ""; }
+};
+
+TEST_F(QualityRpcCarryTest, CarriedSelectionsAreCountedAndReportedPerHead) {
+  ASSERT_NO_FATAL_FAILURE(Generate());
+  v1::SessionConfig config = MdciConfig();
+  config.mutable_selector()->mutable_mdci()->set_pq_factor(8.0f);
+  std::string id;
+  ASSERT_TRUE(Create(config, &id).ok());
+  ASSERT_TRUE(AppendAll(id).ok());
+  const int kSteps = 40;
+  for (int step = 0; step < kSteps; ++step) {
+    ASSERT_TRUE(Select(id, step).ok());
+    WaitForSamples(id, static_cast<uint64_t>(std::min(step + 1, 24)));
+  }
+  const v1::SessionInfo info = Get(id);
+  const v1::SessionQuality& q = info.quality();
+  EXPECT_GT(q.carried_selections(), 0u);
+  EXPECT_LE(q.carried_selections(), uint64_t{kSteps});  // at most every other, per head
+  EXPECT_GE(q.samples(), 24u);
+  ASSERT_EQ(q.heads_size(), 2);
+  for (const v1::HeadQuality& h : q.heads()) {
+    SCOPED_TRACE(h.kv_head());
+    EXPECT_TRUE(h.calibrated());
+    // Carrying, or stopped after its carried steps fell behind.
+    EXPECT_TRUE(h.carry_steps() == 1 || h.carry_stops() > 0) << h.carry_steps();
   }
 }
 

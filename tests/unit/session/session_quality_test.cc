@@ -176,6 +176,43 @@ TEST(SessionQualityTest, TokenGranularSelectionsAreMeasuredOnTheirTokens) {
   }
 }
 
+// Candidate carry-over (SessionQualityOptions::carry_steps): the heads'
+// calibrators let every other select reuse the last fresh one's
+// candidates; those selections are counted, measured like the others (the
+// samples fall on both kinds), and the quality still reaches the target.
+TEST(SessionQualityTest, CarriedSelectionsAreCountedAndMeasured) {
+  QualityEnv q;
+  const int kSteps = 64;
+  // 16 warm-up samples, then one in 2: the carried samples rate the carry
+  // during the warm-up and the width after it.
+  ASSERT_NO_FATAL_FAILURE(
+      StartQualitySession(&q, 0.9, 4096, kSteps, 16, 2, Granularity::kToken,
+                          [](SessionManagerOptions* mo) { mo->quality.carry_steps = 1; }));
+  for (int step = 0; step < kSteps; ++step) ASSERT_THAT(Step(&q, step), IsOk());
+  auto info = q.env.manager->GetSession(q.caller, q.id);
+  ASSERT_THAT(info.status(), IsOk());
+  const SessionQualityInfo& qi = info->quality;
+  // At most every other select of each head reuses candidates; a head that
+  // stopped carries none after.
+  EXPECT_GT(qi.carried_selections, 0);
+  EXPECT_LE(qi.carried_selections, kSteps);
+  EXPECT_GE(qi.samples, 2 * (16 + (kSteps - 16) / 4));
+  for (const HeadQualityInfo& h : qi.heads) {
+    SCOPED_TRACE(h.kv_head);
+    EXPECT_TRUE(h.carry_steps == 1 || h.carry_stops > 0) << h.carry_steps;
+    EXPECT_GE(h.recent_mass_ratio, 0.9 - 0.03) << "width " << h.width;
+  }
+  // The same session without it: nothing carried.
+  QualityEnv plain;
+  ASSERT_NO_FATAL_FAILURE(
+      StartQualitySession(&plain, 0.9, 4096, kSteps, kSteps, 64, Granularity::kToken));
+  for (int step = 0; step < 8; ++step) ASSERT_THAT(Step(&plain, step), IsOk());
+  info = plain.env.manager->GetSession(plain.caller, plain.id);
+  ASSERT_THAT(info.status(), IsOk());
+  EXPECT_EQ(info->quality.carried_selections, 0);
+  for (const HeadQualityInfo& h : info->quality.heads) EXPECT_EQ(h.carry_steps, 0);
+}
+
 // A sample measured after the group grew past StaleAfterTokens (the
 // sampler ran late) is selected again at the probe's width and measured,
 // not dropped as stale.

@@ -1,0 +1,207 @@
+// Candidate carry-over (SelectParams::carry, docs/architecture.md §3.4): a
+// fresh mdci select records its candidate pages and the estimate of the mass
+// outside them; up to carry_steps selects after it score those pages (and
+// the forced ones of now) for their own queries instead of scanning again.
+#include <algorithm>
+#include <cstdint>
+#include <set>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "server/index/mdci_selector.h"
+#include "server/index/selector.h"
+#include "tests/unit/index/mdci_test_util.h"
+
+namespace icecache {
+namespace {
+
+constexpr int kDim = 64;
+constexpr int kPage = 16;
+constexpr int64_t kTokens = 4096;
+
+SelectorConfig Config(float pq_factor) {
+  SelectorConfig c;
+  c.kind = SelectorKind::kMdci;
+  c.head_dim = kDim;
+  c.page_tokens = kPage;
+  c.num_query_heads = 4;
+  c.dtype = DType::kF16;
+  c.mdci.pq_factor = pq_factor;
+  return c;
+}
+
+struct Fixture {
+  std::vector<float> keys = mdci_test::ClusteredKeys(kTokens + 64, kDim, 24, 0.4f, 7);
+  mdci_test::BuiltSelector built;
+  Fixture(float pq_factor, int64_t inserts = 0) {
+    built = mdci_test::BuildWithInserts(Config(pq_factor), keys, kTokens, inserts);
+  }
+  const Selector& sel() const { return *built.sel; }
+};
+
+SelectParams Params(Granularity g) {
+  SelectParams p;
+  p.budget_tokens = 128;
+  p.sink_tokens = 4;
+  p.recent_tokens = 16;
+  p.granularity = g;
+  p.want_positions = true;
+  return p;
+}
+
+// Every page a selection holds (token granularity: the pages of its tokens).
+std::set<uint32_t> PagesOf(const Selector& sel, const Selection& s) {
+  std::set<uint32_t> pages(s.pages.begin(), s.pages.end());
+  for (int32_t pos : s.positions) pages.insert(sel.placement_of(pos).page);
+  return pages;
+}
+
+class CandidateCarryTest : public ::testing::TestWithParam<std::tuple<float, Granularity>> {};
+
+TEST_P(CandidateCarryTest, ACarriedSelectOfTheSameQueriesSelectsAsTheFreshOne) {
+  const auto [pq, g] = GetParam();
+  Fixture f(pq);
+  const std::vector<float> q = mdci_test::GaussianRows(4, kDim, 1.0f, 3);
+  SelectParams p = Params(g);
+  CandidateCarry carry;
+  p.carry = &carry;
+  p.carry_steps = 1;
+  Selection fresh, carried, again;
+  ASSERT_TRUE(f.sel().Select(q.data(), 4, p, &fresh).ok());
+  EXPECT_FALSE(fresh.carried);
+  ASSERT_TRUE(carry.valid);
+  EXPECT_FALSE(carry.candidates.empty());
+  ASSERT_TRUE(f.sel().Select(q.data(), 4, p, &carried).ok());
+  EXPECT_TRUE(carried.carried);
+  // The same candidates, the same queries, the rest carried as it was
+  // estimated: the same selection, score for score.
+  EXPECT_EQ(carried.pages, fresh.pages);
+  EXPECT_EQ(carried.positions, fresh.positions);
+  EXPECT_EQ(carried.scores, fresh.scores);
+  // carry_steps 1: the next one scans afresh (and records again).
+  ASSERT_TRUE(f.sel().Select(q.data(), 4, p, &again).ok());
+  EXPECT_FALSE(again.carried);
+  EXPECT_EQ(again.positions, fresh.positions);
+  EXPECT_EQ(carry.age, 0);
+}
+
+TEST_P(CandidateCarryTest, CarriedSelectsTakeOnlyTheRecordedAndForcedPages) {
+  const auto [pq, g] = GetParam();
+  Fixture f(pq);
+  SelectParams p = Params(g);
+  CandidateCarry carry;
+  p.carry = &carry;
+  p.carry_steps = 3;
+  const std::vector<float> q0 = mdci_test::GaussianRows(4, kDim, 1.0f, 11);
+  Selection s;
+  ASSERT_TRUE(f.sel().Select(q0.data(), 4, p, &s).ok());
+  ASSERT_FALSE(s.carried);
+  const std::set<uint32_t> recorded(carry.candidates.begin(), carry.candidates.end());
+  std::set<uint32_t> forced;  // the sinks' and the recent window's pages
+  for (int32_t pos = 0; pos < 4; ++pos) forced.insert(f.sel().placement_of(pos).page);
+  for (int32_t pos = kTokens - 16; pos < kTokens; ++pos) {
+    forced.insert(f.sel().placement_of(pos).page);
+  }
+  for (int step = 1; step <= 3; ++step) {
+    // Other queries: the carried candidates serve them, whatever they are.
+    const std::vector<float> q = mdci_test::GaussianRows(4, kDim, 1.0f, 100 + step);
+    ASSERT_TRUE(f.sel().Select(q.data(), 4, p, &s).ok());
+    EXPECT_TRUE(s.carried) << step;
+    EXPECT_EQ(carry.age, step);
+    EXPECT_GT(s.tokens(), 0);
+    for (uint32_t page : PagesOf(f.sel(), s)) {
+      EXPECT_TRUE(recorded.count(page) > 0 || forced.count(page) > 0)
+          << "page " << page << " step " << step;
+    }
+  }
+  ASSERT_TRUE(f.sel().Select(q0.data(), 4, p, &s).ok());
+  EXPECT_FALSE(s.carried);  // after carry_steps, a fresh one
+}
+
+INSTANTIATE_TEST_SUITE_P(ScanAndTree, CandidateCarryTest,
+                         ::testing::Combine(::testing::Values(8.0f, 0.0f),
+                                            ::testing::Values(Granularity::kPage,
+                                                              Granularity::kToken)),
+                         [](const auto& info) {
+                           return std::string(std::get<0>(info.param) > 0 ? "Scan" : "Tree") +
+                                  (std::get<1>(info.param) == Granularity::kPage ? "Page"
+                                                                                 : "Token");
+                         });
+
+TEST(CandidateCarryTest, OtherParamsQueriesOrSelectorsCollectAfresh) {
+  Fixture f(8.0f), other(8.0f);
+  const std::vector<float> q = mdci_test::GaussianRows(4, kDim, 1.0f, 5);
+  SelectParams p = Params(Granularity::kPage);
+  CandidateCarry carry;
+  p.carry = &carry;
+  p.carry_steps = 8;
+  Selection s;
+  ASSERT_TRUE(f.sel().Select(q.data(), 4, p, &s).ok());
+  ASSERT_TRUE(carry.valid);
+  // The calibrator widened the head: its candidates are another set.
+  SelectParams wider = p;
+  wider.pq_factor = 12.0f;
+  ASSERT_TRUE(f.sel().Select(q.data(), 4, wider, &s).ok());
+  EXPECT_FALSE(s.carried);
+  // The method duel moved it to the tree.
+  SelectParams tree = wider;
+  tree.method = SearchMethod::kTree;
+  ASSERT_TRUE(f.sel().Select(q.data(), 4, tree, &s).ok());
+  EXPECT_FALSE(s.carried);
+  ASSERT_TRUE(f.sel().Select(q.data(), 4, tree, &s).ok());
+  EXPECT_TRUE(s.carried);
+  // Another budget, another selector, fewer queries.
+  SelectParams budget = tree;
+  budget.budget_tokens = 64;
+  ASSERT_TRUE(f.sel().Select(q.data(), 4, budget, &s).ok());
+  EXPECT_FALSE(s.carried);
+  ASSERT_TRUE(other.sel().Select(q.data(), 4, budget, &s).ok());
+  EXPECT_FALSE(s.carried);
+  ASSERT_TRUE(other.sel().Select(q.data(), 2, budget, &s).ok());
+  EXPECT_FALSE(s.carried);
+  // Exhaustive selects neither use nor record it.
+  SelectParams exhaustive = budget;
+  exhaustive.exhaustive = true;
+  const int age = carry.age;
+  ASSERT_TRUE(other.sel().Select(q.data(), 2, exhaustive, &s).ok());
+  EXPECT_FALSE(s.carried);
+  EXPECT_EQ(carry.age, age);
+  // carry_steps 0: never carried, and the selection is a fresh one's.
+  SelectParams off = p;
+  off.carry_steps = 0;
+  Selection plain;
+  SelectParams none = Params(Granularity::kPage);
+  ASSERT_TRUE(f.sel().Select(q.data(), 4, off, &s).ok());
+  ASSERT_TRUE(f.sel().Select(q.data(), 4, none, &plain).ok());
+  EXPECT_FALSE(s.carried);
+  EXPECT_EQ(s.pages, plain.pages);
+}
+
+TEST(CandidateCarryTest, DecodeInsertsBetweenStepsStayCoveredByTheRecentPages) {
+  // Tokens appended after the fresh select: the carried select still forces
+  // the recent window of now, so the newest token is always selected.
+  Fixture f(8.0f);
+  SelectParams p = Params(Granularity::kToken);
+  CandidateCarry carry;
+  p.carry = &carry;
+  p.carry_steps = 4;
+  const std::vector<float> q = mdci_test::GaussianRows(4, kDim, 1.0f, 9);
+  Selection s;
+  ASSERT_TRUE(f.sel().Select(q.data(), 4, p, &s).ok());
+  auto* mdci = static_cast<MdciSelector*>(f.built.sel.get());
+  for (int64_t i = kTokens; i < kTokens + 40; ++i) {
+    std::vector<Placement> pl;
+    ASSERT_TRUE(mdci->Insert(&f.keys[i * kDim], 1, &pl).ok());
+    f.built.keys->Apply(&f.keys[i * kDim], pl);
+    ASSERT_TRUE(f.sel().Select(q.data(), 4, p, &s).ok());
+    if (!s.carried) continue;
+    EXPECT_NE(std::find(s.positions.begin(), s.positions.end(), static_cast<int32_t>(i)),
+              s.positions.end())
+        << "token " << i;
+  }
+}
+
+}  // namespace
+}  // namespace icecache

@@ -1,0 +1,166 @@
+// The width calibrator's judgement of the candidate carry-over
+// (CalibratorOptions::carry_steps): which selects may reuse a fresh one's
+// candidates, how samples fall on both kinds, and when a head stops.
+#include <memory>
+#include <string>
+
+#include "gtest/gtest.h"
+#include "server/index/width_calibrator.h"
+#include "tests/support/status_matchers.h"
+
+namespace icecache {
+namespace {
+
+using ::icecache::testing::IsOk;
+using ::icecache::testing::StatusIs;
+
+std::unique_ptr<WidthCalibrator> Make(const CalibratorOptions& o) {
+  auto c = WidthCalibrator::Create(o, 32, 8.0f, 8.0f);
+  EXPECT_THAT(c.status(), IsOk());
+  return c.ok() ? std::move(c).value() : nullptr;
+}
+
+// A head that selects as the session does: each fresh select's candidates
+// serve the next `carry_steps` ones (the selector's age rule), and a taken
+// sample gets `fresh` or `carried` as its ratio. Returns the carried and
+// fresh samples taken.
+struct Taken {
+  int64_t carried = 0, fresh = 0;
+};
+Taken Drive(WidthCalibrator* c, int selects, double fresh, double carried, int* age) {
+  Taken run;
+  for (int i = 0; i < selects; ++i) {
+    SelectParams p;
+    c->Apply(&p);
+    const bool is_carried = p.carry_steps > 0 && *age < p.carry_steps;
+    *age = is_carried ? *age + 1 : 0;
+    if (!c->ShouldSample(p, 100000, is_carried)) continue;
+    c->Taken();
+    QualitySample q;
+    q.mass_ratio = q.topk_recall = is_carried ? carried : fresh;
+    q.reference_ns = 1000000;
+    q.carried = is_carried;
+    c->Observe(q);
+    ++(is_carried ? run.carried : run.fresh);
+  }
+  return run;
+}
+
+CalibratorOptions CarryOptions() {
+  CalibratorOptions o;
+  o.carry_steps = 1;
+  o.method_duel = false;  // the scan alone: its width and the carry
+  return o;
+}
+
+TEST(CarryCalibrationTest, ACheapCarryStaysOnAndTheWidthHoldsTheTarget) {
+  auto c = Make(CarryOptions());
+  ASSERT_NE(c, nullptr);
+  int age = 0;
+  // Carried steps 0.01 below the fresh ones: within the margin.
+  const Taken run = Drive(c.get(), 400, 0.985, 0.975, &age);
+  const CalibratorReport r = c->report();
+  EXPECT_EQ(r.carry_steps, 1);
+  EXPECT_EQ(r.carry_stops, 0);
+  EXPECT_GT(run.carried, 0);
+  EXPECT_GT(run.fresh, 0);
+  EXPECT_NEAR(r.carry_mean, 0.975, 1e-9);
+  EXPECT_NEAR(r.fresh_mean, 0.985, 1e-9);
+  EXPECT_DOUBLE_EQ(r.width, 1.0);  // both kinds meet the target: never widened
+}
+
+TEST(CarryCalibrationTest, AHeadWhoseCarriedStepsFallBehindStopsWithoutWidening) {
+  CalibratorOptions o = CarryOptions();
+  o.carry_retry_steps = 300;
+  o.max_carry_retry_steps = 600;
+  auto c = Make(o);
+  ASSERT_NE(c, nullptr);
+  int age = 0;
+  // Queries that move fast: the carried steps lose a tenth of the mass.
+  Drive(c.get(), o.warmup_samples, 0.96, 0.86, &age);
+  CalibratorReport r = c->report();
+  EXPECT_EQ(r.carry_steps, 0);
+  EXPECT_EQ(r.carry_stops, 1);
+  // The warm-up's carried samples rated the carry, not the width: the
+  // fresh ones meet the target, so the head was never widened for them.
+  EXPECT_DOUBLE_EQ(r.width, 1.0);
+  EXPECT_EQ(r.changes, 0);
+  // Stopped: no select is carried until the retry.
+  SelectParams p;
+  c->Apply(&p);
+  EXPECT_EQ(p.carry_steps, 0);
+  const Taken off = Drive(c.get(), 250, 0.96, 0.86, &age);
+  EXPECT_EQ(off.carried, 0);
+  // After carry_retry_steps selections it tries again, and (the data as
+  // before) stops again; the next wait is doubled.
+  Drive(c.get(), 60, 0.96, 0.86, &age);
+  r = c->report();
+  EXPECT_EQ(r.carry_steps, 1);
+  EXPECT_EQ(r.carry_stops, 1);
+  Drive(c.get(), 2000, 0.96, 0.86, &age);
+  r = c->report();
+  EXPECT_GE(r.carry_stops, 2);
+  EXPECT_LE(r.carry_stops, 5);  // 300, 600, 600, ... selections apart
+}
+
+TEST(CarryCalibrationTest, SamplesFallOnBothKindsWhenTheIntervalIsInStepWithTheCarry) {
+  CalibratorOptions o = CarryOptions();
+  o.warmup_samples = 0;
+  o.sample_every = 2;  // every second select: always the same kind, unstratified
+  o.max_sample_every = 2;
+  o.carry_steps = 1;
+  auto c = Make(o);
+  ASSERT_NE(c, nullptr);
+  int age = 0;
+  const Taken run = Drive(c.get(), 400, 0.98, 0.98, &age);
+  EXPECT_GE(run.carried, 60);
+  EXPECT_GE(run.fresh, 60);
+  EXPECT_LE(std::abs(run.carried - run.fresh), 2);
+  // Three carried selects per fresh one: the samples in that proportion.
+  o.carry_steps = 3;
+  o.sample_every = o.max_sample_every = 4;
+  c = Make(o);
+  ASSERT_NE(c, nullptr);
+  age = 0;
+  const Taken three = Drive(c.get(), 800, 0.98, 0.98, &age);
+  EXPECT_GE(three.fresh, 30);
+  EXPECT_NEAR(static_cast<double>(three.carried) / (three.carried + three.fresh), 0.75, 0.03);
+}
+
+TEST(CarryCalibrationTest, OffAndExactHeadsCarryNothing) {
+  auto c = Make(CalibratorOptions{});  // carry_steps 0
+  ASSERT_NE(c, nullptr);
+  SelectParams p;
+  c->Apply(&p);
+  EXPECT_EQ(p.carry_steps, 0);
+  EXPECT_EQ(c->report().carry_steps, 0);
+  // A head in exact fallback selects everything exactly: nothing to carry.
+  CalibratorOptions o = CarryOptions();
+  o.max_width = 1.0;  // the only width misses: exact fallback
+  c = Make(o);
+  ASSERT_NE(c, nullptr);
+  int age = 0;
+  Drive(c.get(), 64, 0.5, 0.5, &age);
+  ASSERT_EQ(c->report().mode, SelectMode::kExact);
+  c->Apply(&p);
+  EXPECT_TRUE(p.exhaustive);
+  EXPECT_EQ(p.carry_steps, 0);
+}
+
+TEST(CarryCalibrationTest, RejectsBadCarryOptions) {
+  auto expect_bad = [](void (*set)(CalibratorOptions*), const std::string& name) {
+    CalibratorOptions o;
+    set(&o);
+    EXPECT_THAT(WidthCalibrator::Create(o, 32, 8.0f).status(),
+                StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr(name)));
+  };
+  expect_bad([](CalibratorOptions* o) { o->carry_steps = -1; }, "carry_steps");
+  expect_bad([](CalibratorOptions* o) { o->carry_margin = -0.1; }, "carry_margin");
+  expect_bad([](CalibratorOptions* o) { o->carry_judge_samples = 0; }, "carry_judge_samples");
+  expect_bad([](CalibratorOptions* o) { o->carry_retry_steps = 0; }, "carry_retry_steps");
+  expect_bad([](CalibratorOptions* o) { o->max_carry_retry_steps = o->carry_retry_steps - 1; },
+             "max_carry_retry_steps");
+}
+
+}  // namespace
+}  // namespace icecache
