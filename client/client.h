@@ -194,6 +194,7 @@ struct SessionQuality {
   double pool_width = 0.0;    // the session's pooled width (0: none) and its samples
   uint64_t pool_samples = 0;
   uint64_t carried_selections = 0;  // selections that reused a fresh one's candidates
+  bool carry_stopped = false;       // the session's pooled judgement stopped the carry-over
   std::vector<HeadQuality> heads;
 };
 

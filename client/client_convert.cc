@@ -167,6 +167,7 @@ SessionQuality QualityFromProto(const v1::SessionQuality& q) {
   s.pool_width = q.pool_width();
   s.pool_samples = q.pool_samples();
   s.carried_selections = q.carried_selections();
+  s.carry_stopped = q.carry_stopped();
   for (const v1::HeadQuality& h : q.heads()) {
     HeadQuality o;
     o.layer_group = h.layer_group();

@@ -279,7 +279,8 @@ std::string CarrySummary(const SessionQuality& q) {
   size_t stopped = 0;
   for (const HeadQuality& h : q.heads) stopped += h.carry_stops > 0 && h.carry_steps == 0 ? 1 : 0;
   return absl::StrCat(CarryingHeads(q), " of ", q.heads.size(), " heads carry, ", stopped,
-                      " stopped; ", q.carried_selections, " selections carried");
+                      " stopped; ", q.carried_selections, " selections carried",
+                      q.carry_stopped ? "; stopped for the session's unjudged heads" : "");
 }
 
 // How many heads took a sample, and the samples per head: at model scale
@@ -335,7 +336,9 @@ void AddQualityRows(const SessionQuality& q, TextTable* t) {
                absl::StrFormat("x%.3g from %u samples; %u of %zu heads started there", q.pool_width,
                                q.pool_samples, q.pooled_heads, q.heads.size())});
   }
-  if (q.carried_selections > 0 || CarryingHeads(q) > 0) t->AddRow({"carry-over", CarrySummary(q)});
+  if (q.carried_selections > 0 || q.carry_stopped || CarryingHeads(q) > 0) {
+    t->AddRow({"carry-over", CarrySummary(q)});
+  }
   const double share = q.selection_ms > 0 ? 100.0 * q.calibration_cpu_ms / q.selection_ms : 0.0;
   t->AddRow({"calibration cpu", absl::StrFormat("%.1f ms (%.1f%% of %.1f ms selection)",
                                                 q.calibration_cpu_ms, share, q.selection_ms)});

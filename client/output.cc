@@ -139,6 +139,7 @@ Json QualityJson(const SessionQuality& q) {
   j["pool_width"] = q.pool_width;
   j["pool_samples"] = q.pool_samples;
   j["carried_selections"] = q.carried_selections;
+  j["carry_stopped"] = q.carry_stopped;
   Json heads = Json::array();
   for (const HeadQuality& h : q.heads) {
     heads.push_back({{"layer_group", h.layer_group},

@@ -144,17 +144,25 @@ bool WidthCalibrator::ShouldSample(const SelectParams& used, int64_t cost_ns, bo
   // or fresh) is ahead of its share waits for the next selection (it stays
   // due), so a sampling interval in step with the carry's period cannot
   // measure one kind only.
-  const bool sample = probing_ || (due && !CarrySkewed(carried));
+  const bool sample = probing_ || (due && !CarrySkewed(used.carry_steps, carried));
   if (sample && ShadowDue(cost_ns)) StartShadow();
   return sample;
 }
 
-bool WidthCalibrator::CarrySkewed(bool carried) const {
-  if (!carry_on_) return false;
-  const double share = static_cast<double>(o_.carry_steps) / (o_.carry_steps + 1);
+bool WidthCalibrator::CarrySkewed(int carry_steps, bool carried) const {
+  // A selection made without the carry (it stopped, or the caller selected
+  // afresh: the session's pooled judgement, a concurrent select) has no
+  // share to keep.
+  if (!carry_on_ || carry_steps <= 0) return false;
+  const double share = static_cast<double>(carry_steps) / (carry_steps + 1);
   const double total = static_cast<double>(carry_taken_ + fresh_taken_ + 1);
   return carried ? carry_taken_ + 1 > share * total + 1.0
                  : fresh_taken_ + 1 > (1.0 - share) * total + 1.0;
+}
+
+bool WidthCalibrator::CarryJudged() const {
+  absl::MutexLock lock(&mu_);
+  return carry_n_ >= o_.carry_judge_samples && fresh_n_ >= o_.carry_judge_samples;
 }
 
 void WidthCalibrator::RestartCarry() {

@@ -353,6 +353,9 @@ class WidthCalibrator {
   // `params` unchanged.
   bool ShadowParams(SelectParams* params) const ABSL_LOCKS_EXCLUDED(mu_);
   CalibratorReport report() const ABSL_LOCKS_EXCLUDED(mu_);
+  // The head has judged its candidate carry-over on samples of its own
+  // (carry_judge_samples of each kind since it last started carrying).
+  bool CarryJudged() const ABSL_LOCKS_EXCLUDED(mu_);
 
   // What a later session of the same model may start this head from: the
   // width (and ranking, and exact fallback) once the head has taken at least
@@ -457,7 +460,7 @@ class WidthCalibrator {
   void StepWidth(double ratio) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Candidate carry-over: whether a due sample waits because its kind is
   // ahead of its share, one sample's tally and judgement, and the retry.
-  bool CarrySkewed(bool carried) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool CarrySkewed(int carry_steps, bool carried) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ObserveCarry(double ratio, bool carried) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RestartCarry() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

@@ -371,6 +371,7 @@ void SessionQualityToProto(const SessionQualityInfo& q, v1::SessionQuality* out)
   out->set_pool_width(q.pool_width);
   out->set_pool_samples(static_cast<uint64_t>(std::max<int64_t>(0, q.pool_samples)));
   out->set_carried_selections(static_cast<uint64_t>(std::max<int64_t>(0, q.carried_selections)));
+  out->set_carry_stopped(q.carry_stopped);
   for (const HeadQualityInfo& h : q.heads) {
     v1::HeadQuality* o = out->add_heads();
     o->set_layer_group(static_cast<uint32_t>(h.group));

@@ -26,6 +26,7 @@
 #include "absl/time/time.h"
 #include "server/index/selector.h"
 #include "server/pool/page_pool.h"
+#include "server/session/carry_pool.h"
 #include "server/session/prefetch.h"
 #include "server/session/resident_rows.h"
 #include "server/session/session_quality.h"
@@ -132,6 +133,9 @@ class Session {
   std::unique_ptr<HeadCarry[]> carries;
   // Selections that reused a fresh one's candidates (Selection::carried).
   std::atomic<int64_t> selects_carried{0};
+  // The session's pooled judgement of the carry-over (carry_pool.h): heads
+  // with no judgement of their own select afresh while it has stopped.
+  CarryPool carry_pool;
   // [layer * kv_heads + head][page] -> frame. Vectors are created at
   // construction and never move (FramePageKeys points at them).
   std::vector<std::vector<uint8_t*>> page_frames ABSL_GUARDED_BY(mu);

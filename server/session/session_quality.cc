@@ -340,6 +340,7 @@ SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample*
   }
   if (!measured.ok()) return SampleOutcome::kStale;
   s.quality[s.SelectorIndex(probe.group, probe.head)]->Record(*measured);
+  if (probe.params.carry_steps > 0) s.carry_pool.Observe(measured->mass_ratio, probe.carried);
   if (s.width_pool != nullptr) {
     // Pooled widths: every sample taken at the pool's width is one of its
     // (whichever head), then the heads with none of their own follow it.
@@ -371,6 +372,7 @@ SessionQualityInfo QualityInfoOf(const Session& s) {
   q.calibration_cpu_ns = s.calibration_cpu_ns.load();
   q.selection_ns = s.selection_ns.load();
   q.carried_selections = s.selects_carried.load(std::memory_order_relaxed);
+  q.carry_stopped = s.carry_pool.report().stopped;
   double sum_ratio = 0.0, sum_topk = 0.0, sum_recent = 0.0;
   int heads_sampled = 0;
   for (size_t i = 0; i < s.quality.size(); ++i) {

@@ -149,6 +149,8 @@ class HeadQualityMonitor {
   void Apply(SelectParams* params) const {
     if (calibrator_ != nullptr) calibrator_->Apply(params);
   }
+  // The calibrator judged its carry-over on samples of its own.
+  bool CarryJudged() const { return calibrator_ != nullptr && calibrator_->CarryJudged(); }
   // The calibrator's ranking trial: the other descent ranking to measure as
   // well on this sample (WidthCalibrator::TrialRanking), else nullopt.
   std::optional<DescentRanking> TrialRanking() const {

@@ -154,6 +154,7 @@ struct SessionQualityInfo {
   double pool_width = 0.0;             // the pooled width now (0: no pool)
   int64_t pool_samples = 0;            // samples the pool learnt from
   int64_t carried_selections = 0;      // selections that reused a fresh one's candidates
+  bool carry_stopped = false;          // the session's pooled judgement stopped the carry-over
   std::vector<HeadQualityInfo> heads;  // [group * kv_heads + head] when monitored
 };
 

@@ -21,22 +21,12 @@ constexpr int kDim = 64;
 constexpr int kPage = 16;
 constexpr int64_t kTokens = 4096;
 
-SelectorConfig Config(float pq_factor) {
-  SelectorConfig c;
-  c.kind = SelectorKind::kMdci;
-  c.head_dim = kDim;
-  c.page_tokens = kPage;
-  c.num_query_heads = 4;
-  c.dtype = DType::kF16;
-  c.mdci.pq_factor = pq_factor;
-  return c;
-}
-
 struct Fixture {
   std::vector<float> keys = mdci_test::ClusteredKeys(kTokens + 64, kDim, 24, 0.4f, 7);
   mdci_test::BuiltSelector built;
   Fixture(float pq_factor, int64_t inserts = 0) {
-    built = mdci_test::BuildWithInserts(Config(pq_factor), keys, kTokens, inserts);
+    built = mdci_test::BuildWithInserts(mdci_test::MdciConfig(kDim, kPage, pq_factor), keys,
+                                        kTokens, inserts);
   }
   const Selector& sel() const { return *built.sel; }
 };

@@ -104,6 +104,19 @@ inline std::vector<int32_t> SelectedPositions(const Selector& s, const Selection
 }
 
 // A selector of `config` and the frames it reads.
+// An mdci config of `dim` x fp16 keys, `page_tokens` pages and 4 query
+// heads, with product-quantised codes when pq_factor > 0.
+inline SelectorConfig MdciConfig(int dim, int page_tokens, float pq_factor) {
+  SelectorConfig c;
+  c.kind = SelectorKind::kMdci;
+  c.head_dim = dim;
+  c.page_tokens = page_tokens;
+  c.num_query_heads = 4;
+  c.dtype = DType::kF16;
+  c.mdci.pq_factor = pq_factor;
+  return c;
+}
+
 struct BuiltSelector {
   std::unique_ptr<TestPageKeys> keys;
   std::unique_ptr<Selector> sel;

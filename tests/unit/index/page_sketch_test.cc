@@ -50,12 +50,7 @@ TEST(PageSketchTest, QuantizeRowIsWithinHalfAStepAndHitsTheExtremes) {
 }
 
 SelectorConfig Config(bool sketch) {
-  SelectorConfig c;
-  c.kind = SelectorKind::kMdci;
-  c.head_dim = kDim;
-  c.page_tokens = kPage;
-  c.num_query_heads = 4;
-  c.dtype = DType::kF16;
+  SelectorConfig c = mdci_test::MdciConfig(kDim, kPage, /*pq_factor=*/0.0f);
   c.mdci.sketch_scoring = sketch;
   return c;
 }

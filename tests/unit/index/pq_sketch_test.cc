@@ -292,16 +292,7 @@ TEST(PqSketchTest, ApproximateLogitsTrackTheExactOnesWhateverTheNorms) {
   EXPECT_FALSE(untrained.trained());
 }
 
-SelectorConfig Config(float pq_factor) {
-  SelectorConfig c;
-  c.kind = SelectorKind::kMdci;
-  c.head_dim = kDim;
-  c.page_tokens = kPage;
-  c.num_query_heads = 4;
-  c.dtype = DType::kF16;
-  c.mdci.pq_factor = pq_factor;
-  return c;
-}
+SelectorConfig Config(float pq_factor) { return mdci_test::MdciConfig(kDim, kPage, pq_factor); }
 
 using Built = mdci_test::BuiltSelector;
 

@@ -154,6 +154,17 @@ class QualityRpcTest : public ::testing::Test {
     return info;
   }
 
+  // A session with product-quantised codes (pq_factor 8) holding the whole
+  // dump, into *id.
+  void CreateScanSession(std::string* id) {
+    ASSERT_NO_FATAL_FAILURE(Generate());
+    ASSERT_EQ(dump_.head_dim % 8, 0);
+    v1::SessionConfig config = MdciConfig();
+    config.mutable_selector()->mutable_mdci()->set_pq_factor(8.0f);
+    ASSERT_TRUE(Create(config, id).ok());
+    ASSERT_TRUE(AppendAll(*id).ok());
+  }
+
   grpc::Status AppendAll(const std::string& id) {
     const std::vector<uint8_t> kv = KvBytes();
     grpc::ClientContext ctx;
@@ -331,13 +342,8 @@ TEST_F(QualityRpcTest, DecodeStepsAreMeasuredCalibratedAndExported) {
 // measured costs, so when is timing's business), and every head reports its
 // method and the duel's counts through GetSession.
 TEST_F(QualityRpcTest, AScanSessionReportsEachHeadsMethodAndDuel) {
-  ASSERT_NO_FATAL_FAILURE(Generate());
-  ASSERT_EQ(dump_.head_dim % 8, 0);
-  v1::SessionConfig config = MdciConfig();
-  config.mutable_selector()->mutable_mdci()->set_pq_factor(8.0f);
   std::string id;
-  ASSERT_TRUE(Create(config, &id).ok());
-  ASSERT_TRUE(AppendAll(id).ok());
+  ASSERT_NO_FATAL_FAILURE(CreateScanSession(&id));
   ASSERT_TRUE(Select(id, 0).ok());
   v1::SessionInfo info = WaitForSamples(id, 2);
   ASSERT_EQ(info.quality().heads_size(), 2);
@@ -374,12 +380,8 @@ class QualityRpcNoDuelTest : public QualityRpcTest {
 };
 
 TEST_F(QualityRpcNoDuelTest, AScanSessionNeverTriesTheTree) {
-  ASSERT_NO_FATAL_FAILURE(Generate());
-  v1::SessionConfig config = MdciConfig();
-  config.mutable_selector()->mutable_mdci()->set_pq_factor(8.0f);
   std::string id;
-  ASSERT_TRUE(Create(config, &id).ok());
-  ASSERT_TRUE(AppendAll(id).ok());
+  ASSERT_NO_FATAL_FAILURE(CreateScanSession(&id));
   for (int step = 0; step < 40; ++step) {
     ASSERT_TRUE(Select(id, step).ok());
     WaitForSamples(id, static_cast<uint64_t>(2 * std::min(step + 1, 24)));
@@ -405,12 +407,8 @@ class QualityRpcCarryTest : public QualityRpcTest {
 };
 
 TEST_F(QualityRpcCarryTest, CarriedSelectionsAreCountedAndReportedPerHead) {
-  ASSERT_NO_FATAL_FAILURE(Generate());
-  v1::SessionConfig config = MdciConfig();
-  config.mutable_selector()->mutable_mdci()->set_pq_factor(8.0f);
   std::string id;
-  ASSERT_TRUE(Create(config, &id).ok());
-  ASSERT_TRUE(AppendAll(id).ok());
+  ASSERT_NO_FATAL_FAILURE(CreateScanSession(&id));
   const int kSteps = 40;
   for (int step = 0; step < kSteps; ++step) {
     ASSERT_TRUE(Select(id, step).ok());

@@ -1,0 +1,92 @@
+// The session's pooled judgement of the candidate carry-over (carry_pool.h).
+#include "server/session/carry_pool.h"
+
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace icecache {
+namespace {
+
+CarryPoolOptions Small() {
+  CarryPoolOptions o;
+  o.judge_samples = 4;
+  o.retry_selects = 100;
+  o.max_retry_selects = 300;
+  return o;
+}
+
+TEST(CarryPoolTest, CarriedSamplesWithinTheMarginKeepItOn) {
+  CarryPool pool(Small());
+  for (int i = 0; i < 50; ++i) {
+    pool.Observe(0.97, /*carried=*/false);
+    pool.Observe(0.95, /*carried=*/true);  // 0.02 below: within 0.03
+  }
+  const CarryPoolReport r = pool.report();
+  EXPECT_FALSE(r.stopped);
+  EXPECT_EQ(r.stops, 0);
+  EXPECT_EQ(r.carried, 50);
+  EXPECT_EQ(r.fresh, 50);
+  EXPECT_NEAR(r.carried_mean, 0.95, 1e-12);
+  EXPECT_TRUE(pool.Allows());
+}
+
+TEST(CarryPoolTest, StopsOnlyOnceBothKindsHaveTheirSamples) {
+  CarryPool pool(Small());
+  for (int i = 0; i < 10; ++i) pool.Observe(0.80, /*carried=*/true);
+  for (int i = 0; i < 3; ++i) pool.Observe(0.97, /*carried=*/false);
+  EXPECT_FALSE(pool.report().stopped);  // 3 fresh samples: not judged yet
+  pool.Observe(0.97, /*carried=*/false);
+  EXPECT_TRUE(pool.report().stopped);
+  EXPECT_EQ(pool.report().stops, 1);
+  EXPECT_FALSE(pool.Allows());
+  // Late samples of before the stop change nothing.
+  pool.Observe(0.99, /*carried=*/true);
+  EXPECT_EQ(pool.report().carried, 10);
+}
+
+TEST(CarryPoolTest, RetriesAfterItsWaitAndDoublesIt) {
+  CarryPool pool(Small());
+  auto stop = [&] {
+    for (int i = 0; i < 4; ++i) {
+      pool.Observe(0.97, false);
+      pool.Observe(0.80, true);
+    }
+  };
+  stop();
+  ASSERT_TRUE(pool.report().stopped);
+  int refused = 0;
+  while (!pool.Allows()) ++refused;
+  EXPECT_EQ(refused, 99);  // the 100th selection since the stop retries
+  const CarryPoolReport again = pool.report();
+  EXPECT_FALSE(again.stopped);
+  EXPECT_EQ(again.carried, 0);  // judged afresh
+  stop();
+  refused = 0;
+  while (!pool.Allows()) ++refused;
+  EXPECT_EQ(refused, 199);  // doubled
+  stop();
+  refused = 0;
+  while (!pool.Allows()) ++refused;
+  EXPECT_EQ(refused, 299);  // capped at max_retry_selects
+  EXPECT_EQ(pool.report().stops, 3);
+}
+
+TEST(CarryPoolTest, ConcurrentSelectsAndSamplesAreSafe) {
+  CarryPool pool(Small());
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&pool, t] {
+      for (int i = 0; i < 2000; ++i) {
+        pool.Allows();
+        pool.Observe(t % 2 == 0 ? 0.97 : 0.80, t % 2 == 1);
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_GE(pool.report().stops, 1);
+}
+
+}  // namespace
+}  // namespace icecache
