@@ -486,10 +486,15 @@ bool MdciSelector::TakeCarried(const SelectParams& params, int num_queries, bool
   SelectScratch& s = ThreadScratch();
   // Pages are never moved or dropped (a rebuild keeps every token where it
   // is), so the recorded ids still name the same pages; the forced ones of
-  // now join them as a fresh scan would have added them.
-  s.candidates.assign(carry->candidates.begin(), carry->candidates.end());
+  // now join them as a fresh scan would have added them. (An id past the
+  // table, from a state recorded by another selector that had this one's
+  // address, is dropped rather than read.)
+  const uint32_t pages = tree_->page_table().num_pages();
+  s.candidates.clear();
+  for (uint32_t page : carry->candidates) {
+    if (page < pages) s.candidates.push_back(page);
+  }
   if (scan && !forced.empty()) {
-    const uint32_t pages = tree_->page_table().num_pages();
     for (uint32_t page : forced) {
       if (page < pages) s.candidates.push_back(page);
     }

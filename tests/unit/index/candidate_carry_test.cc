@@ -169,6 +169,26 @@ TEST(CandidateCarryTest, OtherParamsQueriesOrSelectorsCollectAfresh) {
   EXPECT_EQ(s.pages, plain.pages);
 }
 
+TEST(CandidateCarryTest, RecordedIdsPastThePageTableAreDroppedNotRead) {
+  // A state whose ids name no page of this selector (recorded by another
+  // selector that had its address): the carried select reads none of them.
+  Fixture f(8.0f);
+  SelectParams p = Params(Granularity::kToken);
+  CandidateCarry carry;
+  p.carry = &carry;
+  p.carry_steps = 1;
+  const std::vector<float> q = mdci_test::GaussianRows(4, kDim, 1.0f, 13);
+  Selection s;
+  ASSERT_TRUE(f.sel().Select(q.data(), 4, p, &s).ok());
+  ASSERT_TRUE(carry.valid);
+  carry.candidates.push_back(f.sel().num_pages() + 7);
+  carry.candidates.push_back(UINT32_MAX - 1);
+  ASSERT_TRUE(f.sel().Select(q.data(), 4, p, &s).ok());
+  EXPECT_TRUE(s.carried);
+  EXPECT_GT(s.tokens(), 0);
+  for (const Placement& r : s.token_refs) EXPECT_LT(r.page, f.sel().num_pages());
+}
+
 TEST(CandidateCarryTest, DecodeInsertsBetweenStepsStayCoveredByTheRecentPages) {
   // Tokens appended after the fresh select: the carried select still forces
   // the recent window of now, so the newest token is always selected.
