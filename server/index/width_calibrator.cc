@@ -155,37 +155,25 @@ bool WidthCalibrator::CarrySkewed(int carry_steps, bool carried) const {
   // share to keep.
   if (!carry_on_ || carry_steps <= 0) return false;
   const double share = static_cast<double>(carry_steps) / (carry_steps + 1);
-  const double total = static_cast<double>(carry_taken_ + fresh_taken_ + 1);
-  return carried ? carry_taken_ + 1 > share * total + 1.0
-                 : fresh_taken_ + 1 > (1.0 - share) * total + 1.0;
+  const double total = static_cast<double>(carry_.carried + carry_.fresh + 1);
+  return carried ? carry_.carried + 1 > share * total + 1.0
+                 : carry_.fresh + 1 > (1.0 - share) * total + 1.0;
 }
 
 bool WidthCalibrator::CarryJudged() const {
   absl::MutexLock lock(&mu_);
-  return carry_n_ >= o_.carry_judge_samples && fresh_n_ >= o_.carry_judge_samples;
+  return carry_.Judged(o_.carry_judge_samples);
 }
 
 void WidthCalibrator::RestartCarry() {
-  carry_n_ = fresh_n_ = 0;
-  carry_sum_ = fresh_sum_ = 0.0;
-  carry_taken_ = fresh_taken_ = 0;
+  carry_.Clear();
   carry_run_ = 0;
 }
 
 void WidthCalibrator::ObserveCarry(double ratio, bool carried) {
   if (!carry_on_) return;
-  if (carried) {
-    ++carry_n_;
-    carry_sum_ += ratio;
-    ++carry_taken_;
-  } else {
-    ++fresh_n_;
-    fresh_sum_ += ratio;
-    ++fresh_taken_;
-  }
-  if (carry_n_ < o_.carry_judge_samples || fresh_n_ < o_.carry_judge_samples) return;
-  const double gap = fresh_sum_ / fresh_n_ - carry_sum_ / carry_n_;
-  if (gap > o_.carry_margin) {
+  carry_.Add(ratio, carried);
+  if (carry_.FallsBehind(o_.carry_judge_samples, o_.carry_margin)) {
     carry_on_ = false;
     ++carry_stops_;
     RestartCarry();
@@ -666,10 +654,10 @@ CalibratorReport WidthCalibrator::report() const {
   r.method_switches = method_switches_;
   r.carry_steps = carry_on_ ? o_.carry_steps : 0;
   r.carry_stops = carry_stops_;
-  r.carry_samples = carry_n_;
-  r.fresh_samples = fresh_n_;
-  r.carry_mean = carry_n_ > 0 ? carry_sum_ / carry_n_ : 0.0;
-  r.fresh_mean = fresh_n_ > 0 ? fresh_sum_ / fresh_n_ : 0.0;
+  r.carry_samples = carry_.carried;
+  r.fresh_samples = carry_.fresh;
+  r.carry_mean = carry_.carried_mean();
+  r.fresh_mean = carry_.fresh_mean();
   r.method_trial = method_trial_ || shadow_;
   if (DuelOn()) {
     r.other_width = parked_.width;

@@ -99,6 +99,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "server/index/carry_tally.h"
 #include "server/index/mdci_selector.h"
 #include "server/index/sample_schedule.h"
 #include "server/index/selector.h"
@@ -517,9 +518,7 @@ class WidthCalibrator {
   // Candidate carry-over (not in CalibratorState: a restored head starts it
   // afresh).
   bool carry_on_ ABSL_GUARDED_BY(mu_) = false;
-  int64_t carry_n_ ABSL_GUARDED_BY(mu_) = 0, fresh_n_ ABSL_GUARDED_BY(mu_) = 0;
-  double carry_sum_ ABSL_GUARDED_BY(mu_) = 0.0, fresh_sum_ ABSL_GUARDED_BY(mu_) = 0.0;
-  int64_t carry_taken_ ABSL_GUARDED_BY(mu_) = 0, fresh_taken_ ABSL_GUARDED_BY(mu_) = 0;
+  CarryTally carry_ ABSL_GUARDED_BY(mu_);  // samples since the carry last started
   int64_t carry_stops_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t carry_run_ ABSL_GUARDED_BY(mu_) = 0;    // selections since it stopped
   int64_t carry_wait_ ABSL_GUARDED_BY(mu_) = 0;   // before it tries again

@@ -11,8 +11,7 @@ bool CarryPool::Allows() {
   if (++run_ < wait_) return false;
   // Try again: the session's data may have changed. The tallies start over.
   wait_ = std::min(2 * wait_, o_.max_retry_selects);
-  carried_n_ = fresh_n_ = 0;
-  carried_sum_ = fresh_sum_ = 0.0;
+  tally_.Clear();
   stopped_.store(false, std::memory_order_relaxed);
   return true;
 }
@@ -20,15 +19,8 @@ bool CarryPool::Allows() {
 void CarryPool::Observe(double mass_ratio, bool carried) {
   absl::MutexLock l(&mu_);
   if (stopped_.load(std::memory_order_relaxed)) return;  // a late sample of before the stop
-  if (carried) {
-    ++carried_n_;
-    carried_sum_ += mass_ratio;
-  } else {
-    ++fresh_n_;
-    fresh_sum_ += mass_ratio;
-  }
-  if (carried_n_ < o_.judge_samples || fresh_n_ < o_.judge_samples) return;
-  if (fresh_sum_ / fresh_n_ - carried_sum_ / carried_n_ > o_.margin) {
+  tally_.Add(mass_ratio, carried);
+  if (tally_.FallsBehind(o_.judge_samples, o_.margin)) {
     stopped_.store(true, std::memory_order_relaxed);
     ++stops_;
     run_ = 0;
@@ -40,10 +32,10 @@ CarryPoolReport CarryPool::report() const {
   CarryPoolReport r;
   r.stopped = stopped_.load(std::memory_order_relaxed);
   r.stops = stops_;
-  r.carried = carried_n_;
-  r.fresh = fresh_n_;
-  if (carried_n_ > 0) r.carried_mean = carried_sum_ / carried_n_;
-  if (fresh_n_ > 0) r.fresh_mean = fresh_sum_ / fresh_n_;
+  r.carried = tally_.carried;
+  r.fresh = tally_.fresh;
+  r.carried_mean = tally_.carried_mean();
+  r.fresh_mean = tally_.fresh_mean();
   return r;
 }
 

@@ -24,6 +24,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
+#include "server/index/carry_tally.h"
 
 namespace icecache {
 
@@ -59,8 +60,7 @@ class CarryPool {
   int64_t run_ ABSL_GUARDED_BY(mu_) = 0;  // selections since the stop
   int64_t wait_ ABSL_GUARDED_BY(mu_);
   int64_t stops_ ABSL_GUARDED_BY(mu_) = 0;
-  int64_t carried_n_ ABSL_GUARDED_BY(mu_) = 0, fresh_n_ ABSL_GUARDED_BY(mu_) = 0;
-  double carried_sum_ ABSL_GUARDED_BY(mu_) = 0.0, fresh_sum_ ABSL_GUARDED_BY(mu_) = 0.0;
+  CarryTally tally_ ABSL_GUARDED_BY(mu_);  // samples since the last (re)start
 };
 
 }  // namespace icecache

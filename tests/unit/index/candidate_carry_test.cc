@@ -41,6 +41,14 @@ SelectParams Params(Granularity g) {
   return p;
 }
 
+// Params(g) carrying through `carry` for `steps` selects after each fresh one.
+SelectParams Carrying(Granularity g, int steps, CandidateCarry* carry) {
+  SelectParams p = Params(g);
+  p.carry = carry;
+  p.carry_steps = steps;
+  return p;
+}
+
 // Every page a selection holds (token granularity: the pages of its tokens).
 std::set<uint32_t> PagesOf(const Selector& sel, const Selection& s) {
   std::set<uint32_t> pages(s.pages.begin(), s.pages.end());
@@ -54,10 +62,8 @@ TEST_P(CandidateCarryTest, ACarriedSelectOfTheSameQueriesSelectsAsTheFreshOne) {
   const auto [pq, g] = GetParam();
   Fixture f(pq);
   const std::vector<float> q = mdci_test::GaussianRows(4, kDim, 1.0f, 3);
-  SelectParams p = Params(g);
   CandidateCarry carry;
-  p.carry = &carry;
-  p.carry_steps = 1;
+  SelectParams p = Carrying(g, 1, &carry);
   Selection fresh, carried, again;
   ASSERT_TRUE(f.sel().Select(q.data(), 4, p, &fresh).ok());
   EXPECT_FALSE(fresh.carried);
@@ -80,10 +86,8 @@ TEST_P(CandidateCarryTest, ACarriedSelectOfTheSameQueriesSelectsAsTheFreshOne) {
 TEST_P(CandidateCarryTest, CarriedSelectsTakeOnlyTheRecordedAndForcedPages) {
   const auto [pq, g] = GetParam();
   Fixture f(pq);
-  SelectParams p = Params(g);
   CandidateCarry carry;
-  p.carry = &carry;
-  p.carry_steps = 3;
+  SelectParams p = Carrying(g, 3, &carry);
   const std::vector<float> q0 = mdci_test::GaussianRows(4, kDim, 1.0f, 11);
   Selection s;
   ASSERT_TRUE(f.sel().Select(q0.data(), 4, p, &s).ok());
@@ -123,10 +127,8 @@ INSTANTIATE_TEST_SUITE_P(ScanAndTree, CandidateCarryTest,
 TEST(CandidateCarryTest, OtherParamsQueriesOrSelectorsCollectAfresh) {
   Fixture f(8.0f), other(8.0f);
   const std::vector<float> q = mdci_test::GaussianRows(4, kDim, 1.0f, 5);
-  SelectParams p = Params(Granularity::kPage);
   CandidateCarry carry;
-  p.carry = &carry;
-  p.carry_steps = 8;
+  SelectParams p = Carrying(Granularity::kPage, 8, &carry);
   Selection s;
   ASSERT_TRUE(f.sel().Select(q.data(), 4, p, &s).ok());
   ASSERT_TRUE(carry.valid);
@@ -173,10 +175,8 @@ TEST(CandidateCarryTest, RecordedIdsPastThePageTableAreDroppedNotRead) {
   // A state whose ids name no page of this selector (recorded by another
   // selector that had its address): the carried select reads none of them.
   Fixture f(8.0f);
-  SelectParams p = Params(Granularity::kToken);
   CandidateCarry carry;
-  p.carry = &carry;
-  p.carry_steps = 1;
+  SelectParams p = Carrying(Granularity::kToken, 1, &carry);
   const std::vector<float> q = mdci_test::GaussianRows(4, kDim, 1.0f, 13);
   Selection s;
   ASSERT_TRUE(f.sel().Select(q.data(), 4, p, &s).ok());
@@ -193,10 +193,8 @@ TEST(CandidateCarryTest, DecodeInsertsBetweenStepsStayCoveredByTheRecentPages) {
   // Tokens appended after the fresh select: the carried select still forces
   // the recent window of now, so the newest token is always selected.
   Fixture f(8.0f);
-  SelectParams p = Params(Granularity::kToken);
   CandidateCarry carry;
-  p.carry = &carry;
-  p.carry_steps = 4;
+  SelectParams p = Carrying(Granularity::kToken, 4, &carry);
   const std::vector<float> q = mdci_test::GaussianRows(4, kDim, 1.0f, 9);
   Selection s;
   ASSERT_TRUE(f.sel().Select(q.data(), 4, p, &s).ok());
