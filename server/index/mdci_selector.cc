@@ -59,6 +59,8 @@ struct SelectScratch {
   std::vector<float> pq_bulk;              // pq_factor: each page's fill x e^mean per query
   std::vector<double> pq_all;              // pq_factor: each query's total of pq_bulk
   std::vector<std::pair<float, uint32_t>> pq_rank;  // pq_factor: (estimated group mass, page)
+  std::vector<std::pair<float, uint32_t>> trim_rank;  // TrimCarry: (exact group share, index)
+  std::vector<uint8_t> trim_keep;                     // TrimCarry: per scored page, kept
 };
 
 SelectScratch& ThreadScratch() {
@@ -507,6 +509,109 @@ bool MdciSelector::TakeCarried(const SelectParams& params, int num_queries, bool
   return true;
 }
 
+void MdciSelector::TrimCarry(const SelectParams& params, int num_queries, const float* rest,
+                             const std::vector<uint32_t>& forced, const float* bound,
+                             const Selection& taken, CandidateCarry* carry) const {
+  const float keep = config_.mdci.carry_keep_factor;
+  if (!(keep > 0.0f) || rest == nullptr || !carry->valid ||
+      carry->rest.size() != static_cast<size_t>(num_queries) ||
+      carry->taken_est.size() != static_cast<size_t>(num_queries)) {
+    return;
+  }
+  const size_t want = static_cast<size_t>(std::max<int64_t>(
+      config_.mdci.min_candidate_pages,
+      static_cast<int64_t>(std::ceil(static_cast<double>(keep) * params.budget_tokens /
+                                     config_.page_tokens))));
+  if (carry->candidates.size() <= want) return;
+  SelectScratch& s = ThreadScratch();
+  const size_t n = s.scored_pages.size();
+  // Kept whatever they score: the forced pages (a carried select scores the
+  // forced pages of its own step anyway) and, at token granularity, every
+  // page this select took a token from (a weak page can hold one strong
+  // token). The others are ranked by the page's group share (page
+  // granularity) or its token bound (token granularity).
+  const uint32_t pages = tree_->page_table().num_pages();
+  const size_t words = (static_cast<size_t>(pages) + 63) / 64;
+  if (s.page_bits.size() < words) s.page_bits.resize(words, 0);
+  uint64_t* bits = s.page_bits.data();
+  auto mark = [&](uint32_t page) {
+    if (page < pages) bits[page >> 6] |= uint64_t{1} << (page & 63);
+  };
+  for (uint32_t page : forced) mark(page);
+  for (const Placement& ref : taken.token_refs) mark(ref.page);
+  s.trim_keep.assign(n, 0);
+  s.trim_rank.clear();
+  size_t kept_taken = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t page = s.scored_pages[i];
+    if ((bits[page >> 6] >> (page & 63)) & 1) {
+      s.trim_keep[i] = 1;
+      if (std::find(forced.begin(), forced.end(), page) == forced.end()) ++kept_taken;
+      continue;
+    }
+    float g = 0.0f;
+    if (bound != nullptr) {
+      g = bound[i];
+    } else {
+      const float* lse = &s.lse[i * num_queries];
+      for (int j = 0; j < num_queries; ++j) g += std::exp(lse[j] - s.log_norm[j]);
+    }
+    s.trim_rank.push_back({std::isnan(g) ? std::numeric_limits<float>::infinity() : g,
+                           static_cast<uint32_t>(i)});
+  }
+  for (uint32_t page : forced) {
+    if (page < pages) bits[page >> 6] = 0;
+  }
+  for (const Placement& ref : taken.token_refs) {
+    if (ref.page < pages) bits[ref.page >> 6] = 0;
+  }
+  const size_t room = want > kept_taken ? want - kept_taken : 0;
+  if (s.trim_rank.size() > room) {
+    std::nth_element(s.trim_rank.begin(), s.trim_rank.begin() + room, s.trim_rank.end(),
+                     [](const auto& a, const auto& b) { return a.first > b.first; });
+    s.trim_rank.resize(room);
+  }
+  for (const auto& [share, i] : s.trim_rank) s.trim_keep[i] = 1;
+  carry->candidates.clear();
+  for (size_t i = 0; i < n; ++i) {
+    if (s.trim_keep[i] != 0) carry->candidates.push_back(s.scored_pages[i]);
+  }
+  std::sort(carry->candidates.begin(), carry->candidates.end());
+  // Per query: the kept pages' exact mass is what the carried selects'
+  // exact mass is compared with (CalibrateRest); the dropped pages' joins
+  // the rest, which the next steps scale by the kept pages' change.
+  for (int j = 0; j < num_queries; ++j) {
+    float kept_max = -std::numeric_limits<float>::infinity();
+    float drop_max = kept_max;
+    for (size_t i = 0; i < n; ++i) {
+      const float v = s.lse[i * num_queries + j];
+      if (s.trim_keep[i] != 0) {
+        kept_max = std::max(kept_max, v);
+      } else {
+        drop_max = std::max(drop_max, v);
+      }
+    }
+    double kept = 0.0, dropped = 0.0;
+    for (size_t i = 0; i < n; ++i) {
+      const float v = s.lse[i * num_queries + j];
+      if (s.trim_keep[i] != 0) {
+        if (std::isfinite(kept_max)) kept += std::exp(static_cast<double>(v - kept_max));
+      } else if (std::isfinite(drop_max)) {
+        dropped += std::exp(static_cast<double>(v - drop_max));
+      }
+    }
+    carry->taken_est[j] = kept > 0.0 ? kept_max + static_cast<float>(std::log(kept))
+                                     : -std::numeric_limits<float>::infinity();
+    float r = rest[j];
+    if (dropped > 0.0) {
+      const float d = drop_max + static_cast<float>(std::log(dropped));
+      const float hi = std::max(r, d);
+      r = hi + static_cast<float>(std::log1p(std::exp(static_cast<double>(std::min(r, d) - hi))));
+    }
+    carry->rest[j] = r;
+  }
+}
+
 void MdciSelector::CalibrateRest(int num_queries) const {
   SelectScratch& s = ThreadScratch();
   const size_t pages = s.scored_pages.size();
@@ -549,6 +654,7 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
   // (More queries than a config allows can come only from a direct caller;
   // the tree serves them.)
   CandidateCarry* carry = every_page ? nullptr : params.carry;
+  CandidateCarry* recorded = nullptr;  // a fresh select's record, trimmed once scored
   if (every_page) {
     s.candidates.resize(pt.num_pages());
     std::iota(s.candidates.begin(), s.candidates.end(), 0u);
@@ -563,7 +669,10 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
       CollectCandidatePages(queries, num_queries, params, &touched);
     }
     rest = s.descent.rest.data();
-    if (carry != nullptr) Record(params, num_queries, scan, carry);
+    if (carry != nullptr) {
+      Record(params, num_queries, scan, carry);
+      recorded = carry;
+    }
   }
   if (by_token && !every_page) {
     // The forced tokens' pages are candidates too: the layout put similar
@@ -603,6 +712,9 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
     // (s.tokens holds the scored pages, in the order of s.lse and the bounds.)
     TakeTokensBounded(*this, s.tokens, s.bound.data(), s.log_norm.data(), num_queries,
                       1.0f / std::sqrt(static_cast<float>(config_.head_dim)), params, out);
+    if (recorded != nullptr) {
+      TrimCarry(params, num_queries, rest, forced, s.bound.data(), *out, recorded);
+    }
     out->keys_touched = touched;
     return absl::OkStatus();
   }
@@ -612,6 +724,7 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
                         s.scored_pages[i]});
   }
   TakePages(*this, forced, &s.scored, params, out);
+  if (recorded != nullptr) TrimCarry(params, num_queries, rest, forced, nullptr, *out, recorded);
   out->keys_touched = touched;
   return absl::OkStatus();
 }

@@ -156,6 +156,18 @@ class MdciSelector : public Selector {
   void Record(const SelectParams& params, int num_queries, bool scan, CandidateCarry* carry) const;
   bool TakeCarried(const SelectParams& params, int num_queries, bool scan,
                    const std::vector<uint32_t>& forced, CandidateCarry* carry) const;
+  // After a fresh select recorded into `carry`, scored its candidates (the
+  // scratch's scored pages, log-masses and normalisers; `rest` the rest it
+  // used, per query) and took `taken`: keeps only the forced pages, the
+  // pages of taken's tokens (token granularity) and the best others up to
+  // MdciParams::carry_keep_factor x budget tokens' worth of pages, by group
+  // share (page granularity, `bound` null) or by `bound` (per scored page:
+  // token granularity's bound). The dropped pages' exact mass moves into
+  // the carried rest; the carried estimate becomes the kept pages' exact
+  // mass.
+  void TrimCarry(const SelectParams& params, int num_queries, const float* rest,
+                 const std::vector<uint32_t>& forced, const float* bound, const Selection& taken,
+                 CandidateCarry* carry) const;
   // Exact per-query log-mass of `pages` into the per-thread scratch; with
   // `keep`, each page's logits are kept there too (ExactTokenShares); with
   // `sketch`, from the scoring sketch (approximate; not with `keep`); with

@@ -93,6 +93,12 @@ absl::Status ValidateConfig(const SelectorConfig& c) {
           absl::StrCat("SelectorConfig.mdci.pq_factor must be finite and >= 0 (0: off), got ",
                        c.mdci.pq_factor));
     }
+    if (!(c.mdci.carry_keep_factor >= 0.0f) || !std::isfinite(c.mdci.carry_keep_factor)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "SelectorConfig.mdci.carry_keep_factor must be finite and >= 0 (0: carry every "
+          "candidate), got ",
+          c.mdci.carry_keep_factor));
+    }
     if (c.mdci.pq_factor > 0.0f && !MdciParams::PqFactorSupported(c.head_dim, c.num_query_heads)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "SelectorConfig.mdci.pq_factor > 0 (the product-quantised scan) needs head_dim a "

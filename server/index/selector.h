@@ -135,6 +135,15 @@ struct MdciParams {
   // The core's default is off; the daemon's sessions get kDefaultPqFactor
   // unless they ask otherwise (types.proto MdciParams.pq_factor).
   float pq_factor = 0.0f;
+  // Candidate carry-over (SelectParams::carry): a fresh select keeps for
+  // the carried selects after it only the best carry_keep_factor x budget
+  // tokens' worth of its candidate pages (at least min_candidate_pages), by
+  // that select's exact group scores, and the forced pages; the mass of the
+  // pages it drops joins each query's rest. A carried select then reads
+  // that many pages, whatever width the fresh one scanned at. 0: every
+  // candidate is carried. (The best 1024 tokens of a step hold the next
+  // step's best 256: docs/bench/carry36.md, docs/bench/trim37.md.)
+  float carry_keep_factor = 4.0f;
 
   // The daemon's pq_factor for an MDCI session that leaves it unset, where
   // PqFactorSupported (docs/bench/pq34_default.md: at 32768 tokens x 32

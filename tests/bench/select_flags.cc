@@ -191,6 +191,12 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "the same tree after it (SelectParams::carry_steps; 0: every select fresh)")
       ->check(CLI::Range(0, 64))
       ->capture_default_str();
+  app->add_option("--mdci-carry-keep", o_.mdci.carry_keep_factor,
+                  "mdci with --mdci-carry: the carried selects score the fresh one's best this "
+                  "many x budget tokens' worth of candidate pages, by its exact scores "
+                  "(MdciParams::carry_keep_factor; 0: every candidate)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   app->add_option("--mdci-query-quotas", o_.mdci.query_quotas,
                   "mdci: each query of the group takes its share of the descent's nodes from its "
                   "own ranking (1) or one ranking for the group (0)");

@@ -3,6 +3,8 @@
 // outside them; up to carry_steps selects after it score those pages (and
 // the forced ones of now) for their own queries instead of scanning again.
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstdint>
 #include <set>
 #include <string>
@@ -24,9 +26,10 @@ constexpr int64_t kTokens = 4096;
 struct Fixture {
   std::vector<float> keys = mdci_test::ClusteredKeys(kTokens + 64, kDim, 24, 0.4f, 7);
   mdci_test::BuiltSelector built;
-  Fixture(float pq_factor, int64_t inserts = 0) {
-    built = mdci_test::BuildWithInserts(mdci_test::MdciConfig(kDim, kPage, pq_factor), keys,
-                                        kTokens, inserts);
+  explicit Fixture(float pq_factor, float keep = MdciParams{}.carry_keep_factor) {
+    SelectorConfig c = mdci_test::MdciConfig(kDim, kPage, pq_factor);
+    c.mdci.carry_keep_factor = keep;
+    built = mdci_test::BuildWithInserts(c, keys, kTokens, 0);
   }
   const Selector& sel() const { return *built.sel; }
 };
@@ -71,11 +74,19 @@ TEST_P(CandidateCarryTest, ACarriedSelectOfTheSameQueriesSelectsAsTheFreshOne) {
   EXPECT_FALSE(carry.candidates.empty());
   ASSERT_TRUE(f.sel().Select(q.data(), 4, p, &carried).ok());
   EXPECT_TRUE(carried.carried);
-  // The same candidates, the same queries, the rest carried as it was
-  // estimated: the same selection, score for score.
+  // The kept candidates, the same queries, the dropped pages' mass in the
+  // rest: the same selection, and the same scores up to rounding (the
+  // normaliser is summed in another order).
   EXPECT_EQ(carried.pages, fresh.pages);
   EXPECT_EQ(carried.positions, fresh.positions);
-  EXPECT_EQ(carried.scores, fresh.scores);
+  ASSERT_EQ(carried.scores.size(), fresh.scores.size());
+  for (size_t i = 0; i < fresh.scores.size(); ++i) {
+    if (std::isinf(fresh.scores[i])) {
+      EXPECT_EQ(carried.scores[i], fresh.scores[i]) << i;
+    } else {
+      EXPECT_NEAR(carried.scores[i], fresh.scores[i], 1e-4f * std::abs(fresh.scores[i])) << i;
+    }
+  }
   // carry_steps 1: the next one scans afresh (and records again).
   ASSERT_TRUE(f.sel().Select(q.data(), 4, p, &again).ok());
   EXPECT_FALSE(again.carried);
@@ -123,6 +134,61 @@ INSTANTIATE_TEST_SUITE_P(ScanAndTree, CandidateCarryTest,
                                   (std::get<1>(info.param) == Granularity::kPage ? "Page"
                                                                                  : "Token");
                          });
+
+TEST_P(CandidateCarryTest, AFreshSelectKeepsItsBestCandidatesForTheCarry) {
+  // MdciParams::carry_keep_factor: the carry keeps the pages of what the
+  // fresh select took, the forced pages and the best others up to keep x
+  // budget tokens' worth; 0 keeps every candidate.
+  const auto [pq, g] = GetParam();
+  Fixture trimmed(pq, 2.0f), all(pq, 0.0f);
+  const std::vector<float> q = mdci_test::GaussianRows(4, kDim, 1.0f, 21);
+  CandidateCarry carry_trimmed, carry_all;
+  Selection s_trimmed, s_all;
+  ASSERT_TRUE(trimmed.sel().Select(q.data(), 4, Carrying(g, 1, &carry_trimmed), &s_trimmed).ok());
+  ASSERT_TRUE(all.sel().Select(q.data(), 4, Carrying(g, 1, &carry_all), &s_all).ok());
+  // The fresh selections themselves are the same.
+  EXPECT_EQ(s_trimmed.positions, s_all.positions);
+  const std::set<uint32_t> kept(carry_trimmed.candidates.begin(), carry_trimmed.candidates.end());
+  const std::set<uint32_t> every(carry_all.candidates.begin(), carry_all.candidates.end());
+  EXPECT_LT(kept.size(), every.size());
+  std::set<uint32_t> forced;  // the sinks' and the recent window's pages
+  for (int32_t pos = 0; pos < 4; ++pos) forced.insert(trimmed.sel().placement_of(pos).page);
+  for (int32_t pos = kTokens - 16; pos < kTokens; ++pos) {
+    forced.insert(trimmed.sel().placement_of(pos).page);
+  }
+  for (uint32_t page : PagesOf(trimmed.sel(), s_trimmed)) {
+    EXPECT_TRUE(kept.count(page) > 0 || forced.count(page) > 0)
+        << "page " << page << " was taken but not kept";
+  }
+  // Past the taken and forced pages, at most the keep factor's worth.
+  const std::set<uint32_t> taken = PagesOf(trimmed.sel(), s_trimmed);
+  const size_t want =
+      std::max<size_t>(MdciParams{}.min_candidate_pages, 2 * Params(g).budget_tokens / kPage);
+  size_t extra = 0;
+  for (uint32_t page : kept) extra += (taken.count(page) == 0 && forced.count(page) == 0) ? 1 : 0;
+  EXPECT_LE(extra, want);
+  EXPECT_GE(kept.size(), std::min(every.size(), want));
+  // The carried select of other queries reads only the kept (and forced) pages.
+  const std::vector<float> q2 = mdci_test::GaussianRows(4, kDim, 1.0f, 22);
+  Selection next;
+  ASSERT_TRUE(trimmed.sel().Select(q2.data(), 4, Carrying(g, 1, &carry_trimmed), &next).ok());
+  EXPECT_TRUE(next.carried);
+  for (uint32_t page : PagesOf(trimmed.sel(), next)) {
+    EXPECT_TRUE(kept.count(page) > 0 || forced.count(page) > 0) << "page " << page;
+  }
+}
+
+TEST(CandidateCarryTest, AKeepFactorThatIsNotAFiniteNonNegativeNumberIsRefused) {
+  Fixture f(8.0f);
+  for (float bad : {-1.0f, std::numeric_limits<float>::quiet_NaN(),
+                    std::numeric_limits<float>::infinity()}) {
+    SelectorConfig c = mdci_test::MdciConfig(kDim, kPage, 8.0f);
+    c.mdci.carry_keep_factor = bad;
+    const absl::Status st = Selector::Create(c, f.built.keys.get()).status();
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(st.message().find("carry_keep_factor"), std::string_view::npos) << st.message();
+  }
+}
 
 TEST(CandidateCarryTest, OtherParamsQueriesOrSelectorsCollectAfresh) {
   Fixture f(8.0f), other(8.0f);
