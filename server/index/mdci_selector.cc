@@ -58,7 +58,7 @@ struct SelectScratch {
   std::vector<float> pq_mass, pq_ref;      // pq_factor: each page's estimated mass per query
   std::vector<float> pq_bulk;              // pq_factor: each page's fill x e^mean per query
   std::vector<double> pq_all;              // pq_factor: each query's total of pq_bulk
-  std::vector<std::pair<float, uint32_t>> pq_rank;  // pq_factor: (estimated group mass, page)
+  std::vector<std::pair<float, uint32_t>> pq_rank;    // pq_factor: (estimated group mass, page)
   std::vector<std::pair<float, uint32_t>> trim_rank;  // TrimCarry: (exact group share, index)
   std::vector<uint8_t> trim_keep;                     // TrimCarry: per scored page, kept
 };
@@ -520,8 +520,8 @@ void MdciSelector::TrimCarry(const SelectParams& params, int num_queries, const 
   }
   const size_t want = static_cast<size_t>(std::max<int64_t>(
       config_.mdci.min_candidate_pages,
-      static_cast<int64_t>(std::ceil(static_cast<double>(keep) * params.budget_tokens /
-                                     config_.page_tokens))));
+      static_cast<int64_t>(
+          std::ceil(static_cast<double>(keep) * params.budget_tokens / config_.page_tokens))));
   if (carry->candidates.size() <= want) return;
   SelectScratch& s = ThreadScratch();
   const size_t n = s.scored_pages.size();
@@ -556,8 +556,8 @@ void MdciSelector::TrimCarry(const SelectParams& params, int num_queries, const 
       const float* lse = &s.lse[i * num_queries];
       for (int j = 0; j < num_queries; ++j) g += std::exp(lse[j] - s.log_norm[j]);
     }
-    s.trim_rank.push_back({std::isnan(g) ? std::numeric_limits<float>::infinity() : g,
-                           static_cast<uint32_t>(i)});
+    s.trim_rank.push_back(
+        {std::isnan(g) ? std::numeric_limits<float>::infinity() : g, static_cast<uint32_t>(i)});
   }
   for (uint32_t page : forced) {
     if (page < pages) bits[page >> 6] = 0;

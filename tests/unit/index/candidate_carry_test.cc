@@ -4,8 +4,8 @@
 // the forced ones of now) for their own queries instead of scanning again.
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <cstdint>
+#include <limits>
 #include <set>
 #include <string>
 #include <tuple>
@@ -180,8 +180,8 @@ TEST_P(CandidateCarryTest, AFreshSelectKeepsItsBestCandidatesForTheCarry) {
 
 TEST(CandidateCarryTest, AKeepFactorThatIsNotAFiniteNonNegativeNumberIsRefused) {
   Fixture f(8.0f);
-  for (float bad : {-1.0f, std::numeric_limits<float>::quiet_NaN(),
-                    std::numeric_limits<float>::infinity()}) {
+  for (float bad :
+       {-1.0f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
     SelectorConfig c = mdci_test::MdciConfig(kDim, kPage, 8.0f);
     c.mdci.carry_keep_factor = bad;
     const absl::Status st = Selector::Create(c, f.built.keys.get()).status();
