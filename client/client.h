@@ -134,6 +134,11 @@ struct SessionSpec {
   // its target. Unset = the daemon's default (8 where head_dim is a multiple
   // of 8); 0 = the tree's descent only (no codes); else 1..512.
   std::optional<float> mdci_pq_factor;
+  // MDCI's candidate carry-over (types.proto MdciParams.carry_keep_factor):
+  // the selects that reuse a fresh one's candidates score its best this many
+  // x budget tokens' worth of them. Unset = the daemon's default (4); 0 =
+  // every candidate; else 1..512.
+  std::optional<float> mdci_carry_keep_factor;
   // Page checksums (types.proto PageChecksums): computed at append, checked
   // at fetch (every page, or a sampled fraction); a mismatch is DATA_LOSS.
   enum class Checksums { kOff = 1, kEveryPage = 2, kSampled = 3 };

@@ -139,6 +139,9 @@ void ToProto(const SessionSpec& spec, v1::SessionConfig* out) {
   out->mutable_selector()->mutable_mdci()->set_candidate_factor(spec.mdci_candidate_factor);
   if (spec.mdci_pq_factor)
     out->mutable_selector()->mutable_mdci()->set_pq_factor(*spec.mdci_pq_factor);
+  if (spec.mdci_carry_keep_factor) {
+    out->mutable_selector()->mutable_mdci()->set_carry_keep_factor(*spec.mdci_carry_keep_factor);
+  }
   out->set_layer_reuse(static_cast<uint32_t>(spec.layer_reuse));
   ToProto(spec.defaults, out->mutable_defaults());
   out->set_ttl_ms(static_cast<uint64_t>(absl::ToInt64Milliseconds(spec.ttl)));
@@ -220,6 +223,9 @@ SessionInfo FromProto(const v1::SessionInfo& info) {
   s.spec.mdci_field_of_view = c.selector().mdci().field_of_view();
   s.spec.mdci_candidate_factor = c.selector().mdci().candidate_factor();
   if (c.selector().mdci().has_pq_factor()) s.spec.mdci_pq_factor = c.selector().mdci().pq_factor();
+  if (c.selector().mdci().has_carry_keep_factor()) {
+    s.spec.mdci_carry_keep_factor = c.selector().mdci().carry_keep_factor();
+  }
   s.spec.layer_reuse = static_cast<int>(c.layer_reuse());
   if (c.defaults().has_budget_tokens())
     s.spec.defaults.budget_tokens = c.defaults().budget_tokens();

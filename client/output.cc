@@ -104,6 +104,9 @@ Json SessionJson(const SessionInfo& s) {
   // MDCI's product-quantised scan factor (0: the tree's descent only).
   if (s.spec.selector == SelectorType::kMdci)
     j["mdci_pq_factor"] = s.spec.mdci_pq_factor.value_or(0);
+  if (s.spec.selector == SelectorType::kMdci && s.spec.mdci_carry_keep_factor) {
+    j["mdci_carry_keep_factor"] = *s.spec.mdci_carry_keep_factor;
+  }
   j["layer_reuse"] = s.spec.layer_reuse;
   j["granularity"] = GranularityText(s.spec.defaults.granularity);
   j["ttl_ms"] = absl::ToInt64Milliseconds(s.spec.ttl);

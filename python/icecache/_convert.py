@@ -84,6 +84,8 @@ def session_config(spec: SessionSpec, out: types_pb2.SessionConfig) -> None:
         out.selector.mdci.seed = p.seed
         if p.pq_factor is not None:
             out.selector.mdci.pq_factor = p.pq_factor
+        if p.carry_keep_factor is not None:
+            out.selector.mdci.carry_keep_factor = p.carry_keep_factor
     out.layer_reuse = spec.layer_reuse
     select_params(spec.defaults, out.defaults)
     out.ttl_ms = int(round(spec.ttl_s * 1000))
@@ -134,6 +136,7 @@ def session_info(info: types_pb2.SessionInfo) -> SessionInfo:
             mdci.rebuild_fraction,
             mdci.seed,
             mdci.pq_factor if mdci.HasField("pq_factor") else None,
+            mdci.carry_keep_factor if mdci.HasField("carry_keep_factor") else None,
         )
         if c.selector.HasField("mdci")
         else None,

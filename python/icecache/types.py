@@ -157,6 +157,10 @@ class MdciParams:
     # head_dim is a multiple of 8); 0 = the tree's descent only (no codes);
     # else 1..512 (docs/architecture.md §3.4).
     pq_factor: Optional[float] = None
+    # The candidate carry-over: the selects that reuse a fresh one's
+    # candidates score its best this many x budget tokens' worth of them.
+    # None = the daemon's default (4); 0 = every candidate; else 1..512.
+    carry_keep_factor: Optional[float] = None
 
 
 @dataclass

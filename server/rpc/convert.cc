@@ -277,6 +277,14 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& p,
              MdciParams::PqFactorSupported(c.head_dim, c.q_heads / c.kv_heads)) {
     md.pq_factor = MdciParams::kDefaultPqFactor;
   }
+  if (mp.has_carry_keep_factor()) {
+    // 0: every candidate is carried, as asked.
+    md.carry_keep_factor = 0.0f;
+    if (auto st = bounded_f(mp.carry_keep_factor(), 1, 512, "selector.mdci.carry_keep_factor",
+                            &md.carry_keep_factor);
+        !st.ok())
+      return st;
+  }
   if (md.pq_factor > 0 && c.head_dim % 8 != 0) {
     return BadField("selector.mdci.pq_factor",
                     absl::StrCat("needs head_dim a multiple of 8 (the 4-bit codes take 4 "
@@ -328,6 +336,7 @@ v1::SessionConfig SessionConfigToProto(const SessionConfig& c) {
   mp->set_rebuild_fraction(c.mdci.rebuild_fraction);
   mp->set_seed(c.mdci.seed);
   mp->set_pq_factor(c.mdci.pq_factor);
+  mp->set_carry_keep_factor(c.mdci.carry_keep_factor);
   v1::SelectParams* d = p.mutable_defaults();
   d->set_budget_tokens(std::max(0, c.default_select.budget_tokens));
   d->set_sink_tokens(std::max(0, c.default_select.sink_tokens));

@@ -37,6 +37,9 @@ struct DecodeSessionSpec {
   // MdciParams::pq_factor (> 0: the product-quantised scan, with the
   // calibrator's method duel against the tree; 0: the tree).
   float mdci_pq = 0.0f;
+  // MdciParams::carry_keep_factor (the carried selects' kept candidates;
+  // < 0: the daemon's default).
+  float mdci_carry_keep = -1.0f;
 };
 
 struct DecodeSelect {

@@ -130,6 +130,7 @@ class InProcessBackend : public DecodeBackend {
     c.layer_reuse = spec.layer_reuse;
     c.mdci.sketch_scoring = spec.mdci_sketch;
     c.mdci.pq_factor = spec.mdci_pq;
+    if (spec.mdci_carry_keep >= 0.0f) c.mdci.carry_keep_factor = spec.mdci_carry_keep;
     ASSIGN_OR_RETURN(c.selector, ParseSelectorKind(spec.selector));
     ASSIGN_OR_RETURN(SessionInfo info, manager_->CreateSession(caller_, c));
     return info.id;

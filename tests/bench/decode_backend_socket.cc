@@ -94,6 +94,7 @@ class SocketBackend : public DecodeBackend {
     s.dtype = DType::kF16;
     s.page_tokens = spec.page_tokens;
     s.mdci_pq_factor = spec.mdci_pq;
+    if (spec.mdci_carry_keep >= 0.0f) s.mdci_carry_keep_factor = spec.mdci_carry_keep;
     ASSIGN_OR_RETURN(s.selector, ParseSelectorType(spec.selector));
     s.layer_reuse = spec.layer_reuse;
     s.ttl = absl::Minutes(30);

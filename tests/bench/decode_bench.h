@@ -96,6 +96,9 @@ struct DecodeBenchOptions {
   bool mdci_sketch = false;
   // mdci sessions' MdciParams::pq_factor (0: the tree only).
   float mdci_pq = MdciParams::kDefaultPqFactor;  // the daemon's default
+  // mdci sessions' MdciParams::carry_keep_factor (0: carry every candidate;
+  // < 0: the daemon's default).
+  float mdci_carry_keep = -1.0f;
   // KV bytes (GiB) the run may hold at once: the daemon's, this process's
   // companion and quality layers. Above it a context runs with fewer layers
   // (its per-token figures scaled to `layers` and marked "scaled").

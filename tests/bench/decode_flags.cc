@@ -116,6 +116,13 @@ DecodeFlags::DecodeFlags(CLI::App* app) {
                   "tree on trial per head; the default is the daemon's); 0: the tree only")
       ->capture_default_str()
       ->check(CLI::Range(0.0f, 512.0f));
+  app->add_option(
+         "--mdci-carry-keep", o_.mdci_carry_keep,
+         "mdci sessions: the selects that reuse a fresh one's candidates score its best "
+         "this many x budget tokens' worth of them "
+         "(SessionConfig.selector.mdci.carry_keep_factor; 0: every candidate; default: the "
+         "daemon's)")
+      ->check(CLI::Range(0.0f, 512.0f));
   app->add_flag("--companion-quality", o_.companion_quality,
                 "the in-process companion runs the quality monitor (mdci at its own calibrated "
                 "width; default: the fixed width). The table's split is the daemon's own either "

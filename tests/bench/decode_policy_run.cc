@@ -444,6 +444,7 @@ absl::StatusOr<PolicyResult> RunSelectorPolicy(const DecodeContext& ctx,
   spec.layer_reuse = policy.layer_reuse;
   spec.mdci_sketch = o.mdci_sketch;
   spec.mdci_pq = spec.selector == "mdci" ? o.mdci_pq : 0.0f;
+  spec.mdci_carry_keep = o.mdci_carry_keep;
   ASSIGN_OR_RETURN(std::string id, ctx.main->CreateSession(spec));
   DecodeSessionSpec cspec = spec;
   cspec.layers = ctx.reference_layers;

@@ -307,6 +307,7 @@ Json DecodeReportJson(const DecodeBenchOptions& o, const std::vector<ContextResu
                       {"daemon_config", o.daemon_config},
                       {"companion_quality", o.companion_quality},
                       {"mdci_pq_factor", o.mdci_pq},
+                      {"mdci_carry_keep_factor", o.mdci_carry_keep},
                       {"policies", o.policies},
                       {"batch", o.batch},
                       {"batch_policy", o.batch_policy}};

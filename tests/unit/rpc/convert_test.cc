@@ -73,6 +73,17 @@ TEST(ConvertTest, SessionConfigRoundTripsThroughProto) {
   ASSERT_THAT(with_scan, IsOk());
   EXPECT_EQ(with_scan->mdci.pq_factor, 16.0f);
   EXPECT_EQ(SessionConfigToProto(*with_scan).selector().mdci().pq_factor(), 16.0f);
+  // The carry's keep factor: unset is the core's default, 0 keeps every
+  // candidate, and either travels back.
+  EXPECT_EQ(again->mdci.carry_keep_factor, MdciParams{}.carry_keep_factor);
+  v1::SessionConfig keep_all = GoodProto();
+  keep_all.mutable_selector()->mutable_mdci()->set_carry_keep_factor(0);
+  auto with_all = SessionConfigFromProto(keep_all, SelectDefaults{1, 1, 1});
+  ASSERT_THAT(with_all, IsOk());
+  EXPECT_EQ(with_all->mdci.carry_keep_factor, 0.0f);
+  auto all_again = SessionConfigFromProto(SessionConfigToProto(*with_all), SelectDefaults{1, 1, 1});
+  ASSERT_THAT(all_again, IsOk());
+  EXPECT_EQ(all_again->mdci.carry_keep_factor, 0.0f);
   // Session defaults travel explicitly, so other daemon defaults do not leak in.
   EXPECT_EQ(again->default_select.budget_tokens, c->default_select.budget_tokens);
   EXPECT_EQ(again->default_select.sink_tokens, c->default_select.sink_tokens);
@@ -132,6 +143,14 @@ TEST(ConvertTest, SessionConfigErrorsNameTheField) {
        }},
       {"selector.mdci.pq_factor",
        [](v1::SessionConfig* p) { p->mutable_selector()->mutable_mdci()->set_pq_factor(600); }},
+      {"selector.mdci.carry_keep_factor",
+       [](v1::SessionConfig* p) {
+         p->mutable_selector()->mutable_mdci()->set_carry_keep_factor(0.5f);
+       }},
+      {"selector.mdci.carry_keep_factor",
+       [](v1::SessionConfig* p) {
+         p->mutable_selector()->mutable_mdci()->set_carry_keep_factor(NAN);
+       }},
       {"selector.mdci.pq_factor",
        [](v1::SessionConfig* p) { p->mutable_selector()->mutable_mdci()->set_pq_factor(NAN); }},
       {"selector.mdci.pq_factor",
