@@ -636,6 +636,7 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
   SelectScratch& s = ThreadScratch();
   uint64_t touched = 0;
   out->carried = false;
+  out->carry_age = 0;
   s.scored_pages.clear();
   s.lse.clear();
   const float* rest = nullptr;  // log of the mass outside the scored pages, per query
@@ -662,6 +663,7 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
              TakeCarried(params, num_queries, scan, forced, carry)) {
     rest = s.descent.rest.data();
     out->carried = true;
+    out->carry_age = carry->age;
   } else {
     if (scan) {
       CollectPqCandidatePages(queries, num_queries, params, forced, &touched);

@@ -152,6 +152,7 @@ void Selection::Clear() {
   token_refs.clear();
   keys_touched = 0;
   carried = false;
+  carry_age = 0;
 }
 
 std::string_view DescentRankingName(DescentRanking r) {

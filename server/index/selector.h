@@ -295,8 +295,9 @@ struct Selection {
   // Cost: exact dot products plus projections/representatives visited.
   uint64_t keys_touched = 0;
   // mdci: the candidates came from SelectParams::carry, not a fresh scan or
-  // descent.
+  // descent; carry_age: the how-manieth select reusing them (0: fresh).
   bool carried = false;
+  int carry_age = 0;
   int64_t tokens() const;
   void Clear();
 };

@@ -119,7 +119,7 @@ void AddCost(int64_t ns, int64_t* n, double* mean) {
 
 }  // namespace
 
-bool WidthCalibrator::ShouldSample(const SelectParams& used, int64_t cost_ns, bool carried) {
+bool WidthCalibrator::ShouldSample(const SelectParams& used, int64_t cost_ns, int carry_age) {
   absl::MutexLock lock(&mu_);
   ++steps_;
   if (!carry_on_ && o_.carry_steps > 0 && ++carry_run_ >= carry_wait_) {
@@ -140,24 +140,32 @@ bool WidthCalibrator::ShouldSample(const SelectParams& used, int64_t cost_ns, bo
   }
   if (!method_trial_) ++method_run_;
   const bool due = schedule_.Step(cost_ns);
-  // The tree on trial: judge it quickly. A due sample whose kind (carried
-  // or fresh) is ahead of its share waits for the next selection (it stays
+  // The tree on trial: judge it quickly. A due sample whose carry age (0:
+  // fresh) is ahead of its share waits for the next selection (it stays
   // due), so a sampling interval in step with the carry's period cannot
-  // measure one kind only.
-  const bool sample = probing_ || (due && !CarrySkewed(used.carry_steps, carried));
+  // measure one age only (at carry 2, waiting by kind alone took the first
+  // carried select after a fresh one twice as often as the second).
+  const bool sample = probing_ || (due && !CarrySkewed(used.carry_steps, carry_age));
   if (sample && ShadowDue(cost_ns)) StartShadow();
   return sample;
 }
 
-bool WidthCalibrator::CarrySkewed(int carry_steps, bool carried) const {
+bool WidthCalibrator::CarrySkewed(int carry_steps, int carry_age) {
   // A selection made without the carry (it stopped, or the caller selected
   // afresh: the session's pooled judgement, a concurrent select) has no
   // share to keep.
   if (!carry_on_ || carry_steps <= 0) return false;
-  const double share = static_cast<double>(carry_steps) / (carry_steps + 1);
-  const double total = static_cast<double>(carry_.carried + carry_.fresh + 1);
-  return carried ? carry_.carried + 1 > share * total + 1.0
-                 : carry_.fresh + 1 > (1.0 - share) * total + 1.0;
+  const size_t ages = static_cast<size_t>(carry_steps) + 1;
+  if (carry_ages_.size() != ages) carry_ages_.assign(ages, 0);
+  const size_t age = static_cast<size_t>(std::clamp(carry_age, 0, carry_steps));
+  int64_t total = 0;
+  for (int64_t n : carry_ages_) total += n;
+  if (static_cast<double>(carry_ages_[age] + 1) >
+      static_cast<double>(total + 1) / static_cast<double>(ages) + 1.0) {
+    return true;
+  }
+  ++carry_ages_[age];  // the sample is decided (a dropped one is dropped at any age alike)
+  return false;
 }
 
 bool WidthCalibrator::CarryJudged() const {
@@ -167,6 +175,7 @@ bool WidthCalibrator::CarryJudged() const {
 
 void WidthCalibrator::RestartCarry() {
   carry_.Clear();
+  carry_ages_.clear();
   carry_run_ = 0;
 }
 

@@ -95,6 +95,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -332,9 +333,9 @@ class WidthCalibrator {
   // `cost_ns` (the caller's clock; <= 0: not timed); true when it should be
   // measured (never in exact mode: the selection is the reference). A due
   // measurement stays due until Taken().
-  // `carried`: the selection reused a fresh one's candidates
-  // (Selection::carried).
-  bool ShouldSample(const SelectParams& used, int64_t cost_ns, bool carried = false)
+  // `carry_age`: the selection reused a fresh one's candidates, as the
+  // how-manieth since it (Selection::carry_age; 0: fresh).
+  bool ShouldSample(const SelectParams& used, int64_t cost_ns, int carry_age = 0)
       ABSL_LOCKS_EXCLUDED(mu_);
   // The due measurement was taken (the caller will Observe it).
   void Taken() ABSL_LOCKS_EXCLUDED(mu_);
@@ -461,7 +462,9 @@ class WidthCalibrator {
   void StepWidth(double ratio) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Candidate carry-over: whether a due sample waits because its kind is
   // ahead of its share, one sample's tally and judgement, and the retry.
-  bool CarrySkewed(int carry_steps, bool carried) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Samples are spread evenly over the ages 0 (fresh) .. carry_steps, so a
+  // sampling interval in step with the carry's period measures every age.
+  bool CarrySkewed(int carry_steps, int carry_age) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ObserveCarry(double ratio, bool carried) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RestartCarry() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -519,6 +522,8 @@ class WidthCalibrator {
   // afresh).
   bool carry_on_ ABSL_GUARDED_BY(mu_) = false;
   CarryTally carry_ ABSL_GUARDED_BY(mu_);  // samples since the carry last started
+  // Samples decided per carry age (0: fresh) since the carry last started.
+  std::vector<int64_t> carry_ages_ ABSL_GUARDED_BY(mu_);
   int64_t carry_stops_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t carry_run_ ABSL_GUARDED_BY(mu_) = 0;    // selections since it stopped
   int64_t carry_wait_ ABSL_GUARDED_BY(mu_) = 0;   // before it tries again

@@ -381,7 +381,7 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
   const int64_t cpu_ns = ThreadCpuNanos() - cpu0;
   // The budget is a share of this session's selection time.
   if (sampler != nullptr) sampler->AddSelectionTime(ns, *quality_account);
-  if (!hq->ShouldSample(p, cpu_ns, out->carried) || probe == nullptr) return absl::OkStatus();
+  if (!hq->ShouldSample(p, cpu_ns, out->carry_age) || probe == nullptr) return absl::OkStatus();
   // Over budget or a full queue: no copy now; the head stays due.
   bool burst = sampler == nullptr || !fair_burst;
   if (!burst) {

@@ -59,8 +59,8 @@ absl::Status ValidateQualityOptions(const SessionQualityOptions& o) {
   return ValidateSampleSchedule(ScheduleOf(o));
 }
 
-bool HeadQualityMonitor::ShouldSample(const SelectParams& used, int64_t cost_ns, bool carried) {
-  if (calibrator_ != nullptr) return calibrator_->ShouldSample(used, cost_ns, carried);
+bool HeadQualityMonitor::ShouldSample(const SelectParams& used, int64_t cost_ns, int carry_age) {
+  if (calibrator_ != nullptr) return calibrator_->ShouldSample(used, cost_ns, carry_age);
   absl::MutexLock l(&mu_);
   return schedule_.Step(cost_ns);
 }

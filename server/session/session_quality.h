@@ -133,7 +133,8 @@ class HeadQualityMonitor {
   // `cost_ns` (thread CPU time); true when a measurement is due (see
   // SampleSchedule). A due measurement the sampler could not take stays due
   // on the next selection (none is lost to a busy budget).
-  bool ShouldSample(const SelectParams& used, int64_t cost_ns, bool carried = false)
+  // carry_age: Selection::carry_age (0: fresh).
+  bool ShouldSample(const SelectParams& used, int64_t cost_ns, int carry_age = 0)
       ABSL_LOCKS_EXCLUDED(mu_);
   // The sampler took this head's measurement.
   void Taken() ABSL_LOCKS_EXCLUDED(mu_);

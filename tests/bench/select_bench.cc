@@ -367,7 +367,7 @@ class SelectorMethod : public TreeMethod {
       times_.steady_select_s += select_s;
       ++times_.steady_steps;
     }
-    if (!calibrator_->ShouldSample(params, cpu1 - cpu0, sel->carried)) return absl::OkStatus();
+    if (!calibrator_->ShouldSample(params, cpu1 - cpu0, sel->carry_age)) return absl::OkStatus();
     calibrator_->Taken();
     // The ranking trial's selection (as MeasureProbe): untimed, not part of
     // the reference's cost.

@@ -1,6 +1,7 @@
 // The width calibrator's judgement of the candidate carry-over
 // (CalibratorOptions::carry_steps): which selects may reuse a fresh one's
 // candidates, how samples fall on both kinds, and when a head stops.
+#include <map>
 #include <memory>
 #include <string>
 
@@ -26,6 +27,7 @@ std::unique_ptr<WidthCalibrator> Make(const CalibratorOptions& o) {
 // fresh samples taken.
 struct Taken {
   int64_t carried = 0, fresh = 0;
+  std::map<int, int64_t> by_age;  // samples per carry age (0: fresh)
 };
 Taken Drive(WidthCalibrator* c, int selects, double fresh, double carried, int* age) {
   Taken run;
@@ -34,7 +36,7 @@ Taken Drive(WidthCalibrator* c, int selects, double fresh, double carried, int* 
     c->Apply(&p);
     const bool is_carried = p.carry_steps > 0 && *age < p.carry_steps;
     *age = is_carried ? *age + 1 : 0;
-    if (!c->ShouldSample(p, 100000, is_carried)) continue;
+    if (!c->ShouldSample(p, 100000, *age)) continue;
     c->Taken();
     QualitySample q;
     q.mass_ratio = q.topk_recall = is_carried ? carried : fresh;
@@ -42,6 +44,7 @@ Taken Drive(WidthCalibrator* c, int selects, double fresh, double carried, int* 
     q.carried = is_carried;
     c->Observe(q);
     ++(is_carried ? run.carried : run.fresh);
+    ++run.by_age[*age];
   }
   return run;
 }
@@ -125,6 +128,15 @@ TEST(CarryCalibrationTest, SamplesFallOnBothKindsWhenTheIntervalIsInStepWithTheC
   const Taken three = Drive(c.get(), 800, 0.98, 0.98, &age);
   EXPECT_GE(three.fresh, 30);
   EXPECT_NEAR(static_cast<double>(three.carried) / (three.carried + three.fresh), 0.75, 0.03);
+  // And each age alike: an interval in step with the period, waiting by
+  // kind alone, sampled ages 0 and 1 only (a due sample that waited took
+  // the next select, the first after a fresh one).
+  const int64_t all = three.carried + three.fresh;
+  for (int a = 0; a <= 3; ++a) {
+    EXPECT_NEAR(static_cast<double>(three.by_age.count(a) ? three.by_age.at(a) : 0) / all, 0.25,
+                0.03)
+        << "age " << a;
+  }
 }
 
 TEST(CarryCalibrationTest, OffAndExactHeadsCarryNothing) {
