@@ -10,6 +10,7 @@
 #include <benchmark/benchmark.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -18,6 +19,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -179,10 +181,12 @@ absl::StatusOr<KvDump> MakeDump(int64_t n) {
 // Builds the selector of `kind` over the dump's single head (its
 // placements into `placed` when given).
 absl::Status BuildIndex(SelectorKind kind, SelectFixture* f,
-                        std::vector<Placement>* placed = nullptr, float pq_factor = 0.0f) {
+                        std::vector<Placement>* placed = nullptr, float pq_factor = 0.0f,
+                        float carry_keep_factor = MdciParams{}.carry_keep_factor) {
   SelectorConfig sc;
   sc.kind = kind;
   sc.mdci.pq_factor = pq_factor;
+  sc.mdci.carry_keep_factor = carry_keep_factor;
   sc.head_dim = f->dump.head_dim;
   sc.page_tokens = 16;
   sc.num_query_heads = f->dump.group_size();
@@ -283,23 +287,26 @@ constexpr int kColdHeads = 64;
 struct ColdHeads {
   KvDump dump;  // the queries (the keys are in each head's frames)
   std::vector<SelectFixture> heads;
+  std::vector<CandidateCarry> carries;  // one per head (BM_SelectCarried)
 };
-// Built once for both granularities (64 builds: most of the run's time).
-absl::StatusOr<const ColdHeads*> GetColdHeads(int64_t n) {
-  static auto* cache = new std::map<int64_t, std::unique_ptr<ColdHeads>>();
-  auto it = cache->find(n);
+// Built once for both granularities (64 builds: most of the run's time);
+// `keep`: MdciParams::carry_keep_factor.
+absl::StatusOr<ColdHeads*> GetColdHeads(int64_t n, float keep = MdciParams{}.carry_keep_factor) {
+  static auto* cache = new std::map<std::pair<int64_t, float>, std::unique_ptr<ColdHeads>>();
+  auto it = cache->find({n, keep});
   if (it != cache->end()) return it->second.get();
   auto c = std::make_unique<ColdHeads>();
   auto dump = MakeDump(n);
   if (!dump.ok()) return dump.status();
   c->dump = *std::move(dump);
   c->heads.resize(kColdHeads);
+  c->carries.resize(kColdHeads);
   for (SelectFixture& h : c->heads) {
     h.dump = c->dump;  // BuildIndex reads the keys from it
-    RETURN_IF_ERROR(BuildIndex(SelectorKind::kMdci, &h, nullptr, 8.0f));
+    RETURN_IF_ERROR(BuildIndex(SelectorKind::kMdci, &h, nullptr, 8.0f, keep));
     h.dump = KvDump();  // the frames hold the keys now
   }
-  return cache->emplace(n, std::move(c)).first->second.get();
+  return cache->emplace(std::make_pair(n, keep), std::move(c)).first->second.get();
 }
 
 void BM_SelectCold(benchmark::State& state) {
@@ -327,6 +334,52 @@ void BM_SelectCold(benchmark::State& state) {
   state.SetLabel(KernelIsa());
 }
 BENCHMARK(BM_SelectCold)->Args({32768, 0})->Args({32768, 1})->Unit(benchmark::kMicrosecond);
+
+// BM_SelectCold with the candidate carry-over at carry_steps 1, as a
+// calibrated head selects in decode: each head alternates a fresh select
+// and one that reuses its candidates (the mean of the two is the time).
+// Arg(2): MdciParams::carry_keep_factor x 10 (0: every candidate carried;
+// 40: the default 4), so the two keep factors run side by side in one run
+// (docs/bench/trim37.md). The heads of each keep factor are built once.
+void BM_SelectCarried(benchmark::State& state) {
+  auto cold = GetColdHeads(state.range(0), static_cast<float>(state.range(2)) / 10.0f);
+  if (!cold.ok()) {
+    state.SkipWithError(cold.status().ToString().c_str());
+    return;
+  }
+  const KvDump& d = (*cold)->dump;
+  SelectParams params;
+  params.budget_tokens = 256;
+  params.recent_tokens = 64;
+  params.granularity = state.range(1) != 0 ? Granularity::kToken : Granularity::kPage;
+  params.carry_steps = 1;
+  for (CandidateCarry& c : (*cold)->carries) c.Clear();
+  Selection sel;
+  int i = 0;
+  int64_t carried = 0, keys = 0;
+  for (auto _ : state) {
+    const int head = i % kColdHeads;
+    params.carry = &(*cold)->carries[head];
+    const absl::Status s = (*cold)->heads[head].selector->Select(
+        d.query((i / kColdHeads) % d.steps, 0, 0), d.group_size(), params, &sel);
+    if (!s.ok()) {
+      state.SkipWithError(s.ToString().c_str());
+      return;
+    }
+    carried += sel.carried ? 1 : 0;
+    keys += static_cast<int64_t>(sel.keys_touched);
+    ++i;
+  }
+  state.counters["carried"] = benchmark::Counter(static_cast<double>(carried) / std::max(1, i));
+  state.counters["keys"] = benchmark::Counter(static_cast<double>(keys) / std::max(1, i));
+  state.SetLabel(KernelIsa());
+}
+BENCHMARK(BM_SelectCarried)
+    ->Args({32768, 0, 0})
+    ->Args({32768, 0, 40})
+    ->Args({32768, 1, 0})
+    ->Args({32768, 1, 40})
+    ->Unit(benchmark::kMicrosecond);
 
 // Bulk build of one head's tree / layout (data generated once, outside).
 void BM_Build(benchmark::State& state, SelectorKind kind) {
