@@ -309,8 +309,11 @@ absl::StatusOr<ColdHeads*> GetColdHeads(int64_t n, float keep = MdciParams{}.car
   return cache->emplace(std::make_pair(n, keep), std::move(c)).first->second.get();
 }
 
-void BM_SelectCold(benchmark::State& state) {
-  auto cold = GetColdHeads(state.range(0));
+// Selects the cold heads in turn. `carry`: BM_SelectCarried (below).
+void RunColdSelects(benchmark::State& state, bool carry) {
+  const float keep =
+      carry ? static_cast<float>(state.range(2)) / 10.0f : MdciParams{}.carry_keep_factor;
+  auto cold = GetColdHeads(state.range(0), keep);
   if (!cold.ok()) {
     state.SkipWithError(cold.status().ToString().c_str());
     return;
@@ -320,46 +323,14 @@ void BM_SelectCold(benchmark::State& state) {
   params.budget_tokens = 256;
   params.recent_tokens = 64;
   params.granularity = state.range(1) != 0 ? Granularity::kToken : Granularity::kPage;
-  Selection sel;
-  int i = 0;
-  for (auto _ : state) {
-    const absl::Status s = (*cold)->heads[i % kColdHeads].selector->Select(
-        d.query((i / kColdHeads) % d.steps, 0, 0), d.group_size(), params, &sel);
-    if (!s.ok()) {
-      state.SkipWithError(s.ToString().c_str());
-      return;
-    }
-    ++i;
-  }
-  state.SetLabel(KernelIsa());
-}
-BENCHMARK(BM_SelectCold)->Args({32768, 0})->Args({32768, 1})->Unit(benchmark::kMicrosecond);
-
-// BM_SelectCold with the candidate carry-over at carry_steps 1, as a
-// calibrated head selects in decode: each head alternates a fresh select
-// and one that reuses its candidates (the mean of the two is the time).
-// Arg(2): MdciParams::carry_keep_factor x 10 (0: every candidate carried;
-// 40: the default 4), so the two keep factors run side by side in one run
-// (docs/bench/trim37.md). The heads of each keep factor are built once.
-void BM_SelectCarried(benchmark::State& state) {
-  auto cold = GetColdHeads(state.range(0), static_cast<float>(state.range(2)) / 10.0f);
-  if (!cold.ok()) {
-    state.SkipWithError(cold.status().ToString().c_str());
-    return;
-  }
-  const KvDump& d = (*cold)->dump;
-  SelectParams params;
-  params.budget_tokens = 256;
-  params.recent_tokens = 64;
-  params.granularity = state.range(1) != 0 ? Granularity::kToken : Granularity::kPage;
-  params.carry_steps = 1;
+  params.carry_steps = carry ? 1 : 0;
   for (CandidateCarry& c : (*cold)->carries) c.Clear();
   Selection sel;
   int i = 0;
   int64_t carried = 0, keys = 0;
   for (auto _ : state) {
     const int head = i % kColdHeads;
-    params.carry = &(*cold)->carries[head];
+    params.carry = carry ? &(*cold)->carries[head] : nullptr;
     const absl::Status s = (*cold)->heads[head].selector->Select(
         d.query((i / kColdHeads) % d.steps, 0, 0), d.group_size(), params, &sel);
     if (!s.ok()) {
@@ -370,10 +341,23 @@ void BM_SelectCarried(benchmark::State& state) {
     keys += static_cast<int64_t>(sel.keys_touched);
     ++i;
   }
-  state.counters["carried"] = benchmark::Counter(static_cast<double>(carried) / std::max(1, i));
-  state.counters["keys"] = benchmark::Counter(static_cast<double>(keys) / std::max(1, i));
+  if (carry) {
+    state.counters["carried"] = benchmark::Counter(static_cast<double>(carried) / std::max(1, i));
+    state.counters["keys"] = benchmark::Counter(static_cast<double>(keys) / std::max(1, i));
+  }
   state.SetLabel(KernelIsa());
 }
+
+void BM_SelectCold(benchmark::State& state) { RunColdSelects(state, /*carry=*/false); }
+BENCHMARK(BM_SelectCold)->Args({32768, 0})->Args({32768, 1})->Unit(benchmark::kMicrosecond);
+
+// BM_SelectCold with the candidate carry-over at carry_steps 1, as a
+// calibrated head selects in decode: each head alternates a fresh select
+// and one that reuses its candidates (the mean of the two is the time).
+// Arg(2): MdciParams::carry_keep_factor x 10 (0: every candidate carried;
+// 40: the default 4), so the two keep factors run side by side in one run
+// (docs/bench/trim37.md). The heads of each keep factor are built once.
+void BM_SelectCarried(benchmark::State& state) { RunColdSelects(state, /*carry=*/true); }
 BENCHMARK(BM_SelectCarried)
     ->Args({32768, 0, 0})
     ->Args({32768, 0, 40})
