@@ -68,18 +68,12 @@ def test_mdci_codes_are_the_default_and_zero_turns_them_off(client):
 
 def test_the_carry_keep_factor_reads_back_and_a_bad_one_is_refused(client):
     # Unset: the daemon's default (4); 0 carries every candidate.
-    s = client.create_session(small_spec(selector=icecache.Selector.MDCI))
-    try:
-        assert s.spec.mdci.carry_keep_factor == 4.0
-    finally:
-        client.drop_session(s.id)
-    s = client.create_session(
-        small_spec(selector=icecache.Selector.MDCI, mdci=icecache.MdciParams(carry_keep_factor=0.0))
-    )
-    try:
-        assert s.spec.mdci.carry_keep_factor == 0.0
-    finally:
-        client.drop_session(s.id)
+    for mdci, want in ((None, 4.0), (icecache.MdciParams(carry_keep_factor=0.0), 0.0)):
+        s = client.create_session(small_spec(selector=icecache.Selector.MDCI, mdci=mdci))
+        try:
+            assert s.spec.mdci.carry_keep_factor == want
+        finally:
+            client.drop_session(s.id)
     with pytest.raises(icecache.InvalidArgumentError, match="carry_keep_factor"):
         client.create_session(
             small_spec(selector=icecache.Selector.MDCI, mdci=icecache.MdciParams(carry_keep_factor=0.5))
