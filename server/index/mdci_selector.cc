@@ -549,13 +549,10 @@ void MdciSelector::TrimCarry(const SelectParams& params, int num_queries, const 
       if (std::find(forced.begin(), forced.end(), page) == forced.end()) ++kept_taken;
       continue;
     }
-    float g = 0.0f;
-    if (bound != nullptr) {
-      g = bound[i];
-    } else {
-      const float* lse = &s.lse[i * num_queries];
-      for (int j = 0; j < num_queries; ++j) g += std::exp(lse[j] - s.log_norm[j]);
-    }
+    // (The log of the group's share ranks the pages as the share does.)
+    const float g = bound != nullptr
+                        ? bound[i]
+                        : GroupPageScore(&s.lse[i * num_queries], s.log_norm.data(), num_queries);
     s.trim_rank.push_back(
         {std::isnan(g) ? std::numeric_limits<float>::infinity() : g, static_cast<uint32_t>(i)});
   }
@@ -581,34 +578,14 @@ void MdciSelector::TrimCarry(const SelectParams& params, int num_queries, const 
   // exact mass is compared with (CalibrateRest); the dropped pages' joins
   // the rest, which the next steps scale by the kept pages' change.
   for (int j = 0; j < num_queries; ++j) {
-    float kept_max = -std::numeric_limits<float>::infinity();
-    float drop_max = kept_max;
+    s.column.clear();   // the kept pages' log-masses
+    s.shifted.clear();  // the dropped pages'
     for (size_t i = 0; i < n; ++i) {
-      const float v = s.lse[i * num_queries + j];
-      if (s.trim_keep[i] != 0) {
-        kept_max = std::max(kept_max, v);
-      } else {
-        drop_max = std::max(drop_max, v);
-      }
+      (s.trim_keep[i] != 0 ? s.column : s.shifted).push_back(s.lse[i * num_queries + j]);
     }
-    double kept = 0.0, dropped = 0.0;
-    for (size_t i = 0; i < n; ++i) {
-      const float v = s.lse[i * num_queries + j];
-      if (s.trim_keep[i] != 0) {
-        if (std::isfinite(kept_max)) kept += std::exp(static_cast<double>(v - kept_max));
-      } else if (std::isfinite(drop_max)) {
-        dropped += std::exp(static_cast<double>(v - drop_max));
-      }
-    }
-    carry->taken_est[j] = kept > 0.0 ? kept_max + static_cast<float>(std::log(kept))
-                                     : -std::numeric_limits<float>::infinity();
-    float r = rest[j];
-    if (dropped > 0.0) {
-      const float d = drop_max + static_cast<float>(std::log(dropped));
-      const float hi = std::max(r, d);
-      r = hi + static_cast<float>(std::log1p(std::exp(static_cast<double>(std::min(r, d) - hi))));
-    }
-    carry->rest[j] = r;
+    carry->taken_est[j] = LogSumExp(s.column.data(), s.column.size());
+    const float rest_and_dropped[2] = {rest[j], LogSumExp(s.shifted.data(), s.shifted.size())};
+    carry->rest[j] = LogSumExp(rest_and_dropped, 2);
   }
 }
 

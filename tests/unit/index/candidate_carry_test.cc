@@ -52,6 +52,14 @@ SelectParams Carrying(Granularity g, int steps, CandidateCarry* carry) {
   return p;
 }
 
+// The sinks' and the recent window's pages of Params().
+std::set<uint32_t> ForcedPagesOf(const Selector& sel) {
+  std::set<uint32_t> forced;
+  for (int32_t pos = 0; pos < 4; ++pos) forced.insert(sel.placement_of(pos).page);
+  for (int32_t pos = kTokens - 16; pos < kTokens; ++pos) forced.insert(sel.placement_of(pos).page);
+  return forced;
+}
+
 // Every page a selection holds (token granularity: the pages of its tokens).
 std::set<uint32_t> PagesOf(const Selector& sel, const Selection& s) {
   std::set<uint32_t> pages(s.pages.begin(), s.pages.end());
@@ -104,11 +112,7 @@ TEST_P(CandidateCarryTest, CarriedSelectsTakeOnlyTheRecordedAndForcedPages) {
   ASSERT_TRUE(f.sel().Select(q0.data(), 4, p, &s).ok());
   ASSERT_FALSE(s.carried);
   const std::set<uint32_t> recorded(carry.candidates.begin(), carry.candidates.end());
-  std::set<uint32_t> forced;  // the sinks' and the recent window's pages
-  for (int32_t pos = 0; pos < 4; ++pos) forced.insert(f.sel().placement_of(pos).page);
-  for (int32_t pos = kTokens - 16; pos < kTokens; ++pos) {
-    forced.insert(f.sel().placement_of(pos).page);
-  }
+  const std::set<uint32_t> forced = ForcedPagesOf(f.sel());
   for (int step = 1; step <= 3; ++step) {
     // Other queries: the carried candidates serve them, whatever they are.
     const std::vector<float> q = mdci_test::GaussianRows(4, kDim, 1.0f, 100 + step);
@@ -151,11 +155,7 @@ TEST_P(CandidateCarryTest, AFreshSelectKeepsItsBestCandidatesForTheCarry) {
   const std::set<uint32_t> kept(carry_trimmed.candidates.begin(), carry_trimmed.candidates.end());
   const std::set<uint32_t> every(carry_all.candidates.begin(), carry_all.candidates.end());
   EXPECT_LT(kept.size(), every.size());
-  std::set<uint32_t> forced;  // the sinks' and the recent window's pages
-  for (int32_t pos = 0; pos < 4; ++pos) forced.insert(trimmed.sel().placement_of(pos).page);
-  for (int32_t pos = kTokens - 16; pos < kTokens; ++pos) {
-    forced.insert(trimmed.sel().placement_of(pos).page);
-  }
+  const std::set<uint32_t> forced = ForcedPagesOf(trimmed.sel());
   for (uint32_t page : PagesOf(trimmed.sel(), s_trimmed)) {
     EXPECT_TRUE(kept.count(page) > 0 || forced.count(page) > 0)
         << "page " << page << " was taken but not kept";
