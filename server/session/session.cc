@@ -354,7 +354,9 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
   HeadQualityMonitor* hq = quality.empty() ? nullptr : quality[index].get();
   SelectParams p = params;
   if (hq != nullptr) hq->Apply(&p);
-  if (p.carry_steps > 0 && !carry_pool.Allows() && !hq->CarryJudged()) p.carry_steps = 0;
+  if (hq != nullptr && p.carry_steps > 0 && !carry_pool.Allows() && !hq->CarryJudged()) {
+    p.carry_steps = 0;  // the session's pooled judgement stopped the carry for unjudged heads
+  }
   const float* q = queries.data() + static_cast<size_t>(h) * q_per_kv * config.head_dim;
   const auto t0 = std::chrono::steady_clock::now();
   // Thread CPU time too (monitored heads): the calibrator compares it with
