@@ -21,6 +21,7 @@
 #include "server/rpc/config.h"
 #include "server/rpc/convert.h"
 #include "server/rpc/log.h"
+#include "server/rpc/quality_options.h"
 
 namespace icecache::rpc {
 namespace {
@@ -116,22 +117,7 @@ absl::Status Daemon::Init() {
          {"cpu_us_per_tree", b.tree_cpu_ns / per / 1000},
          {"minflt_per_tree", b.tree_minor_faults / per}});
   };
-  const v1::QualityConfig& q = c.quality();
-  mgr_opts.quality.enabled = q.enabled();
-  mgr_opts.quality.sample_every = static_cast<int>(q.sample_every());
-  mgr_opts.quality.max_sample_every = static_cast<int>(q.max_sample_every());
-  mgr_opts.quality.exact_cost_ratio = q.exact_cost_ratio();
-  mgr_opts.quality.ranking_duel_samples = static_cast<int>(q.ranking_duel_samples());
-  mgr_opts.quality.method_duel = q.method_duel();
-  mgr_opts.quality.carry_steps = static_cast<int>(q.carry_steps());
-  mgr_opts.quality.pool_widths = q.pool_widths();
-  mgr_opts.quality.warmup_samples = static_cast<int>(q.warmup_samples());
-  mgr_opts.quality.remember_widths = q.remember_widths();
-  mgr_opts.quality.seeded_warmup_samples = static_cast<int>(q.seeded_warmup_samples());
-  mgr_opts.quality.sampler.cpu_share = q.cpu_share();
-  mgr_opts.quality.sampler.queue_capacity = static_cast<int>(q.queue_capacity());
-  mgr_opts.quality.sampler.burst = absl::Milliseconds(static_cast<int64_t>(q.burst_ms()));
-  mgr_opts.quality.fair_burst = q.fair_burst();
+  mgr_opts.quality = QualityOptionsFromConfig(c.quality());
   quality_metrics_ = std::make_unique<QualityMetrics>(&registry_);
   mgr_opts.on_quality_sample = [m = quality_metrics_.get()](SelectorKind kind,
                                                             const QualitySample& sample) {

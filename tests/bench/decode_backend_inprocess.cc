@@ -13,6 +13,7 @@
 #include "common/shm_file.h"
 #include "common/status_macros.h"
 #include "server/pool/page_pool.h"
+#include "server/rpc/quality_options.h"
 #include "server/session/session_manager.h"
 #include "server/transfer/buffer_registry.h"
 #include "tests/bench/decode_backend.h"
@@ -89,11 +90,11 @@ class InProcessBackend : public DecodeBackend {
     m.reaper_interval = absl::ZeroDuration();
     // As icecached with worker_threads 0: builds use every CPU.
     m.build_threads = static_cast<int>(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN)));
-    // As icecached's default config (quality on, the core's defaults are
-    // the daemon's): mdci selects at its self-calibrated width, and the
-    // background references run beside it, as in the daemon.
+    // As icecached's default config: mdci selects at its self-calibrated
+    // width, carries candidates and pools widths as the daemon does, and
+    // the background references run beside it.
+    m.quality = rpc::DaemonDefaultQualityOptions();
     m.quality.enabled = quality;
-    m.quality.remember_widths = quality;  // icecached's default (config.h)
     ASSIGN_OR_RETURN(manager_, SessionManager::Create(m));
     return absl::OkStatus();
   }
