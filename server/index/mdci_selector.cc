@@ -480,7 +480,9 @@ void MdciSelector::Record(const SelectParams& params, int num_queries, bool scan
 
 bool MdciSelector::TakeCarried(const SelectParams& params, int num_queries, bool scan,
                                const std::vector<uint32_t>& forced, CandidateCarry* carry) const {
-  if (carry->age >= params.carry_steps || !CarryMatches(*carry, this, params, num_queries, scan) ||
+  const int64_t turn = (carry->selects++ + carry->phase) % (int64_t{params.carry_steps} + 1);
+  if (turn == 0 || carry->age >= params.carry_steps ||
+      !CarryMatches(*carry, this, params, num_queries, scan) ||
       carry->rest.size() != static_cast<size_t>(num_queries) ||
       carry->taken_est.size() != static_cast<size_t>(num_queries)) {
     return false;

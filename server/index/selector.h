@@ -233,6 +233,15 @@ struct CandidateCarry {
   bool scan = false;  // collected by the PQ scan (which scores the forced pages too)
   bool valid = false;
   int age = 0;  // selects that reused them since the fresh one
+  // The stagger: the owner's fresh selects fall where (selects + phase) %
+  // (carry_steps + 1) == 0 (a record's end comes sooner; a width change
+  // still collects afresh at once), so heads given phases 0, 1, .. in turn
+  // are not all fresh on one step. In phase, a layer's heads cost twice as
+  // much on every other step at carry_steps 1, its wall time is that of
+  // the fresh steps, and the carry saves next to nothing of a decode step
+  // (docs/bench/stagger38.md).
+  int phase = 0;
+  int64_t selects = 0;  // selects offered this carry (fresh or carried)
   std::vector<uint32_t> candidates;
   std::vector<float> rest, taken_est;  // per query: log mass outside / estimated inside
 

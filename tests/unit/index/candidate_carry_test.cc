@@ -237,6 +237,29 @@ TEST(CandidateCarryTest, OtherParamsQueriesOrSelectorsCollectAfresh) {
   EXPECT_EQ(s.pages, plain.pages);
 }
 
+// The stagger (CandidateCarry::phase): a carry's fresh selects fall where
+// (selects + phase) % (carry_steps + 1) == 0, so the heads given phases 0,
+// 1, 2 at carry_steps 2 select afresh on different steps once past their
+// first select, which is always fresh (nothing recorded yet).
+TEST(CandidateCarryTest, ThePhaseSetsWhichSelectsAreFresh) {
+  Fixture f(8.0f);
+  const std::vector<float> q = mdci_test::GaussianRows(4, kDim, 1.0f, 5);
+  const std::string want[] = {"fccfccf", "fcfccfc", "ffccfcc"};
+  for (int phase = 0; phase < 3; ++phase) {
+    SCOPED_TRACE(phase);
+    CandidateCarry carry;
+    carry.phase = phase;
+    const SelectParams p = Carrying(Granularity::kPage, 2, &carry);
+    std::string kinds;
+    for (int i = 0; i < 7; ++i) {
+      Selection s;
+      ASSERT_TRUE(f.sel().Select(q.data(), 4, p, &s).ok());
+      kinds += s.carried ? 'c' : 'f';
+    }
+    EXPECT_EQ(kinds, want[phase]);
+  }
+}
+
 TEST(CandidateCarryTest, RecordedIdsPastThePageTableAreDroppedNotRead) {
   // A state whose ids name no page of this selector (recorded by another
   // selector that had its address): the carried select reads none of them.

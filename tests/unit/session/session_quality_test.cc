@@ -176,6 +176,32 @@ TEST(SessionQualityTest, TokenGranularSelectionsAreMeasuredOnTheirTokens) {
   }
 }
 
+// The stagger (CandidateCarry::phase): at carry_steps 1 a layer's two heads
+// take turns to select afresh, so every step after the first two pays for
+// one head's scan, not for both on one step and for none on the next.
+TEST(SessionQualityTest, TheHeadsOfALayerTakeTurnsToSelectAfresh) {
+  QualityEnv q;
+  const int kSteps = 32;
+  // A target every width meets: no width change restarts a head's carry.
+  ASSERT_NO_FATAL_FAILURE(
+      StartQualitySession(&q, 0.5, 4096, kSteps, 16, 2, Granularity::kToken,
+                          [](SessionManagerOptions* mo) { mo->quality.carry_steps = 1; }));
+  for (int step = 0; step < kSteps; ++step) {
+    SCOPED_TRACE(step);
+    SelectRequest r;
+    r.layer = 0;
+    const float* qs = q.dump.query(step, 0, 0);
+    r.queries.assign(qs, qs + static_cast<size_t>(q.dump.q_heads) * q.dump.head_dim);
+    auto selected = q.env.manager->SelectPages(q.caller, q.id, r);
+    ASSERT_THAT(selected.status(), IsOk());
+    q.env.manager->WaitForQualitySamples();
+    ASSERT_EQ(selected->heads.size(), 2u);
+    const int carried = (selected->heads[0].carried ? 1 : 0) + (selected->heads[1].carried ? 1 : 0);
+    if (step == 0) EXPECT_EQ(carried, 0);  // nothing recorded yet
+    if (step >= 2) EXPECT_EQ(carried, 1);
+  }
+}
+
 // Candidate carry-over (SessionQualityOptions::carry_steps): the heads'
 // calibrators let every other select reuse the last fresh one's
 // candidates; those selections are counted, measured like the others (the
