@@ -182,7 +182,8 @@ void WidthCalibrator::RestartCarry() {
 void WidthCalibrator::ObserveCarry(double ratio, bool carried) {
   if (!carry_on_) return;
   carry_.Add(ratio, carried);
-  if (carry_.FallsBehind(o_.carry_judge_samples, o_.carry_margin)) {
+  if (carry_.FallsBehind(o_.carry_judge_samples, o_.carry_margin, o_.target_ratio,
+                         o_.carry_steps)) {
     carry_on_ = false;
     ++carry_stops_;
     RestartCarry();

@@ -16,11 +16,11 @@ bool CarryPool::Allows() {
   return true;
 }
 
-void CarryPool::Observe(double mass_ratio, bool carried) {
+void CarryPool::Observe(double mass_ratio, bool carried, double target, int carry_steps) {
   absl::MutexLock l(&mu_);
   if (stopped_.load(std::memory_order_relaxed)) return;  // a late sample of before the stop
   tally_.Add(mass_ratio, carried);
-  if (tally_.FallsBehind(o_.judge_samples, o_.margin)) {
+  if (tally_.FallsBehind(o_.judge_samples, o_.margin, target, carry_steps)) {
     stopped_.store(true, std::memory_order_relaxed);
     ++stops_;
     run_ = 0;

@@ -49,8 +49,11 @@ class CarryPool {
   // One selection of a carrying head: false while the pool has stopped the
   // carry (the caller then selects afresh unless the head judged itself).
   bool Allows() ABSL_LOCKS_EXCLUDED(mu_);
-  // One measured sample of a head that selected with the carry on.
-  void Observe(double mass_ratio, bool carried) ABSL_LOCKS_EXCLUDED(mu_);
+  // One measured sample of a head that selected with the carry on, at
+  // `carry_steps`, calibrated to `target` (CarryTally::FallsBehind; 0: the
+  // margin alone judges).
+  void Observe(double mass_ratio, bool carried, double target, int carry_steps)
+      ABSL_LOCKS_EXCLUDED(mu_);
   CarryPoolReport report() const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:

@@ -340,7 +340,10 @@ SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample*
   }
   if (!measured.ok()) return SampleOutcome::kStale;
   s.quality[s.SelectorIndex(probe.group, probe.head)]->Record(*measured);
-  if (probe.params.carry_steps > 0) s.carry_pool.Observe(measured->mass_ratio, probe.carried);
+  if (probe.params.carry_steps > 0) {
+    s.carry_pool.Observe(measured->mass_ratio, probe.carried, s.config.target_mass_ratio,
+                         probe.params.carry_steps);
+  }
   if (s.width_pool != nullptr) {
     // Pooled widths: every sample taken at the pool's width is one of its
     // (whichever head), then the heads with none of their own follow it.

@@ -72,6 +72,19 @@ TEST(CarryCalibrationTest, ACheapCarryStaysOnAndTheWidthHoldsTheTarget) {
   EXPECT_DOUBLE_EQ(r.width, 1.0);  // both kinds meet the target: never widened
 }
 
+TEST(CarryCalibrationTest, ACarryThatSpendsTheFreshSelectsRoomStaysOn) {
+  auto c = Make(CarryOptions());
+  ASSERT_NE(c, nullptr);
+  int age = 0;
+  // Carried steps 0.06 below the fresh ones, past the margin, but the two
+  // kinds mix to 0.96: over the 0.95 target, so the carry costs no width.
+  Drive(c.get(), 400, 0.99, 0.93, &age);
+  const CalibratorReport r = c->report();
+  EXPECT_EQ(r.carry_steps, 1);
+  EXPECT_EQ(r.carry_stops, 0);
+  EXPECT_DOUBLE_EQ(r.width, 1.0);
+}
+
 TEST(CarryCalibrationTest, AHeadWhoseCarriedStepsFallBehindStopsWithoutWidening) {
   CalibratorOptions o = CarryOptions();
   o.carry_retry_steps = 300;

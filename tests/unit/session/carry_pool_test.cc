@@ -9,6 +9,8 @@
 namespace icecache {
 namespace {
 
+constexpr double kTarget = 0.95;  // the session's target mass ratio
+
 CarryPoolOptions Small() {
   CarryPoolOptions o;
   o.judge_samples = 4;
@@ -20,8 +22,8 @@ CarryPoolOptions Small() {
 TEST(CarryPoolTest, CarriedSamplesWithinTheMarginKeepItOn) {
   CarryPool pool(Small());
   for (int i = 0; i < 50; ++i) {
-    pool.Observe(0.97, /*carried=*/false);
-    pool.Observe(0.95, /*carried=*/true);  // 0.02 below: within 0.03
+    pool.Observe(0.97, /*carried=*/false, kTarget, 1);
+    pool.Observe(0.95, /*carried=*/true, kTarget, 1);  // 0.02 below: within 0.03
   }
   const CarryPoolReport r = pool.report();
   EXPECT_FALSE(r.stopped);
@@ -32,17 +34,42 @@ TEST(CarryPoolTest, CarriedSamplesWithinTheMarginKeepItOn) {
   EXPECT_TRUE(pool.Allows());
 }
 
+TEST(CarryPoolTest, CarriedSamplesUnderTheMarginKeepItOnWhileTheMixMeetsTheTarget) {
+  // 0.06 under the fresh samples, but at carry_steps 1 the selects mix
+  // (0.99 + 0.93) / 2 = 0.96: the carry spends the fresh selects' room.
+  CarryPool pool(Small());
+  for (int i = 0; i < 50; ++i) {
+    pool.Observe(0.99, /*carried=*/false, kTarget, 1);
+    pool.Observe(0.93, /*carried=*/true, kTarget, 1);
+  }
+  EXPECT_FALSE(pool.report().stopped);
+  // At carry_steps 3 the same samples mix (0.99 + 3 x 0.93) / 4 = 0.945.
+  CarryPool three(Small());
+  for (int i = 0; i < 4; ++i) {
+    three.Observe(0.99, /*carried=*/false, kTarget, 3);
+    three.Observe(0.93, /*carried=*/true, kTarget, 3);
+  }
+  EXPECT_TRUE(three.report().stopped);
+  // With no target (an uncalibrated session) the margin alone judges.
+  CarryPool untargeted(Small());
+  for (int i = 0; i < 4; ++i) {
+    untargeted.Observe(0.99, /*carried=*/false, 0.0, 1);
+    untargeted.Observe(0.93, /*carried=*/true, 0.0, 1);
+  }
+  EXPECT_TRUE(untargeted.report().stopped);
+}
+
 TEST(CarryPoolTest, StopsOnlyOnceBothKindsHaveTheirSamples) {
   CarryPool pool(Small());
-  for (int i = 0; i < 10; ++i) pool.Observe(0.80, /*carried=*/true);
-  for (int i = 0; i < 3; ++i) pool.Observe(0.97, /*carried=*/false);
+  for (int i = 0; i < 10; ++i) pool.Observe(0.80, /*carried=*/true, kTarget, 1);
+  for (int i = 0; i < 3; ++i) pool.Observe(0.97, /*carried=*/false, kTarget, 1);
   EXPECT_FALSE(pool.report().stopped);  // 3 fresh samples: not judged yet
-  pool.Observe(0.97, /*carried=*/false);
+  pool.Observe(0.97, /*carried=*/false, kTarget, 1);
   EXPECT_TRUE(pool.report().stopped);
   EXPECT_EQ(pool.report().stops, 1);
   EXPECT_FALSE(pool.Allows());
   // Late samples of before the stop change nothing.
-  pool.Observe(0.99, /*carried=*/true);
+  pool.Observe(0.99, /*carried=*/true, kTarget, 1);
   EXPECT_EQ(pool.report().carried, 10);
 }
 
@@ -50,8 +77,8 @@ TEST(CarryPoolTest, RetriesAfterItsWaitAndDoublesIt) {
   CarryPool pool(Small());
   auto stop = [&] {
     for (int i = 0; i < 4; ++i) {
-      pool.Observe(0.97, false);
-      pool.Observe(0.80, true);
+      pool.Observe(0.97, false, kTarget, 1);
+      pool.Observe(0.80, true, kTarget, 1);
     }
   };
   stop();
@@ -80,7 +107,7 @@ TEST(CarryPoolTest, ConcurrentSelectsAndSamplesAreSafe) {
     threads.emplace_back([&pool, t] {
       for (int i = 0; i < 2000; ++i) {
         pool.Allows();
-        pool.Observe(t % 2 == 0 ? 0.97 : 0.80, t % 2 == 1);
+        pool.Observe(t % 2 == 0 ? 0.97 : 0.80, t % 2 == 1, kTarget, 1);
       }
     });
   }
