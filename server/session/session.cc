@@ -54,10 +54,13 @@ Session::Session(std::string id_in, std::string tenant_in, uint64_t epoch_in,
   selectors.resize(static_cast<size_t>(groups) * config.kv_heads);
   last_select_ns = std::make_unique<std::atomic<int64_t>[]>(selectors.size());
   carries = std::make_unique<HeadCarry[]>(selectors.size());
-  // Each layer's heads in staggered phases (CandidateCarry::phase).
+  // Staggered phases (CandidateCarry::phase), numbered across the session's
+  // (group, head) pairs: with an even number of KV heads each layer's heads
+  // alternate; with one (MQA) or an odd number the layers do, so no token
+  // has every head scanning either.
   for (size_t i = 0; i < selectors.size(); ++i) {
     absl::MutexLock carry_lock(&carries[i].mu);
-    carries[i].carry.phase = static_cast<int>(i % static_cast<size_t>(config.kv_heads));
+    carries[i].carry.phase = static_cast<int>(i);
   }
   group_tokens.assign(groups, 0);
   group_building.assign(groups, 0);

@@ -30,6 +30,10 @@ def main(path):
             tpot = p["per_token_ms"]["tpot"]
             if not (isinstance(tpot, (int, float)) and tpot > 0 and math.isfinite(tpot)):
                 fail(f"{name}: tpot {tpot}")
+            mean_tpot = p["per_token_ms_mean"]["tpot"]
+            if not (isinstance(mean_tpot, (int, float)) and mean_tpot > 0
+                    and math.isfinite(mean_tpot)):
+                fail(f"{name}: per_token_ms_mean.tpot {mean_tpot}")
             if not 0.0 <= p["mass_recall"] <= 1.0 + 1e-6:
                 fail(f"{name}: mass_recall {p['mass_recall']}")
             quality = c["quality_layers"]

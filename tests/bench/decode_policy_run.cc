@@ -22,6 +22,13 @@ double MsSince(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
 }
 
+double Mean(const std::vector<double>& v) {
+  if (v.empty()) return kNaN;
+  double sum = 0.0;
+  for (double x : v) sum += x;
+  return sum / static_cast<double>(v.size());
+}
+
 double Median(std::vector<double> v) {
   if (v.empty()) return kNaN;
   std::sort(v.begin(), v.end());
@@ -295,11 +302,20 @@ void Summarize(const DecodeContext& ctx, const Tally& t, PolicyResult* r) {
     tpot.push_back((t.append[s] + t.decode[s] + t.attention[s]) * layer_scale);
     decode.push_back(t.decode[s] * layer_scale);
   }
-  const auto tail = [&](const std::vector<double>& v, double scale) {
+  const auto tail_of = [&](const std::vector<double>& v, double scale) {
     std::vector<double> out;
     for (int s = 1; s < steps; ++s) out.push_back(v[s] * scale);
-    return Median(out);
+    return out;
   };
+  const auto tail = [&](const std::vector<double>& v, double scale) {
+    return Median(tail_of(v, scale));
+  };
+  r->mean_cost.append = Mean(tail_of(t.append, layer_scale));
+  r->mean_cost.select = Mean(tail_of(t.own_select, layer_scale));
+  r->mean_cost.gather = Mean(tail_of(t.own_gather, layer_scale));
+  r->mean_cost.attention = Mean(tail_of(t.attention, layer_scale));
+  r->mean_cost.rpc = Mean(decode) - r->mean_cost.select - r->mean_cost.gather;
+  r->mean_cost.tpot = Mean(tpot);
   r->cost.append = tail(t.append, layer_scale);
   // Select and gather: the measured backend's own time inside its calls
   // (the daemon's, at its calibrated widths, beside its references); RPC:

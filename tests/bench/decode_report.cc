@@ -59,6 +59,7 @@ Json PolicyJson(const PolicyResult& p) {
           {"prefill_s", Num(p.prefill_s)},
           {"first_step_s", Num(p.first_step_s)},
           {"per_token_ms", CostJson(p.cost)},
+          {"per_token_ms_mean", CostJson(p.mean_cost)},
           {"decode_step_message_us_p50", Num(p.message_us)},
           {"rpc_per_message_us_p50", Num(p.rpc_per_message_us)},
           {"paired_rpc_per_message_us_p50", Num(p.paired_rpc_per_message_us)},
@@ -258,6 +259,13 @@ void PrintContext(const DecodeBenchOptions& o, const ContextResult& c) {
       "the first decode step. SELECT, GATHER = the daemon's own time in its DecodeStep calls "
       "(kv.proto select_ns, gather_ns); RPC = the calls beyond it; RPC_US/MSG = median per "
       "layer message of the call beyond the daemon's select + gather.\n");
+  std::printf("means over the same steps (the throughput's; the table gives medians):\n");
+  for (const PolicyResult& p : c.policies) {
+    std::printf("  %-10s TPOT %s  APPEND %s  SELECT %s  GATHER %s  RPC %s\n", p.policy.name.c_str(),
+                Fmt("%.1f", p.mean_cost.tpot).c_str(), Fmt("%.2f", p.mean_cost.append).c_str(),
+                Fmt("%.2f", p.mean_cost.select).c_str(), Fmt("%.2f", p.mean_cost.gather).c_str(),
+                Fmt("%.2f", p.mean_cost.rpc).c_str());
+  }
   PrintMonitors(c);
   PrintPrefetch(c);
   PrintInPlace(c);

@@ -29,6 +29,10 @@ struct PolicyResult {
   double first_step_s = 0;
   double tt2t_s = 0;  // prefill + first step
   TokenCost cost;
+  // The same figures as means over the same steps: the throughput's. A
+  // per-step cost that alternates between two values (every head scanning
+  // on the same step) makes the median one of them (docs/bench/stagger38.md).
+  TokenCost mean_cost;
   // Median per DecodeStep call of its round trip beyond the daemon's own
   // select + gather in it (in-process: the call's own overhead).
   double rpc_per_message_us = 0;
