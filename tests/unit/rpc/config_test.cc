@@ -127,6 +127,23 @@ TEST(ConfigTest, ShippedExampleConfigIsValid) {
   EXPECT_EQ(d.pool().capacity_bytes(), kDefaultCapacityBytes);
 }
 
+// The shipped example states the quality section the daemon runs with by
+// default (the in-process decode benchmark takes those defaults too,
+// quality_options.h): a default changed in one place and not the other
+// fails here.
+TEST(ConfigTest, ShippedExampleQualitySectionIsTheDefault) {
+  auto c = LoadConfigFile(ICECACHE_SOURCE_DIR "/deploy/icecached.textproto");
+  ASSERT_THAT(c, IsOk());
+  IcecachedConfig shipped = *c;
+  ApplyDefaults(&shipped);
+  IcecachedConfig defaults;
+  ApplyDefaults(&defaults);
+  EXPECT_EQ(shipped.quality().SerializeAsString(), defaults.quality().SerializeAsString())
+      << "deploy/icecached.textproto quality:\n"
+      << shipped.quality().DebugString() << "defaults:\n"
+      << defaults.quality().DebugString();
+}
+
 // Each case breaks one field; the error must name it.
 struct BadCase {
   std::string field;
