@@ -95,14 +95,17 @@ void AddQualitySession(QualityEnv* q, double target, Granularity granularity, st
   ASSERT_THAT(q->env.manager->AppendKv(q->caller, *id, q->dump.tokens, bytes).status(), IsOk());
 }
 
-absl::Status Step(QualityEnv* q, int step) {
+// One select of layer 0 with the dump's queries of `step`; the selection
+// into `out` when given.
+absl::Status Step(QualityEnv* q, int step, SelectResult* out = nullptr) {
   SelectRequest r;
   r.layer = 0;
   const float* qs = q->dump.query(step, 0, 0);
   r.queries.assign(qs, qs + static_cast<size_t>(q->dump.q_heads) * q->dump.head_dim);
-  absl::Status st = q->env.manager->SelectPages(q->caller, q->id, r).status();
+  absl::StatusOr<SelectResult> selected = q->env.manager->SelectPages(q->caller, q->id, r);
   q->env.manager->WaitForQualitySamples();  // deterministic: each sample lands before the next step
-  return st;
+  if (selected.ok() && out != nullptr) *out = *std::move(selected);
+  return selected.status();
 }
 
 TEST(SessionQualityTest, CalibratedWidthReachesTheTargetAndSettles) {
@@ -188,15 +191,10 @@ TEST(SessionQualityTest, TheHeadsOfALayerTakeTurnsToSelectAfresh) {
                           [](SessionManagerOptions* mo) { mo->quality.carry_steps = 1; }));
   for (int step = 0; step < kSteps; ++step) {
     SCOPED_TRACE(step);
-    SelectRequest r;
-    r.layer = 0;
-    const float* qs = q.dump.query(step, 0, 0);
-    r.queries.assign(qs, qs + static_cast<size_t>(q.dump.q_heads) * q.dump.head_dim);
-    auto selected = q.env.manager->SelectPages(q.caller, q.id, r);
-    ASSERT_THAT(selected.status(), IsOk());
-    q.env.manager->WaitForQualitySamples();
-    ASSERT_EQ(selected->heads.size(), 2u);
-    const int carried = (selected->heads[0].carried ? 1 : 0) + (selected->heads[1].carried ? 1 : 0);
+    SelectResult selected;
+    ASSERT_THAT(Step(&q, step, &selected), IsOk());
+    ASSERT_EQ(selected.heads.size(), 2u);
+    const int carried = (selected.heads[0].carried ? 1 : 0) + (selected.heads[1].carried ? 1 : 0);
     if (step == 0) EXPECT_EQ(carried, 0);  // nothing recorded yet
     if (step >= 2) EXPECT_EQ(carried, 1);
   }
