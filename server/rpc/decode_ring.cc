@@ -353,26 +353,34 @@ bool DecodeRingServer::AwaitNext(Ring& r) {
   }
   const absl::Time deadline = r.answered + window;
   bool arrived = false;
-  for (;;) {
-    uint64_t seq;
-    if (!r.lease.Read(ring::kRequestSeqOffset, sizeof seq, &seq).ok()) break;
-    if (seq != r.handled_seq) {
-      arrived = true;
-      break;
+  // One file check and one SIGBUS guard for the whole watch, not one per
+  // look (two system calls each). A file truncated meanwhile ends the watch
+  // through the guard; ServeRequest's check then closes the ring.
+  (void)r.lease.ReadInPlace(ring::kRequestSeqOffset, sizeof(uint64_t), [&](const uint8_t* p) {
+    for (;;) {
+      if (__atomic_load_n(reinterpret_cast<const uint64_t*>(p), __ATOMIC_ACQUIRE) !=
+          r.handled_seq) {
+        arrived = true;
+        return;
+      }
+      if (stopping_.load(std::memory_order_relaxed) || absl::Now() >= deadline) return;
+      // Another runnable thread on this CPU (a selection, the client) goes
+      // first; on an idle CPU this returns at once.
+      ::sched_yield();
     }
-    if (stopping_.load(std::memory_order_relaxed) || absl::Now() >= deadline) break;
-    // Another runnable thread on this CPU (a selection, the client) goes
-    // first; on an idle CPU this returns at once.
-    ::sched_yield();
-  }
+  });
   spinning_.fetch_sub(1, std::memory_order_acq_rel);
   if (arrived) caught_.fetch_add(1, std::memory_order_relaxed);
   return arrived;
 }
 
 bool DecodeRingServer::ServeRequest(Ring& r) {
+  // The file checked once for the whole message: the reads and the answer
+  // below skip their own checks (a truncation since is caught by their
+  // guards).
+  if (!r.lease.CheckRegion(0, r.lease.size()).ok()) return false;  // the ring file shrank
   uint8_t h[24];
-  if (!r.lease.Read(0, sizeof h, h).ok()) return false;  // the ring file shrank
+  if (!r.lease.Read(0, sizeof h, h, BufferLease::FileCheck::kChecked).ok()) return false;
   const uint64_t seq = Load64(h + ring::kRequestSeqOffset);
   const uint32_t len = Load32(h + ring::kRequestLenOffset);
   if (seq == r.handled_seq) return true;  // nothing new
@@ -398,7 +406,8 @@ absl::Status DecodeRingServer::ReadRequest(Ring& r, uint64_t seq, uint32_t len) 
   // Copied out of shared memory first: the client cannot change what is
   // checked after it was checked.
   r.in.resize(len);
-  RETURN_IF_ERROR(r.lease.Read(ring::RequestAreaOffset(), len, r.in.data()));
+  RETURN_IF_ERROR(
+      r.lease.Read(ring::RequestAreaOffset(), len, r.in.data(), BufferLease::FileCheck::kChecked));
   if (!r.request.ParseFromArray(r.in.data(), static_cast<int>(len))) {
     return absl::InvalidArgumentError(absl::StrCat("decode ring ", r.id, ": request ", seq, " (",
                                                    len, " bytes) is not a DecodeStepRequest"));
@@ -430,21 +439,27 @@ bool DecodeRingServer::Answer(Ring& r, uint64_t seq, const absl::Status& status)
   // also fetches into this buffer learns of these bytes.
   r.lease.NoteWrite(WriteLog::kNoWriter, ring::ResponseAreaOffset(r.request_capacity), size);
   r.lease.NoteWrite(WriteLog::kNoWriter, ring::kResponseSeqOffset, 16);
-  absl::Status w =
-      r.lease.Write(ring::ResponseAreaOffset(r.request_capacity), size, [&](uint8_t* dst) {
+  absl::Status w = r.lease.Write(
+      ring::ResponseAreaOffset(r.request_capacity), size,
+      [&](uint8_t* dst) {
         if (ok) {
           r.response.SerializeWithCachedSizesToArray(dst);
         } else {
           std::memcpy(dst, message.data(), size);
         }
-      });
+      },
+      BufferLease::FileCheck::kChecked);
   const uint32_t len = static_cast<uint32_t>(size);
   if (w.ok()) {
-    w = r.lease.Write(ring::kResponseSeqOffset, 16, [&](uint8_t* dst) {
-      std::memcpy(dst + (ring::kCodeOffset - ring::kResponseSeqOffset), &code, sizeof code);
-      std::memcpy(dst + (ring::kResponseLenOffset - ring::kResponseSeqOffset), &len, sizeof len);
-      __atomic_store_n(reinterpret_cast<uint64_t*>(dst), seq, __ATOMIC_RELEASE);
-    });
+    w = r.lease.Write(
+        ring::kResponseSeqOffset, 16,
+        [&](uint8_t* dst) {
+          std::memcpy(dst + (ring::kCodeOffset - ring::kResponseSeqOffset), &code, sizeof code);
+          std::memcpy(dst + (ring::kResponseLenOffset - ring::kResponseSeqOffset), &len,
+                      sizeof len);
+          __atomic_store_n(reinterpret_cast<uint64_t*>(dst), seq, __ATOMIC_RELEASE);
+        },
+        BufferLease::FileCheck::kChecked);
   }
   if (!w.ok()) return false;  // the ring file shrank: close it (the client reads end of file)
   const char bell = 1;

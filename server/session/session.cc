@@ -158,8 +158,12 @@ struct FrameCopier {
   // Copies frames [first, first + count) to the buffer at `offset`, hashing
   // each frame to check right before its copy; stops at a mismatch (records
   // the lowest bad frame in `bad`; its bytes are not copied).
-  absl::Status Copy(BufferLease& lease, uint64_t offset, size_t first, size_t count) {
-    return lease.Write(offset, count * bytes, [&](uint8_t* dst) { Gather(first, count, dst); });
+  // `check`: BufferLease::Write's (kChecked where the caller checked the
+  // whole region once).
+  absl::Status Copy(BufferLease& lease, uint64_t offset, size_t first, size_t count,
+                    BufferLease::FileCheck check = BufferLease::FileCheck::kNow) {
+    return lease.Write(
+        offset, count * bytes, [&](uint8_t* dst) { Gather(first, count, dst); }, check);
   }
 
   // Hashes every frame to check, before anything is written; false at the
@@ -516,13 +520,17 @@ absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchReques
     copied = copier.Copy(lease, req.offset, 0, copier.frames.size());
   } else {
     // Each block is its own guarded write: a truncated buffer fails the block
-    // that meets it (FailedPrecondition) wherever it runs.
+    // that meets it (FailedPrecondition) wherever it runs. The file is
+    // checked once for the whole region, not per block.
     const int blocks = static_cast<int>(copier.block_start.size()) - 1;
-    copied = ForEachHead(blocks, threads, [&](int b) {
-      const size_t first = copier.block_start[b];
-      return copier.Copy(lease, req.offset + first * bytes, first,
-                         copier.block_start[b + 1] - first);
-    });
+    copied = lease.CheckRegion(req.offset, layout.total_bytes);
+    if (copied.ok()) {
+      copied = ForEachHead(blocks, threads, [&](int b) {
+        const size_t first = copier.block_start[b];
+        return copier.Copy(lease, req.offset + first * bytes, first,
+                           copier.block_start[b + 1] - first, BufferLease::FileCheck::kChecked);
+      });
+    }
   }
   if (counters != nullptr) {
     counters->verified.fetch_add(copier.checked.load(), std::memory_order_relaxed);
@@ -709,13 +717,18 @@ absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const Fetch
     }
   } else {
     // Each block is its own guarded write: a truncated buffer fails the
-    // block that meets it (FailedPrecondition) wherever it runs.
-    written = ForEachHead(blocks, threads, [&](int b) {
-      if (block_bytes(b) == 0) return absl::OkStatus();
-      RETURN_IF_ERROR(check_block(b));
-      return lease.Write(block_offset[b], block_bytes(b),
-                         [&](uint8_t* dst) { fill_block(b, dst); });
-    });
+    // block that meets it (FailedPrecondition) wherever it runs. The file is
+    // checked once for the whole region, not per block.
+    written = lease.CheckRegion(req.offset, layout.total_bytes);
+    if (written.ok()) {
+      written = ForEachHead(blocks, threads, [&](int b) {
+        if (block_bytes(b) == 0) return absl::OkStatus();
+        RETURN_IF_ERROR(check_block(b));
+        return lease.Write(
+            block_offset[b], block_bytes(b), [&](uint8_t* dst) { fill_block(b, dst); },
+            BufferLease::FileCheck::kChecked);
+      });
+    }
   }
   if (counters != nullptr) {
     counters->verified.fetch_add(checked.load(), std::memory_order_relaxed);

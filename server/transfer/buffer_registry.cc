@@ -91,12 +91,14 @@ absl::Status BufferLease::CheckRegion(uint64_t offset, uint64_t length) const {
 }
 
 absl::Status BufferLease::Write(uint64_t offset, uint64_t length,
-                                absl::FunctionRef<void(uint8_t*)> fill) {
+                                absl::FunctionRef<void(uint8_t*)> fill, FileCheck check) {
   if (entry_ == nullptr) return absl::FailedPreconditionError("empty buffer lease");
   if (absl::Status s = entry_->CheckRange(offset, length); !s.ok()) return s;
   if (length == 0) return absl::OkStatus();
   if (entry_->kind == BufferKind::kHostShm) {
-    if (absl::Status s = entry_->shm.CheckFileCovers(offset + length); !s.ok()) return s;
+    if (check == FileCheck::kNow) {
+      if (absl::Status s = entry_->shm.CheckFileCovers(offset + length); !s.ok()) return s;
+    }
     uint8_t* dst = entry_->shm.data() + offset;
     return RunSigbusGuarded([&] { fill(dst); });
   }
@@ -229,7 +231,7 @@ bool BufferLease::registered() const {
   return entry_ != nullptr && !entry_->removed.load(std::memory_order_acquire);
 }
 
-absl::Status BufferLease::Read(uint64_t offset, uint64_t length, void* dst) {
+absl::Status BufferLease::Read(uint64_t offset, uint64_t length, void* dst, FileCheck check) {
   if (entry_ == nullptr) return absl::FailedPreconditionError("empty buffer lease");
   if (entry_->kind != BufferKind::kHostShm) {
     return absl::FailedPreconditionError(
@@ -238,9 +240,24 @@ absl::Status BufferLease::Read(uint64_t offset, uint64_t length, void* dst) {
   }
   if (absl::Status s = entry_->CheckRange(offset, length); !s.ok()) return s;
   if (length == 0) return absl::OkStatus();
-  if (absl::Status s = entry_->shm.CheckFileCovers(offset + length); !s.ok()) return s;
+  if (check == FileCheck::kNow) {
+    if (absl::Status s = entry_->shm.CheckFileCovers(offset + length); !s.ok()) return s;
+  }
   const uint8_t* src = entry_->shm.data() + offset;
   return RunSigbusGuarded([&] { std::memcpy(dst, src, length); });
+}
+
+absl::Status BufferLease::ReadInPlace(uint64_t offset, uint64_t length,
+                                      absl::FunctionRef<void(const uint8_t*)> fn) {
+  if (entry_ == nullptr) return absl::FailedPreconditionError("empty buffer lease");
+  if (entry_->kind != BufferKind::kHostShm) {
+    return absl::FailedPreconditionError("only a HOST_SHM buffer can be read in place");
+  }
+  if (absl::Status s = entry_->CheckRange(offset, length); !s.ok()) return s;
+  if (length == 0) return absl::OkStatus();
+  if (absl::Status s = entry_->shm.CheckFileCovers(offset + length); !s.ok()) return s;
+  const uint8_t* src = entry_->shm.data() + offset;
+  return RunSigbusGuarded([&] { fn(src); });
 }
 
 // ------------------------------------------------------------- BufferRegistry

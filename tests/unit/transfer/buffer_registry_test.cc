@@ -122,6 +122,62 @@ TEST(BufferRegistryTest, TruncatedFileGivesStatusNotCrash) {
   EXPECT_THAT(s, StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("SIGBUS")));
 }
 
+// FileCheck::kChecked skips the fstat (the caller checked the region once for
+// its request) but not the range check or the guard; ReadInPlace checks once
+// and guards the whole of its function.
+TEST(BufferRegistryTest, CheckedAccessesKeepTheRangeCheckAndTheGuard) {
+  auto reg = MakeRegistry();
+  const long page = sysconf(_SC_PAGESIZE);
+  auto file = ShmFile::Create(UniqueShmName("checked"), 4 * page);
+  ASSERT_THAT(file, IsOk());
+  auto info = reg->RegisterShm(Alice(), file->path(), 4 * page, kT0);
+  ASSERT_THAT(info, IsOk());
+  auto lease = reg->Acquire(Alice(), info->id, kT0);
+  ASSERT_THAT(lease, IsOk());
+  const auto checked = BufferLease::FileCheck::kChecked;
+  EXPECT_THAT(lease->Write(
+                  8, 4, [](uint8_t* d) { std::memcpy(d, "ring", 4); }, checked),
+              IsOk());
+  char back[4];
+  ASSERT_THAT(lease->Read(8, 4, back, checked), IsOk());
+  EXPECT_EQ(std::memcmp(back, "ring", 4), 0);
+  uint64_t seen = 0;
+  ASSERT_THAT(lease->ReadInPlace(8, 4, [&](const uint8_t* p) { seen = p[0]; }), IsOk());
+  EXPECT_EQ(seen, uint64_t{'r'});
+  bool called = false;
+  EXPECT_THAT(lease->Write(
+                  4 * page - 2, 4, [&](uint8_t*) { called = true; }, checked),
+              StatusIs(absl::StatusCode::kOutOfRange));
+  EXPECT_THAT(lease->ReadInPlace(4 * page - 2, 4, [&](const uint8_t*) { called = true; }),
+              StatusIs(absl::StatusCode::kOutOfRange));
+  EXPECT_FALSE(called);
+
+  // Truncated to nothing: the unchecked write meets the guard, not a crash;
+  // ReadInPlace's own check refuses before calling.
+  ASSERT_EQ(ftruncate(file->fd(), 0), 0);
+  EXPECT_THAT(lease->Write(
+                  0, 4 * page, [](uint8_t* d) { std::memset(d, 1, 16); }, checked),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("SIGBUS")));
+  EXPECT_THAT(lease->Read(0, 16, back, checked),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("SIGBUS")));
+  EXPECT_THAT(lease->ReadInPlace(0, 8, [&](const uint8_t*) { called = true; }),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("shrank")));
+  EXPECT_FALSE(called);
+  // Truncated while the function runs: the guard ends it.
+  ASSERT_EQ(ftruncate(file->fd(), 4 * page), 0);
+  int fd = file->fd();
+  int looks = 0;
+  EXPECT_THAT(lease->ReadInPlace(0, 8,
+                                 [&](const uint8_t* p) {
+                                   for (;; ++looks) {
+                                     if (looks == 3) (void)!ftruncate(fd, 0);
+                                     if (__atomic_load_n(p, __ATOMIC_ACQUIRE) == 0xFF) return;
+                                   }
+                                 }),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("SIGBUS")));
+  EXPECT_EQ(looks, 3);
+}
+
 TEST(BufferRegistryTest, TenantsNeverSeeEachOthersBuffers) {
   auto reg = MakeRegistry();
   auto file = ShmFile::Create(UniqueShmName("iso"), 4096);

@@ -1,6 +1,7 @@
 #include "common/shm_file.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -164,6 +165,33 @@ TEST(ShmFileTest, SigbusGuardTurnsTruncationIntoStatus) {
   absl::Status inner;
   EXPECT_THAT(RunSigbusGuarded([&] { inner = RunSigbusGuarded([] {}); }), IsOk());
   EXPECT_THAT(inner, StatusIs(absl::StatusCode::kInternal));
+}
+
+// The guard does not save the signal mask (a system call per access); a
+// caught fault must still leave the mask as it was: SIGBUS unblocked (else
+// the next fault kills), other blocked signals still blocked.
+TEST(ShmFileTest, ACaughtSigbusLeavesTheSignalMaskAsItWas) {
+  const long page = sysconf(_SC_PAGESIZE);
+  auto f = ShmFile::Create(UniqueShmName("sigbus-mask"), page);
+  ASSERT_THAT(f, IsOk());
+  ASSERT_EQ(ftruncate(f->fd(), 0), 0);
+  sigset_t usr2, before, after;
+  sigemptyset(&usr2);
+  sigaddset(&usr2, SIGUSR2);
+  ASSERT_EQ(pthread_sigmask(SIG_BLOCK, &usr2, &before), 0);
+  ASSERT_EQ(pthread_sigmask(SIG_BLOCK, nullptr, &before), 0);
+  uint8_t* p = f->data();
+  for (int i = 0; i < 3; ++i) {  // a second fault is caught too
+    EXPECT_THAT(RunSigbusGuarded([&] { p[0] = 1; }),
+                StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("shrank")));
+    ASSERT_EQ(pthread_sigmask(SIG_BLOCK, nullptr, &after), 0);
+    EXPECT_EQ(sigismember(&after, SIGBUS), 0);
+    EXPECT_EQ(sigismember(&after, SIGUSR2), 1);
+    for (int sig = 1; sig < SIGRTMIN; ++sig) {
+      EXPECT_EQ(sigismember(&after, sig), sigismember(&before, sig)) << "signal " << sig;
+    }
+  }
+  ASSERT_EQ(pthread_sigmask(SIG_UNBLOCK, &usr2, nullptr), 0);
 }
 
 TEST(ShmFileTest, UnguardedSigbusStillKills) {
