@@ -67,6 +67,16 @@ def main(path):
                 monitor = p.get("quality_monitor")
                 if monitor is None or (p["selector"] == "mdci" and not monitor["monitored"]):
                     fail(f"{name}: quality_monitor {monitor} (icecached monitors mdci)")
+                if p["selector"] == "mdci":
+                    # The carry-over's state moves the select time by a third
+                    # between runs: every report says what it was.
+                    heads = len(monitor["widths"])
+                    for key in ("carrying_heads", "carry_stopped_heads", "carried_selections"):
+                        v = monitor.get(key)
+                        if not isinstance(v, int) or v < 0 or (key != "carried_selections" and v > heads):
+                            fail(f"{name}: quality_monitor.{key} {v} ({heads} heads)")
+                    if not isinstance(monitor.get("carry_stopped"), bool):
+                        fail(f"{name}: quality_monitor.carry_stopped {monitor.get('carry_stopped')}")
         batches = [b["batch"] for b in c["batches"]]
         if max(cfg["batch"]) > 1 and batches != cfg["batch"]:
             fail(f"context {c['tokens']}: batches {batches}, expected {cfg['batch']}")

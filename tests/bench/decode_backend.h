@@ -92,6 +92,13 @@ struct MonitorSummary {
   int seeded_heads = 0;        // started from an earlier session's widths (calibration memory)
   int pooled_heads = 0;        // started from the session's pooled width (no sample of their own)
   double pool_width = 0;       // the session's pooled width at the end (0: no pool)
+  // The candidate carry-over: heads carrying now (carry_steps > 0), heads it
+  // was stopped on at least once, the selections that reused a fresh one's
+  // candidates, and whether the session's pooled judgement has it stopped.
+  // Whether the carry runs moves the select time by a third between runs.
+  int carrying_heads = 0, carry_stopped_heads = 0;
+  int64_t carried_selections = 0;
+  bool carry_stopped = false;
 };
 
 struct BatchItem {

@@ -222,7 +222,11 @@ class InProcessBackend : public DecodeBackend {
     m.seeded_heads = q.seeded_heads;
     m.pooled_heads = q.pooled_heads;
     m.pool_width = q.pool_width;
+    m.carried_selections = static_cast<int64_t>(q.carried_selections);
+    m.carry_stopped = q.carry_stopped;
     for (const HeadQualityInfo& h : q.heads) {
+      m.carrying_heads += h.carry_steps > 0 ? 1 : 0;
+      m.carry_stopped_heads += h.carry_stops > 0 ? 1 : 0;
       m.widths.push_back(h.width);
       m.head_samples.push_back(h.samples);
       m.exact_heads += h.exact ? 1 : 0;

@@ -195,7 +195,11 @@ class SocketBackend : public DecodeBackend {
     m.seeded_heads = static_cast<int>(q.seeded_heads);
     m.pooled_heads = static_cast<int>(q.pooled_heads);
     m.pool_width = q.pool_width;
+    m.carried_selections = static_cast<int64_t>(q.carried_selections);
+    m.carry_stopped = q.carry_stopped;
     for (const HeadQuality& h : q.heads) {
+      m.carrying_heads += h.carry_steps > 0 ? 1 : 0;
+      m.carry_stopped_heads += h.carry_stops > 0 ? 1 : 0;
       m.widths.push_back(h.width);
       m.head_samples.push_back(static_cast<int64_t>(h.samples));
       m.exact_heads += h.exact ? 1 : 0;

@@ -48,7 +48,11 @@ Json MonitorJson(const MonitorSummary& m) {
           {"mean_mass_ratio", m.mean_mass_ratio},
           {"seeded_heads", m.seeded_heads},
           {"pooled_heads", m.pooled_heads},
-          {"pool_width", m.pool_width}};
+          {"pool_width", m.pool_width},
+          {"carrying_heads", m.carrying_heads},
+          {"carry_stopped_heads", m.carry_stopped_heads},
+          {"carried_selections", m.carried_selections},
+          {"carry_stopped", m.carry_stopped}};
 }
 
 Json PolicyJson(const PolicyResult& p) {
@@ -113,7 +117,8 @@ std::string MonitorLine(const MonitorSummary& m) {
   return absl::StrFormat(
       "width x%s..x%s (median x%s) over %d heads%s%s, %d exact (%lld exact selections); %lld "
       "samples%s (%lld dropped), mean ratio %.3f; references %.0f ms CPU = %.0f%% of the "
-      "selections' %.0f ms",
+      "selections' %.0f ms; carry-over: %d of %d heads carry, %d stopped at least once, %lld "
+      "selections carried%s",
       w.empty() ? "-" : absl::StrFormat("%.2g", w.front()),
       w.empty() ? "-" : absl::StrFormat("%.2g", w.back()),
       w.empty() ? "-" : absl::StrFormat("%.2g", w[w.size() / 2]), static_cast<int>(w.size()),
@@ -124,7 +129,9 @@ std::string MonitorLine(const MonitorSummary& m) {
                        : std::string(),
       m.exact_heads, static_cast<long long>(m.exact_selections), static_cast<long long>(m.samples),
       spread, static_cast<long long>(m.dropped), m.mean_mass_ratio, m.reference_cpu_ms, share,
-      m.selection_ms);
+      m.selection_ms, m.carrying_heads, static_cast<int>(w.size()), m.carry_stopped_heads,
+      static_cast<long long>(m.carried_selections),
+      m.carry_stopped ? " (the session's pooled judgement has it stopped)" : "");
 }
 
 void PrintMonitors(const ContextResult& c) {
