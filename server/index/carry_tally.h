@@ -7,6 +7,8 @@
 #ifndef ICECACHE_SERVER_INDEX_CARRY_TALLY_H_
 #define ICECACHE_SERVER_INDEX_CARRY_TALLY_H_
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace icecache {
@@ -14,19 +16,30 @@ namespace icecache {
 struct CarryTally {
   int64_t carried = 0, fresh = 0;  // samples of each kind
   double carried_sum = 0.0, fresh_sum = 0.0;
+  double carried_sq = 0.0, fresh_sq = 0.0;  // sums of squares (FallsBehind's z)
 
   void Add(double mass_ratio, bool was_carried) {
     if (was_carried) {
       ++carried;
       carried_sum += mass_ratio;
+      carried_sq += mass_ratio * mass_ratio;
     } else {
       ++fresh;
       fresh_sum += mass_ratio;
+      fresh_sq += mass_ratio * mass_ratio;
     }
   }
   void Clear() { *this = CarryTally{}; }
   double carried_mean() const { return carried > 0 ? carried_sum / carried : 0.0; }
   double fresh_mean() const { return fresh > 0 ? fresh_sum / fresh : 0.0; }
+  // The variance of a kind's mean: the samples' (unbiased) variance / n; 0
+  // below two samples.
+  static double MeanVariance(int64_t n, double sum, double sq) {
+    if (n < 2) return 0.0;
+    const double mean = sum / static_cast<double>(n);
+    const double var = std::max(0.0, (sq - mean * sum) / static_cast<double>(n - 1));
+    return var / static_cast<double>(n);
+  }
   // Both kinds have at least `samples` samples.
   bool Judged(int64_t samples) const { return carried >= samples && fresh >= samples; }
   // Judged, the carried mean more than `margin` below the fresh one, and
@@ -37,11 +50,26 @@ struct CarryTally {
   // width: on llama3-8b-like decode the carried samples sat 0.031 under
   // the fresh ones' 0.969, and the margin alone stopped a carry whose mix
   // held 0.953 (docs/bench/stagger38.md).
-  bool FallsBehind(int64_t samples, double margin, double target, int carry_steps) const {
-    if (!Judged(samples) || !(fresh_mean() - carried_mean() > margin)) return false;
+  //
+  // `z` > 0 asks for confidence in both: the gap must exceed the margin by
+  // z standard errors of the difference of the means, and the mix must stay
+  // under the target by z standard errors of the mix. A judgement that is
+  // looked at after every sample stops on noise sooner or later otherwise:
+  // the session's pool, at 32 layers x 32768 tokens, stopped the carry
+  // within the first steps of a run and held it stopped for the rest of the
+  // 200 steps (docs/bench/pool39.md). z = 0: the means alone.
+  bool FallsBehind(int64_t samples, double margin, double target, int carry_steps,
+                   double z = 0.0) const {
+    if (!Judged(samples)) return false;
+    const double vc = MeanVariance(carried, carried_sum, carried_sq);
+    const double vf = MeanVariance(fresh, fresh_sum, fresh_sq);
+    const double zz = z > 0.0 ? z : 0.0;
+    if (!(fresh_mean() - carried_mean() > margin + zz * std::sqrt(vc + vf))) return false;
     if (!(target > 0.0)) return true;
     const double c = static_cast<double>(carry_steps > 0 ? carry_steps : 1);
-    return (fresh_mean() + c * carried_mean()) / (c + 1.0) < target;
+    const double mix = (fresh_mean() + c * carried_mean()) / (c + 1.0);
+    const double mix_var = (vf + c * c * vc) / ((c + 1.0) * (c + 1.0));
+    return mix + zz * std::sqrt(mix_var) < target;
   }
 };
 

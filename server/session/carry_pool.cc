@@ -20,7 +20,7 @@ void CarryPool::Observe(double mass_ratio, bool carried, double target, int carr
   absl::MutexLock l(&mu_);
   if (stopped_.load(std::memory_order_relaxed)) return;  // a late sample of before the stop
   tally_.Add(mass_ratio, carried);
-  if (tally_.FallsBehind(o_.judge_samples, o_.margin, target, carry_steps)) {
+  if (tally_.FallsBehind(o_.judge_samples, o_.margin, target, carry_steps, o_.confidence_z)) {
     stopped_.store(true, std::memory_order_relaxed);
     ++stops_;
     run_ = 0;

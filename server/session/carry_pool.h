@@ -9,7 +9,8 @@
 // every sample of every carrying head, carried or fresh, and judges the
 // session as a whole within its first tens of steps: when the carried
 // samples' mean falls more than `margin` below the fresh ones' (over at
-// least `judge_samples` of each), the heads that have no judgement of their
+// least `judge_samples` of each, with `confidence_z` standard errors to
+// spare, and the mix under the target likewise), the heads that have no judgement of their
 // own select afresh at every step. After `retry_selects` selections it lets
 // them carry again and judges afresh; each stop doubles the wait (up to
 // max_retry_selects), so a session whose queries keep moving fast retries
@@ -33,6 +34,10 @@ struct CarryPoolOptions {
   int judge_samples = 16;                    // of each kind before a judgement (>= 1)
   int64_t retry_selects = int64_t{1} << 16;  // selections before the first retry (>= 1)
   int64_t max_retry_selects = int64_t{1} << 22;  // the doubling stops here (>= retry_selects)
+  // Confidence of a stop, in standard errors (CarryTally::FallsBehind's z;
+  // >= 0, 0: the means alone). The pool's judgement is looked at after each
+  // of hundreds of samples, so the means alone stop on noise.
+  double confidence_z = 1.0;
 };
 
 struct CarryPoolReport {

@@ -59,6 +59,44 @@ TEST(CarryPoolTest, CarriedSamplesUnderTheMarginKeepItOnWhileTheMixMeetsTheTarge
   EXPECT_TRUE(untargeted.report().stopped);
 }
 
+// Means 0.95 fresh and 0.91 carried, samples +-0.05 around them: 0.04 past
+// the margin and a mix of 0.93 by the means alone, inside one standard error
+// of both (the gap's is 0.041, the mix's 0.020). The pool (confidence_z 1)
+// waits for more samples; the means alone stop at once. Many samples of the
+// same spread stop it.
+TEST(CarryPoolTest, NoisySamplesStopTheCarryOnlyWithConfidence) {
+  auto feed = [](CarryPool& pool, int pairs, double carried_mean) {
+    for (int i = 0; i < pairs; ++i) {
+      const double d = i % 2 == 0 ? 0.05 : -0.05;
+      pool.Observe(0.95 + d, /*carried=*/false, kTarget, 1);
+      pool.Observe(carried_mean + d, /*carried=*/true, kTarget, 1);
+    }
+  };
+  CarryPoolOptions means_alone = Small();
+  means_alone.confidence_z = 0.0;
+  CarryPool hasty(means_alone);
+  feed(hasty, 4, 0.91);
+  EXPECT_TRUE(hasty.report().stopped);
+
+  CarryPool pool(Small());
+  ASSERT_EQ(Small().confidence_z, 1.0);  // the default
+  feed(pool, 4, 0.91);
+  EXPECT_FALSE(pool.report().stopped);
+  // 0.10 under with 40 samples of each: well past one standard error.
+  CarryPool clear(Small());
+  feed(clear, 40, 0.85);
+  EXPECT_TRUE(clear.report().stopped);
+  // The same spread and gap as the first, but the mix with room above the
+  // target (0.99 / 0.95: 0.97) never stops, however many samples.
+  CarryPool room(Small());
+  for (int i = 0; i < 400; ++i) {
+    const double d = i % 2 == 0 ? 0.005 : -0.005;
+    room.Observe(0.99 + d, /*carried=*/false, kTarget, 1);
+    room.Observe(0.95 + d, /*carried=*/true, kTarget, 1);
+  }
+  EXPECT_FALSE(room.report().stopped);
+}
+
 TEST(CarryPoolTest, StopsOnlyOnceBothKindsHaveTheirSamples) {
   CarryPool pool(Small());
   for (int i = 0; i < 10; ++i) pool.Observe(0.80, /*carried=*/true, kTarget, 1);
