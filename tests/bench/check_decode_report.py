@@ -46,7 +46,12 @@ def main(path):
                 share = p.get("later_layers_prefetched_share")
                 if not (isinstance(share, (int, float)) and 0.0 <= share <= 1.0):
                     fail(f"{name}: later_layers_prefetched_share {share}")
-                for k in ("later_layers_ms_prefetch_on_steps", "later_layers_ms_prefetch_off_steps"):
+                keys = ["later_layers_ms_prefetch_on_steps"]
+                if cfg.get("prefetch_ab"):  # interleaved: steps without prefetch too
+                    keys.append("later_layers_ms_prefetch_off_steps")
+                elif p.get("later_layers_ms_prefetch_off_steps") is not None:
+                    fail(f"{name}: steps without prefetch, but no --prefetch-ab")
+                for k in keys:
                     v = p.get(k)
                     if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
                         fail(f"{name}: {k} {v}")

@@ -91,6 +91,10 @@ struct DecodeBenchOptions {
   // "+ip" policies write in place on odd steps only and whole on even ones,
   // into the same regions: the two gathers measured interleaved.
   bool in_place_ab = false;
+  // "+pf" policies prefetch on odd steps only and not on even ones: on and
+  // off measured interleaved on one session. Off (default): every step, as
+  // an engine would run IceCache(r).
+  bool prefetch_ab = false;
   // mdci sessions rank candidate pages from the int8 sketch
   // (MdciParams::sketch_scoring); --mode in-process only.
   bool mdci_sketch = false;

@@ -106,6 +106,9 @@ DecodeFlags::DecodeFlags(CLI::App* app) {
   app->add_flag("--in-place-ab", o_.in_place_ab,
                 "+ip policies write in place on odd steps and whole on even steps, into the "
                 "same per-layer regions; the report gives both gathers (interleaved A/B)");
+  app->add_flag("--prefetch-ab", o_.prefetch_ab,
+                "+pf policies prefetch on odd steps and not on even ones (interleaved A/B of "
+                "the later layers' calls); default: on every step");
   app->add_flag("--mdci-sketch", o_.mdci_sketch,
                 "mdci sessions rank candidate pages from an int8 copy of the keys "
                 "(MdciParams::sketch_scoring; --mode in-process only)");

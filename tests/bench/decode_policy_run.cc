@@ -240,9 +240,10 @@ absl::Status DecodeOneStep(const DecodeContext& ctx, const DecodePolicy& p, cons
     RETURN_IF_ERROR(ctx.companion->Append(companion_id, 1, 0, 0));
   }
   uint64_t stride = 0;  // of the group's first layer: the group's layers lie side by side
-  // "+pf": prefetch on odd steps, off on even ones: on and off measured
-  // interleaved on the same session, data and load.
-  t->prefetch_on[step] = p.prefetch && step % 2 == 1;
+  // "+pf": prefetch on every step; with --prefetch-ab on odd steps and off
+  // on even ones, so on and off are measured interleaved on the same
+  // session, data and load.
+  t->prefetch_on[step] = p.prefetch && (!ctx.options->prefetch_ab || step % 2 == 1);
   for (int l = 0; l < m.layers(); ++l) {
     DecodeSelect sel = SelectFor(*ctx.options, p, l);
     if (ctx.options->in_place_ab) sel.in_place = p.in_place && step % 2 == 1;

@@ -186,7 +186,8 @@ void PrintPrefetch(const ContextResult& c) {
     }
     const bool pf = p.policy.prefetch;
     t.AddRow({p.policy.name, Fmt("%.2f", p.decode_ms), Fmt("%.2f", p.first_layers_ms),
-              Fmt("%.2f", p.later_layers_ms), pf ? Fmt("%.2f", p.later_off_ms) : "-",
+              Fmt("%.2f", p.later_layers_ms),
+              pf && std::isfinite(p.later_off_ms) ? Fmt("%.2f", p.later_off_ms) : "-",
               pf ? Fmt("%.2f", p.later_on_ms) : "-",
               pf ? ratio(p.later_on_ms, p.later_off_ms) : "-",
               pf ? Fmt("%.0f%%", 100.0 * p.prefetched_share) : "-", twin});
@@ -195,11 +196,11 @@ void PrintPrefetch(const ContextResult& c) {
   std::printf(
       "layer groups (select + gather + RPC per token, ms: the DecodeStep calls of the groups' "
       "first layers and of their later layers; +pf policies ask for the later layers to be "
-      "written in the background after the first layer's selection on odd steps only: "
-      "LATER_PF_OFF / LATER_PF_ON are the later layers' medians over the even / odd steps of the "
-      "same session, interleaved; PREFETCHED = later-layer calls of the odd steps that found "
-      "their layer written; PF_ON/TWIN = LATER_PF_ON against the policy without +pf, run "
-      "before or after it):\n%s",
+      "written in the background after the first layer's selection, on every step, or with "
+      "--prefetch-ab on odd steps only: then LATER_PF_OFF / LATER_PF_ON are the later layers' "
+      "medians over the even / odd steps of the same session, interleaved; PREFETCHED = "
+      "later-layer calls of the prefetching steps that found their layer written; PF_ON/TWIN = "
+      "LATER_PF_ON against the policy without +pf, run before or after it):\n%s",
       t.Render().c_str());
 }
 
@@ -321,6 +322,8 @@ Json DecodeReportJson(const DecodeBenchOptions& o, const std::vector<ContextResu
                       {"hold_prefill", o.hold_prefill},
                       {"daemon_config", o.daemon_config},
                       {"companion_quality", o.companion_quality},
+                      {"in_place_ab", o.in_place_ab},
+                      {"prefetch_ab", o.prefetch_ab},
                       {"mdci_pq_factor", o.mdci_pq},
                       {"mdci_carry_keep_factor", o.mdci_carry_keep},
                       {"policies", o.policies},
