@@ -20,6 +20,7 @@ business; close() must not race with other calls on the same buffer.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import mmap
 import os
 import re
@@ -33,6 +34,7 @@ from .errors import (
     InternalError,
     InvalidArgumentError,
     OutOfRangeError,
+    ResourceExhaustedError,
 )
 from .types import DType
 
@@ -86,7 +88,22 @@ class ShmBuffer:
             raise InternalError(f"cannot create shm file under {SHM_DIR}: {e.strerror}") from e
         try:
             os.ftruncate(fd, size)
-            self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            # The memory is taken now, not at the first write: a full /dev/shm
+            # fails here instead of with a SIGBUS in the middle of a copy, and
+            # the first prefill chunk pays no page allocation per 4 KiB.
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    os.close(fd)
+                    self._unlink()
+                    raise ResourceExhaustedError(
+                        f"{SHM_DIR} has no room for a buffer of {size} bytes: free space there "
+                        f"(df -h {SHM_DIR}), or use smaller buffers") from e
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+            self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                                   mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
             os.close(fd)
             self._unlink()

@@ -76,6 +76,20 @@ def test_registration_failure_removes_the_file(make_daemon):
         first.close()
 
 
+def test_a_buffer_larger_than_dev_shm_is_refused_at_creation(client):
+    """The buffer's memory is taken when it is created: one that /dev/shm
+    cannot hold is ResourceExhausted there (not a SIGBUS at the first write),
+    and no file is left behind."""
+    fs = os.statvfs("/dev/shm")
+    too_big = fs.f_blocks * fs.f_frsize + (1 << 30)
+    before = own_shm_files()
+    with pytest.raises(icecache.ResourceExhaustedError, match="/dev/shm has no room"):
+        client.create_shm_buffer(too_big)
+    assert own_shm_files() == before
+    with client.create_shm_buffer(1 << 20) as buf:  # memory taken and mapped: reads as zeros
+        assert int(buf.view(0, 1 << 20).sum()) == 0
+
+
 def test_client_killed_holding_a_buffer(make_daemon):
     """A child process registers a buffer and is SIGKILLed: the daemon drops
     the buffer after its idle TTL, and reclaim_orphaned_shm removes the file."""

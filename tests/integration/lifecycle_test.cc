@@ -7,12 +7,15 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <set>
+#include <string>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -109,6 +112,37 @@ TEST(LifecycleTest, SessionAndBufferLimitsAreResourceExhausted) {
   EXPECT_THAT(c.CreateShmBuffer(4096), StatusIs(absl::StatusCode::kResourceExhausted));
   ASSERT_THAT(b1->Unregister(), IsOk());
   EXPECT_THAT(c.CreateShmBuffer(4096), IsOk());
+}
+
+// This process's buffer files (other tests may run beside it).
+std::set<std::string> OwnShmFiles() {
+  const std::string prefix = absl::StrCat("icecache-", ::getpid(), "-");
+  std::set<std::string> out;
+  for (const auto& e : std::filesystem::directory_iterator("/dev/shm")) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind(prefix, 0) == 0) out.insert(name);
+  }
+  return out;
+}
+
+// CreateShmBuffer takes the file's memory at creation (posix_fallocate): a
+// buffer /dev/shm cannot hold is refused there, with the size and what to
+// do, not a SIGBUS at the first write; nothing is left in /dev/shm.
+TEST(LifecycleTest, ABufferDevShmCannotHoldIsRefusedAtCreation) {
+  auto daemon = StartDaemon("");
+  ASSERT_THAT(daemon, IsOk());
+  auto client = Connect(**daemon);
+  ASSERT_THAT(client, IsOk());
+  struct statvfs shm;
+  ASSERT_EQ(::statvfs("/dev/shm", &shm), 0);
+  const size_t too_big = uint64_t{shm.f_blocks} * shm.f_frsize + (uint64_t{1} << 30);
+  const std::set<std::string> before = OwnShmFiles();
+  EXPECT_THAT((*client)->CreateShmBuffer(too_big),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("/dev/shm has no room")));
+  EXPECT_EQ(OwnShmFiles(), before);
+  auto fine = (*client)->CreateShmBuffer(1 << 20);
+  ASSERT_THAT(fine, IsOk());
+  EXPECT_EQ(std::count(fine->data(), fine->data() + fine->size(), 0), 1 << 20);
 }
 
 TEST(LifecycleTest, IdleSessionsAreEvictedAtTheWatermarkPinnedOnesAreNot) {
