@@ -410,10 +410,14 @@ case "$cmd" in
     # staging for three prefill chunks. The prefill is generated once and
     # streamed as a client holding its KV would, the next chunk sent while
     # the last one's trees build (--hold-prefill; 4 GiB in this process).
+    # mdci-r4+pf+ip is IceCache(r) as an engine runs it: a selection serves a
+    # group of 4 layers, the group's later layers are gathered in the
+    # background while the first one's attention runs (prefetch_group), and
+    # each group's rows stay in place between steps (in_place).
     echo "==> icecache-bench decode (icecached spawned, 32 layers x 8 KV heads, 32768 tokens)"
     exec "$BUILD_DIR/tests/bench/icecache-bench" decode --spawn "$BUILD_DIR/server/icecached" \
       --daemon-prefault --layers 32 --tokens 32768 --steps 6 \
-      --policies full,exact-token,mdci,mdci-r4,quest,streaming,exact "${@:2}"
+      --policies full,exact-token,mdci,mdci-r4+pf+ip,quest,streaming,exact "${@:2}"
     ;;
   *)
     echo "usage: deploy/dev.sh demo|test|build|format|locks|sanitize asan|tsan|fuzz|ci" >&2

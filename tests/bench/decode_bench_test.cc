@@ -97,6 +97,23 @@ TEST(DecodeFlagsTest, DefaultsAreTheModelScaleRun) {
   EXPECT_THAT(flags.Options(), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("--spawn")));
 }
 
+// Arguments appended to a preset command line override it: the demo
+// (deploy/dev.sh demo) passes --layers, --tokens and --policies and the
+// README suggests `deploy/dev.sh demo --tokens 8k`.
+TEST(DecodeFlagsTest, AFlagGivenTwiceTakesItsLastValue) {
+  CLI::App app;
+  DecodeFlags flags(&app);
+  ASSERT_THAT(cli::ParseArgs(app, {"--layers", "32", "--tokens", "32768", "--policies", "mdci",
+                                   "--tokens", "8k", "--layers", "4", "--policies", "quest"}),
+              IsOk());
+  auto o = flags.Options();
+  ASSERT_THAT(o, IsOk());
+  EXPECT_EQ(o->layers, 4);
+  EXPECT_THAT(o->contexts, ElementsAre(8192));
+  ASSERT_EQ(o->policies.size(), 1u);
+  EXPECT_EQ(o->policies[0], "quest");
+}
+
 struct Rows {
   int n, d, g;
   std::vector<uint16_t> k, v;

@@ -30,6 +30,9 @@ absl::StatusOr<std::vector<int64_t>> ParseContexts(const std::string& text) {
 
 DecodeFlags::DecodeFlags(CLI::App* app) {
   policies_ = absl::StrJoin(o_.policies, ",");
+  // A flag given twice takes its last value, so arguments appended to a
+  // preset command line override it (`deploy/dev.sh demo --tokens 8k`).
+  app->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app->add_option("--mode", o_.mode, "socket (a daemon over its Unix socket) or in-process")
       ->capture_default_str();
   app->add_option("--spawn", o_.spawn, "start the icecached at PATH on a temporary socket")
