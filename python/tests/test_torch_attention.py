@@ -114,6 +114,37 @@ def test_rope_hook_gets_the_fetched_positions(client):
                 assert rel(out, reference(q, rotated, values[layer])) < 1e-5
 
 
+def test_layer_reuse_prefetches_the_later_layers_and_attends_the_same(client):
+    """IceCache(r): with layer_reuse 2 the daemon writes layer 1 in the
+    background after layer 0's selection (into its own region) and layer 1's
+    attend only waits for it; the outputs equal a twin's without prefetch."""
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(4, H, 256, D, generator=g).half()
+    values = torch.randn(4, H, 256, D, generator=g).half()
+    common = dict(layers=4, kv_heads=H, q_heads=Q, head_dim=D, selector="exact", layer_reuse=2,
+                  budget_tokens=32)
+    with OffloadedKV(client, **common) as pf, OffloadedKV(client, prefetch=False, **common) as twin:
+        assert pf.prefetch and not twin.prefetch
+        assert pf.buffer.size >= 2 * twin.buffer.size
+        pf.prefill(keys, values)
+        twin.prefill(keys, values)
+        for step in range(3):
+            for layer in range(4):
+                k = torch.randn(H, D, generator=g).half()
+                v = torch.randn(H, D, generator=g).half()
+                pf.append(layer, k, v)
+                twin.append(layer, k, v)
+            for layer in range(4):
+                q = torch.randn(Q, D, generator=g).half()
+                a, b = pf.attend(layer, q), twin.attend(layer, q)
+                assert torch.equal(a, b), (step, layer)
+                if layer % 2 == 1:
+                    assert pf.last_step.reused and pf.last_step.prefetched, (step, layer)
+                    assert not twin.last_step.prefetched
+    with pytest.raises(icecache.InvalidArgumentError, match="layer_reuse > 1"):
+        OffloadedKV(client, layers=2, kv_heads=H, q_heads=Q, head_dim=D, prefetch=True)
+
+
 def test_layer_reuse_and_bad_shapes(client):
     g = torch.Generator().manual_seed(3)
     keys = torch.randn(L, H, 64, D, generator=g).half()

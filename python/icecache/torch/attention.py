@@ -149,6 +149,13 @@ class OffloadedKV:
         page_tokens: tokens per page (0 = daemon default, 16).
         layer_reuse: layers sharing one selection (IceCache(r)); layers of a
             group after the first reuse the first layer's selection.
+        prefetch: with layer_reuse > 1, the daemon writes a group's later
+            layers in the background right after the first layer's selection
+            (DecodeStream.step's prefetch_group), each into its own region of
+            the buffer, so their attend() only waits for a flag. None (the
+            default): on where layer_reuse > 1 and the buffer holds
+            layer_reuse regions; True: required (InvalidArgumentError
+            otherwise); False: off.
         flush_tokens: tail length that triggers an append to the session.
         buffer: where pages land: None (a new ShmBuffer), or a CudaBuffer.
         rope: see the module docstring.
@@ -175,6 +182,7 @@ class OffloadedKV:
         rope: Optional[Rope] = None,
         ttl_s: float = 600.0,
         mdci_overrides: Optional[dict] = None,
+        prefetch: Optional[bool] = None,
     ) -> None:
         self.client = client
         self.spec = SessionSpec(
@@ -200,13 +208,26 @@ class OffloadedKV:
         page_bytes = 2 * self.page_tokens * head_dim * DType.of(dtype).itemsize
         slots = kv_heads * page_slots_per_head(budget_tokens, self.page_tokens, sink_tokens, recent_tokens)
         self._region_bytes = slots * page_bytes
+        if prefetch and self.layer_reuse <= 1:
+            self.client.drop_session(self.session_id)
+            raise InvalidArgumentError("prefetch needs layer_reuse > 1 (a group of layers to prefetch)")
+        want_prefetch = self.layer_reuse > 1 if prefetch is None else bool(prefetch)
+        group_bytes = self.layer_reuse * self._region_bytes
         self._own_buffer = buffer is None
-        self.buffer: Union[ShmBuffer, CudaBuffer] = buffer or client.create_shm_buffer(self._region_bytes)
-        if self.buffer.size < self._region_bytes:
+        if buffer is not None and buffer.size < (group_bytes if prefetch else self._region_bytes):
+            self.client.drop_session(self.session_id)
             raise InvalidArgumentError(
-                f"page buffer has {self.buffer.size} bytes; {kv_heads} KV heads x "
+                f"page buffer has {buffer.size} bytes; {kv_heads} KV heads x "
                 f"{slots // kv_heads} pages need {self._region_bytes}"
+                + (f" per layer, {group_bytes} for a group of {self.layer_reuse} with prefetch" if prefetch else "")
             )
+        self.buffer: Union[ShmBuffer, CudaBuffer] = buffer or client.create_shm_buffer(
+            group_bytes if want_prefetch else self._region_bytes)
+        # On: each layer of a group reads its own region, at j x the group's
+        # first layer's layer stride (where the daemon's prefetch writes it).
+        self.prefetch = want_prefetch and self.buffer.size >= group_bytes
+        self._regions: dict = {}
+        self._stride = 0  # the layer stride of the current group's first layer
         self._region = self._region_tensor()
         self._stream = client.decode_stream(self.session_id, self.buffer)
         self._staging: Optional[ShmBuffer] = None
@@ -217,14 +238,21 @@ class OffloadedKV:
 
     # -- storage --------------------------------------------------------------
 
-    def _region_tensor(self) -> torch.Tensor:
+    def _region_tensor(self, offset: int = 0) -> torch.Tensor:
+        """The region of the buffer at ``offset`` as [slots, 2, page_tokens,
+        head_dim] (cached per offset)."""
+        if offset in self._regions:
+            return self._regions[offset]
         d, p = self.spec.head_dim, self.page_tokens
         slots = self._region_bytes // (2 * p * d * DType.of(self.dtype).itemsize)
         shape = (slots, 2, p, d)
         if isinstance(self.buffer, CudaBuffer):
-            flat = self.buffer.tensor.view(torch.uint8).reshape(-1)[: self._region_bytes]
-            return flat.view(self.dtype).reshape(shape)
-        return self.buffer.tensor(0, shape, self.dtype)
+            flat = self.buffer.tensor.view(torch.uint8).reshape(-1)[offset : offset + self._region_bytes]
+            t = flat.view(self.dtype).reshape(shape)
+        else:
+            t = self.buffer.tensor(offset, shape, self.dtype)
+        self._regions[offset] = t
+        return t
 
     def _stage(self, nbytes: int) -> ShmBuffer:
         if self._staging is None or self._staging.size < nbytes:
@@ -291,16 +319,24 @@ class OffloadedKV:
         tv = self._tail(self._tail_v[layer])
         if self.daemon_tokens == 0:  # nothing offloaded yet: the tail is everything
             return full_attention(q, tk, tv)
-        reuse = layer % self.layer_reuse != 0
+        place = layer % self.layer_reuse
+        reuse = place != 0
         opts = self.options
         if reuse:
             opts = SelectOptions(**{**opts.__dict__, "reuse_group_selection": True})
-        step = self._stream.step(layer, None if reuse else q, options=opts)
+        # With prefetch, layer j of a group at j x the first layer's stride,
+        # the offset the daemon's background write used.
+        offset = place * self._stride if self.prefetch else 0
+        step = self._stream.step(layer, None if reuse else q, offset=offset, options=opts,
+                                 prefetch_group=self.prefetch and not reuse)
         self.last_step = step
+        if self.prefetch and not reuse:
+            self._stride = step.layout.layer_stride_bytes
+        region = self._region_tensor(offset) if offset else self._region
         tail_pos = None
         if self.rope is not None:
             tail_pos = torch.arange(self.daemon_tokens, self.daemon_tokens + tk.shape[1], device=q.device)
-        return attention_over_pages(q, self._region, step.layout, tk, tv, self.rope, tail_pos)
+        return attention_over_pages(q, region, step.layout, tk, tv, self.rope, tail_pos)
 
     def _tail(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         if not parts:
@@ -309,7 +345,8 @@ class OffloadedKV:
 
     def close(self) -> None:
         """Closes the stream, drops the session, releases the buffers."""
-        self._region = None  # a view of the page buffer: let it unmap
+        self._region = None  # views of the page buffer: let it unmap
+        self._regions = {}
         try:
             self._stream.close()
         finally:
