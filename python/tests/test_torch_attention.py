@@ -145,6 +145,50 @@ def test_layer_reuse_prefetches_the_later_layers_and_attends_the_same(client):
         OffloadedKV(client, layers=2, kv_heads=H, q_heads=Q, head_dim=D, prefetch=True)
 
 
+@pytest.mark.parametrize("reuse", [1, 2])
+def test_in_place_copies_only_new_rows_and_attends_the_same(client, reuse):
+    """in_place: each layer keeps its own region between steps; from the
+    second step on most rows stay where they were, and the outputs equal a
+    twin's that gets every row copied (the same tokens, in other slots)."""
+    g = torch.Generator().manual_seed(11)
+    keys = torch.randn(4, H, 512, D, generator=g).half()
+    values = torch.randn(4, H, 512, D, generator=g).half()
+    common = dict(layers=4, kv_heads=H, q_heads=Q, head_dim=D, selector="exact", layer_reuse=reuse,
+                  budget_tokens=64, recent_tokens=16)
+    with OffloadedKV(client, in_place=True, **common) as ip, OffloadedKV(client, **common) as twin:
+        assert ip.buffer.size >= 4 * twin.buffer.size // (2 if reuse == 2 else 1)
+        ip.prefill(keys, values)
+        twin.prefill(keys, values)
+        q0 = torch.randn(4, Q, D, generator=g).half()
+        kept = 0
+        for step in range(4):
+            for layer in range(4):
+                k = torch.randn(H, D, generator=g).half()
+                v = torch.randn(H, D, generator=g).half()
+                ip.append(layer, k, v)
+                twin.append(layer, k, v)
+            for layer in range(4):
+                # queries that move a little from step to step, as a decode's do
+                q = (q0[layer].float() + 0.05 * torch.randn(Q, D, generator=g)).half()
+                a, b = ip.attend(layer, q), twin.attend(layer, q)
+                assert rel(a, b) < 1e-3, (step, layer)
+                if step > 0:
+                    kept += ip.last_step.layout.rows_kept
+                assert twin.last_step.layout.rows_kept == 0
+        assert kept > 0
+        if reuse == 2:
+            assert ip.prefetch and ip.last_step.prefetched
+
+
+def test_in_place_needs_a_host_buffer(client):
+    class FakeCuda(icecache.CudaBuffer):  # only its type matters: refused before any use
+        def __init__(self):
+            pass
+
+    with pytest.raises(icecache.InvalidArgumentError, match="host ShmBuffer"):
+        OffloadedKV(client, layers=2, kv_heads=H, q_heads=Q, head_dim=D, in_place=True, buffer=FakeCuda())
+
+
 def test_layer_reuse_and_bad_shapes(client):
     g = torch.Generator().manual_seed(3)
     keys = torch.randn(L, H, 64, D, generator=g).half()

@@ -156,6 +156,12 @@ class OffloadedKV:
             default): on where layer_reuse > 1 and the buffer holds
             layer_reuse regions; True: required (InvalidArgumentError
             otherwise); False: off.
+        in_place: every layer keeps its own region of a host buffer between
+            steps, and the daemon copies only the rows of newly selected
+            tokens (DecodeStream.step's in_place; a quarter of the rows at
+            32k tokens, docs/bench/inplace14_gather.md). Off by default: it
+            takes a region per layer (layers x the region's bytes) and a
+            ShmBuffer (InvalidArgumentError with a CudaBuffer).
         flush_tokens: tail length that triggers an append to the session.
         buffer: where pages land: None (a new ShmBuffer), or a CudaBuffer.
         rope: see the module docstring.
@@ -183,6 +189,7 @@ class OffloadedKV:
         ttl_s: float = 600.0,
         mdci_overrides: Optional[dict] = None,
         prefetch: Optional[bool] = None,
+        in_place: bool = False,
     ) -> None:
         self.client = client
         self.spec = SessionSpec(
@@ -211,18 +218,27 @@ class OffloadedKV:
         if prefetch and self.layer_reuse <= 1:
             self.client.drop_session(self.session_id)
             raise InvalidArgumentError("prefetch needs layer_reuse > 1 (a group of layers to prefetch)")
+        if in_place and isinstance(buffer, CudaBuffer):
+            self.client.drop_session(self.session_id)
+            raise InvalidArgumentError("in_place writes need a host ShmBuffer, not a CudaBuffer")
+        self.in_place = bool(in_place)
         want_prefetch = self.layer_reuse > 1 if prefetch is None else bool(prefetch)
         group_bytes = self.layer_reuse * self._region_bytes
+        # in_place: a region per layer, the groups side by side.
+        groups = -(-layers // self.layer_reuse)
+        all_bytes = groups * group_bytes
+        need = all_bytes if self.in_place else (group_bytes if prefetch else self._region_bytes)
         self._own_buffer = buffer is None
-        if buffer is not None and buffer.size < (group_bytes if prefetch else self._region_bytes):
+        if buffer is not None and buffer.size < need:
             self.client.drop_session(self.session_id)
             raise InvalidArgumentError(
                 f"page buffer has {buffer.size} bytes; {kv_heads} KV heads x "
-                f"{slots // kv_heads} pages need {self._region_bytes}"
-                + (f" per layer, {group_bytes} for a group of {self.layer_reuse} with prefetch" if prefetch else "")
+                f"{slots // kv_heads} pages need {self._region_bytes} per layer"
+                + (f", {need} for a region per layer (in_place)" if self.in_place else "")
+                + (f", {need} for a group of {self.layer_reuse} with prefetch" if prefetch and not self.in_place else "")
             )
         self.buffer: Union[ShmBuffer, CudaBuffer] = buffer or client.create_shm_buffer(
-            group_bytes if want_prefetch else self._region_bytes)
+            all_bytes if self.in_place else group_bytes if want_prefetch else self._region_bytes)
         # On: each layer of a group reads its own region, at j x the group's
         # first layer's layer stride (where the daemon's prefetch writes it).
         self.prefetch = want_prefetch and self.buffer.size >= group_bytes
@@ -324,11 +340,16 @@ class OffloadedKV:
         opts = self.options
         if reuse:
             opts = SelectOptions(**{**opts.__dict__, "reuse_group_selection": True})
-        # With prefetch, layer j of a group at j x the first layer's stride,
-        # the offset the daemon's background write used.
-        offset = place * self._stride if self.prefetch else 0
+        # With prefetch, layer j of a group at j x the first layer's stride
+        # from the group's start (the offset the daemon's background write
+        # used); in place, every group at its own place in the buffer.
+        base = (layer - place) * self._region_bytes if self.in_place else 0
+        within = self._region_bytes if self.in_place else 0
+        if self.prefetch:
+            within = self._stride
+        offset = base + place * within
         step = self._stream.step(layer, None if reuse else q, offset=offset, options=opts,
-                                 prefetch_group=self.prefetch and not reuse)
+                                 prefetch_group=self.prefetch and not reuse, in_place=self.in_place)
         self.last_step = step
         if self.prefetch and not reuse:
             self._stride = step.layout.layer_stride_bytes
