@@ -146,8 +146,10 @@ def test_layer_reuse_prefetches_the_later_layers_and_attends_the_same(client):
                 if layer % 2 == 1:
                     assert pf.last_step.reused and pf.last_step.prefetched, (step, layer)
                     assert not twin.last_step.prefetched
+    sessions = len(client.list_sessions())
     with pytest.raises(icecache.InvalidArgumentError, match="layer_reuse > 1"):
         OffloadedKV(client, layers=2, kv_heads=H, q_heads=Q, head_dim=D, prefetch=True)
+    assert len(client.list_sessions()) == sessions  # refused before any session was made
 
 
 @pytest.mark.parametrize("reuse", [1, 2])

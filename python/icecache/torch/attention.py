@@ -208,6 +208,11 @@ class OffloadedKV:
             budget_tokens=budget_tokens, sink_tokens=sink_tokens, recent_tokens=recent_tokens,
             want_positions=rope is not None,
         )
+        # Arguments that need no session are checked before one is created.
+        if prefetch and max(1, layer_reuse) <= 1:
+            raise InvalidArgumentError("prefetch needs layer_reuse > 1 (a group of layers to prefetch)")
+        if in_place and isinstance(buffer, CudaBuffer):
+            raise InvalidArgumentError("in_place writes need a host ShmBuffer, not a CudaBuffer")
         self.session = client.create_session(self.spec)
         self.session_id = self.session.id
         self.page_tokens = self.session.spec.page_tokens
@@ -215,27 +220,23 @@ class OffloadedKV:
         page_bytes = 2 * self.page_tokens * head_dim * DType.of(dtype).itemsize
         slots = kv_heads * page_slots_per_head(budget_tokens, self.page_tokens, sink_tokens, recent_tokens)
         self._region_bytes = slots * page_bytes
-        if prefetch and self.layer_reuse <= 1:
-            self.client.drop_session(self.session_id)
-            raise InvalidArgumentError("prefetch needs layer_reuse > 1 (a group of layers to prefetch)")
-        if in_place and isinstance(buffer, CudaBuffer):
-            self.client.drop_session(self.session_id)
-            raise InvalidArgumentError("in_place writes need a host ShmBuffer, not a CudaBuffer")
         self.in_place = bool(in_place)
         want_prefetch = self.layer_reuse > 1 if prefetch is None else bool(prefetch)
         group_bytes = self.layer_reuse * self._region_bytes
         # in_place: a region per layer, the groups side by side.
         groups = -(-layers // self.layer_reuse)
         all_bytes = groups * group_bytes
-        need = all_bytes if self.in_place else (group_bytes if prefetch else self._region_bytes)
+        need, why = self._region_bytes, ""
+        if self.in_place:
+            need, why = all_bytes, f", {all_bytes} for a region per layer (in_place)"
+        elif prefetch:
+            need, why = group_bytes, f", {group_bytes} for a group of {self.layer_reuse} with prefetch"
         self._own_buffer = buffer is None
         if buffer is not None and buffer.size < need:
             self.client.drop_session(self.session_id)
             raise InvalidArgumentError(
                 f"page buffer has {buffer.size} bytes; {kv_heads} KV heads x "
-                f"{slots // kv_heads} pages need {self._region_bytes} per layer"
-                + (f", {need} for a region per layer (in_place)" if self.in_place else "")
-                + (f", {need} for a group of {self.layer_reuse} with prefetch" if prefetch and not self.in_place else "")
+                f"{slots // kv_heads} pages need {self._region_bytes} per layer{why}"
             )
         self.buffer: Union[ShmBuffer, CudaBuffer] = buffer or client.create_shm_buffer(
             all_bytes if self.in_place else group_bytes if want_prefetch else self._region_bytes)
