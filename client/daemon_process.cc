@@ -58,11 +58,16 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const Daemon
   }
   std::unique_ptr<DaemonProcess> d(new DaemonProcess());
   d->options_ = options;
-  // Short base path: sun_path holds at most 107 bytes.
+  // Under $TMPDIR, like mktemp(1), where the socket's path fits sun_path
+  // (107 bytes); under /tmp otherwise, and when TMPDIR is unset.
+  const char* tmpdir = ::getenv("TMPDIR");
   std::string tmpl = "/tmp/icecached-XXXXXX";
+  if (tmpdir != nullptr && tmpdir[0] == '/' &&
+      std::strlen(tmpdir) + std::strlen("/icecached-XXXXXX/icecached.sock") <= 107) {
+    tmpl = absl::StrCat(tmpdir, "/icecached-XXXXXX");
+  }
   if (::mkdtemp(tmpl.data()) == nullptr) {
-    return absl::InternalError(
-        absl::StrCat("mkdtemp(/tmp/icecached-XXXXXX): ", std::strerror(errno)));
+    return absl::InternalError(absl::StrCat("mkdtemp(", tmpl, "): ", std::strerror(errno)));
   }
   d->temp_dir_ = tmpl;
   // Let a non-root client (tests run a second tenant under another uid)

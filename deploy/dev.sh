@@ -98,7 +98,10 @@ children_cpu() {
 step() {
   local name=$1 start=$SECONDS cpu0
   shift
-  STEP_TIMES=${STEP_TIMES:-$(mktemp)}
+  if [ -z "${STEP_TIMES:-}" ]; then
+    STEP_TIMES=$(mktemp)
+    trap 'rm -f "$STEP_TIMES"' EXIT
+  fi
   children_cpu; cpu0=$CHILD_CPU
   "$@"
   children_cpu
@@ -141,9 +144,31 @@ check_format() {
   fi
 }
 
+# Runs a suite with TMPDIR (and gtest's TEST_TMPDIR) pointing at a fresh
+# 0755 directory of its own (0755: tests run a second tenant under another
+# uid, which must reach sockets and staged binaries there), and fails it if
+# a test leaves anything there: a test removes what it makes
+# (tests/support/temp_path.h). pytest's own tmp_path directories
+# (pytest-of-<user>, which pytest keeps for the last three runs) are
+# exempt. The directory is removed either way.
+with_private_tmp() {
+  local tmp rc=0 left
+  tmp=$(mktemp -d "${TMPDIR:-/tmp}/icecache-tests.XXXXXX")
+  chmod 0755 "$tmp"
+  TMPDIR=$tmp TEST_TMPDIR=$tmp "$@" || rc=$?
+  left=$(find "$tmp" -mindepth 1 -maxdepth 1 ! -name 'pytest-of-*' -printf '  %f\n')
+  if [ -n "$left" ]; then
+    echo "==> FAILED: the tests left these in their TMPDIR ($tmp), each a test that does not clean up:"
+    echo "$left"
+    rc=1
+  fi
+  rm -rf "$tmp"
+  return $rc
+}
+
 run_tests() {
   echo "==> running the test suite"
-  (cd "$BUILD_DIR" && ctest --output-on-failure -j "$JOBS" --timeout 900)
+  (cd "$BUILD_DIR" && with_private_tmp ctest --output-on-failure -j "$JOBS" --timeout 900)
 }
 
 # `test` runs two suites in the background while the next build runs: the
@@ -165,6 +190,7 @@ finish_background() {
   local rc=0
   wait "${BG_PID[$1]}" || rc=$?
   cat "${BG_LOG[$1]}"
+  rm -f "${BG_LOG[$1]}"
   return $rc
 }
 
@@ -296,7 +322,7 @@ sanitize_test() {
       args=(-L 'unit|integration' -E "$TSAN_EXCLUDE") ;;
   esac
   echo "==> tests under $kind"
-  (cd "$dir" && env "${env[@]}" ctest --output-on-failure -j "$JOBS" --timeout 900 "${args[@]}")
+  (cd "$dir" && with_private_tmp env "${env[@]}" ctest --output-on-failure -j "$JOBS" --timeout 900 "${args[@]}")
 }
 
 sanitize() {
@@ -312,7 +338,7 @@ fuzz_one() {
   name=$(basename "$bin")
   corpus="$ROOT/tests/fuzz/corpus/${name#fuzz_}"
   work=$(mktemp -d)
-  if ! (cd "$work" && ASAN_OPTIONS=detect_leaks=1 "$bin" -max_total_time="$seconds" \
+  if ! (cd "$work" && TMPDIR=$work ASAN_OPTIONS=detect_leaks=1 "$bin" -max_total_time="$seconds" \
     -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$crashes/$name-" \
     "$work" "$corpus" > "$work/log" 2>&1); then
     tail -n 40 "$work/log"; echo "$name FAILED; input in $crashes" >&2; rc=1

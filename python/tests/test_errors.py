@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import tempfile
 from concurrent import futures
@@ -51,6 +52,7 @@ def abort_server():
     server.start()
     yield path
     server.stop(None)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.parametrize("code", ALL_CODES, ids=lambda c: c.name)

@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "common/json.h"
 #include "common/kv_dump.h"
 #include "common/synthetic.h"
@@ -147,6 +148,7 @@ TEST(RunSelectBenchTest, DumpIsUsedWholeUnlessTokensCapsIt) {
   auto dump = GenerateSynthetic(c);
   ASSERT_THAT(dump.status(), IsOk());
   const std::string dir = ::testing::TempDir() + "/select_whole_dump";
+  absl::Cleanup remove_dir = [&] { std::filesystem::remove_all(dir); };
   ASSERT_THAT(WriteKvDump(*dump, dir, DType::kF32), IsOk());
   auto context_of = [&](const std::vector<std::string>& extra) -> int64_t {
     std::vector<std::string> args = {"--dump", dir,      "--selectors",
@@ -165,7 +167,6 @@ TEST(RunSelectBenchTest, DumpIsUsedWholeUnlessTokensCapsIt) {
   };
   EXPECT_EQ(context_of({}), 17000);
   EXPECT_EQ(context_of({"--tokens", "4096"}), 4096);
-  std::filesystem::remove_all(dir);
 }
 
 TEST(ParseSelectArgsTest, MatrixFlags) {
@@ -195,7 +196,9 @@ TEST(ParseSelectArgsTest, MatrixFlags) {
 // exhaustive width scores as exact-mdci does, and nothing beats the page
 // oracle on its own layout.
 TEST(RunSelectMatrixTest, ReportsEachFamilyAndTheFrontier) {
-  const std::string dir = ::testing::TempDir();
+  const std::string dir = ::testing::TempDir() + "/select_matrix_report";
+  ASSERT_TRUE(std::filesystem::create_directories(dir) || std::filesystem::is_directory(dir));
+  absl::Cleanup remove_dir = [&] { std::filesystem::remove_all(dir); };
   auto o = ParseSelectArgs({"--matrix", "--families", "baseline,gqa-divergent", "--tokens", "2048",
                             "--heads", "1", "--steps", "2", "--budget", "64", "--chunk-tokens",
                             "32", "--widths", "8x4,exhaustive", "--json", dir + "/matrix.json",

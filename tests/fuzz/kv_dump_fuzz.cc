@@ -14,6 +14,7 @@
 #include <string_view>
 
 #include "common/kv_dump.h"
+#include "tests/fuzz/fuzz_temp_dir.h"
 
 namespace {
 
@@ -42,11 +43,7 @@ void CheckSizes(const icecache::KvDump& d) {
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  static const std::string dir = [] {
-    char tmpl[] = "/tmp/icecache_fuzz_kv_dump_XXXXXX";
-    if (::mkdtemp(tmpl) == nullptr) abort();
-    return std::string(tmpl);
-  }();
+  static const std::string& dir = icecache::fuzz::FuzzTempDir("icecache_fuzz_kv_dump_");
   std::string_view rest(reinterpret_cast<const char*>(data), size);
   for (const char* part : kParts) {
     const std::string path = dir + "/" + part;

@@ -33,19 +33,20 @@
 #include "server/rpc/convert.h"
 #include "server/session/session_manager.h"
 #include "server/transfer/buffer_registry.h"
+#include "tests/fuzz/fuzz_temp_dir.h"
 
 namespace {
 
 using namespace icecache;       // NOLINT: a fuzz target
 using namespace icecache::rpc;  // NOLINT
+using icecache::fuzz::FuzzTempDir;
 
 constexpr uint64_t kShmBytes = 1 << 20;
 
 // A private shm root with one 1 MiB file, "buf" (made once per process).
 const std::string& ShmRoot() {
   static const std::string* root = [] {
-    char tmpl[] = "/tmp/icecache_fuzz_requests_XXXXXX";
-    auto* dir = new std::string(mkdtemp(tmpl));
+    auto* dir = new std::string(FuzzTempDir("icecache_fuzz_requests_"));
     const int fd = open((*dir + "/buf").c_str(), O_RDWR | O_CREAT, 0600);
     if (fd < 0 || ftruncate(fd, kShmBytes) != 0) abort();
     close(fd);

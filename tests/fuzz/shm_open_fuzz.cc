@@ -16,6 +16,7 @@
 #include <string>
 
 #include "common/shm_file.h"
+#include "tests/fuzz/fuzz_temp_dir.h"
 
 namespace {
 
@@ -23,9 +24,8 @@ struct Root {
   std::string dir;
   icecache::ShmOpenOptions options;
   Root() {
-    char tmpl[] = "/tmp/icecache_fuzz_shm_XXXXXX";
-    dir = mkdtemp(tmpl);
-    MakeFile(dir + "/../icecache_fuzz_outside", 8192);
+    dir = icecache::fuzz::FuzzTempDir("icecache_fuzz_shm_");
+    MakeFile(dir + "/icecache_fuzz_outside", 8192);
     std::string root = dir + "/root";
     mkdir(root.c_str(), 0700);
     MakeFile(root + "/buf", 8192);

@@ -25,6 +25,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/synthetic.h"
+#include "tests/support/temp_path.h"
 
 namespace icecache::testing {
 
@@ -163,7 +164,8 @@ int ExitCode(int status) { return WIFEXITED(status) ? WEXITSTATUS(status) : -1; 
 
 // A binary run as another uid must be reachable by that uid, but the build
 // tree may sit under a 0700 home directory (CI clones into /root). Such
-// binaries are copied once into a 0755 directory under /tmp, removed at exit.
+// binaries are copied once into a 0755 directory under $TMPDIR (/tmp when
+// unset; deploy/dev.sh makes its suites' TMPDIR 0755), removed at exit.
 struct StagingDir {
   std::string path;
   ~StagingDir() {
@@ -178,11 +180,11 @@ absl::StatusOr<std::string> StageForOtherUid(const std::string& binary) {
   static std::mutex mu;
   std::lock_guard<std::mutex> lock(mu);
   if (dir.path.empty()) {
-    char tmpl[] = "/tmp/icecache-bin-XXXXXX";
-    if (::mkdtemp(tmpl) == nullptr) {
+    std::string tmpl = ::icecache::testing::TempPathTemplate("icecache-bin-");
+    if (::mkdtemp(tmpl.data()) == nullptr) {
       return absl::InternalError(absl::StrCat("mkdtemp: ", std::strerror(errno)));
     }
-    ::chmod(tmpl, 0755);
+    ::chmod(tmpl.c_str(), 0755);
     dir.path = tmpl;
   }
   const std::string staged = dir.path + "/" + std::filesystem::path(binary).filename().string();

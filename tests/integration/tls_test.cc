@@ -11,6 +11,7 @@
 #include "gtest/gtest.h"
 #include "tests/integration/harness.h"
 #include "tests/support/status_matchers.h"
+#include "tests/support/temp_path.h"
 
 namespace icecache::testing {
 namespace {
@@ -23,8 +24,8 @@ constexpr char kAdminToken[] = "admin-token-0123456789abcdef";
 class TlsTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/icecache-tls-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    std::string tmpl = ::icecache::testing::TempPathTemplate("icecache-tls-");
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
     dir_ = tmpl;
     cert_ = dir_ + "/cert.pem";
     key_ = dir_ + "/key.pem";

@@ -22,6 +22,7 @@
 #include "gtest/gtest.h"
 #include "tests/integration/harness.h"
 #include "tests/support/status_matchers.h"
+#include "tests/support/temp_path.h"
 
 namespace icecache::testing {
 namespace {
@@ -277,7 +278,7 @@ TEST_F(WarmRestartTest, AStateDirHoldsTheSnapshotAndImagesApartFromTheArena) {
 // what to set. Needs root (it mounts a hugetlbfs in a temporary directory).
 TEST_F(WarmRestartTest, AHugetlbfsBackingDirWithoutAStateDirIsRefusedAtStart) {
   if (geteuid() != 0) GTEST_SKIP() << "mounting a hugetlbfs needs root";
-  std::string mnt = "/tmp/icecache-hugetlbfs-XXXXXX";
+  std::string mnt = ::icecache::testing::TempPathTemplate("icecache-hugetlbfs-");
   ASSERT_NE(mkdtemp(mnt.data()), nullptr);
   if (mount("none", mnt.c_str(), "hugetlbfs", 0, nullptr) != 0) {
     const int e = errno;

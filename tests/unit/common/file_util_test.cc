@@ -8,6 +8,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/support/status_matchers.h"
+#include "tests/support/temp_path.h"
 
 namespace icecache {
 namespace {
@@ -17,15 +18,15 @@ using ::icecache::testing::StatusIs;
 using ::testing::HasSubstr;
 
 TEST(FileUtilTest, ReadsEveryByte) {
-  char path[] = "/tmp/icecache_file_util_XXXXXX";
-  const int fd = ::mkstemp(path);
+  std::string path = ::icecache::testing::TempPathTemplate("icecache_file_util_");
+  const int fd = ::mkstemp(path.data());
   ASSERT_GE(fd, 0);
   std::string data(200000, '\0');
   for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<char>(i * 7);
   ASSERT_EQ(::write(fd, data.data(), data.size()), static_cast<ssize_t>(data.size()));
   ::close(fd);
   auto read = ReadFileToString(path);
-  ::unlink(path);
+  ::unlink(path.c_str());
   ASSERT_THAT(read, IsOk());
   EXPECT_EQ(*read, data);
 }
@@ -36,8 +37,8 @@ TEST(FileUtilTest, MissingFileIsNotFoundNamingThePath) {
 }
 
 TEST(FileUtilTest, WriteAtomicallyReplacesTheFileWhole) {
-  char dir[] = "/tmp/icecache_file_util_XXXXXX";
-  ASSERT_NE(::mkdtemp(dir), nullptr);
+  std::string dir = ::icecache::testing::TempPathTemplate("icecache_file_util_");
+  ASSERT_NE(::mkdtemp(dir.data()), nullptr);
   const std::string path = std::string(dir) + "/report.json";
   ASSERT_THAT(WriteFileAtomically(path, "old"), IsOk());
   ASSERT_THAT(WriteFileAtomically(path, "{\"new\": 1}"), IsOk());
@@ -46,7 +47,7 @@ TEST(FileUtilTest, WriteAtomicallyReplacesTheFileWhole) {
   EXPECT_EQ(*read, "{\"new\": 1}");
   // Nothing but the file itself is left in the directory.
   EXPECT_EQ(::unlink(path.c_str()), 0);
-  EXPECT_EQ(::rmdir(dir), 0);
+  EXPECT_EQ(::rmdir(dir.c_str()), 0);
 }
 
 TEST(FileUtilTest, WriteAtomicallyIntoAMissingDirectoryNamesThePath) {

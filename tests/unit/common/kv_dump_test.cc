@@ -13,6 +13,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/support/status_matchers.h"
+#include "tests/support/temp_path.h"
 
 namespace icecache {
 namespace {
@@ -25,8 +26,8 @@ using ::testing::HasSubstr;
 class KvDumpTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/icecache_kvdump_test_XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    std::string tmpl = ::icecache::testing::TempPathTemplate("icecache_kvdump_test_");
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
     root_ = tmpl;
     SyntheticConfig c = *SyntheticPreset("small");
     c.tokens = 300;

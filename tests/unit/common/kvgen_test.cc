@@ -10,6 +10,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/support/status_matchers.h"
+#include "tests/support/temp_path.h"
 
 namespace icecache {
 namespace {
@@ -19,8 +20,8 @@ using ::icecache::testing::IsOk;
 class KvgenTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/icecache_kvgen_test_XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    std::string tmpl = ::icecache::testing::TempPathTemplate("icecache_kvgen_test_");
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
     dir_ = tmpl;
   }
   void TearDown() override { std::system(("rm -rf '" + dir_ + "'").c_str()); }

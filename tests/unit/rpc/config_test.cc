@@ -11,6 +11,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/support/status_matchers.h"
+#include "tests/support/temp_path.h"
 
 namespace icecache::rpc {
 namespace {
@@ -105,8 +106,8 @@ TEST(ConfigTest, OctalSocketModeParses) {
 TEST(ConfigTest, LoadFileErrors) {
   EXPECT_THAT(LoadConfigFile("/nonexistent/icecached.textproto"),
               StatusIs(absl::StatusCode::kNotFound, HasSubstr("/nonexistent/icecached.textproto")));
-  char path[] = "/tmp/icecache_cfg_XXXXXX";
-  const int fd = mkstemp(path);
+  std::string path = ::icecache::testing::TempPathTemplate("icecache_cfg_");
+  const int fd = mkstemp(path.data());
   ASSERT_GE(fd, 0);
   const std::string bad = "log_level: LOUD\n";
   ASSERT_EQ(write(fd, bad.data(), bad.size()), static_cast<ssize_t>(bad.size()));
@@ -114,7 +115,7 @@ TEST(ConfigTest, LoadFileErrors) {
   EXPECT_THAT(LoadConfigFile(path),
               StatusIs(absl::StatusCode::kInvalidArgument,
                        ::testing::AllOf(HasSubstr(path), HasSubstr("line "), HasSubstr("LOUD"))));
-  unlink(path);
+  unlink(path.c_str());
 }
 
 TEST(ConfigTest, ShippedExampleConfigIsValid) {
@@ -350,11 +351,11 @@ TEST(ConfigTest, DefaultSocketPathFallsBackToXdgRuntimeDir) {
   if (access("/run/icecache", W_OK | X_OK) == 0) {
     GTEST_SKIP() << "/run/icecache is writable here; the first choice wins";
   }
-  char dir[] = "/tmp/icecache_xdg_XXXXXX";
-  ASSERT_NE(mkdtemp(dir), nullptr);
+  std::string dir = ::icecache::testing::TempPathTemplate("icecache_xdg_");
+  ASSERT_NE(mkdtemp(dir.data()), nullptr);
   const char* old = getenv("XDG_RUNTIME_DIR");
   const std::string saved = old ? old : "";
-  setenv("XDG_RUNTIME_DIR", dir, 1);
+  setenv("XDG_RUNTIME_DIR", dir.c_str(), 1);
   EXPECT_EQ(DaemonDefaultSocketPath(), std::string(dir) + "/icecached.sock");
   setenv("XDG_RUNTIME_DIR", "/nonexistent-dir", 1);
   EXPECT_EQ(DaemonDefaultSocketPath(), "/tmp/icecached-" + std::to_string(getuid()) + ".sock");
@@ -362,7 +363,7 @@ TEST(ConfigTest, DefaultSocketPathFallsBackToXdgRuntimeDir) {
     setenv("XDG_RUNTIME_DIR", saved.c_str(), 1);
   else
     unsetenv("XDG_RUNTIME_DIR");
-  rmdir(dir);
+  rmdir(dir.c_str());
 }
 
 TEST(ConfigTest, TenantNames) {

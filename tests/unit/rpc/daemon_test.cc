@@ -27,6 +27,7 @@
 #include "gtest/gtest.h"
 #include "server/rpc/config.h"
 #include "tests/support/status_matchers.h"
+#include "tests/support/temp_path.h"
 
 namespace icecache::rpc {
 namespace {
@@ -39,8 +40,8 @@ constexpr int kLayers = 2, kKvHeads = 2, kQHeads = 4, kHeadDim = 16, kPageTokens
 class DaemonTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/icecache_dt_XXXXXX";
-    dir_ = mkdtemp(tmpl);
+    std::string tmpl = ::icecache::testing::TempPathTemplate("icecache_dt_");
+    dir_ = mkdtemp(tmpl.data());
     socket_ = dir_ + "/d.sock";
   }
   void TearDown() override {

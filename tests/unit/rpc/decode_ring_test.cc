@@ -29,6 +29,7 @@
 #include "server/rpc/config.h"
 #include "server/rpc/daemon.h"
 #include "tests/support/status_matchers.h"
+#include "tests/support/temp_path.h"
 
 namespace icecache::rpc {
 namespace {
@@ -77,8 +78,8 @@ struct Fifos {
 class DecodeRingTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/icecache_ring_XXXXXX";
-    dir_ = mkdtemp(tmpl);
+    std::string tmpl = ::icecache::testing::TempPathTemplate("icecache_ring_");
+    dir_ = mkdtemp(tmpl.data());
     IcecachedConfig c;
     c.mutable_listen()->set_unix_socket(dir_ + "/d.sock");
     c.mutable_pool()->set_capacity_bytes(64 << 20);

@@ -15,6 +15,7 @@
 #include "server/rpc/config.h"
 #include "server/rpc/daemon.h"
 #include "tests/support/status_matchers.h"
+#include "tests/support/temp_path.h"
 
 namespace icecache::rpc {
 namespace {
@@ -27,8 +28,8 @@ constexpr int kLayers = 2, kKvHeads = 2, kQHeads = 4, kHeadDim = 16, kPageTokens
 class DecodeRpcTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/icecache_drt_XXXXXX";
-    dir_ = mkdtemp(tmpl);
+    std::string tmpl = ::icecache::testing::TempPathTemplate("icecache_drt_");
+    dir_ = mkdtemp(tmpl.data());
     IcecachedConfig c;
     c.mutable_listen()->set_unix_socket(dir_ + "/d.sock");
     c.mutable_pool()->set_capacity_bytes(64 << 20);

@@ -24,6 +24,7 @@
 #include "server/rpc/config.h"
 #include "server/rpc/daemon.h"
 #include "tests/support/status_matchers.h"
+#include "tests/support/temp_path.h"
 
 namespace icecache::rpc {
 namespace {
@@ -34,8 +35,8 @@ using ::testing::HasSubstr;
 class QualityRpcTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/icecache_qt_XXXXXX";
-    dir_ = mkdtemp(tmpl);
+    std::string tmpl = ::icecache::testing::TempPathTemplate("icecache_qt_");
+    dir_ = mkdtemp(tmpl.data());
     // Every chosen step is measured (cpu_share 1, a large burst): the test
     // checks what the monitor reports, not the budget (quality_sampler_test).
     auto parsed = ParseConfigText(

@@ -22,6 +22,7 @@
 #include "server/rpc/auth.h"
 #include "server/rpc/status.h"
 #include "tests/support/status_matchers.h"
+#include "tests/support/temp_path.h"
 
 namespace icecache::rpc {
 namespace {
@@ -33,8 +34,8 @@ using ::testing::HasSubstr;
 class TempDir {
  public:
   TempDir() {
-    char tmpl[] = "/tmp/icecache_ul_XXXXXX";
-    path_ = mkdtemp(tmpl);
+    std::string tmpl = ::icecache::testing::TempPathTemplate("icecache_ul_");
+    path_ = mkdtemp(tmpl.data());
     chmod(path_.c_str(), 0755);  // a setuid child must reach the socket
   }
   ~TempDir() { std::system(("rm -rf " + path_).c_str()); }
