@@ -18,8 +18,8 @@ namespace icecache::fuzz {
 inline const std::string& FuzzTempDir(const char* prefix) {
   static const std::string* dir = [prefix] {
     const char* tmp = getenv("TMPDIR");
-    std::string tmpl = std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/" +
-                       prefix + "XXXXXX";
+    std::string tmpl =
+        std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/" + prefix + "XXXXXX";
     if (mkdtemp(tmpl.data()) == nullptr) abort();
     auto* d = new std::string(tmpl);
     atexit([] {
