@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "common/populate.h"
 #include "server/index/kernels.h"
 
 namespace icecache {
@@ -62,15 +63,13 @@ void DciNodeReps::Resize(uint32_t size, int dim, int rank) {
   if (size > count.capacity()) {
     Reserve(static_cast<uint32_t>(std::max<size_t>(size, 2 * count.capacity())), dim, rank);
   }
-  count.resize(size, 0);
-  centroid.resize(static_cast<size_t>(size) * dim, 0.0f);
-  abar.resize(size, 0.0f);
-  m2.resize(size, 0.0f);
-  half_sq.resize(size, 0.0f);
-  c2.resize(size, 0.0f);
-  pm2.resize(static_cast<size_t>(size) * rank, 0.0f);
-  lam.resize(static_cast<size_t>(size) * rank, 0.0f);
-  res.resize(size, 0.0f);
+  // Populated ahead of the zero fill: a new tree's representatives are
+  // fresh memory, a page fault per 4 KiB otherwise (common/populate.h).
+  ResizePopulated(&count, size, 0u);
+  ResizePopulated(&centroid, static_cast<size_t>(size) * dim, 0.0f);
+  for (auto* v : {&abar, &m2, &half_sq, &c2, &res}) ResizePopulated(v, size, 0.0f);
+  ResizePopulated(&pm2, static_cast<size_t>(size) * rank, 0.0f);
+  ResizePopulated(&lam, static_cast<size_t>(size) * rank, 0.0f);
 }
 
 void DciNodeReps::Init(uint32_t node, const float* x, float a, float sq,

@@ -1,5 +1,6 @@
 #include "server/index/dci_page_table.h"
 
+#include "common/populate.h"
 #include "server/index/headroom.h"
 
 namespace icecache {
@@ -58,8 +59,8 @@ void DciPageTable::AppendBulk(uint32_t node, const int32_t* positions, int count
 }
 
 bool DciPageTable::FinishBulk(int64_t n, std::vector<Placement>* placements) {
-  page_of_position_.assign(n, kNone);
-  placements->assign(n, Placement{});
+  AssignPopulated(&page_of_position_, static_cast<size_t>(n), kNone);
+  AssignPopulated(placements, static_cast<size_t>(n), Placement{});
   for (uint32_t page = 0; page < num_pages(); ++page) {
     const int32_t* pos = positions(page);
     for (uint32_t s = 0; s < page_fill_[page]; ++s) {

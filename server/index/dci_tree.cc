@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "common/populate.h"
 #include "common/status_macros.h"
 #include "server/index/dci_tree_internal.h"
 #include "server/index/headroom.h"
@@ -279,7 +280,7 @@ void DciTree::SyncMirror(int level, uint32_t node) {
 void DciTree::SyncAllMirrors() {
   for (int l = 1; l <= top_level(); ++l) {
     Level& L = levels_[l];
-    L.centroid16.resize(L.reps.centroid.size());
+    ResizePopulated(&L.centroid16, L.reps.centroid.size(), uint16_t{0});
     FloatToHalf(L.reps.centroid.data(), L.centroid16.data(), L.reps.centroid.size());
   }
 }

@@ -13,6 +13,7 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "common/populate.h"
 #include "server/index/kernels.h"
 #include "server/index/simd_avx2.h"
 
@@ -250,7 +251,12 @@ void PqSketch::Train(const float* keys, int64_t n) {
 void PqSketch::EnsureSlots(uint64_t slots) {
   const uint64_t groups = (slots + kGroup - 1) / kGroup;
   while (static_cast<uint64_t>(blocks_.size()) * kGroupsPerBlock < groups) {
-    blocks_.emplace_back(new uint8_t[group_bytes_ * kGroupsPerBlock]());
+    // Fresh memory: faulted in ahead of the zero fill (common/populate.h).
+    const size_t bytes = group_bytes_ * kGroupsPerBlock;
+    std::unique_ptr<uint8_t[]> block(new uint8_t[bytes]);
+    PopulateForWrite(block.get(), bytes);
+    std::memset(block.get(), 0, bytes);
+    blocks_.push_back(std::move(block));
   }
   slots_ = std::max(slots_, slots);
 }

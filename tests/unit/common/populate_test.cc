@@ -1,0 +1,91 @@
+// PopulateForWrite and the vector helpers built on it (common/populate.h).
+#include "common/populate.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace icecache {
+namespace {
+
+// Pages of [p, p + bytes) the kernel has in memory (mincore).
+size_t ResidentPages(void* p, size_t bytes) {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> vec((bytes + page - 1) / page);
+  if (mincore(p, bytes, vec.data()) != 0) return 0;
+  size_t n = 0;
+  for (unsigned char v : vec) n += v & 1;
+  return n;
+}
+
+// A fresh anonymous mapping is not resident; populated, all of it is, and
+// reads as zeros; what was written before is kept.
+TEST(PopulateTest, FaultsAFreshMappingInAndChangesNoByte) {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t bytes = 256 * page;
+  auto* p = static_cast<uint8_t*>(
+      mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  ASSERT_NE(p, MAP_FAILED);
+  p[5 * page + 3] = 42;
+  ASSERT_LE(ResidentPages(p, bytes), 2u);
+  PopulateForWrite(p, bytes);
+#ifdef MADV_POPULATE_WRITE
+  uint8_t probe = 0;
+  if (madvise(&probe - reinterpret_cast<uintptr_t>(&probe) % page, page, MADV_POPULATE_WRITE) !=
+      0) {
+    munmap(p, bytes);
+    GTEST_SKIP() << "this kernel has no MADV_POPULATE_WRITE (Linux 5.14 and later): "
+                    "PopulateForWrite is a no-op here";
+  }
+  EXPECT_EQ(ResidentPages(p, bytes), 256u);
+#endif
+  for (size_t i = 0; i < bytes; ++i) {
+    ASSERT_EQ(p[i], i == 5 * page + 3 ? 42 : 0) << i;
+  }
+  munmap(p, bytes);
+}
+
+// Only the whole pages inside the range are touched: a range that starts
+// and ends inside pages leaves the pages around it out, and a range below
+// kPopulateMinBytes is left to demand faults.
+TEST(PopulateTest, TouchesOnlyWholePagesInsideALargeEnoughRange) {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t bytes = 64 * page;
+  auto* p = static_cast<uint8_t*>(
+      mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  ASSERT_NE(p, MAP_FAILED);
+  PopulateForWrite(p + 1, kPopulateMinBytes - 2);  // below the bound once rounded
+  PopulateForWrite(p + page / 2, 40 * page);       // pages 1..39 whole
+  const size_t resident = ResidentPages(p, bytes);
+  EXPECT_LE(resident, 39u);
+  EXPECT_EQ(ResidentPages(p, page), 0u);                   // page 0: only partly inside
+  EXPECT_EQ(ResidentPages(p + 41 * page, 23 * page), 0u);  // past the range
+  munmap(p, bytes);
+}
+
+TEST(PopulateTest, ResizeAndAssignGiveWhatTheVectorsOwnDo) {
+  std::vector<float> a = {1, 2, 3}, b = a;
+  ResizePopulated(&a, 100000, 7.0f);
+  b.resize(100000, 7.0f);
+  EXPECT_EQ(a, b);
+  ResizePopulated(&a, 10, 0.0f);
+  b.resize(10, 0.0f);
+  EXPECT_EQ(a, b);
+  std::vector<uint32_t> c = {9, 9}, d = c;
+  AssignPopulated(&c, 70000, 5u);
+  d.assign(70000, 5u);
+  EXPECT_EQ(c, d);
+  AssignPopulated(&c, 3, 1u);
+  d.assign(3, 1u);
+  EXPECT_EQ(c, d);
+  std::vector<uint16_t> e;
+  ResizePopulated(&e, 0, uint16_t{1});
+  EXPECT_TRUE(e.empty());
+}
+
+}  // namespace
+}  // namespace icecache
