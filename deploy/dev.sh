@@ -46,7 +46,7 @@ PACKAGES=(build-essential cmake ninja-build pkg-config git
   libcli11-dev nlohmann-json3-dev  # every command line (CLI11), all JSON (nlohmann)
   openssl  # the TLS tests make their own throwaway certificates
   clang-14 clang-format-14 libclang-rt-14-dev  # format check, lock annotations, sanitizers, fuzzing
-  python3 python3-grpcio python3-protobuf python3-numpy python3-pytest python3-torch python3-pip python3-setuptools python3-venv  # python/ client, its pytest suite, pip install ./python
+  python3 python3-grpcio python3-protobuf python3-numpy python3-pytest python3-torch python3-pip python3-setuptools python3-wheel python3-venv  # python/ client, its pytest suite, pip install ./python
   python3-yaml  # tests/deploy: the Kubernetes manifests are parsed
   lld-14  # the sanitizer trees link with lld (-fuse-ld=lld): a third of GNU ld's time
   libxxhash-dev  # page checksums (XXH3, compiled in with XXH_INLINE_ALL: no run-time package)
