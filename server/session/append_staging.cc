@@ -77,6 +77,7 @@ StagingCache::~StagingCache() {
   for (const Entry& e : cached_) {
     if (!InReserveLocked(e.base)) Unmap(e.base, e.capacity);
   }
+  for (const Entry& e : small_) Unmap(e.base, e.capacity);
   Unmap(reserve_base_, reserve_capacity_);
 }
 
@@ -156,6 +157,26 @@ absl::StatusOr<StagingBuffer> StagingCache::Acquire(uint64_t bytes) {
       return StagingBuffer(shared_from_this(), e.base, e.capacity, bytes);
     }
   }
+  if (!cacheable) {
+    // A decode append's few KiB: the smallest kept small mapping that holds
+    // them. A fresh one costs a mapping, a fault per 4 KiB page at the copy
+    // and an unmap with its TLB flush, every token.
+    absl::MutexLock l(&mu_);
+    auto best = small_.end();
+    for (auto it = small_.begin(); it != small_.end(); ++it) {
+      if (it->capacity >= bytes && (best == small_.end() || it->capacity < best->capacity)) {
+        best = it;
+      }
+    }
+    if (best != small_.end()) {
+      Entry e = *best;
+      *best = small_.back();
+      small_.pop_back();
+      small_bytes_ -= e.capacity;
+      ++reuses_;
+      return StagingBuffer(shared_from_this(), e.base, e.capacity, bytes);
+    }
+  }
   if (cacheable && options_.huge_pages) {
     uint64_t capacity = bytes;
     if (uint8_t* base = MapHuge(&capacity)) {
@@ -167,8 +188,7 @@ absl::StatusOr<StagingBuffer> StagingCache::Acquire(uint64_t bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "cannot map ", bytes, " bytes of staging memory now (", std::strerror(errno), ")"));
   }
-  return StagingBuffer(cacheable ? shared_from_this() : nullptr, static_cast<uint8_t*>(base), bytes,
-                       bytes);
+  return StagingBuffer(shared_from_this(), static_cast<uint8_t*>(base), bytes, bytes);
 }
 
 void StagingCache::Release(uint8_t* base, uint64_t capacity) {
@@ -192,7 +212,13 @@ void StagingCache::Release(uint8_t* base, uint64_t capacity) {
       cached_.push_back(merged);
       return;
     }
-    if (cached_bytes_ + capacity <= options_.max_cached_bytes) {
+    if (capacity < options_.min_cached_bytes) {
+      if (small_.size() < kSmallKept && options_.max_cached_bytes > 0) {
+        small_.push_back(Entry{base, capacity, absl::Now()});
+        small_bytes_ += capacity;
+        return;
+      }
+    } else if (cached_bytes_ + capacity <= options_.max_cached_bytes) {
       cached_.push_back(Entry{base, capacity, absl::Now()});
       cached_bytes_ += capacity;
       return;
@@ -214,6 +240,13 @@ uint64_t StagingCache::Trim(absl::Duration idle) {
     drop.assign(keep, cached_.end());
     cached_.erase(keep, cached_.end());
     for (const Entry& e : drop) cached_bytes_ -= e.capacity;
+    auto small_keep = std::partition(small_.begin(), small_.end(),
+                                     [&](const Entry& e) { return e.released > cutoff; });
+    for (auto it = small_keep; it != small_.end(); ++it) {
+      small_bytes_ -= it->capacity;
+      drop.push_back(*it);
+    }
+    small_.erase(small_keep, small_.end());
   }
   uint64_t freed = 0;
   for (const Entry& e : drop) {
@@ -226,6 +259,11 @@ uint64_t StagingCache::Trim(absl::Duration idle) {
 uint64_t StagingCache::cached_bytes() const {
   absl::MutexLock l(&mu_);
   return cached_bytes_;
+}
+
+uint64_t StagingCache::small_cached_bytes() const {
+  absl::MutexLock l(&mu_);
+  return small_bytes_;
 }
 
 uint64_t StagingCache::reuses() const {

@@ -58,8 +58,11 @@ class StagingBuffer {
 struct StagingCacheOptions {
   // Bytes of released buffers kept for later appends (0: none kept).
   uint64_t max_cached_bytes = uint64_t{1} << 30;
-  // Requests below this size take a fresh mapping and never enter the cache
-  // (a decode append's few KiB are cheap to map).
+  // Requests below this size are small: they never take a cached buffer nor
+  // a piece of the reserve. Up to kSmallKept released small mappings are kept
+  // apart for the next small request (a decode append's few KiB, every
+  // token: a fresh mapping cost an mmap, a fault per 4 KiB page at the copy
+  // and an munmap with its TLB flush each time).
   uint64_t min_cached_bytes = uint64_t{4} << 20;
   // Cacheable buffers are mapped 2 MiB-aligned, rounded up to whole 2 MiB,
   // and advised MADV_HUGEPAGE (transparent huge pages where the kernel's THP
@@ -81,12 +84,12 @@ class StagingCache : public std::enable_shared_from_this<StagingCache> {
   StagingCache(const StagingCache&) = delete;
   StagingCache& operator=(const StagingCache&) = delete;
 
-  // A buffer of `bytes` (> 0): the smallest cached one that holds them, else
-  // a fresh mapping. ResourceExhausted (naming the size) when the mapping
-  // fails. The contents are unspecified: the caller overwrites them.
+  // A buffer of `bytes` (> 0): the smallest cached one that holds them (a
+  // small request: the smallest kept small one), else a fresh mapping. ResourceExhausted (naming
+  // the size) when the mapping fails. The contents are unspecified: the caller overwrites them.
   absl::StatusOr<StagingBuffer> Acquire(uint64_t bytes);
-  // Unmaps every buffer released at least `idle` ago (never the reserve);
-  // returns the bytes.
+  // Unmaps every buffer released at least `idle` ago, small ones included
+  // (never the reserve); returns the bytes.
   uint64_t Trim(absl::Duration idle);
   // The reserve: maps `bytes` (rounded up to whole 2 MiB, 2 MiB-aligned,
   // advised MADV_HUGEPAGE), faults all of it in now (MADV_POPULATE_WRITE, or
@@ -104,11 +107,16 @@ class StagingCache : public std::enable_shared_from_this<StagingCache> {
   // is then dropped). Returns the seconds it took.
   absl::StatusOr<double> Reserve(uint64_t bytes, const std::atomic<bool>* stop = nullptr);
   uint64_t reserve_bytes() const;
-  // Whether a buffer of `bytes` returns to the cache when released (smaller
-  // ones are cheaper in ordinary heap memory).
+  // Whether a buffer of `bytes` is large: it returns to the byte-bounded
+  // cache when released (small ones go to the few kept apart; a build's
+  // small key scratch is cheaper in ordinary heap memory).
   bool Caches(uint64_t bytes) const { return bytes >= options_.min_cached_bytes; }
-  // Bytes of released buffers kept, the reserve's not counted.
+  // Bytes of released buffers kept, the reserve's and the small ones' not
+  // counted.
   uint64_t cached_bytes() const;
+  // Bytes of released small buffers kept (at most kSmallKept of them).
+  uint64_t small_cached_bytes() const;
+  static constexpr size_t kSmallKept = 8;
   // Buffers handed out by Acquire that came from the cache (tests, metrics).
   uint64_t reuses() const;
 
@@ -132,6 +140,8 @@ class StagingCache : public std::enable_shared_from_this<StagingCache> {
   mutable absl::Mutex mu_;
   std::vector<Entry> cached_ ABSL_GUARDED_BY(mu_);
   uint64_t cached_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // outside the reserve
+  std::vector<Entry> small_ ABSL_GUARDED_BY(mu_);   // below min_cached_bytes
+  uint64_t small_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   // The reserve's mapping; its free pieces are entries of cached_.
   uint8_t* reserve_base_ ABSL_GUARDED_BY(mu_) = nullptr;
   uint64_t reserve_capacity_ ABSL_GUARDED_BY(mu_) = 0;

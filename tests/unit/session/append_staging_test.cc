@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "tests/support/status_matchers.h"
@@ -91,7 +92,7 @@ TEST(StagingCacheTest, TheSmallestBufferThatFitsIsTaken) {
   EXPECT_EQ(cache->cached_bytes(), 16 * kMiB);
 }
 
-TEST(StagingCacheTest, KeepsAtMostItsBoundAndNothingSmall) {
+TEST(StagingCacheTest, KeepsAtMostItsBoundAndSmallOnesApart) {
   auto cache = MakeCache(10 * kMiB);
   {
     auto a = cache->Acquire(8 * kMiB);
@@ -101,6 +102,52 @@ TEST(StagingCacheTest, KeepsAtMostItsBoundAndNothingSmall) {
     EXPECT_FALSE(cache->Caches(small->size()));
   }
   EXPECT_EQ(cache->cached_bytes(), 8 * kMiB);  // the second did not fit the bound
+  EXPECT_EQ(cache->small_cached_bytes(), kMiB);
+  // A small request never takes a large buffer, nor a large one a small one.
+  auto small = cache->Acquire(4096);
+  ASSERT_THAT(small, IsOk());
+  EXPECT_EQ(small->capacity(), kMiB);
+  EXPECT_EQ(cache->cached_bytes(), 8 * kMiB);
+  auto large = cache->Acquire(8 * kMiB);
+  ASSERT_THAT(large, IsOk());
+  EXPECT_EQ(cache->small_cached_bytes(), 0u);
+}
+
+// A decode append's staging every token: the mapping released by one
+// append serves the next (no mmap, first touch or munmap per token), at most
+// kSmallKept are kept, and Trim drops the idle ones.
+TEST(StagingCacheTest, SmallBuffersAreReusedBoundedAndTrimmed) {
+  auto cache = MakeCache(64 * kMiB);
+  uint8_t* first = nullptr;
+  {
+    auto a = cache->Acquire(128 << 10);
+    ASSERT_THAT(a, IsOk());
+    std::memset(a->data(), 3, a->size());
+    first = a->data();
+  }
+  for (int token = 0; token < 5; ++token) {
+    auto b = cache->Acquire(128 << 10);
+    ASSERT_THAT(b, IsOk());
+    EXPECT_EQ(b->data(), first);
+    EXPECT_EQ(b->size(), uint64_t{128} << 10);
+  }
+  EXPECT_EQ(cache->reuses(), 5u);
+  EXPECT_EQ(cache->Trim(absl::ZeroDuration()), uint64_t{128} << 10);
+  {
+    std::vector<StagingBuffer> many;
+    for (size_t i = 0; i < StagingCache::kSmallKept + 3; ++i) {
+      auto b = cache->Acquire(8192);
+      ASSERT_THAT(b, IsOk());
+      many.push_back(std::move(b).value());
+    }
+  }
+  EXPECT_EQ(cache->small_cached_bytes(), StagingCache::kSmallKept * 8192);
+  EXPECT_EQ(cache->Trim(absl::ZeroDuration()), StagingCache::kSmallKept * 8192);
+  EXPECT_EQ(cache->small_cached_bytes(), 0u);
+  // A cache that keeps nothing keeps no small ones either.
+  auto none = MakeCache(0);
+  { auto c = none->Acquire(8192); }
+  EXPECT_EQ(none->small_cached_bytes(), 0u);
 }
 
 TEST(StagingCacheTest, TrimUnmapsIdleBuffers) {
