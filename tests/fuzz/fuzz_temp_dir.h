@@ -1,6 +1,7 @@
 // A fuzz target's private directory: made once per process under $TMPDIR
-// (/tmp when unset; deploy/dev.sh points it at the run's own work
-// directory) and removed with everything in it when the process exits
+// (tests/support/temp_path.h: /tmp when unset; deploy/dev.sh points it at
+// the run's own work directory) and removed with everything in it when the
+// process exits
 // (libFuzzer ends a run with exit(), which runs atexit handlers). A crash
 // leaves it behind, beside libFuzzer's crash input.
 #ifndef ICECACHE_TESTS_FUZZ_FUZZ_TEMP_DIR_H_
@@ -12,14 +13,14 @@
 #include <string>
 #include <system_error>
 
+#include "tests/support/temp_path.h"
+
 namespace icecache::fuzz {
 
 // `prefix`: the directory's name before mkdtemp's six random characters.
 inline const std::string& FuzzTempDir(const char* prefix) {
   static const std::string* dir = [prefix] {
-    const char* tmp = getenv("TMPDIR");
-    std::string tmpl =
-        std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/" + prefix + "XXXXXX";
+    std::string tmpl = ::icecache::testing::TempPathTemplate(prefix);
     if (mkdtemp(tmpl.data()) == nullptr) abort();
     auto* d = new std::string(tmpl);
     atexit([] {

@@ -12,9 +12,11 @@
 namespace icecache {
 namespace {
 
+size_t PageBytes() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+
 // Pages of [p, p + bytes) the kernel has in memory (mincore).
 size_t ResidentPages(void* p, size_t bytes) {
-  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t page = PageBytes();
   std::vector<unsigned char> vec((bytes + page - 1) / page);
   if (mincore(p, bytes, vec.data()) != 0) return 0;
   size_t n = 0;
@@ -22,22 +24,34 @@ size_t ResidentPages(void* p, size_t bytes) {
   return n;
 }
 
+// `pages` of fresh private anonymous memory, unmapped when it goes.
+struct AnonMapping {
+  explicit AnonMapping(size_t pages) : bytes(pages * PageBytes()) {
+    void* m = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    p = m == MAP_FAILED ? nullptr : static_cast<uint8_t*>(m);
+  }
+  ~AnonMapping() {
+    if (p != nullptr) munmap(p, bytes);
+  }
+  size_t bytes;
+  uint8_t* p;
+};
+
 // A fresh anonymous mapping is not resident; populated, all of it is, and
 // reads as zeros; what was written before is kept.
 TEST(PopulateTest, FaultsAFreshMappingInAndChangesNoByte) {
-  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  const size_t bytes = 256 * page;
-  auto* p = static_cast<uint8_t*>(
-      mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
-  ASSERT_NE(p, MAP_FAILED);
+  const size_t page = PageBytes();
+  AnonMapping m(256);
+  ASSERT_NE(m.p, nullptr);
+  uint8_t* p = m.p;
+  const size_t bytes = m.bytes;
   p[5 * page + 3] = 42;
   ASSERT_LE(ResidentPages(p, bytes), 2u);
   PopulateForWrite(p, bytes);
 #ifdef MADV_POPULATE_WRITE
-  uint8_t probe = 0;
-  if (madvise(&probe - reinterpret_cast<uintptr_t>(&probe) % page, page, MADV_POPULATE_WRITE) !=
-      0) {
-    munmap(p, bytes);
+  AnonMapping probe(1);
+  ASSERT_NE(probe.p, nullptr);
+  if (madvise(probe.p, probe.bytes, MADV_POPULATE_WRITE) != 0) {
     GTEST_SKIP() << "this kernel has no MADV_POPULATE_WRITE (Linux 5.14 and later): "
                     "PopulateForWrite is a no-op here";
   }
@@ -46,25 +60,23 @@ TEST(PopulateTest, FaultsAFreshMappingInAndChangesNoByte) {
   for (size_t i = 0; i < bytes; ++i) {
     ASSERT_EQ(p[i], i == 5 * page + 3 ? 42 : 0) << i;
   }
-  munmap(p, bytes);
 }
 
 // Only the whole pages inside the range are touched: a range that starts
 // and ends inside pages leaves the pages around it out, and a range below
 // kPopulateMinBytes is left to demand faults.
 TEST(PopulateTest, TouchesOnlyWholePagesInsideALargeEnoughRange) {
-  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  const size_t bytes = 64 * page;
-  auto* p = static_cast<uint8_t*>(
-      mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
-  ASSERT_NE(p, MAP_FAILED);
+  const size_t page = PageBytes();
+  AnonMapping m(64);
+  ASSERT_NE(m.p, nullptr);
+  uint8_t* p = m.p;
+  const size_t bytes = m.bytes;
   PopulateForWrite(p + 1, kPopulateMinBytes - 2);  // below the bound once rounded
   PopulateForWrite(p + page / 2, 40 * page);       // pages 1..39 whole
   const size_t resident = ResidentPages(p, bytes);
   EXPECT_LE(resident, 39u);
   EXPECT_EQ(ResidentPages(p, page), 0u);                   // page 0: only partly inside
   EXPECT_EQ(ResidentPages(p + 41 * page, 23 * page), 0u);  // past the range
-  munmap(p, bytes);
 }
 
 TEST(PopulateTest, ResizeAndAssignGiveWhatTheVectorsOwnDo) {
