@@ -220,7 +220,8 @@ TSAN_TARGETS=(icecached icecachectl icecache_tenant_probe
   integration_bad_input_test integration_tls_test integration_first_run_test
   integration_fault_test integration_security_test integration_checksum_test
   integration_warm_restart_test integration_decode_ring_test integration_device_api_test
-  session_manager_test session_kv_test session_prefetch_test rpc_base_test rpc_daemon_test
+  session_manager_test session_kv_test session_prefetch_test decode_lanes_test rpc_base_test
+  rpc_daemon_test
   rpc_decode_test rpc_decode_ring_test
   buffer_registry_test index_parallel_build_test page_pool_test quality_sampler_test)
 # Left out of every TSan run, by ctest name: load_short and the two

@@ -217,6 +217,8 @@ void ApplyDefaults(IcecachedConfig* c) {
   auto* ring = c->mutable_decode_ring();
   if (!ring->has_max_spin_us()) ring->set_max_spin_us(kDefaultRingMaxSpinUs);
   if (ring->max_spinning_threads() == 0) ring->set_max_spinning_threads(1);
+  auto* lanes = c->mutable_decode_lanes();
+  if (!lanes->has_spin_us()) lanes->set_spin_us(kDefaultDecodeLaneSpinUs);
   if (c->worker_threads() == 0) {
     const long n = ::sysconf(_SC_NPROCESSORS_ONLN);
     c->set_worker_threads(n > 0 ? static_cast<uint32_t>(n) : 1);
@@ -436,6 +438,10 @@ absl::Status ValidateConfig(const IcecachedConfig& c) {
   if (ring.max_spinning_threads() < 1 || ring.max_spinning_threads() > 1024) {
     return Bad("decode_ring.max_spinning_threads", ring.max_spinning_threads(),
                "must be 1 .. 1024 (0 = 1)");
+  }
+  if (c.decode_lanes().spin_us() > 100'000) {
+    return Bad("decode_lanes.spin_us", c.decode_lanes().spin_us(),
+               "must be <= 100000 (0 = no watching threads)");
   }
   // top level
   if (!v1::LogLevel_IsValid(c.log_level()) || c.log_level() == v1::LOG_LEVEL_UNSPECIFIED) {

@@ -89,6 +89,7 @@ absl::Status Daemon::Init() {
   mgr_opts.reaper_interval =
       absl::Milliseconds(static_cast<int64_t>(c.sessions().reaper_interval_ms()));
   mgr_opts.build_threads = static_cast<int>(c.worker_threads());
+  mgr_opts.decode_lane_spin = absl::Microseconds(c.decode_lanes().spin_us());
   // Trees build while the client sends the next layer range; no call waits
   // on a whole prefill's builds (docs/architecture.md §5).
   mgr_opts.background_builds = true;
@@ -268,6 +269,12 @@ absl::Status Daemon::Init() {
       "DecodeStep ring messages found by a ring thread watching for them after its previous "
       "answer (decode_ring.max_spin_us), served without a thread wake-up",
       MetricType::kCounter, {});
+  decode_lane_selects_ = registry_.AddSnapshot(
+      "icecache_decode_lane_selects_total",
+      "Layer selections whose KV heads ran on the decode lanes (decode_lanes.spin_us: helper "
+      "threads watching for the next layer), or on oneTBB's shared pool (the lanes were busy "
+      "with another selection)",
+      MetricType::kCounter, {"path"});
   decode_rings_closed_ = registry_.AddSnapshot(
       "icecache_decode_rings_closed_total",
       "DecodeStep rings closed (the client closed its request FIFO or exited)",
@@ -464,6 +471,9 @@ void Daemon::CollectMetrics() {
   decode_rings_->Replace({{{}, double(rings_ ? rings_->open_rings() : 0)}});
   decode_rings_closed_->Replace({{{}, double(rings_ ? rings_->rings_reclaimed() : 0)}});
   decode_ring_caught_->Replace({{{}, double(rings_ ? rings_->messages_caught_spinning() : 0)}});
+  const SessionManager::DecodeLaneStats lanes = manager_->decode_lane_stats();
+  decode_lane_selects_->Replace(
+      {{{"lanes"}, double(lanes.jobs)}, {{"shared_pool"}, double(lanes.fallbacks)}});
 }
 
 absl::Status Daemon::StartMetricsHttp() {

@@ -18,6 +18,7 @@
 #include "server/index/token_select.h"
 #include "server/pool/frame_checksum.h"
 #include "server/session/calibration_memory.h"
+#include "server/session/decode_lanes.h"
 
 namespace icecache {
 
@@ -52,7 +53,7 @@ Session::Session(std::string id_in, std::string tenant_in, uint64_t epoch_in,
   page_frames.resize(static_cast<size_t>(config.layers) * config.kv_heads);
   if (keep_sums) page_sums.resize(page_frames.size());
   selectors.resize(static_cast<size_t>(groups) * config.kv_heads);
-  last_select_ns = std::make_unique<std::atomic<int64_t>[]>(selectors.size());
+  head_costs = std::make_unique<HeadCost[]>(selectors.size());
   carries = std::make_unique<HeadCarry[]>(selectors.size());
   // Staggered phases (CandidateCarry::phase), numbered across the session's
   // (group, head) pairs: with an even number of KV heads each layer's heads
@@ -131,18 +132,23 @@ absl::Status CheckQueries(const SessionConfig& c, const std::vector<float>& quer
 
 // Runs fn(h) for every KV head h on `threads` (ParallelFor semantics; with
 // `order`, a permutation of the heads, they start in that order:
-// ParallelForInOrder) and returns the error of the lowest failing head, as
-// the head's own error (no task numbers in the caller's message).
+// ParallelForInOrder; with `lanes`, on those, in order too) and returns the
+// error of the lowest failing head, as the head's own error (no task numbers
+// in the caller's message).
 absl::Status ForEachHead(int heads, int threads, const std::function<absl::Status(int)>& fn,
-                         absl::Span<const int> order = {}) {
+                         absl::Span<const int> order = {}, DecodeLanes* lanes = nullptr) {
   std::vector<absl::Status> status(heads);
   auto run = [&](int64_t i) {
     const int h = order.empty() ? static_cast<int>(i) : order[i];
     status[h] = fn(h);
     return absl::OkStatus();
   };
-  RETURN_IF_ERROR(order.empty() ? ParallelFor(heads, threads, run)
-                                : ParallelForInOrder(heads, threads, run));
+  if (lanes != nullptr && threads != 1) {
+    RETURN_IF_ERROR(lanes->Run(heads, run));
+  } else {
+    RETURN_IF_ERROR(order.empty() ? ParallelFor(heads, threads, run)
+                                  : ParallelForInOrder(heads, threads, run));
+  }
   for (absl::Status& s : status) {
     if (!s.ok()) return std::move(s);
   }
@@ -271,7 +277,8 @@ absl::Status Session::CheckUsable() const {
 
 absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req,
                                              SelectDestination destination, int threads,
-                                             std::vector<QualityProbe>* probes) {
+                                             std::vector<QualityProbe>* probes,
+                                             DecodeLanes* lanes) {
   RETURN_IF_ERROR(CheckLayer(*this, req.layer));
   RETURN_IF_ERROR(CheckUsable());
   SelectResult result;
@@ -327,16 +334,18 @@ absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req,
   }
   result.heads.resize(config.kv_heads);
   std::vector<std::unique_ptr<QualityProbe>> chosen(probes != nullptr ? config.kv_heads : 0);
-  // Longest first (by each head's last select): a calibrated head's width or
-  // exact fallback makes it up to 10x another, and started last it would
-  // hold the layer up alone. The tasks run while this thread holds mu
-  // (shared) and waits for them.
+  // Longest first (by what each head's next select is expected to cost): a
+  // calibrated head's width or exact fallback makes it up to 10x another,
+  // and with the carry a fresh select costs about three carried ones (by
+  // the last select alone the order came out shortest first at carry 1,
+  // where each head alternates); started last, a long head would hold the
+  // layer up alone. The tasks run while this thread holds mu (shared) and
+  // waits for them.
   std::vector<int> order(config.kv_heads);
   std::iota(order.begin(), order.end(), 0);
   const size_t first = SelectorIndex(result.group, 0);
   std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
-    return last_select_ns[first + a].load(std::memory_order_relaxed) >
-           last_select_ns[first + b].load(std::memory_order_relaxed);
+    return head_costs[first + a].Expected() > head_costs[first + b].Expected();
   });
   RETURN_IF_ERROR(ForEachHead(
       config.kv_heads, threads,
@@ -345,7 +354,7 @@ absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req,
         return SelectHead(result.group, h, req.queries, params, tokens, &result.heads[h],
                           chosen.empty() ? nullptr : &chosen[h]);
       },
-      order));
+      order, lanes));
   for (auto& p : chosen) {
     if (p != nullptr) probes->push_back(std::move(*p));
   }
@@ -354,7 +363,9 @@ absl::StatusOr<SelectResult> Session::Select(const SelectRequest& req,
     result.generation = ++last_generation;
     group_cache[result.group].tokens = tokens;
     group_cache[result.group].generation = result.generation;
-    group_cache[result.group].heads = result.heads;
+    // Kept for the group's later layers (reuse_group_selection, the
+    // prefetch); a group of one layer has none.
+    if (LayersIn(result.group) > 1) group_cache[result.group].heads = result.heads;
   }
   return result;
 }
@@ -390,7 +401,7 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0)
           .count();
   selection_ns.fetch_add(ns, std::memory_order_relaxed);
-  last_select_ns[index].store(ns, std::memory_order_relaxed);
+  head_costs[index].Record(ns, out->carried, out->carry_age, p.carry_steps);
   if (hq == nullptr) return absl::OkStatus();  // not monitored
   const int64_t cpu_ns = ThreadCpuNanos() - cpu0;
   // The budget is a share of this session's selection time.

@@ -39,6 +39,7 @@ namespace icecache {
 // PageKeys over the frames of one layer (the first of its group) of one KV
 // head: the K block sits at the start of each frame.
 class CalibrationMemory;
+class DecodeLanes;
 
 class FramePageKeys final : public PageKeys {
  public:
@@ -117,11 +118,31 @@ class Session {
   mutable absl::Mutex mu;
   // [group * kv_heads + head]; null until the group's first append.
   std::vector<std::unique_ptr<Selector>> selectors ABSL_GUARDED_BY(mu);
-  // [group * kv_heads + head]: the wall time of that index's last select, ns
-  // (0 before the first). A select starts its KV heads longest first by it
-  // (calibrated widths and exact fallbacks differ by 10x and more), so a
-  // wide head never starts last and holds the layer up alone.
-  std::unique_ptr<std::atomic<int64_t>[]> last_select_ns;
+  // [group * kv_heads + head]: what that index's next select is expected to
+  // cost. A select starts its KV heads longest first by it (calibrated
+  // widths and exact fallbacks differ by 10x and more, a fresh select costs
+  // about three carried ones), so a long head never starts last and holds
+  // the layer up alone.
+  struct HeadCost {
+    std::atomic<int64_t> fresh_ns{0};    // the wall time of its last fresh select (0: none yet)
+    std::atomic<int64_t> carried_ns{0};  // of its last carried one
+    // The carry's turn (CandidateCarry): after a fresh select come
+    // carry_steps carried ones, so the next select's kind is known.
+    std::atomic<bool> next_carried{false};
+    // The wall time of the last select of the kind the next one will be.
+    int64_t Expected() const {
+      const int64_t carried = carried_ns.load(std::memory_order_relaxed);
+      return next_carried.load(std::memory_order_relaxed) && carried > 0
+                 ? carried
+                 : fresh_ns.load(std::memory_order_relaxed);
+    }
+    void Record(int64_t ns, bool carried, int carry_age, int carry_steps) {
+      (carried ? carried_ns : fresh_ns).store(ns, std::memory_order_relaxed);
+      next_carried.store(carry_steps > 0 && (!carried || carry_age < carry_steps),
+                         std::memory_order_relaxed);
+    }
+  };
+  std::unique_ptr<HeadCost[]> head_costs;
   // [group * kv_heads + head]: the head's candidate carry-over
   // (SelectParams::carry, set by its calibrator), each under its own mutex;
   // a select that finds it held (a concurrent select of the same layer)
@@ -192,10 +213,12 @@ class Session {
   // the selection of a group's first layer for reuse_group_selection (a
   // reused selection keeps the unit it was made in).
   // Monitored sessions: the selections chosen for measurement are appended
-  // to *probes (may be null: none are taken).
+  // to *probes (may be null: none are taken). `lanes` (may be null): run the
+  // heads there instead, unless threads is 1.
   absl::StatusOr<SelectResult> Select(const SelectRequest& req, SelectDestination destination,
-                                      int threads, std::vector<QualityProbe>* probes = nullptr)
-      ABSL_SHARED_LOCKS_REQUIRED(mu) ABSL_LOCKS_EXCLUDED(cache_mu);
+                                      int threads, std::vector<QualityProbe>* probes = nullptr,
+                                      DecodeLanes* lanes = nullptr) ABSL_SHARED_LOCKS_REQUIRED(mu)
+      ABSL_LOCKS_EXCLUDED(cache_mu);
   // Writes the pages of `req` into the leased buffer (SessionManager::FetchPages
   // documents the codes), one (layer, KV head) block per task on `threads`.
   // Every request check runs before any byte is written. With page checksums

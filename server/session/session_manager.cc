@@ -148,6 +148,11 @@ absl::StatusOr<std::unique_ptr<SessionManager>> SessionManager::Create(
         absl::StrCat("session manager: decode_threads must be >= 0 (0 = all cores), got ",
                      options.decode_threads));
   }
+  if (options.decode_lane_spin < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("session manager: decode_lane_spin must be >= 0 (0 = oneTBB's pool), got ",
+                     absl::FormatDuration(options.decode_lane_spin)));
+  }
   if (options.default_ttl < absl::Seconds(1) || options.default_ttl > options.max_ttl) {
     return absl::InvalidArgumentError(
         absl::StrCat("session manager: default_ttl must be in 1s..max_ttl (",
@@ -157,6 +162,12 @@ absl::StatusOr<std::unique_ptr<SessionManager>> SessionManager::Create(
   RETURN_IF_ERROR(ValidateQualityOptions(options.quality));
   std::unique_ptr<SessionManager> m(new SessionManager(options));
   if (options.background_builds) m->builder_ = std::make_unique<IndexBuilder>();
+  const int lanes = options.decode_threads > 0
+                        ? options.decode_threads
+                        : static_cast<int>(std::thread::hardware_concurrency());
+  if (options.decode_lane_spin > absl::ZeroDuration() && lanes > 1) {
+    m->lanes_ = std::make_unique<DecodeLanes>(lanes - 1, options.decode_lane_spin);
+  }
   if (options.prefetch_threads > 0) {
     ASSIGN_OR_RETURN(m->prefetcher_,
                      Prefetcher::Create(options.prefetch_threads, options.max_prefetch_jobs));
@@ -242,7 +253,7 @@ SessionManager::SessionManager(const SessionManagerOptions& options)
       prefetch_counters_(std::make_unique<PrefetchCounters>()) {}
 
 SessionManager::~SessionManager() {
-  prefetcher_.reset();  // its jobs hold leases and sessions
+  prefetcher_.reset();  // its jobs hold leases and sessions (and select on lanes_)
   sampler_.reset();
   {
     absl::MutexLock l(&reaper_mu_);
@@ -354,6 +365,16 @@ absl::StatusOr<double> SessionManager::ReserveStaging(uint64_t bytes,
 }
 
 uint64_t SessionManager::staging_reserve_bytes() const { return staging_->reserve_bytes(); }
+
+SessionManager::DecodeLaneStats SessionManager::decode_lane_stats() const {
+  DecodeLaneStats s;
+  if (lanes_ == nullptr) return s;
+  s.helpers = lanes_->helpers();
+  s.jobs = lanes_->jobs();
+  s.fallbacks = lanes_->fallbacks();
+  s.helper_tasks = lanes_->helper_tasks();
+  return s;
+}
 
 int SessionManager::InFlight() const { return counters_->in_flight.load(); }
 
@@ -741,7 +762,8 @@ absl::StatusOr<SelectResult> SessionManager::SelectPages(const Caller& caller, s
     RETURN_IF_ERROR(GroupReadyOrUnavailable(s, request.layer, read.ready()));
     // No destination yet: an unset granularity selects whole pages, which
     // any buffer takes (docs/architecture.md §3.8).
-    result = s.Select(request, SelectDestination::kNone, options_.decode_threads, &probes);
+    result =
+        s.Select(request, SelectDestination::kNone, options_.decode_threads, &probes, lanes_.get());
   }
   OfferProbes(guard.shared(), std::move(probes));
   return result;
@@ -813,7 +835,7 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
                                               : SelectDestination::kDevice;
     const auto t0 = std::chrono::steady_clock::now();
     ASSIGN_OR_RETURN(out.selection,
-                     s.Select(select, destination, options_.decode_threads, &probes));
+                     s.Select(select, destination, options_.decode_threads, &probes, lanes_.get()));
     const auto t1 = std::chrono::steady_clock::now();
     out.select_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count();
     const bool by_token =

@@ -93,6 +93,7 @@
 #include "server/pool/page_pool.h"
 #include "server/session/calibration_memory.h"
 #include "server/session/clock.h"
+#include "server/session/decode_lanes.h"
 #include "server/session/session.h"
 #include "server/session/session_quality.h"
 #include "server/session/session_types.h"
@@ -179,6 +180,12 @@ struct SessionManagerOptions {
   // shared oneTBB pool (every concurrent stream shares the same workers, so
   // the cores are never oversubscribed), 1 = serially on the calling thread.
   int decode_threads = 0;
+  // A decode step's KV heads are selected on the calling thread and
+  // `decode_threads` - 1 helpers (all cores but one at 0) that watch for the
+  // next layer's work for up to this long after their last (DecodeLanes,
+  // decode_lanes.h): a layer's second lane then starts at once, not after a
+  // thread wake-up. Zero: the oneTBB pool above.
+  absl::Duration decode_lane_spin = absl::Milliseconds(1);
   // Layer-group prefetch (docs/architecture.md §5.2): threads that write a
   // group's later layers in the background (0 = never: DecodeStep's
   // prefetch_group is then ignored), and the most requests queued at once
@@ -334,6 +341,14 @@ class SessionManager {
   // keeps them (StagingCache::Reserve, its codes); the seconds it took.
   absl::StatusOr<double> ReserveStaging(uint64_t bytes, const std::atomic<bool>* stop);
   uint64_t staging_reserve_bytes() const;
+  // The decode lanes (SessionManagerOptions::decode_lane_spin): helper
+  // threads, selections run on them, selections that found them busy and
+  // ran on oneTBB's pool, and the tasks the helpers ran. All 0 without lanes.
+  struct DecodeLaneStats {
+    int helpers = 0;
+    int64_t jobs = 0, fallbacks = 0, helper_tasks = 0;
+  };
+  DecodeLaneStats decode_lane_stats() const;
 
   // --- warm restart (session_restore.cc; docs/architecture.md §5) ---
   // Every usable session as a snapshot image: frame offsets and checksums,
@@ -481,6 +496,7 @@ class SessionManager {
   std::unique_ptr<Counters> counters_;  // atomics inside
   // Staging memory of appends (thread-safe; buffers keep it alive).
   std::shared_ptr<StagingCache> staging_;
+  std::unique_ptr<DecodeLanes> lanes_;  // null: decode_lane_spin 0, one core, or decode_threads 1
   // Serialises eviction decisions with the pool allocations they make room for.
   absl::Mutex admission_mu_;
 

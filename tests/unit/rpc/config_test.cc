@@ -49,6 +49,7 @@ TEST(ConfigTest, DefaultsWithoutAFileAreValid) {
   EXPECT_DOUBLE_EQ(c.quality().default_target_mass_ratio(), kDefaultTargetMassRatio);
   EXPECT_EQ(c.decode_ring().max_spin_us(), kDefaultRingMaxSpinUs);
   EXPECT_EQ(c.decode_ring().max_spinning_threads(), 1u);
+  EXPECT_EQ(c.decode_lanes().spin_us(), kDefaultDecodeLaneSpinUs);
 }
 
 TEST(ConfigTest, ExplicitZerosForOptionalFieldsSurviveDefaults) {
@@ -64,8 +65,10 @@ TEST(ConfigTest, ExplicitZerosForOptionalFieldsSurviveDefaults) {
   q.mutable_quality()->set_default_target_mass_ratio(0);
   q.mutable_quality()->set_method_duel(false);
   q.mutable_decode_ring()->set_max_spin_us(0);
+  q.mutable_decode_lanes()->set_spin_us(0);
   q = Defaulted(q);
   EXPECT_EQ(q.decode_ring().max_spin_us(), 0u);  // never watch
+  EXPECT_EQ(q.decode_lanes().spin_us(), 0u);     // oneTBB's pool
   EXPECT_FALSE(q.quality().method_duel());
   EXPECT_FALSE(q.quality().enabled());
   EXPECT_EQ(q.quality().warmup_samples(), 0u);
@@ -294,6 +297,7 @@ TEST(ConfigTest, EveryBadFieldIsNamed) {
        [](auto* c) { c->mutable_decode_ring()->set_max_spin_us(100'001); }},
       {"decode_ring.max_spinning_threads",
        [](auto* c) { c->mutable_decode_ring()->set_max_spinning_threads(1025); }},
+      {"decode_lanes.spin_us", [](auto* c) { c->mutable_decode_lanes()->set_spin_us(100'001); }},
   };
   for (const BadCase& bc : cases) {
     IcecachedConfig c;

@@ -1,0 +1,131 @@
+#include "server/session/decode_lanes.h"
+
+#include <sched.h>
+
+#include <algorithm>
+#include <exception>
+#include <limits>
+#include <new>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "server/index/parallel_build.h"
+
+namespace icecache {
+namespace {
+
+constexpr int64_t kNoFailure = std::numeric_limits<int64_t>::max();
+
+bool OpenAndNew(uint64_t state, uint64_t seen_generation) {
+  return (state & 1) != 0 && (state >> 1) != seen_generation;
+}
+
+}  // namespace
+
+DecodeLanes::DecodeLanes(int helpers, absl::Duration spin) : spin_(spin) {
+  threads_.reserve(static_cast<size_t>(std::max(helpers, 0)));
+  for (int i = 0; i < helpers; ++i) threads_.emplace_back([this] { Helper(); });
+}
+
+DecodeLanes::~DecodeLanes() {
+  stop_.store(true);
+  {
+    absl::MutexLock l(&wake_mu_);
+    wake_.SignalAll();
+  }
+  for (std::thread& t : threads_) t.join();
+}
+
+void DecodeLanes::Drain(Job& job, bool helper) {
+  for (int64_t i = job.next.fetch_add(1); i < job.count; i = job.next.fetch_add(1)) {
+    if (job.first_failed.load(std::memory_order_relaxed) < i) break;
+    absl::Status s;
+    try {
+      s = (*job.fn)(i);
+    } catch (const std::bad_alloc&) {
+      s = absl::ResourceExhaustedError("out of memory while running parallel tasks");
+    } catch (const std::exception& e) {
+      s = absl::InternalError(absl::StrCat("parallel task failed: ", e.what()));
+    }
+    if (helper) helper_tasks_.fetch_add(1, std::memory_order_relaxed);
+    if (s.ok()) continue;
+    job.results[static_cast<size_t>(i)] = std::move(s);
+    int64_t seen = job.first_failed.load(std::memory_order_relaxed);
+    while (i < seen && !job.first_failed.compare_exchange_weak(seen, i)) {
+    }
+  }
+}
+
+void DecodeLanes::Helper() {
+  // Generation 0 is no job: a helper that starts after the first job
+  // opened still joins it.
+  uint64_t seen = 0;
+  absl::Time last = absl::Now();
+  while (!stop_.load(std::memory_order_relaxed)) {
+    const uint64_t s = state_.load();
+    if (OpenAndNew(s, seen)) {
+      seen = s >> 1;
+      // Joined only while the job is still the open one: the caller closes
+      // it before it waits for active_ to fall to 0 (both sequentially
+      // consistent), so a helper either runs inside that wait or leaves the
+      // job alone.
+      active_.fetch_add(1);
+      if (state_.load() == s) Drain(job_, /*helper=*/true);
+      active_.fetch_sub(1);
+      last = absl::Now();
+      continue;
+    }
+    if (absl::Now() - last < spin_) {
+      // Another runnable thread on this CPU (the client, a selection) goes
+      // first; on an idle CPU this returns at once.
+      ::sched_yield();
+      continue;
+    }
+    // Asleep until a job opens: counted first, so a Run() that opens a job
+    // after this sees the count and signals (and one that opened before is
+    // seen by the check under the mutex).
+    sleepers_.fetch_add(1);
+    {
+      absl::MutexLock l(&wake_mu_);
+      while (!stop_.load() && !OpenAndNew(state_.load(), seen)) wake_.Wait(&wake_mu_);
+    }
+    sleepers_.fetch_sub(1);
+  }
+}
+
+absl::Status DecodeLanes::Run(int64_t count, const std::function<absl::Status(int64_t)>& fn) {
+  // Bad arguments, one task, and a job in flight: oneTBB's path (the same
+  // contract and errors).
+  if (count <= 1 || !fn || threads_.empty()) return ParallelForInOrder(count, 1, fn);
+  if (!run_mu_.TryLock()) {
+    fallbacks_.fetch_add(1, std::memory_order_relaxed);
+    return ParallelForInOrder(count, 0, fn);
+  }
+  job_.count = count;
+  job_.fn = &fn;
+  job_.next.store(0);
+  job_.first_failed.store(kNoFailure);
+  job_.results.assign(static_cast<size_t>(count), absl::OkStatus());
+  const uint64_t open = (((state_.load() >> 1) + 1) << 1) | 1;
+  state_.store(open);
+  if (sleepers_.load() > 0) {
+    absl::MutexLock l(&wake_mu_);
+    wake_.SignalAll();
+  }
+  Drain(job_, /*helper=*/false);
+  state_.store(open & ~uint64_t{1});
+  // The helpers' last tasks: yield to them if they share this CPU.
+  while (active_.load() != 0) ::sched_yield();
+  jobs_.fetch_add(1, std::memory_order_relaxed);
+  const int64_t failed = job_.first_failed.load();
+  absl::Status out;
+  if (failed != kNoFailure) {
+    const absl::Status& s = job_.results[static_cast<size_t>(failed)];
+    out = absl::Status(s.code(), absl::StrCat("task ", failed, ": ", s.message()));
+  }
+  job_.fn = nullptr;
+  run_mu_.Unlock();
+  return out;
+}
+
+}  // namespace icecache
