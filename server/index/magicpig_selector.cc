@@ -22,6 +22,8 @@
 // those pages, which drops the 1/P weights (docs/architecture.md §3.9).
 // Cost: the collision counts read L x 2 bytes per key (L / head_dim
 // key-equivalents in fp16), plus one exact dot per sampled key.
+#include <math.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -43,14 +45,22 @@ namespace {
 
 constexpr int64_t kSinkKeys = 4;  // left out of the mean key
 
+// log |Gamma(x)|. std::lgamma writes the process-wide `signgam`, a data
+// race when two KV heads select at once (ThreadSanitizer found it once the
+// decode lanes ran the heads side by side); lgamma_r keeps the sign here.
+double LogGamma(double x) {
+  int sign = 0;
+  return ::lgamma_r(x, &sign);
+}
+
 // P(at least t of L tables collide) when one table collides with prob. p.
 double SampleProbability(double p, int tables, int t) {
   if (p >= 1.0) return 1.0;
   if (p <= 0.0) return 0.0;
   double below = 0.0;
   for (int c = 0; c < t; ++c) {
-    const double log_term = std::lgamma(tables + 1.0) - std::lgamma(c + 1.0) -
-                            std::lgamma(tables - c + 1.0) + c * std::log(p) +
+    const double log_term = LogGamma(tables + 1.0) - LogGamma(c + 1.0) -
+                            LogGamma(tables - c + 1.0) + c * std::log(p) +
                             (tables - c) * std::log1p(-p);
     below += std::exp(log_term);
   }
