@@ -63,6 +63,12 @@ absl::Status Prefixed(int64_t i, const absl::Status& s) {
 
 }  // namespace
 
+absl::Status InOrderQueue::Result() const {
+  const int64_t failed = first_failed_.load();
+  if (failed == kNone) return absl::OkStatus();
+  return Prefixed(failed, results_[static_cast<size_t>(failed)]);
+}
+
 absl::Status ParallelFor(int64_t count, int threads,
                          const std::function<absl::Status(int64_t)>& fn) {
   RETURN_IF_ERROR(CheckArguments(count, threads, fn));
@@ -126,28 +132,17 @@ absl::Status ParallelForInOrder(int64_t count, int threads,
     }
   }
   lanes = static_cast<int>(std::min<int64_t>(std::max(lanes, 1), count));
-  std::vector<absl::Status> results(static_cast<size_t>(count));
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> first_failed{std::numeric_limits<int64_t>::max()};
+  InOrderQueue queue;
+  queue.Reset(count);
   // Each lane drains the shared queue; a lane oneTBB starts late finds it
   // empty and returns at once.
   auto lane = [&](int64_t) {
-    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
-      if (first_failed.load(std::memory_order_relaxed) < i) break;
-      absl::Status st = fn(i);
-      if (st.ok()) continue;
-      results[i] = std::move(st);
-      int64_t seen = first_failed.load(std::memory_order_relaxed);
-      while (i < seen && !first_failed.compare_exchange_weak(seen, i)) {
-      }
-    }
+    queue.Drain(fn);
     return absl::OkStatus();
   };
   // One lane: the caller, in order (ParallelFor with one thread runs there).
   RETURN_IF_ERROR(ParallelFor(lanes, lanes == 1 ? 1 : threads, lane));
-  const int64_t failed = first_failed.load();
-  if (failed == std::numeric_limits<int64_t>::max()) return absl::OkStatus();
-  return Prefixed(failed, results[failed]);
+  return queue.Result();
 }
 
 absl::Status ParallelBuild(absl::Span<const BuildJob> jobs, int threads) {

@@ -9,8 +9,11 @@
 #ifndef ICECACHE_SERVER_INDEX_PARALLEL_BUILD_H_
 #define ICECACHE_SERVER_INDEX_PARALLEL_BUILD_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
+#include <limits>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -41,6 +44,50 @@ absl::Status ParallelFor(int64_t count, int threads,
 // order on the caller.
 absl::Status ParallelForInOrder(int64_t count, int threads,
                                 const std::function<absl::Status(int64_t)>& fn);
+
+// The shared queue of ParallelForInOrder's lanes (and of DecodeLanes',
+// decode_lanes.h): every lane calls Drain() until it returns; the indices
+// start in increasing order, whichever lane is free taking the lowest not
+// yet taken, and once one fails the indices past the lowest failure are
+// skipped. Reset() between runs, while no lane drains.
+class InOrderQueue {
+ public:
+  void Reset(int64_t count) {
+    count_ = count;
+    next_.store(0);
+    first_failed_.store(kNone);
+    results_.assign(static_cast<size_t>(count), absl::OkStatus());
+  }
+
+  // Takes indices until none is left: run(i) returns task i's status.
+  // Returns how many tasks this lane ran.
+  template <typename Run>
+  int64_t Drain(Run&& run) {
+    int64_t ran = 0;
+    for (int64_t i = next_.fetch_add(1); i < count_; i = next_.fetch_add(1)) {
+      if (first_failed_.load(std::memory_order_relaxed) < i) break;
+      absl::Status s = run(i);
+      ++ran;
+      if (s.ok()) continue;
+      results_[static_cast<size_t>(i)] = std::move(s);
+      int64_t seen = first_failed_.load(std::memory_order_relaxed);
+      while (i < seen && !first_failed_.compare_exchange_weak(seen, i)) {
+      }
+    }
+    return ran;
+  }
+
+  // Once every lane has returned: OK, or the lowest failing index's error,
+  // prefixed "task <i>: ".
+  absl::Status Result() const;
+
+ private:
+  static constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+  int64_t count_ = 0;
+  std::atomic<int64_t> next_{0};
+  std::atomic<int64_t> first_failed_{kNone};
+  std::vector<absl::Status> results_;
+};
 
 // One Build() to run.
 struct BuildJob {

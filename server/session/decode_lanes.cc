@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <exception>
-#include <limits>
 #include <new>
 #include <utility>
 
@@ -13,8 +12,6 @@
 
 namespace icecache {
 namespace {
-
-constexpr int64_t kNoFailure = std::numeric_limits<int64_t>::max();
 
 bool OpenAndNew(uint64_t state, uint64_t seen_generation) {
   return (state & 1) != 0 && (state >> 1) != seen_generation;
@@ -37,23 +34,16 @@ DecodeLanes::~DecodeLanes() {
 }
 
 void DecodeLanes::Drain(Job& job, bool helper) {
-  for (int64_t i = job.next.fetch_add(1); i < job.count; i = job.next.fetch_add(1)) {
-    if (job.first_failed.load(std::memory_order_relaxed) < i) break;
-    absl::Status s;
+  const int64_t ran = job.queue.Drain([&job](int64_t i) {
     try {
-      s = (*job.fn)(i);
+      return (*job.fn)(i);
     } catch (const std::bad_alloc&) {
-      s = absl::ResourceExhaustedError("out of memory while running parallel tasks");
+      return absl::ResourceExhaustedError("out of memory while running parallel tasks");
     } catch (const std::exception& e) {
-      s = absl::InternalError(absl::StrCat("parallel task failed: ", e.what()));
+      return absl::InternalError(absl::StrCat("parallel task failed: ", e.what()));
     }
-    if (helper) helper_tasks_.fetch_add(1, std::memory_order_relaxed);
-    if (s.ok()) continue;
-    job.results[static_cast<size_t>(i)] = std::move(s);
-    int64_t seen = job.first_failed.load(std::memory_order_relaxed);
-    while (i < seen && !job.first_failed.compare_exchange_weak(seen, i)) {
-    }
-  }
+  });
+  if (helper) helper_tasks_.fetch_add(ran, std::memory_order_relaxed);
 }
 
 void DecodeLanes::Helper() {
@@ -101,11 +91,8 @@ absl::Status DecodeLanes::Run(int64_t count, const std::function<absl::Status(in
     fallbacks_.fetch_add(1, std::memory_order_relaxed);
     return ParallelForInOrder(count, 0, fn);
   }
-  job_.count = count;
   job_.fn = &fn;
-  job_.next.store(0);
-  job_.first_failed.store(kNoFailure);
-  job_.results.assign(static_cast<size_t>(count), absl::OkStatus());
+  job_.queue.Reset(count);
   const uint64_t open = (((state_.load() >> 1) + 1) << 1) | 1;
   state_.store(open);
   if (sleepers_.load() > 0) {
@@ -117,12 +104,7 @@ absl::Status DecodeLanes::Run(int64_t count, const std::function<absl::Status(in
   // The helpers' last tasks: yield to them if they share this CPU.
   while (active_.load() != 0) ::sched_yield();
   jobs_.fetch_add(1, std::memory_order_relaxed);
-  const int64_t failed = job_.first_failed.load();
-  absl::Status out;
-  if (failed != kNoFailure) {
-    const absl::Status& s = job_.results[static_cast<size_t>(failed)];
-    out = absl::Status(s.code(), absl::StrCat("task ", failed, ": ", s.message()));
-  }
+  absl::Status out = job_.queue.Result();
   job_.fn = nullptr;
   run_mu_.Unlock();
   return out;

@@ -31,6 +31,7 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "server/index/parallel_build.h"
 
 namespace icecache {
 
@@ -59,11 +60,8 @@ class DecodeLanes {
 
  private:
   struct Job {
-    int64_t count = 0;
     const std::function<absl::Status(int64_t)>* fn = nullptr;
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> first_failed{0};
-    std::vector<absl::Status> results;
+    InOrderQueue queue;
   };
 
   void Helper();
