@@ -437,7 +437,7 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
 }
 
 absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchRequest& req, int threads,
-                                           ChecksumCounters* counters) const {
+                                           ChecksumCounters* counters, DecodeLanes* lanes) const {
   const SessionConfig& c = config;
   RETURN_IF_ERROR(CheckLayer(*this, req.layer));
   if (req.num_layers < 1 || req.layer + req.num_layers > c.layers) {
@@ -453,7 +453,7 @@ absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchReques
                      " cross a layer group boundary (layer_reuse=", c.layer_reuse, ")"));
   }
   RETURN_IF_ERROR(CheckUsable());
-  if (!req.tokens.empty()) return FetchTokens(lease, req, group, threads, counters);
+  if (!req.tokens.empty()) return FetchTokens(lease, req, group, threads, counters, lanes);
   if (req.pages.size() != static_cast<size_t>(c.kv_heads)) {
     return absl::InvalidArgumentError(
         absl::StrCat("fetch: pages must list ", c.kv_heads, " kv heads, got ", req.pages.size()));
@@ -536,11 +536,14 @@ absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchReques
     const int blocks = static_cast<int>(copier.block_start.size()) - 1;
     copied = lease.CheckRegion(req.offset, layout.total_bytes);
     if (copied.ok()) {
-      copied = ForEachHead(blocks, threads, [&](int b) {
-        const size_t first = copier.block_start[b];
-        return copier.Copy(lease, req.offset + first * bytes, first,
-                           copier.block_start[b + 1] - first, BufferLease::FileCheck::kChecked);
-      });
+      copied = ForEachHead(
+          blocks, threads,
+          [&](int b) {
+            const size_t first = copier.block_start[b];
+            return copier.Copy(lease, req.offset + first * bytes, first,
+                               copier.block_start[b + 1] - first, BufferLease::FileCheck::kChecked);
+          },
+          {}, lanes);
     }
   }
   if (counters != nullptr) {
@@ -565,8 +568,8 @@ absl::StatusOr<FetchLayout> Session::Fetch(BufferLease& lease, const FetchReques
 }
 
 absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const FetchRequest& req,
-                                                 int group, int threads,
-                                                 ChecksumCounters* counters) const {
+                                                 int group, int threads, ChecksumCounters* counters,
+                                                 DecodeLanes* lanes) const {
   const SessionConfig& c = config;
   if (req.tokens.size() != static_cast<size_t>(c.kv_heads)) {
     return absl::InvalidArgumentError(
@@ -732,13 +735,16 @@ absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const Fetch
     // checked once for the whole region, not per block.
     written = lease.CheckRegion(req.offset, layout.total_bytes);
     if (written.ok()) {
-      written = ForEachHead(blocks, threads, [&](int b) {
-        if (block_bytes(b) == 0) return absl::OkStatus();
-        RETURN_IF_ERROR(check_block(b));
-        return lease.Write(
-            block_offset[b], block_bytes(b), [&](uint8_t* dst) { fill_block(b, dst); },
-            BufferLease::FileCheck::kChecked);
-      });
+      written = ForEachHead(
+          blocks, threads,
+          [&](int b) {
+            if (block_bytes(b) == 0) return absl::OkStatus();
+            RETURN_IF_ERROR(check_block(b));
+            return lease.Write(
+                block_offset[b], block_bytes(b), [&](uint8_t* dst) { fill_block(b, dst); },
+                BufferLease::FileCheck::kChecked);
+          },
+          {}, lanes);
     }
   }
   if (counters != nullptr) {

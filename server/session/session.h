@@ -220,22 +220,24 @@ class Session {
                                       DecodeLanes* lanes = nullptr) ABSL_SHARED_LOCKS_REQUIRED(mu)
       ABSL_LOCKS_EXCLUDED(cache_mu);
   // Writes the pages of `req` into the leased buffer (SessionManager::FetchPages
-  // documents the codes), one (layer, KV head) block per task on `threads`.
+  // documents the codes), one (layer, KV head) block per task on `threads`
+  // (on `lanes` where given, as Select's heads: a decode step's gather).
   // Every request check runs before any byte is written. With page checksums
   // on, each page to check is hashed right before it is copied; a mismatch
   // stops that block before the page (DataLoss naming layer, KV head and
   // page; other blocks may have been written). `counters` (optional) counts
   // the pages checked and the failures.
   absl::StatusOr<FetchLayout> Fetch(BufferLease& lease, const FetchRequest& req, int threads,
-                                    ChecksumCounters* counters = nullptr) const
+                                    ChecksumCounters* counters = nullptr,
+                                    DecodeLanes* lanes = nullptr) const
       ABSL_SHARED_LOCKS_REQUIRED(mu);
   // Fetch at token granularity (req.tokens): positions placed through the
   // group's selectors, rows packed into slots (gather.h). With page
   // checksums on, the frames the rows come from are checked (sampled as in
   // Fetch) before a (layer, head) block is written: DataLoss as in Fetch.
   absl::StatusOr<FetchLayout> FetchTokens(BufferLease& lease, const FetchRequest& req, int group,
-                                          int threads, ChecksumCounters* counters) const
-      ABSL_SHARED_LOCKS_REQUIRED(mu);
+                                          int threads, ChecksumCounters* counters,
+                                          DecodeLanes* lanes) const ABSL_SHARED_LOCKS_REQUIRED(mu);
 
   // One KV head of Select: the calibrated width, the selection, its time;
   // a copy into *probe when this head's step is to be measured.

@@ -778,7 +778,7 @@ absl::StatusOr<FetchLayout> SessionManager::FetchPages(const Caller& caller, std
   ASSIGN_OR_RETURN(BufferLease lease, options_.buffers->Acquire(caller, request.buffer_id, now));
   ReadyReader read(s, request.layer, options_.build_wait);
   RETURN_IF_ERROR(GroupReadyOrUnavailable(s, request.layer, read.ready()));
-  return s.Fetch(lease, request, options_.decode_threads, &counters_->checksums);
+  return s.Fetch(lease, request, options_.decode_threads, &counters_->checksums, lanes_.get());
 }
 
 namespace {
@@ -857,8 +857,8 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
     if (UsePrefetched(s, out.selection, fetch, &pre, &out)) {
       RETURN_IF_ERROR(lease.SignalDone(device.done_event));
     } else {
-      ASSIGN_OR_RETURN(out.layout,
-                       s.Fetch(lease, fetch, options_.decode_threads, &counters_->checksums));
+      ASSIGN_OR_RETURN(out.layout, s.Fetch(lease, fetch, options_.decode_threads,
+                                           &counters_->checksums, lanes_.get()));
     }
     out.gather_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
                         std::chrono::steady_clock::now() - t1 + waited)
