@@ -269,12 +269,18 @@ absl::Status Daemon::Init() {
       "DecodeStep ring messages found by a ring thread watching for them after its previous "
       "answer (decode_ring.max_spin_us), served without a thread wake-up",
       MetricType::kCounter, {});
-  decode_lane_selects_ = registry_.AddSnapshot(
-      "icecache_decode_lane_selects_total",
-      "Layer selections whose KV heads ran on the decode lanes (decode_lanes.spin_us: helper "
-      "threads watching for the next layer), or on oneTBB's shared pool (the lanes were busy "
-      "with another selection)",
+  decode_lane_jobs_ = registry_.AddSnapshot(
+      "icecache_decode_lane_jobs_total",
+      "A decode step's parallel jobs (a layer's selection of its KV heads, and the write of its "
+      "rows) run on the decode lanes (decode_lanes.spin_us: helper threads watching for the next "
+      "job), or on oneTBB's shared pool (the lanes were busy with another session's job)",
       MetricType::kCounter, {"path"});
+  decode_lane_helper_tasks_ = registry_.AddSnapshot(
+      "icecache_decode_lane_helper_tasks_total",
+      "Tasks (one KV head's selection or write) of the decode lanes' jobs that a helper thread "
+      "ran; the calling thread ran the others. Near 0 while jobs run: the helpers are asleep or "
+      "share the caller's CPU",
+      MetricType::kCounter, {});
   decode_rings_closed_ = registry_.AddSnapshot(
       "icecache_decode_rings_closed_total",
       "DecodeStep rings closed (the client closed its request FIFO or exited)",
@@ -472,8 +478,9 @@ void Daemon::CollectMetrics() {
   decode_rings_closed_->Replace({{{}, double(rings_ ? rings_->rings_reclaimed() : 0)}});
   decode_ring_caught_->Replace({{{}, double(rings_ ? rings_->messages_caught_spinning() : 0)}});
   const SessionManager::DecodeLaneStats lanes = manager_->decode_lane_stats();
-  decode_lane_selects_->Replace(
+  decode_lane_jobs_->Replace(
       {{{"lanes"}, double(lanes.jobs)}, {{"shared_pool"}, double(lanes.fallbacks)}});
+  decode_lane_helper_tasks_->Replace({{{}, double(lanes.helper_tasks)}});
 }
 
 absl::Status Daemon::StartMetricsHttp() {

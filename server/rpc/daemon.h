@@ -167,7 +167,8 @@ class Daemon {
   SnapshotFamily* decode_rings_ = nullptr;
   SnapshotFamily* decode_rings_closed_ = nullptr;
   SnapshotFamily* decode_ring_caught_ = nullptr;
-  SnapshotFamily* decode_lane_selects_ = nullptr;
+  SnapshotFamily* decode_lane_jobs_ = nullptr;
+  SnapshotFamily* decode_lane_helper_tasks_ = nullptr;
   SnapshotFamily* prefault_bytes_ = nullptr;
   SnapshotFamily* prefault_seconds_ = nullptr;
   SnapshotFamily* staging_reserve_ = nullptr;
