@@ -308,6 +308,90 @@ TEST(TokenSelectReferenceTest, BoundedTakesWhatTakeTokensTakes) {
   }
 }
 
+// A smaller budget takes exactly the head of the full ranking (every
+// candidate taken, sorted by score, ties by position), through both the
+// unbounded and the bounded take: the linear selection of the best `want`
+// (and the bounded take's compactions) keeps the set a sort would, ties at
+// the cutoff included. Runs of equal keys put many ties at the cutoffs, and the
+// candidates come last page first, so ties arrive out of position order.
+TEST(TokenSelectReferenceTest, ASmallerBudgetTakesTheHeadOfTheFullRanking) {
+  HeadData data = MakeSyntheticHead(1500, 4, 2, 77);
+  for (int64_t i = 300; i < 700; i += 3) {  // a third of a range shares one key
+    std::copy(data.key(299), data.key(299) + data.dim, data.keys.begin() + i * data.dim);
+  }
+  Built b = Build(SelectorKind::kExact, data, 1500);
+  const Selector& sel = *b.sel;
+  const int nq = data.num_queries;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(data.dim));
+  for (int step = 0; step < data.steps; ++step) {
+    const float* q = data.query(step);
+    TokenCandidates cand;
+    std::vector<float> lse, bound;
+    size_t n = 0;
+    // The candidates last page first, so that tied tokens reach the
+    // selection out of position order.
+    for (uint32_t page = sel.num_pages(); page-- > 0; ++n) {
+      const uint32_t fill = sel.fill(page);
+      float* l = cand.Add(page, nq, fill);
+      const int32_t* pos = sel.positions(page);
+      for (int j = 0; j < nq; ++j) {
+        for (uint32_t t = 0; t < fill; ++t) {
+          float dot = 0.0f;
+          for (int c = 0; c < data.dim; ++c) dot += q[j * data.dim + c] * data.key(pos[t])[c];
+          l[j * fill + t] = dot;
+        }
+      }
+      lse.resize(lse.size() + nq);
+      PageQueryLogMass(l, nq, static_cast<int>(fill), static_cast<int>(fill), scale,
+                       lse.data() + lse.size() - nq);
+    }
+    std::vector<float> log_norm(nq);
+    QueryLogNorms(lse.data(), n, nq, nullptr, log_norm.data());
+    for (size_t i = 0; i < n; ++i) bound.push_back(INFINITY);  // every page opened
+    SelectParams p;
+    p.sink_tokens = 2;
+    p.recent_tokens = 4;
+    p.granularity = Granularity::kToken;
+    p.budget_tokens = 1500;
+    Selection all;
+    TakeTokens(sel, cand, log_norm.data(), nq, scale, p, &all);
+    ASSERT_EQ(all.positions.size(), 1500u);
+    // The ranking has ties: equal scores in a row, ordered by position.
+    int ties = 0;
+    for (size_t i = 7; i < all.scores.size(); ++i) {
+      if (all.scores[i] == all.scores[i - 1]) {
+        ++ties;
+        EXPECT_LT(all.positions[i - 1], all.positions[i]);
+      }
+    }
+    EXPECT_GT(ties, 50);
+    // Budgets that cut through each run of ties, and some others.
+    std::vector<int> budgets = {7, 20, 64, 129, 700, 1499};
+    for (size_t i = 7; i + 2 < all.scores.size(); ++i) {
+      if (all.scores[i] == all.scores[i + 1] && all.scores[i] != all.scores[i - 1]) {
+        budgets.push_back(static_cast<int>(i) + 1);
+        budgets.push_back(static_cast<int>(i) + 2);
+      }
+    }
+    for (int budget : budgets) {
+      SCOPED_TRACE(::testing::Message() << "step " << step << " budget " << budget);
+      p.budget_tokens = budget;
+      for (bool bounded : {false, true}) {
+        Selection got;
+        if (bounded) {
+          TakeTokensBounded(sel, cand, bound.data(), log_norm.data(), nq, scale, p, &got);
+        } else {
+          TakeTokens(sel, cand, log_norm.data(), nq, scale, p, &got);
+        }
+        ASSERT_EQ(got.positions.size(), static_cast<size_t>(budget));
+        EXPECT_TRUE(std::equal(got.positions.begin(), got.positions.end(), all.positions.begin()))
+            << (bounded ? "bounded" : "unbounded");
+        EXPECT_EQ(0, std::memcmp(got.scores.data(), all.scores.data(), budget * sizeof(float)));
+      }
+    }
+  }
+}
+
 TEST(TokenSelectReferenceTest, MdciTokensHoldAtLeastItsPagesMassOnTheirCandidates) {
   // Same descent, same candidates: the best tokens among them hold at least
   // the mass of the best whole pages among them (budget in tokens).
