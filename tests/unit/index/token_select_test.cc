@@ -88,6 +88,28 @@ std::vector<double> NaiveTokenScores(const HeadData& d, const float* queries) {
 
 class TokenSelectTest : public ::testing::TestWithParam<SelectorKind> {};
 
+// Page `page` of `sel` as a token candidate: its exact logits for the
+// step's queries `q` into *cand, their per-query log-masses appended to
+// *lse.
+void AddCandidate(const Selector& sel, const HeadData& data, const float* q, uint32_t page,
+                  TokenCandidates* cand, std::vector<float>* lse) {
+  const int nq = data.num_queries;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(data.dim));
+  const uint32_t fill = sel.fill(page);
+  float* l = cand->Add(page, nq, fill);
+  const int32_t* pos = sel.positions(page);
+  for (int j = 0; j < nq; ++j) {
+    for (uint32_t t = 0; t < fill; ++t) {
+      float dot = 0.0f;
+      for (int c = 0; c < data.dim; ++c) dot += q[j * data.dim + c] * data.key(pos[t])[c];
+      l[j * fill + t] = dot;
+    }
+  }
+  lse->resize(lse->size() + nq);
+  PageQueryLogMass(l, nq, static_cast<int>(fill), static_cast<int>(fill), scale,
+                   lse->data() + lse->size() - nq);
+}
+
 TEST_P(TokenSelectTest, PacksDistinctTokensWithForcedOnesAndTheirPlacements) {
   const HeadData data = MakeSyntheticHead(1200, kGroup, 2, 21);
   Built b = Build(GetParam(), data, 1100);
@@ -247,19 +269,7 @@ TEST(TokenSelectReferenceTest, BoundedTakesWhatTakeTokensTakes) {
     std::vector<float> lse;
     std::vector<uint32_t> pages;
     for (uint32_t page = 0; page < sel.num_pages(); page += 1 + (page % 3 == 0 ? 1 : 0)) {
-      const uint32_t fill = sel.fill(page);
-      float* l = cand.Add(page, nq, fill);
-      const int32_t* pos = sel.positions(page);
-      for (int j = 0; j < nq; ++j) {
-        for (uint32_t t = 0; t < fill; ++t) {
-          float dot = 0.0f;
-          for (int c = 0; c < data.dim; ++c) dot += q[j * data.dim + c] * data.key(pos[t])[c];
-          l[j * fill + t] = dot;
-        }
-      }
-      lse.resize(lse.size() + nq);
-      PageQueryLogMass(l, nq, static_cast<int>(fill), static_cast<int>(fill), scale,
-                       lse.data() + lse.size() - nq);
+      AddCandidate(sel, data, q, page, &cand, &lse);
       pages.push_back(page);
     }
     std::vector<float> log_norm(nq);
@@ -331,19 +341,7 @@ TEST(TokenSelectReferenceTest, ASmallerBudgetTakesTheHeadOfTheFullRanking) {
     // The candidates last page first, so that tied tokens reach the
     // selection out of position order.
     for (uint32_t page = sel.num_pages(); page-- > 0; ++n) {
-      const uint32_t fill = sel.fill(page);
-      float* l = cand.Add(page, nq, fill);
-      const int32_t* pos = sel.positions(page);
-      for (int j = 0; j < nq; ++j) {
-        for (uint32_t t = 0; t < fill; ++t) {
-          float dot = 0.0f;
-          for (int c = 0; c < data.dim; ++c) dot += q[j * data.dim + c] * data.key(pos[t])[c];
-          l[j * fill + t] = dot;
-        }
-      }
-      lse.resize(lse.size() + nq);
-      PageQueryLogMass(l, nq, static_cast<int>(fill), static_cast<int>(fill), scale,
-                       lse.data() + lse.size() - nq);
+      AddCandidate(sel, data, q, page, &cand, &lse);
     }
     std::vector<float> log_norm(nq);
     QueryLogNorms(lse.data(), n, nq, nullptr, log_norm.data());
