@@ -51,7 +51,6 @@ class DecodeLanes {
   // failed. Returns when every started task has returned.
   absl::Status Run(int64_t count, const std::function<absl::Status(int64_t)>& fn);
 
-  int helpers() const { return static_cast<int>(threads_.size()); }
   // Jobs run here, and jobs that found another in flight and ran on oneTBB.
   int64_t jobs() const { return jobs_.load(std::memory_order_relaxed); }
   int64_t fallbacks() const { return fallbacks_.load(std::memory_order_relaxed); }

@@ -253,7 +253,7 @@ SessionManager::SessionManager(const SessionManagerOptions& options)
       prefetch_counters_(std::make_unique<PrefetchCounters>()) {}
 
 SessionManager::~SessionManager() {
-  prefetcher_.reset();  // its jobs hold leases and sessions (and select on lanes_)
+  prefetcher_.reset();  // its jobs hold leases and sessions
   sampler_.reset();
   {
     absl::MutexLock l(&reaper_mu_);
@@ -369,7 +369,6 @@ uint64_t SessionManager::staging_reserve_bytes() const { return staging_->reserv
 SessionManager::DecodeLaneStats SessionManager::decode_lane_stats() const {
   DecodeLaneStats s;
   if (lanes_ == nullptr) return s;
-  s.helpers = lanes_->helpers();
   s.jobs = lanes_->jobs();
   s.fallbacks = lanes_->fallbacks();
   s.helper_tasks = lanes_->helper_tasks();

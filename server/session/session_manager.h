@@ -345,7 +345,6 @@ class SessionManager {
   // threads, selections run on them, selections that found them busy and
   // ran on oneTBB's pool, and the tasks the helpers ran. All 0 without lanes.
   struct DecodeLaneStats {
-    int helpers = 0;
     int64_t jobs = 0, fallbacks = 0, helper_tasks = 0;
   };
   DecodeLaneStats decode_lane_stats() const;
