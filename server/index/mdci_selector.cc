@@ -50,14 +50,15 @@ struct SelectScratch {
   std::vector<float> log_norm;         // G: each query's log-normaliser
   std::vector<float> rest, column;     // CalibrateRest: G corrected rests; one query's lse
   std::vector<std::pair<float, uint32_t>> scored;
-  std::vector<float> bound;                // token granularity: each scored page's token bound
-  TokenCandidates tokens;                  // token granularity: the scored pages' logits, kept
-  std::vector<float> shifted, page_share;  // ExactTokenShares: one page's tokens
-  std::vector<uint64_t> page_bits;         // one bit per page id; all zero between selects
-  std::vector<const void*> rows;           // ScorePages: each page's frame (or sketch codes)
-  std::vector<float> pq_mass, pq_ref;      // pq_factor: each page's estimated mass per query
-  std::vector<float> pq_bulk;              // pq_factor: each page's fill x e^mean per query
-  std::vector<double> pq_all;              // pq_factor: each query's total of pq_bulk
+  std::vector<float> bound;            // token granularity: each scored page's token bound
+  TokenCandidates tokens;              // token granularity: the scored pages' logits, kept
+  std::vector<float> shifted;          // TrimCarry: the dropped pages' log-masses of one query
+  std::vector<float> page_share;       // ExactTokenShares: one page's token shares
+  std::vector<uint64_t> page_bits;     // one bit per page id; all zero between selects
+  std::vector<const void*> rows;       // ScorePages: each page's frame (or sketch codes)
+  std::vector<float> pq_mass, pq_ref;  // pq_factor: each page's estimated mass per query
+  std::vector<float> pq_bulk;          // pq_factor: each page's fill x e^mean per query
+  std::vector<double> pq_all;          // pq_factor: each query's total of pq_bulk
   std::vector<std::pair<float, uint32_t>> pq_rank;    // pq_factor: (estimated group mass, page)
   std::vector<std::pair<float, uint32_t>> trim_rank;  // TrimCarry: (exact group share, index)
   std::vector<uint8_t> trim_keep;                     // TrimCarry: per scored page, kept
@@ -762,16 +763,11 @@ absl::Status MdciSelector::ExactTokenShares(const float* queries, int num_querie
     const uint32_t fill = pt.fill(page);
     const float* logits = s.tokens.logits.data() + s.tokens.offsets[i];
     const int32_t* pos = pt.positions(page);
-    // The SIMD exp of TakeTokens (AddExp), so the reference scores tokens as
-    // an exhaustive token selection does; a scalar std::exp per token and
-    // query was a third of this scan.
-    s.page_share.assign(fill, 0.0f);
-    s.shifted.resize(fill);
-    for (int j = 0; j < num_queries; ++j) {
-      const float* row = logits + static_cast<size_t>(j) * fill;
-      for (uint32_t t = 0; t < fill; ++t) s.shifted[t] = row[t] * scale;
-      AddExp(s.shifted.data(), s.log_norm[j], fill, s.page_share.data());
-    }
+    // The SIMD exp of TakeTokens (TokenShares), so the reference scores
+    // tokens as an exhaustive token selection does; a scalar std::exp per
+    // token and query was a third of this scan.
+    s.page_share.resize(fill);
+    TokenShares(logits, fill, s.log_norm.data(), num_queries, scale, s.page_share.data());
     for (uint32_t t = 0; t < fill; ++t) (*share)[pos[t]] += s.page_share[t];
   }
   return absl::OkStatus();

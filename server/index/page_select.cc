@@ -81,6 +81,34 @@ void AddExp(const float* x, float shift, size_t n, float* acc) {
   for (; i < n; ++i) acc[i] += std::exp(std::min(x[i] - shift, 80.0f));
 }
 
+void TokenShares(const float* logits, uint32_t fill, const float* log_norm, int num_queries,
+                 float scale, float* share) {
+  const __m256 vscale = _mm256_set1_ps(scale);
+  const __m256 cap = _mm256_set1_ps(80.0f);
+  uint32_t t = 0;
+  for (; t + 8 <= fill; t += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int j = 0; j < num_queries; ++j) {
+      __m256 x = _mm256_mul_ps(_mm256_loadu_ps(logits + static_cast<size_t>(j) * fill + t), vscale);
+      // The product is rounded before the subtraction, as AddExp reads it
+      // from memory: no contraction into one FMA (the same bits).
+      asm("" : "+x"(x));
+      acc = _mm256_add_ps(
+          acc, simd::Exp256(_mm256_min_ps(_mm256_sub_ps(x, _mm256_set1_ps(log_norm[j])), cap)));
+    }
+    _mm256_storeu_ps(share + t, acc);
+  }
+  for (; t < fill; ++t) {
+    float acc = 0.0f;
+    for (int j = 0; j < num_queries; ++j) {
+      float x = logits[static_cast<size_t>(j) * fill + t] * scale;
+      asm("" : "+x"(x));
+      acc += std::exp(std::min(x - log_norm[j], 80.0f));
+    }
+    share[t] = acc;
+  }
+}
+
 float GroupPageScore(const float* page_lse, const float* log_norm, int num_queries) {
   float m = -std::numeric_limits<float>::infinity();
   for (int j = 0; j < num_queries; ++j) m = std::max(m, page_lse[j] - log_norm[j]);

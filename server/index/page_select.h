@@ -28,6 +28,14 @@ void PageQueryLogMass(const float* logits, int num_queries, int fill, int stride
 // exp(-87) count as ~1e-38).
 void AddExp(const float* x, float shift, size_t n, float* acc);
 
+// Each token's group share of one page, share[t] for t < fill: the sum over
+// the G queries of exp(min(logits[j x fill + t] x scale - log_norm[j], 80)),
+// from the page's G x fill unscaled logits (row j for query j). The bits of
+// AddExp over the scaled rows, query after query, from a zeroed `share`; in
+// registers, one pass over the logits.
+void TokenShares(const float* logits, uint32_t fill, const float* log_norm, int num_queries,
+                 float scale, float* share);
+
 // log(sum_i exp(x[i])) over n values, computed stably; -inf for n == 0.
 float LogSumExp(const float* x, size_t n);
 
