@@ -784,6 +784,33 @@ Placement MdciSelector::placement_of(int32_t position) const {
   return Placement{page, 0};  // unreachable: the table maps the position to this page
 }
 
+void MdciSelector::placements_of(int32_t first, int32_t count, Placement* out) const {
+  const DciPageTable& pt = tree_->page_table();
+  const uint32_t* fills = pt.fills();
+  // Every token's page first, its positions line and fill asked for, then
+  // the slots: the recent tokens sit in pages spread over the whole table
+  // (each went to its node's last page), so each lookup is a cold line, and
+  // one miss after another was most of a selection's forced tokens.
+  for (int32_t i = 0; i < count; ++i) {
+    const uint32_t page = pt.page_of_position(first + i);
+    out[i].page = page;
+    PrefetchFrameLine(pt.positions(page));
+    PrefetchFrameLine(fills + page);
+  }
+  for (int32_t i = 0; i < count; ++i) {
+    const int32_t position = first + i;
+    const int32_t* pos = pt.positions(out[i].page);
+    const uint32_t fill = fills[out[i].page];
+    out[i].slot = 0;  // unreachable: the table maps the position to this page
+    for (uint32_t slot = 0; slot < fill; ++slot) {
+      if (pos[slot] == position) {
+        out[i].slot = slot;
+        break;
+      }
+    }
+  }
+}
+
 absl::StatusOr<std::unique_ptr<DciTreeRebuild>> MdciSelector::PrepareRebuild() const {
   return tree_->PrepareRebuild(*keys_, config_.dtype);
 }

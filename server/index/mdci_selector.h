@@ -88,6 +88,7 @@ class MdciSelector : public Selector {
            (pq_ != nullptr ? pq_->bytes() : 0);
   }
   Placement placement_of(int32_t position) const override;
+  void placements_of(int32_t first, int32_t count, Placement* out) const override;
   bool has_image() const override { return true; }
   // The image body (after Selector's header) read back; statuses as
   // Selector::LoadImage.

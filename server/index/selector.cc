@@ -203,6 +203,10 @@ Placement Selector::placement_of(int32_t position) const {
   return Placement{};
 }
 
+void Selector::placements_of(int32_t first, int32_t count, Placement* out) const {
+  for (int32_t i = 0; i < count; ++i) out[i] = placement_of(first + i);
+}
+
 void Selector::SaveImageBody(ByteWriter* /*w*/) const {}
 
 absl::Status Selector::SaveImage(std::string* out) const {

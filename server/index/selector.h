@@ -355,6 +355,10 @@ class Selector {
   // Where the token at `position` (0 <= position < num_tokens()) sits. The
   // default scans every page; layouts with a position map override it.
   virtual Placement placement_of(int32_t position) const;
+  // placement_of for positions first..first + count - 1, into out[0, count).
+  // The default asks placement_of for each; a layout whose lookups miss the
+  // cache overrides it to overlap them (a selection's forced tokens).
+  virtual void placements_of(int32_t first, int32_t count, Placement* out) const;
   // Bytes held by the index structures (excluding the KV bytes behind PageKeys).
   virtual size_t index_bytes() const = 0;
 

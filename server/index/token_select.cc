@@ -234,13 +234,17 @@ Forced AddForced(const Selector& selector, const SelectParams& params, Selection
   f.sink_end = std::min<int64_t>(std::max(0, params.sink_tokens), n);
   f.recent_begin = std::max<int64_t>(f.sink_end, n - std::max(0, params.recent_tokens));
   const float inf = std::numeric_limits<float>::infinity();
-  auto add = [&](int64_t p) {
-    out->token_refs.push_back(selector.placement_of(static_cast<int32_t>(p)));
-    out->positions.push_back(static_cast<int32_t>(p));
-    out->scores.push_back(inf);
-  };
-  for (int64_t p = 0; p < f.sink_end; ++p) add(p);
-  for (int64_t p = f.recent_begin; p < n; ++p) add(p);
+  // The placements of both ranges at once (placements_of overlaps their
+  // lookups), then the positions and the scores.
+  const auto sinks = static_cast<int32_t>(f.sink_end);
+  const auto recent = static_cast<int32_t>(n - f.recent_begin);
+  out->token_refs.resize(static_cast<size_t>(sinks) + recent);
+  selector.placements_of(0, sinks, out->token_refs.data());
+  selector.placements_of(static_cast<int32_t>(f.recent_begin), recent,
+                         out->token_refs.data() + sinks);
+  for (int32_t p = 0; p < sinks; ++p) out->positions.push_back(p);
+  for (int64_t p = f.recent_begin; p < n; ++p) out->positions.push_back(static_cast<int32_t>(p));
+  out->scores.assign(out->token_refs.size(), inf);
   return f;
 }
 

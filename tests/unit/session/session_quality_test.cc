@@ -195,8 +195,12 @@ TEST(SessionQualityTest, TheHeadsOfALayerTakeTurnsToSelectAfresh) {
     ASSERT_THAT(Step(&q, step, &selected), IsOk());
     ASSERT_EQ(selected.heads.size(), 2u);
     const int carried = (selected.heads[0].carried ? 1 : 0) + (selected.heads[1].carried ? 1 : 0);
-    if (step == 0) EXPECT_EQ(carried, 0);  // nothing recorded yet
-    if (step >= 2) EXPECT_EQ(carried, 1);
+    if (step == 0) {
+      EXPECT_EQ(carried, 0);  // nothing recorded yet
+    }
+    if (step >= 2) {
+      EXPECT_EQ(carried, 1);
+    }
   }
 }
 
