@@ -61,8 +61,8 @@ struct TokenScratch {
   size_t held = 0;
   std::vector<RankedToken> sort_tmp;  // RadixSortDescending's other buffer
   std::vector<float> share;           // one page's token scores
-  std::vector<uint64_t> order;        // candidates by bound, best first (BoundOrder)
-  std::vector<uint64_t> order_tmp;
+  std::vector<uint64_t> order;        // candidates by bound, best first (their keys)
+  std::vector<uint64_t> order_tmp;    // RadixSortDescending's other buffer for `order`
 };
 
 TokenScratch& ThreadTokenScratch() {
@@ -152,9 +152,10 @@ inline size_t AppendEight(const float* share, const int32_t* pos, uint32_t page,
   const __m256i above =
       _mm256_or_si256(_mm256_cmpgt_epi32(hs, fh),
                       _mm256_and_si256(_mm256_cmpeq_epi32(hs, fh), _mm256_cmpgt_epi32(lo, fl)));
-  const __m256i free = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(sink_end), p),
-                                           _mm256_cmpgt_epi32(_mm256_set1_epi32(recent_begin), p));
-  const int mask = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_and_si256(above, free)));
+  const __m256i unforced =
+      _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(sink_end), p),
+                          _mm256_cmpgt_epi32(_mm256_set1_epi32(recent_begin), p));
+  const int mask = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_and_si256(above, unforced)));
   const __m256i perm =
       _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kKeepLanes.lanes[mask])));
   const __m256i slot = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(first_slot)),
