@@ -773,15 +773,25 @@ absl::Status MdciSelector::ExactTokenShares(const float* queries, int num_querie
   return absl::OkStatus();
 }
 
-Placement MdciSelector::placement_of(int32_t position) const {
-  const DciPageTable& pt = tree_->page_table();
-  const uint32_t page = pt.page_of_position(position);
+namespace {
+
+// The slot of `position` in `page`, which the page table maps it to (0,
+// unreachable, if the page does not hold it).
+uint32_t SlotOf(const DciPageTable& pt, uint32_t page, int32_t position) {
   const int32_t* pos = pt.positions(page);
   const uint32_t fill = pt.fill(page);
   for (uint32_t slot = 0; slot < fill; ++slot) {
-    if (pos[slot] == position) return Placement{page, slot};
+    if (pos[slot] == position) return slot;
   }
-  return Placement{page, 0};  // unreachable: the table maps the position to this page
+  return 0;
+}
+
+}  // namespace
+
+Placement MdciSelector::placement_of(int32_t position) const {
+  const DciPageTable& pt = tree_->page_table();
+  const uint32_t page = pt.page_of_position(position);
+  return Placement{page, SlotOf(pt, page, position)};
 }
 
 void MdciSelector::placements_of(int32_t first, int32_t count, Placement* out) const {
@@ -797,18 +807,7 @@ void MdciSelector::placements_of(int32_t first, int32_t count, Placement* out) c
     PrefetchFrameLine(pt.positions(page));
     PrefetchFrameLine(fills + page);
   }
-  for (int32_t i = 0; i < count; ++i) {
-    const int32_t position = first + i;
-    const int32_t* pos = pt.positions(out[i].page);
-    const uint32_t fill = fills[out[i].page];
-    out[i].slot = 0;  // unreachable: the table maps the position to this page
-    for (uint32_t slot = 0; slot < fill; ++slot) {
-      if (pos[slot] == position) {
-        out[i].slot = slot;
-        break;
-      }
-    }
-  }
+  for (int32_t i = 0; i < count; ++i) out[i].slot = SlotOf(pt, out[i].page, first + i);
 }
 
 absl::StatusOr<std::unique_ptr<DciTreeRebuild>> MdciSelector::PrepareRebuild() const {
