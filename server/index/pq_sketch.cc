@@ -7,15 +7,27 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <random>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "common/populate.h"
 #include "server/index/kernels.h"
 #include "server/index/simd_avx2.h"
+
+// Unroll hints for the scans' loops over queries: their accumulator arrays
+// stay in registers only when these loops are unrolled (without them GCC 12
+// stored every AVX-512 accumulator to the stack on every step, a third of
+// the scan's time). Left out of the sanitizer trees, as in kernels.cc.
+#if defined(ICECACHE_SANITIZER_BUILD)
+#define ICECACHE_PQ_UNROLL
+#else
+#define ICECACHE_PQ_UNROLL _Pragma("GCC unroll 8")
+#endif
 
 namespace icecache {
 namespace {
@@ -459,13 +471,24 @@ absl::Status PqSketch::LoadImage(ByteReader* r, uint64_t max_slots) {
 
 namespace {
 
-// One group's sums for one query: tokens 0-15 in (even lanes of *lo_even,
-// odd of *lo_odd) order, as 8 + 8 uint16, and 16-31 in *hi_even / *hi_odd.
+// One group's sums for one query: slots 0, 2, .., 14 in lo_even, 1, 3, ..,
+// 15 in lo_odd, 16 + the same in hi_even / hi_odd: 8 uint16 each from the
+// shuffle scans (GroupSums), 8 int32 each from the byte-lookup scan
+// (GroupSums32). The same integers either way.
 struct GroupSums {
   __m128i lo_even, lo_odd, hi_even, hi_odd;
 };
+struct GroupSums32 {
+  __m256i lo_even, lo_odd, hi_even, hi_odd;
+};
+
+// Eight sums as floats (exact: at most 255 x 128 sub-spaces).
+inline __m256 SumsToFloat(__m128i s) { return _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s)); }
+inline __m256 SumsToFloat(__m256i s) { return _mm256_cvtepi32_ps(s); }
 
 #define ICECACHE_PQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define ICECACHE_PQ_VBMI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,avx2,fma,f16c")))
 
 // The scan's accumulators into a group's sums. a: the table bytes added as
 // uint16 (even byte + 256 x odd byte, wrapping); b: the odd bytes alone. The
@@ -489,6 +512,7 @@ inline void ScanLines(const uint8_t* codes, const uint8_t* luts, size_t lut_stri
   // a: the bytes as uint16 (even byte + 256 x odd byte, wrapping); b: the
   // odd bytes. The even bytes' sum is a - 256 b.
   __m256i a_lo[kQ], b_lo[kQ], a_hi[kQ], b_hi[kQ];
+  ICECACHE_PQ_UNROLL
   for (int q = 0; q < kQ; ++q) {
     a_lo[q] = b_lo[q] = a_hi[q] = b_hi[q] = _mm256_setzero_si256();
   }
@@ -496,6 +520,7 @@ inline void ScanLines(const uint8_t* codes, const uint8_t* luts, size_t lut_stri
     const __m256i cv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + p * 32));
     const __m256i nib_lo = _mm256_and_si256(cv, mask);
     const __m256i nib_hi = _mm256_and_si256(_mm256_srli_epi16(cv, 4), mask);
+    ICECACHE_PQ_UNROLL
     for (int q = 0; q < kQ; ++q) {
       const __m256i lv =
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(luts + q * lut_stride + p * 32));
@@ -507,6 +532,7 @@ inline void ScanLines(const uint8_t* codes, const uint8_t* luts, size_t lut_stri
       b_hi[q] = _mm256_add_epi16(b_hi[q], _mm256_srli_epi16(hi, 8));
     }
   }
+  ICECACHE_PQ_UNROLL
   for (int q = 0; q < kQ; ++q) FinishSums(a_lo[q], b_lo[q], a_hi[q], b_hi[q], &out[q]);
 }
 
@@ -519,6 +545,7 @@ ICECACHE_PQ_AVX512 inline void ScanStepAvx512(__m512i cv, const uint8_t* lut, si
   const __m512i mask = _mm512_set1_epi8(0x0f);
   const __m512i nib_lo = _mm512_and_si512(cv, mask);
   const __m512i nib_hi = _mm512_and_si512(_mm512_srli_epi16(cv, 4), mask);
+  ICECACHE_PQ_UNROLL
   for (int q = 0; q < kQ; ++q) {
     const __m512i lv = _mm512_maskz_loadu_epi8(line_mask, lut + q * lut_stride);
     const __m512i lo = _mm512_shuffle_epi8(lv, nib_lo);
@@ -542,6 +569,7 @@ template <int kQ>
 ICECACHE_PQ_AVX512 inline void ScanLinesAvx512(const uint8_t* codes, const uint8_t* luts,
                                                size_t lut_stride, int lines, GroupSums* out) {
   __m512i a_lo[kQ], b_lo[kQ], a_hi[kQ], b_hi[kQ];
+  ICECACHE_PQ_UNROLL
   for (int q = 0; q < kQ; ++q) {
     a_lo[q] = b_lo[q] = a_hi[q] = b_hi[q] = _mm512_setzero_si512();
   }
@@ -556,31 +584,97 @@ ICECACHE_PQ_AVX512 inline void ScanLinesAvx512(const uint8_t* codes, const uint8
     ScanStepAvx512<kQ>(_mm512_maskz_loadu_epi8(kOneLine, codes + p * 32), luts + p * 32, lut_stride,
                        kOneLine, a_lo, b_lo, a_hi, b_hi);
   }
+  ICECACHE_PQ_UNROLL
   for (int q = 0; q < kQ; ++q) {
     FinishSums(FoldLanes(a_lo[q]), FoldLanes(b_lo[q]), FoldLanes(a_hi[q]), FoldLanes(b_hi[q]),
                &out[q]);
   }
 }
 
+// The byte-lookup scan (docs/architecture.md §3.4), where the CPU has
+// AVX-512 VBMI and VNNI: the same two-line loads as ScanLinesAvx512, but the
+// codes are first moved (one byte permute, shared by the queries) from
+// sub-space order (byte 16 s + i: sub-space s, slot i) to slot order (byte
+// 4 L + s: the slot of lane L, sub-space s). Each query then looks its four
+// tables up with one 64-entry byte permute per nibble (the index: the code
+// plus 16 s) and adds each slot's four bytes into its int32 lane with one
+// VNNI dot product against ones: two operations per 64 codes, where the
+// shuffle scans take four (a shuffle, a shift and two 16-bit adds). Lane
+// L holds slot 2 L for L < 8 and 2 (L - 8) + 1 after, the shuffle scans'
+// even / odd order, so the consumers and their rounding are unchanged.
+// Integer sums: the same estimates bit for bit.
+struct SlotOrder {
+  alignas(64) uint8_t perm[64];    // byte 4 L + s <- byte 16 s + slot(L)
+  alignas(64) uint8_t offset[64];  // 16 x (k % 4): the sub-space's table
+  constexpr SlotOrder() : perm(), offset() {
+    for (int l = 0; l < 16; ++l) {
+      const int slot = l < 8 ? 2 * l : 2 * (l - 8) + 1;
+      for (int sub = 0; sub < 4; ++sub) {
+        perm[4 * l + sub] = static_cast<uint8_t>(16 * sub + slot);
+        offset[4 * l + sub] = static_cast<uint8_t>(16 * sub);
+      }
+    }
+  }
+};
+constexpr SlotOrder kSlotOrder;
+
+template <int kQ>
+ICECACHE_PQ_VBMI inline void ScanLinesVbmi(const uint8_t* codes, const uint8_t* luts,
+                                           size_t lut_stride, int lines, GroupSums32* out) {
+  const __m512i perm = _mm512_load_si512(kSlotOrder.perm);
+  const __m512i offset = _mm512_load_si512(kSlotOrder.offset);
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  const __m512i ones = _mm512_set1_epi8(1);
+  constexpr int kAndOr = 0xea;  // (a & b) | c
+  __m512i lo[kQ], hi[kQ];       // slots 0-15 (low nibbles), 16-31 (high)
+  ICECACHE_PQ_UNROLL
+  for (int q = 0; q < kQ; ++q) lo[q] = hi[q] = _mm512_setzero_si512();
+  for (int p = 0; p < lines; p += 2) {
+    // Two lines (four sub-spaces); an odd last line reads its other half as
+    // codes 0 of zero tables.
+    const __mmask64 mask = p + 2 <= lines ? ~__mmask64{0} : __mmask64{0xffffffffull};
+    const __m512i cv = p + 2 <= lines ? _mm512_loadu_si512(codes + p * 32)
+                                      : _mm512_maskz_loadu_epi8(mask, codes + p * 32);
+    const __m512i t = _mm512_permutexvar_epi8(perm, cv);
+    const __m512i idx_lo = _mm512_ternarylogic_epi32(t, nibble, offset, kAndOr);
+    const __m512i idx_hi =
+        _mm512_ternarylogic_epi32(_mm512_srli_epi16(t, 4), nibble, offset, kAndOr);
+    ICECACHE_PQ_UNROLL
+    for (int q = 0; q < kQ; ++q) {
+      const uint8_t* lut = luts + q * lut_stride + p * 32;
+      const __m512i lv =
+          p + 2 <= lines ? _mm512_loadu_si512(lut) : _mm512_maskz_loadu_epi8(mask, lut);
+      lo[q] = _mm512_dpbusd_epi32(lo[q], _mm512_permutexvar_epi8(idx_lo, lv), ones);
+      hi[q] = _mm512_dpbusd_epi32(hi[q], _mm512_permutexvar_epi8(idx_hi, lv), ones);
+    }
+  }
+  ICECACHE_PQ_UNROLL
+  for (int q = 0; q < kQ; ++q) {
+    out[q].lo_even = _mm512_castsi512_si256(lo[q]);
+    out[q].lo_odd = _mm512_extracti64x4_epi64(lo[q], 1);
+    out[q].hi_even = _mm512_castsi512_si256(hi[q]);
+    out[q].hi_odd = _mm512_extracti64x4_epi64(hi[q], 1);
+  }
+}
+
 // A half group's 16 rows' logits n x (a + b x sum), from two registers of 8
-// uint16 sums and their 16 fp16 norms (in the same order), folded pairwise
+// sums (uint16 or int32) and their 16 fp16 norms (in the same order), folded pairwise
 // into 8 lanes: their maxima and their sums (FoldHalf's and FoldHalves4'
 // first step).
-inline void HalfTerms(__m128i s0, __m128i s1, const uint16_t* norms, __m256 a, __m256 b, __m256* mx,
+template <typename V>
+inline void HalfTerms(V s0, V s1, const uint16_t* norms, __m256 a, __m256 b, __m256* mx,
                       __m256* sum) {
   const __m256 n0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(norms)));
   const __m256 n1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(norms + 8)));
-  const __m256 v0 =
-      _mm256_mul_ps(n0, _mm256_fmadd_ps(b, _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s0)), a));
-  const __m256 v1 =
-      _mm256_mul_ps(n1, _mm256_fmadd_ps(b, _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s1)), a));
+  const __m256 v0 = _mm256_mul_ps(n0, _mm256_fmadd_ps(b, SumsToFloat(s0), a));
+  const __m256 v1 = _mm256_mul_ps(n1, _mm256_fmadd_ps(b, SumsToFloat(s1), a));
   *mx = _mm256_max_ps(v0, v1);
   *sum = _mm256_add_ps(v0, v1);
 }
 
 // The same folded into the page's largest and total.
-inline void FoldHalf(__m128i s0, __m128i s1, const uint16_t* norms, __m256 a, __m256 b, float* mx,
-                     float* sum) {
+template <typename V>
+inline void FoldHalf(V s0, V s1, const uint16_t* norms, __m256 a, __m256 b, float* mx, float* sum) {
   __m256 vmax, vsum;
   HalfTerms(s0, s1, norms, a, b, &vmax, &vsum);
   *mx = std::max(*mx, simd::HMax256(vmax));
@@ -614,7 +708,8 @@ inline __m256 Reduce8(const __m256* v) {
 // FoldHalf's values (std::max(cell, x) is max_ps(x, cell) lane by lane,
 // NaNs and signed zeros included); the low half's cells first, as
 // FoldHalf's calls, so a page holding both halves folds them in order.
-inline void FoldHalves4(const GroupSums* r, const uint16_t* norms, const float* a, const float* b,
+template <typename Sums>
+inline void FoldHalves4(const Sums* r, const uint16_t* norms, const float* a, const float* b,
                         float* pmax_lo, float* psum_lo, float* pmax_hi, float* psum_hi) {
   __m256 mx[8], sm[8];
   for (int k = 0; k < 4; ++k) {
@@ -649,33 +744,40 @@ void PqSketch::ScanGroup(uint64_t g, const uint8_t* luts, int num_queries, uint1
 
 namespace {
 
-// ScanGroupHalves' body over either scan: the group's codes `c`, its norms.
-template <bool kWide>
+// ScanGroupHalves' body over each scan: the group's codes `c`, its norms.
+template <PqSketch::ScanKernelId kKernel>
 __attribute__((always_inline)) inline void ScanHalves(const uint8_t* c, const uint16_t* norms,
                                                       int lines, const uint8_t* luts,
                                                       int num_queries, const float* a,
                                                       const float* b, size_t cell_lo,
                                                       size_t cell_hi, float* pmax, float* psum) {
+  using Kernel = PqSketch::ScanKernelId;
+  using Sums = std::conditional_t<kKernel == Kernel::kByteLookup, GroupSums32, GroupSums>;
+  // `n` (1, 2 or 4) queries from q on.
   const size_t stride = static_cast<size_t>(lines) * 32;
+  const auto scan = [&](auto n, int q, Sums* r) {
+    constexpr int kN = decltype(n)::value;
+    if constexpr (kKernel == Kernel::kByteLookup) {
+      ScanLinesVbmi<kN>(c, luts + q * stride, stride, lines, r);
+    } else if constexpr (kKernel == Kernel::kAvx512) {
+      ScanLinesAvx512<kN>(c, luts + q * stride, stride, lines, r);
+    } else if constexpr (kN == 4) {
+      ScanLines<2>(c, luts + q * stride, stride, lines, r);
+      ScanLines<2>(c, luts + (q + 2) * stride, stride, lines, r + 2);
+    } else {
+      ScanLines<kN>(c, luts + q * stride, stride, lines, r);
+    }
+  };
   int q = 0;
   for (; q + 4 <= num_queries; q += 4) {  // a GQA group of 4 or 8: FoldHalves4
-    GroupSums r4[4];
-    if constexpr (kWide) {
-      ScanLinesAvx512<4>(c, luts + q * stride, stride, lines, r4);
-    } else {
-      ScanLines<2>(c, luts + q * stride, stride, lines, r4);
-      ScanLines<2>(c, luts + (q + 2) * stride, stride, lines, r4 + 2);
-    }
+    Sums r4[4];
+    scan(std::integral_constant<int, 4>(), q, r4);
     FoldHalves4(r4, norms, a + q, b + q, pmax + cell_lo + q, psum + cell_lo + q, pmax + cell_hi + q,
                 psum + cell_hi + q);
   }
-  GroupSums r[2];
+  Sums r[2];
   for (; q + 2 <= num_queries; q += 2) {
-    if constexpr (kWide) {
-      ScanLinesAvx512<2>(c, luts + q * stride, stride, lines, r);
-    } else {
-      ScanLines<2>(c, luts + q * stride, stride, lines, r);
-    }
+    scan(std::integral_constant<int, 2>(), q, r);
     for (int k = 0; k < 2; ++k) {
       const __m256 av = _mm256_set1_ps(a[q + k]), bv = _mm256_set1_ps(b[q + k]);
       FoldHalf(r[k].lo_even, r[k].lo_odd, norms, av, bv, &pmax[cell_lo + q + k],
@@ -685,11 +787,7 @@ __attribute__((always_inline)) inline void ScanHalves(const uint8_t* c, const ui
     }
   }
   for (; q < num_queries; ++q) {
-    if constexpr (kWide) {
-      ScanLinesAvx512<1>(c, luts + q * stride, stride, lines, r);
-    } else {
-      ScanLines<1>(c, luts + q * stride, stride, lines, r);
-    }
+    scan(std::integral_constant<int, 1>(), q, r);
     const __m256 av = _mm256_set1_ps(a[q]), bv = _mm256_set1_ps(b[q]);
     FoldHalf(r[0].lo_even, r[0].lo_odd, norms, av, bv, &pmax[cell_lo + q], &psum[cell_lo + q]);
     FoldHalf(r[0].hi_even, r[0].hi_odd, norms + 16, av, bv, &pmax[cell_hi + q], &psum[cell_hi + q]);
@@ -700,22 +798,75 @@ ICECACHE_PQ_AVX512 void ScanHalvesAvx512(const uint8_t* c, const uint16_t* norms
                                          const uint8_t* luts, int num_queries, const float* a,
                                          const float* b, size_t cell_lo, size_t cell_hi,
                                          float* pmax, float* psum) {
-  ScanHalves<true>(c, norms, lines, luts, num_queries, a, b, cell_lo, cell_hi, pmax, psum);
+  ScanHalves<PqSketch::ScanKernelId::kAvx512>(c, norms, lines, luts, num_queries, a, b, cell_lo,
+                                              cell_hi, pmax, psum);
+}
+
+ICECACHE_PQ_VBMI void ScanHalvesVbmi(const uint8_t* c, const uint16_t* norms, int lines,
+                                     const uint8_t* luts, int num_queries, const float* a,
+                                     const float* b, size_t cell_lo, size_t cell_hi, float* pmax,
+                                     float* psum) {
+  ScanHalves<PqSketch::ScanKernelId::kByteLookup>(c, norms, lines, luts, num_queries, a, b, cell_lo,
+                                                  cell_hi, pmax, psum);
+}
+
+bool CpuHasByteLookupScan() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+std::atomic<bool>& ByteLookupAllowed() {
+  static std::atomic<bool> allowed{true};
+  return allowed;
 }
 
 }  // namespace
 
+PqSketch::ScanKernelId PqSketch::ActiveScanKernel() {
+  static const bool has_byte_lookup = CpuHasByteLookupScan();
+  if (std::strcmp(KernelIsa(), "avx512") != 0) return ScanKernelId::kAvx2;
+  return has_byte_lookup && ByteLookupAllowed().load(std::memory_order_relaxed)
+             ? ScanKernelId::kByteLookup
+             : ScanKernelId::kAvx512;
+}
+
+const char* PqSketch::ScanKernel() {
+  switch (ActiveScanKernel()) {
+    case ScanKernelId::kAvx2:
+      return "avx2";
+    case ScanKernelId::kAvx512:
+      return "avx512";
+    case ScanKernelId::kByteLookup:
+      return "avx512-vbmi";
+  }
+  return "avx2";
+}
+
+bool PqSketch::AllowByteLookupScan(bool allow) {
+  ByteLookupAllowed().store(allow, std::memory_order_relaxed);
+  return CpuHasByteLookupScan();
+}
+
 void PqSketch::ScanGroupHalves(uint64_t g, const uint8_t* luts, int num_queries, const float* a,
                                const float* b, size_t cell_lo, size_t cell_hi, float* pmax,
-                               float* psum, bool wide) const {
+                               float* psum, ScanKernelId kernel) const {
   const uint8_t* c = group(g);
   uint16_t norms[kGroup];
   std::memcpy(norms, c + code_bytes_, sizeof(norms));
   const int lines = subspaces_ / 2;
-  if (wide) {
-    ScanHalvesAvx512(c, norms, lines, luts, num_queries, a, b, cell_lo, cell_hi, pmax, psum);
-  } else {
-    ScanHalves<false>(c, norms, lines, luts, num_queries, a, b, cell_lo, cell_hi, pmax, psum);
+  switch (kernel) {
+    case ScanKernelId::kByteLookup:
+      ScanHalvesVbmi(c, norms, lines, luts, num_queries, a, b, cell_lo, cell_hi, pmax, psum);
+      break;
+    case ScanKernelId::kAvx512:
+      ScanHalvesAvx512(c, norms, lines, luts, num_queries, a, b, cell_lo, cell_hi, pmax, psum);
+      break;
+    case ScanKernelId::kAvx2:
+      ScanHalves<ScanKernelId::kAvx2>(c, norms, lines, luts, num_queries, a, b, cell_lo, cell_hi,
+                                      pmax, psum);
+      break;
   }
 }
 
@@ -781,7 +932,7 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
   const uint64_t slots = static_cast<uint64_t>(num_pages) * page_tokens_;
   const uint64_t groups = (slots + kGroup - 1) / kGroup;
   const bool halves = page_tokens_ % 16 == 0;  // every 16-slot half lies in one page
-  const bool wide = std::strcmp(KernelIsa(), "avx512") == 0;
+  const ScanKernelId kernel = ActiveScanKernel();
   for (uint64_t g = 0; g < groups; ++g) {
     const uint64_t first = g * kGroup;
     if (halves && first + kGroup <= slots) {
@@ -793,7 +944,7 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
         ScanGroupHalves(g, s.luts.data(), num_queries, s.base.data(), s.step.data(),
                         static_cast<size_t>(page_lo) * num_queries,
                         static_cast<size_t>(page_hi) * num_queries, s.pmax.data(), s.psum.data(),
-                        wide);
+                        kernel);
         continue;
       }
     }

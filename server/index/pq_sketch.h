@@ -128,6 +128,19 @@ class PqSketch {
   }
   const std::vector<float>& mean() const { return mean_; }
 
+  // The scan's kernel, by KernelIsa() and the CPU: kAvx2 (16-byte table
+  // shuffles), kAvx512 (the same, two code lines per shuffle) or
+  // kByteLookup (AVX-512 VBMI byte permutes and VNNI sums, docs/
+  // architecture.md §3.4). All give the same estimates, bit for bit.
+  enum class ScanKernelId { kAvx2, kAvx512, kByteLookup };
+  static ScanKernelId ActiveScanKernel();
+  // Its name: "avx2", "avx512" or "avx512-vbmi".
+  static const char* ScanKernel();
+  // Whether an AVX-512 scan may take kByteLookup where the CPU has it (the
+  // default; tests and benchmarks compare the two AVX-512 kernels); returns
+  // whether this CPU has it.
+  static bool AllowByteLookupScan(bool allow);
+
   bool trained() const { return trained_; }
   // The keys the codebooks were fitted on (the sample of the last Train).
   int64_t trained_rows() const { return trained_rows_; }
@@ -148,11 +161,11 @@ class PqSketch {
   // The same when each 16-slot half of the group is 16 rows of one page
   // (page_tokens a multiple of 16, those rows filled): folded at once into
   // the pages' largest sums and sums (cells cell_lo + j and cell_hi + j).
-  // The rows' logits are n x (a[j] + b[j] x sum). `wide`: the AVX-512
-  // scan (the same sums).
+  // The rows' logits are n x (a[j] + b[j] x sum). `kernel`: which scan
+  // (the same sums).
   void ScanGroupHalves(uint64_t g, const uint8_t* luts, int num_queries, const float* a,
                        const float* b, size_t cell_lo, size_t cell_hi, float* pmax, float* psum,
-                       bool wide) const;
+                       ScanKernelId kernel) const;
   // The centred row over its norm into `dir`; returns the norm (0, and a
   // zero direction, for a row at the mean).
   float Direction(const float* row, float* dir) const;

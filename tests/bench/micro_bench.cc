@@ -437,6 +437,76 @@ BENCHMARK_CAPTURE(BM_PqBuild, TrainAndWrite, true, true)->Arg(32768)->Unit(bench
 BENCHMARK_CAPTURE(BM_PqBuild, Train, true, false)->Arg(32768)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_PqBuild, Write, false, true)->Arg(32768)->Unit(benchmark::kMillisecond);
 
+// The PQ scan alone (PqSketch::EstimatePageMass, a GQA group of 4 queries)
+// over n tokens in 16-token pages, on the llama3-8b-like generator. Arg(1):
+// how many sketches (copies of the same codes) are scanned in turn: 1 keeps
+// the 18 B a token in cache, 64 (37 MB at 32768 tokens) finds each one out
+// of the L3, as a decode step does. Arg(2): the kernel, 0 the one this CPU
+// takes (PqSketch::ScanKernel()), 1 the AVX2 shuffles, 2 the AVX-512
+// shuffles (skipped where the CPU lacks what it needs). The label names the
+// kernel and ends with an FNV-1a of the masses' bits: equal across kernels,
+// and before and after a change, means the same estimates.
+void BM_PqScan(benchmark::State& state) {
+  const int64_t n = state.range(0);
+  const int copies = static_cast<int>(state.range(1));
+  const int64_t kernel = state.range(2);
+  auto dump = MakeDump(n);
+  if (!dump.ok()) {
+    state.SkipWithError(dump.status().ToString().c_str());
+    return;
+  }
+  const int page_tokens = 16;
+  const uint32_t pages = static_cast<uint32_t>(n / page_tokens);
+  std::vector<Placement> placements(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    placements[i].page = static_cast<uint32_t>(i / page_tokens);
+    placements[i].slot = static_cast<uint32_t>(i % page_tokens);
+  }
+  std::vector<std::unique_ptr<PqSketch>> sketches;
+  for (int c = 0; c < copies; ++c) {
+    sketches.push_back(std::make_unique<PqSketch>(dump->head_dim, page_tokens));
+    sketches.back()->Train(dump->key(0, 0), n);
+    sketches.back()->Write(placements, dump->key(0, 0), DType::kF16);
+  }
+  if ((kernel == 1 && !ForceKernelIsa("avx2")) || (kernel == 2 && !ForceKernelIsa("avx512"))) {
+    state.SkipWithError("this CPU cannot run that kernel");
+    return;
+  }
+  if (kernel == 2) PqSketch::AllowByteLookupScan(false);
+  const std::string name = PqSketch::ScanKernel();
+  const int nq = dump->group_size();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dump->head_dim));
+  std::vector<uint32_t> fill(pages, page_tokens);
+  std::vector<float> mass(static_cast<size_t>(pages) * nq), bulk(mass.size()), ref(nq);
+  int i = 0;
+  uint64_t h = 1469598103934665603ull;
+  for (auto _ : state) {
+    sketches[i % copies]->EstimatePageMass(dump->query((i / copies) % dump->steps, 0, 0), nq, scale,
+                                           pages, fill.data(), mass.data(), ref.data(),
+                                           bulk.data());
+    if (i % copies == 0 && i / copies < dump->steps) {
+      for (const float v : mass) {
+        uint32_t bits;
+        std::memcpy(&bits, &v, sizeof(bits));
+        h = (h ^ bits) * 1099511628211ull;
+      }
+    }
+    ++i;
+  }
+  ForceKernelIsa("auto");
+  PqSketch::AllowByteLookupScan(true);
+  state.SetItemsProcessed(state.iterations() * n);
+  state.SetLabel(absl::StrCat(name, " masses ", absl::Hex(h)));
+}
+BENCHMARK(BM_PqScan)
+    ->Args({32768, 1, 0})
+    ->Args({32768, 1, 2})
+    ->Args({32768, 1, 1})
+    ->Args({32768, 64, 0})
+    ->Args({32768, 64, 2})
+    ->Args({32768, 64, 1})
+    ->Unit(benchmark::kMicrosecond);
+
 // Gather of one head's selection into the staging region (docs/architecture.md
 // §6): 16 whole pages of 16 tokens (page granularity) against 256 scattered
 // tokens packed into 16 slots (token granularity). 131072 tokens of fp16 K+V

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "server/index/kernels.h"
 #include "server/index/mdci_selector.h"
@@ -131,13 +132,39 @@ TEST(PqSketchTest, TheFastScanMatchesTheScalarReferenceOverTheSameCodes) {
   }
 }
 
-// The AVX-512 scan (two code lines per shuffle) gives the AVX2 scan's
+// The scan kernels this CPU has: the AVX2 shuffles always, the AVX-512
+// shuffles and the byte-lookup scan (VBMI + VNNI) where it has them.
+// Select(k) makes EstimatePageMass take kernel k; Reset() puts the CPU's
+// own choice back.
+struct ScanKernels {
+  static std::vector<PqSketch::ScanKernelId> Available() {
+    std::vector<PqSketch::ScanKernelId> k = {PqSketch::ScanKernelId::kAvx2};
+    if (ForceKernelIsa("avx512")) {
+      k.push_back(PqSketch::ScanKernelId::kAvx512);
+      if (PqSketch::AllowByteLookupScan(true)) k.push_back(PqSketch::ScanKernelId::kByteLookup);
+    }
+    Reset();
+    return k;
+  }
+  static void Select(PqSketch::ScanKernelId k) {
+    ASSERT_TRUE(ForceKernelIsa(k == PqSketch::ScanKernelId::kAvx2 ? "avx2" : "avx512"));
+    PqSketch::AllowByteLookupScan(k == PqSketch::ScanKernelId::kByteLookup);
+    ASSERT_EQ(PqSketch::ActiveScanKernel(), k);
+  }
+  static void Reset() {
+    ForceKernelIsa("auto");
+    PqSketch::AllowByteLookupScan(true);
+  }
+};
+
+// Every scan kernel (the AVX-512 shuffles: two code lines per shuffle; the
+// byte-lookup scan: byte permutes and VNNI sums) gives the AVX2 scan's
 // estimates bit for bit, at dims of an even and an odd number of lines
 // (dim / 8), with 1-5 queries (the pairs and the odd one out), full and
 // partly filled pages.
-TEST(PqSketchTest, TheWideScanGivesTheSameEstimatesAsTheAvx2Scan) {
-  if (!ForceKernelIsa("avx512")) GTEST_SKIP() << "this CPU has no AVX-512: only the AVX2 scan runs";
-  ForceKernelIsa("auto");
+TEST(PqSketchTest, EveryScanKernelGivesTheAvx2ScansEstimates) {
+  const std::vector<PqSketch::ScanKernelId> kernels = ScanKernels::Available();
+  if (kernels.size() == 1) GTEST_SKIP() << "this CPU has no AVX-512: only the AVX2 scan runs";
   for (int dim : {64, 24, 8, 128}) {
     const int64_t n = 1500;
     const std::vector<float> keys = mdci_test::ClusteredKeys(n, dim, 12, 0.5f, 4);
@@ -150,22 +177,27 @@ TEST(PqSketchTest, TheWideScanGivesTheSameEstimatesAsTheAvx2Scan) {
     const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
     for (int nq : {1, 2, 3, 4, 5}) {
       const std::vector<float> q = mdci_test::GaussianRows(nq, dim, 2.0f, 10 + nq);
-      std::vector<float> mass[2], ref[2], bulk[2];
-      for (int wide = 0; wide < 2; ++wide) {
-        ASSERT_TRUE(ForceKernelIsa(wide ? "avx512" : "avx2"));
-        mass[wide].assign(static_cast<size_t>(pages) * nq, -1.0f);
-        bulk[wide].assign(mass[wide].size(), -1.0f);
-        ref[wide].assign(nq, 0.0f);
-        pq.EstimatePageMass(q.data(), nq, scale, pages, fill.data(), mass[wide].data(),
-                            ref[wide].data(), bulk[wide].data());
+      std::vector<std::vector<float>> mass(kernels.size()), ref(kernels.size()),
+          bulk(kernels.size());
+      for (size_t i = 0; i < kernels.size(); ++i) {
+        ScanKernels::Select(kernels[i]);
+        mass[i].assign(static_cast<size_t>(pages) * nq, -1.0f);
+        bulk[i].assign(mass[i].size(), -1.0f);
+        ref[i].assign(nq, 0.0f);
+        pq.EstimatePageMass(q.data(), nq, scale, pages, fill.data(), mass[i].data(), ref[i].data(),
+                            bulk[i].data());
       }
-      ForceKernelIsa("auto");
-      EXPECT_EQ(mass[0], mass[1]) << "dim " << dim << ", " << nq << " queries";
-      EXPECT_EQ(bulk[0], bulk[1]) << "dim " << dim << ", " << nq << " queries";
-      EXPECT_EQ(ref[0], ref[1]) << "dim " << dim << ", " << nq << " queries";
+      ScanKernels::Reset();
+      for (size_t i = 1; i < kernels.size(); ++i) {
+        const std::string what = absl::StrCat("kernel ", static_cast<int>(kernels[i]), ", dim ",
+                                              dim, ", ", nq, " queries");
+        EXPECT_EQ(mass[0], mass[i]) << what;
+        EXPECT_EQ(bulk[0], bulk[i]) << what;
+        EXPECT_EQ(ref[0], ref[i]) << what;
+      }
       // Not a vacuous equality: the estimates differ between pages.
-      EXPECT_NE(*std::max_element(mass[1].begin(), mass[1].end()),
-                *std::min_element(mass[1].begin(), mass[1].end()));
+      EXPECT_NE(*std::max_element(mass[0].begin(), mass[0].end()),
+                *std::min_element(mass[0].begin(), mass[0].end()));
     }
   }
 }
@@ -177,8 +209,7 @@ TEST(PqSketchTest, TheWideScanGivesTheSameEstimatesAsTheAvx2Scan) {
 // page folded in order), full and partly filled. The page count is a
 // multiple of 8, so no query's cells reach the scalar exp tail.
 TEST(PqSketchTest, ABatchOfQueriesEstimatesEachAsItWouldAlone) {
-  const bool has_wide = ForceKernelIsa("avx512");
-  ForceKernelIsa("auto");
+  const std::vector<PqSketch::ScanKernelId> kernels = ScanKernels::Available();
   for (int page_tokens : {16, 32}) {
     for (int dim : {128, 64}) {
       const int64_t n = 3000;
@@ -192,9 +223,9 @@ TEST(PqSketchTest, ABatchOfQueriesEstimatesEachAsItWouldAlone) {
       const uint32_t pages = static_cast<uint32_t>(fill.size());
       pq.CoverPages(pages);
       const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
-      for (const char* isa : {"avx2", "avx512"}) {
-        if (std::string(isa) == "avx512" && !has_wide) continue;
-        ASSERT_TRUE(ForceKernelIsa(isa));
+      for (const PqSketch::ScanKernelId kernel : kernels) {
+        ScanKernels::Select(kernel);
+        const int isa = static_cast<int>(kernel);
         for (int nq : {4, 6, 8}) {
           const std::vector<float> q = mdci_test::GaussianRows(nq, dim, 3.0f, 40 + nq);
           std::vector<float> mass(static_cast<size_t>(pages) * nq), bulk(mass.size()), ref(nq);
@@ -218,7 +249,7 @@ TEST(PqSketchTest, ABatchOfQueriesEstimatesEachAsItWouldAlone) {
                     *std::min_element(mass.begin(), mass.end()));
         }
       }
-      ForceKernelIsa("auto");
+      ScanKernels::Reset();
     }
   }
 }
