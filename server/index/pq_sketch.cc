@@ -164,10 +164,27 @@ PqSketch::PqSketch(int dim, int page_tokens)
       group_bytes_(code_bytes_ + kGroup * sizeof(uint16_t)),
       mean_(dim, 0.0f),
       centroids_(static_cast<size_t>(dim / kSubDims) * kCentroids * kSubDims, 0.0f),
+      centroid_lanes_(centroids_.size(), 0.0f),
       row_(dim),
       raw_(static_cast<size_t>(dim) * sizeof(float)) {}
 
+void PqSketch::LaneCentroids() {
+  for (int sub = 0; sub < subspaces_; ++sub) {
+    for (int c = 0; c < kCentroids; ++c) {
+      for (int d = 0; d < kSubDims; ++d) {
+        centroid_lanes_[(static_cast<size_t>(sub) * kSubDims + d) * kCentroids + c] =
+            centroids_[(static_cast<size_t>(sub) * kCentroids + c) * kSubDims + d];
+      }
+    }
+  }
+}
+
 void PqSketch::Train(const float* keys, int64_t n) {
+  TrainCentroids(keys, n);
+  LaneCentroids();
+}
+
+void PqSketch::TrainCentroids(const float* keys, int64_t n) {
   std::fill(mean_.begin(), mean_.end(), 0.0f);
   std::fill(centroids_.begin(), centroids_.end(), 0.0f);
   trained_ = n > 0;
@@ -466,6 +483,7 @@ absl::Status PqSketch::LoadImage(ByteReader* r, uint64_t max_slots) {
   trained_rows_ = trained_rows;
   mean_ = std::move(mean);
   centroids_ = std::move(centroids);
+  LaneCentroids();
   return absl::OkStatus();
 }
 
@@ -885,30 +903,47 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
   s.table.resize(static_cast<size_t>(subspaces_) * kCentroids);
   for (int j = 0; j < num_queries; ++j) {
     const float* q = queries + static_cast<size_t>(j) * dim_;
+    // Each sub-space's 16 inner products in two registers, lane c the
+    // centroid c, from the centroids by dimension (centroid_lanes_): per
+    // lane the one-centroid loop's FMAs in its order (from 0, dimension 0
+    // first), so the same tables; its sequential minimum and maximum as
+    // register reductions, equal but for the sign of a zero, which no table
+    // byte, base or step depends on.
     float range = 0.0f;
     double base = 0.0;
     for (int sub = 0; sub < subspaces_; ++sub) {
-      float lo = std::numeric_limits<float>::infinity(), hi = -lo;
-      for (int c = 0; c < kCentroids; ++c) {
-        const float* cent =
-            centroids_.data() + (static_cast<size_t>(sub) * kCentroids + c) * kSubDims;
-        float v = 0.0f;
-        for (int d = 0; d < kSubDims; ++d) v += q[sub * kSubDims + d] * cent[d];
-        s.table[sub * kCentroids + c] = v;
-        lo = std::min(lo, v);
-        hi = std::max(hi, v);
+      const float* cl = centroid_lanes_.data() + static_cast<size_t>(sub) * kSubDims * kCentroids;
+      __m256 v0 = _mm256_setzero_ps(), v1 = _mm256_setzero_ps();
+      for (int d = 0; d < kSubDims; ++d) {
+        const __m256 qd = _mm256_set1_ps(q[sub * kSubDims + d]);
+        v0 = _mm256_fmadd_ps(_mm256_loadu_ps(cl + d * kCentroids), qd, v0);
+        v1 = _mm256_fmadd_ps(_mm256_loadu_ps(cl + d * kCentroids + 8), qd, v1);
       }
+      const float lo = simd::HMin256(_mm256_min_ps(v0, v1));
+      const float hi = simd::HMax256(_mm256_max_ps(v0, v1));
       range = std::max(range, hi - lo);
       base += lo;
-      for (int c = 0; c < kCentroids; ++c) s.table[sub * kCentroids + c] -= lo;
+      const __m256 lov = _mm256_set1_ps(lo);
+      _mm256_storeu_ps(&s.table[sub * kCentroids], _mm256_sub_ps(v0, lov));
+      _mm256_storeu_ps(&s.table[sub * kCentroids + 8], _mm256_sub_ps(v1, lov));
     }
     const float step = range > 0.0f && std::isfinite(range) ? range / 255.0f : 1.0f;
     uint8_t* l = s.luts.data() + static_cast<size_t>(j) * lines * 32;
+    // round(t / step) clamped to [0, 255], 16 entries at once: the same
+    // division and rounding (to nearest) as the scalar nearbyint.
+    const __m256 stepv = _mm256_set1_ps(step);
+    const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(255.0f);
     for (int sub = 0; sub < subspaces_; ++sub) {
-      for (int c = 0; c < kCentroids; ++c) {
-        const float v = std::nearbyint(s.table[sub * kCentroids + c] / step);
-        l[(sub / 2) * 32 + (sub % 2) * 16 + c] = static_cast<uint8_t>(std::clamp(v, 0.0f, 255.0f));
+      __m256i w[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m256 t = _mm256_div_ps(_mm256_loadu_ps(&s.table[sub * kCentroids + 8 * h]), stepv);
+        const __m256 r = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        w[h] = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(r, zero), top));
       }
+      // 16 int32 in [0, 255] to 16 bytes in order.
+      const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(w[0], w[1]), 0xd8);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(l + (sub / 2) * 32 + (sub % 2) * 16),
+                       _mm_packus_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
     }
     double qm = 0.0;
     for (int d = 0; d < dim_; ++d) qm += static_cast<double>(q[d]) * mean_[d];
@@ -922,7 +957,8 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
   const size_t cells = static_cast<size_t>(num_pages) * num_queries;
   s.pmax.assign(cells, -std::numeric_limits<float>::infinity());
   s.psum.assign(cells, 0.0f);
-  s.fills.resize(num_pages);
+  s.fills.resize(num_pages + 8);  // 8 past the last page read as 0 (the exp pass's loads)
+  std::fill(s.fills.begin() + num_pages, s.fills.end(), 0u);
   {
     uint32_t* __restrict fills = s.fills.data();
     const uint32_t cap = static_cast<uint32_t>(page_tokens_);
@@ -1000,8 +1036,11 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
     size_t i = 0;
     for (; i + 8 <= cells; i += 8) {
       // The lanes' pages lie below num_pages: (i + 7) / num_queries < num_pages.
-      const __m256 ff = _mm256_cvtepi32_ps(_mm256_i32gather_epi32(
-          reinterpret_cast<const int*>(fills + (i >> shift)), pagev, 4));  // <= 256: exact
+      // The lanes' fills: eight from the first lane's page on, permuted to
+      // the lanes (a load and a permute instead of a gather).
+      const __m256 ff = _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(fills + (i >> shift))),
+          pagev));  // <= 256: exact
       const __m256 empty = _mm256_cmp_ps(ff, zero, _CMP_EQ_OQ);
       const __m256 a = _mm256_blendv_ps(
           _mm256_sub_ps(_mm256_add_ps(offv, _mm256_loadu_ps(pmax + i)), refv), empty_ab, empty);

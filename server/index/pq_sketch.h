@@ -150,6 +150,10 @@ class PqSketch {
 
  private:
   void EnsureSlots(uint64_t slots);
+  // Train's k-means into mean_ and centroids_.
+  void TrainCentroids(const float* keys, int64_t n);
+  // centroid_lanes_ from centroids_ (after every change to them).
+  void LaneCentroids();
   uint8_t* group(uint64_t g) const {
     return blocks_[g / kGroupsPerBlock].get() + (g % kGroupsPerBlock) * group_bytes_;
   }
@@ -182,7 +186,8 @@ class PqSketch {
   bool trained_ = false;
   int64_t trained_rows_ = 0;
   std::vector<float> mean_;
-  std::vector<float> centroids_;  // [subspace][centroid][4]
+  std::vector<float> centroids_;       // [subspace][centroid][4]
+  std::vector<float> centroid_lanes_;  // the same as [subspace][4][centroid]
   std::vector<std::unique_ptr<uint8_t[]>> blocks_;
   std::vector<float> row_;    // Write's scratch
   std::vector<float> dir_;    // EncodeBlock's scratch: 8 directions

@@ -50,6 +50,13 @@ inline float HMax256(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
+inline float HMin256(__m256 v) {
+  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_min_ss(m, _mm_shuffle_ps(m, m, 0x55));
+  return _mm_cvtss_f32(m);
+}
+
 // (lo + hi), then pairs, then the last two: the order every caller's bits
 // depend on.
 inline float HSum256(__m256 v) {
