@@ -500,7 +500,7 @@ struct GroupSums32 {
   __m256i lo_even, lo_odd, hi_even, hi_odd;
 };
 
-// Eight sums as floats (exact: at most 255 x 128 sub-spaces).
+// Eight sums as floats (exact: integers far below 2^24).
 inline __m256 SumsToFloat(__m128i s) { return _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s)); }
 inline __m256 SumsToFloat(__m256i s) { return _mm256_cvtepi32_ps(s); }
 
@@ -812,20 +812,48 @@ __attribute__((always_inline)) inline void ScanHalves(const uint8_t* c, const ui
   }
 }
 
-ICECACHE_PQ_AVX512 void ScanHalvesAvx512(const uint8_t* c, const uint16_t* norms, int lines,
-                                         const uint8_t* luts, int num_queries, const float* a,
-                                         const float* b, size_t cell_lo, size_t cell_hi,
-                                         float* pmax, float* psum) {
-  ScanHalves<PqSketch::ScanKernelId::kAvx512>(c, norms, lines, luts, num_queries, a, b, cell_lo,
-                                              cell_hi, pmax, psum);
+// The AVX-512 scans' bodies: a GQA group of 4 or 8 queries is scanned here,
+// four at a time, and the queries left over take ScanHalves. Called from
+// the functions of each kernel's target below, which are flattened: from
+// ScanHalves' lambda (a function of the default target) GCC would not
+// inline the line scan, and its sums came back through the stack.
+template <PqSketch::ScanKernelId kKernel>
+__attribute__((always_inline)) inline void ScanHalvesWide(
+    const uint8_t* c, const uint16_t* norms, int lines, const uint8_t* luts, int num_queries,
+    const float* a, const float* b, size_t cell_lo, size_t cell_hi, float* pmax, float* psum) {
+  const size_t stride = static_cast<size_t>(lines) * 32;
+  int q = 0;
+  for (; q + 4 <= num_queries; q += 4) {
+    if constexpr (kKernel == PqSketch::ScanKernelId::kByteLookup) {
+      GroupSums32 r4[4];
+      ScanLinesVbmi<4>(c, luts + q * stride, stride, lines, r4);
+      FoldHalves4(r4, norms, a + q, b + q, pmax + cell_lo + q, psum + cell_lo + q,
+                  pmax + cell_hi + q, psum + cell_hi + q);
+    } else {
+      GroupSums r4[4];
+      ScanLinesAvx512<4>(c, luts + q * stride, stride, lines, r4);
+      FoldHalves4(r4, norms, a + q, b + q, pmax + cell_lo + q, psum + cell_lo + q,
+                  pmax + cell_hi + q, psum + cell_hi + q);
+    }
+  }
+  if (q < num_queries) {
+    ScanHalves<kKernel>(c, norms, lines, luts + q * stride, num_queries - q, a + q, b + q,
+                        cell_lo + q, cell_hi + q, pmax, psum);
+  }
 }
 
-ICECACHE_PQ_VBMI void ScanHalvesVbmi(const uint8_t* c, const uint16_t* norms, int lines,
-                                     const uint8_t* luts, int num_queries, const float* a,
-                                     const float* b, size_t cell_lo, size_t cell_hi, float* pmax,
-                                     float* psum) {
-  ScanHalves<PqSketch::ScanKernelId::kByteLookup>(c, norms, lines, luts, num_queries, a, b, cell_lo,
+ICECACHE_PQ_AVX512 __attribute__((flatten)) void ScanHalvesAvx512(
+    const uint8_t* c, const uint16_t* norms, int lines, const uint8_t* luts, int num_queries,
+    const float* a, const float* b, size_t cell_lo, size_t cell_hi, float* pmax, float* psum) {
+  ScanHalvesWide<PqSketch::ScanKernelId::kAvx512>(c, norms, lines, luts, num_queries, a, b, cell_lo,
                                                   cell_hi, pmax, psum);
+}
+
+ICECACHE_PQ_VBMI __attribute__((flatten)) void ScanHalvesVbmi(
+    const uint8_t* c, const uint16_t* norms, int lines, const uint8_t* luts, int num_queries,
+    const float* a, const float* b, size_t cell_lo, size_t cell_hi, float* pmax, float* psum) {
+  ScanHalvesWide<PqSketch::ScanKernelId::kByteLookup>(c, norms, lines, luts, num_queries, a, b,
+                                                      cell_lo, cell_hi, pmax, psum);
 }
 
 bool CpuHasByteLookupScan() {
