@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "client/output.h"
 #include "server/index/kernels.h"
+#include "server/index/pq_sketch.h"
 #include "tests/bench/decode_results.h"
 #include "tests/bench/machine_info.h"
 
@@ -303,6 +304,7 @@ Json DecodeReportJson(const DecodeBenchOptions& o, const std::vector<ContextResu
                        {"l2_size", L2Size()},
                        {"l3_size", L3Size()},
                        {"kernel_isa", KernelIsa()},
+                       {"pq_scan_kernel", PqSketch::ScanKernel()},
                        {"git_commit", BuildCommit().empty() ? "unknown" : BuildCommit()}};
   const std::string head = HeadCommitNow();
   if (!head.empty() && head != BuildCommit()) report["machine"]["git_head_at_run"] = head;

@@ -29,6 +29,7 @@
 #include "common/thread_cpu.h"
 #include "server/index/kernels.h"
 #include "server/index/owned_page_keys.h"
+#include "server/index/pq_sketch.h"
 #include "server/index/quality.h"
 #include "server/index/selector.h"
 #include "server/index/width_calibrator.h"
@@ -1315,6 +1316,7 @@ absl::Status RunSelectBench(const SelectBenchOptions& o) {
   machine["cpu_model"] = CpuModel();
   machine["cores"] = static_cast<int>(std::thread::hardware_concurrency());
   machine["kernel_isa"] = KernelIsa();
+  machine["pq_scan_kernel"] = PqSketch::ScanKernel();
   machine["l2_size"] = L2Size();
   machine["l3_size"] = L3Size();
   const std::string build_commit = BuildCommit();
