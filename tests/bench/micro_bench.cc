@@ -398,6 +398,17 @@ BENCHMARK_CAPTURE(BM_Build, Exact, SelectorKind::kExact)
     ->Arg(131072)
     ->Unit(benchmark::kMillisecond);
 
+// Token i at slot i % page_tokens of page i / page_tokens (the PQ
+// benchmarks' placement: full pages in position order).
+std::vector<Placement> InOrder(int64_t n, int page_tokens) {
+  std::vector<Placement> placements(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    placements[i].page = static_cast<uint32_t>(i / page_tokens);
+    placements[i].slot = static_cast<uint32_t>(i % page_tokens);
+  }
+  return placements;
+}
+
 // The product-quantised codes of one head (MdciParams::pq_factor): the
 // codebooks' k-means (Train, on at most PqSketch::kMaxTrainRows keys) and the
 // encoding of every key (Write), apart, on the llama3-8b-like generator. The
@@ -411,11 +422,7 @@ void BM_PqBuild(benchmark::State& state, bool train, bool write) {
     return;
   }
   const int page_tokens = 16;
-  std::vector<Placement> placements(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) {
-    placements[i].page = static_cast<uint32_t>(i / page_tokens);
-    placements[i].slot = static_cast<uint32_t>(i % page_tokens);
-  }
+  const std::vector<Placement> placements = InOrder(n, page_tokens);
   PqSketch pq(dump->head_dim, page_tokens);
   pq.Train(dump->key(0, 0), n);
   for (auto _ : state) {
@@ -457,11 +464,7 @@ void BM_PqScan(benchmark::State& state) {
   }
   const int page_tokens = 16;
   const uint32_t pages = static_cast<uint32_t>(n / page_tokens);
-  std::vector<Placement> placements(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) {
-    placements[i].page = static_cast<uint32_t>(i / page_tokens);
-    placements[i].slot = static_cast<uint32_t>(i % page_tokens);
-  }
+  const std::vector<Placement> placements = InOrder(n, page_tokens);
   std::vector<std::unique_ptr<PqSketch>> sketches;
   for (int c = 0; c < copies; ++c) {
     sketches.push_back(std::make_unique<PqSketch>(dump->head_dim, page_tokens));
