@@ -1162,7 +1162,7 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
 
 size_t PqSketch::bytes() const {
   return blocks_.size() * kGroupsPerBlock * group_bytes_ +
-         (mean_.size() + centroids_.size()) * sizeof(float);
+         (mean_.size() + centroids_.size() + centroid_lanes_.size()) * sizeof(float);
 }
 
 }  // namespace icecache
