@@ -121,12 +121,14 @@ namespace {
 // ("PQS1"); an image without it (a daemon before the codes were saved) has
 // its codes rebuilt from the frames.
 constexpr uint32_t kPqImageTag = 0x31535150u;
+// The same section with the query basis after the codes ("PQS2").
+constexpr uint32_t kPqBasisImageTag = 0x32535150u;
 }  // namespace
 
 void MdciSelector::SaveImageBody(ByteWriter* w) const {
   tree_->SaveImage(w);
   if (pq_ != nullptr) {
-    w->Put<uint32_t>(kPqImageTag);
+    w->Put<uint32_t>(kPqBasisImageTag);
     pq_->SaveImage(w);
   }
 }
@@ -148,13 +150,17 @@ absl::StatusOr<std::unique_ptr<MdciSelector>> MdciSelector::LoadImage(const Sele
     const DciPageTable& pt = sel->tree_->page_table();
     uint32_t tag = 0;
     if (r->remaining() != 0) {
-      if (!r->Get(&tag) || tag != kPqImageTag) {
+      if (!r->Get(&tag) || (tag != kPqImageTag && tag != kPqBasisImageTag)) {
         return absl::DataLossError("index image: bytes after the tree that are not mdci's codes");
       }
       // The codes as they were: the same selections after the restart.
       RETURN_IF_ERROR(sel->pq_->LoadImage(
-          r, static_cast<uint64_t>(pt.num_pages()) * static_cast<uint64_t>(config.page_tokens)));
+          r, static_cast<uint64_t>(pt.num_pages()) * static_cast<uint64_t>(config.page_tokens),
+          tag == kPqBasisImageTag));
       sel->pq_->CoverPages(pt.num_pages());
+      if (sel->query_basis_ != nullptr && sel->pq_->has_basis()) {
+        sel->query_basis_->Adopt(sel->pq_->basis());
+      }
     } else {
       // An image without them: trained and encoded from the frames (near the
       // selections before, not equal: the sample comes in page order).
@@ -219,6 +225,22 @@ absl::Status MdciSelector::Insert(const float* keys, int64_t n,
     pq_->CoverPages(tree_->page_table().num_pages());
   }
   return absl::OkStatus();
+}
+
+void MdciSelector::InstallQueryBasis() const {
+  if (!install_mu_.TryLock()) return;
+  struct Unlock {
+    absl::Mutex* mu;
+    ~Unlock() { mu->Unlock(); }
+  } unlock{&install_mu_};
+  std::vector<float> basis;
+  if (!query_basis_->due() || !pq_->trained() || !query_basis_->Fit(&basis)) return;
+  const DciPageTable& pt = tree_->page_table();
+  // A missing frame leaves the sketch without a basis (SetBasis restores
+  // the one before); selection is as without it.
+  pq_->SetBasis(basis.data(), *keys_, config_.dtype, pt.num_pages(),
+                [&pt](uint32_t page) { return pt.fill(page); })
+      .IgnoreError();
 }
 
 namespace {
@@ -632,6 +654,10 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
       ForcedPages(num_tokens(), params, [&](int64_t pos) { return pt.page_of_position(pos); });
   const bool scan = pq_ != nullptr && pq_->trained() && num_queries <= PqSketch::kMaxQueries &&
                     params.method != SearchMethod::kTree;
+  if (query_basis_ != nullptr && !every_page) {
+    query_basis_->Observe(queries, num_queries);
+    if (query_basis_->due()) InstallQueryBasis();
+  }
   // (More queries than a config allows can come only from a direct caller;
   // the tree serves them.)
   CandidateCarry* carry = every_page ? nullptr : params.carry;

@@ -51,9 +51,11 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "server/index/dci_tree.h"
 #include "server/index/page_sketch.h"
 #include "server/index/pq_sketch.h"
+#include "server/index/query_basis.h"
 #include "server/index/selector.h"
 #include "server/index/token_select.h"
 
@@ -119,6 +121,10 @@ class MdciSelector : public Selector {
                                 std::vector<float>* share) const;
 
   const DciTree& tree() const { return *tree_; }
+  // The product quantiser (null without one) and its query basis learner
+  // (null without one; tests and reports).
+  const PqSketch* pq_sketch() const { return pq_.get(); }
+  const QueryBasis* query_basis() const { return query_basis_.get(); }
   double mean_page_fill() const { return tree_->page_table().MeanFill(); }
 
  private:
@@ -130,6 +136,9 @@ class MdciSelector : public Selector {
     if (config.kind == SelectorKind::kMdci && config.mdci.pq_factor > 0.0f &&
         PqSketch::Supports(config.head_dim)) {
       pq_ = std::make_unique<PqSketch>(config.head_dim, config.page_tokens);
+      if (config.mdci.query_basis) {
+        query_basis_ = std::make_unique<QueryBasis>(config.head_dim, PqSketch::kBasis);
+      }
     }
   }
 
@@ -182,6 +191,15 @@ class MdciSelector : public Selector {
   std::unique_ptr<DciTree> tree_;
   std::unique_ptr<PageSketch> sketch_;  // MdciParams::sketch_scoring (kMdci only)
   std::unique_ptr<PqSketch> pq_;        // MdciParams::pq_factor > 0 (kMdci only)
+  // With pq_ and MdciParams::query_basis: learns the sketch's query basis
+  // from the queries Select sees.
+  std::unique_ptr<QueryBasis> query_basis_;
+  // Fits and installs the query basis when one is due: from a Select (a
+  // reader: the frames stay put), one at a time (a select that finds
+  // another installing goes on without waiting); PqSketch::SetBasis
+  // publishes it whole to the scans running beside it.
+  void InstallQueryBasis() const;
+  mutable absl::Mutex install_mu_;
 };
 
 }  // namespace icecache

@@ -100,6 +100,16 @@ inline void Transpose8x8(const float* in, size_t in_stride, float* out) {
   }
 }
 
+// A query's basis coefficients as the scan uses them (EstimatePageMass):
+// four signed bytes c8_r = round(c_r / step) in [-63, 63] packed in cw,
+// corr = -128 sum_r c8_r, and gamma = step / 127, so a row's basis term is
+// gamma x sum_r c8_r x p8_r ~ sum_r c_r x projection_r.
+struct BasisCoef {
+  int32_t cw = 0;
+  int32_t corr = 0;
+  float gamma = 0.0f;
+};
+
 // Per-thread scratch of EstimatePageMass (no allocation once warm).
 struct PqScanScratch {
   std::vector<uint8_t> luts;    // per query: subspaces / 2 lines of 32 bytes
@@ -113,6 +123,8 @@ struct PqScanScratch {
   std::vector<float> table;     // one query's float tables
   std::vector<float> a, b, w;   // per cell: max - ref, mean - ref, fill - 1 (-1: empty)
   std::vector<float> ref;       // per query: log_ref
+  std::vector<BasisCoef> coef;  // per query (with a basis)
+  std::vector<float> rest;      // one query less its part in the basis
 };
 
 // out[j] = the largest of v[p * nq + j] over p < n (-inf when n is 0).
@@ -132,6 +144,24 @@ void ColumnMax(const float* v, uint32_t n, int nq, float* out) {
   for (uint32_t p = 0; p < n; ++p) {
     for (int j = 0; j < nq; ++j) out[j] = std::max(out[j], v[static_cast<size_t>(p) * nq + j]);
   }
+}
+
+// a . b over n floats (the query basis' projections; n a multiple of 8).
+float DotF(const float* a, const float* b, int n) {
+  __m256 acc = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = simd::HSum256(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// A projection in [-1, 1] as the byte kept: round(127 v) + 128, in [1, 255]
+// (offset binary: the unsigned operand of the scan's byte dot products).
+uint8_t QuantiseProjection(float v) {
+  const float c = std::isfinite(v) ? std::clamp(v, -1.0f, 1.0f) : 0.0f;
+  return static_cast<uint8_t>(std::lrint(c * 127.0f) + 128);
 }
 
 PqScanScratch& PqScratch() {
@@ -287,7 +317,20 @@ void PqSketch::EnsureSlots(uint64_t slots) {
     std::memset(block.get(), 0, bytes);
     blocks_.push_back(std::move(block));
   }
+  if (const std::shared_ptr<BasisState> st = std::atomic_load(&basis_state_)) {
+    EnsureProjBlocks(st.get());
+  }
   slots_ = std::max(slots_, slots);
+}
+
+void PqSketch::EnsureProjBlocks(BasisState* st) const {
+  while (st->blocks.size() < blocks_.size()) {
+    const size_t n = static_cast<size_t>(kBasis) * kGroup * kGroupsPerBlock;
+    std::unique_ptr<uint8_t[]> block(new uint8_t[n]);
+    PopulateForWrite(block.get(), n);
+    std::memset(block.get(), 128, n);  // projection 0
+    st->blocks.push_back(std::move(block));
+  }
 }
 
 float PqSketch::Direction(const float* row, float* dir) const {
@@ -333,6 +376,7 @@ void PqSketch::EncodeBlock(const float* const* rows, const uint64_t* slots, int 
   dir_.assign(static_cast<size_t>(8) * dim_, 0.0f);
   dir_t_.resize(static_cast<size_t>(8) * dim_);
   float norms[8] = {};
+  const std::shared_ptr<BasisState> st = std::atomic_load(&basis_state_);
   for (int j = 0; j < count; ++j)
     norms[j] = Direction(rows[j], &dir_[static_cast<size_t>(j) * dim_]);
   for (int d = 0; d < dim_; d += 8)
@@ -343,6 +387,15 @@ void PqSketch::EncodeBlock(const float* const* rows, const uint64_t* slots, int 
     const int t = static_cast<int>(slots[j] % kGroup);
     std::memcpy(group(slots[j] / kGroup) + code_bytes_ + NormIndex(t) * sizeof(uint16_t), &h,
                 sizeof(h));
+    if (st != nullptr) {
+      // The direction's projection on each basis vector (a zero direction:
+      // 0), in the norms' order.
+      const float* dir = &dir_[static_cast<size_t>(j) * dim_];
+      uint8_t* pg = st->group(slots[j] / kGroup) + NormIndex(t) * kBasis;
+      for (int r = 0; r < kBasis; ++r) {
+        pg[r] = QuantiseProjection(DotF(dir, &st->basis[static_cast<size_t>(r) * dim_], dim_));
+      }
+    }
   }
   alignas(32) int32_t best[8];
   for (int s = 0; s < subspaces_; ++s) {
@@ -375,14 +428,77 @@ float PqSketch::norm(uint64_t slot) const {
   return HalfToFloat(h);
 }
 
+std::vector<float> PqSketch::basis() const {
+  const std::shared_ptr<BasisState> st = std::atomic_load(&basis_state_);
+  return st != nullptr ? st->basis : std::vector<float>(static_cast<size_t>(kBasis) * dim_, 0.0f);
+}
+
+float PqSketch::projection(uint64_t slot, int r) const {
+  const std::shared_ptr<BasisState> st = std::atomic_load(&basis_state_);
+  if (st == nullptr || r < 0 || r >= kBasis) return 0.0f;
+  return (static_cast<float>(
+              st->group(slot / kGroup)[NormIndex(static_cast<int>(slot % kGroup)) * kBasis + r]) -
+          128.0f) /
+         127.0f;
+}
+
 float PqSketch::ApproxDot(const float* q, uint64_t slot) const {
+  std::vector<float> rest(q, q + dim_);
   float s = 0.0f;
+  if (const std::shared_ptr<BasisState> st = std::atomic_load(&basis_state_)) {
+    for (int r = 0; r < kBasis; ++r) {
+      const float* u = &st->basis[static_cast<size_t>(r) * dim_];
+      const float qu = DotF(q, u, dim_);
+      for (int d = 0; d < dim_; ++d) rest[d] -= qu * u[d];
+      s += qu * projection(slot, r);
+    }
+  }
   for (int sub = 0; sub < subspaces_; ++sub) {
     const float* c =
         centroids_.data() + (static_cast<size_t>(sub) * kCentroids + code(slot, sub)) * kSubDims;
-    for (int d = 0; d < kSubDims; ++d) s += q[sub * kSubDims + d] * c[d];
+    for (int d = 0; d < kSubDims; ++d) s += rest[sub * kSubDims + d] * c[d];
   }
   return norm(slot) * s;
+}
+
+absl::Status PqSketch::SetBasis(const float* basis, const PageKeys& keys, DType dtype,
+                                uint32_t num_pages, absl::FunctionRef<uint32_t(uint32_t)> fill) {
+  const size_t n = static_cast<size_t>(kBasis) * dim_;
+  for (size_t i = 0; i < n; ++i) {
+    if (!std::isfinite(basis[i])) {
+      return absl::InvalidArgumentError("query basis: a non-finite coordinate");
+    }
+  }
+  if (!trained_) return absl::OkStatus();
+  num_pages = std::min(num_pages, this->num_pages());
+  auto st = std::make_shared<BasisState>();
+  st->basis.assign(basis, basis + n);
+  EnsureProjBlocks(st.get());
+  // Each row's projections from its frame: (k - mean) . u_r / |k - mean|,
+  // with Direction's norm, as EncodeBlock writes them.
+  const size_t row_bytes = static_cast<size_t>(dim_) * DTypeSize(dtype);
+  std::vector<float> row(dim_), dir(dim_);
+  for (uint32_t page = 0; page < num_pages; ++page) {
+    const uint32_t rows = std::min<uint32_t>(fill(page), static_cast<uint32_t>(page_tokens_));
+    if (rows == 0) continue;
+    const auto* frame = static_cast<const uint8_t*>(keys.page_keys(page));
+    if (frame == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("page ", page, " holds ", rows, " keys but has no frame to read"));
+    }
+    for (uint32_t r = 0; r < rows; ++r) {
+      ToFloat(dtype, frame + r * row_bytes, row.data(), dim_);
+      Direction(row.data(), dir.data());
+      const uint64_t slot = static_cast<uint64_t>(page) * page_tokens_ + r;
+      uint8_t* pg = st->group(slot / kGroup) + NormIndex(static_cast<int>(slot % kGroup)) * kBasis;
+      for (int b = 0; b < kBasis; ++b) {
+        pg[b] =
+            QuantiseProjection(DotF(dir.data(), &st->basis[static_cast<size_t>(b) * dim_], dim_));
+      }
+    }
+  }
+  std::atomic_store(&basis_state_, std::shared_ptr<BasisState>(std::move(st)));
+  return absl::OkStatus();
 }
 
 void PqSketch::Write(const std::vector<Placement>& placements, const float* keys, DType dtype) {
@@ -447,9 +563,17 @@ void PqSketch::SaveImage(ByteWriter* w) const {
   w->Put<uint64_t>(slots_);
   const uint64_t groups = (slots_ + kGroup - 1) / kGroup;
   for (uint64_t g = 0; g < groups; ++g) w->PutBytes(group(g), group_bytes_);
+  const std::shared_ptr<BasisState> st = std::atomic_load(&basis_state_);
+  w->Put<uint8_t>(st != nullptr ? 1 : 0);
+  if (st != nullptr) {
+    w->PutArray(st->basis);
+    for (uint64_t g = 0; g < groups; ++g) {
+      w->PutBytes(st->group(g), static_cast<size_t>(kBasis) * kGroup);
+    }
+  }
 }
 
-absl::Status PqSketch::LoadImage(ByteReader* r, uint64_t max_slots) {
+absl::Status PqSketch::LoadImage(ByteReader* r, uint64_t max_slots, bool with_basis) {
   uint32_t dim = 0, page_tokens = 0;
   uint8_t trained = 0;
   int64_t trained_rows = 0;
@@ -477,8 +601,47 @@ absl::Status PqSketch::LoadImage(ByteReader* r, uint64_t max_slots) {
   for (const float v : centroids) {
     if (!std::isfinite(v)) return absl::DataLossError("codes section: a non-finite centroid");
   }
-  EnsureSlots(slots);
-  for (uint64_t g = 0; g < groups; ++g) r->GetBytes(group(g), group_bytes_);
+  // The codes and norms, then (with_basis) the basis and its projections,
+  // read into new blocks: the sketch stays as it was on a short or bad
+  // section.
+  const size_t proj_bytes = static_cast<size_t>(kBasis) * kGroup;
+  std::vector<uint8_t> codes(groups * group_bytes_);
+  for (uint64_t g = 0; g < groups; ++g) r->GetBytes(&codes[g * group_bytes_], group_bytes_);
+  uint8_t has_basis = 0;
+  std::vector<float> basis;
+  std::vector<uint8_t> proj;
+  if (with_basis) {
+    r->Get(&has_basis);
+    if (has_basis == 1) {
+      r->GetArray(&basis, static_cast<size_t>(kBasis) * dim_);
+      if (r->ok() && groups <= r->remaining() / proj_bytes) {
+        proj.resize(groups * proj_bytes);
+        for (uint64_t g = 0; g < groups; ++g) r->GetBytes(&proj[g * proj_bytes], proj_bytes);
+      }
+    }
+    if (!r->ok() || has_basis > 1 || (has_basis == 1 && proj.size() != groups * proj_bytes)) {
+      return absl::DataLossError("codes section: a query basis that is cut short or malformed");
+    }
+    for (const float v : basis) {
+      if (!std::isfinite(v)) return absl::DataLossError("codes section: a non-finite query basis");
+    }
+  }
+  if (!r->ok()) return absl::DataLossError("codes section: cut short");
+  std::shared_ptr<BasisState> st;
+  if (has_basis == 1) {
+    st = std::make_shared<BasisState>();
+    st->basis = std::move(basis);
+  }
+  std::atomic_store(&basis_state_, st);
+  EnsureSlots(slots);  // with st's blocks
+  for (uint64_t g = 0; g < groups; ++g) {
+    std::memcpy(group(g), &codes[g * group_bytes_], group_bytes_);
+  }
+  if (st != nullptr) {
+    for (uint64_t g = 0; g < groups; ++g) {
+      std::memcpy(st->group(g), &proj[g * proj_bytes], proj_bytes);
+    }
+  }
   trained_ = trained == 1;
   trained_rows_ = trained_rows;
   mean_ = std::move(mean);
@@ -679,22 +842,61 @@ ICECACHE_PQ_VBMI inline void ScanLinesVbmi(const uint8_t* codes, const uint8_t* 
 // sums (uint16 or int32) and their 16 fp16 norms (in the same order), folded pairwise
 // into 8 lanes: their maxima and their sums (FoldHalf's and FoldHalves4'
 // first step).
-template <typename V>
-inline void HalfTerms(V s0, V s1, const uint16_t* norms, __m256 a, __m256 b, __m256* mx,
-                      __m256* sum) {
-  const __m256 n0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(norms)));
-  const __m256 n1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(norms + 8)));
-  const __m256 v0 = _mm256_mul_ps(n0, _mm256_fmadd_ps(b, SumsToFloat(s0), a));
-  const __m256 v1 = _mm256_mul_ps(n1, _mm256_fmadd_ps(b, SumsToFloat(s1), a));
+inline __m256 LoadHalf8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Eight rows' basis dot products: row i's four projection bytes
+// (p[4i + r], offset binary) against the query's four signed coefficient
+// bytes `cw`, less the offset's share `corr`: sum_r c8_r x p8_r, exactly.
+// The AVX2 form (maddubs pairs stay within int16: 255 x 63 x 2 < 2^15) and
+// the VNNI form give the same integers.
+inline __m256i ProjDot8(const uint8_t* p, __m256i cw, __m256i corr) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i pairs = _mm256_maddubs_epi16(v, cw);
+  return _mm256_add_epi32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)), corr);
+}
+ICECACHE_PQ_VBMI inline __m256i ProjDot8Vnni(const uint8_t* p, __m256i cw, __m256i corr) {
+  return _mm256_dpbusd_epi32(corr, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), cw);
+}
+
+// With a query basis (kProj): n x (a + b x sum + gamma x dot), dot the
+// rows' basis dot products (`p8`: the half's 16 rows' projection bytes, the
+// even rows' 32 then the odd rows'; `coef` the query's). kVnni: the VNNI
+// dot products (the byte-lookup kernel; the same integers).
+template <bool kProj, bool kVnni, typename V>
+inline void HalfTerms(V s0, V s1, const uint16_t* norms, __m256 a, __m256 b, const uint8_t* p8,
+                      const BasisCoef* coef, __m256* mx, __m256* sum) {
+  const __m256 n0 = LoadHalf8(norms);
+  const __m256 n1 = LoadHalf8(norms + 8);
+  __m256 t0 = _mm256_fmadd_ps(b, SumsToFloat(s0), a);
+  __m256 t1 = _mm256_fmadd_ps(b, SumsToFloat(s1), a);
+  if constexpr (kProj) {
+    const __m256i cw = _mm256_set1_epi32(coef->cw), corr = _mm256_set1_epi32(coef->corr);
+    const __m256 g = _mm256_set1_ps(coef->gamma);
+    __m256i d0, d1;
+    if constexpr (kVnni) {
+      d0 = ProjDot8Vnni(p8, cw, corr);
+      d1 = ProjDot8Vnni(p8 + 32, cw, corr);
+    } else {
+      d0 = ProjDot8(p8, cw, corr);
+      d1 = ProjDot8(p8 + 32, cw, corr);
+    }
+    t0 = _mm256_fmadd_ps(g, _mm256_cvtepi32_ps(d0), t0);
+    t1 = _mm256_fmadd_ps(g, _mm256_cvtepi32_ps(d1), t1);
+  }
+  const __m256 v0 = _mm256_mul_ps(n0, t0);
+  const __m256 v1 = _mm256_mul_ps(n1, t1);
   *mx = _mm256_max_ps(v0, v1);
   *sum = _mm256_add_ps(v0, v1);
 }
 
 // The same folded into the page's largest and total.
-template <typename V>
-inline void FoldHalf(V s0, V s1, const uint16_t* norms, __m256 a, __m256 b, float* mx, float* sum) {
+template <bool kProj, bool kVnni, typename V>
+inline void FoldHalf(V s0, V s1, const uint16_t* norms, __m256 a, __m256 b, const uint8_t* p8,
+                     const BasisCoef* coef, float* mx, float* sum) {
   __m256 vmax, vsum;
-  HalfTerms(s0, s1, norms, a, b, &vmax, &vsum);
+  HalfTerms<kProj, kVnni>(s0, s1, norms, a, b, p8, coef, &vmax, &vsum);
   *mx = std::max(*mx, simd::HMax256(vmax));
   *sum += simd::HSum256(vsum);
 }
@@ -726,14 +928,20 @@ inline __m256 Reduce8(const __m256* v) {
 // FoldHalf's values (std::max(cell, x) is max_ps(x, cell) lane by lane,
 // NaNs and signed zeros included); the low half's cells first, as
 // FoldHalf's calls, so a page holding both halves folds them in order.
-template <typename Sums>
+// `p8`: the group's projection bytes (kProj), `coef` the four queries'.
+template <bool kProj, bool kVnni, typename Sums>
 inline void FoldHalves4(const Sums* r, const uint16_t* norms, const float* a, const float* b,
-                        float* pmax_lo, float* psum_lo, float* pmax_hi, float* psum_hi) {
+                        const uint8_t* p8, const BasisCoef* coef, float* pmax_lo, float* psum_lo,
+                        float* pmax_hi, float* psum_hi) {
   __m256 mx[8], sm[8];
   for (int k = 0; k < 4; ++k) {
     const __m256 av = _mm256_set1_ps(a[k]), bv = _mm256_set1_ps(b[k]);
-    HalfTerms(r[k].lo_even, r[k].lo_odd, norms, av, bv, &mx[2 * k], &sm[2 * k]);
-    HalfTerms(r[k].hi_even, r[k].hi_odd, norms + 16, av, bv, &mx[2 * k + 1], &sm[2 * k + 1]);
+    const BasisCoef* ck = kProj ? coef + k : nullptr;
+    HalfTerms<kProj, kVnni>(r[k].lo_even, r[k].lo_odd, norms, av, bv, p8, ck, &mx[2 * k],
+                            &sm[2 * k]);
+    HalfTerms<kProj, kVnni>(r[k].hi_even, r[k].hi_odd, norms + 16, av, bv,
+                            kProj ? p8 + 16 * PqSketch::kBasis : nullptr, ck, &mx[2 * k + 1],
+                            &sm[2 * k + 1]);
   }
   const __m256 hm = Reduce8<true>(mx);
   const __m256 hs = Reduce8<false>(sm);
@@ -763,12 +971,20 @@ void PqSketch::ScanGroup(uint64_t g, const uint8_t* luts, int num_queries, uint1
 namespace {
 
 // ScanGroupHalves' body over each scan: the group's codes `c`, its norms.
-template <PqSketch::ScanKernelId kKernel>
+// `p8`, `coef`: the group's projection bytes and the queries' coefficients
+// (kProj only).
+template <PqSketch::ScanKernelId kKernel, bool kProj>
 __attribute__((always_inline)) inline void ScanHalves(const uint8_t* c, const uint16_t* norms,
                                                       int lines, const uint8_t* luts,
                                                       int num_queries, const float* a,
-                                                      const float* b, size_t cell_lo,
+                                                      const float* b, const uint8_t* p8,
+                                                      const BasisCoef* coef, size_t cell_lo,
                                                       size_t cell_hi, float* pmax, float* psum) {
+  constexpr bool kVnni = kKernel == PqSketch::ScanKernelId::kByteLookup;
+  const auto half = [&](int h) -> const uint8_t* {
+    return kProj ? p8 + 16 * PqSketch::kBasis * h : nullptr;
+  };
+  const auto qc = [&](int q) -> const BasisCoef* { return kProj ? coef + q : nullptr; };
   using Kernel = PqSketch::ScanKernelId;
   using Sums = std::conditional_t<kKernel == Kernel::kByteLookup, GroupSums32, GroupSums>;
   // `n` (1, 2 or 4) queries from q on.
@@ -790,25 +1006,27 @@ __attribute__((always_inline)) inline void ScanHalves(const uint8_t* c, const ui
   for (; q + 4 <= num_queries; q += 4) {  // a GQA group of 4 or 8: FoldHalves4
     Sums r4[4];
     scan(std::integral_constant<int, 4>(), q, r4);
-    FoldHalves4(r4, norms, a + q, b + q, pmax + cell_lo + q, psum + cell_lo + q, pmax + cell_hi + q,
-                psum + cell_hi + q);
+    FoldHalves4<kProj, kVnni>(r4, norms, a + q, b + q, p8, qc(q), pmax + cell_lo + q,
+                              psum + cell_lo + q, pmax + cell_hi + q, psum + cell_hi + q);
   }
   Sums r[2];
   for (; q + 2 <= num_queries; q += 2) {
     scan(std::integral_constant<int, 2>(), q, r);
     for (int k = 0; k < 2; ++k) {
       const __m256 av = _mm256_set1_ps(a[q + k]), bv = _mm256_set1_ps(b[q + k]);
-      FoldHalf(r[k].lo_even, r[k].lo_odd, norms, av, bv, &pmax[cell_lo + q + k],
-               &psum[cell_lo + q + k]);
-      FoldHalf(r[k].hi_even, r[k].hi_odd, norms + 16, av, bv, &pmax[cell_hi + q + k],
-               &psum[cell_hi + q + k]);
+      FoldHalf<kProj, kVnni>(r[k].lo_even, r[k].lo_odd, norms, av, bv, half(0), qc(q + k),
+                             &pmax[cell_lo + q + k], &psum[cell_lo + q + k]);
+      FoldHalf<kProj, kVnni>(r[k].hi_even, r[k].hi_odd, norms + 16, av, bv, half(1), qc(q + k),
+                             &pmax[cell_hi + q + k], &psum[cell_hi + q + k]);
     }
   }
   for (; q < num_queries; ++q) {
     scan(std::integral_constant<int, 1>(), q, r);
     const __m256 av = _mm256_set1_ps(a[q]), bv = _mm256_set1_ps(b[q]);
-    FoldHalf(r[0].lo_even, r[0].lo_odd, norms, av, bv, &pmax[cell_lo + q], &psum[cell_lo + q]);
-    FoldHalf(r[0].hi_even, r[0].hi_odd, norms + 16, av, bv, &pmax[cell_hi + q], &psum[cell_hi + q]);
+    FoldHalf<kProj, kVnni>(r[0].lo_even, r[0].lo_odd, norms, av, bv, half(0), qc(q),
+                           &pmax[cell_lo + q], &psum[cell_lo + q]);
+    FoldHalf<kProj, kVnni>(r[0].hi_even, r[0].hi_odd, norms + 16, av, bv, half(1), qc(q),
+                           &pmax[cell_hi + q], &psum[cell_hi + q]);
   }
 }
 
@@ -817,43 +1035,51 @@ __attribute__((always_inline)) inline void ScanHalves(const uint8_t* c, const ui
 // the functions of each kernel's target below, which are flattened: from
 // ScanHalves' lambda (a function of the default target) GCC would not
 // inline the line scan, and its sums came back through the stack.
-template <PqSketch::ScanKernelId kKernel>
+template <PqSketch::ScanKernelId kKernel, bool kProj>
 __attribute__((always_inline)) inline void ScanHalvesWide(
     const uint8_t* c, const uint16_t* norms, int lines, const uint8_t* luts, int num_queries,
-    const float* a, const float* b, size_t cell_lo, size_t cell_hi, float* pmax, float* psum) {
+    const float* a, const float* b, const uint8_t* p8, const BasisCoef* coef, size_t cell_lo,
+    size_t cell_hi, float* pmax, float* psum) {
+  constexpr bool kVnni = kKernel == PqSketch::ScanKernelId::kByteLookup;
   const size_t stride = static_cast<size_t>(lines) * 32;
   int q = 0;
   for (; q + 4 <= num_queries; q += 4) {
+    const BasisCoef* cq = kProj ? coef + q : nullptr;
     if constexpr (kKernel == PqSketch::ScanKernelId::kByteLookup) {
       GroupSums32 r4[4];
       ScanLinesVbmi<4>(c, luts + q * stride, stride, lines, r4);
-      FoldHalves4(r4, norms, a + q, b + q, pmax + cell_lo + q, psum + cell_lo + q,
-                  pmax + cell_hi + q, psum + cell_hi + q);
+      FoldHalves4<kProj, kVnni>(r4, norms, a + q, b + q, p8, cq, pmax + cell_lo + q,
+                                psum + cell_lo + q, pmax + cell_hi + q, psum + cell_hi + q);
     } else {
       GroupSums r4[4];
       ScanLinesAvx512<4>(c, luts + q * stride, stride, lines, r4);
-      FoldHalves4(r4, norms, a + q, b + q, pmax + cell_lo + q, psum + cell_lo + q,
-                  pmax + cell_hi + q, psum + cell_hi + q);
+      FoldHalves4<kProj, kVnni>(r4, norms, a + q, b + q, p8, cq, pmax + cell_lo + q,
+                                psum + cell_lo + q, pmax + cell_hi + q, psum + cell_hi + q);
     }
   }
   if (q < num_queries) {
-    ScanHalves<kKernel>(c, norms, lines, luts + q * stride, num_queries - q, a + q, b + q,
-                        cell_lo + q, cell_hi + q, pmax, psum);
+    ScanHalves<kKernel, kProj>(c, norms, lines, luts + q * stride, num_queries - q, a + q, b + q,
+                               p8, kProj ? coef + q : nullptr, cell_lo + q, cell_hi + q, pmax,
+                               psum);
   }
 }
 
+template <bool kProj>
 ICECACHE_PQ_AVX512 __attribute__((flatten)) void ScanHalvesAvx512(
     const uint8_t* c, const uint16_t* norms, int lines, const uint8_t* luts, int num_queries,
-    const float* a, const float* b, size_t cell_lo, size_t cell_hi, float* pmax, float* psum) {
-  ScanHalvesWide<PqSketch::ScanKernelId::kAvx512>(c, norms, lines, luts, num_queries, a, b, cell_lo,
-                                                  cell_hi, pmax, psum);
+    const float* a, const float* b, const uint8_t* p8, const BasisCoef* coef, size_t cell_lo,
+    size_t cell_hi, float* pmax, float* psum) {
+  ScanHalvesWide<PqSketch::ScanKernelId::kAvx512, kProj>(c, norms, lines, luts, num_queries, a, b,
+                                                         p8, coef, cell_lo, cell_hi, pmax, psum);
 }
 
+template <bool kProj>
 ICECACHE_PQ_VBMI __attribute__((flatten)) void ScanHalvesVbmi(
     const uint8_t* c, const uint16_t* norms, int lines, const uint8_t* luts, int num_queries,
-    const float* a, const float* b, size_t cell_lo, size_t cell_hi, float* pmax, float* psum) {
-  ScanHalvesWide<PqSketch::ScanKernelId::kByteLookup>(c, norms, lines, luts, num_queries, a, b,
-                                                      cell_lo, cell_hi, pmax, psum);
+    const float* a, const float* b, const uint8_t* p8, const BasisCoef* coef, size_t cell_lo,
+    size_t cell_hi, float* pmax, float* psum) {
+  ScanHalvesWide<PqSketch::ScanKernelId::kByteLookup, kProj>(
+      c, norms, lines, luts, num_queries, a, b, p8, coef, cell_lo, cell_hi, pmax, psum);
 }
 
 bool CpuHasByteLookupScan() {
@@ -896,22 +1122,44 @@ bool PqSketch::AllowByteLookupScan(bool allow) {
 }
 
 void PqSketch::ScanGroupHalves(uint64_t g, const uint8_t* luts, int num_queries, const float* a,
-                               const float* b, size_t cell_lo, size_t cell_hi, float* pmax,
-                               float* psum, ScanKernelId kernel) const {
+                               const float* b, const BasisState* basis, const void* pc,
+                               size_t cell_lo, size_t cell_hi, float* pmax, float* psum,
+                               ScanKernelId kernel) const {
   const uint8_t* c = group(g);
   uint16_t norms[kGroup];
   std::memcpy(norms, c + code_bytes_, sizeof(norms));
   const int lines = subspaces_ / 2;
+  if (basis != nullptr) {
+    const uint8_t* p8 = basis->group(g);
+    const auto* coef = static_cast<const BasisCoef*>(pc);
+    switch (kernel) {
+      case ScanKernelId::kByteLookup:
+        ScanHalvesVbmi<true>(c, norms, lines, luts, num_queries, a, b, p8, coef, cell_lo, cell_hi,
+                             pmax, psum);
+        break;
+      case ScanKernelId::kAvx512:
+        ScanHalvesAvx512<true>(c, norms, lines, luts, num_queries, a, b, p8, coef, cell_lo, cell_hi,
+                               pmax, psum);
+        break;
+      case ScanKernelId::kAvx2:
+        ScanHalves<ScanKernelId::kAvx2, true>(c, norms, lines, luts, num_queries, a, b, p8, coef,
+                                              cell_lo, cell_hi, pmax, psum);
+        break;
+    }
+    return;
+  }
   switch (kernel) {
     case ScanKernelId::kByteLookup:
-      ScanHalvesVbmi(c, norms, lines, luts, num_queries, a, b, cell_lo, cell_hi, pmax, psum);
+      ScanHalvesVbmi<false>(c, norms, lines, luts, num_queries, a, b, nullptr, nullptr, cell_lo,
+                            cell_hi, pmax, psum);
       break;
     case ScanKernelId::kAvx512:
-      ScanHalvesAvx512(c, norms, lines, luts, num_queries, a, b, cell_lo, cell_hi, pmax, psum);
+      ScanHalvesAvx512<false>(c, norms, lines, luts, num_queries, a, b, nullptr, nullptr, cell_lo,
+                              cell_hi, pmax, psum);
       break;
     case ScanKernelId::kAvx2:
-      ScanHalves<ScanKernelId::kAvx2>(c, norms, lines, luts, num_queries, a, b, cell_lo, cell_hi,
-                                      pmax, psum);
+      ScanHalves<ScanKernelId::kAvx2, false>(c, norms, lines, luts, num_queries, a, b, nullptr,
+                                             nullptr, cell_lo, cell_hi, pmax, psum);
       break;
   }
 }
@@ -929,8 +1177,46 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
   s.step.assign(num_queries, 0.0f);
   s.ref.resize(num_queries);
   s.table.resize(static_cast<size_t>(subspaces_) * kCentroids);
+  // The basis as published when this scan starts (SetBasis may publish
+  // another meanwhile).
+  const std::shared_ptr<BasisState> basis_state = std::atomic_load(&basis_state_);
+  const BasisState* bs = basis_state.get();
+  if (bs != nullptr) {
+    s.coef.resize(num_queries);
+    s.rest.resize(dim_);
+  }
   for (int j = 0; j < num_queries; ++j) {
-    const float* q = queries + static_cast<size_t>(j) * dim_;
+    const float* full = queries + static_cast<size_t>(j) * dim_;
+    const float* q = full;
+    if (bs != nullptr) {
+      // The part in the basis is scored exactly (the projections); the
+      // tables quantise the rest.
+      std::copy(full, full + dim_, s.rest.begin());
+      float cr[kBasis];
+      float cmax = 0.0f;
+      for (int r = 0; r < kBasis; ++r) {
+        const float* u = &bs->basis[static_cast<size_t>(r) * dim_];
+        const float qu = DotF(full, u, dim_);
+        cr[r] = scale * qu;
+        cmax = std::max(cmax, std::abs(cr[r]));
+        for (int d = 0; d < dim_; ++d) s.rest[d] -= qu * u[d];
+      }
+      // Signed bytes in [-63, 63] (BasisCoef).
+      const float cstep = cmax > 0.0f && std::isfinite(cmax) ? cmax / 63.0f : 1.0f;
+      uint32_t cw = 0;
+      int32_t csum = 0;
+      for (int r = 0; r < kBasis; ++r) {
+        const int32_t c8 =
+            std::isfinite(cr[r]) ? std::clamp<int32_t>(std::lrint(cr[r] / cstep), -63, 63) : 0;
+        csum += c8;
+        cw |= static_cast<uint32_t>(static_cast<uint8_t>(static_cast<int8_t>(c8))) << (8 * r);
+      }
+      BasisCoef& bc = s.coef[j];
+      bc.cw = static_cast<int32_t>(cw);
+      bc.corr = -128 * csum;
+      bc.gamma = cstep / 127.0f;
+      q = s.rest.data();
+    }
     // Each sub-space's 16 inner products in two registers, lane c the
     // centroid c, from the centroids by dimension (centroid_lanes_): per
     // lane the one-centroid loop's FMAs in its order (from 0, dimension 0
@@ -974,7 +1260,7 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
                        _mm_packus_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
     }
     double qm = 0.0;
-    for (int d = 0; d < dim_; ++d) qm += static_cast<double>(q[d]) * mean_[d];
+    for (int d = 0; d < dim_; ++d) qm += static_cast<double>(full[d]) * mean_[d];
     s.base[j] = static_cast<float>(scale * base);
     s.offset[j] = static_cast<float>(scale * qm);
     s.step[j] = scale * step;
@@ -1005,10 +1291,10 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
       const uint32_t page_hi = static_cast<uint32_t>((first + 16) / page_tokens_);
       if (first % page_tokens_ + 16 <= s.fills[page_lo] &&
           (first + 16) % page_tokens_ + 16 <= s.fills[page_hi]) {
-        ScanGroupHalves(g, s.luts.data(), num_queries, s.base.data(), s.step.data(),
-                        static_cast<size_t>(page_lo) * num_queries,
-                        static_cast<size_t>(page_hi) * num_queries, s.pmax.data(), s.psum.data(),
-                        kernel);
+        ScanGroupHalves(
+            g, s.luts.data(), num_queries, s.base.data(), s.step.data(), bs,
+            bs != nullptr ? s.coef.data() : nullptr, static_cast<size_t>(page_lo) * num_queries,
+            static_cast<size_t>(page_hi) * num_queries, s.pmax.data(), s.psum.data(), kernel);
         continue;
       }
     }
@@ -1019,8 +1305,21 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
       const uint32_t pg = static_cast<uint32_t>(slot / page_tokens_);
       if (slot % page_tokens_ >= s.fills[pg]) continue;
       const float n = norm(slot);
+      const uint8_t* p8 = bs != nullptr ? bs->group(g) + NormIndex(t) * kBasis : nullptr;
       for (int j = 0; j < num_queries; ++j) {
-        const float v = n * (s.base[j] + s.step[j] * static_cast<float>(s.sums[j * kGroup + t]));
+        float e = std::fma(s.step[j], static_cast<float>(s.sums[j * kGroup + t]), s.base[j]);
+        if (p8 != nullptr) {
+          // HalfTerms' integers and operations.
+          const BasisCoef& bc = s.coef[j];
+          int32_t dot = bc.corr;
+          for (int r = 0; r < kBasis; ++r) {
+            dot +=
+                static_cast<int32_t>(static_cast<int8_t>(static_cast<uint32_t>(bc.cw) >> (8 * r))) *
+                static_cast<int32_t>(p8[r]);
+          }
+          e = std::fma(bc.gamma, static_cast<float>(dot), e);
+        }
+        const float v = n * e;
         const size_t cell = static_cast<size_t>(pg) * num_queries + j;
         s.pmax[cell] = std::max(s.pmax[cell], v);
         s.psum[cell] += v;
@@ -1162,7 +1461,13 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
 
 size_t PqSketch::bytes() const {
   return blocks_.size() * kGroupsPerBlock * group_bytes_ +
-         (mean_.size() + centroids_.size() + centroid_lanes_.size()) * sizeof(float);
+         (mean_.size() + centroids_.size() + centroid_lanes_.size()) * sizeof(float) + [this] {
+           const std::shared_ptr<BasisState> st = std::atomic_load(&basis_state_);
+           return st == nullptr
+                      ? size_t{0}
+                      : st->blocks.size() * kGroupsPerBlock * kBasis * kGroup * sizeof(uint16_t) +
+                            st->basis.size() * sizeof(float);
+         }();
 }
 
 }  // namespace icecache

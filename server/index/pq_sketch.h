@@ -29,6 +29,18 @@
 // term and the bound fill x e^max. mdci ranks pages by the group mass it implies and
 // scores the best of them exactly from the frames.
 //
+// The query basis (SetBasis, docs/architecture.md §3.4): up to kBasis
+// orthonormal directions where the queries live, learnt from the queries
+// seen (QueryBasis). With one set, a query's part in the basis is scored
+// almost exactly: every slot also keeps its direction's projection on each
+// basis vector (one byte each: round(127 x [-1, 1]) + 128), the tables are
+// built from the query less its part in the basis, and a row's approximate
+// logit is norm x (the table bytes' sum + sum_r (q . u_r) x projection_r),
+// the last sum one byte dot product per row (the coefficients rounded to
+// 1/63 of the largest: VNNI where the CPU has it, else maddubs). Queries
+// shifted away from the keys (a mean the keys lack) put most of their
+// length there, which the 4-dimension codebooks quantise worst.
+//
 // It is derived from the keys only: Train() fits the codebooks on the keys a
 // Build places, Write() encodes the keys Build and Insert place (decode keys
 // use the codebooks of then), and Rebuild() fits and encodes from the frames
@@ -42,6 +54,7 @@
 #ifndef ICECACHE_SERVER_INDEX_PQ_SKETCH_H_
 #define ICECACHE_SERVER_INDEX_PQ_SKETCH_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -64,6 +77,7 @@ class PqSketch {
   static constexpr int64_t kMaxTrainRows = 4096;  // k-means sample
   static constexpr int kTrainIterations = 8;
   static constexpr int kMaxQueries = 64;  // per EstimatePageMass call
+  static constexpr int kBasis = 4;        // query basis vectors (SetBasis)
 
   // The dims it can quantise: a positive multiple of 8 (an even number of
   // 4-dim sub-spaces).
@@ -89,14 +103,33 @@ class PqSketch {
   absl::Status Rebuild(const PageKeys& keys, DType dtype, uint32_t num_pages,
                        absl::FunctionRef<uint32_t(uint32_t)> fill);
 
-  // The whole state (the mean, the codebooks and every covered slot's codes
-  // and norm) into an index image, and back: a warm restart then selects
-  // exactly as before it, where Rebuild fits the codebooks on the frames'
-  // order and comes out near, not equal. LoadImage fails (DataLoss) on a
-  // section that is not this shape's, or that covers more than `max_slots`
-  // slots, leaving the sketch as it was.
+  // Sets the query basis: `basis` kBasis x dim floats, orthonormal rows
+  // (QueryBasis::Fit), and projects every covered page's first fill(page)
+  // rows on it from the frames (later Writes and Rebuilds project their
+  // rows as they encode them). The projections are computed aside and the
+  // basis published at once, so it may run concurrently with
+  // EstimatePageMass (a select installs it: MdciSelector), but not with
+  // itself or the writers. InvalidArgument for a non-finite basis;
+  // FailedPrecondition, the basis then as before, when a page with rows has
+  // no frame. Untrained: sets nothing (there are no directions yet).
+  absl::Status SetBasis(const float* basis, const PageKeys& keys, DType dtype, uint32_t num_pages,
+                        absl::FunctionRef<uint32_t(uint32_t)> fill);
+  bool has_basis() const { return std::atomic_load(&basis_state_) != nullptr; }
+  // kBasis x dim (zeros without a basis).
+  std::vector<float> basis() const;
+  // The projection kept for `slot` on basis vector r (tests).
+  float projection(uint64_t slot, int r) const;
+
+  // The whole state (the mean, the codebooks, the query basis and every
+  // covered slot's codes, norm and projections) into an index image, and
+  // back: a warm restart then selects exactly as before it, where Rebuild
+  // fits the codebooks on the frames' order and comes out near, not equal.
+  // LoadImage fails (DataLoss) on a section that is not this shape's, or
+  // that covers more than `max_slots` slots, leaving the sketch as it was.
+  // `with_basis`: the section carries the basis (images before it did not;
+  // they load without one).
   void SaveImage(ByteWriter* w) const;
-  absl::Status LoadImage(ByteReader* r, uint64_t max_slots);
+  absl::Status LoadImage(ByteReader* r, uint64_t max_slots, bool with_basis);
 
   // mass[page * num_queries + j]: the estimated sum over the page's first
   // fill[page] rows of e^(scale x q_j.k - log_ref[j]), for pages
@@ -114,8 +147,9 @@ class PqSketch {
                         float* bulk = nullptr) const;
 
   // The approximate logit (unscaled, less q.mean) of slot `slot` for query
-  // `q` from the float tables: its norm x q . (the direction's centroids)
-  // (tests).
+  // `q` from the float tables: its norm x (q' . (the direction's centroids)
+  // + sum_r (q . u_r) x projection_r), q' = q less its part in the basis
+  // (without a basis: q and no projections) (tests).
   float ApproxDot(const float* q, uint64_t slot) const;
   // The norm kept for `slot` (fp16; tests).
   float norm(uint64_t slot) const;
@@ -167,9 +201,25 @@ class PqSketch {
   // the pages' largest sums and sums (cells cell_lo + j and cell_hi + j).
   // The rows' logits are n x (a[j] + b[j] x sum). `kernel`: which scan
   // (the same sums).
+  // `basis`, `c`: the query basis and per query its coefficients (the
+  // scan's BasisCoef); null without one.
+  struct BasisState;
   void ScanGroupHalves(uint64_t g, const uint8_t* luts, int num_queries, const float* a,
-                       const float* b, size_t cell_lo, size_t cell_hi, float* pmax, float* psum,
-                       ScanKernelId kernel) const;
+                       const float* b, const BasisState* basis, const void* c, size_t cell_lo,
+                       size_t cell_hi, float* pmax, float* psum, ScanKernelId kernel) const;
+  // The query basis and every slot's projections on it, published whole
+  // (SetBasis) and read by a scan through one atomic load.
+  struct BasisState {
+    std::vector<float> basis;                        // kBasis x dim
+    std::vector<std::unique_ptr<uint8_t[]>> blocks;  // as blocks_
+    // Group g's projections: per row (in NormIndex order) kBasis bytes,
+    // round(127 x projection) + 128.
+    uint8_t* group(uint64_t g) const {
+      return blocks[g / kGroupsPerBlock].get() + (g % kGroupsPerBlock) * kBasis * kGroup;
+    }
+  };
+  // Projection blocks in `st` for every group block.
+  void EnsureProjBlocks(BasisState* st) const;
   // The centred row over its norm into `dir`; returns the norm (0, and a
   // zero direction, for a row at the mean).
   float Direction(const float* row, float* dir) const;
@@ -189,9 +239,10 @@ class PqSketch {
   std::vector<float> centroids_;       // [subspace][centroid][4]
   std::vector<float> centroid_lanes_;  // the same as [subspace][4][centroid]
   std::vector<std::unique_ptr<uint8_t[]>> blocks_;
-  std::vector<float> row_;    // Write's scratch
-  std::vector<float> dir_;    // EncodeBlock's scratch: 8 directions
-  std::vector<float> dir_t_;  // the same, dimension-major
+  std::shared_ptr<BasisState> basis_state_;  // null without a basis (std::atomic_load/store)
+  std::vector<float> row_;                   // Write's scratch
+  std::vector<float> dir_;                   // EncodeBlock's scratch: 8 directions
+  std::vector<float> dir_t_;                 // the same, dimension-major
   std::vector<uint8_t> raw_;
 };
 

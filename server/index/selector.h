@@ -135,6 +135,12 @@ struct MdciParams {
   // The core's default is off; the daemon's sessions get kDefaultPqFactor
   // unless they ask otherwise (types.proto MdciParams.pq_factor).
   float pq_factor = 0.0f;
+  // With pq_factor > 0: learn where the queries live (QueryBasis: the top
+  // PqSketch::kBasis directions of the queries seen, fitted after the first
+  // QueryBasis::kFirstSelects selects and again when the queries drift) and
+  // score the queries' part there exactly in the scan (PqSketch::SetBasis;
+  // docs/bench/basis46.md). false: the codes alone.
+  bool query_basis = true;
   // Candidate carry-over (SelectParams::carry): a fresh select keeps for
   // the carried selects after it only the best carry_keep_factor x budget
   // tokens' worth of its candidate pages (at least min_candidate_pages), by

@@ -31,6 +31,7 @@
 #include "server/index/owned_page_keys.h"
 #include "server/index/page_select.h"
 #include "server/index/pq_sketch.h"
+#include "server/index/query_basis.h"
 #include "server/index/selector.h"
 #include "server/transfer/gather.h"
 
@@ -450,13 +451,16 @@ BENCHMARK_CAPTURE(BM_PqBuild, Write, false, true)->Arg(32768)->Unit(benchmark::k
 // the 18 B a token in cache, 64 (37 MB at 32768 tokens) finds each one out
 // of the L3, as a decode step does. Arg(2): the kernel, 0 the one this CPU
 // takes (PqSketch::ScanKernel()), 1 the AVX2 shuffles, 2 the AVX-512
-// shuffles (skipped where the CPU lacks what it needs). The label names the
+// shuffles (skipped where the CPU lacks what it needs). Arg(3): 1 scans
+// with the query basis mdci learns from the first 8 steps' queries
+// (QueryBasis, PqSketch::SetBasis), 0 the codes alone. The label names the
 // kernel and ends with an FNV-1a of the masses' bits: equal across kernels,
 // and before and after a change, means the same estimates.
 void BM_PqScan(benchmark::State& state) {
   const int64_t n = state.range(0);
   const int copies = static_cast<int>(state.range(1));
   const int64_t kernel = state.range(2);
+  const bool with_basis = state.range(3) == 1;
   auto dump = MakeDump(n);
   if (!dump.ok()) {
     state.SkipWithError(dump.status().ToString().c_str());
@@ -470,6 +474,27 @@ void BM_PqScan(benchmark::State& state) {
     sketches.push_back(std::make_unique<PqSketch>(dump->head_dim, page_tokens));
     sketches.back()->Train(dump->key(0, 0), n);
     sketches.back()->Write(placements, dump->key(0, 0), DType::kF16);
+  }
+  if (with_basis) {
+    // The basis mdci would learn from the first steps' queries.
+    auto frames = OwnedPageKeys::Create(dump->head_dim, DType::kF16, page_tokens);
+    QueryBasis qb(dump->head_dim, PqSketch::kBasis);
+    for (int s = 0; s < QueryBasis::kFirstSelects; ++s) {
+      qb.Observe(dump->query(s % dump->steps, 0, 0), dump->group_size());
+    }
+    std::vector<float> basis;
+    if (!frames.ok() || !(*frames)->Apply(placements, dump->key(0, 0)).ok() || !qb.Fit(&basis)) {
+      state.SkipWithError("no query basis");
+      return;
+    }
+    for (auto& sk : sketches) {
+      if (!sk->SetBasis(basis.data(), **frames, DType::kF16, pages, [&](uint32_t) {
+               return static_cast<uint32_t>(page_tokens);
+             }).ok()) {
+        state.SkipWithError("SetBasis failed");
+        return;
+      }
+    }
   }
   if ((kernel == 1 && !ForceKernelIsa("avx2")) || (kernel == 2 && !ForceKernelIsa("avx512"))) {
     state.SkipWithError("this CPU cannot run that kernel");
@@ -502,12 +527,14 @@ void BM_PqScan(benchmark::State& state) {
   state.SetLabel(absl::StrCat(name, " masses ", absl::Hex(h)));
 }
 BENCHMARK(BM_PqScan)
-    ->Args({32768, 1, 0})
-    ->Args({32768, 1, 2})
-    ->Args({32768, 1, 1})
-    ->Args({32768, 64, 0})
-    ->Args({32768, 64, 2})
-    ->Args({32768, 64, 1})
+    ->Args({32768, 1, 0, 0})
+    ->Args({32768, 1, 2, 0})
+    ->Args({32768, 1, 1, 0})
+    ->Args({32768, 64, 0, 0})
+    ->Args({32768, 64, 2, 0})
+    ->Args({32768, 64, 1, 0})
+    ->Args({32768, 1, 0, 1})
+    ->Args({32768, 64, 0, 1})
     ->Unit(benchmark::kMicrosecond);
 
 // Gather of one head's selection into the staging region (docs/architecture.md

@@ -186,6 +186,11 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "many x budget tokens' worth of the best pages exactly (MdciParams::pq_factor); "
                   "0: the tree's descent")
       ->capture_default_str();
+  app->add_option("--mdci-query-basis", o_.mdci.query_basis,
+                  "mdci with --mdci-pq: learn the queries' top directions and score the queries' "
+                  "part there exactly in the scan (1), or the codes alone (0) "
+                  "(MdciParams::query_basis)")
+      ->capture_default_str();
   app->add_option("--mdci-carry", o_.mdci_carry,
                   "mdci: each fresh select's candidate pages are reused by this many selects of "
                   "the same tree after it (SelectParams::carry_steps; 0: every select fresh)")
