@@ -93,7 +93,7 @@ void QueryBasis::Observe(const float* queries, int n) {
                              ? kFirstSelects
                              : (int64_t{kMinRefitSelects} / kSampleEvery) << std::min(fits_ - 1, 6);
     due = selects_ >= wait && ring_size_ > 0;
-  } else if (selects_ >= kMinRefitSelects / kSampleEvery && ema_count_ >= 16) {
+  } else if (selects_ >= refit_wait_ / kSampleEvery && ema_count_ >= 16) {
     if (captured_fit_ < 0.0) captured_fit_ = captured_ema_;  // adopted: its reference
     due = captured_ema_ < kRefitDrop * captured_fit_;
   }
@@ -174,6 +174,9 @@ bool QueryBasis::Fit(std::vector<float>* basis) {
   basis_.assign(u.size(), 0.0f);
   for (size_t i = 0; i < basis_.size(); ++i) basis_[i] = static_cast<float>(u[i]);
   basis->assign(basis_.begin(), basis_.end());
+  // Each refit doubles the wait before the next (queries that keep moving
+  // would otherwise pay a projection pass every kMinRefitSelects).
+  if (fitted_) refit_wait_ = std::min<int64_t>(2 * refit_wait_, kMaxRefitSelects);
   fitted_ = true;
   captured_fit_ = captured;
   captured_ema_ = -1.0;

@@ -19,7 +19,9 @@
 // tracks the share of the observed queries' squared length that the basis
 // captures. A refit is due when that share falls below kRefitDrop of what
 // it was at the fit (queries that drifted), at most once per
-// kMinRefitSelects selects. A fit whose basis captures less than
+// kMinRefitSelects selects after the first fit, a wait that doubles with
+// each refit up to kMaxRefitSelects (each costs a pass over every key's
+// frame: a few ms at 131072 tokens). A fit whose basis captures less than
 // kMinCaptured of the ring's length is not installed (queries with no
 // dominant directions gain nothing, and the projections cost scan time).
 //
@@ -41,7 +43,8 @@ class QueryBasis {
   static constexpr int kRing = 64;
   static constexpr int kFirstSelects = 8;
   static constexpr int kSampleEvery = 8;
-  static constexpr int kMinRefitSelects = 64;
+  static constexpr int kMinRefitSelects = 256;
+  static constexpr int kMaxRefitSelects = 4096;
   static constexpr double kRefitDrop = 0.8;
   static constexpr double kMinCaptured = 0.4;
   static constexpr int kIterations = 60;  // subspace iterations per fit
@@ -90,6 +93,7 @@ class QueryBasis {
   double captured_ema_ = -1.0;  // observed queries' share since
   int ema_count_ = 0;
   int fits_ = 0;
+  int64_t refit_wait_ = kMinRefitSelects;  // selects before a refit may be due
   std::atomic<bool> due_{false};
 };
 

@@ -537,6 +537,44 @@ BENCHMARK(BM_PqScan)
     ->Args({32768, 64, 0, 1})
     ->Unit(benchmark::kMicrosecond);
 
+// PqSketch::SetBasis: the pass over every key's frame that installs a query
+// basis (mdci does it once after its first selects, and again, ever more
+// rarely, when the queries drift), at n tokens of fp16 keys.
+void BM_PqSetBasis(benchmark::State& state) {
+  const int64_t n = state.range(0);
+  auto dump = MakeDump(n);
+  if (!dump.ok()) {
+    state.SkipWithError(dump.status().ToString().c_str());
+    return;
+  }
+  const int page_tokens = 16;
+  const uint32_t pages = static_cast<uint32_t>(n / page_tokens);
+  const std::vector<Placement> placements = InOrder(n, page_tokens);
+  PqSketch pq(dump->head_dim, page_tokens);
+  pq.Train(dump->key(0, 0), n);
+  pq.Write(placements, dump->key(0, 0), DType::kF16);
+  auto frames = OwnedPageKeys::Create(dump->head_dim, DType::kF16, page_tokens);
+  QueryBasis qb(dump->head_dim, PqSketch::kBasis);
+  for (int s = 0; s < QueryBasis::kFirstSelects; ++s) {
+    qb.Observe(dump->query(s % dump->steps, 0, 0), dump->group_size());
+  }
+  std::vector<float> basis;
+  if (!frames.ok() || !(*frames)->Apply(placements, dump->key(0, 0)).ok() || !qb.Fit(&basis)) {
+    state.SkipWithError("no query basis");
+    return;
+  }
+  for (auto _ : state) {
+    if (!pq.SetBasis(basis.data(), **frames, DType::kF16, pages, [&](uint32_t) {
+             return static_cast<uint32_t>(page_tokens);
+           }).ok()) {
+      state.SkipWithError("SetBasis failed");
+      return;
+    }
+  }
+  state.SetItemsProcessed(state.iterations() * n);
+}
+BENCHMARK(BM_PqSetBasis)->Arg(32768)->Arg(131072)->Unit(benchmark::kMillisecond);
+
 // Gather of one head's selection into the staging region (docs/architecture.md
 // §6): 16 whole pages of 16 tokens (page granularity) against 256 scattered
 // tokens packed into 16 slots (token granularity). 131072 tokens of fp16 K+V
