@@ -158,6 +158,10 @@ bool QueryBasis::Fit(std::vector<float>* basis) {
   }
   const double captured = trace > 0.0 ? in / trace : 0.0;
   ++fits_;
+  // Each refit, installed or not, doubles the wait before the next (queries
+  // that keep moving would otherwise pay a fit, and a projection pass, every
+  // kMinRefitSelects).
+  if (fitted_) refit_wait_ = std::min<int64_t>(2 * refit_wait_, kMaxRefitSelects);
   if (!(captured >= kMinCaptured)) return false;
   // The basis in query space: Q^T a per column, orthonormalised (a rank
   // below rank_ is completed with axes).
@@ -174,9 +178,6 @@ bool QueryBasis::Fit(std::vector<float>* basis) {
   basis_.assign(u.size(), 0.0f);
   for (size_t i = 0; i < basis_.size(); ++i) basis_[i] = static_cast<float>(u[i]);
   basis->assign(basis_.begin(), basis_.end());
-  // Each refit doubles the wait before the next (queries that keep moving
-  // would otherwise pay a projection pass every kMinRefitSelects).
-  if (fitted_) refit_wait_ = std::min<int64_t>(2 * refit_wait_, kMaxRefitSelects);
   fitted_ = true;
   captured_fit_ = captured;
   captured_ema_ = -1.0;
@@ -203,6 +204,11 @@ int QueryBasis::fits() const {
 double QueryBasis::captured_at_fit() const {
   absl::MutexLock lock(&mu_);
   return captured_fit_;
+}
+
+std::vector<float> QueryBasis::basis() const {
+  absl::MutexLock lock(&mu_);
+  return basis_;
 }
 
 double QueryBasis::captured_recent() const {

@@ -73,7 +73,7 @@ class QueryBasis {
   int fits() const;
   double captured_at_fit() const;  // -1 before a fit
   double captured_recent() const;  // -1 before a fit
-  const std::vector<float>& basis() const { return basis_; }
+  std::vector<float> basis() const;  // the last installed (empty before)
 
  private:
   // Share of q's squared length in the basis (mu_ held).
