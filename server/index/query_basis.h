@@ -71,8 +71,8 @@ class QueryBasis {
 
   // Figures for tests and reports.
   int fits() const;
-  double captured_at_fit() const;  // -1 before a fit
-  double captured_recent() const;  // -1 before a fit
+  double captured_at_fit() const;    // -1 before a fit
+  double captured_recent() const;    // -1 before a fit
   std::vector<float> basis() const;  // the last installed (empty before)
 
  private:
