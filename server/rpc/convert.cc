@@ -277,6 +277,7 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& p,
              MdciParams::PqFactorSupported(c.head_dim, c.q_heads / c.kv_heads)) {
     md.pq_factor = MdciParams::kDefaultPqFactor;
   }
+  if (mp.has_query_basis()) md.query_basis = mp.query_basis();
   if (mp.has_carry_keep_factor()) {
     // 0: every candidate is carried, as asked.
     md.carry_keep_factor = 0.0f;
@@ -337,6 +338,7 @@ v1::SessionConfig SessionConfigToProto(const SessionConfig& c) {
   mp->set_seed(c.mdci.seed);
   mp->set_pq_factor(c.mdci.pq_factor);
   mp->set_carry_keep_factor(c.mdci.carry_keep_factor);
+  mp->set_query_basis(c.mdci.query_basis);
   v1::SelectParams* d = p.mutable_defaults();
   d->set_budget_tokens(std::max(0, c.default_select.budget_tokens));
   d->set_sink_tokens(std::max(0, c.default_select.sink_tokens));

@@ -84,6 +84,17 @@ TEST(ConvertTest, SessionConfigRoundTripsThroughProto) {
   auto all_again = SessionConfigFromProto(SessionConfigToProto(*with_all), SelectDefaults{1, 1, 1});
   ASSERT_THAT(all_again, IsOk());
   EXPECT_EQ(all_again->mdci.carry_keep_factor, 0.0f);
+  // The query basis: unset is on; off travels back.
+  EXPECT_TRUE(again->mdci.query_basis);
+  v1::SessionConfig no_basis = GoodProto();
+  no_basis.mutable_selector()->mutable_mdci()->set_query_basis(false);
+  auto without_basis = SessionConfigFromProto(no_basis, SelectDefaults{1, 1, 1});
+  ASSERT_THAT(without_basis, IsOk());
+  EXPECT_FALSE(without_basis->mdci.query_basis);
+  auto basis_again =
+      SessionConfigFromProto(SessionConfigToProto(*without_basis), SelectDefaults{1, 1, 1});
+  ASSERT_THAT(basis_again, IsOk());
+  EXPECT_FALSE(basis_again->mdci.query_basis);
   // Session defaults travel explicitly, so other daemon defaults do not leak in.
   EXPECT_EQ(again->default_select.budget_tokens, c->default_select.budget_tokens);
   EXPECT_EQ(again->default_select.sink_tokens, c->default_select.sink_tokens);

@@ -291,6 +291,20 @@ TEST_F(MdciSketchRestoreTest, IsRederivedFromTheFramesAfterARestart) {
       });
 }
 
+// mdci with the scan and the query basis turned off
+// (MdciParams::query_basis, types.proto): the snapshot keeps the option, so
+// the restarted session does not learn a basis its twin never had.
+TEST_F(MdciSketchRestoreTest, TheQueryBasisOptionSurvivesARestart) {
+  SessionConfig c = SmallConfig(SelectorKind::kMdci);
+  c.mdci.pq_factor = MdciParams::kDefaultPqFactor;
+  c.mdci.query_basis = false;
+  RestoreWithImagesAndContinue(
+      c, [](const SnapshotImage& image, const SessionManager::RestoreReport& report) {
+        EXPECT_FALSE(image.sessions[0].config.mdci.query_basis);
+        EXPECT_EQ(report.indexes_loaded, 4);
+      });
+}
+
 INSTANTIATE_TEST_SUITE_P(Selectors, SessionRestoreTest,
                          ::testing::Values(SelectorKind::kExact, SelectorKind::kMdci,
                                            SelectorKind::kQuest, SelectorKind::kPqcache,
