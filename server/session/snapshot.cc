@@ -94,7 +94,8 @@ Json ConfigToJson(const SessionConfig& c) {
         {"locality_window", m.locality_window},
         {"sketch_scoring", m.sketch_scoring},
         {"pq_factor", m.pq_factor},
-        {"query_basis", m.query_basis}}},
+        {"query_basis", m.query_basis},
+        {"carry_keep_factor", m.carry_keep_factor}}},
       {"budget_tokens", c.default_select.budget_tokens},
       {"sink_tokens", c.default_select.sink_tokens},
       {"recent_tokens", c.default_select.recent_tokens},
@@ -140,6 +141,7 @@ absl::StatusOr<SessionConfig> ConfigFromJson(const Json& j) {
   m.sketch_scoring = Bool(md, "sketch_scoring", m.sketch_scoring);
   m.pq_factor = static_cast<float>(Num(md, "pq_factor", m.pq_factor));
   m.query_basis = Bool(md, "query_basis", m.query_basis);
+  m.carry_keep_factor = static_cast<float>(Num(md, "carry_keep_factor", m.carry_keep_factor));
   c.default_select.budget_tokens = static_cast<int>(Int(j, "budget_tokens", 256));
   c.default_select.sink_tokens = static_cast<int>(Int(j, "sink_tokens", 4));
   c.default_select.recent_tokens = static_cast<int>(Int(j, "recent_tokens", 0));

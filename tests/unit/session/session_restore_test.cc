@@ -291,16 +291,19 @@ TEST_F(MdciSketchRestoreTest, IsRederivedFromTheFramesAfterARestart) {
       });
 }
 
-// mdci with the scan and the query basis turned off
-// (MdciParams::query_basis, types.proto): the snapshot keeps the option, so
-// the restarted session does not learn a basis its twin never had.
-TEST_F(MdciSketchRestoreTest, TheQueryBasisOptionSurvivesARestart) {
+// mdci with the scan, the query basis turned off (MdciParams::query_basis,
+// types.proto) and every carried candidate kept (carry_keep_factor 0): the
+// snapshot keeps both options, so the restarted session selects as its twin
+// (it once came back with the default keep factor).
+TEST_F(MdciSketchRestoreTest, TheQueryBasisAndCarryOptionsSurviveARestart) {
   SessionConfig c = SmallConfig(SelectorKind::kMdci);
   c.mdci.pq_factor = MdciParams::kDefaultPqFactor;
   c.mdci.query_basis = false;
+  c.mdci.carry_keep_factor = 0.0f;
   RestoreWithImagesAndContinue(
       c, [](const SnapshotImage& image, const SessionManager::RestoreReport& report) {
         EXPECT_FALSE(image.sessions[0].config.mdci.query_basis);
+        EXPECT_EQ(image.sessions[0].config.mdci.carry_keep_factor, 0.0f);
         EXPECT_EQ(report.indexes_loaded, 4);
       });
 }
