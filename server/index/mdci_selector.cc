@@ -229,10 +229,11 @@ absl::Status MdciSelector::Insert(const float* keys, int64_t n,
 
 void MdciSelector::InstallQueryBasis() const {
   if (!install_mu_.TryLock()) return;
-  struct Unlock {
-    absl::Mutex* mu;
-    ~Unlock() { mu->Unlock(); }
-  } unlock{&install_mu_};
+  InstallQueryBasisLocked();
+  install_mu_.Unlock();
+}
+
+void MdciSelector::InstallQueryBasisLocked() const {
   std::vector<float> basis;
   if (!query_basis_->due() || !pq_->trained() || !query_basis_->Fit(&basis)) return;
   const DciPageTable& pt = tree_->page_table();

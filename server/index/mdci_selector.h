@@ -199,6 +199,7 @@ class MdciSelector : public Selector {
   // another installing goes on without waiting); PqSketch::SetBasis
   // publishes it whole to the scans running beside it.
   void InstallQueryBasis() const;
+  void InstallQueryBasisLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(install_mu_);
   mutable absl::Mutex install_mu_;
 };
 
