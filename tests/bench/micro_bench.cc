@@ -456,6 +456,22 @@ BENCHMARK_CAPTURE(BM_PqBuild, Write, false, true)->Arg(32768)->Unit(benchmark::k
 // (QueryBasis, PqSketch::SetBasis), 0 the codes alone. The label names the
 // kernel and ends with an FNV-1a of the masses' bits: equal across kernels,
 // and before and after a change, means the same estimates.
+// The basis mdci would learn from head 0's first steps' queries, and the
+// fp16 frames of its keys at `placements` (PqSketch::SetBasis reads them).
+// False when either cannot be made.
+bool LearnBasis(const KvDump& dump, const std::vector<Placement>& placements, int page_tokens,
+                std::unique_ptr<OwnedPageKeys>* frames, std::vector<float>* basis) {
+  auto owned = OwnedPageKeys::Create(dump.head_dim, DType::kF16, page_tokens);
+  if (!owned.ok() || !(*owned)->Apply(placements, dump.key(0, 0)).ok()) return false;
+  QueryBasis qb(dump.head_dim, PqSketch::kBasis);
+  for (int s = 0; s < QueryBasis::kFirstSelects; ++s) {
+    qb.Observe(dump.query(s % dump.steps, 0, 0), dump.group_size());
+  }
+  if (!qb.Fit(basis)) return false;
+  *frames = std::move(*owned);
+  return true;
+}
+
 void BM_PqScan(benchmark::State& state) {
   const int64_t n = state.range(0);
   const int copies = static_cast<int>(state.range(1));
@@ -476,19 +492,14 @@ void BM_PqScan(benchmark::State& state) {
     sketches.back()->Write(placements, dump->key(0, 0), DType::kF16);
   }
   if (with_basis) {
-    // The basis mdci would learn from the first steps' queries.
-    auto frames = OwnedPageKeys::Create(dump->head_dim, DType::kF16, page_tokens);
-    QueryBasis qb(dump->head_dim, PqSketch::kBasis);
-    for (int s = 0; s < QueryBasis::kFirstSelects; ++s) {
-      qb.Observe(dump->query(s % dump->steps, 0, 0), dump->group_size());
-    }
+    std::unique_ptr<OwnedPageKeys> frames;
     std::vector<float> basis;
-    if (!frames.ok() || !(*frames)->Apply(placements, dump->key(0, 0)).ok() || !qb.Fit(&basis)) {
+    if (!LearnBasis(*dump, placements, page_tokens, &frames, &basis)) {
       state.SkipWithError("no query basis");
       return;
     }
     for (auto& sk : sketches) {
-      if (!sk->SetBasis(basis.data(), **frames, DType::kF16, pages, [&](uint32_t) {
+      if (!sk->SetBasis(basis.data(), *frames, DType::kF16, pages, [&](uint32_t) {
                return static_cast<uint32_t>(page_tokens);
              }).ok()) {
         state.SkipWithError("SetBasis failed");
@@ -553,18 +564,14 @@ void BM_PqSetBasis(benchmark::State& state) {
   PqSketch pq(dump->head_dim, page_tokens);
   pq.Train(dump->key(0, 0), n);
   pq.Write(placements, dump->key(0, 0), DType::kF16);
-  auto frames = OwnedPageKeys::Create(dump->head_dim, DType::kF16, page_tokens);
-  QueryBasis qb(dump->head_dim, PqSketch::kBasis);
-  for (int s = 0; s < QueryBasis::kFirstSelects; ++s) {
-    qb.Observe(dump->query(s % dump->steps, 0, 0), dump->group_size());
-  }
+  std::unique_ptr<OwnedPageKeys> frames;
   std::vector<float> basis;
-  if (!frames.ok() || !(*frames)->Apply(placements, dump->key(0, 0)).ok() || !qb.Fit(&basis)) {
+  if (!LearnBasis(*dump, placements, page_tokens, &frames, &basis)) {
     state.SkipWithError("no query basis");
     return;
   }
   for (auto _ : state) {
-    if (!pq.SetBasis(basis.data(), **frames, DType::kF16, pages, [&](uint32_t) {
+    if (!pq.SetBasis(basis.data(), *frames, DType::kF16, pages, [&](uint32_t) {
              return static_cast<uint32_t>(page_tokens);
            }).ok()) {
       state.SkipWithError("SetBasis failed");
