@@ -14,6 +14,7 @@
 #include "server/index/kernels.h"
 #include "server/index/page_select.h"
 #include "server/index/token_select.h"
+#include "server/index/top_scores.h"
 
 namespace icecache {
 namespace {
@@ -38,6 +39,28 @@ void ColumnSums(const float* v, uint32_t n, int nq, double* out) {
   }
 }
 
+// Each page's estimated group mass: g[p] = sum over the queries of its
+// estimated mass times 1 / the query's total (m is pages x nq, query inner).
+// The queries in order from 0, as one sum per page.
+template <int kQ>
+void GroupShares(const float* __restrict m, const float* __restrict t, uint32_t pages,
+                 float* __restrict g) {
+  for (uint32_t p = 0; p < pages; ++p) {
+    float acc = 0.0f;
+    for (int j = 0; j < kQ; ++j) acc += m[static_cast<size_t>(p) * kQ + j] * t[j];
+    g[p] = acc;
+  }
+}
+
+void GroupSharesN(const float* __restrict m, const float* __restrict t, int nq, uint32_t pages,
+                  float* __restrict g) {
+  for (uint32_t p = 0; p < pages; ++p) {
+    float acc = 0.0f;
+    for (int j = 0; j < nq; ++j) acc += m[static_cast<size_t>(p) * nq + j] * t[j];
+    g[p] = acc;
+  }
+}
+
 // Per-thread buffers of Select (sized once, reused across calls).
 struct SelectScratch {
   DciScratch descent;
@@ -59,7 +82,8 @@ struct SelectScratch {
   std::vector<float> pq_mass, pq_ref;  // pq_factor: each page's estimated mass per query
   std::vector<float> pq_bulk;          // pq_factor: each page's fill x e^mean per query
   std::vector<double> pq_all;          // pq_factor: each query's total of pq_bulk
-  std::vector<std::pair<float, uint32_t>> pq_rank;    // pq_factor: (estimated group mass, page)
+  std::vector<float> pq_score;         // pq_factor: each page's estimated group mass
+  TopScoresScratch top;                // pq_factor: the candidates' radix select
   std::vector<std::pair<float, uint32_t>> trim_rank;  // TrimCarry: (exact group share, index)
   std::vector<uint8_t> trim_keep;                     // TrimCarry: per scored page, kept
 };
@@ -423,31 +447,21 @@ void MdciSelector::CollectPqCandidatePages(const float* queries, int num_queries
   for (int j = 0; j < num_queries; ++j) {
     total[j] = all[j] > 0.0 ? static_cast<float>(1.0 / all[j]) : 0.0f;
   }
-  s.pq_rank.resize(pages);
-  size_t ranked = 0;
-  {
-    const float* __restrict m = s.pq_mass.data();
-    const float* __restrict t = total.data();
-    std::pair<float, uint32_t>* __restrict rank = s.pq_rank.data();
-    for (uint32_t p = 0; p < pages; ++p) {
-      float g = 0.0f;
-      for (int j = 0; j < num_queries; ++j) g += m[static_cast<size_t>(p) * num_queries + j] * t[j];
-      rank[ranked] = {g, p};
-      ranked += g > 0.0f ? 1 : 0;
-    }
+  s.pq_score.resize(pages);
+  if (num_queries == 4) {
+    GroupShares<4>(s.pq_mass.data(), total.data(), pages, s.pq_score.data());
+  } else if (num_queries == 8) {
+    GroupShares<8>(s.pq_mass.data(), total.data(), pages, s.pq_score.data());
+  } else {
+    GroupSharesN(s.pq_mass.data(), total.data(), num_queries, pages, s.pq_score.data());
   }
-  s.pq_rank.resize(ranked);
   const float factor = params.pq_factor > 0.0f ? params.pq_factor : config_.mdci.pq_factor;
-  const size_t want = std::min(
-      s.pq_rank.size(),
-      static_cast<size_t>(std::max<int64_t>(
-          config_.mdci.min_candidate_pages,
-          static_cast<int64_t>(std::ceil(factor * static_cast<double>(params.budget_tokens) /
-                                         config_.page_tokens)))));
-  std::nth_element(s.pq_rank.begin(), s.pq_rank.begin() + want, s.pq_rank.end(),
-                   [](const auto& a, const auto& b) { return a.first > b.first; });
+  const size_t want = static_cast<size_t>(std::max<int64_t>(
+      config_.mdci.min_candidate_pages,
+      static_cast<int64_t>(
+          std::ceil(factor * static_cast<double>(params.budget_tokens) / config_.page_tokens))));
   s.candidates.clear();
-  for (size_t i = 0; i < want; ++i) s.candidates.push_back(s.pq_rank[i].second);
+  TopPositiveScores(s.pq_score.data(), pages, want, &s.top, &s.candidates);
   // The forced pages (sinks, recent) are scored exactly too: a sink's key is
   // an outlier the codebooks fit worst, and its mass is most of some
   // queries' normaliser.

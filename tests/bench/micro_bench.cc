@@ -33,6 +33,7 @@
 #include "server/index/pq_sketch.h"
 #include "server/index/query_basis.h"
 #include "server/index/selector.h"
+#include "server/index/top_scores.h"
 #include "server/transfer/gather.h"
 
 namespace icecache {
@@ -129,6 +130,49 @@ void BM_PageMassScore(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 BENCHMARK(BM_PageMassScore)->Arg(8)->Arg(16)->Arg(32);
+
+// mdci's candidate pages from the scan's estimates: the `want` largest of
+// `pages` group masses, exp of N(0, 4) logits as the scan's estimates span
+// many octaves. Arg 2: 0 = nth_element over (score, page) pairs, as before
+// session 47; 1 = TopPositiveScores (the radix select). Same scores, same set.
+void BM_TopScores(benchmark::State& state) {
+  const auto pages = static_cast<uint32_t>(state.range(0));
+  const auto want = static_cast<size_t>(state.range(1));
+  const bool radix = state.range(2) != 0;
+  std::vector<float> score = RandomFloats(pages, 5);
+  for (float& x : score) x = std::exp(4.0f * x);
+  std::vector<std::pair<float, uint32_t>> rank(pages);
+  std::vector<uint32_t> out;
+  out.reserve(pages);
+  TopScoresScratch scratch;
+  for (auto _ : state) {
+    out.clear();
+    if (radix) {
+      TopPositiveScores(score.data(), pages, want, &scratch, &out);
+    } else {
+      size_t ranked = 0;
+      for (uint32_t p = 0; p < pages; ++p) {
+        rank[ranked] = {score[p], p};
+        ranked += score[p] > 0.0f ? 1 : 0;
+      }
+      const size_t k = std::min(want, ranked);
+      std::nth_element(rank.begin(), rank.begin() + static_cast<std::ptrdiff_t>(k),
+                       rank.begin() + static_cast<std::ptrdiff_t>(ranked),
+                       [](const auto& a, const auto& b) { return a.first > b.first; });
+      for (size_t i = 0; i < k; ++i) out.push_back(rank[i].second);
+    }
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+}
+BENCHMARK(BM_TopScores)
+    ->Args({2048, 128, 0})
+    ->Args({2048, 128, 1})
+    ->Args({8192, 128, 0})
+    ->Args({8192, 128, 1})
+    ->Args({8192, 512, 0})
+    ->Args({8192, 512, 1})
+    ->Unit(benchmark::kMicrosecond);
 
 // Tree walk primitive: a Prioritized DCI query over n augmented points.
 void BM_PrioritizedDciQuery(benchmark::State& state) {
