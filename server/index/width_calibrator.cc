@@ -26,6 +26,9 @@ absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
   if (!(o.max_width >= o.min_width) || !std::isfinite(o.max_width)) {
     return bad("max_width must be finite and >= min_width", o.max_width);
   }
+  if (!(o.start_width >= o.min_width && o.start_width <= o.max_width)) {
+    return bad("start_width must be in [min_width, max_width]", o.start_width);
+  }
   if (!(o.increase > 1.0) || !std::isfinite(o.increase)) {
     return bad("increase must be finite and > 1", o.increase);
   }
@@ -390,7 +393,7 @@ void WidthCalibrator::AdaptWidth(double ratio) {
 
 CalibratorArm WidthCalibrator::FreshArm() const {
   CalibratorArm a;
-  a.width = o_.min_width;
+  a.width = o_.start_width;
   a.floor = o_.min_width;
   a.release_needed = 4LL * o_.settle_samples;
   return a;
@@ -759,7 +762,7 @@ bool WidthCalibrator::AdoptPooled(double width) {
     last_change_step_ = steps_;
     RestartTally();  // the cost is measured anew at the pooled width
   }
-  pooled_ = width_ != 1.0;  // the default multiplier: nothing taken from the pool
+  pooled_ = width_ != o_.start_width;  // where heads start: nothing taken from the pool
   return true;
 }
 

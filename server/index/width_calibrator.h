@@ -114,8 +114,15 @@ struct CalibratorOptions {
   int max_sample_every = 1024;  // once warm: at most this many apart (>= sample_every)
   double sample_share = 0.05;   // steady state: reference cost / selection cost, (0, 1]
   int warmup_samples = 16;      // the first steps, all sampled (>= 0)
-  double min_width = 1.0;       // bounds of the width multiplier, 0 < min <= max
+  // Bounds of the width multiplier, 0 < min <= max, and where a head starts
+  // (in [min, max]). Width 1 is the selector's own field of view, candidate
+  // factor and PQ factor. A head starts there and may go narrower, to half,
+  // where its samples stay comfortably above the target: drifting-queries at
+  // 131072 tokens sat at width 1 with 0.995 of the page oracle when 1 was
+  // the floor (docs/bench/topk47.md).
+  double min_width = 0.5;
   double max_width = 64.0;
+  double start_width = 1.0;
   double increase = 1.5;     // x on a sample below the target (> 1)
   double decrease = 0.85;    // x after settle_samples comfortable samples (in (0, 1))
   double hysteresis = 0.02;  // comfortable: mean >= target + hysteresis (>= 0)
@@ -407,7 +414,7 @@ class WidthCalibrator {
         base_fov_(fov),
         base_factor_(factor),
         base_pq_(pq),
-        width_(o.min_width),
+        width_(o.start_width),
         floor_(o.min_width),
         schedule_(ScheduleOf(o)),
         ranking_(o.base_ranking) {}

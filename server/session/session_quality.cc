@@ -40,6 +40,8 @@ CalibratorOptions CalibratorOptionsOf(const SessionConfig& config,
   co.ranking_trial_samples = options.ranking_duel_samples;
   co.method_duel = options.method_duel;
   co.carry_steps = options.carry_steps;
+  co.min_width = options.min_width;
+  co.start_width = std::max(co.start_width, co.min_width);
   co.base_ranking =
       config.mdci.normalized_descent ? DescentRanking::kNormalized : DescentRanking::kLoudest;
   return co;

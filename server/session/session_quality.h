@@ -60,6 +60,9 @@ struct SessionQualityOptions {
   // The calibrators' candidate carry-over (CalibratorOptions::carry_steps;
   // 0: off).
   int carry_steps = CalibratorOptions{}.carry_steps;
+  // The narrowest width a head may settle on (CalibratorOptions::min_width;
+  // heads start at 1, the selector's own).
+  double min_width = CalibratorOptions{}.min_width;
   // Calibration memory (calibration_memory.h): a new session's calibrators
   // start from the widths the last ended session of the same tenant and
   // model settled on, and take only seeded_warmup_samples (>= 0) warm-up

@@ -594,6 +594,8 @@ absl::StatusOr<std::unique_ptr<TreeMethod>> MakeMethod(const std::string& name, 
     co.max_sample_every = o.calibrate_max_every;
     co.sample_share = o.calibrate_share;
     co.confidence_z = o.calibrate_confidence_z;
+    co.min_width = o.calibrate_min_width;
+    co.start_width = std::max(co.start_width, co.min_width);
     co.ranking_trial_samples = o.calibrate_ranking_trial;
     co.method_duel = o.calibrate_method_duel;
     co.exact_cost_ratio = o.calibrate_exact_cost_ratio;

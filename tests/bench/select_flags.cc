@@ -223,6 +223,10 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "calibration: a width misses when mean - z x standard error of its samples is "
                   "under the target (0: the mean alone)")
       ->capture_default_str();
+  app->add_option("--calibrate-min-width", o_.calibrate_min_width,
+                  "calibration: the narrowest width a head may settle on, x the selector's "
+                  "own (heads start at 1)")
+      ->capture_default_str();
   app->add_option("--calibrate-ranking-trial", o_.calibrate_ranking_trial,
                   "calibration: sampled steps that also try the other descent ranking (loudest "
                   "vs normalized) before the head keeps the better one (0: off; 8: measured)")

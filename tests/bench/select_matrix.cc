@@ -472,6 +472,7 @@ absl::Status RunSelectMatrix(const SelectBenchOptions& o) {
     config["calibrate_max_every"] = o.calibrate_max_every;
     config["calibrate_share"] = o.calibrate_share;
     config["calibrate_confidence_z"] = o.calibrate_confidence_z;
+    config["calibrate_min_width"] = o.calibrate_min_width;
     config["calibrate_ranking_trial"] = o.calibrate_ranking_trial;
     config["calibrate_exact_cost_ratio"] = o.calibrate_exact_cost_ratio;
     config["steady_steps"] = o.steady_steps;

@@ -194,8 +194,10 @@ TEST_F(IcecachectlTest, SessionsShowReportsQualityAndWidths) {
   EXPECT_DOUBLE_EQ(q.at("target_mass_ratio").number_value(), 0.95);
   EXPECT_GT(q.at("mean_mass_ratio").number_value(), 0);
   ASSERT_EQ(q.at("heads").list_value().values_size(), 2);
+  // A head starts at width 1 and may settle as low as 0.5
+  // (CalibratorOptions::min_width).
   EXPECT_GE(q.at("heads").list_value().values(1).struct_value().fields().at("width").number_value(),
-            1.0);
+            0.5);
   const std::string mode =
       q.at("heads").list_value().values(1).struct_value().fields().at("mode").string_value();
   EXPECT_TRUE(mode == "tree" || mode == "exact") << mode;

@@ -69,7 +69,7 @@ TEST(CarryCalibrationTest, ACheapCarryStaysOnAndTheWidthHoldsTheTarget) {
   EXPECT_GT(run.fresh, 0);
   EXPECT_NEAR(r.carry_mean, 0.975, 1e-9);
   EXPECT_NEAR(r.fresh_mean, 0.985, 1e-9);
-  EXPECT_DOUBLE_EQ(r.width, 1.0);  // both kinds meet the target: never widened
+  EXPECT_LE(r.width, 1.0);  // both kinds meet the target: never widened
 }
 
 TEST(CarryCalibrationTest, ACarryThatSpendsTheFreshSelectsRoomStaysOn) {
@@ -82,7 +82,7 @@ TEST(CarryCalibrationTest, ACarryThatSpendsTheFreshSelectsRoomStaysOn) {
   const CalibratorReport r = c->report();
   EXPECT_EQ(r.carry_steps, 1);
   EXPECT_EQ(r.carry_stops, 0);
-  EXPECT_DOUBLE_EQ(r.width, 1.0);
+  EXPECT_LE(r.width, 1.0);  // never widened
 }
 
 TEST(CarryCalibrationTest, AHeadWhoseCarriedStepsFallBehindStopsWithoutWidening) {

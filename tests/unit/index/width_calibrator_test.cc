@@ -168,9 +168,44 @@ TEST(WidthCalibratorTest, ComesBackDownWhenTheDataGetsEasier) {
   EXPECT_EQ(p.field_of_view, static_cast<int>(std::lround(32 * c->report().width)));
   EXPECT_NEAR(p.candidate_factor, 8.0f * c->report().width, 1e-3);
   EXPECT_FALSE(p.exhaustive);
-  for (int i = 0; i < 2000; ++i) c->Observe({1.0, 1.0});  // easy data from now on
-  EXPECT_EQ(c->report().width, 1.0);
+  for (int i = 0; i < 2000; ++i) c->Observe({1.0, 1.0});        // easy data from now on
+  EXPECT_EQ(c->report().width, CalibratorOptions{}.min_width);  // below where it started
   EXPECT_EQ(c->report().mode, SelectMode::kTree);
+}
+
+// Heads start at width 1 (the selector's own) and go below it, down to
+// min_width and no further, only on samples comfortably above the target; a
+// head on target at width 1 stays there.
+TEST(WidthCalibratorTest, StartsAtOneAndGoesNarrowerOnlyWhenComfortable) {
+  const CalibratorOptions d;
+  ASSERT_LT(d.min_width, 1.0);
+  ASSERT_EQ(d.start_width, 1.0);
+  auto easy = Make({});
+  ASSERT_NE(easy, nullptr);
+  EXPECT_EQ(easy->report().width, 1.0);
+  SelectParams p;
+  easy->Apply(&p);
+  EXPECT_EQ(p.field_of_view, 32);
+  EXPECT_FLOAT_EQ(p.candidate_factor, 8.0f);
+  for (int i = 0; i < 64; ++i) easy->Observe({0.995, 0.995});
+  EXPECT_EQ(easy->report().width, d.min_width);
+  easy->Apply(&p);
+  EXPECT_EQ(p.field_of_view, 16);
+  EXPECT_FLOAT_EQ(p.candidate_factor, 4.0f);
+  EXPECT_GE(easy->state().floor, d.min_width);
+
+  auto on_target = Make({});
+  ASSERT_NE(on_target, nullptr);
+  // Above the target but within the hysteresis (0.95 + 0.02): no reason to
+  // narrow, none to widen.
+  for (int i = 0; i < 64; ++i) on_target->Observe({0.96, 0.96});
+  EXPECT_EQ(on_target->report().width, 1.0);
+  EXPECT_EQ(on_target->report().changes, 0);
+
+  CalibratorOptions bad;
+  bad.start_width = 0.25;
+  EXPECT_THAT(WidthCalibrator::Create(bad, 32, 8.0f).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("start_width")));
 }
 
 // One step of a simulated head: select with what Apply says, report a cost,
@@ -277,7 +312,7 @@ TEST(WidthCalibratorTest, RestoreRefusesStatesOutOfRange) {
   };
   with("width", [](CalibratorState& s) { s.width = 1e9; });
   with("width", [](CalibratorState& s) { s.width = std::nan(""); });
-  with("width", [](CalibratorState& s) { s.width = 0.5; });
+  with("width", [](CalibratorState& s) { s.width = 0.25; });
   with("floor", [](CalibratorState& s) { s.floor = 100.0; });
   with("steps", [](CalibratorState& s) { s.steps = -1; });
   with("samples", [](CalibratorState& s) { s.samples = -5; });
@@ -398,6 +433,7 @@ TEST(WidthCalibratorTest, SteadySamplingStaysWithinTheShareOfSelectionCost) {
   o.sample_every = 4;
   o.max_sample_every = 1024;
   o.sample_share = 0.05;
+  o.min_width = 1.0;  // the cost below is the cost at width 1: it stays there
   auto c = Make(o);
   ASSERT_NE(c, nullptr);
   // The tree meets the target at width 1: 100 per selection, 4000 per reference.
@@ -950,7 +986,7 @@ TEST(WidthCalibratorTest, SeedOfAnExactHeadSelectsExactlyAndBadSeedsAreRefused) 
 
   auto d = Make({});
   ASSERT_NE(d, nullptr);
-  EXPECT_THAT(d->Seed({0.5, DescentRanking::kLoudest, false}, 0),
+  EXPECT_THAT(d->Seed({0.25, DescentRanking::kLoudest, false}, 0),
               StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("width")));
   EXPECT_THAT(d->Seed({std::nan(""), DescentRanking::kLoudest, false}, 0),
               StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("width")));
@@ -1007,7 +1043,10 @@ struct SimDuelHead {
   }
 };
 
+// The simulated methods' costs and widths below were set with heads that
+// never go below width 1; the duel's tests keep that floor.
 std::unique_ptr<WidthCalibrator> MakeDuel(CalibratorOptions o = {}) {
+  o.min_width = std::max(o.min_width, 1.0);
   auto c = WidthCalibrator::Create(o, 32, 8.0f, kBasePq);
   EXPECT_THAT(c.status(), IsOk());
   return c.ok() ? std::move(c).value() : nullptr;
@@ -1346,7 +1385,7 @@ TEST(WidthCalibratorTest, AdoptPooledMovesOnlyAnUnsampledHead) {
   EXPECT_TRUE(c->AdoptPooled(1.0));  // the default: nothing taken from the pool
   EXPECT_FALSE(c->report().pooled);
   EXPECT_TRUE(c->AdoptPooled(2.0));
-  EXPECT_FALSE(c->AdoptPooled(0.5));  // outside [min_width, max_width]
+  EXPECT_FALSE(c->AdoptPooled(0.25));  // outside [min_width, max_width]
   EXPECT_FALSE(c->AdoptPooled(65.0));
   EXPECT_FALSE(c->AdoptPooled(std::nan("")));
   EXPECT_EQ(c->report().width, 2.0);

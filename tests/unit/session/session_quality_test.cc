@@ -185,10 +185,13 @@ TEST(SessionQualityTest, TokenGranularSelectionsAreMeasuredOnTheirTokens) {
 TEST(SessionQualityTest, TheHeadsOfALayerTakeTurnsToSelectAfresh) {
   QualityEnv q;
   const int kSteps = 32;
-  // A target every width meets: no width change restarts a head's carry.
-  ASSERT_NO_FATAL_FAILURE(
-      StartQualitySession(&q, 0.5, 4096, kSteps, 16, 2, Granularity::kToken,
-                          [](SessionManagerOptions* mo) { mo->quality.carry_steps = 1; }));
+  // A target every width meets, and no width below the start: no width
+  // change restarts a head's carry.
+  ASSERT_NO_FATAL_FAILURE(StartQualitySession(&q, 0.5, 4096, kSteps, 16, 2, Granularity::kToken,
+                                              [](SessionManagerOptions* mo) {
+                                                mo->quality.carry_steps = 1;
+                                                mo->quality.min_width = 1.0;
+                                              }));
   for (int step = 0; step < kSteps; ++step) {
     SCOPED_TRACE(step);
     SelectResult selected;

@@ -554,7 +554,7 @@ TEST_P(CorruptQualityTest, DropsTheSessionWithTheReason) {
     const char* why;
   } cases[] = {
       {[](SessionImage& s) { s.quality->heads[1].calibrator.width = 1e9; },
-       "layer group 0 kv head 1: calibrator state: width must be in [1, 64], got 1e+09"},
+       "layer group 0 kv head 1: calibrator state: width must be in [0.5, 64], got 1e+09"},
       {[](SessionImage& s) { s.quality->heads[0].sum_ratio = std::nan(""); },
        "field 'sum_ratio' is missing or not of its type"},
       {[](SessionImage& s) { s.quality->heads.pop_back(); }, "lists 3 heads for 4 indexes"},
