@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "common/thread_cpu.h"
 #include "server/index/byte_image.h"
 #include "server/index/kernels.h"
 #include "server/index/page_select.h"
@@ -654,6 +655,7 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
   uint64_t touched = 0;
   out->carried = false;
   out->carry_age = 0;
+  out->upkeep_cpu_ns = 0;
   s.scored_pages.clear();
   s.lse.clear();
   const float* rest = nullptr;  // log of the mass outside the scored pages, per query
@@ -671,7 +673,11 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
                     params.method != SearchMethod::kTree;
   if (query_basis_ != nullptr && !every_page) {
     query_basis_->Observe(queries, num_queries);
-    if (query_basis_->due()) InstallQueryBasis();
+    if (query_basis_->due()) {
+      const int64_t t0 = ThreadCpuNanos();
+      InstallQueryBasis();
+      out->upkeep_cpu_ns = ThreadCpuNanos() - t0;
+    }
   }
   // (More queries than a config allows can come only from a direct caller;
   // the tree serves them.)

@@ -153,6 +153,7 @@ void Selection::Clear() {
   keys_touched = 0;
   carried = false;
   carry_age = 0;
+  upkeep_cpu_ns = 0;
 }
 
 std::string_view DescentRankingName(DescentRanking r) {

@@ -313,6 +313,11 @@ struct Selection {
   // descent; carry_age: the how-manieth select reusing them (0: fresh).
   bool carried = false;
   int carry_age = 0;
+  // Thread CPU this select spent on index upkeep that the selects after it
+  // do not pay (mdci: fitting and installing a query basis, 1-5 ms per head).
+  // Callers that time selects for the width calibrator leave it out, so
+  // that one install does not decide a duel or a width's cost.
+  int64_t upkeep_cpu_ns = 0;
   int64_t tokens() const;
   void Clear();
 };

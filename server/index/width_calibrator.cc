@@ -67,6 +67,9 @@ absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
   if (!(o.carry_margin >= 0.0) || !std::isfinite(o.carry_margin)) {
     return bad("carry_margin must be finite and >= 0", o.carry_margin);
   }
+  if (!(o.carry_confidence_z >= 0.0) || !std::isfinite(o.carry_confidence_z)) {
+    return bad("carry_confidence_z must be finite and >= 0", o.carry_confidence_z);
+  }
   if (o.carry_judge_samples < 1) {
     return bad("carry_judge_samples must be >= 1", o.carry_judge_samples);
   }
@@ -185,8 +188,8 @@ void WidthCalibrator::RestartCarry() {
 void WidthCalibrator::ObserveCarry(double ratio, bool carried) {
   if (!carry_on_) return;
   carry_.Add(ratio, carried);
-  if (carry_.FallsBehind(o_.carry_judge_samples, o_.carry_margin, o_.target_ratio,
-                         o_.carry_steps)) {
+  if (carry_.FallsBehind(o_.carry_judge_samples, o_.carry_margin, o_.target_ratio, o_.carry_steps,
+                         o_.carry_confidence_z)) {
     carry_on_ = false;
     ++carry_stops_;
     RestartCarry();

@@ -180,11 +180,18 @@ struct CalibratorOptions {
   // carried steps costs more than the scans they skip), and tries again
   // after carry_retry_steps selections, doubled each time up to
   // max_carry_retry_steps.
+  // The judgement asks for confidence (CarryTally::FallsBehind's z): the gap
+  // must exceed the margin by carry_confidence_z standard errors, and the
+  // mix must miss the target by as many (>= 0; 0: the means alone). Judged
+  // on 4 samples of each kind after every sample, the means alone stopped
+  // heads on noise: one head more or less stopped moved a family's steady
+  // CPU by 20-30% between runs of the same binary (docs/bench/topk47.md).
   int carry_steps = 0;
   double carry_margin = 0.03;
   int carry_judge_samples = 4;
   int carry_retry_steps = 4096;
   int max_carry_retry_steps = 65536;
+  double carry_confidence_z = 1.0;
 };
 
 // How a calibrated head selects now.

@@ -403,7 +403,8 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
   selection_ns.fetch_add(ns, std::memory_order_relaxed);
   head_costs[index].Record(ns, out->carried, out->carry_age, p.carry_steps);
   if (hq == nullptr) return absl::OkStatus();  // not monitored
-  const int64_t cpu_ns = ThreadCpuNanos() - cpu0;
+  // Upkeep (a query basis installed) is the index's, not this width's cost.
+  const int64_t cpu_ns = std::max<int64_t>(0, ThreadCpuNanos() - cpu0 - out->upkeep_cpu_ns);
   // The budget is a share of this session's selection time.
   if (sampler != nullptr) sampler->AddSelectionTime(ns, *quality_account);
   if (!hq->ShouldSample(p, cpu_ns, out->carry_age) || probe == nullptr) return absl::OkStatus();

@@ -368,7 +368,9 @@ class SelectorMethod : public TreeMethod {
       times_.steady_select_s += select_s;
       ++times_.steady_steps;
     }
-    if (!calibrator_->ShouldSample(params, cpu1 - cpu0, sel->carry_age)) return absl::OkStatus();
+    // Upkeep (a query basis installed) is the index's, not this width's cost.
+    const int64_t cost = std::max<int64_t>(0, cpu1 - cpu0 - sel->upkeep_cpu_ns);
+    if (!calibrator_->ShouldSample(params, cost, sel->carry_age)) return absl::OkStatus();
     calibrator_->Taken();
     // The ranking trial's selection (as MeasureProbe): untimed, not part of
     // the reference's cost.
@@ -595,6 +597,7 @@ absl::StatusOr<std::unique_ptr<TreeMethod>> MakeMethod(const std::string& name, 
     co.sample_share = o.calibrate_share;
     co.confidence_z = o.calibrate_confidence_z;
     co.min_width = o.calibrate_min_width;
+    co.carry_confidence_z = o.calibrate_carry_z;
     co.start_width = std::max(co.start_width, co.min_width);
     co.ranking_trial_samples = o.calibrate_ranking_trial;
     co.method_duel = o.calibrate_method_duel;

@@ -106,6 +106,8 @@ struct SelectBenchOptions {
   double calibrate_confidence_z = CalibratorOptions{}.confidence_z;
   // The narrowest width a head may settle on (CalibratorOptions::min_width).
   double calibrate_min_width = CalibratorOptions{}.min_width;
+  // The carry judgement's confidence (CalibratorOptions::carry_confidence_z).
+  double calibrate_carry_z = CalibratorOptions{}.carry_confidence_z;
   // The calibrator's ranking trial: paired samples (0: off).
   int calibrate_ranking_trial = CalibratorOptions{}.ranking_trial_samples;
   bool calibrate_method_duel = CalibratorOptions{}.method_duel;

@@ -227,6 +227,10 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "calibration: the narrowest width a head may settle on, x the selector's "
                   "own (heads start at 1)")
       ->capture_default_str();
+  app->add_option("--calibrate-carry-z", o_.calibrate_carry_z,
+                  "calibration: a head stops carrying candidates only when its carried samples "
+                  "fall behind by z standard errors more than the margin (0: the means alone)")
+      ->capture_default_str();
   app->add_option("--calibrate-ranking-trial", o_.calibrate_ranking_trial,
                   "calibration: sampled steps that also try the other descent ranking (loudest "
                   "vs normalized) before the head keeps the better one (0: off; 8: measured)")

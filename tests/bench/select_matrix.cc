@@ -473,6 +473,7 @@ absl::Status RunSelectMatrix(const SelectBenchOptions& o) {
     config["calibrate_share"] = o.calibrate_share;
     config["calibrate_confidence_z"] = o.calibrate_confidence_z;
     config["calibrate_min_width"] = o.calibrate_min_width;
+    config["calibrate_carry_z"] = o.calibrate_carry_z;
     config["calibrate_ranking_trial"] = o.calibrate_ranking_trial;
     config["calibrate_exact_cost_ratio"] = o.calibrate_exact_cost_ratio;
     config["steady_steps"] = o.steady_steps;
