@@ -84,7 +84,7 @@ struct SelectScratch {
   std::vector<float> pq_bulk;          // pq_factor: each page's fill x e^mean per query
   std::vector<double> pq_all;          // pq_factor: each query's total of pq_bulk
   std::vector<float> pq_score;         // pq_factor: each page's estimated group mass
-  TopScoresScratch top;                // pq_factor: the candidates' radix select
+  TopScoresScratch top;                // pq_factor: the candidates' select (top_scores.h)
   std::vector<std::pair<float, uint32_t>> trim_rank;  // TrimCarry: (exact group share, index)
   std::vector<uint8_t> trim_keep;                     // TrimCarry: per scored page, kept
 };

@@ -39,8 +39,8 @@ void TopPositiveScores(const float* scores, uint32_t n, size_t want, TopScoresSc
   if (n >= kMinSampled && want * 8 <= n) {
     // A threshold from an even sample of the scores, below the boundary the
     // sample predicts (1.5x its rank, plus 4), so that at least `want`
-    // scores clear it; if too few do, a lower one (about 1 in 50 selects at
-    // 128 of 8192), then every positive score.
+    // scores clear it; if too few do (the sample put half as many again as
+    // expected above the boundary), a lower one, then every positive score.
     std::vector<float>& sample = scratch->sample;
     sample.resize(kSample);
     const uint32_t stride = n / kSample;

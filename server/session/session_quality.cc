@@ -54,6 +54,11 @@ absl::Status ValidateQualityOptions(const SessionQualityOptions& o) {
     return absl::InvalidArgumentError(absl::StrCat(
         "quality sampling: seeded_warmup_samples must be >= 0, got ", o.seeded_warmup_samples));
   }
+  if (!(o.min_width > 0.0 && o.min_width <= CalibratorOptions{}.max_width)) {
+    return absl::InvalidArgumentError(absl::StrCat("quality sampling: min_width must be in (0, ",
+                                                   CalibratorOptions{}.max_width, "], got ",
+                                                   o.min_width));
+  }
   if (o.remembered_keys < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("quality sampling: remembered_keys must be >= 1, got ", o.remembered_keys));

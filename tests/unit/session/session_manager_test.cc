@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cmath>
 #include <thread>
 #include <vector>
 
@@ -43,6 +44,13 @@ TEST(SessionManagerTest, CreateValidatesOptions) {
   o.default_ttl = absl::Hours(48);
   EXPECT_THAT(SessionManager::Create(o),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("default_ttl")));
+  o.default_ttl = SessionManagerOptions{}.default_ttl;
+  for (double w : {0.0, -1.0, 65.0, std::nan("")}) {
+    o.quality.min_width = w;
+    EXPECT_THAT(SessionManager::Create(o),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("min_width must be in")))
+        << w;
+  }
 }
 
 TEST(SessionManagerTest, ConfigValidationNamesTheField) {
