@@ -42,22 +42,15 @@ void ColumnSums(const float* v, uint32_t n, int nq, double* out) {
 
 // Each page's estimated group mass: g[p] = sum over the queries of its
 // estimated mass times 1 / the query's total (m is pages x nq, query inner).
-// The queries in order from 0, as one sum per page.
+// The queries in order from 0, as one sum per page. kQ > 0: nq is kQ, known
+// to the compiler (GQA groups of 4 and 8); 0: nq as given.
 template <int kQ>
-void GroupShares(const float* __restrict m, const float* __restrict t, uint32_t pages,
+void GroupShares(const float* __restrict m, const float* __restrict t, int nq, uint32_t pages,
                  float* __restrict g) {
+  const int q = kQ > 0 ? kQ : nq;
   for (uint32_t p = 0; p < pages; ++p) {
     float acc = 0.0f;
-    for (int j = 0; j < kQ; ++j) acc += m[static_cast<size_t>(p) * kQ + j] * t[j];
-    g[p] = acc;
-  }
-}
-
-void GroupSharesN(const float* __restrict m, const float* __restrict t, int nq, uint32_t pages,
-                  float* __restrict g) {
-  for (uint32_t p = 0; p < pages; ++p) {
-    float acc = 0.0f;
-    for (int j = 0; j < nq; ++j) acc += m[static_cast<size_t>(p) * nq + j] * t[j];
+    for (int j = 0; j < q; ++j) acc += m[static_cast<size_t>(p) * q + j] * t[j];
     g[p] = acc;
   }
 }
@@ -449,13 +442,10 @@ void MdciSelector::CollectPqCandidatePages(const float* queries, int num_queries
     total[j] = all[j] > 0.0 ? static_cast<float>(1.0 / all[j]) : 0.0f;
   }
   s.pq_score.resize(pages);
-  if (num_queries == 4) {
-    GroupShares<4>(s.pq_mass.data(), total.data(), pages, s.pq_score.data());
-  } else if (num_queries == 8) {
-    GroupShares<8>(s.pq_mass.data(), total.data(), pages, s.pq_score.data());
-  } else {
-    GroupSharesN(s.pq_mass.data(), total.data(), num_queries, pages, s.pq_score.data());
-  }
+  auto* shares = num_queries == 4   ? GroupShares<4>
+                 : num_queries == 8 ? GroupShares<8>
+                                    : GroupShares<0>;
+  shares(s.pq_mass.data(), total.data(), num_queries, pages, s.pq_score.data());
   const float factor = params.pq_factor > 0.0f ? params.pq_factor : config_.mdci.pq_factor;
   const size_t want = static_cast<size_t>(std::max<int64_t>(
       config_.mdci.min_candidate_pages,
