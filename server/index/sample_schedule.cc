@@ -25,6 +25,7 @@ absl::Status ValidateSampleSchedule(const SampleScheduleOptions& o) {
     return absl::InvalidArgumentError(absl::StrCat("quality sampling: ", what, ", got ", v));
   };
   if (o.warmup < 0) return bad("warmup_samples must be >= 0", o.warmup);
+  if (o.warmup_every < 1) return bad("warmup_every must be >= 1", o.warmup_every);
   if (o.min_every < 1) return bad("sample_every must be >= 1", o.min_every);
   if (o.max_every < o.min_every) {
     return bad(absl::StrCat("max_sample_every must be >= sample_every (", o.min_every, ")").c_str(),
@@ -38,7 +39,8 @@ bool SampleSchedule::Step(int64_t cost_ns) {
   ++steps_;
   ++since_;
   AddToMean(cost_ns, &select_n_, &select_ns_);
-  return !warm() || since_ >= Interval();
+  if (!warm()) return taken_ == 0 || since_ >= o_.warmup_every;
+  return since_ >= Interval();
 }
 
 void SampleSchedule::Taken() {

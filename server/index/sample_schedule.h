@@ -1,5 +1,6 @@
 // Which selections of one (layer group, KV head) are measured against the
-// exact reference (docs/architecture.md §5.1): the first `warmup` all, then
+// exact reference (docs/architecture.md §5.1): `warmup` measurements, one
+// in `warmup_every` selections from the first (1: all of them), then
 // one in an interval chosen from measured costs so that, in steady state,
 // reference cost / selection cost stays within `share`:
 //   interval = clamp(ceil(mean reference cost / (share x mean selection cost)),
@@ -27,7 +28,8 @@
 namespace icecache {
 
 struct SampleScheduleOptions {
-  int warmup = 16;       // the first measurements, every selection (>= 0)
+  int warmup = 16;       // the first measurements (>= 0) ...
+  int warmup_every = 1;  // ... one every this many selections (>= 1), the first on the first
   int min_every = 64;    // once warm: at least this many selections apart (>= 1)
   int max_every = 1024;  // once warm: at most this many apart, the floor rate (>= min_every)
   double share = 0.05;   // reference cost / selection cost in steady state, in (0, 1]
@@ -68,6 +70,7 @@ class SampleSchedule {
   void ShortenWarmup(int left);
   bool warm() const { return taken_ + warmup_credit_ >= o_.warmup; }
   int64_t steps() const { return steps_; }
+  int64_t since() const { return since_; }  // selections since the last measurement taken
   int64_t taken() const { return taken_; }
   double mean_selection_ns() const { return select_ns_; }
   double mean_reference_ns() const { return reference_ns_; }

@@ -38,6 +38,7 @@ absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
   if (o.miss_samples < 1) return bad("miss_samples must be >= 1", o.miss_samples);
   if (!(o.far_below >= 0.0)) return bad("far_below must be >= 0", o.far_below);
   if (o.window < 1) return bad("window must be >= 1", o.window);
+  if (o.confirm_every < 0) return bad("confirm_every must be >= 0", o.confirm_every);
   if (!(o.confidence_z >= 0.0) || !std::isfinite(o.confidence_z)) {
     return bad("confidence_z must be finite and >= 0", o.confidence_z);
   }
@@ -151,9 +152,18 @@ bool WidthCalibrator::ShouldSample(const SelectParams& used, int64_t cost_ns, in
   // due), so a sampling interval in step with the carry's period cannot
   // measure one age only (at carry 2, waiting by kind alone took the first
   // carried select after a fresh one twice as often as the second).
-  const bool sample = probing_ || (due && !CarrySkewed(used.carry_steps, carry_age));
+  const bool sample =
+      probing_ || ((due || ConfirmDue()) && !CarrySkewed(used.carry_steps, carry_age));
   if (sample && ShadowDue(cost_ns)) StartShadow();
   return sample;
+}
+
+bool WidthCalibrator::ConfirmDue() const {
+  if (o_.confirm_every <= 0 || mode_ != SelectMode::kTree || !schedule_.warm()) return false;
+  // One sample under the target at a fresh width: its next sample decides
+  // the miss (miss_samples).
+  return schedule_.since() >= o_.confirm_every && at_width_ > 0 && at_width_ < o_.miss_samples &&
+         mean_at_width_ < o_.target_ratio;
 }
 
 bool WidthCalibrator::CarrySkewed(int carry_steps, int carry_age) {
@@ -204,6 +214,7 @@ void WidthCalibrator::Taken() {
 SampleScheduleOptions WidthCalibrator::ScheduleOf(const CalibratorOptions& o) {
   SampleScheduleOptions so;
   so.warmup = o.warmup_samples;
+  so.warmup_every = o.warmup_every;
   so.min_every = o.sample_every;
   so.max_every = o.max_sample_every;
   so.share = o.sample_share;

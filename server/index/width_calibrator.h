@@ -82,11 +82,13 @@
 // max_method_trial_steps): no oscillation, and a head whose data changes
 // tries again ever more rarely. The duel compares costs, so it needs timed
 // selections; untimed, no trial starts.
-// Sampling (SampleSchedule, sample_schedule.h): the first warmup_samples
-// tree selections are all sampled (fast convergence), then one in an
+// Sampling (SampleSchedule, sample_schedule.h): warmup_samples samples,
+// one in warmup_every tree selections (fast convergence), then one in an
 // interval chosen from the measured costs so that reference cost / selection
 // cost stays within sample_share, between sample_every and max_sample_every
-// (the floor rate). A re-probe samples every selection until it is judged.
+// (the floor rate). A re-probe samples every selection until it is judged;
+// a fresh width whose first sample missed takes the next one confirm_every
+// selections on.
 //
 // Thread safety: every method may be called from any thread (one mutex).
 #ifndef ICECACHE_SERVER_INDEX_WIDTH_CALIBRATOR_H_
@@ -113,7 +115,14 @@ struct CalibratorOptions {
   int sample_every = 64;        // once warm: at least this many steps apart (>= 1)
   int max_sample_every = 1024;  // once warm: at most this many apart (>= sample_every)
   double sample_share = 0.05;   // steady state: reference cost / selection cost, (0, 1]
-  int warmup_samples = 16;      // the first steps, all sampled (>= 0)
+  // The warm-up: warmup_samples samples (>= 0), one every warmup_every
+  // selections (>= 1), the first on the first. Spaced, because decode
+  // steps come in runs of hard and easy queries: 16 consecutive samples
+  // rated a run, 16 over 48 steps rate the stretch (at 131072 tokens,
+  // mixture's replay went from 0.946 to 0.955-0.958 of the page oracle,
+  // and gqa-divergent's from 0.939 to 0.948: docs/bench/confirm48.md).
+  int warmup_samples = 16;
+  int warmup_every = 3;
   // Bounds of the width multiplier, 0 < min <= max, and where a head starts
   // (in [min, max]). Width 1 is the selector's own field of view, candidate
   // factor and PQ factor. A head starts there and may go narrower, to half,
@@ -137,6 +146,18 @@ struct CalibratorOptions {
   // samples' mean met 0.95 and the replay's was 0.935
   // (docs/bench/calib_matrix_131072.md).
   double confidence_z = 1.0;
+  // A fresh width (raised, lowered or the warm-up's) whose first sample
+  // fell under the target takes its next sample confirm_every selections
+  // later (>= 0; 0: at the steady interval), so the miss is decided
+  // (miss_samples) in a few dozen selections. At 131072 tokens a head's
+  // reference costs about 25x its selection and the steady interval is
+  // hundreds of selections: a width raised at the end of the warm-up stood
+  // on one sample at 0.867 for 567 selections (docs/bench/confirm48.md).
+  // Nothing more: sampling every raised width until judged (at 8, 16 or 32
+  // selections apart) chased runs of hard steps and raised baseline's
+  // widths to 7.7-11x the exact scan's speed at 0.973-0.981 of the page
+  // oracle, against 22x at 0.963.
+  int confirm_every = 8;
   // Exact fallback: the tree costing this share of the exact selection (or
   // more) gives way to it (>= 0; 0: cost never decides, only a miss at
   // max_width).
@@ -479,6 +500,8 @@ class WidthCalibrator {
   // Samples are spread evenly over the ages 0 (fresh) .. carry_steps, so a
   // sampling interval in step with the carry's period measures every age.
   bool CarrySkewed(int carry_steps, int carry_age) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A confirmation sample is due (CalibratorOptions::confirm_every).
+  bool ConfirmDue() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ObserveCarry(double ratio, bool carried) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RestartCarry() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

@@ -197,6 +197,7 @@ void ApplyDefaults(IcecachedConfig* c) {
     q->set_max_sample_every(std::max(kDefaultQualityMaxSampleEvery, q->sample_every()));
   }
   if (!q->has_warmup_samples()) q->set_warmup_samples(kDefaultQualityWarmupSamples);
+  if (!q->has_warmup_every()) q->set_warmup_every(kDefaultQualityWarmupEvery);
   if (!q->has_remember_widths()) q->set_remember_widths(kDefaultQualityRememberWidths);
   if (!q->has_seeded_warmup_samples()) {
     q->set_seeded_warmup_samples(std::min(kDefaultQualitySeededWarmupSamples, q->warmup_samples()));
@@ -412,6 +413,10 @@ absl::Status ValidateConfig(const IcecachedConfig& c) {
   }
   if (q.warmup_samples() > (1u << 20)) {
     return Bad("quality.warmup_samples", q.warmup_samples(), "must be <= 1048576");
+  }
+  if (q.warmup_every() < 1 || q.warmup_every() > 1024) {
+    return Bad("quality.warmup_every", q.warmup_every(),
+               "must be 1 (every selection of the warm-up) .. 1024");
   }
   if (q.seeded_warmup_samples() > q.warmup_samples()) {
     return Bad("quality.seeded_warmup_samples", q.seeded_warmup_samples(),

@@ -54,6 +54,7 @@ inline constexpr uint64_t kDefaultDrainTimeoutMs = 10'000;
 inline constexpr uint32_t kDefaultQualitySampleEvery = 64;
 inline constexpr uint32_t kDefaultQualityMaxSampleEvery = 1024;
 inline constexpr uint32_t kDefaultQualityWarmupSamples = 16;
+inline constexpr uint32_t kDefaultQualityWarmupEvery = 3;
 inline constexpr double kDefaultQualityExactCostRatio = 1.0;
 inline constexpr uint32_t kDefaultQualityRankingDuelSamples = 0;  // off (rank7_ranking_duel.md)
 inline constexpr uint32_t kDefaultRingMaxSpinUs = 1000;     // decode_ring.max_spin_us (rpc.md)

@@ -18,6 +18,7 @@ SessionQualityOptions QualityOptionsFromConfig(const v1::QualityConfig& q) {
   o.carry_steps = static_cast<int>(q.carry_steps());
   o.pool_widths = q.pool_widths();
   o.warmup_samples = static_cast<int>(q.warmup_samples());
+  o.warmup_every = static_cast<int>(q.warmup_every());
   o.remember_widths = q.remember_widths();
   o.seeded_warmup_samples = static_cast<int>(q.seeded_warmup_samples());
   o.sampler.cpu_share = q.cpu_share();

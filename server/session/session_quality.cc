@@ -22,6 +22,7 @@ bool LaidOutByTree(SelectorKind kind) {
 SampleScheduleOptions ScheduleOf(const SessionQualityOptions& o) {
   SampleScheduleOptions so;
   so.warmup = o.warmup_samples;
+  so.warmup_every = o.warmup_every;
   so.min_every = o.sample_every;
   so.max_every = o.max_sample_every;
   so.share = o.sampler.cpu_share;
@@ -36,6 +37,7 @@ CalibratorOptions CalibratorOptionsOf(const SessionConfig& config,
   co.max_sample_every = options.max_sample_every;
   co.sample_share = options.sampler.cpu_share;
   co.warmup_samples = options.warmup_samples;
+  co.warmup_every = options.warmup_every;
   co.exact_cost_ratio = options.exact_cost_ratio;
   co.ranking_trial_samples = options.ranking_duel_samples;
   co.method_duel = options.method_duel;

@@ -46,7 +46,8 @@ struct SessionQualityOptions {
   bool enabled = false;         // true: sample and calibrate (icecached turns it on)
   int sample_every = 64;        // once warm: at least this many selections apart per (group, head)
   int max_sample_every = 1024;  // once warm: at most this many apart (the floor rate)
-  int warmup_samples = 16;      // the first selections of each (group, head), all measured
+  int warmup_samples = 16;      // the first samples of each (group, head) ...
+  int warmup_every = CalibratorOptions{}.warmup_every;  // ... one in this many selections
   // The calibrators' exact fallback threshold (CalibratorOptions): the tree
   // gives way to exact selection when it costs this share of it (0: only
   // when the largest width misses).

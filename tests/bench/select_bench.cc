@@ -598,6 +598,8 @@ absl::StatusOr<std::unique_ptr<TreeMethod>> MakeMethod(const std::string& name, 
     co.confidence_z = o.calibrate_confidence_z;
     co.min_width = o.calibrate_min_width;
     co.carry_confidence_z = o.calibrate_carry_z;
+    co.confirm_every = o.calibrate_confirm_every;
+    co.warmup_every = o.calibrate_warmup_every;
     co.start_width = std::max(co.start_width, co.min_width);
     co.ranking_trial_samples = o.calibrate_ranking_trial;
     co.method_duel = o.calibrate_method_duel;

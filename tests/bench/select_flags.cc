@@ -231,6 +231,13 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "calibration: a head stops carrying candidates only when its carried samples "
                   "fall behind by z standard errors more than the margin (0: the means alone)")
       ->capture_default_str();
+  app->add_option("--calibrate-warmup-every", o_.calibrate_warmup_every,
+                  "calibration: the warm-up samples one selection in N")
+      ->capture_default_str();
+  app->add_option("--calibrate-confirm-every", o_.calibrate_confirm_every,
+                  "calibration: a width raised on a miss is sampled once every N selections "
+                  "until judged (0: at the steady interval only)")
+      ->capture_default_str();
   app->add_option("--calibrate-ranking-trial", o_.calibrate_ranking_trial,
                   "calibration: sampled steps that also try the other descent ranking (loudest "
                   "vs normalized) before the head keeps the better one (0: off; 8: measured)")

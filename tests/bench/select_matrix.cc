@@ -474,6 +474,8 @@ absl::Status RunSelectMatrix(const SelectBenchOptions& o) {
     config["calibrate_confidence_z"] = o.calibrate_confidence_z;
     config["calibrate_min_width"] = o.calibrate_min_width;
     config["calibrate_carry_z"] = o.calibrate_carry_z;
+    config["calibrate_confirm_every"] = o.calibrate_confirm_every;
+    config["calibrate_warmup_every"] = o.calibrate_warmup_every;
     config["calibrate_ranking_trial"] = o.calibrate_ranking_trial;
     config["calibrate_exact_cost_ratio"] = o.calibrate_exact_cost_ratio;
     config["steady_steps"] = o.steady_steps;

@@ -19,7 +19,9 @@ using ::testing::MatchesRegex;
 class IcecachectlTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto d = StartDaemon();
+    // Every selection of the warm-up measured (SessionsShowReportsQuality
+    // AndWidths counts them).
+    auto d = StartDaemon("quality { warmup_every: 1 }\n");
     ASSERT_THAT(d, IsOk());
     daemon_ = *std::move(d);
     auto c = Connect(*daemon_);

@@ -303,7 +303,8 @@ TEST_F(WarmRestartTest, AHugetlbfsBackingDirWithoutAStateDirIsRefusedAtStart) {
 // only, so the first select after a restart scans afresh where the daemon
 // that never restarted would carry.
 constexpr char kCalibrationConfig[] =
-    "quality { warmup_samples: 1000000 cpu_share: 1 burst_ms: 60000 queue_capacity: 4096 "
+    "quality { warmup_samples: 1000000 warmup_every: 1 cpu_share: 1 burst_ms: 60000 "
+    "queue_capacity: 4096 "
     "exact_cost_ratio: 0 carry_steps: 0 }\n";
 constexpr int kCalSteps = 40;
 

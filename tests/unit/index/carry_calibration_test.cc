@@ -93,7 +93,7 @@ TEST(CarryCalibrationTest, AHeadWhoseCarriedStepsFallBehindStopsWithoutWidening)
   ASSERT_NE(c, nullptr);
   int age = 0;
   // Queries that move fast: the carried steps lose a tenth of the mass.
-  Drive(c.get(), o.warmup_samples, 0.96, 0.86, &age);
+  Drive(c.get(), o.warmup_samples * o.warmup_every, 0.96, 0.86, &age);
   CalibratorReport r = c->report();
   EXPECT_EQ(r.carry_steps, 0);
   EXPECT_EQ(r.carry_stops, 1);

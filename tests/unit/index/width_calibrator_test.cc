@@ -430,6 +430,7 @@ TEST(WidthCalibratorTest, AReprobeThatFindsTheTreePaysAgainStaysOnTheTree) {
 TEST(WidthCalibratorTest, SteadySamplingStaysWithinTheShareOfSelectionCost) {
   CalibratorOptions o;
   o.warmup_samples = 8;
+  o.warmup_every = 1;
   o.sample_every = 4;
   o.max_sample_every = 1024;
   o.sample_share = 0.05;
@@ -454,6 +455,66 @@ TEST(WidthCalibratorTest, SteadySamplingStaysWithinTheShareOfSelectionCost) {
   for (int i = 0; i < 4096 + 8; ++i) f.Step(0.99);
   EXPECT_EQ(floor->report().sample_interval, 1024);
   EXPECT_EQ(f.sampled, 8 + 4);
+}
+
+// A head that meets the target at width 1 for `easy` steps, then needs
+// width 8 (1 - 0.4 / w). Returns the step (counted from the change) at
+// which the width first met the target (-1: never).
+int StepsToMeetAfterHardening(const CalibratorOptions& o, int easy, int hard) {
+  auto c = Make(o);
+  if (c == nullptr) return -2;
+  // A reference 10^4 times a selection: the steady interval is the floor rate.
+  SimHead h{c.get(), 100.0, 1e6};
+  for (int i = 0; i < easy; ++i) h.Step(0.99);
+  for (int i = 0; i < hard; ++i) {
+    const double w = c->report().width;
+    if (1.0 - 0.4 / w >= 0.95) return i;
+    h.Step(1.0 - 0.4 / w);
+  }
+  return -1;
+}
+
+TEST(WidthCalibratorTest, AFreshWidthsMissIsDecidedAtTheConfirmInterval) {
+  CalibratorOptions o;
+  o.warmup_samples = 8;
+  o.min_width = 1.0;
+  o.max_sample_every = 512;
+  // The data hardens after the warm-up. Width 8 is six raises of 1.5x. At
+  // widths 1 and 1.5 one sample is a miss (far_below); at the next four a
+  // miss needs two samples (miss_samples): the first at the steady
+  // interval, the second confirm_every selections later.
+  const int kSteady = 512;
+  const int on = StepsToMeetAfterHardening(o, 600, 8192);
+  EXPECT_GE(on, 0);
+  EXPECT_LE(on, 6 * (kSteady + o.confirm_every) + kSteady);
+  o.confirm_every = 0;  // off: both samples at the steady interval
+  const int off = StepsToMeetAfterHardening(o, 600, 8192);
+  EXPECT_GE(off, on + 3 * kSteady) << "on " << on;
+}
+
+TEST(WidthCalibratorTest, TheWarmUpSamplesOneSelectionInWarmupEvery) {
+  CalibratorOptions o;
+  o.warmup_samples = 5;
+  o.warmup_every = 3;
+  o.sample_every = 64;
+  auto c = Make(o);
+  ASSERT_NE(c, nullptr);
+  std::vector<int> sampled;
+  SelectParams p;
+  for (int i = 0; i < 64; ++i) {
+    c->Apply(&p);
+    if (!c->ShouldSample(p, 100)) continue;
+    c->Taken();
+    sampled.push_back(i);
+    QualitySample q{0.99, 1.0};
+    q.reference_ns = 1000;
+    c->Observe(q);
+  }
+  // The first at once, then every third; once warm, sample_every apart.
+  EXPECT_THAT(sampled, ::testing::ElementsAre(0, 3, 6, 9, 12));
+  o.warmup_every = 0;
+  EXPECT_THAT(WidthCalibrator::Create(o, 32, 8.0f).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("warmup_every")));
 }
 
 TEST(WidthCalibratorTest, ADueSampleStaysDueUntilTaken) {
@@ -620,6 +681,10 @@ TEST(WidthCalibratorTest, RejectsBadOptions) {
       WidthCalibrator::Create(o, 32, 8.0f).status(),
       StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("exact_cost_ratio")));
   o = {};
+  o.confirm_every = -1;
+  EXPECT_THAT(WidthCalibrator::Create(o, 32, 8.0f).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("confirm_every")));
+  o = {};
   o.ranking_trial_samples = -1;
   EXPECT_THAT(
       WidthCalibrator::Create(o, 32, 8.0f).status(),
@@ -676,6 +741,7 @@ TEST(WidthCalibratorTest, RealMdciReachesTheTargetOnSampledSteps) {
   CalibratorOptions o;
   o.target_ratio = 0.95;
   o.warmup_samples = 40;
+  o.warmup_every = 1;
   auto cal = WidthCalibrator::Create(o, cfg.mdci.field_of_view, cfg.mdci.candidate_factor);
   ASSERT_THAT(cal.status(), IsOk());
   double first = -1, last_mean = 0;
@@ -724,6 +790,7 @@ TEST(WidthCalibratorTest, TheScansFactorIsCalibratedLikeTheTreesWidth) {
   CalibratorOptions o;
   o.target_ratio = 0.95;
   o.warmup_samples = 40;
+  o.warmup_every = 1;
   o.exact_cost_ratio = 0;  // the cost does not decide here: the ratio does
   EXPECT_THAT(WidthCalibrator::Create(o, 32, 8.0f, -1.0f).status(),
               StatusIs(absl::StatusCode::kInvalidArgument));

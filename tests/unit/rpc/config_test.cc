@@ -282,6 +282,8 @@ TEST(ConfigTest, EveryBadFieldIsNamed) {
       {"quality.ranking_duel_samples",
        [](auto* c) { c->mutable_quality()->set_ranking_duel_samples(1u << 21); }},
       {"quality.carry_steps", [](auto* c) { c->mutable_quality()->set_carry_steps(65); }},
+      {"quality.warmup_every", [](auto* c) { c->mutable_quality()->set_warmup_every(0); }},
+      {"quality.warmup_every", [](auto* c) { c->mutable_quality()->set_warmup_every(1025); }},
       {"quality.max_sample_every",
        [](auto* c) {
          c->mutable_quality()->set_sample_every(128);

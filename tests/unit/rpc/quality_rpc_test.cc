@@ -40,7 +40,8 @@ class QualityRpcTest : public ::testing::Test {
     // Every chosen step is measured (cpu_share 1, a large burst): the test
     // checks what the monitor reports, not the budget (quality_sampler_test).
     auto parsed = ParseConfigText(
-        "quality { warmup_samples: 24 sample_every: 4 max_sample_every: 4 cpu_share: 1 "
+        "quality { warmup_samples: 24 warmup_every: 1 sample_every: 4 max_sample_every: 4 "
+        "cpu_share: 1 "
         "burst_ms: 60000 exact_cost_ratio: 0 " +
         QualityExtra() + " }");
     ASSERT_THAT(parsed, IsOk());

@@ -57,6 +57,7 @@ void StartQualitySession(QualityEnv* q, double target, int tokens, int steps, in
   mo.reaper_interval = absl::ZeroDuration();
   mo.quality.enabled = true;
   mo.quality.warmup_samples = warmup;
+  mo.quality.warmup_every = 1;  // the first `warmup` selections, every one
   mo.quality.sample_every = every;
   mo.quality.sampler.cpu_share = 1.0;  // the test measures every chosen step
   mo.quality.sampler.burst = absl::Seconds(100);
@@ -416,6 +417,7 @@ TEST(HeadQualityMonitorTest, MayUseBurstUpToItsEqualPart) {
     if (calibrated) {
       CalibratorOptions co;
       co.warmup_samples = 16;
+      co.warmup_every = 1;  // the warm-up: every selection due
       auto made = WidthCalibrator::Create(co, 32, 8.0f);
       ASSERT_THAT(made.status(), IsOk());
       cal = std::move(made).value();

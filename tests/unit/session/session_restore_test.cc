@@ -65,6 +65,7 @@ struct Node {
     if (quality) {
       mo.quality.enabled = true;
       mo.quality.warmup_samples = 1 << 20;
+      mo.quality.warmup_every = 1;
       mo.quality.sampler.cpu_share = 1.0;
       mo.quality.sampler.burst = absl::Seconds(100);
       mo.quality.sampler.low_priority = false;
