@@ -108,7 +108,9 @@ struct SelectBenchOptions {
   double calibrate_min_width = CalibratorOptions{}.min_width;
   // The carry judgement's confidence (CalibratorOptions::carry_confidence_z).
   double calibrate_carry_z = CalibratorOptions{}.carry_confidence_z;
-  // Confirmation of a raised width (CalibratorOptions::confirm_every).
+  // A fresh width's second sample, when its first missed
+  // (CalibratorOptions::confirm_every), and the warm-up's spacing
+  // (CalibratorOptions::warmup_every).
   int calibrate_confirm_every = CalibratorOptions{}.confirm_every;
   int calibrate_warmup_every = CalibratorOptions{}.warmup_every;
   // The calibrator's ranking trial: paired samples (0: off).

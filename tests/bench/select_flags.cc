@@ -235,8 +235,8 @@ SelectFlags::SelectFlags(CLI::App* app) {
                   "calibration: the warm-up samples one selection in N")
       ->capture_default_str();
   app->add_option("--calibrate-confirm-every", o_.calibrate_confirm_every,
-                  "calibration: a width raised on a miss is sampled once every N selections "
-                  "until judged (0: at the steady interval only)")
+                  "calibration: a fresh width whose first sample misses the target takes its "
+                  "second N selections on (0: at the steady interval)")
       ->capture_default_str();
   app->add_option("--calibrate-ranking-trial", o_.calibrate_ranking_trial,
                   "calibration: sampled steps that also try the other descent ranking (loudest "
