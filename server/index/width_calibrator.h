@@ -151,8 +151,8 @@ struct CalibratorOptions {
   // later (>= 0; 0: at the steady interval), so the miss is decided
   // (miss_samples) in a few dozen selections. At 131072 tokens a head's
   // reference costs about 25x its selection and the steady interval is
-  // hundreds of selections: a width raised at the end of the warm-up stood
-  // on one sample at 0.867 for 567 selections (docs/bench/confirm48.md).
+  // hundreds of selections: a width raised late in the warm-up stood on
+  // one sample at 0.867 for 567 selections (docs/bench/confirm48.md).
   // Nothing more: sampling every raised width until judged (at 8, 16 or 32
   // selections apart) chased runs of hard steps and raised baseline's
   // widths to 7.7-11x the exact scan's speed at 0.973-0.981 of the page
