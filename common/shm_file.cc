@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <climits>
 #include <cstdlib>
@@ -17,6 +18,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/status_macros.h"
 
 namespace icecache {
 namespace {
@@ -276,6 +278,33 @@ void InstallSigbusHandler() {
 }
 
 }  // namespace
+
+absl::StatusOr<uint64_t> ShmFile::TouchResidentPages(absl::Duration budget) const {
+  const long page = sysconf(_SC_PAGESIZE);
+  if (data_ == nullptr || page <= 0) return 0;
+  const uint64_t step = static_cast<uint64_t>(page);
+  constexpr uint64_t kBlock = uint64_t{64} << 20;  // bytes per mincore call and clock check
+  const absl::Time deadline = absl::Now() + budget;
+  std::vector<unsigned char> held(kBlock / step);
+  uint64_t touched = 0;
+  for (uint64_t at = 0; at < size_; at += kBlock) {
+    if (at > 0 && absl::Now() >= deadline) break;
+    const uint64_t len = std::min(kBlock, size_ - at);
+    if (mincore(data_ + at, len, held.data()) != 0) {
+      return absl::InternalError(absl::StrCat("mincore of ", path_, ": ", Errno(errno)));
+    }
+    uint64_t block_touched = 0;
+    RETURN_IF_ERROR(RunSigbusGuarded([&] {
+      for (uint64_t i = 0; i * step < len; ++i) {
+        if ((held[i] & 1) == 0) continue;
+        (void)reinterpret_cast<const volatile uint8_t*>(data_ + at)[i * step];
+        block_touched += std::min(step, len - i * step);
+      }
+    }));
+    touched += block_touched;
+  }
+  return touched;
+}
 
 absl::Status RunSigbusGuarded(absl::FunctionRef<void()> fn) {
   std::call_once(g_sigbus_once, InstallSigbusHandler);

@@ -110,6 +110,11 @@ class ShmBuffer:
             raise InternalError(f"cannot size or map {self.path} ({size} bytes): {e.strerror}") from e
         os.close(fd)  # the mapping keeps the memory; the daemon opens the path itself
         self.array = np.frombuffer(self._mmap, dtype=np.uint8)
+        # A zero (what the file holds) into every 4 KiB page: on a virtual
+        # machine that backs guest memory lazily, a mapped page can still
+        # cost ~5 us at its first touch, which a pinned buffer pays when it
+        # is made (docs/bench/touch49.md).
+        self.array[::4096] = 0
         try:
             self.buffer_id = client.register_shm(self.path, size)
         except BaseException:

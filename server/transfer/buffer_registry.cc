@@ -315,6 +315,11 @@ absl::StatusOr<BufferInfo> BufferRegistry::RegisterShm(const Caller& caller, std
   if (absl::Status s = ValidateTenantName(caller.tenant); !s.ok()) return s;
   auto shm = ShmFile::OpenChecked(path, size, caller.uid, options_.shm);
   if (!shm.ok()) return shm.status();
+  if (options_.touch_budget > absl::ZeroDuration()) {
+    // No lock is held: the mapping is this call's alone until Insert.
+    absl::StatusOr<uint64_t> touched = shm->TouchResidentPages(options_.touch_budget);
+    if (!touched.ok()) return touched.status();
+  }
   auto e = std::make_shared<BufferLease::Entry>();
   e->kind = BufferKind::kHostShm;
   e->size = size;

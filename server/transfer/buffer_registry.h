@@ -53,6 +53,11 @@ struct BufferRegistryOptions {
   ShmOpenOptions shm;  // root (/dev/shm) and max mapping bytes
   uint64_t max_cuda_bytes = uint64_t{64} << 30;
   int max_buffers_per_tenant = 64;  // ResourceExhausted beyond
+  // RegisterShm touches the pages the client's file already holds for at
+  // most this long (ShmFile::TouchResidentPages), so a prefill's first chunk
+  // and a decode's first gather do not fault the mapping in page by page.
+  // Zero: none (every page faults in at its first use).
+  absl::Duration touch_budget = absl::Seconds(2);
   // Buffers idle longer than this are dropped by ExpireIdle();
   // absl::InfiniteDuration() = never.
   absl::Duration idle_ttl = absl::Minutes(5);

@@ -129,6 +129,39 @@ TEST(ShmFileTest, RefusesSizeLies) {
               StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
+// The daemon touches the pages a client's file holds, and only those: a
+// sparse file keeps its holes (a read there would allocate the page).
+TEST(ShmFileTest, TouchResidentPagesTouchesTheHeldPagesAndFillsNoHole) {
+  const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  auto f = ShmFile::Create(UniqueShmName("touch"), 64 * page);
+  ASSERT_THAT(f, IsOk());
+  f->data()[0] = 1;
+  f->data()[5 * page + 7] = 2;
+  f->data()[63 * page] = 3;
+  struct stat before;
+  ASSERT_EQ(fstat(f->fd(), &before), 0);
+  auto g = ShmFile::OpenChecked(f->path(), 64 * page, getuid());
+  ASSERT_THAT(g, IsOk());
+  auto touched = g->TouchResidentPages(absl::InfiniteDuration());
+  ASSERT_THAT(touched, IsOk());
+  EXPECT_EQ(*touched, 3 * page);
+  struct stat after;
+  ASSERT_EQ(fstat(f->fd(), &after), 0);
+  EXPECT_EQ(after.st_blocks, before.st_blocks);  // no hole filled
+  EXPECT_EQ(g->data()[5 * page + 7], 2);         // nothing written
+  // A whole file is touched whole, however small the budget: the first
+  // 64 MiB always are.
+  std::memset(f->data(), 0x11, 64 * page);
+  touched = g->TouchResidentPages(absl::ZeroDuration());
+  ASSERT_THAT(touched, IsOk());
+  EXPECT_EQ(*touched, 64 * page);
+  // A file cut short meanwhile: what is gone is not held, so not touched.
+  ASSERT_EQ(ftruncate(f->fd(), 8 * page), 0);
+  touched = g->TouchResidentPages(absl::InfiniteDuration());
+  ASSERT_THAT(touched, IsOk());
+  EXPECT_EQ(*touched, 8 * page);
+}
+
 TEST(ShmFileTest, CheckFileCoversSeesTruncation) {
   auto f = ShmFile::Create(UniqueShmName("shrink"), 8192);
   ASSERT_THAT(f, IsOk());
