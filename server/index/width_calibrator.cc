@@ -498,7 +498,18 @@ void WidthCalibrator::StartTrial(double bar, bool exact, bool from_shadow) {
 bool WidthCalibrator::ShadowDue(int64_t cost_ns) const {
   // The duel compares costs: only timed selections start one.
   return DuelOn() && cost_ns > 0 && mode_ == SelectMode::kTree && !probing_ && !method_trial_ &&
-         !shadow_ && (!parked_.tried || method_run_ >= method_wait_);
+         !shadow_ && (!parked_.tried || method_run_ >= method_wait_ || CostlierThanParked());
+}
+
+bool WidthCalibrator::CostlierThanParked() const {
+  // The last trial was decided on the costs of that time. The method in use
+  // has been widened since (harder queries) and now costs clearly more than
+  // the parked one did: the decision's ground is gone, so the parked method
+  // is tried again now, not a doubled wait later. At most once in
+  // kRetrialSpacing selections, and only on a cost measured over
+  // kRetrialCostSamples selections at the current width.
+  return parked_.tried && parked_.cost_n > 0 && tree_cost_n_ >= kRetrialCostSamples &&
+         method_run_ >= kRetrialSpacing && tree_cost_ > kRetrialMargin * parked_.cost;
 }
 
 void WidthCalibrator::StartShadow() {

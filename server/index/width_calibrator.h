@@ -80,7 +80,13 @@
 // every selection sampled, from the shadow's tally when one ran). Every
 // trial doubles the wait before the next (method_trial_steps, up to
 // max_method_trial_steps): no oscillation, and a head whose data changes
-// tries again ever more rarely. The duel compares costs, so it needs timed
+// tries again ever more rarely. One exception: when the method in use has
+// been widened since (its queries grew harder) and its mean cost at that
+// width exceeds 1.2x the parked method's last known cost, the trial that
+// decided is out of date and the parked method is tried again on the next
+// sample (CostlierThanParked; at most once in 256 selections). A winner
+// measured on easy early steps no longer stays for the doubled wait when it
+// has become the costlier method. The duel compares costs, so it needs timed
 // selections; untimed, no trial starts.
 // Sampling (SampleSchedule, sample_schedule.h): warmup_samples samples,
 // one in warmup_every tree selections (fast convergence), then one in an
@@ -489,6 +495,13 @@ class WidthCalibrator {
   // its samples (the parked arm stepped as the one in use would be), and
   // its end (`won`: the parked method takes over).
   bool ShadowDue(int64_t cost_ns) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The method in use, widened since the last trial, costs more than
+  // kRetrialMargin x the parked method's cost (ShadowDue starts a trial at
+  // once; docs/bench/retrial49.md).
+  bool CostlierThanParked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  static constexpr double kRetrialMargin = 1.2;
+  static constexpr int64_t kRetrialCostSamples = 16;
+  static constexpr int64_t kRetrialSpacing = 256;
   void StartShadow() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ObserveShadow(double ratio, int64_t cost_ns) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EndShadow(bool won) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

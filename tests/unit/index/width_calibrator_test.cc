@@ -1186,6 +1186,36 @@ TEST(WidthCalibratorTest, AMethodTrialTakesNoReferenceOfItsOwn) {
   EXPECT_GT(r.other_width, 1.0);  // and its width adapted on them
 }
 
+// A head whose tree wins on easy early queries, then needs a width that
+// costs more than the scan did: the scan is tried again at once (not after
+// the doubled wait of 2048 selections) and takes the head back.
+TEST(WidthCalibratorTest, TheMethodDuelTriesAgainWhenTheWinnerGrowsCostlier) {
+  CalibratorOptions o;
+  o.method_trial_steps = 8192;  // no second trial by the wait in this test
+  auto c = MakeDuel(o);
+  ASSERT_NE(c, nullptr);
+  SimDuelHead h{c.get(), {0.02, 600.0, 0.0}, {0.02, 0.0, 100.0}, 3000.0};
+  for (int i = 0; i < 200; ++i) h.Step();
+  CalibratorReport r = c->report();
+  ASSERT_EQ(r.method, SearchMethod::kTree);
+  ASSERT_EQ(r.method_trials, 1);
+  h.tree.a = 0.4;  // the tree now needs width 8: 800 ns against the scan's 600
+  for (int i = 0; i < 4000; ++i) h.Step();
+  r = c->report();
+  EXPECT_EQ(r.method, SearchMethod::kScan);
+  EXPECT_EQ(r.method_trials, 2);
+  EXPECT_EQ(r.method_switches, 2);
+
+  // The same head whose tree stays cheap is not tried again in that time.
+  auto calm = MakeDuel(o);
+  ASSERT_NE(calm, nullptr);
+  SimDuelHead k{calm.get(), {0.02, 600.0, 0.0}, {0.02, 0.0, 100.0}, 3000.0};
+  for (int i = 0; i < 4200; ++i) k.Step();
+  r = calm->report();
+  EXPECT_EQ(r.method, SearchMethod::kTree);
+  EXPECT_EQ(r.method_trials, 1);
+}
+
 // On data that does not change, the duel tries the other method ever more
 // rarely (each trial doubles the wait) and never switches back and forth.
 TEST(WidthCalibratorTest, TheMethodDuelTriesAgainEverMoreRarely) {
