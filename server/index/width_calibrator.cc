@@ -503,11 +503,13 @@ bool WidthCalibrator::ShadowDue(int64_t cost_ns) const {
 
 bool WidthCalibrator::CostlierThanParked() const {
   // The last trial was decided on the costs of that time. The method in use
-  // has been widened since (harder queries) and now costs clearly more than
-  // the parked one did: the decision's ground is gone, so the parked method
-  // is tried again now, not a doubled wait later. At most once in
-  // kRetrialSpacing selections, and only on a cost measured over
-  // kRetrialCostSamples selections at the current width.
+  // now costs clearly more than the parked one did (most often because
+  // harder queries widened it; a machine that slowed since can do it too,
+  // and the trial then measures both again for a few selections' cost):
+  // the decision's ground is gone, so the parked method is tried again
+  // now, not a doubled wait later. At most once in kRetrialSpacing
+  // selections, and only on a cost measured over kRetrialCostSamples
+  // selections at the current width.
   return parked_.tried && parked_.cost_n > 0 && tree_cost_n_ >= kRetrialCostSamples &&
          method_run_ >= kRetrialSpacing && tree_cost_ > kRetrialMargin * parked_.cost;
 }

@@ -495,9 +495,9 @@ class WidthCalibrator {
   // its samples (the parked arm stepped as the one in use would be), and
   // its end (`won`: the parked method takes over).
   bool ShadowDue(int64_t cost_ns) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The method in use, widened since the last trial, costs more than
-  // kRetrialMargin x the parked method's cost (ShadowDue starts a trial at
-  // once; docs/bench/retrial49.md).
+  // The method in use costs more than kRetrialMargin x the parked method's
+  // last known cost, most often because it was widened since the last
+  // trial (ShadowDue starts a trial at once; docs/bench/retrial49.md).
   bool CostlierThanParked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static constexpr double kRetrialMargin = 1.2;
   static constexpr int64_t kRetrialCostSamples = 16;
