@@ -18,6 +18,7 @@
 #include "absl/strings/str_format.h"
 #include "client/client_internal.h"
 #include "common/file_util.h"
+#include "common/populate.h"
 #include "common/random_id.h"
 #include "common/socket_path.h"
 #include "common/status_macros.h"
@@ -31,19 +32,6 @@ std::string Env(const char* name) {
 }
 
 bool HasPrefix(std::string_view s, std::string_view p) { return s.substr(0, p.size()) == p; }
-
-// Writes a zero (what a fresh file holds) into every 4 KiB page. On a
-// virtual machine whose host backs guest memory lazily, a page that is
-// allocated, zeroed and mapped can still cost ~5 us at its first touch, a
-// trip through the hypervisor that no guest page-fault counter shows: a
-// 512 MiB buffer's first copy took 0.65-1.4 s against 35 ms for the second
-// (docs/bench/touch49.md). A pinned host buffer (cudaHostAlloc) is touched
-// when it is made; so is this one, before any copy is timed.
-void TouchEveryPage(uint8_t* data, size_t size) {
-  for (size_t at = 0; at < size; at += 4096) {
-    reinterpret_cast<volatile uint8_t*>(data)[at] = 0;
-  }
-}
 
 }  // namespace
 
@@ -234,7 +222,7 @@ absl::StatusOr<ShmBuffer> Client::CreateShmBuffer(size_t size) {
   }
   buf.data_ = static_cast<uint8_t*>(p);
   buf.size_ = size;
-  TouchEveryPage(buf.data_, size);
+  TouchZeroPages(buf.data_, size);  // resident before any copy is timed
   // Registration failing leaves `buf` without client_/id: its destructor
   // unmaps and unlinks.
   ASSIGN_OR_RETURN(buf.buffer_id_, RegisterShm(buf.path_, size));

@@ -39,4 +39,10 @@ void PopulateForWrite(void* p, size_t bytes) {
 #endif
 }
 
+void TouchZeroPages(void* p, size_t bytes) {
+  const uintptr_t page = PageBytes();
+  auto* bytes_at = static_cast<volatile uint8_t*>(p);
+  for (size_t at = 0; at < bytes; at += page) bytes_at[at] = 0;
+}
+
 }  // namespace icecache

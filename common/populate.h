@@ -27,6 +27,17 @@ inline constexpr size_t kPopulateMinBytes = size_t{64} << 10;
 // writable mapping. Thread-safe.
 void PopulateForWrite(void* p, size_t bytes);
 
+// Writes a zero into every page of [p, p + bytes), which must already hold
+// zeros (a fresh file or mapping): its contents are unchanged. For a
+// buffer that must be resident before anything is timed, as a pinned host
+// buffer (cudaHostAlloc) is when it is made. Not what PopulateForWrite
+// does: on a guest with shadow page tables a page faulted in and mapped can
+// still cost ~5 us at its first touch through a mapping, a trip through the
+// hypervisor no guest fault counter shows (a 512 MiB buffer's first copy
+// took 0.65-1.4 s against 35 ms for the second, MAP_POPULATE or not:
+// docs/bench/touch49.md). A read or write by the CPU pays it.
+void TouchZeroPages(void* p, size_t bytes);
+
 // v->resize(n, value), with the elements past the current size faulted in
 // ahead of resize's writes. Reserves exactly n when the capacity is short
 // (call reserve first for more headroom; the headroom is not populated).

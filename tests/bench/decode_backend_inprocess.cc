@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/caller.h"
+#include "common/populate.h"
 #include "common/random_id.h"
 #include "common/shm_file.h"
 #include "common/status_macros.h"
@@ -252,8 +253,8 @@ class InProcessBackend : public DecodeBackend {
     // HOST_SHM: Write hands the fill the mapping itself (zero-copy).
     RETURN_IF_ERROR(b->lease.Write(0, 1, [&](uint8_t* dst) { b->data = dst; }));
     // Resident before anything is timed, as a client's pinned buffer is
-    // (Client::CreateShmBuffer does the same; docs/bench/touch49.md).
-    for (size_t at = 0; at < bytes; at += 4096) b->data[at] = 0;
+    // (Client::CreateShmBuffer does the same).
+    TouchZeroPages(b->data, bytes);
     return absl::OkStatus();
   }
 

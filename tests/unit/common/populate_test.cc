@@ -99,5 +99,17 @@ TEST(PopulateTest, ResizeAndAssignGiveWhatTheVectorsOwnDo) {
   EXPECT_TRUE(e.empty());
 }
 
+// A fresh mapping's pages are all resident after TouchZeroPages, up to a
+// range that ends inside a page, and still zero.
+TEST(PopulateTest, TouchZeroPagesMakesEveryPageResidentAndLeavesZeros) {
+  const size_t page = PageBytes();
+  AnonMapping m(64);
+  ASSERT_NE(m.p, nullptr);
+  ASSERT_EQ(ResidentPages(m.p, m.bytes), 0u);
+  TouchZeroPages(m.p, 40 * page + 1);  // pages 0..40
+  EXPECT_EQ(ResidentPages(m.p, m.bytes), 41u);
+  for (size_t i = 0; i < m.bytes; ++i) ASSERT_EQ(m.p[i], 0) << i;
+}
+
 }  // namespace
 }  // namespace icecache
