@@ -32,6 +32,9 @@ absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
   if (!(o.increase > 1.0) || !std::isfinite(o.increase)) {
     return bad("increase must be finite and > 1", o.increase);
   }
+  if (!(o.max_increase >= o.increase) || !std::isfinite(o.max_increase)) {
+    return bad("max_increase must be finite and >= increase", o.max_increase);
+  }
   if (!(o.decrease > 0.0 && o.decrease < 1.0)) return bad("decrease must be in (0, 1)", o.decrease);
   if (!(o.hysteresis >= 0.0)) return bad("hysteresis must be >= 0", o.hysteresis);
   if (o.settle_samples < 1) return bad("settle_samples must be >= 1", o.settle_samples);
@@ -144,6 +147,7 @@ bool WidthCalibrator::ShouldSample(const SelectParams& used, int64_t cost_ns, in
       used.method == method_ || (used.method == SearchMethod::kSelector && !DuelOn());
   if (method_now && used.field_of_view == static_cast<int>(std::lround(base_fov_ * width_))) {
     AddCost(cost_ns, &tree_cost_n_, &tree_cost_);
+    if (carry_age == 0) AddCost(cost_ns, &fresh_cost_n_, &fresh_cost_);
   }
   if (!method_trial_) ++method_run_;
   const bool due = schedule_.Step(cost_ns);
@@ -239,6 +243,8 @@ void WidthCalibrator::RestartTally() {
   var_at_width_ = 0.0;
   tree_cost_n_ = 0;
   tree_cost_ = 0.0;
+  fresh_cost_n_ = 0;
+  fresh_cost_ = 0.0;
 }
 
 void WidthCalibrator::SetWidth(double w) {
@@ -375,11 +381,15 @@ bool WidthCalibrator::MeanMisses() const {
   if (at_width_ < o_.miss_samples) return false;
   if (mean_at_width_ < o_.target_ratio) return true;
   if (o_.confidence_z <= 0.0 || at_width_ < std::max(2, o_.settle_samples)) return false;
+  return mean_at_width_ - o_.confidence_z * MeanError() < o_.target_ratio;
+}
+
+double WidthCalibrator::MeanError() const {
+  if (at_width_ < 2) return 0.0;
   // The standard error of the mean over the samples it rests on (the moving
   // mean weighs about `window` of them).
   const double n = static_cast<double>(std::min<int64_t>(at_width_, std::max(2, o_.window)));
-  const double se = std::sqrt(std::max(0.0, var_at_width_) / (n - 1.0));
-  return mean_at_width_ - o_.confidence_z * se < o_.target_ratio;
+  return std::sqrt(std::max(0.0, var_at_width_) / (n - 1.0));
 }
 
 void WidthCalibrator::AdaptWidth(double ratio) {
@@ -425,6 +435,8 @@ CalibratorArm WidthCalibrator::CurrentArm() const {
   a.released = released_;
   a.cost_n = tree_cost_n_;
   a.cost = tree_cost_;
+  a.fresh_cost_n = fresh_cost_n_;
+  a.fresh_cost = fresh_cost_;
   a.tried = true;
   return a;
 }
@@ -440,6 +452,8 @@ void WidthCalibrator::LoadArm(const CalibratorArm& a) {
   released_ = a.released;
   tree_cost_n_ = a.cost_n;
   tree_cost_ = a.cost;
+  fresh_cost_n_ = a.fresh_cost_n;
+  fresh_cost_ = a.fresh_cost;
 }
 
 void WidthCalibrator::SwapMethod() {
@@ -449,6 +463,14 @@ void WidthCalibrator::SwapMethod() {
   method_ = method_ == SearchMethod::kScan ? SearchMethod::kTree : SearchMethod::kScan;
   ++changes_;
   last_change_step_ = steps_;
+  // The carry's judgement rated the other method's candidates (the tree's
+  // narrow descent goes stale faster on drifting queries than the scan's):
+  // the carry starts over with this method, on again if it had stopped
+  // (its retry wait keeps doubling).
+  if (o_.carry_steps > 0) {
+    carry_on_ = true;
+    RestartCarry();
+  }
 }
 
 bool WidthCalibrator::Judged() const {
@@ -510,8 +532,20 @@ bool WidthCalibrator::CostlierThanParked() const {
   // now, not a doubled wait later. At most once in kRetrialSpacing
   // selections, and only on a cost measured over kRetrialCostSamples
   // selections at the current width.
-  return parked_.tried && parked_.cost_n > 0 && tree_cost_n_ >= kRetrialCostSamples &&
-         method_run_ >= kRetrialSpacing && tree_cost_ > kRetrialMargin * parked_.cost;
+  return parked_.tried && parked_.cost_n > 0 && DuelCostSamples() >= kRetrialCostSamples &&
+         method_run_ >= kRetrialSpacing && DuelCost() > kRetrialMargin * ArmDuelCost(parked_);
+}
+
+double WidthCalibrator::DuelCost() const {
+  return o_.duel_fresh_costs && fresh_cost_n_ > 0 ? fresh_cost_ : tree_cost_;
+}
+
+double WidthCalibrator::ArmDuelCost(const CalibratorArm& a) const {
+  return o_.duel_fresh_costs && a.fresh_cost_n > 0 ? a.fresh_cost : a.cost;
+}
+
+int64_t WidthCalibrator::DuelCostSamples() const {
+  return o_.duel_fresh_costs && fresh_cost_n_ > 0 ? fresh_cost_n_ : tree_cost_n_;
 }
 
 void WidthCalibrator::StartShadow() {
@@ -524,6 +558,8 @@ void WidthCalibrator::StartShadow() {
   parked_.var_at_width = 0.0;
   parked_.cost_n = 0;
   parked_.cost = 0.0;
+  parked_.fresh_cost_n = 0;
+  parked_.fresh_cost = 0.0;
   parked_.release_streak = 0;
 }
 
@@ -532,7 +568,8 @@ void WidthCalibrator::ObserveShadow(double ratio, int64_t cost_ns) {
   // the incumbent is judged.
   const bool incumbent_known = tree_cost_n_ > 0;
   const bool incumbent_judged = incumbent_known && Judged();
-  const double bar = tree_cost_;
+  // The incumbent's mean cost, or its fresh selections' (DuelCost).
+  const double bar = DuelCost();
   // Step the parked arm as the one in use would be stepped (StepWidth), with
   // the head's own state (probing, change counts) kept as it is.
   const CalibratorArm incumbent = CurrentArm();
@@ -541,6 +578,7 @@ void WidthCalibrator::ObserveShadow(double ratio, int64_t cost_ns) {
   LoadArm(parked_);
   probing_ = false;
   AddCost(cost_ns, &tree_cost_n_, &tree_cost_);
+  AddCost(cost_ns, &fresh_cost_n_, &fresh_cost_);  // a shadow selection is fresh
   const int64_t cost_n = tree_cost_n_;
   const double cost = tree_cost_;
   const double width = width_;
@@ -612,7 +650,8 @@ void WidthCalibrator::StepWidth(double ratio) {
   const double d = ratio - mean_at_width_;
   mean_at_width_ += a * d;
   var_at_width_ = (1.0 - a) * (var_at_width_ + a * d * d);
-  const bool miss = MeanMisses() || ratio < o_.target_ratio - o_.far_below;
+  const bool mean_misses = MeanMisses();
+  const bool miss = mean_misses || ratio < o_.target_ratio - o_.far_below;
   if (TreeDoesNotPay(miss)) {
     if (miss) floor_ = std::min(o_.max_width, width_ * std::sqrt(o_.increase));
     if (shadow_step_) {
@@ -626,7 +665,12 @@ void WidthCalibrator::StepWidth(double ratio) {
   if (miss) {
     // Up at once, and never come back down to the width that missed.
     floor_ = std::min(o_.max_width, width_ * std::sqrt(o_.increase));
-    SetWidth(width_ * o_.increase);
+    // By the mean's shortfall, the part of it the samples are sure of (the
+    // mean + confidence_z standard errors: a step sized on noise overshoots,
+    // and coming back down takes many samples); a single sample far below
+    // is too noisy to size it at all: the fixed step.
+    SetWidth(width_ * (mean_misses ? RaiseFactor(mean_at_width_ + o_.confidence_z * MeanError())
+                                   : o_.increase));
     release_streak_ = 0;
     if (released_) release_needed_ *= 2;  // lowering the floor did not pay
     released_ = false;
@@ -648,6 +692,16 @@ void WidthCalibrator::StepWidth(double ratio) {
     release_streak_ = 0;
     released_ = true;
   }
+}
+
+double WidthCalibrator::RaiseFactor(double ratio) const {
+  // The mass a width misses, 1 - ratio, falls about as 1 / width (the
+  // descent's candidates and the scan's scored pages grow with it): the
+  // width that meets the target is width x (1 - ratio) / (1 - target). A
+  // miss on the confidence bound alone (its mean on target) takes the
+  // fixed step.
+  if (!(ratio < o_.target_ratio) || o_.target_ratio >= 1.0) return o_.increase;
+  return std::clamp((1.0 - ratio) / (1.0 - o_.target_ratio), o_.increase, o_.max_increase);
 }
 
 void WidthCalibrator::Apply(SelectParams* params) const {
@@ -681,6 +735,7 @@ CalibratorReport WidthCalibrator::report() const {
   r.fallbacks = fallbacks_;
   r.reprobes = reprobes_;
   r.tree_cost_ns = tree_cost_;
+  r.fresh_cost_ns = fresh_cost_;
   r.exact_cost_ns = exact_cost_;
   r.sample_interval = schedule_.Interval();
   r.ranking = ranking_;
@@ -702,6 +757,7 @@ CalibratorReport WidthCalibrator::report() const {
   if (DuelOn()) {
     r.other_width = parked_.width;
     r.other_cost_ns = parked_.cost;
+    r.other_fresh_cost_ns = parked_.fresh_cost;
   }
   return r;
 }

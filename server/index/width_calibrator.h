@@ -86,7 +86,10 @@
 // decided is out of date and the parked method is tried again on the next
 // sample (CostlierThanParked; at most once in 256 selections). A winner
 // measured on easy early steps no longer stays for the doubled wait when it
-// has become the costlier method. The duel compares costs, so it needs timed
+// has become the costlier method. The costs compared are the means over
+// all selections at the width (or, with duel_fresh_costs, the fresh ones':
+// DuelCost). A method switch restarts the carry's judgement (it rated the
+// other method's candidates). The duel compares costs, so it needs timed
 // selections; untimed, no trial starts.
 // Sampling (SampleSchedule, sample_schedule.h): warmup_samples samples,
 // one in warmup_every tree selections (fast convergence), then one in an
@@ -138,7 +141,15 @@ struct CalibratorOptions {
   double min_width = 0.5;
   double max_width = 64.0;
   double start_width = 1.0;
-  double increase = 1.5;     // x on a sample below the target (> 1)
+  double increase = 1.5;  // x on a sample below the target (> 1)
+  // A miss by much raises further, up to this (>= increase; = increase: a
+  // fixed step): x (1 - m) / (1 - target) when the width's mean decided
+  // the miss, m its upper confidence bound (mean + confidence_z standard
+  // errors; one sample far below takes the fixed step). Where the mass
+  // a width misses falls as 1 / width, that is the width that meets the
+  // target. One step instead of two or three, each a sampling interval
+  // apart (hundreds of selections once warm): docs/bench/calib50.md.
+  double max_increase = 2.25;
   double decrease = 0.85;    // x after settle_samples comfortable samples (in (0, 1))
   double hysteresis = 0.02;  // comfortable: mean >= target + hysteresis (>= 0)
   int settle_samples = 4;    // samples at a width before lowering it (>= 1)
@@ -186,6 +197,18 @@ struct CalibratorOptions {
   // The method duel (with base_pq_factor > 0): the tree on trial against the
   // scan per head, the cheaper kept. false: the scan only.
   bool method_duel = true;
+  // What the duel compares: the mean cost over all selections, carried ones
+  // included (false), or the fresh selections' (true; DuelCost). Fresh
+  // against fresh is like for like (a shadow's selection is always fresh;
+  // with candidate carry-over the mean is about half of it), but measured
+  // it lets the tree win on the early, easy steps at a narrow width that
+  // later widens: in two whole matrices at 131072 tokens gqa-divergent
+  // ended at 0.946-0.948 of the page oracle with it and 0.951-0.954
+  // without, temperature-spread 0.973-0.978 at 16-18x against 0.981 at
+  // 23-25x. The mean favours the method in use by the carry's saving, the
+  // scan at the start, whose cost moves less with the width
+  // (docs/bench/calib50.md).
+  bool duel_fresh_costs = false;
   // Selections on the method in use between the end of one trial and the
   // next (>= 1), doubled after every trial up to max_method_trial_steps (>=
   // method_trial_steps). Each trial samples every selection until judged
@@ -257,10 +280,13 @@ struct CalibratorReport {
   int64_t last_change_step = 0;  // ShouldSample() calls before the last width change (convergence)
   double last_ratio = 0.0, mean_ratio = 0.0, mean_topk_recall = 0.0;
   SelectMode mode = SelectMode::kTree;
-  int64_t exact_steps = 0;      // selections made exactly (exact fallback)
-  int64_t fallbacks = 0;        // switches from the tree to exact selection
-  int64_t reprobes = 0;         // switches back to the tree to try it again
-  double tree_cost_ns = 0.0;    // mean selection cost at the current width (tree)
+  int64_t exact_steps = 0;    // selections made exactly (exact fallback)
+  int64_t fallbacks = 0;      // switches from the tree to exact selection
+  int64_t reprobes = 0;       // switches back to the tree to try it again
+  double tree_cost_ns = 0.0;  // mean selection cost at the current width (tree)
+  // The same over its fresh selections only (carry age 0; with no carry,
+  // every selection): what the method duel compares (0: none timed yet).
+  double fresh_cost_ns = 0.0;
   double exact_cost_ns = 0.0;   // mean cost of an exact selection / reference
   int64_t sample_interval = 0;  // tree selections between samples once warm, now
   DescentRanking ranking = DescentRanking::kLoudest;  // the descent's ranking now
@@ -282,6 +308,7 @@ struct CalibratorReport {
   bool method_trial = false;
   double other_width = 0.0;
   double other_cost_ns = 0.0;
+  double other_fresh_cost_ns = 0.0;  // its fresh selections' (0: none timed)
   // Candidate carry-over: the selects each fresh one's candidates may serve
   // now (0: off or stopped), times it stopped, and the samples since it
   // last started, carried and fresh, with their mean ratios.
@@ -314,6 +341,11 @@ struct CalibratorArm {
   bool released = false;
   int64_t cost_n = 0;
   double cost = 0.0;
+  // The fresh selections' share of those costs (fresh_cost_n / fresh_cost;
+  // not in snapshots: a restored arm compares its mean cost until it has
+  // timed fresh selections again).
+  int64_t fresh_cost_n = 0;
+  double fresh_cost = 0.0;
   bool tried = false;  // it has selected in this head (parked arm)
 };
 
@@ -467,6 +499,8 @@ class WidthCalibrator {
   void AdaptWidth(double ratio) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Whether the samples at the current width say it misses the target.
   bool MeanMisses() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The standard error of that mean (0 on fewer than 2 samples).
+  double MeanError() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool TrialRunning() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // One paired trial sample; true when it switched the ranking.
   bool ObserveTrial(double ratio, double trial_ratio) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -499,6 +533,12 @@ class WidthCalibrator {
   // last known cost, most often because it was widened since the last
   // trial (ShadowDue starts a trial at once; docs/bench/retrial49.md).
   bool CostlierThanParked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // What the duel compares of the method in use, and of an arm: the mean
+  // cost of all selections at the width, or with duel_fresh_costs that of
+  // the fresh ones once any is timed.
+  double DuelCost() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  double ArmDuelCost(const CalibratorArm& a) const;
+  int64_t DuelCostSamples() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static constexpr double kRetrialMargin = 1.2;
   static constexpr int64_t kRetrialCostSamples = 16;
   static constexpr int64_t kRetrialSpacing = 256;
@@ -508,6 +548,9 @@ class WidthCalibrator {
   // After a sample: starts, judges or ends a trial.
   void Duel() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void StepWidth(double ratio) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The width's factor on a miss decided by `ratio` (CalibratorOptions::
+  // max_increase).
+  double RaiseFactor(double ratio) const;
   // Candidate carry-over: whether a due sample waits because its kind is
   // ahead of its share, one sample's tally and judgement, and the retry.
   // Samples are spread evenly over the ages 0 (fresh) .. carry_steps, so a
@@ -540,9 +583,15 @@ class WidthCalibrator {
   double sum_topk_ ABSL_GUARDED_BY(mu_) = 0.0;
   SampleSchedule schedule_ ABSL_GUARDED_BY(mu_);  // of the tree's selections
   SelectMode mode_ ABSL_GUARDED_BY(mu_) = SelectMode::kTree;
-  bool probing_ ABSL_GUARDED_BY(mu_) = false;      // the tree is on trial after exact
-  int64_t tree_cost_n_ ABSL_GUARDED_BY(mu_) = 0;   // costs at the current width
-  double tree_cost_ ABSL_GUARDED_BY(mu_) = 0.0;    // their (moving) mean
+  bool probing_ ABSL_GUARDED_BY(mu_) = false;     // the tree is on trial after exact
+  int64_t tree_cost_n_ ABSL_GUARDED_BY(mu_) = 0;  // costs at the current width
+  double tree_cost_ ABSL_GUARDED_BY(mu_) = 0.0;   // their (moving) mean
+  // Of those, the fresh selections' (carry age 0; a shadow trial's
+  // selection is always fresh): what the duel compares with
+  // CalibratorOptions::duel_fresh_costs. Not in CalibratorState (a
+  // restored head times them again; until then DuelCost is the mean).
+  int64_t fresh_cost_n_ ABSL_GUARDED_BY(mu_) = 0;
+  double fresh_cost_ ABSL_GUARDED_BY(mu_) = 0.0;
   int64_t exact_cost_n_ ABSL_GUARDED_BY(mu_) = 0;  // exact selections and references timed
   double exact_cost_ ABSL_GUARDED_BY(mu_) = 0.0;   // their (moving) mean
   int64_t exact_run_ ABSL_GUARDED_BY(mu_) = 0;     // exact selections since the fallback

@@ -297,7 +297,7 @@ class SelectorMethod : public TreeMethod {
         "%s%lld changes, %lld "
         "fallbacks, %lld of %lld selections exact, sampled mass ratio %.4f (last %.4f), page "
         "recall %.3f, %lld sampled, %.2f s sampling; steady: 1 in %lld, %.1f%% over %lld steps; "
-        "thread CPU: tree %.0f us at this width, exact %.0f us%s",
+        "thread CPU: tree %.0f us at this width (fresh %.0f), exact %.0f us%s",
         r.mode == SelectMode::kExact ? "EXACT" : std::string(SearchMethodName(r.method)).c_str(),
         std::string(DescentRankingName(r.ranking)).c_str(),
         static_cast<long long>(r.ranking_switches), r.trial_gain, r.width,
@@ -305,17 +305,19 @@ class SelectorMethod : public TreeMethod {
             ? absl::StrFormat("pq factor %.1f", r.pq_factor)
             : absl::StrFormat("fov %d, candidate factor %.1f", r.field_of_view, r.candidate_factor),
         r.other_width > 0
-            ? absl::StrFormat("method duel %lld trials, %lld won%s, other width %.2f at %.0f us, ",
+            ? absl::StrFormat("method duel %lld trials, %lld won%s, other width %.2f at %.0f us "
+                              "(fresh %.0f), ",
                               static_cast<long long>(r.method_trials),
                               static_cast<long long>(r.method_switches),
                               r.method_trial ? " (on trial now)" : "", r.other_width,
-                              r.other_cost_ns / 1e3)
+                              r.other_cost_ns / 1e3, r.other_fresh_cost_ns / 1e3)
             : std::string(),
         static_cast<long long>(r.changes), static_cast<long long>(r.fallbacks),
         static_cast<long long>(r.exact_steps), static_cast<long long>(r.steps), r.mean_ratio,
         r.last_ratio, r.mean_topk_recall, static_cast<long long>(r.samples), times_.sample_s,
         static_cast<long long>(r.sample_interval), 100 * steady,
-        static_cast<long long>(times_.steady_steps), r.tree_cost_ns / 1e3, r.exact_cost_ns / 1e3,
+        static_cast<long long>(times_.steady_steps), r.tree_cost_ns / 1e3, r.fresh_cost_ns / 1e3,
+        r.exact_cost_ns / 1e3,
         params_.carry_steps > 0
             ? absl::StrFormat(
                   "; carry %d (%lld stops; carried %.3f over %lld, fresh %.3f over %lld)",
@@ -599,10 +601,12 @@ absl::StatusOr<std::unique_ptr<TreeMethod>> MakeMethod(const std::string& name, 
     co.min_width = o.calibrate_min_width;
     co.carry_confidence_z = o.calibrate_carry_z;
     co.confirm_every = o.calibrate_confirm_every;
+    co.max_increase = std::max(co.increase, o.calibrate_max_increase);
     co.warmup_every = o.calibrate_warmup_every;
     co.start_width = std::max(co.start_width, co.min_width);
     co.ranking_trial_samples = o.calibrate_ranking_trial;
     co.method_duel = o.calibrate_method_duel;
+    co.duel_fresh_costs = o.calibrate_duel_fresh;
     co.exact_cost_ratio = o.calibrate_exact_cost_ratio;
     co.carry_steps = o.mdci_carry;  // judged per head (Apply sets params.carry_steps)
     co.base_ranking =

@@ -95,6 +95,10 @@ struct SelectBenchOptions {
   // .. calibrate_max_every chosen so the references cost calibrate_share of
   // the selections.
   double mdci_target_mass = 0.0;
+  // --matrix: the target of the token-granular calibrated policy (0: as
+  // mdci_target_mass). Issue 7 asks 0.95 of the page oracle at page
+  // granularity and 0.90 of the token oracle at token granularity.
+  double mdci_token_target_mass = 0.0;
   // mdci: selects of a tree that reuse one fresh select's candidate pages
   // (SelectParams::carry_steps; 0: every select fresh).
   int mdci_carry = 0;
@@ -112,10 +116,12 @@ struct SelectBenchOptions {
   // (CalibratorOptions::confirm_every), and the warm-up's spacing
   // (CalibratorOptions::warmup_every).
   int calibrate_confirm_every = CalibratorOptions{}.confirm_every;
+  double calibrate_max_increase = CalibratorOptions{}.max_increase;
   int calibrate_warmup_every = CalibratorOptions{}.warmup_every;
   // The calibrator's ranking trial: paired samples (0: off).
   int calibrate_ranking_trial = CalibratorOptions{}.ranking_trial_samples;
   bool calibrate_method_duel = CalibratorOptions{}.method_duel;
+  bool calibrate_duel_fresh = CalibratorOptions{}.duel_fresh_costs;
   // The exact fallback's cost threshold (CalibratorOptions::exact_cost_ratio;
   // 0: only when the widest width misses, so no decision depends on timing).
   double calibrate_exact_cost_ratio = CalibratorOptions{}.exact_cost_ratio;

@@ -215,6 +215,9 @@ SelectFlags::SelectFlags(CLI::App* app) {
       "mdci layout: route keys to nodes by MIPS-augmented (1) or plain L2 (0) distance");
   app->add_option("--mdci-target-mass", o_.mdci_target_mass,
                   "mdci: self-calibrate the width to this mass ratio vs exact-mdci (0: off)");
+  app->add_option("--mdci-token-target-mass", o_.mdci_token_target_mass,
+                  "--matrix: the token-granular calibrated policy's target against the exact "
+                  "token oracle (0: as --mdci-target-mass)");
   app->add_option("--calibrate-every", o_.calibrate_every,
                   "mdci calibration: once warm, at least N steps between samples");
   app->add_option("--calibrate-max-every", o_.calibrate_max_every,
@@ -234,6 +237,10 @@ SelectFlags::SelectFlags(CLI::App* app) {
   app->add_option("--calibrate-warmup-every", o_.calibrate_warmup_every,
                   "calibration: the warm-up samples one selection in N")
       ->capture_default_str();
+  app->add_option("--calibrate-max-increase", o_.calibrate_max_increase,
+                  "calibration: a miss by much raises the width by up to this factor, x (1 - "
+                  "ratio) / (1 - target) (1.5 or less: the fixed step of 1.5)")
+      ->capture_default_str();
   app->add_option("--calibrate-confirm-every", o_.calibrate_confirm_every,
                   "calibration: a fresh width whose first sample misses the target takes its "
                   "second N selections on (0: at the steady interval)")
@@ -241,6 +248,10 @@ SelectFlags::SelectFlags(CLI::App* app) {
   app->add_option("--calibrate-ranking-trial", o_.calibrate_ranking_trial,
                   "calibration: sampled steps that also try the other descent ranking (loudest "
                   "vs normalized) before the head keeps the better one (0: off; 8: measured)")
+      ->capture_default_str();
+  app->add_option("--calibrate-duel-fresh", o_.calibrate_duel_fresh,
+                  "calibration: the method duel compares fresh selections' costs (1) or the mean "
+                  "over all selections, carried ones included (0)")
       ->capture_default_str();
   app->add_option("--calibrate-method-duel", o_.calibrate_method_duel,
                   "calibration with --mdci-pq: put the tree on trial against the scan per head "

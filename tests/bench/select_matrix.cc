@@ -78,8 +78,11 @@ absl::StatusOr<FamilyResult> RunFamily(const SelectBenchOptions& o, const std::s
   fo.page_oracle = true;
   std::vector<MethodRun> runs;
   const double target = o.mdci_target_mass > 0 ? o.mdci_target_mass : kDefaultTargetMass;
+  const double token_target = o.mdci_token_target_mass > 0 ? o.mdci_token_target_mass : target;
   for (const Policy& p : kPolicies) {
-    runs.push_back({p.label, p.selector, o.mdci, p.calibrated ? target : 0.0});
+    const bool token = absl::EndsWith(p.selector, "/token");
+    runs.push_back(
+        {p.label, p.selector, o.mdci, p.calibrated ? (token ? token_target : target) : 0.0});
   }
   const int64_t context = (o.tokens > 0 ? o.tokens : 16384) + o.steps + o.chunk_tokens;
   for (const WidthSpec& w : widths) {
@@ -448,6 +451,10 @@ absl::Status RunSelectMatrix(const SelectBenchOptions& o) {
     ASSIGN_OR_RETURN(FamilyResult r, RunFamily(o, f, widths));
     results.push_back(std::move(r));
   }
+  const double target = o.mdci_target_mass > 0 ? o.mdci_target_mass : kDefaultTargetMass;
+  std::printf(
+      "\ncalibration targets: page %.3f of the page oracle, token %.3f of the token oracle\n",
+      target, o.mdci_token_target_mass > 0 ? o.mdci_token_target_mass : target);
   PrintMatrix(results);
   PrintSteadyState(results);
   PrintFrontier(results);
@@ -467,6 +474,9 @@ absl::Status RunSelectMatrix(const SelectBenchOptions& o) {
     config["candidate_factor"] = static_cast<double>(o.mdci.candidate_factor);
     config["layout_margin"] = kLayoutMargin;
     config["target_mass"] = o.mdci_target_mass > 0 ? o.mdci_target_mass : kDefaultTargetMass;
+    config["token_target_mass"] = o.mdci_token_target_mass > 0 ? o.mdci_token_target_mass
+                                  : o.mdci_target_mass > 0     ? o.mdci_target_mass
+                                                               : kDefaultTargetMass;
     config["calibrate_every"] = o.calibrate_every;
     config["calibrate_warmup"] = o.calibrate_warmup;
     config["calibrate_max_every"] = o.calibrate_max_every;
@@ -475,6 +485,8 @@ absl::Status RunSelectMatrix(const SelectBenchOptions& o) {
     config["calibrate_min_width"] = o.calibrate_min_width;
     config["calibrate_carry_z"] = o.calibrate_carry_z;
     config["calibrate_confirm_every"] = o.calibrate_confirm_every;
+    config["calibrate_max_increase"] = o.calibrate_max_increase;
+    config["calibrate_duel_fresh"] = o.calibrate_duel_fresh;
     config["calibrate_warmup_every"] = o.calibrate_warmup_every;
     config["calibrate_ranking_trial"] = o.calibrate_ranking_trial;
     config["calibrate_exact_cost_ratio"] = o.calibrate_exact_cost_ratio;

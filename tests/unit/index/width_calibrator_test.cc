@@ -4,8 +4,10 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <string>
 #include <vector>
 
+#include "absl/strings/str_format.h"
 #include "gtest/gtest.h"
 #include "server/index/owned_page_keys.h"
 #include "tests/support/status_matchers.h"
@@ -46,6 +48,51 @@ TEST(WidthCalibratorTest, ConvergesToTheTargetWithinAFewDozenSamples) {
     EXPECT_LE(converged_at, 24) << "a " << a;
     EXPECT_GE(1.0 - a / c->report().width, 0.95 - 0.01) << "a " << a;
   }
+}
+
+// A width that misses by much is raised by its mean's shortfall, not by
+// the fixed 1.5: where the mass it misses falls as 1 / width, one step of up
+// to 2.25 instead of two. Fewer samples to the target (each a sampling
+// interval apart once warm: hundreds of selections), and no wider than the
+// fixed steps end. (Single samples far below still take the fixed step, so
+// the first raises here are the same.)
+TEST(WidthCalibratorTest, AMissByMuchRaisesTheWidthByItsShortfall) {
+  for (double a : {0.2, 0.5}) {  // needs width 4, 10 for 0.95
+    int samples[2];
+    double width[2];
+    std::string trace;  // the widths sampled, for a failure's message
+    for (int k = 0; k < 2; ++k) {
+      trace += k == 0 ? "by the shortfall:" : "; fixed:";
+      CalibratorOptions o;
+      if (k == 1) o.max_increase = o.increase;  // the fixed step
+      auto c = Make(o);
+      ASSERT_NE(c, nullptr);
+      std::mt19937 rng(7);
+      int n = 0;
+      for (; n < 100 && 1.0 - a / c->report().width < 0.95 - 1e-9; ++n) {
+        const double r = Curve(a, c->report().width, &rng);
+        absl::StrAppendFormat(&trace, " %.2f (%.3f)", c->report().width, r);
+        c->Observe({r, r});
+      }
+      samples[k] = n;
+      width[k] = c->report().width;
+      EXPECT_GE(1.0 - a / width[k], 0.95 - 1e-9) << "a " << a << " k " << k;
+    }
+    EXPECT_LT(samples[0], samples[1]) << "a " << a << ": " << trace;
+    EXPECT_LE(width[0], width[1] * 1.01) << "a " << a << ": " << trace;
+  }
+  // A mean under the target only by its confidence bound, and a single
+  // sample far below, take the fixed step.
+  auto c = Make({});
+  ASSERT_NE(c, nullptr);
+  c->Observe({0.5, 0.5});  // far below (0.15 under): a miss on one sample
+  EXPECT_DOUBLE_EQ(c->report().width, 1.5);
+  for (double r : {0.99, 0.92, 0.99, 0.92}) c->Observe({r, r});  // mean 0.955, se 0.02
+  EXPECT_DOUBLE_EQ(c->report().width, 1.5 * 1.5);
+  // Two samples at 0.8 (mean 0.8, no spread): x (1 - 0.8) / 0.05, capped at 2.25.
+  c->Observe({0.8, 0.8});
+  c->Observe({0.8, 0.8});
+  EXPECT_DOUBLE_EQ(c->report().width, 1.5 * 1.5 * 2.25);
 }
 
 TEST(WidthCalibratorTest, SettlesAndDoesNotOscillate) {
@@ -479,6 +526,7 @@ TEST(WidthCalibratorTest, AFreshWidthsMissIsDecidedAtTheConfirmInterval) {
   o.warmup_samples = 8;
   o.min_width = 1.0;
   o.max_sample_every = 512;
+  o.max_increase = o.increase;  // fixed steps: the misses this test counts
   // The data hardens after the warm-up. Width 8 is six raises of 1.5x. At
   // widths 1 and 1.5 one sample is a miss (far_below); at the next four a
   // miss needs two samples (miss_samples): the first at the steady
@@ -680,6 +728,10 @@ TEST(WidthCalibratorTest, RejectsBadOptions) {
   EXPECT_THAT(
       WidthCalibrator::Create(o, 32, 8.0f).status(),
       StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("exact_cost_ratio")));
+  o = {};
+  o.max_increase = o.increase - 0.1;  // under the fixed step
+  EXPECT_THAT(WidthCalibrator::Create(o, 32, 8.0f).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("max_increase")));
   o = {};
   o.confirm_every = -1;
   EXPECT_THAT(WidthCalibrator::Create(o, 32, 8.0f).status(),
@@ -1080,6 +1132,11 @@ struct SimDuelHead {
   int64_t sampled = 0;   // references taken
   int64_t shadowed = 0;  // of them, with a shadow trial's selection
   std::mt19937 rng{7};
+  // >= 0: with candidate carry-over (carry_steps 1), every other selection
+  // reuses the last fresh one's candidates and costs this, whichever method.
+  double carried_ns = -1.0;
+  double tree_carry_loss = 0.0;  // the tree's carried selections' ratio falls this much
+  int64_t steps = 0;
   // The simulated method, width and cost of a selection made with `p`.
   const SimMethod& MethodOf(const SelectParams& p, double* w, int64_t* cost) const {
     const bool is_scan = p.method == SearchMethod::kScan;
@@ -1094,11 +1151,15 @@ struct SimDuelHead {
     double w = 0.0;
     int64_t cost = 0;
     const SimMethod& m = MethodOf(p, &w, &cost);
-    if (!c->ShouldSample(p, cost)) return;
+    const int age = p.carry_steps > 0 ? static_cast<int>(steps++ % 2) : 0;
+    if (age > 0) cost = static_cast<int64_t>(carried_ns);
+    if (!c->ShouldSample(p, cost, age)) return;
     c->Taken();
     ++sampled;
     QualitySample q{p.exhaustive ? 1.0 : Curve(m.a, w, &rng), 1.0};
+    if (age > 0 && &m == &tree) q.mass_ratio -= tree_carry_loss;
     q.reference_ns = static_cast<int64_t>(exact_ns);
+    q.carried = age > 0;
     SelectParams sp = p;
     if (c->ShadowParams(&sp)) {
       ++shadowed;
@@ -1214,6 +1275,76 @@ TEST(WidthCalibratorTest, TheMethodDuelTriesAgainWhenTheWinnerGrowsCostlier) {
   r = calm->report();
   EXPECT_EQ(r.method, SearchMethod::kTree);
   EXPECT_EQ(r.method_trials, 1);
+}
+
+// With candidate carry-over, half the selections reuse a fresh one's
+// candidates and cost little, whichever the method, while a shadow trial's
+// selection is always fresh. With duel_fresh_costs the duel compares fresh
+// with fresh: the tree, 450 ns fresh against the scan's 600 (both 50
+// carried), wins; by default, against the scan's mean over all selections
+// (325), it loses.
+TEST(WidthCalibratorTest, TheMethodDuelComparesFreshSelectionsWithFreshOnes) {
+  CalibratorOptions o;
+  o.carry_steps = 1;
+  o.duel_fresh_costs = true;  // off by default: docs/bench/calib50.md
+  auto c = MakeDuel(o);
+  ASSERT_NE(c, nullptr);
+  SimDuelHead h{c.get(), {0.02, 600.0, 0.0}, {0.02, 450.0, 0.0}, 3000.0};
+  h.carried_ns = 50.0;
+  for (int i = 0; i < 400; ++i) h.Step();
+  const CalibratorReport r = c->report();
+  EXPECT_GT(r.carry_steps, 0);  // the carry kept on: the samples rate both kinds alike
+  EXPECT_EQ(r.method, SearchMethod::kTree);
+  EXPECT_EQ(r.method_switches, 1);
+  EXPECT_NEAR(r.fresh_cost_ns, 450.0, 1.0);
+  EXPECT_NEAR(r.tree_cost_ns, 250.0, 30.0);        // the mean over fresh and carried
+  EXPECT_NEAR(r.other_fresh_cost_ns, 600.0, 1.0);  // the scan, parked
+
+  // The default (duel_fresh_costs off): the mean over all selections, and
+  // the same tree loses.
+  o.duel_fresh_costs = false;
+  auto before = MakeDuel(o);
+  ASSERT_NE(before, nullptr);
+  SimDuelHead b{before.get(), {0.02, 600.0, 0.0}, {0.02, 450.0, 0.0}, 3000.0};
+  b.carried_ns = 50.0;
+  for (int i = 0; i < 400; ++i) b.Step();
+  EXPECT_EQ(before->report().method, SearchMethod::kScan);
+
+  // Without the carry every selection is fresh, and the same tree wins by
+  // either rule.
+  auto plain = MakeDuel();
+  ASSERT_NE(plain, nullptr);
+  SimDuelHead k{plain.get(), {0.02, 600.0, 0.0}, {0.02, 450.0, 0.0}, 3000.0};
+  for (int i = 0; i < 400; ++i) k.Step();
+  EXPECT_EQ(plain->report().method, SearchMethod::kTree);
+  EXPECT_NEAR(plain->report().fresh_cost_ns, 450.0, 1.0);
+}
+
+// The carry's judgement rates the method in use: a head whose tree's carried
+// selections fell behind (its carry stopped) carries again once the scan,
+// whose carried selections hold, takes the head back.
+TEST(WidthCalibratorTest, AMethodSwitchStartsTheCarryOver) {
+  CalibratorOptions o;
+  o.carry_steps = 1;
+  o.carry_retry_steps = 1 << 20;  // no retry by the wait in this test
+  o.max_carry_retry_steps = 1 << 20;
+  o.method_trial_steps = 8192;
+  auto c = MakeDuel(o);
+  ASSERT_NE(c, nullptr);
+  SimDuelHead h{c.get(), {0.02, 600.0, 0.0}, {0.02, 0.0, 100.0}, 3000.0};
+  h.carried_ns = 50.0;
+  h.tree_carry_loss = 0.2;
+  for (int i = 0; i < 600; ++i) h.Step();
+  CalibratorReport r = c->report();
+  ASSERT_EQ(r.method, SearchMethod::kTree);
+  ASSERT_EQ(r.carry_steps, 0) << "the tree's carried selections fall behind: the carry stops";
+  ASSERT_GE(r.carry_stops, 1);
+  h.tree.a = 0.4;  // the tree now needs width 8: 800 ns against the scan's 600
+  for (int i = 0; i < 4000; ++i) h.Step();
+  r = c->report();
+  EXPECT_EQ(r.method, SearchMethod::kScan);
+  EXPECT_EQ(r.carry_steps, 1) << "the scan carries again";
+  EXPECT_NEAR(r.tree_cost_ns, 325.0, 40.0);  // a fresh 600 and a carried 50, alternating
 }
 
 // On data that does not change, the duel tries the other method ever more

@@ -142,7 +142,9 @@ TEST(SessionQualityTest, CalibratedWidthReachesTheTargetAndSettles) {
     // Converged: the recent ratio is on target, and the width of the last
     // dozen steps did not move more than one notch (no oscillation).
     EXPECT_GE(h.recent_mass_ratio, 0.95 - 0.02);
-    EXPECT_LE(h.width_changes, 12);
+    // 48 samples: a raise sized by a big shortfall (up to x2.25) may take
+    // two or three x0.85 steps back down to its floor, each a change.
+    EXPECT_LE(h.width_changes, 14);
     EXPECT_LE(std::abs(std::log(h.width / width_at_36[h.kv_head])), std::log(1.5) + 1e-9);
     // The ranking duel ran on the sampler: the other ranking selected and
     // rated on every sample (the heads never left the tree here).
