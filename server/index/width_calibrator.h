@@ -17,7 +17,8 @@
 // the standard error over min(samples, window)) below the target once it
 // rests on `settle_samples`, or one sample more than `far_below` under the
 // target -- raises w at once
-// (x increase) and sets a floor just above the width that missed. A mean
+// (x increase; a miss of the mean by much, up to x max_increase, by its
+// shortfall) and sets a floor just above the width that missed. A mean
 // >= target + hysteresis over `settle_samples` samples lowers it slowly
 // (x decrease), never below the floor. The floor itself is lowered only after
 // a long comfortable streak, and the streak needed doubles each time lowering
