@@ -286,7 +286,8 @@ struct CalibratorReport {
   int64_t reprobes = 0;       // switches back to the tree to try it again
   double tree_cost_ns = 0.0;  // mean selection cost at the current width (tree)
   // The same over its fresh selections only (carry age 0; with no carry,
-  // every selection): what the method duel compares (0: none timed yet).
+  // every selection): what the method duel compares with
+  // CalibratorOptions::duel_fresh_costs (0: none timed yet).
   double fresh_cost_ns = 0.0;
   double exact_cost_ns = 0.0;   // mean cost of an exact selection / reference
   int64_t sample_interval = 0;  // tree selections between samples once warm, now
