@@ -45,6 +45,15 @@ const Policy kPolicies[] = {
 };
 constexpr double kDefaultTargetMass = 0.95;
 
+// The calibrated policies' targets: page granularity's (--mdci-target-mass),
+// and token granularity's (--mdci-token-target-mass, else the page one).
+double PageTarget(const SelectBenchOptions& o) {
+  return o.mdci_target_mass > 0 ? o.mdci_target_mass : kDefaultTargetMass;
+}
+double TokenTarget(const SelectBenchOptions& o) {
+  return o.mdci_token_target_mass > 0 ? o.mdci_token_target_mass : PageTarget(o);
+}
+
 // The layout must win by this fraction of mass to count as paying.
 constexpr double kLayoutMargin = 0.02;
 
@@ -77,12 +86,9 @@ absl::StatusOr<FamilyResult> RunFamily(const SelectBenchOptions& o, const std::s
   fo.dump_dir.clear();
   fo.page_oracle = true;
   std::vector<MethodRun> runs;
-  const double target = o.mdci_target_mass > 0 ? o.mdci_target_mass : kDefaultTargetMass;
-  const double token_target = o.mdci_token_target_mass > 0 ? o.mdci_token_target_mass : target;
   for (const Policy& p : kPolicies) {
-    const bool token = absl::EndsWith(p.selector, "/token");
-    runs.push_back(
-        {p.label, p.selector, o.mdci, p.calibrated ? (token ? token_target : target) : 0.0});
+    const double target = absl::EndsWith(p.selector, "/token") ? TokenTarget(o) : PageTarget(o);
+    runs.push_back({p.label, p.selector, o.mdci, p.calibrated ? target : 0.0});
   }
   const int64_t context = (o.tokens > 0 ? o.tokens : 16384) + o.steps + o.chunk_tokens;
   for (const WidthSpec& w : widths) {
@@ -451,10 +457,9 @@ absl::Status RunSelectMatrix(const SelectBenchOptions& o) {
     ASSIGN_OR_RETURN(FamilyResult r, RunFamily(o, f, widths));
     results.push_back(std::move(r));
   }
-  const double target = o.mdci_target_mass > 0 ? o.mdci_target_mass : kDefaultTargetMass;
   std::printf(
       "\ncalibration targets: page %.3f of the page oracle, token %.3f of the token oracle\n",
-      target, o.mdci_token_target_mass > 0 ? o.mdci_token_target_mass : target);
+      PageTarget(o), TokenTarget(o));
   PrintMatrix(results);
   PrintSteadyState(results);
   PrintFrontier(results);
@@ -473,10 +478,8 @@ absl::Status RunSelectMatrix(const SelectBenchOptions& o) {
     config["field_of_view"] = o.mdci.field_of_view;
     config["candidate_factor"] = static_cast<double>(o.mdci.candidate_factor);
     config["layout_margin"] = kLayoutMargin;
-    config["target_mass"] = o.mdci_target_mass > 0 ? o.mdci_target_mass : kDefaultTargetMass;
-    config["token_target_mass"] = o.mdci_token_target_mass > 0 ? o.mdci_token_target_mass
-                                  : o.mdci_target_mass > 0     ? o.mdci_target_mass
-                                                               : kDefaultTargetMass;
+    config["target_mass"] = PageTarget(o);
+    config["token_target_mass"] = TokenTarget(o);
     config["calibrate_every"] = o.calibrate_every;
     config["calibrate_warmup"] = o.calibrate_warmup;
     config["calibrate_max_every"] = o.calibrate_max_every;
