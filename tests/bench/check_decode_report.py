@@ -4,6 +4,7 @@ of the configuration in every context with its figures in range, and the
 batch sweep when one was asked for. Exit 1 naming what is wrong."""
 import json
 import math
+import os
 import sys
 
 
@@ -21,6 +22,7 @@ def main(path):
     cfg = report.get("config", {})
     wanted = cfg.get("policies") or fail("config.policies missing")
     contexts = report.get("contexts") or fail("no contexts")
+    spawned = "spawned" in cfg.get("where", "")
     for c in contexts:
         got = [p["policy"] for p in c["policies"]]
         if got != wanted:
@@ -69,6 +71,17 @@ def main(path):
                     if not p["per_token_ms"][part] > 0:
                         fail(f"{name}: per_token_ms.{part} {p['per_token_ms'][part]}: "
                              "the daemon reported no time of its own")
+                # A spawned daemon's CPU time: where the prefill's and the
+                # steps' wall time went.
+                if spawned:
+                    for key in ("prefill_daemon_cpu_s", "prefill_client_cpu_s",
+                                "decode_daemon_cpu_ms_per_token"):
+                        v = p.get(key)
+                        if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+                            fail(f"{name}: {key} {v}")
+                    cores = p.get("decode_daemon_cores")
+                    if not (isinstance(cores, (int, float)) and 0 <= cores <= 1.5 * os.cpu_count()):
+                        fail(f"{name}: decode_daemon_cores {cores} ({os.cpu_count()} cores)")
                 monitor = p.get("quality_monitor")
                 if monitor is None or (p["selector"] == "mdci" and not monitor["monitored"]):
                     fail(f"{name}: quality_monitor {monitor} (icecached monitors mdci)")
@@ -82,6 +95,10 @@ def main(path):
                             fail(f"{name}: quality_monitor.{key} {v} ({heads} heads)")
                     if not isinstance(monitor.get("carry_stopped"), bool):
                         fail(f"{name}: quality_monitor.carry_stopped {monitor.get('carry_stopped')}")
+        for b in c["batches"]:
+            cores = b.get("daemon_cores")
+            if spawned and not (isinstance(cores, (int, float)) and 0 <= cores <= 1.5 * os.cpu_count()):
+                fail(f"batch {b['batch']}: daemon_cores {cores} ({os.cpu_count()} cores)")
         batches = [b["batch"] for b in c["batches"]]
         if max(cfg["batch"]) > 1 and batches != cfg["batch"]:
             fail(f"context {c['tokens']}: batches {batches}, expected {cfg['batch']}")

@@ -15,6 +15,7 @@
 #define ICECACHE_TESTS_BENCH_DECODE_BACKEND_H_
 
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -147,6 +148,12 @@ class DecodeBackend {
   virtual absl::Status Drop(const std::string& id) = 0;
   // The session's quality monitor (monitored false when it has none).
   virtual absl::StatusOr<MonitorSummary> Monitor(const std::string& id) = 0;
+  // The CPU time (user + system, seconds) the daemon process has used so
+  // far: where the time of a prefill or a step went (a slow run that used
+  // more CPU did more work or ran slower per instruction; one that used less
+  // waited). NaN where it cannot be read: a daemon this process did not
+  // spawn, or the in-process backend (whose time is this process's own).
+  virtual double DaemonCpuSeconds() const { return std::numeric_limits<double>::quiet_NaN(); }
 };
 
 // Spawns `spawn_binary` (when not empty) with a pool of `capacity_bytes`, or

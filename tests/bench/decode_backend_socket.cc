@@ -9,6 +9,7 @@
 #include "client/daemon_process.h"
 #include "common/status_macros.h"
 #include "tests/bench/decode_backend.h"
+#include "tests/bench/process_cpu.h"
 
 namespace icecache::bench {
 namespace {
@@ -180,6 +181,11 @@ class SocketBackend : public DecodeBackend {
                                                         ToOptions(select)));
     for (const auto& r : results) RETURN_IF_ERROR(r.status());
     return absl::OkStatus();
+  }
+
+  double DaemonCpuSeconds() const override {
+    return daemon_ != nullptr ? ProcessCpuSeconds(daemon_->pid())
+                              : std::numeric_limits<double>::quiet_NaN();
   }
 
   absl::StatusOr<MonitorSummary> Monitor(const std::string& id) override {

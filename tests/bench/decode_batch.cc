@@ -7,6 +7,7 @@
 // for another session's background builds or first self-calibration.
 #include <algorithm>
 #include <chrono>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -109,13 +110,18 @@ absl::StatusOr<std::vector<BatchResult>> RunBatches(const DecodeContext& ctx, in
   for (int b : o.batch) {
     RETURN_IF_ERROR(BatchStep(ctx, p, ids, b, layers, 0));  // warm-up
     std::vector<double> ms;
+    const double daemon0 = ctx.main->DaemonCpuSeconds();
     for (int s = 0; s < ctx.model->steps(); ++s) {
       const auto t0 = Clock::now();
       RETURN_IF_ERROR(BatchStep(ctx, p, ids, b, layers, s));
       ms.push_back(MsSince(t0));
     }
-    std::sort(ms.begin(), ms.end());
     BatchResult r;
+    double wall_ms = 0;
+    for (double x : ms) wall_ms += x;
+    r.daemon_cores = wall_ms > 0 ? (ctx.main->DaemonCpuSeconds() - daemon0) * 1000.0 / wall_ms
+                                 : std::numeric_limits<double>::quiet_NaN();
+    std::sort(ms.begin(), ms.end());
     r.batch = b;
     r.step_ms = ms[ms.size() / 2] * o.layers / layers;
     r.tokens_per_s = b / (r.step_ms / 1000.0);

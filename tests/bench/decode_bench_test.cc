@@ -3,6 +3,9 @@
 // measures against their definitions.
 #include "tests/bench/decode_bench.h"
 
+#include <unistd.h>
+
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -14,6 +17,7 @@
 #include "tests/bench/decode_attention.h"
 #include "tests/bench/decode_flags.h"
 #include "tests/bench/decode_model.h"
+#include "tests/bench/process_cpu.h"
 #include "tests/support/status_matchers.h"
 
 namespace icecache::bench {
@@ -258,6 +262,30 @@ TEST(DecodeAttentionTest, OracleTakesSinksThenTheHeaviestTokens) {
   const std::vector<int32_t> best(oracle.begin() + 4, oracle.end());
   EXPECT_GT(MassRecall(r.k.data(), r.d, best, r.q.data(), r.g, lse.data(), &scratch),
             MassRecall(r.k.data(), r.d, others, r.q.data(), r.g, lse.data(), &scratch));
+}
+
+TEST(ProcessCpuTest, StatTicksAreUtimePlusStimeCountedFromTheLastParenthesis) {
+  // A command name with spaces and parentheses: fields count from the last ')'.
+  EXPECT_EQ(StatCpuTicks("4242 (icecached (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 "
+                         "1234 56 0 0 20 0 9 0 77 1000 200"),
+            1234 + 56);
+  EXPECT_EQ(StatCpuTicks("4242 (icecached) S 1 2 3"), -1);  // too few fields
+  EXPECT_EQ(StatCpuTicks("no parenthesis"), -1);
+  EXPECT_EQ(StatCpuTicks("1 (a) S 1 1 1 0 -1 0 0 0 0 0 x 3"), -1);  // not a number
+}
+
+TEST(ProcessCpuTest, ThisProcessCountsItsOwnWorkAndAMissingOneIsNaN) {
+  const double before = ProcessCpuSeconds();
+  const double proc_before = ProcessCpuSeconds(getpid());
+  // Work for about 50 ms of CPU (clock ticks are 10 ms).
+  const auto t0 = std::chrono::steady_clock::now();
+  volatile double sink = 0;
+  while (std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(50)) sink = sink + 1.0;
+  EXPECT_GT(ProcessCpuSeconds(), before);
+  ASSERT_TRUE(std::isfinite(proc_before));
+  EXPECT_GE(ProcessCpuSeconds(getpid()), proc_before);
+  EXPECT_TRUE(std::isnan(ProcessCpuSeconds(pid_t{0})));
+  EXPECT_TRUE(std::isnan(ProcessCpuSeconds(pid_t{-1})));
 }
 
 }  // namespace

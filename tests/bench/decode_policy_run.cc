@@ -11,6 +11,7 @@
 #include "absl/strings/str_format.h"
 #include "common/status_macros.h"
 #include "tests/bench/decode_attention.h"
+#include "tests/bench/process_cpu.h"
 
 namespace icecache::bench {
 namespace {
@@ -488,16 +489,25 @@ absl::StatusOr<PolicyResult> RunSelectorPolicy(const DecodeContext& ctx,
   const int chunk = std::max(1, 4 / policy.layer_reuse) * policy.layer_reuse;
   {
     ProgressLine bar(o.progress, absl::StrCat(policy.name, " prefill"), m.layers());
+    const double daemon0 = ctx.main->DaemonCpuSeconds(), client0 = ProcessCpuSeconds();
     ASSIGN_OR_RETURN(const double seconds, Prefill(ctx, *ctx.main, id, m.layers(), chunk, &bar));
     r.prefill_s = seconds * ctx.scale;
+    r.prefill_daemon_cpu_s = (ctx.main->DaemonCpuSeconds() - daemon0) * ctx.scale;
+    r.prefill_client_cpu_s = (ProcessCpuSeconds() - client0) * ctx.scale;
   }
   Tally t(m.steps(), m.layers());
   {
     ProgressLine bar(o.progress, absl::StrCat(policy.name, " decode"), m.steps());
+    const double daemon0 = ctx.main->DaemonCpuSeconds();
+    const auto t0 = Clock::now();
     for (int s = 0; s < m.steps(); ++s) {
       RETURN_IF_ERROR(DecodeOneStep(ctx, policy, id, cid, s, &t));
       bar.Set(s + 1, "steps");
     }
+    const double wall_s = std::chrono::duration<double>(Clock::now() - t0).count();
+    const double daemon_s = ctx.main->DaemonCpuSeconds() - daemon0;
+    r.decode_daemon_cpu_ms = daemon_s * 1000.0 * ctx.scale / std::max(1, m.steps());
+    r.decode_daemon_cores = wall_s > 0 ? daemon_s / wall_s : kNaN;
   }
   ASSIGN_OR_RETURN(r.monitor, ctx.main->Monitor(id));
   ASSIGN_OR_RETURN(r.companion_monitor, ctx.companion->Monitor(cid));

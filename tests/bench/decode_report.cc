@@ -78,6 +78,10 @@ Json PolicyJson(const PolicyResult& p) {
           {"min_layer_mass_recall", p.min_layer_mass},
           {"output_rel_error", p.error},
           {"layer_mass_recall", p.layer_mass},
+          {"prefill_daemon_cpu_s", Num(p.prefill_daemon_cpu_s)},
+          {"prefill_client_cpu_s", Num(p.prefill_client_cpu_s)},
+          {"decode_daemon_cpu_ms_per_token", Num(p.decode_daemon_cpu_ms)},
+          {"decode_daemon_cores", Num(p.decode_daemon_cores)},
           {"layer_output_rel_error", p.layer_error},
           {"prefetch", p.policy.prefetch},
           {"in_place", p.policy.in_place},
@@ -133,6 +137,27 @@ std::string MonitorLine(const MonitorSummary& m) {
       m.selection_ms, m.carrying_heads, static_cast<int>(w.size()), m.carry_stopped_heads,
       static_cast<long long>(m.carried_selections),
       m.carry_stopped ? " (the session's pooled judgement has it stopped)" : "");
+}
+
+// Where the prefill's and the steps' wall time went, for a spawned daemon
+// (nothing where no policy has the figures).
+void PrintDaemonCpu(const ContextResult& c) {
+  bool any = false;
+  for (const PolicyResult& p : c.policies) any = any || std::isfinite(p.prefill_daemon_cpu_s);
+  if (!any) return;
+  std::printf(
+      "CPU time (the spawned daemon's user + system, /proc; this process's beside it; cores = "
+      "CPU / wall):\n");
+  for (const PolicyResult& p : c.policies) {
+    if (!std::isfinite(p.prefill_daemon_cpu_s)) continue;
+    std::printf(
+        "  %-10s prefill: daemon %s s (%s cores), this process %s s; decode steps: daemon %s ms "
+        "per token (%s cores)\n",
+        p.policy.name.c_str(), Fmt("%.2f", p.prefill_daemon_cpu_s).c_str(),
+        Fmt("%.2f", p.prefill_daemon_cpu_s / p.prefill_s).c_str(),
+        Fmt("%.2f", p.prefill_client_cpu_s).c_str(), Fmt("%.1f", p.decode_daemon_cpu_ms).c_str(),
+        Fmt("%.2f", p.decode_daemon_cores).c_str());
+  }
 }
 
 void PrintMonitors(const ContextResult& c) {
@@ -275,19 +300,22 @@ void PrintContext(const DecodeBenchOptions& o, const ContextResult& c) {
                 Fmt("%.2f", p.mean_cost.select).c_str(), Fmt("%.2f", p.mean_cost.gather).c_str(),
                 Fmt("%.2f", p.mean_cost.rpc).c_str());
   }
+  PrintDaemonCpu(c);
   PrintMonitors(c);
   PrintPrefetch(c);
   PrintInPlace(c);
   if (!c.batches.empty()) {
-    TextTable b({"BATCH", "STEP_MS", "TOKENS_PER_S", "VS_BATCH_1"});
+    TextTable b({"BATCH", "STEP_MS", "TOKENS_PER_S", "VS_BATCH_1", "DAEMON_CORES"});
     for (const BatchResult& r : c.batches) {
       b.AddRow({absl::StrCat(r.batch), Fmt("%.1f", r.step_ms), Fmt("%.1f", r.tokens_per_s),
-                Fmt("%.2fx", r.speedup)});
+                Fmt("%.2fx", r.speedup), Fmt("%.2f", r.daemon_cores)});
     }
     std::printf(
         "batched decode (%s, %d layers per session, scaled to %d; select + gather + RPC, "
-        "no attention):\n%s",
-        c.batch_policy.c_str(), c.batch_layers, o.layers, b.Render().c_str());
+        "no attention; DAEMON_CORES: the spawned daemon's CPU time over the steps' wall, of "
+        "%u cores):\n%s",
+        c.batch_policy.c_str(), c.batch_layers, o.layers, std::thread::hardware_concurrency(),
+        b.Render().c_str());
   }
   std::printf(
       "paper rows: Llama-3.1-8B at 36k tokens on an H100 + 64 CPU threads (TPOT 110 ms of which "
@@ -351,7 +379,8 @@ Json DecodeReportJson(const DecodeBenchOptions& o, const std::vector<ContextResu
       batches.push_back({{"batch", b.batch},
                          {"step_ms", b.step_ms},
                          {"tokens_per_s", b.tokens_per_s},
-                         {"vs_batch_1", b.speedup}});
+                         {"vs_batch_1", b.speedup},
+                         {"daemon_cores", Num(b.daemon_cores)}});
     }
     report["contexts"].push_back({{"tokens", c.tokens},
                                   {"layers_run", c.layers},

@@ -70,6 +70,15 @@ struct PolicyResult {
   // The quality monitors after the decode steps: the measured backend's
   // session (the daemon's) and the companion's.
   MonitorSummary monitor, companion_monitor;
+  // Where the time went (DecodeBackend::DaemonCpuSeconds: a spawned
+  // daemon's user + system time; NaN otherwise): the daemon's and this
+  // process's CPU over the prefill (scaled like prefill_s, so / prefill_s
+  // gives the cores busy), and the daemon's over the decode steps, per token
+  // (scaled like the times; selection, gather, references, appends, ring).
+  double prefill_daemon_cpu_s = std::numeric_limits<double>::quiet_NaN();
+  double prefill_client_cpu_s = std::numeric_limits<double>::quiet_NaN();
+  double decode_daemon_cpu_ms = std::numeric_limits<double>::quiet_NaN();
+  double decode_daemon_cores = std::numeric_limits<double>::quiet_NaN();  // over the steps' wall
 };
 
 struct BatchResult {
@@ -77,6 +86,10 @@ struct BatchResult {
   double step_ms = 0;  // one token of every sequence, all layers (scaled)
   double tokens_per_s = 0;
   double speedup = 0;  // aggregate tokens/s over batch 1's
+  // The daemon's cores busy over the timed steps (its CPU time / their
+  // wall; NaN: not a spawned daemon): near the machine's cores, a batch
+  // has nothing idle left to fill.
+  double daemon_cores = std::numeric_limits<double>::quiet_NaN();
 };
 
 struct ContextResult {

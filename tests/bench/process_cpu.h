@@ -1,0 +1,27 @@
+// CPU time of this process and of a child (the daemon a benchmark spawned):
+// where a phase's wall time went (`icecache-bench decode` reports the
+// daemon's cores busy during the prefill, the decode steps and each batch).
+#ifndef ICECACHE_TESTS_BENCH_PROCESS_CPU_H_
+#define ICECACHE_TESTS_BENCH_PROCESS_CPU_H_
+
+#include <sys/types.h>
+
+#include <string_view>
+
+namespace icecache::bench {
+
+// This process's CPU time so far (user + system, every thread), s.
+double ProcessCpuSeconds();
+
+// A process's CPU time so far from /proc/<pid>/stat (utime + stime), s; NaN
+// when it cannot be read (no such process, no procfs).
+double ProcessCpuSeconds(pid_t pid);
+
+// utime + stime in clock ticks from the text of a /proc/<pid>/stat file; -1
+// when it is not one. The command name (field 2) may hold spaces and
+// parentheses, so the fields are counted from the last ')'.
+long long StatCpuTicks(std::string_view stat);
+
+}  // namespace icecache::bench
+
+#endif  // ICECACHE_TESTS_BENCH_PROCESS_CPU_H_
