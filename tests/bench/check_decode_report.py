@@ -74,7 +74,8 @@ def main(path):
                 # A spawned daemon's CPU time: where the prefill's and the
                 # steps' wall time went.
                 if spawned:
-                    for key in ("prefill_daemon_cpu_s", "prefill_client_cpu_s",
+                    for key in ("prefill_daemon_cpu_s", "prefill_daemon_system_s",
+                                "prefill_client_cpu_s",
                                 "decode_daemon_cpu_ms_per_token"):
                         v = p.get(key)
                         if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):

@@ -153,7 +153,12 @@ class DecodeBackend {
   // more CPU did more work or ran slower per instruction; one that used less
   // waited). NaN where it cannot be read: a daemon this process did not
   // spawn, or the in-process backend (whose time is this process's own).
-  virtual double DaemonCpuSeconds() const { return std::numeric_limits<double>::quiet_NaN(); }
+  // `system`, when not null: the kernel's part of it (page faults, system
+  // calls).
+  virtual double DaemonCpuSeconds(double* system = nullptr) const {
+    if (system != nullptr) *system = std::numeric_limits<double>::quiet_NaN();
+    return std::numeric_limits<double>::quiet_NaN();
+  }
 };
 
 // Spawns `spawn_binary` (when not empty) with a pool of `capacity_bytes`, or

@@ -183,9 +183,11 @@ class SocketBackend : public DecodeBackend {
     return absl::OkStatus();
   }
 
-  double DaemonCpuSeconds() const override {
-    return daemon_ != nullptr ? ProcessCpuSeconds(daemon_->pid())
-                              : std::numeric_limits<double>::quiet_NaN();
+  double DaemonCpuSeconds(double* system) const override {
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    const CpuTimes t = daemon_ != nullptr ? ProcessCpuTimes(daemon_->pid()) : CpuTimes{nan, nan};
+    if (system != nullptr) *system = t.system;
+    return t.total;
   }
 
   absl::StatusOr<MonitorSummary> Monitor(const std::string& id) override {

@@ -266,9 +266,12 @@ TEST(DecodeAttentionTest, OracleTakesSinksThenTheHeaviestTokens) {
 
 TEST(ProcessCpuTest, StatTicksAreUtimePlusStimeCountedFromTheLastParenthesis) {
   // A command name with spaces and parentheses: fields count from the last ')'.
+  long long system = -1;
   EXPECT_EQ(StatCpuTicks("4242 (icecached (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 "
-                         "1234 56 0 0 20 0 9 0 77 1000 200"),
+                         "1234 56 0 0 20 0 9 0 77 1000 200",
+                         &system),
             1234 + 56);
+  EXPECT_EQ(system, 56);
   EXPECT_EQ(StatCpuTicks("4242 (icecached) S 1 2 3"), -1);  // too few fields
   EXPECT_EQ(StatCpuTicks("no parenthesis"), -1);
   EXPECT_EQ(StatCpuTicks("1 (a) S 1 1 1 0 -1 0 0 0 0 0 x 3"), -1);  // not a number
@@ -286,6 +289,9 @@ TEST(ProcessCpuTest, ThisProcessCountsItsOwnWorkAndAMissingOneIsNaN) {
   EXPECT_GE(ProcessCpuSeconds(getpid()), proc_before);
   EXPECT_TRUE(std::isnan(ProcessCpuSeconds(pid_t{0})));
   EXPECT_TRUE(std::isnan(ProcessCpuSeconds(pid_t{-1})));
+  const CpuTimes t = ProcessCpuTimes(getpid());
+  EXPECT_GE(t.system, 0.0);
+  EXPECT_LE(t.system, t.total);
 }
 
 }  // namespace

@@ -489,10 +489,12 @@ absl::StatusOr<PolicyResult> RunSelectorPolicy(const DecodeContext& ctx,
   const int chunk = std::max(1, 4 / policy.layer_reuse) * policy.layer_reuse;
   {
     ProgressLine bar(o.progress, absl::StrCat(policy.name, " prefill"), m.layers());
-    const double daemon0 = ctx.main->DaemonCpuSeconds(), client0 = ProcessCpuSeconds();
+    double sys0 = 0, sys1 = 0;
+    const double daemon0 = ctx.main->DaemonCpuSeconds(&sys0), client0 = ProcessCpuSeconds();
     ASSIGN_OR_RETURN(const double seconds, Prefill(ctx, *ctx.main, id, m.layers(), chunk, &bar));
     r.prefill_s = seconds * ctx.scale;
-    r.prefill_daemon_cpu_s = (ctx.main->DaemonCpuSeconds() - daemon0) * ctx.scale;
+    r.prefill_daemon_cpu_s = (ctx.main->DaemonCpuSeconds(&sys1) - daemon0) * ctx.scale;
+    r.prefill_daemon_system_s = (sys1 - sys0) * ctx.scale;
     r.prefill_client_cpu_s = (ProcessCpuSeconds() - client0) * ctx.scale;
   }
   Tally t(m.steps(), m.layers());

@@ -79,6 +79,7 @@ Json PolicyJson(const PolicyResult& p) {
           {"output_rel_error", p.error},
           {"layer_mass_recall", p.layer_mass},
           {"prefill_daemon_cpu_s", Num(p.prefill_daemon_cpu_s)},
+          {"prefill_daemon_system_s", Num(p.prefill_daemon_system_s)},
           {"prefill_client_cpu_s", Num(p.prefill_client_cpu_s)},
           {"decode_daemon_cpu_ms_per_token", Num(p.decode_daemon_cpu_ms)},
           {"decode_daemon_cores", Num(p.decode_daemon_cores)},
@@ -151,9 +152,10 @@ void PrintDaemonCpu(const ContextResult& c) {
   for (const PolicyResult& p : c.policies) {
     if (!std::isfinite(p.prefill_daemon_cpu_s)) continue;
     std::printf(
-        "  %-10s prefill: daemon %s s (%s cores), this process %s s; decode steps: daemon %s ms "
-        "per token (%s cores)\n",
+        "  %-10s prefill: daemon %s s (%s of it system; %s cores), this process %s s; decode "
+        "steps: daemon %s ms per token (%s cores)\n",
         p.policy.name.c_str(), Fmt("%.2f", p.prefill_daemon_cpu_s).c_str(),
+        Fmt("%.2f", p.prefill_daemon_system_s).c_str(),
         Fmt("%.2f", p.prefill_daemon_cpu_s / p.prefill_s).c_str(),
         Fmt("%.2f", p.prefill_client_cpu_s).c_str(), Fmt("%.1f", p.decode_daemon_cpu_ms).c_str(),
         Fmt("%.2f", p.decode_daemon_cores).c_str());

@@ -76,6 +76,7 @@ struct PolicyResult {
   // gives the cores busy), and the daemon's over the decode steps, per token
   // (scaled like the times; selection, gather, references, appends, ring).
   double prefill_daemon_cpu_s = std::numeric_limits<double>::quiet_NaN();
+  double prefill_daemon_system_s = std::numeric_limits<double>::quiet_NaN();  // of it, the kernel's
   double prefill_client_cpu_s = std::numeric_limits<double>::quiet_NaN();
   double decode_daemon_cpu_ms = std::numeric_limits<double>::quiet_NaN();
   double decode_daemon_cores = std::numeric_limits<double>::quiet_NaN();  // over the steps' wall

@@ -24,7 +24,7 @@ double ProcessCpuSeconds() {
   return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
 }
 
-long long StatCpuTicks(std::string_view stat) {
+long long StatCpuTicks(std::string_view stat, long long* system) {
   const size_t close = stat.rfind(')');
   if (close == std::string_view::npos) return -1;
   // After "pid (comm)": field 3 (state) is the first; utime and stime are
@@ -36,20 +36,23 @@ long long StatCpuTicks(std::string_view stat) {
       utime < 0 || stime < 0) {
     return -1;
   }
+  if (system != nullptr) *system = stime;
   return utime + stime;
 }
 
-double ProcessCpuSeconds(pid_t pid) {
+CpuTimes ProcessCpuTimes(pid_t pid) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  if (pid <= 0) return nan;
+  if (pid <= 0) return {nan, nan};
   std::ifstream in(absl::StrCat("/proc/", pid, "/stat"));
-  if (!in) return nan;
+  if (!in) return {nan, nan};
   std::stringstream text;
   text << in.rdbuf();
-  const long long ticks = StatCpuTicks(text.str());
+  long long system = 0;
+  const long long ticks = StatCpuTicks(text.str(), &system);
   const long hz = sysconf(_SC_CLK_TCK);
-  if (ticks < 0 || hz <= 0) return nan;
-  return static_cast<double>(ticks) / static_cast<double>(hz);
+  if (ticks < 0 || hz <= 0) return {nan, nan};
+  return {static_cast<double>(ticks) / static_cast<double>(hz),
+          static_cast<double>(system) / static_cast<double>(hz)};
 }
 
 }  // namespace icecache::bench

@@ -13,14 +13,20 @@ namespace icecache::bench {
 // This process's CPU time so far (user + system, every thread), s.
 double ProcessCpuSeconds();
 
-// A process's CPU time so far from /proc/<pid>/stat (utime + stime), s; NaN
-// when it cannot be read (no such process, no procfs).
-double ProcessCpuSeconds(pid_t pid);
+// A process's CPU time so far from /proc/<pid>/stat, s: user + system, and
+// system alone (the kernel's share: page faults, system calls); NaN when it
+// cannot be read (no such process, no procfs).
+struct CpuTimes {
+  double total = 0, system = 0;
+};
+CpuTimes ProcessCpuTimes(pid_t pid);
+inline double ProcessCpuSeconds(pid_t pid) { return ProcessCpuTimes(pid).total; }
 
-// utime + stime in clock ticks from the text of a /proc/<pid>/stat file; -1
-// when it is not one. The command name (field 2) may hold spaces and
-// parentheses, so the fields are counted from the last ')'.
-long long StatCpuTicks(std::string_view stat);
+// utime + stime in clock ticks from the text of a /proc/<pid>/stat file, and
+// stime alone in `*system` (when not null); -1 when it is not one. The
+// command name (field 2) may hold spaces and parentheses, so the fields are
+// counted from the last ')'.
+long long StatCpuTicks(std::string_view stat, long long* system = nullptr);
 
 }  // namespace icecache::bench
 
