@@ -23,6 +23,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "tests/bench/process_cpu.h"
 
 namespace icecache::bench {
 
@@ -153,11 +154,10 @@ class DecodeBackend {
   // more CPU did more work or ran slower per instruction; one that used less
   // waited). NaN where it cannot be read: a daemon this process did not
   // spawn, or the in-process backend (whose time is this process's own).
-  // `system`, when not null: the kernel's part of it (page faults, system
-  // calls).
-  virtual double DaemonCpuSeconds(double* system = nullptr) const {
-    if (system != nullptr) *system = std::numeric_limits<double>::quiet_NaN();
-    return std::numeric_limits<double>::quiet_NaN();
+  // `system` is the kernel's part of it (page faults, system calls).
+  virtual CpuTimes DaemonCpu() const {
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    return {nan, nan};
   }
 };
 

@@ -9,7 +9,6 @@
 #include "client/daemon_process.h"
 #include "common/status_macros.h"
 #include "tests/bench/decode_backend.h"
-#include "tests/bench/process_cpu.h"
 
 namespace icecache::bench {
 namespace {
@@ -183,11 +182,8 @@ class SocketBackend : public DecodeBackend {
     return absl::OkStatus();
   }
 
-  double DaemonCpuSeconds(double* system) const override {
-    const double nan = std::numeric_limits<double>::quiet_NaN();
-    const CpuTimes t = daemon_ != nullptr ? ProcessCpuTimes(daemon_->pid()) : CpuTimes{nan, nan};
-    if (system != nullptr) *system = t.system;
-    return t.total;
+  CpuTimes DaemonCpu() const override {
+    return daemon_ != nullptr ? ProcessCpuTimes(daemon_->pid()) : DecodeBackend::DaemonCpu();
   }
 
   absl::StatusOr<MonitorSummary> Monitor(const std::string& id) override {

@@ -110,7 +110,7 @@ absl::StatusOr<std::vector<BatchResult>> RunBatches(const DecodeContext& ctx, in
   for (int b : o.batch) {
     RETURN_IF_ERROR(BatchStep(ctx, p, ids, b, layers, 0));  // warm-up
     std::vector<double> ms;
-    const double daemon0 = ctx.main->DaemonCpuSeconds();
+    const double daemon0 = ctx.main->DaemonCpu().total;
     for (int s = 0; s < ctx.model->steps(); ++s) {
       const auto t0 = Clock::now();
       RETURN_IF_ERROR(BatchStep(ctx, p, ids, b, layers, s));
@@ -119,7 +119,7 @@ absl::StatusOr<std::vector<BatchResult>> RunBatches(const DecodeContext& ctx, in
     BatchResult r;
     double wall_ms = 0;
     for (double x : ms) wall_ms += x;
-    r.daemon_cores = wall_ms > 0 ? (ctx.main->DaemonCpuSeconds() - daemon0) * 1000.0 / wall_ms
+    r.daemon_cores = wall_ms > 0 ? (ctx.main->DaemonCpu().total - daemon0) * 1000.0 / wall_ms
                                  : std::numeric_limits<double>::quiet_NaN();
     std::sort(ms.begin(), ms.end());
     r.batch = b;

@@ -489,25 +489,26 @@ absl::StatusOr<PolicyResult> RunSelectorPolicy(const DecodeContext& ctx,
   const int chunk = std::max(1, 4 / policy.layer_reuse) * policy.layer_reuse;
   {
     ProgressLine bar(o.progress, absl::StrCat(policy.name, " prefill"), m.layers());
-    double sys0 = 0, sys1 = 0;
-    const double daemon0 = ctx.main->DaemonCpuSeconds(&sys0), client0 = ProcessCpuSeconds();
+    const CpuTimes daemon0 = ctx.main->DaemonCpu();
+    const double client0 = ProcessCpuSeconds();
     ASSIGN_OR_RETURN(const double seconds, Prefill(ctx, *ctx.main, id, m.layers(), chunk, &bar));
     r.prefill_s = seconds * ctx.scale;
-    r.prefill_daemon_cpu_s = (ctx.main->DaemonCpuSeconds(&sys1) - daemon0) * ctx.scale;
-    r.prefill_daemon_system_s = (sys1 - sys0) * ctx.scale;
+    const CpuTimes daemon1 = ctx.main->DaemonCpu();
+    r.prefill_daemon_cpu_s = (daemon1.total - daemon0.total) * ctx.scale;
+    r.prefill_daemon_system_s = (daemon1.system - daemon0.system) * ctx.scale;
     r.prefill_client_cpu_s = (ProcessCpuSeconds() - client0) * ctx.scale;
   }
   Tally t(m.steps(), m.layers());
   {
     ProgressLine bar(o.progress, absl::StrCat(policy.name, " decode"), m.steps());
-    const double daemon0 = ctx.main->DaemonCpuSeconds();
+    const double daemon0 = ctx.main->DaemonCpu().total;
     const auto t0 = Clock::now();
     for (int s = 0; s < m.steps(); ++s) {
       RETURN_IF_ERROR(DecodeOneStep(ctx, policy, id, cid, s, &t));
       bar.Set(s + 1, "steps");
     }
     const double wall_s = std::chrono::duration<double>(Clock::now() - t0).count();
-    const double daemon_s = ctx.main->DaemonCpuSeconds() - daemon0;
+    const double daemon_s = ctx.main->DaemonCpu().total - daemon0;
     r.decode_daemon_cpu_ms = daemon_s * 1000.0 * ctx.scale / std::max(1, m.steps());
     r.decode_daemon_cores = wall_s > 0 ? daemon_s / wall_s : kNaN;
   }

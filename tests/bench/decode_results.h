@@ -70,7 +70,7 @@ struct PolicyResult {
   // The quality monitors after the decode steps: the measured backend's
   // session (the daemon's) and the companion's.
   MonitorSummary monitor, companion_monitor;
-  // Where the time went (DecodeBackend::DaemonCpuSeconds: a spawned
+  // Where the time went (DecodeBackend::DaemonCpu: a spawned
   // daemon's user + system time; NaN otherwise): the daemon's and this
   // process's CPU over the prefill (scaled like prefill_s, so / prefill_s
   // gives the cores busy), and the daemon's over the decode steps, per token
