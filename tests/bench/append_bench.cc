@@ -205,7 +205,10 @@ absl::StatusOr<SelectorRun> RunOne(const AppendBenchOptions& o, const std::strin
   cpu.reserve(o.steps);
   times.reserve(o.steps);
   uint64_t reserved = pool->Stats().reserved_bytes;
+  std::vector<uint64_t> evict(static_cast<size_t>(o.evict_mib) << 17);
   for (int i = 0; i <= o.steps; ++i) {
+    // Untimed: another working set takes the caches (a decode's selections).
+    for (size_t k = 0; k < evict.size(); k += 8) evict[k] += static_cast<uint64_t>(i);
     const double c0 = ThreadCpuMs();
     const auto t0 = Clock::now();
     RETURN_IF_ERROR(manager->AppendKv(caller, info.id, 1, steps[i]).status());
@@ -250,6 +253,7 @@ Json ToJson(const AppendBenchOptions& o, const std::vector<SelectorRun>& runs) {
   j["page_tokens"] = o.page_tokens;
   j["steps"] = o.steps;
   j["build_threads"] = o.build_threads;
+  j["evict_mib"] = o.evict_mib;
   Json list = Json::array();
   for (const SelectorRun& r : runs) {
     Json e;
@@ -291,8 +295,10 @@ void PrintTable(const AppendBenchOptions& o, const std::vector<SelectorRun>& run
   const double heads = static_cast<double>(o.layers) * o.kv_heads;
   std::printf(
       "\n1-token appends at %lld tokens: %d layers x %d kv heads (%g indexes per step), "
-      "%d steps\n",
-      static_cast<long long>(o.tokens), o.layers, o.kv_heads, heads, o.steps);
+      "%d steps, %s\n",
+      static_cast<long long>(o.tokens), o.layers, o.kv_heads, heads, o.steps,
+      o.evict_mib > 0 ? absl::StrCat(o.evict_mib, " MiB written between steps (cold)").c_str()
+                      : "warm");
   std::printf("%-10s %10s %10s %9s %9s %9s %9s %9s %12s %12s %14s\n", "selector", "prefill_s",
               "first_ms", "p50_ms", "p99_ms", "max_ms", "cpu_p50", "cpu_p99", "p50_us/head",
               "p99_us/head", "p50_ms@32L*");
@@ -357,6 +363,11 @@ AppendFlags::AppendFlags(CLI::App* app) {
       ->check(cli::Positive())
       ->capture_default_str();
   app->add_option("--slowest", o_.slowest, "list this many slowest steps with their positions")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app->add_option("--evict-mib", o_.evict_mib,
+                  "write this many MiB of another buffer between steps, untimed (cold trees, as "
+                  "in a decode); 0: warm")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   app->add_option("--seed", o_.seed, "KV generator seed")->capture_default_str();

@@ -8,7 +8,8 @@
 // the (layer, head) count ("per head"); then the steps split by cause (those
 // that carved a pool slab, whose memory is faulted in unless the prefault
 // thread got there first, and the others), the pages the indexes opened per
-// step, and the slowest steps with their positions.
+// step, and the slowest steps with their positions. With --evict-mib the
+// caches are flushed between steps (the trees cold, as in a real decode).
 #ifndef ICECACHE_TESTS_BENCH_APPEND_BENCH_H_
 #define ICECACHE_TESTS_BENCH_APPEND_BENCH_H_
 
@@ -36,6 +37,10 @@ struct AppendBenchOptions {
   int build_threads = 2;
   uint64_t seed = 1;
   int slowest = 12;  // slowest steps listed with their positions
+  // > 0: between steps, write this many MiB of another buffer, untimed, so
+  // each append finds its trees out of cache, as in a decode where the
+  // selections of 32 layers run between two appends; 0: warm appends.
+  int evict_mib = 0;
   std::string json;  // report file; empty: none
 };
 
