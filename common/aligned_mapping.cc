@@ -3,6 +3,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "common/populate.h"
+
 namespace icecache {
 
 uint8_t* MapAligned(uint64_t bytes, uint64_t align, int extra_flags) {
@@ -19,7 +21,10 @@ uint8_t* MapAligned(uint64_t bytes, uint64_t align, int extra_flags) {
 
 void FaultInForWrite(uint8_t* p, uint64_t len, bool* populate) {
 #ifdef MADV_POPULATE_WRITE
-  if (*populate && madvise(p, len, MADV_POPULATE_WRITE) == 0) return;
+  if (*populate && madvise(p, len, MADV_POPULATE_WRITE) == 0) {
+    TouchPagesForRead(p, len);  // the first touch a shadow-paged guest still charges
+    return;
+  }
 #endif
   *populate = false;
   const long page = sysconf(_SC_PAGESIZE) > 0 ? sysconf(_SC_PAGESIZE) : 4096;

@@ -18,8 +18,10 @@ uint8_t* MapAligned(uint64_t bytes, uint64_t align, int extra_flags = 0);
 
 // Faults `len` bytes at `p` in for writing, changing none of them:
 // MADV_POPULATE_WRITE while `*populate` is true (Linux 5.14 and later; on
-// EINVAL, a kernel without it, `*populate` turns false), else an atomic
-// no-op write to each page (safe beside a thread writing the same bytes).
+// EINVAL, a kernel without it, `*populate` turns false), then a read of
+// each page (TouchPagesForRead: a shadow-paged guest charges a populated
+// page's first touch from user space), else an atomic no-op write to each
+// page (safe beside a thread writing the same bytes).
 // For the pool's prefault and the append staging reserve.
 void FaultInForWrite(uint8_t* p, uint64_t len, bool* populate);
 

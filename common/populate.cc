@@ -39,6 +39,12 @@ void PopulateForWrite(void* p, size_t bytes) {
 #endif
 }
 
+__attribute__((no_sanitize("thread"))) void TouchPagesForRead(const void* p, size_t bytes) {
+  const uintptr_t page = PageBytes();
+  const auto* bytes_at = static_cast<const volatile uint8_t*>(p);
+  for (size_t at = 0; at < bytes; at += page) (void)bytes_at[at];
+}
+
 void TouchZeroPages(void* p, size_t bytes) {
   const uintptr_t page = PageBytes();
   auto* bytes_at = static_cast<volatile uint8_t*>(p);

@@ -38,6 +38,17 @@ void PopulateForWrite(void* p, size_t bytes);
 // docs/bench/touch49.md). A read or write by the CPU pays it.
 void TouchZeroPages(void* p, size_t bytes);
 
+// Reads one byte of every page of [p, p + bytes) and nothing else: what
+// makes memory that MADV_POPULATE_WRITE faulted in cheap at its first write
+// on a guest with shadow page tables, where the populated page still cost
+// ~5 us at its first touch from user space (4 KiB pages; a huge page pays it
+// once). Measured on the 2-core VM: 256 frame writes into a populated 2 MiB
+// slab of 4 KiB pages took 1.3 ms, and 9 us after this read
+// (docs/bench/cpu52.md). Reads only, so it may run while another thread
+// writes the same memory (a slab being carved); it is not instrumented by
+// ThreadSanitizer for that reason.
+void TouchPagesForRead(const void* p, size_t bytes);
+
 // v->resize(n, value), with the elements past the current size faulted in
 // ahead of resize's writes. Reserves exactly n when the capacity is short
 // (call reserve first for more headroom; the headroom is not populated).

@@ -111,5 +111,21 @@ TEST(PopulateTest, TouchZeroPagesMakesEveryPageResidentAndLeavesZeros) {
   for (size_t i = 0; i < m.bytes; ++i) ASSERT_EQ(m.p[i], 0) << i;
 }
 
+// TouchPagesForRead reads each page of its range and nothing past it (the
+// pages after the range are PROT_NONE: a read there would fault), from an
+// unaligned start too, and changes no byte.
+TEST(PopulateTest, TouchPagesForReadStaysInsideItsRangeAndChangesNothing) {
+  const size_t page = PageBytes();
+  AnonMapping m(64);
+  ASSERT_NE(m.p, nullptr);
+  for (size_t i = 0; i < 41 * page; ++i) m.p[i] = static_cast<uint8_t>(i * 7 + 3);
+  ASSERT_EQ(mprotect(m.p + 41 * page, 23 * page, PROT_NONE), 0);
+  TouchPagesForRead(m.p, 40 * page + 1);    // pages 0..40
+  TouchPagesForRead(m.p + 100, 40 * page);  // from inside page 0 to inside page 40
+  TouchPagesForRead(m.p + 41 * page, 0);    // nothing
+  for (size_t i = 0; i < 41 * page; ++i) ASSERT_EQ(m.p[i], static_cast<uint8_t>(i * 7 + 3)) << i;
+  ASSERT_EQ(mprotect(m.p + 41 * page, 23 * page, PROT_READ | PROT_WRITE), 0);
+}
+
 }  // namespace
 }  // namespace icecache
