@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <utility>
 
@@ -14,6 +15,7 @@
 #include "server/index/headroom.h"
 #include "server/index/parallel_build.h"
 #include "server/pool/frame_checksum.h"
+#include "server/session/decode_lanes.h"
 
 namespace icecache {
 namespace {
@@ -395,6 +397,17 @@ absl::StatusOr<AppendPlan> PlanAppend(const Session& s, const AppendInput& in, i
   return plan;
 }
 
+namespace {
+
+// fn(i) for every index of a later append: on the decode lanes when the plan
+// has them, else on `plan.threads` (ParallelFor).
+absl::Status ForEachIndex(const AppendPlan& plan, const std::function<absl::Status(int64_t)>& fn) {
+  if (plan.lanes != nullptr && plan.threads != 1) return plan.lanes->Run(plan.num_indices, fn);
+  return ParallelFor(plan.num_indices, plan.threads, fn);
+}
+
+}  // namespace
+
 absl::Status ApplyToIndexes(Session& s, const AppendInput& in, AppendPlan& plan) {
   if (plan.first) {
     for (int i = 0; i < plan.num_indices; ++i)
@@ -402,7 +415,7 @@ absl::Status ApplyToIndexes(Session& s, const AppendInput& in, AppendPlan& plan)
     return absl::OkStatus();
   }
   // The tasks run while this thread holds s.mu and waits for them.
-  absl::Status inserted = ParallelFor(plan.num_indices, plan.threads, [&](int64_t i) {
+  absl::Status inserted = ForEachIndex(plan, [&](int64_t i) {
     s.mu.AssertHeld();
     return InsertInto(s, in, plan, i);
   });
@@ -439,7 +452,7 @@ absl::StatusOr<uint64_t> WriteRows(Session& s, const AppendInput& in, const Appe
   if (plan.first) s.frames.Reserve(TokensWithHeadroom(s.frames.size() + taken));
   s.frames.Absorb(std::move(reserved)).IgnoreError();  // same pool, tenant, class
   // The tasks run while this thread holds s.mu and waits for them.
-  RETURN_IF_ERROR(ParallelFor(plan.num_indices, plan.threads, [&](int64_t i) {
+  RETURN_IF_ERROR(ForEachIndex(plan, [&](int64_t i) {
     s.mu.AssertHeld();  // by the waiting caller
     WriteIndexRows(s, in, plan, i);
     return absl::OkStatus();

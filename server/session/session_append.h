@@ -31,6 +31,8 @@
 
 namespace icecache {
 
+class DecodeLanes;
+
 // The caller's bytes of one append of layers [first_layer, first_layer +
 // num_layers), checked (layout in session_manager.h).
 struct AppendInput {
@@ -94,6 +96,11 @@ struct AppendPlan {
   std::vector<uint32_t> pages_before;              // [i]
   std::vector<uint64_t> max_new_pages;             // [i]: more is an index bug
   uint64_t reserve = 0;                            // frames to admit, all layers
+  // Later appends run on threads: when set, their inserts and row writes run
+  // on the decode lanes (a decode token's 256 inserts start within
+  // microseconds instead of waking oneTBB's sleeping workers), else on
+  // ParallelFor. Set by the caller after PlanAppend; null for first appends.
+  DecodeLanes* lanes = nullptr;
 };
 
 // Slots [begin, end) of page `page` that an append leaves unwritten.

@@ -633,6 +633,7 @@ absl::StatusOr<AppendResult> SessionManager::Append(const InFlightGuard& guard, 
     } else {
       ASSIGN_OR_RETURN(
           plan, PlanAppend(s, in, options_.build_threads, options_.decode_threads, staging_.get()));
+      if (!plan.first) plan.lanes = lanes_.get();  // decode tokens: lanes start at once
     }
   }
   if (background && owned.data() != in.bytes.data()) {

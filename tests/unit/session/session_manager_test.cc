@@ -507,5 +507,71 @@ TEST(SessionManagerTest, DropWhileInFlightFreesFramesAfterwards) {
   EXPECT_EQ(env.pool->used_bytes(), 0u);
 }
 
+// A decode token into many trees runs its inserts and row writes on the
+// decode lanes (two jobs: ApplyToIndexes, WriteRows), and gives the same
+// pages and selections as the same appends run on oneTBB with no lanes.
+TEST(SessionManagerTest, DecodeAppendsRunOnTheLanesAndMatchOneTbb) {
+  if (std::thread::hardware_concurrency() < 2) {
+    GTEST_SKIP() << "one CPU: the session manager makes no decode lanes";
+  }
+  SessionConfig c = SmallConfig(SelectorKind::kMdci);
+  c.layers = 16;  // 16 layers x 2 KV heads: 32 trees, enough for a 1-token append's threads
+  c.layer_reuse = 1;
+  struct Run {
+    Env env;
+    std::string id;
+  };
+  auto make = [&](absl::Duration spin) {
+    Run r;
+    PagePoolOptions po;
+    po.capacity_bytes = uint64_t{64} << 20;
+    r.env.pool = std::move(PagePool::Create(po)).value();
+    r.env.buffers = std::move(BufferRegistry::Create(BufferRegistryOptions())).value();
+    SessionManagerOptions mo;
+    mo.pool = r.env.pool.get();
+    mo.buffers = r.env.buffers.get();
+    mo.reaper_interval = absl::ZeroDuration();
+    mo.build_threads = 2;
+    mo.decode_threads = 2;
+    mo.decode_lane_spin = spin;
+    r.env.manager = std::move(SessionManager::Create(mo)).value();
+    auto info = r.env.manager->CreateSession(kAlice, c);
+    EXPECT_THAT(info, IsOk());
+    r.id = info->id;
+    EXPECT_THAT(r.env.manager->AppendKv(kAlice, r.id, 96, MakeKv(c, 0, 96)), IsOk());
+    return r;
+  };
+  Run lanes = make(absl::Milliseconds(1));
+  Run tbb = make(absl::ZeroDuration());
+  const int64_t jobs_before = lanes.env.manager->decode_lane_stats().jobs;
+  for (int64_t t = 96; t < 100; ++t) {
+    ASSERT_THAT(lanes.env.manager->AppendKv(kAlice, lanes.id, 1, MakeKv(c, t, 1)), IsOk());
+    ASSERT_THAT(tbb.env.manager->AppendKv(kAlice, tbb.id, 1, MakeKv(c, t, 1)), IsOk());
+  }
+  const SessionManager::DecodeLaneStats st = lanes.env.manager->decode_lane_stats();
+  EXPECT_EQ(st.jobs + st.fallbacks - jobs_before, 4 * 2) << "two parallel steps per append";
+  EXPECT_EQ(tbb.env.manager->decode_lane_stats().jobs, 0);
+  auto a = lanes.env.manager->GetSession(kAlice, lanes.id);
+  auto b = tbb.env.manager->GetSession(kAlice, tbb.id);
+  ASSERT_THAT(a, IsOk());
+  ASSERT_THAT(b, IsOk());
+  EXPECT_EQ(a->tokens, 100);
+  EXPECT_EQ(a->pages, b->pages);
+  for (int layer : {0, 7, 15}) {
+    SelectRequest sel;
+    sel.layer = layer;
+    sel.queries = MakeQueries(c, 11 + layer);
+    sel.params.budget_tokens = 32;
+    auto x = lanes.env.manager->SelectPages(kAlice, lanes.id, sel);
+    auto y = tbb.env.manager->SelectPages(kAlice, tbb.id, sel);
+    ASSERT_THAT(x, IsOk());
+    ASSERT_THAT(y, IsOk());
+    ASSERT_EQ(x->heads.size(), y->heads.size());
+    for (size_t h = 0; h < x->heads.size(); ++h) {
+      EXPECT_EQ(x->heads[h].pages, y->heads[h].pages) << "layer " << layer << " head " << h;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace icecache
