@@ -174,6 +174,7 @@ absl::StatusOr<SelectorRun> RunOne(const AppendBenchOptions& o, const std::strin
   mo.buffers = buffers.get();
   mo.reaper_interval = absl::Seconds(1);  // as the daemon: it also faults in slabs ahead
   mo.build_threads = o.build_threads;
+  mo.decode_threads = o.decode_threads;
   mo.max_tokens_per_session = o.tokens + o.steps + 1;
   ASSIGN_OR_RETURN(std::unique_ptr<SessionManager> manager, SessionManager::Create(mo));
   const Caller caller{"bench", static_cast<uint32_t>(getuid()), false};
@@ -253,6 +254,7 @@ Json ToJson(const AppendBenchOptions& o, const std::vector<SelectorRun>& runs) {
   j["page_tokens"] = o.page_tokens;
   j["steps"] = o.steps;
   j["build_threads"] = o.build_threads;
+  j["decode_threads"] = o.decode_threads;
   j["evict_mib"] = o.evict_mib;
   Json list = Json::array();
   for (const SelectorRun& r : runs) {
@@ -295,8 +297,9 @@ void PrintTable(const AppendBenchOptions& o, const std::vector<SelectorRun>& run
   const double heads = static_cast<double>(o.layers) * o.kv_heads;
   std::printf(
       "\n1-token appends at %lld tokens: %d layers x %d kv heads (%g indexes per step), "
-      "%d steps, %s\n",
+      "%d steps, %s%s\n",
       static_cast<long long>(o.tokens), o.layers, o.kv_heads, heads, o.steps,
+      o.decode_threads > 0 ? absl::StrCat(o.decode_threads, " decode threads, ").c_str() : "",
       o.evict_mib > 0 ? absl::StrCat(o.evict_mib, " MiB written between steps (cold)").c_str()
                       : "warm");
   std::printf("%-10s %10s %10s %9s %9s %9s %9s %9s %12s %12s %14s\n", "selector", "prefill_s",
@@ -361,6 +364,10 @@ AppendFlags::AppendFlags(CLI::App* app) {
       ->capture_default_str();
   app->add_option("--build-threads", o_.build_threads, "threads of the prefill's index builds")
       ->check(cli::Positive())
+      ->capture_default_str();
+  app->add_option("--decode-threads", o_.decode_threads,
+                  "threads of a decode append's inserts and row writes (0: all cores)")
+      ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   app->add_option("--slowest", o_.slowest, "list this many slowest steps with their positions")
       ->check(CLI::NonNegativeNumber)

@@ -35,6 +35,9 @@ struct AppendBenchOptions {
   int steps = 1000;  // timed 1-token appends
   std::vector<std::string> selectors = {"mdci", "exact"};
   int build_threads = 2;
+  // Threads of a decode append's index inserts and row writes (the decode
+  // lanes); 0: all cores, as the daemon.
+  int decode_threads = 0;
   uint64_t seed = 1;
   int slowest = 12;  // slowest steps listed with their positions
   // > 0: between steps, write this many MiB of another buffer, untimed, so
