@@ -748,8 +748,30 @@ absl::Status MdciSelector::Select(const float* queries, int num_queries, const S
   return absl::OkStatus();
 }
 
+absl::Status MdciSelector::ScanAllPages(const float* queries, int num_queries,
+                                        TokenCandidates* keep, uint32_t pages,
+                                        const std::function<bool()>& yield) const {
+  SelectScratch& s = ThreadScratch();
+  s.scored_pages.clear();
+  s.lse.clear();
+  if (keep != nullptr) keep->Clear();
+  std::vector<uint32_t> all(pages);
+  std::iota(all.begin(), all.end(), 0u);
+  uint64_t touched = 0;
+  for (uint32_t begin = 0; begin < pages; begin += kScanChunkPages) {
+    if (begin > 0 && yield && !yield()) {
+      return absl::AbortedError("exact scan stopped by its caller");
+    }
+    // Each chunk appends its pages' log-masses (and logits) to the scratch.
+    ScorePages(all.data() + begin, std::min(kScanChunkPages, pages - begin), queries, num_queries,
+               /*sketch=*/false, &touched, keep);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status MdciSelector::ExactPageMasses(const float* queries, int num_queries,
-                                           std::vector<float>* mass) const {
+                                           std::vector<float>* mass,
+                                           const std::function<bool()>& yield) const {
   if (mass == nullptr) return absl::InvalidArgumentError("mass must not be null");
   SelectParams probe;
   probe.budget_tokens = 1;
@@ -757,12 +779,7 @@ absl::Status MdciSelector::ExactPageMasses(const float* queries, int num_queries
   RETURN_IF_ERROR(ValidateSelect(*this, queries, num_queries, probe, &unused));
   SelectScratch& s = ThreadScratch();
   const uint32_t pages = tree_->page_table().num_pages();
-  s.scored_pages.clear();
-  s.lse.clear();
-  std::vector<uint32_t> all(pages);
-  std::iota(all.begin(), all.end(), 0u);
-  uint64_t touched = 0;
-  ScorePages(all.data(), pages, queries, num_queries, /*sketch=*/false, &touched, nullptr);
+  RETURN_IF_ERROR(ScanAllPages(queries, num_queries, nullptr, pages, yield));
   s.log_norm.resize(num_queries);
   QueryLogNorms(s.lse.data(), s.scored_pages.size(), num_queries, nullptr, s.log_norm.data());
   mass->assign(pages, 0.0f);
@@ -775,7 +792,8 @@ absl::Status MdciSelector::ExactPageMasses(const float* queries, int num_queries
 }
 
 absl::Status MdciSelector::ExactTokenShares(const float* queries, int num_queries,
-                                            std::vector<float>* share) const {
+                                            std::vector<float>* share,
+                                            const std::function<bool()>& yield) const {
   if (share == nullptr) return absl::InvalidArgumentError("share must not be null");
   SelectParams probe;
   probe.budget_tokens = 1;
@@ -784,20 +802,18 @@ absl::Status MdciSelector::ExactTokenShares(const float* queries, int num_querie
   SelectScratch& s = ThreadScratch();
   const DciPageTable& pt = tree_->page_table();
   const uint32_t pages = pt.num_pages();
-  s.scored_pages.clear();
-  s.lse.clear();
-  s.tokens.Clear();
-  std::vector<uint32_t> all(pages);
-  std::iota(all.begin(), all.end(), 0u);
-  uint64_t touched = 0;
-  ScorePages(all.data(), pages, queries, num_queries, /*sketch=*/false, &touched, &s.tokens);
+  const int64_t tokens = num_tokens();  // positions past it arrive during a yield
+  RETURN_IF_ERROR(ScanAllPages(queries, num_queries, &s.tokens, pages, yield));
   s.log_norm.resize(num_queries);
   QueryLogNorms(s.lse.data(), s.scored_pages.size(), num_queries, nullptr, s.log_norm.data());
   const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
-  share->assign(static_cast<size_t>(num_tokens()), 0.0f);
+  share->assign(static_cast<size_t>(tokens), 0.0f);
   for (size_t i = 0; i < s.tokens.pages.size(); ++i) {
     const uint32_t page = s.tokens.pages[i];
-    const uint32_t fill = pt.fill(page);
+    // The fill the page had when its chunk was scored (its logits' count).
+    const size_t end =
+        i + 1 < s.tokens.offsets.size() ? s.tokens.offsets[i + 1] : s.tokens.logits.size();
+    const uint32_t fill = static_cast<uint32_t>((end - s.tokens.offsets[i]) / num_queries);
     const float* logits = s.tokens.logits.data() + s.tokens.offsets[i];
     const int32_t* pos = pt.positions(page);
     // The SIMD exp of TakeTokens (TokenShares), so the reference scores
@@ -805,7 +821,9 @@ absl::Status MdciSelector::ExactTokenShares(const float* queries, int num_querie
     // token and query was a third of this scan.
     s.page_share.resize(fill);
     TokenShares(logits, fill, s.log_norm.data(), num_queries, scale, s.page_share.data());
-    for (uint32_t t = 0; t < fill; ++t) (*share)[pos[t]] += s.page_share[t];
+    for (uint32_t t = 0; t < fill; ++t) {
+      if (pos[t] < tokens) (*share)[pos[t]] += s.page_share[t];
+    }
   }
   return absl::OkStatus();
 }

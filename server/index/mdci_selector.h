@@ -46,6 +46,7 @@
 #ifndef ICECACHE_SERVER_INDEX_MDCI_SELECTOR_H_
 #define ICECACHE_SERVER_INDEX_MDCI_SELECTOR_H_
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -111,14 +112,24 @@ class MdciSelector : public Selector {
   // each one's softmax share of the page), indexed by page: the exact
   // reference of the width calibrator (a full scan). InvalidArgument for
   // bad queries (as Select).
-  absl::Status ExactPageMasses(const float* queries, int num_queries,
-                               std::vector<float>* mass) const;
+  //
+  // `yield` (optional) runs between chunks of kScanChunkPages pages, and
+  // may let appends in (the caller's locks released and taken again, so
+  // the scan never holds them longer than a chunk): the scan covers the
+  // pages there were when it started, each chunk as it is when scored (a
+  // page's rows are never rewritten, only new ones added). False from it
+  // stops the scan (Aborted).
+  absl::Status ExactPageMasses(const float* queries, int num_queries, std::vector<float>* mass,
+                               const std::function<bool()>& yield = {}) const;
 
   // Every token's exact group share (sum over the queries of each one's
-  // softmax share), indexed by position: the width calibrator's reference at
-  // token granularity (a full scan). InvalidArgument for bad queries.
-  absl::Status ExactTokenShares(const float* queries, int num_queries,
-                                std::vector<float>* share) const;
+  // softmax share), indexed by position, for the tokens there were when the
+  // scan started: the width calibrator's reference at token granularity
+  // (a full scan). InvalidArgument for bad queries; `yield` as above.
+  absl::Status ExactTokenShares(const float* queries, int num_queries, std::vector<float>* share,
+                                const std::function<bool()>& yield = {}) const;
+  // Pages per chunk of the exact scans (between two calls of `yield`).
+  static constexpr uint32_t kScanChunkPages = 256;
 
   const DciTree& tree() const { return *tree_; }
   // The product quantiser (null without one) and its query basis learner
@@ -178,6 +189,10 @@ class MdciSelector : public Selector {
   void TrimCarry(const SelectParams& params, int num_queries, const float* rest,
                  const std::vector<uint32_t>& forced, const float* bound, const Selection& taken,
                  CandidateCarry* carry) const;
+  // The exact scans' pass: ScorePages over pages [0, pages) in chunks of
+  // kScanChunkPages, `yield` between them; `keep` as ScorePages'.
+  absl::Status ScanAllPages(const float* queries, int num_queries, TokenCandidates* keep,
+                            uint32_t pages, const std::function<bool()>& yield) const;
   // Exact per-query log-mass of `pages` into the per-thread scratch; with
   // `keep`, each page's logits are kept there too (ExactTokenShares); with
   // `sketch`, from the scoring sketch (approximate; not with `keep`); with

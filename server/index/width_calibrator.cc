@@ -1102,9 +1102,10 @@ absl::StatusOr<QualitySample> SampleOf(Granularity granularity, Rate& rate,
 // then by group share) at the same budget.
 absl::StatusOr<QualitySample> MeasureTokenSelections(
     const MdciSelector& selector, const float* queries, int num_queries, const SelectParams& params,
-    const Selection& selection, const Selection* trial, const Selection* method_trial) {
+    const Selection& selection, const Selection* trial, const Selection* method_trial,
+    const std::function<bool()>& yield) {
   std::vector<float> share;  // per position
-  RETURN_IF_ERROR(selector.ExactTokenShares(queries, num_queries, &share));
+  RETURN_IF_ERROR(selector.ExactTokenShares(queries, num_queries, &share, yield));
   const int64_t n = static_cast<int64_t>(share.size());
   const int64_t sink_end = std::min<int64_t>(std::max(0, params.sink_tokens), n);
   const int64_t recent_begin = std::max<int64_t>(sink_end, n - std::max(0, params.recent_tokens));
@@ -1159,17 +1160,20 @@ absl::StatusOr<QualitySample> MeasureSelection(const MdciSelector& selector, con
 
 absl::StatusOr<QualitySample> MeasureSelectionPair(
     const MdciSelector& selector, const float* queries, int num_queries, const SelectParams& params,
-    const Selection& selection, const Selection* trial, const Selection* method_trial) {
+    const Selection& selection, const Selection* trial, const Selection* method_trial,
+    const std::function<bool()>& yield) {
   if (params.granularity == Granularity::kToken) {
     return MeasureTokenSelections(selector, queries, num_queries, params, selection, trial,
-                                  method_trial);
+                                  method_trial, yield);
   }
+  // The tokens and pages the scan covers (a yield may let appends add more).
+  const int64_t tokens = selector.num_tokens();
   std::vector<float> mass;  // per page: exact group mass (sum of the queries' shares)
-  RETURN_IF_ERROR(selector.ExactPageMasses(queries, num_queries, &mass));
+  RETURN_IF_ERROR(selector.ExactPageMasses(queries, num_queries, &mass, yield));
   const uint32_t pages = static_cast<uint32_t>(mass.size());
   std::vector<std::pair<float, uint32_t>> scored(pages);
   for (uint32_t p = 0; p < pages; ++p) scored[p] = {mass[p], p};
-  const std::vector<uint32_t> forced = ForcedPages(selector.num_tokens(), params, [&](int64_t pos) {
+  const std::vector<uint32_t> forced = ForcedPages(tokens, params, [&](int64_t pos) {
     return selector.tree().page_table().page_of_position(pos);
   });
   Selection reference;

@@ -105,6 +105,7 @@
 #define ICECACHE_SERVER_INDEX_WIDTH_CALIBRATOR_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -648,10 +649,13 @@ absl::StatusOr<QualitySample> MeasureSelection(const MdciSelector& selector, con
 // second one (the ranking trial's) against the same reference (one exact
 // scan): its ratio goes in trial_mass_ratio.
 // `method_trial`, when not null (a shadow trial's selection), likewise: its
-// ratio goes in method_mass_ratio.
+// ratio goes in method_mass_ratio. `yield`: the exact scan's
+// (MdciSelector::ExactPageMasses; Aborted when it says stop); the
+// reference then covers the tokens there were when the scan started.
 absl::StatusOr<QualitySample> MeasureSelectionPair(
     const MdciSelector& selector, const float* queries, int num_queries, const SelectParams& params,
-    const Selection& selection, const Selection* trial, const Selection* method_trial = nullptr);
+    const Selection& selection, const Selection* trial, const Selection* method_trial = nullptr,
+    const std::function<bool()>& yield = {});
 
 }  // namespace icecache
 

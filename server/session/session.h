@@ -115,6 +115,12 @@ class Session {
   mutable std::atomic<int> trees_built{0};
 
   absl::Mutex append_mu ABSL_ACQUIRED_BEFORE(mu);
+  // Appends waiting for append_mu. The quality sampler's measurements take
+  // append_mu only while it is 0 and let such an append through between
+  // their steps (MeasureProbe), so an append waits for one step of one
+  // measurement at most, never for a queue of them.
+  std::atomic<int> appends_waiting{0};
+  std::atomic<int64_t> probe_yields{0};  // times a measurement let appends through
   mutable absl::Mutex mu;
   // [group * kv_heads + head]; null until the group's first append.
   std::vector<std::unique_ptr<Selector>> selectors ABSL_GUARDED_BY(mu);

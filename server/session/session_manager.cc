@@ -609,7 +609,11 @@ absl::StatusOr<AppendResult> SessionManager::Append(const InFlightGuard& guard, 
   Session& s = *guard.get();
   ASSIGN_OR_RETURN(AppendInput in, CheckAppendInput(s.config, options_.max_append_tokens, n, range,
                                                     bytes, values_clean));
+  // Counted while it waits: the quality sampler then lets it through
+  // (MeasureProbe) instead of holding it for a whole measurement.
+  s.appends_waiting.fetch_add(1);
   absl::MutexLock serial(&s.append_mu);
+  s.appends_waiting.fetch_sub(1);
   // Only this append changes the session until it returns (a background
   // build changes only groups marked building, which this append waits
   // for): what the shared phase saw still holds when the writer lock is taken.

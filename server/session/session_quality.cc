@@ -284,19 +284,67 @@ int PoolWidths(const Session& s) {
   return took;
 }
 
+namespace {
+
+// absl::Condition: no append is waiting for append_mu. Its count falls
+// only while that append holds append_mu, and the condition is evaluated
+// again when it lets go, so no wake-up is lost.
+bool NoAppendWaiting(const Session* s) { return s->appends_waiting.load() == 0; }
+
+// The sampler's hold on a session: append_mu, taken only while no append
+// waits for it (an append never queues behind a line of probes), then mu
+// shared (selects and fetches go on). Yield() lets a waiting append through
+// and takes both again.
+class ABSL_SCOPED_LOCKABLE ProbeLocks {
+ public:
+  explicit ProbeLocks(Session& s) ABSL_SHARED_LOCK_FUNCTION(s.mu) : s_(s) { Take(); }
+  ~ProbeLocks() ABSL_UNLOCK_FUNCTION() { Release(); }
+  ProbeLocks(const ProbeLocks&) = delete;
+  ProbeLocks& operator=(const ProbeLocks&) = delete;
+  // Lets the appends waiting now go first; whether it did.
+  bool Yield() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    if (s_.appends_waiting.load() == 0) return false;
+    Release();
+    Take();
+    s_.probe_yields.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
+
+ private:
+  void Take() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    s_.append_mu.LockWhen(absl::Condition(&NoAppendWaiting, static_cast<const Session*>(&s_)));
+    s_.mu.ReaderLock();
+  }
+  void Release() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    s_.mu.ReaderUnlock();
+    s_.append_mu.Unlock();
+  }
+  Session& s_;
+};
+
+}  // namespace
+
 SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample* out) {
-  // Waits (on this background thread) for an append in progress, then keeps
-  // the next append waiting for this one head's reference scan; selects and
-  // fetches go on meanwhile (mu is only shared).
+  // Runs on the sampler's background thread. Between its steps, and between
+  // chunks of the reference scan, it lets a waiting append through
+  // (ProbeLocks::Yield), so an append waits for at most one step or chunk
+  // of one head's measurement, not for the whole of it (with the sampler at
+  // nice 19 on busy cores, a whole measurement held an append for up to 60
+  // ms: docs/bench/yield53.md); selects and fetches go on meanwhile (mu is
+  // only shared).
   absl::StatusOr<QualitySample> measured = absl::UnavailableError("stale");
   {
-    absl::MutexLock serial(&s.append_mu);
-    absl::ReaderMutexLock read(&s.mu);
+    ProbeLocks locks(s);
     const size_t index = s.SelectorIndex(probe.group, probe.head);
     const int64_t now = s.group_tokens[probe.group];
-    const bool usable = !s.broken && !s.group_building[probe.group] && now >= probe.tokens &&
-                        s.selectors[index] != nullptr;
-    if (usable) {
+    // What the measurement needs still holds (after a yield too): the
+    // session works, the group is not being built, the index exists.
+    auto usable = [&]() ABSL_SHARED_LOCKS_REQUIRED(s.mu) {
+      return !s.broken && !s.group_building[probe.group] && s.selectors[index] != nullptr;
+    };
+    // Yields to a waiting append; whether the measurement can go on.
+    auto yield = [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return !locks.Yield() || usable(); };
+    if (now >= probe.tokens && usable()) {
       const auto& selector = static_cast<const MdciSelector&>(*s.selectors[index]);
       Selection selection;
       absl::Status selected = absl::OkStatus();
@@ -309,6 +357,8 @@ SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample*
         selected = selector.Select(probe.queries.data(), s.q_per_kv, probe.params, &selection);
         s.samples_reselected.fetch_add(1, std::memory_order_relaxed);
       }
+      const absl::Status stopped = absl::AbortedError("the session changed during a yield");
+      if (selected.ok() && !yield()) selected = stopped;
       // The ranking duel: the same step selected with the other ranking,
       // measured against the same reference (its cost apart).
       Selection trial;
@@ -320,6 +370,7 @@ SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample*
         const int64_t t0 = ThreadCpuNanos();
         selected = selector.Select(probe.queries.data(), s.q_per_kv, tp, &trial);
         trial_ns = ThreadCpuNanos() - t0;
+        if (selected.ok() && !yield()) selected = stopped;
       }
       // The method duel's shadow trial: the same step selected with the
       // parked method at its own width, timed as the selection is.
@@ -331,13 +382,14 @@ SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample*
         const int64_t t0 = ThreadCpuNanos();
         selected = selector.Select(probe.queries.data(), s.q_per_kv, sp, &shadow);
         shadow_ns = ThreadCpuNanos() - t0;
+        if (selected.ok() && !yield()) selected = stopped;
       }
       if (selected.ok()) {
         // Thread CPU time, as the selection's cost (Session::SelectHead).
         const int64_t t0 = ThreadCpuNanos();
         measured = MeasureSelectionPair(selector, probe.queries.data(), s.q_per_kv, probe.params,
                                         selection, trial_ranking.has_value() ? &trial : nullptr,
-                                        shadowed ? &shadow : nullptr);
+                                        shadowed ? &shadow : nullptr, yield);
         if (measured.ok()) {
           measured->reference_ns = ThreadCpuNanos() - t0;
           measured->trial_ns = trial_ns;
@@ -381,6 +433,7 @@ SessionQualityInfo QualityInfoOf(const Session& s) {
   q.samples_dropped = s.samples_dropped.load();
   q.samples_stale = s.samples_stale.load();
   q.samples_reselected = s.samples_reselected.load();
+  q.probe_yields = s.probe_yields.load(std::memory_order_relaxed);
   q.calibration_cpu_ns = s.calibration_cpu_ns.load();
   q.selection_ns = s.selection_ns.load();
   q.carried_selections = s.selects_carried.load(std::memory_order_relaxed);

@@ -144,6 +144,7 @@ struct SessionQualityInfo {
   int64_t samples_dropped = 0;     // not measured: queue full or CPU budget spent
   int64_t samples_stale = 0;       // not measured: the index was being built, or broke
   int64_t samples_reselected = 0;  // measured late: selected again at the probe's width
+  int64_t probe_yields = 0;        // times a measurement let waiting appends through
   double mean_mass_ratio = 0.0;    // over every sample
   double recent_mass_ratio = 0.0;  // mean over heads of their moving average
   double mean_topk_recall = 0.0;

@@ -37,6 +37,13 @@ double Median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+// The 99th percentile (nearest rank).
+double P99(std::vector<double> v) {
+  if (v.empty()) return kNaN;
+  std::sort(v.begin(), v.end());
+  return v[static_cast<size_t>(std::ceil(0.99 * static_cast<double>(v.size()))) - 1];
+}
+
 // Per step and per layer accumulators of one policy.
 struct Tally {
   explicit Tally(int steps, int layers)
@@ -318,6 +325,13 @@ void Summarize(const DecodeContext& ctx, const Tally& t, PolicyResult* r) {
   r->mean_cost.attention = Mean(tail_of(t.attention, layer_scale));
   r->mean_cost.rpc = Mean(decode) - r->mean_cost.select - r->mean_cost.gather;
   r->mean_cost.tpot = Mean(tpot);
+  // The steps' tail: each column's own 99th percentile (not one step's split).
+  r->p99_cost.append = P99(tail_of(t.append, layer_scale));
+  r->p99_cost.select = P99(tail_of(t.own_select, layer_scale));
+  r->p99_cost.gather = P99(tail_of(t.own_gather, layer_scale));
+  r->p99_cost.attention = P99(tail_of(t.attention, layer_scale));
+  r->p99_cost.rpc = kNaN;  // a difference of two tails is not a tail
+  r->p99_cost.tpot = P99(tpot);
   r->cost.append = tail(t.append, layer_scale);
   // Select and gather: the measured backend's own time inside its calls
   // (the daemon's, at its calibrated widths, beside its references); RPC:

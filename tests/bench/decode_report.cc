@@ -65,6 +65,7 @@ Json PolicyJson(const PolicyResult& p) {
           {"first_step_s", Num(p.first_step_s)},
           {"per_token_ms", CostJson(p.cost)},
           {"per_token_ms_mean", CostJson(p.mean_cost)},
+          {"per_token_ms_p99", CostJson(p.p99_cost)},
           {"decode_step_message_us_p50", Num(p.message_us)},
           {"rpc_per_message_us_p50", Num(p.rpc_per_message_us)},
           {"paired_rpc_per_message_us_p50", Num(p.paired_rpc_per_message_us)},
@@ -301,6 +302,12 @@ void PrintContext(const DecodeBenchOptions& o, const ContextResult& c) {
                 Fmt("%.1f", p.mean_cost.tpot).c_str(), Fmt("%.2f", p.mean_cost.append).c_str(),
                 Fmt("%.2f", p.mean_cost.select).c_str(), Fmt("%.2f", p.mean_cost.gather).c_str(),
                 Fmt("%.2f", p.mean_cost.rpc).c_str());
+  }
+  std::printf("99th percentiles over the same steps (each figure's own):\n");
+  for (const PolicyResult& p : c.policies) {
+    std::printf("  %-10s TPOT %s  APPEND %s  SELECT %s  GATHER %s\n", p.policy.name.c_str(),
+                Fmt("%.1f", p.p99_cost.tpot).c_str(), Fmt("%.2f", p.p99_cost.append).c_str(),
+                Fmt("%.2f", p.p99_cost.select).c_str(), Fmt("%.2f", p.p99_cost.gather).c_str());
   }
   PrintDaemonCpu(c);
   PrintMonitors(c);

@@ -33,6 +33,8 @@ struct PolicyResult {
   // per-step cost that alternates between two values (every head scanning
   // on the same step) makes the median one of them (docs/bench/stagger38.md).
   TokenCost mean_cost;
+  // Each figure's own 99th percentile over the same steps (rpc: NaN).
+  TokenCost p99_cost;
   // Median per DecodeStep call of its round trip beyond the daemon's own
   // select + gather in it (in-process: the call's own overhead).
   double rpc_per_message_us = 0;

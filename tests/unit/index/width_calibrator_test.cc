@@ -1005,6 +1005,68 @@ TEST(WidthCalibratorTest, ExactTokenSharesMatchAScalarReference) {
   EXPECT_NEAR(total, kG, 1e-3);
 }
 
+// The exact scans run in chunks with a yield between them (where the
+// quality sampler lets appends in): the same bits as without; a yield that
+// says stop aborts; keys inserted during a yield (an append) leave the
+// scan covering the pages and tokens of its start, its masses a
+// distribution over what it scored.
+TEST(WidthCalibratorTest, ExactScansYieldBetweenChunksAndCoverWhatTheyStartedWith) {
+  const int kG = 4;
+  testing::HeadData h = testing::MakeSyntheticHead(9000, kG, 2, 9);
+  ASSERT_GT(h.n, 0);
+  BuiltMdci b = BuildMdci(h, 32, 8.0f);
+  ASSERT_NE(b.sel, nullptr);
+  const uint32_t pages = b.sel->num_pages();
+  ASSERT_GT(pages, 2 * MdciSelector::kScanChunkPages) << "three chunks at least";
+  const int chunks =
+      static_cast<int>((pages + MdciSelector::kScanChunkPages - 1) / MdciSelector::kScanChunkPages);
+  std::vector<float> mass0, mass1, share0, share1;
+  ASSERT_THAT(b.sel->ExactPageMasses(h.query(1), kG, &mass0), IsOk());
+  ASSERT_THAT(b.sel->ExactTokenShares(h.query(1), kG, &share0), IsOk());
+  int calls = 0;
+  auto count = [&calls]() {
+    ++calls;
+    return true;
+  };
+  ASSERT_THAT(b.sel->ExactPageMasses(h.query(1), kG, &mass1, count), IsOk());
+  EXPECT_EQ(calls, chunks - 1);
+  EXPECT_EQ(mass1, mass0);
+  ASSERT_THAT(b.sel->ExactTokenShares(h.query(1), kG, &share1, count), IsOk());
+  EXPECT_EQ(calls, 2 * (chunks - 1));
+  EXPECT_EQ(share1, share0);
+  auto stop = []() { return false; };
+  EXPECT_THAT(b.sel->ExactPageMasses(h.query(1), kG, &mass1, stop),
+              StatusIs(absl::StatusCode::kAborted));
+  EXPECT_THAT(b.sel->ExactTokenShares(h.query(1), kG, &share1, stop),
+              StatusIs(absl::StatusCode::kAborted));
+  // An append during the first yield: 64 keys into the tree and frames.
+  bool appended = false;
+  auto append = [&]() {
+    if (appended) return true;
+    appended = true;
+    std::vector<Placement> pl;
+    EXPECT_THAT(b.sel->Insert(h.key(100), 64, &pl), IsOk());
+    EXPECT_THAT(b.frames->Apply(pl, h.key(100)), IsOk());
+    return true;
+  };
+  ASSERT_THAT(b.sel->ExactPageMasses(h.query(1), kG, &mass1, append), IsOk());
+  ASSERT_TRUE(appended);
+  EXPECT_GT(b.sel->num_pages(), pages);
+  ASSERT_EQ(mass1.size(), pages);
+  double total = 0;
+  for (float m : mass1) total += m;
+  EXPECT_NEAR(total, 1.0, 1e-3);
+  appended = false;
+  const int64_t tokens = b.sel->num_tokens();
+  ASSERT_THAT(b.sel->ExactTokenShares(h.query(1), kG, &share1, append), IsOk());
+  ASSERT_TRUE(appended);
+  ASSERT_EQ(static_cast<int64_t>(share1.size()), tokens);
+  total = 0;
+  for (float v : share1) total += v;
+  EXPECT_GT(total, 0.5 * kG);
+  EXPECT_LE(total, kG + 1e-3);
+}
+
 // SelectParams.ranking overrides the selector's own ranking: a selector
 // built with the loudest ranking, asked for the normalized one, selects what
 // a selector built with it selects; and the pair measurement rates both

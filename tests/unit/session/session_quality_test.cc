@@ -295,6 +295,45 @@ TEST(SessionQualityTest, LateSampleIsSelectedAgainNotDropped) {
   for (const HeadQualityInfo& h : info->quality.heads) EXPECT_GT(h.mean_mass_ratio, 0.0);
 }
 
+// Decode appends racing the measurements (each step's append goes in while
+// its probes are measured, their reference scans long enough to yield
+// between chunks): every append lands, every probe is measured (none
+// stale), and the session ends with every token.
+TEST(SessionQualityTest, AppendsRacingMeasurementsAllLandAndEveryProbeIsMeasured) {
+  QualityEnv q;
+  const int kTokens = 6000, kSteps = 24;  // 375+ pages a head: a scan of two chunks or more
+  ASSERT_NO_FATAL_FAILURE(
+      StartQualitySession(&q, 0.0, kTokens, kSteps, kSteps, 1, Granularity::kPage));
+  const size_t row = q.dump.head_dim;
+  for (int step = 0; step < kSteps; ++step) {
+    SelectRequest r;
+    r.layer = 0;
+    const float* qs = q.dump.query(step, 0, 0);
+    r.queries.assign(qs, qs + static_cast<size_t>(q.dump.q_heads) * q.dump.head_dim);
+    ASSERT_THAT(q.env.manager->SelectPages(q.caller, q.id, r).status(), IsOk());
+    // The next token at once, without waiting for the step's samples (its
+    // K and V: a copy of an early token's).
+    const int64_t t = 100 + step;
+    std::vector<float> kv(2 * 2 * row);  // keys [head], then values [head]
+    for (int h = 0; h < 2; ++h) {
+      std::memcpy(kv.data() + h * row, q.dump.key(0, h) + t * row, row * sizeof(float));
+      std::memcpy(kv.data() + (2 + h) * row, q.dump.value(0, h) + t * row, row * sizeof(float));
+    }
+    std::vector<uint8_t> bytes(kv.size() * sizeof(float));
+    std::memcpy(bytes.data(), kv.data(), bytes.size());
+    ASSERT_THAT(q.env.manager->AppendKv(q.caller, q.id, 1, bytes).status(), IsOk());
+  }
+  q.env.manager->WaitForQualitySamples();
+  auto info = q.env.manager->GetSession(q.caller, q.id);
+  ASSERT_THAT(info.status(), IsOk());
+  EXPECT_EQ(info->tokens, kTokens + kSteps);
+  EXPECT_EQ(info->quality.samples, 2 * kSteps);  // both heads of every step
+  EXPECT_EQ(info->quality.samples_stale, 0);
+  EXPECT_EQ(info->quality.samples_dropped, 0);
+  for (const HeadQualityInfo& h : info->quality.heads) EXPECT_GT(h.mean_mass_ratio, 0.0);
+  RecordProperty("probe_yields", std::to_string(info->quality.probe_yields));
+}
+
 TEST(SessionQualityTest, TargetZeroMonitorsWithoutMovingTheWidth) {
   QualityEnv q;
   ASSERT_NO_FATAL_FAILURE(StartQualitySession(&q, 0.0, 4096, 8, 8, 64));
