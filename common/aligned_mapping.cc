@@ -19,13 +19,20 @@ uint8_t* MapAligned(uint64_t bytes, uint64_t align, int extra_flags) {
   return reinterpret_cast<uint8_t*>(aligned);
 }
 
-void FaultInForWrite(uint8_t* p, uint64_t len, bool* populate) {
+bool PopulateWritable(uint8_t* p, uint64_t len) {
 #ifdef MADV_POPULATE_WRITE
-  if (*populate && madvise(p, len, MADV_POPULATE_WRITE) == 0) {
-    TouchPagesForRead(p, len);  // the first touch a shadow-paged guest still charges
-    return;
-  }
+  if (madvise(p, len, MADV_POPULATE_WRITE) != 0) return false;
+  TouchPagesForRead(p, len);
+  return true;
+#else
+  (void)p;
+  (void)len;
+  return false;
 #endif
+}
+
+void FaultInForWrite(uint8_t* p, uint64_t len, bool* populate) {
+  if (*populate && PopulateWritable(p, len)) return;
   *populate = false;
   const long page = sysconf(_SC_PAGESIZE) > 0 ? sysconf(_SC_PAGESIZE) : 4096;
   for (uint64_t off = 0; off < len; off += static_cast<uint64_t>(page)) {

@@ -14,7 +14,6 @@
 #include "common/aligned_mapping.h"
 #include "common/caller.h"
 #include "common/file_util.h"
-#include "common/populate.h"
 #include "common/status_macros.h"
 #include "server/pool/heap_trim.h"
 
@@ -349,15 +348,9 @@ uint64_t PagePool::PopulateSlabs(const std::vector<uint64_t>& slabs) {
   uint64_t done = 0;
 #ifdef MADV_POPULATE_WRITE
   for (uint64_t slab : slabs) {
-    uint8_t* at = base_ + slab * kSlabBytes;
-    if (madvise(at, kSlabBytes, MADV_POPULATE_WRITE) == 0) {
-      // On a guest with shadow page tables the populated pages still cost
-      // ~5 us each at their first touch from user space: paid here, not by
-      // the carve and the row writes of an append (docs/bench/cpu52.md).
-      // Reads only: a carve may be writing this slab now.
-      TouchPagesForRead(at, kSlabBytes);
-      ++done;
-    }
+    // Each page's first touch paid here, not by the carve and the row
+    // writes of an append; reads only, as a carve may be writing the slab.
+    if (PopulateWritable(base_ + slab * kSlabBytes, kSlabBytes)) ++done;
   }
 #else
   (void)slabs;
