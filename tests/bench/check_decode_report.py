@@ -13,6 +13,21 @@ def fail(msg):
     sys.exit(1)
 
 
+# The fewest clock ticks a wall must span for the daemon's cores busy to be
+# a measurement (process_cpu.h kMinCpuWallTicks: /proc counts whole ticks).
+MIN_CPU_WALL_TICKS = 20
+
+
+def cores_ok(cores, wall_s):
+    """A daemon's cores busy over a wall of wall_s: within the machine's
+    cores, or null because the wall spans too few clock ticks to measure."""
+    if not isinstance(wall_s, (int, float)) or wall_s < 0:
+        return False
+    if cores is None:
+        return wall_s * os.sysconf("SC_CLK_TCK") < MIN_CPU_WALL_TICKS
+    return isinstance(cores, (int, float)) and 0 <= cores <= 1.5 * os.cpu_count()
+
+
 def main(path):
     try:
         with open(path) as f:
@@ -81,8 +96,9 @@ def main(path):
                         if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
                             fail(f"{name}: {key} {v}")
                     cores = p.get("decode_daemon_cores")
-                    if not (isinstance(cores, (int, float)) and 0 <= cores <= 1.5 * os.cpu_count()):
-                        fail(f"{name}: decode_daemon_cores {cores} ({os.cpu_count()} cores)")
+                    if not cores_ok(cores, p.get("decode_wall_s")):
+                        fail(f"{name}: decode_daemon_cores {cores} over "
+                             f"{p.get('decode_wall_s')} s ({os.cpu_count()} cores)")
                 monitor = p.get("quality_monitor")
                 if monitor is None or (p["selector"] == "mdci" and not monitor["monitored"]):
                     fail(f"{name}: quality_monitor {monitor} (icecached monitors mdci)")
@@ -98,8 +114,10 @@ def main(path):
                         fail(f"{name}: quality_monitor.carry_stopped {monitor.get('carry_stopped')}")
         for b in c["batches"]:
             cores = b.get("daemon_cores")
-            if spawned and not (isinstance(cores, (int, float)) and 0 <= cores <= 1.5 * os.cpu_count()):
-                fail(f"batch {b['batch']}: daemon_cores {cores} ({os.cpu_count()} cores)")
+            wall_ms = b.get("wall_ms")
+            if spawned and not cores_ok(cores, wall_ms / 1000 if isinstance(wall_ms, (int, float)) else None):
+                fail(f"batch {b['batch']}: daemon_cores {cores} over {wall_ms} ms "
+                     f"({os.cpu_count()} cores)")
         batches = [b["batch"] for b in c["batches"]]
         if max(cfg["batch"]) > 1 and batches != cfg["batch"]:
             fail(f"context {c['tokens']}: batches {batches}, expected {cfg['batch']}")

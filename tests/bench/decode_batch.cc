@@ -13,6 +13,7 @@
 #include "absl/time/clock.h"
 #include "common/status_macros.h"
 #include "tests/bench/decode_policy_run.h"
+#include "tests/bench/process_cpu.h"
 
 namespace icecache::bench {
 namespace {
@@ -119,8 +120,8 @@ absl::StatusOr<std::vector<BatchResult>> RunBatches(const DecodeContext& ctx, in
     BatchResult r;
     double wall_ms = 0;
     for (double x : ms) wall_ms += x;
-    r.daemon_cores = wall_ms > 0 ? (ctx.main->DaemonCpu().total - daemon0) * 1000.0 / wall_ms
-                                 : std::numeric_limits<double>::quiet_NaN();
+    r.wall_ms = wall_ms;
+    r.daemon_cores = CoresOver(ctx.main->DaemonCpu().total - daemon0, wall_ms / 1000.0);
     std::sort(ms.begin(), ms.end());
     r.batch = b;
     r.step_ms = ms[ms.size() / 2] * o.layers / layers;

@@ -524,7 +524,8 @@ absl::StatusOr<PolicyResult> RunSelectorPolicy(const DecodeContext& ctx,
     const double wall_s = std::chrono::duration<double>(Clock::now() - t0).count();
     const double daemon_s = ctx.main->DaemonCpu().total - daemon0;
     r.decode_daemon_cpu_ms = daemon_s * 1000.0 * ctx.scale / std::max(1, m.steps());
-    r.decode_daemon_cores = wall_s > 0 ? daemon_s / wall_s : kNaN;
+    r.decode_wall_s = wall_s;
+    r.decode_daemon_cores = CoresOver(daemon_s, wall_s);
   }
   ASSIGN_OR_RETURN(r.monitor, ctx.main->Monitor(id));
   ASSIGN_OR_RETURN(r.companion_monitor, ctx.companion->Monitor(cid));

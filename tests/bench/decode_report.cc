@@ -83,6 +83,7 @@ Json PolicyJson(const PolicyResult& p) {
           {"prefill_daemon_system_s", Num(p.prefill_daemon_system_s)},
           {"prefill_client_cpu_s", Num(p.prefill_client_cpu_s)},
           {"decode_daemon_cpu_ms_per_token", Num(p.decode_daemon_cpu_ms)},
+          {"decode_wall_s", p.decode_wall_s},
           {"decode_daemon_cores", Num(p.decode_daemon_cores)},
           {"layer_output_rel_error", p.layer_error},
           {"prefetch", p.policy.prefetch},
@@ -389,7 +390,8 @@ Json DecodeReportJson(const DecodeBenchOptions& o, const std::vector<ContextResu
                          {"step_ms", b.step_ms},
                          {"tokens_per_s", b.tokens_per_s},
                          {"vs_batch_1", b.speedup},
-                         {"daemon_cores", Num(b.daemon_cores)}});
+                         {"daemon_cores", Num(b.daemon_cores)},
+                         {"wall_ms", b.wall_ms}});
     }
     report["contexts"].push_back({{"tokens", c.tokens},
                                   {"layers_run", c.layers},

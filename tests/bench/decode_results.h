@@ -81,6 +81,7 @@ struct PolicyResult {
   double prefill_daemon_system_s = std::numeric_limits<double>::quiet_NaN();  // of it, the kernel's
   double prefill_client_cpu_s = std::numeric_limits<double>::quiet_NaN();
   double decode_daemon_cpu_ms = std::numeric_limits<double>::quiet_NaN();
+  double decode_wall_s = 0;  // the decode steps' wall (decode_daemon_cores: CoresOver)
   double decode_daemon_cores = std::numeric_limits<double>::quiet_NaN();  // over the steps' wall
 };
 
@@ -93,6 +94,7 @@ struct BatchResult {
   // wall; NaN: not a spawned daemon): near the machine's cores, a batch
   // has nothing idle left to fill.
   double daemon_cores = std::numeric_limits<double>::quiet_NaN();
+  double wall_ms = 0;  // the timed steps' (too short for daemon_cores: NaN, CoresOver)
 };
 
 struct ContextResult {

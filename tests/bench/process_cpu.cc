@@ -40,6 +40,14 @@ long long StatCpuTicks(std::string_view stat, long long* system) {
   return utime + stime;
 }
 
+double CoresOver(double cpu_s, double wall_s) {
+  const long hz = sysconf(_SC_CLK_TCK);
+  if (hz <= 0 || !(wall_s * static_cast<double>(hz) >= kMinCpuWallTicks)) {
+    return std::numeric_limits<double>::quiet_NaN();
+  }
+  return cpu_s / wall_s;
+}
+
 CpuTimes ProcessCpuTimes(pid_t pid) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
   if (pid <= 0) return {nan, nan};

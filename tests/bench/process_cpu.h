@@ -22,6 +22,13 @@ struct CpuTimes {
 CpuTimes ProcessCpuTimes(pid_t pid);
 inline double ProcessCpuSeconds(pid_t pid) { return ProcessCpuTimes(pid).total; }
 
+// Cores busy: `cpu_s` of CPU time (from ProcessCpuTimes) over `wall_s`;
+// NaN when the wall is shorter than kMinCpuWallTicks clock ticks. /proc
+// counts whole ticks (10 ms at 100 Hz), so a phase of a few ms reads 0 or
+// one tick: a smoke run's 3 ms batch sweep read 12.6 cores on 2.
+inline constexpr int kMinCpuWallTicks = 20;
+double CoresOver(double cpu_s, double wall_s);
+
 // utime + stime in clock ticks from the text of a /proc/<pid>/stat file, and
 // stime alone in `*system` (when not null); -1 when it is not one. The
 // command name (field 2) may hold spaces and parentheses, so the fields are
