@@ -103,6 +103,10 @@ absl::StatusOr<std::unique_ptr<DciTree>> DciTree::Create(const DciTreeParams& pa
         "DCI-tree route_fov and build_candidates must be >= 1 and refine_iters >= 0, got ",
         params.route_fov, ", ", params.build_candidates, ", ", params.refine_iters));
   }
+  if (params.insert_route_fov < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "DCI-tree insert_route_fov must be >= 0 (0: route_fov), got ", params.insert_route_fov));
+  }
   ASSIGN_OR_RETURN(MipsAugmentation mips,
                    MipsAugmentation::FromMaxNorm(1.0f, params.dim, params.norm_headroom,
                                                  params.rebuild_fraction));
@@ -135,6 +139,8 @@ void DciTree::ReserveTokens(int64_t tokens) {
   levels_.reserve(levels_.size() + 2);
   const size_t nodes = top_level() >= 1 ? scaled(levels_[1].size()) : 16;
   nodes_by_key_.reserve(nodes);
+  room_by_rank_.reserve(nodes);
+  rank_of_node_.reserve(nodes);
   // Decode keys fill the pages of their nodes; a page per node more covers
   // the partly filled last pages.
   pages_.Reserve(nodes, scaled(pages_.num_pages()) + nodes, tokens);
@@ -186,7 +192,7 @@ float DciTree::RouteScoreFromDot(int level, uint32_t node, float dot, float a) c
   return dot + a * R.abar[node] - R.half_sq[node];
 }
 
-void DciTree::Route(const float* x, float a, int target, int keep,
+void DciTree::Route(const float* x, float a, int target, int keep, int fov,
                     const std::vector<std::vector<int32_t>>* free, RouteScratch* s,
                     std::vector<std::pair<float, uint32_t>>* out) const {
   out->clear();
@@ -218,7 +224,7 @@ void DciTree::Route(const float* x, float a, int target, int keep,
       out->assign(s->scored.begin(), s->scored.begin() + k);
       return;
     }
-    const size_t k = std::min<size_t>(params_.route_fov, s->scored.size());
+    const size_t k = std::min<size_t>(fov, s->scored.size());
     std::partial_sort(s->scored.begin(), s->scored.begin() + k, s->scored.end(),
                       dci_internal::BetterOrder());
     s->next.clear();
@@ -290,6 +296,15 @@ bool DciTree::NodeHasRoom(uint32_t node) const {
   return tokens == 0 || tokens % static_cast<uint32_t>(params_.page_tokens) != 0;
 }
 
+void DciTree::SyncRoomByRank() {
+  room_by_rank_.resize(nodes_by_key_.size());
+  rank_of_node_.resize(nodes_by_key_.size());
+  for (size_t i = 0; i < nodes_by_key_.size(); ++i) {
+    room_by_rank_[i] = NodeHasRoom(nodes_by_key_[i]) ? 1 : 0;
+    rank_of_node_[nodes_by_key_[i]] = static_cast<uint32_t>(i);
+  }
+}
+
 uint32_t DciTree::NearestRecentNodeWithRoom(const float* x, float a, int64_t pos, RouteScratch* s,
                                             float* score) const {
   // Decode keys join the nearest logical node of the last locality_window
@@ -298,11 +313,30 @@ uint32_t DciTree::NearestRecentNodeWithRoom(const float* x, float a, int64_t pos
   // replenished at the rate keys arrive.
   const Level& L = levels_[1];
   const int64_t from = pos - params_.locality_window;
-  auto it = std::lower_bound(nodes_by_key_.begin(), nodes_by_key_.end(), from,
-                             [&](uint32_t node, int64_t p) { return L.key[node] < p; });
+  // The window's first node: the last call's, moved on (windows only move
+  // forward between decode inserts), unless nodes_by_key_ changed under it;
+  // a cold binary search would read two random lines per step.
+  const size_t n = nodes_by_key_.size();
+  auto before = [&](size_t i) { return L.key[nodes_by_key_[i]] < from; };
+  size_t first = std::min(s->window_first, n);
+  bool found = first == 0 || !before(first - 1);
+  if (found) {
+    for (int steps = 0; first < n && before(first); ++first) {
+      if (++steps > 8) {
+        found = false;  // far behind (the first insert after a build): search
+        break;
+      }
+    }
+  }
+  if (!found) {
+    first = std::lower_bound(nodes_by_key_.begin(), nodes_by_key_.end(), from,
+                             [&](uint32_t node, int64_t p) { return L.key[node] < p; }) -
+            nodes_by_key_.begin();
+  }
+  s->window_first = first;
   s->open.clear();
-  for (; it != nodes_by_key_.end(); ++it) {
-    if (NodeHasRoom(*it)) s->open.push_back(*it);
+  for (size_t i = first; i < n; ++i) {
+    if (room_by_rank_[i] != 0) s->open.push_back(nodes_by_key_[i]);
   }
   s->dots.resize(s->open.size());
   DotF32Rows(x, L.reps.centroid.data(), s->open.data(), static_cast<int64_t>(s->open.size()),
@@ -363,7 +397,8 @@ uint32_t DciTree::OpenKeyNodes(uint32_t pos, int t, bool with_reps, const float*
 uint32_t DciTree::ChooseInsertParent(const float* x, float a, float sq, int32_t pos, int t,
                                      RouteScratch* rs,
                                      std::vector<std::pair<float, uint32_t>>* out) {
-  Route(x, a, t + 1, 1, nullptr, rs, out);
+  const int fov = params_.insert_route_fov > 0 ? params_.insert_route_fov : params_.route_fov;
+  Route(x, a, t + 1, 1, fov, nullptr, rs, out);
   uint32_t p = (*out)[0].second;
   if (t == 0 && params_.locality_window > 0 && !NodeHasRoom(p)) {
     // The nearest node's last page is full: a recent node with room takes
@@ -418,7 +453,9 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
     uint32_t level1_node = kNone;
     if (t >= 1) {
       level1_node = pages_.AddNode();
+      rank_of_node_.push_back(static_cast<uint32_t>(nodes_by_key_.size()));  // node ids are dense
       nodes_by_key_.push_back(level1_node);  // keys arrive in position order
+      room_by_rank_.push_back(1);
     }
     if (t > old_top && old_top >= 1) {
       // A new top level: the old top nodes become children of this key.
@@ -450,6 +487,7 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
     }
     if (t == 0 && t >= top_level()) level1_node = 0;  // unreachable: level 1 always exists
     placements->push_back(pages_.Append(level1_node, pos));
+    room_by_rank_[rank_of_node_[level1_node]] = NodeHasRoom(level1_node) ? 1 : 0;
     key_top_.push_back(static_cast<uint8_t>(t));
     key_node_.push_back(t >= 1 ? below : level1_node);
   }
@@ -462,7 +500,8 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
 }
 
 size_t DciTree::bytes() const {
-  size_t b = key_top_.size() + (key_node_.size() + nodes_by_key_.size()) * sizeof(uint32_t) +
+  size_t b = key_top_.size() + room_by_rank_.size() +
+             (key_node_.size() + nodes_by_key_.size() + rank_of_node_.size()) * sizeof(uint32_t) +
              pages_.bytes();
   for (int l = 1; l <= top_level(); ++l) b += levels_[l].bytes(level_size(l - 1));
   return b;

@@ -76,6 +76,11 @@ struct DciTreeParams {
   // Insert with a locality window: a recent node with room takes a key when
   // its squared distance is within this factor of the nearest node's.
   float decode_slack = 1.5f;
+  // Nodes kept per level when Insert routes a key (decode appends); 0 =
+  // route_fov (the bulk build always keeps route_fov). Not in the index
+  // image: a loaded tree inserts with its loader's value (the session's
+  // config, which a snapshot keeps).
+  int insert_route_fov = 0;
   uint64_t seed = 1234;
 };
 
@@ -283,6 +288,9 @@ class DciTree {
     std::vector<uint32_t> open;  // the candidates scored (room left, or free)
     std::vector<float> dots;     // their dot products with the key
     std::vector<std::pair<float, uint32_t>> scored;
+    // NearestRecentNodeWithRoom: where its last window began in
+    // nodes_by_key_ (a hint, checked before use).
+    size_t window_first = 0;
   };
   // Buffers of Insert, kept between calls so a decode append allocates
   // nothing once warm (Insert has exclusive access).
@@ -312,10 +320,10 @@ class DciTree {
   // DotF32(x, its centroid) (batched by DotF32Rows): higher is nearer (minus
   // half the squared augmented distance, up to a constant).
   float RouteScoreFromDot(int level, uint32_t node, float dot, float a) const;
-  // Descends from the top to `target` keeping route_fov nodes per level and
+  // Descends from the top to `target` keeping `fov` nodes per level and
   // writes the best `keep` nodes of `target` (score, node), best first.
   // With `free` set, skips nodes whose free[level][node] is 0.
-  void Route(const float* x, float a, int target, int keep,
+  void Route(const float* x, float a, int target, int keep, int fov,
              const std::vector<std::vector<int32_t>>* free, RouteScratch* s,
              std::vector<std::pair<float, uint32_t>>* out) const;
   // Level 1's representatives from `members` keys (members == nullptr: every
@@ -353,6 +361,8 @@ class DciTree {
   uint32_t NearestRecentNodeWithRoom(const float* x, float a, int64_t pos, RouteScratch* s,
                                      float* score) const;
   bool NodeHasRoom(uint32_t node) const;  // its last page has a free slot
+  // room_by_rank_ and rank_of_node_ from nodes_by_key_ and the page table.
+  void SyncRoomByRank();
 
   // --- dci_tree_build.cc: bulk build ---
   // Capacity-aware assignment of `items` (keys with top == level-1, given as
@@ -430,6 +440,12 @@ class DciTree {
   std::vector<uint8_t> key_top_;        // per key: its top level
   std::vector<uint32_t> key_node_;      // per key: key_node() below
   std::vector<uint32_t> nodes_by_key_;  // level-1 node ids by ascending key position
+  // Derived from the page table (SyncRoomByRank), for the decode insert's
+  // scan of its locality window: NodeHasRoom(nodes_by_key_[i]) at i, read
+  // in position order instead of one random line per node; and each level-1
+  // node's place in nodes_by_key_.
+  std::vector<uint8_t> room_by_rank_;
+  std::vector<uint32_t> rank_of_node_;
   DciPageTable pages_;
   InsertScratch insert_scratch_;
 };

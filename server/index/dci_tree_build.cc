@@ -74,7 +74,8 @@ void DciTree::PairWindowCandidates(const std::vector<uint32_t>& items, const flo
       }
       TopOfScores(scores.data(), nn, lo, C, &out);
       if (out.empty())
-        Route(keys + static_cast<size_t>(items[idx]) * d, a, 1, C, nullptr, &rs, &out);
+        Route(keys + static_cast<size_t>(items[idx]) * d, a, 1, C, params_.route_fov, nullptr, &rs,
+              &out);
       if (!out.empty()) (*best)[idx] = out[0].second;
       for (const auto& o : out) pairs->push_back({o.first, static_cast<uint32_t>(idx), o.second});
     }
@@ -90,7 +91,7 @@ void DciTree::PairRoutedCandidates(int level, const std::vector<uint32_t>& items
   std::vector<std::pair<float, uint32_t>> out;
   for (size_t i = 0; i < items.size(); ++i) {
     Route(keys + static_cast<size_t>(items[i]) * d, aug[items[i]], level, params_.build_candidates,
-          nullptr, &rs, &out);
+          params_.route_fov, nullptr, &rs, &out);
     if (!out.empty()) (*best)[i] = out[0].second;
     for (const auto& o : out) pairs->push_back({o.first, static_cast<uint32_t>(i), o.second});
   }
@@ -118,8 +119,8 @@ void DciTree::PlaceLeftovers(int level, const std::vector<uint32_t>& items, cons
   std::vector<std::pair<float, uint32_t>> out;
   for (uint32_t i : leftovers) {
     if ((*parent_of)[i] != kNone) continue;
-    Route(keys + static_cast<size_t>(items[i]) * params_.dim, aug[items[i]], level, 1, &free, &rs,
-          &out);
+    Route(keys + static_cast<size_t>(items[i]) * params_.dim, aug[items[i]], level, 1,
+          params_.route_fov, &free, &rs, &out);
     uint32_t node = out.empty() ? best[i] : out[0].second;
     if (node == kNone) node = 0;
     (*parent_of)[i] = node;
@@ -386,6 +387,7 @@ absl::Status DciTree::BulkBuild(const float* keys, int64_t n, std::vector<Placem
   std::sort(nodes_by_key_.begin(), nodes_by_key_.end(),
             [&](uint32_t a, uint32_t b) { return levels_[1].key[a] < levels_[1].key[b]; });
   RETURN_IF_ERROR(LayOutPages(n, &members, placements));
+  SyncRoomByRank();
   // Room for the decode keys that follow: their inserts must not reallocate
   // the arrays the build left at exact size.
   ReserveTokens(TokensWithHeadroom(n));

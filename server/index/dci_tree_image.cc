@@ -12,7 +12,7 @@
 //   the level-1 nodes by key, the page table.
 // Not in it: the keys (in the frames behind PageKeys), and what is a pure
 // function of the rest and recomputed on load: the fp16 centroid copies,
-// the child runs and the reserved headroom.
+// the child runs, the level-1 nodes' room flags and the reserved headroom.
 //
 // The loader trusts nothing: every count is checked against the bytes left
 // (ByteReader) and against the counts already read, and the loaded tree is
@@ -285,6 +285,7 @@ absl::StatusOr<std::unique_ptr<DciTree>> DciTree::LoadImage(const DciTreeParams&
   if (!why.empty()) return lost(why);
   t->SyncAllChildRuns();
   t->SyncAllMirrors();
+  t->SyncRoomByRank();
   t->ReserveTokens(TokensWithHeadroom(n));
   return t;
 }

@@ -23,8 +23,6 @@ namespace icecache {
 struct DciScratch;
 
 namespace dci_internal {
-inline int g_variant = 0;  // EXPERIMENT
-
 inline float SquaredNorm(const float* x, int dim) { return DotF32(x, x, dim); }
 
 // Ranking of (score, node) pairs: higher score first, then lower node id.

@@ -86,8 +86,13 @@ struct MdciParams {
   float rebuild_fraction = 0.02f;
   uint64_t seed = 1234;
   // --- DCI-tree knobs added by mdci (see server/index/mdci_selector.h) ---
-  int promotion_ratio = 0;   // r; 0 = max(2, page_tokens) (one full page per logical node)
-  int route_fov = 3;         // nodes kept per level when routing a key (build, insert)
+  int promotion_ratio = 0;  // r; 0 = max(2, page_tokens) (one full page per logical node)
+  int route_fov = 3;        // nodes kept per level when routing a key (build, insert)
+  // Nodes kept per level when a decode append routes its key (Insert); 0 =
+  // route_fov. 1 (greedy) inserts in 0.6x the time (0.8x cold) but loses
+  // attention mass on decode-time needles, so it is not the default
+  // (docs/bench/greedy54.md).
+  int insert_route_fov = 0;
   int build_candidates = 8;  // parents considered per key by the capacity-aware bulk build
   int refine_iters = 0;      // bulk build: level-0 re-assignments against full centroids
   // Upper levels keep nodes (beyond field_of_view) until they hold

@@ -85,6 +85,7 @@ Json ConfigToJson(const SessionConfig& c) {
         {"seed", m.seed},
         {"promotion_ratio", m.promotion_ratio},
         {"route_fov", m.route_fov},
+        {"insert_route_fov", m.insert_route_fov},
         {"build_candidates", m.build_candidates},
         {"refine_iters", m.refine_iters},
         {"cover_factor", m.cover_factor},
@@ -131,6 +132,7 @@ absl::StatusOr<SessionConfig> ConfigFromJson(const Json& j) {
   if (md.contains("seed")) m.seed = U64(md, "seed");
   m.promotion_ratio = static_cast<int>(Int(md, "promotion_ratio", m.promotion_ratio));
   m.route_fov = static_cast<int>(Int(md, "route_fov", m.route_fov));
+  m.insert_route_fov = static_cast<int>(Int(md, "insert_route_fov", m.insert_route_fov));
   m.build_candidates = static_cast<int>(Int(md, "build_candidates", m.build_candidates));
   m.refine_iters = static_cast<int>(Int(md, "refine_iters", m.refine_iters));
   m.cover_factor = static_cast<float>(Num(md, "cover_factor", m.cover_factor));

@@ -27,6 +27,11 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// The insert route fov the sessions run with (the default where unset).
+int InsertRouteFov(const AppendBenchOptions& o) {
+  return o.insert_route_fov >= 0 ? o.insert_route_fov : MdciParams().insert_route_fov;
+}
+
 double Ms(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
@@ -155,6 +160,7 @@ SessionConfig ConfigOf(const AppendBenchOptions& o, SelectorKind kind) {
   c.page_tokens = o.page_tokens;
   c.selector = kind;
   c.ttl = absl::Hours(1);
+  if (o.insert_route_fov >= 0) c.mdci.insert_route_fov = o.insert_route_fov;
   return c;
 }
 
@@ -256,6 +262,7 @@ Json ToJson(const AppendBenchOptions& o, const std::vector<SelectorRun>& runs) {
   j["build_threads"] = o.build_threads;
   j["decode_threads"] = o.decode_threads;
   j["evict_mib"] = o.evict_mib;
+  j["insert_route_fov"] = InsertRouteFov(o);
   Json list = Json::array();
   for (const SelectorRun& r : runs) {
     Json e;
@@ -297,8 +304,8 @@ void PrintTable(const AppendBenchOptions& o, const std::vector<SelectorRun>& run
   const double heads = static_cast<double>(o.layers) * o.kv_heads;
   std::printf(
       "\n1-token appends at %lld tokens: %d layers x %d kv heads (%g indexes per step), "
-      "%d steps, %s%s\n",
-      static_cast<long long>(o.tokens), o.layers, o.kv_heads, heads, o.steps,
+      "%d steps, insert route fov %d, %s%s\n",
+      static_cast<long long>(o.tokens), o.layers, o.kv_heads, heads, o.steps, InsertRouteFov(o),
       o.decode_threads > 0 ? absl::StrCat(o.decode_threads, " decode threads, ").c_str() : "",
       o.evict_mib > 0 ? absl::StrCat(o.evict_mib, " MiB written between steps (cold)").c_str()
                       : "warm");
@@ -376,6 +383,11 @@ AppendFlags::AppendFlags(CLI::App* app) {
                   "write this many MiB of another buffer between steps, untimed (cold trees, as "
                   "in a decode); 0: warm")
       ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app->add_option("--insert-route-fov", o_.insert_route_fov,
+                  "mdci nodes kept per routing level by a decode insert (0: route_fov; -1: the "
+                  "default)")
+      ->check(CLI::Range(-1, 64))
       ->capture_default_str();
   app->add_option("--seed", o_.seed, "KV generator seed")->capture_default_str();
   app->add_option("--json", o_.json, "write the JSON report to FILE");

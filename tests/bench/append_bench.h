@@ -44,6 +44,9 @@ struct AppendBenchOptions {
   // each append finds its trees out of cache, as in a decode where the
   // selections of 32 layers run between two appends; 0: warm appends.
   int evict_mib = 0;
+  // >= 0: MdciParams::insert_route_fov of the sessions (nodes kept per
+  // routing level by a decode insert; 0 = route_fov); -1: the default.
+  int insert_route_fov = -1;
   std::string json;  // report file; empty: none
 };
 

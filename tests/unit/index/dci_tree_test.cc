@@ -4,6 +4,8 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "server/index/byte_image.h"
+#include "server/index/kernels.h"
 #include "tests/support/status_matchers.h"
 #include "tests/unit/index/dci_tree_invariants.h"
 #include "tests/unit/index/mdci_test_util.h"
@@ -145,6 +147,104 @@ TEST(DciTreeTest, DecodeSlackTradesNodeTightnessForFullPages) {
   // An unbounded slack lets recent nodes with room take them: full pages.
   EXPECT_LT(fills[0], 0.8);
   EXPECT_GE(fills[1], 0.8);
+}
+
+// The node a greedy descent picks on `target` for key x (plain L2 routing):
+// every top node, then the children of the best node of each level; best =
+// highest dot - |c|^2 / 2, the lower id on a tie.
+uint32_t GreedyReference(const DciTree& t, const float* x, int target) {
+  const int d = t.params().dim;
+  std::vector<uint32_t> cand(t.level_size(t.top_level()));
+  for (uint32_t i = 0; i < cand.size(); ++i) cand[i] = i;
+  for (int j = t.top_level();; --j) {
+    uint32_t best = DciTree::kNone;
+    float best_score = 0.0f;
+    for (uint32_t node : cand) {
+      const float* c = t.node_centroid(j, node);
+      const float score = DotF32(x, c, d) - 0.5f * DotF32(c, c, d);
+      if (best == DciTree::kNone || score > best_score || (score == best_score && node < best)) {
+        best = node;
+        best_score = score;
+      }
+    }
+    if (j == target || best == DciTree::kNone) return best;
+    cand = t.node_children(j, best);
+  }
+}
+
+TEST(DciTreeTest, GreedyInsertsRouteEveryKeyDownTheBestNodeOfEachLevel) {
+  const int d = 16, P = 8;
+  auto keys = mdci_test::ClusteredKeys(6000, d, 40, 0.4f, 7);
+  DciTreeParams p;
+  p.dim = d;
+  p.page_tokens = P;
+  p.locality_window = 0;  // the routed node takes the key, with or without room
+  p.insert_route_fov = 1;
+  auto t = DciTree::Create(p);
+  ASSERT_THAT(t, IsOk());
+  DciTree& tree = **t;
+  std::vector<Placement> pl;
+  ASSERT_THAT(tree.BulkBuild(keys.data(), 4000, &pl), IsOk());
+  int checked_level1 = 0, checked_upper = 0, scattered = 0;
+  for (int64_t k = 4000; k < 6000; ++k) {
+    const float* x = &keys[k * d];
+    // The reference on the tree as the insert finds it, for every target.
+    std::vector<uint32_t> want(tree.top_level() + 1, DciTree::kNone);
+    for (int target = 1; target <= tree.top_level(); ++target) {
+      want[target] = GreedyReference(tree, x, target);
+    }
+    const int top_before = tree.top_level();
+    ASSERT_THAT(tree.Insert(x, 1, &pl), IsOk());
+    const int lt = tree.key_top_level(k);
+    if (lt >= top_before) continue;  // a new top level routes nothing
+    if (lt == 0) {
+      EXPECT_EQ(tree.page_table().node_of_page(pl[0].page), want[1]) << "key " << k;
+      ++checked_level1;
+    } else {
+      EXPECT_EQ(tree.node_parent(lt, tree.key_node(k)), want[lt + 1]) << "key " << k;
+      ++checked_upper;
+    }
+  }
+  // Decode inserts broke some child runs, so both of the route's paths ran.
+  for (int l = 2; l <= tree.top_level(); ++l) {
+    for (uint32_t node = 0; node < tree.level_size(l); ++node) {
+      scattered += tree.node_child_run(l, node).count == 0 ? 1 : 0;
+    }
+  }
+  EXPECT_GT(checked_level1, 1500);
+  EXPECT_GT(checked_upper, 100);
+  EXPECT_GT(scattered, 0);
+  ASSERT_NO_FATAL_FAILURE(CheckInvariants(tree));
+}
+
+TEST(DciTreeTest, DecodeInsertsPlaceTokensAsATreeLoadedFromItsImage) {
+  // Decode inserts keep state between calls (where the locality window began,
+  // which level-1 nodes have room); a tree loaded from an image derives it
+  // afresh. Before every key, a fresh load of the tree's image must place
+  // the key in the same slot as the tree itself.
+  const int d = 16, P = 8;
+  auto keys = mdci_test::ClusteredKeys(4200, d, 40, 0.4f, 9);
+  DciTreeParams p;
+  p.dim = d;
+  p.page_tokens = P;
+  p.locality_window = 256;  // the window moves on over the inserts
+  p.decode_slack = 1e6f;    // recent nodes with room take most keys
+  auto a = DciTree::Create(p);
+  ASSERT_THAT(a, IsOk());
+  std::vector<Placement> pa, pb;
+  ASSERT_THAT((*a)->BulkBuild(keys.data(), 3000, &pa), IsOk());
+  for (int64_t k = 3000; k < 4200; ++k) {
+    std::string image;
+    ByteWriter w(&image);
+    (*a)->SaveImage(&w);
+    ByteReader r(image);
+    auto b = DciTree::LoadImage(p, &r, k);
+    ASSERT_THAT(b, IsOk());
+    ASSERT_THAT((*a)->Insert(&keys[k * d], 1, &pa), IsOk());
+    ASSERT_THAT((*b)->Insert(&keys[k * d], 1, &pb), IsOk());
+    ASSERT_TRUE(pa[0].page == pb[0].page && pa[0].slot == pb[0].slot) << "key " << k;
+  }
+  ASSERT_NO_FATAL_FAILURE(CheckInvariants(**a));
 }
 
 TEST(DciTreeTest, RejectsBadInputWithoutChanges) {

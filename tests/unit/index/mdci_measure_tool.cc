@@ -43,6 +43,7 @@ struct MeasureFlags {
   int page = 16;
   std::string preset = "llama3-8b-like";
   bool incremental = false;
+  int64_t decode_from = 0;
   bool verbose = false;
 };
 
@@ -66,6 +67,10 @@ void AddFlags(CLI::App& app, MeasureFlags* f, MdciParams* mp) {
   app.add_option("--window", mp->locality_window, "locality window");
   app.add_option("--augmented", mp->augmented_routing, "augmented routing (0/1)");
   app.add_flag("--incremental", f->incremental, "build by 64-token inserts instead of Build");
+  app.add_option("--decode-from,--decode_from", f->decode_from,
+                 "> 0: Build this many tokens, then insert the rest one token at a time");
+  app.add_option("--insert-route-fov,--insert_route_fov", mp->insert_route_fov,
+                 "routing field of view of Insert (0 = --route-fov)");
   app.add_flag("--verbose", f->verbose, "print exact-mdci's page ranks under the tree estimate");
 }
 
@@ -102,6 +107,7 @@ int main(int argc, char** argv) {
               (long long)tokens, heads, d, G, Secs(t0, Clock::now()), KernelIsa());
   const bool incremental = f.incremental;
   double sum_us_descent = 0;
+  double sum_insert_us = 0, decode_m = 0, decode_e = 0;
   double sum_build = 0, sum_us_m = 0, sum_us_e = 0, sum_us_scan = 0;
   double mass_m = 0, mass_e = 0, mass_p = 0, touched = 0, bytes = 0, fill = 0;
   int n_sel = 0;
@@ -128,7 +134,17 @@ int main(int argc, char** argv) {
       std::vector<Placement> pl;
       auto b0 = Clock::now();
       absl::Status st;
-      if (incremental && kind != SelectorKind::kExact) {
+      double insert_s = 0;
+      if (f.decode_from > 0 && f.decode_from < tokens) {
+        st = (*s)->Build(keys, f.decode_from, &pl);
+        std::vector<Placement> one;
+        auto i0 = Clock::now();
+        for (int64_t i = f.decode_from; i < tokens && st.ok(); ++i) {
+          st = (*s)->Insert(keys + i * d, 1, &one);
+          pl.insert(pl.end(), one.begin(), one.end());
+        }
+        insert_s = Secs(i0, Clock::now());
+      } else if (incremental && kind != SelectorKind::kExact) {
         std::vector<Placement> chunk;
         for (int64_t i = 0; i < tokens && st.ok(); i += 64) {
           const int64_t c = std::min<int64_t>(64, tokens - i);
@@ -146,6 +162,7 @@ int main(int argc, char** argv) {
       pk->Apply(keys, pl);
       if (kind == SelectorKind::kMdci) {
         sum_build += bs;
+        sum_insert_us += insert_s * 1e6 / std::max<int64_t>(1, tokens - f.decode_from);
         bytes += static_cast<double>((*s)->index_bytes()) / tokens;
         fill += static_cast<MdciSelector*>(s->get())->mean_page_fill();
       }
@@ -198,6 +215,15 @@ int main(int argc, char** argv) {
       mass_m +=
           mdci_test::MassOf(keys, tokens, d, q, G,
                             mdci_test::SelectedPositions(*sels[SelectorKind::kMdci].second, sm));
+      if (f.decode_from > 0) {
+        decode_m += mdci_test::MassOf(
+            keys, tokens, d, q, G,
+            mdci_test::SelectedPositions(*sels[SelectorKind::kMdci].second, sm), f.decode_from);
+        decode_e += mdci_test::MassOf(
+            keys, tokens, d, q, G,
+            mdci_test::SelectedPositions(*sels[SelectorKind::kExactMdci].second, se),
+            f.decode_from);
+      }
       mass_e += mdci_test::MassOf(
           keys, tokens, d, q, G,
           mdci_test::SelectedPositions(*sels[SelectorKind::kExactMdci].second, se));
@@ -238,6 +264,12 @@ int main(int argc, char** argv) {
   std::printf("build %.3f s/head  index %.1f B/token (%.1f%% of 512 B KV)  mean fill %.3f\n",
               sum_build / heads, bytes / heads, 100.0 * bytes / heads / 512.0, fill / heads);
   std::printf("descent us %.1f (of mdci select)\n", sum_us_descent / n_sel);
+  if (f.decode_from > 0) {
+    std::printf("decode inserts from %lld: %.2f us per key (insert fov %d)\n",
+                (long long)f.decode_from, sum_insert_us / heads, mp.insert_route_fov);
+    std::printf("mass among the decode-inserted tokens: mdci %.4f  exact-mdci %.4f\n",
+                decode_m / n_sel, decode_e / n_sel);
+  }
   std::printf(
       "select us: mdci %.1f  exact-mdci %.1f  fp16 scan %.1f  (mdci/scan %.3f)  touched %.2f%%\n",
       sum_us_m / n_sel, sum_us_e / n_sel, sum_us_scan / n_sel, sum_us_m / sum_us_scan,

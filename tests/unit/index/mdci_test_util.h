@@ -71,8 +71,10 @@ inline std::vector<float> GaussianRows(int64_t n, int dim, float scale, uint64_t
 }
 
 // Mean over queries of the softmax(q.K / sqrt(d)) mass of `positions`.
+// from > 0: the share of the mass of positions from.. n - 1 that the
+// selected ones among them hold.
 inline double MassOf(const float* keys, int64_t n, int dim, const float* queries, int nq,
-                     const std::vector<int32_t>& positions) {
+                     const std::vector<int32_t>& positions, int64_t from = 0) {
   double total = 0.0;
   std::vector<double> logit(n);
   for (int j = 0; j < nq; ++j) {
@@ -85,9 +87,9 @@ inline double MassOf(const float* keys, int64_t n, int dim, const float* queries
       m = std::max(m, logit[i]);
     }
     double z = 0.0;
-    for (int64_t i = 0; i < n; ++i) z += std::exp(logit[i] - m);
+    for (int64_t i = from; i < n; ++i) z += std::exp(logit[i] - m);
     double sel = 0.0;
-    for (int32_t p : positions) sel += std::exp(logit[p] - m);
+    for (int32_t p : positions) sel += p >= from ? std::exp(logit[p] - m) : 0.0;
     total += sel / z;
   }
   return total / nq;
