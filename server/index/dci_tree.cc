@@ -193,8 +193,8 @@ float DciTree::RouteScoreFromDot(int level, uint32_t node, float dot, float a) c
 }
 
 void DciTree::Route(const float* x, float a, int target, int keep, int fov,
-                    const std::vector<std::vector<int32_t>>* free, RouteScratch* s,
-                    std::vector<std::pair<float, uint32_t>>* out) const {
+                    const std::vector<std::vector<int32_t>>* free, bool runs_current,
+                    RouteScratch* s, std::vector<std::pair<float, uint32_t>>* out) const {
   out->clear();
   const int top = top_level();
   s->cand.resize(levels_[top].size());
@@ -209,10 +209,20 @@ void DciTree::Route(const float* x, float a, int target, int keep, int fov,
       }
       ids = &s->open;
     }
+    // The scores' per-node terms, fetched while the rows stream in below.
+    const DciNodeReps& R = levels_[j].reps;
+    for (uint32_t node : *ids) {
+      if (params_.augmented_routing) {
+        __builtin_prefetch(&R.abar[node]);
+        __builtin_prefetch(&R.half_sq[node]);
+      } else {
+        __builtin_prefetch(&R.c2[node]);
+      }
+    }
     // One batched call for the level's dot products (DotF32's bits).
     s->dots.resize(ids->size());
-    DotF32Rows(x, levels_[j].reps.centroid.data(), ids->data(), static_cast<int64_t>(ids->size()),
-               params_.dim, s->dots.data());
+    DotF32Rows(x, R.centroid.data(), ids->data(), static_cast<int64_t>(ids->size()), params_.dim,
+               s->dots.data());
     for (size_t i = 0; i < ids->size(); ++i) {
       const uint32_t node = (*ids)[i];
       s->scored.push_back({RouteScoreFromDot(j, node, s->dots[i], a), node});
@@ -228,9 +238,22 @@ void DciTree::Route(const float* x, float a, int target, int keep, int fov,
     std::partial_sort(s->scored.begin(), s->scored.begin() + k, s->scored.end(),
                       dci_internal::BetterOrder());
     s->next.clear();
+    const Level& L = levels_[j];
     for (size_t i = 0; i < k; ++i) {
-      const auto& ch = levels_[j].children[s->scored[i].second];
-      s->next.insert(s->next.end(), ch.begin(), ch.end());
+      // A child run names the children without reading their list (one
+      // dependent cold line less per kept node); the same ids in the same
+      // order.
+      const uint32_t node = s->scored[i].second;
+      const ChildRun run =
+          runs_current && node < L.child_runs.size() ? L.child_runs[node] : ChildRun{};
+      if (run.count > 0) {
+        const size_t at = s->next.size();
+        s->next.resize(at + run.count);
+        std::iota(s->next.begin() + at, s->next.end(), run.first);
+      } else {
+        const auto& ch = L.children[node];
+        s->next.insert(s->next.end(), ch.begin(), ch.end());
+      }
     }
     s->cand.swap(s->next);
   }
@@ -398,7 +421,7 @@ uint32_t DciTree::ChooseInsertParent(const float* x, float a, float sq, int32_t 
                                      RouteScratch* rs,
                                      std::vector<std::pair<float, uint32_t>>* out) {
   const int fov = params_.insert_route_fov > 0 ? params_.insert_route_fov : params_.route_fov;
-  Route(x, a, t + 1, 1, fov, nullptr, rs, out);
+  Route(x, a, t + 1, 1, fov, nullptr, /*runs_current=*/true, rs, out);
   uint32_t p = (*out)[0].second;
   if (t == 0 && params_.locality_window > 0 && !NodeHasRoom(p)) {
     // The nearest node's last page is full: a recent node with room takes

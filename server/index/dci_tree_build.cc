@@ -74,8 +74,8 @@ void DciTree::PairWindowCandidates(const std::vector<uint32_t>& items, const flo
       }
       TopOfScores(scores.data(), nn, lo, C, &out);
       if (out.empty())
-        Route(keys + static_cast<size_t>(items[idx]) * d, a, 1, C, params_.route_fov, nullptr, &rs,
-              &out);
+        Route(keys + static_cast<size_t>(items[idx]) * d, a, 1, C, params_.route_fov, nullptr,
+              false, &rs, &out);
       if (!out.empty()) (*best)[idx] = out[0].second;
       for (const auto& o : out) pairs->push_back({o.first, static_cast<uint32_t>(idx), o.second});
     }
@@ -91,7 +91,7 @@ void DciTree::PairRoutedCandidates(int level, const std::vector<uint32_t>& items
   std::vector<std::pair<float, uint32_t>> out;
   for (size_t i = 0; i < items.size(); ++i) {
     Route(keys + static_cast<size_t>(items[i]) * d, aug[items[i]], level, params_.build_candidates,
-          params_.route_fov, nullptr, &rs, &out);
+          params_.route_fov, nullptr, false, &rs, &out);
     if (!out.empty()) (*best)[i] = out[0].second;
     for (const auto& o : out) pairs->push_back({o.first, static_cast<uint32_t>(i), o.second});
   }
@@ -120,7 +120,7 @@ void DciTree::PlaceLeftovers(int level, const std::vector<uint32_t>& items, cons
   for (uint32_t i : leftovers) {
     if ((*parent_of)[i] != kNone) continue;
     Route(keys + static_cast<size_t>(items[i]) * params_.dim, aug[items[i]], level, 1,
-          params_.route_fov, &free, &rs, &out);
+          params_.route_fov, &free, false, &rs, &out);
     uint32_t node = out.empty() ? best[i] : out[0].second;
     if (node == kNone) node = 0;
     (*parent_of)[i] = node;

@@ -44,6 +44,7 @@ struct MeasureFlags {
   std::string preset = "llama3-8b-like";
   bool incremental = false;
   int64_t decode_from = 0;
+  int64_t mass_from = 0;  // > 0: also the mass among positions from here on
   bool verbose = false;
 };
 
@@ -69,6 +70,9 @@ void AddFlags(CLI::App& app, MeasureFlags* f, MdciParams* mp) {
   app.add_flag("--incremental", f->incremental, "build by 64-token inserts instead of Build");
   app.add_option("--decode-from,--decode_from", f->decode_from,
                  "> 0: Build this many tokens, then insert the rest one token at a time");
+  app.add_option("--mass-from,--mass_from", f->mass_from,
+                 "> 0: also report the mass among positions from here on (default: "
+                 "--decode-from)");
   app.add_option("--insert-route-fov,--insert_route_fov", mp->insert_route_fov,
                  "routing field of view of Insert (0 = --route-fov)");
   app.add_flag("--verbose", f->verbose, "print exact-mdci's page ranks under the tree estimate");
@@ -215,14 +219,14 @@ int main(int argc, char** argv) {
       mass_m +=
           mdci_test::MassOf(keys, tokens, d, q, G,
                             mdci_test::SelectedPositions(*sels[SelectorKind::kMdci].second, sm));
-      if (f.decode_from > 0) {
+      const int64_t region = f.mass_from > 0 ? f.mass_from : f.decode_from;
+      if (region > 0) {
         decode_m += mdci_test::MassOf(
             keys, tokens, d, q, G,
-            mdci_test::SelectedPositions(*sels[SelectorKind::kMdci].second, sm), f.decode_from);
+            mdci_test::SelectedPositions(*sels[SelectorKind::kMdci].second, sm), region);
         decode_e += mdci_test::MassOf(
             keys, tokens, d, q, G,
-            mdci_test::SelectedPositions(*sels[SelectorKind::kExactMdci].second, se),
-            f.decode_from);
+            mdci_test::SelectedPositions(*sels[SelectorKind::kExactMdci].second, se), region);
       }
       mass_e += mdci_test::MassOf(
           keys, tokens, d, q, G,
@@ -267,7 +271,10 @@ int main(int argc, char** argv) {
   if (f.decode_from > 0) {
     std::printf("decode inserts from %lld: %.2f us per key (insert fov %d)\n",
                 (long long)f.decode_from, sum_insert_us / heads, mp.insert_route_fov);
-    std::printf("mass among the decode-inserted tokens: mdci %.4f  exact-mdci %.4f\n",
+  }
+  if (f.mass_from > 0 || f.decode_from > 0) {
+    std::printf("mass among positions from %lld: mdci %.4f  exact-mdci %.4f\n",
+                static_cast<long long>(f.mass_from > 0 ? f.mass_from : f.decode_from),
                 decode_m / n_sel, decode_e / n_sel);
   }
   std::printf(
