@@ -27,7 +27,10 @@
 //    time/mass knob); min_candidate_pages is its floor for small budgets;
 //  - locality_window: bulk pages group similar keys within windows of this
 //    many positions (0 = global); decode_slack: decode keys may join a
-//    recent node with room (page fill vs node tightness).
+//    recent node with room (page fill vs node tightness);
+//  - insert_route_fov: nodes kept per level when a decode key is routed
+//    (0 = route_fov; 1 inserts in 0.6x the time but loses decode-time
+//    needles, docs/bench/greedy54.md).
 // Measured (build-mdci/m/mdci_measure_tool tokens=131072 kv_heads=8 steps=4,
 // llama3-8b-like, budget 256, page 16, G=4, fp16 keys, thread CPU time on a
 // shared 2-core machine, defaults: field_of_view 96, candidate_factor 8):
