@@ -193,8 +193,8 @@ float DciTree::RouteScoreFromDot(int level, uint32_t node, float dot, float a) c
 }
 
 void DciTree::Route(const float* x, float a, int target, int keep, int fov,
-                    const std::vector<std::vector<int32_t>>* free, bool runs_current,
-                    RouteScratch* s, std::vector<std::pair<float, uint32_t>>* out) const {
+                    const std::vector<std::vector<int32_t>>* free, bool insert, RouteScratch* s,
+                    std::vector<std::pair<float, uint32_t>>* out) const {
   out->clear();
   const int top = top_level();
   s->cand.resize(levels_[top].size());
@@ -209,9 +209,11 @@ void DciTree::Route(const float* x, float a, int target, int keep, int fov,
       }
       ids = &s->open;
     }
-    // The scores' per-node terms, fetched while the rows stream in below.
+    // An insert finds the tree cold: the scores' per-node terms are fetched
+    // while the rows stream in below (a bulk build's are in cache).
     const DciNodeReps& R = levels_[j].reps;
-    for (uint32_t node : *ids) {
+    for (size_t i = 0; insert && i < ids->size(); ++i) {
+      const uint32_t node = (*ids)[i];
       if (params_.augmented_routing) {
         __builtin_prefetch(&R.abar[node]);
         __builtin_prefetch(&R.half_sq[node]);
@@ -244,8 +246,7 @@ void DciTree::Route(const float* x, float a, int target, int keep, int fov,
       // dependent cold line less per kept node); the same ids in the same
       // order.
       const uint32_t node = s->scored[i].second;
-      const ChildRun run =
-          runs_current && node < L.child_runs.size() ? L.child_runs[node] : ChildRun{};
+      const ChildRun run = insert && node < L.child_runs.size() ? L.child_runs[node] : ChildRun{};
       if (run.count > 0) {
         const size_t at = s->next.size();
         s->next.resize(at + run.count);
@@ -421,7 +422,7 @@ uint32_t DciTree::ChooseInsertParent(const float* x, float a, float sq, int32_t 
                                      RouteScratch* rs,
                                      std::vector<std::pair<float, uint32_t>>* out) {
   const int fov = params_.insert_route_fov > 0 ? params_.insert_route_fov : params_.route_fov;
-  Route(x, a, t + 1, 1, fov, nullptr, /*runs_current=*/true, rs, out);
+  Route(x, a, t + 1, 1, fov, nullptr, /*insert=*/true, rs, out);
   uint32_t p = (*out)[0].second;
   if (t == 0 && params_.locality_window > 0 && !NodeHasRoom(p)) {
     // The nearest node's last page is full: a recent node with room takes

@@ -323,10 +323,12 @@ class DciTree {
   // Descends from the top to `target` keeping `fov` nodes per level and
   // writes the best `keep` nodes of `target` (score, node), best first.
   // With `free` set, skips nodes whose free[level][node] is 0.
-  // runs_current: the child runs match the children lists (not in the middle
-  // of a bulk build), so a node's run may stand for its list.
+  // insert: called by Insert, so the child runs match the children lists
+  // (a bulk build routes while it is still building them) and a node's run
+  // may stand for its list; the tree is likely cold, so the scores' terms
+  // are prefetched.
   void Route(const float* x, float a, int target, int keep, int fov,
-             const std::vector<std::vector<int32_t>>* free, bool runs_current, RouteScratch* s,
+             const std::vector<std::vector<int32_t>>* free, bool insert, RouteScratch* s,
              std::vector<std::pair<float, uint32_t>>* out) const;
   // Level 1's representatives from `members` keys (members == nullptr: every
   // node of `level` from its own key alone); AggregateUp: every level from

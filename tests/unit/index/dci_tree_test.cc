@@ -17,11 +17,15 @@ using ::icecache::mdci_test::CheckInvariants;
 using ::icecache::testing::IsOk;
 using ::icecache::testing::StatusIs;
 
-std::unique_ptr<DciTree> MakeTree(int dim, int page_tokens) {
+DciTreeParams ParamsOf(int dim, int page_tokens) {
   DciTreeParams p;
   p.dim = dim;
   p.page_tokens = page_tokens;
-  auto t = DciTree::Create(p);
+  return p;
+}
+
+std::unique_ptr<DciTree> MakeTree(int dim, int page_tokens) {
+  auto t = DciTree::Create(ParamsOf(dim, page_tokens));
   EXPECT_THAT(t, IsOk());
   return std::move(t).value();
 }
@@ -127,9 +131,7 @@ TEST(DciTreeTest, DecodeSlackTradesNodeTightnessForFullPages) {
   auto keys = mdci_test::ClusteredKeys(12288, d, 40, 0.4f, 4);
   std::vector<double> fills;
   for (float slack : {1.0f, 1e6f}) {
-    DciTreeParams p;
-    p.dim = d;
-    p.page_tokens = P;
+    DciTreeParams p = ParamsOf(d, P);
     p.locality_window = 1024;
     p.decode_slack = slack;
     auto t = DciTree::Create(p);
@@ -175,9 +177,7 @@ uint32_t GreedyReference(const DciTree& t, const float* x, int target) {
 TEST(DciTreeTest, GreedyInsertsRouteEveryKeyDownTheBestNodeOfEachLevel) {
   const int d = 16, P = 8;
   auto keys = mdci_test::ClusteredKeys(6000, d, 40, 0.4f, 7);
-  DciTreeParams p;
-  p.dim = d;
-  p.page_tokens = P;
+  DciTreeParams p = ParamsOf(d, P);
   p.locality_window = 0;  // the routed node takes the key, with or without room
   p.insert_route_fov = 1;
   auto t = DciTree::Create(p);
@@ -224,9 +224,7 @@ TEST(DciTreeTest, DecodeInsertsPlaceTokensAsATreeLoadedFromItsImage) {
   // the key in the same slot as the tree itself.
   const int d = 16, P = 8;
   auto keys = mdci_test::ClusteredKeys(4200, d, 40, 0.4f, 9);
-  DciTreeParams p;
-  p.dim = d;
-  p.page_tokens = P;
+  DciTreeParams p = ParamsOf(d, P);
   p.locality_window = 256;  // the window moves on over the inserts
   p.decode_slack = 1e6f;    // recent nodes with room take most keys
   auto a = DciTree::Create(p);
