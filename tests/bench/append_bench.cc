@@ -32,6 +32,15 @@ int InsertRouteFov(const AppendBenchOptions& o) {
   return o.insert_route_fov >= 0 ? o.insert_route_fov : MdciParams().insert_route_fov;
 }
 
+// The mdci sessions' pq_factor: the daemon's default where unset
+// (server/rpc/convert.cc), so the bench appends what a daemon's session does.
+float MdciPq(const AppendBenchOptions& o) {
+  if (o.mdci_pq >= 0.0f) return o.mdci_pq;
+  return MdciParams::PqFactorSupported(o.head_dim, o.q_heads / o.kv_heads)
+             ? MdciParams::kDefaultPqFactor
+             : 0.0f;
+}
+
 double Ms(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
@@ -161,6 +170,7 @@ SessionConfig ConfigOf(const AppendBenchOptions& o, SelectorKind kind) {
   c.selector = kind;
   c.ttl = absl::Hours(1);
   if (o.insert_route_fov >= 0) c.mdci.insert_route_fov = o.insert_route_fov;
+  if (kind == SelectorKind::kMdci) c.mdci.pq_factor = MdciPq(o);
   return c;
 }
 
@@ -263,6 +273,7 @@ Json ToJson(const AppendBenchOptions& o, const std::vector<SelectorRun>& runs) {
   j["decode_threads"] = o.decode_threads;
   j["evict_mib"] = o.evict_mib;
   j["insert_route_fov"] = InsertRouteFov(o);
+  j["mdci_pq_factor"] = MdciPq(o);
   Json list = Json::array();
   for (const SelectorRun& r : runs) {
     Json e;
@@ -304,8 +315,9 @@ void PrintTable(const AppendBenchOptions& o, const std::vector<SelectorRun>& run
   const double heads = static_cast<double>(o.layers) * o.kv_heads;
   std::printf(
       "\n1-token appends at %lld tokens: %d layers x %d kv heads (%g indexes per step), "
-      "%d steps, insert route fov %d, %s%s\n",
+      "%d steps, insert route fov %d, mdci pq factor %g, %s%s\n",
       static_cast<long long>(o.tokens), o.layers, o.kv_heads, heads, o.steps, InsertRouteFov(o),
+      MdciPq(o),
       o.decode_threads > 0 ? absl::StrCat(o.decode_threads, " decode threads, ").c_str() : "",
       o.evict_mib > 0 ? absl::StrCat(o.evict_mib, " MiB written between steps (cold)").c_str()
                       : "warm");
@@ -388,6 +400,11 @@ AppendFlags::AppendFlags(CLI::App* app) {
                   "mdci nodes kept per routing level by a decode insert (0: route_fov; -1: the "
                   "default)")
       ->check(CLI::Range(-1, 64))
+      ->capture_default_str();
+  app->add_option("--mdci-pq", o_.mdci_pq,
+                  "mdci sessions' pq_factor (0: the tree only; -1: the daemon's default, the PQ "
+                  "codes written on every insert)")
+      ->check(CLI::Range(-1.0f, 512.0f))
       ->capture_default_str();
   app->add_option("--seed", o_.seed, "KV generator seed")->capture_default_str();
   app->add_option("--json", o_.json, "write the JSON report to FILE");

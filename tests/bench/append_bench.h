@@ -47,6 +47,10 @@ struct AppendBenchOptions {
   // >= 0: MdciParams::insert_route_fov of the sessions (nodes kept per
   // routing level by a decode insert; 0 = route_fov); -1: the default.
   int insert_route_fov = -1;
+  // >= 0: MdciParams::pq_factor of the mdci sessions (0: the tree only, the
+  // core's default); -1: the daemon's default for the shape (the PQ codes
+  // written on every insert, as a session created over gRPC has them).
+  float mdci_pq = -1.0f;
   std::string json;  // report file; empty: none
 };
 
