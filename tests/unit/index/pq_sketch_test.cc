@@ -533,5 +533,43 @@ TEST(PqSketchTest, EveryCodeIsTheNearestCentroidAndTheFirstOfEquals) {
   }
 }
 
+// A decode insert writes one key per call (PqNearest1, the centroids in the
+// lanes); a build writes eight at a time (PqNearest8, the keys in the
+// lanes). Each key must get the same code either way, ties included (5
+// distinct rows: most centroids are duplicates).
+TEST(PqSketchTest, KeysWrittenOneAtATimeGetTheCodesOfABlockWrite) {
+  for (const int distinct : {5, 1000}) {
+    SCOPED_TRACE(distinct);
+    const int64_t n = 203;
+    const std::vector<float> base = mdci_test::GaussianRows(distinct, kDim, 1.0f, 23);
+    std::vector<float> keys(static_cast<size_t>(n) * kDim);
+    for (int64_t i = 0; i < n; ++i) {
+      std::copy_n(&base[(i % distinct) * kDim], kDim, &keys[i * kDim]);
+    }
+    PqSketch block(kDim, kPage), single(kDim, kPage);
+    block.Train(keys.data(), n);
+    single.Train(keys.data(), n);
+    std::vector<Placement> placed(n);
+    for (int64_t i = 0; i < n; ++i) {
+      placed[i].page = static_cast<uint32_t>(i / kPage);
+      placed[i].slot = static_cast<uint32_t>(i % kPage);
+    }
+    block.Write(placed, keys.data(), DType::kF32);
+    for (int64_t i = 0; i < n; ++i) {
+      single.Write({placed[i]}, &keys[i * kDim], DType::kF32);
+    }
+    int nonzero = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      for (int sub = 0; sub < block.subspaces(); ++sub) {
+        const int want = block.code(static_cast<uint64_t>(i), sub);
+        ASSERT_EQ(single.code(static_cast<uint64_t>(i), sub), want)
+            << "row " << i << " sub " << sub;
+        nonzero += want != 0 ? 1 : 0;
+      }
+    }
+    EXPECT_GT(nonzero, 0) << "every code 0: the comparison shows nothing";
+  }
+}
+
 }  // namespace
 }  // namespace icecache
