@@ -4,6 +4,7 @@
 
 #include "common/populate.h"
 #include "server/index/kernels.h"
+#include "server/index/prefetch_lines.h"
 
 namespace icecache {
 namespace {
@@ -102,6 +103,20 @@ void DciNodeReps::Update(uint32_t node, const float* x, float a, float sq, const
   float* p = &pm2[static_cast<size_t>(node) * r];
   for (int k = 0; k < r; ++k) p[k] += (proj[k] * proj[k] - p[k]) * w;
   sub.DeriveSpread(c, m2[node], p, &lam[static_cast<size_t>(node) * r], &res[node]);
+}
+
+void DciNodeReps::PrefetchForUpdate(uint32_t node, int dim, int rank) const {
+  const size_t row = static_cast<size_t>(dim) * sizeof(float);
+  const size_t rrow = static_cast<size_t>(rank) * sizeof(float);  // 0 without a subspace
+  PrefetchBytes(centroid.data() + static_cast<size_t>(node) * dim, row);
+  PrefetchBytes(pm2.data() + static_cast<size_t>(node) * rank, rrow);
+  PrefetchBytes(lam.data() + static_cast<size_t>(node) * rank, rrow);
+  for (const void* p :
+       {static_cast<const void*>(&count[node]), static_cast<const void*>(&abar[node]),
+        static_cast<const void*>(&m2[node]), static_cast<const void*>(&c2[node]),
+        static_cast<const void*>(&half_sq[node]), static_cast<const void*>(&res[node])}) {
+    PrefetchLine(p);
+  }
 }
 
 void DciNodeReps::SetFromSums(uint32_t node, const DciRepSums& sums, const DciKeySubspace& sub) {

@@ -65,6 +65,9 @@ struct DciNodeReps {
   // every node it updates.
   void Update(uint32_t node, const float* x, float a, float sq, const float* proj,
               const DciKeySubspace& sub);
+  // Asks for the cache lines Update(node) reads and writes (a decode
+  // insert's path up the tree is cold: its nodes' misses overlap).
+  void PrefetchForUpdate(uint32_t node, int dim, int rank) const;
   // The node's representative from the sums of the keys below it.
   void SetFromSums(uint32_t node, const DciRepSums& sums, const DciKeySubspace& sub);
   // Node order[i] becomes node i.

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "server/index/prefetch_lines.h"
 #include "server/index/selector.h"
 
 namespace icecache {
@@ -40,6 +41,12 @@ class DciPageTable {
   // Appends token `position` (must be num_tokens(): positions arrive in
   // order) to `node`'s last page, or to a new page when that one is full.
   Placement Append(uint32_t node, int32_t position);
+  // Asks for the node's lines Append(node) reads first (cold on a decode
+  // insert).
+  void PrefetchForAppend(uint32_t node) const {
+    PrefetchLine(&node_last_[node]);
+    PrefetchLine(&node_tokens_[node]);
+  }
   // Bulk path: appends `count` positions to `node` in the given order (any
   // positions; page_of_position is filled by FinishBulk()).
   void AppendBulk(uint32_t node, const int32_t* positions, int count);

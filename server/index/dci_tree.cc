@@ -12,6 +12,7 @@
 #include "server/index/dci_tree_internal.h"
 #include "server/index/headroom.h"
 #include "server/index/kernels.h"
+#include "server/index/prefetch_lines.h"
 
 namespace icecache {
 
@@ -221,10 +222,17 @@ void DciTree::Route(const float* x, float a, int target, int keep, int fov,
         __builtin_prefetch(&R.c2[node]);
       }
     }
-    // One batched call for the level's dot products (DotF32's bits).
+    // One batched call for the level's dot products: a bulk build's over the
+    // fp32 centroids (DotF32's bits), an insert's over their fp16 mirror
+    // (half the cold bytes; synced after every inserted key).
     s->dots.resize(ids->size());
-    DotF32Rows(x, R.centroid.data(), ids->data(), static_cast<int64_t>(ids->size()), params_.dim,
-               s->dots.data());
+    if (insert) {
+      DotF16Rows(x, levels_[j].centroid16.data(), ids->data(), static_cast<int64_t>(ids->size()),
+                 params_.dim, s->dots.data());
+    } else {
+      DotF32Rows(x, R.centroid.data(), ids->data(), static_cast<int64_t>(ids->size()), params_.dim,
+                 s->dots.data());
+    }
     for (size_t i = 0; i < ids->size(); ++i) {
       const uint32_t node = (*ids)[i];
       s->scored.push_back({RouteScoreFromDot(j, node, s->dots[i], a), node});
@@ -363,7 +371,7 @@ uint32_t DciTree::NearestRecentNodeWithRoom(const float* x, float a, int64_t pos
     if (room_by_rank_[i] != 0) s->open.push_back(nodes_by_key_[i]);
   }
   s->dots.resize(s->open.size());
-  DotF32Rows(x, L.reps.centroid.data(), s->open.data(), static_cast<int64_t>(s->open.size()),
+  DotF16Rows(x, L.centroid16.data(), s->open.data(), static_cast<int64_t>(s->open.size()),
              params_.dim, s->dots.data());
   uint32_t best = kNone;
   float best_score = -std::numeric_limits<float>::infinity();
@@ -416,6 +424,18 @@ uint32_t DciTree::OpenKeyNodes(uint32_t pos, int t, bool with_reps, const float*
     below = idx;
   }
   return below;
+}
+
+void DciTree::PrefetchInsertPath(uint32_t p, int t) const {
+  if (t == 0) pages_.PrefetchForAppend(p);
+  const size_t d = params_.dim;
+  uint32_t node = p;
+  for (int j = t + 1; j <= top_level() && node != kNone; ++j) {
+    const Level& L = levels_[j];
+    L.reps.PrefetchForUpdate(node, params_.dim, subspace_.rank());
+    PrefetchBytes(&L.centroid16[node * d], d * sizeof(uint16_t));
+    node = L.parent[node];
+  }
 }
 
 uint32_t DciTree::ChooseInsertParent(const float* x, float a, float sq, int32_t pos, int t,
@@ -493,6 +513,7 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
       all_dirty = true;
     } else if (t < top_level()) {
       const uint32_t p = ChooseInsertParent(x, a, sq, pos, t, &rs, &out);
+      PrefetchInsertPath(p, t);
       if (t >= 1) {
         levels_[t].parent[below] = p;
         levels_[t + 1].children[p].push_back(below);
@@ -514,11 +535,14 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
     room_by_rank_[rank_of_node_[level1_node]] = NodeHasRoom(level1_node) ? 1 : 0;
     key_top_.push_back(static_cast<uint8_t>(t));
     key_node_.push_back(t >= 1 ? below : level1_node);
-  }
-  if (all_dirty) {
-    SyncAllMirrors();
-  } else {
-    for (const auto& [level, node] : dirty) SyncMirror(level, node);
+    // The next key routes over the fp16 mirrors: they follow every key.
+    if (all_dirty) {
+      SyncAllMirrors();
+    } else {
+      for (const auto& [level, node] : dirty) SyncMirror(level, node);
+    }
+    dirty.clear();
+    all_dirty = false;
   }
   return absl::OkStatus();
 }

@@ -360,6 +360,11 @@ class DciTree {
   // representatives updated up to the top.
   uint32_t ChooseInsertParent(const float* x, float a, float sq, int32_t pos, int t,
                               RouteScratch* rs, std::vector<std::pair<float, uint32_t>>* out);
+  // Insert path: asks for the lines the key's parent p (on level t + 1)
+  // and its ancestors are written through (representatives, mirrors, for
+  // t = 0 the page table), so their misses overlap rather than follow one
+  // another up the tree.
+  void PrefetchInsertPath(uint32_t p, int t) const;
   uint32_t Level1NodeOfUpperKey(int64_t key) const;
   // Insert path with a locality window: kNone when no recent node has room.
   uint32_t NearestRecentNodeWithRoom(const float* x, float a, int64_t pos, RouteScratch* s,

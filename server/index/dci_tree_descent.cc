@@ -16,10 +16,9 @@
 #include "server/index/dci_tree_internal.h"
 #include "server/index/kernels.h"
 #include "server/index/page_select.h"
+#include "server/index/prefetch_lines.h"
 
 namespace icecache {
-
-using dci_internal::PrefetchBytes;
 
 namespace {
 

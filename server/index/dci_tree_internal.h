@@ -177,21 +177,6 @@ size_t RankHead(const float* score, size_t n, size_t k, DciScratch* s);
 // selection descent reads representatives and pages of ids known in advance
 // but scattered in memory: asking for all of them at once lets the cache
 // misses overlap instead of being taken one after the other.
-// An `asm` prefetch, not __builtin_prefetch: GCC 12's pure-const analysis
-// takes a function whose only effect is that builtin for one without
-// effects and deletes its calls. DciTree::PrefetchCandidates (every
-// candidate row of a level asked for before scoring) was deleted that way
-// in every build; made real it gained nothing measurable and was removed
-// (docs/bench/warm15_descent.md).
-inline void PrefetchBytes(const void* p, size_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  const char* end = c + bytes;
-  for (c = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(c) & ~uintptr_t{63}); c < end;
-       c += 64) {
-    asm volatile("prefetcht0 %0" : : "m"(*c));
-  }
-}
-
 // InvalidArgument for null pointers, n < 1 or a non-finite key (names the
 // row and column).
 absl::Status CheckKeys(const float* keys, int64_t n, int dim,

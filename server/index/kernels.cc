@@ -309,16 +309,18 @@ void DotRowsMultiAvx2(const void* rows, int64_t n, int dim, const float* queries
   }
 }
 
-// Row i of DotF32Rows: rows + (ids ? ids[i] : i) * dim.
-inline const float* RowOf(const float* rows, const uint32_t* ids, int64_t i, int dim) {
+// Row i of DotF32Rows and DotF16Rows: rows + (ids ? ids[i] : i) * dim.
+template <typename T>
+inline const T* RowOf(const T* rows, const uint32_t* ids, int64_t i, int dim) {
   return rows + static_cast<size_t>(ids != nullptr ? ids[i] : static_cast<uint64_t>(i)) * dim;
 }
 
 // Asks for a row's cache lines (a node's centroid is read cold on a decode
 // insert: 32 trees per step do not stay in cache).
-inline void PrefetchRow(const float* row, int dim) {
+template <typename T>
+inline void PrefetchRow(const T* row, int dim) {
   const char* p = reinterpret_cast<const char*>(row);
-  const size_t bytes = static_cast<size_t>(dim) * sizeof(float);
+  const size_t bytes = static_cast<size_t>(dim) * sizeof(T);
   for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
   __builtin_prefetch(p + bytes - 1);
 }
@@ -759,12 +761,31 @@ ICECACHE_AVX512 void ProjectF32Avx512(const float* xs, int64_t nx, const float* 
 ICECACHE_AVX512 float DotF16Avx512(const float* q, const uint16_t* k, int dim) {
   return DotAvx512<F16Avx512>(q, k, dim);
 }
+// DotF16Rows on AVX-512: one DotAvx512<F16Avx512> per row (DotF16's bits
+// by construction), the rows fetched ahead.
+ICECACHE_AVX512 void DotF16RowsAvx512(const float* q, const uint16_t* rows, const uint32_t* ids,
+                                      int64_t n, int dim, float* out) {
+  for (int64_t i = 0; i < std::min(n, kRowsAhead); ++i) PrefetchRow(RowOf(rows, ids, i, dim), dim);
+  for (int64_t r = 0; r < n; ++r) {
+    if (r + kRowsAhead < n) PrefetchRow(RowOf(rows, ids, r + kRowsAhead, dim), dim);
+    out[r] = DotAvx512<F16Avx512>(q, RowOf(rows, ids, r, dim), dim);
+  }
+}
 ICECACHE_AVX512 float DotBf16Avx512(const float* q, const uint16_t* k, int dim) {
   return DotAvx512<Bf16Avx512>(q, k, dim);
 }
 
 float DotF32Avx2(const float* a, const float* b, int dim) { return DotAvx2<F32Avx2>(a, b, dim); }
 float DotF16Avx2(const float* q, const uint16_t* k, int dim) { return DotAvx2<F16Avx2>(q, k, dim); }
+// DotF16Rows on AVX2: one DotAvx2<F16Avx2> per row, the rows fetched ahead.
+void DotF16RowsAvx2(const float* q, const uint16_t* rows, const uint32_t* ids, int64_t n, int dim,
+                    float* out) {
+  for (int64_t i = 0; i < std::min(n, kRowsAhead); ++i) PrefetchRow(RowOf(rows, ids, i, dim), dim);
+  for (int64_t r = 0; r < n; ++r) {
+    if (r + kRowsAhead < n) PrefetchRow(RowOf(rows, ids, r + kRowsAhead, dim), dim);
+    out[r] = DotAvx2<F16Avx2>(q, RowOf(rows, ids, r, dim), dim);
+  }
+}
 float DotBf16Avx2(const float* q, const uint16_t* k, int dim) {
   return DotAvx2<Bf16Avx2>(q, k, dim);
 }
@@ -775,6 +796,7 @@ using DotF32Fn = float (*)(const float*, const float*, int);
 using DotU16Fn = float (*)(const float*, const uint16_t*, int);
 using MultiFn = void (*)(const void*, int64_t, int, const float*, int, float*);
 using RowsF32Fn = void (*)(const float*, const float*, const uint32_t*, int64_t, int, float*);
+using RowsF16Fn = void (*)(const float*, const uint16_t*, const uint32_t*, int64_t, int, float*);
 using ProjectFn = void (*)(const float*, int64_t, const float*, int, int, float*);
 using PageMassFn = bool (*)(const void*, int, const float*, float, float*, float*, float*);
 
@@ -785,6 +807,7 @@ struct KernelTable {
   DotU16Fn dot_bf16;
   MultiFn multi[3];  // indexed by DTypeIndex; DotRows is the nq == 1 case
   RowsF32Fn rows_f32;
+  RowsF16Fn rows_f16;
   ProjectFn project_f32;
   MultiFn multi_i8;              // DotRowsMultiI8's dots, before the row scales
   PageMassFn page_mass_16x4[3];  // PageLogMass16x4, by DTypeIndex
@@ -797,6 +820,7 @@ const KernelTable kAvx2Table = {
     DotBf16Avx2,
     {DotRowsMultiAvx2<F16Avx2>, DotRowsMultiAvx2<Bf16Avx2>, DotRowsMultiAvx2<F32Avx2>},
     DotF32RowsAvx2,
+    DotF16RowsAvx2,
     ProjectF32Avx2,
     DotRowsMultiAvx2<I8Avx2>,
     {PageLogMass16x4Avx2<F16Avx2>, PageLogMass16x4Avx2<Bf16Avx2>, PageLogMass16x4Avx2<F32Avx2>},
@@ -809,6 +833,7 @@ const KernelTable kAvx512Table = {
     DotBf16Avx512,
     {DotRowsMultiAvx512<F16Avx512>, DotRowsMultiAvx512<Bf16Avx512>, DotRowsMultiAvx512<F32Avx512>},
     DotF32RowsAvx512,
+    DotF16RowsAvx512,
     ProjectF32Avx512,
     DotRowsMultiAvx512<I8Avx512>,
     {PageLogMass16x4Avx512<F16Avx512>, PageLogMass16x4Avx512<Bf16Avx512>,
@@ -850,6 +875,14 @@ float DotBf16(const float* q, const uint16_t* k, int dim) { return Table().dot_b
 void DotF32Rows(const float* q, const float* rows, const uint32_t* ids, int64_t n, int dim,
                 float* out) {
   if (n > 0 && dim > 0) Table().rows_f32(q, rows, ids, n, dim, out);
+  if (dim <= 0) {
+    for (int64_t i = 0; i < n; ++i) out[i] = 0.0f;
+  }
+}
+
+void DotF16Rows(const float* q, const uint16_t* rows, const uint32_t* ids, int64_t n, int dim,
+                float* out) {
+  if (n > 0 && dim > 0) Table().rows_f16(q, rows, ids, n, dim, out);
   if (dim <= 0) {
     for (int64_t i = 0; i < n; ++i) out[i] = 0.0f;
   }

@@ -25,6 +25,13 @@ float DotBf16(const float* q, const uint16_t* k, int dim);
 void DotF32Rows(const float* q, const float* rows, const uint32_t* ids, int64_t n, int dim,
                 float* out);
 
+// out[i] = DotF16(q, row i, dim), bit for bit, for `n` fp16 rows: row i is
+// rows + (ids ? ids[i] : i) * dim. A decode insert's routing over the
+// nodes' fp16 mirrors: half the bytes of their fp32 centroids, which it
+// reads cold; rows fetched ahead.
+void DotF16Rows(const float* q, const uint16_t* rows, const uint32_t* ids, int64_t n, int dim,
+                float* out);
+
 // out[x * nrows + r] = DotF32(xs + x * dim, rows + r * dim, dim), bit for
 // bit, for `nx` fp32 vectors against `nrows` fp32 rows: a bulk build's
 // projection of every key onto its subspace basis in one call, each vector's

@@ -14,6 +14,7 @@
 #include "server/index/byte_image.h"
 #include "server/index/kernels.h"
 #include "server/index/page_select.h"
+#include "server/index/prefetch_lines.h"
 #include "server/index/token_select.h"
 #include "server/index/top_scores.h"
 
@@ -263,26 +264,6 @@ void MdciSelector::InstallQueryBasisLocked() const {
       .IgnoreError();
 }
 
-namespace {
-
-// One cache line asked for. Not __builtin_prefetch: GCC 12's pure-const
-// analysis takes a function whose only effect is that builtin for one
-// without effects and deletes its calls, and the page prefetches of
-// ScorePages (a lambda) were gone that way (docs/bench/page11_scoring.md).
-inline void PrefetchFrameLine(const void* p) {
-  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
-}
-
-// Asks for `bytes` from `p` ahead of their use: the frames are separate
-// 4 KiB-ish blocks read cold, and the hardware prefetcher stops at each
-// boundary.
-inline void PrefetchFrameBytes(const void* p, size_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (size_t off = 0; off < bytes; off += 64) PrefetchFrameLine(c + off);
-}
-
-}  // namespace
-
 void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* queries,
                               int num_queries, bool sketch, uint64_t* touched,
                               TokenCandidates* keep, bool max_logits) const {
@@ -304,9 +285,11 @@ void MdciSelector::ScorePages(const uint32_t* pages, size_t n, const float* quer
     if (p != nullptr) sink += *static_cast<const volatile unsigned char*>(p);
   }
   asm volatile("" : : "r"(sink));
+  // The frames are separate 4 KiB-ish blocks read cold, and the hardware
+  // prefetcher stops at each boundary: their rows are asked for ahead.
   auto prefetch = [&](size_t i) {
-    PrefetchFrameBytes(s.rows[i], pt.fill(pages[i]) * row_bytes);
-    if (sketch) PrefetchFrameLine(sketch_->scales(pages[i]));
+    PrefetchBytes(s.rows[i], pt.fill(pages[i]) * row_bytes);
+    if (sketch) PrefetchLine(sketch_->scales(pages[i]));
   };
   const size_t page_floats = static_cast<size_t>(num_queries) * config_.page_tokens;
   if (keep == nullptr && s.logits.size() < page_floats) s.logits.resize(page_floats);
@@ -860,8 +843,8 @@ void MdciSelector::placements_of(int32_t first, int32_t count, Placement* out) c
   for (int32_t i = 0; i < count; ++i) {
     const uint32_t page = pt.page_of_position(first + i);
     out[i].page = page;
-    PrefetchFrameLine(pt.positions(page));
-    PrefetchFrameLine(fills + page);
+    PrefetchLine(pt.positions(page));
+    PrefetchLine(fills + page);
   }
   for (int32_t i = 0; i < count; ++i) out[i].slot = SlotOf(pt, out[i].page, first + i);
 }

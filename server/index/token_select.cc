@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "server/index/page_select.h"
+#include "server/index/prefetch_lines.h"
 
 namespace icecache {
 namespace {
@@ -45,13 +46,6 @@ inline uint64_t TokenKey(float score, int32_t position) {
 inline float KeyScore(uint64_t key) { return FromOrderedBits(static_cast<uint32_t>(key >> 32)); }
 inline int32_t KeyPosition(uint64_t key) {
   return static_cast<int32_t>(0x7fffffffu - static_cast<uint32_t>(key));
-}
-
-// An `asm` prefetch, not __builtin_prefetch: GCC 12 may take a function
-// whose only effect is that builtin for one without effects and delete its
-// calls (docs/architecture.md §3.4).
-inline void PrefetchLine(const void* p) {
-  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
 }
 
 // Per-thread buffers, sized once and reused. `held` of `scored` are live;

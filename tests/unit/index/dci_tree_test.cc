@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/dtype.h"
 #include "gtest/gtest.h"
 #include "server/index/byte_image.h"
 #include "server/index/kernels.h"
@@ -153,17 +154,20 @@ TEST(DciTreeTest, DecodeSlackTradesNodeTightnessForFullPages) {
 
 // The node a greedy descent picks on `target` for key x (plain L2 routing):
 // every top node, then the children of the best node of each level; best =
-// highest dot - |c|^2 / 2, the lower id on a tie.
+// highest dot - |c|^2 / 2, the lower id on a tie. An insert takes the dot
+// against the centroid rounded to fp16 (the tree's mirror), |c|^2 exactly.
 uint32_t GreedyReference(const DciTree& t, const float* x, int target) {
   const int d = t.params().dim;
   std::vector<uint32_t> cand(t.level_size(t.top_level()));
   for (uint32_t i = 0; i < cand.size(); ++i) cand[i] = i;
+  std::vector<uint16_t> c16(d);
   for (int j = t.top_level();; --j) {
     uint32_t best = DciTree::kNone;
     float best_score = 0.0f;
     for (uint32_t node : cand) {
       const float* c = t.node_centroid(j, node);
-      const float score = DotF32(x, c, d) - 0.5f * DotF32(c, c, d);
+      FloatToHalf(c, c16.data(), d);
+      const float score = DotF16(x, c16.data(), d) - 0.5f * DotF32(c, c, d);
       if (best == DciTree::kNone || score > best_score || (score == best_score && node < best)) {
         best = node;
         best_score = score;

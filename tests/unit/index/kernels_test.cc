@@ -240,29 +240,47 @@ TEST_P(KernelsTest, DotRowsMultiI8IsTheF32KernelOverItsCodesTimesTheScale) {
   }
 }
 
-// The batched single dots of a tree insert must give DotF32's bits exactly
-// (the trees a warm restart replays depend on them), by index list or
-// contiguous, for every dim (tails included) and odd or even row counts.
+// Rows(q, rows, ids, n, dim, out) against One(q, row, dim) for every row, bit
+// for bit, by index list or contiguous, for odd or even row counts; nothing
+// written past n.
+template <typename T, typename Rows, typename One>
+void ExpectRowsGiveSingleDotsBits(const std::vector<T>& rows, const float* q, int dim, Rows batch,
+                                  One one) {
+  const std::vector<uint32_t> ids = {7, 0, 10, 3, 3, 9, 1};
+  for (int64_t n : {int64_t{0}, int64_t{1}, int64_t{2}, int64_t{5}, int64_t{7}}) {
+    std::vector<float> out(static_cast<size_t>(n) + 1, NAN);
+    batch(q, rows.data(), ids.data(), n, dim, out.data());
+    for (int64_t i = 0; i < n; ++i) {
+      const float want = one(q, &rows[static_cast<size_t>(ids[i]) * dim], dim);
+      ASSERT_EQ(0, std::memcmp(&want, &out[i], sizeof(float)))
+          << "dim " << dim << " n " << n << " id " << ids[i];
+    }
+    EXPECT_TRUE(std::isnan(out[n])) << "wrote past n";
+    batch(q, rows.data(), nullptr, n, dim, out.data());
+    for (int64_t i = 0; i < n; ++i) {
+      const float want = one(q, &rows[static_cast<size_t>(i) * dim], dim);
+      ASSERT_EQ(0, std::memcmp(&want, &out[i], sizeof(float))) << "dim " << dim << " row " << i;
+    }
+  }
+}
+
+// The batched single dots of a tree insert must give the single dot's bits
+// exactly: DotF32Rows DotF32's (the trees a warm restart replays depend on
+// them), DotF16Rows DotF16's (a decode insert routes over the fp16 mirrors),
+// for every dim (tails included).
 TEST_P(KernelsTest, DotF32RowsGivesDotF32sBitsForEveryRow) {
   for (int dim : AllDims()) {
-    const int64_t rows = 11;
-    const Data d = MakeData(rows, dim, 1, 300 + dim);
-    const std::vector<uint32_t> ids = {7, 0, 10, 3, 3, 9, 1};
-    for (int64_t n : {int64_t{0}, int64_t{1}, int64_t{2}, int64_t{5}, int64_t{7}}) {
-      std::vector<float> out(static_cast<size_t>(n) + 1, NAN);
-      DotF32Rows(d.q.data(), d.f32.data(), ids.data(), n, dim, out.data());
-      for (int64_t i = 0; i < n; ++i) {
-        const float one = DotF32(d.q.data(), &d.f32[static_cast<size_t>(ids[i]) * dim], dim);
-        ASSERT_EQ(0, std::memcmp(&one, &out[i], sizeof(float)))
-            << "dim " << dim << " n " << n << " id " << ids[i];
-      }
-      EXPECT_TRUE(std::isnan(out[n])) << "wrote past n";
-      DotF32Rows(d.q.data(), d.f32.data(), nullptr, n, dim, out.data());
-      for (int64_t i = 0; i < n; ++i) {
-        const float one = DotF32(d.q.data(), &d.f32[static_cast<size_t>(i) * dim], dim);
-        ASSERT_EQ(0, std::memcmp(&one, &out[i], sizeof(float))) << "dim " << dim << " row " << i;
-      }
-    }
+    const Data d = MakeData(11, dim, 1, 300 + dim);
+    ASSERT_NO_FATAL_FAILURE(
+        ExpectRowsGiveSingleDotsBits(d.f32, d.q.data(), dim, DotF32Rows, DotF32));
+  }
+}
+
+TEST_P(KernelsTest, DotF16RowsGivesDotF16sBitsForEveryRow) {
+  for (int dim : AllDims()) {
+    const Data d = MakeData(11, dim, 1, 400 + dim);
+    ASSERT_NO_FATAL_FAILURE(
+        ExpectRowsGiveSingleDotsBits(d.f16, d.q.data(), dim, DotF16Rows, DotF16));
   }
 }
 
