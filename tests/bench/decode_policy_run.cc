@@ -332,6 +332,15 @@ void Summarize(const DecodeContext& ctx, const Tally& t, PolicyResult* r) {
   r->p99_cost.attention = P99(tail_of(t.attention, layer_scale));
   r->p99_cost.rpc = kNaN;  // a difference of two tails is not a tail
   r->p99_cost.tpot = P99(tpot);
+  const auto scaled = [&](const std::vector<double>& v) {
+    std::vector<double> out(v.size());
+    for (size_t s = 0; s < v.size(); ++s) out[s] = v[s] * layer_scale;
+    return out;
+  };
+  r->step_append_ms = scaled(t.append);
+  r->step_select_ms = scaled(t.own_select);
+  r->step_gather_ms = scaled(t.own_gather);
+  r->step_decode_ms = scaled(t.decode);
   r->cost.append = tail(t.append, layer_scale);
   // Select and gather: the measured backend's own time inside its calls
   // (the daemon's, at its calibrated widths, beside its references); RPC:

@@ -56,6 +56,26 @@ Json MonitorJson(const MonitorSummary& m) {
           {"carry_stopped", m.carry_stopped}};
 }
 
+// The steps (after the first) whose selection took longest, per policy:
+// where SELECT's tail comes from (every step's figures are in the JSON).
+void PrintSlowestSelects(const ContextResult& c) {
+  std::printf(
+      "slowest SELECT steps (step: ms per token; the JSON's per_step_ms has every step):\n");
+  for (const PolicyResult& p : c.policies) {
+    std::vector<size_t> order;
+    for (size_t s = 1; s < p.step_select_ms.size(); ++s) order.push_back(s);
+    const size_t keep = std::min<size_t>(5, order.size());
+    std::partial_sort(order.begin(), order.begin() + keep, order.end(), [&](size_t a, size_t b) {
+      return p.step_select_ms[a] > p.step_select_ms[b];
+    });
+    std::string line;
+    for (size_t i = 0; i < keep; ++i) {
+      absl::StrAppend(&line, " ", order[i], ": ", Fmt("%.1f", p.step_select_ms[order[i]]));
+    }
+    std::printf("  %-10s%s\n", p.policy.name.c_str(), line.c_str());
+  }
+}
+
 Json PolicyJson(const PolicyResult& p) {
   return {{"policy", p.policy.name},
           {"selector", p.policy.selector},
@@ -66,6 +86,11 @@ Json PolicyJson(const PolicyResult& p) {
           {"per_token_ms", CostJson(p.cost)},
           {"per_token_ms_mean", CostJson(p.mean_cost)},
           {"per_token_ms_p99", CostJson(p.p99_cost)},
+          {"per_step_ms",
+           {{"append", p.step_append_ms},
+            {"select", p.step_select_ms},
+            {"gather", p.step_gather_ms},
+            {"decode_steps", p.step_decode_ms}}},
           {"decode_step_message_us_p50", Num(p.message_us)},
           {"rpc_per_message_us_p50", Num(p.rpc_per_message_us)},
           {"paired_rpc_per_message_us_p50", Num(p.paired_rpc_per_message_us)},
@@ -310,6 +335,7 @@ void PrintContext(const DecodeBenchOptions& o, const ContextResult& c) {
                 Fmt("%.1f", p.p99_cost.tpot).c_str(), Fmt("%.2f", p.p99_cost.append).c_str(),
                 Fmt("%.2f", p.p99_cost.select).c_str(), Fmt("%.2f", p.p99_cost.gather).c_str());
   }
+  PrintSlowestSelects(c);
   PrintDaemonCpu(c);
   PrintMonitors(c);
   PrintPrefetch(c);

@@ -35,6 +35,9 @@ struct PolicyResult {
   TokenCost mean_cost;
   // Each figure's own 99th percentile over the same steps (rpc: NaN).
   TokenCost p99_cost;
+  // Every decode step's figures (the first included, step 0), per token of
+  // the model (scaled like the medians): where a tail comes from.
+  std::vector<double> step_append_ms, step_select_ms, step_gather_ms, step_decode_ms;
   // Median per DecodeStep call of its round trip beyond the daemon's own
   // select + gather in it (in-process: the call's own overhead).
   double rpc_per_message_us = 0;
