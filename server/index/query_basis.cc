@@ -67,6 +67,16 @@ double QueryBasis::CapturedLocked(const float* q) const {
 void QueryBasis::Observe(const float* queries, int n) {
   absl::MutexLock lock(&mu_);
   const int64_t call = calls_++;
+  if (call == 0 && n > 0) {
+    // FNV-1a of the first query's bytes: heads that start together fall
+    // due at different selects.
+    uint64_t h = 0xcbf29ce484222325ull;
+    const auto* b = reinterpret_cast<const unsigned char*>(queries);
+    for (size_t i = 0; i < static_cast<size_t>(dim_) * sizeof(float); ++i) {
+      h = (h ^ b[i]) * 0x100000001b3ull;
+    }
+    first_wait_ = kFirstSelects + static_cast<int64_t>((h ^ (h >> 32)) % kFirstSpread);
+  }
   // Every select until the first fit; one in kSampleEvery after a fit (or
   // a fit declined).
   if ((fitted_ || fits_ > 0) && call % kSampleEvery != 0) return;
@@ -87,10 +97,10 @@ void QueryBasis::Observe(const float* queries, int n) {
   }
   bool due = false;
   if (!fitted_) {
-    // The first fit after kFirstSelects; after a declined one, a backoff
+    // The first fit after first_wait_; after a declined one, a backoff
     // that doubles (from kMinRefitSelects, up to 64x it).
     const int64_t wait = fits_ == 0
-                             ? kFirstSelects
+                             ? first_wait_
                              : (int64_t{kMinRefitSelects} / kSampleEvery) << std::min(fits_ - 1, 6);
     due = selects_ >= wait && ring_size_ > 0;
   } else if (selects_ >= refit_wait_ / kSampleEvery && ema_count_ >= 16) {
@@ -194,6 +204,11 @@ void QueryBasis::Adopt(const std::vector<float>& basis) {
   captured_fit_ = -1.0;
   captured_ema_ = -1.0;
   ema_count_ = 0;
+}
+
+int64_t QueryBasis::first_fit_selects() const {
+  absl::MutexLock lock(&mu_);
+  return first_wait_;
 }
 
 int QueryBasis::fits() const {

@@ -15,9 +15,14 @@
 // The basis is the top PqSketch::kBasis eigenvectors of the queries' second
 // moment (not centred: the shift is what matters most) over a ring of the
 // last kRing queries observed. Every select is observed until the first
-// fit (after kFirstSelects selects); then one in kSampleEvery, which also
+// fit; then one in kSampleEvery, which also
 // tracks the share of the observed queries' squared length that the basis
-// captures. A refit is due when that share falls below kRefitDrop of what
+// captures. The first fit falls due after kFirstSelects plus a stagger in
+// [0, kFirstSpread) selects, a hash of the first query observed: a daemon's
+// heads start decoding together, and a first fit on all of them at the same
+// select (a pass over every key's frame each) was one step 14x the median
+// (a 32k context, 64 heads: docs/bench/append55.md). The stagger is the
+// same for the same queries. A refit is due when that share falls below kRefitDrop of what
 // it was at the fit (queries that drifted), at most once per
 // kMinRefitSelects selects after the first fit, a wait that doubles with
 // each refit up to kMaxRefitSelects (each costs a pass over every key's
@@ -42,6 +47,7 @@ class QueryBasis {
  public:
   static constexpr int kRing = 64;
   static constexpr int kFirstSelects = 8;
+  static constexpr int kFirstSpread = 32;
   static constexpr int kSampleEvery = 8;
   static constexpr int kMinRefitSelects = 256;
   static constexpr int kMaxRefitSelects = 4096;
@@ -70,6 +76,9 @@ class QueryBasis {
   void Adopt(const std::vector<float>& basis);
 
   // Figures for tests and reports.
+  // The selects after which the first fit falls due: kFirstSelects until a
+  // query was observed, then plus its stagger.
+  int64_t first_fit_selects() const;
   int fits() const;
   double captured_at_fit() const;    // -1 before a fit
   double captured_recent() const;    // -1 before a fit
@@ -94,6 +103,7 @@ class QueryBasis {
   int ema_count_ = 0;
   int fits_ = 0;
   int64_t refit_wait_ = kMinRefitSelects;  // selects before a refit may be due
+  int64_t first_wait_ = kFirstSelects;     // set by the first Observe (its stagger)
   std::atomic<bool> due_{false};
 };
 

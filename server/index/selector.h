@@ -142,7 +142,8 @@ struct MdciParams {
   float pq_factor = 0.0f;
   // With pq_factor > 0: learn where the queries live (QueryBasis: the top
   // PqSketch::kBasis directions of the queries seen, fitted after the first
-  // QueryBasis::kFirstSelects selects and again when the queries drift) and
+  // 8 to 39 selects (QueryBasis: staggered per head) and again when the
+  // queries drift) and
   // score the queries' part there exactly in the scan (PqSketch::SetBasis;
   // docs/bench/basis46.md). false: the codes alone.
   bool query_basis = true;

@@ -508,7 +508,7 @@ bool LearnBasis(const KvDump& dump, const std::vector<Placement>& placements, in
   auto owned = OwnedPageKeys::Create(dump.head_dim, DType::kF16, page_tokens);
   if (!owned.ok() || !(*owned)->Apply(placements, dump.key(0, 0)).ok()) return false;
   QueryBasis qb(dump.head_dim, PqSketch::kBasis);
-  for (int s = 0; s < QueryBasis::kFirstSelects; ++s) {
+  for (int s = 0; !qb.due() && s < QueryBasis::kFirstSelects + QueryBasis::kFirstSpread; ++s) {
     qb.Observe(dump.query(s % dump.steps, 0, 0), dump.group_size());
   }
   if (!qb.Fit(basis)) return false;

@@ -54,7 +54,8 @@ double Dot(const float* a, const float* b, int n) {
 TEST(QueryBasisTest, FitsTheSharedShiftAfterTheFirstSelectsAndIsOrthonormal) {
   const std::vector<float> dir = UnitDirection(7);
   QueryBasis qb(kDim, PqSketch::kBasis);
-  for (int s = 0; s < QueryBasis::kFirstSelects; ++s) {
+  EXPECT_EQ(qb.first_fit_selects(), QueryBasis::kFirstSelects);
+  for (int s = 0; s < qb.first_fit_selects(); ++s) {
     EXPECT_FALSE(qb.due()) << s;
     const std::vector<float> q = ShiftedQueries(4, dir, 12.0f, 100 + s);
     qb.Observe(q.data(), 4);
@@ -306,6 +307,38 @@ TEST(QueryBasisTest, EveryKernelAgreesAndAnImageCarriesTheBasis) {
   }
 }
 
+// Heads that start decoding together must not all fall due for their first
+// fit (a pass over every key each) at the same select: the first query
+// observed staggers it over [kFirstSelects, kFirstSelects + kFirstSpread),
+// the same for the same queries.
+TEST(QueryBasisTest, TheFirstFitIsStaggeredByTheFirstQuery) {
+  const std::vector<float> dir = UnitDirection(3);
+  std::vector<int> seen(QueryBasis::kFirstSpread, 0);
+  for (int head = 0; head < 256; ++head) {
+    QueryBasis a(kDim, PqSketch::kBasis), b(kDim, PqSketch::kBasis);
+    int64_t due_at = -1;
+    for (int s = 0; s < QueryBasis::kFirstSelects + QueryBasis::kFirstSpread; ++s) {
+      const std::vector<float> q = ShiftedQueries(4, dir, 12.0f, 1000 * head + s);
+      a.Observe(q.data(), 4);
+      b.Observe(q.data(), 4);
+      if (due_at < 0 && a.due()) due_at = s + 1;
+    }
+    ASSERT_EQ(due_at, a.first_fit_selects()) << head;
+    ASSERT_EQ(b.first_fit_selects(), a.first_fit_selects()) << head;
+    ASSERT_GE(due_at, QueryBasis::kFirstSelects) << head;
+    ASSERT_LT(due_at, QueryBasis::kFirstSelects + QueryBasis::kFirstSpread) << head;
+    ++seen[due_at - QueryBasis::kFirstSelects];
+  }
+  // 256 heads over 32 selects: no select takes more than a few times its
+  // share (8), and most selects take some.
+  int used = 0;
+  for (int n : seen) {
+    EXPECT_LE(n, 24);
+    used += n > 0 ? 1 : 0;
+  }
+  EXPECT_GE(used, 24);
+}
+
 SelectorConfig Config(bool query_basis) {
   SelectorConfig c = mdci_test::MdciConfig(kDim, kPage, 1.0f);
   c.mdci.query_basis = query_basis;
@@ -318,7 +351,7 @@ SelectorConfig Config(bool query_basis) {
 // a warm restart keeps the basis and selects as before.
 TEST(QueryBasisTest, MdciLearnsTheBasisAndFindsMoreMassOnShiftedQueries) {
   const int64_t n = 12000;
-  const int steps = 40;
+  const int steps = 40 + QueryBasis::kFirstSpread;
   const std::vector<float> keys = mdci_test::ClusteredKeys(n + steps, kDim, 80, 0.6f, 41);
   const std::vector<float> dir = UnitDirection(13);
   mdci_test::BuiltSelector with = mdci_test::BuildWithInserts(Config(true), keys, n, 0);
@@ -343,7 +376,9 @@ TEST(QueryBasisTest, MdciLearnsTheBasisAndFindsMoreMassOnShiftedQueries) {
     ASSERT_TRUE(without.sel->Select(q.data(), 4, sp, &b).ok());
     sp.exhaustive = true;
     ASSERT_TRUE(without.sel->Select(q.data(), 4, sp, &ex).ok());
-    if (step >= QueryBasis::kFirstSelects + 1) {
+    // Known from the first select on (its query's stagger).
+    const int64_t first = mw->query_basis()->first_fit_selects();
+    if (step >= first + 1) {
       mass_with += mdci_test::MassOf(keys.data(), total, kDim, q.data(), 4,
                                      mdci_test::SelectedPositions(*with.sel, a));
       mass_without += mdci_test::MassOf(keys.data(), total, kDim, q.data(), 4,
@@ -357,11 +392,11 @@ TEST(QueryBasisTest, MdciLearnsTheBasisAndFindsMoreMassOnShiftedQueries) {
       ASSERT_TRUE(s->sel->Insert(&keys[(n + step) * kDim], 1, &pl).ok());
       s->keys->Apply(&keys[(n + step) * kDim], pl);
     }
-    // Installed by the select that made it due (the kFirstSelects-th),
+    // Installed by the select that made it due (the first_fit_selects-th),
     // which reports the install as upkeep (left out of the calibrator's
     // costs); no other select does, nor any select without a basis.
-    EXPECT_EQ(mw->pq_sketch()->has_basis(), step >= QueryBasis::kFirstSelects - 1) << step;
-    if (step == QueryBasis::kFirstSelects - 1) {
+    EXPECT_EQ(mw->pq_sketch()->has_basis(), step >= first - 1) << step;
+    if (step == first - 1) {
       EXPECT_GT(a.upkeep_cpu_ns, 0) << step;
     } else {
       EXPECT_EQ(a.upkeep_cpu_ns, 0) << step;
