@@ -684,14 +684,15 @@ ICECACHE_AVX512 bool PageLogMass16x4Avx512(const void* rows, int dim, const floa
 ICECACHE_AVX512 float DotF32Avx512(const float* a, const float* b, int dim) {
   return DotAvx512<F32Avx512>(a, b, dim);
 }
-// DotF32Rows on AVX-512: one DotAvx512 per row (bit for bit by
-// construction), the rows fetched ahead.
-ICECACHE_AVX512 void DotF32RowsAvx512(const float* q, const float* rows, const uint32_t* ids,
-                                      int64_t n, int dim, float* out) {
+// DotF32Rows and DotF16Rows on AVX-512: one DotAvx512<L> per row (the
+// single dot's bits by construction), the rows fetched ahead.
+template <typename L>
+ICECACHE_AVX512 void DotRowsAheadAvx512(const float* q, const typename L::T* rows,
+                                        const uint32_t* ids, int64_t n, int dim, float* out) {
   for (int64_t i = 0; i < std::min(n, kRowsAhead); ++i) PrefetchRow(RowOf(rows, ids, i, dim), dim);
   for (int64_t r = 0; r < n; ++r) {
     if (r + kRowsAhead < n) PrefetchRow(RowOf(rows, ids, r + kRowsAhead, dim), dim);
-    out[r] = DotAvx512<F32Avx512>(q, RowOf(rows, ids, r, dim), dim);
+    out[r] = DotAvx512<L>(q, RowOf(rows, ids, r, dim), dim);
   }
 }
 // ProjectF32 on AVX-512: DotAvx512<F32Avx512> of each x against R rows at
@@ -761,16 +762,6 @@ ICECACHE_AVX512 void ProjectF32Avx512(const float* xs, int64_t nx, const float* 
 ICECACHE_AVX512 float DotF16Avx512(const float* q, const uint16_t* k, int dim) {
   return DotAvx512<F16Avx512>(q, k, dim);
 }
-// DotF16Rows on AVX-512: one DotAvx512<F16Avx512> per row (DotF16's bits
-// by construction), the rows fetched ahead.
-ICECACHE_AVX512 void DotF16RowsAvx512(const float* q, const uint16_t* rows, const uint32_t* ids,
-                                      int64_t n, int dim, float* out) {
-  for (int64_t i = 0; i < std::min(n, kRowsAhead); ++i) PrefetchRow(RowOf(rows, ids, i, dim), dim);
-  for (int64_t r = 0; r < n; ++r) {
-    if (r + kRowsAhead < n) PrefetchRow(RowOf(rows, ids, r + kRowsAhead, dim), dim);
-    out[r] = DotAvx512<F16Avx512>(q, RowOf(rows, ids, r, dim), dim);
-  }
-}
 ICECACHE_AVX512 float DotBf16Avx512(const float* q, const uint16_t* k, int dim) {
   return DotAvx512<Bf16Avx512>(q, k, dim);
 }
@@ -832,8 +823,8 @@ const KernelTable kAvx512Table = {
     DotF16Avx512,
     DotBf16Avx512,
     {DotRowsMultiAvx512<F16Avx512>, DotRowsMultiAvx512<Bf16Avx512>, DotRowsMultiAvx512<F32Avx512>},
-    DotF32RowsAvx512,
-    DotF16RowsAvx512,
+    DotRowsAheadAvx512<F32Avx512>,
+    DotRowsAheadAvx512<F16Avx512>,
     ProjectF32Avx512,
     DotRowsMultiAvx512<I8Avx512>,
     {PageLogMass16x4Avx512<F16Avx512>, PageLogMass16x4Avx512<Bf16Avx512>,

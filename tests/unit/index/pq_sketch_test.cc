@@ -479,23 +479,34 @@ TEST(PqSketchTest, CodebooksFromATinyFirstAppendAreRefittedAsTheContextGrows) {
 // (the encoder takes eight keys at a time in a tournament; a scan over the
 // centroids picks the first of equals, and so must it). Rows that are not a
 // multiple of 8 exercise the last, partial block.
+// n keys that repeat `distinct` Gaussian rows, and their placements in
+// order, kPage to a page.
+struct RepeatedKeys {
+  std::vector<float> keys;
+  std::vector<Placement> placed;
+};
+RepeatedKeys RepeatRows(int64_t n, int distinct, uint32_t seed) {
+  RepeatedKeys r;
+  const std::vector<float> base = mdci_test::GaussianRows(distinct, kDim, 1.0f, seed);
+  r.keys.resize(static_cast<size_t>(n) * kDim);
+  r.placed.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    std::copy_n(&base[(i % distinct) * kDim], kDim, &r.keys[i * kDim]);
+    r.placed[i].page = static_cast<uint32_t>(i / kPage);
+    r.placed[i].slot = static_cast<uint32_t>(i % kPage);
+  }
+  return r;
+}
+
 TEST(PqSketchTest, EveryCodeIsTheNearestCentroidAndTheFirstOfEquals) {
   for (const int distinct : {5, 1000}) {
     SCOPED_TRACE(distinct);
     const int64_t n = 1003;
-    const std::vector<float> base = mdci_test::GaussianRows(distinct, kDim, 1.0f, 17);
-    std::vector<float> keys(static_cast<size_t>(n) * kDim);
-    for (int64_t i = 0; i < n; ++i) {
-      std::copy_n(&base[(i % distinct) * kDim], kDim, &keys[i * kDim]);
-    }
+    const RepeatedKeys rk = RepeatRows(n, distinct, 17);
+    const std::vector<float>& keys = rk.keys;
     PqSketch pq(kDim, kPage);
     pq.Train(keys.data(), n);
-    std::vector<Placement> placed(n);
-    for (int64_t i = 0; i < n; ++i) {
-      placed[i].page = static_cast<uint32_t>(i / kPage);
-      placed[i].slot = static_cast<uint32_t>(i % kPage);
-    }
-    pq.Write(placed, keys.data(), DType::kF32);
+    pq.Write(rk.placed, keys.data(), DType::kF32);
     int duplicate_choices = 0;
     for (int64_t i = 0; i < n; ++i) {
       std::vector<double> dir(kDim);
@@ -541,22 +552,13 @@ TEST(PqSketchTest, KeysWrittenOneAtATimeGetTheCodesOfABlockWrite) {
   for (const int distinct : {5, 1000}) {
     SCOPED_TRACE(distinct);
     const int64_t n = 203;
-    const std::vector<float> base = mdci_test::GaussianRows(distinct, kDim, 1.0f, 23);
-    std::vector<float> keys(static_cast<size_t>(n) * kDim);
-    for (int64_t i = 0; i < n; ++i) {
-      std::copy_n(&base[(i % distinct) * kDim], kDim, &keys[i * kDim]);
-    }
+    const RepeatedKeys rk = RepeatRows(n, distinct, 23);
     PqSketch block(kDim, kPage), single(kDim, kPage);
-    block.Train(keys.data(), n);
-    single.Train(keys.data(), n);
-    std::vector<Placement> placed(n);
+    block.Train(rk.keys.data(), n);
+    single.Train(rk.keys.data(), n);
+    block.Write(rk.placed, rk.keys.data(), DType::kF32);
     for (int64_t i = 0; i < n; ++i) {
-      placed[i].page = static_cast<uint32_t>(i / kPage);
-      placed[i].slot = static_cast<uint32_t>(i % kPage);
-    }
-    block.Write(placed, keys.data(), DType::kF32);
-    for (int64_t i = 0; i < n; ++i) {
-      single.Write({placed[i]}, &keys[i * kDim], DType::kF32);
+      single.Write({rk.placed[i]}, &rk.keys[i * kDim], DType::kF32);
     }
     int nonzero = 0;
     for (int64_t i = 0; i < n; ++i) {
