@@ -167,6 +167,11 @@ struct MdciParams {
   static bool PqFactorSupported(int head_dim, int query_heads_per_kv_head) {
     return head_dim >= 8 && head_dim % 8 == 0 && query_heads_per_kv_head <= 64;
   }
+  // The pq_factor the daemon gives an MDCI session of this shape that
+  // leaves it unset: kDefaultPqFactor where supported, else 0.
+  static float DaemonPqFactor(int head_dim, int query_heads_per_kv_head) {
+    return PqFactorSupported(head_dim, query_heads_per_kv_head) ? kDefaultPqFactor : 0.0f;
+  }
 };
 
 struct SelectorConfig {

@@ -273,9 +273,8 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& p,
     if (auto st = bounded_f(mp.pq_factor(), 1, 512, "selector.mdci.pq_factor", &md.pq_factor);
         !st.ok())
       return st;
-  } else if (c.selector == SelectorKind::kMdci && c.kv_heads > 0 &&
-             MdciParams::PqFactorSupported(c.head_dim, c.q_heads / c.kv_heads)) {
-    md.pq_factor = MdciParams::kDefaultPqFactor;
+  } else if (c.selector == SelectorKind::kMdci && c.kv_heads > 0) {
+    md.pq_factor = MdciParams::DaemonPqFactor(c.head_dim, c.q_heads / c.kv_heads);
   }
   if (mp.has_query_basis()) md.query_basis = mp.query_basis();
   if (mp.has_carry_keep_factor()) {

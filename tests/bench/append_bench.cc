@@ -36,9 +36,7 @@ int InsertRouteFov(const AppendBenchOptions& o) {
 // (server/rpc/convert.cc), so the bench appends what a daemon's session does.
 float MdciPq(const AppendBenchOptions& o) {
   if (o.mdci_pq >= 0.0f) return o.mdci_pq;
-  return MdciParams::PqFactorSupported(o.head_dim, o.q_heads / o.kv_heads)
-             ? MdciParams::kDefaultPqFactor
-             : 0.0f;
+  return MdciParams::DaemonPqFactor(o.head_dim, o.q_heads / o.kv_heads);
 }
 
 double Ms(Clock::time_point a, Clock::time_point b) {
