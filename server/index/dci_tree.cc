@@ -104,6 +104,11 @@ absl::StatusOr<std::unique_ptr<DciTree>> DciTree::Create(const DciTreeParams& pa
         "DCI-tree route_fov and build_candidates must be >= 1 and refine_iters >= 0, got ",
         params.route_fov, ", ", params.build_candidates, ", ", params.refine_iters));
   }
+  if (!(params.insert_fit >= 0.0f) || !std::isfinite(params.insert_fit)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "DCI-tree insert_fit must be finite and >= 0 (0: route every decode key), got ",
+        params.insert_fit));
+  }
   if (params.insert_route_fov < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "DCI-tree insert_route_fov must be >= 0 (0: route_fov), got ", params.insert_route_fov));
@@ -441,17 +446,37 @@ void DciTree::PrefetchInsertPath(uint32_t p, int t) const {
 uint32_t DciTree::ChooseInsertParent(const float* x, float a, float sq, int32_t pos, int t,
                                      RouteScratch* rs,
                                      std::vector<std::pair<float, uint32_t>>* out) {
+  const bool window = t == 0 && params_.locality_window > 0;
+  const float base = params_.augmented_routing ? 0.5f * (sq + a * a) : 0.5f * sq;
+  float score_w = 0.0f;
+  uint32_t w = kNone;
+  if (window && params_.insert_fit > 0.0f) {
+    // A key that fits the nearest recent node with room as well as its
+    // members do (half its squared distance to the centroid within
+    // insert_fit x half their mean one, m2 - c2: plain key space, the
+    // augmentation's own spread left out) joins it without being routed
+    // from the top: the window's few nodes with room instead of ~130 cold
+    // centroids. A node of one key has no spread, so its next keys are
+    // routed; a key far from every recent node (a needle) is routed.
+    w = NearestRecentNodeWithRoom(x, a, pos, rs, &score_w);
+    if (w != kNone) {
+      const DciNodeReps& R = levels_[1].reps;
+      const float spread = 0.5f * std::max(0.0f, R.m2[w] - R.c2[w]);
+      if (base - score_w <= params_.insert_fit * spread) {
+        ++fit_inserts_;
+        return w;
+      }
+    }
+  }
   const int fov = params_.insert_route_fov > 0 ? params_.insert_route_fov : params_.route_fov;
   Route(x, a, t + 1, 1, fov, nullptr, /*insert=*/true, rs, out);
   uint32_t p = (*out)[0].second;
-  if (t == 0 && params_.locality_window > 0 && !NodeHasRoom(p)) {
+  if (window && !NodeHasRoom(p)) {
     // The nearest node's last page is full: a recent node with room takes
     // the key instead when it is nearly as near (squared distance within
     // decode_slack of the nearest), so decode pages stay full without
     // mixing unrelated keys.
-    float score_w = 0.0f;
-    const uint32_t w = NearestRecentNodeWithRoom(x, a, pos, rs, &score_w);
-    const float base = params_.augmented_routing ? 0.5f * (sq + a * a) : 0.5f * sq;
+    if (params_.insert_fit <= 0.0f) w = NearestRecentNodeWithRoom(x, a, pos, rs, &score_w);
     const float dist_g = base - (*out)[0].first, dist_w = base - score_w;  // half squared
     if (w != kNone && dist_w <= params_.decode_slack * dist_g) p = w;
   }

@@ -81,6 +81,13 @@ struct DciTreeParams {
   // image: a loaded tree inserts with its loader's value (the session's
   // config, which a snapshot keeps).
   int insert_route_fov = 0;
+  // > 0 (with a locality window): before routing a decode key from the top,
+  // Insert tries the nearest recent node with room; the key joins it without
+  // routing when its squared distance to the node's centroid is within this
+  // factor of the node's own spread (its members' mean squared distance to
+  // the centroid, m2 - c2). 0: every decode key is routed. Not in the index
+  // image (like insert_route_fov).
+  float insert_fit = 0.0f;
   uint64_t seed = 1234;
 };
 
@@ -233,6 +240,9 @@ class DciTree {
   // Introspection (tests, stats).
   const DciTreeParams& params() const { return params_; }
   int ratio() const { return ratio_; }
+  // Decode keys this tree's Insert placed in a recent node without routing
+  // them (DciTreeParams::insert_fit), since it was created or loaded.
+  uint64_t fit_inserts() const { return fit_inserts_; }
   int64_t num_tokens() const { return static_cast<int64_t>(key_top_.size()); }
   int top_level() const { return static_cast<int>(levels_.size()) - 1; }  // 0 when empty
   uint32_t level_size(int level) const;                                   // level 0: num_tokens()
@@ -457,6 +467,7 @@ class DciTree {
   std::vector<uint32_t> rank_of_node_;
   DciPageTable pages_;
   InsertScratch insert_scratch_;
+  uint64_t fit_inserts_ = 0;  // fit_inserts()
 };
 
 }  // namespace icecache

@@ -106,6 +106,7 @@ DciTreeParams MdciSelector::TreeParams(const SelectorConfig& config) {
   tp.rebuild_fraction = m.rebuild_fraction;
   tp.route_fov = m.route_fov;
   tp.insert_route_fov = m.insert_route_fov;
+  tp.insert_fit = m.insert_fit;
   tp.build_candidates = m.build_candidates;
   tp.refine_iters = m.refine_iters;
   tp.decode_slack = m.decode_slack;

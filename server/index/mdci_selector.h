@@ -30,7 +30,9 @@
 //    recent node with room (page fill vs node tightness);
 //  - insert_route_fov: nodes kept per level when a decode key is routed
 //    (0 = route_fov; 1 inserts in 0.6x the time but loses decode-time
-//    needles, docs/bench/greedy54.md).
+//    needles, docs/bench/greedy54.md);
+//  - insert_fit: a decode key within this factor of the spread of the
+//    nearest recent node with room joins it unrouted (docs/bench/fit56.md).
 // Measured (build-mdci/m/mdci_measure_tool tokens=131072 kv_heads=8 steps=4,
 // llama3-8b-like, budget 256, page 16, G=4, fp16 keys, thread CPU time on a
 // shared 2-core machine, defaults: field_of_view 96, candidate_factor 8):

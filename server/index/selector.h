@@ -93,6 +93,14 @@ struct MdciParams {
   // attention mass on decode-time needles, so it is not the default
   // (docs/bench/greedy54.md).
   int insert_route_fov = 0;
+  // > 0: a decode key that fits the nearest recent node with room (squared
+  // distance within this factor of the node's spread) joins it without being
+  // routed from the top of the tree (DciTreeParams::insert_fit). At 2, 78% of
+  // the llama3-8b-like generator's decode keys skip routing: a cold append
+  // in 0.8x the time, the same attention mass on every synthetic family
+  // (docs/bench/fit56.md). 0: every key routed (what a snapshot written
+  // before this option restores to).
+  float insert_fit = 2.0f;
   int build_candidates = 8;  // parents considered per key by the capacity-aware bulk build
   int refine_iters = 0;      // bulk build: level-0 re-assignments against full centroids
   // Upper levels keep nodes (beyond field_of_view) until they hold

@@ -34,9 +34,9 @@ std::string CalibrationKey(std::string_view tenant, const SessionConfig& c, int6
                   c.granularity.has_value() ? static_cast<int>(*c.granularity) : -1);
   absl::StrAppend(&key, "|mdci ", m.num_composite, " ", m.num_simple, " ", m.field_of_view, " ",
                   m.candidate_factor, " ", m.norm_headroom, " ", m.rebuild_fraction, " ", m.seed);
-  absl::StrAppend(&key, " ", m.promotion_ratio, " ", m.route_fov, "/", m.insert_route_fov, " ",
-                  m.build_candidates, " ", m.refine_iters, " ", m.cover_factor, " ", m.entry_nodes,
-                  " ", m.spread_weight);
+  absl::StrAppend(&key, " ", m.promotion_ratio, " ", m.route_fov, "/", m.insert_route_fov, "/",
+                  m.insert_fit, " ", m.build_candidates, " ", m.refine_iters, " ", m.cover_factor,
+                  " ", m.entry_nodes, " ", m.spread_weight);
   absl::StrAppend(&key, " ", int{m.calibrated_rest}, int{m.normalized_descent}, int{m.query_quotas},
                   int{m.augmented_routing}, int{m.sketch_scoring}, " ", m.spread_rank, " ",
                   m.locality_window, " ", m.min_candidate_pages, " ", m.decode_slack, " pq ",

@@ -86,6 +86,7 @@ Json ConfigToJson(const SessionConfig& c) {
         {"promotion_ratio", m.promotion_ratio},
         {"route_fov", m.route_fov},
         {"insert_route_fov", m.insert_route_fov},
+        {"insert_fit", m.insert_fit},
         {"build_candidates", m.build_candidates},
         {"refine_iters", m.refine_iters},
         {"cover_factor", m.cover_factor},
@@ -133,6 +134,9 @@ absl::StatusOr<SessionConfig> ConfigFromJson(const Json& j) {
   m.promotion_ratio = static_cast<int>(Int(md, "promotion_ratio", m.promotion_ratio));
   m.route_fov = static_cast<int>(Int(md, "route_fov", m.route_fov));
   m.insert_route_fov = static_cast<int>(Int(md, "insert_route_fov", m.insert_route_fov));
+  // A snapshot from before insert_fit routed every decode key: it keeps
+  // doing so, so that its appends replay to the same placements.
+  m.insert_fit = static_cast<float>(Num(md, "insert_fit", 0.0));
   m.build_candidates = static_cast<int>(Int(md, "build_candidates", m.build_candidates));
   m.refine_iters = static_cast<int>(Int(md, "refine_iters", m.refine_iters));
   m.cover_factor = static_cast<float>(Num(md, "cover_factor", m.cover_factor));

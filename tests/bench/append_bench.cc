@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <memory>
 
@@ -18,6 +19,7 @@
 #include "common/dtype.h"
 #include "common/json.h"
 #include "common/status_macros.h"
+#include "common/synthetic.h"
 #include "server/pool/page_pool.h"
 #include "server/session/session_manager.h"
 #include "server/transfer/buffer_registry.h"
@@ -30,6 +32,11 @@ using Clock = std::chrono::steady_clock;
 // The insert route fov the sessions run with (the default where unset).
 int InsertRouteFov(const AppendBenchOptions& o) {
   return o.insert_route_fov >= 0 ? o.insert_route_fov : MdciParams().insert_route_fov;
+}
+
+// The insert fit the sessions run with (the default where unset).
+float InsertFit(const AppendBenchOptions& o) {
+  return o.insert_fit >= 0.0f ? o.insert_fit : MdciParams().insert_fit;
 }
 
 // The mdci sessions' pq_factor: the daemon's default where unset
@@ -74,18 +81,25 @@ float Uniform(uint64_t* s) {
 // in (seed, layer, head, position), so decode tokens continue the prefill.
 class KvSource {
  public:
+  virtual ~KvSource() = default;
+  // Bytes of tokens [t0, t0 + n) of layers [first, first + count), in the
+  // AppendKv layout of that range.
+  virtual void Fill(int first, int count, int64_t t0, int64_t n,
+                    std::vector<uint8_t>* out) const = 0;
+};
+
+class TopicSource : public KvSource {
+ public:
   static constexpr int kTopics = 64;
   static constexpr int64_t kSegment = 256;
 
-  KvSource(const SessionConfig& c, uint64_t seed) : c_(c), seed_(seed) {
+  TopicSource(const SessionConfig& c, uint64_t seed) : c_(c), seed_(seed) {
     centers_.resize(static_cast<size_t>(c.layers) * c.kv_heads * kTopics * c.head_dim);
     uint64_t s = SplitMix(seed) | 1;
     for (float& x : centers_) x = 2.0f * Uniform(&s);
   }
 
-  // Bytes of tokens [t0, t0 + n) of layers [first, first + count), in the
-  // AppendKv layout of that range.
-  void Fill(int first, int count, int64_t t0, int64_t n, std::vector<uint8_t>* out) const {
+  void Fill(int first, int count, int64_t t0, int64_t n, std::vector<uint8_t>* out) const override {
     const size_t d = c_.head_dim;
     out->resize(AppendBytes(c_, n, LayerRange{first, count}));
     const size_t half = out->size() / 2;
@@ -114,6 +128,69 @@ class KvSource {
   uint64_t seed_;
   std::vector<float> centers_;
 };
+
+// The realistic synthetic generator's keys and values (common/synthetic.h,
+// a preset), one layer generated at a time (seed + layer) and held in the
+// session's dtype: RoPE, topic segments, needles, sinks, as the quality
+// figures use them. A decode insert's cost depends on where its key lands,
+// so the realistic keys are the ones that tell what a model's appends cost.
+class PresetSource : public KvSource {
+ public:
+  static absl::StatusOr<std::unique_ptr<PresetSource>> Create(const SessionConfig& c,
+                                                              const std::string& preset,
+                                                              uint64_t seed, int64_t tokens) {
+    ASSIGN_OR_RETURN(SyntheticConfig sc, SyntheticPreset(preset));
+    sc.layers = 1;
+    sc.kv_heads = c.kv_heads;
+    sc.q_heads = c.q_heads;
+    sc.head_dim = c.head_dim;
+    sc.tokens = tokens;
+    sc.steps = 1;
+    auto src = std::unique_ptr<PresetSource>(new PresetSource(c, tokens));
+    const size_t per_layer = static_cast<size_t>(c.kv_heads) * tokens * c.head_dim;
+    const size_t row = DTypeSize(c.dtype);
+    src->keys_.resize(c.layers * per_layer * row);
+    src->values_.resize(c.layers * per_layer * row);
+    for (int l = 0; l < c.layers; ++l) {
+      sc.seed = seed + static_cast<uint64_t>(l);
+      ASSIGN_OR_RETURN(KvDump dump, GenerateSynthetic(sc));
+      FromFloat(c.dtype, dump.keys.data(), src->keys_.data() + l * per_layer * row, per_layer);
+      FromFloat(c.dtype, dump.values.data(), src->values_.data() + l * per_layer * row, per_layer);
+      std::fprintf(stderr, "\r  generated layer %d/%d (%s)", l + 1, c.layers, preset.c_str());
+    }
+    std::fprintf(stderr, "\n");
+    return src;
+  }
+
+  void Fill(int first, int count, int64_t t0, int64_t n, std::vector<uint8_t>* out) const override {
+    const size_t row = static_cast<size_t>(c_.head_dim) * DTypeSize(c_.dtype);
+    out->resize(AppendBytes(c_, n, LayerRange{first, count}));
+    const size_t half = out->size() / 2;
+    size_t r = 0;
+    for (int l = first; l < first + count; ++l) {
+      for (int h = 0; h < c_.kv_heads; ++h, r += n) {
+        const size_t at = ((static_cast<size_t>(l) * c_.kv_heads + h) * tokens_ + t0) * row;
+        std::memcpy(out->data() + r * row, keys_.data() + at, n * row);
+        std::memcpy(out->data() + half + r * row, values_.data() + at, n * row);
+      }
+    }
+  }
+
+ private:
+  PresetSource(const SessionConfig& c, int64_t tokens) : c_(c), tokens_(tokens) {}
+
+  SessionConfig c_;
+  int64_t tokens_;
+  std::vector<uint8_t> keys_, values_;  // [layers][kv_heads][tokens] rows of c_.dtype
+};
+
+absl::StatusOr<std::unique_ptr<KvSource>> MakeSource(const AppendBenchOptions& o,
+                                                     const SessionConfig& c) {
+  if (o.keys == "topics") return std::unique_ptr<KvSource>(new TopicSource(c, o.seed));
+  ASSIGN_OR_RETURN(std::unique_ptr<PresetSource> p,
+                   PresetSource::Create(c, o.keys, o.seed, o.tokens + o.steps + 1));
+  return std::unique_ptr<KvSource>(std::move(p));
+}
 
 struct Quantiles {
   double p50 = 0, p99 = 0, max = 0, mean = 0;
@@ -168,6 +245,7 @@ SessionConfig ConfigOf(const AppendBenchOptions& o, SelectorKind kind) {
   c.selector = kind;
   c.ttl = absl::Hours(1);
   if (o.insert_route_fov >= 0) c.mdci.insert_route_fov = o.insert_route_fov;
+  c.mdci.insert_fit = InsertFit(o);
   if (kind == SelectorKind::kMdci) c.mdci.pq_factor = MdciPq(o);
   return c;
 }
@@ -193,7 +271,8 @@ absl::StatusOr<SelectorRun> RunOne(const AppendBenchOptions& o, const std::strin
   ASSIGN_OR_RETURN(std::unique_ptr<SessionManager> manager, SessionManager::Create(mo));
   const Caller caller{"bench", static_cast<uint32_t>(getuid()), false};
   ASSIGN_OR_RETURN(SessionInfo info, manager->CreateSession(caller, c));
-  const KvSource source(c, o.seed);
+  ASSIGN_OR_RETURN(const std::unique_ptr<KvSource> src, MakeSource(o, c));
+  const KvSource& source = *src;
 
   SelectorRun run;
   run.selector = name;
@@ -271,6 +350,8 @@ Json ToJson(const AppendBenchOptions& o, const std::vector<SelectorRun>& runs) {
   j["decode_threads"] = o.decode_threads;
   j["evict_mib"] = o.evict_mib;
   j["insert_route_fov"] = InsertRouteFov(o);
+  j["insert_fit"] = InsertFit(o);
+  j["keys"] = o.keys;
   j["mdci_pq_factor"] = MdciPq(o);
   Json list = Json::array();
   for (const SelectorRun& r : runs) {
@@ -313,9 +394,9 @@ void PrintTable(const AppendBenchOptions& o, const std::vector<SelectorRun>& run
   const double heads = static_cast<double>(o.layers) * o.kv_heads;
   std::printf(
       "\n1-token appends at %lld tokens: %d layers x %d kv heads (%g indexes per step), "
-      "%d steps, insert route fov %d, mdci pq factor %g, %s%s\n",
-      static_cast<long long>(o.tokens), o.layers, o.kv_heads, heads, o.steps, InsertRouteFov(o),
-      MdciPq(o),
+      "%d steps, keys %s, insert route fov %d, insert fit %g, mdci pq factor %g, %s%s\n",
+      static_cast<long long>(o.tokens), o.layers, o.kv_heads, heads, o.steps, o.keys.c_str(),
+      InsertRouteFov(o), InsertFit(o), MdciPq(o),
       o.decode_threads > 0 ? absl::StrCat(o.decode_threads, " decode threads, ").c_str() : "",
       o.evict_mib > 0 ? absl::StrCat(o.evict_mib, " MiB written between steps (cold)").c_str()
                       : "warm");
@@ -398,6 +479,16 @@ AppendFlags::AppendFlags(CLI::App* app) {
                   "mdci nodes kept per routing level by a decode insert (0: route_fov; -1: the "
                   "default)")
       ->check(CLI::Range(-1, 64))
+      ->capture_default_str();
+  app->add_option("--keys", o_.keys,
+                  "where the KV rows come from: topics (64 key directions per head, a topic per "
+                  "256 positions, uniform noise) or a synthetic preset (the realistic generator, "
+                  "e.g. llama3-8b-like; one layer generated at a time)")
+      ->capture_default_str();
+  app->add_option("--insert-fit", o_.insert_fit,
+                  "mdci: a decode key within this factor of the spread of the nearest recent node "
+                  "with room joins it unrouted (0: every key routed; -1: the default)")
+      ->check(CLI::Range(-1.0f, 1000.0f))
       ->capture_default_str();
   app->add_option("--mdci-pq", o_.mdci_pq,
                   "mdci sessions' pq_factor (0: the tree only; -1: the daemon's default, the PQ "

@@ -47,6 +47,13 @@ struct AppendBenchOptions {
   // >= 0: MdciParams::insert_route_fov of the sessions (nodes kept per
   // routing level by a decode insert; 0 = route_fov); -1: the default.
   int insert_route_fov = -1;
+  // >= 0: MdciParams::insert_fit of the sessions (a decode key that fits a
+  // recent node with room joins it unrouted; 0: every key routed); -1: the
+  // default.
+  float insert_fit = -1.0f;
+  // The KV rows: "topics" (TopicSource: the routing structure alone) or a
+  // synthetic preset name (the realistic generator).
+  std::string keys = "topics";
   // >= 0: MdciParams::pq_factor of the mdci sessions (0: the tree only, the
   // core's default); -1: the daemon's default for the shape (the PQ codes
   // written on every insert, as a session created over gRPC has them).

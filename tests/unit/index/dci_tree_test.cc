@@ -1,9 +1,13 @@
 #include "server/index/dci_tree.h"
 
 #include <algorithm>
+#include <cmath>
+#include <random>
+#include <string>
 #include <vector>
 
 #include "common/dtype.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/index/byte_image.h"
 #include "server/index/kernels.h"
@@ -17,6 +21,7 @@ namespace {
 using ::icecache::mdci_test::CheckInvariants;
 using ::icecache::testing::IsOk;
 using ::icecache::testing::StatusIs;
+using ::testing::HasSubstr;
 
 DciTreeParams ParamsOf(int dim, int page_tokens) {
   DciTreeParams p;
@@ -226,27 +231,104 @@ TEST(DciTreeTest, DecodeInsertsPlaceTokensAsATreeLoadedFromItsImage) {
   // which level-1 nodes have room); a tree loaded from an image derives it
   // afresh. Before every key, a fresh load of the tree's image must place
   // the key in the same slot as the tree itself.
+  // With insert_fit, the nodes' spreads decide too (the image keeps them).
   const int d = 16, P = 8;
   auto keys = mdci_test::ClusteredKeys(4200, d, 40, 0.4f, 9);
+  for (float fit : {0.0f, 8.0f}) {
+    DciTreeParams p = ParamsOf(d, P);
+    p.locality_window = 256;  // the window moves on over the inserts
+    p.decode_slack = 1e6f;    // recent nodes with room take most keys
+    p.insert_fit = fit;
+    auto a = DciTree::Create(p);
+    ASSERT_THAT(a, IsOk());
+    std::vector<Placement> pa, pb;
+    ASSERT_THAT((*a)->BulkBuild(keys.data(), 3000, &pa), IsOk());
+    for (int64_t k = 3000; k < 4200; ++k) {
+      std::string image;
+      ByteWriter w(&image);
+      (*a)->SaveImage(&w);
+      ByteReader r(image);
+      auto b = DciTree::LoadImage(p, &r, k);
+      ASSERT_THAT(b, IsOk());
+      ASSERT_THAT((*a)->Insert(&keys[k * d], 1, &pa), IsOk());
+      ASSERT_THAT((*b)->Insert(&keys[k * d], 1, &pb), IsOk());
+      ASSERT_TRUE(pa[0].page == pb[0].page && pa[0].slot == pb[0].slot)
+          << "key " << k << " fit " << fit;
+    }
+    if (fit > 0.0f) EXPECT_GT((*a)->fit_inserts(), 100u);
+    ASSERT_NO_FATAL_FAILURE(CheckInvariants(**a));
+  }
+}
+
+// DciTreeParams::insert_fit: a decode key that lies within insert_fit x the
+// spread of the nearest recent node with room joins that node unrouted; any
+// other key is placed exactly where a tree without the gate places it (the
+// same tree loaded from its image with insert_fit 0, before every key).
+// Decode keys come in runs around one bulk key (a topic the model dwells
+// on); every fifth key is a lone needle far from every other key, which
+// the gate never takes.
+TEST(DciTreeTest, KeysThatFitARecentNodeJoinItUnroutedAndTheRestAreRoutedAsWithoutTheGate) {
+  const int d = 16, P = 16;
+  const int64_t built = 3000, runs = 40, run = 24;
+  auto keys = mdci_test::ClusteredKeys(built, d, 40, 0.4f, 21);
+  std::mt19937_64 rng(22);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  std::vector<bool> needle;
+  for (int64_t r = 0; r < runs; ++r) {
+    const std::vector<float> centre(keys.begin() + (r * 71 % built) * d,
+                                    keys.begin() + (r * 71 % built + 1) * d);
+    for (int64_t i = 0; i < run; ++i) {
+      const bool far = i % 5 == 4;
+      for (int k = 0; k < d; ++k) keys.push_back(far ? 40.0f * g(rng) : centre[k] + 0.08f * g(rng));
+      needle.push_back(far);
+    }
+  }
   DciTreeParams p = ParamsOf(d, P);
-  p.locality_window = 256;  // the window moves on over the inserts
-  p.decode_slack = 1e6f;    // recent nodes with room take most keys
+  p.locality_window = 256;
+  p.insert_fit = 2.0f;
+  DciTreeParams routed = p;
+  routed.insert_fit = 0.0f;
   auto a = DciTree::Create(p);
   ASSERT_THAT(a, IsOk());
+  DciTree& tree = **a;
   std::vector<Placement> pa, pb;
-  ASSERT_THAT((*a)->BulkBuild(keys.data(), 3000, &pa), IsOk());
-  for (int64_t k = 3000; k < 4200; ++k) {
+  ASSERT_THAT(tree.BulkBuild(keys.data(), built, &pa), IsOk());
+  int64_t fitted = 0, fitted_needles = 0, compared = 0;
+  std::vector<bool> holds_needle;  // per level-1 node: a needle was placed in it
+  for (int64_t k = built; k < built + runs * run; ++k) {
     std::string image;
     ByteWriter w(&image);
-    (*a)->SaveImage(&w);
+    tree.SaveImage(&w);
     ByteReader r(image);
-    auto b = DciTree::LoadImage(p, &r, k);
+    auto b = DciTree::LoadImage(routed, &r, k);
     ASSERT_THAT(b, IsOk());
-    ASSERT_THAT((*a)->Insert(&keys[k * d], 1, &pa), IsOk());
+    const uint64_t before = tree.fit_inserts();
+    ASSERT_THAT(tree.Insert(&keys[k * d], 1, &pa), IsOk());
     ASSERT_THAT((*b)->Insert(&keys[k * d], 1, &pb), IsOk());
-    ASSERT_TRUE(pa[0].page == pb[0].page && pa[0].slot == pb[0].slot) << "key " << k;
+    const uint32_t node = tree.page_table().node_of_page(pa[0].page);
+    if (holds_needle.size() <= node) holds_needle.resize(node + 1, false);
+    const bool is_needle = needle[k - built];
+    if (tree.fit_inserts() == before) {
+      ++compared;
+      ASSERT_TRUE(pa[0].page == pb[0].page && pa[0].slot == pb[0].slot) << "key " << k;
+    } else {
+      ++fitted;
+      // Joined a recent level-1 node, in the page that had room.
+      EXPECT_GE(static_cast<int64_t>(tree.node_key(1, node)), k - p.locality_window) << "key " << k;
+      EXPECT_GT(pa[0].slot, 0u) << "key " << k;
+      // A node of dwell keys is too tight to take a needle; one that a
+      // needle already widened (routing's slack put it there) may.
+      if (is_needle) {
+        ++fitted_needles;
+        EXPECT_TRUE(holds_needle[node]) << "needle " << k << " joined node " << node;
+      }
+    }
+    if (is_needle) holds_needle[node] = true;
   }
-  ASSERT_NO_FATAL_FAILURE(CheckInvariants(**a));
+  EXPECT_GT(fitted, runs * run / 4);  // a dwell's keys once its node holds a few
+  EXPECT_LT(fitted_needles, fitted / 8);
+  EXPECT_GT(compared, runs);  // at least each run's opening keys
+  ASSERT_NO_FATAL_FAILURE(CheckInvariants(tree));
 }
 
 TEST(DciTreeTest, RejectsBadInputWithoutChanges) {
@@ -263,6 +345,12 @@ TEST(DciTreeTest, RejectsBadInputWithoutChanges) {
   bad.dim = 4;
   bad.ratio = 1;
   EXPECT_THAT(DciTree::Create(bad), StatusIs(absl::StatusCode::kInvalidArgument));
+  bad.ratio = 0;
+  for (float fit : {-1.0f, NAN, INFINITY}) {
+    bad.insert_fit = fit;
+    EXPECT_THAT(DciTree::Create(bad),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("insert_fit")));
+  }
 }
 
 TEST(DciTreeTest, DecodeInsertsAfterBulkBuildReallocateNothing) {

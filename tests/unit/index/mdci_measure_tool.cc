@@ -75,6 +75,11 @@ void AddFlags(CLI::App& app, MeasureFlags* f, MdciParams* mp) {
                  "--decode-from)");
   app.add_option("--insert-route-fov,--insert_route_fov", mp->insert_route_fov,
                  "routing field of view of Insert (0 = --route-fov)");
+  app.add_option("--insert-fit,--insert_fit", mp->insert_fit,
+                 "a decode key that fits the nearest recent node with room within this factor "
+                 "of its spread joins it unrouted (0 = route every key)");
+  app.add_option("--pq", mp->pq_factor,
+                 "mdci selects by the PQ scan with this pq_factor (0 = the tree's descent)");
   app.add_flag("--verbose", f->verbose, "print exact-mdci's page ranks under the tree estimate");
 }
 
@@ -111,6 +116,7 @@ int main(int argc, char** argv) {
               (long long)tokens, heads, d, G, Secs(t0, Clock::now()), KernelIsa());
   const bool incremental = f.incremental;
   double sum_us_descent = 0;
+  double fit_inserts = 0;  // decode keys that joined a recent node unrouted (insert_fit)
   double sum_insert_us = 0, decode_m = 0, decode_e = 0, region_share = 0;
   double sum_build = 0, sum_us_m = 0, sum_us_e = 0, sum_us_scan = 0;
   double mass_m = 0, mass_e = 0, mass_p = 0, touched = 0, bytes = 0, fill = 0;
@@ -169,6 +175,8 @@ int main(int argc, char** argv) {
         sum_insert_us += insert_s * 1e6 / std::max<int64_t>(1, tokens - f.decode_from);
         bytes += static_cast<double>((*s)->index_bytes()) / tokens;
         fill += static_cast<MdciSelector*>(s->get())->mean_page_fill();
+        fit_inserts +=
+            static_cast<double>(static_cast<MdciSelector*>(s->get())->tree().fit_inserts());
       }
       sels[kind] = {std::move(pk), std::move(s).value()};
     }
@@ -274,8 +282,11 @@ int main(int argc, char** argv) {
               sum_build / heads, bytes / heads, 100.0 * bytes / heads / 512.0, fill / heads);
   std::printf("descent us %.1f (of mdci select)\n", sum_us_descent / n_sel);
   if (f.decode_from > 0) {
-    std::printf("decode inserts from %lld: %.2f us per key (insert fov %d)\n",
-                (long long)f.decode_from, sum_insert_us / heads, mp.insert_route_fov);
+    std::printf(
+        "decode inserts from %lld: %.2f us per key (insert fov %d, insert fit %.2f: %.3f of the "
+        "keys unrouted)\n",
+        (long long)f.decode_from, sum_insert_us / heads, mp.insert_route_fov, mp.insert_fit,
+        fit_inserts / heads / static_cast<double>(std::max<int64_t>(1, tokens - f.decode_from)));
   }
   if (f.mass_from > 0 || f.decode_from > 0) {
     std::printf(

@@ -149,45 +149,61 @@ TEST(MdciSelectorTest, SinkPagesAreAlwaysIncluded) {
   for (int32_t p : {0, 1, 2, 3, 2045, 2046, 2047}) EXPECT_EQ(got.count(p), 1u) << p;
 }
 
+// Queries along keys inserted one token at a time (decode appends): mdci,
+// by the tree's descent and by the PQ scan, finds the exact selection's best
+// page (a budget of one page) and the target itself nearly as often as the
+// exact selection does. The keys come in shuffled cluster order (no dwell on
+// a topic), the hard case for MdciParams::insert_fit. Over 40 seeds the
+// descent missed the exact best page for 24 of 2560 targets with every key
+// routed, 40 with insert_fit 2 and 130 with a gate that takes every key
+// (insert_fit 1e6); the scan 10, 11 and 10 (docs/bench/fit56.md). On these
+// 8 seeds the default gives 3 and 3 misses; the gate that takes every key
+// fails the bounds (the descent: 18 misses, and 96 targets found of 113).
 TEST(MdciSelectorTest, InsertedTokensAreSelectable) {
-  const int d = 32, P = 16, G = 2;
-  const int64_t n = 4096;
-  auto k = ClusteredKeys(n + 64, d, 30, 0.5f, 51);
-  Fixture f = Make(SelectorKind::kMdci, d, P, G, DType::kF16);
-  Fixture e = Make(SelectorKind::kExactMdci, d, P, G, DType::kF16);
-  ASSERT_NO_FATAL_FAILURE(BuildAll(f, k, n));
-  ASSERT_NO_FATAL_FAILURE(BuildAll(e, k, n));
-  std::vector<Placement> pl;
-  for (int chunk = 0; chunk < 4; ++chunk) {
-    for (Fixture* x : {&f, &e}) {
-      ASSERT_THAT(x->sel->Insert(&k[(n + 16 * chunk) * d], 16, &pl), IsOk());
-      x->keys->Apply(&k[(n + 16 * chunk) * d], pl);
+  const int d = 32, P = 16, G = 2, kSeeds = 8;
+  const int64_t n = 4096, inserted = 64;
+  for (float pq : {0.0f, 8.0f}) {
+    int misses = 0, found = 0, found_exact = 0;
+    for (int seed = 0; seed < kSeeds; ++seed) {
+      auto k = ClusteredKeys(n + inserted, d, 30, 0.5f, 1000 + seed);
+      MdciParams mp;
+      mp.pq_factor = pq;
+      Fixture f = Make(SelectorKind::kMdci, d, P, G, DType::kF16, mp);
+      Fixture e = Make(SelectorKind::kExactMdci, d, P, G, DType::kF16, mp);  // the same layout
+      ASSERT_NO_FATAL_FAILURE(BuildAll(f, k, n));
+      ASSERT_NO_FATAL_FAILURE(BuildAll(e, k, n));
+      std::vector<Placement> pl;
+      for (int64_t chunk = 0; chunk < inserted / 16; ++chunk) {
+        for (Fixture* x : {&f, &e}) {
+          ASSERT_THAT(x->sel->Insert(&k[(n + 16 * chunk) * d], 16, &pl), IsOk());
+          x->keys->Apply(&k[(n + 16 * chunk) * d], pl);
+        }
+      }
+      ASSERT_EQ(f.sel->num_tokens(), n + inserted);
+      for (int64_t target = n; target < n + inserted; ++target) {
+        std::vector<float> q(static_cast<size_t>(G) * d);
+        for (int j = 0; j < G; ++j) {
+          for (int c = 0; c < d; ++c) q[j * d + c] = 4.0f * k[target * d + c];
+        }
+        SelectParams sp;
+        sp.budget_tokens = 16;
+        sp.sink_tokens = 0;
+        sp.want_positions = true;
+        Selection sm, se;
+        ASSERT_THAT(f.sel->Select(q.data(), G, sp, &sm), IsOk());
+        ASSERT_THAT(e.sel->Select(q.data(), G, sp, &se), IsOk());
+        ASSERT_FALSE(se.pages.empty());
+        misses += std::find(sm.pages.begin(), sm.pages.end(), se.pages[0]) == sm.pages.end();
+        found += std::find(sm.positions.begin(), sm.positions.end(), target) != sm.positions.end();
+        found_exact +=
+            std::find(se.positions.begin(), se.positions.end(), target) != se.positions.end();
+      }
     }
+    const int targets = kSeeds * static_cast<int>(inserted);
+    EXPECT_LE(misses, targets / 50) << "pq " << pq;  // 2%
+    EXPECT_GE(found, 0.9 * found_exact) << "pq " << pq;
+    EXPECT_GE(found, targets / 8) << "pq " << pq;
   }
-  EXPECT_EQ(f.sel->num_tokens(), n + 64);
-  int found = 0, found_exact = 0;
-  for (int64_t target = n; target < n + 64; ++target) {
-    // A query along an inserted key: the exact selection's best page must
-    // be found by mdci too (and it holds the target in most cases).
-    std::vector<float> q(static_cast<size_t>(G) * d);
-    for (int j = 0; j < G; ++j) {
-      for (int c = 0; c < d; ++c) q[j * d + c] = 4.0f * k[target * d + c];
-    }
-    SelectParams sp;
-    sp.budget_tokens = 16;
-    sp.sink_tokens = 0;
-    sp.want_positions = true;
-    Selection sm, se;
-    ASSERT_THAT(f.sel->Select(q.data(), G, sp, &sm), IsOk());
-    ASSERT_THAT(e.sel->Select(q.data(), G, sp, &se), IsOk());
-    ASSERT_FALSE(se.pages.empty());
-    EXPECT_NE(std::find(sm.pages.begin(), sm.pages.end(), se.pages[0]), sm.pages.end()) << target;
-    found += std::find(sm.positions.begin(), sm.positions.end(), target) != sm.positions.end();
-    found_exact +=
-        std::find(se.positions.begin(), se.positions.end(), target) != se.positions.end();
-  }
-  EXPECT_GE(found, found_exact);
-  EXPECT_GE(found, 8);
 }
 
 TEST(MdciSelectorTest, RebuildKeepsLayoutAndResultsSane) {

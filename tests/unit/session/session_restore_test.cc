@@ -18,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/file_util.h"
 #include "gtest/gtest.h"
+#include "server/pool/frame_checksum.h"
 #include "server/session/index_image_file.h"
 #include "server/session/snapshot.h"
 #include "server/session/snapshot_quality.h"
@@ -341,7 +342,22 @@ TEST_P(DamagedImagesTest, FallBackToReplayWithIdenticalResults) {
   if (GetParam() == 0) {
     bytes[bytes.size() / 3] ^= 0x10;  // inside the second image
   } else {
-    bytes.resize(bytes.size() / 2);  // the last two images are cut
+    // Cut inside the second-to-last image: the last two are cut (where
+    // depends on the images' sizes, so it is read from the snapshot).
+    auto snap = ReadSnapshotFile(snap_);
+    ASSERT_THAT(snap, IsOk());
+    std::vector<IndexImageRef> refs;
+    for (const SessionImage& s : snap->sessions) {
+      for (const IndexImageRef& r : s.index_images) {
+        if (r.bytes > 0) refs.push_back(r);
+      }
+    }
+    std::sort(refs.begin(), refs.end(),
+              [](const IndexImageRef& a, const IndexImageRef& b) { return a.offset < b.offset; });
+    ASSERT_GE(refs.size(), 3u);
+    const IndexImageRef& cut = refs[refs.size() - 2];
+    ASSERT_EQ(refs.back().offset + refs.back().bytes, bytes.size());
+    bytes.resize(cut.offset + cut.bytes / 2);
   }
   Overwrite(images_, bytes);
   chmod(images_.c_str(), 0600);
@@ -775,6 +791,48 @@ TEST(SnapshotFileTest, TheSessionsGranularityRoundTrips) {
   ASSERT_THAT(back, IsOk());
   ASSERT_EQ(back->sessions.size(), 3u);
   for (int i = 0; i < 3; ++i) EXPECT_EQ(back->sessions[i].config.granularity, units[i]) << i;
+  unlink(path.c_str());
+}
+
+// MdciParams::insert_fit survives a warm restart, and a snapshot written
+// before it existed reads as 0 (every decode key routed, the rule its
+// appends were placed by), not as today's default: its logged appends must
+// replay to the same placements.
+TEST(SnapshotFileTest, TheInsertFitRoundTripsAndAnOlderSnapshotRoutesEveryKey) {
+  const std::string path = "/dev/shm/" + UniqueName("snap-fit");
+  SnapshotImage image;
+  image.capacity_bytes = 1 << 21;
+  SessionImage s;
+  s.id = "s0";
+  s.tenant = "alice";
+  s.config = SmallConfig(SelectorKind::kMdci);
+  s.config.mdci.insert_fit = 3.5f;
+  s.frame_offsets.resize(8);
+  s.checksums.resize(8);
+  s.slots.resize(4);
+  s.group_tokens = {0, 0};
+  image.sessions.push_back(s);
+  ASSERT_THAT(WriteSnapshotFile(image, path), IsOk());
+  auto back = ReadSnapshotFile(path);
+  ASSERT_THAT(back, IsOk());
+  EXPECT_EQ(back->sessions[0].config.mdci.insert_fit, 3.5f);
+  EXPECT_GT(MdciParams().insert_fit, 0.0f);  // what an absent field must not read as
+
+  // The same file as an older daemon wrote it: the field blanked out (the
+  // JSON keeps its length), the checksum recomputed.
+  auto bytes = ReadFileToString(path);
+  ASSERT_THAT(bytes, IsOk());
+  std::string older = *bytes;
+  const std::string field = "\"insert_fit\":3.5,";
+  const size_t at = older.find(field);
+  ASSERT_NE(at, std::string::npos);
+  older.replace(at, field.size(), std::string(field.size(), ' '));
+  const uint64_t sum = FrameChecksum(older.data(), older.size() - 8);
+  std::memcpy(older.data() + older.size() - 8, &sum, 8);
+  Overwrite(path, older);
+  back = ReadSnapshotFile(path);
+  ASSERT_THAT(back, IsOk());
+  EXPECT_EQ(back->sessions[0].config.mdci.insert_fit, 0.0f);
   unlink(path.c_str());
 }
 
