@@ -75,10 +75,7 @@ float Uniform(uint64_t* s) {
   return static_cast<float>(static_cast<double>(r >> 11) * (2.0 / 9007199254740992.0) - 1.0);
 }
 
-// KV rows with the structure routing cares about and nothing else: each
-// (layer, head) has kTopics key directions; a key follows one topic for a
-// segment of kSegment positions (topics recur), plus noise. Deterministic
-// in (seed, layer, head, position), so decode tokens continue the prefill.
+// Where the appended rows come from.
 class KvSource {
  public:
   virtual ~KvSource() = default;
@@ -88,6 +85,12 @@ class KvSource {
                     std::vector<uint8_t>* out) const = 0;
 };
 
+// KV rows with the structure routing cares about and nothing else: each
+// (layer, head) has kTopics key directions; a key follows one topic for a
+// segment of kSegment positions (topics recur), plus uniform noise, so
+// consecutive keys are no nearer each other than any two of their topic.
+// Deterministic in (seed, layer, head, position), so decode tokens continue
+// the prefill.
 class TopicSource : public KvSource {
  public:
   static constexpr int kTopics = 64;

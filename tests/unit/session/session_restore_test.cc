@@ -591,19 +591,26 @@ TEST_P(CorruptQualityTest, DropsTheSessionWithTheReason) {
 
 INSTANTIATE_TEST_SUITE_P(Cases, CorruptQualityTest, ::testing::Range(0, 4));
 
+// A session's image with the smallest state a snapshot file holds (the
+// file's own tests: nothing is restored from it).
+SessionImage BareSessionImage(const std::string& id, const SessionConfig& config) {
+  SessionImage s;
+  s.id = id;
+  s.tenant = "alice";
+  s.config = config;
+  s.frame_offsets.resize(8);
+  s.checksums.resize(8);
+  s.slots.resize(4);
+  s.group_tokens = {0, 0};
+  return s;
+}
+
 TEST(SnapshotFileTest, TamperedOrTruncatedFilesAreDataLoss) {
   const std::string path = "/dev/shm/" + UniqueName("snap");
   SnapshotImage image;
   image.daemon_epoch = 42;
   image.capacity_bytes = 1 << 21;
-  SessionImage s;
-  s.id = "abc";
-  s.tenant = "alice";
-  s.config = SmallConfig();
-  s.frame_offsets.resize(8);
-  s.checksums.resize(8);
-  s.slots.resize(4);
-  s.group_tokens = {0, 0};
+  const SessionImage s = BareSessionImage("abc", SmallConfig());
   image.sessions.push_back(s);
   ASSERT_THAT(WriteSnapshotFile(image, path), IsOk());
   auto back = ReadSnapshotFile(path);
@@ -775,15 +782,8 @@ TEST(SnapshotFileTest, TheSessionsGranularityRoundTrips) {
   const std::optional<Granularity> units[] = {std::nullopt, Granularity::kPage,
                                               Granularity::kToken};
   for (const std::optional<Granularity>& g : units) {
-    SessionImage s;
-    s.id = absl::StrCat("s", image.sessions.size());
-    s.tenant = "alice";
-    s.config = SmallConfig();
+    SessionImage s = BareSessionImage(absl::StrCat("s", image.sessions.size()), SmallConfig());
     s.config.granularity = g;
-    s.frame_offsets.resize(8);
-    s.checksums.resize(8);
-    s.slots.resize(4);
-    s.group_tokens = {0, 0};
     image.sessions.push_back(s);
   }
   ASSERT_THAT(WriteSnapshotFile(image, path), IsOk());
@@ -802,15 +802,8 @@ TEST(SnapshotFileTest, TheInsertFitRoundTripsAndAnOlderSnapshotRoutesEveryKey) {
   const std::string path = "/dev/shm/" + UniqueName("snap-fit");
   SnapshotImage image;
   image.capacity_bytes = 1 << 21;
-  SessionImage s;
-  s.id = "s0";
-  s.tenant = "alice";
-  s.config = SmallConfig(SelectorKind::kMdci);
+  SessionImage s = BareSessionImage("s0", SmallConfig(SelectorKind::kMdci));
   s.config.mdci.insert_fit = 3.5f;
-  s.frame_offsets.resize(8);
-  s.checksums.resize(8);
-  s.slots.resize(4);
-  s.group_tokens = {0, 0};
   image.sessions.push_back(s);
   ASSERT_THAT(WriteSnapshotFile(image, path), IsOk());
   auto back = ReadSnapshotFile(path);
