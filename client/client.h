@@ -139,6 +139,11 @@ struct SessionSpec {
   // x budget tokens' worth of them. Unset = the daemon's default (4); 0 =
   // every candidate; else 1..512.
   std::optional<float> mdci_carry_keep_factor;
+  // MDCI decode appends (types.proto MdciParams.insert_fit): a key within
+  // this many times the spread of the nearest recent node with room joins it
+  // unrouted. Unset = the daemon's default (2); 0 = every key routed (keys
+  // with no temporal locality); else up to 64.
+  std::optional<float> mdci_insert_fit;
   // Page checksums (types.proto PageChecksums): computed at append, checked
   // at fetch (every page, or a sampled fraction); a mismatch is DATA_LOSS.
   enum class Checksums { kOff = 1, kEveryPage = 2, kSampled = 3 };

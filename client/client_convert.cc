@@ -142,6 +142,9 @@ void ToProto(const SessionSpec& spec, v1::SessionConfig* out) {
   if (spec.mdci_carry_keep_factor) {
     out->mutable_selector()->mutable_mdci()->set_carry_keep_factor(*spec.mdci_carry_keep_factor);
   }
+  if (spec.mdci_insert_fit) {
+    out->mutable_selector()->mutable_mdci()->set_insert_fit(*spec.mdci_insert_fit);
+  }
   out->set_layer_reuse(static_cast<uint32_t>(spec.layer_reuse));
   ToProto(spec.defaults, out->mutable_defaults());
   out->set_ttl_ms(static_cast<uint64_t>(absl::ToInt64Milliseconds(spec.ttl)));
@@ -225,6 +228,9 @@ SessionInfo FromProto(const v1::SessionInfo& info) {
   if (c.selector().mdci().has_pq_factor()) s.spec.mdci_pq_factor = c.selector().mdci().pq_factor();
   if (c.selector().mdci().has_carry_keep_factor()) {
     s.spec.mdci_carry_keep_factor = c.selector().mdci().carry_keep_factor();
+  }
+  if (c.selector().mdci().has_insert_fit()) {
+    s.spec.mdci_insert_fit = c.selector().mdci().insert_fit();
   }
   s.spec.layer_reuse = static_cast<int>(c.layer_reuse());
   if (c.defaults().has_budget_tokens())

@@ -107,6 +107,9 @@ Json SessionJson(const SessionInfo& s) {
   if (s.spec.selector == SelectorType::kMdci && s.spec.mdci_carry_keep_factor) {
     j["mdci_carry_keep_factor"] = *s.spec.mdci_carry_keep_factor;
   }
+  if (s.spec.selector == SelectorType::kMdci && s.spec.mdci_insert_fit) {
+    j["mdci_insert_fit"] = *s.spec.mdci_insert_fit;
+  }
   j["layer_reuse"] = s.spec.layer_reuse;
   j["granularity"] = GranularityText(s.spec.defaults.granularity);
   j["ttl_ms"] = absl::ToInt64Milliseconds(s.spec.ttl);

@@ -86,6 +86,8 @@ def session_config(spec: SessionSpec, out: types_pb2.SessionConfig) -> None:
             out.selector.mdci.pq_factor = p.pq_factor
         if p.carry_keep_factor is not None:
             out.selector.mdci.carry_keep_factor = p.carry_keep_factor
+        if p.insert_fit is not None:
+            out.selector.mdci.insert_fit = p.insert_fit
     out.layer_reuse = spec.layer_reuse
     select_params(spec.defaults, out.defaults)
     out.ttl_ms = int(round(spec.ttl_s * 1000))
@@ -137,6 +139,7 @@ def session_info(info: types_pb2.SessionInfo) -> SessionInfo:
             mdci.seed,
             mdci.pq_factor if mdci.HasField("pq_factor") else None,
             mdci.carry_keep_factor if mdci.HasField("carry_keep_factor") else None,
+            mdci.insert_fit if mdci.HasField("insert_fit") else None,
         )
         if c.selector.HasField("mdci")
         else None,

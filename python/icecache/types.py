@@ -161,6 +161,11 @@ class MdciParams:
     # candidates score its best this many x budget tokens' worth of them.
     # None = the daemon's default (4); 0 = every candidate; else 1..512.
     carry_keep_factor: Optional[float] = None
+    # Decode appends: a key within this many times the spread of the nearest
+    # recent node with room joins it without being routed. None = the
+    # daemon's default (2); 0 = every key routed (keys with no temporal
+    # locality); else up to 64 (docs/architecture.md §5).
+    insert_fit: Optional[float] = None
 
 
 @dataclass

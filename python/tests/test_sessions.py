@@ -80,6 +80,20 @@ def test_the_carry_keep_factor_reads_back_and_a_bad_one_is_refused(client):
         )
 
 
+def test_the_insert_fit_reads_back_and_a_bad_one_is_refused(client):
+    # Unset: the daemon's default (2); 0 routes every decode key.
+    for mdci, want in ((None, 2.0), (icecache.MdciParams(insert_fit=0.0), 0.0)):
+        s = client.create_session(small_spec(selector=icecache.Selector.MDCI, mdci=mdci))
+        try:
+            assert s.spec.mdci.insert_fit == want
+        finally:
+            client.drop_session(s.id)
+    with pytest.raises(icecache.InvalidArgumentError, match="insert_fit"):
+        client.create_session(
+            small_spec(selector=icecache.Selector.MDCI, mdci=icecache.MdciParams(insert_fit=-1.0))
+        )
+
+
 def test_socket_from_environment(daemon, monkeypatch):
     monkeypatch.setenv("ICECACHE_SOCKET", daemon.socket_path)
     monkeypatch.delenv("ICECACHE_ADDRESS", raising=False)

@@ -285,6 +285,13 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::SessionConfig& p,
         !st.ok())
       return st;
   }
+  if (mp.has_insert_fit()) {
+    // 0: every decode key routed, as asked.
+    md.insert_fit = 0.0f;
+    if (auto st = bounded_f(mp.insert_fit(), 0, 64, "selector.mdci.insert_fit", &md.insert_fit);
+        !st.ok())
+      return st;
+  }
   if (md.pq_factor > 0 && c.head_dim % 8 != 0) {
     return BadField("selector.mdci.pq_factor",
                     absl::StrCat("needs head_dim a multiple of 8 (the 4-bit codes take 4 "
@@ -338,6 +345,7 @@ v1::SessionConfig SessionConfigToProto(const SessionConfig& c) {
   mp->set_pq_factor(c.mdci.pq_factor);
   mp->set_carry_keep_factor(c.mdci.carry_keep_factor);
   mp->set_query_basis(c.mdci.query_basis);
+  mp->set_insert_fit(c.mdci.insert_fit);
   v1::SelectParams* d = p.mutable_defaults();
   d->set_budget_tokens(std::max(0, c.default_select.budget_tokens));
   d->set_sink_tokens(std::max(0, c.default_select.sink_tokens));

@@ -51,6 +51,7 @@ TEST(OutputTest, SessionJsonHasEveryFieldWithEpochAsString) {
   s.spec.page_tokens = 16;
   s.spec.selector = SelectorType::kMdci;
   s.spec.mdci_pq_factor = 8.0f;
+  s.spec.mdci_insert_fit = 2.0f;
   s.spec.layer_reuse = 1;
   s.spec.ttl = absl::Seconds(2);
   s.tokens = 5;
@@ -89,7 +90,8 @@ TEST(OutputTest, SessionJsonHasEveryFieldWithEpochAsString) {
   EXPECT_EQ(DumpJson(SessionJson(s)),
             R"({"session_id":"s-1","tenant":"alpha \"q\"","epoch":"18446744073709551615",)"
             R"("layers":2,"kv_heads":8,"q_heads":32,"head_dim":128,"dtype":"float16",)"
-            R"("page_tokens":16,"selector":"mdci","mdci_pq_factor":8.0,"layer_reuse":1,)"
+            R"("page_tokens":16,"selector":"mdci","mdci_pq_factor":8.0,"mdci_insert_fit":2.0,)"
+            R"("layer_reuse":1,)"
             R"("granularity":"by-destination",)"
             R"("ttl_ms":2000,"tokens":5,)"
             R"("bytes":4096,"pages":3,"index_bytes":7,"pinned":true,"in_flight":1,)"

@@ -84,6 +84,19 @@ TEST(ConvertTest, SessionConfigRoundTripsThroughProto) {
   auto all_again = SessionConfigFromProto(SessionConfigToProto(*with_all), SelectDefaults{1, 1, 1});
   ASSERT_THAT(all_again, IsOk());
   EXPECT_EQ(all_again->mdci.carry_keep_factor, 0.0f);
+  // The decode insert's fit: unset is the core's default, 0 routes every
+  // key, and either travels back.
+  EXPECT_EQ(again->mdci.insert_fit, MdciParams{}.insert_fit);
+  for (float fit : {0.0f, 3.5f}) {
+    v1::SessionConfig with_fit = GoodProto();
+    with_fit.mutable_selector()->mutable_mdci()->set_insert_fit(fit);
+    auto got = SessionConfigFromProto(with_fit, SelectDefaults{1, 1, 1});
+    ASSERT_THAT(got, IsOk());
+    EXPECT_EQ(got->mdci.insert_fit, fit);
+    auto back_again = SessionConfigFromProto(SessionConfigToProto(*got), SelectDefaults{1, 1, 1});
+    ASSERT_THAT(back_again, IsOk());
+    EXPECT_EQ(back_again->mdci.insert_fit, fit);
+  }
   // The query basis: unset is on; off travels back.
   EXPECT_TRUE(again->mdci.query_basis);
   v1::SessionConfig no_basis = GoodProto();
@@ -162,6 +175,12 @@ TEST(ConvertTest, SessionConfigErrorsNameTheField) {
        [](v1::SessionConfig* p) {
          p->mutable_selector()->mutable_mdci()->set_carry_keep_factor(NAN);
        }},
+      {"selector.mdci.insert_fit",
+       [](v1::SessionConfig* p) { p->mutable_selector()->mutable_mdci()->set_insert_fit(-1); }},
+      {"selector.mdci.insert_fit",
+       [](v1::SessionConfig* p) { p->mutable_selector()->mutable_mdci()->set_insert_fit(65); }},
+      {"selector.mdci.insert_fit",
+       [](v1::SessionConfig* p) { p->mutable_selector()->mutable_mdci()->set_insert_fit(NAN); }},
       {"selector.mdci.pq_factor",
        [](v1::SessionConfig* p) { p->mutable_selector()->mutable_mdci()->set_pq_factor(NAN); }},
       {"selector.mdci.pq_factor",
