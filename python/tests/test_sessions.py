@@ -66,31 +66,23 @@ def test_mdci_codes_are_the_default_and_zero_turns_them_off(client):
         )
 
 
-def test_the_carry_keep_factor_reads_back_and_a_bad_one_is_refused(client):
-    # Unset: the daemon's default (4); 0 carries every candidate.
-    for mdci, want in ((None, 4.0), (icecache.MdciParams(carry_keep_factor=0.0), 0.0)):
+# An optional MdciParams field: unset reads back as the daemon's default, 0
+# as 0 (carry_keep_factor: every candidate carried; insert_fit: every decode
+# key routed), and a value out of range is refused naming the field.
+@pytest.mark.parametrize(
+    "field, default, bad",
+    [("carry_keep_factor", 4.0, 0.5), ("insert_fit", 2.0, -1.0)],
+)
+def test_an_mdci_option_reads_back_and_a_bad_one_is_refused(client, field, default, bad):
+    for mdci, want in ((None, default), (icecache.MdciParams(**{field: 0.0}), 0.0)):
         s = client.create_session(small_spec(selector=icecache.Selector.MDCI, mdci=mdci))
         try:
-            assert s.spec.mdci.carry_keep_factor == want
+            assert getattr(s.spec.mdci, field) == want
         finally:
             client.drop_session(s.id)
-    with pytest.raises(icecache.InvalidArgumentError, match="carry_keep_factor"):
+    with pytest.raises(icecache.InvalidArgumentError, match=field):
         client.create_session(
-            small_spec(selector=icecache.Selector.MDCI, mdci=icecache.MdciParams(carry_keep_factor=0.5))
-        )
-
-
-def test_the_insert_fit_reads_back_and_a_bad_one_is_refused(client):
-    # Unset: the daemon's default (2); 0 routes every decode key.
-    for mdci, want in ((None, 2.0), (icecache.MdciParams(insert_fit=0.0), 0.0)):
-        s = client.create_session(small_spec(selector=icecache.Selector.MDCI, mdci=mdci))
-        try:
-            assert s.spec.mdci.insert_fit == want
-        finally:
-            client.drop_session(s.id)
-    with pytest.raises(icecache.InvalidArgumentError, match="insert_fit"):
-        client.create_session(
-            small_spec(selector=icecache.Selector.MDCI, mdci=icecache.MdciParams(insert_fit=-1.0))
+            small_spec(selector=icecache.Selector.MDCI, mdci=icecache.MdciParams(**{field: bad}))
         )
 
 
