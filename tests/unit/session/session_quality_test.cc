@@ -218,10 +218,15 @@ TEST(SessionQualityTest, CarriedSelectionsAreCountedAndMeasured) {
   QualityEnv q;
   const int kSteps = 64;
   // 16 warm-up samples, then one in 2: the carried samples rate the carry
-  // during the warm-up and the width after it.
-  ASSERT_NO_FATAL_FAILURE(
-      StartQualitySession(&q, 0.9, 4096, kSteps, 16, 2, Granularity::kToken,
-                          [](SessionManagerOptions* mo) { mo->quality.carry_steps = 1; }));
+  // during the warm-up and the width after it. The interval is pinned to 2
+  // (sample_every = max_sample_every): left free it follows the measured
+  // reference/select cost ratio, which a carried (cheap) select raises past
+  // 4 on a slow machine (CI, stop 56: 50 samples, not 56).
+  ASSERT_NO_FATAL_FAILURE(StartQualitySession(&q, 0.9, 4096, kSteps, 16, 2, Granularity::kToken,
+                                              [](SessionManagerOptions* mo) {
+                                                mo->quality.carry_steps = 1;
+                                                mo->quality.max_sample_every = 2;
+                                              }));
   for (int step = 0; step < kSteps; ++step) ASSERT_THAT(Step(&q, step), IsOk());
   auto info = q.env.manager->GetSession(q.caller, q.id);
   ASSERT_THAT(info.status(), IsOk());
