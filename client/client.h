@@ -225,7 +225,11 @@ struct SessionInfo {
   uint64_t bytes = 0;        // pool bytes held, charged to the quota
   uint64_t pages = 0;        // pages over all indices
   uint64_t index_bytes = 0;  // index structures (not charged)
-  uint32_t in_flight = 0;    // requests running on the session now
+  // Decode keys the trees inserted one at a time since the daemon built or
+  // loaded them, and of them those that skipped routing (mdci_insert_fit).
+  uint64_t decode_keys = 0;
+  uint64_t decode_keys_unrouted = 0;
+  uint32_t in_flight = 0;  // requests running on the session now
   // Index progress: (layer group, KV head) trees built of the total, and the
   // next layer of a chunk sent by layer ranges (0 = none pending).
   uint32_t trees_built = 0;

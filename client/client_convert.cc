@@ -259,6 +259,8 @@ SessionInfo FromProto(const v1::SessionInfo& info) {
   s.bytes = info.bytes();
   s.pages = info.pages();
   s.index_bytes = info.index_bytes();
+  s.decode_keys = info.decode_keys();
+  s.decode_keys_unrouted = info.decode_keys_unrouted();
   s.in_flight = info.in_flight();
   s.trees_built = info.trees_built();
   s.trees_total = info.trees_total();

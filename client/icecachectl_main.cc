@@ -397,6 +397,12 @@ void PrintSessionTable(const SessionInfo& info) {
   t.AddRow({"bytes", HumanBytes(static_cast<int64_t>(info.bytes))});
   t.AddRow({"pages", absl::StrCat(info.pages)});
   t.AddRow({"index bytes", HumanBytes(static_cast<int64_t>(info.index_bytes))});
+  if (info.decode_keys > 0) {
+    t.AddRow({"decode keys",
+              absl::StrFormat("%d inserted, %.0f%% joined a recent node unrouted", info.decode_keys,
+                              100.0 * static_cast<double>(info.decode_keys_unrouted) /
+                                  static_cast<double>(info.decode_keys))});
+  }
   t.AddRow({"pinned", info.pinned ? "yes" : "no"});
   t.AddRow({"in flight", absl::StrCat(info.in_flight)});
   t.AddRow(

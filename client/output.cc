@@ -117,6 +117,8 @@ Json SessionJson(const SessionInfo& s) {
   j["bytes"] = s.bytes;
   j["pages"] = s.pages;
   j["index_bytes"] = s.index_bytes;
+  j["decode_keys"] = s.decode_keys;
+  j["decode_keys_unrouted"] = s.decode_keys_unrouted;
   j["pinned"] = s.pinned;
   j["in_flight"] = s.in_flight;
   j["trees_built"] = s.trees_built;

@@ -161,6 +161,8 @@ def session_info(info: types_pb2.SessionInfo) -> SessionInfo:
         trees_built=getattr(info, "trees_built", 0),
         trees_total=getattr(info, "trees_total", 0),
         next_layer=getattr(info, "next_layer", 0),
+        decode_keys=getattr(info, "decode_keys", 0),
+        decode_keys_unrouted=getattr(info, "decode_keys_unrouted", 0),
     )
 
 

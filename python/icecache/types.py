@@ -238,6 +238,11 @@ class SessionInfo:
     trees_built: int = 0
     trees_total: int = 0
     next_layer: int = 0
+    # Decode keys the trees inserted one at a time since the daemon built or
+    # loaded them, and of them those that joined a recent node without being
+    # routed (MdciParams.insert_fit).
+    decode_keys: int = 0
+    decode_keys_unrouted: int = 0
 
 
 @dataclass

@@ -103,6 +103,22 @@ def test_token_granularity_select_fetch_and_decode(client, selector):
     client.drop_session(s.id)
 
 
+def test_decode_keys_are_counted_per_session(client):
+    spec = small_spec(selector=icecache.Selector.MDCI)
+    s = client.create_session(spec)
+    keys, values = kv_arrays(spec, 300, seed=7)
+    client.append_kv(s.id, keys, values)
+    info = client.get_session(s.id)
+    assert (info.decode_keys, info.decode_keys_unrouted) == (0, 0)  # built, not inserted
+    for t in range(5):
+        k, v = kv_arrays(spec, 1, seed=100 + t)
+        client.append_kv(s.id, k, v)
+    info = client.get_session(s.id)
+    assert info.decode_keys == 5 * spec.layers * spec.kv_heads  # one tree per (layer, head)
+    assert 0 <= info.decode_keys_unrouted <= info.decode_keys
+    client.drop_session(s.id)
+
+
 def test_inline_append_equals_shm_append(client):
     spec = small_spec()
     keys, values = kv_arrays(spec, 40, seed=3)

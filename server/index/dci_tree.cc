@@ -499,6 +499,7 @@ absl::Status DciTree::Insert(const float* keys, int64_t n, std::vector<Placement
   }
   placements->clear();
   placements->reserve(n);
+  inserted_keys_ += static_cast<uint64_t>(n);
   InsertScratch& is = insert_scratch_;
   std::vector<uint32_t>& counts = is.counts;
   counts.assign(levels_.size(), 0);

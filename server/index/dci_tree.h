@@ -243,6 +243,9 @@ class DciTree {
   // Decode keys this tree's Insert placed in a recent node without routing
   // them (DciTreeParams::insert_fit), since it was created or loaded.
   uint64_t fit_inserts() const { return fit_inserts_; }
+  // Keys Insert placed (after the build), since the tree was created or
+  // loaded: what fit_inserts() is a share of.
+  uint64_t inserted_keys() const { return inserted_keys_; }
   int64_t num_tokens() const { return static_cast<int64_t>(key_top_.size()); }
   int top_level() const { return static_cast<int>(levels_.size()) - 1; }  // 0 when empty
   uint32_t level_size(int level) const;                                   // level 0: num_tokens()
@@ -467,7 +470,8 @@ class DciTree {
   std::vector<uint32_t> rank_of_node_;
   DciPageTable pages_;
   InsertScratch insert_scratch_;
-  uint64_t fit_inserts_ = 0;  // fit_inserts()
+  uint64_t fit_inserts_ = 0;    // fit_inserts()
+  uint64_t inserted_keys_ = 0;  // inserted_keys()
 };
 
 }  // namespace icecache

@@ -95,6 +95,9 @@ class MdciSelector : public Selector {
     return tree_->bytes() + (sketch_ != nullptr ? sketch_->bytes() : 0) +
            (pq_ != nullptr ? pq_->bytes() : 0);
   }
+  InsertCounts insert_counts() const override {
+    return {tree_->inserted_keys(), tree_->fit_inserts()};
+  }
   Placement placement_of(int32_t position) const override;
   void placements_of(int32_t first, int32_t count, Placement* out) const override;
   bool has_image() const override { return true; }

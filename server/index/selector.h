@@ -391,6 +391,15 @@ class Selector {
   virtual void placements_of(int32_t first, int32_t count, Placement* out) const;
   // Bytes held by the index structures (excluding the KV bytes behind PageKeys).
   virtual size_t index_bytes() const = 0;
+  // Decode keys a tree placed one at a time (after its build) and, of them,
+  // those that joined a recent node without being routed from the top
+  // (MdciParams::insert_fit), since the selector was built or loaded. Zeros
+  // for the kinds without a tree.
+  struct InsertCounts {
+    uint64_t inserted = 0;
+    uint64_t unrouted = 0;
+  };
+  virtual InsertCounts insert_counts() const { return {}; }
 
   // Index image (docs/architecture.md §5, warm restart): the selector's
   // whole state as bytes (not the keys: they stay behind PageKeys), so a

@@ -439,6 +439,8 @@ void SessionInfoToProto(const SessionInfo& info, v1::SessionInfo* out) {
   out->set_bytes(info.frame_bytes);
   out->set_pages(info.pages);
   out->set_index_bytes(info.index_bytes);
+  out->set_decode_keys(info.decode_keys);
+  out->set_decode_keys_unrouted(info.decode_keys_unrouted);
   out->set_in_flight(static_cast<uint32_t>(std::max(0, info.in_flight)));
   out->set_trees_built(static_cast<uint32_t>(std::max(0, info.trees_built)));
   out->set_trees_total(static_cast<uint32_t>(std::max(0, info.trees_total)));

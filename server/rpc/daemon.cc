@@ -240,6 +240,11 @@ absl::Status Daemon::Init() {
                                        "Bytes of carved frames per size class and state",
                                        MetricType::kGauge, {"frame_bytes", "state"});
   sessions_ = registry_.AddSnapshot("icecache_sessions", "Live sessions", MetricType::kGauge, {});
+  decode_keys_ = registry_.AddSnapshot(
+      "icecache_decode_keys",
+      "Decode keys the live sessions' trees inserted one at a time, by placement: routed from "
+      "the top of the tree, or unrouted (joined a recent node they fit, MdciParams.insert_fit)",
+      MetricType::kGauge, {"placement"});
   buffers_gauge_ =
       registry_.AddSnapshot("icecache_buffers", "Registered buffers", MetricType::kGauge, {});
   gpu_pushes_ = registry_.AddSnapshot(
@@ -452,6 +457,8 @@ void Daemon::CollectMetrics() {
   class_frames_->Replace(std::move(frames));
   class_bytes_->Replace(std::move(class_bytes));
   sessions_->Replace({{{}, double(stats->sessions)}});
+  decode_keys_->Replace({{{"routed"}, double(stats->decode_keys - stats->decode_keys_unrouted)},
+                         {{"unrouted"}, double(stats->decode_keys_unrouted)}});
   buffers_gauge_->Replace({{{}, double(stats->buffers)}});
   if (const PushCounts* pushes = buffers_->push_counts()) {
     gpu_pushes_->Replace({{{"in_place"}, double(pushes->in_place.load())},

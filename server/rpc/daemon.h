@@ -164,6 +164,7 @@ class Daemon {
   SnapshotFamily* connections_ = nullptr;
   SnapshotFamily* checksum_failures_ = nullptr;
   SnapshotFamily* pages_verified_ = nullptr;
+  SnapshotFamily* decode_keys_ = nullptr;
   SnapshotFamily* decode_rings_ = nullptr;
   SnapshotFamily* decode_rings_closed_ = nullptr;
   SnapshotFamily* decode_ring_caught_ = nullptr;

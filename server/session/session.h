@@ -100,6 +100,10 @@ class Session {
   std::atomic<uint64_t> pages_view{0};
   std::atomic<uint64_t> frame_bytes_view{0};  // pool bytes charged (strides)
   std::atomic<uint64_t> index_bytes_view{0};
+  // Decode keys the trees inserted one at a time, and of them those that
+  // skipped routing (Selector::insert_counts), since built or loaded.
+  std::atomic<uint64_t> decode_keys_view{0};
+  std::atomic<uint64_t> decode_keys_unrouted_view{0};
   std::atomic<int> next_layer_view{0};
 
   absl::Time last_use() const { return absl::FromUnixNanos(last_use_ns.load()); }

@@ -476,20 +476,9 @@ void AdvanceChunk(Session& s, const AppendInput& in) ABSL_EXCLUSIVE_LOCKS_REQUIR
   }
 }
 
-// The lock-free views of the session.
+// The lock-free views of the session, and its last use.
 void RefreshViews(Session& s, absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
-  uint64_t pages = 0;
-  uint64_t index_bytes = 0;
-  for (const auto& sel : s.selectors) {
-    if (sel == nullptr) continue;
-    pages += sel->num_pages();
-    index_bytes += sel->index_bytes();
-  }
-  s.tokens_view.store(s.tokens);
-  s.next_layer_view.store(s.next_layer);
-  s.pages_view.store(pages);
-  s.frame_bytes_view.store(s.frames.size() * PagePool::StrideFor(s.frame_bytes));
-  s.index_bytes_view.store(index_bytes);
+  StoreViews(s);
   s.Touch(now);
 }
 
@@ -594,6 +583,25 @@ void RunPendingBuild(PendingBuild& job, int build_threads, StagingCache* scratch
     s.group_tokens[g] += job.in.n;
   }
   RefreshViews(s, now);
+}
+
+void StoreViews(Session& s) {
+  uint64_t pages = 0, index_bytes = 0, inserted = 0, unrouted = 0;
+  for (const auto& sel : s.selectors) {
+    if (sel == nullptr) continue;
+    pages += sel->num_pages();
+    index_bytes += sel->index_bytes();
+    const Selector::InsertCounts c = sel->insert_counts();
+    inserted += c.inserted;
+    unrouted += c.unrouted;
+  }
+  s.tokens_view.store(s.tokens);
+  s.next_layer_view.store(s.next_layer);
+  s.pages_view.store(pages);
+  s.frame_bytes_view.store(s.frames.size() * PagePool::StrideFor(s.frame_bytes));
+  s.index_bytes_view.store(index_bytes);
+  s.decode_keys_view.store(inserted);
+  s.decode_keys_unrouted_view.store(unrouted);
 }
 
 }  // namespace icecache

@@ -182,6 +182,10 @@ AppendResult AcceptPendingBuild(Session& s, const AppendInput& in, absl::Time no
 // cleared either way, so nobody waits forever.
 void RunPendingBuild(PendingBuild& job, int build_threads, StagingCache* scratch, absl::Time now)
     ABSL_LOCKS_EXCLUDED(job.session->mu);
+// Stores the session's lock-free views (tokens, next layer, pages, pool and
+// index bytes, decode keys) from what it holds now (after an append, a
+// build or a restore).
+void StoreViews(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
 
 }  // namespace icecache
 

@@ -246,17 +246,7 @@ absl::Status Rebuild(Session& s, const SessionImage& img, FrameSet frames, int t
     s.mu.AssertHeld();
     return RecoverIndex(s, img, static_cast<size_t>(gi), images, &(*outcomes)[gi]);
   }));
-  uint64_t pages = 0, index_bytes = 0;
-  for (const auto& sel : s.selectors) {
-    if (sel == nullptr) continue;
-    pages += sel->num_pages();
-    index_bytes += sel->index_bytes();
-  }
-  s.tokens_view.store(s.tokens);
-  s.next_layer_view.store(s.next_layer);
-  s.pages_view.store(pages);
-  s.frame_bytes_view.store(s.frames.size() * PagePool::StrideFor(s.frame_bytes));
-  s.index_bytes_view.store(index_bytes);
+  StoreViews(s);
   return absl::OkStatus();
 }
 

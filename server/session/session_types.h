@@ -174,6 +174,11 @@ struct SessionInfo {
   double page_fill = 0.0;
   uint64_t frame_bytes = 0;  // pool bytes (charged to the tenant's quota)
   uint64_t index_bytes = 0;  // selector structures (not charged)
+  // Decode keys the session's trees inserted one at a time since this daemon
+  // built or loaded them, and of them those that joined a recent node
+  // without being routed (MdciParams::insert_fit).
+  uint64_t decode_keys = 0;
+  uint64_t decode_keys_unrouted = 0;
   bool pinned = false;
   int in_flight = 0;  // requests running on the session now
   // Index progress: trees (layer group x KV head indexes) built of the total.
@@ -324,6 +329,9 @@ struct ManagerStats {
   int buffers = 0;
   uint64_t pages = 0;      // over every session's indices
   double page_fill = 0.0;  // token-weighted mean fill of those pages, [0, 1]
+  // The live sessions' SessionInfo::decode_keys and decode_keys_unrouted, summed.
+  uint64_t decode_keys = 0;
+  uint64_t decode_keys_unrouted = 0;
 };
 
 }  // namespace icecache

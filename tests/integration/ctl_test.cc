@@ -172,6 +172,10 @@ TEST_F(IcecachectlTest, SessionsShowReportsQualityAndWidths) {
   for (int i = 0; i < 1000 && accounted(&samples) < 8; ++i) usleep(10000);
   ASSERT_EQ(accounted(&samples), 8u);
   EXPECT_GE(samples, 2u);  // at least each head's first selection
+  // Three decode tokens: 3 x 2 trees' keys inserted one at a time.
+  for (int t = 0; t < 3; ++t) {
+    ASSERT_THAT(client_->AppendKvInline(s->id, m.kv.Chunk(t, t + 1), 1), IsOk());
+  }
   CommandResult r = Ctl({"sessions", "show", s->id});
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr("target mass ratio  0.950 (width calibrated)"));
@@ -186,10 +190,14 @@ TEST_F(IcecachectlTest, SessionsShowReportsQualityAndWidths) {
   EXPECT_THAT(r.out, HasSubstr("GROUP  KV_HEAD  MODE"));
   EXPECT_THAT(r.out, HasSubstr("RANKING"));
   EXPECT_THAT(r.out, ::testing::ContainsRegex("loudest|normalized"));
+  EXPECT_THAT(r.out, ::testing::ContainsRegex(
+                         "decode keys +6 inserted, [0-9]+% joined a recent node unrouted"));
   r = Ctl({"--json", "sessions", "show", s->id});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const google::protobuf::Value shown = Json(r);
   EXPECT_EQ(shown.struct_value().fields().at("mdci_pq_factor").number_value(), 8.0);
+  EXPECT_EQ(shown.struct_value().fields().at("decode_keys").number_value(), 6.0);
+  EXPECT_LE(shown.struct_value().fields().at("decode_keys_unrouted").number_value(), 6.0);
   const auto& q = shown.struct_value().fields().at("quality").struct_value().fields();
   EXPECT_TRUE(q.at("monitored").bool_value());
   EXPECT_EQ(q.at("samples").number_value(), static_cast<double>(samples));

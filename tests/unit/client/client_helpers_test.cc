@@ -58,6 +58,8 @@ TEST(OutputTest, SessionJsonHasEveryFieldWithEpochAsString) {
   s.bytes = 4096;
   s.pages = 3;
   s.index_bytes = 7;
+  s.decode_keys = 40;
+  s.decode_keys_unrouted = 30;
   s.pinned = true;
   s.in_flight = 1;
   s.trees_built = 96;
@@ -94,7 +96,8 @@ TEST(OutputTest, SessionJsonHasEveryFieldWithEpochAsString) {
             R"("layer_reuse":1,)"
             R"("granularity":"by-destination",)"
             R"("ttl_ms":2000,"tokens":5,)"
-            R"("bytes":4096,"pages":3,"index_bytes":7,"pinned":true,"in_flight":1,)"
+            R"("bytes":4096,"pages":3,"index_bytes":7,"decode_keys":40,"decode_keys_unrouted":30,)"
+            R"("pinned":true,"in_flight":1,)"
             R"("trees_built":96,"trees_total":256,)"
             R"("created_unix_ms":1000,"last_use_unix_ms":0,"expires_unix_ms":3000,)"
             R"("quality":{"monitored":true,"target_mass_ratio":0.5,"samples":4,)"

@@ -255,7 +255,9 @@ TEST(DciTreeTest, DecodeInsertsPlaceTokensAsATreeLoadedFromItsImage) {
       ASSERT_TRUE(pa[0].page == pb[0].page && pa[0].slot == pb[0].slot)
           << "key " << k << " fit " << fit;
     }
-    if (fit > 0.0f) EXPECT_GT((*a)->fit_inserts(), 100u);
+    if (fit > 0.0f) {
+      EXPECT_GT((*a)->fit_inserts(), 100u);
+    }
     ASSERT_NO_FATAL_FAILURE(CheckInvariants(**a));
   }
 }
@@ -328,6 +330,11 @@ TEST(DciTreeTest, KeysThatFitARecentNodeJoinItUnroutedAndTheRestAreRoutedAsWitho
   EXPECT_GT(fitted, runs * run / 4);  // a dwell's keys once its node holds a few
   EXPECT_LT(fitted_needles, fitted / 8);
   EXPECT_GT(compared, runs);  // at least each run's opening keys
+  // The counts the session reports (Selector::insert_counts): every key
+  // Insert placed, and of them the unrouted ones; a tree loaded from an
+  // image counts from its load.
+  EXPECT_EQ(tree.inserted_keys(), static_cast<uint64_t>(runs * run));
+  EXPECT_EQ(tree.fit_inserts(), static_cast<uint64_t>(fitted));
   ASSERT_NO_FATAL_FAILURE(CheckInvariants(tree));
 }
 
@@ -339,6 +346,7 @@ TEST(DciTreeTest, RejectsBadInputWithoutChanges) {
   EXPECT_THAT(t->Insert(k.data(), 2, &pl), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(t->Insert(k.data(), 0, &pl), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_EQ(t->num_tokens(), 0);
+  EXPECT_EQ(t->inserted_keys(), 0u);  // refused keys are not counted
   DciTreeParams bad;
   bad.dim = 0;
   EXPECT_THAT(DciTree::Create(bad), StatusIs(absl::StatusCode::kInvalidArgument));

@@ -427,6 +427,49 @@ TEST_F(DaemonTest, MetricsCountCallsBytesAndPoolClasses) {
   EXPECT_THAT(metrics, HasSubstr("icecache_pool_class_bytes{frame_bytes=\"512\",state=\"free\"} "));
 }
 
+// Decode keys inserted one at a time into an mdci session's trees: its
+// GetSession counts them (and the ones that skipped routing), /metrics
+// sums the live sessions' by placement.
+TEST_F(DaemonTest, DecodeKeysAreCountedPerSessionAndInMetrics) {
+  Start(false);
+  grpc::ClientContext ctx;
+  v1::CreateSessionRequest create;
+  *create.mutable_config() = Config();
+  create.mutable_config()->mutable_selector()->set_kind(v1::SELECTOR_KIND_MDCI);
+  v1::CreateSessionResponse created;
+  ASSERT_TRUE(sessions_->CreateSession(&ctx, create, &created).ok());
+  const std::string id = created.session().session_id();
+  v1::AppendKvResponse resp;
+  grpc::Status st = AppendInline(id, MakeKv(kTokens, 7), kTokens, &resp);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  auto decode_keys = [&](uint64_t* all, uint64_t* unrouted) {
+    grpc::ClientContext get_ctx;
+    v1::GetSessionRequest req;
+    req.set_session_id(id);
+    v1::GetSessionResponse got;
+    ASSERT_TRUE(sessions_->GetSession(&get_ctx, req, &got).ok());
+    *all = got.session().decode_keys();
+    *unrouted = got.session().decode_keys_unrouted();
+  };
+  uint64_t all = 1, unrouted = 1;
+  ASSERT_NO_FATAL_FAILURE(decode_keys(&all, &unrouted));
+  EXPECT_EQ(all, 0u);  // the prefill's trees were built, not inserted into
+  EXPECT_EQ(unrouted, 0u);
+  constexpr int kDecode = 12;
+  for (int t = 0; t < kDecode; ++t) {
+    st = AppendInline(id, MakeKv(1, 100 + t), 1, &resp);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+  }
+  ASSERT_NO_FATAL_FAILURE(decode_keys(&all, &unrouted));
+  EXPECT_EQ(all, uint64_t{kDecode} * kLayers * kKvHeads);  // one tree per (layer, head)
+  EXPECT_LE(unrouted, all);
+  const std::string metrics = daemon_->metrics()->Render();
+  EXPECT_THAT(metrics, HasSubstr(absl::StrCat("icecache_decode_keys{placement=\"routed\"} ",
+                                              all - unrouted)));
+  EXPECT_THAT(metrics,
+              HasSubstr(absl::StrCat("icecache_decode_keys{placement=\"unrouted\"} ", unrouted)));
+}
+
 TEST_F(DaemonTest, DecodeStepDurationIsCountedPerLayer) {
   Start(false);
   const std::string id = SessionWithKv();

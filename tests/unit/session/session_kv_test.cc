@@ -139,6 +139,17 @@ TEST_P(SessionKvTest, AppendSelectFetchRoundTripIsByteIdentical) {
   EXPECT_LE(got->page_fill, 1.0);
   // Frames: one per page per layer of its group.
   EXPECT_EQ(got->frame_bytes, got->pages * c.layer_reuse * PagePool::StrideFor(2 * 4 * 16 * 2));
+  // The decode appends' 11 keys were inserted one at a time into every tree
+  // (mdci, exact-mdci); the prefill's were built, not inserted. The
+  // daemon's stats sum the live sessions'.
+  const bool tree = c.selector == SelectorKind::kMdci || c.selector == SelectorKind::kExactMdci;
+  const uint64_t trees = static_cast<uint64_t>(c.layers / c.layer_reuse) * c.kv_heads;
+  EXPECT_EQ(got->decode_keys, tree ? 11 * trees : 0u);
+  EXPECT_LE(got->decode_keys_unrouted, got->decode_keys);
+  auto stats = env_.manager->Stats(Caller{"root", 0, true});
+  ASSERT_THAT(stats, IsOk());
+  EXPECT_EQ(stats->decode_keys, got->decode_keys);
+  EXPECT_EQ(stats->decode_keys_unrouted, got->decode_keys_unrouted);
 
   for (int layer = 0; layer < c.layers; layer += c.layer_reuse) {
     SelectRequest sel;
