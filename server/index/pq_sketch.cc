@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/populate.h"
 #include "server/index/kernels.h"
+#include "server/index/prefetch_lines.h"
 #include "server/index/simd_avx2.h"
 
 // Unroll hints for the scans' loops over queries: their accumulator arrays
@@ -1180,6 +1181,21 @@ const char* PqSketch::ScanKernel() {
   return "avx2";
 }
 
+namespace {
+std::atomic<int>& ScanPrefetchSetting() {
+  static std::atomic<int> groups{PqSketch::kScanPrefetchGroups};
+  return groups;
+}
+}  // namespace
+
+int PqSketch::SetScanPrefetch(int groups) {
+  return ScanPrefetchSetting().exchange(std::clamp(groups, 0, 64), std::memory_order_relaxed);
+}
+
+uint64_t PqSketch::ScanPrefetchGroups() {
+  return static_cast<uint64_t>(ScanPrefetchSetting().load(std::memory_order_relaxed));
+}
+
 bool PqSketch::AllowByteLookupScan(bool allow) {
   ByteLookupAllowed().store(allow, std::memory_order_relaxed);
   return CpuHasByteLookupScan();
@@ -1226,6 +1242,11 @@ void PqSketch::ScanGroupHalves(uint64_t g, const uint8_t* luts, int num_queries,
                                              nullptr, cell_lo, cell_hi, pmax, psum);
       break;
   }
+}
+
+void PqSketch::PrefetchGroup(uint64_t g, const BasisState* basis) const {
+  PrefetchBytes(group(g), group_bytes_);
+  if (basis != nullptr) PrefetchBytes(basis->group(g), kBasis * kGroup);
 }
 
 void PqSketch::EstimatePageMass(const float* queries, int num_queries, float scale,
@@ -1347,7 +1368,12 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
   const uint64_t groups = (slots + kGroup - 1) / kGroup;
   const bool halves = page_tokens_ % 16 == 0;  // every 16-slot half lies in one page
   const ScanKernelId kernel = ActiveScanKernel();
+  // The codes (and projections) are read once per select, cold: the groups
+  // kScanAhead further on are asked for while this one is scanned.
+  const uint64_t ahead = ScanPrefetchGroups();
+  for (uint64_t g = 0; g < std::min(ahead, groups); ++g) PrefetchGroup(g, bs);
   for (uint64_t g = 0; g < groups; ++g) {
+    if (g + ahead < groups) PrefetchGroup(g + ahead, bs);
     const uint64_t first = g * kGroup;
     if (halves && first + kGroup <= slots) {
       // Both halves whole rows of full pages: reduced in registers.

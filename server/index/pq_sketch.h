@@ -174,6 +174,11 @@ class PqSketch {
   // default; tests and benchmarks compare the two AVX-512 kernels); returns
   // whether this CPU has it.
   static bool AllowByteLookupScan(bool allow);
+  // The scan's software prefetch distance in groups (0: none; benchmarks
+  // compare); returns the one before. Clamped to [0, 64].
+  static constexpr int kScanPrefetchGroups = 4;
+  static int SetScanPrefetch(int groups);
+  static uint64_t ScanPrefetchGroups();
 
   bool trained() const { return trained_; }
   // The keys the codebooks were fitted on (the sample of the last Train).
@@ -220,6 +225,8 @@ class PqSketch {
   };
   // Projection blocks in `st` for every group block.
   void EnsureProjBlocks(BasisState* st) const;
+  // Asks for group g's code and norm lines (and its projections).
+  void PrefetchGroup(uint64_t g, const BasisState* basis) const;
   // The centred row over its norm into `dir`; returns the norm (0, and a
   // zero direction, for a row at the mean).
   float Direction(const float* row, float* dir) const;

@@ -521,6 +521,9 @@ void BM_PqScan(benchmark::State& state) {
   const int copies = static_cast<int>(state.range(1));
   const int64_t kernel = state.range(2);
   const bool with_basis = state.range(3) == 1;
+  // Arg 4: the scan's software prefetch distance in groups (-1: the default).
+  const int prefetch =
+      state.range(4) < 0 ? PqSketch::kScanPrefetchGroups : static_cast<int>(state.range(4));
   auto dump = MakeDump(n);
   if (!dump.ok()) {
     state.SkipWithError(dump.status().ToString().c_str());
@@ -563,6 +566,7 @@ void BM_PqScan(benchmark::State& state) {
   std::vector<float> mass(static_cast<size_t>(pages) * nq), bulk(mass.size()), ref(nq);
   int i = 0;
   uint64_t h = 1469598103934665603ull;
+  const int prefetch_before = PqSketch::SetScanPrefetch(prefetch);
   for (auto _ : state) {
     sketches[i % copies]->EstimatePageMass(dump->query((i / copies) % dump->steps, 0, 0), nq, scale,
                                            pages, fill.data(), mass.data(), ref.data(),
@@ -576,20 +580,29 @@ void BM_PqScan(benchmark::State& state) {
     }
     ++i;
   }
+  PqSketch::SetScanPrefetch(prefetch_before);
   ForceKernelIsa("auto");
   PqSketch::AllowByteLookupScan(true);
   state.SetItemsProcessed(state.iterations() * n);
-  state.SetLabel(absl::StrCat(name, " masses ", absl::Hex(h)));
+  state.SetLabel(absl::StrCat(name, " prefetch ", prefetch, " masses ", absl::Hex(h)));
 }
+// Args: tokens, copies (64: read cold), kernel (0 auto, 1 avx2, 2 avx512
+// without byte lookups), query basis, prefetch distance (-1: default).
 BENCHMARK(BM_PqScan)
-    ->Args({32768, 1, 0, 0})
-    ->Args({32768, 1, 2, 0})
-    ->Args({32768, 1, 1, 0})
-    ->Args({32768, 64, 0, 0})
-    ->Args({32768, 64, 2, 0})
-    ->Args({32768, 64, 1, 0})
-    ->Args({32768, 1, 0, 1})
-    ->Args({32768, 64, 0, 1})
+    ->Args({32768, 1, 0, 0, -1})
+    ->Args({32768, 1, 2, 0, -1})
+    ->Args({32768, 1, 1, 0, -1})
+    ->Args({32768, 64, 0, 0, -1})
+    ->Args({32768, 64, 2, 0, -1})
+    ->Args({32768, 64, 1, 0, -1})
+    ->Args({32768, 1, 0, 1, -1})
+    ->Args({32768, 64, 0, 1, -1})
+    ->Args({32768, 1, 0, 1, 0})   // hot, without the prefetch
+    ->Args({32768, 64, 0, 1, 0})  // the cold scan without and with the prefetch, side by side
+    ->Args({32768, 64, 0, 1, 2})
+    ->Args({32768, 64, 0, 1, 8})
+    ->Args({32768, 64, 1, 1, 0})
+    ->Args({32768, 64, 1, 1, -1})
     ->Unit(benchmark::kMicrosecond);
 
 // PqSketch::SetBasis: the pass over every key's frame that installs a query

@@ -202,6 +202,40 @@ TEST(PqSketchTest, EveryScanKernelGivesTheAvx2ScansEstimates) {
   }
 }
 
+// The scan's software prefetch (PqSketch::SetScanPrefetch) only asks for
+// lines: every distance, none to past the last group, gives the same
+// estimates bit for bit, partly filled pages and a query basis included.
+TEST(PqSketchTest, ThePrefetchDistanceChangesNoEstimate) {
+  const int dim = 32;
+  const int64_t n = 2000;
+  const std::vector<float> keys = mdci_test::ClusteredKeys(n, dim, 12, 0.5f, 4);
+  PqSketch pq(dim, kPage);
+  pq.Train(keys.data(), n);
+  const PlacedKeys k = PlaceWithPartialPages(keys, n, dim, kPage, 9, 4, 7);
+  pq.Write(k.pl, k.placed.data(), DType::kF32);
+  const uint32_t pages = static_cast<uint32_t>(k.fill.size());
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+  const int nq = 4;
+  const std::vector<float> q = mdci_test::GaussianRows(nq, dim, 2.0f, 3);
+  auto estimate = [&](int distance) {
+    const int before = PqSketch::SetScanPrefetch(distance);
+    std::vector<float> mass(static_cast<size_t>(pages) * nq), ref(nq), bulk(mass.size());
+    pq.EstimatePageMass(q.data(), nq, scale, pages, k.fill.data(), mass.data(), ref.data(),
+                        bulk.data());
+    PqSketch::SetScanPrefetch(before);
+    mass.insert(mass.end(), bulk.begin(), bulk.end());
+    mass.insert(mass.end(), ref.begin(), ref.end());
+    return mass;
+  };
+  const std::vector<float> none = estimate(0);
+  for (int distance : {1, PqSketch::kScanPrefetchGroups, 64, 1000}) {
+    EXPECT_EQ(estimate(distance), none) << "distance " << distance;
+  }
+  EXPECT_EQ(PqSketch::SetScanPrefetch(PqSketch::kScanPrefetchGroups),
+            PqSketch::kScanPrefetchGroups);  // each call put back the one before
+  EXPECT_EQ(PqSketch::ScanPrefetchGroups(), uint64_t{PqSketch::kScanPrefetchGroups});
+}
+
 // Each query is estimated on its own: a batch (4 and 8 queries take the
 // four-query fold, FoldHalves4; 6 takes it once, then a pair) gives every
 // query's column bit for bit what that query alone gets (the pair and
