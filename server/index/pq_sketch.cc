@@ -1369,7 +1369,7 @@ void PqSketch::EstimatePageMass(const float* queries, int num_queries, float sca
   const bool halves = page_tokens_ % 16 == 0;  // every 16-slot half lies in one page
   const ScanKernelId kernel = ActiveScanKernel();
   // The codes (and projections) are read once per select, cold: the groups
-  // kScanAhead further on are asked for while this one is scanned.
+  // ScanPrefetchGroups() further on are asked for while this one is scanned.
   const uint64_t ahead = ScanPrefetchGroups();
   for (uint64_t g = 0; g < std::min(ahead, groups); ++g) PrefetchGroup(g, bs);
   for (uint64_t g = 0; g < groups; ++g) {
