@@ -102,6 +102,9 @@ class Session {
   std::atomic<uint64_t> index_bytes_view{0};
   // Decode keys the trees inserted one at a time, and of them those that
   // skipped routing (Selector::insert_counts), since built or loaded.
+  // StoreViews stores the total first, so a reader that loads the unrouted
+  // count first never sees it above the total (an append between two loads
+  // in the other order could make routed = total - unrouted wrap around).
   std::atomic<uint64_t> decode_keys_view{0};
   std::atomic<uint64_t> decode_keys_unrouted_view{0};
   std::atomic<int> next_layer_view{0};

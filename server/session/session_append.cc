@@ -600,7 +600,7 @@ void StoreViews(Session& s) {
   s.pages_view.store(pages);
   s.frame_bytes_view.store(s.frames.size() * PagePool::StrideFor(s.frame_bytes));
   s.index_bytes_view.store(index_bytes);
-  s.decode_keys_view.store(inserted);
+  s.decode_keys_view.store(inserted);  // before the unrouted count (session.h)
   s.decode_keys_unrouted_view.store(unrouted);
 }
 

@@ -311,8 +311,9 @@ SessionInfo SessionManager::Info(const Session& s) const {
   }
   info.frame_bytes = s.frame_bytes_view.load();
   info.index_bytes = s.index_bytes_view.load();
-  info.decode_keys = s.decode_keys_view.load();
+  // The unrouted count first (session.h): never more than the total read after it.
   info.decode_keys_unrouted = s.decode_keys_unrouted_view.load();
+  info.decode_keys = s.decode_keys_view.load();
   info.pinned = s.pinned.load();
   info.in_flight = s.in_flight.load();
   info.trees_built = s.trees_built.load();
@@ -915,8 +916,8 @@ absl::StatusOr<ManagerStats> SessionManager::Stats(const Caller& caller) {
       st.pages += pages;
       slots += static_cast<double>(pages) * s->config.page_tokens;
       held += static_cast<double>(s->tokens_view.load()) * s->groups * s->config.kv_heads;
+      st.decode_keys_unrouted += s->decode_keys_unrouted_view.load();  // first (session.h)
       st.decode_keys += s->decode_keys_view.load();
-      st.decode_keys_unrouted += s->decode_keys_unrouted_view.load();
     }
   }
   st.page_fill = slots > 0 ? held / slots : 0.0;

@@ -116,7 +116,9 @@ int main(int argc, char** argv) {
               (long long)tokens, heads, d, G, Secs(t0, Clock::now()), KernelIsa());
   const bool incremental = f.incremental;
   double sum_us_descent = 0;
-  double fit_inserts = 0;  // decode keys that joined a recent node unrouted (insert_fit)
+  // Decode keys inserted, and those that joined a recent node unrouted
+  // (insert_fit), over the mdci heads (Selector::insert_counts).
+  double inserted_keys = 0, unrouted_keys = 0;
   double sum_insert_us = 0, decode_m = 0, decode_e = 0, region_share = 0;
   double sum_build = 0, sum_us_m = 0, sum_us_e = 0, sum_us_scan = 0;
   double mass_m = 0, mass_e = 0, mass_p = 0, touched = 0, bytes = 0, fill = 0;
@@ -175,8 +177,8 @@ int main(int argc, char** argv) {
         sum_insert_us += insert_s * 1e6 / std::max<int64_t>(1, tokens - f.decode_from);
         bytes += static_cast<double>((*s)->index_bytes()) / tokens;
         fill += static_cast<MdciSelector*>(s->get())->mean_page_fill();
-        fit_inserts +=
-            static_cast<double>(static_cast<MdciSelector*>(s->get())->tree().fit_inserts());
+        inserted_keys += static_cast<double>((*s)->insert_counts().inserted);
+        unrouted_keys += static_cast<double>((*s)->insert_counts().unrouted);
       }
       sels[kind] = {std::move(pk), std::move(s).value()};
     }
@@ -286,7 +288,7 @@ int main(int argc, char** argv) {
         "decode inserts from %lld: %.2f us per key (insert fov %d, insert fit %.2f: %.3f of the "
         "keys unrouted)\n",
         (long long)f.decode_from, sum_insert_us / heads, mp.insert_route_fov, mp.insert_fit,
-        fit_inserts / heads / static_cast<double>(std::max<int64_t>(1, tokens - f.decode_from)));
+        unrouted_keys / std::max(1.0, inserted_keys));
   }
   if (f.mass_from > 0 || f.decode_from > 0) {
     std::printf(
