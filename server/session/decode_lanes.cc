@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "server/index/parallel_build.h"
 
 namespace icecache {
@@ -65,21 +66,36 @@ void DecodeLanes::Helper() {
       last = absl::Now();
       continue;
     }
-    if (absl::Now() - last < spin_) {
+    // Read before the watch's end: a KeepWatching after this either moved
+    // the end (seen below) or changed the count (seen under the mutex).
+    const uint64_t touched = touches_.load();
+    if (absl::Now() - last < spin_ || absl::GetCurrentTimeNanos() < watch_until_ns_.load()) {
       // Another runnable thread on this CPU (the client, a selection) goes
       // first; on an idle CPU this returns at once.
       ::sched_yield();
       continue;
     }
-    // Asleep until a job opens: counted first, so a Run() that opens a job
-    // after this sees the count and signals (and one that opened before is
-    // seen by the check under the mutex).
+    // Asleep until a job opens or a decode call comes: counted first, so a
+    // Run() or KeepWatching() after this sees the count and signals (and
+    // one before is seen by the check under the mutex).
     sleepers_.fetch_add(1);
     {
       absl::MutexLock l(&wake_mu_);
-      while (!stop_.load() && !OpenAndNew(state_.load(), seen)) wake_.Wait(&wake_mu_);
+      while (!stop_.load() && !OpenAndNew(state_.load(), seen) && touches_.load() == touched) {
+        wake_.Wait(&wake_mu_);
+      }
     }
     sleepers_.fetch_sub(1);
+  }
+}
+
+void DecodeLanes::KeepWatching() {
+  if (threads_.empty()) return;
+  watch_until_ns_.store(absl::GetCurrentTimeNanos() + absl::ToInt64Nanoseconds(spin_));
+  touches_.fetch_add(1);
+  if (sleepers_.load() > 0) {
+    absl::MutexLock l(&wake_mu_);
+    wake_.SignalAll();
   }
 }
 

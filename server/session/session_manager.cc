@@ -31,6 +31,27 @@ namespace {
 // admission (AdmitFrames): a prefill's, never a decode append's.
 constexpr uint64_t kPopulateBytes = uint64_t{64} << 20;
 
+// Appends of at most this many tokens are a decode loop's (they keep the
+// decode lanes watching, DecodeLanes::KeepWatching).
+constexpr int64_t kDecodeAppendTokens = 64;
+
+// The decode lanes keep watching from a decode call's start and from its
+// end (any return).
+class LanesWatch {
+ public:
+  explicit LanesWatch(DecodeLanes* lanes) : lanes_(lanes) {
+    if (lanes_ != nullptr) lanes_->KeepWatching();
+  }
+  ~LanesWatch() {
+    if (lanes_ != nullptr) lanes_->KeepWatching();
+  }
+  LanesWatch(const LanesWatch&) = delete;
+  LanesWatch& operator=(const LanesWatch&) = delete;
+
+ private:
+  DecodeLanes* lanes_;
+};
+
 absl::Status SessionNotFound(std::string_view id) {
   return absl::NotFoundError(absl::StrCat("session ", std::string(id), " not found"));
 }
@@ -610,6 +631,9 @@ absl::StatusOr<AppendResult> SessionManager::Append(const InFlightGuard& guard, 
                                                     absl::Span<const uint8_t> bytes,
                                                     StagingBuffer owned, bool values_clean) {
   Session& s = *guard.get();
+  // A decode token (or a few, a speculative step): its inserts and row
+  // writes run on the lanes, which wake while it is checked and planned.
+  if (lanes_ != nullptr && n <= kDecodeAppendTokens) lanes_->KeepWatching();
   ASSIGN_OR_RETURN(AppendInput in, CheckAppendInput(s.config, options_.max_append_tokens, n, range,
                                                     bytes, values_clean));
   // Counted while it waits: the quality sampler then lets it through
@@ -813,6 +837,9 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
     bool prefetch_group, bool in_place) {
   const auto start = std::chrono::steady_clock::now();
   ASSIGN_OR_RETURN(InFlightGuard guard, Use(caller, id));
+  // The loop's next call comes soon: the lanes watch from here and from
+  // the answer (below), whether or not this call runs a job on them.
+  const LanesWatch watch(lanes_.get());
   Session& s = *guard.get();
   const absl::Time now = clock_->Now();
   s.Touch(now);

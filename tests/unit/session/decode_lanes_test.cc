@@ -79,6 +79,36 @@ TEST(DecodeLanesTest, ASleepingHelperIsWokenForTheNextJob) {
   }
 }
 
+// Whether `done()` became true within `patience`, looking every millisecond.
+template <typename Done>
+bool Within(absl::Duration patience, Done done) {
+  const absl::Time until = absl::Now() + patience;
+  while (!done()) {
+    if (absl::Now() >= until) return false;
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  return true;
+}
+
+// A decode loop's calls that run no job (a layer group's later layers) keep
+// the helpers awake: KeepWatching wakes sleeping ones, they watch for the
+// spin from then, and sleep again once it has passed with no job or call.
+TEST(DecodeLanesTest, KeepWatchingWakesSleepingHelpersForOneWatch) {
+  DecodeLanes lanes(2, absl::Milliseconds(50));
+  for (int round = 0; round < 3; ++round) {
+    ASSERT_TRUE(Within(absl::Seconds(30), [&] { return lanes.sleeping() == 2; }))
+        << "round " << round << ": the helpers sleep once their watch has passed";
+    lanes.KeepWatching();
+    EXPECT_TRUE(Within(absl::Seconds(30), [&] { return lanes.sleeping() == 0; }))
+        << "round " << round << ": both woke to watch";
+  }
+  // Watching, they take a job's tasks; then they sleep again.
+  lanes.KeepWatching();
+  EXPECT_TRUE(RanTwoAtOnce(lanes, absl::Seconds(30)));
+  EXPECT_TRUE(Within(absl::Seconds(30), [&] { return lanes.sleeping() == 2; }));
+  EXPECT_EQ(lanes.jobs(), 1);
+}
+
 TEST(DecodeLanesTest, TheLowestFailingIndexsErrorComesBackNumbered) {
   DecodeLanes lanes(2, absl::Milliseconds(1));
   for (int round = 0; round < 50; ++round) {
