@@ -3,12 +3,12 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <chrono>
 #include <exception>
 #include <new>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "absl/time/clock.h"
 #include "server/index/parallel_build.h"
 
 namespace icecache {
@@ -16,6 +16,13 @@ namespace {
 
 bool OpenAndNew(uint64_t state, uint64_t seen_generation) {
   return (state & 1) != 0 && (state >> 1) != seen_generation;
+}
+
+// Monotonic nanoseconds: a wall-clock step back would stretch a watch.
+int64_t SteadyNanos() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 
 }  // namespace
@@ -51,7 +58,8 @@ void DecodeLanes::Helper() {
   // Generation 0 is no job: a helper that starts after the first job
   // opened still joins it.
   uint64_t seen = 0;
-  absl::Time last = absl::Now();
+  const int64_t spin_ns = absl::ToInt64Nanoseconds(spin_);
+  int64_t last = SteadyNanos();
   while (!stop_.load(std::memory_order_relaxed)) {
     const uint64_t s = state_.load();
     if (OpenAndNew(s, seen)) {
@@ -63,13 +71,14 @@ void DecodeLanes::Helper() {
       active_.fetch_add(1);
       if (state_.load() == s) Drain(job_, /*helper=*/true);
       active_.fetch_sub(1);
-      last = absl::Now();
+      last = SteadyNanos();
       continue;
     }
     // Read before the watch's end: a KeepWatching after this either moved
     // the end (seen below) or changed the count (seen under the mutex).
     const uint64_t touched = touches_.load();
-    if (absl::Now() - last < spin_ || absl::GetCurrentTimeNanos() < watch_until_ns_.load()) {
+    const int64_t now = SteadyNanos();
+    if (now - last < spin_ns || now < watch_until_ns_.load()) {
       // Another runnable thread on this CPU (the client, a selection) goes
       // first; on an idle CPU this returns at once.
       ::sched_yield();
@@ -91,7 +100,7 @@ void DecodeLanes::Helper() {
 
 void DecodeLanes::KeepWatching() {
   if (threads_.empty()) return;
-  watch_until_ns_.store(absl::GetCurrentTimeNanos() + absl::ToInt64Nanoseconds(spin_));
+  watch_until_ns_.store(SteadyNanos() + absl::ToInt64Nanoseconds(spin_));
   touches_.fetch_add(1);
   if (sleepers_.load() > 0) {
     absl::MutexLock l(&wake_mu_);

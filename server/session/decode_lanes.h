@@ -89,7 +89,7 @@ class DecodeLanes {
   std::atomic<uint64_t> state_{0};
   std::atomic<int> active_{0};    // helpers inside the open job
   std::atomic<int> sleepers_{0};  // helpers asleep (or about to be) on wake_
-  // KeepWatching: the helpers watch until this time (absl::GetCurrentTimeNanos);
+  // KeepWatching: the helpers watch until this time (steady clock, ns);
   // `touches_` counts the calls, so a helper going to sleep sees one that
   // came after it looked (and the call sees the sleeper and signals).
   std::atomic<int64_t> watch_until_ns_{0};
