@@ -28,6 +28,7 @@ int64_t SteadyNanos() {
 }  // namespace
 
 DecodeLanes::DecodeLanes(int helpers, absl::Duration spin) : spin_(spin) {
+  ExtendWatch();  // the helpers watch for `spin` after they start
   threads_.reserve(static_cast<size_t>(std::max(helpers, 0)));
   for (int i = 0; i < helpers; ++i) threads_.emplace_back([this] { Helper(); });
 }
@@ -58,8 +59,6 @@ void DecodeLanes::Helper() {
   // Generation 0 is no job: a helper that starts after the first job
   // opened still joins it.
   uint64_t seen = 0;
-  const int64_t spin_ns = absl::ToInt64Nanoseconds(spin_);
-  int64_t last = SteadyNanos();
   while (!stop_.load(std::memory_order_relaxed)) {
     const uint64_t s = state_.load();
     if (OpenAndNew(s, seen)) {
@@ -71,14 +70,13 @@ void DecodeLanes::Helper() {
       active_.fetch_add(1);
       if (state_.load() == s) Drain(job_, /*helper=*/true);
       active_.fetch_sub(1);
-      last = SteadyNanos();
+      ExtendWatch();
       continue;
     }
     // Read before the watch's end: a KeepWatching after this either moved
     // the end (seen below) or changed the count (seen under the mutex).
     const uint64_t touched = touches_.load();
-    const int64_t now = SteadyNanos();
-    if (now - last < spin_ns || now < watch_until_ns_.load()) {
+    if (SteadyNanos() < watch_until_ns_.load()) {
       // Another runnable thread on this CPU (the client, a selection) goes
       // first; on an idle CPU this returns at once.
       ::sched_yield();
@@ -98,9 +96,13 @@ void DecodeLanes::Helper() {
   }
 }
 
+void DecodeLanes::ExtendWatch() {
+  watch_until_ns_.store(SteadyNanos() + absl::ToInt64Nanoseconds(spin_));
+}
+
 void DecodeLanes::KeepWatching() {
   if (threads_.empty()) return;
-  watch_until_ns_.store(SteadyNanos() + absl::ToInt64Nanoseconds(spin_));
+  ExtendWatch();
   touches_.fetch_add(1);
   if (sleepers_.load() > 0) {
     absl::MutexLock l(&wake_mu_);

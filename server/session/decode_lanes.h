@@ -77,6 +77,9 @@ class DecodeLanes {
   };
 
   void Helper();
+  // The watch ends `spin_` from now: after a helper's job, and per
+  // KeepWatching.
+  void ExtendWatch();
   // Takes indices of `job` until none is left.
   void Drain(Job& job, bool helper);
 
@@ -89,9 +92,10 @@ class DecodeLanes {
   std::atomic<uint64_t> state_{0};
   std::atomic<int> active_{0};    // helpers inside the open job
   std::atomic<int> sleepers_{0};  // helpers asleep (or about to be) on wake_
-  // KeepWatching: the helpers watch until this time (steady clock, ns);
-  // `touches_` counts the calls, so a helper going to sleep sees one that
-  // came after it looked (and the call sees the sleeper and signals).
+  // The helpers watch until this time (steady clock, ns; ExtendWatch);
+  // `touches_` counts the KeepWatching calls, so a helper going to sleep
+  // sees one that came after it looked (and the call sees the sleeper and
+  // signals).
   std::atomic<int64_t> watch_until_ns_{0};
   std::atomic<uint64_t> touches_{0};
   std::atomic<bool> stop_{false};
