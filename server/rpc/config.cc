@@ -302,6 +302,9 @@ absl::Status ValidateConfig(const IcecachedConfig& c) {
                  absl::StrCat("must be at most pool.capacity_bytes (", pool.capacity_bytes(), ")"));
     }
   }
+  if (pool.has_staging_wait_ms() && pool.staging_wait_ms() > 600000) {
+    return Bad("pool.staging_wait_ms", pool.staging_wait_ms(), "must be at most 600000 (10 min)");
+  }
   if (!pool.backing_dir().empty() &&
       (pool.backing_dir()[0] != '/' || pool.backing_dir().size() > 200)) {
     return Bad("pool.backing_dir", Quote(pool.backing_dir()),

@@ -95,6 +95,9 @@ absl::Status Daemon::Init() {
   mgr_opts.background_builds = true;
   // Staging follows the pool's page size (StagingCacheOptions.huge_pages).
   mgr_opts.staging_huge_pages = c.pool().prefault() || c.pool().huge_pages();
+  if (c.pool().has_staging_wait_ms()) {
+    mgr_opts.staging_wait = absl::Milliseconds(c.pool().staging_wait_ms());
+  }
   mgr_opts.stop_pending = ShutdownSignalPending;
   mgr_opts.keep_checksums = !snapshot_path_.empty();
   mgr_opts.on_expired = [](const std::string& tenant, const std::string& id, absl::Duration idle) {
@@ -301,6 +304,20 @@ absl::Status Daemon::Init() {
       "icecache_staging_reserve_bytes",
       "Append staging pool.prefault faulted in at start and keeps (absent when off)",
       MetricType::kGauge, {});
+  staging_lent_ = registry_.AddSnapshot(
+      "icecache_staging_lent_bytes",
+      "Append staging held now by appends and queued index builds (a prefill chunk's private "
+      "copy of the client's bytes until its trees are built)",
+      MetricType::kGauge, {});
+  staging_waits_ = registry_.AddSnapshot(
+      "icecache_staging_waits_total",
+      "Appends from a buffer that waited for a build to return staging (pool.staging_wait_ms): "
+      "outcome returned (it took staging a build gave back) or expired (it mapped fresh memory)",
+      MetricType::kCounter, {"outcome"});
+  staging_wait_seconds_ = registry_.AddSnapshot(
+      "icecache_staging_wait_seconds_total",
+      "Seconds appends from a buffer waited for staging (pool.staging_wait_ms)",
+      MetricType::kCounter, {});
   registry_.AddCollector([this] { CollectMetrics(); });
 
   if (c.metrics().port() != 0 || options_.metrics_any_port) RETURN_IF_ERROR(StartMetricsHttp());
@@ -480,6 +497,11 @@ void Daemon::CollectMetrics() {
     }
     staging_reserve_->Replace({{{}, double(manager_->staging_reserve_bytes())}});
   }
+  const SessionManager::StagingState staging = manager_->staging_state();
+  staging_lent_->Replace({{{}, double(staging.lent_bytes)}});
+  staging_waits_->Replace({{{"returned"}, double(staging.waits - staging.waits_expired)},
+                           {{"expired"}, double(staging.waits_expired)}});
+  staging_wait_seconds_->Replace({{{}, staging.wait_seconds}});
   pages_verified_->Replace({{{}, double(stats->pages_verified)}});
   decode_rings_->Replace({{{}, double(rings_ ? rings_->open_rings() : 0)}});
   decode_rings_closed_->Replace({{{}, double(rings_ ? rings_->rings_reclaimed() : 0)}});

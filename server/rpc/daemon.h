@@ -173,6 +173,9 @@ class Daemon {
   SnapshotFamily* prefault_bytes_ = nullptr;
   SnapshotFamily* prefault_seconds_ = nullptr;
   SnapshotFamily* staging_reserve_ = nullptr;
+  SnapshotFamily* staging_lent_ = nullptr;
+  SnapshotFamily* staging_waits_ = nullptr;
+  SnapshotFamily* staging_wait_seconds_ = nullptr;
 
   // pool.prefault (docs/operations.md): the thread, its stop flag, its time.
   std::thread prefault_thread_;

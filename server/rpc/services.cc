@@ -24,6 +24,15 @@ std::optional<absl::string_view> AuthorizationHeader(grpc::ServerContext* ctx) {
   return absl::string_view(it->second.data(), it->second.size());
 }
 
+// The call's deadline; InfiniteFuture when it set none (gRPC's is then the
+// clock's largest time, which absl::Time must not be made from).
+absl::Time CallDeadline(const grpc::ServerContext& ctx) {
+  const auto deadline = ctx.deadline();
+  const auto now = std::chrono::system_clock::now();
+  if (deadline >= now + std::chrono::hours(24 * 365)) return absl::InfiniteFuture();
+  return absl::Now() + absl::FromChrono(deadline - now);
+}
+
 }  // namespace
 
 RpcMetrics::RpcMetrics(Registry* r)
@@ -284,9 +293,9 @@ grpc::Status KvServiceImpl::AppendKv(grpc::ServerContext* ctx, const v1::AppendK
               "region.length = ", region.length(), " but ", n, " tokens of these layers take ",
               want, " bytes (2 x layers x kv_heads x n x head_dim x dtype size)"));
         }
-        ASSIGN_OR_RETURN(
-            result, deps.manager->AppendKvFromBuffer(caller, req->session_id(), n,
-                                                     region.buffer_id(), region.offset(), range));
+        ASSIGN_OR_RETURN(result, deps.manager->AppendKvFromBuffer(
+                                     caller, req->session_id(), n, region.buffer_id(),
+                                     region.offset(), range, CallDeadline(*ctx)));
         deps.metrics->bytes_total->WithLabels({"append_buffer"})->Add(want);
         break;
       }

@@ -124,38 +124,43 @@ uint64_t StagingCache::reserve_bytes() const {
   return reserve_capacity_;
 }
 
+StagingBuffer StagingCache::TakeKeptLocked(uint64_t bytes) {
+  // The reserve serves large requests only (a prefill chunk, not a tree
+  // build's key scratch), so small ones cannot cut it into pieces no chunk
+  // fits.
+  const bool reserve_ok = bytes >= reserve_capacity_ / kReservePieces;
+  auto best = cached_.end();
+  for (auto it = cached_.begin(); it != cached_.end(); ++it) {
+    if (!reserve_ok && InReserveLocked(it->base)) continue;
+    if (it->capacity >= bytes && (best == cached_.end() || it->capacity < best->capacity)) {
+      best = it;
+    }
+  }
+  if (best == cached_.end()) return StagingBuffer();
+  Entry e = *best;
+  cached_.erase(best);
+  ++reuses_;
+  if (!InReserveLocked(e.base)) {
+    cached_bytes_ -= e.capacity;
+  } else {
+    // A piece of the reserve, whole 2 MiB pages; the rest stays free.
+    const uint64_t take = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    if (take < e.capacity) {
+      cached_.push_back(Entry{e.base + take, e.capacity - take, e.released});
+      e.capacity = take;
+    }
+  }
+  lent_bytes_ += e.capacity;
+  return StagingBuffer(shared_from_this(), e.base, e.capacity, bytes);
+}
+
 absl::StatusOr<StagingBuffer> StagingCache::Acquire(uint64_t bytes) {
   if (bytes == 0) return absl::InvalidArgumentError("staging: a buffer of 0 bytes");
   const bool cacheable = bytes >= options_.min_cached_bytes;
   if (cacheable) {
     absl::MutexLock l(&mu_);
-    // The reserve serves large requests only (a prefill chunk, not a tree
-    // build's key scratch), so small ones cannot cut it into pieces no
-    // chunk fits.
-    const bool reserve_ok = bytes >= reserve_capacity_ / kReservePieces;
-    auto best = cached_.end();
-    for (auto it = cached_.begin(); it != cached_.end(); ++it) {
-      if (!reserve_ok && InReserveLocked(it->base)) continue;
-      if (it->capacity >= bytes && (best == cached_.end() || it->capacity < best->capacity)) {
-        best = it;
-      }
-    }
-    if (best != cached_.end()) {
-      Entry e = *best;
-      cached_.erase(best);
-      ++reuses_;
-      if (!InReserveLocked(e.base)) {
-        cached_bytes_ -= e.capacity;
-        return StagingBuffer(shared_from_this(), e.base, e.capacity, bytes);
-      }
-      // A piece of the reserve, whole 2 MiB pages; the rest stays free.
-      const uint64_t take = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-      if (take < e.capacity) {
-        cached_.push_back(Entry{e.base + take, e.capacity - take, e.released});
-        e.capacity = take;
-      }
-      return StagingBuffer(shared_from_this(), e.base, e.capacity, bytes);
-    }
+    StagingBuffer kept = TakeKeptLocked(bytes);
+    if (kept.data() != nullptr) return kept;
   }
   if (!cacheable) {
     // A decode append's few KiB: the smallest kept small mapping that holds
@@ -177,23 +182,91 @@ absl::StatusOr<StagingBuffer> StagingCache::Acquire(uint64_t bytes) {
       return StagingBuffer(shared_from_this(), e.base, e.capacity, bytes);
     }
   }
-  if (cacheable && options_.huge_pages) {
-    uint64_t capacity = bytes;
-    if (uint8_t* base = MapHuge(&capacity)) {
-      return StagingBuffer(shared_from_this(), base, capacity, bytes);
+  uint64_t capacity = bytes;
+  uint8_t* base = nullptr;
+  if (cacheable && options_.huge_pages) base = MapHuge(&capacity);
+  if (base == nullptr) {
+    capacity = bytes;
+    void* m = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "cannot map ", bytes, " bytes of staging memory now (", std::strerror(errno), ")"));
+    }
+    base = static_cast<uint8_t*>(m);
+  }
+  if (cacheable) {
+    absl::MutexLock l(&mu_);
+    lent_bytes_ += capacity;
+  }
+  return StagingBuffer(shared_from_this(), base, capacity, bytes);
+}
+
+absl::StatusOr<StagingBuffer> StagingCache::AcquireWaiting(uint64_t bytes, absl::Time until,
+                                                           const std::function<bool()>& stop) {
+  if (bytes >= options_.min_cached_bytes) {
+    // Checked at least this often for `stop` (a drain, a shutdown).
+    constexpr absl::Duration kStopPoll = absl::Milliseconds(50);
+    absl::MutexLock l(&mu_);
+    absl::Time started = absl::InfinitePast();
+    while (true) {
+      StagingBuffer kept = TakeKeptLocked(bytes);
+      if (kept.data() != nullptr) {
+        if (started != absl::InfinitePast()) {
+          wait_stats_.seconds += absl::ToDoubleSeconds(absl::Now() - started);
+        }
+        return kept;
+      }
+      const uint64_t bound = LendBoundLocked(bytes);
+      if (lent_bytes_ == 0 || lent_bytes_ + bytes <= bound) break;  // map fresh
+      const absl::Time now = absl::Now();
+      if (started == absl::InfinitePast()) {
+        if (now >= until) break;
+        started = now;
+        ++wait_stats_.waits;
+      }
+      if (now >= until || (stop && stop())) {
+        ++wait_stats_.expired;
+        break;
+      }
+      returned_.WaitWithDeadline(&mu_, std::min(until, now + kStopPoll));
+    }
+    if (started != absl::InfinitePast()) {
+      wait_stats_.seconds += absl::ToDoubleSeconds(absl::Now() - started);
     }
   }
-  void* base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (base == MAP_FAILED) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "cannot map ", bytes, " bytes of staging memory now (", std::strerror(errno), ")"));
-  }
-  return StagingBuffer(shared_from_this(), static_cast<uint8_t*>(base), bytes, bytes);
+  return Acquire(bytes);
+}
+
+uint64_t StagingCache::LendBoundLocked(uint64_t bytes) const {
+  // A reserve that holds two such requests bounds them by itself: one chunk
+  // builds while the next waits its turn in the builder's queue, so the
+  // builder never idles for want of staging.
+  if (reserve_capacity_ >= 2 * bytes) return reserve_capacity_;
+  return std::max(reserve_capacity_, options_.max_cached_bytes);
+}
+
+uint64_t StagingCache::lend_bound(uint64_t bytes) const {
+  absl::MutexLock l(&mu_);
+  return LendBoundLocked(bytes);
+}
+
+uint64_t StagingCache::lent_bytes() const {
+  absl::MutexLock l(&mu_);
+  return lent_bytes_;
+}
+
+StagingCache::WaitStats StagingCache::wait_stats() const {
+  absl::MutexLock l(&mu_);
+  return wait_stats_;
 }
 
 void StagingCache::Release(uint8_t* base, uint64_t capacity) {
   {
     absl::MutexLock l(&mu_);
+    if (InReserveLocked(base) || capacity >= options_.min_cached_bytes) {
+      lent_bytes_ -= std::min(lent_bytes_, capacity);
+      returned_.SignalAll();
+    }
     if (InReserveLocked(base)) {
       // Merge with the free pieces on either side.
       Entry merged{base, capacity, absl::Now()};

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -88,6 +89,36 @@ class StagingCache : public std::enable_shared_from_this<StagingCache> {
   // small request: the smallest kept small one), else a fresh mapping. ResourceExhausted (naming
   // the size) when the mapping fails. The contents are unspecified: the caller overwrites them.
   absl::StatusOr<StagingBuffer> Acquire(uint64_t bytes);
+  // Acquire for an append's copy of a client's bytes (a prefill chunk),
+  // with back-pressure. A client that sends chunks faster than their trees
+  // build would otherwise have every queued chunk hold fresh staging: memory
+  // without bound, and each chunk's first touches (on a host that backs
+  // memory lazily, 0.2 s of faults per 128 MiB: docs/bench/staging59.md).
+  // So where no kept buffer fits and the large buffers lent out plus this
+  // one would pass lend_bound(), it waits for one to come back (a build that
+  // finished), until `until` passes or `stop()` turns true, then maps fresh
+  // memory as Acquire does. It never waits while nothing large is lent (a
+  // request above the bound alone is served at once). Never call it from a
+  // build: the builds are what returns staging.
+  absl::StatusOr<StagingBuffer> AcquireWaiting(uint64_t bytes, absl::Time until,
+                                               const std::function<bool()>& stop);
+  // Large buffers lent at once before AcquireWaiting waits for a request of
+  // `bytes`: the reserve where it holds two such requests (the pieces were
+  // faulted in at start), else the larger of the reserve and
+  // max_cached_bytes (what the cache keeps anyway).
+  uint64_t lend_bound(uint64_t bytes) const;
+  // Capacity of the large buffers (and reserve pieces) handed out and not
+  // yet released.
+  uint64_t lent_bytes() const;
+  // AcquireWaiting calls that waited, those whose wait ended at `until` or
+  // `stop` with nothing returned that fitted (they mapped fresh memory),
+  // and the seconds waited in all.
+  struct WaitStats {
+    uint64_t waits = 0;
+    uint64_t expired = 0;
+    double seconds = 0;
+  };
+  WaitStats wait_stats() const;
   // Unmaps every buffer released at least `idle` ago, small ones included
   // (never the reserve); returns the bytes.
   uint64_t Trim(absl::Duration idle);
@@ -126,6 +157,10 @@ class StagingCache : public std::enable_shared_from_this<StagingCache> {
   // Keeps the mapping for a later Acquire when it fits the bound (or is a
   // piece of the reserve), else unmaps it.
   void Release(uint8_t* base, uint64_t capacity);
+  // A kept buffer (or reserve piece) that holds `bytes`, taken; an empty
+  // buffer when none fits.
+  StagingBuffer TakeKeptLocked(uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  uint64_t LendBoundLocked(uint64_t bytes) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool InReserveLocked(const uint8_t* base) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return reserve_base_ != nullptr && base >= reserve_base_ &&
            base < reserve_base_ + reserve_capacity_;
@@ -147,6 +182,9 @@ class StagingCache : public std::enable_shared_from_this<StagingCache> {
   uint64_t reserve_capacity_ ABSL_GUARDED_BY(mu_) = 0;
   bool reserving_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t reuses_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t lent_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // large buffers out
+  absl::CondVar returned_;                        // a large buffer came back
+  WaitStats wait_stats_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace icecache

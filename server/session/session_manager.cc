@@ -390,6 +390,16 @@ absl::StatusOr<double> SessionManager::ReserveStaging(uint64_t bytes,
 
 uint64_t SessionManager::staging_reserve_bytes() const { return staging_->reserve_bytes(); }
 
+SessionManager::StagingState SessionManager::staging_state() const {
+  StagingState s;
+  s.lent_bytes = staging_->lent_bytes();
+  const StagingCache::WaitStats w = staging_->wait_stats();
+  s.waits = w.waits;
+  s.waits_expired = w.expired;
+  s.wait_seconds = w.seconds;
+  return s;
+}
+
 SessionManager::DecodeLaneStats SessionManager::decode_lane_stats() const {
   DecodeLaneStats s;
   if (lanes_ == nullptr) return s;
@@ -593,7 +603,8 @@ absl::StatusOr<AppendResult> SessionManager::AppendKv(const Caller& caller, std:
 absl::StatusOr<AppendResult> SessionManager::AppendKvFromBuffer(const Caller& caller,
                                                                 std::string_view id, int64_t n,
                                                                 std::string_view buffer_id,
-                                                                uint64_t offset, LayerRange range) {
+                                                                uint64_t offset, LayerRange range,
+                                                                absl::Time deadline) {
   ASSIGN_OR_RETURN(InFlightGuard guard, Use(caller, id));
   if (n < 1 || n > options_.max_append_tokens) {
     return absl::InvalidArgumentError(
@@ -611,7 +622,16 @@ absl::StatusOr<AppendResult> SessionManager::AppendKvFromBuffer(const Caller& ca
         "append of ", n, " tokens takes ", length, " bytes, more than the whole pool (",
         options_.pool->capacity_bytes(), " bytes, pool.capacity_bytes); append in smaller chunks"));
   }
-  absl::StatusOr<StagingBuffer> staging = staging_->Acquire(length);
+  // Back-pressure: a client that sends chunks faster than their trees build
+  // waits here for the staging of a finished build rather than have the
+  // daemon map (and fault in) fresh memory for every queued chunk.
+  const absl::Time real_now = absl::Now();
+  const absl::Time wait_until =
+      std::min(real_now + options_.staging_wait, deadline == absl::InfiniteFuture()
+                                                     ? absl::InfiniteFuture()
+                                                     : real_now + (deadline - real_now) / 2);
+  absl::StatusOr<StagingBuffer> staging =
+      staging_->AcquireWaiting(length, wait_until, [this] { return draining(); });
   if (!staging.ok()) {
     return absl::ResourceExhaustedError(
         absl::StrCat("append of ", n, " tokens from buffer ", std::string(buffer_id), ": ",

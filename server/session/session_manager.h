@@ -160,6 +160,12 @@ struct SessionManagerOptions {
   // reaper unmaps those idle for staging_idle.
   uint64_t staging_cache_bytes = uint64_t{1} << 30;
   absl::Duration staging_idle = absl::Seconds(5);
+  // Back-pressure on appends from a buffer (StagingCache::AcquireWaiting):
+  // while the staging lent out to appends and builds would pass the larger of
+  // the reserve and staging_cache_bytes, an append waits up to this long
+  // (and at most half of its call's time left) for a build to return some,
+  // then maps fresh memory. Zero: never waits.
+  absl::Duration staging_wait = absl::Seconds(10);
   // Staging buffers in transparent huge pages (StagingCacheOptions.huge_pages).
   bool staging_huge_pages = false;
   // The first append of a range of mdci / exact-mdci layer groups returns
@@ -254,9 +260,12 @@ class SessionManager {
   // a registered HOST_SHM buffer (copied out under the SIGBUS guard first).
   // Adds NotFound (buffer), OutOfRange (region past the buffer),
   // FailedPrecondition (buffer file shrank; CUDA_IPC buffer).
+  // `deadline` is the call's: a wait for staging (staging_wait) takes at
+  // most half of the time left to it.
   absl::StatusOr<AppendResult> AppendKvFromBuffer(const Caller& caller, std::string_view id,
                                                   int64_t n, std::string_view buffer_id,
-                                                  uint64_t offset, LayerRange range = {});
+                                                  uint64_t offset, LayerRange range = {},
+                                                  absl::Time deadline = absl::InfiniteFuture());
   // Selects pages of `request.layer` for every KV head (queries: q_heads x
   // head_dim fp32). A budget larger than the session's tokens selects every
   // page. Selections made for the first layer of a group are remembered (per
@@ -341,6 +350,15 @@ class SessionManager {
   // keeps them (StagingCache::Reserve, its codes); the seconds it took.
   absl::StatusOr<double> ReserveStaging(uint64_t bytes, const std::atomic<bool>* stop);
   uint64_t staging_reserve_bytes() const;
+  // Append staging now: bytes lent out (appends, queued builds) and the
+  // appends' waits for it (StagingCache::WaitStats).
+  struct StagingState {
+    uint64_t lent_bytes = 0;
+    uint64_t waits = 0;
+    uint64_t waits_expired = 0;
+    double wait_seconds = 0;
+  };
+  StagingState staging_state() const;
   // The decode lanes (SessionManagerOptions::decode_lane_spin): helper
   // threads, selections run on them, selections that found them busy and
   // ran on oneTBB's pool, and the tasks the helpers ran. All 0 without lanes.

@@ -354,6 +354,69 @@ TEST(EndToEndTest, LayerRangesReturnWhileTheirTreesBuildInTheBackground) {
   EXPECT_EQ(info->trees_built, 32u);
 }
 
+TEST(EndToEndTest, AClientStreamingFasterThanItsTreesBuildWaitsForStagingInsteadOfGrowingIt) {
+  // Six layers sent back to back, one per call, without waiting for trees:
+  // the daemon keeps a staging reserve of two chunks (pool.prefault), so
+  // from the third chunk on an append waits for a build to return its
+  // staging (pool.staging_wait_ms) instead of mapping fresh memory for every
+  // queued chunk. Every append succeeds, every tree is built, the fetched
+  // pages are the bytes sent, and no staging stays lent out at the end.
+  const TestModel m =
+      MakeModel(/*layers=*/6, /*kv_heads=*/8, /*tokens=*/8192, /*steps=*/1, SelectorType::kMdci);
+  const int64_t n = m.dump.tokens;
+  const int layers = m.spec.layers;
+  const size_t layer_bytes = m.kv.ChunkBytes(0, n) / layers;
+  DaemonOptions options = TestDaemonOptions(absl::StrCat(
+      "pool { capacity_bytes: 536870912 prefault: true staging_reserve_bytes: ", 2 * layer_bytes,
+      " }\n"));
+  const int port = FreePort();
+  ASSERT_GT(port, 0);
+  options.metrics_port = static_cast<uint16_t>(port);
+  auto daemon = DaemonProcess::Start(options);
+  ASSERT_THAT(daemon, IsOk());
+  ClientOptions o;
+  o.socket_path = (*daemon)->socket_path();
+  o.timeout = Scaled(absl::Seconds(120));
+  auto client = Client::Create(o);
+  ASSERT_THAT(client, IsOk());
+  Client& c = **client;
+  const double reserve = static_cast<double>((2 * layer_bytes) >> 21 << 21);  // whole 2 MiB
+  ASSERT_TRUE(Eventually(
+      [&] { return MetricValue(**daemon, "icecache_staging_reserve_bytes") == reserve; }));
+  auto s = c.CreateSession(m.spec);
+  ASSERT_THAT(s, IsOk());
+  auto kv = c.CreateShmBuffer(layer_bytes);
+  ASSERT_THAT(kv, IsOk());
+  for (int layer = 0; layer < layers; ++layer) {
+    m.kv.FillLayers(0, n, layer, 1, kv->data());
+    auto next = c.AppendKvLayers(s->id, kv->buffer_id(), 0, layer_bytes, static_cast<uint32_t>(n),
+                                 static_cast<uint32_t>(layer), 1);
+    ASSERT_THAT(next, IsOk()) << "layer " << layer;
+  }
+  EXPECT_GE(MetricValue(**daemon, "icecache_staging_waits_total{outcome=\"returned\"}"), 1.0);
+  ASSERT_TRUE(Eventually(
+      [&] {
+        auto info = c.GetSession(s->id);
+        return info.ok() && info->trees_built == static_cast<uint32_t>(layers * 8);
+      },
+      absl::Seconds(120)));
+  ASSERT_TRUE(
+      Eventually([&] { return MetricValue(**daemon, "icecache_staging_lent_bytes") == 0.0; }));
+  auto out = c.CreateShmBuffer(8 * 80 * 2 * 16 * m.spec.head_dim * 2);
+  ASSERT_THAT(out, IsOk());
+  SelectOptions opt;
+  opt.budget_tokens = 64;
+  opt.sink_tokens = 4;
+  opt.want_positions = true;
+  for (int layer : {0, layers - 1}) {
+    auto r = c.DecodeStep(s->id, layer, Queries(m, 0, layer), out->buffer_id(), 0, opt);
+    ASSERT_THAT(r, IsOk());
+    auto verified = VerifyFetch(m.kv, n, r->layout, r->heads, out->data(), out->size());
+    ASSERT_THAT(verified, IsOk()) << "layer " << layer;
+    EXPECT_GT(*verified, 0);
+  }
+}
+
 TEST(EndToEndTest, BatchedDecodeAnswersEachEntryAndWritesNothingForABadOne) {
   auto daemon = StartDaemon();
   ASSERT_THAT(daemon, IsOk());

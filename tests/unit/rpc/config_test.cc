@@ -222,6 +222,7 @@ TEST(ConfigTest, EveryBadFieldIsNamed) {
          c->mutable_pool()->set_prefault(true);
          c->mutable_pool()->set_staging_reserve_bytes(uint64_t{1} << 40);
        }},
+      {"pool.staging_wait_ms", [](auto* c) { c->mutable_pool()->set_staging_wait_ms(600001); }},
       {"pool.backing_dir", [](auto* c) { c->mutable_pool()->set_backing_dir("relative/dir"); }},
       {"pool.state_dir", [](auto* c) { c->mutable_pool()->set_state_dir("/dev/shm/state"); }},
       {"pool.state_dir",

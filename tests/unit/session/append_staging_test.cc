@@ -4,6 +4,8 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -232,6 +234,97 @@ TEST(StagingCacheTest, TheReserveIsMadeOnceAndAStopDropsIt) {
   ASSERT_THAT(cache->Reserve(8 * kMiB, &stop), IsOk());
   EXPECT_THAT(cache->Reserve(8 * kMiB), StatusIs(absl::StatusCode::kFailedPrecondition));
   EXPECT_EQ(cache->reserve_bytes(), 8 * kMiB);
+}
+
+// Back-pressure (AcquireWaiting): a reserve of 16 MiB holds two 8 MiB
+// chunks, so it bounds them by itself; a third waits for one to come back.
+TEST(StagingCacheTest, AnAppendPastTheBoundWaitsForABuildToReturnItsStaging) {
+  auto cache = MakeCache(4 * kMiB);
+  ASSERT_THAT(cache->Reserve(16 * kMiB), IsOk());
+  EXPECT_EQ(cache->lend_bound(8 * kMiB), 16 * kMiB);
+  EXPECT_EQ(cache->lend_bound(12 * kMiB), 16 * kMiB);  // the reserve, the larger
+  std::optional<StagingBuffer> building(*cache->Acquire(8 * kMiB));
+  auto queued = cache->Acquire(8 * kMiB);
+  ASSERT_THAT(queued, IsOk());
+  EXPECT_EQ(cache->lent_bytes(), 16 * kMiB);
+  uint8_t* const piece = building->data();
+  std::atomic<bool> returned{false};
+  uint8_t* got = nullptr;
+  bool returned_first = false;
+  std::thread next([&] {
+    auto b = cache->AcquireWaiting(8 * kMiB, absl::Now() + absl::Seconds(60), [] { return false; });
+    ASSERT_THAT(b, IsOk());
+    returned_first = returned.load();
+    got = b->data();
+  });
+  absl::SleepFor(absl::Milliseconds(100));  // it waits meanwhile
+  returned = true;
+  building.reset();  // the build finished: its piece goes back
+  next.join();
+  EXPECT_TRUE(returned_first);
+  EXPECT_EQ(got, piece);  // the returned piece, not fresh memory
+  const StagingCache::WaitStats w = cache->wait_stats();
+  EXPECT_EQ(w.waits, 1u);
+  EXPECT_EQ(w.expired, 0u);
+  EXPECT_GE(w.seconds, 0.05);
+  EXPECT_EQ(cache->lent_bytes(), 8 * kMiB);  // `queued`; the waiter's came back
+}
+
+TEST(StagingCacheTest, AWaitEndsAtItsDeadlineOrStopAndMapsFreshMemory) {
+  auto cache = MakeCache(4 * kMiB);
+  ASSERT_THAT(cache->Reserve(16 * kMiB), IsOk());
+  auto a = cache->Acquire(8 * kMiB);
+  auto b = cache->Acquire(8 * kMiB);
+  ASSERT_THAT(a, IsOk());
+  ASSERT_THAT(b, IsOk());
+  const auto outside = [&](const StagingBuffer& x) {
+    return x.data() + x.capacity() <= a->data() || x.data() >= a->data() + 16 * kMiB;
+  };
+  {
+    const absl::Time t0 = absl::Now();
+    auto late = cache->AcquireWaiting(8 * kMiB, t0 + absl::Milliseconds(60), [] { return false; });
+    ASSERT_THAT(late, IsOk());
+    EXPECT_GE(absl::Now() - t0, absl::Milliseconds(60));
+    EXPECT_TRUE(outside(*late));
+    EXPECT_EQ(late->size(), 8 * kMiB);
+  }
+  {
+    auto stopped = cache->AcquireWaiting(8 * kMiB, absl::Now() + absl::Seconds(60),
+                                         [] { return true; });  // a drain
+    ASSERT_THAT(stopped, IsOk());
+    EXPECT_TRUE(outside(*stopped));
+  }
+  // A deadline already past: no wait at all.
+  auto past = cache->AcquireWaiting(8 * kMiB, absl::InfinitePast(), [] { return false; });
+  ASSERT_THAT(past, IsOk());
+  const StagingCache::WaitStats w = cache->wait_stats();
+  EXPECT_EQ(w.waits, 2u);
+  EXPECT_EQ(w.expired, 2u);
+  EXPECT_THAT(cache->AcquireWaiting(0, absl::InfiniteFuture(), nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST(StagingCacheTest, NoWaitWithNothingLentUnderTheBoundOrForSmallRequests) {
+  auto cache = MakeCache(32 * kMiB);  // no reserve: the bound is the cache's 32 MiB
+  EXPECT_EQ(cache->lend_bound(8 * kMiB), 32 * kMiB);
+  const auto forever = absl::InfiniteFuture();
+  {
+    // Alone and above the bound: served at once.
+    auto huge = cache->AcquireWaiting(40 * kMiB, forever, nullptr);
+    ASSERT_THAT(huge, IsOk());
+    EXPECT_EQ(cache->lent_bytes(), 40 * kMiB);
+    // Small requests are never lent against the bound nor wait.
+    auto small = cache->AcquireWaiting(kMiB, forever, nullptr);
+    ASSERT_THAT(small, IsOk());
+    EXPECT_EQ(cache->lent_bytes(), 40 * kMiB);
+  }
+  EXPECT_EQ(cache->lent_bytes(), 0u);
+  auto a = cache->AcquireWaiting(16 * kMiB, forever, nullptr);
+  auto b = cache->AcquireWaiting(16 * kMiB, forever, nullptr);  // 32 MiB: at the bound
+  ASSERT_THAT(a, IsOk());
+  ASSERT_THAT(b, IsOk());
+  EXPECT_EQ(cache->lent_bytes(), 32 * kMiB);
+  EXPECT_EQ(cache->wait_stats().waits, 0u);
 }
 
 }  // namespace
