@@ -312,7 +312,8 @@ absl::Status Daemon::Init() {
   staging_waits_ = registry_.AddSnapshot(
       "icecache_staging_waits_total",
       "Appends from a buffer that waited for a build to return staging (pool.staging_wait_ms): "
-      "outcome returned (it took staging a build gave back) or expired (it mapped fresh memory)",
+      "outcome returned (a build gave staging back: it took it, or had room again) or expired (the "
+      "wait ran out or the daemon drained: it mapped fresh memory)",
       MetricType::kCounter, {"outcome"});
   staging_wait_seconds_ = registry_.AddSnapshot(
       "icecache_staging_wait_seconds_total",

@@ -206,35 +206,42 @@ absl::StatusOr<StagingBuffer> StagingCache::AcquireWaiting(uint64_t bytes, absl:
   if (bytes >= options_.min_cached_bytes) {
     // Checked at least this often for `stop` (a drain, a shutdown).
     constexpr absl::Duration kStopPoll = absl::Milliseconds(50);
-    absl::MutexLock l(&mu_);
     absl::Time started = absl::InfinitePast();
     while (true) {
+      // `stop` takes its owner's locks: asked outside this cache's. A
+      // buffer returned meanwhile is found below, under the same lock the
+      // wait is entered with, so no return is missed.
+      const bool stopped = started != absl::InfinitePast() && stop && stop();
+      absl::MutexLock l(&mu_);
       StagingBuffer kept = TakeKeptLocked(bytes);
       if (kept.data() != nullptr) {
-        if (started != absl::InfinitePast()) {
-          wait_stats_.seconds += absl::ToDoubleSeconds(absl::Now() - started);
-        }
+        AddWaitLocked(started);
         return kept;
       }
-      const uint64_t bound = LendBoundLocked(bytes);
-      if (lent_bytes_ == 0 || lent_bytes_ + bytes <= bound) break;  // map fresh
+      if (lent_bytes_ == 0 || lent_bytes_ + bytes <= LendBoundLocked(bytes)) {
+        AddWaitLocked(started);
+        break;  // room under the bound: map fresh
+      }
       const absl::Time now = absl::Now();
       if (started == absl::InfinitePast()) {
         if (now >= until) break;
         started = now;
         ++wait_stats_.waits;
-      }
-      if (now >= until || (stop && stop())) {
+      } else if (now >= until || stopped) {
         ++wait_stats_.expired;
+        AddWaitLocked(started);
         break;
       }
       returned_.WaitWithDeadline(&mu_, std::min(until, now + kStopPoll));
     }
-    if (started != absl::InfinitePast()) {
-      wait_stats_.seconds += absl::ToDoubleSeconds(absl::Now() - started);
-    }
   }
   return Acquire(bytes);
+}
+
+void StagingCache::AddWaitLocked(absl::Time started) {
+  if (started != absl::InfinitePast()) {
+    wait_stats_.seconds += absl::ToDoubleSeconds(absl::Now() - started);
+  }
 }
 
 uint64_t StagingCache::LendBoundLocked(uint64_t bytes) const {

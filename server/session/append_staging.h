@@ -161,6 +161,8 @@ class StagingCache : public std::enable_shared_from_this<StagingCache> {
   // buffer when none fits.
   StagingBuffer TakeKeptLocked(uint64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   uint64_t LendBoundLocked(uint64_t bytes) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Adds the time since `started` (InfinitePast: none) to the waits' seconds.
+  void AddWaitLocked(absl::Time started) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool InReserveLocked(const uint8_t* base) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return reserve_base_ != nullptr && base >= reserve_base_ &&
            base < reserve_base_ + reserve_capacity_;
