@@ -716,7 +716,9 @@ absl::StatusOr<FetchLayout> Session::FetchTokens(BufferLease& lease, const Fetch
   absl::Status written;
   // Parallel only for enough bytes to copy (in place: the rows copied).
   const uint64_t copy_bytes = layout.rows_copied * 2 * row_bytes * req.num_layers;
-  if (threads == 1 || copy_bytes < kParallelGatherBytes) {
+  const uint64_t parallel_from =
+      lanes != nullptr ? kParallelTokenGatherBytesOnLanes : kParallelGatherBytes;
+  if (threads == 1 || copy_bytes < parallel_from) {
     // Every block checked, then one guarded write of the whole region (one
     // file-size check and one SIGBUS guard, not one per block): a failed
     // check writes nothing.

@@ -261,6 +261,12 @@ class Session {
   // Gather blocks smaller than this are written by one task (a thread hop
   // costs more than the copy).
   static constexpr uint64_t kParallelGatherBytes = uint64_t{256} << 10;
+  // The same for a token write on the decode lanes (a helper watching: the
+  // hop costs a few microseconds). Its rows are scattered over cold pages,
+  // so the copy waits on memory: an in-place write of ~430 rows (220 KB) took
+  // 53 us on one thread, and the mdci + in-place gather went 0.86x with this
+  // bound at 32 KB (docs/bench/staging59.md).
+  static constexpr uint64_t kParallelTokenGatherBytesOnLanes = uint64_t{32} << 10;
 
   struct GroupSelection {
     int64_t tokens = -1;  // session tokens when it was made
