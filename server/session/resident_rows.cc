@@ -85,12 +85,11 @@ InPlacePlan PlanInPlace(absl::Span<const int32_t> previous, absl::Span<const int
     const uint32_t key = static_cast<uint32_t>(pos);
     uint32_t i = home(pos);
     while (vals[i] != kEmpty && (vals[i] == kTaken || keys[i] != key)) i = (i + 1) & mask;
-    const uint32_t found = vals[i];  // kEmpty: not there
+    const uint32_t found = vals[i];         // kEmpty: not there
+    if (found != kEmpty) vals[i] = kTaken;  // consumed, inside the block or past it
     if (found < n) {
-      vals[i] = kTaken;
       plan.slots[found] = pos;
     } else {
-      if (found != kEmpty) vals[i] = kTaken;  // a slot past the block: consumed too
       pending.push_back(static_cast<uint32_t>(k));
     }
   }

@@ -625,11 +625,10 @@ absl::StatusOr<AppendResult> SessionManager::AppendKvFromBuffer(const Caller& ca
   // Back-pressure: a client that sends chunks faster than their trees build
   // waits here for the staging of a finished build rather than have the
   // daemon map (and fault in) fresh memory for every queued chunk.
+  // (No deadline: infinite time arithmetic leaves it InfiniteFuture.)
   const absl::Time real_now = absl::Now();
   const absl::Time wait_until =
-      std::min(real_now + options_.staging_wait, deadline == absl::InfiniteFuture()
-                                                     ? absl::InfiniteFuture()
-                                                     : real_now + (deadline - real_now) / 2);
+      std::min(real_now + options_.staging_wait, real_now + (deadline - real_now) / 2);
   absl::StatusOr<StagingBuffer> staging =
       staging_->AcquireWaiting(length, wait_until, [this] { return draining(); });
   if (!staging.ok()) {
