@@ -205,6 +205,8 @@ struct SessionQuality {
   uint64_t pool_samples = 0;
   uint64_t carried_selections = 0;  // selections that reused a fresh one's candidates
   bool carry_stopped = false;       // the session's pooled judgement stopped the carry-over
+  uint32_t carry_pool_steps = 0;    // the carry length it allows (0: no judgement yet)
+  uint64_t carry_shortened = 0;     // its judgements that shortened the carry
   std::vector<HeadQuality> heads;
 };
 

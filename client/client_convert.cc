@@ -174,6 +174,8 @@ SessionQuality QualityFromProto(const v1::SessionQuality& q) {
   s.pool_samples = q.pool_samples();
   s.carried_selections = q.carried_selections();
   s.carry_stopped = q.carry_stopped();
+  s.carry_pool_steps = q.carry_pool_steps();
+  s.carry_shortened = q.carry_shortened();
   for (const v1::HeadQuality& h : q.heads()) {
     HeadQuality o;
     o.layer_group = h.layer_group();

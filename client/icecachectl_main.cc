@@ -278,9 +278,16 @@ size_t CarryingHeads(const SessionQuality& q) {
 std::string CarrySummary(const SessionQuality& q) {
   size_t stopped = 0;
   for (const HeadQuality& h : q.heads) stopped += h.carry_stops > 0 && h.carry_steps == 0 ? 1 : 0;
+  std::string pooled;
+  if (q.carry_stopped) {
+    pooled = "; stopped for the session's unjudged heads";
+  } else if (q.carry_pool_steps > 0) {
+    pooled = absl::StrCat("; unjudged heads carry ", q.carry_pool_steps, " step",
+                          q.carry_pool_steps == 1 ? "" : "s");
+  }
+  if (q.carry_shortened > 0) absl::StrAppend(&pooled, " (shortened ", q.carry_shortened, "x)");
   return absl::StrCat(CarryingHeads(q), " of ", q.heads.size(), " heads carry, ", stopped,
-                      " stopped; ", q.carried_selections, " selections carried",
-                      q.carry_stopped ? "; stopped for the session's unjudged heads" : "");
+                      " stopped; ", q.carried_selections, " selections carried", pooled);
 }
 
 // How many heads took a sample, and the samples per head: at model scale

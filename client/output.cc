@@ -148,6 +148,8 @@ Json QualityJson(const SessionQuality& q) {
   j["pool_samples"] = q.pool_samples;
   j["carried_selections"] = q.carried_selections;
   j["carry_stopped"] = q.carry_stopped;
+  j["carry_pool_steps"] = q.carry_pool_steps;
+  j["carry_shortened"] = q.carry_shortened;
   Json heads = Json::array();
   for (const HeadQuality& h : q.heads) {
     heads.push_back({{"layer_group", h.layer_group},

@@ -30,6 +30,14 @@ struct CarryTally {
     }
   }
   void Clear() { *this = CarryTally{}; }
+  void Merge(const CarryTally& o) {
+    carried += o.carried;
+    fresh += o.fresh;
+    carried_sum += o.carried_sum;
+    fresh_sum += o.fresh_sum;
+    carried_sq += o.carried_sq;
+    fresh_sq += o.fresh_sq;
+  }
   double carried_mean() const { return carried > 0 ? carried_sum / carried : 0.0; }
   double fresh_mean() const { return fresh > 0 ? fresh_sum / fresh : 0.0; }
   // The variance of a kind's mean: the samples' (unbiased) variance / n; 0

@@ -97,6 +97,7 @@ absl::StatusOr<std::unique_ptr<WidthCalibrator>> WidthCalibrator::Create(
   c->method_ = base_pq_factor > 0.0f ? SearchMethod::kScan : SearchMethod::kTree;
   c->parked_ = c->FreshArm();
   c->carry_on_ = o.carry_steps > 0;
+  c->carry_level_ = o.carry_steps;
   c->carry_wait_ = o.carry_retry_steps;
   return c;
 }
@@ -133,8 +134,9 @@ bool WidthCalibrator::ShouldSample(const SelectParams& used, int64_t cost_ns, in
   absl::MutexLock lock(&mu_);
   ++steps_;
   if (!carry_on_ && o_.carry_steps > 0 && ++carry_run_ >= carry_wait_) {
-    // Try carrying again: the data may have changed.
+    // Try carrying again, as far as configured: the data may have changed.
     carry_on_ = true;
+    carry_level_ = o_.carry_steps;
     carry_wait_ = std::min<int64_t>(2 * carry_wait_, o_.max_carry_retry_steps);
     RestartCarry();
   }
@@ -190,23 +192,41 @@ bool WidthCalibrator::CarrySkewed(int carry_steps, int carry_age) {
 
 bool WidthCalibrator::CarryJudged() const {
   absl::MutexLock lock(&mu_);
-  return carry_.Judged(o_.carry_judge_samples);
+  return CarryNow().Judged(o_.carry_judge_samples);
 }
 
 void WidthCalibrator::RestartCarry() {
-  carry_.Clear();
+  carry_by_age_.clear();
   carry_ages_.clear();
   carry_run_ = 0;
 }
 
-void WidthCalibrator::ObserveCarry(double ratio, bool carried) {
+CarryTally WidthCalibrator::CarryNow() const {
+  CarryTally t;
+  const size_t ages = std::min(carry_by_age_.size(), static_cast<size_t>(carry_level_) + 1);
+  for (size_t a = 0; a < ages; ++a) t.Merge(carry_by_age_[a]);
+  return t;
+}
+
+void WidthCalibrator::ObserveCarry(double ratio, bool carried, int carry_age) {
   if (!carry_on_) return;
-  carry_.Add(ratio, carried);
-  if (carry_.FallsBehind(o_.carry_judge_samples, o_.carry_margin, o_.target_ratio, o_.carry_steps,
-                         o_.carry_confidence_z)) {
-    carry_on_ = false;
-    ++carry_stops_;
-    RestartCarry();
+  const int steps = std::max(o_.carry_steps, 1);
+  if (carry_by_age_.size() != static_cast<size_t>(steps) + 1) carry_by_age_.resize(steps + 1);
+  const int age = carried ? std::clamp(carry_age, 1, steps) : 0;
+  carry_by_age_[static_cast<size_t>(age)].Add(ratio, carried);
+  // Judged at the length it runs; where that falls behind, one reuse fewer
+  // (the last is the stalest), judged at once on the samples of the ages it
+  // keeps; at one, the carry stops.
+  while (CarryNow().FallsBehind(o_.carry_judge_samples, o_.carry_margin, o_.target_ratio,
+                                carry_level_, o_.carry_confidence_z)) {
+    if (carry_level_ <= 1) {
+      carry_on_ = false;
+      ++carry_stops_;
+      RestartCarry();
+      return;
+    }
+    --carry_level_;
+    ++carry_shortened_;
   }
 }
 
@@ -295,7 +315,7 @@ void WidthCalibrator::Observe(const QualitySample& sample) {
   // whose queries move fast would otherwise widen for its carried steps
   // before the judgement could stop them (docs/bench/carry36.md).
   const bool rate_carry_only = carry_on_ && sample.carried && samples_ <= o_.warmup_samples;
-  ObserveCarry(sample.mass_ratio, sample.carried);
+  ObserveCarry(sample.mass_ratio, sample.carried, sample.carry_age);
   if (rate_carry_only) {
     // (no width step)
   } else if (sample.trial_mass_ratio >= 0.0 && TrialRunning() &&
@@ -469,6 +489,7 @@ void WidthCalibrator::SwapMethod() {
   // (its retry wait keeps doubling).
   if (o_.carry_steps > 0) {
     carry_on_ = true;
+    carry_level_ = o_.carry_steps;
     RestartCarry();
   }
 }
@@ -709,7 +730,7 @@ void WidthCalibrator::Apply(SelectParams* params) const {
   SetWidthParams(width_, method_, params);
   params->exhaustive = mode_ == SelectMode::kExact;
   params->ranking = ranking_;
-  params->carry_steps = carry_on_ && mode_ != SelectMode::kExact ? o_.carry_steps : 0;
+  params->carry_steps = carry_on_ && mode_ != SelectMode::kExact ? carry_level_ : 0;
 }
 
 CalibratorReport WidthCalibrator::report() const {
@@ -747,12 +768,14 @@ CalibratorReport WidthCalibrator::report() const {
   r.method = method_;
   r.method_trials = method_trials_;
   r.method_switches = method_switches_;
-  r.carry_steps = carry_on_ ? o_.carry_steps : 0;
+  r.carry_steps = carry_on_ ? carry_level_ : 0;
   r.carry_stops = carry_stops_;
-  r.carry_samples = carry_.carried;
-  r.fresh_samples = carry_.fresh;
-  r.carry_mean = carry_.carried_mean();
-  r.fresh_mean = carry_.fresh_mean();
+  r.carry_shortened = carry_shortened_;
+  const CarryTally carry = CarryNow();
+  r.carry_samples = carry.carried;
+  r.fresh_samples = carry.fresh;
+  r.carry_mean = carry.carried_mean();
+  r.fresh_mean = carry.fresh_mean();
   r.method_trial = method_trial_ || shadow_;
   if (DuelOn()) {
     r.other_width = parked_.width;

@@ -227,11 +227,12 @@ struct CalibratorOptions {
   // the width is not widened for the carry before it is judged); once both
   // kinds have
   // carry_judge_samples samples, a head whose carried samples' mean ratio
-  // is more than carry_margin below its fresh ones' stops carrying (its
-  // queries move too fast from step to step: the width that lifts the
-  // carried steps costs more than the scans they skip), and tries again
-  // after carry_retry_steps selections, doubled each time up to
-  // max_carry_retry_steps.
+  // is more than carry_margin below its fresh ones' carries one step less
+  // and is judged afresh (the last reuse is the stalest), and at one step
+  // stops carrying (its queries move too fast from step to step: the width
+  // that lifts the carried steps costs more than the scans they skip), and
+  // tries again, at carry_steps, after carry_retry_steps selections, doubled
+  // each time up to max_carry_retry_steps.
   // The judgement asks for confidence (CarryTally::FallsBehind's z): the gap
   // must exceed the margin by carry_confidence_z standard errors, and the
   // mix must miss the target by as many (>= 0; 0: the means alone). Judged
@@ -267,8 +268,10 @@ struct QualitySample {
   // (< 0: none), and that selection's cost (the caller's clock, ns).
   double method_mass_ratio = -1.0;
   int64_t method_ns = 0;
-  // The selection reused a fresh one's candidates (Selection::carried).
+  // The selection reused a fresh one's candidates (Selection::carried), as
+  // the how-manieth since (Selection::carry_age; 0: fresh).
   bool carried = false;
+  int carry_age = 0;
 };
 
 struct CalibratorReport {
@@ -317,6 +320,7 @@ struct CalibratorReport {
   // last started, carried and fresh, with their mean ratios.
   int carry_steps = 0;
   int64_t carry_stops = 0;
+  int64_t carry_shortened = 0;  // judgements that shortened the carry by one step
   int64_t carry_samples = 0, fresh_samples = 0;
   double carry_mean = 0.0, fresh_mean = 0.0;
 };
@@ -561,7 +565,9 @@ class WidthCalibrator {
   bool CarrySkewed(int carry_steps, int carry_age) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A confirmation sample is due (CalibratorOptions::confirm_every).
   bool ConfirmDue() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void ObserveCarry(double ratio, bool carried) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ObserveCarry(double ratio, bool carried, int carry_age) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The samples of ages 0 .. carry_level_ (the carry as it runs now).
+  CarryTally CarryNow() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RestartCarry() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const CalibratorOptions o_;
@@ -623,10 +629,16 @@ class WidthCalibrator {
   // Candidate carry-over (not in CalibratorState: a restored head starts it
   // afresh).
   bool carry_on_ ABSL_GUARDED_BY(mu_) = false;
-  CarryTally carry_ ABSL_GUARDED_BY(mu_);  // samples since the carry last started
+  int carry_level_ ABSL_GUARDED_BY(mu_) = 0;  // the carry length now (<= carry_steps)
+  // Samples since the carry last started, by carry age: [0] the fresh ones,
+  // [a] the carried ones of age a (clamped to carry_steps). A carry of
+  // length L is judged on ages 0..L, so a shortened carry is judged at once
+  // on the samples of the ages it keeps.
+  std::vector<CarryTally> carry_by_age_ ABSL_GUARDED_BY(mu_);
   // Samples decided per carry age (0: fresh) since the carry last started.
   std::vector<int64_t> carry_ages_ ABSL_GUARDED_BY(mu_);
   int64_t carry_stops_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t carry_shortened_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t carry_run_ ABSL_GUARDED_BY(mu_) = 0;    // selections since it stopped
   int64_t carry_wait_ ABSL_GUARDED_BY(mu_) = 0;   // before it tries again
   int64_t method_wait_ ABSL_GUARDED_BY(mu_) = 0;  // selections between trials

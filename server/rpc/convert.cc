@@ -390,6 +390,8 @@ void SessionQualityToProto(const SessionQualityInfo& q, v1::SessionQuality* out)
   out->set_pool_samples(static_cast<uint64_t>(std::max<int64_t>(0, q.pool_samples)));
   out->set_carried_selections(static_cast<uint64_t>(std::max<int64_t>(0, q.carried_selections)));
   out->set_carry_stopped(q.carry_stopped);
+  out->set_carry_pool_steps(static_cast<uint32_t>(std::max(0, q.carry_pool_steps)));
+  out->set_carry_shortened(static_cast<uint64_t>(std::max<int64_t>(0, q.carry_shortened)));
   for (const HeadQualityInfo& h : q.heads) {
     v1::HeadQuality* o = out->add_heads();
     o->set_layer_group(static_cast<uint32_t>(h.group));

@@ -10,9 +10,13 @@
 // session as a whole within its first tens of steps: when the carried
 // samples' mean falls more than `margin` below the fresh ones' (over at
 // least `judge_samples` of each, with `confidence_z` standard errors to
-// spare, and the mix under the target likewise), the heads that have no judgement of their
-// own select afresh at every step. After `retry_selects` selections it lets
-// them carry again and judges afresh; each stop doubles the wait (up to
+// spare, and the mix under the target likewise) at a carry length above 1,
+// the pool shortens the carry of the heads that have no judgement of their
+// own by one reuse and judges the shorter carry at once on the samples of
+// the ages it keeps (a carry of 2 whose second reuse falls behind may hold
+// at 1); at 1 those heads select afresh at every step. After
+// `retry_selects` selections it lets them carry again, at the length they
+// ask for, and judges afresh; each stop doubles the wait (up to
 // max_retry_selects), so a session whose queries keep moving fast retries
 // ever more rarely.
 //
@@ -22,6 +26,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
@@ -42,6 +47,10 @@ struct CarryPoolOptions {
 
 struct CarryPoolReport {
   bool stopped = false;  // heads without their own judgement select afresh now
+  // The carry length those heads may use now (0: no judgement yet, the
+  // length they ask for); shortened by one at each judgement against it.
+  int steps = 0;
+  int64_t shortened = 0;  // judgements that shortened the carry
   int64_t stops = 0;
   int64_t carried = 0, fresh = 0;  // samples since the last (re)start
   double carried_mean = 0.0, fresh_mean = 0.0;
@@ -51,24 +60,31 @@ class CarryPool {
  public:
   explicit CarryPool(const CarryPoolOptions& o = {}) : o_(o), wait_(o.retry_selects) {}
 
-  // One selection of a carrying head: false while the pool has stopped the
-  // carry (the caller then selects afresh unless the head judged itself).
-  bool Allows() ABSL_LOCKS_EXCLUDED(mu_);
+  // One selection of a carrying head that asks for `carry_steps` (> 0): the
+  // length it may use, 0 while the pool has stopped the carry (the caller
+  // then selects afresh unless the head judged itself).
+  int Steps(int carry_steps) ABSL_LOCKS_EXCLUDED(mu_);
   // One measured sample of a head that selected with the carry on, at
   // `carry_steps`, calibrated to `target` (CarryTally::FallsBehind; 0: the
-  // margin alone judges).
-  void Observe(double mass_ratio, bool carried, double target, int carry_steps)
+  // margin alone judges), `carry_age` its reuse (Selection::carry_age; a
+  // carried sample counts as 1 .. the first sample's carry_steps). The
+  // first sample sets the length the heads ask for.
+  void Observe(double mass_ratio, bool carried, double target, int carry_steps, int carry_age = 1)
       ABSL_LOCKS_EXCLUDED(mu_);
   CarryPoolReport report() const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   const CarryPoolOptions o_;
   std::atomic<bool> stopped_{false};  // read without the lock on every selection
+  std::atomic<int> steps_{0};         // the length judged (0: none yet); likewise
   mutable absl::Mutex mu_;
   int64_t run_ ABSL_GUARDED_BY(mu_) = 0;  // selections since the stop
   int64_t wait_ ABSL_GUARDED_BY(mu_);
   int64_t stops_ ABSL_GUARDED_BY(mu_) = 0;
-  CarryTally tally_ ABSL_GUARDED_BY(mu_);  // samples since the last (re)start
+  int64_t shortened_ ABSL_GUARDED_BY(mu_) = 0;
+  // Samples since the last (re)start by carry age ([0] the fresh ones).
+  std::vector<CarryTally> by_age_ ABSL_GUARDED_BY(mu_);
+  CarryTally Now() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);  // ages 0 .. steps_
 };
 
 }  // namespace icecache

@@ -377,8 +377,11 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
   HeadQualityMonitor* hq = quality.empty() ? nullptr : quality[index].get();
   SelectParams p = params;
   if (hq != nullptr) hq->Apply(&p);
-  if (hq != nullptr && p.carry_steps > 0 && !carry_pool.Allows() && !hq->CarryJudged()) {
-    p.carry_steps = 0;  // the session's pooled judgement stopped the carry for unjudged heads
+  if (hq != nullptr && p.carry_steps > 0) {
+    // The session's pooled judgement (carry_pool.h) may shorten or stop the
+    // carry of heads without a judgement of their own.
+    const int pooled = carry_pool.Steps(p.carry_steps);
+    if (!hq->CarryJudged()) p.carry_steps = pooled;
   }
   const float* q = queries.data() + static_cast<size_t>(h) * q_per_kv * config.head_dim;
   const auto t0 = std::chrono::steady_clock::now();
@@ -432,6 +435,7 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
   made->pages = out->pages;
   made->burst = burst;
   made->carried = out->carried;
+  made->carry_age = out->carry_age;
   if (p.granularity == Granularity::kToken) made->positions = out->positions;
   *probe = std::move(made);
   return absl::OkStatus();

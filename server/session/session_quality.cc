@@ -395,6 +395,7 @@ SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample*
           measured->trial_ns = trial_ns;
           measured->method_ns = shadow_ns;
           measured->carried = probe.carried;
+          measured->carry_age = probe.carry_age;
         }
       }
     }
@@ -403,7 +404,7 @@ SampleOutcome MeasureProbe(Session& s, const QualityProbe& probe, QualitySample*
   s.quality[s.SelectorIndex(probe.group, probe.head)]->Record(*measured);
   if (probe.params.carry_steps > 0) {
     s.carry_pool.Observe(measured->mass_ratio, probe.carried, s.config.target_mass_ratio,
-                         probe.params.carry_steps);
+                         probe.params.carry_steps, probe.carry_age);
   }
   if (s.width_pool != nullptr) {
     // Pooled widths: every sample taken at the pool's width is one of its
@@ -437,7 +438,10 @@ SessionQualityInfo QualityInfoOf(const Session& s) {
   q.calibration_cpu_ns = s.calibration_cpu_ns.load();
   q.selection_ns = s.selection_ns.load();
   q.carried_selections = s.selects_carried.load(std::memory_order_relaxed);
-  q.carry_stopped = s.carry_pool.report().stopped;
+  const CarryPoolReport carry = s.carry_pool.report();
+  q.carry_stopped = carry.stopped;
+  q.carry_pool_steps = carry.steps;
+  q.carry_shortened = carry.shortened;
   double sum_ratio = 0.0, sum_topk = 0.0, sum_recent = 0.0;
   int heads_sampled = 0;
   for (size_t i = 0; i < s.quality.size(); ++i) {

@@ -105,6 +105,7 @@ struct QualityProbe {
   std::vector<int32_t> positions;  // token granularity: the selected tokens
   bool burst = true;               // may spend the session's burst (QualitySampler::Offer)
   bool carried = false;            // the selection reused a fresh one's candidates
+  int carry_age = 0;               // as the how-manieth since (0: fresh)
 };
 
 // A head's monitor state, carried across a warm restart in the session

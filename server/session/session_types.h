@@ -148,14 +148,16 @@ struct SessionQualityInfo {
   double mean_mass_ratio = 0.0;    // over every sample
   double recent_mass_ratio = 0.0;  // mean over heads of their moving average
   double mean_topk_recall = 0.0;
-  int64_t calibration_cpu_ns = 0;      // reference scans of this session
-  int64_t selection_ns = 0;            // this session's selections (per head, summed)
-  int seeded_heads = 0;                // heads started from an earlier session's width
-  int pooled_heads = 0;                // heads started from the session's pooled width
-  double pool_width = 0.0;             // the pooled width now (0: no pool)
-  int64_t pool_samples = 0;            // samples the pool learnt from
-  int64_t carried_selections = 0;      // selections that reused a fresh one's candidates
-  bool carry_stopped = false;          // the session's pooled judgement stopped the carry-over
+  int64_t calibration_cpu_ns = 0;  // reference scans of this session
+  int64_t selection_ns = 0;        // this session's selections (per head, summed)
+  int seeded_heads = 0;            // heads started from an earlier session's width
+  int pooled_heads = 0;            // heads started from the session's pooled width
+  double pool_width = 0.0;         // the pooled width now (0: no pool)
+  int64_t pool_samples = 0;        // samples the pool learnt from
+  int64_t carried_selections = 0;  // selections that reused a fresh one's candidates
+  bool carry_stopped = false;      // the session's pooled judgement stopped the carry-over
+  int carry_pool_steps = 0;        // the carry length it allows unjudged heads (0: not judged yet)
+  int64_t carry_shortened = 0;     // its judgements that shortened the carry by one
   std::vector<HeadQualityInfo> heads;  // [group * kv_heads + head] when monitored
 };
 

@@ -101,6 +101,8 @@ struct MonitorSummary {
   int carrying_heads = 0, carry_stopped_heads = 0;
   int64_t carried_selections = 0;
   bool carry_stopped = false;
+  int carry_pool_steps = 0;  // the carry length the pooled judgement allows (0: none yet)
+  int64_t carry_shortened = 0;
 };
 
 struct BatchItem {

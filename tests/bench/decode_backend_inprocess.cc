@@ -225,6 +225,8 @@ class InProcessBackend : public DecodeBackend {
     m.pool_width = q.pool_width;
     m.carried_selections = static_cast<int64_t>(q.carried_selections);
     m.carry_stopped = q.carry_stopped;
+    m.carry_pool_steps = q.carry_pool_steps;
+    m.carry_shortened = q.carry_shortened;
     for (const HeadQualityInfo& h : q.heads) {
       m.carrying_heads += h.carry_steps > 0 ? 1 : 0;
       m.carry_stopped_heads += h.carry_stops > 0 ? 1 : 0;

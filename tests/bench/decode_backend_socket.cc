@@ -201,6 +201,8 @@ class SocketBackend : public DecodeBackend {
     m.pool_width = q.pool_width;
     m.carried_selections = static_cast<int64_t>(q.carried_selections);
     m.carry_stopped = q.carry_stopped;
+    m.carry_pool_steps = static_cast<int>(q.carry_pool_steps);
+    m.carry_shortened = static_cast<int64_t>(q.carry_shortened);
     for (const HeadQuality& h : q.heads) {
       m.carrying_heads += h.carry_steps > 0 ? 1 : 0;
       m.carry_stopped_heads += h.carry_stops > 0 ? 1 : 0;

@@ -53,7 +53,9 @@ Json MonitorJson(const MonitorSummary& m) {
           {"carrying_heads", m.carrying_heads},
           {"carry_stopped_heads", m.carry_stopped_heads},
           {"carried_selections", m.carried_selections},
-          {"carry_stopped", m.carry_stopped}};
+          {"carry_stopped", m.carry_stopped},
+          {"carry_pool_steps", m.carry_pool_steps},
+          {"carry_shortened", m.carry_shortened}};
 }
 
 // The steps (after the first) whose selection took longest, per policy:
@@ -164,7 +166,12 @@ std::string MonitorLine(const MonitorSummary& m) {
       spread, static_cast<long long>(m.dropped), m.mean_mass_ratio, m.reference_cpu_ms, share,
       m.selection_ms, m.carrying_heads, static_cast<int>(w.size()), m.carry_stopped_heads,
       static_cast<long long>(m.carried_selections),
-      m.carry_stopped ? " (the session's pooled judgement has it stopped)" : "");
+      m.carry_stopped ? " (the session's pooled judgement has it stopped)"
+      : m.carry_pool_steps > 0
+          ? absl::StrFormat(" (the pooled judgement allows %d step%s, shortened %lldx)",
+                            m.carry_pool_steps, m.carry_pool_steps == 1 ? "" : "s",
+                            static_cast<long long>(m.carry_shortened))
+          : "");
 }
 
 // Where the prefill's and the steps' wall time went, for a spawned daemon

@@ -320,8 +320,10 @@ class SelectorMethod : public TreeMethod {
         r.exact_cost_ns / 1e3,
         params_.carry_steps > 0
             ? absl::StrFormat(
-                  "; carry %d (%lld stops; carried %.3f over %lld, fresh %.3f over %lld)",
-                  r.carry_steps, static_cast<long long>(r.carry_stops), r.carry_mean,
+                  "; carry %d (%lld shortened, %lld stops; carried %.3f over %lld, fresh %.3f "
+                  "over %lld)",
+                  r.carry_steps, static_cast<long long>(r.carry_shortened),
+                  static_cast<long long>(r.carry_stops), r.carry_mean,
                   static_cast<long long>(r.carry_samples), r.fresh_mean,
                   static_cast<long long>(r.fresh_samples))
             : std::string());
@@ -401,6 +403,7 @@ class SelectorMethod : public TreeMethod {
                              shadowed ? &shadow : nullptr));
     q.reference_ns = ThreadCpuNanos() - cpu3;
     q.carried = sel->carried;
+    q.carry_age = sel->carry_age;
     q.trial_ns = cpu2 - cpu1;
     q.method_ns = shadowed ? cpu3 - cpu2 : 0;
     times_.sample_cpu_s += static_cast<double>(q.reference_ns) * 1e-9;

@@ -105,6 +105,7 @@ TEST(OutputTest, SessionJsonHasEveryFieldWithEpochAsString) {
             R"("recent_mass_ratio":0.0,"mean_topk_recall":0.0,"calibration_cpu_ms":0.0,)"
             R"("selection_ms":0.0,"seeded_heads":1,"pooled_heads":2,)"
             R"("pool_width":1.5,"pool_samples":7,"carried_selections":0,"carry_stopped":false,)"
+            R"("carry_pool_steps":0,"carry_shortened":0,)"
             R"("heads":[{"layer_group":1,"kv_head":2,)"
             R"("calibrated":true,)"
             R"("width":1.5,"field_of_view":48,"candidate_factor":12.0,"width_changes":0,)"

@@ -399,10 +399,10 @@ TEST_F(QualityRpcNoDuelTest, AScanSessionNeverTriesTheTree) {
   }
 }
 
-// The daemon's default candidate carry-over (quality.carry_steps 1): a
-// session's calibrated heads reuse each fresh scan's candidates for the next
-// step, the selections carried are counted, and the heads say whether they
-// carry.
+// The daemon's default candidate carry-over (quality.carry_steps 2): a
+// session's calibrated heads reuse each fresh scan's candidates for up to the
+// next two steps, the selections carried are counted, and the heads say how
+// far they carry.
 class QualityRpcCarryTest : public QualityRpcTest {
  protected:
   std::string QualityExtra() const override { return ""; }
@@ -419,15 +419,20 @@ TEST_F(QualityRpcCarryTest, CarriedSelectionsAreCountedAndReportedPerHead) {
   const v1::SessionInfo info = Get(id);
   const v1::SessionQuality& q = info.quality();
   EXPECT_GT(q.carried_selections(), 0u);
-  EXPECT_LE(q.carried_selections(), uint64_t{kSteps});  // at most every other, per head
+  // At most two of every three per head (2 heads x 40 steps).
+  EXPECT_LE(q.carried_selections(), uint64_t{2 * kSteps * 2 / 3 + 2});
   EXPECT_GE(q.samples(), 24u);
   ASSERT_EQ(q.heads_size(), 2);
   for (const v1::HeadQuality& h : q.heads()) {
     SCOPED_TRACE(h.kv_head());
     EXPECT_TRUE(h.calibrated());
-    // Carrying, or stopped after its carried steps fell behind.
-    EXPECT_TRUE(h.carry_steps() == 1 || h.carry_stops() > 0) << h.carry_steps();
+    // Carrying (2, or 1 once its second reuse fell behind), or stopped
+    // after its carried steps fell behind.
+    EXPECT_TRUE(h.carry_steps() == 2 || h.carry_steps() == 1 || h.carry_stops() > 0)
+        << h.carry_steps();
   }
+  EXPECT_GE(q.carry_pool_steps(), 1u);  // the pool has samples: the length it allows
+  EXPECT_LE(q.carry_pool_steps(), 2u);
 }
 
 TEST_F(QualityRpcTest, TargetMassRatioIsValidatedNamingTheField) {

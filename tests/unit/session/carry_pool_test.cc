@@ -31,7 +31,7 @@ TEST(CarryPoolTest, CarriedSamplesWithinTheMarginKeepItOn) {
   EXPECT_EQ(r.carried, 50);
   EXPECT_EQ(r.fresh, 50);
   EXPECT_NEAR(r.carried_mean, 0.95, 1e-12);
-  EXPECT_TRUE(pool.Allows());
+  EXPECT_EQ(pool.Steps(1), 1);
 }
 
 TEST(CarryPoolTest, CarriedSamplesUnderTheMarginKeepItOnWhileTheMixMeetsTheTarget) {
@@ -43,13 +43,17 @@ TEST(CarryPoolTest, CarriedSamplesUnderTheMarginKeepItOnWhileTheMixMeetsTheTarge
     pool.Observe(0.93, /*carried=*/true, kTarget, 1);
   }
   EXPECT_FALSE(pool.report().stopped);
-  // At carry_steps 3 the same samples mix (0.99 + 3 x 0.93) / 4 = 0.945.
+  // At carry_steps 3 the same samples mix (0.99 + 3 x 0.93) / 4 = 0.945:
+  // the carry is shortened to 2 (not stopped), where they would mix 0.95.
   CarryPool three(Small());
   for (int i = 0; i < 4; ++i) {
     three.Observe(0.99, /*carried=*/false, kTarget, 3);
     three.Observe(0.93, /*carried=*/true, kTarget, 3);
   }
-  EXPECT_TRUE(three.report().stopped);
+  EXPECT_FALSE(three.report().stopped);
+  EXPECT_EQ(three.report().steps, 2);
+  EXPECT_EQ(three.report().shortened, 1);
+  EXPECT_EQ(three.Steps(3), 2);
   // With no target (an uncalibrated session) the margin alone judges.
   CarryPool untargeted(Small());
   for (int i = 0; i < 4; ++i) {
@@ -105,7 +109,7 @@ TEST(CarryPoolTest, StopsOnlyOnceBothKindsHaveTheirSamples) {
   pool.Observe(0.97, /*carried=*/false, kTarget, 1);
   EXPECT_TRUE(pool.report().stopped);
   EXPECT_EQ(pool.report().stops, 1);
-  EXPECT_FALSE(pool.Allows());
+  EXPECT_EQ(pool.Steps(1), 0);
   // Late samples of before the stop change nothing.
   pool.Observe(0.99, /*carried=*/true, kTarget, 1);
   EXPECT_EQ(pool.report().carried, 10);
@@ -122,20 +126,65 @@ TEST(CarryPoolTest, RetriesAfterItsWaitAndDoublesIt) {
   stop();
   ASSERT_TRUE(pool.report().stopped);
   int refused = 0;
-  while (!pool.Allows()) ++refused;
+  while (pool.Steps(1) == 0) ++refused;
   EXPECT_EQ(refused, 99);  // the 100th selection since the stop retries
   const CarryPoolReport again = pool.report();
   EXPECT_FALSE(again.stopped);
   EXPECT_EQ(again.carried, 0);  // judged afresh
   stop();
   refused = 0;
-  while (!pool.Allows()) ++refused;
+  while (pool.Steps(1) == 0) ++refused;
   EXPECT_EQ(refused, 199);  // doubled
   stop();
   refused = 0;
-  while (!pool.Allows()) ++refused;
+  while (pool.Steps(1) == 0) ++refused;
   EXPECT_EQ(refused, 299);  // capped at max_retry_selects
   EXPECT_EQ(pool.report().stops, 3);
+}
+
+// A carry of 2 whose second reuse falls behind is shortened to 1 and
+// judged at once on the fresh and first-reuse samples, where it holds; when
+// the first reuse falls behind too it stops. The retry lets the heads carry
+// as far as they ask again.
+TEST(CarryPoolTest, ACarryIsShortenedOneReuseAtATimeThenStoppedAndRetriedInFull) {
+  CarryPool pool(Small());
+  EXPECT_EQ(pool.Steps(2), 2);  // no judgement yet: as asked
+  for (int i = 0; i < 4; ++i) {
+    pool.Observe(0.97, /*carried=*/false, kTarget, 2, 0);
+    pool.Observe(0.96, /*carried=*/true, kTarget, 2, 1);
+    pool.Observe(0.80, /*carried=*/true, kTarget, 2, 2);  // carried 0.88, mix 0.91
+  }
+  CarryPoolReport r = pool.report();
+  EXPECT_FALSE(r.stopped);
+  EXPECT_EQ(r.steps, 1);
+  EXPECT_EQ(r.shortened, 1);
+  EXPECT_EQ(r.carried, 4);  // the first reuses only
+  EXPECT_NEAR(r.carried_mean, 0.96, 1e-12);
+  EXPECT_EQ(pool.Steps(2), 1);
+  EXPECT_EQ(pool.Steps(1), 1);
+  // Queries that move faster: the first reuse falls behind too, and at one
+  // reuse the carry stops.
+  for (int i = 0; i < 40 && !pool.report().stopped; ++i) {
+    pool.Observe(0.97, /*carried=*/false, kTarget, 1, 0);
+    pool.Observe(0.60, /*carried=*/true, kTarget, 1, 1);
+  }
+  r = pool.report();
+  EXPECT_TRUE(r.stopped);
+  EXPECT_EQ(r.stops, 1);
+  EXPECT_EQ(r.shortened, 1);
+  EXPECT_EQ(pool.Steps(2), 0);
+  int refused = 1;
+  while (pool.Steps(2) == 0) ++refused;
+  EXPECT_EQ(refused, 99);  // the 100th selection since the stop retries
+  r = pool.report();
+  EXPECT_FALSE(r.stopped);
+  EXPECT_EQ(r.steps, 0);  // no sample since the retry
+  EXPECT_EQ(pool.Steps(2), 2);
+  pool.Observe(0.97, /*carried=*/false, kTarget, 2, 0);
+  pool.Observe(0.96, /*carried=*/true, kTarget, 2, 2);
+  r = pool.report();
+  EXPECT_EQ(r.steps, 2);  // judged afresh at the length asked for
+  EXPECT_EQ(r.carried, 1);
 }
 
 TEST(CarryPoolTest, ConcurrentSelectsAndSamplesAreSafe) {
@@ -144,7 +193,7 @@ TEST(CarryPoolTest, ConcurrentSelectsAndSamplesAreSafe) {
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&pool, t] {
       for (int i = 0; i < 2000; ++i) {
-        pool.Allows();
+        pool.Steps(1);
         pool.Observe(t % 2 == 0 ? 0.97 : 0.80, t % 2 == 1, kTarget, 1);
       }
     });
