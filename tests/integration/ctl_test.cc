@@ -192,6 +192,11 @@ TEST_F(IcecachectlTest, SessionsShowReportsQualityAndWidths) {
   EXPECT_THAT(r.out, ::testing::ContainsRegex("loudest|normalized"));
   EXPECT_THAT(r.out, ::testing::ContainsRegex(
                          "decode keys +6 inserted, [0-9]+% joined a recent node unrouted"));
+  // The default carry-over (quality.carry_steps 2): the session's pooled
+  // judgement has samples, so the row says how far unjudged heads carry.
+  EXPECT_THAT(r.out, ::testing::ContainsRegex("carry-over +[0-9]+ of 2 heads carry, [0-9]+ "
+                                              "stopped; [0-9]+ selections carried; unjudged "
+                                              "heads carry [12] steps?"));
   r = Ctl({"--json", "sessions", "show", s->id});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const google::protobuf::Value shown = Json(r);
@@ -202,6 +207,8 @@ TEST_F(IcecachectlTest, SessionsShowReportsQualityAndWidths) {
   EXPECT_TRUE(q.at("monitored").bool_value());
   EXPECT_EQ(q.at("samples").number_value(), static_cast<double>(samples));
   EXPECT_DOUBLE_EQ(q.at("target_mass_ratio").number_value(), 0.95);
+  EXPECT_GE(q.at("carry_pool_steps").number_value(), 1.0);
+  EXPECT_LE(q.at("carry_pool_steps").number_value(), 2.0);
   EXPECT_GT(q.at("mean_mass_ratio").number_value(), 0);
   ASSERT_EQ(q.at("heads").list_value().values_size(), 2);
   // A head starts at width 1 and may settle as low as 0.5
