@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace icecache {
 
@@ -78,6 +79,38 @@ struct CarryTally {
     const double mix = (fresh_mean() + c * carried_mean()) / (c + 1.0);
     const double mix_var = (vf + c * c * vc) / ((c + 1.0) * (c + 1.0));
     return mix + zz * std::sqrt(mix_var) < target;
+  }
+};
+
+// The samples of a carry by carry age ([0] the fresh ones, [a] the carried
+// ones of age a, clamped to 1 .. `oldest`), and the judgement of a carry's
+// length on them: a carry of length L is judged on ages 0 .. L, so a carry
+// shortened by one is judged at once on the samples of the ages it keeps
+// (docs/architecture.md §5.1, "shortened before stopped").
+struct CarryAges {
+  std::vector<CarryTally> by_age;
+
+  void Add(double mass_ratio, bool was_carried, int carry_age, int oldest) {
+    const int last = std::max(oldest, 1);
+    if (by_age.size() < static_cast<size_t>(last) + 1) by_age.resize(static_cast<size_t>(last) + 1);
+    const int a = was_carried ? std::clamp(carry_age, 1, last) : 0;
+    by_age[static_cast<size_t>(a)].Add(mass_ratio, was_carried);
+  }
+  void Clear() { by_age.clear(); }
+  // The samples of ages 0 .. steps.
+  CarryTally Upto(int steps) const {
+    CarryTally t;
+    const size_t ages = std::min(by_age.size(), static_cast<size_t>(std::max(steps, 0)) + 1);
+    for (size_t a = 0; a < ages; ++a) t.Merge(by_age[a]);
+    return t;
+  }
+  // The length that holds, from `steps` down: one reuse fewer (the last is
+  // the stalest) while the samples of ages 0 .. L fall behind
+  // (CarryTally::FallsBehind at L); 0 where even one reuse falls behind.
+  int Holding(int steps, int64_t samples, double margin, double target, double z) const {
+    int l = steps;
+    while (l > 0 && Upto(l).FallsBehind(samples, margin, target, l, z)) --l;
+    return l;
   }
 };
 

@@ -192,42 +192,32 @@ bool WidthCalibrator::CarrySkewed(int carry_steps, int carry_age) {
 
 bool WidthCalibrator::CarryJudged() const {
   absl::MutexLock lock(&mu_);
-  return CarryNow().Judged(o_.carry_judge_samples);
+  return carry_samples_.Upto(carry_level_).Judged(o_.carry_judge_samples);
 }
 
 void WidthCalibrator::RestartCarry() {
-  carry_by_age_.clear();
+  carry_samples_.Clear();
   carry_ages_.clear();
   carry_run_ = 0;
 }
 
-CarryTally WidthCalibrator::CarryNow() const {
-  CarryTally t;
-  const size_t ages = std::min(carry_by_age_.size(), static_cast<size_t>(carry_level_) + 1);
-  for (size_t a = 0; a < ages; ++a) t.Merge(carry_by_age_[a]);
-  return t;
-}
-
 void WidthCalibrator::ObserveCarry(double ratio, bool carried, int carry_age) {
   if (!carry_on_) return;
-  const int steps = std::max(o_.carry_steps, 1);
-  if (carry_by_age_.size() != static_cast<size_t>(steps) + 1) carry_by_age_.resize(steps + 1);
-  const int age = carried ? std::clamp(carry_age, 1, steps) : 0;
-  carry_by_age_[static_cast<size_t>(age)].Add(ratio, carried);
-  // Judged at the length it runs; where that falls behind, one reuse fewer
-  // (the last is the stalest), judged at once on the samples of the ages it
-  // keeps; at one, the carry stops.
-  while (CarryNow().FallsBehind(o_.carry_judge_samples, o_.carry_margin, o_.target_ratio,
-                                carry_level_, o_.carry_confidence_z)) {
-    if (carry_level_ <= 1) {
-      carry_on_ = false;
-      ++carry_stops_;
-      RestartCarry();
-      return;
-    }
-    --carry_level_;
-    ++carry_shortened_;
+  carry_samples_.Add(ratio, carried, carry_age, o_.carry_steps);
+  // Where the carry falls behind, one reuse fewer, judged at once on the
+  // ages it keeps; where even one does, it stops.
+  const int holding = carry_samples_.Holding(carry_level_, o_.carry_judge_samples, o_.carry_margin,
+                                             o_.target_ratio, o_.carry_confidence_z);
+  if (holding == carry_level_) return;
+  carry_shortened_ += carry_level_ - std::max(holding, 1);
+  if (holding > 0) {
+    carry_level_ = holding;
+    return;
   }
+  carry_level_ = 1;
+  carry_on_ = false;
+  ++carry_stops_;
+  RestartCarry();
 }
 
 void WidthCalibrator::Taken() {
@@ -771,7 +761,7 @@ CalibratorReport WidthCalibrator::report() const {
   r.carry_steps = carry_on_ ? carry_level_ : 0;
   r.carry_stops = carry_stops_;
   r.carry_shortened = carry_shortened_;
-  const CarryTally carry = CarryNow();
+  const CarryTally carry = carry_samples_.Upto(carry_level_);
   r.carry_samples = carry.carried;
   r.fresh_samples = carry.fresh;
   r.carry_mean = carry.carried_mean();

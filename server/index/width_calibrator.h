@@ -566,8 +566,6 @@ class WidthCalibrator {
   // A confirmation sample is due (CalibratorOptions::confirm_every).
   bool ConfirmDue() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ObserveCarry(double ratio, bool carried, int carry_age) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The samples of ages 0 .. carry_level_ (the carry as it runs now).
-  CarryTally CarryNow() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RestartCarry() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const CalibratorOptions o_;
@@ -630,11 +628,8 @@ class WidthCalibrator {
   // afresh).
   bool carry_on_ ABSL_GUARDED_BY(mu_) = false;
   int carry_level_ ABSL_GUARDED_BY(mu_) = 0;  // the carry length now (<= carry_steps)
-  // Samples since the carry last started, by carry age: [0] the fresh ones,
-  // [a] the carried ones of age a (clamped to carry_steps). A carry of
-  // length L is judged on ages 0..L, so a shortened carry is judged at once
-  // on the samples of the ages it keeps.
-  std::vector<CarryTally> carry_by_age_ ABSL_GUARDED_BY(mu_);
+  // Samples since the carry last started, by carry age (carry_tally.h).
+  CarryAges carry_samples_ ABSL_GUARDED_BY(mu_);
   // Samples decided per carry age (0: fresh) since the carry last started.
   std::vector<int64_t> carry_ages_ ABSL_GUARDED_BY(mu_);
   int64_t carry_stops_ ABSL_GUARDED_BY(mu_) = 0;

@@ -82,9 +82,10 @@ class CarryPool {
   int64_t wait_ ABSL_GUARDED_BY(mu_);
   int64_t stops_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t shortened_ ABSL_GUARDED_BY(mu_) = 0;
-  // Samples since the last (re)start by carry age ([0] the fresh ones).
-  std::vector<CarryTally> by_age_ ABSL_GUARDED_BY(mu_);
-  CarryTally Now() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);  // ages 0 .. steps_
+  // Samples since the last (re)start, by carry age (carry_tally.h), up to
+  // the longest carry asked for.
+  CarryAges ages_ ABSL_GUARDED_BY(mu_);
+  int oldest_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace icecache
