@@ -379,9 +379,10 @@ absl::Status Session::SelectHead(int group, int h, const std::vector<float>& que
   if (hq != nullptr) hq->Apply(&p);
   if (hq != nullptr && p.carry_steps > 0) {
     // The session's pooled judgement (carry_pool.h) may shorten or stop the
-    // carry of heads without a judgement of their own.
+    // carry of heads without a judgement of their own (asked, under the
+    // calibrator's lock, only where the pool allows less than the head asks).
     const int pooled = carry_pool.Steps(p.carry_steps);
-    if (!hq->CarryJudged()) p.carry_steps = pooled;
+    if (pooled < p.carry_steps && !hq->CarryJudged()) p.carry_steps = pooled;
   }
   const float* q = queries.data() + static_cast<size_t>(h) * q_per_kv * config.head_dim;
   const auto t0 = std::chrono::steady_clock::now();
