@@ -289,6 +289,11 @@ absl::Status Daemon::Init() {
       "ran; the calling thread ran the others. Near 0 while jobs run: the helpers are asleep or "
       "share the caller's CPU",
       MetricType::kCounter, {});
+  decode_lane_jobs_alone_ = registry_.AddSnapshot(
+      "icecache_decode_lane_jobs_alone_total",
+      "Decode lane jobs in which no helper ran a task: the calling thread selected or wrote every "
+      "KV head alone (the helpers were asleep, or another thread held their CPU)",
+      MetricType::kCounter, {});
   decode_rings_closed_ = registry_.AddSnapshot(
       "icecache_decode_rings_closed_total",
       "DecodeStep rings closed (the client closed its request FIFO or exited)",
@@ -511,6 +516,7 @@ void Daemon::CollectMetrics() {
   decode_lane_jobs_->Replace(
       {{{"lanes"}, double(lanes.jobs)}, {{"shared_pool"}, double(lanes.fallbacks)}});
   decode_lane_helper_tasks_->Replace({{{}, double(lanes.helper_tasks)}});
+  decode_lane_jobs_alone_->Replace({{{}, double(lanes.jobs_alone)}});
 }
 
 absl::Status Daemon::StartMetricsHttp() {

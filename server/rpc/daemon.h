@@ -170,6 +170,7 @@ class Daemon {
   SnapshotFamily* decode_ring_caught_ = nullptr;
   SnapshotFamily* decode_lane_jobs_ = nullptr;
   SnapshotFamily* decode_lane_helper_tasks_ = nullptr;
+  SnapshotFamily* decode_lane_jobs_alone_ = nullptr;
   SnapshotFamily* prefault_bytes_ = nullptr;
   SnapshotFamily* prefault_seconds_ = nullptr;
   SnapshotFamily* staging_reserve_ = nullptr;

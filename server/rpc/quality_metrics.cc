@@ -31,7 +31,12 @@ QualityMetrics::QualityMetrics(Registry* r)
           "Selection time (per KV head, summed) that the measurement budget is a share of",
           MetricType::kCounter, {})),
       queue_depth_(r->AddSnapshot("icecache_quality_queue_depth",
-                                  "Selections waiting to be measured", MetricType::kGauge, {})) {}
+                                  "Selections waiting to be measured", MetricType::kGauge, {})),
+      defers_(r->AddSnapshot("icecache_quality_defers_total",
+                             "Times the measurements waited for a decode call in flight, by how "
+                             "the wait ended (calls_ended, or timed_out: calls went on past the "
+                             "wait's limit, 2 ms)",
+                             MetricType::kCounter, {"outcome"})) {}
 
 void QualityMetrics::Observe(SelectorKind selector, const QualitySample& sample) {
   const std::string name(SelectorKindName(selector));
@@ -48,6 +53,8 @@ void QualityMetrics::Collect(const QualitySamplerStats& st) {
   cpu_seconds_->Replace({{{}, double(st.cpu_ns) / 1e9}});
   selection_seconds_->Replace({{{}, double(st.selection_ns) / 1e9}});
   queue_depth_->Replace({{{}, double(st.queue_depth)}});
+  defers_->Replace({{{"calls_ended"}, double(st.deferred - st.defer_timeouts)},
+                    {{"timed_out"}, double(st.defer_timeouts)}});
 }
 
 }  // namespace icecache::rpc

@@ -35,6 +35,7 @@ class QualityMetrics {
   SnapshotFamily* cpu_seconds_;
   SnapshotFamily* selection_seconds_;
   SnapshotFamily* queue_depth_;
+  SnapshotFamily* defers_;
 };
 
 }  // namespace icecache::rpc

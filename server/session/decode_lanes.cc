@@ -118,6 +118,9 @@ absl::Status DecodeLanes::Run(int64_t count, const std::function<absl::Status(in
     fallbacks_.fetch_add(1, std::memory_order_relaxed);
     return ParallelForInOrder(count, 0, fn);
   }
+  // Only this job's helpers add to the count until it returns (one job at
+  // a time, and every helper's Drain has returned once active_ is 0).
+  const int64_t helped_before = helper_tasks_.load(std::memory_order_relaxed);
   job_.fn = &fn;
   job_.queue.Reset(count);
   const uint64_t open = (((state_.load() >> 1) + 1) << 1) | 1;
@@ -131,6 +134,9 @@ absl::Status DecodeLanes::Run(int64_t count, const std::function<absl::Status(in
   // The helpers' last tasks: yield to them if they share this CPU.
   while (active_.load() != 0) ::sched_yield();
   jobs_.fetch_add(1, std::memory_order_relaxed);
+  if (helper_tasks_.load(std::memory_order_relaxed) == helped_before) {
+    jobs_alone_.fetch_add(1, std::memory_order_relaxed);
+  }
   absl::Status out = job_.queue.Result();
   job_.fn = nullptr;
   run_mu_.Unlock();

@@ -69,6 +69,9 @@ class DecodeLanes {
   int64_t fallbacks() const { return fallbacks_.load(std::memory_order_relaxed); }
   // Tasks the helpers ran (the caller ran the others).
   int64_t helper_tasks() const { return helper_tasks_.load(std::memory_order_relaxed); }
+  // Jobs run here in which no helper ran a task: the caller ran them all
+  // (the helpers were asleep, or another thread held their CPU).
+  int64_t jobs_alone() const { return jobs_alone_.load(std::memory_order_relaxed); }
 
  private:
   struct Job {
@@ -101,7 +104,7 @@ class DecodeLanes {
   std::atomic<bool> stop_{false};
   absl::Mutex wake_mu_;
   absl::CondVar wake_;
-  std::atomic<int64_t> jobs_{0}, fallbacks_{0}, helper_tasks_{0};
+  std::atomic<int64_t> jobs_{0}, fallbacks_{0}, helper_tasks_{0}, jobs_alone_{0};
 };
 
 }  // namespace icecache

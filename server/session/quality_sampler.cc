@@ -25,6 +25,10 @@ absl::StatusOr<std::unique_ptr<QualitySampler>> QualitySampler::Create(
     return absl::InvalidArgumentError(
         absl::StrCat("quality sampler: burst must be >= 0, got ", absl::FormatDuration(o.burst)));
   }
+  if (o.defer_max < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat("quality sampler: defer_max must be >= 0, got ",
+                                                   absl::FormatDuration(o.defer_max)));
+  }
   std::unique_ptr<QualitySampler> s(new QualitySampler(o));
   s->worker_ = std::thread([raw = s.get()] { raw->WorkerLoop(); });
   return s;
@@ -107,6 +111,7 @@ void QualitySampler::WorkerLoop() {
       depth_.store(static_cast<int>(queue_.size()), std::memory_order_relaxed);
       running_ = true;
     }
+    Defer();  // the job starts in a gap between decode calls
     const int64_t t0 = ThreadCpuNanos();
     const SampleOutcome outcome = e.job();
     e.job = nullptr;  // what it holds (a session) is released before the next wait
@@ -137,6 +142,10 @@ QualitySamplerStats QualitySampler::stats() const {
   st.offered = offered_;
   st.queued = queued_;
   st.dropped_queue_full = dropped_full_;
+  if (options_.defer_to != nullptr) {
+    st.deferred = options_.defer_to->waits();
+    st.defer_timeouts = options_.defer_to->timeouts();
+  }
   st.dropped_over_budget = dropped_budget_ + refused_budget_.load();
   st.measured = measured_;
   st.stale = stale_;

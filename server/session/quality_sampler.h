@@ -61,6 +61,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/thread_cpu.h"  // ThreadCpuNanos
+#include "server/session/decode_activity.h"
 
 namespace icecache {
 
@@ -75,6 +76,12 @@ struct QualitySamplerOptions {
   // Lower the worker thread's scheduling priority (nice 19). Off in tests
   // that must not depend on the scheduler.
   bool low_priority = true;
+  // Decode calls the worker gives way to (decode_activity.h): it waits while
+  // one is in flight, before each job and at each of the job's yields
+  // (Defer), for at most `defer_max` at a time. Null: never waits. Must
+  // outlive the sampler.
+  DecodeActivity* defer_to = nullptr;
+  absl::Duration defer_max = absl::Milliseconds(2);
 };
 
 enum class SampleOutcome { kMeasured, kStale };
@@ -90,6 +97,10 @@ struct QualitySamplerStats {
   int64_t cpu_ns = 0;        // worker CPU time spent on jobs
   int64_t selection_ns = 0;  // selection time reported
   int queue_depth = 0;       // jobs waiting now
+  // Waits for a decode call in flight (QualitySamplerOptions::defer_to),
+  // and those of them that gave up at defer_max.
+  int64_t deferred = 0;
+  int64_t defer_timeouts = 0;
 };
 
 // One session's share of the sampler's budget (QualitySampler::NewAccount).
@@ -137,6 +148,12 @@ class QualitySampler {
   // max(1, queue_capacity / 4): the queued jobs an account may always hold,
   // and the slots kept free for accounts holding fewer.
   int account_queue_limit() const { return std::max(1, options_.queue_capacity / 4); }
+  // Whether a decode call is in flight that the worker should give way to
+  // (lock-free), and the wait for it (Defer: the job's locks released).
+  bool ShouldDefer() const { return options_.defer_to != nullptr && options_.defer_to->busy(); }
+  void Defer() {
+    if (options_.defer_to != nullptr) options_.defer_to->WaitQuiet(options_.defer_max);
+  }
   // Blocks until no job is queued or running (tests, benchmarks).
   void WaitIdle() ABSL_LOCKS_EXCLUDED(mu_);
   QualitySamplerStats stats() const ABSL_LOCKS_EXCLUDED(mu_);

@@ -35,21 +35,23 @@ constexpr uint64_t kPopulateBytes = uint64_t{64} << 20;
 // decode lanes watching, DecodeLanes::KeepWatching).
 constexpr int64_t kDecodeAppendTokens = 64;
 
-// The decode lanes keep watching from a decode call's start and from its
-// end (any return).
-class LanesWatch {
+// A decode call, from its start to its end (any return): the decode lanes
+// keep watching from both, and the call counts as in flight between them
+// (the quality sampler gives way: decode_activity.h).
+class DecodeCall {
  public:
-  explicit LanesWatch(DecodeLanes* lanes) : lanes_(lanes) {
+  DecodeCall(DecodeLanes* lanes, DecodeActivity* activity) : lanes_(lanes), call_(activity) {
     if (lanes_ != nullptr) lanes_->KeepWatching();
   }
-  ~LanesWatch() {
+  ~DecodeCall() {
     if (lanes_ != nullptr) lanes_->KeepWatching();
   }
-  LanesWatch(const LanesWatch&) = delete;
-  LanesWatch& operator=(const LanesWatch&) = delete;
+  DecodeCall(const DecodeCall&) = delete;
+  DecodeCall& operator=(const DecodeCall&) = delete;
 
  private:
   DecodeLanes* lanes_;
+  DecodeActivity::Call call_;
 };
 
 absl::Status SessionNotFound(std::string_view id) {
@@ -194,7 +196,9 @@ absl::StatusOr<std::unique_ptr<SessionManager>> SessionManager::Create(
                      Prefetcher::Create(options.prefetch_threads, options.max_prefetch_jobs));
   }
   if (options.quality.enabled) {
-    ASSIGN_OR_RETURN(m->sampler_, QualitySampler::Create(options.quality.sampler));
+    QualitySamplerOptions sampler = options.quality.sampler;
+    sampler.defer_to = &m->decode_activity_;
+    ASSIGN_OR_RETURN(m->sampler_, QualitySampler::Create(sampler));
     if (options.quality.remember_widths) {
       m->calibration_memory_ = std::make_unique<CalibrationMemory>(
           options.quality.remembered_keys, options.quality.seeded_warmup_samples);
@@ -406,6 +410,7 @@ SessionManager::DecodeLaneStats SessionManager::decode_lane_stats() const {
   s.jobs = lanes_->jobs();
   s.fallbacks = lanes_->fallbacks();
   s.helper_tasks = lanes_->helper_tasks();
+  s.jobs_alone = lanes_->jobs_alone();
   return s;
 }
 
@@ -651,8 +656,11 @@ absl::StatusOr<AppendResult> SessionManager::Append(const InFlightGuard& guard, 
                                                     StagingBuffer owned, bool values_clean) {
   Session& s = *guard.get();
   // A decode token (or a few, a speculative step): its inserts and row
-  // writes run on the lanes, which wake while it is checked and planned.
-  if (lanes_ != nullptr && n <= kDecodeAppendTokens) lanes_->KeepWatching();
+  // writes run on the lanes, which wake while it is checked and planned,
+  // and the sampler gives way to it.
+  const bool decode_append = n <= kDecodeAppendTokens;
+  if (lanes_ != nullptr && decode_append) lanes_->KeepWatching();
+  const DecodeActivity::Call call(decode_append ? &decode_activity_ : nullptr);
   ASSIGN_OR_RETURN(AppendInput in, CheckAppendInput(s.config, options_.max_append_tokens, n, range,
                                                     bytes, values_clean));
   // Counted while it waits: the quality sampler then lets it through
@@ -802,6 +810,7 @@ absl::StatusOr<FrameSet> SessionManager::AdmitFrames(const Session& s, uint64_t 
 absl::StatusOr<SelectResult> SessionManager::SelectPages(const Caller& caller, std::string_view id,
                                                          const SelectRequest& request) {
   ASSIGN_OR_RETURN(InFlightGuard guard, Use(caller, id));
+  const DecodeActivity::Call call(&decode_activity_);
   Session& s = *guard.get();
   s.Touch(clock_->Now());
   std::vector<QualityProbe> probes;
@@ -822,6 +831,7 @@ absl::StatusOr<SelectResult> SessionManager::SelectPages(const Caller& caller, s
 absl::StatusOr<FetchLayout> SessionManager::FetchPages(const Caller& caller, std::string_view id,
                                                        const FetchRequest& request) {
   ASSIGN_OR_RETURN(InFlightGuard guard, Use(caller, id));
+  const DecodeActivity::Call call(&decode_activity_);
   Session& s = *guard.get();
   const absl::Time now = clock_->Now();
   s.Touch(now);
@@ -858,7 +868,7 @@ absl::StatusOr<DecodeStepResult> SessionManager::DecodeStep(
   ASSIGN_OR_RETURN(InFlightGuard guard, Use(caller, id));
   // The loop's next call comes soon: the lanes watch from here and from
   // the answer (below), whether or not this call runs a job on them.
-  const LanesWatch watch(lanes_.get());
+  const DecodeCall call(lanes_.get(), &decode_activity_);
   Session& s = *guard.get();
   const absl::Time now = clock_->Now();
   s.Touch(now);

@@ -93,6 +93,7 @@
 #include "server/pool/page_pool.h"
 #include "server/session/calibration_memory.h"
 #include "server/session/clock.h"
+#include "server/session/decode_activity.h"
 #include "server/session/decode_lanes.h"
 #include "server/session/session.h"
 #include "server/session/session_quality.h"
@@ -363,7 +364,7 @@ class SessionManager {
   // threads, selections run on them, selections that found them busy and
   // ran on oneTBB's pool, and the tasks the helpers ran. All 0 without lanes.
   struct DecodeLaneStats {
-    int64_t jobs = 0, fallbacks = 0, helper_tasks = 0;
+    int64_t jobs = 0, fallbacks = 0, helper_tasks = 0, jobs_alone = 0;
   };
   DecodeLaneStats decode_lane_stats() const;
 
@@ -521,6 +522,9 @@ class SessionManager {
   bool stop_ ABSL_GUARDED_BY(reaper_mu_) = false;
   std::thread reaper_;
   std::unique_ptr<SlabPrefaulter> prefaulter_;  // null: prefault_slabs 0 or no reaper
+  // The decode calls in flight, which the sampler gives way to (declared
+  // before it: destroyed after it).
+  DecodeActivity decode_activity_;
   // Null when the monitor is off. Destroyed first (its queued jobs point at
   // this manager).
   std::unique_ptr<QualitySampler> sampler_;

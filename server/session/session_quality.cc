@@ -301,12 +301,17 @@ class ABSL_SCOPED_LOCKABLE ProbeLocks {
   ~ProbeLocks() ABSL_UNLOCK_FUNCTION() { Release(); }
   ProbeLocks(const ProbeLocks&) = delete;
   ProbeLocks& operator=(const ProbeLocks&) = delete;
-  // Lets the appends waiting now go first; whether it did.
+  // Lets the appends waiting now go first, and waits (its locks released)
+  // while a decode call is in flight (QualitySampler::Defer); whether it
+  // did either.
   bool Yield() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-    if (s_.appends_waiting.load() == 0) return false;
+    const bool append = s_.appends_waiting.load() != 0;
+    const bool decode = s_.sampler != nullptr && s_.sampler->ShouldDefer();
+    if (!append && !decode) return false;
     Release();
+    if (decode) s_.sampler->Defer();
     Take();
-    s_.probe_yields.fetch_add(1, std::memory_order_relaxed);
+    if (append) s_.probe_yields.fetch_add(1, std::memory_order_relaxed);
     return true;
   }
 

@@ -69,6 +69,20 @@ TEST(DecodeLanesTest, AWatchingHelperRunsBesideTheCaller) {
   EXPECT_TRUE(RanTwoAtOnce(lanes, absl::Seconds(30)));
   EXPECT_TRUE(RanTwoAtOnce(lanes, absl::Seconds(30)));
   EXPECT_GE(lanes.helper_tasks(), 2);
+  EXPECT_EQ(lanes.jobs_alone(), 0);  // the helper ran a task of both jobs
+}
+
+// A job the caller finishes before a sleeping helper wakes counts as run
+// alone (icecache_decode_lane_jobs_alone_total).
+TEST(DecodeLanesTest, AJobTheCallerRanAloneIsCounted) {
+  DecodeLanes lanes(1, absl::Microseconds(1));
+  for (int round = 0; round < 5; ++round) {
+    absl::SleepFor(absl::Milliseconds(20));  // past the watch: the helper sleeps
+    ASSERT_THAT(lanes.Run(2, [](int64_t) { return absl::OkStatus(); }), IsOk());
+  }
+  EXPECT_EQ(lanes.jobs(), 5);
+  EXPECT_GE(lanes.jobs_alone(), 1);  // two empty tasks take less than a wake-up
+  EXPECT_LE(lanes.jobs_alone(), 5);
 }
 
 TEST(DecodeLanesTest, ASleepingHelperIsWokenForTheNextJob) {

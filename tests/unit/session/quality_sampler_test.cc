@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "tests/support/status_matchers.h"
 
@@ -232,6 +233,61 @@ TEST(QualitySamplerTest, DestructionDiscardsQueuedJobs) {
   EXPECT_EQ(ran.load(), 0);
 }
 
+// A job offered while a decode call is in flight starts once the call ends,
+// not before (QualitySamplerOptions::defer_to).
+TEST(QualitySamplerTest, AJobWaitsForTheDecodeCallInFlight) {
+  DecodeActivity activity;
+  QualitySamplerOptions o;
+  o.low_priority = false;
+  o.defer_to = &activity;
+  o.defer_max = absl::Seconds(60);
+  auto made = QualitySampler::Create(o);
+  ASSERT_THAT(made.status(), IsOk());
+  std::unique_ptr<QualitySampler> s = std::move(made).value();
+  auto call = std::make_unique<DecodeActivity::Call>(&activity);
+  EXPECT_TRUE(s->ShouldDefer());
+  std::atomic<bool> ran{false};
+  ASSERT_EQ(s->Offer(
+                [&ran] {
+                  ran.store(true);
+                  return SampleOutcome::kMeasured;
+                },
+                s->NewAccount()),
+            OfferResult::kQueued);
+  absl::SleepFor(absl::Milliseconds(100));
+  EXPECT_FALSE(ran.load());
+  call.reset();
+  s->WaitIdle();
+  EXPECT_TRUE(ran.load());
+  EXPECT_FALSE(s->ShouldDefer());
+  EXPECT_EQ(s->stats().deferred, 1);
+  EXPECT_EQ(s->stats().defer_timeouts, 0);
+}
+
+// Under calls that never end, the worker still runs its job after defer_max.
+TEST(QualitySamplerTest, ADeferredJobRunsAfterTheLimit) {
+  DecodeActivity activity;
+  QualitySamplerOptions o;
+  o.low_priority = false;
+  o.defer_to = &activity;
+  o.defer_max = absl::Milliseconds(20);
+  auto made = QualitySampler::Create(o);
+  ASSERT_THAT(made.status(), IsOk());
+  std::unique_ptr<QualitySampler> s = std::move(made).value();
+  const DecodeActivity::Call call(&activity);
+  std::atomic<bool> ran{false};
+  ASSERT_EQ(s->Offer(
+                [&ran] {
+                  ran.store(true);
+                  return SampleOutcome::kMeasured;
+                },
+                s->NewAccount()),
+            OfferResult::kQueued);
+  s->WaitIdle();
+  EXPECT_TRUE(ran.load());
+  EXPECT_EQ(s->stats().defer_timeouts, 1);
+}
+
 TEST(QualitySamplerTest, BadOptionsNameTheOption) {
   QualitySamplerOptions o;
   o.queue_capacity = 0;
@@ -245,6 +301,10 @@ TEST(QualitySamplerTest, BadOptionsNameTheOption) {
   o.burst = absl::Milliseconds(-1);
   EXPECT_THAT(QualitySampler::Create(o).status(),
               StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("burst")));
+  o = {};
+  o.defer_max = absl::Milliseconds(-1);
+  EXPECT_THAT(QualitySampler::Create(o).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("defer_max")));
 }
 
 }  // namespace
