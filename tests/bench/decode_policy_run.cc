@@ -233,8 +233,8 @@ absl::Status CompanionLayer(const DecodeContext& ctx, const std::string& id, int
   return absl::OkStatus();
 }
 
-// One decode step of every layer: append (s >= 1), DecodeStep, attention,
-// and the companion's split on its layers.
+// One decode step of every layer: append (s >= 1), DecodeStep and attention
+// per layer, then the companion's split on its layers.
 absl::Status DecodeOneStep(const DecodeContext& ctx, const DecodePolicy& p, const std::string& id,
                            const std::string& companion_id, int step, Tally* t) {
   const DecodeModel& m = *ctx.model;
@@ -248,6 +248,12 @@ absl::Status DecodeOneStep(const DecodeContext& ctx, const DecodePolicy& p, cons
     RETURN_IF_ERROR(ctx.companion->Append(companion_id, 1, 0, 0));
   }
   uint64_t stride = 0;  // of the group's first layer: the group's layers lie side by side
+  struct CompanionCall {
+    int layer;
+    DecodeSelect sel;
+    double main_ms;
+  };
+  std::vector<CompanionCall> companion;
   // "+pf": prefetch on every step; with --prefetch-ab on odd steps and off
   // on even ones, so on and off are measured interleaved on the same
   // session, data and load.
@@ -293,9 +299,15 @@ absl::Status DecodeOneStep(const DecodeContext& ctx, const DecodePolicy& p, cons
     t->rows_copied[step] += static_cast<double>(outcome->rows_copied);
     t->rows_kept[step] += static_cast<double>(outcome->rows_kept);
     t->attention[step] += LayerAttention(ctx, step, l, *outcome, ctx.main->output(), t);
-    if (l < ctx.reference_layers) {
-      RETURN_IF_ERROR(CompanionLayer(ctx, companion_id, step, l, sel, ms, t));
-    }
+    if (l < ctx.reference_layers) companion.push_back({l, sel, ms});
+  }
+  // The companion's layers once the step's calls are done: run between
+  // them, its in-process selections (and its lanes watching after them)
+  // took the CPU from the measured daemon's next layer and let its lane
+  // helper fall asleep, which a serving client's GPU work between layers
+  // does not (docs/bench/defer61.md).
+  for (const CompanionCall& c : companion) {
+    RETURN_IF_ERROR(CompanionLayer(ctx, companion_id, step, c.layer, c.sel, c.main_ms, t));
   }
   return absl::OkStatus();
 }
