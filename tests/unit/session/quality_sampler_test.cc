@@ -233,27 +233,38 @@ TEST(QualitySamplerTest, DestructionDiscardsQueuedJobs) {
   EXPECT_EQ(ran.load(), 0);
 }
 
+// A sampler that gives way to `activity`'s calls for up to `max` a wait.
+std::unique_ptr<QualitySampler> MakeDeferring(DecodeActivity* activity, absl::Duration max) {
+  QualitySamplerOptions o;
+  o.low_priority = false;
+  o.defer_to = activity;
+  o.defer_max = max;
+  auto s = QualitySampler::Create(o);
+  EXPECT_THAT(s.status(), IsOk());
+  return s.ok() ? std::move(s).value() : nullptr;
+}
+
+// Queues a job that sets *ran.
+void OfferFlag(QualitySampler& s, std::atomic<bool>* ran) {
+  ASSERT_EQ(s.Offer(
+                [ran] {
+                  ran->store(true);
+                  return SampleOutcome::kMeasured;
+                },
+                s.NewAccount()),
+            OfferResult::kQueued);
+}
+
 // A job offered while a decode call is in flight starts once the call ends,
 // not before (QualitySamplerOptions::defer_to).
 TEST(QualitySamplerTest, AJobWaitsForTheDecodeCallInFlight) {
   DecodeActivity activity;
-  QualitySamplerOptions o;
-  o.low_priority = false;
-  o.defer_to = &activity;
-  o.defer_max = absl::Seconds(60);
-  auto made = QualitySampler::Create(o);
-  ASSERT_THAT(made.status(), IsOk());
-  std::unique_ptr<QualitySampler> s = std::move(made).value();
+  std::unique_ptr<QualitySampler> s = MakeDeferring(&activity, absl::Seconds(60));
+  ASSERT_NE(s, nullptr);
   auto call = std::make_unique<DecodeActivity::Call>(&activity);
   EXPECT_TRUE(s->ShouldDefer());
   std::atomic<bool> ran{false};
-  ASSERT_EQ(s->Offer(
-                [&ran] {
-                  ran.store(true);
-                  return SampleOutcome::kMeasured;
-                },
-                s->NewAccount()),
-            OfferResult::kQueued);
+  OfferFlag(*s, &ran);
   absl::SleepFor(absl::Milliseconds(100));
   EXPECT_FALSE(ran.load());
   call.reset();
@@ -267,22 +278,11 @@ TEST(QualitySamplerTest, AJobWaitsForTheDecodeCallInFlight) {
 // Under calls that never end, the worker still runs its job after defer_max.
 TEST(QualitySamplerTest, ADeferredJobRunsAfterTheLimit) {
   DecodeActivity activity;
-  QualitySamplerOptions o;
-  o.low_priority = false;
-  o.defer_to = &activity;
-  o.defer_max = absl::Milliseconds(20);
-  auto made = QualitySampler::Create(o);
-  ASSERT_THAT(made.status(), IsOk());
-  std::unique_ptr<QualitySampler> s = std::move(made).value();
+  std::unique_ptr<QualitySampler> s = MakeDeferring(&activity, absl::Milliseconds(20));
+  ASSERT_NE(s, nullptr);
   const DecodeActivity::Call call(&activity);
   std::atomic<bool> ran{false};
-  ASSERT_EQ(s->Offer(
-                [&ran] {
-                  ran.store(true);
-                  return SampleOutcome::kMeasured;
-                },
-                s->NewAccount()),
-            OfferResult::kQueued);
+  OfferFlag(*s, &ran);
   s->WaitIdle();
   EXPECT_TRUE(ran.load());
   EXPECT_EQ(s->stats().defer_timeouts, 1);
