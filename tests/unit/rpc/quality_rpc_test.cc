@@ -337,6 +337,11 @@ TEST_F(QualityRpcTest, DecodeStepsAreMeasuredCalibratedAndExported) {
               HasSubstr("icecache_quality_samples_total{outcome=\"dropped_queue_full\"} 0\n"));
   EXPECT_THAT(metrics, HasSubstr("icecache_quality_cpu_seconds_total "));
   EXPECT_THAT(metrics, HasSubstr("icecache_quality_selection_seconds_total "));
+  // The measurements' waits for decode calls in flight (decode_activity.h):
+  // how many is the scheduler's business, the series are there.
+  EXPECT_THAT(metrics, HasSubstr("icecache_quality_defers_total{outcome=\"calls_ended\"} "));
+  EXPECT_THAT(metrics, HasSubstr("icecache_quality_defers_total{outcome=\"timed_out\"} "));
+  EXPECT_THAT(metrics, HasSubstr("icecache_decode_lane_jobs_alone_total "));
 }
 
 // A session whose mdci scans its product-quantised codes starts every head
