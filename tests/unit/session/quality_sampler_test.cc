@@ -15,15 +15,21 @@ namespace {
 using ::icecache::testing::IsOk;
 using ::icecache::testing::StatusIs;
 
+// A sampler of options `o` at the normal priority (null, and a failure,
+// where they are refused).
+std::unique_ptr<QualitySampler> Created(QualitySamplerOptions o) {
+  o.low_priority = false;
+  auto s = QualitySampler::Create(o);
+  EXPECT_THAT(s.status(), IsOk());
+  return s.ok() ? std::move(s).value() : nullptr;
+}
+
 std::unique_ptr<QualitySampler> Make(int capacity, double share, absl::Duration burst) {
   QualitySamplerOptions o;
   o.queue_capacity = capacity;
   o.cpu_share = share;
   o.burst = burst;
-  o.low_priority = false;
-  auto s = QualitySampler::Create(o);
-  EXPECT_THAT(s.status(), IsOk());
-  return s.ok() ? std::move(s).value() : nullptr;
+  return Created(o);
 }
 
 // A job that spends `ns` of the worker's thread CPU time.
@@ -236,12 +242,9 @@ TEST(QualitySamplerTest, DestructionDiscardsQueuedJobs) {
 // A sampler that gives way to `activity`'s calls for up to `max` a wait.
 std::unique_ptr<QualitySampler> MakeDeferring(DecodeActivity* activity, absl::Duration max) {
   QualitySamplerOptions o;
-  o.low_priority = false;
   o.defer_to = activity;
   o.defer_max = max;
-  auto s = QualitySampler::Create(o);
-  EXPECT_THAT(s.status(), IsOk());
-  return s.ok() ? std::move(s).value() : nullptr;
+  return Created(o);
 }
 
 // Queues a job that sets *ran.
